@@ -1,0 +1,249 @@
+"""The one way this project reads and writes weights.
+
+* ``.safetensors`` files are read and written with :mod:`safetensors` (tensors only, never code).
+* ``.ckpt`` / ``.pt`` / ``.pth`` files are read with ``torch.load(weights_only=True)``.  Lightning-1.x checkpoints
+  (CompVis' released LDM / VQ models) pickle a few extra objects (``ModelCheckpoint`` callback state, OmegaConf
+  hyper-parameters, ``argparse.Namespace``); those globals are replaced by inert placeholder objects inside torch's
+  restricted unpickler, so the ``state_dict`` loads and nothing is imported or executed.
+* Any other global (``os.system``, ``builtins.eval``, a class of some other package) is refused with
+  :class:`UnsafeCheckpointError`, which names the offending globals and the explicit opt-in for trusted files
+  (``--unsafe-load`` on the command line, ``unsafe=True`` in Python).
+* Writes are atomic (temp file + ``os.replace``): a killed job never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.util import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+# Globals of Lightning-1.x / OmegaConf checkpoints that may be replaced by inert placeholders.
+LEGACY_STUB_PREFIXES: tuple[str, ...] = (
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "omegaconf.",
+    "argparse.Namespace",
+    "pathlib.",
+    "typing.Any",
+)
+UNSAFE_HINT = "pass --unsafe-load (Python: unsafe=True) only if you trust this file"
+CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, of the wrong kind, or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would need arbitrary code to unpickle and the caller did not opt in."""
+
+
+class LegacyObject:
+    """Inert stand-in for a pickled Lightning/OmegaConf object: it records its arguments and state, nothing else."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__name__} placeholder>"
+
+
+_STUB_CACHE: dict[str, type] = {}
+
+
+def _stub_for(qualname: str) -> type:
+    if qualname not in _STUB_CACHE:
+        module, _, name = qualname.rpartition(".")
+        _STUB_CACHE[qualname] = type(name, (LegacyObject,), {"__module__": module})
+    return _STUB_CACHE[qualname]
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path (or train one first)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; pass the .ckpt/.safetensors file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); the file was truncated or never written")
+
+
+def _torch_load_restricted(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # needs globals beyond torch's allow-list: inspect them below
+    unsafe_globals = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    refused = [g for g in unsafe_globals if not any(g == p or g.startswith(p) for p in LEGACY_STUB_PREFIXES)]
+    if refused:
+        raise UnsafeCheckpointError(
+            f"checkpoint {str(path)!r} would import/run {sorted(refused)[:8]} when unpickled; refused. "
+            f"Only tensors and Lightning/OmegaConf metadata are loaded by default; {UNSAFE_HINT}."
+        )
+    stubs = [(_stub_for(g), g) for g in unsafe_globals]
+    logger.info("checkpoint %s: replacing %d Lightning-1.x globals by placeholders", path, len(stubs))
+    with torch.serialization.safe_globals(stubs):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file into a dict.
+
+    ``.safetensors`` files give ``{"state_dict": tensors, "metadata": {...}}``; torch files give what was saved
+    (a Lightning checkpoint dict, or a bare state dict wrapped as ``{"state_dict": ...}``).
+
+    Raises:
+        CheckpointError: missing / empty / truncated / not a checkpoint.
+        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False.
+    """
+    path = Path(path)
+    _check_file(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, map_location)
+    try:
+        if unsafe:
+            logger.warning("loading %s with full pickle (unsafe=True): it can run arbitrary code", path)
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            obj = _torch_load_restricted(path, map_location)
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+        kind = "truncated or corrupt" if path.suffix in CKPT_SUFFIXES else "not a torch or safetensors checkpoint"
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({kind}): {str(exc).splitlines()[0]}") from exc
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        return dict(obj)
+    if _is_state_dict(obj):
+        return {"state_dict": dict(obj)}
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint dict"
+    )
+
+
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=device) as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    return {"state_dict": tensors, "metadata": dict(metadata)}
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: its ``state_dict`` entry, or the file itself if it is a state dict."""
+    ckpt = load_checkpoint(path, map_location=map_location, unsafe=unsafe)
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, Mapping) or not sd:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no 'state_dict' (top-level keys: {sorted(ckpt)[:10]}); "
+            "expected a Lightning checkpoint, a bare state dict, or a .safetensors file"
+        )
+    return dict(sd)
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically. ``.safetensors``: ``obj['state_dict']`` (+ string ``metadata``); else torch.save."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous() for k, v in obj["state_dict"].items()}
+        metadata = {str(k): str(v) for k, v in (obj.get("metadata") or {}).items()}
+        payload = save(tensors, metadata=metadata)
+        atomic_write_bytes(path, lambda fh: fh.write(payload))
+    else:
+        atomic_write_bytes(path, lambda fh: torch.save(dict(obj), fh))
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys that start with ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def drop_keys(state_dict: Mapping[str, Any], ignore_prefixes: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """Remove keys starting with any of ``ignore_prefixes``; returns ``(kept, dropped_keys)``."""
+    prefixes = tuple(ignore_prefixes)
+    kept, dropped = {}, []
+    for key, value in state_dict.items():
+        if prefixes and key.startswith(prefixes):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def shape_mismatches(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """``(key, checkpoint_shape, model_shape)`` for every key present in both with different shapes."""
+    own = module.state_dict()
+    return [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
+    ]
+
+
+def load_weights(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = False,
+    source: str = "checkpoint",
+) -> tuple[list[str], list[str]]:
+    """Load ``state_dict`` into ``module`` and report what did not match.
+
+    Shape mismatches are always an error (naming the first mismatching keys); missing/unexpected keys are an error
+    when ``strict`` and a logged note otherwise.  Returns ``(missing, unexpected)``.
+    """
+    bad = shape_mismatches(module, state_dict)
+    if bad:
+        first = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad[:5])
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: {len(bad)} tensors differ in shape ({first}). "
+            "The config and the checkpoint describe different architectures; use the config saved with the checkpoint."
+        )
+    result = module.load_state_dict(dict(state_dict), strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{source} does not match {type(module).__name__} key-for-key: {len(missing)} missing "
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]})"
+        )
+    if missing:
+        logger.info("%s: %d missing keys (first: %s)", source, len(missing), missing[:5])
+    if unexpected:
+        logger.info("%s: %d unexpected keys (first: %s)", source, len(unexpected), unexpected[:5])
+    return missing, unexpected

@@ -1,0 +1,174 @@
+"""Diffusion schedule math (pure functions, float64) and small network helpers shared by the UNet.
+
+Conventions: timesteps are integer indices ``t`` in ``[0, T)`` into ``alphas_cumprod``; schedules are returned as
+float64 tensors on the CPU and cast to float32 only where a model registers them as buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+logger = logging.getLogger(__name__)
+
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+DDIM_DISCRETIZATIONS = ("uniform", "quad")
+
+
+def make_beta_schedule(
+    schedule: str,
+    n_timestep: int,
+    linear_start: float = 1e-4,
+    linear_end: float = 2e-2,
+    cosine_s: float = 8e-3,
+) -> torch.Tensor:
+    """Betas ``[n_timestep]`` (float64) as in latent-diffusion.
+
+    * ``linear``: linspace in sqrt(beta) space between sqrt(linear_start) and sqrt(linear_end), then squared
+      (this is what LDM calls "linear"; Stable Diffusion calls it "scaled_linear").
+    * ``cosine``: Nichol & Dhariwal's cosine schedule, betas clipped to 0.999.
+    * ``sqrt_linear``: linspace in beta space.  ``sqrt``: square root of that.
+    """
+    if n_timestep < 1:
+        raise ValueError(f"n_timestep={n_timestep} must be a positive number of diffusion steps (e.g. 1000)")
+    if schedule == "linear":
+        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return (1 - alphas[1:] / alphas[:-1]).clamp(min=0.0, max=0.999)
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    if schedule == "sqrt":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    raise ValueError(f"beta_schedule={schedule!r} is unknown; choose one of {BETA_SCHEDULES}")
+
+
+def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
+    """The DDIM grid of timestep indices, ascending (int64 numpy array).
+
+    ``uniform`` is latent-diffusion's ``range(0, T, T // S) + 1`` (S=50, T=1000: 1, 21, ..., 981); ``quad`` is
+    ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``.  Entries that the ``+ 1`` pushes to ``>= T`` (only when
+    ``T // S == 1``) are dropped, so every entry is a valid index.
+    """
+    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(
+            f"ddim_num_steps={num_ddim_timesteps} must be in [1, {num_ddpm_timesteps}] (the number of DDPM steps)"
+        )
+    if ddim_discr_method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        grid = np.asarray(list(range(0, num_ddpm_timesteps, c)), dtype=np.int64)
+    elif ddim_discr_method == "quad":
+        grid = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(np.int64)
+    else:
+        raise ValueError(f"ddim_discretize={ddim_discr_method!r} is unknown; choose one of {DDIM_DISCRETIZATIONS}")
+    steps = grid + 1
+    if steps[-1] >= num_ddpm_timesteps:
+        logger.debug("dropping DDIM grid entries >= T=%d", num_ddpm_timesteps)
+        steps = steps[steps < num_ddpm_timesteps]
+    return steps
+
+
+def make_ddim_sampling_parameters(
+    alphacums: torch.Tensor, ddim_timesteps: Sequence[int] | np.ndarray, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sigmas, alphas, alphas_prev)`` for the DDIM grid, each ``[S]`` float64.
+
+    ``alphas[i] = alphacums[grid[i]]``; ``alphas_prev[i] = alphacums[grid[i-1]]`` with ``alphacums[0]`` for the first
+    entry (latent-diffusion's convention); ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))`` (DDIM eq. 16).
+    """
+    if eta < 0:
+        raise ValueError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like ancestral noise)")
+    alphacums = torch.as_tensor(alphacums, dtype=torch.float64)
+    idx = torch.as_tensor(np.asarray(ddim_timesteps), dtype=torch.long)
+    alphas = alphacums[idx]
+    alphas_prev = torch.cat([alphacums[:1], alphacums[idx[:-1]]])
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embeddings ``[N, dim]`` of integer (or fractional) timesteps ``[N]``: cosine half first, then sine."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
+    """Gather ``a[t]`` for a batch of timesteps ``t`` ``[B]`` and reshape to ``[B, 1, ..., 1]`` to broadcast on ``x_shape``."""
+    b = t.shape[0]
+    out = a.gather(-1, t)
+    return out.reshape(b, *((1,) * (len(x_shape) - 1)))
+
+
+def noise_like(
+    shape: Sequence[int],
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn from ``generator`` (whose device must match ``device``)."""
+    return torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# network helpers (names as in openaimodel / latent-diffusion so that state-dict keys match)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back (stable under bf16/fp16 autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's normalization layer: 32 groups, eps 1e-5, float32 compute."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D convolution."""
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in convs:
+        raise ValueError(f"dims={dims} is unsupported; use 1, 2 or 3")
+    return convs[dims](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D average pooling."""
+    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in pools:
+        raise ValueError(f"dims={dims} is unsupported; use 1, 2 or 3")
+    return pools[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs) -> nn.Linear:
+    """``nn.Linear`` (kept as a function for parity with openaimodel)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of ``module`` in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def checkpoint(func: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], flag: bool) -> torch.Tensor:
+    """Run ``func(*inputs)``, with activation (gradient) checkpointing when ``flag`` and grad is enabled."""
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)

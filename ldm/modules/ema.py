@@ -1,0 +1,76 @@
+"""Exponential moving average of model parameters, with latent-diffusion's ``LitEma`` buffer layout.
+
+Buffers: ``decay`` (float32 scalar), ``num_updates`` (int32 scalar; -1 disables the warm-up) and one buffer per
+trainable parameter named as the parameter with every ``.`` removed — the names found under ``model_ema.`` in
+CompVis checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class LitEma(nn.Module):
+    """EMA shadow of ``model``'s trainable parameters: ``shadow -= (1 - decay) * (shadow - param)``.
+
+    With ``use_num_upates`` (CompVis spelling) the decay warms up as ``min(decay, (1 + n) / (10 + n))``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay={decay} must be in [0, 1]")
+        self.m_name2s_name: dict[str, str] = {}
+        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                s_name = name.replace(".", "")
+                self.m_name2s_name[name] = s_name
+                self.register_buffer(s_name, p.detach().clone())
+        self.collected_params: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def forward(self, model: nn.Module) -> None:
+        """One EMA update from ``model``'s current parameters."""
+        decay = float(self.decay)
+        if int(self.num_updates) >= 0:
+            self.num_updates += 1
+            n = int(self.num_updates)
+            decay = min(decay, (1 + n) / (10 + n))
+        one_minus_decay = 1.0 - decay
+        shadow = dict(self.named_buffers())
+        for key, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            s_name = self.m_name2s_name.get(key)
+            if s_name is None:
+                raise KeyError(f"EMA has no shadow for parameter {key!r}; was the model changed after EMA creation?")
+            buf = shadow[s_name]
+            if buf.dtype != param.dtype:
+                buf.data = buf.data.to(param.dtype)
+            buf.sub_(one_minus_decay * (buf - param))
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA weights into ``model``'s parameters."""
+        shadow = dict(self.named_buffers())
+        for key, param in model.named_parameters():
+            if param.requires_grad:
+                param.data.copy_(shadow[self.m_name2s_name[key]].data)
+
+    def store(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Save copies of ``parameters`` so that :meth:`restore` can put them back."""
+        self.collected_params = [p.detach().clone() for p in parameters]
+
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Restore the parameters saved by :meth:`store` (exactly, bit for bit)."""
+        params = list(parameters)
+        if len(params) != len(self.collected_params):
+            raise RuntimeError("restore() called without a matching store()")
+        for c_param, param in zip(self.collected_params, params):
+            param.data.copy_(c_param.data)
+        self.collected_params = []

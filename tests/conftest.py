@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny model configs, real photo crops, tiny checkpoints.  Build each once; reuse everywhere."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tiny configs (CPU-sized; shapes follow the real f4 layout: 3 latent channels, downsampling 4)
+
+TINY_DDCONFIG = {
+    "double_z": False,
+    "z_channels": 3,
+    "resolution": 32,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+TINY_UNET_PARAMS = {
+    "image_size": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "model_channels": 32,
+    "attention_resolutions": [2],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_head_channels": 16,
+}
+
+
+def tiny_first_stage_config(n_embed: int = 64) -> dict:
+    """VQModelInterface config for LatentDiffusion: f4, embed_dim 3, small codebook."""
+    return {
+        "target": "ldm.models.autoencoder.VQModelInterface",
+        "params": {
+            "embed_dim": 3,
+            "n_embed": n_embed,
+            "ddconfig": copy.deepcopy(TINY_DDCONFIG),
+            "lossconfig": {"target": "torch.nn.Identity"},
+        },
+    }
+
+
+def tiny_ldm_params(**overrides) -> dict:
+    """Params of a tiny unconditional LatentDiffusion (latent 8x8 from 32x32 images)."""
+    params = {
+        "linear_start": 0.0015,
+        "linear_end": 0.0195,
+        "timesteps": 1000,
+        "first_stage_key": "image",
+        "image_size": 8,
+        "channels": 3,
+        "monitor": "val/loss_simple_ema",
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": dict(TINY_UNET_PARAMS)},
+        "first_stage_config": tiny_first_stage_config(),
+        "cond_stage_config": "__is_unconditional__",
+    }
+    params.update(overrides)
+    return params
+
+
+@pytest.fixture
+def tiny_ddconfig() -> dict:
+    return copy.deepcopy(TINY_DDCONFIG)
+
+
+@pytest.fixture
+def tiny_unet_params() -> dict:
+    return copy.deepcopy(TINY_UNET_PARAMS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real photographs shipped with scikit-image (no download)
+
+
+def load_photos() -> list[np.ndarray]:
+    """RGB uint8 photographs ``[H, W, 3]`` from scikit-image's bundled data."""
+    from skimage import data
+
+    return [data.astronaut(), data.coffee(), data.chelsea()]
+
+
+def photo_crops(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """``n`` random ``size``x``size`` crops of the bundled photos as ``[n, 3, size, size]`` float in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    crops = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        # downscale by 4 first so that a small crop still holds structure, not a flat patch
+        img = img[::4, ::4]
+        y = rng.integers(0, img.shape[0] - size + 1)
+        x = rng.integers(0, img.shape[1] - size + 1)
+        crops.append(img[y : y + size, x : x + size])
+    arr = np.stack(crops).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    return load_photos()
+
+
+@pytest.fixture
+def crops32() -> torch.Tensor:
+    return photo_crops(8, 32)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="ldm")
+    yield

@@ -1,0 +1,630 @@
+"""Seeded, parameterised image degradations: the artifact families the evaluation sweeps over.
+
+Every degradation is a :class:`Degradation`: ``degradation(images, seed)`` takes images ``[B, 3, H, W]`` in [-1, 1]
+(any floating dtype, any device) and returns a degraded copy of the same shape, dtype and device, clipped to [-1, 1].
+All randomness comes from the ``seed`` argument (an ``int`` or a ``torch.Generator``); the global RNG state is never
+read or changed, so the same seed gives the same output on every run.  Random numbers are drawn on the generator's
+device (CPU for an ``int`` seed) and moved to the images, so a CPU seed gives the same degradation on every device.
+
+Spatial sizes of the geometric degradations (warp, patches, blotches) are fractions of the shorter image side, so one
+setting means the same thing on 64 px crops and on 512 px images; blur is in pixels.
+
+``DEGRADATIONS`` maps registry names to classes; :func:`build_degradation` builds one by name with validated
+parameters, :func:`degradation_from_spec` parses ``"name:key=value,key=value"`` (the format of
+:attr:`Degradation.spec`, which the sweep writes into its CSV), :func:`apply_to_uint8` applies one to ``uint8``
+``HWC`` arrays and :func:`degrade_folder` to a folder of image files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from ldm.util import atomic_write_bytes, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_RANGE_TOLERANCE = 1e-2
+
+
+def _as_generator(seed: int | torch.Generator) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return torch.Generator(device="cpu").manual_seed(int(seed))
+    raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images [B, 3, H, W], got {shape}; use apply_to_uint8 for HWC uint8 arrays")
+    if not images.is_floating_point():
+        raise ValueError(f"expected floating images in [-1, 1], got dtype {images.dtype}; convert with x / 127.5 - 1")
+    if images.numel():
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+            raise ValueError(
+                f"expected images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; uint8 images convert with x / 127.5 - 1"
+            )
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not numeric or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+class Degradation:
+    """Base class: subclasses set ``name`` and implement ``_apply(images, generator)`` on float images.
+
+    ``_apply`` receives ``[B, 3, H, W]`` float32/float64 images in [-1, 1] and returns the same shape; the base class
+    validates the input, clips the result to [-1, 1] and restores the input dtype.
+    """
+
+    name: ClassVar[str] = ""
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the output depends on the seed (JPEG, for example, does not)."""
+        return True
+
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters, as passed to :func:`build_degradation`."""
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> str:
+        """``"name:key=value,..."``; :func:`degradation_from_spec` rebuilds the same degradation from it."""
+        items = ",".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}:{items}" if items else self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+    def __call__(self, images: torch.Tensor, seed: int | torch.Generator) -> torch.Tensor:
+        """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1]; returns the same shape, dtype and device."""
+        _check_images(images)
+        generator = _as_generator(seed)
+        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        with torch.no_grad():
+            out = self._apply(work, generator)
+        return out.clamp(-1.0, 1.0).to(images.dtype)
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(high, (1,), generator=generator, device=generator.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VQ round trip through a coarser first stage
+
+
+def _load_first_stage(first_stage: Any) -> torch.nn.Module:
+    if isinstance(first_stage, (str, os.PathLike)):
+        from omegaconf import OmegaConf
+
+        path = Path(first_stage)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"first_stage={str(path)!r} is not a file; pass a YAML config (target/params, or a latent-diffusion "
+                "config with a top-level 'model' entry) or an already built VQModel / VQModelInterface"
+            )
+        config = OmegaConf.load(path)
+        first_stage = config.model if "model" in config else config
+    if isinstance(first_stage, Mapping) or (hasattr(first_stage, "keys") and "target" in first_stage):
+        first_stage = instantiate_from_config(first_stage)
+    missing = [a for a in ("encode", "decode", "quantize") if not hasattr(first_stage, a)]
+    if missing or not hasattr(first_stage.quantize, "embedding"):
+        raise TypeError(
+            f"first_stage {type(first_stage).__name__} lacks {missing or ['quantize.embedding']}; expected a VQModel or "
+            "VQModelInterface (encode, decode and a VectorQuantizer at .quantize)"
+        )
+    return first_stage
+
+
+class VQRoundTrip(Degradation):
+    """Encode, quantize and decode through a (coarser) VQ first stage, optionally with a reduced codebook.
+
+    ``first_stage`` is a ``VQModelInterface`` (``encode`` -> pre-quantization latent), a ``VQModel`` (its
+    ``encode_to_prequant`` is used), a config mapping for :func:`~ldm.util.instantiate_from_config` or the path of a
+    YAML config.  Latents are snapped to the nearest entry of ``quantize.embedding.weight``; with
+    ``codebook_fraction < 1`` only a seeded random subset of ``max(1, round(fraction * n_embed))`` entries is allowed,
+    which makes the quantizer coarser (one subset per call).  Images whose sides are not multiples of the
+    downsampling factor are edge-padded and cropped back.  Runs on the first stage's device and dtype under
+    ``no_grad`` and in eval mode (the previous mode is restored).
+    """
+
+    name = "vq_roundtrip"
+
+    def __init__(self, first_stage: Any, codebook_fraction: float = 1.0):
+        _check_positive("codebook_fraction", codebook_fraction)
+        if codebook_fraction > 1:
+            raise ValueError(f"codebook_fraction must be in (0, 1], got {codebook_fraction}")
+        self._first_stage_arg = first_stage
+        self.first_stage = _load_first_stage(first_stage)
+        self.codebook_fraction = float(codebook_fraction)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.codebook_fraction < 1.0
+
+    def params(self) -> dict[str, Any]:
+        source = self._first_stage_arg
+        label = str(source) if isinstance(source, (str, os.PathLike)) else type(self.first_stage).__name__
+        return {"first_stage": label, "codebook_fraction": self.codebook_fraction}
+
+    def _codebook(self, generator: torch.Generator) -> torch.Tensor:
+        codebook = self.first_stage.quantize.embedding.weight.detach()
+        if self.codebook_fraction >= 1.0:
+            return codebook
+        keep = max(1, round(self.codebook_fraction * codebook.shape[0]))
+        subset = torch.randperm(codebook.shape[0], generator=generator, device=generator.device)[:keep]
+        return codebook[subset.to(codebook.device)]
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        fs = self.first_stage
+        h = fs.encode_to_prequant(x) if hasattr(fs, "encode_to_prequant") else fs.encode(x)
+        if isinstance(h, tuple):
+            raise TypeError(f"{type(fs).__name__}.encode returned a tuple; VQRoundTrip needs the pre-quantization latent")
+        return h
+
+    def _decode(self, quant: torch.Tensor) -> torch.Tensor:
+        fs = self.first_stage
+        if "force_not_quantize" in inspect.signature(fs.decode).parameters:
+            return fs.decode(quant, force_not_quantize=True)
+        return fs.decode(quant)
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        fs = self.first_stage
+        param = next(fs.parameters())
+        codebook = self._codebook(generator).to(param.dtype)
+        f = int(getattr(fs, "downsampling_factor", 1))
+        b, _, h, w = images.shape
+        pad_h, pad_w = (-h) % f, (-w) % f
+        x = images.to(param.device, param.dtype)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        was_training = fs.training
+        fs.eval()
+        try:
+            latent = self._encode(x)
+            flat = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+            index = torch.cdist(flat.float(), codebook.float()).argmin(dim=1)
+            quant = codebook[index].reshape(latent.shape[0], latent.shape[2], latent.shape[3], -1).permute(0, 3, 1, 2)
+            out = self._decode(quant.contiguous())
+        finally:
+            fs.train(was_training)
+        if out.shape[-2:] != x.shape[-2:]:
+            raise ValueError(
+                f"first stage decoded {tuple(x.shape[-2:])} to {tuple(out.shape[-2:])}; set its downsampling_factor "
+                "or pass images whose sides are multiples of it"
+            )
+        return out[:, :, :h, :w].to(images.device, images.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# classical degradations
+
+
+class JPEG(Degradation):
+    """JPEG compression at ``quality`` (1-100, PIL's scale; 4:2:0 chroma subsampling), through 8-bit RGB.
+
+    Deterministic: the seed is accepted for a uniform interface but does not change the output.
+    """
+
+    name = "jpeg"
+
+    def __init__(self, quality: int = 20):
+        if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+            raise ValueError(f"quality must be an integer in [1, 100], got {quality!r}")
+        self.quality = int(quality)
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def params(self) -> dict[str, Any]:
+        return {"quality": self.quality}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        arrays = _to_uint8_hwc(images)
+        out = []
+        for arr in arrays:
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=self.quality, subsampling=2)
+            buf.seek(0)
+            with Image.open(buf) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        return _from_uint8_hwc(np.stack(out)).to(images.device, images.dtype)
+
+
+def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = max(1, math.ceil(3.0 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(device, dtype)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` with standard deviation ``sigma`` pixels (edge-replicated borders,
+    kernel radius ``ceil(3 sigma)``); ``sigma == 0`` returns the input."""
+    if sigma == 0:
+        return images
+    k = _gaussian_kernel1d(sigma, images.dtype, images.device)
+    c, r = images.shape[1], k.numel() // 2
+    x = F.pad(images, (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+class BlurNoise(Degradation):
+    """Gaussian blur of ``sigma`` pixels, then i.i.d. Gaussian noise of std ``noise_std`` per pixel and channel.
+
+    ``noise_std`` is in units of the [-1, 1] image range (0.1 is about 12.75 / 255).
+    """
+
+    name = "blur_noise"
+
+    def __init__(self, sigma: float = 1.5, noise_std: float = 0.05):
+        _check_positive("sigma", sigma, allow_zero=True)
+        _check_positive("noise_std", noise_std, allow_zero=True)
+        if sigma == 0 and noise_std == 0:
+            raise ValueError("blur_noise with sigma=0 and noise_std=0 does nothing; set at least one > 0")
+        self.sigma = float(sigma)
+        self.noise_std = float(noise_std)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.noise_std > 0
+
+    def params(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "noise_std": self.noise_std}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = gaussian_blur(images, self.sigma)
+        if self.noise_std > 0:
+            out = out + self.noise_std * _randn(tuple(out.shape), generator, out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shape, composition and colour errors
+
+
+class ElasticWarp(Degradation):
+    """Local elastic warp (a shape error): a smooth random displacement field resampled with ``grid_sample``.
+
+    Per image, Gaussian noise on a lattice of spacing ``scale`` is bicubically upsampled to ``[2, H, W]`` and scaled so
+    that its largest displacement is ``amplitude``; both are fractions of the shorter side.  Bilinear resampling with
+    reflected borders.
+    """
+
+    name = "elastic_warp"
+
+    def __init__(self, amplitude: float = 0.03, scale: float = 0.25):
+        _check_positive("amplitude", amplitude)
+        _check_positive("scale", scale)
+        self.amplitude = float(amplitude)
+        self.scale = float(scale)
+
+    def params(self) -> dict[str, Any]:
+        return {"amplitude": self.amplitude, "scale": self.scale}
+
+    def displacement(self, b: int, h: int, w: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        """Displacement field ``[B, 2, H, W]`` in pixels (channel 0: x, channel 1: y)."""
+        side = min(h, w)
+        spacing = max(self.scale * side, 1.0)
+        gh, gw = math.ceil((h - 1) / spacing) + 2, math.ceil((w - 1) / spacing) + 2
+        coarse = _randn((b, 2, gh, gw), generator, like)
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+        peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        return field / peak * (self.amplitude * side)
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = images.shape
+        disp = self.displacement(b, h, w, generator, images)
+        ys = (2 * torch.arange(h, device=images.device, dtype=images.dtype) + 1) / h - 1
+        xs = (2 * torch.arange(w, device=images.device, dtype=images.dtype) + 1) / w - 1
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid_x = gx + disp[:, 0] * (2.0 / w)
+        grid_y = gy + disp[:, 1] * (2.0 / h)
+        grid = torch.stack([grid_x, grid_y], dim=-1)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _feather_mask(p: int, feather: float, like: torch.Tensor) -> torch.Tensor:
+    """``[p, p]`` blending weight: 1 inside, raised-cosine taper over ``feather * p`` pixels at each edge."""
+    ramp = max(int(round(feather * p)), 0)
+    w = torch.ones(p, dtype=torch.float64)
+    if ramp:
+        t = (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp
+        taper = 0.5 - 0.5 * torch.cos(math.pi * t)
+        w[:ramp] = taper
+        w[p - ramp :] = taper.flip(0)
+    return torch.outer(w, w).to(like.device, like.dtype)
+
+
+class PatchShuffle(Degradation):
+    """Composition error: ``n_patches`` times, copy (``mode="duplicate"``) or exchange (``mode="swap"``) two
+    non-overlapping square patches of side ``patch_size`` (fraction of the shorter side, at least 2 px).
+
+    Patches are blended in with a raised-cosine edge over ``feather`` of their side (0: hard seams).
+    """
+
+    name = "patch_shuffle"
+    MODES: ClassVar[tuple[str, ...]] = ("duplicate", "swap")
+
+    def __init__(self, n_patches: int = 2, patch_size: float = 0.25, mode: str = "duplicate", feather: float = 0.25):
+        if isinstance(n_patches, bool) or not isinstance(n_patches, (int, np.integer)) or n_patches < 1:
+            raise ValueError(f"n_patches must be an integer >= 1, got {n_patches!r}")
+        _check_positive("patch_size", patch_size)
+        if patch_size > 0.5:
+            raise ValueError(f"patch_size must be <= 0.5 of the shorter side (two patches must fit), got {patch_size}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {list(self.MODES)}, got {mode!r}")
+        _check_positive("feather", feather, allow_zero=True)
+        if feather > 0.5:
+            raise ValueError(f"feather must be in [0, 0.5] (a fraction of the patch side per edge), got {feather}")
+        self.n_patches = int(n_patches)
+        self.patch_size = float(patch_size)
+        self.mode = mode
+        self.feather = float(feather)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_patches": self.n_patches, "patch_size": self.patch_size, "mode": self.mode, "feather": self.feather}
+
+    def patch_pairs(self, h: int, w: int, generator: torch.Generator) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """Patch side ``p`` and ``n_patches`` pairs ``(src_y, src_x, dst_y, dst_x)`` of disjoint patches, each position
+        uniform among those that admit a disjoint partner."""
+        p = max(2, round(self.patch_size * min(h, w)))
+        ys, xs = torch.arange(max(h - p + 1, 0)), torch.arange(max(w - p + 1, 0))
+        src_ok = ((ys >= p) | (ys + 2 * p <= h))[:, None] | ((xs >= p) | (xs + 2 * p <= w))[None, :]
+        if not src_ok.any():
+            raise ValueError(f"patch side {p} px does not leave room for two disjoint patches in {h}x{w}")
+
+        def pick(ok: torch.Tensor) -> tuple[int, int]:
+            flat = ok.flatten().nonzero().squeeze(1)
+            return divmod(int(flat[_randint(flat.numel(), generator)]), ok.shape[1])
+
+        pairs = []
+        for _ in range(self.n_patches):
+            sy, sx = pick(src_ok)
+            dy, dx = pick(((ys - sy).abs() >= p)[:, None] | ((xs - sx).abs() >= p)[None, :])
+            pairs.append((sy, sx, dy, dx))
+        return p, pairs
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = images.clone()
+        _, _, h, w = images.shape
+        for i in range(images.shape[0]):
+            p, pairs = self.patch_pairs(h, w, generator)
+            mask = _feather_mask(p, self.feather, images)
+            for sy, sx, dy, dx in pairs:
+                src = out[i, :, sy : sy + p, sx : sx + p].clone()
+                dst = out[i, :, dy : dy + p, dx : dx + p].clone()
+                out[i, :, dy : dy + p, dx : dx + p] = mask * src + (1 - mask) * dst
+                if self.mode == "swap":
+                    out[i, :, sy : sy + p, sx : sx + p] = mask * dst + (1 - mask) * src
+        return out
+
+
+class ColourBlotches(Degradation):
+    """Smooth colour shifts in ``n_blobs`` Gaussian blobs.
+
+    Each blob has a uniform random centre, a radius (Gaussian sigma) of ``radius * U(0.5, 1.5)`` of the shorter side
+    and an additive RGB shift of Euclidean norm ``strength`` (in [-1, 1] units) in a uniformly random direction.
+    """
+
+    name = "colour_blotches"
+
+    def __init__(self, n_blobs: int = 3, radius: float = 0.15, strength: float = 0.4):
+        if isinstance(n_blobs, bool) or not isinstance(n_blobs, (int, np.integer)) or n_blobs < 1:
+            raise ValueError(f"n_blobs must be an integer >= 1, got {n_blobs!r}")
+        _check_positive("radius", radius)
+        _check_positive("strength", strength)
+        self.n_blobs = int(n_blobs)
+        self.radius = float(radius)
+        self.strength = float(strength)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_blobs": self.n_blobs, "radius": self.radius, "strength": self.strength}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = images.shape
+        k = self.n_blobs
+        side = min(h, w)
+        u = _rand((b, k, 3), generator, images)
+        cy, cx = u[..., 0] * h, u[..., 1] * w
+        sigma = self.radius * side * (0.5 + u[..., 2])
+        direction = _randn((b, k, 3), generator, images)
+        shift = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.strength
+        ys = torch.arange(h, device=images.device, dtype=images.dtype) + 0.5
+        xs = torch.arange(w, device=images.device, dtype=images.dtype) + 0.5
+        d2 = (ys.view(1, 1, h, 1) - cy[..., None, None]) ** 2 + (xs.view(1, 1, 1, w) - cx[..., None, None]) ** 2
+        blobs = torch.exp(-0.5 * d2 / sigma[..., None, None] ** 2)
+        return images + torch.einsum("bkc,bkhw->bchw", shift, blobs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# registry
+
+
+DEGRADATIONS: dict[str, type[Degradation]] = {
+    cls.name: cls for cls in (VQRoundTrip, JPEG, BlurNoise, ElasticWarp, PatchShuffle, ColourBlotches)
+}
+
+
+def degradation_parameters(name: str) -> dict[str, Any]:
+    """Parameters of a registered degradation: ``{param: default}`` (``inspect.Parameter.empty`` when required)."""
+    if name not in DEGRADATIONS:
+        raise KeyError(f"unknown degradation {name!r}; valid names: {sorted(DEGRADATIONS)}")
+    sig = inspect.signature(DEGRADATIONS[name].__init__)
+    return {p.name: p.default for p in list(sig.parameters.values())[1:]}
+
+
+def _describe(name: str) -> str:
+    parts = [k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in degradation_parameters(name).items()]
+    return f"{name}({', '.join(parts)})"
+
+
+def build_degradation(name: str, **params: Any) -> Degradation:
+    """Build the degradation registered as ``name`` with ``params`` (validated against its constructor).
+
+    Raises ``KeyError`` for an unknown name and ``TypeError`` for unknown or missing parameters; both list what is
+    valid.
+    """
+    if name not in DEGRADATIONS:
+        listing = "; ".join(_describe(n) for n in sorted(DEGRADATIONS))
+        raise KeyError(f"unknown degradation {name!r}; valid: {listing}")
+    expected = degradation_parameters(name)
+    unknown = sorted(set(params) - set(expected))
+    missing = sorted(k for k, v in expected.items() if v is inspect.Parameter.empty and k not in params)
+    if unknown or missing:
+        what = (f"unknown parameters {unknown}" if unknown else "") + (", " if unknown and missing else "")
+        what += f"missing required parameters {missing}" if missing else ""
+        raise TypeError(f"degradation {name!r}: {what}; it takes {_describe(name)}")
+    return DEGRADATIONS[name](**params)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def degradation_from_spec(spec: str) -> Degradation:
+    """Build a degradation from ``"name"`` or ``"name:key=value,key=value"`` (numbers parsed as int, then float;
+    anything else stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"degradation spec {spec!r}: {item!r} is not key=value; format is name:key=value,key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    return build_degradation(name.strip(), **params)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# uint8 arrays and folders
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` in [-1, 1] -> ``[B, H, W, 3]`` uint8 (rounded, clipped)."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _from_uint8_hwc(arrays: np.ndarray) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(arrays, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def apply_to_uint8(degradation: Degradation, images: np.ndarray, seed: int | torch.Generator) -> np.ndarray:
+    """Apply ``degradation`` to ``uint8`` RGB images ``[H, W, 3]`` or ``[N, H, W, 3]`` (a 4th alpha channel is passed
+    through unchanged); returns a ``uint8`` array of the same shape."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"expected uint8 [H, W, 3|4] or [N, H, W, 3|4], got {arr.dtype} {arr.shape}")
+    batch = arr[None] if arr.ndim == 3 else arr
+    out = _to_uint8_hwc(degradation(_from_uint8_hwc(batch[..., :3]), seed))
+    if batch.shape[-1] == 4:
+        out = np.concatenate([out, batch[..., 3:]], axis=-1)
+    return out[0] if arr.ndim == 3 else out
+
+
+def file_seed(seed: int, relative_path: str) -> int:
+    """A 63-bit seed for one file, from the run seed and the file's POSIX path relative to the folder (stable across
+    runs, platforms and the other files present)."""
+    digest = hashlib.sha256(f"{int(seed)}:{relative_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted; hidden files skipped) with an extension in
+    ``IMAGE_EXTENSIONS``."""
+    root = Path(folder)
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p))
+
+
+def degrade_folder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    degradation: str | Degradation,
+    seed: int,
+    **params: Any,
+) -> list[Path]:
+    """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
+
+    ``degradation`` is a registry name (built with ``params``, see :func:`build_degradation`) or a
+    :class:`Degradation` (then ``params`` must be empty).  Images are read with PIL (EXIF orientation applied,
+    converted to RGB; an alpha channel is kept unchanged); each file gets the seed ``file_seed(seed, relative_path)``,
+    so its output does not depend on the other files.  Returns the written paths.
+    """
+    src_root, dst_root = Path(src).resolve(), Path(dst).resolve()
+    if not src_root.is_dir():
+        raise FileNotFoundError(f"source folder {str(src_root)!r} does not exist or is not a folder")
+    if dst_root == src_root or src_root in dst_root.parents:
+        raise ValueError(f"dst {str(dst_root)!r} must not be src or inside it (outputs would mix with inputs)")
+    if isinstance(degradation, Degradation):
+        if params:
+            raise TypeError(f"params {sorted(params)} given with an already built {degradation!r}; pass a name instead")
+        deg = degradation
+    else:
+        deg = build_degradation(degradation, **params)
+    files = list_images(src_root)
+    if not files:
+        raise FileNotFoundError(f"no images with extensions {list(IMAGE_EXTENSIONS)} under {str(src_root)!r}")
+    targets: dict[Path, Path] = {}
+    for path in files:
+        out = (dst_root / path.relative_to(src_root)).with_suffix(".png")
+        if out in targets:
+            raise ValueError(f"{targets[out]} and {path} would both be written to {out}; rename one of them")
+        targets[out] = path
+    written = []
+    for out, path in targets.items():
+        rel = path.relative_to(src_root).as_posix()
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+            arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
+        result = apply_to_uint8(deg, arr, file_seed(seed, rel))
+
+        def write(fh: Any, result: np.ndarray = result) -> None:
+            Image.fromarray(result).save(fh, format="PNG")
+
+        atomic_write_bytes(out, write)
+        written.append(out)
+    logger.info("degraded %d images from %s into %s with %s (seed %d)", len(written), src_root, dst_root, deg.spec, seed)
+    return written

@@ -1,0 +1,28 @@
+"""Datasets and the data module: an image folder, the embedded scikit-image photographs, ``DataModuleFromConfig``.
+
+The public classes are re-exported lazily, so that ``import ldm.data.embedded`` (e.g. for ``heldout_crops``) does
+not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["DataModuleFromConfig", "EmbeddedPhotos", "ImageFolderDataset"]
+
+_EXPORTS = {
+    "DataModuleFromConfig": "ldm.data.datamodule",
+    "EmbeddedPhotos": "ldm.data.embedded",
+    "ImageFolderDataset": "ldm.data.image_folder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ldm.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

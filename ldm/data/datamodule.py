@@ -1,0 +1,212 @@
+"""``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2.
+
+Example (YAML, as in latent-diffusion's ``data:`` section)::
+
+    data:
+      target: ldm.data.datamodule.DataModuleFromConfig
+      params:
+        batch_size: 8
+        num_workers: 2
+        train:
+          target: ldm.data.embedded.EmbeddedPhotos
+          params: {size: 32, split: train, n_samples: 512}
+        validation:
+          target: ldm.data.embedded.EmbeddedPhotos
+          params: {size: 32, split: validation, n_samples: 64}
+
+Distributed training: the loaders use plain ``shuffle=True/False`` samplers, which Lightning replaces by its automatic
+``DistributedSampler`` so that every rank reads its own shard (keep ``use_distributed_sampler`` at its default).
+Augmentation epochs: :class:`SetDatasetEpoch` (installed on the trainer by :meth:`DataModuleFromConfig.setup`) calls
+``set_epoch(trainer.current_epoch)`` on the training dataset before each epoch's items are drawn; see
+:mod:`ldm.data.image_folder` for the ``(seed, epoch, index)`` contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from ldm.util import ConfigError, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "test")
+_STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
+    "fit": ("train", "validation"),
+    "validate": ("validation",),
+    "test": ("test",),
+    "predict": (),
+    None: SPLIT_NAMES,
+}
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy's and Python's global generators in a DataLoader worker.
+
+    ``torch.initial_seed()`` inside a worker is torch's per-worker seed (a base seed drawn from the main process's
+    generator for every new iterator, plus ``worker_id``), so workers differ from each other and from epoch to epoch
+    while staying reproducible under ``seed_everything``.  Datasets of this package draw from their own
+    ``(seed, epoch, index)`` generators; this protects third-party datasets that use ``np.random`` directly.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on ``dataset`` and on the datasets inside ``ConcatDataset`` / ``Subset`` wrappers."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            set_dataset_epoch(part, epoch)
+    elif isinstance(dataset, Subset):
+        set_dataset_epoch(dataset.dataset, epoch)
+
+
+class SetDatasetEpoch(pl.Callback):
+    """Selects the augmentation epoch of the training dataset of ``trainer.datamodule``.
+
+    Runs at ``on_train_start`` (so a resumed run continues with its epoch) and ``on_train_epoch_start``; both happen
+    before the epoch's DataLoader iterator starts its workers.
+    """
+
+    def _sync(self, trainer: pl.Trainer) -> None:
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "datasets", {}).get("train")
+        if dataset is not None:
+            set_dataset_epoch(dataset, trainer.current_epoch)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(trainer)
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Builds each split from a ``{target, params}`` config in :meth:`setup` and serves DataLoaders.
+
+    Args:
+        batch_size: items per batch (per rank under DDP).
+        train / validation / test: dataset configs (``target`` + ``params``), or None for a split without data;
+            a split without config has no dataloader method, so Lightning skips it.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        shuffle_val_dataloader: shuffle the validation loader (latent-diffusion's flag; default off).
+        pin_memory: pin host memory; None -> only when the trainer runs on CUDA (or, without a trainer, when CUDA is
+            available).
+        persistent_workers: keep workers alive between epochs; None -> ``num_workers > 0``.
+        drop_last: drop the last incomplete training batch (validation/test never drop).  With it, a training split
+            smaller than one batch per rank is refused in :meth:`setup` instead of silently training on nothing.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        train: Mapping[str, Any] | None = None,
+        validation: Mapping[str, Any] | None = None,
+        test: Mapping[str, Any] | None = None,
+        num_workers: int = 0,
+        shuffle_val_dataloader: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size} must be a positive integer")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        if persistent_workers and int(num_workers) == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (or leave persistent_workers unset)")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.shuffle_val_dataloader = bool(shuffle_val_dataloader)
+        self.pin_memory = pin_memory
+        self.persistent_workers = self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
+        self.drop_last = bool(drop_last)
+        self.dataset_configs: dict[str, Any] = {}
+        for name, config in zip(SPLIT_NAMES, (train, validation, test)):
+            if config is None:
+                continue
+            if not hasattr(config, "keys") or "target" not in config:
+                raise ConfigError(
+                    f"data config for split {name!r} must be a mapping {{target: pkg.Class, params: {{...}}}}, got {config!r}"
+                )
+            self.dataset_configs[name] = config
+        self.datasets: dict[str, Dataset] = {}
+        if "train" in self.dataset_configs:
+            self.train_dataloader = self._train_dataloader
+        if "validation" in self.dataset_configs:
+            self.val_dataloader = self._val_dataloader
+        if "test" in self.dataset_configs:
+            self.test_dataloader = self._test_dataloader
+
+    def setup(self, stage: str | None = None) -> None:
+        """Instantiate the datasets that ``stage`` needs (``fit``: train + validation; None: all); idempotent."""
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"stage={stage!r} is not one of {list(_STAGE_SPLITS)}")
+        for name in _STAGE_SPLITS[stage]:
+            if name in self.dataset_configs and name not in self.datasets:
+                dataset = instantiate_from_config(self.dataset_configs[name])
+                if len(dataset) == 0:
+                    raise ValueError(f"the {name} dataset built from {self.dataset_configs[name]['target']} is empty")
+                self.datasets[name] = dataset
+                logger.info("data split %s: %s with %d items", name, type(dataset).__name__, len(dataset))
+        self._check_train_size()
+        trainer = self.trainer
+        if trainer is not None and "train" in self.datasets:
+            if not any(isinstance(callback, SetDatasetEpoch) for callback in trainer.callbacks):
+                trainer.callbacks.append(SetDatasetEpoch())
+
+    def _check_train_size(self) -> None:
+        dataset = self.datasets.get("train")
+        if dataset is None or not self.drop_last:
+            return
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(len(dataset) / world_size)
+        if per_rank < self.batch_size:
+            raise ValueError(
+                f"the train dataset has {len(dataset)} items ({per_rank} per rank on {world_size} rank(s)), fewer than "
+                f"batch_size={self.batch_size}; with drop_last=True no batch would be formed. Lower batch_size, add "
+                "data (for EmbeddedPhotos: raise n_samples) or set drop_last: false"
+            )
+
+    def _resolve_pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        if self.trainer is not None:
+            return isinstance(self.trainer.accelerator, pl.accelerators.CUDAAccelerator)
+        return torch.cuda.is_available()
+
+    def _loader(self, name: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError(f"the {name} dataset is not built yet: call setup() before asking for its dataloader")
+        workers = self.num_workers
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            worker_init_fn=worker_init_fn if workers > 0 else None,
+            pin_memory=self._resolve_pin_memory(),
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+        )
+
+    def _train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=self.drop_last)
+
+    def _val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=self.shuffle_val_dataloader, drop_last=False)
+
+    def _test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, drop_last=False)

@@ -1,0 +1,337 @@
+"""Image-folder dataset: recursive scan, deterministic train/validation split, resize + crop + flip, [-1, 1] HWC.
+
+Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}``; models
+rearrange to ``[B, 3, H, W]`` themselves.
+
+Randomness (documented contract, shared with :class:`ldm.data.embedded.EmbeddedPhotos`):
+    the random crop and flip of item ``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])``.
+    They are therefore reproducible for a seed, independent of the number of DataLoader workers, DDP ranks and the
+    order in which items are fetched, and they change from epoch to epoch through :meth:`EpochSeededDataset.set_epoch`.
+    :class:`ldm.data.datamodule.DataModuleFromConfig` calls ``set_epoch(trainer.current_epoch)`` at the start of every
+    training epoch; the epoch lives in shared memory so persistent DataLoader workers see it too.  Code that drives
+    the dataset with a plain DataLoader must call ``set_epoch`` itself, otherwise every epoch repeats the crops of
+    epoch 0.
+
+Unreadable files (truncated, corrupt, not an image, decompression bomb) are skipped: the first failure of a file logs
+one warning and marks it in a shared-memory table (so neither other workers nor later epochs warn or retry it), and
+the next readable file of the split is returned in its place.  ``num_skipped`` counts the marked files.  Under DDP each
+rank has its own table, so a bad file can be reported once per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SPLITS: tuple[str, ...] = ("train", "validation", "all")
+
+# What PIL raises for files it cannot decode: truncated data and unknown formats (OSError and its subclass
+# UnidentifiedImageError), malformed headers (SyntaxError, ValueError), premature ends (EOFError) and images larger
+# than Image.MAX_IMAGE_PIXELS allows (DecompressionBombError).
+UNREADABLE_IMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+
+
+class UnreadableDatasetError(RuntimeError):
+    """Every file of a dataset split failed to decode."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image helpers (shared with the embedded photographs)
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Alpha (RGBA, LA, PA, palette or grey with a transparency colour) is composited over white; 16-bit grey
+    (``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits instead of being clipped.
+    """
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully, apply its EXIF orientation and return an RGB image.
+
+    Raises one of :data:`UNREADABLE_IMAGE_ERRORS` when the file cannot be decoded.
+    """
+    with Image.open(path) as image:
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+        return pil_to_rgb(oriented)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize (bicubic, antialiased when shrinking) so that the shorter side is exactly ``size`` pixels."""
+    width, height = image.size
+    if min(width, height) == size:
+        return image
+    factor = size / min(width, height)
+    new_size = (max(size, round(width * factor)), max(size, round(height * factor)))
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def crop_offsets(height: int, width: int, size: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """Top-left corner ``(top, left)`` of a ``size`` x ``size`` crop: uniform when ``rng`` is given, else centred."""
+    if height < size or width < size:
+        raise ValueError(f"cannot crop {size}x{size} from an image of {width}x{height} pixels")
+    if rng is None:
+        return (height - size) // 2, (width - size) // 2
+    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def uint8_to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> float32 ``[H, W, 3]`` in [-1, 1] (latent-diffusion's ``x / 127.5 - 1``)."""
+    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# epoch-seeded randomness
+
+
+class EpochSeededDataset(Dataset):
+    """Base class: per-item random generators derived from ``(seed, epoch, index)``.
+
+    ``set_epoch`` writes the epoch into a one-element shared-memory tensor, so DataLoader workers (forked, spawned
+    or persistent) read the current value when they build an item.
+    """
+
+    def __init__(self, seed: int) -> None:
+        if int(seed) < 0:
+            raise ValueError(f"seed={seed} must be a non-negative integer")
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the augmentations are currently drawn for."""
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentations of ``epoch`` (call at the start of each epoch; DataModuleFromConfig does)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch={epoch} must be non-negative")
+        self._epoch.fill_(int(epoch))
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The generator that draws the augmentations of item ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# folder scan and split
+
+
+def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """All files under ``root`` whose suffix (case-insensitive) is in ``suffixes``, sorted by relative POSIX path.
+
+    The walk is recursive and follows symlinked folders (each real folder is visited once, so link cycles end);
+    hidden files and folders (names starting with ``.``) are ignored.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is not a folder.
+    """
+    root = Path(root).expanduser()
+    accepted = {s.lower() for s in suffixes}
+    if not root.exists():
+        raise FileNotFoundError(
+            f"image folder {str(root)!r} does not exist; point `root` at a folder holding images with suffixes "
+            f"{', '.join(sorted(accepted))} (searched recursively)"
+        )
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder; pass the folder that holds it")
+    found: list[tuple[str, Path]] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in accepted:
+                continue
+            path = Path(dirpath) / name
+            found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]
+
+
+def split_files(files: Sequence[Path], split: str, val_fraction: float, split_seed: int) -> list[Path]:
+    """Deterministic split by a seeded shuffle of the sorted file list.
+
+    ``round(val_fraction * n)`` files (at least one when ``val_fraction > 0`` and ``n >= 2``, never all of them) form
+    the validation split; the rest form the training split; ``"all"`` keeps every file.  Both splits are returned in
+    sorted order.  Adding or removing files re-draws the split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
+    if split == "all":
+        return list(files)
+    n = len(files)
+    n_val = 0 if (val_fraction == 0.0 or n < 2) else min(n - 1, max(1, round(val_fraction * n)))
+    order = np.random.default_rng(int(split_seed)).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    chosen = [f for i, f in enumerate(files) if (i in val_idx) == (split == "validation")]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dataset
+
+
+class ImageFolderDataset(EpochSeededDataset):
+    """Images found recursively under ``root``, resized, cropped to ``size`` x ``size`` and (train) flipped.
+
+    Args:
+        root: folder scanned recursively for ``.png .jpg .jpeg .webp .bmp`` files (case-insensitive suffixes).
+        size: side of the square output crop in pixels.
+        split: ``"train"``, ``"validation"`` or ``"all"``.  Validation is deterministic (centre crop, no flip);
+            ``"train"`` and ``"all"`` use ``random_crop`` / ``flip``.
+        val_fraction: fraction of the files held out for validation (same value for both splits!).
+        random_crop: uniform random crop for train/all; centre crop otherwise.
+        flip: random horizontal flip (p = 0.5) for train/all.
+        min_side_resize: resize so that the short side equals ``size`` before cropping.  When False, images keep
+            their resolution and only those whose short side is below ``size`` are upscaled to it.
+        seed: seed of the crops/flips (see the module docstring for the ``(seed, epoch, index)`` contract).
+        image_key: key of the image in the returned dict.
+        split_seed: seed of the train/validation shuffle, separate from ``seed`` so that changing the augmentation
+            seed never moves files between the splits.
+
+    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``.
+
+    Raises at construction: FileNotFoundError / NotADirectoryError for a missing root or a folder without images,
+    ValueError for invalid arguments or an empty split.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int = 256,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        random_crop: bool = True,
+        flip: bool = True,
+        min_side_resize: bool = True,
+        seed: int = 0,
+        image_key: str = "image",
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(seed)
+        if int(size) < 1:
+            raise ValueError(f"size={size} must be a positive number of pixels")
+        self.root = Path(root).expanduser()
+        self.size = int(size)
+        self.split = split
+        self.val_fraction = float(val_fraction)
+        self.image_key = image_key
+        self.min_side_resize = bool(min_side_resize)
+        augment = split != "validation"
+        self.random_crop = bool(random_crop) and augment
+        self.flip = bool(flip) and augment
+
+        all_files = scan_image_files(self.root)
+        if not all_files:
+            raise FileNotFoundError(
+                f"no images found under {str(self.root)!r} (searched recursively for suffixes "
+                f"{', '.join(IMAGE_SUFFIXES)}, case-insensitive; hidden files and folders are ignored); add images "
+                "or point `root` at the folder that holds them"
+            )
+        self.files = split_files(all_files, split, self.val_fraction, split_seed)
+        if not self.files:
+            raise ValueError(
+                f"split={split!r} of {str(self.root)!r} is empty: {len(all_files)} image(s), val_fraction="
+                f"{self.val_fraction}; use split='all' (and val_fraction=0) for a folder this small, or add images"
+            )
+        self._bad = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
+        logger.info("ImageFolderDataset %s split=%s: %d of %d image(s)", self.root, split, len(self.files), len(all_files))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of files found unreadable so far (each is warned about once and never retried)."""
+        return int(self._bad.sum().item())
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Paths of the files found unreadable so far."""
+        return [str(self.files[i]) for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def _mark_unreadable(self, position: int, error: BaseException) -> None:
+        if self._bad[position].item():
+            return
+        self._bad[position] = 1
+        logger.warning(
+            "skipping unreadable image %s (%s: %s); substituting another file (%d unreadable so far)",
+            self.files[position],
+            type(error).__name__,
+            error,
+            self.num_skipped,
+        )
+
+    def load(self, position: int) -> Image.Image | None:
+        """Decode file ``position`` as RGB, or mark it unreadable and return None."""
+        if self._bad[position].item():
+            return None
+        try:
+            return load_rgb_image(self.files[position])
+        except UNREADABLE_IMAGE_ERRORS as error:
+            self._mark_unreadable(position, error)
+            return None
+
+    def transform(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """Resize, crop and flip an RGB image: returns uint8 ``[size, size, 3]``."""
+        if self.min_side_resize or min(image.size) < self.size:
+            image = resize_short_side(image, self.size)
+        width, height = image.size
+        top, left = crop_offsets(height, width, self.size, rng if self.random_crop else None)
+        array = np.asarray(image.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
+        if self.flip and rng.random() < 0.5:
+            array = array[:, ::-1]
+        return np.ascontiguousarray(array)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        for offset in range(n):
+            position = (index + offset) % n
+            image = self.load(position)
+            if image is not None:
+                array = self.transform(image, self.item_rng(index))
+                return {self.image_key: uint8_to_model_range(array), "file_path_": str(self.files[position])}
+        raise UnreadableDatasetError(
+            f"all {n} image(s) of split {self.split!r} under {str(self.root)!r} are unreadable "
+            f"(first ones: {self.skipped_files[:3]}); check the files, e.g. with PIL.Image.open(path).load()"
+        )

@@ -1,0 +1,55 @@
+"""Image I/O for refinement and evaluation: loading any common file, model tensors, padding, atomic saving, inputs.
+
+Typical use (what ``scripts/refine.py`` and :class:`ldm.refine.Refiner` do)::
+
+    from ldm import imageio
+
+    paths, problems = imageio.find_images(["photos/", "more/*.jpg"])
+    loaded = imageio.load_image(paths[0])                       # float32 [H, W, 3] in [0, 1], alpha separately
+    x = imageio.image_to_tensor(loaded.rgb)                     # [1, 3, H, W] in [-1, 1]
+    x_pad, padding = imageio.pad_to_multiple(x, 8)              # reflect-pad to the model's factor
+    y = imageio.crop_padding(model(x_pad), padding)             # crop back exactly
+    imageio.save_image_atomic("out.png", imageio.tensor_to_image(y), alpha=loaded.alpha, metadata={"start_t": "500"})
+
+Errors: :class:`ImageLoadError` (a ``ValueError``) and :class:`ImageSaveError` (an ``OSError``), each a single line that
+names the path and the cause, so a batch can report a bad file and go on.
+"""
+
+from ldm.imageio.convert import (
+    PAD_MODES,
+    Padding,
+    crop_padding,
+    image_to_tensor,
+    pad_to_multiple,
+    side_by_side,
+    tensor_to_image,
+)
+from ldm.imageio.errors import ImageLoadError, ImageSaveError, format_path
+from ldm.imageio.find import find_images, is_image_name
+from ldm.imageio.load import IMAGE_SUFFIXES, LOADER_FORMATS, LoadedImage, decode_image, from_pil, load_image
+from ldm.imageio.save import SAVE_FORMATS, read_image_metadata, read_png_metadata, save_image_atomic
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LOADER_FORMATS",
+    "PAD_MODES",
+    "SAVE_FORMATS",
+    "ImageLoadError",
+    "ImageSaveError",
+    "LoadedImage",
+    "Padding",
+    "crop_padding",
+    "decode_image",
+    "find_images",
+    "format_path",
+    "from_pil",
+    "image_to_tensor",
+    "is_image_name",
+    "load_image",
+    "pad_to_multiple",
+    "read_image_metadata",
+    "read_png_metadata",
+    "save_image_atomic",
+    "side_by_side",
+    "tensor_to_image",
+]

@@ -1,0 +1,191 @@
+"""Arrays <-> model tensors, padding to what the model needs and cropping back, and side-by-side grids.
+
+Model images are ``[B, 3, H, W]`` float in ``[-1, 1]`` (latent-diffusion's convention); files decode to ``[H, W, 3]``
+float32 in ``[0, 1]`` (see :class:`ldm.imageio.LoadedImage`) and are written from ``[H, W, 3]`` uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAD_MODES = ("reflect", "replicate", "constant")
+
+
+def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` image -> ``[1, 3, H, W]`` float32 tensor in ``[-1, 1]`` (CPU; move it with ``.to(device)``).
+
+    Args:
+        rgb: float ``[H, W, 3]`` in ``[0, 1]`` (as :func:`ldm.imageio.load_image` returns) or uint8 ``[H, W, 3]``.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"image_to_tensor expects an [H, W, 3] array, got shape {tuple(rgb.shape)}")
+    if rgb.dtype == np.uint8:
+        unit = rgb.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(rgb.dtype, np.floating):
+        unit = rgb.astype(np.float32, copy=False)
+        if not np.isfinite(unit).all() or (unit.size and (unit.min() < 0.0 or unit.max() > 1.0)):
+            raise ValueError("image_to_tensor: float images must be finite and in [0, 1]")
+    else:
+        raise TypeError(f"image_to_tensor expects uint8 or float arrays, got dtype {rgb.dtype}")
+    tensor = torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1).unsqueeze(0)
+    return (tensor * 2.0 - 1.0).contiguous()
+
+
+def tensor_to_image(x: torch.Tensor) -> np.ndarray:
+    """``[1, 3, H, W]`` or ``[3, H, W]`` tensor in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]``.
+
+    Values are mapped by ``(x + 1) * 127.5``, rounded to nearest and clamped to ``[0, 255]``; the exact inverse of
+    :func:`image_to_tensor` on uint8 input.  NaN or infinite values raise ``ValueError`` instead of turning into
+    arbitrary pixels.
+    """
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"tensor_to_image takes one image; got a batch of {x.shape[0]} (index it: x[i])")
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"tensor_to_image expects [1, 3, H, W] or [3, H, W], got shape {tuple(x.shape)}")
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("tensor_to_image: the tensor holds NaN or infinite values (did sampling diverge?)")
+    pixels = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Pixels added on each side by :func:`pad_to_multiple`, with the original size, so cropping back is exact."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    height: int
+    width: int
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        """``(height, width)`` after padding."""
+        return self.height + self.top + self.bottom, self.width + self.left + self.right
+
+    @property
+    def is_zero(self) -> bool:
+        return self.top == self.bottom == self.left == self.right == 0
+
+
+def pad_to_multiple(
+    x: torch.Tensor,
+    multiple: int,
+    mode: str = "reflect",
+    min_size: int | tuple[int, int] = 1,
+) -> tuple[torch.Tensor, Padding]:
+    """Pad ``[B, C, H, W]`` so both sides are multiples of ``multiple`` (and at least ``min_size``).
+
+    The padding is split between the two sides of each axis (the extra pixel, if odd, goes bottom/right), so the model
+    sees the image centred.  Modes:
+
+    - ``"reflect"``: mirror without repeating the edge (``torch``'s reflect), extended periodically when the pad is as
+      large as or larger than the image (where ``torch`` refuses): a 3-pixel row ``abc`` padded by 5 on the right
+      gives ``abc b a b c b``.  An axis of size 1 has nothing to mirror and repeats its pixel.
+    - ``"replicate"``: repeat the edge pixel.  ``"constant"``: zeros.
+
+    Works for any size down to 1x1, on any device and dtype.
+
+    Args:
+        x: ``[B, C, H, W]`` tensor.
+        multiple: the model's size factor (e.g. 4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet).
+        mode: one of :data:`PAD_MODES`.
+        min_size: minimum padded size, an int for both sides or ``(height, width)``.
+
+    Returns:
+        ``(padded, padding)``; :func:`crop_padding` with ``padding`` undoes it.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"pad_to_multiple expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if mode not in PAD_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {PAD_MODES}")
+    min_h, min_w = (min_size, min_size) if isinstance(min_size, int) else tuple(min_size)
+    if min(min_h, min_w) < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size!r}")
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot pad an empty image of size {height}x{width}")
+    target_h = math.ceil(max(height, min_h) / multiple) * multiple
+    target_w = math.ceil(max(width, min_w) / multiple) * multiple
+    top, left = (target_h - height) // 2, (target_w - width) // 2
+    padding = Padding(top, target_h - height - top, left, target_w - width - left, height, width)
+    if padding.is_zero:
+        return x, padding
+    if mode == "constant":
+        return F.pad(x, (padding.left, padding.right, padding.top, padding.bottom), mode="constant", value=0.0), padding
+    rows = _pad_indices(height, padding.top, padding.bottom, mode, x.device)
+    cols = _pad_indices(width, padding.left, padding.right, mode, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols), padding
+
+
+def _pad_indices(size: int, before: int, after: int, mode: str, device: torch.device) -> torch.Tensor:
+    """Source index of every output position along one axis of length ``before + size + after``."""
+    positions = torch.arange(-before, size + after, device=device)
+    if mode == "replicate" or size == 1:
+        return positions.clamp(0, size - 1)
+    period = 2 * (size - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded < size, folded, period - folded)
+
+
+def crop_padding(x: torch.Tensor, padding: Padding, scale: float = 1) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple` on ``[..., H', W']`` where ``H' = padded height * scale``.
+
+    ``scale`` covers outputs at another resolution than the padded input (``2`` for a 2x upsampler; ``0.25`` for a
+    VQ-f4 latent, which requires every padding amount to be divisible by 4).
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    padded_h, padded_w = padding.padded_size
+    expected = (padded_h * scale, padded_w * scale)
+    if tuple(x.shape[-2:]) != expected:
+        raise ValueError(
+            f"crop_padding: tensor is {tuple(x.shape[-2:])} but padding {padding} at scale {scale} expects {expected}"
+        )
+    top, left = _scaled(padding.top, scale, "top"), _scaled(padding.left, scale, "left")
+    height, width = _scaled(padding.height, scale, "height"), _scaled(padding.width, scale, "width")
+    return x[..., top : top + height, left : left + width]
+
+
+def _scaled(value: int, scale: float, name: str) -> int:
+    result = value * scale
+    if abs(result - round(result)) > 1e-9:
+        raise ValueError(f"crop_padding: {name}={value} times scale {scale} is not a whole number of pixels")
+    return int(round(result))
+
+
+def side_by_side(images: Sequence[np.ndarray], pad: int = 8, fill: int = 255) -> np.ndarray:
+    """Place uint8 ``[H_i, W_i, 3]`` images left to right, ``pad`` pixels apart and around, on a ``fill`` background.
+
+    Images of different heights are centred vertically.  Returns uint8 ``[max H + 2 pad, sum W + (n + 1) pad, 3]``.
+    """
+    if len(images) == 0:
+        raise ValueError("side_by_side needs at least one image")
+    if pad < 0 or not 0 <= fill <= 255:
+        raise ValueError(f"pad must be >= 0 and fill in [0, 255], got pad={pad}, fill={fill}")
+    arrays = [np.asarray(img) for img in images]
+    for i, img in enumerate(arrays):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"side_by_side: image {i} must be uint8 [H, W, 3], got {img.dtype} {tuple(img.shape)}")
+    height = max(img.shape[0] for img in arrays) + 2 * pad
+    width = sum(img.shape[1] for img in arrays) + (len(arrays) + 1) * pad
+    canvas = np.full((height, width, 3), fill, dtype=np.uint8)
+    x = pad
+    for img in arrays:
+        y = pad + (height - 2 * pad - img.shape[0]) // 2
+        canvas[y : y + img.shape[0], x : x + img.shape[1]] = img
+        x += img.shape[1] + pad
+    return canvas

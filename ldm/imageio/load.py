@@ -1,0 +1,409 @@
+"""Loading images from files people find on the internet: every pixel mode, EXIF orientation, alpha, and one-line errors.
+
+The loader reads the whole file, decodes it fully with Pillow (``Image.load()``, so a truncated file fails here and not
+half-way through a batch) and returns a :class:`LoadedImage` with float32 RGB in ``[0, 1]``.  Float was chosen over
+uint8 so that 16-bit sources keep their precision; :func:`ldm.imageio.image_to_tensor` maps it to the model's
+``[-1, 1]``.  Alpha is returned separately so that refinement can run on RGB and re-attach it when saving.
+
+Only a fixed set of raster formats is opened (:data:`LOADER_FORMATS`).  Pillow's other plugins are never tried: some of
+them run external programs (EPS via Ghostscript) or parse rarely audited formats, which is not what a batch over
+downloaded files should do.  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed by this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import stat
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ldm.imageio.errors import ImageLoadError, PathLike, format_path, one_line
+
+logger = logging.getLogger(__name__)
+
+# Pillow format names the loader opens (those this Pillow build registers).  JPEG includes the multi-picture JPEGs of
+# cameras and phones, which Pillow reports as format "MPO".
+LOADER_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "GIF", "TIFF", "PPM")
+
+# File suffixes (lower case) that folder and glob expansion treat as images.
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".webp",
+    ".avif",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+)
+
+_SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_GRAY_MODES = ("1", "L", "LA", "La")
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # 1 is upright; other values are invalid and ignored, as Pillow does
+_PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
+_warned_truncation_hidden = False
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image ready for the model.
+
+    Attributes:
+        rgb: float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous; grayscale sources are replicated to three channels,
+            16-bit sources are divided by 65535 (no clipping, no loss).
+        alpha: float32 ``[H, W]`` in ``[0, 1]``, or None when the source has no transparency.  Straight (not
+            premultiplied) alpha, as PNG/WebP store it.
+        info: what the file held.  Keys: ``path`` (printable), ``format`` (Pillow's name), ``mode`` (source pixel mode),
+            ``size`` ``(width, height)`` of the returned arrays (after orientation), ``bit_depth`` (bits per sample as
+            stored in the file), ``decoded_bit_depth`` (bits per sample that reached ``rgb``: Pillow decodes colour
+            images at 8 bits even when the file holds 16), ``frames`` (frame count; None if it could not be counted),
+            ``exif_orientation`` (the EXIF tag value or None), ``orientation_applied`` (bool), ``has_alpha``,
+            ``icc_profile`` (bool: the file embeds a colour profile; pixels are not colour-managed), ``file_bytes``.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def load_image(path: PathLike) -> LoadedImage:
+    """Read and fully decode the image at ``path``.
+
+    Args:
+        path: str, bytes or PathLike; names that are not valid UTF-8 (bytes, or str with surrogate escapes) work.
+
+    Returns:
+        a :class:`LoadedImage` (float32 RGB ``[H, W, 3]`` in ``[0, 1]``, optional alpha ``[H, W]``, ``info``).
+
+    Raises:
+        ImageLoadError: one line naming the path and the cause, for a missing, empty, unreadable, non-image, truncated,
+            corrupt or too large (decompression bomb) file, or a folder.
+        TypeError: ``path`` is not a path at all (e.g. an int).
+    """
+    data = _read_file(path)
+    return decode_image(data, source=path)
+
+
+def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
+    """Decode an encoded image held in memory; ``source`` only names it in errors, logs and ``info["path"]``.
+
+    Same result and errors as :func:`load_image` (which reads the file and calls this).
+    """
+    if not data:
+        raise ImageLoadError(source, "file is empty (0 bytes)")
+    _warn_if_truncation_hidden()
+    fmt: str | None = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat the warning as the error it guards against.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data), formats=_available_formats())
+                fmt = image.format
+                image, frames = _first_frame(image, data, source)
+                image.load()
+                return _convert(image, source, fmt, frames, _file_bit_depth(image, data), len(data))
+            finally:
+                # Pillow warns about recoverable damage (corrupt EXIF, odd TIFF tags); say which file it was.
+                for message in dict.fromkeys(one_line(w.message) for w in caught):
+                    logger.warning("%s: %s", format_path(source), message)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(source, _bomb_reason(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(source, _unidentified_reason(data, source)) from None
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise a wide, version-dependent set of types on corrupt data
+        raise ImageLoadError(source, _corrupt_reason(exc, fmt)) from exc
+
+
+def from_pil(image: Image.Image, source: str = "<PIL.Image>", apply_exif_orientation: bool = True) -> LoadedImage:
+    """Convert an in-memory PIL image (any mode) exactly as :func:`load_image` converts a file.
+
+    Used by the Python API, which accepts ``PIL.Image`` inputs.  ``apply_exif_orientation`` transposes by the image's
+    EXIF orientation tag (harmless on images already passed through ``ImageOps.exif_transpose``, which drops the tag).
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"from_pil expects a PIL.Image.Image, got {type(image).__name__}")
+    try:
+        image.load()
+        frames = getattr(image, "n_frames", 1)
+        return _convert(image, source, image.format, frames, _mode_bit_depth(image.mode), None, apply_exif_orientation)
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # a lazily opened PIL image decodes here and can fail like any file
+        raise ImageLoadError(source, _corrupt_reason(exc, image.format)) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading the file
+
+
+def _read_file(path: PathLike) -> bytes:
+    """The file's bytes, or an ImageLoadError saying why they cannot be read."""
+    fs_path = os.fspath(path)  # TypeError for non-paths (an int would otherwise be taken as a file descriptor)
+    try:
+        st = os.stat(fs_path)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied (a parent folder is not searchable)") from None
+    except ValueError as exc:  # embedded NUL byte
+        raise ImageLoadError(path, f"invalid path ({exc})") from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot stat the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(path, "is not a regular file (device, FIFO or socket)")
+    if st.st_size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    try:
+        return _read_bytes(fs_path)
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied (the file is not readable by this user; check chmod)") from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"read failed ({exc.strerror or exc})") from None
+
+
+def _read_bytes(fs_path: str | bytes) -> bytes:
+    with open(fs_path, "rb") as fh:
+        return fh.read()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def _first_frame(image: Image.Image, data: bytes, source: PathLike) -> tuple[Image.Image, int | None]:
+    """Position a multi-frame image on its first frame; returns the image and its frame count (None if uncountable)."""
+    try:
+        frames: int | None = int(getattr(image, "n_frames", 1))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise
+    except Exception as exc:  # a corrupt later frame must not cost the first one
+        logger.warning("%s: cannot count frames (%s); using the first frame", format_path(source), one_line(exc))
+        image = Image.open(io.BytesIO(data), formats=(image.format,))
+        return image, None
+    if frames > 1:
+        logger.info("%s: %s with %d frames; using the first frame", format_path(source), image.format, frames)
+        image.seek(0)
+    return image, frames
+
+
+def _convert(
+    image: Image.Image,
+    source: PathLike,
+    fmt: str | None,
+    frames: int | None,
+    bit_depth: int,
+    file_bytes: int | None,
+    apply_exif_orientation: bool = True,
+) -> LoadedImage:
+    source_mode = image.mode
+    has_icc = bool(image.info.get("icc_profile"))
+    orientation, oriented, image = _orient(image, source, apply_exif_orientation)
+    rgb, alpha, decoded_bits = _to_arrays(image, source)
+    if bit_depth > decoded_bits and decoded_bits == 8:
+        logger.warning(
+            "%s: %d-bit %s decoded at 8 bits per channel (Pillow has no 16-bit colour mode)",
+            format_path(source),
+            bit_depth,
+            source_mode,
+        )
+    info = {
+        "path": format_path(source),
+        "format": fmt,
+        "mode": source_mode,
+        "size": (int(rgb.shape[1]), int(rgb.shape[0])),
+        "bit_depth": bit_depth,
+        "decoded_bit_depth": decoded_bits,
+        "frames": frames,
+        "exif_orientation": orientation,
+        "orientation_applied": oriented,
+        "has_alpha": alpha is not None,
+        "icc_profile": has_icc,
+        "file_bytes": file_bytes,
+    }
+    return LoadedImage(rgb=rgb, alpha=alpha, info=info)
+
+
+def _orient(image: Image.Image, source: PathLike, apply: bool) -> tuple[int | None, bool, Image.Image]:
+    """``(EXIF orientation or None, whether a transpose was applied, image)``; malformed EXIF is logged and ignored."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
+        if not apply or orientation not in _TRANSPOSING_ORIENTATIONS:
+            return orientation, False, image
+        return orientation, True, ImageOps.exif_transpose(image)
+    except Exception as exc:  # EXIF is untrusted metadata; its parser raises many types on junk
+        logger.warning("%s: ignoring unreadable EXIF data (%s)", format_path(source), one_line(exc))
+        return None, False, image
+
+
+def _to_arrays(image: Image.Image, source: PathLike) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``(rgb float32 [H, W, 3] in [0, 1], alpha float32 [H, W] or None, decoded bits per sample)``."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_GRAY_MODES or mode == "I":
+        values = np.asarray(image)
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageLoadError(
+                source,
+                f"32-bit integer pixels in [{lo}, {hi}] are outside the 16-bit range [0, 65535]; "
+                "convert the image to 8- or 16-bit first",
+            )
+        if mode == "I":
+            logger.info("%s: 32-bit integer pixels in [%d, %d] read as 16-bit (divided by 65535)", format_path(source), lo, hi)
+        gray = values.astype(np.float32) / np.float32(65535.0)
+        alpha = _transparency_key_alpha(image, values)
+        return _gray_to_rgb(gray), alpha, 16
+    if mode == "F":
+        gray = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(gray).all() or (gray.size and (gray.min() < 0.0 or gray.max() > 1.0)):
+            raise ImageLoadError(
+                source, "32-bit float pixels must be finite and in [0, 1]; rescale the image or save it as 8/16-bit"
+            )
+        return _gray_to_rgb(gray), None, 32
+    has_alpha = mode in _ALPHA_MODES or image.info.get("transparency") is not None
+    gray_mode = mode in _GRAY_MODES
+    target = ("LA" if has_alpha else "L") if gray_mode else ("RGBA" if has_alpha else "RGB")
+    if mode != target:
+        try:
+            image = image.convert(target)
+        except ValueError as exc:
+            raise ImageLoadError(source, f"pixel mode {mode} cannot be converted to {target} ({exc})") from None
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    if gray_mode:
+        rgb = _gray_to_rgb(pixels[..., 0] if has_alpha else pixels)
+    else:
+        rgb = np.ascontiguousarray(pixels[..., :3])
+    alpha = np.ascontiguousarray(pixels[..., -1]) if has_alpha else None
+    return rgb, alpha, 8
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _transparency_key_alpha(image: Image.Image, values: np.ndarray) -> np.ndarray | None:
+    """Alpha for a 16-bit grayscale image whose tRNS chunk marks one gray value as transparent."""
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return None
+    return (values != key).astype(np.float32)
+
+
+def _file_bit_depth(image: Image.Image, data: bytes) -> int:
+    """Bits per sample as stored in the file (PNG IHDR, TIFF BitsPerSample), else implied by the pixel mode."""
+    if image.format == "PNG" and data[12:16] == b"IHDR" and len(data) > 24:
+        return int(data[24])
+    if image.format == "TIFF":
+        bits = getattr(image, "tag_v2", {}).get(258)
+        if isinstance(bits, tuple) and bits:
+            return int(max(bits))
+        if isinstance(bits, int):
+            return bits
+    return _mode_bit_depth(image.mode)
+
+
+def _mode_bit_depth(mode: str) -> int:
+    if mode == "1":
+        return 1
+    if mode in _SIXTEEN_BIT_GRAY_MODES:
+        return 16
+    if mode in ("I", "F"):
+        return 32
+    return 8
+
+
+def _available_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(name for name in LOADER_FORMATS if name in Image.OPEN)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# error reasons
+
+
+def _bomb_reason(exc: Exception) -> str:
+    match = _PIXEL_COUNT.search(str(exc))
+    limit = Image.MAX_IMAGE_PIXELS
+    count = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+    limit_text = f"{limit:,}" if limit is not None else "None"
+    return (
+        f"image has {count}, more than Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS={limit_text}; "
+        "if you trust the file, raise the limit before loading (PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable)"
+    )
+
+
+def _corrupt_reason(exc: Exception, fmt: str | None) -> str:
+    name = fmt or "image"
+    message = one_line(exc) or type(exc).__name__
+    if isinstance(exc, (EOFError, struct.error)) or "truncated" in message.lower():
+        return f"{name} file is truncated or incomplete ({message})"
+    if isinstance(exc, MemoryError):
+        return f"not enough memory to decode this {name} file"
+    return f"{name} data is corrupt ({type(exc).__name__}: {message})"
+
+
+def _unidentified_reason(data: bytes, source: PathLike) -> str:
+    head = data[:64]
+    suffix = os.path.splitext(os.fsdecode(source))[1].lower()
+    named = f"named {suffix} but " if suffix else ""
+    supported = ", ".join(_available_formats())
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"heim", b"heis"):
+        return f"{named}it is a HEIC/HEIF image, which Pillow cannot read; convert it to PNG or JPEG first"
+    if head.startswith(b"%PDF"):
+        return f"{named}it is a PDF document, not a raster image (supported: {supported})"
+    if head.startswith(b"%!PS") or head.startswith(b"\xc5\xd0\xd3\xc6"):
+        return f"{named}it is a PostScript/EPS file, which is not opened (it would run Ghostscript); rasterise it first"
+    stripped = head.lstrip()
+    if stripped.startswith((b"<svg", b"<?xml", b"<!DOCTYPE", b"<html", b"<!doctype")):
+        return f"{named}it is an SVG/XML/HTML text file, not a raster image (a failed download?)"
+    if _looks_like_text(head):
+        preview = head[:24].decode("utf-8", "backslashreplace").translate({i: " " for i in range(32)})
+        return f"{named}it is a text file, not an image (starts with {preview.strip()!r})"
+    return f"{named}its content is not a supported image format (first bytes {head[:8].hex()}; supported: {supported})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    text = head.decode("utf-8", "replace")  # a multi-byte character cut at the end becomes one U+FFFD
+    odd = sum(ch == "\ufffd" or not (ch.isprintable() or ch in "\r\n\t") for ch in text)
+    return bool(text) and odd <= max(1, len(text) // 20)
+
+
+def _warn_if_truncation_hidden() -> None:
+    """Warn (once per process) when something set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, which hides truncation."""
+    global _warned_truncation_hidden
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncation_hidden:
+        _warned_truncation_hidden = True
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated files will load with grey areas "
+            "instead of failing; set it back to False to have them reported"
+        )

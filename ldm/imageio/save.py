@@ -1,0 +1,194 @@
+"""Atomic image writing with embedded metadata, and reading that metadata back.
+
+Every file is written to a temporary file in the destination folder and moved into place with ``os.replace`` (through
+:func:`ldm.util.atomic_write_bytes`), so a killed job or a full disk never leaves a partial image that a later
+``--skip-existing`` run would take for a finished one.
+
+Metadata (the refinement parameters, checkpoint hashes) is stored as PNG text chunks (``tEXt``; ``iTXt`` for non
+Latin-1 values; compressed above 1 KiB).  JPEG and WebP have no text chunks: there the same mapping is written as a
+JSON object in the EXIF ``ImageDescription`` tag (ASCII-escaped), which ``exiftool`` and :func:`read_image_metadata`
+read back.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ldm.imageio.errors import ImageLoadError, ImageSaveError, PathLike, format_path, one_line
+from ldm.util import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SAVE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_IMAGE_DESCRIPTION_TAG = 0x010E
+_ZIP_TEXT_ABOVE = 1024
+
+_ERRNO_REASONS = {
+    errno_codes.EACCES: "permission denied (the folder is not writable by this user)",
+    errno_codes.EPERM: "operation not permitted",
+    errno_codes.ENOSPC: "no space left on device",
+    errno_codes.EDQUOT: "disk quota exceeded",
+    errno_codes.EROFS: "read-only file system",
+    errno_codes.ENOTDIR: "a component of the output folder is a file, not a folder",
+    errno_codes.EEXIST: "a component of the output folder is a file, not a folder",
+    errno_codes.EISDIR: "the destination is a directory",
+    errno_codes.ENAMETOOLONG: "file name too long",
+}
+
+
+def save_image_atomic(
+    path: PathLike,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quality: int = 95,
+) -> Path:
+    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically; the format follows the suffix (:data:`SAVE_FORMATS`).
+
+    Args:
+        path: destination; missing parent folders are created.  An existing file is replaced atomically.
+        rgb: uint8 ``[H, W, 3]`` (:func:`ldm.imageio.tensor_to_image` gives this).
+        alpha: ``[H, W]`` uint8, or float in ``[0, 1]`` (as :class:`ldm.imageio.LoadedImage` holds it); written as
+            RGBA for PNG/WebP.  JPEG has no alpha: it is dropped with a warning.
+        metadata: ``{key: value}`` strings.  PNG keys follow the PNG keyword rules (1-79 Latin-1 characters).
+        quality: JPEG/WebP quality 1-100 (ignored for PNG, which is lossless).
+
+    Returns:
+        the destination as a ``Path``.
+
+    Raises:
+        ImageSaveError: one line naming the path, for permission denied, a parent that is a file, a full disk, ...;
+            ``errno`` holds the OS error number.  No partial or temporary file is left behind.
+        ValueError / TypeError: unsupported suffix, wrongly shaped arrays or metadata (raised before writing).
+    """
+    dest = Path(os.fsdecode(path))
+    fmt = SAVE_FORMATS.get(dest.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot save {format_path(path)}: suffix {dest.suffix!r} is not one of {sorted(SAVE_FORMATS)}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality}")
+    meta = _check_metadata(metadata)
+    image = _to_pil(rgb, alpha)
+    if fmt == "JPEG" and image.mode == "RGBA":
+        logger.warning("%s: JPEG cannot store transparency; the alpha channel is dropped", format_path(path))
+        image = image.convert("RGB")
+    options = _format_options(fmt, meta, int(quality))
+    if dest.is_dir():
+        raise ImageSaveError(path, _ERRNO_REASONS[errno_codes.EISDIR], errno_codes.EISDIR)
+    try:
+        atomic_write_bytes(dest, lambda fh: image.save(fh, format=fmt, **options))
+    except OSError as exc:
+        reason = _ERRNO_REASONS.get(exc.errno) if exc.errno is not None else None
+        detail = f"{reason} ({one_line(exc.strerror or exc)})" if reason else one_line(exc.strerror or exc)
+        raise ImageSaveError(path, detail, exc.errno) from exc
+    return dest
+
+
+def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(
+            f"save_image_atomic expects rgb as uint8 [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)} "
+            "(convert model output with ldm.imageio.tensor_to_image)"
+        )
+    if alpha is None:
+        return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+    alpha = np.asarray(alpha)
+    if alpha.shape != rgb.shape[:2]:
+        raise ValueError(f"alpha shape {tuple(alpha.shape)} does not match the image's {tuple(rgb.shape[:2])}")
+    if np.issubdtype(alpha.dtype, np.floating):
+        if not np.isfinite(alpha).all() or (alpha.size and (alpha.min() < 0.0 or alpha.max() > 1.0)):
+            raise ValueError("a float alpha must be finite and in [0, 1]")
+        alpha = np.round(alpha.astype(np.float64) * 255.0).astype(np.uint8)
+    elif alpha.dtype != np.uint8:
+        raise TypeError(f"alpha must be uint8 or float in [0, 1], got dtype {alpha.dtype}")
+    return Image.fromarray(np.ascontiguousarray(np.dstack([rgb, alpha])), mode="RGBA")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    checked: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"metadata must map str to str; {key!r} -> {type(value).__name__} (convert with str() or json.dumps)"
+            )
+        try:
+            key.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"metadata key {key!r} is not Latin-1 (PNG keywords are Latin-1)") from None
+        if not 1 <= len(key) <= 79 or key != key.strip() or not key.isprintable():
+            raise ValueError(f"metadata key {key!r} must be 1-79 printable characters without surrounding spaces")
+        checked[key] = value
+    return checked
+
+
+def _format_options(fmt: str, metadata: dict[str, str], quality: int) -> dict:
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value, zip=len(value) > _ZIP_TEXT_ABOVE)
+        return {"pnginfo": info}
+    options: dict = {"quality": quality}
+    if metadata:
+        exif = Image.Exif()
+        exif[_IMAGE_DESCRIPTION_TAG] = json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+        options["exif"] = exif.tobytes()
+    return options
+
+
+def read_png_metadata(path: PathLike) -> dict[str, str]:
+    """The text chunks (``tEXt``, ``zTXt``, ``iTXt``) of a PNG file as ``{key: value}``.
+
+    Raises:
+        ImageLoadError: the file is missing, not a PNG, or corrupt.
+    """
+    image = _open_for_metadata(path, ("PNG",))
+    return {str(key): str(value) for key, value in image.text.items()}
+
+
+def read_image_metadata(path: PathLike) -> dict[str, str]:
+    """Metadata written by :func:`save_image_atomic`: PNG text chunks, or the JSON object in JPEG/WebP EXIF.
+
+    Returns an empty dict when the file carries none (an ``ImageDescription`` that is not such a JSON object is
+    returned under the key ``"ImageDescription"``).
+    """
+    image = _open_for_metadata(path, ("PNG", "JPEG", "WEBP"))
+    if image.format == "PNG":
+        return {str(key): str(value) for key, value in image.text.items()}
+    description = image.getexif().get(_IMAGE_DESCRIPTION_TAG)
+    if description is None:
+        return {}
+    try:
+        parsed = json.loads(description)
+    except (TypeError, ValueError):
+        parsed = None
+    if isinstance(parsed, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+        return parsed
+    return {"ImageDescription": str(description)}
+
+
+def _open_for_metadata(path: PathLike, formats: tuple[str, ...]) -> Image.Image:
+    """Open and decode ``path`` with Pillow restricted to ``formats``; every failure is an :class:`ImageLoadError`."""
+    try:
+        with open(os.fspath(path), "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageLoadError(path, one_line(exc.strerror or exc)) from None
+    try:
+        image = Image.open(io.BytesIO(data), formats=formats)
+        image.load()
+    except Exception as exc:  # Pillow raises many types on corrupt data
+        raise ImageLoadError(path, f"not a readable {'/'.join(formats)} file ({one_line(exc)})") from exc
+    return image

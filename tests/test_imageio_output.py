@@ -143,6 +143,10 @@ def test_png_metadata_round_trip(tmp_path, photo):
     assert imageio.read_image_metadata(path) == metadata
     np.testing.assert_array_equal(as_uint8(imageio.load_image(path).rgb), photo)
     assert [p.name for p in path.parent.iterdir()] == ["out.png"]
+    if os.name == "posix":  # not the 0600 of the temp file: readable by others as the umask allows
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".webp"])

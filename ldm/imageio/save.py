@@ -2,7 +2,8 @@
 
 Every file is written to a temporary file in the destination folder and moved into place with ``os.replace`` (through
 :func:`ldm.util.atomic_write_bytes`), so a killed job or a full disk never leaves a partial image that a later
-``--skip-existing`` run would take for a finished one.
+``--skip-existing`` run would take for a finished one.  The finished file gets the permissions the process umask gives a
+newly created file (the temporary file itself starts as 0600).
 
 Metadata (the refinement parameters, checkpoint hashes) is stored as PNG text chunks (``tEXt``; ``iTXt`` for non
 Latin-1 values; compressed above 1 KiB).  JPEG and WebP have no text chunks: there the same mapping is written as a
@@ -85,13 +86,25 @@ def save_image_atomic(
     options = _format_options(fmt, meta, int(quality))
     if dest.is_dir():
         raise ImageSaveError(path, _ERRNO_REASONS[errno_codes.EISDIR], errno_codes.EISDIR)
+
+    def write(fh) -> None:
+        image.save(fh, format=fmt, **options)
+        if hasattr(os, "fchmod"):  # the temp file is created 0600; give the image the mode a plain open() would
+            os.fchmod(fh.fileno(), 0o666 & ~_current_umask())
+
     try:
-        atomic_write_bytes(dest, lambda fh: image.save(fh, format=fmt, **options))
+        atomic_write_bytes(dest, write)
     except OSError as exc:
         reason = _ERRNO_REASONS.get(exc.errno) if exc.errno is not None else None
         detail = f"{reason} ({one_line(exc.strerror or exc)})" if reason else one_line(exc.strerror or exc)
         raise ImageSaveError(path, detail, exc.errno) from exc
     return dest
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:

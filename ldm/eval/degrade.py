@@ -109,12 +109,9 @@ class Degradation:
         raise NotImplementedError
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+def _draw(fn: Any, shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """``fn`` (``torch.rand`` / ``torch.randn``) on the generator's device, moved to ``like``'s device and dtype."""
+    return fn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
 def _randint(high: int, generator: torch.Generator) -> int:
@@ -187,19 +184,6 @@ class VQRoundTrip(Degradation):
         subset = torch.randperm(codebook.shape[0], generator=generator, device=generator.device)[:keep]
         return codebook[subset.to(codebook.device)]
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        fs = self.first_stage
-        h = fs.encode_to_prequant(x) if hasattr(fs, "encode_to_prequant") else fs.encode(x)
-        if isinstance(h, tuple):
-            raise TypeError(f"{type(fs).__name__}.encode returned a tuple; VQRoundTrip needs the pre-quantization latent")
-        return h
-
-    def _decode(self, quant: torch.Tensor) -> torch.Tensor:
-        fs = self.first_stage
-        if "force_not_quantize" in inspect.signature(fs.decode).parameters:
-            return fs.decode(quant, force_not_quantize=True)
-        return fs.decode(quant)
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         fs = self.first_stage
         param = next(fs.parameters())
@@ -213,11 +197,14 @@ class VQRoundTrip(Degradation):
         was_training = fs.training
         fs.eval()
         try:
-            latent = self._encode(x)
+            latent = fs.encode_to_prequant(x) if hasattr(fs, "encode_to_prequant") else fs.encode(x)
+            if isinstance(latent, tuple):
+                raise TypeError(f"{type(fs).__name__}.encode returned a tuple, not the pre-quantization latent")
             flat = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
             index = torch.cdist(flat.float(), codebook.float()).argmin(dim=1)
             quant = codebook[index].reshape(latent.shape[0], latent.shape[2], latent.shape[3], -1).permute(0, 3, 1, 2)
-            out = self._decode(quant.contiguous())
+            interface = "force_not_quantize" in inspect.signature(fs.decode).parameters
+            out = fs.decode(quant.contiguous(), force_not_quantize=True) if interface else fs.decode(quant.contiguous())
         finally:
             fs.train(was_training)
         if out.shape[-2:] != x.shape[-2:]:
@@ -310,7 +297,7 @@ class BlurNoise(Degradation):
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = gaussian_blur(images, self.sigma)
         if self.noise_std > 0:
-            out = out + self.noise_std * _randn(tuple(out.shape), generator, out)
+            out = out + self.noise_std * _draw(torch.randn, tuple(out.shape), generator, out)
         return out
 
 
@@ -342,7 +329,7 @@ class ElasticWarp(Degradation):
         side = min(h, w)
         spacing = max(self.scale * side, 1.0)
         gh, gw = math.ceil((h - 1) / spacing) + 2, math.ceil((w - 1) / spacing) + 2
-        coarse = _randn((b, 2, gh, gw), generator, like)
+        coarse = _draw(torch.randn, (b, 2, gh, gw), generator, like)
         field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
         peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
         return field / peak * (self.amplitude * side)
@@ -460,10 +447,10 @@ class ColourBlotches(Degradation):
         b, _, h, w = images.shape
         k = self.n_blobs
         side = min(h, w)
-        u = _rand((b, k, 3), generator, images)
+        u = _draw(torch.rand, (b, k, 3), generator, images)
         cy, cx = u[..., 0] * h, u[..., 1] * w
         sigma = self.radius * side * (0.5 + u[..., 2])
-        direction = _randn((b, k, 3), generator, images)
+        direction = _draw(torch.randn, (b, k, 3), generator, images)
         shift = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.strength
         ys = torch.arange(h, device=images.device, dtype=images.dtype) + 0.5
         xs = torch.arange(w, device=images.device, dtype=images.dtype) + 0.5

@@ -1,0 +1,315 @@
+"""Image metrics for the evaluation: per-image PSNR / SSIM / MSE, LPIPS and set-level FID / KID.
+
+Conventions:
+
+* Images are ``[B, 3, H, W]`` tensors in ``value_range`` (default ``(-1, 1)``, the model convention; pass
+  ``(0.0, 1.0)`` for [0, 1] images).  The data range used by PSNR and SSIM is ``value_range[1] - value_range[0]``,
+  i.e. 2 for [-1, 1] images, so PSNR values equal those of the same images mapped to [0, 1] with range 1.  Values
+  outside ``value_range`` are clipped first, as they would be when the image is saved.
+* MSE is the mean over channels and pixels in the units of ``value_range``; per-image metrics return float64 CPU
+  tensors of shape ``[B]`` (identical images give PSNR ``inf``).
+* Metrics that need pretrained networks (LPIPS' VGG/AlexNet backbone, FID/KID's Inception) only use weights already on
+  disk.  When they are absent the functions return :class:`Skipped` with the reason and the path that was looked
+  at; nothing is ever downloaded and no network connection is attempted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from ldm.checkpoint import CheckpointError, load_state_dict
+
+logger = logging.getLogger(__name__)
+
+MINUS_ONE_ONE: tuple[float, float] = (-1.0, 1.0)
+ZERO_ONE: tuple[float, float] = (0.0, 1.0)
+
+# torchvision's ImageNet weights for the LPIPS backbones, as torchvision names them in its hub cache.
+LPIPS_BACKBONE_FILES: dict[str, str] = {
+    "vgg": "vgg16-397923af.pth",
+    "alex": "alexnet-owt-7be5be79.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+# torch-fidelity's Inception-v3 port of the TF FID network (the reference FID/KID feature extractor).
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A metric that was not computed, with the reason (for CSV cells and summary tables)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped: {self.reason}"
+
+
+def hub_checkpoint_path(filename: str) -> Path:
+    """Where ``torch.hub`` caches a weights file (``$TORCH_HOME/hub/checkpoints/<filename>``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-image distances
+
+
+def _prepare(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"expected tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.ndim != 4 or a.shape != b.shape:
+        raise ValueError(f"expected two images batches [B, C, H, W] of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    return a.detach().double().clamp(lo, hi), b.detach().double().clamp(lo, hi).to(a.device)
+
+
+def mse(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
+    """Per-image mean squared error ``[B]`` over channels and pixels, in the units of ``value_range``."""
+    a, b = _prepare(images, reference, value_range)
+    return ((a - b) ** 2).mean(dim=(1, 2, 3)).cpu()
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
+    """Per-image PSNR ``[B]`` in dB, ``10 log10(data_range^2 / MSE)`` with ``data_range = high - low``
+    (torchmetrics' ``peak_signal_noise_ratio`` with ``reduction="none"``)."""
+    a, b = _prepare(images, reference, value_range)
+    out = peak_signal_noise_ratio(a, b, data_range=value_range, reduction="none", dim=(1, 2, 3))
+    return out.double().cpu()
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
+    """Per-image SSIM ``[B]`` (torchmetrics, 11x11 Gaussian window of sigma 1.5, ``data_range = high - low``).
+
+    Images must be at least 11 px on each side.
+    """
+    a, b = _prepare(images, reference, value_range)
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 (its Gaussian window), got {tuple(a.shape[-2:])}")
+    out = structural_similarity_index_measure(a, b, data_range=value_range, reduction="none")
+    return out.double().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LPIPS (local backbone weights only)
+
+
+class LPIPSMetric:
+    """LPIPS (v0.1 linear heads shipped with the ``lpips`` package) over a locally stored torchvision backbone.
+
+    Build it with :func:`load_lpips`; call ``metric(images, reference)`` -> per-image distances ``[B]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, net: str, backbone_path: Path):
+        self.model = model.eval()
+        self.net = net
+        self.backbone_path = backbone_path
+
+    def __call__(
+        self, images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE
+    ) -> torch.Tensor:
+        a, b = _prepare(images, reference, value_range)
+        lo, hi = value_range
+        param = next(self.model.parameters())
+        a, b = (((t - lo) / (hi - lo) * 2 - 1).to(param.device, param.dtype) for t in (a, b))
+        with torch.no_grad():
+            return self.model(a, b).reshape(a.shape[0]).double().cpu()
+
+
+def _backbone_state_dict(model: torch.nn.Module, source: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Map torchvision keys ``features.<i>.<param>`` onto lpips' ``net.slice<k>.<i>.<param>``."""
+    mapped, missing = {}, []
+    for key, target in model.state_dict().items():
+        if not key.startswith("net.slice"):
+            continue
+        _, _, index, param = key.split(".", 3)
+        src_key = f"features.{index}.{param}"
+        if src_key not in source:
+            missing.append(src_key)
+        elif source[src_key].shape != target.shape:
+            raise CheckpointError(f"{path}: {src_key} has shape {tuple(source[src_key].shape)}, expected {tuple(target.shape)}")
+        else:
+            mapped[key] = source[src_key]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a torchvision {model.pnet_type} state dict: it lacks {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}; expected the file torchvision saves as {LPIPS_BACKBONE_FILES}"
+        )
+    return mapped
+
+
+def load_lpips(
+    net: str = "vgg", backbone_weights: str | os.PathLike | None = None, device: torch.device | str | None = None
+) -> LPIPSMetric | Skipped:
+    """LPIPS with the ``net`` backbone (``"vgg"``, ``"alex"`` or ``"squeeze"``), or :class:`Skipped` when its weights
+    are not on disk.
+
+    ``backbone_weights`` is a torchvision ImageNet state dict; by default the torch hub cache is looked at
+    (:data:`LPIPS_BACKBONE_FILES`).  A file that exists but is not such a state dict raises
+    :class:`~ldm.checkpoint.CheckpointError`.
+    """
+    if net not in LPIPS_BACKBONE_FILES:
+        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
+    path = Path(backbone_weights) if backbone_weights is not None else hub_checkpoint_path(LPIPS_BACKBONE_FILES[net])
+    if not path.is_file():
+        return Skipped(
+            f"LPIPS: {net} backbone weights not found at {path}; put torchvision's {LPIPS_BACKBONE_FILES[net]} there "
+            "or pass its path (this project never downloads weights)"
+        )
+    if importlib.util.find_spec("lpips") is None:
+        return Skipped("LPIPS: the lpips package is not installed (pip install lpips)")
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice for lpips' pretrained=False call
+        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    model.load_state_dict(_backbone_state_dict(model, load_state_dict(path), path), strict=False)
+    if device is not None:
+        model = model.to(device)
+    logger.info("LPIPS (%s) backbone loaded from %s", net, path)
+    return LPIPSMetric(model, net, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID / KID (set-level)
+
+
+class _PrecomputedFeatures(torch.nn.Module):
+    """Identity 'feature extractor' so torchmetrics' FID and KID share one pass of the real extractor."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    lo, hi = value_range
+    return ((images.detach().float().clamp(lo, hi) - lo) / (hi - lo) * 255).round().to(torch.uint8)
+
+
+def _features(
+    extractor: torch.nn.Module, images: torch.Tensor, value_range: tuple[float, float], batch_size: int
+) -> torch.Tensor:
+    params = list(extractor.parameters())
+    device = params[0].device if params else images.device
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            batch = _to_uint8(images[start : start + batch_size], value_range).to(device)
+            chunks.append(extractor(batch).reshape(batch.shape[0], -1).double().cpu())
+    return torch.cat(chunks)
+
+
+def load_inception(weights: str | os.PathLike | None = None) -> torch.nn.Module | Skipped:
+    """torch-fidelity's FID Inception-v3 (2048-d pool features) from a local weights file, or :class:`Skipped`.
+
+    ``weights`` defaults to torch-fidelity's file in the torch hub cache (:data:`INCEPTION_WEIGHTS_FILE`).  The file is
+    first read with the project's safe loader (tensors only), since torch-fidelity itself unpickles it unrestricted.
+    """
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return Skipped("FID/KID: torch-fidelity is not installed (pip install torch-fidelity provides the Inception network)")
+    path = Path(weights) if weights is not None else hub_checkpoint_path(INCEPTION_WEIGHTS_FILE)
+    if not path.is_file():
+        return Skipped(
+            f"FID/KID: Inception weights not found at {path}; put torch-fidelity's {INCEPTION_WEIGHTS_FILE} there or "
+            "pass its path (this project never downloads weights)"
+        )
+    load_state_dict(path)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    extractor = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+    logger.info("FID Inception loaded from %s", path)
+    return extractor
+
+
+def fid_kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    feature_extractor: torch.nn.Module | Skipped | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    value_range: tuple[float, float] = MINUS_ONE_ONE,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, float] | Skipped:
+    """FID and KID between image sets ``real`` ``[N, 3, H, W]`` and ``fake`` ``[M, 3, H', W']`` (torchmetrics).
+
+    Returns ``{"fid", "kid_mean", "kid_std"}`` or :class:`Skipped` (fewer than 2 images in a set; no Inception
+    weights).  ``feature_extractor`` maps ``uint8 [n, 3, H, W]`` to features ``[n, D]``; by default torch-fidelity's
+    Inception is built with :func:`load_inception` (pass its result to reuse it across calls).  KID draws
+    ``kid_subsets`` subsets of ``min(kid_subset_size, N, M)`` images with ``seed`` (the global RNG is restored).
+    """
+    n_real, n_fake = int(real.shape[0]), int(fake.shape[0])
+    if min(n_real, n_fake) < 2:
+        return Skipped(f"FID/KID: need at least 2 images per set, got {n_real} real and {n_fake} generated")
+    if feature_extractor is None:
+        feature_extractor = load_inception(inception_weights)
+    if isinstance(feature_extractor, Skipped):
+        return feature_extractor
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    f_real = _features(feature_extractor, real, value_range, batch_size)
+    f_fake = _features(feature_extractor, fake, value_range, batch_size)
+    identity = _PrecomputedFeatures(f_real.shape[1])
+    fid = FrechetInceptionDistance(feature=identity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KID's note that it buffers all features
+        kid = KernelInceptionDistance(feature=identity, subsets=kid_subsets, subset_size=min(kid_subset_size, n_real, n_fake))
+    for metric in (fid, kid):
+        metric.update(f_real, real=True)
+        metric.update(f_fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one evaluation case
+
+
+def compute_metrics(
+    refined: torch.Tensor,
+    clean: torch.Tensor | None = None,
+    degraded: torch.Tensor | None = None,
+    *,
+    lpips: LPIPSMetric | Skipped | None = None,
+    value_range: tuple[float, float] = MINUS_ONE_ONE,
+) -> dict[str, Any]:
+    """Per-image metrics of ``refined`` ``[B, 3, H, W]`` against the references that are given.
+
+    Keys ``{mse, psnr, ssim}_clean`` (distance to the clean image) when ``clean`` is given and
+    ``{mse, psnr, ssim}_input`` (faithfulness to the degraded input) when ``degraded`` is given, each a float64
+    tensor ``[B]``.  With ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input``, which hold the
+    :class:`Skipped` value when LPIPS was skipped.  SSIM is left out (as :class:`Skipped`) for images under 11 px.
+    """
+    if clean is None and degraded is None:
+        raise ValueError("compute_metrics needs a reference: pass clean=, degraded= or both")
+    out: dict[str, Any] = {}
+    for suffix, reference in (("clean", clean), ("input", degraded)):
+        if reference is None:
+            continue
+        out[f"mse_{suffix}"] = mse(refined, reference, value_range)
+        out[f"psnr_{suffix}"] = psnr(refined, reference, value_range)
+        if min(refined.shape[-2:]) >= 11:
+            out[f"ssim_{suffix}"] = ssim(refined, reference, value_range)
+        else:
+            out[f"ssim_{suffix}"] = Skipped(f"SSIM: images {tuple(refined.shape[-2:])} are smaller than its 11x11 window")
+        if lpips is not None:
+            out[f"lpips_{suffix}"] = lpips if isinstance(lpips, Skipped) else lpips(refined, reference, value_range)
+    return out

@@ -1,0 +1,266 @@
+"""Metrics: hand-computed PSNR/MSE, SSIM against a float64 scipy reference, LPIPS/FID/KID offline behaviour."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from scipy import linalg
+from scipy.ndimage import gaussian_filter
+
+from ldm.checkpoint import CheckpointError
+from ldm.eval import metrics
+from ldm.eval.metrics import (
+    INCEPTION_WEIGHTS_FILE,
+    LPIPS_BACKBONE_FILES,
+    LPIPSMetric,
+    Skipped,
+    compute_metrics,
+    fid_kid,
+    load_inception,
+    load_lpips,
+    mse,
+    psnr,
+    ssim,
+)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (a candidate for conftest)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network connection attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    """Point torch's hub cache at an empty folder, so default weight look-ups find nothing."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def _pair(seed: int = 0, shape=(2, 3, 32, 32), noise: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    return a, (a + noise * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MSE / PSNR / SSIM
+
+
+def test_mse_by_hand():
+    a = torch.zeros(2, 3, 2, 2)
+    b = torch.zeros(2, 3, 2, 2)
+    b[0, 0, 0, 0] = 0.6  # one of 12 values differs by 0.6 -> 0.36 / 12
+    b[1] = -0.5  # all 12 differ by 0.5 -> 0.25
+    out = mse(a, b)
+    assert out.shape == (2,) and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([0.03, 0.25], dtype=torch.float64))
+
+
+def test_psnr_of_known_mse_in_both_ranges():
+    a = torch.zeros(3, 3, 8, 8)
+    offsets = torch.tensor([0.1, 0.2, 0.5])
+    b = a + offsets.view(3, 1, 1, 1)
+    expected = torch.tensor([10 * math.log10(4 / c**2) for c in offsets.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(psnr(a, b), expected)  # data range 2 for [-1, 1]
+    # the same pixels in [0, 1] (range 1) give the same PSNR
+    torch.testing.assert_close(psnr((a + 1) / 2, (b + 1) / 2, value_range=(0.0, 1.0)), expected, rtol=1e-6, atol=1e-5)
+    assert torch.isinf(psnr(a, a)).all()
+
+
+def test_values_outside_range_are_clipped():
+    a = torch.full((1, 3, 4, 4), 1.5)
+    b = torch.ones(1, 3, 4, 4)
+    assert mse(a, b).item() == 0.0
+    assert mse(a, b, value_range=(0.0, 2.0)).item() == pytest.approx(0.25)
+
+
+def test_ssim_identity_and_float64_reference():
+    a, b = _pair()
+    torch.testing.assert_close(ssim(a, a), torch.ones(2, dtype=torch.float64))
+
+    def reference(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> float:
+        # Gaussian-window SSIM (sigma 1.5, radius 5) with mirrored borders, averaged over channels and all pixels
+        f = lambda z: gaussian_filter(z, sigma=(0, 1.5, 1.5), mode="mirror", truncate=3.5)  # noqa: E731
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        mx, my = f(x), f(y)
+        vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+        return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
+
+    expected = torch.tensor([reference(a[i].numpy(), b[i].numpy()) for i in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(ssim(a, b), expected, atol=1e-6, rtol=0)
+    # more noise, lower SSIM
+    assert (ssim(*_pair(noise=0.4)) < ssim(a, b)).all()
+
+
+def test_shape_and_range_errors():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="equal shape"):
+        mse(a, b[:1])
+    with pytest.raises(ValueError, match="high > low"):
+        psnr(a, b, value_range=(1.0, -1.0))
+    with pytest.raises(ValueError, match="11x11"):
+        ssim(a[..., :8, :8], b[..., :8, :8])
+
+
+def test_compute_metrics_keys_and_per_image_shapes():
+    refined, clean = _pair(1, shape=(3, 3, 16, 16))
+    degraded = _pair(2, shape=(3, 3, 16, 16))[1]
+    both = compute_metrics(refined, clean=clean, degraded=degraded)
+    assert set(both) == {f"{m}_{r}" for m in ("mse", "psnr", "ssim") for r in ("clean", "input")}
+    assert all(v.shape == (3,) for v in both.values())
+    torch.testing.assert_close(both["psnr_input"], 10 * torch.log10(4 / both["mse_input"]))
+    assert set(compute_metrics(refined, degraded=degraded)) == {"mse_input", "psnr_input", "ssim_input"}
+    small = compute_metrics(refined[..., :8, :8], clean=clean[..., :8, :8])
+    assert isinstance(small["ssim_clean"], Skipped) and "11x11" in small["ssim_clean"].reason
+    skipped = Skipped("LPIPS: no weights")
+    with_lpips = compute_metrics(refined, clean=clean, lpips=skipped)
+    assert with_lpips["lpips_clean"] is skipped and "lpips_input" not in with_lpips
+    with pytest.raises(ValueError, match="reference"):
+        compute_metrics(refined)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LPIPS
+
+
+def test_lpips_skipped_without_weights(no_network, empty_torch_home, tmp_path):
+    result = load_lpips("vgg")
+    assert isinstance(result, Skipped)
+    default = empty_torch_home / "hub" / "checkpoints" / LPIPS_BACKBONE_FILES["vgg"]
+    assert str(default) in result.reason and "LPIPS" in result.reason
+    missing = tmp_path / "nowhere.pth"
+    result = load_lpips("alex", backbone_weights=missing)
+    assert isinstance(result, Skipped) and str(missing) in result.reason
+    assert str(result).startswith("skipped: ")
+    with pytest.raises(ValueError, match="net must be one of"):
+        load_lpips("resnet")
+
+
+@pytest.fixture
+def alexnet_weights(tmp_path) -> tuple[str, dict]:
+    """A torchvision AlexNet state dict (random weights) stored where the hub cache would hold it."""
+    torch.manual_seed(0)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    path = tmp_path / LPIPS_BACKBONE_FILES["alex"]
+    torch.save(state, path)
+    return str(path), state
+
+
+def test_lpips_with_local_backbone(no_network, alexnet_weights):
+    path, state = alexnet_weights
+    metric = load_lpips("alex", backbone_weights=path)
+    assert isinstance(metric, LPIPSMetric)
+    loaded = dict(metric.model.net.named_parameters())
+    torch.testing.assert_close(loaded["slice1.0.weight"], state["features.0.weight"])
+    torch.testing.assert_close(loaded["slice5.10.bias"], state["features.10.bias"])
+    a, b = _pair(3, shape=(2, 3, 64, 64))
+    same = metric(a, a)
+    diff = metric(a, b)
+    assert same.shape == diff.shape == (2,)
+    assert (same.abs() < 1e-6).all() and (diff > 1e-4).all()
+    torch.testing.assert_close(metric((a + 1) / 2, (b + 1) / 2, value_range=(0.0, 1.0)), diff)
+    out = compute_metrics(b, clean=a, degraded=b, lpips=metric)
+    torch.testing.assert_close(out["lpips_clean"], diff)
+    assert (out["lpips_input"].abs() < 1e-6).all()
+
+
+def test_lpips_rejects_wrong_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3, 1, 1)}, path)
+    with pytest.raises(CheckpointError, match="not a torchvision alex state dict"):
+        load_lpips("alex", backbone_weights=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID / KID
+
+
+def test_fid_kid_skipped_without_torch_fidelity(no_network, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else real_find_spec(name, *a)
+    )
+    a, b = _pair()
+    result = fid_kid(a, b)
+    assert isinstance(result, Skipped) and "torch-fidelity is not installed" in result.reason
+
+
+def test_fid_kid_skipped_without_inception_weights(no_network, empty_torch_home, monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "torch_fidelity" else real_find_spec(name, *a)
+    )
+    result = load_inception()
+    assert isinstance(result, Skipped)
+    assert str(empty_torch_home / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE) in result.reason
+    a, b = _pair()
+    result = fid_kid(a, b, inception_weights=tmp_path / "incep.pth")
+    assert isinstance(result, Skipped) and str(tmp_path / "incep.pth") in result.reason
+
+
+def test_fid_kid_too_few_images():
+    a, b = _pair(shape=(1, 3, 16, 16))
+    result = fid_kid(a, b, feature_extractor=torch.nn.Flatten())
+    assert isinstance(result, Skipped) and "at least 2 images" in result.reason
+
+
+class _PooledConv(torch.nn.Module):
+    """Tiny feature extractor on uint8 images: a random conv, ReLU and global average pool -> [n, 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.dtype == torch.uint8
+        return torch.relu(self.conv(images.float() / 255)).mean(dim=(2, 3))
+
+
+def _reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_kid_with_custom_extractor_against_reference(no_network):
+    torch.manual_seed(0)
+    extractor = _PooledConv()
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(40, 3, 16, 16, generator=g) * 2 - 1
+    fake = (real * 0.6 + 0.3 * torch.randn(40, 3, 16, 16, generator=g)).clamp(-1, 1)
+
+    rng_before = torch.random.get_rng_state()
+    result = fid_kid(real, fake, feature_extractor=extractor, kid_subset_size=20, kid_subsets=10, seed=3, batch_size=16)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert set(result) == {"fid", "kid_mean", "kid_std"}
+
+    def feats(x: torch.Tensor) -> np.ndarray:
+        u8 = ((x + 1) / 2 * 255).round().to(torch.uint8)
+        with torch.no_grad():
+            return extractor(u8).double().numpy()
+
+    assert result["fid"] == pytest.approx(_reference_fid(feats(real), feats(fake)), rel=1e-4)
+    assert result["kid_mean"] > 0 and result["kid_std"] > 0
+    assert fid_kid(real, fake, feature_extractor=extractor, kid_subset_size=20, kid_subsets=10, seed=3) == result
+    same = fid_kid(real, real, feature_extractor=extractor, kid_subset_size=40, kid_subsets=2)
+    assert abs(same["fid"]) < 1e-6 and abs(same["kid_mean"]) < 1e-4
+
+
+def test_skipped_is_a_value():
+    assert Skipped("x") == Skipped("x") and str(Skipped("no weights")) == "skipped: no weights"
+    assert metrics.hub_checkpoint_path("f.pth").name == "f.pth"

@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +39,42 @@ LEGACY_STUB_PREFIXES: tuple[str, ...] = (
     "argparse.Namespace",
     "pathlib.",
     "typing.Any",
+)
+# Plain containers and numpy array/scalar reconstruction: safe to build for real (they run no user code).
+_SAFE_REAL_GLOBALS = (
+    "builtins.dict",
+    "builtins.list",
+    "builtins.tuple",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.int",
+    "builtins.float",
+    "builtins.str",
+    "builtins.bool",
+    "builtins.bytes",
+    "builtins.slice",
+    "collections.defaultdict",
+    "collections.OrderedDict",
+    "collections.deque",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct",
+)
+_READ_ERRORS = (
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+    ValueError,
+    OSError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    struct.error,
 )
 UNSAFE_HINT = "pass --unsafe-load (Python: unsafe=True) only if you trust this file"
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -74,6 +112,15 @@ def _stub_for(qualname: str) -> type:
     return _STUB_CACHE[qualname]
 
 
+def _real_global(qualname: str) -> Any:
+    """The object behind an allow-listed ``module.name`` (numpy may not have every historical alias)."""
+    module, _, name = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -98,15 +145,18 @@ def _torch_load_restricted(path: Path, map_location: Any) -> Any:
     except pickle.UnpicklingError:
         pass  # needs globals beyond torch's allow-list: inspect them below
     unsafe_globals = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    refused = [g for g in unsafe_globals if not any(g == p or g.startswith(p) for p in LEGACY_STUB_PREFIXES)]
+    real = {g: _real_global(g) for g in unsafe_globals if g in _SAFE_REAL_GLOBALS}
+    real = {g: obj for g, obj in real.items() if obj is not None}
+    stubbed = [g for g in unsafe_globals if g not in real and any(g == p or g.startswith(p) for p in LEGACY_STUB_PREFIXES)]
+    refused = [g for g in unsafe_globals if g not in real and g not in stubbed]
     if refused:
         raise UnsafeCheckpointError(
             f"checkpoint {str(path)!r} would import/run {sorted(refused)[:8]} when unpickled; refused. "
             f"Only tensors and Lightning/OmegaConf metadata are loaded by default; {UNSAFE_HINT}."
         )
-    stubs = [(_stub_for(g), g) for g in unsafe_globals]
-    logger.info("checkpoint %s: replacing %d Lightning-1.x globals by placeholders", path, len(stubs))
-    with torch.serialization.safe_globals(stubs):
+    allowed = [(_stub_for(g), g) for g in stubbed] + [(obj, g) for g, obj in real.items()]
+    logger.info("checkpoint %s: replacing %d Lightning-1.x globals by placeholders", path, len(stubbed))
+    with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -132,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
             obj = _torch_load_restricted(path, map_location)
     except UnsafeCheckpointError:
         raise
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+    except _READ_ERRORS as exc:
         kind = "truncated or corrupt" if path.suffix in CKPT_SUFFIXES else "not a torch or safetensors checkpoint"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({kind}): {str(exc).splitlines()[0]}") from exc
     if isinstance(obj, Mapping) and not _is_state_dict(obj):

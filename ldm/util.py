@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
 _SENTINELS = (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL)
+# keys a {target, params} node may carry; base_learning_rate sits beside target in latent-diffusion's model configs
+CONFIG_KEYS = {"target", "params", "base_learning_rate"}
 
 # Import prefixes that a config stored inside a checkpoint may name without an explicit trust flag.
 TRUSTED_TARGET_PREFIXES: tuple[str, ...] = ("ldm.", "taming.modules.", "torch.nn.Identity")
@@ -102,9 +104,11 @@ def instantiate_from_config(
     if allowed_prefixes is not None:
         for target in iter_targets(config):
             check_target_allowed(target, allowed_prefixes)
-    unknown = set(config.keys()) - {"target", "params"}
+    unknown = set(config.keys()) - CONFIG_KEYS
     if unknown:
-        raise ConfigError(f"config for {config['target']!r} has unknown keys {sorted(unknown)}; only target/params")
+        raise ConfigError(
+            f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}"
+        )
     cls = get_obj_from_str(config["target"])
     params = dict(config.get("params", None) or {})
     params.update(overrides)
@@ -134,15 +138,29 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Write a file atomically: ``write(fileobj)`` goes to a temp file in the same folder, then ``os.replace``.
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], None]) -> None:
+    """Write a file atomically: ``write`` (bytes, or a function ``write(fileobj)``) goes to a temp file in the same
+    folder, which then replaces ``path`` with ``os.replace``.
 
     A reader never sees a half-written file; on any error the temp file is removed and the error re-raised.
     """
+    if isinstance(write, (bytes, bytearray, memoryview)):
+        payload = bytes(write)
+
+        def write(fh: Any) -> None:
+            fh.write(payload)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions of a new file
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -152,3 +170,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def is_rank_zero() -> bool:
+    """True on the global rank-0 process (or when not distributed); used to show progress bars once."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True

@@ -39,16 +39,16 @@ def make_beta_schedule(
     if n_timestep < 1:
         raise ValueError(f"n_timestep={n_timestep} must be a positive number of diffusion steps (e.g. 1000)")
     if schedule == "linear":
-        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     if schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         return (1 - alphas[1:] / alphas[:-1]).clamp(min=0.0, max=0.999)
     if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     if schedule == "sqrt":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     raise ValueError(f"beta_schedule={schedule!r} is unknown; choose one of {BETA_SCHEDULES}")
 
 
@@ -93,6 +93,46 @@ def make_ddim_sampling_parameters(
     alphas_prev = torch.cat([alphacums[:1], alphacums[idx[:-1]]])
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
     return sigmas, alphas, alphas_prev
+
+
+def make_schedule_buffers(
+    betas: torch.Tensor, v_posterior: float = 0.0, parameterization: str = "eps"
+) -> dict[str, torch.Tensor]:
+    """All DDPM schedule quantities (float64 ``[T]`` each) for ``betas`` ``[T]``, named as latent-diffusion's buffers.
+
+    ``posterior_*`` describe q(x_{t-1} | x_t, x_0); ``v_posterior`` mixes the posterior variance with beta_t as in
+    latent-diffusion; ``lvlb_weights`` weight the per-timestep L_simple terms into the variational bound.
+    """
+    if parameterization not in ("eps", "x0"):
+        raise ValueError(f"parameterization={parameterization!r} is unsupported; use 'eps' or 'x0'")
+    betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
+    if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("betas must be a 1-D schedule with every value in (0, 1)")
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), alphas_cumprod[:-1]])
+    posterior_variance = (1 - v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + v_posterior * betas
+    out = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": torch.log(posterior_variance.clamp(min=1e-20)),
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+    }
+    if parameterization == "eps":
+        lvlb = betas**2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
+    else:
+        lvlb = 0.5 * alphas_cumprod.sqrt() / (1.0 - alphas_cumprod)
+    lvlb[0] = lvlb[1]
+    out["lvlb_weights"] = lvlb
+    return out
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

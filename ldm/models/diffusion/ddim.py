@@ -1,0 +1,339 @@
+"""DDIM sampling (Song et al. 2021) with latent-diffusion's API, plus SDEdit-style tail refinement.
+
+One step implementation (:func:`ddim_step`) serves full sampling from noise and refinement of a clean latent.
+
+Refinement convention (see DESIGN.md): the DDIM grid is latent-diffusion's ``range(0, T, T // S) + 1`` (S=50, T=1000:
+``1, 21, ..., 981``).  The *tail* for ``start_t`` is the grid entries ``<= start_t``; the clean latent is noised with
+``q_sample`` to the first (largest) of them, which is exactly the noise level the first DDIM step assumes.  (Stable
+Diffusion's img2img noises to one grid entry and starts denoising from the next one down; that off-by-one is not copied.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.denoisers import CFGDenoiser, Denoiser, ModelDenoiser
+from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+from ldm.util import is_rank_zero
+
+logger = logging.getLogger(__name__)
+
+
+def ddim_step(
+    x: torch.Tensor,
+    e_t: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    sigma_t: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update (DDIM eq. 12) from ``x_t`` to ``x_prev``.
+
+    Args:
+        x: ``x_t`` ``[B, C, H, W]``.  e_t: predicted noise, same shape.
+        a_t, a_prev: ``alphas_cumprod`` at this grid step and the previous (smaller-t) one (scalars or broadcastable).
+        sigma_t: ``eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))``.
+        noise: standard normal ``[B, C, H, W]``; required when ``sigma_t > 0``.
+    Returns:
+        ``(x_prev, pred_x0)`` with ``pred_x0 = (x_t - sqrt(1 - a_t) e_t) / sqrt(a_t)`` and
+        ``x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev - sigma_t^2) e_t + sigma_t noise``.
+    """
+    pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
+    x_prev = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+    if noise is not None:
+        x_prev = x_prev + sigma_t * noise
+    return x_prev, pred_x0
+
+
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (bit-reproducible on CPU), moved to ``like``."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+
+
+@dataclass(frozen=True)
+class TailPlan:
+    """The grid steps a refinement runs: ``timesteps`` descending, ``indices`` into the DDIM grid."""
+
+    start_t: int
+    timesteps: tuple[int, ...]
+    indices: tuple[int, ...]
+
+    @property
+    def noise_t(self) -> int:
+        """The timestep the clean latent is noised to (= the first step's timestep)."""
+        return self.timesteps[0]
+
+
+class DDIMSampler:
+    """DDIM over a model's ``alphas_cumprod``; the network is reached only through ``denoiser``.
+
+    ``model`` supplies the schedule (``alphas_cumprod``, ``num_timesteps``), the device and, by default, the denoiser
+    (:class:`ModelDenoiser`).  Pass another ``denoiser`` (e.g. expert routing) that shares the schedule.
+    """
+
+    def __init__(self, model: Any, denoiser: Denoiser | None = None):
+        self.model = model
+        self.denoiser = denoiser if denoiser is not None else ModelDenoiser(model)
+        self.ddpm_num_timesteps = int(model.num_timesteps)
+        self.ddim_timesteps: np.ndarray | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.alphas_cumprod.device
+
+    def make_schedule(
+        self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = False
+    ) -> None:
+        """Grid and per-step coefficients for ``ddim_num_steps`` steps, placed on the model's device once."""
+        if ddim_eta < 0:
+            raise ValueError(f"eta={ddim_eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
+        grid = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps)
+        alphacums = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
+        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(alphacums, grid, ddim_eta)
+        self.ddim_timesteps = grid
+        self.ddim_num_steps, self.ddim_discretize, self.ddim_eta = ddim_num_steps, ddim_discretize, ddim_eta
+        to_dev = dict(device=self.device, dtype=torch.float32)
+        self.ddim_alphas = alphas.to(**to_dev)
+        self.ddim_alphas_prev = alphas_prev.to(**to_dev)
+        self.ddim_sigmas = sigmas.to(**to_dev)
+        self.ddim_sqrt_one_minus_alphas = (1.0 - alphas).sqrt().to(**to_dev)
+        if verbose:
+            logger.info("DDIM grid: %d steps, t from %d to %d, eta %.3g", len(grid), grid[0], grid[-1], ddim_eta)
+
+    def _require_schedule(self) -> np.ndarray:
+        if self.ddim_timesteps is None:
+            raise RuntimeError("call make_schedule(ddim_num_steps, ...) first")
+        return self.ddim_timesteps
+
+    def _denoiser_for(self, scale: float, uncond: Any) -> Denoiser:
+        if scale == 1.0 or uncond is None:
+            return self.denoiser
+        return CFGDenoiser(self.denoiser, scale, uncond)
+
+    # -------------------------------------------------------------------------------------------------------- a step
+    def p_sample_ddim(
+        self,
+        x: torch.Tensor,
+        c: Any,
+        t: torch.Tensor,
+        index: int,
+        repeat_noise: bool = False,
+        quantize_denoised: bool = False,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector: Any = None,
+        corrector_kwargs: dict | None = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Any = None,
+        generator: torch.Generator | None = None,
+        denoiser: Denoiser | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One grid step at timestep ``t`` ``[B]`` (grid position ``index``): returns ``(x_prev, pred_x0)``."""
+        den = denoiser if denoiser is not None else self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
+        e_t = den(x, t, c)
+        if score_corrector is not None:
+            e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **(corrector_kwargs or {}))
+        a_t, a_prev = self.ddim_alphas[index], self.ddim_alphas_prev[index]
+        sigma_t = self.ddim_sigmas[index]
+        noise = None
+        if self.ddim_eta > 0:
+            shape = (1, *x.shape[1:]) if repeat_noise else tuple(x.shape)
+            noise = _randn(shape, x, generator).expand_as(x) * temperature
+            if noise_dropout > 0:
+                noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+        if quantize_denoised:
+            pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
+            pred_x0 = self.model.first_stage_model.quantize(pred_x0)[0]
+            e_t = (x - a_t.sqrt() * pred_x0) / (1.0 - a_t).sqrt()
+        return ddim_step(x, e_t, a_t, a_prev, sigma_t, noise)
+
+    # ------------------------------------------------------------------------------------------- sampling from noise
+    @torch.inference_mode()
+    def sample(
+        self,
+        S: int,  # noqa: N803 (CompVis name)
+        batch_size: int,
+        shape: tuple[int, int, int],
+        conditioning: Any = None,
+        callback: Callable[[int], None] | None = None,
+        img_callback: Callable[[torch.Tensor, int], None] | None = None,
+        quantize_x0: bool = False,
+        eta: float = 0.0,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector: Any = None,
+        corrector_kwargs: dict | None = None,
+        verbose: bool = True,
+        x_T: torch.Tensor | None = None,  # noqa: N803 (CompVis name)
+        log_every_t: int = 100,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Any = None,
+        generator: torch.Generator | None = None,
+        ddim_discretize: str = "uniform",
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps.
+
+        ``mask`` (1 = keep) with ``x0`` inpaints: kept regions follow ``q_sample(x0, t)``.  Returns
+        ``(samples, {"x_inter": [...], "pred_x0": [...]})`` with intermediates every ``log_every_t`` steps.
+        """
+        if mask is not None and x0 is None:
+            raise ValueError("mask needs x0 (the latent whose masked regions are kept)")
+        self.make_schedule(S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        img = _randn(size, self.model.alphas_cumprod, generator) if x_T is None else x_T
+        grid = self._require_schedule()
+        indices = list(range(len(grid)))[::-1]
+        return self._run(
+            img,
+            conditioning,
+            indices,
+            generator=generator,
+            callback=callback,
+            img_callback=img_callback,
+            log_every_t=log_every_t,
+            mask=mask,
+            x0=x0,
+            verbose=verbose,
+            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
+            step_kwargs=dict(
+                quantize_denoised=quantize_x0,
+                temperature=temperature,
+                noise_dropout=noise_dropout,
+                score_corrector=score_corrector,
+                corrector_kwargs=corrector_kwargs,
+            ),
+        )
+
+    def _run(
+        self,
+        img: torch.Tensor,
+        cond: Any,
+        indices: list[int],
+        generator: torch.Generator | None,
+        callback: Callable[[int], None] | None = None,
+        img_callback: Callable[[torch.Tensor, int], None] | None = None,
+        log_every_t: int = 100,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        verbose: bool = True,
+        denoiser: Denoiser | None = None,
+        step_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Run the grid positions ``indices`` (descending) from ``img``; the loop shared by sampling and refinement."""
+        grid = self._require_schedule()
+        b = img.shape[0]
+        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
+        pred_x0 = img
+        steps = tqdm(indices, desc="DDIM", total=len(indices), disable=not (verbose and is_rank_zero()), leave=False)
+        for i, index in enumerate(steps):
+            t = torch.full((b,), int(grid[index]), device=img.device, dtype=torch.long)
+            if mask is not None:
+                img_orig = self.model.q_sample(x0, t, _randn(tuple(x0.shape), x0, generator))
+                img = img_orig * mask + (1.0 - mask) * img
+            img, pred_x0 = self.p_sample_ddim(
+                img, cond, t, index, generator=generator, denoiser=denoiser, **(step_kwargs or {})
+            )
+            if callback is not None:
+                callback(i)
+            if img_callback is not None:
+                img_callback(pred_x0, i)
+            if index % log_every_t == 0 or i == len(indices) - 1:
+                intermediates["x_inter"].append(img)
+                intermediates["pred_x0"].append(pred_x0)
+        return img, intermediates
+
+    # ------------------------------------------------------------------------------------------------ refinement tail
+    def tail_plan(self, start_t: int, t_min: int = 0) -> TailPlan:
+        """Grid steps with ``t_min <= t <= start_t``, descending.  ``start_t`` is an integer timestep in ``[1, T-1]``."""
+        grid = self._require_schedule()
+        if isinstance(start_t, bool) or not isinstance(start_t, (int, np.integer)):
+            raise ValueError(f"start_t={start_t!r} must be an integer timestep in [1, {self.ddpm_num_timesteps - 1}]")
+        if not 1 <= int(start_t) <= self.ddpm_num_timesteps - 1:
+            raise ValueError(
+                f"start_t={start_t} is outside [1, {self.ddpm_num_timesteps - 1}]: it is a timestep index t (t = "
+                f"{self.ddpm_num_timesteps} - step), e.g. 500 = halfway; 1 changes almost nothing, 999 almost everything"
+            )
+        idx = [i for i in range(len(grid) - 1, -1, -1) if t_min <= grid[i] <= start_t]
+        if not idx:
+            raise ValueError(
+                f"start_t={start_t} (t_min={t_min}) holds no DDIM grid step; the grid for {len(grid)} steps is "
+                f"{grid[0]}, {grid[1] if len(grid) > 1 else ''} ... {grid[-1]}: raise start_t or use more --ddim-steps"
+            )
+        return TailPlan(int(start_t), tuple(int(grid[i]) for i in idx), tuple(idx))
+
+    @torch.inference_mode()
+    def refine(
+        self,
+        z0: torch.Tensor,
+        start_t: int,
+        cond: Any = None,
+        t_min: int = 0,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Any = None,
+        callback: Callable[[int], None] | None = None,
+        verbose: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, TailPlan]:
+        """SDEdit: noise the clean latent ``z0`` ``[B, C, h, w]`` to the tail's first timestep and run the tail.
+
+        Call :meth:`make_schedule` first.  ``noise`` (``[B, C, h, w]``) overrides the draw from ``generator``.
+        Returns ``(z, pred_x0, plan)``: the latent after the last step, that step's x0 prediction, and the plan.
+        """
+        plan = self.tail_plan(start_t, t_min)
+        b = z0.shape[0]
+        eps = noise if noise is not None else _randn(tuple(z0.shape), z0, generator)
+        t0 = torch.full((b,), plan.noise_t, device=z0.device, dtype=torch.long)
+        z = self.model.q_sample(z0, t0, eps)
+        z, inter = self._run(
+            z,
+            cond,
+            list(plan.indices),
+            generator=generator,
+            callback=callback,
+            verbose=verbose,
+            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
+        )
+        return z, inter["pred_x0"][-1], plan
+
+    def stochastic_encode(
+        self, x0: torch.Tensor, index: int, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Noise ``x0`` to the level of grid position ``index`` (latent-diffusion API); ``decode`` continues from it."""
+        grid = self._require_schedule()
+        t = torch.full((x0.shape[0],), int(grid[index]), device=x0.device, dtype=torch.long)
+        eps = noise if noise is not None else _randn(tuple(x0.shape), x0, generator)
+        return self.model.q_sample(x0, t, eps)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        x_latent: torch.Tensor,
+        cond: Any,
+        t_start: int,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise from grid position ``t_start`` (inclusive) down to the end, e.g. after :meth:`stochastic_encode`
+        with the same index — the first step's assumed noise level equals the encoded one."""
+        indices = list(range(t_start + 1))[::-1]
+        out, _ = self._run(
+            x_latent,
+            cond,
+            indices,
+            generator=generator,
+            verbose=False,
+            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
+        )
+        return out

@@ -1,0 +1,284 @@
+"""LatentDiffusion: DDPM in the latent space of a frozen first stage, with optional conditioning.
+
+Import it as ``ldm.models.diffusion.ddpm.LatentDiffusion`` (CompVis' path) or from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ldm.models.autoencoder import VQModelInterface
+from ldm.models.diffusion.ddpm import DDPM
+from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class LatentDiffusion(DDPM):
+    """Latent diffusion (Rombach et al.): the UNet denoises ``z = scale_factor * E(x)`` of a frozen first stage.
+
+    Args beyond :class:`DDPM` (CompVis names): ``first_stage_config`` (e.g. ``VQModelInterface``, frozen, kept in
+    eval mode), ``cond_stage_config`` (a config, ``"__is_first_stage__"`` or ``"__is_unconditional__"``),
+    ``cond_stage_key`` (batch key of the conditioning input; ``"class_label"`` passes the whole batch),
+    ``cond_stage_trainable``, ``conditioning_key`` (``concat``/``crossattn``/``hybrid``/``adm``; default from
+    ``concat_mode``), ``scale_factor`` or ``scale_by_std`` (set ``1 / std(z)`` from the first training batch),
+    ``cond_stage_forward`` (method name of the cond stage to call instead of ``encode``/``forward``).
+    ``ckpt_path`` is loaded after the first stage exists, so a full LatentDiffusion checkpoint restores everything.
+    """
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any] | str,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        **ddpm_kwargs: Any,
+    ):
+        self.num_timesteps_cond = 1 if num_timesteps_cond is None else num_timesteps_cond
+        if self.num_timesteps_cond != 1:
+            raise ValueError(
+                f"num_timesteps_cond={num_timesteps_cond} is not supported (only 1: conditioning at every timestep)"
+            )
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == UNCONDITIONAL_SENTINEL:
+            conditioning_key = None
+        load_only_unet = ddpm_kwargs.pop("load_only_unet", False)
+        super().__init__(conditioning_key=conditioning_key, **ddpm_kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.restarted_from_ckpt = True
+
+    # ---------------------------------------------------------------------------------------------------- sub-models
+    def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
+        """Build the first stage, frozen (no grad) and in eval mode for the whole run."""
+        model = instantiate_from_config(config)
+        self.first_stage_model = model.eval()
+        for param in self.first_stage_model.parameters():
+            param.requires_grad = False
+
+    def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
+        """Build the conditioning encoder (or reuse the first stage / none, by sentinel)."""
+        if config == FIRST_STAGE_SENTINEL:
+            logger.info("using the first stage also as the conditioning stage")
+            self.cond_stage_model = self.first_stage_model
+        elif config == UNCONDITIONAL_SENTINEL:
+            logger.info("training an unconditional model")
+            self.cond_stage_model = None
+        else:
+            model = instantiate_from_config(config)
+            if not self.cond_stage_trainable:
+                model = model.eval()
+                for param in model.parameters():
+                    param.requires_grad = False
+            self.cond_stage_model = model
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Switch train/eval mode; the first stage (and a frozen cond stage) always stay in eval mode."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if isinstance(self.cond_stage_model, nn.Module) and not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent pixel along each side (4 for VQ-f4)."""
+        return int(getattr(self.first_stage_model, "downsampling_factor", 1))
+
+    def window(self) -> tuple[int, int]:
+        """Timesteps this model was trained on, ``[t_min, t_max)``; a plain LDM covers ``[0, T)``."""
+        return 0, self.num_timesteps
+
+    # -------------------------------------------------------------------------------------------------- first stage
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, 3, H, W]`` in [-1, 1] -> unscaled latent ``[B, C, H / f, W / f]``."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        """Scaled latent ``scale_factor * z`` from the first stage's output (a tensor, or a distribution's sample)."""
+        if isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        elif hasattr(encoder_posterior, "sample"):
+            z = encoder_posterior.sample()
+        else:
+            raise TypeError(f"encoder output of type {type(encoder_posterior).__name__} is not supported")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(
+        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
+    ) -> torch.Tensor:
+        """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook)."""
+        z = z / self.scale_factor
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """With ``scale_by_std``: set ``scale_factor = 1 / std(z)`` from the very first batch (rank 0's, broadcast)."""
+        if not (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt):
+            return
+        if float(self.scale_factor) != 1.0:
+            return  # already set (e.g. resumed or loaded)
+        x = super().get_input(batch, self.first_stage_key)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        std = z.flatten().float().std()
+        if self._trainer is not None and self._trainer.world_size > 1:
+            std = self.trainer.strategy.broadcast(std, src=0)
+        self.scale_factor.fill_(1.0 / std)
+        logger.info("scale_by_std: scale_factor set to %.6f", float(self.scale_factor))
+
+    # -------------------------------------------------------------------------------------------------- conditioning
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Encode raw conditioning ``c`` with the cond stage."""
+        if self.cond_stage_model is None:
+            raise ValueError("this model is unconditional (cond_stage_config: __is_unconditional__); pass cond=None")
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if callable(getattr(self.cond_stage_model, "encode", None)):
+            c = self.cond_stage_model.encode(c)
+            return c if isinstance(c, torch.Tensor) else c.mode()  # a distribution (KL first stage): its mode
+        return self.cond_stage_model(c)
+
+    def get_input(  # type: ignore[override]
+        self,
+        batch: Mapping[str, Any],
+        k: str,
+        return_first_stage_outputs: bool = False,
+        force_c_encode: bool = False,
+        cond_key: str | None = None,
+        return_original_cond: bool = False,
+        bs: int | None = None,
+    ) -> list[Any]:
+        """``[z, c]`` (plus ``x, xrec`` and the raw conditioning when asked) for a batch, as in latent-diffusion."""
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        xc = c = None
+        if self.model.conditioning_key is not None:
+            cond_key = cond_key or self.cond_stage_key
+            if cond_key == self.first_stage_key:
+                xc = x
+            elif cond_key == "class_label":
+                xc = batch
+            elif cond_key == "caption":
+                xc = list(batch[cond_key])
+            else:
+                xc = super().get_input(batch, cond_key)
+            c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+            if isinstance(c, torch.Tensor):
+                c = c.to(self.device)
+            if bs is not None and isinstance(c, (torch.Tensor, list)):
+                c = c[:bs]
+        out: list[Any] = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def _clean_input_and_cond(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        z, c = self.get_input(batch, self.first_stage_key)
+        return z, c
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(batch, self.first_stage_key)
+        return self(z, c)
+
+    def forward(self, x: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
+        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` at timesteps from :meth:`sample_training_timesteps`."""
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            cond = self.get_learned_conditioning(cond)
+        t = self.sample_training_timesteps(x.shape[0], x.device, generator)
+        return self.p_losses(x, t, cond=cond)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """Network output for latents ``x_noisy`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` is a tensor, a list of
+        tensors or a dict ``{c_concat: [...], c_crossattn: [...]}``."""
+        if self.model.conditioning_key is None:
+            if cond is not None:
+                raise ValueError("this model is unconditional; pass cond=None")
+            return self.model(x_noisy, t)
+        if not isinstance(cond, dict):
+            cond = cond if isinstance(cond, list) else [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        return self.model(x_noisy, t, **cond)
+
+    def configure_optimizers(self):
+        """AdamW on the UNet (and a trainable cond stage), with an optional LambdaLR step schedule."""
+        if not self.cond_stage_trainable:
+            return super().configure_optimizers()
+        params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        opt = torch.optim.AdamW(params, lr=self.learning_rate)
+        if not self.use_scheduler:
+            return opt
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
+        return [opt], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+    # ------------------------------------------------------------------------------------------------------- images
+    @torch.no_grad()
+    def log_images(
+        self,
+        batch: Mapping[str, Any],
+        N: int = 8,  # noqa: N803 (CompVis name)
+        sample: bool = True,
+        ddim_steps: int = 50,
+        ddim_eta: float = 0.0,
+        plot_diffusion_rows: bool = True,
+        n_diffusion_rows: int = 5,
+        seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Images ``[N, 3, H, W]`` in [-1, 1]: inputs, first-stage reconstruction, the forward-diffusion row and
+        DDIM samples from pure noise (EMA weights)."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        z, c, x, xrec = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True, bs=N)
+        n = z.shape[0]
+        log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
+        gen = torch.Generator().manual_seed(seed)
+        if plot_diffusion_rows:
+            ts = torch.linspace(0, self.num_timesteps - 1, n_diffusion_rows).long()
+            noise = torch.randn(z[:1].shape, generator=gen).to(z)
+            row = [self.decode_first_stage(self.q_sample(z[:1], t.repeat(1).to(z.device), noise)) for t in ts]
+            log["diffusion_row"] = torch.cat(row)
+        if sample:
+            with self.ema_scope("log_images"):
+                sampler = DDIMSampler(self)
+                samples, _ = sampler.sample(
+                    ddim_steps, n, tuple(z.shape[1:]), conditioning=c, eta=ddim_eta, verbose=False, generator=gen
+                )
+            log["samples"] = self.decode_first_stage(samples)
+        return log

@@ -1,0 +1,196 @@
+"""Late-steps latent diffusion: a LatentDiffusion trained only on a window of timesteps ``[t_min, t_max)``.
+
+Step naming: "steps a-b" count DDIM/DDPM sampling steps from pure noise out of T = 1000, and step k is timestep
+``t = T - k``.  So steps 500-750 train ``t in [250, 500)`` (shapes) and steps 750-1000 train ``t in [0, 250)``
+(details).  Use :func:`steps_to_window` / :func:`window_to_steps` rather than doing this arithmetic by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ldm.models.diffusion.latent import LatentDiffusion
+
+logger = logging.getLogger(__name__)
+
+TIMESTEP_DENSITIES = ("uniform",)
+
+
+def steps_to_window(step_start: int, step_end: int, num_timesteps: int = 1000) -> tuple[int, int]:
+    """Sampling steps ``[step_start, step_end]`` of ``num_timesteps`` -> timestep window ``[T - step_end, T - step_start)``."""
+    return validate_window(num_timesteps - step_end, num_timesteps - step_start, num_timesteps)
+
+
+def window_to_steps(t_min: int, t_max: int, num_timesteps: int = 1000) -> tuple[int, int]:
+    """Timestep window ``[t_min, t_max)`` -> sampling steps ``(T - t_max, T - t_min)``."""
+    return num_timesteps - t_max, num_timesteps - t_min
+
+
+def validate_window(t_min: Any, t_max: Any, num_timesteps: int) -> tuple[int, int]:
+    """Check ``0 <= t_min < t_max <= num_timesteps`` (integers) and return ``(t_min, t_max)``."""
+    ok_types = all(isinstance(v, int) and not isinstance(v, bool) for v in (t_min, t_max))
+    if not ok_types or not 0 <= t_min < t_max <= num_timesteps:
+        raise ValueError(
+            f"window t_min={t_min!r}, t_max={t_max!r} is invalid: need integers 0 <= t_min < t_max <= {num_timesteps}. "
+            f"Sampling steps a-b of {num_timesteps} are t in [{num_timesteps}-b, {num_timesteps}-a), e.g. steps 500-750 "
+            "-> t_min=250, t_max=500; steps 750-1000 -> t_min=0, t_max=250."
+        )
+    return int(t_min), int(t_max)
+
+
+def draw_window_timesteps(
+    n: int,
+    t_min: int,
+    t_max: int,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    density: str = "uniform",
+) -> torch.Tensor:
+    """``n`` training timesteps (long ``[n]``) in ``[t_min, t_max)`` from ``density``, drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    if density == "uniform":
+        t = torch.randint(t_min, t_max, (n,), device=gen_device, generator=generator)
+    else:
+        raise ValueError(f"timestep_density={density!r} is unknown; choose one of {TIMESTEP_DENSITIES}")
+    return t.to(device)
+
+
+def stratified_window_timesteps(
+    n: int, t_min: int, t_max: int, num_bands: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation timesteps: sample ``i`` falls in sub-band ``i % num_bands`` (uniform within it).
+
+    Returns ``(t [n] long, band [n] long)``; bands split ``[t_min, t_max)`` into ``num_bands`` near-equal parts.
+    """
+    edges = torch.linspace(t_min, t_max, num_bands + 1).round().long()
+    band = torch.arange(n) % num_bands
+    lo, hi = edges[band], edges[band + 1]
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    t = lo + (u * (hi - lo).double()).floor().long()
+    return t.clamp(max=t_max - 1), band
+
+
+class LateStepsLatentDiffusion(LatentDiffusion):
+    """LatentDiffusion whose training timesteps are drawn only from ``[t_min, t_max)``.
+
+    Args: ``t_min``, ``t_max`` (the window, validated against ``timesteps``), ``timestep_density`` (how training
+    timesteps are drawn within the window; ``uniform``), ``val_subbands`` (validation also reports the loss per
+    sub-band of the window), plus every :class:`LatentDiffusion` argument.  The window is written to checkpoints as
+    ``checkpoint["window"] = [t_min, t_max]`` and lives in the saved config, so tools know what a model covers.
+    """
+
+    def __init__(
+        self,
+        t_min: int,
+        t_max: int,
+        timestep_density: str = "uniform",
+        val_subbands: int = 4,
+        **latent_diffusion_kwargs: Any,
+    ):
+        timesteps = int(latent_diffusion_kwargs.get("timesteps", 1000))
+        self.t_min, self.t_max = validate_window(t_min, t_max, timesteps)
+        if timestep_density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"timestep_density={timestep_density!r} is unknown; choose one of {TIMESTEP_DENSITIES}")
+        if not 1 <= val_subbands <= t_max - t_min:
+            raise ValueError(f"val_subbands={val_subbands} must be in [1, t_max - t_min = {t_max - t_min}]")
+        self.timestep_density = timestep_density
+        self.val_subbands = val_subbands
+        latent_diffusion_kwargs.setdefault("monitor", "val/loss_window_ema")
+        super().__init__(**latent_diffusion_kwargs)
+        steps = window_to_steps(self.t_min, self.t_max, self.num_timesteps)
+        logger.info("late-steps window t in [%d, %d) = sampling steps %d-%d", self.t_min, self.t_max, *steps)
+
+    def window(self) -> tuple[int, int]:
+        """Timesteps this model was trained on, ``[t_min, t_max)``."""
+        return self.t_min, self.t_max
+
+    def sample_training_timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training timesteps ``[batch_size]`` drawn only from the window."""
+        return draw_window_timesteps(batch_size, self.t_min, self.t_max, device, generator, self.timestep_density)
+
+    # ---------------------------------------------------------------------------------------------------- validation
+    def band_edges(self) -> list[tuple[int, int]]:
+        """The validation sub-bands ``[lo, hi)`` of the window."""
+        edges = torch.linspace(self.t_min, self.t_max, self.val_subbands + 1).round().long().tolist()
+        return list(zip(edges[:-1], edges[1:]))
+
+    @torch.no_grad()
+    def window_losses(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """Per-batch window loss and per-sub-band losses (training weights), on stratified fixed-seed draws.
+
+        Returns ``{name: (mean, count)}``: ``loss_window`` over the batch and ``loss_band_<lo>_<hi>`` per sub-band.
+        """
+        z, cond = self._clean_input_and_cond(batch)
+        gen = self.validation_generator(batch_idx)
+        t, band = stratified_window_timesteps(z.shape[0], self.t_min, self.t_max, self.val_subbands, gen)
+        noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+        per_sample = self.per_sample_loss(z, t.to(z.device), noise, cond)
+        out = {"loss_window": (per_sample.mean(), z.shape[0])}
+        band = band.to(per_sample.device)
+        for i, (lo, hi) in enumerate(self.band_edges()):
+            sel = band == i
+            count = int(sel.sum())
+            if count:
+                out[f"loss_band_{lo}_{hi}"] = (per_sample[sel].mean(), count)
+        return out
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Logs ``val/loss_window`` and ``val/loss_window_ema`` (the monitor), plus ``val/loss_band_<lo>_<hi>[_ema]``."""
+        results = {"": self.window_losses(batch, batch_idx)}
+        if self.use_ema:
+            with self.ema_scope():
+                results["_ema"] = self.window_losses(batch, batch_idx)
+        for suffix, losses in results.items():
+            for name, (value, count) in losses.items():
+                self.log(f"val/{name}{suffix}", value, on_step=False, on_epoch=True, batch_size=count, sync_dist=True)
+
+    # ---------------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["window"] = [self.t_min, self.t_max]
+        checkpoint["num_timesteps"] = self.num_timesteps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("window")
+        if saved is not None and list(saved) != [self.t_min, self.t_max]:
+            logger.warning(
+                "checkpoint was trained on window t in [%d, %d); this run trains [%d, %d)", *saved, self.t_min, self.t_max
+            )
+
+    # ---------------------------------------------------------------------------------------------------------- images
+    @torch.no_grad()
+    def log_images(  # type: ignore[override]
+        self,
+        batch: Mapping[str, Any],
+        N: int = 8,  # noqa: N803 (CompVis name)
+        ddim_steps: int = 50,
+        ddim_eta: float = 0.0,
+        seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """What matters for a window model, ``[N, 3, H, W]`` in [-1, 1] each: ``inputs``, ``reconstruction`` (first
+        stage), ``noised_to_t_max`` (input noised to the window's top DDIM step) and ``window_refined`` (that noised
+        input run through this model's DDIM steps inside the window, EMA weights) with its final ``window_pred_x0``."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        z, c, x, xrec = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True, bs=N)
+        sampler = DDIMSampler(self)
+        sampler.make_schedule(ddim_steps, ddim_eta=ddim_eta)
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z.shape, generator=gen).to(z)
+        plan = sampler.tail_plan(self.t_max - 1, self.t_min)
+        noised = self.q_sample(z, torch.full((z.shape[0],), plan.noise_t, device=z.device, dtype=torch.long), noise)
+        with self.ema_scope("log_images"):
+            refined, pred_x0, _ = sampler.refine(z, self.t_max - 1, cond=c, t_min=self.t_min, generator=gen, noise=noise)
+        return {
+            "inputs": x,
+            "reconstruction": xrec,
+            "noised_to_t_max": self.decode_first_stage(noised),
+            "window_refined": self.decode_first_stage(refined),
+            "window_pred_x0": self.decode_first_stage(pred_x0),
+        }

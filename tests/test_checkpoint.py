@@ -1,0 +1,170 @@
+"""The safe checkpoint loader: round trips, Lightning-1.x pickles, refusal of code, clear errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ldm.checkpoint import (
+    CheckpointError,
+    LegacyObject,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_state_dict,
+    load_weights,
+    save_checkpoint,
+    sha256_file,
+)
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    return net.state_dict()
+
+
+class _Exploit:
+    """Unpickling this runs os.system and creates a file."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".safetensors"])
+def test_round_trip(tmp_path, suffix):
+    sd = _state_dict()
+    path = tmp_path / f"model{suffix}"
+    save_checkpoint({"state_dict": sd, "metadata": {"window": "250,500"}} if suffix == ".safetensors" else
+                    {"state_dict": sd, "global_step": 7}, path)
+    loaded = load_state_dict(path)
+    assert loaded.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(loaded[k], sd[k])
+    ckpt = load_checkpoint(path)
+    if suffix == ".safetensors":
+        assert ckpt["metadata"] == {"window": "250,500"}
+    else:
+        assert ckpt["global_step"] == 7
+    assert len(sha256_file(path)) == 64
+
+
+def test_bare_state_dict_is_wrapped(tmp_path):
+    sd = _state_dict()
+    torch.save(sd, tmp_path / "bare.pt")
+    assert load_checkpoint(tmp_path / "bare.pt").keys() == {"state_dict"}
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _state_dict(), "payload": _Exploit(str(marker))}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|os\.system|nt\.system") as err:
+        load_checkpoint(path)
+    assert "--unsafe-load" in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_plain_pickle_file_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump(_Exploit(str(marker)), fh)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_lightning_1x_checkpoint_yields_state_dict_without_running_code(tmp_path):
+    """Lightning 1.x pickled callback classes as dict keys and OmegaConf hyper-parameters (CompVis checkpoints)."""
+    sd = _state_dict()
+    legacy = {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": sd,
+        "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1), "dirpath": "logs/x"}},
+        "hyper_parameters": {"cfg": OmegaConf.create({"model": {"lr": 1e-4}})},
+        "optimizer_states": [],
+    }
+    path = tmp_path / "compvis.ckpt"
+    torch.save(legacy, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["global_step"] == 1000
+    for k in sd:
+        assert torch.equal(ckpt["state_dict"][k], sd[k])
+    (key,) = ckpt["callbacks"].keys()
+    assert issubclass(key, LegacyObject) and key.__module__.startswith("pytorch_lightning")
+    assert isinstance(ckpt["hyper_parameters"]["cfg"], LegacyObject)
+
+
+def test_unsafe_opt_in_loads_trusted_pickle(tmp_path):
+    path = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": _state_dict(), "extra": {1, 2}, "cls": torch.nn.Linear}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(path)
+    assert load_checkpoint(path, unsafe=True)["cls"] is torch.nn.Linear
+
+
+def test_missing_empty_truncated_directory_wrong_kind(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(tmp_path / "empty.ckpt")
+    with pytest.raises(CheckpointError, match="directory"):
+        load_checkpoint(tmp_path)
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": _state_dict()}, good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "trunc.ckpt")
+    (tmp_path / "text.ckpt").write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "text.ckpt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_checkpoint(tmp_path / "list.pt")
+    torch.save({"epoch": 1}, tmp_path / "nosd.ckpt")
+    with pytest.raises(CheckpointError, match="no 'state_dict'"):
+        load_state_dict(tmp_path / "nosd.ckpt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.ckpt"
+
+    def boom(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"state_dict": {}}, path)
+    assert list(path.parent.iterdir()) == []
+
+
+def test_load_weights_names_shape_mismatches():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)).state_dict()
+    with pytest.raises(CheckpointError, match=r"0\.weight: checkpoint \[6, 4\] vs model \[8, 4\]"):
+        load_weights(net, other)
+    partial = {"0.weight": torch.zeros(8, 4)}
+    missing, unexpected = load_weights(net, {**partial, "extra": torch.zeros(1)})
+    assert "0.bias" in missing and unexpected == ["extra"]
+    with pytest.raises(CheckpointError, match="key-for-key"):
+        load_weights(net, partial, strict=True)

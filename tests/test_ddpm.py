@@ -1,0 +1,183 @@
+"""DDPM / LatentDiffusion: buffers, q_sample, losses, conditioning, init_from_ckpt, scale_by_std, autocast."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_UNET_PARAMS, photo_crops, tiny_ldm_params
+
+from ldm.checkpoint import CheckpointError, save_checkpoint
+from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
+from ldm.modules.diffusionmodules.util import make_beta_schedule, make_schedule_buffers
+from ldm.util import ConfigError, instantiate_from_config
+
+LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
+
+
+def build(**overrides) -> LatentDiffusion:
+    torch.manual_seed(0)
+    return instantiate_from_config({"target": LDM, "params": tiny_ldm_params(**overrides)})
+
+
+def batch_of(n: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
+    return {"image": photo_crops(n, size).permute(0, 2, 3, 1)}
+
+
+def test_buffers_are_float32_casts_of_float64_math():
+    model = build()
+    ref = make_schedule_buffers(make_beta_schedule("linear", 1000, 0.0015, 0.0195))
+    for name in ("betas", "alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef2"):
+        buf = getattr(model, name)
+        assert buf.dtype == torch.float32
+        assert torch.equal(buf, ref[name].to(torch.float32)), name
+    assert "lvlb_weights" not in model.state_dict()
+
+
+def test_q_sample_matches_closed_form():
+    model = build()
+    x0 = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 499, 999])
+    got = model.q_sample(x0.float(), t, eps.float()).double()
+    acp = np.cumprod(1 - make_beta_schedule("linear", 1000, 0.0015, 0.0195).numpy())
+    ref = torch.stack([np.sqrt(acp[i]) * x0[j] + np.sqrt(1 - acp[i]) * eps[j] for j, i in enumerate(t.tolist())])
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0"])
+@pytest.mark.parametrize("loss_type", ["l2", "l1"])
+def test_p_losses_match_manual_computation(parameterization, loss_type):
+    model = build(parameterization=parameterization, loss_type=loss_type)
+    torch.nn.init.normal_(model.model.diffusion_model.out[2].weight, std=0.05)
+    z = torch.randn(4, 3, 8, 8)
+    eps = torch.randn_like(z)
+    t = torch.tensor([1, 10, 300, 900])
+    loss, log = model.p_losses(z, t, noise=eps)
+    out = model.apply_model(model.q_sample(z, t, eps), t)
+    target = eps if parameterization == "eps" else z
+    per = (out - target).abs() if loss_type == "l1" else (out - target) ** 2
+    expected = per.mean(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(log["train/loss_simple"], expected)
+    assert set(log) == {"train/loss_simple", "train/loss_vlb", "train/loss"}
+
+
+def test_training_step_updates_only_the_unet_and_ema_tracks():
+    model = build()
+    opt = model.configure_optimizers()
+    fs_before = copy.deepcopy(model.first_stage_model.state_dict())
+    unet_before = model.model.diffusion_model.out[2].weight.clone()
+    loss, _ = model.shared_step(batch_of())
+    loss.backward()
+    opt.step()
+    model.model_ema(model.model)
+    assert not torch.equal(unet_before, model.model.diffusion_model.out[2].weight)
+    for k, v in model.first_stage_model.state_dict().items():
+        assert torch.equal(v, fs_before[k]), k
+    assert all(not p.requires_grad for p in model.first_stage_model.parameters())
+    model.train()
+    assert not model.first_stage_model.training and model.model.training
+    assert int(model.model_ema.num_updates) == 1
+
+
+def test_get_input_takes_hwc_batches_and_encodes():
+    model = build()
+    z, c, x, xrec = model.get_input(batch_of(2), "image", return_first_stage_outputs=True)
+    assert z.shape == (2, 3, 8, 8) and c is None
+    assert x.shape == xrec.shape == (2, 3, 32, 32)
+    with pytest.raises(KeyError, match="first_stage_key"):
+        model.get_input({"img": torch.zeros(1, 32, 32, 3)}, "image")
+
+
+def test_conditioning_concat_crossattn_adm():
+    concat = build(
+        cond_stage_config="__is_first_stage__",
+        cond_stage_key="image",
+        conditioning_key="concat",
+        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                     "params": {**TINY_UNET_PARAMS, "in_channels": 6}},
+    )
+    loss, _ = concat.shared_step(batch_of(2))
+    assert torch.isfinite(loss)
+
+    cross = build(
+        cond_stage_config={"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                           "params": {"embed_dim": 16, "n_classes": 10}},
+        cond_stage_key="class_label",
+        cond_stage_trainable=True,
+        conditioning_key="crossattn",
+        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                     "params": {**TINY_UNET_PARAMS, "use_spatial_transformer": True, "context_dim": 16}},
+    )
+    batch = {**batch_of(2), "class": torch.tensor([1, 7])}
+    loss, _ = cross.shared_step(batch)
+    loss.backward()
+    assert cross.cond_stage_model.embedding.weight.grad is not None
+    assert any(p is cross.cond_stage_model.embedding.weight for g in [cross.configure_optimizers()]
+               for p in g.param_groups[0]["params"])
+
+    adm = build(
+        cond_stage_config={"target": "ldm.modules.encoders.modules.ClassLabels", "params": {"n_classes": 10}},
+        cond_stage_key="class_label",
+        conditioning_key="adm",
+        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                     "params": {**TINY_UNET_PARAMS, "num_classes": 10}},
+    )
+    loss, _ = adm.shared_step(batch)
+    assert torch.isfinite(loss)
+
+
+def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
+    src = build()
+    with torch.no_grad():
+        for p in src.model.parameters():
+            p.add_(0.01)
+    path = tmp_path / "src.ckpt"
+    save_checkpoint({"state_dict": src.state_dict(), "global_step": 5}, path)
+    dst = build(ckpt_path=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    assert dst.restarted_from_ckpt
+    with pytest.raises(CheckpointError, match="noise schedule differs"):
+        build(ckpt_path=str(path), linear_end=0.012)
+    only_unet = build(ckpt_path=str(path), load_only_unet=True)
+    assert torch.equal(only_unet.model.diffusion_model.out[2].weight, src.model.diffusion_model.out[2].weight)
+
+
+def test_strict_key_compatibility_with_itself(tmp_path):
+    model = build()
+    fresh = build()
+    result = fresh.load_state_dict(model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_scale_by_std_sets_unit_variance_latents():
+    model = build(scale_by_std=True)
+    batch = batch_of(4)
+    model.on_train_batch_start(batch, 0)
+    z, _ = model.get_input(batch, "image")
+    assert float(model.scale_factor) != 1.0
+    assert z.flatten().std().item() == pytest.approx(1.0, rel=1e-3)
+    assert "scale_factor" in model.state_dict()
+
+
+def test_bf16_autocast_forward():
+    model = build()
+    z = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.apply_model(z, torch.tensor([3, 400]))
+    assert out.shape == z.shape and torch.isfinite(out.float()).all()
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="no attribute 'LatentDiffusionn'"):
+        instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusionn"})
+    with pytest.raises(ConfigError, match="unknown keys \\['parms'\\]"):
+        instantiate_from_config({"target": LDM, "parms": {}})
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'timestepz'"):
+        instantiate_from_config({"target": LDM, "params": tiny_ldm_params(timestepz=10)})
+    with pytest.raises(ValueError, match="parameterization"):
+        DDPM(unet_config={"target": "torch.nn.Identity"}, parameterization="v")

@@ -1,0 +1,73 @@
+"""LitEma: CompVis buffer layout, update rule, exact store/restore, ema_scope."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_ldm_params
+
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    net[2].bias.requires_grad_(False)
+    return net
+
+
+def test_buffer_names_follow_litema():
+    ema = LitEma(_net())
+    names = dict(ema.named_buffers())
+    assert names["decay"].dtype == torch.float32 and names["decay"].shape == ()
+    assert names["num_updates"].dtype == torch.int32 and int(names["num_updates"]) == 0
+    assert {"0weight", "0bias", "1weight", "1bias", "2weight"} <= set(names)
+    assert "2bias" not in names and "1running_mean" not in names  # frozen params and buffers are not tracked
+
+
+def test_update_rule_matches_formula_with_warmup():
+    net = _net()
+    ema = LitEma(net, decay=0.9)
+    shadow0 = ema.get_buffer("0weight").clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema(net)
+    n = 1
+    decay = min(0.9, (1 + n) / (10 + n))
+    expected = shadow0 - (1 - decay) * (shadow0 - net[0].weight)
+    torch.testing.assert_close(ema.get_buffer("0weight"), expected, rtol=0, atol=1e-7)
+    assert int(ema.num_updates) == 1
+    ema_no_warmup = LitEma(net, decay=0.5, use_num_upates=False)
+    assert int(ema_no_warmup.num_updates) == -1
+
+
+def test_store_copy_restore_is_exact():
+    net = _net()
+    ema = LitEma(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    ema(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ema.store(net.parameters())
+    ema.copy_to(net)
+    assert torch.equal(net[0].weight, ema.get_buffer("0weight"))
+    ema.restore(net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ema_scope_swaps_and_restores_bit_exactly():
+    model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.model_ema(model.model)
+    train_w = {k: v.clone() for k, v in model.model.state_dict().items()}
+    key = "diffusion_model.input_blocks.0.0.weight"
+    with model.ema_scope("test"):
+        ema_w = model.model.state_dict()[key].clone()
+        assert torch.equal(ema_w, model.model_ema.get_buffer(key.replace(".", "")))
+        assert not torch.equal(ema_w, train_w[key])
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, train_w[k]), k

@@ -24,8 +24,8 @@ from ldm.eval.degrade import (
     degradation_from_spec,
     degrade_folder,
     file_seed,
-    list_images,
 )
+from ldm.imageio import ImageLoadError, read_png_metadata
 from ldm.models.autoencoder import VQModel, VQModelInterface
 
 N_EMBED = 64
@@ -299,6 +299,9 @@ def test_degrade_folder_deterministic_per_file(tmp_path, photos):
         out = np.asarray(Image.open(tmp_path / "out1" / name))
         source = np.asarray(Image.open(src / source_name))
         assert out.shape == source.shape and not np.array_equal(out[..., :3], source[..., :3])
+    meta = read_png_metadata(tmp_path / "out1" / "a.png")
+    assert meta["degradation"] == "colour_blotches:n_blobs=3,radius=0.15,strength=0.5"
+    assert meta["degradation_seed"] == str(file_seed(3, "a.png"))
     c_alpha = np.asarray(Image.open(tmp_path / "out1" / "c.png"))[..., 3]
     assert np.array_equal(c_alpha, np.asarray(Image.open(src / "c.png"))[..., 3])
     # same seed -> same bytes; a folder holding only one of the files gives that file the same output
@@ -318,7 +321,6 @@ def test_degrade_folder_deterministic_per_file(tmp_path, photos):
 def test_degrade_folder_errors(tmp_path, photos):
     src = tmp_path / "src"
     _write_folder(src, photos)
-    assert [p.name for p in list_images(src)] == ["a.png", "c.png", "b.jpg"]
     with pytest.raises(ValueError, match="must not be src"):
         degrade_folder(src, src / "out", "jpeg", seed=0)
     with pytest.raises(TypeError, match="already built"):
@@ -328,8 +330,12 @@ def test_degrade_folder_errors(tmp_path, photos):
     Image.fromarray(photos[0][::8, ::8]).save(src / "a.jpg")
     with pytest.raises(ValueError, match="both be written"):
         degrade_folder(src, tmp_path / "o", "jpeg", seed=0)
+    (src / "a.jpg").unlink()
+    (src / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        degrade_folder(src, tmp_path / "o", "jpeg", seed=0)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
+    with pytest.raises(FileNotFoundError, match="holds no images"):
         degrade_folder(tmp_path / "empty", tmp_path / "o", "jpeg", seed=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         degrade_folder(tmp_path / "nope", tmp_path / "o", "jpeg", seed=0)

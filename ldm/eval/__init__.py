@@ -15,7 +15,6 @@ from ldm.eval.degrade import (
     degradation_parameters,
     degrade_folder,
     file_seed,
-    list_images,
 )
 from ldm.eval.metrics import (
     LPIPSMetric,
@@ -48,7 +47,6 @@ __all__ = [
     "degrade_folder",
     "fid_kid",
     "file_seed",
-    "list_images",
     "load_inception",
     "load_lpips",
     "mse",

@@ -17,6 +17,7 @@ parameters, :func:`degradation_from_spec` parses ``"name:key=value,key=value"`` 
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import inspect
 import io
@@ -30,13 +31,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ldm.util import atomic_write_bytes, instantiate_from_config
+from ldm import imageio
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _RANGE_TOLERANCE = 1e-2
 
 
@@ -69,7 +70,7 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-class Degradation:
+class Degradation(abc.ABC):
     """Base class: subclasses set ``name`` and implement ``_apply(images, generator)`` on float images.
 
     ``_apply`` receives ``[B, 3, H, W]`` float32/float64 images in [-1, 1] and returns the same shape; the base class
@@ -83,9 +84,9 @@ class Degradation:
         """Whether the output depends on the seed (JPEG, for example, does not)."""
         return True
 
+    @abc.abstractmethod
     def params(self) -> dict[str, Any]:
         """Constructor parameters, as passed to :func:`build_degradation`."""
-        raise NotImplementedError
 
     @property
     def spec(self) -> str:
@@ -105,8 +106,9 @@ class Degradation:
             out = self._apply(work, generator)
         return out.clamp(-1.0, 1.0).to(images.dtype)
 
+    @abc.abstractmethod
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """Degrade float32/float64 ``[B, 3, H, W]`` images, drawing all randomness from ``generator``."""
 
 
 def _draw(fn: Any, shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -557,14 +559,6 @@ def file_seed(seed: int, relative_path: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted; hidden files skipped) with an extension in
-    ``IMAGE_EXTENSIONS``."""
-    root = Path(folder)
-    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p))
-
-
 def degrade_folder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -575,9 +569,13 @@ def degrade_folder(
     """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
 
     ``degradation`` is a registry name (built with ``params``, see :func:`build_degradation`) or a
-    :class:`Degradation` (then ``params`` must be empty).  Images are read with PIL (EXIF orientation applied,
-    converted to RGB; an alpha channel is kept unchanged); each file gets the seed ``file_seed(seed, relative_path)``,
-    so its output does not depend on the other files.  Returns the written paths.
+    :class:`Degradation` (then ``params`` must be empty).  Files are found and read with :mod:`ldm.imageio`
+    (recursive, hidden files skipped, EXIF orientation applied; an alpha channel is kept unchanged) and written
+    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``.  Each file gets the seed
+    ``file_seed(seed, relative_path)``, so its output does not depend on the other files.  Returns the written paths.
+
+    Raises ``FileNotFoundError`` (no such folder / no images), ``ValueError`` (``dst`` inside ``src``, two sources
+    mapping to one output) and :class:`ldm.imageio.ImageLoadError` for an unreadable image.
     """
     src_root, dst_root = Path(src).resolve(), Path(dst).resolve()
     if not src_root.is_dir():
@@ -590,28 +588,21 @@ def degrade_folder(
         deg = degradation
     else:
         deg = build_degradation(degradation, **params)
-    files = list_images(src_root)
+    files, problems = imageio.find_images([src_root])
     if not files:
-        raise FileNotFoundError(f"no images with extensions {list(IMAGE_EXTENSIONS)} under {str(src_root)!r}")
+        raise FileNotFoundError("; ".join(problems) or f"no images under {str(src_root)!r}")
     targets: dict[Path, Path] = {}
     for path in files:
         out = (dst_root / path.relative_to(src_root)).with_suffix(".png")
         if out in targets:
             raise ValueError(f"{targets[out]} and {path} would both be written to {out}; rename one of them")
         targets[out] = path
-    written = []
     for out, path in targets.items():
         rel = path.relative_to(src_root).as_posix()
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
-            arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
-        result = apply_to_uint8(deg, arr, file_seed(seed, rel))
-
-        def write(fh: Any, result: np.ndarray = result) -> None:
-            Image.fromarray(result).save(fh, format="PNG")
-
-        atomic_write_bytes(out, write)
-        written.append(out)
-    logger.info("degraded %d images from %s into %s with %s (seed %d)", len(written), src_root, dst_root, deg.spec, seed)
-    return written
+        loaded = imageio.load_image(path)
+        this_seed = file_seed(seed, rel)
+        result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
+        metadata = {"degradation": deg.spec, "degradation_seed": str(this_seed)}
+        imageio.save_image_atomic(out, imageio.tensor_to_image(result), alpha=loaded.alpha, metadata=metadata)
+    logger.info("degraded %d images from %s into %s with %s (seed %d)", len(targets), src_root, dst_root, deg.spec, seed)
+    return list(targets)

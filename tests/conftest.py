@@ -121,3 +121,50 @@ def crops32() -> torch.Tensor:
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="ldm")
     yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tiny late-steps experts saved as main.py saves them: {"state_dict", "config" (the merged project config), "window"}
+
+LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
+
+
+def tiny_expert_config(t_min: int, t_max: int, **overrides) -> dict:
+    """Project config (as embedded in checkpoints by main.py) of a tiny late-steps expert on ``[t_min, t_max)``."""
+    return {"model": {"target": LATESTEPS_TARGET, "params": tiny_ldm_params(t_min=t_min, t_max=t_max, **overrides)}}
+
+
+def build_tiny_expert(t_min: int, t_max: int, seed: int = 0, first_stage_state: dict | None = None):
+    """A tiny LateStepsLatentDiffusion with live (non-zero) output layers; optionally sharing a first stage."""
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(seed)
+    model = instantiate_from_config(tiny_expert_config(t_min, t_max)["model"])
+    torch.nn.init.normal_(model.model.diffusion_model.out[2].weight, std=0.02)
+    model.model_ema = type(model.model_ema)(model.model)
+    if first_stage_state is not None:
+        model.first_stage_model.load_state_dict(first_stage_state)
+    return model.eval()
+
+
+def save_expert_checkpoint(model, path, global_step: int = 0) -> None:
+    """Write ``model`` in main.py's checkpoint layout."""
+    from ldm.checkpoint import save_checkpoint
+
+    t_min, t_max = model.window()
+    cfg = tiny_expert_config(t_min, t_max)
+    save_checkpoint(
+        {"state_dict": model.state_dict(), "config": cfg, "window": [t_min, t_max], "global_step": global_step}, path
+    )
+
+
+@pytest.fixture(scope="session")
+def expert_checkpoints(tmp_path_factory):
+    """Two tiny experts sharing one first stage: t in [250, 500) (steps 500-750) and [0, 250) (steps 750-1000)."""
+    root = tmp_path_factory.mktemp("experts")
+    shapes = build_tiny_expert(250, 500, seed=0)
+    details = build_tiny_expert(0, 250, seed=1, first_stage_state=shapes.first_stage_model.state_dict())
+    paths = [root / "latesteps_500_750.ckpt", root / "latesteps_750_1000.ckpt"]
+    save_expert_checkpoint(shapes, paths[0])
+    save_expert_checkpoint(details, paths[1])
+    return paths

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_ldm_params
 
 from ldm.models.diffusion.ddim import DDIMSampler, ddim_step
 from ldm.models.diffusion.denoisers import CFGDenoiser
 from ldm.util import instantiate_from_config
+
+from conftest import tiny_ldm_params
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_PARAMS, photo_crops, tiny_ldm_params
 
 from ldm.checkpoint import CheckpointError, save_checkpoint
 from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
 from ldm.modules.diffusionmodules.util import make_beta_schedule, make_schedule_buffers
 from ldm.util import ConfigError, instantiate_from_config
+
+from conftest import TINY_UNET_PARAMS, photo_crops, tiny_ldm_params
 
 LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_ldm_params
 
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
+
+from conftest import tiny_ldm_params
 
 
 def _net() -> torch.nn.Module:

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_DDCONFIG, TINY_UNET_PARAMS
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer, multihead_attention
 from ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
+
+from conftest import TINY_DDCONFIG, TINY_UNET_PARAMS
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

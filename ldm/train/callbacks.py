@@ -1,0 +1,358 @@
+"""Lightning callbacks of ``main.py``: run setup, image logging, interrupt checkpoints and per-step seeding.
+
+* :class:`SetupCallback` makes the log dir layout, saves the merged configs (rank 0) and embeds the project config in
+  every checkpoint as ``checkpoint["config"]`` (plain containers, so tools can rebuild the model from the file).
+* :class:`ImageLogger` calls ``pl_module.log_images(batch, N=...)`` and writes PNG grids under ``images/<split>/``.
+* :class:`InterruptCheckpoint` writes ``checkpoints/last.ckpt`` on SIGTERM (then ``main.py`` exits 0), on SIGUSR1
+  (training continues) and on Ctrl+C (KeyboardInterrupt; Lightning then exits 1).
+* :class:`StepSeeding` reseeds the global RNGs from ``(seed, rank, global_step)`` at every step, so a run resumed
+  from any checkpoint draws exactly the noise and timesteps an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import logging
+import math
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ldm.train.data import derive_seed
+from ldm.util import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(data))
+
+
+class SetupCallback(Callback):
+    """Creates ``logdir/{checkpoints,configs,images}`` and saves ``<now>-project.yaml`` / ``<now>-lightning.yaml``.
+
+    Temp files a killed run left in ``checkpoints/`` (``.<name>.*.tmp``, never a ``.ckpt``) are removed.
+
+    Args:
+        resume: whether this run resumes an earlier one (the configs are saved again under the new timestamp).
+        now: timestamp used in the config file names.
+        logdir, ckptdir, cfgdir: the run's folders.
+        config: merged project config (``model``, ``data``) as plain containers, values resolved.
+        lightning_config: merged ``lightning`` config as plain containers.
+    """
+
+    def __init__(
+        self,
+        resume: bool,
+        now: str,
+        logdir: str,
+        ckptdir: str,
+        cfgdir: str,
+        config: dict[str, Any],
+        lightning_config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.resume = resume
+        self.now = now
+        self.logdir = str(logdir)
+        self.ckptdir = str(ckptdir)
+        self.cfgdir = str(cfgdir)
+        self.config = copy.deepcopy(config)
+        self.lightning_config = copy.deepcopy(lightning_config)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Rank 0: make the folders and write both configs atomically."""
+        if not trainer.is_global_zero:
+            return
+        for folder in (self.logdir, self.ckptdir, self.cfgdir, os.path.join(self.logdir, "images")):
+            os.makedirs(folder, exist_ok=True)
+        for stale in Path(self.ckptdir).glob(".*.tmp"):
+            stale.unlink()
+            logger.info("removed %s, a partial write of a killed run", stale)
+        project = OmegaConf.to_yaml(OmegaConf.create(self.config))
+        lightning = OmegaConf.to_yaml(OmegaConf.create({"lightning": self.lightning_config}))
+        for suffix, text in (("project", project), ("lightning", lightning)):
+            path = os.path.join(self.cfgdir, f"{self.now}-{suffix}.yaml")
+            _write_bytes(path, text.encode("utf-8"))
+        logger.info("run folder %s (%s)", self.logdir, "resumed" if self.resume else "new")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Embed the merged project config (plain dict) so the checkpoint describes its own model and data."""
+        checkpoint["config"] = copy.deepcopy(self.config)
+
+
+class ImageLogger(Callback):
+    """latent-diffusion's image logger: PNG grids of ``pl_module.log_images`` every ``batch_frequency`` steps.
+
+    Files: ``<logdir>/images/<split>/<key>_gs-<step:06>_e-<epoch:06>_b-<batch:06>.png``; written by rank 0 only,
+    atomically.  With ``increase_log_steps`` it also logs at steps 1, 2, 4, ... below ``batch_frequency``.
+
+    Args:
+        batch_frequency: log every this many global steps (or batches with ``log_on_batch_idx``).
+        max_images: images per key (passed to ``log_images`` as ``N`` when it takes that argument).
+        clamp: clamp to [-1, 1] before writing.
+        increase_log_steps: also log at powers of two below ``batch_frequency``.
+        rescale: map [-1, 1] to [0, 1] before writing.
+        disabled: turn the logger off.
+        log_on_batch_idx: count batches instead of global steps.
+        log_first_step: also log at step 0.
+        log_images_kwargs: extra keyword arguments for ``log_images`` (checked against its signature).
+        nrow: images per grid row.
+    """
+
+    def __init__(
+        self,
+        batch_frequency: int,
+        max_images: int,
+        clamp: bool = True,
+        increase_log_steps: bool = True,
+        rescale: bool = True,
+        disabled: bool = False,
+        log_on_batch_idx: bool = False,
+        log_first_step: bool = False,
+        log_images_kwargs: dict[str, Any] | None = None,
+        nrow: int = 4,
+    ) -> None:
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError(f"ImageLogger batch_frequency={batch_frequency} must be >= 1")
+        if max_images < 0:
+            raise ValueError(f"ImageLogger max_images={max_images} must be >= 0")
+        self.batch_freq = int(batch_frequency)
+        self.max_images = int(max_images)
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.nrow = nrow
+        self.log_steps = [2**n for n in range(int(math.log2(self.batch_freq)) + 1)] if increase_log_steps else []
+        self.log_steps.append(self.batch_freq)
+        self._last_logged: tuple[str, int, int] | None = None
+
+    def check_frequency(self, check_idx: int) -> bool:
+        """Whether to log at this step / batch index."""
+        if check_idx == 0:
+            return self.log_first_step
+        return check_idx % self.batch_freq == 0 or check_idx in self.log_steps
+
+    def _call_kwargs(self, pl_module: pl.LightningModule, split: str) -> dict[str, Any]:
+        params = inspect.signature(pl_module.log_images).parameters
+        unknown = sorted(set(self.log_images_kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"ImageLogger log_images_kwargs {unknown} are not arguments of "
+                f"{type(pl_module).__name__}.log_images (it takes {[p for p in params if p != 'batch']})"
+            )
+        kwargs = dict(self.log_images_kwargs)
+        if "N" in params:
+            kwargs.setdefault("N", self.max_images)
+        if "split" in params:
+            kwargs["split"] = split
+        return kwargs
+
+    @torch.no_grad()
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str) -> None:
+        """Call ``log_images`` in eval mode and write one grid per returned key."""
+        check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self.disabled or self.max_images == 0 or not trainer.is_global_zero or not self.check_frequency(check_idx):
+            return
+        key = (split, pl_module.current_epoch, check_idx)
+        if self._last_logged == key:
+            return  # same step again: gradient accumulation, or a later batch of the same validation run
+        self._last_logged = key
+        if not callable(getattr(pl_module, "log_images", None)):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.log_images(batch, **self._call_kwargs(pl_module, split))
+        finally:
+            pl_module.train(was_training)
+        root = Path(trainer.default_root_dir) / "images" / split
+        for key, value in images.items():
+            if not isinstance(value, torch.Tensor) or value.ndim != 4:
+                continue
+            grid = self.make_grid(value[: self.max_images].detach().float().cpu())
+            name = f"{key}_gs-{pl_module.global_step:06}_e-{pl_module.current_epoch:06}_b-{batch_idx:06}.png"
+            buffer = io.BytesIO()
+            Image.fromarray(grid).save(buffer, format="PNG")
+            _write_bytes(root / name, buffer.getvalue())
+
+    def make_grid(self, images: torch.Tensor) -> np.ndarray:
+        """``[N, C, H, W]`` in [-1, 1] (C = 1 or 3) -> uint8 ``[rows*H, nrow*W, 3]`` grid with 2-pixel gaps."""
+        if self.clamp:
+            images = images.clamp(-1.0, 1.0)
+        if self.rescale:
+            images = (images + 1.0) / 2.0
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        n, c, h, w = images.shape
+        ncol = min(self.nrow, n)
+        nrows = -(-n // ncol)
+        pad = 2
+        grid = torch.zeros(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+        for i in range(n):
+            r, q = divmod(i, ncol)
+            grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+        return (grid.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking and pl_module.global_step > 0:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class InterruptCheckpoint(Callback):
+    """Writes ``last.ckpt`` when the run is interrupted; see the module doc for each signal.
+
+    SIGTERM: Lightning 2's own handler only sets ``trainer.received_sigterm``; the loops raise ``SIGTERMException``
+    (a ``SystemExit``) at the next batch boundary, on every rank at the same step.  :meth:`on_exception` saves there,
+    so the checkpoint holds a completed step; ``main.py`` then exits 0.
+
+    SIGUSR1: a flag is set (chained to any earlier handler, e.g. Lightning's SLURM requeue); at the end of the batch the
+    ranks agree on it and ``last.ckpt`` is written; training goes on.
+
+    KeyboardInterrupt: saved by rank 0 alone (other ranks may be stuck in a collective), with the step in progress
+    discarded by Lightning's restart logic on resume.
+
+    Args:
+        ckpt_path: where to write (``<logdir>/checkpoints/last.ckpt``).
+    """
+
+    def __init__(self, ckpt_path: str) -> None:
+        super().__init__()
+        self.ckpt_path = str(ckpt_path)
+        self.reason: str | None = None
+        self.saved_step: int | None = None
+        self._usr1 = threading.Event()
+        self._previous_usr1: Any = None
+        self._installed = False
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        self._usr1.set()
+        if callable(self._previous_usr1):
+            self._previous_usr1(signum, frame)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Install the SIGUSR1 handler (after Lightning registered its own, which is chained)."""
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous_usr1 = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, self._on_sigusr1)
+            self._installed = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Restore the previous SIGUSR1 handler."""
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._previous_usr1 if self._previous_usr1 is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        requested = self._usr1.is_set()
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self._usr1.clear()
+            trainer.save_checkpoint(self.ckpt_path)
+            self._saved(trainer, "SIGUSR1")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.ckpt_path)
+            self._saved(trainer, "SIGTERM")
+        elif isinstance(exception, KeyboardInterrupt):
+            if trainer.world_size == 1:
+                trainer.save_checkpoint(self.ckpt_path)
+            elif trainer.is_global_zero:
+                # no barrier: another rank may never reach one after Ctrl+C
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
+            self._saved(trainer, "KeyboardInterrupt")
+
+    def _saved(self, trainer: pl.Trainer, reason: str) -> None:
+        self.reason = reason
+        self.saved_step = int(trainer.global_step)
+        if trainer.is_global_zero:
+            logger.info("%s: saved %s at global step %d", reason, self.ckpt_path, trainer.global_step)
+
+
+def reseed_global_rngs(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's legacy global RNG and torch (all devices) from one 63-bit seed."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class StepSeeding(Callback):
+    """Reseeds the global RNGs from ``(seed, global_rank, global_step, micro_batch, phase)`` around every training step.
+
+    Phase 0 happens right before the next batch is fetched (end of the previous batch, train/epoch start, after
+    validation) and covers augmentations done in the main process; phase 1 happens at ``on_train_batch_start`` and
+    covers the step itself (timesteps, noise, dropout).  The random draws of step ``k`` are therefore a function of
+    ``k`` alone: a run resumed from a checkpoint at step ``k`` continues exactly like the uninterrupted run (whatever
+    Lightning does differently while restarting), and ranks draw different noise.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self._step = -1
+        self._micro = 0
+
+    def _reseed(self, trainer: pl.Trainer, phase: int) -> None:
+        reseed_global_rngs(derive_seed(self.seed, trainer.global_rank, trainer.global_step, self._micro, phase))
+
+    def _restart_count(self, trainer: pl.Trainer) -> None:
+        self._step, self._micro = trainer.global_step, 0
+        self._reseed(trainer, 0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restart_count(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restart_count(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._reseed(trainer, 1)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self._step:
+            self._step, self._micro = trainer.global_step, 0
+        else:
+            self._micro += 1
+        self._reseed(trainer, 0)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._reseed(trainer, 0)

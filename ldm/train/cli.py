@@ -1,0 +1,384 @@
+"""Command line of ``main.py``: latent-diffusion's flags, YAML merging, dotlist overrides and their validation.
+
+``main.py --base a.yaml b.yaml -t model.params.t_min=0 lightning.trainer.max_steps=100`` merges ``a.yaml`` then
+``b.yaml`` then the ``key=value`` overrides (OmegaConf dotlist syntax).  Every override key must name something that
+exists: a key of the merged config, a constructor argument of the ``target`` that owns the ``params`` it lands in, or
+a Lightning 2 ``Trainer`` argument under ``lightning.trainer``.  A misspelled key, flag or Trainer argument stops the run
+before anything is built, with one line naming it and listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.util import ConfigError, get_obj_from_str
+
+PROJECT_KEYS = ("model", "data", "lightning")
+LIGHTNING_KEYS = ("trainer", "callbacks", "modelcheckpoint", "logger")
+# Trainer arguments main.py fills itself; setting them in lightning.trainer would silently lose main.py's own.
+RESERVED_TRAINER_KEYS = {
+    "callbacks": "put callbacks under lightning.callbacks.<name>: {target, params}",
+    "logger": "configure the logger under lightning.logger: {target, params}",
+    "plugins": "main.py installs its own checkpoint I/O plugin",
+    "default_root_dir": "the run's log dir is set with -l/--logdir, -n/--name and -p/--postfix",
+    "use_distributed_sampler": "main.py shards the training data per rank itself (deterministic and resumable)",
+}
+# Lightning 1.x Trainer arguments that latent-diffusion configs used, with their Lightning 2 spelling.
+LIGHTNING1_HINTS = {
+    "gpus": "use lightning.trainer.accelerator=gpu lightning.trainer.devices=N",
+    "tpu_cores": "use lightning.trainer.accelerator=tpu lightning.trainer.devices=N",
+    "num_processes": "use lightning.trainer.devices=N",
+    "auto_select_gpus": "use lightning.trainer.devices=N (or 'auto')",
+    "resume_from_checkpoint": "resume with main.py -r <logdir or checkpoint>",
+    "replace_sampler_ddp": "main.py shards the training data itself; drop the key",
+    "checkpoint_callback": "use lightning.trainer.enable_checkpointing",
+    "terminate_on_nan": "use lightning.trainer.detect_anomaly",
+    "progress_bar_refresh_rate": "use lightning.trainer.enable_progress_bar",
+    "weights_summary": "use lightning.trainer.enable_model_summary",
+    "flush_logs_every_n_steps": "set it on the logger: lightning.logger.params.flush_logs_every_n_steps",
+    "amp_backend": "use lightning.trainer.precision (e.g. 16-mixed, bf16-mixed)",
+    "amp_level": "use lightning.trainer.precision (e.g. 16-mixed, bf16-mixed)",
+    "track_grad_norm": "log gradient norms from the LightningModule instead",
+    "reload_dataloaders_every_epoch": "use lightning.trainer.reload_dataloaders_every_n_epochs",
+    "move_metrics_to_cpu": "removed in Lightning 2; drop the key",
+    "stochastic_weight_avg": "add pytorch_lightning.callbacks.StochasticWeightAveraging under lightning.callbacks",
+}
+
+
+class CLIError(ConfigError):
+    """The command line itself is wrong (unknown flag, malformed override, conflicting options)."""
+
+
+def str2bool(value: str | bool) -> bool:
+    """``true/yes/1/y`` or ``false/no/0/n`` (any case) as a bool, for flags like ``--scale_lr False``."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("yes", "true", "t", "y", "1"):
+        return True
+    if lowered in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """latent-diffusion's ``main.py`` flags (``-p`` is the log-dir postfix here, ``--unsafe-load`` is new)."""
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        allow_abbrev=False,
+        description="Train latent-diffusion style models from YAML configs on Lightning 2. Arguments of the form "
+        "key=value override config entries (OmegaConf dotlist), e.g. lightning.trainer.max_steps=100.",
+    )
+    parser.add_argument("-n", "--name", type=str, default="", help="run name (log dir suffix); default: config name")
+    parser.add_argument("-r", "--resume", type=str, default="", help="resume from a log dir or a checkpoint inside one")
+    parser.add_argument(
+        "-b", "--base", nargs="*", metavar="base_config.yaml", default=[], help="configs, merged left to right"
+    )
+    parser.add_argument("-t", "--train", action="store_true", help="train (otherwise only test)")
+    parser.add_argument("--no-test", action="store_true", help="skip trainer.test after training")
+    parser.add_argument("-p", "--postfix", type=str, default="", help="appended to the log dir name")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="global seed (per-rank streams derive from it)")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the run folders")
+    parser.add_argument(
+        "--scale_lr",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate (default true)",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow full pickle loading of checkpoints (resume and init); only for files you trust",
+    )
+    return parser
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse flags; return ``(options, dotlist)``.
+
+    ``key=value`` tokens become the dotlist, also when argparse swallowed them into ``--base`` (``-b a.yaml k=v``).
+    Anything else that is not a flag is an error naming the token and the valid flags.
+    """
+    parser = build_parser()
+    opt, unknown = parser.parse_known_args(list(argv))
+    bases, moved = [], []
+    for entry in opt.base:
+        (moved if "=" in entry and not os.path.isfile(entry) else bases).append(entry)
+    opt.base = bases
+    dotlist = moved + list(unknown)
+    flags = _flag_names(parser)
+    for token in dotlist:
+        if token.startswith("-"):
+            name = token.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise CLIError(f"unrecognized option {name!r}{hint}; valid options: {', '.join(flags)}")
+        key = token.split("=", 1)[0]
+        if "=" not in token or not key:
+            raise CLIError(
+                f"unexpected argument {token!r}: configs go after -b/--base, overrides are key=value "
+                "(e.g. lightning.trainer.max_steps=100)"
+            )
+    if opt.name and opt.resume:
+        raise CLIError(
+            "-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir name; "
+            "use -p/--postfix on a new run instead"
+        )
+    return opt, dotlist
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def load_yaml_config(path: str | os.PathLike) -> DictConfig:
+    """One YAML config as a DictConfig, with a one-line error for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config {str(path)!r} {what}; pass YAML files to -b/--base (see configs/)")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {first}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {str(path)!r} must be a mapping with keys {list(PROJECT_KEYS)}, not a list")
+    return cfg
+
+
+def parse_dotlist(dotlist: Sequence[str]) -> DictConfig:
+    """OmegaConf dotlist -> DictConfig (values parsed as YAML), with a one-line error."""
+    try:
+        return OmegaConf.from_dotlist(list(dotlist))
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot parse the overrides {list(dotlist)}: {first}") from exc
+
+
+def _signature_params(func: Any) -> tuple[list[str], bool] | None:
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    names, var_kw = [], False
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+        elif name != "self" and param.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.append(name)
+    return names, var_kw
+
+
+def constructor_params(target: str) -> tuple[list[str], bool]:
+    """Names of the keyword arguments ``target`` accepts, and whether it takes arbitrary ``**kwargs``.
+
+    A subclass whose ``__init__`` forwards ``**kwargs`` to its parent is followed up the MRO, so
+    ``LateStepsLatentDiffusion(t_min, t_max, **kwargs)`` accepts ``LatentDiffusion``'s arguments and nothing else.
+    """
+    obj = get_obj_from_str(target)
+    if not inspect.isclass(obj):
+        found = _signature_params(obj)
+        return found if found is not None else ([], True)
+    names: list[str] = []
+    for klass in obj.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        found = _signature_params(vars(klass)["__init__"])
+        if found is None:
+            return names, True
+        own, var_kw = found
+        names.extend(n for n in own if n not in names)
+        if not var_kw:
+            return names, False
+        if klass.__module__.split(".")[0] in ("torch", "pytorch_lightning", "lightning", "builtins"):
+            return names, True
+    return names, True
+
+
+def trainer_params() -> list[str]:
+    """The arguments of Lightning 2's ``Trainer``."""
+    import pytorch_lightning as pl
+
+    return [n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"]
+
+
+def _closest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_trainer_key(key: str, where: str = "lightning.trainer") -> None:
+    """Refuse a ``lightning.trainer`` key that Lightning 2's Trainer does not take, or that main.py owns."""
+    valid = trainer_params()
+    if key in RESERVED_TRAINER_KEYS:
+        raise ConfigError(f"{where}.{key} is set by main.py: {RESERVED_TRAINER_KEYS[key]}")
+    if key in valid:
+        return
+    if key in LIGHTNING1_HINTS:
+        raise ConfigError(f"{where}.{key} is a Lightning 1.x Trainer argument: {LIGHTNING1_HINTS[key]}")
+    allowed = [k for k in valid if k not in RESERVED_TRAINER_KEYS]
+    raise ConfigError(
+        f"unknown Trainer argument {where}.{key}{_closest(key, allowed)}; Lightning 2 accepts: {', '.join(allowed)}"
+    )
+
+
+def check_config_structure(config: DictConfig) -> None:
+    """Top-level keys, ``lightning.*`` keys and every ``lightning.trainer`` argument are known."""
+    for key in config:
+        if key not in PROJECT_KEYS:
+            raise ConfigError(f"unknown top-level config key {key!r}{_closest(str(key), PROJECT_KEYS)}; "
+                              f"valid: {', '.join(PROJECT_KEYS)}")
+    if "model" not in config:
+        raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
+    lightning = config.get("lightning")
+    if lightning is None:
+        return
+    if not isinstance(lightning, DictConfig):
+        raise ConfigError(f"'lightning' must be a mapping with keys {list(LIGHTNING_KEYS)}")
+    for key in lightning:
+        if key not in LIGHTNING_KEYS:
+            raise ConfigError(
+                f"unknown config key lightning.{key}{_closest(str(key), LIGHTNING_KEYS)}; valid: {', '.join(LIGHTNING_KEYS)}"
+            )
+    trainer = lightning.get("trainer")
+    if trainer is not None:
+        if not isinstance(trainer, DictConfig):
+            raise ConfigError("lightning.trainer must be a mapping of Lightning 2 Trainer arguments")
+        for key in trainer:
+            check_trainer_key(str(key))
+
+
+def _child(node: Any, segment: str) -> tuple[bool, Any]:
+    if isinstance(node, (DictConfig, Mapping)):
+        if segment in node:
+            return True, node[segment]
+        return False, None
+    if isinstance(node, (ListConfig, list)) and segment.lstrip("-").isdigit():
+        index = int(segment)
+        if -len(node) <= index < len(node):
+            return True, node[index]
+    return False, None
+
+
+def check_override_key(config: DictConfig, key: str) -> None:
+    """Raise :class:`ConfigError` unless the dotlist ``key`` names something that exists (see module doc)."""
+    segments = key.split(".")
+    if any(not s for s in segments):
+        raise ConfigError(f"override key {key!r} is malformed (empty segment); write e.g. model.params.t_min=0")
+    if segments[0] not in PROJECT_KEYS:
+        raise ConfigError(f"unknown override key {key!r}: top-level keys are {', '.join(PROJECT_KEYS)}")
+    node: Any = config
+    for i, seg in enumerate(segments):
+        parent_path = ".".join(segments[:i])
+        found, child = _child(node, seg)
+        if found:
+            node = child
+            continue
+        if parent_path == "lightning.trainer":
+            check_trainer_key(seg)
+            return
+        if parent_path == "lightning" and seg in LIGHTNING_KEYS:
+            return
+        if parent_path == "lightning.callbacks":
+            return  # a new callback: its target/params are checked when it is built
+        target, params_missing = None, False
+        if isinstance(node, (DictConfig, Mapping)) and "target" in node and seg == "params":
+            target, params_missing = node["target"], True
+        grand = _parent_node(config, segments[: i - 1]) if i >= 1 and segments[i - 1] == "params" else None
+        if grand is not None and "target" in grand:
+            target = grand["target"]
+        if target is not None:
+            if params_missing:
+                if i + 1 == len(segments):
+                    return
+                seg = segments[i + 1]
+            names, var_kw = constructor_params(str(target))
+            if var_kw or seg in names:
+                return
+            raise ConfigError(
+                f"unknown override key {key!r}: {target} takes no argument {seg!r}{_closest(seg, names)}; "
+                f"it accepts: {', '.join(names)}"
+            )
+        keys = list(node.keys()) if isinstance(node, (DictConfig, Mapping)) else []
+        where = parent_path or "the config"
+        raise ConfigError(
+            f"unknown override key {key!r}: {where} has no key {seg!r}{_closest(seg, [str(k) for k in keys])}; "
+            f"it has: {', '.join(str(k) for k in keys) or '(nothing)'}"
+        )
+
+
+def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
+    node: Any = config
+    for seg in segments:
+        found, node = _child(node, seg)
+        if not found:
+            return None
+    return node if isinstance(node, (DictConfig, Mapping)) else None
+
+
+def merge_configs(
+    base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
+) -> DictConfig:
+    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked too."""
+    configs = [load_yaml_config(p) for p in base_paths]
+    merged = OmegaConf.merge(defaults or OmegaConf.create(), *configs)
+    for entry in dotlist:
+        check_override_key(merged, entry.split("=", 1)[0])
+    merged = OmegaConf.merge(merged, parse_dotlist(dotlist))
+    check_config_structure(merged)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resume
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """``-r`` argument -> ``(logdir, checkpoint)``.
+
+    A log dir resumes from its ``checkpoints/last.ckpt``; a checkpoint must live in ``<logdir>/checkpoints/``.
+    """
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"cannot resume: {resume!r} does not exist; pass a log dir (logs/<run>) or a checkpoint in it")
+    if path.is_file():
+        if path.parent.name != "checkpoints":
+            raise ConfigError(
+                f"cannot resume from {resume!r}: a resumable checkpoint lives in <logdir>/checkpoints/ next to the "
+                "run's configs/; to start a new run from these weights use -b <config> model.params.ckpt_path=<file>"
+            )
+        return path.parent.parent, path
+    logdir = path
+    ckpt = logdir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"cannot resume {resume!r}: {str(ckpt)!r} does not exist (the run never saved a checkpoint); "
+            "start a new run instead"
+        )
+    return logdir, ckpt
+
+
+def saved_run_configs(logdir: Path) -> list[str]:
+    """The YAML files a run saved under ``<logdir>/configs`` (oldest first; later ones win when merged)."""
+    found = sorted(glob.glob(os.path.join(str(logdir), "configs", "*.yaml")))
+    if not found:
+        raise ConfigError(f"cannot resume: {str(logdir / 'configs')!r} holds no saved configs; is it a main.py log dir?")
+    return found

@@ -1,0 +1,156 @@
+"""Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section.
+
+* ``lightning.trainer``: Lightning 2 ``Trainer`` arguments (accelerator, devices, strategy, num_nodes, precision,
+  max_steps, accumulate_grad_batches, ...), checked by :func:`ldm.train.cli.check_trainer_key`.
+* ``lightning.callbacks.<name>: {target, params}``: merged over :data:`DEFAULT_LIGHTNING` (``image_logger``,
+  ``learning_rate_logger``); set ``params.disabled: true`` on the image logger to turn it off.
+* ``lightning.modelcheckpoint: {target, params}``: merged over the default ``ModelCheckpoint`` (``last.ckpt`` always;
+  top-3 on the model's ``monitor`` when it has one and there is validation data).
+* ``lightning.logger: {target, params}``: an extra logger.  A CSV logger is always there, TensorBoard when installed.
+
+``main.py`` adds the callbacks that are not optional: :class:`~ldm.train.callbacks.SetupCallback`,
+:class:`~ldm.train.callbacks.InterruptCheckpoint` and :class:`~ldm.train.callbacks.StepSeeding`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from ldm.train.callbacks import InterruptCheckpoint, SetupCallback, StepSeeding
+from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
+from ldm.train.cli import constructor_params
+from ldm.util import ConfigError, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LIGHTNING: dict[str, Any] = {
+    "callbacks": {
+        "image_logger": {
+            "target": "ldm.train.callbacks.ImageLogger",
+            "params": {"batch_frequency": 750, "max_images": 4, "clamp": True},
+        },
+        "learning_rate_logger": {
+            "target": "pytorch_lightning.callbacks.LearningRateMonitor",
+            "params": {"logging_interval": "step"},
+        },
+    },
+    "modelcheckpoint": {
+        "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "params": {"filename": "{epoch:06}-{step:09}", "verbose": True, "save_last": True},
+    },
+}
+# ModelCheckpoint arguments shared by the top-k callback and the separate last.ckpt callback.
+LAST_CHECKPOINT_KEYS = (
+    "dirpath",
+    "verbose",
+    "every_n_train_steps",
+    "every_n_epochs",
+    "train_time_interval",
+    "save_on_train_epoch_end",
+    "save_weights_only",
+)
+# latent-diffusion configs name the callbacks of its main.py; they live in ldm.train.callbacks here.
+LEGACY_CALLBACK_TARGETS = {"main.ImageLogger": "ldm.train.callbacks.ImageLogger"}
+
+
+def default_lightning_config() -> DictConfig:
+    """The ``lightning`` defaults merged under every config (what ``lightning.yaml`` of a run starts from)."""
+    return OmegaConf.create({"lightning": DEFAULT_LIGHTNING})
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _with_runtime_param(cfg: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
+    """``cfg`` with ``params[name] = value`` unless set already and when the target takes it."""
+    cfg = dict(cfg)
+    params = dict(cfg.get("params") or {})
+    names, var_kw = constructor_params(cfg["target"])
+    if name not in params and (name in names or var_kw):
+        params[name] = value
+    cfg["params"] = params
+    return cfg
+
+
+def build_callbacks(
+    lightning_config: DictConfig, model: pl.LightningModule, ckptdir: str, has_validation: bool
+) -> list[pl.Callback]:
+    """The configured callbacks (image logger, LR monitor, user ones) and the ``ModelCheckpoint``."""
+    callbacks: list[pl.Callback] = []
+    for name, cfg in (_plain(lightning_config.get("callbacks")) or {}).items():
+        if not isinstance(cfg, dict) or "target" not in cfg:
+            raise ConfigError(f"lightning.callbacks.{name} must be {{target: ..., params: {{...}}}}, got {cfg!r}")
+        cfg = dict(cfg, target=LEGACY_CALLBACK_TARGETS.get(cfg["target"], cfg["target"]))
+        callbacks.append(instantiate_from_config(cfg))
+    ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
+    params = dict(ckpt_cfg.get("params") or {})
+    params["dirpath"] = ckptdir
+    monitor = getattr(model, "monitor", None)
+    if monitor and "monitor" not in params:
+        if has_validation:
+            params["monitor"] = monitor
+            params.setdefault("save_top_k", 3)
+        else:
+            logger.warning("no validation data: checkpoints are not ranked on %s (only last.ckpt is kept)", monitor)
+    if params.get("monitor") and params.get("save_last"):
+        # Lightning 2.6 defers every save of a monitoring ModelCheckpoint, last.ckpt included, until the monitored
+        # metric exists (after the first validation).  last.ckpt gets its own, unmonitored callback so that it is
+        # written on schedule from the first step on.
+        last_params = {k: params[k] for k in LAST_CHECKPOINT_KEYS if k in params}
+        callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=dict(params, save_last=False))))
+        callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=dict(last_params, save_top_k=0, save_last=True))))
+    else:
+        callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=params)))
+    return callbacks
+
+
+def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
+    """CSV (always), TensorBoard (when importable) and the configured ``lightning.logger``."""
+    extra = _plain(lightning_config.get("logger"))
+    loggers: list[Logger] = []
+    if extra:
+        if not isinstance(extra, dict) or "target" not in extra:
+            raise ConfigError(f"lightning.logger must be {{target: ..., params: {{...}}}}, got {extra!r}")
+        loggers.append(instantiate_from_config(_with_runtime_param(extra, "save_dir", logdir)))
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.insert(0, CSVLogger(save_dir=logdir, name="csv"))
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        if not any(isinstance(lg, TensorBoardLogger) for lg in loggers):
+            loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard"))
+    return loggers
+
+
+def build_trainer(
+    lightning_config: DictConfig,
+    *,
+    model: pl.LightningModule,
+    logdir: str,
+    ckptdir: str,
+    setup_callback: SetupCallback,
+    seed: int,
+    has_validation: bool,
+    unsafe_load: bool = False,
+) -> tuple[pl.Trainer, InterruptCheckpoint]:
+    """The Trainer for one run and its :class:`InterruptCheckpoint` (to report what an interrupt saved)."""
+    trainer_kwargs = _plain(lightning_config.get("trainer")) or {}
+    interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")
+    callbacks = [setup_callback, *build_callbacks(lightning_config, model, ckptdir, has_validation)]
+    callbacks += [interrupt, StepSeeding(seed)]
+    trainer = pl.Trainer(
+        **trainer_kwargs,
+        callbacks=callbacks,
+        logger=build_loggers(lightning_config, logdir),
+        plugins=[SafeAtomicCheckpointIO(unsafe=unsafe_load)],
+        default_root_dir=logdir,
+        use_distributed_sampler=False,
+    )
+    return trainer, interrupt

@@ -1,0 +1,214 @@
+"""Train latent-diffusion style models from YAML configs, on Lightning 2 (latent-diffusion's ``main.py`` habits).
+
+Examples::
+
+    python main.py -b configs/latesteps_500_750.yaml -t
+    python main.py -b configs/quickstart/latesteps_500_750.yaml -t lightning.trainer.max_steps=200 model.params.t_min=0
+    python main.py -r logs/2024-01-01T00-00-00_latesteps_500_750            # resume from checkpoints/last.ckpt
+    python main.py -b cfg.yaml -t lightning.trainer.strategy=ddp lightning.trainer.devices=2 lightning.trainer.accelerator=cpu
+
+Log dir: ``<logdir>/<timestamp>_<name><postfix>/{checkpoints/last.ckpt, configs/<ts>-project.yaml,
+configs/<ts>-lightning.yaml, images/{train,val}/, csv/}``.  Every checkpoint embeds the merged project config as
+``checkpoint["config"]``.  SIGTERM writes ``last.ckpt`` and exits 0; SIGUSR1 writes it and training continues.
+
+Multi-process runs: Lightning re-launches this script once per extra local rank; the ranks agree on the log dir through
+the ``LATESTEPS_LOGDIR`` environment variable that rank 0 sets.  For multi-node jobs, export ``LATESTEPS_LOGDIR`` (the same
+path on every node) before launching, or resume with ``-r``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LOGDIR_ENV = "LATESTEPS_LOGDIR"
+
+
+def _run_name(opt: Any, now: str) -> str:
+    if opt.name:
+        name = "_" + opt.name
+    elif opt.base:
+        name = "_" + Path(opt.base[0]).stem
+    else:
+        name = ""
+    return now + name + opt.postfix
+
+
+def _claim_new_logdir(root: str, nowname: str) -> Path:
+    """Create ``root/nowname`` (``_2``, ``_3``, ... appended if a run started in the same second with that name)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = Path(root) / (nowname if attempt == 1 else f"{nowname}_{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a fresh log dir {nowname!r} under {root!r}")
+
+
+def _set_unsafe_load(cfg: Any) -> None:
+    """``params.unsafe_load = True`` on every ``{target, params}`` node whose target takes it (``--unsafe-load``)."""
+    from ldm.train.cli import constructor_params
+
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("target"), str):
+            names, _ = constructor_params(cfg["target"])
+            if "unsafe_load" in names:
+                cfg["params"] = dict(cfg.get("params") or {}, unsafe_load=True)
+        for value in cfg.values():
+            _set_unsafe_load(value)
+    elif isinstance(cfg, list):
+        for value in cfg:
+            _set_unsafe_load(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``main.py``; returns the process exit status (2: bad command line / config, 1: bad checkpoint or data)."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.util import ConfigError
+
+    sys.path.insert(0, os.getcwd())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    inherited_env = os.environ.get(LOGDIR_ENV)
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if inherited_env is None:
+            os.environ.pop(LOGDIR_ENV, None)
+        else:
+            os.environ[LOGDIR_ENV] = inherited_env
+
+
+def _main(argv: list[str]) -> int:
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+    from pytorch_lightning.utilities import rank_zero_only
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    from ldm.checkpoint import CheckpointError
+    from ldm.train.callbacks import SetupCallback
+    from ldm.train.cli import merge_configs, parse_cli, resolve_resume, saved_run_configs
+    from ldm.train.data import install_data_hooks
+    from ldm.train.trainer import build_trainer, default_lightning_config
+    from ldm.util import ConfigError, instantiate_from_config
+
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    opt, dotlist = parse_cli(argv)
+    is_rank_zero = rank_zero_only.rank == 0
+    say = print if is_rank_zero else (lambda *a, **k: None)
+
+    resume_ckpt = None
+    if opt.resume:
+        logdir, resume_ckpt = resolve_resume(opt.resume)
+        bases = saved_run_configs(logdir) + list(opt.base)
+    else:
+        if not opt.base:
+            raise ConfigError("no config given: pass -b/--base <config.yaml> (or -r <logdir> to resume)")
+        bases = list(opt.base)
+        logdir = None
+    config = merge_configs(bases, dotlist, defaults=default_lightning_config())
+    lightning_config = config.pop("lightning")
+    if opt.train and "data" not in config:
+        raise ConfigError("training needs a 'data' section (target ldm.data.datamodule.DataModuleFromConfig)")
+
+    pl.seed_everything(opt.seed, workers=True, verbose=False)
+    model_cfg = OmegaConf.to_container(config.model, resolve=True)
+    base_lr = model_cfg.pop("base_learning_rate", None)
+    if opt.train and base_lr is None:
+        raise ConfigError("model.base_learning_rate is missing (latent-diffusion configs set e.g. 2.0e-06)")
+    if resume_ckpt is not None and (model_cfg.get("params") or {}).get("ckpt_path"):
+        say(f"resuming: model.params.ckpt_path={model_cfg['params']['ckpt_path']} is not re-loaded; "
+            f"the weights come from {resume_ckpt}")
+        model_cfg["params"]["ckpt_path"] = None
+    if opt.unsafe_load:
+        _set_unsafe_load(model_cfg)
+    try:
+        model = instantiate_from_config(model_cfg)
+        data = instantiate_from_config(OmegaConf.to_container(config.data, resolve=True)) if "data" in config else None
+        if data is not None:
+            data.prepare_data()
+            data.setup("fit" if opt.train else "test")
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if isinstance(exc, (ConfigError, CheckpointError)):
+            raise
+        raise ConfigError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+
+    if logdir is None:
+        inherited = os.environ.get(LOGDIR_ENV)
+        if inherited:
+            logdir = Path(inherited)
+            if is_rank_zero:
+                logdir.mkdir(parents=True, exist_ok=True)
+        else:
+            logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+    os.environ[LOGDIR_ENV] = str(logdir)
+    ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
+
+    has_validation = data is not None and is_overridden("val_dataloader", data)
+    setup_callback = SetupCallback(
+        resume=resume_ckpt is not None,
+        now=now,
+        logdir=str(logdir),
+        ckptdir=str(ckptdir),
+        cfgdir=str(cfgdir),
+        config=OmegaConf.to_container(config, resolve=True),
+        lightning_config=OmegaConf.to_container(lightning_config, resolve=True),
+    )
+    try:
+        trainer, interrupt = build_trainer(
+            lightning_config,
+            model=model,
+            logdir=str(logdir),
+            ckptdir=str(ckptdir),
+            setup_callback=setup_callback,
+            seed=opt.seed,
+            has_validation=has_validation,
+            unsafe_load=opt.unsafe_load,
+        )
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"lightning.trainer: {str(exc).splitlines()[0]}") from exc
+    if data is not None:
+        install_data_hooks(data, trainer, opt.seed)
+
+    if base_lr is not None:
+        bs = int(config.data.params.batch_size) if "data" in config and "batch_size" in config.data.get("params", {}) else 1
+        accumulate, ngpu, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
+        if opt.scale_lr:
+            model.learning_rate = accumulate * ngpu * nodes * bs * base_lr
+            say(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
+                f"{ngpu} (devices) * {nodes} (nodes) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
+        else:
+            model.learning_rate = base_lr
+            say(f"Not scaling the learning rate; learning rate {model.learning_rate:.2e}")
+    say(f"log dir: {logdir}")
+
+    if opt.train:
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        except SIGTERMException:
+            say(f"SIGTERM: wrote {interrupt.ckpt_path} at global step {interrupt.saved_step}; exiting 0")
+            return 0
+    if not opt.no_test and not trainer.interrupted and data is not None:
+        if is_overridden("test_dataloader", data) and is_overridden("test_step", model):
+            trainer.test(model, datamodule=data)
+        else:
+            say("no test data or no test_step: skipping trainer.test (use --no-test to silence this)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""VQ autoencoders (the first stage): ``VQModel`` and latent-diffusion's ``VQModelInterface``.
+
+Parameter names are CompVis' (``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``, ``quant_conv.*``,
+``post_quant_conv.*``) so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys
+(LPIPS and discriminator weights saved during training) are dropped with a logged note.
+
+Training (Lightning 2, manual optimization) alternates two Adam optimizers per batch: the autoencoder (encoder,
+decoder, codebook, 1x1 convs) and the discriminator of :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator`.
+Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so it counts optimizer steps, not
+batches.  The loss is therefore driven by :attr:`VQModel.generator_steps` (batches trained, saved in checkpoints):
+``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor
+stepped, so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
+
+from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
+from ldm.util import ConfigError, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+VQ_F4_DOWNLOAD_HINT = (
+    "put CompVis' vq-f4 weights there (https://ommer-lab.com/files/latent-diffusion/vq-f4.zip, unzip to "
+    "models/first_stage_models/vq-f4/model.ckpt) or train your own first stage with "
+    "`python main.py --base configs/autoencoder/vq_f4.yaml -t` and point ckpt_path at its checkpoints/last.ckpt"
+)
+
+
+class VQModel(pl.LightningModule):
+    """VQGAN: ``Encoder`` -> 1x1 ``quant_conv`` -> ``VectorQuantizer2`` -> 1x1 ``post_quant_conv`` -> ``Decoder``.
+
+    Images are ``[B, 3, H, W]`` in [-1, 1]; latents ``[B, embed_dim, H / f, W / f]`` with ``f = 2 ** (len(ch_mult) - 1)``.
+    Trainable with ``lossconfig`` :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator` (see the module docstring for
+    the two optimizers and what ``disc_start`` counts); ``torch.nn.Identity`` suits a frozen first stage.
+    """
+
+    def __init__(
+        self,
+        ddconfig: Mapping[str, Any],
+        lossconfig: Mapping[str, Any],
+        n_embed: int,
+        embed_dim: int,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        image_key: str = "image",
+        colorize_nlabels: int | None = None,
+        monitor: str | None = None,
+        remap: str | None = None,
+        sane_index_shape: bool = False,
+        beta: float = 0.25,
+        unsafe_load: bool = False,
+    ):
+        super().__init__()
+        if colorize_nlabels is not None:
+            raise ValueError("colorize_nlabels (segmentation inputs) is not supported by this project")
+        self.embed_dim = embed_dim
+        self.n_embed = n_embed
+        self.image_key = image_key
+        self.ddconfig = dict(ddconfig)
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.loss = instantiate_from_config(lossconfig)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
+        self.quant_conv = torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
+        self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        if isinstance(self.loss, VQLPIPSWithDiscriminator):
+            self.loss.set_codebook_size(n_embed)
+        self.automatic_optimization = False
+        self.generator_steps = 0
+        if monitor is not None:
+            self.monitor = monitor
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Spatial reduction of the encoder (4 for vq-f4)."""
+        return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
+        """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
+        LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
+        if not Path(path).exists():
+            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {VQ_F4_DOWNLOAD_HINT}")
+        sd = load_state_dict(path, unsafe=unsafe)
+        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(
+            k.startswith("first_stage_model.") for k in sd
+        ):
+            sd = {k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+        sd, dropped = drop_keys(sd, tuple(ignore_keys))
+        if dropped:
+            logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
+        own = self.state_dict()
+        loss_keys = [k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)]
+        if loss_keys:
+            logger.info(
+                "%s: dropping %d training-loss keys (loss.*) that this model's loss lacks or shapes differently; "
+                "they are not part of the autoencoder",
+                path,
+                len(loss_keys),
+            )
+            sd = {k: v for k, v in sd.items() if k not in loss_keys}
+        missing, _ = load_weights(self, sd, strict=False, source=f"first-stage checkpoint {path!r}")
+        model_missing = [k for k in missing if not k.startswith("loss.")]
+        if model_missing:
+            raise CheckpointError(
+                f"first-stage checkpoint {path!r} lacks {len(model_missing)} autoencoder weights "
+                f"(first: {model_missing[:5]}); is it a VQ checkpoint of this architecture?"
+            )
+        logger.info("restored first stage from %s", path)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``x`` ``[B, 3, H, W]`` -> ``(quant [B, embed_dim, h, w], codebook_loss, (perplexity, encodings, indices))``."""
+        h = self.quant_conv(self.encoder(x))
+        return self.quantize(h)
+
+    def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-quantization latent ``[B, embed_dim, h, w]``."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        """Quantized latent ``[B, embed_dim, h, w]`` -> image ``[B, 3, h * f, w * f]``."""
+        return self.decoder(self.post_quant_conv(quant))
+
+    def decode_code(self, code_b: torch.Tensor) -> torch.Tensor:
+        """Codebook indices ``[B, h, w]`` (long) -> image ``[B, 3, h * f, w * f]``."""
+        b, h, w = code_b.shape
+        quant_b = self.quantize.get_codebook_entry(code_b.reshape(-1), (b, h, w, self.embed_dim))
+        return self.decode(quant_b)
+
+    def forward(
+        self, x: torch.Tensor, return_pred_indices: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruct ``x``: returns ``(xrec, codebook_loss)`` (and the code indices when asked)."""
+        quant, diff, (_, _, ind) = self.quantize(self.encode_to_prequant(x))
+        dec = self.decoder(self.post_quant_conv(quant))
+        if return_pred_indices:
+            return dec, diff, ind
+        return dec, diff
+
+    # ----------------------------------------------------------------------------------------------------- training
+    def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """``batch[k]`` (HWC images ``[B, H, W, C]`` in [-1, 1], latent-diffusion's layout) as ``[B, C, H, W]`` float."""
+        if k not in batch:
+            raise KeyError(f"batch has no key {k!r} (keys: {sorted(batch)}); set image_key to the dataset's image key")
+        x = torch.as_tensor(batch[k])
+        if x.ndim == 3:
+            x = x[..., None]
+        in_channels = self.ddconfig["in_channels"]
+        if x.ndim != 4 or x.shape[-1] != in_channels:
+            raise ValueError(
+                f"batch[{k!r}] has shape {list(x.shape)}; expected HWC images [B, H, W, {in_channels}] "
+                "(datasets yield H x W x C arrays, as in latent-diffusion)"
+            )
+        x = rearrange(x, "b h w c -> b c h w")
+        return x.to(device=self.device, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    def get_last_layer(self) -> torch.Tensor:
+        """The decoder's output convolution weight, where the adaptive GAN weight balances the gradients."""
+        return self.decoder.conv_out.weight
+
+    def _losses(
+        self, x: torch.Tensor, split: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruct ``x`` and evaluate the autoencoder objective at :attr:`generator_steps`."""
+        xrec, qloss, ind = self(x, return_pred_indices=True)
+        aeloss, log = self.loss(
+            qloss, x, xrec, 0, self.generator_steps, last_layer=self.get_last_layer(), split=split, predicted_indices=ind
+        )
+        return xrec, qloss, aeloss, ind, log
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """One autoencoder update, then (from ``disc_start`` on) one discriminator update, on the same batch."""
+        x = self.get_input(batch, self.image_key)
+        opt_ae, opt_disc = self.optimizers()
+        step = self.generator_steps
+        with self.toggled_optimizer(opt_ae):  # discriminator weights get no gradient from the generator loss
+            xrec, qloss, aeloss, _, log = self._losses(x, "train")
+            opt_ae.zero_grad()
+            self.manual_backward(aeloss)
+            opt_ae.step()
+        if self.loss.discriminator_active(step):
+            with self.toggled_optimizer(opt_disc):
+                discloss, log_disc = self.loss(qloss, x, xrec.detach(), 1, step, split="train")
+                opt_disc.zero_grad()
+                self.manual_backward(discloss)
+                opt_disc.step()
+            log.update(log_disc)
+        self.generator_steps = step + 1
+        self.log("train/aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=x.shape[0])
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Logs ``val/rec_loss`` (the checkpoint monitor), the other loss terms and codebook usage."""
+        x = self.get_input(batch, self.image_key)
+        xrec, qloss, _, _, log = self._losses(x, "val")
+        if self.loss.discriminator_active(self.generator_steps):
+            log.update(self.loss(qloss, x, xrec, 1, self.generator_steps, split="val")[1])
+        rec_loss = log.pop("val/rec_loss")
+        bs = x.shape[0]
+        self.log("val/rec_loss", rec_loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log_dict(log, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[Adam(autoencoder), Adam(discriminator)]``, both at ``self.learning_rate`` with betas (0.5, 0.9)."""
+        if not isinstance(self.loss, VQLPIPSWithDiscriminator):
+            raise ConfigError(
+                f"training a VQModel needs lossconfig target ldm.modules.losses.VQLPIPSWithDiscriminator, got "
+                f"{type(self.loss).__name__} (torch.nn.Identity is only for a frozen first stage)"
+            )
+        lr = getattr(self, "learning_rate", None)
+        if lr is None:
+            raise ConfigError(
+                "VQModel.learning_rate is not set: main.py sets it from model.base_learning_rate; when training "
+                "from Python, assign model.learning_rate before trainer.fit"
+            )
+        ae_params = [
+            *self.encoder.parameters(),
+            *self.decoder.parameters(),
+            *self.quantize.parameters(),
+            *self.quant_conv.parameters(),
+            *self.post_quant_conv.parameters(),
+        ]
+        opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["generator_steps"] = self.generator_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "generator_steps" in checkpoint:
+            self.generator_steps = int(checkpoint["generator_steps"])
+        else:  # taming / CompVis (Lightning 1, automatic optimization): global_step counted batches
+            self.generator_steps = int(checkpoint.get("global_step", 0))
+            logger.info("checkpoint has no generator_steps; resuming at batch %d (its global_step)", self.generator_steps)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, only_inputs: bool = False) -> dict[str, torch.Tensor]:  # noqa: N803
+        """``{"inputs", "reconstructions"}``: the first ``N`` images ``[N, 3, H, W]`` in [-1, 1] and their round trip."""
+        x = self.get_input(batch, self.image_key)[:N]
+        log = {"inputs": x}
+        if not only_inputs:
+            log["reconstructions"] = self(x)[0]
+        return log
+
+
+class VQModelInterface(VQModel):
+    """The first stage as LatentDiffusion uses it: ``encode`` returns the pre-quantization latent and
+    ``decode`` quantizes first (unless ``force_not_quantize``)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``x`` ``[B, 3, H, W]`` in [-1, 1] -> pre-quantization latent ``[B, embed_dim, H / f, W / f]``."""
+        return self.encode_to_prequant(x)
+
+    def decode(self, h: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:  # type: ignore[override]
+        """Latent ``[B, embed_dim, h, w]`` -> image ``[B, 3, h * f, w * f]``; snaps to the codebook first."""
+        quant = h if force_not_quantize else self.quantize(h)[0]
+        return self.decoder(self.post_quant_conv(quant))

@@ -2,7 +2,8 @@
 
 Parameter names are CompVis' (``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``, ``quant_conv.*``,
 ``post_quant_conv.*``) so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys
-(LPIPS and discriminator weights saved during training) are dropped with a logged note.
+(LPIPS and discriminator weights saved during training) are dropped with a logged note, unless this model's own loss
+has them in the same shapes (a VQGAN being fine-tuned), which then gets them back.
 
 Training (Lightning 2, manual optimization) alternates two Adam optimizers per batch: the autoencoder (encoder,
 decoder, codebook, 1x1 convs) and the discriminator of :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator`.
@@ -24,7 +25,7 @@ import torch
 from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights
+from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights, strip_prefix
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
 from ldm.util import ConfigError, instantiate_from_config
@@ -98,12 +99,12 @@ class VQModel(pl.LightningModule):
         if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(
             k.startswith("first_stage_model.") for k in sd
         ):
-            sd = {k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+            sd = strip_prefix(sd, "first_stage_model.")
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
         own = self.state_dict()
-        loss_keys = [k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)]
+        loss_keys = {k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)}
         if loss_keys:
             logger.info(
                 "%s: dropping %d training-loss keys (loss.*) that this model's loss lacks or shapes differently; "

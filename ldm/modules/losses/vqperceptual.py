@@ -54,13 +54,16 @@ def _check_net(net: str) -> None:
         raise ValueError(f"perceptual_net={net!r} is not an LPIPS backbone; choose one of {sorted(LPIPS_BACKBONE_WEIGHTS)}")
 
 
+def _backbone_url(net: str) -> str:
+    from torchvision.models import get_weight
+
+    return get_weight(LPIPS_BACKBONE_WEIGHTS[net]).url
+
+
 def lpips_backbone_path(net: str = "vgg") -> Path:
     """Where torch hub caches the ImageNet weights of the LPIPS backbone ``net`` (``$TORCH_HOME/hub/checkpoints``)."""
     _check_net(net)
-    from torchvision.models import get_weight
-
-    url = get_weight(LPIPS_BACKBONE_WEIGHTS[net]).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / _backbone_url(net).rsplit("/", 1)[-1]
 
 
 def lpips_linear_path(net: str = "vgg") -> Path:
@@ -101,13 +104,10 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | 
     if pretrained:
         backbone = Path(backbone_path) if backbone_path is not None else lpips_backbone_path(net)
         if not backbone.exists():
-            from torchvision.models import get_weight
-
-            url = get_weight(LPIPS_BACKBONE_WEIGHTS[net]).url
             raise _missing_weights_error(
                 f"torchvision's ImageNet weights of its {net} backbone",
                 backbone,
-                f"Fetch {url} on a machine with internet access and put it at that path (torch hub's cache, "
+                f"Fetch {_backbone_url(net)} on a machine with internet access and put it at that path (torch hub's cache, "
                 "$TORCH_HOME/hub/checkpoints), or set lossconfig.params.perceptual_backbone_path to a local copy.",
             )
     import lpips

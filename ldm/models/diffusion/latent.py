@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.ddpm import DDPM
+from ldm.models.tiling import TilingConfig, tiled_vq_decode, tiled_vq_encode
 from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LatentDiffusion(DDPM):
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
+        self.first_stage_tiling: TilingConfig | None = None
         self.clip_denoised = False
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
@@ -117,10 +119,21 @@ class LatentDiffusion(DDPM):
         return 0, self.num_timesteps
 
     # -------------------------------------------------------------------------------------------------- first stage
+    def set_first_stage_tiling(self, tiling: TilingConfig | None) -> None:
+        """Encode/decode images larger than ``tiling.min_side`` tile by tile (bounded memory); None turns it off."""
+        if tiling is not None:
+            if not isinstance(self.first_stage_model, VQModelInterface):
+                raise ValueError("tiled encode/decode supports VQ first stages (VQModelInterface) only")
+            tiling.check_factor(self.downsampling_factor)
+        self.first_stage_tiling = tiling
+
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, 3, H, W]`` in [-1, 1] -> unscaled latent ``[B, C, H / f, W / f]``."""
-        return self.first_stage_model.encode(x)
+        """Image ``[B, 3, H, W]`` in [-1, 1] -> unscaled latent ``[B, C, H / f, W / f]`` (tiled for large images)."""
+        tiling = self.first_stage_tiling
+        if tiling is None or not tiling.applies_to(*x.shape[-2:]):
+            return self.first_stage_model.encode(x)
+        return tiled_vq_encode(self.first_stage_model, x, tiling, self.downsampling_factor)
 
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """Scaled latent ``scale_factor * z`` from the first stage's output (a tensor, or a distribution's sample)."""
@@ -136,11 +149,17 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(
         self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
     ) -> torch.Tensor:
-        """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook)."""
+        """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook;
+        tiled for large images)."""
         z = z / self.scale_factor
-        if isinstance(self.first_stage_model, VQModelInterface):
-            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
-        return self.first_stage_model.decode(z)
+        if not isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z)
+        no_quant = predict_cids or force_not_quantize
+        f = self.downsampling_factor
+        tiling = self.first_stage_tiling
+        if tiling is None or not tiling.applies_to(z.shape[-2] * f, z.shape[-1] * f):
+            return self.first_stage_model.decode(z, force_not_quantize=no_quant)
+        return tiled_vq_decode(self.first_stage_model, z, tiling, f, force_not_quantize=no_quant)
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """With ``scale_by_std``: set ``scale_factor = 1 / std(z)`` from the very first batch (rank 0's, broadcast)."""

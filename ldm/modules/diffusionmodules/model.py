@@ -175,7 +175,13 @@ class Encoder(nn.Module):
             block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def high_channels(self) -> int:
+        """Channels of :meth:`forward_high`'s output."""
+        return self.conv_out.in_channels
+
+    def forward_high(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional down path (local: may run tile by tile): ``[B, C, H, W] -> [B, high_channels, H/f, W/f]``."""
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
@@ -184,8 +190,15 @@ class Encoder(nn.Module):
                     h = down.attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
+        return h
+
+    def forward_low(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid block (global attention) and output conv at the latent resolution."""
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(nonlinearity(self.norm_out(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_low(self.forward_high(x))
 
 
 class Decoder(nn.Module):
@@ -245,9 +258,16 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward_low(self, z: torch.Tensor) -> torch.Tensor:
+        """Input conv and mid block (global attention) at the latent resolution: ``[B, z, h, w] -> [B, C, h, w]``."""
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.forward_high(self.forward_low(z))
+
+    def forward_high(self, h: torch.Tensor) -> torch.Tensor:
+        """The convolutional up path and output (local: may run tile by tile): ``[B, C, h, w] -> [B, out_ch, h*f, w*f]``."""
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):

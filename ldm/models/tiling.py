@@ -1,0 +1,254 @@
+"""Tiled first-stage encode/decode with overlap blending, so that large images fit in memory.
+
+Only the full-resolution, purely convolutional part of the first stage runs tile by tile (the encoder's down path,
+the decoder's up path); the mid block with its global attention runs on the whole latent-resolution feature map, which
+is 16x smaller than the image for f4.  Two things keep tiles consistent with the untiled network:
+
+* **GroupNorm statistics are global**: every GroupNorm in the tiled part normalises with statistics gathered over all
+  tiles, not the tile's own.  A first tiled pass (each tile normalised with its own statistics) sums every layer's
+  statistics over the part of the image each tile owns; each further pass normalises with the previous pass's
+  statistics and gathers better ones (layer k is exact after k passes); the final pass uses them.
+* **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
+  borders, where a tile lacks context, get little weight.
+
+Costs: ``stat_passes + 1`` tiled passes of the tiled part.  ``benchmarks/bench_memory.py`` reports the peak memory and the
+difference to the untiled result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """When and how to tile, in image pixels.
+
+    ``min_side``: tile only images whose height or width exceeds it (None: never tile).  ``tile``: tile side.
+    ``overlap``: overlap between neighbouring tiles.  ``tile`` and ``overlap`` must be multiples of the first stage's
+    downsampling factor.  ``stat_passes``: tiled passes that gather GroupNorm statistics before the final pass (each
+    pass makes one more layer's statistics exact; as many passes as GroupNorm layers in the tiled part give the
+    untiled result up to float error).
+    """
+
+    min_side: int | None = 1024
+    tile: int = 512
+    overlap: int = 128
+    stat_passes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:
+            raise ValueError(f"tiling needs 0 <= overlap < tile; got tile={self.tile}, overlap={self.overlap}")
+        if self.stat_passes < 0:
+            raise ValueError(f"stat_passes={self.stat_passes} must be >= 0 (0: each tile uses its own statistics)")
+
+    def applies_to(self, height: int, width: int) -> bool:
+        """Whether an image of ``height`` x ``width`` pixels is tiled."""
+        return self.min_side is not None and max(height, width) > self.min_side
+
+    def check_factor(self, factor: int) -> None:
+        """Raise if the tile geometry does not align with the first stage's downsampling ``factor``."""
+        if self.tile % factor or self.overlap % factor:
+            raise ValueError(
+                f"tile={self.tile} and overlap={self.overlap} must be multiples of the first-stage factor {factor}"
+            )
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` overlap."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
+    """1-D blending weights ``[length]``, 1 away from interior edges.
+
+    Across an interior overlap the weight is 0 for the outer quarter (the pixels that lack context: zero padding of
+    the tile), then ramps linearly to 1 over the middle half, so two neighbouring tiles hand over smoothly and each
+    tile's border pixels are never used.
+    """
+    w = torch.ones(length, device=device, dtype=torch.float32)
+    if overlap > 0:
+        margin = overlap // 4
+        width = max(overlap - 2 * margin, 1)
+        d = torch.arange(length, device=device, dtype=torch.float32)
+        rise = ((d - margin + 1) / (width + 1)).clamp(0, 1)
+        if not at_start:
+            w = torch.minimum(w, rise)
+        if not at_end:
+            w = torch.minimum(w, rise.flip(0))
+    return w
+
+
+class GroupNormStatistics:
+    """Replaces the GroupNorm layers of a module by normalisation with shared (global) statistics.
+
+    ``record()`` accumulates each layer's per-group sum / sum of squares over every call (while normalising with the
+    current statistics if any, else the call's own); ``use()`` normalises with the accumulated statistics.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.layers = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        self.mean: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.var: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._sums: list[list[torch.Tensor | float]] = []
+        self._recording = False
+        self.core: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)
+
+    def _core_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of a tile's activation ``x`` that the tile owns (fractions ``self.core`` of its height/width)."""
+        h, w = x.shape[-2:]
+        fy0, fy1, fx0, fx1 = self.core
+        return x[
+            ...,
+            round(fy0 * h) : max(round(fy1 * h), round(fy0 * h) + 1),
+            round(fx0 * w) : max(round(fx1 * w), round(fx0 * w) + 1),
+        ]
+
+    def _forward(self, i: int, layer: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        g = layer.num_groups
+        xg = x.float().reshape(b, g, -1)
+        if self._recording:
+            own = self._core_of(x).double().reshape(b, g, -1)
+            acc = self._sums[i]
+            acc[0] = acc[0] + own.sum(-1)
+            acc[1] = acc[1] + own.square().sum(-1)
+            acc[2] += own.shape[-1]
+        if self.mean[i] is None:
+            mean, var = xg.mean(-1), xg.var(-1, unbiased=False)
+        else:
+            mean, var = self.mean[i], self.var[i]
+        out = (xg - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)
+        out = out.reshape(x.shape)
+        if layer.affine:
+            shape = (1, c) + (1,) * (x.ndim - 2)
+            out = out * layer.weight.float().reshape(shape) + layer.bias.float().reshape(shape)
+        return out.to(x.dtype)
+
+    @contextmanager
+    def _patched(self) -> Iterator[None]:
+        for i, layer in enumerate(self.layers):
+            layer.forward = lambda x, i=i, layer=layer: self._forward(i, layer, x)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Accumulate statistics over the calls inside the context; they become the shared statistics on exit."""
+        self._sums = [[0.0, 0.0, 0] for _ in self.layers]
+        self._recording = True
+        try:
+            with self._patched():
+                yield
+        finally:
+            self._recording = False
+        for i, (s, sq, n) in enumerate(self._sums):
+            if n:
+                mean = s / n
+                self.mean[i] = mean.float()
+                self.var[i] = (sq / n - mean.square()).clamp(min=0).float()
+
+    @contextmanager
+    def use(self) -> Iterator[None]:
+        """Normalise with the shared statistics inside the context."""
+        with self._patched():
+            yield
+
+
+def _core_bounds(starts: list[int], i: int, size: int, length: int) -> tuple[float, float]:
+    """Fractions of tile ``i`` (of ``size``) that it owns: the overlaps with its neighbours are split in half."""
+    lo = 0 if i == 0 else (starts[i] + starts[i - 1] + size) // 2 - starts[i]
+    hi = size if i == len(starts) - 1 else (starts[i + 1] + starts[i] + size) // 2 - starts[i]
+    return lo / size, min(hi, length - starts[i]) / size
+
+
+def _blend_tiles(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    scale: float,
+    out_channels: int,
+    stats: GroupNormStatistics | None = None,
+) -> torch.Tensor:
+    b, _, h, w = x.shape
+    out_h, out_w = round(h * scale), round(w * scale)
+    out = torch.zeros(b, out_channels, out_h, out_w, device=x.device, dtype=torch.float32)
+    weight = torch.zeros(1, 1, out_h, out_w, device=x.device, dtype=torch.float32)
+    o_overlap = round(overlap * scale)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    th, tw = min(tile, h), min(tile, w)
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            if stats is not None:
+                stats.core = (*_core_bounds(ys, iy, th, h), *_core_bounds(xs, ix, tw, w))
+            piece = fn(x[:, :, y0 : y0 + th, x0 : x0 + tw]).float()
+            oy, ox = round(y0 * scale), round(x0 * scale)
+            ph, pw = piece.shape[-2:]
+            wy = _ramp(ph, o_overlap, y0 == 0, y0 + th >= h, x.device)
+            wx = _ramp(pw, o_overlap, x0 == 0, x0 + tw >= w, x.device)
+            wt = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, oy : oy + ph, ox : ox + pw] += piece * wt
+            weight[:, :, oy : oy + ph, ox : ox + pw] += wt
+    return (out / weight).to(x.dtype)
+
+
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    scale: float,
+    out_channels: int,
+    norm_owner: nn.Module | None = None,
+    stat_passes: int = 2,
+) -> torch.Tensor:
+    """Apply a spatially local map ``fn`` to ``x`` ``[B, C, H, W]`` tile by tile and blend the results.
+
+    ``fn`` maps a tile ``[B, C, t, t]`` to ``[B, out_channels, t * scale, t * scale]`` (``scale`` 4 for an f4 decoder's
+    up path, 1/4 for its encoder's down path); ``tile`` and ``overlap`` are in input pixels.  With ``norm_owner`` (the
+    module holding ``fn``'s GroupNorm layers) and ``stat_passes > 0`` the GroupNorms use global statistics gathered
+    over ``stat_passes`` tiled passes (see the module docstring).
+    Returns ``[B, out_channels, H * scale, W * scale]``.
+    """
+    if norm_owner is None or stat_passes == 0:
+        return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
+    stats = GroupNormStatistics(norm_owner)
+    for _ in range(stat_passes):  # first pass: tiles use their own statistics; later ones the previous pass's
+        with stats.record():
+            _blend_tiles(fn, x, tile, overlap, scale, out_channels, stats)
+    with stats.use():
+        return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
+
+
+def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
+    enc = first_stage.encoder
+    h = tiled_apply(enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, enc, tiling.stat_passes)
+    return first_stage.quant_conv(enc.forward_low(h))
+
+
+def tiled_vq_decode(
+    first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
+) -> torch.Tensor:
+    """``VQModelInterface.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``."""
+    quant = z if force_not_quantize else first_stage.quantize(z)[0]
+    dec = first_stage.decoder
+    h = dec.forward_low(first_stage.post_quant_conv(quant))
+    out_ch = dec.conv_out.out_channels
+    return tiled_apply(
+        dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes
+    )

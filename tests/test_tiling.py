@@ -1,0 +1,119 @@
+"""Tiled first-stage encode/decode: exact where it must be, close to untiled on images that fit both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.models.autoencoder import VQModelInterface
+from ldm.models.tiling import (
+    GroupNormStatistics,
+    TilingConfig,
+    tile_starts,
+    tiled_apply,
+    tiled_vq_decode,
+    tiled_vq_encode,
+)
+from ldm.util import instantiate_from_config
+
+from conftest import TINY_DDCONFIG, photo_crops, tiny_ldm_params
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(10, 16, 4), (16, 16, 4), (40, 16, 4), (37, 8, 2), (100, 32, 0)])
+def test_tile_starts_cover_everything(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for s in starts:
+        covered[s : s + tile] = True
+        assert s >= 0 and (s + tile <= length or length <= tile)
+    assert covered.all()
+    for a, b in zip(starts, starts[1:]):
+        assert a + tile - b >= overlap
+
+
+def test_pointwise_map_is_exact_under_tiling():
+    x = torch.randn(2, 3, 37, 53)
+    conv = torch.nn.Conv2d(3, 5, 1)
+    with torch.no_grad():
+        tiled = tiled_apply(conv, x, tile=16, overlap=4, scale=1, out_channels=5)
+        torch.testing.assert_close(tiled, conv(x), atol=1e-6, rtol=1e-6)
+        up = lambda t: torch.nn.functional.interpolate(conv(t), scale_factor=4, mode="nearest")  # noqa: E731
+        torch.testing.assert_close(tiled_apply(up, x, 16, 4, 4, 5), up(x), atol=1e-6, rtol=1e-6)
+
+
+def small_rf_vq() -> VQModelInterface:
+    """A VQ-f2 whose convolutional receptive field (about +-10 px) is well inside the tests' overlap."""
+    torch.manual_seed(0)
+    dd = {**TINY_DDCONFIG, "ch_mult": [1, 2]}
+    return VQModelInterface(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, n_embed=32, embed_dim=3).eval()
+
+
+def test_group_norm_statistics_of_one_call_reproduce_the_layer():
+    vq = small_rf_vq()
+    x = photo_crops(1, 32)
+    with torch.no_grad():
+        ref = vq.encoder.forward_high(x)
+        stats = GroupNormStatistics(vq.encoder)
+        with stats.record():
+            recorded = vq.encoder.forward_high(x)
+        with stats.use():
+            used = vq.encoder.forward_high(x)
+    torch.testing.assert_close(recorded, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(used, ref, atol=1e-5, rtol=1e-5)
+    assert all(not hasattr(layer, "forward") or "forward" not in vars(layer) for layer in stats.layers)
+
+
+def test_single_tile_equals_untiled():
+    vq = small_rf_vq()
+    x = photo_crops(1, 32)
+    cfg = TilingConfig(min_side=16, tile=64, overlap=8)
+    with torch.no_grad():
+        torch.testing.assert_close(tiled_vq_encode(vq, x, cfg, 2), vq.encode(x), atol=1e-5, rtol=1e-5)
+        z = vq.encode(x)
+        torch.testing.assert_close(tiled_vq_decode(vq, z, cfg, 2), vq.decode(z), atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_equals_untiled_within_tolerance_on_image_that_fits_both_ways():
+    """With as many statistics passes as GroupNorm layers in the tiled part, tiling reproduces the untiled network."""
+    vq = small_rf_vq()
+    x = photo_crops(1, 96)
+    passes = max(len(GroupNormStatistics(vq.encoder).layers), len(GroupNormStatistics(vq.decoder).layers))
+    cfg = TilingConfig(min_side=32, tile=48, overlap=32, stat_passes=passes)
+    with torch.no_grad():
+        z_ref = vq.encode(x)
+        z_tiled = tiled_vq_encode(vq, x, cfg, 2)
+        img_ref = vq.decode(z_ref, force_not_quantize=True)
+        img_tiled = tiled_vq_decode(vq, z_ref, cfg, 2, force_not_quantize=True)
+    assert z_tiled.shape == z_ref.shape and img_tiled.shape == img_ref.shape
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    assert rel(z_tiled, z_ref) < 1e-4, rel(z_tiled, z_ref)
+    # the decoder's receptive field (about +-7 latent px) exceeds the unused tile margin (overlap / 4 = 4 latent px)
+    assert rel(img_tiled, img_ref) < 1e-2, rel(img_tiled, img_ref)
+
+
+def test_each_statistics_pass_reduces_the_error():
+    vq = small_rf_vq()
+    x = photo_crops(1, 96)
+    enc = vq.encoder
+    with torch.no_grad():
+        ref = enc.forward_high(x)
+        errors = [
+            float((tiled_apply(enc.forward_high, x, 48, 32, 1 / 2, enc.high_channels, enc, passes) - ref).abs().max())
+            for passes in range(4)
+        ]
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+
+
+def test_latent_diffusion_tiling_non_square_non_multiple_size():
+    torch.manual_seed(0)
+    model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
+    model.set_first_stage_tiling(TilingConfig(min_side=16, tile=16, overlap=8))
+    x = torch.rand(1, 3, 44, 28) * 2 - 1
+    z = model.encode_first_stage(x)
+    assert z.shape == (1, 3, 11, 7)
+    assert model.decode_first_stage(z).shape == (1, 3, 44, 28)
+    with pytest.raises(ValueError, match="overlap < tile"):
+        TilingConfig(tile=16, overlap=16)
+    with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
+        model.set_first_stage_tiling(TilingConfig(min_side=10, tile=18, overlap=4))
+    assert not TilingConfig(min_side=None).applies_to(10_000, 10_000)

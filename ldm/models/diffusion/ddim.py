@@ -11,7 +11,8 @@ Diffusion's img2img noises to one grid entry and starts denoising from the next 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.denoisers import CFGDenoiser, Denoiser, ModelDenoiser
+from ldm.models.diffusion.denoisers import (
+    CFGDenoiser,
+    Denoiser,
+    ModelDenoiser,
+    check_denoiser_timesteps,
+    resolve_denoiser,
+)
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)
+
+# One generator for the whole batch, or one per sample (row i's noise then depends only on generator i, so a result
+# does not depend on which other samples share its batch).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def ddim_step(
@@ -52,10 +63,23 @@ def ddim_step(
     return x_prev, pred_x0
 
 
-def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (bit-reproducible on CPU), moved to ``like``."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise ``shape`` drawn on the generator's device (bit-reproducible on CPU), moved to ``like``.
+
+    ``generator`` may be a sequence of per-sample generators: row ``i`` of the batch (``shape[0]``) is drawn from
+    ``generator[i]`` alone; a shape whose batch is 1 (``repeat_noise``) draws from the first.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+    gens = list(generator)
+    if shape[0] != 1 and len(gens) != shape[0]:
+        raise ValueError(f"{len(gens)} per-sample generators for a batch of {shape[0]}; pass one generator per sample")
+    rows = [
+        torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(like.device, like.dtype)
+        for g in gens[: shape[0]]
+    ]
+    return torch.cat(rows)
 
 
 @dataclass(frozen=True)
@@ -93,8 +117,8 @@ class DDIMSampler:
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = False
     ) -> None:
         """Grid and per-step coefficients for ``ddim_num_steps`` steps, placed on the model's device once."""
-        if ddim_eta < 0:
-            raise ValueError(f"eta={ddim_eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
+        if isinstance(ddim_eta, bool) or not isinstance(ddim_eta, (int, float)) or not math.isfinite(ddim_eta) or ddim_eta < 0:
+            raise ValueError(f"eta={ddim_eta!r} must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
         grid = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps)
         alphacums = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
         sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(alphacums, grid, ddim_eta)
@@ -133,10 +157,14 @@ class DDIMSampler:
         corrector_kwargs: dict | None = None,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         denoiser: Denoiser | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One grid step at timestep ``t`` ``[B]`` (grid position ``index``): returns ``(x_prev, pred_x0)``."""
+        """One grid step at timestep ``t`` ``[B]`` (grid position ``index``): returns ``(x_prev, pred_x0)``.
+
+        ``denoiser`` is the callable for this step (the sampler loop passes the one resolved for the step's timestep);
+        by default the sampler's denoiser, with guidance when ``unconditional_guidance_scale != 1``.
+        """
         den = denoiser if denoiser is not None else self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
         e_t = den(x, t, c)
         if score_corrector is not None:
@@ -178,7 +206,7 @@ class DDIMSampler:
         log_every_t: int = 100,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         ddim_discretize: str = "uniform",
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps.
@@ -193,6 +221,8 @@ class DDIMSampler:
         img = _randn(size, self.model.alphas_cumprod, generator) if x_T is None else x_T
         grid = self._require_schedule()
         indices = list(range(len(grid)))[::-1]
+        denoiser = self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
+        check_denoiser_timesteps(denoiser, [int(grid[i]) for i in indices])
         return self._run(
             img,
             conditioning,
@@ -204,7 +234,7 @@ class DDIMSampler:
             mask=mask,
             x0=x0,
             verbose=verbose,
-            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
+            denoiser=denoiser,
             step_kwargs=dict(
                 quantize_denoised=quantize_x0,
                 temperature=temperature,
@@ -219,7 +249,7 @@ class DDIMSampler:
         img: torch.Tensor,
         cond: Any,
         indices: list[int],
-        generator: torch.Generator | None,
+        generator: Generators,
         callback: Callable[[int], None] | None = None,
         img_callback: Callable[[torch.Tensor, int], None] | None = None,
         log_every_t: int = 100,
@@ -229,19 +259,25 @@ class DDIMSampler:
         denoiser: Denoiser | None = None,
         step_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Run the grid positions ``indices`` (descending) from ``img``; the loop shared by sampling and refinement."""
+        """Run the grid positions ``indices`` (descending) from ``img``; the loop shared by sampling and refinement.
+
+        Each step's denoiser is resolved from its timestep as a Python int (:func:`resolve_denoiser`), so routing
+        between window experts needs no device-to-host sync.
+        """
         grid = self._require_schedule()
+        base = denoiser if denoiser is not None else self.denoiser
         b = img.shape[0]
         intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
         pred_x0 = img
         steps = tqdm(indices, desc="DDIM", total=len(indices), disable=not (verbose and is_rank_zero()), leave=False)
         for i, index in enumerate(steps):
-            t = torch.full((b,), int(grid[index]), device=img.device, dtype=torch.long)
+            t_int = int(grid[index])
+            t = torch.full((b,), t_int, device=img.device, dtype=torch.long)
             if mask is not None:
                 img_orig = self.model.q_sample(x0, t, _randn(tuple(x0.shape), x0, generator))
                 img = img_orig * mask + (1.0 - mask) * img
             img, pred_x0 = self.p_sample_ddim(
-                img, cond, t, index, generator=generator, denoiser=denoiser, **(step_kwargs or {})
+                img, cond, t, index, generator=generator, denoiser=resolve_denoiser(base, t_int), **(step_kwargs or {})
             )
             if callback is not None:
                 callback(i)
@@ -278,7 +314,7 @@ class DDIMSampler:
         start_t: int,
         cond: Any = None,
         t_min: int = 0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         noise: torch.Tensor | None = None,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
@@ -287,10 +323,14 @@ class DDIMSampler:
     ) -> tuple[torch.Tensor, torch.Tensor, TailPlan]:
         """SDEdit: noise the clean latent ``z0`` ``[B, C, h, w]`` to the tail's first timestep and run the tail.
 
-        Call :meth:`make_schedule` first.  ``noise`` (``[B, C, h, w]``) overrides the draw from ``generator``.
+        Call :meth:`make_schedule` first.  ``noise`` (``[B, C, h, w]``) overrides the draw from ``generator`` (one
+        generator, or one per sample).  Before any work the denoiser is asked whether it serves every tail timestep
+        (an expert router raises a ``ValueError`` naming the uncovered steps).
         Returns ``(z, pred_x0, plan)``: the latent after the last step, that step's x0 prediction, and the plan.
         """
         plan = self.tail_plan(start_t, t_min)
+        denoiser = self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
+        check_denoiser_timesteps(denoiser, plan.timesteps, start_t=plan.start_t)
         b = z0.shape[0]
         eps = noise if noise is not None else _randn(tuple(z0.shape), z0, generator)
         t0 = torch.full((b,), plan.noise_t, device=z0.device, dtype=torch.long)
@@ -302,12 +342,12 @@ class DDIMSampler:
             generator=generator,
             callback=callback,
             verbose=verbose,
-            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
+            denoiser=denoiser,
         )
         return z, inter["pred_x0"][-1], plan
 
     def stochastic_encode(
-        self, x0: torch.Tensor, index: int, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, index: int, noise: torch.Tensor | None = None, generator: Generators = None
     ) -> torch.Tensor:
         """Noise ``x0`` to the level of grid position ``index`` (latent-diffusion API); ``decode`` continues from it."""
         grid = self._require_schedule()
@@ -323,17 +363,13 @@ class DDIMSampler:
         t_start: int,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """Denoise from grid position ``t_start`` (inclusive) down to the end, e.g. after :meth:`stochastic_encode`
         with the same index — the first step's assumed noise level equals the encoded one."""
+        grid = self._require_schedule()
         indices = list(range(t_start + 1))[::-1]
-        out, _ = self._run(
-            x_latent,
-            cond,
-            indices,
-            generator=generator,
-            verbose=False,
-            denoiser=self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning),
-        )
+        denoiser = self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
+        check_denoiser_timesteps(denoiser, [int(grid[i]) for i in indices])
+        out, _ = self._run(x_latent, cond, indices, generator=generator, verbose=False, denoiser=denoiser)
         return out

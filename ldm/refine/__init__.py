@@ -1,0 +1,16 @@
+"""Refinement with late-steps experts: the Python API behind ``scripts/refine.py``, the quickstart and the evaluation.
+
+    from ldm.refine import Refiner
+
+    refiner = Refiner.from_checkpoints(["latesteps_500_750.ckpt", "latesteps_750_1000.ckpt"], device="auto")
+    refined = refiner(Image.open("artifact.png"), start_t=500, seed=0)        # PIL in, PIL out (alpha kept)
+    batch = refiner.refine_tensors(x, start_t=500, seeds=[0, 1, 2])           # [B, 3, H, W] in [-1, 1]
+
+Modules: :mod:`ldm.refine.loading` (checkpoints -> experts, safely), :mod:`ldm.refine.refiner` (:class:`Refiner`),
+:mod:`ldm.refine.batch` (files in, PNGs with metadata out; what the CLI runs).
+"""
+
+from ldm.refine.loading import CheckpointInfo, load_expert, resolve_device
+from ldm.refine.refiner import RefinePlan, Refiner
+
+__all__ = ["CheckpointInfo", "RefinePlan", "Refiner", "load_expert", "resolve_device"]

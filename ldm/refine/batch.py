@@ -1,0 +1,303 @@
+"""Refining image files in a batch: naming, skipping, batching, metadata, and per-file error reporting.
+
+This is what ``scripts/refine.py`` runs (the CLI only parses arguments and prints).  Rules:
+
+* output ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; sample ``k`` uses seed
+  ``seed + k``); two inputs with the same stem get ``<stem>-<8 hex of their path>`` instead; an output path that is
+  one of the inputs is refused for that input (an input is never overwritten);
+* every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
+  never mistakes a partial file for a finished one;
+* a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined costs that file
+  only: one line through ``on_error`` and the batch goes on; an error writing the output folder (permission, disk
+  full, a file in the way) stops the batch (every further write would fail too) and is reported in
+  :attr:`BatchReport.fatal`;
+* images of the same size are refined together, up to ``batch_size`` samples at a time; results do not depend on it
+  (see :class:`ldm.refine.Refiner`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ldm.imageio import (
+    ImageLoadError,
+    ImageSaveError,
+    find_images,
+    format_path,
+    image_to_tensor,
+    load_image,
+    save_image_atomic,
+    side_by_side,
+    tensor_to_image,
+)
+from ldm.refine.refiner import RefinePlan, Refiner
+from ldm.util import is_rank_zero
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE = "latesteps refine"
+
+
+@dataclass
+class BatchReport:
+    """Outcome of :func:`refine_files`.
+
+    Attributes:
+        done: inputs whose every output now exists (written or skipped).  written: output files written.
+        skipped: outputs that already existed (``skip_existing``).  failed: ``(printable input, one-line reason)``.
+        fatal: one line when an output-folder error stopped the batch, else None.
+    """
+
+    done: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    fatal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.fatal is None
+
+
+@dataclass
+class _Item:
+    """One sample of one input waiting to be refined."""
+
+    source: int  # index into the input list
+    sample: int
+    seed: int
+    out: Path
+    x: torch.Tensor  # [1, 3, H, W] in [-1, 1]
+    alpha: np.ndarray | None
+
+
+def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -> str:
+    """``<stem>_t<start_t>_s<seed>[_<sample>].png``."""
+    suffix = f"_{sample}" if sample is not None else ""
+    return f"{stem}_t{int(start_t)}_s{int(seed)}{suffix}.png"
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike], outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs.
+
+    Files inside ``outdir`` that were reached through a folder or a glob are skipped (re-running on a folder that holds
+    the output folder must not refine the outputs); a file named explicitly is kept.
+    """
+    inputs = list(inputs)
+    paths, problems = find_images(inputs)
+    out_real = os.path.realpath(outdir)
+    explicit = {os.path.realpath(p) for p in inputs if os.path.isfile(p)}
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        inside = os.path.commonpath([real, out_real]) == out_real
+        if inside and real not in explicit:
+            logger.info("%s: inside the output folder; not refined again", format_path(path))
+        else:
+            kept.append(path)
+    if paths and not kept:
+        problems.append(f"every image found is inside the output folder {format_path(outdir)}")
+    return kept, problems
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems for outputs; inputs sharing a stem get ``-<8 hex of the real path>`` so no output is shared."""
+    stems = [p.stem for p in paths]
+    counts = Counter(stems)
+    unique = []
+    for path, stem in zip(paths, stems):
+        if counts[stem] > 1:
+            digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:8]
+            unique.append(f"{stem}-{digest}")
+        else:
+            unique.append(stem)
+    return unique
+
+
+def build_metadata(
+    refiner: Refiner,
+    plan: RefinePlan,
+    source: str,
+    seed: int,
+    sample: int,
+    n_samples: int,
+    parameters: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """PNG text metadata of one output: every parameter, the effective start, routing and each checkpoint's sha256."""
+    meta = {
+        "Software": SOFTWARE,
+        "input": source,
+        "start_t": str(plan.start_t),
+        "effective_start_t": str(plan.effective_start),
+        "ddim_steps": str(plan.ddim_steps),
+        "eta": f"{plan.eta:g}",
+        "seed": str(seed),
+        "sample_index": str(sample),
+        "n_samples": str(n_samples),
+        "tail_timesteps": ",".join(str(t) for t in plan.timesteps),
+        "routing": plan.describe_routing(),
+        "device": str(refiner.device),
+        "precision": refiner.precision,
+        "allow_outside_window": str(refiner.router.allow_outside_window),
+        "checkpoints": json.dumps([c.as_dict(refiner.num_timesteps) for c in refiner.checkpoints]),
+    }
+    for i, ckpt in enumerate(refiner.checkpoints):
+        meta[f"checkpoint_{i}"] = ckpt.path
+        meta[f"checkpoint_{i}_sha256"] = ckpt.sha256
+        meta[f"checkpoint_{i}_window"] = f"[{ckpt.window[0]}, {ckpt.window[1]})"
+    if parameters is not None:
+        meta["parameters"] = json.dumps({k: v for k, v in parameters.items()}, default=str, sort_keys=True)
+    return meta
+
+
+def refine_files(
+    refiner: Refiner,
+    paths: Sequence[Path],
+    outdir: str | os.PathLike,
+    *,
+    start_t: int = 500,
+    ddim_steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    n_samples: int = 1,
+    batch_size: int = 1,
+    skip_existing: bool = False,
+    grid: bool = False,
+    parameters: Mapping[str, object] | None = None,
+    progress: bool = True,
+    on_error: Callable[[str], None] | None = None,
+) -> BatchReport:
+    """Refine every file in ``paths`` into ``outdir`` (see the module docstring for naming and error rules).
+
+    Args:
+        refiner: the loaded :class:`Refiner`.
+        paths: image files (e.g. from :func:`collect_inputs`).
+        outdir: output folder (created if missing).
+        start_t, ddim_steps, eta: as in :meth:`Refiner.refine_tensors` (validated before any file is read).
+        seed, n_samples: sample ``k`` of each input uses seed ``seed + k``.
+        batch_size: samples refined together (same-size images only).
+        skip_existing: leave outputs that already exist (and count them as done).
+        grid: also write ``<name>_grid.png`` with input | refined side by side.
+        parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
+        progress: tqdm bars over images and DDIM steps (rank 0 only).
+        on_error: called with one line per failed input (default: logged as an error).
+
+    Returns:
+        a :class:`BatchReport`.
+    """
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples={n_samples} and batch_size={batch_size} must be >= 1")
+    plan = refiner.plan(start_t, ddim_steps, eta)
+    report = BatchReport()
+    report_error = on_error if on_error is not None else logger.error
+    outdir = Path(os.fsdecode(outdir))
+    input_reals = {os.path.realpath(p) for p in paths}
+    stems = output_stems(paths)
+    show = progress and is_rank_zero()
+    bar = tqdm(total=len(paths), desc="images", unit="img", disable=not show)
+    remaining: dict[int, int] = {}  # input index -> samples still to write
+    finished: set[int] = set()  # inputs done or failed
+    pending: list[_Item] = []
+
+    def finish(index: int, reason: str | None = None) -> None:
+        if index in finished:
+            return
+        finished.add(index)
+        remaining.pop(index, None)
+        if reason is None:
+            report.done.append(format_path(paths[index]))
+        else:
+            report.failed.append((format_path(paths[index]), reason))
+            report_error(reason)
+        bar.update(1)
+
+    def finish_sample(index: int) -> None:
+        remaining[index] -= 1
+        if remaining[index] == 0:
+            finish(index)
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        try:
+            out = refiner.refine_tensors(
+                torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], ddim_steps, eta, show
+            )
+        except (ValueError, torch.OutOfMemoryError) as exc:
+            size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"
+            for index in dict.fromkeys(item.source for item in batch):
+                finish(index, f"cannot refine {format_path(paths[index])} ({size}): {' '.join(str(exc).split())}")
+            return
+        for item, refined in zip(batch, out):
+            if item.source in finished:
+                continue
+            try:
+                rgb = tensor_to_image(refined)
+            except ValueError as exc:
+                finish(item.source, f"cannot refine {format_path(paths[item.source])}: {exc}")
+                continue
+            meta = build_metadata(refiner, plan, format_path(paths[item.source]), item.seed, item.sample, n_samples, parameters)
+            save_image_atomic(item.out, rgb, alpha=item.alpha, metadata=meta)
+            report.written.append(item.out)
+            if grid:
+                canvas = side_by_side([tensor_to_image(item.x), rgb])
+                grid_path = item.out.with_name(item.out.stem + "_grid.png")
+                save_image_atomic(grid_path, canvas, metadata=meta)
+                report.written.append(grid_path)
+            finish_sample(item.source)
+
+    try:
+        for index, path in enumerate(paths):
+            items = _outputs_for(stems[index], outdir, plan.start_t, seed, n_samples)
+            clash = [out for _, _, out in items if os.path.realpath(out) in input_reals]
+            if clash:
+                shown = format_path(clash[0])
+                finish(index, f"{format_path(path)}: output {shown} would overwrite an input; choose another --outdir")
+                continue
+            todo = []
+            for sample, sample_seed, out in items:
+                if skip_existing and out.exists():
+                    report.skipped.append(out)
+                else:
+                    todo.append((sample, sample_seed, out))
+            if not todo:
+                finish(index)
+                continue
+            try:
+                loaded = load_image(path)
+            except ImageLoadError as exc:
+                finish(index, str(exc))
+                continue
+            x = image_to_tensor(loaded.rgb)  # [1, 3, H, W] in [-1, 1]; 16-bit sources keep their precision
+            remaining[index] = len(todo)
+            for sample, sample_seed, out in todo:
+                if pending and (len(pending) >= batch_size or pending[0].x.shape != x.shape):
+                    flush()
+                pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha))
+        flush()
+    except ImageSaveError as exc:
+        report.fatal = str(exc)
+    finally:
+        bar.close()
+    return report
+
+
+def _outputs_for(stem: str, outdir: Path, start_t: int, seed: int, n_samples: int) -> list[tuple[int, int, Path]]:
+    """``(sample index, seed, output path)`` for every sample of one input."""
+    return [
+        (k, seed + k, outdir / output_name(stem, start_t, seed, k if n_samples > 1 else None)) for k in range(n_samples)
+    ]
+

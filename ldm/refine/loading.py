@@ -1,0 +1,292 @@
+"""Building refinement experts from checkpoint files, safely; devices and precisions.
+
+A checkpoint becomes an :class:`~ldm.models.diffusion.experts.Expert` in these steps (:func:`load_expert`):
+
+1. the file is read by :func:`ldm.checkpoint.load_checkpoint` (tensors and Lightning/OmegaConf metadata only; any other
+   pickled object is refused unless ``unsafe_load``);
+2. the model config is the one ``main.py`` saved in the checkpoint (``checkpoint["config"]["model"]``), else the YAML
+   given as ``config`` (CompVis releases carry none).  Every ``target`` of a config read from a checkpoint must be in
+   the allow-list :data:`ldm.util.TRUSTED_TARGET_PREFIXES` unless ``trust_config``; importing a module is running code;
+3. the model is rebuilt for inference: ``ckpt_path`` entries are removed (the checkpoint itself holds the
+   ``first_stage_model.*`` weights), the first stage's training loss is replaced by ``torch.nn.Identity`` (it would need
+   LPIPS weights and is never used), and the EMA copy is built only when its weights will be used;
+4. weights are loaded with :func:`ldm.checkpoint.load_weights`: shape mismatches name the first keys, and missing model
+   weights (a first-stage-only or foreign checkpoint) are an error, not a silently random network;
+5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is
+   ``checkpoint["window"]`` or ``model.window()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, sha256_file
+from ldm.imageio import format_path
+from ldm.models.diffusion.experts import Expert
+from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.models.diffusion.latesteps import validate_window, window_to_steps
+from ldm.util import (
+    TRUSTED_TARGET_PREFIXES,
+    ConfigError,
+    check_target_allowed,
+    get_obj_from_str,
+    instantiate_from_config,
+    iter_targets,
+)
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ConfigSource = str | os.PathLike | Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a refinement used from one checkpoint (written into output metadata).
+
+    Attributes:
+        path: printable path.  sha256: hex digest of the file.  window: ``(t_min, t_max)`` served.
+        target: the model class.  global_step: training step saved in the file, if any.
+        ema: whether EMA weights were used.  config_source: ``"checkpoint"`` or the YAML path it was built from.
+    """
+
+    path: str
+    sha256: str
+    window: tuple[int, int]
+    target: str
+    global_step: int | None
+    ema: bool
+    config_source: str
+
+    def as_dict(self, num_timesteps: int = 1000) -> dict[str, Any]:
+        """JSON-ready description, with the window also as sampling steps."""
+        a, b = window_to_steps(*self.window, num_timesteps)
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "window": list(self.window),
+            "steps": f"{a}-{b}",
+            "target": self.target,
+            "global_step": self.global_step,
+            "ema": self.ema,
+            "config": self.config_source,
+        }
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` / ``"cuda:N"``, or a ``torch.device``."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    elif isinstance(device, str):
+        name = device.strip().lower()
+    else:
+        raise ValueError(f"device={device!r} must be one of {DEVICES} (or 'cuda:N')")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was requested but CUDA is not available here; use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    raise ValueError(f"device={device!r} is not one of {DEVICES} (or 'cuda:N')")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None for fp32); refuses combinations that cannot run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs a CUDA device (got {device}); on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16' is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
+    return PRECISIONS[precision]
+
+
+def check_checkpoint_paths(paths: list[str | os.PathLike]) -> None:
+    """Cheap existence check of every path before any (possibly slow) loading."""
+    if not paths:
+        raise CheckpointError("no checkpoint given; pass one --ckpt per expert (Python: a list of paths)")
+    for path in paths:
+        shown = format_path(path)
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {shown} does not exist; check the path (or train one with main.py)")
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {shown} is a directory; pass the .ckpt/.safetensors file inside it")
+
+
+def load_yaml_model_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The model section (``{target, params}``) of a project YAML file or mapping (``model:`` or bare)."""
+    if isinstance(config, Mapping):
+        data: Any = copy.deepcopy(dict(config))
+        shown = "config"
+    else:
+        from omegaconf import OmegaConf
+
+        shown = format_path(config)
+        if not os.path.isfile(config):
+            raise ConfigError(f"config {shown} does not exist or is not a file")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        except Exception as exc:  # YAML syntax and interpolation errors come as several types
+            raise ConfigError(f"config {shown} cannot be read as YAML: {' '.join(str(exc).split())}") from exc
+    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping) or not isinstance(data.get("target"), str):
+        raise ConfigError(f"config {shown} has no model section: expected 'model: {{target: ..., params: ...}}'")
+    return dict(data)
+
+
+def _embedded_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    embedded = ckpt.get("config")
+    if not isinstance(embedded, Mapping):
+        return None
+    model = embedded.get("model", embedded)
+    if isinstance(model, Mapping) and isinstance(model.get("target"), str):
+        return copy.deepcopy(dict(model))
+    return None
+
+
+def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
+    """The model config rebuilt for inference from its own checkpoint (see the module docstring, step 3)."""
+    cfg = copy.deepcopy(dict(model_cfg))
+    params = dict(cfg.get("params") or {})
+    params.pop("ckpt_path", None)
+    params["use_ema"] = use_ema
+    first = params.get("first_stage_config")
+    if isinstance(first, Mapping):
+        first = dict(first)
+        first_params = dict(first.get("params") or {})
+        first_params.pop("ckpt_path", None)
+        if "lossconfig" in first_params:
+            first_params["lossconfig"] = {"target": "torch.nn.Identity"}
+        first["params"] = first_params
+        params["first_stage_config"] = first
+    cfg["params"] = params
+    return cfg
+
+
+def _model_class(cfg: Mapping[str, Any], shown: str, allowed: tuple[str, ...] | None) -> type:
+    """Import the config's class after the allow-list check (of every nested target); it must be a LatentDiffusion."""
+    try:
+        if allowed is not None:
+            for target in iter_targets(cfg):
+                check_target_allowed(target, allowed)
+        cls = get_obj_from_str(cfg["target"])
+    except ConfigError as exc:
+        raise ConfigError(f"checkpoint {shown}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, LatentDiffusion)):
+        raise CheckpointError(
+            f"checkpoint {shown} is the wrong kind: its model {cfg['target']!r} is not a latent diffusion model. "
+            "Refinement needs LatentDiffusion / LateStepsLatentDiffusion checkpoints (not a first-stage VQ checkpoint)"
+        )
+    return cls
+
+
+def load_expert(
+    path: str | os.PathLike,
+    config: ConfigSource = None,
+    ema: bool = True,
+    trust_config: bool = False,
+    unsafe_load: bool = False,
+) -> tuple[Expert, CheckpointInfo]:
+    """Build one refinement expert (on CPU, eval mode, no gradients) from ``path``.
+
+    Args:
+        path: a checkpoint written by ``main.py`` (``{"state_dict", "config", "window", ...}``), a CompVis release
+            (with ``config``) or a ``.safetensors`` file (with ``config``).
+        config: YAML path or mapping, used when the checkpoint carries no model config.
+        ema: use the EMA weights when the checkpoint has them (a warning otherwise).
+        trust_config: allow a checkpoint's config to name classes outside the allow-list.
+        unsafe_load: unpickle arbitrary objects (only for files you trust).
+
+    Raises:
+        CheckpointError: missing, truncated, unsafe, wrong-kind checkpoint, or weights that do not fit the config
+            ("config and checkpoint disagree" with the first mismatching keys).
+        ConfigError: no usable config, a forbidden or unknown target, bad parameters.
+    """
+    shown = format_path(path)
+    ckpt = load_checkpoint(path, map_location="cpu", unsafe=unsafe_load)
+    state_dict = ckpt.get("state_dict")
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise CheckpointError(
+            f"checkpoint {shown} is the wrong kind: it holds no 'state_dict' (top-level keys: {sorted(map(str, ckpt))[:8]})"
+        )
+    model_cfg = _embedded_model_config(ckpt)
+    if model_cfg is not None:
+        source = "checkpoint"
+        if config is not None:
+            logger.info("%s: using the model config saved in the checkpoint (config= is for checkpoints without one)", shown)
+    elif config is not None:
+        model_cfg = load_yaml_model_config(config)
+        source = format_path(config) if not isinstance(config, Mapping) else "config mapping"
+    else:
+        raise ConfigError(
+            f"checkpoint {shown} holds no model config (not written by this project's main.py, e.g. a CompVis "
+            "release); pass the matching YAML with --config (Python: config=...), "
+            "e.g. configs/latent-diffusion/celebahq-ldm-vq-4.yaml"
+        )
+    has_ema = any(k.startswith("model_ema.") for k in state_dict)
+    use_ema = bool(ema and has_ema)
+    cfg = _inference_config(model_cfg, use_ema)
+    allowed = None if (trust_config or source != "checkpoint") else TRUSTED_TARGET_PREFIXES
+    _model_class(cfg, shown, allowed)
+    try:
+        model = instantiate_from_config(cfg, allowed_prefixes=allowed)
+    except ValueError as exc:  # ConfigError (unknown keys, bad params) and the models' own argument checks
+        raise ConfigError(f"checkpoint {shown}: cannot build {cfg['target']!r} from its config: {exc}") from exc
+    model.check_schedule_matches(state_dict, source=f"checkpoint {shown}")
+    try:
+        missing, _ = load_weights(model, state_dict, strict=False, source=f"checkpoint {shown}")
+    except CheckpointError as exc:
+        raise CheckpointError(f"config and checkpoint disagree: {exc}") from exc
+    needed = [k for k in missing if not k.startswith("model_ema.")]
+    if needed:
+        raise CheckpointError(
+            f"checkpoint {shown} lacks {len(needed)} weights the model needs (first: {needed[:5]}): it is the wrong "
+            "kind (e.g. a first-stage-only checkpoint) or the config describes another model"
+        )
+    if use_ema:
+        model.model_ema.copy_to(model.model)
+        del model.model_ema
+        model.use_ema = False
+    elif ema:
+        logger.warning("%s: no EMA weights in the checkpoint; using the training weights", shown)
+    model.eval().requires_grad_(False)
+    window = _window(ckpt, model, shown)
+    step = ckpt.get("global_step")
+    info = CheckpointInfo(
+        path=shown,
+        sha256=sha256_file(path),
+        window=window,
+        target=str(cfg["target"]),
+        global_step=int(step) if isinstance(step, int) else None,
+        ema=use_ema,
+        config_source=source,
+    )
+    return Expert(model, window, os.path.basename(shown)), info
+
+
+def _window(ckpt: Mapping[str, Any], model: Any, shown: str) -> tuple[int, int]:
+    own = tuple(model.window())
+    saved = ckpt.get("window")
+    if saved is None:
+        return own
+    try:
+        window = validate_window(int(saved[0]), int(saved[1]), model.num_timesteps)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {shown}: invalid 'window' entry {saved!r}: {exc}") from exc
+    if window != own:
+        logger.warning("%s: checkpoint window %s differs from the config's %s; using the checkpoint's", shown, window, own)
+    return window

@@ -67,6 +67,32 @@ def _set_unsafe_load(cfg: Any) -> None:
             _set_unsafe_load(value)
 
 
+def _check_init_checkpoints(cfg: Any, where: str) -> None:
+    """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
+    from ldm.util import ConfigError
+
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "ckpt_path" and value is not None and not Path(str(value)).is_file():
+                if "first_stage_config" in where:
+                    hint = (
+                        "the first stage must be a trained autoencoder: put CompVis' vq-f4 there "
+                        "(https://ommer-lab.com/files/latent-diffusion/vq-f4.zip) or train one with "
+                        "`python main.py --base configs/autoencoder/vq_f4.yaml -t` (vq_f4_tiny.yaml for the quickstart) "
+                        "and pass its logs/<run>/checkpoints/last.ckpt"
+                    )
+                else:
+                    hint = (
+                        "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
+                        f"stage's logs/<run>/checkpoints/last.ckpt) or set {where}.ckpt_path=null to start from scratch"
+                    )
+                raise ConfigError(f"{where}.ckpt_path={value!r} does not exist; {hint}")
+            _check_init_checkpoints(value, f"{where}.{key}")
+    elif isinstance(cfg, list):
+        for i, value in enumerate(cfg):
+            _check_init_checkpoints(value, f"{where}.{i}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``main.py``; returns the process exit status (2: bad command line / config, 1: bad checkpoint or data)."""
     from ldm.checkpoint import CheckpointError
@@ -132,6 +158,7 @@ def _main(argv: list[str]) -> int:
         say(f"resuming: model.params.ckpt_path={model_cfg['params']['ckpt_path']} is not re-loaded; "
             f"the weights come from {resume_ckpt}")
         model_cfg["params"]["ckpt_path"] = None
+    _check_init_checkpoints(model_cfg, "model")
     if opt.unsafe_load:
         _set_unsafe_load(model_cfg)
     try:

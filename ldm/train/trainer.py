@@ -102,11 +102,15 @@ def build_callbacks(
     if params.get("monitor") and params.get("save_last"):
         # Lightning 2.6 defers every save of a monitoring ModelCheckpoint, last.ckpt included, until the monitored
         # metric exists (after the first validation).  last.ckpt gets its own, unmonitored callback so that it is
-        # written on schedule from the first step on.
+        # written on schedule from the first step on.  It overwrites last.ckpt even when it did not write the file
+        # itself (an interrupt save, a moved log dir) instead of Lightning's default of starting last-v1.ckpt.
         last_params = {k: params[k] for k in LAST_CHECKPOINT_KEYS if k in params}
         callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=dict(params, save_last=False))))
-        callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=dict(last_params, save_top_k=0, save_last=True))))
+        last_params.update(save_top_k=0, save_last=True, enable_version_counter=False)
+        callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=last_params)))
     else:
+        if params.get("save_last"):
+            params.setdefault("enable_version_counter", False)
         callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=params)))
     return callbacks
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.models.autoencoder import VQModel, VQModelInterface
-from ldm.modules.losses import PerceptualWeightsMissingError
+from ldm.modules.lpips import PerceptualWeightsMissingError
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import TINY_DDCONFIG, photo_crops

@@ -17,7 +17,6 @@ from ldm.checkpoint import CheckpointError
 from ldm.eval import metrics
 from ldm.eval.metrics import (
     INCEPTION_WEIGHTS_FILE,
-    LPIPS_BACKBONE_FILES,
     LPIPSMetric,
     Skipped,
     compute_metrics,
@@ -28,6 +27,7 @@ from ldm.eval.metrics import (
     psnr,
     ssim,
 )
+from ldm.modules.lpips import LPIPS_BACKBONE_FILES
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_lpips_skipped_without_weights(no_network, empty_torch_home, tmp_path):
     result = load_lpips("alex", backbone_weights=missing)
     assert isinstance(result, Skipped) and str(missing) in result.reason
     assert str(result).startswith("skipped: ")
-    with pytest.raises(ValueError, match="net must be one of"):
+    with pytest.raises(ValueError, match="not an LPIPS backbone"):
         load_lpips("resnet")
 
 

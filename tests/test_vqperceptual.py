@@ -9,14 +9,13 @@ import torch
 
 from ldm.checkpoint import load_state_dict, save_checkpoint
 from ldm.modules.losses import (
-    PerceptualWeightsMissingError,
     VQLPIPSWithDiscriminator,
     adaptive_disc_weight,
     codebook_usage,
     hinge_d_loss,
     vanilla_d_loss,
 )
-from ldm.modules.losses.vqperceptual import lpips_backbone_path, lpips_linear_path
+from ldm.modules.lpips import PerceptualWeightsMissingError, lpips_backbone_path, lpips_linear_path
 
 SMALL_DISC = {"disc_num_layers": 2, "disc_ndf": 8}
 

@@ -26,19 +26,14 @@ from typing import Any
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import load_state_dict
+from ldm.modules.lpips import PerceptualWeightsMissingError, build_lpips, lpips_backbone_path
 
 logger = logging.getLogger(__name__)
 
 MINUS_ONE_ONE: tuple[float, float] = (-1.0, 1.0)
 ZERO_ONE: tuple[float, float] = (0.0, 1.0)
 
-# torchvision's ImageNet weights for the LPIPS backbones, as torchvision names them in its hub cache.
-LPIPS_BACKBONE_FILES: dict[str, str] = {
-    "vgg": "vgg16-397923af.pth",
-    "alex": "alexnet-owt-7be5be79.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
 # torch-fidelity's Inception-v3 port of the TF FID network (the reference FID/KID feature extractor).
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -125,57 +120,23 @@ class LPIPSMetric:
             return self.model(a, b).reshape(a.shape[0]).double().cpu()
 
 
-def _backbone_state_dict(model: torch.nn.Module, source: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Map torchvision keys ``features.<i>.<param>`` onto lpips' ``net.slice<k>.<i>.<param>``."""
-    mapped, missing = {}, []
-    for key, target in model.state_dict().items():
-        if not key.startswith("net.slice"):
-            continue
-        _, _, index, param = key.split(".", 3)
-        src_key = f"features.{index}.{param}"
-        if src_key not in source:
-            missing.append(src_key)
-        elif source[src_key].shape != target.shape:
-            raise CheckpointError(f"{path}: {src_key} has shape {tuple(source[src_key].shape)}, expected {tuple(target.shape)}")
-        else:
-            mapped[key] = source[src_key]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a torchvision {model.pnet_type} state dict: it lacks {missing[:4]}"
-            f"{' ...' if len(missing) > 4 else ''}; expected the file torchvision saves as {LPIPS_BACKBONE_FILES}"
-        )
-    return mapped
-
-
 def load_lpips(
     net: str = "vgg", backbone_weights: str | os.PathLike | None = None, device: torch.device | str | None = None
 ) -> LPIPSMetric | Skipped:
     """LPIPS with the ``net`` backbone (``"vgg"``, ``"alex"`` or ``"squeeze"``), or :class:`Skipped` when its weights
     are not on disk.
 
-    ``backbone_weights`` is a torchvision ImageNet state dict; by default the torch hub cache is looked at
-    (:data:`LPIPS_BACKBONE_FILES`).  A file that exists but is not such a state dict raises
-    :class:`~ldm.checkpoint.CheckpointError`.
+    Built by :func:`ldm.modules.lpips.build_lpips` (the same network as the VQ loss's perceptual term):
+    ``backbone_weights`` is a torchvision ImageNet state dict; by default torch hub's cache is looked at
+    (:data:`~ldm.modules.lpips.LPIPS_BACKBONE_FILES`).  A file that exists but is not such a state dict raises.
     """
-    if net not in LPIPS_BACKBONE_FILES:
-        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
-    path = Path(backbone_weights) if backbone_weights is not None else hub_checkpoint_path(LPIPS_BACKBONE_FILES[net])
-    if not path.is_file():
-        return Skipped(
-            f"LPIPS: {net} backbone weights not found at {path}; put torchvision's {LPIPS_BACKBONE_FILES[net]} there "
-            "or pass its path (this project never downloads weights)"
-        )
-    if importlib.util.find_spec("lpips") is None:
-        return Skipped("LPIPS: the lpips package is not installed (pip install lpips)")
-    import lpips
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's deprecation notice for lpips' pretrained=False call
-        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
-    model.load_state_dict(_backbone_state_dict(model, load_state_dict(path), path), strict=False)
+    path = Path(backbone_weights) if backbone_weights is not None else lpips_backbone_path(net)
+    try:
+        model = build_lpips(net, pretrained=True, backbone_path=path)
+    except PerceptualWeightsMissingError as exc:
+        return Skipped(f"LPIPS: {exc}")
     if device is not None:
         model = model.to(device)
-    logger.info("LPIPS (%s) backbone loaded from %s", net, path)
     return LPIPSMetric(model, net, path)
 
 

@@ -1,0 +1,130 @@
+"""LPIPS (Zhang et al. 2018) built without network access: the perceptual term of the VQ loss and an evaluation metric.
+
+The calibrated linear layers ship inside the ``lpips`` package; the ImageNet backbone weights are torchvision's and
+must already be on disk (torch hub's cache, ``$TORCH_HOME/hub/checkpoints``, or an explicit path).  Nothing is ever
+downloaded; a missing file raises :class:`PerceptualWeightsMissingError` naming it and the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, load_state_dict
+
+logger = logging.getLogger(__name__)
+
+# torchvision weight enums of the LPIPS backbones (their ImageNet weights are what ``pretrained=True`` fetches).
+LPIPS_BACKBONE_WEIGHTS = {
+    "vgg": "VGG16_Weights.IMAGENET1K_V1",
+    "alex": "AlexNet_Weights.IMAGENET1K_V1",
+    "squeeze": "SqueezeNet1_1_Weights.IMAGENET1K_V1",
+}
+LPIPS_VERSION = "0.1"
+# the file names torchvision gives those weights in torch hub's cache
+LPIPS_BACKBONE_FILES: dict[str, str] = {
+    "vgg": "vgg16-397923af.pth",
+    "alex": "alexnet-owt-7be5be79.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+class PerceptualWeightsMissingError(FileNotFoundError):
+    """A file the LPIPS perceptual loss needs is not on disk (this project never downloads weights at run time)."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LPIPS, offline
+
+
+def _check_net(net: str) -> None:
+    if net not in LPIPS_BACKBONE_WEIGHTS:
+        raise ValueError(f"perceptual_net={net!r} is not an LPIPS backbone; choose one of {sorted(LPIPS_BACKBONE_WEIGHTS)}")
+
+
+def _backbone_url(net: str) -> str:
+    from torchvision.models import get_weight
+
+    return get_weight(LPIPS_BACKBONE_WEIGHTS[net]).url
+
+
+def lpips_backbone_path(net: str = "vgg") -> Path:
+    """Where torch hub caches the ImageNet weights of the LPIPS backbone ``net`` (``$TORCH_HOME/hub/checkpoints``)."""
+    _check_net(net)
+    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+
+
+def lpips_linear_path(net: str = "vgg") -> Path:
+    """The calibrated LPIPS linear-layer weights shipped inside the ``lpips`` package."""
+    _check_net(net)
+    import lpips
+
+    return Path(lpips.__file__).parent / "weights" / f"v{LPIPS_VERSION}" / f"{net}.pth"
+
+
+def _missing_weights_error(what: str, path: Path, how: str) -> PerceptualWeightsMissingError:
+    return PerceptualWeightsMissingError(
+        f"the LPIPS perceptual loss needs {what}, but {str(path)!r} does not exist. {how} "
+        "This project never downloads weights at run time. To train without the perceptual term, set "
+        "lossconfig.params.perceptual_weight: 0 (no perceptual network is built then)."
+    )
+
+
+def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | Path | None = None) -> nn.Module:
+    """A frozen ``lpips.LPIPS`` module in eval mode, built without network access.
+
+    Args:
+        net: LPIPS backbone, ``"vgg"`` (taming's choice), ``"alex"`` or ``"squeeze"``.
+        pretrained: load the backbone's ImageNet weights from ``backbone_path`` (default: torch hub's cache, see
+            :func:`lpips_backbone_path`).  ``False`` keeps the backbone randomly initialised (for offline tests);
+            the linear layers are always the calibrated ones from the ``lpips`` package.
+        backbone_path: a local copy of torchvision's backbone weights (``features.*`` keys).
+
+    Raises:
+        PerceptualWeightsMissingError: a weights file is not on disk; the message names it and the way out.
+    """
+    _check_net(net)
+    linear_path = lpips_linear_path(net)
+    if not linear_path.exists():
+        raise _missing_weights_error(
+            "the linear-layer weights of the lpips package", linear_path, "Reinstall the package: pip install lpips."
+        )
+    if pretrained:
+        backbone = Path(backbone_path) if backbone_path is not None else lpips_backbone_path(net)
+        if not backbone.exists():
+            raise _missing_weights_error(
+                f"torchvision's ImageNet weights of its {net} backbone",
+                backbone,
+                f"Fetch {_backbone_url(net)} on a machine with internet access and put it at that path (torch hub's cache, "
+                "$TORCH_HOME/hub/checkpoints), or set lossconfig.params.perceptual_backbone_path to a local copy.",
+            )
+    import lpips
+
+    with warnings.catch_warnings():
+        # lpips builds its backbone through torchvision's deprecated ``pretrained=`` argument (here always False).
+        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
+        model = lpips.LPIPS(pretrained=False, net=net, version=LPIPS_VERSION, pnet_rand=True, use_dropout=True, verbose=False)
+    linear = load_state_dict(linear_path)
+    own_linear = sorted(k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins."))
+    if sorted(linear) != own_linear:
+        raise CheckpointError(
+            f"{linear_path} does not hold the LPIPS {net} linear layers {own_linear} (found {sorted(linear)})"
+        )
+    model.load_state_dict(linear, strict=False)  # ``lins.*`` alias ``lin0..``: the same parameters
+    if pretrained:
+        source = load_state_dict(backbone)
+        # lpips slices torchvision's ``features`` Sequential: ``sliceK.N.param`` is ``features.N.param``.
+        wanted = {name: "features." + name.split(".", 1)[1] for name in model.net.state_dict()}
+        absent = [src for src in wanted.values() if src not in source]
+        if absent:
+            raise CheckpointError(f"{backbone} is not a torchvision {net} state dict: it lacks {absent[:3]}")
+        model.net.load_state_dict({name: source[src] for name, src in wanted.items()}, strict=True)
+        logger.info("LPIPS %s: backbone weights from %s, linear layers from %s", net, backbone, linear_path)
+    else:
+        logger.info("LPIPS %s: RANDOM backbone (perceptual_pretrained=False), linear layers from %s", net, linear_path)
+    model.requires_grad_(False)
+    return model.eval()

@@ -91,18 +91,20 @@ def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -
 def collect_inputs(inputs: Iterable[str | os.PathLike], outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs.
 
-    Files inside ``outdir`` that were reached through a folder or a glob are skipped (re-running on a folder that holds
-    the output folder must not refine the outputs); a file named explicitly is kept.
+    When the output folder lies inside an input folder (``--input . --outdir outputs/refine``), the files found in it
+    are earlier outputs and are not refined again.  A file named explicitly, or found in an input folder that *is* the
+    output folder, is kept (outputs are then written next to their inputs, never over them).
     """
     inputs = list(inputs)
     paths, problems = find_images(inputs)
     out_real = os.path.realpath(outdir)
     explicit = {os.path.realpath(p) for p in inputs if os.path.isfile(p)}
+    if any(os.path.isdir(p) and os.path.realpath(p) == out_real for p in inputs):
+        return paths, problems
     kept = []
     for path in paths:
         real = os.path.realpath(path)
-        inside = os.path.commonpath([real, out_real]) == out_real
-        if inside and real not in explicit:
+        if real not in explicit and os.path.commonpath([real, out_real]) == out_real:
             logger.info("%s: inside the output folder; not refined again", format_path(path))
         else:
             kept.append(path)

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Refine images SDEdit-style with late-steps experts: encode, noise to --start-t, DDIM tail, decode.
+
+    python scripts/refine.py --input artifacts/ --start-t 500 \\
+        --ckpt logs/latesteps_500_750/checkpoints/last.ckpt --ckpt logs/latesteps_750_1000/checkpoints/last.ckpt
+
+Each --ckpt is one expert; each DDIM step runs on the expert whose training window holds its timestep.  Outputs are
+``<outdir>/<stem>_t<start>_s<seed>[_k].png`` with every parameter and each checkpoint's sha256 in PNG text metadata.
+This file only parses arguments and prints; the work is in :mod:`ldm.refine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
+EXIT_USAGE = 2  # bad arguments, checkpoint or config: nothing was done
+EXIT_OUTPUT = 3  # the output folder cannot be written (permission, a file in the way, disk full)
+EXIT_INTERRUPTED = 130
+
+PROG = "refine.py"
+EPILOG = f"""
+exit codes: {EXIT_OK} all inputs refined; {EXIT_INPUT_FAILED} some inputs failed (each reported in one line, the others
+were refined); {EXIT_USAGE} bad arguments, checkpoint or config (nothing done); {EXIT_OUTPUT} the output folder cannot be
+written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 - b .. 1000 - a.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code EXIT_USAGE."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
+        return value
+
+    return parse
+
+
+def _eta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="image files, folders (searched recursively) and globs; repeatable")
+    p.add_argument("--outdir", default="outputs/refine", help="output folder (default: %(default)s)")
+    p.add_argument("--start-t", type=_int_at_least(1), default=500,
+                   help="timestep to noise to, in [1, T-1]; the tail starts at the largest DDIM grid step <= it "
+                        "(500 with 50 steps: t=481). Lower = more faithful (default: %(default)s)")
+    p.add_argument("--ddim-steps", type=_int_at_least(1), default=50,
+                   help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: %(default)s)")
+    p.add_argument("--eta", type=_eta, default=0.0, help="DDIM noise, >= 0 (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
+    p.add_argument("--n-samples", type=_int_at_least(1), default=1, help="samples per input (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1,
+                   help="samples refined together (same-size images; results do not depend on it) (default: %(default)s)")
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+                   help="expert checkpoint; repeat once per expert (each runs the steps in its window)")
+    p.add_argument("--config", metavar="YAML",
+                   help="model config for checkpoints that carry none (e.g. CompVis releases)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights when the checkpoint has them (default: on)")
+    p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
+    p.add_argument("--grid", action="store_true", help="also write <name>_grid.png: input | refined")
+    p.add_argument("--allow-outside-window", action="store_true",
+                   help="run the nearest expert on steps no expert window covers (warned) instead of refusing")
+    p.add_argument("--trust-config", action="store_true",
+                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def check_outdir(outdir: str) -> str | None:
+    """Why ``outdir`` cannot be used (one line naming the path), or None; creates nothing."""
+    from ldm.imageio import format_path
+
+    path = Path(os.path.abspath(outdir))
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" ({format_path(probe)} is a file)"
+        return f"output folder {format_path(path)}: a file is in the way{where}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"output folder {format_path(path)}: permission denied (cannot write to {format_path(probe)})"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    from ldm.checkpoint import CheckpointError
+    from ldm.refine import Refiner
+    from ldm.refine.batch import collect_inputs, refine_files
+    from ldm.util import ConfigError
+
+    problem = check_outdir(args.outdir)
+    if problem:
+        _err(f"error: {problem}")
+        return EXIT_OUTPUT
+    try:
+        refiner = Refiner.from_checkpoints(
+            args.ckpt, device=args.device, precision=args.precision, ema=args.ema, config=args.config,
+            allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
+        )
+        plan = refiner.plan(args.start_t, args.ddim_steps, args.eta)
+    except (CheckpointError, ConfigError, ValueError, OSError) as exc:
+        _err(f"error: {_one_line(exc)}")
+        return EXIT_USAGE
+    print(f"{refiner.describe()}\n{plan.describe()}", flush=True)
+
+    paths, problems = collect_inputs(args.input, args.outdir)
+    for line in problems:
+        _err(line)
+    if not paths:
+        _err(f"error: no images to refine in {args.input}")
+        return EXIT_INPUT_FAILED
+    try:
+        os.makedirs(args.outdir, exist_ok=True)
+    except OSError as exc:
+        _err(f"error: output folder {args.outdir}: {exc.strerror or _one_line(exc)}")
+        return EXIT_OUTPUT
+
+    started = time.perf_counter()
+    try:
+        report = refine_files(
+            refiner, paths, args.outdir, start_t=args.start_t, ddim_steps=args.ddim_steps, eta=args.eta,
+            seed=args.seed, n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing,
+            grid=args.grid, parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err,
+        )
+    except KeyboardInterrupt:
+        _err("interrupted; finished outputs are complete (re-run with --skip-existing to continue)")
+        return EXIT_INTERRUPTED
+    seconds = time.perf_counter() - started
+
+    refined = sum(1 for out in report.written if not out.name.endswith("_grid.png"))
+    print(f"{len(report.done)} of {len(paths)} images done in {seconds:.1f} s: {refined} refined files written, "
+          f"{len(report.skipped)} skipped as existing, into {args.outdir}", flush=True)
+    if report.fatal:
+        _err(f"error: {report.fatal}; stopped")
+        return EXIT_OUTPUT
+    if report.failed or problems:
+        parts = []
+        if report.failed:
+            parts.append(f"{len(report.failed)} image(s) failed: {', '.join(name for name, _ in report.failed)}")
+        if problems:
+            parts.append(f"{len(problems)} input(s) matched no image")
+        _err("; ".join(parts))
+        return EXIT_INPUT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ path on every node) before launching, or resume with ``-r``.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,20 @@ from pathlib import Path
 from typing import Any
 
 LOGDIR_ENV = "LATESTEPS_LOGDIR"
+
+
+def _configure_logging() -> None:
+    """Show the project's INFO messages (restored weights, interrupt saves, ...) on rank 0, warnings elsewhere."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    is_rank_zero = rank_zero_only.rank == 0
+    project = logging.getLogger("ldm")
+    if not project.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        project.addHandler(handler)
+        project.propagate = False
+    project.setLevel(logging.INFO if is_rank_zero else logging.WARNING)
 
 
 def _run_name(opt: Any, now: str) -> str:
@@ -67,6 +82,22 @@ def _set_unsafe_load(cfg: Any) -> None:
             _set_unsafe_load(value)
 
 
+def _drop_init_checkpoints(cfg: Any, where: str) -> list[str]:
+    """Set every ``ckpt_path`` of the model config to None (resuming restores all weights); returns what was dropped."""
+    dropped = []
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "ckpt_path" and value is not None:
+                dropped.append(f"{where}.ckpt_path={value}")
+                cfg[key] = None
+            else:
+                dropped += _drop_init_checkpoints(value, f"{where}.{key}")
+    elif isinstance(cfg, list):
+        for i, value in enumerate(cfg):
+            dropped += _drop_init_checkpoints(value, f"{where}.{i}")
+    return dropped
+
+
 def _check_init_checkpoints(cfg: Any, where: str) -> None:
     """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
     from ldm.util import ConfigError
@@ -98,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ldm.checkpoint import CheckpointError
     from ldm.util import ConfigError
 
-    sys.path.insert(0, os.getcwd())
     argv = sys.argv[1:] if argv is None else list(argv)
     inherited_env = os.environ.get(LOGDIR_ENV)
     try:
@@ -154,10 +184,9 @@ def _main(argv: list[str]) -> int:
     base_lr = model_cfg.pop("base_learning_rate", None)
     if opt.train and base_lr is None:
         raise ConfigError("model.base_learning_rate is missing (latent-diffusion configs set e.g. 2.0e-06)")
-    if resume_ckpt is not None and (model_cfg.get("params") or {}).get("ckpt_path"):
-        say(f"resuming: model.params.ckpt_path={model_cfg['params']['ckpt_path']} is not re-loaded; "
-            f"the weights come from {resume_ckpt}")
-        model_cfg["params"]["ckpt_path"] = None
+    if resume_ckpt is not None:
+        for where in _drop_init_checkpoints(model_cfg, "model"):
+            say(f"resuming: {where} is not loaded; all weights come from {resume_ckpt}")
     _check_init_checkpoints(model_cfg, "model")
     if opt.unsafe_load:
         _set_unsafe_load(model_cfg)
@@ -238,4 +267,6 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())  # config targets may name modules of the working directory (latent-diffusion habit)
+    _configure_logging()
     sys.exit(main())

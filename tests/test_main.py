@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import csv
+import datetime
 import importlib.util
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +21,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.checkpoint import UnsafeCheckpointError, load_checkpoint
+from ldm.train.callbacks import ImageLogger
 from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.train.cli import check_override_key, merge_configs, parse_cli
 from ldm.train.data import ResumableDataLoader, ShardedEpochSampler, derive_seed, make_resumable
+from ldm.train.trainer import build_loggers
 from ldm.util import ConfigError, instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +67,11 @@ lightning:
 
 
 def _env() -> dict[str, str]:
+    """Environment of a main.py subprocess: no inherited run folder; one thread per process (the DDP test runs two
+    processes on two cores, and idle OpenMP threads make tiny CPU ops orders of magnitude slower on a busy machine)."""
     env = dict(os.environ)
     env.pop("LATESTEPS_LOGDIR", None)
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -245,7 +252,6 @@ def only_run(folder: Path, name: str) -> Path:
 # signals
 
 
-@pytest.mark.slow
 def test_sigterm_during_training_writes_last_ckpt_and_exits_zero(tmp_path):
     args = [
         *base_args(tmp_path), "-t", "-n", "term", "lightning.trainer.max_steps=10000",
@@ -284,7 +290,6 @@ class _Exploit:
         return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
-@pytest.mark.slow
 def test_malicious_pickle_given_to_resume_is_refused(trained_run, tmp_path):
     run = tmp_path / "logs" / trained_run["run"].name
     shutil.copytree(trained_run["run"], run)
@@ -311,6 +316,64 @@ def test_checkpoint_io_is_atomic_and_refuses_pickled_code(tmp_path):
     assert not marker.exists()
     io.remove_checkpoint(tmp_path / "ckpts" / "a.ckpt")
     assert not (tmp_path / "ckpts" / "a.ckpt").exists()
+
+
+def test_unsafe_flag_is_the_explicit_opt_in_for_other_pickles(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "made": datetime.date(2024, 1, 1)}, tmp_path / "trusted.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="datetime.date"):
+        SafeAtomicCheckpointIO().load_checkpoint(tmp_path / "trusted.ckpt")
+    assert SafeAtomicCheckpointIO(unsafe=True).load_checkpoint(tmp_path / "trusted.ckpt")["made"].year == 2024
+    main = _load_main_module()
+    model_cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART).model, resolve=True)
+    main._set_unsafe_load(model_cfg)
+    assert model_cfg["params"]["unsafe_load"] is True  # LatentDiffusion: ckpt_path (init)
+    assert model_cfg["params"]["first_stage_config"]["params"]["unsafe_load"] is True  # VQModelInterface: ckpt_path
+    assert "unsafe_load" not in model_cfg["params"]["unet_config"]["params"]  # UNetModel takes no such argument
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run folders
+
+
+def test_run_names_fresh_log_dirs_and_resume_dropping_init_checkpoints(tmp_path):
+    main = _load_main_module()
+    opt = SimpleNamespace(name="", base=["configs/x/latesteps_500_750.yaml"], postfix="-lr2")
+    assert main._run_name(opt, "2024-01-01T00-00-00") == "2024-01-01T00-00-00_latesteps_500_750-lr2"
+    opt.name = "mine"
+    assert main._run_name(opt, "T") == "T_mine-lr2"
+    first = main._claim_new_logdir(str(tmp_path / "logs"), "T_mine")
+    second = main._claim_new_logdir(str(tmp_path / "logs"), "T_mine")
+    assert (first.name, second.name) == ("T_mine", "T_mine_2") and first.is_dir() and second.is_dir()
+    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "latesteps_750_1000.yaml").model, resolve=True)
+    dropped = main._drop_init_checkpoints(model_cfg, "model")
+    assert dropped == [
+        "model.params.ckpt_path=models/latesteps/latesteps_500_750.ckpt",
+        "model.params.first_stage_config.params.ckpt_path=models/first_stage_models/vq-f4/model.ckpt",
+    ]
+    main._check_init_checkpoints(model_cfg, "model")  # nothing left to find
+
+
+def test_loggers_csv_always_and_the_configured_one_gets_the_run_folder(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    plain = build_loggers(OmegaConf.create({}), str(tmp_path))
+    assert isinstance(plain[0], CSVLogger) and plain[0].save_dir == str(tmp_path)
+    custom = OmegaConf.create({"logger": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "mine"}}})
+    (only,) = [lg for lg in build_loggers(custom, str(tmp_path)) if isinstance(lg, CSVLogger)]
+    assert only.name == "mine" and only.save_dir == str(tmp_path)
+
+
+def test_image_logger_grid_layout():
+    logger = ImageLogger(batch_frequency=4, max_images=3, nrow=2)
+    assert [s for s in range(1, 13) if logger.check_frequency(s)] == [1, 2, 4, 8, 12]
+    images = torch.linspace(-1, 1, 3 * 3 * 4 * 5).reshape(3, 3, 4, 5)
+    grid = logger.make_grid(images)
+    assert grid.shape == (2 * (4 + 2) + 2, 2 * (5 + 2) + 2, 3) and grid.dtype.name == "uint8"
+    expected = ((images[:, :, 0, 0] + 1) / 2 * 255).round().to(torch.uint8)  # first pixel of each image, [-1, 1] -> uint8
+    assert grid[2, 2].tolist() == expected[0].tolist()
+    assert grid[2, 2 + 5 + 2].tolist() == expected[1].tolist()  # image 1: same row, next column
+    assert grid[2 + 4 + 2, 2].tolist() == expected[2].tolist()  # image 2: next row
+    assert grid[0].max() == 0 and grid[2 + 4 + 2 :, 2 + 5 + 2 :].max() == 0  # borders and the empty fourth cell
 
 
 # ---------------------------------------------------------------------------------------------------------------------

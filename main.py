@@ -4,12 +4,23 @@ Examples::
 
     python main.py -b configs/latesteps_500_750.yaml -t
     python main.py -b configs/quickstart/latesteps_500_750.yaml -t lightning.trainer.max_steps=200 model.params.t_min=0
-    python main.py -r logs/2024-01-01T00-00-00_latesteps_500_750            # resume from checkpoints/last.ckpt
+    python main.py -t -r logs/2024-01-01T00-00-00_latesteps_500_750     # resume from its checkpoints/last.ckpt
+    python main.py -t -r logs/<run>/checkpoints/epoch=000003-step=000002000.ckpt
     python main.py -b cfg.yaml -t lightning.trainer.strategy=ddp lightning.trainer.devices=2 lightning.trainer.accelerator=cpu
+
+``-r`` restores the run's saved configs (later ``-b`` files and ``key=value`` overrides still apply), global step,
+optimizer, LR scheduler, EMA and position in the epoch; as in latent-diffusion, ``-t`` is needed to train.
 
 Log dir: ``<logdir>/<timestamp>_<name><postfix>/{checkpoints/last.ckpt, configs/<ts>-project.yaml,
 configs/<ts>-lightning.yaml, images/{train,val}/, csv/}``.  Every checkpoint embeds the merged project config as
-``checkpoint["config"]``.  SIGTERM writes ``last.ckpt`` and exits 0; SIGUSR1 writes it and training continues.
+``checkpoint["config"]``; checkpoints are written atomically and read back through the safe loader (``--unsafe-load`` to
+accept other pickles from files you trust).
+
+Interrupts: SIGTERM writes ``last.ckpt`` at the next batch boundary and exits 0; SIGUSR1 writes it and training goes on;
+Ctrl+C writes it and exits 1 (Lightning's convention).  SIGKILL loses at most the steps since the last checkpoint; the
+resumed run then continues exactly like an uninterrupted one (per-step seeding, resumable data order).
+
+Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr).
 
 Multi-process runs: Lightning re-launches this script once per extra local rank; the ranks agree on the log dir through
 the ``LATESTEPS_LOGDIR`` environment variable that rank 0 sets.  For multi-node jobs, export ``LATESTEPS_LOGDIR`` (the same
@@ -199,16 +210,20 @@ def _main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if isinstance(exc, (ConfigError, CheckpointError)):
             raise
-        raise ConfigError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise ConfigError(message) from exc
 
     if logdir is None:
         inherited = os.environ.get(LOGDIR_ENV)
-        if inherited:
-            logdir = Path(inherited)
-            if is_rank_zero:
-                logdir.mkdir(parents=True, exist_ok=True)
-        else:
-            logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+        try:
+            if inherited:
+                logdir = Path(inherited)
+                if is_rank_zero:
+                    logdir.mkdir(parents=True, exist_ok=True)
+            else:
+                logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run folder under {opt.logdir!r}: {exc}; choose another -l/--logdir") from exc
     os.environ[LOGDIR_ENV] = str(logdir)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
 
@@ -258,6 +273,9 @@ def _main(argv: list[str]) -> int:
         except SIGTERMException:
             say(f"SIGTERM: wrote {interrupt.ckpt_path} at global step {interrupt.saved_step}; exiting 0")
             return 0
+        except OSError as exc:  # disk full, permissions, a vanished folder: the message names the path
+            print(f"main.py: error: {exc}", file=sys.stderr)
+            return 1
     if not opt.no_test and not trainer.interrupted and data is not None:
         if is_overridden("test_dataloader", data) and is_overridden("test_step", model):
             trainer.test(model, datamodule=data)

@@ -445,7 +445,26 @@ def test_missing_init_checkpoint_of_the_finetuning_config_is_a_clear_error(tmp_p
     assert not (tmp_path / "logs").exists()
 
 
-def test_overrides_are_checked_against_the_merged_config_and_constructors():
+def test_invalid_window_and_unusable_log_folder_are_refused_before_training(tmp_path):
+    result = run_main([*base_args(tmp_path), "-t", "model.params.t_min=600"], tmp_path)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("main.py: error: window t_min=600, t_max=500 is invalid: need integers 0 <= t_min < t_max")
+    assert not (tmp_path / "logs").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_main([*base_args(tmp_path), "-t", "-l", str(tmp_path / "a_file" / "logs")], tmp_path)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"main.py: error: cannot create the run folder under {str(tmp_path / 'a_file' / 'logs')!r}")
+
+
+def test_overrides_are_checked_against_the_merged_config_and_constructors(tmp_path):
+    compvis = tmp_path / "compvis_lightning.yaml"
+    compvis.write_text("lightning:\n  callbacks:\n    image_logger:\n      target: main.ImageLogger\n"
+                       "      params: {batch_frequency: 5000, max_images: 8, increase_log_steps: false}\n")
+    legacy = merge_configs([QUICKSTART, compvis], ["lightning.callbacks.image_logger.params.clamp=false"])
+    assert legacy.lightning.callbacks.image_logger.target == "ldm.train.callbacks.ImageLogger"  # CompVis' main.ImageLogger
+    assert legacy.lightning.callbacks.image_logger.params.clamp is False
     config = merge_configs([QUICKSTART], [])
     check_override_key(config, "model.params.use_ema")  # a LatentDiffusion argument the YAML does not set
     check_override_key(config, "model.params.unet_config.params.dropout")

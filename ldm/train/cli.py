@@ -56,6 +56,10 @@ LIGHTNING1_HINTS = {
 }
 
 
+# latent-diffusion configs name callbacks of its main.py; they live in ldm.train.callbacks here.
+LEGACY_CALLBACK_TARGETS = {"main.ImageLogger": "ldm.train.callbacks.ImageLogger"}
+
+
 class CLIError(ConfigError):
     """The command line itself is wrong (unknown flag, malformed override, conflicting options)."""
 
@@ -337,9 +341,17 @@ def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
 def merge_configs(
     base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
 ) -> DictConfig:
-    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked too."""
+    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked too.
+
+    latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
+    """
     configs = [load_yaml_config(p) for p in base_paths]
     merged = OmegaConf.merge(defaults or OmegaConf.create(), *configs)
+    callbacks = OmegaConf.select(merged, "lightning.callbacks")
+    if isinstance(callbacks, DictConfig):
+        for cfg in callbacks.values():
+            if isinstance(cfg, DictConfig) and cfg.get("target") in LEGACY_CALLBACK_TARGETS:
+                cfg.target = LEGACY_CALLBACK_TARGETS[cfg.target]
     for entry in dotlist:
         check_override_key(merged, entry.split("=", 1)[0])
     merged = OmegaConf.merge(merged, parse_dotlist(dotlist))

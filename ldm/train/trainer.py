@@ -55,8 +55,6 @@ LAST_CHECKPOINT_KEYS = (
     "save_on_train_epoch_end",
     "save_weights_only",
 )
-# latent-diffusion configs name the callbacks of its main.py; they live in ldm.train.callbacks here.
-LEGACY_CALLBACK_TARGETS = {"main.ImageLogger": "ldm.train.callbacks.ImageLogger"}
 
 
 def default_lightning_config() -> DictConfig:
@@ -87,7 +85,6 @@ def build_callbacks(
     for name, cfg in (_plain(lightning_config.get("callbacks")) or {}).items():
         if not isinstance(cfg, dict) or "target" not in cfg:
             raise ConfigError(f"lightning.callbacks.{name} must be {{target: ..., params: {{...}}}}, got {cfg!r}")
-        cfg = dict(cfg, target=LEGACY_CALLBACK_TARGETS.get(cfg["target"], cfg["target"]))
         callbacks.append(instantiate_from_config(cfg))
     ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
     params = dict(ckpt_cfg.get("params") or {})

@@ -9,8 +9,10 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +210,39 @@ def test_earlier_outputs_below_an_input_folder_are_not_refined_again(cli, expert
     assert sorted(p.name for p in out.iterdir()) == ["img_t400_s0.png"]
 
 
+@pytest.mark.slow
+def test_killed_batch_leaves_only_complete_outputs_and_skip_existing_finishes_it(
+    cli, expert_checkpoints, photos_small, tmp_path
+):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        save_png(inputs / f"img{i}.png", np.roll(photos_small[0], 7 * i, axis=1))
+    out = tmp_path / "out"
+    argv = ["--input", str(inputs), *base_args(expert_checkpoints, out)]
+    argv[argv.index("--ddim-steps") + 1] = "20"
+    argv[argv.index("--start-t") + 1] = "999"
+    argv.append("--allow-outside-window")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    finished = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert 1 <= len(finished) < 4, finished  # killed midway
+    for name in finished:
+        Image.open(out / name).load()  # every visible output is a complete image
+    before = {name: (out / name).stat().st_mtime_ns for name in finished}
+    assert run_main(cli, [*argv, "--skip-existing"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"img{i}_t999_s0.png" for i in range(4)]
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
 # ------------------------------------------------------------------------------------------------------ bad inputs
 def write_bad_and_odd_inputs(folder: Path, photos_small) -> tuple[list[str], list[str]]:
     """Files that must be refined (good, odd modes/sizes) and files that must fail, each named by its problem."""
@@ -265,17 +300,28 @@ def test_every_bad_input_gets_one_line_and_the_batch_goes_on(
     assert "8 of 13 images done" in captured.out
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file_is_one_line(cli, expert_checkpoints, photos_small, tmp_path, capsys):
+def test_unreadable_file_is_one_line(cli, expert_checkpoints, photos_small, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     save_png(folder / "good.png", photos_small[0])
     locked = save_png(folder / "locked.png", photos_small[0])
     locked.chmod(0)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root reads any file: make the read fail as it would for others
+        import ldm.imageio.load as load
+
+        real_read = load._read_bytes
+
+        def read(path):
+            if os.fsdecode(path).endswith("locked.png"):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_read(path)
+
+        monkeypatch.setattr(load, "_read_bytes", read)
     capsys.readouterr()
     assert run_main(cli, ["--input", str(folder), *base_args(expert_checkpoints, tmp_path / "out")]) == 1
-    lines = [line for line in error_lines(capsys.readouterr().err) if "locked.png" in line and "permission" in line]
-    assert len(lines) == 1
+    lines = [line for line in error_lines(capsys.readouterr().err) if "locked.png" in line and "image(s) failed" not in line]
+    assert len(lines) == 1 and "permission denied" in lines[0]
+    assert (tmp_path / "out" / "good_t400_s0.png").exists()
 
 
 # --------------------------------------------------------------------------------------------------- bad arguments

@@ -161,10 +161,6 @@ class ExpertRouter:
         """The first expert's model: it supplies the schedule, ``q_sample`` and the shared first stage."""
         return self.experts[0].model
 
-    @property
-    def windows(self) -> list[tuple[int, int]]:
-        return [e.window for e in self.experts]
-
     def describe_windows(self) -> str:
         return "; ".join(e.describe(self.num_timesteps) for e in self.experts)
 
@@ -192,12 +188,7 @@ class ExpertRouter:
                 f"{self._what(ts, start_t)} runs steps outside every expert window: {self.describe_windows()}; "
                 f"uncovered: {format_timesteps(gaps, self.num_timesteps)}. {self._gap_hint(ts, gaps)}"
             )
-        choice = []
-        for t in ts:
-            if covering[t]:
-                choice.append(covering[t][0])
-            else:
-                choice.append(self._nearest(t))
+        choice = [covering[t][0] if covering[t] else self._nearest(t) for t in ts]
         new_gaps = [t for t in gaps if t not in self._warned]
         if new_gaps:
             self._warned.update(new_gaps)

@@ -199,7 +199,10 @@ class DDPM(pl.LightningModule):
             if context is not None:
                 logger.debug("%s: restored training weights", context)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Step the optimizer, then update the EMA (once per optimizer step, before any checkpoint callback runs, so
+        a checkpoint written after step k holds the weights and the EMA of step k)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.use_ema:
             self.model_ema(self.model)
 

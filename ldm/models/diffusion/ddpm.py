@@ -384,12 +384,16 @@ class DDPM(pl.LightningModule):
         first = next(iter(batch.values()))
         return len(first)
 
-    def configure_optimizers(self):
-        """AdamW on the diffusion model (and logvar when learned), with an optional LambdaLR step schedule."""
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the diffusion model, and logvar when learned."""
         params = list(self.model.parameters())
         if self.learn_logvar:
             params.append(self.logvar)
-        opt = torch.optim.AdamW(params, lr=self.learning_rate)
+        return params
+
+    def configure_optimizers(self):
+        """AdamW on :meth:`trainable_parameters`, with an optional LambdaLR step schedule (``scheduler_config``)."""
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
         if not self.use_scheduler:
             return opt
         schedule = instantiate_from_config(self.scheduler_config)

@@ -253,19 +253,12 @@ class LatentDiffusion(DDPM):
             cond = {key: cond}
         return self.model(x_noisy, t, **cond)
 
-    def configure_optimizers(self):
-        """AdamW on the UNet (and a trainable cond stage), with an optional LambdaLR step schedule."""
-        if not self.cond_stage_trainable:
-            return super().configure_optimizers()
-        params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
-        if self.learn_logvar:
-            params.append(self.logvar)
-        opt = torch.optim.AdamW(params, lr=self.learning_rate)
-        if not self.use_scheduler:
-            return opt
-        schedule = instantiate_from_config(self.scheduler_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
-        return [opt], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The UNet (and logvar when learned), plus a trainable cond stage."""
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        return params
 
     # ------------------------------------------------------------------------------------------------------- images
     @torch.no_grad()

@@ -1,0 +1,322 @@
+"""Writing a sweep's results: the per-case CSV, the summary (CSV and a text table), the curves plot and example grids.
+
+* ``sweep.csv``: one row per case x method x start_t (:data:`CSV_COLUMNS`, then the metric columns that were
+  computed).  Baselines have empty ``start_t`` / ``effective_start``; a skipped metric reads ``skipped`` (the reason is
+  in ``sweep.json`` and printed once).
+* ``summary.csv`` and :func:`format_table`: means per degradation x method x start_t, FID/KID joined in.
+* ``curves.png`` (:func:`plot_curves`): PSNR to the clean image and PSNR to the input against ``start_t``, one panel
+  per degradation, one line per refiner, baselines as horizontal dashed lines (identity is the input itself, so its
+  PSNR to the input is infinite and not drawn).  In no-reference mode only the faithfulness row is drawn.
+* ``examples.png`` (:func:`example_grid`): one row per kept case: clean | input | outputs (refiners at a few start_t,
+  baselines), upscaled with nearest-neighbour so small images stay readable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ldm.eval.metrics import Skipped
+from ldm.eval.sweep import METRIC_COLUMNS, SweepExample, SweepResult, summarize
+from ldm.util import atomic_write_bytes
+
+CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
+SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
+SET_COLUMNS: tuple[str, ...] = ("fid", "kid_mean", "kid_std", "skipped")
+# what the printed table shows (the CSVs have everything)
+TABLE_METRICS: tuple[tuple[str, str], ...] = (
+    ("psnr_clean", "PSNR->clean"),
+    ("ssim_clean", "SSIM->clean"),
+    ("lpips_clean", "LPIPS->clean"),
+    ("psnr_input", "PSNR->input"),
+    ("ssim_input", "SSIM->input"),
+    ("fid", "FID"),
+    ("seconds", "s/img"),
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Skipped):
+        return "skipped"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str], trailing: Sequence[str]) -> None:
+    present = [c for c in trailing if any(c in r for r in rows)]
+    columns = list(leading) + present
+    lines = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(lines)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
+    """The per-case CSV (see the module docstring)."""
+    path = Path(path)
+    _write_csv(path, result.rows, CSV_COLUMNS, METRIC_COLUMNS)
+    return path
+
+
+def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """The summary CSV (means per degradation x method x start_t)."""
+    path = Path(path)
+    _write_csv(path, summary, SUMMARY_COLUMNS, METRIC_COLUMNS + SET_COLUMNS)
+    return path
+
+
+def format_table(summary: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table of the summary: one block per degradation."""
+    metrics = [(k, title) for k, title in TABLE_METRICS if any(k in s for s in summary)]
+    if any(isinstance(s.get("fid"), float) for s in summary) is False:
+        metrics = [(k, t) for k, t in metrics if k != "fid"]
+    header = ["method", "start_t", "eff", "n"] + [title for _, title in metrics]
+    blocks = []
+    for degradation in dict.fromkeys(s["degradation"] for s in summary):
+        rows = [header]
+        for s in summary:
+            if s["degradation"] != degradation:
+                continue
+            cells = [s["method"], _cell(s["start_t"]) or "-", _cell(s["effective_start"]) or "-", str(s["n"])]
+            for key, _ in metrics:
+                value = s.get(key)
+                cells.append(f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else _cell(value))
+            rows.append(cells)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [f"degradation: {degradation}"]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# curves
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
+    """PSNR to clean and to input against start_t (mean and standard deviation over cases); see the module docstring."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
+        ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
+    ]
+    if result.reference and any(isinstance(r.get("lpips_clean"), float) for r in result.rows):
+        rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
+    degs = result.degradations
+    fig, axes = plt.subplots(
+        len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 0.8), squeeze=False
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    method_color = {m: colors[i % len(colors)] for i, m in enumerate(result.methods)}
+    all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
+    handles: dict[str, Any] = {}
+    for c, degradation in enumerate(degs):
+        for r, (metric, label) in enumerate(rows_spec):
+            ax = axes[r][c]
+            for method, (kind, _) in result.methods.items():
+                values: dict[int | None, list[float]] = {}
+                for row in result.rows:
+                    v = row.get(metric)
+                    if row["method"] == method and row["degradation"] == degradation and isinstance(v, float):
+                        values.setdefault(row["start_t"], []).append(v)
+                if kind == "baseline":
+                    vals = values.get(None, [])
+                    if not vals or not all(math.isfinite(v) for v in vals):
+                        continue
+                    mean, _ = _mean_std(vals)
+                    handles[method] = ax.axhline(mean, color=method_color[method], linestyle="--", linewidth=1.2, label=method)
+                else:
+                    ts = sorted(t for t in values if t is not None and all(math.isfinite(v) for v in values[t]))
+                    if not ts:
+                        continue
+                    stats = [_mean_std(values[t]) for t in ts]
+                    means = [m for m, _ in stats]
+                    stds = [s for _, s in stats]
+                    handles[method] = ax.errorbar(
+                        ts, means, yerr=stds, color=method_color[method], marker="o", capsize=3, label=method
+                    )
+            if r == 0:
+                ax.set_title(_short(degradation), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == len(rows_spec) - 1:
+                ax.set_xlabel("start_t")
+            if all_ts:
+                ax.set_xticks(all_ts)
+            ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96 if title else 1))
+    path = Path(path)
+    try:
+        atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _short(label: str, width: int = 48) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image grids
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [-1, 1] -> uint8 ``[H, W, 3]``."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def image_grid(
+    rows: Sequence[Sequence[torch.Tensor | None]],
+    column_titles: Sequence[str],
+    row_titles: Sequence[str] | None = None,
+    min_tile: int = 128,
+    pad: int = 6,
+) -> Image.Image:
+    """A labelled grid: ``rows[i][j]`` is an image ``[3, H, W]`` in [-1, 1] (None: an empty cell).
+
+    Tiles are upscaled by an integer factor (nearest neighbour) to at least ``min_tile`` px on the shorter side; every
+    row of tiles has ``row_titles[i]`` above it; columns are titled at the top.
+    """
+    if not rows or not column_titles:
+        raise ValueError("image_grid needs at least one row and one column")
+    font = ImageFont.load_default()
+    sizes = [t.shape[-2:] for row in rows for t in row if t is not None]
+    if not sizes:
+        raise ValueError("image_grid got no images")
+    h = max(int(s[0]) for s in sizes)
+    w = max(int(s[1]) for s in sizes)
+    scale = max(1, math.ceil(min_tile / max(1, min(h, w))))
+    th, tw, text_h = h * scale, w * scale, 14
+    n_cols = len(column_titles)
+    row_h = th + pad + (text_h if row_titles else 0)
+    canvas = Image.new("RGB", (pad + n_cols * (tw + pad), text_h + pad + len(rows) * row_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(column_titles):
+        draw.text((pad + j * (tw + pad), pad // 2), _fit(draw, title, font, tw), fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = text_h + pad + i * row_h
+        if row_titles:
+            draw.text((pad, y), _fit(draw, row_titles[i], font, canvas.width - 2 * pad), fill="dimgray", font=font)
+            y += text_h
+        for j, tile in enumerate(row[:n_cols]):
+            if tile is None:
+                continue
+            img = Image.fromarray(_to_uint8(tile))
+            img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+            canvas.paste(img, (pad + j * (tw + pad), y))
+    return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def example_grid(examples: Sequence[SweepExample], outputs: Sequence[str] | None = None) -> Image.Image:
+    """clean | input | outputs for every example (``outputs``: which output labels, default all in order)."""
+    if not examples:
+        raise ValueError("no examples to show")
+    labels = list(outputs) if outputs is not None else list(dict.fromkeys(k for e in examples for k in e.outputs))
+    reference = any(e.clean is not None for e in examples)
+    titles = (["clean"] if reference else []) + ["input"] + labels
+    rows = []
+    for e in examples:
+        row = ([e.clean] if reference else []) + [e.input] + [e.outputs.get(label) for label in labels]
+        rows.append(row)
+    row_titles = [f"{e.image} | {e.degradation} | seed {e.seed}" for e in examples]
+    return image_grid(rows, titles, row_titles)
+
+
+def before_after_grid(result: SweepResult, method: str, start_t: int) -> Image.Image:
+    """clean | artifact | refined (``method`` at ``start_t``) for every example, each row titled with the PSNR to the
+    clean image of the artifact and of the refined image."""
+    label = f"{method} t={start_t}"
+    examples = [e for e in result.examples if label in e.outputs]
+    if not examples:
+        raise ValueError(f"no example holds {label!r}; pass start_t={start_t} in run_sweep's example_start_ts")
+    psnr = {
+        (r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows
+    }
+    rows, titles = [], []
+    for e in examples:
+        before = psnr.get((e.image, e.degradation, e.seed, "identity", None))
+        after = psnr.get((e.image, e.degradation, e.seed, method, start_t))
+        numbers = f"PSNR {before:.1f} -> {after:.1f} dB | " if isinstance(before, float) and isinstance(after, float) else ""
+        titles.append(f"{numbers}{e.image} | {e.degradation}")
+        rows.append([e.clean, e.input, e.outputs[label]])
+    columns = ["clean", "artifact", f"refined (start_t={start_t})"]
+    if not result.reference:
+        rows = [row[1:] for row in rows]
+        columns = columns[1:]
+    return image_grid(rows, columns, titles)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PIL image as PNG atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, lambda fh: image.save(fh, format="PNG"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# everything
+
+
+def write_report(
+    result: SweepResult, outdir: str | os.PathLike, parameters: dict[str, Any] | None = None, title: str | None = None
+) -> dict[str, Path]:
+    """Write ``sweep.csv``, ``summary.csv``, ``curves.png``, ``examples.png`` (when examples were kept) and
+    ``sweep.json`` (parameters, methods, start_ts run, notes) into ``outdir``; returns ``{name: path}``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(result)
+    paths = {
+        "csv": write_rows_csv(result, out / "sweep.csv"),
+        "summary": write_summary_csv(summary, out / "summary.csv"),
+        "plot": plot_curves(result, out / "curves.png", title),
+    }
+    if result.examples:
+        paths["grid"] = save_png(example_grid(result.examples), out / "examples.png")
+    info = {
+        "parameters": parameters or {},
+        "methods": {name: {"kind": kind, "description": d} for name, (kind, d) in result.methods.items()},
+        "start_ts": {name: list(ts) for name, ts in result.start_ts.items()},
+        "degradations": result.degradations,
+        "reference": result.reference,
+        "notes": result.notes,
+    }
+    atomic_write_bytes(out / "sweep.json", (json.dumps(info, indent=2, default=str) + "\n").encode())
+    paths["json"] = out / "sweep.json"
+    return paths

@@ -1,0 +1,513 @@
+"""The refinement sweep: does refinement remove artifacts, from which ``start_t`` on, and what does it cost in faithfulness?
+
+For every image x degradation x seed one *case* is built (the clean image, and its degraded copy as the input); every
+method then processes every case:
+
+* refiners (:class:`ldm.refine.Refiner`, e.g. the chained window experts and a second refiner to compare against) at
+  every ``start_t``; sample noise uses the case's seed (``refine_tensors`` with per-sample seeds), so two refiners see
+  the same inputs and the same seeds;
+* baselines (:mod:`ldm.eval.baselines`: identity, a classical filter, the first-stage round trip) once per case.
+
+Each output is measured against the clean image (``*_clean``: PSNR, SSIM, MSE, LPIPS when its weights are on disk) and
+against the input it was given (``*_input``: faithfulness).  FID/KID are set-level: one value per method x degradation
+x start_t over all its cases, against the clean images, when the Inception weights are on disk.
+
+No-reference mode (``degradations=None``): the images *are* the inputs (real artifact images); only the ``*_input``
+metrics exist.
+
+Seeds: case ``(image, degradation, seed)`` degrades with ``file_seed(seed, "<degradation label>/<image name>")`` (one
+generator per image, so a case does not depend on the others) and refines with ``seed``.
+
+The result (:class:`SweepResult`) is turned into a CSV, a summary table, curves and an example grid by
+:mod:`ldm.eval.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ldm.eval.baselines import Baseline
+from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec, file_seed
+from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid
+from ldm.util import is_rank_zero
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_START_TS: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700)
+# One of each family of degradation.ldm.eval.degrade provides; "first_stage=model" is the refiner's own first stage.
+DEFAULT_DEGRADATIONS: tuple[str, ...] = (
+    "vq_roundtrip:first_stage=model,codebook_fraction=0.125",
+    "jpeg:quality=15",
+    "blur_noise:sigma=1.0,noise_std=0.1",
+    "elastic_warp",
+    "patch_shuffle",
+    "colour_blotches",
+)
+MODEL_FIRST_STAGE = "model"
+NO_REFERENCE = "none"
+METRIC_COLUMNS: tuple[str, ...] = (
+    "psnr_clean",
+    "ssim_clean",
+    "mse_clean",
+    "lpips_clean",
+    "psnr_input",
+    "ssim_input",
+    "mse_input",
+    "lpips_input",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class SweepImage:
+    """One image of the sweep: ``image`` ``[1, 3, H, W]`` in [-1, 1] on the CPU (clean, or in no-reference mode the
+    artifact image itself) and a name for the CSV."""
+
+    name: str
+    image: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SweepDegradation:
+    """A degradation and the label written into the CSV (its spec; ``first_stage=model`` for the refiner's own first
+    stage).  ``degradation`` None means no-reference mode: the image is the input."""
+
+    label: str
+    degradation: Degradation | None
+
+
+def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:
+    """``n`` held-out crops of the embedded photographs (never seen by :class:`ldm.data.embedded.EmbeddedPhotos`
+    training), named ``heldout_<i>_<photo>``."""
+    from ldm.data.embedded import DEFAULT_PHOTOS, heldout_crops
+
+    crops = heldout_crops(size, n, seed=seed)
+    return [
+        SweepImage(f"heldout_{i:03d}_{DEFAULT_PHOTOS[i % len(DEFAULT_PHOTOS)]}", _uint8_to_tensor(crop))
+        for i, crop in enumerate(crops)
+    ]
+
+
+def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
+    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path.
+
+    Alpha channels are dropped (the sweep compares RGB).  An unreadable file is an error naming it.
+    """
+    from pathlib import Path
+
+    from ldm import imageio
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")
+    paths, problems = imageio.find_images([root])
+    if not paths:
+        raise FileNotFoundError("; ".join(problems) or f"no images under {imageio.format_path(root)}")
+    images = []
+    for path in paths:
+        loaded = imageio.load_image(path)
+        images.append(SweepImage(path.relative_to(root).as_posix(), imageio.image_to_tensor(loaded.rgb)))
+    return images
+
+
+def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def _parse_items(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = spec.partition(":")
+    items: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"degradation spec {spec!r}: {item!r} is not key=value; format is name:key=value,key=value")
+        items[key.strip()] = value.strip()
+    return name.strip(), items
+
+
+def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = None) -> SweepDegradation:
+    """A degradation from a spec (``"name:key=value,..."``, see :func:`ldm.eval.degrade.degradation_from_spec`).
+
+    ``vq_roundtrip`` without ``first_stage`` or with ``first_stage=model`` uses ``first_stage`` (the refiner's own
+    VQ, e.g. with ``codebook_fraction=0.125`` for a coarser codebook); ``first_stage=<yaml>`` loads another one.
+    """
+    name, items = _parse_items(spec)
+    if name == VQRoundTrip.name and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
+        if first_stage is None:
+            raise ValueError(f"degradation {spec!r} uses the refiner's first stage, but no model was given")
+        try:
+            params: dict[str, Any] = {k: float(v) for k, v in items.items() if k != "first_stage"}
+        except ValueError:
+            raise ValueError(f"degradation spec {spec!r}: vq_roundtrip takes codebook_fraction=<number in (0, 1]>") from None
+        deg = build_degradation(name, first_stage=first_stage, **params)
+        rest = [f"{k}={v}" for k, v in deg.params().items() if k != "first_stage"]
+        label = ",".join([f"first_stage={MODEL_FIRST_STAGE}", *rest])
+        return SweepDegradation(f"{name}:{label}", deg)
+    deg = degradation_from_spec(spec)
+    return SweepDegradation(deg.spec, deg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class SweepExample:
+    """One case kept for the example grid: clean (None without reference), input, and named outputs in order."""
+
+    image: str
+    degradation: str
+    seed: int
+    clean: torch.Tensor | None
+    input: torch.Tensor
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """Everything the report needs.
+
+    Attributes:
+        rows: one dict per case x method x start_t: ``image, degradation, method, kind ("refiner"/"baseline"),
+            start_t, effective_start`` (None for baselines), ``seed, seconds`` (per image) and the metric columns of
+            :data:`METRIC_COLUMNS` that were computed (a :class:`Skipped` where a metric was skipped).
+        set_metrics: one dict per method x degradation x start_t: ``fid, kid_mean, kid_std`` or ``skipped`` (reason).
+        examples: cases kept for the grid.
+        methods: ``{name: (kind, description)}`` in run order (baselines, then refiners).
+        start_ts: ``{refiner name: start_ts it ran}`` (those outside its windows are left out, see ``notes``).
+        degradations: labels in order.  reference: False in no-reference mode.  notes: what was skipped and why.
+    """
+
+    rows: list[dict[str, Any]]
+    set_metrics: list[dict[str, Any]]
+    examples: list[SweepExample]
+    methods: dict[str, tuple[str, str]]
+    start_ts: dict[str, tuple[int, ...]]
+    degradations: list[str]
+    reference: bool
+    notes: list[str]
+
+
+@dataclass
+class _Case:
+    image: str
+    degradation: str
+    seed: int
+    clean: torch.Tensor | None  # [3, H, W]
+    input: torch.Tensor  # [3, H, W]
+
+
+def _check_start_ts(start_ts: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
+    values = []
+    for t in start_ts:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= int(t) <= num_timesteps - 1:
+            raise ValueError(f"start_t={t!r} must be an integer in [1, {num_timesteps - 1}]")
+        values.append(int(t))
+    if not values:
+        raise ValueError("no start_t given; pass e.g. 100 200 300 400 500 600 700")
+    return tuple(sorted(set(values)))
+
+
+def _covered_start_ts(
+    name: str, refiner: Any, start_ts: tuple[int, ...], ddim_steps: int, eta: float, notes: list[str]
+) -> dict[int, int]:
+    """``{start_t: effective start}`` for the start_ts every step of whose tail an expert window serves."""
+    covered: dict[int, int] = {}
+    for t in start_ts:
+        try:
+            covered[t] = refiner.plan(t, ddim_steps, eta).effective_start
+        except ValueError as exc:
+            notes.append(f"{name}: start_t={t} skipped: {' '.join(str(exc).split())}")
+    if not covered:
+        raise ValueError(
+            f"refiner {name!r} cannot run any of start_t={list(start_ts)} with its expert windows "
+            f"({refiner.router.describe_windows()}); choose start_t values inside them or pass allow_outside_window"
+        )
+    if len(covered) < len(start_ts):
+        outside = sorted(set(start_ts) - set(covered))
+        logger.warning("%s: start_t %s lie outside its expert windows and are skipped", name, outside)
+    return covered
+
+
+def _example_ts(covered: Sequence[int], n: int | Sequence[int]) -> list[int]:
+    """``n`` evenly spread entries of ``covered``, or the entries of ``n`` that are covered."""
+    ts = sorted(covered)
+    if not isinstance(n, (int, np.integer)):
+        return [t for t in ts if t in set(n)]
+    if n < 1:
+        raise ValueError(f"example_start_ts={n} must be >= 1 (or a list of start_ts)")
+    if len(ts) <= n:
+        return ts
+    picks = np.linspace(0, len(ts) - 1, n).round().astype(int)
+    return [ts[i] for i in dict.fromkeys(picks.tolist())]
+
+
+def _to_cell(value: Any) -> Any:
+    return value if isinstance(value, Skipped) else float(value)
+
+
+class _Runner:
+    """Holds the cases and accumulates rows; one method at a time."""
+
+    def __init__(self, cases: list[_Case], batch_size: int, lpips: LPIPSMetric | Skipped | None, keep_sets: bool):
+        self.cases = cases
+        self.batch_size = batch_size
+        self.lpips = lpips
+        self.keep_sets = keep_sets
+        self.rows: list[dict[str, Any]] = []
+        self.sets: dict[tuple[str, str, int | None], list[torch.Tensor]] = defaultdict(list)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, case in enumerate(cases):
+            groups[tuple(case.input.shape)].append(i)
+        self.batches = [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+    def run(
+        self, method: str, kind: str, fn: Any, start_t: int | None, effective: int | None, bar: tqdm
+    ) -> dict[int, torch.Tensor]:
+        """Run ``fn(inputs [B, 3, H, W], seeds) -> outputs`` over all cases; returns ``{case index: output}``."""
+        outputs: dict[int, torch.Tensor] = {}
+        for batch in self.batches:
+            cases = [self.cases[i] for i in batch]
+            x = torch.stack([c.input for c in cases])
+            started = time.perf_counter()
+            out = fn(x, [c.seed for c in cases]).detach().float().cpu()
+            seconds = (time.perf_counter() - started) / len(cases)
+            clean = torch.stack([c.clean for c in cases]) if cases[0].clean is not None else None
+            metrics = compute_metrics(out, clean, x, lpips=self.lpips)
+            for j, (i, case) in enumerate(zip(batch, cases)):
+                row: dict[str, Any] = {
+                    "image": case.image,
+                    "degradation": case.degradation,
+                    "method": method,
+                    "kind": kind,
+                    "start_t": start_t,
+                    "effective_start": effective,
+                    "seed": case.seed,
+                    "seconds": seconds,
+                }
+                for key in METRIC_COLUMNS:
+                    if key in metrics:
+                        value = metrics[key]
+                        row[key] = value if isinstance(value, Skipped) else float(value[j])
+                self.rows.append(row)
+                outputs[i] = out[j]
+                if self.keep_sets:
+                    self.sets[(method, case.degradation, start_t)].append(_quantize(out[j]))
+            bar.update(1)
+        return outputs
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """Store outputs kept for FID/KID as uint8 (what a saved image holds; 4x less memory than float)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _dequantize(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def run_sweep(
+    refiners: Sequence[tuple[str, Any]],
+    images: Sequence[SweepImage],
+    degradations: Sequence[SweepDegradation] | None,
+    start_ts: Sequence[int] = DEFAULT_START_TS,
+    seeds: Sequence[int] = (0,),
+    *,
+    baselines: Sequence[Baseline] = (),
+    ddim_steps: int = 50,
+    eta: float = 0.0,
+    batch_size: int = 8,
+    lpips: LPIPSMetric | Skipped | None = None,
+    inception: torch.nn.Module | Skipped | None = None,
+    n_examples: int = 4,
+    example_start_ts: int | Sequence[int] = 4,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every method on every case and measure it (see the module docstring).
+
+    Args:
+        refiners: ``(name, Refiner)`` pairs, the main one first (its outputs fill the example grid).
+        images: the images (clean ones; the artifact images themselves when ``degradations`` is None).
+        degradations: from :func:`build_sweep_degradation`; None for no-reference mode.
+        start_ts: start timesteps (each in ``[1, T-1]``); those a refiner's windows do not cover are skipped for it,
+            with a note.
+        seeds: one case per seed (degradation seed derived from it; refinement seed = it).
+        baselines: from :func:`ldm.eval.baselines.default_baselines`.
+        ddim_steps, eta: the DDIM grid and noise of every refinement.
+        batch_size: cases refined together (same-size inputs).
+        lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
+        inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
+        n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
+        example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
+        progress: a tqdm bar over batches (rank 0 only).
+
+    Raises:
+        ValueError: no refiner and no baseline, no images, bad start_ts / seeds / batch size, a refiner that covers none
+            of the start_ts.
+    """
+    if not refiners and not baselines:
+        raise ValueError("nothing to evaluate: pass at least one refiner or baseline")
+    if not images:
+        raise ValueError("no images to evaluate")
+    if batch_size < 1 or n_examples < 0:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1 and n_examples ({n_examples}) >= 0")
+    seed_list = [int(s) for s in seeds]
+    if not seed_list or any(s < 0 for s in seed_list):
+        raise ValueError(f"seeds={list(seeds)} must be a non-empty list of integers >= 0")
+    names = [name for name, _ in refiners] + [b.name for b in baselines]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    num_timesteps = refiners[0][1].num_timesteps if refiners else 1000
+    ts = _check_start_ts(start_ts, num_timesteps)
+    notes: list[str] = []
+    covered = {name: _covered_start_ts(name, r, ts, ddim_steps, eta, notes) for name, r in refiners}
+
+    reference = degradations is not None
+    sweep_degradations = list(degradations) if reference else [SweepDegradation(NO_REFERENCE, None)]
+    cases, examples = _build_cases(images, sweep_degradations, seed_list, n_examples)
+    keep_sets = reference and isinstance(inception, torch.nn.Module)
+    runner = _Runner(cases, batch_size, lpips, keep_sets)
+
+    n_runs = len(baselines) + sum(len(c) for c in covered.values())
+    show = progress and is_rank_zero()
+    with tqdm(total=n_runs * len(runner.batches), desc="sweep", unit="batch", disable=not show) as bar:
+        for baseline in baselines:
+            bar.set_postfix_str(baseline.name)
+            out = runner.run(baseline.name, "baseline", lambda x, _s, b=baseline: b(x), None, None, bar)
+            if baseline.name != "identity":
+                _keep_examples(examples, out, baseline.name)
+        for name, refiner in refiners:
+            shown = set(_example_ts(list(covered[name]), example_start_ts))
+            for t, effective in covered[name].items():
+                bar.set_postfix_str(f"{name} t={t}")
+
+                def refine(x: torch.Tensor, seeds_: list[int], r: Any = refiner, t_: int = t) -> torch.Tensor:
+                    return r.refine_tensors(x, t_, seeds_, ddim_steps, eta)
+
+                out = runner.run(name, "refiner", refine, t, effective, bar)
+                if t in shown:
+                    _keep_examples(examples, out, f"{name} t={t}")
+
+    set_metrics = _set_metrics(runner, inception, reference, cases)
+    if isinstance(lpips, Skipped):
+        notes.append(str(lpips))
+    if isinstance(inception, Skipped):
+        notes.append(str(inception))
+    methods = {b.name: ("baseline", b.description) for b in baselines}
+    for name, refiner in refiners:
+        methods[name] = ("refiner", refiner.describe())
+    return SweepResult(
+        rows=runner.rows,
+        set_metrics=set_metrics,
+        examples=list(examples.values()),
+        methods=methods,
+        start_ts={name: tuple(c) for name, c in covered.items()},
+        degradations=[d.label for d in sweep_degradations],
+        reference=reference,
+        notes=notes,
+    )
+
+
+def _build_cases(
+    images: Sequence[SweepImage], degradations: list[SweepDegradation], seeds: list[int], n_examples: int
+) -> tuple[list[_Case], dict[int, SweepExample]]:
+    cases: list[_Case] = []
+    examples: dict[int, SweepExample] = {}
+    for deg in degradations:
+        for k, image in enumerate(images):
+            x = image.image
+            if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+                raise ValueError(f"image {image.name!r} must be a [1, 3, H, W] tensor, got {tuple(x.shape)}")
+            for seed in seeds:
+                if deg.degradation is None:
+                    clean, inp = None, x[0].float()
+                else:
+                    clean = x[0].float()
+                    inp = deg.degradation(x.float(), file_seed(seed, f"{deg.label}/{image.name}"))[0].cpu()
+                if k < n_examples and seed == seeds[0]:
+                    examples[len(cases)] = SweepExample(image.name, deg.label, seed, clean, inp)
+                cases.append(_Case(image.name, deg.label, seed, clean, inp))
+    return cases, examples
+
+
+def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.Tensor], label: str) -> None:
+    for index, example in examples.items():
+        example.outputs[label] = outputs[index]
+
+
+def _set_metrics(
+    runner: _Runner, inception: torch.nn.Module | Skipped | None, reference: bool, cases: list[_Case]
+) -> list[dict[str, Any]]:
+    """FID/KID per method x degradation x start_t against the clean images of that degradation."""
+    if inception is None:
+        return []
+    keys = list(dict.fromkeys((r["method"], r["degradation"], r["start_t"]) for r in runner.rows))
+    if not reference or isinstance(inception, Skipped):
+        reason = str(inception) if isinstance(inception, Skipped) else "skipped: FID/KID need clean references"
+        return [{"method": m, "degradation": d, "start_t": t, "skipped": reason} for m, d, t in keys]
+    real: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for case in cases:
+        if case.clean is not None:
+            real[case.degradation].setdefault(case.image, case.clean)
+    out = []
+    for method, degradation, t in keys:
+        fake = _dequantize(torch.stack(runner.sets[(method, degradation, t)]))
+        reals = torch.stack(list(real[degradation].values()))
+        value = fid_kid(reals, fake, feature_extractor=inception, kid_subset_size=min(len(reals), len(fake)))
+        entry: dict[str, Any] = {"method": method, "degradation": degradation, "start_t": t}
+        if isinstance(value, Skipped):
+            entry["skipped"] = str(value)
+        else:
+            entry.update(value)
+        out.append(entry)
+    return out
+
+
+def summarize(result: SweepResult) -> list[dict[str, Any]]:
+    """Mean (and count) of every metric per degradation x method x start_t, in run order, with FID/KID joined in.
+
+    Skipped cells are left out of the means; a column skipped everywhere holds the :class:`Skipped` value.
+    Infinite PSNR (identity against its own input) stays ``inf``.
+    """
+    groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for row in result.rows:
+        groups[(row["degradation"], row["method"], row["start_t"])].append(row)
+    sets = {(s["degradation"], s["method"], s["start_t"]): s for s in result.set_metrics}
+    order = {name: i for i, name in enumerate(result.methods)}
+    deg_order = {d: i for i, d in enumerate(result.degradations)}
+    keys = sorted(groups, key=lambda k: (deg_order.get(k[0], 0), order.get(k[1], 0), -1 if k[2] is None else k[2]))
+    summary = []
+    for key in keys:
+        rows = groups[key]
+        entry: dict[str, Any] = {
+            "degradation": key[0],
+            "method": key[1],
+            "kind": rows[0]["kind"],
+            "start_t": key[2],
+            "effective_start": rows[0]["effective_start"],
+            "n": len(rows),
+            "seconds": float(np.mean([r["seconds"] for r in rows])),
+        }
+        for column in METRIC_COLUMNS:
+            values = [r[column] for r in rows if column in r]
+            if not values:
+                continue
+            numbers = [v for v in values if not isinstance(v, Skipped)]
+            entry[column] = float(np.mean(numbers)) if numbers else values[0]
+        if key in sets:
+            entry.update({k: v for k, v in sets[key].items() if k not in ("method", "degradation", "start_t")})
+        summary.append(entry)
+    return summary

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Measure refinement: degrade clean images, refine them at several start_t, compare with baselines.
+
+    python scripts/evaluate.py --ckpt logs/<500-750 run>/checkpoints/last.ckpt \\
+        --ckpt logs/<750-1000 run>/checkpoints/last.ckpt \\
+        --degradations "vq_roundtrip:codebook_fraction=0.125" "jpeg:quality=15" --start-t 100 200 300 400
+
+Writes into --outdir: sweep.csv (one row per image x degradation x method x start_t x seed), summary.csv (means), the
+printed table, curves.png (distance to clean and to the input against start_t), examples.png (clean | degraded |
+outputs) and sweep.json (parameters, notes).  Without --images, held-out crops of the embedded photographs are used
+(never seen in training).  --no-reference DIR takes real artifact images (no clean version): faithfulness and the
+grid only.  This file only parses arguments and prints; the work is in ldm.eval.sweep and ldm.eval.report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+EXIT_OK = 0
+EXIT_INPUT = 1  # images could not be read
+EXIT_USAGE = 2  # bad arguments, checkpoint, config or degradation
+
+PROG = "evaluate.py"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code EXIT_USAGE."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ldm.eval.baselines import FILTERS
+    from ldm.eval.sweep import DEFAULT_DEGRADATIONS, DEFAULT_START_TS
+
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      epilog="Timesteps: t in [0, T), T = 1000; sampling 'steps a-b' are t = 1000 - b .. 1000 - a.")
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+                   help="expert checkpoint of the refiner under test; repeat once per expert (chained by window)")
+    p.add_argument("--compare-ckpt", action="append", default=[], metavar="PATH",
+                   help="checkpoint(s) of a second refiner evaluated head to head (e.g. a full-range model)")
+    p.add_argument("--name", default="experts", help="label of the refiner under test (default: %(default)s)")
+    p.add_argument("--compare-name", default="compare", help="label of the second refiner (default: %(default)s)")
+    p.add_argument("--config", metavar="YAML", help="model config for checkpoints that carry none (CompVis releases)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", metavar="DIR",
+                     help="clean images to degrade (default: held-out crops of the embedded photographs)")
+    src.add_argument("--no-reference", metavar="DIR",
+                     help="real artifact images without clean references: faithfulness curve and grid only")
+    p.add_argument("--n-images", type=_positive_int, default=8, help="embedded held-out crops (default: %(default)s)")
+    p.add_argument("--size", type=_positive_int,
+                   help="side of the embedded crops in pixels (default: the model's training size)")
+    p.add_argument("--crop-seed", type=_non_negative_int, default=0, help="seed of the embedded crops (default: 0)")
+    p.add_argument("--degradations", nargs="+", default=list(DEFAULT_DEGRADATIONS), metavar="SPEC",
+                   help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
+                        "unless first_stage=<yaml>); default: one of each family")
+    p.add_argument("--start-t", nargs="+", type=_positive_int, default=list(DEFAULT_START_TS), metavar="T",
+                   help="start timesteps; those outside the experts' windows are skipped with a note "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=_non_negative_int, default=[0], metavar="S",
+                   help="one case per seed: degradation and refinement noise (default: 0)")
+    p.add_argument("--ddim-steps", type=_positive_int, default=50, help="DDIM grid size (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="cases refined together (default: %(default)s)")
+    p.add_argument("--filter", choices=(*FILTERS, "none"), default="nl_means",
+                   help="classical baseline filter (default: %(default)s)")
+    p.add_argument("--no-autoencoder", action="store_true",
+                   help="leave out the first-stage round-trip baseline")
+    p.add_argument("--examples", type=_non_negative_int, default=4,
+                   help="images per degradation in examples.png (default: %(default)s)")
+    p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg", help="(default: %(default)s)")
+    p.add_argument("--lpips-weights", metavar="PATH", help="torchvision backbone weights for LPIPS (default: hub cache)")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights for FID/KID")
+    p.add_argument("--outdir", default="outputs/evaluate", help="output folder (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: %(default)s)")
+    p.add_argument("--allow-outside-window", action="store_true",
+                   help="run the nearest expert on steps outside every window instead of skipping those start_t")
+    p.add_argument("--trust-config", action="store_true",
+                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
+    p.add_argument("--unsafe-load", action="store_true", help="unpickle arbitrary objects (only trusted files)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    from ldm.checkpoint import CheckpointError
+    from ldm.eval.baselines import default_baselines
+    from ldm.eval.metrics import load_inception, load_lpips
+    from ldm.eval.report import format_table, write_report
+    from ldm.eval.sweep import build_sweep_degradation, folder_images, heldout_images, run_sweep, summarize
+    from ldm.imageio import ImageLoadError
+    from ldm.refine import Refiner
+    from ldm.util import ConfigError
+
+    def load(paths: list[str]) -> Refiner:
+        return Refiner.from_checkpoints(
+            paths, device=args.device, precision=args.precision, config=args.config,
+            allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
+        )
+
+    try:
+        refiners = [(args.name, load(args.ckpt))]
+        if args.compare_ckpt:
+            refiners.append((args.compare_name, load(args.compare_ckpt)))
+        model = refiners[0][1].model
+        degradations = None
+        if args.no_reference is None:
+            degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
+    except (CheckpointError, ConfigError, ValueError, TypeError, KeyError, OSError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, refiner in refiners:
+        print(f"{name}: {refiner.describe()}", flush=True)
+
+    try:
+        if args.no_reference is not None:
+            images = folder_images(args.no_reference)
+            source = f"artifact images in {args.no_reference} (no reference)"
+        elif args.images is not None:
+            images = folder_images(args.images)
+            source = f"clean images in {args.images}"
+        else:
+            size = args.size or int(model.image_size) * int(model.downsampling_factor)
+            images = heldout_images(args.n_images, size, seed=args.crop_seed)
+            source = f"{args.n_images} held-out {size}x{size} crops of the embedded photographs (seed {args.crop_seed})"
+    except (FileNotFoundError, ImageLoadError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"images: {source}", flush=True)
+
+    filter_name = None if args.filter == "none" else args.filter
+    baselines = default_baselines(None if args.no_autoencoder else model, filter_name)
+    lpips = load_lpips(args.lpips_net, args.lpips_weights, device=refiners[0][1].device)
+    inception = load_inception(args.inception_weights) if degradations is not None else None
+    started = time.perf_counter()
+    try:
+        result = run_sweep(
+            refiners, images, degradations, args.start_t, args.seeds, baselines=baselines, ddim_steps=args.ddim_steps,
+            eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, n_examples=args.examples,
+            progress=sys.stderr.isatty(),
+        )
+    except ValueError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    seconds = time.perf_counter() - started
+    parameters = {k: v for k, v in vars(args).items()}
+    parameters["checkpoints"] = {name: [c.as_dict(r.num_timesteps) for c in r.checkpoints] for name, r in refiners}
+    paths = write_report(result, args.outdir, parameters, title=f"{args.name}: {source}")
+
+    print(f"\n{format_table(summarize(result))}\n")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"{len(result.rows)} rows in {seconds:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

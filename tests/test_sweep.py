@@ -1,0 +1,399 @@
+"""The evaluation sweep: rows, metrics against independent computations, CSV/plot/grid files, no-reference mode, CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import median_filter
+
+from ldm.eval.baselines import (
+    FILTERS,
+    autoencoder_baseline,
+    default_baselines,
+    estimate_noise_sigma,
+    filter_baseline,
+    identity_baseline,
+)
+from ldm.eval.degrade import JPEG, file_seed
+from ldm.eval.metrics import Skipped
+from ldm.eval.report import example_grid, format_table, image_grid, write_report
+from ldm.eval.sweep import (
+    METRIC_COLUMNS,
+    build_sweep_degradation,
+    folder_images,
+    heldout_images,
+    run_sweep,
+    summarize,
+)
+from ldm.refine import Refiner
+
+REPO = Path(__file__).resolve().parents[1]
+DDIM_STEPS = 20  # grid 1, 51, 101, ...: start_t 100 -> t=51, 300 -> t=251
+
+
+@pytest.fixture(scope="module")
+def refiner(expert_checkpoints):
+    return Refiner.from_checkpoints(expert_checkpoints, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def two_images():
+    return heldout_images(2, 32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sweep(refiner, two_images):
+    """Two degradations x two images x two seeds; start_t 600 lies outside the experts' windows ([0, 500))."""
+    degradations = [
+        build_sweep_degradation("jpeg:quality=10"),
+        build_sweep_degradation("vq_roundtrip:codebook_fraction=0.25", refiner.model.first_stage_model),
+    ]
+    result = run_sweep(
+        [("experts", refiner)],
+        two_images,
+        degradations,
+        start_ts=[300, 100, 600],
+        seeds=[0, 1],
+        baselines=default_baselines(refiner.model, "median"),
+        ddim_steps=DDIM_STEPS,
+        batch_size=3,
+        lpips=Skipped("LPIPS: no weights in this test"),
+        n_examples=1,
+        progress=False,
+    )
+    return result, degradations
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the sweep itself
+
+
+def test_rows_cover_every_case_method_and_start_t(sweep, two_images):
+    result, degradations = sweep
+    rows = result.rows
+    # 2 degradations x 2 images x 2 seeds = 8 cases; 3 baselines once, the refiner at 100 and 300 (600 skipped)
+    assert len(rows) == 8 * (3 + 2)
+    keys = {(r["degradation"], r["image"], r["seed"], r["method"], r["start_t"]) for r in rows}
+    assert len(keys) == len(rows)
+    assert {r["method"] for r in rows} == {"identity", "median", "autoencoder", "experts"}
+    assert {r["start_t"] for r in rows if r["method"] == "experts"} == {100, 300}
+    assert {r["effective_start"] for r in rows if r["start_t"] == 100} == {51}
+    assert {r["effective_start"] for r in rows if r["start_t"] == 300} == {251}
+    assert all(r["start_t"] is None and r["effective_start"] is None for r in rows if r["kind"] == "baseline")
+    assert result.start_ts == {"experts": (100, 300)}
+    assert any("start_t=600 skipped" in note for note in result.notes)
+    assert any("LPIPS: no weights in this test" in note for note in result.notes)
+    assert result.degradations == [d.label for d in degradations]
+    assert degradations[1].label == "vq_roundtrip:first_stage=model,codebook_fraction=0.25"
+
+
+def test_identity_rows_match_metrics_computed_by_hand(sweep, two_images):
+    result, degradations = sweep
+    jpeg = degradations[0]
+    for image in two_images:
+        for seed in (0, 1):
+            (row,) = [
+                r
+                for r in result.rows
+                if (r["method"], r["image"], r["seed"], r["degradation"]) == ("identity", image.name, seed, jpeg.label)
+            ]
+            degraded = JPEG(10)(image.image, 0)[0].double()
+            clean = image.image[0].double()
+            mse = float(((degraded - clean) ** 2).mean())
+            assert row["mse_clean"] == pytest.approx(mse, rel=1e-9)
+            assert row["psnr_clean"] == pytest.approx(10 * math.log10(4.0 / mse), rel=1e-6)
+            assert row["psnr_input"] == math.inf and row["mse_input"] == 0.0
+            assert isinstance(row["lpips_clean"], Skipped)
+
+
+def test_refiner_rows_are_the_refiner_outputs_with_the_case_seed(sweep, refiner, two_images):
+    result, degradations = sweep
+    vq = degradations[1]
+    image = two_images[1]
+    seed = 1
+    degraded = vq.degradation(image.image, file_seed(seed, f"{vq.label}/{image.name}"))
+    refined = refiner.refine_tensors(degraded, 300, [seed], DDIM_STEPS)
+    (row,) = [
+        r
+        for r in result.rows
+        if r["method"] == "experts" and r["start_t"] == 300 and r["image"] == image.name and r["seed"] == seed
+        and r["degradation"] == vq.label
+    ]
+    expected_clean = float(((refined.double() - image.image.double()) ** 2).mean())
+    expected_input = float(((refined.double() - degraded.double()) ** 2).mean())
+    assert row["mse_clean"] == pytest.approx(expected_clean, rel=1e-6)
+    assert row["mse_input"] == pytest.approx(expected_input, rel=1e-6)
+
+
+def test_summary_means_the_rows(sweep):
+    result, _ = sweep
+    summary = summarize(result)
+    assert len(summary) == 2 * (3 + 2)
+    for entry in summary:
+        rows = [
+            r
+            for r in result.rows
+            if (r["degradation"], r["method"], r["start_t"]) == (entry["degradation"], entry["method"], entry["start_t"])
+        ]
+        assert entry["n"] == len(rows) == 4
+        assert entry["psnr_clean"] == pytest.approx(np.mean([r["psnr_clean"] for r in rows]))
+        assert isinstance(entry["lpips_clean"], Skipped)
+    table = format_table(summary)
+    assert table.count("degradation: ") == 2 and "experts" in table and "PSNR->clean" in table
+
+
+def test_degradation_seeds_do_not_depend_on_the_other_images(refiner, two_images):
+    deg = build_sweep_degradation("blur_noise:sigma=1.0,noise_std=0.1")
+    kwargs = dict(start_ts=[100], seeds=[4], baselines=[identity_baseline()], ddim_steps=DDIM_STEPS, progress=False)
+    both = run_sweep([], two_images, [deg], **kwargs)
+    second = run_sweep([], two_images[1:], [deg], **kwargs)
+    row_both = [r for r in both.rows if r["image"] == two_images[1].name]
+    assert row_both[0]["mse_clean"] == second.rows[0]["mse_clean"]
+
+
+def test_bad_arguments_are_refused(refiner, two_images):
+    deg = [build_sweep_degradation("jpeg")]
+    with pytest.raises(ValueError, match="start_t=0"):
+        run_sweep([("experts", refiner)], two_images, deg, start_ts=[0], progress=False)
+    with pytest.raises(ValueError, match="cannot run any of start_t"):
+        run_sweep([("experts", refiner)], two_images, deg, start_ts=[700, 800], ddim_steps=DDIM_STEPS, progress=False)
+    with pytest.raises(ValueError, match="unique"):
+        run_sweep([("identity", refiner)], two_images, deg, baselines=[identity_baseline()], progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        run_sweep([("experts", refiner)], [], deg, progress=False)
+    with pytest.raises(KeyError, match="unknown degradation"):
+        build_sweep_degradation("jpg")
+    with pytest.raises(ValueError, match="no model was given"):
+        build_sweep_degradation("vq_roundtrip:codebook_fraction=0.5")
+    with pytest.raises(ValueError, match="codebook_fraction"):
+        build_sweep_degradation("vq_roundtrip:codebook_fraction=half", refiner.model.first_stage_model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def test_report_files_are_readable(sweep, tmp_path):
+    result, _ = sweep
+    paths = write_report(result, tmp_path / "out", {"start_t": [100, 300, 600]}, title="test")
+    rows = _read_csv(paths["csv"])
+    assert len(rows) == len(result.rows)
+    header = list(rows[0])
+    assert header[:8] == ["image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds"]
+    assert set(header[8:]) == set(METRIC_COLUMNS)  # every metric column was computed (LPIPS as "skipped")
+    identity = [r for r in rows if r["method"] == "identity"]
+    assert all(r["start_t"] == "" and r["psnr_input"] == "inf" and r["lpips_clean"] == "skipped" for r in identity)
+    refined = [r for r in rows if r["method"] == "experts"]
+    assert sorted({int(r["start_t"]) for r in refined}) == [100, 300]
+    assert all(math.isfinite(float(r["psnr_clean"])) for r in refined)
+
+    summary = _read_csv(paths["summary"])
+    assert len(summary) == 10 and summary[0]["n"] == "4"
+    info = json.loads(paths["json"].read_text())
+    assert info["start_ts"] == {"experts": [100, 300]} and info["parameters"] == {"start_t": [100, 300, 600]}
+
+    for key in ("plot", "grid"):
+        with Image.open(paths[key]) as im:
+            im.load()
+            assert im.format == "PNG" and im.width > 200 and im.height > 100
+            assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
+
+
+def test_example_grid_has_one_row_per_example_and_labelled_columns(sweep):
+    result, _ = sweep
+    assert len(result.examples) == 2  # one image per degradation, seed 0
+    example = result.examples[0]
+    assert list(example.outputs) == ["median", "autoencoder", "experts t=100", "experts t=300"]
+    grid = example_grid(result.examples)
+    # 6 columns (clean, input, 4 outputs) of 32 px tiles upscaled 4x to 128 px
+    assert grid.width == 6 + 6 * (128 + 6)
+    tile = np.asarray(grid)[14 + 6 + 14 : 14 + 6 + 14 + 128, 6 : 6 + 128]
+    expected = np.repeat(np.repeat(((example.clean.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy(), 4, 0), 4, 1)
+    np.testing.assert_array_equal(tile, expected)
+
+
+def test_image_grid_rejects_empty_input():
+    with pytest.raises(ValueError):
+        image_grid([], ["a"])
+    with pytest.raises(ValueError):
+        image_grid([[None]], ["a"])
+
+
+def _write_pngs(folder: Path, n: int = 2, size: int = 24) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+        noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"artifact_{i}.png")
+
+
+def test_no_reference_mode(refiner, tmp_path):
+    _write_pngs(tmp_path / "real")
+    images = folder_images(tmp_path / "real")
+    assert [im.name for im in images] == ["artifact_0.png", "artifact_1.png"]
+    result = run_sweep(
+        [("experts", refiner)], images, None, start_ts=[100, 300], baselines=default_baselines(refiner.model),
+        ddim_steps=DDIM_STEPS, progress=False,
+    )
+    assert not result.reference and result.degradations == ["none"]
+    assert len(result.rows) == 2 * (3 + 2)
+    assert all(not any(k.endswith("_clean") for k in r) for r in result.rows)
+    assert all("psnr_input" in r for r in result.rows)
+    paths = write_report(result, tmp_path / "out")
+    header = list(_read_csv(paths["csv"])[0])
+    assert "psnr_input" in header and not any(h.endswith("_clean") for h in header)
+    with Image.open(paths["plot"]) as im:
+        assert im.format == "PNG" and im.width > 100
+    grid = example_grid(result.examples)
+    assert grid.width == 6 + 5 * (max(128, 24 * 6) + 6)  # input + 4 outputs; 24 px upscaled 6x
+
+
+def test_folder_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        folder_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        folder_images(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# baselines
+
+
+def test_noise_sigma_estimate_on_pure_noise():
+    rng = np.random.default_rng(0)
+    flat = np.full((128, 128, 3), 0.5)
+    assert estimate_noise_sigma(flat) == 0.0
+    assert estimate_noise_sigma(flat + rng.normal(0, 0.05, flat.shape)) == pytest.approx(0.05, rel=0.05)
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_filters_reduce_noise_and_keep_shape(name):
+    g = torch.Generator().manual_seed(0)
+    clean = torch.linspace(-0.5, 0.5, 32).expand(2, 3, 32, 32).contiguous()
+    noisy = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(-1, 1)
+    out = filter_baseline(name)(noisy)
+    assert out.shape == noisy.shape and out.dtype == noisy.dtype
+    assert float(((out - clean) ** 2).mean()) < 0.5 * float(((noisy - clean) ** 2).mean())
+
+
+def test_median_filter_matches_scipy():
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = filter_baseline("median")(x)
+    unit = ((x.double() + 1) / 2)[0].permute(1, 2, 0).numpy()
+    expected = median_filter(unit, size=(3, 3, 1), mode="mirror")
+    np.testing.assert_allclose(((out.double()[0] + 1) / 2).permute(1, 2, 0).numpy(), expected, atol=1e-6)
+
+
+def test_unknown_filter_and_identity():
+    with pytest.raises(ValueError, match="nl_means"):
+        filter_baseline("gaussian")
+    x = torch.zeros(1, 3, 4, 4)
+    assert torch.equal(identity_baseline()(x), x)
+
+
+def test_autoencoder_baseline_is_the_first_stage_round_trip(refiner):
+    x = heldout_images(1, 28, seed=0)[0].image  # 28 px: padded to 28 (multiple of 4) -> no padding needed
+    model = refiner.model
+    with torch.inference_mode():
+        expected = model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(x))).clamp(-1, 1)
+    torch.testing.assert_close(autoencoder_baseline(model)(x), expected)
+    odd = heldout_images(1, 30, seed=0)[0].image  # padded to 32 and cropped back
+    assert autoencoder_baseline(model)(odd).shape == odd.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scripts/evaluate.py
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluate_main():
+    """scripts/evaluate.py's main(), imported in-process (faster than a subprocess for the many small cases)."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_end_to_end_in_a_subprocess(expert_checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    proc = _run_cli(*ckpts, "--compare-ckpt", str(expert_checkpoints[0]), "--compare-ckpt", str(expert_checkpoints[1]),
+                    "--compare-name", "again", "--n-images", "2", "--degradations", "jpeg:quality=10",
+                    "--start-t", "100", "300", "--ddim-steps", str(DDIM_STEPS), "--filter", "bilateral",
+                    "--outdir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "degradation: jpeg:quality=10" in proc.stdout and "again" in proc.stdout
+    assert "note: skipped: LPIPS" in proc.stdout or "LPIPS->clean" in proc.stdout
+    rows = _read_csv(out / "sweep.csv")
+    assert len(rows) == 2 * (3 + 2 + 2)
+    # the same experts under two names give the same numbers
+    for t in ("100", "300"):
+        a = sorted(r["psnr_clean"] for r in rows if r["method"] == "experts" and r["start_t"] == t)
+        b = sorted(r["psnr_clean"] for r in rows if r["method"] == "again" and r["start_t"] == t)
+        assert a == b
+    for name in ("curves.png", "examples.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+
+
+def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    _write_pngs(tmp_path / "real")
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main([*ckpts, "--no-reference", str(tmp_path / "real"), "--start-t", "200",
+                          "--ddim-steps", str(DDIM_STEPS), "--filter", "none", "--outdir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert "artifact images in" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert {r["degradation"] for r in rows} == {"none"} and "psnr_clean" not in rows[0]
+    assert {r["method"] for r in rows} == {"identity", "autoencoder", "experts"}
+    assert (tmp_path / "out" / "examples.png").is_file()
+
+
+def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            code = evaluate_main([*args, "--outdir", str(tmp_path / "o")])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return code, err
+
+    code, err = run(*ckpts, "--degradations", "jpg")
+    assert code == 2 and "unknown degradation 'jpg'" in err
+    code, err = run("--ckpt", str(tmp_path / "nope.ckpt"))
+    assert code == 2 and "does not exist" in err
+    code, err = run(*ckpts, "--images", str(tmp_path / "none"))
+    assert code == 1 and "does not exist" in err
+    code, err = run(*ckpts, "--start-t", "x")
+    assert code == 2 and "not an integer" in err
+    code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
+    assert code == 2 and "cannot run any of start_t" in err
+    assert not (tmp_path / "o").exists()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ldm.util import atomic_write_bytes
+from ldm.util import atomic_write_bytes, untrusted_config_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
 
     Raises:
         CheckpointError: missing / empty / truncated / not a checkpoint.
-        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False.
+        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False; or ``unsafe`` is
+            True while a config read from a checkpoint is being built (:func:`ldm.util.untrusted_config`): such a
+            config may name files (``ckpt_path``) but never switch the safe loader off for them.
     """
     path = Path(path)
+    if unsafe and untrusted_config_prefixes() is not None:
+        raise UnsafeCheckpointError(
+            f"checkpoint {str(path)!r}: a config stored in a checkpoint asks to load it with full pickle "
+            "(unsafe_load); refused. Only the checkpoints you name yourself can be loaded with --unsafe-load; "
+            "pass --trust-config (trust_config=True) only if you trust the config's author"
+        )
     _check_file(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
@@ -275,8 +283,10 @@ def load_weights(
 ) -> tuple[list[str], list[str]]:
     """Load ``state_dict`` into ``module`` and report what did not match.
 
-    Shape mismatches are always an error (naming the first mismatching keys); missing/unexpected keys are an error
-    when ``strict`` and a logged note otherwise.  Returns ``(missing, unexpected)``.
+    Shape mismatches are always an error (naming the first mismatching keys), and so is a ``state_dict`` that shares
+    no key with the model (the wrong kind of checkpoint, e.g. a first stage given as a diffusion model's
+    ``ckpt_path``); missing/unexpected keys are an error when ``strict`` and a logged note otherwise.
+    Returns ``(missing, unexpected)``.
     """
     bad = shape_mismatches(module, state_dict)
     if bad:
@@ -284,6 +294,14 @@ def load_weights(
         raise CheckpointError(
             f"{source} does not fit {type(module).__name__}: {len(bad)} tensors differ in shape ({first}). "
             "The config and the checkpoint describe different architectures; use the config saved with the checkpoint."
+        )
+    own = module.state_dict()
+    if state_dict and own and not set(state_dict) & set(own):
+        theirs = sorted({k.split(".", 1)[0] for k in state_dict})[:5]
+        ours = sorted({k.split(".", 1)[0] for k in own})[:5]
+        raise CheckpointError(
+            f"{source} lacks all {len(own)} weights of {type(module).__name__} (no key in common): it is the wrong kind "
+            f"of checkpoint for this model (its keys begin with {theirs}, the model's with {ours})"
         )
     result = module.load_state_dict(dict(state_dict), strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)

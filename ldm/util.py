@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import difflib
 import importlib
+import inspect
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +31,22 @@ _SENTINELS = (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL)
 # keys a {target, params} node may carry; base_learning_rate sits beside target in latent-diffusion's model configs
 CONFIG_KEYS = {"target", "params", "base_learning_rate"}
 
-# Import prefixes that a config stored inside a checkpoint may name without an explicit trust flag.
+# What a config stored inside a checkpoint may name without an explicit trust flag: entries ending with "." are package
+# prefixes, the others exact class names.
 TRUSTED_TARGET_PREFIXES: tuple[str, ...] = ("ldm.", "taming.modules.", "torch.nn.Identity")
+# Parts of the allowed packages that an untrusted config still may not build, with the reason.
+UNTRUSTED_DENIED_PREFIXES: dict[str, str] = {
+    "taming.modules.losses.": "taming's LPIPS downloads VGG weights from the internet when it is built "
+    "(this project's offline loss is ldm.modules.losses.VQLPIPSWithDiscriminator)",
+}
+TRUST_HINT = "If you trust the file, pass the explicit trust flag (--trust-config / trust_config=True)."
+# The allow-list in force while an untrusted config is being built (None: the config is trusted).
+_UNTRUSTED_PREFIXES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "ldm_untrusted_config_prefixes", default=None
+)
+_DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# Temp files of atomic_write_bytes: "." + destination name + "." + 8 characters of tempfile's alphabet + ".tmp".
+_TEMP_FILE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 class ConfigError(ValueError):
@@ -39,33 +58,96 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
 
     Raises :class:`ConfigError` naming the module or attribute that could not be found.
     """
-    if not isinstance(string, str) or "." not in string:
+    if not isinstance(string, str) or not _DOTTED_PATH.match(string):
         raise ConfigError(f"target={string!r} is not a dotted import path like 'ldm.models.autoencoder.VQModel'")
     module_name, cls_name = string.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
         raise ConfigError(f"target={string!r}: module {module_name!r} cannot be imported ({exc})") from exc
     if reload:
         module = importlib.reload(module)
     try:
         return getattr(module, cls_name)
     except AttributeError as exc:
-        public = sorted(n for n in dir(module) if not n.startswith("_"))
+        public = {n: v for n, v in vars(module).items() if not n.startswith("_")}
+        # names defined in the module itself (a package's __init__ only re-exports: then every public callable)
+        own = sorted(n for n, v in public.items() if getattr(v, "__module__", None) == module_name) or sorted(
+            n for n, v in public.items() if callable(v)
+        )
+        close = difflib.get_close_matches(cls_name, own, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"target={string!r}: module {module_name!r} has no attribute {cls_name!r}; it defines {public[:20]}"
+            f"target={string!r}: module {module_name!r} has no attribute {cls_name!r}{hint}; it defines {own[:20]}"
         ) from exc
 
 
+def _matches(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p) if p.endswith(".") else name == p for p in prefixes)
+
+
 def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> None:
-    """Refuse a ``target`` outside ``allowed_prefixes`` (used for configs that come from checkpoints)."""
+    """Refuse a ``target`` outside ``allowed_prefixes`` (used for configs that come from checkpoints).
+
+    Entries ending with ``"."`` are package prefixes, others exact names; :data:`UNTRUSTED_DENIED_PREFIXES` are refused
+    even inside an allowed package.  Nothing is imported.
+    """
     prefixes = tuple(allowed_prefixes)
-    if not any(target == p or target.startswith(p) for p in prefixes):
+    if not isinstance(target, str) or not _matches(target, prefixes):
         raise ConfigError(
             f"target={target!r} is not in the allow-list {list(prefixes)}; a config stored in a checkpoint may only "
-            "build classes of this project. If you trust the file, pass the explicit trust flag (--trust-config / "
-            "trust_config=True)."
+            f"build classes of this project. {TRUST_HINT}"
         )
+    for denied, reason in UNTRUSTED_DENIED_PREFIXES.items():
+        if target.startswith(denied):
+            raise ConfigError(f"target={target!r} is refused in a config stored in a checkpoint: {reason}. {TRUST_HINT}")
+
+
+def resolve_untrusted_target(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> type:
+    """The class an untrusted config names, after checking that building it cannot run foreign code.
+
+    Besides :func:`check_target_allowed`, the object must be a class (a function such as a file writer is never a
+    model part) defined in an allowed package (``ldm.util.Path`` is :class:`pathlib.Path`, imported there), unless the
+    allow-list names it exactly (``torch.nn.Identity``).
+    """
+    prefixes = tuple(allowed_prefixes)
+    check_target_allowed(target, prefixes)
+    obj = get_obj_from_str(target)
+    if not inspect.isclass(obj):
+        raise ConfigError(
+            f"target={target!r} is a {type(obj).__name__}, not a class; a config stored in a checkpoint may only build "
+            f"classes of the allow-list {list(prefixes)}. {TRUST_HINT}"
+        )
+    defined = f"{obj.__module__}.{obj.__qualname__}"
+    if defined != target and target not in prefixes:  # exact entries (torch.nn.Identity) are allowed by name
+        try:
+            check_target_allowed(defined, prefixes)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"target={target!r} is {defined}, which is defined outside the allow-list {list(prefixes)} "
+                f"(only imported there). {TRUST_HINT}"
+            ) from exc
+    return obj
+
+
+def untrusted_config_prefixes() -> tuple[str, ...] | None:
+    """The allow-list in force while an untrusted config is being built, else None (see :func:`untrusted_config`)."""
+    return _UNTRUSTED_PREFIXES.get()
+
+
+@contextlib.contextmanager
+def untrusted_config(allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> Iterator[None]:
+    """Everything built inside this block comes from an untrusted config.
+
+    Every :func:`instantiate_from_config` call in it, also the nested ones that models make for their sub-configs,
+    checks its targets with :func:`resolve_untrusted_target`, and :func:`ldm.checkpoint.load_checkpoint` refuses
+    ``unsafe=True`` (a config must not switch off the safe loader for a file its author chose).
+    """
+    token = _UNTRUSTED_PREFIXES.set(tuple(allowed_prefixes))
+    try:
+        yield
+    finally:
+        _UNTRUSTED_PREFIXES.reset(token)
 
 
 def iter_targets(config: Any) -> Iterable[str]:
@@ -90,8 +172,10 @@ def instantiate_from_config(
 
     Args:
         config: mapping (dict or OmegaConf) with ``target`` and optional ``params``.
-        allowed_prefixes: if given, every ``target`` in the config (nested ones included) must start with one
-            of these prefixes; used when the config was read from an untrusted checkpoint.
+        allowed_prefixes: if given, the config is untrusted (read from a checkpoint): every ``target`` in it, nested
+            ones included, must pass :func:`resolve_untrusted_target`, and the object is built inside
+            :func:`untrusted_config` so that sub-configs its constructor builds are checked too.  Inside such a block
+            the block's allow-list applies even when this argument is None.
         overrides: keyword arguments that take precedence over ``params``.
     """
     if isinstance(config, str) and config in _SENTINELS:
@@ -101,19 +185,29 @@ def instantiate_from_config(
     if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
         keys = list(config.keys()) if hasattr(config, "keys") else type(config).__name__
         raise ConfigError(f"config has no 'target' key (found {keys}); expected {{target: pkg.Class, params: {{...}}}}")
-    if allowed_prefixes is not None:
+    allowed = tuple(allowed_prefixes) if allowed_prefixes is not None else untrusted_config_prefixes()
+    if allowed is not None:
         for target in iter_targets(config):
-            check_target_allowed(target, allowed_prefixes)
+            resolve_untrusted_target(target, allowed)
     unknown = set(config.keys()) - CONFIG_KEYS
     if unknown:
         raise ConfigError(
             f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}"
         )
     cls = get_obj_from_str(config["target"])
-    params = dict(config.get("params", None) or {})
+    params = config.get("params", None) or {}
+    if not (isinstance(params, Mapping) or hasattr(params, "keys")):
+        raise ConfigError(
+            f"params of {config['target']!r} must be a mapping of constructor arguments, got {type(params).__name__} "
+            f"{params!r}"
+        )
+    params = dict(params)
     params.update(overrides)
     try:
-        return cls(**params)
+        if allowed is None:
+            return cls(**params)
+        with untrusted_config(allowed):
+            return cls(**params)
     except TypeError as exc:
         raise ConfigError(f"cannot build {config['target']!r} with params {sorted(params)}: {exc}") from exc
 
@@ -145,10 +239,13 @@ def _current_umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], None]) -> None:
-    """Write a file atomically: ``write`` (bytes, or a function ``write(fileobj)``) goes to a temp file in the same
-    folder, which then replaces ``path`` with ``os.replace``.
+    """Write a file atomically: ``write`` (bytes, or a function ``write(fileobj)``) goes to a temp file
+    ``.<name>.<8 random characters>.tmp`` in the same folder, which is flushed to disk and then replaces ``path`` with
+    ``os.replace`` (the folder is synced too, where the OS allows it).
 
-    A reader never sees a half-written file; on any error the temp file is removed and the error re-raised.
+    A reader never sees a half-written file.  On an error the temp file is removed and the error re-raised; an OS error
+    (disk full, permission denied, ...) then names ``path``.  A process killed while writing (SIGKILL, power loss)
+    leaves the temp file behind: :func:`remove_stale_temp_files` clears them.
     """
     if isinstance(write, (bytes, bytearray, memoryview)):
         payload = bytes(write)
@@ -158,18 +255,67 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], N
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions of a new file
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        if exc.errno is None or type(exc).__module__ != "builtins":
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); skipped where folders cannot be opened or synced."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        logger.debug("cannot open folder %s to sync it: %s", folder, exc)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems (e.g. some network mounts) refuse fsync on a folder
+        logger.debug("cannot fsync folder %s: %s", folder, exc)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the temp files (``.<name>.<8 characters>.tmp``) that :func:`atomic_write_bytes` left in ``folder`` when
+    its process was killed; returns what was removed.  A missing folder holds nothing to remove.
+
+    Args:
+        folder: where to look (not recursive).
+        names: only the temps of these destination file names (e.g. the outputs a batch is about to write, which is
+            safe while other processes write other files into ``folder``); None: every temp, for a folder that no
+            other process is writing into.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if names is None else set(names)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP_FILE.match(entry.name)
+        if not match or (wanted is not None and match.group(1) not in wanted):
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            removed.append(entry)
+            logger.info("removed %s, a partial write of a killed process", entry)
+    return removed
 
 
 def is_rank_zero() -> bool:

@@ -77,6 +77,13 @@ def _claim_new_logdir(root: str, nowname: str) -> Path:
     raise FileExistsError(f"cannot create a fresh log dir {nowname!r} under {root!r}")
 
 
+def _release_unused_logdir(path: Path | None) -> None:
+    """Remove ``path`` (a run folder this process claimed) if nothing was written into it: a config error found while
+    building the Trainer leaves no empty run folder behind."""
+    if path is not None and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def _set_unsafe_load(cfg: Any) -> None:
     """``params.unsafe_load = True`` on every ``{target, params}`` node whose target takes it (``--unsafe-load``)."""
     from ldm.train.cli import constructor_params
@@ -128,7 +135,8 @@ def _check_init_checkpoints(cfg: Any, where: str) -> None:
                         "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
                         f"stage's logs/<run>/checkpoints/last.ckpt) or set {where}.ckpt_path=null to start from scratch"
                     )
-                raise ConfigError(f"{where}.ckpt_path={value!r} does not exist; {hint}")
+                what = "is a directory, not a checkpoint file" if Path(str(value)).is_dir() else "does not exist"
+                raise ConfigError(f"{where}.ckpt_path={value!r} {what}; {hint}")
             _check_init_checkpoints(value, f"{where}.{key}")
     elif isinstance(cfg, list):
         for i, value in enumerate(cfg):
@@ -213,6 +221,7 @@ def _main(argv: list[str]) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise ConfigError(message) from exc
 
+    claimed = None  # a run folder this process created (removed again if the run stops before writing into it)
     if logdir is None:
         inherited = os.environ.get(LOGDIR_ENV)
         try:
@@ -221,7 +230,7 @@ def _main(argv: list[str]) -> int:
                 if is_rank_zero:
                     logdir.mkdir(parents=True, exist_ok=True)
             else:
-                logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+                logdir = claimed = _claim_new_logdir(opt.logdir, _run_name(opt, now))
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder under {opt.logdir!r}: {exc}; choose another -l/--logdir") from exc
     os.environ[LOGDIR_ENV] = str(logdir)
@@ -238,22 +247,26 @@ def _main(argv: list[str]) -> int:
         lightning_config=OmegaConf.to_container(lightning_config, resolve=True),
     )
     try:
-        trainer, interrupt = build_trainer(
-            lightning_config,
-            model=model,
-            logdir=str(logdir),
-            ckptdir=str(ckptdir),
-            setup_callback=setup_callback,
-            seed=opt.seed,
-            has_validation=has_validation,
-            unsafe_load=opt.unsafe_load,
-        )
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"lightning.trainer: {str(exc).splitlines()[0]}") from exc
-    if data is not None:
-        install_data_hooks(data, trainer, opt.seed)
+        try:
+            trainer, interrupt = build_trainer(
+                lightning_config,
+                model=model,
+                logdir=str(logdir),
+                ckptdir=str(ckptdir),
+                setup_callback=setup_callback,
+                seed=opt.seed,
+                has_validation=has_validation,
+                unsafe_load=opt.unsafe_load,
+            )
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"lightning.trainer: {str(exc).splitlines()[0]}") from exc
+        if data is not None:
+            install_data_hooks(data, trainer, opt.seed)
+    except ConfigError:
+        _release_unused_logdir(claimed)
+        raise
 
     if base_lr is not None:
         bs = int(config.data.params.batch_size) if "data" in config and "batch_size" in config.data.get("params", {}) else 1
@@ -274,7 +287,8 @@ def _main(argv: list[str]) -> int:
             say(f"SIGTERM: wrote {interrupt.ckpt_path} at global step {interrupt.saved_step}; exiting 0")
             return 0
         except OSError as exc:  # disk full, permissions, a vanished folder: the message names the path
-            print(f"main.py: error: {exc}", file=sys.stderr)
+            print(f"main.py: error: {exc}; {logdir} keeps its last complete checkpoint: fix this and resume with "
+                  f"-r {logdir}", file=sys.stderr)
             return 1
     if not opt.no_test and not trainer.interrupted and data is not None:
         if is_overridden("test_dataloader", data) and is_overridden("test_step", model):

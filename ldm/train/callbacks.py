@@ -33,7 +33,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.train.data import derive_seed
-from ldm.util import atomic_write_bytes
+from ldm.util import atomic_write_bytes, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
 class SetupCallback(Callback):
     """Creates ``logdir/{checkpoints,configs,images}`` and saves ``<now>-project.yaml`` / ``<now>-lightning.yaml``.
 
-    Temp files a killed run left in ``checkpoints/`` (``.<name>.*.tmp``, never a ``.ckpt``) are removed.
+    Temp files a killed run left behind (``.<name>.<8 characters>.tmp`` in ``checkpoints/``, ``configs/`` and
+    ``images/<split>/``; never a ``.ckpt`` or an image: writes are atomic) are removed before training starts.
 
     Args:
         resume: whether this run resumes an earlier one (the configs are saved again under the new timestamp).
@@ -78,11 +79,11 @@ class SetupCallback(Callback):
         """Rank 0: make the folders and write both configs atomically."""
         if not trainer.is_global_zero:
             return
-        for folder in (self.logdir, self.ckptdir, self.cfgdir, os.path.join(self.logdir, "images")):
+        images = os.path.join(self.logdir, "images")
+        for folder in (self.logdir, self.ckptdir, self.cfgdir, images):
             os.makedirs(folder, exist_ok=True)
-        for stale in Path(self.ckptdir).glob(".*.tmp"):
-            stale.unlink()
-            logger.info("removed %s, a partial write of a killed run", stale)
+        for folder in (self.ckptdir, self.cfgdir, *sorted(p for p in Path(images).iterdir() if p.is_dir())):
+            remove_stale_temp_files(folder)
         project = OmegaConf.to_yaml(OmegaConf.create(self.config))
         lightning = OmegaConf.to_yaml(OmegaConf.create({"lightning": self.lightning_config}))
         for suffix, text in (("project", project), ("lightning", lightning)):

@@ -168,13 +168,28 @@ def load_yaml_config(path: str | os.PathLike) -> DictConfig:
     return cfg
 
 
-def parse_dotlist(dotlist: Sequence[str]) -> DictConfig:
-    """OmegaConf dotlist -> DictConfig (values parsed as YAML), with a one-line error."""
+def parse_override_value(entry: str) -> Any:
+    """The value of one ``key=value`` override, parsed as YAML like OmegaConf's dotlist (``${...}`` kept as is)."""
+    raw = entry.partition("=")[2]
     try:
-        return OmegaConf.from_dotlist(list(dotlist))
+        parsed = OmegaConf.from_dotlist([f"value={raw}"])
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot parse the overrides {list(dotlist)}: {first}") from exc
+        raise ConfigError(f"cannot parse the override {entry!r}: {first}") from exc
+    return OmegaConf.to_container(parsed, resolve=False)["value"]
+
+
+def apply_overrides(config: DictConfig, dotlist: Sequence[str]) -> None:
+    """Set each ``key=value`` of ``dotlist`` in ``config``, in order; list entries are addressed by index
+    (``model.params.unet_config.params.channel_mult.1=4``) and a mapping value is merged into a mapping."""
+    for entry in dotlist:
+        key = entry.split("=", 1)[0]
+        value = parse_override_value(entry)
+        try:
+            OmegaConf.update(config, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"cannot apply the override {entry!r}: {first}") from exc
 
 
 def _signature_params(func: Any) -> tuple[list[str], bool] | None:
@@ -341,7 +356,8 @@ def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
 def merge_configs(
     base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
 ) -> DictConfig:
-    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked too.
+    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked, and every
+    ``${...}`` interpolation must resolve.
 
     latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
     """
@@ -354,8 +370,14 @@ def merge_configs(
                 cfg.target = LEGACY_CALLBACK_TARGETS[cfg.target]
     for entry in dotlist:
         check_override_key(merged, entry.split("=", 1)[0])
-    merged = OmegaConf.merge(merged, parse_dotlist(dotlist))
+    apply_overrides(merged, dotlist)
     check_config_structure(merged)
+    try:
+        OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        where = getattr(exc, "full_key", None)
+        raise ConfigError(f"cannot resolve the config{f' at {where}' if where else ''}: {first}") from exc
     return merged
 
 

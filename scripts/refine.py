@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=_int_at_least(1), default=1, help="samples per input (default: %(default)s)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1,
-                   help="samples refined together (same-size images; results do not depend on it) (default: %(default)s)")
+                   help="samples refined together (same-size images; several samples of one image are encoded once) "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the networks one sample at a time so results do not depend on --batch-size (bit-identical); "
+                        "--no-batch-invariant runs whole batches per forward (faster, results then agree to float "
+                        "rounding) (default: on for CPU, off for CUDA)")
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="expert checkpoint; repeat once per expert (each runs the steps in its window)")
     p.add_argument("--config", metavar="YAML",
@@ -86,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
+    p.add_argument("--tile-size", type=_int_at_least(0), metavar="PX",
+                   help="encode/decode images with a side above PX in PX x PX tiles (multiple of 4; bounded memory, "
+                        "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 1024 px)")
+    p.add_argument("--tile-overlap", type=_int_at_least(0), metavar="PX",
+                   help="overlap between tiles, a multiple of 4 below the tile size (default: a quarter of the tile size)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the networks with NHWC weights (often faster; same results up to float rounding)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNets (slow first call per image size, faster afterwards)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: on)")
     p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
@@ -126,6 +140,21 @@ def check_outdir(outdir: str) -> str | None:
     return None
 
 
+def tiling_from_args(args: argparse.Namespace):
+    """The refiner's ``tiling`` from --tile-size / --tile-overlap: "auto" when neither is given, None for size 0."""
+    import dataclasses
+
+    from ldm.models.tiling import TilingConfig
+    from ldm.refine.speed import AUTO_TILING
+
+    if args.tile_size == 0:
+        return None
+    if args.tile_size is None:
+        return "auto" if args.tile_overlap is None else dataclasses.replace(AUTO_TILING, overlap=args.tile_overlap)
+    overlap = args.tile_overlap if args.tile_overlap is not None else args.tile_size // 16 * 4
+    return TilingConfig(min_side=args.tile_size, tile=args.tile_size, overlap=overlap)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -143,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         refiner = Refiner.from_checkpoints(
             args.ckpt, device=args.device, precision=args.precision, ema=args.ema, config=args.config,
             allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
+            batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
+            compile=args.compile,
         )
         plan = refiner.plan(args.start_t, args.ddim_steps, args.eta)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:

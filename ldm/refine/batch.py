@@ -12,7 +12,8 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
   full, a file in the way) stops the batch (every further write would fail too) and is reported in
   :attr:`BatchReport.fatal`;
 * images of the same size are refined together, up to ``batch_size`` samples at a time; results do not depend on it
-  (see :class:`ldm.refine.Refiner`).
+  when the refiner is batch-invariant (see :class:`ldm.refine.Refiner`); several samples of one image in a batch
+  share one first-stage encode.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ldm.imageio import (
     tensor_to_image,
 )
 from ldm.refine.refiner import RefinePlan, Refiner
+from ldm.refine.speed import describe_tiling
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -151,6 +153,8 @@ def build_metadata(
         "routing": plan.describe_routing(),
         "device": str(refiner.device),
         "precision": refiner.precision,
+        "tiling": describe_tiling(refiner.tiling),
+        "batch_invariant": str(refiner.batch_invariant),
         "allow_outside_window": str(refiner.router.allow_outside_window),
         "checkpoints": json.dumps([c.as_dict(refiner.num_timesteps) for c in refiner.checkpoints]),
     }

@@ -11,6 +11,10 @@ CPU, so the noise depends on the seed only, not on the batch or the device's RNG
 batch size, which changes the last bits of a result; with ``batch_invariant`` (the default on CPU) every sample goes
 through the networks alone, so the same image and seed give a bit-identical output whether refined alone or in a batch.
 On CUDA batched kernels are used by default (outputs then agree across batch compositions to float rounding).
+
+Speed and memory (:mod:`ldm.refine.speed`): attention runs on the memory-efficient SDPA kernel; images with a side above
+1024 px are encoded/decoded tile by tile (``tiling``); identical inputs in a batch (several samples of one image) are
+encoded once; ``channels_last`` and ``compile`` are options; ``precision="bf16"`` autocasts the networks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +36,7 @@ from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
+from ldm.models.tiling import TilingConfig
 from ldm.refine.loading import (
     CheckpointInfo,
     ConfigSource,
@@ -39,6 +45,7 @@ from ldm.refine.loading import (
     load_expert,
     resolve_device,
 )
+from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last, use_efficient_attention
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +117,11 @@ class Refiner:
         checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
         batch_invariant: run the networks one sample at a time so outputs do not depend on the batch (bit-identical
             batched or not); None = True on CPU, False on CUDA (where batching is what makes it fast).
+        tiling: first-stage tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`: 512 px tiles with 128 px overlap
+            for images with a side above 1024 px; VQ first stages only), None (never tile) or a
+            :class:`~ldm.models.tiling.TilingConfig`.  Tiles blend seamlessly (see :mod:`ldm.models.tiling`).
+        channels_last: store the networks' weights NHWC (often faster convolutions; same results up to rounding).
+        compile: ``torch.compile`` the UNets (compiled on the first call per image size; off by default).
     """
 
     def __init__(
@@ -120,6 +132,9 @@ class Refiner:
         allow_outside_window: bool = False,
         checkpoints: Sequence[CheckpointInfo] = (),
         batch_invariant: bool | None = None,
+        tiling: TilingConfig | str | None = "auto",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         self.device = resolve_device(device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else bool(batch_invariant)
@@ -128,6 +143,16 @@ class Refiner:
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
+            use_efficient_attention(expert.model)
+        self.tiling = resolve_tiling(tiling, self.model)
+        for expert in self.router.experts:
+            expert.model.set_first_stage_tiling(self.tiling)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            to_channels_last(e.model for e in self.router.experts)
+        self.compiled = bool(compile)
+        if self.compiled:
+            compile_unets(e.model for e in self.router.experts)
         self.checkpoints: tuple[CheckpointInfo, ...] = tuple(checkpoints)
         denoiser: Denoiser = self.router
         if self._autocast_dtype is not None:
@@ -146,6 +171,9 @@ class Refiner:
         trust_config: bool = False,
         unsafe_load: bool = False,
         batch_invariant: bool | None = None,
+        tiling: TilingConfig | str | None = "auto",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> Refiner:
         """Load one expert per checkpoint (see :func:`ldm.refine.loading.load_expert`) and build a refiner.
 
@@ -156,7 +184,7 @@ class Refiner:
             config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
             trust_config: let configs stored in checkpoints name classes outside the allow-list.
             unsafe_load: unpickle arbitrary objects (only for files you trust).
-            batch_invariant: as in :class:`Refiner`.
+            batch_invariant, tiling, channels_last, compile: as in :class:`Refiner`.
 
         Raises:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
@@ -168,8 +196,8 @@ class Refiner:
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
         experts = [e for e, _ in loaded]
         infos = [i for _, i in loaded]
-        refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant)
-        logger.info("refiner on %s (%s): %s", refiner.device, precision, refiner.router.describe_windows())
+        refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile)
+        logger.info("%s", refiner.describe())
         return refiner
 
     # --------------------------------------------------------------------------------------------------- properties
@@ -222,7 +250,8 @@ class Refiner:
             expert_names=tuple(e.name for e in self.experts),
         )
 
-    def _autocast(self) -> AbstractContextManager:
+    def autocast(self) -> AbstractContextManager:
+        """The networks' precision as a context manager (autocast for bf16/fp16; nothing for fp32)."""
         if self._autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
@@ -236,6 +265,7 @@ class Refiner:
         ddim_steps: int = 50,
         eta: float = 0.0,
         progress: bool = False,
+        timings: MutableMapping[str, float] | None = None,
     ) -> torch.Tensor:
         """Refine a batch of same-size images.
 
@@ -247,6 +277,8 @@ class Refiner:
             ddim_steps: size of the DDIM grid over ``[0, T)`` (the tail runs the entries ``<= start_t``).
             eta: DDIM noise (0 deterministic).
             progress: show a tqdm bar over the DDIM steps (rank 0 only).
+            timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the DDIM
+                tail), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
 
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
@@ -262,7 +294,7 @@ class Refiner:
         sampler, plan = self._prepare(start_t, ddim_steps, eta)
         with torch.inference_mode():
             xin = x.detach().to(self.device, torch.float32)
-            lo, hi = float(xin.min()), float(xin.max())
+            lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
                 raise ValueError(
                     f"x must be finite and in [-1, 1] (got min {lo:.4g}, max {hi:.4g}); map [0, 1] images with x * 2 - 1"
@@ -270,11 +302,16 @@ class Refiner:
             logger.info("refining %d image(s) of %dx%d: %s", x.shape[0], x.shape[3], x.shape[2], plan.describe())
             # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
             padded, padding = pad_to_multiple(xin.clamp(-1.0, 1.0), self.factor, mode="reflect", min_size=2 * self.factor)
-            z0 = self._per_chunk(padded, self._encode)
+            clock = _PhaseClock(self.device, timings)
+            unique, inverse = _unique_rows(padded)
+            z0 = self._per_chunk(padded[unique], self._encode)[inverse]
+            clock.lap("encode")
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
             z, _, _ = sampler.refine(z0, plan.start_t, generator=generators, verbose=progress)
+            clock.lap("sample")
             decoded = self._per_chunk(z, self.model.decode_first_stage)
             out = crop_padding(decoded, padding).clamp(-1.0, 1.0)
+            clock.lap("decode")
         return out.to(x.device)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +321,7 @@ class Refiner:
     def _per_chunk(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fn`` (a first-stage pass) under autocast, one sample at a time when batch-invariant; float32 out."""
         chunks = x.split(1) if self.batch_invariant else (x,)
-        with self._autocast():
+        with self.autocast():
             return torch.cat([fn(chunk).float() for chunk in chunks])
 
     @staticmethod
@@ -330,5 +367,39 @@ class Refiner:
         return Image.fromarray(np.dstack([rgb, alpha]))
 
     def describe(self) -> str:
-        """One line: device, precision and the experts' windows."""
-        return f"{len(self.experts)} expert(s) on {self.device} ({self.precision}): {self.router.describe_windows()}"
+        """One line: device, precision, speed options and the experts' windows."""
+        options = [self.precision, f"tiling {describe_tiling(self.tiling)}"]
+        options += ["batch-invariant"] if self.batch_invariant else ["batched"]
+        options += ["channels_last"] * self.channels_last + ["compiled"] * self.compiled
+        return f"{len(self.experts)} expert(s) on {self.device} ({', '.join(options)}): {self.router.describe_windows()}"
+
+
+def _unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Indices of the distinct rows of ``x`` ``[B, ...]`` (first occurrences) and, per row, its index among them."""
+    unique: list[int] = []
+    inverse: list[int] = []
+    for i in range(x.shape[0]):
+        match = next((k for k, u in enumerate(unique) if torch.equal(x[i], x[u])), None)
+        if match is None:
+            match = len(unique)
+            unique.append(i)
+        inverse.append(match)
+    return unique, inverse
+
+
+class _PhaseClock:
+    """Writes the wall time of consecutive phases into ``timings`` (nothing, and no device sync, when it is None)."""
+
+    def __init__(self, device: torch.device, timings: MutableMapping[str, float] | None):
+        self.device = device
+        self.timings = timings
+        self._last = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now

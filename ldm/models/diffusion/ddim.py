@@ -63,6 +63,14 @@ def ddim_step(
     return x_prev, pred_x0
 
 
+def _to_like(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``noise`` on ``like``'s device and dtype.  A CPU tensor bound for CUDA goes through pinned memory with a
+    non-blocking copy: a copy from pageable memory would wait for the device's queued work (a per-step host sync)."""
+    if noise.device.type == "cpu" and like.device.type == "cuda":
+        return noise.pin_memory().to(like.device, like.dtype, non_blocking=True)
+    return noise.to(like.device, like.dtype)
+
+
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise ``shape`` drawn on the generator's device (bit-reproducible on CPU), moved to ``like``.
 
@@ -71,15 +79,15 @@ def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) ->
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else like.device
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+        return _to_like(torch.randn(shape, generator=generator, device=device, dtype=torch.float32), like)
     gens = list(generator)
     if shape[0] != 1 and len(gens) != shape[0]:
         raise ValueError(f"{len(gens)} per-sample generators for a batch of {shape[0]}; pass one generator per sample")
-    rows = [
-        torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(like.device, like.dtype)
-        for g in gens[: shape[0]]
-    ]
-    return torch.cat(rows)
+    devices = {g.device for g in gens[: shape[0]]}
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens[: shape[0]]]
+    if len(devices) == 1:
+        return _to_like(torch.cat(rows), like)
+    return torch.cat([_to_like(r, like) for r in rows])
 
 
 @dataclass(frozen=True)
@@ -262,7 +270,8 @@ class DDIMSampler:
         """Run the grid positions ``indices`` (descending) from ``img``; the loop shared by sampling and refinement.
 
         Each step's denoiser is resolved from its timestep as a Python int (:func:`resolve_denoiser`), so routing
-        between window experts needs no device-to-host sync.
+        between window experts needs no device-to-host sync; nothing else in the loop reads the device either (no
+        ``.item()``, ``bool(tensor)`` or pageable copies), so CUDA work is queued ahead of the host.
         """
         grid = self._require_schedule()
         base = denoiser if denoiser is not None else self.denoiser

@@ -9,6 +9,7 @@ from ldm.models.autoencoder import VQModelInterface
 from ldm.models.tiling import (
     GroupNormStatistics,
     TilingConfig,
+    downscale_to,
     tile_starts,
     tiled_apply,
     tiled_vq_decode,
@@ -78,7 +79,7 @@ def test_tiled_equals_untiled_within_tolerance_on_image_that_fits_both_ways():
     vq = small_rf_vq()
     x = photo_crops(1, 96)
     passes = max(len(GroupNormStatistics(vq.encoder).layers), len(GroupNormStatistics(vq.decoder).layers))
-    cfg = TilingConfig(min_side=32, tile=48, overlap=32, stat_passes=passes)
+    cfg = TilingConfig(min_side=32, tile=48, overlap=32, stat_side=16, stat_passes=passes)
     with torch.no_grad():
         z_ref = vq.encode(x)
         z_tiled = tiled_vq_encode(vq, x, cfg, 2)
@@ -89,6 +90,42 @@ def test_tiled_equals_untiled_within_tolerance_on_image_that_fits_both_ways():
     assert rel(z_tiled, z_ref) < 1e-4, rel(z_tiled, z_ref)
     # the decoder's receptive field (about +-7 latent px) exceeds the unused tile margin (overlap / 4 = 4 latent px)
     assert rel(img_tiled, img_ref) < 1e-2, rel(img_tiled, img_ref)
+
+
+def test_statistics_of_an_input_that_fits_the_stat_side_are_exact():
+    """stat_side >= the image: the statistics pass sees the whole image, so tiles differ only by missing context."""
+    vq = small_rf_vq()
+    x = photo_crops(1, 96)
+    enc = vq.encoder
+    with torch.no_grad():
+        ref = enc.forward_high(x)
+        exact = tiled_apply(enc.forward_high, x, 48, 32, 1 / 2, enc.high_channels, enc, stat_side=96)
+        refined = tiled_apply(enc.forward_high, x, 48, 32, 1 / 2, enc.high_channels, enc, stat_passes=2, stat_side=96)
+        own = tiled_apply(enc.forward_high, x, 48, 32, 1 / 2, enc.high_channels, enc)
+    err = lambda a: float((a - ref).abs().mean())  # noqa: E731
+    assert err(exact) < 1e-3 and err(refined) < 1e-3, (err(exact), err(refined))
+    assert err(own) > 10 * err(exact)
+
+
+def test_downscaled_statistics_come_from_the_downscaled_input(monkeypatch):
+    vq = small_rf_vq()
+    x = photo_crops(1, 96)
+    small = downscale_to(x, 40)
+    assert small.shape[-2:] == (32, 32)  # factor ceil(96 / 40) = 3
+    torch.testing.assert_close(small, torch.nn.functional.avg_pool2d(x, 3))
+    assert downscale_to(x, 96) is x
+    seen = []
+    use = GroupNormStatistics.use
+    monkeypatch.setattr(GroupNormStatistics, "use", lambda self: seen.append(list(self.mean)) or use(self))
+    with torch.no_grad():
+        expected = GroupNormStatistics(vq.encoder)
+        with expected.record():
+            vq.encoder.forward_high(small)
+        tiled_apply(vq.encoder.forward_high, x, 48, 16, 1 / 2, vq.encoder.high_channels, vq.encoder, stat_side=40)
+    recorded = [(got, want) for got, want in zip(seen[0], expected.mean) if want is not None]
+    assert len(recorded) == 2 * vq.encoder.num_resolutions * vq.encoder.num_res_blocks  # two per ResnetBlock
+    for got, want in recorded:
+        torch.testing.assert_close(got, want)
 
 
 def test_each_statistics_pass_reduces_the_error():
@@ -114,6 +151,8 @@ def test_latent_diffusion_tiling_non_square_non_multiple_size():
     assert model.decode_first_stage(z).shape == (1, 3, 44, 28)
     with pytest.raises(ValueError, match="overlap < tile"):
         TilingConfig(tile=16, overlap=16)
+    with pytest.raises(ValueError, match="stat_side=0 must be a positive"):
+        TilingConfig(stat_side=0)
     with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
         model.set_first_stage_tiling(TilingConfig(min_side=10, tile=18, overlap=4))
     assert not TilingConfig(min_side=None).applies_to(10_000, 10_000)

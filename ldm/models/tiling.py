@@ -4,25 +4,30 @@ Only the full-resolution, purely convolutional part of the first stage runs tile
 the decoder's up path); the mid block with its global attention runs on the whole latent-resolution feature map, which
 is 16x smaller than the image for f4.  Two things keep tiles consistent with the untiled network:
 
-* **GroupNorm statistics are global**: every GroupNorm in the tiled part normalises with statistics gathered over all
-  tiles, not the tile's own.  A first tiled pass (each tile normalised with its own statistics) sums every layer's
-  statistics over the part of the image each tile owns; each further pass normalises with the previous pass's
-  statistics and gathers better ones (layer k is exact after k passes); the final pass uses them.
+* **GroupNorm statistics are shared**: every GroupNorm in the tiled part normalises all tiles with the same per-group
+  statistics, not each tile's own (a tile of sky would otherwise be normalised differently from a tile of grass).  They
+  come from one untiled pass of the tiled part on the input downscaled (area) until its longer side is at most
+  ``stat_side`` image pixels: cheap, bounded memory, and self-consistent (every layer's statistics were produced under
+  the previous layers' statistics).  ``stat_passes`` further tiled passes can refine them: each normalises with the
+  current statistics while summing new ones over the part of the image each tile owns, so layer k is exact after k
+  passes (as many passes as GroupNorm layers reproduce the untiled network).  Few passes mix statistics from different
+  normalisations, which can be worse than none; ``benchmarks/bench_memory.py`` measures the resulting error.
 * **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
   borders, where a tile lacks context, get little weight.
 
-Costs: ``stat_passes + 1`` tiled passes of the tiled part.  ``benchmarks/bench_memory.py`` reports the peak memory and the
-difference to the untiled result.
+Costs: one downscaled untiled pass plus ``stat_passes + 1`` tiled passes of the tiled part.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -31,21 +36,27 @@ class TilingConfig:
 
     ``min_side``: tile only images whose height or width exceeds it (None: never tile).  ``tile``: tile side.
     ``overlap``: overlap between neighbouring tiles.  ``tile`` and ``overlap`` must be multiples of the first stage's
-    downsampling factor.  ``stat_passes``: tiled passes that gather GroupNorm statistics before the final pass (each
-    pass makes one more layer's statistics exact; as many passes as GroupNorm layers in the tiled part give the
-    untiled result up to float error).
+    downsampling factor.  ``stat_side``: GroupNorm statistics come from an untiled pass on the input downscaled to at
+    most this many pixels along its longer side (None: each tile starts from its own statistics; with
+    ``stat_passes=0`` each tile is normalised with its own, as in diffusers' tiled VAE).  ``stat_passes``: tiled
+    passes that refine the statistics before the final pass (layer k is exact after k passes; as many passes as
+    GroupNorm layers in the tiled part give the untiled result up to the tiles' missing context).  See the module
+    docstring.
     """
 
     min_side: int | None = 1024
     tile: int = 512
     overlap: int = 128
-    stat_passes: int = 2
+    stat_side: int | None = 512
+    stat_passes: int = 0
 
     def __post_init__(self) -> None:
         if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:
             raise ValueError(f"tiling needs 0 <= overlap < tile; got tile={self.tile}, overlap={self.overlap}")
         if self.stat_passes < 0:
-            raise ValueError(f"stat_passes={self.stat_passes} must be >= 0 (0: each tile uses its own statistics)")
+            raise ValueError(f"stat_passes={self.stat_passes} must be >= 0")
+        if self.stat_side is not None and self.stat_side <= 0:
+            raise ValueError(f"stat_side={self.stat_side} must be a positive number of pixels or None")
 
     def applies_to(self, height: int, width: int) -> bool:
         """Whether an image of ``height`` x ``width`` pixels is tiled."""
@@ -206,6 +217,15 @@ def _blend_tiles(
     return (out / weight).to(x.dtype)
 
 
+def downscale_to(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` area-downscaled by the smallest integer factor that brings ``max(H, W)`` to ``<= side``."""
+    factor = math.ceil(max(x.shape[-2:]) / side)
+    if factor <= 1:
+        return x
+    size = (max(1, round(x.shape[-2] / factor)), max(1, round(x.shape[-1] / factor)))
+    return F.interpolate(x, size=size, mode="area")
+
+
 def tiled_apply(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -214,21 +234,29 @@ def tiled_apply(
     scale: float,
     out_channels: int,
     norm_owner: nn.Module | None = None,
-    stat_passes: int = 2,
+    stat_passes: int = 0,
+    stat_side: int | None = None,
 ) -> torch.Tensor:
     """Apply a spatially local map ``fn`` to ``x`` ``[B, C, H, W]`` tile by tile and blend the results.
 
     ``fn`` maps a tile ``[B, C, t, t]`` to ``[B, out_channels, t * scale, t * scale]`` (``scale`` 4 for an f4 decoder's
-    up path, 1/4 for its encoder's down path); ``tile`` and ``overlap`` are in input pixels.  With ``norm_owner`` (the
-    module holding ``fn``'s GroupNorm layers) and ``stat_passes > 0`` the GroupNorms use global statistics gathered
-    over ``stat_passes`` tiled passes (see the module docstring).
+    up path, 1/4 for its encoder's down path); ``tile``, ``overlap`` and ``stat_side`` are in input pixels.  With
+    ``norm_owner`` (the module holding ``fn``'s GroupNorm layers) the GroupNorms share statistics: from ``fn`` on ``x``
+    downscaled to ``stat_side``, refined by ``stat_passes`` tiled passes (see the module docstring); with
+    ``stat_side=None`` the first refining pass starts from each tile's own statistics, and with no pass at all (or no
+    ``norm_owner``) each tile is normalised with its own.
     Returns ``[B, out_channels, H * scale, W * scale]``.
     """
-    if norm_owner is None or stat_passes == 0:
+    if norm_owner is None:
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
     stats = GroupNormStatistics(norm_owner)
-    for _ in range(stat_passes):  # first pass: tiles use their own statistics; later ones the previous pass's
-        with stats.record():
+    if stat_side is not None:
+        with stats.record():  # one untiled pass: every layer normalised with its own (downscaled) statistics
+            fn(downscale_to(x, stat_side))
+    elif stat_passes == 0:
+        return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
+    for _ in range(stat_passes):
+        with stats.record():  # normalise with the current statistics (a tile's own where none yet), gather new ones
             _blend_tiles(fn, x, tile, overlap, scale, out_channels, stats)
     with stats.use():
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
@@ -237,7 +265,10 @@ def tiled_apply(
 def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
     """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
     enc = first_stage.encoder
-    h = tiled_apply(enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, enc, tiling.stat_passes)
+    h = tiled_apply(
+        enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, enc, tiling.stat_passes,
+        tiling.stat_side,
+    )
     return first_stage.quant_conv(enc.forward_low(h))
 
 
@@ -249,6 +280,8 @@ def tiled_vq_decode(
     dec = first_stage.decoder
     h = dec.forward_low(first_stage.post_quant_conv(quant))
     out_ch = dec.conv_out.out_channels
+    stat_side = None if tiling.stat_side is None else max(1, tiling.stat_side // factor)
     return tiled_apply(
-        dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes
+        dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes,
+        stat_side,
     )

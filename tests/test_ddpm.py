@@ -144,6 +144,16 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
     assert dst.restarted_from_ckpt
     with pytest.raises(CheckpointError, match="noise schedule differs"):
         build(ckpt_path=str(path), linear_end=0.012)
+    unet_only_ckpt = tmp_path / "first_stage_only.ckpt"
+    save_checkpoint({"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}},
+                    unet_only_ckpt)
+    with pytest.raises(CheckpointError, match="lacks .* UNet weights"):
+        build(ckpt_path=str(unet_only_ckpt))
+    partial = tmp_path / "partial.ckpt"
+    save_checkpoint({"state_dict": {k: v for k, v in src.state_dict().items() if ".out." not in k}}, partial)
+    with pytest.raises(CheckpointError, match="lacks .* UNet weights"):
+        build(ckpt_path=str(partial))
+    assert build(ckpt_path=str(partial), ignore_keys=["model.diffusion_model.out."]).restarted_from_ckpt
     only_unet = build(ckpt_path=str(path), load_only_unet=True)
     assert torch.equal(only_unet.model.diffusion_model.out[2].weight, src.model.diffusion_model.out[2].weight)
 

@@ -227,6 +227,15 @@ class DDPM(pl.LightningModule):
         else:
             target = self
         missing, unexpected = load_weights(target, sd, strict=False, source=f"checkpoint {path!r}")
+        unet_prefix = "diffusion_model." if only_model else "model.diffusion_model."
+        ignored = tuple(ignore_keys)
+        lacking = [k for k in missing if k.startswith(unet_prefix) and not (ignored and k.startswith(ignored))]
+        if lacking:
+            raise CheckpointError(
+                f"checkpoint {path!r} lacks {len(lacking)} UNet weights (first: {lacking[:3]}): it does not hold a "
+                "diffusion model of this architecture (a first-stage or partial checkpoint?). To start those layers "
+                "from scratch on purpose, list their prefixes in ignore_keys."
+            )
         logger.info(
             "restored from %s: %d missing keys, %d unexpected keys", path, len(missing), len(unexpected)
         )

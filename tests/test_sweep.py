@@ -167,6 +167,41 @@ def test_degradation_seeds_do_not_depend_on_the_other_images(refiner, two_images
     assert row_both[0]["mse_clean"] == second.rows[0]["mse_clean"]
 
 
+class MeanColourFeatures(torch.nn.Module):
+    """Stand-in for the Inception network: uint8 [n, 3, H, W] -> per-channel means and stds [n, 6]."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.double() / 255.0
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_fid_kid_per_method_degradation_and_start_t(refiner):
+    images = heldout_images(3, 32, seed=1)
+    deg = build_sweep_degradation("blur_noise:sigma=1.0,noise_std=0.1")
+    result = run_sweep(
+        [("experts", refiner)], images, [deg], start_ts=[100], seeds=[0, 1], baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS, inception=MeanColourFeatures(), progress=False,
+    )
+    assert [(s["method"], s["start_t"]) for s in result.set_metrics] == [("identity", None), ("experts", 100)]
+    identity = result.set_metrics[0]
+    from ldm.eval.metrics import fid_kid
+
+    clean = torch.cat([im.image for im in images])
+    degraded = torch.cat([deg.degradation(im.image, file_seed(s, f"{deg.label}/{im.name}")) for im in images for s in (0, 1)])
+    expected = fid_kid(clean, degraded, feature_extractor=MeanColourFeatures(), kid_subset_size=3)
+    assert identity["fid"] == pytest.approx(expected["fid"], rel=1e-3, abs=1e-6)
+    summary = summarize(result)
+    assert all("fid" in s and "kid_mean" in s for s in summary)
+    assert "FID" in format_table(summary)
+    skipped = run_sweep(
+        [], images[:2], [deg], start_ts=[100], baselines=[identity_baseline()], inception=Skipped("FID/KID: no weights"),
+        progress=False,
+    )
+    assert skipped.set_metrics == [
+        {"method": "identity", "degradation": deg.label, "start_t": None, "skipped": "skipped: FID/KID: no weights"}
+    ]
+
+
 def test_bad_arguments_are_refused(refiner, two_images):
     deg = [build_sweep_degradation("jpeg")]
     with pytest.raises(ValueError, match="start_t=0"):

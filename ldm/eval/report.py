@@ -83,7 +83,7 @@ def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table of the summary: one block per degradation."""
     metrics = [(k, title) for k, title in TABLE_METRICS if any(k in s for s in summary)]
-    if any(isinstance(s.get("fid"), float) for s in summary) is False:
+    if not any(isinstance(s.get("fid"), float) for s in summary):
         metrics = [(k, t) for k, t in metrics if k != "fid"]
     header = ["method", "start_t", "eff", "n"] + [title for _, title in metrics]
     blocks = []
@@ -109,13 +109,65 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
 # curves
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std())
+    sem = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
+    return float(arr.mean()), sem
+
+
+def _curve_values(result: SweepResult, metric: str, degradation: str, method: str) -> dict[int | None, list[float]]:
+    values: dict[int | None, list[float]] = {}
+    for row in result.rows:
+        v = row.get(metric)
+        if row["method"] == method and row["degradation"] == degradation and isinstance(v, float) and math.isfinite(v):
+            values.setdefault(row["start_t"], []).append(v)
+    return values
+
+
+def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
+    """Refiner curves (mean and a +-s.e.m. band) and baseline levels of one metric; returns legend handles.
+
+    The y range follows the refiner curves (and baselines near them): a baseline far above (e.g. a filter that left
+    the input almost unchanged, PSNR to input ~70 dB) is written at the top edge instead of squashing the curves.
+    """
+    handles: dict[str, Any] = {}
+    curve_values: list[float] = []
+    levels: list[tuple[str, float]] = []
+    for method, (kind, _) in result.methods.items():
+        values = _curve_values(result, metric, degradation, method)
+        if kind == "baseline":
+            if values.get(None):
+                levels.append((method, _mean_sem(values[None])[0]))
+            continue
+        ts = sorted(t for t in values if t is not None)
+        if not ts:
+            continue
+        stats = [_mean_sem(values[t]) for t in ts]
+        means = np.array([m for m, _ in stats])
+        sems = np.array([e for _, e in stats])
+        ax.fill_between(ts, means - sems, means + sems, color=colors[method], alpha=0.15, linewidth=0)
+        (handles[method],) = ax.plot(ts, means, color=colors[method], marker="o", label=method)
+        curve_values += list(means - sems) + list(means + sems)
+    span = (max(curve_values) - min(curve_values)) if curve_values else 0.0
+    top = max(curve_values) + max(2.0, span) if curve_values and metric.startswith("psnr") else math.inf
+    off_scale = []
+    for method, level in levels:
+        if level > top:
+            off_scale.append(f"{method} {level:.1f}")
+            continue
+        handles[method] = ax.axhline(level, color=colors[method], linestyle="--", linewidth=1.2, label=method)
+    if off_scale:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, max(hi, top))
+        ax.text(0.02, 0.97, "off scale: " + ", ".join(off_scale), transform=ax.transAxes, fontsize=7, va="top")
+    return handles
 
 
 def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """PSNR to clean and to input against start_t (mean and standard deviation over cases); see the module docstring."""
+    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases); see the module docstring."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -128,39 +180,18 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
         rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
     degs = result.degradations
     fig, axes = plt.subplots(
-        len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 0.8), squeeze=False
+        len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 1.0), squeeze=False
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    method_color = {m: colors[i % len(colors)] for i, m in enumerate(result.methods)}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
     all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
     handles: dict[str, Any] = {}
     for c, degradation in enumerate(degs):
         for r, (metric, label) in enumerate(rows_spec):
             ax = axes[r][c]
-            for method, (kind, _) in result.methods.items():
-                values: dict[int | None, list[float]] = {}
-                for row in result.rows:
-                    v = row.get(metric)
-                    if row["method"] == method and row["degradation"] == degradation and isinstance(v, float):
-                        values.setdefault(row["start_t"], []).append(v)
-                if kind == "baseline":
-                    vals = values.get(None, [])
-                    if not vals or not all(math.isfinite(v) for v in vals):
-                        continue
-                    mean, _ = _mean_std(vals)
-                    handles[method] = ax.axhline(mean, color=method_color[method], linestyle="--", linewidth=1.2, label=method)
-                else:
-                    ts = sorted(t for t in values if t is not None and all(math.isfinite(v) for v in values[t]))
-                    if not ts:
-                        continue
-                    stats = [_mean_std(values[t]) for t in ts]
-                    means = [m for m, _ in stats]
-                    stds = [s for _, s in stats]
-                    handles[method] = ax.errorbar(
-                        ts, means, yerr=stds, color=method_color[method], marker="o", capsize=3, label=method
-                    )
+            handles.update(_draw_panel(ax, result, metric, degradation, colors))
             if r == 0:
-                ax.set_title(_short(degradation), fontsize=9)
+                ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
             if r == len(rows_spec) - 1:
@@ -168,21 +199,20 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
             if all_ts:
                 ax.set_xticks(all_ts)
             ax.grid(alpha=0.3)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96 if title else 1))
+    ordered = {m: handles[m] for m in result.methods if m in handles}
+    if ordered:
+        fig.legend(list(ordered.values()), list(ordered), loc="lower center", ncol=min(len(ordered), 6), fontsize=8)
+    fig.suptitle(
+        (title + "\n" if title else "") + "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
     path = Path(path)
     try:
         atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     finally:
         plt.close(fig)
     return path
-
-
-def _short(label: str, width: int = 48) -> str:
-    return label if len(label) <= width else label[: width - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------------

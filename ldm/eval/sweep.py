@@ -255,10 +255,6 @@ def _example_ts(covered: Sequence[int], n: int | Sequence[int]) -> list[int]:
     return [ts[i] for i in dict.fromkeys(picks.tolist())]
 
 
-def _to_cell(value: Any) -> Any:
-    return value if isinstance(value, Skipped) else float(value)
-
-
 class _Runner:
     """Holds the cases and accumulates rows; one method at a time."""
 
@@ -275,9 +271,10 @@ class _Runner:
         self.batches = [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
     def run(
-        self, method: str, kind: str, fn: Any, start_t: int | None, effective: int | None, bar: tqdm
+        self, method: str, kind: str, fn: Any, start_t: int | None, effective: int | None, keep: set[int], bar: tqdm
     ) -> dict[int, torch.Tensor]:
-        """Run ``fn(inputs [B, 3, H, W], seeds) -> outputs`` over all cases; returns ``{case index: output}``."""
+        """Run ``fn(inputs [B, 3, H, W], seeds) -> outputs`` over all cases, measure every output; returns the outputs
+        of the cases in ``keep`` (``{case index: [3, H, W]}``), the others are dropped once measured."""
         outputs: dict[int, torch.Tensor] = {}
         for batch in self.batches:
             cases = [self.cases[i] for i in batch]
@@ -303,7 +300,8 @@ class _Runner:
                         value = metrics[key]
                         row[key] = value if isinstance(value, Skipped) else float(value[j])
                 self.rows.append(row)
-                outputs[i] = out[j]
+                if i in keep:
+                    outputs[i] = out[j]
                 if self.keep_sets:
                     self.sets[(method, case.degradation, start_t)].append(_quantize(out[j]))
             bar.update(1)
@@ -386,7 +384,7 @@ def run_sweep(
     with tqdm(total=n_runs * len(runner.batches), desc="sweep", unit="batch", disable=not show) as bar:
         for baseline in baselines:
             bar.set_postfix_str(baseline.name)
-            out = runner.run(baseline.name, "baseline", lambda x, _s, b=baseline: b(x), None, None, bar)
+            out = runner.run(baseline.name, "baseline", lambda x, _s, b=baseline: b(x), None, None, set(examples), bar)
             if baseline.name != "identity":
                 _keep_examples(examples, out, baseline.name)
         for name, refiner in refiners:
@@ -397,7 +395,7 @@ def run_sweep(
                 def refine(x: torch.Tensor, seeds_: list[int], r: Any = refiner, t_: int = t) -> torch.Tensor:
                     return r.refine_tensors(x, t_, seeds_, ddim_steps, eta)
 
-                out = runner.run(name, "refiner", refine, t, effective, bar)
+                out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
                 if t in shown:
                     _keep_examples(examples, out, f"{name} t={t}")
 

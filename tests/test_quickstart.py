@@ -1,0 +1,89 @@
+"""scripts/quickstart.py end to end in --smoke mode: every stage through main.py, checkpoints, skipping, outputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "quickstart.py"
+STAGES = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
+
+
+def run_quickstart(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny ops: idle OpenMP threads only slow a busy 2-core machine down
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_end_to_end(tmp_path):
+    out = tmp_path / "quickstart"
+    first = run_quickstart("--outdir", str(out))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    checkpoints = {name: out / "checkpoints" / f"{name}.ckpt" for name in STAGES}
+    assert all(path.is_file() for path in checkpoints.values())
+    windows = {name: load_checkpoint(checkpoints[name]).get("window") for name in STAGES[1:]}
+    assert windows == {"latesteps_500_750": [250, 500], "latesteps_750_1000": [0, 250]}
+    runs = sorted(p.name for p in (out / "logs").iterdir())
+    assert len(runs) == 3 and all(any(r.endswith(f"quickstart_{s}") for r in runs) for s in STAGES)
+
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # 2 degradations x 2 images; baselines identity, nl_means, autoencoder once; experts at 50..500
+    assert len(rows) == 2 * 2 * (3 + 7)
+    assert {r["method"] for r in rows} == {"identity", "nl_means", "autoencoder", "experts"}
+    assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 100, 150, 200, 300, 400, 500]
+    assert {r["degradation"] for r in rows} == {"blur_noise:sigma=0.0,noise_std=0.25", "blur_noise:sigma=1.0,noise_std=0.2"}
+
+    with Image.open(out / "before_after.png") as im:
+        im.load()
+        assert im.format == "PNG"
+        # 3 columns (clean | artifact | refined) of 32 px crops upscaled to 128 px, 6 px apart
+        assert im.width == 6 + 3 * (128 + 6)
+        assert np.asarray(im.convert("L")).std() > 5
+    for name in ("summary.csv", "curves.png", "examples.png", "sweep.json"):
+        assert (out / "sweep" / name).is_file()
+    assert "time per stage" in first.stdout and "PSNR to clean" in first.stdout
+    assert "degradation: blur_noise:sigma=0.0,noise_std=0.25" in first.stdout
+
+    # a missing checkpoint redoes its stage (and the later ones); existing ones are skipped
+    checkpoints["latesteps_750_1000"].unlink()
+    mtimes = {name: checkpoints[name].stat().st_mtime_ns for name in STAGES[:2]}
+    second = run_quickstart("--outdir", str(out), "--start-t", "250", "--degradations", "vq_roundtrip:codebook_fraction=0.5")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.stdout.count("skipped: ") == 2
+    assert {name: checkpoints[name].stat().st_mtime_ns for name in STAGES[:2]} == mtimes
+    assert checkpoints["latesteps_750_1000"].is_file()
+    assert len(list((out / "logs").iterdir())) == 4
+    assert "refined, start_t=250" in second.stdout
+    assert "vq_roundtrip:first_stage=model,codebook_fraction=0.5: PSNR to clean" in second.stdout
+    with open(out / "metrics.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 1 * 2 * (3 + 8)  # 250 joins the sweep's start_ts
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--start-t", "1000"], "--start-t must be in [1, 999]"),
+        (["--degradations", "jpg"], "unknown degradation 'jpg'"),
+        (["--degradations", "jpeg:qualty=5"], "unknown parameters ['qualty']"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
+    proc = run_quickstart("--outdir", str(tmp_path), *args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()

@@ -141,10 +141,10 @@ def check_outdir(outdir: str) -> str | None:
 
 
 def tiling_from_args(args: argparse.Namespace):
-    """The refiner's ``tiling`` from --tile-size / --tile-overlap: "auto" when neither is given, None for size 0."""
+    """The refiner's ``tiling`` from --tile-size / --tile-overlap: "auto" when neither is given, None for size 0, else
+    the automatic tiling (same statistics passes) with the given tile side (tiling images above it) and overlap."""
     import dataclasses
 
-    from ldm.models.tiling import TilingConfig
     from ldm.refine.speed import AUTO_TILING
 
     if args.tile_size == 0:
@@ -152,7 +152,7 @@ def tiling_from_args(args: argparse.Namespace):
     if args.tile_size is None:
         return "auto" if args.tile_overlap is None else dataclasses.replace(AUTO_TILING, overlap=args.tile_overlap)
     overlap = args.tile_overlap if args.tile_overlap is not None else args.tile_size // 16 * 4
-    return TilingConfig(min_side=args.tile_size, tile=args.tile_size, overlap=overlap)
+    return dataclasses.replace(AUTO_TILING, min_side=args.tile_size, tile=args.tile_size, overlap=overlap)
 
 
 def main(argv: list[str] | None = None) -> int:

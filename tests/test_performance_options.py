@@ -251,3 +251,14 @@ def test_cli_refuses_bad_tiling_in_one_line(cli, expert_checkpoints, tmp_path, c
     code = run_cli(cli, ["--input", src, "--outdir", tmp_path / "out", "--device", "cpu", *ckpts, *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+def test_cli_tiling_arguments(cli):
+    parse = lambda *argv: cli.tiling_from_args(cli.build_parser().parse_args(["--input", "x", "--ckpt", "c", *argv]))  # noqa: E731
+    passes = AUTO_TILING.stat_passes
+    assert parse() == "auto"
+    assert parse("--tile-size", "0") is None
+    assert parse("--tile-overlap", "64") == TilingConfig(min_side=1024, tile=512, overlap=64, stat_passes=passes)
+    assert parse("--tile-size", "256") == TilingConfig(min_side=256, tile=256, overlap=64, stat_passes=passes)
+    expected = TilingConfig(min_side=96, tile=96, overlap=8, stat_passes=passes)
+    assert parse("--tile-size", "96", "--tile-overlap", "8") == expected

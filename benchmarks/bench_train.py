@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Training speed of the late-steps model: optimizer steps/s for the tiny and the real config, fp32 vs bf16-mixed.
+
+    python benchmarks/bench_train.py                                   # tiny + real, 32-true + bf16-mixed, CPU
+    python benchmarks/bench_train.py --configs real --batch-size 2 --steps 3
+    python benchmarks/bench_train.py --device cuda --configs real --precisions bf16-mixed     # what gpu.sh runs
+
+Each configuration runs in a fresh process: the model of ``configs/quickstart/latesteps_500_750.yaml`` ("tiny") or
+``configs/latesteps_500_750.yaml`` ("real", 274M-parameter UNet, 256 px images) with random weights is trained by a
+Lightning 2 ``Trainer`` exactly as ``main.py`` trains it (``training_step``: frozen VQ-f4 encode, window timesteps, UNet
+loss, AdamW step, EMA update) on crops of the embedded photographs (``--data photos``) or on random images
+(``--data random``, no data-loading cost).  After ``--warmup`` steps, ``--steps`` steps are timed (the device is
+synchronised at both ends).  The batch size defaults to the config's on CUDA and to a CPU-sized one on CPU (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+from common import (  # noqa: E402 (after the path setup)
+    MODEL_CONFIGS,
+    THREADS_HELP,
+    child_config,
+    emit_child_result,
+    machine_info,
+    model_config,
+    peak_rss_mib,
+    print_table,
+    run_child,
+    set_threads,
+    sync,
+    write_results,
+)
+
+COLUMNS = ["config", "precision", "batch", "data", "steps", "s_per_step", "steps_s", "img_s", "rss_mib", "error"]
+CPU_BATCH = {"tiny": 8, "real": 2}
+CPU_STEPS = {"tiny": 20, "real": 3}
+
+
+def _dataset(cfg: dict[str, Any], size: int) -> Any:
+    import numpy as np
+    import torch
+
+    from ldm.data.embedded import EmbeddedPhotos
+
+    n = cfg["batch"] * (cfg["warmup"] + cfg["steps"])
+    if cfg["data"] == "photos":
+        return EmbeddedPhotos(size=size, split="train", n_samples=n)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+    return torch.utils.data.StackDataset(image=torch.from_numpy(images))
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of batch ``warmup`` to the end of the last batch (device synchronised at both ends)."""
+
+    def __init__(self, warmup: int, device: Any):
+        self.warmup, self.device = warmup, device
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        sync(self.device)
+        self.end = time.perf_counter()
+
+
+def measure(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One configuration (runs in a child process)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    set_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    model_cfg = model_config(cfg["config"])
+    size = OmegaConf.load(MODEL_CONFIGS[cfg["config"]]).data.params.train.params.size
+    torch.manual_seed(0)
+    model = instantiate_from_config(model_cfg)
+    model.learning_rate = float(model_cfg["base_learning_rate"]) * cfg["batch"]
+    loader = torch.utils.data.DataLoader(
+        _dataset(cfg, size), batch_size=cfg["batch"], shuffle=False, num_workers=cfg["workers"], drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=cfg["workers"] > 0,
+    )
+    timer = StepTimer(cfg["warmup"], device)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=cfg["precision"],
+        max_steps=cfg["warmup"] + cfg["steps"],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    seconds = timer.end - timer.start
+    result = {
+        "image_size": size,
+        "s_per_step": seconds / cfg["steps"],
+        "steps_s": cfg["steps"] / seconds,
+        "img_s": cfg["steps"] * cfg["batch"] / seconds,
+        "rss_mib": round(peak_rss_mib()),
+        "unet_params_m": round(sum(p.numel() for p in model.model.parameters()) / 1e6, 1),
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", choices=("tiny", "real"), default=["tiny", "real"])
+    p.add_argument("--precisions", nargs="+", choices=("32-true", "bf16-mixed", "16-mixed"),
+                   default=["32-true", "bf16-mixed"])
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"per step (default: the config's on CUDA; {CPU_BATCH} on CPU)")
+    p.add_argument("--steps", type=int, default=None, help=f"timed steps (default: 20 on CUDA; {CPU_STEPS} on CPU)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    p.add_argument("--data", choices=("photos", "random"), default="photos")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 8 on CUDA)")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step includes one-off setup)")
+    set_threads(args.threads)
+    from omegaconf import OmegaConf
+
+    cuda = args.device.startswith("cuda")
+    rows = []
+    for config, precision in itertools.product(args.configs, args.precisions):
+        config_batch = int(OmegaConf.load(MODEL_CONFIGS[config]).data.params.batch_size)
+        cfg = dict(
+            config=config, precision=precision, data=args.data, warmup=args.warmup, threads=args.threads,
+            device=args.device,
+            batch=args.batch_size or (config_batch if cuda else CPU_BATCH[config]),
+            steps=args.steps or (20 if cuda else CPU_STEPS[config]),
+            workers=args.workers if args.workers is not None else (8 if cuda else 0),
+        )
+        print(f"running {cfg}", flush=True)
+        rows.append({**cfg, **run_child(Path(__file__), cfg, timeout=args.timeout)})
+    print_table(rows, COLUMNS, title=f"training steps on {args.device}, {args.threads} threads")
+    write_results("bench_train", {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    child = child_config(sys.argv)
+    if child is not None:
+        emit_child_result(measure(child))
+    else:
+        sys.exit(main())

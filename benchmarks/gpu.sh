@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (CUDA, bf16): refinement images/s at 256 and 1024 px, training steps/s at the real
+# config, and the UNet's achieved FLOP/s against the card's bf16 peak.  Everything comes from this repository: random
+# weights at the real sizes (configs/latesteps_500_750.yaml), random images where scikit-image is missing; no downloads.
+#
+#   bash benchmarks/gpu.sh                 # all parts (about 10 minutes on an H100)
+#   bash benchmarks/gpu.sh refine          # or: train | flops   (one part, each well under 10 minutes)
+#   bash benchmarks/gpu.sh --dry-run       # here, on CPU: the same commands at tiny sizes, to check the plumbing
+#
+# Python: $PYTHON if set, else ./.venv-gpu/bin/python (made by an earlier run), ./.venv/bin/python or python3 - the first
+# that imports torch with CUDA (any torch in --dry-run).  The project's other requirements (setup.py's install_requires: pytorch-lightning, omegaconf, einops,
+# taming-transformers-rom1504, ...) must import too.  When they do not and a wheelhouse ./.whl exists (git-ignored; made on
+# a connected machine with `pip download --dest .whl -r requirements.txt`, then carried along), a venv ./.venv-gpu that
+# sees the machine's torch (--system-site-packages) is created and the missing packages are installed from .whl only
+# (--no-index).  The machine's torch (and its matching torchvision, which lpips needs) is never replaced.
+# Results: benchmarks/results/*.json (one per benchmark) and benchmarks/results/gpu-<time>.log (everything printed).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+DRY=0
+PARTS=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    refine|train|flops) PARTS+=("$arg") ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument '$arg' (use refine, train, flops and/or --dry-run)" >&2; exit 2 ;;
+  esac
+done
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(refine train flops)
+
+if [ "$DRY" = 1 ]; then
+  TORCH_CHECK="import torch"
+else
+  TORCH_CHECK="import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+fi
+PROJECT_CHECK="import torch, pytorch_lightning, omegaconf, einops, taming, ldm.refine, ldm.models.diffusion.latesteps"
+
+pick_python() {
+  local candidate
+  for candidate in "${PYTHON:-}" "$REPO/.venv-gpu/bin/python" "$REPO/.venv/bin/python" "$(command -v python3 || true)"; do
+    [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+    if "$candidate" -c "$TORCH_CHECK" 2>/dev/null; then echo "$candidate"; return 0; fi
+  done
+  return 1
+}
+
+if ! PY="$(pick_python)"; then
+  echo "gpu.sh: no Python with a CUDA torch found (tried \$PYTHON, .venv/bin/python, python3); set PYTHON=/path/to/python" >&2
+  exit 1
+fi
+if ! "$PY" -c "$PROJECT_CHECK" 2>/dev/null; then
+  if [ -d "$REPO/.whl" ]; then
+    echo "gpu.sh: installing the project's requirements from .whl into .venv-gpu (torch from $PY)"
+    "$PY" -m venv --system-site-packages "$REPO/.venv-gpu"
+    grep -vE '^(#|torch==|torchvision==|pytest|hypothesis|ruff)' requirements.txt | sed 's/==.*//' \
+      | xargs "$REPO/.venv-gpu/bin/pip" install --quiet --no-index --find-links "$REPO/.whl"
+    PY="$REPO/.venv-gpu/bin/python"
+  fi
+  if ! "$PY" -c "$PROJECT_CHECK"; then
+    echo "gpu.sh: $PY has torch but not the project's requirements (see the traceback above); install them, or carry" \
+         "a wheelhouse .whl made with 'pip download --dest .whl -r requirements.txt'" >&2
+    exit 1
+  fi
+fi
+
+mkdir -p benchmarks/results
+LOG="benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)$([ "$DRY" = 1 ] && echo -dry).log"
+exec > >(tee -a "$LOG") 2>&1
+echo "gpu.sh: python $PY; parts: ${PARTS[*]}; dry run: $DRY; log: $LOG"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
+          torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
+
+if [ "$DRY" = 1 ]; then
+  # Same scripts and arguments, at sizes a CPU finishes in a few minutes.
+  DEVICE=cpu; THREADS=2
+  REFINE_ARGS=(--models tiny --sizes 64 128 --batch 1 2 --tail-steps 2 --repeats 1)
+  TRAIN_ARGS=(--configs tiny --steps 2 --warmup 1 --batch-size 2)
+  FLOPS_ARGS=(--model tiny --image-size 64 --batch 1 2 --iters 1 --warmup 1)
+else
+  DEVICE=cuda; THREADS=8
+  REFINE_ARGS=(--models real --sizes 256 1024 --batch 1 4 --tail-steps 25 --repeats 3)
+  TRAIN_ARGS=(--configs real --steps 20 --warmup 3)
+  FLOPS_ARGS=(--model real --image-size 256 --batch 1 8 48 --iters 10 --warmup 3)
+fi
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    refine)
+      # 25 DDIM steps from t=499 (half of a 50-step grid), two experts; batched kernels (not batch-invariant);
+      # fp32 for reference, bf16 autocast, channels_last.
+      "$PY" benchmarks/bench_refine.py --device "$DEVICE" --threads "$THREADS" "${REFINE_ARGS[@]}" \
+        --precisions bf16 fp32 --layouts nchw channels_last --batch-invariant off ;;
+    train)
+      # The real config's batch size (48 at 256 px) on CUDA; random images so data loading does not limit.
+      "$PY" benchmarks/bench_train.py --device "$DEVICE" --threads "$THREADS" "${TRAIN_ARGS[@]}" \
+        --precisions bf16-mixed 32-true --data random ;;
+    flops)
+      "$PY" benchmarks/bench_flops.py --device "$DEVICE" --threads "$THREADS" "${FLOPS_ARGS[@]}" --precisions bf16 ;;
+  esac
+done
+echo "gpu.sh: done; JSON results in benchmarks/results/, log in $LOG"

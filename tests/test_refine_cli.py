@@ -238,8 +238,13 @@ def test_killed_batch_leaves_only_complete_outputs_and_skip_existing_finishes_it
     for name in finished:
         Image.open(out / name).load()  # every visible output is a complete image
     before = {name: (out / name).stat().st_mtime_ns for name in finished}
+    stale = out / ".img3_t999_s0.png.a1b2c3d4.tmp"  # what a kill during a write leaves
+    foreign = out / ".notes.txt.a1b2c3d4.tmp"  # another program's temp in the same folder
+    stale.write_bytes(b"partial")
+    foreign.write_bytes(b"theirs")
     assert run_main(cli, [*argv, "--skip-existing"]) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"img{i}_t999_s0.png" for i in range(4)]
+    assert not stale.exists() and foreign.read_bytes() == b"theirs"
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
 
 

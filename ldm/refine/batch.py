@@ -44,7 +44,7 @@ from ldm.imageio import (
 )
 from ldm.refine.refiner import RefinePlan, Refiner
 from ldm.refine.speed import describe_tiling
-from ldm.util import is_rank_zero
+from ldm.util import is_rank_zero, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +265,9 @@ def refine_files(
                 report.written.append(grid_path)
             finish_sample(item.source)
 
+    # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone).
+    names = [out.name for stem in stems for _, _, out in _outputs_for(stem, outdir, plan.start_t, seed, n_samples)]
+    remove_stale_temp_files(outdir, names=[*names, *(Path(n).stem + "_grid.png" for n in names)])
     try:
         for index, path in enumerate(paths):
             items = _outputs_for(stems[index], outdir, plan.start_t, seed, n_samples)

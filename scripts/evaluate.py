@@ -19,36 +19,16 @@ import logging
 import sys
 import time
 
+from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+
 EXIT_OK = 0
 EXIT_INPUT = 1  # images could not be read
-EXIT_USAGE = 2  # bad arguments, checkpoint, config or degradation
 
 PROG = "evaluate.py"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code EXIT_USAGE."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(EXIT_USAGE)
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
-EXIT_USAGE = 2  # bad arguments, checkpoint or config: nothing was done
 EXIT_OUTPUT = 3  # the output folder cannot be written (permission, a file in the way, disk full)
 EXIT_INTERRUPTED = 130
 
@@ -31,27 +32,6 @@ exit codes: {EXIT_OK} all inputs refined; {EXIT_INPUT_FAILED} some inputs failed
 were refined); {EXIT_USAGE} bad arguments, checkpoint or config (nothing done); {EXIT_OUTPUT} the output folder cannot be
 written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 - b .. 1000 - a.
 """
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code EXIT_USAGE."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(EXIT_USAGE)
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-
-    return parse
 
 
 def _eta(text: str) -> float:
@@ -69,15 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) and globs; repeatable")
     p.add_argument("--outdir", default="outputs/refine", help="output folder (default: %(default)s)")
-    p.add_argument("--start-t", type=_int_at_least(1), default=500,
+    p.add_argument("--start-t", type=int_at_least(1), default=500,
                    help="timestep to noise to, in [1, T-1]; the tail starts at the largest DDIM grid step <= it "
                         "(500 with 50 steps: t=481). Lower = more faithful (default: %(default)s)")
-    p.add_argument("--ddim-steps", type=_int_at_least(1), default=50,
+    p.add_argument("--ddim-steps", type=int_at_least(1), default=50,
                    help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: %(default)s)")
     p.add_argument("--eta", type=_eta, default=0.0, help="DDIM noise, >= 0 (default: %(default)s)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
-    p.add_argument("--n-samples", type=_int_at_least(1), default=1, help="samples per input (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1,
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
+    p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1,
                    help="samples refined together (same-size images; several samples of one image are encoded once) "
                         "(default: %(default)s)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
@@ -91,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
-    p.add_argument("--tile-size", type=_int_at_least(0), metavar="PX",
+    p.add_argument("--tile-size", type=int_at_least(0), metavar="PX",
                    help="encode/decode images with a side above PX in PX x PX tiles (multiple of 4; bounded memory, "
                         "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 1024 px)")
-    p.add_argument("--tile-overlap", type=_int_at_least(0), metavar="PX",
+    p.add_argument("--tile-overlap", type=int_at_least(0), metavar="PX",
                    help="overlap between tiles, a multiple of 4 below the tile size (default: a quarter of the tile size)")
     p.add_argument("--channels-last", action="store_true",
                    help="run the networks with NHWC weights (often faster; same results up to float rounding)")

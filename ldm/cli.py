@@ -1,0 +1,36 @@
+"""Argument parsing shared by the command-line scripts (``scripts/refine.py``, ``scripts/evaluate.py``).
+
+Bad arguments are answered in one line on stderr (``<prog>: error: <what> (see --help)``, no usage block) with exit
+code :data:`EXIT_USAGE`, before any model or image is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+EXIT_USAGE = 2  # bad arguments, checkpoint, config or degradation: nothing was done
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code :data:`EXIT_USAGE`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
+        return value
+
+    return parse

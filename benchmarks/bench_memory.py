@@ -16,10 +16,10 @@ tiling that would not tile an image of that size is skipped.  Where the untiled 
 output of that size is compared with it: ``max_err`` / ``mean_err`` (in [-1, 1] units) and ``psnr_db``.  Random weights
 make this a harsh test (trained first stages have smoother statistics).
 
-``--attention math`` reproduces the state before the attention fix (SDPA on transposed ``q, k, v`` falls back to the
-math kernel, which keeps the N x N scores: 2 x 1 GiB for the first stage's mid block at 512 px, 2 x 16 GiB at
-1024 px).  Each child is capped at ``--max-memory-gib`` of address space so that an oversized configuration fails
-with an out-of-memory error instead of waking the machine's OOM killer.
+``--attention math`` reproduces the state before the attention fix (SDPA on transposed ``q, k, v`` fell back to the
+math kernel, which keeps the N x N scores; here forced with ``torch.nn.attention.sdpa_kernel``): 2 x 1 GiB for the
+first stage's mid block at 512 px, 2 x 16 GiB at 1024 px.  Each child is capped at ``--max-memory-gib`` of address
+space so that an oversized configuration fails with an out-of-memory error instead of waking the machine's OOM killer.
 """
 
 from __future__ import annotations
@@ -85,15 +85,13 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import ldm.refine.refiner
     from ldm.refine import Refiner
 
     limit = int(cfg["max_memory_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     set_threads(cfg["threads"])
-    if cfg["attention"] == "math":  # the state before the fix: attention blocks not routed to the flash kernel
-        ldm.refine.refiner.use_efficient_attention = lambda module: []
     refiner = Refiner(
         build_experts(cfg["unet"], first_stage="real"),
         device=cfg["device"],
@@ -104,7 +102,10 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     model_mib = current_rss_mib()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    out = refiner.refine_tensors(x, START_T, seeds=0, ddim_steps=DDIM_STEPS, timings=timings)
+    # "math": the state before the attention fix (strided q, k, v made SDPA fall back to its math kernel)
+    kernels = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+    with sdpa_kernel([SDPBackend.MATH] if cfg["attention"] == "math" else list(kernels)):
+        out = refiner.refine_tensors(x, START_T, seeds=0, ddim_steps=DDIM_STEPS, timings=timings)
     wall = time.perf_counter() - start
     peak = peak_rss_mib()
     np.save(cfg["output"], out.cpu().numpy())
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tilings", nargs="+", default=["off", "auto", "512:128", "256:64"],
                    help="off, auto or TILE:OVERLAP[:PASSES]")
     p.add_argument("--attention", nargs="+", choices=("flash", "math"), default=["flash"],
-                   help="math: without the attention fix (see above)")
+                   help="math: force the N x N math kernel, as before the attention fix (see above)")
     p.add_argument("--max-memory-gib", type=float, default=16.0, help="address-space cap of each child")
     p.add_argument("--unet", choices=("real", "tiny"), default="real", help="UNet size of the two experts")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")

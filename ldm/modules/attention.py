@@ -1,7 +1,8 @@
 """Attention on ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernels on CPU and CUDA).
 
-Holds the transformer blocks of latent-diffusion's ``SpatialTransformer`` (parameter names as CompVis') and the
-multi-head attention primitive that the UNet's ``AttentionBlock`` and the first stage's ``AttnBlock`` also use.
+Holds the transformer blocks of latent-diffusion's ``SpatialTransformer`` (parameter names as CompVis') and their
+multi-head attention primitive.  The UNet's ``AttentionBlock`` and the first stage's ``AttnBlock`` call
+``scaled_dot_product_attention`` directly, with last-dim-contiguous ``q, k, v`` as these blocks do.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from ldm.refine.loading import (
     load_expert,
     resolve_device,
 )
-from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last, use_efficient_attention
+from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,6 @@ class Refiner:
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
-            use_efficient_attention(expert.model)
         self.tiling = resolve_tiling(tiling, self.model)
         for expert in self.router.experts:
             expert.model.set_first_stage_tiling(self.tiling)

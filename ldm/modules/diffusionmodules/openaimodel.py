@@ -196,7 +196,7 @@ class AttentionBlock(nn.Module):
             qkv = qkv.reshape(b, 3, heads, ch, n).permute(1, 0, 2, 4, 3)
         else:
             qkv = qkv.reshape(b, heads, 3, ch, n).permute(2, 0, 1, 4, 3)
-        q, k, v = qkv.unbind(0)  # each [B, heads, N, ch]
+        q, k, v = (t.contiguous() for t in qkv.unbind(0))  # each [B, heads, N, ch]; contiguous for the efficient kernels
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, ch]
         h = h.permute(0, 1, 3, 2).reshape(b, c, n)
         h = self.proj_out(h)

@@ -157,3 +157,198 @@ def test_stochastic_encode_then_decode_is_consistent(model):
     dec = sampler.decode(enc, None, index)
     z, _, _ = sampler.refine(z0, int(sampler.ddim_timesteps[index]), noise=eps)
     torch.testing.assert_close(dec, z)
+
+
+# ----------------------------------------------------------------------------- latent-diffusion (CompVis) call signatures
+class TimeDenoiser:
+    """Cheap deterministic eps that depends on x, t and the conditioning (the API mapping is under test, not the net)."""
+
+    def __init__(self):
+        self.timesteps: list[int] = []
+
+    def __call__(self, x, t, cond=None):
+        self.timesteps.append(int(t[0]))
+        scale = 0.1 + t.to(x.dtype).view(-1, 1, 1, 1) / 2000
+        return scale * x + (0.0 if cond is None else cond.view(-1, 1, 1, 1))
+
+
+class ScaleCorrector:
+    def modify_score(self, model, e_t, x, t, c, factor=1.0):
+        return e_t * factor
+
+
+@pytest.fixture()
+def stub_sampler(model):
+    return DDIMSampler(model, denoiser=TimeDenoiser())
+
+
+def test_sample_compvis_positional_call_matches_keywords(stub_sampler):
+    """Every argument of latent-diffusion's sample() in its position (normals_sequence 6th) lands where it should."""
+    x_t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.tensor([0.2, -0.1]), torch.tensor([0.0, 0.0])
+    seen = {"cb": 0, "img": 0}
+
+    def cb(i):
+        seen["cb"] += 1
+
+    def img_cb(pred_x0, i):
+        seen["img"] += 1
+
+    positional = stub_sampler.sample(
+        8, 2, (3, 8, 8), cond, cb, None, img_cb, True, 0.6, None, None, 0.8, 0.25, ScaleCorrector(), {"factor": 1.1},
+        False, x_t, 2, 1.5, uncond, generator=torch.Generator().manual_seed(7),
+    )
+    assert seen == {"cb": 8, "img": 8}
+    keywords = stub_sampler.sample(
+        S=8, batch_size=2, shape=(3, 8, 8), conditioning=cond, quantize_x0=True, eta=0.6, temperature=0.8,
+        noise_dropout=0.25, score_corrector=ScaleCorrector(), corrector_kwargs={"factor": 1.1}, verbose=False, x_T=x_t,
+        log_every_t=2, unconditional_guidance_scale=1.5, unconditional_conditioning=uncond,
+        generator=torch.Generator().manual_seed(7),
+    )
+    assert torch.equal(positional[0], keywords[0])
+    assert len(positional[1]["x_inter"]) == len(keywords[1]["x_inter"]) == 1 + 4
+    plain = stub_sampler.sample(8, 2, (3, 8, 8), cond, x_T=x_t, verbose=False, generator=torch.Generator().manual_seed(7))
+    assert not torch.allclose(plain[0], keywords[0])  # the options above did take effect
+
+
+def test_p_sample_ddim_compvis_positional_call_matches_keywords(stub_sampler):
+    stub_sampler.make_schedule(20, ddim_eta=1.0)
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), int(stub_sampler.ddim_timesteps[7]))
+    cond = torch.tensor([0.3, 0.1])
+    pos = stub_sampler.p_sample_ddim(
+        x, cond, t, 7, False, False, False, 0.9, 0.3, ScaleCorrector(), {"factor": 0.5}, 2.0, torch.zeros(2),
+        generator=torch.Generator().manual_seed(1),
+    )
+    kw = stub_sampler.p_sample_ddim(
+        x, cond, t, index=7, temperature=0.9, noise_dropout=0.3, score_corrector=ScaleCorrector(),
+        corrector_kwargs={"factor": 0.5}, unconditional_guidance_scale=2.0, unconditional_conditioning=torch.zeros(2),
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert torch.equal(pos[0], kw[0]) and torch.equal(pos[1], kw[1])
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_p_sample_ddim_use_original_steps_is_one_full_schedule_step(model, eta):
+    """use_original_steps=True: index is the timestep and the step goes t -> t-1 (abar_{-1} = 1), float64 reference."""
+    den = TimeDenoiser()
+    sampler = DDIMSampler(model, denoiser=den)
+    sampler.make_schedule(10, ddim_eta=eta)
+    acp = model.alphas_cumprod.double()
+    x = torch.randn(2, 3, 8, 8)
+    for t_val in (0, 1, 537, 999):
+        t = torch.full((2,), t_val)
+        gen = torch.Generator().manual_seed(2)
+        got, got_x0 = sampler.p_sample_ddim(x, None, t, t_val, use_original_steps=True, generator=gen)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+        a_prev = acp[t_val - 1].item() if t_val > 0 else 1.0
+        ref, ref_x0 = reference_ddim_eq12(x, den(x, t), acp[t_val].item(), a_prev, eta, z)
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got_x0.double(), ref_x0, atol=2e-5, rtol=1e-5)
+
+
+def test_stochastic_encode_compvis_tensor_indices_and_positions(model):
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(25)
+    grid = sampler.ddim_timesteps
+    z0, eps = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    mine = sampler.stochastic_encode(z0, 10, noise=eps)
+    for t in (torch.tensor([10] * 3), torch.tensor([10]), torch.tensor(10), np.int64(10)):
+        assert torch.equal(sampler.stochastic_encode(z0, t, False, eps), mine)  # CompVis positions
+        assert torch.equal(sampler.stochastic_encode(z0, t=t, use_original_steps=False, noise=eps), mine)
+    per_sample = sampler.stochastic_encode(z0, torch.tensor([0, 10, 24]), False, eps)
+    assert torch.equal(per_sample, model.q_sample(z0, torch.tensor([int(grid[i]) for i in (0, 10, 24)]), eps))
+    orig = sampler.stochastic_encode(z0, torch.tensor([437] * 3), True, eps)
+    assert torch.equal(orig, model.q_sample(z0, torch.full((3,), 437), eps))
+    # the old project order (x0, index, noise) no longer slips the noise into a flag
+    with pytest.raises(TypeError, match="use_original_steps"):
+        sampler.stochastic_encode(z0, 10, eps)
+    for bad, match in ((25, "outside"), (torch.tensor([-1]), "outside"), (torch.tensor([1, 2]), "entries"),
+                       (torch.tensor([1.0]), "integer"), (2.0, "int")):
+        with pytest.raises(ValueError, match=match):
+            sampler.stochastic_encode(z0, bad, noise=eps)
+    a = sampler.stochastic_encode(z0, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, sampler.stochastic_encode(z0, 10, generator=torch.Generator().manual_seed(3)))
+
+
+def test_decode_compvis_positional_call_and_original_steps(model):
+    den = TimeDenoiser()
+    sampler = DDIMSampler(model, denoiser=den)
+    sampler.make_schedule(25, ddim_eta=0.5)
+    z, cond, uncond = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 0.2]), torch.zeros(2)
+    pos = sampler.decode(z, cond, 6, 3.0, uncond, False, generator=torch.Generator().manual_seed(4))
+    kw = sampler.decode(z, cond, t_start=6, unconditional_guidance_scale=3.0, unconditional_conditioning=uncond,
+                        use_original_steps=False, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(pos, kw)
+    den.timesteps.clear()
+    sampler.decode(z, None, 30, 1.0, None, True, generator=torch.Generator().manual_seed(4))
+    assert den.timesteps == list(range(30, -1, -1))  # every timestep of the full schedule, t_start inclusive
+    with pytest.raises(TypeError, match="use_original_steps"):
+        sampler.decode(z, None, 6, 1.0, None, torch.Generator())  # a generator in the old 6th position
+    for bad in (25, -1, True):
+        with pytest.raises(ValueError, match="t_start"):
+            sampler.decode(z, None, bad)
+
+
+def test_full_schedule_encode_decode_recovers_x0_with_oracle(model):
+    x0 = torch.randn(1, 3, 8, 8)
+    acp = model.alphas_cumprod
+
+    class Oracle:
+        def __call__(self, x, t, cond=None):
+            a = acp[t].view(-1, 1, 1, 1)
+            return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    sampler = DDIMSampler(model, denoiser=Oracle())
+    sampler.make_schedule(10)
+    z = sampler.stochastic_encode(x0, torch.tensor([999]), True, torch.randn_like(x0))
+    torch.testing.assert_close(sampler.decode(z, None, 999, use_original_steps=True), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_or_misspelled_compvis_arguments_are_refused(stub_sampler, monkeypatch):
+    kw = dict(verbose=False, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="normals_sequence"):
+        stub_sampler.sample(2, 1, (3, 8, 8), None, None, [torch.randn(1, 3, 8, 8)], **kw)
+    with pytest.raises(TypeError, match="unconditional_guidance_scal"):
+        stub_sampler.sample(2, 1, (3, 8, 8), unconditional_guidance_scal=3.0, **kw)
+    with pytest.raises(TypeError, match="modify_score"):
+        stub_sampler.sample(2, 1, (3, 8, 8), score_corrector=lambda e: e, **kw)
+    for p in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="noise_dropout"):
+            stub_sampler.sample(2, 1, (3, 8, 8), eta=1.0, noise_dropout=p, **kw)
+    monkeypatch.setattr(stub_sampler.model, "first_stage_model", torch.nn.Identity())
+    with pytest.raises(ValueError, match="quantize_x0.*VQ first stage"):
+        stub_sampler.sample(2, 1, (3, 8, 8), quantize_x0=True, **kw)
+    stub_sampler.make_schedule(10)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([981])
+    with pytest.raises(ValueError, match="index"):
+        stub_sampler.p_sample_ddim(x, None, t, 10)
+    with pytest.raises(TypeError, match="use_original_steps"):
+        stub_sampler.p_sample_ddim(x, None, t, 9, False, "yes")
+
+
+def test_noise_dropout_uses_the_generator_not_the_global_rng(stub_sampler):
+    """Same seed -> same sample, the global RNG is untouched, and elements are dropped with probability p and the kept
+    ones scaled by 1 / (1 - p) (recovered from one step against its noiseless and undropped versions)."""
+    x_t = torch.randn(1, 3, 8, 8)
+    state = torch.get_rng_state()
+    runs = [
+        stub_sampler.sample(5, 1, (3, 8, 8), eta=1.0, noise_dropout=0.5, x_T=x_t, verbose=False,
+                            generator=torch.Generator().manual_seed(seed))[0]
+        for seed in (11, 11, 12)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+    stub_sampler.make_schedule(10, ddim_eta=1.0)
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), int(stub_sampler.ddim_timesteps[5]))
+
+    def step(**kw):
+        return stub_sampler.p_sample_ddim(x, None, t, 5, generator=torch.Generator().manual_seed(5), **kw)[0]
+
+    sigma = stub_sampler.ddim_sigmas[5]
+    det = step(temperature=0.0)
+    full = (step() - det) / sigma
+    dropped = (step(noise_dropout=0.3) - det) / sigma
+    kept = dropped.abs() > 1e-4
+    torch.testing.assert_close(dropped[kept], full[kept] / 0.7, atol=1e-3, rtol=1e-3)
+    assert abs((~kept).float().mean().item() - 0.3) < 0.05

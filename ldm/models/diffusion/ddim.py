@@ -71,23 +71,38 @@ def _to_like(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return noise.to(like.device, like.dtype)
 
 
-def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Standard normal noise ``shape`` drawn on the generator's device (bit-reproducible on CPU), moved to ``like``.
-
-    ``generator`` may be a sequence of per-sample generators: row ``i`` of the batch (``shape[0]``) is drawn from
-    ``generator[i]`` alone; a shape whose batch is 1 (``repeat_noise``) draws from the first.
+def _draw(
+    draw: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor, generator: Generators
+) -> torch.Tensor:
+    """``draw(shape)`` (``torch.randn`` or ``torch.rand``) on the generator's device (bit-reproducible on CPU), moved to
+    ``like``.  ``generator`` may be a sequence of per-sample generators: row ``i`` of the batch (``shape[0]``) is drawn
+    from ``generator[i]`` alone; a shape whose batch is 1 (``repeat_noise``) draws from the first.
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else like.device
-        return _to_like(torch.randn(shape, generator=generator, device=device, dtype=torch.float32), like)
+        return _to_like(draw(shape, generator=generator, device=device, dtype=torch.float32), like)
     gens = list(generator)
     if shape[0] != 1 and len(gens) != shape[0]:
         raise ValueError(f"{len(gens)} per-sample generators for a batch of {shape[0]}; pass one generator per sample")
     devices = {g.device for g in gens[: shape[0]]}
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens[: shape[0]]]
+    rows = [draw((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens[: shape[0]]]
     if len(devices) == 1:
         return _to_like(torch.cat(rows), like)
     return torch.cat([_to_like(r, like) for r in rows])
+
+
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise ``shape`` like ``like`` from ``generator`` (one, or one per sample; see :func:`_draw`)."""
+    return _draw(torch.randn, shape, like, generator)
+
+
+def _dropout(noise: torch.Tensor, p: float, generator: Generators) -> torch.Tensor:
+    """Inverted dropout of ``noise`` with probability ``p`` in ``[0, 1]``, its mask drawn from ``generator`` (the global
+    RNG is never touched): each element is zeroed with probability ``p``, the kept ones are scaled by ``1 / (1 - p)``."""
+    if p >= 1.0:
+        return torch.zeros_like(noise)
+    keep = _draw(torch.rand, tuple(noise.shape), noise.new_empty(0, dtype=torch.float32), generator) >= p
+    return noise * keep / (1.0 - p)
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,12 @@ class DDIMSampler:
         self.ddim_alphas_prev = alphas_prev.to(**to_dev)
         self.ddim_sigmas = sigmas.to(**to_dev)
         self.ddim_sqrt_one_minus_alphas = (1.0 - alphas).sqrt().to(**to_dev)
+        # use_original_steps: DDIM on every timestep t -> t-1 of the model's schedule (abar_{-1} = 1), same eta
+        full_prev = torch.cat([alphacums.new_ones(1), alphacums[:-1]])
+        full_sigmas = ddim_eta * ((1.0 - full_prev) / (1.0 - alphacums) * (1.0 - alphacums / full_prev)).sqrt()
+        self.original_alphas = alphacums.to(**to_dev)
+        self.original_alphas_prev = full_prev.to(**to_dev)
+        self.original_sigmas = full_sigmas.to(**to_dev)
         if verbose:
             logger.info("DDIM grid: %d steps, t from %d to %d, eta %.3g", len(grid), grid[0], grid[-1], ddim_eta)
 
@@ -144,6 +165,16 @@ class DDIMSampler:
         if self.ddim_timesteps is None:
             raise RuntimeError("call make_schedule(ddim_num_steps, ...) first")
         return self.ddim_timesteps
+
+    def _grid(self, use_original_steps: bool) -> np.ndarray:
+        """The timesteps that grid positions index: the DDIM grid, or every timestep ``0..T-1`` (``use_original_steps``)."""
+        grid = self._require_schedule()
+        if not isinstance(use_original_steps, (bool, np.bool_)):
+            raise TypeError(
+                f"use_original_steps must be True or False, got {type(use_original_steps).__name__}; the argument order "
+                "is latent-diffusion's: pass noise=, generator= by keyword"
+            )
+        return np.arange(self.ddpm_num_timesteps) if use_original_steps else grid
 
     def _denoiser_for(self, scale: float, uncond: Any) -> Denoiser:
         if scale == 1.0 or uncond is None:
@@ -158,6 +189,7 @@ class DDIMSampler:
         t: torch.Tensor,
         index: int,
         repeat_noise: bool = False,
+        use_original_steps: bool = False,
         quantize_denoised: bool = False,
         temperature: float = 1.0,
         noise_dropout: float = 0.0,
@@ -170,21 +202,49 @@ class DDIMSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One grid step at timestep ``t`` ``[B]`` (grid position ``index``): returns ``(x_prev, pred_x0)``.
 
-        ``denoiser`` is the callable for this step (the sampler loop passes the one resolved for the step's timestep);
-        by default the sampler's denoiser, with guidance when ``unconditional_guidance_scale != 1``.
+        The signature is latent-diffusion's, then ``generator`` and ``denoiser``.  ``use_original_steps=True`` steps on
+        the model's full schedule instead of the DDIM grid: ``index`` is then the timestep itself and the step goes to
+        ``index - 1`` (``eta`` still comes from :meth:`make_schedule`).  ``quantize_denoised`` snaps ``pred_x0`` to the
+        first stage's VQ codebook and recomputes ``e_t`` from it; ``score_corrector.modify_score(model, e_t, x, t, c,
+        **corrector_kwargs)`` edits the predicted noise.  With ``eta > 0`` the noise is scaled by ``temperature`` and
+        each element dropped with probability ``noise_dropout``; both draws come from ``generator`` (one, or one per
+        sample).  ``denoiser`` is the callable for this step (the sampler loop passes the one resolved for the step's
+        timestep); by default the sampler's denoiser, with guidance when ``unconditional_guidance_scale != 1``.
         """
+        if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) or not 0 <= noise_dropout <= 1:
+            raise ValueError(f"noise_dropout={noise_dropout!r} must be a probability in [0, 1] (0 = no dropout)")
+        if quantize_denoised and not hasattr(getattr(self.model, "first_stage_model", None), "quantize"):
+            raise ValueError(
+                "quantize_denoised/quantize_x0=True needs a VQ first stage (model.first_stage_model.quantize); this "
+                f"model's first stage is {type(getattr(self.model, 'first_stage_model', None)).__name__}: pass False"
+            )
+        if score_corrector is not None and not callable(getattr(score_corrector, "modify_score", None)):
+            raise TypeError(
+                f"score_corrector={type(score_corrector).__name__} has no modify_score(model, e_t, x, t, c, **kwargs) "
+                "method (latent-diffusion's score-corrector interface); pass such an object or None"
+            )
+        grid = self._grid(use_original_steps)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(grid):
+            raise ValueError(
+                f"index={index!r} must be an integer grid position in [0, {len(grid) - 1}]"
+                + (" (with use_original_steps=True it is the timestep)" if use_original_steps else "")
+            )
         den = denoiser if denoiser is not None else self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
         e_t = den(x, t, c)
         if score_corrector is not None:
             e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **(corrector_kwargs or {}))
-        a_t, a_prev = self.ddim_alphas[index], self.ddim_alphas_prev[index]
-        sigma_t = self.ddim_sigmas[index]
+        if use_original_steps:
+            a_t, a_prev = self.original_alphas[index], self.original_alphas_prev[index]
+            sigma_t = self.original_sigmas[index]
+        else:
+            a_t, a_prev = self.ddim_alphas[index], self.ddim_alphas_prev[index]
+            sigma_t = self.ddim_sigmas[index]
         noise = None
         if self.ddim_eta > 0:
             shape = (1, *x.shape[1:]) if repeat_noise else tuple(x.shape)
             noise = _randn(shape, x, generator).expand_as(x) * temperature
             if noise_dropout > 0:
-                noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+                noise = _dropout(noise, noise_dropout, generator)
         if quantize_denoised:
             pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
             pred_x0 = self.model.first_stage_model.quantize(pred_x0)[0]
@@ -200,6 +260,7 @@ class DDIMSampler:
         shape: tuple[int, int, int],
         conditioning: Any = None,
         callback: Callable[[int], None] | None = None,
+        normals_sequence: Any = None,
         img_callback: Callable[[torch.Tensor, int], None] | None = None,
         quantize_x0: bool = False,
         eta: float = 0.0,
@@ -219,9 +280,17 @@ class DDIMSampler:
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps.
 
+        The signature is latent-diffusion's up to ``unconditional_conditioning`` (positional calls line up), then
+        ``generator`` (one, or one per sample) and ``ddim_discretize``; latent-diffusion's ``**kwargs`` is not taken, so
+        a misspelled argument raises.  ``normals_sequence`` (accepted but unused there) is refused when given.
         ``mask`` (1 = keep) with ``x0`` inpaints: kept regions follow ``q_sample(x0, t)``.  Returns
         ``(samples, {"x_inter": [...], "pred_x0": [...]})`` with intermediates every ``log_every_t`` steps.
         """
+        if normals_sequence is not None:
+            raise NotImplementedError(
+                "normals_sequence is not supported (latent-diffusion accepts it but never uses it): pass None, and "
+                "x_T=... for the initial noise or generator=... to seed every draw"
+            )
         if mask is not None and x0 is None:
             raise ValueError("mask needs x0 (the latent whose masked regions are kept)")
         self.make_schedule(S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
@@ -266,14 +335,16 @@ class DDIMSampler:
         verbose: bool = True,
         denoiser: Denoiser | None = None,
         step_kwargs: dict | None = None,
+        use_original_steps: bool = False,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run the grid positions ``indices`` (descending) from ``img``; the loop shared by sampling and refinement.
 
         Each step's denoiser is resolved from its timestep as a Python int (:func:`resolve_denoiser`), so routing
         between window experts needs no device-to-host sync; nothing else in the loop reads the device either (no
         ``.item()``, ``bool(tensor)`` or pageable copies), so CUDA work is queued ahead of the host.
+        ``use_original_steps``: ``indices`` are timesteps of the full schedule (see :meth:`p_sample_ddim`).
         """
-        grid = self._require_schedule()
+        grid = self._grid(use_original_steps)
         base = denoiser if denoiser is not None else self.denoiser
         b = img.shape[0]
         intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
@@ -286,7 +357,14 @@ class DDIMSampler:
                 img_orig = self.model.q_sample(x0, t, _randn(tuple(x0.shape), x0, generator))
                 img = img_orig * mask + (1.0 - mask) * img
             img, pred_x0 = self.p_sample_ddim(
-                img, cond, t, index, generator=generator, denoiser=resolve_denoiser(base, t_int), **(step_kwargs or {})
+                img,
+                cond,
+                t,
+                index,
+                use_original_steps=use_original_steps,
+                generator=generator,
+                denoiser=resolve_denoiser(base, t_int),
+                **(step_kwargs or {}),
             )
             if callback is not None:
                 callback(i)
@@ -355,14 +433,43 @@ class DDIMSampler:
         )
         return z, inter["pred_x0"][-1], plan
 
+    def _positions(self, t: int | torch.Tensor, batch: int, use_original_steps: bool, name: str) -> torch.Tensor:
+        """Grid positions ``t`` (an int, or an integer tensor ``[]``, ``[1]`` or ``[B]``) as timesteps ``[B]`` (long)."""
+        grid = self._grid(use_original_steps)
+        hint = f"{name} is a position in the {len(grid)}-entry " + (
+            "full schedule (a timestep)" if use_original_steps else "DDIM grid (not a timestep)"
+        )
+        if isinstance(t, torch.Tensor):
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() > 1:
+                shape = list(t.shape)
+                raise ValueError(f"{name} must be an integer tensor of shape [], [1] or [{batch}]; got {t.dtype} {shape}")
+            positions = t.reshape(-1).long()
+            if positions.numel() not in (1, batch):
+                raise ValueError(f"{name} has {positions.numel()} entries for a batch of {batch}: pass 1 or {batch}")
+        elif isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+            positions = torch.tensor([int(t)])
+        else:
+            raise ValueError(f"{name}={t!r} must be an int or an integer tensor; {hint}")
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= len(grid):
+            raise ValueError(f"{name}={t!r} is outside [0, {len(grid) - 1}]: {hint}")
+        return torch.as_tensor(grid, dtype=torch.long)[positions.cpu()].expand(batch)
+
     def stochastic_encode(
-        self, x0: torch.Tensor, index: int, noise: torch.Tensor | None = None, generator: Generators = None
+        self,
+        x0: torch.Tensor,
+        t: int | torch.Tensor,
+        use_original_steps: bool = False,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
-        """Noise ``x0`` to the level of grid position ``index`` (latent-diffusion API); ``decode`` continues from it."""
-        grid = self._require_schedule()
-        t = torch.full((x0.shape[0],), int(grid[index]), device=x0.device, dtype=torch.long)
+        """Noise ``x0`` ``[B, C, h, w]`` with ``q_sample`` to the level of grid position ``t``; :meth:`decode` continues
+        from it.  latent-diffusion's signature: ``t`` is an int or an integer tensor (``[]``, ``[1]`` or ``[B]``, one
+        position per sample) of DDIM grid positions, or of timesteps with ``use_original_steps=True``.  ``noise``
+        ``[B, C, h, w]`` overrides the draw from ``generator``."""
+        timesteps = self._positions(t, x0.shape[0], use_original_steps, "t").to(x0.device)
         eps = noise if noise is not None else _randn(tuple(x0.shape), x0, generator)
-        return self.model.q_sample(x0, t, eps)
+        return self.model.q_sample(x0, timesteps, eps)
 
     @torch.inference_mode()
     def decode(
@@ -372,13 +479,32 @@ class DDIMSampler:
         t_start: int,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
+        use_original_steps: bool = False,
         generator: Generators = None,
     ) -> torch.Tensor:
-        """Denoise from grid position ``t_start`` (inclusive) down to the end, e.g. after :meth:`stochastic_encode`
-        with the same index — the first step's assumed noise level equals the encoded one."""
-        grid = self._require_schedule()
-        indices = list(range(t_start + 1))[::-1]
+        """Denoise ``x_latent`` ``[B, C, h, w]`` from grid position ``t_start`` (inclusive) down to the end, e.g. after
+        :meth:`stochastic_encode` with the same position: the first step's assumed noise level equals the encoded one.
+
+        latent-diffusion's signature, then ``generator``.  Unlike latent-diffusion/Stable Diffusion img2img, which start
+        one position lower (``t_start - 1``), the step at ``t_start`` is run (see the module docstring).  With
+        ``use_original_steps=True`` the positions are the full schedule's timesteps: ``t_start, t_start - 1, ..., 0``.
+        """
+        grid = self._grid(use_original_steps)
+        if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)) or not 0 <= t_start < len(grid):
+            raise ValueError(
+                f"t_start={t_start!r} must be an integer position in [0, {len(grid) - 1}] of the "
+                + ("full schedule (a timestep)" if use_original_steps else "DDIM grid (not a timestep)")
+            )
+        indices = list(range(int(t_start) + 1))[::-1]
         denoiser = self._denoiser_for(unconditional_guidance_scale, unconditional_conditioning)
         check_denoiser_timesteps(denoiser, [int(grid[i]) for i in indices])
-        out, _ = self._run(x_latent, cond, indices, generator=generator, verbose=False, denoiser=denoiser)
+        out, _ = self._run(
+            x_latent,
+            cond,
+            indices,
+            generator=generator,
+            verbose=False,
+            denoiser=denoiser,
+            use_original_steps=use_original_steps,
+        )
         return out

@@ -177,11 +177,12 @@ def instantiate_from_config(
             :func:`untrusted_config` so that sub-configs its constructor builds are checked too.  Inside such a block
             the block's allow-list applies even when this argument is None.
         overrides: keyword arguments that take precedence over ``params``.
+
+    Returns None for the ``cond_stage_config`` markers ``"__is_first_stage__"`` and ``"__is_unconditional__"`` (as
+    latent-diffusion does).
     """
     if isinstance(config, str) and config in _SENTINELS:
-        raise ConfigError(
-            f"{config!r} is a sentinel for LatentDiffusion's cond_stage_config, not something to instantiate"
-        )
+        return None  # as latent-diffusion: LatentDiffusion resolves these cond_stage_config markers itself
     if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
         keys = list(config.keys()) if hasattr(config, "keys") else type(config).__name__
         raise ConfigError(f"config has no 'target' key (found {keys}); expected {{target: pkg.Class, params: {{...}}}}")

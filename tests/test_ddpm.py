@@ -192,3 +192,16 @@ def test_config_errors_name_the_problem():
         instantiate_from_config({"target": LDM, "params": tiny_ldm_params(timestepz=10)})
     with pytest.raises(ValueError, match="parameterization"):
         DDPM(unet_config={"target": "torch.nn.Identity"}, parameterization="v")
+
+
+def test_forward_with_a_generator_is_reproducible():
+    model = build()
+    x = model.get_first_stage_encoding(model.encode_first_stage(photo_crops(2, 32)))
+    losses = [model(x, generator=torch.Generator().manual_seed(seed))[0] for seed in (3, 3, 4)]
+    assert torch.equal(losses[0], losses[1])  # timesteps and noise both come from the generator
+    assert not torch.equal(losses[0], losses[2])
+
+
+@pytest.mark.parametrize("marker", ["__is_first_stage__", "__is_unconditional__"])
+def test_cond_stage_markers_instantiate_to_none_as_in_latent_diffusion(marker):
+    assert instantiate_from_config(marker) is None

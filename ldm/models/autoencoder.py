@@ -166,7 +166,7 @@ class VQModel(pl.LightningModule):
                 "(datasets yield H x W x C arrays, as in latent-diffusion)"
             )
         x = rearrange(x, "b h w c -> b c h w")
-        return x.to(device=self.device, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return x.to(device=self.device, dtype=self.dtype, memory_format=torch.contiguous_format)
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's output convolution weight, where the adaptive GAN weight balances the gradients."""

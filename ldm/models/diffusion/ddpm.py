@@ -81,6 +81,14 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, y=c_crossattn[0])
 
 
+
+def training_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Noise ``[B, C, H, W]`` like ``x`` drawn from ``generator`` (None: None, and the loss draws from the global RNG)."""
+    if generator is None:
+        return None
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
 class DDPM(pl.LightningModule):
     """Gaussian diffusion in pixel space (Ho et al.), latent-diffusion flavour.
 
@@ -343,12 +351,13 @@ class DDPM(pl.LightningModule):
         if x.ndim == 3:
             x = x[..., None]
         x = rearrange(x, "b h w c -> b c h w")
-        return x.to(device=self.device, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return x.to(device=self.device, dtype=self.dtype, memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
-        """Loss for a clean batch ``x`` ``[B, C, H, W]`` at timesteps from :meth:`sample_training_timesteps`."""
+        """Loss for a clean batch ``x`` ``[B, C, H, W]`` at timesteps from :meth:`sample_training_timesteps`; with a
+        ``generator`` both the timesteps and the noise come from it (same seed, same loss)."""
         t = self.sample_training_timesteps(x.shape[0], x.device, generator)
-        return self.p_losses(x, t, cond=cond)
+        return self.p_losses(x, t, noise=training_noise(x, generator), cond=cond)
 
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.get_input(batch, self.first_stage_key)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ldm.models.autoencoder import VQModelInterface
-from ldm.models.diffusion.ddpm import DDPM
+from ldm.models.diffusion.ddpm import DDPM, training_noise
 from ldm.models.tiling import TilingConfig, tiled_vq_decode, tiled_vq_encode
 from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_from_config
 
@@ -234,11 +234,12 @@ class LatentDiffusion(DDPM):
         return self(z, c)
 
     def forward(self, x: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
-        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` at timesteps from :meth:`sample_training_timesteps`."""
+        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` at timesteps from :meth:`sample_training_timesteps`;
+        with a ``generator`` both the timesteps and the noise come from it (same seed, same loss)."""
         if self.model.conditioning_key is not None and self.cond_stage_trainable:
             cond = self.get_learned_conditioning(cond)
         t = self.sample_training_timesteps(x.shape[0], x.device, generator)
-        return self.p_losses(x, t, cond=cond)
+        return self.p_losses(x, t, noise=training_noise(x, generator), cond=cond)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Network output for latents ``x_noisy`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` is a tensor, a list of

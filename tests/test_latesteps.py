@@ -17,6 +17,7 @@ from ldm.models.diffusion.latesteps import (
     validate_window,
     window_to_steps,
 )
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
 
 from conftest import LATESTEPS_TARGET, build_tiny_expert, tiny_ldm_params
@@ -97,6 +98,11 @@ def test_validation_logs_window_and_bands():
     model.log = lambda name, value, **kw: again.setdefault(name, float(value))  # type: ignore[method-assign]
     model.validation_step(batch, 0)
     assert again == logged  # fixed draws: comparable across epochs
+    sizes = {}
+    model.log = lambda name, value, **kw: sizes.setdefault(name, (float(value), kw["batch_size"]))  # type: ignore[method-assign]
+    model.validation_step({k: v[:2] for k, v in batch.items()}, 0)  # 2 samples, 4 bands: every key still logged
+    assert set(sizes) == set(logged)
+    assert sorted(n for _, n in (sizes[f"val/loss_band_{lo}_{hi}"] for lo, hi in model.band_edges())) == [0, 0, 1, 1]
 
 
 def test_window_survives_checkpoint_and_finetune_into_next_window(tmp_path):
@@ -166,3 +172,11 @@ def test_training_lowers_window_validation_loss():
         opt.step()
     after = val_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_window_is_checked_against_the_length_of_given_betas():
+    betas = make_beta_schedule("linear", 500, linear_start=0.0015, linear_end=0.0195).tolist()
+    model = build(250, 500, given_betas=betas)
+    assert model.num_timesteps == 500 and model.window() == (250, 500)
+    with pytest.raises(ValueError, match="t_max"):
+        build(250, 600, given_betas=betas)

@@ -91,7 +91,8 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         val_subbands: int = 4,
         **latent_diffusion_kwargs: Any,
     ):
-        timesteps = int(latent_diffusion_kwargs.get("timesteps", 1000))
+        given_betas = latent_diffusion_kwargs.get("given_betas")
+        timesteps = len(given_betas) if given_betas is not None else int(latent_diffusion_kwargs.get("timesteps", 1000))
         self.t_min, self.t_max = validate_window(t_min, t_max, timesteps)
         if timestep_density not in TIMESTEP_DENSITIES:
             raise ValueError(f"timestep_density={timestep_density!r} is unknown; choose one of {TIMESTEP_DENSITIES}")
@@ -125,6 +126,8 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         """Per-batch window loss and per-sub-band losses (training weights), on stratified fixed-seed draws.
 
         Returns ``{name: (mean, count)}``: ``loss_window`` over the batch and ``loss_band_<lo>_<hi>`` per sub-band.
+        Every band is present, also one that a batch smaller than ``val_subbands`` leaves empty (``(0, 0)``: no weight
+        in the epoch's mean), so all ranks log the same keys (``sync_dist`` would hang otherwise).
         """
         z, cond = self._clean_input_and_cond(batch)
         gen = self.validation_generator(batch_idx)
@@ -136,8 +139,7 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         for i, (lo, hi) in enumerate(self.band_edges()):
             sel = band == i
             count = int(sel.sum())
-            if count:
-                out[f"loss_band_{lo}_{hi}"] = (per_sample[sel].mean(), count)
+            out[f"loss_band_{lo}_{hi}"] = (per_sample[sel].mean() if count else per_sample.new_zeros(()), count)
         return out
 
     @torch.no_grad()

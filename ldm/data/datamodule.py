@@ -14,8 +14,10 @@ Example (YAML, as in latent-diffusion's ``data:`` section)::
           target: ldm.data.embedded.EmbeddedPhotos
           params: {size: 32, split: validation, n_samples: 64}
 
-Distributed training: the loaders use plain ``shuffle=True/False`` samplers, which Lightning replaces by its automatic
-``DistributedSampler`` so that every rank reads its own shard (keep ``use_distributed_sampler`` at its default).
+Distributed training: the loaders use plain ``shuffle=True/False`` samplers.  ``main.py`` turns Lightning's automatic
+``DistributedSampler`` off and rebuilds the training loader around :class:`ldm.train.data.ShardedEpochSampler` (each
+rank its own shard, a seeded order per epoch, resumable mid-epoch); used outside ``main.py`` with Lightning's defaults,
+the loaders are sharded by Lightning's ``DistributedSampler``.
 Augmentation epochs: :class:`SetDatasetEpoch` (installed on the trainer by :meth:`DataModuleFromConfig.setup`) calls
 ``set_epoch(trainer.current_epoch)`` on the training dataset before each epoch's items are drawn; see
 :mod:`ldm.data.image_folder` for the ``(seed, epoch, index)`` contract.

@@ -7,6 +7,7 @@ code :data:`EXIT_USAGE`, before any model or image is loaded.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -34,3 +35,14 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def ddim_eta(text: str) -> float:
+    """An argparse ``type`` for DDIM's ``eta``: a finite number ``>= 0`` (0 = deterministic DDIM, 1 = DDPM-like)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
+    return value

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 
-from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # images could not be read
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=_non_negative_int, default=[0], metavar="S",
                    help="one case per seed: degradation and refinement noise (default: 0)")
     p.add_argument("--ddim-steps", type=_positive_int, default=50, help="DDIM grid size (default: %(default)s)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: %(default)s)")
+    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="cases refined together (default: %(default)s)")
     p.add_argument("--filter", choices=(*FILTERS, "none"), default="nl_means",
                    help="classical baseline filter (default: %(default)s)")

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -34,16 +33,6 @@ written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 
 """
 
 
-def _eta(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
@@ -54,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(500 with 50 steps: t=481). Lower = more faithful (default: %(default)s)")
     p.add_argument("--ddim-steps", type=int_at_least(1), default=50,
                    help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: %(default)s)")
-    p.add_argument("--eta", type=_eta, default=0.0, help="DDIM noise, >= 0 (default: %(default)s)")
+    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0 (default: %(default)s)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1,

@@ -25,7 +25,8 @@ from ldm.eval.baselines import (
     filter_baseline,
     identity_baseline,
 )
-from ldm.eval.degrade import JPEG, file_seed
+from ldm.eval.degrade import JPEG
+from ldm.eval.degrade_files import file_seed
 from ldm.eval.metrics import Skipped
 from ldm.eval.report import example_grid, format_table, image_grid, write_report
 from ldm.eval.sweep import (
@@ -431,4 +432,8 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
     assert code == 2 and "not an integer" in err
     code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
     assert code == 2 and "cannot run any of start_t" in err
+    code, err = run(*ckpts, "--eta", "nan")
+    assert code == 2 and "finite number >= 0" in err
+    code, err = run(*ckpts, "--ddim-steps", "5000", "--n-images", "1", "--degradations", "jpeg")
+    assert code == 2 and "ddim_steps=5000 must be an integer in [1, 1000]" in err
     assert not (tmp_path / "o").exists()

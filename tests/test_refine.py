@@ -250,6 +250,8 @@ def test_same_seed_is_bit_identical_batched_or_not(refiner, crops):
         assert not torch.allclose(other, batched[:1])
     assert batched.shape == x.shape and batched.dtype == torch.float32
     assert batched.min() >= -1 and batched.max() <= 1
+    # the schedule is built once per (ddim_steps, eta) and reused by later calls
+    assert refiner._sampler(10, 0.0) is refiner._sampler(10, 0) and refiner._sampler(10, 1.0) is not refiner._sampler(10, 0.0)
 
 
 def test_faithfulness_grows_as_start_t_falls(trained_full_range, crops):

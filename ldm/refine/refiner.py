@@ -141,6 +141,7 @@ class Refiner:
         self.precision = precision
         self._autocast_dtype = autocast_dtype(precision, self.device)
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
+        self._samplers: dict[tuple[int, float], DDIMSampler] = {}
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
         self.tiling = resolve_tiling(tiling, self.model)
@@ -222,10 +223,13 @@ class Refiner:
 
     # --------------------------------------------------------------------------------------------------------- plan
     def _sampler(self, ddim_steps: int, eta: float) -> DDIMSampler:
-        steps = _check_int("ddim_steps", ddim_steps, 1, self.num_timesteps)
-        sampler = DDIMSampler(self.model, denoiser=self.denoiser)
-        sampler.make_schedule(steps, ddim_eta=_check_eta(eta))
-        return sampler
+        """The DDIM sampler of this grid, its schedule tensors built on the device once (cached per ``(steps, eta)``)."""
+        key = (_check_int("ddim_steps", ddim_steps, 1, self.num_timesteps), _check_eta(eta))
+        if key not in self._samplers:
+            sampler = DDIMSampler(self.model, denoiser=self.denoiser)
+            sampler.make_schedule(key[0], ddim_eta=key[1])
+            self._samplers[key] = sampler
+        return self._samplers[key]
 
     def plan(self, start_t: int = 500, ddim_steps: int = 50, eta: float = 0.0) -> RefinePlan:
         """Validate the arguments and the expert coverage, and say what will run; does no work on images.

@@ -19,12 +19,10 @@ from ldm.eval.degrade import (
     ElasticWarp,
     PatchShuffle,
     VQRoundTrip,
-    apply_to_uint8,
     build_degradation,
     degradation_from_spec,
-    degrade_folder,
-    file_seed,
 )
+from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
 from ldm.imageio import ImageLoadError, read_png_metadata
 from ldm.models.autoencoder import VQModel, VQModelInterface
 

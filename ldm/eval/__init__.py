@@ -9,13 +9,11 @@ from ldm.eval.degrade import (
     ElasticWarp,
     PatchShuffle,
     VQRoundTrip,
-    apply_to_uint8,
     build_degradation,
     degradation_from_spec,
     degradation_parameters,
-    degrade_folder,
-    file_seed,
 )
+from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
 from ldm.eval.metrics import (
     LPIPSMetric,
     Skipped,

@@ -1,0 +1,90 @@
+"""Degradations applied to uint8 arrays and to image folders, with per-file seeds (see :mod:`ldm.eval.degrade`).
+
+``degrade_folder("clean/", "jpeg15/", "jpeg", seed=0, quality=15)`` writes a degraded PNG for every image under
+``clean/`` (same relative layout), each seeded by :func:`file_seed` from the run seed and its relative path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm import imageio
+from ldm.eval.degrade import Degradation, build_degradation, from_uint8_hwc, to_uint8_hwc
+
+logger = logging.getLogger(__name__)
+
+
+def apply_to_uint8(degradation: Degradation, images: np.ndarray, seed: int | torch.Generator) -> np.ndarray:
+    """Apply ``degradation`` to ``uint8`` RGB images ``[H, W, 3]`` or ``[N, H, W, 3]`` (a 4th alpha channel is passed
+    through unchanged); returns a ``uint8`` array of the same shape."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"expected uint8 [H, W, 3|4] or [N, H, W, 3|4], got {arr.dtype} {arr.shape}")
+    batch = arr[None] if arr.ndim == 3 else arr
+    out = to_uint8_hwc(degradation(from_uint8_hwc(batch[..., :3]), seed))
+    if batch.shape[-1] == 4:
+        out = np.concatenate([out, batch[..., 3:]], axis=-1)
+    return out[0] if arr.ndim == 3 else out
+
+
+def file_seed(seed: int, relative_path: str) -> int:
+    """A 63-bit seed for one file, from the run seed and the file's POSIX path relative to the folder (stable across
+    runs, platforms and the other files present)."""
+    digest = hashlib.sha256(f"{int(seed)}:{relative_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def degrade_folder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    degradation: str | Degradation,
+    seed: int,
+    **params: Any,
+) -> list[Path]:
+    """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
+
+    ``degradation`` is a registry name (built with ``params``, see :func:`build_degradation`) or a
+    :class:`Degradation` (then ``params`` must be empty).  Files are found and read with :mod:`ldm.imageio`
+    (recursive, hidden files skipped, EXIF orientation applied; an alpha channel is kept unchanged) and written
+    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``.  Each file gets the seed
+    ``file_seed(seed, relative_path)``, so its output does not depend on the other files.  Returns the written paths.
+
+    Raises ``FileNotFoundError`` (no such folder / no images), ``ValueError`` (``dst`` inside ``src``, two sources
+    mapping to one output) and :class:`ldm.imageio.ImageLoadError` for an unreadable image.
+    """
+    src_root, dst_root = Path(src).resolve(), Path(dst).resolve()
+    if not src_root.is_dir():
+        raise FileNotFoundError(f"source folder {str(src_root)!r} does not exist or is not a folder")
+    if dst_root == src_root or src_root in dst_root.parents:
+        raise ValueError(f"dst {str(dst_root)!r} must not be src or inside it (outputs would mix with inputs)")
+    if isinstance(degradation, Degradation):
+        if params:
+            raise TypeError(f"params {sorted(params)} given with an already built {degradation!r}; pass a name instead")
+        deg = degradation
+    else:
+        deg = build_degradation(degradation, **params)
+    files, problems = imageio.find_images([src_root])
+    if not files:
+        raise FileNotFoundError("; ".join(problems) or f"no images under {str(src_root)!r}")
+    targets: dict[Path, Path] = {}
+    for path in files:
+        out = (dst_root / path.relative_to(src_root)).with_suffix(".png")
+        if out in targets:
+            raise ValueError(f"{targets[out]} and {path} would both be written to {out}; rename one of them")
+        targets[out] = path
+    for out, path in targets.items():
+        rel = path.relative_to(src_root).as_posix()
+        loaded = imageio.load_image(path)
+        this_seed = file_seed(seed, rel)
+        result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
+        metadata = {"degradation": deg.spec, "degradation_seed": str(this_seed)}
+        imageio.save_image_atomic(out, imageio.tensor_to_image(result), alpha=loaded.alpha, metadata=metadata)
+    logger.info("degraded %d images from %s into %s with %s (seed %d)", len(targets), src_root, dst_root, deg.spec, seed)
+    return list(targets)

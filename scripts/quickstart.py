@@ -13,8 +13,9 @@ Stages (each skipped when its checkpoint exists; --force redoes it and everythin
    filter and the first-stage round trip (ldm.eval.sweep).
 
 Writes <outdir>/before_after.png (clean | artifact | refined), metrics.csv (one row per image x degradation x method x
-start_t), summary.csv, curves.png, examples.png, and the checkpoints under <outdir>/checkpoints/ (training logs under
-<outdir>/logs/).  --smoke runs every stage for a handful of steps (the test suite uses it; its images are noise).
+start_t), <outdir>/sweep/{summary.csv, curves.png, examples.png}, and the checkpoints under <outdir>/checkpoints/
+(training logs under <outdir>/logs/).  --smoke runs every stage for a handful of steps (the test suite uses it; its
+images are noise).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ldm.cli import OneLineParser
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -65,9 +68,9 @@ class Stage:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quickstart.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p = OneLineParser(prog="quickstart.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--outdir", help="where everything goes (default: outputs/quickstart; with --smoke "
                                     "outputs/quickstart_smoke, so smoke checkpoints are never taken for real ones)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")

@@ -205,3 +205,14 @@ def test_forward_with_a_generator_is_reproducible():
 @pytest.mark.parametrize("marker", ["__is_first_stage__", "__is_unconditional__"])
 def test_cond_stage_markers_instantiate_to_none_as_in_latent_diffusion(marker):
     assert instantiate_from_config(marker) is None
+
+
+def test_latent_scale_of_a_scale_by_std_checkpoint_is_kept_or_the_mismatch_refused(tmp_path):
+    src = build(scale_by_std=True)
+    src.scale_factor.fill_(2.5)
+    path = tmp_path / "std.ckpt"
+    save_checkpoint({"state_dict": src.state_dict()}, path)
+    assert float(build(ckpt_path=str(path), scale_by_std=True).scale_factor) == 2.5  # adopted, not re-estimated
+    assert build(ckpt_path=str(path), scale_factor=2.5).scale_factor == 2.5
+    with pytest.raises(CheckpointError, match=r"scale_factor=2\.5 \(scale_by_std\), this model uses scale_factor=1"):
+        build(ckpt_path=str(path))

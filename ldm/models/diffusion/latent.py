@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ldm.checkpoint import CheckpointError
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.ddpm import DDPM, training_noise
 from ldm.models.tiling import TilingConfig, tiled_vq_decode, tiled_vq_encode
@@ -160,6 +161,20 @@ class LatentDiffusion(DDPM):
         if tiling is None or not tiling.applies_to(z.shape[-2] * f, z.shape[-1] * f):
             return self.first_stage_model.decode(z, force_not_quantize=no_quant)
         return tiled_vq_decode(self.first_stage_model, z, tiling, f, force_not_quantize=no_quant)
+
+    def check_schedule_matches(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """As :meth:`DDPM.check_schedule_matches`, and the latent scale: a checkpoint trained with ``scale_by_std``
+        carries its ``scale_factor``; a model with a fixed, different ``scale_factor`` would feed its UNet latents of
+        the wrong scale, so that is refused too (a ``scale_by_std`` model adopts the checkpoint's value)."""
+        super().check_schedule_matches(state_dict, source)
+        if "scale_factor" not in state_dict or self.scale_by_std:
+            return
+        theirs, ours = float(state_dict["scale_factor"]), float(self.scale_factor)
+        if abs(theirs - ours) > 1e-6 * max(abs(theirs), 1.0):
+            raise CheckpointError(
+                f"{source}: its UNet was trained on latents scaled by scale_factor={theirs:.6g} (scale_by_std), this "
+                f"model uses scale_factor={ours:.6g}; set model.params.scale_factor={theirs:.6g} (or scale_by_std: true)"
+            )
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """With ``scale_by_std``: set ``scale_factor = 1 / std(z)`` from the very first batch (rank 0's, broadcast)."""

@@ -114,9 +114,7 @@ def test_window_configs_state_their_windows():
     expect = {"latesteps_500_750.yaml": (250, 500), "latesteps_750_1000.yaml": (0, 250), "latesteps_500_1000.yaml": (0, 500)}
     for name, window in expect.items():
         for folder in ("", "quickstart/"):
-            path = ROOT / "configs" / f"{folder}{name}"
-            if not path.exists():
-                continue
+            path = ROOT / "configs" / f"{folder}{name}"  # every window has a real-size and a tiny CPU config
             params = OmegaConf.load(path).model.params
             assert (params.t_min, params.t_max) == window, path
 

@@ -59,8 +59,11 @@ COLUMNS = [
 
 
 def parse_tiling(text: str) -> Any:
-    """``off`` -> None, ``auto`` -> "auto", ``TILE:OVERLAP[:PASSES]`` -> a TilingConfig tiling images above TILE."""
-    from ldm.models.tiling import TilingConfig
+    """``off`` -> None, ``auto`` -> "auto", ``TILE:OVERLAP[:PASSES]`` -> the automatic tiling with that geometry (and
+    number of statistics passes), tiling images above TILE."""
+    import dataclasses
+
+    from ldm.refine.speed import AUTO_TILING
 
     if text in ("off", "auto"):
         return None if text == "off" else "auto"
@@ -68,7 +71,7 @@ def parse_tiling(text: str) -> Any:
     if len(parts) not in (2, 3):
         raise ValueError(f"tiling {text!r} must be off, auto or TILE:OVERLAP[:PASSES]")
     passes = {"stat_passes": parts[2]} if len(parts) == 3 else {}
-    return TilingConfig(min_side=parts[0], tile=parts[0], overlap=parts[1], **passes)
+    return dataclasses.replace(AUTO_TILING, min_side=parts[0], tile=parts[0], overlap=parts[1], **passes)
 
 
 def applies(tiling: str, size: int) -> bool:

@@ -145,26 +145,25 @@ def test_each_statistics_pass_reduces_the_error():
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
 
 
-# Tiled vs untiled at the default geometry (AUTO_TILING: 512 px tiles, 128 px overlap, above 1024 px) scaled to 1/8
-# (64, 16, 128; stat_side 512 -> 64) and 1/4, on the astronaut area-resized to 1.5 x min_side (192x160, 384x320).
-# Decode: PSNR of the tiled decode against the untiled one; encode: PSNR of the untiled decode of the tiled latent
-# against the untiled decode of the untiled latent.  "trained": the quickstart's VQ-f4 (configs/quickstart/vq_f4.yaml,
-# outputs/quickstart/checkpoints/vq_f4.ckpt); "random": the same network with random weights (seed 0, 1/4).
+# Tiled vs untiled with the quickstart's trained VQ-f4 (configs/quickstart/vq_f4.yaml), PSNR in dB of the tiled decode
+# against the untiled one / of the untiled decode of the tiled latent against that of the untiled latent.  Default
+# geometry (512 px tiles, 128 px overlap, stat_side 512): skimage's retina cropped to 1408x1280, and the astronaut
+# resized to 1536x1280; scaled to 1/4 and 1/8 (stat_side too): the astronaut resized to 384x320 and 192x160.
 # Measured on CPU (float32) with a one-off script, not in the repository:
 #
-#   stat_side  passes | trained 1/8 dec / enc | trained 1/4 dec / enc | random 1/4 dec (max abs error)
-#   None       0      |  18.4 / 25.2 dB       |  17.2 / 23.6 dB       |  17.6 dB (2.5)
-#   None       1      |  29.3 / 35.2 dB       |  26.8 / 34.7 dB       |  23.9 dB (1.4)      <- default
-#   None       2      |  24.8 / 31.7 dB       |  21.8 / 31.5 dB       |  14.9 dB (3.8)
-#   512/s      0      |  20.5 / 30.6 dB       |  23.2 / 31.7 dB       |  -0.6 dB (17)
-#   512/s      1      |  23.8 / 33.1 dB       |  23.1 / 34.4 dB       |  12.4 dB (4.4)
-#   512/s      2      |  16.1 / 37.4 dB       |  17.7 / 38.2 dB       | -91.8 dB (7e5)      <- the former default
-#   exact (18 passes) |  51.1 / 38.9 dB       |  70.4 / 53.7 dB       |  46.4 dB (0.4)
+#   stat_side  passes | retina 1/1  | astronaut 1/1 | astronaut 1/4 | astronaut 1/8
+#   None       0      | -           | 15.2 / 20.6   | 17.2 / 23.6   | 18.4 / 25.2
+#   None       1      | 25.8 / 28.5 | 22.4 / 33.5   | 26.8 / 34.7   | 29.3 / 35.2
+#   None       2      | -           | 14.3 / 30.6   | 21.8 / 31.5   | 24.8 / 31.7
+#   512/s      0      | 28.8 / 33.3 | 31.3 / 33.4   | 23.2 / 31.7   | 20.5 / 30.6   <- default
+#   512/s      2      | 25.1 / 41.8 | -             | 17.7 / 38.2   | 16.1 / 37.4   <- the former AUTO_TILING
+#   exact (18 passes) | -           | -             | 70.4 / 53.7   | 51.1 / 38.9
 #
-# The test below uses random weights (no trained first stage is tracked) at 1/8 on TINY_DDCONFIG (the quickstart's
-# network), whose measured errors, as RMS over the untiled output's standard deviation (decode) or the latent's
-# (encode), are: default 0.593 / 0.259, no shared statistics 0.728 / 0.683, downscaled statistics with 0 passes
-# 10.6 / 0.444, with 2 passes 7e5 / 0.824.  Over seeds 0-5 the default's decode error ranged 0.51-0.68.
+# The scaled geometry ranks the settings differently from the real one, so the test below (random weights: no trained
+# first stage is tracked; TINY_DDCONFIG is the quickstart's network) pins the default's error at 1/8 against its
+# measured value and checks what holds at every scale: 2 refining passes on downscaled statistics decode far worse
+# (with random weights they blow up).  Measured there, as RMS error over the untiled output's / latent's standard
+# deviation: default 10.6 / 0.444 (decode / encode), 2 passes 7e5 / 0.824, tiles' own statistics 0.728 / 0.683.
 DEFAULT_SCALED = dataclasses.replace(
     AUTO_TILING,
     min_side=AUTO_TILING.min_side // 8,
@@ -189,8 +188,8 @@ def tiled_errors(vq: VQModelInterface, x: torch.Tensor, z: torch.Tensor, cfg: Ti
 
 
 def test_default_tiling_error_at_scaled_default_geometry():
-    """AUTO_TILING's statistics and overlap ratio, geometry / 8: within the measured error (+15 %) and below the
-    alternatives: no shared statistics, and statistics of a downscaled pass with 0 or 2 refining passes."""
+    """AUTO_TILING's statistics and overlap ratio, geometry / 8: within the measured error (+15 %) and far below that of
+    2 refining passes on the same downscaled statistics (the former default)."""
     assert DEFAULT_SCALED.tile == 64 and DEFAULT_SCALED.overlap == 16 and DEFAULT_SCALED.min_side == 128
     torch.manual_seed(0)
     vq = VQModelInterface(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, n_embed=64, embed_dim=3)
@@ -200,12 +199,9 @@ def test_default_tiling_error_at_scaled_default_geometry():
     with torch.no_grad():
         z = vq.encode(x)
         dec, enc = tiled_errors(vq, x, z, DEFAULT_SCALED)
-        own = tiled_errors(vq, x, z, dataclasses.replace(DEFAULT_SCALED, stat_side=None, stat_passes=0))
-        down0 = tiled_errors(vq, x, z, dataclasses.replace(DEFAULT_SCALED, stat_side=64, stat_passes=0))
-        down2 = tiled_errors(vq, x, z, dataclasses.replace(DEFAULT_SCALED, stat_side=64, stat_passes=2))
-    assert dec < 0.593 * 1.15 and enc < 0.259 * 1.15, (dec, enc)
-    assert dec < 0.9 * own[0] and enc < 0.5 * own[1], (dec, enc, own)
-    assert dec < 0.1 * down0[0] and dec < 0.1 * down2[0] and enc < down0[1] and enc < down2[1], (dec, enc, down0, down2)
+        dec2, enc2 = tiled_errors(vq, x, z, dataclasses.replace(DEFAULT_SCALED, stat_passes=DEFAULT_SCALED.stat_passes + 2))
+    assert dec < 10.6 * 1.15 and enc < 0.444 * 1.15, (dec, enc)
+    assert dec < 1e-3 * dec2 and enc < enc2, (dec, enc, dec2, enc2)
 
 
 def test_latent_diffusion_tiling_non_square_non_multiple_size():

@@ -14,19 +14,17 @@ is 16x smaller than the image for f4.  Two things keep tiles consistent with the
 * **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
   borders, where a tile lacks context, get little weight.
 
-Which statistics are accurate was measured (tiled vs untiled VQ-f4 decode/encode at the default geometry scaled to
-1/4 and 1/8, with the quickstart's trained first stage and with random weights; table in
-``tests/test_tiling.py``).  One pass from the tiles' own statistics (``stat_side=None, stat_passes=1``, the default)
-decodes most accurately of the cheap settings (trained: 29 dB PSNR against untiled at 1/8, 27 dB at 1/4; each tile
-normalised with its own: 18 and 17 dB; random weights: best at 1/4 and in 5 of 6 seeds at 1/8): every tile of that
-pass is normalised consistently, and the pooled statistics differ from each tile's own only by sampling.  Downscaled
-statistics are biased for the decoder (probably because area-averaged features vary less than full-resolution ones:
-20 and 23 dB trained, worse than none with random weights).  Refining passes beyond the first mix statistics
-gathered under different normalisations of the earlier layers: 2 passes decode worse than 1 (trained: 22-25 dB from
-the tiles' own statistics, 16-18 dB from downscaled ones) and, from downscaled statistics with random weights, blow
-up (max error 1e5).  The encoder gains from every pass (trained, 1/8: 31, 33, 37 dB after 0, 1, 2 passes from
-downscaled statistics; 35 dB for the default), but the decoder's error dominates.  Only exact passes (51 dB at 1/8,
-70 dB at 1/4) beat the default, at about 10 times its cost (18 passes for this decoder).
+Which statistics are accurate was measured (tiled vs untiled decode, PSNR in dB, with the quickstart's trained VQ-f4;
+table in ``tests/test_tiling.py``).  At the default geometry (512 px tiles, 128 px overlap, 1408x1280 and 1536x1280
+images) statistics from the downscaled pass with no refining pass (``stat_side=512, stat_passes=0``, the default)
+decode best: 28.8 and 31.3 dB, against 25.8 and 22.4 for one pass from the tiles' own statistics, 15.2 for each tile
+normalised with its own, and 25.1 with 2 passes on the downscaled statistics.  Refining passes mix statistics
+gathered under different normalisations of the earlier layers, which hurts the decoder (with random weights 2 passes
+on downscaled statistics even blow up), while the encoder gains from every pass (33.3 -> 41.8 dB with 2); the
+decoder's error dominates.  The geometry scaled down (tiles of 64-128 px, a downscaled pass of 16-32 latent px) ranks
+the settings differently (one pass from the tiles' own statistics best): downscaled statistics need a downscaled map
+that is large next to the network's receptive field.  Exact passes (18 for this decoder) are far better (51-70 dB)
+at about 10 times the cost.
 
 Costs: ``stat_passes + 1`` tiled passes of the tiled part, plus one downscaled untiled pass with ``stat_side``.
 """
@@ -49,20 +47,19 @@ class TilingConfig:
 
     ``min_side``: tile only images whose height or width exceeds it (None: never tile).  ``tile``: tile side.
     ``overlap``: overlap between neighbouring tiles.  ``tile`` and ``overlap`` must be multiples of the first stage's
-    downsampling factor.  ``stat_passes``: tiled passes that gather shared GroupNorm statistics before the final pass
-    (layer k is exact after k passes; as many passes as GroupNorm layers in the tiled part give the untiled result up
-    to the tiles' missing context; 0 without ``stat_side``: each tile is normalised with its own, as in diffusers'
-    tiled VAE).  ``stat_side``: start from (with ``stat_passes=0``: use) the statistics of an untiled pass on the input
-    downscaled to at most this many pixels along its longer side (None: start from each tile's own).  The defaults
-    (one pass from the tiles' own statistics) decoded most accurately of the cheap settings measured; see the module
-    docstring.
+    downsampling factor.  ``stat_side``: GroupNorm statistics come from an untiled pass on the input downscaled to at
+    most this many pixels along its longer side (None: each tile starts from its own statistics; with
+    ``stat_passes=0`` each tile is normalised with its own, as in diffusers' tiled VAE).  ``stat_passes``: tiled
+    passes that refine the statistics before the final pass (layer k is exact after k passes; as many passes as
+    GroupNorm layers in the tiled part give the untiled result up to the tiles' missing context; a few passes decode
+    worse than none).  The defaults decoded most accurately at the default geometry; see the module docstring.
     """
 
     min_side: int | None = 1024
     tile: int = 512
     overlap: int = 128
-    stat_side: int | None = None
-    stat_passes: int = 1
+    stat_side: int | None = 512
+    stat_passes: int = 0
 
     def __post_init__(self) -> None:
         if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:

@@ -218,7 +218,7 @@ def test_cli_speed_options_and_tiling(cli, expert_checkpoints, tmp_path, capsys)
     plain = np.asarray(Image.open(tmp_path / "plain" / "photo_t400_s0.png"), dtype=np.float64)
     tiled = np.asarray(Image.open(tmp_path / "fast" / "photo_t400_s0.png"), dtype=np.float64)
     assert plain.shape == tiled.shape == (42, 60, 3)
-    assert np.abs(plain - tiled).mean() < 40  # 2 statistics passes on 32 px tiles of a random tiny VQ: same picture
+    assert np.abs(plain - tiled).mean() < 40  # default statistics on 32 px tiles of a random tiny VQ: same picture
 
 
 @pytest.mark.parametrize(

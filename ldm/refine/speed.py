@@ -73,7 +73,7 @@ def resolve_tiling(tiling: TilingConfig | str | None, model: Any) -> TilingConfi
 
 
 def describe_tiling(tiling: TilingConfig | None) -> str:
-    """``"off"`` or ``"512 px tiles, 128 px overlap, above 1024 px, 2 statistics passes"``."""
+    """``"off"`` or ``"512 px tiles, 128 px overlap, above 1024 px, 0 statistics passes"``."""
     if tiling is None or tiling.min_side is None:
         return "off"
     return (

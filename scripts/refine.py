@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
     p.add_argument("--tile-size", type=int_at_least(0), metavar="PX",
                    help="encode/decode images with a side above PX in PX x PX tiles (multiple of 4; bounded memory, "
-                        "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 1024 px)")
+                        "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 768 px)")
     p.add_argument("--tile-overlap", type=int_at_least(0), metavar="PX",
                    help="overlap between tiles, a multiple of 4 below the tile size (default: a quarter of the tile size)")
     p.add_argument("--channels-last", action="store_true",

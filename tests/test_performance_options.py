@@ -3,6 +3,7 @@ memory-efficient attention, and a sampler loop that never reads the device back.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -163,7 +164,7 @@ def exact_tiling(model, tile: int, overlap: int) -> TilingConfig:
 def test_auto_tiling_is_the_default_and_fits_the_first_stage():
     refiner = Refiner(fresh_experts(), "cpu")
     assert refiner.tiling == AUTO_TILING and refiner.model.first_stage_tiling == AUTO_TILING
-    assert not AUTO_TILING.applies_to(1024, 1024) and AUTO_TILING.applies_to(1025, 600)
+    assert not AUTO_TILING.applies_to(768, 768) and AUTO_TILING.applies_to(1024, 600)  # 1024 px: tiled (memory)
     assert "tiling 512 px tiles" in refiner.describe()
     assert Refiner(fresh_experts(), "cpu", tiling=None).model.first_stage_tiling is None
     with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
@@ -243,7 +244,7 @@ def test_cli_tiling_arguments(cli):
     passes = AUTO_TILING.stat_passes
     assert parse() == "auto"
     assert parse("--tile-size", "0") is None
-    assert parse("--tile-overlap", "64") == TilingConfig(min_side=1024, tile=512, overlap=64, stat_passes=passes)
+    assert parse("--tile-overlap", "64") == dataclasses.replace(AUTO_TILING, overlap=64)
     assert parse("--tile-size", "256") == TilingConfig(min_side=256, tile=256, overlap=64, stat_passes=passes)
     expected = TilingConfig(min_side=96, tile=96, overlap=8, stat_passes=passes)
     assert parse("--tile-size", "96", "--tile-overlap", "8") == expected

@@ -13,7 +13,7 @@ through the networks alone, so the same image and seed give a bit-identical outp
 On CUDA batched kernels are used by default (outputs then agree across batch compositions to float rounding).
 
 Speed and memory (:mod:`ldm.refine.speed`): attention runs on the memory-efficient SDPA kernel; images with a side above
-1024 px are encoded/decoded tile by tile (``tiling``); identical inputs in a batch (several samples of one image) are
+768 px are encoded/decoded tile by tile (``tiling``); identical inputs in a batch (several samples of one image) are
 encoded once; ``channels_last`` and ``compile`` are options; ``precision="bf16"`` autocasts the networks.
 """
 
@@ -118,7 +118,7 @@ class Refiner:
         batch_invariant: run the networks one sample at a time so outputs do not depend on the batch (bit-identical
             batched or not); None = True on CPU, False on CUDA (where batching is what makes it fast).
         tiling: first-stage tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`: 512 px tiles with 128 px overlap
-            for images with a side above 1024 px; VQ first stages only), None (never tile) or a
+            for images with a side above 768 px; VQ first stages only), None (never tile) or a
             :class:`~ldm.models.tiling.TilingConfig`.  Tiles blend seamlessly (see :mod:`ldm.models.tiling`).
         channels_last: store the networks' weights NHWC (often faster convolutions; same results up to rounding).
         compile: ``torch.compile`` the UNets (compiled on the first call per image size; off by default).

@@ -21,11 +21,12 @@ from ldm.models.tiling import TilingConfig
 logger = logging.getLogger(__name__)
 
 
-# Images with a side above 1024 px are encoded/decoded tile by tile (512 px tiles, 128 px overlap), which bounds the
-# first stage's full-resolution activations (a 1024x1024 untiled VQ-f4 decode already holds 1 GiB maps of 256 channels).
+# Images with a side above 768 px are encoded/decoded tile by tile (512 px tiles, 128 px overlap), which bounds the
+# first stage's full-resolution activations: untiled, a 1024x1024 refinement with the real VQ-f4 peaks at 7.3 GB RSS
+# (6.3 GB for the refinement itself; benchmarks/bench_memory.py), over the 6 GB target.
 # GroupNorm statistics from one untiled pass on the image downscaled to 512 px, no refining pass: measured the most
 # accurate decode at this geometry (2 passes cost 2 more tiled passes and decode worse; see ldm.models.tiling).
-AUTO_TILING = TilingConfig(min_side=1024, tile=512, overlap=128, stat_side=512, stat_passes=0)
+AUTO_TILING = TilingConfig(min_side=768, tile=512, overlap=128, stat_side=512, stat_passes=0)
 
 
 def to_channels_last(modules: Iterable[nn.Module]) -> None:
@@ -73,7 +74,7 @@ def resolve_tiling(tiling: TilingConfig | str | None, model: Any) -> TilingConfi
 
 
 def describe_tiling(tiling: TilingConfig | None) -> str:
-    """``"off"`` or ``"512 px tiles, 128 px overlap, above 1024 px, 0 statistics passes"``."""
+    """``"off"`` or ``"512 px tiles, 128 px overlap, above 768 px, 0 statistics passes"``."""
     if tiling is None or tiling.min_side is None:
         return "off"
     return (

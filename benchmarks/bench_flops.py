@@ -27,15 +27,12 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402 (after the path setup)
     THREADS_HELP,
-    child_config,
-    emit_child_result,
-    machine_info,
     model_config,
-    print_table,
+    report,
     run_child,
+    run_script,
     set_threads,
     timed,
-    write_results,
 )
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by name fragment (first match wins).
@@ -151,14 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_child(Path(__file__), cfg, timeout=args.timeout)
         for row in result.pop("rows", [{}]):
             rows.append({**cfg, **result, **row})
-    print_table(rows, COLUMNS, title=f"UNet FLOP/s on {args.device}")
-    write_results("bench_flops", {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
-    return 0
+    return report("bench_flops", rows, COLUMNS, f"UNet FLOP/s on {args.device}", args)
 
 
 if __name__ == "__main__":
-    child = child_config(sys.argv)
-    if child is not None:
-        emit_child_result(measure(child))
-    else:
-        sys.exit(main())
+    run_script(measure, main)

@@ -33,16 +33,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402 (after the path setup)
     THREADS_HELP,
     build_experts,
-    child_config,
-    emit_child_result,
-    machine_info,
     peak_rss_mib,
     photo_batch,
-    print_table,
+    report,
     run_child,
+    run_script,
     set_threads,
     timed,
-    write_results,
 )
 
 START_T = 499
@@ -172,14 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {cfg}", flush=True)
         result = run_child(Path(__file__), cfg, timeout=args.timeout)
         rows.append({**cfg, **result})
-    print_table(rows, COLUMNS, title=f"refine on {args.device}, {args.threads} threads, start_t={START_T}")
-    write_results("bench_refine", {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
-    return 0
+    return report("bench_refine", rows, COLUMNS, f"refine on {args.device}, {args.threads} threads, start_t={START_T}", args)
 
 
 if __name__ == "__main__":
-    child = child_config(sys.argv)
-    if child is not None:
-        emit_child_result(measure(child))
-    else:
-        sys.exit(main())
+    run_script(measure, main)

@@ -30,16 +30,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402 (after the path setup)
     MODEL_CONFIGS,
     THREADS_HELP,
-    child_config,
-    emit_child_result,
-    machine_info,
     model_config,
     peak_rss_mib,
-    print_table,
+    report,
     run_child,
+    run_script,
     set_threads,
     sync,
-    write_results,
 )
 
 COLUMNS = ["config", "precision", "batch", "data", "steps", "s_per_step", "steps_s", "img_s", "rss_mib", "error"]
@@ -158,14 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"running {cfg}", flush=True)
         rows.append({**cfg, **run_child(Path(__file__), cfg, timeout=args.timeout)})
-    print_table(rows, COLUMNS, title=f"training steps on {args.device}, {args.threads} threads")
-    write_results("bench_train", {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
-    return 0
+    return report("bench_train", rows, COLUMNS, f"training steps on {args.device}, {args.threads} threads", args)
 
 
 if __name__ == "__main__":
-    child = child_config(sys.argv)
-    if child is not None:
-        emit_child_result(measure(child))
-    else:
-        sys.exit(main())
+    run_script(measure, main)

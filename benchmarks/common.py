@@ -263,3 +263,21 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(dict(payload), indent=2, default=str) + "\n")
     print(f"\nresults: {path.relative_to(REPO)}")
     return path
+
+
+def report(name: str, rows: list[dict[str, Any]], columns: Sequence[str], title: str, args: Any) -> int:
+    """Print ``rows`` as a table and write them with the machine and the arguments to ``results/<name>-<time>.json``;
+    returns 0 (a benchmark's exit status)."""
+    print_table(rows, columns, title=title)
+    write_results(name, {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
+    return 0
+
+
+def run_script(measure: Callable[[dict[str, Any]], Mapping[str, Any]], main: Callable[[], int]) -> None:
+    """A benchmark's entry point: in a child process (``--child-config``) measure one configuration and print it,
+    otherwise run ``main()`` and exit with its status."""
+    child = child_config(sys.argv)
+    if child is not None:
+        emit_child_result(measure(child))
+    else:
+        sys.exit(main())

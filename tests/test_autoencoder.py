@@ -406,3 +406,16 @@ def test_main_py_trains_the_tiny_vq_and_its_checkpoint_serves_as_first_stage(tmp
     torch.testing.assert_close(first_stage.post_quant_conv.weight, checkpoint["state_dict"]["post_quant_conv.weight"])
     with torch.no_grad():
         assert first_stage.decode(first_stage.encode(photo_crops(1, 32))).shape == (1, 3, 32, 32)
+
+
+def test_chunked_quantization_equals_taming_quantizer():
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+
+    from ldm.models.autoencoder import quantize_latent
+
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer2(n_e=64, e_dim=3, beta=0.25, legacy=False).eval()
+    h = torch.randn(2, 3, 13, 11)
+    expected = quantizer(h)[0]
+    for chunk in (1, 7, 4096):  # blocks smaller than, not dividing, and larger than the 286 latent vectors
+        assert torch.equal(quantize_latent(quantizer, h, chunk=chunk), expected)

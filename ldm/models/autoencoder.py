@@ -258,6 +258,30 @@ class VQModel(pl.LightningModule):
         return log
 
 
+QUANTIZE_CHUNK = 4096  # latent vectors per distance block: 4096 x 8192 codes x 4 B = 128 MiB
+
+
+def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = QUANTIZE_CHUNK) -> torch.Tensor:
+    """Snap ``h`` ``[B, embed_dim, h, w]`` to the nearest codebook vectors: the ``z_q`` of taming's
+    ``VectorQuantizer2(h)[0]`` (same distances, same straight-through form), computed ``chunk`` latent vectors at a time.
+
+    taming builds the whole ``[B*h*w, n_embed]`` distance matrix (and two temporaries of its size): for a 1024 px image
+    through the real vq-f4 (65536 vectors x 8192 codes) that is 3 x 2 GiB; in blocks it is 3 x 128 MiB.
+    """
+    z = h.permute(0, 2, 3, 1).contiguous()
+    flat = z.view(-1, z.shape[-1])
+    codebook = quantizer.embedding.weight
+    codebook_sq = codebook.pow(2).sum(dim=1)
+    indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start : start + chunk]
+        d = part.pow(2).sum(dim=1, keepdim=True) + codebook_sq - 2 * torch.einsum("bd,dn->bn", part, codebook.t())
+        indices[start : start + chunk] = d.argmin(dim=1)
+    z_q = quantizer.embedding(indices).view(z.shape)
+    z_q = z + (z_q - z).detach()
+    return z_q.permute(0, 3, 1, 2).contiguous()
+
+
 class VQModelInterface(VQModel):
     """The first stage as LatentDiffusion uses it: ``encode`` returns the pre-quantization latent and
     ``decode`` quantizes first (unless ``force_not_quantize``)."""
@@ -268,5 +292,5 @@ class VQModelInterface(VQModel):
 
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:  # type: ignore[override]
         """Latent ``[B, embed_dim, h, w]`` -> image ``[B, 3, h * f, w * f]``; snaps to the codebook first."""
-        quant = h if force_not_quantize else self.quantize(h)[0]
+        quant = h if force_not_quantize else quantize_latent(self.quantize, h)
         return self.decoder(self.post_quant_conv(quant))

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.models.autoencoder import quantize_latent
+
 
 @dataclass(frozen=True)
 class TilingConfig:
@@ -287,7 +289,7 @@ def tiled_vq_decode(
     first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
 ) -> torch.Tensor:
     """``VQModelInterface.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``."""
-    quant = z if force_not_quantize else first_stage.quantize(z)[0]
+    quant = z if force_not_quantize else quantize_latent(first_stage.quantize, z)
     dec = first_stage.decoder
     h = dec.forward_low(first_stage.post_quant_conv(quant))
     out_ch = dec.conv_out.out_channels

@@ -39,16 +39,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402 (after the path setup)
     THREADS_HELP,
     build_experts,
-    child_config,
     current_rss_mib,
-    emit_child_result,
-    machine_info,
     peak_rss_mib,
     photo_batch,
-    print_table,
+    report,
     run_child,
+    run_script,
     set_threads,
-    write_results,
 )
 
 START_T, DDIM_STEPS = 499, 4  # grid 1, 251, 501, 751: the tail is t=251 (expert [250, 500)) then t=1 (expert [0, 250))
@@ -182,14 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 outputs[id(row)] = output
         compare(rows, outputs)
-    print_table(rows, COLUMNS, title=f"encode -> 2 tail steps -> decode on {args.device}, {args.threads} threads")
-    write_results("bench_memory", {"machine": machine_info(args.device), "args": vars(args), "rows": rows})
-    return 0
+    title = f"encode -> 2 tail steps -> decode on {args.device}, {args.threads} threads"
+    return report("bench_memory", rows, COLUMNS, title, args)
 
 
 if __name__ == "__main__":
-    child = child_config(sys.argv)
-    if child is not None:
-        emit_child_result(measure(child))
-    else:
-        sys.exit(main())
+    run_script(measure, main)

@@ -97,17 +97,21 @@ def test_noising_level_equals_first_step_assumption(model, monkeypatch):
     assert torch.equal(sampler.ddim_alphas[sampler.tail_plan(500).indices[0]], model.alphas_cumprod[481])
 
 
+class Oracle:
+    """A denoiser that predicts the true noise of ``x_t`` for a known ``x0`` (DDIM with eta 0 then inverts exactly)."""
+
+    def __init__(self, model, x0: torch.Tensor):
+        self.acp, self.x0 = model.alphas_cumprod, x0
+
+    def __call__(self, x, t, cond=None):
+        a = self.acp[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
 def test_oracle_denoiser_recovers_x0_exactly(model):
     """With the true noise as prediction, DDIM (eta 0) maps q_sample(x0, t) back to x0 at every start."""
     x0 = torch.randn(2, 3, 8, 8, dtype=torch.float32)
-    acp = model.alphas_cumprod
-
-    class Oracle:
-        def __call__(self, x, t, cond=None):
-            a = acp[t].view(-1, 1, 1, 1)
-            return (x - a.sqrt() * x0) / (1 - a).sqrt()
-
-    sampler = DDIMSampler(model, denoiser=Oracle())
+    sampler = DDIMSampler(model, denoiser=Oracle(model, x0))
     sampler.make_schedule(50)
     for start in (50, 500, 999):
         _, pred_x0, _ = sampler.refine(x0, start, generator=torch.Generator().manual_seed(1))
@@ -291,14 +295,7 @@ def test_decode_compvis_positional_call_and_original_steps(model):
 
 def test_full_schedule_encode_decode_recovers_x0_with_oracle(model):
     x0 = torch.randn(1, 3, 8, 8)
-    acp = model.alphas_cumprod
-
-    class Oracle:
-        def __call__(self, x, t, cond=None):
-            a = acp[t].view(-1, 1, 1, 1)
-            return (x - a.sqrt() * x0) / (1 - a).sqrt()
-
-    sampler = DDIMSampler(model, denoiser=Oracle())
+    sampler = DDIMSampler(model, denoiser=Oracle(model, x0))
     sampler.make_schedule(10)
     z = sampler.stochastic_encode(x0, torch.tensor([999]), True, torch.randn_like(x0))
     torch.testing.assert_close(sampler.decode(z, None, 999, use_original_steps=True), x0, atol=1e-4, rtol=1e-4)

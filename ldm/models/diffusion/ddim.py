@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ldm.models.autoencoder import quantize_latent
 from ldm.models.diffusion.denoisers import (
     CFGDenoiser,
     Denoiser,
@@ -247,7 +248,7 @@ class DDIMSampler:
                 noise = _dropout(noise, noise_dropout, generator)
         if quantize_denoised:
             pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
-            pred_x0 = self.model.first_stage_model.quantize(pred_x0)[0]
+            pred_x0 = quantize_latent(self.model.first_stage_model.quantize, pred_x0)
             e_t = (x - a_t.sqrt() * pred_x0) / (1.0 - a_t).sqrt()
         return ddim_step(x, e_t, a_t, a_prev, sigma_t, noise)
 

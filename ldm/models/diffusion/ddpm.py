@@ -391,7 +391,7 @@ class DDPM(pl.LightningModule):
         x, cond = self._clean_input_and_cond(batch)
         gen = self.validation_generator(batch_idx)
         t = self.sample_training_timesteps(x.shape[0], x.device, gen)
-        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        noise = training_noise(x, gen)
         return self.p_losses(x, t, noise=noise, cond=cond)
 
     def _clean_input_and_cond(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ldm.models.diffusion.ddpm import training_noise
 from ldm.models.diffusion.latent import LatentDiffusion
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         z, cond = self._clean_input_and_cond(batch)
         gen = self.validation_generator(batch_idx)
         t, band = stratified_window_timesteps(z.shape[0], self.t_min, self.t_max, self.val_subbands, gen)
-        noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+        noise = training_noise(z, gen)
         per_sample = self.per_sample_loss(z, t.to(z.device), noise, cond)
         out = {"loss_window": (per_sample.mean(), z.shape[0])}
         band = band.to(per_sample.device)

@@ -174,7 +174,7 @@ def _main(argv: list[str]) -> int:
 
     from ldm.checkpoint import CheckpointError
     from ldm.train.callbacks import SetupCallback
-    from ldm.train.cli import merge_configs, parse_cli, resolve_resume, saved_run_configs
+    from ldm.train.cli import DEFAULT_SEED, merge_configs, parse_cli, resolve_resume, resume_seed, saved_run_configs
     from ldm.train.data import install_data_hooks
     from ldm.train.trainer import build_trainer, default_lightning_config
     from ldm.util import ConfigError, instantiate_from_config
@@ -188,11 +188,14 @@ def _main(argv: list[str]) -> int:
     if opt.resume:
         logdir, resume_ckpt = resolve_resume(opt.resume)
         bases = saved_run_configs(logdir) + list(opt.base)
+        opt.seed, seed_note = resume_seed(resume_ckpt, opt.seed, unsafe_load=opt.unsafe_load)
+        say(seed_note)
     else:
         if not opt.base:
             raise ConfigError("no config given: pass -b/--base <config.yaml> (or -r <logdir> to resume)")
         bases = list(opt.base)
         logdir = None
+        opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
     config = merge_configs(bases, dotlist, defaults=default_lightning_config())
     lightning_config = config.pop("lightning")
     if opt.train and "data" not in config:

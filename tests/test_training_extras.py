@@ -17,6 +17,7 @@ from test_main import MAIN, QUICKSTART, RUN_TIMEOUT, _env, base_args, only_run, 
 
 from ldm.checkpoint import load_checkpoint
 from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler
+from ldm.train.cli import DEFAULT_SEED, resume_seed
 from ldm.util import instantiate_from_config
 
 from conftest import photo_crops, tiny_ldm_params
@@ -197,7 +198,8 @@ def _csv_column(run: Path, column: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory) -> dict:
-    """Seed 7, unscaled LR, the one-cycle schedule: 'full' runs 4 steps, 'part' 2 steps and is then resumed to 4;
+    """Seed 7, unscaled LR, the one-cycle schedule: 'full' runs 4 steps, 'part' 2 steps and is then resumed to 4 (without
+    -s: the seed comes from the checkpoint);
     'other' runs 1 step with seed 8, the default (scaled) LR and no schedule.  Two processes at a time."""
     folder = tmp_path_factory.mktemp("seeded")
     (folder / "scheduler.yaml").write_text(SCHEDULER_OVERLAY)
@@ -209,7 +211,7 @@ def seeded_runs(tmp_path_factory) -> dict:
     }, folder)
     part = only_run(folder, "part")
     part_checkpoint = load_checkpoint(part / "checkpoints" / "last.ckpt")
-    resume = ["-t", "-r", str(part), "-s", "7", "--scale_lr", "false", "lightning.trainer.max_steps=4"]
+    resume = ["-t", "-r", str(part), "--scale_lr", "false", "lightning.trainer.max_steps=4"]  # seed 7 from the checkpoint
     other = [*base_args(folder), "-t", "-n", "other", "-s", "8", "lightning.trainer.max_steps=1"]
     outputs |= _finish({"resumed": _start(resume, folder, "resumed"), "other": _start(other, folder, "other")}, folder)
     return {"folder": folder, "outputs": outputs, "part_checkpoint": part_checkpoint}
@@ -218,6 +220,8 @@ def seeded_runs(tmp_path_factory) -> dict:
 def test_resumed_run_continues_the_restored_lr_schedule(seeded_runs):
     folder = seeded_runs["folder"]
     assert "Restored all states from the checkpoint" in "".join(seeded_runs["outputs"]["resumed"])
+    assert seeded_runs["part_checkpoint"]["callbacks"]["StepSeeding"] == {"seed": 7}
+    assert "resuming with seed 7, stored in" in seeded_runs["outputs"]["resumed"][0]
     assert seeded_runs["part_checkpoint"]["lr_schedulers"][0]["last_epoch"] == 2
     full = load_checkpoint(only_run(folder, "full") / "checkpoints" / "last.ckpt")
     resumed = load_checkpoint(only_run(folder, "part") / "checkpoints" / "last.ckpt")
@@ -235,6 +239,20 @@ def test_resumed_run_continues_the_restored_lr_schedule(seeded_runs):
     assert train_losses(only_run(folder, "part")) == train_losses(only_run(folder, "full"))
     for key in full["state_dict"]:
         assert torch.equal(full["state_dict"][key], resumed["state_dict"][key]), key
+
+
+def test_resume_seed_prefers_the_stored_seed_and_warns_on_an_explicit_other(tmp_path):
+    with_seed, without = tmp_path / "with.ckpt", tmp_path / "without.ckpt"
+    weights = {"w": torch.ones(3)}
+    torch.save({"state_dict": weights, "global_step": 2, "callbacks": {"StepSeeding": {"seed": 7}}}, with_seed)
+    torch.save({"state_dict": weights, "global_step": 2}, without)
+    assert resume_seed(with_seed, None)[0] == 7
+    assert resume_seed(with_seed, 7) == (7, f"resuming with seed 7, stored in {with_seed}")
+    seed, note = resume_seed(with_seed, 8)
+    assert seed == 8 and note.startswith("warning:") and "seed 7" in note and "drop -s" in note
+    assert resume_seed(without, None)[0] == DEFAULT_SEED == 23
+    seed, note = resume_seed(without, 5)
+    assert seed == 5 and "stores no seed" in note
 
 
 def test_scale_lr_false_keeps_the_base_learning_rate(seeded_runs):

@@ -321,13 +321,30 @@ class StepSeeding(Callback):
     covers the step itself (timesteps, noise, dropout).  The random draws of step ``k`` are therefore a function of
     ``k`` alone: a run resumed from a checkpoint at step ``k`` continues exactly like the uninterrupted run (whatever
     Lightning does differently while restarting), and ranks draw different noise.
+
+    The seed is saved in every checkpoint (``checkpoint["callbacks"]["StepSeeding"]["seed"]``); ``main.py -r`` reads it
+    back (:func:`ldm.train.cli.resume_seed`).
     """
+
+    STATE_KEY = "StepSeeding"
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         self.seed = int(seed)
         self._step = -1
         self._micro = 0
+
+    @property
+    def state_key(self) -> str:
+        return self.STATE_KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored = state_dict.get("seed")
+        if stored is not None and int(stored) != self.seed:
+            logger.warning("resuming with seed %d; the checkpoint was trained with seed %d", self.seed, stored)
 
     def _reseed(self, trainer: pl.Trainer, phase: int) -> None:
         reseed_global_rngs(derive_seed(self.seed, trainer.global_rank, trainer.global_step, self._micro, phase))

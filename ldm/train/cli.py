@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError, get_obj_from_str
 
+DEFAULT_SEED = 23  # latent-diffusion's main.py default
 PROJECT_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Trainer arguments main.py fills itself; setting them in lightning.trainer would silently lose main.py's own.
@@ -92,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--train", action="store_true", help="train (otherwise only test)")
     parser.add_argument("--no-test", action="store_true", help="skip trainer.test after training")
     parser.add_argument("-p", "--postfix", type=str, default="", help="appended to the log dir name")
-    parser.add_argument("-s", "--seed", type=int, default=23, help="global seed (per-rank streams derive from it)")
+    parser.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        default=None,
+        help=f"global seed (per-rank streams derive from it); default {DEFAULT_SEED}, or on -r the seed stored in the "
+        "resumed checkpoint",
+    )
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the run folders")
     parser.add_argument(
         "--scale_lr",
@@ -416,3 +424,29 @@ def saved_run_configs(logdir: Path) -> list[str]:
     if not found:
         raise ConfigError(f"cannot resume: {str(logdir / 'configs')!r} holds no saved configs; is it a main.py log dir?")
     return found
+
+
+def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:
+    """The seed a resumed run uses, and a line saying where it came from.
+
+    Checkpoints written by ``main.py`` store the run's seed (the state of
+    :class:`~ldm.train.callbacks.StepSeeding`).  Without ``-s`` the stored seed is used, so the resumed run continues
+    exactly like an uninterrupted one; an explicit ``-s`` that differs wins, with a warning that the continuation is
+    then a different random stream.  Checkpoints without a stored seed (older runs) use ``-s`` or
+    :data:`DEFAULT_SEED`.  Tensors are not read (loaded onto the meta device).
+    """
+    from ldm.checkpoint import load_checkpoint
+    from ldm.train.callbacks import StepSeeding
+
+    state = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks") or {}
+    stored = (state.get(StepSeeding.STATE_KEY) or {}).get("seed")
+    if stored is None:
+        seed = DEFAULT_SEED if given is None else given
+        origin = "the default" if given is None else "-s"
+        return seed, f"resuming with seed {seed} ({origin}): {ckpt} stores no seed; pass the run's -s if it differed"
+    if given is None or given == stored:
+        return int(stored), f"resuming with seed {stored}, stored in {ckpt}"
+    return given, (
+        f"warning: resuming with -s {given}, but {ckpt} was trained with seed {stored}: the continuation draws "
+        f"different noise than the uninterrupted run would; drop -s to continue with seed {stored}"
+    )

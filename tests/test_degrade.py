@@ -319,7 +319,7 @@ def test_degrade_folder_deterministic_per_file(tmp_path, photos):
 def test_degrade_folder_errors(tmp_path, photos):
     src = tmp_path / "src"
     _write_folder(src, photos)
-    with pytest.raises(ValueError, match="must not be src"):
+    with pytest.raises(ValueError, match="must not be the source folder"):
         degrade_folder(src, src / "out", "jpeg", seed=0)
     with pytest.raises(TypeError, match="already built"):
         degrade_folder(src, tmp_path / "o", JPEG(), seed=0, quality=3)

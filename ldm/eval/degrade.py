@@ -476,7 +476,8 @@ def degradation_parameters(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in list(sig.parameters.values())[1:]}
 
 
-def _describe(name: str) -> str:
+def describe_degradation(name: str) -> str:
+    """``"jpeg(quality=30)"``: a registered degradation's name with its parameters and defaults."""
     parts = [k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in degradation_parameters(name).items()]
     return f"{name}({', '.join(parts)})"
 
@@ -488,7 +489,7 @@ def build_degradation(name: str, **params: Any) -> Degradation:
     valid.
     """
     if name not in DEGRADATIONS:
-        listing = "; ".join(_describe(n) for n in sorted(DEGRADATIONS))
+        listing = "; ".join(describe_degradation(n) for n in sorted(DEGRADATIONS))
         raise KeyError(f"unknown degradation {name!r}; valid: {listing}")
     expected = degradation_parameters(name)
     unknown = sorted(set(params) - set(expected))
@@ -496,7 +497,7 @@ def build_degradation(name: str, **params: Any) -> Degradation:
     if unknown or missing:
         what = (f"unknown parameters {unknown}" if unknown else "") + (", " if unknown and missing else "")
         what += f"missing required parameters {missing}" if missing else ""
-        raise TypeError(f"degradation {name!r}: {what}; it takes {_describe(name)}")
+        raise TypeError(f"degradation {name!r}: {what}; it takes {describe_degradation(name)}")
     return DEGRADATIONS[name](**params)
 
 

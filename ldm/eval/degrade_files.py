@@ -63,7 +63,10 @@ def degrade_folder(
     if not src_root.is_dir():
         raise FileNotFoundError(f"source folder {str(src_root)!r} does not exist or is not a folder")
     if dst_root == src_root or src_root in dst_root.parents:
-        raise ValueError(f"dst {str(dst_root)!r} must not be src or inside it (outputs would mix with inputs)")
+        raise ValueError(
+            f"output folder {str(dst_root)!r} must not be the source folder {str(src_root)!r} or inside it (outputs "
+            "would mix with inputs); choose an output folder elsewhere"
+        )
     if isinstance(degradation, Degradation):
         if params:
             raise TypeError(f"params {sorted(params)} given with an already built {degradation!r}; pass a name instead")

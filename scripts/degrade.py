@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Degrade a folder of clean images with one seeded artifact family, to build paired evaluation data.
+
+    python scripts/degrade.py --input clean/ --output jpeg15/ --degradation "jpeg:quality=15" --seed 0
+    python scripts/degrade.py --list
+
+Every image under --input (recursive, hidden files skipped) is written to --output as PNG with the same relative
+layout (a/b.jpg -> a/b.png), carrying the PNG text keys ``degradation`` (its full spec) and ``degradation_seed``.  Each
+file's seed derives from --seed and its relative path, so a file's output does not depend on the other files.
+``vq_roundtrip`` needs ``first_stage=<config.yaml>`` here (scripts/evaluate.py can use the refiner's own first stage).
+This file only parses arguments and prints; the work is in ldm.eval.degrade_files.degrade_folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+
+EXIT_OK = 0
+EXIT_INPUT = 1  # no such folder, no images, an unreadable image or an unwritable output
+
+PROG = "degrade.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", metavar="DIR", help="folder of clean images")
+    p.add_argument("--output", metavar="DIR", help="folder for the degraded PNGs (must not be inside --input)")
+    p.add_argument("--degradation", metavar="SPEC",
+                   help="name or name:key=value,... (e.g. jpeg:quality=15, blur_noise:sigma=2,noise_std=0.1); see --list")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="run seed (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="print the degradations and their parameters, then exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    from ldm.eval.degrade import DEGRADATIONS, degradation_from_spec, describe_degradation
+    from ldm.eval.degrade_files import degrade_folder
+    from ldm.imageio import ImageLoadError, ImageSaveError
+
+    if args.list:
+        for name in sorted(DEGRADATIONS):
+            print(describe_degradation(name))
+        return EXIT_OK
+    missing = [flag for flag, value in (("--input", args.input), ("--output", args.output),
+                                        ("--degradation", args.degradation)) if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    try:
+        degradation = degradation_from_spec(args.degradation)
+    except (KeyError, TypeError, ValueError, OSError) as exc:  # ConfigError, CheckpointError: ValueErrors
+        print(f"{PROG}: error: --degradation {args.degradation!r}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        written = degrade_folder(args.input, args.output, degradation, seed=args.seed)
+    except (ImageLoadError, ImageSaveError, OSError) as exc:  # ImageLoadError is a ValueError: caught first
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except ValueError as exc:  # --output inside --input, two inputs mapping to one output
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {len(written)} images to {args.output} with {degradation.spec} (seed {args.seed})")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""scripts/degrade.py: the folder CLI equals ldm.eval.degrade_files.degrade_folder, is seeded, and fails in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.eval.degrade import DEGRADATIONS
+from ldm.eval.degrade_files import degrade_folder, file_seed
+from ldm.imageio import read_png_metadata
+
+from conftest import load_photos
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "degrade.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("degrade_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def degrade():
+    return _script().main
+
+
+@pytest.fixture
+def clean(tmp_path) -> Path:
+    """Two small photographs: ``a.jpg`` at the top and ``sub/b.png`` one folder down."""
+    src = tmp_path / "clean"
+    (src / "sub").mkdir(parents=True)
+    astronaut, coffee = load_photos()[:2]
+    Image.fromarray(astronaut[::8, ::8]).save(src / "a.jpg", quality=95)
+    Image.fromarray(coffee[::8, ::8]).save(src / "sub" / "b.png")
+    return src
+
+
+def _exit_code(main, argv: list[str]) -> int:
+    """``main(argv)``'s return value, or the code of the SystemExit that argparse raises for bad flags."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_list_names_every_degradation_with_its_parameters(degrade, capsys):
+    assert degrade(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("(")[0] for line in lines] == sorted(DEGRADATIONS)
+    assert "jpeg(quality=20)" in lines
+
+
+def test_folder_outputs_equal_the_library_keep_the_layout_and_carry_their_seed(degrade, clean, tmp_path, capsys):
+    out = tmp_path / "noisy"
+    spec = "blur_noise:sigma=1.0,noise_std=0.1"
+    assert degrade(["--input", str(clean), "--output", str(out), "--degradation", spec, "--seed", "3"]) == 0
+    assert f"wrote 2 images to {out}" in capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["a.png", "sub/b.png"]
+    library = tmp_path / "library"
+    degrade_folder(clean, library, "blur_noise", seed=3, sigma=1.0, noise_std=0.1)
+    for rel in ("a.png", "sub/b.png"):
+        np.testing.assert_array_equal(_pixels(out / rel), _pixels(library / rel))
+        metadata = read_png_metadata(out / rel)
+        assert metadata["degradation"] == "blur_noise:sigma=1.0,noise_std=0.1"
+        assert metadata["degradation_seed"] == str(file_seed(3, rel.replace(".png", ".jpg") if rel == "a.png" else rel))
+    clean_a = np.asarray(Image.open(clean / "a.jpg").convert("RGB"))
+    assert np.abs(_pixels(out / "a.png").astype(int) - clean_a).mean() > 2  # the noise is there
+
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert degrade(["--input", str(clean), "--output", str(again), "--degradation", spec, "--seed", "3"]) == 0
+    assert degrade(["--input", str(clean), "--output", str(other), "--degradation", spec, "--seed", "4"]) == 0
+    np.testing.assert_array_equal(_pixels(again / "a.png"), _pixels(out / "a.png"))
+    assert not np.array_equal(_pixels(other / "a.png"), _pixels(out / "a.png"))
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["--degradation", "jpg:quality=10"], 2, "unknown degradation 'jpg'; valid: blur_noise("),
+        (["--degradation", "jpeg:qualty=10"], 2, "unknown parameters ['qualty']; it takes jpeg(quality=20)"),
+        (["--degradation", "jpeg:quality"], 2, "'quality' is not key=value"),
+        (["--degradation", "vq_roundtrip:first_stage=missing.yaml"], 2, "first_stage='missing.yaml' is not a file"),
+        (["--degradation", "jpeg", "--seed", "-1"], 2, "argument --seed: -1 must be >= 0"),
+        (["--degradation", "jpeg", "--output", None], 2, "must not be the source folder"),
+        (["--degradation", "jpeg", "--input", "missing"], 1, "does not exist or is not a folder"),
+        (["--output", "x"], 2, "the following arguments are required: --degradation"),
+    ],
+)
+def test_bad_arguments_and_inputs_fail_in_one_line(degrade, clean, tmp_path, monkeypatch, capsys, args, code, expected):
+    monkeypatch.chdir(tmp_path)
+    given = {"--input": str(clean), "--output": str(tmp_path / "out")}
+    for flag, value in zip(args[::2], args[1::2]):
+        given[flag] = str(clean / "inside") if value is None else value
+    assert _exit_code(degrade, [item for pair in given.items() for item in pair]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("degrade.py: error:") and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_image_is_named_and_exits_1(degrade, clean, tmp_path, capsys):
+    (clean / "sub" / "broken.png").write_bytes(b"not a png at all")
+    code = degrade(["--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", "jpeg"])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.png" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runs_as_a_script(clean, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--input", str(clean), "--output", str(tmp_path / "out"),
+         "--degradation", "jpeg:quality=10"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "sub" / "b.png").is_file()

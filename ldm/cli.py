@@ -1,4 +1,4 @@
-"""Argument parsing shared by the command-line scripts (``scripts/refine.py``, ``scripts/evaluate.py``).
+"""Argument parsing shared by the scripts (``scripts/refine.py``, ``evaluate.py``, ``quickstart.py``, ``degrade.py``).
 
 Bad arguments are answered in one line on stderr (``<prog>: error: <what> (see --help)``, no usage block) with exit
 code :data:`EXIT_USAGE`, before any model or image is loaded.

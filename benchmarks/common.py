@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+# Where results go; LATESTEPS_BENCH_RESULTS moves them (tests/test_benchmarks.py writes into a temporary folder).
+RESULTS = Path(os.environ.get("LATESTEPS_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 REAL_CONFIG = REPO / "configs" / "latesteps_500_750.yaml"
 TINY_CONFIG = REPO / "configs" / "quickstart" / "latesteps_500_750.yaml"
 MODEL_CONFIGS = {"real": REAL_CONFIG, "tiny": TINY_CONFIG}
@@ -256,12 +257,12 @@ def _fmt(value: Any) -> str:
 
 
 def write_results(name: str, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` to ``benchmarks/results/<name>-<timestamp>.json``; returns the path."""
+    """Write ``payload`` to ``<RESULTS>/<name>-<timestamp>.json`` (default ``benchmarks/results/``); returns the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(dict(payload), indent=2, default=str) + "\n")
-    print(f"\nresults: {path.relative_to(REPO)}")
+    print(f"\nresults: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return path
 
 

@@ -13,7 +13,8 @@
 # a connected machine with `pip download --dest .whl -r requirements.txt`, then carried along), a venv ./.venv-gpu that
 # sees the machine's torch (--system-site-packages) is created and the missing packages are installed from .whl only
 # (--no-index).  The machine's torch (and its matching torchvision, which lpips needs) is never replaced.
-# Results: benchmarks/results/*.json (one per benchmark) and benchmarks/results/gpu-<time>.log (everything printed).
+# Results: benchmarks/results/*.json (one per benchmark) and benchmarks/results/gpu-<time>.log (everything printed);
+# $LATESTEPS_BENCH_RESULTS, if set, names another folder for both.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     refine|train|flops) PARTS+=("$arg") ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$arg' (use refine, train, flops and/or --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -67,8 +68,9 @@ if ! "$PY" -c "$PROJECT_CHECK" 2>/dev/null; then
   fi
 fi
 
-mkdir -p benchmarks/results
-LOG="benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)$([ "$DRY" = 1 ] && echo -dry).log"
+RESULTS="${LATESTEPS_BENCH_RESULTS:-benchmarks/results}"
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu-$(date +%Y%m%d-%H%M%S)$([ "$DRY" = 1 ] && echo -dry).log"
 exec > >(tee -a "$LOG") 2>&1
 echo "gpu.sh: python $PY; parts: ${PARTS[*]}; dry run: $DRY; log: $LOG"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
@@ -103,4 +105,4 @@ for part in "${PARTS[@]}"; do
       "$PY" benchmarks/bench_flops.py --device "$DEVICE" --threads "$THREADS" "${FLOPS_ARGS[@]}" --precisions bf16 ;;
   esac
 done
-echo "gpu.sh: done; JSON results in benchmarks/results/, log in $LOG"
+echo "gpu.sh: done; JSON results in $RESULTS/, log in $LOG"

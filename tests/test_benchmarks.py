@@ -1,0 +1,91 @@
+"""The benchmarks still run: each script at its smallest CPU setting, results read back from its JSON.
+
+Benchmarks print figures and are not tests; these only check their plumbing (every configuration measured without an
+error, the JSON complete, the figures finite) and the few numbers that do not depend on timing (FLOP counts).  Nothing
+here asserts on wall-clock time.  ``benchmarks/gpu.sh --dry-run flops`` runs the GPU script's CPU path end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+TIMEOUT = 600
+
+
+def _run(cmd: list[str], results: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LATESTEPS_BENCH_RESULTS": str(results), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def _bench(script: str, args: list[str], results: Path) -> list[dict]:
+    """Run ``benchmarks/<script>.py args`` (1 thread); return the rows of the one JSON file it wrote."""
+    _run([sys.executable, str(BENCH / f"{script}.py"), "--threads", "1", *args], results)
+    (path,) = results.glob(f"{script}-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["machine"] and payload["args"]["threads"] == 1
+    rows = payload["rows"]
+    assert rows and all(not row.get("error") for row in rows), rows
+    return rows
+
+
+def _finite_positive(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_bench_refine_measures_every_configuration(tmp_path):
+    rows = _bench("bench_refine", ["--models", "tiny", "--sizes", "64", "--precisions", "fp32", "bf16", "--batch", "2",
+                                   "--tail-steps", "2", "--repeats", "1"], tmp_path)
+    assert sorted((r["precision"], r["batch"]) for r in rows) == [("bf16", 2), ("fp32", 2)]
+    for row in rows:
+        assert row["steps"] == 2 and row["size"] == 64 and "[250, 500) = steps 500-750" in row["refiner"]
+        assert _finite_positive(row["wall_s"], row["sample_s"], row["bare_s"], row["overhead"], row["img_s"])
+        assert row["wall_s"] >= row["sample_s"]
+
+
+def test_bench_memory_reports_peaks(tmp_path):
+    rows = _bench("bench_memory", ["--unet", "tiny", "--sizes", "64", "--tilings", "off"], tmp_path)
+    (row,) = rows
+    assert _finite_positive(row["peak_mib"], row["model_mib"], row["wall_s"])
+    assert row["peak_mib"] >= row["model_mib"]
+
+
+def test_bench_train_runs_steps(tmp_path):
+    rows = _bench("bench_train", ["--configs", "tiny", "--precisions", "32-true", "--steps", "1", "--warmup", "1",
+                                  "--batch-size", "2", "--data", "random"], tmp_path)
+    (row,) = rows
+    assert row["batch"] == 2 and row["steps"] == 1 and _finite_positive(row["s_per_step"], row["steps_s"])
+
+
+def test_gpu_script_dry_run_counts_unet_flops(tmp_path):
+    """gpu.sh's CPU path (Python selection, log, bench_flops); FLOP counts are exact: linear in the batch, and a
+    training step (forward + backward) counts three forwards."""
+    result = _run(["bash", str(BENCH / "gpu.sh"), "--dry-run", "flops"], tmp_path)
+    assert "gpu.sh: done" in result.stdout
+    (log,) = tmp_path.glob("gpu-*-dry.log")
+    assert "UNet FLOP/s on cpu" in log.read_text()
+    (path,) = tmp_path.glob("bench_flops-*.json")
+    rows = {(r["kind"], r["batch"]): r for r in json.loads(path.read_text())["rows"]}
+    assert sorted(rows) == [("forward", 1), ("forward", 2), ("train_step", 1), ("train_step", 2)]
+    assert all(not r.get("error") and _finite_positive(r["gflop"], r["tflop_s"]) for r in rows.values())
+    forward = rows["forward", 1]["gflop"]
+    assert rows["forward", 2]["gflop"] == pytest.approx(2 * forward, rel=1e-6)
+    assert rows["train_step", 1]["gflop"] == pytest.approx(3 * forward, rel=0.02)
+
+
+def test_gpu_script_rejects_unknown_arguments_and_prints_help(tmp_path):
+    bad = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dryrun"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument '--dryrun'" in bad.stderr
+    usage = _run(["bash", str(BENCH / "gpu.sh"), "--help"], tmp_path)
+    assert "bash benchmarks/gpu.sh --dry-run" in usage.stdout and "set -euo" not in usage.stdout

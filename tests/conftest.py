@@ -9,6 +9,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a CI run cannot go red by chance); HYPOTHESIS_PROFILE=explore
+# draws new ones, e.g. `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py` to hunt for more failures.
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 # Tiny models: 2 threads at most (the CI machine's cores); OMP_NUM_THREADS=1 runs the suite on one core beside other work.
 torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))

@@ -382,6 +382,20 @@ def test_fuzzed_main_py_overrides_merge_or_fail_with_a_config_error(tokens):
     OmegaConf.to_container(merged, resolve=True)  # what main.py does next: must not fail any more
 
 
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (["-l"], "argument -l/--logdir: expected one argument"),
+        (["-s", "abc"], "argument -s/--seed: invalid int value: 'abc'"),
+        (["--scale_lr", "maybe"], "expected a boolean (true/false), got 'maybe'"),
+    ],
+)
+def test_flags_without_a_valid_value_fail_in_one_line(main_module, tokens, expected, capsys):
+    assert main_module.main(["-b", str(QUICKSTART), "-t", *tokens]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and expected in one_error_line(err, "main.py: error:")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # refine: permission errors on the output folder
 

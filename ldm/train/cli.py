@@ -77,9 +77,17 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises :class:`CLIError` (one line, exit status 2 in ``main.py``) instead of printing the usage
+    block and calling ``sys.exit`` (``-l`` without its value, ``-s abc``, ...)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{message} (see python main.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """latent-diffusion's ``main.py`` flags (``-p`` is the log-dir postfix here, ``--unsafe-load`` is new)."""
-    parser = argparse.ArgumentParser(
+    parser = _RaisingParser(
         prog="main.py",
         allow_abbrev=False,
         description="Train latent-diffusion style models from YAML configs on Lightning 2. Arguments of the form "

@@ -7,12 +7,11 @@
 #   bash benchmarks/gpu.sh refine          # or: train | flops   (one part, each well under 10 minutes)
 #   bash benchmarks/gpu.sh --dry-run       # here, on CPU: the same commands at tiny sizes, to check the plumbing
 #
-# Python: $PYTHON if set, else ./.venv-gpu/bin/python (made by an earlier run), ./.venv/bin/python or python3 - the first
-# that imports torch with CUDA (any torch in --dry-run).  The project's other requirements (setup.py's install_requires: pytorch-lightning, omegaconf, einops,
-# taming-transformers-rom1504, ...) must import too.  When they do not and a wheelhouse ./.whl exists (git-ignored; made on
-# a connected machine with `pip download --dest .whl -r requirements.txt`, then carried along), a venv ./.venv-gpu that
-# sees the machine's torch (--system-site-packages) is created and the missing packages are installed from .whl only
-# (--no-index).  The machine's torch (and its matching torchvision, which lpips needs) is never replaced.
+# Python: $PYTHON if set, else ./.venv/bin/python or python3 - the first that imports torch with CUDA (any torch in
+# --dry-run).  The project's other requirements (omegaconf, taming-transformers-rom1504, lpips, pytorch-lightning,
+# einops, ...) must import too.  Where some do not and a wheelhouse ./.whl exists (git-ignored; made here with
+# `bash benchmarks/gpu_wheels.sh`, then carried along), its wheels are installed with --no-index --no-deps into
+# ${TMPDIR:-/tmp}/latesteps-gpu-site and put first on PYTHONPATH; the machine's torch and torchvision are never replaced.
 # Results: benchmarks/results/*.json (one per benchmark) and benchmarks/results/gpu-<time>.log (everything printed);
 # $LATESTEPS_BENCH_RESULTS, if set, names another folder for both.
 set -euo pipefail
@@ -42,7 +41,7 @@ PROJECT_CHECK="import torch, pytorch_lightning, omegaconf, einops, taming, ldm.r
 
 pick_python() {
   local candidate
-  for candidate in "${PYTHON:-}" "$REPO/.venv-gpu/bin/python" "$REPO/.venv/bin/python" "$(command -v python3 || true)"; do
+  for candidate in "${PYTHON:-}" "$REPO/.venv/bin/python" "$(command -v python3 || true)"; do
     [ -n "$candidate" ] && [ -x "$candidate" ] || continue
     if "$candidate" -c "$TORCH_CHECK" 2>/dev/null; then echo "$candidate"; return 0; fi
   done
@@ -54,16 +53,16 @@ if ! PY="$(pick_python)"; then
   exit 1
 fi
 if ! "$PY" -c "$PROJECT_CHECK" 2>/dev/null; then
-  if [ -d "$REPO/.whl" ]; then
-    echo "gpu.sh: installing the project's requirements from .whl into .venv-gpu (torch from $PY)"
-    "$PY" -m venv --system-site-packages "$REPO/.venv-gpu"
-    grep -vE '^(#|torch==|torchvision==|pytest|hypothesis|ruff)' requirements.txt | sed 's/==.*//' \
-      | xargs "$REPO/.venv-gpu/bin/pip" install --quiet --no-index --find-links "$REPO/.whl"
-    PY="$REPO/.venv-gpu/bin/python"
+  if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    SITE="${TMPDIR:-/tmp}/latesteps-gpu-site"
+    echo "gpu.sh: installing $(ls "$REPO"/.whl/*.whl | xargs -n1 basename | tr '\n' ' ')into $SITE (torch from $PY)"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$REPO"/.whl/*.whl
+    export PYTHONPATH="$SITE:$PYTHONPATH"
   fi
   if ! "$PY" -c "$PROJECT_CHECK"; then
-    echo "gpu.sh: $PY has torch but not the project's requirements (see the traceback above); install them, or carry" \
-         "a wheelhouse .whl made with 'pip download --dest .whl -r requirements.txt'" >&2
+    echo "gpu.sh: $PY has torch but not all of the project's requirements (see the traceback above); carry the" \
+         "missing ones as wheels: 'bash benchmarks/gpu_wheels.sh [package ...]' here, then carry .whl" >&2
     exit 1
   fi
 fi

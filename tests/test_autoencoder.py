@@ -419,3 +419,23 @@ def test_chunked_quantization_equals_taming_quantizer():
     expected = quantizer(h)[0]
     for chunk in (1, 7, 4096):  # blocks smaller than, not dividing, and larger than the 286 latent vectors
         assert torch.equal(quantize_latent(quantizer, h, chunk=chunk), expected)
+
+
+def test_quantization_under_bf16_autocast_picks_the_float32_codes():
+    """Refinement decodes under autocast: the nearest-code search must not run in bfloat16 (with 8192 close codes a
+    bf16 matmul picks another code for a large share of the vectors)."""
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+
+    from ldm.models.autoencoder import quantize_latent
+
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer2(n_e=8192, e_dim=3, beta=0.25, legacy=False).eval()
+    h = torch.randn(1, 3, 32, 32) * 0.01  # the codebook is U(-1/8192, 1/8192): latents near it
+    expected = quantize_latent(quantizer, h)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = quantize_latent(quantizer, h)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    half = quantize_latent(quantizer, h.bfloat16())  # a bf16 latent (bf16-true): fp32 search, bf16 result
+    reference = quantize_latent(quantizer, h.bfloat16().float())
+    # same codes; only the straight-through sum z + (z_q - z) rounds, by at most a bf16 ulp of |z|
+    assert half.dtype == torch.bfloat16 and (half.float() - reference).abs().max() <= 2**-8 * h.abs().max()

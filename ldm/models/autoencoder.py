@@ -267,17 +267,21 @@ def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = QU
 
     taming builds the whole ``[B*h*w, n_embed]`` distance matrix (and two temporaries of its size): for a 1024 px image
     through the real vq-f4 (65536 vectors x 8192 codes) that is 3 x 2 GiB; in blocks it is 3 x 128 MiB.
+
+    Distances are computed in float32 with autocast off: under bf16 autocast the matmul would run in bfloat16 and snap
+    about a third of the latent vectors to a different code.  The result has ``h``'s dtype.
     """
     z = h.permute(0, 2, 3, 1).contiguous()
     flat = z.view(-1, z.shape[-1])
-    codebook = quantizer.embedding.weight
-    codebook_sq = codebook.pow(2).sum(dim=1)
     indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-    for start in range(0, flat.shape[0], chunk):
-        part = flat[start : start + chunk]
-        d = part.pow(2).sum(dim=1, keepdim=True) + codebook_sq - 2 * torch.einsum("bd,dn->bn", part, codebook.t())
-        indices[start : start + chunk] = d.argmin(dim=1)
-    z_q = quantizer.embedding(indices).view(z.shape)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        codebook = quantizer.embedding.weight.float()
+        codebook_sq = codebook.pow(2).sum(dim=1)
+        for start in range(0, flat.shape[0], chunk):
+            part = flat[start : start + chunk].float()
+            d = part.pow(2).sum(dim=1, keepdim=True) + codebook_sq - 2 * torch.einsum("bd,dn->bn", part, codebook.t())
+            indices[start : start + chunk] = d.argmin(dim=1)
+    z_q = quantizer.embedding(indices).view(z.shape).to(z.dtype)
     z_q = z + (z_q - z).detach()
     return z_q.permute(0, 3, 1, 2).contiguous()
 

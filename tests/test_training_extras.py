@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from test_main import MAIN, QUICKSTART, RUN_TIMEOUT, _env, base_args, only_run, train_losses, write_overlay
 
 from ldm.checkpoint import load_checkpoint
@@ -156,6 +158,7 @@ model:
       target: ldm.lr_scheduler.LambdaLinearScheduler
       params: {warm_up_steps: [2], f_start: [0.1], f_max: [1.0], f_min: [0.2], cycle_lengths: [6]}
 """
+VQ_TINY = Path(__file__).resolve().parents[1] / "configs" / "autoencoder" / "vq_f4_tiny.yaml"
 BASE_LR = 2.0e-5  # model.base_learning_rate of the quickstart config; the overlay's batch size is 4
 
 
@@ -334,3 +337,46 @@ def test_ctrl_c_writes_last_ckpt_and_exits_one(tmp_path):
     assert checkpoint["global_step"] == step and 2 <= step < 1000
     assert checkpoint["window"] == [250, 500] and "config" in checkpoint
     assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP strategy per model
+
+
+def test_ddp_strategy_is_configured_for_the_model():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from ldm.train.trainer import resolve_strategy
+
+    ldm_model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
+    vq_cfg = OmegaConf.to_container(OmegaConf.load(VQ_TINY).model, resolve=True)
+    vq_cfg["params"].pop("ckpt_path", None)
+    vq_model = instantiate_from_config(vq_cfg)
+    for_ldm, for_vq = resolve_strategy("ddp", ldm_model), resolve_strategy("ddp", vq_model)
+    assert isinstance(for_ldm, DDPStrategy) and isinstance(for_vq, DDPStrategy)
+    sync_key = "forward_sync_buffers" if "forward_sync_buffers" in for_ldm._ddp_kwargs else "broadcast_buffers"
+    assert for_ldm._ddp_kwargs == {"find_unused_parameters": False, sync_key: False}  # no per-step EMA broadcast
+    assert for_vq._ddp_kwargs == {"find_unused_parameters": True}  # the idle discriminator before disc_start
+    assert resolve_strategy("ddp", pl.LightningModule()) == "ddp"
+    for given in ("ddp_spawn", "ddp_find_unused_parameters_true", "auto", for_vq):
+        assert resolve_strategy(given, vq_model) is given
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_trains_the_vq_autoencoder_across_disc_start(tmp_path):
+    """Plain ``strategy=ddp`` on the VQGAN: before disc_start the discriminator is idle (DDP needs
+    find_unused_parameters), after it both optimizers step."""
+    args = ["-b", str(VQ_TINY), "-t", "-l", str(tmp_path / "logs"), "lightning.trainer.strategy=ddp",
+            "lightning.trainer.devices=2", "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=4",
+            "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.enable_progress_bar=false",
+            "lightning.trainer.enable_model_summary=false", "model.params.lossconfig.params.disc_start=1",
+            "data.params.batch_size=4", "data.params.train.params.n_samples=32",
+            "data.params.validation.params.n_samples=8"]
+    result = subprocess.run([sys.executable, str(MAIN), *args], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run,) = (tmp_path / "logs").iterdir()
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] >= 4 and len(checkpoint["optimizer_states"]) == 2  # 2 optimizer steps per batch
+    disc_state = checkpoint["optimizer_states"][1]["state"]
+    assert disc_state and all(int(s["step"]) >= 1 for s in disc_state.values())  # the discriminator did train

@@ -130,6 +130,34 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
     return loggers
 
 
+def resolve_strategy(strategy: Any, model: pl.LightningModule) -> Any:
+    """``lightning.trainer.strategy``, with the string ``"ddp"`` configured for ``model``.
+
+    A model may declare ``ddp_find_unused_parameters = True`` (:class:`~ldm.models.autoencoder.VQModel`: its
+    discriminator is idle before ``disc_start``) and ``ddp_sync_buffers = False``
+    (:class:`~ldm.models.diffusion.ddpm.DDPM`: no broadcast of the EMA buffers before every forward); ``"ddp"`` then
+    becomes a ``DDPStrategy`` with those settings.  Any other strategy (a name such as
+    ``ddp_find_unused_parameters_true``, or an object) is used as given.
+    """
+    if strategy != "ddp":
+        return strategy
+    find_unused = bool(getattr(model, "ddp_find_unused_parameters", False))
+    sync_buffers = bool(getattr(model, "ddp_sync_buffers", True))
+    if not find_unused and sync_buffers:
+        return strategy
+    import inspect
+
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    options: dict[str, Any] = {"find_unused_parameters": find_unused}
+    if not sync_buffers:  # torch >= 2.13 renamed broadcast_buffers (which also skipped the initial sync)
+        new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        options["forward_sync_buffers" if new_name else "broadcast_buffers"] = False
+    logger.info("strategy ddp for %s: %s", type(model).__name__, options)
+    return DDPStrategy(**options)
+
+
 def build_trainer(
     lightning_config: DictConfig,
     *,
@@ -142,7 +170,9 @@ def build_trainer(
     unsafe_load: bool = False,
 ) -> tuple[pl.Trainer, InterruptCheckpoint]:
     """The Trainer for one run and its :class:`InterruptCheckpoint` (to report what an interrupt saved)."""
-    trainer_kwargs = _plain(lightning_config.get("trainer")) or {}
+    trainer_kwargs = dict(_plain(lightning_config.get("trainer")) or {})
+    if "strategy" in trainer_kwargs:
+        trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs["strategy"], model)
     interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")
     callbacks = [setup_callback, *build_callbacks(lightning_config, model, ckptdir, has_validation)]
     callbacks += [interrupt, StepSeeding(seed)]

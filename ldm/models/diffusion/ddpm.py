@@ -99,6 +99,11 @@ class DDPM(pl.LightningModule):
     (:mod:`ldm.lr_scheduler`); ``monitor`` the metric for checkpointing.  ``learning_rate`` is set by ``main.py``.
     """
 
+    # main.py's ``strategy: ddp`` reads this: no buffer needs DDP's broadcast before every forward.  The schedule
+    # buffers are constants, the EMA (one buffer per UNet parameter, 1.1 GB for the real config) follows identical
+    # parameters on every rank, and scale_by_std broadcasts its one value itself.
+    ddp_sync_buffers = False
+
     def __init__(
         self,
         unet_config: Mapping[str, Any],

@@ -396,6 +396,16 @@ def test_flags_without_a_valid_value_fail_in_one_line(main_module, tokens, expec
     assert "usage:" not in err and expected in one_error_line(err, "main.py: error:")
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_is_refused_for_diffusion_training(main_module, precision, tmp_path, capsys):
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"),
+            f"lightning.trainer.precision={precision}"]
+    assert main_module.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert f"precision={precision}" in line and "EMA" in line and "use precision=bf16-mixed" in line
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # refine: permission errors on the output folder
 

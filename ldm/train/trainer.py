@@ -171,6 +171,14 @@ def build_trainer(
 ) -> tuple[pl.Trainer, InterruptCheckpoint]:
     """The Trainer for one run and its :class:`InterruptCheckpoint` (to report what an interrupt saved)."""
     trainer_kwargs = dict(_plain(lightning_config.get("trainer")) or {})
+    precision = str(trainer_kwargs.get("precision", ""))
+    if precision in ("16-true", "bf16-true") and not getattr(model, "true_half_precision", True):
+        raise ConfigError(
+            f"lightning.trainer.precision={precision} would cast all of {type(model).__name__}'s buffers to half "
+            "precision: the noise schedule (sqrt_alphas_cumprod[0] = 0.99925 becomes 1.0 in bfloat16) and the EMA, "
+            "whose updates of (1 - ema_decay) x change then round away; use precision=bf16-mixed or 16-mixed "
+            "(float32 weights and buffers, half-precision compute)"
+        )
     if "strategy" in trainer_kwargs:
         trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs["strategy"], model)
     interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")

@@ -103,6 +103,8 @@ class DDPM(pl.LightningModule):
     # buffers are constants, the EMA (one buffer per UNet parameter, 1.1 GB for the real config) follows identical
     # parameters on every rank, and scale_by_std broadcasts its one value itself.
     ddp_sync_buffers = False
+    # main.py refuses lightning.trainer.precision=16-true / bf16-true for this model (see ldm.train.trainer).
+    true_half_precision = False
 
     def __init__(
         self,

@@ -129,6 +129,10 @@ def test_conditioning_concat_crossattn_adm():
     )
     loss, _ = adm.shared_step(batch)
     assert torch.isfinite(loss)
+    # the labels follow the model's device (a non-persistent anchor: no state-dict key for CompVis checkpoints)
+    assert not any(k.startswith("cond_stage_model.") for k in adm.state_dict())
+    labels = adm.get_learned_conditioning({"class": [3, 4]})  # "class_label": the whole batch goes in
+    assert labels.tolist() == [3, 4] and labels.device == adm.device and labels.dtype == torch.long
 
 
 def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):

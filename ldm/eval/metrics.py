@@ -234,8 +234,8 @@ def fid_kid(
     for metric in (fid, kid):
         metric.update(f_real, real=True)
         metric.update(f_fake, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # KID's subset draws use the CPU generator; CUDA's is left alone
+        torch.default_generator.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 

@@ -186,8 +186,9 @@ class LatentDiffusion(DDPM):
         z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         std = z.flatten().float().std()
         if self._trainer is not None and self._trainer.world_size > 1:
-            std = self.trainer.strategy.broadcast(std, src=0)
-        self.scale_factor.fill_(1.0 / std)
+            # a CPU tensor: a pickled CUDA tensor would be unpickled on cuda:0 on every rank
+            std = self.trainer.strategy.broadcast(std.cpu(), src=0)
+        self.scale_factor.fill_(1.0 / float(std))
         logger.info("scale_by_std: scale_factor set to %.6f", float(self.scale_factor))
 
     # -------------------------------------------------------------------------------------------------- conditioning

@@ -35,9 +35,11 @@ class ClassLabels(nn.Module):
         super().__init__()
         self.key = key
         self.n_classes = n_classes
+        # follows .to(device), so that the labels land where the UNet's label embedding is (no state-dict key)
+        self.register_buffer("device_anchor", torch.empty(0), persistent=False)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        labels = torch.as_tensor(batch[self.key]).long()
+        labels = torch.as_tensor(batch[self.key], device=self.device_anchor.device).long()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(f"class labels must be in [0, {self.n_classes}); got {labels.min()}..{labels.max()}")
         return labels

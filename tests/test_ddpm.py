@@ -187,6 +187,24 @@ def test_bf16_autocast_forward():
     assert out.shape == z.shape and torch.isfinite(out.float()).all()
 
 
+def test_bf16_mixed_training_noises_float32_latents():
+    """Under bf16 autocast (Lightning's bf16-mixed) the encoder computes in bfloat16, but the latent that is noised
+    and the noise that is regressed stay float32: at t=0 the noise scale is 0.01, below bf16's resolution of a latent."""
+    model = build()
+    batch = batch_of(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, _ = model.get_input(batch, model.first_stage_key)
+    reference, _ = model.get_input(batch, model.first_stage_key)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, reference, rtol=0.05, atol=0.05)  # the bf16 encoder's rounding, nothing more
+    t = torch.zeros(2, dtype=torch.long)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        noised = model.q_sample(z, t, noise)
+    expected = model.sqrt_alphas_cumprod[0].double() * z.double() + model.sqrt_one_minus_alphas_cumprod[0].double() * noise
+    assert noised.dtype == torch.float32 and (noised.double() - expected).abs().max() < 1e-6
+
+
 def test_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="no attribute 'LatentDiffusionn'"):
         instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusionn"})

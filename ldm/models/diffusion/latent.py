@@ -217,7 +217,9 @@ class LatentDiffusion(DDPM):
         x = super().get_input(batch, k)
         if bs is not None:
             x = x[:bs]
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        # in the module's dtype: under bf16 autocast (bf16-mixed) the encoder returns bfloat16, and noising a bf16
+        # latent (and regressing bf16-rounded noise) loses a large share of the signal at small t
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().to(self.dtype)
         xc = c = None
         if self.model.conditioning_key is not None:
             cond_key = cond_key or self.cond_stage_key

@@ -166,11 +166,11 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
-        logvar = torch.full((self.num_timesteps,), float(logvar_init), device="cpu")
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
         if learn_logvar:
             self.logvar = nn.Parameter(logvar, requires_grad=True)
-        else:
-            self.logvar = logvar
+        else:  # a buffer so that it moves with the model (no copy per step); not persistent: no key, as in CompVis
+            self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -336,7 +336,7 @@ class DDPM(pl.LightningModule):
         """Training loss for ``x_start`` ``[B, C, H, W]`` at ``t`` ``[B]``; returns ``(loss, log_dict)``."""
         prefix = "train" if self.training else "val"
         loss_simple = self.per_sample_loss(x_start, t, noise, cond)
-        logvar_t = self.logvar.to(self.device)[t]
+        logvar_t = self.logvar[t]
         loss = loss_simple / torch.exp(logvar_t) + logvar_t
         log = {f"{prefix}/loss_simple": loss_simple.mean()}
         if self.learn_logvar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.modules.ema import LitEma
@@ -35,8 +36,8 @@ def test_update_rule_matches_formula_with_warmup():
     ema(net)
     n = 1
     decay = min(0.9, (1 + n) / (10 + n))
-    expected = shadow0 - (1 - decay) * (shadow0 - net[0].weight)
-    torch.testing.assert_close(ema.get_buffer("0weight"), expected, rtol=0, atol=1e-7)
+    expected = shadow0.double() - (1 - decay) * (shadow0.double() - net[0].weight.double())  # float64 reference
+    torch.testing.assert_close(ema.get_buffer("0weight").double(), expected, rtol=0, atol=3e-7)  # ~2 float32 ulps
     assert int(ema.num_updates) == 1
     ema_no_warmup = LitEma(net, decay=0.5, use_num_upates=False)
     assert int(ema_no_warmup.num_updates) == -1
@@ -72,3 +73,27 @@ def test_ema_scope_swaps_and_restores_bit_exactly():
         assert not torch.equal(ema_w, train_w[key])
     for k, v in model.model.state_dict().items():
         assert torch.equal(v, train_w[k]), k
+
+
+def test_update_reads_nothing_back_and_resumes_the_warm_up_after_loading():
+    from test_performance_options import HostReads
+
+    net = _net()
+    ema = LitEma(net, decay=0.9)
+    ema(net)  # the first update reads decay and num_updates once
+    with pytest.MonkeyPatch.context() as monkeypatch, HostReads(monkeypatch) as mode:
+        ema(net)
+        ema(net)
+    assert mode.reads == [] and int(ema.num_updates) == 3
+    state = {**ema.state_dict(), "num_updates": torch.tensor(40, dtype=torch.int)}
+    resumed = LitEma(net, decay=0.9)
+    resumed(net)  # its host copy says 1 ...
+    resumed.load_state_dict(state)  # ... until a checkpoint is loaded
+    shadow = resumed.get_buffer("0weight").clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    resumed(net)
+    decay = min(0.9, 42 / 51)  # n = 41 after the update
+    expected = shadow.double() + (1 - decay) * (net[0].weight.double() - shadow.double())
+    torch.testing.assert_close(resumed.get_buffer("0weight").double(), expected, rtol=0, atol=3e-7)
+    assert int(resumed.num_updates) == 41

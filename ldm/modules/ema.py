@@ -32,17 +32,39 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = s_name
                 self.register_buffer(s_name, p.detach().clone())
         self.collected_params: list[torch.Tensor] = []
+        # host copies of (decay, num_updates), so that an update reads nothing back from the device; refreshed from
+        # the buffers after construction and after load_state_dict (None: read them at the next update)
+        self._host_state: tuple[float, int] | None = None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._host_state = None
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """One EMA update from ``model``'s current parameters."""
-        decay = float(self.decay)
-        if int(self.num_updates) >= 0:
-            self.num_updates += 1
-            n = int(self.num_updates)
+        """One EMA update from ``model``'s current parameters: ``shadow += (1 - decay) * (param - shadow)`` for all
+        shadows in one multi-tensor ``lerp`` (no per-parameter kernels, no device-to-host reads)."""
+        if self._host_state is None:
+            self._host_state = (float(self.decay), int(self.num_updates))
+        decay, n = self._host_state
+        if n >= 0:
+            n += 1
+            self.num_updates.fill_(n)
             decay = min(decay, (1 + n) / (10 + n))
-        one_minus_decay = 1.0 - decay
+            self._host_state = (self._host_state[0], n)
         shadow = dict(self.named_buffers())
+        shadows, params = [], []
         for key, param in model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -52,7 +74,10 @@ class LitEma(nn.Module):
             buf = shadow[s_name]
             if buf.dtype != param.dtype:
                 buf.data = buf.data.to(param.dtype)
-            buf.sub_(one_minus_decay * (buf - param))
+            shadows.append(buf)
+            params.append(param.detach())
+        if shadows:
+            torch._foreach_lerp_(shadows, params, 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -439,3 +439,23 @@ def test_quantization_under_bf16_autocast_picks_the_float32_codes():
     reference = quantize_latent(quantizer, h.bfloat16().float())
     # same codes; only the straight-through sum z + (z_q - z) rounds, by at most a bf16 ulp of |z|
     assert half.dtype == torch.bfloat16 and (half.float() - reference).abs().max() <= 2**-8 * h.abs().max()
+    on_meta = copy.deepcopy(quantizer).to("meta")  # no autocast on the meta device: nothing to disable there
+    assert quantize_latent(on_meta, h.to("meta")).device.type == "meta"
+
+
+def test_vq_training_quantizes_in_float32_under_bf16_autocast():
+    """VQModel.forward / encode (training, bf16-mixed) pick the same codes as without autocast, and the codebook
+    loss still reaches the encoder through the straight-through estimator."""
+    torch.manual_seed(0)
+    model = tiny_vq(n_embed=8192)
+    h = torch.randn(2, 3, 8, 8) * 0.01
+    _, _, (_, _, expected) = model.quantize_prequant(h)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        quant, diff, (_, _, indices) = model.quantize_prequant(h.bfloat16())
+        x = photo_crops(2, 32).requires_grad_(False)
+        xrec, codebook_loss = model(x)
+    assert torch.equal(indices, model.quantize_prequant(h.bfloat16().float())[2][2])
+    assert quant.dtype == torch.bfloat16 and diff.dtype == torch.float32
+    assert torch.equal(model.quantize_prequant(h)[2][2], expected)
+    (xrec.float().mean() + codebook_loss).backward()
+    assert model.encoder.conv_in.weight.grad is not None and torch.isfinite(model.encoder.conv_in.weight.grad).all()

@@ -15,6 +15,7 @@ stepped, so ``global_step == generator_steps`` until ``disc_start`` and grows by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -128,8 +129,14 @@ class VQModel(pl.LightningModule):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """``x`` ``[B, 3, H, W]`` -> ``(quant [B, embed_dim, h, w], codebook_loss, (perplexity, encodings, indices))``."""
-        h = self.quant_conv(self.encoder(x))
-        return self.quantize(h)
+        return self.quantize_prequant(self.quant_conv(self.encoder(x)))
+
+    def quantize_prequant(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """taming's ``VectorQuantizer2(h)`` in float32 with autocast off (under bf16-mixed its distance matmul would
+        pick other codes than inference does); ``quant`` comes back in ``h``'s dtype."""
+        with autocast_off(h.device.type):
+            quant, diff, info = self.quantize(h.float())
+        return quant.to(h.dtype), diff, info
 
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-quantization latent ``[B, embed_dim, h, w]``."""
@@ -149,7 +156,7 @@ class VQModel(pl.LightningModule):
         self, x: torch.Tensor, return_pred_indices: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruct ``x``: returns ``(xrec, codebook_loss)`` (and the code indices when asked)."""
-        quant, diff, (_, _, ind) = self.quantize(self.encode_to_prequant(x))
+        quant, diff, (_, _, ind) = self.quantize_prequant(self.encode_to_prequant(x))
         dec = self.decoder(self.post_quant_conv(quant))
         if return_pred_indices:
             return dec, diff, ind
@@ -262,6 +269,14 @@ class VQModel(pl.LightningModule):
         return log
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device_type`` (nothing to disable where autocast does not exist, e.g.
+    the meta device)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 QUANTIZE_CHUNK = 4096  # latent vectors per distance block: 4096 x 8192 codes x 4 B = 128 MiB
 
 
@@ -278,7 +293,7 @@ def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = QU
     z = h.permute(0, 2, 3, 1).contiguous()
     flat = z.view(-1, z.shape[-1])
     indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    with autocast_off(h.device.type):
         codebook = quantizer.embedding.weight.float()
         codebook_sq = codebook.pow(2).sum(dim=1)
         for start in range(0, flat.shape[0], chunk):

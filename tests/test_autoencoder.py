@@ -24,7 +24,7 @@ from ldm.util import ConfigError, instantiate_from_config
 from conftest import TINY_DDCONFIG, photo_crops
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_KEYS = REPO.parent / "shared" / "reference" / "vq_f4_keys.json"
+REFERENCE_KEYS = REPO / "tests" / "reference" / "vq_f4_keys.json"  # copy of the shared CompVis key list
 IDENTITY = {"target": "torch.nn.Identity"}
 
 

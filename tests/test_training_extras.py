@@ -343,31 +343,40 @@ def test_ctrl_c_writes_last_ckpt_and_exits_one(tmp_path):
 # DDP strategy per model
 
 
-def test_ddp_strategy_is_configured_for_the_model():
-    from pytorch_lightning.strategies import DDPStrategy
+@pytest.mark.parametrize(
+    "trainer_args",
+    [{"strategy": "ddp"}, {}, {"strategy": "ddp_spawn"}],  # named, chosen by Lightning for devices=2, spawned
+    ids=["ddp", "auto", "ddp_spawn"],
+)
+def test_ddp_strategy_is_configured_for_the_model(trainer_args):
+    from ldm.train.trainer import configure_ddp
 
-    from ldm.train.trainer import resolve_strategy
+    def ddp_kwargs(model: pl.LightningModule, **extra) -> dict:
+        trainer = pl.Trainer(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+                             **{**trainer_args, **extra})
+        configure_ddp(trainer.strategy, model)
+        return trainer.strategy._ddp_kwargs
 
     ldm_model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
     vq_cfg = OmegaConf.to_container(OmegaConf.load(VQ_TINY).model, resolve=True)
-    vq_cfg["params"].pop("ckpt_path", None)
     vq_model = instantiate_from_config(vq_cfg)
-    for_ldm, for_vq = resolve_strategy("ddp", ldm_model), resolve_strategy("ddp", vq_model)
-    assert isinstance(for_ldm, DDPStrategy) and isinstance(for_vq, DDPStrategy)
-    sync_key = "forward_sync_buffers" if "forward_sync_buffers" in for_ldm._ddp_kwargs else "broadcast_buffers"
-    assert for_ldm._ddp_kwargs == {"find_unused_parameters": False, sync_key: False}  # no per-step EMA broadcast
-    assert for_vq._ddp_kwargs == {"find_unused_parameters": True}  # the idle discriminator before disc_start
-    assert resolve_strategy("ddp", pl.LightningModule()) == "ddp"
-    for given in ("ddp_spawn", "ddp_find_unused_parameters_true", "auto", for_vq):
-        assert resolve_strategy(given, vq_model) is given
+    for_ldm = ddp_kwargs(ldm_model)
+    sync_key = "forward_sync_buffers" if "forward_sync_buffers" in for_ldm else "broadcast_buffers"
+    assert for_ldm == {sync_key: False}  # no per-forward broadcast of the EMA buffers
+    assert ddp_kwargs(vq_model) == {"find_unused_parameters": True}  # the idle discriminator before disc_start
+    assert ddp_kwargs(pl.LightningModule()) == {}
+    if trainer_args:  # an explicit choice wins
+        explicit = ddp_kwargs(vq_model, strategy="ddp_find_unused_parameters_false")
+        assert explicit == {"find_unused_parameters": False}
+    assert configure_ddp(pl.Trainer(accelerator="cpu", devices=1, logger=False).strategy, vq_model) == {}
 
 
 @pytest.mark.slow
 def test_two_process_cpu_ddp_trains_the_vq_autoencoder_across_disc_start(tmp_path):
-    """Plain ``strategy=ddp`` on the VQGAN: before disc_start the discriminator is idle (DDP needs
-    find_unused_parameters), after it both optimizers step."""
-    args = ["-b", str(VQ_TINY), "-t", "-l", str(tmp_path / "logs"), "lightning.trainer.strategy=ddp",
-            "lightning.trainer.devices=2", "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=4",
+    """DDP as Lightning picks it for ``devices=2`` (no strategy named) on the VQGAN: before disc_start the
+    discriminator is idle (DDP needs find_unused_parameters), after it both optimizers step."""
+    args = ["-b", str(VQ_TINY), "-t", "-l", str(tmp_path / "logs"), "lightning.trainer.devices=2",
+            "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=4",
             "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.enable_progress_bar=false",
             "lightning.trainer.enable_model_summary=false", "model.params.lossconfig.params.disc_start=1",
             "data.params.batch_size=4", "data.params.train.params.n_samples=32",

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from typing import Any
 
@@ -130,32 +131,35 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
     return loggers
 
 
-def resolve_strategy(strategy: Any, model: pl.LightningModule) -> Any:
-    """``lightning.trainer.strategy``, with the string ``"ddp"`` configured for ``model``.
+def configure_ddp(strategy: Any, model: pl.LightningModule) -> dict[str, Any]:
+    """Give a DDP strategy (``ddp`` named in the config, or chosen by Lightning for ``devices > 1``; also
+    ``ddp_spawn``/``ddp_fork``) the ``DistributedDataParallel`` options ``model`` declares; returns what was added.
 
     A model may declare ``ddp_find_unused_parameters = True`` (:class:`~ldm.models.autoencoder.VQModel`: its
     discriminator is idle before ``disc_start``) and ``ddp_sync_buffers = False``
-    (:class:`~ldm.models.diffusion.ddpm.DDPM`: no broadcast of the EMA buffers before every forward); ``"ddp"`` then
-    becomes a ``DDPStrategy`` with those settings.  Any other strategy (a name such as
-    ``ddp_find_unused_parameters_true``, or an object) is used as given.
+    (:class:`~ldm.models.diffusion.ddpm.DDPM`: no broadcast of the EMA buffers before every forward).  Options the
+    strategy already has win (``ddp_find_unused_parameters_false`` stays false).  Lightning wraps the model in DDP only
+    in ``fit``, so options set on the built Trainer's strategy take effect.
     """
-    if strategy != "ddp":
-        return strategy
-    find_unused = bool(getattr(model, "ddp_find_unused_parameters", False))
-    sync_buffers = bool(getattr(model, "ddp_sync_buffers", True))
-    if not find_unused and sync_buffers:
-        return strategy
-    import inspect
-
     from pytorch_lightning.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel
 
-    options: dict[str, Any] = {"find_unused_parameters": find_unused}
-    if not sync_buffers:  # torch >= 2.13 renamed broadcast_buffers (which also skipped the initial sync)
-        new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-        options["forward_sync_buffers" if new_name else "broadcast_buffers"] = False
-    logger.info("strategy ddp for %s: %s", type(model).__name__, options)
-    return DDPStrategy(**options)
+    if not isinstance(strategy, DDPStrategy):
+        return {}
+    wanted: dict[str, Any] = {}
+    if getattr(model, "ddp_find_unused_parameters", False):
+        wanted["find_unused_parameters"] = True
+    if not getattr(model, "ddp_sync_buffers", True):
+        # torch >= 2.13 renamed broadcast_buffers (whose False also skipped the initial sync: harmless here, every rank
+        # builds the model from the same seed)
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        wanted["forward_sync_buffers" if renamed else "broadcast_buffers"] = False
+    kwargs = strategy._ddp_kwargs  # Lightning 2 keeps the DistributedDataParallel kwargs here
+    added = {k: v for k, v in wanted.items() if k not in kwargs}
+    kwargs.update(added)
+    if added:
+        logger.info("DDP options for %s: %s", type(model).__name__, added)
+    return added
 
 
 def build_trainer(
@@ -179,8 +183,6 @@ def build_trainer(
             "whose updates of (1 - ema_decay) x change then round away; use precision=bf16-mixed or 16-mixed "
             "(float32 weights and buffers, half-precision compute)"
         )
-    if "strategy" in trainer_kwargs:
-        trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs["strategy"], model)
     interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")
     callbacks = [setup_callback, *build_callbacks(lightning_config, model, ckptdir, has_validation)]
     callbacks += [interrupt, StepSeeding(seed)]
@@ -192,4 +194,5 @@ def build_trainer(
         default_root_dir=logdir,
         use_distributed_sampler=False,
     )
+    configure_ddp(trainer.strategy, model)
     return trainer, interrupt

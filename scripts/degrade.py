@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     from ldm.eval.degrade import DEGRADATIONS, degradation_from_spec, describe_degradation
-    from ldm.eval.degrade_files import degrade_folder
+    from ldm.eval.degrade_files import DegradeFolderError, degrade_folder
     from ldm.imageio import ImageLoadError, ImageSaveError
 
     if args.list:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         written = degrade_folder(args.input, args.output, degradation, seed=args.seed)
-    except (ImageLoadError, ImageSaveError, OSError) as exc:  # ImageLoadError is a ValueError: caught first
+    except (ImageLoadError, ImageSaveError, OSError, DegradeFolderError) as exc:  # ImageLoadError: a ValueError
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except ValueError as exc:  # --output inside --input, two inputs mapping to one output

@@ -117,6 +117,23 @@ def test_an_unreadable_image_is_named_and_exits_1(degrade, clean, tmp_path, caps
     assert code == 1 and "broken.png" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_image_the_degradation_refuses_is_named_with_what_was_written(degrade, clean, tmp_path, capsys):
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(clean / "sub" / "zz_tiny.png")  # sorted last
+    code = degrade(["--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", "patch_shuffle"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "zz_tiny.png" in err and "(1x1 px)" in err and "2 of 3 images were written" in err
+
+
+def test_a_first_stage_yaml_that_does_not_parse_is_a_one_line_usage_error(degrade, clean, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    spec = f"vq_roundtrip:first_stage={bad}"
+    code = degrade(["--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", spec])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot be read as YAML" in err and str(bad) in err
+
+
 def test_runs_as_a_script(clean, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--input", str(clean), "--output", str(tmp_path / "out"),

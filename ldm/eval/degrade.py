@@ -124,7 +124,7 @@ def _randint(high: int, generator: torch.Generator) -> int:
 
 def _load_first_stage(first_stage: Any) -> torch.nn.Module:
     if isinstance(first_stage, (str, os.PathLike)):
-        from omegaconf import OmegaConf
+        from ldm.refine.loading import load_yaml_model_config
 
         path = Path(first_stage)
         if not path.is_file():
@@ -132,8 +132,7 @@ def _load_first_stage(first_stage: Any) -> torch.nn.Module:
                 f"first_stage={str(path)!r} is not a file; pass a YAML config (target/params, or a latent-diffusion "
                 "config with a top-level 'model' entry) or an already built VQModel / VQModelInterface"
             )
-        config = OmegaConf.load(path)
-        first_stage = config.model if "model" in config else config
+        first_stage = load_yaml_model_config(path)  # a ConfigError naming the file for bad YAML
     if isinstance(first_stage, Mapping) or (hasattr(first_stage, "keys") and "target" in first_stage):
         first_stage = instantiate_from_config(first_stage)
     missing = [a for a in ("encode", "decode", "quantize") if not hasattr(first_stage, a)]

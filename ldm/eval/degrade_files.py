@@ -21,6 +21,11 @@ from ldm.eval.degrade import Degradation, build_degradation, from_uint8_hwc, to_
 logger = logging.getLogger(__name__)
 
 
+class DegradeFolderError(RuntimeError):
+    """One image of a folder could not be degraded (e.g. too small for the degradation); names the file and how many
+    outputs were written before it."""
+
+
 def apply_to_uint8(degradation: Degradation, images: np.ndarray, seed: int | torch.Generator) -> np.ndarray:
     """Apply ``degradation`` to ``uint8`` RGB images ``[H, W, 3]`` or ``[N, H, W, 3]`` (a 4th alpha channel is passed
     through unchanged); returns a ``uint8`` array of the same shape."""
@@ -57,7 +62,8 @@ def degrade_folder(
     ``file_seed(seed, relative_path)``, so its output does not depend on the other files.  Returns the written paths.
 
     Raises ``FileNotFoundError`` (no such folder / no images), ``ValueError`` (``dst`` inside ``src``, two sources
-    mapping to one output) and :class:`ldm.imageio.ImageLoadError` for an unreadable image.
+    mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable image and
+    :class:`DegradeFolderError` for an image the degradation refuses.
     """
     src_root, dst_root = Path(src).resolve(), Path(dst).resolve()
     if not src_root.is_dir():
@@ -82,12 +88,21 @@ def degrade_folder(
         if out in targets:
             raise ValueError(f"{targets[out]} and {path} would both be written to {out}; rename one of them")
         targets[out] = path
+    written: list[Path] = []
     for out, path in targets.items():
         rel = path.relative_to(src_root).as_posix()
         loaded = imageio.load_image(path)
         this_seed = file_seed(seed, rel)
-        result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
+        try:
+            result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
+        except (ValueError, RuntimeError) as exc:
+            raise DegradeFolderError(
+                f"{deg.spec} cannot degrade {str(path)!r} ({loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px): "
+                f"{' '.join(str(exc).split())}; {len(written)} of {len(targets)} images were written to "
+                f"{str(dst_root)!r} before it"
+            ) from exc
         metadata = {"degradation": deg.spec, "degradation_seed": str(this_seed)}
         imageio.save_image_atomic(out, imageio.tensor_to_image(result), alpha=loaded.alpha, metadata=metadata)
+        written.append(out)
     logger.info("degraded %d images from %s into %s with %s (seed %d)", len(targets), src_root, dst_root, deg.spec, seed)
-    return list(targets)
+    return written

@@ -53,11 +53,19 @@ if ! PY="$(pick_python)"; then
   exit 1
 fi
 if ! "$PY" -c "$PROJECT_CHECK" 2>/dev/null; then
-  if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+  # never the machine's own torch stack: a carried torch/numpy would shadow its CUDA build on PYTHONPATH
+  WHEELS=()
+  for wheel in "$REPO"/.whl/*.whl; do
+    case "$(basename "$wheel" | tr '[:upper:]' '[:lower:]')" in
+      torch-*|torchvision-*|torchaudio-*|triton-*|numpy-*|nvidia_*|nvidia-*) echo "gpu.sh: skipping $wheel" ;;
+      *) [ -f "$wheel" ] && WHEELS+=("$wheel") ;;
+    esac
+  done
+  if [ ${#WHEELS[@]} -gt 0 ]; then
     SITE="${TMPDIR:-/tmp}/latesteps-gpu-site"
-    echo "gpu.sh: installing $(ls "$REPO"/.whl/*.whl | xargs -n1 basename | tr '\n' ' ')into $SITE (torch from $PY)"
-    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "$REPO"/.whl/*.whl
+    rm -rf "$SITE"
+    echo "gpu.sh: installing ${WHEELS[*]##*/} into $SITE (torch from $PY)"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${WHEELS[@]}"
     export PYTHONPATH="$SITE:$PYTHONPATH"
   fi
   if ! "$PY" -c "$PROJECT_CHECK"; then

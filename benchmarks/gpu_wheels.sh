@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run here, where the package registry is reachable, before carrying the repository to a lent GPU machine that can
 # reach nothing: downloads into ./.whl (git-ignored) the wheels of the requirements that machine's image lacks, at the
-# versions requirements.txt pins, for its Python (3.12 by default).  benchmarks/gpu.sh installs them there.
+# versions requirements.txt pins, for its Python (3.12 by default); .whl is emptied first.  benchmarks/gpu.sh installs
+# them there (never a torch, torchvision, numpy or nvidia wheel: the machine's own CUDA stack stays).
 #
 #   bash benchmarks/gpu_wheels.sh                          # omegaconf, taming-transformers-rom1504, lpips
 #   bash benchmarks/gpu_wheels.sh einops                   # other names from requirements.txt instead
@@ -28,6 +29,7 @@ for name in "${PACKAGES[@]}"; do
   SPECS+=("$spec")
 done
 
+rm -rf .whl  # only what this run fetches: gpu.sh installs every wheel it finds there
 mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
   --python-version "${PY_VERSION:-3.12}" --implementation cp \

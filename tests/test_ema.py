@@ -97,3 +97,11 @@ def test_update_reads_nothing_back_and_resumes_the_warm_up_after_loading():
     expected = shadow.double() + (1 - decay) * (net[0].weight.double() - shadow.double())
     torch.testing.assert_close(resumed.get_buffer("0weight").double(), expected, rtol=0, atol=3e-7)
     assert int(resumed.num_updates) == 41
+    resumed.num_updates.copy_(torch.tensor(100))  # any in-place change of the buffers is seen too
+    resumed(net)
+    assert int(resumed.num_updates) == 101
+    resumed.decay.fill_(0.5)
+    shadow = resumed.get_buffer("0weight").clone()
+    resumed(net)
+    expected = shadow.double() + 0.5 * (net[0].weight.double() - shadow.double())  # min(0.5, 103/112) = 0.5
+    torch.testing.assert_close(resumed.get_buffer("0weight").double(), expected, rtol=0, atol=3e-7)

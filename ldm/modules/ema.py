@@ -32,37 +32,27 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = s_name
                 self.register_buffer(s_name, p.detach().clone())
         self.collected_params: list[torch.Tensor] = []
-        # host copies of (decay, num_updates), so that an update reads nothing back from the device; refreshed from
-        # the buffers after construction and after load_state_dict (None: read them at the next update)
+        # host copies of (decay, num_updates), so that an update reads nothing back from the device; valid while both
+        # buffers are the same tensors at the same version (load_state_dict, copy_, fill_, .to() all change that)
         self._host_state: tuple[float, int] | None = None
+        self._host_key: tuple[int, int, int, int] | None = None
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._host_state = None
+    def _buffers_key(self) -> tuple[int, int, int, int]:
+        return (id(self.decay), self.decay._version, id(self.num_updates), self.num_updates._version)
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
         """One EMA update from ``model``'s current parameters: ``shadow += (1 - decay) * (param - shadow)`` for all
         shadows in one multi-tensor ``lerp`` (no per-parameter kernels, no device-to-host reads)."""
-        if self._host_state is None:
+        if self._host_state is None or self._host_key != self._buffers_key():
             self._host_state = (float(self.decay), int(self.num_updates))
         decay, n = self._host_state
         if n >= 0:
             n += 1
             self.num_updates.fill_(n)
+            self._host_state = (decay, n)
             decay = min(decay, (1 + n) / (10 + n))
-            self._host_state = (self._host_state[0], n)
+        self._host_key = self._buffers_key()
         shadow = dict(self.named_buffers())
         shadows, params = [], []
         for key, param in model.named_parameters():

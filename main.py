@@ -189,7 +189,8 @@ def _main(argv: list[str]) -> int:
         logdir, resume_ckpt = resolve_resume(opt.resume)
         bases = saved_run_configs(logdir) + list(opt.base)
         opt.seed, seed_note = resume_seed(resume_ckpt, opt.seed, unsafe_load=opt.unsafe_load)
-        say(seed_note)
+        if is_rank_zero:  # a warning (an explicit -s that differs from the stored seed) goes to stderr
+            print(seed_note, file=sys.stderr if seed_note.startswith("warning:") else sys.stdout)
     else:
         if not opt.base:
             raise ConfigError("no config given: pass -b/--base <config.yaml> (or -r <logdir> to resume)")

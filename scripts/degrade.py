@@ -26,6 +26,7 @@ PROG = "degrade.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (bad arguments exit with code 2 in one line, before any image is read)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", metavar="DIR", help="folder of clean images")
     p.add_argument("--output", metavar="DIR", help="folder for the degraded PNGs (must not be inside --input)")
@@ -43,6 +44,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 done, 1 unreadable/refused input, 2 bad arguments or spec)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -32,6 +32,7 @@ _non_negative_int = int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     from ldm.eval.baselines import FILTERS
     from ldm.eval.sweep import DEFAULT_DEGRADATIONS, DEFAULT_START_TS
 
@@ -90,6 +91,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 done, 1 images unreadable, 2 bad arguments/checkpoint/config/degradation)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")

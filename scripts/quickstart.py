@@ -68,6 +68,7 @@ class Stage:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of the quick start."""
     p = OneLineParser(prog="quickstart.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="\n\n".join(__doc__.split("\n\n")[2:]))
@@ -186,6 +187,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
     problem = check_arguments(args)

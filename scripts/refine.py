@@ -34,6 +34,7 @@ written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) and globs; repeatable")
@@ -125,6 +126,7 @@ def tiling_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (see EPILOG: 0, 1 some inputs failed, 2 usage, 3 output, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")

@@ -254,6 +254,9 @@ def test_resume_seed_prefers_the_stored_seed_and_warns_on_an_explicit_other(tmp_
     seed, note = resume_seed(with_seed, 8)
     assert seed == 8 and note.startswith("warning:") and "seed 7" in note and "drop -s" in note
     assert resume_seed(without, None)[0] == DEFAULT_SEED == 23
+    odd = tmp_path / "odd.ckpt"  # not written by main.py: callbacks as a list
+    torch.save({"state_dict": weights, "callbacks": [{"seed": 7}]}, odd)
+    assert resume_seed(odd, None)[0] == DEFAULT_SEED
     seed, note = resume_seed(without, 5)
     assert seed == 5 and "stores no seed" in note
 

@@ -336,15 +336,12 @@ class StepSeeding(Callback):
 
     @property
     def state_key(self) -> str:
+        """The key of this callback's state in ``checkpoint["callbacks"]`` (fixed, so that main.py can find it)."""
         return self.STATE_KEY
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"seed": seed}``, saved in every checkpoint (a seed given on resume is compared with it by main.py)."""
         return {"seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        stored = state_dict.get("seed")
-        if stored is not None and int(stored) != self.seed:
-            logger.warning("resuming with seed %d; the checkpoint was trained with seed %d", self.seed, stored)
 
     def _reseed(self, trainer: pl.Trainer, phase: int) -> None:
         reseed_global_rngs(derive_seed(self.seed, trainer.global_rank, trainer.global_step, self._micro, phase))

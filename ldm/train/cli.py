@@ -446,8 +446,9 @@ def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tup
     from ldm.checkpoint import load_checkpoint
     from ldm.train.callbacks import StepSeeding
 
-    state = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks") or {}
-    stored = (state.get(StepSeeding.STATE_KEY) or {}).get("seed")
+    callbacks = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks")
+    state = callbacks.get(StepSeeding.STATE_KEY) if isinstance(callbacks, Mapping) else None
+    stored = state.get("seed") if isinstance(state, Mapping) else None
     if stored is None:
         seed = DEFAULT_SEED if given is None else given
         origin = "the default" if given is None else "-s"

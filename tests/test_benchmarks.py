@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark subprocesses, about a minute in all (still run in CI)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 TIMEOUT = 600

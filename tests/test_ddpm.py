@@ -93,7 +93,7 @@ def test_get_input_takes_hwc_batches_and_encodes():
         model.get_input({"img": torch.zeros(1, 32, 32, 3)}, "image")
 
 
-def test_conditioning_concat_crossattn_adm():
+def test_conditioning_concat_crossattn_adm(monkeypatch):
     concat = build(
         cond_stage_config="__is_first_stage__",
         cond_stage_key="image",
@@ -129,9 +129,21 @@ def test_conditioning_concat_crossattn_adm():
     )
     loss, _ = adm.shared_step(batch)
     assert torch.isfinite(loss)
-    # the labels follow the model's device (a non-persistent anchor: no state-dict key for CompVis checkpoints)
+    # the labels are made on the model's device (a non-persistent buffer anchors it: no state-dict key)
+    assert "cond_stage_model.device_anchor" in dict(adm.named_buffers())
     assert not any(k.startswith("cond_stage_model.") for k in adm.state_dict())
+    import ldm.modules.encoders.modules as encoder_modules
+
+    devices, original = [], torch.as_tensor
+
+    def as_tensor(data, *args, device=None, **kwargs):
+        devices.append(device)
+        return original(data, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(encoder_modules.torch, "as_tensor", as_tensor, raising=True)
     labels = adm.get_learned_conditioning({"class": [3, 4]})  # "class_label": the whole batch goes in
+    monkeypatch.undo()
+    assert devices == [adm.cond_stage_model.device_anchor.device]
     assert labels.tolist() == [3, 4] and labels.device == adm.device and labels.dtype == torch.long
 
 

@@ -48,8 +48,8 @@ class VQModel(pl.LightningModule):
     the two optimizers and what ``disc_start`` counts); ``torch.nn.Identity`` suits a frozen first stage.
     """
 
-    # main.py's ``strategy: ddp`` reads this: the discriminator gets no gradient before ``disc_start``, which plain DDP
-    # refuses ("parameters that were not used in producing the loss") on the second step.
+    # ldm.train.trainer.configure_ddp reads this: the discriminator gets no gradient before ``disc_start``, which
+    # plain DDP refuses ("parameters that were not used in producing the loss") on the second step.
     ddp_find_unused_parameters = True
 
     def __init__(

@@ -99,11 +99,11 @@ class DDPM(pl.LightningModule):
     (:mod:`ldm.lr_scheduler`); ``monitor`` the metric for checkpointing.  ``learning_rate`` is set by ``main.py``.
     """
 
-    # main.py's ``strategy: ddp`` reads this: no buffer needs DDP's broadcast before every forward.  The schedule
+    # ldm.train.trainer.configure_ddp reads this: no buffer needs DDP's broadcast before every forward.  The schedule
     # buffers are constants, the EMA (one buffer per UNet parameter, 1.1 GB for the real config) follows identical
     # parameters on every rank, and scale_by_std broadcasts its one value itself.
     ddp_sync_buffers = False
-    # main.py refuses lightning.trainer.precision=16-true / bf16-true for this model (see ldm.train.trainer).
+    # ldm.train.trainer.build_trainer refuses lightning.trainer.precision=16-true / bf16-true for this model.
     true_half_precision = False
 
     def __init__(

@@ -25,7 +25,6 @@ The result (:class:`SweepResult`) is turned into a CSV, a summary table, curves 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid
+from ldm.refine.refiner import check_eta, check_int_arg
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -372,10 +372,8 @@ def run_sweep(
         raise ValueError(f"method names must be unique, got {names}")
     num_timesteps = refiners[0][1].num_timesteps if refiners else 1000
     ts = _check_start_ts(start_ts, num_timesteps)
-    if isinstance(ddim_steps, bool) or not isinstance(ddim_steps, (int, np.integer)) or not 1 <= ddim_steps <= num_timesteps:
-        raise ValueError(f"ddim_steps={ddim_steps!r} must be an integer in [1, {num_timesteps}] (the DDIM grid size)")
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM)")
+    check_int_arg("ddim_steps", ddim_steps, 1, num_timesteps)  # refused up front, not per start_t
+    check_eta(eta)
     notes: list[str] = []
     covered = {name: _covered_start_ts(name, r, ts, ddim_steps, eta, notes) for name, r in refiners}
 

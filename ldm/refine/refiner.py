@@ -90,13 +90,15 @@ class RefinePlan:
         )
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+def check_int_arg(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) in ``[lo, hi]``; else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= int(value) <= hi:
         raise ValueError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
     return int(value)
 
 
-def _check_eta(eta: Any) -> float:
+def check_eta(eta: Any) -> float:
+    """DDIM's ``eta`` as a float if it is a finite number ``>= 0``; else a ValueError saying what is allowed."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
     return float(eta)
@@ -224,7 +226,7 @@ class Refiner:
     # --------------------------------------------------------------------------------------------------------- plan
     def _sampler(self, ddim_steps: int, eta: float) -> DDIMSampler:
         """The DDIM sampler of this grid, its schedule tensors built on the device once (cached per ``(steps, eta)``)."""
-        key = (_check_int("ddim_steps", ddim_steps, 1, self.num_timesteps), _check_eta(eta))
+        key = (check_int_arg("ddim_steps", ddim_steps, 1, self.num_timesteps), check_eta(eta))
         if key not in self._samplers:
             sampler = DDIMSampler(self.model, denoiser=self.denoiser)
             sampler.make_schedule(key[0], ddim_eta=key[1])
@@ -332,7 +334,7 @@ class Refiner:
         seed_list = [seeds] * batch if isinstance(seeds, (int, np.integer)) else list(seeds)
         if len(seed_list) != batch:
             raise ValueError(f"got {len(seed_list)} seeds for a batch of {batch}; pass one seed per sample or one int")
-        return [_check_int("seed", s, 0, MAX_SEED) for s in seed_list]
+        return [check_int_arg("seed", s, 0, MAX_SEED) for s in seed_list]
 
     # ---------------------------------------------------------------------------------------------------- one image
     def __call__(

@@ -81,7 +81,6 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, y=c_crossattn[0])
 
 
-
 def training_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
     """Noise ``[B, C, H, W]`` like ``x`` drawn from ``generator`` (None: None, and the loss draws from the global RNG)."""
     if generator is None:

@@ -22,6 +22,13 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def one_line_error(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs collapsed; a KeyError without the quotes ``str()`` adds),
+    or its type name when it has none."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
 

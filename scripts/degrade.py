@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least
+from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # no such folder, no images, an unreadable image or an unwritable output
@@ -36,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the degradations and their parameters, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
-    return " ".join(text.split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         degradation = degradation_from_spec(args.degradation)
     except (KeyError, TypeError, ValueError, OSError) as exc:  # ConfigError, CheckpointError: ValueErrors
-        print(f"{PROG}: error: --degradation {args.degradation!r}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: --degradation {args.degradation!r}: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         written = degrade_folder(args.input, args.output, degradation, seed=args.seed)
     except (ImageLoadError, ImageSaveError, OSError, DegradeFolderError) as exc:  # ImageLoadError: a ValueError
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except ValueError as exc:  # --output inside --input, two inputs mapping to one output
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {len(written)} images to {args.output} with {degradation.spec} (seed {args.seed})")
     return EXIT_OK

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 
-from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least
+from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # images could not be read
@@ -86,10 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 done, 1 images unreadable, 2 bad arguments/checkpoint/config/degradation)."""
     args = build_parser().parse_args(argv)
@@ -119,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_reference is None:
             degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
     except (CheckpointError, ConfigError, ValueError, TypeError, KeyError, OSError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     for name, refiner in refiners:
         print(f"{name}: {refiner.describe()}", flush=True)
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             images = heldout_images(args.n_images, size, seed=args.crop_seed)
             source = f"{args.n_images} held-out {size}x{size} crops of the embedded photographs (seed {args.crop_seed})"
     except (FileNotFoundError, ImageLoadError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
     print(f"images: {source}", flush=True)
 
@@ -152,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=sys.stderr.isatty(),
         )
     except ValueError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     seconds = time.perf_counter() - started
     parameters = {k: v for k, v in vars(args).items()}

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm.cli import OneLineParser
+from ldm.cli import OneLineParser, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -182,7 +182,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         try:
             degradation_from_spec(spec)
         except (KeyError, TypeError, ValueError) as exc:
-            return f"--degradations {spec!r}: {' '.join(str(exc).split())}"
+            return f"--degradations {spec!r}: {one_line_error(exc)}"
     return None
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least
+from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -84,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -148,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         plan = refiner.plan(args.start_t, args.ddim_steps, args.eta)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
-        _err(f"error: {_one_line(exc)}")
+        _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE
     print(f"{refiner.describe()}\n{plan.describe()}", flush=True)
 
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:
-        _err(f"error: output folder {args.outdir}: {exc.strerror or _one_line(exc)}")
+        _err(f"error: output folder {args.outdir}: {exc.strerror or one_line_error(exc)}")
         return EXIT_OUTPUT
 
     started = time.perf_counter()

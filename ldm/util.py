@@ -221,18 +221,6 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     return total
 
 
-def default(val: Any, d: Any | Callable[[], Any]) -> Any:
-    """``val`` unless it is None, else ``d`` (called when callable)."""
-    if val is not None:
-        return val
-    return d() if callable(d) else d
-
-
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions: ``[B, ...] -> [B]``."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
-
-
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

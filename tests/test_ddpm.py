@@ -56,7 +56,7 @@ def test_p_losses_match_manual_computation(parameterization, loss_type):
     z = torch.randn(4, 3, 8, 8)
     eps = torch.randn_like(z)
     t = torch.tensor([1, 10, 300, 900])
-    loss, log = model.p_losses(z, t, noise=eps)
+    loss, log = model.p_losses(z, None, t, noise=eps)  # latent-diffusion's order: (x_start, cond, t, noise)
     out = model.apply_model(model.q_sample(z, t, eps), t)
     target = eps if parameterization == "eps" else z
     per = (out - target).abs() if loss_type == "l1" else (out - target) ** 2
@@ -218,7 +218,7 @@ def test_bf16_mixed_training_noises_float32_latents():
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(ConfigError, match="no attribute 'LatentDiffusionn'"):
+    with pytest.raises(ConfigError, match="no attribute 'LatentDiffusionn' \\(did you mean 'LatentDiffusion'\\?\\)"):
         instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusionn"})
     with pytest.raises(ConfigError, match="unknown keys \\['parms'\\]"):
         instantiate_from_config({"target": LDM, "parms": {}})
@@ -231,9 +231,49 @@ def test_config_errors_name_the_problem():
 def test_forward_with_a_generator_is_reproducible():
     model = build()
     x = model.get_first_stage_encoding(model.encode_first_stage(photo_crops(2, 32)))
-    losses = [model(x, generator=torch.Generator().manual_seed(seed))[0] for seed in (3, 3, 4)]
+    losses = [model(x, None, generator=torch.Generator().manual_seed(seed))[0] for seed in (3, 3, 4)]
     assert torch.equal(losses[0], losses[1])  # timesteps and noise both come from the generator
     assert not torch.equal(losses[0], losses[2])
+
+
+class CompVisStyleWindow(LatentDiffusion):
+    """The late-steps method as it was first written: an edit of latent-diffusion's forward, verbatim signatures."""
+
+    drawn: list = []
+
+    def forward(self, x, c, *args, **kwargs):
+        t = torch.randint(250, 500, (x.shape[0],), device=self.device).long()
+        type(self).drawn.append(t.clone())
+        if self.model.conditioning_key is not None:
+            assert c is not None
+            if self.cond_stage_trainable:
+                c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+
+def test_a_subclass_written_the_compvis_way_trains():
+    torch.manual_seed(0)
+    model = instantiate_from_config({"target": f"{__name__}.CompVisStyleWindow", "params": tiny_ldm_params()})
+    torch.nn.init.normal_(model.model.diffusion_model.out[2].weight, std=0.05)
+    model.learning_rate = 1e-3
+    opt = model.configure_optimizers()
+    before = model.model.diffusion_model.out[2].weight.clone()
+    for _ in range(3):
+        loss, log = model.shared_step(batch_of())  # get_input -> self(x, c) -> forward -> p_losses(x, c, t)
+        assert torch.isfinite(loss) and set(log) == {"train/loss_simple", "train/loss_vlb", "train/loss"}
+        opt.zero_grad()
+        loss.backward()
+        assert model.model.diffusion_model.out[2].weight.grad.abs().sum() > 0
+        opt.step()
+    drawn = torch.cat(CompVisStyleWindow.drawn)
+    assert 250 <= int(drawn.min()) and int(drawn.max()) < 500
+    assert not torch.equal(before, model.model.diffusion_model.out[2].weight)
+    # the CompVis p_losses order on both classes: LatentDiffusion (x_start, cond, t, noise), DDPM (x_start, t, noise)
+    z, t = torch.randn(2, 3, 8, 8), torch.tensor([260, 400])
+    eps = torch.randn_like(z)
+    assert torch.equal(model.p_losses(z, None, t, eps)[0], model.p_losses(z, None, t, noise=eps)[0])
+    with pytest.raises(TypeError):
+        model.p_losses(z, t, noise=eps)  # the old project order is refused, not silently misread
 
 
 @pytest.mark.parametrize("marker", ["__is_first_stage__", "__is_unconditional__"])

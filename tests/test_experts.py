@@ -7,10 +7,12 @@ import logging
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, _randn
-from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, ModelDenoiser, resolve_denoiser
-from ldm.models.diffusion.experts import Expert, ExpertRouter, format_timesteps
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.denoisers import ModelDenoiser
+from ldm.models.diffusion.experts import Expert, ExpertRouter
+from ldm.sampling import NoiseSchedule, build_plan, randn, run_tail
 from ldm.util import instantiate_from_config
+from ldm.windows import format_timesteps
 
 from conftest import build_tiny_expert, tiny_expert_config, tiny_ldm_params
 
@@ -43,29 +45,31 @@ def spy_on(model, seen: list, name: str, monkeypatch):
     monkeypatch.setattr(model, "apply_model", spy)
 
 
+def routed_plan(router, start_t, **kw):
+    """A refinement plan over ``router``'s experts (what the Refiner builds)."""
+    names = [e.name for e in router.experts]
+    schedule = NoiseSchedule.from_model(router.experts[0].model)
+    return build_plan(schedule, start_t, router.denoisers, "cpu", assign=router.assign, expert_names=names, **kw)
+
+
 def test_each_step_goes_to_the_expert_whose_window_holds_it(shapes_expert, details_expert, monkeypatch):
     router = ExpertRouter([Expert.from_model(shapes_expert, "shapes"), Expert.from_model(details_expert, "details")])
     seen: list = []
     spy_on(shapes_expert, seen, "shapes", monkeypatch)
     spy_on(details_expert, seen, "details", monkeypatch)
-    sampler = DDIMSampler(shapes_expert, denoiser=router)
-    sampler.make_schedule(50)
-    sampler.refine(torch.zeros(1, 3, 8, 8), 500, generator=torch.Generator().manual_seed(0))
+    plan = routed_plan(router, 500, ddim_steps=50)
+    z0 = torch.zeros(1, 3, 8, 8)
+    run_tail(plan, z0, randn((1, 3, 8, 8), z0, torch.Generator().manual_seed(0)))
     assert [t for _, t in seen] == list(range(481, 0, -20))
     assert all(name == "shapes" for name, t in seen if t >= 250)
     assert all(name == "details" for name, t in seen if t < 250)
-    assert router.routing(list(range(481, 0, -20))) == [(481, 261, 0), (241, 1, 1)]
+    assert plan.routing == ((481, 261, 0), (241, 1, 1))
 
 
-def test_for_timestep_picks_the_expert_without_reading_t(shapes_expert, details_expert):
+def test_assign_picks_the_expert_by_window(shapes_expert, details_expert):
     router = ExpertRouter([shapes_expert, details_expert])
-    assert router.for_timestep(499).model is shapes_expert
-    assert router.for_timestep(250).model is shapes_expert
-    assert router.for_timestep(249).model is details_expert
-    assert router.for_timestep(0).model is details_expert
-    # wrappers resolve through to the same expert
-    wrapped = ChunkedDenoiser(AutocastDenoiser(router, "cpu", torch.bfloat16), 1)
-    assert resolve_denoiser(wrapped, 300).inner.inner.model is shapes_expert
+    assert router.assign([499, 250, 249, 0]) == [0, 0, 1, 1]
+    assert router.denoisers[0].model is shapes_expert and router.denoisers[1].model is details_expert
 
 
 def test_direct_call_routes_a_batch_mixing_experts(shapes_expert, details_expert):
@@ -86,80 +90,71 @@ def test_direct_call_routes_a_batch_mixing_experts(shapes_expert, details_expert
 
 def test_gap_is_refused_listing_windows_and_uncovered_steps(shapes_expert, details_expert):
     router = ExpertRouter([Expert.from_model(shapes_expert, "a.ckpt"), Expert.from_model(details_expert, "b.ckpt")])
-    tail = [t for t in GRID_50 if t <= 800]
     with pytest.raises(ValueError) as err:
-        router.check_timesteps(tail, start_t=800)
+        routed_plan(router, 800, ddim_steps=50)
     msg = str(err.value)
-    assert "start_t=800" in msg and "first DDIM step t=781" in msg and "outside every expert window" in msg
+    assert "start_t=800 (step 200), 40 steps from t=781" in msg and "outside every expert window" in msg
     assert "[250, 500) = steps 500-750 (a.ckpt)" in msg and "[0, 250) = steps 750-1000 (b.ckpt)" in msg
     assert "t=781, 761" in msg and "501 (steps 219-499, 15 grid steps)" in msg
     assert "below 501" in msg and "--allow-outside-window" in msg
     # a gap between windows
-    gap = ExpertRouter([Expert.from_model(shapes_expert, "a", window=(300, 500)), Expert.from_model(details_expert, "b")])
+    narrow = build_tiny_expert(300, 500, seed=0, first_stage_state=shapes_expert.first_stage_model.state_dict())
+    gap = ExpertRouter([Expert.from_model(narrow, "a"), Expert.from_model(details_expert, "b")])
     with pytest.raises(ValueError, match=r"uncovered: t=281, 261 \(steps 719-739, 2 grid steps\)"):
-        gap.check_timesteps([t for t in GRID_50 if t <= 500], start_t=500)
+        routed_plan(gap, 500, ddim_steps=50)
     # the lowest steps uncovered: no start_t helps
     top_only = ExpertRouter([shapes_expert])
     with pytest.raises(ValueError, match="no start_t avoids them"):
-        top_only.check_timesteps([t for t in GRID_50 if t <= 400], start_t=400)
+        routed_plan(top_only, 400, ddim_steps=50)
 
 
 def test_overlap_is_refused(shapes_expert, details_expert):
-    router = ExpertRouter([Expert.from_model(shapes_expert, "a", window=(200, 500)), Expert.from_model(details_expert, "b")])
+    wide = build_tiny_expert(200, 500, seed=0, first_stage_state=shapes_expert.first_stage_model.state_dict())
+    router = ExpertRouter([Expert.from_model(wide, "a"), Expert.from_model(details_expert, "b")])
     with pytest.raises(ValueError, match="more than one expert window") as err:
-        router.check_timesteps([t for t in GRID_50 if t <= 500], start_t=500)
+        routed_plan(router, 500, ddim_steps=50)
     assert "t=241, 221, 201" in str(err.value) and "[200, 500)" in str(err.value) and "[0, 250)" in str(err.value)
-    # windows that overlap only between grid steps are fine for that grid
-    router.check_timesteps([481, 461], start_t=481)
+    # windows that overlap only between the steps that run are fine for them
+    router.check_timesteps([481, 461])
 
 
-def test_sampler_checks_coverage_before_any_work(shapes_expert, details_expert, monkeypatch):
+def test_adapter_checks_coverage_before_any_work(shapes_expert, details_expert, monkeypatch):
     router = ExpertRouter([shapes_expert, details_expert])
-    sampler = DDIMSampler(shapes_expert, denoiser=router)
-    sampler.make_schedule(50)
     calls = []
-    monkeypatch.setattr(shapes_expert, "q_sample", lambda *a, **k: calls.append("noised"))
-    with pytest.raises(ValueError, match="outside every expert window"):
-        sampler.refine(torch.zeros(1, 3, 8, 8), 900, generator=torch.Generator().manual_seed(0))
-    assert calls == []
+    monkeypatch.setattr(shapes_expert, "apply_model", lambda *a, **k: calls.append("step"))
     with pytest.raises(ValueError, match="the DDIM grid"):
-        sampler.sample(50, 1, (3, 8, 8), verbose=False)
+        DDIMSampler(shapes_expert, denoiser=router).sample(50, 1, (3, 8, 8), verbose=False)
+    assert calls == []
 
 
 def test_allow_outside_window_runs_the_nearest_expert_with_a_warning(shapes_expert, details_expert, caplog, monkeypatch):
     router = ExpertRouter([shapes_expert, details_expert], allow_outside_window=True)
     tail = [t for t in GRID_50 if t <= 800]
     with caplog.at_level(logging.WARNING, logger="ldm"):
-        choice = router.assign(tail, start_t=800)
+        choice = router.assign(tail)
     assert choice == [0] * 15 + [0] * 12 + [1] * 13
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "t=781" in warnings[0] and "nearest expert" in warnings[0]
     caplog.clear()
-    router.assign(tail, start_t=800)
+    router.assign(tail)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # warned once per timestep
     seen: list = []
     spy_on(shapes_expert, seen, "shapes", monkeypatch)
-    sampler = DDIMSampler(shapes_expert, denoiser=router)
-    sampler.make_schedule(50)
-    sampler.refine(torch.zeros(1, 3, 8, 8), 800, generator=torch.Generator().manual_seed(0))
+    z0 = torch.zeros(1, 3, 8, 8)
+    run_tail(routed_plan(router, 800, ddim_steps=50), z0, randn((1, 3, 8, 8), z0, torch.Generator().manual_seed(0)))
     assert [t for _, t in seen] == list(range(781, 250, -20))
 
 
-def test_model_without_window_covers_everything(shapes_expert, first_stage_state):
+def test_a_plain_ldm_covers_everything(shapes_expert, first_stage_state):
     torch.manual_seed(0)
     plain = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
     plain.first_stage_model.load_state_dict(first_stage_state)
     assert Expert.from_model(plain).window == (0, 1000)
-
-    class NoWindow:
-        num_timesteps = 1000
-
-    assert Expert.from_model(NoWindow()).window == (0, 1000)
     router = ExpertRouter([plain])
-    router.check_timesteps(GRID_50, start_t=999)
+    router.check_timesteps(GRID_50)
     # a full-range model and a window expert overlap
     with pytest.raises(ValueError, match="more than one expert window"):
-        ExpertRouter([plain, shapes_expert]).check_timesteps([481], start_t=481)
+        ExpertRouter([plain, shapes_expert]).check_timesteps([481])
 
 
 def test_different_first_stage_is_refused_naming_tensors(shapes_expert):
@@ -177,23 +172,28 @@ def test_different_schedule_is_refused(shapes_expert, first_stage_state):
         ExpertRouter([shapes_expert, other])
 
 
-def test_one_first_stage_module_is_kept(first_stage_state):
+def test_one_first_stage_module_is_kept_by_from_checkpoints_and_in_memory_models_are_not_changed(
+    first_stage_state, expert_checkpoints
+):
+    from ldm.refine import Refiner
+
     a = build_tiny_expert(250, 500, seed=0, first_stage_state=first_stage_state)
     b = build_tiny_expert(0, 250, seed=1, first_stage_state=first_stage_state)
-    assert a.first_stage_model is not b.first_stage_model
-    ExpertRouter([a, b])
-    assert a.first_stage_model is b.first_stage_model
+    Refiner([a, b], "cpu")
+    assert a.first_stage_model is not b.first_stage_model  # the caller's models: not rewired
+    loaded = Refiner.from_checkpoints(expert_checkpoints, device="cpu")
+    assert loaded.experts[0].model.first_stage_model is loaded.experts[1].model.first_stage_model
 
 
 def test_per_sample_generators_make_noise_independent_of_the_batch():
     like = torch.zeros(1)
     gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
-    batch = _randn((3, 2, 4, 4), like, gens)
+    batch = randn((3, 2, 4, 4), like, gens)
     for i, seed in enumerate((5, 6, 7)):
-        alone = _randn((1, 2, 4, 4), like, [torch.Generator().manual_seed(seed)])
+        alone = randn((1, 2, 4, 4), like, [torch.Generator().manual_seed(seed)])
         assert torch.equal(batch[i : i + 1], alone)
     with pytest.raises(ValueError, match="per-sample generators"):
-        _randn((2, 2, 4, 4), like, gens)
+        randn((2, 2, 4, 4), like, gens)
 
 
 def test_format_timesteps():

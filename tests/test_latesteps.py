@@ -10,15 +10,10 @@ from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.data.embedded import EmbeddedPhotos
-from ldm.models.diffusion.latesteps import (
-    draw_window_timesteps,
-    steps_to_window,
-    stratified_window_timesteps,
-    validate_window,
-    window_to_steps,
-)
+from ldm.models.diffusion.latesteps import draw_window_timesteps, stratified_window_timesteps
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
+from ldm.windows import steps_to_window, validate_window, window_to_steps
 
 from conftest import LATESTEPS_TARGET, build_tiny_expert, tiny_ldm_params
 
@@ -67,7 +62,7 @@ def test_loss_only_sees_window_timesteps(monkeypatch):
     z = torch.randn(64, 3, 8, 8)
     with torch.no_grad():
         for _ in range(4):
-            model(z)
+            model(z, None)
     ts = torch.cat(seen)
     assert ts.numel() == 256 and int(ts.min()) >= 250 and int(ts.max()) < 500
 
@@ -166,7 +161,7 @@ def test_training_lowers_window_validation_loss():
     before = val_loss()
     for _ in range(200):
         idx = torch.randint(0, latents.shape[0], (16,), generator=gen)
-        loss, _ = model(latents[idx], generator=gen)
+        loss, _ = model(latents[idx], None, generator=gen)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,5 +1,5 @@
-"""Speed and memory options of refinement give the default results: channels_last, bf16, batching, compile, tiling,
-memory-efficient attention, and a sampler loop that never reads the device back."""
+"""Speed and memory options of refinement give the default results: channels_last, bf16, batching, compile, tiling and
+memory-efficient attention (the loop that never reads the device back is tested in test_sampling.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.imageio import read_png_metadata
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.tiling import GroupNormStatistics, TilingConfig
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock
@@ -74,8 +72,8 @@ def test_options_match_the_default_refiner(crops, reference, options, max_abs, m
 def test_identical_inputs_are_encoded_once_and_refined_as_alone(crops, reference, monkeypatch):
     refiner = Refiner(fresh_experts(), "cpu")
     encoded_rows = []
-    original = refiner._encode
-    monkeypatch.setattr(refiner, "_encode", lambda x: encoded_rows.append(x.shape[0]) or original(x))
+    original = refiner.first_stage.encode
+    monkeypatch.setattr(refiner.first_stage, "encode", lambda x: encoded_rows.append(x.shape[0]) or original(x))
     batch = torch.cat([crops[:1], crops[:1], crops[1:2], crops[:1]])
     out = refiner.refine_tensors(batch, seeds=[3, 9, 4, 3], **ARGS)
     assert sum(encoded_rows) == 2  # two distinct images
@@ -98,46 +96,7 @@ def test_compiled_unets_match_the_default(crops, reference):
     assert "compiled" in refiner.describe()
 
 
-# ------------------------------------------------------------------------------------------- no host syncs, attention
-class HostReads(TorchDispatchMode):
-    """Records the ops that copy device values to the host: ``.item()``, ``int/float(t)``, ``bool(t)``, ``torch.equal``
-    (dispatched ops) and ``.tolist()`` / ``.numpy()`` (which bypass dispatch: patched while the mode is on)."""
-
-    READS = {"item", "_local_scalar_dense", "is_nonzero", "equal"}
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads: list[str] = []
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-
-            def recorded(tensor, *args, _name=name, _original=original, **kwargs):
-                self.reads.append(_name)
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, recorded)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_sampler_loop_reads_nothing_back_from_the_device(eta, monkeypatch):
-    refiner = Refiner(fresh_experts(), "cpu", precision="bf16")
-    sampler = DDIMSampler(refiner.model, denoiser=refiner.denoiser)
-    sampler.make_schedule(10, ddim_eta=eta)
-    z0 = torch.randn(2, 3, 8, 8)
-    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    with HostReads(monkeypatch) as mode:
-        sampler.refine(z0, 400, generator=gens)
-    assert mode.reads == []
-    with HostReads(monkeypatch) as mode:  # the detector works: the router's batch entry point reads t back
-        refiner.router(z0, torch.tensor([301, 101]))
-    assert mode.reads
-
-
+# ------------------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("block", [AttnBlock(64), AttentionBlock(64, num_head_channels=16)], ids=["first_stage", "unet"])
 def test_attention_blocks_use_a_memory_efficient_kernel_and_match_the_math_kernel(block):
     torch.manual_seed(0)
@@ -163,10 +122,10 @@ def exact_tiling(model, tile: int, overlap: int) -> TilingConfig:
 
 def test_auto_tiling_is_the_default_and_fits_the_first_stage():
     refiner = Refiner(fresh_experts(), "cpu")
-    assert refiner.tiling == AUTO_TILING and refiner.model.first_stage_tiling == AUTO_TILING
+    assert refiner.tiling == AUTO_TILING and refiner.first_stage.tiling == AUTO_TILING
     assert not AUTO_TILING.applies_to(768, 768) and AUTO_TILING.applies_to(1024, 600)  # 1024 px: tiled (memory)
     assert "tiling 512 px tiles" in refiner.describe()
-    assert Refiner(fresh_experts(), "cpu", tiling=None).model.first_stage_tiling is None
+    assert Refiner(fresh_experts(), "cpu", tiling=None).first_stage.tiling is None
     with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
         Refiner(fresh_experts(), "cpu", tiling=TilingConfig(min_side=64, tile=66, overlap=8))
     with pytest.raises(ValueError, match="'auto', None or a TilingConfig"):

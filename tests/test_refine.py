@@ -232,10 +232,12 @@ def test_each_step_is_run_by_its_expert(refiner, crops, monkeypatch):
 def test_effective_start_is_reported(refiner, crops, caplog):
     plan = refiner.plan(500, 50)
     assert plan.effective_start == 481 and plan.timesteps == tuple(range(481, 0, -20))
-    assert plan.describe_routing() == "t 481-261: latesteps_500_750.ckpt; t 241-1: latesteps_750_1000.ckpt"
+    assert plan.describe_routing() == (
+        "t 481-261 (steps 519-739): latesteps_500_750.ckpt; t 241-1 (steps 759-999): latesteps_750_1000.ckpt"
+    )
     with caplog.at_level(logging.INFO, logger="ldm"):
         refiner.refine_tensors(crops[:1], 500, ddim_steps=50)
-    assert any("start_t=500 -> first DDIM step at t=481" in r.getMessage() for r in caplog.records)
+    assert any("start_t=500 (step 500) -> first DDIM grid step at t=481" in r.getMessage() for r in caplog.records)
 
 
 def test_same_seed_is_bit_identical_batched_or_not(refiner, crops):
@@ -250,8 +252,8 @@ def test_same_seed_is_bit_identical_batched_or_not(refiner, crops):
         assert not torch.allclose(other, batched[:1])
     assert batched.shape == x.shape and batched.dtype == torch.float32
     assert batched.min() >= -1 and batched.max() <= 1
-    # the schedule is built once per (ddim_steps, eta) and reused by later calls
-    assert refiner._sampler(10, 0.0) is refiner._sampler(10, 0) and refiner._sampler(10, 1.0) is not refiner._sampler(10, 0.0)
+    # the plan is built once per set of arguments and reused by later calls
+    assert refiner.plan(400, 10, 0.0) is refiner.plan(400, 10, 0) and refiner.plan(400, 10, 1.0) is not refiner.plan(400, 10)
 
 
 def test_faithfulness_grows_as_start_t_falls(trained_full_range, crops):

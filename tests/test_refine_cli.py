@@ -125,7 +125,7 @@ def test_cli_end_to_end_in_a_subprocess_without_network(expert_checkpoints, imag
     corrupt = [line for line in error_lines(proc.stderr) if line.startswith("refine.py: cannot load image")]
     assert len(corrupt) == 1 and "corrupt.png" in corrupt[0] and "truncated" in corrupt[0]
     assert "1 image(s) failed" in proc.stderr
-    assert "first DDIM step at t=301" in proc.stdout and "2 of 3 images done" in proc.stdout
+    assert "first DDIM grid step at t=301" in proc.stdout and "2 of 3 images done" in proc.stdout
 
     assert sorted(p.name for p in out.iterdir()) == ["astro_t400_s3.png", "coffee_rgba_t400_s3.png"]
     astro = Image.open(out / "astro_t400_s3.png")
@@ -141,7 +141,7 @@ def test_cli_end_to_end_in_a_subprocess_without_network(expert_checkpoints, imag
     assert meta["checkpoint_0_window"] == "[250, 500)" and meta["checkpoint_1_window"] == "[0, 250)"
     assert (meta["start_t"], meta["effective_start_t"], meta["ddim_steps"], meta["seed"]) == ("400", "301", "10", "3")
     assert meta["eta"] == "0" and meta["tail_timesteps"] == "301,201,101,1"
-    assert meta["routing"] == "t 301: latesteps_500_750.ckpt; t 201-1: latesteps_750_1000.ckpt"
+    assert meta["routing"] == "t 301 (step 699): latesteps_500_750.ckpt; t 201-1 (steps 799-999): latesteps_750_1000.ckpt"
     assert meta["input"].endswith("astro.png")
     params = json.loads(meta["parameters"])
     assert params["batch_size"] == 2 and params["precision"] == "fp32" and params["ema"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -18,7 +19,8 @@ from ldm.models.tiling import (
     tiled_vq_decode,
     tiled_vq_encode,
 )
-from ldm.refine.speed import AUTO_TILING
+from ldm.refine.first_stage import FirstStage
+from ldm.refine.speed import AUTO_TILING, resolve_tiling
 from ldm.util import instantiate_from_config
 
 from conftest import TINY_DDCONFIG, load_photos, photo_crops, tiny_ldm_params
@@ -204,18 +206,23 @@ def test_default_tiling_error_at_scaled_default_geometry():
     assert dec < 1e-3 * dec2 and enc < enc2, (dec, enc, dec2, enc2)
 
 
-def test_latent_diffusion_tiling_non_square_non_multiple_size():
+def test_refine_first_stage_tiling_non_square_non_multiple_size():
     torch.manual_seed(0)
     model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
-    model.set_first_stage_tiling(TilingConfig(min_side=16, tile=16, overlap=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first_stage = FirstStage(model, TilingConfig(min_side=16, tile=16, overlap=8), False, contextlib.nullcontext)
     x = torch.rand(1, 3, 44, 28) * 2 - 1
-    z = model.encode_first_stage(x)
+    z = first_stage.encode(x)
     assert z.shape == (1, 3, 11, 7)
-    assert model.decode_first_stage(z).shape == (1, 3, 44, 28)
+    assert first_stage.decode(z).shape == (1, 3, 44, 28)
+    # tiling is composed around the model: its own encode/decode stay untiled, nothing in it changed
+    untiled = FirstStage(model, None, False, contextlib.nullcontext)
+    torch.testing.assert_close(untiled.encode(x), model.get_first_stage_encoding(model.encode_first_stage(x)))
+    assert not torch.equal(untiled.encode(x), z) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="overlap < tile"):
         TilingConfig(tile=16, overlap=16)
     with pytest.raises(ValueError, match="stat_side=0 must be a positive"):
         TilingConfig(stat_side=0)
     with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
-        model.set_first_stage_tiling(TilingConfig(min_side=10, tile=18, overlap=4))
+        resolve_tiling(TilingConfig(min_side=10, tile=18, overlap=4), model)
     assert not TilingConfig(min_side=None).applies_to(10_000, 10_000)

@@ -40,7 +40,7 @@ from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid
-from ldm.refine.refiner import check_eta, check_int_arg
+from ldm.sampling import check_eta, check_int_arg
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ Modules: :mod:`ldm.refine.loading` (checkpoints -> experts, safely), :mod:`ldm.r
 """
 
 from ldm.refine.loading import CheckpointInfo, load_expert, resolve_device
-from ldm.refine.refiner import RefinePlan, Refiner
+from ldm.refine.refiner import Refiner
+from ldm.sampling import RefinePlan
 
 __all__ = ["CheckpointInfo", "RefinePlan", "Refiner", "load_expert", "resolve_device"]

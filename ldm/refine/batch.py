@@ -42,8 +42,9 @@ from ldm.imageio import (
     side_by_side,
     tensor_to_image,
 )
-from ldm.refine.refiner import RefinePlan, Refiner
+from ldm.refine.refiner import Refiner
 from ldm.refine.speed import describe_tiling
+from ldm.sampling import RefinePlan
 from ldm.util import is_rank_zero, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ def refine_files(
         pending.clear()
         try:
             out = refiner.refine_tensors(
-                torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], ddim_steps, eta, show
+                torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], plan.ddim_steps,
+                plan.eta, show, tail_steps=plan.tail_steps, sampler=plan.sampler,
             )
         except (ValueError, torch.OutOfMemoryError) as exc:
             size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"

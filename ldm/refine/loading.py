@@ -12,8 +12,9 @@ A checkpoint becomes an :class:`~ldm.models.diffusion.experts.Expert` in these s
    LPIPS weights and is never used), and the EMA copy is built only when its weights will be used;
 4. weights are loaded with :func:`ldm.checkpoint.load_weights`: shape mismatches name the first keys, and missing model
    weights (a first-stage-only or foreign checkpoint) are an error, not a silently random network;
-5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is
-   ``checkpoint["window"]`` or ``model.window()``.
+5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is the model's
+   (``model.window()``, from its config).  ``checkpoint["window"]``, which main.py writes for other tools, must agree
+   with it: a file whose two records disagree is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, sha25
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.models.diffusion.latesteps import validate_window, window_to_steps
 from ldm.util import (
     TRUSTED_TARGET_PREFIXES,
     ConfigError,
@@ -40,6 +40,7 @@ from ldm.util import (
     instantiate_from_config,
     iter_targets,
 )
+from ldm.windows import window_to_steps
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +280,18 @@ def load_expert(
 
 
 def _window(ckpt: Mapping[str, Any], model: Any, shown: str) -> tuple[int, int]:
-    own = tuple(model.window())
+    """The model's window, after checking that the checkpoint's ``window`` record (if any) agrees with it."""
+    own = tuple(int(t) for t in model.window())
     saved = ckpt.get("window")
     if saved is None:
         return own
     try:
-        window = validate_window(int(saved[0]), int(saved[1]), model.num_timesteps)
-    except (TypeError, ValueError, IndexError) as exc:
+        recorded = tuple(int(t) for t in saved)
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {shown}: invalid 'window' entry {saved!r}: {exc}") from exc
-    if window != own:
-        logger.warning("%s: checkpoint window %s differs from the config's %s; using the checkpoint's", shown, window, own)
-    return window
+    if recorded != own:
+        raise CheckpointError(
+            f"checkpoint {shown} is inconsistent: its 'window' record {list(recorded)} differs from the window of its "
+            f"model config {list(own)} (t_min/t_max); fix the config or re-save the checkpoint with main.py"
+        )
+    return own

@@ -1,10 +1,11 @@
 """``Refiner``: SDEdit-style refinement of images with one or more late-steps experts (the Python API).
 
 Pipeline for a batch ``x`` ``[B, 3, H, W]`` in ``[-1, 1]``: reflect-pad to the model's size multiple (first-stage factor
-x UNet downsampling factor) -> encode with the shared first stage -> noise to the first DDIM tail step (the grid entries
-``<= start_t``; e.g. ``start_t=500`` with 50 steps starts at ``t=481``) -> DDIM tail, each step run by the expert whose
-window holds it -> decode -> crop back -> clamp.  Alpha channels are handled by the caller layer (:meth:`Refiner.__call__`
-for PIL images, :mod:`ldm.refine.batch` for files).
+x UNet downsampling factor) -> encode with the shared first stage -> a :class:`~ldm.sampling.RefinePlan` (built and
+checked once per set of arguments: the steps, e.g. the 50-step DDIM grid entries ``<= start_t`` or an exact count from
+``start_t``, the solver, and the expert serving each step) -> noise to the plan's first step -> the plan's steps
+(:func:`ldm.sampling.run_tail`) -> decode -> crop back -> clamp.  Alpha channels are handled by the caller layer
+(:meth:`Refiner.__call__` for PIL images, :mod:`ldm.refine.batch` for files).
 
 Reproducibility: each sample's noise comes from its own ``torch.Generator`` seeded with that sample's seed, drawn on the
 CPU, so the noise depends on the seed only, not on the batch or the device's RNG.  CPU kernels choose their blocking by
@@ -25,7 +26,6 @@ import os
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,10 @@ import torch
 from PIL import Image
 
 from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple, tensor_to_image
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
+from ldm.refine.first_stage import FirstStage
 from ldm.refine.loading import (
     CheckpointInfo,
     ConfigSource,
@@ -46,75 +46,26 @@ from ldm.refine.loading import (
     resolve_device,
 )
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
+from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class RefinePlan:
-    """What a refinement will run.
-
-    Attributes:
-        start_t: the requested start timestep.  ddim_steps, eta: the DDIM grid size and noise.
-        timesteps: the tail, descending (the grid entries ``<= start_t``).
-        routing: runs ``(first t, last t, expert index)`` of consecutive steps served by one expert.
-        expert_names: names of the experts, indexed by ``routing``'s expert index.
-    """
-
-    start_t: int
-    ddim_steps: int
-    eta: float
-    timesteps: tuple[int, ...]
-    routing: tuple[tuple[int, int, int], ...]
-    expert_names: tuple[str, ...]
-
-    @property
-    def effective_start(self) -> int:
-        """The timestep the image is noised to and the first step runs at (``<= start_t``)."""
-        return self.timesteps[0]
-
-    def describe_routing(self) -> str:
-        """``"t 481-261: a.ckpt; t 241-1: b.ckpt"``."""
-        return "; ".join(
-            f"t {hi}-{lo}: {self.expert_names[i]}" if hi != lo else f"t {hi}: {self.expert_names[i]}"
-            for hi, lo, i in self.routing
-        )
-
-    def describe(self) -> str:
-        """One line for logs: requested and effective start, step count, routing."""
-        return (
-            f"start_t={self.start_t} -> first DDIM step at t={self.effective_start} ({len(self.timesteps)} of "
-            f"{self.ddim_steps} steps, eta={self.eta:g}); {self.describe_routing()}"
-        )
-
-
-def check_int_arg(name: str, value: Any, lo: int, hi: int) -> int:
-    """``value`` as an int if it is an integer (not a bool) in ``[lo, hi]``; else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= int(value) <= hi:
-        raise ValueError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
-    return int(value)
-
-
-def check_eta(eta: Any) -> float:
-    """DDIM's ``eta`` as a float if it is a finite number ``>= 0``; else a ValueError saying what is allowed."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
-    return float(eta)
+DEFAULT_START_T = 500
 
 
 class Refiner:
     """Refine images with chained window experts.
 
     Build it with :meth:`from_checkpoints` (or from in-memory models / :class:`Expert` objects).  All experts must
-    share the noise schedule and the first stage (checked; one first-stage module is kept).
+    share the noise schedule and the first stage (checked).  The models are moved to ``device`` and set to eval mode;
+    nothing else in them is changed (tiling and precision are composed around them).
 
     Args:
         experts: models or :class:`Expert` objects (window from ``model.window()``, ``[0, T)`` for a plain LDM).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (``"cuda:N"``) or a ``torch.device``; models are moved there.
-        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (autocast on the device for the networks; the DDIM trajectory
-            stays float32; fp16 needs CUDA).
+        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (autocast on the device for the networks; the sampling
+            trajectory stays float32; fp16 needs CUDA).
         allow_outside_window: run the nearest expert on steps no window covers (warning) instead of refusing.
         checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
         batch_invariant: run the networks one sample at a time so outputs do not depend on the batch (bit-identical
@@ -143,12 +94,10 @@ class Refiner:
         self.precision = precision
         self._autocast_dtype = autocast_dtype(precision, self.device)
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
-        self._samplers: dict[tuple[int, float], DDIMSampler] = {}
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
         self.tiling = resolve_tiling(tiling, self.model)
-        for expert in self.router.experts:
-            expert.model.set_first_stage_tiling(self.tiling)
+        self.first_stage = FirstStage(self.model, self.tiling, self.batch_invariant, self.autocast)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             to_channels_last(e.model for e in self.router.experts)
@@ -156,10 +105,15 @@ class Refiner:
         if self.compiled:
             compile_unets(e.model for e in self.router.experts)
         self.checkpoints: tuple[CheckpointInfo, ...] = tuple(checkpoints)
-        denoiser: Denoiser = self.router
+        self.schedule = NoiseSchedule.from_model(self.model)
+        self.denoisers: tuple[Denoiser, ...] = tuple(self._wrap(d) for d in self.router.denoisers)
+        self._plans: dict[tuple[Any, ...], RefinePlan] = {}
+
+    def _wrap(self, denoiser: Denoiser) -> Denoiser:
+        """An expert's denoiser with this refiner's precision and batch invariance."""
         if self._autocast_dtype is not None:
             denoiser = AutocastDenoiser(denoiser, self.device.type, self._autocast_dtype)
-        self.denoiser: Denoiser = ChunkedDenoiser(denoiser, 1) if self.batch_invariant else denoiser
+        return ChunkedDenoiser(denoiser, 1) if self.batch_invariant else denoiser
 
     @classmethod
     def from_checkpoints(
@@ -178,6 +132,8 @@ class Refiner:
         compile: bool = False,
     ) -> Refiner:
         """Load one expert per checkpoint (see :func:`ldm.refine.loading.load_expert`) and build a refiner.
+
+        The experts it loads keep one first-stage module between them (checked equal first).
 
         Args:
             paths: one checkpoint per expert (a single path is accepted too).
@@ -199,14 +155,16 @@ class Refiner:
         experts = [e for e, _ in loaded]
         infos = [i for _, i in loaded]
         refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile)
+        for expert in experts[1:]:  # these models are ours: keep one copy of the (identical, checked) first stage
+            expert.model.first_stage_model = experts[0].model.first_stage_model
         logger.info("%s", refiner.describe())
         return refiner
 
     # --------------------------------------------------------------------------------------------------- properties
     @property
     def model(self) -> Any:
-        """The first expert's model (schedule, ``q_sample``, the shared first stage)."""
-        return self.router.model
+        """The first expert's model (schedule, the shared first stage)."""
+        return self.router.experts[0].model
 
     @property
     def experts(self) -> tuple[Expert, ...]:
@@ -221,39 +179,51 @@ class Refiner:
         """Image sides are padded to a multiple of this (and to at least twice it): first-stage factor x the UNets'
         downsampling factor."""
         unet = max(int(getattr(e.model.model.diffusion_model, "downsampling_factor", 1)) for e in self.experts)
-        return int(self.model.downsampling_factor) * unet
+        return self.first_stage.factor * unet
 
     # --------------------------------------------------------------------------------------------------------- plan
-    def _sampler(self, ddim_steps: int, eta: float) -> DDIMSampler:
-        """The DDIM sampler of this grid, its schedule tensors built on the device once (cached per ``(steps, eta)``)."""
-        key = (check_int_arg("ddim_steps", ddim_steps, 1, self.num_timesteps), check_eta(eta))
-        if key not in self._samplers:
-            sampler = DDIMSampler(self.model, denoiser=self.denoiser)
-            sampler.make_schedule(key[0], ddim_eta=key[1])
-            self._samplers[key] = sampler
-        return self._samplers[key]
-
-    def plan(self, start_t: int = 500, ddim_steps: int = 50, eta: float = 0.0) -> RefinePlan:
+    def plan(
+        self,
+        start_t: int | None = None,
+        ddim_steps: int | None = None,
+        eta: float = 0.0,
+        *,
+        tail_steps: int | None = None,
+        sampler: str = "ddim",
+        strength: float | None = None,
+    ) -> RefinePlan:
         """Validate the arguments and the expert coverage, and say what will run; does no work on images.
 
-        Raises:
-            ValueError: ``start_t`` outside ``[1, T-1]`` or not an integer, ``ddim_steps`` outside ``[1, T]``,
-                ``eta`` negative or not finite, tail steps outside every expert window (or in two).
-        """
-        return self._prepare(start_t, ddim_steps, eta)[1]
+        Args:
+            start_t: integer timestep in ``[1, T-1]`` (default 500), or ``strength`` ``s`` in ``(0, 1]`` (``start_t =
+                min(round(s * T), T - 1)``); not both.
+            ddim_steps: the DDIM grid size (default 50; the steps are the grid entries ``<= start_t``), or
+                ``tail_steps``: exactly K steps from ``start_t`` itself (``1 <= K <= start_t``); not both.
+            eta: DDIM noise (0 deterministic; DDIM only).  sampler: ``"ddim"`` or ``"dpmpp_2m"`` (DPM-Solver++(2M)).
 
-    def _prepare(self, start_t: int, ddim_steps: int, eta: float) -> tuple[DDIMSampler, RefinePlan]:
-        sampler = self._sampler(ddim_steps, eta)
-        tail = sampler.tail_plan(start_t)
-        self.router.check_timesteps(tail.timesteps, start_t=tail.start_t)
-        return sampler, RefinePlan(
-            start_t=tail.start_t,
-            ddim_steps=int(ddim_steps),
-            eta=float(eta),
-            timesteps=tail.timesteps,
-            routing=tuple(self.router.routing(tail.timesteps)),
-            expert_names=tuple(e.name for e in self.experts),
-        )
+        Returns a cached :class:`~ldm.sampling.RefinePlan` (one per set of arguments: built and validated once).
+
+        Raises:
+            ValueError: an argument outside what is allowed, or steps outside every expert window (or in two).
+        """
+        if start_t is None and strength is None:
+            start_t = DEFAULT_START_T
+        start = resolve_start(start_t, strength, self.num_timesteps)
+        key = (start, ddim_steps, tail_steps, eta, sampler)
+        if key not in self._plans:
+            self._plans[key] = build_plan(
+                self.schedule,
+                start,
+                self.denoisers,
+                self.device,
+                ddim_steps=ddim_steps,
+                tail_steps=tail_steps,
+                eta=eta,
+                sampler=sampler,
+                assign=self.router.assign,
+                expert_names=[e.name for e in self.experts],
+            )
+        return self._plans[key]
 
     def autocast(self) -> AbstractContextManager:
         """The networks' precision as a context manager (autocast for bf16/fp16; nothing for fp32)."""
@@ -265,25 +235,29 @@ class Refiner:
     def refine_tensors(
         self,
         x: torch.Tensor,
-        start_t: int = 500,
+        start_t: int | None = None,
         seeds: int | Sequence[int] = 0,
-        ddim_steps: int = 50,
+        ddim_steps: int | None = None,
         eta: float = 0.0,
         progress: bool = False,
         timings: MutableMapping[str, float] | None = None,
+        *,
+        tail_steps: int | None = None,
+        sampler: str = "ddim",
+        strength: float | None = None,
+        callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Refine a batch of same-size images.
 
         Args:
             x: ``[B, 3, H, W]`` float in ``[-1, 1]``, any ``H, W >= 1`` (reflect-padded internally), any device.
-            start_t: integer timestep in ``[1, T-1]``; the tail starts at the largest DDIM grid entry ``<= start_t``.
+            start_t, ddim_steps, eta, tail_steps, sampler, strength: what runs (see :meth:`plan`; default: the 50-step
+                DDIM grid entries ``<= 500``).
             seeds: one seed per sample (length ``B``), or one int used for every sample.  Sample ``i``'s noise comes
                 from ``torch.Generator().manual_seed(seeds[i])`` alone: same seed -> same output, batched or not.
-            ddim_steps: size of the DDIM grid over ``[0, T)`` (the tail runs the entries ``<= start_t``).
-            eta: DDIM noise (0 deterministic).
-            progress: show a tqdm bar over the DDIM steps (rank 0 only).
-            timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the DDIM
-                tail), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
+            progress: show a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
+            timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the
+                steps), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
 
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
@@ -296,7 +270,7 @@ class Refiner:
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
         seed_list = self._seeds(seeds, x.shape[0])
-        sampler, plan = self._prepare(start_t, ddim_steps, eta)
+        plan = self.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
         with torch.inference_mode():
             xin = x.detach().to(self.device, torch.float32)
             lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
@@ -309,25 +283,15 @@ class Refiner:
             padded, padding = pad_to_multiple(xin.clamp(-1.0, 1.0), self.factor, mode="reflect", min_size=2 * self.factor)
             clock = _PhaseClock(self.device, timings)
             unique, inverse = _unique_rows(padded)
-            z0 = self._per_chunk(padded[unique], self._encode)[inverse]
+            z0 = self.first_stage.encode(padded[unique])[inverse]
             clock.lap("encode")
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
-            z, _, _ = sampler.refine(z0, plan.start_t, generator=generators, verbose=progress)
+            noise = randn(tuple(z0.shape), z0, generators)
+            z, _ = run_tail(plan, z0, noise, generators=generators, callback=callback, progress=progress)
             clock.lap("sample")
-            decoded = self._per_chunk(z, self.model.decode_first_stage)
-            out = crop_padding(decoded, padding).clamp(-1.0, 1.0)
+            out = crop_padding(self.first_stage.decode(z), padding).clamp(-1.0, 1.0)
             clock.lap("decode")
         return out.to(x.device)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, 3, H, W]`` -> scaled latent ``[B, C, H / f, W / f]``."""
-        return self.model.get_first_stage_encoding(self.model.encode_first_stage(x))
-
-    def _per_chunk(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``fn`` (a first-stage pass) under autocast, one sample at a time when batch-invariant; float32 out."""
-        chunks = x.split(1) if self.batch_invariant else (x,)
-        with self.autocast():
-            return torch.cat([fn(chunk).float() for chunk in chunks])
 
     @staticmethod
     def _seeds(seeds: int | Sequence[int], batch: int) -> list[int]:
@@ -340,31 +304,36 @@ class Refiner:
     def __call__(
         self,
         image: Image.Image | torch.Tensor,
-        start_t: int = 500,
+        start_t: int | None = None,
         seed: int = 0,
-        ddim_steps: int = 50,
+        ddim_steps: int | None = None,
         eta: float = 0.0,
+        *,
+        tail_steps: int | None = None,
+        sampler: str = "ddim",
+        strength: float | None = None,
     ) -> Image.Image | torch.Tensor:
         """Refine one image.
 
         Args:
             image: a ``PIL.Image`` of any mode and size (EXIF orientation applied, 16-bit kept in float, alpha kept and
                 re-attached), or a tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in ``[-1, 1]``.
-            start_t, seed, ddim_steps, eta: as in :meth:`refine_tensors` (a tensor batch uses ``seed`` for every
-                sample).
+            start_t, seed, ddim_steps, eta, tail_steps, sampler, strength: as in :meth:`refine_tensors` (a tensor batch
+                uses ``seed`` for every sample).
 
         Returns:
             a PIL image (``RGB``, or ``RGBA`` when the input had transparency) for PIL input; a float32 tensor of the
             input's shape on its device for tensor input.
         """
+        options = dict(tail_steps=tail_steps, sampler=sampler, strength=strength)
         if isinstance(image, torch.Tensor):
             if image.ndim == 3:
-                return self.refine_tensors(image[None], start_t, seed, ddim_steps, eta)[0]
-            return self.refine_tensors(image, start_t, seed, ddim_steps, eta)
+                return self.refine_tensors(image[None], start_t, seed, ddim_steps, eta, **options)[0]
+            return self.refine_tensors(image, start_t, seed, ddim_steps, eta, **options)
         if not isinstance(image, Image.Image):
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
         loaded = from_pil(image)
-        out = self.refine_tensors(image_to_tensor(loaded.rgb), start_t, [seed], ddim_steps, eta)
+        out = self.refine_tensors(image_to_tensor(loaded.rgb), start_t, [seed], ddim_steps, eta, **options)
         rgb = tensor_to_image(out)
         if loaded.alpha is None:
             return Image.fromarray(rgb)

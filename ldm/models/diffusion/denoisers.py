@@ -2,21 +2,12 @@
 
 A sampler only ever sees this interface, so classifier-free guidance (:class:`CFGDenoiser`), mixed precision
 (:class:`AutocastDenoiser`), batch-invariant evaluation (:class:`ChunkedDenoiser`) and routing between window experts
-(:mod:`ldm.models.diffusion.experts`) are wrappers, not branches inside the DDIM step.
-
-Two optional methods let a sampler talk to a denoiser without a host-device sync:
-
-* ``for_timestep(t: int) -> Denoiser``: the callable that serves timestep ``t`` (the sampler knows each step's timestep
-  as a Python int, so an expert router picks its expert without reading ``t`` back from the device);
-* ``check_timesteps(timesteps: Sequence[int], start_t: int | None) -> None``: raise before any work if some step cannot
-  be served (a timestep outside every expert window).
-
-Use :func:`resolve_denoiser` and :func:`check_denoiser_timesteps`, which fall back gracefully for plain callables.
+(:mod:`ldm.models.diffusion.experts`) are wrappers, not branches inside a solver step.  The refinement plan
+(:mod:`ldm.sampling.plan`) resolves the routing once and holds each step's wrapped expert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,19 +19,6 @@ class Denoiser(Protocol):
     """Predicts the noise ``eps`` in ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
-
-
-def resolve_denoiser(denoiser: Denoiser, t: int) -> Denoiser:
-    """The callable serving integer timestep ``t``: ``denoiser.for_timestep(t)`` when it has that method, else itself."""
-    pick = getattr(denoiser, "for_timestep", None)
-    return pick(int(t)) if pick is not None else denoiser
-
-
-def check_denoiser_timesteps(denoiser: Denoiser, timesteps: Sequence[int], start_t: int | None = None) -> None:
-    """Ask ``denoiser`` (if it can tell) whether it serves every timestep in ``timesteps``; raises ``ValueError`` if not."""
-    check = getattr(denoiser, "check_timesteps", None)
-    if check is not None:
-        check([int(t) for t in timesteps], start_t=start_t)
 
 
 class ModelDenoiser:
@@ -83,13 +61,6 @@ class CFGDenoiser:
         e_u, e_c = self.inner(x_in, t_in, _concat_cond(self.uncond, cond)).chunk(2)
         return e_u + self.scale * (e_c - e_u)
 
-    def for_timestep(self, t: int) -> CFGDenoiser:
-        """Guidance around the inner denoiser's callable for timestep ``t``."""
-        return CFGDenoiser(resolve_denoiser(self.inner, t), self.scale, self.uncond)
-
-    def check_timesteps(self, timesteps: Sequence[int], start_t: int | None = None) -> None:
-        check_denoiser_timesteps(self.inner, timesteps, start_t)
-
 
 class AutocastDenoiser:
     """Runs the inner denoiser under ``torch.autocast(device_type, dtype)`` and returns eps in ``x``'s dtype.
@@ -107,13 +78,6 @@ class AutocastDenoiser:
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):
             eps = self.inner(x, t, cond)
         return eps.to(x.dtype)
-
-    def for_timestep(self, t: int) -> AutocastDenoiser:
-        """Autocast around the inner denoiser's callable for timestep ``t``."""
-        return AutocastDenoiser(resolve_denoiser(self.inner, t), self.device_type, self.dtype)
-
-    def check_timesteps(self, timesteps: Sequence[int], start_t: int | None = None) -> None:
-        check_denoiser_timesteps(self.inner, timesteps, start_t)
 
 
 class ChunkedDenoiser:
@@ -140,10 +104,3 @@ class ChunkedDenoiser:
             sl = slice(start, start + self.chunk_size)
             parts.append(self.inner(x[sl], t[sl], None if cond is None else cond[sl]))
         return torch.cat(parts)
-
-    def for_timestep(self, t: int) -> ChunkedDenoiser:
-        """Chunking around the inner denoiser's callable for timestep ``t``."""
-        return ChunkedDenoiser(resolve_denoiser(self.inner, t), self.chunk_size)
-
-    def check_timesteps(self, timesteps: Sequence[int], start_t: int | None = None) -> None:
-        check_denoiser_timesteps(self.inner, timesteps, start_t)

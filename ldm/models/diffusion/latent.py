@@ -1,6 +1,8 @@
 """LatentDiffusion: DDPM in the latent space of a frozen first stage, with optional conditioning.
 
-Import it as ``ldm.models.diffusion.ddpm.LatentDiffusion`` (CompVis' path) or from here.
+Import it as ``ldm.models.diffusion.ddpm.LatentDiffusion`` (CompVis' path) or from here.  Refinement composes tiling and
+precision around the first stage at refine time (:mod:`ldm.refine.first_stage`); this class keeps latent-diffusion's
+``encode_first_stage`` / ``decode_first_stage``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch.nn as nn
 
 from ldm.checkpoint import CheckpointError
 from ldm.models.autoencoder import VQModelInterface
-from ldm.models.diffusion.ddpm import DDPM, training_noise
-from ldm.models.tiling import TilingConfig, tiled_vq_decode, tiled_vq_encode
+from ldm.models.diffusion.base import DDPM, training_noise
+from ldm.models.diffusion.denoisers import ModelDenoiser
+from ldm.sampling import NoiseSchedule, build_plan, randn, run_steps
 from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,6 @@ class LatentDiffusion(DDPM):
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
-        self.first_stage_tiling: TilingConfig | None = None
         self.clip_denoised = False
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
@@ -120,21 +122,11 @@ class LatentDiffusion(DDPM):
         return 0, self.num_timesteps
 
     # -------------------------------------------------------------------------------------------------- first stage
-    def set_first_stage_tiling(self, tiling: TilingConfig | None) -> None:
-        """Encode/decode images larger than ``tiling.min_side`` tile by tile (bounded memory); None turns it off."""
-        if tiling is not None:
-            if not isinstance(self.first_stage_model, VQModelInterface):
-                raise ValueError("tiled encode/decode supports VQ first stages (VQModelInterface) only")
-            tiling.check_factor(self.downsampling_factor)
-        self.first_stage_tiling = tiling
-
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, 3, H, W]`` in [-1, 1] -> unscaled latent ``[B, C, H / f, W / f]`` (tiled for large images)."""
-        tiling = self.first_stage_tiling
-        if tiling is None or not tiling.applies_to(*x.shape[-2:]):
-            return self.first_stage_model.encode(x)
-        return tiled_vq_encode(self.first_stage_model, x, tiling, self.downsampling_factor)
+        """Image ``[B, 3, H, W]`` in [-1, 1] -> unscaled latent ``[B, C, H / f, W / f]`` (or the encoder's
+        distribution for a KL first stage)."""
+        return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """Scaled latent ``scale_factor * z`` from the first stage's output (a tensor, or a distribution's sample)."""
@@ -150,17 +142,12 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(
         self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
     ) -> torch.Tensor:
-        """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook;
-        tiled for large images)."""
+        """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook
+        unless ``force_not_quantize``)."""
         z = z / self.scale_factor
         if not isinstance(self.first_stage_model, VQModelInterface):
             return self.first_stage_model.decode(z)
-        no_quant = predict_cids or force_not_quantize
-        f = self.downsampling_factor
-        tiling = self.first_stage_tiling
-        if tiling is None or not tiling.applies_to(z.shape[-2] * f, z.shape[-1] * f):
-            return self.first_stage_model.decode(z, force_not_quantize=no_quant)
-        return tiled_vq_decode(self.first_stage_model, z, tiling, f, force_not_quantize=no_quant)
+        return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
 
     def check_schedule_matches(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """As :meth:`DDPM.check_schedule_matches`, and the latent scale: a checkpoint trained with ``scale_by_std``
@@ -243,21 +230,36 @@ class LatentDiffusion(DDPM):
             out.append(xc)
         return out
 
-    def _clean_input_and_cond(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
-        z, c = self.get_input(batch, self.first_stage_key)
-        return z, c
-
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z, c = self.get_input(batch, self.first_stage_key)
-        return self(z, c)
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
 
-    def forward(self, x: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
-        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` at timesteps from :meth:`sample_training_timesteps`;
-        with a ``generator`` both the timesteps and the noise come from it (same seed, same loss)."""
-        if self.model.conditioning_key is not None and self.cond_stage_trainable:
-            cond = self.get_learned_conditioning(cond)
+    def forward(
+        self, x: torch.Tensor, c: Any, *args: Any, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` with conditioning ``c`` at timesteps from
+        :meth:`sample_training_timesteps` (latent-diffusion's ``forward(x, c, *args, **kwargs)`` ->
+        ``p_losses(x, c, t, *args, **kwargs)``); with a ``generator`` the timesteps and, unless passed, the noise come
+        from it (same seed, same loss)."""
         t = self.sample_training_timesteps(x.shape[0], x.device, generator)
-        return self.p_losses(x, t, noise=training_noise(x, generator), cond=cond)
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        if generator is not None and not args and "noise" not in kwargs:
+            kwargs["noise"] = training_noise(x, generator)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def p_losses(  # type: ignore[override]
+        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss for latents ``x_start`` ``[B, C, h, w]`` with conditioning ``cond`` at timesteps ``t`` ``[B]``;
+        returns ``(loss, log_dict)`` (latent-diffusion's signature)."""
+        return self._loss_terms(x_start, t, noise, cond)
+
+    def _validation_losses(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(batch, self.first_stage_key)
+        gen = self.validation_generator(batch_idx)
+        t = self.sample_training_timesteps(z.shape[0], z.device, gen)
+        return self.p_losses(z, c, t, noise=training_noise(z, gen))
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Network output for latents ``x_noisy`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` is a tensor, a list of
@@ -294,10 +296,7 @@ class LatentDiffusion(DDPM):
     ) -> dict[str, torch.Tensor]:
         """Images ``[N, 3, H, W]`` in [-1, 1]: inputs, first-stage reconstruction, the forward-diffusion row and
         DDIM samples from pure noise (EMA weights)."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-
         z, c, x, xrec = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True, bs=N)
-        n = z.shape[0]
         log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
         gen = torch.Generator().manual_seed(seed)
         if plot_diffusion_rows:
@@ -306,10 +305,9 @@ class LatentDiffusion(DDPM):
             row = [self.decode_first_stage(self.q_sample(z[:1], t.repeat(1).to(z.device), noise)) for t in ts]
             log["diffusion_row"] = torch.cat(row)
         if sample:
+            plan = build_plan(NoiseSchedule.from_model(self), self.num_timesteps - 1, [ModelDenoiser(self)], z.device,
+                              ddim_steps=ddim_steps, eta=ddim_eta)  # fmt: skip
             with self.ema_scope("log_images"):
-                sampler = DDIMSampler(self)
-                samples, _ = sampler.sample(
-                    ddim_steps, n, tuple(z.shape[1:]), conditioning=c, eta=ddim_eta, verbose=False, generator=gen
-                )
+                samples, _ = run_steps(plan, randn(tuple(z.shape), z, gen), generators=gen, cond=c)
             log["samples"] = self.decode_first_stage(samples)
         return log

@@ -2,7 +2,8 @@
 
 Step naming: "steps a-b" count DDIM/DDPM sampling steps from pure noise out of T = 1000, and step k is timestep
 ``t = T - k``.  So steps 500-750 train ``t in [250, 500)`` (shapes) and steps 750-1000 train ``t in [0, 250)``
-(details).  Use :func:`steps_to_window` / :func:`window_to_steps` rather than doing this arithmetic by hand.
+(details).  The window arithmetic (:func:`ldm.windows.steps_to_window`, :func:`~ldm.windows.window_to_steps`,
+validation) lives in :mod:`ldm.windows`, shared with expert routing at refine time.
 """
 
 from __future__ import annotations
@@ -13,34 +14,15 @@ from typing import Any
 
 import torch
 
-from ldm.models.diffusion.ddpm import training_noise
+from ldm.models.diffusion.base import training_noise
+from ldm.models.diffusion.denoisers import ModelDenoiser
 from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.sampling import NoiseSchedule, build_plan, noise_to_start, run_tail
+from ldm.windows import validate_window, window_to_steps
 
 logger = logging.getLogger(__name__)
 
 TIMESTEP_DENSITIES = ("uniform",)
-
-
-def steps_to_window(step_start: int, step_end: int, num_timesteps: int = 1000) -> tuple[int, int]:
-    """Sampling steps ``[step_start, step_end]`` of ``num_timesteps`` -> timestep window ``[T - step_end, T - step_start)``."""
-    return validate_window(num_timesteps - step_end, num_timesteps - step_start, num_timesteps)
-
-
-def window_to_steps(t_min: int, t_max: int, num_timesteps: int = 1000) -> tuple[int, int]:
-    """Timestep window ``[t_min, t_max)`` -> sampling steps ``(T - t_max, T - t_min)``."""
-    return num_timesteps - t_max, num_timesteps - t_min
-
-
-def validate_window(t_min: Any, t_max: Any, num_timesteps: int) -> tuple[int, int]:
-    """Check ``0 <= t_min < t_max <= num_timesteps`` (integers) and return ``(t_min, t_max)``."""
-    ok_types = all(isinstance(v, int) and not isinstance(v, bool) for v in (t_min, t_max))
-    if not ok_types or not 0 <= t_min < t_max <= num_timesteps:
-        raise ValueError(
-            f"window t_min={t_min!r}, t_max={t_max!r} is invalid: need integers 0 <= t_min < t_max <= {num_timesteps}. "
-            f"Sampling steps a-b of {num_timesteps} are t in [{num_timesteps}-b, {num_timesteps}-a), e.g. steps 500-750 "
-            "-> t_min=250, t_max=500; steps 750-1000 -> t_min=0, t_max=250."
-        )
-    return int(t_min), int(t_max)
 
 
 def draw_window_timesteps(
@@ -130,7 +112,7 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         Every band is present, also one that a batch smaller than ``val_subbands`` leaves empty (``(0, 0)``: no weight
         in the epoch's mean), so all ranks log the same keys (``sync_dist`` would hang otherwise).
         """
-        z, cond = self._clean_input_and_cond(batch)
+        z, cond = self.get_input(batch, self.first_stage_key)
         gen = self.validation_generator(batch_idx)
         t, band = stratified_window_timesteps(z.shape[0], self.t_min, self.t_max, self.val_subbands, gen)
         noise = training_noise(z, gen)
@@ -179,17 +161,14 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         """What matters for a window model, ``[N, 3, H, W]`` in [-1, 1] each: ``inputs``, ``reconstruction`` (first
         stage), ``noised_to_t_max`` (input noised to the window's top DDIM step) and ``window_refined`` (that noised
         input run through this model's DDIM steps inside the window, EMA weights) with its final ``window_pred_x0``."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-
         z, c, x, xrec = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True, bs=N)
-        sampler = DDIMSampler(self)
-        sampler.make_schedule(ddim_steps, ddim_eta=ddim_eta)
+        plan = build_plan(NoiseSchedule.from_model(self), self.t_max - 1, [ModelDenoiser(self)], z.device,
+                          ddim_steps=ddim_steps, eta=ddim_eta, t_min=self.t_min)  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(z.shape, generator=gen).to(z)
-        plan = sampler.tail_plan(self.t_max - 1, self.t_min)
-        noised = self.q_sample(z, torch.full((z.shape[0],), plan.noise_t, device=z.device, dtype=torch.long), noise)
+        noised = noise_to_start(plan, z, noise)
         with self.ema_scope("log_images"):
-            refined, pred_x0, _ = sampler.refine(z, self.t_max - 1, cond=c, t_min=self.t_min, generator=gen, noise=noise)
+            refined, pred_x0 = run_tail(plan, z, noise, generators=gen, cond=c)
         return {
             "inputs": x,
             "reconstruction": xrec,

@@ -153,16 +153,6 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]
     return out.reshape(b, *((1,) * (len(x_shape) - 1)))
 
 
-def noise_like(
-    shape: Sequence[int],
-    device: torch.device | str,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Standard normal noise of ``shape`` drawn from ``generator`` (whose device must match ``device``)."""
-    return torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # network helpers (names as in openaimodel / latent-diffusion so that state-dict keys match)
 

@@ -1,0 +1,146 @@
+"""Which timesteps a refinement runs, and the per-step coefficients of each solver: pure functions over ``alphas_cumprod``.
+
+Two ways to choose the steps (see :func:`grid_tail` and :func:`exact_tail`):
+
+* **grid** (``ddim_steps=S``, latent-diffusion's habit): the DDIM grid ``range(0, T, T // S) + 1`` (S=50: 1, 21, ...,
+  981); the tail for ``start_t`` is the grid entries ``<= start_t``, and the latent is noised to the first of them
+  (``start_t=500`` runs 481, 461, ..., 1).  Stable Diffusion's img2img noises to one grid entry and starts denoising
+  from the next one down; that off-by-one is not copied.
+* **exact** (``tail_steps=K``): K steps from ``start_t`` itself, uniform in log-SNR ``lambda = log(alpha / sigma)``
+  between ``start_t`` and timestep 0 (:func:`exact_tail`).  Uniform in t would put the last step from ``start_t / K``
+  to 0, which in log-SNR is a long step (latent-diffusion's linear schedule: lambda 1.2 at t=50, 3.25 at t=0) that
+  shrinks only like ``log K``: it dominates the error of both solvers and hides DPM-Solver++'s second order.  On
+  Gaussian data with a closed-form answer (``tests/test_sampling.py``, start_t=500) uniform log-SNR cut the final
+  error of DDIM by 1.5x and of DPM-Solver++(2M) by 6-15x at K = 5..25 against uniform t.
+
+Each step runs the network at ``timesteps[i]`` and moves the latent to the level ``levels[i]``: the next lower grid
+entry (for a window's own tail, the one just below the window) or the next step's timestep, and timestep 0 after the
+lowest (latent-diffusion's DDIM convention ``alphas_prev[0] = alphas_cumprod[0]``, kept so that refinements are
+unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A diffusion model's noise schedule, as the samplers need it (all on the CPU).
+
+    Attributes:
+        alphas_cumprod: ``[T]`` float64.  The DDIM and DPM-Solver coefficients are computed from it in float64.
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: ``[T]`` float32, the coefficients ``q_sample`` noises with.
+            :meth:`from_model` takes the model's own buffers (computed in float64 from the betas), so a latent noised
+            here equals ``model.q_sample`` bit for bit.
+    """
+
+    alphas_cumprod: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def from_model(cls, model: Any) -> NoiseSchedule:
+        """The schedule of a DDPM / LatentDiffusion (its ``alphas_cumprod`` and ``q_sample`` buffers)."""
+        return cls(
+            model.alphas_cumprod.detach().to("cpu", torch.float64),
+            model.sqrt_alphas_cumprod.detach().to("cpu", torch.float32),
+            model.sqrt_one_minus_alphas_cumprod.detach().to("cpu", torch.float32),
+        )
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor | np.ndarray | Sequence[float]) -> NoiseSchedule:
+        """A schedule from ``alphas_cumprod`` ``[T]`` alone (the ``q_sample`` coefficients computed in float64)."""
+        acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        return cls(acp, acp.sqrt().float(), (1.0 - acp).sqrt().float())
+
+
+def grid_tail(
+    start_t: int, ddim_steps: int, num_timesteps: int, t_min: int = 0
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(timesteps, levels)``: the DDIM grid entries ``t_min <= t <= start_t`` of a ``ddim_steps``-entry uniform grid,
+    descending (may be empty; the caller says what to change), and the level each moves to: the grid entry below it
+    (also when ``t_min`` leaves that entry out), 0 below the lowest."""
+    grid = [int(t) for t in make_ddim_timesteps("uniform", ddim_steps, num_timesteps)]
+    below = dict(zip(grid, [0, *grid[:-1]]))
+    timesteps = tuple(t for t in reversed(grid) if t_min <= t <= start_t)
+    return timesteps, tuple(below[t] for t in timesteps)
+
+
+def exact_tail(alphas_cumprod: torch.Tensor, start_t: int, tail_steps: int) -> tuple[int, ...]:
+    """``tail_steps`` distinct integer timesteps from ``start_t`` down, uniform in log-SNR (see the module docstring).
+
+    The ideal levels split ``[lambda(start_t), lambda(0)]`` (``lambda = log(alpha / sigma)``, interpolated linearly
+    between integer timesteps) into ``tail_steps`` equal parts; each is rounded to the nearest timestep, the first is
+    ``start_t`` itself, and where rounding would repeat a timestep (many steps near t = 0, where consecutive timesteps
+    are far apart in log-SNR) the steps are pushed apart to consecutive integers.  Requires ``1 <= tail_steps <=
+    start_t``; the last step moves the latent to timestep 0.
+    """
+    k = int(tail_steps)
+    acp = alphas_cumprod.to(torch.float64).numpy()
+    lam = 0.5 * np.log(acp / (1.0 - acp))  # decreasing in t
+    targets = np.linspace(lam[start_t], lam[0], k + 1)[:-1]
+    ideal = np.interp(targets, lam[::-1], np.arange(len(lam), dtype=np.float64)[::-1])
+    t = [int(round(v)) for v in ideal]
+    t[0] = int(start_t)
+    for i in range(k - 1, 0, -1):  # distinct and >= 1, from the bottom up
+        t[i] = max(t[i], t[i + 1] + 1 if i < k - 1 else 1)
+    for i in range(1, k):  # below start_t, from the top down (possible since k <= start_t)
+        t[i] = min(t[i], t[i - 1] - 1)
+    return tuple(t)
+
+
+def exact_levels(timesteps: Sequence[int]) -> tuple[int, ...]:
+    """The level each step of an exact tail moves the latent to: the next step's timestep, and 0 after the last."""
+    return (*timesteps[1:], 0)
+
+
+def ddim_coefficients(
+    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], levels: Sequence[int], eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a_t, a_prev, sigma)``, each ``[n]`` float64: ``alphas_cumprod`` at each step and at its level, and DDIM's
+    noise ``eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`` (DDIM eq. 16)."""
+    acp = alphas_cumprod.to(torch.float64)
+    a_t = acp[torch.as_tensor(list(timesteps), dtype=torch.long)]
+    a_prev = acp[torch.as_tensor(list(levels), dtype=torch.long)]
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return a_t, a_prev, sigma
+
+
+def dpmpp_2m_coefficients(
+    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], levels: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Per-step coefficients ``[n]`` (float64) of DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction).
+
+    With ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda = log(alpha / sigma)`` and ``h_i = lambda(level_i)
+    - lambda(t_i)``, step i moves ``x`` to ``ratio_i * x + gain_i * D_i`` where ``ratio = sigma(level) / sigma(t)``,
+    ``gain = -alpha(level) * expm1(-h)`` and ``D_i = (1 + w_i) x0_i - w_i x0_{i-1}`` with ``w_i = h_i / (2 h_{i-1})``
+    (``w_0 = 0``: the first step is first order, i.e. DDIM with eta = 0).  ``alpha_t``/``sigma_t`` give the x0 prediction
+    ``(x - sigma_t eps) / alpha_t``.
+    """
+    acp = alphas_cumprod.to(torch.float64)
+    a_t = acp[torch.as_tensor(list(timesteps), dtype=torch.long)]
+    a_next = acp[torch.as_tensor(list(levels), dtype=torch.long)]
+    lam_t = 0.5 * torch.log(a_t / (1 - a_t))
+    lam_next = 0.5 * torch.log(a_next / (1 - a_next))
+    h = lam_next - lam_t
+    w = torch.zeros_like(h)
+    w[1:] = h[1:] / (2.0 * h[:-1])
+    return {
+        "alpha_t": a_t.sqrt(),
+        "sigma_t": (1 - a_t).sqrt(),
+        "ratio": ((1 - a_next) / (1 - a_t)).sqrt(),
+        "gain": -a_next.sqrt() * torch.expm1(-h),
+        "w": w,
+    }

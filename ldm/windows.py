@@ -1,0 +1,126 @@
+"""Timestep windows: step <-> t conversion, validation, and which window serves each timestep.
+
+Training (:class:`~ldm.models.diffusion.latesteps.LateStepsLatentDiffusion` draws its timesteps from its window) and
+inference (:class:`~ldm.models.diffusion.experts.ExpertRouter` sends each sampling step to the expert whose window holds
+it) both import this module; neither imports the other's classes.
+
+Conventions: timesteps are integer indices ``t`` in ``[0, T)`` into ``alphas_cumprod`` (T = 1000).  A window is
+half-open, ``[t_min, t_max)``; a full-range model has ``[0, T)``.  "Steps a-b" count sampling steps from pure noise out
+of T, and step k is timestep ``t = T - k``: steps 500-750 are ``t in [250, 500)`` (shapes), steps 750-1000 are
+``t in [0, 250)`` (details).  Use :func:`steps_to_window` / :func:`window_to_steps` rather than this arithmetic by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Window = tuple[int, int]
+
+
+def validate_window(t_min: Any, t_max: Any, num_timesteps: int) -> Window:
+    """Check ``0 <= t_min < t_max <= num_timesteps`` (integers) and return ``(t_min, t_max)``."""
+    ok_types = all(isinstance(v, int) and not isinstance(v, bool) for v in (t_min, t_max))
+    if not ok_types or not 0 <= t_min < t_max <= num_timesteps:
+        raise ValueError(
+            f"window t_min={t_min!r}, t_max={t_max!r} is invalid: need integers 0 <= t_min < t_max <= {num_timesteps}. "
+            f"Sampling steps a-b of {num_timesteps} are t in [{num_timesteps}-b, {num_timesteps}-a), e.g. steps 500-750 "
+            "-> t_min=250, t_max=500; steps 750-1000 -> t_min=0, t_max=250."
+        )
+    return int(t_min), int(t_max)
+
+
+def steps_to_window(step_start: int, step_end: int, num_timesteps: int = 1000) -> Window:
+    """Sampling steps ``[step_start, step_end]`` of ``num_timesteps`` -> timestep window ``[T - step_end, T - step_start)``."""
+    return validate_window(num_timesteps - step_end, num_timesteps - step_start, num_timesteps)
+
+
+def window_to_steps(t_min: int, t_max: int, num_timesteps: int = 1000) -> tuple[int, int]:
+    """Timestep window ``[t_min, t_max)`` -> sampling steps ``(T - t_max, T - t_min)``."""
+    return num_timesteps - t_max, num_timesteps - t_min
+
+
+def describe_window(window: Window, num_timesteps: int, name: str | None = None) -> str:
+    """``"[250, 500) = steps 500-750 (name)"``."""
+    a, b = window_to_steps(*window, num_timesteps)
+    return f"[{window[0]}, {window[1]}) = steps {a}-{b}" + (f" ({name})" if name else "")
+
+
+def describe_start(start_t: int, num_timesteps: int) -> str:
+    """``"start_t=400 (step 600)"``: a start timestep in both namings."""
+    return f"start_t={start_t} (step {num_timesteps - start_t})"
+
+
+def format_timesteps(timesteps: Sequence[int], num_timesteps: int, limit: int = 12) -> str:
+    """``"t=781, 761, ..., 501 (steps 219-499, 15 grid steps)"``: a readable list of timesteps and their steps."""
+    ts = sorted({int(t) for t in timesteps}, reverse=True)
+    shown = ts if len(ts) <= limit else [*ts[: limit // 2], "...", *ts[-(limit // 2) :]]
+    steps = f"steps {num_timesteps - ts[0]}-{num_timesteps - ts[-1]}" if len(ts) > 1 else f"step {num_timesteps - ts[0]}"
+    return f"t={', '.join(str(t) for t in shown)} ({steps}, {len(ts)} grid step{'s' if len(ts) != 1 else ''})"
+
+
+def window_distance(window: Window, t: int) -> int:
+    """How many timesteps ``t`` lies outside ``window`` (0 inside)."""
+    t_min, t_max = window
+    return t_min - t if t < t_min else max(0, t - (t_max - 1))
+
+
+def assign_windows(
+    windows: Sequence[Window],
+    timesteps: Sequence[int],
+    num_timesteps: int,
+    names: Sequence[str] | None = None,
+    allow_outside: bool = False,
+    what: str = "the steps",
+) -> tuple[list[int], list[int]]:
+    """Which window serves each timestep of ``timesteps``.
+
+    Args:
+        windows: ``[t_min, t_max)`` per expert.  timesteps: integer timesteps, in run order.
+        names: expert names for messages.  allow_outside: a timestep no window covers goes to the nearest window
+            instead of raising.  what: how messages name the run (e.g. ``"start_t=900 (first step t=881, 45 steps)"``).
+
+    Returns:
+        ``(index per timestep, timesteps no window covers)`` (the second list is empty unless ``allow_outside``).
+
+    Raises:
+        ValueError: a timestep covered by two windows (always: which expert should run would be ambiguous), or one
+            covered by none (unless ``allow_outside``).  The message lists every window in both namings, the offending
+            steps and what to change.
+    """
+    names = list(names) if names is not None else [f"expert {i}" for i in range(len(windows))]
+    described = "; ".join(describe_window(w, num_timesteps, n) for w, n in zip(windows, names))
+    ts = [int(t) for t in timesteps]
+    covering = {t: [i for i, (lo, hi) in enumerate(windows) if lo <= t < hi] for t in ts}
+    overlaps = {t: idx for t, idx in covering.items() if len(idx) > 1}
+    if overlaps:
+        pairs = sorted({tuple(idx) for idx in overlaps.values()})
+        both = "; ".join(
+            " and ".join(describe_window(windows[i], num_timesteps, names[i]) for i in pair) for pair in pairs
+        )
+        raise ValueError(
+            f"{what} has steps covered by more than one expert window: "
+            f"{format_timesteps(list(overlaps), num_timesteps)} lie in {both}. Windows must not overlap on the steps you "
+            f"run; pass experts whose windows tile the range (all windows: {described})"
+        )
+    gaps = [t for t in ts if not covering[t]]
+    if gaps and not allow_outside:
+        raise ValueError(
+            f"{what} runs steps outside every expert window: {described}; uncovered: "
+            f"{format_timesteps(gaps, num_timesteps)}. {_gap_hint(ts, gaps)}"
+        )
+    nearest = [min(range(len(windows)), key=lambda i, t=t: (window_distance(windows[i], t), i)) for t in ts]
+    return [covering[t][0] if covering[t] else near for t, near in zip(ts, nearest)], gaps
+
+
+def _gap_hint(ts: list[int], gaps: list[int]) -> str:
+    lowest_gap = min(gaps)
+    if any(t < lowest_gap for t in ts):
+        return (
+            f"Use a start_t below {lowest_gap} (--start-t), add an expert whose window covers the uncovered steps, "
+            "or pass --allow-outside-window (allow_outside_window=True) to run the nearest expert there."
+        )
+    return (
+        "The lowest steps are uncovered, so no start_t avoids them: add an expert whose window covers them, or pass "
+        "--allow-outside-window (allow_outside_window=True) to run the nearest expert there."
+    )

@@ -44,6 +44,27 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
+def unit_interval(text: str) -> float:
+    """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a number in (0, 1]")
+    return value
+
+
+def box_arg(text: str):
+    """An argparse ``type`` for ``x0,y0,x1,y1[@start_t]`` (:func:`ldm.refine.regions.parse_box`)."""
+    from ldm.refine.regions import parse_box
+
+    try:
+        return parse_box(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def ddim_eta(text: str) -> float:
     """An argparse ``type`` for DDIM's ``eta``: a finite number ``>= 0`` (0 = deterministic DDIM, 1 = DDPM-like)."""
     try:

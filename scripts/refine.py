@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Refine images SDEdit-style with late-steps experts: encode, noise to --start-t, DDIM tail, decode.
+"""Refine images SDEdit-style with late-steps experts: encode, noise to --start-t, run the steps below it, decode.
 
     python scripts/refine.py --input artifacts/ --start-t 500 \\
         --ckpt logs/latesteps_500_750/checkpoints/last.ckpt --ckpt logs/latesteps_750_1000/checkpoints/last.ckpt
+    python scripts/refine.py --input face.png --mask face_mask.png --start-t 400 --ckpt A.ckpt --ckpt B.ckpt
+    python scripts/refine.py --input face.png --box 40,60,120,150@450 --crop-regions --ckpt A.ckpt --ckpt B.ckpt
 
-Each --ckpt is one expert; each DDIM step runs on the expert whose training window holds its timestep.  Outputs are
-``<outdir>/<stem>_t<start>_s<seed>[_k].png`` with every parameter and each checkpoint's sha256 in PNG text metadata.
-This file only parses arguments and prints; the work is in :mod:`ldm.refine`.
+Each --ckpt is one expert; each step runs on the expert whose training window holds its timestep.  --mask / --box
+refine only a region (every other pixel comes back unchanged).  Outputs are ``<outdir>/<stem>_t<start>_s<seed>[_k].png``
+with every parameter and each checkpoint's sha256 in PNG text metadata.  This file only parses arguments and prints;
+the work is in :mod:`ldm.refine`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, box_arg, ddim_eta, int_at_least, one_line_error, unit_interval
+
+SAMPLERS = ("ddim", "dpmpp_2m")  # ldm.sampling.SAMPLERS, not imported here so that --help does not load torch
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -39,12 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) and globs; repeatable")
     p.add_argument("--outdir", default="outputs/refine", help="output folder (default: %(default)s)")
-    p.add_argument("--start-t", type=int_at_least(1), default=500,
-                   help="timestep to noise to, in [1, T-1]; the tail starts at the largest DDIM grid step <= it "
-                        "(500 with 50 steps: t=481). Lower = more faithful (default: %(default)s)")
-    p.add_argument("--ddim-steps", type=int_at_least(1), default=50,
-                   help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: %(default)s)")
-    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0 (default: %(default)s)")
+    p.add_argument("--start-t", type=int_at_least(1),
+                   help="timestep to noise to, in [1, T-1] (step T - t); with --ddim-steps the tail starts at the largest "
+                        "DDIM grid step <= it (500 with 50 steps: t=481). Lower = more faithful (default: 500)")
+    p.add_argument("--strength", type=unit_interval,
+                   help="img2img's strength s in (0, 1] instead of --start-t: start_t = round(s * T) (at most T - 1)")
+    p.add_argument("--ddim-steps", type=int_at_least(1),
+                   help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: 50)")
+    p.add_argument("--tail-steps", type=int_at_least(1), metavar="K",
+                   help="run exactly K steps from --start-t itself (uniform in log-SNR) instead of the DDIM grid's tail")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim, or dpmpp_2m (DPM-Solver++(2M): second order, fewer steps; deterministic) "
+                        "(default: %(default)s)")
+    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0; ddim only (default: %(default)s)")
+    p.add_argument("--mask", metavar="PATH",
+                   help="refine only where this grayscale image is white (black = keep exactly, grey = a proportional "
+                        "start); a folder holds one mask per input, matched by file stem")
+    p.add_argument("--box", action="append", type=box_arg, default=[], metavar="X0,Y0,X1,Y1[@T]",
+                   help="refine this rectangle (pixels, x1/y1 exclusive), optionally from its own start timestep T; "
+                        "repeatable")
+    p.add_argument("--mask-blur", type=int_at_least(0), default=4, metavar="PX",
+                   help="feather of the composite inside the region's edge (default: %(default)s)")
+    p.add_argument("--mask-dilate", type=int_at_least(0), default=0, metavar="PX",
+                   help="grow the mask/boxes by PX pixels first (default: %(default)s)")
+    p.add_argument("--crop-regions", action="store_true",
+                   help="refine each region in a crop resized to the experts' native size, then paste it back "
+                        "(fixes small faces/hands in large images)")
+    p.add_argument("--region-padding", type=int_at_least(0), default=32, metavar="PX",
+                   help="context around each region in --crop-regions (default: %(default)s)")
+    p.add_argument("--region-size", type=int_at_least(8), metavar="PX",
+                   help="side a region's crop is refined at (default: the experts' training size)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1,
@@ -73,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: on)")
     p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
-    p.add_argument("--grid", action="store_true", help="also write <name>_grid.png: input | refined")
+    p.add_argument("--grid", action="store_true",
+                   help="also write <name>_grid.png: input | refined (input | mask overlay | refined with regions)")
     p.add_argument("--allow-outside-window", action="store_true",
                    help="run the nearest expert on steps no expert window covers (warned) instead of refusing")
     p.add_argument("--trust-config", action="store_true",
@@ -106,6 +136,17 @@ def check_outdir(outdir: str) -> str | None:
     return None
 
 
+def region_problem(args: argparse.Namespace) -> str | None:
+    """Why the region arguments cannot work (one line), or None; reads nothing but the mask path's type."""
+    if args.start_t is not None and args.strength is not None:
+        return "--start-t and --strength were both given: pass one (strength s means start_t = round(s * T))"
+    if args.mask is not None and not os.path.exists(args.mask):
+        return f"--mask {args.mask}: no such file or folder"
+    if args.crop_regions and args.mask is None and not args.box:
+        return "--crop-regions needs --mask or --box: there is no region to crop"
+    return None
+
+
 def tiling_from_args(args: argparse.Namespace):
     """The refiner's ``tiling`` from --tile-size / --tile-overlap: "auto" when neither is given, None for size 0, else
     the automatic tiling (same statistics passes) with the given tile side (tiling images above it) and overlap."""
@@ -128,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     from ldm.checkpoint import CheckpointError
     from ldm.refine import Refiner
-    from ldm.refine.batch import collect_inputs, refine_files
+    from ldm.refine.batch import batch_plan, collect_inputs, refine_files
+    from ldm.refine.region_files import RegionOptions
     from ldm.util import ConfigError
 
-    problem = check_outdir(args.outdir)
+    problem = check_outdir(args.outdir) or region_problem(args)
     if problem:
         _err(f"error: {problem}")
-        return EXIT_OUTPUT
+        return EXIT_OUTPUT if problem.startswith("output folder") else EXIT_USAGE
+    regions = RegionOptions(
+        mask=Path(args.mask) if args.mask else None, boxes=tuple(args.box), blur=args.mask_blur, dilate=args.mask_dilate,
+        crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
+    )
     try:
         refiner = Refiner.from_checkpoints(
             args.ckpt, device=args.device, precision=args.precision, ema=args.ema, config=args.config,
@@ -142,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
             compile=args.compile,
         )
-        plan = refiner.plan(args.start_t, args.ddim_steps, args.eta)
+        plan = batch_plan(refiner, args.start_t, args.ddim_steps, args.eta, args.tail_steps, args.sampler, args.strength,
+                          regions)  # fmt: skip
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
         _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE
@@ -164,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = refine_files(
             refiner, paths, args.outdir, start_t=args.start_t, ddim_steps=args.ddim_steps, eta=args.eta,
-            seed=args.seed, n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing,
-            grid=args.grid, parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err,
+            tail_steps=args.tail_steps, sampler=args.sampler, strength=args.strength, regions=regions, seed=args.seed,
+            n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
+            parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err,
         )
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are complete (re-run with --skip-existing to continue)")

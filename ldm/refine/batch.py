@@ -13,7 +13,9 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
   :attr:`BatchReport.fatal`;
 * images of the same size are refined together, up to ``batch_size`` samples at a time; results do not depend on it
   when the refiner is batch-invariant (see :class:`ldm.refine.Refiner`); several samples of one image in a batch
-  share one first-stage encode.
+  share one first-stage encode;
+* with :class:`~ldm.refine.region_files.RegionOptions` (masks, boxes) each input gets its start map; a mask that
+  cannot be read, has another size or selects nothing, or a box outside the image, costs that input only.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from ldm.imageio import (
     side_by_side,
     tensor_to_image,
 )
-from ldm.refine.refiner import Refiner
+from ldm.refine.refiner import DEFAULT_START_T, Refiner
+from ldm.refine.region_files import RegionOptions, describe_mask, load_mask, mask_overlay, region_metadata
+from ldm.refine.regions import region_crops
 from ldm.refine.speed import describe_tiling
-from ldm.sampling import RefinePlan
+from ldm.sampling import RefinePlan, resolve_start
 from ldm.util import is_rank_zero, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,8 @@ class _Item:
     out: Path
     x: torch.Tensor  # [1, 3, H, W] in [-1, 1]
     alpha: np.ndarray | None
+    start_map: torch.Tensor | None  # [1, 1, H, W] timesteps, or None for the whole image
+    region_meta: dict[str, str]
 
 
 def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -> str:
@@ -139,13 +145,17 @@ def build_metadata(
     n_samples: int,
     parameters: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
-    """PNG text metadata of one output: every parameter, the effective start, routing and each checkpoint's sha256."""
+    """PNG text metadata of one output: every parameter, the effective start, the timesteps that ran, routing and each
+    checkpoint's sha256."""
     meta = {
         "Software": SOFTWARE,
         "input": source,
         "start_t": str(plan.start_t),
+        "start_step": str(plan.num_timesteps - plan.start_t),
         "effective_start_t": str(plan.effective_start),
-        "ddim_steps": str(plan.ddim_steps),
+        "sampler": plan.sampler,
+        "ddim_steps": "" if plan.ddim_steps is None else str(plan.ddim_steps),
+        "tail_steps": "" if plan.tail_steps is None else str(plan.tail_steps),
         "eta": f"{plan.eta:g}",
         "seed": str(seed),
         "sample_index": str(sample),
@@ -168,14 +178,38 @@ def build_metadata(
     return meta
 
 
+def batch_plan(
+    refiner: Refiner,
+    start_t: int | None,
+    ddim_steps: int | None,
+    eta: float,
+    tail_steps: int | None,
+    sampler: str,
+    strength: float | None,
+    regions: RegionOptions,
+) -> RefinePlan:
+    """The plan every input of a batch runs (:meth:`Refiner.plan`): a box with a later start of its own moves its first
+    step up.  Raises ValueError for arguments outside what is allowed or steps no expert covers."""
+    if start_t is None and strength is None:
+        start_t = DEFAULT_START_T
+    box_starts = [b.start_t for b in regions.boxes if b.start_t is not None]
+    if box_starts:
+        start_t, strength = max(resolve_start(start_t, strength, refiner.num_timesteps), *box_starts), None
+    return refiner.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
+
+
 def refine_files(
     refiner: Refiner,
     paths: Sequence[Path],
     outdir: str | os.PathLike,
     *,
-    start_t: int = 500,
-    ddim_steps: int = 50,
+    start_t: int | None = None,
+    ddim_steps: int | None = None,
     eta: float = 0.0,
+    tail_steps: int | None = None,
+    sampler: str = "ddim",
+    strength: float | None = None,
+    regions: RegionOptions | None = None,
     seed: int = 0,
     n_samples: int = 1,
     batch_size: int = 1,
@@ -191,13 +225,15 @@ def refine_files(
         refiner: the loaded :class:`Refiner`.
         paths: image files (e.g. from :func:`collect_inputs`).
         outdir: output folder (created if missing).
-        start_t, ddim_steps, eta: as in :meth:`Refiner.refine_tensors` (validated before any file is read).
+        start_t, ddim_steps, eta, tail_steps, sampler, strength: as in :meth:`Refiner.plan` (validated before any file
+            is read; boxes with starts of their own may move the plan's start up).
+        regions: masks / boxes / crop mode (None: whole images).
         seed, n_samples: sample ``k`` of each input uses seed ``seed + k``.
         batch_size: samples refined together (same-size images only).
         skip_existing: leave outputs that already exist (and count them as done).
-        grid: also write ``<name>_grid.png`` with input | refined side by side.
+        grid: also write ``<name>_grid.png``: input | refined, or input | mask overlay | refined with regions.
         parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
-        progress: tqdm bars over images and DDIM steps (rank 0 only).
+        progress: tqdm bars over images and sampling steps (rank 0 only).
         on_error: called with one line per failed input (default: logged as an error).
 
     Returns:
@@ -205,7 +241,10 @@ def refine_files(
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples={n_samples} and batch_size={batch_size} must be >= 1")
-    plan = refiner.plan(start_t, ddim_steps, eta)
+    regions = regions if regions is not None else RegionOptions()
+    plan = batch_plan(refiner, start_t, ddim_steps, eta, tail_steps, sampler, strength, regions)
+    base_start = resolve_start(DEFAULT_START_T if start_t is None and strength is None else start_t, strength,
+                               refiner.num_timesteps)  # fmt: skip
     report = BatchReport()
     report_error = on_error if on_error is not None else logger.error
     outdir = Path(os.fsdecode(outdir))
@@ -239,10 +278,13 @@ def refine_files(
             return
         batch = list(pending)
         pending.clear()
+        starts = None if batch[0].start_map is None else torch.cat([item.start_map for item in batch])
         try:
             out = refiner.refine_tensors(
                 torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], plan.ddim_steps,
-                plan.eta, show, tail_steps=plan.tail_steps, sampler=plan.sampler,
+                plan.eta, show, tail_steps=plan.tail_steps, sampler=plan.sampler, start_map=starts,
+                mask_blur=regions.blur, crop_regions=regions.crop, region_padding=regions.padding,
+                region_size=regions.size,
             )
         except (ValueError, torch.OutOfMemoryError) as exc:
             size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"
@@ -258,10 +300,13 @@ def refine_files(
                 finish(item.source, f"cannot refine {format_path(paths[item.source])}: {exc}")
                 continue
             meta = build_metadata(refiner, plan, format_path(paths[item.source]), item.seed, item.sample, n_samples, parameters)
+            meta.update(item.region_meta)
             save_image_atomic(item.out, rgb, alpha=item.alpha, metadata=meta)
             report.written.append(item.out)
             if grid:
-                canvas = side_by_side([tensor_to_image(item.x), rgb])
+                source = tensor_to_image(item.x)
+                middle = [] if item.start_map is None else [mask_overlay(source, item.start_map, plan.start_t)]
+                canvas = side_by_side([source, *middle, rgb])
                 grid_path = item.out.with_name(item.out.stem + "_grid.png")
                 save_image_atomic(grid_path, canvas, metadata=meta)
                 report.written.append(grid_path)
@@ -293,17 +338,41 @@ def refine_files(
                 finish(index, str(exc))
                 continue
             x = image_to_tensor(loaded.rgb)  # [1, 3, H, W] in [-1, 1]; 16-bit sources keep their precision
+            try:
+                starts, region_meta = _regions_of(refiner, path, loaded.height, loaded.width, base_start, regions)
+            except (ValueError, ImageLoadError) as exc:
+                finish(index, " ".join(str(exc).split()))
+                continue
             remaining[index] = len(todo)
             for sample, sample_seed, out in todo:
                 if pending and (len(pending) >= batch_size or pending[0].x.shape != x.shape):
                     flush()
-                pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha))
+                pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha, starts, region_meta))
         flush()
     except ImageSaveError as exc:
         report.fatal = str(exc)
     finally:
         bar.close()
     return report
+
+
+def _regions_of(
+    refiner: Refiner, path: Path, height: int, width: int, start_t: int, regions: RegionOptions
+) -> tuple[torch.Tensor | None, dict[str, str]]:
+    """The start map of one input (``start_t`` where the mask is white and for boxes without a start of their own) and
+    the metadata that describes it (None, {} without regions)."""
+    if not regions.active:
+        return None, {}
+    mask_path = regions.mask_for(path)
+    mask, digest = (None, "") if mask_path is None else load_mask(mask_path)
+    where = f"{format_path(path)}: "
+    try:
+        _, starts = refiner.region_start_map(height, width, start_t, None, mask, regions.boxes, regions.dilate)
+    except ValueError as exc:
+        raise ValueError(where + (f"mask {format_path(mask_path)}: " if mask_path is not None else "") + str(exc)) from exc
+    meta = {**regions.as_metadata(), "mask": describe_mask(mask_path), "mask_sha256": digest}
+    meta.update(region_metadata(starts, region_crops(starts, regions.padding) if regions.crop else None))
+    return starts, meta
 
 
 def _outputs_for(stem: str, outdir: Path, start_t: int, seed: int, n_samples: int) -> list[tuple[int, int, Path]]:

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,13 +46,36 @@ from ldm.refine.loading import (
     load_expert,
     resolve_device,
 )
+from ldm.refine.regions import (
+    MAX_FEATHER,
+    Box,
+    build_start_map,
+    composite,
+    composite_weight,
+    crop_geometry,
+    find_regions,
+    latent_start_map,
+    mask_to_array,
+    resize,
+    resize_start_map,
+)
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
-from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
+from ldm.sampling import (
+    NoiseSchedule,
+    RefinePlan,
+    build_plan,
+    check_int_arg,
+    randn,
+    resolve_start,
+    run_tail,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 DEFAULT_START_T = 500
+DEFAULT_MASK_BLUR = 4  # px of inward feather at a region's edge (ADetailer's default blur)
+DEFAULT_REGION_PADDING = 32  # px of context around a region in crop mode (ADetailer's default)
 
 
 class Refiner:
@@ -181,6 +205,12 @@ class Refiner:
         unet = max(int(getattr(e.model.model.diffusion_model, "downsampling_factor", 1)) for e in self.experts)
         return self.first_stage.factor * unet
 
+    @property
+    def native_size(self) -> int:
+        """The experts' training image side in pixels (latent ``image_size`` x first-stage factor): what crop mode
+        resizes a region to by default."""
+        return int(self.model.image_size) * self.first_stage.factor
+
     # --------------------------------------------------------------------------------------------------------- plan
     def plan(
         self,
@@ -245,9 +275,14 @@ class Refiner:
         tail_steps: int | None = None,
         sampler: str = "ddim",
         strength: float | None = None,
+        start_map: torch.Tensor | None = None,
+        mask_blur: int = DEFAULT_MASK_BLUR,
+        crop_regions: bool = False,
+        region_padding: int = DEFAULT_REGION_PADDING,
+        region_size: int | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Refine a batch of same-size images.
+        """Refine a batch of same-size images, whole or by region.
 
         Args:
             x: ``[B, 3, H, W]`` float in ``[-1, 1]``, any ``H, W >= 1`` (reflect-padded internally), any device.
@@ -255,6 +290,12 @@ class Refiner:
                 DDIM grid entries ``<= 500``).
             seeds: one seed per sample (length ``B``), or one int used for every sample.  Sample ``i``'s noise comes
                 from ``torch.Generator().manual_seed(seeds[i])`` alone: same seed -> same output, batched or not.
+            start_map: None (the whole image starts at the plan's first step) or each pixel's start timestep,
+                ``[B, 1, H, W]`` integers in ``[0, start_t]`` (see :mod:`ldm.refine.regions`; 0 = keep).  Pixels whose
+                start is 0 come back bit for bit; the refined region is composited with a feather of ``mask_blur`` px.
+            crop_regions: refine each connected region of the start map in a crop ("only masked"): the region grown by
+                ``region_padding`` px and to the experts' square training shape, resized to ``region_size`` px
+                (default :attr:`native_size`), refined, resized back and pasted; regions one after another.
             progress: show a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
             timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the
                 steps), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
@@ -271,6 +312,11 @@ class Refiner:
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
         seed_list = self._seeds(seeds, x.shape[0])
         plan = self.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
+        check_int_arg("mask_blur", mask_blur, 0, MAX_FEATHER)
+        if crop_regions and start_map is None:
+            raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
+        size = self.native_size if region_size is None else check_int_arg("region_size", region_size, self.factor, 4096)
+        check_int_arg("region_padding", region_padding, 0, 4096)
         with torch.inference_mode():
             xin = x.detach().to(self.device, torch.float32)
             lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
@@ -278,20 +324,78 @@ class Refiner:
                 raise ValueError(
                     f"x must be finite and in [-1, 1] (got min {lo:.4g}, max {hi:.4g}); map [0, 1] images with x * 2 - 1"
                 )
+            xin = xin.clamp(-1.0, 1.0)
+            starts = None if start_map is None else self._check_start_map(start_map, xin, plan)
             logger.info("refining %d image(s) of %dx%d: %s", x.shape[0], x.shape[3], x.shape[2], plan.describe())
-            # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
-            padded, padding = pad_to_multiple(xin.clamp(-1.0, 1.0), self.factor, mode="reflect", min_size=2 * self.factor)
-            clock = _PhaseClock(self.device, timings)
-            unique, inverse = _unique_rows(padded)
-            z0 = self.first_stage.encode(padded[unique])[inverse]
-            clock.lap("encode")
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
-            noise = randn(tuple(z0.shape), z0, generators)
-            z, _ = run_tail(plan, z0, noise, generators=generators, callback=callback, progress=progress)
-            clock.lap("sample")
-            out = crop_padding(self.first_stage.decode(z), padding).clamp(-1.0, 1.0)
-            clock.lap("decode")
+            run = _Run(plan, generators, progress, callback, _PhaseClock(self.device, timings))
+            if starts is None:
+                out = self._generate(xin, run)
+            elif crop_regions:
+                out = torch.cat([self._refine_crops(xin[i : i + 1], starts[i : i + 1], run, i, mask_blur, region_padding,
+                                                   size) for i in range(xin.shape[0])])  # fmt: skip
+            else:
+                out = composite(xin, self._generate(xin, run, starts), composite_weight(starts, mask_blur))
         return out.to(x.device)
+
+    def _check_start_map(self, start_map: Any, x: torch.Tensor, plan: RefinePlan) -> torch.Tensor:
+        """``start_map`` as int64 ``[B, 1, H, W]`` on the device, checked against ``x`` and the plan."""
+        b, _, h, w = x.shape
+        if not isinstance(start_map, torch.Tensor) or start_map.ndim != 4 or start_map.shape[1] != 1:
+            shape = tuple(start_map.shape) if isinstance(start_map, torch.Tensor) else type(start_map).__name__
+            raise ValueError(f"start_map must be a [B, 1, H, W] tensor of timesteps, got {shape}")
+        if start_map.shape[0] not in (1, b) or tuple(start_map.shape[-2:]) != (h, w):
+            raise ValueError(
+                f"start_map {tuple(start_map.shape)} does not match the images {tuple(x.shape)}: need [{b}, 1, {h}, {w}]"
+            )
+        if start_map.is_floating_point() or start_map.is_complex() or start_map.dtype == torch.bool:
+            raise ValueError(f"start_map must hold integer timesteps, got {start_map.dtype}")
+        starts = start_map.to(self.device, torch.long).expand(b, 1, h, w)
+        lo, hi = torch.stack(torch.aminmax(starts)).tolist()
+        if lo < 0 or hi > plan.start_t:
+            raise ValueError(
+                f"start_map holds timesteps from {lo} to {hi}; they must lie in [0, start_t={plan.start_t}] (raise "
+                "start_t to the map's largest start)"
+            )
+        return starts
+
+    def _generate(self, x: torch.Tensor, run: _Run, start_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``x`` ``[B, 3, H, W]``, run the plan (per-pixel starts from ``start_map`` ``[B, 1, H, W]``), decode:
+        the refined image, not yet composited, ``[B, 3, H, W]`` in ``[-1, 1]``."""
+        # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
+        padded, padding = pad_to_multiple(x, self.factor, mode="reflect", min_size=2 * self.factor)
+        unique, inverse = _unique_rows(padded)
+        z0 = self.first_stage.encode(padded[unique])[inverse]
+        run.clock.lap("encode")
+        latent_map = None
+        if start_map is not None:  # replicate: a map that covers the image covers its padding too
+            map_padded, _ = pad_to_multiple(start_map, self.factor, mode="replicate", min_size=2 * self.factor)
+            latent_map = latent_start_map(map_padded, self.first_stage.factor)
+        noise = randn(tuple(z0.shape), z0, run.generators)
+        z, _ = run_tail(run.plan, z0, noise, start_map=latent_map, generators=run.generators, callback=run.callback,
+                        progress=run.progress)  # fmt: skip
+        run.clock.lap("sample")
+        out = crop_padding(self.first_stage.decode(z), padding).clamp(-1.0, 1.0)
+        run.clock.lap("decode")
+        return out
+
+    def _refine_crops(
+        self, x: torch.Tensor, start_map: torch.Tensor, run: _Run, index: int, blur: int, padding: int, size: int
+    ) -> torch.Tensor:
+        """Crop mode for one image ``[1, 3, H, W]``: each region refined in its crop at ``size`` px, pasted in turn."""
+        current = x.clone()
+        h, w = x.shape[-2:]
+        sample_run = _Run(run.plan, [run.generators[index]], run.progress, run.callback, run.clock)
+        for box, component in find_regions(start_map):
+            x0, y0, x1, y1 = crop_geometry(box, padding, 1.0, w, h)
+            crop = current[..., y0:y1, x0:x1]
+            starts = (start_map * component.to(start_map.device))[..., y0:y1, x0:x1]
+            scale = size / math.sqrt((x1 - x0) * (y1 - y0))
+            sh, sw = max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale))
+            refined = self._generate(resize(crop, sh, sw), sample_run, resize_start_map(starts, sh, sw))
+            back = resize(refined, y1 - y0, x1 - x0)
+            current[..., y0:y1, x0:x1] = composite(crop, back, composite_weight(starts, blur))
+        return current
 
     @staticmethod
     def _seeds(seeds: int | Sequence[int], batch: int) -> list[int]:
@@ -312,33 +416,77 @@ class Refiner:
         tail_steps: int | None = None,
         sampler: str = "ddim",
         strength: float | None = None,
+        mask: Image.Image | np.ndarray | torch.Tensor | None = None,
+        boxes: Sequence[Box] = (),
+        crop_regions: bool = False,
+        mask_blur: int = DEFAULT_MASK_BLUR,
+        mask_dilate: int = 0,
+        region_padding: int = DEFAULT_REGION_PADDING,
+        region_size: int | None = None,
     ) -> Image.Image | torch.Tensor:
-        """Refine one image.
+        """Refine one image, whole or by region.
 
         Args:
             image: a ``PIL.Image`` of any mode and size (EXIF orientation applied, 16-bit kept in float, alpha kept and
                 re-attached), or a tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in ``[-1, 1]``.
             start_t, seed, ddim_steps, eta, tail_steps, sampler, strength: as in :meth:`refine_tensors` (a tensor batch
                 uses ``seed`` for every sample).
+            mask: white = refine at ``start_t``, black = keep, grey = a proportional start (a PIL image of the image's
+                size, or an array/tensor ``[H, W]``).  boxes: :class:`~ldm.refine.regions.Box` rectangles, each with an
+                optional start of its own (the plan then starts at the largest).  mask_dilate: grow the selection by
+                this many pixels first.  crop_regions, mask_blur, region_padding, region_size: as in
+                :meth:`refine_tensors`.  Pixels outside the (dilated) selection come back unchanged.
 
         Returns:
             a PIL image (``RGB``, or ``RGBA`` when the input had transparency) for PIL input; a float32 tensor of the
             input's shape on its device for tensor input.
         """
-        options = dict(tail_steps=tail_steps, sampler=sampler, strength=strength)
         if isinstance(image, torch.Tensor):
-            if image.ndim == 3:
-                return self.refine_tensors(image[None], start_t, seed, ddim_steps, eta, **options)[0]
-            return self.refine_tensors(image, start_t, seed, ddim_steps, eta, **options)
-        if not isinstance(image, Image.Image):
+            batch = image[None] if image.ndim == 3 else image
+        elif isinstance(image, Image.Image):
+            loaded = from_pil(image)
+            batch = image_to_tensor(loaded.rgb)
+        else:
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
-        loaded = from_pil(image)
-        out = self.refine_tensors(image_to_tensor(loaded.rgb), start_t, [seed], ddim_steps, eta, **options)
+        options: dict[str, Any] = dict(tail_steps=tail_steps, sampler=sampler, strength=strength, mask_blur=mask_blur,
+                                       crop_regions=crop_regions, region_padding=region_padding, region_size=region_size)
+        if mask is not None or boxes:
+            start, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
+            options.update(start_map=starts, strength=None)
+            start_t = start
+        out = self.refine_tensors(batch, start_t, seed, ddim_steps, eta, **options)  # fmt: skip
+        if isinstance(image, torch.Tensor):
+            return out[0] if image.ndim == 3 else out
         rgb = tensor_to_image(out)
         if loaded.alpha is None:
             return Image.fromarray(rgb)
         alpha = np.round(loaded.alpha.astype(np.float64) * 255.0).astype(np.uint8)
         return Image.fromarray(np.dstack([rgb, alpha]))
+
+    def region_start_map(
+        self,
+        height: int,
+        width: int,
+        start_t: int | None,
+        strength: float | None,
+        mask: Image.Image | np.ndarray | torch.Tensor | None,
+        boxes: Sequence[Box],
+        mask_dilate: int = 0,
+    ) -> tuple[int, torch.Tensor]:
+        """``(plan start_t, start map [1, 1, H, W])`` of a mask and boxes on a ``height`` x ``width`` image: the plan
+        starts at the larger of ``start_t`` (or ``strength``) and every box's own start (each must be a valid timestep;
+        the experts' coverage is checked when the plan is built).  Raises ValueError for a mask of another size, a box
+        outside the image or a selection that is empty."""
+        if start_t is None and strength is None:
+            start_t = DEFAULT_START_T
+        start = resolve_start(start_t, strength, self.num_timesteps)
+        for box in boxes:
+            if box.start_t is not None:
+                resolve_start(box.start_t, None, self.num_timesteps)
+        top = max([start, *(b.start_t for b in boxes if b.start_t is not None)])
+        check_int_arg("mask_dilate", mask_dilate, 0, MAX_FEATHER)
+        array = None if mask is None else mask_to_array(mask, width, height)
+        return top, build_start_map(height, width, start, array, boxes, mask_dilate)
 
     def describe(self) -> str:
         """One line: device, precision, speed options and the experts' windows."""
@@ -359,6 +507,17 @@ def _unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
             unique.append(i)
         inverse.append(match)
     return unique, inverse
+
+
+@dataclass
+class _Run:
+    """What one refinement call passes down to its passes: the plan, one generator per sample, progress reporting."""
+
+    plan: RefinePlan
+    generators: list[torch.Generator]
+    progress: bool
+    callback: Callable[[int], None] | None
+    clock: _PhaseClock
 
 
 class _PhaseClock:

@@ -1,0 +1,237 @@
+"""Region refinement: masks and boxes -> a per-pixel start map, its latent version, the feathered composite, crops.
+
+Conventions: a mask is white = refine, black = keep (the opposite of latent-diffusion's sampler ``mask``, where 1 =
+keep).  A **start map** holds, for every pixel, the timestep at which it starts being denoised: a plain refinement is
+``start_t`` everywhere, a hard mask ``start_t`` inside and 0 outside, a grey mask value ``m`` in ``[0, 1]`` starts at
+``round(m * start_t)``, a box ``x0,y0,x1,y1@s`` at its own ``s``.  Pixels whose start is 0 are never changed: the
+refined image is composited with the input through :func:`composite_weight`, which is exactly 0 there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.imageio import from_pil
+
+MAX_FEATHER = 256  # px; mask_blur and mask_dilate above this would only cost time (tens of erosion passes per px)
+_BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in pixel coordinates, ``[x0, x1) x [y0, y1)``, with an optional start timestep of its own."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    start_t: int | None = None
+
+    def describe(self) -> str:
+        """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (the form :func:`parse_box` reads)."""
+        return f"{self.x0},{self.y0},{self.x1},{self.y1}" + (f"@{self.start_t}" if self.start_t is not None else "")
+
+
+def parse_box(text: str) -> Box:
+    """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (integers, pixels, ``x1 > x0``, ``y1 > y0``) -> :class:`Box`."""
+    match = _BOX.match(str(text))
+    if match is None:
+        raise ValueError(f"box {text!r} is not x0,y0,x1,y1 or x0,y0,x1,y1@start_t (integer pixel coordinates)")
+    x0, y0, x1, y1 = (int(v) for v in match.groups()[:4])
+    start = int(match.group(5)) if match.group(5) is not None else None
+    if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
+        raise ValueError(f"box {text!r} must have 0 <= x0 < x1 and 0 <= y0 < y1 (pixels; x1, y1 exclusive)")
+    return Box(x0, y0, x1, y1, start)
+
+
+def check_boxes(boxes: Sequence[Box], width: int, height: int) -> None:
+    """Refuse a box that does not lie inside a ``width`` x ``height`` image (one line naming the box and the size)."""
+    for box in boxes:
+        if box.x1 > width or box.y1 > height:
+            raise ValueError(
+                f"box {box.describe()} lies outside the {width}x{height} image (x1 <= {width}, y1 <= {height} needed)"
+            )
+
+
+def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
+    """A mask as float32 ``[H, W]`` in ``[0, 1]`` (white = refine).
+
+    Accepts a PIL image of any mode (EXIF orientation applied; colour masks use their luminance; 16-bit kept), a
+    numpy array or a tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8 0..255, or float in ``[0, 1]``).
+    Raises ValueError when its size is not the image's.
+    """
+    if isinstance(mask, Image.Image):
+        loaded = from_pil(mask, source="mask")
+        arr = loaded.rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    else:
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        while arr.ndim > 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2:
+            raise ValueError(f"a mask array must be [H, W] (or [1, H, W], [1, 1, H, W]), got shape {tuple(arr.shape)}")
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.float32)
+        elif arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        elif np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+            if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+                raise ValueError("a float mask must be finite and in [0, 1] (white = 1 = refine, black = 0 = keep)")
+        else:
+            raise ValueError(f"a mask array must be bool, uint8 or float, got {arr.dtype}")
+    if arr.shape != (height, width):
+        raise ValueError(
+            f"the mask is {arr.shape[1]}x{arr.shape[0]} but the image is {width}x{height}; masks must have the image's size"
+        )
+    return np.clip(arr, 0.0, 1.0).astype(np.float32)
+
+
+def build_start_map(
+    height: int,
+    width: int,
+    start_t: int,
+    mask: np.ndarray | None = None,
+    boxes: Sequence[Box] = (),
+    dilate: int = 0,
+) -> torch.Tensor:
+    """The start map ``[1, 1, H, W]`` (int64 timesteps) of a mask (``[H, W]`` in ``[0, 1]``) and boxes.
+
+    A grey mask value ``m`` starts at ``round(m * start_t)``; a box at its own start or ``start_t``; where they overlap
+    the later start (more change) wins.  ``dilate`` grows the map by that many pixels (a square max filter).  Neither
+    mask nor boxes: ``start_t`` everywhere.  Raises ValueError when the map selects nothing.
+    """
+    if mask is None and not boxes:
+        return torch.full((1, 1, height, width), int(start_t), dtype=torch.long)
+    starts = torch.zeros(1, 1, height, width, dtype=torch.long)
+    if mask is not None:
+        starts = torch.from_numpy(np.rint(mask.astype(np.float64) * start_t).astype(np.int64))[None, None]
+    check_boxes(boxes, width, height)
+    for box in boxes:
+        value = int(start_t if box.start_t is None else box.start_t)
+        region = starts[..., box.y0 : box.y1, box.x0 : box.x1]
+        region.copy_(region.clamp(min=value))
+    starts = dilate_map(starts, dilate)
+    if not bool((starts > 0).any()):
+        what = "the mask selects" if mask is not None else "the boxes select"
+        raise ValueError(f"{what} nothing to refine (all black: start 0 everywhere); paint the region to refine white")
+    return starts
+
+
+def dilate_map(start_map: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``start_map`` ``[B, 1, H, W]`` grown by ``pixels`` (square max filter); 0 returns it unchanged."""
+    if pixels <= 0:
+        return start_map
+    return F.max_pool2d(start_map.double(), 2 * pixels + 1, stride=1, padding=pixels).to(start_map.dtype)
+
+
+def latent_start_map(start_map: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pixel start map ``[B, 1, H, W]`` (sides multiples of ``factor``) -> latent start map ``[B, 1, H/f, W/f]``.
+
+    Conservative: a latent pixel starts if any of its ``f x f`` pixels does (with the latest of their starts), and the
+    result is dilated by one latent pixel so that the decoder sees refined context all around the region.
+    """
+    pooled = F.max_pool2d(start_map.double(), factor, stride=factor)
+    return F.max_pool2d(pooled, 3, stride=1, padding=1).to(start_map.dtype)
+
+
+def composite_weight(start_map: torch.Tensor, blur: int) -> torch.Tensor:
+    """The weight ``[B, 1, H, W]`` in ``[0, 1]`` of the refined image in the composite: exactly 0 where the start map
+    is 0, rising linearly inward over ``blur`` pixels from the edge of the selected region (``(depth) / (blur + 1)``
+    with depth 1 on the edge), 1 deeper inside.  The image border is not an edge: a region touching it is not
+    feathered there.  ``blur=0`` is a hard paste."""
+    inside = (start_map > 0).to(torch.float32)
+    total = inside.clone()
+    eroded = inside
+    for _ in range(blur):
+        eroded = -F.max_pool2d(-eroded, 3, stride=1, padding=1)
+        total += eroded
+    return total / (blur + 1)
+
+
+def composite(x: torch.Tensor, refined: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``weight`` is 0 (bit for bit), ``refined`` where it is 1, blended in between (``[B, 3, H, W]``)."""
+    blended = x + weight * (refined - x)
+    return torch.where(weight <= 0, x, torch.where(weight >= 1, refined, blended))
+
+
+def find_regions(start_map: torch.Tensor) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """The connected regions (8-connected) of ``start_map > 0`` (``[1, 1, H, W]``): ``(bounding box (x0, y0, x1, y1)
+    with exclusive ends, the region's own pixels as a bool map [1, 1, H, W])`` ordered top to bottom, then left to
+    right."""
+    from scipy import ndimage
+
+    support = (start_map.reshape(start_map.shape[-2:]) > 0).cpu().numpy()
+    labels, count = ndimage.label(support, structure=np.ones((3, 3), dtype=bool))
+    regions = []
+    for label, sl in enumerate(ndimage.find_objects(labels)[:count], start=1):
+        own = torch.from_numpy(labels == label)[None, None]
+        regions.append(((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), own))
+    return sorted(regions, key=lambda r: (r[0][1], r[0][0]))
+
+
+def crop_geometry(
+    bbox: tuple[int, int, int, int], padding: int, aspect: float, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The crop ``(x0, y0, x1, y1)`` around a region: ``bbox`` grown by ``padding`` on every side, then along its
+    shorter side to ``aspect`` (width / height, the experts' training shape) keeping its centre, then shifted inside
+    the ``width`` x ``height`` image; a crop larger than the image along a side is clipped to the image there (its
+    aspect then differs)."""
+    x0, y0, x1, y1 = bbox
+    x0, y0, x1, y1 = x0 - padding, y0 - padding, x1 + padding, y1 + padding
+    w, h = x1 - x0, y1 - y0
+    if w < aspect * h:
+        grow = round(aspect * h) - w
+        x0, x1 = x0 - grow // 2, x1 + (grow - grow // 2)
+    elif w > aspect * h:
+        grow = round(w / aspect) - h
+        y0, y1 = y0 - grow // 2, y1 + (grow - grow // 2)
+    x0, x1 = _fit(x0, x1, width)
+    y0, y1 = _fit(y0, y1, height)
+    return x0, y0, x1, y1
+
+
+def region_crops(start_map: torch.Tensor, padding: int) -> list[tuple[int, int, int, int]]:
+    """The crops crop mode refines for ``start_map`` ``[1, 1, H, W]``, one per region of :func:`find_regions`, in order
+    (square: the experts' training shape)."""
+    h, w = start_map.shape[-2:]
+    return [crop_geometry(box, padding, 1.0, w, h) for box, _ in find_regions(start_map)]
+
+
+def _fit(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """``[lo, hi)`` shifted inside ``[0, size)``, clipped to it when longer."""
+    if hi - lo >= size:
+        return 0, size
+    if lo < 0:
+        return 0, hi - lo
+    if hi > size:
+        return size - (hi - lo), size
+    return lo, hi
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Images ``[B, C, h, w]`` resized in pixel space: antialiased bicubic (a good filter both ways), clamped to
+    ``[-1, 1]``."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    out = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(-1.0, 1.0)
+
+
+def resize_start_map(start_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A start map ``[B, 1, h, w]`` resized conservatively: a target pixel starts with the latest start of the source
+    pixels it covers (max pooling when shrinking, nearest when growing)."""
+    h, w = start_map.shape[-2:]
+    if (h, w) == (height, width):
+        return start_map
+    values = start_map.double()
+    if height <= h and width <= w:
+        return F.adaptive_max_pool2d(values, (height, width)).to(start_map.dtype)
+    grown = F.interpolate(values, size=(max(height, h), max(width, w)), mode="nearest")
+    return F.adaptive_max_pool2d(grown, (height, width)).to(start_map.dtype)

@@ -254,6 +254,8 @@ def test_the_model_refuses_latents_of_another_first_stage_in_any_batch(cache):
     z, c = model.get_input(batch, "image")
     assert z.shape == (2, 3, 8, 8) and c is None
     torch.testing.assert_close(z, batch[CACHED_LATENT_KEY] * model.scale_factor)
+    z1, _, x, xrec = model.get_input(batch, "image", return_first_stage_outputs=True, bs=1)  # what log_images asks
+    assert z1.shape == (1, 3, 8, 8) and x.shape == xrec.shape == (1, 3, 32, 32) and torch.equal(x, xrec)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,35 +295,39 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_bytes_of_a_two_process_torchrun_run(cache, tmp_path):
-    """torchrun with 2 processes writes the same shards as one process that was SIGKILLed mid-way and started again;
-    an unreadable image is skipped, listed in its shard's sidecar, and the exit code says so."""
+def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_an_uninterrupted_run(cache, tmp_path):
+    """A 2-process torchrun job SIGKILLed after both processes wrote shards, then finished by a single process,
+    leaves the same files as one uninterrupted run; an unreadable image is skipped, listed in its shard's sidecar,
+    and the exit code says so."""
     images = tmp_path / "images"
     write_image_folder(images, 24)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     args = ["--config", str(cache["config"]), "--data", str(images), "--split", "all", "--shard-size", "1",
             "--batch-size", "1"]
-    torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args,
-         "--out", str(tmp_path / "torchrun")],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
-    )
-    assert torchrun.returncode != 0  # the process that met broken.png exits 1; torchrun reports it
-    assert "wrote 24 latents" in torchrun.stdout, torchrun.stdout + torchrun.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+        assert cache_cli.main([*args, "--out", str(tmp_path / "reference")]) == 1
+    finally:
+        torch.set_num_threads(threads)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--out", str(out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args,
+         "--out", str(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
     deadline = time.monotonic() + TIMEOUT
-    while proc.poll() is None and time.monotonic() < deadline and not (out / "latents-000002.json").exists():
+    marks = [out / "latents-000002.json", out / "latents-000003.json"]  # written by rank 0 and by rank 1
+    while proc.poll() is None and time.monotonic() < deadline and not all(m.exists() for m in marks):
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "index.json").exists(), "the run ended before it could be killed"
+    assert all(m.exists() for m in marks) and not (out / "index.json").exists(), "not killed mid-way"
     resumed = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True,
                              timeout=TIMEOUT, env=_env())
-    assert resumed.returncode == 1 and "wrote 24 latents" in resumed.stdout and "1 input(s) unreadable" in resumed.stdout
-    assert _files(out) == _files(tmp_path / "torchrun")
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert "wrote 24 latents" in resumed.stdout and "1 input(s) unreadable" in resumed.stdout
+    assert _files(out) == _files(tmp_path / "reference")
     assert not list(out.glob(".*.tmp"))
     skipped = [s for p in out.glob("latents-*.json") for s in json.loads(p.read_text())["skipped"]]
     assert [s["source"] for s in skipped] == ["broken.png"]

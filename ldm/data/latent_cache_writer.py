@@ -48,12 +48,10 @@ from ldm.data.latent_format import (
     CacheIndex,
     encode_npy,
 )
-from ldm.data.tar_shards import TAR_READ_ERRORS, expand_shards, iter_samples, shard_label, write_tar
+from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, expand_shards, iter_samples, shard_label, write_tar
 from ldm.util import ConfigError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 @dataclass(frozen=True)

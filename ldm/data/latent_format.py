@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import weakref
@@ -76,7 +77,7 @@ _HASH_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = wea
 def cached_first_stage_sha256(module: torch.nn.Module) -> str:
     """:func:`first_stage_sha256`, recomputed only when a weight tensor was replaced or modified in place (tensor
     identity and version counter), so that checking every training batch costs microseconds."""
-    stamp = tuple((key, t.data_ptr(), t._version) for key, t in module.state_dict().items())
+    stamp = tuple((t.data_ptr(), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
     hit = _HASH_CACHE.get(module)
     if hit is not None and hit[0] == stamp:
         return hit[1]

@@ -66,13 +66,12 @@ from ldm.data.image_folder import (
     uint8_to_model_range,
 )
 from ldm.data.latent_format import INDEX_NAME, LATENT_EXT, choose_variant, decode_npy, latent_item, read_index
-from ldm.data.tar_shards import TAR_READ_ERRORS, count_samples, expand_shards, iter_samples, shard_label
+from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, count_samples, expand_shards, iter_samples, shard_label
 from ldm.train.data import _LazyCountingIterator, derive_seed
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 _SKIP_SLOTS = 64  # per-worker counters of unreadable samples in shared memory
 MAX_JSON_BYTES = 1 << 16
 
@@ -150,6 +149,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             )
 
     def samples_per_rank(self) -> int:
+        """Samples each rank reads per epoch (the same on every rank)."""
         return len(self) // self.world_size
 
     def num_batches(self) -> int:
@@ -192,7 +192,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     def _read(self, order: np.ndarray, start: int, stop: int, epoch: int) -> list[dict[str, Any]]:
         """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted."""
-        ends = np.cumsum(self.counts_in(order))
+        ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
         items = []
         position = start
         while position < stop:
@@ -219,10 +219,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             position += n
         return items
 
-    def counts_in(self, order: np.ndarray) -> np.ndarray:
-        return np.asarray(self.counts, dtype=np.int64)[order]
-
     def item_rng_for(self, epoch: int, index: int) -> np.random.Generator:
+        """:meth:`item_rng` of an explicit epoch (the one the iterator started with)."""
         return np.random.default_rng([self.seed, int(epoch), int(index)])
 
     def _skip(self, where: str, error: BaseException, count: int = 1) -> None:

@@ -24,6 +24,8 @@ from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# member extensions of an image sample, in the order they are looked for
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 # What a damaged shard raises while it is read: tarfile's own errors (bad header, truncated archive), OS errors
 # (unreadable file, vanished network mount) and premature ends.
 TAR_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, ValueError)

@@ -24,6 +24,7 @@ setup(
         "torchmetrics>=1.0",
         "scikit-image>=0.21",
         "matplotlib>=3.6",
+        "webdataset>=1.0.2,<2",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4"]},
 )

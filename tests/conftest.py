@@ -177,3 +177,53 @@ def expert_checkpoints(tmp_path_factory):
     save_expert_checkpoint(shapes, paths[0])
     save_expert_checkpoint(details, paths[1])
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# small image folders and tar shards (cached latents, shard streams)
+
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    """A PNG of random pixels (every crop is unique, so crops and flips can be told apart)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_image_folder(root, n: int, size: int = 32) -> list:
+    """``n`` PNGs of varied shapes (short side ``size`` to ``size + 8``) in ``root`` and a sub-folder."""
+    from pathlib import Path
+
+    paths = []
+    for i in range(n):
+        path = Path(root) / ("sub" if i % 3 == 0 else "") / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        width, height = (size + 4 * (i % 5), size + i % 3) if i % 2 else (size + i % 4, size + 3 * (i % 4))
+        path.write_bytes(noise_png(width, height, seed=i))
+        paths.append(path)
+    return paths
+
+
+def write_image_shards(root, counts: list[int], size: int = 32, prefix: str = "img") -> str:
+    """Tar shards ``<prefix>-00.tar ...`` holding ``counts[s]`` PNG samples each (key ``s<shard>-<i>``, plus a ``.cls``
+    member with the sample's global number); returns the brace pattern."""
+    from pathlib import Path
+
+    from ldm.data.tar_shards import write_tar
+
+    number = 0
+    for shard, count in enumerate(counts):
+        members = []
+        for i in range(count):
+            key = f"s{shard}-{i:03d}"
+            members.append((f"{key}.png", noise_png(size + number % 5, size + 2, seed=1000 + number)))
+            members.append((f"{key}.cls", str(number).encode()))
+            number += 1
+        with open(Path(root) / f"{prefix}-{shard:02d}.tar", "wb") as fh:
+            write_tar(fh, members)
+    return str(Path(root) / f"{prefix}-{{00..{len(counts) - 1:02d}}}.tar")

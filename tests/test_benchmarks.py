@@ -66,8 +66,11 @@ def test_bench_memory_reports_peaks(tmp_path):
 def test_bench_train_runs_steps(tmp_path):
     rows = _bench("bench_train", ["--configs", "tiny", "--precisions", "32-true", "--steps", "1", "--warmup", "1",
                                   "--batch-size", "2", "--data", "random"], tmp_path)
-    (row,) = rows
-    assert row["batch"] == 2 and row["steps"] == 1 and _finite_positive(row["s_per_step"], row["steps_s"])
+    images, latents = rows
+    for row in rows:
+        assert row["batch"] == 2 and row["steps"] == 1 and _finite_positive(row["s_per_step"], row["steps_s"])
+    assert (images["inputs"], latents["inputs"]) == ("images", "latents")
+    assert latents["vs_images"] == round(latents["steps_s"] / images["steps_s"], 3)
 
 
 def test_gpu_script_dry_run_counts_unet_flops(tmp_path):

@@ -1,4 +1,5 @@
-"""Datasets and the data module: an image folder, the embedded scikit-image photographs, ``DataModuleFromConfig``.
+"""Datasets and the data module: an image folder, the embedded scikit-image photographs, cached latents, tar-shard
+streams and ``DataModuleFromConfig``.
 
 The public classes are re-exported lazily, so that ``import ldm.data.embedded`` (e.g. for ``heldout_crops``) does
 not import Lightning.
@@ -9,12 +10,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["DataModuleFromConfig", "EmbeddedPhotos", "ImageFolderDataset"]
+__all__ = ["CachedLatents", "DataModuleFromConfig", "EmbeddedPhotos", "ImageFolderDataset", "ImageShards", "LatentShards"]
 
 _EXPORTS = {
+    "CachedLatents": "ldm.data.cached_latents",
     "DataModuleFromConfig": "ldm.data.datamodule",
     "EmbeddedPhotos": "ldm.data.embedded",
     "ImageFolderDataset": "ldm.data.image_folder",
+    "ImageShards": "ldm.data.shard_stream",
+    "LatentShards": "ldm.data.shard_stream",
 }
 
 

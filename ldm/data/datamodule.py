@@ -14,7 +14,9 @@ Example (YAML, as in latent-diffusion's ``data:`` section)::
           target: ldm.data.embedded.EmbeddedPhotos
           params: {size: 32, split: validation, n_samples: 64}
 
-Distributed training: the loaders use plain ``shuffle=True/False`` samplers.  ``main.py`` turns Lightning's automatic
+Tar shards: a :class:`~ldm.data.shard_stream.ShardStream` dataset (``ImageShards``, ``LatentShards``) is served by its
+own :class:`~ldm.data.shard_stream.ShardStreamLoader` for this process's rank (equal batches on every rank, resumable).
+Distributed training: the other loaders use plain ``shuffle=True/False`` samplers.  ``main.py`` turns Lightning's automatic
 ``DistributedSampler`` off and rebuilds the training loader around :class:`ldm.train.data.ShardedEpochSampler` (each
 rank its own shard, a seeded order per epoch, resumable mid-epoch); used outside ``main.py`` with Lightning's defaults,
 the loaders are sharded by Lightning's ``DistributedSampler``.
@@ -36,6 +38,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from ldm.data.shard_stream import ShardStream, ShardStreamLoader
 from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -193,8 +196,19 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if name not in self.datasets:
             raise RuntimeError(f"the {name} dataset is not built yet: call setup() before asking for its dataloader")
         workers = self.num_workers
+        dataset = self.datasets[name]
+        if isinstance(dataset, ShardStream):
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+            dataset.configure(self.batch_size, rank, world, shuffle=shuffle, drop_last=drop_last)
+            return ShardStreamLoader(
+                dataset,
+                num_workers=workers,
+                worker_init_fn=worker_init_fn if workers > 0 else None,
+                pin_memory=self._resolve_pin_memory(),
+                persistent_workers=self.persistent_workers,
+            )
         return DataLoader(
-            self.datasets[name],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,

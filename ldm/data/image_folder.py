@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -74,8 +75,8 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully, apply its EXIF orientation and return an RGB image.
+def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Decode ``path`` (or an open binary file) fully, apply its EXIF orientation and return an RGB image.
 
     Raises one of :data:`UNREADABLE_IMAGE_ERRORS` when the file cannot be decoded.
     """
@@ -102,6 +103,22 @@ def crop_offsets(height: int, width: int, size: int, rng: np.random.Generator | 
     if rng is None:
         return (height - size) // 2, (width - size) // 2
     return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def augment_image(
+    image: Image.Image, size: int, min_side_resize: bool, random_crop: bool, flip: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """The training transform: resize (see ImageFolderDataset's ``min_side_resize``), crop ``size`` x ``size``
+    (uniform with ``random_crop``: top then left drawn from ``rng``; else centred), flip with p = 0.5 when ``flip``
+    (drawn after the crop).  Returns uint8 ``[size, size, 3]``."""
+    if min_side_resize or min(image.size) < size:
+        image = resize_short_side(image, size)
+    width, height = image.size
+    top, left = crop_offsets(height, width, size, rng if random_crop else None)
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    if flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
 
 
 def uint8_to_model_range(image: np.ndarray) -> np.ndarray:
@@ -311,14 +328,7 @@ class ImageFolderDataset(EpochSeededDataset):
 
     def transform(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         """Resize, crop and flip an RGB image: returns uint8 ``[size, size, 3]``."""
-        if self.min_side_resize or min(image.size) < self.size:
-            image = resize_short_side(image, self.size)
-        width, height = image.size
-        top, left = crop_offsets(height, width, self.size, rng if self.random_crop else None)
-        array = np.asarray(image.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
-        if self.flip and rng.random() < 0.5:
-            array = array[:, ::-1]
-        return np.ascontiguousarray(array)
+        return augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, rng)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
         n = len(self.files)

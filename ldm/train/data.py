@@ -12,7 +12,8 @@ DataLoader a datamodule returns around :class:`ShardedEpochSampler`:
   derive from ``(seed, epoch, rank)`` through the loader's own generator.
 
 Iterable-style datasets and custom samplers are left alone (with a warning) on one process; they cannot be sharded here,
-so they are refused for multi-process runs.
+so they are refused for multi-process runs, except loaders that split their data by rank themselves
+(``splits_by_rank = True``, e.g. the tar-shard streams of :mod:`ldm.data.shard_stream`).
 """
 
 from __future__ import annotations
@@ -194,7 +195,11 @@ def _convertible(loader: Any, what: str, world_size: int) -> bool:
 
 
 def make_resumable(loader: Any, seed: int, rank: int, world_size: int) -> Any:
-    """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank (see the module doc)."""
+    """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank (see the module doc); a loader that
+    splits its data by rank and resumes by itself (``splits_by_rank = True``: :class:`ldm.data.shard_stream.
+    ShardStreamLoader`) is returned as it is."""
+    if getattr(loader, "splits_by_rank", False):
+        return loader
     if not _convertible(loader, "training", world_size):
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler) or getattr(loader.sampler, "shuffle", False)
@@ -216,6 +221,8 @@ def shard_eval_loader(loader: Any, rank: int, world_size: int, what: str) -> Any
     The generator (fixed seed) keeps creating its iterator from drawing on the global RNG, so that validating, or
     Lightning preparing validation while it restarts, never shifts the training run's random stream.
     """
+    if getattr(loader, "splits_by_rank", False):
+        return loader
     if world_size == 1 or not _convertible(loader, what, world_size):
         if isinstance(loader, DataLoader) and loader.generator is None:
             loader.generator = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ldm.checkpoint import CheckpointError
+from ldm.data.latent_format import CACHED_LATENT_KEY, FIRST_STAGE_SHA_KEY, check_first_stage
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.base import DDPM, training_noise
 from ldm.models.diffusion.denoisers import ModelDenoiser
@@ -163,14 +164,34 @@ class LatentDiffusion(DDPM):
                 f"model uses scale_factor={ours:.6g}; set model.params.scale_factor={theirs:.6g} (or scale_by_std: true)"
             )
 
+    # ------------------------------------------------------------------------------- cached latents (training at scale)
+    def cached_first_stage_encoding(self, batch: Mapping[str, Any], bs: int | None = None) -> torch.Tensor | None:
+        """``scale_factor * z`` ``[B, C, h, w]`` (module dtype and device) from a batch of cached latents, or None for a
+        batch without them.
+
+        Cached batches (:class:`~ldm.data.cached_latents.CachedLatents`, :class:`~ldm.data.shard_stream.LatentShards`)
+        carry the unscaled latent ``[B, C, h, w]`` under ``"cached_latent"`` and the sha256 of the first stage that
+        made it under ``"first_stage_sha256"``; latents of another first stage raise
+        :class:`~ldm.data.latent_format.FirstStageMismatchError` (one line naming both hashes)."""
+        if CACHED_LATENT_KEY not in batch:
+            return None
+        check_first_stage(batch[FIRST_STAGE_SHA_KEY], self.first_stage_model)
+        z = torch.as_tensor(batch[CACHED_LATENT_KEY])
+        if bs is not None:
+            z = z[:bs]
+        z = z.to(device=self.device, dtype=self.dtype, memory_format=torch.contiguous_format)
+        return self.get_first_stage_encoding(z).detach().to(self.dtype)
+
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """With ``scale_by_std``: set ``scale_factor = 1 / std(z)`` from the very first batch (rank 0's, broadcast)."""
         if not (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt):
             return
         if float(self.scale_factor) != 1.0:
             return  # already set (e.g. resumed or loaded)
-        x = super().get_input(batch, self.first_stage_key)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        z = self.cached_first_stage_encoding(batch)
+        if z is None:
+            x = super().get_input(batch, self.first_stage_key)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         std = z.flatten().float().std()
         if self._trainer is not None and self._trainer.world_size > 1:
             # a CPU tensor: a pickled CUDA tensor would be unpickled on cuda:0 on every rank
@@ -200,17 +221,26 @@ class LatentDiffusion(DDPM):
         return_original_cond: bool = False,
         bs: int | None = None,
     ) -> list[Any]:
-        """``[z, c]`` (plus ``x, xrec`` and the raw conditioning when asked) for a batch, as in latent-diffusion."""
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        # in the module's dtype: under bf16 autocast (bf16-mixed) the encoder returns bfloat16, and noising a bf16
-        # latent (and regressing bf16-rounded noise) loses a large share of the signal at small t
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().to(self.dtype)
+        """``[z, c]`` (plus ``x, xrec`` and the raw conditioning when asked) for a batch, as in latent-diffusion.
+
+        A batch of cached latents (see :meth:`cached_first_stage_encoding`) skips the encoder; it holds no image, so
+        its reconstruction stands in for ``x``."""
+        x = None
+        z = self.cached_first_stage_encoding(batch, bs)
+        if z is None:
+            x = super().get_input(batch, k)
+            if bs is not None:
+                x = x[:bs]
+            # in the module's dtype: under bf16 autocast (bf16-mixed) the encoder returns bfloat16, and noising a bf16
+            # latent (and regressing bf16-rounded noise) loses a large share of the signal at small t
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().to(self.dtype)
         xc = c = None
         if self.model.conditioning_key is not None:
             cond_key = cond_key or self.cond_stage_key
             if cond_key == self.first_stage_key:
+                if x is None:
+                    raise ValueError(f"cond_stage_key={cond_key!r} conditions on the image, which a batch of cached "
+                                     "latents does not hold; train this model from images")
                 xc = x
             elif cond_key == "class_label":
                 xc = batch
@@ -225,7 +255,8 @@ class LatentDiffusion(DDPM):
                 c = c[:bs]
         out: list[Any] = [z, c]
         if return_first_stage_outputs:
-            out.extend([x, self.decode_first_stage(z)])
+            xrec = self.decode_first_stage(z)
+            out.extend([xrec if x is None else x, xrec])
         if return_original_cond:
             out.append(xc)
         return out

@@ -1,0 +1,126 @@
+"""``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), for DataModuleFromConfig.
+
+Swap it in for the image dataset of a training config; the model then skips its first-stage encoder::
+
+    data:
+      target: ldm.data.datamodule.DataModuleFromConfig
+      params:
+        batch_size: 48
+        train:
+          target: ldm.data.cached_latents.CachedLatents
+          params: {root: cache/train}
+
+Item ``i`` is the cache's ``i``-th sample (shards in index order); it reads one ``.npy`` member by the byte span its
+shard's sidecar records (no tar scan, no file listing), so the sampler, sharding across ranks and mid-epoch resume of
+``main.py`` (:mod:`ldm.train.data`) apply unchanged.  An unreadable sample is warned about once and replaced by the next
+readable one (as ImageFolderDataset does with files).  The stored variant an epoch uses follows the ``(seed, epoch,
+index)`` contract of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_variant`): a cache of a
+folder's centre crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops that
+``ImageFolderDataset(random_crop=False, flip=True)`` yields (as long as every image of the folder was readable).
+For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.data.image_folder import EpochSeededDataset, UnreadableDatasetError
+from ldm.data.latent_format import CacheIndex, choose_variant, decode_npy, latent_item, read_index
+from ldm.data.tar_shards import read_span
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class CachedLatents(EpochSeededDataset):
+    """The samples of a latent cache, one stored variant per item and epoch.
+
+    Args:
+        root: the cache folder (holds ``index.json``).
+        seed: seed of the variant draws (use the image dataset's ``seed`` to reproduce its flips).
+        flip: use the stored flipped variants (p = 0.5 per item and epoch); False: never flipped.
+        random_crop: draw among several stored crops; False: always the middle one.
+
+    Returns per item: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``.
+    Raises :class:`ConfigError` at construction for a missing/unfinished cache or sidecars that do not match it.
+    """
+
+    def __init__(self, root: str | os.PathLike, seed: int = 0, flip: bool = True, random_crop: bool = True) -> None:
+        super().__init__(seed)
+        self.index: CacheIndex = read_index(root)
+        self.flip = bool(flip)
+        self.random_crop = bool(random_crop)
+        shard_ids, offsets, sizes, sources = [], [], [], []
+        for shard_id, (name, count) in enumerate(self.index.shards):
+            path = self.index.root / name
+            sidecar_path = path.with_suffix(".json")
+            try:
+                sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+                samples = sidecar["samples"]
+                tar_bytes = int(sidecar["tar_bytes"])
+                spans = [(int(s["offset"]), int(s["size"]), str(s["source"])) for s in samples]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{sidecar_path}: unreadable shard sidecar ({type(exc).__name__}: {exc})") from exc
+            actual = path.stat().st_size if path.is_file() else -1
+            if len(spans) != count or actual != tar_bytes or any(o < 0 or o + s > tar_bytes for o, s, _ in spans):
+                raise ConfigError(
+                    f"{path} does not match {sidecar_path} and index.json (samples {len(spans)} vs {count}, bytes "
+                    f"{actual} vs {tar_bytes}); the cache was modified: re-run cache_latents.py into a new folder"
+                )
+            shard_ids += [shard_id] * count
+            offsets += [o for o, _, _ in spans]
+            sizes += [s for _, s, _ in spans]
+            sources += [src for _, _, src in spans]
+        if not sources:
+            raise ConfigError(f"latent cache {self.index.root} holds no samples ({self.index.skipped} inputs were unreadable)")
+        self._shard = np.asarray(shard_ids, dtype=np.int64)
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._size = np.asarray(sizes, dtype=np.int64)
+        self._sources = sources
+        self._paths = self.index.shard_paths()
+        self._shape = (self.index.variants, *self.index.latent_shape)
+        self._bad = torch.zeros(len(sources), dtype=torch.uint8).share_memory_()
+        logger.info("CachedLatents %s: %d samples in %d shards", self.index.root, len(sources), len(self._paths))
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of samples found unreadable so far (each warned about once and never retried)."""
+        return int(self._bad.sum().item())
+
+    def load(self, position: int) -> np.ndarray | None:
+        """The stored variants ``[V, C, h, w]`` of sample ``position``, or None (marked, warned once) if unreadable."""
+        if self._bad[position].item():
+            return None
+        path = self._paths[self._shard[position]]
+        try:
+            data = read_span(path, int(self._offset[position]), int(self._size[position]))
+            return decode_npy(data, self._shape, what=f"{Path(path).name} sample {self._sources[position]}")
+        except (OSError, EOFError, ValueError) as exc:
+            self._bad[position] = 1
+            logger.warning("skipping unreadable cached latent (%s); substituting another sample (%d unreadable so far)",
+                           " ".join(str(exc).split()), self.num_skipped)
+            return None
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} cached latents")
+        index %= n
+        for offset in range(n):
+            position = (index + offset) % n
+            array = self.load(position)
+            if array is not None:
+                variant = choose_variant(
+                    self.item_rng(index), self.index.n_crops, self.index.flip, self.random_crop, self.flip
+                )
+                return latent_item(array, variant, self.index.first_stage_sha256, self._sources[position])
+        raise UnreadableDatasetError(f"all {n} samples of the latent cache {self.index.root} are unreadable")

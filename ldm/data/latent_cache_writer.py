@@ -1,0 +1,298 @@
+"""Writing a latent cache (the work behind ``scripts/cache_latents.py``; the format is :mod:`ldm.data.latent_format`).
+
+The work is cut into *units*, one output shard each, fixed by the source alone: a folder's sorted file list (the split
+that :class:`~ldm.data.image_folder.ImageFolderDataset` would train on) in runs of ``shard_size`` files, or one unit
+per input shard.  Unit ``u`` belongs to rank ``u % world_size``, so every process of a ``torchrun`` job knows its work
+without talking to the others, and a unit's bytes do not depend on the number of processes.  A unit is written as
+``latents-<u>.tar`` (through a temp file, then renamed) followed by its sidecar ``latents-<u>.json``; a unit whose
+sidecar names a tar of the right size is done, so a killed run resumes at its first unfinished unit.  Whichever
+process finds every unit done writes ``index.json`` (the same bytes from any of them; atomic).
+
+Crops (why deterministic ones): training crops randomly (a fresh crop every epoch), which a cache cannot store.
+It stores ``n_crops`` fixed crops per image instead (1: the centre crop, the one ImageFolderDataset takes with
+``random_crop: false``; N: N crops evenly spaced along the longer side, centred on the shorter one) and, with
+``flip``, each crop's mirror image; training then draws one stored variant per epoch (``latent_format.choose_variant``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.data.image_folder import (
+    UNREADABLE_IMAGE_ERRORS,
+    crop_offsets,
+    load_rgb_image,
+    resize_short_side,
+    scan_image_files,
+    split_files,
+    uint8_to_model_range,
+)
+from ldm.data.latent_format import (
+    FORMAT,
+    INDEX_NAME,
+    LATENT_EXT,
+    PLAN_NAME,
+    STORAGE_DTYPES,
+    CacheIndex,
+    encode_npy,
+)
+from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, expand_shards, iter_samples, shard_label, write_tar
+from ldm.util import ConfigError, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a cache is made with; all of it goes into ``plan.json`` and a resumed run must use the same.
+
+    ``source`` is a folder of images or a shard pattern; ``split``/``val_fraction``/``split_seed`` select a folder's
+    files as :func:`~ldm.data.image_folder.split_files` does; ``size``/``min_side_resize`` as in ImageFolderDataset;
+    ``batch_size`` images are encoded per call (part of the plan: it decides the encoder's exact float results).
+    """
+
+    source: str
+    split: str
+    val_fraction: float
+    split_seed: int
+    size: int
+    min_side_resize: bool
+    n_crops: int
+    flip: bool
+    dtype: str
+    batch_size: int
+    shard_size: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One output shard: the files it encodes (folder source) or the input shard it encodes (shard source)."""
+
+    index: int
+    files: tuple[str, ...] = ()
+    root: str | None = None
+    url: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"latents-{self.index:06d}"
+
+
+def plan_units(settings: CacheSettings) -> tuple[list[Unit], str]:
+    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume)."""
+    digest = hashlib.sha256()
+    if os.path.isdir(settings.source):
+        root = Path(settings.source)
+        files = split_files(scan_image_files(root), settings.split, settings.val_fraction, settings.split_seed)
+        if not files:
+            raise ConfigError(f"--data {settings.source}: no images (split {settings.split!r}); check the folder")
+        names = [f.relative_to(root).as_posix() for f in files]
+        for name in names:
+            digest.update(name.encode() + b"\n")
+        n = settings.shard_size
+        units = [Unit(i, tuple(names[s : s + n]), root=str(root)) for i, s in enumerate(range(0, len(names), n))]
+    else:
+        urls = expand_shards(settings.source)
+        for url in urls:
+            digest.update(url.encode() + b"\n")
+        units = [Unit(i, url=url) for i, url in enumerate(urls)]
+    return units, digest.hexdigest()
+
+
+def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int, ...], units: int, digest: str) -> bytes:
+    """The bytes of ``plan.json`` (sorted keys: the same plan gives the same bytes)."""
+    plan = {
+        "format": FORMAT, "settings": vars(settings), "first_stage_sha256": sha256, "latent_shape": list(latent_shape),
+        "units": units, "source_digest": digest,
+    }
+    return (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+
+
+def claim_plan(out: Path, document: bytes) -> None:
+    """Write ``plan.json`` into ``out``, or check that the one there is the same (else ConfigError, one line)."""
+    path = out / PLAN_NAME
+    if path.is_file():
+        if path.read_bytes() == document:
+            return
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+            ours = json.loads(document)
+            diff = sorted(k for k in ours["settings"] if theirs.get("settings", {}).get(k) != ours["settings"][k])
+            diff += [k for k in ("first_stage_sha256", "source_digest", "latent_shape") if theirs.get(k) != ours[k]]
+        except (ValueError, KeyError, AttributeError):
+            diff = ["(unreadable plan.json)"]
+        raise ConfigError(
+            f"--out {out} holds a cache made with other settings ({', '.join(diff) or 'format'} differ); resume with the "
+            "same arguments, or choose a new --out folder"
+        )
+    atomic_write_bytes(path, document)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# images -> crops -> latents
+
+
+def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """uint8 ``[V, size, size, 3]``: the image's stored crops (see the module doc), each followed by its mirror image
+    when ``flip``; plus ``[{"top", "left", "flip"}]`` per variant (pixel offsets in the resized image)."""
+    size = settings.size
+    if settings.min_side_resize or min(image.size) < size:
+        image = resize_short_side(image, size)
+    width, height = image.size
+    if settings.n_crops == 1:
+        positions = [crop_offsets(height, width, size, None)]
+    else:
+        ks = range(settings.n_crops)
+        last = settings.n_crops - 1
+        if width >= height:
+            top = (height - size) // 2
+            positions = [(top, round(k * (width - size) / last)) for k in ks]
+        else:
+            left = (width - size) // 2
+            positions = [(round(k * (height - size) / last), left) for k in ks]
+    arrays, variants = [], []
+    for top, left in positions:
+        crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        arrays.append(crop)
+        variants.append({"top": top, "left": left, "flip": False})
+        if settings.flip:
+            arrays.append(np.ascontiguousarray(crop[:, ::-1]))
+            variants.append({"top": top, "left": left, "flip": True})
+    return np.stack(arrays), variants
+
+
+def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image]]:
+    """``(position, source key, RGB image)`` of a unit's readable inputs; unreadable ones are appended to ``skipped``."""
+    if unit.url is None:
+        for position, name in enumerate(unit.files):
+            try:
+                yield position, name, load_rgb_image(Path(unit.root) / name)
+            except UNREADABLE_IMAGE_ERRORS as exc:
+                _skip(skipped, name, exc)
+        return
+    label = shard_label(unit.url)
+    position = -1
+    try:
+        for sample in iter_samples(unit.url):
+            position = sample["__index__"]
+            key = f"{label}#{sample['__key__']}"
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                _skip(skipped, key, ValueError(f"no image member ({'/'.join(IMAGE_EXTS)})"))
+                continue
+            try:
+                yield position, key, load_rgb_image(io.BytesIO(sample[ext]))
+            except UNREADABLE_IMAGE_ERRORS as exc:
+                _skip(skipped, key, exc)
+    except TAR_READ_ERRORS as exc:
+        _skip(skipped, f"{label}#(samples after position {position})", exc)
+
+
+def _skip(skipped: list[dict[str, str]], key: str, error: BaseException) -> None:
+    message = " ".join(f"{type(error).__name__}: {error}".split())
+    skipped.append({"source": key, "error": message})
+    logger.warning("skipping unreadable input %s (%s)", key, message)
+
+
+@torch.inference_mode()
+def encode_crops(first_stage: torch.nn.Module, crops: np.ndarray, device: torch.device) -> np.ndarray:
+    """uint8 crops ``[N, H, W, 3]`` -> unscaled float32 latents ``[N, C, h, w]`` (the model's ``encode``), as
+    training encodes them (``x / 127.5 - 1``, channels first, contiguous)."""
+    x = torch.from_numpy(uint8_to_model_range(crops)).permute(0, 3, 1, 2).contiguous().to(device)
+    return first_stage.encode(x).float().cpu().numpy()
+
+
+def write_unit(
+    unit: Unit,
+    out: Path,
+    first_stage: torch.nn.Module,
+    settings: CacheSettings,
+    sha256: str,
+    device: torch.device,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
+    """Encode one unit and write ``<name>.tar`` then its sidecar ``<name>.json``; returns the sidecar.
+
+    ``advance(n)`` is called after every ``n`` inputs (a progress bar).  Unreadable inputs are skipped and listed.
+    """
+    dtype = STORAGE_DTYPES[settings.dtype]
+    skipped: list[dict[str, str]] = []
+    members: list[tuple[str, bytes]] = []
+    entries: list[dict[str, Any]] = []
+    pending: list[tuple[int, str, np.ndarray, list[dict[str, Any]]]] = []
+
+    def flush() -> None:
+        crops = np.concatenate([p[2] for p in pending])
+        latents = encode_crops(first_stage, crops, device)
+        start = 0
+        for position, source, batch_crops, variants in pending:
+            stack = latents[start : start + len(batch_crops)].astype(dtype)
+            start += len(batch_crops)
+            key = f"{unit.index:06d}-{position:06d}"
+            meta = {"source": source, "variants": variants, "first_stage_sha256": sha256}
+            members.append((f"{key}.{LATENT_EXT}", encode_npy(stack)))
+            members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+            entries.append({"key": key, "source": source})
+        advance(len(pending))
+        pending.clear()
+
+    seen = 0
+    for position, source, image in unit_images(unit, skipped):
+        crops, variants = crop_variants(image, settings)
+        pending.append((position, source, crops, variants))
+        seen = position + 1
+        if len(pending) == settings.batch_size:
+            flush()
+    if pending:
+        flush()
+    advance(max(0, (len(unit.files) if unit.url is None else seen) - len(entries)))
+    tar_path = out / f"{unit.name}.tar"
+    spans: list[Any] = []
+    atomic_write_bytes(tar_path, lambda fh: spans.extend(write_tar(fh, members)))
+    for entry, span in zip(entries, spans[0::2]):
+        entry["offset"], entry["size"] = span.offset, span.size
+    sidecar = {"unit": unit.index, "tar": tar_path.name, "tar_bytes": tar_path.stat().st_size, "samples": entries,
+               "skipped": skipped}
+    atomic_write_bytes(out / f"{unit.name}.json", (json.dumps(sidecar, sort_keys=True) + "\n").encode())
+    return sidecar
+
+
+def read_sidecar(out: Path, unit: Unit) -> dict[str, Any] | None:
+    """The sidecar of a finished unit, or None when the unit still has to be (re)done."""
+    path = out / f"{unit.name}.json"
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+        if (out / sidecar["tar"]).stat().st_size == int(sidecar["tar_bytes"]) and sidecar["unit"] == unit.index:
+            return sidecar
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def write_index_if_complete(
+    out: Path, units: list[Unit], settings: CacheSettings, sha256: str, latent_shape: tuple[int, int, int]
+) -> CacheIndex | None:
+    """Write ``index.json`` when every unit is done (any process may; the bytes are the same); else None."""
+    sidecars = [read_sidecar(out, unit) for unit in units]
+    if any(s is None for s in sidecars):
+        return None
+    index = CacheIndex(
+        root=out, first_stage_sha256=sha256, size=settings.size, latent_shape=latent_shape, dtype=settings.dtype,
+        n_crops=settings.n_crops, flip=settings.flip,
+        shards=tuple((s["tar"], len(s["samples"])) for s in sidecars),
+        skipped=sum(len(s["skipped"]) for s in sidecars), settings=vars(settings),
+    )
+    atomic_write_bytes(out / INDEX_NAME, (json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n").encode())
+    return index

@@ -1,0 +1,268 @@
+"""The cached-latent format written by ``scripts/cache_latents.py`` and read by the training datasets.
+
+A cache is a folder::
+
+    index.json                 what the cache holds (written last, atomically; see :class:`CacheIndex`)
+    plan.json                  the source and settings it was started with (a resumed run must match them)
+    latents-000000.tar         webdataset shards, one sample per source image:
+        000000-000000.latent.npy   float32 (or float16) [V, C, h, w]: V variants (crops x flips) of the image's
+                                   unscaled first-stage latent (``first_stage_model.encode(x)``; the model multiplies
+                                   by its ``scale_factor``, so one cache serves ``scale_by_std`` and fixed scales)
+        000000-000000.json         {"source": key, "variants": [{"top", "left", "flip"}, ...], "first_stage_sha256"}
+    latents-000000.json        the shard's sidecar: sample keys, sources, byte spans of the .npy members, skipped inputs
+
+Variant ``v`` is crop ``v // F``, flipped when ``F == 2 and v % 2 == 1`` (F = 2 with flips, else 1).  The first stage
+is identified by :func:`first_stage_sha256`, a hash of its weights (not of a file), so a cache made from one checkpoint
+file is recognised when the same weights come from another file or from inside a LatentDiffusion checkpoint.
+
+.npy members are parsed here with ``allow_pickle=False`` and their header (dtype, shape, size) is checked before any
+array is allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.util import ConfigError
+
+FORMAT = "latesteps-latents/1"
+INDEX_NAME = "index.json"
+PLAN_NAME = "plan.json"
+# batch keys of a cached-latent item (the model reads them; see LatentDiffusion.cached_first_stage_encoding)
+CACHED_LATENT_KEY = "cached_latent"
+FIRST_STAGE_SHA_KEY = "first_stage_sha256"
+LATENT_EXT = "latent.npy"
+STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+MAX_LATENT_ELEMENTS = 1 << 28  # 1 GiB of float32 per sample: far above any real latent, refuses absurd headers
+
+
+class FirstStageMismatchError(ConfigError):
+    """Cached latents were made by another first stage than the model's."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# first-stage identity
+
+
+def first_stage_sha256(module: torch.nn.Module) -> str:
+    """sha256 (hex) of a first stage's weights: over its ``state_dict()`` entries in sorted key order, each hashed as
+    ``key \\0 dtype \\0 shape \\0`` followed by its raw little-endian bytes.  Training-loss entries (``loss.*``) are
+    left out: they are not part of the autoencoder and differ between a training and an inference config."""
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for key in sorted(state):
+        if key.startswith("loss."):
+            continue
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+_HASH_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def cached_first_stage_sha256(module: torch.nn.Module) -> str:
+    """:func:`first_stage_sha256`, recomputed only when a weight tensor was replaced or modified in place (tensor
+    identity and version counter), so that checking every training batch costs microseconds."""
+    stamp = tuple((t.data_ptr(), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
+    hit = _HASH_CACHE.get(module)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = first_stage_sha256(module)
+    _HASH_CACHE[module] = (stamp, value)
+    return value
+
+
+def check_first_stage(hashes: str | Sequence[str], module: torch.nn.Module, where: str = "cached latents") -> None:
+    """Raise :class:`FirstStageMismatchError` (one line, both hashes) unless every entry of ``hashes`` is the hash
+    of ``module``'s weights."""
+    given = {hashes} if isinstance(hashes, str) else set(hashes)
+    ours = cached_first_stage_sha256(module)
+    others = sorted(given - {ours})
+    if others:
+        raise FirstStageMismatchError(
+            f"{where} were encoded by a first stage with weights sha256 {others[0]}, but this model's first stage has "
+            f"sha256 {ours}; re-run scripts/cache_latents.py with this model's config, or set the model's "
+            "first_stage_config.params.ckpt_path to the first stage the cache was made with"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# .npy members
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``array`` as .npy bytes (format 1.0, C order, no pickle): the same array gives the same bytes."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent") -> np.ndarray:
+    """A float32/float16 array from .npy bytes, checked before allocation: dtype, C order, ``shape`` when given
+    (``-1`` entries match any size) and that the payload holds exactly the header's elements.  Read-only view.
+
+    Raises ValueError with ``what`` in the message for anything else.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy version {version} is not supported")
+    except ValueError as exc:
+        raise ValueError(f"{what}: not a valid .npy array ({exc})") from exc
+    array_shape, fortran, dtype = header
+    if dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f"{what}: dtype {dtype} is not one of {sorted(STORAGE_DTYPES)} (little-endian)")
+    if fortran:
+        raise ValueError(f"{what}: Fortran-ordered arrays are not written by cache_latents.py")
+    if shape is not None and (
+        len(array_shape) != len(shape) or any(s != -1 and s != a for s, a in zip(shape, array_shape))
+    ):
+        raise ValueError(f"{what}: shape {tuple(array_shape)} does not match the expected {tuple(shape)}")
+    count = int(np.prod(array_shape, dtype=np.int64))
+    if count > MAX_LATENT_ELEMENTS or count * dtype.itemsize != len(data) - stream.tell():
+        raise ValueError(
+            f"{what}: header says {tuple(array_shape)} {dtype} but the member holds {len(data) - stream.tell()} bytes"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(array_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# variants
+
+
+def variant_count(n_crops: int, flip: bool) -> int:
+    """Latents stored per image: ``n_crops`` crops, each also flipped when ``flip``."""
+    return n_crops * (2 if flip else 1)
+
+
+def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, random_crop: bool, flip: bool) -> int:
+    """The variant an epoch uses, drawn like :class:`~ldm.data.image_folder.ImageFolderDataset` draws its
+    augmentation: the crop first (``rng.integers(n_crops)``, only with ``random_crop`` and several crops; otherwise the
+    middle crop ``(n_crops - 1) // 2``), then the flip (``rng.random() < 0.5``, only with ``flip`` and stored flips).
+    With one (centre) crop this is exactly the image dataset's draw with ``random_crop: false``, so cached and image
+    training see the same inputs for the same seed."""
+    crop = int(rng.integers(n_crops)) if random_crop and n_crops > 1 else (n_crops - 1) // 2
+    flipped = bool(flip and stored_flip and rng.random() < 0.5)
+    return crop * (2 if stored_flip else 1) + int(flipped)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# index
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    """Contents of ``index.json``: the cache's settings and its shards.
+
+    Attributes:
+        root: the cache folder.
+        first_stage_sha256: :func:`first_stage_sha256` of the first stage that encoded every latent.
+        size: side of the square image crops in pixels.
+        latent_shape: ``[C, h, w]`` of one latent.
+        dtype: storage dtype name (``float32`` / ``float16``).
+        n_crops, flip: the variants per image (see :func:`choose_variant`).
+        shards: ``[(file name, number of samples)]`` in order.
+        skipped: inputs that could not be read (not in the cache).
+        settings: the rest of what the cache was made with (source, split, resize, batch size...), for people.
+    """
+
+    root: Path
+    first_stage_sha256: str
+    size: int
+    latent_shape: tuple[int, int, int]
+    dtype: str
+    n_crops: int
+    flip: bool
+    shards: tuple[tuple[str, int], ...]
+    skipped: int
+    settings: Mapping[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(count for _, count in self.shards)
+
+    @property
+    def variants(self) -> int:
+        return variant_count(self.n_crops, self.flip)
+
+    def shard_paths(self) -> list[str]:
+        return [str(self.root / name) for name, _ in self.shards]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "first_stage_sha256": self.first_stage_sha256,
+            "size": self.size,
+            "latent_shape": list(self.latent_shape),
+            "dtype": self.dtype,
+            "n_crops": self.n_crops,
+            "flip": self.flip,
+            "shards": [{"name": name, "samples": count} for name, count in self.shards],
+            "skipped": self.skipped,
+            "settings": dict(self.settings),
+        }
+
+
+def read_index(root: str | os.PathLike) -> CacheIndex:
+    """Read and validate ``<root>/index.json``; raises :class:`ConfigError` (one line) for a missing or bad index."""
+    root = Path(root).expanduser()
+    path = root / INDEX_NAME
+    if not path.is_file():
+        hint = " (a cache_latents.py run was interrupted: run it again to finish)" if (root / PLAN_NAME).is_file() else ""
+        raise ConfigError(f"{path} does not exist{hint}; make a latent cache with scripts/cache_latents.py --out {root}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        shards = tuple((str(s["name"]), int(s["samples"])) for s in data["shards"])
+        if any(Path(name).name != name or count < 0 for name, count in shards):
+            raise ValueError("shard entries must be plain file names with non-negative sample counts")
+        shape = tuple(int(v) for v in data["latent_shape"])
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"latent_shape {shape} must be [C, h, w]")
+        if data["dtype"] not in STORAGE_DTYPES:
+            raise ValueError(f"dtype {data['dtype']!r} is not one of {sorted(STORAGE_DTYPES)}")
+        index = CacheIndex(
+            root=root,
+            first_stage_sha256=str(data["first_stage_sha256"]),
+            size=int(data["size"]),
+            latent_shape=shape,  # type: ignore[arg-type]
+            dtype=str(data["dtype"]),
+            n_crops=int(data["n_crops"]),
+            flip=bool(data["flip"]),
+            shards=shards,
+            skipped=int(data.get("skipped", 0)),
+            settings=dict(data.get("settings", {})),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a latent-cache index ({type(exc).__name__}: {exc}); re-run cache_latents.py") from exc
+    if index.n_crops < 1:
+        raise ConfigError(f"{path}: n_crops={index.n_crops} must be >= 1")
+    return index
+
+
+def latent_item(
+    array: np.ndarray, variant: int, sha256: str, source: str
+) -> dict[str, torch.Tensor | str]:
+    """The training item of one cached sample: ``{cached_latent: float32 [C, h, w], first_stage_sha256, file_path_}``."""
+    latent = torch.from_numpy(np.array(array[variant], dtype=np.float32))
+    return {CACHED_LATENT_KEY: latent, FIRST_STAGE_SHA_KEY: sha256, "file_path_": source}

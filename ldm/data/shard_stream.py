@@ -1,0 +1,405 @@
+"""Streaming training data from webdataset tar shards on many processes: :class:`ImageShards`, :class:`LatentShards`.
+
+Use them as the datasets of :class:`~ldm.data.datamodule.DataModuleFromConfig`, which serves them through
+:class:`ShardStreamLoader` (each rank reads only its part; ``main.py`` leaves such loaders alone)::
+
+    data:
+      target: ldm.data.datamodule.DataModuleFromConfig
+      params:
+        batch_size: 48
+        num_workers: 8
+        train:
+          target: ldm.data.shard_stream.ImageShards         # or LatentShards with shards: <cache folder>
+          params: {shards: "data/train-{000000..000999}.tar", size: 256, sizes: data/sizes.json}
+
+Plan of epoch ``e`` (the same on every process; it needs each shard's sample count, see ``sizes``):
+
+1. Shard order: a permutation seeded by ``(seed, e)`` (training), else the given order.  The shards' samples in that
+   order form the epoch's stream of ``N`` samples.
+2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R`` (the ``< R`` left over are
+   dropped this epoch).  Training uses ``B = M // batch_size`` whole batches on every rank, validation
+   ``ceil(M / batch_size)`` with a partial last one: every rank runs the same number of steps, so none waits forever in
+   a collective at the end of an epoch (webdataset issue 250).  Ranks read disjoint samples.
+3. The rank's batches are split among its ``W`` DataLoader workers in contiguous runs; the DataLoader hands worker
+   batches out round robin, so batch ``j`` of the rank is batch ``j // W`` of worker ``j % W`` (after a restart at
+   batch ``k`` the DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
+4. A worker reads its run in blocks of whole batches (``shuffle_buffer`` samples, rounded up to whole batches): it
+   reads the block's samples (opening each shard at the block's first sample in it), decodes them, permutes them with
+   a generator seeded by ``(seed, e, rank, worker, block)`` (training) and yields the block's batches.  A loader
+   restarted at batch ``k`` (``main.py -r``: the loader's state ``{epoch, batches}`` is in every checkpoint) re-reads
+   only the block that holds it and continues with exactly the batches an uninterrupted run sees.  Unlike a
+   webdataset reservoir buffer, mixing stays within a block; shards are re-ordered every epoch.
+
+Randomness of images: the crop/flip of a sample is drawn from ``numpy.random.default_rng([seed, e, g])`` with ``g`` the
+sample's position in the shard list as given (not in the epoch's order): the ImageFolderDataset contract, independent
+of ranks and workers.  Cached latents pick their stored variant with the same generator.
+
+Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its count,
+is replaced by a readable sample of the same block (cycling through them), warned about and counted
+(:attr:`ShardStream.num_skipped`); a block without any readable sample takes the next block's samples.  A local shard
+that cannot be opened when counting is left out with a warning (``skipped_shards``).
+
+Memory per worker: one block of decoded samples (``shuffle_buffer`` x 3 x size^2 bytes for images as uint8).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from ldm.data.image_folder import (
+    UNREADABLE_IMAGE_ERRORS,
+    EpochSeededDataset,
+    UnreadableDatasetError,
+    augment_image,
+    load_rgb_image,
+    uint8_to_model_range,
+)
+from ldm.data.latent_format import INDEX_NAME, LATENT_EXT, choose_variant, decode_npy, latent_item, read_index
+from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, count_samples, expand_shards, iter_samples, shard_label
+from ldm.train.data import _LazyCountingIterator, derive_seed
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_SKIP_SLOTS = 64  # per-worker counters of unreadable samples in shared memory
+MAX_JSON_BYTES = 1 << 16
+
+
+class ShardStream(IterableDataset, EpochSeededDataset):
+    """Base class: the epoch plan of the module doc over ``shards``; subclasses decode samples.
+
+    Args:
+        shards: brace pattern(s) of tar shards, or a list of them.
+        sizes: samples per shard: a JSON file ``{shard file name or URL: count}``, or None to count local shards by
+            their tar headers at construction (remote shards need the file).
+        seed: seed of the shard order, the block shuffles and the augmentations.
+        shuffle_buffer: samples per shuffled block (rounded up to whole batches).
+
+    ``len(dataset)`` is the number of samples; the loader's length is the number of batches per rank.
+    """
+
+    def __init__(
+        self, shards: str | Sequence[str], sizes: str | os.PathLike | None = None, seed: int = 0, shuffle_buffer: int = 1000
+    ) -> None:
+        EpochSeededDataset.__init__(self, seed)
+        if int(shuffle_buffer) < 1:
+            raise ValueError(f"shuffle_buffer={shuffle_buffer} must be a positive number of samples")
+        self.urls = expand_shards(shards)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.counts, self.skipped_shards = self._shard_sizes(sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._skip_batches = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skipped = torch.zeros(_SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        self.batch_size, self.rank, self.world_size, self.shuffle, self.drop_last = 1, 0, 1, False, False
+        logger.info("%s: %d samples in %d shards", type(self).__name__, len(self), len(self.urls))
+
+    def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
+        if sizes is not None:
+            try:
+                table = json.loads(Path(sizes).read_text(encoding="utf-8"))
+                counts = [table.get(u, table.get(Path(u).name)) for u in self.urls]
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"sizes={sizes}: not a JSON object {{shard name: samples}} ({exc})") from exc
+            bad = [u for u, c in zip(self.urls, counts) if not isinstance(c, int) or c < 0]
+            if bad:
+                raise ConfigError(f"sizes={sizes} has no sample count (a non-negative integer) for {bad[0]!r}")
+            return counts, []
+        counts, skipped = [], []
+        for url in self.urls:
+            try:
+                counts.append(count_samples(url))
+            except TAR_READ_ERRORS as exc:
+                logger.warning("leaving out unreadable shard %s (%s: %s)", url, type(exc).__name__, exc)
+                counts.append(0)
+                skipped.append(url)
+        return counts, skipped
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable samples met so far by this dataset's iterators (all workers)."""
+        return int(self._skipped.sum().item())
+
+    # ------------------------------------------------------------------------------------------------------ planning
+    def configure(self, batch_size: int, rank: int, world_size: int, shuffle: bool, drop_last: bool) -> None:
+        """Set the batch size and this process's place (called by the data module before building the loader)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"{len(self)} samples give {len(self) // world_size} per rank on {world_size} rank(s), fewer than "
+                f"batch_size={batch_size}; lower batch_size or add shards"
+            )
+
+    def samples_per_rank(self) -> int:
+        """Samples each rank reads per epoch (the same on every rank)."""
+        return len(self) // self.world_size
+
+    def num_batches(self) -> int:
+        """Batches per rank and epoch (equal on every rank)."""
+        per_rank = self.samples_per_rank()
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Shard ids in the order of ``epoch``'s stream."""
+        if not self.shuffle:
+            return np.arange(len(self.urls))
+        return np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.urls))
+
+    def worker_runs(self, num_workers: int) -> list[tuple[int, int, int]]:
+        """``(first sample, samples, batches)`` of each worker's run, in the rank's part of the epoch stream."""
+        total = self.num_batches()
+        remainder = self.samples_per_rank() % self.batch_size if not self.drop_last else 0
+        runs, start = [], self.rank * self.samples_per_rank()
+        for worker in range(num_workers):
+            batches = total // num_workers + (worker < total % num_workers)
+            length = batches * self.batch_size
+            if remainder and batches and worker == (total - 1) % num_workers:
+                length -= self.batch_size - remainder  # the rank's last (partial) batch is this worker's last
+            runs.append((start, length, batches))
+            start += length
+        return runs
+
+    def set_skip(self, batches: int) -> None:
+        """The next iteration starts after the rank's first ``batches`` batches (a resumed epoch; shared memory)."""
+        self._skip_batches.fill_(int(batches))
+
+    # ------------------------------------------------------------------------------------------------------- reading
+    def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
+        """One raw sample (``{ext: bytes}``) -> the training item; ``index`` is its global position (overridden)."""
+        raise NotImplementedError
+
+    def decode_errors(self) -> tuple[type[BaseException], ...]:
+        """What :meth:`decode` raises for an unreadable sample."""
+        return (KeyError, ValueError)
+
+    def _read(self, order: np.ndarray, start: int, stop: int, epoch: int) -> list[dict[str, Any]]:
+        """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted."""
+        ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
+        items = []
+        position = start
+        while position < stop:
+            slot = int(np.searchsorted(ends, position, side="right"))
+            shard = int(order[slot])
+            label = shard_label(self.urls[shard])
+            within = position - int(ends[slot] - self.counts[shard])
+            n = min(stop, int(ends[slot])) - position
+            got, error = 0, None
+            try:
+                for sample in iter_samples(self.urls[shard], skip=within, limit=n):
+                    got += 1
+                    index = int(self.offsets[shard]) + sample["__index__"]
+                    try:
+                        items.append(self.decode(sample, index, self.item_rng_for(epoch, index)))
+                    except self.decode_errors() as exc:
+                        self._skip(f"{label}#{sample['__key__']}", exc)
+            except TAR_READ_ERRORS as exc:
+                error = exc
+            if got < n:
+                self._skip(f"{label} samples {within + got}..{within + n - 1}",
+                           error or EOFError(f"the shard holds fewer samples than its count {self.counts[shard]}"),
+                           n - got)
+            position += n
+        return items
+
+    def item_rng_for(self, epoch: int, index: int) -> np.random.Generator:
+        """:meth:`item_rng` of an explicit epoch (the one the iterator started with)."""
+        return np.random.default_rng([self.seed, int(epoch), int(index)])
+
+    def _skip(self, where: str, error: BaseException, count: int = 1) -> None:
+        info = get_worker_info()
+        self._skipped[(info.id if info else 0) % _SKIP_SLOTS] += count
+        logger.warning("skipping unreadable %s (%s: %s); %d sample(s) skipped so far", where, type(error).__name__,
+                       " ".join(str(error).split()), self.num_skipped)
+
+    def _block(self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, worker: int) -> list[Any]:
+        start, length, _ = run
+        per_block = self._block_samples()
+        n_blocks = math.ceil(length / per_block)
+        lo = start + block * per_block
+        wanted = min(per_block, start + length - lo)
+        for attempt in range(n_blocks):
+            b = (block + attempt) % n_blocks
+            b_lo = start + b * per_block
+            items = self._read(order, b_lo, min(b_lo + per_block, start + length), epoch)
+            if items:
+                break
+        else:
+            raise UnreadableDatasetError(
+                f"no readable sample in samples {start}..{start + length - 1} of epoch {epoch} (rank {self.rank}); "
+                f"check the shards {[shard_label(self.urls[i]) for i in order[:3]]}..."
+            )
+        items = [items[i % len(items)] for i in range(wanted)]
+        if self.shuffle:
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, worker, block))
+            items = [items[i] for i in rng.permutation(wanted)]
+        return items
+
+    def _block_samples(self) -> int:
+        return math.ceil(self.shuffle_buffer / self.batch_size) * self.batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, skip = self.epoch, int(self._skip_batches.item())
+        # the DataLoader's round robin starts at its worker 0: after skipping k batches, rank batch k (of worker k % W in
+        # the plan) must come from DataLoader worker 0, so DataLoader worker i serves the plan's worker (i + k) % W
+        worker = (loader_worker + skip) % workers
+        run = self.worker_runs(workers)[worker]
+        local_skip = max(0, (skip - worker + workers - 1) // workers)
+        if local_skip >= run[2]:
+            return
+        order = self.shard_order(epoch)
+        per_block = self._block_samples() // self.batch_size
+        first = local_skip // per_block
+        for block in range(first, math.ceil(run[2] / per_block)):
+            items = self._block(order, run, block, epoch, worker)
+            batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+            for batch in batches[local_skip % per_block if block == first else 0 :]:
+                yield default_collate(batch)
+
+
+class ImageShards(ShardStream):
+    """Images from tar shards (members ``.jpg .jpeg .png .webp .bmp``), transformed as ImageFolderDataset does.
+
+    Args beyond :class:`ShardStream`: ``size``, ``random_crop``, ``flip``, ``min_side_resize`` as in
+    :class:`~ldm.data.image_folder.ImageFolderDataset` (set ``random_crop``/``flip`` false for validation),
+    ``image_key`` (the item's key).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}``.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        size: int = 256,
+        sizes: str | os.PathLike | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        random_crop: bool = True,
+        flip: bool = True,
+        min_side_resize: bool = True,
+        image_key: str = "image",
+    ) -> None:
+        if int(size) < 1:
+            raise ValueError(f"size={size} must be a positive number of pixels")
+        self.size, self.random_crop, self.flip = int(size), bool(random_crop), bool(flip)
+        self.min_side_resize, self.image_key = bool(min_side_resize), image_key
+        super().__init__(shards, sizes, seed, shuffle_buffer)
+
+    def decode_errors(self) -> tuple[type[BaseException], ...]:
+        return (KeyError, *UNREADABLE_IMAGE_ERRORS)
+
+    def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise KeyError(f"no image member ({'/'.join(IMAGE_EXTS)}) in sample with {sorted(sample)}")
+        image = load_rgb_image(io.BytesIO(sample[ext]))
+        array = augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, rng)
+        return {self.image_key: uint8_to_model_range(array), "file_path_": f"{shard_label(sample['__url__'])}#"
+                f"{sample['__key__']}"}
+
+
+class LatentShards(ShardStream):
+    """Cached latents (``scripts/cache_latents.py``) streamed from their shards.
+
+    Args beyond :class:`ShardStream`: ``shards`` may be the cache folder (its ``index.json`` gives the shards, their
+    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files); ``flip`` /
+    ``random_crop`` as in :class:`~ldm.data.cached_latents.CachedLatents`.  Items as CachedLatents'.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        sizes: str | os.PathLike | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        flip: bool = True,
+        random_crop: bool = True,
+    ) -> None:
+        self.flip, self.random_crop = bool(flip), bool(random_crop)
+        self.latent_shape: tuple[int, ...] | None = None
+        if isinstance(shards, str) and os.path.isfile(os.path.join(shards, INDEX_NAME)):
+            index = read_index(shards)
+            self.latent_shape = index.latent_shape
+            self._index_counts = [count for _, count in index.shards]
+            shards = index.shard_paths()
+        else:
+            self._index_counts = None
+        super().__init__(shards, sizes, seed, shuffle_buffer)
+
+    def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
+        if self._index_counts is not None and sizes is None:
+            return list(self._index_counts), []
+        return super()._shard_sizes(sizes)
+
+    def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
+        if len(sample["json"]) > MAX_JSON_BYTES:
+            raise ValueError(f"metadata of {len(sample['json'])} bytes is larger than {MAX_JSON_BYTES}")
+        meta = json.loads(sample["json"])
+        variants = meta["variants"]
+        shape = (len(variants), *(self.latent_shape or (-1, -1, -1)))
+        array = decode_npy(sample[LATENT_EXT], shape, what=f"sample {sample['__key__']}")
+        n_crops = len({(v["top"], v["left"]) for v in variants})
+        stored_flip = any(v["flip"] for v in variants)
+        variant = choose_variant(rng, n_crops, stored_flip, self.random_crop, self.flip)
+        return latent_item(array, variant, str(meta["first_stage_sha256"]), str(meta["source"]))
+
+    def decode_errors(self) -> tuple[type[BaseException], ...]:
+        return (KeyError, ValueError, TypeError)
+
+
+class ShardStreamLoader(DataLoader):
+    """The loader of a :class:`ShardStream` for one rank: batches come from the dataset's workers (``batch_size=None``);
+    ``len()`` is the number of batches per rank; ``state_dict()`` -> ``{"epoch", "batches"}`` (as
+    :class:`~ldm.train.data.ResumableDataLoader`), and a loaded state makes the next iteration of that epoch skip
+    the batches already trained on.  ``splits_by_rank``: :func:`ldm.train.data.make_resumable` leaves it as it is.
+    """
+
+    splits_by_rank = True
+
+    def __init__(self, dataset: ShardStream, **loader_kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **loader_kwargs)
+        self.batches_yielded = 0
+        self._pending: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches()
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches handed out in it."""
+        return {"epoch": int(self.dataset.epoch), "batches": int(self.batches_yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
+        self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        return _LazyCountingIterator(self)
+
+    def _start_epoch(self) -> Iterator[Any]:
+        skip = 0
+        if self._pending is not None:
+            epoch, batches = self._pending
+            self._pending = None
+            if epoch == self.dataset.epoch and batches > 0:
+                skip = batches
+                logger.info("resuming epoch %d at batch %d (re-reading only the block that holds it)", epoch, batches)
+        self.dataset.set_skip(skip)
+        self.batches_yielded = skip
+        return DataLoader.__iter__(self)

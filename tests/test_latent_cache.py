@@ -1,0 +1,333 @@
+"""Cached latents: the format, scripts/cache_latents.py (resume, torchrun, bad arguments), CachedLatents and training
+from the cache (same losses as from the images; another first stage refused)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import load_checkpoint, save_checkpoint
+from ldm.data.cached_latents import CachedLatents
+from ldm.data.image_folder import ImageFolderDataset
+from ldm.data.latent_format import (
+    CACHED_LATENT_KEY,
+    FirstStageMismatchError,
+    cached_first_stage_sha256,
+    choose_variant,
+    decode_npy,
+    encode_npy,
+    first_stage_sha256,
+    read_index,
+)
+from ldm.data.tar_shards import iter_samples, read_span, write_tar
+from ldm.util import ConfigError, instantiate_from_config
+
+from conftest import write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "cache_latents.py"
+QUICKSTART = REPO / "configs" / "quickstart" / "latesteps_500_750.yaml"
+TIMEOUT = 600
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cache_cli = load_module("cache_latents_cli", SCRIPT)
+
+
+def first_stage_config(ckpt: Path | None) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART).model.params.first_stage_config)
+    cfg["params"]["ckpt_path"] = None if ckpt is None else str(ckpt)
+    return cfg
+
+
+def make_first_stage_ckpt(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_checkpoint({"state_dict": instantiate_from_config(first_stage_config(None)).state_dict()}, path)
+    return path
+
+
+def project_config(path: Path, ckpt: Path, train: dict, max_steps: int = 4) -> Path:
+    """The quickstart config with this first stage, ``train`` as the only split, a few steps, no image logging."""
+    cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART))
+    cfg["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(ckpt)
+    cfg["data"]["params"] = {"batch_size": 4, "num_workers": 0, "train": train}
+    cfg["lightning"]["trainer"].update(max_steps=max_steps, num_sanity_val_steps=0, enable_progress_bar=False,
+                                       enable_model_summary=False, log_every_n_steps=1)
+    cfg["lightning"]["callbacks"]["image_logger"]["params"]["disabled"] = True
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> dict:
+    """8 images, a first-stage checkpoint, and their cache (centre crops + flips, shards of 3)."""
+    root = tmp_path_factory.mktemp("cache")
+    write_image_folder(root / "images", 8)
+    ckpt = make_first_stage_ckpt(root / "vq.ckpt", seed=0)
+    config = project_config(root / "config.yaml", ckpt, {})
+    argv = ["--config", str(config), "--data", str(root / "images"), "--out", str(root / "cache"), "--split", "all",
+            "--shard-size", "3", "--batch-size", "2"]
+    assert cache_cli.main(argv) == 0
+    return {"root": root, "images": root / "images", "out": root / "cache", "ckpt": ckpt, "config": config}
+
+
+def first_stage(ckpt: Path):
+    return instantiate_from_config(first_stage_config(ckpt)).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# format
+
+
+def test_first_stage_sha256_follows_the_weights_not_the_object_or_key_order():
+    torch.manual_seed(0)
+    a = instantiate_from_config(first_stage_config(None))
+    b = instantiate_from_config(first_stage_config(None))
+    b.load_state_dict(dict(reversed(list(a.state_dict().items()))))
+    assert first_stage_sha256(a) == first_stage_sha256(b) == cached_first_stage_sha256(b)
+    with torch.no_grad():
+        b.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    assert cached_first_stage_sha256(b) != first_stage_sha256(a)  # in-place change: the cached value is recomputed
+    assert len(first_stage_sha256(a)) == 64
+
+
+def test_decode_npy_checks_the_header_before_allocating():
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    data = encode_npy(array)
+    assert data == encode_npy(array.copy())
+    np.testing.assert_array_equal(decode_npy(data, (2, 3, -1, -1)), array)
+    assert np.array_equal(decode_npy(encode_npy(array.astype(np.float16)), (2, 3, 2, 2)), array.astype(np.float16))
+    cases = {
+        "shape": (data, (2, 3, 2, 3)),
+        "holds": (data[:-4], None),
+        "dtype": (encode_npy(array.astype(np.float64)), None),
+        "Fortran": (encode_npy(np.asfortranarray(array[0, 0])).replace(b"'fortran_order': False", b"'fortran_order': True "),
+                    None),
+        "valid .npy": (b"garbage", None),
+    }
+    for expected, (blob, shape) in cases.items():
+        with pytest.raises(ValueError, match=expected):
+            decode_npy(blob, shape)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="dtype object"):
+        decode_npy(buffer.getvalue())
+
+
+def test_write_tar_is_reproducible_and_records_member_spans(tmp_path):
+    members = [("000000-000000.latent.npy", b"x" * 700), ("000000-000000.json", b"{}")]
+    for name in ("a.tar", "b.tar"):
+        with open(tmp_path / name, "wb") as fh:
+            spans = write_tar(fh, members)
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    for (_, data), span in zip(members, spans):
+        assert read_span(tmp_path / "a.tar", span.offset, span.size) == data
+    (sample,) = iter_samples(str(tmp_path / "a.tar"))
+    assert sample["__key__"] == "000000-000000" and sample["latent.npy"] == b"x" * 700
+
+
+def test_variant_draw_is_the_image_datasets_flip_draw():
+    for index in range(50):
+        image_rng, cache_rng = np.random.default_rng([3, 1, index]), np.random.default_rng([3, 1, index])
+        assert choose_variant(cache_rng, 1, True, True, True) == int(image_rng.random() < 0.5)
+    assert choose_variant(np.random.default_rng(0), 3, False, False, True) == 1  # middle crop, no stored flips
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the cache and CachedLatents
+
+
+def test_cached_latents_equal_the_encoded_image_dataset_items(cache):
+    index = read_index(cache["out"])
+    assert index.num_samples == 8 and [c for _, c in index.shards] == [3, 3, 2] and index.variants == 2
+    model = first_stage(cache["ckpt"])
+    assert index.first_stage_sha256 == first_stage_sha256(model)
+    images = ImageFolderDataset(cache["images"], size=32, split="all", random_crop=False, seed=7)
+    cached = CachedLatents(cache["out"], seed=7)
+    for epoch in (0, 1):
+        images.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        x = torch.stack([torch.from_numpy(images[i]["image"]) for i in range(8)]).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            z = model.encode(x)
+        items = [cached[i] for i in range(8)]
+        torch.testing.assert_close(torch.stack([it[CACHED_LATENT_KEY] for it in items]), z, rtol=1e-5, atol=1e-5)
+        assert [it["file_path_"] for it in items] == [Path(images[i]["file_path_"]).relative_to(cache["images"]).as_posix()
+                                                      for i in range(8)]
+
+
+def test_cached_latents_refuse_a_modified_cache_and_skip_a_corrupt_sample(cache, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache["out"], copy)
+    sidecar = json.loads((copy / "latents-000001.json").read_text())
+    entry = sidecar["samples"][1]
+    with open(copy / "latents-000001.tar", "r+b") as fh:  # break the .npy magic of sample 4
+        fh.seek(entry["offset"])
+        fh.write(b"\0\0\0\0")
+    dataset = CachedLatents(copy)
+    item = dataset[4]
+    assert dataset.num_skipped == 1 and item["file_path_"] == sidecar["samples"][2]["source"]
+    assert "skipping unreadable cached latent" in caplog.text
+    with open(copy / "latents-000002.tar", "ab") as fh:
+        fh.write(b"\0" * 512)
+    with pytest.raises(ConfigError, match="does not match"):
+        CachedLatents(copy)
+    (copy / "index.json").unlink()
+    with pytest.raises(ConfigError, match="was interrupted"):
+        CachedLatents(copy)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """main.py in this process (one process, no DDP): exit code and stderr."""
+    main_module = load_module("latesteps_main", REPO / "main.py")
+    code = main_module.main(argv)
+    return code, capsys.readouterr().err
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    losses = {}
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss_step"):
+                losses[int(row["step"])] = float(row["train/loss_step"])
+    return losses
+
+
+def test_training_from_cached_latents_gives_the_losses_of_training_from_images(cache, tmp_path, capsys):
+    """Same seed, same crops (centre + flip drawn per epoch), scale_by_std from the first batch: the same loss at every
+    step, over two epochs; and a cache of another first stage is refused with one line naming both hashes."""
+    images = {"target": "ldm.data.image_folder.ImageFolderDataset",
+              "params": {"root": str(cache["images"]), "size": 32, "split": "all", "random_crop": False}}
+    latents = {"target": "ldm.data.cached_latents.CachedLatents", "params": {"root": str(cache["out"])}}
+    runs = {}
+    for name, train in (("images", images), ("latents", latents)):
+        config = project_config(tmp_path / f"{name}.yaml", cache["ckpt"], train)
+        code, err = run_main(["-b", str(config), "-t", "-n", name, "-l", str(tmp_path / "logs"), "--no-test"], capsys)
+        assert code == 0, err[-3000:]
+        (runs[name],) = (tmp_path / "logs").glob(f"*_{name}")
+    a, b = train_losses(runs["images"]), train_losses(runs["latents"])
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert b == pytest.approx(a, rel=1e-4)
+    scale = [load_checkpoint(runs[n] / "checkpoints" / "last.ckpt")["state_dict"]["scale_factor"] for n in runs]
+    assert scale[0] != 1.0 and float(scale[0]) == pytest.approx(float(scale[1]), rel=1e-5)
+
+    other = make_first_stage_ckpt(tmp_path / "other_vq.ckpt", seed=1)
+    config = project_config(tmp_path / "other.yaml", other, latents)
+    code, err = run_main(["-b", str(config), "-t", "-n", "other", "-l", str(tmp_path / "logs")], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    theirs, ours = read_index(cache["out"]).first_stage_sha256, first_stage_sha256(first_stage(other))
+    assert theirs in lines[0] and ours in lines[0] and "cache_latents.py" in lines[0]
+
+
+def test_the_model_refuses_latents_of_another_first_stage_in_any_batch(cache):
+    model_cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART).model)
+    model_cfg.pop("base_learning_rate")
+    model_cfg["params"]["first_stage_config"]["params"]["ckpt_path"] = None
+    model = instantiate_from_config(model_cfg)
+    batch = torch.utils.data.default_collate([CachedLatents(cache["out"])[i] for i in range(2)])
+    with pytest.raises(FirstStageMismatchError, match="sha256") as info:
+        model.get_input(batch, "image")
+    assert "\n" not in str(info.value)
+    model.first_stage_model.load_state_dict(first_stage(cache["ckpt"]).state_dict())
+    z, c = model.get_input(batch, "image")
+    assert z.shape == (2, 3, 8, 8) and c is None
+    torch.testing.assert_close(z, batch[CACHED_LATENT_KEY] * model.scale_factor)
+    z1, _, x, xrec = model.get_input(batch, "image", return_first_stage_outputs=True, bs=1)  # what log_images asks
+    assert z1.shape == (1, 3, 8, 8) and x.shape == xrec.shape == (1, 3, 32, 32) and torch.equal(x, xrec)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_bad_arguments_exit_2_in_one_line(cache, tmp_path, capsys):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", "x.yaml", "--data", "d", "--out", "o", "--crops", "0"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--crops: 0 must be >= 1" in result.stderr
+    base = ["--config", str(cache["config"]), "--data", str(cache["images"])]
+    cases = [
+        (["--config", str(tmp_path / "missing.yaml"), "--data", "d", "--out", str(tmp_path / "o")], "does not exist"),
+        ([*base, "--out", str(tmp_path / "o"), "--size", "30"], "multiple of the first stage's downsampling factor 4"),
+        (["--config", str(cache["config"]), "--data", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "o"),
+          "--split", "all"], "shards are cached whole"),
+        (["--config", str(cache["config"]), "--data", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "o")],
+         "do not exist"),
+        ([*base, "--out", str(cache["out"]), "--split", "all", "--shard-size", "3", "--batch-size", "2", "--no-flip"],
+         "holds a cache made with other settings (flip differ)"),
+    ]
+    for argv, expected in cases:
+        assert cache_cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    (tmp_path / "file").write_text("x")
+    assert cache_cli.main([*base, "--out", str(tmp_path / "file" / "sub"), "--split", "all"]) == 3
+    assert "output folder" in capsys.readouterr().err
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_an_uninterrupted_run(cache, tmp_path):
+    """A 2-process torchrun job SIGKILLed after both processes wrote shards, then finished by a single process,
+    leaves the same files as one uninterrupted run; an unreadable image is skipped, listed in its shard's sidecar,
+    and the exit code says so."""
+    images = tmp_path / "images"
+    write_image_folder(images, 24)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["--config", str(cache["config"]), "--data", str(images), "--split", "all", "--shard-size", "1",
+            "--batch-size", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+        assert cache_cli.main([*args, "--out", str(tmp_path / "reference")]) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args,
+         "--out", str(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + TIMEOUT
+    marks = [out / "latents-000002.json", out / "latents-000003.json"]  # written by rank 0 and by rank 1
+    while proc.poll() is None and time.monotonic() < deadline and not all(m.exists() for m in marks):
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert all(m.exists() for m in marks) and not (out / "index.json").exists(), "not killed mid-way"
+    resumed = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=_env())
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert "wrote 24 latents" in resumed.stdout and "1 input(s) unreadable" in resumed.stdout
+    assert _files(out) == _files(tmp_path / "reference")
+    assert not list(out.glob(".*.tmp"))
+    skipped = [s for p in out.glob("latents-*.json") for s in json.loads(p.read_text())["skipped"]]
+    assert [s["source"] for s in skipped] == ["broken.png"]

@@ -1,0 +1,250 @@
+"""Tar-shard streams (ldm/data/shard_stream.py): the epoch plan, resume, unreadable data, latents from image shards and
+a 2-process DDP run of main.py over 3 uneven shards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.shard_stream import ImageShards, LatentShards, ShardStream, ShardStreamLoader
+from ldm.train.data import make_resumable
+from ldm.util import ConfigError
+
+from conftest import write_image_shards
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart" / "latesteps_500_750.yaml"
+COUNTS = [5, 9, 3]  # 17 samples in 3 uneven shards
+TIMEOUT = 600
+
+
+class NumberShards(ShardStream):
+    """Yields each sample's number (the ``.cls`` member written by ``write_image_shards``) without decoding images."""
+
+    def decode(self, sample, index, rng):
+        return {"n": int(sample["cls"]), "index": index}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_image_shards(tmp_path_factory.mktemp("shards"), COUNTS)
+
+
+def numbers(loader) -> list[list[int]]:
+    return [batch["n"].tolist() for batch in loader]
+
+
+def loader_for(dataset: ShardStream, batch: int, rank: int, world: int, workers: int = 0, shuffle: bool = True,
+               drop_last: bool = True) -> ShardStreamLoader:
+    dataset.configure(batch, rank, world, shuffle=shuffle, drop_last=drop_last)
+    return ShardStreamLoader(dataset, num_workers=workers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    world=st.integers(1, 4),
+    workers=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    drop_last=st.booleans(),
+)
+def test_worker_runs_partition_each_ranks_share_into_equal_batch_counts(counts, world, workers, batch, drop_last):
+    dataset = ShardStream.__new__(ShardStream)  # the plan only needs the sizes
+    dataset.counts, dataset.offsets = counts, np.concatenate([[0], np.cumsum(counts)])
+    dataset.batch_size, dataset.world_size, dataset.drop_last = batch, world, drop_last
+    per_rank = sum(counts) // world
+    for rank in range(world):
+        dataset.rank = rank
+        runs = dataset.worker_runs(workers)
+        assert sum(b for _, _, b in runs) == dataset.num_batches()
+        assert [s for s, _, _ in runs] == list(np.cumsum([rank * per_rank] + [n for _, n, _ in runs])[:-1])
+        used = sum(n for _, n, _ in runs)
+        assert used == (per_rank // batch * batch if drop_last else per_rank)
+        assert max(b for _, _, b in runs) - min(b for _, _, b in runs) <= 1
+        assert all(0 < n <= b * batch for _, n, b in runs if b) and all(n == 0 for _, n, b in runs if not b)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_read_disjoint_samples_in_equal_batches_and_reshuffle_per_epoch(shards, workers):
+    dataset = NumberShards(shards, shuffle_buffer=3)
+    assert len(dataset) == 17 and dataset.counts == COUNTS
+    epochs = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        per_rank = [numbers(loader_for(dataset, 2, rank, 2, workers)) for rank in range(2)]
+        assert [len(b) for b in per_rank] == [4, 4]  # 17 // 2 = 8 samples per rank, 4 batches
+        flat = [n for batches in per_rank for batch in batches for n in batch]
+        assert len(flat) == len(set(flat)) == 16 and set(flat) <= set(range(17))
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1]
+    validation = [numbers(loader_for(dataset, 3, rank, 2, workers, shuffle=False, drop_last=False)) for rank in range(2)]
+    if workers == 0:  # in order: rank r reads samples [8 r, 8 r + 8), the last batch partial
+        assert validation == [[[0, 1, 2], [3, 4, 5], [6, 7]], [[8, 9, 10], [11, 12, 13], [14, 15]]]
+    assert [sorted(sum(v, [])) for v in validation] == [list(range(8)), list(range(8, 16))]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_loader_continues_the_epoch_exactly(shards, workers):
+    dataset = NumberShards(shards, shuffle_buffer=3, seed=4)
+    dataset.set_epoch(1)
+    reference = numbers(loader_for(dataset, 2, 1, 2, workers))
+    for k in range(len(reference)):
+        loader = loader_for(dataset, 2, 1, 2, workers)
+        iterator = iter(loader)
+        seen = [next(iterator)["n"].tolist() for _ in range(k)]
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "batches": k}
+        restored = loader_for(dataset, 2, 1, 2, workers)
+        restored.load_state_dict(state)
+        assert seen + numbers(restored) == reference
+        assert restored.state_dict() == {"epoch": 1, "batches": len(reference)}
+    dataset.set_epoch(2)
+    restored = loader_for(dataset, 2, 1, 2, workers)
+    restored.load_state_dict({"epoch": 1, "batches": 3})  # a position in another epoch is ignored
+    assert len(numbers(restored)) == 4
+
+
+def test_the_data_module_serves_streams_and_main_leaves_them_alone(shards):
+    module = DataModuleFromConfig(batch_size=2, train={"target": "ldm.data.shard_stream.ImageShards", "params": {}})
+    dataset = NumberShards(shards)
+    module.datasets["train"] = dataset
+    loader = module._train_dataloader()
+    assert isinstance(loader, ShardStreamLoader) and len(loader) == 8
+    assert make_resumable(loader, seed=0, rank=1, world_size=2) is loader
+
+
+def test_unreadable_samples_and_shards_are_replaced_and_counted(tmp_path, caplog):
+    pattern = write_image_shards(tmp_path, [4, 4])
+    corrupt = tmp_path / "img-02.tar"
+    corrupt.write_bytes(b"not a tar file" * 100)
+    from ldm.data.tar_shards import write_tar
+
+    with open(tmp_path / "img-03.tar", "wb") as fh:  # one good sample, one that is not an image
+        write_tar(fh, [("a.png", _png()), ("b.png", b"garbage")])
+    dataset = ImageShards(str(tmp_path / "img-{00..03}.tar"), size=32, shuffle_buffer=4)
+    assert dataset.counts == [4, 4, 0, 2] and dataset.skipped_shards == [str(corrupt)]
+    assert "leaving out unreadable shard" in caplog.text
+    batches = list(loader_for(dataset, 2, 0, 1))
+    assert len(batches) == 5 and all(b["image"].shape == (2, 32, 32, 3) for b in batches)
+    assert dataset.num_skipped == 1 and "skipping unreadable" in caplog.text
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps({"img-00.tar": 6, "img-01.tar": 4, "img-02.tar": 0, "img-03.tar": 2}))
+    truncated = ImageShards(pattern.replace("01}", "03}"), size=32, sizes=sizes, shuffle_buffer=4)
+    assert len(list(loader_for(truncated, 2, 0, 1))) == 6  # the 2 samples img-00 lacks are replaced
+    assert truncated.num_skipped == 3
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        ImageShards(pattern, sizes=tmp_path / "img-00.tar")
+    sizes.write_text(json.dumps({"img-00.tar": 4}))
+    with pytest.raises(ConfigError, match="no sample count"):
+        ImageShards(pattern, sizes=sizes)
+    with pytest.raises(ConfigError, match="do not exist"):
+        ImageShards(str(tmp_path / "img-{00..09}.tar"))
+
+
+def _png() -> bytes:
+    from conftest import noise_png
+
+    return noise_png(40, 32, seed=5)
+
+
+def test_latent_shards_of_image_shards_stream_the_encoded_images(shards, tmp_path, capsys):
+    """cache_latents.py over image shards keeps their shards; LatentShards then yields, batch for batch, the latents
+    of what ImageShards yields (centre crops; flips drawn alike)."""
+    spec = importlib.util.spec_from_file_location("cache_cli", REPO / "scripts" / "cache_latents.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from test_latent_cache import first_stage, make_first_stage_ckpt, project_config
+
+    ckpt = make_first_stage_ckpt(tmp_path / "vq.ckpt", seed=0)
+    config = project_config(tmp_path / "config.yaml", ckpt, {})
+    assert cli.main(["--config", str(config), "--data", shards, "--out", str(tmp_path / "cache"), "--batch-size", "4"]) == 0
+    assert "wrote 17 latents" in capsys.readouterr().out
+    images = ImageShards(shards, size=32, random_crop=False, seed=2, shuffle_buffer=4)
+    latents = LatentShards(str(tmp_path / "cache"), seed=2, shuffle_buffer=4)
+    assert latents.counts == COUNTS
+    model = first_stage(ckpt)
+    for epoch in (0, 1):
+        images.set_epoch(epoch)
+        latents.set_epoch(epoch)
+        for a, b in zip(loader_for(images, 4, 1, 2), loader_for(latents, 4, 1, 2), strict=True):
+            with torch.no_grad():
+                z = model.encode(a["image"].permute(0, 3, 1, 2).contiguous())
+            torch.testing.assert_close(b["cached_latent"], z, rtol=1e-5, atol=1e-5)
+            assert b["file_path_"] == a["file_path_"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP
+
+RECORDER = '''
+import json
+import pytorch_lightning as pl
+
+
+class SampleRecorder(pl.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(f"{self.path}.{trainer.global_rank}", "a") as fh:
+            fh.write(json.dumps({"step": trainer.global_step, "keys": list(batch["file_path_"])}) + "\\n")
+'''
+
+
+def _records(path: Path) -> list[list[str]]:
+    return [json.loads(line)["keys"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_over_three_uneven_shards_ends_and_resumes_without_repeats(shards, tmp_path):
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART))
+    cfg["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = None
+    train = {"target": "ldm.data.shard_stream.ImageShards", "params": {"shards": shards, "size": 32, "shuffle_buffer": 4}}
+    cfg["data"]["params"] = {"batch_size": 2, "num_workers": 0, "train": train}
+    cfg["lightning"]["trainer"].update(
+        strategy="ddp", devices=2, accelerator="cpu", max_steps=3, num_sanity_val_steps=0, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1,
+    )
+    cfg["lightning"]["callbacks"]["image_logger"]["params"]["disabled"] = True
+    cfg["lightning"]["callbacks"]["recorder"] = {"target": "recorder.SampleRecorder",
+                                                 "params": {"path": str(tmp_path / "seen")}}
+    cfg["lightning"]["modelcheckpoint"]["params"]["every_n_train_steps"] = 1
+    (tmp_path / "ddp.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LATESTEPS_LOGDIR", None)
+    main = [sys.executable, str(REPO / "main.py")]
+    first = subprocess.run([*main, "-b", "ddp.yaml", "-t", "-n", "ddp", "-l", "logs"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert first.returncode == 0, first.stderr[-4000:]
+    (run,) = (tmp_path / "logs").glob("*_ddp")
+    resumed = subprocess.run([*main, "-t", "-r", str(run), "lightning.trainer.max_steps=6"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    dataset = ImageShards(shards, size=32, shuffle_buffer=4)
+    seen = [_records(tmp_path / f"seen.{rank}") for rank in range(2)]
+    assert [len(s) for s in seen] == [6, 6]  # steps 0-2 before the restart, 3-5 after: equal on both ranks
+    for rank in range(2):
+        expected = []
+        for epoch in (0, 1):  # 17 // 2 = 8 samples per rank and epoch: 4 batches of 2
+            dataset.set_epoch(epoch)
+            expected += [batch["file_path_"] for batch in loader_for(dataset, 2, rank, 2)]
+        assert seen[rank] == expected[:6]
+    epoch0 = [k for rank in range(2) for batch in seen[rank][:4] for k in batch]
+    assert len(epoch0) == len(set(epoch0)) == 16

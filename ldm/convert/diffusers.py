@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,9 +47,13 @@ from ldm.convert.unet_map import UNET_TARGET, WINDOW_KEY, UNetLayout, unet_layou
 from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config, vq_layout_from_model
 from ldm.imageio import format_path
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latesteps import validate_window
 from ldm.modules.diffusionmodules.util import make_schedule_buffers
 from ldm.util import UNCONDITIONAL_SENTINEL, atomic_write_bytes, instantiate_from_config
+
+if TYPE_CHECKING:  # ldm.refine.loading imports this module's entry point lazily; a top-level import would be a cycle
+    from ldm.refine.loading import CheckpointInfo
 
 __all__ = [
     "checkpoint_to_diffusers",
@@ -231,7 +235,7 @@ def load_diffusers_expert(
     ema: bool = True,
     scale_factor: float | None = None,
     unsafe_load: bool = False,
-) -> tuple[Any, Any]:
+) -> tuple[Expert, CheckpointInfo]:
     """Build a refinement expert from a diffusers LDM folder, converted in memory (contract of
     :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients).
 
@@ -247,7 +251,6 @@ def load_diffusers_expert(
     Raises:
         DiffusersFormatError / CheckpointError: as :func:`diffusers_to_checkpoint`.
     """
-    from ldm.models.diffusion.experts import Expert
     from ldm.refine.loading import CheckpointInfo
 
     shown = format_path(folder)
@@ -358,7 +361,7 @@ def checkpoint_to_diffusers(
     ema: bool = True,
     trust_config: bool = False,
     unsafe_load: bool = False,
-) -> tuple[Path, Any]:
+) -> tuple[Path, CheckpointInfo]:
     """Load an expert checkpoint with :func:`ldm.refine.loading.load_expert` (EMA weights by default) and write it
     with :func:`export_diffusers`, recording its window.  Returns ``(out_dir, CheckpointInfo)``.
 

@@ -187,10 +187,11 @@ class ParamMap:
         return [p.reshape(out_shape).clone().contiguous() for p in parts]
 
     def to_ldm(self, tensors: Sequence[torch.Tensor], ldm_shape: Sequence[int]) -> torch.Tensor:
-        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s) (a new, contiguous tensor)."""
+        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s), contiguous; ``copy``/``squeeze`` return a view
+        of the input (an import then holds each weight once)."""
         shape = tuple(int(s) for s in ldm_shape)
         if self.op in ("copy", "squeeze"):
-            return tensors[0].detach().reshape(shape).clone().contiguous()
+            return tensors[0].detach().reshape(shape).contiguous()
         rows = shape[0] // 3
         parts = torch.stack([t.detach().reshape(rows, -1) for t in tensors])  # [3, C, I]
         if not self.new_order:

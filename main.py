@@ -118,6 +118,7 @@ def _drop_init_checkpoints(cfg: Any, where: str) -> list[str]:
 
 def _check_init_checkpoints(cfg: Any, where: str) -> None:
     """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
+    from ldm.convert.folder import is_diffusers_folder
     from ldm.util import ConfigError
 
     if isinstance(cfg, dict):
@@ -136,6 +137,9 @@ def _check_init_checkpoints(cfg: Any, where: str) -> None:
                         f"stage's logs/<run>/checkpoints/last.ckpt) or set {where}.ckpt_path=null to start from scratch"
                     )
                 what = "is a directory, not a checkpoint file" if Path(str(value)).is_dir() else "does not exist"
+                if is_diffusers_folder(str(value)):
+                    what = "is a diffusers folder, not a checkpoint file"
+                    hint = f"convert it first: python scripts/convert_diffusers.py --from-diffusers {value} --out model.ckpt"
                 raise ConfigError(f"{where}.ckpt_path={value!r} {what}; {hint}")
             _check_init_checkpoints(value, f"{where}.{key}")
     elif isinstance(cfg, list):

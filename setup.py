@@ -26,5 +26,9 @@ setup(
         "matplotlib>=3.6",
         "webdataset>=1.0.2,<2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4"],
+        # diffusers interop (ldm.convert.diffusers reads folders without it; the tests compare against it)
+        "diffusers": ["diffusers>=0.42,<1"],
+    },
 )

@@ -174,6 +174,21 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
     assert torch.equal(only_unet.model.diffusion_model.out[2].weight, src.model.diffusion_model.out[2].weight)
 
 
+@pytest.mark.parametrize("load_only_unet", [False, True])
+def test_init_from_a_checkpoint_without_ema_starts_the_ema_from_the_loaded_weights(tmp_path, load_only_unet):
+    src = build()
+    with torch.no_grad():
+        for p in src.model.parameters():
+            p.add_(0.01)
+    path = tmp_path / "no_ema.ckpt"  # e.g. a converted diffusers model: one set of weights, no model_ema.*
+    save_checkpoint({"state_dict": {k: v for k, v in src.state_dict().items() if not k.startswith("model_ema.")}}, path)
+    dst = build(ckpt_path=str(path), load_only_unet=load_only_unet)
+    with dst.ema_scope():  # was: the EMA kept the random initialisation it was copied from at construction
+        for k, v in src.model.state_dict().items():
+            assert torch.equal(dst.model.state_dict()[k], v), k
+    assert int(dst.model_ema.num_updates) == 0
+
+
 def test_strict_key_compatibility_with_itself(tmp_path):
     model = build()
     fresh = build()

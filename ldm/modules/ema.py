@@ -70,6 +70,14 @@ class LitEma(nn.Module):
             torch._foreach_lerp_(shadows, params, 1.0 - decay)
 
     @torch.no_grad()
+    def reset_to(self, model: nn.Module) -> None:
+        """Set every shadow to ``model``'s current parameter (``decay`` and ``num_updates`` are kept)."""
+        shadow = dict(self.named_buffers())
+        for key, param in model.named_parameters():
+            if param.requires_grad:
+                shadow[self.m_name2s_name[key]].copy_(param.detach())
+
+    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights into ``model``'s parameters."""
         shadow = dict(self.named_buffers())

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, sha256_file
+from ldm.convert.folder import is_diffusers_folder
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import LatentDiffusion
@@ -124,7 +125,12 @@ def check_checkpoint_paths(paths: list[str | os.PathLike]) -> None:
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint {shown} does not exist; check the path (or train one with main.py)")
         if os.path.isdir(path):
-            raise CheckpointError(f"checkpoint {shown} is a directory; pass the .ckpt/.safetensors file inside it")
+            if is_diffusers_folder(path):  # a diffusers LDM folder: load_expert converts it (ldm.convert.diffusers)
+                continue
+            raise CheckpointError(
+                f"checkpoint {shown} is a directory; pass the .ckpt/.safetensors file inside it, or a diffusers LDM "
+                "folder (model_index.json, unet/, vqvae/, scheduler/)"
+            )
 
 
 def load_yaml_model_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -206,7 +212,8 @@ def load_expert(
 
     Args:
         path: a checkpoint written by ``main.py`` (``{"state_dict", "config", "window", ...}``), a CompVis release
-            (with ``config``) or a ``.safetensors`` file (with ``config``).
+            (with ``config``), a ``.safetensors`` file (with ``config``) or a diffusers LDM folder
+            (:func:`ldm.convert.diffusers.load_diffusers_expert`).
         config: YAML path or mapping, used when the checkpoint carries no model config.
         ema: use the EMA weights when the checkpoint has them (a warning otherwise).
         trust_config: allow a checkpoint's config to name classes outside the allow-list.
@@ -217,6 +224,10 @@ def load_expert(
             ("config and checkpoint disagree" with the first mismatching keys).
         ConfigError: no usable config, a forbidden or unknown target, bad parameters.
     """
+    if is_diffusers_folder(path):  # a diffusers LDM folder, converted in memory (its JSON configs replace `config`)
+        from ldm.convert.diffusers import load_diffusers_expert
+
+        return load_diffusers_expert(path, ema=ema, unsafe_load=unsafe_load)
     shown = format_path(path)
     ckpt = load_checkpoint(path, map_location="cpu", unsafe=unsafe_load)
     state_dict = ckpt.get("state_dict")

@@ -250,6 +250,11 @@ class DDPM(pl.LightningModule):
                 "diffusion model of this architecture (a first-stage or partial checkpoint?). To start those layers "
                 "from scratch on purpose, list their prefixes in ignore_keys."
             )
+        if self.use_ema and (only_model or not any(k.startswith("model_ema.") for k in sd)):
+            # the file restored no EMA (it has none, e.g. a converted diffusers model, or only_model): start the EMA
+            # from the loaded weights, not from the random initialisation it was copied from at construction
+            self.model_ema.reset_to(self.model)
+            logger.info("%s: no EMA weights restored; the EMA starts from the loaded weights", path)
         logger.info(
             "restored from %s: %d missing keys, %d unexpected keys", path, len(missing), len(unexpected)
         )

@@ -1,0 +1,223 @@
+"""Shared pieces of the diffusers converters: the error type, a checked reader of untrusted JSON configs, and the
+parameter maps that turn one network's tensors into the other's.
+
+A :class:`ParamMap` links one LDM tensor to the diffusers tensor(s) holding the same numbers.  Three operations
+cover both networks:
+
+* ``copy``: same shape, same values;
+* ``squeeze``: an LDM 1x1 convolution (``[O, I, 1]`` or ``[O, I, 1, 1]``) is a diffusers ``nn.Linear`` (``[O, I]``);
+* ``qkv``: the UNet attention's fused 1-D conv ``qkv`` (``[3C, C, 1]`` / ``[3C]``) is diffusers' ``to_q``, ``to_k``,
+  ``to_v``.  CompVis' legacy order stacks the rows per head as ``[heads, (q, k, v), head_channels]``, the new order as
+  ``[(q, k, v), heads, head_channels]``; diffusers' ``to_q`` rows are ``[heads, head_channels]``.
+
+Each map converts both ways, so an export followed by an import gives the same tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+
+# Bounds on sizes read from an untrusted config, checked before anything is allocated from them.  They are far above
+# every released LDM (celebahq: 896 channels, 4 levels, 2 layers, 8192 codes, T = 1000).
+MAX_CHANNELS = 16384
+MAX_LEVELS = 8
+MAX_LAYERS = 32
+MAX_CODES = 1 << 20
+MAX_SIDE = 1 << 15
+MAX_TIMESTEPS = 100_000
+
+OPS = ("copy", "squeeze", "qkv")
+
+
+class DiffusersFormatError(CheckpointError):
+    """A diffusers folder is unreadable or holds something this project cannot represent (the message names what)."""
+
+
+class Options:
+    """Reads the options of one untrusted JSON config, each once and with its type and range checked.
+
+    ``defaults`` are the diffusers defaults used for absent keys.  :meth:`finish` refuses keys nobody read (unknown to
+    this converter), so an option that could change the network is never ignored silently.  Keys starting with ``_``
+    are metadata (``_class_name``, ``_diffusers_version``, ...) and never refused.
+    """
+
+    def __init__(self, data: Mapping[str, Any], source: str, defaults: Mapping[str, Any]):
+        self.data = data
+        self.source = source
+        self.defaults = defaults
+        self.read: set[str] = set()
+
+    def fail(self, key: str, value: Any, why: str) -> DiffusersFormatError:
+        """The error for option ``key`` (shown with its value)."""
+        return DiffusersFormatError(f"{self.source}: {key}={_short(value)} {why}")
+
+    def get(self, key: str) -> Any:
+        self.read.add(key)
+        return self.data[key] if key in self.data else self.defaults.get(key)
+
+    def is_set(self, key: str) -> bool:
+        """Whether the file itself holds ``key`` (not just the default)."""
+        return key in self.data
+
+    def integer(self, key: str, lo: int, hi: int) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(key, value, f"must be an integer in [{lo}, {hi}]")
+        return value
+
+    def number(self, key: str, lo: float, hi: float) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, value, "must be a finite number")
+        if not lo <= value <= hi:
+            raise self.fail(key, value, f"must be in [{lo:g}, {hi:g}]")
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, value, "must be true or false")
+        return value
+
+    def choice(self, key: str, allowed: Sequence[Any], why: str = "") -> Any:
+        """The value, which must be one of ``allowed``; ``why`` explains a refusal (what cannot be represented)."""
+        value = self.get(key)
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(_short(a) for a in allowed)
+            raise self.fail(key, value, f"is not supported (allowed: {shown}){': ' + why if why else ''}")
+        return value
+
+    def int_list(self, key: str, lo: int, hi: int, max_len: int) -> tuple[int, ...]:
+        value = self.get(key)
+        ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= max_len
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value):
+            raise self.fail(key, value, f"must be a list of 1 to {max_len} integers in [{lo}, {hi}]")
+        return tuple(value)
+
+    def str_list(self, key: str, allowed: Sequence[str], max_len: int, why: str) -> tuple[str, ...]:
+        value = self.get(key)
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_len:
+            raise self.fail(key, value, f"must be a list of 1 to {max_len} block names")
+        for item in value:
+            if item not in allowed:
+                raise self.fail(key, value, f"holds {_short(item)}, which is not supported (allowed: "
+                                f"{', '.join(allowed)}): {why}")
+        return tuple(value)
+
+    def side(self, key: str) -> int | None:
+        """A ``sample_size``: None, an integer or a square ``[h, w]`` pair."""
+        value = self.get(key)
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+            raise self.fail(key, value, f"must be an integer (or a square [h, w] pair) in [1, {MAX_SIDE}]")
+        return value
+
+    def ignore(self, *keys: str) -> None:
+        """Mark options that do not change the network (read, not used)."""
+        self.read.update(keys)
+
+    def unknown(self) -> list[str]:
+        """Keys of the file that were not read (metadata keys and null values excepted)."""
+        return [k for k, v in self.data.items() if k not in self.read and not k.startswith("_") and v is not None]
+
+    def finish(self) -> None:
+        """Refuse the keys this converter does not know (it cannot tell whether they change the network)."""
+        left = self.unknown()
+        if left:
+            raise DiffusersFormatError(
+                f"{self.source}: option(s) {left[:5]} are unknown to this converter (written for diffusers 0.42); "
+                "it cannot tell whether they change the network, so the folder is refused"
+            )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One LDM tensor and the diffusers tensor(s) with the same numbers (see the module docstring for ``op``).
+
+    Attributes:
+        ldm: the key in the LDM sub-model (``input_blocks.1.1.qkv.weight``).
+        diffusers: the key(s) in the diffusers model (three for ``qkv``: ``to_q``, ``to_k``, ``to_v``).
+        op: ``copy`` | ``squeeze`` | ``qkv``.  heads, new_order: the ``qkv`` layout.
+    """
+
+    ldm: str
+    diffusers: tuple[str, ...]
+    op: str = "copy"
+    heads: int = 1
+    new_order: bool = False
+
+    def diffusers_shapes(self, ldm_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """The diffusers tensors' shapes for an LDM tensor of ``ldm_shape``."""
+        shape = tuple(int(s) for s in ldm_shape)
+        if self.op == "copy":
+            return [shape]
+        if self.op == "squeeze":
+            return [shape[:2]]
+        rows = shape[0] // 3
+        return [(rows, *shape[1:2])] * 3
+
+    def to_diffusers(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The diffusers tensor(s) holding ``tensor``'s values (new, contiguous tensors)."""
+        if self.op == "copy":
+            return [tensor.detach().clone().contiguous()]
+        if self.op == "squeeze":
+            return [tensor.detach().reshape(tensor.shape[:2]).clone().contiguous()]
+        rows = tensor.shape[0] // 3
+        flat = tensor.detach().reshape(tensor.shape[0], -1)  # [3C, I] (weight) or [3C, 1] (bias)
+        if self.new_order:
+            parts = flat.reshape(3, rows, -1)
+        else:
+            parts = flat.reshape(self.heads, 3, rows // self.heads, -1).transpose(0, 1).reshape(3, rows, -1)
+        out_shape = (rows, *tensor.shape[1:2])
+        return [p.reshape(out_shape).clone().contiguous() for p in parts]
+
+    def to_ldm(self, tensors: Sequence[torch.Tensor], ldm_shape: Sequence[int]) -> torch.Tensor:
+        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s), contiguous; ``copy``/``squeeze`` return a view
+        of the input (an import then holds each weight once)."""
+        shape = tuple(int(s) for s in ldm_shape)
+        if self.op in ("copy", "squeeze"):
+            return tensors[0].detach().reshape(shape).contiguous()
+        rows = shape[0] // 3
+        parts = torch.stack([t.detach().reshape(rows, -1) for t in tensors])  # [3, C, I]
+        if not self.new_order:
+            parts = parts.reshape(3, self.heads, rows // self.heads, -1).transpose(0, 1)
+        return parts.reshape(shape).clone().contiguous()
+
+
+def conv_pair(ldm: str, diffusers: str, bias: bool = True) -> list[ParamMap]:
+    """A module whose ``weight`` (and ``bias``) copy unchanged (conv, linear, GroupNorm, embedding)."""
+    params = ("weight", "bias") if bias else ("weight",)
+    return [ParamMap(f"{ldm}.{p}", (f"{diffusers}.{p}",)) for p in params]
+
+
+def linear_from_conv1x1(ldm: str, diffusers: str) -> list[ParamMap]:
+    """An LDM 1x1 convolution that diffusers holds as ``nn.Linear``."""
+    return [ParamMap(f"{ldm}.weight", (f"{diffusers}.weight",), "squeeze"), ParamMap(f"{ldm}.bias", (f"{diffusers}.bias",))]
+
+
+def check_complete(maps: Iterable[ParamMap], ldm_keys: Iterable[str], what: str) -> None:
+    """Every LDM key has exactly one map and every map an LDM key (a failure is a bug in the maps, not the input)."""
+    mapped = [m.ldm for m in maps]
+    keys = set(ldm_keys)
+    extra = sorted(set(mapped) - keys)
+    missing = sorted(keys - set(mapped))
+    if extra or missing or len(mapped) != len(set(mapped)):
+        raise RuntimeError(
+            f"internal error: the {what} key map does not cover the model (unmapped: {missing[:5]}, "
+            f"not in the model: {extra[:5]}); please report this with the folder's config.json"
+        )

@@ -1,0 +1,242 @@
+"""Reading a diffusers pipeline folder safely: its layout, its JSON configs and its weight files.
+
+Everything in a folder is untrusted input: names in ``model_index.json`` must be plain sub-folder names, JSON files are
+size-bounded and must hold objects (no NaN/Infinity), weight files are read as tensors only (``.safetensors``, or a
+``.bin`` pickle through :mod:`ldm.checkpoint`'s restricted unpickler), and the shapes of a ``.safetensors`` file are
+read from its header, so they can be compared with the shapes the config implies before any tensor is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.checkpoint import load_state_dict, sha256_file
+from ldm.convert.common import DiffusersFormatError
+from ldm.imageio import format_path
+
+MODEL_INDEX = "model_index.json"
+CONFIG_NAME = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MAX_JSON_BYTES = 16 << 20  # a scheduler config with 100k trained betas is ~2 MB
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+FIRST_STAGE_CLASSES = ("VQModel", "AutoencoderKL", "AsymmetricAutoencoderKL", "AutoencoderTiny")
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+DEFAULT_COMPONENTS = {"unet": ("unet",), "first_stage": ("vqvae", "vae"), "scheduler": ("scheduler",)}
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory laid out as a diffusers pipeline (``model_index.json``, or ``unet/config.json``)."""
+    root = Path(path)
+    return root.is_dir() and ((root / MODEL_INDEX).is_file() or (root / "unet" / CONFIG_NAME).is_file())
+
+
+def read_json(path: Path, shown: str) -> dict[str, Any]:
+    """A JSON object from an untrusted file (at most :data:`MAX_JSON_BYTES`; NaN/Infinity refused)."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    if not path.is_file():
+        raise DiffusersFormatError(f"{shown} is missing (or not a file)")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise DiffusersFormatError(f"{shown} is {size} bytes; a config is at most {MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DiffusersFormatError(f"{shown} is not valid JSON: {' '.join(str(exc).split())}") from exc
+    if not isinstance(data, dict):
+        raise DiffusersFormatError(f"{shown} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+class WeightFile:
+    """The tensors of one component: names and shapes first (cheap), tensors on demand.
+
+    ``.safetensors`` shapes come from the file header (nothing is allocated); a ``.bin`` is unpickled by
+    :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``), which allocates at most the file's size.
+    Only floating-point tensors are accepted.
+    """
+
+    def __init__(self, path: Path, shown: str, unsafe: bool = False):
+        self.path, self.shown = path, shown
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    for name in fh.keys():
+                        piece = fh.get_slice(name)
+                        self._check_dtype(name, piece.get_dtype(), piece.get_dtype() in SAFETENSORS_FLOATS)
+                        self._shapes[name] = tuple(int(s) for s in piece.get_shape())
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise DiffusersFormatError(f"{shown} is not a readable safetensors file: {' '.join(str(exc).split())}") from exc
+        else:
+            tensors = load_state_dict(path, unsafe=unsafe)
+            for name, value in tensors.items():
+                if not isinstance(value, torch.Tensor):
+                    raise DiffusersFormatError(f"{shown}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                self._check_dtype(name, str(value.dtype), value.is_floating_point())
+                self._shapes[str(name)] = tuple(value.shape)
+            self._tensors = {str(k): v for k, v in tensors.items()}
+
+    def _check_dtype(self, name: str, dtype: str, ok: bool) -> None:
+        if not ok:
+            raise DiffusersFormatError(f"{self.shown}: tensor {name!r} has dtype {dtype}; model weights are floating point")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of every tensor in the file."""
+        return dict(self._shapes)
+
+    def tensors(self, rename: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        """All tensors as float32, keyed by ``rename[name]`` (names absent from ``rename`` keep their name)."""
+        if self._tensors is None:
+            from safetensors.torch import load_file
+
+            self._tensors = load_file(str(self.path), device="cpu")
+        return {rename.get(k, k): v.to(torch.float32) for k, v in self._tensors.items()}
+
+
+@dataclass
+class Component:
+    """One sub-folder of the pipeline: its name, config (untrusted JSON) and weight file (None for a scheduler)."""
+
+    name: str
+    config: dict[str, Any]
+    config_file: Path
+    weights_file: Path | None = None
+
+    def source(self) -> str:
+        """``"unet/config.json"``: how messages name the config."""
+        return f"{self.name}/{self.config_file.name}"
+
+
+@dataclass
+class LDMFolder:
+    """An unconditional LDM pipeline folder: UNet, first stage and scheduler (configs read, weights not yet)."""
+
+    root: Path
+    unet: Component
+    first_stage: Component
+    scheduler: Component
+    read: list[Path] = field(default_factory=list)
+
+    @property
+    def shown(self) -> str:
+        return format_path(self.root)
+
+    def digest(self) -> str:
+        """sha256 over the files the conversion reads (configs and weights), sorted by path relative to the folder:
+        the hash of the lines ``<relative path> NUL <sha256 of the file>\\n``."""
+        digest = hashlib.sha256()
+        for path in sorted(set(self.read), key=lambda p: p.relative_to(self.root).as_posix()):
+            digest.update(f"{path.relative_to(self.root).as_posix()}\0{sha256_file(path)}\n".encode())
+        return digest.hexdigest()
+
+    def weights(self, component: Component, unsafe: bool = False) -> WeightFile:
+        assert component.weights_file is not None
+        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe)
+
+
+def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
+    """Find the UNet, first-stage and scheduler sub-folders of a diffusers LDM folder and read their configs.
+
+    With ``model_index.json`` the components are found by class; without it by the names ``unet``, ``vqvae`` (or
+    ``vae``) and ``scheduler``.
+
+    Raises:
+        DiffusersFormatError: not a folder, unreadable JSON, a missing part, or a conditioning component (a text
+            encoder, tokenizer, ...) that an unconditional LDM does not have.
+    """
+    root = Path(path)
+    shown = format_path(path)
+    if not root.is_dir():
+        raise DiffusersFormatError(f"{shown} is not a folder")
+    names = _component_names(root, shown)
+    read: list[Path] = [root / MODEL_INDEX] if (root / MODEL_INDEX).is_file() else []
+    parts = {}
+    for role, (name, cls) in names.items():
+        config_name = SCHEDULER_CONFIG if role == "scheduler" else CONFIG_NAME
+        config_file = root / name / config_name
+        config = read_json(config_file, f"{shown}/{name}/{config_name}")
+        if cls is not None:
+            config.setdefault("_class_name", cls)
+        read.append(config_file)
+        weights = None
+        if role != "scheduler":
+            weights = _weights_file(root / name, f"{shown}/{name}")
+            read.append(weights)
+        parts[role] = Component(name, config, config_file, weights)
+    return LDMFolder(root, parts["unet"], parts["first_stage"], parts["scheduler"], read)
+
+
+def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]]:
+    """``{role: (sub-folder, class from model_index.json or None)}`` for the roles unet, first_stage, scheduler."""
+    index_file = root / MODEL_INDEX
+    if not index_file.is_file():
+        found = {}
+        for role, candidates in DEFAULT_COMPONENTS.items():
+            name = next((c for c in candidates if (root / c).is_dir()), None)
+            if name is None:
+                raise DiffusersFormatError(f"{shown} has no {' or '.join(c + '/' for c in candidates)} sub-folder "
+                                           f"(and no {MODEL_INDEX} naming the pipeline's parts)")
+            found[role] = (name, None)
+        return found
+    index = read_json(index_file, f"{shown}/{MODEL_INDEX}")
+    found = {}
+    for name, entry in index.items():
+        if name.startswith("_") or entry is None or (isinstance(entry, list) and entry[-1:] == [None]):
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: entry {name!r} must be [library, class], got {entry!r}")
+        if not _plain_name(name):
+            raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component name {name!r} is not a plain folder name")
+        cls = entry[1]
+        role = (
+            "unet" if cls in UNET_CLASSES
+            else "first_stage" if cls in FIRST_STAGE_CLASSES
+            else "scheduler" if cls.endswith("Scheduler")
+            else None
+        )
+        if role is None:
+            raise DiffusersFormatError(
+                f"{shown}/{MODEL_INDEX}: component {name!r} ({cls}) is not part of an unconditional LDM (UNet2DModel + "
+                "VQModel + scheduler); conditional pipelines are not supported"
+            )
+        if role in found:
+            raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: components {found[role][0]!r} and {name!r} both look "
+                                       f"like the {role.replace('_', ' ')}")
+        found[role] = (name, cls)
+    missing = [role.replace("_", " ") for role in DEFAULT_COMPONENTS if role not in found]
+    if missing:
+        raise DiffusersFormatError(f"{shown}/{MODEL_INDEX} names no {', '.join(missing)} (an LDM folder has a UNet2DModel, "
+                                   "a VQModel and a scheduler)")
+    return found
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name and "\\" not in name
+
+
+def _weights_file(folder: Path, shown: str) -> Path:
+    if not folder.is_dir():
+        raise DiffusersFormatError(f"{shown}/ is missing (or not a folder)")
+    for name in WEIGHT_NAMES:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    if any((folder / f"{name}.index.json").exists() for name in WEIGHT_NAMES):
+        raise DiffusersFormatError(f"{shown}/ holds sharded weights (*.index.json), which are not supported; save the "
+                                   "model unsharded (save_pretrained(..., max_shard_size='100GB'))")
+    raise DiffusersFormatError(f"{shown}/ holds no {' or '.join(WEIGHT_NAMES)}")

@@ -1,0 +1,300 @@
+"""The first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map.
+
+Which options correspond (diffusers -> ``ldm.models.autoencoder.VQModelInterface`` / its ``ddconfig``):
+
+* ``block_out_channels`` = ``ch * ch_mult`` (``ch_mult[0]`` is 1: diffusers' first block keeps ``conv_in``'s width);
+* ``layers_per_block`` = ``num_res_blocks``; ``in_channels`` / ``out_channels`` = ``in_channels`` / ``out_ch``;
+* ``latent_channels`` = ``z_channels`` (the encoder's output); ``vq_embed_dim`` (default ``latent_channels``) =
+  ``embed_dim`` (what ``quant_conv`` maps to, the codebook width and the latent the UNet sees);
+  ``num_vq_embeddings`` = ``n_embed``;
+* ``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D`` at level ``i`` = ``sample_size // 2**i`` in
+  ``attn_resolutions`` (``sample_size`` = ``resolution``); ``mid_block_add_attention: false`` = ``attn_type: none``;
+* ``scaling_factor`` = LatentDiffusion's ``scale_factor`` (handled in :mod:`ldm.convert.diffusers`);
+* fixed by CompVis' modules: ``norm_num_groups: 32``, ``norm_type: group``, ``act_fn: silu``, single-head attention,
+  GroupNorm eps 1e-6, asymmetric-padding stride-2 downsampling.
+
+Refused: KL autoencoders (``AutoencoderKL``), spatially-normalized decoders (``norm_type: spatial``, MoVQ) and every
+other value listed above.  ``lookup_from_codebook`` and ``force_upcast`` do not change the network and are accepted.
+Key map (diffusers -> CompVis): ``encoder.down_blocks.i.{resnets,attentions}.j`` -> ``encoder.down.i.{block,attn}.j``;
+``encoder.down_blocks.i.downsamplers.0.conv`` -> ``encoder.down.i.downsample.conv``;
+``{encoder,decoder}.mid_block.{resnets.0,attentions.0,resnets.1}`` -> ``mid.{block_1,attn_1,block_2}``;
+``decoder.up_blocks.k.*`` -> ``decoder.up.(L-1-k).*`` (``upsamplers.0.conv`` -> ``upsample.conv``);
+``conv_norm_out`` -> ``norm_out``; ResNet ``conv_shortcut`` -> ``nin_shortcut``; attention ``group_norm, to_q, to_k,
+to_v, to_out.0`` (linear) -> ``norm, q, k, v, proj_out`` (1x1 convs); ``quant_conv``, ``post_quant_conv``,
+``quantize.embedding`` keep their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from ldm.convert.common import (
+    MAX_CHANNELS,
+    MAX_CODES,
+    MAX_LAYERS,
+    MAX_LEVELS,
+    DiffusersFormatError,
+    Options,
+    ParamMap,
+    conv_pair,
+    linear_from_conv1x1,
+)
+
+VQ_CLASS = "VQModel"
+VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
+# VQModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out); scaling_factor is handled apart
+VQ_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 3,
+    "sample_size": 32,
+    "num_vq_embeddings": 256,
+    "norm_num_groups": 32,
+    "vq_embed_dim": None,
+    "norm_type": "group",
+    "mid_block_add_attention": True,
+    "lookup_from_codebook": False,
+    "force_upcast": False,
+}
+DOWN_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
+UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+
+
+@dataclass(frozen=True)
+class VQLayout:
+    """What both formats need to know about a VQ first stage.
+
+    Attributes:
+        in_channels, out_channels: image channels.  ch, ch_mult: widths per level (``ch_mult[0] == 1``).
+        num_res_blocks: ResNets per encoder level (decoder: one more).  attention: per level, self-attention in its
+        blocks.  mid_attention: attention in the mid blocks.  z_channels: encoder output.  embed_dim: codebook width
+        (the latent).  n_embed: codebook size.  resolution: image side the attention levels refer to.
+    """
+
+    in_channels: int
+    out_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention: tuple[bool, ...]
+    mid_attention: bool
+    z_channels: int
+    embed_dim: int
+    n_embed: int
+    resolution: int
+
+    def ldm_params(self) -> dict[str, Any]:
+        """``first_stage_config.params`` of ``VQModelInterface`` (frozen first stage: ``torch.nn.Identity`` loss)."""
+        ddconfig = {
+            "double_z": False,
+            "z_channels": self.z_channels,
+            "resolution": self.resolution,
+            "in_channels": self.in_channels,
+            "out_ch": self.out_channels,
+            "ch": self.ch,
+            "ch_mult": list(self.ch_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attn_resolutions": [self.resolution // 2**i for i, a in enumerate(self.attention) if a],
+            "dropout": 0.0,
+            "attn_type": "vanilla" if self.mid_attention else "none",
+        }
+        return {
+            "embed_dim": self.embed_dim,
+            "n_embed": self.n_embed,
+            "ddconfig": ddconfig,
+            "lossconfig": {"target": "torch.nn.Identity"},
+        }
+
+    def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
+        """``vqvae/config.json`` of the equivalent ``VQModel`` (every option written out, ``scaling_factor`` too)."""
+        levels = range(len(self.ch_mult))
+        return {
+            "_class_name": VQ_CLASS,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": [DOWN_TYPES[self.attention[i]] for i in levels],
+            "up_block_types": [UP_TYPES[self.attention[i]] for i in reversed(levels)],
+            "block_out_channels": [self.ch * m for m in self.ch_mult],
+            "layers_per_block": self.num_res_blocks,
+            "act_fn": "silu",
+            "latent_channels": self.z_channels,
+            "sample_size": self.resolution,
+            "num_vq_embeddings": self.n_embed,
+            "norm_num_groups": 32,
+            "vq_embed_dim": self.embed_dim,
+            "scaling_factor": scaling_factor,
+            "norm_type": "group",
+            "mid_block_add_attention": self.mid_attention,
+            "lookup_from_codebook": False,
+            "force_upcast": False,
+        }
+
+    # ------------------------------------------------------------------------------------------------------ key map
+    def param_maps(self) -> list[ParamMap]:
+        """Every first-stage tensor: LDM key (inside ``VQModelInterface``) <-> diffusers key (inside ``VQModel``)."""
+        last = len(self.ch_mult) - 1
+        maps = conv_pair("encoder.conv_in", "encoder.conv_in")
+        block_in = self.ch
+        for level in range(last + 1):
+            out = self.ch * self.ch_mult[level]
+            for j in range(self.num_res_blocks):
+                maps += _resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", block_in != out)
+                block_in = out
+                if self.attention[level]:
+                    maps += _attention(f"encoder.down.{level}.attn.{j}", f"encoder.down_blocks.{level}.attentions.{j}")
+            if level != last:
+                maps += conv_pair(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+        maps += self._mid("encoder") + conv_pair("encoder.norm_out", "encoder.conv_norm_out")
+        maps += conv_pair("encoder.conv_out", "encoder.conv_out")
+        maps += conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
+        maps += conv_pair("post_quant_conv", "post_quant_conv") + conv_pair("decoder.conv_in", "decoder.conv_in")
+        maps += self._mid("decoder")
+        for k, level in enumerate(reversed(range(last + 1))):
+            out = self.ch * self.ch_mult[level]
+            for j in range(self.num_res_blocks + 1):
+                maps += _resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", block_in != out)
+                block_in = out
+                if self.attention[level]:
+                    maps += _attention(f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{k}.attentions.{j}")
+            if level:
+                maps += conv_pair(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
+        return maps + conv_pair("decoder.norm_out", "decoder.conv_norm_out") + conv_pair("decoder.conv_out", "decoder.conv_out")
+
+    def _mid(self, part: str) -> list[ParamMap]:
+        maps = _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+        if self.mid_attention:
+            maps += _attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
+        return maps + _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+
+
+def _resnet(ldm: str, diffusers: str, has_shortcut: bool) -> list[ParamMap]:
+    names = ["norm1", "conv1", "norm2", "conv2"]
+    maps = [m for n in names for m in conv_pair(f"{ldm}.{n}", f"{diffusers}.{n}")]
+    if has_shortcut:
+        maps += conv_pair(f"{ldm}.nin_shortcut", f"{diffusers}.conv_shortcut")
+    return maps
+
+
+def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
+    maps = conv_pair(f"{ldm}.norm", f"{diffusers}.group_norm")
+    for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        maps += linear_from_conv1x1(f"{ldm}.{a}", f"{diffusers}.{b}")
+    return maps
+
+
+# ----------------------------------------------------------------------------------------------------- from diffusers
+def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
+    """Validate a ``VQModel`` config (untrusted JSON) and return its layout (``scaling_factor`` is read elsewhere).
+
+    Raises:
+        DiffusersFormatError: naming the first option that this project cannot represent, or a bad value.
+    """
+    cls = data.get("_class_name", VQ_CLASS)
+    if cls != VQ_CLASS:
+        why = (
+            "a KL autoencoder (Stable Diffusion's VAE)"
+            if cls in ("AutoencoderKL", "AsymmetricAutoencoderKL")
+            else "not a VQ autoencoder"
+        )
+        raise DiffusersFormatError(
+            f"{source}: _class_name={cls!r} is {why}; this project's first stage is a VQ autoencoder (diffusers VQModel)"
+        )
+    opt = Options(data, source, VQ_DEFAULTS)
+    opt.choice("norm_type", ["group"], "spatially-normalized decoders (MoVQ) are not supported")
+    opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
+    opt.choice("act_fn", ["silu", "swish"])
+    opt.flag("lookup_from_codebook")
+    opt.flag("force_upcast")
+    opt.ignore("scaling_factor")
+    down = opt.str_list("down_block_types", DOWN_TYPES, MAX_LEVELS, "CompVis' encoder has ResNet (+ attention) levels")
+    up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "CompVis' decoder has ResNet (+ attention) levels")
+    widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
+    if len(down) != len(widths) or len(up) != len(widths):
+        raise opt.fail("block_out_channels", list(widths), f"has {len(widths)} levels but down_block_types has "
+                       f"{len(down)} and up_block_types {len(up)}")
+    attention = tuple(t == "AttnDownEncoderBlock2D" for t in down)
+    if tuple(t == "AttnUpDecoderBlock2D" for t in reversed(up)) != attention:
+        raise opt.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: CompVis' encoder "
+                       "and decoder share attn_resolutions")
+    base = widths[0]
+    if any(w % base or w % 32 for w in widths):
+        raise opt.fail("block_out_channels", list(widths), "must be multiples of block_out_channels[0] (CompVis' "
+                       "ch * ch_mult) and of 32 (GroupNorm groups)")
+    mid_attention = opt.flag("mid_block_add_attention")
+    if any(attention) and not mid_attention:
+        raise opt.fail("mid_block_add_attention", False, "with attention blocks is not supported (CompVis' "
+                       "attn_type 'none' removes every attention block)")
+    resolution = opt.side("sample_size") or VQ_DEFAULTS["sample_size"]
+    if any(attention) and resolution % 2 ** (len(widths) - 1):
+        raise opt.fail("sample_size", resolution, f"must be a multiple of {2 ** (len(widths) - 1)} to place the "
+                       "attention levels (CompVis' attn_resolutions)")
+    z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
+    embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
+    layout = VQLayout(
+        in_channels=opt.integer("in_channels", 1, MAX_CHANNELS),
+        out_channels=opt.integer("out_channels", 1, MAX_CHANNELS),
+        ch=base,
+        ch_mult=tuple(w // base for w in widths),
+        num_res_blocks=opt.integer("layers_per_block", 1, MAX_LAYERS),
+        attention=attention,
+        mid_attention=mid_attention,
+        z_channels=z_channels,
+        embed_dim=embed_dim,
+        n_embed=opt.integer("num_vq_embeddings", 1, MAX_CODES),
+        resolution=resolution,
+    )
+    opt.finish()
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------------- from a model
+def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
+    """The layout of this project's VQ first stage; refuses what diffusers' ``VQModel`` cannot hold.
+
+    Raises:
+        DiffusersFormatError: not a VQ model, a remapped codebook, ``ch_mult[0] != 1``, ``double_z``, pooling
+            downsampling, ``tanh_out`` / ``give_pre_end``, or encoder and decoder attention at different levels.
+    """
+    from ldm.models.autoencoder import VQModel
+
+    def refuse(what: str) -> DiffusersFormatError:
+        return DiffusersFormatError(f"the first stage cannot be written as a diffusers VQModel: {what}")
+
+    if not isinstance(first_stage, VQModel):
+        raise refuse(f"it is a {type(first_stage).__name__}, not a VQ autoencoder (ldm.models.autoencoder.VQModel)")
+    dd = first_stage.ddconfig
+    if getattr(first_stage.quantize, "remap", None) is not None:
+        raise refuse("a remapped codebook (remap=...) is not supported")
+    if dd.get("double_z", True) or tuple(dd["ch_mult"])[0] != 1:
+        raise refuse(f"ddconfig double_z={dd.get('double_z', True)}, ch_mult={list(dd['ch_mult'])}: need double_z false "
+                     "and ch_mult starting with 1")
+    if not dd.get("resamp_with_conv", True) or dd.get("tanh_out", False) or dd.get("give_pre_end", False):
+        raise refuse("resamp_with_conv=False, tanh_out or give_pre_end are not supported")
+    encoder, decoder = first_stage.encoder, first_stage.decoder
+    attention = tuple(len(d.attn) > 0 for d in encoder.down)
+    if tuple(len(u.attn) > 0 for u in decoder.up) != attention:
+        raise refuse(f"attn_resolutions={list(dd['attn_resolutions'])} put encoder and decoder attention at different "
+                     f"levels (resolution={dd['resolution']} is not a multiple of 2**(levels-1))")
+    mid_attention = not isinstance(encoder.mid.attn_1, nn.Identity)
+    return VQLayout(
+        in_channels=int(dd["in_channels"]),
+        out_channels=int(dd["out_ch"]),
+        ch=int(dd["ch"]),
+        ch_mult=tuple(int(m) for m in dd["ch_mult"]),
+        num_res_blocks=int(dd["num_res_blocks"]),
+        attention=attention,
+        mid_attention=mid_attention,
+        z_channels=int(dd["z_channels"]),
+        embed_dim=int(first_stage.embed_dim),
+        n_embed=int(first_stage.n_embed),
+        resolution=int(dd["resolution"]),
+    )

@@ -46,7 +46,7 @@ from ldm.convert.schedule import ScheduleSpec, schedule_from_config, scheduler_c
 from ldm.convert.unet_map import UNET_TARGET, WINDOW_KEY, UNetLayout, unet_layout_from_config, unet_layout_from_model
 from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config, vq_layout_from_model
 from ldm.imageio import format_path
-from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.models.diffusion.base import SCHEDULE_BUFFERS
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latesteps import validate_window
 from ldm.modules.diffusionmodules.util import make_schedule_buffers

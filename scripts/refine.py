@@ -6,7 +6,8 @@
     python scripts/refine.py --input face.png --mask face_mask.png --start-t 400 --ckpt A.ckpt --ckpt B.ckpt
     python scripts/refine.py --input face.png --box 40,60,120,150@450 --crop-regions --ckpt A.ckpt --ckpt B.ckpt
 
-Each --ckpt is one expert; each step runs on the expert whose training window holds its timestep.  --mask / --box
+Each --ckpt is one expert; each step runs on the expert whose training window holds its timestep.  Under ``torchrun
+--nproc-per-node N`` (or SLURM) the inputs are split between the processes, one GPU each.  --mask / --box
 refine only a region (every other pixel comes back unchanged).  Outputs are ``<outdir>/<stem>_t<start>_s<seed>[_k].png``
 with every parameter and each checkpoint's sha256 in PNG text metadata.  This file only parses arguments and prints;
 the work is in :mod:`ldm.refine`.
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.checkpoint import CheckpointError
     from ldm.refine import Refiner
     from ldm.refine.batch import batch_plan, collect_inputs, refine_files
+    from ldm.refine.distributed import close, gather, rank_device, ranks_from_env
     from ldm.refine.region_files import RegionOptions
     from ldm.util import ConfigError
 
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
     )
     try:
+        ranks = ranks_from_env()
         refiner = Refiner.from_checkpoints(
-            args.ckpt, device=args.device, precision=args.precision, ema=args.ema, config=args.config,
+            args.ckpt, device=rank_device(args.device, ranks), precision=args.precision, ema=args.ema, config=args.config,
             allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
             batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
             compile=args.compile,
@@ -193,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
         _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE
-    print(f"{refiner.describe()}\n{plan.describe()}", flush=True)
+    if ranks.is_main:
+        print(f"{refiner.describe()}\n{plan.describe()}", flush=True)
 
     paths, problems = collect_inputs(args.input, args.outdir)
-    for line in problems:
+    for line in problems if ranks.is_main else ():
         _err(line)
     if not paths:
         _err(f"error: no images to refine in {args.input}")
@@ -213,26 +217,35 @@ def main(argv: list[str] | None = None) -> int:
             refiner, paths, args.outdir, start_t=args.start_t, ddim_steps=args.ddim_steps, eta=args.eta,
             tail_steps=args.tail_steps, sampler=args.sampler, strength=args.strength, regions=regions, seed=args.seed,
             n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
-            parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err,
+            parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err, share=ranks.share(len(paths)),
         )
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are complete (re-run with --skip-existing to continue)")
         return EXIT_INTERRUPTED
+    reports = gather(report, ranks)  # every rank's outcome, for one summary and one exit code
+    close(ranks)
     seconds = time.perf_counter() - started
-
-    refined = sum(1 for out in report.written if not out.name.endswith("_grid.png"))
-    print(f"{len(report.done)} of {len(paths)} images done in {seconds:.1f} s: {refined} refined files written, "
-          f"{len(report.skipped)} skipped as existing, into {args.outdir}", flush=True)
-    if report.fatal:
-        _err(f"error: {report.fatal}; stopped")
+    done = sum(len(r.done) for r in reports)
+    written = [out for r in reports for out in r.written]
+    failed = [f for r in reports for f in r.failed]
+    fatal = [r.fatal for r in reports if r.fatal]
+    if ranks.is_main:
+        refined = sum(1 for out in written if not out.name.endswith("_grid.png"))
+        by = f" by {ranks.world} processes" if ranks.world > 1 else ""
+        print(f"{done} of {len(paths)} images done in {seconds:.1f} s{by}: {refined} refined files written, "
+              f"{sum(len(r.skipped) for r in reports)} skipped as existing, into {args.outdir}", flush=True)
+    if fatal:
+        if ranks.is_main:
+            _err(f"error: {fatal[0]}; stopped")
         return EXIT_OUTPUT
-    if report.failed or problems:
-        parts = []
-        if report.failed:
-            parts.append(f"{len(report.failed)} image(s) failed: {', '.join(name for name, _ in report.failed)}")
-        if problems:
-            parts.append(f"{len(problems)} input(s) matched no image")
-        _err("; ".join(parts))
+    if failed or problems:
+        if ranks.is_main:
+            parts = []
+            if failed:
+                parts.append(f"{len(failed)} image(s) failed: {', '.join(name for name, _ in failed)}")
+            if problems:
+                parts.append(f"{len(problems)} input(s) matched no image")
+            _err("; ".join(parts))
         return EXIT_INPUT_FAILED
     return EXIT_OK
 

@@ -48,7 +48,9 @@ from ldm.convert.unet_map import UNET_DEFAULTS, unet_layout_from_config  # noqa:
 from ldm.convert.vq_map import VQ_DEFAULTS, vq_layout_from_config  # noqa: E402
 from ldm.imageio import read_png_metadata  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.models.diffusion.denoisers import ModelDenoiser  # noqa: E402
 from ldm.refine.loading import check_checkpoint_paths, load_expert  # noqa: E402
+from ldm.sampling import NoiseSchedule, build_plan, run_tail  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 from conftest import build_tiny_expert, photo_crops, save_expert_checkpoint, tiny_expert_config  # noqa: E402
@@ -185,10 +187,9 @@ def test_refinement_equals_a_diffusers_ddim_loop(ldm_folder):
     model = expert.model
     x = photo_crops(1, 16, seed=3)
     noise = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(7))
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(10, ddim_eta=0.0)
+    plan = build_plan(NoiseSchedule.from_model(model), 400, [ModelDenoiser(model)], "cpu", ddim_steps=10)
     with torch.no_grad():
-        z, _, plan = sampler.refine(model.get_first_stage_encoding(model.encode_first_stage(x)), 400, noise=noise)
+        z, _ = run_tail(plan, model.get_first_stage_encoding(model.encode_first_stage(x)), noise)
         ours = model.decode_first_stage(z)
 
     unet = UNet2DModel.from_pretrained(ldm_folder, subfolder="unet").eval()

@@ -218,6 +218,7 @@ def refine_files(
     parameters: Mapping[str, object] | None = None,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
+    share: Sequence[int] | None = None,
 ) -> BatchReport:
     """Refine every file in ``paths`` into ``outdir`` (see the module docstring for naming and error rules).
 
@@ -235,9 +236,11 @@ def refine_files(
         parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
         progress: tqdm bars over images and sampling steps (rank 0 only).
         on_error: called with one line per failed input (default: logged as an error).
+        share: refine only the inputs at these indices of ``paths`` (this process's part of a batch split across
+            processes, :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
 
     Returns:
-        a :class:`BatchReport`.
+        a :class:`BatchReport` of the inputs refined here.
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples={n_samples} and batch_size={batch_size} must be >= 1")
@@ -250,8 +253,9 @@ def refine_files(
     outdir = Path(os.fsdecode(outdir))
     input_reals = {os.path.realpath(p) for p in paths}
     stems = output_stems(paths)
+    mine = list(range(len(paths))) if share is None else list(share)
     show = progress and is_rank_zero()
-    bar = tqdm(total=len(paths), desc="images", unit="img", disable=not show)
+    bar = tqdm(total=len(mine), desc="images", unit="img", disable=not show)
     remaining: dict[int, int] = {}  # input index -> samples still to write
     finished: set[int] = set()  # inputs done or failed
     pending: list[_Item] = []
@@ -313,10 +317,11 @@ def refine_files(
             finish_sample(item.source)
 
     # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone).
-    names = [out.name for stem in stems for _, _, out in _outputs_for(stem, outdir, plan.start_t, seed, n_samples)]
+    names = [out.name for i in mine for _, _, out in _outputs_for(stems[i], outdir, plan.start_t, seed, n_samples)]
     remove_stale_temp_files(outdir, names=[*names, *(Path(n).stem + "_grid.png" for n in names)])
     try:
-        for index, path in enumerate(paths):
+        for index in mine:
+            path = paths[index]
             items = _outputs_for(stems[index], outdir, plan.start_t, seed, n_samples)
             clash = [out for _, _, out in items if os.path.realpath(out) in input_reals]
             if clash:

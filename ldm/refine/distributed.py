@@ -1,0 +1,83 @@
+"""Refining one batch of files with several processes (``torchrun``, SLURM): who does which input, one summary.
+
+Every process loads the experts on its own device (``cuda:<LOCAL_RANK>`` on GPUs) and refines the inputs whose index
+in the sorted input list is ``rank (mod world size)``; output names are decided over the whole list, so each output is
+written by exactly one process and the files are the same as a single-process run.  At the end the processes exchange
+their :class:`~ldm.refine.batch.BatchReport` over a CPU (gloo) process group: rank 0 prints one summary, and every
+process exits with the same code, so the launcher's exit status reflects every rank's failures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Ranks wait at most this long for each other at the end (the slowest rank's share of the batch).
+GATHER_TIMEOUT = datetime.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes refining one batch."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, count: int) -> list[int]:
+        """The indices of ``count`` inputs this process refines (every ``world``-th, from ``rank``)."""
+        return list(range(self.rank, count, self.world))
+
+
+def ranks_from_env() -> Ranks:
+    """From torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (or SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS`` /
+    ``SLURM_LOCALID``); one process when neither is set.  Raises ValueError for values that do not fit together."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_NTASKS" in env:
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        return Ranks()
+    try:
+        rank, world, local = (int(env.get(name, "0")) for name in names)
+    except ValueError as exc:
+        raise ValueError(f"{'/'.join(names)} must be integers ({exc})") from exc
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"{names[0]}={rank}, {names[1]}={world}: need 0 <= rank < world size")
+    return Ranks(rank, world, local)
+
+
+def rank_device(device: str, ranks: Ranks) -> str:
+    """``device`` for this process: ``cuda:<LOCAL_RANK>`` for ``auto``/``cuda`` when several processes share a node's
+    GPUs, else unchanged."""
+    if ranks.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ranks.local_rank}"
+    return device
+
+
+def gather(value: Any, ranks: Ranks) -> list[Any]:
+    """``value`` of every rank, in rank order (a CPU process group is set up on the first call; one process: no
+    communication)."""
+    if ranks.world == 1:
+        return [value]
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world, timeout=GATHER_TIMEOUT)
+    values: list[Any] = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def close(ranks: Ranks) -> None:
+    """Tear the process group down (where :func:`gather` set one up)."""
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,8 +8,11 @@ A checkpoint becomes an :class:`~ldm.models.diffusion.experts.Expert` in these s
    given as ``config`` (CompVis releases carry none).  Every ``target`` of a config read from a checkpoint must be in
    the allow-list :data:`ldm.util.TRUSTED_TARGET_PREFIXES` unless ``trust_config``; importing a module is running code;
 3. the model is rebuilt for inference: ``ckpt_path`` entries are removed (the checkpoint itself holds the
-   ``first_stage_model.*`` weights), the first stage's training loss is replaced by ``torch.nn.Identity`` (it would need
-   LPIPS weights and is never used), and the EMA copy is built only when its weights will be used;
+   ``first_stage_model.*`` weights), the training loss of the first stage (and of a VQ conditioning stage) is replaced
+   by ``torch.nn.Identity`` (it would need LPIPS weights and is never used), and the EMA copy is built only when its
+   weights will be used.  A config read from the checkpoint is then checked by :func:`ldm.untrusted.check_untrusted_model`
+   unless ``trust_config``: each slot builds only its kind of class, values have their constructor's types, and the
+   model is built on the meta device first, its every shape compared with the state dict before anything is allocated;
 4. weights are loaded with :func:`ldm.checkpoint.load_weights`: shape mismatches name the first keys, and missing model
    weights (a first-stage-only or foreign checkpoint) are an error, not a silently random network;
 5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is
@@ -27,11 +30,12 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, sha256_file
+from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, require_weights, sha256_file
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.models.diffusion.latesteps import validate_window, window_to_steps
+from ldm.untrusted import OPTIONAL_WEIGHTS, check_untrusted_model
 from ldm.util import (
     TRUSTED_TARGET_PREFIXES,
     ConfigError,
@@ -173,6 +177,9 @@ def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, 
             first_params["lossconfig"] = {"target": "torch.nn.Identity"}
         first["params"] = first_params
         params["first_stage_config"] = first
+    cond = params.get("cond_stage_config")
+    if isinstance(cond, Mapping) and isinstance(cond.get("params"), Mapping) and "lossconfig" in cond["params"]:
+        params["cond_stage_config"] = {**cond, "params": {**cond["params"], "lossconfig": {"target": "torch.nn.Identity"}}}
     cfg["params"] = params
     return cfg
 
@@ -242,6 +249,8 @@ def load_expert(
     cfg = _inference_config(model_cfg, use_ema)
     allowed = None if (trust_config or source != "checkpoint") else TRUSTED_TARGET_PREFIXES
     _model_class(cfg, shown, allowed)
+    if allowed is not None:  # kinds, values and every size checked before anything real is allocated
+        check_untrusted_model(cfg, state_dict, f"checkpoint {shown}", allowed)
     try:
         model = instantiate_from_config(cfg, allowed_prefixes=allowed)
     except ValueError as exc:  # ConfigError (unknown keys, bad params) and the models' own argument checks
@@ -251,12 +260,7 @@ def load_expert(
         missing, _ = load_weights(model, state_dict, strict=False, source=f"checkpoint {shown}")
     except CheckpointError as exc:
         raise CheckpointError(f"config and checkpoint disagree: {exc}") from exc
-    needed = [k for k in missing if not k.startswith("model_ema.")]
-    if needed:
-        raise CheckpointError(
-            f"checkpoint {shown} lacks {len(needed)} weights the model needs (first: {needed[:5]}): it is the wrong "
-            "kind (e.g. a first-stage-only checkpoint) or the config describes another model"
-        )
+    require_weights(missing, f"checkpoint {shown}", optional_prefixes=OPTIONAL_WEIGHTS)
     if use_ema:
         model.model_ema.copy_to(model.model)
         del model.model_ema

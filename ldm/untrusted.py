@@ -66,6 +66,10 @@ OPTIONAL_WEIGHTS = ("model_ema.",)  # an EMA is built only when the checkpoint h
 _BUILD_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
 
 
+class RegistrationLimitError(CheckpointError):
+    """A dry run stopped: the config's model registers far more tensors or modules than its checkpoint holds."""
+
+
 @dataclass(frozen=True)
 class ConfigRole:
     """What one slot of an untrusted config may build.
@@ -391,7 +395,7 @@ def _registration_limits(max_tensors: int, max_modules: int, source: str, held: 
     def count(what: str, limit: int, module: torch.nn.Module, name: str) -> None:
         counts[what] += 1
         if counts[what] > limit:
-            raise CheckpointError(
+            raise RegistrationLimitError(
                 f"config and checkpoint disagree: {source} holds {held} tensors, its config's model registers more than "
                 f"{limit} {what} (stopped at {type(module).__name__}.{name}); refused before building further"
             )
@@ -417,9 +421,9 @@ def _build_on_meta(
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"), limits:
             return instantiate_from_config(cfg, allowed_prefixes=prefixes)
-    except CheckpointError:
+    except RegistrationLimitError:
         raise
-    except _BUILD_ERRORS as exc:
+    except _BUILD_ERRORS as exc:  # also a CheckpointError of a sub-model's own ckpt_path, named as load_expert names it
         reason = " ".join(str(exc).split())
         if not isinstance(exc, ValueError):
             reason = f"{type(exc).__name__}: {reason}"

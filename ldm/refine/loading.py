@@ -221,7 +221,8 @@ def load_expert(
     Raises:
         CheckpointError: missing, truncated, unsafe, wrong-kind checkpoint, or weights that do not fit the config
             ("config and checkpoint disagree" with the first mismatching keys).
-        ConfigError: no usable config, a forbidden or unknown target, bad parameters.
+        ConfigError: no usable config, a forbidden or unknown target, a class of the wrong kind for its slot, bad
+            parameters (see :mod:`ldm.untrusted` for what a config stored in a checkpoint may hold).
     """
     shown = format_path(path)
     ckpt = load_checkpoint(path, map_location="cpu", unsafe=unsafe_load)

@@ -19,7 +19,9 @@ passes ``trust_config``) checks such a config in three steps, before any object 
    is compared with the checkpoint's state dict (:func:`ldm.checkpoint.check_weights_fit`), missing weights are
    refused, and the model may hold only a little more numbers than the checkpoint (its non-persistent buffers).
 
-A trusted config (``--trust-config``) skips all of this: it may build any class, with any value.
+A trusted config (``--trust-config``) skips all of this: it may build any class, with any value.  Every config read
+from a checkpoint, trusted or not, first passes :func:`check_config_structure` (bounded nesting and size), because the
+loader walks it recursively before anything else.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ MAX_CONFIG_INT = 2**24
 # blocks is refused after a few thousand), or MODULES_PER_TENSOR times as many modules (SiLU, Sequential, ... hold none).
 TENSOR_SLACK = 1024
 MODULES_PER_TENSOR = 4
+# How deep a config read from a checkpoint may nest, and how many entries it may hold (a shared entry counts each time
+# it is reached): real configs nest 6 levels and hold a few hundred; a pickle can hold a nest deeper than Python's
+# recursion limit, a cycle, or a list holding itself twice at each of 60 levels (2**60 entries to walk).
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_ENTRIES = 100_000
 # Numbers a model may hold beyond its checkpoint's, in non-persistent buffers (e.g. ``logvar``, ``lvlb_weights``).
 EXTRA_NUMEL = 2**22
 OPTIONAL_WEIGHTS = ("model_ema.",)  # an EMA is built only when the checkpoint has one
@@ -176,6 +183,30 @@ def check_untrusted_model(
         raise CheckpointError(f"config and checkpoint disagree: {exc}") from exc
     require_weights(missing, source, optional_prefixes=OPTIONAL_WEIGHTS)
     _check_total_size(model, state_dict, source)
+
+
+def check_config_structure(config: Any, source: str) -> None:
+    """Refuse a config (as read from a checkpoint) that nests deeper than :data:`MAX_CONFIG_DEPTH` or holds more than
+    :data:`MAX_CONFIG_ENTRIES` entries, before anything walks it recursively (``copy.deepcopy``, the target scans):
+    a pickle can hold a nest deeper than Python's recursion limit, a cycle, or shared lists that multiply the walk.
+    The check itself walks iteratively and stops at the first limit."""
+    stack, entries = [(config, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = list(node)
+        else:
+            continue
+        entries += len(children)
+        if depth > MAX_CONFIG_DEPTH or entries > MAX_CONFIG_ENTRIES:
+            raise ConfigError(
+                f"{source}: its stored config nests deeper than {MAX_CONFIG_DEPTH} levels or holds more than "
+                f"{MAX_CONFIG_ENTRIES:,} entries (a shared entry counted each time it is reached); a model config is "
+                "far smaller: the file is corrupt or crafted"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def check_untrusted_config(

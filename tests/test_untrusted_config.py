@@ -167,6 +167,36 @@ def test_absurd_values_inside_the_first_stage_ddconfig(expert_checkpoints, tmp_p
         load_expert(path)
 
 
+def crafted_structure(shape: str):
+    """A config value that a recursive walk cannot handle: a nest deeper than the recursion limit, a cycle, or a list
+    holding itself twice at each of 22 levels (4 M paths; the pickle stays tiny)."""
+    if shape == "deep":
+        value: object = {}
+        for _ in range(3000):
+            value = {"a": value}
+    elif shape == "cycle":
+        value = {}
+        value["a"] = value
+    else:
+        value = [0]
+        for _ in range(22):
+            value = [value, value]
+    return value
+
+
+@pytest.mark.parametrize("shape", ["deep", "cycle", "shared"])
+def test_a_crafted_config_structure_is_one_line(expert_checkpoints, tmp_path, shape):
+    """Without the check: RecursionError tracebacks (copy.deepcopy, the target scan), or seconds of walking 4 M paths."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # pickling the nest needs it; loading must not
+    try:
+        path = expert_with(expert_checkpoints[0], tmp_path / "crafted.ckpt", setter(MODEL, "monitor", crafted_structure(shape)))
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(ConfigError, match="its stored config nests deeper than 64 levels or holds more than 100,000"):
+        load_expert(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # roles: each slot builds only its kind
 

@@ -35,7 +35,7 @@ from ldm.imageio import format_path
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.models.diffusion.latesteps import validate_window, window_to_steps
-from ldm.untrusted import OPTIONAL_WEIGHTS, check_untrusted_model
+from ldm.untrusted import OPTIONAL_WEIGHTS, check_config_structure, check_untrusted_model
 from ldm.util import (
     TRUSTED_TARGET_PREFIXES,
     ConfigError,
@@ -152,10 +152,11 @@ def load_yaml_model_config(config: str | os.PathLike | Mapping[str, Any]) -> dic
     return dict(data)
 
 
-def _embedded_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any] | None:
     embedded = ckpt.get("config")
     if not isinstance(embedded, Mapping):
         return None
+    check_config_structure(embedded, f"checkpoint {shown}")
     model = embedded.get("model", embedded)
     if isinstance(model, Mapping) and isinstance(model.get("target"), str):
         return copy.deepcopy(dict(model))
@@ -231,7 +232,7 @@ def load_expert(
         raise CheckpointError(
             f"checkpoint {shown} is the wrong kind: it holds no 'state_dict' (top-level keys: {sorted(map(str, ckpt))[:8]})"
         )
-    model_cfg = _embedded_model_config(ckpt)
+    model_cfg = _embedded_model_config(ckpt, shown)
     if model_cfg is not None:
         source = "checkpoint"
         if config is not None:

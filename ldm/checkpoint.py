@@ -267,12 +267,45 @@ def shape_mismatches(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """``(key, checkpoint_shape, model_shape)`` for every key present in both with different shapes."""
-    own = module.state_dict()
+    return _shape_mismatches(module.state_dict(), state_dict)
+
+
+def _shape_mismatches(
+    own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     return [
         (k, tuple(v.shape), tuple(own[k].shape))
         for k, v in state_dict.items()
         if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
     ]
+
+
+def check_weights_fit(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> tuple[list[str], list[str]]:
+    """Refuse a ``state_dict`` that cannot be loaded into ``module``, without loading anything.
+
+    Shape mismatches are an error (naming the first mismatching keys), and so is a ``state_dict`` that shares no key
+    with the model (the wrong kind of checkpoint, e.g. a first stage given as a diffusion model's ``ckpt_path``).
+    Only shapes are read, so ``module`` may live on the ``meta`` device (a dry run before anything is allocated).
+    Returns ``(missing, unexpected)`` keys.
+    """
+    own = module.state_dict()
+    bad = _shape_mismatches(own, state_dict)
+    if bad:
+        first = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad[:5])
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: {len(bad)} tensors differ in shape ({first}). "
+            "The config and the checkpoint describe different architectures; use the config saved with the checkpoint."
+        )
+    if state_dict and own and not set(state_dict) & set(own):
+        theirs = sorted({k.split(".", 1)[0] for k in state_dict})[:5]
+        ours = sorted({k.split(".", 1)[0] for k in own})[:5]
+        raise CheckpointError(
+            f"{source} lacks all {len(own)} weights of {type(module).__name__} (no key in common): it is the wrong kind "
+            f"of checkpoint for this model (its keys begin with {theirs}, the model's with {ours})"
+        )
+    return [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
 
 
 def load_weights(
@@ -283,26 +316,11 @@ def load_weights(
 ) -> tuple[list[str], list[str]]:
     """Load ``state_dict`` into ``module`` and report what did not match.
 
-    Shape mismatches are always an error (naming the first mismatching keys), and so is a ``state_dict`` that shares
-    no key with the model (the wrong kind of checkpoint, e.g. a first stage given as a diffusion model's
-    ``ckpt_path``); missing/unexpected keys are an error when ``strict`` and a logged note otherwise.
+    Shape mismatches and a ``state_dict`` without a key in common are always an error (:func:`check_weights_fit`);
+    missing/unexpected keys are an error when ``strict`` and a logged note otherwise.
     Returns ``(missing, unexpected)``.
     """
-    bad = shape_mismatches(module, state_dict)
-    if bad:
-        first = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad[:5])
-        raise CheckpointError(
-            f"{source} does not fit {type(module).__name__}: {len(bad)} tensors differ in shape ({first}). "
-            "The config and the checkpoint describe different architectures; use the config saved with the checkpoint."
-        )
-    own = module.state_dict()
-    if state_dict and own and not set(state_dict) & set(own):
-        theirs = sorted({k.split(".", 1)[0] for k in state_dict})[:5]
-        ours = sorted({k.split(".", 1)[0] for k in own})[:5]
-        raise CheckpointError(
-            f"{source} lacks all {len(own)} weights of {type(module).__name__} (no key in common): it is the wrong kind "
-            f"of checkpoint for this model (its keys begin with {theirs}, the model's with {ours})"
-        )
+    check_weights_fit(module, state_dict, source)
     result = module.load_state_dict(dict(state_dict), strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
@@ -315,3 +333,16 @@ def load_weights(
     if unexpected:
         logger.info("%s: %d unexpected keys (first: %s)", source, len(unexpected), unexpected[:5])
     return missing, unexpected
+
+
+def require_weights(missing: Iterable[str], source: str = "checkpoint", optional_prefixes: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint that lacks weights the model needs (the ``missing`` keys of :func:`load_weights` or
+    :func:`check_weights_fit`, except those starting with ``optional_prefixes``): the model would run with random
+    weights there."""
+    optional = tuple(optional_prefixes)
+    needed = [k for k in missing if not (optional and k.startswith(optional))]
+    if needed:
+        raise CheckpointError(
+            f"{source} lacks {len(needed)} weights the model needs (first: {needed[:5]}): it is the wrong "
+            "kind (e.g. a first-stage-only checkpoint) or the config describes another model"
+        )

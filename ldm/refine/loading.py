@@ -8,8 +8,11 @@ A checkpoint becomes an :class:`~ldm.models.diffusion.experts.Expert` in these s
    given as ``config`` (CompVis releases carry none).  Every ``target`` of a config read from a checkpoint must be in
    the allow-list :data:`ldm.util.TRUSTED_TARGET_PREFIXES` unless ``trust_config``; importing a module is running code;
 3. the model is rebuilt for inference: ``ckpt_path`` entries are removed (the checkpoint itself holds the
-   ``first_stage_model.*`` weights), the first stage's training loss is replaced by ``torch.nn.Identity`` (it would need
-   LPIPS weights and is never used), and the EMA copy is built only when its weights will be used;
+   ``first_stage_model.*`` weights), the training loss of the first stage (and of a VQ conditioning stage) is replaced
+   by ``torch.nn.Identity`` (it would need LPIPS weights and is never used), and the EMA copy is built only when its
+   weights will be used.  A config read from the checkpoint is then checked by :func:`ldm.untrusted.check_untrusted_model`
+   unless ``trust_config``: each slot builds only its kind of class, values have their constructor's types, and the
+   model is built on the meta device first, its every shape compared with the state dict before anything is allocated;
 4. weights are loaded with :func:`ldm.checkpoint.load_weights`: shape mismatches name the first keys, and missing model
    weights (a first-stage-only or foreign checkpoint) are an error, not a silently random network;
 5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is the model's
@@ -28,11 +31,12 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, sha256_file
+from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, require_weights, sha256_file
 from ldm.convert.folder import is_diffusers_folder
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.untrusted import OPTIONAL_WEIGHTS, check_config_structure, check_untrusted_model
 from ldm.util import (
     TRUSTED_TARGET_PREFIXES,
     ConfigError,
@@ -155,10 +159,11 @@ def load_yaml_model_config(config: str | os.PathLike | Mapping[str, Any]) -> dic
     return dict(data)
 
 
-def _embedded_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any] | None:
     embedded = ckpt.get("config")
     if not isinstance(embedded, Mapping):
         return None
+    check_config_structure(embedded, f"checkpoint {shown}")
     model = embedded.get("model", embedded)
     if isinstance(model, Mapping) and isinstance(model.get("target"), str):
         return copy.deepcopy(dict(model))
@@ -180,6 +185,9 @@ def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, 
             first_params["lossconfig"] = {"target": "torch.nn.Identity"}
         first["params"] = first_params
         params["first_stage_config"] = first
+    cond = params.get("cond_stage_config")
+    if isinstance(cond, Mapping) and isinstance(cond.get("params"), Mapping) and "lossconfig" in cond["params"]:
+        params["cond_stage_config"] = {**cond, "params": {**cond["params"], "lossconfig": {"target": "torch.nn.Identity"}}}
     cfg["params"] = params
     return cfg
 
@@ -222,7 +230,8 @@ def load_expert(
     Raises:
         CheckpointError: missing, truncated, unsafe, wrong-kind checkpoint, or weights that do not fit the config
             ("config and checkpoint disagree" with the first mismatching keys).
-        ConfigError: no usable config, a forbidden or unknown target, bad parameters.
+        ConfigError: no usable config, a forbidden or unknown target, a class of the wrong kind for its slot, bad
+            parameters (see :mod:`ldm.untrusted` for what a config stored in a checkpoint may hold).
     """
     if is_diffusers_folder(path):  # a diffusers LDM folder, converted in memory (its JSON configs replace `config`)
         from ldm.convert.diffusers import load_diffusers_expert
@@ -235,7 +244,7 @@ def load_expert(
         raise CheckpointError(
             f"checkpoint {shown} is the wrong kind: it holds no 'state_dict' (top-level keys: {sorted(map(str, ckpt))[:8]})"
         )
-    model_cfg = _embedded_model_config(ckpt)
+    model_cfg = _embedded_model_config(ckpt, shown)
     if model_cfg is not None:
         source = "checkpoint"
         if config is not None:
@@ -254,6 +263,8 @@ def load_expert(
     cfg = _inference_config(model_cfg, use_ema)
     allowed = None if (trust_config or source != "checkpoint") else TRUSTED_TARGET_PREFIXES
     _model_class(cfg, shown, allowed)
+    if allowed is not None:  # kinds, values and every size checked before anything real is allocated
+        check_untrusted_model(cfg, state_dict, f"checkpoint {shown}", allowed)
     try:
         model = instantiate_from_config(cfg, allowed_prefixes=allowed)
     except ValueError as exc:  # ConfigError (unknown keys, bad params) and the models' own argument checks
@@ -263,12 +274,7 @@ def load_expert(
         missing, _ = load_weights(model, state_dict, strict=False, source=f"checkpoint {shown}")
     except CheckpointError as exc:
         raise CheckpointError(f"config and checkpoint disagree: {exc}") from exc
-    needed = [k for k in missing if not k.startswith("model_ema.")]
-    if needed:
-        raise CheckpointError(
-            f"checkpoint {shown} lacks {len(needed)} weights the model needs (first: {needed[:5]}): it is the wrong "
-            "kind (e.g. a first-stage-only checkpoint) or the config describes another model"
-        )
+    require_weights(missing, f"checkpoint {shown}", optional_prefixes=OPTIONAL_WEIGHTS)
     if use_ema:
         model.model_ema.copy_to(model.model)
         del model.model_ema

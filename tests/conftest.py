@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Property tests draw the same examples on every run (a CI run cannot go red by chance); HYPOTHESIS_PROFILE=explore
 # draws new ones, e.g. `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py` to hunt for more failures.
@@ -227,3 +228,31 @@ def write_image_shards(root, counts: list[int], size: int = 32, prefix: str = "i
         with open(Path(root) / f"{prefix}-{shard:02d}.tar", "wb") as fh:
             write_tar(fh, members)
     return str(Path(root) / f"{prefix}-{{00..{len(counts) - 1:02d}}}.tar")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# detecting device-to-host reads (the sampling loop and the EMA update must do none)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that copy device values to the host: ``.item()``, ``int/float(t)``, ``bool(t)``, ``torch.equal``
+    (dispatched ops) and ``.tolist()`` / ``.numpy()`` (which bypass dispatch: patched while the mode is on)."""
+
+    READS = {"item", "_local_scalar_dense", "is_nonzero", "equal"}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads: list[str] = []
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def recorded(tensor, *args, _name=name, _original=original, **kwargs):
+                self.reads.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, recorded)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))

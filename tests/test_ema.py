@@ -76,7 +76,7 @@ def test_ema_scope_swaps_and_restores_bit_exactly():
 
 
 def test_update_reads_nothing_back_and_resumes_the_warm_up_after_loading():
-    from test_performance_options import HostReads
+    from conftest import HostReads
 
     net = _net()
     ema = LitEma(net, decay=0.9)

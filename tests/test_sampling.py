@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldm.sampling.plan as plan_module
 from ldm.models.diffusion.denoisers import ModelDenoiser
@@ -26,7 +25,7 @@ from ldm.sampling import (
 )
 from ldm.util import instantiate_from_config
 
-from conftest import build_tiny_expert, tiny_ldm_params
+from conftest import HostReads, build_tiny_expert, tiny_ldm_params
 
 GRID_50 = list(range(1, 1000, 20))
 
@@ -311,30 +310,6 @@ def test_one_router_assignment_per_plan_and_no_checks_in_the_loop(expert_checkpo
     monkeypatch.setattr(refiner.router, "assign", refuse)
     eps = torch.randn(2, 3, 4, 4)
     run_tail(plan, torch.zeros(2, 3, 4, 4), eps, generators=[torch.Generator().manual_seed(0)] * 2)
-
-
-class HostReads(TorchDispatchMode):
-    """Records the ops that copy device values to the host: ``.item()``, ``int/float(t)``, ``bool(t)``, ``torch.equal``
-    (dispatched ops) and ``.tolist()`` / ``.numpy()`` (which bypass dispatch: patched while the mode is on)."""
-
-    READS = {"item", "_local_scalar_dense", "is_nonzero", "equal"}
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads: list[str] = []
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-
-            def recorded(tensor, *args, _name=name, _original=original, **kwargs):
-                self.reads.append(_name)
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, recorded)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("kw", [dict(eta=0.0), dict(eta=0.5), dict(sampler="dpmpp_2m", tail_steps=4)])

@@ -12,7 +12,9 @@ import importlib.util
 import io
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -233,6 +235,40 @@ def test_plan_label_names_the_windows_the_steps_cross(refiner):
     assert len(refiner._plans) == cached  # moving the slider builds no plan on the device
 
 
+@pytest.fixture(scope="module")
+def app_script():
+    spec = importlib.util.spec_from_file_location("app_script", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_mistakes_are_one_line_errors(app_script, expert_checkpoints, tmp_path, capsys):
+    def run(*argv: str) -> tuple[int, list[str]]:
+        try:
+            code = app_script.main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = int(exc.code)
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    ckpts = ["--ckpt", str(expert_checkpoints[0]), "--ckpt", str(expert_checkpoints[1]), "--device", "cpu"]
+    code, err = run(*ckpts, "--port", "70000")
+    assert code == 2 and len(err) == 1 and "70000 is not a port number" in err[0]
+    code, err = run("--port", "0")
+    assert code == 2 and len(err) == 1 and "--ckpt" in err[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, err = run(*ckpts, "--port", str(port), "--outdir", str(tmp_path / "out"))
+    assert code == 2 and err == [f"app.py: error: port {port} on 127.0.0.1 is in use; pass another --port (0 picks a free one)"]
+    code, err = run("--ckpt", str(tmp_path / "missing.ckpt"), "--port", "0", "--outdir", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1 and "missing.ckpt" in err[0] and err[0].startswith("app.py: error:")
+    (tmp_path / "file").write_text("in the way")
+    code, err = run(*ckpts, "--port", "0", "--outdir", str(tmp_path / "file" / "out"))
+    assert code == 3 and len(err) == 1 and "output folder" in err[0]
+
+
 # ----------------------------------------------------------------------------------------- the server, over HTTP
 class Server:
     def __init__(self, url: str, port: int, proc: subprocess.Popen, outdir: Path, net_log: Path):
@@ -389,44 +425,148 @@ def test_upload_refine_download_then_errors_and_the_server_goes_on(server, image
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
                   "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # fmt: skip
+UPLOAD_MSG = "document.getElementById('upload-msg')"
+RECT = "(r => [r.left, r.top, r.width, r.height])(document.getElementById('{}').getBoundingClientRect())"
 
 
-def chromium(args: list[str], profile: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: it reads commands
+    on fd 3 and writes replies and events on fd 4, each a JSON message ended by a NUL byte), attached to its page."""
+
+    def __init__(self, profile: Path, width: int, height: int):
+        command_read, self._command_write = os.pipe()
+        self._reply_read, reply_write = os.pipe()
+
+        def pipes_on_3_and_4():  # dup first: a pipe end may itself be fd 3 or 4
+            command, reply = os.dup(command_read), os.dup(reply_write)
+            os.dup2(command, 3)
+            os.dup2(reply, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+             "--remote-debugging-pipe"],
+            pass_fds=(3, 4), preexec_fn=pipes_on_3_and_4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(command_read)
+        os.close(reply_write)
+        self._buffer, self._id, self.session, self.events = b"", 0, None, []
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Network"):
+            self.send(f"{domain}.enable")
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                         "mobile": False})  # fmt: skip
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 60.0) -> dict:
+        """Run one command (on the page once attached); its result.  Events that arrive meanwhile go to ``events``."""
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if self.session is not None and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self._command_write, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._reply_read], [], [], left)[0]:
+                    raise TimeoutError(f"chromium did not answer {method} in {timeout} s")
+                chunk = os.read(self._reply_read, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"chromium exited during {method}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            if "method" in reply:
+                self.events.append(reply)
+
+    def js(self, expression: str):
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"still false after {timeout} s: {expression}")
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        pressed = kind != "mouseReleased"
+        self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1,
+                                               "buttons": 1 if pressed else 0})  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        os.close(self._command_write)
+        os.close(self._reply_read)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); browser check skipped")
-def test_headless_chromium_shows_the_page_with_a_result(server, images, tmp_path):
-    image_png, mask_png = images["rgb"]
-    _, up = server.upload(image_png, "astro.png")
-    _, job = server.refine(up["id"], {"start_t": 400, "steps": 10}, mask_png)
-    assert job["state"] == "done", job
-    page = f"{server.url}/?job={job['id']}"
-    net_log = tmp_path / "netlog.json"
-    dom = chromium(["--virtual-time-budget=10000", f"--log-net-log={net_log}", "--dump-dom", page], tmp_path / "p1")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
-    assert 'data-ready="1"' in html and 'data-results="1"' in html, html[-3000:]  # the script ran, fetched, rendered
-    assert "steps 500-750 then 750-1000" in html and "download astro_t400_s0.png" in html
-    asked = page_requests(net_log, server.url)  # what the page asked for (not Chromium's own update checks)
-    assert {"/static/app.js", "/static/app.css", "/api/info", "/api/plan", f"/api/jobs/{job['id']}"} <= {
-        u.removeprefix(server.url) for u in asked}, sorted(asked)  # fmt: skip
-    assert all(u.startswith(server.url + "/") for u in asked), sorted(asked)  # and nothing from anywhere else
+def test_headless_chromium_uploads_paints_refines_and_compares(server, images, tmp_path):
+    image_png, _ = images["rgb"]
+    (tmp_path / "astro.png").write_bytes(image_png)
+    (tmp_path / "broken.png").write_bytes(image_png[:300])
+    browser = DevTools(tmp_path / "profile", 1280, 1000)
+    try:
+        browser.send("Page.navigate", {"url": server.url + "/"})
+        browser.wait_for("document.body && document.body.dataset.ready === '1'")
+        assert "steps 500-750 then 750-1000" in browser.js("document.getElementById('plan-label').textContent")
+        file_input = browser.send("DOM.querySelector", {"nodeId": browser.send("DOM.getDocument")["root"]["nodeId"],
+                                                        "selector": "#file"})["nodeId"]  # fmt: skip
+        browser.send("DOM.setFileInputFiles", {"files": [str(tmp_path / "broken.png")], "nodeId": file_input})
+        shown = browser.wait_for(f"(m => m.classList.contains('bad') && m.textContent)({UPLOAD_MSG})")
+        assert "cannot load image broken.png" in shown and "truncated" in shown  # a bad upload says why
+        browser.send("DOM.setFileInputFiles", {"files": [str(tmp_path / "astro.png")], "nodeId": file_input})
+        assert "48×40" in browser.wait_for(f"(m => m.textContent.includes('×') && m.textContent)({UPLOAD_MSG})")
 
-    shot = tmp_path / "page.png"
-    run = chromium(["--virtual-time-budget=10000", "--window-size=1280,1400", f"--screenshot={shot}", page],
-                   tmp_path / "p2")  # fmt: skip
-    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+        # paint a stroke across the middle of the picture with the mouse, as a person would
+        x, y, w, h = browser.js(RECT.format("view"))
+        browser.mouse("mousePressed", x + 0.3 * w, y + 0.4 * h)
+        for k in range(1, 11):
+            browser.mouse("mouseMoved", x + (0.3 + 0.03 * k) * w, y + (0.4 + 0.01 * k) * h)
+        browser.mouse("mouseReleased", x + 0.6 * w, y + 0.5 * h)
+        browser.js("(s => { s.value = 400; s.dispatchEvent(new Event('input')); })(document.getElementById('start'))")
+        browser.wait_for("document.getElementById('plan-label').textContent.includes('t=381')")
+        bx, by, bw, bh = browser.js(RECT.format("refine"))
+        browser.wait_for("!document.getElementById('refine').disabled")
+        browser.mouse("mousePressed", bx + bw / 2, by + bh / 2)
+        browser.mouse("mouseReleased", bx + bw / 2, by + bh / 2)
+        assert browser.wait_for("document.body.dataset.results", timeout=120) == "1"
+        assert browser.js("document.getElementById('progress').value") == 1
+        summary = browser.js("document.getElementById('summary').textContent")
+        assert "effective start t=381 (step 619)" in summary and "steps 500-750 then 750-1000" in summary
+        assert "latesteps_500_750.ckpt" in browser.js("document.getElementById('routing').textContent")
+        shot = tmp_path / "page.png"
+        shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"})["data"]))
+        job_id = browser.js("new URLSearchParams(location.search).get('job')")
+    finally:
+        browser.close()
+
+    # the request the page sent: the painted mask, and only the painted pixels changed
+    _, job = server.json(f"/api/jobs/{job_id}")
+    assert job["state"] == "done" and job["mask_url"] and job["settings"]["start_t"] == 400
+    _, _, mask = server.request(job["mask_url"])
+    _, _, out = server.request(job["result"]["samples"][0]["url"])
+    painted = np.asarray(Image.open(io.BytesIO(mask)).convert("L"))
+    refined, source = np.asarray(Image.open(io.BytesIO(out))), np.asarray(Image.open(io.BytesIO(image_png)))
+    assert 0.05 < (painted > 0).mean() < 0.6
+    assert np.array_equal(refined[painted == 0], source[painted == 0]) and not np.array_equal(refined, source)
     with Image.open(shot) as image:
-        assert image.size == (1280, 1400)
-        pixels = np.asarray(image.convert("RGB"))
-    assert pixels.std() > 10  # a rendered page, not a blank one
-
-
-def page_requests(net_log: Path, origin: str) -> set[str]:
-    """The URLs of the requests Chromium's net log records as started by the page at ``origin`` (the browser's own
-    background requests carry no initiator; the resolver rules above make them fail offline anyway)."""
-    events = json.loads(net_log.read_text())["events"]
-    return {e["params"]["url"] for e in events
-            if e.get("params", {}).get("initiator") == origin and "url" in e["params"]}  # fmt: skip
+        assert image.size == (1280, 1000) and np.asarray(image.convert("RGB")).std() > 10  # a rendered page
+    asked = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
+    network = [u for u in asked if not u.startswith(("data:", "blob:"))]
+    assert {server.url + "/static/app.js", server.url + "/api/info", server.url + "/api/refine"} <= set(network)
+    assert all(u.startswith(server.url + "/") for u in network), network  # nothing from anywhere else

@@ -167,17 +167,18 @@ function fitView() {
   if (!state.image) return;
   const view = $("view");
   const width = $("canvas-wrap").clientWidth - 2;
-  const scale = Math.min(width / view.width, (0.7 * window.innerHeight) / view.height);
+  const scale = Math.min(width / view.width, (0.65 * window.innerHeight) / view.height);
   view.style.width = `${Math.floor(view.width * scale)}px`;
   view.style.height = `${Math.floor(view.height * scale)}px`;
   view.classList.toggle("pixelated", scale >= 2);
 }
 
-// A comparison at a useful size: up to COMPARE_SIDE px wide, small images enlarged with sharp pixels.
-const COMPARE_SIDE = 512;
+// A comparison as wide as the results panel (at most COMPARE_SIDE px), small images enlarged with sharp pixels.
+const COMPARE_SIDE = 640;
 function fitCompare(before) {
   const w = before.naturalWidth, h = before.naturalHeight;
-  const scale = Math.min(COMPARE_SIDE / w, (0.6 * window.innerHeight) / h);
+  const side = Math.min(COMPARE_SIDE, $("results").clientWidth);
+  const scale = Math.min(side / w, (0.5 * window.innerHeight) / h);
   before.style.width = `${Math.floor(w * scale)}px`;
   before.style.height = `${Math.floor(h * scale)}px`;
   before.parentElement.classList.toggle("pixelated", scale >= 2);
@@ -385,8 +386,8 @@ function showResults(s) {
   const r = s.result;
   const total = state.info ? state.info.num_timesteps : 1000;
   $("summary").textContent = `${s.name}: start_t=${r.start_t}, effective start t=${r.effective_start_t} ` +
-    `(step ${total - r.effective_start_t}), ${r.n_steps} steps per sample crossing ${r.windows}; routing ${r.routing}; ` +
-    `${r.seconds.toFixed(1)} s; saved in ${r.outdir}`;
+    `(step ${total - r.effective_start_t}), ${r.n_steps} steps per sample, ${r.windows}; ${r.seconds.toFixed(1)} s`;
+  $("routing").textContent = `routing: ${r.routing} · saved in ${r.outdir}`;
   const results = $("results");
   results.replaceChildren();
   for (const sample of r.samples) {
@@ -459,7 +460,10 @@ async function restore(jobId) {
 async function init() {
   try {
     state.info = await api("/api/info");
-    $("experts").textContent = `${state.info.describe} · results are written to ${state.info.outdir}`;
+    const experts = state.info.experts.join("; ");
+    $("experts").textContent = `${state.info.experts.length} expert(s) on ${state.info.device}: ${experts} · results ` +
+      `are written to ${state.info.outdir}`;
+    $("experts").title = state.info.describe;
     applySettings(state.info.defaults);
     $("start").max = `${state.info.num_timesteps - 1}`;
   } catch (err) {

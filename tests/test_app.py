@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -269,6 +270,44 @@ def test_command_line_mistakes_are_one_line_errors(app_script, expert_checkpoint
     assert code == 3 and len(err) == 1 and "output folder" in err[0]
 
 
+def test_queue_runs_one_request_at_a_time_and_survives_failures(refiner, images):
+    from ldm.app.jobs import JobQueue
+
+    upload = load_upload(images["rgb"][0], "astro.png")
+    prepared = prepare(refiner, upload, RefineSettings(mode="whole", start_t=100, steps=2, step_mode="exact"), None)
+    running, overlaps, order = [], [], []
+
+    def run(job):
+        overlaps.append(len(running))
+        running.append(job.id)
+        time.sleep(0.05)
+        order.append(job.number)
+        running.remove(job.id)
+        if job.number == 2:
+            raise RuntimeError("a bug")
+        if job.number == 3:
+            raise ValueError("bad\nsetting")
+        JobQueue.step(job)
+        return "result"
+
+    jobs = JobQueue(run, max_waiting=4)
+    submitted = [jobs.submit(prepared, "key", b"png", None) for _ in range(4)]
+    with pytest.raises(RequestError, match="4 requests are already waiting"):
+        jobs.submit(prepared, "key", b"png", None)
+    assert jobs.ahead_of(submitted[3]) == 3
+    jobs.start()
+    deadline = time.monotonic() + 30
+    while any(j.state in ("queued", "running") for j in submitted) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    jobs.stop(timeout=5)
+    assert order == [1, 2, 3, 4] and overlaps == [0, 0, 0, 0]  # in arrival order, never two at once
+    assert [j.state for j in submitted] == ["done", "failed", "failed", "done"]
+    assert submitted[1].message == "internal error (RuntimeError: a bug); see the server log"
+    assert submitted[2].message == "bad setting" and submitted[3].result == "result"
+    assert all(j.prepared is None for j in submitted)  # finished requests hold no image
+    assert (jobs.status(submitted[0])["done_steps"], jobs.status(submitted[0])["total_steps"]) == (1, 2)
+
+
 # ----------------------------------------------------------------------------------------- the server, over HTTP
 class Server:
     def __init__(self, url: str, port: int, proc: subprocess.Popen, outdir: Path, net_log: Path):
@@ -321,15 +360,23 @@ def server(expert_checkpoints, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": path, "NO_NET_LOG": str(net_log), "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(APP), "--ckpt", str(expert_checkpoints[0]), "--ckpt", str(expert_checkpoints[1]),
            "--device", "cpu", "--port", "0", "--outdir", str(root / "out")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors = open(root / "server.err", "w")  # a file, not a pipe: nothing the server logs can ever block it
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
         lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("serving on http://127.0.0.1:"):
-                break
-        else:
-            raise AssertionError(f"the server did not start: {''.join(lines)}{proc.stderr.read()}")
+
+        def read_until_serving() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("serving on http://127.0.0.1:"):
+                    return
+
+        reader = threading.Thread(target=read_until_serving, daemon=True)
+        reader.start()
+        reader.join(timeout=300)
+        if not lines or not lines[-1].startswith("serving on"):
+            raise AssertionError(f"the server did not start: {''.join(lines)}{(root / 'server.err').read_text()}")
+        line = lines[-1]
         url = line.split()[2].rstrip("/")
         yield Server(url, int(url.rsplit(":", 1)[1]), proc, root / "out", net_log)
     finally:
@@ -339,6 +386,7 @@ def server(expert_checkpoints, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        errors.close()
 
 
 def listening_addresses(port: int) -> list[str]:
@@ -419,6 +467,7 @@ def test_upload_refine_download_then_errors_and_the_server_goes_on(server, image
     assert status == 200 and job["state"] == "done" and job["result"]["windows"] == "steps 750-1000"
     assert server.proc.poll() is None
     assert server.net_log.read_text().splitlines() == ["loaded"]  # the guard was active and nothing went outside
+    assert "Traceback" not in (server.outdir.parent / "server.err").read_text()  # every error above was a message
 
 
 # -------------------------------------------------------------------------------------------------- a real browser
@@ -567,6 +616,6 @@ def test_headless_chromium_uploads_paints_refines_and_compares(server, images, t
     with Image.open(shot) as image:
         assert image.size == (1280, 1000) and np.asarray(image.convert("RGB")).std() > 10  # a rendered page
     asked = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
-    network = [u for u in asked if not u.startswith(("data:", "blob:"))]
+    network = [u for u in asked if u.split(":", 1)[0] in ("http", "https", "ws", "wss")]  # not chrome://, data:
     assert {server.url + "/static/app.js", server.url + "/api/info", server.url + "/api/refine"} <= set(network)
     assert all(u.startswith(server.url + "/") for u in network), network  # nothing from anywhere else

@@ -356,7 +356,9 @@ def refine(
         path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)
         save_image_atomic(path, tensor_to_image(out[0]), alpha=upload.image.alpha, metadata=meta)
         samples.append(SampleResult(path, seed, k))
-    return RefineResult(samples, plan, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    logger.info("%s: %d sample(s) in %.1f s into %s (%s)", upload.name, len(samples), seconds, outdir, plan.describe())
+    return RefineResult(samples, plan, seconds)
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 LOCAL_HOSTS = ["127.0.0.1", "localhost"]
 MAX_JSON_BYTES = 2 * MAX_UPLOAD_BYTES  # a base64 painted mask is 4/3 of its PNG
-KEEP_UPLOADS = 16
+KEEP_UPLOADS = 8  # decoded images kept for painting and refining (float32: 12 MB per megapixel)
 # The page may load only what this server serves: no CDN, font service or analytics can be reached even by mistake.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
@@ -94,7 +94,8 @@ class AppState:
 
     def upload(self, key: Any) -> tuple[Upload, bytes]:
         if not isinstance(key, str) or key not in self.uploads:
-            raise RequestError("the uploaded image is no longer on the server (it keeps the last 16); upload it again")
+            raise RequestError(f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}); "
+                               "upload it again")
         self.uploads.move_to_end(key)
         return self.uploads[key]
 

@@ -601,6 +601,16 @@ def test_headless_chromium_uploads_paints_refines_and_compares(server, images, t
         shot = tmp_path / "page.png"
         shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"})["data"]))
         job_id = browser.js("new URLSearchParams(location.search).get('job')")
+
+        # the box tool: a drag becomes a line of the boxes field (image pixels), and the plan follows a box's start
+        browser.js("document.querySelector('input[name=tool][value=box]').click()")
+        browser.mouse("mousePressed", x + 0.25 * w, y + 0.25 * h)
+        browser.mouse("mouseMoved", x + 0.5 * w, y + 0.6 * h)
+        browser.mouse("mouseReleased", x + 0.75 * w, y + 0.75 * h)
+        box = [int(v) for v in browser.js("document.getElementById('boxes').value").split(",")]
+        assert all(abs(a - b) <= 1 for a, b in zip(box, [12, 10, 36, 30])), box
+        browser.js("(b => { b.value += '@450'; b.dispatchEvent(new Event('input')); })(document.getElementById('boxes'))")
+        browser.wait_for("document.getElementById('plan-label').textContent.includes('t=441')")
     finally:
         browser.close()
 

@@ -294,11 +294,12 @@ function onPointerMove(ev) {
   }
 }
 
-function onPointerUp() {
+function onPointerUp(ev) {
   if (state.boxDraft) {
-    const [a, b] = state.boxDraft;
-    const x0 = Math.floor(Math.min(a[0], b[0])), y0 = Math.floor(Math.min(a[1], b[1]));
-    const x1 = Math.ceil(Math.max(a[0], b[0])), y1 = Math.ceil(Math.max(a[1], b[1]));
+    const a = state.boxDraft[0];
+    const b = ev.type === "pointerup" ? imagePoint(ev) : state.boxDraft[1];
+    const x0 = Math.round(Math.min(a[0], b[0])), y0 = Math.round(Math.min(a[1], b[1]));
+    const x1 = Math.round(Math.max(a[0], b[0])), y1 = Math.round(Math.max(a[1], b[1]));
     state.boxDraft = null;
     if (x1 - x0 >= 2 && y1 - y0 >= 2) {
       const text = $("boxes").value.trim();

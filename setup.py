@@ -30,5 +30,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4"],
         # diffusers interop (ldm.convert.diffusers reads folders without it; the tests compare against it)
         "diffusers": ["diffusers>=0.42,<1"],
+        # the local web app (scripts/app.py): an ASGI server and framework; the page itself ships in ldm/app/static
+        "app": ["starlette>=0.40,<2", "uvicorn>=0.30,<1"],
     },
+    package_data={"ldm.app": ["static/*"]},
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.imageio import format_path, is_image_name, load_image
+from ldm.imageio import decode_image, format_path, is_image_name, load_image
 from ldm.refine.regions import Box, find_regions
 
 
@@ -73,7 +73,19 @@ def load_mask(path: Path) -> tuple[np.ndarray, str]:
     loaded = load_image(path)
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()
-    return loaded.rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), digest
+    return mask_luminance(loaded.rgb), digest
+
+
+def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:
+    """:func:`load_mask` for an encoded mask held in memory (the web app's painted mask); ``source`` names it in
+    errors."""
+    return mask_luminance(decode_image(data, source=source).rgb), hashlib.sha256(data).hexdigest()
+
+
+def mask_luminance(rgb: np.ndarray) -> np.ndarray:
+    """A mask image's ``[H, W, 3]`` RGB in ``[0, 1]`` -> its luminance ``[H, W]`` (white = refine; colour masks count
+    by brightness)."""
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def region_metadata(start_map: torch.Tensor, crops: Sequence[tuple[int, ...]] | None) -> dict[str, str]:

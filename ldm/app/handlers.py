@@ -1,0 +1,374 @@
+"""What the web app does with a request, as plain functions (callable without a server; the tests call them directly).
+
+A request goes through four steps, each the same code the CLI runs:
+
+1. :func:`load_upload`: the uploaded bytes are decoded by :func:`ldm.imageio.decode_image` (the loader of
+   ``scripts/refine.py``: any format it reads, EXIF orientation, 16-bit, alpha; one-line errors).
+2. :meth:`RefineSettings.from_json`: the page's settings, checked field by field (one line per mistake).
+3. :func:`prepare`: the plan (:func:`ldm.refine.batch.batch_plan`), the start map of the painted mask and the boxes
+   (:meth:`ldm.refine.Refiner.region_start_map`) and the region metadata; a mask that selects nothing fails here,
+   before the request is queued.
+4. :func:`refine`: :meth:`ldm.refine.Refiner.refine_tensors` once per sample (seed ``seed + k``, as the CLI's default
+   ``--batch-size 1``), each result written by :func:`ldm.imageio.save_image_atomic` with the metadata of
+   :func:`ldm.refine.batch.build_metadata`, named like the CLI's outputs.
+
+So the same image, mask, seed and settings give the same pixels as ``scripts/refine.py --mask``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.imageio import ImageLoadError, LoadedImage, decode_image, image_to_tensor, save_image_atomic, tensor_to_image
+from ldm.refine.batch import batch_plan, build_metadata, output_name
+from ldm.refine.refiner import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, DEFAULT_START_T, MAX_SEED, Refiner
+from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
+from ldm.refine.regions import MAX_FEATHER, Box, parse_box, region_crops
+from ldm.sampling import SAMPLERS, RefinePlan, build_plan
+from ldm.windows import window_to_steps
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 64 * 2**20  # an upload (or a painted mask) larger than this is refused before it is decoded
+MAX_SAMPLES = 8
+MAX_STEPS = 1000
+MODES = ("whole", "mask", "crop")  # whole image / in place (only the mask changes) / crop ("only masked")
+STEP_MODES = ("grid", "exact")  # the DDIM grid's entries <= start_t / exactly K steps from start_t
+SOFTWARE = "latesteps app"
+_SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class RequestError(ValueError):
+    """A request the user can fix (a bad upload, a setting out of range, a mask that selects nothing); ``str()`` is
+    the one line the page shows."""
+
+
+# --------------------------------------------------------------------------------------------------------- uploads
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image, decoded.
+
+    Attributes:
+        name: the file name as uploaded (printable; recorded as the output's ``input``).  stem: a file-system-safe stem
+            for output names.  image: the decoded image (float32 RGB ``[H, W, 3]`` in ``[0, 1]``, alpha separately).
+        sha256: of the uploaded bytes.
+    """
+
+    name: str
+    stem: str
+    image: LoadedImage
+    sha256: str
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+def load_upload(data: bytes, name: str) -> Upload:
+    """Decode an uploaded file with the CLI's loader.
+
+    Args:
+        data: the file's bytes.  name: the file name the browser sent (only used for messages and output names).
+
+    Raises:
+        RequestError: one line for an empty, too large, truncated, corrupt or non-image upload.
+    """
+    shown = _printable_name(name)
+    if len(data) > MAX_UPLOAD_BYTES:
+        limit = MAX_UPLOAD_BYTES // 2**20
+        raise RequestError(f"{shown} is {len(data) / 2**20:.1f} MiB; uploads up to {limit} MiB are accepted")
+    try:
+        image = decode_image(data, source=shown)
+    except ImageLoadError as exc:
+        raise RequestError(f"{exc} (upload a PNG, JPEG, WebP, AVIF, BMP, GIF, TIFF or PPM image)") from None
+    stem = _SAFE_STEM.sub("_", Path(shown).stem).strip("._")[:64] or "upload"
+    return Upload(shown, stem, image, hashlib.sha256(data).hexdigest())
+
+
+def upload_png(upload: Upload) -> bytes:
+    """The upload as a PNG (what the page shows and the "before" of a comparison): pixels as the model sees them
+    (EXIF orientation applied, 16-bit rounded to 8), alpha kept."""
+    rgb = tensor_to_image(image_to_tensor(upload.image.rgb))
+    if upload.image.alpha is not None:
+        alpha = np.round(upload.image.alpha.astype(np.float64) * 255.0).astype(np.uint8)
+        return _png(np.dstack([rgb, alpha]))
+    return _png(rgb)
+
+
+def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
+    """The painted mask (a PNG of the image's size, white = refine) as ``([H, W] float32 in [0, 1], sha256)``, read
+    like ``--mask`` files; RequestError (one line) when it cannot be decoded or has another size."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise RequestError(f"the painted mask is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        mask, digest = decode_mask(data, "the painted mask")
+    except ImageLoadError as exc:
+        raise RequestError(str(exc)) from None
+    if mask.shape != (upload.height, upload.width):
+        raise RequestError(
+            f"the painted mask is {mask.shape[1]}x{mask.shape[0]} but the image is {upload.width}x{upload.height}; "
+            "upload the image again and repaint"
+        )
+    return mask, digest
+
+
+# -------------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class RefineSettings:
+    """Everything the page lets a user choose (the CLI's flags of the same names).
+
+    Attributes:
+        start_t: integer timestep in ``[1, T-1]`` (lower = more faithful).  sampler: ``"ddim"`` or ``"dpmpp_2m"``.
+        step_mode, steps: ``"grid"``: ``steps`` is the DDIM grid size (``--ddim-steps``); ``"exact"``: exactly
+            ``steps`` steps from ``start_t`` (``--tail-steps``).
+        seed, n_samples: sample ``k`` uses seed ``seed + k``.
+        mode: ``"whole"`` (the whole image), ``"mask"`` (in place: only the painted mask and the boxes change) or
+            ``"crop"`` (each region refined in a crop at the experts' size, ``--crop-regions``).
+        boxes: rectangles, each with an optional start of its own.  mask_blur, mask_dilate, region_padding: pixels.
+    """
+
+    start_t: int = DEFAULT_START_T
+    sampler: str = "ddim"
+    step_mode: str = "grid"
+    steps: int = 50
+    seed: int = 0
+    n_samples: int = 1
+    mode: str = "mask"
+    boxes: tuple[Box, ...] = field(default=())
+    mask_blur: int = DEFAULT_MASK_BLUR
+    mask_dilate: int = 0
+    region_padding: int = DEFAULT_REGION_PADDING
+
+    @classmethod
+    def from_json(cls, data: Any) -> RefineSettings:
+        """Settings from the page's JSON object (missing keys take the defaults; boxes as ``"x0,y0,x1,y1[@t]"``
+        lines).  Raises RequestError naming the first bad or unknown field."""
+        if not isinstance(data, Mapping):
+            raise RequestError(f"settings must be a JSON object, got {type(data).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        limits = {"start_t": (1, MAX_STEPS - 1), "steps": (1, MAX_STEPS), "seed": (0, MAX_SEED), "n_samples": (1, MAX_SAMPLES),
+                  "mask_blur": (0, MAX_FEATHER), "mask_dilate": (0, MAX_FEATHER), "region_padding": (0, 4096)}  # fmt: skip
+        values: dict[str, Any] = {}
+        for name, (lo, hi) in limits.items():
+            if name in data:
+                values[name] = _int_field(name, data[name], lo, hi)
+        for name, choices in (("sampler", SAMPLERS), ("step_mode", STEP_MODES), ("mode", MODES)):
+            if name in data:
+                if data[name] not in choices:
+                    raise RequestError(f"{name}={data[name]!r} is not one of {', '.join(choices)}")
+                values[name] = data[name]
+        if "boxes" in data:
+            values["boxes"] = parse_boxes(data["boxes"])
+        return cls(**values)
+
+    def plan_arguments(self) -> dict[str, Any]:
+        """``ddim_steps`` / ``tail_steps`` / ``sampler`` for :meth:`Refiner.plan`."""
+        grid = self.step_mode == "grid"
+        return {"ddim_steps": self.steps if grid else None, "tail_steps": None if grid else self.steps, "sampler": self.sampler}
+
+    def regions(self) -> RegionOptions:
+        """The CLI's region options for these settings (boxes only count outside the whole-image mode)."""
+        boxes = self.boxes if self.mode != "whole" else ()
+        return RegionOptions(boxes=boxes, blur=self.mask_blur, dilate=self.mask_dilate, crop=self.mode == "crop",
+                             padding=self.region_padding)  # fmt: skip
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings as recorded in the output metadata's ``parameters``."""
+        values = asdict(self)
+        values["boxes"] = [b.describe() for b in self.boxes]
+        return values
+
+
+def parse_boxes(text: Any) -> tuple[Box, ...]:
+    """Boxes from text: ``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"``, one per line (or ``;``-separated); blank lines
+    are skipped.  RequestError naming the bad line."""
+    if not isinstance(text, str):
+        raise RequestError(f"boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
+    boxes = []
+    for line in re.split(r"[;\n]", text):
+        if line.strip():
+            try:
+                boxes.append(parse_box(line))
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+    return tuple(boxes)
+
+
+def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # JSON may send 4.0 for 4
+    if isinstance(value, bool) or not whole or not lo <= value <= hi:
+        raise RequestError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
+    """What the settings will run, for the page's live start_t label; never raises for a bad combination.
+
+    Returns ``{"ok": True, "start_t", "effective_start_t", "n_steps", "windows"`` (the expert windows the steps cross,
+    e.g. ``"steps 500-750 then 750-1000"``), ``"routing", "summary"}`` or ``{"ok": False, "error": one line}`` (e.g. a
+    start above every expert's window).  Builds the plan on the CPU without caching it in the refiner, so moving the
+    slider allocates nothing on the device.
+    """
+    try:
+        start = _plan_start(refiner, settings)
+        plan = build_plan(refiner.schedule, start, refiner.denoisers, "cpu", assign=refiner.router.assign,
+                          expert_names=[e.name for e in refiner.experts], **settings.plan_arguments())  # fmt: skip
+    except ValueError as exc:
+        return {"ok": False, "error": " ".join(str(exc).split())}
+    return {"ok": True, **plan_facts(refiner, plan)}
+
+
+def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
+    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary."""
+    windows = []
+    for _, _, index in plan.routing:
+        a, b = window_to_steps(*refiner.experts[index].window, plan.num_timesteps)
+        windows.append(f"{a}-{b}")
+    return {
+        "start_t": plan.start_t,
+        "effective_start_t": plan.effective_start,
+        "n_steps": len(plan.timesteps),
+        "windows": "steps " + " then ".join(windows),
+        "routing": plan.describe_routing(),
+        "summary": plan.describe(),
+    }
+
+
+def _plan_start(refiner: Refiner, settings: RefineSettings) -> int:
+    """The plan's start: ``start_t``, or a box's later start of its own (as :func:`ldm.refine.batch.batch_plan`)."""
+    starts = [b.start_t for b in settings.regions().boxes if b.start_t is not None]
+    return max([settings.start_t, *starts])
+
+
+# ---------------------------------------------------------------------------------------------------------- refine
+@dataclass
+class Prepared:
+    """A checked request, ready to run: its plan, start map (None for the whole image) and region metadata."""
+
+    upload: Upload
+    settings: RefineSettings
+    plan: RefinePlan
+    start_map: torch.Tensor | None  # [1, 1, H, W] int64 timesteps
+    region_meta: dict[str, str]
+    total_steps: int  # sampling steps the request runs (samples x regions x plan steps), for the progress bar
+
+
+@dataclass
+class SampleResult:
+    """One written output: its file, seed and sample index."""
+
+    path: Path
+    seed: int
+    sample: int
+
+
+@dataclass
+class RefineResult:
+    """What a request produced: the outputs, the plan they ran and the wall time in seconds."""
+
+    samples: list[SampleResult]
+    plan: RefinePlan
+    seconds: float
+
+
+def prepare(refiner: Refiner, upload: Upload, settings: RefineSettings, mask: tuple[np.ndarray, str] | None) -> Prepared:
+    """Check a request and build its plan and start map (the CLI's ``batch_plan`` and ``region_start_map``).
+
+    Args:
+        mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None.  Ignored in the
+            whole-image mode.
+
+    Raises:
+        RequestError: steps no expert covers, a box outside the image, a mask and boxes that select nothing, or a
+            region mode with neither a mask nor boxes.
+    """
+    regions = settings.regions()
+    try:
+        plan = batch_plan(refiner, settings.start_t, eta=0.0, strength=None, regions=regions, **settings.plan_arguments())
+    except ValueError as exc:
+        raise RequestError(" ".join(str(exc).split())) from None
+    start_map, meta, n_regions = None, {}, 1
+    if settings.mode != "whole":
+        if mask is None and not regions.boxes:
+            raise RequestError("nothing selected: paint over the region to refine or enter a box (or choose 'whole image')")
+        array, digest = (None, "") if mask is None else mask
+        try:
+            _, start_map = refiner.region_start_map(upload.height, upload.width, settings.start_t, None, array,
+                                                    regions.boxes, regions.dilate)  # fmt: skip
+        except ValueError as exc:
+            raise RequestError(" ".join(str(exc).split())) from None
+        crops = region_crops(start_map, regions.padding) if regions.crop else None
+        meta = {**regions.as_metadata(), "mask": "painted in the web app" if mask is not None else "", "mask_sha256": digest}
+        meta.update(region_metadata(start_map, crops))
+        n_regions = len(crops) if crops is not None else 1
+    total = settings.n_samples * n_regions * len(plan.timesteps)
+    return Prepared(upload, settings, plan, start_map, meta, total)
+
+
+def refine(
+    refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Callable[[], None] | None = None
+) -> RefineResult:
+    """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` as the CLI
+    names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.
+
+    Args:
+        on_step: called after every sampling step (``prepared.total_steps`` calls in all): the progress bar.
+
+    Raises:
+        ValueError / torch.OutOfMemoryError from the refiner; ImageSaveError (an OSError) when the output cannot be
+        written.
+    """
+    started = time.perf_counter()
+    s, plan, upload = prepared.settings, prepared.plan, prepared.upload
+    regions = s.regions()
+    x = image_to_tensor(upload.image.rgb)  # [1, 3, H, W] in [-1, 1]
+    callback = None if on_step is None else (lambda _index: on_step())
+    samples = []
+    for k in range(s.n_samples):
+        seed = s.seed + k
+        out = refiner.refine_tensors(
+            x, plan.start_t, [seed], plan.ddim_steps, plan.eta, tail_steps=plan.tail_steps, sampler=plan.sampler,
+            start_map=prepared.start_map, mask_blur=regions.blur, crop_regions=regions.crop,
+            region_padding=regions.padding, callback=callback,
+        )
+        meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters())
+        meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
+        path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)
+        save_image_atomic(path, tensor_to_image(out[0]), alpha=upload.image.alpha, metadata=meta)
+        samples.append(SampleResult(path, seed, k))
+    seconds = time.perf_counter() - started
+    logger.info("%s: %d sample(s) in %.1f s into %s (%s)", upload.name, len(samples), seconds, outdir, plan.describe())
+    return RefineResult(samples, plan, seconds)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _printable_name(name: str) -> str:
+    """The uploaded file's base name on one printable line (what a browser sends is untrusted)."""
+    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c if c.isprintable() else "?" for c in base).strip()[:200]
+    return base or "upload"

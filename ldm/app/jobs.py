@@ -1,0 +1,154 @@
+"""The web app's request queue: one worker thread per device runs refinements one at a time, in arrival order.
+
+The server's event loop only submits and reads jobs; the worker alone touches the models, so requests never run
+concurrently on the device.  A job that fails (a bad setting found late, out of memory, a disk error, a bug) is marked
+failed with a one-line message and the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from ldm.app.handlers import Prepared, RefineResult, RequestError
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+@dataclass
+class Job:
+    """One refinement request and what became of it.
+
+    Attributes:
+        id: ``<YYYYmmdd-HHMMSS>-<n>``, also the name of its output folder.  number: ``n``, the arrival order.
+        prepared: the checked request (dropped once it has run, so finished jobs hold no image tensors).
+        name: the uploaded file's name.  upload_key: its id on the server.  settings: the request's settings as
+        recorded in the metadata.  before_png / mask_png: the input as shown (the comparison's "before") and the
+        painted mask (None without one), so that the page can show a request again.  state: queued | running | done |
+        failed.
+        done_steps / total_steps: sampling steps finished / to run (the progress bar).  message: the one-line error of
+        a failed job.  result: the outputs of a finished job (with the run's wall time).
+    """
+
+    id: str
+    number: int
+    prepared: Prepared | None
+    name: str
+    upload_key: str
+    settings: dict[str, Any]
+    before_png: bytes
+    mask_png: bytes | None
+    state: str = QUEUED
+    done_steps: int = 0
+    total_steps: int = 0
+    message: str = ""
+    result: RefineResult | None = None
+
+
+class JobQueue:
+    """A FIFO of :class:`Job` served by one worker thread calling ``run(job)``.
+
+    Args:
+        run: does a job's work and returns its result; it may call ``job_step(job)`` after each sampling step.
+        max_waiting: jobs that may wait at once; one more is refused (RequestError) rather than queued for hours.
+        keep: finished jobs remembered for their status and downloads (the oldest are forgotten first; their files
+            stay on disk).
+    """
+
+    def __init__(self, run: Callable[[Job], RefineResult], max_waiting: int = 16, keep: int = 32):
+        self._run = run
+        self._max_waiting = max_waiting
+        self._keep = keep
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._thread = threading.Thread(target=self._work, name="latesteps-app-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let the running job finish, drop the waiting ones, end the worker."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.state == QUEUED:
+                    job.state, job.message = FAILED, "the server stopped before this request ran"
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None) -> Job:
+        """Queue a prepared request (see :class:`Job` for the other fields); RequestError when ``max_waiting``
+        requests already wait."""
+        with self._lock:
+            waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
+            if waiting >= self._max_waiting:
+                raise RequestError(f"{waiting} requests are already waiting; try again when one has finished")
+            number = next(self._counter)
+            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{number}"
+            job = Job(job_id, number, prepared, prepared.upload.name, upload_key, prepared.settings.parameters(), before_png,
+                      mask_png, total_steps=prepared.total_steps)  # fmt: skip
+            self._jobs[job_id] = job
+            self._forget_old()
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def ahead_of(self, job: Job) -> int:
+        """How many jobs run before ``job`` starts (the running one included); 0 once it runs."""
+        if job.state != QUEUED:
+            return 0
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING) and j.number < job.number)
+
+    def status(self, job: Job) -> dict[str, Any]:
+        """The job's state for the page: ``id, state, done_steps, total_steps, ahead, message``."""
+        return {"id": job.id, "state": job.state, "done_steps": job.done_steps, "total_steps": job.total_steps,
+                "ahead": self.ahead_of(job), "message": job.message}  # fmt: skip
+
+    @staticmethod
+    def step(job: Job) -> None:
+        """Count one finished sampling step of ``job`` (the worker's progress callback)."""
+        job.done_steps = min(job.done_steps + 1, job.total_steps)
+
+    def _forget_old(self) -> None:
+        finished = [k for k, j in self._jobs.items() if j.state in (DONE, FAILED)]
+        for key in finished[: max(0, len(self._jobs) - self._keep)]:
+            del self._jobs[key]
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.state != QUEUED:
+                continue
+            job.state = RUNNING
+            try:
+                job.result = self._run(job)
+                job.state = DONE
+            except (ValueError, OSError, torch.OutOfMemoryError) as exc:
+                job.message = " ".join(str(exc).split()) or type(exc).__name__
+                job.state = FAILED
+                logger.warning("request %s failed: %s", job.id, job.message)
+            except Exception as exc:  # a bug must cost this request only: the server keeps serving the next ones
+                logger.exception("request %s failed", job.id)
+                job.message = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see the server log"
+                job.state = FAILED
+            finally:
+                job.prepared = None  # the result keeps what the page needs; free the image and its start map

@@ -1,0 +1,295 @@
+"""The web app's HTTP side: a Starlette application serving the page and a small JSON API over :mod:`ldm.app.handlers`.
+
+Routes (all same-origin; the page is the only client it is written for)::
+
+    GET  /                            the page (static/index.html; a Content-Security-Policy allows this origin only)
+    GET  /static/<file>               its script and style sheet, from the installed package
+    GET  /api/info                    experts, device, defaults and limits
+    POST /api/plan         JSON       settings -> what they will run (the start_t label: windows crossed, routing)
+    POST /api/upload?name= bytes      an image file -> {id, width, height, ...}; a bad upload -> 400 with one line
+    GET  /api/uploads/<id>/image.png  the upload as decoded (what the mask is painted on)
+    POST /api/refine       JSON       {upload, settings, mask: base64 PNG | null} -> {job}; checked before queueing
+    GET  /api/jobs/<id>               progress, then the results (or the one-line error)
+    GET  /api/jobs/<id>/before.png    the comparison's "before" (and mask.png: the painted mask, to show it again)
+    GET  /api/jobs/<id>/files/<k>     sample k's PNG with metadata (?download=1 as an attachment)
+
+Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for requests the user can fix, 500 for bugs; nothing
+stops the server.  Requests that change state must be ``application/json`` / ``application/octet-stream``: a page of
+another origin cannot send those without a CORS preflight, which this server never grants.  Unless the server listens
+on all interfaces, a Host header other than localhost is refused (DNS rebinding).  Nothing here contacts the internet.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ldm.app.handlers import (
+    MAX_SAMPLES,
+    MAX_UPLOAD_BYTES,
+    MODES,
+    STEP_MODES,
+    RefineResult,
+    RefineSettings,
+    RequestError,
+    Upload,
+    describe_plan,
+    load_painted_mask,
+    load_upload,
+    plan_facts,
+    prepare,
+    refine,
+    upload_png,
+)
+from ldm.app.jobs import DONE, Job, JobQueue
+from ldm.refine.refiner import Refiner
+from ldm.sampling import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+LOCAL_HOSTS = ["127.0.0.1", "localhost"]
+MAX_JSON_BYTES = 2 * MAX_UPLOAD_BYTES  # a base64 painted mask is 4/3 of its PNG
+KEEP_UPLOADS = 8  # decoded images kept for painting and refining (float32: 12 MB per megapixel)
+# The page may load only what this server serves: no CDN, font service or analytics can be reached even by mistake.
+CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
+       "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+
+
+class AppState:
+    """What the routes share: the refiner, the output folder, recent uploads and the job queue."""
+
+    def __init__(self, refiner: Refiner, outdir: Path):
+        self.refiner = refiner
+        self.outdir = outdir
+        self.uploads: OrderedDict[str, tuple[Upload, bytes]] = OrderedDict()  # id -> (upload, its PNG)
+        self.jobs = JobQueue(self._run)
+
+    def _run(self, job: Job) -> RefineResult:
+        return refine(self.refiner, job.prepared, self.outdir / job.id, on_step=lambda: JobQueue.step(job))
+
+    def add_upload(self, upload: Upload, png: bytes) -> str:
+        key = secrets.token_hex(8)
+        self.uploads[key] = (upload, png)
+        while len(self.uploads) > KEEP_UPLOADS:
+            self.uploads.popitem(last=False)
+        return key
+
+    def upload(self, key: Any) -> tuple[Upload, bytes]:
+        if not isinstance(key, str) or key not in self.uploads:
+            raise RequestError(f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}); "
+                               "upload it again")
+        self.uploads.move_to_end(key)
+        return self.uploads[key]
+
+
+def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> Starlette:
+    """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.
+
+    Args:
+        listen: the server listens on every interface: accept any Host header (else only localhost names).
+    """
+    state = AppState(refiner, Path(outdir))
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette):
+        state.jobs.start()
+        try:
+            yield
+        finally:
+            state.jobs.stop(timeout=5.0)
+
+    async def index(_request: Request) -> Response:
+        html = (STATIC_DIR / "index.html").read_bytes()
+        return Response(html, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": CSP})
+
+    async def info(_request: Request) -> Response:
+        return JSONResponse(
+            {
+                "device": str(refiner.device),
+                "describe": refiner.describe(),
+                "num_timesteps": refiner.num_timesteps,
+                "experts": [e.describe(refiner.num_timesteps) for e in refiner.experts],
+                "defaults": RefineSettings().parameters(),
+                "samplers": list(SAMPLERS),
+                "modes": list(MODES),
+                "step_modes": list(STEP_MODES),
+                "max_samples": MAX_SAMPLES,
+                "max_upload_bytes": MAX_UPLOAD_BYTES,
+                "outdir": str(state.outdir),
+            }
+        )
+
+    async def plan(request: Request) -> Response:
+        settings = RefineSettings.from_json(await _json_body(request))
+        return JSONResponse(describe_plan(refiner, settings))
+
+    async def upload(request: Request) -> Response:
+        _require_type(request, "application/octet-stream")
+        data = await _read_body(request, MAX_UPLOAD_BYTES, "the upload")
+        loaded = await run_in_threadpool(load_upload, data, request.query_params.get("name", "upload"))
+        png = await run_in_threadpool(upload_png, loaded)
+        return JSONResponse(_upload_json(state.add_upload(loaded, png), loaded))
+
+    async def upload_image(request: Request) -> Response:
+        _, png = state.upload(request.path_params["key"])
+        return Response(png, media_type="image/png")
+
+    async def submit(request: Request) -> Response:
+        body = await _json_body(request)
+        if not isinstance(body, dict) or set(body) - {"upload", "settings", "mask"}:
+            raise RequestError('a refine request is a JSON object {"upload": id, "settings": {...}, "mask": base64 PNG}')
+        loaded, png = state.upload(body.get("upload"))
+        settings = RefineSettings.from_json(body.get("settings", {}))
+        mask_data = _base64(body.get("mask"))
+        mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
+        prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask)
+        job = state.jobs.submit(prepared, body["upload"], png, mask_data)
+        return JSONResponse(state.jobs.status(job))
+
+    async def job_status(request: Request) -> Response:
+        job = _job(state, request)
+        status = state.jobs.status(job)
+        status.update(name=job.name, settings=job.settings, upload=None, mask_url=None)
+        if job.upload_key in state.uploads:
+            status["upload"] = _upload_json(job.upload_key, state.uploads[job.upload_key][0])
+        if job.mask_png is not None:
+            status["mask_url"] = f"/api/jobs/{job.id}/mask.png"
+        if job.state == DONE and job.result is not None:
+            status["result"] = _result_json(refiner, job)
+        return JSONResponse(status)
+
+    async def job_before(request: Request) -> Response:
+        return Response(_job(state, request).before_png, media_type="image/png")
+
+    async def job_mask(request: Request) -> Response:
+        job = _job(state, request)
+        if job.mask_png is None:
+            raise HTTPException(404, f"request {job.id} had no painted mask")
+        return Response(job.mask_png, media_type="image/png")
+
+    async def job_file(request: Request) -> Response:
+        job = _job(state, request)
+        k = request.path_params["k"]
+        if job.result is None or not 0 <= k < len(job.result.samples):
+            raise HTTPException(404, f"request {job.id} has no output {k}")
+        path = job.result.samples[k].path
+        if not path.is_file():
+            raise HTTPException(404, f"{path.name} is no longer in {path.parent} (moved or deleted)")
+        disposition = "attachment" if request.query_params.get("download") == "1" else "inline"
+        return FileResponse(path, media_type="image/png", filename=path.name, content_disposition_type=disposition)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/plan", plan, methods=["POST"]),
+        Route("/api/upload", upload, methods=["POST"]),
+        Route("/api/uploads/{key}/image.png", upload_image),
+        Route("/api/refine", submit, methods=["POST"]),
+        Route("/api/jobs/{job_id}", job_status),
+        Route("/api/jobs/{job_id}/before.png", job_before),
+        Route("/api/jobs/{job_id}/mask.png", job_mask),
+        Route("/api/jobs/{job_id}/files/{k:int}", job_file),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    middleware = [] if listen else [Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS)]
+    handlers = {RequestError: _request_error, HTTPException: _http_error, Exception: _server_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+
+
+def _upload_json(key: str, upload: Upload) -> dict[str, Any]:
+    return {"id": key, "name": upload.name, "width": upload.width, "height": upload.height,
+            "format": upload.image.info.get("format"), "has_alpha": upload.image.alpha is not None,
+            "image_url": f"/api/uploads/{key}/image.png"}  # fmt: skip
+
+
+def _result_json(refiner: Refiner, job: Job) -> dict[str, Any]:
+    result = job.result
+    samples = [
+        {"name": s.path.name, "seed": s.seed, "sample": s.sample, "url": f"/api/jobs/{job.id}/files/{s.sample}",
+         "download_url": f"/api/jobs/{job.id}/files/{s.sample}?download=1"}
+        for s in result.samples
+    ]  # fmt: skip
+    outdir = str(result.samples[0].path.parent) if result.samples else ""
+    return {"samples": samples, "before_url": f"/api/jobs/{job.id}/before.png", "seconds": round(result.seconds, 3),
+            "outdir": outdir, **plan_facts(refiner, result.plan)}  # fmt: skip
+
+
+def _job(state: AppState, request: Request) -> Job:
+    job = state.jobs.get(request.path_params["job_id"])
+    if job is None:
+        raise HTTPException(404, f"no request {request.path_params['job_id']!r} on this server (it keeps the last 32)")
+    return job
+
+
+def _require_type(request: Request, expected: str) -> None:
+    got = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if got != expected:
+        raise HTTPException(415, f"send {expected}, not {got or 'no content type'}")
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body, refused (413) beyond ``limit`` bytes before more than that is read."""
+    too_large = HTTPException(413, f"{what} is larger than {limit // 2**20} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request) -> Any:
+    _require_type(request, "application/json")
+    data = await _read_body(request, MAX_JSON_BYTES, "the request")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"the request is not valid JSON ({exc})") from None
+
+
+def _base64(value: Any) -> bytes | None:
+    """A base64 field (a ``data:`` URL prefix allowed) as bytes; None for null or an empty string."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"mask must be a base64 PNG string or null, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("mask is not valid base64") from None
+
+
+async def _request_error(_request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+async def _server_error(_request: Request, exc: Exception) -> Response:
+    logger.error("request failed", exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)

@@ -22,6 +22,9 @@ resumed run then continues exactly like an uninterrupted one (per-step seeding, 
 
 Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr).
 
+One process at a time per run folder: rank 0 holds an exclusive lock on ``<run>/.lock`` (see
+:mod:`ldm.train.runlock`) for the whole run, so a second ``main.py -r <run>`` started meanwhile exits 2 in one line.
+
 Multi-process runs: Lightning re-launches this script once per extra local rank; the ranks agree on the log dir through
 the ``LATESTEPS_LOGDIR`` environment variable that rank 0 sets.  For multi-node jobs, export ``LATESTEPS_LOGDIR`` (the same
 path on every node) before launching, or resume with ``-r``.
@@ -29,6 +32,7 @@ path on every node) before launching, or resume with ``-r``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -78,9 +82,14 @@ def _claim_new_logdir(root: str, nowname: str) -> Path:
 
 
 def _release_unused_logdir(path: Path | None) -> None:
-    """Remove ``path`` (a run folder this process claimed) if nothing was written into it: a config error found while
-    building the Trainer leaves no empty run folder behind."""
-    if path is not None and path.is_dir() and not any(path.iterdir()):
+    """Remove ``path`` (a run folder this process claimed) if nothing but its lock file was written into it: a config
+    error found while building the Trainer leaves no empty run folder behind."""
+    from ldm.train.runlock import LOCK_NAME
+
+    if path is None or not path.is_dir():
+        return
+    if {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+        (path / LOCK_NAME).unlink(missing_ok=True)
         path.rmdir()
 
 
@@ -146,16 +155,18 @@ def _check_init_checkpoints(cfg: Any, where: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``main.py``; returns the process exit status (2: bad command line / config, 1: bad checkpoint or data)."""
     from ldm.checkpoint import CheckpointError
+    from ldm.train.runlock import RunFolderLockError
     from ldm.util import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     inherited_env = os.environ.get(LOGDIR_ENV)
     try:
-        return _main(argv)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released when main returns
+            return _main(argv, held)
     except ConfigError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
+    except (CheckpointError, RunFolderLockError) as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -165,17 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ[LOGDIR_ENV] = inherited_env
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], held: contextlib.ExitStack) -> int:
+    """``main`` without the error reporting; the run folder's lock is entered into ``held`` (rank 0 only)."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities import rank_zero_only
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.checkpoint import CheckpointError
+    from ldm.data.image_folder import UnreadableDatasetError
     from ldm.train.callbacks import SetupCallback
     from ldm.train.cli import DEFAULT_SEED, merge_configs, parse_cli, resolve_resume, resume_seed, saved_run_configs
-    from ldm.train.data import install_data_hooks
+    from ldm.train.data import check_first_items, install_data_hooks
+    from ldm.train.runlock import hold_run_folder
     from ldm.train.trainer import build_trainer, default_lightning_config
     from ldm.util import ConfigError, instantiate_from_config
 
@@ -187,6 +201,8 @@ def _main(argv: list[str]) -> int:
     resume_ckpt = None
     if opt.resume:
         logdir, resume_ckpt = resolve_resume(opt.resume)
+        if is_rank_zero:  # the other ranks are this run's own processes (Lightning re-launches the command per rank)
+            held.enter_context(hold_run_folder(logdir))
         bases = saved_run_configs(logdir) + list(opt.base)
         opt.seed, seed_note = resume_seed(resume_ckpt, opt.seed, unsafe_load=opt.unsafe_load)
         if is_rank_zero:  # a warning (an explicit -s that differs from the stored seed) goes to stderr
@@ -219,7 +235,8 @@ def _main(argv: list[str]) -> int:
         if data is not None:
             data.prepare_data()
             data.setup("fit" if opt.train else "test")
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            check_first_items(data)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnreadableDatasetError) as exc:
         if isinstance(exc, (ConfigError, CheckpointError)):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -237,6 +254,12 @@ def _main(argv: list[str]) -> int:
                 logdir = claimed = _claim_new_logdir(opt.logdir, _run_name(opt, now))
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder under {opt.logdir!r}: {exc}; choose another -l/--logdir") from exc
+        if is_rank_zero:
+            try:
+                held.enter_context(hold_run_folder(logdir))
+            except Exception:
+                _release_unused_logdir(claimed)
+                raise
     os.environ[LOGDIR_ENV] = str(logdir)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
 
@@ -262,10 +285,10 @@ def _main(argv: list[str]) -> int:
                 has_validation=has_validation,
                 unsafe_load=opt.unsafe_load,
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, MisconfigurationException) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"lightning.trainer: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"lightning.trainer: {str(exc).strip().splitlines()[0]}") from exc
         if data is not None:
             install_data_hooks(data, trainer, opt.seed)
     except ConfigError:

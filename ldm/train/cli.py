@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.util import ConfigError, get_obj_from_str
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
+MAX_SEED = 2**32 - 1  # numpy's seeding (and Lightning's seed_everything) take [0, 2**32 - 1]
 PROJECT_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Trainer arguments main.py fills itself; setting them in lightning.trainer would silently lose main.py's own.
@@ -77,6 +78,18 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def seed_value(text: str) -> int:
+    """An argparse ``type`` for ``-s``: a decimal integer in ``[0, MAX_SEED]`` (what numpy's and Lightning's seeding
+    take)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside the seed range [0, {MAX_SEED}]")
+    return value
+
+
 class _RaisingParser(argparse.ArgumentParser):
     """argparse that raises :class:`CLIError` (one line, exit status 2 in ``main.py``) instead of printing the usage
     block and calling ``sys.exit`` (``-l`` without its value, ``-s abc``, ...)."""
@@ -104,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-s",
         "--seed",
-        type=int,
+        type=seed_value,
         default=None,
         help=f"global seed (per-rank streams derive from it); default {DEFAULT_SEED}, or on -r the seed stored in the "
         "resumed checkpoint",
@@ -449,6 +462,12 @@ def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tup
     callbacks = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks")
     state = callbacks.get(StepSeeding.STATE_KEY) if isinstance(callbacks, Mapping) else None
     stored = state.get("seed") if isinstance(state, Mapping) else None
+    if stored is not None and (isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored <= MAX_SEED):
+        seed = DEFAULT_SEED if given is None else given
+        return seed, (
+            f"warning: resuming with seed {seed} ({'the default' if given is None else '-s'}): {ckpt} stores an invalid "
+            f"seed {str(stored)[:40]!r} (not an integer in [0, {MAX_SEED}]); pass the run's -s if you know it"
+        )
     if stored is None:
         seed = DEFAULT_SEED if given is None else given
         origin = "the default" if given is None else "-s"

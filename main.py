@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -161,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     inherited_env = os.environ.get(LOGDIR_ENV)
     try:
-        with contextlib.ExitStack() as held:  # the run folder's lock, released when main returns
+        # the run folder's lock and the removal of a run folder this process created but never wrote into, on any exit
+        with contextlib.ExitStack() as held:
             return _main(argv, held)
     except ConfigError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
@@ -169,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, RunFolderLockError) as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before or after trainer.fit (inside it, Lightning saves and exits 1)
+        print("main.py: interrupted", file=sys.stderr)
+        return 130
     finally:
         if inherited_env is None:
             os.environ.pop(LOGDIR_ENV, None)
@@ -177,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str], held: contextlib.ExitStack) -> int:
-    """``main`` without the error reporting; the run folder's lock is entered into ``held`` (rank 0 only)."""
+    """``main`` without the error reporting; the run folder's lock (rank 0) and the removal of a new run folder left
+    empty are entered into ``held``."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities import rank_zero_only
@@ -215,6 +221,8 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
     config = merge_configs(bases, dotlist, defaults=default_lightning_config())
     lightning_config = config.pop("lightning")
+    if "data" in config and config.data is None:  # data=null drops a base config's data section
+        config.pop("data")
     if opt.train and "data" not in config:
         raise ConfigError("training needs a 'data' section (target ldm.data.datamodule.DataModuleFromConfig)")
 
@@ -223,14 +231,20 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     base_lr = model_cfg.pop("base_learning_rate", None)
     if opt.train and base_lr is None:
         raise ConfigError("model.base_learning_rate is missing (latent-diffusion configs set e.g. 2.0e-06)")
+    if base_lr is not None and (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float))
+                                or not math.isfinite(base_lr) or base_lr < 0):
+        raise ConfigError(f"model.base_learning_rate={base_lr!r} must be a finite number >= 0 (latent-diffusion configs "
+                          "set e.g. 2.0e-06)")
     if resume_ckpt is not None:
         for where in _drop_init_checkpoints(model_cfg, "model"):
             say(f"resuming: {where} is not loaded; all weights come from {resume_ckpt}")
     _check_init_checkpoints(model_cfg, "model")
     if opt.unsafe_load:
         _set_unsafe_load(model_cfg)
+    building = "model"
     try:
         model = instantiate_from_config(model_cfg)
+        building = "data"
         data = instantiate_from_config(OmegaConf.to_container(config.data, resolve=True)) if "data" in config else None
         if data is not None:
             data.prepare_data()
@@ -241,8 +255,10 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise ConfigError(message) from exc
+    except (RuntimeError, ArithmeticError) as exc:  # torch refusing a shape the config asks for, 0 attention heads
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot build the {building} of this config: {first}") from exc
 
-    claimed = None  # a run folder this process created (removed again if the run stops before writing into it)
     if logdir is None:
         inherited = os.environ.get(LOGDIR_ENV)
         try:
@@ -251,15 +267,12 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
                 if is_rank_zero:
                     logdir.mkdir(parents=True, exist_ok=True)
             else:
-                logdir = claimed = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+                logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+                held.callback(_release_unused_logdir, logdir)  # runs after the lock below is released
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder under {opt.logdir!r}: {exc}; choose another -l/--logdir") from exc
         if is_rank_zero:
-            try:
-                held.enter_context(hold_run_folder(logdir))
-            except Exception:
-                _release_unused_logdir(claimed)
-                raise
+            held.enter_context(hold_run_folder(logdir))
     os.environ[LOGDIR_ENV] = str(logdir)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
 
@@ -274,26 +287,22 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         lightning_config=OmegaConf.to_container(lightning_config, resolve=True),
     )
     try:
-        try:
-            trainer, interrupt = build_trainer(
-                lightning_config,
-                model=model,
-                logdir=str(logdir),
-                ckptdir=str(ckptdir),
-                setup_callback=setup_callback,
-                seed=opt.seed,
-                has_validation=has_validation,
-                unsafe_load=opt.unsafe_load,
-            )
-        except (ValueError, TypeError, MisconfigurationException) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"lightning.trainer: {str(exc).strip().splitlines()[0]}") from exc
-        if data is not None:
-            install_data_hooks(data, trainer, opt.seed)
-    except ConfigError:
-        _release_unused_logdir(claimed)
-        raise
+        trainer, interrupt = build_trainer(
+            lightning_config,
+            model=model,
+            logdir=str(logdir),
+            ckptdir=str(ckptdir),
+            setup_callback=setup_callback,
+            seed=opt.seed,
+            has_validation=has_validation,
+            unsafe_load=opt.unsafe_load,
+        )
+    except (ValueError, TypeError, MisconfigurationException) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"lightning.trainer: {str(exc).strip().splitlines()[0]}") from exc
+    if data is not None:
+        install_data_hooks(data, trainer, opt.seed)
 
     if base_lr is not None:
         bs = int(config.data.params.batch_size) if "data" in config and "batch_size" in config.data.get("params", {}) else 1
@@ -327,5 +336,10 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())  # config targets may name modules of the working directory (latent-diffusion habit)
-    _configure_logging()
-    sys.exit(main())
+    try:
+        _configure_logging()  # imports Lightning: seconds in which a Ctrl+C must not print a traceback either
+        status = main()
+    except KeyboardInterrupt:
+        print("main.py: interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status)

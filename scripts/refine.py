@@ -16,14 +16,12 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, ddim_eta, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
 EXIT_OUTPUT = 3  # the output folder cannot be written (permission, a file in the way, disk full)
-EXIT_INTERRUPTED = 130
 
 PROG = "refine.py"
 EPILOG = f"""
@@ -88,24 +86,6 @@ def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def check_outdir(outdir: str) -> str | None:
-    """Why ``outdir`` cannot be used (one line naming the path), or None; creates nothing."""
-    from ldm.imageio import format_path
-
-    path = Path(os.path.abspath(outdir))
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        where = "" if probe == path else f" ({format_path(probe)} is a file)"
-        return f"output folder {format_path(path)}: a file is in the way{where}"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"output folder {format_path(path)}: permission denied (cannot write to {format_path(probe)})"
-    return None
-
-
 def tiling_from_args(args: argparse.Namespace):
     """The refiner's ``tiling`` from --tile-size / --tile-overlap: "auto" when neither is given, None for size 0, else
     the automatic tiling (same statistics passes) with the given tile side (tiling images above it) and overlap."""
@@ -123,7 +103,13 @@ def tiling_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see EPILOG: 0, 1 some inputs failed, 2 usage, 3 output, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ldm.refine.refiner import MAX_SEED
+
+    if args.seed + args.n_samples - 1 > MAX_SEED:  # sample k uses seed + k
+        parser.error(f"argument --seed: {args.seed} + {args.n_samples - 1} (--n-samples - 1) is above the largest seed "
+                     f"{MAX_SEED}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     from ldm.checkpoint import CheckpointError

@@ -188,3 +188,82 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
     assert result.returncode == 2
     assert "max_steps" in one_error_line(result.stderr, "main.py: error:")
     assert nothing_left(tmp_path / "logs")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# crafted configs and command lines (the adversarial pass): one line, exit 2, no run folder
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["model=5"], "'model' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
+        (["data=5"], "'data' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
+        (["data=null"], "training needs a 'data' section"),
+        (["model.params.unet_config.params.model_channels=-5"], "cannot build the model of this config: Trying to create"),
+        (["model.params.unet_config.params.num_head_channels=0"], "cannot build the model of this config: integer div"),
+        (["lightning.trainer.max_steps=1e400"], "lightning.trainer.max_steps=inf must be int"),
+        (["lightning.trainer.max_steps=abc"], "lightning.trainer.max_steps='abc' must be int"),
+        (["lightning.trainer.max_steps=2.5"], "lightning.trainer.max_steps=2.5 must be int"),
+        (["lightning.trainer.max_steps=true"], "lightning.trainer.max_steps=True must be int"),
+        (["lightning.trainer.limit_train_batches=.nan"], "limit_train_batches=nan must be float or int or null"),
+        (["lightning.trainer.accumulate_grad_batches=0"], "lightning.trainer.accumulate_grad_batches=0 must be >= 1"),
+        (["lightning.trainer.check_val_every_n_epoch=0"], "lightning.trainer.check_val_every_n_epoch=0 must be >= 1"),
+        (["lightning.trainer.devices=0"], "lightning.trainer: `Trainer(devices=0)` value is not a valid input"),
+        (["lightning.trainer.strategy=nonsense"], "lightning.trainer: You selected an invalid strategy name"),
+        (["lightning.modelcheckpoint=abc"], "lightning.modelcheckpoint must be {target: ..., params: {...}}, got 'abc'"),
+        (["model.base_learning_rate=abc"], "model.base_learning_rate='abc' must be a finite number >= 0"),
+        (["model.base_learning_rate=-1"], "model.base_learning_rate=-1 must be a finite number >= 0"),
+        (["model.base_learning_rate=.nan"], "model.base_learning_rate=nan must be a finite number >= 0"),
+        (["-n", "a/b"], "-n/--name 'a/b' must be a plain file name (no '/')"),
+        (["-p", "/../../escaped"], "-p/--postfix '/../../escaped' must be a plain file name"),
+        (["data.params.train.params.size=4096"], "size=4096 px is above 2048 px"),
+    ],
+)
+def test_crafted_configs_are_one_line_without_a_run_folder(main_module, extra, expected, tmp_path, capsys):
+    assert main_module.main(new_run_args(tmp_path, *extra)) == 2
+    assert expected in one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert nothing_left(tmp_path / "logs") and not (tmp_path / "escaped").exists()
+
+
+def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_folder(main_module, tmp_path, monkeypatch, capsys):
+    import ldm.train.trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldm.train.trainer, "build_trainer", interrupted)  # after the run folder is made and locked
+    try:
+        code = main_module.main(new_run_args(tmp_path))
+    except KeyboardInterrupt:  # would stop pytest itself
+        pytest.fail("main() let KeyboardInterrupt escape")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "main.py: interrupted" and "Traceback" not in err
+    assert nothing_left(tmp_path / "logs")
+
+
+def test_a_checkpoint_storing_an_invalid_seed_resumes_with_a_warning(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.train.callbacks import StepSeeding
+    from ldm.train.cli import DEFAULT_SEED, resume_seed
+
+    for stored in (2**40, -3, "23", True):
+        path = tmp_path / "last.ckpt"
+        save_checkpoint({"state_dict": {}, "callbacks": {StepSeeding.STATE_KEY: {"seed": stored}}}, path)
+        seed, note = resume_seed(path, None)
+        assert seed == DEFAULT_SEED and note.startswith("warning:") and "stores an invalid seed" in note, note
+        assert resume_seed(path, 7)[0] == 7
+
+
+def test_ctrl_c_while_main_py_starts_is_one_line(tmp_path):
+    """SIGINT while main.py imports Lightning and builds the model: no traceback, exit 130."""
+    proc = subprocess.Popen([sys.executable, str(MAIN), *new_run_args(tmp_path)], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.0)  # inside the imports (they take seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=STARTUP_TIMEOUT)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "main.py: interrupted" and "Traceback" not in err
+    assert nothing_left(tmp_path / "logs")

@@ -5,7 +5,7 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
 * output ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; sample ``k`` uses seed
   ``seed + k``), and with ``grid`` also ``<that name>_grid.png``; two inputs with the same stem get
   ``<stem>-<8 hex of their path>`` instead; an input any of whose output paths (grids included) is one of the inputs
-  is refused (an input is never overwritten);
+  is refused (an input is never overwritten), and so is an input one of whose output paths is a folder;
 * every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
   never mistakes a partial file for a finished one;
 * a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined (any error the
@@ -279,6 +279,10 @@ def refine_files(
             if clash:
                 shown = format_path(clash[0])
                 finish(index, f"{format_path(path)}: output {shown} would overwrite an input; choose another --outdir")
+                continue
+            folders = [out for out in written if os.path.isdir(out)]  # in the way of this input's outputs only
+            if folders:
+                finish(index, f"{format_path(path)}: output {format_path(folders[0])} is a folder; move it away")
                 continue
             todo = []
             for sample, sample_seed, out in items:

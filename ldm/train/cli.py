@@ -169,6 +169,10 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                 f"unexpected argument {token!r}: configs go after -b/--base, overrides are key=value "
                 "(e.g. lightning.trainer.max_steps=100)"
             )
+    for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
+        if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
+            raise CLIError(f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
+                           "name; choose the folder holding the runs with -l/--logdir")
     if opt.name and opt.resume:
         raise CLIError(
             "-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir name; "
@@ -296,6 +300,11 @@ def check_config_structure(config: DictConfig) -> None:
                               f"valid: {', '.join(PROJECT_KEYS)}")
     if "model" not in config:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
+    for key in ("model", "data"):
+        node = config.get(key)
+        if key in config and node is not None and (not isinstance(node, DictConfig) or "target" not in node):
+            shown = OmegaConf.to_yaml(node).strip() if isinstance(node, (DictConfig, ListConfig)) else repr(node)
+            raise ConfigError(f"'{key}' must be a mapping {{target: pkg.Class, params: {{...}}}}, got {shown[:80]}")
     lightning = config.get("lightning")
     if lightning is None:
         return

@@ -17,10 +17,12 @@ configs/<ts>-lightning.yaml, images/{train,val}/, csv/}``.  Every checkpoint emb
 accept other pickles from files you trust).
 
 Interrupts: SIGTERM writes ``last.ckpt`` at the next batch boundary and exits 0; SIGUSR1 writes it and training goes on;
-Ctrl+C writes it and exits 1 (Lightning's convention).  SIGKILL loses at most the steps since the last checkpoint; the
-resumed run then continues exactly like an uninterrupted one (per-step seeding, resumable data order).
+Ctrl+C writes it and exits 1 (Lightning's convention); before or after training, Ctrl+C exits 130 in one line.  SIGKILL
+loses at most the steps since the last checkpoint; the resumed run then continues exactly like an uninterrupted one
+(per-step seeding, resumable data order).
 
-Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr).
+Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr),
+130 Ctrl+C outside training.  A run folder this process created is removed again when it exits before writing into it.
 
 One process at a time per run folder: rank 0 holds an exclusive lock on ``<run>/.lock`` (see
 :mod:`ldm.train.runlock`) for the whole run, so a second ``main.py -r <run>`` started meanwhile exits 2 in one line.

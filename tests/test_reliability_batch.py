@@ -8,6 +8,7 @@ the smallest that show each defect.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,23 @@ def test_recursive_glob_ends_on_folder_link_cycles(tmp_path, monkeypatch):
     assert [p.as_posix() for p in find_images(["**/b.png"])[0]] == ["loop/sub/b.png"]
     assert [p.as_posix() for p in find_images(["loop/sub/.*.png"])[0]] == ["loop/sub/.c.png"]  # explicit dot
     assert [p.as_posix() for p in find_images(["loop/self/*.png"])[0]] == ["loop/self/a.png"]  # a named link is used
+
+
+def test_recursive_glob_names_a_folder_it_cannot_list_and_finds_the_rest(tmp_path, monkeypatch):
+    for rel in ("a/x.png", "locked/y.png", "z/w.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        save_png(tmp_path / rel, photo(4, 4))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):  # what chmod 000 gives a user other than root
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    paths, problems = find_images([str(tmp_path / "**" / "*.png")])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a/x.png", "z/w.png"]
+    assert problems == [f"{tmp_path / 'locked'}: cannot list folder (Permission denied)"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

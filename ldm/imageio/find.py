@@ -98,7 +98,7 @@ def _images_from_glob(pattern: str) -> tuple[list[Path], list[str]]:
             errors.extend(folder_errors)
         elif os.path.isfile(match) and is_image_name(match):
             images.append(Path(match))
-    return sorted(images, key=_sort_key), errors
+    return sorted(images, key=_sort_key), list(dict.fromkeys(errors))  # ** and the next component may meet one folder
 
 
 def _sort_key(path: Path) -> tuple[str, ...]:

@@ -336,12 +336,31 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     return 0
 
 
+def _import_lightning_deferring_ctrl_c() -> bool:
+    """:func:`_configure_logging` (which imports Lightning, torch, numpy: seconds) with Ctrl+C held back until the
+    imports are done; returns whether Ctrl+C was pressed meanwhile.  A KeyboardInterrupt raised inside those imports is
+    sometimes swallowed by a library, leaving a half-imported module that fails later with an unrelated traceback."""
+    import signal
+
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled elsewhere
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        _configure_logging()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(pressed)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())  # config targets may name modules of the working directory (latent-diffusion habit)
+    if _import_lightning_deferring_ctrl_c():
+        print("main.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     try:
-        _configure_logging()  # imports Lightning: seconds in which a Ctrl+C must not print a traceback either
         status = main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # in main's own imports, before it handles Ctrl+C itself
         print("main.py: interrupted", file=sys.stderr)
         status = 130
     sys.exit(status)

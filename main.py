@@ -17,10 +17,15 @@ configs/<ts>-lightning.yaml, images/{train,val}/, csv/}``.  Every checkpoint emb
 accept other pickles from files you trust).
 
 Interrupts: SIGTERM writes ``last.ckpt`` at the next batch boundary and exits 0; SIGUSR1 writes it and training goes on;
-Ctrl+C writes it and exits 1 (Lightning's convention).  SIGKILL loses at most the steps since the last checkpoint; the
-resumed run then continues exactly like an uninterrupted one (per-step seeding, resumable data order).
+Ctrl+C writes it and exits 1 (Lightning's convention); before or after training, Ctrl+C exits 130 in one line.  SIGKILL
+loses at most the steps since the last checkpoint; the resumed run then continues exactly like an uninterrupted one
+(per-step seeding, resumable data order).
 
-Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr).
+Exit status: 0 done (or SIGTERM), 1 bad checkpoint / disk error, 2 bad command line or config (one line on stderr),
+130 Ctrl+C outside training.  A run folder this process created is removed again when it exits before writing into it.
+
+One process at a time per run folder: rank 0 holds an exclusive lock on ``<run>/.lock`` (see
+:mod:`ldm.train.runlock`) for the whole run, so a second ``main.py -r <run>`` started meanwhile exits 2 in one line.
 
 Multi-process runs: Lightning re-launches this script once per extra local rank; the ranks agree on the log dir through
 the ``LATESTEPS_LOGDIR`` environment variable that rank 0 sets.  For multi-node jobs, export ``LATESTEPS_LOGDIR`` (the same
@@ -29,8 +34,10 @@ path on every node) before launching, or resume with ``-r``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -78,9 +85,14 @@ def _claim_new_logdir(root: str, nowname: str) -> Path:
 
 
 def _release_unused_logdir(path: Path | None) -> None:
-    """Remove ``path`` (a run folder this process claimed) if nothing was written into it: a config error found while
-    building the Trainer leaves no empty run folder behind."""
-    if path is not None and path.is_dir() and not any(path.iterdir()):
+    """Remove ``path`` (a run folder this process claimed) if nothing but its lock file was written into it: a config
+    error found while building the Trainer leaves no empty run folder behind."""
+    from ldm.train.runlock import LOCK_NAME
+
+    if path is None or not path.is_dir():
+        return
+    if {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+        (path / LOCK_NAME).unlink(missing_ok=True)
         path.rmdir()
 
 
@@ -150,18 +162,24 @@ def _check_init_checkpoints(cfg: Any, where: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``main.py``; returns the process exit status (2: bad command line / config, 1: bad checkpoint or data)."""
     from ldm.checkpoint import CheckpointError
+    from ldm.train.runlock import RunFolderLockError
     from ldm.util import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     inherited_env = os.environ.get(LOGDIR_ENV)
     try:
-        return _main(argv)
+        # the run folder's lock and the removal of a run folder this process created but never wrote into, on any exit
+        with contextlib.ExitStack() as held:
+            return _main(argv, held)
     except ConfigError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
+    except (CheckpointError, RunFolderLockError) as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before or after trainer.fit (inside it, Lightning saves and exits 1)
+        print("main.py: interrupted", file=sys.stderr)
+        return 130
     finally:
         if inherited_env is None:
             os.environ.pop(LOGDIR_ENV, None)
@@ -169,17 +187,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ[LOGDIR_ENV] = inherited_env
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], held: contextlib.ExitStack) -> int:
+    """``main`` without the error reporting; the run folder's lock (rank 0) and the removal of a new run folder left
+    empty are entered into ``held``."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities import rank_zero_only
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.checkpoint import CheckpointError
+    from ldm.data.image_folder import UnreadableDatasetError
     from ldm.train.callbacks import SetupCallback
     from ldm.train.cli import DEFAULT_SEED, merge_configs, parse_cli, resolve_resume, resume_seed, saved_run_configs
-    from ldm.train.data import install_data_hooks
+    from ldm.train.data import check_first_items, install_data_hooks
+    from ldm.train.runlock import hold_run_folder
     from ldm.train.trainer import build_trainer, default_lightning_config
     from ldm.util import ConfigError, instantiate_from_config
 
@@ -191,6 +213,8 @@ def _main(argv: list[str]) -> int:
     resume_ckpt = None
     if opt.resume:
         logdir, resume_ckpt = resolve_resume(opt.resume)
+        if is_rank_zero:  # the other ranks are this run's own processes (Lightning re-launches the command per rank)
+            held.enter_context(hold_run_folder(logdir))
         bases = saved_run_configs(logdir) + list(opt.base)
         opt.seed, seed_note = resume_seed(resume_ckpt, opt.seed, unsafe_load=opt.unsafe_load)
         if is_rank_zero:  # a warning (an explicit -s that differs from the stored seed) goes to stderr
@@ -203,6 +227,8 @@ def _main(argv: list[str]) -> int:
         opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
     config = merge_configs(bases, dotlist, defaults=default_lightning_config())
     lightning_config = config.pop("lightning")
+    if "data" in config and config.data is None:  # data=null drops a base config's data section
+        config.pop("data")
     if opt.train and "data" not in config:
         raise ConfigError("training needs a 'data' section (target ldm.data.datamodule.DataModuleFromConfig)")
 
@@ -211,25 +237,34 @@ def _main(argv: list[str]) -> int:
     base_lr = model_cfg.pop("base_learning_rate", None)
     if opt.train and base_lr is None:
         raise ConfigError("model.base_learning_rate is missing (latent-diffusion configs set e.g. 2.0e-06)")
+    if base_lr is not None and (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float))
+                                or not math.isfinite(base_lr) or base_lr < 0):
+        raise ConfigError(f"model.base_learning_rate={base_lr!r} must be a finite number >= 0 (latent-diffusion configs "
+                          "set e.g. 2.0e-06)")
     if resume_ckpt is not None:
         for where in _drop_init_checkpoints(model_cfg, "model"):
             say(f"resuming: {where} is not loaded; all weights come from {resume_ckpt}")
     _check_init_checkpoints(model_cfg, "model")
     if opt.unsafe_load:
         _set_unsafe_load(model_cfg)
+    building = "model"
     try:
         model = instantiate_from_config(model_cfg)
+        building = "data"
         data = instantiate_from_config(OmegaConf.to_container(config.data, resolve=True)) if "data" in config else None
         if data is not None:
             data.prepare_data()
             data.setup("fit" if opt.train else "test")
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            check_first_items(data)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnreadableDatasetError) as exc:
         if isinstance(exc, (ConfigError, CheckpointError)):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise ConfigError(message) from exc
+    except (RuntimeError, ArithmeticError) as exc:  # torch refusing a shape the config asks for, 0 attention heads
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot build the {building} of this config: {first}") from exc
 
-    claimed = None  # a run folder this process created (removed again if the run stops before writing into it)
     if logdir is None:
         inherited = os.environ.get(LOGDIR_ENV)
         try:
@@ -238,9 +273,12 @@ def _main(argv: list[str]) -> int:
                 if is_rank_zero:
                     logdir.mkdir(parents=True, exist_ok=True)
             else:
-                logdir = claimed = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+                logdir = _claim_new_logdir(opt.logdir, _run_name(opt, now))
+                held.callback(_release_unused_logdir, logdir)  # runs after the lock below is released
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder under {opt.logdir!r}: {exc}; choose another -l/--logdir") from exc
+        if is_rank_zero:
+            held.enter_context(hold_run_folder(logdir))
     os.environ[LOGDIR_ENV] = str(logdir)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
 
@@ -255,26 +293,22 @@ def _main(argv: list[str]) -> int:
         lightning_config=OmegaConf.to_container(lightning_config, resolve=True),
     )
     try:
-        try:
-            trainer, interrupt = build_trainer(
-                lightning_config,
-                model=model,
-                logdir=str(logdir),
-                ckptdir=str(ckptdir),
-                setup_callback=setup_callback,
-                seed=opt.seed,
-                has_validation=has_validation,
-                unsafe_load=opt.unsafe_load,
-            )
-        except (ValueError, TypeError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"lightning.trainer: {str(exc).splitlines()[0]}") from exc
-        if data is not None:
-            install_data_hooks(data, trainer, opt.seed)
-    except ConfigError:
-        _release_unused_logdir(claimed)
-        raise
+        trainer, interrupt = build_trainer(
+            lightning_config,
+            model=model,
+            logdir=str(logdir),
+            ckptdir=str(ckptdir),
+            setup_callback=setup_callback,
+            seed=opt.seed,
+            has_validation=has_validation,
+            unsafe_load=opt.unsafe_load,
+        )
+    except (ValueError, TypeError, MisconfigurationException) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"lightning.trainer: {str(exc).strip().splitlines()[0]}") from exc
+    if data is not None:
+        install_data_hooks(data, trainer, opt.seed)
 
     if base_lr is not None:
         bs = int(config.data.params.batch_size) if "data" in config and "batch_size" in config.data.get("params", {}) else 1
@@ -306,7 +340,31 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _import_lightning_deferring_ctrl_c() -> bool:
+    """:func:`_configure_logging` (which imports Lightning, torch, numpy: seconds) with Ctrl+C held back until the
+    imports are done; returns whether Ctrl+C was pressed meanwhile.  A KeyboardInterrupt raised inside those imports is
+    sometimes swallowed by a library, leaving a half-imported module that fails later with an unrelated traceback."""
+    import signal
+
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled elsewhere
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        _configure_logging()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(pressed)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())  # config targets may name modules of the working directory (latent-diffusion habit)
-    _configure_logging()
-    sys.exit(main())
+    if _import_lightning_deferring_ctrl_c():
+        print("main.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    try:
+        status = main()
+    except KeyboardInterrupt:  # in main's own imports, before it handles Ctrl+C itself
+        print("main.py: interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USAGE = 2  # bad arguments, checkpoint, config or degradation: nothing was done
+EXIT_INTERRUPTED = 130  # Ctrl+C (128 + SIGINT, the shell's convention)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,3 +77,25 @@ def ddim_eta(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
     return value
+
+
+def check_outdir(outdir: str | os.PathLike) -> str | None:
+    """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.
+
+    The folder or its nearest existing parent must be a folder this process can write into: a file in the way or a
+    read-only parent is found before any work is done, not when the first output is written.
+    """
+    from ldm.imageio import format_path
+
+    path = Path(os.path.abspath(outdir))
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" ({format_path(probe)} is a file)"
+        return f"output folder {format_path(path)}: a file is in the way{where}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"output folder {format_path(path)}: permission denied (cannot write to {format_path(probe)})"
+    return None

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # no such folder, no images, an unreadable image or an unwritable output
@@ -39,14 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 unreadable/refused input, 2 bad arguments or spec)."""
+    """Run the CLI; returns the exit code (0 done, 1 unreadable/refused input, 2 bad arguments or spec, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
-    from ldm.eval.degrade import DEGRADATIONS, degradation_from_spec, describe_degradation
-    from ldm.eval.degrade_files import DegradeFolderError, degrade_folder
-    from ldm.imageio import ImageLoadError, ImageSaveError
+    from ldm.eval.degrade import DEGRADATIONS, describe_degradation
 
     if args.list:
         for name in sorted(DEGRADATIONS):
@@ -56,6 +54,19 @@ def main(argv: list[str] | None = None) -> int:
                                         ("--degradation", args.degradation)) if value is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the images written so far are complete (every write is atomic)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    """:func:`main` after parsing: builds the degradation and degrades the folder."""
+    from ldm.eval.degrade import degradation_from_spec
+    from ldm.eval.degrade_files import DegradeFolderError, degrade_folder
+    from ldm.imageio import ImageLoadError, ImageSaveError
+
     try:
         degradation = degradation_from_spec(args.degradation)
     except (KeyError, TypeError, ValueError, OSError) as exc:  # ConfigError, CheckpointError: ValueErrors

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 
-from ldm.cli import EXIT_USAGE, OneLineParser, ddim_eta, int_at_least, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, ddim_eta, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # images could not be read
@@ -87,10 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 images unreadable, 2 bad arguments/checkpoint/config/degradation)."""
+    """Run the CLI; returns the exit code (0 done, 1 images unreadable, 2 bad arguments/checkpoint/config/degradation/
+    output folder, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    """:func:`main` after parsing: checks, loads, runs the sweep, then writes the report files."""
     from ldm.checkpoint import CheckpointError
     from ldm.eval.baselines import default_baselines
     from ldm.eval.metrics import load_inception, load_lpips
@@ -99,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.imageio import ImageLoadError
     from ldm.refine import Refiner
     from ldm.util import ConfigError
+
+    problem = check_outdir(args.outdir)  # found now, not after the whole sweep
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
 
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
@@ -134,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImageLoadError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
+    except ValueError as exc:  # --size beyond what the embedded photographs give
+        print(f"{PROG}: error: --size: {one_line_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"images: {source}", flush=True)
 
     filter_name = None if args.filter == "none" else args.filter
     baselines = default_baselines(None if args.no_autoencoder else model, filter_name)
-    lpips = load_lpips(args.lpips_net, args.lpips_weights, device=refiners[0][1].device)
-    inception = load_inception(args.inception_weights) if degradations is not None else None
+    try:
+        lpips = load_lpips(args.lpips_net, args.lpips_weights, device=refiners[0][1].device)
+        inception = load_inception(args.inception_weights) if degradations is not None else None
+    except (CheckpointError, OSError) as exc:  # a weights file that is not what --lpips-weights/--inception-weights need
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.perf_counter()
     try:
         result = run_sweep(

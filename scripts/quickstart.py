@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm.cli import OneLineParser, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -173,9 +173,12 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments (before any training), or None."""
     from ldm.eval.degrade import VQRoundTrip, degradation_from_spec
+    from ldm.train.cli import MAX_SEED
 
     if not 1 <= args.start_t <= 999 or args.n_images < 1 or args.ddim_steps < 1:
         return "--start-t must be in [1, 999], --n-images and --ddim-steps >= 1"
+    if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
+        return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
     for spec in args.degradations:
         if spec.partition(":")[0].strip() == VQRoundTrip.name:
             continue  # built on the trained first stage, after training
@@ -190,11 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
-    problem = check_arguments(args)
+    outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
+    problem = check_arguments(args) or check_outdir(outdir)
     if problem:
         print(f"quickstart.py: error: {problem}", file=sys.stderr)
-        return 2
-    outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
+        return EXIT_USAGE
+    try:
+        return _run(args, outdir)
+    except KeyboardInterrupt:
+        print("quickstart.py: interrupted; finished stages keep their checkpoints (run again to continue)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace, outdir: Path) -> int:
+    """The stages and the evaluation (after the arguments are checked)."""
     checkpoints, logs = outdir / "checkpoints", outdir / "logs"
     timings: list[tuple[str, str, float]] = []
     started = time.perf_counter()
@@ -215,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n== [{len(all_stages) + 1}/{len(all_stages) + 1}] refine degraded held-out crops ==", flush=True)
     t0 = time.perf_counter()
-    table, headline = evaluate(args, checkpoints, outdir)
+    try:
+        table, headline = evaluate(args, checkpoints, outdir)
+    except (ValueError, OSError) as exc:  # a stage checkpoint that is corrupt (CheckpointError), a disk error
+        print(f"quickstart.py: error: {one_line_error(exc)}; --force retrains every stage", file=sys.stderr)
+        return 1
     timings.append(("refine + evaluate", "ran", time.perf_counter() - t0))
 
     print(f"\n{table}\n")

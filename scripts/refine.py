@@ -22,14 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, box_arg, ddim_eta, int_at_least, one_line_error, unit_interval
+from ldm.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    OneLineParser,
+    box_arg,
+    check_outdir,
+    ddim_eta,
+    int_at_least,
+    one_line_error,
+    unit_interval,
+)
 
 SAMPLERS = ("ddim", "dpmpp_2m")  # ldm.sampling.SAMPLERS, not imported here so that --help does not load torch
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
 EXIT_OUTPUT = 3  # the output folder cannot be written (permission, a file in the way, disk full)
-EXIT_INTERRUPTED = 130
 
 PROG = "refine.py"
 EPILOG = f"""
@@ -119,24 +128,6 @@ def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def check_outdir(outdir: str) -> str | None:
-    """Why ``outdir`` cannot be used (one line naming the path), or None; creates nothing."""
-    from ldm.imageio import format_path
-
-    path = Path(os.path.abspath(outdir))
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        where = "" if probe == path else f" ({format_path(probe)} is a file)"
-        return f"output folder {format_path(path)}: a file is in the way{where}"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"output folder {format_path(path)}: permission denied (cannot write to {format_path(probe)})"
-    return None
-
-
 def region_problem(args: argparse.Namespace) -> str | None:
     """Why the region arguments cannot work (one line), or None; reads nothing but the mask path's type."""
     if args.start_t is not None and args.strength is not None:
@@ -165,7 +156,13 @@ def tiling_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see EPILOG: 0, 1 some inputs failed, 2 usage, 3 output, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ldm.refine.refiner import MAX_SEED
+
+    if args.seed + args.n_samples - 1 > MAX_SEED:  # sample k uses seed + k
+        parser.error(f"argument --seed: {args.seed} + {args.n_samples - 1} (--n-samples - 1) is above the largest seed "
+                     f"{MAX_SEED}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     from ldm.checkpoint import CheckpointError

@@ -498,6 +498,10 @@ def test_two_process_cpu_ddp_run_writes_one_log_dir_and_one_checkpoint(tmp_path)
     # 16 crops over 2 ranks with batch 4: 2 batches per rank and epoch; the loader state is per rank
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
     assert "Setting learning rate to 1.60e-04 = 1 (accumulate_grad_batches) * 2 (devices)" in result.stdout
+    # resumed under DDP: rank 0 holds the run folder's lock, the re-launched rank 1 does not wait for it
+    resumed = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=3"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.3
 MAX_SHORT_SIDE = 512
+# Crops beyond 4x the photographs' short side would only be upsampled copies, and a mistyped size must not allocate
+# gigabytes (size=100000: 30 GB per crop).
+MAX_SIZE = 4 * MAX_SHORT_SIDE
 DEFAULT_SCALE: tuple[float, float] = (1.0, 3.0)
 _HELDOUT_STREAM = 1_000_003  # separates the held-out draws from the training draws of the same seed
 
@@ -172,8 +175,18 @@ def heldout_crops(
     """
     if int(size) < 1 or int(n) < 0:
         raise ValueError(f"size={size} must be positive and n={n} non-negative")
+    _check_size(size)
     scale_range, names = _check_scale(scale), _check_photos(photos)
     return [_heldout_crop(i, int(size), seed, scale_range, names) for i in range(int(n))]
+
+
+def _check_size(size: int) -> None:
+    if int(size) > MAX_SIZE:
+        raise ValueError(
+            f"size={size} px is above {MAX_SIZE} px: the embedded photographs are at most {MAX_SHORT_SIDE} px on their "
+            "short side, so such crops would only be upsampled copies (and need gigabytes); use a folder of large "
+            "images (ldm.data.image_folder.ImageFolderDataset) for large crops"
+        )
 
 
 class EmbeddedPhotos(EpochSeededDataset):
@@ -209,6 +222,7 @@ class EmbeddedPhotos(EpochSeededDataset):
             raise ValueError(f"split={split!r} is not one of ['train', 'validation']")
         if int(size) < 1 or int(n_samples) < 1:
             raise ValueError(f"size={size} and n_samples={n_samples} must be positive integers")
+        _check_size(size)
         self.size = int(size)
         self.split = split
         self.n_samples = int(n_samples)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from ldm.imageio.load import LOADER_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +81,16 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """Decode ``path`` (or an open binary file) fully, apply its EXIF orientation and return an RGB image.
 
+    Only regular files are opened (a FIFO named ``x.png`` would block the open forever), and only as one of the raster
+    formats :mod:`ldm.imageio` reads (:data:`ldm.imageio.LOADER_FORMATS`): Pillow's other plugins are never tried on a
+    downloaded data set (its EPS plugin runs Ghostscript on the file).
+
     Raises one of :data:`UNREADABLE_IMAGE_ERRORS` when the file cannot be decoded.
     """
-    with Image.open(path) as image:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a regular file (device, FIFO or socket)")
+    Image.init()
+    with Image.open(path, formats=[name for name in LOADER_FORMATS if name in Image.OPEN]) as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)
         return pil_to_rgb(oriented)

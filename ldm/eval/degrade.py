@@ -259,9 +259,19 @@ def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` with standard deviation ``sigma`` pixels (edge-replicated borders,
-    kernel radius ``ceil(3 sigma)``); ``sigma == 0`` returns the input."""
+    kernel radius ``ceil(3 sigma)``); ``sigma == 0`` returns the input.
+
+    Raises:
+        ValueError: ``sigma`` above the image's longer side, which would leave a nearly flat image at the cost of a
+            kernel and padding of ``6 sigma`` pixels (``sigma=1e9`` would need tens of GB).
+    """
     if sigma == 0:
         return images
+    if sigma > max(images.shape[-2:]):
+        raise ValueError(
+            f"blur sigma={sigma:g} px is larger than the {images.shape[-1]}x{images.shape[-2]} image (its kernel would be "
+            f"{2 * math.ceil(3 * sigma) + 1:.3g} px wide); use sigma <= {max(images.shape[-2:])}"
+        )
     k = _gaussian_kernel1d(sigma, images.dtype, images.device)
     c, r = images.shape[1], k.numel() // 2
     x = F.pad(images, (r, r, 0, 0), mode="replicate")
@@ -518,6 +528,8 @@ def degradation_from_spec(spec: str) -> Degradation:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"degradation spec {spec!r}: {item!r} is not key=value; format is name:key=value,key=value")
+        if key.strip() in params:
+            raise ValueError(f"degradation spec {spec!r}: {key.strip()!r} is given twice")
         params[key.strip()] = _parse_value(value.strip())
     return build_degradation(name.strip(), **params)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,8 +21,11 @@ def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
     - A folder is searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`, case-insensitive);
       hidden files and folders (name starting with ``"."``, e.g. macOS ``._photo.jpg`` resource forks) are skipped, and
       symbolic links to folders are not followed.  Files are sorted by path, so the order is the same on every run.
-    - Anything else containing ``*``, ``?`` or ``[`` is a glob (``**`` recursive); matched files with an image suffix
-      and matched folders (expanded as above) are kept, sorted.
+    - Anything else containing ``*``, ``?`` or ``[`` is a glob, matched as :func:`glob.glob` with ``recursive=True``
+      does (``**`` as a whole path component matches any number of nested folders; hidden names match only a
+      component that starts with ``"."``), except that ``**`` neither follows nor matches symbolic links to folders, so
+      a link cycle (``ln -s .. loop/up``) cannot make the search endless.  Matched files with an image suffix and
+      matched folders (expanded as above) are kept, sorted.
 
     A file reached through several inputs is listed once, at its first occurrence.
 
@@ -87,15 +91,91 @@ def _images_in_folder(folder: Path) -> tuple[list[Path], list[str]]:
 def _images_from_glob(pattern: str) -> tuple[list[Path], list[str]]:
     images: list[Path] = []
     errors: list[str] = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
+    for match in sorted(_glob(pattern, errors)):
         if os.path.isdir(match):
             folder_images, folder_errors = _images_in_folder(Path(match))
             images.extend(folder_images)
             errors.extend(folder_errors)
         elif os.path.isfile(match) and is_image_name(match):
             images.append(Path(match))
-    return sorted(images, key=_sort_key), errors
+    return sorted(images, key=_sort_key), list(dict.fromkeys(errors))  # ** and the next component may meet one folder
 
 
 def _sort_key(path: Path) -> tuple[str, ...]:
     return path.parts
+
+
+def _glob(pattern: str, errors: list[str]) -> list[str]:
+    """The paths matching ``pattern`` (see :func:`find_images`; unlike :func:`glob.glob`, ``**`` does not go through
+    links to folders).  A folder that cannot be listed adds one line to ``errors``."""
+    drive, rest = os.path.splitdrive(pattern)
+    separators = re.escape(os.sep + (os.altsep or ""))
+    parts = [part for part in re.split(f"[{separators}]", rest) if part]
+    # consecutive ** match what one does; collapsing them keeps a pattern like **/**/** from multiplying the work
+    parts = [part for i, part in enumerate(parts) if not (part == "**" and i and parts[i - 1] == "**")]
+    dirs_only = rest.endswith(tuple(os.sep + (os.altsep or "")))
+    current = [drive + rest[: len(rest) - len(rest.lstrip(os.sep + (os.altsep or "")))]]  # "" (relative) or the root
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        found: list[str] = []
+        for base in current:
+            if part == "**":
+                found.extend(_below(base, files=last and not dirs_only, errors=errors))
+            elif _GLOB_CHARS.intersection(part):
+                for name in _list(base, errors):
+                    if (part.startswith(".") or not name.startswith(".")) and fnmatch.fnmatch(name, part):
+                        path = os.path.join(base, name)
+                        if (last and not dirs_only) or os.path.isdir(path):
+                            found.append(path)
+            else:
+                path = os.path.join(base, part)
+                if os.path.isdir(path) or (last and not dirs_only and os.path.lexists(path)):
+                    found.append(path)
+        current = list(dict.fromkeys(found))
+    return [path for path in current if path] if parts else []
+
+
+def _list(folder: str, errors: list[str]) -> list[str]:
+    """Names in ``folder`` ("" is the working folder); [] and one line in ``errors`` when it cannot be listed."""
+    try:
+        with os.scandir(folder or os.curdir) as entries:
+            return sorted(entry.name for entry in entries)
+    except NotADirectoryError:
+        return []
+    except OSError as exc:
+        errors.append(f"{format_path(folder or os.curdir)}: cannot list folder ({exc.strerror or exc})")
+        return []
+
+
+def _below(base: str, files: bool, errors: list[str]) -> list[str]:
+    """What ``**`` matches under ``base``: ``base`` and every non-hidden folder below it (links to folders are not
+    entered), and with ``files`` also every other non-hidden entry except links to folders (unsorted)."""
+    found = [base]
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                entries = [entry for entry in it if not entry.name.startswith(".")]
+        except OSError as exc:
+            errors.append(f"{format_path(folder or os.curdir)}: cannot list folder ({exc.strerror or exc})")
+            continue
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                real_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                real_folder = False
+            if real_folder:
+                found.append(path)
+                stack.append(path)
+            elif files and not _is_folder_link(entry):
+                found.append(path)
+    return found
+
+
+def _is_folder_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False

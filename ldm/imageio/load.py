@@ -184,17 +184,41 @@ def _read_file(path: PathLike) -> bytes:
         raise ImageLoadError(path, "is not a regular file (device, FIFO or socket)")
     if st.st_size == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
+    limit = max_file_bytes()
+    if limit is not None and st.st_size > limit:
+        raise ImageLoadError(path, _too_large_reason(st.st_size, limit))
     try:
-        return _read_bytes(fs_path)
+        data = _read_bytes(fs_path)
     except PermissionError:
         raise ImageLoadError(path, "permission denied (the file is not readable by this user; check chmod)") from None
     except OSError as exc:
         raise ImageLoadError(path, f"read failed ({exc.strerror or exc})") from None
+    if limit is not None and len(data) > limit:  # the file grew after it was checked
+        raise ImageLoadError(path, _too_large_reason(len(data), limit))
+    return data
+
+
+def max_file_bytes() -> int | None:
+    """The largest file the loader reads: what an image within Pillow's decompression-bomb limit can take
+    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels of 16 bytes, four float32 channels uncompressed, plus 1 MiB of headers and
+    metadata); None when that limit is off.  A larger file is refused before any of it is read into memory."""
+    pixels = Image.MAX_IMAGE_PIXELS
+    return None if pixels is None else 16 * int(pixels) + 2**20
+
+
+def _too_large_reason(size: int, limit: int) -> str:
+    return (
+        f"file is {size:,} bytes, more than an image within Pillow's decompression-bomb limit "
+        f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels can take ({limit:,} bytes); if you trust the file, "
+        "raise the limit before loading (PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable)"
+    )
 
 
 def _read_bytes(fs_path: str | bytes) -> bytes:
+    """The file's bytes, at most :func:`max_file_bytes` + 1 of them (enough to tell that it is too large)."""
+    limit = max_file_bytes()
     with open(fs_path, "rb") as fh:
-        return fh.read()
+        return fh.read() if limit is None else fh.read(limit + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

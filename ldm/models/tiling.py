@@ -230,12 +230,19 @@ def _blend_tiles(
     return (out / weight).to(x.dtype)
 
 
-def downscale_to(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``x`` ``[B, C, H, W]`` area-downscaled by the smallest integer factor that brings ``max(H, W)`` to ``<= side``."""
+def downscale_to(x: torch.Tensor, side: int, min_size: int = 1) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` area-downscaled by the smallest integer factor that brings ``max(H, W)`` to ``<= side``.
+
+    No axis is shrunk below ``min_size`` pixels (one already shorter keeps its size): a long thin image (16x20000)
+    keeps its short side instead of shrinking it to a pixel, which the strided convolutions of an encoder cannot take
+    and which would leave statistics made mostly of zero padding.
+    """
     factor = math.ceil(max(x.shape[-2:]) / side)
     if factor <= 1:
         return x
-    size = (max(1, round(x.shape[-2] / factor)), max(1, round(x.shape[-1] / factor)))
+    size = tuple(min(n, max(min_size, round(n / factor))) for n in x.shape[-2:])
+    if size == tuple(x.shape[-2:]):
+        return x
     return F.interpolate(x, size=size, mode="area")
 
 
@@ -249,6 +256,7 @@ def tiled_apply(
     norm_owner: nn.Module | None = None,
     stat_passes: int = 0,
     stat_side: int | None = None,
+    stat_min_size: int = 1,
 ) -> torch.Tensor:
     """Apply a spatially local map ``fn`` to ``x`` ``[B, C, H, W]`` tile by tile and blend the results.
 
@@ -257,7 +265,8 @@ def tiled_apply(
     ``norm_owner`` (the module holding ``fn``'s GroupNorm layers) the GroupNorms share statistics: from ``fn`` on ``x``
     downscaled to ``stat_side``, refined by ``stat_passes`` tiled passes (see the module docstring); with
     ``stat_side=None`` the first refining pass starts from each tile's own statistics, and with no pass at all (or no
-    ``norm_owner``) each tile is normalised with its own.
+    ``norm_owner``) each tile is normalised with its own.  ``stat_min_size``: the downscaled input keeps at least this
+    many pixels along each axis (what ``fn`` needs to run; see :func:`downscale_to`).
     Returns ``[B, out_channels, H * scale, W * scale]``.
     """
     if norm_owner is None:
@@ -265,7 +274,7 @@ def tiled_apply(
     stats = GroupNormStatistics(norm_owner)
     if stat_side is not None:
         with stats.record():  # one untiled pass: every layer normalised with its own (downscaled) statistics
-            fn(downscale_to(x, stat_side))
+            fn(downscale_to(x, stat_side, stat_min_size))
     elif stat_passes == 0:
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
     for _ in range(stat_passes):
@@ -278,9 +287,10 @@ def tiled_apply(
 def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
     """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
     enc = first_stage.encoder
+    # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
     h = tiled_apply(
         enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, enc, tiling.stat_passes,
-        tiling.stat_side,
+        tiling.stat_side, stat_min_size=2 * factor,
     )
     return first_stage.quant_conv(enc.forward_low(h))
 
@@ -296,5 +306,5 @@ def tiled_vq_decode(
     stat_side = None if tiling.stat_side is None else max(1, tiling.stat_side // factor)
     return tiled_apply(
         dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes,
-        stat_side,
+        stat_side, stat_min_size=2,
     )

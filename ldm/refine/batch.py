@@ -3,14 +3,15 @@
 This is what ``scripts/refine.py`` runs (the CLI only parses arguments and prints).  Rules:
 
 * output ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; sample ``k`` uses seed
-  ``seed + k``); two inputs with the same stem get ``<stem>-<8 hex of their path>`` instead; an output path that is
-  one of the inputs is refused for that input (an input is never overwritten);
+  ``seed + k``), and with ``grid`` also ``<that name>_grid.png``; two inputs with the same stem get
+  ``<stem>-<8 hex of their path>`` instead; an input any of whose output paths (grids included) is one of the inputs
+  is refused (an input is never overwritten), and so is an input one of whose output paths is a folder;
 * every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
   never mistakes a partial file for a finished one;
-* a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined costs that file
-  only: one line through ``on_error`` and the batch goes on; an error writing the output folder (permission, disk
-  full, a file in the way) stops the batch (every further write would fail too) and is reported in
-  :attr:`BatchReport.fatal`;
+* a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined (any error the
+  networks raise for its batch, e.g. out of memory) costs that file only: one line through ``on_error`` and the batch
+  goes on; an error writing the output folder (permission, disk full, a file in the way) stops the batch (every
+  further write would fail too) and is reported in :attr:`BatchReport.fatal`;
 * images of the same size are refined together, up to ``batch_size`` samples at a time; results do not depend on it
   when the refiner is batch-invariant (see :class:`ldm.refine.Refiner`); several samples of one image in a batch
   share one first-stage encode;
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ldm.cli import one_line_error
 from ldm.imageio import (
     ImageLoadError,
     ImageSaveError,
@@ -290,10 +292,11 @@ def refine_files(
                 mask_blur=regions.blur, crop_regions=regions.crop, region_padding=regions.padding,
                 region_size=regions.size,
             )
-        except (ValueError, torch.OutOfMemoryError) as exc:
+        except Exception as exc:  # whatever the networks raise (a bug, out of memory) costs this batch's inputs only
             size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"
+            kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
             for index in dict.fromkeys(item.source for item in batch):
-                finish(index, f"cannot refine {format_path(paths[index])} ({size}): {' '.join(str(exc).split())}")
+                finish(index, f"cannot refine {format_path(paths[index])} ({size}): {kind}{one_line_error(exc)}")
             return
         for item, refined in zip(batch, out):
             if item.source in finished:
@@ -311,26 +314,32 @@ def refine_files(
                 source = tensor_to_image(item.x)
                 middle = [] if item.start_map is None else [mask_overlay(source, item.start_map, plan.start_t)]
                 canvas = side_by_side([source, *middle, rgb])
-                grid_path = item.out.with_name(item.out.stem + "_grid.png")
+                grid_path = grid_name(item.out)
                 save_image_atomic(grid_path, canvas, metadata=meta)
                 report.written.append(grid_path)
             finish_sample(item.source)
 
     # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone).
     names = [out.name for i in mine for _, _, out in _outputs_for(stems[i], outdir, plan.start_t, seed, n_samples)]
-    remove_stale_temp_files(outdir, names=[*names, *(Path(n).stem + "_grid.png" for n in names)])
+    remove_stale_temp_files(outdir, names=[*names, *(grid_name(Path(n)).name for n in names)])
     try:
         for index in mine:
             path = paths[index]
             items = _outputs_for(stems[index], outdir, plan.start_t, seed, n_samples)
-            clash = [out for _, _, out in items if os.path.realpath(out) in input_reals]
+            written = [p for _, _, out in items for p in ((out, grid_name(out)) if grid else (out,))]
+            clash = [out for out in written if os.path.realpath(out) in input_reals]
             if clash:
                 shown = format_path(clash[0])
                 finish(index, f"{format_path(path)}: output {shown} would overwrite an input; choose another --outdir")
                 continue
+            folders = [out for out in written if os.path.isdir(out)]  # in the way of this input's outputs only
+            if folders:
+                finish(index, f"{format_path(path)}: output {format_path(folders[0])} is a folder; move it away")
+                continue
             todo = []
             for sample, sample_seed, out in items:
-                if skip_existing and out.exists():
+                # with a grid, an output whose grid is missing (a run killed between the two writes) is written again
+                if skip_existing and out.exists() and (not grid or grid_name(out).exists()):
                     report.skipped.append(out)
                 else:
                     todo.append((sample, sample_seed, out))
@@ -378,6 +387,11 @@ def _regions_of(
     meta = {**regions.as_metadata(), "mask": describe_mask(mask_path), "mask_sha256": digest}
     meta.update(region_metadata(starts, region_crops(starts, regions.padding) if regions.crop else None))
     return starts, meta
+
+
+def grid_name(out: Path) -> Path:
+    """The grid written next to output ``out`` with ``grid=True``: ``<out's stem>_grid.png``."""
+    return out.with_name(out.stem + "_grid.png")
 
 
 def _outputs_for(stem: str, outdir: Path, start_t: int, seed: int, n_samples: int) -> list[tuple[int, int, Path]]:

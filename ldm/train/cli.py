@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.util import ConfigError, get_obj_from_str
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
+MAX_SEED = 2**32 - 1  # numpy's seeding (and Lightning's seed_everything) take [0, 2**32 - 1]
 PROJECT_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Trainer arguments main.py fills itself; setting them in lightning.trainer would silently lose main.py's own.
@@ -77,6 +78,18 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def seed_value(text: str) -> int:
+    """An argparse ``type`` for ``-s``: a decimal integer in ``[0, MAX_SEED]`` (what numpy's and Lightning's seeding
+    take)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside the seed range [0, {MAX_SEED}]")
+    return value
+
+
 class _RaisingParser(argparse.ArgumentParser):
     """argparse that raises :class:`CLIError` (one line, exit status 2 in ``main.py``) instead of printing the usage
     block and calling ``sys.exit`` (``-l`` without its value, ``-s abc``, ...)."""
@@ -104,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-s",
         "--seed",
-        type=int,
+        type=seed_value,
         default=None,
         help=f"global seed (per-rank streams derive from it); default {DEFAULT_SEED}, or on -r the seed stored in the "
         "resumed checkpoint",
@@ -156,6 +169,10 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                 f"unexpected argument {token!r}: configs go after -b/--base, overrides are key=value "
                 "(e.g. lightning.trainer.max_steps=100)"
             )
+    for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
+        if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
+            raise CLIError(f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
+                           "name; choose the folder holding the runs with -l/--logdir")
     if opt.name and opt.resume:
         raise CLIError(
             "-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir name; "
@@ -283,6 +300,11 @@ def check_config_structure(config: DictConfig) -> None:
                               f"valid: {', '.join(PROJECT_KEYS)}")
     if "model" not in config:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
+    for key in ("model", "data"):
+        node = config.get(key)
+        if key in config and node is not None and (not isinstance(node, DictConfig) or "target" not in node):
+            shown = OmegaConf.to_yaml(node).strip() if isinstance(node, (DictConfig, ListConfig)) else repr(node)
+            raise ConfigError(f"'{key}' must be a mapping {{target: pkg.Class, params: {{...}}}}, got {shown[:80]}")
     lightning = config.get("lightning")
     if lightning is None:
         return
@@ -449,6 +471,12 @@ def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tup
     callbacks = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks")
     state = callbacks.get(StepSeeding.STATE_KEY) if isinstance(callbacks, Mapping) else None
     stored = state.get("seed") if isinstance(state, Mapping) else None
+    if stored is not None and (isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored <= MAX_SEED):
+        seed = DEFAULT_SEED if given is None else given
+        return seed, (
+            f"warning: resuming with seed {seed} ({'the default' if given is None else '-s'}): {ckpt} stores an invalid "
+            f"seed {str(stored)[:40]!r} (not an integer in [0, {MAX_SEED}]); pass the run's -s if you know it"
+        )
     if stored is None:
         seed = DEFAULT_SEED if given is None else given
         origin = "the default" if given is None else "-s"

@@ -264,6 +264,25 @@ def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
         setattr(datamodule, name, types.MethodType(eval_dataloader, datamodule))
 
 
+def check_first_items(datamodule: Any) -> None:
+    """Load the first item of every map-style dataset ``datamodule`` has set up, in this process.
+
+    ``main.py`` calls this before it creates the run folder, so that a dataset that cannot produce a single item (an
+    image folder holding only corrupt files: :class:`~ldm.data.image_folder.UnreadableDatasetError`) fails in one line
+    before anything is written, instead of in a DataLoader worker after the run folder exists.  Whatever the dataset
+    raises propagates.
+    """
+    for dataset in (getattr(datamodule, "datasets", None) or {}).values():
+        if isinstance(dataset, IterableDataset):
+            continue
+        try:
+            size = len(dataset)
+        except TypeError:
+            continue
+        if size > 0:
+            dataset[0]
+
+
 def _is_overridden(datamodule: Any, name: str) -> bool:
     from pytorch_lightning.utilities.model_helpers import is_overridden
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import math
+import types
+import typing
 from typing import Any
 
 import pytorch_lightning as pl
@@ -58,6 +61,44 @@ LAST_CHECKPOINT_KEYS = (
 )
 
 
+# Lightning leaves these unchecked: 0 divides by zero in its loops
+_AT_LEAST_ONE = ("accumulate_grad_batches", "check_val_every_n_epoch")
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
+    """Refuse a ``lightning.trainer`` value whose type the ``Trainer`` signature excludes, where that signature names
+    only plain types (``max_steps: int`` refuses ``1e400``, ``2.5`` and ``"abc"``; ``bool`` is not taken for ``int``;
+    float values must be finite), and ``accumulate_grad_batches`` or ``check_val_every_n_epoch`` below 1.  Arguments
+    annotated with other classes are left to Lightning.
+
+    Raises:
+        ConfigError: one line naming the key, the value and the accepted types.
+    """
+    parameters = inspect.signature(pl.Trainer.__init__).parameters
+    for key, value in trainer_kwargs.items():
+        allowed = _plain_types(parameters[key].annotation) if key in parameters else None
+        if allowed is None:
+            continue
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"lightning.trainer.{key}={value!r} must be {names} (a finite number where float)")
+        if key in _AT_LEAST_ONE and value is not None and value < 1:
+            raise ConfigError(f"lightning.trainer.{key}={value!r} must be >= 1")
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The types of ``annotation`` when it is a plain type or a union of them, else None."""
+    if annotation in _PLAIN_TYPES:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if all(arg in _PLAIN_TYPES for arg in args):
+            return args
+    return None
+
+
 def default_lightning_config() -> DictConfig:
     """The ``lightning`` defaults merged under every config (what ``lightning.yaml`` of a run starts from)."""
     return OmegaConf.create({"lightning": DEFAULT_LIGHTNING})
@@ -88,6 +129,8 @@ def build_callbacks(
             raise ConfigError(f"lightning.callbacks.{name} must be {{target: ..., params: {{...}}}}, got {cfg!r}")
         callbacks.append(instantiate_from_config(cfg))
     ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
+    if not isinstance(ckpt_cfg, dict) or "target" not in ckpt_cfg or not isinstance(ckpt_cfg.get("params") or {}, dict):
+        raise ConfigError(f"lightning.modelcheckpoint must be {{target: ..., params: {{...}}}}, got {ckpt_cfg!r}")
     params = dict(ckpt_cfg.get("params") or {})
     params["dirpath"] = ckptdir
     monitor = getattr(model, "monitor", None)
@@ -175,6 +218,7 @@ def build_trainer(
 ) -> tuple[pl.Trainer, InterruptCheckpoint]:
     """The Trainer for one run and its :class:`InterruptCheckpoint` (to report what an interrupt saved)."""
     trainer_kwargs = dict(_plain(lightning_config.get("trainer")) or {})
+    check_trainer_values(trainer_kwargs)
     precision = str(trainer_kwargs.get("precision", ""))
     if precision in ("16-true", "bf16-true") and not getattr(model, "true_half_precision", True):
         raise ConfigError(

@@ -1,0 +1,98 @@
+"""An exclusive lock on a run folder: two ``main.py`` processes never train into one run at once.
+
+``main.py`` (rank 0 only: the process Lightning re-launches for the other ranks, or rank 0 of ``torchrun``) holds an
+advisory ``flock`` on ``<run>/.lock`` from the moment the run folder is known until it exits.  A second ``main.py -r``
+on the same folder is refused in one line instead of racing the first (both would write ``last.ckpt``, and the one
+finishing last would silently win, so progress could go backwards).
+
+``flock`` locks belong to the open file, so the kernel drops the lock when the holder exits in any way, SIGKILL
+included: a lock file left behind by a killed run is not a held lock, and the next run simply takes it (no pid file to
+clean up, no stale-pid guessing).  The file holds the holder's pid, only to name it in the error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# Where the file system has no flock (some network file systems): train unprotected, with a warning.
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+class RunFolderBusy(ConfigError):
+    """Another process holds the run folder's lock (``main.py`` exits 2)."""
+
+
+class RunFolderLockError(OSError):
+    """The lock file cannot be created (the run folder is not writable; ``main.py`` exits 1)."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
+    """Hold the exclusive lock of run folder ``logdir`` inside the context; yields the lock file (None: not locked).
+
+    Raises:
+        RunFolderBusy: another process holds it; names that process's pid.
+        RunFolderLockError: the lock file cannot be created or opened.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock outside POSIX
+        logger.warning("cannot lock %s on this platform: do not start a second run on it", logdir)
+        yield None
+        return
+    path = Path(logdir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        raise RunFolderLockError(
+            exc.errno, f"cannot create the lock file of run folder {str(logdir)!r} ({exc.strerror or exc}); "
+            "the run folder must be writable", str(path)
+        ) from exc
+    try:
+        locked = _lock(fcntl, fd, logdir, path)
+        if locked:
+            try:  # the pid only names the holder in a second run's error message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
+        yield path if locked else None
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _lock(fcntl, fd: int, logdir: str | os.PathLike, path: Path) -> bool:
+    """Take the lock on ``fd``: True, or False where the file system has no locks (warned)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        raise RunFolderBusy(
+            f"run folder {str(logdir)!r} is in use by another main.py{f' (pid {holder})' if holder else ''}: two "
+            "runs training into one folder would overwrite each other's checkpoints; wait for it to finish or stop "
+            "it, then resume"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKING:
+            raise RunFolderLockError(exc.errno, f"cannot lock run folder {str(logdir)!r}: {exc.strerror}", str(path)) from exc
+        logger.warning("the file system of %s has no file locks: do not start a second run on it", logdir)
+        return False
+    return True
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

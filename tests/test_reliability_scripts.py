@@ -1,0 +1,221 @@
+"""The adversarial pass of issue 13 on the scripts and the image loader: evaluate.py, degrade.py, quickstart.py,
+refine.py's existing flags, ``ldm.imageio``.  Each case is one line and the right exit code, found before any work.
+
+The scripts' ``main`` run in process (fast); Ctrl+C is a KeyboardInterrupt raised where the work would be.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ldm.imageio.load as load
+from ldm.imageio import ImageLoadError, load_image
+from ldm.refine import Refiner
+from ldm.refine.batch import refine_files
+
+from conftest import load_photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script_adversarial", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # quickstart.py's dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {name: script(name) for name in ("evaluate", "degrade", "quickstart", "refine")}
+
+
+def run(module, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """``module.main(argv)``: exit code and the non-empty stderr lines (argparse's SystemExit is an exit code)."""
+    capsys.readouterr()
+    try:
+        code = module.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:  # would stop pytest itself
+        pytest.fail(f"{module.__name__}.main let KeyboardInterrupt escape")
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def photo(height: int = 24, width: int = 32) -> np.ndarray:
+    return np.ascontiguousarray(load_photos()[0][::8, ::8][:height, :width])
+
+
+def ckpt_args(expert_checkpoints) -> list[str]:
+    return [a for p in expert_checkpoints for a in ("--ckpt", str(p))]
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_refuses_an_unusable_outdir_and_a_huge_size_before_the_sweep(scripts, expert_checkpoints, tmp_path,
+                                                                              capsys, monkeypatch):
+    evaluate = scripts["evaluate"]
+    monkeypatch.setattr("ldm.refine.Refiner.from_checkpoints", interrupt)  # proves the outdir check comes first
+    (tmp_path / "a_file").write_text("x")
+    code, lines = run(evaluate, [*ckpt_args(expert_checkpoints), "--outdir", str(tmp_path / "a_file" / "o")], capsys)
+    assert code == 2 and len(lines) == 1 and "a file is in the way" in lines[0]
+    monkeypatch.undo()
+    argv = [*ckpt_args(expert_checkpoints), "--size", "4096", "--n-images", "1", "--outdir", str(tmp_path / "o")]
+    code, lines = run(evaluate, argv, capsys)  # 100000 asked for 30 GB per crop
+    assert code == 2 and len(lines) == 1 and "--size: size=4096 px is above 2048 px" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_bad_lpips_weights_and_ctrl_c_are_one_line(scripts, expert_checkpoints, tmp_path, capsys, monkeypatch):
+    evaluate = scripts["evaluate"]
+    garbage = tmp_path / "vgg.pth"
+    garbage.write_bytes(b"garbage" * 10)
+    base = [*ckpt_args(expert_checkpoints), "--n-images", "1", "--degradations", "jpeg", "--start-t", "100",
+            "--ddim-steps", "4", "--outdir", str(tmp_path / "o")]
+    code, lines = run(evaluate, [*base, "--lpips-weights", str(garbage)], capsys)
+    assert code == 2 and len(lines) == 1 and "cannot be read (truncated or corrupt)" in lines[0] and "vgg.pth" in lines[0]
+    monkeypatch.setattr("ldm.eval.sweep.run_sweep", interrupt)
+    assert run(evaluate, base, capsys) == (130, ["evaluate.py: interrupted"])
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# degrade.py
+
+
+@pytest.fixture
+def clean(tmp_path) -> Path:
+    (tmp_path / "clean").mkdir()
+    Image.fromarray(photo()).save(tmp_path / "clean" / "a.png")
+    return tmp_path / "clean"
+
+
+def test_degrade_a_blur_wider_than_the_image_and_a_repeated_key(scripts, clean, tmp_path, capsys):
+    degrade = scripts["degrade"]
+    out = str(tmp_path / "out")
+    code, lines = run(degrade, ["--input", str(clean), "--output", out, "--degradation", "blur_noise:sigma=100"], capsys)
+    assert code == 1 and len(lines) == 1
+    assert "blur sigma=100 px is larger than the 32x24 image" in lines[0] and "a.png" in lines[0]
+    code, lines = run(degrade, ["--input", str(clean), "--output", out, "--degradation", "jpeg:quality=5,quality=50"],
+                      capsys)
+    assert code == 2 and len(lines) == 1 and "'quality' is given twice" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_degrade_output_in_a_file_and_ctrl_c(scripts, clean, tmp_path, capsys, monkeypatch):
+    degrade = scripts["degrade"]
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--input", str(clean), "--output", str(tmp_path / "a_file"), "--degradation", "jpeg"]
+    code, lines = run(degrade, argv, capsys)
+    assert code == 1 and len(lines) == 1 and "a component of the output folder is a file" in lines[0]
+    monkeypatch.setattr("ldm.eval.degrade_files.degrade_folder", interrupt)
+    code, lines = run(degrade, ["--input", str(clean), "--output", str(tmp_path / "o"), "--degradation", "jpeg"], capsys)
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("degrade.py: interrupted")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quickstart.py
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--seed", "-1"], "--seed -1 is outside the seed range [0, 4294967295]"),
+        (["--seed", "4294967296"], "--seed 4294967296 is outside the seed range"),
+        (["--outdir", "{tmp}/a_file/out"], "a file is in the way"),
+    ],
+)
+def test_quickstart_refuses_bad_seeds_and_outdirs_before_training(scripts, tmp_path, capsys, args, expected):
+    (tmp_path / "a_file").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, lines = run(scripts["quickstart"], ["--smoke", "--outdir", str(tmp_path / "q"), *args], capsys)
+    assert code == 2 and len(lines) == 1 and expected in lines[0]
+    assert not (tmp_path / "q").exists()
+
+
+def test_quickstart_with_corrupt_stage_checkpoints_and_ctrl_c(scripts, tmp_path, capsys, monkeypatch):
+    quickstart = scripts["quickstart"]
+    out = tmp_path / "q"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("vq_f4", "latesteps_500_750", "latesteps_750_1000"):  # every stage is skipped: its file exists
+        (out / "checkpoints" / f"{name}.ckpt").write_bytes(b"\x80\x02 not a checkpoint")
+    code, lines = run(quickstart, ["--smoke", "--outdir", str(out)], capsys)
+    assert code == 1 and len(lines) == 1 and "cannot be read" in lines[0] and "--force retrains every stage" in lines[0]
+    monkeypatch.setattr(quickstart, "run_stage", interrupt)
+    code, lines = run(quickstart, ["--smoke", "--outdir", str(out), "--force"], capsys)
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("quickstart.py: interrupted")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# refine.py's existing flags and the batch
+
+
+def test_refine_seed_beyond_the_largest_is_a_usage_error(scripts, expert_checkpoints, tmp_path, capsys):
+    from ldm.refine.refiner import MAX_SEED
+
+    base = ["--input", str(tmp_path), *ckpt_args(expert_checkpoints), "--outdir", str(tmp_path / "o")]
+    code, lines = run(scripts["refine"], [*base, "--seed", str(MAX_SEED + 1)], capsys)
+    assert code == 2 and len(lines) == 1 and f"is above the largest seed {MAX_SEED}" in lines[0]
+    code, lines = run(scripts["refine"], [*base, "--seed", str(MAX_SEED), "--n-samples", "2"], capsys)
+    assert code == 2 and len(lines) == 1 and "(--n-samples - 1)" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def refiner(expert_checkpoints):
+    return Refiner.from_checkpoints(expert_checkpoints, device="cpu")
+
+
+def test_odd_file_names_and_an_output_name_taken_by_a_folder(refiner, tmp_path):
+    """Spaces, a newline and non-ASCII letters in names: outputs keep them, error lines stay one line.  A folder where
+    one input's output goes costs that input only (it stopped the whole batch with exit 3)."""
+    names = ["with space.png", "new\nline.png", "ünïcödé.png", "blocked.png"]
+    for name in names:
+        Image.fromarray(photo()).save(tmp_path / name)
+    (tmp_path / "bad\nname.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    (out / "blocked_t300_s0.png").mkdir(parents=True)
+    lines: list[str] = []
+    report = refine_files(refiner, [tmp_path / n for n in [*names, "bad\nname.png"]], out, start_t=300, ddim_steps=4,
+                          progress=False, on_error=lines.append)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["with space_t300_s0.png", "new\nline_t300_s0.png", "ünïcödé_t300_s0.png", "blocked_t300_s0.png"]
+    )
+    assert report.fatal is None and len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "bad\\x0aname.png" in lines[1] and "blocked_t300_s0.png is a folder" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the image loader
+
+
+def test_a_file_larger_than_any_image_within_the_bomb_limit_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load.max_file_bytes() == 16 * 1000 + 2**20
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as fh:  # a PNG header, then a sparse hole: no disk space used
+        fh.write((tmp_path / "tiny.png").read_bytes())
+        fh.truncate(5 * 2**30)
+    read: list[str] = []
+    monkeypatch.setattr(load, "_read_bytes", lambda path: read.append(path) or b"")
+    with pytest.raises(ImageLoadError, match=r"file is 5,368,709,120 bytes, more than an image within Pillow's "
+                                             r"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS=1,000 pixels"):
+        load_image(big)
+    assert read == []
+    monkeypatch.undo()
+    assert load_image(tmp_path / "tiny.png").rgb.shape == (1, 1, 3)
+    assert os.path.getsize(big) == 5 * 2**30

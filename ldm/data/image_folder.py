@@ -87,7 +87,7 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
 
     Raises one of :data:`UNREADABLE_IMAGE_ERRORS` when the file cannot be decoded.
     """
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(f"{path} is not a regular file (device, FIFO or socket)")
     Image.init()
     with Image.open(path, formats=[name for name in LOADER_FORMATS if name in Image.OPEN]) as image:

@@ -27,12 +27,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.sweep import METRIC_COLUMNS, SweepExample, SweepResult, summarize
+from ldm.eval.sweep import ROW_METRICS, SweepExample, SweepResult, summarize
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
 SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
-SET_COLUMNS: tuple[str, ...] = ("fid", "kid_mean", "kid_std", "skipped")
+SET_COLUMNS: tuple[str, ...] = ("swd", "fid", "kid_mean", "kid_std", "skipped")
 # what the printed table shows (the CSVs have everything)
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("psnr_clean", "PSNR->clean"),
@@ -40,6 +40,10 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("lpips_clean", "LPIPS->clean"),
     ("psnr_input", "PSNR->input"),
     ("ssim_input", "SSIM->input"),
+    ("psnr_clean_in", "PSNR->clean in"),
+    ("psnr_input_out", "PSNR->input out"),
+    ("seam", "seam"),
+    ("swd", "SWDx1e3"),
     ("fid", "FID"),
     ("seconds", "s/img"),
 )
@@ -69,14 +73,14 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str
 def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
     """The per-case CSV (see the module docstring)."""
     path = Path(path)
-    _write_csv(path, result.rows, CSV_COLUMNS, METRIC_COLUMNS)
+    _write_csv(path, result.rows, CSV_COLUMNS, ROW_METRICS)
     return path
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The summary CSV (means per degradation x method x start_t)."""
     path = Path(path)
-    _write_csv(path, summary, SUMMARY_COLUMNS, METRIC_COLUMNS + SET_COLUMNS)
+    _write_csv(path, summary, SUMMARY_COLUMNS, ROW_METRICS + SET_COLUMNS)
     return path
 
 

@@ -226,7 +226,7 @@ def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_ima
     assert result.examples[0].mask is not None and result.examples[0].mask.shape == (1, 32, 32)
 
 
-def test_swd_realism_against_an_independent_clean_set(two_images):
+def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
     deg = build_sweep_degradation("jpeg:quality=10")
     reference = heldout_images(3, 32, seed=9)
     result = run_sweep(
@@ -244,6 +244,9 @@ def test_swd_realism_against_an_independent_clean_set(two_images):
     assert entry["swd"] == pytest.approx(swd(quantized, cycled).mean * 1e3, rel=1e-9)
     assert any("against the realism reference" in note for note in result.notes)
     assert "SWDx1e3" in format_table(summarize(result))
+    paths = write_report(result, tmp_path)
+    with Image.open(paths["realism"]) as im:
+        assert im.format == "PNG" and im.width > 100
     with pytest.raises(ValueError, match="one size"):
         run_sweep([], two_images, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(2, 24))
 

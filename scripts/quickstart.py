@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error
 
@@ -42,10 +43,14 @@ CONFIGS = REPO / "configs" / "quickstart"
 # with --degradations or scripts/evaluate.py.
 DEGRADATIONS = ("blur_noise:sigma=0.0,noise_std=0.25", "blur_noise:sigma=1.0,noise_std=0.2")
 START_TS = (50, 100, 150, 200, 300, 400, 500)
-# One intra-op thread per process unless OMP_NUM_THREADS says otherwise: these networks are too small to gain from a
-# second thread, and on a 2-core machine with anything else running, OpenMP threads that spin-wait for a busy core made
-# training 30x slower (0.2 instead of 7 steps/s for the VQ).
-THREADS = "1"
+ROUND_TRIP_IMAGES = 64  # held-out crops on which the first stage's round trip is measured
+# Two intra-op threads per process (the machine class this runs on has 2 cores) with OpenMP's passive wait policy, unless
+# OMP_NUM_THREADS / OMP_WAIT_POLICY say otherwise.  Passive: a thread that has no work sleeps instead of spin-waiting.
+# With the default (spinning) policy a second thread made training 6-30x slower whenever anything else ran on the
+# machine, since the spinning threads compete with the work for the cores; passive, two threads trained 1.4x (VQ) and
+# 1.7-2.2x (late-steps models) faster than one on this project's 2-core machine under load.
+THREADS = "2"
+WAIT_POLICY = "PASSIVE"
 SMOKE_OVERRIDES = (
     "lightning.trainer.max_steps=3",
     "lightning.trainer.num_sanity_val_steps=0",
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), metavar="SPEC",
                    help="artifacts to remove, ldm.eval.degrade specs (default: %(default)s)")
     p.add_argument("--n-images", type=int, default=6, help="held-out crops per degradation (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64,
+                   help="side of the held-out crops in pixels, a multiple of 8 (the models train on 32 px crops and, "
+                        "convolutional, refine any size) (default: %(default)s)")
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM grid of the refinement (default: %(default)s)")
     p.add_argument("--seed", type=int, default=23, help="training seed (main.py -s) (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
@@ -119,6 +127,7 @@ def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool) ->
     print("$ " + " ".join(_rel(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
     env.setdefault("OMP_NUM_THREADS", THREADS)
+    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"quickstart: stage {stage.name} failed (main.py exit code {proc.returncode}); see above")
@@ -131,8 +140,27 @@ def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool) ->
     os.replace(tmp, target)
 
 
+def first_stage_round_trip(model: Any, size: int, n: int) -> str:
+    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out crops of ``size`` px, as a line."""
+    import torch
+
+    from ldm.data.embedded import HELDOUT_PHOTOS
+    from ldm.eval.baselines import autoencoder_baseline
+    from ldm.eval.metrics import psnr
+    from ldm.eval.sweep import heldout_images
+
+    clean = torch.cat([im.image for im in heldout_images(n, size, seed=0)])
+    round_trip = autoencoder_baseline(model)
+    decoded = torch.cat([round_trip(clean[i : i + 16]) for i in range(0, n, 16)])
+    return (
+        f"first stage round trip on {n} held-out {size}x{size} crops of {', '.join(HELDOUT_PHOTOS)} (never trained on): "
+        f"PSNR {float(psnr(decoded, clean).mean()):.2f} dB"
+    )
+
+
 def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple[str, list[str]]:
-    """Stage 4: the sweep on held-out crops; writes the report files, returns the table and one line per degradation."""
+    """Stage 4: the sweep on held-out crops; writes the report files, returns the table and one line per degradation
+    (after the first stage's round-trip line)."""
     from ldm.eval.baselines import default_baselines
     from ldm.eval.metrics import load_lpips
     from ldm.eval.report import before_after_grid, format_table, save_png, write_report, write_rows_csv
@@ -144,7 +172,7 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
     )
     print(refiner.describe(), flush=True)
     model = refiner.model
-    size = int(model.image_size) * int(model.downsampling_factor)
+    size = args.size
     n_images = 2 if args.smoke else args.n_images
     images = heldout_images(n_images, size, seed=0)
     degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
@@ -158,7 +186,7 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
     write_rows_csv(result, outdir / "metrics.csv")
     save_png(before_after_grid(result, "experts", args.start_t), outdir / "before_after.png")
     summary = summarize(result)
-    headline = []
+    headline = [first_stage_round_trip(model, size, 4 if args.smoke else ROUND_TRIP_IMAGES)]
     for degradation in result.degradations:
         entries = [s for s in summary if s["degradation"] == degradation]
         before = next(s for s in entries if s["method"] == "identity")
@@ -179,6 +207,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         return "--start-t must be in [1, 999], --n-images and --ddim-steps >= 1"
     if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
         return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
+    if args.size < 16 or args.size % 8:
+        return f"--size {args.size}: the crops' side must be a multiple of 8 and at least 16 (e.g. 64)"
     for spec in args.degradations:
         if spec.partition(":")[0].strip() == VQRoundTrip.name:
             continue  # built on the trained first stage, after training
@@ -193,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
     problem = check_arguments(args) or check_outdir(outdir)
     if problem:

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 from ldm.data import DataModuleFromConfig, EmbeddedPhotos, ImageFolderDataset
 from ldm.data.embedded import (
     DEFAULT_PHOTOS,
-    HELDOUT_FRACTION,
+    GRAY_PHOTOS,
+    HELDOUT_PHOTOS,
+    PHOTO_LOADERS,
+    TRAIN_PHOTOS,
     heldout_crops,
     load_photo,
-    photo_regions,
     sample_crop,
 )
 from ldm.data.image_folder import (
@@ -333,14 +335,14 @@ def test_all_files_unreadable_is_a_clear_error(tmp_path: Path):
 
 
 def test_embedded_items_shapes_and_range():
-    for split in ("train", "validation"):
+    for split, photos in (("train", TRAIN_PHOTOS), ("validation", HELDOUT_PHOTOS)):
         dataset = EmbeddedPhotos(size=32, split=split, n_samples=12)
         assert len(dataset) == 12
         for i in range(12):
             item = dataset[i]
             assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.float32
             assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
-            assert item["photo_"] in DEFAULT_PHOTOS
+            assert item["photo_"] in photos
         assert item["image"].std() > 0.01
 
 
@@ -367,52 +369,61 @@ def test_heldout_crops_match_validation_items_and_are_deterministic():
     val = EmbeddedPhotos(24, "validation", 10, seed=4)
     for i, crop in enumerate(crops):
         np.testing.assert_allclose(val[i]["image"], crop.astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+        assert val[i]["photo_"] == HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]
 
 
-def test_regions_tile_each_photo_without_overlap():
-    for name in DEFAULT_PHOTOS:
-        height, width = load_photo(name).shape[:2]
-        regions = photo_regions(height, width)
-        train_top, train_left, train_h, train_w = regions["train"]
-        held_top, held_left, held_h, held_w = regions["heldout"]
-        assert (train_top, train_left) == (0, 0)
-        if width >= height:
-            assert train_w + held_w == width and held_left == train_w and train_h == held_h == height
-            assert abs(held_w - HELDOUT_FRACTION * width) <= 1
-        else:
-            assert train_h + held_h == height and held_top == train_h and train_w == held_w == width
-
-
-def test_training_and_heldout_crops_come_from_their_own_regions():
-    """Locate every crop (scale 1: no resampling) in its photograph and check which side of the cut it lies on."""
+def test_heldout_photographs_never_appear_in_any_training_crop():
+    """The split is by whole photographs: no training photograph is a held-out one (nor the same picture under another
+    name), every training item names a training photograph and is found in it pixel for pixel, and the datasets
+    refuse to mix the two sets."""
+    assert set(HELDOUT_PHOTOS) and not set(HELDOUT_PHOTOS) & set(TRAIN_PHOTOS)
+    assert not set(HELDOUT_PHOTOS) & set(GRAY_PHOTOS)
+    assert DEFAULT_PHOTOS == TRAIN_PHOTOS
+    heldout_pixels = {name: load_photo(name) for name in HELDOUT_PHOTOS}
+    for name in PHOTO_LOADERS:
+        if name in HELDOUT_PHOTOS:
+            continue
+        photo = load_photo(name)
+        for held in heldout_pixels.values():  # not the same picture (e.g. skimage's ``cat`` is ``chelsea``)
+            assert photo.shape != held.shape or not np.array_equal(photo, held)
     size = 16
-    train = EmbeddedPhotos(size, "train", n_samples=24, seed=0, scale=1.0, flip=False)
-    located = 0
-    for i in range(len(train)):
-        item = train[i]
-        photo = load_photo(item["photo_"])
-        cut = photo_regions(*photo.shape[:2])["heldout"][1]
-        hits = find_window(photo, to_uint8(item["image"]))
-        assert hits, f"training crop {i} not found in {item['photo_']}"
-        located += 1
-        assert all(x + size <= cut for _, x in hits)
-    for i, crop in enumerate(heldout_crops(size, 16, seed=0, scale=1.0)):
-        photo = load_photo(DEFAULT_PHOTOS[i % len(DEFAULT_PHOTOS)])
-        cut = photo_regions(*photo.shape[:2])["heldout"][1]
-        hits = find_window(photo, crop)
-        assert hits and all(x >= cut for _, x in hits)
-    assert located == 24
+    for photos in (None, list(TRAIN_PHOTOS) + list(GRAY_PHOTOS)):
+        train = EmbeddedPhotos(size, "train", n_samples=12, seed=3, scale=1.0, flip=False, photos=photos)
+        for epoch in (0, 1):
+            train.set_epoch(epoch)
+            for i in range(len(train)):
+                item = train[i]
+                assert item["photo_"] not in HELDOUT_PHOTOS
+                crop = to_uint8(item["image"])
+                assert find_window(load_photo(item["photo_"]), crop), f"training crop {i} not found in {item['photo_']}"
+                assert not any(find_window(held, crop) for held in heldout_pixels.values())
+    for i, crop in enumerate(heldout_crops(size, 8, seed=0, scale=1.0)):
+        assert find_window(load_photo(HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]), crop)
+    with pytest.raises(ValueError, match="held out for validation and evaluation"):
+        EmbeddedPhotos(size, "train", photos=["astronaut", "chelsea"])
+    with pytest.raises(ValueError, match="validate on the held-out"):
+        EmbeddedPhotos(size, "validation", photos=["astronaut"])
+    with pytest.raises(ValueError, match="validate on the held-out"):
+        heldout_crops(size, 2, photos=["rocket"])
 
 
-def test_sample_crop_never_leaves_its_box_even_with_rescaling():
-    photo = np.zeros((120, 200, 3), dtype=np.uint8)
-    photo[:, 140:] = 255  # everything outside the training box is white
-    box = photo_regions(120, 200)["train"]
-    assert box == (0, 0, 120, 140)
+def test_training_crops_cover_the_whole_photograph():
+    """No region of a training photograph is reserved: crop positions reach all four borders (pixel (y, x) of this
+    photograph holds (y, x, 0), so a crop's first pixel is its position)."""
+    ys, xs = np.meshgrid(np.arange(40), np.arange(50), indexing="ij")
+    photo = np.stack([ys, xs, np.zeros_like(ys)], axis=-1).astype(np.uint8)
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        crop = sample_crop(photo, box, 16, (1.0, 12.0), rng, flip=True)
-        assert crop.shape == (16, 16, 3) and crop.max() == 0
+    positions = np.array([sample_crop(photo, 8, (1.0, 1.0), rng, flip=False)[0, 0, :2] for _ in range(600)])
+    assert positions[:, 0].min() == 0 and positions[:, 0].max() == 40 - 8
+    assert positions[:, 1].min() == 0 and positions[:, 1].max() == 50 - 8
+
+
+def test_sample_crop_fits_small_photographs_by_shrinking_the_source_square():
+    photo = np.zeros((20, 200, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crop = sample_crop(photo, 16, (1.0, 12.0), rng, flip=True)
+        assert crop.shape == (16, 16, 3)
 
 
 def test_embedded_argument_errors():

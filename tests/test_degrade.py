@@ -21,6 +21,7 @@ from ldm.eval.degrade import (
     VQRoundTrip,
     build_degradation,
     degradation_from_spec,
+    register_degradation,
 )
 from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
 from ldm.imageio import ImageLoadError, read_png_metadata
@@ -218,7 +219,10 @@ def test_colour_blotch_peak_shift_equals_strength():
 
 
 def test_registry_lists_and_errors(tiny_vq):
-    assert set(DEGRADATIONS) == {"vq_roundtrip", "jpeg", "blur_noise", "elastic_warp", "patch_shuffle", "colour_blotches"}
+    assert set(DEGRADATIONS) == {
+        "vq_roundtrip", "jpeg", "blur_noise", "elastic_warp", "patch_shuffle", "colour_blotches",
+        "local_warp", "local_blotch", "local_shuffle", "local_vq",
+    }
     assert isinstance(build_degradation("jpeg", quality=40), JPEG)
     with pytest.raises(KeyError, match=r"unknown degradation 'jpg'.*jpeg\(quality=20\)"):
         build_degradation("jpg")
@@ -234,6 +238,8 @@ def test_registry_lists_and_errors(tiny_vq):
         build_degradation("blur_noise", sigma="wide")
     with pytest.raises(ValueError, match="does nothing"):
         build_degradation("blur_noise", sigma=0, noise_std=0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_degradation(JPEG)
 
 
 @pytest.mark.parametrize("case", ["jpeg", "blur_noise", "elastic_warp", "patch_swap", "colour_blotches"])

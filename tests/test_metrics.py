@@ -23,8 +23,10 @@ from ldm.eval.metrics import (
     fid_kid,
     load_inception,
     load_lpips,
+    masked_metrics,
     mse,
     psnr,
+    seam_energy,
     ssim,
 )
 from ldm.modules.lpips import LPIPS_BACKBONE_FILES
@@ -264,3 +266,98 @@ def test_fid_kid_with_custom_extractor_against_reference(no_network):
 def test_skipped_is_a_value():
     assert Skipped("x") == Skipped("x") and str(Skipped("no weights")) == "skipped: no weights"
     assert metrics.hub_checkpoint_path("f.pth").name == "f.pth"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inside / outside a mask, seam
+
+
+def _box(shape=(2, 1, 32, 32), y0=8, y1=20, x0=10, x1=26) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.float64)
+    mask[..., y0:y1, x0:x1] = 1
+    return mask
+
+
+def test_masked_metrics_split_a_change_inside_the_box():
+    """An offset d inside the box only: MSE_in = d^2, PSNR_in = 10 log10(4 / d^2), outside untouched (inf, SSIM 1)."""
+    clean, _ = _pair(0)
+    clean = clean * 0.5  # room for the offset without clipping
+    mask = _box()
+    changed = clean + 0.1 * mask
+    out = masked_metrics(changed, clean, mask)
+    torch.testing.assert_close(out["mse_in"], torch.full((2,), 0.01, dtype=torch.float64))
+    torch.testing.assert_close(out["psnr_in"], torch.full((2,), 10 * math.log10(4 / 0.01), dtype=torch.float64))
+    assert torch.equal(out["mse_out"], torch.zeros(2, dtype=torch.float64))
+    assert torch.isinf(out["psnr_out"]).all()
+    assert (out["ssim_in"] < 1).all() and (out["ssim_out"] > out["ssim_in"]).all()
+
+
+def test_masked_metrics_with_a_full_mask_equal_the_whole_image_metrics():
+    a, b = _pair(1)
+    out = masked_metrics(a, b, torch.ones(2, 1, 32, 32))
+    torch.testing.assert_close(out["psnr_in"], psnr(a, b))
+    torch.testing.assert_close(out["ssim_in"], ssim(a, b))
+    torch.testing.assert_close(out["mse_in"], mse(a, b))
+    assert torch.isnan(out["psnr_out"]).all()  # an empty region
+
+
+def test_masked_metrics_small_images_skip_ssim_and_pass_lpips_skips_through():
+    a, b = _pair(2, shape=(1, 3, 8, 8))
+    skipped = Skipped("LPIPS: no weights")
+    out = masked_metrics(a, b, torch.ones(1, 1, 8, 8), lpips=skipped)
+    assert isinstance(out["ssim_in"], Skipped) and out["lpips_in"] is skipped and out["lpips_out"] is skipped
+
+
+def test_masked_lpips_counts_only_its_region(alexnet_weights):
+    metric = load_lpips("alex", backbone_weights=alexnet_weights[0])
+    a, b = _pair(3, shape=(2, 3, 64, 64))
+    mask = _box((2, 1, 64, 64), 16, 48, 16, 48)
+    edited = b * mask + a * (1 - mask)  # differs from a inside the box only
+    out = masked_metrics(edited, a, mask, lpips=metric)
+    assert (out["lpips_out"].abs() < 1e-6).all() and (out["lpips_in"] > 1e-4).all()
+
+
+def test_seam_of_identity_is_zero_and_of_a_hard_paste_is_the_jump():
+    """Brute force over every 4-neighbour pair that straddles the box edge: the squared jump of the edit."""
+    x, y = _pair(4)[0], _pair(40)[0]  # two unrelated images
+    mask = _box()
+    pasted = x * (1 - mask) + y * mask
+    assert torch.equal(seam_energy(x, x, mask), torch.zeros(2, dtype=torch.float64))
+    inside = mask[:, 0].bool().numpy()
+    edit = (pasted - x).numpy()
+    expected = []
+    for i in range(2):
+        jumps = []
+        for yy in range(32):
+            for xx in range(32):
+                for dy, dx in ((0, 1), (1, 0)):
+                    y2, x2 = yy + dy, xx + dx
+                    if y2 < 32 and x2 < 32 and inside[i, yy, xx] != inside[i, y2, x2]:
+                        jumps.append(np.mean((edit[i, :, y2, x2] - edit[i, :, yy, xx]) ** 2))
+        expected.append(np.mean(jumps))
+    np.testing.assert_allclose(seam_energy(pasted, x, mask).numpy(), expected, rtol=1e-12)
+    assert min(expected) > 0.3  # about 2/3, the mean squared difference of two uniform images
+
+
+def test_seam_of_a_feathered_paste_is_far_below_a_hard_paste():
+    x, y = _pair(5)
+    mask = _box()
+    ramp = torch.zeros(32, dtype=torch.float64)
+    ramp[8:20] = torch.sin(torch.linspace(0, math.pi, 14, dtype=torch.float64)[1:-1])  # 0 at the edges, 1 in the middle
+    cols = torch.zeros(32, dtype=torch.float64)
+    cols[10:26] = torch.sin(torch.linspace(0, math.pi, 18, dtype=torch.float64)[1:-1])
+    window = (ramp[:, None] * cols[None, :]).view(1, 1, 32, 32)
+    smooth_y = x + 0.3 * (y - x).mean(dim=(2, 3), keepdim=True)  # a smooth (constant) edit
+    feathered = x + window * (smooth_y - x)
+    hard = x * (1 - mask) + smooth_y * mask
+    assert (seam_energy(feathered, x, mask) < 0.05 * seam_energy(hard, x, mask)).all()
+
+
+def test_seam_without_a_boundary_is_nan_and_bad_masks_are_refused():
+    x, y = _pair(6)
+    assert torch.isnan(seam_energy(y, x, torch.zeros(2, 1, 32, 32))).all()
+    assert torch.isnan(seam_energy(y, x, torch.ones(2, 1, 32, 32))).all()
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        seam_energy(y, x, torch.ones(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        masked_metrics(y, x, torch.full((2, 1, 32, 32), 2.0))

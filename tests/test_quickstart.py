@@ -51,12 +51,13 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     with Image.open(out / "before_after.png") as im:
         im.load()
         assert im.format == "PNG"
-        # 3 columns (clean | artifact | refined) of 32 px crops upscaled to 128 px, 6 px apart
+        # 3 columns (clean | artifact | refined) of 64 px crops upscaled to 128 px, 6 px apart
         assert im.width == 6 + 3 * (128 + 6)
         assert np.asarray(im.convert("L")).std() > 5
     for name in ("summary.csv", "curves.png", "examples.png", "sweep.json"):
         assert (out / "sweep" / name).is_file()
     assert "time per stage" in first.stdout and "PSNR to clean" in first.stdout
+    assert "first stage round trip on 4 held-out 64x64 crops of chelsea, coffee (never trained on): PSNR" in first.stdout
     assert "degradation: blur_noise:sigma=0.0,noise_std=0.25" in first.stdout
 
     # a missing checkpoint redoes its stage (and the later ones); existing ones are skipped
@@ -80,6 +81,7 @@ def test_quickstart_smoke_end_to_end(tmp_path):
         (["--start-t", "1000"], "--start-t must be in [1, 999]"),
         (["--degradations", "jpg"], "unknown degradation 'jpg'"),
         (["--degradations", "jpeg:qualty=5"], "unknown parameters ['qualty']"),
+        (["--size", "60"], "--size 60: the crops' side must be a multiple of 8"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):

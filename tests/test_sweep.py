@@ -203,6 +203,54 @@ def test_fid_kid_per_method_degradation_and_start_t(refiner):
     ]
 
 
+def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_images):
+    """A local artifact's case carries its box: the identity baseline is exact outside it and has no seam; the
+    artifact lowers PSNR to clean inside the box only."""
+    deg = build_sweep_degradation("local_blotch:strength=0.8")
+    result = run_sweep(
+        [("experts", refiner)], two_images, [deg], start_ts=[100], baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS, progress=False,
+    )
+    identity = [r for r in result.rows if r["method"] == "identity"]
+    for row in identity:
+        assert row["psnr_input_in"] == math.inf and row["psnr_input_out"] == math.inf and row["seam"] == 0.0
+        assert row["psnr_clean_in"] < row["psnr_clean"] < 60
+    for image in two_images:
+        local = deg.degradation.apply_local(image.image, file_seed(0, f"{deg.label}/{image.name}"))
+        (row,) = [r for r in identity if r["image"] == image.name]
+        inside = local.masks[0, 0].bool()
+        err = ((local.images[0] - image.image[0]).double() ** 2)[:, inside].mean()
+        assert row["psnr_clean_in"] == pytest.approx(10 * math.log10(4.0 / float(err)), rel=1e-9)
+    refined = [r for r in result.rows if r["method"] == "experts"]
+    assert all(r["seam"] >= 0 and math.isfinite(r["psnr_input_out"]) for r in refined)
+    assert result.examples[0].mask is not None and result.examples[0].mask.shape == (1, 32, 32)
+
+
+def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
+    deg = build_sweep_degradation("jpeg:quality=10")
+    reference = heldout_images(3, 32, seed=9)
+    result = run_sweep(
+        [], two_images, [deg], start_ts=[100], seeds=[0, 1], baselines=[identity_baseline()], realism_reference=reference,
+        progress=False,
+    )
+    (entry,) = result.set_metrics
+    from ldm.eval.swd import swd
+
+    degraded = torch.cat(
+        [deg.degradation(im.image, file_seed(s, f"{deg.label}/{im.name}")) for im in two_images for s in (0, 1)]
+    )
+    quantized = ((degraded.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the sweep keeps outputs as uint8
+    cycled = torch.cat([im.image for im in reference])[torch.arange(4) % 3]
+    assert entry["swd"] == pytest.approx(swd(quantized, cycled).mean * 1e3, rel=1e-9)
+    assert any("against the realism reference" in note for note in result.notes)
+    assert "SWDx1e3" in format_table(summarize(result))
+    paths = write_report(result, tmp_path)
+    with Image.open(paths["realism"]) as im:
+        assert im.format == "PNG" and im.width > 100
+    with pytest.raises(ValueError, match="one size"):
+        run_sweep([], two_images, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(2, 24))
+
+
 def test_bad_arguments_are_refused(refiner, two_images):
     deg = [build_sweep_degradation("jpeg")]
     with pytest.raises(ValueError, match="start_t=0"):

@@ -3,26 +3,30 @@
 Photographs (all read from files inside the installed ``skimage/data`` folder; the ones scikit-image would have to
 download, e.g. ``lily`` or ``kidney``, are not used):
 
-* colour (the default set): ``astronaut`` (512x512), ``coffee`` (400x600), ``chelsea`` (300x451, a cat),
-  ``rocket`` (427x640), ``motorcycle`` (the left view of ``stereo_motorcycle``, 500x741), ``immunohistochemistry``
-  (512x512, a microscope slide), ``hubble_deep_field`` (872x1000, used at 512x587) and ``retina`` (1411x1411, a
-  fundus photograph, used at 512x512);
-* greyscale, opt-in through ``photos=``: ``camera``, ``moon``, ``coins``, ``grass``, ``gravel``, ``brick``
-  (replicated to three channels).
+* colour: ``astronaut`` (512x512), ``coffee`` (400x600), ``chelsea`` (300x451, a cat), ``rocket`` (427x640),
+  ``motorcycle`` (the left view of ``stereo_motorcycle``, 500x741), ``immunohistochemistry`` (512x512, a microscope
+  slide), ``hubble_deep_field`` (872x1000, used at 512x587) and ``retina`` (1411x1411, a fundus photograph, used at
+  512x512);
+* greyscale, opt-in through ``photos=``: ``camera``, ``moon``, ``coins``, ``grass``, ``gravel``, ``brick``, ``clock``,
+  ``cell`` (660x550, used at 614x512), ``page`` and ``text`` (replicated to three channels).
 
-Not used: ``cat`` (the same picture as ``chelsea``), ``motorcycle_right`` (the same scene as the left view, which
-would leak held-out content), ``lfw_subset`` (25x25 grey faces, too small), and the synthetic images (``logo``,
-``colorwheel``, ``checkerboard``...).
+Not used: ``cat`` (the same picture as ``chelsea``), ``motorcycle_right`` (the same scene as the left view),
+``lfw_subset`` (25x25 grey faces, too small), ``microaneurysms`` (102x102), and the synthetic images (``logo``,
+``colorwheel``, ``checkerboard``, ``horse``...).
 
-Held-out split (disjoint regions): each photograph is cut along its longer side (the width for square ones); the last
-:data:`HELDOUT_FRACTION` of it is the held-out region and the rest the training region.  Training crops lie entirely
-in the training region; validation items and :func:`heldout_crops` lie entirely in the held-out region, so their
-pixels are never seen in training.  A crop covers ``size * s`` source pixels (``s`` drawn log-uniformly from
-``scale``) and is resized to ``size`` with antialiasing, so that small crops still hold structure instead of flat
-patches; when a region is too small for the drawn ``s`` the crop is shrunk to fit it.
+Held-out split (whole photographs): :data:`HELDOUT_PHOTOS` (``chelsea`` and ``coffee``) are never used for training;
+validation items and :func:`heldout_crops` come from them only, and training crops from the other photographs only
+(:data:`TRAIN_PHOTOS` by default).  A photograph is therefore either seen whole in training or never seen at all, as a
+user's own image is.  :class:`EmbeddedPhotos` refuses a held-out photograph in a training list and a training photograph
+in a validation list.
 
-Randomness: training items follow the ``(seed, epoch, index)`` contract of :mod:`ldm.data.image_folder`;
-validation items are fixed (drawn from ``(seed, index)`` only, independent of the epoch) and equal to
+Crops: a crop covers ``size * s`` source pixels (``s`` drawn log-uniformly from ``scale``) anywhere in the photograph
+and is resized to ``size`` with antialiasing, so that small crops still hold structure instead of flat patches; when a
+photograph is too small for the drawn ``s`` the crop is shrunk to fit it.
+
+Randomness: training items follow the ``(seed, epoch, index)`` contract of :mod:`ldm.data.image_folder`: every epoch
+draws new photographs, positions, scales and flips (``n_samples`` is only the length of an epoch, not a fixed list of
+crops).  Validation items are fixed (drawn from ``(seed, index)`` only, independent of the epoch) and equal to
 ``heldout_crops(size, n_samples, seed, scale, photos)``.
 """
 
@@ -40,7 +44,6 @@ from ldm.data.image_folder import EpochSeededDataset, uint8_to_model_range
 
 logger = logging.getLogger(__name__)
 
-HELDOUT_FRACTION = 0.3
 MAX_SHORT_SIDE = 512
 # Crops beyond 4x the photographs' short side would only be upsampled copies, and a mistyped size must not allocate
 # gigabytes (size=100000: 30 GB per crop).
@@ -70,10 +73,14 @@ COLOR_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "retina": _skimage("retina"),
 }
 GRAY_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    name: _skimage(name) for name in ("camera", "moon", "coins", "grass", "gravel", "brick")
+    name: _skimage(name)
+    for name in ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell", "page", "text")
 }
 PHOTO_LOADERS: dict[str, Callable[[], np.ndarray]] = {**COLOR_PHOTOS, **GRAY_PHOTOS}
-DEFAULT_PHOTOS: tuple[str, ...] = tuple(COLOR_PHOTOS)
+HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "coffee")
+TRAIN_PHOTOS: tuple[str, ...] = tuple(name for name in COLOR_PHOTOS if name not in HELDOUT_PHOTOS)
+DEFAULT_PHOTOS = TRAIN_PHOTOS
+SPLIT_PHOTOS: dict[str, tuple[str, ...]] = {"train": TRAIN_PHOTOS, "validation": HELDOUT_PHOTOS}
 
 
 @functools.cache
@@ -98,18 +105,6 @@ def load_photo(name: str) -> np.ndarray:
     return image
 
 
-def photo_regions(height: int, width: int) -> dict[str, tuple[int, int, int, int]]:
-    """``{"train": box, "heldout": box}`` with boxes ``(top, left, height, width)`` that tile the photograph.
-
-    The held-out box is the last :data:`HELDOUT_FRACTION` of the longer side (the width for square photographs).
-    """
-    if width >= height:
-        cut = width - round(HELDOUT_FRACTION * width)
-        return {"train": (0, 0, height, cut), "heldout": (0, cut, height, width - cut)}
-    cut = height - round(HELDOUT_FRACTION * height)
-    return {"train": (0, 0, cut, width), "heldout": (cut, 0, height - cut, width)}
-
-
 def _check_scale(scale: float | Sequence[float]) -> tuple[float, float]:
     low, high = (float(scale), float(scale)) if isinstance(scale, (int, float)) else tuple(float(s) for s in scale)
     if not 0.0 < low <= high:
@@ -117,35 +112,55 @@ def _check_scale(scale: float | Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-def _check_photos(photos: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(photos)
+def check_photos(photos: Sequence[str] | None, split: str) -> tuple[str, ...]:
+    """The photographs of ``split`` (``"train"`` or ``"validation"``): ``photos``, or the split's default when None.
+
+    Raises ValueError for an unknown name, an empty list, a held-out photograph (:data:`HELDOUT_PHOTOS`) among training
+    photographs, or a training photograph among validation ones: the two sets never share a photograph.
+    """
+    if split not in SPLIT_PHOTOS:
+        raise ValueError(f"split={split!r} is not one of {sorted(SPLIT_PHOTOS)}")
+    names = SPLIT_PHOTOS[split] if photos is None else tuple(photos)
     unknown = [n for n in names if n not in PHOTO_LOADERS]
     if not names or unknown:
         raise ValueError(
             f"photos={list(names)} must be a non-empty list of embedded photos (unknown: {unknown}); "
             f"available: {sorted(PHOTO_LOADERS)}"
         )
+    if split == "train":
+        leaked = [n for n in names if n in HELDOUT_PHOTOS]
+        if leaked:
+            raise ValueError(
+                f"photos={list(names)} holds {leaked}, held out for validation and evaluation; train on any of "
+                f"{sorted(set(PHOTO_LOADERS) - set(HELDOUT_PHOTOS))}"
+            )
+    else:
+        seen = [n for n in names if n not in HELDOUT_PHOTOS]
+        if seen:
+            raise ValueError(
+                f"photos={list(names)} holds {seen}, which training may use; validate on the held-out "
+                f"{list(HELDOUT_PHOTOS)} only"
+            )
     return names
 
 
 def sample_crop(
     photo: np.ndarray,
-    box: tuple[int, int, int, int],
     size: int,
     scale: tuple[float, float],
     rng: np.random.Generator,
     flip: bool,
 ) -> np.ndarray:
-    """A ``size`` x ``size`` uint8 crop from ``box`` of ``photo``, covering ``size * s`` source pixels.
+    """A ``size`` x ``size`` uint8 crop anywhere in ``photo`` ``[H, W, 3]``, covering ``size * s`` source pixels.
 
-    ``s`` is log-uniform in ``scale`` and shrunk when the box is too small; the source square is resized to ``size``
-    (bicubic, antialiased).  With ``flip`` the crop is mirrored horizontally with probability 0.5.
+    ``s`` is log-uniform in ``scale`` and shrunk when the photograph is too small; the source square is resized to
+    ``size`` (bicubic, antialiased).  With ``flip`` the crop is mirrored horizontally with probability 0.5.
     """
-    top, left, height, width = box
+    height, width = photo.shape[:2]
     s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))
     side = max(1, min(round(size * s), height, width))
-    y = top + int(rng.integers(0, height - side + 1))
-    x = left + int(rng.integers(0, width - side + 1))
+    y = int(rng.integers(0, height - side + 1))
+    x = int(rng.integers(0, width - side + 1))
     crop = photo[y : y + side, x : x + side]
     if side != size:
         crop = np.asarray(Image.fromarray(crop).resize((size, size), resample=Image.Resampling.BICUBIC))
@@ -155,11 +170,8 @@ def sample_crop(
 
 
 def _heldout_crop(i: int, size: int, seed: int, scale: tuple[float, float], photos: tuple[str, ...]) -> np.ndarray:
-    name = photos[i % len(photos)]
-    photo = load_photo(name)
-    box = photo_regions(*photo.shape[:2])["heldout"]
     rng = np.random.default_rng([int(seed), _HELDOUT_STREAM, int(i)])
-    return sample_crop(photo, box, size, scale, rng, flip=False)
+    return sample_crop(load_photo(photos[i % len(photos)]), size, scale, rng, flip=False)
 
 
 def heldout_crops(
@@ -167,16 +179,16 @@ def heldout_crops(
     n: int,
     seed: int = 0,
     scale: float | Sequence[float] = DEFAULT_SCALE,
-    photos: Sequence[str] = DEFAULT_PHOTOS,
+    photos: Sequence[str] = HELDOUT_PHOTOS,
 ) -> list[np.ndarray]:
-    """``n`` clean uint8 ``[size, size, 3]`` crops from the held-out regions, never seen by :class:`EmbeddedPhotos`
-    training (whatever its size, scale or seed).  Photographs are used in turn (crop ``i`` comes from
+    """``n`` clean uint8 ``[size, size, 3]`` crops of the held-out photographs, never seen by :class:`EmbeddedPhotos`
+    training (whatever its size, scale, seed or photographs).  Photographs are used in turn (crop ``i`` comes from
     ``photos[i % len(photos)]``); positions and scales are fixed by ``seed``.
     """
     if int(size) < 1 or int(n) < 0:
         raise ValueError(f"size={size} must be positive and n={n} non-negative")
     _check_size(size)
-    scale_range, names = _check_scale(scale), _check_photos(photos)
+    scale_range, names = _check_scale(scale), check_photos(photos, "validation")
     return [_heldout_crop(i, int(size), seed, scale_range, names) for i in range(int(n))]
 
 
@@ -194,13 +206,15 @@ class EmbeddedPhotos(EpochSeededDataset):
 
     Args:
         size: side of the square crops in pixels.
-        split: ``"train"`` (random photo, scale, position and flip from the training regions) or ``"validation"``
-            (fixed crops from the held-out regions, no flip; identical to :func:`heldout_crops`).
-        n_samples: virtual epoch length (number of items per epoch / number of validation crops).
+        split: ``"train"`` (random photograph, scale, position and flip, new every epoch) or ``"validation"`` (fixed
+            crops of the held-out photographs, no flip; identical to :func:`heldout_crops`).
+        n_samples: length of an epoch (training) / number of validation crops.
         seed: seed of the crops; see the module docstring.
         scale: source pixels per output pixel, a number or a ``(low, high)`` range drawn log-uniformly.
         image_key: key of the image in the returned dict.
-        photos: names of the photographs to use (default: the colour ones, :data:`DEFAULT_PHOTOS`).
+        photos: names of the photographs to use; default (None) :data:`TRAIN_PHOTOS` for training and
+            :data:`HELDOUT_PHOTOS` for validation.  Training may not name a held-out photograph, nor validation a
+            training one.
         flip: random horizontal flip (p = 0.5) of training crops.
 
     Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "photo_": name}``.
@@ -214,32 +228,23 @@ class EmbeddedPhotos(EpochSeededDataset):
         seed: int = 0,
         scale: float | Sequence[float] = DEFAULT_SCALE,
         image_key: str = "image",
-        photos: Sequence[str] = DEFAULT_PHOTOS,
+        photos: Sequence[str] | None = None,
         flip: bool = True,
     ) -> None:
         super().__init__(seed)
-        if split not in ("train", "validation"):
-            raise ValueError(f"split={split!r} is not one of ['train', 'validation']")
         if int(size) < 1 or int(n_samples) < 1:
             raise ValueError(f"size={size} and n_samples={n_samples} must be positive integers")
         _check_size(size)
+        self.photos = check_photos(photos, split)
         self.size = int(size)
         self.split = split
         self.n_samples = int(n_samples)
         self.scale = _check_scale(scale)
         self.image_key = image_key
-        self.photos = _check_photos(photos)
         self.flip = bool(flip)
-        region = "train" if split == "train" else "heldout"
-        self._boxes = {name: photo_regions(*load_photo(name).shape[:2])[region] for name in self.photos}
-        small = [name for name, box in self._boxes.items() if min(box[2], box[3]) < self.size]
+        small = [name for name in self.photos if min(load_photo(name).shape[:2]) < self.size]
         if small:
-            logger.warning(
-                "EmbeddedPhotos: the %s regions of %s are smaller than size=%d; their crops are upscaled",
-                region,
-                small,
-                self.size,
-            )
+            logger.warning("EmbeddedPhotos: %s are smaller than size=%d; their crops are upscaled", small, self.size)
 
     def __len__(self) -> int:
         return self.n_samples
@@ -254,5 +259,5 @@ class EmbeddedPhotos(EpochSeededDataset):
         else:
             rng = self.item_rng(index)
             name = self.photos[int(rng.integers(len(self.photos)))]
-            crop = sample_crop(load_photo(name), self._boxes[name], self.size, self.scale, rng, flip=self.flip)
+            crop = sample_crop(load_photo(name), self.size, self.scale, rng, flip=self.flip)
         return {self.image_key: uint8_to_model_range(crop), "photo_": name}

@@ -1,4 +1,5 @@
-"""Evaluation of refinement: seeded degradations (:mod:`ldm.eval.degrade`) and image metrics (:mod:`ldm.eval.metrics`)."""
+"""Evaluation of refinement: seeded degradations (:mod:`ldm.eval.degrade`, local ones in :mod:`ldm.eval.local_degrade`),
+image metrics (:mod:`ldm.eval.metrics`) and realism (:mod:`ldm.eval.swd`)."""
 
 from ldm.eval.degrade import (
     DEGRADATIONS,
@@ -14,6 +15,14 @@ from ldm.eval.degrade import (
     degradation_parameters,
 )
 from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
+from ldm.eval.local_degrade import (  # importing it registers the local degradations in DEGRADATIONS
+    LocalBlotch,
+    LocalDegradation,
+    LocalResult,
+    LocalShuffle,
+    LocalVQ,
+    LocalWarp,
+)
 from ldm.eval.metrics import (
     LPIPSMetric,
     Skipped,
@@ -34,6 +43,12 @@ __all__ = [
     "Degradation",
     "ElasticWarp",
     "LPIPSMetric",
+    "LocalBlotch",
+    "LocalDegradation",
+    "LocalResult",
+    "LocalShuffle",
+    "LocalVQ",
+    "LocalWarp",
     "PatchShuffle",
     "Skipped",
     "VQRoundTrip",

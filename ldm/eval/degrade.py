@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 _RANGE_TOLERANCE = 1e-2
 
 
-def _as_generator(seed: int | torch.Generator) -> torch.Generator:
+def seed_generator(seed: int | torch.Generator) -> torch.Generator:
+    """``seed`` itself when it is a generator, else a new CPU generator seeded with it."""
     if isinstance(seed, torch.Generator):
         return seed
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
@@ -47,7 +48,8 @@ def _as_generator(seed: int | torch.Generator) -> torch.Generator:
     raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
 
 
-def _check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor) -> None:
+    """Raise ValueError unless ``images`` is a floating ``[B, 3, H, W]`` tensor in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images [B, 3, H, W], got {shape}; use apply_to_uint8 for HWC uint8 arrays")
@@ -61,7 +63,8 @@ def _check_images(images: torch.Tensor) -> None:
             )
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
     bound = ">= 0" if allow_zero else "> 0"
     numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not numeric or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
@@ -97,8 +100,8 @@ class Degradation(abc.ABC):
 
     def __call__(self, images: torch.Tensor, seed: int | torch.Generator) -> torch.Tensor:
         """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1]; returns the same shape, dtype and device."""
-        _check_images(images)
-        generator = _as_generator(seed)
+        check_images(images)
+        generator = seed_generator(seed)
         work = images if images.dtype in (torch.float32, torch.float64) else images.float()
         with torch.no_grad():
             out = self._apply(work, generator)
@@ -114,7 +117,8 @@ def _draw(fn: Any, shape: tuple[int, ...], generator: torch.Generator, like: tor
     return fn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
-def _randint(high: int, generator: torch.Generator) -> int:
+def randint(high: int, generator: torch.Generator) -> int:
+    """A uniform integer in ``[0, high)`` from ``generator``."""
     return int(torch.randint(high, (1,), generator=generator, device=generator.device))
 
 
@@ -159,7 +163,7 @@ class VQRoundTrip(Degradation):
     name = "vq_roundtrip"
 
     def __init__(self, first_stage: Any, codebook_fraction: float = 1.0):
-        _check_positive("codebook_fraction", codebook_fraction)
+        check_positive("codebook_fraction", codebook_fraction)
         if codebook_fraction > 1:
             raise ValueError(f"codebook_fraction must be in (0, 1], got {codebook_fraction}")
         self._first_stage_arg = first_stage
@@ -289,8 +293,8 @@ class BlurNoise(Degradation):
     name = "blur_noise"
 
     def __init__(self, sigma: float = 1.5, noise_std: float = 0.05):
-        _check_positive("sigma", sigma, allow_zero=True)
-        _check_positive("noise_std", noise_std, allow_zero=True)
+        check_positive("sigma", sigma, allow_zero=True)
+        check_positive("noise_std", noise_std, allow_zero=True)
         if sigma == 0 and noise_std == 0:
             raise ValueError("blur_noise with sigma=0 and noise_std=0 does nothing; set at least one > 0")
         self.sigma = float(sigma)
@@ -325,8 +329,8 @@ class ElasticWarp(Degradation):
     name = "elastic_warp"
 
     def __init__(self, amplitude: float = 0.03, scale: float = 0.25):
-        _check_positive("amplitude", amplitude)
-        _check_positive("scale", scale)
+        check_positive("amplitude", amplitude)
+        check_positive("scale", scale)
         self.amplitude = float(amplitude)
         self.scale = float(scale)
 
@@ -355,8 +359,9 @@ class ElasticWarp(Degradation):
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _feather_mask(p: int, feather: float, like: torch.Tensor) -> torch.Tensor:
-    """``[p, p]`` blending weight: 1 inside, raised-cosine taper over ``feather * p`` pixels at each edge."""
+def feather_window(p: int, feather: float, like: torch.Tensor) -> torch.Tensor:
+    """``[p, p]`` blending weight (``like``'s dtype and device): 1 inside, a raised-cosine taper over ``feather * p``
+    pixels at each edge."""
     ramp = max(int(round(feather * p)), 0)
     w = torch.ones(p, dtype=torch.float64)
     if ramp:
@@ -380,12 +385,12 @@ class PatchShuffle(Degradation):
     def __init__(self, n_patches: int = 2, patch_size: float = 0.25, mode: str = "duplicate", feather: float = 0.25):
         if isinstance(n_patches, bool) or not isinstance(n_patches, (int, np.integer)) or n_patches < 1:
             raise ValueError(f"n_patches must be an integer >= 1, got {n_patches!r}")
-        _check_positive("patch_size", patch_size)
+        check_positive("patch_size", patch_size)
         if patch_size > 0.5:
             raise ValueError(f"patch_size must be <= 0.5 of the shorter side (two patches must fit), got {patch_size}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {list(self.MODES)}, got {mode!r}")
-        _check_positive("feather", feather, allow_zero=True)
+        check_positive("feather", feather, allow_zero=True)
         if feather > 0.5:
             raise ValueError(f"feather must be in [0, 0.5] (a fraction of the patch side per edge), got {feather}")
         self.n_patches = int(n_patches)
@@ -407,7 +412,7 @@ class PatchShuffle(Degradation):
 
         def pick(ok: torch.Tensor) -> tuple[int, int]:
             flat = ok.flatten().nonzero().squeeze(1)
-            return divmod(int(flat[_randint(flat.numel(), generator)]), ok.shape[1])
+            return divmod(int(flat[randint(flat.numel(), generator)]), ok.shape[1])
 
         pairs = []
         for _ in range(self.n_patches):
@@ -421,7 +426,7 @@ class PatchShuffle(Degradation):
         _, _, h, w = images.shape
         for i in range(images.shape[0]):
             p, pairs = self.patch_pairs(h, w, generator)
-            mask = _feather_mask(p, self.feather, images)
+            mask = feather_window(p, self.feather, images)
             for sy, sx, dy, dx in pairs:
                 src = out[i, :, sy : sy + p, sx : sx + p].clone()
                 dst = out[i, :, dy : dy + p, dx : dx + p].clone()
@@ -443,8 +448,8 @@ class ColourBlotches(Degradation):
     def __init__(self, n_blobs: int = 3, radius: float = 0.15, strength: float = 0.4):
         if isinstance(n_blobs, bool) or not isinstance(n_blobs, (int, np.integer)) or n_blobs < 1:
             raise ValueError(f"n_blobs must be an integer >= 1, got {n_blobs!r}")
-        _check_positive("radius", radius)
-        _check_positive("strength", strength)
+        check_positive("radius", radius)
+        check_positive("strength", strength)
         self.n_blobs = int(n_blobs)
         self.radius = float(radius)
         self.strength = float(strength)
@@ -475,6 +480,16 @@ class ColourBlotches(Degradation):
 DEGRADATIONS: dict[str, type[Degradation]] = {
     cls.name: cls for cls in (VQRoundTrip, JPEG, BlurNoise, ElasticWarp, PatchShuffle, ColourBlotches)
 }
+
+
+def register_degradation(cls: type[Degradation]) -> type[Degradation]:
+    """Class decorator: add ``cls`` to :data:`DEGRADATIONS` under ``cls.name`` (the local degradations of
+    :mod:`ldm.eval.local_degrade` register themselves; ``ldm.eval`` imports that module, so the registry is complete
+    whenever anything of ``ldm.eval`` is imported)."""
+    if not cls.name or cls.name in DEGRADATIONS:
+        raise ValueError(f"degradation name {cls.name!r} is empty or already registered")
+    DEGRADATIONS[cls.name] = cls
+    return cls
 
 
 def degradation_parameters(name: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Image metrics for the evaluation: per-image PSNR / SSIM / MSE, LPIPS and set-level FID / KID.
+"""Image metrics for the evaluation: per-image PSNR / SSIM / MSE, LPIPS, the same inside and outside a mask, the seam
+along a mask's boundary, and set-level FID / KID (set-level realism without weights: :mod:`ldm.eval.swd`).
 
 Conventions:
 
@@ -92,6 +93,100 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float
         raise ValueError(f"SSIM needs images of at least 11x11 (its Gaussian window), got {tuple(a.shape[-2:])}")
     out = structural_similarity_index_measure(a, b, data_range=value_range, reduction="none")
     return out.double().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inside / outside a mask, and the seam along its boundary
+
+
+def _prepare_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``mask`` ``[B, 1, H, W]`` (or ``[B, H, W]``) with values in [0, 1] as float64 on the images' device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor [B, 1, H, W], got {type(mask).__name__}")
+    m = mask[:, None] if mask.ndim == 3 else mask
+    if m.ndim != 4 or m.shape[1] != 1 or m.shape[0] != images.shape[0] or m.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} must be [B, 1, H, W] matching the images {tuple(images.shape)}")
+    m = m.detach().to(images.device, torch.float64)
+    if m.numel() and (float(m.min()) < 0 or float(m.max()) > 1):
+        raise ValueError(f"mask values must lie in [0, 1], got [{float(m.min()):.3g}, {float(m.max()):.3g}]")
+    return m
+
+
+def _region_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-image weighted mean ``[B]`` of ``values`` ``[B, C, H, W]`` with ``weight`` ``[B, 1, H, W]`` (nan where the
+    weight is all zero: the region is empty)."""
+    total = (values * weight).sum(dim=(1, 2, 3))
+    count = weight.sum(dim=(1, 2, 3)) * values.shape[1]
+    return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, float("nan")))
+
+
+def masked_metrics(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lpips: LPIPSMetric | Skipped | None = None,
+    value_range: tuple[float, float] = MINUS_ONE_ONE,
+) -> dict[str, Any]:
+    """PSNR, SSIM and MSE (and LPIPS when given) of ``images`` against ``reference`` ``[B, 3, H, W]`` inside and
+    outside ``mask`` ``[B, 1, H, W]`` (1 = inside; grey values weight a pixel into both regions).
+
+    Keys ``{mse, psnr, ssim}_in`` and ``_out``, float64 ``[B]``: MSE is the mask-weighted mean squared error, PSNR is
+    computed from it (``inf`` where the region is unchanged, ``nan`` where the region is empty), SSIM is the mean of
+    the SSIM map (:func:`ssim`'s window) over the region.  LPIPS (``lpips_in`` / ``lpips_out``) compares the image
+    with the other region replaced by the reference's pixels (LPIPS has no per-pixel map), so only the region's own
+    differences count.
+    """
+    a, b = _prepare(images, reference, value_range)
+    m = _prepare_mask(mask, a)
+    data_range = float(value_range[1]) - float(value_range[0])
+    ssim_map = None
+    if min(a.shape[-2:]) >= 11:
+        _, ssim_map = structural_similarity_index_measure(
+            a, b, data_range=value_range, reduction="none", return_full_image=True
+        )
+    out: dict[str, Any] = {}
+    for suffix, weight in (("in", m), ("out", 1.0 - m)):
+        err = _region_mean((a - b) ** 2, weight)
+        out[f"mse_{suffix}"] = err.cpu()
+        out[f"psnr_{suffix}"] = (10.0 * torch.log10(data_range**2 / err)).cpu()
+        if ssim_map is None:
+            out[f"ssim_{suffix}"] = Skipped(f"SSIM: images {tuple(a.shape[-2:])} are smaller than its 11x11 window")
+        else:
+            out[f"ssim_{suffix}"] = _region_mean(ssim_map.double(), weight).cpu()
+        if lpips is not None:
+            if isinstance(lpips, Skipped):
+                out[f"lpips_{suffix}"] = lpips
+            else:
+                only_region = a * weight + b * (1.0 - weight)
+                out[f"lpips_{suffix}"] = lpips(only_region, b, value_range)
+    return out
+
+
+def seam_energy(
+    images: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE
+) -> torch.Tensor:
+    """How abruptly an edit changes at the edge of its mask: per image ``[B]``, the mean over all pairs of 4-neighbour
+    pixels that straddle the mask's boundary (one with mask > 0, the other with mask == 0) of the squared jump of the
+    edit ``images - inputs`` across the pair, averaged over channels (units of ``value_range``, squared).
+
+    0 for an unchanged image or an edit that fades to nothing at the boundary; for ``images`` = ``inputs`` with a
+    different image ``Y`` hard-pasted inside the mask it is the mean of ``(Y - inputs)**2`` over the boundary pairs'
+    inside pixels.  ``nan`` where the mask has no boundary (all 0 or nowhere 0).
+    """
+    a, b = _prepare(images, inputs, value_range)
+    inside = _prepare_mask(mask, a) > 0
+    edit = a - b
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    pairs = torch.zeros_like(total)
+    for dim in (2, 3):
+        n = a.shape[dim] - 1
+        first, second = inside.narrow(dim, 0, n), inside.narrow(dim, 1, n)
+        straddle = (first != second).double()
+        jump = (edit.narrow(dim, 1, n) - edit.narrow(dim, 0, n)) ** 2
+        total += (jump.mean(dim=1, keepdim=True) * straddle).sum(dim=(1, 2, 3))
+        pairs += straddle.sum(dim=(1, 2, 3))
+    return torch.where(pairs > 0, total / pairs.clamp_min(1), torch.full_like(total, float("nan"))).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

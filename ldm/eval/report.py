@@ -7,6 +7,8 @@
 * ``curves.png`` (:func:`plot_curves`): PSNR to the clean image and PSNR to the input against ``start_t``, one panel
   per degradation, one line per refiner, baselines as horizontal dashed lines (identity is the input itself, so its
   PSNR to the input is infinite and not drawn).  In no-reference mode only the faithfulness row is drawn.
+* ``realism.png`` (:func:`plot_realism`, when the sweep had a realism reference): SWD against PSNR to the input, over
+  start_t, refiners and baselines.
 * ``examples.png`` (:func:`example_grid`): one row per kept case: clean | input | outputs (refiners at a few start_t,
   baselines), upscaled with nearest-neighbour so small images stay readable.
 """
@@ -27,12 +29,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.sweep import METRIC_COLUMNS, SweepExample, SweepResult, summarize
+from ldm.eval.sweep import ROW_METRICS, SweepExample, SweepResult, summarize
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
 SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
-SET_COLUMNS: tuple[str, ...] = ("fid", "kid_mean", "kid_std", "skipped")
+SET_COLUMNS: tuple[str, ...] = ("swd", "fid", "kid_mean", "kid_std", "skipped")
 # what the printed table shows (the CSVs have everything)
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("psnr_clean", "PSNR->clean"),
@@ -40,6 +42,10 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("lpips_clean", "LPIPS->clean"),
     ("psnr_input", "PSNR->input"),
     ("ssim_input", "SSIM->input"),
+    ("psnr_clean_in", "PSNR->clean in"),
+    ("psnr_input_out", "PSNR->input out"),
+    ("seam", "seam"),
+    ("swd", "SWDx1e3"),
     ("fid", "FID"),
     ("seconds", "s/img"),
 )
@@ -69,14 +75,14 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str
 def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
     """The per-case CSV (see the module docstring)."""
     path = Path(path)
-    _write_csv(path, result.rows, CSV_COLUMNS, METRIC_COLUMNS)
+    _write_csv(path, result.rows, CSV_COLUMNS, ROW_METRICS)
     return path
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The summary CSV (means per degradation x method x start_t)."""
     path = Path(path)
-    _write_csv(path, summary, SUMMARY_COLUMNS, METRIC_COLUMNS + SET_COLUMNS)
+    _write_csv(path, summary, SUMMARY_COLUMNS, ROW_METRICS + SET_COLUMNS)
     return path
 
 
@@ -215,6 +221,75 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
     return path
 
 
+def _realism_points(summary: Sequence[dict[str, Any]], degradation: str, x_metric: str) -> dict[str, list[tuple]]:
+    """``{method: [(start_t, x, swd), ...]}`` for the summary entries of ``degradation`` with both values."""
+    points: dict[str, list[tuple]] = {}
+    for s in summary:
+        x, y = s.get(x_metric), s.get("swd")
+        if s["degradation"] == degradation and isinstance(x, float) and isinstance(y, float):
+            points.setdefault(s["method"], []).append((s["start_t"], x, y))
+    return points
+
+
+def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path | None:
+    """Realism against faithfulness: SWD x 10^3 to the realism reference (lower: more realistic) against PSNR to the
+    input (higher: more faithful), one panel per degradation, one row per faithfulness measure (the whole image; for
+    masked cases also inside and outside the mask).  Refiners are lines over start_t (each point labelled), baselines
+    single points; an unchanged output (PSNR inf) is drawn at the right edge.  None (nothing written) without SWD."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    summary = summarize(result)
+    if not any(isinstance(s.get("swd"), float) for s in summary):
+        return None
+    rows_spec = [("psnr_input", "PSNR to input [dB]")]
+    for metric, label in (("psnr_input_in", "PSNR to input inside mask [dB]"), ("psnr_input_out", "outside mask [dB]")):
+        if any(metric in s for s in summary):
+            rows_spec.append((metric, label))
+    degs = result.degradations
+    fig, axes = plt.subplots(len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.4 * len(rows_spec) + 1.0), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
+    handles: dict[str, Any] = {}
+    for c, degradation in enumerate(degs):
+        for r, (metric, label) in enumerate(rows_spec):
+            ax = axes[r][c]
+            points = _realism_points(summary, degradation, metric)
+            finite = [x for pts in points.values() for _, x, _ in pts if math.isfinite(x)]
+            edge = (max(finite) + 3.0) if finite else 60.0
+            for method, pts in points.items():
+                pts = sorted(pts, key=lambda p: -1 if p[0] is None else p[0])
+                xs = [x if math.isfinite(x) else edge for _, x, _ in pts]
+                ys = [y for _, _, y in pts]
+                if result.methods[method][0] == "refiner":
+                    (handles[method],) = ax.plot(xs, ys, color=colors[method], marker="o", label=method)
+                    for (t, _, _), x, y in zip(pts, xs, ys):
+                        ax.annotate(str(t), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                else:
+                    handles[method] = ax.scatter(xs, ys, color=colors[method], marker="s", label=method, zorder=3)
+            if r == 0:
+                ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
+            ax.set_xlabel(label + (" (inf drawn at the edge)" if finite else ""), fontsize=7)
+            if c == 0:
+                ax.set_ylabel("SWD x 1e3 to clean photos (lower: more realistic)", fontsize=7)
+            ax.grid(alpha=0.3)
+    ordered = {m: handles[m] for m in result.methods if m in handles}
+    if ordered:
+        fig.legend(list(ordered.values()), list(ordered), loc="lower center", ncol=min(len(ordered), 6), fontsize=8)
+    fig.suptitle((title + "\n" if title else "") + "realism vs faithfulness; refiner points labelled with start_t", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
+    path = Path(path)
+    try:
+        atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # image grids
 
@@ -337,6 +412,9 @@ def write_report(
         "summary": write_summary_csv(summary, out / "summary.csv"),
         "plot": plot_curves(result, out / "curves.png", title),
     }
+    realism = plot_realism(result, out / "realism.png", title)
+    if realism is not None:
+        paths["realism"] = realism
     if result.examples:
         paths["grid"] = save_png(example_grid(result.examples), out / "examples.png")
     info = {

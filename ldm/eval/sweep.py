@@ -12,6 +12,19 @@ Each output is measured against the clean image (``*_clean``: PSNR, SSIM, MSE, L
 against the input it was given (``*_input``: faithfulness).  FID/KID are set-level: one value per method x degradation
 x start_t over all its cases, against the clean images, when the Inception weights are on disk.
 
+Local artifacts: a degradation of :mod:`ldm.eval.local_degrade` (``local_warp``, ``local_blotch``, ``local_shuffle``,
+``local_vq``) gives each case the mask of its box (``[1, H, W]``, 1 inside).  Every output of such a case is also
+measured inside the box (``*_clean_in``: is the artifact fixed; ``*_input_in``: how much changed there), outside it
+(``*_input_out``: was the rest kept; outside the box the input is the clean image) and along its edge (``seam``,
+:func:`ldm.eval.metrics.seam_energy` of the output's edit of the input).  Refiners receive the mask
+(``refine(x, seeds, masks)``) so that a region refinement can use it; whole-image refinement ignores it.
+
+Realism (``realism_reference``): clean images that are *not* the cases' own (e.g. other held-out crops), so that a
+refinement is not rewarded for reproducing its particular clean image.  Per method x degradation x start_t, the SWD
+(:func:`ldm.eval.swd.swd`, Laplacian-pyramid 7x7 patches, x 10^3 as the paper reports it) between the outputs and that
+set (cycled to the outputs' count) is the ``swd`` set metric; lower is more realistic.  The SWD of the cases' clean
+images themselves against the reference (the floor that sampling noise sets) is written into ``notes``.
+
 No-reference mode (``degradations=None``): the images *are* the inputs (real artifact images); only the ``*_input``
 metrics exist.
 
@@ -39,7 +52,9 @@ from tqdm import tqdm
 from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
 from ldm.eval.degrade_files import file_seed
-from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid
+from ldm.eval.local_degrade import LocalDegradation, LocalVQ
+from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, seam_energy
+from ldm.eval.set_metrics import add_swd, fid_kid_metrics, quantize, realism_set
 from ldm.sampling import check_eta, check_int_arg
 from ldm.util import is_rank_zero
 
@@ -67,6 +82,19 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "mse_input",
     "lpips_input",
 )
+# cases with a mask (local degradations): inside the box against clean and input, outside against the input, the seam
+MASKED_COLUMNS: tuple[str, ...] = (
+    "psnr_clean_in",
+    "ssim_clean_in",
+    "lpips_clean_in",
+    "psnr_input_in",
+    "ssim_input_in",
+    "psnr_input_out",
+    "ssim_input_out",
+    "lpips_input_out",
+    "seam",
+)
+ROW_METRICS: tuple[str, ...] = METRIC_COLUMNS + MASKED_COLUMNS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,13 +120,13 @@ class SweepDegradation:
 
 
 def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:
-    """``n`` held-out crops of the embedded photographs (never seen by :class:`ldm.data.embedded.EmbeddedPhotos`
-    training), named ``heldout_<i>_<photo>``."""
-    from ldm.data.embedded import DEFAULT_PHOTOS, heldout_crops
+    """``n`` crops of the held-out photographs (:data:`ldm.data.embedded.HELDOUT_PHOTOS`, never seen by
+    :class:`ldm.data.embedded.EmbeddedPhotos` training), named ``heldout_<i>_<photo>``."""
+    from ldm.data.embedded import HELDOUT_PHOTOS, heldout_crops
 
     crops = heldout_crops(size, n, seed=seed)
     return [
-        SweepImage(f"heldout_{i:03d}_{DEFAULT_PHOTOS[i % len(DEFAULT_PHOTOS)]}", _uint8_to_tensor(crop))
+        SweepImage(f"heldout_{i:03d}_{HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]}", _uint8_to_tensor(crop))
         for i, crop in enumerate(crops)
     ]
 
@@ -143,17 +171,20 @@ def _parse_items(spec: str) -> tuple[str, dict[str, str]]:
 def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = None) -> SweepDegradation:
     """A degradation from a spec (``"name:key=value,..."``, see :func:`ldm.eval.degrade.degradation_from_spec`).
 
-    ``vq_roundtrip`` without ``first_stage`` or with ``first_stage=model`` uses ``first_stage`` (the refiner's own
-    VQ, e.g. with ``codebook_fraction=0.125`` for a coarser codebook); ``first_stage=<yaml>`` loads another one.
+    ``vq_roundtrip`` and ``local_vq`` without ``first_stage`` or with ``first_stage=model`` use ``first_stage`` (the
+    refiner's own VQ, e.g. with ``codebook_fraction=0.125`` for a coarser codebook); ``first_stage=<yaml>`` loads
+    another one.
     """
     name, items = _parse_items(spec)
-    if name == VQRoundTrip.name and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
+    if name in (VQRoundTrip.name, LocalVQ.name) and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
         if first_stage is None:
             raise ValueError(f"degradation {spec!r} uses the refiner's first stage, but no model was given")
         try:
             params: dict[str, Any] = {k: float(v) for k, v in items.items() if k != "first_stage"}
         except ValueError:
-            raise ValueError(f"degradation spec {spec!r}: vq_roundtrip takes codebook_fraction=<number in (0, 1]>") from None
+            raise ValueError(
+                f"degradation spec {spec!r}: {name} takes numbers (codebook_fraction in (0, 1], box sizes)"
+            ) from None
         deg = build_degradation(name, first_stage=first_stage, **params)
         rest = [f"{k}={v}" for k, v in deg.params().items() if k != "first_stage"]
         label = ",".join([f"first_stage={MODEL_FIRST_STAGE}", *rest])
@@ -168,13 +199,15 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
 
 @dataclass
 class SweepExample:
-    """One case kept for the example grid: clean (None without reference), input, and named outputs in order."""
+    """One case kept for the example grid: clean (None without reference), input, its mask ``[1, H, W]`` (local
+    degradations; else None) and named outputs in order."""
 
     image: str
     degradation: str
     seed: int
     clean: torch.Tensor | None
     input: torch.Tensor
+    mask: torch.Tensor | None = None
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -185,8 +218,9 @@ class SweepResult:
     Attributes:
         rows: one dict per case x method x start_t: ``image, degradation, method, kind ("refiner"/"baseline"),
             start_t, effective_start`` (None for baselines), ``seed, seconds`` (per image) and the metric columns of
-            :data:`METRIC_COLUMNS` that were computed (a :class:`Skipped` where a metric was skipped).
-        set_metrics: one dict per method x degradation x start_t: ``fid, kid_mean, kid_std`` or ``skipped`` (reason).
+            :data:`ROW_METRICS` that were computed (a :class:`Skipped` where a metric was skipped).
+        set_metrics: one dict per method x degradation x start_t: ``fid, kid_mean, kid_std`` or ``skipped`` (reason),
+            and ``swd`` (x 10^3) with a realism reference.
         examples: cases kept for the grid.
         methods: ``{name: (kind, description)}`` in run order (baselines, then refiners).
         start_ts: ``{refiner name: start_ts it ran}`` (those outside its windows are left out, see ``notes``).
@@ -210,6 +244,7 @@ class _Case:
     seed: int
     clean: torch.Tensor | None  # [3, H, W]
     input: torch.Tensor  # [3, H, W]
+    mask: torch.Tensor | None = None  # [1, H, W], local degradations
 
 
 def _check_start_ts(start_ts: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
@@ -267,25 +302,29 @@ class _Runner:
         self.keep_sets = keep_sets
         self.rows: list[dict[str, Any]] = []
         self.sets: dict[tuple[str, str, int | None], list[torch.Tensor]] = defaultdict(list)
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        groups: dict[tuple[tuple[int, ...], bool], list[int]] = defaultdict(list)
         for i, case in enumerate(cases):
-            groups[tuple(case.input.shape)].append(i)
+            groups[(tuple(case.input.shape), case.mask is not None)].append(i)
         self.batches = [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
     def run(
         self, method: str, kind: str, fn: Any, start_t: int | None, effective: int | None, keep: set[int], bar: tqdm
     ) -> dict[int, torch.Tensor]:
-        """Run ``fn(inputs [B, 3, H, W], seeds) -> outputs`` over all cases, measure every output; returns the outputs
-        of the cases in ``keep`` (``{case index: [3, H, W]}``), the others are dropped once measured."""
+        """Run ``fn(inputs [B, 3, H, W], seeds, masks [B, 1, H, W] or None) -> outputs`` over all cases, measure
+        every output; returns the outputs of the cases in ``keep`` (``{case index: [3, H, W]}``), the others are dropped
+        once measured."""
         outputs: dict[int, torch.Tensor] = {}
         for batch in self.batches:
             cases = [self.cases[i] for i in batch]
             x = torch.stack([c.input for c in cases])
+            masks = torch.stack([c.mask for c in cases]) if cases[0].mask is not None else None
             started = time.perf_counter()
-            out = fn(x, [c.seed for c in cases]).detach().float().cpu()
+            out = fn(x, [c.seed for c in cases], masks).detach().float().cpu()
             seconds = (time.perf_counter() - started) / len(cases)
             clean = torch.stack([c.clean for c in cases]) if cases[0].clean is not None else None
             metrics = compute_metrics(out, clean, x, lpips=self.lpips)
+            if masks is not None:
+                metrics.update(_masked(out, clean, x, masks, self.lpips))
             for j, (i, case) in enumerate(zip(batch, cases)):
                 row: dict[str, Any] = {
                     "image": case.image,
@@ -297,7 +336,7 @@ class _Runner:
                     "seed": case.seed,
                     "seconds": seconds,
                 }
-                for key in METRIC_COLUMNS:
+                for key in ROW_METRICS:
                     if key in metrics:
                         value = metrics[key]
                         row[key] = value if isinstance(value, Skipped) else float(value[j])
@@ -305,18 +344,24 @@ class _Runner:
                 if i in keep:
                     outputs[i] = out[j]
                 if self.keep_sets:
-                    self.sets[(method, case.degradation, start_t)].append(_quantize(out[j]))
+                    self.sets[(method, case.degradation, start_t)].append(quantize(out[j]))
             bar.update(1)
         return outputs
 
 
-def _quantize(x: torch.Tensor) -> torch.Tensor:
-    """Store outputs kept for FID/KID as uint8 (what a saved image holds; 4x less memory than float)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _dequantize(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0
+def _masked(
+    out: torch.Tensor, clean: torch.Tensor | None, x: torch.Tensor, masks: torch.Tensor, lpips: LPIPSMetric | Skipped | None
+) -> dict[str, Any]:
+    """The :data:`MASKED_COLUMNS` of a batch of outputs with masks."""
+    found: dict[str, Any] = {}
+    if clean is not None:
+        to_clean = masked_metrics(out, clean, masks, lpips=lpips)
+        found.update({f"{k}_clean_in": to_clean[f"{k}_in"] for k in ("psnr", "ssim", "lpips") if f"{k}_in" in to_clean})
+    to_input = masked_metrics(out, x, masks, lpips=lpips)
+    found.update({f"{k}_input_in": to_input[f"{k}_in"] for k in ("psnr", "ssim")})
+    found.update({f"{k}_input_out": to_input[f"{k}_out"] for k in ("psnr", "ssim", "lpips") if f"{k}_out" in to_input})
+    found["seam"] = seam_energy(out, x, masks)
+    return found
 
 
 def run_sweep(
@@ -332,6 +377,7 @@ def run_sweep(
     batch_size: int = 8,
     lpips: LPIPSMetric | Skipped | None = None,
     inception: torch.nn.Module | Skipped | None = None,
+    realism_reference: Sequence[SweepImage] | None = None,
     n_examples: int = 4,
     example_start_ts: int | Sequence[int] = 4,
     progress: bool = True,
@@ -350,6 +396,8 @@ def run_sweep(
         batch_size: cases refined together (same-size inputs).
         lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
         inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
+        realism_reference: clean images other than the cases' own, all of the cases' size, for the ``swd`` set metric
+            (None: no SWD); see the module docstring.
         n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
         example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
         progress: a tqdm bar over batches (rank 0 only).
@@ -380,7 +428,8 @@ def run_sweep(
     reference = degradations is not None
     sweep_degradations = list(degradations) if reference else [SweepDegradation(NO_REFERENCE, None)]
     cases, examples = _build_cases(images, sweep_degradations, seed_list, n_examples)
-    keep_sets = reference and isinstance(inception, torch.nn.Module)
+    realism = realism_set(realism_reference, [tuple(c.input.shape) for c in cases])
+    keep_sets = (reference and isinstance(inception, torch.nn.Module)) or realism is not None
     runner = _Runner(cases, batch_size, lpips, keep_sets)
 
     n_runs = len(baselines) + sum(len(c) for c in covered.values())
@@ -388,7 +437,7 @@ def run_sweep(
     with tqdm(total=n_runs * len(runner.batches), desc="sweep", unit="batch", disable=not show) as bar:
         for baseline in baselines:
             bar.set_postfix_str(baseline.name)
-            out = runner.run(baseline.name, "baseline", lambda x, _s, b=baseline: b(x), None, None, set(examples), bar)
+            out = runner.run(baseline.name, "baseline", lambda x, _s, _m, b=baseline: b(x), None, None, set(examples), bar)
             if baseline.name != "identity":
                 _keep_examples(examples, out, baseline.name)
         for name, refiner in refiners:
@@ -396,14 +445,19 @@ def run_sweep(
             for t, effective in covered[name].items():
                 bar.set_postfix_str(f"{name} t={t}")
 
-                def refine(x: torch.Tensor, seeds_: list[int], r: Any = refiner, t_: int = t) -> torch.Tensor:
+                def refine(
+                    x: torch.Tensor, seeds_: list[int], _masks: torch.Tensor | None, r: Any = refiner, t_: int = t
+                ) -> torch.Tensor:
                     return r.refine_tensors(x, t_, seeds_, ddim_steps, eta)
 
                 out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
                 if t in shown:
                     _keep_examples(examples, out, f"{name} t={t}")
 
-    set_metrics = _set_metrics(runner, inception, reference, cases)
+    clean = [(c.degradation, c.image, c.clean) for c in cases if c.clean is not None]
+    set_metrics = fid_kid_metrics(runner.sets, runner.rows, inception, reference, clean)
+    if realism is not None:
+        add_swd(set_metrics, runner.sets, realism, clean, notes)
     if isinstance(lpips, Skipped):
         notes.append(str(lpips))
     if isinstance(inception, Skipped):
@@ -434,48 +488,25 @@ def _build_cases(
             if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
                 raise ValueError(f"image {image.name!r} must be a [1, 3, H, W] tensor, got {tuple(x.shape)}")
             for seed in seeds:
+                mask = None
                 if deg.degradation is None:
                     clean, inp = None, x[0].float()
+                elif isinstance(deg.degradation, LocalDegradation):
+                    clean = x[0].float()
+                    local = deg.degradation.apply_local(x.float(), file_seed(seed, f"{deg.label}/{image.name}"))
+                    inp, mask = local.images[0].cpu(), local.masks[0].cpu()
                 else:
                     clean = x[0].float()
                     inp = deg.degradation(x.float(), file_seed(seed, f"{deg.label}/{image.name}"))[0].cpu()
                 if k < n_examples and seed == seeds[0]:
-                    examples[len(cases)] = SweepExample(image.name, deg.label, seed, clean, inp)
-                cases.append(_Case(image.name, deg.label, seed, clean, inp))
+                    examples[len(cases)] = SweepExample(image.name, deg.label, seed, clean, inp, mask)
+                cases.append(_Case(image.name, deg.label, seed, clean, inp, mask))
     return cases, examples
 
 
 def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.Tensor], label: str) -> None:
     for index, example in examples.items():
         example.outputs[label] = outputs[index]
-
-
-def _set_metrics(
-    runner: _Runner, inception: torch.nn.Module | Skipped | None, reference: bool, cases: list[_Case]
-) -> list[dict[str, Any]]:
-    """FID/KID per method x degradation x start_t against the clean images of that degradation."""
-    if inception is None:
-        return []
-    keys = list(dict.fromkeys((r["method"], r["degradation"], r["start_t"]) for r in runner.rows))
-    if not reference or isinstance(inception, Skipped):
-        reason = str(inception) if isinstance(inception, Skipped) else "skipped: FID/KID need clean references"
-        return [{"method": m, "degradation": d, "start_t": t, "skipped": reason} for m, d, t in keys]
-    real: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for case in cases:
-        if case.clean is not None:
-            real[case.degradation].setdefault(case.image, case.clean)
-    out = []
-    for method, degradation, t in keys:
-        fake = _dequantize(torch.stack(runner.sets[(method, degradation, t)]))
-        reals = torch.stack(list(real[degradation].values()))
-        value = fid_kid(reals, fake, feature_extractor=inception, kid_subset_size=min(len(reals), len(fake)))
-        entry: dict[str, Any] = {"method": method, "degradation": degradation, "start_t": t}
-        if isinstance(value, Skipped):
-            entry["skipped"] = str(value)
-        else:
-            entry.update(value)
-        out.append(entry)
-    return out
 
 
 def summarize(result: SweepResult) -> list[dict[str, Any]]:
@@ -503,7 +534,7 @@ def summarize(result: SweepResult) -> list[dict[str, Any]]:
             "n": len(rows),
             "seconds": float(np.mean([r["seconds"] for r in rows])),
         }
-        for column in METRIC_COLUMNS:
+        for column in ROW_METRICS:
             values = [r[column] for r in rows if column in r]
             if not values:
                 continue

@@ -1,0 +1,111 @@
+"""Set-level metrics of the refinement sweep (:mod:`ldm.eval.sweep`): FID/KID against the clean images and the SWD
+realism against an independent clean set, one value per method x degradation x start_t.
+
+The sweep keeps every output of a method x degradation x start_t as uint8 (what a saved image holds) in ``sets``:
+``{(method, degradation, start_t): [[3, H, W] uint8, ...]}``; the functions here turn those into entries
+``{"method", "degradation", "start_t", ...}`` that :func:`ldm.eval.sweep.summarize` joins into the summary.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ldm.eval.metrics import Skipped, fid_kid
+from ldm.eval.swd import swd
+
+if TYPE_CHECKING:
+    from ldm.eval.sweep import SweepImage
+
+SWD_SCALE = 1e3  # the sweep reports SWD x 10^3, as Karras et al. 2018 do
+SetKey = tuple[str, str, "int | None"]
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """An output ``[3, H, W]`` in [-1, 1] as uint8 (what a saved image holds; 4x less memory than float)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def dequantize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 back to float in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def realism_set(realism_reference: Sequence[SweepImage] | None, case_shapes: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
+    """The realism reference as ``[K, 3, H, W]``, checked against the cases' input shapes ``(3, H, W)``; None without
+    one.  Raises ValueError for an empty reference or images of another size than the cases'."""
+    if realism_reference is None:
+        return None
+    if not realism_reference:
+        raise ValueError("realism_reference is empty; pass clean images (e.g. heldout_images with another seed) or None")
+    shapes = set(case_shapes) | {tuple(im.image.shape[1:]) for im in realism_reference}
+    if len(shapes) != 1 or any(im.image.ndim != 4 or im.image.shape[0] != 1 for im in realism_reference):
+        raise ValueError(
+            f"the SWD realism reference and the cases must all be [1, 3, H, W] images of one size, got sizes "
+            f"{sorted(shapes)}; crop or resize them to one size, or pass realism_reference=None"
+        )
+    return torch.cat([im.image.float() for im in realism_reference])
+
+
+def _cycled(reference: torch.Tensor, n: int) -> torch.Tensor:
+    return reference[torch.arange(n) % reference.shape[0]]
+
+
+def add_swd(
+    set_metrics: list[dict[str, Any]],
+    sets: dict[SetKey, list[torch.Tensor]],
+    realism: torch.Tensor,
+    clean: Sequence[tuple[str, str, torch.Tensor]],
+    notes: list[str],
+) -> None:
+    """Join ``swd`` (x 10^3) of every set's outputs against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size)
+    into ``set_metrics`` (new entries are appended).  ``clean`` holds the cases' ``(degradation, image, clean image)``;
+    the SWD of the distinct clean images against ``realism``, the floor that sampling noise sets, goes into ``notes``."""
+    entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
+    for key, outputs in sets.items():
+        fake = dequantize(torch.stack(outputs))
+        if key not in entries:
+            entries[key] = {"method": key[0], "degradation": key[1], "start_t": key[2]}
+            set_metrics.append(entries[key])
+        entries[key]["swd"] = swd(fake, _cycled(realism, fake.shape[0])).mean * SWD_SCALE
+    distinct = {image: x for _, image, x in clean}
+    if distinct:
+        real = torch.stack(list(distinct.values()))
+        floor = swd(real, _cycled(realism, real.shape[0])).mean * SWD_SCALE
+        notes.append(f"SWD x 10^3 of the {real.shape[0]} clean images against the realism reference: {floor:.3f} (the floor)")
+
+
+def fid_kid_metrics(
+    sets: dict[SetKey, list[torch.Tensor]],
+    rows: Sequence[dict[str, Any]],
+    inception: torch.nn.Module | Skipped | None,
+    reference: bool,
+    clean: Sequence[tuple[str, str, torch.Tensor]],
+) -> list[dict[str, Any]]:
+    """FID/KID per method x degradation x start_t of ``rows`` against the clean images of that degradation (``clean``:
+    the cases' ``(degradation, image, clean image)``); entries hold ``skipped`` (the reason) when they cannot be
+    computed.  Empty when ``inception`` is None."""
+    if inception is None:
+        return []
+    keys = list(dict.fromkeys((r["method"], r["degradation"], r["start_t"]) for r in rows))
+    if not reference or isinstance(inception, Skipped):
+        reason = str(inception) if isinstance(inception, Skipped) else "skipped: FID/KID need clean references"
+        return [{"method": m, "degradation": d, "start_t": t, "skipped": reason} for m, d, t in keys]
+    real: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for degradation, image, x in clean:
+        real[degradation].setdefault(image, x)
+    out = []
+    for method, degradation, t in keys:
+        fake = dequantize(torch.stack(sets[(method, degradation, t)]))
+        reals = torch.stack(list(real[degradation].values()))
+        value = fid_kid(reals, fake, feature_extractor=inception, kid_subset_size=min(len(reals), len(fake)))
+        entry: dict[str, Any] = {"method": method, "degradation": degradation, "start_t": t}
+        if isinstance(value, Skipped):
+            entry["skipped"] = str(value)
+        else:
+            entry.update(value)
+        out.append(entry)
+    return out

@@ -6,10 +6,13 @@
         --degradations "vq_roundtrip:codebook_fraction=0.125" "jpeg:quality=15" --start-t 100 200 300 400
 
 Writes into --outdir: sweep.csv (one row per image x degradation x method x start_t x seed), summary.csv (means), the
-printed table, curves.png (distance to clean and to the input against start_t), examples.png (clean | degraded |
-outputs) and sweep.json (parameters, notes).  Without --images, held-out crops of the embedded photographs are used
-(never seen in training).  --no-reference DIR takes real artifact images (no clean version): faithfulness and the
-grid only.  This file only parses arguments and prints; the work is in ldm.eval.sweep and ldm.eval.report.
+printed table, curves.png (distance to clean and to the input against start_t), realism.png (SWD realism against
+faithfulness, with a realism reference), examples.png (clean | degraded | outputs) and sweep.json (parameters, notes).
+Without --images, held-out crops of the embedded photographs are used (never seen in training), and other crops of them
+(seed --crop-seed + 1) are the realism reference.  Local degradations (local_warp, local_blotch, local_shuffle,
+local_vq) also run every refiner inside their box only (--region-modes).  --no-reference DIR takes real artifact images
+(no clean version): faithfulness and the grid only.  This file only parses arguments and prints; the work is in
+ldm.eval.sweep and ldm.eval.report.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int,
                    help="side of the embedded crops in pixels (default: the model's training size)")
     p.add_argument("--crop-seed", type=_non_negative_int, default=0, help="seed of the embedded crops (default: 0)")
+    p.add_argument("--realism-images", metavar="DIR",
+                   help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
+                        "(default: other held-out crops of the embedded photographs; none with --images)")
+    p.add_argument("--region-modes", nargs="*", choices=("region", "crop"), default=["region"], metavar="MODE",
+                   help="on local degradations, also refine inside the box only: region (in place), crop (crop mode); "
+                        "none: whole images only (default: region)")
     p.add_argument("--degradations", nargs="+", default=list(DEFAULT_DEGRADATIONS), metavar="SPEC",
                    help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
                         "unless first_stage=<yaml>); default: one of each family")
@@ -146,6 +155,11 @@ def _run(args: argparse.Namespace) -> int:
             size = args.size or int(model.image_size) * int(model.downsampling_factor)
             images = heldout_images(args.n_images, size, seed=args.crop_seed)
             source = f"{args.n_images} held-out {size}x{size} crops of the embedded photographs (seed {args.crop_seed})"
+        realism = None
+        if args.realism_images is not None:
+            realism = folder_images(args.realism_images)
+        elif args.images is None and args.no_reference is None:
+            realism = heldout_images(args.n_images, size, seed=args.crop_seed + 1)
     except (FileNotFoundError, ImageLoadError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
@@ -166,8 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(
             refiners, images, degradations, args.start_t, args.seeds, baselines=baselines, ddim_steps=args.ddim_steps,
-            eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, n_examples=args.examples,
-            progress=sys.stderr.isatty(),
+            eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, realism_reference=realism,
+            n_examples=args.examples, region_modes=args.region_modes, progress=sys.stderr.isatty(),
         )
     except ValueError as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)

@@ -8,14 +8,17 @@ Stages (each skipped when its checkpoint exists; --force redoes it and everythin
 1. a small VQ-f4 first stage            main.py -b configs/quickstart/vq_f4.yaml -t
 2. late steps 500-750 (t in [250, 500))  main.py -b configs/quickstart/latesteps_500_750.yaml -t, on the VQ of stage 1
 3. late steps 750-1000 (t in [0, 250))   main.py -b configs/quickstart/latesteps_750_1000.yaml -t, finetuned from stage 2
-4. refinement: held-out crops (never seen in training) are degraded by the artifacts of --degradations, refined by the
-   two chained experts (ldm.refine.Refiner) at several start_t, and compared with the artifact itself, a classical
-   filter and the first-stage round trip (ldm.eval.sweep).
+4. refinement: crops of the held-out photographs (chelsea and coffee, never seen in training) get a local artifact of
+   --degradations (a warp, a colour blotch, a duplicated patch, a coarse-VQ look, each inside a random box), are
+   refined by the two chained experts (ldm.refine.Refiner) at several start_t, over the whole image and only inside
+   the box (the region refinement), and are compared with the artifact itself, a classical filter and the first-stage
+   round trip (ldm.eval.sweep): faithfulness (PSNR/SSIM to the input, inside and outside the box), distance to the
+   clean image, and realism (SWD to other clean crops, ldm.eval.swd).
 
-Writes <outdir>/before_after.png (clean | artifact | refined), metrics.csv (one row per image x degradation x method x
-start_t), <outdir>/sweep/{summary.csv, curves.png, examples.png}, and the checkpoints under <outdir>/checkpoints/
-(training logs under <outdir>/logs/).  --smoke runs every stage for a handful of steps (the test suite uses it; its
-images are noise).
+Writes <outdir>/before_after.png (clean | artifact | mask | refined whole | refined region), metrics.csv (one row per
+image x degradation x method x start_t), <outdir>/sweep/{summary.csv, curves.png, realism.png, examples.png}, and the
+checkpoints under <outdir>/checkpoints/ (training logs under <outdir>/logs/).  --smoke runs every stage for a handful
+of steps (the test suite uses it; its images are noise).
 """
 
 from __future__ import annotations
@@ -36,13 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
 CONFIGS = REPO / "configs" / "quickstart"
 
-# The artifacts the quickstart shows being removed: strong sensor-like noise, alone and on a slightly blurred image.
-# These are what models this small visibly fix.  The artifact late-steps refinement was designed around, the round trip
-# through a coarser first stage (e.g. "vq_roundtrip:first_stage=model,codebook_fraction=0.125"), is not: through the
-# tiny VQ, re-encoding costs about 2 dB (the first-stage round trip), more than the diffusion steps win back.  Try it
-# with --degradations or scripts/evaluate.py.
-DEGRADATIONS = ("blur_noise:sigma=0.0,noise_std=0.25", "blur_noise:sigma=1.0,noise_std=0.2")
-START_TS = (50, 100, 150, 200, 300, 400, 500)
+# The artifacts the quickstart refines: local and structural, each inside a random box (ldm.eval.local_degrade), the
+# kind late-steps refinement exists for; local_vq uses the trained first stage with an eighth of its codebook.
+DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")
+START_TS = (50, 100, 200, 300, 400, 500)
 ROUND_TRIP_IMAGES = 64  # held-out crops on which the first stage's round trip is measured
 # Two intra-op threads per process (the machine class this runs on has 2 cores) with OpenMP's passive wait policy, unless
 # OMP_NUM_THREADS / OMP_WAIT_POLICY say otherwise.  Passive: a thread that has no work sleeps instead of spin-waiting.
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "outputs/quickstart_smoke, so smoke checkpoints are never taken for real ones)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps per stage, 2 images (for tests)")
-    p.add_argument("--start-t", type=int, default=150,
+    p.add_argument("--start-t", type=int, default=300,
                    help="start timestep shown in before_after.png, one of the sweep's (default: %(default)s)")
     p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), metavar="SPEC",
                    help="artifacts to remove, ldm.eval.degrade specs (default: %(default)s)")
@@ -159,8 +159,8 @@ def first_stage_round_trip(model: Any, size: int, n: int) -> str:
 
 
 def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple[str, list[str]]:
-    """Stage 4: the sweep on held-out crops; writes the report files, returns the table and one line per degradation
-    (after the first stage's round-trip line)."""
+    """Stage 4: the sweep on held-out crops; writes the report files, returns the table and the headline lines (the
+    first stage's round trip, then one line per degradation)."""
     from ldm.eval.baselines import default_baselines
     from ldm.eval.metrics import load_lpips
     from ldm.eval.report import before_after_grid, format_table, save_png, write_report, write_rows_csv
@@ -175,12 +175,14 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
     size = args.size
     n_images = 2 if args.smoke else args.n_images
     images = heldout_images(n_images, size, seed=0)
+    # other crops of the held-out photographs: realism is measured against clean images that are not the cases' own
+    realism_reference = heldout_images(n_images, size, seed=1)
     degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
     start_ts = sorted({*START_TS, args.start_t})
     result = run_sweep(
         [("experts", refiner)], images, degradations, start_ts, seeds=[0],
         baselines=default_baselines(model, "nl_means"), ddim_steps=10 if args.smoke else args.ddim_steps,
-        lpips=load_lpips(), n_examples=n_images, example_start_ts=[args.start_t],
+        lpips=load_lpips(), realism_reference=realism_reference, n_examples=n_images, example_start_ts=[args.start_t],
     )
     write_report(result, outdir / "sweep", vars(args), title="quickstart: chained late-steps experts on held-out crops")
     write_rows_csv(result, outdir / "metrics.csv")
@@ -188,19 +190,36 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
     summary = summarize(result)
     headline = [first_stage_round_trip(model, size, 4 if args.smoke else ROUND_TRIP_IMAGES)]
     for degradation in result.degradations:
-        entries = [s for s in summary if s["degradation"] == degradation]
-        before = next(s for s in entries if s["method"] == "identity")
-        after = next(s for s in entries if s["method"] == "experts" and s["start_t"] == args.start_t)
-        headline.append(
-            f"{degradation}: PSNR to clean {before['psnr_clean']:.2f} dB (artifact) -> {after['psnr_clean']:.2f} dB "
-            f"(refined, start_t={args.start_t}); SSIM {before['ssim_clean']:.3f} -> {after['ssim_clean']:.3f}"
-        )
+        headline.append(_headline(summary, degradation, args.start_t))
     return format_table(summary), headline
+
+
+def _headline(summary: list[dict[str, Any]], degradation: str, start_t: int) -> str:
+    """One line: PSNR to clean (inside the box for a local artifact), SWD x 10^3 and what changed outside the box, for
+    the artifact, the whole-image refinement and the region refinement at ``start_t``."""
+    entries = {(s["method"], s["start_t"]): s for s in summary if s["degradation"] == degradation}
+    picks = [("artifact", entries.get(("identity", None))), ("whole", entries.get(("experts", start_t))),
+             ("region", entries.get(("experts (region)", start_t)))]
+    picks = [(name, e) for name, e in picks if e is not None]
+    local = "psnr_clean_in" in picks[0][1]
+    key = "psnr_clean_in" if local else "psnr_clean"
+
+    def numbers(metric: str, fmt: str) -> str:
+        values = [e.get(metric) for _, e in picks]
+        return " -> ".join(fmt.format(v) if isinstance(v, float) else "n/a" for v in values)
+
+    names = " -> ".join(name for name, _ in picks)
+    line = f"{degradation} ({names}, start_t={start_t}): PSNR to clean{' inside the box' if local else ''} "
+    line += f"{numbers(key, '{:.2f}')} dB; SWD x1e3 {numbers('swd', '{:.2f}')}"
+    if local:
+        line += f"; PSNR to input outside the box {numbers('psnr_input_out', '{:.1f}')} dB"
+    return line
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments (before any training), or None."""
     from ldm.eval.degrade import VQRoundTrip, degradation_from_spec
+    from ldm.eval.local_degrade import LocalVQ
     from ldm.train.cli import MAX_SEED
 
     if not 1 <= args.start_t <= 999 or args.n_images < 1 or args.ddim_steps < 1:
@@ -210,7 +229,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     if args.size < 16 or args.size % 8:
         return f"--size {args.size}: the crops' side must be a multiple of 8 and at least 16 (e.g. 64)"
     for spec in args.degradations:
-        if spec.partition(":")[0].strip() == VQRoundTrip.name:
+        if spec.partition(":")[0].strip() in (VQRoundTrip.name, LocalVQ.name):
             continue  # built on the trained first stage, after training
         try:
             degradation_from_spec(spec)
@@ -273,7 +292,7 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
         print(f"  {name:<20} {status:<8} {seconds:7.1f} s")
     print(f"  {'total':<29} {time.perf_counter() - started:7.1f} s")
     print(f"\nwrote {_rel(outdir / 'before_after.png')}, {_rel(outdir / 'metrics.csv')}, {_rel(outdir / 'sweep')}/"
-          "{summary.csv, curves.png, examples.png}")
+          "{summary.csv, curves.png, realism.png, examples.png}")
     return 0
 
 

@@ -42,23 +42,28 @@ def test_quickstart_smoke_end_to_end(tmp_path):
 
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # 2 degradations x 2 images; baselines identity, nl_means, autoencoder once; experts at 50..500
-    assert len(rows) == 2 * 2 * (3 + 7)
-    assert {r["method"] for r in rows} == {"identity", "nl_means", "autoencoder", "experts"}
-    assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 100, 150, 200, 300, 400, 500]
-    assert {r["degradation"] for r in rows} == {"blur_noise:sigma=0.0,noise_std=0.25", "blur_noise:sigma=1.0,noise_std=0.2"}
+    # 4 local degradations x 2 images; baselines identity, nl_means, autoencoder once; experts at 50..500, over the
+    # whole image and inside the box
+    assert len(rows) == 4 * 2 * (3 + 2 * 6)
+    assert {r["method"] for r in rows} == {"identity", "nl_means", "autoencoder", "experts", "experts (region)"}
+    assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 100, 200, 300, 400, 500]
+    assert sorted(r["degradation"].partition(":")[0] for r in rows if r["method"] == "identity") == [
+        "local_blotch", "local_blotch", "local_shuffle", "local_shuffle", "local_vq", "local_vq", "local_warp", "local_warp"
+    ]
+    assert all(float(r["psnr_input_out"]) == float("inf") for r in rows if r["method"] == "experts (region)")
 
     with Image.open(out / "before_after.png") as im:
         im.load()
         assert im.format == "PNG"
-        # 3 columns (clean | artifact | refined) of 64 px crops upscaled to 128 px, 6 px apart
-        assert im.width == 6 + 3 * (128 + 6)
+        # 5 columns (clean | artifact | mask | refined whole | refined region) of 64 px crops upscaled to 128 px
+        assert im.width == 6 + 5 * (128 + 6)
         assert np.asarray(im.convert("L")).std() > 5
-    for name in ("summary.csv", "curves.png", "examples.png", "sweep.json"):
+    for name in ("summary.csv", "curves.png", "realism.png", "examples.png", "sweep.json"):
         assert (out / "sweep" / name).is_file()
     assert "time per stage" in first.stdout and "PSNR to clean" in first.stdout
     assert "first stage round trip on 4 held-out 64x64 crops of chelsea, coffee (never trained on): PSNR" in first.stdout
-    assert "degradation: blur_noise:sigma=0.0,noise_std=0.25" in first.stdout
+    assert "(artifact -> whole -> region, start_t=300): PSNR to clean inside the box" in first.stdout
+    assert "PSNR to input outside the box" in first.stdout and "SWD x1e3" in first.stdout
 
     # a missing checkpoint redoes its stage (and the later ones); existing ones are skipped
     checkpoints["latesteps_750_1000"].unlink()
@@ -69,10 +74,11 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert {name: checkpoints[name].stat().st_mtime_ns for name in STAGES[:2]} == mtimes
     assert checkpoints["latesteps_750_1000"].is_file()
     assert len(list((out / "logs").iterdir())) == 4
-    assert "refined, start_t=250" in second.stdout
-    assert "vq_roundtrip:first_stage=model,codebook_fraction=0.5: PSNR to clean" in second.stdout
+    assert "vq_roundtrip:first_stage=model,codebook_fraction=0.5 (artifact -> whole, start_t=250): PSNR to clean" in (
+        second.stdout
+    )
     with open(out / "metrics.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 1 * 2 * (3 + 8)  # 250 joins the sweep's start_ts
+        assert len(list(csv.DictReader(fh))) == 1 * 2 * (3 + 7)  # 250 joins the sweep's start_ts; no box, no region
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,8 @@ from ldm.eval.baselines import (
 )
 from ldm.eval.degrade import JPEG
 from ldm.eval.degrade_files import file_seed
-from ldm.eval.metrics import Skipped
-from ldm.eval.report import example_grid, format_table, image_grid, write_report
+from ldm.eval.metrics import Skipped, seam_energy
+from ldm.eval.report import before_after_grid, example_grid, format_table, image_grid, write_report
 from ldm.eval.sweep import (
     METRIC_COLUMNS,
     build_sweep_degradation,
@@ -226,6 +226,50 @@ def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_ima
     assert result.examples[0].mask is not None and result.examples[0].mask.shape == (1, 32, 32)
 
 
+def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smaller_seam(refiner, two_images):
+    """``experts (region)`` is the refiner with a start map of start_t inside the box and 0 outside: its output is
+    the input bit for bit outside the box (PSNR to input there: inf); its edit fades out at the box's edge, so its
+    seam energy is below that of the whole-image refinement hard-pasted into the box.  The 5-panel before/after grid
+    shows clean | artifact | mask | whole | region."""
+    deg = build_sweep_degradation("local_warp:amplitude=0.2")
+    t = 300
+    result = run_sweep(
+        [("experts", refiner)], two_images, [deg], start_ts=[t], baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS, n_examples=2, example_start_ts=[t], region_modes=("region", "crop"), progress=False,
+    )
+    assert list(result.methods) == ["identity", "experts", "experts (region)", "experts (crop)"]
+    assert result.start_ts["experts (region)"] == (t,)
+    region = {r["image"]: r for r in result.rows if r["method"] == "experts (region)"}
+    whole = {r["image"]: r for r in result.rows if r["method"] == "experts"}
+    assert set(region) == {im.name for im in two_images}
+    for image in two_images:
+        local = deg.degradation.apply_local(image.image, file_seed(0, f"{deg.label}/{image.name}"))
+        x, mask = local.images, local.masks
+        expected = refiner.refine_tensors(x, t, [0], DDIM_STEPS, start_map=(mask > 0.5).long() * t)
+        example = next(e for e in result.examples if e.image == image.name)
+        assert (example.outputs[f"experts (region) t={t}"] - expected[0]).abs().max() < 1e-5  # batched vs alone
+        outside = mask[0, 0] == 0
+        assert torch.equal(expected[0][:, outside], x[0][:, outside])
+        assert region[image.name]["psnr_input_out"] == math.inf
+        whole_out = example.outputs[f"experts t={t}"].unsqueeze(0)
+        pasted = torch.where(mask > 0.5, whole_out, x)
+        assert region[image.name]["seam"] == pytest.approx(float(seam_energy(expected, x, mask)[0]), rel=1e-4)
+        assert region[image.name]["seam"] < 0.5 * float(seam_energy(pasted, x, mask)[0])
+        assert whole[image.name]["psnr_input_out"] < math.inf
+        crop = refiner.refine_tensors(x, t, [0], DDIM_STEPS, start_map=(mask > 0.5).long() * t, crop_regions=True)
+        assert (example.outputs[f"experts (crop) t={t}"] - crop[0]).abs().max() < 1e-5
+        assert torch.equal(crop[0][:, outside], x[0][:, outside])
+    grid = before_after_grid(result, "experts", t)
+    tile = 128  # 32 px crops upscaled 4x
+    assert grid.width == 6 + 5 * (tile + 6)
+    no_region = run_sweep(
+        [("experts", refiner)], two_images[:1], [deg], start_ts=[t], ddim_steps=DDIM_STEPS, region_modes=(),
+        example_start_ts=[t], progress=False,
+    )
+    assert list(no_region.methods) == ["experts"]
+    assert before_after_grid(no_region, "experts", t).width == 6 + 3 * (tile + 6)
+
+
 def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
     deg = build_sweep_degradation("jpeg:quality=10")
     reference = heldout_images(3, 32, seed=9)
@@ -261,6 +305,10 @@ def test_bad_arguments_are_refused(refiner, two_images):
         run_sweep([("identity", refiner)], two_images, deg, baselines=[identity_baseline()], progress=False)
     with pytest.raises(ValueError, match="no images"):
         run_sweep([("experts", refiner)], [], deg, progress=False)
+    with pytest.raises(ValueError, match=r"region_modes=\['inpaint'\]: each must be one of \['region', 'crop'\]"):
+        run_sweep([("experts", refiner)], two_images, deg, region_modes=["inpaint"], progress=False)
+    with pytest.raises(ValueError, match="unique"):  # "a (region)" is also the region run of refiner "a"
+        run_sweep([("a", refiner), ("a (region)", refiner)], two_images, deg, progress=False)
     with pytest.raises(KeyError, match="unknown degradation"):
         build_sweep_degradation("jpg")
     with pytest.raises(ValueError, match="no model was given"):
@@ -440,9 +488,27 @@ def test_cli_end_to_end_in_a_subprocess(expert_checkpoints, tmp_path):
         a = sorted(r["psnr_clean"] for r in rows if r["method"] == "experts" and r["start_t"] == t)
         b = sorted(r["psnr_clean"] for r in rows if r["method"] == "again" and r["start_t"] == t)
         assert a == b
-    for name in ("curves.png", "examples.png"):
+    for name in ("curves.png", "realism.png", "examples.png"):  # realism: against other held-out crops by default
         with Image.open(out / name) as im:
             assert im.format == "PNG"
+
+
+def test_cli_local_degradation_runs_region_and_crop_modes(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    common = [*ckpts, "--n-images", "1", "--degradations", "local_blotch", "--start-t", "300",
+              "--ddim-steps", str(DDIM_STEPS), "--filter", "none", "--no-autoencoder"]
+    code = evaluate_main([*common, "--region-modes", "region", "crop", "--outdir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert [r["method"] for r in rows] == ["identity", "experts", "experts (region)", "experts (crop)"]
+    assert all(float(r["psnr_input_out"]) == math.inf for r in rows if "(" in r["method"])
+    assert any(r.get("swd") for r in _read_csv(tmp_path / "out" / "summary.csv"))
+    code = evaluate_main([*common, "--region-modes", "--outdir", str(tmp_path / "whole")])
+    assert code == 0 and [r["method"] for r in _read_csv(tmp_path / "whole" / "sweep.csv")] == ["identity", "experts"]
+    _write_pngs(tmp_path / "small")  # other sizes than the 32 px crops: refused in one line
+    code = evaluate_main([*common, "--realism-images", str(tmp_path / "small"), "--outdir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "one size" in err and len(err.splitlines()) == 1
 
 
 def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.sweep import ROW_METRICS, SweepExample, SweepResult, summarize
+from ldm.eval.sweep import REGION_SUFFIX, ROW_METRICS, SweepExample, SweepResult, summarize
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
@@ -364,24 +364,40 @@ def example_grid(examples: Sequence[SweepExample], outputs: Sequence[str] | None
     return image_grid(rows, titles, row_titles)
 
 
+def _mask_tile(mask: torch.Tensor) -> torch.Tensor:
+    """``[1, H, W]`` mask in [0, 1] -> ``[3, H, W]`` in [-1, 1]: white inside, black outside."""
+    return (mask.float().clamp(0, 1) * 2 - 1).expand(3, -1, -1)
+
+
 def before_after_grid(result: SweepResult, method: str, start_t: int) -> Image.Image:
-    """clean | artifact | refined (``method`` at ``start_t``) for every example, each row titled with the PSNR to the
-    clean image of the artifact and of the refined image."""
+    """clean | artifact | refined (``method`` at ``start_t``) for every example; for the examples of a local
+    degradation also its mask and the region refinement (``"<method> (region)"``, when the sweep ran it): clean |
+    artifact | mask | refined (whole image) | refined (region).  Each row is titled with the PSNR to the clean image of
+    the artifact, the refined image and (with a mask) the region refinement."""
     label = f"{method} t={start_t}"
+    region_method = method + REGION_SUFFIX
+    region_label = f"{region_method} t={start_t}"
     examples = [e for e in result.examples if label in e.outputs]
     if not examples:
         raise ValueError(f"no example holds {label!r}; pass start_t={start_t} in run_sweep's example_start_ts")
     psnr = {
         (r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows
     }
+    with_region = any(region_label in e.outputs for e in examples)
     rows, titles = [], []
     for e in examples:
-        before = psnr.get((e.image, e.degradation, e.seed, "identity", None))
-        after = psnr.get((e.image, e.degradation, e.seed, method, start_t))
-        numbers = f"PSNR {before:.1f} -> {after:.1f} dB | " if isinstance(before, float) and isinstance(after, float) else ""
-        titles.append(f"{numbers}{e.image} | {e.degradation}")
-        rows.append([e.clean, e.input, e.outputs[label]])
+        keys = [("identity", None), (method, start_t)] + ([(region_method, start_t)] if region_label in e.outputs else [])
+        values = [psnr.get((e.image, e.degradation, e.seed, m, t)) for m, t in keys]
+        numbers = " -> ".join(f"{v:.1f}" for v in values) + " dB | " if all(isinstance(v, float) for v in values) else ""
+        titles.append(f"PSNR {numbers}{e.image} | {e.degradation}" if numbers else f"{e.image} | {e.degradation}")
+        row = [e.clean, e.input, e.outputs[label]]
+        if with_region:
+            mask = _mask_tile(e.mask) if e.mask is not None else None
+            row = [e.clean, e.input, mask, e.outputs[label], e.outputs.get(region_label)]
+        rows.append(row)
     columns = ["clean", "artifact", f"refined (start_t={start_t})"]
+    if with_region:
+        columns = ["clean", "artifact", "mask", f"refined, whole (t={start_t})", f"refined, region (t={start_t})"]
     if not result.reference:
         rows = [row[1:] for row in rows]
         columns = columns[1:]

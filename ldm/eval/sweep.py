@@ -16,8 +16,11 @@ Local artifacts: a degradation of :mod:`ldm.eval.local_degrade` (``local_warp``,
 ``local_vq``) gives each case the mask of its box (``[1, H, W]``, 1 inside).  Every output of such a case is also
 measured inside the box (``*_clean_in``: is the artifact fixed; ``*_input_in``: how much changed there), outside it
 (``*_input_out``: was the rest kept; outside the box the input is the clean image) and along its edge (``seam``,
-:func:`ldm.eval.metrics.seam_energy` of the output's edit of the input).  Refiners receive the mask
-(``refine(x, seeds, masks)``) so that a region refinement can use it; whole-image refinement ignores it.
+:func:`ldm.eval.metrics.seam_energy` of the output's edit of the input).  On the masked cases every refiner also
+runs in each of ``region_modes``: ``"region"`` (method ``"<name> (region)"``: the same plan, but only inside the mask,
+a start map of ``start_t`` inside and 0 outside, :meth:`ldm.refine.Refiner.refine_tensors`) and ``"crop"`` (``"<name>
+(crop)"``: the same start map with ``crop_regions=True``, each box cropped with padding, refined at the experts' size
+and pasted back); in both, every pixel outside the mask comes back unchanged.
 
 Realism (``realism_reference``): clean images that are *not* the cases' own (e.g. other held-out crops), so that a
 refinement is not rewarded for reproducing its particular clean image.  Per method x degradation x start_t, the SWD
@@ -72,6 +75,8 @@ DEFAULT_DEGRADATIONS: tuple[str, ...] = (
 )
 MODEL_FIRST_STAGE = "model"
 NO_REFERENCE = "none"
+REGION_SUFFIX = " (region)"  # method name of a refiner run inside the mask only
+REGION_MODES: dict[str, str] = {"region": REGION_SUFFIX, "crop": " (crop)"}  # mode -> method name suffix
 METRIC_COLUMNS: tuple[str, ...] = (
     "psnr_clean",
     "ssim_clean",
@@ -307,14 +312,26 @@ class _Runner:
             groups[(tuple(case.input.shape), case.mask is not None)].append(i)
         self.batches = [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
+    def batches_of(self, masked_only: bool) -> list[list[int]]:
+        """The batches (lists of case indices) a method runs over: all, or those of the cases with a mask."""
+        return [b for b in self.batches if self.cases[b[0]].mask is not None] if masked_only else self.batches
+
     def run(
-        self, method: str, kind: str, fn: Any, start_t: int | None, effective: int | None, keep: set[int], bar: tqdm
+        self,
+        method: str,
+        kind: str,
+        fn: Any,
+        start_t: int | None,
+        effective: int | None,
+        keep: set[int],
+        bar: tqdm,
+        masked_only: bool = False,
     ) -> dict[int, torch.Tensor]:
-        """Run ``fn(inputs [B, 3, H, W], seeds, masks [B, 1, H, W] or None) -> outputs`` over all cases, measure
-        every output; returns the outputs of the cases in ``keep`` (``{case index: [3, H, W]}``), the others are dropped
-        once measured."""
+        """Run ``fn(inputs [B, 3, H, W], seeds, masks [B, 1, H, W] or None) -> outputs`` over all cases (or only
+        those with a mask), measure every output; returns the outputs of the cases in ``keep`` (``{case index:
+        [3, H, W]}``), the others are dropped once measured."""
         outputs: dict[int, torch.Tensor] = {}
-        for batch in self.batches:
+        for batch in self.batches_of(masked_only):
             cases = [self.cases[i] for i in batch]
             x = torch.stack([c.input for c in cases])
             masks = torch.stack([c.mask for c in cases]) if cases[0].mask is not None else None
@@ -380,6 +397,7 @@ def run_sweep(
     realism_reference: Sequence[SweepImage] | None = None,
     n_examples: int = 4,
     example_start_ts: int | Sequence[int] = 4,
+    region_modes: Sequence[str] = ("region",),
     progress: bool = True,
 ) -> SweepResult:
     """Run every method on every case and measure it (see the module docstring).
@@ -400,6 +418,9 @@ def run_sweep(
             (None: no SWD); see the module docstring.
         n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
         example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
+        region_modes: how every refiner also runs on the cases of local degradations, inside the mask only: any of
+            ``"region"`` (in place) and ``"crop"`` (crop mode), see the module docstring; ``()`` for whole-image
+            refinement only.  No effect without local degradations.
         progress: a tqdm bar over batches (rank 0 only).
 
     Raises:
@@ -416,6 +437,10 @@ def run_sweep(
     if not seed_list or any(s < 0 for s in seed_list):
         raise ValueError(f"seeds={list(seeds)} must be a non-empty list of integers >= 0")
     names = [name for name, _ in refiners] + [b.name for b in baselines]
+    modes = list(dict.fromkeys(region_modes))
+    if any(m not in REGION_MODES for m in modes):
+        raise ValueError(f"region_modes={list(region_modes)}: each must be one of {list(REGION_MODES)}")
+    names += [name + REGION_MODES[m] for name, _ in refiners for m in modes]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
     num_timesteps = refiners[0][1].num_timesteps if refiners else 1000
@@ -431,10 +456,14 @@ def run_sweep(
     realism = realism_set(realism_reference, [tuple(c.input.shape) for c in cases])
     keep_sets = (reference and isinstance(inception, torch.nn.Module)) or realism is not None
     runner = _Runner(cases, batch_size, lpips, keep_sets)
+    if not runner.batches_of(masked_only=True):
+        modes = []
 
-    n_runs = len(baselines) + sum(len(c) for c in covered.values())
+    n_refiner_runs = sum(len(c) for c in covered.values())
+    total = (len(baselines) + n_refiner_runs) * len(runner.batches)
+    total += len(modes) * n_refiner_runs * len(runner.batches_of(masked_only=True))
     show = progress and is_rank_zero()
-    with tqdm(total=n_runs * len(runner.batches), desc="sweep", unit="batch", disable=not show) as bar:
+    with tqdm(total=total, desc="sweep", unit="batch", disable=not show) as bar:
         for baseline in baselines:
             bar.set_postfix_str(baseline.name)
             out = runner.run(baseline.name, "baseline", lambda x, _s, _m, b=baseline: b(x), None, None, set(examples), bar)
@@ -453,6 +482,24 @@ def run_sweep(
                 out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
                 if t in shown:
                     _keep_examples(examples, out, f"{name} t={t}")
+                for mode in modes:
+
+                    def refine_region(
+                        x: torch.Tensor,
+                        seeds_: list[int],
+                        masks: torch.Tensor,
+                        r: Any = refiner,
+                        t_: int = t,
+                        crop: bool = mode == "crop",
+                    ) -> torch.Tensor:
+                        start_map = (masks > 0.5).long() * t_
+                        return r.refine_tensors(x, t_, seeds_, ddim_steps, eta, start_map=start_map, crop_regions=crop)
+
+                    method = name + REGION_MODES[mode]
+                    keep = {i for i in examples if cases[i].mask is not None} if t in shown else set()
+                    out = runner.run(method, "refiner", refine_region, t, effective, keep, bar, masked_only=True)
+                    if t in shown:
+                        _keep_examples({i: examples[i] for i in keep}, out, f"{method} t={t}")
 
     clean = [(c.degradation, c.image, c.clean) for c in cases if c.clean is not None]
     set_metrics = fid_kid_metrics(runner.sets, runner.rows, inception, reference, clean)
@@ -465,12 +512,17 @@ def run_sweep(
     methods = {b.name: ("baseline", b.description) for b in baselines}
     for name, refiner in refiners:
         methods[name] = ("refiner", refiner.describe())
+        for mode in modes:
+            how = "in place" if mode == "region" else "cropped around each box, at the experts' size"
+            methods[name + REGION_MODES[mode]] = ("refiner", f"{refiner.describe()}; only inside the mask ({how})")
+    start_ts_run = {name: tuple(c) for name, c in covered.items()}
+    start_ts_run.update({name + REGION_MODES[m]: tuple(c) for name, c in covered.items() for m in modes})
     return SweepResult(
         rows=runner.rows,
         set_metrics=set_metrics,
         examples=list(examples.values()),
         methods=methods,
-        start_ts={name: tuple(c) for name, c in covered.items()},
+        start_ts=start_ts_run,
         degradations=[d.label for d in sweep_degradations],
         reference=reference,
         notes=notes,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quickstart: train tiny late-steps experts on the embedded photographs and watch them remove artifacts (CPU, no download).
 
-    python scripts/quickstart.py                 # about 15 minutes on 2 CPU cores; outputs/quickstart/
+    python scripts/quickstart.py                 # about 14 minutes on a 2-core CPU machine; outputs/quickstart/
 
 Stages (each skipped when its checkpoint exists; --force redoes it and everything after it):
 
@@ -42,15 +42,13 @@ CONFIGS = REPO / "configs" / "quickstart"
 # The artifacts the quickstart refines: local and structural, each inside a random box (ldm.eval.local_degrade), the
 # kind late-steps refinement exists for; local_vq uses the trained first stage with an eighth of its codebook.
 DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")
-START_TS = (50, 100, 200, 300, 400, 500)
-ROUND_TRIP_IMAGES = 64  # held-out crops on which the first stage's round trip is measured
-# Two intra-op threads per process (the machine class this runs on has 2 cores) with OpenMP's passive wait policy, unless
-# OMP_NUM_THREADS / OMP_WAIT_POLICY say otherwise.  Passive: a thread that has no work sleeps instead of spin-waiting.
-# With the default (spinning) policy a second thread made training 6-30x slower whenever anything else ran on the
-# machine, since the spinning threads compete with the work for the cores; passive, two threads trained 1.4x (VQ) and
-# 1.7-2.2x (late-steps models) faster than one on this project's 2-core machine under load.
-THREADS = "2"
-WAIT_POLICY = "PASSIVE"
+START_TS = (50, 150, 300, 500)
+ROUND_TRIP_IMAGES = 32  # held-out crops on which the first stage's round trip is measured
+# One intra-op thread per process unless OMP_NUM_THREADS says otherwise.  These networks are too small to use a second
+# core: on this project's 2-core machine, idle, two threads (OpenMP's passive wait policy) trained the VQ no faster and
+# the late-steps models 1.3x slower than one, and two DDP processes (gloo) with half a batch each trained the VQ 1.2x
+# faster and the late-steps models 1.2x slower; spinning OpenMP threads waiting for a busy core were up to 30x slower.
+THREADS = "1"
 SMOKE_OVERRIDES = (
     "lightning.trainer.max_steps=3",
     "lightning.trainer.num_sanity_val_steps=0",
@@ -127,7 +125,6 @@ def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool) ->
     print("$ " + " ".join(_rel(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
     env.setdefault("OMP_NUM_THREADS", THREADS)
-    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"quickstart: stage {stage.name} failed (main.py exit code {proc.returncode}); see above")
@@ -242,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
     problem = check_arguments(args) or check_outdir(outdir)
     if problem:

@@ -108,6 +108,24 @@ def test_ssim_identity_and_float64_reference():
     assert (ssim(*_pair(noise=0.4)) < ssim(a, b)).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 11, 17), (3, 1, 40, 23)])
+def test_ssim_equals_torchmetrics_float64(shape):
+    """The separable window gives torchmetrics' SSIM (its 2-D float64 convolution), per image and per pixel."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(shape[-1])
+    a = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    b = (a + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    expected, expected_map = structural_similarity_index_measure(
+        a, b, data_range=(-1.0, 1.0), reduction="none", return_full_image=True
+    )
+    torch.testing.assert_close(ssim(a, b), expected, atol=1e-12, rtol=0)
+    mask = torch.zeros(shape[0], 1, *shape[-2:])
+    mask[..., : shape[-2] // 2, :] = 1
+    inside = masked_metrics(a, b, mask)["ssim_in"]
+    torch.testing.assert_close(inside, expected_map[..., : shape[-2] // 2, :].flatten(1).mean(-1), atol=1e-12, rtol=0)
+
+
 def test_shape_and_range_errors():
     a, b = _pair()
     with pytest.raises(ValueError, match="equal shape"):

@@ -79,6 +79,18 @@ def ddim_eta(text: str) -> float:
     return value
 
 
+def add_loading_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every script that loads expert checkpoints shares: ``--allow-outside-window``, ``--trust-config``,
+    ``--unsafe-load`` (one wording everywhere; ``Refiner.from_checkpoints`` takes the same three)."""
+    p.add_argument("--allow-outside-window", action="store_true",
+                   help="run the nearest expert on steps no expert window covers (warned) instead of refusing them "
+                        "(evaluate.py: instead of skipping those start_t)")
+    p.add_argument("--trust-config", action="store_true",
+                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
+
+
 def check_outdir(outdir: str | os.PathLike) -> str | None:
     """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.
 

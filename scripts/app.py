@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, one_line_error
 
 PROG = "app.py"
 EXIT_OUTPUT = 3  # the output folder cannot be created (as scripts/refine.py)
@@ -55,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="outputs/app", help="results go to OUTDIR/<request id>/ (default: %(default)s)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: on)")
-    p.add_argument("--allow-outside-window", action="store_true",
-                   help="run the nearest expert on steps no expert window covers (warned) instead of refusing")
-    p.add_argument("--trust-config", action="store_true",
-                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
+    add_loading_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
     return p
 

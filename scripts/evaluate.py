@@ -22,7 +22,16 @@ import logging
 import sys
 import time
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, ddim_eta, int_at_least, one_line_error
+from ldm.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    OneLineParser,
+    add_loading_flags,
+    check_outdir,
+    ddim_eta,
+    int_at_least,
+    one_line_error,
+)
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # images could not be read
@@ -86,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="outputs/evaluate", help="output folder (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: %(default)s)")
-    p.add_argument("--allow-outside-window", action="store_true",
-                   help="run the nearest expert on steps outside every window instead of skipping those start_t")
-    p.add_argument("--trust-config", action="store_true",
-                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
-    p.add_argument("--unsafe-load", action="store_true", help="unpickle arbitrary objects (only trusted files)")
+    add_loading_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 

@@ -26,6 +26,7 @@ from ldm.cli import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     OneLineParser,
+    add_loading_flags,
     box_arg,
     check_outdir,
     ddim_eta,
@@ -114,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
     p.add_argument("--grid", action="store_true",
                    help="also write <name>_grid.png: input | refined (input | mask overlay | refined with regions)")
-    p.add_argument("--allow-outside-window", action="store_true",
-                   help="run the nearest expert on steps no expert window covers (warned) instead of refusing")
-    p.add_argument("--trust-config", action="store_true",
-                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
+    add_loading_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 

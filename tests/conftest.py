@@ -80,6 +80,24 @@ def tiny_ldm_params(**overrides) -> dict:
     return params
 
 
+def tiny_ldm_model() -> torch.nn.Module:
+    """A tiny LatentDiffusion (:func:`tiny_ldm_params`, seed 0) whose output layer is not zero, in eval mode."""
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(0)
+    m = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
+    torch.nn.init.normal_(m.model.diffusion_model.out[2].weight, std=0.05)
+    return m.eval()
+
+
+def reference_ddim_eq12(x, eps, a_t, a_prev, eta, z):
+    """DDIM eq. 12 in float64 with sigma from eq. 16: ``(x_prev, pred_x0)``."""
+    x, eps, z = x.double(), eps.double(), z.double()
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
+    pred_x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    return np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev - sigma**2) * eps + sigma * z, pred_x0
+
+
 @pytest.fixture
 def tiny_ddconfig() -> dict:
     return copy.deepcopy(TINY_DDCONFIG)

@@ -10,25 +10,13 @@ import torch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.denoisers import CFGDenoiser, ModelDenoiser
 from ldm.sampling import NoiseSchedule, build_plan, run_tail
-from ldm.util import instantiate_from_config
 
-from conftest import tiny_ldm_params
+from conftest import reference_ddim_eq12, tiny_ldm_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": tiny_ldm_params()})
-    torch.nn.init.normal_(m.model.diffusion_model.out[2].weight, std=0.05)
-    return m.eval()
-
-
-def reference_ddim_eq12(x, eps, a_t, a_prev, eta, z):
-    """DDIM eq. 12 in float64 with sigma from eq. 16."""
-    x, eps, z = x.double(), eps.double(), z.double()
-    sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
-    pred_x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
-    return np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev - sigma**2) * eps + sigma * z, pred_x0
+    return tiny_ldm_model()
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -215,22 +215,32 @@ def _headline(summary: list[dict[str, Any]], degradation: str, start_t: int) -> 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments (before any training), or None."""
-    from ldm.eval.degrade import VQRoundTrip, degradation_from_spec
-    from ldm.eval.local_degrade import LocalVQ
-    from ldm.train.cli import MAX_SEED
+    from types import SimpleNamespace
 
-    if not 1 <= args.start_t <= 999 or args.n_images < 1 or args.ddim_steps < 1:
-        return "--start-t must be in [1, 999], --n-images and --ddim-steps >= 1"
+    import torch
+
+    from ldm.data.embedded import MAX_SIZE
+    from ldm.eval.degrade import VQRoundTrip
+    from ldm.eval.sweep import build_sweep_degradation
+    from ldm.train.cli import MAX_SEED
+    from ldm.util import ConfigError
+
+    if not 1 <= args.start_t <= 999 or args.n_images < 1 or not 1 <= args.ddim_steps <= 1000:
+        return "--start-t must be in [1, 999], --n-images >= 1 and --ddim-steps in [1, 1000]"
     if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
         return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
-    if args.size < 16 or args.size % 8:
-        return f"--size {args.size}: the crops' side must be a multiple of 8 and at least 16 (e.g. 64)"
+    if not 16 <= args.size <= MAX_SIZE or args.size % 8:
+        return f"--size {args.size}: the crops' side must be a multiple of 8 in [16, {MAX_SIZE}] (e.g. 64)"
+    # vq_roundtrip / local_vq are built on the trained first stage after training; their parameters are checked now on
+    # a stand-in with what VQRoundTrip looks for, and every other degradation runs once on a blank crop of --size
+    stand_in = SimpleNamespace(encode=None, decode=None, quantize=SimpleNamespace(embedding=None))
+    blank = torch.zeros(1, 3, args.size, args.size)
     for spec in args.degradations:
-        if spec.partition(":")[0].strip() in (VQRoundTrip.name, LocalVQ.name):
-            continue  # built on the trained first stage, after training
         try:
-            degradation_from_spec(spec)
-        except (KeyError, TypeError, ValueError) as exc:
+            degradation = build_sweep_degradation(spec, stand_in).degradation
+            if not isinstance(getattr(degradation, "inner", degradation), VQRoundTrip):
+                degradation(blank, 0)  # e.g. patches that do not fit into crops of --size
+        except (KeyError, TypeError, ValueError, OSError, ConfigError) as exc:
             return f"--degradations {spec!r}: {one_line_error(exc)}"
     return None
 

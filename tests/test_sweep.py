@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -229,8 +230,8 @@ def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_ima
 def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smaller_seam(refiner, two_images):
     """``experts (region)`` is the refiner with a start map of start_t inside the box and 0 outside: its output is
     the input bit for bit outside the box (PSNR to input there: inf); its edit fades out at the box's edge, so its
-    seam energy is below that of the whole-image refinement hard-pasted into the box.  The 5-panel before/after grid
-    shows clean | artifact | mask | whole | region."""
+    seam energy is below that of the whole-image refinement hard-pasted into the box.  The before/after grid shows
+    clean | artifact | mask | whole | region | crop (the modes that ran)."""
     deg = build_sweep_degradation("local_warp:amplitude=0.2")
     t = 300
     result = run_sweep(
@@ -261,13 +262,22 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
         assert torch.equal(crop[0][:, outside], x[0][:, outside])
     grid = before_after_grid(result, "experts", t)
     tile = 128  # 32 px crops upscaled 4x
-    assert grid.width == 6 + 5 * (tile + 6)
+    assert grid.width == 6 + 6 * (tile + 6)  # clean | artifact | mask | whole | region | crop
+    # crop mode alone is shown too (it was left out, mask and all, when the sweep ran no "(region)")
+    crop_only = dataclasses.replace(
+        result, methods={k: v for k, v in result.methods.items() if "(region)" not in k},
+        examples=[dataclasses.replace(e, outputs={k: v for k, v in e.outputs.items() if "(region)" not in k})
+                  for e in result.examples],
+    )
+    assert before_after_grid(crop_only, "experts", t).width == 6 + 5 * (tile + 6)
+    with pytest.raises(ValueError, match=r"method 'experts \(region\)' is not one of the sweep's methods"):
+        before_after_grid(crop_only, "experts (region)", t)
     no_region = run_sweep(
         [("experts", refiner)], two_images[:1], [deg], start_ts=[t], ddim_steps=DDIM_STEPS, region_modes=(),
         example_start_ts=[t], progress=False,
     )
     assert list(no_region.methods) == ["experts"]
-    assert before_after_grid(no_region, "experts", t).width == 6 + 3 * (tile + 6)
+    assert before_after_grid(no_region, "experts", t).width == 6 + 4 * (tile + 6)  # clean | artifact | mask | whole
 
 
 def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):

@@ -270,8 +270,10 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
                   for e in result.examples],
     )
     assert before_after_grid(crop_only, "experts", t).width == 6 + 5 * (tile + 6)
-    with pytest.raises(ValueError, match=r"method 'experts \(region\)' is not one of the sweep's methods"):
+    with pytest.raises(ValueError, match=r"method 'experts \(region\)' is not one of the sweep's refiners"):
         before_after_grid(crop_only, "experts (region)", t)
+    with pytest.raises(ValueError, match=r"method 'identity' is not one of the sweep's refiners \['experts', "):
+        before_after_grid(result, "identity", t)
     no_region = run_sweep(
         [("experts", refiner)], two_images[:1], [deg], start_ts=[t], ddim_steps=DDIM_STEPS, region_modes=(),
         example_start_ts=[t], progress=False,

@@ -376,10 +376,11 @@ def before_after_grid(result: SweepResult, method: str, start_t: int) -> Image.I
     with the PSNR to the clean image of the artifact and of each refinement shown.
 
     Raises:
-        ValueError: ``method`` is not a method of the sweep, or no example holds its output at ``start_t``.
+        ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at ``start_t``.
     """
-    if method not in result.methods:
-        raise ValueError(f"method {method!r} is not one of the sweep's methods {list(result.methods)}")
+    refiners = [name for name, (kind, _) in result.methods.items() if kind == "refiner"]
+    if method not in refiners:
+        raise ValueError(f"method {method!r} is not one of the sweep's refiners {refiners}")
     label = f"{method} t={start_t}"
     examples = [e for e in result.examples if label in e.outputs]
     if not examples:

@@ -111,6 +111,7 @@ def check_arguments():
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--start-t", "700"], "--start-t 700 starts at t=601 on the DDIM grid, outside the experts' windows (t < 500)"),
         (["--size", "100000"], "--size 100000: the crops' side must be a multiple of 8 in [16, 2048]"),
         (["--ddim-steps", "5000"], "--ddim-steps in [1, 1000]"),
         (["--degradations", "local_vq:codebook_fraction=2"], "codebook_fraction must be in (0, 1], got 2.0"),
@@ -132,3 +133,4 @@ def test_bad_arguments_are_found_by_the_check_before_training(check_arguments, a
 def test_good_degradation_specs_pass_the_check(check_arguments):
     assert check_arguments("--degradations", "local_vq:codebook_fraction=0.5,box_size=0.3", "vq_roundtrip",
                            "local_warp", "local_shuffle:box_size=0.2", "--size", "32") is None
+    assert check_arguments("--start-t", "500") is None  # t=401 on the 10-step smoke grid: inside [250, 500)

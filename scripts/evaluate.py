@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realism-images", metavar="DIR",
                    help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
                         "(default: other held-out crops of the embedded photographs; none with --images)")
-    p.add_argument("--region-modes", nargs="*", choices=("region", "crop"), default=["region"], metavar="MODE",
+    p.add_argument("--region-modes", nargs="*", choices=("region", "crop"), metavar="MODE",
                    help="on local degradations, also refine inside the box only: region (in place), crop (crop mode); "
-                        "none: whole images only (default: region)")
+                        "none: whole images only (default: region when --degradations holds a local one)")
     p.add_argument("--degradations", nargs="+", default=list(DEFAULT_DEGRADATIONS), metavar="SPEC",
                    help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
                         "unless first_stage=<yaml>); default: one of each family")
@@ -119,15 +119,17 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.eval.baselines import default_baselines
     from ldm.eval.metrics import load_inception, load_lpips
     from ldm.eval.report import format_table, write_report
+    from ldm.eval.swd import PATCH_SIZE as SWD_PATCH_SIZE
     from ldm.eval.sweep import build_sweep_degradation, folder_images, heldout_images, run_sweep, summarize
     from ldm.imageio import ImageLoadError
     from ldm.refine import Refiner
     from ldm.util import ConfigError
 
-    problem = check_outdir(args.outdir)  # found now, not after the whole sweep
+    problem = check_outdir(args.outdir) or _check_methods(args)  # found now, not after loading or the whole sweep
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    region_modes = ["region"] if args.region_modes is None else args.region_modes
 
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
@@ -161,16 +163,27 @@ def _run(args: argparse.Namespace) -> int:
             images = heldout_images(args.n_images, size, seed=args.crop_seed)
             source = f"{args.n_images} held-out {size}x{size} crops of the embedded photographs (seed {args.crop_seed})"
         realism = None
-        if args.realism_images is not None:
-            realism = folder_images(args.realism_images)
-        elif args.images is None and args.no_reference is None:
-            realism = heldout_images(args.n_images, size, seed=args.crop_seed + 1)
+        if args.images is None and args.no_reference is None and args.realism_images is None:
+            if size >= SWD_PATCH_SIZE:
+                realism = heldout_images(args.n_images, size, seed=args.crop_seed + 1)
+            else:
+                print(f"note: no SWD realism: crops of {size} px are smaller than its {SWD_PATCH_SIZE} px patches")
     except (FileNotFoundError, ImageLoadError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except ValueError as exc:  # --size beyond what the embedded photographs give
         print(f"{PROG}: error: --size: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.realism_images is not None:
+        try:  # named, since --images may be a folder too
+            realism = folder_images(args.realism_images)
+        except (FileNotFoundError, ImageLoadError) as exc:
+            print(f"{PROG}: error: --realism-images: {one_line_error(exc)}", file=sys.stderr)
+            return EXIT_INPUT
+        problem = _check_realism_sizes(images, realism)
+        if problem:
+            print(f"{PROG}: error: --realism-images: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     print(f"images: {source}", flush=True)
 
     filter_name = None if args.filter == "none" else args.filter
@@ -186,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
         result = run_sweep(
             refiners, images, degradations, args.start_t, args.seeds, baselines=baselines, ddim_steps=args.ddim_steps,
             eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, realism_reference=realism,
-            n_examples=args.examples, region_modes=args.region_modes, progress=sys.stderr.isatty(),
+            n_examples=args.examples, region_modes=region_modes, progress=sys.stderr.isatty(),
         )
     except ValueError as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
@@ -201,6 +214,44 @@ def _run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"{len(result.rows)} rows in {seconds:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
     return EXIT_OK
+
+
+def _check_methods(args: argparse.Namespace) -> str | None:
+    """Why the method names or --region-modes cannot work (one line), or None; before any model is loaded."""
+    from ldm.eval.local_degrade import LOCAL_DEGRADATIONS
+    from ldm.eval.sweep import REGION_MODES
+
+    modes = ["region"] if args.region_modes is None else list(dict.fromkeys(args.region_modes))
+    local_names = [cls.name for cls in LOCAL_DEGRADATIONS]
+    has_local = args.no_reference is None and any(spec.partition(":")[0].strip() in local_names
+                                                   for spec in args.degradations)
+    if args.region_modes and not has_local:
+        why = "--no-reference images have no masks" if args.no_reference is not None else "none of --degradations is"
+        return (f"--region-modes {' '.join(args.region_modes)} only applies to local degradations "
+                f"({', '.join(local_names)}), but {why}; add one or leave out --region-modes")
+    refiners = [args.name] + ([args.compare_name] if args.compare_ckpt else [])
+    names = refiners + ["identity"] + ([] if args.filter == "none" else [args.filter])
+    names += [] if args.no_autoencoder else ["autoencoder"]
+    names += [name + REGION_MODES[m] for name in refiners for m in modes] if has_local else []
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        return (f"method names {twice} are used twice (--name {args.name!r}, --compare-name {args.compare_name!r}, "
+                f"baselines, region modes); choose distinct names")
+    return None
+
+
+def _check_realism_sizes(images: list, realism: list) -> str | None:
+    """Why the realism images cannot serve as the SWD reference of ``images`` (one line), or None."""
+    from ldm.eval.swd import PATCH_SIZE
+
+    sizes = {tuple(im.image.shape[-2:]) for im in realism}
+    evaluated = {tuple(im.image.shape[-2:]) for im in images}
+    if len(sizes) > 1 or sizes != evaluated:
+        return (f"the realism images must all have the evaluated images' size, got sizes (H, W) {sorted(sizes)} "
+                f"against {sorted(evaluated)}; crop or resize them to one size")
+    if min(next(iter(sizes))) < PATCH_SIZE:
+        return f"SWD needs images of at least {PATCH_SIZE}x{PATCH_SIZE} px, got {next(iter(sizes))}"
+    return None
 
 
 if __name__ == "__main__":

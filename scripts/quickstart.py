@@ -43,12 +43,14 @@ CONFIGS = REPO / "configs" / "quickstart"
 # kind late-steps refinement exists for; local_vq uses the trained first stage with an eighth of its codebook.
 DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")
 START_TS = (50, 150, 300, 500)
+EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
 ROUND_TRIP_IMAGES = 32  # held-out crops on which the first stage's round trip is measured
 # One intra-op thread per process unless OMP_NUM_THREADS says otherwise.  These networks are too small to use a second
 # core: on this project's 2-core machine, idle, two threads (OpenMP's passive wait policy) trained the VQ no faster and
 # the late-steps models 1.3x slower than one, and two DDP processes (gloo) with half a batch each trained the VQ 1.2x
 # faster and the late-steps models 1.2x slower; spinning OpenMP threads waiting for a busy core were up to 30x slower.
 THREADS = "1"
+SMOKE_DDIM_STEPS = 10  # the sweep's DDIM grid with --smoke
 SMOKE_OVERRIDES = (
     "lightning.trainer.max_steps=3",
     "lightning.trainer.num_sanity_val_steps=0",
@@ -178,7 +180,7 @@ def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple
     start_ts = sorted({*START_TS, args.start_t})
     result = run_sweep(
         [("experts", refiner)], images, degradations, start_ts, seeds=[0],
-        baselines=default_baselines(model, "nl_means"), ddim_steps=10 if args.smoke else args.ddim_steps,
+        baselines=default_baselines(model, "nl_means"), ddim_steps=SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps,
         lpips=load_lpips(), realism_reference=realism_reference, n_examples=n_images, example_start_ts=[args.start_t],
     )
     write_report(result, outdir / "sweep", vars(args), title="quickstart: chained late-steps experts on held-out crops")
@@ -215,22 +217,38 @@ def _headline(summary: list[dict[str, Any]], degradation: str, start_t: int) -> 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments (before any training), or None."""
-    from ldm.eval.degrade import VQRoundTrip, degradation_from_spec
-    from ldm.eval.local_degrade import LocalVQ
-    from ldm.train.cli import MAX_SEED
+    from types import SimpleNamespace
 
-    if not 1 <= args.start_t <= 999 or args.n_images < 1 or args.ddim_steps < 1:
-        return "--start-t must be in [1, 999], --n-images and --ddim-steps >= 1"
+    import torch
+
+    from ldm.data.embedded import MAX_SIZE
+    from ldm.eval.degrade import VQRoundTrip
+    from ldm.eval.sweep import build_sweep_degradation
+    from ldm.sampling.schedule import grid_tail
+    from ldm.train.cli import MAX_SEED
+    from ldm.util import ConfigError
+
+    if not 1 <= args.start_t <= 999 or args.n_images < 1 or not 1 <= args.ddim_steps <= 1000:
+        return "--start-t must be in [1, 999], --n-images >= 1 and --ddim-steps in [1, 1000]"
+    timesteps = grid_tail(args.start_t, SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps, 1000)[0]
+    if not timesteps or timesteps[0] >= EXPERTS_T_END:  # before_after.png shows --start-t: it must run
+        first = f"starts at t={timesteps[0]}" if timesteps else "holds no step"
+        return (f"--start-t {args.start_t} {first} on the DDIM grid, outside the experts' windows (t < {EXPERTS_T_END}); "
+                f"choose a --start-t below {EXPERTS_T_END}, e.g. one of {list(START_TS[:-1])}")
     if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
         return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
-    if args.size < 16 or args.size % 8:
-        return f"--size {args.size}: the crops' side must be a multiple of 8 and at least 16 (e.g. 64)"
+    if not 16 <= args.size <= MAX_SIZE or args.size % 8:
+        return f"--size {args.size}: the crops' side must be a multiple of 8 in [16, {MAX_SIZE}] (e.g. 64)"
+    # vq_roundtrip / local_vq are built on the trained first stage after training; their parameters are checked now on
+    # a stand-in with what VQRoundTrip looks for, and every other degradation runs once on a blank crop of --size
+    stand_in = SimpleNamespace(encode=None, decode=None, quantize=SimpleNamespace(embedding=None))
+    blank = torch.zeros(1, 3, args.size, args.size)
     for spec in args.degradations:
-        if spec.partition(":")[0].strip() in (VQRoundTrip.name, LocalVQ.name):
-            continue  # built on the trained first stage, after training
         try:
-            degradation_from_spec(spec)
-        except (KeyError, TypeError, ValueError) as exc:
+            degradation = build_sweep_degradation(spec, stand_in).degradation
+            if not isinstance(getattr(degradation, "inner", degradation), VQRoundTrip):
+                degradation(blank, 0)  # e.g. patches that do not fit into crops of --size
+        except (KeyError, TypeError, ValueError, OSError, ConfigError) as exc:
             return f"--degradations {spec!r}: {one_line_error(exc)}"
     return None
 

@@ -108,14 +108,20 @@ def test_ssim_identity_and_float64_reference():
     assert (ssim(*_pair(noise=0.4)) < ssim(a, b)).all()
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 11, 17), (3, 1, 40, 23)])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 11, 17), (3, 1, 40, 23), (2, 1, 11, 11), (2, 3, 19, 13, "T")])
 def test_ssim_equals_torchmetrics_float64(shape):
-    """The separable window gives torchmetrics' SSIM (its 2-D float64 convolution), per image and per pixel."""
+    """The separable window gives torchmetrics' SSIM (its 2-D float64 convolution), per image and per pixel; also at
+    the smallest size (11x11), with one channel and on non-contiguous (transposed) tensors ("T")."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
+    transpose, shape = shape[4:] == ("T",), shape[:4]
     g = torch.Generator().manual_seed(shape[-1])
     a = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
     b = (a + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    if transpose:
+        a, b = a.transpose(-1, -2), b.transpose(-1, -2)
+        assert not a.is_contiguous()
+        shape = tuple(a.shape)
     expected, expected_map = structural_similarity_index_measure(
         a, b, data_range=(-1.0, 1.0), reduction="none", return_full_image=True
     )
@@ -124,6 +130,15 @@ def test_ssim_equals_torchmetrics_float64(shape):
     mask[..., : shape[-2] // 2, :] = 1
     inside = masked_metrics(a, b, mask)["ssim_in"]
     torch.testing.assert_close(inside, expected_map[..., : shape[-2] // 2, :].flatten(1).mean(-1), atol=1e-12, rtol=0)
+
+
+def test_empty_batches_give_empty_results():
+    a, b = _pair()
+    for name, fn in (("mse", mse), ("psnr", psnr), ("ssim", ssim)):
+        value = fn(a[:0], b[:0])
+        assert value.shape == (0,), name
+    found = masked_metrics(a[:0], b[:0], torch.ones(0, 1, *a.shape[-2:]))
+    assert all(v.shape == (0,) for v in found.values())
 
 
 def test_shape_and_range_errors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -95,3 +96,41 @@ def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.fixture(scope="module")
+def check_arguments():
+    """scripts/quickstart.py's argument check, in-process (a subprocess per case would cost seconds of imports)."""
+    spec = importlib.util.spec_from_file_location("quickstart_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return lambda *args: module.check_arguments(module.build_parser().parse_args(["--smoke", *args]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--start-t", "700"], "--start-t 700 starts at t=601 on the DDIM grid, outside the experts' windows (t < 500)"),
+        (["--size", "100000"], "--size 100000: the crops' side must be a multiple of 8 in [16, 2048]"),
+        (["--ddim-steps", "5000"], "--ddim-steps in [1, 1000]"),
+        (["--degradations", "local_vq:codebook_fraction=2"], "codebook_fraction must be in (0, 1], got 2.0"),
+        (["--degradations", "vq_roundtrip:codebook_fraction=0"], "codebook_fraction must be a finite number > 0"),
+        (["--degradations", "local_vq:nope=1"], "unknown parameters ['nope']"),
+        (["--degradations", "local_vq:box_size=big"], "local_vq takes numbers"),
+        (["--degradations", "local_vq:first_stage=missing.yaml"], "first_stage='missing.yaml' is not a file"),
+        (["--degradations", "local_warp:box_size=0"], "box_size must be a finite number > 0, got 0"),
+        (["--degradations", "local_warp:nope=1"], "unknown parameters ['nope']"),
+        (["--size", "16", "--degradations", "local_shuffle:box_size=0.2"], "does not leave room for two disjoint patches"),
+    ],
+)
+def test_bad_arguments_are_found_by_the_check_before_training(check_arguments, args, message):
+    """What main() refuses with exit 2 before the first stage (as the subprocess cases above show for some)."""
+    problem = check_arguments(*args)
+    assert problem is not None and message in problem and "\n" not in problem
+
+
+def test_good_degradation_specs_pass_the_check(check_arguments):
+    assert check_arguments("--degradations", "local_vq:codebook_fraction=0.5,box_size=0.3", "vq_roundtrip",
+                           "local_warp", "local_shuffle:box_size=0.2", "--size", "32") is None
+    assert check_arguments("--start-t", "500") is None  # t=401 on the 10-step smoke grid: inside [250, 500)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -229,8 +230,8 @@ def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_ima
 def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smaller_seam(refiner, two_images):
     """``experts (region)`` is the refiner with a start map of start_t inside the box and 0 outside: its output is
     the input bit for bit outside the box (PSNR to input there: inf); its edit fades out at the box's edge, so its
-    seam energy is below that of the whole-image refinement hard-pasted into the box.  The 5-panel before/after grid
-    shows clean | artifact | mask | whole | region."""
+    seam energy is below that of the whole-image refinement hard-pasted into the box.  The before/after grid shows
+    clean | artifact | mask | whole | region | crop (the modes that ran)."""
     deg = build_sweep_degradation("local_warp:amplitude=0.2")
     t = 300
     result = run_sweep(
@@ -261,13 +262,24 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
         assert torch.equal(crop[0][:, outside], x[0][:, outside])
     grid = before_after_grid(result, "experts", t)
     tile = 128  # 32 px crops upscaled 4x
-    assert grid.width == 6 + 5 * (tile + 6)
+    assert grid.width == 6 + 6 * (tile + 6)  # clean | artifact | mask | whole | region | crop
+    # crop mode alone is shown too (it was left out, mask and all, when the sweep ran no "(region)")
+    crop_only = dataclasses.replace(
+        result, methods={k: v for k, v in result.methods.items() if "(region)" not in k},
+        examples=[dataclasses.replace(e, outputs={k: v for k, v in e.outputs.items() if "(region)" not in k})
+                  for e in result.examples],
+    )
+    assert before_after_grid(crop_only, "experts", t).width == 6 + 5 * (tile + 6)
+    with pytest.raises(ValueError, match=r"method 'experts \(region\)' is not one of the sweep's refiners"):
+        before_after_grid(crop_only, "experts (region)", t)
+    with pytest.raises(ValueError, match=r"method 'identity' is not one of the sweep's refiners \['experts', "):
+        before_after_grid(result, "identity", t)
     no_region = run_sweep(
         [("experts", refiner)], two_images[:1], [deg], start_ts=[t], ddim_steps=DDIM_STEPS, region_modes=(),
         example_start_ts=[t], progress=False,
     )
     assert list(no_region.methods) == ["experts"]
-    assert before_after_grid(no_region, "experts", t).width == 6 + 3 * (tile + 6)
+    assert before_after_grid(no_region, "experts", t).width == 6 + 4 * (tile + 6)  # clean | artifact | mask | whole
 
 
 def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
@@ -293,6 +305,9 @@ def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
         assert im.format == "PNG" and im.width > 100
     with pytest.raises(ValueError, match="one size"):
         run_sweep([], two_images, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(2, 24))
+    tiny = heldout_images(1, 6)  # smaller than SWD's 7x7 patches: refused before the sweep, not after it
+    with pytest.raises(ValueError, match="at least 7x7"):
+        run_sweep([], tiny, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(1, 6, seed=1))
 
 
 def test_bad_arguments_are_refused(refiner, two_images):
@@ -551,3 +566,78 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
     code, err = run(*ckpts, "--ddim-steps", "5000", "--n-images", "1", "--degradations", "jpeg")
     assert code == 2 and "ddim_steps=5000 must be an integer in [1, 1000]" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    fast = [*ckpts, "--n-images", "1", "--start-t", "300", "--ddim-steps", str(DDIM_STEPS), "--filter", "none",
+            "--no-autoencoder"]
+    _write_pngs(tmp_path / "small")  # 24 px
+    (tmp_path / "mixed").mkdir()
+    for name, (w, h) in {"a.png": (32, 32), "b.png": (24, 40)}.items():
+        Image.new("RGB", (w, h)).save(tmp_path / "mixed" / name)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.png").write_bytes(b"\x89PNG not really")
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            code = evaluate_main([*args, "--outdir", str(tmp_path / "o")])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return code, err
+
+    missing = ["--ckpt", str(tmp_path / "nope.ckpt")]  # these are found before any checkpoint is opened
+    code, err = run(*missing, "--degradations", "jpeg", "--region-modes", "crop")
+    assert code == 2 and "--region-modes crop only applies to local degradations" in err
+    code, err = run(*missing, "--no-reference", str(tmp_path / "small"), "--region-modes", "region")
+    assert code == 2 and "--no-reference images have no masks" in err
+    code, err = run(*missing, "--region-modes", "zoom")
+    assert code == 2 and "invalid choice: 'zoom'" in err
+    code, err = run(*missing, "--name", "identity")
+    assert code == 2 and "method names ['identity'] are used twice" in err
+    code, err = run(*missing, "--compare-ckpt", "c.ckpt", "--name", "a (crop)", "--compare-name", "a",
+                    "--degradations", "local_warp", "--region-modes", "crop")
+    assert code == 2 and "method names ['a (crop)'] are used twice" in err
+    for folder, expected_code, message in [
+        ("empty", 1, "--realism-images: " + str(tmp_path / "empty") + ": folder holds no images"),
+        ("corrupt", 1, "--realism-images: cannot load image"),
+        ("small/artifact_0.png", 1, "--realism-images: image folder"),
+        ("missing", 1, "does not exist or is not a folder"),
+        ("mixed", 2, "must all have the evaluated images' size, got sizes (H, W) [(32, 32), (40, 24)]"),
+        ("small", 2, "got sizes (H, W) [(24, 24)] against [(32, 32)]"),
+    ]:
+        code, err = run(*fast, "--degradations", "jpeg", "--realism-images", str(tmp_path / folder))
+        assert code == expected_code and message in err, (folder, err)
+    # crops too small for SWD's patches: no SWD by default (a note), refused for a given reference
+    (tmp_path / "tiny").mkdir()
+    Image.new("RGB", (6, 6)).save(tmp_path / "tiny" / "t.png")
+    code, err = run(*fast, "--degradations", "jpeg", "--size", "6", "--realism-images", str(tmp_path / "tiny"))
+    assert code == 2 and "SWD needs images of at least 7x7 px" in err
+    code = evaluate_main([*fast, "--degradations", "jpeg", "--size", "6", "--outdir", str(tmp_path / "six")])
+    assert code == 0 and "note: no SWD realism" in capsys.readouterr().out
+    # a degradation that cannot run on an image says which one and on which image
+    code, err = run(*fast, "--degradations", "local_shuffle", "--size", "4")
+    assert code == 2 and "degradation 'local_shuffle:" in err and "on image 'heldout_000_" in err and "(4, 4)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_local_degradations_on_odd_sizes_with_a_compared_refiner(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    (tmp_path / "odd").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(tmp_path / "odd" / f"{i}.png")
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main([*ckpts, "--compare-ckpt", str(expert_checkpoints[0]), "--compare-ckpt",
+                          str(expert_checkpoints[1]), "--images", str(tmp_path / "odd"), "--realism-images",
+                          str(tmp_path / "odd"), "--degradations", "local_vq", "--start-t", "300", "--ddim-steps",
+                          str(DDIM_STEPS), "--filter", "none", "--no-autoencoder", "--region-modes", "crop", "region",
+                          "crop", "--outdir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    methods = ["experts", "experts (crop)", "experts (region)", "compare", "compare (crop)", "compare (region)"]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["identity", *methods]
+    assert all(float(r["psnr_input_out"]) == math.inf for r in rows if "(" in r["method"])
+    assert all(r.get("swd") for r in _read_csv(tmp_path / "out" / "summary.csv"))

@@ -93,6 +93,8 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tens
     (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``), but with
     the window applied as two 1-D passes of shifted slices: the same values to rounding, and about 40x faster on a CPU
     than float64 ``conv2d`` with the 2-D kernel."""
+    if a.shape[0] == 0:  # nothing to split the five stacked maps from
+        return torch.empty_like(a)
     r = SSIM_RADIUS
     taps = torch.arange(-r, r + 1, dtype=torch.float64)
     window = torch.exp(-((taps / SSIM_SIGMA) ** 2) / 2)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.sweep import REGION_SUFFIX, ROW_METRICS, SweepExample, SweepResult, summarize
+from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult, summarize
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
@@ -370,34 +370,43 @@ def _mask_tile(mask: torch.Tensor) -> torch.Tensor:
 
 
 def before_after_grid(result: SweepResult, method: str, start_t: int) -> Image.Image:
-    """clean | artifact | refined (``method`` at ``start_t``) for every example; for the examples of a local
-    degradation also its mask and the region refinement (``"<method> (region)"``, when the sweep ran it): clean |
-    artifact | mask | refined (whole image) | refined (region).  Each row is titled with the PSNR to the clean image of
-    the artifact, the refined image and (with a mask) the region refinement."""
+    """clean | artifact | refined (``method`` at ``start_t``) for every example; when some examples have a mask (local
+    degradations) also the mask and each refinement inside it that the sweep ran (``"<method> (region)"``, ``"<method>
+    (crop)"``): clean | artifact | mask | refined (whole image) | refined (region) | refined (crop).  Each row is titled
+    with the PSNR to the clean image of the artifact and of each refinement shown.
+
+    Raises:
+        ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at ``start_t``.
+    """
+    refiners = [name for name, (kind, _) in result.methods.items() if kind == "refiner"]
+    if method not in refiners:
+        raise ValueError(f"method {method!r} is not one of the sweep's refiners {refiners}")
     label = f"{method} t={start_t}"
-    region_method = method + REGION_SUFFIX
-    region_label = f"{region_method} t={start_t}"
     examples = [e for e in result.examples if label in e.outputs]
     if not examples:
         raise ValueError(f"no example holds {label!r}; pass start_t={start_t} in run_sweep's example_start_ts")
     psnr = {
         (r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows
     }
-    with_region = any(region_label in e.outputs for e in examples)
+    modes = [(mode, method + suffix) for mode, suffix in REGION_MODES.items()
+             if any(f"{method + suffix} t={start_t}" in e.outputs for e in examples)]
+    with_mask = any(e.mask is not None for e in examples)
     rows, titles = [], []
     for e in examples:
-        keys = [("identity", None), (method, start_t)] + ([(region_method, start_t)] if region_label in e.outputs else [])
-        values = [psnr.get((e.image, e.degradation, e.seed, m, t)) for m, t in keys]
+        shown = [m for _, m in modes if f"{m} t={start_t}" in e.outputs]
+        values = [psnr.get((e.image, e.degradation, e.seed, m, t)) for m, t in [("identity", None), (method, start_t)]
+                  + [(m, start_t) for m in shown]]
         numbers = " -> ".join(f"{v:.1f}" for v in values) + " dB | " if all(isinstance(v, float) for v in values) else ""
         titles.append(f"PSNR {numbers}{e.image} | {e.degradation}" if numbers else f"{e.image} | {e.degradation}")
-        row = [e.clean, e.input, e.outputs[label]]
-        if with_region:
-            mask = _mask_tile(e.mask) if e.mask is not None else None
-            row = [e.clean, e.input, mask, e.outputs[label], e.outputs.get(region_label)]
+        row = [e.clean, e.input]
+        if with_mask:
+            row.append(_mask_tile(e.mask) if e.mask is not None else None)
+        row.append(e.outputs[label])
+        row += [e.outputs.get(f"{m} t={start_t}") for _, m in modes]
         rows.append(row)
-    columns = ["clean", "artifact", f"refined (start_t={start_t})"]
-    if with_region:
-        columns = ["clean", "artifact", "mask", f"refined, whole (t={start_t})", f"refined, region (t={start_t})"]
+    columns = ["clean", "artifact"] + (["mask"] if with_mask else [])
+    columns.append(f"refined, whole (t={start_t})" if modes else f"refined (start_t={start_t})")
+    columns += [f"refined, {mode} (t={start_t})" for mode, _ in modes]
     if not result.reference:
         rows = [row[1:] for row in rows]
         columns = columns[1:]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ldm.eval.metrics import Skipped, fid_kid
-from ldm.eval.swd import swd
+from ldm.eval.swd import PATCH_SIZE, swd
 
 if TYPE_CHECKING:
     from ldm.eval.sweep import SweepImage
@@ -36,7 +36,8 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
 
 def realism_set(realism_reference: Sequence[SweepImage] | None, case_shapes: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
     """The realism reference as ``[K, 3, H, W]``, checked against the cases' input shapes ``(3, H, W)``; None without
-    one.  Raises ValueError for an empty reference or images of another size than the cases'."""
+    one.  Raises ValueError for an empty reference, images of another size than the cases' or smaller than SWD's
+    patches."""
     if realism_reference is None:
         return None
     if not realism_reference:
@@ -47,6 +48,8 @@ def realism_set(realism_reference: Sequence[SweepImage] | None, case_shapes: Seq
             f"the SWD realism reference and the cases must all be [1, 3, H, W] images of one size, got sizes "
             f"{sorted(shapes)}; crop or resize them to one size, or pass realism_reference=None"
         )
+    if min(realism_reference[0].image.shape[-2:]) < PATCH_SIZE:  # found before the sweep, not after it
+        raise ValueError(f"SWD needs images of at least {PATCH_SIZE}x{PATCH_SIZE} px, got sizes {sorted(shapes)}")
     return torch.cat([im.image.float() for im in realism_reference])
 
 

@@ -540,20 +540,26 @@ def _build_cases(
             if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
                 raise ValueError(f"image {image.name!r} must be a [1, 3, H, W] tensor, got {tuple(x.shape)}")
             for seed in seeds:
-                mask = None
-                if deg.degradation is None:
-                    clean, inp = None, x[0].float()
-                elif isinstance(deg.degradation, LocalDegradation):
-                    clean = x[0].float()
-                    local = deg.degradation.apply_local(x.float(), file_seed(seed, f"{deg.label}/{image.name}"))
-                    inp, mask = local.images[0].cpu(), local.masks[0].cpu()
-                else:
-                    clean = x[0].float()
-                    inp = deg.degradation(x.float(), file_seed(seed, f"{deg.label}/{image.name}"))[0].cpu()
+                try:
+                    clean, inp, mask = _degrade(deg, x, file_seed(seed, f"{deg.label}/{image.name}"))
+                except ValueError as exc:  # e.g. an image too small for the degradation's patches
+                    raise ValueError(f"degradation {deg.label!r} on image {image.name!r} {tuple(x.shape[-2:])}: {exc}") from exc
                 if k < n_examples and seed == seeds[0]:
                     examples[len(cases)] = SweepExample(image.name, deg.label, seed, clean, inp, mask)
                 cases.append(_Case(image.name, deg.label, seed, clean, inp, mask))
     return cases, examples
+
+
+def _degrade(
+    deg: SweepDegradation, x: torch.Tensor, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """One case's ``(clean [3, H, W] or None, input [3, H, W], mask [1, H, W] or None)`` from ``x`` ``[1, 3, H, W]``."""
+    if deg.degradation is None:
+        return None, x[0].float(), None
+    if isinstance(deg.degradation, LocalDegradation):
+        local = deg.degradation.apply_local(x.float(), seed)
+        return x[0].float(), local.images[0].cpu(), local.masks[0].cpu()
+    return x[0].float(), deg.degradation(x.float(), seed)[0].cpu(), None
 
 
 def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.Tensor], label: str) -> None:

@@ -539,17 +539,22 @@ def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):
     assert (tmp_path / "out" / "examples.png").is_file()
 
 
+def _one_line_run(evaluate_main, capsys, argv: list[str]) -> tuple[int, str]:
+    """Run evaluate.py in-process; returns ``(exit code, stderr)`` after asserting stderr is one line."""
+    try:
+        code = evaluate_main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
 def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
 
     def run(*args: str) -> tuple[int, str]:
-        try:
-            code = evaluate_main([*args, "--outdir", str(tmp_path / "o")])
-        except SystemExit as exc:  # argparse
-            code = exc.code
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1, err
-        return code, err
+        return _one_line_run(evaluate_main, capsys, [*args, "--outdir", str(tmp_path / "o")])
 
     code, err = run(*ckpts, "--degradations", "jpg")
     assert code == 2 and "unknown degradation 'jpg'" in err
@@ -581,13 +586,7 @@ def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert
     (tmp_path / "corrupt" / "x.png").write_bytes(b"\x89PNG not really")
 
     def run(*args: str) -> tuple[int, str]:
-        try:
-            code = evaluate_main([*args, "--outdir", str(tmp_path / "o")])
-        except SystemExit as exc:  # argparse
-            code = exc.code
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1, err
-        return code, err
+        return _one_line_run(evaluate_main, capsys, [*args, "--outdir", str(tmp_path / "o")])
 
     missing = ["--ckpt", str(tmp_path / "nope.ckpt")]  # these are found before any checkpoint is opened
     code, err = run(*missing, "--degradations", "jpeg", "--region-modes", "crop")

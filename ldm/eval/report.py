@@ -205,13 +205,19 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
             if all_ts:
                 ax.set_xticks(all_ts)
             ax.grid(alpha=0.3)
+    caption = "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)"
+    return _finish_figure(fig, plt, result, handles, title, caption, path)
+
+
+def _finish_figure(
+    fig: Any, plt: Any, result: SweepResult, handles: dict[str, Any], title: str | None, caption: str,
+    path: str | os.PathLike,
+) -> Path:
+    """Legend (methods in run order), title and caption, then the PNG written atomically; the figure is closed."""
     ordered = {m: handles[m] for m in result.methods if m in handles}
     if ordered:
         fig.legend(list(ordered.values()), list(ordered), loc="lower center", ncol=min(len(ordered), 6), fontsize=8)
-    fig.suptitle(
-        (title + "\n" if title else "") + "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)",
-        fontsize=9,
-    )
+    fig.suptitle((title + "\n" if title else "") + caption, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.93))
     path = Path(path)
     try:
@@ -277,17 +283,8 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
             if c == 0:
                 ax.set_ylabel("SWD x 1e3 to clean photos (lower: more realistic)", fontsize=7)
             ax.grid(alpha=0.3)
-    ordered = {m: handles[m] for m in result.methods if m in handles}
-    if ordered:
-        fig.legend(list(ordered.values()), list(ordered), loc="lower center", ncol=min(len(ordered), 6), fontsize=8)
-    fig.suptitle((title + "\n" if title else "") + "realism vs faithfulness; refiner points labelled with start_t", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
-    path = Path(path)
-    try:
-        atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
+    caption = "realism vs faithfulness; refiner points labelled with start_t"
+    return _finish_figure(fig, plt, result, handles, title, caption, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -201,6 +201,12 @@ def test_resume_from_logdir_and_from_checkpoint_continues_at_the_saved_step(trai
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert sorted(train_losses(run)) == [0, 1, 2, 3, 4, 5]
 
+    # max_steps off the save cadence (saves at step 8, ends at 9): last.ckpt must still hold the final step
+    off = ["lightning.trainer.max_steps=9", "lightning.modelcheckpoint.params.every_n_train_steps=2"]
+    third = run_main(["-t", "-r", str(run), *off], tmp_path)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 9
+
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):

@@ -5,6 +5,8 @@
 * :class:`ImageLogger` calls ``pl_module.log_images(batch, N=...)`` and writes PNG grids under ``images/<split>/``.
 * :class:`InterruptCheckpoint` writes ``checkpoints/last.ckpt`` on SIGTERM (then ``main.py`` exits 0), on SIGUSR1
   (training continues) and on Ctrl+C (KeyboardInterrupt; Lightning then exits 1).
+* :class:`FinalCheckpoint` writes ``checkpoints/last.ckpt`` when training ends off the save cadence (``max_steps`` not a
+  multiple of ``every_n_train_steps``), so that ``last.ckpt`` always holds the final step.
 * :class:`StepSeeding` reseeds the global RNGs from ``(seed, rank, global_step)`` at every step, so a run resumed
   from any checkpoint draws exactly the noise and timesteps an uninterrupted run would have drawn.
 """
@@ -304,6 +306,31 @@ class InterruptCheckpoint(Callback):
         self.saved_step = int(trainer.global_step)
         if trainer.is_global_zero:
             logger.info("%s: saved %s at global step %d", reason, self.ckpt_path, trainer.global_step)
+
+
+class FinalCheckpoint(Callback):
+    """Writes ``last.ckpt`` at the end of a completed fit unless a ``save_last`` ModelCheckpoint already saved that step.
+
+    Lightning's ModelCheckpoint writes ``last.ckpt`` only on its cadence (``every_n_train_steps`` ...), and at the end
+    of training only when it never wrote one: a run of 1700 steps saved every 500 would leave the weights of step 1500
+    in ``last.ckpt``.  Not called after an exception (:class:`InterruptCheckpoint` handles those).
+
+    Args:
+        ckpt_path: where to write (``<logdir>/checkpoints/last.ckpt``).
+    """
+
+    def __init__(self, ckpt_path: str) -> None:
+        super().__init__()
+        self.ckpt_path = str(ckpt_path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = int(trainer.global_step)
+        savers = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)]
+        if step == 0 or any(getattr(cb, "_last_global_step_saved", None) == step for cb in savers):
+            return
+        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.is_global_zero:
+            logger.info("training ended off the checkpoint cadence: saved %s at global step %d", self.ckpt_path, step)
 
 
 def reseed_global_rngs(seed: int) -> None:

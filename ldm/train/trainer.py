@@ -9,7 +9,8 @@
 * ``lightning.logger: {target, params}``: an extra logger.  A CSV logger is always there, TensorBoard when installed.
 
 ``main.py`` adds the callbacks that are not optional: :class:`~ldm.train.callbacks.SetupCallback`,
-:class:`~ldm.train.callbacks.InterruptCheckpoint` and :class:`~ldm.train.callbacks.StepSeeding`.
+:class:`~ldm.train.callbacks.InterruptCheckpoint`, :class:`~ldm.train.callbacks.FinalCheckpoint` and
+:class:`~ldm.train.callbacks.StepSeeding`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
 
-from ldm.train.callbacks import InterruptCheckpoint, SetupCallback, StepSeeding
+from ldm.train.callbacks import FinalCheckpoint, InterruptCheckpoint, SetupCallback, StepSeeding
 from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.train.cli import constructor_params
 from ldm.util import ConfigError, instantiate_from_config
@@ -229,7 +230,7 @@ def build_trainer(
         )
     interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")
     callbacks = [setup_callback, *build_callbacks(lightning_config, model, ckptdir, has_validation)]
-    callbacks += [interrupt, StepSeeding(seed)]
+    callbacks += [interrupt, FinalCheckpoint(f"{ckptdir}/last.ckpt"), StepSeeding(seed)]
     trainer = pl.Trainer(
         **trainer_kwargs,
         callbacks=callbacks,

@@ -11,6 +11,11 @@ Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so i
 batches.  The loss is therefore driven by :attr:`VQModel.generator_steps` (batches trained, saved in checkpoints):
 ``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor
 stepped, so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
+
+``dead_code_restart_every: N`` (0 = off, as in CompVis) counts how often each code is chosen and, every ``N`` batches,
+restarts the codes no batch of that window chose at encoder outputs of the current batch
+(:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks and rank 0's restarts are
+broadcast, so the codebooks stay identical; the counts of the window in progress are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
 from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights, strip_prefix
+from ldm.modules.codebook import restart_dead_codes
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
 from ldm.util import ConfigError, instantiate_from_config
@@ -67,10 +73,19 @@ class VQModel(pl.LightningModule):
         sane_index_shape: bool = False,
         beta: float = 0.25,
         unsafe_load: bool = False,
+        dead_code_restart_every: int = 0,
     ):
         super().__init__()
         if colorize_nlabels is not None:
             raise ValueError("colorize_nlabels (segmentation inputs) is not supported by this project")
+        if isinstance(dead_code_restart_every, bool) or not isinstance(dead_code_restart_every, int):
+            raise ConfigError(f"dead_code_restart_every={dead_code_restart_every!r} must be an integer number of batches")
+        if dead_code_restart_every < 0 or (dead_code_restart_every and remap is not None):
+            raise ConfigError(
+                f"dead_code_restart_every={dead_code_restart_every} must be 0 (off) or a positive number of batches, "
+                "and is not available with remap (the restarts need the codebook's own indices)"
+            )
+        self.dead_code_restart_every = dead_code_restart_every
         self.embed_dim = embed_dim
         self.n_embed = n_embed
         self.image_key = image_key
@@ -85,6 +100,8 @@ class VQModel(pl.LightningModule):
             self.loss.set_codebook_size(n_embed)
         self.automatic_optimization = False
         self.generator_steps = 0
+        # not in the state dict (CompVis' keys stay as they are): saved as checkpoint["code_usage"]
+        self.register_buffer("code_usage", torch.zeros(n_embed, dtype=torch.long), persistent=False)
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -199,10 +216,12 @@ class VQModel(pl.LightningModule):
         opt_ae, opt_disc = self.optimizers()
         step = self.generator_steps
         with self.toggled_optimizer(opt_ae):  # discriminator weights get no gradient from the generator loss
-            xrec, qloss, aeloss, _, log = self._losses(x, "train")
+            xrec, qloss, aeloss, ind, log = self._losses(x, "train")
             opt_ae.zero_grad()
             self.manual_backward(aeloss)
             opt_ae.step()
+        if self.dead_code_restart_every:
+            log["train/codes_restarted"] = self._count_and_restart_codes(x, ind, step)
         if self.loss.discriminator_active(step):
             with self.toggled_optimizer(opt_disc):
                 discloss, log_disc = self.loss(qloss, x, xrec.detach(), 1, step, split="train")
@@ -213,6 +232,26 @@ class VQModel(pl.LightningModule):
         self.generator_steps = step + 1
         self.log("train/aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor, step: int) -> torch.Tensor:
+        """Add this batch's code counts; at the end of a window restart the unused codes.  Returns how many were."""
+        self.code_usage += torch.bincount(indices.flatten(), minlength=self.n_embed)
+        restarted = torch.zeros((), device=self.device)
+        if (step + 1) % self.dead_code_restart_every:
+            return restarted
+        usage = self.code_usage.clone()
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed:
+            usage = trainer.strategy.reduce(usage, reduce_op="sum")
+        candidates = rearrange(self.encode_to_prequant(x), "b c h w -> (b h w) c").float()
+        codebook = self.quantize.embedding.weight
+        dead = restart_dead_codes(codebook.data, usage, candidates)
+        if distributed:
+            codebook.data.copy_(trainer.strategy.broadcast(codebook.data, src=0))
+        self.code_usage.zero_()
+        return restarted + dead.numel()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Logs ``val/rec_loss`` (the checkpoint monitor), the other loss terms and codebook usage."""
@@ -251,8 +290,13 @@ class VQModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_steps"] = self.generator_steps
+        if self.dead_code_restart_every:
+            checkpoint["code_usage"] = self.code_usage.detach().cpu().clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        usage = checkpoint.get("code_usage")
+        if isinstance(usage, torch.Tensor) and usage.shape == self.code_usage.shape:
+            self.code_usage.copy_(usage)
         if "generator_steps" in checkpoint:
             self.generator_steps = int(checkpoint["generator_steps"])
         else:  # taming / CompVis (Lightning 1, automatic optimization): global_step counted batches

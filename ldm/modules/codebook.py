@@ -1,0 +1,55 @@
+"""Dead-code restarts for a VQ codebook (a pure function; :class:`ldm.models.autoencoder.VQModel` schedules it).
+
+A code that no encoder output chose for a whole window of training steps gets no gradient from the codebook loss and
+never comes back.  A small first stage trained for a few thousand steps ends up using a fifth of a 1024-entry codebook
+this way.  Restarting such a code at an encoder output of the current batch (with a little noise, so that two codes
+restarted at the same vector do not stay tied) puts it where the data is, the way k-means handles empty clusters;
+see Dhariwal et al. 2020 (Jukebox, "random restarts") and Zeghidour et al. 2021 (SoundStream).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESTART_NOISE = 0.01  # of the candidates' per-dimension standard deviation
+
+
+def restart_dead_codes(
+    codebook: torch.Tensor,
+    usage: torch.Tensor,
+    candidates: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise: float = RESTART_NOISE,
+) -> torch.Tensor:
+    """Overwrite, in place, every code of ``codebook`` whose ``usage`` count is 0 with a random row of ``candidates``.
+
+    Args:
+        codebook: ``[K, D]`` code vectors (e.g. ``quantize.embedding.weight``); modified in place.
+        usage: ``[K]`` how often each code was chosen over the window (any numeric dtype).
+        candidates: ``[N, D]`` encoder outputs (pre-quantization latents, one row per latent pixel) to restart at.
+        generator: the random source of the picks and the noise (None: torch's global generator).
+        noise: Gaussian noise added to each pick, in units of the candidates' per-dimension standard deviation.
+
+    Returns:
+        ``[M]`` (long) the indices of the restarted codes (empty when none was dead or there are no candidates).
+    """
+    if codebook.ndim != 2 or usage.shape != codebook.shape[:1] or candidates.ndim != 2:
+        raise ValueError(
+            f"restart_dead_codes needs codebook [K, D], usage [K] and candidates [N, D]; got {tuple(codebook.shape)}, "
+            f"{tuple(usage.shape)} and {tuple(candidates.shape)}"
+        )
+    if candidates.shape[1] != codebook.shape[1]:
+        raise ValueError(f"candidates have {candidates.shape[1]} dimensions, the codebook {codebook.shape[1]}")
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0 or candidates.shape[0] == 0:
+        return dead[:0]
+    candidates = candidates.detach().to(device=codebook.device, dtype=torch.float32)
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator, device=draw_device)
+    picked = candidates[pick.to(candidates.device)]
+    if noise > 0 and candidates.shape[0] > 1:
+        jitter = torch.randn(picked.shape, generator=generator, device=draw_device).to(picked.device)
+        picked = picked + noise * candidates.std(dim=0) * jitter
+    with torch.no_grad():
+        codebook[dead] = picked.to(codebook.dtype)
+    return dead

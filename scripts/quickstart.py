@@ -45,10 +45,11 @@ DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")
 START_TS = (50, 150, 300, 500)
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
 ROUND_TRIP_IMAGES = 32  # held-out crops on which the first stage's round trip is measured
-# One intra-op thread per process unless OMP_NUM_THREADS says otherwise.  These networks are too small to use a second
-# core: on this project's 2-core machine, idle, two threads (OpenMP's passive wait policy) trained the VQ no faster and
-# the late-steps models 1.3x slower than one, and two DDP processes (gloo) with half a batch each trained the VQ 1.2x
-# faster and the late-steps models 1.2x slower; spinning OpenMP threads waiting for a busy core were up to 30x slower.
+# Intra-op threads per stage (Stage.threads) unless OMP_NUM_THREADS says otherwise.  On this project's 2-core machine,
+# idle, two OpenMP threads (the default, active wait policy) trained the VQ 1.4x faster than one (passive wait: 1.2x)
+# and the late-steps models 1.1x slower; two DDP processes (gloo) with half a batch each trained the VQ 1.2x faster and
+# the late-steps models 1.2x slower.  Spinning OpenMP threads waiting for a busy core were up to 30x slower, so a
+# machine doing something else should set OMP_NUM_THREADS=1.
 THREADS = "1"
 SMOKE_DDIM_STEPS = 10  # the sweep's DDIM grid with --smoke
 SMOKE_OVERRIDES = (
@@ -70,6 +71,7 @@ class Stage:
     title: str
     config: Path
     overrides: list[str] = field(default_factory=list)
+    threads: str = THREADS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +102,7 @@ def stages(checkpoints: Path) -> list[Stage]:
     vq = str(checkpoints / "vq_f4.ckpt")
     first_stage = f"model.params.first_stage_config.params.ckpt_path={vq}"
     return [
-        Stage("vq_f4", "train the VQ-f4 first stage", CONFIGS / "vq_f4.yaml"),
+        Stage("vq_f4", "train the VQ-f4 first stage", CONFIGS / "vq_f4.yaml", threads="2"),
         Stage("latesteps_500_750", "train late steps 500-750 (t in [250, 500))", CONFIGS / "latesteps_500_750.yaml",
               [first_stage]),
         Stage("latesteps_750_1000", "finetune late steps 750-1000 (t in [0, 250)) from 500-750",
@@ -116,8 +118,9 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool) -> None:
-    """Train with main.py in a subprocess (its progress bars on this terminal) and copy its last.ckpt to ``target``."""
+def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool, threads: str | None = None) -> None:
+    """Train with main.py in a subprocess (its progress bars on this terminal) and copy its last.ckpt to ``target``;
+    ``threads`` (the user's OMP_NUM_THREADS) overrides the stage's own number of threads."""
     logs.mkdir(parents=True, exist_ok=True)
     before = {p for p in logs.iterdir() if p.is_dir()}
     cmd = [sys.executable, str(MAIN), "-b", str(stage.config), "-t", "--no-test", "-l", str(logs),
@@ -126,7 +129,7 @@ def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool) ->
         cmd += [*SMOKE_OVERRIDES, "lightning.trainer.enable_progress_bar=false"]
     print("$ " + " ".join(_rel(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
-    env.setdefault("OMP_NUM_THREADS", THREADS)
+    env["OMP_NUM_THREADS"] = threads or stage.threads
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"quickstart: stage {stage.name} failed (main.py exit code {proc.returncode}); see above")
@@ -256,6 +259,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.threads = os.environ.get("OMP_NUM_THREADS")  # the user's choice wins over each stage's
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
     outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
     problem = check_arguments(args) or check_outdir(outdir)
@@ -284,7 +288,7 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
             timings.append((stage.name, "skipped", 0.0))
             continue
         t0 = time.perf_counter()
-        run_stage(stage, logs, target, args.seed, args.smoke)
+        run_stage(stage, logs, target, args.seed, args.smoke, args.threads)
         redo = True  # later stages build on this one
         timings.append((stage.name, "trained", time.perf_counter() - t0))
         print(f"{stage.name}: {_rel(target)} ({timings[-1][2]:.0f} s)", flush=True)

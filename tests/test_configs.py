@@ -127,10 +127,11 @@ def test_shrink_keeps_structure():
     assert np.isclose(tiny["model"]["params"]["linear_end"], 0.0195)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "quickstart").glob("*.yaml")), ids=lambda p: p.name)
-def test_quickstart_runs_end_on_a_checkpoint_step(path):
-    """last.ckpt is written every ``every_n_train_steps`` (not at the end of fit), and scripts/quickstart.py keeps
-    last.ckpt: a max_steps that is not a multiple of it threw the last steps away (the VQ kept step 1500 of 1700)."""
-    lightning = OmegaConf.load(path).lightning
-    every = int(lightning.modelcheckpoint.params.every_n_train_steps)
-    assert int(lightning.trainer.max_steps) % every == 0, (path.name, int(lightning.trainer.max_steps), every)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "quickstart").glob("latesteps_*.yaml")), ids=lambda p: p.name)
+def test_quickstart_first_stage_is_the_quickstart_vq(path):
+    """The late-steps configs restore configs/quickstart/vq_f4.yaml's checkpoint: their first_stage_config must build
+    that network (a dropped attention block or another codebook size would not load)."""
+    vq = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "quickstart" / "vq_f4.yaml").model.params)
+    first = OmegaConf.to_container(OmegaConf.load(path).model.params.first_stage_config.params)
+    assert first["ddconfig"] == vq["ddconfig"]
+    assert (first["embed_dim"], first["n_embed"]) == (vq["embed_dim"], vq["n_embed"])

@@ -99,13 +99,37 @@ def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def check_arguments():
-    """scripts/quickstart.py's argument check, in-process (a subprocess per case would cost seconds of imports)."""
+def quickstart_module():
+    """scripts/quickstart.py in-process (a subprocess per case would cost seconds of imports)."""
     spec = importlib.util.spec_from_file_location("quickstart_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def check_arguments(quickstart_module):
+    """scripts/quickstart.py's argument check."""
+    module = quickstart_module
     return lambda *args: module.check_arguments(module.build_parser().parse_args(["--smoke", *args]))
+
+
+@pytest.mark.parametrize("user, expected", [(None, ["2", "1", "1"]), ("1", ["1", "1", "1"]), ("3", ["3", "3", "3"])])
+def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
+    quickstart_module, monkeypatch, tmp_path, user, expected
+):
+    seen = []
+
+    def fake_run(cmd, cwd, env):
+        seen.append(env["OMP_NUM_THREADS"])
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(quickstart_module.subprocess, "run", fake_run)
+    for stage in quickstart_module.stages(tmp_path / "checkpoints"):
+        with pytest.raises(SystemExit, match="failed"):
+            quickstart_module.run_stage(stage, tmp_path / "logs", tmp_path / "x.ckpt", 23, False, user)
+    assert seen == expected  # the VQ trains faster on two threads, the late-steps models on one
 
 
 @pytest.mark.parametrize(

@@ -328,7 +328,7 @@ class FinalCheckpoint(Callback):
         savers = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)]
         if step == 0 or any(getattr(cb, "_last_global_step_saved", None) == step for cb in savers):
             return
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # a full checkpoint: -r resumes from it
         if trainer.is_global_zero:
             logger.info("training ended off the checkpoint cadence: saved %s at global step %d", self.ckpt_path, step)
 

@@ -98,11 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask or cgroup-limited set where the OS tells, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def stages(checkpoints: Path) -> list[Stage]:
     vq = str(checkpoints / "vq_f4.ckpt")
     first_stage = f"model.params.first_stage_config.params.ckpt_path={vq}"
     return [
-        Stage("vq_f4", "train the VQ-f4 first stage", CONFIGS / "vq_f4.yaml", threads="2"),
+        Stage("vq_f4", "train the VQ-f4 first stage", CONFIGS / "vq_f4.yaml", threads=str(min(2, usable_cpus()))),
         Stage("latesteps_500_750", "train late steps 500-750 (t in [250, 500))", CONFIGS / "latesteps_500_750.yaml",
               [first_stage]),
         Stage("latesteps_750_1000", "finetune late steps 750-1000 (t in [0, 250)) from 500-750",

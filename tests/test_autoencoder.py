@@ -314,6 +314,19 @@ def test_compvis_layout_checkpoint_loads_into_interface(tmp_path, caplog):
     assert_reproduces(source, via_config)
 
 
+def test_checkpoint_of_another_ddconfig_is_refused_not_silently_truncated(tmp_path):
+    """A first stage trained with the middle attention block, loaded into one without it (the quick start's VQ before
+    and after it dropped the block): its attention weights must not be dropped in silence."""
+    ckpt = tmp_path / "model.ckpt"
+    write_compvis_checkpoint(ckpt)
+    without_attention = dict(TINY_DDCONFIG, attn_type="none")
+    with pytest.raises(CheckpointError, match=r"autoencoder weights this model lacks \(first: \['encoder.mid.attn_1"):
+        VQModelInterface(ddconfig=without_attention, lossconfig=IDENTITY, n_embed=64, embed_dim=3, ckpt_path=str(ckpt))
+    dropped = VQModelInterface(ddconfig=without_attention, lossconfig=IDENTITY, n_embed=64, embed_dim=3,
+                               ckpt_path=str(ckpt), ignore_keys=["encoder.mid.attn_1", "decoder.mid.attn_1"])
+    assert not any(".attn_1." in k for k in dropped.state_dict())
+
+
 def test_checkpoint_restores_discriminator_when_the_loss_matches(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     source = write_compvis_checkpoint(ckpt)

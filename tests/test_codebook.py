@@ -100,15 +100,20 @@ def test_restarts_revive_a_collapsed_codebook_at_the_end_of_each_window():
     assert used_with > 16
 
 
-def test_window_counts_go_into_checkpoints_and_come_back():
+def test_the_window_in_progress_goes_into_checkpoints_and_comes_back():
     model = tiny_vq(gan_lossconfig(), n_embed=64, dead_code_restart_every=5)
     model.code_usage[[1, 7]] = torch.tensor([4, 9])
+    model.code_window_batches = 3
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)
     restored = tiny_vq(gan_lossconfig(), n_embed=64, dead_code_restart_every=5)
     restored.on_load_checkpoint(checkpoint)
-    assert torch.equal(restored.code_usage, model.code_usage)
+    assert torch.equal(restored.code_usage, model.code_usage) and restored.code_window_batches == 3
     assert "code_usage" not in restored.state_dict()  # CompVis' state-dict keys are unchanged
+    # no window saved (restarts just enabled) or one of another codebook size: a full window starts
+    for other in ({"generator_steps": 4}, {"code_usage": torch.ones(32, dtype=torch.long), "code_window_batches": 2}):
+        restored.on_load_checkpoint(other)
+        assert int(restored.code_usage.sum()) == 0 and restored.code_window_batches == 0
     off: dict = {}
     tiny_vq(gan_lossconfig(), n_embed=64).on_save_checkpoint(off)
     assert "code_usage" not in off

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.checkpoint import UnsafeCheckpointError, load_checkpoint
-from ldm.train.callbacks import ImageLogger
+from ldm.train.callbacks import FinalCheckpoint, ImageLogger
 from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.train.cli import check_override_key, merge_configs, parse_cli
 from ldm.train.data import ResumableDataLoader, ShardedEpochSampler, derive_seed, make_resumable
@@ -206,6 +206,43 @@ def test_resume_from_logdir_and_from_checkpoint_continues_at_the_saved_step(trai
     third = run_main(["-t", "-r", str(run), *off], tmp_path)
     assert third.returncode == 0, third.stderr[-4000:]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 9
+
+
+def _final_save(tmp_path: Path, every: int) -> dict:
+    """Train 7 steps over epochs of 10 batches, ``last.ckpt`` saved every ``every`` steps (plus FinalCheckpoint)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    folder = tmp_path / f"every{every}"
+    saver = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=every,
+                            enable_version_counter=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[FinalCheckpoint(), saver])
+    writes = []
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda path, *a, **k: (writes.append(trainer.global_step), save(path, *a, **k))
+    trainer.fit(Model(), DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=1))
+    return {"writes": writes, **load_checkpoint(folder / "last.ckpt")}
+
+
+def test_final_save_off_the_cadence_equals_a_save_on_it(tmp_path):
+    """max_steps=7 saved every 5 steps: last.ckpt holds step 7, in the loop state a save on the cadence (every 7) has
+    (mid-epoch, so a resume continues with batch 8 of epoch 0), written once; on the cadence nothing is added."""
+    off, on = _final_save(tmp_path, every=5), _final_save(tmp_path, every=7)
+    assert off["global_step"] == on["global_step"] == 7 and off["epoch"] == on["epoch"] == 0
+    assert off["loops"] == on["loops"]
+    assert off["writes"] == [5, 7] and on["writes"] == [7]
 
 
 @pytest.mark.slow

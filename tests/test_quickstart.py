@@ -126,10 +126,13 @@ def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
         return subprocess.CompletedProcess(cmd, 1)
 
     monkeypatch.setattr(quickstart_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(quickstart_module, "usable_cpus", lambda: 4)
     for stage in quickstart_module.stages(tmp_path / "checkpoints"):
         with pytest.raises(SystemExit, match="failed"):
             quickstart_module.run_stage(stage, tmp_path / "logs", tmp_path / "x.ckpt", 23, False, user)
     assert seen == expected  # the VQ trains faster on two threads, the late-steps models on one
+    monkeypatch.setattr(quickstart_module, "usable_cpus", lambda: 1)  # never more threads than CPUs to run them
+    assert quickstart_module.stages(tmp_path)[0].threads == "1"
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ stepped, so ``global_step == generator_steps`` until ``disc_start`` and grows by
 
 ``dead_code_restart_every: N`` (0 = off, as in CompVis) counts how often each code is chosen and, every ``N`` batches,
 restarts the codes no batch of that window chose at encoder outputs of the current batch
-(:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks and rank 0's restarts are
-broadcast, so the codebooks stay identical; the counts of the window in progress are saved in checkpoints.
+(:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks at every batch and rank
+0's restarts are broadcast, so the codebooks stay identical; the window in progress (its counts and length) is saved in
+checkpoints, so a resumed run restarts exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
+# the autoencoder's own modules (a checkpoint's other keys, e.g. ``loss.*``, are not part of the network)
+AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 VQ_F4_DOWNLOAD_HINT = (
     "put CompVis' vq-f4 weights there (https://ommer-lab.com/files/latent-diffusion/vq-f4.zip, unzip to "
     "models/first_stage_models/vq-f4/model.ckpt) or train your own first stage with "
@@ -102,6 +105,7 @@ class VQModel(pl.LightningModule):
         self.generator_steps = 0
         # not in the state dict (CompVis' keys stay as they are): saved as checkpoint["code_usage"]
         self.register_buffer("code_usage", torch.zeros(n_embed, dtype=torch.long), persistent=False)
+        self.code_window_batches = 0  # batches counted into code_usage since the last restart
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -135,7 +139,14 @@ class VQModel(pl.LightningModule):
                 len(loss_keys),
             )
             sd = {k: v for k, v in sd.items() if k not in loss_keys}
-        missing, _ = load_weights(self, sd, strict=False, source=f"first-stage checkpoint {path!r}")
+        missing, unexpected = load_weights(self, sd, strict=False, source=f"first-stage checkpoint {path!r}")
+        extra = [k for k in unexpected if k.startswith(AUTOENCODER_PREFIXES)]
+        if extra:
+            raise CheckpointError(
+                f"first-stage checkpoint {path!r} has {len(extra)} autoencoder weights this model lacks (first: "
+                f"{extra[:5]}): it was trained with another ddconfig (attn_type, attn_resolutions, num_res_blocks, ...); "
+                "use the ddconfig it was trained with, or drop the weights on purpose with ignore_keys"
+            )
         model_missing = [k for k in missing if not k.startswith("loss.")]
         if model_missing:
             raise CheckpointError(
@@ -221,7 +232,7 @@ class VQModel(pl.LightningModule):
             self.manual_backward(aeloss)
             opt_ae.step()
         if self.dead_code_restart_every:
-            log["train/codes_restarted"] = self._count_and_restart_codes(x, ind, step)
+            log["train/codes_restarted"] = self._count_and_restart_codes(x, ind)
         if self.loss.discriminator_active(step):
             with self.toggled_optimizer(opt_disc):
                 discloss, log_disc = self.loss(qloss, x, xrec.detach(), 1, step, split="train")
@@ -234,24 +245,29 @@ class VQModel(pl.LightningModule):
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=x.shape[0])
 
     @torch.no_grad()
-    def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor, step: int) -> torch.Tensor:
-        """Add this batch's code counts; at the end of a window restart the unused codes.  Returns how many were."""
-        self.code_usage += torch.bincount(indices.flatten(), minlength=self.n_embed)
-        restarted = torch.zeros((), device=self.device)
-        if (step + 1) % self.dead_code_restart_every:
-            return restarted
-        usage = self.code_usage.clone()
-        trainer = self._trainer
-        distributed = trainer is not None and trainer.world_size > 1
+    def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Add this batch's code counts; after ``dead_code_restart_every`` batches restart the codes no batch chose.
+
+        Under DDP the counts are summed over ranks at every batch (every rank, and so every checkpoint, holds the
+        window's global counts) and rank 0's restarted codebook is broadcast.  Returns how many codes were restarted.
+        """
+        counts = torch.bincount(indices.flatten(), minlength=self.n_embed)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = distributed and torch.distributed.get_world_size() > 1
         if distributed:
-            usage = trainer.strategy.reduce(usage, reduce_op="sum")
+            torch.distributed.all_reduce(counts)
+        self.code_usage += counts
+        self.code_window_batches += 1
+        if self.code_window_batches < self.dead_code_restart_every:
+            return torch.zeros((), device=self.device)
         candidates = rearrange(self.encode_to_prequant(x), "b c h w -> (b h w) c").float()
         codebook = self.quantize.embedding.weight
-        dead = restart_dead_codes(codebook.data, usage, candidates)
+        dead = restart_dead_codes(codebook.data, self.code_usage, candidates)
         if distributed:
-            codebook.data.copy_(trainer.strategy.broadcast(codebook.data, src=0))
+            torch.distributed.broadcast(codebook.data, src=0)
         self.code_usage.zero_()
-        return restarted + dead.numel()
+        self.code_window_batches = 0
+        return torch.full((), float(dead.numel()), device=self.device)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Logs ``val/rec_loss`` (the checkpoint monitor), the other loss terms and codebook usage."""
@@ -292,11 +308,16 @@ class VQModel(pl.LightningModule):
         checkpoint["generator_steps"] = self.generator_steps
         if self.dead_code_restart_every:
             checkpoint["code_usage"] = self.code_usage.detach().cpu().clone()
+            checkpoint["code_window_batches"] = self.code_window_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        usage = checkpoint.get("code_usage")
-        if isinstance(usage, torch.Tensor) and usage.shape == self.code_usage.shape:
+        usage, batches = checkpoint.get("code_usage"), checkpoint.get("code_window_batches")
+        if isinstance(usage, torch.Tensor) and usage.shape == self.code_usage.shape and isinstance(batches, int):
             self.code_usage.copy_(usage)
+            self.code_window_batches = max(0, batches)
+        else:  # no window saved (restarts just enabled, an older checkpoint): a full window starts here
+            self.code_usage.zero_()
+            self.code_window_batches = 0
         if "generator_steps" in checkpoint:
             self.generator_steps = int(checkpoint["generator_steps"])
         else:  # taming / CompVis (Lightning 1, automatic optimization): global_step counted batches

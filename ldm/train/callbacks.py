@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -308,29 +308,39 @@ class InterruptCheckpoint(Callback):
             logger.info("%s: saved %s at global step %d", reason, self.ckpt_path, trainer.global_step)
 
 
-class FinalCheckpoint(Callback):
-    """Writes ``last.ckpt`` at the end of a completed fit unless a ``save_last`` ModelCheckpoint already saved that step.
+class FinalCheckpoint(Checkpoint):
+    """Has every ``save_last`` ModelCheckpoint write ``last.ckpt`` for the final step when training ends off its cadence.
 
     Lightning's ModelCheckpoint writes ``last.ckpt`` only on its cadence (``every_n_train_steps`` ...), and at the end
     of training only when it never wrote one: a run of 1700 steps saved every 500 would leave the weights of step 1500
-    in ``last.ckpt``.  Not called after an exception (:class:`InterruptCheckpoint` handles those).
-
-    Args:
-        ckpt_path: where to write (``<logdir>/checkpoints/last.ckpt``).
+    in ``last.ckpt``.  The save happens at the end of the batch that reaches ``max_steps`` (where a cadence save would
+    happen, so resuming from it continues with the very next batch) or, for runs ended otherwise (``max_epochs``, a
+    callback stopping), at the end of training.  It goes through the ModelCheckpoint's own ``last.ckpt`` logic
+    (``save_weights_only``, ``save_last="link"``, ``fast_dev_run`` and a step it already saved are respected).  As a
+    :class:`~pytorch_lightning.callbacks.Checkpoint` it runs after the ModelCheckpoints: their saves come first.
+    Not called after an exception (:class:`InterruptCheckpoint` handles those).
     """
 
-    def __init__(self, ckpt_path: str) -> None:
-        super().__init__()
-        self.ckpt_path = str(ckpt_path)
+    @staticmethod
+    def _save_final(trainer: pl.Trainer) -> None:
+        for saver in trainer.checkpoint_callbacks:
+            if not isinstance(saver, ModelCheckpoint) or not saver.save_last:
+                continue
+            if saver._should_skip_saving_checkpoint(trainer):  # fast_dev_run, sanity check, step already saved
+                continue
+            saver._save_last_checkpoint(trainer, saver._monitor_candidates(trainer))
+            if trainer.is_global_zero:
+                logger.info("training ended off the checkpoint cadence: saved last.ckpt at global step %d",
+                            trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = int(trainer.global_step)
-        savers = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)]
-        if step == 0 or any(getattr(cb, "_last_global_step_saved", None) == step for cb in savers):
-            return
-        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # a full checkpoint: -r resumes from it
-        if trainer.is_global_zero:
-            logger.info("training ended off the checkpoint cadence: saved %s at global step %d", self.ckpt_path, step)
+        self._save_final(trainer)
 
 
 def reseed_global_rngs(seed: int) -> None:

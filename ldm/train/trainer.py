@@ -230,7 +230,7 @@ def build_trainer(
         )
     interrupt = InterruptCheckpoint(f"{ckptdir}/last.ckpt")
     callbacks = [setup_callback, *build_callbacks(lightning_config, model, ckptdir, has_validation)]
-    callbacks += [interrupt, FinalCheckpoint(f"{ckptdir}/last.ckpt"), StepSeeding(seed)]
+    callbacks += [interrupt, FinalCheckpoint(), StepSeeding(seed)]
     trainer = pl.Trainer(
         **trainer_kwargs,
         callbacks=callbacks,

@@ -1,10 +1,10 @@
 """Dead-code restarts for a VQ codebook (a pure function; :class:`ldm.models.autoencoder.VQModel` schedules it).
 
 A code that no encoder output chose for a whole window of training steps gets no gradient from the codebook loss and
-never comes back.  A small first stage trained for a few thousand steps ends up using a fifth of a 1024-entry codebook
-this way.  Restarting such a code at an encoder output of the current batch (with a little noise, so that two codes
-restarted at the same vector do not stay tied) puts it where the data is, the way k-means handles empty clusters;
-see Dhariwal et al. 2020 (Jukebox, "random restarts") and Zeghidour et al. 2021 (SoundStream).
+never comes back, so a small first stage trained briefly can end up using a small part of its codebook (README's
+quick-start section measures it).  Restarting such a code at an encoder output of the current batch (with a little
+noise, so that two codes restarted at the same vector do not stay tied) puts it where the data is, the way k-means
+handles empty clusters; see Dhariwal et al. 2020 (Jukebox, "random restarts") and Zeghidour et al. 2021 (SoundStream).
 """
 
 from __future__ import annotations

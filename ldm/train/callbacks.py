@@ -323,6 +323,8 @@ class FinalCheckpoint(Checkpoint):
 
     @staticmethod
     def _save_final(trainer: pl.Trainer) -> None:
+        # ModelCheckpoint's own (private) last-checkpoint path keeps its bookkeeping, link mode and weights-only
+        # setting consistent; a plain trainer.save_checkpoint would bypass all three
         for saver in trainer.checkpoint_callbacks:
             if not isinstance(saver, ModelCheckpoint) or not saver.save_last:
                 continue

@@ -1,0 +1,255 @@
+"""A synthetic image family with a known generative process: soft-edged flat shapes on a flat background.
+
+Why it exists: on photographs, a first stage trained for a few CPU minutes loses more than late-step experts can add,
+so the method cannot be judged there.  This family is one that tiny models learn in minutes on a CPU, so that the
+question "do late-step experts remove local artifacts?" can be answered at this machine's scale, with as many
+held-out images as a statistic needs.
+
+The generative process of one image (:func:`draw_scene`, then :func:`render_scene`):
+
+1. a background colour, uniform over :data:`PALETTE` (8 colours);
+2. ``n`` shapes, ``n`` uniform in ``[n_min, n_max]``, painted in order (later shapes occlude earlier ones); each is
+   * a disc or an axis-aligned rectangle (probability 1/2 each),
+   * of a palette colour other than the background's (uniform over the other 7),
+   * centred uniformly in the image, with "radius" ``r`` uniform in ``[radius_min, radius_max]`` (fractions of the
+     image side; a rectangle's half-sides are ``r * U(0.6, 1)`` each);
+3. edges are soft: a shape's coverage of a pixel is ``clip(0.5 - d / edge, 0, 1)`` where ``d`` is the signed distance
+   (pixels, negative inside) of the pixel centre to the shape's outline, and ``edge`` the ramp width in pixels.
+
+Scenes are drawn in fractions of the image side, so one image seed renders the same scene at any size.
+
+Seeds: an image is identified by its *image seed*, an integer in ``[0, 2**63)``.  Training draws image seeds only from
+``[0, HELDOUT_START)``; held-out images (:func:`heldout_image_seed`, used by validation and evaluation) only from
+``[HELDOUT_START, 2**63)``, so no held-out image can ever be a training image, whatever the seeds and epochs.  The
+evaluation's streams (``seed`` 0 for the cases, 1 for the realism reference, see :func:`heldout_shapes`) are disjoint
+from the validation split's (:data:`VALIDATION_STREAM` and up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldm.data.image_folder import EpochSeededDataset, uint8_to_model_range
+
+PALETTE: np.ndarray = np.array(
+    [
+        [230, 57, 70],  # red
+        [244, 162, 97],  # orange
+        [233, 196, 106],  # yellow
+        [42, 157, 143],  # teal
+        [38, 70, 83],  # dark slate
+        [69, 123, 157],  # blue
+        [168, 218, 220],  # light cyan
+        [241, 250, 238],  # off-white
+    ],
+    dtype=np.uint8,
+)
+PALETTE.setflags(write=False)
+SHAPE_KINDS: tuple[str, ...] = ("disc", "rectangle")
+HELDOUT_START = 1 << 62  # image seeds at or above this are never drawn for training
+STREAM_BITS = 32  # a held-out stream holds 2**32 images
+MAX_STREAM = (1 << (62 - STREAM_BITS)) - 1
+VALIDATION_STREAM = 1 << 20  # the dataset's validation split uses held-out streams from here on, the evaluation's below
+MAX_SIZE = 1024
+MAX_SAMPLES = 10**7  # items per epoch: the loader's sampler holds a permutation of them
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of a scene, in fractions of the image side: ``kind`` (:data:`SHAPE_KINDS`), ``colour`` (an index into
+    :data:`PALETTE`), centre ``(cx, cy)`` and half-extents ``(rx, ry)`` (equal for a disc, its radius)."""
+
+    kind: str
+    colour: int
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A drawn image before rendering: the background's palette index and the shapes in painting order."""
+
+    background: int
+    shapes: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class ShapesFamily:
+    """The family's parameters (see the module docstring); the defaults are the family the synthetic configs train on.
+
+    Args:
+        n_min, n_max: shapes per image, uniform in ``[n_min, n_max]``.
+        radius_min, radius_max: shape "radius" range, fractions of the image side.
+        edge: width of the soft edge in pixels at ``reference_size``; it scales with the rendered size, so a scene looks
+            the same at every size.
+        reference_size: the size (px) at which ``edge`` is given.
+    """
+
+    n_min: int = 2
+    n_max: int = 4
+    radius_min: float = 0.12
+    radius_max: float = 0.3
+    edge: float = 3.0
+    reference_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("n_min", "n_max", "reference_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("radius_min", "radius_max", "edge"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{name}={value!r} must be a number")
+        if not 1 <= self.n_min <= self.n_max <= 64:
+            raise ValueError(f"shapes per image: need 1 <= n_min <= n_max <= 64, got n_min={self.n_min}, n_max={self.n_max}")
+        if not 0 < self.radius_min <= self.radius_max <= 1:
+            raise ValueError(
+                f"shape radius: need 0 < radius_min <= radius_max <= 1 (fractions of the side), got "
+                f"{self.radius_min}, {self.radius_max}"
+            )
+        if not 0 < self.edge <= 16 or not 8 <= self.reference_size <= MAX_SIZE:
+            raise ValueError(
+                f"edge={self.edge} must be in (0, 16] px and reference_size={self.reference_size} in [8, {MAX_SIZE}]"
+            )
+
+
+def draw_scene(image_seed: int, family: ShapesFamily = ShapesFamily()) -> Scene:
+    """The scene of ``image_seed`` (an integer in ``[0, 2**63)``): deterministic, independent of any other draw."""
+    rng = np.random.default_rng(_check_image_seed(image_seed))
+    n_colours = len(PALETTE)
+    background = int(rng.integers(n_colours))
+    shapes = []
+    for _ in range(int(rng.integers(family.n_min, family.n_max + 1))):
+        kind = SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))]
+        colour = int(rng.integers(n_colours - 1))
+        colour += colour >= background  # any colour but the background's
+        cx, cy = (float(v) for v in rng.uniform(0.0, 1.0, 2))
+        r = float(rng.uniform(family.radius_min, family.radius_max))
+        rx, ry = (r, r) if kind == "disc" else (r * float(rng.uniform(0.6, 1.0)), r * float(rng.uniform(0.6, 1.0)))
+        shapes.append(Shape(kind, colour, cx, cy, rx, ry))
+    return Scene(background, tuple(shapes))
+
+
+def render_scene(scene: Scene, size: int, family: ShapesFamily = ShapesFamily()) -> np.ndarray:
+    """``scene`` as a uint8 ``[size, size, 3]`` image (soft edges of ``family.edge`` px at its reference size)."""
+    size = _check_size(size)
+    edge = family.edge * size / family.reference_size
+    centres = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres, fractions of the side
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    canvas = np.broadcast_to(PALETTE[scene.background].astype(np.float64), (size, size, 3)).copy()
+    for shape in scene.shapes:
+        dx, dy = np.abs(xs - shape.cx), np.abs(ys - shape.cy)
+        if shape.kind == "disc":
+            distance = np.hypot(dx, dy) - shape.rx
+        else:  # signed distance to an axis-aligned rectangle
+            ox, oy = dx - shape.rx, dy - shape.ry
+            distance = np.hypot(np.maximum(ox, 0), np.maximum(oy, 0)) + np.minimum(np.maximum(ox, oy), 0)
+        coverage = np.clip(0.5 - distance * size / edge, 0.0, 1.0)[..., None]
+        canvas = coverage * PALETTE[shape.colour] + (1.0 - coverage) * canvas
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def render_shapes(image_seed: int, size: int, family: ShapesFamily = ShapesFamily()) -> np.ndarray:
+    """The image of ``image_seed`` at ``size`` px: uint8 ``[size, size, 3]`` (:func:`draw_scene` + :func:`render_scene`)."""
+    return render_scene(draw_scene(image_seed, family), size, family)
+
+
+def train_image_seed(seed: int, epoch: int, index: int) -> int:
+    """The image seed of training item ``index`` in ``epoch`` for dataset ``seed``: uniform in ``[0, HELDOUT_START)``."""
+    return int(np.random.default_rng([int(seed), int(epoch), int(index)]).integers(0, HELDOUT_START))
+
+
+def heldout_image_seed(index: int, seed: int = 0) -> int:
+    """The image seed of held-out image ``index`` of stream ``seed``: in ``[HELDOUT_START, 2**63)``, never a training
+    seed; streams do not overlap (stream ``seed`` holds ``2**32`` images)."""
+    if not 0 <= int(index) < 1 << STREAM_BITS or not 0 <= int(seed) <= MAX_STREAM:
+        raise ValueError(f"held-out index {index} must be in [0, 2**{STREAM_BITS}) and seed {seed} in [0, {MAX_STREAM}]")
+    return HELDOUT_START + (int(seed) << STREAM_BITS) + int(index)
+
+
+def heldout_shapes(n: int, size: int, seed: int = 0, family: ShapesFamily = ShapesFamily()) -> list[np.ndarray]:
+    """``n`` held-out images (uint8 ``[size, size, 3]``) of stream ``seed``; training never draws them."""
+    if int(n) < 0:
+        raise ValueError(f"n={n} must be non-negative")
+    return [render_shapes(heldout_image_seed(i, seed), size, family) for i in range(int(n))]
+
+
+def _check_image_seed(image_seed: int) -> int:
+    if isinstance(image_seed, bool) or not isinstance(image_seed, (int, np.integer)) or not 0 <= image_seed < 1 << 63:
+        raise ValueError(f"image seed {image_seed!r} must be an integer in [0, 2**63)")
+    return int(image_seed)
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= MAX_SIZE:
+        raise ValueError(f"size={size!r} must be an integer number of pixels in [8, {MAX_SIZE}]")
+    return int(size)
+
+
+class SyntheticShapes(EpochSeededDataset):
+    """The synthetic family as a dataset: unlimited, deterministic by seed, with a held-out split.
+
+    Args:
+        size: side of the square images in pixels.
+        split: ``"train"`` (new image seeds every epoch, drawn from ``(seed, epoch, index)`` in the training range) or
+            ``"validation"`` (fixed held-out images of stream ``VALIDATION_STREAM + seed``, the same every epoch).
+        n_samples: length of an epoch (training) / number of validation images.
+        seed: see ``split``.
+        image_key: key of the image in the returned dict.
+        n_min, n_max, radius_min, radius_max, edge: the family (:class:`ShapesFamily`).
+
+    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "image_seed_": int}``.
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        split: str = "train",
+        n_samples: int = 512,
+        seed: int = 0,
+        image_key: str = "image",
+        n_min: int = 2,
+        n_max: int = 4,
+        radius_min: float = 0.12,
+        radius_max: float = 0.3,
+        edge: float = 3.0,
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed={seed!r} must be a non-negative integer")
+        super().__init__(seed)
+        if not isinstance(image_key, str) or not image_key:
+            raise ValueError(f"image_key={image_key!r} must be a non-empty string")
+        if split not in ("train", "validation"):
+            raise ValueError(f"split={split!r} is not one of ['train', 'validation']")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or not 1 <= n_samples <= MAX_SAMPLES:
+            raise ValueError(f"n_samples={n_samples!r} must be an integer in [1, {MAX_SAMPLES}] (the length of an epoch)")
+        if split == "validation" and VALIDATION_STREAM + self.seed > MAX_STREAM:
+            raise ValueError(f"seed={seed} is too large for the validation split (at most {MAX_STREAM - VALIDATION_STREAM})")
+        self.size = _check_size(size)
+        self.split = split
+        self.n_samples = int(n_samples)
+        self.image_key = image_key
+        self.family = ShapesFamily(n_min, n_max, radius_min, radius_max, edge)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def image_seed(self, index: int) -> int:
+        """The image seed of item ``index`` (in the current epoch for training)."""
+        if not -self.n_samples <= index < self.n_samples:
+            raise IndexError(f"index {index} out of range for n_samples={self.n_samples}")
+        index %= self.n_samples
+        if self.split == "validation":
+            return heldout_image_seed(index, VALIDATION_STREAM + self.seed)
+        return train_image_seed(self.seed, self.epoch, index)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | int]:
+        image_seed = self.image_seed(index)
+        image = render_shapes(image_seed, self.size, self.family)
+        return {self.image_key: uint8_to_model_range(image), "image_seed_": image_seed}
+

@@ -27,9 +27,13 @@ float64 on the CPU (the sets are small).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ldm.eval.stats import Interval, percentile_interval, resample_indices
 
 PATCH_SIZE = 7
 PATCHES_PER_IMAGE = 128
@@ -163,11 +167,95 @@ def _check_sets(images: torch.Tensor, reference: torch.Tensor, patch_size: int) 
         )
     if images.shape[0] < 1 or min(images.shape[-2:]) < patch_size:
         raise ValueError(f"SWD needs at least one image of at least {patch_size}x{patch_size}, got {tuple(images.shape)}")
+    for name, x in (("images", images), ("reference", reference)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} hold NaN or infinite values; SWD compares finite images")
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """The reference side of :func:`swd` for image sets of ``shape`` ``(B, C, H, W)``: per level the patch positions,
+    the directions, the reference's normalised descriptors, their channel statistics and sorted projections.  The
+    draws depend only on ``seed``, the shape and the settings, so every set compared with one reference at one seed
+    reuses them (:func:`prepare_reference`; the sweep compares dozens of sets with one realism reference)."""
+
+    shape: tuple[int, ...]
+    seed: int
+    settings: tuple[int, int, int, int, str]  # patch_size, patches_per_image, n_directions, min_resolution, normalize
+    sides: tuple[int, ...]
+    positions: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    directions: tuple[torch.Tensor, ...]
+    descriptors: tuple[torch.Tensor, ...]
+    statistics: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    sorted_projections: tuple[torch.Tensor, ...]
+
+
+def prepare_reference(
+    reference: torch.Tensor,
+    *,
+    seed: int = 0,
+    patch_size: int = PATCH_SIZE,
+    patches_per_image: int = PATCHES_PER_IMAGE,
+    n_directions: int = N_DIRECTIONS,
+    min_resolution: int = MIN_RESOLUTION,
+    normalize: str = "each",
+) -> PreparedReference:
+    """The reference side of :func:`swd` (see :class:`PreparedReference`) for sets of ``reference``'s shape."""
+    for name, value, low in (("patch_size", patch_size, 1), ("patches_per_image", patches_per_image, 1),
+                             ("n_directions", n_directions, 1), ("min_resolution", min_resolution, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    _check_sets(reference, reference, patch_size)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    sides = pyramid_resolutions(*reference.shape[-2:], min_resolution)
+    levels = laplacian_pyramid(reference.detach().cpu().double(), len(sides))
+    # every position first, then each level's directions: the order of the draws is part of the metric
+    positions = [
+        patch_positions(reference.shape[0], *level.shape[-2:], patches_per_image, patch_size, generator)
+        for level in levels
+        if min(level.shape[-2:]) >= patch_size
+    ]
+    directions, descriptors, statistics, projections = [], [], [], []
+    for level, (ys, xs) in zip(levels, positions):
+        db = extract_patches(level, ys, xs, patch_size)
+        mean_b, std_b = channel_statistics(db)
+        db = ((db - mean_b) / std_b).flatten(1)
+        d = random_directions(db.shape[1], n_directions, generator)
+        directions.append(d)
+        descriptors.append(db)
+        statistics.append((mean_b, std_b))
+        projections.append(torch.sort((d.t() @ db.t()).contiguous(), dim=1).values)
+    settings = (patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    return PreparedReference(
+        tuple(reference.shape), int(seed), settings, tuple(sides[: len(positions)]), tuple(positions), tuple(directions),
+        tuple(descriptors), tuple(statistics), tuple(projections),
+    )
+
+
+def _image_descriptors(images: torch.Tensor, prepared: PreparedReference) -> list[torch.Tensor]:
+    """``images``' normalised descriptors ``[B * P, D]`` per level, at the prepared reference's patch positions (the
+    patches of image ``i`` in rows ``i * P`` to ``(i + 1) * P - 1``)."""
+    if tuple(images.shape) != prepared.shape:
+        raise ValueError(
+            f"images {tuple(images.shape)} and reference {prepared.shape} must have the same shape "
+            "(equal-size sets of equal-size images); crop or resize them to one size"
+        )
+    _check_sets(images, images, prepared.settings[0])
+    levels = laplacian_pyramid(images.detach().cpu().double(), len(pyramid_resolutions(*images.shape[-2:],
+                                                                                       prepared.settings[3])))
+    out = []
+    for level, (ys, xs), (mean_b, std_b) in zip(levels, prepared.positions, prepared.statistics):
+        da = extract_patches(level, ys, xs, prepared.settings[0])
+        mean_a, std_a = (mean_b, std_b) if prepared.settings[4] == "reference" else channel_statistics(da)
+        out.append(((da - mean_a) / std_a).flatten(1))
+    return out
 
 
 def swd(
     images: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | PreparedReference,
     *,
     seed: int = 0,
     patch_size: int = PATCH_SIZE,
@@ -180,7 +268,8 @@ def swd(
 
     Args:
         images, reference: ``[B, C, H, W]`` float sets of the same shape (any value range: descriptors are normalised
-            per channel), e.g. refined images and clean images.
+            per channel), e.g. refined images and clean images; or a :class:`PreparedReference` (whose seed and
+            settings then apply, the keyword arguments are ignored).
         seed: seeds the patch positions and the directions.
         patch_size, patches_per_image, n_directions, min_resolution: the paper's 7, 128, 512 (4 x 128) and 16.
         normalize: ``"each"`` (the paper) or ``"reference"`` (both sets by the reference's statistics).
@@ -188,28 +277,150 @@ def swd(
     Returns:
         :class:`SWDResult` (raw values; the paper prints them x 10^3).
     """
-    _check_sets(images, reference, patch_size)
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
-    for name, value in (("patches_per_image", patches_per_image), ("n_directions", n_directions)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    sides = pyramid_resolutions(*images.shape[-2:], min_resolution)
-    levels_a = laplacian_pyramid(images.detach().cpu().double(), len(sides))
-    levels_b = laplacian_pyramid(reference.detach().cpu().double(), len(sides))
-    positions = [
-        patch_positions(images.shape[0], *level.shape[-2:], patches_per_image, patch_size, generator)
-        for level in levels_a
-        if min(level.shape[-2:]) >= patch_size
+    prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    per_level = [
+        float((torch.sort((d.t() @ da.t()).contiguous(), dim=1).values - pb).abs().mean())
+        for da, d, pb in zip(_image_descriptors(images, prepared), prepared.directions, prepared.sorted_projections)
     ]
+    return SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
+
+
+def _prepared(reference: torch.Tensor | PreparedReference, images: torch.Tensor, *settings: Any) -> PreparedReference:
+    if isinstance(reference, PreparedReference):
+        return reference
+    _check_sets(images, reference, settings[1])
+    seed, patch_size, patches_per_image, n_directions, min_resolution, normalize = settings
+    return prepare_reference(reference, seed=seed, patch_size=patch_size, patches_per_image=patches_per_image,
+                             n_directions=n_directions, min_resolution=min_resolution, normalize=normalize)
+
+
+def image_cdfs(projections: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Per-image empirical CDFs on a grid: ``projections`` ``[K, B, P]`` (K directions, B images, P patches each) and
+    ``grid`` ``[K, G]`` -> ``[K, B, G]``, the fraction of each image's P values at or below each grid point."""
+    ordered = torch.sort(projections, dim=2).values.contiguous()
+    points = grid[:, None, :].expand(-1, projections.shape[1], -1).contiguous()
+    return torch.searchsorted(ordered, points, right=True).to(projections.dtype) / projections.shape[2]
+
+
+def resampled_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, weights_a: torch.Tensor, weights_b: torch.Tensor, grid_points: int = 256
+) -> torch.Tensor:
+    """1-D Wasserstein-1 distances ``[R, K]`` between image-weighted patch distributions, for R weightings at once.
+
+    ``a`` ``[K, B, P]`` and ``b`` ``[K, B', P]`` hold K projections of the patches of each image; ``weights_a``
+    ``[R, B]`` and ``weights_b`` ``[R, B']`` weigh the images (rows are normalised), e.g. how often a bootstrap resample
+    drew each.  ``W1 = integral |F_a - F_b|`` over a grid of ``grid_points`` quantiles of the pooled values per
+    direction (the CDFs are step functions, evaluated at each grid point and held to the next), so a resample costs
+    one matrix product of its weights with the images' CDFs instead of a sort.
+    """
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or not a.numel() or not b.numel():
+        raise ValueError(f"a and b must be non-empty [K, B, P] projections of K directions, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if weights_a.shape[1:] != a.shape[1:2] or weights_b.shape[1:] != b.shape[1:2] or weights_a.shape[0] != weights_b.shape[0]:
+        raise ValueError(f"weights must be [R, B] for a and [R, B'] for b with the same R, got {tuple(weights_a.shape)} "
+                         f"and {tuple(weights_b.shape)}")
+    if bool((weights_a < 0).any() or (weights_b < 0).any() or (weights_a.sum(1) <= 0).any() or (weights_b.sum(1) <= 0).any()):
+        raise ValueError("weights must be >= 0 with a positive sum in every row")
+    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+        raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
+    a, b = a.double(), b.double()
+    weights_a, weights_b = weights_a.double(), weights_b.double()
+    pooled = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
+    levels = torch.linspace(0, 1, grid_points, dtype=pooled.dtype)
+    grid = torch.quantile(pooled, levels, dim=1).t().contiguous()  # [K, G]
+    widths = grid[:, 1:] - grid[:, :-1]  # [K, G - 1]
+    wa = weights_a / weights_a.sum(dim=1, keepdim=True)
+    wb = weights_b / weights_b.sum(dim=1, keepdim=True)
+    cdf_a = torch.einsum("rb,kbg->rkg", wa, image_cdfs(a, grid))
+    cdf_b = torch.einsum("rb,kbg->rkg", wb, image_cdfs(b, grid))
+    return ((cdf_a - cdf_b)[..., :-1].abs() * widths).sum(dim=2)
+
+
+def swd_bootstrap(
+    images: torch.Tensor,
+    reference: torch.Tensor | PreparedReference,
+    *,
+    seed: int = 0,
+    n_resamples: int = 400,
+    resample_directions: int = 64,
+    confidence: float = 0.95,
+    patch_size: int = PATCH_SIZE,
+    patches_per_image: int = PATCHES_PER_IMAGE,
+    n_directions: int = N_DIRECTIONS,
+    min_resolution: int = MIN_RESOLUTION,
+    normalize: str = "each",
+) -> SWDBootstrap:
+    """:func:`swd` and a bias-corrected percentile-bootstrap interval of it over images.
+
+    Each resample draws ``B`` images with replacement from ``images`` and, independently, ``B`` from ``reference``;
+    every image keeps its patches (the patch sets are :func:`swd`'s, normalised once by the full sets' statistics).  A
+    resample's SWD is :func:`resampled_wasserstein` on ``resample_directions`` of the ``n_directions`` directions of
+    each level (the same subset for every resample).  Drawing images twice makes two sets look less alike, so resampled
+    SWDs sit above the estimate; the interval is the resamples' percentile interval shifted down by that bias (their
+    mean minus the estimate).  The estimate is :func:`swd`'s value over all directions.  ``reference`` may be a
+    :class:`PreparedReference` (its seed and settings then apply; ``seed`` still seeds the resamples).
+
+    Two calls with the same ``seed`` on sets of the same shape draw the same images, patches and directions, so their
+    ``resampled`` values are paired (:func:`paired_swd_difference`).
+    """
+    prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    n_directions = prepared.settings[2]
+    for name, value, low, high in (("n_resamples", n_resamples, 1, 10**6),
+                                   ("resample_directions", resample_directions, 1, n_directions)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    descriptors = _image_descriptors(images, prepared)
     per_level = []
-    for level_a, level_b, (ys, xs) in zip(levels_a, levels_b, positions):
-        da = extract_patches(level_a, ys, xs, patch_size)
-        db = extract_patches(level_b, ys, xs, patch_size)
-        mean_b, std_b = channel_statistics(db)
-        mean_a, std_a = (mean_b, std_b) if normalize == "reference" else channel_statistics(da)
-        da = ((da - mean_a) / std_a).flatten(1)
-        db = ((db - mean_b) / std_b).flatten(1)
-        per_level.append(sliced_wasserstein(da, db, random_directions(da.shape[1], n_directions, generator)))
-    return SWDResult(tuple(sides[: len(per_level)]), tuple(per_level), float(sum(per_level) / len(per_level)))
+    for da, d, pb in zip(descriptors, prepared.directions, prepared.sorted_projections):
+        per_level.append(float((torch.sort((d.t() @ da.t()).contiguous(), dim=1).values - pb).abs().mean()))
+    result = SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
+    n = images.shape[0]
+    resampled = torch.zeros(n_resamples, dtype=torch.float64)
+    weights = [_resample_weights(n, n_resamples, seed), _resample_weights(n, n_resamples, seed + 1)]
+    generator = torch.Generator().manual_seed(int(seed))
+    for da, db, directions in zip(descriptors, prepared.descriptors, prepared.directions):
+        chosen = directions[:, torch.randperm(directions.shape[1], generator=generator)[:resample_directions]]
+        pa = (chosen.t() @ da.t()).reshape(-1, n, da.shape[0] // n)  # [K, B, P]
+        pb = (chosen.t() @ db.t()).reshape(-1, n, db.shape[0] // n)
+        resampled += resampled_wasserstein(pa, pb, *weights).mean(dim=1)
+    resampled = (resampled / len(descriptors)).numpy()
+    pairing = (seed, prepared.seed, prepared.settings, tuple(images.shape), resample_directions)
+    return SWDBootstrap(result, bias_corrected_interval(result.mean, resampled, n, confidence), resampled, pairing)
+
+
+@dataclass(frozen=True)
+class SWDBootstrap:
+    """:func:`swd_bootstrap`'s answer: the SWD (``result``), its ``interval`` and the ``resampled`` values ``[R]``."""
+
+    result: SWDResult
+    interval: Interval
+    resampled: np.ndarray
+    pairing: tuple[Any, ...] = ()  # what must match for two results to be paired: seeds, settings, shape, directions
+
+
+def bias_corrected_interval(estimate: float, resampled: np.ndarray, n: int, confidence: float = 0.95) -> Interval:
+    """The percentile interval of ``resampled`` shifted by the bootstrap's bias estimate (their mean - ``estimate``)."""
+    interval = percentile_interval(estimate, resampled, n, confidence)
+    bias = float(np.mean(resampled)) - estimate
+    return Interval(estimate, interval.lo - bias, interval.hi - bias, n, confidence)
+
+
+def paired_swd_difference(after: SWDBootstrap, before: SWDBootstrap, confidence: float = 0.95) -> Interval:
+    """``after - before`` (e.g. the SWD of refined images minus that of the artifact images, same cases) with a
+    bias-corrected interval from their paired resamples (both from :func:`swd_bootstrap` with the same seed)."""
+    if not isinstance(after, SWDBootstrap) or not isinstance(before, SWDBootstrap):
+        raise ValueError("paired_swd_difference compares two swd_bootstrap results")
+    if after.resampled.shape != before.resampled.shape or after.pairing != before.pairing:
+        raise ValueError("paired SWD resamples need two swd_bootstrap results of the same seed, settings, set size and "
+                         "resamples; call swd_bootstrap with the same arguments on both sets")
+    estimate = after.result.mean - before.result.mean
+    return bias_corrected_interval(estimate, after.resampled - before.resampled, after.interval.n, confidence)
+
+
+def _resample_weights(n: int, n_resamples: int, seed: int) -> torch.Tensor:
+    """``[n_resamples, n]``: how often each of ``n`` images is drawn in each bootstrap resample."""
+    picks = torch.from_numpy(resample_indices(n, n_resamples, seed))
+    counts = torch.zeros((n_resamples, n), dtype=torch.float64)
+    return counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float64))

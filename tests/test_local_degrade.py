@@ -11,7 +11,21 @@ from hypothesis import strategies as st
 
 from ldm.eval import DEGRADATIONS, build_degradation, degradation_from_spec
 from ldm.eval.degrade import ElasticWarp, VQRoundTrip, seed_generator
-from ldm.eval.local_degrade import LocalBlotch, LocalShuffle, LocalVQ, LocalWarp, box_mask
+from ldm.eval.local_degrade import (
+    LocalBlock,
+    LocalBlotch,
+    LocalNoise,
+    LocalNone,
+    LocalPaint,
+    LocalShuffle,
+    LocalSmear,
+    LocalVQ,
+    LocalWarp,
+    PaintDisc,
+    Pixelate,
+    box_mask,
+    edge_weights,
+)
 from ldm.models.autoencoder import VQModelInterface
 
 
@@ -31,7 +45,7 @@ def images() -> torch.Tensor:
 
 
 def _all(vq: VQModelInterface) -> list:
-    return [LocalWarp(), LocalBlotch(), LocalShuffle(), LocalVQ(vq)]
+    return [LocalWarp(), LocalBlotch(), LocalShuffle(), LocalVQ(vq), LocalPaint(), LocalNoise(), LocalSmear(), LocalBlock()]
 
 
 def test_outside_the_box_is_exact_and_the_mask_is_the_box(tiny_vq, images):
@@ -55,11 +69,12 @@ def test_outside_the_box_is_exact_and_the_mask_is_the_box(tiny_vq, images):
     width=st.integers(12, 40),
     seed=st.integers(0, 2**31 - 1),
     box_size=st.floats(0.3, 1.0),
-    kind=st.sampled_from(["local_warp", "local_blotch", "local_shuffle"]),
+    kind=st.sampled_from(["local_warp", "local_blotch", "local_shuffle", "local_paint", "local_noise", "local_block"]),
+    box_at=st.sampled_from(["uniform", "edges"]),
 )
-def test_outside_is_exact_for_any_size_and_box(height, width, seed, box_size, kind):
+def test_outside_is_exact_for_any_size_and_box(height, width, seed, box_size, kind, box_at):
     images = torch.rand((1, 3, height, width), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    result = build_degradation(kind, box_size=box_size).apply_local(images, seed)
+    result = build_degradation(kind, box_size=box_size, box_at=box_at).apply_local(images, seed)
     keep = (result.masks == 0).expand_as(images)
     assert torch.equal(result.images[keep], images[keep])
     assert torch.equal(result.masks, box_mask(result.boxes, height, width, images))
@@ -100,9 +115,12 @@ def test_seeds_fix_everything(images):
 
 
 def test_registry_and_specs_round_trip(tiny_vq):
-    for name in ("local_warp", "local_blotch", "local_shuffle", "local_vq"):
+    for name in ("local_warp", "local_blotch", "local_shuffle", "local_vq", "local_paint", "local_noise", "local_smear",
+                 "local_block", "local_none"):
         assert name in DEGRADATIONS
-    for degradation in [LocalWarp(amplitude=0.1), LocalBlotch(n_blobs=2), LocalShuffle(mode="swap", box_size=0.6)]:
+    for degradation in [LocalWarp(amplitude=0.1), LocalBlotch(n_blobs=2), LocalShuffle(mode="swap", box_size=0.6),
+                        LocalPaint(radius=0.3, box_at="edges"), LocalNoise(noise_std=0.5), LocalSmear(sigma=2.5),
+                        LocalBlock(block=3, box_at="edges"), LocalNone(box_size=0.5)]:
         rebuilt = degradation_from_spec(degradation.spec)
         assert type(rebuilt) is type(degradation) and rebuilt.params() == degradation.params()
     assert LocalVQ(tiny_vq, codebook_fraction=0.25).params()["codebook_fraction"] == 0.25
@@ -125,3 +143,41 @@ def test_bad_parameters_are_refused(params, match):
 def test_a_box_too_small_for_its_patches_says_so():
     with pytest.raises(ValueError, match="disjoint patches"):
         LocalShuffle(box_size=0.3).apply_local(torch.zeros(1, 3, 8, 8), 0)
+
+
+def test_new_artifacts_do_what_they_say():
+    flat = torch.zeros(2, 3, 20, 20)
+    painted = PaintDisc(radius=0.4)(flat, 0)
+    centre, corner = painted[:, :, 10, 10], painted[:, :, 0, 0]
+    assert torch.equal(corner, flat[:, :, 0, 0])
+    assert (centre.amax(dim=1) == 1).all() and (centre.amin(dim=1) == -1).all()  # fully saturated: one channel at
+    # 1, one at -1 (hue in HSV with S = V = 1)
+    import colorsys
+
+    hues = torch.rand((2,), generator=seed_generator(0))  # PaintDisc's first draw
+    expected = torch.tensor([colorsys.hsv_to_rgb(float(h), 1.0, 1.0) for h in hues]) * 2 - 1
+    torch.testing.assert_close(centre, expected)
+    ramp = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 3, 8, 8) / 8
+    blocks = Pixelate(4)(ramp, 0)
+    assert torch.allclose(blocks[0, 0, 0], torch.tensor([0.1875] * 4 + [0.6875] * 4))  # means of 0..3 and 4..7, / 8
+    noisy = LocalNoise(noise_std=0.2, box_size=1.0, box_feather=0.0).apply_local(flat, 3).images
+    assert abs(float(noisy.std()) - 0.2) < 0.02
+    smeared = LocalSmear(sigma=2.0, box_size=1.0, box_feather=0.0).apply_local(flat, 3).images
+    assert torch.equal(smeared, flat)  # a blur of a flat image is the image
+    control = LocalNone(box_size=0.5).apply_local(ramp, 1)
+    assert torch.equal(control.images, ramp) and control.masks.sum() == 16
+
+
+def test_boxes_at_edges_sit_on_the_content():
+    image = -torch.ones(1, 3, 32, 32)
+    image[:, :, :, 24:] = 1.0  # one vertical edge, between columns 23 and 24
+    weights = edge_weights(image[0], 8)
+    assert weights.shape == (25, 25)
+    on_edge = weights[:, 17:24].min()  # boxes holding the edge
+    assert on_edge > 50 * weights[:, :16].max()  # flat boxes keep only the floor
+    boxes = [LocalNoise(box_size=0.25, box_at="edges").apply_local(image, seed).boxes[0] for seed in range(40)]
+    assert sum(x0 <= 23 < x1 - 1 for x0, _, x1, _ in boxes) >= 38  # nearly always across the edge
+    uniform = [LocalNoise(box_size=0.25).apply_local(image, seed).boxes[0] for seed in range(40)]
+    assert sum(x0 <= 23 < x1 - 1 for x0, _, x1, _ in uniform) < 30
+    with pytest.raises(ValueError, match="box_at"):
+        LocalNoise(box_at="center")

@@ -16,10 +16,15 @@ from ldm.eval.degrade import (
 )
 from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
 from ldm.eval.local_degrade import (  # importing it registers the local degradations in DEGRADATIONS
+    LocalBlock,
     LocalBlotch,
     LocalDegradation,
+    LocalNoise,
+    LocalNone,
+    LocalPaint,
     LocalResult,
     LocalShuffle,
+    LocalSmear,
     LocalVQ,
     LocalWarp,
 )
@@ -43,10 +48,15 @@ __all__ = [
     "Degradation",
     "ElasticWarp",
     "LPIPSMetric",
+    "LocalBlock",
     "LocalBlotch",
     "LocalDegradation",
+    "LocalNoise",
+    "LocalNone",
+    "LocalPaint",
     "LocalResult",
     "LocalShuffle",
+    "LocalSmear",
     "LocalVQ",
     "LocalWarp",
     "PatchShuffle",

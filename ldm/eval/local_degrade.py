@@ -5,13 +5,18 @@ a coarse-VQ look in one place.  Each class here applies one degradation of :mod:
 box and leaves every pixel outside the box exactly as it was, so that region refinement (refine only the box) can be
 evaluated against a known mask:
 
-* ``local_warp`` (:class:`ElasticWarp`), ``local_blotch`` (:class:`ColourBlotches`) and ``local_shuffle``
-  (:class:`PatchShuffle`) degrade the box cut out as an image of its own, so their spatial parameters are fractions of
-  the box side;
+* ``local_warp`` (:class:`ElasticWarp`), ``local_blotch`` (:class:`ColourBlotches`), ``local_shuffle``
+  (:class:`PatchShuffle`), ``local_paint`` (:class:`PaintDisc`: a saturated disc over most of the box),
+  ``local_noise`` and ``local_smear`` (:class:`BlurNoise`: noise, blur) and ``local_block`` (:class:`Pixelate`:
+  blockiness) degrade the box cut out as an image of its own, so their spatial parameters are fractions of the box
+  side (blur and blocks are in pixels);
 * ``local_vq`` (:class:`VQRoundTrip`) round-trips the whole image through a coarse codebook and keeps the box of it
   (the first stage sees the box's surroundings, so the box's content is what a coarse VQ makes of it in place).
 
-The box side is ``box_size`` of the shorter image side (at least 2 px), its position uniform over the image.  The
+The box side is ``box_size`` of the shorter image side (at least 2 px), its position uniform over the image, or with
+``box_at="edges"`` drawn in proportion to the image's edge energy inside it (:func:`edge_weights`): an artifact on a
+flat area changes nothing there, and real artifacts sit on content (a hand, a face).  ``local_none`` is a box with no
+artifact at all, the control that shows what refining an intact region costs.  The
 degraded box is blended in with a raised-cosine window that tapers over ``box_feather`` of the side at each edge
 (0: pasted hard).  Randomness: the box is drawn first from the seed's generator, then the inner degradation draws
 from the same generator, image after image.
@@ -27,9 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ldm.eval.degrade import (
+    BlurNoise,
     ColourBlotches,
     Degradation,
     ElasticWarp,
@@ -64,13 +72,31 @@ def box_mask(boxes: tuple[Box, ...] | list[Box], height: int, width: int, like: 
     return masks
 
 
+BOX_PLACEMENTS: tuple[str, ...] = ("uniform", "edges")
+EDGE_FLOOR = 0.01  # of the mean box weight: every position stays possible, a flat image draws uniformly
+
+
+def edge_weights(image: torch.Tensor, side: int) -> torch.Tensor:
+    """``[H - side + 1, W - side + 1]`` float64 weights of the boxes of ``side`` px over ``image`` ``[3, H, W]``: the
+    sum of the gradient magnitude (forward differences, summed over channels) inside each box, plus
+    :data:`EDGE_FLOOR` of their mean.  Artifacts are where the content is; a box on a flat area changes nothing."""
+    x = image.detach().to("cpu", torch.float64)
+    gy = (x[:, 1:, :] - x[:, :-1, :]).abs().sum(dim=0)
+    gx = (x[:, :, 1:] - x[:, :, :-1]).abs().sum(dim=0)
+    energy = F.pad(gy, (0, 0, 0, 1)) + F.pad(gx, (0, 1, 0, 0))  # [H, W]
+    boxes = F.avg_pool2d(energy[None, None], side, stride=1)[0, 0] * side * side
+    return boxes + EDGE_FLOOR * boxes.mean().clamp_min(1e-12)
+
+
 class LocalDegradation(Degradation):
     """``inner`` applied inside one random square box per image (see the module docstring); subclasses name the
     inner degradation and its parameters."""
 
     on_crop: ClassVar[bool] = True  # degrade the box as an image of its own (False: the whole image, then keep the box)
 
-    def __init__(self, inner: Degradation, box_size: float, box_feather: float):
+    def __init__(self, inner: Degradation, box_size: float, box_feather: float, box_at: str = "uniform"):
+        if box_at not in BOX_PLACEMENTS:
+            raise ValueError(f"box_at={box_at!r} must be one of {list(BOX_PLACEMENTS)}")
         check_positive("box_size", box_size)
         check_positive("box_feather", box_feather, allow_zero=True)
         if box_size > 1 or box_feather > 0.5:
@@ -81,19 +107,32 @@ class LocalDegradation(Degradation):
         self.inner = inner
         self.box_size = float(box_size)
         self.box_feather = float(box_feather)
+        self.box_at = box_at
+
+    def box_params(self) -> dict[str, Any]:
+        """The box's parameters (``box_at`` only where it is not the default, so older specs read the same)."""
+        extra = {"box_at": self.box_at} if self.box_at != "uniform" else {}
+        return {"box_size": self.box_size, "box_feather": self.box_feather, **extra}
 
     def params(self) -> dict[str, Any]:
-        return {**self.inner.params(), "box_size": self.box_size, "box_feather": self.box_feather}
+        return {**self.inner.params(), **self.box_params()}
 
     def box_side(self, height: int, width: int) -> int:
         """Side of the box in pixels for a ``height`` x ``width`` image."""
         return min(max(2, round(self.box_size * min(height, width))), height, width)
 
-    def draw_box(self, height: int, width: int, generator: torch.Generator) -> Box:
-        """A box ``(x0, y0, x1, y1)`` of side :meth:`box_side`, uniform over the image."""
+    def draw_box(self, height: int, width: int, generator: torch.Generator, image: torch.Tensor | None = None) -> Box:
+        """A box ``(x0, y0, x1, y1)`` of side :meth:`box_side`: uniform over the image, or with ``box_at="edges"``
+        drawn with probability proportional to the edge energy inside it (``image`` ``[3, H, W]``, see
+        :func:`edge_weights`)."""
         side = self.box_side(height, width)
-        y0 = randint(height - side + 1, generator)
-        x0 = randint(width - side + 1, generator)
+        if self.box_at == "edges" and image is not None:
+            weights = edge_weights(image, side).flatten()
+            index = int(torch.multinomial(weights.to(generator.device), 1, generator=generator))
+            y0, x0 = divmod(index, width - side + 1)
+        else:
+            y0 = randint(height - side + 1, generator)
+            x0 = randint(width - side + 1, generator)
         return (x0, y0, x0 + side, y0 + side)
 
     def apply_local(self, images: torch.Tensor, seed: int | torch.Generator) -> LocalResult:
@@ -114,7 +153,7 @@ class LocalDegradation(Degradation):
         _, _, h, w = images.shape
         boxes = []
         for i in range(images.shape[0]):
-            x0, y0, x1, y1 = box = self.draw_box(h, w, generator)
+            x0, y0, x1, y1 = box = self.draw_box(h, w, generator, images[i])
             boxes.append(box)
             source = images[i : i + 1, :, y0:y1, x0:x1] if self.on_crop else images[i : i + 1]
             degraded = self.inner._apply(source, generator).clamp(-1.0, 1.0)
@@ -132,8 +171,15 @@ class LocalWarp(LocalDegradation):
 
     name = "local_warp"
 
-    def __init__(self, amplitude: float = 0.15, scale: float = 0.5, box_size: float = 0.4, box_feather: float = 0.2):
-        super().__init__(ElasticWarp(amplitude, scale), box_size, box_feather)
+    def __init__(
+        self,
+        amplitude: float = 0.15,
+        scale: float = 0.5,
+        box_size: float = 0.4,
+        box_feather: float = 0.2,
+        box_at: str = "uniform",
+    ):
+        super().__init__(ElasticWarp(amplitude, scale), box_size, box_feather, box_at)
 
 
 @register_degradation
@@ -143,9 +189,15 @@ class LocalBlotch(LocalDegradation):
     name = "local_blotch"
 
     def __init__(
-        self, n_blobs: int = 1, radius: float = 0.25, strength: float = 0.6, box_size: float = 0.4, box_feather: float = 0.2
+        self,
+        n_blobs: int = 1,
+        radius: float = 0.25,
+        strength: float = 0.6,
+        box_size: float = 0.4,
+        box_feather: float = 0.2,
+        box_at: str = "uniform",
     ):
-        super().__init__(ColourBlotches(n_blobs, radius, strength), box_size, box_feather)
+        super().__init__(ColourBlotches(n_blobs, radius, strength), box_size, box_feather, box_at)
 
 
 @register_degradation
@@ -162,8 +214,9 @@ class LocalShuffle(LocalDegradation):
         feather: float = 0.1,
         box_size: float = 0.4,
         box_feather: float = 0.0,
+        box_at: str = "uniform",
     ):
-        super().__init__(PatchShuffle(n_patches, patch_size, mode, feather), box_size, box_feather)
+        super().__init__(PatchShuffle(n_patches, patch_size, mode, feather), box_size, box_feather, box_at)
 
 
 @register_degradation
@@ -174,8 +227,157 @@ class LocalVQ(LocalDegradation):
     name = "local_vq"
     on_crop = False
 
-    def __init__(self, first_stage: Any, codebook_fraction: float = 0.125, box_size: float = 0.4, box_feather: float = 0.2):
-        super().__init__(VQRoundTrip(first_stage, codebook_fraction), box_size, box_feather)
+    def __init__(
+        self,
+        first_stage: Any,
+        codebook_fraction: float = 0.125,
+        box_size: float = 0.4,
+        box_feather: float = 0.2,
+        box_at: str = "uniform",
+    ):
+        super().__init__(VQRoundTrip(first_stage, codebook_fraction), box_size, box_feather, box_at)
 
 
-LOCAL_DEGRADATIONS: tuple[type[LocalDegradation], ...] = (LocalWarp, LocalBlotch, LocalShuffle, LocalVQ)
+class Pixelate(Degradation):
+    """Blockiness: the mean of every ``block`` x ``block`` pixel cell (cells anchored at the top-left corner; the last
+    row and column of cells may be smaller), repeated over the cell."""
+
+    name = "pixelate"
+
+    MAX_BLOCK: ClassVar[int] = 1024
+
+    def __init__(self, block: int = 4):
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 2 <= block <= self.MAX_BLOCK:
+            raise ValueError(f"block must be an integer in [2, {self.MAX_BLOCK}] (pixels), got {block!r}")
+        self.block = int(block)
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def params(self) -> dict[str, Any]:
+        return {"block": self.block}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        bh, bw = min(self.block, h), min(self.block, w)  # a cell never exceeds the image: memory stays the image's
+        cells = F.avg_pool2d(images, (bh, bw), ceil_mode=True, count_include_pad=False)
+        return cells.repeat_interleave(bh, dim=2).repeat_interleave(bw, dim=3)[..., :h, :w]
+
+
+class PaintDisc(Degradation):
+    """A saturated colour painted over the image: an opaque disc of a random fully saturated hue (HSV S = V = 1), of
+    radius ``radius`` of the shorter side around the centre, with an anti-aliased edge of one pixel."""
+
+    name = "paint_disc"
+
+    def __init__(self, radius: float = 0.45):
+        check_positive("radius", radius)
+        self.radius = float(radius)
+
+    def params(self) -> dict[str, Any]:
+        return {"radius": self.radius}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = images.shape
+        hue = torch.rand((b,), generator=generator, device=generator.device).to(images.device, images.dtype)
+        # HSV (hue, 1, 1) -> RGB in [0, 1]: channel n of (R, G, B) = 1 - clip(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
+        offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)
+        k = (offsets[None] + hue[:, None] * 6.0) % 6.0
+        rgb = 1.0 - torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+        ys = torch.arange(h, device=images.device, dtype=images.dtype) + 0.5 - h / 2
+        xs = torch.arange(w, device=images.device, dtype=images.dtype) + 0.5 - w / 2
+        distance = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2) - self.radius * min(h, w)
+        coverage = (0.5 - distance).clamp(0.0, 1.0)
+        colour = (rgb * 2.0 - 1.0)[:, :, None, None]
+        return coverage * colour + (1.0 - coverage) * images
+
+
+@register_degradation
+class LocalPaint(LocalDegradation):
+    """A saturated colour blotch over most of a box: :class:`PaintDisc` (radius a fraction of the box side)."""
+
+    name = "local_paint"
+
+    def __init__(self, radius: float = 0.45, box_size: float = 0.4, box_feather: float = 0.0, box_at: str = "uniform"):
+        super().__init__(PaintDisc(radius), box_size, box_feather, box_at)
+
+
+@register_degradation
+class LocalNoise(LocalDegradation):
+    """Heavy noise in a box: i.i.d. Gaussian noise of std ``noise_std`` ([-1, 1] units) per pixel and channel."""
+
+    name = "local_noise"
+
+    def __init__(self, noise_std: float = 0.3, box_size: float = 0.4, box_feather: float = 0.2, box_at: str = "uniform"):
+        check_positive("noise_std", noise_std)
+        super().__init__(BlurNoise(0.0, noise_std), box_size, box_feather, box_at)
+
+    def params(self) -> dict[str, Any]:
+        return {"noise_std": self.inner.noise_std, **self.box_params()}
+
+
+@register_degradation
+class LocalSmear(LocalDegradation):
+    """A smear in a box: Gaussian blur of ``sigma`` pixels (edges beyond the box replicated)."""
+
+    name = "local_smear"
+
+    def __init__(self, sigma: float = 1.5, box_size: float = 0.4, box_feather: float = 0.2, box_at: str = "uniform"):
+        check_positive("sigma", sigma)
+        super().__init__(BlurNoise(sigma, 0.0), box_size, box_feather, box_at)
+
+    def params(self) -> dict[str, Any]:
+        return {"sigma": self.inner.sigma, **self.box_params()}
+
+
+@register_degradation
+class LocalBlock(LocalDegradation):
+    """Blockiness in a box: :class:`Pixelate` with cells of ``block`` pixels (anchored at the box's corner)."""
+
+    name = "local_block"
+
+    def __init__(self, block: int = 4, box_size: float = 0.4, box_feather: float = 0.0, box_at: str = "uniform"):
+        super().__init__(Pixelate(block), box_size, box_feather, box_at)
+
+
+class Unchanged(Degradation):
+    """No change at all: the control that measures what refining an intact region costs."""
+
+    name = "unchanged"
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return images.clone()
+
+
+@register_degradation
+class LocalNone(LocalDegradation):
+    """A box without an artifact (the control): refining it shows what refinement costs where nothing was wrong."""
+
+    name = "local_none"
+
+    def __init__(self, box_size: float = 0.4, box_at: str = "uniform"):
+        super().__init__(Unchanged(), box_size, 0.0, box_at)
+
+    def params(self) -> dict[str, Any]:
+        return {"box_size": self.box_size, **({"box_at": self.box_at} if self.box_at != "uniform" else {})}
+
+
+LOCAL_DEGRADATIONS: tuple[type[LocalDegradation], ...] = (
+    LocalWarp,
+    LocalBlotch,
+    LocalShuffle,
+    LocalVQ,
+    LocalPaint,
+    LocalNoise,
+    LocalSmear,
+    LocalBlock,
+    LocalNone,
+)

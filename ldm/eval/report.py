@@ -3,7 +3,8 @@
 * ``sweep.csv``: one row per case x method x start_t (:data:`CSV_COLUMNS`, then the metric columns that were
   computed).  Baselines have empty ``start_t`` / ``effective_start``; a skipped metric reads ``skipped`` (the reason is
   in ``sweep.json`` and printed once).
-* ``summary.csv`` and :func:`format_table`: means per degradation x method x start_t, FID/KID joined in.
+* ``summary.csv`` and :func:`format_table`: per degradation x method x start_t, ``n`` and means with 95 % bootstrap
+  intervals over cases, paired gains over the artifact (:mod:`ldm.eval.summary`), SWD and FID/KID joined in.
 * ``curves.png`` (:func:`plot_curves`): PSNR to the clean image and PSNR to the input against ``start_t``, one panel
   per degradation, one line per refiner, baselines as horizontal dashed lines (identity is the input itself, so its
   PSNR to the input is infinite and not drawn).  In no-reference mode only the faithfulness row is drawn.
@@ -20,7 +21,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult, summarize
+from ldm.eval.summary import SUMMARY_METRICS, summarize
+from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
 SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
-SET_COLUMNS: tuple[str, ...] = ("swd", "fid", "kid_mean", "kid_std", "skipped")
+SET_COLUMNS: tuple[str, ...] = ("swd", "swd_lo", "swd_hi", "fid", "kid_mean", "kid_std", "skipped")
 # what the printed table shows (the CSVs have everything)
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("psnr_clean", "PSNR->clean"),
@@ -80,9 +82,10 @@ def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """The summary CSV (means per degradation x method x start_t)."""
+    """The summary CSV: per degradation x method x start_t, ``n``, means with their 95 % bootstrap intervals
+    (``_lo`` / ``_hi``), paired gains and set metrics (:mod:`ldm.eval.summary`)."""
     path = Path(path)
-    _write_csv(path, summary, SUMMARY_COLUMNS, ROW_METRICS + SET_COLUMNS)
+    _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_COLUMNS)
     return path
 
 
@@ -366,44 +369,58 @@ def _mask_tile(mask: torch.Tensor) -> torch.Tensor:
     return (mask.float().clamp(0, 1) * 2 - 1).expand(3, -1, -1)
 
 
-def before_after_grid(result: SweepResult, method: str, start_t: int) -> Image.Image:
+def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[str, int]) -> Image.Image:
     """clean | artifact | refined (``method`` at ``start_t``) for every example; when some examples have a mask (local
     degradations) also the mask and each refinement inside it that the sweep ran (``"<method> (region)"``, ``"<method>
     (crop)"``): clean | artifact | mask | refined (whole image) | refined (region) | refined (crop).  Each row is titled
     with the PSNR to the clean image of the artifact and of each refinement shown.
 
+    ``start_t``: one start for every example, or one per degradation label (e.g. each artifact's best); degradations
+    it does not name are left out.
+
     Raises:
-        ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at ``start_t``.
+        ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at its ``start_t``.
     """
     refiners = [name for name, (kind, _) in result.methods.items() if kind == "refiner"]
-    if method not in refiners:
+    bases = set(refiners) | {n[: -len(sfx)] for n in refiners for sfx in REGION_MODES.values() if n.endswith(sfx)}
+    if method not in bases:
         raise ValueError(f"method {method!r} is not one of the sweep's refiners {refiners}")
-    label = f"{method} t={start_t}"
-    examples = [e for e in result.examples if label in e.outputs]
+    starts = dict(start_t) if isinstance(start_t, Mapping) else {e.degradation: start_t for e in result.examples}
+    # the columns: the whole-image refinement (where the sweep ran one) and each region mode
+    shown_methods = [("whole", method)] if method in refiners else []
+    shown_methods += [(mode, method + suffix) for mode, suffix in REGION_MODES.items() if method + suffix in refiners]
+
+    def has(e: SweepExample, m: str) -> bool:
+        return e.degradation in starts and f"{m} t={starts[e.degradation]}" in e.outputs
+
+    examples = [e for e in result.examples if any(has(e, m) for _, m in shown_methods)]
     if not examples:
-        raise ValueError(f"no example holds {label!r}; pass start_t={start_t} in run_sweep's example_start_ts")
+        raise ValueError(f"no example holds {method!r} at start_t {start_t}; pass it in run_sweep's example_start_ts")
+    shown_methods = [(mode, m) for mode, m in shown_methods if any(has(e, m) for e in examples)]
     psnr = {
         (r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows
     }
-    modes = [(mode, method + suffix) for mode, suffix in REGION_MODES.items()
-             if any(f"{method + suffix} t={start_t}" in e.outputs for e in examples)]
     with_mask = any(e.mask is not None for e in examples)
+    one_start = len({starts[e.degradation] for e in examples}) == 1
     rows, titles = [], []
     for e in examples:
-        shown = [m for _, m in modes if f"{m} t={start_t}" in e.outputs]
-        values = [psnr.get((e.image, e.degradation, e.seed, m, t)) for m, t in [("identity", None), (method, start_t)]
-                  + [(m, start_t) for m in shown]]
+        t = starts[e.degradation]
+        present = [m for _, m in shown_methods if has(e, m)]
+        values = [psnr.get((e.image, e.degradation, e.seed, m, s)) for m, s in [("identity", None)] + [(m, t) for m in present]]
         numbers = " -> ".join(f"{v:.1f}" for v in values) + " dB | " if all(isinstance(v, float) for v in values) else ""
-        titles.append(f"PSNR {numbers}{e.image} | {e.degradation}" if numbers else f"{e.image} | {e.degradation}")
+        where = f"{e.image} | {e.degradation.split(':')[0]}" + ("" if one_start else f" | t={t}")  # specs: in the CSVs
+        titles.append(f"PSNR {numbers}{where}" if numbers else where)
         row = [e.clean, e.input]
         if with_mask:
             row.append(_mask_tile(e.mask) if e.mask is not None else None)
-        row.append(e.outputs[label])
-        row += [e.outputs.get(f"{m} t={start_t}") for _, m in modes]
+        row += [e.outputs.get(f"{m} t={t}") for _, m in shown_methods]
         rows.append(row)
+    at = f"t={starts[examples[0].degradation]}" if one_start else "t as titled"
     columns = ["clean", "artifact"] + (["mask"] if with_mask else [])
-    columns.append(f"refined, whole (t={start_t})" if modes else f"refined (start_t={start_t})")
-    columns += [f"refined, {mode} (t={start_t})" for mode, _ in modes]
+    if len(shown_methods) == 1 and shown_methods[0][0] == "whole":
+        columns.append(f"refined ({at})")
+    else:
+        columns += [f"refined, {mode} ({at})" for mode, _ in shown_methods]
     if not result.reference:
         rows = [row[1:] for row in rows]
         columns = columns[1:]

@@ -3,7 +3,7 @@ realism against an independent clean set, one value per method x degradation x s
 
 The sweep keeps every output of a method x degradation x start_t as uint8 (what a saved image holds) in ``sets``:
 ``{(method, degradation, start_t): [[3, H, W] uint8, ...]}``; the functions here turn those into entries
-``{"method", "degradation", "start_t", ...}`` that :func:`ldm.eval.sweep.summarize` joins into the summary.
+``{"method", "degradation", "start_t", ...}`` that :func:`ldm.eval.summary.summarize` joins into the summary.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ldm.eval.metrics import Skipped, fid_kid
-from ldm.eval.swd import PATCH_SIZE, swd
+from ldm.eval.swd import PATCH_SIZE, PreparedReference, prepare_reference, swd_bootstrap
 
 if TYPE_CHECKING:
-    from ldm.eval.sweep import SweepImage
+    from ldm.eval.sources import SweepImage
 
 SWD_SCALE = 1e3  # the sweep reports SWD x 10^3, as Karras et al. 2018 do
 SetKey = tuple[str, str, "int | None"]
@@ -65,20 +65,32 @@ def add_swd(
     notes: list[str],
 ) -> None:
     """Join ``swd`` (x 10^3) of every set's outputs against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size)
-    into ``set_metrics`` (new entries are appended).  ``clean`` holds the cases' ``(degradation, image, clean image)``;
+    into ``set_metrics`` (new entries are appended), with its bootstrap interval ``swd_lo`` / ``swd_hi`` and the
+    :class:`~ldm.eval.swd.SWDBootstrap` itself (``swd_bootstrap``: every set of the same cases is resampled alike, so
+    two sets' difference has a paired interval).  ``clean`` holds the cases' ``(degradation, image, clean image)``;
     the SWD of the distinct clean images against ``realism``, the floor that sampling noise sets, goes into ``notes``."""
     entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
+    prepared: dict[int, PreparedReference] = {}  # the reference side, once per set size
     for key, outputs in sets.items():
         fake = dequantize(torch.stack(outputs))
         if key not in entries:
             entries[key] = {"method": key[0], "degradation": key[1], "start_t": key[2]}
             set_metrics.append(entries[key])
-        entries[key]["swd"] = swd(fake, _cycled(realism, fake.shape[0])).mean * SWD_SCALE
+        n = fake.shape[0]
+        if n not in prepared:
+            prepared[n] = prepare_reference(_cycled(realism, n))
+        boot = swd_bootstrap(fake, prepared[n])
+        entries[key]["swd"] = boot.result.mean * SWD_SCALE
+        entries[key]["swd_lo"], entries[key]["swd_hi"] = boot.interval.lo * SWD_SCALE, boot.interval.hi * SWD_SCALE
+        entries[key]["swd_bootstrap"] = boot  # paired with every other set of these cases: summary's gain_swd
     distinct = {image: x for _, image, x in clean}
     if distinct:
         real = torch.stack(list(distinct.values()))
-        floor = swd(real, _cycled(realism, real.shape[0])).mean * SWD_SCALE
-        notes.append(f"SWD x 10^3 of the {real.shape[0]} clean images against the realism reference: {floor:.3f} (the floor)")
+        floor = swd_bootstrap(real, _cycled(realism, real.shape[0])).interval
+        notes.append(
+            f"SWD x 10^3 of the {real.shape[0]} clean images against the realism reference: {floor.estimate * SWD_SCALE:.3f} "
+            f"[{floor.lo * SWD_SCALE:.3f}, {floor.hi * SWD_SCALE:.3f}] (the floor, 95 % bootstrap interval)"
+        )
 
 
 def fid_kid_metrics(

@@ -22,6 +22,11 @@ a start map of ``start_t`` inside and 0 outside, :meth:`ldm.refine.Refiner.refin
 (crop)"``: the same start map with ``crop_regions=True``, each box cropped with padding, refined at the experts' size
 and pasted back); in both, every pixel outside the mask comes back unchanged.
 
+``whole_image=False`` leaves out the whole-image refinement (local degradations only).  With ``round_trip`` (the first
+stage's round trip), every output is also compared with the round trip of its clean image (``psnr_rt``, in the box
+``psnr_rt_in``): against the round trip of the artifact, that says what the diffusion steps add beyond what the first
+stage alone does.
+
 Realism (``realism_reference``): clean images that are *not* the cases' own (e.g. other held-out crops), so that a
 refinement is not rewarded for reproducing its particular clean image.  Per method x degradation x start_t, the SWD
 (:func:`ldm.eval.swd.swd`, Laplacian-pyramid 7x7 patches, x 10^3 as the paper reports it) between the outputs and that
@@ -41,7 +46,6 @@ The result (:class:`SweepResult`) is turned into a CSV, a summary table, curves 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,8 +60,9 @@ from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
-from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, seam_energy
+from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, psnr, seam_energy
 from ldm.eval.set_metrics import add_swd, fid_kid_metrics, quantize, realism_set
+from ldm.eval.sources import SweepImage
 from ldm.sampling import check_eta, check_int_arg
 from ldm.util import is_rank_zero
 
@@ -99,20 +104,13 @@ MASKED_COLUMNS: tuple[str, ...] = (
     "lpips_input_out",
     "seam",
 )
-ROW_METRICS: tuple[str, ...] = METRIC_COLUMNS + MASKED_COLUMNS
+# with a round trip (run_sweep's round_trip): PSNR to the first stage's round trip of the clean image, whole and in the box
+ROUND_TRIP_COLUMNS: tuple[str, ...] = ("psnr_rt", "psnr_rt_in")
+ROW_METRICS: tuple[str, ...] = METRIC_COLUMNS + MASKED_COLUMNS + ROUND_TRIP_COLUMNS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # inputs
-
-
-@dataclass(frozen=True)
-class SweepImage:
-    """One image of the sweep: ``image`` ``[1, 3, H, W]`` in [-1, 1] on the CPU (clean, or in no-reference mode the
-    artifact image itself) and a name for the CSV."""
-
-    name: str
-    image: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -122,44 +120,6 @@ class SweepDegradation:
 
     label: str
     degradation: Degradation | None
-
-
-def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:
-    """``n`` crops of the held-out photographs (:data:`ldm.data.embedded.HELDOUT_PHOTOS`, never seen by
-    :class:`ldm.data.embedded.EmbeddedPhotos` training), named ``heldout_<i>_<photo>``."""
-    from ldm.data.embedded import HELDOUT_PHOTOS, heldout_crops
-
-    crops = heldout_crops(size, n, seed=seed)
-    return [
-        SweepImage(f"heldout_{i:03d}_{HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]}", _uint8_to_tensor(crop))
-        for i, crop in enumerate(crops)
-    ]
-
-
-def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
-    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path.
-
-    Alpha channels are dropped (the sweep compares RGB).  An unreadable file is an error naming it.
-    """
-    from pathlib import Path
-
-    from ldm import imageio
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")
-    paths, problems = imageio.find_images([root])
-    if not paths:
-        raise FileNotFoundError("; ".join(problems) or f"no images under {imageio.format_path(root)}")
-    images = []
-    for path in paths:
-        loaded = imageio.load_image(path)
-        images.append(SweepImage(path.relative_to(root).as_posix(), imageio.image_to_tensor(loaded.rgb)))
-    return images
-
-
-def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def _parse_items(spec: str) -> tuple[str, dict[str, str]]:
@@ -250,6 +210,7 @@ class _Case:
     clean: torch.Tensor | None  # [3, H, W]
     input: torch.Tensor  # [3, H, W]
     mask: torch.Tensor | None = None  # [1, H, W], local degradations
+    clean_rt: torch.Tensor | None = None  # [3, H, W], the first stage's round trip of the clean image
 
 
 def _check_start_ts(start_ts: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
@@ -342,6 +303,11 @@ class _Runner:
             metrics = compute_metrics(out, clean, x, lpips=self.lpips)
             if masks is not None:
                 metrics.update(_masked(out, clean, x, masks, self.lpips))
+            if cases[0].clean_rt is not None:
+                clean_rt = torch.stack([c.clean_rt for c in cases])
+                metrics["psnr_rt"] = psnr(out, clean_rt)
+                if masks is not None:
+                    metrics["psnr_rt_in"] = masked_metrics(out, clean_rt, masks)["psnr_in"]
             for j, (i, case) in enumerate(zip(batch, cases)):
                 row: dict[str, Any] = {
                     "image": case.image,
@@ -398,6 +364,8 @@ def run_sweep(
     n_examples: int = 4,
     example_start_ts: int | Sequence[int] = 4,
     region_modes: Sequence[str] = ("region",),
+    whole_image: bool = True,
+    round_trip: Baseline | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Run every method on every case and measure it (see the module docstring).
@@ -421,6 +389,11 @@ def run_sweep(
         region_modes: how every refiner also runs on the cases of local degradations, inside the mask only: any of
             ``"region"`` (in place) and ``"crop"`` (crop mode), see the module docstring; ``()`` for whole-image
             refinement only.  No effect without local degradations.
+        whole_image: also run every refiner over the whole image (method ``<name>``); False runs only the region
+            modes (every degradation must then be local).
+        round_trip: the first stage's round trip (:func:`ldm.eval.baselines.autoencoder_baseline`): every output is
+            also compared with the round trip of its clean image (``psnr_rt``, inside the box ``psnr_rt_in``), which
+            takes what the first stage loses out of the comparison.  None: no such columns.
         progress: a tqdm bar over batches (rank 0 only).
 
     Raises:
@@ -452,7 +425,14 @@ def run_sweep(
 
     reference = degradations is not None
     sweep_degradations = list(degradations) if reference else [SweepDegradation(NO_REFERENCE, None)]
+    if not whole_image and (not modes or not all(isinstance(d.degradation, LocalDegradation) for d in sweep_degradations)):
+        raise ValueError(
+            "whole_image=False runs the refiners only inside the boxes of local degradations: pass local "
+            "degradations only (e.g. local_noise) and a region mode, or whole_image=True"
+        )
     cases, examples = _build_cases(images, sweep_degradations, seed_list, n_examples)
+    if round_trip is not None and reference:
+        _add_round_trips(cases, round_trip, batch_size)
     realism = realism_set(realism_reference, [tuple(c.input.shape) for c in cases])
     keep_sets = (reference and isinstance(inception, torch.nn.Module)) or realism is not None
     runner = _Runner(cases, batch_size, lpips, keep_sets)
@@ -460,7 +440,7 @@ def run_sweep(
         modes = []
 
     n_refiner_runs = sum(len(c) for c in covered.values())
-    total = (len(baselines) + n_refiner_runs) * len(runner.batches)
+    total = (len(baselines) + n_refiner_runs * whole_image) * len(runner.batches)
     total += len(modes) * n_refiner_runs * len(runner.batches_of(masked_only=True))
     show = progress and is_rank_zero()
     with tqdm(total=total, desc="sweep", unit="batch", disable=not show) as bar:
@@ -479,9 +459,10 @@ def run_sweep(
                 ) -> torch.Tensor:
                     return r.refine_tensors(x, t_, seeds_, ddim_steps, eta)
 
-                out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
-                if t in shown:
-                    _keep_examples(examples, out, f"{name} t={t}")
+                if whole_image:
+                    out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
+                    if t in shown:
+                        _keep_examples(examples, out, f"{name} t={t}")
                 for mode in modes:
 
                     def refine_region(
@@ -511,11 +492,12 @@ def run_sweep(
         notes.append(str(inception))
     methods = {b.name: ("baseline", b.description) for b in baselines}
     for name, refiner in refiners:
-        methods[name] = ("refiner", refiner.describe())
+        if whole_image:
+            methods[name] = ("refiner", refiner.describe())
         for mode in modes:
             how = "in place" if mode == "region" else "cropped around each box, at the experts' size"
             methods[name + REGION_MODES[mode]] = ("refiner", f"{refiner.describe()}; only inside the mask ({how})")
-    start_ts_run = {name: tuple(c) for name, c in covered.items()}
+    start_ts_run = {name: tuple(c) for name, c in covered.items() if whole_image}
     start_ts_run.update({name + REGION_MODES[m]: tuple(c) for name, c in covered.items() for m in modes})
     return SweepResult(
         rows=runner.rows,
@@ -550,6 +532,24 @@ def _build_cases(
     return cases, examples
 
 
+def _add_round_trips(cases: list[_Case], round_trip: Baseline, batch_size: int) -> None:
+    """Set every case's ``clean_rt``: ``round_trip`` of its clean image, run once per distinct image."""
+    distinct: dict[str, torch.Tensor] = {}
+    for case in cases:
+        distinct.setdefault(case.image, case.clean)
+    names = list(distinct)
+    trips: dict[str, torch.Tensor] = {}
+    for start in range(0, len(names), batch_size):
+        chunk = names[start : start + batch_size]
+        shapes = {tuple(distinct[n].shape) for n in chunk}
+        groups = [[n for n in chunk if tuple(distinct[n].shape) == shape] for shape in shapes]
+        for group in groups:
+            out = round_trip(torch.stack([distinct[n] for n in group])).detach().float().cpu()
+            trips.update(zip(group, out))
+    for case in cases:
+        case.clean_rt = trips[case.image]
+
+
 def _degrade(
     deg: SweepDegradation, x: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -565,40 +565,3 @@ def _degrade(
 def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.Tensor], label: str) -> None:
     for index, example in examples.items():
         example.outputs[label] = outputs[index]
-
-
-def summarize(result: SweepResult) -> list[dict[str, Any]]:
-    """Mean (and count) of every metric per degradation x method x start_t, in run order, with FID/KID joined in.
-
-    Skipped cells are left out of the means; a column skipped everywhere holds the :class:`Skipped` value.
-    Infinite PSNR (identity against its own input) stays ``inf``.
-    """
-    groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
-    for row in result.rows:
-        groups[(row["degradation"], row["method"], row["start_t"])].append(row)
-    sets = {(s["degradation"], s["method"], s["start_t"]): s for s in result.set_metrics}
-    order = {name: i for i, name in enumerate(result.methods)}
-    deg_order = {d: i for i, d in enumerate(result.degradations)}
-    keys = sorted(groups, key=lambda k: (deg_order.get(k[0], 0), order.get(k[1], 0), -1 if k[2] is None else k[2]))
-    summary = []
-    for key in keys:
-        rows = groups[key]
-        entry: dict[str, Any] = {
-            "degradation": key[0],
-            "method": key[1],
-            "kind": rows[0]["kind"],
-            "start_t": key[2],
-            "effective_start": rows[0]["effective_start"],
-            "n": len(rows),
-            "seconds": float(np.mean([r["seconds"] for r in rows])),
-        }
-        for column in ROW_METRICS:
-            values = [r[column] for r in rows if column in r]
-            if not values:
-                continue
-            numbers = [v for v in values if not isinstance(v, Skipped)]
-            entry[column] = float(np.mean(numbers)) if numbers else values[0]
-        if key in sets:
-            entry.update({k: v for k, v in sets[key].items() if k not in ("method", "degradation", "start_t")})
-        summary.append(entry)
-    return summary

@@ -1,0 +1,89 @@
+"""The images a sweep evaluates on (:class:`SweepImage`): held-out photographs, the synthetic family, a folder.
+
+* :func:`heldout_images`: crops of the held-out photographs (:data:`ldm.data.embedded.HELDOUT_PHOTOS`);
+* :func:`synthetic_images`: held-out images of the synthetic family (:mod:`ldm.data.synthetic`), never drawn for
+  training;
+* :func:`folder_images`: every image of a folder (your own clean images, or artifact images without a reference).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SweepImage:
+    """One image of the sweep: ``image`` ``[1, 3, H, W]`` in [-1, 1] on the CPU (clean, or in no-reference mode the
+    artifact image itself) and a name for the CSV."""
+
+    name: str
+    image: torch.Tensor
+
+
+def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:
+    """``n`` crops of the held-out photographs (:data:`ldm.data.embedded.HELDOUT_PHOTOS`, never seen by
+    :class:`ldm.data.embedded.EmbeddedPhotos` training), named ``heldout_<i>_<photo>``."""
+    from ldm.data.embedded import HELDOUT_PHOTOS, heldout_crops
+
+    crops = heldout_crops(size, n, seed=seed)
+    return [
+        SweepImage(f"heldout_{i:03d}_{HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]}", _uint8_to_tensor(crop))
+        for i, crop in enumerate(crops)
+    ]
+
+
+def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
+    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path.
+
+    Alpha channels are dropped (the sweep compares RGB).  An unreadable file is an error naming it.
+    """
+    from pathlib import Path
+
+    from ldm import imageio
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")
+    paths, problems = imageio.find_images([root])
+    if not paths:
+        raise FileNotFoundError("; ".join(problems) or f"no images under {imageio.format_path(root)}")
+    images = []
+    for path in paths:
+        loaded = imageio.load_image(path)
+        images.append(SweepImage(path.relative_to(root).as_posix(), imageio.image_to_tensor(loaded.rgb)))
+    return images
+
+
+def synthetic_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:
+    """``n`` held-out images of the synthetic family (:func:`ldm.data.synthetic.heldout_shapes`, stream ``seed``),
+    named ``synthetic_<seed>_<i>``; training never draws them."""
+    from ldm.data.synthetic import heldout_shapes
+
+    return [
+        SweepImage(f"synthetic_{seed}_{i:04d}", _uint8_to_tensor(image))
+        for i, image in enumerate(heldout_shapes(n, size, seed=seed))
+    ]
+
+
+# The synthetic method check's artifacts (ldm.eval.local_degrade): boxes of half the side, placed where the shapes' edges
+# are; local_none is the control (nothing wrong in the box: what refining costs).  Start timesteps it sweeps.
+SYNTHETIC_ARTIFACTS: tuple[str, ...] = tuple(
+    f"{name}:{params + ',' if params else ''}box_size=0.5,box_at=edges"
+    for name, params in (
+        ("local_none", ""),
+        ("local_noise", "noise_std=0.4"),
+        ("local_block", "block=8"),
+        ("local_smear", "sigma=3"),
+        ("local_warp", "amplitude=0.3"),
+        ("local_paint", ""),
+    )
+)
+SYNTHETIC_START_TS: tuple[int, ...] = (25, 50, 100, 200, 300)
+
+
+def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1.0

@@ -1,0 +1,227 @@
+"""A sweep's summary: per degradation x method x start_t, every metric's mean over cases with a 95 % bootstrap
+interval, and the paired gains that say whether a method removed the artifact.
+
+Per group (:func:`summarize`):
+
+* ``n``, and for every row metric ``m`` of :data:`ldm.eval.sweep.ROW_METRICS`: ``m`` (the mean over the group's cases),
+  ``m_lo`` and ``m_hi`` (the percentile-bootstrap interval over cases, :func:`ldm.eval.stats.bootstrap_mean`; left out
+  where a value is infinite, e.g. the identity's PSNR to its own input);
+* paired gains, the same cases before and after (:func:`ldm.eval.stats.bootstrap_paired_difference`):
+  ``gain_psnr_clean_in`` / ``gain_psnr_clean`` (the method minus the artifact itself, the ``identity`` baseline:
+  > 0 means closer to the clean image), and ``gain_psnr_rt_in`` / ``gain_psnr_rt`` (PSNR to the first stage's round
+  trip of the clean image, the method minus the round trip of the artifact, the ``autoencoder`` baseline: what the
+  diffusion steps add beyond what the first stage loses), each with ``_lo`` / ``_hi``;
+* set metrics: ``swd`` with ``swd_lo`` / ``swd_hi`` (:func:`ldm.eval.swd.swd_bootstrap`) and ``gain_swd`` (the
+  method's SWD minus the artifact's, paired resamples: < 0 means more like the clean images), FID/KID.
+
+:func:`best_start` picks a method's best ``start_t`` per degradation by cross-fitting (chosen on one half of the
+images, reported on the other), so the headline is not the luckiest of several start_ts.
+
+Intervals are seeded (``seed``), so a summary is the same on every run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ldm.eval.metrics import Skipped
+from ldm.eval.set_metrics import SWD_SCALE
+from ldm.eval.stats import CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, bootstrap_paired_difference
+from ldm.eval.swd import paired_swd_difference
+from ldm.eval.sweep import ROW_METRICS, SweepResult
+
+IDENTITY = "identity"  # the artifact itself
+ROUND_TRIP = "autoencoder"  # the first stage's round trip of the artifact
+# gain column -> (row metric, the baseline it is paired with)
+GAINS: dict[str, tuple[str, str]] = {
+    "gain_psnr_clean_in": ("psnr_clean_in", IDENTITY),
+    "gain_psnr_clean": ("psnr_clean", IDENTITY),
+    "gain_psnr_rt_in": ("psnr_rt_in", ROUND_TRIP),
+    "gain_psnr_rt": ("psnr_rt", ROUND_TRIP),
+}
+SET_KEYS = ("swd", "swd_lo", "swd_hi", "fid", "kid_mean", "kid_std", "skipped")
+
+
+def interval_columns(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``(m, m_lo, m_hi)`` for each name, in order: the summary's column layout."""
+    return tuple(c for m in names for c in (m, f"{m}_lo", f"{m}_hi"))
+
+
+SUMMARY_METRICS: tuple[str, ...] = interval_columns(ROW_METRICS + tuple(GAINS)) + interval_columns(("gain_swd",))
+
+
+def _finite_values(rows: list[dict[str, Any]], column: str) -> list[float] | None:
+    values = [r[column] for r in rows if column in r and not isinstance(r[column], Skipped)]
+    return values if values and all(np.isfinite(values)) else None
+
+
+def summarize(
+    result: SweepResult, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One entry per degradation x method x start_t, in run order (see the module docstring for the columns).
+
+    Skipped cells are left out of the means; a column skipped everywhere holds the :class:`Skipped` value.  Infinite
+    PSNR (identity against its own input) stays ``inf``, without an interval.
+    """
+    groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for row in result.rows:
+        groups[(row["degradation"], row["method"], row["start_t"])].append(row)
+    sets = {(s["degradation"], s["method"], s["start_t"]): s for s in result.set_metrics}
+    order = {name: i for i, name in enumerate(result.methods)}
+    deg_order = {d: i for i, d in enumerate(result.degradations)}
+    keys = sorted(groups, key=lambda k: (deg_order.get(k[0], 0), order.get(k[1], 0), -1 if k[2] is None else k[2]))
+    summary = []
+    for key in keys:
+        rows = groups[key]
+        entry: dict[str, Any] = {
+            "degradation": key[0],
+            "method": key[1],
+            "kind": rows[0]["kind"],
+            "start_t": key[2],
+            "effective_start": rows[0]["effective_start"],
+            "n": len(rows),
+            "seconds": float(np.mean([r["seconds"] for r in rows])),
+        }
+        for column in ROW_METRICS:
+            values = [r[column] for r in rows if column in r]
+            if not values:
+                continue
+            numbers = [v for v in values if not isinstance(v, Skipped)]
+            entry[column] = float(np.mean(numbers)) if numbers else values[0]
+            finite = _finite_values(rows, column)
+            if finite is not None:
+                interval = bootstrap_mean(finite, confidence, n_resamples, seed)
+                entry[f"{column}_lo"], entry[f"{column}_hi"] = interval.lo, interval.hi
+        for gain, (column, baseline) in GAINS.items():
+            if key[1] != baseline:
+                _add_gain(entry, gain, rows, groups.get((key[0], baseline, None)), column, confidence, n_resamples, seed)
+        if key in sets:
+            entry.update({k: v for k, v in sets[key].items() if k in SET_KEYS})
+            artifact = sets.get((key[0], IDENTITY, None))
+            if key[1] != IDENTITY and artifact is not None and "swd_bootstrap" in artifact and "swd_bootstrap" in sets[key]:
+                difference = paired_swd_difference(sets[key]["swd_bootstrap"], artifact["swd_bootstrap"], confidence)
+                entry["gain_swd"] = difference.estimate * SWD_SCALE
+                entry["gain_swd_lo"], entry["gain_swd_hi"] = difference.lo * SWD_SCALE, difference.hi * SWD_SCALE
+        summary.append(entry)
+    return summary
+
+
+def _add_gain(
+    entry: dict[str, Any],
+    name: str,
+    rows: list[dict[str, Any]],
+    baseline_rows: list[dict[str, Any]] | None,
+    column: str,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> None:
+    """``entry[name]`` (and ``_lo`` / ``_hi``): the mean of ``column`` over ``rows`` minus the baseline's on the same
+    cases (paired by image and seed), when both have finite values for every case."""
+    if not baseline_rows:
+        return
+    before = {(r["image"], r["seed"]): r.get(column) for r in baseline_rows}
+    pairs = [(r.get(column), before.get((r["image"], r["seed"]))) for r in rows]
+    if not pairs or any(not isinstance(a, float) or not isinstance(b, float) for a, b in pairs):
+        return
+    after_values, before_values = (np.array(v, dtype=np.float64) for v in zip(*pairs))
+    if not (np.isfinite(after_values).all() and np.isfinite(before_values).all()):
+        return
+    interval = bootstrap_paired_difference(after_values, before_values, confidence, n_resamples, seed)
+    entry[name], entry[f"{name}_lo"], entry[f"{name}_hi"] = interval.estimate, interval.lo, interval.hi
+
+
+@dataclass(frozen=True)
+class BestStart:
+    """A method's best ``start_t`` on one degradation, chosen without looking at the images it is reported on.
+
+    ``start_ts``: the start_t chosen on each half of the images (even and odd positions in name order), by the mean
+    gain of ``column`` over ``baseline``.  ``value`` and ``gain``: each image at the start_t chosen on the *other* half
+    (cross-fitting), so picking the best of several start_ts does not inflate them; the mean of ``column`` and of its
+    gain over ``baseline``, with percentile-bootstrap intervals over the images.
+    """
+
+    method: str
+    degradation: str
+    column: str
+    baseline: str
+    start_ts: tuple[int, int]
+    value: Interval
+    gain: Interval
+    baseline_value: Interval
+    per_case: dict[tuple[str, int], float]  # (image, seed) -> the cross-fitted value, for paired comparisons
+
+
+def best_start(
+    result: SweepResult,
+    method: str,
+    degradation: str,
+    column: str = "psnr_clean_in",
+    baseline: str = IDENTITY,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    picks: tuple[int, int] | None = None,
+) -> BestStart | None:
+    """The cross-fitted best start of ``method`` on ``degradation`` (see :class:`BestStart`); None when the sweep
+    holds fewer than two cases with finite values of ``column`` for the method and the baseline.
+
+    ``picks``: the start_ts of the two halves given instead of chosen (e.g. another column's choice, so that two
+    measures of one refinement are read at the same start_ts)."""
+    before = {
+        (r["image"], r["seed"]): r.get(column)
+        for r in result.rows
+        if r["method"] == baseline and r["degradation"] == degradation
+    }
+    after: dict[int, dict[tuple[str, int], float]] = defaultdict(dict)
+    for r in result.rows:
+        if r["method"] == method and r["degradation"] == degradation and isinstance(r.get(column), float):
+            after[r["start_t"]][(r["image"], r["seed"])] = r[column]
+    cases = sorted(k for k, v in before.items() if isinstance(v, float) and np.isfinite(v))
+    cases = [k for k in cases if all(k in values and np.isfinite(values[k]) for values in after.values())]
+    if len(cases) < 2 or not after:
+        return None
+    halves = (cases[0::2], cases[1::2])
+    ts = sorted(after)
+
+    def chosen(half: list[tuple[str, int]]) -> int:
+        gains = [np.mean([after[t][k] - before[k] for k in half]) for t in ts]
+        return ts[int(np.argmax(gains))]
+
+    if picks is None:
+        picks = (chosen(halves[0]), chosen(halves[1]))
+    elif any(t not in after for t in picks):
+        raise ValueError(f"picks {picks} are not among {method}'s start_ts {ts}")
+    values, base, per_case = [], [], {}
+    for pick, half in ((picks[1], halves[0]), (picks[0], halves[1])):  # each half at the other half's choice
+        values += [after[pick][k] for k in half]
+        base += [before[k] for k in half]
+        per_case.update({k: after[pick][k] for k in half})
+    return BestStart(
+        method,
+        degradation,
+        column,
+        baseline,
+        picks,
+        bootstrap_mean(values, confidence, n_resamples, seed),
+        bootstrap_paired_difference(values, base, confidence, n_resamples, seed),
+        bootstrap_mean(base, confidence, n_resamples, seed),
+        per_case,
+    )
+
+
+def compare_best(
+    a: BestStart, b: BestStart, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> Interval:
+    """``a``'s cross-fitted value minus ``b``'s on the cases both hold (e.g. two refiners on the same images), with a
+    paired bootstrap interval over those cases."""
+    common = sorted(set(a.per_case) & set(b.per_case))
+    if len(common) < 2:
+        raise ValueError(f"{a.method} and {b.method} share {len(common)} cases on {a.degradation}; need at least 2")
+    return bootstrap_paired_difference(
+        [a.per_case[k] for k in common], [b.per_case[k] for k in common], confidence, n_resamples, seed
+    )

@@ -14,6 +14,12 @@ class LambdaWarmUpCosineScheduler:
     ``max_decay_steps`` (values are multipliers of the base learning rate)."""
 
     def __init__(self, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int):
+        for name, value in (("warm_up_steps", warm_up_steps), ("max_decay_steps", max_decay_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer number of steps")
+        for name, value in (("lr_min", lr_min), ("lr_max", lr_max), ("lr_start", lr_start)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a finite multiplier >= 0 of the base learning rate")
         if max_decay_steps <= warm_up_steps:
             raise ValueError(f"max_decay_steps={max_decay_steps} must exceed warm_up_steps={warm_up_steps}")
         self.warm_up_steps = warm_up_steps

@@ -111,6 +111,7 @@ class ConfigRole:
 
 
 _VQ = "ldm.models.autoencoder.VQModel"
+_IDENTITY = "ldm.models.autoencoder.IdentityFirstStage"
 _VQ_SLOTS = {"lossconfig": "lossconfig"}
 _DDCONFIG = {"ddconfig": ("ldm.modules.diffusionmodules.model.Encoder", "ldm.modules.diffusionmodules.model.Decoder")}
 _VQ_FILES = ("remap",)  # taming's VectorQuantizer2 np.load()s it in its constructor
@@ -131,7 +132,11 @@ CONFIG_ROLES: dict[str, ConfigRole] = {
         (("ldm.modules.diffusionmodules.openaimodel.UNetModel", None),),
     ),
     "first_stage_config": ConfigRole(
-        f"a VQ first stage ({_VQ} or a subclass)", ((_VQ, None),), _VQ_SLOTS, kwargs_of=_DDCONFIG, files=_VQ_FILES
+        f"a VQ first stage ({_VQ} or a subclass) or {_IDENTITY} (pixel space)",
+        ((_VQ, None), (_IDENTITY, None)),
+        _VQ_SLOTS,
+        kwargs_of=_DDCONFIG,
+        files=_VQ_FILES,
     ),
     "cond_stage_config": ConfigRole(
         f"a conditioning encoder (a torch.nn.Module of ldm.modules.encoders), a VQ first stage ({_VQ} or a subclass), "

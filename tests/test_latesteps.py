@@ -175,3 +175,50 @@ def test_window_is_checked_against_the_length_of_given_betas():
     assert model.num_timesteps == 500 and model.window() == (250, 500)
     with pytest.raises(ValueError, match="t_max"):
         build(250, 600, given_betas=betas)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pixel space: latent-diffusion's IdentityFirstStage
+
+
+def test_pixel_space_expert_trains_saves_and_refines_regions(tmp_path):
+    """A window model on IdentityFirstStage is a pixel-space diffusion model: it trains, its checkpoint loads through
+    the refiner (the untrusted-config allow-list admits the identity first stage), and region refinement keeps every
+    pixel outside the mask exact."""
+    from ldm.models.autoencoder import IdentityFirstStage
+    from ldm.refine import Refiner
+
+    params = tiny_ldm_params(
+        t_min=0, t_max=500, image_size=16, scale_factor=1.0,
+        first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"},
+    )
+    params["unet_config"] = {**params["unet_config"], "params": {**params["unet_config"]["params"], "image_size": 16}}
+    config = {"model": {"target": LATESTEPS_TARGET, "params": params}}
+    torch.manual_seed(0)
+    model = instantiate_from_config(config["model"])
+    assert isinstance(model.first_stage_model, IdentityFirstStage) and model.downsampling_factor == 1
+    x = torch.rand(2, 16, 16, 3) * 2 - 1
+    loss, _ = model.shared_step({"image": x})
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.diffusion_model.out[2].weight.grad is not None
+    z = model.get_first_stage_encoding(model.encode_first_stage(x.permute(0, 3, 1, 2)))
+    assert torch.equal(z, x.permute(0, 3, 1, 2)) and torch.equal(model.decode_first_stage(z), z)
+    path = tmp_path / "pixel.ckpt"
+    save_checkpoint({"state_dict": model.state_dict(), "config": config, "window": [0, 500], "global_step": 0}, path)
+    refiner = Refiner.from_checkpoints([path], device="cpu")
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    start = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    start[..., 4:12, 4:12] = 300
+    out = refiner.refine_tensors(image, 300, [0], 20, start_map=start)
+    assert out.shape == image.shape and torch.equal(out[..., :4, :], image[..., :4, :])
+    assert not torch.equal(out[..., 6:10, 6:10], image[..., 6:10, 6:10])
+
+
+def test_identity_first_stage_answers_as_latent_diffusion_s():
+    from ldm.models.autoencoder import IdentityFirstStage
+
+    x = torch.randn(2, 3, 4, 4)
+    assert IdentityFirstStage().quantize(x) is x
+    quant, loss, info = IdentityFirstStage(vq_interface=True).quantize(x)
+    assert quant is x and loss is None and info == (None, None, None)
+    assert IdentityFirstStage()(x) is x and list(IdentityFirstStage().state_dict()) == []

@@ -77,6 +77,7 @@ class VQModel(pl.LightningModule):
         beta: float = 0.25,
         unsafe_load: bool = False,
         dead_code_restart_every: int = 0,
+        scheduler_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if colorize_nlabels is not None:
@@ -89,6 +90,9 @@ class VQModel(pl.LightningModule):
                 "and is not available with remap (the restarts need the codebook's own indices)"
             )
         self.dead_code_restart_every = dead_code_restart_every
+        if scheduler_config is not None:  # built now, so that a bad schedule stops the run before it starts
+            instantiate_from_config(scheduler_config)
+        self.scheduler_config = scheduler_config
         self.embed_dim = embed_dim
         self.n_embed = n_embed
         self.image_key = image_key
@@ -231,6 +235,9 @@ class VQModel(pl.LightningModule):
             opt_ae.zero_grad()
             self.manual_backward(aeloss)
             opt_ae.step()
+        if self.scheduler_config is not None:  # manual optimization: Lightning does not step schedulers itself
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
         if self.dead_code_restart_every:
             log["train/codes_restarted"] = self._count_and_restart_codes(x, ind)
         if self.loss.discriminator_active(step):
@@ -280,8 +287,10 @@ class VQModel(pl.LightningModule):
         self.log("val/rec_loss", rec_loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log_dict(log, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """``[Adam(autoencoder), Adam(discriminator)]``, both at ``self.learning_rate`` with betas (0.5, 0.9)."""
+    def configure_optimizers(self) -> Any:
+        """``[Adam(autoencoder), Adam(discriminator)]``, both at ``self.learning_rate`` with betas (0.5, 0.9); with
+        ``scheduler_config`` (latent-diffusion's, e.g. :class:`ldm.lr_scheduler.LambdaWarmUpCosineScheduler`) both
+        follow its multiplier of the batches trained (stepped once per batch)."""
         if not isinstance(self.loss, VQLPIPSWithDiscriminator):
             raise ConfigError(
                 f"training a VQModel needs lossconfig target ldm.modules.losses.VQLPIPSWithDiscriminator, got "
@@ -302,7 +311,11 @@ class VQModel(pl.LightningModule):
         ]
         opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
         opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
-        return [opt_ae, opt_disc]
+        if self.scheduler_config is None:
+            return [opt_ae, opt_disc]
+        schedule = instantiate_from_config(self.scheduler_config)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule) for opt in (opt_ae, opt_disc)]
+        return [opt_ae, opt_disc], [{"scheduler": s, "interval": "step", "frequency": 1} for s in schedulers]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_steps"] = self.generator_steps
@@ -382,3 +395,35 @@ class VQModelInterface(VQModel):
         """Latent ``[B, embed_dim, h, w]`` -> image ``[B, 3, h * f, w * f]``; snaps to the codebook first."""
         quant = h if force_not_quantize else quantize_latent(self.quantize, h)
         return self.decoder(self.post_quant_conv(quant))
+
+
+class IdentityFirstStage(torch.nn.Module):
+    """latent-diffusion's identity first stage: the "latent" is the image itself (``downsampling_factor`` 1).
+
+    It takes the first stage out of a late-steps model: a LatentDiffusion with this first stage is a pixel-space
+    diffusion model, so what it does to an image is the diffusion steps' work alone.  ``vq_interface`` makes
+    :meth:`quantize` answer as a VQ quantizer does (CompVis' argument).
+    """
+
+    downsampling_factor = 1
+
+    def __init__(self, vq_interface: bool = False):
+        super().__init__()
+        if not isinstance(vq_interface, bool):
+            raise ConfigError(f"vq_interface={vq_interface!r} must be true or false")
+        self.vq_interface = vq_interface
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself."""
+        return x
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself."""
+        return x
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None, tuple[None, None, None]]:
+        """``x`` itself (with ``vq_interface``: ``(x, None, (None, None, None))`` as a VQ quantizer's answer)."""
+        return (x, None, (None, None, None)) if self.vq_interface else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

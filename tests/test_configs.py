@@ -113,7 +113,7 @@ def test_config_parses_and_instantiates_tiny(path, image_root):
 def test_window_configs_state_their_windows():
     expect = {"latesteps_500_750.yaml": (250, 500), "latesteps_750_1000.yaml": (0, 250), "latesteps_500_1000.yaml": (0, 500)}
     for name, window in expect.items():
-        for folder in ("", "quickstart/"):
+        for folder in ("", "quickstart/", "synthetic/"):
             path = ROOT / "configs" / f"{folder}{name}"  # every window has a real-size and a tiny CPU config
             params = OmegaConf.load(path).model.params
             assert (params.t_min, params.t_max) == window, path
@@ -127,11 +127,16 @@ def test_shrink_keeps_structure():
     assert np.isclose(tiny["model"]["params"]["linear_end"], 0.0195)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "quickstart").glob("latesteps_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [*sorted((ROOT / "configs" / "quickstart").glob("latesteps_*.yaml")),
+     *sorted((ROOT / "configs" / "synthetic").glob("latesteps_*.yaml")), ROOT / "configs" / "synthetic" / "full_range.yaml"],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_quickstart_first_stage_is_the_quickstart_vq(path):
-    """The late-steps configs restore configs/quickstart/vq_f4.yaml's checkpoint: their first_stage_config must build
-    that network (a dropped attention block or another codebook size would not load)."""
-    vq = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "quickstart" / "vq_f4.yaml").model.params)
+    """The late-steps configs restore their folder's vq_f4.yaml checkpoint: their first_stage_config must build that
+    network (a dropped attention block or another codebook size would not load)."""
+    vq = OmegaConf.to_container(OmegaConf.load(path.parent / "vq_f4.yaml").model.params)
     first = OmegaConf.to_container(OmegaConf.load(path).model.params.first_stage_config.params)
     assert first["ddconfig"] == vq["ddconfig"]
     assert (first["embed_dim"], first["n_embed"]) == (vq["embed_dim"], vq["n_embed"])

@@ -62,10 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="clean images to degrade (default: held-out crops of the embedded photographs)")
     src.add_argument("--no-reference", metavar="DIR",
                      help="real artifact images without clean references: faithfulness curve and grid only")
-    p.add_argument("--n-images", type=_positive_int, default=8, help="embedded held-out crops (default: %(default)s)")
+    src.add_argument("--synthetic", action="store_true",
+                     help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
+                          "instead of crops of the embedded photographs")
+    p.add_argument("--n-images", type=_positive_int, default=8,
+                   help="held-out crops (or --synthetic images) (default: %(default)s)")
     p.add_argument("--size", type=_positive_int,
-                   help="side of the embedded crops in pixels (default: the model's training size)")
-    p.add_argument("--crop-seed", type=_non_negative_int, default=0, help="seed of the embedded crops (default: 0)")
+                   help="side of the held-out crops or synthetic images in pixels (default: the model's training size)")
+    p.add_argument("--crop-seed", type=_non_negative_int, default=0,
+                   help="seed of the held-out crops or the synthetic images' held-out stream (default: 0)")
     p.add_argument("--realism-images", metavar="DIR",
                    help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
                         "(default: other held-out crops of the embedded photographs; none with --images)")
@@ -87,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classical baseline filter (default: %(default)s)")
     p.add_argument("--no-autoencoder", action="store_true",
                    help="leave out the first-stage round-trip baseline")
+    p.add_argument("--region-only", action="store_true",
+                   help="refine only inside the boxes (--region-modes), not the whole images; local degradations only")
     p.add_argument("--examples", type=_non_negative_int, default=4,
                    help="images per degradation in examples.png (default: %(default)s)")
     p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg", help="(default: %(default)s)")
@@ -116,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """:func:`main` after parsing: checks, loads, runs the sweep, then writes the report files."""
     from ldm.checkpoint import CheckpointError
-    from ldm.eval.baselines import default_baselines
+    from ldm.eval.baselines import autoencoder_baseline, default_baselines
     from ldm.eval.metrics import load_inception, load_lpips
     from ldm.eval.report import format_table, write_report
+    from ldm.eval.sources import folder_images, heldout_images, synthetic_images
+    from ldm.eval.summary import summarize
     from ldm.eval.swd import PATCH_SIZE as SWD_PATCH_SIZE
-    from ldm.eval.sweep import build_sweep_degradation, folder_images, heldout_images, run_sweep, summarize
+    from ldm.eval.sweep import build_sweep_degradation, run_sweep
     from ldm.imageio import ImageLoadError
     from ldm.refine import Refiner
     from ldm.util import ConfigError
@@ -135,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         return Refiner.from_checkpoints(
             paths, device=args.device, precision=args.precision, config=args.config,
             allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
+            batch_invariant=False,  # the sweep's batches are fixed, so its figures are reproducible all the same
         )
 
     try:
@@ -160,12 +170,14 @@ def _run(args: argparse.Namespace) -> int:
             source = f"clean images in {args.images}"
         else:
             size = args.size or int(model.image_size) * int(model.downsampling_factor)
-            images = heldout_images(args.n_images, size, seed=args.crop_seed)
-            source = f"{args.n_images} held-out {size}x{size} crops of the embedded photographs (seed {args.crop_seed})"
+            held_out = synthetic_images if args.synthetic else heldout_images
+            images = held_out(args.n_images, size, seed=args.crop_seed)
+            what = "images of the synthetic family" if args.synthetic else "crops of the embedded photographs"
+            source = f"{args.n_images} held-out {size}x{size} {what} (seed {args.crop_seed})"
         realism = None
         if args.images is None and args.no_reference is None and args.realism_images is None:
             if size >= SWD_PATCH_SIZE:
-                realism = heldout_images(args.n_images, size, seed=args.crop_seed + 1)
+                realism = held_out(args.n_images, size, seed=args.crop_seed + 1)
             else:
                 print(f"note: no SWD realism: crops of {size} px are smaller than its {SWD_PATCH_SIZE} px patches")
     except (FileNotFoundError, ImageLoadError) as exc:
@@ -199,7 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         result = run_sweep(
             refiners, images, degradations, args.start_t, args.seeds, baselines=baselines, ddim_steps=args.ddim_steps,
             eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, realism_reference=realism,
-            n_examples=args.examples, region_modes=region_modes, progress=sys.stderr.isatty(),
+            n_examples=args.examples, region_modes=region_modes, whole_image=not args.region_only,
+            round_trip=None if args.no_autoencoder else autoencoder_baseline(model), progress=sys.stderr.isatty(),
         )
     except ValueError as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
@@ -216,6 +229,9 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_SYNTHETIC_IMAGES = 4096  # every case is kept in memory with its outputs
+
+
 def _check_methods(args: argparse.Namespace) -> str | None:
     """Why the method names or --region-modes cannot work (one line), or None; before any model is loaded."""
     from ldm.eval.local_degrade import LOCAL_DEGRADATIONS
@@ -229,6 +245,18 @@ def _check_methods(args: argparse.Namespace) -> str | None:
         why = "--no-reference images have no masks" if args.no_reference is not None else "none of --degradations is"
         return (f"--region-modes {' '.join(args.region_modes)} only applies to local degradations "
                 f"({', '.join(local_names)}), but {why}; add one or leave out --region-modes")
+    if args.synthetic:
+        from ldm.data.synthetic import MAX_SIZE, MAX_STREAM, VALIDATION_STREAM
+
+        if args.crop_seed + 1 >= min(VALIDATION_STREAM, MAX_STREAM) or args.n_images > MAX_SYNTHETIC_IMAGES:
+            return (f"--synthetic: --crop-seed must be below {VALIDATION_STREAM - 1} (the validation split's streams "
+                    f"start there, the realism reference uses the next one) and --n-images at most {MAX_SYNTHETIC_IMAGES}")
+        if args.size is not None and not 8 <= args.size <= MAX_SIZE:
+            return f"--synthetic --size {args.size}: synthetic images are 8 to {MAX_SIZE} px"
+    all_local = all(spec.partition(":")[0].strip() in local_names for spec in args.degradations)
+    if args.region_only and (args.no_reference is not None or not modes or not all_local):
+        return ("--region-only refines only inside the boxes of local degradations: give only local --degradations "
+                f"({', '.join(local_names)}), no --no-reference, and keep a region mode")
     refiners = [args.name] + ([args.compare_name] if args.compare_ckpt else [])
     names = refiners + ["identity"] + ([] if args.filter == "none" else [args.filter])
     names += [] if args.no_autoencoder else ["autoencoder"]

@@ -1,77 +1,126 @@
 #!/usr/bin/env python
-"""Quickstart: train tiny late-steps experts on the embedded photographs and watch them remove artifacts (CPU, no download).
+"""Quickstart: train tiny late-steps experts and watch them remove local artifacts (CPU, no download).
 
-    python scripts/quickstart.py                 # about 14 minutes on a 2-core CPU machine; outputs/quickstart/
+    python scripts/quickstart.py                      # photographs shipped with scikit-image; outputs/quickstart/
+    python scripts/quickstart.py --domain synthetic   # the synthetic method check; outputs/quickstart_synthetic/
+
+Domains (--domain):
+  photos     the photographs bundled with scikit-image; chelsea and coffee are held out whole for the evaluation
+             (configs/quickstart/).
+  synthetic  soft-edged flat shapes of a known generative process (ldm.data.synthetic), a family tiny models learn in
+             minutes, so the method itself can be judged at this scale: a near-lossless first stage, then the experts;
+             evaluated on 128 held-out images per artifact, each figure with a 95 % bootstrap interval
+             (configs/synthetic/).
 
 Stages (each skipped when its checkpoint exists; --force redoes it and everything after it):
 
-1. a small VQ-f4 first stage            main.py -b configs/quickstart/vq_f4.yaml -t
-2. late steps 500-750 (t in [250, 500))  main.py -b configs/quickstart/latesteps_500_750.yaml -t, on the VQ of stage 1
-3. late steps 750-1000 (t in [0, 250))   main.py -b configs/quickstart/latesteps_750_1000.yaml -t, finetuned from stage 2
-4. refinement: crops of the held-out photographs (chelsea and coffee, never seen in training) get a local artifact of
-   --degradations (a warp, a colour blotch, a duplicated patch, a coarse-VQ look, each inside a random box), are
-   refined by the two chained experts (ldm.refine.Refiner) at several start_t, over the whole image and only inside
-   the box (the region refinement), and are compared with the artifact itself, a classical filter and the first-stage
-   round trip (ldm.eval.sweep): faithfulness (PSNR/SSIM to the input, inside and outside the box), distance to the
-   clean image, and realism (SWD to other clean crops, ldm.eval.swd).
+1. a small VQ-f4 first stage            main.py -b configs/<domain>/vq_f4.yaml -t
+2. late steps 500-750 (t in [250, 500))  main.py -b configs/<domain>/latesteps_500_750.yaml -t, on the VQ of stage 1
+3. late steps 750-1000 (t in [0, 250))   main.py -b configs/<domain>/latesteps_750_1000.yaml -t, finetuned from stage 2
+4. refinement: held-out images (never seen in training) get a local artifact of --degradations inside a random box,
+   are refined by the two chained experts (ldm.refine.Refiner) at several start_t, over the whole image and only
+   inside the box (the region refinement), and are compared with the artifact itself, a classical filter and the
+   first-stage round trip (ldm.eval.sweep): faithfulness (PSNR/SSIM to the input, inside and outside the box),
+   distance to the clean image and to the first stage's round trip of it, and realism (SWD to other clean images,
+   ldm.eval.swd), each with a 95 % bootstrap interval over images (ldm.eval.summary).
 
-Writes <outdir>/before_after.png (clean | artifact | mask | refined whole | refined region), metrics.csv (one row per
-image x degradation x method x start_t), <outdir>/sweep/{summary.csv, curves.png, realism.png, examples.png}, and the
-checkpoints under <outdir>/checkpoints/ (training logs under <outdir>/logs/).  --smoke runs every stage for a handful
-of steps (the test suite uses it; its images are noise).
+Writes <outdir>/before_after.png (clean | artifact | mask | refined whole | refined region, each artifact at its best
+start_t for the region refinement), table.md (the headline table), metrics.csv (one row per image x degradation x
+method x start_t), <outdir>/sweep/{summary.csv, curves.png, realism.png, examples.png}, and the checkpoints under
+<outdir>/checkpoints/ (training logs under <outdir>/logs/).  --smoke runs every stage for a handful of steps (the test
+suite uses it; its images are noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
-MAIN = REPO / "main.py"
-CONFIGS = REPO / "configs" / "quickstart"
-
-# The artifacts the quickstart refines: local and structural, each inside a random box (ldm.eval.local_degrade), the
-# kind late-steps refinement exists for; local_vq uses the trained first stage with an eighth of its codebook.
-DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")
-START_TS = (50, 150, 300, 500)
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
-ROUND_TRIP_IMAGES = 32  # held-out crops on which the first stage's round trip is measured
+ROUND_TRIP_IMAGES = 32  # held-out images on which the first stage's round trip is measured
+MAX_IMAGES = 4096  # held-out images per artifact: every case is kept in memory with its outputs
 # Intra-op threads per stage (Stage.threads) unless OMP_NUM_THREADS says otherwise.  On this project's 2-core machine,
 # idle, two OpenMP threads (the default, active wait policy) trained the VQ 1.4x faster than one (passive wait: 1.2x)
-# and the late-steps models 1.1x slower; two DDP processes (gloo) with half a batch each trained the VQ 1.2x faster and
-# the late-steps models 1.2x slower.  Spinning OpenMP threads waiting for a busy core were up to 30x slower, so a
-# machine doing something else should set OMP_NUM_THREADS=1.
+# and the photo late-steps models 1.1x slower; two DDP processes (gloo) with half a batch each trained the VQ 1.2x
+# faster and the late-steps models 1.2x slower.  Spinning OpenMP threads waiting for a busy core were up to 30x slower,
+# so a machine doing something else should set OMP_NUM_THREADS=1.
 THREADS = "1"
 SMOKE_DDIM_STEPS = 10  # the sweep's DDIM grid with --smoke
-SMOKE_OVERRIDES = (
-    "lightning.trainer.max_steps=3",
-    "lightning.trainer.num_sanity_val_steps=0",
-    "lightning.modelcheckpoint.params.every_n_train_steps=1",
-    "lightning.callbacks.image_logger.params.disabled=true",
-    "data.params.batch_size=4",
-    "data.params.train.params.n_samples=16",
-    "data.params.validation.params.n_samples=8",
-)
 
 
-@dataclass
-class Stage:
-    """One main.py training run and the checkpoint it leaves in <outdir>/checkpoints/<name>.ckpt."""
+@dataclass(frozen=True)
+class Domain:
+    """What the quick start trains on and evaluates with (``--domain``)."""
 
     name: str
-    title: str
-    config: Path
-    overrides: list[str] = field(default_factory=list)
-    threads: str = THREADS
+    configs: Path  # vq_f4.yaml, latesteps_500_750.yaml, latesteps_750_1000.yaml
+    what: str  # the held-out images, for the printed lines
+    # the artifacts refined: local and structural, each inside a random box (ldm.eval.local_degrade), the kind
+    # late-steps refinement exists for
+    degradations: tuple[str, ...]
+    start_ts: tuple[int, ...]
+    start_t: int | None  # the start_t before_after.png shows (None: each artifact's best for the region refinement)
+    n_images: int  # held-out images per artifact
+    size: int  # their side in pixels
+    expert_threads: str = THREADS
+    whole_image: bool = True  # also refine the whole image (else only inside the boxes)
+    # the classical baseline (ldm.eval.baselines.FILTERS) or None; on the synthetic images nl_means estimates the noise
+    # over the whole, mostly flat, image as 0 and leaves every image as it is
+    classical_filter: str | None = "nl_means"
+
+    def images(self, n: int, size: int, seed: int) -> list[Any]:
+        """``n`` held-out images (:class:`ldm.eval.sources.SweepImage`) of ``size`` px from stream ``seed``."""
+        from ldm.eval.sources import heldout_images, synthetic_images
+
+        return (synthetic_images if self.name == "synthetic" else heldout_images)(n, size, seed=seed)
+
+
+DOMAIN_NAMES: tuple[str, ...] = ("photos", "synthetic")
+STAGE_NAMES: tuple[str, ...] = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
+PHOTO_DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq")  # local_vq: the trained VQ, 1/8 codes
+
+
+@functools.cache
+def domains() -> dict[str, Domain]:
+    """The domains by name (built on first use: the synthetic one's artifacts come from ldm.eval, which imports torch,
+    and torch must not be imported before OMP_NUM_THREADS is set)."""
+    from ldm.eval.sources import SYNTHETIC_ARTIFACTS, SYNTHETIC_START_TS
+
+    return {
+        "photos": Domain(
+            "photos",
+            REPO / "configs" / "quickstart",
+            "crops of chelsea, coffee",
+            PHOTO_DEGRADATIONS,
+            (50, 150, 300, 500),
+            300,
+            6,
+            64,
+        ),
+        "synthetic": Domain(
+            "synthetic",
+            REPO / "configs" / "synthetic",
+            "images of the synthetic family",
+            SYNTHETIC_ARTIFACTS,
+            SYNTHETIC_START_TS,
+            None,
+            128,
+            32,
+            expert_threads="2",
+            whole_image=False,
+            classical_filter=None,
+        ),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,18 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="quickstart.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    p.add_argument("--outdir", help="where everything goes (default: outputs/quickstart; with --smoke "
-                                    "outputs/quickstart_smoke, so smoke checkpoints are never taken for real ones)")
+    p.add_argument("--domain", choices=DOMAIN_NAMES, default="photos",
+                   help="what to train on and evaluate with (see above) (default: %(default)s)")
+    p.add_argument("--outdir", help="where everything goes (default: outputs/quickstart for photos, "
+                                    "outputs/quickstart_synthetic for synthetic; with --smoke ..._smoke, so smoke "
+                                    "checkpoints are never taken for real ones)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps per stage, 2 images (for tests)")
-    p.add_argument("--start-t", type=int, default=300,
-                   help="start timestep shown in before_after.png, one of the sweep's (default: %(default)s)")
-    p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), metavar="SPEC",
-                   help="artifacts to remove, ldm.eval.degrade specs (default: %(default)s)")
-    p.add_argument("--n-images", type=int, default=6, help="held-out crops per degradation (default: %(default)s)")
-    p.add_argument("--size", type=int, default=64,
-                   help="side of the held-out crops in pixels, a multiple of 8 (the models train on 32 px crops and, "
-                        "convolutional, refine any size) (default: %(default)s)")
+    p.add_argument("--start-t", type=int,
+                   help="start timestep shown in before_after.png, added to the sweep's (default: photos 300; "
+                        "synthetic: each artifact's best start_t for the region refinement)")
+    p.add_argument("--degradations", nargs="+", metavar="SPEC",
+                   help="artifacts to remove, ldm.eval.degrade specs (default: photos "
+                        f"{' '.join(PHOTO_DEGRADATIONS)}; synthetic ldm.eval.sources.SYNTHETIC_ARTIFACTS)")
+    p.add_argument("--n-images", type=int,
+                   help="held-out images per degradation (default: photos 6, synthetic 128; --smoke uses 2)")
+    p.add_argument("--size", type=int,
+                   help="side of the held-out images in pixels, a multiple of 8 (the models train on 32 px images and, "
+                        "convolutional, refine any size) (default: photos 64, synthetic 32)")
+    p.add_argument("--examples", type=int, default=3,
+                   help="held-out images per artifact shown in before_after.png (default: %(default)s)")
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM grid of the refinement (default: %(default)s)")
     p.add_argument("--seed", type=int, default=23, help="training seed (main.py -s) (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
@@ -105,124 +162,185 @@ def usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def stages(checkpoints: Path) -> list[Stage]:
+def stages(checkpoints: Path, domain: Domain | None = None) -> list[Any]:
+    """The three training runs of ``domain`` (:class:`ldm.train.stages.Stage`), checkpoints under ``checkpoints``."""
+    from ldm.train.stages import Stage
+
+    domain = domain or domains()["photos"]
+
     vq = str(checkpoints / "vq_f4.ckpt")
     first_stage = f"model.params.first_stage_config.params.ckpt_path={vq}"
+    configs, threads = domain.configs, min(int(domain.expert_threads), usable_cpus())
     return [
-        Stage("vq_f4", "train the VQ-f4 first stage", CONFIGS / "vq_f4.yaml", threads=str(min(2, usable_cpus()))),
-        Stage("latesteps_500_750", "train late steps 500-750 (t in [250, 500))", CONFIGS / "latesteps_500_750.yaml",
-              [first_stage]),
+        Stage("vq_f4", "train the VQ-f4 first stage", configs / "vq_f4.yaml", threads=str(min(2, usable_cpus()))),
+        Stage("latesteps_500_750", "train late steps 500-750 (t in [250, 500))", configs / "latesteps_500_750.yaml",
+              [first_stage], str(threads)),
         Stage("latesteps_750_1000", "finetune late steps 750-1000 (t in [0, 250)) from 500-750",
-              CONFIGS / "latesteps_750_1000.yaml",
-              [first_stage, f"model.params.ckpt_path={checkpoints / 'latesteps_500_750.ckpt'}"]),
+              configs / "latesteps_750_1000.yaml",
+              [first_stage, f"model.params.ckpt_path={checkpoints / 'latesteps_500_750.ckpt'}"], str(threads)),
     ]
 
 
-def _rel(path: Path) -> str:
+def run_stage(stage: Any, logs: Path, target: Path, seed: int, smoke: bool, threads: str | None = None) -> None:
+    """:func:`ldm.train.stages.run_stage` with the quick start's run name (and the smoke overrides with ``--smoke``)."""
+    from ldm.train.stages import SMOKE_OVERRIDES, StageError
+    from ldm.train.stages import run_stage as train
+
+    extra = list(SMOKE_OVERRIDES) if smoke else []
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+        train(stage, logs, target, seed, extra, threads, f"quickstart_{stage.name}", lambda line: print(line, flush=True))
+    except StageError as exc:
+        raise SystemExit(f"quickstart: {exc}") from None
 
 
-def run_stage(stage: Stage, logs: Path, target: Path, seed: int, smoke: bool, threads: str | None = None) -> None:
-    """Train with main.py in a subprocess (its progress bars on this terminal) and copy its last.ckpt to ``target``;
-    ``threads`` (the user's OMP_NUM_THREADS) overrides the stage's own number of threads."""
-    logs.mkdir(parents=True, exist_ok=True)
-    before = {p for p in logs.iterdir() if p.is_dir()}
-    cmd = [sys.executable, str(MAIN), "-b", str(stage.config), "-t", "--no-test", "-l", str(logs),
-           "-n", f"quickstart_{stage.name}", "-s", str(seed), *stage.overrides]
-    if smoke:
-        cmd += [*SMOKE_OVERRIDES, "lightning.trainer.enable_progress_bar=false"]
-    print("$ " + " ".join(_rel(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]), flush=True)
-    env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
-    env["OMP_NUM_THREADS"] = threads or stage.threads
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"quickstart: stage {stage.name} failed (main.py exit code {proc.returncode}); see above")
-    runs = [p for p in logs.iterdir() if p.is_dir() and p not in before]
-    if len(runs) != 1 or not (runs[0] / "checkpoints" / "last.ckpt").is_file():
-        raise SystemExit(f"quickstart: stage {stage.name}: no new run with checkpoints/last.ckpt under {logs}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(runs[0] / "checkpoints" / "last.ckpt", tmp)
-    os.replace(tmp, target)
-
-
-def first_stage_round_trip(model: Any, size: int, n: int) -> str:
-    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out crops of ``size`` px, as a line."""
+def first_stage_round_trip(model: Any, domain: Domain, size: int, n: int) -> str:
+    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out images of ``size`` px, as a line."""
     import torch
 
-    from ldm.data.embedded import HELDOUT_PHOTOS
     from ldm.eval.baselines import autoencoder_baseline
     from ldm.eval.metrics import psnr
-    from ldm.eval.sweep import heldout_images
+    from ldm.eval.stats import bootstrap_mean
 
-    clean = torch.cat([im.image for im in heldout_images(n, size, seed=0)])
+    clean = torch.cat([im.image for im in domain.images(n, size, seed=0)])
     round_trip = autoencoder_baseline(model)
-    decoded = torch.cat([round_trip(clean[i : i + 16]) for i in range(0, n, 16)])
+    decoded = torch.cat([round_trip(clean[i : i + 32]) for i in range(0, n, 32)])
+    interval = bootstrap_mean(psnr(decoded, clean).double().numpy())
     return (
-        f"first stage round trip on {n} held-out {size}x{size} crops of {', '.join(HELDOUT_PHOTOS)} (never trained on): "
-        f"PSNR {float(psnr(decoded, clean).mean()):.2f} dB"
+        f"first stage round trip on {n} held-out {size}x{size} {domain.what} (never trained on): "
+        f"PSNR {interval.format()} dB (mean [95 % bootstrap interval])"
     )
 
 
-def evaluate(args: argparse.Namespace, checkpoints: Path, outdir: Path) -> tuple[str, list[str]]:
-    """Stage 4: the sweep on held-out crops; writes the report files, returns the table and the headline lines (the
-    first stage's round trip, then one line per degradation)."""
-    from ldm.eval.baselines import default_baselines
+def evaluate(args: argparse.Namespace, domain: Domain, checkpoints: Path, outdir: Path) -> tuple[str, list[str], str]:
+    """Stage 4: the sweep on held-out images; writes the report files, returns the table, the headline lines (the
+    first stage's round trip, then one line per degradation) and the headline table in Markdown."""
+    from ldm.eval.baselines import autoencoder_baseline, default_baselines
     from ldm.eval.metrics import load_lpips
     from ldm.eval.report import before_after_grid, format_table, save_png, write_report, write_rows_csv
-    from ldm.eval.sweep import build_sweep_degradation, heldout_images, run_sweep, summarize
+    from ldm.eval.summary import best_start, summarize
+    from ldm.eval.sweep import build_sweep_degradation, run_sweep
     from ldm.refine import Refiner
 
     refiner = Refiner.from_checkpoints(
-        [checkpoints / "latesteps_500_750.ckpt", checkpoints / "latesteps_750_1000.ckpt"], device=args.device
+        [checkpoints / "latesteps_500_750.ckpt", checkpoints / "latesteps_750_1000.ckpt"], device=args.device,
+        batch_invariant=False,  # batches of the sweep are fixed, so its results are reproducible all the same
     )
     print(refiner.describe(), flush=True)
     model = refiner.model
     size = args.size
     n_images = 2 if args.smoke else args.n_images
-    images = heldout_images(n_images, size, seed=0)
-    # other crops of the held-out photographs: realism is measured against clean images that are not the cases' own
-    realism_reference = heldout_images(n_images, size, seed=1)
+    images = domain.images(n_images, size, seed=0)
+    # other held-out images: realism is measured against clean images that are not the cases' own
+    realism_reference = domain.images(n_images, size, seed=1)
     degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
-    start_ts = sorted({*START_TS, args.start_t})
+    start_ts = sorted({*domain.start_ts, *([args.start_t] if args.start_t else [])})
+    round_trip = autoencoder_baseline(model)
     result = run_sweep(
         [("experts", refiner)], images, degradations, start_ts, seeds=[0],
-        baselines=default_baselines(model, "nl_means"), ddim_steps=SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps,
-        lpips=load_lpips(), realism_reference=realism_reference, n_examples=n_images, example_start_ts=[args.start_t],
+        baselines=default_baselines(model, domain.classical_filter),
+        ddim_steps=SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps,
+        batch_size=32, lpips=load_lpips(), realism_reference=realism_reference, whole_image=domain.whole_image,
+        n_examples=min(n_images, args.examples), example_start_ts=start_ts, round_trip=round_trip,
     )
-    write_report(result, outdir / "sweep", vars(args), title="quickstart: chained late-steps experts on held-out crops")
+    write_report(result, outdir / "sweep", vars(args), title=f"quickstart ({domain.name}): chained late-steps experts")
     write_rows_csv(result, outdir / "metrics.csv")
-    save_png(before_after_grid(result, "experts", args.start_t), outdir / "before_after.png")
     summary = summarize(result)
-    headline = [first_stage_round_trip(model, size, 4 if args.smoke else ROUND_TRIP_IMAGES)]
+    region = "experts (region)"
+    best = {d: best_start(result, region, d) for d in result.degradations}
+    # what the diffusion steps add: against the round trip of the clean image, at the same start_ts
+    over_trip = {d: best_start(result, region, d, "psnr_rt_in", "autoencoder", picks=b.start_ts) if b else None
+                 for d, b in best.items()}
+    shown: dict[str, int] = {}
     for degradation in result.degradations:
-        headline.append(_headline(summary, degradation, args.start_t))
-    return format_table(summary), headline
+        pick = best.get(degradation)
+        shown[degradation] = args.start_t or domain.start_t or (pick.start_ts[0] if pick else start_ts[0])
+    save_png(before_after_grid(result, "experts", shown), outdir / "before_after.png")
+    headline = [first_stage_round_trip(model, domain, size, 4 if args.smoke else ROUND_TRIP_IMAGES)]
+    headline += [_headline(summary, result, d, best.get(d), over_trip.get(d), shown[d]) for d in result.degradations]
+    return format_table(summary), headline, _markdown_table(summary, result, best, over_trip)
 
 
-def _headline(summary: list[dict[str, Any]], degradation: str, start_t: int) -> str:
-    """One line: PSNR to clean (inside the box for a local artifact), SWD x 10^3 and what changed outside the box, for
-    the artifact, the whole-image refinement and the region refinement at ``start_t``."""
-    entries = {(s["method"], s["start_t"]): s for s in summary if s["degradation"] == degradation}
-    picks = [("artifact", entries.get(("identity", None))), ("whole", entries.get(("experts", start_t))),
-             ("region", entries.get(("experts (region)", start_t)))]
-    picks = [(name, e) for name, e in picks if e is not None]
-    local = "psnr_clean_in" in picks[0][1]
-    key = "psnr_clean_in" if local else "psnr_clean"
+def _entry(summary: list[dict[str, Any]], degradation: str, method: str, start_t: int | None) -> dict[str, Any]:
+    found = [s for s in summary if (s["degradation"], s["method"], s["start_t"]) == (degradation, method, start_t)]
+    return found[0] if found else {}
 
-    def numbers(metric: str, fmt: str) -> str:
-        values = [e.get(metric) for _, e in picks]
-        return " -> ".join(fmt.format(v) if isinstance(v, float) else "n/a" for v in values)
 
-    names = " -> ".join(name for name, _ in picks)
-    line = f"{degradation} ({names}, start_t={start_t}): PSNR to clean{' inside the box' if local else ''} "
-    line += f"{numbers(key, '{:.2f}')} dB; SWD x1e3 {numbers('swd', '{:.2f}')}"
-    if local:
-        line += f"; PSNR to input outside the box {numbers('psnr_input_out', '{:.1f}')} dB"
-    return line
+def _ci(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False) -> str:
+    """``"12.34 [11.90, 12.80]"`` of a summary column and its interval (``n/a`` where it was not measured)."""
+    value = entry.get(key)
+    if not isinstance(value, float):
+        return "n/a"
+    f = fmt.replace("{:", "{:+") if sign else fmt
+    if isinstance(entry.get(f"{key}_lo"), float):
+        return f"{f.format(value)} [{f.format(entry[key + '_lo'])}, {f.format(entry[key + '_hi'])}]"
+    return f.format(value)
+
+
+def _headline(
+    summary: list[dict[str, Any]], result: Any, degradation: str, best: Any, over_trip: Any, start_t: int
+) -> str:
+    """One line: the artifact, the region refinement at its cross-fitted best start_t (in-box PSNR to the clean image
+    and to the first stage's round trip of it, gains, realism), each with its 95 % bootstrap interval; for an artifact
+    without a box, the whole-image refinement at ``start_t``."""
+    artifact = _entry(summary, degradation, "identity", None)
+    region_ts = result.start_ts.get("experts (region)", ())
+    if best is None and region_ts:  # the control: nothing wrong in the box, so what refining it costs at each start_t
+        curve = ", ".join(f"{t}: {_ci(_entry(summary, degradation, 'experts (region)', t), 'psnr_clean_in')}"
+                          for t in region_ts)
+        n = _entry(summary, degradation, "experts (region)", region_ts[0]).get("n")
+        return f"{degradation} (control, nothing wrong in the box, n={n}): PSNR to clean inside the box by start_t {curve} dB"
+    if best is None:  # no box: the whole-image figures at start_t
+        t = start_t
+        whole = _entry(summary, degradation, "experts", t)
+        return (f"{degradation} (artifact -> whole, start_t={t}, n={whole.get('n')}): PSNR to clean "
+                f"{_ci(artifact, 'psnr_clean')} -> {_ci(whole, 'psnr_clean')} dB, gain "
+                f"{_ci(whole, 'gain_psnr_clean', sign=True)} dB; SWD x1e3 {_ci(artifact, 'swd')} -> {_ci(whole, 'swd')}")
+    t = best.start_ts[0]
+    region = _entry(summary, degradation, "experts (region)", t)
+    starts = f"{best.start_ts[0]}/{best.start_ts[1]}" if best.start_ts[0] != best.start_ts[1] else str(t)
+    return (
+        f"{degradation} (n={best.value.n}, region refinement at its best start_t {starts}): PSNR to clean inside the box "
+        f"{best.baseline_value.format()} -> {best.value.format()} dB, gain {best.gain.format('{:+.2f}')} dB; "
+        f"over the first stage's round trip {over_trip.gain.format('{:+.2f}') if over_trip else 'n/a'} dB; "
+        f"SWD x1e3 {_ci(artifact, 'swd')}"
+        f" -> {_ci(region, 'swd')}, change {_ci(region, 'gain_swd', sign=True)}; PSNR to input outside the box "
+        f"{_ci(region, 'psnr_input_out', '{:.1f}')} dB"
+    )
+
+
+def _markdown_table(summary: list[dict[str, Any]], result: Any, best: dict[str, Any], over_trip: dict[str, Any]) -> str:
+    """The headline as a Markdown table (what README shows): one row per artifact with a box."""
+    lines = [
+        "| artifact | n | PSNR in box: artifact | round trip | region refinement (start_t) | gain | gain over the round "
+        "trip | SWD ×10³: artifact → region | ΔSWD |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    region_ts = result.start_ts.get("experts (region)", ())
+    for degradation in result.degradations:
+        pick = best.get(degradation)
+        if pick is None and region_ts and _entry(summary, degradation, "experts (region)", region_ts[0]):
+            control = _entry(summary, degradation, "experts (region)", region_ts[0])
+            trip = _entry(summary, degradation, "autoencoder", None)
+            lines.append(
+                f"| {degradation.split(':')[0]} (control: nothing wrong) | {control.get('n')} | exact | "
+                f"{_ci(trip, 'psnr_clean_in', '{:.1f}')} | {_ci(control, 'psnr_clean_in', '{:.1f}')} ({region_ts[0]}) | "
+                f"n/a | n/a | {_ci(_entry(summary, degradation, 'identity', None), 'swd', '{:.1f}')} → "
+                f"{_ci(control, 'swd', '{:.1f}')} | {_ci(control, 'gain_swd', '{:.1f}', True)} |"
+            )
+        if pick is None:
+            continue
+        artifact = _entry(summary, degradation, "identity", None)
+        trip = _entry(summary, degradation, "autoencoder", None)
+        region = _entry(summary, degradation, "experts (region)", pick.start_ts[0])
+        starts = "/".join(dict.fromkeys(str(t) for t in pick.start_ts))
+        lines.append(
+            f"| {degradation.split(':')[0]} | {pick.value.n} | {pick.baseline_value.format('{:.1f}')} | "
+            f"{_ci(trip, 'psnr_clean_in', '{:.1f}')} | {pick.value.format('{:.1f}')} ({starts}) | "
+            f"{pick.gain.format('{:+.2f}')} | "
+            f"{over_trip[degradation].gain.format('{:+.2f}') if over_trip.get(degradation) else 'n/a'} | "
+            f"{_ci(artifact, 'swd', '{:.1f}')} → {_ci(region, 'swd', '{:.1f}')} | {_ci(region, 'gain_swd', '{:.1f}', True)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
@@ -231,24 +349,33 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 
     import torch
 
-    from ldm.data.embedded import MAX_SIZE
+    from ldm.data.embedded import MAX_SIZE as PHOTO_MAX_SIZE
+    from ldm.data.synthetic import MAX_SIZE as SYNTHETIC_MAX_SIZE
     from ldm.eval.degrade import VQRoundTrip
     from ldm.eval.sweep import build_sweep_degradation
     from ldm.sampling.schedule import grid_tail
     from ldm.train.cli import MAX_SEED
     from ldm.util import ConfigError
 
-    if not 1 <= args.start_t <= 999 or args.n_images < 1 or not 1 <= args.ddim_steps <= 1000:
-        return "--start-t must be in [1, 999], --n-images >= 1 and --ddim-steps in [1, 1000]"
-    timesteps = grid_tail(args.start_t, SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps, 1000)[0]
-    if not timesteps or timesteps[0] >= EXPERTS_T_END:  # before_after.png shows --start-t: it must run
-        first = f"starts at t={timesteps[0]}" if timesteps else "holds no step"
-        return (f"--start-t {args.start_t} {first} on the DDIM grid, outside the experts' windows (t < {EXPERTS_T_END}); "
-                f"choose a --start-t below {EXPERTS_T_END}, e.g. one of {list(START_TS[:-1])}")
+    domain = domains()[args.domain]
+    if args.start_t is not None and not 1 <= args.start_t <= 999:
+        return "--start-t must be in [1, 999]"
+    if not 1 <= args.n_images <= MAX_IMAGES or args.examples < 0 or not 1 <= args.ddim_steps <= 1000:
+        return f"--n-images must be in [1, {MAX_IMAGES}], --examples >= 0 and --ddim-steps in [1, 1000]"
+    if args.start_t is not None:
+        timesteps = grid_tail(args.start_t, SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps, 1000)[0]
+        if not timesteps or timesteps[0] >= EXPERTS_T_END:  # before_after.png shows --start-t: it must run
+            first = f"starts at t={timesteps[0]}" if timesteps else "holds no step"
+            return (f"--start-t {args.start_t} {first} on the DDIM grid, outside the experts' windows "
+                    f"(t < {EXPERTS_T_END}); choose a --start-t below {EXPERTS_T_END}, e.g. one of {list(domain.start_ts)}")
     if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
         return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
-    if not 16 <= args.size <= MAX_SIZE or args.size % 8:
-        return f"--size {args.size}: the crops' side must be a multiple of 8 in [16, {MAX_SIZE}] (e.g. 64)"
+    max_size = SYNTHETIC_MAX_SIZE if domain.name == "synthetic" else PHOTO_MAX_SIZE
+    if not 16 <= args.size <= max_size or args.size % 8:
+        return f"--size {args.size}: the images' side must be a multiple of 8 in [16, {max_size}] (e.g. {domain.size})"
+    if not domain.whole_image and any(not spec.startswith("local_") for spec in args.degradations):
+        return (f"--domain {domain.name} refines only inside the artifacts' boxes: give local degradations "
+                f"(local_noise, local_warp, ...), got {' '.join(args.degradations)}")
     # vq_roundtrip / local_vq are built on the trained first stage after training; their parameters are checked now on
     # a stand-in with what VQRoundTrip looks for, and every other degradation runs once on a blank crop of --size
     stand_in = SimpleNamespace(encode=None, decode=None, quantize=SimpleNamespace(embedding=None))
@@ -263,13 +390,55 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+STAMP = "quickstart.json"  # in <outdir>/checkpoints: which quick start (domain, smoke) trained them
+
+
+def _stamp(args: argparse.Namespace) -> dict[str, Any]:
+    return {"domain": args.domain, "smoke": bool(args.smoke)}
+
+
+def check_checkpoints(args: argparse.Namespace, outdir: Path) -> str | None:
+    """Why the checkpoints already in ``outdir`` cannot serve this run (another domain, or smoke ones for a real run
+    and back), or None.  Checkpoints without a stamp come from an earlier version's photo quick start."""
+    checkpoints = outdir / "checkpoints"
+    if args.force or not any((checkpoints / f"{name}.ckpt").is_file() for name in STAGE_NAMES):
+        return None
+    try:
+        found = json.loads((checkpoints / STAMP).read_text())
+    except FileNotFoundError:
+        found = {"domain": "photos", "smoke": bool(args.smoke)}
+    except (OSError, ValueError) as exc:
+        return f"{checkpoints / STAMP} is unreadable ({one_line_error(exc)}); pass --force to retrain every stage"
+    if found != _stamp(args):
+        what = f"the {found.get('domain')} quick start{' (--smoke)' if found.get('smoke') else ''}"
+        return (f"--outdir {outdir} holds checkpoints of {what}; pass another --outdir, or --force to retrain them for "
+                f"--domain {args.domain}{' --smoke' if args.smoke else ''}")
+    return None
+
+
+def apply_domain_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset with ``--domain``'s defaults (in place; returns ``args``)."""
+    domain = domains()[args.domain]
+    if args.degradations is None:
+        args.degradations = list(domain.degradations)
+    if args.n_images is None:
+        args.n_images = domain.n_images
+    if args.size is None:
+        args.size = domain.size
+    if args.outdir is None:
+        name = "quickstart" if domain.name == "photos" else f"quickstart_{domain.name}"
+        args.outdir = f"outputs/{name}_smoke" if args.smoke else f"outputs/{name}"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the quick start; returns the exit code."""
     args = build_parser().parse_args(argv)
     args.threads = os.environ.get("OMP_NUM_THREADS")  # the user's choice wins over each stage's
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
-    outdir = Path(args.outdir or ("outputs/quickstart_smoke" if args.smoke else "outputs/quickstart")).resolve()
-    problem = check_arguments(args) or check_outdir(outdir)
+    apply_domain_defaults(args)
+    outdir = Path(args.outdir).resolve()
+    problem = check_arguments(args) or check_outdir(outdir) or check_checkpoints(args, outdir)
     if problem:
         print(f"quickstart.py: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,28 +451,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, outdir: Path) -> int:
     """The stages and the evaluation (after the arguments are checked)."""
+    from ldm.train.stages import relative
+    from ldm.util import atomic_write_bytes
+
     checkpoints, logs = outdir / "checkpoints", outdir / "logs"
     timings: list[tuple[str, str, float]] = []
     started = time.perf_counter()
     redo = args.force
-    all_stages = stages(checkpoints)
+    domain = domains()[args.domain]
+    all_stages = stages(checkpoints, domain)
     for i, stage in enumerate(all_stages, 1):
         target = checkpoints / f"{stage.name}.ckpt"
         print(f"\n== [{i}/{len(all_stages) + 1}] {stage.title} ==", flush=True)
         if target.is_file() and not redo:
-            print(f"skipped: {_rel(target)} exists (--force redoes it)", flush=True)
+            print(f"skipped: {relative(target)} exists (--force redoes it)", flush=True)
             timings.append((stage.name, "skipped", 0.0))
             continue
+        # the later stages build on this one: their old checkpoints go first, so an interrupted run never leaves
+        # experts of an earlier first stage for the next run to skip to
+        for later in all_stages[i - 1 :]:
+            (checkpoints / f"{later.name}.ckpt").unlink(missing_ok=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(checkpoints / STAMP, json.dumps(_stamp(args)).encode())
         t0 = time.perf_counter()
         run_stage(stage, logs, target, args.seed, args.smoke, args.threads)
         redo = True  # later stages build on this one
         timings.append((stage.name, "trained", time.perf_counter() - t0))
-        print(f"{stage.name}: {_rel(target)} ({timings[-1][2]:.0f} s)", flush=True)
+        print(f"{stage.name}: {relative(target)} ({timings[-1][2]:.0f} s)", flush=True)
 
-    print(f"\n== [{len(all_stages) + 1}/{len(all_stages) + 1}] refine degraded held-out crops ==", flush=True)
+    print(f"\n== [{len(all_stages) + 1}/{len(all_stages) + 1}] refine degraded held-out images ==", flush=True)
     t0 = time.perf_counter()
     try:
-        table, headline = evaluate(args, checkpoints, outdir)
+        table, headline, markdown = evaluate(args, domain, checkpoints, outdir)
+        atomic_write_bytes(outdir / "table.md", markdown.encode())
     except (ValueError, OSError) as exc:  # a stage checkpoint that is corrupt (CheckpointError), a disk error
         print(f"quickstart.py: error: {one_line_error(exc)}; --force retrains every stage", file=sys.stderr)
         return 1
@@ -316,8 +496,9 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
     for name, status, seconds in timings:
         print(f"  {name:<20} {status:<8} {seconds:7.1f} s")
     print(f"  {'total':<29} {time.perf_counter() - started:7.1f} s")
-    print(f"\nwrote {_rel(outdir / 'before_after.png')}, {_rel(outdir / 'metrics.csv')}, {_rel(outdir / 'sweep')}/"
-          "{summary.csv, curves.png, realism.png, examples.png}")
+    print(f"\n{markdown}")
+    written = ", ".join(relative(outdir / name) for name in ("before_after.png", "table.md", "metrics.csv"))
+    print(f"wrote {written}, {relative(outdir / 'sweep')}/" "{summary.csv, curves.png, realism.png, examples.png}")
     return 0
 
 

@@ -63,7 +63,7 @@ def test_quickstart_smoke_end_to_end(tmp_path):
         assert (out / "sweep" / name).is_file()
     assert "time per stage" in first.stdout and "PSNR to clean" in first.stdout
     assert "first stage round trip on 4 held-out 64x64 crops of chelsea, coffee (never trained on): PSNR" in first.stdout
-    assert "(artifact -> whole -> region, start_t=300): PSNR to clean inside the box" in first.stdout
+    assert "(n=2, region refinement at its best start_t" in first.stdout and "PSNR to clean inside the box" in first.stdout
     assert "PSNR to input outside the box" in first.stdout and "SWD x1e3" in first.stdout
 
     # a missing checkpoint redoes its stage (and the later ones); existing ones are skipped
@@ -75,11 +75,39 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert {name: checkpoints[name].stat().st_mtime_ns for name in STAGES[:2]} == mtimes
     assert checkpoints["latesteps_750_1000"].is_file()
     assert len(list((out / "logs").iterdir())) == 4
-    assert "vq_roundtrip:first_stage=model,codebook_fraction=0.5 (artifact -> whole, start_t=250): PSNR to clean" in (
+    assert "vq_roundtrip:first_stage=model,codebook_fraction=0.5 (artifact -> whole, start_t=250, n=2): PSNR to clean" in (
         second.stdout
     )
     with open(out / "metrics.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 1 * 2 * (3 + 5)  # 250 joins the sweep's start_ts; no box, no region
+
+
+@pytest.mark.slow
+def test_quickstart_synthetic_smoke_end_to_end(tmp_path):
+    out = tmp_path / "synthetic"
+    proc = run_quickstart("--domain", "synthetic", "--outdir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted(p.name for p in (out / "logs").iterdir())
+    assert len(runs) == 3
+    for stage in STAGES:  # trained with the synthetic configs
+        config = next((out / "logs").glob(f"*quickstart_{stage}/configs/*-project.yaml")).read_text()
+        assert "ldm.data.synthetic.SyntheticShapes" in config
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # 6 artifacts (the control included) x 2 images: identity, autoencoder, region refinement at 5 start_ts
+    assert len(rows) == 6 * 2 * (2 + 5)
+    assert {r["method"] for r in rows} == {"identity", "autoencoder", "experts (region)"}
+    assert all(r["psnr_rt_in"] for r in rows)  # every output against the round trip of its clean image
+    with open(out / "sweep" / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert {"n", "psnr_clean_in_lo", "psnr_clean_in_hi", "gain_psnr_clean_in", "gain_psnr_rt_in", "swd_lo"} <= set(summary[0])
+    table = (out / "table.md").read_text()
+    assert table.startswith("| artifact | n | PSNR in box: artifact |") and len(table.strip().splitlines()) == 2 + 6
+    assert "local_none (control: nothing wrong)" in table
+    assert "held-out 32x32 images of the synthetic family (never trained on): PSNR" in proc.stdout
+    assert "local_none:box_size=0.5,box_at=edges (control, nothing wrong in the box, n=2)" in proc.stdout
+    with Image.open(out / "before_after.png") as im:
+        assert im.width == 6 + 4 * (128 + 6)  # clean | artifact | mask | refined in the box, 32 px shown at 128 px
 
 
 @pytest.mark.parametrize(
@@ -88,7 +116,9 @@ def test_quickstart_smoke_end_to_end(tmp_path):
         (["--start-t", "1000"], "--start-t must be in [1, 999]"),
         (["--degradations", "jpg"], "unknown degradation 'jpg'"),
         (["--degradations", "jpeg:qualty=5"], "unknown parameters ['qualty']"),
-        (["--size", "60"], "--size 60: the crops' side must be a multiple of 8"),
+        (["--size", "60"], "--size 60: the images' side must be a multiple of 8"),
+        (["--domain", "synthetic", "--degradations", "jpeg:quality=10"], "--domain synthetic refines only inside"),
+        (["--domain", "drawings"], "argument --domain: invalid choice: 'drawings'"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
@@ -112,7 +142,10 @@ def quickstart_module():
 def check_arguments(quickstart_module):
     """scripts/quickstart.py's argument check."""
     module = quickstart_module
-    return lambda *args: module.check_arguments(module.build_parser().parse_args(["--smoke", *args]))
+    def check(*args: str) -> str | None:
+        return module.check_arguments(module.apply_domain_defaults(module.build_parser().parse_args(["--smoke", *args])))
+
+    return check
 
 
 @pytest.mark.parametrize("user, expected", [(None, ["2", "1", "1"]), ("1", ["1", "1", "1"]), ("3", ["3", "3", "3"])])
@@ -125,7 +158,9 @@ def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
         seen.append(env["OMP_NUM_THREADS"])
         return subprocess.CompletedProcess(cmd, 1)
 
-    monkeypatch.setattr(quickstart_module.subprocess, "run", fake_run)
+    import ldm.train.stages
+
+    monkeypatch.setattr(ldm.train.stages.subprocess, "run", fake_run)
     monkeypatch.setattr(quickstart_module, "usable_cpus", lambda: 4)
     for stage in quickstart_module.stages(tmp_path / "checkpoints"):
         with pytest.raises(SystemExit, match="failed"):
@@ -139,7 +174,10 @@ def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
     "args, message",
     [
         (["--start-t", "700"], "--start-t 700 starts at t=601 on the DDIM grid, outside the experts' windows (t < 500)"),
-        (["--size", "100000"], "--size 100000: the crops' side must be a multiple of 8 in [16, 2048]"),
+        (["--size", "100000"], "--size 100000: the images' side must be a multiple of 8 in [16, 2048]"),
+        (["--domain", "synthetic", "--size", "2048"], "--size 2048: the images' side must be a multiple of 8 in [16, 1024]"),
+        (["--domain", "synthetic", "--n-images", "100000000"], "--n-images must be in [1, 4096]"),
+        (["--domain", "synthetic", "--degradations", "local_block:block=100000"], "block must be an integer in [2, 1024]"),
         (["--ddim-steps", "5000"], "--ddim-steps in [1, 1000]"),
         (["--degradations", "local_vq:codebook_fraction=2"], "codebook_fraction must be in (0, 1], got 2.0"),
         (["--degradations", "vq_roundtrip:codebook_fraction=0"], "codebook_fraction must be a finite number > 0"),
@@ -155,6 +193,24 @@ def test_bad_arguments_are_found_by_the_check_before_training(check_arguments, a
     """What main() refuses with exit 2 before the first stage (as the subprocess cases above show for some)."""
     problem = check_arguments(*args)
     assert problem is not None and message in problem and "\n" not in problem
+
+
+def test_checkpoints_of_another_domain_or_of_a_smoke_run_are_not_reused(quickstart_module, tmp_path):
+    module = quickstart_module
+
+    def args(*argv: str):
+        return module.apply_domain_defaults(module.build_parser().parse_args([*argv, "--outdir", str(tmp_path)]))
+
+    assert module.check_checkpoints(args("--domain", "synthetic"), tmp_path) is None  # nothing there yet
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "vq_f4.ckpt").write_bytes(b"x")
+    assert module.check_checkpoints(args(), tmp_path) is None  # unstamped: an earlier version's photo quick start
+    problem = module.check_checkpoints(args("--domain", "synthetic"), tmp_path)
+    assert "holds checkpoints of the photos quick start; pass another --outdir, or --force" in problem
+    (tmp_path / "checkpoints" / module.STAMP).write_text('{"domain": "synthetic", "smoke": true}')
+    assert "of the synthetic quick start (--smoke)" in module.check_checkpoints(args("--domain", "synthetic"), tmp_path)
+    assert module.check_checkpoints(args("--domain", "synthetic", "--smoke"), tmp_path) is None
+    assert module.check_checkpoints(args("--domain", "photos", "--force"), tmp_path) is None
 
 
 def test_good_degradation_specs_pass_the_check(check_arguments):

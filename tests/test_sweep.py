@@ -30,14 +30,9 @@ from ldm.eval.degrade import JPEG
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.metrics import Skipped, seam_energy
 from ldm.eval.report import before_after_grid, example_grid, format_table, image_grid, write_report
-from ldm.eval.sweep import (
-    METRIC_COLUMNS,
-    build_sweep_degradation,
-    folder_images,
-    heldout_images,
-    run_sweep,
-    summarize,
-)
+from ldm.eval.sources import folder_images, heldout_images
+from ldm.eval.summary import summarize
+from ldm.eval.sweep import METRIC_COLUMNS, build_sweep_degradation, run_sweep
 from ldm.refine import Refiner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,6 +519,28 @@ def test_cli_local_degradation_runs_region_and_crop_modes(evaluate_main, expert_
     code = evaluate_main([*common, "--realism-images", str(tmp_path / "small"), "--outdir", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "one size" in err and len(err.splitlines()) == 1
+
+
+def test_cli_synthetic_images_region_only(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main([*ckpts, "--synthetic", "--n-images", "2", "--size", "32", "--degradations",
+                          "local_noise:box_at=edges", "--start-t", "100", "--ddim-steps", str(DDIM_STEPS), "--filter",
+                          "none", "--region-only", "--outdir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert "2 held-out 32x32 images of the synthetic family (seed 0)" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert [r["method"] for r in rows] == ["identity"] * 2 + ["autoencoder"] * 2 + ["experts (region)"] * 2
+    assert {r["image"] for r in rows} == {"synthetic_0_0000", "synthetic_0_0001"}
+    assert all(r["psnr_rt_in"] for r in rows)  # against the round trip of the clean image
+    summary = _read_csv(tmp_path / "out" / "summary.csv")
+    region = next(r for r in summary if r["method"] == "experts (region)")
+    assert float(region["psnr_clean_in_lo"]) <= float(region["psnr_clean_in"]) <= float(region["psnr_clean_in_hi"])
+    assert region["gain_psnr_clean_in"] and region["gain_psnr_rt_in"] and region["gain_swd"]
+    code, err = _one_line_run(evaluate_main, capsys, [*ckpts, "--region-only", "--degradations", "jpeg",
+                                                      "--outdir", str(tmp_path / "o")])
+    assert code == 2 and "--region-only refines only inside the boxes of local degradations" in err
+    code, err = _one_line_run(evaluate_main, capsys, [*ckpts, "--synthetic", "--images", str(tmp_path)])
+    assert code == 2 and "not allowed with argument" in err
 
 
 def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):

@@ -94,3 +94,29 @@ def test_gpu_script_rejects_unknown_arguments_and_prints_help(tmp_path):
     assert bad.returncode == 2 and "unknown argument '--dryrun'" in bad.stderr
     usage = _run(["bash", str(BENCH / "gpu.sh"), "--help"], tmp_path)
     assert "bash benchmarks/gpu.sh --dry-run" in usage.stdout and "set -euo" not in usage.stdout
+
+
+def test_synthetic_windows_trains_three_ways_and_compares_them(tmp_path):
+    """The compute comparison on the synthetic family, in --smoke mode: a 3-step VQ, then the chain, the 500-1000 model
+    and the full-range model through main.py, the window-loss curves and the in-box comparison."""
+    from ldm.train.stages import SMOKE_OVERRIDES, Stage, run_stage
+
+    vq = tmp_path / "vq.ckpt"
+    run_stage(Stage("vq", "vq", REPO / "configs" / "synthetic" / "vq_f4.yaml", list(SMOKE_OVERRIDES)), tmp_path / "vq_logs",
+              vq, seed=0)
+    results = tmp_path / "results"
+    out = _run([sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(vq), "--outdir", str(tmp_path / "runs"),
+                "--threads", "1", "--smoke"], results)
+    (path,) = results.glob("synthetic_windows-*.json")
+    payload = json.loads(path.read_text())
+    assert {r["run"] for r in payload["window_loss"]} == {"single", "full", "chain"}
+    assert all(_finite_positive(r["window_loss"]) for r in payload["window_loss"])
+    assert {r["artifact"] for r in payload["quality"]} <= {"local_noise", "local_block", "local_smear", "local_warp",
+                                                           "local_paint"}
+    assert path.with_suffix(".md").read_text().startswith("| artifact | chain 500-750 → 750-1000 |")
+    assert "the full-range model's window loss" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir()) == [
+        "chain_a.ckpt", "chain_b.ckpt", "full.ckpt", "single.ckpt"]
+    code = subprocess.run([sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(tmp_path / "none.ckpt")],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert code.returncode == 2 and "is not a file" in code.stderr

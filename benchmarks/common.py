@@ -262,8 +262,13 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(dict(payload), indent=2, default=str) + "\n")
-    print(f"\nresults: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    print(f"\nresults: {shown(path)}")
     return path
+
+
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository where it lies inside it (shorter to read), else as given."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def report(name: str, rows: list[dict[str, Any]], columns: Sequence[str], title: str, args: Any) -> int:

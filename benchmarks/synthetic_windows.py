@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, THREADS_HELP, machine_info, print_table, set_threads, write_results  # noqa: E402
+from common import REPO, THREADS_HELP, machine_info, print_table, set_threads, shown, write_results  # noqa: E402
 
 CONFIGS = REPO / "configs" / "synthetic"
 WINDOW = (0, 500)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "single_steps_to_full_loss": reach, "quality": rows, "wall_s": time.perf_counter() - started,
     })
     path.with_suffix(".md").write_text(markdown)
-    print(f"results: {path.relative_to(REPO)}")
+    print(f"table: {shown(path.with_suffix('.md'))}")
     return 0
 
 

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402 (after the path setup)
-    REPO,
     THREADS_HELP,
     machine_info,
     model_config,
     print_table,
     set_threads,
+    shown,
     write_results,
 )
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - started,
     })
     plot(rows, targets, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png').relative_to(REPO)}")
+    print(f"plot: {shown(path.with_suffix('.png'))}")
     return 0
 
 

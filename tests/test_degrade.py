@@ -222,6 +222,7 @@ def test_registry_lists_and_errors(tiny_vq):
     assert set(DEGRADATIONS) == {
         "vq_roundtrip", "jpeg", "blur_noise", "elastic_warp", "patch_shuffle", "colour_blotches",
         "local_warp", "local_blotch", "local_shuffle", "local_vq",
+        "local_paint", "local_noise", "local_smear", "local_block", "local_none",
     }
     assert isinstance(build_degradation("jpeg", quality=40), JPEG)
     with pytest.raises(KeyError, match=r"unknown degradation 'jpg'.*jpeg\(quality=20\)"):

@@ -233,6 +233,46 @@ def emit_child_result(result: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- tables and files
+def train_saving(
+    name: str,
+    config: Path,
+    steps: int,
+    overrides: Sequence[str],
+    *,
+    outdir: Path,
+    save_every: int,
+    seed: int,
+    threads: int,
+    smoke: bool = False,
+) -> list[tuple[int, Path]]:
+    """Train ``config`` with ``main.py`` for ``steps`` optimizer steps, keeping a checkpoint every ``save_every`` steps
+    (validated at the same cadence), unless ``<outdir>/checkpoints/<name>.ckpt`` exists from an earlier call; returns
+    ``[(step, checkpoint), ...]`` in step order, the final step (``last.ckpt``, copied to that path) included.
+
+    Raises :class:`ldm.train.stages.StageError` when the run fails.
+    """
+    from ldm.train.stages import SMOKE_OVERRIDES, Stage, run_stage
+
+    target = outdir / "checkpoints" / f"{name}.ckpt"
+    record = outdir / "logs" / f"{name}.run"
+    if not target.is_file() or not record.is_file():
+        options = [
+            *overrides, f"lightning.trainer.max_steps={steps}",
+            f"lightning.modelcheckpoint.params.every_n_train_steps={save_every}",
+            "lightning.modelcheckpoint.params.save_top_k=-1", f"lightning.trainer.val_check_interval={save_every}",
+            f"lightning.callbacks.image_logger.params.batch_frequency={steps}",
+            *(SMOKE_OVERRIDES if smoke else ()),
+        ]
+        folder = run_stage(Stage(name, name, config, options, str(threads)), outdir / "logs", target, seed,
+                           echo=lambda line: print(line, flush=True))
+        record.write_text(str(folder))
+    run_dir = Path(record.read_text())
+    saved = {steps: target}  # the final step (last.ckpt, off the save cadence when it does not divide steps)
+    for path in (run_dir / "checkpoints").glob("*step=*.ckpt"):
+        saved.setdefault(int(path.stem.rsplit("step=", 1)[1]), path)
+    return sorted(saved.items())
+
+
 def print_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     """A plain aligned text table of ``columns`` (missing values shown as ``-``)."""
     rows = list(rows)

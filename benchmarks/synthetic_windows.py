@@ -41,7 +41,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, THREADS_HELP, machine_info, print_table, set_threads, shown, write_results  # noqa: E402
+from common import (  # noqa: E402 (after the path setup)
+    REPO,
+    THREADS_HELP,
+    machine_info,
+    print_table,
+    set_threads,
+    shown,
+    train_saving,
+    write_results,
+)
 
 CONFIGS = REPO / "configs" / "synthetic"
 WINDOW = (0, 500)
@@ -51,37 +60,20 @@ VAL_DRAWS = 4
 
 def train_all(args: argparse.Namespace, outdir: Path) -> dict[str, list[tuple[int, Path]]]:
     """Train the four runs (skipping those done); returns ``{run: [(step, checkpoint), ...]}`` of the saved steps."""
-    from ldm.train.stages import SMOKE_OVERRIDES, Stage, run_stage
-
     total = args.steps_a + args.steps_b
     first_stage = f"model.params.first_stage_config.params.ckpt_path={Path(args.vq).resolve()}"
-    ckpts = outdir / "checkpoints"
     runs = {
         "chain_a": (CONFIGS / "latesteps_500_750.yaml", args.steps_a, []),
-        "chain_b": (CONFIGS / "latesteps_750_1000.yaml", args.steps_b, [f"model.params.ckpt_path={ckpts / 'chain_a.ckpt'}"]),
+        "chain_b": (CONFIGS / "latesteps_750_1000.yaml", args.steps_b,
+                    [f"model.params.ckpt_path={outdir / 'checkpoints' / 'chain_a.ckpt'}"]),
         "single": (CONFIGS / "latesteps_500_1000.yaml", total, []),
         "full": (CONFIGS / "full_range.yaml", total, []),
     }
-    saved: dict[str, list[tuple[int, Path]]] = {}
-    for name, (config, steps, extra) in runs.items():
-        target = ckpts / f"{name}.ckpt"
-        overrides = [
-            first_stage, *extra, f"lightning.trainer.max_steps={steps}",
-            f"lightning.modelcheckpoint.params.every_n_train_steps={args.save_every}",
-            "lightning.modelcheckpoint.params.save_top_k=-1", f"lightning.trainer.val_check_interval={args.save_every}",
-            f"lightning.callbacks.image_logger.params.batch_frequency={steps}",
-            *(SMOKE_OVERRIDES if args.smoke else ()),
-        ]
-        if not target.is_file():
-            folder = run_stage(Stage(name, name, config, overrides, str(args.threads)), outdir / "logs", target, args.seed,
-                               echo=lambda line: print(line, flush=True))
-            (outdir / "logs" / f"{name}.run").write_text(str(folder))
-        run_dir = Path((outdir / "logs" / f"{name}.run").read_text())
-        steps_saved = {steps: target}  # the final step (last.ckpt, off the save cadence when it does not divide steps)
-        for path in (run_dir / "checkpoints").glob("*step=*.ckpt"):
-            steps_saved.setdefault(int(path.stem.rsplit("step=", 1)[1]), path)
-        saved[name] = sorted(steps_saved.items())
-    return saved
+    return {
+        name: train_saving(name, config, steps, [first_stage, *extra], outdir=outdir, save_every=args.save_every,
+                           seed=args.seed, threads=args.threads, smoke=args.smoke)
+        for name, (config, steps, extra) in runs.items()
+    }
 
 
 def window_losses(saved: dict[str, list[tuple[int, Path]]], steps_a: int, n_images: int = VAL_IMAGES) -> list[dict[str, Any]]:

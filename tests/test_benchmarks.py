@@ -120,3 +120,24 @@ def test_synthetic_windows_trains_three_ways_and_compares_them(tmp_path):
     code = subprocess.run([sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(tmp_path / "none.ckpt")],
                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert code.returncode == 2 and "is not a file" in code.stderr
+
+
+def test_photo_curve_trains_and_measures_each_saved_step(tmp_path):
+    """The photo quality-against-compute curve in --smoke mode: a 3-step VQ and experts of one width through main.py,
+    every saved step measured (round trip, eps-MSE, SWD against the round trip, the blotch's in-box gain)."""
+    results = tmp_path / "results"
+    out = _run([sys.executable, str(BENCH / "photo_curve.py"), "--outdir", str(tmp_path / "runs"), "--widths", "32",
+                "--threads", "1", "--smoke"], results)
+    (path,) = results.glob("photo_curve-*.json")
+    payload = json.loads(path.read_text())
+    assert [r["step"] for r in payload["vq"]] == [1, 2, 3]
+    assert all(_finite_positive(r["64px"]) and r["64px_lo"] <= r["64px"] <= r["64px_hi"] for r in payload["vq"])
+    runs = [(r["run"], r["step"]) for r in payload["experts"]]
+    assert runs == [("500-750", s) for s in (1, 2, 3)] + [("750-1000", s) for s in (1, 2, 3)]
+    for row in payload["experts"]:
+        keys = ("eps_t300",) if row["run"] == "500-750" else ("eps_t50", "eps_t100", "dswd", "paint_gain")
+        assert all(row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"] for k in keys), row
+    assert path.with_suffix(".md").read_text().startswith("| VQ steps |") and "table:" in out.stdout
+    bad = subprocess.run([sys.executable, str(BENCH / "photo_curve.py"), "--widths", "40"], cwd=REPO,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert bad.returncode == 2 and "multiple of 16" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

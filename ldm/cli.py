@@ -47,6 +47,20 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
+def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
+    """An argparse ``type`` that accepts decimal integers in ``[lo, hi]``; above ``hi`` the error says ``why`` (what the
+    bound protects), below ``lo`` it reads as :func:`int_at_least`'s."""
+    at_least = int_at_least(lo)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"{value} must be <= {hi} ({why})")
+        return value
+
+    return parse
+
+
 def unit_interval(text: str) -> float:
     """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
     try:

@@ -31,11 +31,16 @@ from ldm.cli import (
     check_outdir,
     ddim_eta,
     int_at_least,
+    int_in_range,
     one_line_error,
     unit_interval,
 )
 
 SAMPLERS = ("ddim", "dpmpp_2m")  # ldm.sampling.SAMPLERS, not imported here so that --help does not load torch
+# ldm.refine.regions' bounds (same reason), checked at parsing rather than on each image after it is loaded
+MAX_FEATHER = 256  # MAX_FEATHER: px of --mask-blur / --mask-dilate
+MAX_REGION_SIZE = 4096  # MAX_REGION_SIZE
+MAX_REGION_PADDING = 4096  # MAX_REGION_PADDING
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -74,17 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", action="append", type=box_arg, default=[], metavar="X0,Y0,X1,Y1[@T]",
                    help="refine this rectangle (pixels, x1/y1 exclusive), optionally from its own start timestep T; "
                         "repeatable")
-    p.add_argument("--mask-blur", type=int_at_least(0), default=4, metavar="PX",
-                   help="feather of the composite inside the region's edge (default: %(default)s)")
-    p.add_argument("--mask-dilate", type=int_at_least(0), default=0, metavar="PX",
-                   help="grow the mask/boxes by PX pixels first (default: %(default)s)")
+    p.add_argument("--mask-blur", default=4, metavar="PX",
+                   type=int_in_range(0, MAX_FEATHER, "each px of feather is one more pass over the whole image; "
+                                                     f"{MAX_FEATHER} px already fades over {2 * MAX_FEATHER} px"),
+                   help=f"feather of the composite inside the region's edge, 0..{MAX_FEATHER} (default: %(default)s)")
+    p.add_argument("--mask-dilate", default=0, metavar="PX",
+                   type=int_in_range(0, MAX_FEATHER, "the growing filter's cost rises with the square of PX; paint "
+                                                     "a larger mask or box instead"),
+                   help=f"grow the mask/boxes by PX pixels first, 0..{MAX_FEATHER} (default: %(default)s)")
     p.add_argument("--crop-regions", action="store_true",
                    help="refine each region in a crop resized to the experts' native size, then paste it back "
                         "(fixes small faces/hands in large images)")
-    p.add_argument("--region-padding", type=int_at_least(0), default=32, metavar="PX",
-                   help="context around each region in --crop-regions (default: %(default)s)")
-    p.add_argument("--region-size", type=int_at_least(8), metavar="PX",
-                   help="side a region's crop is refined at (default: the experts' training size)")
+    p.add_argument("--region-padding", default=32, metavar="PX",
+                   type=int_in_range(0, MAX_REGION_PADDING, "px of context around a region; a crop is clipped to the "
+                                                            "image anyway"),
+                   help=f"context around each region in --crop-regions, 0..{MAX_REGION_PADDING} (default: %(default)s)")
+    p.add_argument("--region-size", metavar="PX",
+                   type=int_in_range(8, MAX_REGION_SIZE, f"each region is refined at PX x PX; {MAX_REGION_SIZE} px is "
+                                                         "already 16 MP, far above the experts' training size"),
+                   help=f"side a region's crop is refined at, 8..{MAX_REGION_SIZE} (default: the experts' training size)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1,
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     from ldm.checkpoint import CheckpointError
     from ldm.refine import Refiner
-    from ldm.refine.batch import batch_plan, collect_inputs, refine_files
+    from ldm.refine.batch import batch_plan, collect_inputs, mask_clash, refine_files
     from ldm.refine.distributed import close, gather, rank_device, ranks_from_env
     from ldm.refine.region_files import RegionOptions
     from ldm.util import ConfigError
@@ -198,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         _err(f"error: no images to refine in {args.input}")
         return EXIT_INPUT_FAILED
+    clash = mask_clash(paths, args.outdir, plan.start_t, args.seed, args.n_samples, args.grid, regions)
+    if clash is not None:  # a file the batch reads is never written: refused before any output is written
+        _err(f"error: {clash}")
+        return EXIT_USAGE
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:

@@ -156,6 +156,22 @@ def test_bad_argument_exits_in_one_line_from_a_subprocess(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--box", "0,0,8,8@0", "box '0,0,8,8@0' starts at t=0: a box's own start_t must be in [1, T-1]"),
+        ("--region-padding", "999999999", "999999999 must be <= 4096 (px of context around a region"),
+    ],
+)
+def test_region_arguments_out_of_bounds_exit_2_at_parsing_from_a_subprocess(tmp_path, flag, value, message):
+    """Issue 25: these failed on every image after it was loaded (exit 1), even with no region given."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "x.png", "--ckpt", "a.ckpt", flag, value,
+                           "--outdir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"refine.py: error: argument {flag}: ")
+    assert message in lines[0] and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------- outputs, skip
 def test_skip_existing_finishes_only_what_is_missing(cli, expert_checkpoints, photos_small, tmp_path, capsys):
     inputs = tmp_path / "in"

@@ -123,6 +123,13 @@ def test_mask_folder_boxes_and_crop_mode(cli, capsys, expert_checkpoints, inputs
         (["--sampler", "dpmpp_2m", "--eta", "0.5"], "eta=0.5 applies to the ddim sampler only"),
         (["--sampler", "euler"], "--sampler: invalid choice"),
         (["--mask-blur", "-1"], "--mask-blur: -1 must be >= 0"),
+        # refused at parsing, not by every image after it is loaded (issue 25)
+        (["--box", "0,0,8,8@0"], "--box: box '0,0,8,8@0' starts at t=0: a box's own start_t must be in [1, T-1]"),
+        (["--box", "0,0,8,8@-5"], "starts at t=-5: a box's own start_t must be in [1, T-1]"),
+        (["--region-size", "100000"], "--region-size: 100000 must be <= 4096 (each region is refined at PX x PX"),
+        (["--region-padding", "999999999"], "--region-padding: 999999999 must be <= 4096 (px of context"),
+        (["--mask-blur", "99999"], "--mask-blur: 99999 must be <= 256 (each px of feather is one more pass"),
+        (["--mask-dilate", "999999"], "--mask-dilate: 999999 must be <= 256 (the growing filter's cost"),
     ],
 )
 def test_bad_region_and_step_arguments_exit_2_in_one_line(cli, capsys, expert_checkpoints, inputs, tmp_path, extra,
@@ -167,3 +174,43 @@ def test_exact_steps_solver_and_strength(cli, capsys, expert_checkpoints, inputs
     assert code == 0, err
     pixels = [np.asarray(Image.open(tmp_path / d / "astro_t400_s0.png")) for d in ("a", "b")]
     assert np.array_equal(*pixels)  # --strength 0.4 is --start-t 400
+
+
+def test_the_cli_bounds_are_the_library_bounds(cli):
+    from ldm.refine import regions
+
+    assert (cli.MAX_FEATHER, cli.MAX_REGION_SIZE, cli.MAX_REGION_PADDING) == (
+        regions.MAX_FEATHER, regions.MAX_REGION_SIZE, regions.MAX_REGION_PADDING)  # fmt: skip
+
+
+def test_a_huge_mask_is_refused_from_its_header_and_a_dotted_one_is_capped_in_crop_mode(
+    cli, capsys, expert_checkpoints, inputs, tmp_path, monkeypatch
+):
+    from ldm.refine import region_files
+
+    huge = tmp_path / "huge.png"
+    Image.new("L", (4000, 3000), 255).save(huge)
+    decoded = []
+    real_load = region_files.load_image
+    monkeypatch.setattr(region_files, "load_image", lambda path: decoded.append(path) or real_load(path))
+    source = str(inputs / "images" / "astro.png")
+    code, err, _ = run(cli, capsys, ["--input", source, "--mask", str(huge),
+                                     *args(expert_checkpoints, tmp_path / "a", "--start-t", "300")])  # fmt: skip
+    assert code == 1 and len(err) == 2, err
+    assert f"astro.png: mask {huge}: the mask is 4000x3000 but the image is 48x40" in err[0] and decoded == []
+
+    dots = np.zeros((40, 48), dtype=np.uint8)
+    dots[::2, ::2] = 255  # 20 x 24 = 480 separate regions
+    Image.fromarray(dots).save(tmp_path / "dots.png")
+    code, err, _ = run(cli, capsys, ["--input", source, "--mask", str(tmp_path / "dots.png"), "--crop-regions",
+                                     *args(expert_checkpoints, tmp_path / "b", "--start-t", "300")])  # fmt: skip
+    assert code == 1 and len(err) == 2, err
+    assert (
+        "the selection has 480 separate regions, more than the 256 crop mode refines one by one; merge nearby "
+        "ones by growing the selection (--mask-dilate PX), or refine in place (without --crop-regions)"
+    ) in err[0]
+    code, err, _ = run(cli, capsys, ["--input", source, "--mask", str(tmp_path / "dots.png"),
+                                     *args(expert_checkpoints, tmp_path / "c", "--start-t", "300")])  # fmt: skip
+    assert code == 0, err  # in place: any number of regions, the metadata lists the first 256
+    meta = read_png_metadata(tmp_path / "c" / "astro_t300_s0.png")
+    assert len(json.loads(meta["regions"])) == 256 and meta["regions_total"] == "480"

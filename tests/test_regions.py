@@ -3,6 +3,11 @@ right noise level, feathered composites without seams, crop mode geometry."""
 
 from __future__ import annotations
 
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm.refine import Refiner
+from ldm.refine import Refiner, region_files
+from ldm.refine.region_files import RegionOptions, load_mask, region_metadata
 from ldm.refine.regions import (
+    MAX_FEATHER,
+    MAX_REGIONS,
     Box,
     build_start_map,
     composite,
@@ -129,6 +137,9 @@ def test_parse_box():
     for bad in ("1,2,3", "a,b,c,d", "5,5,5,9", "1,2,30,40@", "-1,0,4,4", "1,2,30,40@2.5"):
         with pytest.raises(ValueError, match="box"):
             parse_box(bad)
+    for bad in ("0,0,8,8@0", "0,0,8,8@-5"):  # no start: every image would fail later, naming no box
+        with pytest.raises(ValueError, match=r"box '0,0,8,8@-?\d' starts at t=-?\d: a box's own start_t must be in \[1, T-1\]"):
+            parse_box(bad)
 
 
 def test_masks_are_read_like_images_and_must_match_the_image_size():
@@ -189,7 +200,7 @@ def test_crop_mode_refines_each_region_in_its_crop_and_keeps_the_rest(refiner):
     starts[..., 4:12, 6:14] = 400
     starts[..., 70:80, 60:75] = 250
     regions = find_regions(starts)
-    assert [box for box, _ in regions] == [(6, 4, 14, 12), (60, 70, 75, 80)]
+    assert [r.bbox for r in regions] == [(6, 4, 14, 12), (60, 70, 75, 80)]
     assert region_crops(starts, 8) == [(0, 0, 24, 24), (52, 60, 83, 91)]  # padded 31x26, grown to 31x31
     calls = []
     original = refiner._generate
@@ -233,3 +244,82 @@ def test_bad_start_maps_and_region_arguments_are_refused(refiner, photo):
         refiner(image, boxes=[Box(0, 0, 5, 5, 700)], **ARGS)  # a box's own start decides the plan's first step
     with pytest.raises(ValueError, match="selects nothing|select.* nothing"):
         refiner(image, mask=Image.new("L", (w, h)), **ARGS)
+
+
+# ------------------------------------------------------------------------------- many regions, masks, mask folders
+def dotted(height: int, width: int, start: int = 300) -> torch.Tensor:
+    """A start map with a dot on every other pixel of every other row: (height/2) x (width/2) separate regions."""
+    starts = torch.zeros(1, 1, height, width, dtype=torch.long)
+    starts[..., ::2, ::2] = start
+    return starts
+
+
+def test_many_regions_cost_one_label_image_and_crop_mode_refuses_more_than_its_limit(refiner):
+    starts = dotted(100, 100)  # 2,500 regions: one 100 x 100 map each took 25 MB, a dotted 1024^2 mask ~120 GB
+    tracemalloc.start()
+    try:
+        regions = find_regions(starts)
+        meta = region_metadata(starts, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(regions) == 2500 and all(r.labels is regions[0].labels for r in regions)
+    assert peak < 5 * 2**20, peak  # the label image and small per-region records, not 2,500 full-size maps
+    listed = json.loads(meta["regions"])
+    assert len(listed) == MAX_REGIONS and meta["regions_total"] == "2500"  # in-place mode: listed up to the limit
+    assert listed[:2] == [{"bbox": [0, 0, 1, 1], "start_t": 300}, {"bbox": [2, 0, 3, 1], "start_t": 300}]
+    assert region_metadata(dotted(8, 8), None).keys() == {"regions"}  # under the limit: as before
+    message = r"the selection has 2,500 separate regions, more than the 256 crop mode refines one by one; merge .*--mask-dilate"
+    with pytest.raises(ValueError, match=message):
+        region_crops(starts, 4)
+    x = photo_crops(1, 100, seed=1)
+    with pytest.raises(ValueError, match=message):  # refused before any region is refined
+        refiner.refine_tensors(x, seeds=0, start_map=starts, crop_regions=True, **ARGS)
+
+
+def test_region_options_are_checked_once_where_they_are_made():
+    for kw, match in [(dict(blur=99999), rf"mask_blur=99999 must be an integer in \[0, {MAX_FEATHER}\]"),
+                      (dict(dilate=999999), "mask_dilate=999999"), (dict(padding=999999999), "region_padding=999999999"),
+                      (dict(size=100000), r"region_size=100000 must be an integer in \[1, 4096\]")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            RegionOptions(**kw)
+
+
+def test_a_mask_folder_is_listed_once_for_all_inputs(tmp_path, monkeypatch):
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for i in range(50):
+        (folder / f"img{i}.png").write_bytes(b"")
+    (folder / "img3.jpg").write_bytes(b"")
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(path) or real_scandir(path))
+    options = RegionOptions(mask=folder)
+    assert [options.mask_for(Path(f"in/img{i}.png")).name for i in (0, 49)] == ["img0.png", "img49.png"]
+    for i in range(50):
+        if i != 3:
+            options.mask_for(Path(f"elsewhere/img{i}.jpg"))
+    with pytest.raises(ValueError, match="several masks for it"):
+        options.mask_for(Path("img3.png"))
+    with pytest.raises(ValueError, match="holds no mask named img50"):
+        options.mask_for(Path("img50.png"))
+    assert listed == [folder]  # once, not once per input (quadratic: hours for 100,000 masks)
+    assert len(options.mask_files()) == 51 and listed == [folder]
+
+
+def test_a_mask_of_another_size_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("L", (3000, 2000)).save(big)
+    right = tmp_path / "right.png"
+    Image.new("L", (32, 24), 255).save(right)
+    decoded = []
+    real_load = region_files.load_image
+    monkeypatch.setattr(region_files, "load_image", lambda path: decoded.append(path) or real_load(path))
+    with pytest.raises(ValueError, match="the mask is 3000x2000 but the image is 32x24; masks must have the image's size"):
+        load_mask(big, (32, 24))
+    assert decoded == []  # a 9000 x 9000 mask took 1.2 GB before its size was compared
+    mask, _ = load_mask(right, (32, 24))
+    assert mask.shape == (24, 32) and decoded == [right]
+    (tmp_path / "junk.png").write_bytes(b"not an image")  # an unreadable header: the loader says why, as before
+    with pytest.raises(ValueError, match="cannot load image"):
+        load_mask(tmp_path / "junk.png", (32, 24))

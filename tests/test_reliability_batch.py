@@ -1,5 +1,5 @@
 """Reliability of a refinement batch, round 2 (issue 13): grids never replace inputs, globs end on link cycles, long thin
-images tile, and a batch the networks fail on costs its inputs only.
+images tile, and a batch the networks fail on costs its inputs only; round 3 (issue 25): no output replaces a mask.
 
 In process (``refine_files`` / ``scripts/refine.py``'s ``main``) with the tiny experts of conftest; the image sizes are
 the smallest that show each defect.
@@ -21,6 +21,7 @@ from ldm.models.autoencoder import VQModelInterface
 from ldm.models.tiling import GroupNormStatistics, TilingConfig, downscale_to, tiled_vq_decode, tiled_vq_encode
 from ldm.refine import Refiner
 from ldm.refine.batch import refine_files
+from ldm.refine.region_files import RegionOptions
 
 from conftest import TINY_DDCONFIG, load_photos
 
@@ -91,6 +92,45 @@ def test_the_cli_refuses_a_grid_over_an_input_and_refines_the_rest(cli, expert_c
     err = capsys.readouterr().err
     assert mine.read_bytes() == before and "would overwrite an input" in err and "Traceback" not in err
     assert (folder / "photo_t300_s0_grid_t300_s0_grid.png").is_file()
+
+
+def mask_image(height: int = 24, width: int = 32) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[4:12, 6:20] = 255
+    return mask
+
+
+@pytest.mark.parametrize("case", ["mask file = output", "mask file = grid", "mask folder = outdir"])
+def test_a_mask_that_is_an_output_path_is_refused_before_any_work(cli, expert_checkpoints, refiner, tmp_path, capsys,
+                                                                  monkeypatch, case):  # fmt: skip
+    """Issue 25: ``--mask out/a_t300_s0.png --outdir out`` replaced the mask with the refined image, exit 0."""
+    src = save_png(tmp_path / "a.png", photo())
+    out = tmp_path / "out"
+    out.mkdir()
+    extra: list[str] = []
+    if case == "mask file = output":
+        mask = mask_arg = save_png(out / "a_t300_s0.png", mask_image())
+    elif case == "mask file = grid":
+        mask = mask_arg = save_png(out / "a_t300_s0_grid.png", mask_image())
+        extra = ["--grid"]
+    else:  # the user's masks folder is also the output folder; a file in it has an output's name
+        save_png(out / "a.png", mask_image())
+        mask, mask_arg = save_png(out / "a_t300_s0.png", mask_image()), out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls: list[int] = []
+    real = Refiner.refine_tensors
+    monkeypatch.setattr(Refiner, "refine_tensors", lambda self, x, *a, **k: calls.append(1) or real(self, x, *a, **k))
+    capsys.readouterr()
+    code = run_cli(cli, ["--input", str(src), "--mask", str(mask_arg), *extra, *cli_args(expert_checkpoints, out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"refine.py: error: output {mask} would overwrite {mask}, ")
+    assert err[0].endswith("files the batch reads are never written; choose another --outdir or move the mask")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and calls == []
+    options = RegionOptions(mask=Path(mask_arg))
+    with pytest.raises(ValueError, match="would overwrite .*files the batch reads are never written"):
+        refine_files(refiner, [src], out, regions=options, grid=bool(extra), **STEPS)  # the library refuses it too
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and calls == []
 
 
 def test_skip_existing_writes_a_grid_that_a_killed_run_did_not(refiner, tmp_path):

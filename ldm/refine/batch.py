@@ -5,7 +5,8 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
 * output ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; sample ``k`` uses seed
   ``seed + k``), and with ``grid`` also ``<that name>_grid.png``; two inputs with the same stem get
   ``<stem>-<8 hex of their path>`` instead; an input any of whose output paths (grids included) is one of the inputs
-  is refused (an input is never overwritten), and so is an input one of whose output paths is a folder;
+  is refused (an input is never overwritten), and so is an input one of whose output paths is a folder; a batch any
+  of whose outputs is a mask it reads (the mask file, or a file in the mask folder) is refused before any work;
 * every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
   never mistakes a partial file for a finished one;
 * a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined (any error the
@@ -16,7 +17,8 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
   when the refiner is batch-invariant (see :class:`ldm.refine.Refiner`); several samples of one image in a batch
   share one first-stage encode;
 * with :class:`~ldm.refine.region_files.RegionOptions` (masks, boxes) each input gets its start map; a mask that
-  cannot be read, has another size or selects nothing, or a box outside the image, costs that input only.
+  cannot be read, has another size (seen in its header, before it is decoded) or selects nothing, a box outside the
+  image, or more regions than crop mode refines (:data:`ldm.refine.regions.MAX_REGIONS`), costs that input only.
 """
 
 from __future__ import annotations
@@ -243,6 +245,10 @@ def refine_files(
 
     Returns:
         a :class:`BatchReport` of the inputs refined here.
+
+    Raises:
+        ValueError: before any file is written, for arguments outside what is allowed, steps no expert covers, or an
+            output that would overwrite a mask (:func:`mask_clash`).
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples={n_samples} and batch_size={batch_size} must be >= 1")
@@ -250,9 +256,12 @@ def refine_files(
     plan = batch_plan(refiner, start_t, ddim_steps, eta, tail_steps, sampler, strength, regions)
     base_start = resolve_start(DEFAULT_START_T if start_t is None and strength is None else start_t, strength,
                                refiner.num_timesteps)  # fmt: skip
+    outdir = Path(os.fsdecode(outdir))
+    problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)
+    if problem is not None:  # before any file is written or removed: a mask is never overwritten
+        raise ValueError(problem)
     report = BatchReport()
     report_error = on_error if on_error is not None else logger.error
-    outdir = Path(os.fsdecode(outdir))
     input_reals = {os.path.realpath(p) for p in paths}
     stems = output_stems(paths)
     mine = list(range(len(paths))) if share is None else list(share)
@@ -378,15 +387,57 @@ def _regions_of(
     if not regions.active:
         return None, {}
     mask_path = regions.mask_for(path)
-    mask, digest = (None, "") if mask_path is None else load_mask(mask_path)
-    where = f"{format_path(path)}: "
+    where = f"{format_path(path)}: " + (f"mask {format_path(mask_path)}: " if mask_path is not None else "")
+    try:
+        mask, digest = (None, "") if mask_path is None else load_mask(mask_path, (width, height))
+    except ImageLoadError:
+        raise
+    except ValueError as exc:  # a size that differs from the image's, seen in the header before decoding
+        raise ValueError(where + str(exc)) from exc
     try:
         _, starts = refiner.region_start_map(height, width, start_t, None, mask, regions.boxes, regions.dilate)
+        crops = region_crops(starts, regions.padding) if regions.crop else None  # at most MAX_REGIONS regions
     except ValueError as exc:
-        raise ValueError(where + (f"mask {format_path(mask_path)}: " if mask_path is not None else "") + str(exc)) from exc
+        raise ValueError(where + str(exc)) from exc
     meta = {**regions.as_metadata(), "mask": describe_mask(mask_path), "mask_sha256": digest}
-    meta.update(region_metadata(starts, region_crops(starts, regions.padding) if regions.crop else None))
+    meta.update(region_metadata(starts, crops))
     return starts, meta
+
+
+def mask_clash(
+    paths: Sequence[Path], outdir: str | os.PathLike, start_t: int, seed: int, n_samples: int, grid: bool,
+    regions: RegionOptions,
+) -> str | None:
+    """Why this batch would write over a mask it reads (one line naming the output and the mask), or None.
+
+    Every output of every input (grids included, all processes' shares) is compared by real path with the mask file,
+    or with each image file of the mask folder; a mask folder that cannot be listed is named too.  Inputs are checked
+    per input instead (an input clash costs that input only, see :func:`refine_files`).
+    """
+    try:
+        files = regions.mask_files()
+    except OSError as exc:
+        return f"--mask {format_path(regions.mask)}: cannot list the mask folder: {exc.strerror or one_line_error(exc)}"
+    if not files:
+        return None
+    if regions.mask is not None and regions.mask.is_dir():
+        # one realpath per folder and per link, not per file: a mask folder may hold 100,000 files
+        real_folder = os.path.realpath(regions.mask)
+        protected = {os.path.join(real_folder, p.name): p for p in files}
+        protected.update({os.path.realpath(p): p for p in files if p.is_symlink()})
+        what = f"a mask in the mask folder {format_path(regions.mask)}"
+    else:
+        protected = {os.path.realpath(p): p for p in files}
+        what = "the mask (--mask)"
+    outdir = Path(os.fsdecode(outdir))
+    for stem in output_stems(paths):
+        for _, _, out in _outputs_for(stem, outdir, start_t, seed, n_samples):
+            for written in (out, grid_name(out)) if grid else (out,):
+                mask = protected.get(os.path.realpath(written))
+                if mask is not None:
+                    return (f"output {format_path(written)} would overwrite {format_path(mask)}, {what}: files the "
+                            "batch reads are never written; choose another --outdir or move the mask")  # fmt: skip
+    return None
 
 
 def grid_name(out: Path) -> Path:

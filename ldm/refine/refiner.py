@@ -48,6 +48,9 @@ from ldm.refine.loading import (
 )
 from ldm.refine.regions import (
     MAX_FEATHER,
+    MAX_REGION_PADDING,
+    MAX_REGION_SIZE,
+    MAX_REGIONS,
     Box,
     build_start_map,
     composite,
@@ -295,7 +298,8 @@ class Refiner:
                 start is 0 come back bit for bit; the refined region is composited with a feather of ``mask_blur`` px.
             crop_regions: refine each connected region of the start map in a crop ("only masked"): the region grown by
                 ``region_padding`` px and to the experts' square training shape, resized to ``region_size`` px
-                (default :attr:`native_size`), refined, resized back and pasted; regions one after another.
+                (default :attr:`native_size`), refined, resized back and pasted; regions one after another (at most
+                :data:`~ldm.refine.regions.MAX_REGIONS` per image, else ValueError).
             progress: show a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
             timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the
                 steps), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
@@ -315,8 +319,9 @@ class Refiner:
         check_int_arg("mask_blur", mask_blur, 0, MAX_FEATHER)
         if crop_regions and start_map is None:
             raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
-        size = self.native_size if region_size is None else check_int_arg("region_size", region_size, self.factor, 4096)
-        check_int_arg("region_padding", region_padding, 0, 4096)
+        size = (self.native_size if region_size is None
+                else check_int_arg("region_size", region_size, self.factor, MAX_REGION_SIZE))  # fmt: skip
+        check_int_arg("region_padding", region_padding, 0, MAX_REGION_PADDING)
         with torch.inference_mode():
             xin = x.detach().to(self.device, torch.float32)
             lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
@@ -386,10 +391,11 @@ class Refiner:
         current = x.clone()
         h, w = x.shape[-2:]
         sample_run = _Run(run.plan, [run.generators[index]], run.progress, run.callback, run.clock)
-        for box, component in find_regions(start_map):
-            x0, y0, x1, y1 = crop_geometry(box, padding, 1.0, w, h)
+        for region in find_regions(start_map, MAX_REGIONS):
+            x0, y0, x1, y1 = crop_geometry(region.bbox, padding, 1.0, w, h)
             crop = current[..., y0:y1, x0:x1]
-            starts = (start_map * component.to(start_map.device))[..., y0:y1, x0:x1]
+            # the region's own pixels within its crop only: no full-size map per region
+            starts = start_map[..., y0:y1, x0:x1] * region.pixels(x0, y0, x1, y1).to(start_map.device)
             scale = size / math.sqrt((x1 - x0) * (y1 - y0))
             sh, sw = max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale))
             refined = self._generate(resize(crop, sh, sw), sample_run, resize_start_map(starts, sh, sw))

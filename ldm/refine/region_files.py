@@ -2,7 +2,8 @@
 
 A mask is read with the same robust loader as the inputs (:func:`ldm.imageio.load_image`: any mode, EXIF orientation,
 16-bit; colour masks use their luminance).  ``--mask`` names one mask file for every input, or a folder holding one
-mask per input, matched by file stem (``photo.png`` <- ``masks/photo.png``, any image suffix).
+mask per input, matched by file stem (``photo.png`` <- ``masks/photo.png``, any image suffix; the folder is listed
+once per run).  A mask's header size is compared with its image's before the mask is decoded.
 """
 
 from __future__ import annotations
@@ -10,15 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm.imageio import decode_image, format_path, is_image_name, load_image
-from ldm.refine.regions import Box, find_regions
+from ldm.imageio.load import _available_formats
+from ldm.refine.regions import (
+    MAX_FEATHER,
+    MAX_REGION_PADDING,
+    MAX_REGION_SIZE,
+    MAX_REGIONS,
+    Box,
+    find_regions,
+    region_starts,
+)
+from ldm.sampling import check_int_arg
 
 
 @dataclass(frozen=True)
@@ -41,15 +56,51 @@ class RegionOptions:
     padding: int = 32
     size: int | None = None
 
+    def __post_init__(self) -> None:
+        # checked once here, where a batch's options are made, not per image after it is loaded
+        check_int_arg("mask_blur", self.blur, 0, MAX_FEATHER)
+        check_int_arg("mask_dilate", self.dilate, 0, MAX_FEATHER)
+        check_int_arg("region_padding", self.padding, 0, MAX_REGION_PADDING)
+        if self.size is not None:  # the lower bound is the experts' factor, checked when the refiner runs
+            check_int_arg("region_size", self.size, 1, MAX_REGION_SIZE)
+
     @property
     def active(self) -> bool:
         return self.mask is not None or bool(self.boxes)
+
+    @cached_property
+    def _mask_index(self) -> dict[str, list[Path]]:
+        """The mask folder's image files by stem, listed once per run: listing the folder for every input made a batch
+        quadratic (hours for 100,000 masks).  OSError when the folder cannot be listed."""
+        index: dict[str, list[Path]] = {}
+        if self.mask is None:
+            return index
+        with os.scandir(self.mask) as entries:
+            for entry in entries:
+                path = self.mask / entry.name
+                if is_image_name(path):
+                    index.setdefault(path.stem, []).append(path)
+        return index
+
+    def mask_files(self) -> list[Path]:
+        """Every file masks may be read from: the mask file, or each image file in the mask folder (listed once).
+        OSError when the mask folder cannot be listed."""
+        if self.mask is None:
+            return []
+        if not self.mask.is_dir():
+            return [self.mask]
+        return [p for paths in self._mask_index.values() for p in paths]
 
     def mask_for(self, image: Path) -> Path | None:
         """The mask of ``image`` (None without ``mask``); ValueError naming the folder when it holds none for it."""
         if self.mask is None or not self.mask.is_dir():
             return self.mask
-        matches = sorted(p for p in self.mask.iterdir() if p.stem == image.stem and is_image_name(p) and p.is_file())
+        try:
+            candidates = self._mask_index.get(image.stem, [])
+        except OSError as exc:
+            raise ValueError(f"{format_path(image)}: cannot list the mask folder {format_path(self.mask)}: "
+                             f"{exc.strerror or exc}") from None  # fmt: skip
+        matches = sorted(p for p in candidates if p.is_file())
         if not matches:
             raise ValueError(f"{format_path(image)}: the mask folder {format_path(self.mask)} holds no mask named "
                              f"{image.stem}.<png|jpg|...>")  # fmt: skip
@@ -68,12 +119,36 @@ class RegionOptions:
         return meta
 
 
-def load_mask(path: Path) -> tuple[np.ndarray, str]:
-    """``(mask [H, W] float32 in [0, 1], sha256 of the file)``; ImageLoadError (one line) when it cannot be read."""
+def load_mask(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """``(mask [H, W] float32 in [0, 1], sha256 of the file)``; ImageLoadError (one line) when it cannot be read.
+
+    With ``size`` (the image's ``(width, height)``), a mask whose header gives another size is refused (ValueError)
+    before its pixels are decoded: a 9000 x 9000 mask for a 32 x 32 image would otherwise take 1.2 GB first.
+    """
+    if size is not None:
+        header = header_size(path)
+        # EXIF orientation may transpose the decoded mask, so a transposed header is decoded and compared after
+        if header is not None and header not in (size, size[::-1]):
+            raise ValueError(f"the mask is {header[0]}x{header[1]} but the image is {size[0]}x{size[1]}; masks must "
+                             "have the image's size")  # fmt: skip
     loaded = load_image(path)
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()
     return mask_luminance(loaded.rgb), digest
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from an image file's header, without decoding its pixels; None when the header cannot be
+    read (the full loader then says why in its own words) or the path is not a regular file (a FIFO would block)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning is for load_image to turn into its error
+            with Image.open(path, formats=_available_formats()) as image:
+                return int(image.size[0]), int(image.size[1])
+    except Exception:  # Pillow's header parsers raise a wide, version-dependent set of types on junk; load_image reports
+        return None
 
 
 def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:
@@ -90,14 +165,20 @@ def mask_luminance(rgb: np.ndarray) -> np.ndarray:
 
 def region_metadata(start_map: torch.Tensor, crops: Sequence[tuple[int, ...]] | None) -> dict[str, str]:
     """What a region refinement did to one image: each region's bounding box and start (the latest start in it), and
-    in crop mode the crop refined for it (``x0, y0, x1, y1``)."""
-    regions = []
-    for i, (box, own) in enumerate(find_regions(start_map)):
-        entry = {"bbox": list(box), "start_t": int(start_map[own.to(start_map.device)].max())}
+    in crop mode the crop refined for it (``x0, y0, x1, y1``); the first :data:`MAX_REGIONS` regions, with
+    ``regions_total`` when there are more."""
+    found = find_regions(start_map)
+    listed = found[:MAX_REGIONS]  # in-place mode allows any number of regions; listing them all could take megabytes
+    entries = []
+    for i, (region, start) in enumerate(zip(listed, region_starts(start_map, listed))):
+        entry = {"bbox": list(region.bbox), "start_t": start}
         if crops is not None:
             entry["crop"] = list(crops[i])
-        regions.append(entry)
-    return {"regions": json.dumps(regions)}
+        entries.append(entry)
+    meta = {"regions": json.dumps(entries)}
+    if len(found) > len(listed):
+        meta["regions_total"] = str(len(found))
+    return meta
 
 
 def mask_overlay(rgb: np.ndarray, start_map: torch.Tensor, top: int) -> np.ndarray:

@@ -21,6 +21,11 @@ from PIL import Image
 from ldm.imageio import from_pil
 
 MAX_FEATHER = 256  # px; mask_blur and mask_dilate above this would only cost time (tens of erosion passes per px)
+MAX_REGION_SIZE = 4096  # px; a crop is refined at up to 4096 x 4096 (16 MP), far above any expert's training size
+MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context changes nothing on images up to 4096 px
+# Crop mode refines each connected region in turn (the whole tail of steps per region): a dotted mask of a megapixel
+# image has ~260,000 regions (hours of work, and as many crops in the metadata), so more than this are refused.
+MAX_REGIONS = 256
 _BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$")
 
 
@@ -48,6 +53,11 @@ def parse_box(text: str) -> Box:
     start = int(match.group(5)) if match.group(5) is not None else None
     if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
         raise ValueError(f"box {text!r} must have 0 <= x0 < x1 and 0 <= y0 < y1 (pixels; x1, y1 exclusive)")
+    if start is not None and start < 1:  # the upper end (T - 1) depends on the checkpoints and is checked with the plan
+        raise ValueError(
+            f"box {text!r} starts at t={start}: a box's own start_t must be in [1, T-1] (T = 1000 "
+            "timesteps by default); leave out @start_t to use the batch's start"
+        )
     return Box(x0, y0, x1, y1, start)
 
 
@@ -161,19 +171,55 @@ def composite(x: torch.Tensor, refined: torch.Tensor, weight: torch.Tensor) -> t
     return torch.where(weight <= 0, x, torch.where(weight >= 1, refined, blended))
 
 
-def find_regions(start_map: torch.Tensor) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
-    """The connected regions (8-connected) of ``start_map > 0`` (``[1, 1, H, W]``): ``(bounding box (x0, y0, x1, y1)
-    with exclusive ends, the region's own pixels as a bool map [1, 1, H, W])`` ordered top to bottom, then left to
-    right."""
+@dataclass(frozen=True)
+class Region:
+    """One connected region of a start map, without a full-size map of its own (a mask with many regions would
+    otherwise need regions x pixels of memory: 120 GB for a dotted 1024 x 1024 mask).
+
+    Attributes:
+        bbox: bounding box ``(x0, y0, x1, y1)``, exclusive ends.
+        label: the region's value in ``labels``.
+        labels: the label image ``[H, W]`` shared by every region of the map (0 = not selected).
+    """
+
+    bbox: tuple[int, int, int, int]
+    label: int
+    labels: np.ndarray
+
+    def pixels(self, x0: int, y0: int, x1: int, y1: int) -> torch.Tensor:
+        """Which pixels of the window ``[x0, x1) x [y0, y1)`` belong to this region: bool ``[1, 1, y1-y0, x1-x0]``."""
+        return torch.from_numpy(self.labels[y0:y1, x0:x1] == self.label)[None, None]
+
+
+def find_regions(start_map: torch.Tensor, limit: int | None = None) -> list[Region]:
+    """The connected regions (8-connected) of ``start_map > 0`` (``[1, 1, H, W]``), ordered top to bottom, then left to
+    right; memory is one label image for all of them.  With ``limit``, more regions than that are refused (ValueError
+    saying how many there are and how to merge them)."""
     from scipy import ndimage
 
     support = (start_map.reshape(start_map.shape[-2:]) > 0).cpu().numpy()
     labels, count = ndimage.label(support, structure=np.ones((3, 3), dtype=bool))
-    regions = []
-    for label, sl in enumerate(ndimage.find_objects(labels)[:count], start=1):
-        own = torch.from_numpy(labels == label)[None, None]
-        regions.append(((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), own))
-    return sorted(regions, key=lambda r: (r[0][1], r[0][0]))
+    if limit is not None and count > limit:
+        raise ValueError(
+            f"the selection has {count:,} separate regions, more than the {limit} crop mode refines one by one; merge "
+            "nearby ones by growing the selection (--mask-dilate PX), or refine in place (without --crop-regions)"
+        )
+    regions = [
+        Region((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), label, labels)
+        for label, sl in enumerate(ndimage.find_objects(labels)[:count], start=1)
+    ]
+    return sorted(regions, key=lambda r: (r.bbox[1], r.bbox[0]))
+
+
+def region_starts(start_map: torch.Tensor, regions: Sequence[Region]) -> list[int]:
+    """The latest start in each of ``regions`` (of ``start_map`` ``[1, 1, H, W]``), by one pass over the labels."""
+    from scipy import ndimage
+
+    if not regions:
+        return []
+    values = start_map.reshape(start_map.shape[-2:]).cpu().numpy()
+    peaks = ndimage.maximum(values, regions[0].labels, index=[r.label for r in regions])
+    return [int(v) for v in np.atleast_1d(peaks)]
 
 
 def crop_geometry(
@@ -199,9 +245,9 @@ def crop_geometry(
 
 def region_crops(start_map: torch.Tensor, padding: int) -> list[tuple[int, int, int, int]]:
     """The crops crop mode refines for ``start_map`` ``[1, 1, H, W]``, one per region of :func:`find_regions`, in order
-    (square: the experts' training shape)."""
+    (square: the experts' training shape).  ValueError for more than :data:`MAX_REGIONS` regions."""
     h, w = start_map.shape[-2:]
-    return [crop_geometry(box, padding, 1.0, w, h) for box, _ in find_regions(start_map)]
+    return [crop_geometry(r.bbox, padding, 1.0, w, h) for r in find_regions(start_map, MAX_REGIONS)]
 
 
 def _fit(lo: int, hi: int, size: int) -> tuple[int, int]:

@@ -21,6 +21,8 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from ldm.cli import (
     EXIT_INTERRUPTED,
@@ -34,7 +36,8 @@ from ldm.cli import (
 )
 
 EXIT_OK = 0
-EXIT_INPUT = 1  # images could not be read
+EXIT_INPUT = 1  # an image of the folders could not be read
+NUM_TIMESTEPS = 1000  # T of the checkpoints this project trains (the epilog's); the sweep checks each model's own
 
 PROG = "evaluate.py"
 
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
                           "instead of crops of the embedded photographs")
     p.add_argument("--n-images", type=_positive_int, default=8,
-                   help="held-out crops (or --synthetic images) (default: %(default)s)")
+                   help=f"held-out crops (or --synthetic images), at most {MAX_SYNTHETIC_IMAGES} (default: %(default)s)")
     p.add_argument("--size", type=_positive_int,
                    help="side of the held-out crops or synthetic images in pixels (default: the model's training size)")
     p.add_argument("--crop-seed", type=_non_negative_int, default=0,
@@ -134,11 +137,20 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.refine import Refiner
     from ldm.util import ConfigError
 
-    problem = check_outdir(args.outdir) or _check_methods(args)  # found now, not after loading or the whole sweep
+    # found now, not after loading or the whole sweep
+    problem = check_outdir(args.outdir) or _check_methods(args) or _check_inputs(args)
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     region_modes = ["region"] if args.region_modes is None else args.region_modes
+    # every degradation is built (its parameters checked) before a model is loaded; None: no reference, no degradation
+    prebuilt: list[Any] | None = None if args.no_reference is not None else []
+    for spec in args.degradations if prebuilt is not None else []:
+        try:
+            prebuilt.append(_prebuild(spec))
+        except (ConfigError, ValueError, TypeError, KeyError, OSError) as exc:  # CheckpointError: a ValueError
+            print(f"{PROG}: error: --degradations {spec!r}: {one_line_error(exc)}", file=sys.stderr)
+            return EXIT_USAGE
 
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
@@ -153,8 +165,13 @@ def _run(args: argparse.Namespace) -> int:
             refiners.append((args.compare_name, load(args.compare_ckpt)))
         model = refiners[0][1].model
         degradations = None
-        if args.no_reference is None:
-            degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
+        if prebuilt is not None:
+            problem = _check_vq_first_stage(args, [s for s, d in zip(args.degradations, prebuilt) if d is None], model)
+            if problem:
+                print(f"{PROG}: error: {problem}", file=sys.stderr)
+                return EXIT_USAGE
+            degradations = [build_sweep_degradation(spec, model.first_stage_model) if d is None else d
+                            for spec, d in zip(args.degradations, prebuilt)]
     except (CheckpointError, ConfigError, ValueError, TypeError, KeyError, OSError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -180,10 +197,10 @@ def _run(args: argparse.Namespace) -> int:
                 realism = held_out(args.n_images, size, seed=args.crop_seed + 1)
             else:
                 print(f"note: no SWD realism: crops of {size} px are smaller than its {SWD_PATCH_SIZE} px patches")
-    except (FileNotFoundError, ImageLoadError) as exc:
+    except (FileNotFoundError, ImageLoadError) as exc:  # a folder changed since _check_inputs, an unreadable image
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
-    except ValueError as exc:  # --size beyond what the embedded photographs give
+    except ValueError as exc:  # --size beyond what the embedded photographs give (checked in _check_inputs too)
         print(f"{PROG}: error: --size: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.realism_images is not None:
@@ -229,7 +246,91 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-MAX_SYNTHETIC_IMAGES = 4096  # every case is kept in memory with its outputs
+MAX_SYNTHETIC_IMAGES = 4096  # every case is kept in memory with its outputs (held-out crops of the photographs too)
+VQ_DEGRADATIONS = ("vq_roundtrip", "local_vq")  # they round-trip through a VQ: by default the refiner's own
+
+
+def _image_folder_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be an image folder (missing, not a folder, no images: one line), or None.  Lists the
+    folder's names (as :func:`ldm.eval.sources.folder_images` does later) without reading any image."""
+    from ldm import imageio
+
+    root = Path(folder)
+    if not root.is_dir():
+        return f"image folder {imageio.format_path(root)} does not exist or is not a folder; pass a folder of images"
+    paths, problems = imageio.find_images([root])
+    if not paths:
+        return ("; ".join(problems) or f"no images under {imageio.format_path(root)}") + "; pass a folder of images"
+    return None
+
+
+def _check_inputs(args: argparse.Namespace) -> str | None:
+    """Why a path or number flag cannot work (one line), or None; before any model is loaded, so that a mistyped
+    folder or an impossible number costs nothing (they failed after both models had loaded, or in the sweep)."""
+    from ldm.data.embedded import heldout_crops
+    from ldm.imageio import format_path
+    from ldm.refine.refiner import MAX_SEED
+
+    for flag, folder in (("--images", args.images), ("--no-reference", args.no_reference),
+                         ("--realism-images", args.realism_images)):
+        problem = None if folder is None else _image_folder_problem(folder)
+        if problem:
+            return f"{flag}: {problem}"
+    for flag, path in (("--config", args.config), ("--lpips-weights", args.lpips_weights),
+                       ("--inception-weights", args.inception_weights)):
+        if path is not None and not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "does not exist"
+            return f"{flag} {format_path(path)} {what}; pass the path of the file, or leave {flag} out"
+    too_late = [t for t in args.start_t if t > NUM_TIMESTEPS - 1]
+    if too_late:
+        return f"--start-t: start_t={too_late[0]} must be an integer in [1, {NUM_TIMESTEPS - 1}]"
+    if args.ddim_steps > NUM_TIMESTEPS:
+        return f"--ddim-steps: ddim_steps={args.ddim_steps} must be an integer in [1, {NUM_TIMESTEPS}]"
+    too_large = [s for s in args.seeds if s > MAX_SEED]
+    if too_large:
+        return f"--seeds: seed={too_large[0]} must be an integer in [0, {MAX_SEED}]"
+    if args.images is None and args.no_reference is None and not args.synthetic:  # held-out crops of the photographs
+        if args.n_images > MAX_SYNTHETIC_IMAGES:
+            return (f"--n-images {args.n_images}: at most {MAX_SYNTHETIC_IMAGES} held-out crops (every case is kept in "
+                    "memory with its outputs); pass a folder of your own with --images for a larger set")
+        if args.size is not None:
+            try:
+                heldout_crops(args.size, 0)  # checks the size, crops nothing
+            except ValueError as exc:
+                return f"--size: {one_line_error(exc)}"
+    return None
+
+
+def _prebuild(spec: str) -> Any:
+    """The degradation of ``spec`` (:class:`ldm.eval.sweep.SweepDegradation`), or None for one that round-trips through
+    the refiner's own first stage, which is built after loading (its parameters are checked now, on a stand-in).
+    Raises what :func:`ldm.eval.sweep.build_sweep_degradation` raises."""
+    from types import SimpleNamespace
+
+    from ldm.eval.sweep import build_sweep_degradation
+
+    stand_in = SimpleNamespace(encode=None, decode=None, quantize=SimpleNamespace(embedding=None))  # what VQRoundTrip
+    built = build_sweep_degradation(spec, stand_in)  # looks for on a first stage
+    inner = getattr(built.degradation, "inner", built.degradation)
+    return None if getattr(inner, "first_stage", None) is stand_in else built
+
+
+def _check_vq_first_stage(args: argparse.Namespace, specs: list[str], model: Any) -> str | None:
+    """Why ``specs`` (vq_roundtrip / local_vq on the refiner's own first stage) cannot run on ``model`` (one line), or
+    None: a pixel-space checkpoint (IdentityFirstStage) or any first stage without a VQ codebook has nothing to
+    round-trip through."""
+    from ldm.eval.sweep import DEFAULT_DEGRADATIONS
+
+    first_stage = model.first_stage_model
+    if not specs or hasattr(getattr(first_stage, "quantize", None), "embedding"):
+        return None
+    kind = type(first_stage).__name__
+    what = (f"a pixel-space model (its first stage is {kind}, no VQ)" if kind == "IdentityFirstStage"
+            else f"a model whose first stage ({kind}) has no VQ codebook")
+    default = " (one of the default --degradations)" if list(args.degradations) == list(DEFAULT_DEGRADATIONS) else ""
+    return (f"--degradations {specs[0]!r}{default} round-trips through the refiner's own VQ first stage, but "
+            f"{args.ckpt[0]} is {what}; pass --degradations without {' and '.join(VQ_DEGRADATIONS)}, or give them a VQ "
+            "with first_stage=<VQ config.yaml>")
 
 
 def _check_methods(args: argparse.Namespace) -> str | None:

@@ -26,9 +26,12 @@ Stages (each skipped when its checkpoint exists; --force redoes it and everythin
 
 Writes <outdir>/before_after.png (clean | artifact | mask | refined whole | refined region, each artifact at its best
 start_t for the region refinement), table.md (the headline table), metrics.csv (one row per image x degradation x
-method x start_t), <outdir>/sweep/{summary.csv, curves.png, realism.png, examples.png}, and the checkpoints under
-<outdir>/checkpoints/ (training logs under <outdir>/logs/).  --smoke runs every stage for a handful of steps (the test
-suite uses it; its images are noise).
+method x start_t), <outdir>/sweep/{sweep.csv, summary.csv, curves.png, realism.png, examples.png, sweep.json}, and the
+checkpoints under <outdir>/checkpoints/ (with quickstart.json, the stamp that marks them as the quick start's; training
+logs go to new run folders under <outdir>/logs/).  Other files in --outdir are never touched.  An existing --outdir
+without the stamp (or a stage checkpoint) is refused, before any work, when one of these files is already there: the
+quick start replaces only what it wrote itself.  --smoke runs every stage for a handful of steps (the test suite uses
+it; its images are noise).
 """
 
 from __future__ import annotations
@@ -416,6 +419,51 @@ def check_checkpoints(args: argparse.Namespace, outdir: Path) -> str | None:
     return None
 
 
+SWEEP_FILES: tuple[str, ...] = ("sweep.csv", "summary.csv", "curves.png", "realism.png", "examples.png", "sweep.json")
+OUTPUTS: tuple[str, ...] = (  # every file the quick start writes into --outdir (logs/ holds new run folders only)
+    *(f"checkpoints/{name}.ckpt" for name in STAGE_NAMES),
+    f"checkpoints/{STAMP}",
+    "before_after.png",
+    "table.md",
+    "metrics.csv",
+    *(f"sweep/{name}" for name in SWEEP_FILES),
+)
+
+
+def check_outputs(outdir: Path) -> str | None:
+    """Why the quick start would replace a file in ``outdir`` that it did not write, or find a file where it makes a
+    folder (one line), or None.  A folder holding the stamp or a stage checkpoint (an earlier version's quick start)
+    is the quick start's own: its outputs are replaced as before.  Files of other names are never touched."""
+    from ldm.imageio import format_path
+
+    for folder in ("checkpoints", "logs", "sweep"):
+        if os.path.lexists(outdir / folder) and not (outdir / folder).is_dir():
+            return (f"--outdir {format_path(outdir)}: {folder} is a file, where the quick start makes its {folder} "
+                    "folder; move it away or choose another --outdir")
+    checkpoints = outdir / "checkpoints"
+    if os.path.lexists(checkpoints / STAMP) or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES):
+        return None
+    found = [name for name in OUTPUTS if os.path.lexists(outdir / name)]
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        return (f"--outdir {format_path(outdir)} holds {', '.join(found[:3])}{more}, which the quick start would "
+                f"overwrite but did not write (there is no checkpoints/{STAMP}); choose another --outdir, or move "
+                "them away")
+    return None
+
+
+def make_outdir(outdir: Path) -> str | None:
+    """Create ``outdir`` (and its parents); why that failed (one line), or None.  :func:`ldm.cli.check_outdir` predicts
+    most failures, but not all (``/proc/x``: a folder ``os.access`` calls writable that takes no new entries)."""
+    from ldm.imageio import format_path
+
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the output folder {format_path(outdir)}: {one_line_error(exc)}; choose another --outdir"
+    return None
+
+
 def apply_domain_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options left unset with ``--domain``'s defaults (in place; returns ``args``)."""
     domain = domains()[args.domain]
@@ -438,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
     apply_domain_defaults(args)
     outdir = Path(args.outdir).resolve()
-    problem = check_arguments(args) or check_outdir(outdir) or check_checkpoints(args, outdir)
+    problem = (check_arguments(args) or check_outdir(outdir) or check_outputs(outdir) or check_checkpoints(args, outdir)
+               or make_outdir(outdir))  # the last: nothing is created when anything else is wrong
     if problem:
         print(f"quickstart.py: error: {problem}", file=sys.stderr)
         return EXIT_USAGE

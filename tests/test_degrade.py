@@ -344,3 +344,69 @@ def test_degrade_folder_errors(tmp_path, photos):
         degrade_folder(tmp_path / "empty", tmp_path / "o", "jpeg", seed=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         degrade_folder(tmp_path / "nope", tmp_path / "o", "jpeg", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bounds (issue 25: colour_blotches:n_blobs=1000000 took 18 GB, patch_shuffle:n_patches=1000000000 ran for hours)
+
+INTENSITIES = {"noise_std", "strength"}  # amplitudes in [-1, 1] units: a large one clips, it costs nothing
+
+
+def test_every_count_and_size_parameter_is_bounded_when_built(tiny_vq):
+    """Every numeric parameter of every registered degradation, but the intensities, refuses a huge value when the
+    degradation is built (before any image is read), naming its range; a new parameter without a bound fails here."""
+    import inspect
+
+    from ldm.eval.degrade import degradation_parameters
+
+    checked = []
+    for name in sorted(DEGRADATIONS):
+        required = {"first_stage": tiny_vq} if "first_stage" in degradation_parameters(name) else {}
+        for param, default in degradation_parameters(name).items():
+            if param in INTENSITIES or isinstance(default, (bool, str)) or default is inspect.Parameter.empty:
+                continue
+            with pytest.raises(ValueError, match=rf"{param}.* (in [\[(]|<= )") as info:  # the allowed range
+                build_degradation(name, **required, **{param: 10**9 if isinstance(default, int) else 1e9})
+            with pytest.raises(ValueError, match=param) as info:  # 401 digits: one short line
+                build_degradation(name, **required, **{param: 10**400})
+            assert "\n" not in str(info.value) and len(str(info.value)) < 250
+            checked.append(f"{name}.{param}")
+    assert {"colour_blotches.n_blobs", "patch_shuffle.n_patches", "blur_noise.sigma", "local_blotch.n_blobs",
+            "local_shuffle.n_patches", "local_smear.sigma", "local_block.block"} <= set(checked)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("colour_blotches:n_blobs=1000000", "n_blobs must be an integer in [1, 256]"),
+        ("patch_shuffle:n_patches=1000000000", "n_patches must be an integer in [1, 256]"),
+        ("blur_noise:sigma=1e9", "sigma must be in [0, 1024] (pixels), got 1000000000.0"),
+        ("elastic_warp:amplitude=5", "amplitude must be in (0, 4]"),
+        ("colour_blotches:radius=1" + "0" * 400, "radius must be in (0, 4] (a fraction of the image's or box's shorter "
+                                                  "side), got 10000000000000000000... (401 characters)"),
+        ("blur_noise:noise_std=1" + "0" * 400, "noise_std must be a finite number >= 0"),
+    ],
+)
+def test_bounds_are_named_in_the_error(spec, message):
+    with pytest.raises(ValueError) as info:
+        degradation_from_spec(spec)
+    assert message in str(info.value)
+
+
+def test_the_largest_counts_run_in_bounded_memory():
+    """256 blobs are computed BLOB_CHUNK at a time, to the same result as all at once; 256 patches run."""
+    images = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blotches = ColourBlotches(n_blobs=256)
+    chunked = blotches(images, 5)
+    blotches.BLOB_CHUNK = 256  # all at once, as before the chunks
+    torch.testing.assert_close(blotches(images, 5), chunked)
+    assert ColourBlotches(n_blobs=3)(images, 5).shape == images.shape
+    assert PatchShuffle(n_patches=256)(images, 0).shape == images.shape
+
+
+def test_a_pixel_space_first_stage_is_named_plainly():
+    from ldm.models.autoencoder import IdentityFirstStage
+
+    with pytest.raises(TypeError, match=r"first_stage is an IdentityFirstStage, the first stage of a pixel-space "
+                                        r"model: it has no VQ codebook .* pass first_stage=<VQ config.yaml>"):
+        VQRoundTrip(IdentityFirstStage())

@@ -110,6 +110,24 @@ def test_bad_arguments_and_inputs_fail_in_one_line(degrade, clean, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("colour_blotches:n_blobs=1000000", "n_blobs must be an integer in [1, 256]"),  # took 18 GB on 32 px images
+        ("patch_shuffle:n_patches=1000000000", "n_patches must be an integer in [1, 256]"),  # ran for hours
+    ],
+)
+def test_unbounded_counts_exit_2_before_any_image_is_read(clean, tmp_path, spec, expected):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", spec],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"degrade.py: error: --degradation {spec!r}: ") and expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unreadable_image_is_named_and_exits_1(degrade, clean, tmp_path, capsys):
     (clean / "sub" / "broken.png").write_bytes(b"not a png at all")
     code = degrade(["--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", "jpeg"])

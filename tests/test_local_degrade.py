@@ -140,6 +140,27 @@ def test_bad_parameters_are_refused(params, match):
         LocalWarp(**params)
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("local_blotch:n_blobs=1000000", "n_blobs must be an integer in [1, 256] (each blob is a full-size map per "
+                                         "image), got 1000000"),
+        ("local_shuffle:n_patches=1000000000", "n_patches must be an integer in [1, 256]"),
+        ("local_smear:sigma=5000", "sigma must be in (0, 1024] (pixels), got 5000"),
+        ("local_paint:radius=10", "radius must be in (0, 4] (a fraction of the image's or box's shorter side)"),
+        ("local_warp:scale=1e9", "scale must be in (0, 4]"),
+        ("local_block:block=100000", "block must be an integer in [2, 1024] (pixels), got 100000"),
+        ("local_noise:box_size=2", "box_size must be in (0, 1]"),
+    ],
+)
+def test_counts_and_sizes_are_refused_when_built(spec, message):
+    """Issue 25: local_blotch / colour_blotches with a million blobs took 18 GB on 32 px images; now the spec is
+    refused when the degradation is built, naming the allowed range."""
+    with pytest.raises(ValueError) as info:
+        degradation_from_spec(spec)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_box_too_small_for_its_patches_says_so():
     with pytest.raises(ValueError, match="disjoint patches"):
         LocalShuffle(box_size=0.3).apply_local(torch.zeros(1, 3, 8, 8), 0)

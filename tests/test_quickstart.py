@@ -128,6 +128,24 @@ def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
 
 
+def test_an_outdir_it_cannot_create_or_holding_files_it_did_not_write_exits_2_before_training(tmp_path):
+    """Issue 25: ``--outdir /proc/qs`` (a mkdir that os.access did not predict) ended in a traceback; a user's
+    ``table.md`` in --outdir would have been replaced."""
+    proc = run_quickstart("--outdir", "/proc/qs")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("quickstart.py: error: ") and "/proc/qs" in proc.stderr
+    assert "Traceback" not in proc.stderr  # as root: "cannot create the output folder"; else check_outdir refuses it
+    (tmp_path / "table.md").write_text("my notes")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "summary.csv").write_text("a,b")
+    proc = run_quickstart("--outdir", str(tmp_path))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (f"--outdir {tmp_path} holds table.md, sweep/summary.csv, which the quick start would overwrite but did not "
+            "write (there is no checkpoints/quickstart.json); choose another --outdir, or move them away") in proc.stderr
+    assert (tmp_path / "table.md").read_text() == "my notes" and (tmp_path / "sweep" / "summary.csv").read_text() == "a,b"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
+
+
 @pytest.fixture(scope="module")
 def quickstart_module():
     """scripts/quickstart.py in-process (a subprocess per case would cost seconds of imports)."""
@@ -179,6 +197,7 @@ def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
         (["--domain", "synthetic", "--n-images", "100000000"], "--n-images must be in [1, 4096]"),
         (["--domain", "synthetic", "--degradations", "local_block:block=100000"], "block must be an integer in [2, 1024]"),
         (["--ddim-steps", "5000"], "--ddim-steps in [1, 1000]"),
+        (["--degradations", "local_blotch:n_blobs=1000000"], "n_blobs must be an integer in [1, 256]"),  # was 18 GB
         (["--degradations", "local_vq:codebook_fraction=2"], "codebook_fraction must be in (0, 1], got 2.0"),
         (["--degradations", "vq_roundtrip:codebook_fraction=0"], "codebook_fraction must be a finite number > 0"),
         (["--degradations", "local_vq:nope=1"], "unknown parameters ['nope']"),
@@ -211,6 +230,32 @@ def test_checkpoints_of_another_domain_or_of_a_smoke_run_are_not_reused(quicksta
     assert "of the synthetic quick start (--smoke)" in module.check_checkpoints(args("--domain", "synthetic"), tmp_path)
     assert module.check_checkpoints(args("--domain", "synthetic", "--smoke"), tmp_path) is None
     assert module.check_checkpoints(args("--domain", "photos", "--force"), tmp_path) is None
+
+
+def test_outputs_are_reused_only_in_a_quick_start_s_own_folder(quickstart_module, tmp_path, monkeypatch):
+    module = quickstart_module
+    assert module.check_outputs(tmp_path / "new") is None and module.check_outputs(tmp_path) is None
+    (tmp_path / "notes.txt").write_text("x")  # a name the quick start never writes: never touched, no refusal
+    assert module.check_outputs(tmp_path) is None
+    (tmp_path / "metrics.csv").write_text("mine")
+    assert "holds metrics.csv, which the quick start would overwrite" in module.check_outputs(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / module.STAMP).write_text('{"domain": "photos", "smoke": true}')
+    assert module.check_outputs(tmp_path) is None  # stamped: its own outputs, replaced as before
+    (tmp_path / "checkpoints" / module.STAMP).unlink()
+    (tmp_path / "checkpoints" / "vq_f4.ckpt").write_bytes(b"x")
+    assert module.check_outputs(tmp_path) is None  # an earlier version's quick start (unstamped checkpoints)
+    (tmp_path / "logs").write_text("a file")
+    assert "logs is a file, where the quick start makes its logs folder" in module.check_outputs(tmp_path)
+    assert set(module.OUTPUTS) >= {"table.md", "before_after.png", "sweep/sweep.json", "checkpoints/quickstart.json"}
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)  # a failure check_outdir's os.access did not predict
+    problem = module.make_outdir(tmp_path / "q")
+    assert problem == (f"cannot create the output folder {tmp_path / 'q'}: [Errno 13] Permission denied: "
+                       f"'{tmp_path / 'q'}'; choose another --outdir")
 
 
 def test_good_degradation_specs_pass_the_check(check_arguments):

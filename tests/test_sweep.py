@@ -577,8 +577,8 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
     assert code == 2 and "unknown degradation 'jpg'" in err
     code, err = run("--ckpt", str(tmp_path / "nope.ckpt"))
     assert code == 2 and "does not exist" in err
-    code, err = run(*ckpts, "--images", str(tmp_path / "none"))
-    assert code == 1 and "does not exist" in err
+    code, err = run("--ckpt", str(tmp_path / "nope.ckpt"), "--images", str(tmp_path / "none"))  # before the checkpoint
+    assert code == 2 and "--images: image folder" in err and "does not exist" in err
     code, err = run(*ckpts, "--start-t", "x")
     assert code == 2 and "not an integer" in err
     code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
@@ -617,11 +617,15 @@ def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert
     code, err = run(*missing, "--compare-ckpt", "c.ckpt", "--name", "a (crop)", "--compare-name", "a",
                     "--degradations", "local_warp", "--region-modes", "crop")
     assert code == 2 and "method names ['a (crop)'] are used twice" in err
+    for folder, expected_code, message in [  # a missing or empty folder: exit 2 before any checkpoint is opened
+        ("empty", 2, "--realism-images: " + str(tmp_path / "empty") + ": folder holds no images"),
+        ("small/artifact_0.png", 2, "--realism-images: image folder"),
+        ("missing", 2, "does not exist or is not a folder"),
+    ]:
+        code, err = run(*missing, "--degradations", "jpeg", "--realism-images", str(tmp_path / folder))
+        assert code == expected_code and message in err, (folder, err)
     for folder, expected_code, message in [
-        ("empty", 1, "--realism-images: " + str(tmp_path / "empty") + ": folder holds no images"),
         ("corrupt", 1, "--realism-images: cannot load image"),
-        ("small/artifact_0.png", 1, "--realism-images: image folder"),
-        ("missing", 1, "does not exist or is not a folder"),
         ("mixed", 2, "must all have the evaluated images' size, got sizes (H, W) [(32, 32), (40, 24)]"),
         ("small", 2, "got sizes (H, W) [(24, 24)] against [(32, 32)]"),
     ]:

@@ -7,7 +7,9 @@ read or changed, so the same seed gives the same output on every run.  Random nu
 device (CPU for an ``int`` seed) and moved to the images, so a CPU seed gives the same degradation on every device.
 
 Spatial sizes of the geometric degradations (warp, patches, blotches) are fractions of the shorter image side, so one
-setting means the same thing on 64 px crops and on 512 px images; blur is in pixels.
+setting means the same thing on 64 px crops and on 512 px images; blur is in pixels.  Every count and size is bounded
+(:data:`MAX_COUNT` patches or blobs, :data:`MAX_SIGMA` px of blur, :data:`MAX_FRACTION` of the side), and checked when
+the degradation is built, so a spec is refused before any image is read.
 
 ``DEGRADATIONS`` maps registry names to classes; :func:`build_degradation` builds one by name with validated
 parameters, :func:`degradation_from_spec` parses ``"name:key=value,key=value"`` (the format of
@@ -38,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 _RANGE_TOLERANCE = 1e-2
 
+# Bounds of the count and size parameters, checked when a degradation is built (so a script refuses a spec before it
+# reads an image).  Counts cost time (patches: one search of the image each) or memory (blobs: a full-size map each,
+# computed BLOB_CHUNK at a time); spatial fractions beyond MAX_FRACTION of the shorter side change nothing more.
+MAX_COUNT = 256  # n_patches, n_blobs
+MAX_SIGMA = 1024.0  # blur sigma in pixels (each image also bounds it by its longer side)
+MAX_FRACTION = 4.0  # amplitude, scale, radius: fractions of the shorter side (of the box, for local degradations)
+_FRACTION = " (a fraction of the image's or box's shorter side)"
+
 
 def seed_generator(seed: int | torch.Generator) -> torch.Generator:
     """``seed`` itself when it is a generator, else a new CPU generator seeded with it."""
@@ -63,12 +73,32 @@ def check_images(images: torch.Tensor) -> None:
             )
 
 
-def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened to its start and length when it is long (a 400-digit integer)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False, at_most: float | None = None,
+                   unit: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``) and, with ``at_most``, at
+    most that (``unit`` says what the number measures in the message, e.g. ``" (pixels)"``)."""
     bound = ">= 0" if allow_zero else "> 0"
     numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not numeric or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    try:
+        finite = numeric and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = at_most is not None  # then the upper bound names the range
+    if not finite or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a finite number {bound}{unit}, got {_show(value)}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{name} must be in {'[' if allow_zero else '('}0, {at_most:g}]{unit}, got {_show(value)}")
+
+
+def check_count(name: str, value: int, lo: int, hi: int, why: str = "") -> None:
+    """Raise ValueError unless ``value`` is an integer in ``[lo, hi]`` (``why``: the reason for the bound)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{why}, got {_show(value)}")
 
 
 class Degradation(abc.ABC):
@@ -139,6 +169,14 @@ def _load_first_stage(first_stage: Any) -> torch.nn.Module:
         first_stage = load_yaml_model_config(path)  # a ConfigError naming the file for bad YAML
     if isinstance(first_stage, Mapping) or (hasattr(first_stage, "keys") and "target" in first_stage):
         first_stage = instantiate_from_config(first_stage)
+    from ldm.models.autoencoder import IdentityFirstStage
+
+    if isinstance(first_stage, IdentityFirstStage):
+        raise TypeError(
+            "first_stage is an IdentityFirstStage, the first stage of a pixel-space model: it has no VQ codebook to "
+            "round-trip through; vq_roundtrip and local_vq need a VQ first stage: pass first_stage=<VQ config.yaml> "
+            "or choose another degradation"
+        )
     missing = [a for a in ("encode", "decode", "quantize") if not hasattr(first_stage, a)]
     if missing or not hasattr(first_stage.quantize, "embedding"):
         raise TypeError(
@@ -231,8 +269,7 @@ class JPEG(Degradation):
     name = "jpeg"
 
     def __init__(self, quality: int = 20):
-        if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
-            raise ValueError(f"quality must be an integer in [1, 100], got {quality!r}")
+        check_count("quality", quality, 1, 100)
         self.quality = int(quality)
 
     @property
@@ -293,7 +330,7 @@ class BlurNoise(Degradation):
     name = "blur_noise"
 
     def __init__(self, sigma: float = 1.5, noise_std: float = 0.05):
-        check_positive("sigma", sigma, allow_zero=True)
+        check_positive("sigma", sigma, allow_zero=True, at_most=MAX_SIGMA, unit=" (pixels)")
         check_positive("noise_std", noise_std, allow_zero=True)
         if sigma == 0 and noise_std == 0:
             raise ValueError("blur_noise with sigma=0 and noise_std=0 does nothing; set at least one > 0")
@@ -329,8 +366,8 @@ class ElasticWarp(Degradation):
     name = "elastic_warp"
 
     def __init__(self, amplitude: float = 0.03, scale: float = 0.25):
-        check_positive("amplitude", amplitude)
-        check_positive("scale", scale)
+        check_positive("amplitude", amplitude, at_most=MAX_FRACTION, unit=_FRACTION)
+        check_positive("scale", scale, at_most=MAX_FRACTION, unit=_FRACTION)
         self.amplitude = float(amplitude)
         self.scale = float(scale)
 
@@ -383,8 +420,7 @@ class PatchShuffle(Degradation):
     MODES: ClassVar[tuple[str, ...]] = ("duplicate", "swap")
 
     def __init__(self, n_patches: int = 2, patch_size: float = 0.25, mode: str = "duplicate", feather: float = 0.25):
-        if isinstance(n_patches, bool) or not isinstance(n_patches, (int, np.integer)) or n_patches < 1:
-            raise ValueError(f"n_patches must be an integer >= 1, got {n_patches!r}")
+        check_count("n_patches", n_patches, 1, MAX_COUNT, " (each patch searches the image once)")
         check_positive("patch_size", patch_size)
         if patch_size > 0.5:
             raise ValueError(f"patch_size must be <= 0.5 of the shorter side (two patches must fit), got {patch_size}")
@@ -444,11 +480,11 @@ class ColourBlotches(Degradation):
     """
 
     name = "colour_blotches"
+    BLOB_CHUNK: ClassVar[int] = 16
 
     def __init__(self, n_blobs: int = 3, radius: float = 0.15, strength: float = 0.4):
-        if isinstance(n_blobs, bool) or not isinstance(n_blobs, (int, np.integer)) or n_blobs < 1:
-            raise ValueError(f"n_blobs must be an integer >= 1, got {n_blobs!r}")
-        check_positive("radius", radius)
+        check_count("n_blobs", n_blobs, 1, MAX_COUNT, " (each blob is a full-size map per image)")
+        check_positive("radius", radius, at_most=MAX_FRACTION, unit=_FRACTION)
         check_positive("strength", strength)
         self.n_blobs = int(n_blobs)
         self.radius = float(radius)
@@ -468,9 +504,13 @@ class ColourBlotches(Degradation):
         shift = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.strength
         ys = torch.arange(h, device=images.device, dtype=images.dtype) + 0.5
         xs = torch.arange(w, device=images.device, dtype=images.dtype) + 0.5
-        d2 = (ys.view(1, 1, h, 1) - cy[..., None, None]) ** 2 + (xs.view(1, 1, 1, w) - cx[..., None, None]) ** 2
-        blobs = torch.exp(-0.5 * d2 / sigma[..., None, None] ** 2)
-        return images + torch.einsum("bkc,bkhw->bchw", shift, blobs)
+        out = images
+        for i in range(0, k, self.BLOB_CHUNK):  # memory: BLOB_CHUNK full-size maps per image, whatever n_blobs is
+            c = slice(i, i + self.BLOB_CHUNK)
+            d2 = (ys.view(1, 1, h, 1) - cy[:, c, None, None]) ** 2 + (xs.view(1, 1, 1, w) - cx[:, c, None, None]) ** 2
+            blobs = torch.exp(-0.5 * d2 / sigma[:, c, None, None] ** 2)
+            out = out + torch.einsum("bkc,bkhw->bchw", shift[:, c], blobs)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,17 +32,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ldm.eval.degrade import (
+    MAX_FRACTION,
+    MAX_SIGMA,
     BlurNoise,
     ColourBlotches,
     Degradation,
     ElasticWarp,
     PatchShuffle,
     VQRoundTrip,
+    check_count,
     check_images,
     check_positive,
     feather_window,
@@ -247,8 +249,7 @@ class Pixelate(Degradation):
     MAX_BLOCK: ClassVar[int] = 1024
 
     def __init__(self, block: int = 4):
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 2 <= block <= self.MAX_BLOCK:
-            raise ValueError(f"block must be an integer in [2, {self.MAX_BLOCK}] (pixels), got {block!r}")
+        check_count("block", block, 2, self.MAX_BLOCK, " (pixels)")
         self.block = int(block)
 
     @property
@@ -272,7 +273,7 @@ class PaintDisc(Degradation):
     name = "paint_disc"
 
     def __init__(self, radius: float = 0.45):
-        check_positive("radius", radius)
+        check_positive("radius", radius, at_most=MAX_FRACTION, unit=" (a fraction of the image's or box's shorter side)")
         self.radius = float(radius)
 
     def params(self) -> dict[str, Any]:
@@ -324,7 +325,7 @@ class LocalSmear(LocalDegradation):
     name = "local_smear"
 
     def __init__(self, sigma: float = 1.5, box_size: float = 0.4, box_feather: float = 0.2, box_at: str = "uniform"):
-        check_positive("sigma", sigma)
+        check_positive("sigma", sigma, at_most=MAX_SIGMA, unit=" (pixels)")
         super().__init__(BlurNoise(sigma, 0.0), box_size, box_feather, box_at)
 
     def params(self) -> dict[str, Any]:

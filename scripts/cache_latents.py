@@ -32,7 +32,8 @@ PROG = "cache_latents.py"
 EPILOG = f"""
 exit codes: {EXIT_OK} done; {EXIT_INPUT_FAILED} some inputs were unreadable (each logged and listed in its shard's .json
 sidecar; the cache holds the others) or no input was found; {EXIT_USAGE} bad arguments or config, or --out holds a cache
-made with other settings (nothing done); {EXIT_OUTPUT} the output folder cannot be written.
+made with other settings, or --out is a folder that is not a cache or would overwrite an input (nothing done);
+{EXIT_OUTPUT} the output folder cannot be written.
 """
 
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH",
                    help="a folder of images (searched recursively) or tar shards (brace pattern, e.g. "
                         "'shards/train-{000000..000099}.tar')")
-    p.add_argument("--out", required=True, metavar="DIR", help="the cache folder (created; resumed if it holds a plan)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the cache folder (created; resumed if it holds a plan; refused if it holds other files or an "
+                        "input)")
     p.add_argument("--split", choices=("train", "validation", "all"), help="folder split (default: the config's, else train)")
     p.add_argument("--val-fraction", type=fraction, metavar="F",
                    help="folder validation fraction, as the config's image dataset (default: its value, else 0.05)")
@@ -116,14 +119,25 @@ def load_config(paths: list[str]):
     return config, OmegaConf.to_container(first_stage, resolve=True), dict(train or {})
 
 
+def check_data_and_out(args: argparse.Namespace):
+    """What --data reads, once it is checked that --out may be written (see ``check_output_folder``): returns the
+    folder's scanned image list (None for shards) for ``plan_units``.  Runs before the model is loaded."""
+    from ldm.data.latent_cache_writer import check_output_folder, source_inputs
+    from ldm.util import ConfigError
+
+    if not os.path.isdir(args.data) and (args.split is not None or args.val_fraction is not None):
+        raise ConfigError("--split/--val-fraction select files of an image folder; shards are cached whole")
+    inputs, scanned = source_inputs(args.data)
+    check_output_folder(Path(args.out), inputs)
+    return scanned
+
+
 def resolve_settings(args: argparse.Namespace, config, train: dict, factor: int):
     """The cache's settings from the arguments, the config's train dataset params and ImageFolderDataset's defaults."""
     from ldm.data.latent_cache_writer import CacheSettings
     from ldm.util import ConfigError
 
     folder = os.path.isdir(args.data)
-    if not folder and (args.split is not None or args.val_fraction is not None):
-        raise ConfigError("--split/--val-fraction select files of an image folder; shards are cached whole")
     image_size = config.model.params.get("image_size")
     size = args.size or train.get("size") or (int(image_size) * factor if image_size else None)
     if size is None:
@@ -174,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rank, world = process_rank()
         config, first_stage_cfg, train = load_config(args.config)
+        scanned = check_data_and_out(args)  # before any work: nothing loaded, nothing written
         if first_stage_cfg.get("params", {}).get("ckpt_path") is None:
             logging.getLogger(PROG).warning("first_stage_config has no ckpt_path: encoding with random weights")
         device_name = args.device
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         first_stage = instantiate_from_config(first_stage_cfg).eval().to(device)
         factor = int(getattr(first_stage, "downsampling_factor", 1))
         settings = resolve_settings(args, config, train, factor)
-        units, digest = plan_units(settings)
+        units, digest = plan_units(settings, scanned)
         sha256 = first_stage_sha256(first_stage)
         probe = encode_crops(first_stage, np.zeros((1, settings.size, settings.size, 3), np.uint8), device)
         latent_shape = tuple(int(v) for v in probe.shape[1:])

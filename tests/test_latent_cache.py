@@ -331,3 +331,114 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
     assert not list(out.glob(".*.tmp"))
     skipped = [s for p in out.glob("latents-*.json") for s in json.loads(p.read_text())["skipped"]]
     assert [s["source"] for s in skipped] == ["broken.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hostile inputs (issue 25)
+
+
+def test_cache_latents_never_writes_over_its_inputs_or_into_a_folder_that_is_not_a_cache(cache, tmp_path, capsys):
+    """`--data 'S/latents-{000000..000001}.tar' --out S` replaced the input shards with their latents (exit 0), and an
+    --out holding an index.json of something else had it replaced.  Now each is one line, exit 2, before the model is
+    loaded, and nothing changes on disk; an empty folder, a folder with a killed run's temp file only, and the run's
+    own cache (resumed) are still accepted."""
+    from conftest import write_image_shards
+
+    shards = tmp_path / "S"
+    shards.mkdir()
+    write_image_shards(shards, [2, 2], prefix="latents")
+    for i in range(2):  # the names of the cache's own shards
+        (shards / f"latents-{i:02d}.tar").rename(shards / f"latents-{i:06d}.tar")
+    pattern = str(shards / "latents-{000000..000001}.tar")
+    before = _files(shards)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data", pattern, "--out",
+                             str(shards)], capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert "would overwrite the input" in result.stderr and "choose another --out" in result.stderr
+    assert _files(shards) == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.json").write_text('{"mine": true}')
+    link_cache = tmp_path / "linked"
+    import shutil
+
+    shutil.copytree(cache["out"], link_cache)
+    (link_cache / "latents-000000.tar").unlink()
+    image = sorted(cache["images"].glob("*.png"))[0]
+    (link_cache / "latents-000000.tar").symlink_to(image)
+    base = ["--config", str(cache["config"]), "--shard-size", "3", "--batch-size", "2"]
+    images = ["--data", str(cache["images"]), "--split", "all"]
+    cases = [
+        ([*images, "--out", str(cache["images"])], "--out is an input of --data"),
+        ([*images, "--out", str(cache["root"])], "--out holds an input of --data"),
+        (["--data", pattern, "--out", str(tmp_path)], "would overwrite the input"),
+        ([*images, "--out", str(other)], "is not empty (1 entries, e.g. 'index.json') and is not a latent cache"),
+        ([*images, "--out", str(link_cache)], "latents-000000.tar is a link to the input"),
+    ]
+    for argv, expected in cases:
+        assert cache_cli.main([*base, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    assert (other / "index.json").read_text() == '{"mine": true}' and (link_cache / "latents-000000.tar").is_symlink()
+    assert image.read_bytes()[:4] == b"\x89PNG"
+
+    stale = tmp_path / "killed"
+    stale.mkdir()
+    (stale / ".plan.json.abcd1234.tmp").write_bytes(b"{")  # killed while writing its plan: not someone else's folder
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cache["out"], resumed)
+    (resumed / "latents-000002.json").unlink()  # an unfinished shard: resumed, not refused
+    (resumed / "index.json").unlink()
+    for out in (stale, resumed):
+        assert cache_cli.main([*base, *images, "--out", str(out)]) == 0
+        assert "wrote 8 latents" in capsys.readouterr().out
+    assert _files(resumed) == _files(cache["out"])
+
+
+def test_a_tar_bomb_in_an_input_shard_is_listed_as_unreadable_without_being_read(tmp_path):
+    import tracemalloc
+
+    from test_shard_stream import write_bomb_shard
+
+    from ldm.data.latent_cache_writer import Unit, unit_images
+
+    shard = tmp_path / "bomb-0.tar"
+    write_bomb_shard(shard)
+    skipped: list[dict[str, str]] = []
+    tracemalloc.start()
+    try:
+        keys = [key for _, key, _ in unit_images(Unit(0, url=str(shard)), skipped)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keys == ["bomb-0.tar#a", "bomb-0.tar#c"] and peak < 50e6
+    assert [s["source"] for s in skipped] == ["bomb-0.tar#bomb"] and "'bomb.png' is 2,147,483,648 bytes" in skipped[0]["error"]
+
+
+def test_cached_latents_skip_nan_and_infinite_latents(cache, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache["out"], copy)
+    sidecar = json.loads((copy / "latents-000000.json").read_text())
+    for sample, value in zip(sidecar["samples"][:2], (np.nan, np.inf)):
+        with open(copy / "latents-000000.tar", "r+b") as fh:  # one value of the array (after its 128-byte header)
+            fh.seek(sample["offset"] + 128 + 4 * 7)
+            fh.write(np.float32(value).tobytes())
+    dataset = CachedLatents(copy)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert dataset.num_skipped == 2 and all(torch.isfinite(it[CACHED_LATENT_KEY]).all() for it in items)
+    assert "NaN or infinite" in caplog.text
+    assert [it["file_path_"] for it in items[:3]] == [sidecar["samples"][2]["source"]] * 3
+
+
+def test_a_huge_brace_pattern_is_one_line_before_any_work(cache, tmp_path):
+    """`--data 'x-{0..99999999}.tar'` ended in a MemoryError traceback; {0..9999999} took 74 s and 2.5 GB."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data",
+                             str(tmp_path / "x-{0..99999999}.tar"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert "expand to 100,000,000 shard names, more than the 1,000,000 allowed" in result.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()

@@ -248,3 +248,213 @@ def test_two_process_ddp_over_three_uneven_shards_ends_and_resumes_without_repea
         assert seen[rank] == expected[:6]
     epoch0 = [k for rank in range(2) for batch in seen[rank][:4] for k in batch]
     assert len(epoch0) == len(set(epoch0)) == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hostile shards (issue 25): short shards, absurd counts and patterns, tar bombs, bad latent samples
+
+
+def test_a_short_shard_costs_linear_time_and_its_missing_samples_are_counted_once(tmp_path, caplog, monkeypatch):
+    """4 real samples, 2,000 declared: every empty block used to scan the rest of the run for a readable one (5.7 s,
+    "250,000 skipped").  Now the shard is opened 3 times in all, the 1,996 missing samples are counted once each with
+    one warning, and a loader restored mid-epoch continues exactly."""
+    import ldm.data.shard_stream as shard_stream
+
+    pattern = write_image_shards(tmp_path, [4])
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps({"img-00.tar": 2000}))
+    opened = []
+    real_iter_samples = shard_stream.iter_samples
+    monkeypatch.setattr(shard_stream, "iter_samples", lambda url, **kw: opened.append(url) or real_iter_samples(url, **kw))
+    dataset = NumberShards(pattern, sizes=sizes, shuffle_buffer=4)
+    reference = numbers(loader_for(dataset, 2, 0, 1))
+    assert len(reference) == 1000 and all(n in range(4) for batch in reference for n in batch)
+    assert dataset.num_skipped == 1996 and len(opened) == 3
+    assert caplog.text.count("ends before sample 4, but its count says 2000") == 1
+    for k in (1, 3, 700):
+        restored = loader_for(dataset, 2, 0, 1)
+        restored.load_state_dict({"epoch": 0, "batches": k})
+        assert numbers(restored) == reference[k:]
+
+
+def test_sample_counts_are_checked_and_name_the_file(tmp_path):
+    pattern = write_image_shards(tmp_path, [2])
+    sizes = tmp_path / "sizes.json"
+    for count, expected in ((2**63 - 1, "more than the 4,294,967,296 a shard may hold"), (True, "no sample count"),
+                            (-1, "no sample count"), (1.5, "no sample count")):
+        sizes.write_text(json.dumps({"img-00.tar": count}))
+        with pytest.raises(ConfigError, match=expected) as info:
+            NumberShards(pattern, sizes=sizes)
+        assert str(sizes) in str(info.value)
+    sizes.write_text("[" * 100_000 + "]" * 100_000)  # nesting deeper than the JSON parser's recursion
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        NumberShards(pattern, sizes=sizes)
+
+
+def test_brace_patterns_are_counted_before_they_are_expanded(tmp_path):
+    """{0..99999999} ran out of memory; {0..9999999} took 74 s and 2.5 GB before its one-line error."""
+    import time
+    import tracemalloc
+
+    from ldm.data.tar_shards import MAX_SHARDS, count_expansions, expand_shards
+
+    assert [count_expansions(p) for p in ("a.tar", "x-{000..099}.tar", "{a,b}-{0..9..2}::{A..Z}", "{1{2,3}")] == [
+        1, 100, 36, 1]
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        for pattern in ("x-{0..99999999}.tar", "x-{0..9999999}.tar", "{0..9999}-{0..9999}.tar"):
+            with pytest.raises(ConfigError, match=f"more than the {MAX_SHARDS:,} allowed"):
+                expand_shards(pattern)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 5 and peak < 10e6
+    with pytest.raises(ConfigError, match="expand to 1,000,001 shard names"):
+        expand_shards(["a.tar"] * MAX_SHARDS + ["b{0..0}.tar"])
+    with pytest.raises(ConfigError, match="nests braces"):
+        expand_shards("{" * 500 + "}" * 500)
+    with pytest.raises(ValueError, match="Unbalanced braces"):  # braceexpand's own error, as before
+        expand_shards(str(tmp_path / "x-{1.tar"))
+
+
+def sparse_tar_member(name: str, size: int) -> bytes:
+    """The 512-byte header of a GNU sparse member that claims ``size`` bytes and stores none (a tar bomb's member)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    buf = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    buf[156:157] = tarfile.GNUTYPE_SPARSE
+    buf[386:410] = b"%011o\0" % 0 + b"%011o\0" % 0  # one sparse chunk of no bytes
+    buf[483:495] = b"%011o\0" % size  # the member's real size
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf[:512])
+    return bytes(buf)
+
+
+def write_bomb_shard(path: Path) -> None:
+    """A 20 KB shard: a good PNG sample, a 2 GiB sparse PNG member, another good sample."""
+    import io
+    import tarfile
+
+    from conftest import noise_png
+
+    with open(path, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            data = noise_png(40, 34, seed=1)
+            info = tarfile.TarInfo("a.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            fh.write(sparse_tar_member("bomb.png", 2 << 30))
+            tar.offset += 512
+            data = noise_png(40, 34, seed=2)
+            info = tarfile.TarInfo("c.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_tar_bomb_member_is_skipped_without_being_read(tmp_path, caplog):
+    """A 10 KB shard with a sparse 2 GiB member took 2.9 GB: its size is now checked before anything is read."""
+    import tracemalloc
+
+    from ldm.data.tar_shards import SAMPLE_ERROR_KEY, iter_samples
+
+    shard = tmp_path / "bomb-0.tar"
+    write_bomb_shard(shard)
+    assert shard.stat().st_size < 32 << 10
+    tracemalloc.start()
+    try:
+        samples = list(iter_samples(str(shard)))
+        dataset = ImageShards(str(shard), size=32, shuffle_buffer=4)
+        batches = list(loader_for(dataset, 3, 0, 1, shuffle=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6
+    assert [s["__key__"] for s in samples] == ["a", "bomb", "c"] and "png" not in samples[1]
+    assert "'bomb.png' is 2,147,483,648 bytes, more than the 67,108,864" in samples[1][SAMPLE_ERROR_KEY]
+    assert len(batches) == 1 and batches[0]["image"].shape == (3, 32, 32, 3)  # the bomb replaced by a readable sample
+    assert batches[0]["file_path_"][:2] == ["bomb-0.tar#a", "bomb-0.tar#c"]
+    assert dataset.num_skipped == 1 and "skipping unreadable bomb-0.tar#bomb" in caplog.text
+    assert "member 'bomb.png'" in caplog.text
+
+
+LATENT = (2, 3, 4, 4)  # two variants (a centre crop and its mirror image) of a 3x4x4 latent
+
+
+def latent_sample(key: str, array: np.ndarray | bytes | None = None, meta: dict | bytes | None = None):
+    """The two members of a cached-latent sample (defaults: a good one)."""
+    from ldm.data.latent_format import encode_npy
+
+    if array is None:
+        array = np.full(LATENT, float(len(key)), np.float32)
+    if meta is None:
+        meta = {"source": key, "first_stage_sha256": "f" * 64,
+                "variants": [{"top": 0, "left": 0, "flip": False}, {"top": 0, "left": 0, "flip": True}]}
+    npy = array if isinstance(array, bytes) else encode_npy(array)
+    return [(f"{key}.latent.npy", npy), (f"{key}.json", meta if isinstance(meta, bytes) else json.dumps(meta).encode())]
+
+
+def huge_npy_header() -> bytes:
+    """.npy bytes whose header claims a first dimension of 2**64 (numpy accepts it; the product overflowed)."""
+    from ldm.data.latent_format import encode_npy
+
+    good = encode_npy(np.zeros(LATENT, np.float32))
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551616, 3, 4, 4), }"
+    header += " " * (118 - len(header)) + "\n"
+    return good[:8] + len(header).to_bytes(2, "little") + header.encode() + good[128:]
+
+
+def test_one_bad_latent_sample_is_skipped_and_counted_not_fatal(tmp_path, caplog):
+    """Each of these used to stop training: IndexError (no variants; a JSON lying about their count), RecursionError
+    (deep JSON under the size limit), OverflowError (a 2**64 .npy dimension), a collate RuntimeError (a latent of another
+    shape); NaN and inf latents went into batches.  Now each is skipped and counted, in the cache folder and over a
+    pattern of its shards (no index: the shape is the first samples' majority)."""
+    from ldm.data.latent_format import FORMAT
+    from ldm.data.tar_shards import write_tar
+
+    good_meta = latent_sample("x")[1][1]
+    nan, inf = np.zeros(LATENT, np.float32), np.zeros(LATENT, np.float32)
+    nan[1, 2, 3, 0], inf[0, 0, 0, 0] = np.nan, -np.inf
+    bad = {
+        "no-variants": latent_sample("no-variants", np.zeros((0, 3, 4, 4), np.float32),
+                                     {"source": "s", "first_stage_sha256": "f", "variants": []}),
+        "lying-count": latent_sample("lying-count", meta=json.loads(good_meta) | {"variants": [
+            {"top": 0, "left": 0, "flip": False}, {"top": 0, "left": 0, "flip": True}, {"top": 0, "left": 9, "flip": False}]}),
+        "one-crop-two-flips": latent_sample("one-crop-two-flips", meta=json.loads(good_meta) | {"variants": [
+            {"top": 0, "left": 0, "flip": True}, {"top": 0, "left": 0, "flip": True}]}),
+        "deep-json": latent_sample("deep-json", meta=b"[" * 20_000 + b"]" * 20_000),
+        "huge-header": latent_sample("huge-header", huge_npy_header()),
+        "other-shape": latent_sample("other-shape", np.zeros((2, 3, 4, 5), np.float32)),
+        "nan": latent_sample("nan", nan),
+        "inf": latent_sample("inf", inf),
+        "variant-not-object": latent_sample("variant-not-object", meta=json.loads(good_meta) | {"variants": [1, 2]}),
+    }
+    names = list(bad)
+    members = []
+    for i in range(12):  # good samples between the bad ones
+        members += latent_sample(f"good{i:02d}")
+        if i < len(names):
+            members += bad[names[i]]
+    with open(tmp_path / "latents-000000.tar", "wb") as fh:
+        write_tar(fh, members)
+    n = 12 + len(names)
+    (tmp_path / "index.json").write_text(json.dumps({
+        "format": FORMAT, "first_stage_sha256": "f" * 64, "size": 16, "latent_shape": list(LATENT[1:]),
+        "dtype": "float32", "n_crops": 1, "flip": True, "shards": [{"name": "latents-000000.tar", "samples": n}],
+    }))
+    for shards in (str(tmp_path), str(tmp_path / "latents-000000.tar")):
+        dataset = LatentShards(shards, shuffle_buffer=6)
+        assert len(dataset) == n
+        for epoch in (0, 1):
+            dataset.set_epoch(epoch)
+            before = dataset.num_skipped
+            batches = list(loader_for(dataset, 3, 0, 1))
+            assert len(batches) == n // 3
+            for batch in batches:
+                assert batch["cached_latent"].shape == (3, *LATENT[1:]) and torch.isfinite(batch["cached_latent"]).all()
+                assert all(path.startswith("good") for path in batch["file_path_"])
+            assert dataset.num_skipped - before == len(names)
+        assert dataset.sample_shape == LATENT
+    for name in names:
+        assert f"latents-000000.tar#{name}" in caplog.text

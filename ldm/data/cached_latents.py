@@ -13,9 +13,10 @@ Swap it in for the image dataset of a training config; the model then skips its 
 Item ``i`` is the cache's ``i``-th sample (shards in index order); it reads one ``.npy`` member by the byte span its
 shard's sidecar records (no tar scan, no file listing), so the sampler, sharding across ranks and mid-epoch resume of
 ``main.py`` (:mod:`ldm.train.data`) apply unchanged.  An unreadable sample is warned about once and replaced by the next
-readable one (as ImageFolderDataset does with files).  The stored variant an epoch uses follows the ``(seed, epoch,
-index)`` contract of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_variant`): a cache of a
-folder's centre crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops that
+readable one (as ImageFolderDataset does with files); a latent of another shape than the index declares, or with a
+NaN or infinite value, is unreadable.  The stored variant an epoch uses follows the ``(seed, epoch, index)`` contract
+of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_variant`): a cache of a folder's centre
+crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops that
 ``ImageFolderDataset(random_crop=False, flip=True)`` yields (as long as every image of the folder was readable).
 For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards` instead.
 """
@@ -32,7 +33,7 @@ import torch
 
 from ldm.data.image_folder import EpochSeededDataset, UnreadableDatasetError
 from ldm.data.latent_format import CacheIndex, choose_variant, decode_npy, latent_item, read_index
-from ldm.data.tar_shards import read_span
+from ldm.data.tar_shards import MAX_MEMBER_BYTES, read_span
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,12 @@ class CachedLatents(EpochSeededDataset):
         if self._bad[position].item():
             return None
         path = self._paths[self._shard[position]]
+        size = int(self._size[position])
         try:
-            data = read_span(path, int(self._offset[position]), int(self._size[position]))
+            if size > MAX_MEMBER_BYTES:  # the sidecar's size is read whole: bound it as tar members are
+                raise ValueError(f"{Path(path).name} sample {self._sources[position]}: its sidecar gives {size:,} bytes, "
+                                 f"more than the {MAX_MEMBER_BYTES:,} a sample member may have")
+            data = read_span(path, int(self._offset[position]), size)
             return decode_npy(data, self._shape, what=f"{Path(path).name} sample {self._sources[position]}")
         except (OSError, EOFError, ValueError) as exc:
             self._bad[position] = 1

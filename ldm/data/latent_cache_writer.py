@@ -48,8 +48,17 @@ from ldm.data.latent_format import (
     CacheIndex,
     encode_npy,
 )
-from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, expand_shards, iter_samples, shard_label, write_tar
-from ldm.util import ConfigError, atomic_write_bytes
+from ldm.data.tar_shards import (
+    IMAGE_EXTS,
+    SAMPLE_ERROR_KEY,
+    TAR_READ_ERRORS,
+    expand_shards,
+    is_local,
+    iter_samples,
+    shard_label,
+    write_tar,
+)
+from ldm.util import _TEMP_FILE, ConfigError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +99,16 @@ class Unit:
         return f"latents-{self.index:06d}"
 
 
-def plan_units(settings: CacheSettings) -> tuple[list[Unit], str]:
-    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume)."""
+def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tuple[list[Unit], str]:
+    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume).
+
+    ``scanned``: the folder's ``scan_image_files`` when the caller has it already (:func:`source_inputs`).
+    """
     digest = hashlib.sha256()
     if os.path.isdir(settings.source):
         root = Path(settings.source)
-        files = split_files(scan_image_files(root), settings.split, settings.val_fraction, settings.split_seed)
+        files = split_files(scan_image_files(root) if scanned is None else scanned, settings.split,
+                            settings.val_fraction, settings.split_seed)
         if not files:
             raise ConfigError(f"--data {settings.source}: no images (split {settings.split!r}); check the folder")
         names = [f.relative_to(root).as_posix() for f in files]
@@ -118,6 +131,64 @@ def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int,
         "units": units, "source_digest": digest,
     }
     return (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+
+
+def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
+    """The local files and folders that ``--data`` reads, and the folder's scanned image list (None for shards).
+
+    For a folder: the folder and every image under it (the same scan :func:`plan_units` splits); for shards: the local
+    shard files (``pipe:`` and URLs are no local files).  Raises as ``scan_image_files`` / ``expand_shards`` do.
+    """
+    if os.path.isdir(source):
+        root = Path(source).resolve()
+        scanned = scan_image_files(root)
+        return [root, *scanned], scanned
+    return [Path(url) for url in expand_shards(source) if is_local(url)], None
+
+
+def check_output_folder(out: Path, inputs: list[Path]) -> None:
+    """Refuse (ConfigError, one line, before anything is written) an ``--out`` this run must not write into.
+
+    Allowed: a folder that does not exist yet, an empty one (stale temp files of a killed run do not count), or one
+    that holds a ``plan.json`` (a cache: :func:`claim_plan` then resumes it or refuses other settings).  Refused: any
+    other folder with something in it (its files, say an ``index.json``, would be replaced or mixed with the cache's),
+    and any ``--out`` that would write a path an input resolves to: ``--out`` is, or lies above, an input (the image
+    folder, a shard: ``--data 'S/latents-{000000..000001}.tar' --out S`` replaced the input shards with their own
+    latents), or one of its entries is a link to an input.  Outputs are direct children of ``--out``, so these checks
+    compare every output path with every input without listing the outputs.
+
+    OS errors while looking (an unreadable folder) are left to the writes, which report them as output errors.
+    """
+    out_real = Path(os.path.realpath(out))
+    real_inputs = {Path(os.path.realpath(p)) for p in inputs}
+    # resolved, an output is out_real / name unless the entry is a link: an input at or under out_real is overwritten
+    inside = next((p for p in sorted(real_inputs) if p == out_real or out_real in p.parents), None)
+    if inside is not None:
+        raise ConfigError(
+            f"--out {out} would overwrite the input {str(inside)!r} (--out {'is' if inside == out_real else 'holds'} "
+            "an input of --data); the cache must go to a folder that holds no input: choose another --out"
+        )
+    if not out_real.is_dir():
+        return  # created later (or refused then, as an output error, when it is a file)
+    try:
+        with os.scandir(out_real) as entries:
+            listing = [(e.name, e.is_symlink()) for e in entries if not _TEMP_FILE.match(e.name)]
+    except OSError:
+        return
+    if not listing:
+        return
+    for name, link in listing:
+        if link and Path(os.path.realpath(out_real / name)) in real_inputs:
+            raise ConfigError(
+                f"--out {out}: {name} is a link to the input {os.path.realpath(out_real / name)!r}, which the cache "
+                "would replace; remove the link or choose another --out"
+            )
+    if PLAN_NAME not in {name for name, _ in listing}:
+        first = sorted(name for name, _ in listing)[0]
+        raise ConfigError(
+            f"--out {out} is not empty ({len(listing)} entries, e.g. {first!r}) and is not a latent cache (it has no "
+            f"{PLAN_NAME}); its files would be replaced or mixed with the cache's: choose a new or empty --out folder"
+        )
 
 
 def claim_plan(out: Path, document: bytes) -> None:
@@ -188,6 +259,9 @@ def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
         for sample in iter_samples(unit.url):
             position = sample["__index__"]
             key = f"{label}#{sample['__key__']}"
+            if SAMPLE_ERROR_KEY in sample:  # a member too large to read (a tar bomb): nothing of it was read
+                _skip(skipped, key, ValueError(sample[SAMPLE_ERROR_KEY]))
+                continue
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             if ext is None:
                 _skip(skipped, key, ValueError(f"no image member ({'/'.join(IMAGE_EXTS)})"))

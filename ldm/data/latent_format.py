@@ -25,7 +25,9 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
+import tokenize
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.data.tar_shards import MAX_SHARD_SAMPLES
 from ldm.util import ConfigError
 
 FORMAT = "latesteps-latents/1"
@@ -111,9 +114,10 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent") -> np.ndarray:
+def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent", finite: bool = True) -> np.ndarray:
     """A float32/float16 array from .npy bytes, checked before allocation: dtype, C order, ``shape`` when given
-    (``-1`` entries match any size) and that the payload holds exactly the header's elements.  Read-only view.
+    (``-1`` entries match any size) and that the payload holds exactly the header's elements; then, with ``finite``,
+    that no value is NaN or infinite.  Read-only view.
 
     Raises ValueError with ``what`` in the message for anything else.
     """
@@ -126,9 +130,14 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
             header = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f".npy version {version} is not supported")
-    except ValueError as exc:
-        raise ValueError(f"{what}: not a valid .npy array ({exc})") from exc
+    # numpy parses the header with the tokenizer and ast.literal_eval: mangled ones also raise these
+    except (ValueError, SyntaxError, tokenize.TokenError, RecursionError) as exc:
+        raise ValueError(f"{what}: not a valid .npy array ({type(exc).__name__}: {exc})") from exc
     array_shape, fortran, dtype = header
+    # numpy accepts any Python ints as dimensions (2**64 included): bound each before anything multiplies them
+    if not all(type(d) is int and 0 <= d <= MAX_LATENT_ELEMENTS for d in array_shape):
+        raise ValueError(f"{what}: the .npy header's shape {tuple(array_shape)} is not a latent's (each side must be an "
+                         f"integer in [0, {MAX_LATENT_ELEMENTS:,}])")
     if dtype not in STORAGE_DTYPES.values():
         raise ValueError(f"{what}: dtype {dtype} is not one of {sorted(STORAGE_DTYPES)} (little-endian)")
     if fortran:
@@ -137,12 +146,19 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
         len(array_shape) != len(shape) or any(s != -1 and s != a for s, a in zip(shape, array_shape))
     ):
         raise ValueError(f"{what}: shape {tuple(array_shape)} does not match the expected {tuple(shape)}")
-    count = int(np.prod(array_shape, dtype=np.int64))
+    count = math.prod(array_shape)  # Python ints: no overflow
     if count > MAX_LATENT_ELEMENTS or count * dtype.itemsize != len(data) - stream.tell():
         raise ValueError(
             f"{what}: header says {tuple(array_shape)} {dtype} but the member holds {len(data) - stream.tell()} bytes"
         )
-    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(array_shape)
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(array_shape)
+    if finite:
+        # a NaN or inf latent would turn the loss (and, through the optimizer, every weight) into NaN
+        bad = count - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"{what}: {bad} of its {count} values are NaN or infinite; a latent must be finite "
+                             "(re-encode the image with cache_latents.py)")
+    return array
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,8 +250,8 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
         shards = tuple((str(s["name"]), int(s["samples"])) for s in data["shards"])
-        if any(Path(name).name != name or count < 0 for name, count in shards):
-            raise ValueError("shard entries must be plain file names with non-negative sample counts")
+        if any(Path(name).name != name or not 0 <= count <= MAX_SHARD_SAMPLES for name, count in shards):
+            raise ValueError(f"shard entries must be plain file names with sample counts in [0, {MAX_SHARD_SAMPLES:,}]")
         shape = tuple(int(v) for v in data["latent_shape"])
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"latent_shape {shape} must be [C, h, w]")
@@ -253,7 +269,7 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
             skipped=int(data.get("skipped", 0)),
             settings=dict(data.get("settings", {})),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # int(inf), deep nesting
         raise ConfigError(f"{path} is not a latent-cache index ({type(exc).__name__}: {exc}); re-run cache_latents.py") from exc
     if index.n_crops < 1:
         raise ConfigError(f"{path}: n_crops={index.n_crops} must be >= 1")

@@ -36,8 +36,11 @@ of ranks and workers.  Cached latents pick their stored variant with the same ge
 
 Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its count,
 is replaced by a readable sample of the same block (cycling through them), warned about and counted
-(:attr:`ShardStream.num_skipped`); a block without any readable sample takes the next block's samples.  A local shard
-that cannot be opened when counting is left out with a warning (``skipped_shards``).
+(:attr:`ShardStream.num_skipped`: once per epoch and planned sample); a block without any readable sample takes the
+next readable block's samples.  Where a shard ends early (or breaks), an iteration remembers it: the missing samples
+are warned about once, counted as their blocks come, and never read again that epoch, so a shard shorter than its count
+costs time in proportion to the epoch, not its square.  A local shard that cannot be opened when counting is left out
+with a warning (``skipped_shards``).
 
 Memory per worker: one block of decoded samples (``shuffle_buffer`` x 3 x size^2 bytes for images as uint8).
 """
@@ -49,7 +52,9 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +71,16 @@ from ldm.data.image_folder import (
     uint8_to_model_range,
 )
 from ldm.data.latent_format import INDEX_NAME, LATENT_EXT, choose_variant, decode_npy, latent_item, read_index
-from ldm.data.tar_shards import IMAGE_EXTS, TAR_READ_ERRORS, count_samples, expand_shards, iter_samples, shard_label
+from ldm.data.tar_shards import (
+    IMAGE_EXTS,
+    MAX_SHARD_SAMPLES,
+    SAMPLE_ERROR_KEY,
+    TAR_READ_ERRORS,
+    count_samples,
+    expand_shards,
+    iter_samples,
+    shard_label,
+)
 from ldm.train.data import _LazyCountingIterator, derive_seed
 from ldm.util import ConfigError
 
@@ -74,6 +88,23 @@ logger = logging.getLogger(__name__)
 
 _SKIP_SLOTS = 64  # per-worker counters of unreadable samples in shared memory
 MAX_JSON_BYTES = 1 << 16
+# LatentShards over a pattern (no index.json): the latent shape is the most common one among this many first samples
+_SHAPE_PROBE_SAMPLES = 16
+
+
+@dataclass
+class _EpochState:
+    """What one iteration (a worker's epoch) has learnt about its data, so that nothing unreadable is read twice.
+
+    ``ends``: shard -> position from which on the shard has nothing readable (it ended early or broke there);
+    ``empty``: blocks without a readable sample; ``substitute``: empty block -> the readable block that stands in for
+    it; ``cached``: the last substitute block and its items (re-used, not re-read, by the empty blocks before it).
+    """
+
+    ends: dict[int, int] = field(default_factory=dict)
+    empty: set[int] = field(default_factory=set)
+    substitute: dict[int, int] = field(default_factory=dict)
+    cached: tuple[int, list[Any]] | None = None
 
 
 class ShardStream(IterableDataset, EpochSeededDataset):
@@ -109,11 +140,18 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             try:
                 table = json.loads(Path(sizes).read_text(encoding="utf-8"))
                 counts = [table.get(u, table.get(Path(u).name)) for u in self.urls]
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, RecursionError) as exc:  # RecursionError: deep nesting
                 raise ConfigError(f"sizes={sizes}: not a JSON object {{shard name: samples}} ({exc})") from exc
-            bad = [u for u, c in zip(self.urls, counts) if not isinstance(c, int) or c < 0]
+            bad = [u for u, c in zip(self.urls, counts) if type(c) is not int or c < 0]  # bool is no count
             if bad:
                 raise ConfigError(f"sizes={sizes} has no sample count (a non-negative integer) for {bad[0]!r}")
+            # huge counts overflowed the int64 offsets into a negative len()
+            huge = [(u, c) for u, c in zip(self.urls, counts) if c > MAX_SHARD_SAMPLES]
+            if huge:
+                raise ConfigError(
+                    f"sizes={sizes} gives {huge[0][0]!r} {huge[0][1]:,} samples, more than the {MAX_SHARD_SAMPLES:,} a "
+                    "shard may hold; fix the count (or delete the file to count local shards from their tar headers)"
+                )
             return counts, []
         counts, skipped = [], []
         for url in self.urls:
@@ -190,8 +228,13 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         """What :meth:`decode` raises for an unreadable sample."""
         return (KeyError, ValueError)
 
-    def _read(self, order: np.ndarray, start: int, stop: int, epoch: int) -> list[dict[str, Any]]:
-        """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted."""
+    def _read(
+        self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState | None = None, count: bool = True
+    ) -> list[dict[str, Any]]:
+        """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted
+        (unless ``count`` is false: a block read again to stand in for another counts nothing twice).  Where a shard
+        ends early or breaks goes into ``state``: later reads of the epoch skip its missing part without opening it."""
+        state = state if state is not None else _EpochState()
         ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
         items = []
         position = start
@@ -201,56 +244,105 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             label = shard_label(self.urls[shard])
             within = position - int(ends[slot] - self.counts[shard])
             n = min(stop, int(ends[slot])) - position
-            got, error = 0, None
-            try:
-                for sample in iter_samples(self.urls[shard], skip=within, limit=n):
-                    got += 1
-                    index = int(self.offsets[shard]) + sample["__index__"]
-                    try:
-                        items.append(self.decode(sample, index, self.item_rng_for(epoch, index)))
-                    except self.decode_errors() as exc:
-                        self._skip(f"{label}#{sample['__key__']}", exc)
-            except TAR_READ_ERRORS as exc:
-                error = exc
-            if got < n:
-                self._skip(f"{label} samples {within + got}..{within + n - 1}",
-                           error or EOFError(f"the shard holds fewer samples than its count {self.counts[shard]}"),
-                           n - got)
             position += n
+            readable = min(n, max(0, state.ends.get(shard, within + n) - within))
+            got, error = 0, None
+            if readable:
+                try:
+                    for sample in iter_samples(self.urls[shard], skip=within, limit=readable):
+                        got += 1
+                        index = int(self.offsets[shard]) + sample["__index__"]
+                        try:
+                            if SAMPLE_ERROR_KEY in sample:  # e.g. a member too large to read
+                                raise ValueError(sample[SAMPLE_ERROR_KEY])
+                            items.append(self.decode(sample, index, self.item_rng_for(epoch, index)))
+                        except self.decode_errors() as exc:
+                            if count:
+                                self._skip(f"{label}#{sample['__key__']}", exc)
+                except TAR_READ_ERRORS as exc:
+                    error = exc
+            if got < readable:  # found the shard's end (or the place it breaks): warned about once per epoch
+                state.ends[shard] = within + got
+                if count:
+                    self._skip(
+                        f"{label} samples {within + got}..{within + n - 1}",
+                        error or EOFError(
+                            f"the shard ends before sample {within + got}, but its count says {self.counts[shard]}; "
+                            "the missing samples are replaced by others and counted as skipped, without a warning "
+                            "for each, in every epoch: fix the count (sizes / index.json)"
+                        ),
+                        n - got,
+                    )
+            elif got < n and count:  # the rest lies past an end found before: counted, not warned about again
+                self._skip(label, EOFError(), n - got, warn=False)
         return items
 
     def item_rng_for(self, epoch: int, index: int) -> np.random.Generator:
         """:meth:`item_rng` of an explicit epoch (the one the iterator started with)."""
         return np.random.default_rng([self.seed, int(epoch), int(index)])
 
-    def _skip(self, where: str, error: BaseException, count: int = 1) -> None:
+    def _skip(self, where: str, error: BaseException, count: int = 1, warn: bool = True) -> None:
         info = get_worker_info()
         self._skipped[(info.id if info else 0) % _SKIP_SLOTS] += count
-        logger.warning("skipping unreadable %s (%s: %s); %d sample(s) skipped so far", where, type(error).__name__,
-                       " ".join(str(error).split()), self.num_skipped)
+        if warn:
+            logger.warning("skipping unreadable %s (%s: %s); %d sample(s) skipped so far", where,
+                           type(error).__name__, " ".join(str(error).split()), self.num_skipped)
 
-    def _block(self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, worker: int) -> list[Any]:
+    def _block(
+        self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, worker: int,
+        state: _EpochState | None = None,
+    ) -> list[Any]:
+        state = state if state is not None else _EpochState()
         start, length, _ = run
         per_block = self._block_samples()
-        n_blocks = math.ceil(length / per_block)
         lo = start + block * per_block
         wanted = min(per_block, start + length - lo)
-        for attempt in range(n_blocks):
-            b = (block + attempt) % n_blocks
-            b_lo = start + b * per_block
-            items = self._read(order, b_lo, min(b_lo + per_block, start + length), epoch)
-            if items:
-                break
-        else:
-            raise UnreadableDatasetError(
-                f"no readable sample in samples {start}..{start + length - 1} of epoch {epoch} (rank {self.rank}); "
-                f"check the shards {[shard_label(self.urls[i]) for i in order[:3]]}..."
-            )
+        items = self._read(order, lo, lo + wanted, epoch, state)
+        if not items:
+            state.empty.add(block)
+            items = self._substitute(order, run, block, epoch, state)
         items = [items[i % len(items)] for i in range(wanted)]
         if self.shuffle:
             rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, worker, block))
             items = [items[i] for i in rng.permutation(wanted)]
         return items
+
+    def _substitute(self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int,
+                    state: _EpochState) -> list[Any]:
+        """The items of the first readable block after ``block`` (cyclically) in the worker's run: a function of the
+        data alone, so a resumed epoch substitutes as the uninterrupted one did.  Every empty block passed on the way
+        remembers the same substitute, and the substitute's items are kept, so a long unreadable stretch costs one
+        read per block instead of one scan of the rest of the run per block (which was quadratic)."""
+        start, length, _ = run
+        per_block = self._block_samples()
+        n_blocks = math.ceil(length / per_block)
+        found = state.substitute.get(block)
+        if found is None:
+            passed = [block]
+            for k in range(1, n_blocks):
+                b = (block + k) % n_blocks
+                if b in state.substitute:  # an empty stretch whose substitute is known (after a wrap-around)
+                    found = state.substitute[b]
+                    break
+                if b not in state.empty:
+                    b_lo = start + b * per_block
+                    items = self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state, count=False)
+                    if items:
+                        found, state.cached = b, (b, items)
+                        break
+                    state.empty.add(b)
+                passed.append(b)
+            else:
+                raise UnreadableDatasetError(
+                    f"no readable sample in samples {start}..{start + length - 1} of epoch {epoch} (rank {self.rank}); "
+                    f"check the shards {[shard_label(self.urls[i]) for i in order[:3]]}..."
+                )
+            state.substitute.update(dict.fromkeys(passed, found))
+        if state.cached is None or state.cached[0] != found:
+            b_lo = start + found * per_block
+            state.cached = (found, self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state,
+                                              count=False))
+        return state.cached[1]
 
     def _block_samples(self) -> int:
         return math.ceil(self.shuffle_buffer / self.batch_size) * self.batch_size
@@ -269,8 +361,9 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         order = self.shard_order(epoch)
         per_block = self._block_samples() // self.batch_size
         first = local_skip // per_block
+        state = _EpochState()
         for block in range(first, math.ceil(run[2] / per_block)):
-            items = self._block(order, run, block, epoch, worker)
+            items = self._block(order, run, block, epoch, worker, state)
             batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
             for batch in batches[local_skip % per_block if block == first else 0 :]:
                 yield default_collate(batch)
@@ -319,8 +412,15 @@ class LatentShards(ShardStream):
     """Cached latents (``scripts/cache_latents.py``) streamed from their shards.
 
     Args beyond :class:`ShardStream`: ``shards`` may be the cache folder (its ``index.json`` gives the shards, their
-    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files); ``flip`` /
-    ``random_crop`` as in :class:`~ldm.data.cached_latents.CachedLatents`.  Items as CachedLatents'.
+    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files; the shape of a sample is
+    then the most common one among the first samples of the first shards); ``flip`` / ``random_crop`` as in
+    :class:`~ldm.data.cached_latents.CachedLatents`.  Items as CachedLatents'.
+
+    Every sample is checked whole before it is used, and skipped (counted) unless it is exactly what the cache
+    declares: metadata a JSON object of at most ``MAX_JSON_BYTES`` whose variants match the stored array one to one
+    (crops in order, each followed by its mirror image when the cache stores flips), and an array of the cache's shape
+    ``[V, C, h, w]`` with finite values only.  One bad sample used to stop training (IndexError, RecursionError,
+    OverflowError, or a collate error for a latent of another shape).
     """
 
     def __init__(
@@ -334,31 +434,97 @@ class LatentShards(ShardStream):
     ) -> None:
         self.flip, self.random_crop = bool(flip), bool(random_crop)
         self.latent_shape: tuple[int, ...] | None = None
+        self.sample_shape: tuple[int, ...] | None = None  # [V, C, h, w]: variants and latent shape
         if isinstance(shards, str) and os.path.isfile(os.path.join(shards, INDEX_NAME)):
             index = read_index(shards)
             self.latent_shape = index.latent_shape
+            self.sample_shape = (index.variants, *index.latent_shape)
             self._index_counts = [count for _, count in index.shards]
             shards = index.shard_paths()
         else:
             self._index_counts = None
         super().__init__(shards, sizes, seed, shuffle_buffer)
+        if self.sample_shape is None:
+            self.sample_shape = self._probe_shape()
+            self.latent_shape = self.sample_shape[1:]
 
     def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
         if self._index_counts is not None and sizes is None:
             return list(self._index_counts), []
         return super()._shard_sizes(sizes)
 
-    def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
-        if len(sample["json"]) > MAX_JSON_BYTES:
-            raise ValueError(f"metadata of {len(sample['json'])} bytes is larger than {MAX_JSON_BYTES}")
-        meta = json.loads(sample["json"])
+    def _probe_shape(self) -> tuple[int, ...]:
+        """``[V, C, h, w]`` of shards without an index: the most common shape among their first readable samples
+        (a majority, so that one odd sample among them does not decide the shape every other sample must have)."""
+        shapes: Counter[tuple[int, ...]] = Counter()
+        for url, count in zip(self.urls, self.counts):
+            if count == 0:
+                continue
+            try:
+                for sample in iter_samples(url, limit=_SHAPE_PROBE_SAMPLES - sum(shapes.values())):
+                    try:
+                        array = decode_npy(sample[LATENT_EXT], what=f"sample {sample['__key__']}")
+                    except (KeyError, ValueError):
+                        continue
+                    if array.ndim == 4:
+                        shapes[tuple(array.shape)] += 1
+            except TAR_READ_ERRORS as exc:
+                logger.warning("cannot read %s to learn the latent shape (%s: %s)", shard_label(url), type(exc).__name__,
+                               exc)
+            if sum(shapes.values()) >= _SHAPE_PROBE_SAMPLES:
+                break
+        if not shapes:
+            raise UnreadableDatasetError(
+                f"no readable latent [variants, C, h, w] among the first samples of the shards "
+                f"{[shard_label(u) for u in self.urls[:3]]}...; pass the cache folder (it holds index.json) or check "
+                "the shards"
+            )
+        shape, _ = shapes.most_common(1)[0]
+        logger.info("LatentShards: samples are %s (the most common shape of the first %d)", shape, sum(shapes.values()))
+        return shape
+
+    def _metadata(self, raw: bytes, key: str) -> tuple[int, bool, str, str]:
+        """``(n_crops, stored_flip, first_stage_sha256, source)`` of a sample's JSON, checked against the cache's
+        variant count: ``choose_variant`` indexes the array with what this says, so a lie must not get through."""
+        if len(raw) > MAX_JSON_BYTES:
+            raise ValueError(f"metadata of {len(raw)} bytes is larger than {MAX_JSON_BYTES}")
+        try:
+            meta = json.loads(raw)
+        except RecursionError:  # nesting deep enough to exhaust the parser's stack, small enough for the size limit
+            raise ValueError(f"sample {key}: metadata nests deeper than a JSON parser can follow") from None
+        n_variants = self.sample_shape[0]
+        if not isinstance(meta, dict) or not isinstance(meta.get("variants"), list):
+            raise ValueError(f"sample {key}: metadata is not an object with a list of variants")
         variants = meta["variants"]
-        shape = (len(variants), *(self.latent_shape or (-1, -1, -1)))
-        array = decode_npy(sample[LATENT_EXT], shape, what=f"sample {sample['__key__']}")
-        n_crops = len({(v["top"], v["left"]) for v in variants})
+        if len(variants) != n_variants:
+            raise ValueError(f"sample {key}: metadata lists {len(variants)} variants but the cache stores {n_variants}")
+        for v in variants:
+            if not (isinstance(v, dict) and type(v.get("top")) is int and type(v.get("left")) is int
+                    and type(v.get("flip")) is bool):
+                raise ValueError(f"sample {key}: a variant is not {{top: int, left: int, flip: bool}} ({str(v)[:80]})")
         stored_flip = any(v["flip"] for v in variants)
+        per_crop = 2 if stored_flip else 1
+        crops = [(v["top"], v["left"]) for v in variants[::per_crop]]
+        # variant i is crop i // per_crop, the mirror image when i is odd and flips are stored (latent_format's layout)
+        layout = all(
+            (v["top"], v["left"]) == crops[i // per_crop] and v["flip"] == (stored_flip and i % 2 == 1)
+            for i, v in enumerate(variants)
+        )
+        if n_variants % per_crop or not layout:
+            raise ValueError(f"sample {key}: its {n_variants} variants are not crops in order"
+                             f"{', each followed by its mirror image' if stored_flip else ''}")
+        sha, source = meta.get("first_stage_sha256"), meta.get("source")
+        if not isinstance(sha, str) or not isinstance(source, str):
+            raise ValueError(f"sample {key}: metadata lacks the strings first_stage_sha256 and source")
+        # distinct positions, as before: crops of an image no longer than the crop coincide, and a draw among fewer
+        # crops stays inside the array
+        return len(set(crops)), stored_flip, sha, source
+
+    def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
+        n_crops, stored_flip, sha, source = self._metadata(sample["json"], sample["__key__"])
+        array = decode_npy(sample[LATENT_EXT], self.sample_shape, what=f"sample {sample['__key__']}")
         variant = choose_variant(rng, n_crops, stored_flip, self.random_crop, self.flip)
-        return latent_item(array, variant, str(meta["first_stage_sha256"]), str(meta["source"]))
+        return latent_item(array, variant, sha, source)
 
     def decode_errors(self) -> tuple[type[BaseException], ...]:
         return (KeyError, ValueError, TypeError)

@@ -22,9 +22,11 @@ from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, one_line_error
 
 PROG = "app.py"
 EXIT_OUTPUT = 3  # the output folder cannot be created (as scripts/refine.py)
+EXIT_INTERRUPTED = 130  # Ctrl+C while the models load (as the other scripts)
 EPILOG = f"""
-exit codes: 0 stopped with Ctrl+C; {EXIT_USAGE} bad arguments, checkpoint or config, or the port is taken (nothing
-served); {EXIT_OUTPUT} the output folder cannot be created. Needs the app extra: pip install -e .[app]
+exit codes: 0 stopped with Ctrl+C (a running request stops after its current sampling step); {EXIT_USAGE} bad
+arguments, checkpoint or config, or the port is taken (nothing served); {EXIT_OUTPUT} the output folder cannot be
+created; {EXIT_INTERRUPTED} Ctrl+C before serving. Needs the app extra: pip install -e .[app]
 """
 
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, ConfigError, ValueError, OSError) as exc:
             _err(f"error: {one_line_error(exc)}")
             return EXIT_USAGE
+        except KeyboardInterrupt:
+            _err("interrupted")
+            return EXIT_INTERRUPTED
         port = sock.getsockname()[1]
         where = " and on every other interface of this machine" if args.listen else ""
         print(f"{refiner.describe()}\nserving on http://127.0.0.1:{port}/{where} (Ctrl+C to stop); results in "
@@ -123,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"warning: listening on every interface: anyone who can reach port {port} can use the page")
         config = uvicorn.Config(create_app(refiner, args.outdir, listen=args.listen), log_level="warning",
                                 access_log=args.verbose, http="h11", ws="none", lifespan="on", server_header=False)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            # On Ctrl+C uvicorn stops serving, the app's shutdown waits for the worker (the running request ends after
+            # its current step), then uvicorn raises the signal again: that KeyboardInterrupt is the normal way out.
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+    print("stopped", flush=True)
     return 0
 
 

@@ -21,6 +21,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +314,8 @@ def test_queue_runs_one_request_at_a_time_and_survives_failures(refiner, images)
 class Server:
     def __init__(self, url: str, port: int, proc: subprocess.Popen, outdir: Path, net_log: Path):
         self.url, self.port, self.proc, self.outdir, self.net_log = url, port, proc, outdir, net_log
+        self.err = outdir.parent / "server.err"  # what the server logged (a file: logging can never block it)
+        self.stdout: list[str] = []  # its standard output lines so far
 
     def request(self, path: str, data: bytes | None = None, content_type: str | None = None, headers=None):
         """``(status, headers, body bytes)``; HTTP errors are returned, not raised."""
@@ -352,33 +356,41 @@ class Server:
 @pytest.fixture(scope="module")
 def server(expert_checkpoints, tmp_path_factory):
     """scripts/app.py on a free port of 127.0.0.1, network outside localhost refused; stopped after the module."""
-    root = tmp_path_factory.mktemp("app")
+    with start_server(expert_checkpoints, tmp_path_factory.mktemp("app")) as running:
+        yield running
+
+
+@contextmanager
+def start_server(expert_checkpoints, root: Path, *flags: str) -> Iterator[Server]:
+    """scripts/app.py (with ``flags``) on a free port of 127.0.0.1, network outside localhost refused, files under
+    ``root``; terminated on exit unless it has already stopped."""
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     net_log = root / "net.log"
     path = os.pathsep.join([str(root / "site"), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "NO_NET_LOG": str(net_log), "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(APP), "--ckpt", str(expert_checkpoints[0]), "--ckpt", str(expert_checkpoints[1]),
-           "--device", "cpu", "--port", "0", "--outdir", str(root / "out")]  # fmt: skip
+           "--device", "cpu", "--port", "0", "--outdir", str(root / "out"), *flags]  # fmt: skip
     errors = open(root / "server.err", "w")  # a file, not a pipe: nothing the server logs can ever block it
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
-        lines = []
+        lines: list[str] = []
+        serving = threading.Event()
 
-        def read_until_serving() -> None:
+        def read_stdout() -> None:  # to the end: a full pipe would block the server
             for line in proc.stdout:
                 lines.append(line)
                 if line.startswith("serving on http://127.0.0.1:"):
-                    return
+                    serving.set()
 
-        reader = threading.Thread(target=read_until_serving, daemon=True)
+        reader = threading.Thread(target=read_stdout, daemon=True)
         reader.start()
-        reader.join(timeout=300)
-        if not lines or not lines[-1].startswith("serving on"):
+        if not serving.wait(timeout=300):
             raise AssertionError(f"the server did not start: {''.join(lines)}{(root / 'server.err').read_text()}")
-        line = lines[-1]
-        url = line.split()[2].rstrip("/")
-        yield Server(url, int(url.rsplit(":", 1)[1]), proc, root / "out", net_log)
+        url = next(line for line in lines if line.startswith("serving on")).split()[2].rstrip("/")
+        running = Server(url, int(url.rsplit(":", 1)[1]), proc, root / "out", net_log)
+        running.stdout = lines
+        yield running
     finally:
         proc.terminate()
         try:

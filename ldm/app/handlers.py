@@ -3,11 +3,14 @@
 A request goes through four steps, each the same code the CLI runs:
 
 1. :func:`load_upload`: the uploaded bytes are decoded by :func:`ldm.imageio.decode_image` (the loader of
-   ``scripts/refine.py``: any format it reads, EXIF orientation, 16-bit, alpha; one-line errors).
+   ``scripts/refine.py``: any format it reads, EXIF orientation, 16-bit, alpha; one-line errors), after the pixel
+   count in its header is checked (:data:`MAX_UPLOAD_PIXELS`).  The server keeps the file's bytes and a PNG to show,
+   never the decoded arrays; the request decodes the bytes again when it runs.  At most
+   :data:`MAX_PARALLEL_DECODES` images or masks are decoded at once.
 2. :meth:`RefineSettings.from_json`: the page's settings, checked field by field (one line per mistake).
 3. :func:`prepare`: the plan (:func:`ldm.refine.batch.batch_plan`), the start map of the painted mask and the boxes
-   (:meth:`ldm.refine.Refiner.region_start_map`) and the region metadata; a mask that selects nothing fails here,
-   before the request is queued.
+   (:meth:`ldm.refine.Refiner.region_start_map`) and the region metadata; a mask that selects nothing, or a request
+   above :data:`MAX_REQUEST_STEPS` sampling steps, fails here, before the request is queued.
 4. :func:`refine`: :meth:`ldm.refine.Refiner.refine_tensors` once per sample (seed ``seed + k``, as the CLI's default
    ``--batch-size 1``), each result written by :func:`ldm.imageio.save_image_atomic` with the metadata of
    :func:`ldm.refine.batch.build_metadata`, named like the CLI's outputs.
@@ -21,7 +24,9 @@ import hashlib
 import io
 import logging
 import re
+import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ import torch
 from PIL import Image
 
 from ldm.imageio import ImageLoadError, LoadedImage, decode_image, image_to_tensor, save_image_atomic, tensor_to_image
+from ldm.imageio.load import LOADER_FORMATS
 from ldm.refine.batch import batch_plan, build_metadata, output_name
 from ldm.refine.refiner import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, DEFAULT_START_T, MAX_SEED, Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
@@ -42,8 +48,12 @@ from ldm.windows import window_to_steps
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 64 * 2**20  # an upload (or a painted mask) larger than this is refused before it is decoded
+MAX_UPLOAD_PIXELS = 2**25  # 33.5 MP (e.g. 7000x4700): more, read from the file's header, is refused before decoding
+MAX_PARALLEL_DECODES = 2  # images and masks decoded at once (each takes ~16 bytes per pixel while it decodes)
 MAX_SAMPLES = 8
 MAX_STEPS = 1000
+MAX_BOXES = 100  # boxes per request
+MAX_REQUEST_STEPS = MAX_SAMPLES * MAX_STEPS  # samples x regions x steps: every whole-image request fits, 7 h do not
 MODES = ("whole", "mask", "crop")  # whole image / in place (only the mask changes) / crop ("only masked")
 STEP_MODES = ("grid", "exact")  # the DDIM grid's entries <= start_t / exactly K steps from start_t
 SOFTWARE = "latesteps app"
@@ -55,58 +65,89 @@ class RequestError(ValueError):
     the one line the page shows."""
 
 
+_decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
+
+
 # --------------------------------------------------------------------------------------------------------- uploads
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded image, decoded.
+    """An uploaded image: its file's bytes and what the page needs, not its decoded pixels (float32 would take 16
+    bytes per pixel for every upload kept).
 
     Attributes:
         name: the file name as uploaded (printable; recorded as the output's ``input``).  stem: a file-system-safe stem
-            for output names.  image: the decoded image (float32 RGB ``[H, W, 3]`` in ``[0, 1]``, alpha separately).
-        sha256: of the uploaded bytes.
+            for output names.  data: the file's bytes (decoded again by :meth:`decode` when a request runs).
+        sha256: of ``data``.  width, height: of the decoded image (EXIF orientation applied).  format: Pillow's name of
+        the file's format.  has_alpha: the image has transparency.  png: the image as the model sees it, as a PNG
+        (what the page shows and a comparison's "before").
     """
 
     name: str
     stem: str
-    image: LoadedImage
+    data: bytes = field(repr=False)
     sha256: str
+    width: int
+    height: int
+    format: str | None
+    has_alpha: bool
+    png: bytes = field(repr=False)
 
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        return self.image.height
+    def decode(self) -> LoadedImage:
+        """The image decoded by the CLI's loader (the same pixels every time: it decoded once already)."""
+        with _decode_slots:
+            return decode_image(self.data, source=self.name)
 
 
 def load_upload(data: bytes, name: str) -> Upload:
-    """Decode an uploaded file with the CLI's loader.
+    """Decode an uploaded file with the CLI's loader, once, to check it and make the PNG the page shows.
 
     Args:
         data: the file's bytes.  name: the file name the browser sent (only used for messages and output names).
 
     Raises:
-        RequestError: one line for an empty, too large, truncated, corrupt or non-image upload.
+        RequestError: one line for an empty, too large (bytes, or pixels as its header says), truncated, corrupt or
+            non-image upload.
     """
     shown = _printable_name(name)
     if len(data) > MAX_UPLOAD_BYTES:
         limit = MAX_UPLOAD_BYTES // 2**20
         raise RequestError(f"{shown} is {len(data) / 2**20:.1f} MiB; uploads up to {limit} MiB are accepted")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > MAX_UPLOAD_PIXELS:
+        w, h = size
+        raise RequestError(
+            f"{shown} is {w}x{h} ({w * h / 1e6:.1f} MP); the app accepts images up to {MAX_UPLOAD_PIXELS:,} pixels "
+            f"({MAX_UPLOAD_PIXELS / 1e6:.1f} MP, e.g. 7000x4700): downscale or crop it, or refine it with scripts/refine.py"
+        )
     try:
-        image = decode_image(data, source=shown)
+        with _decode_slots:
+            image = decode_image(data, source=shown)
+            png = _display_png(image)
     except ImageLoadError as exc:
         raise RequestError(f"{exc} (upload a PNG, JPEG, WebP, AVIF, BMP, GIF, TIFF or PPM image)") from None
     stem = _SAFE_STEM.sub("_", Path(shown).stem).strip("._")[:64] or "upload"
-    return Upload(shown, stem, image, hashlib.sha256(data).hexdigest())
+    return Upload(shown, stem, data, hashlib.sha256(data).hexdigest(), image.width, image.height,
+                  image.info.get("format"), image.alpha is not None, png)  # fmt: skip
 
 
-def upload_png(upload: Upload) -> bytes:
-    """The upload as a PNG (what the page shows and the "before" of a comparison): pixels as the model sees them
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` as an image file's header states it, read without decoding any pixel; None when Pillow
+    cannot tell (the decoder then says what is wrong with the file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: the decoder refuses those with its message
+            with Image.open(io.BytesIO(data), formats=LOADER_FORMATS) as image:
+                return int(image.size[0]), int(image.size[1])
+    except Exception:  # Pillow's plugins raise many types on junk headers; the full decode reports them in one line
+        return None
+
+
+def _display_png(image: LoadedImage) -> bytes:
+    """The image as a PNG (what the page shows and the "before" of a comparison): pixels as the model sees them
     (EXIF orientation applied, 16-bit rounded to 8), alpha kept."""
-    rgb = tensor_to_image(image_to_tensor(upload.image.rgb))
-    if upload.image.alpha is not None:
-        alpha = np.round(upload.image.alpha.astype(np.float64) * 255.0).astype(np.uint8)
+    rgb = tensor_to_image(image_to_tensor(image.rgb))
+    if image.alpha is not None:
+        alpha = np.round(image.alpha.astype(np.float64) * 255.0).astype(np.uint8)
         return _png(np.dstack([rgb, alpha]))
     return _png(rgb)
 
@@ -116,16 +157,24 @@ def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
     like ``--mask`` files; RequestError (one line) when it cannot be decoded or has another size."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise RequestError(f"the painted mask is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    size = header_size(data)  # compared before decoding: a mask costs no more memory than its image
+    if size is not None and size != (upload.width, upload.height):
+        _wrong_mask_size(size, upload)
     try:
-        mask, digest = decode_mask(data, "the painted mask")
+        with _decode_slots:
+            mask, digest = decode_mask(data, "the painted mask")
     except ImageLoadError as exc:
         raise RequestError(str(exc)) from None
     if mask.shape != (upload.height, upload.width):
-        raise RequestError(
-            f"the painted mask is {mask.shape[1]}x{mask.shape[0]} but the image is {upload.width}x{upload.height}; "
-            "upload the image again and repaint"
-        )
+        _wrong_mask_size((mask.shape[1], mask.shape[0]), upload)
     return mask, digest
+
+
+def _wrong_mask_size(size: tuple[int, int], upload: Upload) -> None:
+    raise RequestError(
+        f"the painted mask is {size[0]}x{size[1]} but the image is {upload.width}x{upload.height}; "
+        "upload the image again and repaint"
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- settings
@@ -178,6 +227,10 @@ class RefineSettings:
                 values[name] = data[name]
         if "boxes" in data:
             values["boxes"] = parse_boxes(data["boxes"])
+        seed, n_samples = values.get("seed", cls.seed), values.get("n_samples", cls.n_samples)
+        if seed + n_samples - 1 > MAX_SEED:  # sample k uses seed + k (as scripts/refine.py refuses it)
+            raise RequestError(f"seed={seed} with n_samples={n_samples} would use seeds up to {seed + n_samples - 1}; "
+                               f"seed + n_samples - 1 must be at most {MAX_SEED}: lower the seed")
         return cls(**values)
 
     def plan_arguments(self) -> dict[str, Any]:
@@ -203,21 +256,32 @@ def parse_boxes(text: Any) -> tuple[Box, ...]:
     are skipped.  RequestError naming the bad line."""
     if not isinstance(text, str):
         raise RequestError(f"boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
+    lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
+    if len(lines) > MAX_BOXES:
+        raise RequestError(f"{len(lines):,} boxes given; at most {MAX_BOXES} are accepted: merge neighbouring boxes "
+                           "into one, or paint the region instead")
     boxes = []
-    for line in re.split(r"[;\n]", text):
-        if line.strip():
-            try:
-                boxes.append(parse_box(line))
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
+    for line in lines:
+        try:
+            boxes.append(parse_box(line))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
     return tuple(boxes)
 
 
 def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # JSON may send 4.0 for 4
     if isinstance(value, bool) or not whole or not lo <= value <= hi:
-        raise RequestError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+        raise RequestError(f"{name}={_shown(value)} must be an integer in [{lo}, {hi}]")
     return int(value)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 4000-digit number or a long string stays one short line)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
@@ -268,7 +332,7 @@ class Prepared:
     upload: Upload
     settings: RefineSettings
     plan: RefinePlan
-    start_map: torch.Tensor | None  # [1, 1, H, W] int64 timesteps
+    start_map: torch.Tensor | None  # [1, 1, H, W] int16 timesteps (a quarter of int64's memory while it waits)
     region_meta: dict[str, str]
     total_steps: int  # sampling steps the request runs (samples x regions x plan steps), for the progress bar
 
@@ -299,8 +363,9 @@ def prepare(refiner: Refiner, upload: Upload, settings: RefineSettings, mask: tu
             whole-image mode.
 
     Raises:
-        RequestError: steps no expert covers, a box outside the image, a mask and boxes that select nothing, or a
-            region mode with neither a mask nor boxes.
+        RequestError: steps no expert covers, a box outside the image, a mask and boxes that select nothing, a
+            region mode with neither a mask nor boxes, too many regions for crop mode, or more than
+            :data:`MAX_REQUEST_STEPS` sampling steps in all (samples x regions x steps).
     """
     regions = settings.regions()
     try:
@@ -315,14 +380,32 @@ def prepare(refiner: Refiner, upload: Upload, settings: RefineSettings, mask: tu
         try:
             _, start_map = refiner.region_start_map(upload.height, upload.width, settings.start_t, None, array,
                                                     regions.boxes, regions.dilate)  # fmt: skip
+            crops = region_crops(start_map, regions.padding) if regions.crop else None
         except ValueError as exc:
             raise RequestError(" ".join(str(exc).split())) from None
-        crops = region_crops(start_map, regions.padding) if regions.crop else None
+        n_regions = len(crops) if crops is not None else 1
+        _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refused request costs little
         meta = {**regions.as_metadata(), "mask": "painted in the web app" if mask is not None else "", "mask_sha256": digest}
         meta.update(region_metadata(start_map, crops))
-        n_regions = len(crops) if crops is not None else 1
+        start_map = start_map.to(torch.int16)  # timesteps < 2**15; the refiner reads any integer map
+    else:
+        _check_work(settings, n_regions, len(plan.timesteps))
     total = settings.n_samples * n_regions * len(plan.timesteps)
     return Prepared(upload, settings, plan, start_map, meta, total)
+
+
+def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> None:
+    """Refuse a request of more than :data:`MAX_REQUEST_STEPS` sampling steps (it would hold the only worker for
+    hours), saying what it would run and what to change."""
+    total = settings.n_samples * n_regions * n_steps
+    if total <= MAX_REQUEST_STEPS:
+        return
+    regions = f"{n_regions:,} regions x " if n_regions > 1 else ""
+    raise RequestError(
+        f"this request would run {total:,} sampling steps ({regions}{n_steps} steps x {settings.n_samples} sample(s)); "
+        f"at most {MAX_REQUEST_STEPS:,} are allowed per request: use fewer samples or steps"
+        + (", or fewer regions (merge them with mask dilate, or refine in place)" if n_regions > 1 else "")
+    )
 
 
 def refine(
@@ -341,7 +424,9 @@ def refine(
     started = time.perf_counter()
     s, plan, upload = prepared.settings, prepared.plan, prepared.upload
     regions = s.regions()
-    x = image_to_tensor(upload.image.rgb)  # [1, 3, H, W] in [-1, 1]
+    image = upload.decode()
+    x, alpha = image_to_tensor(image.rgb), image.alpha  # [1, 3, H, W] in [-1, 1]
+    del image  # the float32 array is not needed once the tensor exists
     callback = None if on_step is None else (lambda _index: on_step())
     samples = []
     for k in range(s.n_samples):
@@ -354,7 +439,7 @@ def refine(
         meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters())
         meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
         path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)
-        save_image_atomic(path, tensor_to_image(out[0]), alpha=upload.image.alpha, metadata=meta)
+        save_image_atomic(path, tensor_to_image(out[0]), alpha=alpha, metadata=meta)
         samples.append(SampleResult(path, seed, k))
     seconds = time.perf_counter() - started
     logger.info("%s: %d sample(s) in %.1f s into %s (%s)", upload.name, len(samples), seconds, outdir, plan.describe())

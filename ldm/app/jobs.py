@@ -2,7 +2,9 @@
 
 The server's event loop only submits and reads jobs; the worker alone touches the models, so requests never run
 concurrently on the device.  A job that fails (a bad setting found late, out of memory, a disk error, a bug) is marked
-failed with a one-line message and the worker goes on with the next one.
+failed with a one-line message and the worker goes on with the next one.  A job can be cancelled: a waiting one never
+runs, a running one stops after its current sampling step.  :meth:`JobQueue.stop` cancels the running job the same way
+and waits for the worker to end, so that the process never exits with the worker inside torch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +26,12 @@ from ldm.app.handlers import Prepared, RefineResult, RequestError
 
 logger = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class JobCancelled(Exception):
+    """Raised in the worker between sampling steps of a job whose cancel was asked for; ends that job only."""
 
 
 @dataclass
@@ -31,12 +39,13 @@ class Job:
     """One refinement request and what became of it.
 
     Attributes:
-        id: ``<YYYYmmdd-HHMMSS>-<n>``, also the name of its output folder.  number: ``n``, the arrival order.
+        id: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``, also the name of its output folder (random: an id
+            cannot be guessed from another one).  number: the arrival order.
         prepared: the checked request (dropped once it has run, so finished jobs hold no image tensors).
         name: the uploaded file's name.  upload_key: its id on the server.  settings: the request's settings as
         recorded in the metadata.  before_png / mask_png: the input as shown (the comparison's "before") and the
         painted mask (None without one), so that the page can show a request again.  state: queued | running | done |
-        failed.
+        failed | cancelled.  cancel: why the running job must stop after its current step ("" while it need not).
         done_steps / total_steps: sampling steps finished / to run (the progress bar).  message: the one-line error of
         a failed job.  result: the outputs of a finished job (with the run's wall time).
     """
@@ -54,6 +63,7 @@ class Job:
     total_steps: int = 0
     message: str = ""
     result: RefineResult | None = None
+    cancel: str = ""
 
 
 class JobQueue:
@@ -79,15 +89,32 @@ class JobQueue:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Let the running job finish, drop the waiting ones, end the worker."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drop the waiting jobs, stop the running one after its current sampling step, end the worker; True once the
+        worker has ended (False: still inside a step after ``timeout`` seconds; None waits as long as it takes)."""
         with self._lock:
             for job in self._jobs.values():
                 if job.state == QUEUED:
-                    job.state, job.message = FAILED, "the server stopped before this request ran"
+                    job.state, job.message, job.prepared = FAILED, "the server stopped before this request ran", None
+                elif job.state == RUNNING:
+                    job.cancel = "the server stopped during this request"
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel ``job``: a waiting job never runs, a running one stops after its current sampling step (its state
+        becomes cancelled then); False when it had already finished."""
+        with self._lock:
+            if job.state == QUEUED:
+                job.state, job.message, job.prepared = CANCELLED, "cancelled before it ran", None  # its image is freed
+            elif job.state == RUNNING:
+                job.cancel = "cancelled"
+            else:
+                return False
+        logger.info("request %s: cancel asked (%s)", job.id, job.state)
+        return True
 
     def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None) -> Job:
         """Queue a prepared request (see :class:`Job` for the other fields); RequestError when ``max_waiting``
@@ -97,7 +124,7 @@ class JobQueue:
             if waiting >= self._max_waiting:
                 raise RequestError(f"{waiting} requests are already waiting; try again when one has finished")
             number = next(self._counter)
-            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{number}"
+            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_urlsafe(12)}"
             job = Job(job_id, number, prepared, prepared.upload.name, upload_key, prepared.settings.parameters(), before_png,
                       mask_png, total_steps=prepared.total_steps)  # fmt: skip
             self._jobs[job_id] = job
@@ -109,6 +136,11 @@ class JobQueue:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def running(self) -> Job | None:
+        """The job the worker runs now, if any."""
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.state == RUNNING), None)
+
     def ahead_of(self, job: Job) -> int:
         """How many jobs run before ``job`` starts (the running one included); 0 once it runs."""
         if job.state != QUEUED:
@@ -117,17 +149,21 @@ class JobQueue:
             return sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING) and j.number < job.number)
 
     def status(self, job: Job) -> dict[str, Any]:
-        """The job's state for the page: ``id, state, done_steps, total_steps, ahead, message``."""
+        """The job's state for the page: ``id, state, done_steps, total_steps, ahead, message, cancelling``."""
         return {"id": job.id, "state": job.state, "done_steps": job.done_steps, "total_steps": job.total_steps,
-                "ahead": self.ahead_of(job), "message": job.message}  # fmt: skip
+                "ahead": self.ahead_of(job), "message": job.message,
+                "cancelling": job.state == RUNNING and bool(job.cancel)}  # fmt: skip
 
     @staticmethod
     def step(job: Job) -> None:
-        """Count one finished sampling step of ``job`` (the worker's progress callback)."""
+        """Count one finished sampling step of ``job`` (the worker's progress callback); raises JobCancelled when the
+        job was cancelled (or the server stops), which ends it between two steps."""
         job.done_steps = min(job.done_steps + 1, job.total_steps)
+        if job.cancel:
+            raise JobCancelled(job.cancel)
 
     def _forget_old(self) -> None:
-        finished = [k for k, j in self._jobs.items() if j.state in (DONE, FAILED)]
+        finished = [k for k, j in self._jobs.items() if j.state in FINISHED]
         for key in finished[: max(0, len(self._jobs) - self._keep)]:
             del self._jobs[key]
 
@@ -136,12 +172,17 @@ class JobQueue:
             job = self._queue.get()
             if job is None:
                 return
-            if job.state != QUEUED:
-                continue
-            job.state = RUNNING
+            with self._lock:
+                if job.state != QUEUED:
+                    continue
+                job.state = RUNNING
             try:
                 job.result = self._run(job)
                 job.state = DONE
+            except JobCancelled as exc:
+                job.message = f"{exc} after {job.done_steps} of {job.total_steps} steps"
+                job.state = CANCELLED
+                logger.info("request %s: %s", job.id, job.message)
             except (ValueError, OSError, torch.OutOfMemoryError) as exc:
                 job.message = " ".join(str(exc).split()) or type(exc).__name__
                 job.state = FAILED

@@ -10,22 +10,28 @@ Routes (all same-origin; the page is the only client it is written for)::
     GET  /api/uploads/<id>/image.png  the upload as decoded (what the mask is painted on)
     POST /api/refine       JSON       {upload, settings, mask: base64 PNG | null} -> {job}; checked before queueing
     GET  /api/jobs/<id>               progress, then the results (or the one-line error)
+    DELETE /api/jobs/<id>             cancel: a waiting request never runs, a running one stops after its current step
     GET  /api/jobs/<id>/before.png    the comparison's "before" (and mask.png: the painted mask, to show it again)
     GET  /api/jobs/<id>/files/<k>     sample k's PNG with metadata (?download=1 as an attachment)
 
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for requests the user can fix, 500 for bugs; nothing
-stops the server.  Requests that change state must be ``application/json`` / ``application/octet-stream``: a page of
-another origin cannot send those without a CORS preflight, which this server never grants.  Unless the server listens
+stops the server.  Bodies are small (:data:`MAX_PLAN_JSON_BYTES`, :data:`MAX_REFINE_JSON_BYTES`) and parsed in a worker
+thread, so one request cannot hold the event loop; at most ``MAX_PARALLEL_DECODES`` images are decoded at once.  Job and
+upload ids are random.  Every response says ``X-Content-Type-Options: nosniff``.  Requests that change state must be
+``application/json`` / ``application/octet-stream`` (or DELETE): a page of another origin cannot send those without a
+CORS preflight, which this server never grants.  Unless the server listens
 on all interfaces, a Host header other than localhost is refused (DNS rebinding).  Nothing here contacts the internet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import secrets
+import sys
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,14 +42,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ldm.app.handlers import (
+    MAX_BOXES,
+    MAX_PARALLEL_DECODES,
+    MAX_REQUEST_STEPS,
     MAX_SAMPLES,
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
     MODES,
     STEP_MODES,
     RefineResult,
@@ -56,7 +67,6 @@ from ldm.app.handlers import (
     plan_facts,
     prepare,
     refine,
-    upload_png,
 )
 from ldm.app.jobs import DONE, Job, JobQueue
 from ldm.refine.refiner import Refiner
@@ -66,8 +76,11 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 LOCAL_HOSTS = ["127.0.0.1", "localhost"]
-MAX_JSON_BYTES = 2 * MAX_UPLOAD_BYTES  # a base64 painted mask is 4/3 of its PNG
-KEEP_UPLOADS = 8  # decoded images kept for painting and refining (float32: 12 MB per megapixel)
+MAX_PLAN_JSON_BYTES = 64 * 2**10  # the settings alone (the boxes text included) are a few KiB
+MAX_REFINE_JSON_BYTES = 4 * 2**20  # settings and the painted mask, a base64 PNG: strokes on black compress ~1000:1
+KEEP_UPLOADS = 8  # uploads kept for painting and refining: their files' bytes and the PNG shown, never decoded arrays
+KEEP_UPLOAD_BYTES = 256 * 2**20  # ... and the oldest are forgotten sooner when they hold more than this (the newest stays)
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 # The page may load only what this server serves: no CDN, font service or analytics can be reached even by mistake.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
@@ -79,23 +92,26 @@ class AppState:
     def __init__(self, refiner: Refiner, outdir: Path):
         self.refiner = refiner
         self.outdir = outdir
-        self.uploads: OrderedDict[str, tuple[Upload, bytes]] = OrderedDict()  # id -> (upload, its PNG)
+        self.uploads: OrderedDict[str, Upload] = OrderedDict()  # id -> upload (read and written on the event loop only)
         self.jobs = JobQueue(self._run)
+        self.decodes = asyncio.Semaphore(MAX_PARALLEL_DECODES)  # uploads waiting to decode wait here, not in threads
 
     def _run(self, job: Job) -> RefineResult:
         return refine(self.refiner, job.prepared, self.outdir / job.id, on_step=lambda: JobQueue.step(job))
 
-    def add_upload(self, upload: Upload, png: bytes) -> str:
-        key = secrets.token_hex(8)
-        self.uploads[key] = (upload, png)
-        while len(self.uploads) > KEEP_UPLOADS:
-            self.uploads.popitem(last=False)
+    def add_upload(self, upload: Upload) -> str:
+        key = secrets.token_urlsafe(16)
+        self.uploads[key] = upload
+        held = sum(len(u.data) + len(u.png) for u in self.uploads.values())
+        while len(self.uploads) > KEEP_UPLOADS or (held > KEEP_UPLOAD_BYTES and len(self.uploads) > 1):
+            _, old = self.uploads.popitem(last=False)
+            held -= len(old.data) + len(old.png)
         return key
 
-    def upload(self, key: Any) -> tuple[Upload, bytes]:
+    def upload(self, key: Any) -> Upload:
         if not isinstance(key, str) or key not in self.uploads:
-            raise RequestError(f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}); "
-                               "upload it again")
+            raise RequestError(f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}, less "
+                               "when they are large); upload it again")
         self.uploads.move_to_end(key)
         return self.uploads[key]
 
@@ -114,7 +130,11 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         try:
             yield
         finally:
-            state.jobs.stop(timeout=5.0)
+            # the running request stops after its current sampling step; waiting for it (in a thread: the event loop
+            # stays free) means the process never exits while the worker is inside torch (that aborted with exit 134)
+            if state.jobs.running() is not None:
+                logger.warning("stopping: the running request ends after its current sampling step")
+            await run_in_threadpool(state.jobs.stop)
 
     async def index(_request: Request) -> Response:
         html = (STATIC_DIR / "index.html").read_bytes()
@@ -133,35 +153,46 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
                 "step_modes": list(STEP_MODES),
                 "max_samples": MAX_SAMPLES,
                 "max_upload_bytes": MAX_UPLOAD_BYTES,
+                "max_upload_pixels": MAX_UPLOAD_PIXELS,
+                "max_boxes": MAX_BOXES,
+                "max_request_steps": MAX_REQUEST_STEPS,
+                "max_refine_json_bytes": MAX_REFINE_JSON_BYTES,
                 "outdir": str(state.outdir),
             }
         )
 
     async def plan(request: Request) -> Response:
-        settings = RefineSettings.from_json(await _json_body(request))
+        body = await _json_body(request, MAX_PLAN_JSON_BYTES)
+        settings = await run_in_threadpool(RefineSettings.from_json, body)
         return JSONResponse(describe_plan(refiner, settings))
 
     async def upload(request: Request) -> Response:
         _require_type(request, "application/octet-stream")
         data = await _read_body(request, MAX_UPLOAD_BYTES, "the upload")
-        loaded = await run_in_threadpool(load_upload, data, request.query_params.get("name", "upload"))
-        png = await run_in_threadpool(upload_png, loaded)
-        return JSONResponse(_upload_json(state.add_upload(loaded, png), loaded))
+        async with state.decodes:
+            loaded = await run_in_threadpool(load_upload, data, request.query_params.get("name", "upload"))
+        return JSONResponse(_upload_json(state.add_upload(loaded), loaded))
 
     async def upload_image(request: Request) -> Response:
-        _, png = state.upload(request.path_params["key"])
-        return Response(png, media_type="image/png")
+        return Response(state.upload(request.path_params["key"]).png, media_type="image/png")
 
     async def submit(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, MAX_REFINE_JSON_BYTES)
         if not isinstance(body, dict) or set(body) - {"upload", "settings", "mask"}:
             raise RequestError('a refine request is a JSON object {"upload": id, "settings": {...}, "mask": base64 PNG}')
-        loaded, png = state.upload(body.get("upload"))
-        settings = RefineSettings.from_json(body.get("settings", {}))
-        mask_data = _base64(body.get("mask"))
-        mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
+        loaded = state.upload(body.get("upload"))
+        settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}))
+        mask_data = await run_in_threadpool(_base64, body.get("mask"))
+        async with state.decodes:
+            mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
         prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask)
-        job = state.jobs.submit(prepared, body["upload"], png, mask_data)
+        job = state.jobs.submit(prepared, body["upload"], loaded.png, mask_data)
+        return JSONResponse(state.jobs.status(job))
+
+    async def job_cancel(request: Request) -> Response:
+        job = _job(state, request)
+        if not state.jobs.cancel(job):
+            raise HTTPException(409, f"request {job.id} has already finished ({job.state}); there is nothing to cancel")
         return JSONResponse(state.jobs.status(job))
 
     async def job_status(request: Request) -> Response:
@@ -169,7 +200,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         status = state.jobs.status(job)
         status.update(name=job.name, settings=job.settings, upload=None, mask_url=None)
         if job.upload_key in state.uploads:
-            status["upload"] = _upload_json(job.upload_key, state.uploads[job.upload_key][0])
+            status["upload"] = _upload_json(job.upload_key, state.uploads[job.upload_key])
         if job.mask_png is not None:
             status["mask_url"] = f"/api/jobs/{job.id}/mask.png"
         if job.state == DONE and job.result is not None:
@@ -203,21 +234,45 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         Route("/api/upload", upload, methods=["POST"]),
         Route("/api/uploads/{key}/image.png", upload_image),
         Route("/api/refine", submit, methods=["POST"]),
-        Route("/api/jobs/{job_id}", job_status),
+        Route("/api/jobs/{job_id}", job_status, methods=["GET"]),
+        Route("/api/jobs/{job_id}", job_cancel, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/before.png", job_before),
         Route("/api/jobs/{job_id}/mask.png", job_mask),
         Route("/api/jobs/{job_id}/files/{k:int}", job_file),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = [] if listen else [Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS)]
-    handlers = {RequestError: _request_error, HTTPException: _http_error, Exception: _server_error}
+    middleware = [Middleware(NoSniff)]  # outermost: the Host check's refusals carry the header too
+    if not listen:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))
+    handlers = {RequestError: _request_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+                Exception: _server_error}  # fmt: skip
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
 
+class NoSniff:
+    """ASGI middleware adding ``X-Content-Type-Options: nosniff`` to every response (a browser must not run an upload
+    or an error text as script or HTML whatever it looks like)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != NOSNIFF[0]]
+                message = {**message, "headers": [*headers, NOSNIFF]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def _upload_json(key: str, upload: Upload) -> dict[str, Any]:
-    return {"id": key, "name": upload.name, "width": upload.width, "height": upload.height,
-            "format": upload.image.info.get("format"), "has_alpha": upload.image.alpha is not None,
-            "image_url": f"/api/uploads/{key}/image.png"}  # fmt: skip
+    return {"id": key, "name": upload.name, "width": upload.width, "height": upload.height, "format": upload.format,
+            "has_alpha": upload.has_alpha, "image_url": f"/api/uploads/{key}/image.png"}  # fmt: skip
 
 
 def _result_json(refiner: Refiner, job: Job) -> dict[str, Any]:
@@ -247,7 +302,8 @@ def _require_type(request: Request, expected: str) -> None:
 
 async def _read_body(request: Request, limit: int, what: str) -> bytes:
     """The request body, refused (413) beyond ``limit`` bytes before more than that is read."""
-    too_large = HTTPException(413, f"{what} is larger than {limit // 2**20} MiB")
+    size_text = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 2**10} KiB"
+    too_large = HTTPException(413, f"{what} is larger than {size_text}, the most this server accepts here")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -260,13 +316,25 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, limit: int) -> Any:
+    """The JSON body (at most ``limit`` bytes), parsed in a worker thread: the event loop keeps serving meanwhile."""
     _require_type(request, "application/json")
-    data = await _read_body(request, MAX_JSON_BYTES, "the request")
+    data = await _read_body(request, limit, "the request")
+    return await run_in_threadpool(_parse_json, data)
+
+
+def _parse_json(data: bytes) -> Any:
+    """``json.loads`` with every way it can fail as a RequestError of one line."""
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the request is not valid JSON ({exc})") from None
+        raise RequestError(f"the request is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    except RecursionError:
+        raise RequestError("the request's JSON is nested too deeply to parse; send the page's settings object, "
+                           "whose values are numbers and strings") from None
+    except ValueError:  # an integer beyond Python's digit limit for str -> int
+        raise RequestError(f"the request holds a number of more than {sys.get_int_max_str_digits()} digits; no setting "
+                           "takes one that long (seeds are integers up to 2**63 - 1)") from None
 
 
 def _base64(value: Any) -> bytes | None:
@@ -285,6 +353,13 @@ async def _request_error(_request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
+async def _client_gone(request: Request, _exc: Exception) -> Response:
+    """The client closed the connection before its request was read (a closed tab, a cancelled upload): one line at
+    info level; the response goes nowhere."""
+    logger.info("%s %s: the client disconnected before sending the whole request", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
@@ -292,4 +367,5 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 async def _server_error(_request: Request, exc: Exception) -> Response:
     logger.error("request failed", exc_info=exc)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500,
+                        headers={"X-Content-Type-Options": "nosniff"})  # sent outside the middleware

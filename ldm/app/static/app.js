@@ -14,6 +14,7 @@ const state = {
   boxDraft: null, // [start, end] of the box being drawn
   planOk: false,
   busy: false,
+  following: null, // id of the request whose progress is shown (the Cancel button's target)
 };
 
 // ------------------------------------------------------------------------------------------------------------ http
@@ -349,8 +350,33 @@ async function startRefine() {
   updateButton();
 }
 
+// Cancel the request being followed: a waiting one never runs, a running one stops after its current step.
+async function cancelJob() {
+  const jobId = state.following;
+  if (!jobId) return;
+  $("cancel").disabled = true;
+  try {
+    await api(`/api/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
+    setMsg($("status"), "cancelling: stopping after the current step…");
+  } catch (err) {
+    setMsg($("status"), err.message, true);
+  }
+}
+
 // Poll a request until it is done: the progress bar counts sampling steps.
 async function follow(jobId) {
+  try {
+    state.following = jobId;
+    $("cancel").hidden = false;
+    $("cancel").disabled = false;
+    return await poll(jobId);
+  } finally {
+    state.following = null;
+    $("cancel").hidden = true;
+  }
+}
+
+async function poll(jobId) {
   const status = $("status");
   const progress = $("progress");
   progress.hidden = false;
@@ -369,11 +395,15 @@ async function follow(jobId) {
     if (s.state === "queued") {
       setMsg(status, `waiting: ${s.ahead} request${s.ahead === 1 ? "" : "s"} ahead`);
     } else if (s.state === "running") {
-      setMsg(status, `refining: step ${s.done_steps} of ${s.total_steps}`);
+      const stopping = s.cancelling ? " (cancelling after this step)" : "";
+      setMsg(status, `refining: step ${s.done_steps} of ${s.total_steps}${stopping}`);
     } else if (s.state === "done") {
       progress.value = 1;
       setMsg(status, `done in ${s.result.seconds.toFixed(1)} s`);
       showResults(s);
+      return s;
+    } else if (s.state === "cancelled") {
+      setMsg(status, s.message);
       return s;
     } else {
       setMsg(status, s.message, true);
@@ -495,6 +525,7 @@ async function init() {
     $(id).addEventListener("input", schedulePlan);
   }
   $("refine").addEventListener("click", startRefine);
+  $("cancel").addEventListener("click", cancelJob);
   window.addEventListener("resize", fitView);
   const job = new URLSearchParams(location.search).get("job");
   if (job) {

@@ -43,13 +43,14 @@ def test_quickstart_smoke_end_to_end(tmp_path):
 
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # 4 local degradations x 2 images; baselines identity, nl_means, autoencoder once; experts at 50..500, over the
+    # 5 local degradations x 2 images; baselines identity, nl_means, autoencoder once; experts at 50..450, over the
     # whole image and inside the box
-    assert len(rows) == 4 * 2 * (3 + 2 * 4)
+    assert len(rows) == 5 * 2 * (3 + 2 * 4)
     assert {r["method"] for r in rows} == {"identity", "nl_means", "autoencoder", "experts", "experts (region)"}
-    assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 150, 300, 500]
+    assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 150, 300, 450]
     assert sorted(r["degradation"].partition(":")[0] for r in rows if r["method"] == "identity") == [
-        "local_blotch", "local_blotch", "local_shuffle", "local_shuffle", "local_vq", "local_vq", "local_warp", "local_warp"
+        "local_blotch", "local_blotch", "local_paint", "local_paint", "local_shuffle", "local_shuffle", "local_vq",
+        "local_vq", "local_warp", "local_warp"
     ]
     assert all(float(r["psnr_input_out"]) == float("inf") for r in rows if r["method"] == "experts (region)")
 

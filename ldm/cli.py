@@ -7,8 +7,10 @@ code :data:`EXIT_USAGE`, before any model or image is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and exit code :data:`EXIT_USAGE`."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        flag = re.match(r"argument (?:\S+/)?(--\S+): expected one argument$", message)
+        if flag:  # argparse takes a value that starts with '-' (--box -1,0,8,8) for a flag
+            message += f"; to give a value that starts with '-', attach it with '=': {flag.group(1)}=<value>"
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_USAGE)
 
@@ -105,23 +110,96 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
 
 
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for a file or folder path: any string but the empty one (``--outdir ""`` would otherwise
+    mean the current folder, and ``--input ""`` a search of it)."""
+    if text == "":
+        raise argparse.ArgumentTypeError("the path is empty; give a file or folder name ('.' for the current folder)")
+    return text
+
+
 def check_outdir(outdir: str | os.PathLike) -> str | None:
     """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.
 
-    The folder or its nearest existing parent must be a folder this process can write into: a file in the way or a
-    read-only parent is found before any work is done, not when the first output is written.
+    The folder or its nearest existing parent must be a folder this process can write into: an empty path, a file in
+    the way, a read-only parent, a symbolic link loop or one to nothing, or a name longer than the file system allows
+    is found before any work is done, not when the first output is written.  Every message starts with
+    ``output folder`` (refine.py tells its exit code by that).
     """
     from ldm.imageio import format_path
 
-    path = Path(os.path.abspath(outdir))
+    text = os.fsdecode(outdir)
+    if text == "":
+        return "output folder '': the path is empty; give a folder name ('.' for the current folder)"
+    path = Path(os.path.abspath(text))
+    shown = format_path(path)
+    if len(shown) > 160:  # the line stays readable for a path of thousands of characters
+        shown = f"{shown[:100]}...{shown[-40:]}"
     probe = path
-    while not probe.exists():
+    while True:
+        try:
+            os.stat(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError):  # missing (created later), or under a file (found below)
+            if os.path.islink(probe):
+                target = format_path(Path(os.readlink(probe)))
+                return (f"output folder {shown}: {format_path(probe)} is a symbolic link to {target}, which does not "
+                        "exist; create its target folder, remove the link or choose another output folder")
+        except OSError as exc:
+            return _unusable(shown, probe, path, exc)
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
         where = "" if probe == path else f" ({format_path(probe)} is a file)"
-        return f"output folder {format_path(path)}: a file is in the way{where}"
+        return f"output folder {shown}: a file is in the way{where}; move it away or choose another output folder"
+    too_long = _name_too_long(path, probe)
+    if too_long:
+        return f"output folder {shown}: {too_long}; choose a shorter output folder"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return f"output folder {format_path(path)}: permission denied (cannot write to {format_path(probe)})"
+        return f"output folder {shown}: permission denied (cannot write to {format_path(probe)})"
+    return None
+
+
+def _unusable(shown: str, probe: Path, path: Path, exc: OSError) -> str:
+    """:func:`check_outdir`'s line for an error looking up ``probe`` (``path`` or one of its parents)."""
+    from ldm.imageio import format_path
+
+    if exc.errno == errno.ELOOP:
+        while probe.parent != probe and _errno_of_stat(probe.parent) == errno.ELOOP:  # name the link, not a path below it
+            probe = probe.parent
+        return (f"output folder {shown}: {format_path(probe)} is a symbolic link loop (it leads back to itself); "
+                "remove the link or choose another output folder")
+    if exc.errno == errno.ENAMETOOLONG:
+        why = _name_too_long(path, None) or "the path is too long for the file system"
+        return f"output folder {shown}: {why}; choose a shorter output folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"output folder {shown}: permission denied (cannot look up {format_path(probe)})"
+    return f"output folder {shown}: cannot look up {format_path(probe)}: {exc.strerror or one_line_error(exc)}"
+
+
+def _errno_of_stat(path: Path) -> int | None:
+    """The errno of ``os.stat(path)``, or None when it succeeds."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def _name_too_long(path: Path, existing: Path | None) -> str | None:
+    """Why ``path`` is too long for the file system of ``existing`` (its nearest existing folder; None: unknown, the
+    usual 255-byte names and 4096-byte paths), or None."""
+    name_max, path_max = 255, 4096
+    if existing is not None:
+        try:
+            name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+        except (OSError, ValueError):  # no pathconf here (Windows), or the file system does not tell
+            pass
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > name_max:
+        return (f"the name {longest[:20]}... is {len(os.fsencode(longest))} bytes long, more than the {name_max} "
+                "the file system allows")
+    if len(os.fsencode(str(path))) >= path_max:
+        return f"the path is {len(os.fsencode(str(path)))} bytes long; the file system allows less than {path_max}"
     return None

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +281,9 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+def remove_stale_temp_files(
+    folder: str | os.PathLike, names: Iterable[str] | None = None, keep: Collection[str] = ()
+) -> list[Path]:
     """Delete the temp files (``.<name>.<8 characters>.tmp``) that :func:`atomic_write_bytes` left in ``folder`` when
     its process was killed; returns what was removed.  A missing folder holds nothing to remove.
 
@@ -290,15 +292,21 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: Iterable[str] | No
         names: only the temps of these destination file names (e.g. the outputs a batch is about to write, which is
             safe while other processes write other files into ``folder``); None: every temp, for a folder that no
             other process is writing into.
+        keep: real paths (``os.path.realpath``) of files never removed even when their name is a temp's: the files
+            the caller reads (a refine batch's inputs and masks may have any name).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     wanted = None if names is None else set(names)
+    real_folder = os.path.realpath(folder)  # once: an entry that is no link has the real path real_folder/<name>
     removed = []
     for entry in sorted(folder.iterdir()):
         match = _TEMP_FILE.match(entry.name)
         if not match or (wanted is not None and match.group(1) not in wanted):
+            continue
+        if os.path.join(real_folder, entry.name) in keep:
+            logger.info("kept %s: named like a partial write, but it is a file this run reads", entry)
             continue
         if entry.is_file() and not entry.is_symlink():
             entry.unlink()

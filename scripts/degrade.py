@@ -17,10 +17,10 @@ import argparse
 import logging
 import sys
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, int_at_least, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, int_at_least, one_line_error, path_arg
 
 EXIT_OK = 0
-EXIT_INPUT = 1  # no such folder, no images, an unreadable image or an unwritable output
+EXIT_INPUT = 1  # no such folder, no images, an unreadable image, or a write that failed (disk full)
 
 PROG = "degrade.py"
 
@@ -28,8 +28,8 @@ PROG = "degrade.py"
 def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any image is read)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", metavar="DIR", help="folder of clean images")
-    p.add_argument("--output", metavar="DIR", help="folder for the degraded PNGs (must not be inside --input)")
+    p.add_argument("--input", metavar="DIR", type=path_arg, help="folder of clean images")
+    p.add_argument("--output", metavar="DIR", type=path_arg, help="folder for the degraded PNGs (must not be inside --input)")
     p.add_argument("--degradation", metavar="SPEC",
                    help="name or name:key=value,... (e.g. jpeg:quality=15, blur_noise:sigma=2,noise_std=0.1); see --list")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="run seed (default: %(default)s)")
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 unreadable/refused input, 2 bad arguments or spec, 130 interrupted)."""
+    """Run the CLI; returns the exit code (0 done, 1 unreadable/refused input, 2 bad arguments, spec or output folder,
+    130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                         ("--degradation", args.degradation)) if value is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    problem = check_outdir(args.output)  # a file, a link loop or a read-only folder in the way: before any image is read
+    if problem:
+        print(f"{PROG}: error: --output: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ from ldm.cli import (
     ddim_eta,
     int_at_least,
     one_line_error,
+    path_arg,
 )
 
 EXIT_OK = 0
@@ -53,17 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog="Timesteps: t in [0, T), T = 1000; sampling 'steps a-b' are t = 1000 - b .. 1000 - a.")
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH", type=path_arg,
                    help="expert checkpoint of the refiner under test; repeat once per expert (chained by window)")
-    p.add_argument("--compare-ckpt", action="append", default=[], metavar="PATH",
+    p.add_argument("--compare-ckpt", action="append", default=[], metavar="PATH", type=path_arg,
                    help="checkpoint(s) of a second refiner evaluated head to head (e.g. a full-range model)")
     p.add_argument("--name", default="experts", help="label of the refiner under test (default: %(default)s)")
     p.add_argument("--compare-name", default="compare", help="label of the second refiner (default: %(default)s)")
-    p.add_argument("--config", metavar="YAML", help="model config for checkpoints that carry none (CompVis releases)")
+    p.add_argument("--config", metavar="YAML", type=path_arg,
+                   help="model config for checkpoints that carry none (CompVis releases)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--images", metavar="DIR",
+    src.add_argument("--images", metavar="DIR", type=path_arg,
                      help="clean images to degrade (default: held-out crops of the embedded photographs)")
-    src.add_argument("--no-reference", metavar="DIR",
+    src.add_argument("--no-reference", metavar="DIR", type=path_arg,
                      help="real artifact images without clean references: faithfulness curve and grid only")
     src.add_argument("--synthetic", action="store_true",
                      help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the held-out crops or synthetic images in pixels (default: the model's training size)")
     p.add_argument("--crop-seed", type=_non_negative_int, default=0,
                    help="seed of the held-out crops or the synthetic images' held-out stream (default: 0)")
-    p.add_argument("--realism-images", metavar="DIR",
+    p.add_argument("--realism-images", metavar="DIR", type=path_arg,
                    help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
                         "(default: other held-out crops of the embedded photographs; none with --images)")
     p.add_argument("--region-modes", nargs="*", choices=("region", "crop"), metavar="MODE",
@@ -100,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=_non_negative_int, default=4,
                    help="images per degradation in examples.png (default: %(default)s)")
     p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg", help="(default: %(default)s)")
-    p.add_argument("--lpips-weights", metavar="PATH", help="torchvision backbone weights for LPIPS (default: hub cache)")
-    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights for FID/KID")
-    p.add_argument("--outdir", default="outputs/evaluate", help="output folder (default: %(default)s)")
+    p.add_argument("--lpips-weights", metavar="PATH", type=path_arg,
+                   help="torchvision backbone weights for LPIPS (default: hub cache)")
+    p.add_argument("--inception-weights", metavar="PATH", type=path_arg, help="torch-fidelity Inception weights for FID/KID")
+    p.add_argument("--outdir", default="outputs/evaluate", type=path_arg, help="output folder (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: %(default)s)")
     add_loading_flags(p)

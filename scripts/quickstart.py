@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error, path_arg
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                       epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--domain", choices=DOMAIN_NAMES, default="photos",
                    help="what to train on and evaluate with (see above) (default: %(default)s)")
-    p.add_argument("--outdir", help="where everything goes (default: outputs/quickstart for photos, "
+    p.add_argument("--outdir", type=path_arg, help="where everything goes (default: outputs/quickstart for photos, "
                                     "outputs/quickstart_synthetic for synthetic; with --smoke ..._smoke, so smoke "
                                     "checkpoints are never taken for real ones)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
@@ -486,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = os.environ.get("OMP_NUM_THREADS")  # the user's choice wins over each stage's
     os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # before torch is imported
     apply_domain_defaults(args)
-    outdir = Path(args.outdir).resolve()
-    problem = (check_arguments(args) or check_outdir(outdir) or check_outputs(outdir) or check_checkpoints(args, outdir)
+    problem = check_arguments(args) or check_outdir(args.outdir)  # before resolve(), which raises on a link loop
+    outdir = Path(args.outdir).resolve() if problem is None else Path(os.path.abspath(args.outdir))
+    problem = (problem or check_outputs(outdir) or check_checkpoints(args, outdir)
                or make_outdir(outdir))  # the last: nothing is created when anything else is wrong
     if problem:
         print(f"quickstart.py: error: {problem}", file=sys.stderr)

@@ -33,6 +33,7 @@ from ldm.cli import (
     int_at_least,
     int_in_range,
     one_line_error,
+    path_arg,
     unit_interval,
 )
 
@@ -57,9 +58,9 @@ written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH", type=path_arg,
                    help="image files, folders (searched recursively) and globs; repeatable")
-    p.add_argument("--outdir", default="outputs/refine", help="output folder (default: %(default)s)")
+    p.add_argument("--outdir", default="outputs/refine", type=path_arg, help="output folder (default: %(default)s)")
     p.add_argument("--start-t", type=int_at_least(1),
                    help="timestep to noise to, in [1, T-1] (step T - t); with --ddim-steps the tail starts at the largest "
                         "DDIM grid step <= it (500 with 50 steps: t=481). Lower = more faithful (default: 500)")
@@ -73,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddim, or dpmpp_2m (DPM-Solver++(2M): second order, fewer steps; deterministic) "
                         "(default: %(default)s)")
     p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0; ddim only (default: %(default)s)")
-    p.add_argument("--mask", metavar="PATH",
+    p.add_argument("--mask", metavar="PATH", type=path_arg,
                    help="refine only where this grayscale image is white (black = keep exactly, grey = a proportional "
                         "start); a folder holds one mask per input, matched by file stem")
     p.add_argument("--box", action="append", type=box_arg, default=[], metavar="X0,Y0,X1,Y1[@T]",
                    help="refine this rectangle (pixels, x1/y1 exclusive), optionally from its own start timestep T; "
-                        "repeatable")
+                        "repeatable; a value starting with '-' is attached: --box=-1,0,8,8")
     p.add_argument("--mask-blur", default=4, metavar="PX",
                    type=int_in_range(0, MAX_FEATHER, "each px of feather is one more pass over the whole image; "
                                                      f"{MAX_FEATHER} px already fades over {2 * MAX_FEATHER} px"),
@@ -107,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the networks one sample at a time so results do not depend on --batch-size (bit-identical); "
                         "--no-batch-invariant runs whole batches per forward (faster, results then agree to float "
                         "rounding) (default: on for CPU, off for CUDA)")
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH", type=path_arg,
                    help="expert checkpoint; repeat once per expert (each runs the steps in its window)")
-    p.add_argument("--config", metavar="YAML",
+    p.add_argument("--config", metavar="YAML", type=path_arg,
                    help="model config for checkpoints that carry none (e.g. CompVis releases)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",

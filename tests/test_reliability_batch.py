@@ -1,5 +1,6 @@
 """Reliability of a refinement batch, round 2 (issue 13): grids never replace inputs, globs end on link cycles, long thin
-images tile, and a batch the networks fail on costs its inputs only; round 3 (issue 25): no output replaces a mask.
+images tile, and a batch the networks fail on costs its inputs only; round 3 (issue 25): no output replaces a mask;
+round 4: the clean-up of a killed run's temps never removes a file the batch reads.
 
 In process (``refine_files`` / ``scripts/refine.py``'s ``main``) with the tiny experts of conftest; the image sizes are
 the smallest that show each defect.
@@ -22,6 +23,7 @@ from ldm.models.tiling import GroupNormStatistics, TilingConfig, downscale_to, t
 from ldm.refine import Refiner
 from ldm.refine.batch import refine_files
 from ldm.refine.region_files import RegionOptions
+from ldm.util import remove_stale_temp_files
 
 from conftest import TINY_DDCONFIG, load_photos
 
@@ -131,6 +133,44 @@ def test_a_mask_that_is_an_output_path_is_refused_before_any_work(cli, expert_ch
     with pytest.raises(ValueError, match="would overwrite .*files the batch reads are never written"):
         refine_files(refiner, [src], out, regions=options, grid=bool(extra), **STEPS)  # the library refuses it too
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and calls == []
+
+
+@pytest.mark.parametrize("case", ["mask file", "mask folder = outdir", "input"])
+def test_the_clean_up_of_killed_runs_never_removes_an_input_or_mask_named_like_a_temp(refiner, tmp_path, case):
+    """Round 4: ``--mask out/.a_t300_s0.png.abcdefgh.tmp --outdir out`` deleted the mask (it has the name of a temp
+    of output ``a_t300_s0.png``) before reading it, and so did an --input named so; a real leftover is still removed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    src = save_png(tmp_path / "a.png", photo())
+    leftover = out / ".a_t300_s0.png.zzzzzzzz.tmp"  # what a killed run of this batch leaves
+    leftover.write_bytes(b"partial")
+    named = out / ".a_t300_s0.png.abcdefgh.tmp"
+    Image.fromarray(mask_image() if case != "input" else photo()).save(named, format="PNG")
+    paths, regions = [src], None
+    if case == "mask file":
+        regions = RegionOptions(mask=named)
+    elif case == "mask folder = outdir":  # the user's masks folder is also the output folder: none of it is removed
+        save_png(out / "a.png", mask_image())
+        regions = RegionOptions(mask=out)
+    else:
+        paths = [src, named]
+    before = named.read_bytes()
+    lines: list[str] = []
+    report = refine_files(refiner, paths, out, regions=regions, on_error=lines.append, **STEPS)
+    assert lines == [] and report.failed == [] and len(report.done) == len(paths)
+    assert named.read_bytes() == before
+    assert leftover.exists() == (case == "mask folder = outdir")
+
+
+def test_remove_stale_temp_files_keeps_the_real_paths_it_is_given(tmp_path):
+    read, stale = tmp_path / ".x.png.abcdefgh.tmp", tmp_path / ".x.png.12345678.tmp"
+    read.write_bytes(b"a mask")
+    stale.write_bytes(b"partial")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)  # the folder named through a link: compared by real path
+    keep = {os.path.realpath(read)}
+    assert remove_stale_temp_files(link, names=["x.png"], keep=keep) == [link / stale.name]
+    assert read.read_bytes() == b"a mask" and not stale.exists()
 
 
 def test_skip_existing_writes_a_grid_that_a_killed_run_did_not(refiner, tmp_path):

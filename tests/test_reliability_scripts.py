@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import ldm.imageio.load as load
+from ldm.cli import check_outdir
 from ldm.imageio import ImageLoadError, load_image
 from ldm.refine import Refiner
 from ldm.refine.batch import refine_files
@@ -200,8 +201,8 @@ def test_degrade_output_in_a_file_and_ctrl_c(scripts, clean, tmp_path, capsys, m
     degrade = scripts["degrade"]
     (tmp_path / "a_file").write_text("x")
     argv = ["--input", str(clean), "--output", str(tmp_path / "a_file"), "--degradation", "jpeg"]
-    code, lines = run(degrade, argv, capsys)
-    assert code == 1 and len(lines) == 1 and "a component of the output folder is a file" in lines[0]
+    code, lines = run(degrade, argv, capsys)  # found before any image is read, like every script's output folder
+    assert code == 2 and len(lines) == 1 and "a file is in the way" in lines[0]
     monkeypatch.setattr("ldm.eval.degrade_files.degrade_folder", interrupt)
     code, lines = run(degrade, ["--input", str(clean), "--output", str(tmp_path / "o"), "--degradation", "jpeg"], capsys)
     assert code == 130 and len(lines) == 1 and lines[0].startswith("degrade.py: interrupted")
@@ -252,6 +253,86 @@ def test_refine_seed_beyond_the_largest_is_a_usage_error(scripts, expert_checkpo
     assert code == 2 and len(lines) == 1 and f"is above the largest seed {MAX_SEED}" in lines[0]
     code, lines = run(scripts["refine"], [*base, "--seed", str(MAX_SEED), "--n-samples", "2"], capsys)
     assert code == 2 and len(lines) == 1 and "(--n-samples - 1)" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# output folders every script refuses before any work, and empty paths
+
+
+def unusable_outdirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Output folders that cannot be used, with what the error says: a link loop (os.path.exists() calls it missing),
+    a path below one, a link to nothing, and a 300-character name (exists() raised ENAMETOOLONG)."""
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "missing" / "target")
+    return {
+        "link loop": (loop, f"{loop} is a symbolic link loop"),
+        "below a link loop": (loop / "sub", f"{loop} is a symbolic link loop"),
+        "link to nothing": (dangling, f"{dangling} is a symbolic link to {tmp_path / 'missing' / 'target'}, which does "
+                                      "not exist"),
+        "long name": (tmp_path / ("x" * 300), "is 300 bytes long, more than the 255 the file system allows"),
+        "long name below a new folder": (tmp_path / "new" / ("x" * 300), "is 300 bytes long"),
+    }
+
+
+def test_check_outdir_names_link_loops_links_to_nothing_long_names_and_empty_paths(tmp_path):
+    for case, (outdir, expected) in unusable_outdirs(tmp_path).items():
+        problem = check_outdir(outdir)
+        assert problem is not None and problem.startswith("output folder ") and expected in problem, (case, problem)
+        assert "\n" not in problem and len(problem) < 400, case
+    assert check_outdir("") == "output folder '': the path is empty; give a folder name ('.' for the current folder)"
+    assert check_outdir(tmp_path / "new" / "sub") is None and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name, expected_code", [("refine", 3), ("evaluate", 2), ("degrade", 2), ("quickstart", 2)])
+def test_every_script_refuses_an_unusable_outdir_with_its_code_before_any_work(
+    scripts, expert_checkpoints, clean, tmp_path, capsys, monkeypatch, name, expected_code
+):
+    """A link-loop --outdir passed the check: quickstart's resolve() raised RuntimeError, evaluate ran the whole sweep
+    and then failed, degrade raised in resolve(); a 300-character name was a traceback in refine and quickstart."""
+    monkeypatch.setattr("ldm.refine.Refiner.from_checkpoints", interrupt)  # no work: would end the run with 130
+    monkeypatch.setattr("ldm.eval.degrade_files.degrade_folder", interrupt)
+    monkeypatch.setattr(scripts["quickstart"], "run_stage", interrupt)
+    for case, (outdir, expected) in unusable_outdirs(tmp_path).items():
+        argv = {
+            "refine": ["--input", str(clean), *ckpt_args(expert_checkpoints), "--outdir", str(outdir)],
+            "evaluate": [*ckpt_args(expert_checkpoints), "--outdir", str(outdir)],
+            "degrade": ["--input", str(clean), "--output", str(outdir), "--degradation", "jpeg"],
+            "quickstart": ["--smoke", "--outdir", str(outdir)],
+        }[name]
+        code, lines = run(scripts[name], argv, capsys)
+        assert code == expected_code and len(lines) == 1, (case, code, lines)
+        assert lines[0].startswith(f"{name}.py: error: ") and expected in lines[0], (case, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "dangling", "loop"]
+
+
+@pytest.mark.parametrize("name, flag", [("refine", "--outdir"), ("refine", "--input"), ("refine", "--mask"),
+                                        ("refine", "--ckpt"), ("evaluate", "--outdir"), ("evaluate", "--images"),
+                                        ("evaluate", "--ckpt"), ("degrade", "--output"), ("degrade", "--input"),
+                                        ("quickstart", "--outdir")])  # fmt: skip
+def test_an_empty_path_is_one_line_exit_2(scripts, tmp_path, capsys, monkeypatch, name, flag):
+    """``quickstart.py --outdir ""`` trained into the current folder; ``refine.py --input ""`` searched it."""
+    monkeypatch.chdir(tmp_path)  # what an empty path would have meant
+    monkeypatch.setattr(scripts["quickstart"], "run_stage", interrupt)  # were it accepted: no training here
+    argv = {
+        "refine": ["--input", "a.png", "--ckpt", "a.ckpt", "--outdir", "o"],
+        "evaluate": ["--ckpt", "a.ckpt", "--outdir", "o"],
+        "degrade": ["--input", "in", "--output", "o", "--degradation", "jpeg"],
+        "quickstart": ["--smoke"],
+    }[name]
+    code, lines = run(scripts[name], [*argv, flag, ""], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (f"{name}.py: error: argument {flag}: the path is empty; give a file or folder name ('.' for the "
+                        "current folder) (see --help)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_box_that_starts_with_a_minus_says_how_to_pass_it(scripts, capsys):
+    code, lines = run(scripts["refine"], ["--input", "a.png", "--ckpt", "a.ckpt", "--box", "-1,0,8,8"], capsys)
+    assert code == 2 and lines == ["refine.py: error: argument --box: expected one argument; to give a value that "
+                                   "starts with '-', attach it with '=': --box=<value> (see --help)"]
+    code, lines = run(scripts["refine"], ["--input", "a.png", "--ckpt", "a.ckpt", "--box=-1,0,8,8"], capsys)
+    assert code == 2 and len(lines) == 1 and "box '-1,0,8,8' must have 0 <= x0 < x1" in lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,16 @@ def file_seed(seed: int, relative_path: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def _resolve(folder: str | os.PathLike, what: str) -> Path:
+    """``Path(folder).resolve()``, with a symbolic link loop on the way as an ``OSError`` naming the folder rather
+    than pathlib's ``RuntimeError``."""
+    try:
+        return Path(folder).resolve()
+    except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
+        raise OSError(f"{what} folder {str(folder)!r} is a symbolic link loop (it leads back to itself); remove the "
+                      "link or choose another folder") from None
+
+
 def degrade_folder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -61,11 +71,11 @@ def degrade_folder(
     atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``.  Each file gets the seed
     ``file_seed(seed, relative_path)``, so its output does not depend on the other files.  Returns the written paths.
 
-    Raises ``FileNotFoundError`` (no such folder / no images), ``ValueError`` (``dst`` inside ``src``, two sources
-    mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable image and
-    :class:`DegradeFolderError` for an image the degradation refuses.
+    Raises ``FileNotFoundError`` (no such folder / no images), ``OSError`` (a symbolic link loop), ``ValueError``
+    (``dst`` inside ``src``, two sources mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable
+    image and :class:`DegradeFolderError` for an image the degradation refuses.
     """
-    src_root, dst_root = Path(src).resolve(), Path(dst).resolve()
+    src_root, dst_root = _resolve(src, "source"), _resolve(dst, "output")
     if not src_root.is_dir():
         raise FileNotFoundError(f"source folder {str(src_root)!r} does not exist or is not a folder")
     if dst_root == src_root or src_root in dst_root.parents:

@@ -8,7 +8,8 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
   is refused (an input is never overwritten), and so is an input one of whose output paths is a folder; a batch any
   of whose outputs is a mask it reads (the mask file, or a file in the mask folder) is refused before any work;
 * every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
-  never mistakes a partial file for a finished one;
+  never mistakes a partial file for a finished one; the temps a killed run left of this batch's outputs are removed
+  first, but never a file the batch reads (an input or a mask may have a temp's name) nor anything in a mask folder;
 * a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined (any error the
   networks raise for its batch, e.g. out of memory) costs that file only: one line through ``on_error`` and the batch
   goes on; an error writing the output folder (permission, disk full, a file in the way) stops the batch (every
@@ -328,9 +329,13 @@ def refine_files(
                 report.written.append(grid_path)
             finish_sample(item.source)
 
-    # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone).
-    names = [out.name for i in mine for _, _, out in _outputs_for(stems[i], outdir, plan.start_t, seed, n_samples)]
-    remove_stale_temp_files(outdir, names=[*names, *(grid_name(Path(n)).name for n in names)])
+    # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone), but
+    # never a file this batch reads: an input or a mask may have a temp's name, and a mask folder is not ours to clean
+    mask_folder = regions.mask is not None and regions.mask.is_dir()
+    if not (mask_folder and os.path.realpath(regions.mask) == os.path.realpath(outdir)):
+        names = [out.name for i in mine for _, _, out in _outputs_for(stems[i], outdir, plan.start_t, seed, n_samples)]
+        keep = input_reals | set(_mask_reals(regions))
+        remove_stale_temp_files(outdir, names=[*names, *(grid_name(Path(n)).name for n in names)], keep=keep)
     try:
         for index in mine:
             path = paths[index]
@@ -415,19 +420,14 @@ def mask_clash(
     per input instead (an input clash costs that input only, see :func:`refine_files`).
     """
     try:
-        files = regions.mask_files()
+        protected = _mask_reals(regions)
     except OSError as exc:
         return f"--mask {format_path(regions.mask)}: cannot list the mask folder: {exc.strerror or one_line_error(exc)}"
-    if not files:
+    if not protected:
         return None
     if regions.mask is not None and regions.mask.is_dir():
-        # one realpath per folder and per link, not per file: a mask folder may hold 100,000 files
-        real_folder = os.path.realpath(regions.mask)
-        protected = {os.path.join(real_folder, p.name): p for p in files}
-        protected.update({os.path.realpath(p): p for p in files if p.is_symlink()})
         what = f"a mask in the mask folder {format_path(regions.mask)}"
     else:
-        protected = {os.path.realpath(p): p for p in files}
         what = "the mask (--mask)"
     outdir = Path(os.fsdecode(outdir))
     for stem in output_stems(paths):
@@ -438,6 +438,21 @@ def mask_clash(
                     return (f"output {format_path(written)} would overwrite {format_path(mask)}, {what}: files the "
                             "batch reads are never written; choose another --outdir or move the mask")  # fmt: skip
     return None
+
+
+def _mask_reals(regions: RegionOptions) -> dict[str, Path]:
+    """Every file masks may be read from (:meth:`RegionOptions.mask_files`) by its real path; OSError when the mask
+    folder cannot be listed."""
+    files = regions.mask_files()
+    if not files:
+        return {}
+    if regions.mask is not None and regions.mask.is_dir():
+        # one realpath per folder and per link, not per file: a mask folder may hold 100,000 files
+        real_folder = os.path.realpath(regions.mask)
+        reals = {os.path.join(real_folder, p.name): p for p in files}
+        reals.update({os.path.realpath(p): p for p in files if p.is_symlink()})
+        return reals
+    return {os.path.realpath(p): p for p in files}
 
 
 def grid_name(out: Path) -> Path:

@@ -442,3 +442,66 @@ def test_a_huge_brace_pattern_is_one_line_before_any_work(cache, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert "expand to 100,000,000 shard names, more than the 1,000,000 allowed" in result.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+
+
+def test_index_json_values_must_have_exactly_their_types(cache, tmp_path):
+    """index.json took "flip": "false" as True, "samples": 2.9 as 2, "3" and true as numbers (sizes.json refused all
+    of these).  Now every value must have its exact JSON type; the error names the file and the key."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache["out"], copy)
+    good = json.loads((copy / "index.json").read_text())
+    assert read_index(copy).flip is True
+    cases = [
+        ({"flip": "false"}, "flip is 'false' (str), but it must be true or false"),
+        ({"size": "32"}, "size is '32' (str), but it must be a positive integer"),
+        ({"size": True}, "size is True (bool), but it must be a positive integer"),
+        ({"n_crops": 1.0}, "n_crops is 1.0 (float), but it must be an integer >= 1"),
+        ({"n_crops": 0}, "n_crops is 0 (int), but it must be an integer >= 1"),
+        ({"skipped": -1}, "skipped is -1 (int), but it must be an integer >= 0"),
+        ({"latent_shape": [3, 2.0, 2]}, "latent_shape is [3, 2.0, 2] (list), but it must be a list [C, h, w]"),
+        ({"first_stage_sha256": 5}, "first_stage_sha256 is 5 (int), but it must be a sha256"),
+        ({"settings": []}, "settings is [] (list), but it must be an object"),
+        ({"shards": [{"name": "latents-000000.tar", "samples": 2.9}]}, "shards[0].samples is 2.9 (float)"),
+        ({"shards": [{"name": "latents-000000.tar", "samples": "3"}]}, "shards[0].samples is '3' (str)"),
+        ({"shards": [{"name": "latents-000000.tar", "samples": True}]}, "shards[0].samples is True (bool)"),
+        ({"shards": [{"name": "../x.tar", "samples": 1}]}, "shards[0].name is '../x.tar' (str), but it must be a plain"),
+        ({"shards": {"a": 1}}, "shards is {'a': 1} (dict), but it must be a list"),
+    ]
+    for change, expected in cases:
+        (copy / "index.json").write_text(json.dumps(good | change))
+        with pytest.raises(ConfigError) as info:
+            read_index(copy)
+        message = str(info.value)
+        assert message.startswith(str(copy / "index.json")) and expected in message and "\n" not in message, message
+    (copy / "index.json").write_text(json.dumps({k: v for k, v in good.items() if k != "flip"}))
+    with pytest.raises(ConfigError, match="key 'flip' is missing; it must be true or false"):
+        read_index(copy)
+
+
+def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache, tmp_path, capsys, monkeypatch):
+    """A 9.7 KB shard with a pax header claiming 2**40 bytes ended cache_latents.py in a MemoryError traceback and the
+    good shard after it in the `::` list was never cached; `--data '${HOME}/x.tar'` was webdataset's AssertionError."""
+    import tarfile
+
+    from test_shard_stream import forged_header, good_member, write_forged
+
+    from conftest import write_image_shards
+
+    bad = write_forged(tmp_path / "bad.tar", good_member("a"), forged_header("x", 2**40, tarfile.XHDTYPE),
+                       good_member("c", 1))
+    good = write_image_shards(tmp_path, [2], prefix="good").replace("{00..00}", "00")
+    out = tmp_path / "out"
+    argv = ["--config", str(cache["config"]), "--data", f"{bad}::{good}", "--out", str(out), "--batch-size", "2"]
+    assert cache_cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "wrote 2 latents" in captured.out
+    (skipped,) = json.loads((out / "latents-000000.json").read_text())["skipped"]
+    assert skipped["source"] == "bad.tar#(the whole shard: the shard breaks there)"
+    assert "pax extension header of 1,099,511,627,776 bytes" in skipped["error"]
+    assert len(json.loads((out / "latents-000001.json").read_text())["samples"]) == 2
+    monkeypatch.delenv("WDS_HOME", raising=False)
+    assert cache_cli.main(["--config", str(cache["config"]), "--data", "${HOME}/x.tar", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "WDS_HOME is not set" in err[0] and not (tmp_path / "o").exists()

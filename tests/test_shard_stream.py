@@ -458,3 +458,156 @@ def test_one_bad_latent_sample_is_skipped_and_counted_not_fatal(tmp_path, caplog
         assert dataset.sample_shape == LATENT
     for name in names:
         assert f"latents-000000.tar#{name}" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# forged headers (a hostile tester's tars: /tmp/attack/T/mk.py)
+
+
+def forged_header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    """A 512-byte GNU header of type ``kind`` whose size field is base-256 ``size`` (any int, negative included)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    buf = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))[:512]
+    buf[124:136] = bytes([0xFF if size < 0 else 0x80]) + (size & ((1 << 88) - 1)).to_bytes(11, "big")
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf)
+    return bytes(buf)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def write_forged(path: Path, *parts: bytes) -> str:
+    path.write_bytes(b"".join(parts) + b"\0" * 1024)
+    return str(path)
+
+
+def good_member(key: str, seed: int = 0) -> bytes:
+    from conftest import noise_png
+
+    return tar_member(f"{key}.png", noise_png(34, 34, seed=seed))
+
+
+def test_forged_extension_headers_are_refused_before_tarfile_reads_them(tmp_path, caplog):
+    """A 9.7 KB shard with a GNU long-name ('L'), pax ('x') or global pax ('g') header claiming 2**40 bytes raised
+    MemoryError (tarfile reads such a header whole while iterating) and stopped the run; a negative size moved the next
+    header backwards.  Now each is a ShardFormatError (one of TAR_READ_ERRORS): the loader skips and counts."""
+    import re
+    import tarfile
+    import time
+    import tracemalloc
+
+    from ldm.data.tar_shards import TAR_READ_ERRORS, ShardFormatError, count_samples, iter_samples
+
+    forged = {
+        "longname": (forged_header("././@LongLink", 2**40, tarfile.GNUTYPE_LONGNAME),
+                     "GNU long-name extension header of 1,099,511,627,776 bytes, more than the 1,048,576 allowed"),
+        "pax": (forged_header("././@PaxHeader", 2**40, tarfile.XHDTYPE), "pax extension header"),
+        "globalpax": (forged_header("././@PaxHeader", 2**40, tarfile.XGLTYPE), "pax extension header"),
+        "negative": (forged_header("b.png", -1024), "gives 'b.png' a negative size (-1,024)"),
+        "chain": (forged_header("././@LongLink", 1, tarfile.GNUTYPE_LONGNAME) + b"x" + b"\0" * 511, "in a row"),
+    }
+    assert issubclass(ShardFormatError, TAR_READ_ERRORS)
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        for name, (header, expected) in forged.items():
+            repeat = 3000 if name == "chain" else 1  # a chain deeper than Python's recursion limit
+            url = write_forged(tmp_path / f"{name}.tar", good_member("a"), header * repeat, good_member("c", 1))
+            expected = re.escape(expected)
+            with pytest.raises(ShardFormatError, match=expected):
+                list(iter_samples(url))
+            with pytest.raises(ShardFormatError, match=expected):
+                count_samples(url)
+            with pytest.raises(ShardFormatError, match=expected):  # a stream reads the same headers
+                list(iter_samples(f"pipe:cat {url}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6 and time.monotonic() - started < 30
+    # the training loader: counted from the headers, the forged shard is left out; with sizes it is read, skipped
+    good = write_image_shards(tmp_path, [3], prefix="good").replace("{00..00}", "00")
+    dataset = ImageShards([str(tmp_path / "pax.tar"), good], size=32, shuffle_buffer=4)
+    assert dataset.skipped_shards == [str(tmp_path / "pax.tar")] and len(dataset) == 3
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps({"pax.tar": 2, "good-00.tar": 3}))
+    dataset = ImageShards([str(tmp_path / "pax.tar"), good], size=32, sizes=sizes, shuffle_buffer=5)
+    (batch,) = list(loader_for(dataset, 5, 0, 1, shuffle=False))
+    assert batch["image"].shape == (5, 32, 32, 3) and dataset.num_skipped == 2
+    assert "skipping unreadable pax.tar samples 0..1 (ShardFormatError: the header at byte" in caplog.text
+
+
+def test_a_sample_reads_only_the_wanted_members_up_to_a_total(tmp_path, monkeypatch):
+    """40 sparse 60 MB members under one key (a 30 KB shard) took 3.3 GB: every member was read whatever its
+    extension, and the cap was per member.  Now unwanted members are passed over unread and a sample is capped."""
+    import tracemalloc
+
+    from ldm.data import tar_shards
+    from ldm.data.tar_shards import IMAGE_EXTS, MAX_SAMPLE_BYTES, SAMPLE_ERROR_KEY, iter_samples
+
+    parts = [good_member("a")] + [sparse_tar_member(f"a.e{i}", 60 << 20) for i in range(40)] + [good_member("b", 1)]
+    url = write_forged(tmp_path / "many.tar", *parts)
+    assert os.path.getsize(url) < 40 << 10
+    tracemalloc.start()
+    try:
+        samples = list(iter_samples(url, exts=IMAGE_EXTS))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10e6 and [sorted(s) for s in samples] == [["__index__", "__key__", "__url__", "png"]] * 2
+    for stream in (url, f"pipe:cat {url}"):  # every member wanted: the sample is refused before it is read whole
+        monkeypatch.setattr(tar_shards, "MAX_SAMPLE_BYTES", 100 << 20)
+        first = next(iter_samples(stream))
+        assert "png" not in first and "e0" not in first
+        assert "'a.e1' add up to 125," in first[SAMPLE_ERROR_KEY] and "more than the 104,857,600" in first[SAMPLE_ERROR_KEY]
+    assert MAX_SAMPLE_BYTES == 2 * tar_shards.MAX_MEMBER_BYTES
+
+
+def test_a_bad_member_costs_its_sample_or_says_where_the_shard_breaks(tmp_path):
+    """Two adjacent members of one name cost the rest of the shard, with the message '#(samples after position -1)';
+    a member claiming 2**62 bytes was an OSError, and over a stream a forward seek that never ended."""
+    from ldm.data.latent_cache_writer import Unit, unit_images
+    from ldm.data.tar_shards import SAMPLE_ERROR_KEY, ShardFormatError, iter_samples
+
+    dup = write_forged(tmp_path / "dup.tar", good_member("a"), good_member("a", 1), good_member("c", 2))
+    samples = list(iter_samples(dup))
+    assert [s["__key__"] for s in samples] == ["a", "c"] and "png" in samples[1]
+    assert "two members named 'a.png' next to each other" in samples[0][SAMPLE_ERROR_KEY]
+    huge = write_forged(tmp_path / "huge.tar", good_member("a"), forged_header("b.png", 2**62), good_member("c", 1))
+    for url in (huge, f"pipe:cat {huge}"):
+        got = []
+        with pytest.raises(ShardFormatError, match="'b.png' .* 4,611,686,018,427,387,904 bytes"):
+            got.extend(s["__key__"] for s in iter_samples(url))
+        assert got == ["a"]  # the sample before the broken header is kept
+    skipped: list[dict[str, str]] = []
+    keys = [key for _, key, _ in unit_images(Unit(0, url=huge), skipped)]
+    assert keys == ["huge.tar#a"] and [s["source"] for s in skipped] == [
+        "huge.tar#(its samples from position 1 on: the shard breaks there)"]
+    skipped.clear()
+    keys = [key for _, key, _ in unit_images(Unit(0, url=dup), skipped)]
+    assert keys == ["dup.tar#c"] and [s["source"] for s in skipped] == ["dup.tar#a"]
+
+
+def test_shard_patterns_with_unset_variables_or_huge_ranges_are_one_line_errors(tmp_path, monkeypatch):
+    """`--data '${HOME}/x.tar'` ended in webdataset's AssertionError (it reads WDS_HOME); a 5000-digit brace range
+    gave Python's int-limit message without naming the pattern."""
+    from ldm.data.tar_shards import expand_shards
+
+    monkeypatch.delenv("WDS_HOME", raising=False)
+    with pytest.raises(ConfigError, match=r"uses \$\{HOME\}, which webdataset fills in from the environment variable "
+                                          r"WDS_HOME \(not from HOME\), and WDS_HOME is not set"):
+        expand_shards("${HOME}/x.tar")
+    pattern = write_image_shards(tmp_path, [1, 1])
+    monkeypatch.setenv("WDS_HOME", str(tmp_path))
+    assert expand_shards("${HOME}/img-{00..01}.tar") == expand_shards(pattern)
+    with pytest.raises(ConfigError, match="has 5,000 digits, more than the 64 allowed") as info:
+        expand_shards("x-{0.." + "9" * 5000 + "}.tar")
+    assert "shard pattern 'x-{0..999" in str(info.value) and len(str(info.value)) < 400

@@ -256,10 +256,10 @@ def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
     label = shard_label(unit.url)
     position = -1
     try:
-        for sample in iter_samples(unit.url):
+        for sample in iter_samples(unit.url, exts=IMAGE_EXTS):  # other members are passed over unread
             position = sample["__index__"]
             key = f"{label}#{sample['__key__']}"
-            if SAMPLE_ERROR_KEY in sample:  # a member too large to read (a tar bomb): nothing of it was read
+            if SAMPLE_ERROR_KEY in sample:  # too large to read (a tar bomb), or ambiguous: nothing of it was read
                 _skip(skipped, key, ValueError(sample[SAMPLE_ERROR_KEY]))
                 continue
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -270,8 +270,9 @@ def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
                 yield position, key, load_rgb_image(io.BytesIO(sample[ext]))
             except UNREADABLE_IMAGE_ERRORS as exc:
                 _skip(skipped, key, exc)
-    except TAR_READ_ERRORS as exc:
-        _skip(skipped, f"{label}#(samples after position {position})", exc)
+    except TAR_READ_ERRORS as exc:  # nothing after a broken header can be located: the rest of the shard is lost
+        lost = "the whole shard" if position < 0 else f"its samples from position {position + 1} on"
+        _skip(skipped, f"{label}#({lost}: the shard breaks there)", exc)
 
 
 def _skip(skipped: list[dict[str, str]], key: str, error: BaseException) -> None:

@@ -247,33 +247,80 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
         raise ConfigError(f"{path} does not exist{hint}; make a latent cache with scripts/cache_latents.py --out {root}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
-        shards = tuple((str(s["name"]), int(s["samples"])) for s in data["shards"])
-        if any(Path(name).name != name or not 0 <= count <= MAX_SHARD_SAMPLES for name, count in shards):
-            raise ValueError(f"shard entries must be plain file names with sample counts in [0, {MAX_SHARD_SAMPLES:,}]")
-        shape = tuple(int(v) for v in data["latent_shape"])
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"latent_shape {shape} must be [C, h, w]")
-        if data["dtype"] not in STORAGE_DTYPES:
-            raise ValueError(f"dtype {data['dtype']!r} is not one of {sorted(STORAGE_DTYPES)}")
-        index = CacheIndex(
-            root=root,
-            first_stage_sha256=str(data["first_stage_sha256"]),
-            size=int(data["size"]),
-            latent_shape=shape,  # type: ignore[arg-type]
-            dtype=str(data["dtype"]),
-            n_crops=int(data["n_crops"]),
-            flip=bool(data["flip"]),
-            shards=shards,
-            skipped=int(data.get("skipped", 0)),
-            settings=dict(data.get("settings", {})),
-        )
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # int(inf), deep nesting
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
         raise ConfigError(f"{path} is not a latent-cache index ({type(exc).__name__}: {exc}); re-run cache_latents.py") from exc
-    if index.n_crops < 1:
-        raise ConfigError(f"{path}: n_crops={index.n_crops} must be >= 1")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a latent-cache index (a JSON object); re-run cache_latents.py")
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"{path}: format {_shown(data.get('format'))} is not {FORMAT!r}; re-run cache_latents.py")
+    shards_value = _index_field(path, data, "shards", list, "a list of {name, samples}")
+    shards = []
+    for i, entry in enumerate(shards_value):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise _index_error(path, where, entry, "an object {name, samples}")
+        name = _index_field(path, entry, "name", str, "a plain file name (a string)", where)
+        count = _index_field(path, entry, "samples", int, "an integer sample count", where)
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise _index_error(path, f"{where}.name", name, "a plain file name in the cache folder")
+        if not 0 <= count <= MAX_SHARD_SAMPLES:
+            raise _index_error(path, f"{where}.samples", count, f"a sample count in [0, {MAX_SHARD_SAMPLES:,}]")
+        shards.append((name, count))
+    shape = _index_field(path, data, "latent_shape", list, "a list [C, h, w] of positive integers")
+    if len(shape) != 3 or any(type(v) is not int or v < 1 for v in shape):
+        raise _index_error(path, "latent_shape", shape, "a list [C, h, w] of positive integers")
+    dtype = _index_field(path, data, "dtype", str, f"one of {sorted(STORAGE_DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise _index_error(path, "dtype", dtype, f"one of {sorted(STORAGE_DTYPES)}")
+    size = _index_field(path, data, "size", int, "a positive integer (pixels)")
+    n_crops = _index_field(path, data, "n_crops", int, "an integer >= 1")
+    skipped = _index_field(path, data, "skipped", int, "an integer >= 0", default=0)
+    for key, value, low in (("size", size, 1), ("n_crops", n_crops, 1), ("skipped", skipped, 0)):
+        if value < low:
+            raise _index_error(path, key, value, f"an integer >= {low}")
+    index = CacheIndex(
+        root=root,
+        first_stage_sha256=_index_field(path, data, "first_stage_sha256", str, "a sha256 (a string)"),
+        size=size,
+        latent_shape=tuple(shape),  # type: ignore[arg-type]
+        dtype=dtype,
+        n_crops=n_crops,
+        flip=_index_field(path, data, "flip", bool, "true or false"),
+        shards=tuple(shards),
+        skipped=skipped,
+        settings=_index_field(path, data, "settings", dict, "an object", default={}),
+    )
     return index
+
+
+_NO_DEFAULT: Any = object()
+
+
+def _index_field(path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "",
+                 default: Any = _NO_DEFAULT) -> Any:
+    """``data[key]`` of an index file if it has exactly the type ``kind`` (no bool for int, no "3" or 2.9 for int, no
+    "false" for bool: json.loads gives each its own type), else a one-line ConfigError naming the file and the key."""
+    name = f"{where}.{key}" if where else key
+    if key not in data:
+        if default is not _NO_DEFAULT:
+            return default
+        raise ConfigError(f"{path}: key {name!r} is missing; it must be {rule}. Re-run scripts/cache_latents.py to "
+                          "write the index again")
+    value = data[key]
+    if type(value) is not kind:
+        raise _index_error(path, name, value, rule)
+    return value
+
+
+def _index_error(path: Path, name: str, value: Any, rule: str) -> ConfigError:
+    return ConfigError(f"{path}: {name} is {_shown(value)} ({type(value).__name__}), but it must be {rule}. Fix the "
+                       "value or re-run scripts/cache_latents.py to write the index again")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for a one-line message (repr, cut when long)."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}..."
 
 
 def latent_item(

@@ -228,6 +228,10 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         """What :meth:`decode` raises for an unreadable sample."""
         return (KeyError, ValueError)
 
+    def member_exts(self) -> tuple[str, ...] | None:
+        """The member extensions :meth:`decode` uses (None: all); the others are passed over without being read."""
+        return None
+
     def _read(
         self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState | None = None, count: bool = True
     ) -> list[dict[str, Any]]:
@@ -249,11 +253,12 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             got, error = 0, None
             if readable:
                 try:
-                    for sample in iter_samples(self.urls[shard], skip=within, limit=readable):
+                    for sample in iter_samples(self.urls[shard], skip=within, limit=readable,
+                                               exts=self.member_exts()):
                         got += 1
                         index = int(self.offsets[shard]) + sample["__index__"]
                         try:
-                            if SAMPLE_ERROR_KEY in sample:  # e.g. a member too large to read
+                            if SAMPLE_ERROR_KEY in sample:  # e.g. a member too large to read, or two of a name
                                 raise ValueError(sample[SAMPLE_ERROR_KEY])
                             items.append(self.decode(sample, index, self.item_rng_for(epoch, index)))
                         except self.decode_errors() as exc:
@@ -398,6 +403,9 @@ class ImageShards(ShardStream):
     def decode_errors(self) -> tuple[type[BaseException], ...]:
         return (KeyError, *UNREADABLE_IMAGE_ERRORS)
 
+    def member_exts(self) -> tuple[str, ...]:
+        return IMAGE_EXTS
+
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
@@ -461,7 +469,7 @@ class LatentShards(ShardStream):
             if count == 0:
                 continue
             try:
-                for sample in iter_samples(url, limit=_SHAPE_PROBE_SAMPLES - sum(shapes.values())):
+                for sample in iter_samples(url, limit=_SHAPE_PROBE_SAMPLES - sum(shapes.values()), exts=(LATENT_EXT,)):
                     try:
                         array = decode_npy(sample[LATENT_EXT], what=f"sample {sample['__key__']}")
                     except (KeyError, ValueError):
@@ -528,6 +536,9 @@ class LatentShards(ShardStream):
 
     def decode_errors(self) -> tuple[type[BaseException], ...]:
         return (KeyError, ValueError, TypeError)
+
+    def member_exts(self) -> tuple[str, ...]:
+        return (LATENT_EXT, "json")
 
 
 class ShardStreamLoader(DataLoader):

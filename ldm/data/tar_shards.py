@@ -7,6 +7,10 @@ the first dot of the file name, the rest is the extension, lower-cased).  Names 
 ``pipe:`` commands, ``http(s)://`` through curl).  Reading and writing are this module's own, because the training
 loaders need what webdataset does not offer: starting a shard at its ``n``-th sample without decoding the ones
 before it (local shards seek over them), and tar bytes that do not depend on when they were written.
+
+Shards are untrusted: tarfile acts on a header's size field before any caller could check it, so headers are read by
+:class:`CheckedTarInfo` (extension headers and negative sizes refused), only the members a reader asks for are read,
+and members and samples are capped (:data:`MAX_MEMBER_BYTES`, :data:`MAX_SAMPLE_BYTES`) before they are read.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import re
 import string
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +39,19 @@ TAR_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, E
 # nothing to forge: a 10 KB shard with a sparse 2 GB member took 2.9 GB.  64 MiB is far above an encoded training
 # image or a cached latent; a larger member makes its sample unreadable (skipped and counted like a corrupt one).
 MAX_MEMBER_BYTES = 64 << 20
+# Most bytes read into memory for one sample (all its wanted members together).  Only the members a reader asks for
+# are read (``iter_samples(exts=...)``), but a sample may hold several of them: 40 sparse 60 MB members under one key,
+# a 30 KB shard, took 3.3 GB when every member was read.  A sample over the limit is unreadable (skipped and counted).
+MAX_SAMPLE_BYTES = 2 * MAX_MEMBER_BYTES
+# Largest GNU long-name/long-link or pax extension header.  tarfile reads such a header whole while it iterates, before
+# any member check could run: a 9.7 KB shard whose 'L', 'x' or 'g' header claims 2**40 bytes raised MemoryError and
+# stopped cache_latents.py.  A long name or a pax record set of a real shard takes a few KB.
+MAX_EXTENSION_HEADER_BYTES = 1 << 20
+# Most extension headers in a row before a member: tarfile follows a chain of them recursively (a real member has at
+# most a pax header, a long name and a long link name).
+MAX_EXTENSION_CHAIN = 8
+# Most digits a number of a brace range may have (int() refuses more than 4,300; a shard number has a dozen at most).
+MAX_RANGE_DIGITS = 64
 # Most shard names one pattern (or list of patterns) may expand to.  Brace ranges are counted before they are expanded:
 # braceexpand builds every name at once, so a typo like {0..99999999} ran out of memory instead of failing.  A million
 # shards of 10,000 samples hold ten billion samples.
@@ -44,6 +61,57 @@ MAX_SHARDS = 1_000_000
 MAX_SHARD_SAMPLES = 1 << 32
 # the key of the error message iter_samples puts into a sample it could not read (no member is named "__...")
 SAMPLE_ERROR_KEY = "__error__"
+
+_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+_STREAM_CHUNK = 1 << 20
+
+
+class ShardFormatError(tarfile.ReadError):
+    """A shard header that this module refuses to follow (its message says what is wrong in plain words).
+
+    A subclass of tarfile's ``ReadError``, so it is one of :data:`TAR_READ_ERRORS`: the shard is reported as unreadable
+    from that point on, and the other shards are read.
+    """
+
+
+class CheckedTarInfo(tarfile.TarInfo):
+    """tarfile's header reader with the checks tarfile lacks, made before it acts on a header's size field:
+
+    * an extension header (GNU long name / long link, pax, global pax) larger than :data:`MAX_EXTENSION_HEADER_BYTES`
+      is refused instead of read whole (tarfile reads it while iterating, before any member check);
+    * more than :data:`MAX_EXTENSION_CHAIN` extension headers in a row are refused (tarfile follows them recursively);
+    * a negative size (base-256 field or pax ``size`` record) is refused: it moved the next header backwards, where the
+      same header could be read again forever.
+    """
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        at = f"the header at byte {self.offset:,}"
+        if self.size < 0:
+            raise ShardFormatError(f"{at} gives {self.name!r} a negative size ({self.size:,}): the shard is damaged")
+        if self.type not in _EXTENSION_TYPES:
+            member = super()._proc_member(archive)
+        else:
+            kind = "a GNU long-name" if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) else "a pax"
+            if self.size > MAX_EXTENSION_HEADER_BYTES:
+                raise ShardFormatError(
+                    f"{at} is {kind} extension header of {self.size:,} bytes, more than the "
+                    f"{MAX_EXTENSION_HEADER_BYTES:,} allowed (ldm.data.tar_shards.MAX_EXTENSION_HEADER_BYTES; real ones "
+                    "take a few KB): the shard is damaged or forged; re-create it (e.g. with tar --format=ustar or "
+                    "webdataset's TarWriter)"
+                )
+            depth = getattr(archive, "_extension_chain", 0)
+            if depth >= MAX_EXTENSION_CHAIN:
+                raise ShardFormatError(f"{at} is the {depth + 1}th extension header in a row, more than the "
+                                       f"{MAX_EXTENSION_CHAIN} allowed before a member: the shard is damaged or forged")
+            archive._extension_chain = depth + 1
+            try:
+                member = super()._proc_member(archive)
+            finally:
+                archive._extension_chain = depth
+        if member.size < 0:  # a pax "size" record, or a sparse member's real size
+            raise ShardFormatError(f"{at} gives {member.name!r} a negative size ({member.size:,}): the shard is damaged")
+        return member
 
 
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
@@ -84,6 +152,8 @@ def count_expansions(pattern: str) -> int:
     bash-style braces as the ``braceexpand`` package reads them), counted without building them.
 
     A pattern braceexpand would refuse (unbalanced braces) counts as 1: expanding it then raises braceexpand's error.
+    Raises :class:`ConfigError` (naming the pattern) for a ``${VAR}`` whose ``WDS_VAR`` is not set (webdataset's
+    assertion), braces nested too deep, and a range number of more than :data:`MAX_RANGE_DIGITS` digits.
     """
     from webdataset.shardlists import envsubst
 
@@ -92,11 +162,27 @@ def count_expansions(pattern: str) -> int:
     total = 0
     for url in pattern.split("::"):
         for _ in range(10):  # as expand_urls: substitutes until nothing changes, at most 10 times
+            _check_environment(url, pattern)  # before each envsubst, which asserts on a missing variable
             last, url = url, envsubst(url)
             if url == last:
                 break
-        total += _count_pattern(url, depth=0)
+        total += _count_pattern(url, depth=0, whole=pattern)
     return total
+
+
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")  # webdataset's envsubst pattern
+
+
+def _check_environment(url: str, whole: str) -> None:
+    """Refuse a ``${VAR}`` that webdataset's envsubst cannot substitute (it asserts that ``WDS_VAR`` is set)."""
+    for match in _ENV_REFERENCE.finditer(url):
+        name = match.group(1)
+        if f"WDS_{name}" not in os.environ:
+            raise ConfigError(
+                f"shard pattern {whole!r} uses ${{{name}}}, which webdataset fills in from the environment variable "
+                f"WDS_{name} (not from {name}), and WDS_{name} is not set; set it (export WDS_{name}=...) or write the "
+                "path out (the shell expands $HOME-style variables in an unquoted argument)"
+            )
 
 
 _INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
@@ -106,10 +192,12 @@ _ALPHABET = string.ascii_uppercase + string.ascii_lowercase
 _MAX_BRACE_DEPTH = 32
 
 
-def _count_pattern(pattern: str, depth: int) -> int:
-    """braceexpand's ``parse_pattern``, counting: the product of the counts of its literal and brace parts."""
+def _count_pattern(pattern: str, depth: int, whole: str) -> int:
+    """braceexpand's ``parse_pattern``, counting: the product of the counts of its literal and brace parts
+    (``whole``: the pattern as given, for messages)."""
     if depth > _MAX_BRACE_DEPTH:
-        raise ConfigError(f"shard pattern nests braces more than {_MAX_BRACE_DEPTH} deep; write the shard names plainly")
+        raise ConfigError(f"shard pattern {_shorten(whole)} nests braces more than {_MAX_BRACE_DEPTH} deep; write the "
+                          "shard names plainly")
     count, start, pos, bracket = 1, 0, 0, 0
     while pos < len(pattern):
         char = pattern[pos]
@@ -123,19 +211,28 @@ def _count_pattern(pattern: str, depth: int) -> int:
         elif char == "}":
             bracket -= 1
             if bracket == 0:
-                count *= _count_expression(pattern[start + 1 : pos], depth + 1)
+                count *= _count_expression(pattern[start + 1 : pos], depth + 1, whole)
         pos += 1
     return 1 if bracket != 0 else count  # unbalanced: left to braceexpand's own error
 
 
-def _count_expression(expr: str, depth: int) -> int:
+def _count_expression(expr: str, depth: int, whole: str) -> int:
     """braceexpand's ``parse_expression``, counting: an integer or letter range, a comma list, or literal braces."""
     match = _INT_RANGE.match(expr)
     if match:
+        longest = max(len(g.lstrip("-")) for g in match.groups() if g is not None)
+        if longest > MAX_RANGE_DIGITS:  # int() of it fails (over 4,300 digits) or the range is absurd
+            raise ConfigError(
+                f"shard pattern {_shorten(whole)}: a number of the brace range {_shorten(expr, 40)} has "
+                f"{longest:,} digits, more than the {MAX_RANGE_DIGITS} allowed; write ranges like {{000000..000999}}"
+            )
         first, last, step = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1) or 1
         return abs(last - first) // step + 1
     match = _CHAR_RANGE.match(expr)
     if match:
+        if len(match.group(3) or "") > MAX_RANGE_DIGITS:
+            raise ConfigError(f"shard pattern {_shorten(whole)}: the step of the letter range has more than "
+                              f"{MAX_RANGE_DIGITS} digits; write ranges like {{a..z}}")
         step = int(match.group(3) or 1) or 1
         first, last = _ALPHABET.index(match.group(1)), _ALPHABET.index(match.group(2))
         return abs(last - first) // step + 1
@@ -154,9 +251,15 @@ def _count_expression(expr: str, depth: int) -> int:
             start = pos + 1
         pos += 1
     if bracket != 0 or not parts:  # not a list: "{expr}" stays literal braces around expr's own expansion
-        return _count_pattern(expr, depth)
+        return _count_pattern(expr, depth, whole)
     parts.append(expr[start:])
-    return sum(_count_pattern(part, depth) for part in parts)
+    return sum(_count_pattern(part, depth, whole) for part in parts)
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut in the middle when longer than ``limit`` (a message stays one readable line)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-limit // 2 :]}"
 
 
 def is_local(url: str) -> bool:
@@ -174,31 +277,92 @@ def split_name(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
-def _open_tar(url: str) -> tuple[tarfile.TarFile, BinaryIO | None]:
+def _open_tar(url: str) -> tuple[tarfile.TarFile, BinaryIO | None, int | None]:
+    """The open archive (headers read by :class:`CheckedTarInfo`), the stream of a non-local shard (else None) and the
+    size of a local one (else None)."""
     if is_local(url):
-        return tarfile.open(url, mode="r:"), None  # seekable: skipped members are never read
+        size = os.path.getsize(url)
+        return tarfile.open(url, mode="r:", tarinfo=CheckedTarInfo), None, size  # seekable: skipped data is never read
     from webdataset.gopen import gopen
 
     stream = gopen(url, "rb")
-    return tarfile.open(fileobj=stream, mode="r|"), stream
+    try:
+        return tarfile.open(fileobj=stream, mode="r|", tarinfo=CheckedTarInfo), stream, None
+    except BaseException:
+        stream.close()
+        raise
 
 
-def iter_samples(url: str, skip: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def _members(tar: tarfile.TarFile, streamed: bool, file_size: int | None) -> Iterator[tarfile.TarInfo]:
+    """The archive's members.  Once the caller is done with a member, and before the next header is read, a local
+    shard's member is checked to end inside the file (:func:`_check_extent`) and a stream is moved over the data the
+    caller did not read.
+
+    tarfile itself seeks over unread data: past the end of a local file that was an OSError or a bare "unexpected end
+    of data", and in a stream its forward seek never ended when a header claimed 2**62 bytes (it kept reading nothing).
+    """
+    while True:
+        member = tar.next()
+        if member is None:
+            return
+        yield member
+        if file_size is not None:
+            _check_extent(tar, member, file_size)
+        if streamed:
+            remaining = tar.offset - tar.fileobj.tell()
+            while remaining > 0:
+                got = len(tar.fileobj.read(min(remaining, _STREAM_CHUNK)))
+                if not got:
+                    raise ShardFormatError(
+                        f"the stream ends inside member {member.name!r} (header at byte {member.offset:,}, "
+                        f"{member.size:,} bytes): the shard is cut short or this header is damaged, and nothing after "
+                        "it can be located"
+                    )
+                remaining -= got
+
+
+def _check_extent(tar: tarfile.TarFile, member: tarfile.TarInfo, file_size: int) -> None:
+    """Raise :class:`ShardFormatError` when the data of ``member`` (the last one read) runs past the end of the file
+    by more than the padding of its last block: the next header cannot be found."""
+    if tar.offset - file_size >= tarfile.BLOCKSIZE:
+        raise ShardFormatError(
+            f"member {member.name!r} (header at byte {member.offset:,}) claims {member.size:,} bytes, but the file "
+            f"ends {max(0, file_size - member.offset_data):,} bytes after its header: the shard is cut short or this "
+            "header is damaged, and nothing after it can be located"
+        )
+
+
+def _failed(sample: dict[str, Any], message: str) -> dict[str, Any]:
+    """``sample`` without its members, marked unreadable with ``message`` (what has been read of it is let go)."""
+    return {"__key__": sample["__key__"], "__url__": sample["__url__"], "__index__": sample["__index__"],
+            SAMPLE_ERROR_KEY: message}
+
+
+def iter_samples(
+    url: str, skip: int = 0, limit: int | None = None, exts: Collection[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples of shard ``url`` in file order, from its ``skip``-th on, at most ``limit`` of them.
 
-    Each sample is ``{"__key__": str, "__url__": url, "__index__": position in the shard, ext: bytes, ...}``.
-    Members of skipped samples are passed over by their headers (seeked over in a local shard).  Errors of a damaged
-    shard (:data:`TAR_READ_ERRORS`) propagate to the caller after the samples read before them.
+    Each sample is ``{"__key__": str, "__url__": url, "__index__": position in the shard, ext: bytes, ...}`` with the
+    members whose (lower-case) extension is in ``exts`` (None: all); the others are passed over without being read, as
+    are the members of skipped samples (seeked over in a local shard).  Errors of a damaged shard
+    (:data:`TAR_READ_ERRORS`, with :class:`ShardFormatError` for headers refused before tarfile acts on them) propagate
+    to the caller after the samples read before them: nothing after a broken header can be located.
 
-    A sample with a member larger than :data:`MAX_MEMBER_BYTES` is yielded without its members and with
-    ``sample[SAMPLE_ERROR_KEY]``, a message naming the shard and the member: the caller skips it as unreadable.
+    A sample that cannot be read safely is yielded without its members and with ``sample[SAMPLE_ERROR_KEY]``, a
+    message naming the shard and saying why; the caller skips it as unreadable and the shard goes on.  That is a sample
+    with a wanted member larger than :data:`MAX_MEMBER_BYTES`, wanted members adding up to more than
+    :data:`MAX_SAMPLE_BYTES` (both checked from the headers, before reading), or two wanted members of the same name
+    next to each other (which one is meant is unclear).
     """
     if limit is not None and limit <= 0:
         return
-    tar, stream = _open_tar(url)
+    wanted = None if exts is None else frozenset(exts)
+    label = shard_label(url)
+    tar, stream, file_size = _open_tar(url)
     try:
-        position, current, yielded = -1, None, 0
-        for member in tar:
+        position, current, yielded, held = -1, None, 0, 0
+        for member in _members(tar, stream is not None, file_size):
             if not member.isreg():
                 continue
             parts = split_name(member.name)
@@ -212,19 +376,31 @@ def iter_samples(url: str, skip: int = 0, limit: int | None = None) -> Iterator[
                     if limit is not None and yielded >= limit:
                         return
                 position += 1
-                current = {"__key__": key, "__url__": url, "__index__": position}
-            if position < skip or SAMPLE_ERROR_KEY in current:
+                current, held = {"__key__": key, "__url__": url, "__index__": position}, 0
+            if position < skip or SAMPLE_ERROR_KEY in current or ext.startswith("__"):
                 continue
+            if wanted is not None and ext not in wanted:
+                continue
+            if file_size is not None:
+                _check_extent(tar, member, file_size)  # a plain message, not tarfile's "unexpected end of data"
+            # checked before reading: the header's size is the only thing that says what the read would allocate
             if ext in current:
-                raise tarfile.TarError(f"{url}: sample {key!r} holds two members with extension {ext!r}")
-            if member.size > MAX_MEMBER_BYTES:
-                # checked before reading: the header's size is the only thing that says what the read would allocate
-                current = {"__key__": key, "__url__": url, "__index__": position, SAMPLE_ERROR_KEY: (
-                    f"{shard_label(url)}: member {member.name!r} is {member.size:,} bytes, more than the "
-                    f"{MAX_MEMBER_BYTES:,} a sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)")}
-                continue
-            handle = tar.extractfile(member)
-            current[ext] = handle.read() if handle is not None else b""
+                current = _failed(current, (
+                    f"{label}: two members named {member.name!r} next to each other (a sample holds one member per "
+                    "extension, so which one is meant is unclear); rename or remove one of them"))
+            elif member.size > MAX_MEMBER_BYTES:
+                current = _failed(current, (
+                    f"{label}: member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a "
+                    "sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"))
+            elif held + member.size > MAX_SAMPLE_BYTES:
+                current = _failed(current, (
+                    f"{label}: the members of sample {key!r} read so far and {member.name!r} add up to "
+                    f"{held + member.size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may have "
+                    "(ldm.data.tar_shards.MAX_SAMPLE_BYTES)"))
+            else:
+                handle = tar.extractfile(member)
+                current[ext] = handle.read() if handle is not None else b""
+                held += member.size
         if current is not None and position >= skip:
             yield current
     finally:
@@ -242,8 +418,9 @@ def count_samples(url: str) -> int:
         )
     keys = 0
     last = None
-    with tarfile.open(url, mode="r:") as tar:
-        for member in tar:
+    tar, _, file_size = _open_tar(url)
+    with tar:
+        for member in _members(tar, False, file_size):
             parts = split_name(member.name) if member.isreg() else None
             if parts is None or parts[0].startswith("__"):
                 continue

@@ -2,7 +2,7 @@
 """Quality against training compute for the photo quick start (``configs/quickstart/``): what more steps and a wider
 expert buy, measured on the held-out photographs, to decide the quick start's sizes, steps and recipe.
 
-    python benchmarks/photo_curve.py                          # ~1 h on 2 cores: VQ 7200 steps, experts 4000 + 2800
+    python benchmarks/photo_curve.py                          # VQ 7200 steps, experts 4000 + 2800, widths 32 and 64
     python benchmarks/photo_curve.py --vq outputs/quickstart/checkpoints/vq_f4.ckpt --widths 32   # experts only
 
 Training (``main.py`` with the quick start's configs and ``key=value`` overrides; each run is skipped when its

@@ -351,3 +351,72 @@ def test_ctrl_c_during_a_job_stops_it_and_exits_0(expert_checkpoints, tmp_path):
     assert own.stdout[-1].strip() == "stopped"
     written = list((own.outdir / job["id"]).glob("*")) if (own.outdir / job["id"]).exists() else []
     assert all(p.suffix == ".png" and not p.name.startswith(".") for p in written)  # no half-written file left
+
+
+def test_a_running_request_that_will_not_finish_its_step_is_abandoned_at_shutdown(refiner):
+    """Ctrl+C while one sampling step takes minutes (a large image on a CPU): the server leaves after SHUTDOWN_WAIT_S
+    through ``abandon(0)`` instead of waiting for ever (it had to be SIGKILLed)."""
+    from ldm.app.server import stop_worker
+
+    upload = load_upload(small_image(), "photo.png")
+    prepared = prepare(refiner, upload, RefineSettings(mode="whole", start_t=100, steps=2, step_mode="exact"), None)
+    running, release = threading.Event(), threading.Event()
+
+    def run(job):  # one endless step: never reaches a point where a cancel is seen
+        running.set()
+        release.wait(30)
+
+    jobs = JobQueue(run)
+    jobs.submit(prepared, "key", b"png", None)
+    jobs.start()
+    assert running.wait(10)
+    exits: list[int] = []
+    started = time.monotonic()
+    stop_worker(jobs, 0.2, abandon=exits.append)
+    assert exits == [0] and time.monotonic() - started < 5
+    release.set()
+    stop_worker(jobs, 10, abandon=exits.append)  # a worker that ends in time: no abandon
+    assert exits == [0]
+
+
+def test_a_full_queue_is_refused_with_503_before_the_request_is_prepared(refiner, tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import ldm.app.server as server_module
+
+    app = server_module.create_app(refiner, tmp_path)  # no lifespan: the worker never starts, requests stay queued
+    client = TestClient(app, base_url="http://127.0.0.1")
+    up = client.post("/api/upload?name=photo.png", content=small_image(),
+                     headers={"Content-Type": "application/octet-stream"}).json()
+    prepared = []
+    real_prepare = server_module.prepare
+    monkeypatch.setattr(server_module, "prepare", lambda *a: prepared.append(1) or real_prepare(*a))
+    settings = {"mode": "whole", "start_t": 100, "steps": 2, "step_mode": "exact"}
+    statuses = [client.post("/api/refine", json={"upload": up["id"], "settings": settings}).status_code
+                for _ in range(17)]
+    assert statuses == [200] * 16 + [503] and len(prepared) == 16  # the 17th was never prepared
+    assert "16 requests are already waiting" in client.post(
+        "/api/refine", json={"upload": up["id"], "settings": settings}).json()["error"]
+
+
+def test_an_upload_body_that_stalls_is_refused_with_408(monkeypatch):
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    import ldm.app.server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_IDLE_TIMEOUT_S", 0.2)
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+        await asyncio.sleep(60)  # the client stops sending
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/api/upload"}, receive)
+    with pytest.raises(HTTPException) as caught:
+        asyncio.run(server_module._read_body(request, 1000, "the upload"))
+    assert caught.value.status_code == 408 and "stalled" in caught.value.detail

@@ -116,13 +116,25 @@ class JobQueue:
         logger.info("request %s: cancel asked (%s)", job.id, job.state)
         return True
 
+    def full(self) -> str | None:
+        """Why a new request cannot be queued now (``max_waiting`` requests wait), or None: asked before a request is
+        prepared, so a full queue costs no decode or start map."""
+        with self._lock:
+            return self._full()
+
+    def _full(self) -> str | None:
+        waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
+        if waiting >= self._max_waiting:
+            return f"{waiting} requests are already waiting; try again when one has finished"
+        return None
+
     def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None) -> Job:
         """Queue a prepared request (see :class:`Job` for the other fields); RequestError when ``max_waiting``
         requests already wait."""
         with self._lock:
-            waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
-            if waiting >= self._max_waiting:
-                raise RequestError(f"{waiting} requests are already waiting; try again when one has finished")
+            full = self._full()
+            if full is not None:
+                raise RequestError(full)
             number = next(self._counter)
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_urlsafe(12)}"
             job = Job(job_id, number, prepared, prepared.upload.name, upload_key, prepared.settings.parameters(), before_png,

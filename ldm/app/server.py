@@ -30,9 +30,11 @@ import base64
 import binascii
 import json
 import logging
+import os
 import secrets
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,9 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 LOCAL_HOSTS = ["127.0.0.1", "localhost"]
 MAX_PLAN_JSON_BYTES = 64 * 2**10  # the settings alone (the boxes text included) are a few KiB
+MAX_PARALLEL_READS = 4  # upload bodies read at once (each held in memory, up to MAX_UPLOAD_BYTES, while it arrives)
+BODY_IDLE_TIMEOUT_S = 30  # a body that sends nothing for this long is refused (408)
+SHUTDOWN_WAIT_S = 10  # on Ctrl+C, how long the running request may take to finish its sampling step
 MAX_REFINE_JSON_BYTES = 4 * 2**20  # settings and the painted mask, a base64 PNG: strokes on black compress ~1000:1
 KEEP_UPLOADS = 8  # uploads kept for painting and refining: their files' bytes and the PNG shown, never decoded arrays
 KEEP_UPLOAD_BYTES = 256 * 2**20  # ... and the oldest are forgotten sooner when they hold more than this (the newest stays)
@@ -95,6 +100,7 @@ class AppState:
         self.uploads: OrderedDict[str, Upload] = OrderedDict()  # id -> upload (read and written on the event loop only)
         self.jobs = JobQueue(self._run)
         self.decodes = asyncio.Semaphore(MAX_PARALLEL_DECODES)  # uploads waiting to decode wait here, not in threads
+        self.reads = asyncio.Semaphore(MAX_PARALLEL_READS)
 
     def _run(self, job: Job) -> RefineResult:
         return refine(self.refiner, job.prepared, self.outdir / job.id, on_step=lambda: JobQueue.step(job))
@@ -134,7 +140,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
             # stays free) means the process never exits while the worker is inside torch (that aborted with exit 134)
             if state.jobs.running() is not None:
                 logger.warning("stopping: the running request ends after its current sampling step")
-            await run_in_threadpool(state.jobs.stop)
+            await run_in_threadpool(stop_worker, state.jobs, SHUTDOWN_WAIT_S)
 
     async def index(_request: Request) -> Response:
         html = (STATIC_DIR / "index.html").read_bytes()
@@ -168,7 +174,8 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
 
     async def upload(request: Request) -> Response:
         _require_type(request, "application/octet-stream")
-        data = await _read_body(request, MAX_UPLOAD_BYTES, "the upload")
+        async with state.reads:  # bodies are held in memory while read: at most MAX_PARALLEL_READS at once
+            data = await _read_body(request, MAX_UPLOAD_BYTES, "the upload")
         async with state.decodes:
             loaded = await run_in_threadpool(load_upload, data, request.query_params.get("name", "upload"))
         return JSONResponse(_upload_json(state.add_upload(loaded), loaded))
@@ -181,6 +188,9 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         if not isinstance(body, dict) or set(body) - {"upload", "settings", "mask"}:
             raise RequestError('a refine request is a JSON object {"upload": id, "settings": {...}, "mask": base64 PNG}')
         loaded = state.upload(body.get("upload"))
+        full = state.jobs.full()
+        if full is not None:  # before the request is prepared: a full queue costs no decode or start map
+            raise HTTPException(503, full)
         settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}))
         mask_data = await run_in_threadpool(_base64, body.get("mask"))
         async with state.decodes:
@@ -249,6 +259,21 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
 
+def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = os._exit) -> None:
+    """Stop ``jobs``' worker; when its running request does not finish its sampling step within ``wait_s`` seconds
+    (one step of a large image can take minutes on a CPU), leave at once with ``abandon(0)``: the interpreter's own
+    exit would end the worker inside torch (it aborted with exit 134). Finished outputs are complete files (atomic
+    writes), so nothing half-written is left."""
+    if jobs.stop(wait_s):
+        return
+    logger.warning("stopped: the running request did not finish its sampling step within %s s and was abandoned", wait_s)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    abandon(0)
+
+
 class NoSniff:
     """ASGI middleware adding ``X-Content-Type-Options: nosniff`` to every response (a browser must not run an upload
     or an error text as script or HTML whatever it looks like)."""
@@ -308,7 +333,14 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:  # a client that stops sending would hold its part of the body (and a read slot) for ever
+            chunk = await asyncio.wait_for(anext(stream), BODY_IDLE_TIMEOUT_S)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise HTTPException(408, f"{what} stalled: no data for {BODY_IDLE_TIMEOUT_S} s; send it again") from None
         size += len(chunk)
         if size > limit:
             raise too_large

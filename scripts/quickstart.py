@@ -106,7 +106,7 @@ def domains() -> dict[str, Domain]:
             REPO / "configs" / "quickstart",
             "crops of chelsea, coffee",
             PHOTO_DEGRADATIONS,
-            (50, 150, 300, 450),  # benchmarks/photo_curve.py: the blotch is removed best from 450
+            (50, 150, 300, 450),  # 450: where benchmarks/photo_curve.py found the saturated blotch gains most
             None,
             32,
             64,

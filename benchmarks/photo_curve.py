@@ -222,11 +222,9 @@ def expert_curves(saved: dict[str, list[tuple[int, Path]]], args: argparse.Names
 
 
 def _ci(row: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
-    if not isinstance(row.get(key), float):
-        return "-"
-    if isinstance(row.get(f"{key}_lo"), float):
-        return f"{fmt.format(row[key])} [{fmt.format(row[key + '_lo'])}, {fmt.format(row[key + '_hi'])}]"
-    return fmt.format(row[key])
+    from ldm.eval.summary import format_entry
+
+    return format_entry(row, key, fmt, missing="-")
 
 
 def markdown(vq: list[dict[str, Any]], experts: list[dict[str, Any]]) -> str:

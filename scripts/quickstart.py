@@ -270,14 +270,9 @@ def _entry(summary: list[dict[str, Any]], degradation: str, method: str, start_t
 
 
 def _ci(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False) -> str:
-    """``"12.34 [11.90, 12.80]"`` of a summary column and its interval (``n/a`` where it was not measured)."""
-    value = entry.get(key)
-    if not isinstance(value, float):
-        return "n/a"
-    f = fmt.replace("{:", "{:+") if sign else fmt
-    if isinstance(entry.get(f"{key}_lo"), float):
-        return f"{f.format(value)} [{f.format(entry[key + '_lo'])}, {f.format(entry[key + '_hi'])}]"
-    return f.format(value)
+    from ldm.eval.summary import format_entry
+
+    return format_entry(entry, key, fmt, sign)
 
 
 def _headline(

@@ -14,7 +14,7 @@ from ldm.eval.metrics import masked_metrics, psnr
 from ldm.eval.report import before_after_grid, write_summary_csv
 from ldm.eval.sources import synthetic_images
 from ldm.eval.stats import bootstrap_mean, bootstrap_paired_difference
-from ldm.eval.summary import best_start, compare_best, summarize
+from ldm.eval.summary import best_start, compare_best, format_entry, summarize
 from ldm.eval.sweep import SweepResult, build_sweep_degradation, run_sweep
 from ldm.refine import Refiner
 
@@ -150,3 +150,11 @@ def test_before_after_takes_a_start_per_artifact(region_sweep):
     with pytest.raises(ValueError, match="example_start_ts"):
         before_after_grid(result, "experts", 200)
     assert torch.is_tensor(result.examples[0].outputs["experts (region) t=300"])
+
+
+def test_format_entry_writes_the_interval_where_there_is_one():
+    entry = {"gain": 1.234, "gain_lo": 0.5, "gain_hi": 2.0, "psnr": float("inf"), "n": 3}
+    assert format_entry(entry, "gain") == "1.23 [0.50, 2.00]"
+    assert format_entry(entry, "gain", "{:.1f}", sign=True) == "+1.2 [+0.5, +2.0]"
+    assert format_entry(entry, "psnr") == "inf"  # no interval: the value alone
+    assert format_entry(entry, "swd") == "n/a" and format_entry(entry, "n", missing="-") == "-"

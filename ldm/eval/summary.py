@@ -54,6 +54,19 @@ def interval_columns(names: tuple[str, ...]) -> tuple[str, ...]:
 SUMMARY_METRICS: tuple[str, ...] = interval_columns(ROW_METRICS + tuple(GAINS)) + interval_columns(("gain_swd",))
 
 
+def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False, missing: str = "n/a") -> str:
+    """``"12.34 [11.90, 12.80]"``: column ``key`` of a summary entry (or any row of this layout) with its interval
+    ``key_lo`` / ``key_hi`` where it has one; ``sign`` writes ``+`` on positive values; ``missing`` where the column
+    was not measured."""
+    value = entry.get(key)
+    if not isinstance(value, float):
+        return missing
+    f = fmt.replace("{:", "{:+") if sign else fmt
+    if isinstance(entry.get(f"{key}_lo"), float):
+        return f"{f.format(value)} [{f.format(entry[key + '_lo'])}, {f.format(entry[key + '_hi'])}]"
+    return f.format(value)
+
+
 def _finite_values(rows: list[dict[str, Any]], column: str) -> list[float] | None:
     values = [r[column] for r in rows if column in r and not isinstance(r[column], Skipped)]
     return values if values and all(np.isfinite(values)) else None

@@ -462,3 +462,19 @@ def test_find_images(tmp_path, small_photo):
     assert imageio.find_images(inputs) == (paths, problems)
     recursive, none = imageio.find_images([str(tmp_path / "**" / "*.tif")])
     assert [p.name for p in recursive] == ["deep.tif"] and none == []
+
+
+def test_header_size_reads_the_header_of_a_path_or_bytes_without_decoding(tmp_path):
+    from ldm.imageio import header_size
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (37, 21)).save(path)
+    assert header_size(path) == (37, 21) == header_size(path.read_bytes())
+    # a PNG whose header claims 10000 x 10000 (above the bomb warning) and holds no such pixels: read, not decoded
+    data = path.read_bytes()
+    ihdr = b"IHDR" + (10000).to_bytes(4, "big") * 2 + data[24:29]
+    forged = data[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + data[33:]
+    assert header_size(forged) == (10000, 10000)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    assert header_size(fifo) is None and header_size(b"not an image") is None and header_size(tmp_path / "none") is None

@@ -26,7 +26,6 @@ import logging
 import re
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.imageio import ImageLoadError, LoadedImage, decode_image, image_to_tensor, save_image_atomic, tensor_to_image
-from ldm.imageio.load import LOADER_FORMATS
+from ldm.imageio import (
+    ImageLoadError,
+    LoadedImage,
+    decode_image,
+    header_size,
+    image_to_tensor,
+    save_image_atomic,
+    tensor_to_image,
+)
 from ldm.refine.batch import batch_plan, build_metadata, output_name
 from ldm.refine.refiner import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, DEFAULT_START_T, MAX_SEED, Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
@@ -128,18 +134,6 @@ def load_upload(data: bytes, name: str) -> Upload:
     stem = _SAFE_STEM.sub("_", Path(shown).stem).strip("._")[:64] or "upload"
     return Upload(shown, stem, data, hashlib.sha256(data).hexdigest(), image.width, image.height,
                   image.info.get("format"), image.alpha is not None, png)  # fmt: skip
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` as an image file's header states it, read without decoding any pixel; None when Pillow
-    cannot tell (the decoder then says what is wrong with the file)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a decompression-bomb warning: the decoder refuses those with its message
-            with Image.open(io.BytesIO(data), formats=LOADER_FORMATS) as image:
-                return int(image.size[0]), int(image.size[1])
-    except Exception:  # Pillow's plugins raise many types on junk headers; the full decode reports them in one line
-        return None
 
 
 def _display_png(image: LoadedImage) -> bytes:

@@ -26,7 +26,15 @@ from ldm.imageio.convert import (
 )
 from ldm.imageio.errors import ImageLoadError, ImageSaveError, format_path
 from ldm.imageio.find import find_images, is_image_name
-from ldm.imageio.load import IMAGE_SUFFIXES, LOADER_FORMATS, LoadedImage, decode_image, from_pil, load_image
+from ldm.imageio.load import (
+    IMAGE_SUFFIXES,
+    LOADER_FORMATS,
+    LoadedImage,
+    decode_image,
+    from_pil,
+    header_size,
+    load_image,
+)
 from ldm.imageio.save import SAVE_FORMATS, read_image_metadata, read_png_metadata, save_image_atomic
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "find_images",
     "format_path",
     "from_pil",
+    "header_size",
     "image_to_tensor",
     "is_image_name",
     "load_image",

@@ -366,6 +366,22 @@ def _mode_bit_depth(mode: str) -> int:
     return 8
 
 
+def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
+    """``(width, height)`` as an image file's header states it (a path or the file's bytes), read without decoding
+    any pixel and only with the formats of :data:`LOADER_FORMATS`; None when the header cannot be read (the loader then
+    says why in its own words) or a path is not a regular file (a FIFO would block)."""
+    try:
+        if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: the loader turns those into its error
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source,
+                            formats=_available_formats()) as image:
+                return int(image.size[0]), int(image.size[1])
+    except Exception:  # Pillow's header parsers raise a wide, version-dependent set of types on junk
+        return None
+
+
 def _available_formats() -> tuple[str, ...]:
     Image.init()
     return tuple(name for name in LOADER_FORMATS if name in Image.OPEN)

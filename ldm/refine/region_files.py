@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ldm.imageio import decode_image, format_path, is_image_name, load_image
-from ldm.imageio.load import _available_formats
+from ldm.imageio import decode_image, format_path, header_size, is_image_name, load_image
 from ldm.refine.regions import (
     MAX_FEATHER,
     MAX_REGION_PADDING,
@@ -135,20 +131,6 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarr
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()
     return mask_luminance(loaded.rgb), digest
-
-
-def header_size(path: Path) -> tuple[int, int] | None:
-    """``(width, height)`` from an image file's header, without decoding its pixels; None when the header cannot be
-    read (the full loader then says why in its own words) or the path is not a regular file (a FIFO would block)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a decompression-bomb warning is for load_image to turn into its error
-            with Image.open(path, formats=_available_formats()) as image:
-                return int(image.size[0]), int(image.size[1])
-    except Exception:  # Pillow's header parsers raise a wide, version-dependent set of types on junk; load_image reports
-        return None
 
 
 def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Serve a local web page for refining one image: upload it, paint the broken region, pick the start, compare.
 
-    python scripts/app.py --ckpt latesteps_500_750.ckpt --ckpt latesteps_750_1000.ckpt    # then open the printed URL
+    python scripts/app.py --ckpt demo                  # the shipped demo experts; then open the printed URL
+    python scripts/app.py --ckpt outputs/quickstart/checkpoints/latesteps_500_750.ckpt \
+                          --ckpt outputs/quickstart/checkpoints/latesteps_750_1000.ckpt
 
 The page serves on 127.0.0.1 only (this machine) unless --listen is given.  It fetches nothing from the internet, sends
 no telemetry and makes no sharing links.  Each result is written to <outdir>/<request id>/ with the name and PNG
@@ -15,8 +17,10 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
+from typing import Any
 
 from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, one_line_error
 
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
-                   help="expert checkpoint; repeat once per expert (each runs the steps in its window)")
+                   help="expert checkpoint, or 'demo' for the shipped demo experts; repeat once per expert (each runs "
+                        "the steps in its window; the page's start slider spans the union of the windows)")
     p.add_argument("--config", metavar="YAML", help="model config for checkpoints that carry none (e.g. CompVis releases)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -126,17 +131,46 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.outdir}", flush=True)
         if args.listen:
             _err(f"warning: listening on every interface: anyone who can reach port {port} can use the page")
-        config = uvicorn.Config(create_app(refiner, args.outdir, listen=args.listen), log_level="warning",
-                                access_log=args.verbose, http="h11", ws="none", lifespan="on", server_header=False)
         try:
-            # On Ctrl+C uvicorn stops serving, the app's shutdown waits for the worker (the running request ends after
-            # its current step), then uvicorn raises the signal again: that KeyboardInterrupt is the normal way out.
-            uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:
+            config = uvicorn.Config(create_app(refiner, args.outdir, listen=args.listen), log_level="warning",
+                                    access_log=args.verbose, http="h11", ws="none", lifespan="on", server_header=False)
+            # While serving, uvicorn's own handler takes Ctrl+C: it stops serving, the app's shutdown waits for the
+            # worker (the running request ends after its current step), then uvicorn restores the handler below and
+            # raises the signal again.  This handler ignores that one and any later Ctrl+C (pressed twice, or during
+            # the exit): the server is already stopping, and a KeyboardInterrupt there would print a traceback.
+            signal.signal(signal.SIGINT, _stopping)
+            _server(uvicorn, config).run(sockets=[sock])
+        except KeyboardInterrupt:  # before uvicorn took the signal (while the app was built): stopped all the same
             pass
     print("stopped", flush=True)
     return 0
 
 
+def _stopping(_signum: int, _frame: object) -> None:
+    """SIGINT once the server is (being) stopped: nothing left to interrupt."""
+
+
+def _server(uvicorn: Any, config: Any) -> Any:
+    """A uvicorn server whose second Ctrl+C (while it waits for open connections or the running request's step) stops
+    the process at once, with exit 0 and no traceback.  uvicorn's own "force quit" would skip the app's shutdown and
+    cancel it mid-way: a traceback in the log, and the worker left inside torch as the interpreter exits (that aborted
+    with exit 134).  Finished outputs are complete files (atomic writes); the running request is abandoned."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                _err("second Ctrl+C: stopped at once, without waiting for a running request")
+                print("stopped", flush=True)
+                sys.stderr.flush()
+                os._exit(0)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl+C while Python imports the app, before main's own handlers
+        _err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)

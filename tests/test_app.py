@@ -209,12 +209,14 @@ def test_handler_messages_for_what_a_user_can_get_wrong(refiner, images):
         prepare(refiner, upload, RefineSettings(start_t=300), None)
     with pytest.raises(RequestError, match="outside the 48x40 image"):
         prepare(refiner, upload, RefineSettings.from_json({"start_t": 300, "boxes": "0,0,60,10"}), None)
-    with pytest.raises(RequestError, match="outside every expert window"):
+    with pytest.raises(RequestError, match=r"^start t=700 is above the experts' range \(max 499\); move the slider down$"):
         prepare(refiner, upload, RefineSettings(start_t=700), load_painted_mask(mask_png, upload))
     assert prepare(refiner, upload, RefineSettings(start_t=300, mode="whole"), empty).start_map is None
-    for bad, expected in [({"start_t": 0}, "start_t=0 must be an integer in [1, 999]"), ({"steps": "ten"}, "steps="),
-                          ({"seed": 1.5}, "seed=1.5"), ({"n_samples": 9}, "[1, 8]"), ({"start_t": True}, "start_t="),
-                          ({"mode": "all"}, "mode='all' is not one of"), ({"colour": 1}, "unknown setting(s) 'colour'"),
+    for bad, expected in [({"start_t": 0}, "Start t must be a whole number from 1 to 999, not 0"),
+                          ({"steps": "ten"}, "Steps must be a whole number from 1 to 1000, not 'ten'"),
+                          ({"seed": 1.5}, "Seed must be"), ({"n_samples": 9}, "Samples must be a whole number from 1 to 8"),
+                          ({"start_t": True}, "Start t must be"), ({"mode": "all"}, "Mode 'all' is not one of"),
+                          ({"colour": 1}, "unknown setting(s) 'colour'"),
                           ({"boxes": "1,2,3"}, "is not x0,y0,x1,y1"), ([], "must be a JSON object")]:  # fmt: skip
         with pytest.raises(RequestError) as info:
             RefineSettings.from_json(bad)
@@ -225,7 +227,8 @@ def test_handler_messages_for_what_a_user_can_get_wrong(refiner, images):
 def test_plan_label_names_the_windows_the_steps_cross(refiner):
     cached = len(refiner._plans)
     both = describe_plan(refiner, RefineSettings(start_t=400, steps=10))
-    assert both["ok"] and both["windows"] == "steps 500-750 then 750-1000"
+    assert both["ok"] and both["windows"] == "steps 500-750 then 750-1000" and both["t_windows"] == "t 250-499 then t 0-249"
+    assert both["routing_t"] == "t 301: latesteps_500_750.ckpt; t 201-1: latesteps_750_1000.ckpt"  # t only
     assert both["effective_start_t"] == 301 and both["n_steps"] == 4 and "latesteps_500_750.ckpt" in both["routing"]
     details = describe_plan(refiner, RefineSettings(start_t=200, steps=4, step_mode="exact"))
     assert details["ok"] and details["windows"] == "steps 750-1000" and details["effective_start_t"] == 200
@@ -234,7 +237,10 @@ def test_plan_label_names_the_windows_the_steps_cross(refiner):
     assert describe_plan(refiner, RefineSettings.from_json({"mode": "whole", "start_t": 100, "boxes": "0,0,4,4@450"}))[
         "start_t"] == 100  # fmt: skip
     above = describe_plan(refiner, RefineSettings(start_t=800))
-    assert not above["ok"] and "outside every expert window" in above["error"]
+    assert not above["ok"] and above["error"] == "start t=800 is above the experts' range (max 499); move the slider down"
+    boxed = describe_plan(refiner, RefineSettings.from_json({"start_t": 100, "boxes": "0,0,4,4@600"}))
+    assert boxed["error"] == ("box 0,0,4,4@600 starts at t=600, above the experts' range (max 499); lower its @start_t or "
+                              "leave it out")
     assert len(refiner._plans) == cached  # moving the slider builds no plan on the device
 
 
@@ -469,11 +475,11 @@ def test_upload_refine_download_then_errors_and_the_server_goes_on(server, image
     status, body = server.json("/api/refine", {"upload": up["id"], "settings": {"start_t": 300}, "mask": None})
     assert status == 400 and "nothing selected" in body["error"]
     status, body = server.json("/api/refine", {"upload": up["id"], "settings": {"start_t": 900}, "mask": None})
-    assert status == 400 and "outside every expert window" in body["error"]
+    assert status == 400 and body["error"] == "start t=900 is above the experts' range (max 499); move the slider down"
     status, body = server.json("/api/refine", {"upload": "nope", "settings": {}})
     assert status == 400 and "upload it again" in body["error"]
     status, body = server.json("/api/plan", {"start_t": 900})
-    assert status == 200 and not body["ok"] and "outside every expert window" in body["error"]
+    assert status == 200 and not body["ok"] and "above the experts' range (max 499)" in body["error"]
 
     status, job = server.refine(up["id"], {"start_t": 200, "steps": 2, "step_mode": "exact", "mode": "whole"}, None)
     assert status == 200 and job["state"] == "done" and job["result"]["windows"] == "steps 750-1000"
@@ -560,10 +566,29 @@ class DevTools:
             time.sleep(0.1)
         raise AssertionError(f"still false after {timeout} s: {expression}")
 
-    def mouse(self, kind: str, x: float, y: float) -> None:
+    def mouse(self, kind: str, x: float, y: float, pointer: str = "mouse") -> None:
+        """A mouse (or, with ``pointer="pen"``, a pen) event at viewport ``(x, y)``, the left button down until released."""
         pressed = kind != "mouseReleased"
         self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1,
-                                               "buttons": 1 if pressed else 0})  # fmt: skip
+                                               "buttons": 1 if pressed else 0, "pointerType": pointer})  # fmt: skip
+
+    def drag(self, points: list[tuple[float, float]], pointer: str = "mouse") -> None:
+        """Press at the first point, move through the others, release at the last: by mouse, pen or touch."""
+        if pointer == "touch":
+            kinds = ["touchStart"] + ["touchMove"] * (len(points) - 1)
+            for kind, (x, y) in zip(kinds, points):
+                self.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+            self.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            return
+        self.mouse("mousePressed", *points[0], pointer=pointer)
+        for x, y in points[1:]:
+            self.mouse("mouseMoved", x, y, pointer=pointer)
+        self.mouse("mouseReleased", *points[-1], pointer=pointer)
+
+    def key(self, key: str, code: int) -> None:
+        """Press and release a key (``key`` as the DOM names it, ``code`` its Windows virtual key code)."""
+        for kind in ("rawKeyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", {"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code})
 
     def close(self) -> None:
         try:
@@ -584,7 +609,8 @@ def test_headless_chromium_uploads_paints_refines_and_compares(server, images, t
     try:
         browser.send("Page.navigate", {"url": server.url + "/"})
         browser.wait_for("document.body && document.body.dataset.ready === '1'")
-        assert "steps 500-750 then 750-1000" in browser.js("document.getElementById('plan-label').textContent")
+        assert "t 0-249" in browser.js("document.getElementById('plan-label').textContent")  # t only; steps in the tooltip
+        assert "steps 750-1000" in browser.js("document.getElementById('plan-label').title")
         file_input = browser.send("DOM.querySelector", {"nodeId": browser.send("DOM.getDocument")["root"]["nodeId"],
                                                         "selector": "#file"})["nodeId"]  # fmt: skip
         browser.send("DOM.setFileInputFiles", {"files": [str(tmp_path / "broken.png")], "nodeId": file_input})
@@ -608,7 +634,9 @@ def test_headless_chromium_uploads_paints_refines_and_compares(server, images, t
         assert browser.wait_for("document.body.dataset.results", timeout=120) == "1"
         assert browser.js("document.getElementById('progress').value") == 1
         summary = browser.js("document.getElementById('summary').textContent")
-        assert "effective start t=381 (step 619)" in summary and "steps 500-750 then 750-1000" in summary
+        assert "first step t=381," in summary and "t 250-499 then t 0-249" in summary and "step" not in summary.replace(
+            "first step", "").replace("steps per sample", "")  # one numbering scheme; the others in the tooltip
+        assert "step 619" in browser.js("document.getElementById('summary').title")
         assert "latesteps_500_750.ckpt" in browser.js("document.getElementById('routing').textContent")
         shot = tmp_path / "page.png"
         shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"})["data"]))
@@ -641,3 +669,80 @@ def test_headless_chromium_uploads_paints_refines_and_compares(server, images, t
     network = [u for u in asked if u.split(":", 1)[0] in ("http", "https", "ws", "wss")]  # not chrome://, data:
     assert {server.url + "/static/app.js", server.url + "/api/info", server.url + "/api/refine"} <= set(network)
     assert all(u.startswith(server.url + "/") for u in network), network  # nothing from anywhere else
+
+
+SPLIT = "Number(document.querySelector('.compare .divider').getAttribute('aria-valuenow'))"
+LABELLED = """[...document.querySelectorAll('input, select, textarea, button, progress, canvas, [role=slider]')]
+  .filter(el => !(el.getAttribute('aria-label') || [...(el.labels || [])].some(l => l.textContent.trim())
+                  || (el.tagName === 'BUTTON' && el.textContent.trim())))
+  .map(el => el.id || el.outerHTML.slice(0, 60))"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); browser check skipped")
+def test_headless_chromium_drags_the_divider_by_mouse_pen_touch_and_keys(server, images, tmp_path):
+    image_png, _ = images["rgb"]
+    (tmp_path / "broken.png").write_bytes(image_png[:300])
+    _, up = server.upload(image_png, "astro.png")
+    _, job = server.refine(up["id"], {"mode": "whole", "start_t": 200, "steps": 2, "step_mode": "exact"}, None)
+    assert job["state"] == "done", job
+    browser = DevTools(tmp_path / "profile", 1280, 1000)
+    try:
+        # a fresh page: the start slider spans the two experts' windows (t < 500) and starts gently, in place
+        browser.send("Page.navigate", {"url": server.url + "/"})
+        browser.wait_for("document.body && document.body.dataset.ready === '1'")
+        slider = browser.js("(s => [s.min, s.max, s.value])(document.getElementById('start'))")
+        assert slider == ["1", "499", "125"] and browser.js("document.getElementById('mode').value") == "mask"
+        label = browser.js("document.getElementById('start-label').textContent")
+        assert "Start t" in label and "125" in label and "step" not in label and "strength" not in label, label
+        assert "step 875 of 1000" in browser.js("document.getElementById('start-label').title")
+        assert browser.js(LABELLED) == []  # every control has a label (the step-mode dropdown included)
+
+        # a request's page (?job=): its results, each with a before/after comparison
+        browser.send("Page.navigate", {"url": f"{server.url}/?job={job['id']}"})
+        browser.wait_for("document.body && document.body.dataset.results === '1' "
+                         "&& document.querySelector('.compare img.before').complete")
+        browser.js("document.querySelector('.compare').scrollIntoView({block: 'center'})")
+        x, y, w, h = browser.js("(r => [r.left, r.top, r.width, r.height])"
+                                "(document.querySelector('.compare').getBoundingClientRect())")  # fmt: skip
+        assert w > 50 and h > 40 and browser.js(SPLIT) == 50
+        assert browser.js("[...document.querySelectorAll('.compare img')].every(i => i.draggable === false)")
+        along = lambda a, b, n=8: [(x + w * (a + (b - a) * k / n), y + h / 2) for k in range(n + 1)]  # noqa: E731
+        browser.drag(along(0.5, 0.15))  # press, several moves, release: the divider follows to the end
+        assert abs(browser.js(SPLIT) - 15) < 1.5, browser.js(SPLIT)
+        clip = browser.js("document.querySelector('.compare img.after').style.clipPath")
+        assert clip == f"inset(0px 0px 0px {browser.js(SPLIT)}%)" or clip == f"inset(0 0 0 {browser.js(SPLIT)}%)", clip
+        browser.mouse("mouseMoved", x + 0.9 * w, y + h / 2)  # the button is up: moving does nothing
+        assert abs(browser.js(SPLIT) - 15) < 1.5
+        browser.drag([*along(0.15, 0.8), (x + w + 200, y + h / 2)], pointer="pen")  # captured beyond the edge: 100 %
+        assert browser.js(SPLIT) == 100
+        browser.drag(along(0.9, 0.3), pointer="touch")
+        assert abs(browser.js(SPLIT) - 30) < 1.5, browser.js(SPLIT)
+
+        # the keyboard: the divider is a focusable slider; the arrows, Home and End move it
+        assert browser.js("(d => [d.tabIndex, d.getAttribute('role'), d.getAttribute('aria-label') !== null])"
+                          "(document.querySelector('.compare .divider'))") == [0, "slider", True]  # fmt: skip
+        browser.js("document.querySelector('.compare .divider').focus()")
+        start = browser.js(SPLIT)
+        for _ in range(3):
+            browser.key("ArrowLeft", 37)
+        assert browser.js(SPLIT) == pytest.approx(start - 6, abs=0.11)
+        browser.key("ArrowRight", 39)
+        assert browser.js(SPLIT) == pytest.approx(start - 4, abs=0.11)
+        browser.key("End", 35)
+        assert browser.js(SPLIT) == 100
+        browser.key("Home", 36)
+        assert browser.js(SPLIT) == 0
+
+        # a failed upload clears the canvas and forgets the previous image (Refine is off until a good upload)
+        assert browser.js("!document.getElementById('canvas-wrap').classList.contains('empty')")
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        file_input = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#file"})["nodeId"]
+        browser.send("DOM.setFileInputFiles", {"files": [str(tmp_path / "broken.png")], "nodeId": file_input})
+        shown = browser.wait_for(f"(m => m.classList.contains('bad') && m.textContent)({UPLOAD_MSG})")
+        assert "cannot load image broken.png" in shown
+        assert browser.js("document.getElementById('canvas-wrap').classList.contains('empty')")
+        assert not browser.js("(v => v.getContext('2d').getImageData(0, 0, v.width, v.height).data.some(b => b))"
+                              "(document.getElementById('view'))")  # fmt: skip
+        assert browser.js("document.getElementById('refine').disabled")
+    finally:
+        browser.close()

@@ -1,5 +1,7 @@
 """The web app's bounds (issue 25): upload pixels and decodes, request size and parsing off the event loop, work per
-request, cancel, random ids, Ctrl+C during a job, and requests that used to give HTTP 500.
+request, cancel, random ids, Ctrl+C during a job, and requests that used to give HTTP 500.  And the page's limits and
+words (issue 27): the start slider's range and default from the experts' windows, messages without the CLI's flags,
+labels on every control, Ctrl+C on an idle server, ``--ckpt demo``.
 
 Handler and queue checks run in-process; the HTTP checks share one server (scripts/app.py -v) started like
 tests/test_app.py's; the Ctrl+C check starts one of its own, since it stops it.
@@ -15,7 +17,9 @@ import struct
 import threading
 import time
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ import pytest
 pytest.importorskip("starlette", reason="the web app needs the app extra: pip install -e .[app]")
 pytest.importorskip("uvicorn", reason="the web app needs the app extra: pip install -e .[app]")
 
-from test_app import Server, png_bytes, start_server  # noqa: E402  (after the skips)
+from test_app import REPO, STATIC, Server, png_bytes, start_server  # noqa: E402  (after the skips)
 
 import ldm.app.handlers as handlers  # noqa: E402
 from ldm.app.handlers import (  # noqa: E402
@@ -32,11 +36,13 @@ from ldm.app.handlers import (  # noqa: E402
     MAX_REQUEST_STEPS,
     RefineSettings,
     RequestError,
+    describe_plan,
     load_painted_mask,
     load_upload,
     prepare,
 )
 from ldm.app.jobs import JobQueue  # noqa: E402
+from ldm.app.page import FIELD_LABELS, page_words, start_range, window_message  # noqa: E402
 
 JOB_ID = re.compile(r"^\d{8}-\d{6}-[A-Za-z0-9_-]{16}$")
 
@@ -129,7 +135,7 @@ def test_at_most_max_parallel_decodes_run_at_once(monkeypatch):
 def test_settings_that_used_to_fail_late_are_one_line_400s():
     from ldm.refine.refiner import MAX_SEED
 
-    with pytest.raises(RequestError, match=r"seed \+ n_samples - 1 must be at most 9223372036854775807"):
+    with pytest.raises(RequestError, match=r"the last seed \(Seed \+ Samples - 1\) must be at most 9223372036854775807"):
         RefineSettings.from_json({"seed": MAX_SEED, "n_samples": 3})  # wrote sample 0, then failed
     assert RefineSettings.from_json({"seed": MAX_SEED - 2, "n_samples": 3}).seed == MAX_SEED - 2
     with pytest.raises(RequestError) as info:
@@ -420,3 +426,208 @@ def test_an_upload_body_that_stalls_is_refused_with_408(monkeypatch):
     with pytest.raises(HTTPException) as caught:
         asyncio.run(server_module._read_body(request, 1000, "the upload"))
     assert caught.value.status_code == 408 and "stalled" in caught.value.detail
+
+
+# --------------------------------------------------------------------------------- the page's limits and words
+def fake_refiner(*windows: tuple[int, int], allow: bool = False, total: int = 1000) -> SimpleNamespace:
+    experts = [SimpleNamespace(window=(lo, hi), name=f"e{lo}_{hi}.ckpt") for lo, hi in windows]
+    return SimpleNamespace(num_timesteps=total, experts=experts, router=SimpleNamespace(allow_outside_window=allow))
+
+
+@pytest.mark.parametrize(
+    "windows, allow, expected",
+    [
+        (((250, 500), (0, 250)), False, (1, 499, 125, True)),  # the quick start's experts: t < 500, details' middle
+        (((0, 1000),), False, (1, 999, 250, True)),  # one full-range model: at most a quarter of the noise redone
+        (((0, 250), (300, 500)), False, (1, 249, 125, True)),  # a gap: above it, the steps at 250-299 are nobody's
+        (((0, 40),), False, (1, 39, 20, True)),
+        (((250, 500),), False, (1, 499, 250, False)),  # the last steps are nobody's: no start runs (the label says so)
+        (((250, 500), (0, 250)), True, (1, 999, 125, True)),  # --allow-outside-window: the nearest expert runs
+    ],
+)  # fmt: skip
+def test_start_slider_range_and_default_come_from_the_windows(windows, allow, expected):
+    rng = start_range(fake_refiner(*windows, allow=allow))
+    assert (rng.low, rng.high, rng.default, rng.covered) == expected
+    assert rng.low <= rng.default <= rng.high
+
+
+def test_api_info_gives_the_page_the_windows_and_the_slider(server):
+    status, info = server.json("/api/info")
+    assert status == 200 and info["start"] == {"min": 1, "max": 499, "default": 125, "covered": True, "num_timesteps": 1000}
+    assert [(w["t_min"], w["t_max"], w["steps"], w["text"]) for w in info["windows"]] == [
+        (0, 250, [750, 1000], "t 0-249"), (250, 500, [500, 750], "t 250-499")]  # fmt: skip
+    assert info["windows"][0]["name"] == "latesteps_750_1000.ckpt"
+    assert info["defaults"]["start_t"] == 125 and info["defaults"]["mode"] == "mask"  # gentle, in place
+    status, plan = server.json("/api/plan", {})  # a setting left out takes the page's default, not the CLI's 500
+    assert status == 200 and plan["ok"] and plan["start_t"] == 125
+    for start, ok in [(499, True), (500, False), (1, True)]:  # counted exactly, the first step is the start itself
+        status, plan = server.json("/api/plan", {"start_t": start, "steps": 1, "step_mode": "exact"})
+        assert status == 200 and plan["ok"] is ok, plan
+    assert plan["t_windows"] == "t 0-249"
+
+
+CLI_WORDS = re.compile(r"--[a-z]|=True|=False|allow_outside|_steps|n_samples|start_t=|mask_blur|mask_dilate|"
+                       r"region_padding|step_mode|crop_regions|batch|T-1")  # fmt: skip
+
+
+def test_every_message_the_page_can_get_speaks_its_words(refiner):
+    upload = load_upload(small_image(), "photo.png")
+    mask = load_painted_mask(dotted_mask(every=4), upload)
+    many = load_painted_mask(dotted_mask(every=2), upload)  # 480 separate regions: more than crop mode refines
+    empty = load_painted_mask(png_bytes(np.zeros((40, 48), np.uint8)), upload)
+    messages = {}
+    for name, (lo, hi) in {"start_t": (1, 999), "steps": (1, 1000), "n_samples": (1, 8), "mask_blur": (0, 256),
+                           "mask_dilate": (0, 256), "region_padding": (0, 4096), "seed": (0, 2**63 - 1)}.items():  # fmt: skip
+        for bad in (lo - 1, hi + 1, "", 1.5):
+            messages[f"{name}={bad!r}"] = error_of(RefineSettings.from_json, {name: bad})
+    for name in ("sampler", "step_mode", "mode"):
+        messages[name] = error_of(RefineSettings.from_json, {name: "nope"})
+    messages["seeds"] = error_of(RefineSettings.from_json, {"seed": 2**63 - 1, "n_samples": 2})
+    for box in ("1,2,3", "5,5,2,2", "0,0,4,4@0", "0,0,60,10"):
+        messages[box] = error_of(prepare_json, refiner, upload, {"boxes": box, "start_t": 100}, None)
+    cases = {
+        "start above": ({"start_t": 700}, mask), "box above": ({"start_t": 100, "boxes": "0,0,4,4@600"}, None),
+        "exact > start": ({"start_t": 40, "steps": 60, "step_mode": "exact"}, mask), "empty mask": ({}, empty),
+        "nothing": ({}, None), "crop regions": ({"mode": "crop", "start_t": 100}, many),
+        "work": ({"n_samples": 8, "start_t": 400, "steps": 400, "step_mode": "exact", "mode": "crop"}, mask),
+    }  # fmt: skip
+    for name, (page, painted) in cases.items():
+        messages[name] = error_of(prepare_json, refiner, upload, page, painted)
+        plan = describe_plan(refiner, RefineSettings.from_json(page))
+        if not plan["ok"]:
+            assert plan["error"] == messages[name]  # the live label says what Refine would say
+    assert messages["start above"] == "start t=700 is above the experts' range (max 499); move the slider down"
+    assert messages["box above"].startswith("box 0,0,4,4@600 starts at t=600, above the experts' range (max 499)")
+    assert messages["exact > start"].startswith("Steps 60: counted exactly from start t=40, at most 40 steps fit")
+    assert messages["n_samples=9"] == "Samples must be a whole number from 1 to 8, not 9"
+    assert "Mask dilate, under 'more'" in messages["crop regions"] and "(Mode: in place)" in messages["crop regions"]
+    assert messages["empty mask"].endswith("paint over the region to refine")
+    assert "leave out @start_t to use the slider's start" in messages["0,0,4,4@0"]
+    for name, message in messages.items():
+        assert message and "\n" not in message and not CLI_WORDS.search(message), (name, message)
+
+
+def prepare_json(refiner, upload, page: dict, mask):
+    return prepare(refiner, upload, RefineSettings.from_json(page), mask)
+
+
+def error_of(function, *args) -> str:
+    with pytest.raises(RequestError) as info:
+        function(*args)
+    return str(info.value)
+
+
+def test_page_words_rewrites_the_refiner_s_cli_hints():
+    from ldm.windows import assign_windows
+
+    with pytest.raises(ValueError) as info:
+        assign_windows([(0, 250), (250, 500)], [700, 300, 100], 1000)
+    assert "--allow-outside-window" in str(info.value)  # the CLI's message names flags the page does not have ...
+    assert not CLI_WORDS.search(page_words(str(info.value)))  # ... and an aside that still names one is dropped
+    rng = start_range(fake_refiner((0, 250), (250, 500)))
+    assert window_message(rng, 700, [], str(info.value)) == ("start t=700 is above the experts' range (max 499); move "
+                                                             "the slider down")  # fmt: skip
+    overlap = window_message(rng, 300, [], "... covered by more than one expert window ...")
+    assert "do not overlap" in overlap and not CLI_WORDS.search(overlap)
+    uncovered = window_message(start_range(fake_refiner((250, 500))), 100, [], "outside every expert window")
+    assert "t 0-249" in uncovered and "no start can run" in uncovered
+
+
+def test_a_job_out_of_device_memory_says_so_in_the_page_s_words(refiner):
+    import torch
+
+    upload = load_upload(small_image(), "photo.png")
+    prepared = prepare(refiner, upload, RefineSettings(mode="whole", start_t=100, steps=2, step_mode="exact"), None)
+
+    def run(_job):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB ... "
+                                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+    jobs = JobQueue(run)
+    job = jobs.submit(prepared, "key", b"png", None)
+    jobs.start()
+    deadline = time.monotonic() + 30
+    while job.state in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    jobs.stop(timeout=5)
+    assert job.state == "failed" and job.message.startswith("the device ran out of memory refining this image")
+    assert not CLI_WORDS.search(job.message)
+
+
+class _Labels(HTMLParser):
+    """The page's controls and its labels' ``for`` targets (labels may also wrap their control)."""
+
+    CONTROLS = ("input", "select", "textarea", "progress", "canvas", "button")
+
+    def __init__(self):
+        super().__init__()
+        self.controls, self.targets, self.texts, self._label = [], set(), {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "label":
+            self._label = attrs.get("for")
+            self.targets.add(self._label)
+            self.texts[self._label] = ""
+        elif tag in self.CONTROLS:
+            self.controls.append((tag, attrs))
+
+    def handle_endtag(self, tag):
+        if tag == "label":
+            self._label = None
+
+    def handle_data(self, data):
+        if self._label is not None:
+            self.texts[self._label] += data
+
+
+def test_every_control_of_the_page_has_a_label():
+    parser = _Labels()
+    parser.feed((STATIC / "index.html").read_text())
+    unlabelled = [(tag, a.get("id")) for tag, a in parser.controls
+                  if tag != "button" and not a.get("aria-label") and a.get("id") not in parser.targets]  # fmt: skip
+    assert unlabelled == [] and any(a.get("id") == "step-mode" for _, a in parser.controls)
+    assert all(parser.texts[t].strip() for t in parser.targets)
+    ids = {"start": "start_t", "steps": "steps", "seed": "seed", "n-samples": "n_samples", "mode": "mode",
+           "sampler": "sampler", "boxes": "boxes", "mask-blur": "mask_blur", "mask-dilate": "mask_dilate",
+           "region-padding": "region_padding"}  # fmt: skip
+    for control, field in ids.items():  # a message names a field as the page labels it
+        assert parser.texts[control].strip().startswith(FIELD_LABELS[field]), (control, parser.texts[control])
+    assert "step" not in parser.texts["start"] and "strength" not in parser.texts["start"]  # one numbering scheme
+
+
+def test_ctrl_c_on_an_idle_server_exits_0_without_a_traceback(expert_checkpoints, tmp_path):
+    for presses in (1, 2):  # pressed twice, the second arrives while it stops
+        (tmp_path / f"run{presses}").mkdir()
+        with start_server(expert_checkpoints, tmp_path / f"run{presses}") as own:
+            assert own.request("/api/info")[0] == 200
+            for _ in range(presses):
+                own.proc.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+            code = own.proc.wait(timeout=60)
+        log = own.err.read_text()
+        assert code == 0 and "Traceback" not in log and "KeyboardInterrupt" not in log, (code, log)
+        time.sleep(0.2)  # the stdout reader thread takes the last line
+        assert own.stdout[-1].strip() == "stopped"
+
+
+def test_ckpt_demo_is_passed_to_the_refiner_and_the_help_says_so(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from ldm.refine import Refiner
+
+    spec = importlib.util.spec_from_file_location("app_script_demo", REPO / "scripts" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    help_text = " ".join(app.build_parser().format_help().split())
+    assert "expert checkpoint, or 'demo' for the shipped demo experts; repeat once per expert" in help_text
+    assert "0 stopped with Ctrl+C" in help_text and "130 Ctrl+C before serving" in help_text
+    asked = []
+
+    def from_checkpoints(paths, **_kwargs):
+        asked.append(list(paths))
+        raise KeyboardInterrupt  # as Ctrl+C while the models load: nothing is served
+
+    monkeypatch.setattr(Refiner, "from_checkpoints", from_checkpoints)
+    code = app.main(["--ckpt", "demo", "--port", "0", "--outdir", str(tmp_path / "out"), "--device", "cpu"])
+    assert asked == [["demo"]] and code == 130 and capsys.readouterr().err.strip() == "app.py: interrupted"

@@ -15,7 +15,8 @@ A request goes through four steps, each the same code the CLI runs:
    ``--batch-size 1``), each result written by :func:`ldm.imageio.save_image_atomic` with the metadata of
    :func:`ldm.refine.batch.build_metadata`, named like the CLI's outputs.
 
-So the same image, mask, seed and settings give the same pixels as ``scripts/refine.py --mask``.
+So the same image, mask, seed and settings give the same pixels as ``scripts/refine.py --mask``.  Every message a
+request can get back is one line in the page's words (:mod:`ldm.app.page`): its labels, not the CLI's flags.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.app.page import FIELD_LABELS, page_words, start_range, t_window, window_message
 from ldm.imageio import (
     ImageLoadError,
     LoadedImage,
@@ -158,7 +160,7 @@ def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
         with _decode_slots:
             mask, digest = decode_mask(data, "the painted mask")
     except ImageLoadError as exc:
-        raise RequestError(str(exc)) from None
+        raise RequestError(page_words(str(exc))) from None
     if mask.shape != (upload.height, upload.width):
         _wrong_mask_size((mask.shape[1], mask.shape[0]), upload)
     return mask, digest
@@ -199,9 +201,11 @@ class RefineSettings:
     region_padding: int = DEFAULT_REGION_PADDING
 
     @classmethod
-    def from_json(cls, data: Any) -> RefineSettings:
-        """Settings from the page's JSON object (missing keys take the defaults; boxes as ``"x0,y0,x1,y1[@t]"``
-        lines).  Raises RequestError naming the first bad or unknown field."""
+    def from_json(cls, data: Any, base: RefineSettings | None = None) -> RefineSettings:
+        """Settings from the page's JSON object (missing keys take ``base``'s values, default the class defaults; boxes
+        as ``"x0,y0,x1,y1[@t]"`` lines).  Raises RequestError naming the first bad or unknown field by its label on
+        the page (e.g. "Samples must be a whole number from 1 to 8, not 9")."""
+        base = cls() if base is None else base
         if not isinstance(data, Mapping):
             raise RequestError(f"settings must be a JSON object, got {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
@@ -217,15 +221,15 @@ class RefineSettings:
         for name, choices in (("sampler", SAMPLERS), ("step_mode", STEP_MODES), ("mode", MODES)):
             if name in data:
                 if data[name] not in choices:
-                    raise RequestError(f"{name}={data[name]!r} is not one of {', '.join(choices)}")
+                    raise RequestError(f"{FIELD_LABELS[name]} {_shown(data[name])} is not one of {', '.join(choices)}")
                 values[name] = data[name]
         if "boxes" in data:
             values["boxes"] = parse_boxes(data["boxes"])
-        seed, n_samples = values.get("seed", cls.seed), values.get("n_samples", cls.n_samples)
+        seed, n_samples = values.get("seed", base.seed), values.get("n_samples", base.n_samples)
         if seed + n_samples - 1 > MAX_SEED:  # sample k uses seed + k (as scripts/refine.py refuses it)
-            raise RequestError(f"seed={seed} with n_samples={n_samples} would use seeds up to {seed + n_samples - 1}; "
-                               f"seed + n_samples - 1 must be at most {MAX_SEED}: lower the seed")
-        return cls(**values)
+            raise RequestError(f"Seed {seed} with {n_samples} samples would use seeds up to {seed + n_samples - 1}; "
+                               f"the last seed (Seed + Samples - 1) must be at most {MAX_SEED}: lower the seed")
+        return replace(base, **values)
 
     def plan_arguments(self) -> dict[str, Any]:
         """``ddim_steps`` / ``tail_steps`` / ``sampler`` for :meth:`Refiner.plan`."""
@@ -249,7 +253,7 @@ def parse_boxes(text: Any) -> tuple[Box, ...]:
     """Boxes from text: ``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"``, one per line (or ``;``-separated); blank lines
     are skipped.  RequestError naming the bad line."""
     if not isinstance(text, str):
-        raise RequestError(f"boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
+        raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
     lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
     if len(lines) > MAX_BOXES:
         raise RequestError(f"{len(lines):,} boxes given; at most {MAX_BOXES} are accepted: merge neighbouring boxes "
@@ -259,14 +263,14 @@ def parse_boxes(text: Any) -> tuple[Box, ...]:
         try:
             boxes.append(parse_box(line))
         except ValueError as exc:
-            raise RequestError(str(exc)) from None
+            raise RequestError(page_words(str(exc))) from None
     return tuple(boxes)
 
 
 def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # JSON may send 4.0 for 4
     if isinstance(value, bool) or not whole or not lo <= value <= hi:
-        raise RequestError(f"{name}={_shown(value)} must be an integer in [{lo}, {hi}]")
+        raise RequestError(f"{FIELD_LABELS[name]} must be a whole number from {lo} to {hi}, not {_shown(value)}")
     return int(value)
 
 
@@ -282,32 +286,52 @@ def _shown(value: Any, limit: int = 40) -> str:
 def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
     """What the settings will run, for the page's live start_t label; never raises for a bad combination.
 
-    Returns ``{"ok": True, "start_t", "effective_start_t", "n_steps", "windows"`` (the expert windows the steps cross,
-    e.g. ``"steps 500-750 then 750-1000"``), ``"routing", "summary"}`` or ``{"ok": False, "error": one line}`` (e.g. a
-    start above every expert's window).  Builds the plan on the CPU without caching it in the refiner, so moving the
-    slider allocates nothing on the device.
+    Returns ``{"ok": True, **plan_facts}`` (the expert windows the steps cross, e.g. ``"t 250-499 then t 0-249"``,
+    routing, summary) or ``{"ok": False, "error": one line in the page's words}`` (e.g. "start t=800 is above the
+    experts' range (max 499); move the slider down").  Builds the plan on the CPU without caching it in the
+    refiner, so moving the slider allocates nothing on the device.
     """
     try:
         start = _plan_start(refiner, settings)
         plan = build_plan(refiner.schedule, start, refiner.denoisers, "cpu", assign=refiner.router.assign,
                           expert_names=[e.name for e in refiner.experts], **settings.plan_arguments())  # fmt: skip
     except ValueError as exc:
-        return {"ok": False, "error": " ".join(str(exc).split())}
+        return {"ok": False, "error": plan_error(refiner, settings, exc)}
     return {"ok": True, **plan_facts(refiner, plan)}
 
 
+def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> str:
+    """A plan the refiner refused, in the page's words: a start above the experts' windows says the range and "move
+    the slider down" (not the CLI's ``--start-t`` / ``--allow-outside-window``)."""
+    text = " ".join(str(exc).split())
+    if "expert window" in text:
+        boxes = [(b.describe(), b.start_t) for b in settings.regions().boxes if b.start_t is not None]
+        return window_message(start_range(refiner), settings.start_t, boxes, text)
+    return page_words(text)
+
+
 def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
-    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary."""
-    windows = []
+    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary.
+
+    ``t_windows`` and ``routing_t`` count in timesteps t only (the page's labels); ``windows`` and ``routing`` also
+    give the steps counted from noise (its tooltips).
+    """
+    windows, t_windows = [], []
     for _, _, index in plan.routing:
-        a, b = window_to_steps(*refiner.experts[index].window, plan.num_timesteps)
+        window = refiner.experts[index].window
+        a, b = window_to_steps(*window, plan.num_timesteps)
         windows.append(f"{a}-{b}")
+        t_windows.append(t_window(*window))
+    routing_t = "; ".join(f"t {hi}-{lo}: {plan.expert_names[i]}" if hi != lo else f"t {hi}: {plan.expert_names[i]}"
+                          for hi, lo, i in plan.routing)  # fmt: skip
     return {
         "start_t": plan.start_t,
         "effective_start_t": plan.effective_start,
         "n_steps": len(plan.timesteps),
         "windows": "steps " + " then ".join(windows),
+        "t_windows": " then ".join(t_windows),
         "routing": plan.describe_routing(),
+        "routing_t": routing_t,
         "summary": plan.describe(),
     }
 
@@ -365,18 +389,19 @@ def prepare(refiner: Refiner, upload: Upload, settings: RefineSettings, mask: tu
     try:
         plan = batch_plan(refiner, settings.start_t, eta=0.0, strength=None, regions=regions, **settings.plan_arguments())
     except ValueError as exc:
-        raise RequestError(" ".join(str(exc).split())) from None
+        raise RequestError(plan_error(refiner, settings, exc)) from None
     start_map, meta, n_regions = None, {}, 1
     if settings.mode != "whole":
         if mask is None and not regions.boxes:
-            raise RequestError("nothing selected: paint over the region to refine or enter a box (or choose 'whole image')")
+            raise RequestError("nothing selected: paint over the region to refine or draw a box (or set Mode to 'whole "
+                               "image')")
         array, digest = (None, "") if mask is None else mask
         try:
             _, start_map = refiner.region_start_map(upload.height, upload.width, settings.start_t, None, array,
                                                     regions.boxes, regions.dilate)  # fmt: skip
             crops = region_crops(start_map, regions.padding) if regions.crop else None
         except ValueError as exc:
-            raise RequestError(" ".join(str(exc).split())) from None
+            raise RequestError(page_words(str(exc))) from None
         n_regions = len(crops) if crops is not None else 1
         _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refused request costs little
         meta = {**regions.as_metadata(), "mask": "painted in the web app" if mask is not None else "", "mask_sha256": digest}

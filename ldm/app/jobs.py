@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ldm.app.handlers import Prepared, RefineResult, RequestError
+from ldm.app.page import page_words
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,13 @@ class JobQueue:
                 job.message = f"{exc} after {job.done_steps} of {job.total_steps} steps"
                 job.state = CANCELLED
                 logger.info("request %s: %s", job.id, job.message)
-            except (ValueError, OSError, torch.OutOfMemoryError) as exc:
-                job.message = " ".join(str(exc).split()) or type(exc).__name__
+            except torch.OutOfMemoryError:
+                logger.warning("request %s failed: out of device memory", job.id, exc_info=True)
+                job.message = ("the device ran out of memory refining this image; try a smaller image, Mode 'crop', or "
+                               "fewer samples (the server log has the details)")
+                job.state = FAILED
+            except (ValueError, OSError) as exc:
+                job.message = page_words(str(exc)) or type(exc).__name__
                 job.state = FAILED
                 logger.warning("request %s failed: %s", job.id, job.message)
             except Exception as exc:  # a bug must cost this request only: the server keeps serving the next ones

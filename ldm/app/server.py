@@ -4,7 +4,7 @@ Routes (all same-origin; the page is the only client it is written for)::
 
     GET  /                            the page (static/index.html; a Content-Security-Policy allows this origin only)
     GET  /static/<file>               its script and style sheet, from the installed package
-    GET  /api/info                    experts, device, defaults and limits
+    GET  /api/info                    experts, their windows, the start slider's range and default, limits
     POST /api/plan         JSON       settings -> what they will run (the start_t label: windows crossed, routing)
     POST /api/upload?name= bytes      an image file -> {id, width, height, ...}; a bad upload -> 400 with one line
     GET  /api/uploads/<id>/image.png  the upload as decoded (what the mask is painted on)
@@ -71,6 +71,7 @@ from ldm.app.handlers import (
     refine,
 )
 from ldm.app.jobs import DONE, Job, JobQueue
+from ldm.app.page import start_range
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
 
@@ -97,6 +98,8 @@ class AppState:
     def __init__(self, refiner: Refiner, outdir: Path):
         self.refiner = refiner
         self.outdir = outdir
+        self.start = start_range(refiner)  # the start slider's range and default, from the experts' windows
+        self.defaults = RefineSettings(start_t=self.start.default)  # what a setting the page leaves out takes
         self.uploads: OrderedDict[str, Upload] = OrderedDict()  # id -> upload (read and written on the event loop only)
         self.jobs = JobQueue(self._run)
         self.decodes = asyncio.Semaphore(MAX_PARALLEL_DECODES)  # uploads waiting to decode wait here, not in threads
@@ -153,7 +156,9 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
                 "describe": refiner.describe(),
                 "num_timesteps": refiner.num_timesteps,
                 "experts": [e.describe(refiner.num_timesteps) for e in refiner.experts],
-                "defaults": RefineSettings().parameters(),
+                "windows": state.start.windows_json(),
+                "start": state.start.as_json(),
+                "defaults": state.defaults.parameters(),
                 "samplers": list(SAMPLERS),
                 "modes": list(MODES),
                 "step_modes": list(STEP_MODES),
@@ -169,7 +174,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
 
     async def plan(request: Request) -> Response:
         body = await _json_body(request, MAX_PLAN_JSON_BYTES)
-        settings = await run_in_threadpool(RefineSettings.from_json, body)
+        settings = await run_in_threadpool(RefineSettings.from_json, body, state.defaults)
         return JSONResponse(describe_plan(refiner, settings))
 
     async def upload(request: Request) -> Response:
@@ -191,7 +196,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         full = state.jobs.full()
         if full is not None:  # before the request is prepared: a full queue costs no decode or start map
             raise HTTPException(503, full)
-        settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}))
+        settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}), state.defaults)
         mask_data = await run_in_threadpool(_base64, body.get("mask"))
         async with state.decodes:
             mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)

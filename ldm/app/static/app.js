@@ -67,11 +67,18 @@ function applySettings(s) {
   showStart();
 }
 
+// The page counts in timesteps t (lower = gentler), the project's convention; the same start counted in steps from
+// noise (k = T - t) and as img2img strength (t / T) is only in the tooltip and under "more".
+function otherSchemes(t) {
+  const total = state.info ? state.info.num_timesteps : 1000;
+  return `start t=${t} is step ${total - t} of ${total} counted from pure noise, or strength ${(t / total).toFixed(2)}`;
+}
+
 function showStart() {
   const t = Number($("start").value);
-  const total = state.info ? state.info.num_timesteps : 1000;
   $("start-out").textContent = `${t}`;
-  $("strength-out").textContent = `(strength ${(t / total).toFixed(2)}, step ${total - t})`;
+  $("start-other").textContent = `${otherSchemes(t)}.`;
+  $("start-label").title = `timestep t: lower changes less. ${otherSchemes(t)}`;
 }
 
 let planTimer = null;
@@ -94,13 +101,14 @@ async function updatePlan() {
     label.classList.toggle("bad", !plan.ok);
     if (plan.ok) {
       const windows = document.createElement("b");
-      windows.textContent = plan.windows;
-      const total = state.info ? state.info.num_timesteps : 1000;
+      windows.textContent = plan.t_windows;
       const rest = ` — ${plan.n_steps} step${plan.n_steps === 1 ? "" : "s"} from t=${plan.effective_start_t} ` +
-        `(step ${total - plan.effective_start_t}) down to t=1. Routing: ${plan.routing}`;
+        `down to t=1. Routing: ${plan.routing_t}`;
       label.append(windows, document.createTextNode(rest));
+      label.title = `counted in steps from noise: ${plan.windows}; ${plan.routing}`;
     } else {
       label.textContent = plan.error;
+      label.title = "";
     }
   } catch (err) {
     if (seq !== planSeq) return;
@@ -125,10 +133,24 @@ async function uploadFile(file) {
     const alpha = up.has_alpha ? ", transparency kept" : "";
     setMsg(msg, `${up.name}: ${up.width}×${up.height} ${up.format || ""}${alpha}`);
   } catch (err) {
-    state.upload = null;
+    clearImage();
+    $("file").value = ""; // the same file can be chosen again once fixed
     setMsg(msg, err.message, true);
   }
   updateButton();
+}
+
+// Forget the shown image, its mask and strokes, and blank the canvas (after a failed upload: nothing of the previous
+// image may stay on the page as if it were the one being refined).
+function clearImage() {
+  Object.assign(state, { upload: null, image: null, mask: null, tint: null, painted: false, stroke: null, boxDraft: null });
+  const view = $("view");
+  view.width = 512; // also clears its pixels
+  view.height = 320;
+  view.style.width = "";
+  view.style.height = "";
+  view.classList.remove("pixelated");
+  $("canvas-wrap").classList.add("empty");
 }
 
 function loadImage(url) {
@@ -415,49 +437,19 @@ async function poll(jobId) {
 
 function showResults(s) {
   const r = s.result;
+  $("summary").textContent = `${s.name}: start t=${r.start_t}, first step t=${r.effective_start_t}, ` +
+    `${r.n_steps} steps per sample, ${r.t_windows}; ${r.seconds.toFixed(1)} s`;
   const total = state.info ? state.info.num_timesteps : 1000;
-  $("summary").textContent = `${s.name}: start_t=${r.start_t}, effective start t=${r.effective_start_t} ` +
-    `(step ${total - r.effective_start_t}), ${r.n_steps} steps per sample, ${r.windows}; ${r.seconds.toFixed(1)} s`;
-  $("routing").textContent = `routing: ${r.routing} · saved in ${r.outdir}`;
+  $("summary").title = `${otherSchemes(r.start_t)}; the first step, t=${r.effective_start_t}, is step ` +
+    `${total - r.effective_start_t}; ${r.windows}`;
+  $("routing").textContent = `routing: ${r.routing_t} · saved in ${r.outdir}`;
+  $("routing").title = r.routing;
   const results = $("results");
   results.replaceChildren();
   for (const sample of r.samples) {
     const figure = document.createElement("figure");
     figure.className = "sample";
-    const compare = document.createElement("div");
-    compare.className = "compare";
-    compare.title = "drag to compare before (left) and after (right)";
-    const before = document.createElement("img");
-    before.className = "before";
-    before.alt = "before";
-    before.onload = () => fitCompare(before);
-    before.src = r.before_url;
-    const after = document.createElement("img");
-    after.className = "after";
-    after.alt = `after, seed ${sample.seed}`;
-    after.src = sample.url;
-    const divider = document.createElement("div");
-    divider.className = "divider";
-    const left = document.createElement("span");
-    left.className = "tag l";
-    left.textContent = "before";
-    const right = document.createElement("span");
-    right.className = "tag r";
-    right.textContent = "after";
-    compare.append(before, after, divider, left, right);
-    const setSplit = (ev) => {
-      const box = compare.getBoundingClientRect();
-      const p = Math.min(Math.max((ev.clientX - box.left) / box.width, 0), 1) * 100;
-      after.style.clipPath = `inset(0 0 0 ${p}%)`;
-      divider.style.left = `${p}%`;
-    };
-    compare.addEventListener("pointerdown", (ev) => {
-      compare.setPointerCapture(ev.pointerId);
-      setSplit(ev);
-    });
-    compare.addEventListener("pointermove", (ev) => {
-      if (ev.buttons) setSplit(ev);
-    });
+    const compare = makeCompare(r.before_url, sample.url, `after, seed ${sample.seed}`, fitCompare);
     const caption = document.createElement("figcaption");
     const link = document.createElement("a");
     link.href = sample.download_url;
@@ -491,12 +483,18 @@ async function restore(jobId) {
 async function init() {
   try {
     state.info = await api("/api/info");
-    const experts = state.info.experts.join("; ");
-    $("experts").textContent = `${state.info.experts.length} expert(s) on ${state.info.device}: ${experts} · results ` +
-      `are written to ${state.info.outdir}`;
-    $("experts").title = state.info.describe;
-    applySettings(state.info.defaults);
-    $("start").max = `${state.info.num_timesteps - 1}`;
+    const info = state.info;
+    const experts = info.windows.map((w) => `${w.name} (${w.text})`).join("; ");
+    $("experts").textContent = `${info.windows.length} expert(s) on ${info.device}: ${experts} · results ` +
+      `are written to ${info.outdir}`;
+    $("experts").title = info.describe;
+    // The slider runs over the starts the loaded experts can run (the union of their windows, from t=1 up), before
+    // the defaults are applied: a value above the old max would be clamped.
+    const start = $("start");
+    start.min = `${info.start.min}`;
+    start.max = `${info.start.max}`;
+    $("start-range").textContent = `(the experts' range: ${info.start.min}–${info.start.max})`;
+    applySettings(info.defaults);
   } catch (err) {
     setMsg($("experts"), err.message, true);
   }

@@ -8,6 +8,11 @@ Examples::
     python main.py -t -r logs/<run>/checkpoints/epoch=000003-step=000002000.ckpt
     python main.py -b cfg.yaml -t lightning.trainer.strategy=ddp lightning.trainer.devices=2 lightning.trainer.accelerator=cpu
 
+Configs merge left to right, then the ``key=value`` overrides (OmegaConf dotlist); a later config or override that gives a
+``{target, params}`` node another ``target`` replaces that node's ``params`` (another class takes other arguments), and
+``~key`` deletes a key (``'~data.params.validation'``; in a YAML layer ``~validation: null``); see
+:mod:`ldm.train.config_merge`.
+
 ``-r`` restores the run's saved configs (later ``-b`` files and ``key=value`` overrides still apply), global step,
 optimizer, LR scheduler, EMA and position in the epoch; as in latent-diffusion, ``-t`` is needed to train.
 
@@ -131,18 +136,15 @@ def _drop_init_checkpoints(cfg: Any, where: str) -> list[str]:
 def _check_init_checkpoints(cfg: Any, where: str) -> None:
     """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
     from ldm.convert.folder import is_diffusers_folder
+    from ldm.train.first_stages import missing_first_stage_hint
     from ldm.util import ConfigError
 
     if isinstance(cfg, dict):
         for key, value in cfg.items():
             if key == "ckpt_path" and value is not None and not Path(str(value)).is_file():
-                if "first_stage_config" in where:
-                    hint = (
-                        "the first stage must be a trained autoencoder: put CompVis' vq-f4 there "
-                        "(https://ommer-lab.com/files/latent-diffusion/vq-f4.zip) or train one with "
-                        "`python main.py --base configs/autoencoder/vq_f4.yaml -t` (vq_f4_tiny.yaml for the quickstart) "
-                        "and pass its logs/<run>/checkpoints/last.ckpt"
-                    )
+                if where.endswith("first_stage_config.params"):  # the hint names the config that trains it
+                    hint = "the first stage must be a trained autoencoder: " + missing_first_stage_hint(
+                        str(value), cfg, key=f"{where}.ckpt_path")
                 else:
                     hint = (
                         "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
@@ -200,7 +202,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     from ldm.data.image_folder import UnreadableDatasetError
     from ldm.train.callbacks import SetupCallback
     from ldm.train.cli import DEFAULT_SEED, merge_configs, parse_cli, resolve_resume, resume_seed, saved_run_configs
-    from ldm.train.data import check_first_items, install_data_hooks
+    from ldm.train.data import check_cached_first_stage, check_first_items, install_data_hooks
     from ldm.train.runlock import hold_run_folder
     from ldm.train.trainer import build_trainer, default_lightning_config
     from ldm.util import ConfigError, instantiate_from_config
@@ -226,7 +228,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         logdir = None
         opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
     config = merge_configs(bases, dotlist, defaults=default_lightning_config())
-    lightning_config = config.pop("lightning")
+    lightning_config = config.pop("lightning", None) or OmegaConf.create()  # '~lightning' or lightning: null
     if "data" in config and config.data is None:  # data=null drops a base config's data section
         config.pop("data")
     if opt.train and "data" not in config:
@@ -256,6 +258,8 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
             data.prepare_data()
             data.setup("fit" if opt.train else "test")
             check_first_items(data)
+            if resume_ckpt is None:  # resuming, the first stage's weights come from the checkpoint, at fit
+                check_cached_first_stage(data, model)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnreadableDatasetError) as exc:
         if isinstance(exc, (ConfigError, CheckpointError)):
             raise

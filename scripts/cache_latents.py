@@ -2,6 +2,8 @@
 """Encode a training set once with a window config's frozen first stage and write the latents as tar shards.
 
     python scripts/cache_latents.py --config configs/latesteps_500_750.yaml --data data/train --out cache/train
+    python scripts/cache_latents.py --config configs/quickstart/latesteps_500_750.yaml --data data/train --out cache/x \
+        model.params.first_stage_config.params.ckpt_path=outputs/quickstart/checkpoints/vq_f4.ckpt
     python scripts/cache_latents.py --config cfg.yaml --data 'shards/train-{000000..000999}.tar' --out cache/train
     torchrun --nproc-per-node 8 scripts/cache_latents.py --config cfg.yaml --data data/train --out cache/train
 
@@ -12,6 +14,9 @@ refused): ``data.params.train: {target: ldm.data.cached_latents.CachedLatents, p
 layout.  A killed run continues where it stopped when started again with the same arguments (finished shards are
 kept; a shard is never half-written).  Under torchrun (or SLURM: SLURM_PROCID / SLURM_NTASKS) process r encodes
 shards r, r + N, ...; the process that finishes last writes index.json.
+
+``key=value`` overrides and ``~key`` deletions apply to the merged --config files exactly as in ``main.py`` (same
+parser, same checks: a misspelled key stops the script in one line, exit 2, before anything is written).
 """
 
 from __future__ import annotations
@@ -75,7 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides as in main.py, applied after the --config files (e.g. "
+                        "model.params.first_stage_config.params.ckpt_path=outputs/quickstart/checkpoints/vq_f4.ckpt); "
+                        "~key deletes a key")
     return p
+
+
+def parse_args(argv: list[str] | None):
+    """``(args, None)``, or ``(None, message)`` for overrides that are not ``key=value`` / ``~key``; ``args.overrides``
+    collects them wherever they stand (argparse puts those right after --config into its list of files)."""
+    from ldm.train.cli import CLIError, check_dotlist_tokens, split_dotlist
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    args.config, moved = split_dotlist(args.config)
+    args.overrides = [*moved, *args.overrides, *unknown]
+    try:
+        check_dotlist_tokens(args.overrides, [s for a in parser._actions for s in a.option_strings], "--config")
+    except CLIError as exc:
+        return None, f"{exc} (see --help)"
+    if not args.config:
+        return None, "--config needs at least one YAML file (key=value overrides come in addition)"
+    return args, None
 
 
 def _err(message: str) -> None:
@@ -97,26 +124,24 @@ def process_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def load_config(paths: list[str]):
-    """The merged configs (OmegaConf) and the train dataset's params (a dict, empty when there are none)."""
+def load_config(paths: list[str], overrides: list[str] = ()):
+    """The merged configs with the overrides applied (OmegaConf, merged by main.py's rules:
+    :func:`ldm.train.cli.merge_configs`) and the train dataset's params (a dict, empty when there are none)."""
     from omegaconf import OmegaConf
 
+    from ldm.train.cli import merge_configs
     from ldm.util import ConfigError
 
-    parts = []
     for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path} does not exist or is not a file")
-        try:
-            parts.append(OmegaConf.load(path))
-        except Exception as exc:  # YAML syntax and interpolation errors come as several types
-            raise ConfigError(f"--config {path} cannot be read as YAML: {one_line_error(exc)}") from exc
-    config = OmegaConf.merge(*parts)
+    config = merge_configs(paths, list(overrides))
     first_stage = OmegaConf.select(config, "model.params.first_stage_config")
     if first_stage is None or "target" not in first_stage:
         raise ConfigError(f"--config {' '.join(paths)} has no model.params.first_stage_config {{target, params}}")
     train = OmegaConf.select(config, "data.params.train.params")
-    return config, OmegaConf.to_container(first_stage, resolve=True), dict(train or {})
+    train = OmegaConf.to_container(train, resolve=True) if train is not None else {}
+    return config, OmegaConf.to_container(first_stage, resolve=True), dict(train) if isinstance(train, dict) else {}
 
 
 def check_data_and_out(args: argparse.Namespace):
@@ -163,7 +188,10 @@ def resolve_settings(args: argparse.Namespace, config, train: dict, factor: int)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see EPILOG: 0, 1 unreadable inputs, 2 usage, 3 output)."""
-    args = build_parser().parse_args(argv)
+    args, problem = parse_args(argv)
+    if problem:
+        _err(f"error: {problem}")
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     import numpy as np
@@ -187,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         rank, world = process_rank()
-        config, first_stage_cfg, train = load_config(args.config)
+        config, first_stage_cfg, train = load_config(args.config, args.overrides)
         scanned = check_data_and_out(args)  # before any work: nothing loaded, nothing written
         if first_stage_cfg.get("params", {}).get("ckpt_path") is None:
             logging.getLogger(PROG).warning("first_stage_config has no ckpt_path: encoding with random weights")

@@ -505,3 +505,97 @@ def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache
     assert cache_cli.main(["--config", str(cache["config"]), "--data", "${HOME}/x.tar", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "WDS_HOME is not set" in err[0] and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 27: overrides, the first stage's hint, the early refusal, README's cached-data YAML layered
+
+# README, "Train from cached latents": what a user layers over a window config with main.py -b config.yaml <this> -t
+README_CACHED_DATA = """\
+data:
+  target: ldm.data.datamodule.DataModuleFromConfig
+  params:
+    batch_size: 48
+    num_workers: 8
+    train:
+      target: ldm.data.cached_latents.CachedLatents
+      params: {root: cache/train}
+"""
+FIRST_STAGE_KEY = "model.params.first_stage_config.params.ckpt_path"
+
+
+def test_cache_latents_takes_main_py_overrides_wherever_they_stand(cache, tmp_path):
+    """The quick start's config with its VQ named on the command line (README's command), and a config key overridden:
+    the cache holds that first stage's latents at that size."""
+    for i, where in enumerate(("after --config", "at the end")):
+        override = [f"{FIRST_STAGE_KEY}={cache['ckpt']}", "data.params.train.params.size=16"]
+        args = ["--data", str(cache["images"]), "--out", str(tmp_path / f"c{i}"), "--split", "all"]
+        argv = ["--config", str(QUICKSTART), *override, *args] if i == 0 else ["--config", str(QUICKSTART), *args, *override]
+        assert cache_cli.main(argv) == 0, where
+        index = read_index(tmp_path / f"c{i}")
+        assert index.size == 16 and index.latent_shape == (3, 4, 4) and index.num_samples == 8
+        assert index.first_stage_sha256 == read_index(cache["out"]).first_stage_sha256
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([f"{FIRST_STAGE_KEY[:-1]}x=a.ckpt"], "VQModelInterface takes no argument 'ckpt_patx' (did you mean 'ckpt_path'?)"),
+        (["modle.params.t_min=3"], "unknown override key 'modle.params.t_min': top-level keys are model, data, lightning"),
+        (["model.params.unet_config.params.channel_mult=[1"], "cannot parse the override"),
+        (["model.params.t_min=${nope}"], "cannot resolve the config at model.params.t_min"),
+        (["stray"], "unexpected argument 'stray': configs go after --config, overrides are key=value"),
+        (["--flipp"], "unrecognized option '--flipp' (did you mean --flip?)"),
+        (["~data.params.test"], "cannot delete 'data.params.test' (~data.params.test): data.params has no key 'test'"),
+        (["~data.params.validation=1"], "a deletion is ~key alone (no '=')"),
+        (["lightning.trainer.gpus=1"], "lightning.trainer.gpus is a Lightning 1.x Trainer argument"),
+    ],
+)
+def test_bad_overrides_of_cache_latents_exit_2_in_one_line_and_write_nothing(cache, extra, expected, tmp_path, capsys):
+    before = _files(cache["out"])
+    argv = ["--config", str(cache["config"]), "--data", str(cache["images"]), "--out", str(tmp_path / "out"), *extra]
+    assert cache_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cache_latents.py: error: ") and expected in err[0], err
+    assert not (tmp_path / "out").exists() and _files(cache["out"]) == before
+
+
+def test_cache_latents_needs_a_config_file_besides_overrides(tmp_path, capsys):
+    argv = ["--config", "model.params.t_min=0", "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert cache_cli.main(argv) == 2
+    assert "--config needs at least one YAML file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_first_stage_names_the_config_that_trains_it(cache, tmp_path, capsys):
+    """README's cache_latents.py command before the quick start ran: the config's own ckpt_path, the config that
+    trains this first stage and the key to pass; nothing written."""
+    argv = ["--config", str(QUICKSTART), "--data", str(cache["images"]), "--out", str(tmp_path / "out"), "--split", "all"]
+    missing = tmp_path / "outputs" / "vq_f4.ckpt"
+    for extra, named in (([], "models/first_stage_models/vq-f4-tiny/model.ckpt"), ([f"{FIRST_STAGE_KEY}={missing}"],
+                                                                                   str(missing))):
+        assert cache_cli.main([*argv, *extra]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"first-stage checkpoint {named!r} does not exist" in line
+        assert "train it with python main.py --base " in line and "configs/quickstart/vq_f4.yaml -t" in line
+        assert "python scripts/quickstart.py" in line and f"pass {FIRST_STAGE_KEY}=<its checkpoint>" in line
+        assert "CompVis" not in line
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_of_another_first_stage_is_refused_before_a_run_folder_is_made(cache, tmp_path, capsys):
+    """README's YAML layered over a config whose first stage is not the cache's: one line naming both hashes, exit 2,
+    no log folder (the cache and the configs untouched)."""
+    other = make_first_stage_ckpt(tmp_path / "other_vq.ckpt", seed=1)
+    overlay = tmp_path / "my_cached_data.yaml"
+    overlay.write_text(README_CACHED_DATA)
+    before = _files(cache["out"])
+    argv = ["-b", str(QUICKSTART), str(overlay), "-t", "-l", str(tmp_path / "logs"), f"{FIRST_STAGE_KEY}={other}",
+            f"data.params.train.params.root={cache['out']}", "data.params.num_workers=0", "data.params.batch_size=4"]
+    code, err = run_main(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("main.py: error: "), err[-3000:]
+    theirs, ours = read_index(cache["out"]).first_stage_sha256, first_stage_sha256(first_stage(other))
+    assert theirs in lines[0] and ours in lines[0] and "data.params.train" in lines[0] and "cache_latents.py" in lines[0]
+    assert not (tmp_path / "logs").exists()
+    assert _files(cache["out"]) == before and overlay.read_text() == README_CACHED_DATA

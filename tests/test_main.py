@@ -480,8 +480,10 @@ def test_missing_init_checkpoint_of_the_finetuning_config_is_a_clear_error(tmp_p
     result = run_main(args, tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("main.py: error: model.params.first_stage_config.params.ckpt_path=")
-    assert "the first stage must be a trained autoencoder" in line and "vq_f4_tiny.yaml" in line
+    assert line.startswith("main.py: error: model.params.first_stage_config.params.ckpt_path="
+                           "'models/first_stage_models/vq-f4-tiny/model.ckpt' does not exist")
+    assert "the first stage must be a trained autoencoder" in line and "configs/quickstart/vq_f4.yaml -t" in line
+    assert "python scripts/quickstart.py" in line and "CompVis" not in line
     assert not (tmp_path / "logs").exists()
 
 

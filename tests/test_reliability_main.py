@@ -218,6 +218,17 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         (["-n", "a/b"], "-n/--name 'a/b' must be a plain file name (no '/')"),
         (["-p", "/../../escaped"], "-p/--postfix '/../../escaped' must be a plain file name"),
         (["data.params.train.params.size=4096"], "size=4096 px is above 2048 px"),
+        # issue 27: ~key deletions and target changes on the command line
+        (["~model"], "the merged config has no 'model' section"),
+        (["~data"], "training needs a 'data' section"),
+        (["~data.params.nope"], "cannot delete 'data.params.nope' (~data.params.nope): data.params has no key 'nope'"),
+        (["~data.params.batch_size.x"], "cannot delete 'data.params.batch_size.x' (~data.params.batch_size.x): "
+                                        "data.params.batch_size is a value"),
+        (["~data.params.train=1"], "a deletion is ~key alone (no '='); to set a key write key=value"),
+        (["~"], "a deletion names a key"),
+        (["data.params.train.target=ldm.data.cached_latents.CachedLatents"], "missing 1 required positional argument: 'root'"),
+        (["data.params.train.target=ldm.data.cached_latents.CachedLatents", "data.params.train.params.size=32"],
+         "ldm.data.cached_latents.CachedLatents takes no argument 'size'"),
     ],
 )
 def test_crafted_configs_are_one_line_without_a_run_folder(main_module, extra, expected, tmp_path, capsys):

@@ -42,11 +42,6 @@ logger = logging.getLogger(__name__)
 
 # the autoencoder's own modules (a checkpoint's other keys, e.g. ``loss.*``, are not part of the network)
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
-VQ_F4_DOWNLOAD_HINT = (
-    "put CompVis' vq-f4 weights there (https://ommer-lab.com/files/latent-diffusion/vq-f4.zip, unzip to "
-    "models/first_stage_models/vq-f4/model.ckpt) or train your own first stage with "
-    "`python main.py --base configs/autoencoder/vq_f4.yaml -t` and point ckpt_path at its checkpoints/last.ckpt"
-)
 
 
 class VQModel(pl.LightningModule):
@@ -124,7 +119,11 @@ class VQModel(pl.LightningModule):
         """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
         LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
         if not Path(path).exists():
-            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {VQ_F4_DOWNLOAD_HINT}")
+            from ldm.train.first_stages import missing_first_stage_hint  # the configs that train this network
+
+            network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
+            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; "
+                                  f"{missing_first_stage_hint(path, network)}")
         sd = load_state_dict(path, unsafe=unsafe)
         if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(
             k.startswith("first_stage_model.") for k in sd

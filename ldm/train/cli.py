@@ -1,10 +1,11 @@
 """Command line of ``main.py``: latent-diffusion's flags, YAML merging, dotlist overrides and their validation.
 
 ``main.py --base a.yaml b.yaml -t model.params.t_min=0 lightning.trainer.max_steps=100`` merges ``a.yaml`` then
-``b.yaml`` then the ``key=value`` overrides (OmegaConf dotlist syntax).  Every override key must name something that
-exists: a key of the merged config, a constructor argument of the ``target`` that owns the ``params`` it lands in, or
-a Lightning 2 ``Trainer`` argument under ``lightning.trainer``.  A misspelled key, flag or Trainer argument stops the run
-before anything is built, with one line naming it and listing the valid choices.
+``b.yaml`` then the ``key=value`` overrides (OmegaConf dotlist syntax); a layer that gives a ``{target, params}`` node
+another ``target`` replaces its ``params``, and ``~key`` deletes a key (:mod:`ldm.train.config_merge`).  Every override
+key must name something that exists: a key of the merged config, a constructor argument of the ``target`` that owns
+the ``params`` it lands in, or a Lightning 2 ``Trainer`` argument under ``lightning.trainer``.  A misspelled key, flag or
+Trainer argument stops the run before anything is built, with one line naming it and listing the valid choices.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.train.config_merge import (
+    check_deletion_token,
+    delete_key,
+    is_deletion,
+    merge_layers,
+    override_path,
+    prepare_override,
+)
 from ldm.util import ConfigError, get_obj_from_str
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
@@ -104,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py",
         allow_abbrev=False,
         description="Train latent-diffusion style models from YAML configs on Lightning 2. Arguments of the form "
-        "key=value override config entries (OmegaConf dotlist), e.g. lightning.trainer.max_steps=100.",
+        "key=value override config entries (OmegaConf dotlist), e.g. lightning.trainer.max_steps=100; ~key deletes "
+        "one, e.g. '~data.params.validation'. A later config or override that gives a {target, params} node another "
+        "target replaces that node's params instead of merging them.",
     )
     parser.add_argument("-n", "--name", type=str, default="", help="run name (log dir suffix); default: config name")
     parser.add_argument("-r", "--resume", type=str, default="", help="resume from a log dir or a checkpoint inside one")
@@ -143,32 +154,50 @@ def _flag_names(parser: argparse.ArgumentParser) -> list[str]:
     return [s for action in parser._actions for s in action.option_strings]
 
 
-def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Parse flags; return ``(options, dotlist)``.
+def split_dotlist(entries: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(files, overrides)`` of a list of config arguments: ``key=value`` and ``~key`` tokens that are not existing
+    files are overrides (argparse puts them into a ``nargs`` list of configs: ``-b a.yaml k=v``)."""
+    files, overrides = [], []
+    for entry in entries:
+        is_override = ("=" in entry or is_deletion(entry)) and not os.path.isfile(entry)
+        (overrides if is_override else files).append(entry)
+    return files, overrides
 
-    ``key=value`` tokens become the dotlist, also when argparse swallowed them into ``--base`` (``-b a.yaml k=v``).
-    Anything else that is not a flag is an error naming the token and the valid flags.
-    """
-    parser = build_parser()
-    opt, unknown = parser.parse_known_args(list(argv))
-    bases, moved = [], []
-    for entry in opt.base:
-        (moved if "=" in entry and not os.path.isfile(entry) else bases).append(entry)
-    opt.base = bases
-    dotlist = moved + list(unknown)
-    flags = _flag_names(parser)
-    for token in dotlist:
+
+def check_dotlist_tokens(tokens: Sequence[str], flags: Sequence[str], configs_flag: str = "-b/--base") -> None:
+    """Raise :class:`CLIError` for a token of ``tokens`` that is neither ``key=value`` nor ``~key``: an unknown flag
+    (with the closest of ``flags``) or a stray word."""
+    for token in tokens:
         if token.startswith("-"):
             name = token.split("=", 1)[0]
-            close = difflib.get_close_matches(name, flags, n=1)
+            close = difflib.get_close_matches(name, list(flags), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise CLIError(f"unrecognized option {name!r}{hint}; valid options: {', '.join(flags)}")
+        if is_deletion(token):
+            try:
+                check_deletion_token(token)
+            except ConfigError as exc:
+                raise CLIError(str(exc)) from None
+            continue
         key = token.split("=", 1)[0]
         if "=" not in token or not key:
             raise CLIError(
-                f"unexpected argument {token!r}: configs go after -b/--base, overrides are key=value "
-                "(e.g. lightning.trainer.max_steps=100)"
+                f"unexpected argument {token!r}: configs go after {configs_flag}, overrides are key=value "
+                "(e.g. lightning.trainer.max_steps=100) or ~key to delete a key"
             )
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse flags; return ``(options, dotlist)``.
+
+    ``key=value`` and ``~key`` tokens become the dotlist, also when argparse swallowed them into ``--base``
+    (``-b a.yaml k=v``).  Anything else that is not a flag is an error naming the token and the valid flags.
+    """
+    parser = build_parser()
+    opt, unknown = parser.parse_known_args(list(argv))
+    opt.base, moved = split_dotlist(opt.base)
+    dotlist = moved + list(unknown)
+    check_dotlist_tokens(dotlist, _flag_names(parser))
     for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
         if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
             raise CLIError(f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
@@ -212,17 +241,27 @@ def parse_override_value(entry: str) -> Any:
     return OmegaConf.to_container(parsed, resolve=False)["value"]
 
 
+def apply_override(config: DictConfig, entry: str) -> None:
+    """Apply one dotlist entry to ``config``: ``~key`` deletes the key; ``key=value`` sets it (list entries by index,
+    ``model.params.unet_config.params.channel_mult.1=4``; a mapping value is merged into a mapping), and a value that
+    gives a node another ``target`` replaces that node's ``params`` (:mod:`ldm.train.config_merge`)."""
+    if is_deletion(entry):
+        delete_key(config, override_path(check_deletion_token(entry)), source=entry)
+        return
+    key = entry.split("=", 1)[0]
+    value = parse_override_value(entry)
+    try:
+        prepare_override(config, key, value)
+        OmegaConf.update(config, key, value, merge=True)
+    except OmegaConfBaseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot apply the override {entry!r}: {first}") from exc
+
+
 def apply_overrides(config: DictConfig, dotlist: Sequence[str]) -> None:
-    """Set each ``key=value`` of ``dotlist`` in ``config``, in order; list entries are addressed by index
-    (``model.params.unet_config.params.channel_mult.1=4``) and a mapping value is merged into a mapping."""
+    """:func:`apply_override` for each entry of ``dotlist``, in order."""
     for entry in dotlist:
-        key = entry.split("=", 1)[0]
-        value = parse_override_value(entry)
-        try:
-            OmegaConf.update(config, key, value, merge=True)
-        except OmegaConfBaseException as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"cannot apply the override {entry!r}: {first}") from exc
+        apply_override(config, entry)
 
 
 def _signature_params(func: Any) -> tuple[list[str], bool] | None:
@@ -391,24 +430,33 @@ def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
     return node if isinstance(node, (DictConfig, Mapping)) else None
 
 
-def merge_configs(
-    base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
-) -> DictConfig:
-    """``defaults`` <- each base YAML in order <- validated dotlist overrides; the structure is checked, and every
-    ``${...}`` interpolation must resolve.
-
-    latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
-    """
-    configs = [load_yaml_config(p) for p in base_paths]
-    merged = OmegaConf.merge(defaults or OmegaConf.create(), *configs)
-    callbacks = OmegaConf.select(merged, "lightning.callbacks")
+def _modernize_callbacks(config: DictConfig) -> DictConfig:
+    """latent-diffusion's ``target: main.ImageLogger`` read as :class:`ldm.train.callbacks.ImageLogger` (in place)."""
+    callbacks = OmegaConf.select(config, "lightning.callbacks")
     if isinstance(callbacks, DictConfig):
         for cfg in callbacks.values():
             if isinstance(cfg, DictConfig) and cfg.get("target") in LEGACY_CALLBACK_TARGETS:
                 cfg.target = LEGACY_CALLBACK_TARGETS[cfg.target]
+    return config
+
+
+def merge_configs(
+    base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
+) -> DictConfig:
+    """``defaults`` <- each base YAML in order <- the dotlist (``key=value`` overrides, each validated against the
+    config as the entries before it left it, and ``~key`` deletions); the structure is checked, and every ``${...}``
+    interpolation must resolve.  A layer or override that gives a node another ``target`` replaces that node's
+    ``params``, and ``~key`` deletes (see :mod:`ldm.train.config_merge`); everything else merges as OmegaConf does.
+
+    latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
+    """
+    layers = [(str(p), _modernize_callbacks(load_yaml_config(p))) for p in base_paths]
+    merged = merge_layers(layers, start=defaults)
     for entry in dotlist:
-        check_override_key(merged, entry.split("=", 1)[0])
-    apply_overrides(merged, dotlist)
+        if not is_deletion(entry):
+            check_override_key(merged, entry.split("=", 1)[0])
+        apply_override(merged, entry)
+    _modernize_callbacks(merged)
     check_config_structure(merged)
     try:
         OmegaConf.to_container(merged, resolve=True)

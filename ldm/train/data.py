@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -281,6 +282,51 @@ def check_first_items(datamodule: Any) -> None:
             continue
         if size > 0:
             dataset[0]
+
+
+def cached_first_stage_hashes(datamodule: Any) -> dict[str, set[str]]:
+    """``{split: first-stage sha256s}`` of the cached-latent datasets ``datamodule`` has set up: a map-style dataset
+    whose first item carries ``first_stage_sha256`` (:class:`~ldm.data.cached_latents.CachedLatents`), or an
+    iterable one read from a cache folder with an ``index.json`` (:class:`~ldm.data.shard_stream.LatentShards` given
+    the folder; a pattern of shards is checked at its first batch instead)."""
+    from ldm.data.latent_format import FIRST_STAGE_SHA_KEY, INDEX_NAME, read_index
+
+    found: dict[str, set[str]] = {}
+    configs = getattr(datamodule, "dataset_configs", None) or {}
+    for name, dataset in (getattr(datamodule, "datasets", None) or {}).items():
+        if isinstance(dataset, IterableDataset):
+            params = (configs.get(name) or {}).get("params") or {}
+            root = params.get("shards") if isinstance(params, dict) else None
+            if isinstance(root, str) and (Path(root) / INDEX_NAME).is_file():
+                found[name] = {read_index(root).first_stage_sha256}
+            continue
+        index = getattr(dataset, "index", None)
+        sha = getattr(index, "first_stage_sha256", None)
+        if isinstance(sha, str):
+            found[name] = {sha}
+            continue
+        try:
+            item = dataset[0] if len(dataset) > 0 else None
+        except TypeError:
+            continue
+        if isinstance(item, dict) and isinstance(item.get(FIRST_STAGE_SHA_KEY), str):
+            found[name] = {item[FIRST_STAGE_SHA_KEY]}
+    return found
+
+
+def check_cached_first_stage(datamodule: Any, model: Any) -> None:
+    """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`, one line naming both hashes) cached latents
+    that ``model``'s first stage did not encode, before anything is written: ``main.py`` calls this once the model and
+    the data are built and before it creates the run folder.  The model checks every batch as well
+    (:meth:`~ldm.models.diffusion.latent.LatentDiffusion.cached_first_stage_encoding`)."""
+    first_stage = getattr(model, "first_stage_model", None)
+    hashes = cached_first_stage_hashes(datamodule)
+    if first_stage is None or not hashes:
+        return
+    from ldm.data.latent_format import check_first_stage
+
+    for name, found in hashes.items():
+        check_first_stage(sorted(found), first_stage, where=f"the cached latents of data.params.{name}")
 
 
 def _is_overridden(datamodule: Any, name: str) -> bool:

@@ -1,0 +1,178 @@
+"""How ``main.py`` (and ``scripts/cache_latents.py``) layer configs: OmegaConf's merge, with two ways to replace.
+
+``main.py -b a.yaml b.yaml k=v`` merges ``b.yaml`` over ``a.yaml`` as :func:`omegaconf.OmegaConf.merge` does (mappings
+merged key by key, everything else replaced), then applies the overrides in order, with two rules on top:
+
+* **A new target replaces its params.**  When a later layer (a YAML file or a ``key=value`` override) gives a
+  ``{target, params}`` node another ``target`` than the layers before it, the node's earlier ``params`` are dropped,
+  not merged: another class takes other arguments.  So layering ::
+
+      data:
+        params:
+          train:
+            target: ldm.data.cached_latents.CachedLatents
+            params: {root: cache/train}
+
+  over a config whose ``data.params.train`` is an image dataset gives ``CachedLatents(root=cache/train)``, without the
+  image dataset's ``size`` or ``split``.  The same holds for ``data.params.train.target=...`` on the command line (give
+  the new params after it: ``data.params.train.params.root=cache/train``).  A layer that keeps the target (or does
+  not name one) merges its params as before.
+
+* **``~key`` deletes.**  On the command line ``~data.params.validation`` (no ``=``; quote it in zsh) removes that key
+  from the merged config; in a YAML layer a key written ``~name`` (value ``null``) removes ``name`` from the same
+  mapping of the layers before, e.g. ``data: {params: {~validation: null}}``.  Deleting a key that is not there is an
+  error naming the keys that are.  Delete, then set, to replace any subtree: ``'~data.params.train.params'
+  data.params.train.params.root=cache/train``.
+
+Everything here raises :class:`~ldm.util.ConfigError` with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ldm.util import ConfigError
+
+DELETE_PREFIX = "~"
+
+
+def is_deletion(token: str) -> bool:
+    """Whether a command-line token is a ``~key`` deletion (rather than a ``key=value`` override)."""
+    return token.startswith(DELETE_PREFIX)
+
+
+def check_deletion_token(token: str) -> str:
+    """The key of a ``~key`` token; a ``~key=value`` or a bare ``~`` is a :class:`ConfigError`."""
+    key = token[len(DELETE_PREFIX):]
+    if "=" in key:
+        raise ConfigError(f"{token!r}: a deletion is ~key alone (no '='); to set a key write key=value")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{token!r}: a deletion names a key, e.g. ~data.params.validation")
+    return key
+
+
+def _plain(node: Any) -> Any:
+    """``node`` as plain containers, interpolations and ``???`` kept as written."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=False)
+    return node
+
+
+def _replaced_params(base: Any, incoming: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Paths (in ``base``) of the ``{target, params}`` nodes whose ``params`` ``incoming`` replaces by naming another
+    target; both arguments are plain containers."""
+    if not isinstance(base, dict) or not isinstance(incoming, dict):
+        return []
+    if "target" in incoming and "target" in base and "params" in base and incoming["target"] != base["target"]:
+        found = [path]
+        skip = "params"
+    else:
+        found, skip = [], None
+    for key, value in incoming.items():
+        if key != skip and key in base:
+            found += _replaced_params(base[key], value, (*path, key))
+    return found
+
+
+def _node_at(config: Any, path: Sequence[Any]) -> Any:
+    node = config
+    for key in path:
+        node = node[key]
+    return node
+
+
+def drop_replaced_params(base: DictConfig, incoming: Any, where: Sequence[Any] = ()) -> None:
+    """Delete from ``base`` the ``params`` of every node to which ``incoming`` (to be merged at ``where``, a path of
+    keys in ``base``) gives another ``target``."""
+    try:
+        node = _node_at(base, where)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return
+    if not isinstance(node, DictConfig):
+        return
+    for path in _replaced_params(_plain(node), _plain(incoming)):
+        owner = _node_at(node, path)
+        del owner["params"]
+
+
+def _strip_deletions(layer: Any, path: tuple[Any, ...] = ()) -> tuple[Any, list[tuple[Any, ...]]]:
+    """``layer`` (plain containers) without its ``~name`` keys, and the paths they delete."""
+    if not isinstance(layer, dict):
+        return layer, []
+    kept, deleted = {}, []
+    for key, value in layer.items():
+        if isinstance(key, str) and is_deletion(key) and len(key) > len(DELETE_PREFIX):
+            where = ".".join(str(p) for p in (*path, key))
+            if value is not None:
+                raise ConfigError(f"{where}: a ~key deletes {key[len(DELETE_PREFIX):]!r} and takes no value (write "
+                                  f"{key}: null)")
+            deleted.append((*path, key[len(DELETE_PREFIX):]))
+            continue
+        kept[key], inner = _strip_deletions(value, (*path, key))
+        deleted += inner
+    return kept, deleted
+
+
+def _describe(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) or "the config"
+
+
+def delete_key(config: DictConfig, path: Sequence[Any], source: str = "") -> None:
+    """Remove ``path`` (a sequence of keys and list indices) from ``config``; a missing key is a :class:`ConfigError`
+    naming the keys that are there (``source``: where the deletion was written, for the message)."""
+    node: Any = config
+    origin = f" ({source})" if source else ""
+    for i, key in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, DictConfig):
+            present = key in node
+        elif isinstance(node, ListConfig) and str(key).lstrip("-").isdigit():
+            key = int(key)
+            present = -len(node) <= key < len(node)
+        else:
+            present = False
+        if not present:
+            if isinstance(node, ListConfig):
+                has = f"it is a list of {len(node)} entries (indices 0..{len(node) - 1})" if len(node) else "it is empty"
+            else:
+                has = f"it has: {', '.join(str(k) for k in node.keys()) or '(nothing)'}"
+            raise ConfigError(
+                f"cannot delete {_describe(path)!r}{origin}: {_describe(path[:i])} has no key {str(key)!r}; {has}"
+            )
+        if last:
+            if isinstance(node, ListConfig):
+                del node[key]
+            else:
+                node.pop(key)
+            return
+        node = node._get_node(key) if isinstance(node, DictConfig) else node[key]
+        if not isinstance(node, (DictConfig, ListConfig)):
+            raise ConfigError(f"cannot delete {_describe(path)!r}{origin}: {_describe(path[: i + 1])} is a value, not a "
+                              "mapping or list")
+
+
+def merge_layers(layers: Sequence[tuple[str, DictConfig]], start: DictConfig | None = None) -> DictConfig:
+    """``start`` <- each ``(name, config)`` of ``layers`` in order, with the two rules of the module doc."""
+    merged = OmegaConf.create() if start is None else OmegaConf.merge(OmegaConf.create(), start)  # start is not changed
+    for name, layer in layers:
+        plain = _plain(layer)
+        stripped, deletions = _strip_deletions(plain)
+        for path in deletions:
+            delete_key(merged, path, source=name)
+        drop_replaced_params(merged, stripped)
+        merged = OmegaConf.merge(merged, OmegaConf.create(stripped) if deletions else layer)
+    return merged
+
+
+def override_path(key: str) -> tuple[str, ...]:
+    """A dotlist key as its path of keys."""
+    return tuple(key.split("."))
+
+
+def prepare_override(config: DictConfig, key: str, value: Any) -> None:
+    """Apply the target rule for the override ``key=value`` (already parsed) before it is merged into ``config``."""
+    path = override_path(key)
+    drop_replaced_params(config, {path[-1]: value}, path[:-1])

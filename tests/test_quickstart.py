@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def test_quickstart_synthetic_smoke_end_to_end(tmp_path):
         (["--size", "60"], "--size 60: the images' side must be a multiple of 8"),
         (["--domain", "synthetic", "--degradations", "jpeg:quality=10"], "--domain synthetic refines only inside"),
         (["--domain", "drawings"], "argument --domain: invalid choice: 'drawings'"),
+        (["--weights", "demo", "--domain", "synthetic"], "--weights demo refines with the shipped photo experts"),
+        (["--weights", "demo", "--force"], "trains nothing (no --force)"),
+        (["--weights", "mine"], "argument --weights: invalid choice: 'mine'"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
@@ -174,12 +178,14 @@ def test_stages_run_with_their_own_threads_unless_the_user_set_omp_num_threads(
     seen = []
 
     def fake_run(cmd, cwd, env):
+        assert env["MKL_NUM_THREADS"] == env["OMP_NUM_THREADS"]  # a parent's MKL threads never leak into a stage
         seen.append(env["OMP_NUM_THREADS"])
         return subprocess.CompletedProcess(cmd, 1)
 
     import ldm.train.stages
 
     monkeypatch.setattr(ldm.train.stages.subprocess, "run", fake_run)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
     monkeypatch.setattr(quickstart_module, "usable_cpus", lambda: 4)
     for stage in quickstart_module.stages(tmp_path / "checkpoints"):
         with pytest.raises(SystemExit, match="failed"):
@@ -263,3 +269,18 @@ def test_good_degradation_specs_pass_the_check(check_arguments):
     assert check_arguments("--degradations", "local_vq:codebook_fraction=0.5,box_size=0.3", "vq_roundtrip",
                            "local_warp", "local_shuffle:box_size=0.2", "--size", "32") is None
     assert check_arguments("--start-t", "500") is None  # t=401 on the 10-step smoke grid: inside [250, 500)
+
+
+def test_demo_weights_refine_and_evaluate_without_training(tmp_path):
+    """``--weights demo``: the shipped experts (weights/demo/), no training stage, the same report files."""
+    out = tmp_path / "demo"
+    proc = run_quickstart("--weights", "demo", "--outdir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "using the shipped demo experts: weights/demo/latesteps_500_750.safetensors" in proc.stdout
+    assert "== [1/1] refine degraded held-out images ==" in proc.stdout and "trained" not in proc.stdout
+    assert not (out / "checkpoints").exists() and not (out / "logs").exists()
+    assert json.loads((out / "quickstart.json").read_text()) == {"domain": "photos", "smoke": True, "weights": "demo"}
+    for name in ("table.md", "metrics.csv", "before_after.png", "sweep/summary.csv"):
+        assert (out / name).is_file()
+    again = run_quickstart("--weights", "demo", "--outdir", str(out), "--degradations", "local_paint")
+    assert again.returncode == 0, again.stderr[-3000:]  # its own folder: the outputs are replaced

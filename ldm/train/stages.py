@@ -81,7 +81,9 @@ def run_stage(
            "-n", run_name or stage.name, "-s", str(seed), *stage.overrides, *extra]
     echo("$ " + " ".join(relative(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]))
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
-    env["OMP_NUM_THREADS"] = threads or stage.threads
+    # MKL follows OpenMP: a parent's MKL_NUM_THREADS=2 (benchmarks/common.set_threads) kept a second thread spinning
+    # in a one-thread stage, which ran 14x slower on a busy 2-core machine
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads or stage.threads
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise StageError(f"stage {stage.name} failed (main.py exit code {proc.returncode}); see above")

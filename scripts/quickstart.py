@@ -3,6 +3,7 @@
 
     python scripts/quickstart.py                      # photographs shipped with scikit-image; outputs/quickstart/
     python scripts/quickstart.py --domain synthetic   # the synthetic method check; outputs/quickstart_synthetic/
+    python scripts/quickstart.py --weights demo       # no training: the shipped demo experts; outputs/quickstart_demo/
 
 Domains (--domain):
   photos     the photographs bundled with scikit-image; chelsea and coffee are held out whole for the evaluation
@@ -89,6 +90,10 @@ class Domain:
 
 
 DOMAIN_NAMES: tuple[str, ...] = ("photos", "synthetic")
+WEIGHTS: tuple[str, ...] = ("train", "demo")  # --weights: train the stages, or use the shipped demo experts
+# --weights demo sweeps two starts instead of four, to finish in about a minute: 50, where every subtle artifact did
+# best, and 200, where the saturated disc did (benchmarks/photo_curve.py on these experts; README, Demo weights)
+DEMO_START_TS: tuple[int, ...] = (50, 200)
 STAGE_NAMES: tuple[str, ...] = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
 # local_vq: the trained VQ, 1/8 codes; local_paint: a saturated blotch over most of the box, the strong colour artifact
 PHOTO_DEGRADATIONS = ("local_warp", "local_blotch", "local_shuffle", "local_vq", "local_paint")
@@ -137,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", type=path_arg, help="where everything goes (default: outputs/quickstart for photos, "
                                     "outputs/quickstart_synthetic for synthetic; with --smoke ..._smoke, so smoke "
                                     "checkpoints are never taken for real ones)")
+    p.add_argument("--weights", choices=WEIGHTS, default="train",
+                   help="train: train the three stages, the quick start's main job; demo: train nothing and refine and "
+                        "evaluate with the photo experts shipped in weights/demo/ (--domain photos; README, Demo "
+                        "weights) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps per stage, 2 images (for tests)")
     p.add_argument("--start-t", type=int,
@@ -215,9 +224,10 @@ def first_stage_round_trip(model: Any, domain: Domain, size: int, n: int) -> str
     )
 
 
-def evaluate(args: argparse.Namespace, domain: Domain, checkpoints: Path, outdir: Path) -> tuple[str, list[str], str]:
-    """Stage 4: the sweep on held-out images; writes the report files, returns the table, the headline lines (the
-    first stage's round trip, then one line per degradation) and the headline table in Markdown."""
+def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outdir: Path) -> tuple[str, list[str], str]:
+    """Stage 4: the sweep on held-out images with the chained ``experts``; writes the report files, returns the table,
+    the headline lines (the first stage's round trip, then one line per degradation) and the headline table in
+    Markdown."""
     from ldm.eval.baselines import autoencoder_baseline, default_baselines
     from ldm.eval.metrics import load_lpips
     from ldm.eval.report import before_after_grid, format_table, save_png, write_report, write_rows_csv
@@ -226,7 +236,7 @@ def evaluate(args: argparse.Namespace, domain: Domain, checkpoints: Path, outdir
     from ldm.refine import Refiner
 
     refiner = Refiner.from_checkpoints(
-        [checkpoints / "latesteps_500_750.ckpt", checkpoints / "latesteps_750_1000.ckpt"], device=args.device,
+        experts, device=args.device,
         batch_invariant=False,  # batches of the sweep are fixed, so its results are reproducible all the same
     )
     print(refiner.describe(), flush=True)
@@ -237,7 +247,8 @@ def evaluate(args: argparse.Namespace, domain: Domain, checkpoints: Path, outdir
     # other held-out images: realism is measured against clean images that are not the cases' own
     realism_reference = domain.images(n_images, size, seed=1)
     degradations = [build_sweep_degradation(spec, model.first_stage_model) for spec in args.degradations]
-    start_ts = sorted({*domain.start_ts, *([args.start_t] if args.start_t else [])})
+    sweep_starts = DEMO_START_TS if args.weights == "demo" else domain.start_ts
+    start_ts = sorted({*sweep_starts, *([args.start_t] if args.start_t else [])})
     round_trip = autoencoder_baseline(model)
     result = run_sweep(
         [("experts", refiner)], images, degradations, start_ts, seeds=[0],
@@ -357,6 +368,9 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     from ldm.util import ConfigError
 
     domain = domains()[args.domain]
+    if args.weights == "demo" and (domain.name != "photos" or args.force):
+        return ("--weights demo refines with the shipped photo experts: it takes --domain photos and trains nothing "
+                "(no --force)")
     if args.start_t is not None and not 1 <= args.start_t <= 999:
         return "--start-t must be in [1, 999]"
     if not 1 <= args.n_images <= MAX_IMAGES or args.examples < 0 or not 1 <= args.ddim_steps <= 1000:
@@ -389,7 +403,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-STAMP = "quickstart.json"  # in <outdir>/checkpoints: which quick start (domain, smoke) trained them
+# in <outdir>/checkpoints: which quick start (domain, smoke) trained them; in <outdir> itself with --weights demo
+STAMP = "quickstart.json"
 
 
 def _stamp(args: argparse.Namespace) -> dict[str, Any]:
@@ -400,7 +415,7 @@ def check_checkpoints(args: argparse.Namespace, outdir: Path) -> str | None:
     """Why the checkpoints already in ``outdir`` cannot serve this run (another domain, or smoke ones for a real run
     and back), or None.  Checkpoints without a stamp come from an earlier version's photo quick start."""
     checkpoints = outdir / "checkpoints"
-    if args.force or not any((checkpoints / f"{name}.ckpt").is_file() for name in STAGE_NAMES):
+    if args.weights == "demo" or args.force or not any((checkpoints / f"{name}.ckpt").is_file() for name in STAGE_NAMES):
         return None
     try:
         found = json.loads((checkpoints / STAMP).read_text())
@@ -437,7 +452,8 @@ def check_outputs(outdir: Path) -> str | None:
             return (f"--outdir {format_path(outdir)}: {folder} is a file, where the quick start makes its {folder} "
                     "folder; move it away or choose another --outdir")
     checkpoints = outdir / "checkpoints"
-    if os.path.lexists(checkpoints / STAMP) or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES):
+    if (os.path.lexists(checkpoints / STAMP) or os.path.lexists(outdir / STAMP)
+            or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES)):
         return None
     found = [name for name in OUTPUTS if os.path.lexists(outdir / name)]
     if found:
@@ -471,6 +487,7 @@ def apply_domain_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.size = domain.size
     if args.outdir is None:
         name = "quickstart" if domain.name == "photos" else f"quickstart_{domain.name}"
+        name += "_demo" if args.weights == "demo" else ""
         args.outdir = f"outputs/{name}_smoke" if args.smoke else f"outputs/{name}"
     return args
 
@@ -505,7 +522,19 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
     started = time.perf_counter()
     redo = args.force
     domain = domains()[args.domain]
-    all_stages = stages(checkpoints, domain)
+    all_stages = [] if args.weights == "demo" else stages(checkpoints, domain)
+    experts = [checkpoints / f"{stage.name}.ckpt" for stage in all_stages[1:]]
+    if args.weights == "demo":
+        from ldm.checkpoint import CheckpointError
+        from ldm.refine.shipped import shipped_files
+
+        try:
+            experts = shipped_files("demo")
+        except CheckpointError as exc:
+            print(f"quickstart.py: error: {one_line_error(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        atomic_write_bytes(outdir / STAMP, json.dumps({**_stamp(args), "weights": "demo"}).encode())
+        print("using the shipped demo experts: " + ", ".join(relative(p) for p in experts), flush=True)
     for i, stage in enumerate(all_stages, 1):
         target = checkpoints / f"{stage.name}.ckpt"
         print(f"\n== [{i}/{len(all_stages) + 1}] {stage.title} ==", flush=True)
@@ -527,8 +556,12 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
 
     print(f"\n== [{len(all_stages) + 1}/{len(all_stages) + 1}] refine degraded held-out images ==", flush=True)
     t0 = time.perf_counter()
+    if args.threads is None:  # the evaluation runs in this process: on two cores unless OMP_NUM_THREADS says otherwise
+        import torch
+
+        torch.set_num_threads(min(2, usable_cpus()))
     try:
-        table, headline, markdown = evaluate(args, domain, checkpoints, outdir)
+        table, headline, markdown = evaluate(args, domain, experts, outdir)
         atomic_write_bytes(outdir / "table.md", markdown.encode())
     except (ValueError, OSError) as exc:  # a stage checkpoint that is corrupt (CheckpointError), a disk error
         print(f"quickstart.py: error: {one_line_error(exc)}; --force retrains every stage", file=sys.stderr)

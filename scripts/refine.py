@@ -4,6 +4,7 @@
     python scripts/refine.py --input artifacts/ --start-t 500 \\
         --ckpt logs/latesteps_500_750/checkpoints/last.ckpt --ckpt logs/latesteps_750_1000/checkpoints/last.ckpt
     python scripts/refine.py --input face.png --mask face_mask.png --start-t 400 --ckpt A.ckpt --ckpt B.ckpt
+    python scripts/refine.py --input photo.png --box 8,8,40,40 --start-t 150 --ckpt demo    # the shipped demo experts
     python scripts/refine.py --input face.png --box 40,60,120,150@450 --crop-regions --ckpt A.ckpt --ckpt B.ckpt
 
 Each --ckpt is one expert; each step runs on the expert whose training window holds its timestep.  Under ``torchrun
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-batch-invariant runs whole batches per forward (faster, results then agree to float "
                         "rounding) (default: on for CPU, off for CUDA)")
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH", type=path_arg,
-                   help="expert checkpoint; repeat once per expert (each runs the steps in its window)")
+                   help="expert checkpoint, or 'demo' for the shipped demo experts (weights/demo/); repeat once per "
+                        "expert (each runs the steps in its window)")
     p.add_argument("--config", metavar="YAML", type=path_arg,
                    help="model config for checkpoints that carry none (e.g. CompVis releases)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")

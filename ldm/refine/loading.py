@@ -259,6 +259,7 @@ def load_expert(
             "e.g. configs/latent-diffusion/celebahq-ldm-vq-4.yaml"
         )
     has_ema = any(k.startswith("model_ema.") for k in state_dict)
+    folded = ckpt.get("ema_folded") is True and not has_ema  # an export whose model weights are the EMA ones
     use_ema = bool(ema and has_ema)
     cfg = _inference_config(model_cfg, use_ema)
     allowed = None if (trust_config or source != "checkpoint") else TRUSTED_TARGET_PREFIXES
@@ -279,7 +280,9 @@ def load_expert(
         model.model_ema.copy_to(model.model)
         del model.model_ema
         model.use_ema = False
-    elif ema:
+    elif folded and not ema:
+        logger.warning("%s: the checkpoint holds only its EMA weights (exported with them in place); using those", shown)
+    elif ema and not folded:
         logger.warning("%s: no EMA weights in the checkpoint; using the training weights", shown)
     model.eval().requires_grad_(False)
     window = _window(ckpt, model, shown)
@@ -290,7 +293,7 @@ def load_expert(
         window=window,
         target=str(cfg["target"]),
         global_step=int(step) if isinstance(step, int) else None,
-        ema=use_ema,
+        ema=use_ema or folded,
         config_source=source,
     )
     return Expert(model, window, os.path.basename(shown)), info

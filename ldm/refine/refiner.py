@@ -62,6 +62,7 @@ from ldm.refine.regions import (
     resize,
     resize_start_map,
 )
+from ldm.refine.shipped import expand_names
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
 from ldm.sampling import (
     NoiseSchedule,
@@ -163,7 +164,8 @@ class Refiner:
         The experts it loads keep one first-stage module between them (checked equal first).
 
         Args:
-            paths: one checkpoint per expert (a single path is accepted too).
+            paths: one checkpoint per expert (a single path is accepted too), or the short name of shipped experts
+                (``"demo"``: :mod:`ldm.refine.shipped`).
             device, precision, allow_outside_window: as in :class:`Refiner`.
             ema: use EMA weights where present.
             config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
@@ -175,7 +177,7 @@ class Refiner:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
             precision or incompatible experts.  Device and precision are checked before any file is read.
         """
-        path_list = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
+        path_list = expand_names([paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths))
         autocast_dtype(precision, resolve_device(device))
         check_checkpoint_paths(path_list)
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]

@@ -1,0 +1,139 @@
+"""Weights shipped with the repository, by short name, and the export that writes such files.
+
+``--ckpt demo`` (``scripts/refine.py``, ``scripts/app.py``), ``Refiner.from_checkpoints("demo")`` and
+``scripts/quickstart.py --weights demo`` name the two photo experts in ``weights/demo/`` (how they were trained:
+README, "Demo weights").  A name is only a list of files and their sha256: each file is checked against its digest
+before it is read, so a damaged or half-downloaded clone is refused in one line rather than loaded.
+
+An export (:func:`export_expert`, ``scripts/export_weights.py``) is the inference half of a ``main.py`` checkpoint in
+one ``.safetensors`` file: the EMA weights in place of the training weights, no optimizer state, the model config
+rebuilt for inference (no ``ckpt_path``, no training loss), its window and training step, all in the file's header
+(:data:`ldm.checkpoint.METADATA_RECORDS`).  ``load_expert`` reads it like the checkpoint it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from ldm.imageio import format_path
+from ldm.refine.loading import _embedded_model_config, _inference_config, load_expert
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+EXPORT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """Experts shipped under :data:`WEIGHTS_DIR`: ``files`` are ``(path relative to WEIGHTS_DIR, sha256)`` in the
+    order a refiner takes them."""
+
+    name: str
+    files: tuple[tuple[str, str], ...]
+    what: str
+
+
+SHIPPED: dict[str, ShippedWeights] = {
+    "demo": ShippedWeights(
+        "demo",
+        (
+            ("demo/latesteps_500_750.safetensors", "cd834b3e14cf6ea5a98112d58f4884f85d1c493bb90c6ab39002075196074e64"),
+            ("demo/latesteps_750_1000.safetensors", "a5b22c4a933b42b458133e135576149ce2f6fa21d04a8f697b15b80a7190974d"),
+        ),
+        "photo experts of configs/quickstart/ at UNet width 64 (README: Demo weights)",
+    ),
+}
+
+
+def shipped_files(name: str, root: Path | None = None) -> list[Path]:
+    """The files of the shipped weights ``name``, each checked against its sha256.
+
+    Raises:
+        CheckpointError: an unknown name, a file that is missing (an installation without the repository's
+            ``weights/`` folder) or whose digest differs (a damaged file).
+    """
+    if name not in SHIPPED:
+        raise CheckpointError(f"no shipped weights are called {name!r}; known: {', '.join(sorted(SHIPPED))}")
+    root = WEIGHTS_DIR if root is None else root
+    paths = []
+    for relative, digest in SHIPPED[name].files:
+        path = root / relative
+        if not path.is_file():
+            raise CheckpointError(
+                f"the {name!r} weights are not in this installation: {format_path(path)} is missing. They ship in the "
+                "repository's weights/ folder: run from a clone (pip install -e .), or pass the files with --ckpt")
+        found = sha256_file(path)
+        if found != digest:
+            raise CheckpointError(
+                f"{format_path(path)} is damaged: its sha256 is {found[:16]}..., the {name!r} weights have "
+                f"{digest[:16]}...; restore it with: git checkout -- {format_path(path)}")
+        paths.append(path)
+    return paths
+
+
+def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """``paths`` with each short name of :data:`SHIPPED` (e.g. ``"demo"``) replaced by its checked files.  A path that
+    exists wins over a name (with a warning): ``./demo`` always means the file or folder."""
+    expanded: list[str | os.PathLike] = []
+    for path in paths:
+        if isinstance(path, str) and path in SHIPPED:
+            if os.path.exists(path):
+                logger.warning("%r is both a path here and the name of shipped weights; using the path (the shipped "
+                               "weights are %s)", path, format_path(WEIGHTS_DIR / path))
+            else:
+                expanded.extend(shipped_files(path))
+                continue
+        expanded.append(path)
+    return expanded
+
+
+def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16") -> dict[str, object]:
+    """Write the inference weights of the expert checkpoint ``source`` to ``out`` (``.safetensors``).
+
+    The EMA weights (when the checkpoint has them) replace the training weights; network parameters are stored as
+    ``dtype`` (``"fp16"`` halves the file; buffers such as the noise schedule and ``scale_factor`` keep theirs, and
+    loading casts the parameters back to the model's dtype).  The file is written atomically.
+
+    Returns:
+        what was written: ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}``.
+
+    Raises:
+        CheckpointError / ConfigError: ``source`` is not a loadable expert (see :func:`load_expert`).
+        ValueError: an unknown ``dtype``.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    expert, info = load_expert(source, ema=True)
+    ckpt = load_checkpoint(source)
+    model_cfg = _embedded_model_config(ckpt, format_path(source))
+    if model_cfg is None:
+        raise CheckpointError(f"checkpoint {format_path(source)} holds no model config; only checkpoints written by "
+                              "main.py (or exports of them) can be exported")
+    state = expert.model.state_dict()
+    parameters = {name for name, _ in expert.model.named_parameters()}
+    cast = EXPORT_DTYPES[dtype]
+    state = {k: v.to(cast) if k in parameters and v.is_floating_point() else v for k, v in state.items()}
+    save_checkpoint(
+        {
+            "state_dict": state,
+            "config": {"model": _inference_config(model_cfg, use_ema=False)},
+            "window": list(info.window),
+            "global_step": info.global_step,
+            "ema_folded": info.ema,
+            "metadata": {"format": "latesteps expert export", "source_sha256": info.sha256, "dtype": dtype},
+        },
+        out,
+    )
+    return {
+        "out": format_path(out), "window": list(info.window), "global_step": info.global_step, "ema": info.ema,
+        "parameters": sum(v.numel() for k, v in state.items() if k in parameters), "bytes": os.path.getsize(out),
+        "sha256": sha256_file(out),
+    }

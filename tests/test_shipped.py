@@ -1,0 +1,197 @@
+"""ldm.refine.shipped: the safetensors export of an expert, its header records, and short names of shipped weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.checkpoint import MAX_METADATA_JSON, CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from ldm.refine import Refiner, shipped
+from ldm.refine.loading import load_expert
+from ldm.refine.shipped import SHIPPED, ShippedWeights, expand_names, export_expert, shipped_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(expert_checkpoints, tmp_path_factory):
+    """Both tiny experts exported in fp32 and fp16."""
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for dtype in ("fp32", "fp16"):
+        out[dtype] = [root / f"{dtype}_{p.stem}.safetensors" for p in expert_checkpoints]
+        for src, dst in zip(expert_checkpoints, out[dtype]):
+            export_expert(src, dst, dtype=dtype)
+    return out
+
+
+def test_an_fp32_export_refines_bit_for_bit_like_its_checkpoint(expert_checkpoints, exported, crops32):
+    x = crops32[:2]
+    reference = Refiner.from_checkpoints(expert_checkpoints, device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4])
+    again = Refiner.from_checkpoints(exported["fp32"], device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4])
+    assert torch.equal(reference, again)
+    half = Refiner.from_checkpoints(exported["fp16"], device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4])
+    assert half.dtype == torch.float32 and (half - reference).abs().max() < 0.05  # parameters rounded to fp16
+
+
+def test_an_export_keeps_window_step_and_ema_and_drops_the_training_state(expert_checkpoints, exported):
+    source = load_checkpoint(expert_checkpoints[1])
+    ckpt = load_checkpoint(exported["fp16"][1])
+    assert ckpt["window"] == [0, 250] and ckpt["ema_folded"] is True and ckpt["global_step"] == 0
+    assert ckpt["metadata"]["source_sha256"] == sha256_file(expert_checkpoints[1])
+    assert not any(k.startswith("model_ema.") for k in ckpt["state_dict"])
+    params = ckpt["config"]["model"]["params"]
+    assert params["use_ema"] is False and "ckpt_path" not in params
+    assert params["first_stage_config"]["params"]["lossconfig"] == {"target": "torch.nn.Identity"}
+    unet = ckpt["state_dict"]["model.diffusion_model.out.2.weight"]
+    assert unet.dtype == torch.float16
+    assert ckpt["state_dict"]["alphas_cumprod"].dtype == source["state_dict"]["alphas_cumprod"].dtype  # buffers as-is
+    ema = source["state_dict"]["model_ema.diffusion_modelout2weight"]
+    assert torch.equal(unet, ema.half())  # the EMA weights, not the training weights
+    expert, info = load_expert(exported["fp16"][1])
+    assert info.ema is True and info.window == (0, 250) and expert.window == (0, 250)
+
+
+def test_an_export_without_ema_weights_says_so_and_loads_the_training_weights(tmp_path, caplog):
+    from conftest import build_tiny_expert, save_expert_checkpoint
+
+    model = build_tiny_expert(0, 250, seed=5)
+    src = tmp_path / "plain.ckpt"
+    save_expert_checkpoint(model, src)
+    ckpt = load_checkpoint(src)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model_ema.")}
+    save_checkpoint(ckpt, src)
+    export_expert(src, tmp_path / "plain.safetensors", dtype="fp32")
+    assert load_checkpoint(tmp_path / "plain.safetensors")["ema_folded"] is False
+    _, info = load_expert(tmp_path / "plain.safetensors")
+    assert info.ema is False and "no EMA weights in the checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"config": "{not json"}, "its 'config' metadata is not valid JSON"),
+        ({"window": "[" * 100000 + "]" * 100000}, "its 'window' metadata is not valid JSON"),
+        ({"config": "x" * (MAX_METADATA_JSON + 1)}, f"over the limit of {MAX_METADATA_JSON}"),
+    ],
+)
+def test_bad_header_records_are_refused_in_one_line(tmp_path, metadata, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="bad.safetensors") as err:
+        load_checkpoint(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_foreign_safetensors_file_without_records_still_loads_as_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    ckpt = load_checkpoint(tmp_path / "w.safetensors")
+    assert set(ckpt) == {"state_dict", "metadata"} and torch.equal(ckpt["state_dict"]["w"], torch.ones(3))
+
+
+@pytest.fixture
+def fake_shipped(monkeypatch, tmp_path, exported):
+    """A registry entry "tiny" over the fp16 exports, in a weights folder of its own."""
+    root = tmp_path / "weights"
+    (root / "tiny").mkdir(parents=True)
+    files = []
+    for path in exported["fp16"]:
+        target = root / "tiny" / path.name
+        target.write_bytes(path.read_bytes())
+        files.append((f"tiny/{path.name}", sha256_file(target)))
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", root)
+    monkeypatch.setitem(SHIPPED, "tiny", ShippedWeights("tiny", tuple(files), "two tiny experts"))
+    return root
+
+
+def test_a_short_name_expands_to_its_checked_files(fake_shipped, tmp_path, monkeypatch, crops32):
+    monkeypatch.chdir(tmp_path)
+    files = expand_names(["tiny"])
+    assert [Path(p).parent for p in files] == [fake_shipped / "tiny"] * 2
+    assert expand_names(["a.ckpt", "tiny"])[0] == "a.ckpt"
+    refiner = Refiner.from_checkpoints("tiny", device="cpu")
+    assert [e.window for e in refiner.experts] == [(250, 500), (0, 250)]
+    # a path of that name wins (with a warning): ./tiny means the file or folder
+    (tmp_path / "tiny").mkdir()
+    assert expand_names(["tiny"]) == ["tiny"]
+
+
+def test_a_missing_or_damaged_shipped_file_is_refused_before_loading(fake_shipped):
+    target = fake_shipped / SHIPPED["tiny"].files[1][0]
+    target.write_bytes(target.read_bytes()[:-1] + b"\0")
+    with pytest.raises(CheckpointError, match=r"is damaged: its sha256 is .*restore it with: git checkout --"):
+        shipped_files("tiny")
+    target.unlink()
+    with pytest.raises(CheckpointError, match="the 'tiny' weights are not in this installation"):
+        Refiner.from_checkpoints("tiny", device="cpu")
+    with pytest.raises(CheckpointError, match="no shipped weights are called 'nope'; known: "):
+        shipped_files("nope")
+
+
+def test_the_shipped_demo_weights_are_in_the_repository_and_match_their_digests():
+    files = shipped_files("demo")  # raises on a missing or changed file
+    assert sum(os.path.getsize(p) for p in files) <= 25 * 2**20  # issue 24: at most 25 MB in all
+    infos = [load_expert(p)[1] for p in files]
+    assert [i.window for i in infos] == [(250, 500), (0, 250)] and all(i.ema for i in infos)
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "export_weights.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_checkpoints, tmp_path):
+    out = tmp_path / "e.safetensors"
+    proc = run_export("--ckpt", str(expert_checkpoints[0]), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "window t in [250, 500), step 0, EMA weights" in proc.stdout and "as fp16" in proc.stdout
+    before = out.read_bytes()
+    cases = [
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(out)], "already exists; choose a new path"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "e.ckpt")], "must end with .safetensors"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "no" / "e.safetensors")], "does not exist"),
+        (["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.safetensors")], "does not exist"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "d.safetensors"), "--dtype", "int8"],
+         "invalid choice: 'int8'"),
+    ]
+    for args, message in cases:
+        proc = run_export(*args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert out.read_bytes() == before and not (tmp_path / "m.safetensors").exists()
+    vq = tmp_path / "vq.ckpt"  # a checkpoint that is not an expert
+    save_checkpoint({"state_dict": {"encoder.w": torch.zeros(1)}, "config": {"model": {"target": "x.Y"}}}, vq)
+    proc = run_export("--ckpt", str(vq), "--out", str(tmp_path / "v.safetensors"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "v.safetensors").exists()
+    assert json.loads(json.dumps(load_checkpoint(out)["window"])) == [250, 500]
+
+
+def test_refine_cli_takes_the_demo_name_and_keeps_pixels_outside_the_box(tmp_path, crops32):
+    from PIL import Image
+
+    from ldm.imageio import tensor_to_image
+
+    Image.fromarray(tensor_to_image(crops32[0])).save(tmp_path / "a.png")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "refine.py"), "--input", str(tmp_path / "a.png"), "--box", "8,8,24,24",
+         "--start-t", "150", "--ckpt", "demo", "--outdir", str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (out,) = (tmp_path / "out").glob("a_t150_s0*.png")
+    before, after = (np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "a.png", out))
+    outside = np.ones((32, 32), dtype=bool)
+    outside[8:24, 8:24] = False
+    assert np.array_equal(before[outside], after[outside]) and not np.array_equal(before, after)

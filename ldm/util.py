@@ -46,7 +46,7 @@ _UNTRUSTED_PREFIXES: contextvars.ContextVar[tuple[str, ...] | None] = contextvar
 )
 _DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # Temp files of atomic_write_bytes: "." + destination name + "." + 8 characters of tempfile's alphabet + ".tmp".
-_TEMP_FILE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
+TEMP_FILE_PATTERN = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 class ConfigError(ValueError):
@@ -302,7 +302,7 @@ def remove_stale_temp_files(
     real_folder = os.path.realpath(folder)  # once: an entry that is no link has the real path real_folder/<name>
     removed = []
     for entry in sorted(folder.iterdir()):
-        match = _TEMP_FILE.match(entry.name)
+        match = TEMP_FILE_PATTERN.match(entry.name)
         if not match or (wanted is not None and match.group(1) not in wanted):
             continue
         if os.path.join(real_folder, entry.name) in keep:

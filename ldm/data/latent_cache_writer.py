@@ -58,7 +58,7 @@ from ldm.data.tar_shards import (
     shard_label,
     write_tar,
 )
-from ldm.util import _TEMP_FILE, ConfigError, atomic_write_bytes
+from ldm.util import TEMP_FILE_PATTERN, ConfigError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def check_output_folder(out: Path, inputs: list[Path]) -> None:
         return  # created later (or refused then, as an output error, when it is a file)
     try:
         with os.scandir(out_real) as entries:
-            listing = [(e.name, e.is_symlink()) for e in entries if not _TEMP_FILE.match(e.name)]
+            listing = [(e.name, e.is_symlink()) for e in entries if not TEMP_FILE_PATTERN.match(e.name)]
     except OSError:
         return
     if not listing:

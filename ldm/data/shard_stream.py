@@ -71,6 +71,7 @@ from ldm.data.image_folder import (
     uint8_to_model_range,
 )
 from ldm.data.latent_format import INDEX_NAME, LATENT_EXT, choose_variant, decode_npy, latent_item, read_index
+from ldm.data.resumable import LazyCountingIterator, derive_seed
 from ldm.data.tar_shards import (
     IMAGE_EXTS,
     MAX_SHARD_SAMPLES,
@@ -81,7 +82,6 @@ from ldm.data.tar_shards import (
     iter_samples,
     shard_label,
 )
-from ldm.train.data import _LazyCountingIterator, derive_seed
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -567,7 +567,7 @@ class ShardStreamLoader(DataLoader):
         self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
-        return _LazyCountingIterator(self)
+        return LazyCountingIterator(self)
 
     def _start_epoch(self) -> Iterator[Any]:
         skip = 0

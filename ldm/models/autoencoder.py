@@ -119,7 +119,7 @@ class VQModel(pl.LightningModule):
         """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
         LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
         if not Path(path).exists():
-            from ldm.train.first_stages import missing_first_stage_hint  # the configs that train this network
+            from ldm.models.first_stages import missing_first_stage_hint  # the configs that train this network
 
             network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; "

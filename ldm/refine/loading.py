@@ -26,15 +26,15 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, require_weights, sha256_file
 from ldm.convert.folder import is_diffusers_folder
+from ldm.convert.from_diffusers import load_diffusers_expert
 from ldm.imageio import format_path
-from ldm.models.diffusion.experts import Expert
+from ldm.models.diffusion.experts import CheckpointInfo, Expert  # CheckpointInfo: re-exported, defined there
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.untrusted import OPTIONAL_WEIGHTS, check_config_structure, check_untrusted_model
 from ldm.util import (
@@ -45,46 +45,12 @@ from ldm.util import (
     instantiate_from_config,
     iter_targets,
 )
-from ldm.windows import window_to_steps
 
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ConfigSource = str | os.PathLike | Mapping[str, Any] | None
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a refinement used from one checkpoint (written into output metadata).
-
-    Attributes:
-        path: printable path.  sha256: hex digest of the file.  window: ``(t_min, t_max)`` served.
-        target: the model class.  global_step: training step saved in the file, if any.
-        ema: whether EMA weights were used.  config_source: ``"checkpoint"`` or the YAML path it was built from.
-    """
-
-    path: str
-    sha256: str
-    window: tuple[int, int]
-    target: str
-    global_step: int | None
-    ema: bool
-    config_source: str
-
-    def as_dict(self, num_timesteps: int = 1000) -> dict[str, Any]:
-        """JSON-ready description, with the window also as sampling steps."""
-        a, b = window_to_steps(*self.window, num_timesteps)
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "window": list(self.window),
-            "steps": f"{a}-{b}",
-            "target": self.target,
-            "global_step": self.global_step,
-            "ema": self.ema,
-            "config": self.config_source,
-        }
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -234,8 +200,6 @@ def load_expert(
             parameters (see :mod:`ldm.untrusted` for what a config stored in a checkpoint may hold).
     """
     if is_diffusers_folder(path):  # a diffusers LDM folder, converted in memory (its JSON configs replace `config`)
-        from ldm.convert.diffusers import load_diffusers_expert
-
         return load_diffusers_expert(path, ema=ema, unsafe_load=unsafe_load)
     shown = format_path(path)
     ckpt = load_checkpoint(path, map_location="cpu", unsafe=unsafe_load)

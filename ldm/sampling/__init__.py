@@ -5,7 +5,8 @@
 * :mod:`ldm.sampling.steps`: one update per solver (``ddim_step``, ``dpmpp_2m_step``);
 * :mod:`ldm.sampling.plan`: :func:`build_plan` validates everything once and freezes a :class:`RefinePlan`;
 * :mod:`ldm.sampling.loop`: :func:`run_tail` runs a plan (optionally with a per-pixel start map), checking nothing;
-* :mod:`ldm.sampling.noise`: noise from explicit generators (one per sample for batch-independent results).
+* :mod:`ldm.sampling.noise`: noise from explicit generators (one per sample for batch-independent results);
+* :mod:`ldm.sampling.denoisers`: the ``(x, t, cond) -> eps`` callables a plan steps with, and their wrappers.
 
 The Refiner, training's ``log_images`` and the evaluation use these directly; latent-diffusion's ``DDIMSampler``
 (:mod:`ldm.models.diffusion.ddim`) is a thin adapter over the same step and schedule functions.

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.models.diffusion.denoisers import Denoiser
+from ldm.sampling.denoisers import Denoiser
 from ldm.sampling.schedule import (
     NoiseSchedule,
     ddim_coefficients,

@@ -24,18 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
+from ldm.data.resumable import LazyCountingIterator, derive_seed  # derive_seed: re-exported
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (``numpy.random.SeedSequence``), stable across platforms and runs."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -118,7 +113,7 @@ class ResumableDataLoader(DataLoader):
         self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
-        return _LazyCountingIterator(self)
+        return LazyCountingIterator(self)
 
     def _start_epoch(self) -> Iterator[Any]:
         sampler: ShardedEpochSampler = self.sampler
@@ -134,27 +129,6 @@ class ResumableDataLoader(DataLoader):
         if self.generator is not None:
             self.generator.manual_seed(derive_seed(self.worker_seed, sampler.epoch, sampler.rank))
         return DataLoader.__iter__(self)
-
-
-class _LazyCountingIterator:
-    """Creates the DataLoader iterator at the first ``next()`` and counts the batches it yields."""
-
-    def __init__(self, loader: ResumableDataLoader) -> None:
-        self.loader = loader
-        self._it: Iterator[Any] | None = None
-
-    def __iter__(self) -> _LazyCountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._it is None:
-            self._it = self.loader._start_epoch()
-        batch = next(self._it)
-        self.loader.batches_yielded += 1
-        return batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
 
 def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:

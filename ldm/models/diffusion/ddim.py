@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.models.autoencoder import quantize_latent
-from ldm.models.diffusion.denoisers import CFGDenoiser, Denoiser, ModelDenoiser
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+from ldm.sampling.denoisers import CFGDenoiser, Denoiser, ModelDenoiser
 from ldm.sampling.noise import Generators, draw, randn
 from ldm.sampling.plan import check_eta
 from ldm.sampling.steps import ddim_step

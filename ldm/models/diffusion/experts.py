@@ -22,10 +22,43 @@ from typing import Any
 
 import torch
 
-from ldm.models.diffusion.denoisers import ModelDenoiser
-from ldm.windows import Window, assign_windows, describe_window, format_timesteps, validate_window
+from ldm.sampling.denoisers import ModelDenoiser
+from ldm.windows import Window, assign_windows, describe_window, format_timesteps, validate_window, window_to_steps
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a refinement used from one checkpoint (written into output metadata).
+
+    Attributes:
+        path: printable path.  sha256: hex digest of the file.  window: ``(t_min, t_max)`` served.
+        target: the model class.  global_step: training step saved in the file, if any.
+        ema: whether EMA weights were used.  config_source: ``"checkpoint"`` or the YAML path it was built from.
+    """
+
+    path: str
+    sha256: str
+    window: tuple[int, int]
+    target: str
+    global_step: int | None
+    ema: bool
+    config_source: str
+
+    def as_dict(self, num_timesteps: int = 1000) -> dict[str, Any]:
+        """JSON-ready description, with the window also as sampling steps."""
+        a, b = window_to_steps(*self.window, num_timesteps)
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "window": list(self.window),
+            "steps": f"{a}-{b}",
+            "target": self.target,
+            "global_step": self.global_step,
+            "ema": self.ema,
+            "config": self.config_source,
+        }
 
 
 @dataclass(frozen=True)

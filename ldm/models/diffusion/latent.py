@@ -18,8 +18,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.data.latent_format import CACHED_LATENT_KEY, FIRST_STAGE_SHA_KEY, check_first_stage
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.base import DDPM, training_noise
-from ldm.models.diffusion.denoisers import ModelDenoiser
 from ldm.sampling import NoiseSchedule, build_plan, randn, run_steps
+from ldm.sampling.denoisers import ModelDenoiser
 from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_from_config
 
 logger = logging.getLogger(__name__)

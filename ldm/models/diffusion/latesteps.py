@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.base import training_noise
-from ldm.models.diffusion.denoisers import ModelDenoiser
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.sampling import NoiseSchedule, build_plan, noise_to_start, run_tail
+from ldm.sampling.denoisers import ModelDenoiser
 from ldm.windows import validate_window, window_to_steps
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,108 @@
+"""Denoisers: callables ``(x [B, C, H, W], t [B] long, cond) -> eps [B, C, H, W]`` that samplers step with.
+
+A sampler only ever sees this interface, so classifier-free guidance (:class:`CFGDenoiser`), mixed precision
+(:class:`AutocastDenoiser`), batch-invariant evaluation (:class:`ChunkedDenoiser`) and routing between window experts
+(:mod:`ldm.models.diffusion.experts`) are wrappers, not branches inside a solver step.  The refinement plan
+(:mod:`ldm.sampling.plan`) resolves the routing once and holds each step's wrapped expert.  They live here, next to
+the sampler, so that ``ldm.sampling`` imports nothing from ``ldm.models`` (:mod:`ldm.models.diffusion.denoisers`
+re-exports them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor
+
+
+class Denoiser(Protocol):
+    """Predicts the noise ``eps`` in ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
+
+
+class ModelDenoiser:
+    """Wraps a DDPM/LatentDiffusion: eps from ``apply_model``, converting an ``x0``-parameterised output to eps."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        out = self.model.apply_model(x, t, cond)
+        if self.model.parameterization == "eps":
+            return out
+        sqrt_ab = extract_into_tensor(self.model.sqrt_alphas_cumprod, t, x.shape).to(x.dtype)
+        sqrt_1mab = extract_into_tensor(self.model.sqrt_one_minus_alphas_cumprod, t, x.shape).to(x.dtype)
+        return (x - sqrt_ab * out) / sqrt_1mab
+
+
+def _concat_cond(uncond: Any, cond: Any) -> Any:
+    """Stack unconditional and conditional inputs along the batch (tensors, lists of tensors, or dicts of lists)."""
+    if isinstance(cond, dict):
+        return {k: _concat_cond(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, list):
+        return [torch.cat([u, c]) for u, c in zip(uncond, cond)]
+    return torch.cat([uncond, cond])
+
+
+class CFGDenoiser:
+    """Classifier-free guidance: ``eps_u + scale * (eps_c - eps_u)``, both branches in one batched call."""
+
+    def __init__(self, inner: Denoiser, scale: float, uncond: Any):
+        if uncond is None:
+            raise ValueError("classifier-free guidance needs unconditional_conditioning (e.g. the empty-prompt embedding)")
+        self.inner = inner
+        self.scale = float(scale)
+        self.uncond = uncond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        x_in = torch.cat([x, x])
+        t_in = torch.cat([t, t])
+        e_u, e_c = self.inner(x_in, t_in, _concat_cond(self.uncond, cond)).chunk(2)
+        return e_u + self.scale * (e_c - e_u)
+
+
+class AutocastDenoiser:
+    """Runs the inner denoiser under ``torch.autocast(device_type, dtype)`` and returns eps in ``x``'s dtype.
+
+    Only the network runs in reduced precision; the DDIM trajectory (``x_t``, ``pred_x0``) stays in ``x``'s dtype
+    (float32), so rounding does not accumulate over the steps.
+    """
+
+    def __init__(self, inner: Denoiser, device_type: str, dtype: torch.dtype):
+        self.inner = inner
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            eps = self.inner(x, t, cond)
+        return eps.to(x.dtype)
+
+
+class ChunkedDenoiser:
+    """Runs the inner denoiser on chunks of at most ``chunk_size`` samples and concatenates the results.
+
+    With ``chunk_size=1`` every sample goes through the network alone, so its result cannot depend on which other
+    samples share the batch (CPU kernels pick blocking by batch size, which changes the last bits).  ``cond`` must be
+    None or a tensor indexed along the batch.
+    """
+
+    def __init__(self, inner: Denoiser, chunk_size: int = 1):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+        self.inner = inner
+        self.chunk_size = int(chunk_size)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if x.shape[0] <= self.chunk_size:
+            return self.inner(x, t, cond)
+        if cond is not None and not isinstance(cond, torch.Tensor):
+            raise ValueError("ChunkedDenoiser supports cond=None or a tensor indexed along the batch")
+        parts = []
+        for start in range(0, x.shape[0], self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            parts.append(self.inner(x[sl], t[sl], None if cond is None else cond[sl]))
+        return torch.cat(parts)

@@ -108,6 +108,9 @@ def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = 
         hints.append(f"put CompVis' {name} weights there ({COMPVIS_URL.format(name=name)}, unzip to "
                      f"models/first_stage_models/{name}/model.ckpt)")
     trainers = training_configs(params or {}, root)
+    own = Path(root) / "autoencoder" / f"{(name or '').replace('-', '_')}.yaml"
+    if not trainers and name is not None and own.is_file():  # CompVis' location, another network: its own config
+        trainers = [(_shown(str(own)), None)]
     if trainers:
         config, script = trainers[0]
         also = ""

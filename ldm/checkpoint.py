@@ -30,9 +30,11 @@ from ldm.util import atomic_write_bytes, untrusted_config_prefixes
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint records (besides the state dict) a ``.safetensors`` file keeps in its header, as JSON strings: the merged
-# config, the window, the training step, and whether the EMA weights were copied into the model's (no model_ema.*).
+# Checkpoint records (besides the state dict) a ``.safetensors`` file keeps in its header, as JSON strings under
+# ``latesteps.<record>`` (other tools' metadata keys are left alone): the merged config, the window, the training step,
+# and whether the EMA weights were copied into the model's (no model_ema.*).
 METADATA_RECORDS: tuple[str, ...] = ("config", "window", "global_step", "ema_folded")
+METADATA_PREFIX = "latesteps."
 MAX_METADATA_JSON = 1 << 20  # characters per record; a project config is a few kB
 
 # Globals of Lightning-1.x / OmegaConf checkpoints that may be replaced by inert placeholders.
@@ -222,22 +224,23 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
 
 
 def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    """The records :func:`save_checkpoint` keeps as JSON strings in a ``.safetensors`` header (``config``, ``window``,
-    ``global_step``, ``ema_folded``), parsed, each at most :data:`MAX_METADATA_JSON` characters."""
+    """The records :func:`save_checkpoint` keeps as JSON strings in a ``.safetensors`` header (``latesteps.config``,
+    ``.window``, ``.global_step``, ``.ema_folded``), parsed, each at most :data:`MAX_METADATA_JSON` characters."""
     import json
 
     records: dict[str, Any] = {}
     for key in METADATA_RECORDS:
-        text = metadata.get(key)
+        name = METADATA_PREFIX + key
+        text = metadata.get(name)
         if text is None:
             continue
         if len(text) > MAX_METADATA_JSON:
-            raise CheckpointError(f"checkpoint {str(path)!r}: its {key!r} metadata has {len(text)} characters, over "
+            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata has {len(text)} characters, over "
                                   f"the limit of {MAX_METADATA_JSON}; the file was not written by this project")
         try:
             records[key] = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r}: its {key!r} metadata is not valid JSON "
+            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON "
                                   f"({' '.join(str(exc).split())[:200]})") from exc
     return records
 
@@ -260,7 +263,8 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a checkpoint atomically. ``.safetensors``: ``obj['state_dict']``, string ``metadata``, and the records of
-    :data:`METADATA_RECORDS` (``config``, ``window``, ...) as JSON strings in the header; else torch.save."""
+    :data:`METADATA_RECORDS` (``config``, ``window``, ...) as JSON strings in the header (``latesteps.config``, ...);
+    else torch.save."""
     path = Path(path)
     if path.suffix == ".safetensors":
         import json
@@ -269,7 +273,8 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
 
         tensors = {k: v.detach().contiguous() for k, v in obj["state_dict"].items()}
         metadata = {str(k): str(v) for k, v in (obj.get("metadata") or {}).items()}
-        metadata.update({key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS if key in obj})
+        metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS
+                         if key in obj})
         payload = save(tensors, metadata=metadata)
         atomic_write_bytes(path, lambda fh: fh.write(payload))
     else:

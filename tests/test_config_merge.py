@@ -237,3 +237,19 @@ def test_the_autoencoder_itself_names_the_config_that_trains_it(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist; train it with python main.py --base ") as info:
         instantiate_from_config(cfg)
     assert "configs/quickstart/vq_f4.yaml -t" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        # found by the fuzzed override test: a later override met an earlier one's ${...} while checking its key
+        (["model.params.t_min=${0}", "model.params.t_min=1"], "Interpolation key '0' not found"),
+        (["model.params=${model.params.t_max}", "model.params.t_min=3"], "RecursionError"),
+        (["lightning.callbacks.x.target=${0}"], "Interpolation key '0' not found"),
+    ],
+)
+def test_overrides_with_unresolvable_interpolations_are_config_errors(tokens, message):
+    opt, dotlist = parse_cli(["-b", str(QUICKSTART), "-t", *tokens])
+    with pytest.raises(ConfigError, match=message) as err:
+        merge_configs(opt.base, dotlist)
+    assert "\n" not in str(err.value)

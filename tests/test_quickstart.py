@@ -277,7 +277,7 @@ def test_demo_weights_refine_and_evaluate_without_training(tmp_path):
     proc = run_quickstart("--weights", "demo", "--outdir", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "using the shipped demo experts: weights/demo/latesteps_500_750.safetensors" in proc.stdout
-    assert "== [1/1] refine degraded held-out images ==" in proc.stdout and "trained" not in proc.stdout
+    assert "== [1/1] refine degraded held-out images ==" in proc.stdout and "train the VQ-f4" not in proc.stdout
     assert not (out / "checkpoints").exists() and not (out / "logs").exists()
     assert json.loads((out / "quickstart.json").read_text()) == {"domain": "photos", "smoke": True, "weights": "demo"}
     for name in ("table.md", "metrics.csv", "before_after.png", "sweep/summary.csv"):

@@ -77,9 +77,9 @@ def test_an_export_without_ema_weights_says_so_and_loads_the_training_weights(tm
 @pytest.mark.parametrize(
     "metadata, message",
     [
-        ({"config": "{not json"}, "its 'config' metadata is not valid JSON"),
-        ({"window": "[" * 100000 + "]" * 100000}, "its 'window' metadata is not valid JSON"),
-        ({"config": "x" * (MAX_METADATA_JSON + 1)}, f"over the limit of {MAX_METADATA_JSON}"),
+        ({"latesteps.config": "{not json"}, "its 'latesteps.config' metadata is not valid JSON"),
+        ({"latesteps.window": "[" * 100000 + "]" * 100000}, "its 'latesteps.window' metadata is not valid JSON"),
+        ({"latesteps.config": "x" * (MAX_METADATA_JSON + 1)}, f"over the limit of {MAX_METADATA_JSON}"),
     ],
 )
 def test_bad_header_records_are_refused_in_one_line(tmp_path, metadata, message):
@@ -95,7 +95,8 @@ def test_bad_header_records_are_refused_in_one_line(tmp_path, metadata, message)
 def test_a_foreign_safetensors_file_without_records_still_loads_as_tensors(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"w": torch.ones(3)}, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    # other tools' metadata, even under the names of this project's records, is not read as records
+    save_file({"w": torch.ones(3)}, str(tmp_path / "w.safetensors"), metadata={"format": "pt", "config": "x=1"})
     ckpt = load_checkpoint(tmp_path / "w.safetensors")
     assert set(ckpt) == {"state_dict", "metadata"} and torch.equal(ckpt["state_dict"]["w"], torch.ones(3))
 

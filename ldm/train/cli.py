@@ -434,9 +434,13 @@ def _modernize_callbacks(config: DictConfig) -> DictConfig:
     """latent-diffusion's ``target: main.ImageLogger`` read as :class:`ldm.train.callbacks.ImageLogger` (in place)."""
     callbacks = OmegaConf.select(config, "lightning.callbacks")
     if isinstance(callbacks, DictConfig):
-        for cfg in callbacks.values():
-            if isinstance(cfg, DictConfig) and cfg.get("target") in LEGACY_CALLBACK_TARGETS:
-                cfg.target = LEGACY_CALLBACK_TARGETS[cfg.target]
+        for name in callbacks:
+            cfg = callbacks._get_node(name)  # unresolved: an override may hold any ${...} or mapping, checked later
+            if not isinstance(cfg, DictConfig) or "target" not in cfg:
+                continue
+            target = cfg._get_node("target")._value()
+            if isinstance(target, str) and target in LEGACY_CALLBACK_TARGETS:
+                cfg.target = LEGACY_CALLBACK_TARGETS[target]
     return config
 
 
@@ -453,9 +457,14 @@ def merge_configs(
     layers = [(str(p), _modernize_callbacks(load_yaml_config(p))) for p in base_paths]
     merged = merge_layers(layers, start=defaults)
     for entry in dotlist:
-        if not is_deletion(entry):
-            check_override_key(merged, entry.split("=", 1)[0])
-        apply_override(merged, entry)
+        try:
+            if not is_deletion(entry):
+                check_override_key(merged, entry.split("=", 1)[0])
+            apply_override(merged, entry)
+        except OmegaConfBaseException as exc:  # e.g. an earlier override's ${...} that cannot resolve, met on the way
+            first = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"override {entry!r}: {first}; check the ${{...}} interpolations of the overrides before "
+                              "it") from exc
     _modernize_callbacks(merged)
     check_config_structure(merged)
     try:

@@ -275,10 +275,26 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
         metadata = {str(k): str(v) for k, v in (obj.get("metadata") or {}).items()}
         metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS
                          if key in obj})
-        payload = save(tensors, metadata=metadata)
+        payload = _sorted_metadata(save(tensors, metadata=metadata))
         atomic_write_bytes(path, lambda fh: fh.write(payload))
     else:
         atomic_write_bytes(path, lambda fh: torch.save(dict(obj), fh))
+
+
+def _sorted_metadata(payload: bytes) -> bytes:
+    """``payload`` (a serialized ``.safetensors`` file) with its header's ``__metadata__`` keys in sorted order:
+    safetensors writes them in hash-map order, which differs from run to run, so the same weights would get another
+    sha256 each time.  The header keeps its length (padded with spaces, as the format allows) and every offset."""
+    import json
+
+    (size,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + size])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    if len(text) > size:  # never seen (the same keys, compact); the unsorted file is still a valid one
+        return payload
+    return payload[:8] + text.ljust(size) + payload[8 + size :]
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

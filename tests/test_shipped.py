@@ -59,6 +59,14 @@ def test_an_export_keeps_window_step_and_ema_and_drops_the_training_state(expert
     assert info.ema is True and info.window == (0, 250) and expert.window == (0, 250)
 
 
+def test_an_export_is_byte_reproducible(expert_checkpoints, tmp_path):
+    """safetensors writes header metadata in hash-map order; the export sorts it, so a documented command gives the
+    documented sha256."""
+    for name in ("x.safetensors", "y.safetensors"):
+        export_expert(expert_checkpoints[0], tmp_path / name)
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+
+
 def test_an_export_without_ema_weights_says_so_and_loads_the_training_weights(tmp_path, caplog):
     from conftest import build_tiny_expert, save_expert_checkpoint
 

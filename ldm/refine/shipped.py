@@ -45,8 +45,8 @@ SHIPPED: dict[str, ShippedWeights] = {
     "demo": ShippedWeights(
         "demo",
         (
-            ("demo/latesteps_500_750.safetensors", "cd834b3e14cf6ea5a98112d58f4884f85d1c493bb90c6ab39002075196074e64"),
-            ("demo/latesteps_750_1000.safetensors", "a5b22c4a933b42b458133e135576149ce2f6fa21d04a8f697b15b80a7190974d"),
+            ("demo/latesteps_500_750.safetensors", "72a806bc3c92ca4458c1f70c9ac282f5c5d2ae3d11d645f2a95cb63659db0aef"),
+            ("demo/latesteps_750_1000.safetensors", "41bf8d1fd2a3c87650eb1e5492836f160786acbfc6ffc866a3b475ef1a793c05"),
         ),
         "photo experts of configs/quickstart/ at UNet width 64 (README: Demo weights)",
     ),

@@ -242,7 +242,25 @@ def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str,
         except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON "
                                   f"({' '.join(str(exc).split())[:200]})") from exc
+        value = records[key]
+        if not _RECORD_CHECKS[key](value):
+            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata must be {_RECORD_KINDS[key]}, got "
+                                  f"{text[:80]}")
     return records
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_RECORD_CHECKS = {
+    "config": lambda v: isinstance(v, dict),
+    "window": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) for t in v),
+    "global_step": lambda v: v is None or (_is_int(v) and v >= 0),
+    "ema_folded": lambda v: isinstance(v, bool),
+}
+_RECORD_KINDS = {"config": "a JSON object", "window": "[t_min, t_max] (two integers)",
+                 "global_step": "an integer >= 0 or null", "ema_folded": "true or false"}
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -22,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, check_outdir, one_line_error
 
 PROG = "app.py"
 EXIT_OUTPUT = 3  # the output folder cannot be created (as scripts/refine.py)
@@ -100,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.refine import Refiner
     from ldm.util import ConfigError
 
-    try:
-        os.makedirs(args.outdir, exist_ok=True)
-    except OSError as exc:
-        _err(f"error: output folder {args.outdir}: {exc.strerror or one_line_error(exc)}")
+    problem = check_outdir(args.outdir)  # predicted now, created only once the experts load
+    if problem:
+        _err(f"error: {problem}")
         return EXIT_OUTPUT
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     try:
@@ -125,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             _err("interrupted")
             return EXIT_INTERRUPTED
+        try:
+            os.makedirs(args.outdir, exist_ok=True)
+        except OSError as exc:
+            _err(f"error: output folder {args.outdir}: {exc.strerror or one_line_error(exc)}")
+            return EXIT_OUTPUT
         port = sock.getsockname()[1]
         where = " and on every other interface of this machine" if args.listen else ""
         print(f"{refiner.describe()}\nserving on http://127.0.0.1:{port}/{where} (Ctrl+C to stop); results in "

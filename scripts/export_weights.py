@@ -3,8 +3,8 @@
 
     python scripts/export_weights.py --ckpt logs/<run>/checkpoints/last.ckpt --out weights/mine/latesteps_750_1000.safetensors
 
-The file holds the EMA weights in place of the training weights (fp16 by default: half the size; loading casts them
-back), the model config rebuilt for inference, the window and the training step, and no optimizer state: what
+The file holds the EMA weights in place of the training weights (the UNet's in fp16 by default: half their size;
+loading casts them back), the model config rebuilt for inference, the window and the training step, and no optimizer state: what
 refine.py --ckpt, the app and Refiner.from_checkpoints need, nothing to resume training from.  --out must not exist
 and appears complete or not at all.  The work is in ldm.refine.shipped.export_expert.
 """
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH", type=path_arg,
                    help="the .safetensors file to create; must not exist")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
-                   help="storage type of the network parameters (default: %(default)s)")
+                   help="storage type of the UNet's parameters (the first stage stays as trained) (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
-    if not args.out.endswith(".safetensors"):
-        parser.error(f"--out {args.out} must end with .safetensors")
+    if not args.out.endswith(".safetensors") or os.path.basename(args.out) == ".safetensors":
+        parser.error(f"--out {args.out} must be a file name ending with .safetensors, e.g. expert.safetensors")
     if os.path.lexists(args.out):
         parser.error(f"--out {args.out} already exists; choose a new path (nothing is overwritten)")
-    parent = os.path.dirname(os.path.abspath(args.out))
+    parent = os.path.dirname(args.out) or "."  # as written: x/../e.safetensors needs x too (nothing is created)
     if not os.path.isdir(parent):
         parser.error(f"--out {args.out}: the folder {parent} does not exist; create it first")
     from ldm.checkpoint import CheckpointError
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     window = written["window"]
     print(f"wrote {written['out']}: window t in [{window[0]}, {window[1]}), step {written['global_step']}, "
-          f"{'EMA' if written['ema'] else 'training'} weights, {written['parameters'] / 1e6:.2f}M parameters as "
-          f"{args.dtype}, {written['bytes'] / 2**20:.1f} MiB, sha256 {written['sha256']}")
+          f"{'EMA' if written['ema'] else 'training'} weights, {written['parameters'] / 1e6:.2f}M parameters (the "
+          f"UNet's as {args.dtype}), {written['bytes'] / 2**20:.1f} MiB, sha256 {written['sha256']}")
     return EXIT_OK
 
 

@@ -434,6 +434,7 @@ SWEEP_FILES: tuple[str, ...] = ("sweep.csv", "summary.csv", "curves.png", "reali
 OUTPUTS: tuple[str, ...] = (  # every file the quick start writes into --outdir (logs/ holds new run folders only)
     *(f"checkpoints/{name}.ckpt" for name in STAGE_NAMES),
     f"checkpoints/{STAMP}",
+    STAMP,  # --weights demo
     "before_after.png",
     "table.md",
     "metrics.csv",
@@ -452,7 +453,7 @@ def check_outputs(outdir: Path) -> str | None:
             return (f"--outdir {format_path(outdir)}: {folder} is a file, where the quick start makes its {folder} "
                     "folder; move it away or choose another --outdir")
     checkpoints = outdir / "checkpoints"
-    if (os.path.lexists(checkpoints / STAMP) or os.path.lexists(outdir / STAMP)
+    if (os.path.lexists(checkpoints / STAMP) or _demo_stamped(outdir)
             or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES)):
         return None
     found = [name for name in OUTPUTS if os.path.lexists(outdir / name)]
@@ -462,6 +463,16 @@ def check_outputs(outdir: Path) -> str | None:
                 f"overwrite but did not write (there is no checkpoints/{STAMP}); choose another --outdir, or move "
                 "them away")
     return None
+
+
+def _demo_stamped(outdir: Path) -> bool:
+    """Whether ``outdir`` holds the stamp of a ``--weights demo`` run (its contents, not only its name: a user's own
+    quickstart.json does not make the folder the quick start's)."""
+    try:
+        found = json.loads((outdir / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get("weights") == "demo" and set(found) == {"domain", "smoke", "weights"}
 
 
 def make_outdir(outdir: Path) -> str | None:
@@ -564,7 +575,9 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
         table, headline, markdown = evaluate(args, domain, experts, outdir)
         atomic_write_bytes(outdir / "table.md", markdown.encode())
     except (ValueError, OSError) as exc:  # a stage checkpoint that is corrupt (CheckpointError), a disk error
-        print(f"quickstart.py: error: {one_line_error(exc)}; --force retrains every stage", file=sys.stderr)
+        hint = ("restore the shipped files with: git checkout -- weights/demo" if args.weights == "demo" else
+                "--force retrains every stage")
+        print(f"quickstart.py: error: {one_line_error(exc)}; {hint}", file=sys.stderr)
         return 1
     timings.append(("refine + evaluate", "ran", time.perf_counter() - t0))
 

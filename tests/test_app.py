@@ -273,6 +273,7 @@ def test_command_line_mistakes_are_one_line_errors(app_script, expert_checkpoint
     assert code == 2 and err == [f"app.py: error: port {port} on 127.0.0.1 is in use; pass another --port (0 picks a free one)"]
     code, err = run("--ckpt", str(tmp_path / "missing.ckpt"), "--port", "0", "--outdir", str(tmp_path / "out"))
     assert code == 2 and len(err) == 1 and "missing.ckpt" in err[0] and err[0].startswith("app.py: error:")
+    assert not (tmp_path / "out").exists()  # the output folder is made only once the experts load
     (tmp_path / "file").write_text("in the way")
     code, err = run(*ckpts, "--port", "0", "--outdir", str(tmp_path / "file" / "out"))
     assert code == 3 and len(err) == 1 and "output folder" in err[0]

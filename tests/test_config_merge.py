@@ -253,3 +253,14 @@ def test_overrides_with_unresolvable_interpolations_are_config_errors(tokens, me
     with pytest.raises(ConfigError, match=message) as err:
         merge_configs(opt.base, dotlist)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layer", ["model:\n  params: [1, 2]\n", "lightning: [1]\n",
+                                   "model:\n  params:\n    unet_config:\n      params:\n        channel_mult: {a: 1}\n"])
+def test_a_yaml_layer_of_another_container_type_is_a_config_error(tmp_path, layer):
+    """Hostile pass: a list layered over a mapping (or back) ended in a TypeError traceback."""
+    (tmp_path / "layer.yaml").write_text(layer)
+    opt, dotlist = parse_cli(["-b", str(QUICKSTART), str(tmp_path / "layer.yaml"), "-t"])
+    with pytest.raises(ConfigError, match="layer.yaml over .*: Cannot merge incompatible container types") as err:
+        merge_configs(opt.base, dotlist)
+    assert "\n" not in str(err.value)

@@ -255,6 +255,13 @@ def test_outputs_are_reused_only_in_a_quick_start_s_own_folder(quickstart_module
     (tmp_path / "logs").write_text("a file")
     assert "logs is a file, where the quick start makes its logs folder" in module.check_outputs(tmp_path)
     assert set(module.OUTPUTS) >= {"table.md", "before_after.png", "sweep/sweep.json", "checkpoints/quickstart.json"}
+    user = tmp_path / "user"  # hostile pass: a user's own quickstart.json must not make the folder the quick start's
+    user.mkdir()
+    (user / "quickstart.json").write_text("{}")
+    (user / "table.md").write_text("mine")
+    assert "holds quickstart.json, table.md, which the quick start would overwrite" in module.check_outputs(user)
+    (user / "quickstart.json").write_text('{"domain": "photos", "smoke": false, "weights": "demo"}')
+    assert module.check_outputs(user) is None
 
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))

@@ -38,6 +38,8 @@ def test_an_fp32_export_refines_bit_for_bit_like_its_checkpoint(expert_checkpoin
     again = Refiner.from_checkpoints(exported["fp32"], device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4])
     assert torch.equal(reference, again)
     half = Refiner.from_checkpoints(exported["fp16"], device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4])
+    mixed = [exported["fp16"][0], expert_checkpoints[1]]  # an export chains with its sibling's checkpoint
+    assert Refiner.from_checkpoints(mixed, device="cpu").refine_tensors(x, start_t=400, seeds=[3, 4]).shape == x.shape
     assert half.dtype == torch.float32 and (half - reference).abs().max() < 0.05  # parameters rounded to fp16
 
 
@@ -53,6 +55,8 @@ def test_an_export_keeps_window_step_and_ema_and_drops_the_training_state(expert
     unet = ckpt["state_dict"]["model.diffusion_model.out.2.weight"]
     assert unet.dtype == torch.float16
     assert ckpt["state_dict"]["alphas_cumprod"].dtype == source["state_dict"]["alphas_cumprod"].dtype  # buffers as-is
+    first = next(k for k in ckpt["state_dict"] if k.startswith("first_stage_model.") and k.endswith(".weight"))
+    assert ckpt["state_dict"][first].dtype == torch.float32  # as trained: exports chain with their siblings
     ema = source["state_dict"]["model_ema.diffusion_modelout2weight"]
     assert torch.equal(unet, ema.half())  # the EMA weights, not the training weights
     expert, info = load_expert(exported["fp16"][1])
@@ -98,6 +102,41 @@ def test_bad_header_records_are_refused_in_one_line(tmp_path, metadata, message)
     with pytest.raises(CheckpointError, match="bad.safetensors") as err:
         load_checkpoint(path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "record, value, message",
+    [
+        ("window", "[250.9, 500.2]", "must be [t_min, t_max] (two integers)"),
+        ("window", '{"250": 1, "500": 2}', "must be [t_min, t_max] (two integers)"),
+        ("window", json.dumps(list(range(100000))), "must be [t_min, t_max] (two integers)"),
+        ("global_step", "true", "must be an integer >= 0 or null"),
+        ("global_step", "-5", "must be an integer >= 0 or null"),
+        ("ema_folded", '"yes"', "must be true or false"),
+        ("config", "[1]", "must be a JSON object"),
+    ],
+)
+def test_header_records_of_the_wrong_kind_are_refused_in_one_bounded_line(tmp_path, record, value, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "crafted.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={f"latesteps.{record}": value})
+    with pytest.raises(CheckpointError, match="crafted.safetensors") as err:
+        load_checkpoint(path)
+    assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("params, where", [([1], "model.params"), (5, "model.params"), ("ab", "model.params"),
+                                           ({"first_stage_config": {"params": [1]}},
+                                            "model.params.first_stage_config.params")])
+def test_a_crafted_config_whose_params_are_not_a_mapping_is_a_config_error(exported, tmp_path, params, where):
+    from ldm.util import ConfigError
+
+    ckpt = load_checkpoint(exported["fp16"][0])
+    ckpt["config"] = {"model": {"target": ckpt["config"]["model"]["target"], "params": params}}
+    save_checkpoint(ckpt, tmp_path / "c.safetensors")
+    with pytest.raises(ConfigError, match=f"c.safetensors: its config's {where} must be a mapping of arguments"):
+        load_expert(tmp_path / "c.safetensors")
 
 
 def test_a_foreign_safetensors_file_without_records_still_loads_as_tensors(tmp_path):
@@ -168,7 +207,10 @@ def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_chec
     before = out.read_bytes()
     cases = [
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(out)], "already exists; choose a new path"),
-        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "e.ckpt")], "must end with .safetensors"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "e.ckpt")], "ending with .safetensors"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / ".safetensors")], "ending with .safetensors"),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "x" / ".." / "e2.safetensors")],
+         "does not exist; create it first"),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "no" / "e.safetensors")], "does not exist"),
         (["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.safetensors")], "does not exist"),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "d.safetensors"), "--dtype", "int8"],
@@ -178,7 +220,7 @@ def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_chec
         proc = run_export(*args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
-    assert out.read_bytes() == before and not (tmp_path / "m.safetensors").exists()
+    assert out.read_bytes() == before and not (tmp_path / "m.safetensors").exists() and not (tmp_path / "x").exists()
     vq = tmp_path / "vq.ckpt"  # a checkpoint that is not an expert
     save_checkpoint({"state_dict": {"encoder.w": torch.zeros(1)}, "config": {"model": {"target": "x.Y"}}}, vq)
     proc = run_export("--ckpt", str(vq), "--out", str(tmp_path / "v.safetensors"))

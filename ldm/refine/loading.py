@@ -131,9 +131,19 @@ def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any
         return None
     check_config_structure(embedded, f"checkpoint {shown}")
     model = embedded.get("model", embedded)
-    if isinstance(model, Mapping) and isinstance(model.get("target"), str):
-        return copy.deepcopy(dict(model))
-    return None
+    if not isinstance(model, Mapping) or "target" not in model:
+        return None
+    if not isinstance(model.get("target"), str):
+        raise ConfigError(f"checkpoint {shown}: its config's model.target must be a class path string, got "
+                          f"{type(model.get('target')).__name__}")
+    params = model.get("params")
+    first = params.get("first_stage_config") if isinstance(params, Mapping) else None
+    first_params = first.get("params") if isinstance(first, Mapping) else None
+    for where, value in (("model.params", params), ("model.params.first_stage_config.params", first_params)):
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"checkpoint {shown}: its config's {where} must be a mapping of arguments, got "
+                              f"{type(value).__name__}")
+    return copy.deepcopy(dict(model))
 
 
 def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
@@ -272,7 +282,7 @@ def _window(ckpt: Mapping[str, Any], model: Any, shown: str) -> tuple[int, int]:
     try:
         recorded = tuple(int(t) for t in saved)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {shown}: invalid 'window' entry {saved!r}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {shown}: invalid 'window' entry {repr(saved)[:80]}: {exc}") from exc
     if recorded != own:
         raise CheckpointError(
             f"checkpoint {shown} is inconsistent: its 'window' record {list(recorded)} differs from the window of its "

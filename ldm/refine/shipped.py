@@ -28,6 +28,7 @@ from ldm.refine.loading import _embedded_model_config, _inference_config, load_e
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+UNET_PREFIX = "model.diffusion_model."  # the parameters an export may store in a smaller dtype
 EXPORT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -98,9 +99,9 @@ def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
 def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16") -> dict[str, object]:
     """Write the inference weights of the expert checkpoint ``source`` to ``out`` (``.safetensors``).
 
-    The EMA weights (when the checkpoint has them) replace the training weights; network parameters are stored as
-    ``dtype`` (``"fp16"`` halves the file; buffers such as the noise schedule and ``scale_factor`` keep theirs, and
-    loading casts the parameters back to the model's dtype).  The file is written atomically.
+    The EMA weights (when the checkpoint has them) replace the training weights; the UNet's parameters are stored as
+    ``dtype`` (``"fp16"`` halves them; the first stage and buffers such as the noise schedule and ``scale_factor`` keep
+    theirs, and loading casts the parameters back to the model's dtype).  The file is written atomically.
 
     Returns:
         what was written: ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}``.
@@ -120,7 +121,10 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
     state = expert.model.state_dict()
     parameters = {name for name, _ in expert.model.named_parameters()}
     cast = EXPORT_DTYPES[dtype]
-    state = {k: v.to(cast) if k in parameters and v.is_floating_point() else v for k, v in state.items()}
+    # only the UNet's: the first stage stays as trained, so an export still chains with the checkpoints (and exports)
+    # of its siblings, which must share one first stage bit for bit
+    state = {k: v.to(cast) if k in parameters and k.startswith(UNET_PREFIX) and v.is_floating_point() else v
+             for k, v in state.items()}
     save_checkpoint(
         {
             "state_dict": state,

@@ -432,7 +432,8 @@ def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
 
 def _modernize_callbacks(config: DictConfig) -> DictConfig:
     """latent-diffusion's ``target: main.ImageLogger`` read as :class:`ldm.train.callbacks.ImageLogger` (in place)."""
-    callbacks = OmegaConf.select(config, "lightning.callbacks")
+    lightning = config._get_node("lightning") if isinstance(config, DictConfig) and "lightning" in config else None
+    callbacks = lightning._get_node("callbacks") if isinstance(lightning, DictConfig) and "callbacks" in lightning else None
     if isinstance(callbacks, DictConfig):
         for name in callbacks:
             cfg = callbacks._get_node(name)  # unresolved: an override may hold any ${...} or mapping, checked later
@@ -455,7 +456,11 @@ def merge_configs(
     latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
     """
     layers = [(str(p), _modernize_callbacks(load_yaml_config(p))) for p in base_paths]
-    merged = merge_layers(layers, start=defaults)
+    try:
+        merged = merge_layers(layers, start=defaults)
+    except (OmegaConfBaseException, TypeError) as exc:  # e.g. a list layered over a mapping
+        first = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"cannot layer {' over '.join(str(p) for p in reversed(base_paths))}: {first}") from exc
     for entry in dotlist:
         try:
             if not is_deletion(entry):

@@ -91,7 +91,7 @@ class Domain:
 
 DOMAIN_NAMES: tuple[str, ...] = ("photos", "synthetic")
 WEIGHTS: tuple[str, ...] = ("train", "demo")  # --weights: train the stages, or use the shipped demo experts
-# --weights demo sweeps two starts instead of four, to finish in about a minute: 50, where every subtle artifact did
+# --weights demo sweeps two starts instead of four, to finish in under a minute: 50, where every subtle artifact did
 # best, and 200, where the saturated disc did (benchmarks/photo_curve.py on these experts; README, Demo weights)
 DEMO_START_TS: tuple[int, ...] = (50, 200)
 STAGE_NAMES: tuple[str, ...] = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
@@ -252,11 +252,12 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
     round_trip = autoencoder_baseline(model)
     result = run_sweep(
         [("experts", refiner)], images, degradations, start_ts, seeds=[0],
-        # --weights demo leaves out the classical filter, a baseline the headline table does not show, to finish in
-        # about a minute
+        # --weights demo leaves out what the headline table does not show (the classical filter, whole-image
+        # refinement) to finish in under a minute
         baselines=default_baselines(model, None if args.weights == "demo" else domain.classical_filter),
         ddim_steps=SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps,
-        batch_size=32, lpips=load_lpips(), realism_reference=realism_reference, whole_image=domain.whole_image,
+        batch_size=32, lpips=load_lpips(), realism_reference=realism_reference,
+        whole_image=domain.whole_image and args.weights == "train",
         n_examples=min(n_images, args.examples), example_start_ts=start_ts, round_trip=round_trip,
     )
     write_report(result, outdir / "sweep", vars(args), title=f"quickstart ({domain.name}): chained late-steps experts")

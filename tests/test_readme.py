@@ -356,7 +356,7 @@ PLACEHOLDERS: tuple[tuple[str, str], ...] = (
     (r"^(masks|my_artifacts|generated|clean)/$", "a folder of the user's images (generated, clean, with artifacts) or masks"),
     (r"^([A-Z]|shapes|details|full_range)\.ckpt$", "the user's own experts, named by role"),
     (r"^my_cached_data\.yaml$", "the YAML overlay README shows after the block, written by the user"),
-    (r"^outputs/demo_curve/", "what benchmarks/photo_curve.py writes in the command before it (55 min of training)"),
+    (r"^outputs/demo_curve/", "what benchmarks/photo_curve.py writes in the command before it (about 50 min of training)"),
 )
 OUTPUT_FLAGS = frozenset({"--outdir", "--out", "--output"})  # what the command itself writes
 PATH_LIKE = re.compile(r"/|\.(ya?ml|py|ckpt|safetensors|pt|pth|png|jpe?g|txt|json|tar|sh)$")

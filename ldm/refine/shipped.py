@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from ldm.convert.from_diffusers import UNET_PREFIX  # the parameters an export may store in a smaller dtype
 from ldm.imageio import format_path
 from ldm.refine.loading import _embedded_model_config, _inference_config, load_expert
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-UNET_PREFIX = "model.diffusion_model."  # the parameters an export may store in a smaller dtype
 EXPORT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

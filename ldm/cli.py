@@ -37,12 +37,40 @@ def one_line_error(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+_DECIMAL = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def decimal_int(text: str) -> int:
+    """``text`` as a decimal integer of ASCII digits (an optional sign, surrounding spaces allowed).
+
+    ``int()`` also reads other scripts' digits (``"５０"`` is 50) and underscores (``"1_0"`` is 10): a typo or a
+    pasted full-width number would then run with a value the user did not see.  Raises ValueError for anything else.
+    """
+    if not isinstance(text, str) or _DECIMAL.fullmatch(text) is None:
+        raise ValueError(f"{text!r} is not a decimal integer")
+    return int(text, 10)
+
+
+_DECIMAL_FLOAT = re.compile(
+    r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\s*", re.ASCII | re.IGNORECASE
+)
+
+
+def decimal_float(text: str) -> float:
+    """``text`` as a number of ASCII digits (``0.5``, ``5e-1``; ``nan`` and ``inf`` too, which callers refuse in their
+    own words); ValueError for anything else (other scripts' digits, underscores), for the reason given in
+    :func:`decimal_int`."""
+    if not isinstance(text, str) or _DECIMAL_FLOAT.fullmatch(text) is None:
+        raise ValueError(f"{text!r} is not a decimal number")
+    return float(text)
+
+
 def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text, 10)
+            value = decimal_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < lo:
@@ -69,7 +97,7 @@ def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
 def unit_interval(text: str) -> float:
     """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
     try:
-        value = float(text)
+        value = decimal_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or not 0 < value <= 1:
@@ -90,7 +118,7 @@ def box_arg(text: str):
 def ddim_eta(text: str) -> float:
     """An argparse ``type`` for DDIM's ``eta``: a finite number ``>= 0`` (0 = deterministic DDIM, 1 = DDPM-like)."""
     try:
-        value = float(text)
+        value = decimal_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:

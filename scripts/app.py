@@ -22,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, check_outdir, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, add_loading_flags, check_outdir, decimal_int, one_line_error
 
 PROG = "app.py"
 EXIT_OUTPUT = 3  # the output folder cannot be created (as scripts/refine.py)
@@ -37,7 +37,7 @@ created; {EXIT_INTERRUPTED} Ctrl+C before serving. Needs the app extra: pip inst
 def port_number(text: str) -> int:
     """An argparse ``type`` for a TCP port: 0 (any free port) to 65535."""
     try:
-        value = int(text, 10)
+        value = decimal_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 0 <= value <= 65535:
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
+        from ldm.app.guards import header_timeout_protocol
+        from ldm.app.handlers import measure_step_cost
         from ldm.app.server import create_app
     except ImportError as exc:
         _err(f"error: the web app needs the app extra ({one_line_error(exc)}); install it with pip install -e .[app]")
@@ -136,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen:
             _err(f"warning: listening on every interface: anyone who can reach port {port} can use the page")
         try:
-            config = uvicorn.Config(create_app(refiner, args.outdir, listen=args.listen), log_level="warning",
-                                    access_log=args.verbose, http="h11", ws="none", lifespan="on", server_header=False)
+            step_cost = measure_step_cost(refiner)
+            logging.getLogger(PROG).info("one sampling step takes about %.2f s per megapixel of image here",
+                        step_cost.seconds_per_pixel * 1e6 / refiner.first_stage.factor**2)
+            app = create_app(refiner, args.outdir, listen=args.listen, step_cost=step_cost)
+            config = uvicorn.Config(app, log_level="warning",
+                                    access_log=args.verbose, http=header_timeout_protocol(), ws="none", lifespan="on",
+                                    server_header=False)
             # While serving, uvicorn's own handler takes Ctrl+C: it stops serving, the app's shutdown waits for the
             # worker (the running request ends after its current step), then uvicorn restores the handler below and
             # raises the signal again.  This handler ignores that one and any later Ctrl+C (pressed twice, or during

@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, int_at_least, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, int_at_least, one_line_error
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs were unreadable (skipped; the cache holds the others) or there were none
@@ -45,7 +45,7 @@ made with other settings, or --out is a folder that is not a cache or would over
 def fraction(text: str) -> float:
     """An argparse ``type`` for --val-fraction: a number in [0, 1)."""
     try:
-        value = float(text)
+        value = decimal_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value < 1.0:

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, one_line_error
 
 EXIT_OK = 0
 EXIT_OUTPUT = 3  # the output cannot be written (permission, disk full)
@@ -36,7 +36,7 @@ output cannot be written.
 def positive_float(text: str) -> float:
     """An argparse ``type``: a finite number > 0."""
     try:
-        value = float(text)
+        value = decimal_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:

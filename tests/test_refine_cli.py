@@ -370,6 +370,10 @@ def bad_checkpoints(tmp_path_factory, expert_checkpoints):
         (["--start-t", "0"], "--start-t: 0 must be >= 1"),
         (["--start-t", "-5"], "--start-t: -5 must be >= 1"),
         (["--start-t", "2.5"], "--start-t: '2.5' is not an integer"),
+        (["--start-t", "\uff15\uff10"], "--start-t: '\uff15\uff10' is not an integer"),  # full-width digits: not 50
+        (["--seed", "1_0"], "--seed: '1_0' is not an integer"),
+        (["--eta", "\u0660.5"], "--eta: '\u0660.5' is not a number"),  # an Arabic-Indic zero
+        (["--box", "\uff11,0,8,8"], "is not x0,y0,x1,y1"),
         (["--start-t", "1000"], "start_t=1000 is outside [1, 999]"),
         (["--start-t", "800"], "outside every expert window"),
         (["--ddim-steps", "0"], "--ddim-steps: 0 must be >= 1"),

@@ -62,6 +62,7 @@ MAX_SAMPLES = 8
 MAX_STEPS = 1000
 MAX_BOXES = 100  # boxes per request
 MAX_REQUEST_STEPS = MAX_SAMPLES * MAX_STEPS  # samples x regions x steps: every whole-image request fits, 7 h do not
+MAX_STEP_SECONDS = 20.0  # estimated wall time of one sampling step: Cancel and Ctrl+C wait for the step in progress
 MODES = ("whole", "mask", "crop")  # whole image / in place (only the mask changes) / crop ("only masked")
 STEP_MODES = ("grid", "exact")  # the DDIM grid's entries <= start_t / exactly K steps from start_t
 SOFTWARE = "latesteps app"
@@ -342,6 +343,63 @@ def _plan_start(refiner: Refiner, settings: RefineSettings) -> int:
     return max([settings.start_t, *starts])
 
 
+# ------------------------------------------------------------------------------------------------------- step cost
+@dataclass(frozen=True)
+class StepCost:
+    """How long one sampling step takes on this machine, per latent pixel (seconds), as :func:`measure_step_cost`
+    found it for the slowest expert.  A cancel waits for the step in progress, so the app refuses a request whose one
+    step would take longer than :data:`MAX_STEP_SECONDS`."""
+
+    seconds_per_pixel: float
+
+    def step_seconds(self, latent_pixels: int) -> float:
+        return self.seconds_per_pixel * latent_pixels
+
+
+def measure_step_cost(refiner: Refiner, repeats: int = 2) -> StepCost:
+    """Time each expert's denoiser (with the refiner's precision) on one latent of twice the experts' native side, the
+    best of ``repeats`` calls after a warm-up, and return the slowest expert's seconds per latent pixel.  Takes about
+    ``3 x experts`` network calls at start-up; the estimate is linear in pixels (attention layers grow faster, so
+    images far above the native size may take longer than estimated)."""
+    model = refiner.model
+    side = 2 * int(model.image_size)
+    z = torch.zeros(1, int(model.channels), side, side, device=refiner.device)
+    t = torch.ones(1, dtype=torch.long, device=refiner.device)
+    worst = 0.0
+    with torch.inference_mode():
+        for denoiser in refiner.denoisers:
+            denoiser(z, t)
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                denoiser(z, t)
+                if refiner.device.type == "cuda":
+                    torch.cuda.synchronize(refiner.device)
+                best = min(best, time.perf_counter() - started)
+            worst = max(worst, best)
+    return StepCost(worst / (side * side))
+
+
+def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None) -> None:
+    """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS` (estimated with ``cost``): the
+    whole padded image in the whole-image and in-place modes, one region at the experts' size in crop mode."""
+    if cost is None:
+        return
+    f, first = refiner.factor, refiner.first_stage.factor
+    if settings.mode == "crop":
+        pixels = (refiner.native_size // first) ** 2
+    else:  # the image padded to a multiple of the model's factor, in latent pixels
+        pixels = (-(-upload.height // f) * f // first) * (-(-upload.width // f) * f // first)
+    seconds = cost.step_seconds(pixels)
+    if seconds <= MAX_STEP_SECONDS:
+        return
+    raise RequestError(
+        f"one sampling step on this {upload.width}x{upload.height} image would take about {seconds:.0f} s here; the app "
+        f"refuses steps over {MAX_STEP_SECONDS:.0f} s (Cancel waits for the step in progress): downscale or crop the "
+        "image, refine only a region in crop mode, or use scripts/refine.py"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------- refine
 @dataclass
 class Prepared:
@@ -373,18 +431,27 @@ class RefineResult:
     seconds: float
 
 
-def prepare(refiner: Refiner, upload: Upload, settings: RefineSettings, mask: tuple[np.ndarray, str] | None) -> Prepared:
+def prepare(
+    refiner: Refiner,
+    upload: Upload,
+    settings: RefineSettings,
+    mask: tuple[np.ndarray, str] | None,
+    step_cost: StepCost | None = None,
+) -> Prepared:
     """Check a request and build its plan and start map (the CLI's ``batch_plan`` and ``region_start_map``).
 
     Args:
         mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None.  Ignored in the
             whole-image mode.
+        step_cost: this machine's :class:`StepCost` (None: no limit on one step's time).
 
     Raises:
         RequestError: steps no expert covers, a box outside the image, a mask and boxes that select nothing, a
             region mode with neither a mask nor boxes, too many regions for crop mode, or more than
-            :data:`MAX_REQUEST_STEPS` sampling steps in all (samples x regions x steps).
+            :data:`MAX_REQUEST_STEPS` sampling steps in all (samples x regions x steps), or one step estimated to take
+            over :data:`MAX_STEP_SECONDS`.
     """
+    _check_step_time(refiner, upload, settings, step_cost)
     regions = settings.regions()
     try:
         plan = batch_plan(refiner, settings.start_t, eta=0.0, strength=None, regions=regions, **settings.plan_arguments())

@@ -43,18 +43,18 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ldm.app.guards import LocalHostOnly, NoSniff
 from ldm.app.handlers import (
     MAX_BOXES,
     MAX_PARALLEL_DECODES,
     MAX_REQUEST_STEPS,
     MAX_SAMPLES,
+    MAX_STEP_SECONDS,
     MAX_UPLOAD_BYTES,
     MAX_UPLOAD_PIXELS,
     MODES,
@@ -62,6 +62,7 @@ from ldm.app.handlers import (
     RefineResult,
     RefineSettings,
     RequestError,
+    StepCost,
     Upload,
     describe_plan,
     load_painted_mask,
@@ -86,7 +87,6 @@ SHUTDOWN_WAIT_S = 10  # on Ctrl+C, how long the running request may take to fini
 MAX_REFINE_JSON_BYTES = 4 * 2**20  # settings and the painted mask, a base64 PNG: strokes on black compress ~1000:1
 KEEP_UPLOADS = 8  # uploads kept for painting and refining: their files' bytes and the PNG shown, never decoded arrays
 KEEP_UPLOAD_BYTES = 256 * 2**20  # ... and the oldest are forgotten sooner when they hold more than this (the newest stays)
-NOSNIFF = (b"x-content-type-options", b"nosniff")
 # The page may load only what this server serves: no CDN, font service or analytics can be reached even by mistake.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
@@ -95,9 +95,10 @@ CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style
 class AppState:
     """What the routes share: the refiner, the output folder, recent uploads and the job queue."""
 
-    def __init__(self, refiner: Refiner, outdir: Path):
+    def __init__(self, refiner: Refiner, outdir: Path, step_cost: StepCost | None):
         self.refiner = refiner
         self.outdir = outdir
+        self.step_cost = step_cost  # one step's estimated time per latent pixel (None: not limited)
         self.start = start_range(refiner)  # the start slider's range and default, from the experts' windows
         self.defaults = RefineSettings(start_t=self.start.default)  # what a setting the page leaves out takes
         self.uploads: OrderedDict[str, Upload] = OrderedDict()  # id -> upload (read and written on the event loop only)
@@ -125,13 +126,18 @@ class AppState:
         return self.uploads[key]
 
 
-def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> Starlette:
+def create_app(
+    refiner: Refiner, outdir: str | Path, listen: bool = False, step_cost: StepCost | None = None
+) -> Starlette:
     """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.
 
     Args:
         listen: the server listens on every interface: accept any Host header (else only localhost names).
+        step_cost: one sampling step's time per latent pixel on this machine (:func:`ldm.app.handlers.measure_step_cost`,
+            as ``scripts/app.py`` passes it): requests whose one step would take over
+            :data:`~ldm.app.handlers.MAX_STEP_SECONDS` are refused.  None: not limited.
     """
-    state = AppState(refiner, Path(outdir))
+    state = AppState(refiner, Path(outdir), step_cost)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette):
@@ -167,6 +173,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
                 "max_upload_pixels": MAX_UPLOAD_PIXELS,
                 "max_boxes": MAX_BOXES,
                 "max_request_steps": MAX_REQUEST_STEPS,
+                "max_step_seconds": MAX_STEP_SECONDS if state.step_cost is not None else None,
                 "max_refine_json_bytes": MAX_REFINE_JSON_BYTES,
                 "outdir": str(state.outdir),
             }
@@ -200,7 +207,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
         mask_data = await run_in_threadpool(_base64, body.get("mask"))
         async with state.decodes:
             mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
-        prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask)
+        prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask, state.step_cost)
         job = state.jobs.submit(prepared, body["upload"], loaded.png, mask_data)
         return JSONResponse(state.jobs.status(job))
 
@@ -258,7 +265,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False) -> St
     ]
     middleware = [Middleware(NoSniff)]  # outermost: the Host check's refusals carry the header too
     if not listen:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))
+        middleware.append(Middleware(LocalHostOnly, allowed_hosts=LOCAL_HOSTS))
     handlers = {RequestError: _request_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
                 Exception: _server_error}  # fmt: skip
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
@@ -277,27 +284,6 @@ def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = o
     sys.stdout.flush()
     sys.stderr.flush()
     abandon(0)
-
-
-class NoSniff:
-    """ASGI middleware adding ``X-Content-Type-Options: nosniff`` to every response (a browser must not run an upload
-    or an error text as script or HTML whatever it looks like)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", []) if h[0].lower() != NOSNIFF[0]]
-                message = {**message, "headers": [*headers, NOSNIFF]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
 
 
 def _upload_json(key: str, upload: Upload) -> dict[str, Any]:

@@ -26,7 +26,8 @@ MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context
 # Crop mode refines each connected region in turn (the whole tail of steps per region): a dotted mask of a megapixel
 # image has ~260,000 regions (hours of work, and as many crops in the metadata), so more than this are refused.
 MAX_REGIONS = 256
-_BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$")
+# ASCII digits only: re's \d and int() also read other scripts' digits, so "１２" would be taken for 12
+_BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.cli import decimal_int
 from ldm.train.config_merge import (
     check_deletion_token,
     delete_key,
@@ -91,7 +92,7 @@ def seed_value(text: str) -> int:
     """An argparse ``type`` for ``-s``: a decimal integer in ``[0, MAX_SEED]`` (what numpy's and Lightning's seeding
     take)."""
     try:
-        value = int(text, 10)
+        value = decimal_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if not 0 <= value <= MAX_SEED:

@@ -1,0 +1,122 @@
+"""What the web app's server puts between the network and its routes: response headers, the Host check and a deadline
+for request headers.
+
+- :class:`NoSniff` adds ``X-Content-Type-Options: nosniff`` to every response.
+- :class:`LocalHostOnly` refuses a Host header other than the local names (DNS rebinding: a web page on another site
+  must not reach a server on localhost through a name it controls), as a JSON error like every other refusal.
+- :func:`header_timeout_protocol` is uvicorn's h11 protocol with a deadline for a request's headers: uvicorn resets its
+  keep-alive timer on every byte received, so a client that sends one header byte every few seconds ("slowloris")
+  would hold a connection open for ever; bodies have their own deadline in the routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+HEADER_TIMEOUT_S = 10.0  # a request's line and headers (a few hundred bytes) must arrive within this many seconds
+
+
+class NoSniff:
+    """ASGI middleware adding ``X-Content-Type-Options: nosniff`` to every response (a browser must not run an upload
+    or an error text as script or HTML whatever it looks like)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != NOSNIFF[0]]
+                message = {**message, "headers": [*headers, NOSNIFF]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: ``"localhost:8000"`` -> ``"localhost"``, ``"[::1]:80"`` -> ``"::1"``."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.split(":", 1)[0]
+
+
+class LocalHostOnly:
+    """ASGI middleware answering 400 with a one-line JSON error when the Host header names anything but
+    ``allowed_hosts`` (compared without the port, case-insensitively)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
+        self.app = app
+        self.allowed = {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host_name(host).lower() in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        shown = host if len(host) <= 64 else host[:61] + "..."
+        error = (f"this server answers only requests addressed to {' or '.join(sorted(self.allowed))} (the request's "
+                 f"Host is {shown!r}); start the app with --listen to serve other names")  # fmt: skip
+        body = json.dumps({"error": error}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol class, closing a connection whose request line and headers have not all arrived within
+    ``seconds`` of the connection opening (or of the previous response on a kept-alive connection).  Pass it as
+    ``uvicorn.Config(..., http=header_timeout_protocol())``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        header_timeout = float(seconds)
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not self._cycle_when_armed:  # a new request's headers were parsed: they made it in time
+                self._cancel_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_deadline()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            self._cancel_header_deadline()
+            self._cycle_when_armed: Any = self.cycle
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_late)
+
+        def _cancel_header_deadline(self) -> None:
+            handle = getattr(self, "_header_deadline", None)
+            if handle is not None:
+                handle.cancel()
+                self._header_deadline = None
+
+        def _headers_too_late(self) -> None:
+            self._header_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11

@@ -1,0 +1,165 @@
+"""ldm.app.guards and the server's limits on time: the Host check's refusal (JSON, nosniff), the deadline for request
+headers (a client trickling header bytes is cut off), and the estimated time of one sampling step (a request whose
+single step would hold the worker past MAX_STEP_SECONDS is refused before it is queued, since Cancel waits for it)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette", reason="the web app needs the app extra: pip install -e .[app]")
+uvicorn = pytest.importorskip("uvicorn", reason="the web app needs the app extra: pip install -e .[app]")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from ldm.app.guards import header_timeout_protocol, host_name  # noqa: E402
+from ldm.app.handlers import (  # noqa: E402
+    MAX_STEP_SECONDS,
+    RefineSettings,
+    RequestError,
+    StepCost,
+    load_upload,
+    measure_step_cost,
+    prepare,
+)
+from ldm.app.server import create_app  # noqa: E402
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def refiner(expert_checkpoints):
+    from ldm.refine import Refiner
+
+    return Refiner.from_checkpoints(expert_checkpoints, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------- Host check
+@pytest.mark.parametrize(
+    "header, name",
+    [("localhost", "localhost"), ("localhost:8000", "localhost"), ("127.0.0.1:80", "127.0.0.1"), ("[::1]:8080", "::1"),
+     ("[::1]", "::1"), ("", ""), ("evil.example:80", "evil.example")],
+)  # fmt: skip
+def test_host_name_drops_the_port(header, name):
+    assert host_name(header) == name
+
+
+def test_a_foreign_host_is_a_json_400_with_nosniff_and_local_names_are_served(refiner, tmp_path):
+    app = create_app(refiner, tmp_path)
+    refused = TestClient(app, base_url="http://evil.example:8000").get("/api/info")
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.headers["x-content-type-options"] == "nosniff"
+    error = refused.json()["error"]
+    assert "'evil.example:8000'" in error and "--listen" in error and "\n" not in error
+    long_host = TestClient(app, base_url="http://" + "a" * 300 + ".example").get("/api/info").json()["error"]
+    assert len(long_host) < 300  # the echoed Host is shortened
+    for base in ("http://localhost:8000", "http://127.0.0.1", "http://LOCALHOST"):
+        assert TestClient(app, base_url=base).get("/api/info").status_code == 200, base
+    listening = create_app(refiner, tmp_path, listen=True)
+    assert TestClient(listening, base_url="http://evil.example").get("/api/info").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- header deadline
+async def hello(scope, receive, send):
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture()
+def quick_deadline_server():
+    """A uvicorn server of a trivial app with a 1 s header deadline, on a free port; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(hello, http=header_timeout_protocol(1.0), log_level="warning", lifespan="off",
+                            timeout_keep_alive=30)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_within(conn: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Send ``trickle`` a byte every 0.1 s until the server closes the connection; the seconds that took, or None."""
+    started = time.monotonic()
+    conn.settimeout(0.1)
+    sent = 0
+    while time.monotonic() - started < seconds:
+        try:
+            if conn.recv(1024) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - started
+        try:
+            conn.sendall(trickle[sent % max(len(trickle), 1) :][:1] if trickle else b"")
+        except OSError:
+            return time.monotonic() - started
+        sent += 1
+    return None
+
+
+def test_a_client_trickling_its_headers_is_cut_off_and_prompt_ones_are_served(quick_deadline_server):
+    port = quick_deadline_server
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        took = _closed_within(slow, 6.0, trickle=b"X-Slow: " + b"a" * 100)  # a byte every 0.1 s keeps it "active"
+    assert took is not None and took < 3.0, took
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        took = _closed_within(idle, 6.0)  # nothing at all
+    assert took is not None and took < 3.0, took
+    with socket.create_connection(("127.0.0.1", port)) as prompt:
+        for _ in range(2):  # a kept-alive connection gets a fresh deadline for each request
+            prompt.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            reply = b""
+            prompt.settimeout(5)
+            while not reply.endswith(b"ok"):
+                reply += prompt.recv(1024)
+            assert reply.startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)  # well within the deadline each time, though 1.2 s in all
+        prompt.sendall(b"GET / HTTP/1.1\r\n")
+        assert _closed_within(prompt, 6.0, trickle=b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaa") is not None
+
+
+# ---------------------------------------------------------------------------------------------------- one step's time
+def test_measured_step_cost_is_positive_and_finite(refiner):
+    cost = measure_step_cost(refiner, repeats=1)
+    assert 0 < cost.seconds_per_pixel < 1.0
+
+
+def test_a_request_whose_one_step_would_take_too_long_is_refused_before_it_is_queued(refiner):
+    upload = load_upload(png(96, 64), "wide.png")
+    latent_pixels = (96 // 4) * (64 // 4)  # the tiny experts: f4 first stage, sides already multiples of the factor
+    slow = StepCost(seconds_per_pixel=2 * MAX_STEP_SECONDS / latent_pixels)  # one whole-image step: 2 x the limit
+    whole = RefineSettings.from_json({"mode": "whole", "start_t": 100, "steps": 2, "step_mode": "exact"})
+    with pytest.raises(RequestError) as info:
+        prepare(refiner, upload, whole, None, slow)
+    message = str(info.value)
+    assert "96x64 image would take about 40 s" in message and f"over {MAX_STEP_SECONDS:.0f} s" in message
+    assert "crop mode" in message and "\n" not in message
+    in_place = RefineSettings.from_json({"mode": "mask", "boxes": "0,0,8,8", "start_t": 100, "steps": 2,
+                                         "step_mode": "exact"})  # fmt: skip
+    with pytest.raises(RequestError):
+        prepare(refiner, upload, in_place, None, slow)  # in place, every step still runs over the whole image
+    crop = RefineSettings.from_json({"mode": "crop", "boxes": "0,0,8,8", "start_t": 100, "steps": 2, "step_mode": "exact"})
+    assert prepare(refiner, upload, crop, None, slow).total_steps == 2  # a crop runs at the experts' size
+    assert prepare(refiner, upload, whole, None, StepCost(0.5 * MAX_STEP_SECONDS / latent_pixels)).total_steps == 2
+    assert prepare(refiner, upload, whole, None, None).total_steps == 2  # no estimate: not limited

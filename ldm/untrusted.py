@@ -5,7 +5,7 @@ author's arguments.  :func:`check_untrusted_model` (called by :func:`ldm.refine.
 passes ``trust_config``) checks such a config in three steps, before any object of it is built for real:
 
 1. **Roles.** Every ``target`` fills a slot, and each slot admits one kind of class (:data:`CONFIG_ROLES`): the model
-   is a ``LatentDiffusion``, ``unet_config`` the project's UNet, ``first_stage_config`` a VQ first stage, and so on.
+   is a ``LatentDiffusion``, ``unet_config`` the project's UNet, ``first_stage_config`` a VQ or KL first stage, and so on.
    A class of an allowed package that is of another kind (a dataset, a callback, a data module) is refused in one
    line naming the slot, the target and what the slot accepts; its module is imported (project code), the class is
    never built.  A ``target`` anywhere else than in a slot is refused too, and so are parameters naming files that a
@@ -112,6 +112,7 @@ class ConfigRole:
 
 _VQ = "ldm.models.autoencoder.VQModel"
 _IDENTITY = "ldm.models.autoencoder.IdentityFirstStage"
+_KL = "ldm.models.autoencoder.AutoencoderKL"  # CompVis' target; the class lives in ldm.models.autoencoder_kl
 _VQ_SLOTS = {"lossconfig": "lossconfig"}
 _DDCONFIG = {"ddconfig": ("ldm.modules.diffusionmodules.model.Encoder", "ldm.modules.diffusionmodules.model.Decoder")}
 _VQ_FILES = ("remap",)  # taming's VectorQuantizer2 np.load()s it in its constructor
@@ -132,8 +133,8 @@ CONFIG_ROLES: dict[str, ConfigRole] = {
         (("ldm.modules.diffusionmodules.openaimodel.UNetModel", None),),
     ),
     "first_stage_config": ConfigRole(
-        f"a VQ first stage ({_VQ} or a subclass) or {_IDENTITY} (pixel space)",
-        ((_VQ, None), (_IDENTITY, None)),
+        f"a VQ or KL first stage ({_VQ}, {_KL} or a subclass) or {_IDENTITY} (pixel space)",
+        ((_VQ, None), (_KL, None), (_IDENTITY, None)),
         _VQ_SLOTS,
         kwargs_of=_DDCONFIG,
         files=_VQ_FILES,

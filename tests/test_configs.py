@@ -40,7 +40,8 @@ def shrink(node: Any, image_root: str) -> Any:
                                                "use_spatial_transformer") if k in params}
                 value = {"target": value["target"], "params": {**TINY_UNET_PARAMS, **keep}}
             elif key == "ddconfig":
-                value = {**TINY_DDCONFIG, "ch_mult": TINY_DDCONFIG["ch_mult"][: len(value["ch_mult"])]}
+                value = {**TINY_DDCONFIG, "double_z": value.get("double_z", False),
+                         "ch_mult": TINY_DDCONFIG["ch_mult"][: len(value["ch_mult"])]}
             elif key == "n_embed":
                 value = 64
             elif key in ("image_size",) and isinstance(value, int):

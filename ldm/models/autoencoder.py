@@ -132,6 +132,15 @@ class VQModel(pl.LightningModule):
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
+        quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
+        if quant_conv is not None and post_quant_conv is not None and quant_conv.ndim == post_quant_conv.ndim == 4 \
+                and not any(k.startswith("quantize.") for k in sd) and quant_conv.shape[0] == 2 * post_quant_conv.shape[1]:
+            # a KL encoder emits mean and log-variance (2 x embed_dim channels); a VQ's quant_conv emits embed_dim
+            raise CheckpointError(
+                f"first-stage checkpoint {path!r} is an AutoencoderKL (quant_conv gives {quant_conv.shape[0]} = 2 x "
+                f"{post_quant_conv.shape[1]} channels, a Gaussian posterior, and there is no codebook), not a VQ: use "
+                "target: ldm.models.autoencoder.AutoencoderKL with ddconfig.double_z: true in first_stage_config"
+            )
         own = self.state_dict()
         loss_keys = {k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)}
         if loss_keys:
@@ -426,3 +435,8 @@ class IdentityFirstStage(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+# latent-diffusion configs name ``ldm.models.autoencoder.AutoencoderKL``; it lives in its own module (which imports
+# nothing from this one, so there is no cycle).
+from ldm.models.autoencoder_kl import AutoencoderKL  # noqa: E402, F401

@@ -1,5 +1,9 @@
 """Tiled first-stage encode/decode with overlap blending, so that large images fit in memory.
 
+VQ (``VQModelInterface``) and KL (``AutoencoderKL``) first stages tile alike (:func:`tiled_encode`,
+:func:`tiled_decode`): the tiles give the encoder's ``quant_conv`` output (the VQ pre-quantization latent, or the KL
+moments, whose mean refinement uses) and the decoder's input is the latent, quantized for VQ only.
+
 Only the full-resolution, purely convolutional part of the first stage runs tile by tile (the encoder's down path,
 the decoder's up path); the mid block with its global attention runs on the whole latent-resolution feature map, which
 is 16x smaller than the image for f4.  Two things keep tiles consistent with the untiled network:
@@ -14,17 +18,10 @@ is 16x smaller than the image for f4.  Two things keep tiles consistent with the
 * **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
   borders, where a tile lacks context, get little weight.
 
-Which statistics are accurate was measured (tiled vs untiled decode, PSNR in dB, with the quickstart's trained VQ-f4;
-table in ``tests/test_tiling.py``).  At the default geometry (512 px tiles, 128 px overlap, 1408x1280 and 1536x1280
-images) statistics from the downscaled pass with no refining pass (``stat_side=512, stat_passes=0``, the default)
-decode best: 28.8 and 31.3 dB, against 25.8 and 22.4 for one pass from the tiles' own statistics, 15.2 for each tile
-normalised with its own, and 25.1 with 2 passes on the downscaled statistics.  Refining passes mix statistics
-gathered under different normalisations of the earlier layers, which hurts the decoder (with random weights 2 passes
-on downscaled statistics even blow up), while the encoder gains from every pass (33.3 -> 41.8 dB with 2); the
-decoder's error dominates.  The geometry scaled down (tiles of 64-128 px, a downscaled pass of 16-32 latent px) ranks
-the settings differently (one pass from the tiles' own statistics best): downscaled statistics need a downscaled map
-that is large next to the network's receptive field.  Exact passes (18 for this decoder) are far better (51-70 dB)
-at about 10 times the cost.
+Why these defaults: of the statistics compared at the default geometry with a trained VQ-f4 (README, Performance:
+"Tiled first stage"), the downscaled pass with no refining pass decoded closest to the untiled network; refining
+passes mix statistics gathered under different normalisations of the earlier layers, which hurts the decoder more
+than it helps the encoder.  Exact passes (as many as GroupNorm layers) are far more accurate at about 10x the cost.
 
 Costs: ``stat_passes + 1`` tiled passes of the tiled part, plus one downscaled untiled pass with ``stat_side``.
 """
@@ -40,7 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.models.autoencoder import quantize_latent
+from ldm.models.autoencoder import VQModelInterface, quantize_latent
+from ldm.models.autoencoder_kl import AutoencoderKL
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
 @dataclass(frozen=True)
@@ -284,8 +283,8 @@ def tiled_apply(
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
 
 
-def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
+def _tiled_encoder(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``quant_conv(encoder(x))`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, C, H/f, W/f]``."""
     enc = first_stage.encoder
     # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
     h = tiled_apply(
@@ -295,11 +294,8 @@ def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfi
     return first_stage.quant_conv(enc.forward_low(h))
 
 
-def tiled_vq_decode(
-    first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
-) -> torch.Tensor:
-    """``VQModelInterface.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``."""
-    quant = z if force_not_quantize else quantize_latent(first_stage.quantize, z)
+def _tiled_decoder(first_stage: nn.Module, quant: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``decoder(post_quant_conv(quant))`` with the decoder's up path tiled: ``[B, C, h, w] -> [B, 3, h*f, w*f]``."""
     dec = first_stage.decoder
     h = dec.forward_low(first_stage.post_quant_conv(quant))
     out_ch = dec.conv_out.out_channels
@@ -308,3 +304,56 @@ def tiled_vq_decode(
         dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes,
         stat_side, stat_min_size=2,
     )
+
+
+def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
+    return _tiled_encoder(first_stage, x, tiling, factor)
+
+
+def tiled_vq_decode(
+    first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
+) -> torch.Tensor:
+    """``VQModelInterface.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``."""
+    quant = z if force_not_quantize else quantize_latent(first_stage.quantize, z)
+    return _tiled_decoder(first_stage, quant, tiling, factor)
+
+
+def tiled_kl_encode(
+    first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int
+) -> DiagonalGaussianDistribution:
+    """``AutoencoderKL.encode`` with the encoder's down path tiled: ``[B, 3, H, W]`` -> the posterior over
+    ``[B, embed_dim, H/f, W/f]`` (its moments come from the blended tiles; take ``.mode()`` or ``.sample(generator)``)."""
+    return DiagonalGaussianDistribution(_tiled_encoder(first_stage, x, tiling, factor))
+
+
+def tiled_kl_decode(first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``AutoencoderKL.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``
+    (nothing is quantized)."""
+    return _tiled_decoder(first_stage, z, tiling, factor)
+
+
+def tileable(first_stage: nn.Module) -> bool:
+    """Whether :func:`tiled_encode` / :func:`tiled_decode` take ``first_stage``: a VQ (``VQModelInterface``) or a KL
+    (``AutoencoderKL``) first stage (both have the split ``Encoder`` / ``Decoder`` and the two 1x1 convolutions)."""
+    return isinstance(first_stage, (VQModelInterface, AutoencoderKL))
+
+
+def tiled_encode(
+    first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int
+) -> torch.Tensor | DiagonalGaussianDistribution:
+    """``first_stage.encode(x)`` tiled: the VQ pre-quantization latent, or the KL posterior."""
+    if isinstance(first_stage, AutoencoderKL):
+        return tiled_kl_encode(first_stage, x, tiling, factor)
+    if isinstance(first_stage, VQModelInterface):
+        return tiled_vq_encode(first_stage, x, tiling, factor)
+    raise TypeError(f"tiled encode needs a VQModelInterface or an AutoencoderKL, got {type(first_stage).__name__}")
+
+
+def tiled_decode(first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
+    """``first_stage.decode(z)`` tiled (a VQ first stage snaps to its codebook, a KL one decodes ``z`` as is)."""
+    if isinstance(first_stage, AutoencoderKL):
+        return tiled_kl_decode(first_stage, z, tiling, factor)
+    if isinstance(first_stage, VQModelInterface):
+        return tiled_vq_decode(first_stage, z, tiling, factor)
+    raise TypeError(f"tiled decode needs a VQModelInterface or an AutoencoderKL, got {type(first_stage).__name__}")

@@ -2,18 +2,29 @@
 
 :class:`FirstStage` encodes images to scaled latents and decodes them back through a LatentDiffusion's own first stage
 (``encode_first_stage`` / ``get_first_stage_encoding`` / ``decode_first_stage``, or the tiled passes of
-:mod:`ldm.models.tiling` for large images with a VQ first stage).  The model is only read, never modified, so the same
-model can be trained, or refined with other options, elsewhere.
+:mod:`ldm.models.tiling` for large images).  The model is only read, never modified, so the same model can be trained,
+or refined with other options, elsewhere.
+
+A KL first stage (``AutoencoderKL``) encodes to a posterior: refinement takes its **mean** by default, so encoding is
+deterministic (two encodes of an image are equal, and the latent does not depend on any RNG), and decodes the latent
+as is (nothing to quantize).  ``posterior="sample"`` draws ``mean + std * eps`` from the given generator instead (what
+LatentDiffusion's training does, seeded).  A VQ first stage is unchanged: its pre-quantization latent, snapped to the
+codebook when decoding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
-from ldm.models.tiling import TilingConfig, tiled_vq_decode, tiled_vq_encode
+from ldm.models.autoencoder_kl import AutoencoderKL
+from ldm.models.tiling import TilingConfig, tiled_kl_decode, tiled_kl_encode, tiled_vq_decode, tiled_vq_encode
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+POSTERIOR_CHOICES = ("mean", "sample")
 
 
 class FirstStage:
@@ -21,9 +32,14 @@ class FirstStage:
 
     Args:
         model: the LatentDiffusion whose first stage and ``scale_factor`` are used.
-        tiling: tile images larger than ``tiling.min_side`` (a VQ first stage; see :mod:`ldm.refine.speed`), or None.
+        tiling: tile images larger than ``tiling.min_side`` (a VQ or KL first stage; see :mod:`ldm.refine.speed`), or
+            None.
         batch_invariant: pass one sample at a time (a result then does not depend on its batch).
         autocast: a factory of the networks' precision context (e.g. ``torch.autocast``; ``nullcontext`` for fp32).
+        posterior: for a KL first stage, ``"mean"`` (default: deterministic) or ``"sample"`` (a draw from
+            ``generator``); ignored by first stages that return a tensor (VQ, identity).
+        generator: the generator of ``posterior="sample"`` (None: the device's RNG; pass one to be reproducible).
+            Draws follow the encode calls in order, one chunk at a time.
     """
 
     def __init__(
@@ -32,37 +48,57 @@ class FirstStage:
         tiling: TilingConfig | None,
         batch_invariant: bool,
         autocast: Callable[[], AbstractContextManager],
+        posterior: str = "mean",
+        generator: torch.Generator | None = None,
     ):
+        if posterior not in POSTERIOR_CHOICES:
+            raise ValueError(
+                f"posterior={posterior!r}: a KL first stage encodes with its posterior's 'mean' (deterministic) or a "
+                f"'sample' (from generator); choose one of {POSTERIOR_CHOICES}"
+            )
         self.model = model
         self.tiling = tiling
         self.batch_invariant = batch_invariant
         self.autocast = autocast
+        self.posterior = posterior
+        self.generator = generator
 
     @property
     def factor(self) -> int:
-        """Image pixels per latent pixel along each side (4 for VQ-f4)."""
+        """Image pixels per latent pixel along each side (4 for VQ-f4, 8 for KL-f8)."""
         return int(self.model.downsampling_factor)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (sides multiples of :attr:`factor`) -> scaled latents
-        ``[B, C, H / f, W / f]`` float32."""
+        ``[B, C, H / f, W / f]`` float32 (a KL first stage: its posterior's mean, or a sample; see the class)."""
         return self._per_chunk(x, self._encode_one)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, h * f, w * f]`` float32 (a VQ first stage snaps to its
-        codebook)."""
+        codebook; a KL one decodes the latent as is)."""
         return self._per_chunk(z, self._decode_one)
+
+    def _latent(self, encoded: Any) -> torch.Tensor:
+        """The first stage's encoder output as one unscaled latent: a tensor as is, a KL posterior's mean or sample."""
+        if isinstance(encoded, DiagonalGaussianDistribution):
+            return encoded.mode() if self.posterior == "mean" else encoded.sample(generator=self.generator)
+        return encoded
 
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiling is not None and self.tiling.applies_to(*x.shape[-2:]):
-            h = tiled_vq_encode(self.model.first_stage_model, x, self.tiling, self.factor)
-            return self.model.get_first_stage_encoding(h)
-        return self.model.get_first_stage_encoding(self.model.encode_first_stage(x))
+            first_stage = self.model.first_stage_model
+            tiled = tiled_kl_encode if isinstance(first_stage, AutoencoderKL) else tiled_vq_encode
+            encoded = tiled(first_stage, x, self.tiling, self.factor)
+        else:
+            encoded = self.model.encode_first_stage(x)
+        return self.model.get_first_stage_encoding(self._latent(encoded))
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         f = self.factor
         if self.tiling is not None and self.tiling.applies_to(z.shape[-2] * f, z.shape[-1] * f):
-            return tiled_vq_decode(self.model.first_stage_model, z / self.model.scale_factor, self.tiling, f)
+            first_stage = self.model.first_stage_model
+            tiled = tiled_kl_decode if isinstance(first_stage, AutoencoderKL) else tiled_vq_decode
+            return tiled(first_stage, z / self.model.scale_factor, self.tiling, f)
         return self.model.decode_first_stage(z)
 
     def _per_chunk(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

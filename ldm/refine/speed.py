@@ -15,17 +15,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ldm.models.autoencoder import VQModelInterface
-from ldm.models.tiling import TilingConfig
+from ldm.models.tiling import TilingConfig, tileable
 
 logger = logging.getLogger(__name__)
 
 
 # Images with a side above 768 px are encoded/decoded tile by tile (512 px tiles, 128 px overlap), which bounds the
-# first stage's full-resolution activations: untiled, a 1024x1024 refinement with the real VQ-f4 peaks at 7.3 GB RSS
-# (6.3 GB for the refinement itself; benchmarks/bench_memory.py), over the 6 GB target.
-# GroupNorm statistics from one untiled pass on the image downscaled to 512 px, no refining pass: measured the most
-# accurate decode at this geometry (2 passes cost 2 more tiled passes and decode worse; see ldm.models.tiling).
+# first stage's full-resolution activations (untiled, a 1024 px refinement with the real VQ-f4 goes over the 6 GB
+# target: README, Performance).  GroupNorm statistics from one untiled pass on the image downscaled to 512 px, no
+# refining pass: the most accurate decode at this geometry of those compared (see ldm.models.tiling).
 AUTO_TILING = TilingConfig(min_side=768, tile=512, overlap=128, stat_side=512, stat_passes=0)
 
 
@@ -50,23 +48,23 @@ def compile_unets(models: Iterable[Any], mode: str | None = None) -> None:
 
 
 def resolve_tiling(tiling: TilingConfig | str | None, model: Any) -> TilingConfig | None:
-    """The tiling a refiner uses: ``"auto"`` -> :data:`AUTO_TILING` for VQ first stages (others are never tiled),
-    None -> no tiling, a :class:`TilingConfig` as given (the first stage must be a VQ and the geometry must fit its
-    downsampling factor; ``ValueError`` otherwise)."""
+    """The tiling a refiner uses: ``"auto"`` -> :data:`AUTO_TILING` for VQ and KL first stages (others are never
+    tiled), None -> no tiling, a :class:`TilingConfig` as given (the first stage must be a VQ or KL and the geometry
+    must fit its downsampling factor; ``ValueError`` otherwise)."""
     if tiling is None:
         return None
     if isinstance(tiling, str):
         if tiling != "auto":
             raise ValueError(f"tiling={tiling!r} must be 'auto', None or a TilingConfig")
-        if not isinstance(model.first_stage_model, VQModelInterface):
-            logger.debug("first stage %s is not a VQ: no tiling", type(model.first_stage_model).__name__)
+        if not tileable(model.first_stage_model):
+            logger.debug("first stage %s is not a VQ or KL: no tiling", type(model.first_stage_model).__name__)
             return None
         tiling = AUTO_TILING
     if not isinstance(tiling, TilingConfig):
         raise ValueError(f"tiling={tiling!r} must be 'auto', None or a TilingConfig")
-    if not isinstance(model.first_stage_model, VQModelInterface):
+    if not tileable(model.first_stage_model):
         raise ValueError(
-            f"tiled encode/decode needs a VQ first stage (VQModelInterface); this model has "
+            f"tiled encode/decode needs a VQ or KL first stage (VQModelInterface, AutoencoderKL); this model has "
             f"{type(model.first_stage_model).__name__}: pass tiling=None"
         )
     tiling.check_factor(model.downsampling_factor)

@@ -1,5 +1,7 @@
-"""Training losses.  ``ldm.modules.losses.VQLPIPSWithDiscriminator`` is the VQGAN objective (first stage)."""
+"""Training losses.  ``ldm.modules.losses.VQLPIPSWithDiscriminator`` is the VQGAN objective and
+``ldm.modules.losses.LPIPSWithDiscriminator`` the KL-autoencoder objective (latent-diffusion's import path)."""
 
+from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
 from ldm.modules.losses.vqperceptual import (
     VQLPIPSWithDiscriminator,
     adaptive_disc_weight,
@@ -9,6 +11,7 @@ from ldm.modules.losses.vqperceptual import (
 )
 
 __all__ = [
+    "LPIPSWithDiscriminator",
     "VQLPIPSWithDiscriminator",
     "adaptive_disc_weight",
     "codebook_usage",

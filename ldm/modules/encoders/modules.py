@@ -1,12 +1,22 @@
-"""Conditioning encoders (the ``cond_stage_config`` targets of LatentDiffusion)."""
+"""Conditioning encoders (the ``cond_stage_config`` targets of LatentDiffusion).
+
+Class labels (``ClassEmbedder``, ``ClassLabels``) and text (latent-diffusion's ``BERTTokenizer``, ``BERTEmbedder``,
+``TransformerEmbedder``; Stable Diffusion v1's ``FrozenCLIPEmbedder``). The text encoders need the optional
+``transformers`` package (``pip install -e .[text]``), imported only when one is built.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 
 class ClassEmbedder(nn.Module):
@@ -43,3 +53,395 @@ class ClassLabels(nn.Module):
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(f"class labels must be in [0, {self.n_classes}); got {labels.min()}..{labels.max()}")
         return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text encoders: latent-diffusion's BERTTokenizer / BERTEmbedder / TransformerEmbedder and Stable Diffusion v1's
+# FrozenCLIPEmbedder. CompVis names, signatures and state-dict keys; tokenizers and CLIP weights come from local files
+# only (CompVis downloads them from the Hugging Face hub at construction: here nothing is ever downloaded).
+# ---------------------------------------------------------------------------------------------------------------------
+
+TEXT_EXTRA_HINT = "pip install -e .[text]"
+_DROPPED_TEXT_CHARS = 80  # how much of the truncated tail a warning quotes
+
+
+def _transformers() -> Any:
+    """Import transformers lazily: ``import ldm.modules.encoders.modules`` must work without it."""
+    try:
+        import transformers
+    except ImportError as err:
+        if err.name not in (None, "transformers"):  # installed but broken (e.g. a dependency's version): say so
+            raise ImportError(f"the 'transformers' package failed to import ({err}); reinstall it: "
+                              f"{TEXT_EXTRA_HINT}") from err
+        raise ImportError(f"the text encoders need the 'transformers' package, which is not installed: "
+                          f"{TEXT_EXTRA_HINT}") from None
+    return transformers
+
+
+def _ignored_device(owner: str, device: Any) -> None:
+    """CompVis classes take ``device`` (default "cuda"); here the module's own device is used, so it is ignored."""
+    if device is not None:
+        logger.info("%s(device=%r): ignored; the encoder runs on the device its parameters are on (move it with "
+                    ".to(device))", owner, device)
+
+
+def _prompts(text: Any, owner: str) -> list[str]:
+    """A prompt batch as a list of ``B`` strings (one ``str`` is a batch of one); anything else is a clear error."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)):
+        raise TypeError(f"{owner} expects a list of B prompt strings; got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{owner} got an empty list of prompts; pass at least one string ('' for no prompt)")
+    for i, t in enumerate(text):
+        if not isinstance(t, str):
+            raise TypeError(f"{owner}: prompt {i} is a {type(t).__name__}, not a str; pass every prompt as text "
+                            "('' for an empty prompt)")
+    return list(text)
+
+
+def _tokenize(tokenizer: Any, text: Any, max_length: int, owner: str) -> torch.Tensor:
+    """Prompts -> token ids ``[B, max_length]`` (long, CPU), padded to ``max_length``, with start/end tokens.
+
+    Prompts longer than ``max_length`` tokens (counting the start and end tokens) are truncated, as CompVis does, with
+    one logged warning per call that says how many tokens each truncated prompt lost.
+    """
+    texts = _prompts(text, owner)
+    # verbose=False: transformers would otherwise add its own "longer than the maximum" warning for this untruncated pass
+    full = tokenizer(texts, truncation=False, padding=False, add_special_tokens=True, verbose=False)["input_ids"]
+    over = [(i, len(ids) - max_length) for i, ids in enumerate(full) if len(ids) > max_length]
+    if over:
+        first, _ = over[0]
+        # truncation keeps the start token, max_length - 2 content tokens and the end token
+        tail = tokenizer.decode(full[first][max_length - 1:-1])
+        tail = tail if len(tail) <= _DROPPED_TEXT_CHARS else tail[:_DROPPED_TEXT_CHARS] + "..."
+        lost = ", ".join(f"{n} from prompt {i}" for i, n in over[:8]) + (", ..." if len(over) > 8 else "")
+        logger.warning("%s: %d of %d prompts exceed the %d-token limit and are truncated, dropping tokens (%s); "
+                       "prompt %d loses %r", owner, len(over), len(texts), max_length, lost, first, tail)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return enc["input_ids"]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (or buffers) live; tokens are moved there."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class AbstractEncoder(nn.Module):
+    """latent-diffusion's base class of conditioning encoders: ``encode`` is what LatentDiffusion calls."""
+
+    def encode(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+class TransformerEmbedder(AbstractEncoder):
+    """Token ids ``[B, N]`` (long, ``N <= max_seq_len``) -> embeddings ``[B, N, n_embed]``: latent-diffusion's encoder.
+
+    State-dict keys ``transformer.*`` (see ``ldm.modules.x_transformer``). ``device`` is accepted for CompVis
+    signature compatibility and ignored: tokens go to the module's device.
+    """
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int, max_seq_len: int = 77, device: Any = None):
+        super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+        _ignored_device(type(self).__name__, device)
+        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer))
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B, N]`` integer ids in ``[0, vocab_size)`` -> ``[B, N, n_embed]``."""
+        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device),
+                                return_embeddings=True)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
+def _checked_tokens(tokens: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Token ids as a long tensor on ``device``, refused (one line) when out of ``[0, vocab_size)``."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() != 2:
+        raise ValueError(f"token ids must be a [B, N] integer tensor; got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}) (vocab_size); got {int(tokens.min())}.."
+                         f"{int(tokens.max())}: the tokenizer's vocabulary is larger than the embedder's")
+    return tokens.to(device=device, dtype=torch.long)
+
+
+class BERTTokenizer(AbstractEncoder):
+    """Prompts ``[B]`` -> BERT (uncased WordPiece) token ids ``[B, max_length]``, from a local vocabulary.
+
+    latent-diffusion downloads ``bert-base-uncased``; here ``vocab_path`` (appended to the CompVis signature) names a
+    local ``vocab.txt`` (one token per line; bert-base-uncased's has 30522) or a folder written by
+    ``BertTokenizer.save_pretrained``. Text is lower-cased unless the folder's tokenizer config says otherwise.
+    ``encode`` returns ``(None, None, [None, None, tokens])`` when ``vq_interface`` (CompVis's VQ-style tuple), else
+    the tokens. ``device`` is ignored: tokens are returned on the CPU and the embedder moves them.
+    """
+
+    def __init__(self, device: Any = None, vq_interface: bool = True, max_length: int = 77,
+                 vocab_path: str | os.PathLike | None = None):
+        super().__init__()
+        _ignored_device(type(self).__name__, device)
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (start and end tokens); got {max_length}")
+        self.tokenizer = _bert_tokenizer(vocab_path)
+        self.vq_interface = vq_interface
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def forward(self, text: list[str]) -> torch.Tensor:
+        """``text`` ``[B]`` strings -> token ids ``[B, max_length]`` (long, CPU), padded with ``[PAD]``."""
+        return _tokenize(self.tokenizer, text, self.max_length, type(self).__name__)
+
+    @torch.no_grad()
+    def encode(self, text: list[str]) -> Any:
+        tokens = self(text)
+        if not self.vq_interface:
+            return tokens
+        return None, None, [None, None, tokens]
+
+    def decode(self, text: Any) -> Any:
+        return text
+
+
+def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
+    """transformers' BertTokenizer from a local vocab file or tokenizer folder (never downloaded)."""
+    hint = ("pass vocab_path= a local bert-base-uncased vocab.txt, or a folder written by "
+            "BertTokenizer.save_pretrained (nothing is downloaded)")
+    if vocab_path is None:
+        raise ValueError(f"BERTTokenizer needs a local vocabulary: {hint}")
+    path = Path(vocab_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"BERT vocabulary {str(path)!r} does not exist: {hint}")
+    transformers = _transformers()
+    if path.is_dir():
+        if not ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()):
+            raise FileNotFoundError(f"BERT tokenizer folder {str(path)!r} has neither vocab.txt nor tokenizer.json: "
+                                    f"{hint}")
+        return transformers.BertTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"BERT vocabulary {str(path)!r} is not UTF-8 text (one token per line): {hint}") from None
+    vocab = {token: i for i, token in enumerate(lines) if token}
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in vocab]
+    if missing or len(vocab) != len(lines):
+        why = f"lacks the special tokens {missing}" if missing else "has empty or repeated lines"
+        raise ValueError(f"BERT vocabulary {str(path)!r} {why}; expected one unique token per line as in "
+                         "bert-base-uncased's vocab.txt")
+    # the ids are the line numbers, as in bert-base-uncased's vocab.txt (the tokenizer is built from the mapping:
+    # transformers 5's BertTokenizer ignores a vocab_file argument)
+    return transformers.BertTokenizer(vocab=vocab, do_lower_case=True)
+
+
+class BERTEmbedder(AbstractEncoder):
+    """Prompts ``[B]`` -> ``[B, max_seq_len, n_embed]``: BERT tokens through latent-diffusion's transformer encoder.
+
+    The encoder is trained with the diffusion model (txt2img-f8: ``n_embed: 1280, n_layer: 32``,
+    ``cond_stage_trainable: true``). Keys ``transformer.*`` as in latent-diffusion's checkpoints (the tokenizer has
+    none). ``use_tokenizer=False`` takes token ids ``[B, N]`` instead of text. ``vocab_path`` (appended to the CompVis
+    signature) is the local vocabulary, see ``BERTTokenizer``; ``device`` is ignored (the module's device is used).
+    Padding tokens are attended to, as in latent-diffusion (its checkpoints were trained that way).
+    """
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77,
+                 device: Any = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0,
+                 vocab_path: str | os.PathLike | None = None):
+        super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+        _ignored_device(type(self).__name__, device)
+        self.use_tknz_fn = use_tokenizer
+        if self.use_tknz_fn:
+            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_path=vocab_path)
+            if self.tknz_fn.vocab_size > vocab_size:
+                raise ValueError(f"the BERT vocabulary has {self.tknz_fn.vocab_size} tokens but vocab_size="
+                                 f"{vocab_size}; pass the vocabulary the embedder was trained with")
+        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer),
+                                              emb_dropout=embedding_dropout)
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    def forward(self, text: Any) -> torch.Tensor:
+        """``text`` ``[B]`` strings (or token ids ``[B, N]`` when ``use_tokenizer=False``) -> ``[B, N, n_embed]``."""
+        tokens = self.tknz_fn(text) if self.use_tknz_fn else text
+        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device),
+                                return_embeddings=True)
+
+    def encode(self, text: Any) -> torch.Tensor:
+        return self(text)
+
+
+_CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
+    """``(tokenizer folder, model folder)`` of a local CLIP text encoder; refused in one line if incomplete.
+
+    Accepts a folder holding both (``save_pretrained`` of the tokenizer and of ``CLIPTextModel``/``CLIPModel`` into the
+    same folder, as openai/clip-vit-large-patch14 is laid out) or a diffusers pipeline folder (``tokenizer/`` and
+    ``text_encoder/``).
+    """
+    path = Path(version).expanduser()
+    hint = ("pass a local folder with the CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json) and "
+            "config.json, e.g. one written by CLIPTokenizer.save_pretrained and CLIPTextModel.save_pretrained "
+            "(nothing is downloaded)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"FrozenCLIPEmbedder(version={str(version)!r}): not a local folder; {hint}")
+    tok_dir, model_dir = path, path
+    if (path / "tokenizer").is_dir() and (path / "text_encoder").is_dir():  # a diffusers pipeline folder
+        tok_dir, model_dir = path / "tokenizer", path / "text_encoder"
+    if not (tok_dir / "tokenizer.json").is_file():
+        missing = [name for name in ("vocab.json", "merges.txt") if not (tok_dir / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"CLIP folder {str(tok_dir)!r} has no tokenizer: missing {' and '.join(missing)} "
+                                    "(or tokenizer.json); save the tokenizer into it with "
+                                    "CLIPTokenizer.save_pretrained(folder)")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"CLIP folder {str(model_dir)!r} has no config.json; {hint}")
+    return tok_dir, model_dir
+
+
+class _TextModelKeys(nn.Module):
+    """Holds a transformers>=5 ``CLIPTextModel`` as ``text_model``, so state-dict keys keep SD v1's ``text_model.*``.
+
+    transformers < 5 nested the text transformer under ``CLIPTextModel.text_model``; SD v1 checkpoints were saved
+    then (``cond_stage_model.transformer.text_model.*``). transformers 5 flattened it (``embeddings.*``, ``encoder.*``,
+    ``final_layer_norm.*``) and renames on its own ``from_pretrained`` only; this holder restores the old tree.
+    """
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    @property
+    def config(self) -> Any:
+        return self.text_model.config
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> Any:
+        return self.text_model(input_ids=input_ids, position_ids=position_ids,
+                               output_hidden_states=output_hidden_states)
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
+    """Prompts ``[B]`` -> CLIP text features ``[B, max_length, D]`` (Stable Diffusion v1's condition encoder).
+
+    ``version`` is a **local folder** (see ``_clip_folders``; the CompVis default hub id is not downloaded). Weights come
+    from the folder when it has them (``model.safetensors``/``pytorch_model.bin``, of ``CLIPTextModel`` or a whole
+    ``CLIPModel``), loaded in float32; a folder with only ``config.json`` and the tokenizer builds the architecture
+    with random weights, to be filled by the LDM checkpoint (SD v1 ``.ckpt`` files hold
+    ``cond_stage_model.transformer.text_model.*``), e.g. on the meta device for a dry run.
+
+    ``layer``: ``"last"`` (SD v1: the final-LayerNorm output ``[B, 77, D]``), ``"pooled"`` (the end-token feature
+    ``[B, 1, D]``) or ``"hidden"`` (hidden state ``layer_idx`` before the final LayerNorm, as in SD 2's class).
+    ``device`` is accepted for signature compatibility and ignored: tokens go to the transformer's device.
+    Loading a state dict tolerates ``transformer.text_model.embeddings.position_ids`` (a persistent buffer in SD v1
+    checkpoints, non-persistent in transformers 5: it is dropped on load and recomputed as ``arange(77)``).
+    """
+
+    LAYERS = ("last", "pooled", "hidden")
+    #: keys SD v1 checkpoints hold that this module does not (dropped by a load_state_dict pre-hook)
+    checkpoint_only_keys = ("transformer.text_model.embeddings.position_ids",)
+
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Any = None, max_length: int = 77,
+                 freeze: bool = True, layer: str = "last", layer_idx: int | None = None):
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}; got {layer!r}")
+        tok_dir, model_dir = _clip_folders(version)
+        _ignored_device(type(self).__name__, device)
+        transformers = _transformers()
+        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        # under a meta-device context (a dry run: shapes only) weights are not read; transformers refuses to try
+        dry_run = torch.empty(0).device.type == "meta"  # (torch.get_default_device needs torch >= 2.3)
+        if not dry_run and any((model_dir / name).is_file() for name in _CLIP_WEIGHT_FILES):
+            model = transformers.CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True,
+                                                               dtype=torch.float32)
+        else:
+            logger.info("%s: CLIPTextModel built from config.json with random weights (%s; load a checkpoint with "
+                        "cond_stage_model.transformer.* weights before use)", model_dir,
+                        "meta device" if dry_run else "no weights file")
+            config = transformers.CLIPTextConfig.from_pretrained(str(model_dir), local_files_only=True)
+            model = transformers.CLIPTextModel(config)
+        # transformers < 5 already nests the text transformer under .text_model (the SD v1 key layout)
+        self.transformer = model if isinstance(getattr(model, "text_model", None), nn.Module) else _TextModelKeys(model)
+        n_layers = self.transformer.config.num_hidden_layers
+        if layer == "hidden" and (layer_idx is None or not -n_layers - 1 <= layer_idx <= n_layers):
+            raise ValueError(f"layer='hidden' needs layer_idx in [{-n_layers - 1}, {n_layers}] (0 = the embeddings, "
+                             f"-1 = the last layer); got {layer_idx}")
+        max_positions = self.transformer.config.max_position_embeddings
+        if not 2 <= max_length <= max_positions:
+            raise ValueError(f"max_length must be in [2, {max_positions}] (the text model's max_position_embeddings); "
+                             f"got {max_length}")
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.frozen = False
+        own = set(self.state_dict())
+        self._drop_on_load = tuple(k for k in self.checkpoint_only_keys if k not in own)
+        self.register_load_state_dict_pre_hook(_drop_checkpoint_only_keys)
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.transformer)
+
+    def freeze(self) -> None:
+        """No gradients and eval mode (kept in eval by ``train()``), as SD's ``freeze``."""
+        self.transformer = self.transformer.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+        self.frozen = True
+
+    def train(self, mode: bool = True) -> FrozenCLIPEmbedder:
+        super().train(mode)
+        if self.frozen:
+            self.transformer.eval()
+        return self
+
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """``text`` ``[B]`` strings -> token ids ``[B, max_length]`` (long, CPU); a long prompt warns and is cut."""
+        return _tokenize(self.tokenizer, text, self.max_length, type(self).__name__)
+
+    def forward(self, text: list[str]) -> torch.Tensor:
+        """``text`` ``[B]`` strings -> ``[B, max_length, D]`` (``[B, 1, D]`` for ``layer="pooled"``)."""
+        tokens = self.tokenize(text).to(self.device)
+        # explicit positions: the model's position_ids buffer is non-persistent, so a model built on the meta device
+        # and then filled from a checkpoint would hold garbage there (and some SD v1 files store corrupted ones)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        outputs = self.transformer(input_ids=tokens, position_ids=positions,
+                                   output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            return outputs.last_hidden_state
+        if self.layer == "pooled":
+            return outputs.pooler_output[:, None, :]
+        return outputs.hidden_states[self.layer_idx]
+
+    def encode(self, text: list[str]) -> torch.Tensor:
+        return self(text)
+
+
+def _drop_checkpoint_only_keys(module: FrozenCLIPEmbedder, state_dict: dict[str, Any], prefix: str,
+                               *_: Any) -> None:
+    """load_state_dict pre-hook: drop SD v1's stored ``position_ids`` (recomputed here), so strict loading works."""
+    for key in module._drop_on_load:
+        if state_dict.pop(prefix + key, None) is not None:
+            logger.debug("ignored %s%s from the checkpoint (a non-persistent buffer here)", prefix, key)

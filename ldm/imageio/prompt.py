@@ -1,0 +1,526 @@
+"""Prompts for refinement with a text-conditioned expert: the validated :class:`Prompt`, and reading prompts back.
+
+Three sources, each giving a :class:`FoundPrompt` (fields the source did not record are None, so the caller's own
+defaults, e.g. ``--negative-prompt``, fill them through :meth:`FoundPrompt.resolve`):
+
+* **AUTOMATIC1111's ``parameters`` PNG text chunk** (:func:`parse_a1111_parameters`): the prompt's lines, then an
+  optional line starting ``Negative prompt:`` (it and the lines after it are the negative prompt), then a last line of
+  ``Key: value, Key: value, ...`` settings (``Steps: 20, Sampler: Euler a, CFG scale: 7, ...``).  As in A1111's own
+  parser (``modules/infotext_utils.py``, ``parse_generation_parameters``) that last line counts as settings only when it
+  holds at least three ``Key: value`` pairs; otherwise it is part of the prompt.  ``CFG scale`` becomes
+  ``guidance_scale``; a quoted value (``"..."``) is JSON-unquoted.
+* **This project's own metadata**: ``scripts/refine.py`` writes PNG text chunks with ``Software: latesteps ...``;
+  an output refined with a prompt carries ``prompt``, ``negative_prompt`` and ``guidance_scale``
+  (:func:`prompt_metadata` builds them).  Those keys are trusted only next to that ``Software`` value: ComfyUI, for
+  one, writes a ``prompt`` chunk that holds its node graph as JSON.  A ``parameters`` chunk holding a JSON object
+  (this project's own record of its CLI arguments, or Fooocus's) is never parsed as A1111 text; its ``prompt`` /
+  ``negative_prompt`` / ``guidance_scale`` entries are used when they are there.
+* **A prompt file** (:func:`load_prompt_file`), one prompt per input stem (the input's file name without its last
+  suffix, ``Path(path).stem``), in one of two formats chosen by the suffix:
+
+  - ``.json``: one object, ``{"stem": "prompt", ...}`` or ``{"stem": {"prompt": "...", "negative_prompt": "...",
+    "guidance_scale": 7.5}, ...}`` (the latter's keys other than ``prompt`` optional; multi-line prompts need this
+    form);
+  - anything else: UTF-8 text, one ``stem<TAB>prompt`` or ``stem<TAB>prompt<TAB>negative prompt`` per line; blank lines
+    and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is accepted; surrounding spaces of each field
+    are stripped.
+
+  The file must be UTF-8, at most :data:`MAX_PROMPT_FILE_BYTES` (checked before reading), with each stem at most once.
+
+PNG text is read by walking the file's chunks (:func:`read_png_text`): pixels are never decoded, ``IDAT`` data is
+skipped with seeks, and text chunks after the image data are found too.  Pillow's ``Image.open(...).info`` would give
+only the chunks before ``IDAT`` without decoding, and ``.text`` decodes every pixel to reach the rest (PngImagePlugin,
+Pillow 13).  Each text chunk this module reads is bounded by :data:`MAX_TEXT_CHUNK_BYTES` (1 MiB, Pillow's
+``PngImagePlugin.MAX_TEXT_CHUNK``), stored and after decompression alike; Pillow bounds only compressed chunks that way
+and plain ``tEXt`` by a 64 MiB total (``MAX_TEXT_MEMORY``).  JPEG and WebP inputs (A1111's EXIF ``UserComment``, this
+project's EXIF JSON) are not read: :func:`read_image_prompt` returns None for them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import stat
+import struct
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ldm.imageio.errors import PathLike, format_path, one_line
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 10_000  # far above any text encoder's context (CLIP: 77 tokens); a guard against pasted files
+DEFAULT_GUIDANCE_SCALE = 7.5  # CompVis txt2img's --scale and diffusers' StableDiffusionPipeline default
+MAX_PROMPT_FILE_BYTES = 32 * 1024 * 1024
+MAX_TEXT_CHUNK_BYTES = 1024 * 1024  # = Pillow's PngImagePlugin.MAX_TEXT_CHUNK
+MAX_PNG_CHUNKS = 100_000  # chunks walked before giving up (a 1 GB PNG written by Pillow has ~16k IDAT chunks)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# this project's outputs: ``Software`` starts with this (ldm/refine/batch.py writes "latesteps refine")
+LATESTEPS_SOFTWARE = "latesteps"
+PROMPT_KEYS = ("prompt", "negative_prompt", "guidance_scale")
+A1111_KEY = "parameters"
+
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# one ``Key: value`` of A1111's settings line: a key starting with a word character, then a JSON-quoted value or a
+# run without commas (the grammar of A1111's ``re_param``)
+_A1111_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+class PromptError(ValueError):
+    """A prompt, a prompt file or a prompt in an image is not acceptable; ``str(err)`` is one line saying why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
+    """``value`` as a float if it is a finite number ``>= 0``; else a :class:`PromptError` saying what is allowed.
+
+    Semantics (CompVis samplers, ``eps_u + s (eps_c - eps_u)``): 0 = the unconditional model, 1 = the conditional model
+    (no guidance), above 1 = guidance (SD's usual 5-12).  diffusers instead treats every ``s <= 1`` as "conditional
+    only"; here ``0 < s < 1`` interpolates.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(value) or value < 0:
+        raise PromptError(
+            f"{name}={value!r} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable Diffusion "
+            f"usually 5-12; default {DEFAULT_GUIDANCE_SCALE:g})"
+        )
+    return float(value)
+
+
+def check_prompt_text(value: Any, name: str = "prompt") -> str:
+    """``value`` if it is a str of at most :data:`MAX_PROMPT_CHARS` characters, encodable as UTF-8, without NUL."""
+    if not isinstance(value, str):
+        raise PromptError(f"{name} must be a str, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise PromptError(
+            f"{name} has {len(value):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted (the text encoder reads "
+            "only its first tokens anyway: shorten it)"
+        )
+    if "\x00" in value:
+        raise PromptError(f"{name} contains a NUL character, which PNG text cannot hold: remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates, e.g. from os.fsdecode of a non-UTF-8 name
+        raise PromptError(f"{name} is not valid Unicode text (character {exc.start}: {value[exc.start]!r})") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a text-conditioned refinement is told: prompt, negative prompt and classifier-free guidance scale.
+
+    Attributes:
+        prompt: the text to condition on ("" is the unconditional embedding).  negative_prompt: the text of the
+            unconditional branch ("" = the usual empty prompt).  Both at most :data:`MAX_PROMPT_CHARS` characters.
+        guidance_scale: ``s`` in ``eps_u + s (eps_c - eps_u)``, finite and ``>= 0`` (see :func:`check_guidance_scale`).
+
+    Raises:
+        PromptError: a field outside what is allowed (one line saying what is).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+
+    def __post_init__(self) -> None:
+        check_prompt_text(self.prompt, "prompt")
+        check_prompt_text(self.negative_prompt, "negative_prompt")
+        object.__setattr__(self, "guidance_scale", check_guidance_scale(self.guidance_scale))
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional branch runs at all (it does not at scale 1)."""
+        return self.guidance_scale != 1.0
+
+    def as_metadata(self) -> dict[str, str]:
+        """PNG text entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text)."""
+        return prompt_metadata(self)
+
+
+def prompt_metadata(prompt: Prompt) -> dict[str, str]:
+    """The metadata entries an output refined with ``prompt`` should carry (read back by :func:`read_image_prompt`
+    when the file's ``Software`` starts with :data:`LATESTEPS_SOFTWARE`)."""
+    return {
+        "prompt": prompt.prompt,
+        "negative_prompt": prompt.negative_prompt,
+        "guidance_scale": repr(prompt.guidance_scale),
+    }
+
+
+@dataclass(frozen=True)
+class FoundPrompt:
+    """A prompt read from an image or a prompt file; fields the source did not record are None.
+
+    Attributes:
+        prompt: the prompt text.  negative_prompt, guidance_scale: as recorded, or None.
+        source: where it came from, for messages and metadata (``"A1111 parameters in a.png"``, ``"p.txt line 3"``).
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float | None
+    source: str
+
+    def resolve(self, negative_prompt: str = "", guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> Prompt:
+        """A :class:`Prompt`, with the caller's defaults for what the source did not record."""
+        neg = self.negative_prompt if self.negative_prompt is not None else negative_prompt
+        scale = self.guidance_scale if self.guidance_scale is not None else guidance_scale
+        return Prompt(self.prompt, neg, scale)
+
+
+def _found(prompt: Any, negative: Any, scale: Any, source: str) -> FoundPrompt:
+    """A validated :class:`FoundPrompt`; errors name ``source``."""
+    try:
+        check_prompt_text(prompt, "prompt")
+        if negative is not None:
+            check_prompt_text(negative, "negative_prompt")
+        if scale is not None:
+            scale = check_guidance_scale(scale)
+    except PromptError as exc:
+        raise PromptError(f"{source}: {exc}") from None
+    return FoundPrompt(prompt, negative, scale, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A1111 infotext
+
+
+def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
+    """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None when absent or not
+    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text (see the module docstring).
+
+    Raises:
+        PromptError: the prompt or negative prompt is longer than :data:`MAX_PROMPT_CHARS` (message names ``source``).
+    """
+    *lines, last = text.strip().split("\n")
+    settings: list[tuple[str, str]] = _A1111_SETTING.findall(last)
+    if len(settings) < 3:  # not a settings line: part of the prompt
+        lines.append(last)
+        settings = []
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith(_NEGATIVE):  # as A1111: this line and every later one are the negative prompt
+            line = line[len(_NEGATIVE) :].strip()
+            negative_lines = [] if negative_lines is None else negative_lines
+        (prompt_lines if negative_lines is None else negative_lines).append(line)
+    scale = None
+    values = {key.strip(): _unquote(value.strip()) for key, value in settings}
+    if "CFG scale" in values:
+        try:
+            scale = check_guidance_scale(float(values["CFG scale"]), "CFG scale")
+        except (ValueError, PromptError):
+            logger.warning("%s: ignoring CFG scale %r (not a finite number >= 0)", source, values["CFG scale"])
+    negative = None if negative_lines is None else "\n".join(negative_lines)
+    return _found("\n".join(prompt_lines), negative, scale, source)
+
+
+def _unquote(value: str) -> str:
+    """A1111 JSON-quotes values holding commas, colons or newlines; others stay as they are."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            out = json.loads(value)
+        except ValueError:
+            return value
+        return out if isinstance(out, str) else value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PNG text chunks
+
+
+def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, str] | None:
+    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, without decoding pixels.
+
+    Args:
+        source: a path, or the file's bytes.  keys: the keywords wanted; other chunks are skipped unread.
+
+    Returns:
+        ``{keyword: text}`` for the wanted keywords found (the last chunk wins when one repeats, as in Pillow), or None
+        when ``source`` is not a PNG file.  A file that ends early yields what was read before the end.
+
+    Raises:
+        PromptError: the file cannot be read; a wanted chunk is over :data:`MAX_TEXT_CHUNK_BYTES` (stored or
+            decompressed), fails its CRC, or is not valid text.
+    """
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _walk_png(io.BytesIO(bytes(source)), set(keys), name)
+    try:
+        if not stat.S_ISREG(os.stat(os.fspath(source)).st_mode):  # before open: opening a FIFO would block
+            raise PromptError(f"cannot read prompt from {name}: not a regular file")
+        with open(os.fspath(source), "rb") as fh:
+            return _walk_png(fh, set(keys), name)
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt from {name}: {exc.strerror or exc}") from None
+
+
+def _walk_png(fh: BinaryIO, wanted: set[str], name: str) -> dict[str, str] | None:
+    if fh.read(8) != PNG_SIGNATURE:
+        return None
+    found: dict[str, str] = {}
+    for _ in range(MAX_PNG_CHUNKS):
+        head = fh.read(8)
+        if len(head) < 8:
+            logger.warning("%s ends without an IEND chunk; prompt text read up to there", name)
+            return found
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            return found
+        if kind not in _TEXT_CHUNKS:
+            fh.seek(length + 4, io.SEEK_CUR)  # data and CRC, unread (IDAT: the pixels)
+            continue
+        # the keyword is 1-79 Latin-1 bytes and a NUL: peek at it before reading a chunk no one asked for
+        peek = fh.read(min(length, 80))
+        keyword = peek.split(b"\0", 1)[0].decode("latin-1")
+        if keyword not in wanted:
+            fh.seek(length - len(peek) + 4, io.SEEK_CUR)
+            continue
+        where = f"{name}: PNG {kind.decode()} chunk {keyword!r}"
+        if length > MAX_TEXT_CHUNK_BYTES:
+            raise PromptError(f"{where} holds {length:,} bytes; at most {MAX_TEXT_CHUNK_BYTES:,} are read")
+        data = peek + fh.read(length - len(peek))
+        crc = fh.read(4)
+        if len(data) < length or len(crc) < 4:
+            logger.warning("%s is cut short; prompt text read up to there", name)
+            return found
+        if zlib.crc32(kind + data) & 0xFFFFFFFF != struct.unpack(">I", crc)[0]:
+            raise PromptError(f"{where} is corrupt (CRC mismatch)")
+        found[keyword] = _chunk_text(kind, data[len(keyword) + 1 :], where)
+    logger.warning("%s has more than %d chunks; prompt text read from the first %d", name, MAX_PNG_CHUNKS, MAX_PNG_CHUNKS)
+    return found
+
+
+def _chunk_text(kind: bytes, body: bytes, where: str) -> str:
+    """The text of a chunk's body (after its keyword and NUL)."""
+    if kind == b"tEXt":
+        return body.decode("latin-1")
+    if kind == b"zTXt":
+        if not body or body[0] != 0:
+            raise PromptError(f"{where} uses an unknown compression method")
+        return _inflate(body[1:], where).decode("latin-1")
+    # iTXt: compression flag, method, language tag NUL, translated keyword NUL, UTF-8 text
+    if len(body) < 2 or body.count(b"\0", 2) < 2:
+        raise PromptError(f"{where} is malformed (missing language or translated keyword)")
+    flag, method = body[0], body[1]
+    text = body[2:].split(b"\0", 2)[2]
+    if flag:
+        if method != 0:
+            raise PromptError(f"{where} uses an unknown compression method")
+        text = _inflate(text, where)
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{where} is not UTF-8 (byte {exc.start})") from None
+
+
+def _inflate(data: bytes, where: str) -> bytes:
+    """zlib-decompress at most :data:`MAX_TEXT_CHUNK_BYTES` (a decompression bomb stops there)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_TEXT_CHUNK_BYTES)
+    except zlib.error as exc:
+        raise PromptError(f"{where} does not decompress ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise PromptError(f"{where} decompresses to more than {MAX_TEXT_CHUNK_BYTES:,} bytes")
+    return out
+
+
+def read_image_prompt(source: PathLike | bytes) -> FoundPrompt | None:
+    """The prompt an image records: this project's own metadata first, then A1111's ``parameters`` chunk.
+
+    Returns None for a PNG without a prompt (and for files that are not PNG).  An output of this project refined
+    without a prompt gives None, even though it has a ``parameters`` chunk (its JSON record of the CLI arguments).
+
+    Raises:
+        PromptError: the file cannot be read, a prompt chunk is corrupt or oversized, or the prompt is not acceptable.
+    """
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
+    text = read_png_text(source, ("Software", A1111_KEY, *PROMPT_KEYS))
+    if text is None:
+        return None
+    if text.get("Software", "").startswith(LATESTEPS_SOFTWARE):
+        if "prompt" not in text:
+            return None
+        return _from_fields(text, f"latesteps metadata of {name}")
+    params = text.get(A1111_KEY)
+    if params is None:
+        return None
+    record = _json_object(params)
+    if record is not None:  # a JSON record (ours or Fooocus's), never A1111 text
+        if not isinstance(record.get("prompt"), str):
+            return None
+        return _from_fields(record, f"JSON parameters of {name}")
+    return parse_a1111_parameters(params, f"A1111 parameters of {name}")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
+    """prompt / negative_prompt / guidance_scale entries (text or JSON values) as a :class:`FoundPrompt`."""
+    scale = fields.get("guidance_scale")
+    if isinstance(scale, str):
+        try:
+            scale = float(scale) if scale.strip() else None
+        except ValueError:
+            raise PromptError(f"{source}: guidance_scale={scale!r} is not a number") from None
+    return _found(fields.get("prompt"), fields.get("negative_prompt"), scale, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prompt files
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A prompt file's entries by stem (see the module docstring for the formats); built by :func:`load_prompt_file`."""
+
+    path: str
+    entries: Mapping[str, FoundPrompt]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, stem: str) -> FoundPrompt | None:
+        """The entry for an input stem (``Path(input).stem``, exact match), or None."""
+        return self.entries.get(stem)
+
+    def for_path(self, path: PathLike) -> FoundPrompt | None:
+        """The entry for an input file, by its stem."""
+        return self.lookup(Path(os.fsdecode(path)).stem)
+
+    def missing(self, stems: Iterable[str]) -> list[str]:
+        """The stems without an entry, in order (to refuse a batch before any work)."""
+        return [s for s in stems if s not in self.entries]
+
+
+def load_prompt_file(path: PathLike) -> PromptFile:
+    """Read and check a prompt file (``.json`` or ``stem<TAB>prompt[<TAB>negative]`` text).
+
+    Raises:
+        PromptError: the file is missing, not a regular file, larger than :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8
+            (naming the line), malformed (naming the line), repeats a stem, or holds an unacceptable prompt.
+    """
+    name = format_path(path)
+    data = _read_bounded(path, name)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PromptError(
+            f"prompt file {name} is not UTF-8: line {line}, byte {column} (0x{data[exc.start]:02x}); save it as UTF-8"
+        ) from None
+    if os.fsdecode(path).lower().endswith(".json"):
+        entries = _parse_json_prompts(text, name)
+    else:
+        entries = _parse_tsv_prompts(text, name)
+    return PromptFile(name, entries)
+
+
+def _read_bounded(path: PathLike, name: str) -> bytes:
+    try:
+        st = os.stat(os.fspath(path))  # before open: opening a FIFO would block
+        if not stat.S_ISREG(st.st_mode):
+            raise PromptError(f"prompt file {name} is not a regular file")
+        if st.st_size > MAX_PROMPT_FILE_BYTES:
+            raise PromptError(
+                f"prompt file {name} is {st.st_size:,} bytes; at most {MAX_PROMPT_FILE_BYTES:,} are accepted (split the batch)"
+            )
+        with open(os.fspath(path), "rb") as fh:
+            data = fh.read(MAX_PROMPT_FILE_BYTES + 1)  # + 1: a file that grew after the check is caught too
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt file {name}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise PromptError(f"prompt file {name} is over {MAX_PROMPT_FILE_BYTES:,} bytes (split the batch)")
+    return data
+
+
+def _check_stem(stem: str, where: str) -> None:
+    if not stem:
+        raise PromptError(f"{where}: empty stem (write stem<TAB>prompt, the stem being the input's name without suffix)")
+    if "/" in stem or "\\" in stem:
+        raise PromptError(f"{where}: stem {stem!r} holds a path separator; give the file name without folder or suffix")
+
+
+def _parse_tsv_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
+    entries: dict[str, FoundPrompt] = {}
+    first_line: dict[str, int] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"prompt file {name} line {number}"
+        fields = line.split("\t")
+        if len(fields) not in (2, 3):
+            raise PromptError(
+                f"{where}: {len(fields) - 1} TAB(s); write stem<TAB>prompt or stem<TAB>prompt<TAB>negative prompt"
+            )
+        stem = fields[0].strip()
+        _check_stem(stem, where)
+        if stem in entries:
+            raise PromptError(f"{where}: stem {stem!r} was already given on line {first_line[stem]}; give each once")
+        negative = fields[2].strip() if len(fields) == 3 else None
+        entries[stem] = _found(fields[1].strip(), negative, None, f"prompt file {name} line {number}")
+        first_line[stem] = number
+    return entries
+
+
+def _parse_json_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise PromptError(f"prompt file {name}: key {key!r} appears twice; give each stem once")
+            out[key] = value
+        return out
+
+    try:
+        data = json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"prompt file {name} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"prompt file {name} must hold one JSON object {{stem: prompt}}, got {type(data).__name__}")
+    entries: dict[str, FoundPrompt] = {}
+    allowed = set(PROMPT_KEYS)
+    for stem, value in data.items():
+        where = f"prompt file {name}, stem {stem!r}"
+        _check_stem(stem, where)
+        if isinstance(value, str):
+            entries[stem] = _found(value, None, None, where)
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("prompt"), str) or set(value) - allowed:
+            raise PromptError(
+                f'{where}: must be a prompt string or an object with "prompt" and optionally "negative_prompt", '
+                '"guidance_scale" (no other keys)'
+            )
+        entries[stem] = _found(value["prompt"], value.get("negative_prompt"), value.get("guidance_scale"), where)
+    return entries

@@ -19,6 +19,10 @@ of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_varia
 crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops that
 ``ImageFolderDataset(random_crop=False, flip=True)`` yields (as long as every image of the folder was readable).
 For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards` instead.
+
+Captions: where the cache kept a source's caption (a ``.txt`` member, its span in the sidecar), items carry it under
+``"caption"`` (``captions``: ``auto`` yields them when the cache holds any, ``""`` for a sample without); an unusable
+caption makes its sample unreadable, as a damaged latent does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.data.captions import MAX_CAPTION_BYTES, cache_caption_mode, caption_item, decode_caption
 from ldm.data.image_folder import EpochSeededDataset, UnreadableDatasetError
 from ldm.data.latent_format import CacheIndex, choose_variant, decode_npy, latent_item, read_index
 from ldm.data.tar_shards import MAX_MEMBER_BYTES, read_span
@@ -47,17 +52,24 @@ class CachedLatents(EpochSeededDataset):
         seed: seed of the variant draws (use the image dataset's ``seed`` to reproduce its flips).
         flip: use the stored flipped variants (p = 0.5 per item and epoch); False: never flipped.
         random_crop: draw among several stored crops; False: always the middle one.
+        captions: ``auto`` (``optional`` when the cache holds captions, else ``off``), ``off``, ``optional`` (``""``
+            for a sample without a caption) or ``required`` (every sample must have one; checked at construction).
 
-    Returns per item: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``.
-    Raises :class:`ConfigError` at construction for a missing/unfinished cache or sidecars that do not match it.
+    Returns per item: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``,
+    plus ``caption: str`` when captions are on.
+    Raises :class:`ConfigError` at construction for a missing/unfinished cache or sidecars that do not match it, and
+    for samples without a caption when ``captions="required"``.
     """
 
-    def __init__(self, root: str | os.PathLike, seed: int = 0, flip: bool = True, random_crop: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike, seed: int = 0, flip: bool = True, random_crop: bool = True, captions: str = "auto"
+    ) -> None:
         super().__init__(seed)
         self.index: CacheIndex = read_index(root)
         self.flip = bool(flip)
         self.random_crop = bool(random_crop)
-        shard_ids, offsets, sizes, sources = [], [], [], []
+        self.captions = cache_caption_mode(captions, self.index.captions)
+        shard_ids, offsets, sizes, sources, caption_spans = [], [], [], [], []
         for shard_id, (name, count) in enumerate(self.index.shards):
             path = self.index.root / name
             sidecar_path = path.with_suffix(".json")
@@ -66,10 +78,13 @@ class CachedLatents(EpochSeededDataset):
                 samples = sidecar["samples"]
                 tar_bytes = int(sidecar["tar_bytes"])
                 spans = [(int(s["offset"]), int(s["size"]), str(s["source"])) for s in samples]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # (-1, 0): no caption; a caption span outside the tar is refused below, as a latent's is
+                captioned = [(int(s.get("caption_offset", -1)), int(s.get("caption_size", 0))) for s in samples]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: a non-object entry
                 raise ConfigError(f"{sidecar_path}: unreadable shard sidecar ({type(exc).__name__}: {exc})") from exc
             actual = path.stat().st_size if path.is_file() else -1
-            if len(spans) != count or actual != tar_bytes or any(o < 0 or o + s > tar_bytes for o, s, _ in spans):
+            extents = [(o, s) for o, s, _ in spans] + [(o, s) for o, s in captioned if o >= 0]
+            if len(spans) != count or actual != tar_bytes or any(o < 0 or s < 0 or o + s > tar_bytes for o, s in extents):
                 raise ConfigError(
                     f"{path} does not match {sidecar_path} and index.json (samples {len(spans)} vs {count}, bytes "
                     f"{actual} vs {tar_bytes}); the cache was modified: re-run cache_latents.py into a new folder"
@@ -78,12 +93,21 @@ class CachedLatents(EpochSeededDataset):
             offsets += [o for o, _, _ in spans]
             sizes += [s for _, s, _ in spans]
             sources += [src for _, _, src in spans]
+            caption_spans += captioned
         if not sources:
             raise ConfigError(f"latent cache {self.index.root} holds no samples ({self.index.skipped} inputs were unreadable)")
         self._shard = np.asarray(shard_ids, dtype=np.int64)
         self._offset = np.asarray(offsets, dtype=np.int64)
         self._size = np.asarray(sizes, dtype=np.int64)
         self._sources = sources
+        self._caption_span = np.asarray(caption_spans, dtype=np.int64).reshape(-1, 2)
+        if self.captions == "required" and (self._caption_span[:, 0] < 0).any():
+            first = int(np.flatnonzero(self._caption_span[:, 0] < 0)[0])
+            raise ConfigError(
+                f"captions='required', but {int((self._caption_span[:, 0] < 0).sum())} of the {len(sources)} samples of "
+                f"the latent cache {self.index.root} have no caption (first: {sources[first]!r}); cache a source with "
+                "captions, or set captions: optional (the empty caption for those)"
+            )
         self._paths = self.index.shard_paths()
         self._shape = (self.index.variants, *self.index.latent_shape)
         self._bad = torch.zeros(len(sources), dtype=torch.uint8).share_memory_()
@@ -97,18 +121,28 @@ class CachedLatents(EpochSeededDataset):
         """Number of samples found unreadable so far (each warned about once and never retried)."""
         return int(self._bad.sum().item())
 
-    def load(self, position: int) -> np.ndarray | None:
-        """The stored variants ``[V, C, h, w]`` of sample ``position``, or None (marked, warned once) if unreadable."""
+    def load(self, position: int) -> tuple[np.ndarray, str | None] | None:
+        """The stored variants ``[V, C, h, w]`` of sample ``position`` and its caption (None when captions are off;
+        ``""`` for none), or None (marked, warned once) if either is unreadable."""
         if self._bad[position].item():
             return None
         path = self._paths[self._shard[position]]
         size = int(self._size[position])
+        what = f"{Path(path).name} sample {self._sources[position]}"
         try:
             if size > MAX_MEMBER_BYTES:  # the sidecar's size is read whole: bound it as tar members are
-                raise ValueError(f"{Path(path).name} sample {self._sources[position]}: its sidecar gives {size:,} bytes, "
-                                 f"more than the {MAX_MEMBER_BYTES:,} a sample member may have")
+                raise ValueError(f"{what}: its sidecar gives {size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a sample "
+                                 "member may have")
+            caption = None
+            if self.captions != "off":
+                at, length = (int(v) for v in self._caption_span[position])
+                if length > MAX_CAPTION_BYTES:  # bounded before it is read, as a caption member of a shard is
+                    raise ValueError(f"{what}: its sidecar gives a caption of {length:,} bytes, more than the "
+                                     f"{MAX_CAPTION_BYTES:,} allowed")
+                text = decode_caption(read_span(path, at, length), what) if at >= 0 else None
+                caption = caption_item(text, self.captions, what)["caption"]
             data = read_span(path, int(self._offset[position]), size)
-            return decode_npy(data, self._shape, what=f"{Path(path).name} sample {self._sources[position]}")
+            return decode_npy(data, self._shape, what=what), caption
         except (OSError, EOFError, ValueError) as exc:
             self._bad[position] = 1
             logger.warning("skipping unreadable cached latent (%s); substituting another sample (%d unreadable so far)",
@@ -122,10 +156,11 @@ class CachedLatents(EpochSeededDataset):
         index %= n
         for offset in range(n):
             position = (index + offset) % n
-            array = self.load(position)
-            if array is not None:
+            loaded = self.load(position)
+            if loaded is not None:
+                array, caption = loaded
                 variant = choose_variant(
                     self.item_rng(index), self.index.n_crops, self.index.flip, self.random_crop, self.flip
                 )
-                return latent_item(array, variant, self.index.first_stage_sha256, self._sources[position])
+                return latent_item(array, variant, self.index.first_stage_sha256, self._sources[position], caption)
         raise UnreadableDatasetError(f"all {n} samples of the latent cache {self.index.root} are unreadable")

@@ -1,7 +1,8 @@
 """Image-folder dataset: recursive scan, deterministic train/validation split, resize + crop + flip, [-1, 1] HWC.
 
 Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}``; models
-rearrange to ``[B, 3, H, W]`` themselves.
+rearrange to ``[B, 3, H, W]`` themselves.  With ``captions`` on, items also hold ``"caption"``: the text of the sidecar
+``<stem>.txt`` beside the image (see :mod:`ldm.data.captions`).
 
 Randomness (documented contract, shared with :class:`ldm.data.embedded.EmbeddedPhotos`):
     the random crop and flip of item ``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])``.
@@ -15,7 +16,8 @@ Randomness (documented contract, shared with :class:`ldm.data.embedded.EmbeddedP
 Unreadable files (truncated, corrupt, not an image, decompression bomb) are skipped: the first failure of a file logs
 one warning and marks it in a shared-memory table (so neither other workers nor later epochs warn or retry it), and
 the next readable file of the split is returned in its place.  ``num_skipped`` counts the marked files.  Under DDP each
-rank has its own table, so a bad file can be reported once per rank.
+rank has its own table, so a bad file can be reported once per rank.  A caption file that cannot be used (not UTF-8,
+longer than ``MAX_CAPTION_BYTES``, not a regular file) makes its image unreadable in the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.captions import CaptionError, caption_item, check_caption_mode, read_caption_file, sidecar_path
 from ldm.imageio.load import LOADER_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -252,11 +255,14 @@ class ImageFolderDataset(EpochSeededDataset):
         image_key: key of the image in the returned dict.
         split_seed: seed of the train/validation shuffle, separate from ``seed`` so that changing the augmentation
             seed never moves files between the splits.
+        captions: ``"off"`` (no caption key), ``"optional"`` (the sidecar ``<stem>.txt`` of each image, ``""`` where
+            there is none) or ``"required"`` (every image of the split must have one; checked at construction).
 
-    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``.
+    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``, plus ``"caption": str``
+    unless ``captions="off"``.
 
     Raises at construction: FileNotFoundError / NotADirectoryError for a missing root or a folder without images,
-    ValueError for invalid arguments or an empty split.
+    ValueError for invalid arguments, an empty split, or (``captions="required"``) images without a caption file.
     """
 
     def __init__(
@@ -271,8 +277,10 @@ class ImageFolderDataset(EpochSeededDataset):
         seed: int = 0,
         image_key: str = "image",
         split_seed: int = 0,
+        captions: str = "off",
     ) -> None:
         super().__init__(seed)
+        self.captions = check_caption_mode(captions)
         if int(size) < 1:
             raise ValueError(f"size={size} must be a positive number of pixels")
         self.root = Path(root).expanduser()
@@ -298,6 +306,15 @@ class ImageFolderDataset(EpochSeededDataset):
                 f"split={split!r} of {str(self.root)!r} is empty: {len(all_files)} image(s), val_fraction="
                 f"{self.val_fraction}; use split='all' (and val_fraction=0) for a folder this small, or add images"
             )
+        if self.captions == "required":
+            missing = [f for f in self.files if not sidecar_path(f).is_file()]
+            if missing:
+                raise ValueError(
+                    f"captions='required', but {len(missing)} of the {len(self.files)} image(s) of split {split!r} under "
+                    f"{str(self.root)!r} have no caption file (first: {str(missing[0])!r} has no "
+                    f"{sidecar_path(missing[0]).name!r} beside it); add the .txt files or set captions: optional (the "
+                    "empty caption for those)"
+                )
         self._bad = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
         logger.info("ImageFolderDataset %s split=%s: %d of %d image(s)", self.root, split, len(self.files), len(all_files))
 
@@ -336,6 +353,20 @@ class ImageFolderDataset(EpochSeededDataset):
             self._mark_unreadable(position, error)
             return None
 
+    def load_caption(self, position: int) -> dict[str, str] | None:
+        """``{"caption": text}`` of file ``position`` (``{}`` with ``captions="off"``), or None after marking the file
+        unreadable (a caption file that is not UTF-8, too long, unreadable, or missing when captions are required)."""
+        if self.captions == "off":
+            return {}
+        if self._bad[position].item():
+            return None
+        path = sidecar_path(self.files[position])
+        try:
+            return caption_item(read_caption_file(path), self.captions, str(path))
+        except (CaptionError, OSError) as error:
+            self._mark_unreadable(position, error)
+            return None
+
     def transform(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         """Resize, crop and flip an RGB image: returns uint8 ``[size, size, 3]``."""
         return augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, rng)
@@ -347,10 +378,11 @@ class ImageFolderDataset(EpochSeededDataset):
         index %= n
         for offset in range(n):
             position = (index + offset) % n
-            image = self.load(position)
+            caption = self.load_caption(position)  # first: a bad caption file skips the image unread
+            image = self.load(position) if caption is not None else None
             if image is not None:
                 array = self.transform(image, self.item_rng(index))
-                return {self.image_key: uint8_to_model_range(array), "file_path_": str(self.files[position])}
+                return {self.image_key: uint8_to_model_range(array), "file_path_": str(self.files[position]), **caption}
         raise UnreadableDatasetError(
             f"all {n} image(s) of split {self.split!r} under {str(self.root)!r} are unreadable "
             f"(first ones: {self.skipped_files[:3]}); check the files, e.g. with PIL.Image.open(path).load()"

@@ -12,6 +12,11 @@ Crops (why deterministic ones): training crops randomly (a fresh crop every epoc
 It stores ``n_crops`` fixed crops per image instead (1: the centre crop, the one ImageFolderDataset takes with
 ``random_crop: false``; N: N crops evenly spaced along the longer side, centred on the shorter one) and, with
 ``flip``, each crop's mirror image; training then draws one stored variant per epoch (``latent_format.choose_variant``).
+
+Captions: a source's caption (a folder image's sidecar ``<stem>.txt``; a shard sample's ``.txt`` member or ``.json``
+``caption``, see :mod:`ldm.data.captions`) is kept as a ``.txt`` member after the latent's, its span in the sidecar; a
+source without captions gives the same bytes as before captions existed.  A caption that cannot be used (not UTF-8,
+too long) makes its input unreadable (skipped and listed, as an unreadable image).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.captions import CAPTION_EXTS, CaptionError, caption_member_limits, read_caption_file, sample_caption, sidecar_path
 from ldm.data.image_folder import (
     UNREADABLE_IMAGE_ERRORS,
     crop_offsets,
@@ -246,17 +252,26 @@ def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarr
 
 def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image]]:
     """``(position, source key, RGB image)`` of a unit's readable inputs; unreadable ones are appended to ``skipped``."""
+    for position, key, image, _ in unit_inputs(unit, skipped):
+        yield position, key, image
+
+
+def unit_inputs(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image, str | None]]:
+    """``(position, source key, RGB image, caption or None)`` of a unit's readable inputs; unreadable ones (image or
+    caption) are appended to ``skipped``."""
     if unit.url is None:
         for position, name in enumerate(unit.files):
             try:
-                yield position, name, load_rgb_image(Path(unit.root) / name)
-            except UNREADABLE_IMAGE_ERRORS as exc:
+                caption = read_caption_file(sidecar_path(Path(unit.root) / name))
+                yield position, name, load_rgb_image(Path(unit.root) / name), caption
+            except (*UNREADABLE_IMAGE_ERRORS, CaptionError) as exc:
                 _skip(skipped, name, exc)
         return
     label = shard_label(unit.url)
     position = -1
     try:
-        for sample in iter_samples(unit.url, exts=IMAGE_EXTS):  # other members are passed over unread
+        # other members are passed over unread; caption members are refused from their headers when too long
+        for sample in iter_samples(unit.url, exts=IMAGE_EXTS + CAPTION_EXTS, member_limits=caption_member_limits()):
             position = sample["__index__"]
             key = f"{label}#{sample['__key__']}"
             if SAMPLE_ERROR_KEY in sample:  # too large to read (a tar bomb), or ambiguous: nothing of it was read
@@ -267,8 +282,9 @@ def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
                 _skip(skipped, key, ValueError(f"no image member ({'/'.join(IMAGE_EXTS)})"))
                 continue
             try:
-                yield position, key, load_rgb_image(io.BytesIO(sample[ext]))
-            except UNREADABLE_IMAGE_ERRORS as exc:
+                caption = sample_caption(sample, key)
+                yield position, key, load_rgb_image(io.BytesIO(sample[ext])), caption
+            except (*UNREADABLE_IMAGE_ERRORS, CaptionError) as exc:
                 _skip(skipped, key, exc)
     except TAR_READ_ERRORS as exc:  # nothing after a broken header can be located: the rest of the shard is lost
         lost = "the whole shard" if position < 0 else f"its samples from position {position + 1} on"
@@ -306,27 +322,32 @@ def write_unit(
     skipped: list[dict[str, str]] = []
     members: list[tuple[str, bytes]] = []
     entries: list[dict[str, Any]] = []
-    pending: list[tuple[int, str, np.ndarray, list[dict[str, Any]]]] = []
+    pending: list[tuple[int, str, np.ndarray, list[dict[str, Any]], str | None]] = []
+    member_of: list[tuple[int, int | None]] = []  # per entry: index of its .npy member and of its .txt member (or None)
 
     def flush() -> None:
         crops = np.concatenate([p[2] for p in pending])
         latents = encode_crops(first_stage, crops, device)
         start = 0
-        for position, source, batch_crops, variants in pending:
+        for position, source, batch_crops, variants, caption in pending:
             stack = latents[start : start + len(batch_crops)].astype(dtype)
             start += len(batch_crops)
             key = f"{unit.index:06d}-{position:06d}"
             meta = {"source": source, "variants": variants, "first_stage_sha256": sha256}
+            npy_at = len(members)
             members.append((f"{key}.{LATENT_EXT}", encode_npy(stack)))
             members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+            if caption is not None:
+                members.append((f"{key}.txt", caption.encode("utf-8")))
+            member_of.append((npy_at, None if caption is None else npy_at + 2))
             entries.append({"key": key, "source": source})
         advance(len(pending))
         pending.clear()
 
     seen = 0
-    for position, source, image in unit_images(unit, skipped):
+    for position, source, image, caption in unit_inputs(unit, skipped):
         crops, variants = crop_variants(image, settings)
-        pending.append((position, source, crops, variants))
+        pending.append((position, source, crops, variants, caption))
         seen = position + 1
         if len(pending) == settings.batch_size:
             flush()
@@ -336,8 +357,10 @@ def write_unit(
     tar_path = out / f"{unit.name}.tar"
     spans: list[Any] = []
     atomic_write_bytes(tar_path, lambda fh: spans.extend(write_tar(fh, members)))
-    for entry, span in zip(entries, spans[0::2]):
-        entry["offset"], entry["size"] = span.offset, span.size
+    for entry, (npy_at, txt_at) in zip(entries, member_of):
+        entry["offset"], entry["size"] = spans[npy_at].offset, spans[npy_at].size
+        if txt_at is not None:
+            entry["caption_offset"], entry["caption_size"] = spans[txt_at].offset, spans[txt_at].size
     sidecar = {"unit": unit.index, "tar": tar_path.name, "tar_bytes": tar_path.stat().st_size, "samples": entries,
                "skipped": skipped}
     atomic_write_bytes(out / f"{unit.name}.json", (json.dumps(sidecar, sort_keys=True) + "\n").encode())
@@ -368,6 +391,7 @@ def write_index_if_complete(
         n_crops=settings.n_crops, flip=settings.flip,
         shards=tuple((s["tar"], len(s["samples"])) for s in sidecars),
         skipped=sum(len(s["skipped"]) for s in sidecars), settings=vars(settings),
+        captions=sum("caption_size" in e for s in sidecars for e in s["samples"]),
     )
     atomic_write_bytes(out / INDEX_NAME, (json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n").encode())
     return index

@@ -9,7 +9,9 @@ A cache is a folder::
                                    unscaled first-stage latent (``first_stage_model.encode(x)``; the model multiplies
                                    by its ``scale_factor``, so one cache serves ``scale_by_std`` and fixed scales)
         000000-000000.json         {"source": key, "variants": [{"top", "left", "flip"}, ...], "first_stage_sha256"}
-    latents-000000.json        the shard's sidecar: sample keys, sources, byte spans of the .npy members, skipped inputs
+        000000-000000.txt          the source's caption (UTF-8), only where it had one (ldm.data.captions)
+    latents-000000.json        the shard's sidecar: sample keys, sources, byte spans of the .npy (and .txt) members,
+                               skipped inputs
 
 Variant ``v`` is crop ``v // F``, flipped when ``F == 2 and v % 2 == 1`` (F = 2 with flips, else 1).  The first stage
 is identified by :func:`first_stage_sha256`, a hash of its weights (not of a file), so a cache made from one checkpoint
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.data.captions import CAPTION_KEY
 from ldm.data.tar_shards import MAX_SHARD_SAMPLES
 from ldm.util import ConfigError
 
@@ -198,6 +201,7 @@ class CacheIndex:
         n_crops, flip: the variants per image (see :func:`choose_variant`).
         shards: ``[(file name, number of samples)]`` in order.
         skipped: inputs that could not be read (not in the cache).
+        captions: how many samples have a caption (``.txt`` member); 0 (and no key in the file) for a cache without.
         settings: the rest of what the cache was made with (source, split, resize, batch size...), for people.
     """
 
@@ -211,6 +215,7 @@ class CacheIndex:
     shards: tuple[tuple[str, int], ...]
     skipped: int
     settings: Mapping[str, Any]
+    captions: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -235,6 +240,8 @@ class CacheIndex:
             "shards": [{"name": name, "samples": count} for name, count in self.shards],
             "skipped": self.skipped,
             "settings": dict(self.settings),
+            # only when there are captions: the index of a cache without them keeps the bytes it had before captions
+            **({"captions": self.captions} if self.captions else {}),
         }
 
 
@@ -275,7 +282,8 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
     size = _index_field(path, data, "size", int, "a positive integer (pixels)")
     n_crops = _index_field(path, data, "n_crops", int, "an integer >= 1")
     skipped = _index_field(path, data, "skipped", int, "an integer >= 0", default=0)
-    for key, value, low in (("size", size, 1), ("n_crops", n_crops, 1), ("skipped", skipped, 0)):
+    captions = _index_field(path, data, "captions", int, "an integer >= 0", default=0)
+    for key, value, low in (("size", size, 1), ("n_crops", n_crops, 1), ("skipped", skipped, 0), ("captions", captions, 0)):
         if value < low:
             raise _index_error(path, key, value, f"an integer >= {low}")
     index = CacheIndex(
@@ -289,6 +297,7 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
         shards=tuple(shards),
         skipped=skipped,
         settings=_index_field(path, data, "settings", dict, "an object", default={}),
+        captions=captions,
     )
     return index
 
@@ -324,8 +333,12 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 
 def latent_item(
-    array: np.ndarray, variant: int, sha256: str, source: str
+    array: np.ndarray, variant: int, sha256: str, source: str, caption: str | None = None
 ) -> dict[str, torch.Tensor | str]:
-    """The training item of one cached sample: ``{cached_latent: float32 [C, h, w], first_stage_sha256, file_path_}``."""
+    """The training item of one cached sample: ``{cached_latent: float32 [C, h, w], first_stage_sha256, file_path_}``,
+    plus ``caption`` when one is given (a reader with captions on gives ``""`` for a sample without one)."""
     latent = torch.from_numpy(np.array(array[variant], dtype=np.float32))
-    return {CACHED_LATENT_KEY: latent, FIRST_STAGE_SHA_KEY: sha256, "file_path_": source}
+    item: dict[str, torch.Tensor | str] = {CACHED_LATENT_KEY: latent, FIRST_STAGE_SHA_KEY: sha256, "file_path_": source}
+    if caption is not None:
+        item[CAPTION_KEY] = caption
+    return item

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from ldm.data import captions as cap
 from ldm.data.image_folder import (
     UNREADABLE_IMAGE_ERRORS,
     EpochSeededDataset,
@@ -232,6 +233,10 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         """The member extensions :meth:`decode` uses (None: all); the others are passed over without being read."""
         return None
 
+    def member_limits(self) -> dict[str, int] | None:
+        """Size limits by member extension below ``MAX_MEMBER_BYTES`` (captions), checked from the tar headers."""
+        return None
+
     def _read(
         self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState | None = None, count: bool = True
     ) -> list[dict[str, Any]]:
@@ -254,7 +259,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             if readable:
                 try:
                     for sample in iter_samples(self.urls[shard], skip=within, limit=readable,
-                                               exts=self.member_exts()):
+                                               exts=self.member_exts(), member_limits=self.member_limits()):
                         got += 1
                         index = int(self.offsets[shard]) + sample["__index__"]
                         try:
@@ -379,7 +384,9 @@ class ImageShards(ShardStream):
 
     Args beyond :class:`ShardStream`: ``size``, ``random_crop``, ``flip``, ``min_side_resize`` as in
     :class:`~ldm.data.image_folder.ImageFolderDataset` (set ``random_crop``/``flip`` false for validation),
-    ``image_key`` (the item's key).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}``.
+    ``image_key`` (the item's key), ``captions`` (``off``/``optional``/``required``: a sample's ``.txt`` member, else
+    its ``.json`` member's ``caption``, see :mod:`ldm.data.captions`; a required one missing makes the sample
+    unreadable).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}`` (+ ``"caption"``).
     """
 
     def __init__(
@@ -393,9 +400,11 @@ class ImageShards(ShardStream):
         flip: bool = True,
         min_side_resize: bool = True,
         image_key: str = "image",
+        captions: str = "off",
     ) -> None:
         if int(size) < 1:
             raise ValueError(f"size={size} must be a positive number of pixels")
+        self.captions = cap.check_caption_mode(captions)
         self.size, self.random_crop, self.flip = int(size), bool(random_crop), bool(flip)
         self.min_side_resize, self.image_key = bool(min_side_resize), image_key
         super().__init__(shards, sizes, seed, shuffle_buffer)
@@ -404,16 +413,20 @@ class ImageShards(ShardStream):
         return (KeyError, *UNREADABLE_IMAGE_ERRORS)
 
     def member_exts(self) -> tuple[str, ...]:
-        return IMAGE_EXTS
+        return IMAGE_EXTS if self.captions == "off" else IMAGE_EXTS + cap.CAPTION_EXTS
+
+    def member_limits(self) -> dict[str, int] | None:
+        return None if self.captions == "off" else cap.caption_member_limits()
 
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise KeyError(f"no image member ({'/'.join(IMAGE_EXTS)}) in sample with {sorted(sample)}")
+        name = f"{shard_label(sample['__url__'])}#{sample['__key__']}"
+        caption = {} if self.captions == "off" else cap.caption_item(cap.sample_caption(sample, name), self.captions, name)
         image = load_rgb_image(io.BytesIO(sample[ext]))
         array = augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, rng)
-        return {self.image_key: uint8_to_model_range(array), "file_path_": f"{shard_label(sample['__url__'])}#"
-                f"{sample['__key__']}"}
+        return {self.image_key: uint8_to_model_range(array), "file_path_": name, **caption}
 
 
 class LatentShards(ShardStream):
@@ -422,7 +435,8 @@ class LatentShards(ShardStream):
     Args beyond :class:`ShardStream`: ``shards`` may be the cache folder (its ``index.json`` gives the shards, their
     sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files; the shape of a sample is
     then the most common one among the first samples of the first shards); ``flip`` / ``random_crop`` as in
-    :class:`~ldm.data.cached_latents.CachedLatents`.  Items as CachedLatents'.
+    :class:`~ldm.data.cached_latents.CachedLatents`; ``captions`` as CachedLatents' (``auto``: on when the cache
+    folder's index recorded captions; a pattern of shards needs ``optional``/``required``).  Items as CachedLatents'.
 
     Every sample is checked whole before it is used, and skipped (counted) unless it is exactly what the cache
     declares: metadata a JSON object of at most ``MAX_JSON_BYTES`` whose variants match the stored array one to one
@@ -439,8 +453,10 @@ class LatentShards(ShardStream):
         shuffle_buffer: int = 1000,
         flip: bool = True,
         random_crop: bool = True,
+        captions: str = "auto",
     ) -> None:
         self.flip, self.random_crop = bool(flip), bool(random_crop)
+        self.captions = cap.cache_caption_mode(captions, None)
         self.latent_shape: tuple[int, ...] | None = None
         self.sample_shape: tuple[int, ...] | None = None  # [V, C, h, w]: variants and latent shape
         if isinstance(shards, str) and os.path.isfile(os.path.join(shards, INDEX_NAME)):
@@ -449,6 +465,7 @@ class LatentShards(ShardStream):
             self.sample_shape = (index.variants, *index.latent_shape)
             self._index_counts = [count for _, count in index.shards]
             shards = index.shard_paths()
+            self.captions = cap.cache_caption_mode(captions, index.captions)
         else:
             self._index_counts = None
         super().__init__(shards, sizes, seed, shuffle_buffer)
@@ -532,13 +549,18 @@ class LatentShards(ShardStream):
         n_crops, stored_flip, sha, source = self._metadata(sample["json"], sample["__key__"])
         array = decode_npy(sample[LATENT_EXT], self.sample_shape, what=f"sample {sample['__key__']}")
         variant = choose_variant(rng, n_crops, stored_flip, self.random_crop, self.flip)
-        return latent_item(array, variant, sha, source)
+        what = f"sample {sample['__key__']}"
+        caption = cap.caption_item(cap.sample_caption(sample, what), self.captions, what).get("caption")  # the .txt member
+        return latent_item(array, variant, sha, source, caption)
 
     def decode_errors(self) -> tuple[type[BaseException], ...]:
         return (KeyError, ValueError, TypeError)
 
     def member_exts(self) -> tuple[str, ...]:
-        return (LATENT_EXT, "json")
+        return (LATENT_EXT, "json") if self.captions == "off" else (LATENT_EXT, "json", "txt")
+
+    def member_limits(self) -> dict[str, int] | None:
+        return None if self.captions == "off" else cap.caption_member_limits()
 
 
 class ShardStreamLoader(DataLoader):

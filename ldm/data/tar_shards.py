@@ -21,7 +21,7 @@ import os
 import re
 import string
 import tarfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -339,7 +339,11 @@ def _failed(sample: dict[str, Any], message: str) -> dict[str, Any]:
 
 
 def iter_samples(
-    url: str, skip: int = 0, limit: int | None = None, exts: Collection[str] | None = None
+    url: str,
+    skip: int = 0,
+    limit: int | None = None,
+    exts: Collection[str] | None = None,
+    member_limits: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of shard ``url`` in file order, from its ``skip``-th on, at most ``limit`` of them.
 
@@ -353,7 +357,8 @@ def iter_samples(
     message naming the shard and saying why; the caller skips it as unreadable and the shard goes on.  That is a sample
     with a wanted member larger than :data:`MAX_MEMBER_BYTES`, wanted members adding up to more than
     :data:`MAX_SAMPLE_BYTES` (both checked from the headers, before reading), or two wanted members of the same name
-    next to each other (which one is meant is unclear).
+    next to each other (which one is meant is unclear).  ``member_limits`` lowers the size limit of members by
+    extension (``{"txt": 10240}``: captions, :func:`ldm.data.captions.caption_member_limits`), checked the same way.
     """
     if limit is not None and limit <= 0:
         return
@@ -392,6 +397,10 @@ def iter_samples(
                 current = _failed(current, (
                     f"{label}: member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a "
                     "sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"))
+            elif member_limits is not None and member.size > member_limits.get(ext, MAX_MEMBER_BYTES):
+                current = _failed(current, (
+                    f"{label}: member {member.name!r} is {member.size:,} bytes, more than the "
+                    f"{member_limits[ext]:,} a .{ext} member may have here"))
             elif held + member.size > MAX_SAMPLE_BYTES:
                 current = _failed(current, (
                     f"{label}: the members of sample {key!r} read so far and {member.name!r} add up to "

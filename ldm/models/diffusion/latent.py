@@ -24,6 +24,50 @@ from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_f
 
 logger = logging.getLogger(__name__)
 
+# Batch keys whose values are lists of str handed to the cond stage as they are (a text encoder tokenizes them):
+# latent-diffusion's "caption" (its text-to-image configs, ldm.data.captions), Stable Diffusion's webdataset "txt".
+TEXT_COND_KEYS = ("caption", "txt")
+UCG_ENTRY_KEYS = frozenset({"p", "val"})
+
+
+def check_ucg_training(ucg_training: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """``{batch key: {"p": float in [0, 1], "val": str}}`` from a ``ucg_training`` config (``val`` missing or null:
+    ``""``, as in Stable Diffusion 2); raises ValueError saying what is wrong and what the format is."""
+    form = "ucg_training: {caption: {p: 0.1, val: ''}} (batch key -> probability p of replacing it by val)"
+    if ucg_training is None:
+        return {}
+    if not isinstance(ucg_training, Mapping):
+        raise ValueError(f"ucg_training={ucg_training!r} must be a mapping; write {form}")
+    checked = {}
+    for key, entry in ucg_training.items():
+        if not isinstance(entry, Mapping) or "p" not in entry or set(entry) - UCG_ENTRY_KEYS:
+            raise ValueError(f"ucg_training.{key}={entry!r} must be a mapping with p and optionally val (no other keys); "
+                             f"write {form}")
+        p, val = entry["p"], entry.get("val")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"ucg_training.{key}.p={p!r} must be a probability in [0, 1]; write {form}")
+        if val is not None and not isinstance(val, str):
+            raise ValueError(f"ucg_training.{key}.val={val!r} must be a string (the caption that stands for 'no "
+                             f"caption', usually ''); write {form}")
+        checked[str(key)] = {"p": float(p), "val": "" if val is None else val}
+    return checked
+
+
+def drop_captions(captions: Sequence[str], p: float, val: str, generator: torch.Generator | None = None) -> list[str]:
+    """Caption dropout for classifier-free guidance: each caption is replaced by ``val`` with probability ``p``
+    (independently; one uniform draw per caption from ``generator``, a CPU generator, or torch's global one when None).
+    ``p = 0`` never replaces, ``p = 1`` always does (draws lie in ``[0, 1)``)."""
+    draws = torch.rand(len(captions), generator=generator, dtype=torch.float64)
+    return [val if float(u) < p else text for text, u in zip(captions, draws)]
+
+
+def text_batch(values: Any, key: str) -> list[str]:
+    """``batch[key]`` as a list of str (what the default collate makes of per-item strings); TypeError otherwise."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"batch[{key!r}] must be a list of str (one caption per item, as the datasets' default collate "
+                        f"gives), got {type(values).__name__}")
+    return list(values)
+
 
 class LatentDiffusion(DDPM):
     """Latent diffusion (Rombach et al.): the UNet denoises ``z = scale_factor * E(x)`` of a frozen first stage.
@@ -35,6 +79,12 @@ class LatentDiffusion(DDPM):
     ``concat_mode``), ``scale_factor`` or ``scale_by_std`` (set ``1 / std(z)`` from the first training batch),
     ``cond_stage_forward`` (method name of the cond stage to call instead of ``encode``/``forward``).
     ``ckpt_path`` is loaded after the first stage exists, so a full LatentDiffusion checkpoint restores everything.
+
+    Text conditioning: ``cond_stage_key: caption`` (or ``txt``) hands the batch's list of str to the cond stage (a text
+    encoder such as ``FrozenCLIPEmbedder``, whose ``encode`` returns ``[B, L, D]``).  ``ucg_training`` (caption
+    dropout, so that one model learns the conditional and the unconditional prediction that classifier-free guidance
+    combines): ``{batch key: {p, val}}``, during training only each item's value is replaced by ``val`` (default ``""``)
+    with probability ``p``; validation never drops.
     """
 
     def __init__(
@@ -51,6 +101,7 @@ class LatentDiffusion(DDPM):
         scale_by_std: bool = False,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
+        ucg_training: Mapping[str, Mapping[str, Any]] | None = None,
         **ddpm_kwargs: Any,
     ):
         self.num_timesteps_cond = 1 if num_timesteps_cond is None else num_timesteps_cond
@@ -63,6 +114,15 @@ class LatentDiffusion(DDPM):
         if cond_stage_config == UNCONDITIONAL_SENTINEL:
             conditioning_key = None
         load_only_unet = ddpm_kwargs.pop("load_only_unet", False)
+        # Stable Diffusion 2 (Stability-AI/stablediffusion, a latent-diffusion descendant) names caption dropout
+        # ucg_training, {key: {p, val}}, a DDPM argument; latent-diffusion itself has none.  The same name and format
+        # let SD2-style configs carry over.  It lives here, not on DDPM, because DDPM in this project is unconditional
+        # (apply_model refuses a cond); a config lists it under model.params either way.  Unlike SD2's unseeded
+        # numpy RandomState, draws come from torch's generator (see training_step): reproducible per step.
+        self.ucg_training = check_ucg_training(ucg_training)
+        if self.ucg_training and conditioning_key is None:
+            raise ValueError("ucg_training drops the captions of a text-conditioned model, but this one is unconditional "
+                             "(cond_stage_config: __is_unconditional__); remove ucg_training or configure a cond stage")
         super().__init__(conditioning_key=conditioning_key, **ddpm_kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -244,8 +304,13 @@ class LatentDiffusion(DDPM):
                 xc = x
             elif cond_key == "class_label":
                 xc = batch
-            elif cond_key == "caption":
-                xc = list(batch[cond_key])
+            elif cond_key in TEXT_COND_KEYS:
+                if cond_key not in batch:
+                    raise KeyError(f"batch has no key {cond_key!r} (keys: {sorted(batch)}); cond_stage_key={cond_key!r} "
+                                   "needs a dataset with captions, e.g. ImageFolderDataset(captions='required')")
+                xc = text_batch(batch[cond_key], cond_key)
+                if bs is not None:
+                    xc = xc[:bs]  # before encoding: only the captions used are encoded
             else:
                 xc = super().get_input(batch, cond_key)
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
@@ -264,6 +329,27 @@ class LatentDiffusion(DDPM):
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, c = self.get_input(batch, self.first_stage_key)
         return self(x, c)
+
+    def apply_ucg(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Mapping[str, Any]:
+        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict; the loader's batch is not changed).
+
+        Only in training mode; in eval mode, or without ``ucg_training``, ``batch`` itself is returned.  The draws
+        come from ``generator`` (a CPU generator), else from torch's global generator, which ``main.py`` reseeds from
+        ``(seed, rank, step)`` before every training step (:class:`ldm.train.callbacks.StepSeeding`) as it does for
+        the timestep and noise draws: a run and its resume drop the same captions."""
+        if not self.training or not self.ucg_training:
+            return batch
+        out = dict(batch)
+        for key, entry in self.ucg_training.items():
+            if key not in out:
+                raise KeyError(f"ucg_training drops batch[{key!r}], but the batch has no such key (keys: {sorted(out)}); "
+                               "use the cond_stage_key (usually caption) as ucg_training's key")
+            out[key] = drop_captions(text_batch(out[key], key), entry["p"], entry["val"], generator)
+        return out
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """DDPM's training step on the batch after caption dropout (:meth:`apply_ucg`; SD2 applies it here too)."""
+        return super().training_step(self.apply_ucg(batch), batch_idx)
 
     def forward(
         self, x: torch.Tensor, c: Any, *args: Any, generator: torch.Generator | None = None, **kwargs: Any

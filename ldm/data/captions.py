@@ -1,0 +1,162 @@
+"""Captions of training samples: where they come from, how they are bounded and decoded, the ``caption`` batch key.
+
+Every dataset that reads captions yields them under the one batch key :data:`CAPTION_KEY` (``"caption"``), a ``str``
+per item; PyTorch's default collate turns them into a list of str per batch, which
+:meth:`~ldm.models.diffusion.latent.LatentDiffusion.get_input` hands to the text encoder (``cond_stage_key: caption``,
+as in latent-diffusion's text-to-image configs).
+
+Sources:
+
+* image folders: a sidecar ``<stem>.txt`` next to each image (``photos/cat.png`` -> ``photos/cat.txt``);
+* tar shards (webdataset convention): a ``.txt`` member of the sample, else the ``caption`` field of its ``.json``
+  member (the layout of img2dataset / LAION shards);
+* latent caches: ``scripts/cache_latents.py`` keeps the caption of a source that has one as a ``.txt`` member next to
+  the latent (``ldm.data.latent_format``), and the cache readers yield it.
+
+Modes (the ``captions`` argument of the datasets, :data:`CAPTION_MODES`): ``"off"`` yields no caption key (the
+unconditional datasets of before); ``"optional"`` yields ``""`` for a sample without a caption (the empty prompt, what
+classifier-free guidance trains as "unconditional"); ``"required"`` treats a sample without a caption as an error
+(one line naming the first such file at construction where the dataset can list its samples, else the sample is
+skipped as unreadable).  The cache readers also take ``"auto"``: ``"optional"`` when the cache recorded captions, else
+``"off"``.
+
+Bounds: a caption is at most :data:`MAX_CAPTION_BYTES` bytes of UTF-8, checked before anything is decoded (from the
+file size or the tar header, as :mod:`ldm.data.tar_shards` bounds members); a longer caption, or one that is not UTF-8,
+makes its sample unreadable, which every dataset here treats as it treats a corrupt image: one warning, the sample
+skipped (another one in its place), counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CAPTION_KEY = "caption"
+CAPTION_MODES: tuple[str, ...] = ("off", "optional", "required")
+CACHE_CAPTION_MODES: tuple[str, ...] = ("auto", *CAPTION_MODES)
+# Longest caption in bytes (UTF-8).  CLIP's text encoder reads 77 tokens (about 300 characters); 10 KiB is far above any
+# real prompt or alt text, and low enough that a file or member named .txt that holds something else (a log, a dump) is
+# refused before it is read into memory and tokenized.
+MAX_CAPTION_BYTES = 10 * 1024
+# Largest .json member read for its caption field (webdataset metadata: a few hundred bytes to a few KB in LAION
+# shards); the same bound as the latent cache's metadata members (ldm.data.shard_stream.MAX_JSON_BYTES).
+MAX_CAPTION_JSON_BYTES = 1 << 16
+# shard member extensions that carry captions, in the order they are looked for
+CAPTION_EXTS: tuple[str, ...] = ("txt", "json")
+SIDECAR_SUFFIX = ".txt"
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be used (not UTF-8, too long, a JSON caption field that is not a string): the sample is
+    unreadable.  A ValueError, so the datasets skip it as they skip a corrupt image."""
+
+
+def check_caption_mode(mode: str, allowed: tuple[str, ...] = CAPTION_MODES) -> str:
+    """``mode`` if it is one of ``allowed``, else a ValueError saying what each choice does."""
+    if mode not in allowed:
+        raise ValueError(
+            f"captions={mode!r} is not one of {list(allowed)}: 'off' yields no captions, 'optional' yields '' for a "
+            "sample without one, 'required' treats a missing caption as an error"
+            + (", 'auto' follows what the cache recorded" if "auto" in allowed else "")
+        )
+    return mode
+
+
+def cache_caption_mode(mode: str, recorded: int | None) -> str:
+    """The caption mode of a latent-cache reader: ``mode`` checked against :data:`CACHE_CAPTION_MODES`, ``"auto"``
+    resolved to ``"optional"`` when the cache recorded captions (``recorded``: how many of its samples have one; None
+    when unknown, e.g. shards given without their cache folder) and to ``"off"`` otherwise."""
+    check_caption_mode(mode, CACHE_CAPTION_MODES)
+    if mode != "auto":
+        return mode
+    return "optional" if recorded else "off"
+
+
+def decode_caption(data: bytes, what: str) -> str:
+    """A caption from its bytes: at most :data:`MAX_CAPTION_BYTES` (checked first), strict UTF-8 (a byte-order mark
+    is dropped), surrounding whitespace (the final newline of a text file) stripped.  Raises :class:`CaptionError`
+    naming ``what``."""
+    if len(data) > MAX_CAPTION_BYTES:
+        raise CaptionError(f"{what}: caption of {len(data):,} bytes is longer than the {MAX_CAPTION_BYTES:,} allowed "
+                           "(ldm.data.captions.MAX_CAPTION_BYTES); shorten it")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{what}: caption is not UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                           "re-save it as UTF-8") from None
+    return text.strip()
+
+
+def sidecar_path(image_path: str | os.PathLike) -> Path:
+    """The caption file of an image in a folder: ``<stem>.txt`` beside it."""
+    return Path(image_path).with_suffix(SIDECAR_SUFFIX)
+
+
+def read_caption_file(path: str | os.PathLike) -> str | None:
+    """The caption in ``path``, or None when there is no such file.
+
+    Only a regular file is opened (a FIFO named ``x.txt`` would block the open), and its size is checked from the open
+    file before it is read; at most ``MAX_CAPTION_BYTES + 1`` bytes are ever read.  Raises :class:`CaptionError` for a
+    file that is too long, not UTF-8 or not a regular file, OSError for one that cannot be read.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        raise CaptionError(f"{path}: the caption is not a regular file (a folder, device, FIFO or socket)")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_CAPTION_BYTES:
+            raise CaptionError(f"{path}: caption file of {size:,} bytes is longer than the {MAX_CAPTION_BYTES:,} "
+                               "allowed (ldm.data.captions.MAX_CAPTION_BYTES); shorten it")
+        data = fh.read(MAX_CAPTION_BYTES + 1)  # the file may have grown since fstat: the bound still holds
+    return decode_caption(data, str(path))
+
+
+def caption_member_limits() -> dict[str, int]:
+    """Per-extension member size limits for :func:`ldm.data.tar_shards.iter_samples`: caption members are refused from
+    their tar header, before they are read."""
+    return {"txt": MAX_CAPTION_BYTES, "json": MAX_CAPTION_JSON_BYTES}
+
+
+def sample_caption(sample: Mapping[str, Any], what: str) -> str | None:
+    """The caption of a raw shard sample (``{ext: bytes}``): its ``txt`` member, else its ``json`` member's
+    ``caption`` field; None when it has neither.  Raises :class:`CaptionError` for a caption that cannot be used or a
+    ``json`` member that is not a JSON object."""
+    if "txt" in sample:
+        return decode_caption(sample["txt"], what)
+    if "json" not in sample:
+        return None
+    raw = sample["json"]
+    if len(raw) > MAX_CAPTION_JSON_BYTES:
+        raise CaptionError(f"{what}: .json member of {len(raw):,} bytes is longer than {MAX_CAPTION_JSON_BYTES:,}")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deep enough to exhaust the parser's stack
+        raise CaptionError(f"{what}: .json member is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CaptionError(f"{what}: .json member is not a JSON object")
+    caption = meta.get(CAPTION_KEY)
+    if caption is None:
+        return None
+    if not isinstance(caption, str):
+        raise CaptionError(f"{what}: the .json member's caption is {type(caption).__name__}, not a string")
+    return decode_caption(caption.encode("utf-8", "surrogatepass"), what)
+
+
+def caption_item(caption: str | None, mode: str, what: str) -> dict[str, str]:
+    """``{CAPTION_KEY: caption}`` for an item in ``mode`` (``{}`` when ``"off"``; ``""`` for a missing caption when
+    ``"optional"``); a missing caption in ``"required"`` mode raises :class:`CaptionError`."""
+    if mode == "off":
+        return {}
+    if caption is None:
+        if mode == "required":
+            raise CaptionError(f"{what}: no caption (captions='required'; give it a caption or use "
+                               "captions='optional' to train it with the empty caption)")
+        caption = ""
+    return {CAPTION_KEY: caption}

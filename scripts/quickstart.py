@@ -53,11 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
 ROUND_TRIP_IMAGES = 32  # held-out images on which the first stage's round trip is measured
 MAX_IMAGES = 4096  # held-out images per artifact: every case is kept in memory with its outputs
-# Intra-op threads per stage (Stage.threads) unless OMP_NUM_THREADS says otherwise.  On this project's 2-core machine,
-# idle, two OpenMP threads (the default, active wait policy) trained the VQ 1.4x faster than one (passive wait: 1.2x)
-# and the photo late-steps models 1.1x slower; two DDP processes (gloo) with half a batch each trained the VQ 1.2x
-# faster and the late-steps models 1.2x slower.  Spinning OpenMP threads waiting for a busy core were up to 30x slower,
-# so a machine doing something else should set OMP_NUM_THREADS=1.
+# Intra-op threads per stage (Stage.threads) unless OMP_NUM_THREADS says otherwise: two for the VQ, one for the small
+# late-steps UNets, which two threads made slower (README, Quick start, gives the timings).  Spinning OpenMP threads that
+# wait for a busy core are much slower, so a machine doing something else should set OMP_NUM_THREADS=1.
 THREADS = "1"
 SMOKE_DDIM_STEPS = 10  # the sweep's DDIM grid with --smoke
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.imageio import from_uint8, to_uint8
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -595,10 +596,9 @@ def degradation_from_spec(spec: str) -> Degradation:
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` in [-1, 1] -> ``[B, H, W, 3]`` uint8 (rounded, clipped)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def from_uint8_hwc(arrays: np.ndarray) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(arrays, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return from_uint8(np.array(arrays, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2)

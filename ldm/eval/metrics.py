@@ -91,8 +91,8 @@ SSIM_SIGMA = 1.5
 def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
     """The SSIM map ``[B, C, H, W]`` of two float64 batches: torchmetrics' ``structural_similarity_index_measure``
     (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``), but with
-    the window applied as two 1-D passes of shifted slices: the same values to rounding, and about 40x faster on a CPU
-    than float64 ``conv2d`` with the 2-D kernel."""
+    the window applied as two 1-D passes of shifted slices: the same values to rounding, and much faster on a CPU than
+    float64 ``conv2d`` with the 2-D kernel (the separable window does 2k instead of k^2 multiplies per pixel)."""
     if a.shape[0] == 0:  # nothing to split the five stacked maps from
         return torch.empty_like(a)
     r = SSIM_RADIUS

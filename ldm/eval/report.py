@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ldm.eval.metrics import Skipped
 from ldm.eval.summary import SUMMARY_METRICS, summarize
 from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult
+from ldm.imageio import to_uint8
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
@@ -294,11 +295,6 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
 # image grids
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``[3, H, W]`` in [-1, 1] -> uint8 ``[H, W, 3]``."""
-    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 def image_grid(
     rows: Sequence[Sequence[torch.Tensor | None]],
     column_titles: Sequence[str],
@@ -335,7 +331,7 @@ def image_grid(
         for j, tile in enumerate(row[:n_cols]):
             if tile is None:
                 continue
-            img = Image.fromarray(_to_uint8(tile))
+            img = Image.fromarray(to_uint8(tile).cpu().permute(1, 2, 0).numpy())
             img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
             canvas.paste(img, (pad + j * (tw + pad), y))
     return canvas

@@ -16,22 +16,13 @@ import torch
 
 from ldm.eval.metrics import Skipped, fid_kid
 from ldm.eval.swd import PATCH_SIZE, PreparedReference, prepare_reference, swd_bootstrap
+from ldm.imageio import from_uint8
 
 if TYPE_CHECKING:
     from ldm.eval.sources import SweepImage
 
 SWD_SCALE = 1e3  # the sweep reports SWD x 10^3, as Karras et al. 2018 do
 SetKey = tuple[str, str, "int | None"]
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """An output ``[3, H, W]`` in [-1, 1] as uint8 (what a saved image holds; 4x less memory than float)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def dequantize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 back to float in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
 
 
 def realism_set(realism_reference: Sequence[SweepImage] | None, case_shapes: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
@@ -72,7 +63,7 @@ def add_swd(
     entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
     prepared: dict[int, PreparedReference] = {}  # the reference side, once per set size
     for key, outputs in sets.items():
-        fake = dequantize(torch.stack(outputs))
+        fake = from_uint8(torch.stack(outputs))
         if key not in entries:
             entries[key] = {"method": key[0], "degradation": key[1], "start_t": key[2]}
             set_metrics.append(entries[key])
@@ -114,7 +105,7 @@ def fid_kid_metrics(
         real[degradation].setdefault(image, x)
     out = []
     for method, degradation, t in keys:
-        fake = dequantize(torch.stack(sets[(method, degradation, t)]))
+        fake = from_uint8(torch.stack(sets[(method, degradation, t)]))
         reals = torch.stack(list(real[degradation].values()))
         value = fid_kid(reals, fake, feature_extractor=inception, kid_subset_size=min(len(reals), len(fake)))
         entry: dict[str, Any] = {"method": method, "degradation": degradation, "start_t": t}

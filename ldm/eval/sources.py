@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ldm.imageio import from_uint8
+
 
 @dataclass(frozen=True)
 class SweepImage:
@@ -86,4 +88,4 @@ SYNTHETIC_START_TS: tuple[int, ...] = (25, 50, 100, 200, 300)
 
 
 def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return from_uint8(array).permute(2, 0, 1)[None]

@@ -61,8 +61,9 @@ from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degrad
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, psnr, seam_energy
-from ldm.eval.set_metrics import add_swd, fid_kid_metrics, quantize, realism_set
+from ldm.eval.set_metrics import add_swd, fid_kid_metrics, realism_set
 from ldm.eval.sources import SweepImage
+from ldm.imageio import to_uint8
 from ldm.sampling import check_eta, check_int_arg
 from ldm.util import is_rank_zero
 
@@ -327,7 +328,7 @@ class _Runner:
                 if i in keep:
                     outputs[i] = out[j]
                 if self.keep_sets:
-                    self.sets[(method, case.degradation, start_t)].append(quantize(out[j]))
+                    self.sets[(method, case.degradation, start_t)].append(to_uint8(out[j]))  # as saved: 4x less memory
             bar.update(1)
         return outputs
 

@@ -19,10 +19,12 @@ from ldm.imageio.convert import (
     PAD_MODES,
     Padding,
     crop_padding,
+    from_uint8,
     image_to_tensor,
     pad_to_multiple,
     side_by_side,
     tensor_to_image,
+    to_uint8,
 )
 from ldm.imageio.errors import ImageLoadError, ImageSaveError, format_path
 from ldm.imageio.find import find_images, is_image_name
@@ -61,4 +63,6 @@ __all__ = [
     "save_image_atomic",
     "side_by_side",
     "tensor_to_image",
+    "to_uint8",
+    "from_uint8",
 ]

@@ -58,6 +58,22 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in ``[-1, 1]`` of any shape (``[3, H, W]``, ``[B, 3, H, W]``, ...; any float dtype and device) -> uint8
+    of the same shape and device: ``(x + 1) * 127.5`` rounded to nearest, values outside ``[-1, 1]`` clamped first.
+    The one ``[-1, 1]`` -> uint8 mapping (:func:`tensor_to_image` is it plus the layout of an image file)."""
+    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 values of any shape (a tensor or an array) -> float32 in ``[-1, 1]``: latent-diffusion's ``x / 127.5 - 1``
+    (bit-identical to :func:`image_to_tensor`'s ``x / 255 * 2 - 1`` on every uint8 value).  Arrays become CPU tensors."""
+    tensor = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if tensor.dtype != torch.uint8:
+        raise TypeError(f"from_uint8 expects uint8 values, got {tensor.dtype}")
+    return tensor.float() / 127.5 - 1.0
+
+
 @dataclass(frozen=True)
 class Padding:
     """Pixels added on each side by :func:`pad_to_multiple`, with the original size, so cropping back is exact."""

@@ -83,7 +83,9 @@ def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
             continue
         ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            # sorted: typing caches equal Unions, so the annotation's order depends on which one was created first
+            names = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None))) + (
+                " or null" if type(None) in allowed else "")
             raise ConfigError(f"lightning.trainer.{key}={value!r} must be {names} (a finite number where float)")
         if key in _AT_LEAST_ONE and value is not None and value < 1:
             raise ConfigError(f"lightning.trainer.{key}={value!r} must be >= 1")

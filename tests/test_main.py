@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.checkpoint import UnsafeCheckpointError, load_checkpoint
+from ldm.data.resumable import ResumableDataLoader, ShardedEpochSampler, derive_seed, make_resumable
 from ldm.train.callbacks import FinalCheckpoint, ImageLogger
 from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.train.cli import check_override_key, merge_configs, parse_cli
-from ldm.train.data import ResumableDataLoader, ShardedEpochSampler, derive_seed, make_resumable
 from ldm.train.trainer import build_loggers
 from ldm.util import ConfigError, instantiate_from_config
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.resumable import make_resumable
 from ldm.data.shard_stream import ImageShards, LatentShards, ShardStream, ShardStreamLoader
-from ldm.train.data import make_resumable
 from ldm.util import ConfigError
 
 from conftest import write_image_shards
@@ -251,12 +251,12 @@ def test_two_process_ddp_over_three_uneven_shards_ends_and_resumes_without_repea
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# hostile shards (issue 25): short shards, absurd counts and patterns, tar bombs, bad latent samples
+# hostile shards: short shards, absurd counts and patterns, tar bombs, bad latent samples
 
 
 def test_a_short_shard_costs_linear_time_and_its_missing_samples_are_counted_once(tmp_path, caplog, monkeypatch):
-    """4 real samples, 2,000 declared: every empty block used to scan the rest of the run for a readable one (5.7 s,
-    "250,000 skipped").  Now the shard is opened 3 times in all, the 1,996 missing samples are counted once each with
+    """4 real samples, 2,000 declared: an empty block must not scan the rest of the run for a readable one (that took
+    5.7 s, "250,000 skipped").  The shard is opened 3 times in all, the 1,996 missing samples are counted once each with
     one warning, and a loader restored mid-epoch continues exactly."""
     import ldm.data.shard_stream as shard_stream
 
@@ -406,9 +406,9 @@ def huge_npy_header() -> bytes:
 
 
 def test_one_bad_latent_sample_is_skipped_and_counted_not_fatal(tmp_path, caplog):
-    """Each of these used to stop training: IndexError (no variants; a JSON lying about their count), RecursionError
+    """Each of these would stop training: IndexError (no variants; a JSON lying about their count), RecursionError
     (deep JSON under the size limit), OverflowError (a 2**64 .npy dimension), a collate RuntimeError (a latent of another
-    shape); NaN and inf latents went into batches.  Now each is skipped and counted, in the cache folder and over a
+    shape); NaN and inf latents would go into batches.  Each is skipped and counted, in the cache folder and over a
     pattern of its shards (no index: the shape is the first samples' majority)."""
     from ldm.data.latent_format import FORMAT
     from ldm.data.tar_shards import write_tar

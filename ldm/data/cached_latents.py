@@ -12,7 +12,7 @@ Swap it in for the image dataset of a training config; the model then skips its 
 
 Item ``i`` is the cache's ``i``-th sample (shards in index order); it reads one ``.npy`` member by the byte span its
 shard's sidecar records (no tar scan, no file listing), so the sampler, sharding across ranks and mid-epoch resume of
-``main.py`` (:mod:`ldm.train.data`) apply unchanged.  An unreadable sample is warned about once and replaced by the next
+``main.py`` (:mod:`ldm.data.resumable`) apply unchanged.  An unreadable sample is warned about once and replaced by the next
 readable one (as ImageFolderDataset does with files); a latent of another shape than the index declares, or with a
 NaN or infinite value, is unreadable.  The stored variant an epoch uses follows the ``(seed, epoch, index)`` contract
 of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_variant`): a cache of a folder's centre

@@ -16,10 +16,11 @@ Example (YAML, as in latent-diffusion's ``data:`` section)::
 
 Tar shards: a :class:`~ldm.data.shard_stream.ShardStream` dataset (``ImageShards``, ``LatentShards``) is served by its
 own :class:`~ldm.data.shard_stream.ShardStreamLoader` for this process's rank (equal batches on every rank, resumable).
-Distributed training: the other loaders use plain ``shuffle=True/False`` samplers.  ``main.py`` turns Lightning's automatic
-``DistributedSampler`` off and rebuilds the training loader around :class:`ldm.train.data.ShardedEpochSampler` (each
-rank its own shard, a seeded order per epoch, resumable mid-epoch); used outside ``main.py`` with Lightning's defaults,
-the loaders are sharded by Lightning's ``DistributedSampler``.
+Distributed training: the other loaders use plain ``shuffle=True/False`` samplers, unless ``main.py`` (which turns
+Lightning's automatic ``DistributedSampler`` off) asks for :meth:`DataModuleFromConfig.use_resumable_order`: then the
+training loader is built around :class:`ldm.data.resumable.ShardedEpochSampler` (each rank its own shard, a seeded order
+per epoch, resumable mid-epoch) and the evaluation loaders are split by rank.  Used outside ``main.py`` with Lightning's
+defaults, the loaders are sharded by Lightning's ``DistributedSampler``.
 Augmentation epochs: :class:`SetDatasetEpoch` (installed on the trainer by :meth:`DataModuleFromConfig.setup`) calls
 ``set_epoch(trainer.current_epoch)`` on the training dataset before each epoch's items are drawn; see
 :mod:`ldm.data.image_folder` for the ``(seed, epoch, index)`` contract.
@@ -38,6 +39,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from ldm.data.resumable import make_resumable, shard_eval_loader
 from ldm.data.shard_stream import ShardStream, ShardStreamLoader
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -148,6 +150,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 )
             self.dataset_configs[name] = config
         self.datasets: dict[str, Dataset] = {}
+        self._order_seed: int | None = None  # set by use_resumable_order
         if "train" in self.dataset_configs:
             self.train_dataloader = self._train_dataloader
         if "validation" in self.dataset_configs:
@@ -192,13 +195,22 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return isinstance(self.trainer.accelerator, pl.accelerators.CUDAAccelerator)
         return torch.cuda.is_available()
 
+    def use_resumable_order(self, seed: int) -> None:
+        """Serve the training loader in :mod:`ldm.data.resumable`'s order (this rank's shard of ``randperm(n, seed +
+        epoch)``, resumable mid-epoch) and the evaluation loaders split by rank.  For runs with Lightning's automatic
+        ``DistributedSampler`` turned off (``main.py``); call before the trainer asks for loaders."""
+        self._order_seed = int(seed)
+
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def _loader(self, name: str, shuffle: bool, drop_last: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError(f"the {name} dataset is not built yet: call setup() before asking for its dataloader")
         workers = self.num_workers
         dataset = self.datasets[name]
         if isinstance(dataset, ShardStream):
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+            rank, world = self._rank_world()
             dataset.configure(self.batch_size, rank, world, shuffle=shuffle, drop_last=drop_last)
             return ShardStreamLoader(
                 dataset,
@@ -219,10 +231,19 @@ class DataModuleFromConfig(pl.LightningDataModule):
         )
 
     def _train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=self.drop_last)
+        loader = self._loader("train", shuffle=True, drop_last=self.drop_last)
+        if self._order_seed is None:
+            return loader
+        return make_resumable(loader, self._order_seed, *self._rank_world())
 
     def _val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=self.shuffle_val_dataloader, drop_last=False)
+        return self._eval_loader("validation", self.shuffle_val_dataloader)
 
     def _test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, drop_last=False)
+        return self._eval_loader("test", False)
+
+    def _eval_loader(self, name: str, shuffle: bool) -> DataLoader:
+        loader = self._loader(name, shuffle=shuffle, drop_last=False)
+        if self._order_seed is None:
+            return loader
+        return shard_eval_loader(loader, *self._rank_world(), name)

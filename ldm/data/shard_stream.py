@@ -566,8 +566,8 @@ class LatentShards(ShardStream):
 class ShardStreamLoader(DataLoader):
     """The loader of a :class:`ShardStream` for one rank: batches come from the dataset's workers (``batch_size=None``);
     ``len()`` is the number of batches per rank; ``state_dict()`` -> ``{"epoch", "batches"}`` (as
-    :class:`~ldm.train.data.ResumableDataLoader`), and a loaded state makes the next iteration of that epoch skip
-    the batches already trained on.  ``splits_by_rank``: :func:`ldm.train.data.make_resumable` leaves it as it is.
+    :class:`~ldm.data.resumable.ResumableDataLoader`), and a loaded state makes the next iteration of that epoch skip
+    the batches already trained on.  ``splits_by_rank``: :func:`ldm.data.resumable.make_resumable` leaves it as it is.
     """
 
     splits_by_rank = True

@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.train.data import derive_seed
+from ldm.data.resumable import derive_seed
 from ldm.util import atomic_write_bytes, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)

@@ -1,224 +1,33 @@
-"""Deterministic, per-rank, resumable training data order for ``main.py``.
-
-Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (one with ``state_dict`` /
-``load_state_dict``); otherwise it restarts the epoch's data from the beginning.  :func:`make_resumable` rebuilds the
-DataLoader a datamodule returns around :class:`ShardedEpochSampler`:
-
-* the order of epoch ``e`` is ``randperm(len(dataset), seed + e)`` (or the identity without shuffling), identical on
-  every rank, and each rank takes every ``world_size``-th index, padded like ``DistributedSampler``;
-* the loader counts the batches it handed out this epoch; the count goes into the checkpoint and a resumed run skips
-  that many batches *by index* (nothing is loaded for them);
-* the real iterator is created lazily at the first ``next()`` — after Lightning's ``set_epoch`` — and worker seeds
-  derive from ``(seed, epoch, rank)`` through the loader's own generator.
-
-Iterable-style datasets and custom samplers are left alone (with a warning) on one process; they cannot be sharded here,
-so they are refused for multi-process runs, except loaders that split their data by rank themselves
-(``splits_by_rank = True``, e.g. the tar-shard streams of :mod:`ldm.data.shard_stream`).
+"""The data side of ``main.py``: resumable per-rank loaders (:mod:`ldm.data.resumable`) for the run's datamodule, and
+the checks made before a run folder exists (every dataset yields a first item; cached latents match the first stage).
 """
 
 from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import IterableDataset
 
-from ldm.data.resumable import LazyCountingIterator, derive_seed  # derive_seed: re-exported
-from ldm.util import ConfigError
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.resumable import make_resumable, shard_eval_loader
 
 logger = logging.getLogger(__name__)
 
 
-class ShardedEpochSampler(Sampler[int]):
-    """Indices of one rank for one epoch; optionally starts ``skip`` indices in (once, for a resumed epoch).
-
-    Args:
-        size: number of samples in the dataset.
-        shuffle: permute with ``torch.randperm(size, generator=seed + epoch)``; else ``0..size-1``.
-        seed: shared by all ranks.
-        rank, world_size: this process and the number of processes (indices ``rank::world_size``).
-        drop_last: drop the tail that does not divide by ``world_size`` instead of padding by repetition.
-    """
-
-    def __init__(
-        self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.size = size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.epoch = 0
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields (Lightning calls this every epoch)."""
-        self.epoch = int(epoch)
-
-    def skip_next(self, n: int) -> None:
-        """The next iteration starts ``n`` indices into this rank's order (resuming mid-epoch)."""
-        self._skip = int(n)
-
-    def epoch_indices(self) -> list[int]:
-        """All indices of this rank for the current epoch."""
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-            order = torch.randperm(self.size, generator=gen).tolist()
-        else:
-            order = list(range(self.size))
-        if self.drop_last:
-            order = order[: self.size - self.size % self.world_size]
-        elif self.size % self.world_size and self.size > 0:
-            pad = self.world_size - self.size % self.world_size
-            order = order + (order * (pad // len(order) + 1))[:pad]
-        return order[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.size // self.world_size
-        return -(-self.size // self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        start, self._skip = self._skip, 0
-        return iter(self.epoch_indices()[start:])
-
-
-class ResumableDataLoader(DataLoader):
-    """DataLoader over a :class:`ShardedEpochSampler` whose position within the epoch survives a checkpoint.
-
-    ``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with ``weights_only``).
-    """
-
-    def __init__(self, *args: Any, worker_seed: int = 0, **loader_kwargs: Any) -> None:
-        super().__init__(*args, **loader_kwargs)
-        if not isinstance(self.sampler, ShardedEpochSampler):
-            raise TypeError(f"{type(self).__name__} needs a ShardedEpochSampler, got {type(self.sampler).__name__}")
-        self.worker_seed = worker_seed
-        self.batches_yielded = 0
-        self._pending: tuple[int, int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches handed out in it."""
-        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_yielded)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
-        self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
-
-    def __iter__(self) -> Iterator[Any]:
-        return LazyCountingIterator(self)
-
-    def _start_epoch(self) -> Iterator[Any]:
-        sampler: ShardedEpochSampler = self.sampler
-        skipped = 0
-        if self._pending is not None:
-            epoch, batches = self._pending
-            self._pending = None
-            if epoch == sampler.epoch and batches > 0:
-                skipped = batches
-                sampler.skip_next(batches * int(self.batch_size or 1))
-                logger.info("resuming epoch %d at batch %d (skipping by index)", epoch, batches)
-        self.batches_yielded = skipped
-        if self.generator is not None:
-            self.generator.manual_seed(derive_seed(self.worker_seed, sampler.epoch, sampler.rank))
-        return DataLoader.__iter__(self)
-
-
-def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
-    kwargs = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device,
-        "in_order": loader.in_order,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-        kwargs["multiprocessing_context"] = loader.multiprocessing_context
-    return kwargs
-
-
-def _convertible(loader: Any, what: str, world_size: int) -> bool:
-    reason = None
-    if not isinstance(loader, DataLoader):
-        reason = f"it is a {type(loader).__name__}, not a torch DataLoader"
-    elif isinstance(loader.dataset, IterableDataset):
-        reason = "its dataset is iterable-style (no length, no indices)"
-    elif loader.batch_size is None:
-        reason = "it uses a custom batch_sampler"
-    elif not isinstance(loader.sampler, (RandomSampler, SequentialSampler, ShardedEpochSampler)):
-        reason = f"it uses a custom sampler ({type(loader.sampler).__name__})"
-    if reason is None:
-        return True
-    if world_size > 1:
-        raise ConfigError(
-            f"the {what} loader cannot be sharded across {world_size} processes: {reason}. Return a DataLoader over "
-            "a map-style dataset with shuffle=True/False (main.py shards it per rank)"
-        )
-    logger.warning("the %s loader is used as is (%s): resuming mid-epoch restarts its order", what, reason)
-    return False
-
-
-def make_resumable(loader: Any, seed: int, rank: int, world_size: int) -> Any:
-    """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank (see the module doc); a loader that
-    splits its data by rank and resumes by itself (``splits_by_rank = True``: :class:`ldm.data.shard_stream.
-    ShardStreamLoader`) is returned as it is."""
-    if getattr(loader, "splits_by_rank", False):
-        return loader
-    if not _convertible(loader, "training", world_size):
-        return loader
-    shuffle = isinstance(loader.sampler, RandomSampler) or getattr(loader.sampler, "shuffle", False)
-    sampler = ShardedEpochSampler(len(loader.dataset), shuffle, seed, rank, world_size)
-    return ResumableDataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        generator=torch.Generator(),
-        worker_seed=seed,
-        **_loader_kwargs(loader),
-    )
-
-
-def shard_eval_loader(loader: Any, rank: int, world_size: int, what: str) -> Any:
-    """A validation/test loader split across ranks in order (``rank::world_size``) and with its own generator.
-
-    The generator (fixed seed) keeps creating its iterator from drawing on the global RNG, so that validating, or
-    Lightning preparing validation while it restarts, never shifts the training run's random stream.
-    """
-    if getattr(loader, "splits_by_rank", False):
-        return loader
-    if world_size == 1 or not _convertible(loader, what, world_size):
-        if isinstance(loader, DataLoader) and loader.generator is None:
-            loader.generator = torch.Generator().manual_seed(0)
-        return loader
-    sampler = ShardedEpochSampler(len(loader.dataset), False, 0, rank, world_size)
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        generator=torch.Generator().manual_seed(0),
-        **_loader_kwargs(loader),
-    )
-
-
 def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
-    """Route ``datamodule``'s loaders through :func:`make_resumable` / :func:`shard_eval_loader` for ``trainer``'s rank.
+    """Serve ``datamodule``'s loaders for ``trainer``'s rank in the resumable order of :mod:`ldm.data.resumable`.
 
-    The datamodule's own methods are wrapped on the instance; rank and world size are read when Lightning asks for the
+    A :class:`~ldm.data.datamodule.DataModuleFromConfig` builds them itself once asked
+    (:meth:`~ldm.data.datamodule.DataModuleFromConfig.use_resumable_order`).  A datamodule of another class cannot be
+    asked, so its loader methods are wrapped on the instance; rank and world size are read when Lightning asks for the
     loaders (after the processes are set up).
     """
+    if isinstance(datamodule, DataModuleFromConfig):
+        datamodule.use_resumable_order(seed)
+        return
     original_train = datamodule.train_dataloader
 
     def train_dataloader(self: Any) -> Any:

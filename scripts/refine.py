@@ -6,10 +6,15 @@
     python scripts/refine.py --input face.png --mask face_mask.png --start-t 400 --ckpt A.ckpt --ckpt B.ckpt
     python scripts/refine.py --input photo.png --box 8,8,40,40 --start-t 150 --ckpt demo    # the shipped demo experts
     python scripts/refine.py --input face.png --box 40,60,120,150@450 --crop-regions --ckpt A.ckpt --ckpt B.ckpt
+    python scripts/refine.py --input sd_outputs/ --start-t 200 --ckpt sd_late.ckpt --guidance-scale 5    # prompts read
+    python scripts/refine.py --input a.png --prompt "a photo of a cat" --negative-prompt blurry --ckpt sd_late.ckpt
 
 Each --ckpt is one expert; each step runs on the expert whose training window holds its timestep.  Under ``torchrun
 --nproc-per-node N`` (or SLURM) the inputs are split between the processes, one GPU each.  --mask / --box
-refine only a region (every other pixel comes back unchanged).  Outputs are ``<outdir>/<stem>_t<start>_s<seed>[_k].png``
+refine only a region (every other pixel comes back unchanged).  Text-conditioned experts (Stable Diffusion's UNet)
+take a prompt: --prompt for every input, else the input's --prompt-file entry, else the prompt the image records
+(A1111's 'parameters' chunk or this project's metadata), with classifier-free guidance.
+Outputs are ``<outdir>/<stem>_t<start>_s<seed>[_k].png``
 with every parameter and each checkpoint's sha256 in PNG text metadata.  This file only parses arguments and prints;
 the work is in :mod:`ldm.refine`.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -31,6 +37,7 @@ from ldm.cli import (
     box_arg,
     check_outdir,
     ddim_eta,
+    decimal_float,
     int_at_least,
     int_in_range,
     one_line_error,
@@ -54,6 +61,28 @@ exit codes: {EXIT_OK} all inputs refined; {EXIT_INPUT_FAILED} some inputs failed
 were refined); {EXIT_USAGE} bad arguments, checkpoint or config (nothing done); {EXIT_OUTPUT} the output folder cannot be
 written. Timesteps: t in [0, T), T = 1000; "steps a-b" of sampling are t = 1000 - b .. 1000 - a.
 """
+
+
+def prompt_text(text: str) -> str:
+    """An argparse ``type`` for --prompt / --negative-prompt (:func:`ldm.imageio.prompt.check_prompt_text`)."""
+    from ldm.imageio.prompt import check_prompt_text
+
+    try:
+        return check_prompt_text(text, "the prompt")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse ``type`` for --guidance-scale: a finite number >= 0."""
+    try:
+        value = decimal_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (1 = the conditional model without "
+                                         "guidance; Stable Diffusion usually 5-12)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                    type=int_in_range(8, MAX_REGION_SIZE, f"each region is refined at PX x PX; {MAX_REGION_SIZE} px is "
                                                          "already 16 MP, far above the experts' training size"),
                    help=f"side a region's crop is refined at, 8..{MAX_REGION_SIZE} (default: the experts' training size)")
+    p.add_argument("--prompt", type=prompt_text, metavar="TEXT",
+                   help="prompt for text-conditioned experts, for every input (else each input's --prompt-file entry, "
+                        "else the prompt the image records: A1111 'parameters' or this project's metadata)")
+    p.add_argument("--negative-prompt", type=prompt_text, metavar="TEXT",
+                   help="the unconditional branch's text, where the prompt's source records none (default: empty)")
+    p.add_argument("--guidance-scale", type=guidance_scale, metavar="S",
+                   help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u), where the prompt's source "
+                        "records none; 1 = no guidance (default: 7.5)")
+    p.add_argument("--prompt-file", type=path_arg, metavar="PATH",
+                   help="one prompt per input stem: UTF-8 lines stem<TAB>prompt[<TAB>negative prompt], or a .json "
+                        "object {stem: prompt or {prompt, negative_prompt, guidance_scale}}")
+    p.add_argument("--allow-unconditional-experts", action="store_true",
+                   help="in a chain of text-conditioned and unconditional experts, run the unconditional ones without "
+                        "the prompt instead of refusing")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1,
@@ -148,7 +191,46 @@ def region_problem(args: argparse.Namespace) -> str | None:
         return f"--mask {args.mask}: no such file or folder"
     if args.crop_regions and args.mask is None and not args.box:
         return "--crop-regions needs --mask or --box: there is no region to crop"
+    if args.prompt is not None and args.prompt_file is not None:
+        return ("--prompt and --prompt-file were both given: --prompt would apply to every input and leave the file "
+                "unused; pass one")
     return None
+
+
+def prompt_flags(args: argparse.Namespace) -> list[str]:
+    """The prompt flags given (for the refusal when no expert that runs is text-conditioned)."""
+    flags = {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt, "--guidance-scale": args.guidance_scale,
+             "--prompt-file": args.prompt_file}
+    return [flag for flag, value in flags.items() if value is not None]
+
+
+def input_prompts(
+    args: argparse.Namespace, refiner, plan, paths: list[Path], prompt_file
+) -> tuple[list | None, str | None]:
+    """``(prompts per input or None, one-line refusal or None)``: None prompts when no expert that runs is
+    text-conditioned; a refusal for prompt flags no expert takes, a chain :func:`check_chain` refuses, or no input
+    with a prompt.  Reads the inputs' PNG text chunks (no pixels) where --prompt is not given."""
+    from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt
+    from ldm.refine.conditioning import check_chain, resolve_input_prompts, text_experts
+
+    if not text_experts(refiner.experts, plan):
+        given = prompt_flags(args)
+        if given:
+            return None, (f"{', '.join(given)} given, but no expert that runs is text-conditioned "
+                          f"({plan.describe_routing()}): drop {'them' if len(given) > 1 else 'it'}")
+        return None, None
+    try:
+        check_chain(refiner.experts, plan, True, refiner.allow_unconditional_experts)
+        prompt = None
+        if args.prompt is not None:
+            prompt = Prompt(args.prompt, args.negative_prompt or "",
+                            DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale)
+    except ValueError as exc:
+        return None, one_line_error(exc)
+    prompts = resolve_input_prompts(paths, prompt, prompt_file, args.negative_prompt, args.guidance_scale)
+    if not any(isinstance(p, Prompt) for p in prompts):
+        return None, f"no input has a prompt for the text-conditioned expert(s) (first: {prompts[0]})"
+    return prompts, None
 
 
 def tiling_from_args(args: argparse.Namespace):
@@ -188,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         _err(f"error: {problem}")
         return EXIT_OUTPUT if problem.startswith("output folder") else EXIT_USAGE
+    try:  # before any model is loaded: a bad prompt file is a usage error
+        from ldm.imageio.prompt import load_prompt_file
+
+        prompt_file = load_prompt_file(args.prompt_file) if args.prompt_file is not None else None
+    except ValueError as exc:
+        _err(f"error: {one_line_error(exc)}")
+        return EXIT_USAGE
     regions = RegionOptions(
         mask=Path(args.mask) if args.mask else None, boxes=tuple(args.box), blur=args.mask_blur, dilate=args.mask_dilate,
         crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
@@ -198,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ckpt, device=rank_device(args.device, ranks), precision=args.precision, ema=args.ema, config=args.config,
             allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
             batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
-            compile=args.compile,
+            compile=args.compile, allow_unconditional_experts=args.allow_unconditional_experts,
         )
         plan = batch_plan(refiner, args.start_t, args.ddim_steps, args.eta, args.tail_steps, args.sampler, args.strength,
                           regions)  # fmt: skip
@@ -218,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if clash is not None:  # a file the batch reads is never written: refused before any output is written
         _err(f"error: {clash}")
         return EXIT_USAGE
+    prompts, refusal = input_prompts(args, refiner, plan, paths, prompt_file)
+    if refusal is not None:
+        _err(f"error: {refusal}")
+        return EXIT_USAGE
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:
@@ -231,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             tail_steps=args.tail_steps, sampler=args.sampler, strength=args.strength, regions=regions, seed=args.seed,
             n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
             parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err, share=ranks.share(len(paths)),
+            prompts=prompts,
         )
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are complete (re-run with --skip-existing to continue)")

@@ -19,7 +19,11 @@ This is what ``scripts/refine.py`` runs (the CLI only parses arguments and print
   share one first-stage encode;
 * with :class:`~ldm.refine.region_files.RegionOptions` (masks, boxes) each input gets its start map; a mask that
   cannot be read, has another size (seen in its header, before it is decoded) or selects nothing, a box outside the
-  image, or more regions than crop mode refines (:data:`ldm.refine.regions.MAX_REGIONS`), costs that input only.
+  image, or more regions than crop mode refines (:data:`ldm.refine.regions.MAX_REGIONS`), costs that input only;
+* with text-conditioned experts each input has its own prompt (``prompts``, one per input: what
+  :func:`ldm.refine.conditioning.resolve_input_prompts` gives the CLI); an input without one costs that input only,
+  a batch in which no input has one (or a chain :func:`~ldm.refine.conditioning.check_chain` refuses) is refused
+  before any work; outputs record the prompt, the negative prompt and the guidance scale.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from ldm.imageio import (
     side_by_side,
     tensor_to_image,
 )
+from ldm.imageio.prompt import Prompt, prompt_metadata
+from ldm.refine.conditioning import check_chain, text_experts, unguided_experts
 from ldm.refine.refiner import DEFAULT_START_T, Refiner
 from ldm.refine.region_files import RegionOptions, describe_mask, load_mask, mask_overlay, region_metadata
 from ldm.refine.regions import region_crops
@@ -94,6 +100,7 @@ class _Item:
     alpha: np.ndarray | None
     start_map: torch.Tensor | None  # [1, 1, H, W] timesteps, or None for the whole image
     region_meta: dict[str, str]
+    prompt: Prompt | None = None
 
 
 def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -> str:
@@ -149,9 +156,11 @@ def build_metadata(
     sample: int,
     n_samples: int,
     parameters: Mapping[str, object] | None = None,
+    prompt: Prompt | None = None,
 ) -> dict[str, str]:
     """PNG text metadata of one output: every parameter, the effective start, the timesteps that ran, routing and each
-    checkpoint's sha256."""
+    checkpoint's sha256; with a ``prompt``, also ``prompt``, ``negative_prompt``, ``guidance_scale`` (read back by
+    :func:`ldm.imageio.prompt.read_image_prompt`) and ``unguided_experts`` (those that ran without it, if any)."""
     meta = {
         "Software": SOFTWARE,
         "input": source,
@@ -178,6 +187,11 @@ def build_metadata(
         meta[f"checkpoint_{i}"] = ckpt.path
         meta[f"checkpoint_{i}_sha256"] = ckpt.sha256
         meta[f"checkpoint_{i}_window"] = f"[{ckpt.window[0]}, {ckpt.window[1]})"
+    if prompt is not None:
+        meta.update(prompt_metadata(prompt))
+        unguided = unguided_experts(refiner.experts, plan)
+        if unguided:
+            meta["unguided_experts"] = ", ".join(unguided)
     if parameters is not None:
         meta["parameters"] = json.dumps({k: v for k, v in parameters.items()}, default=str, sort_keys=True)
     return meta
@@ -224,6 +238,7 @@ def refine_files(
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
     share: Sequence[int] | None = None,
+    prompts: Sequence[Prompt | str | None] | None = None,
 ) -> BatchReport:
     """Refine every file in ``paths`` into ``outdir`` (see the module docstring for naming and error rules).
 
@@ -243,6 +258,9 @@ def refine_files(
         on_error: called with one line per failed input (default: logged as an error).
         share: refine only the inputs at these indices of ``paths`` (this process's part of a batch split across
             processes, :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
+        prompts: for text-conditioned experts, one entry per input of ``paths``: a :class:`Prompt`, a one-line reason
+            why that input has none (it fails with that line), or None (it fails: no prompt).  None (the default): no
+            input has a prompt.  Samples with different guidance scales are not batched together.
 
     Returns:
         a :class:`BatchReport` of the inputs refined here.
@@ -261,6 +279,14 @@ def refine_files(
     problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)
     if problem is not None:  # before any file is written or removed: a mask is never overwritten
         raise ValueError(problem)
+    needs_prompt = bool(text_experts(refiner.experts, plan))
+    if prompts is not None and len(prompts) != len(paths):
+        raise ValueError(f"got {len(prompts)} prompts for {len(paths)} inputs; pass one entry per input (or None)")
+    prompted = prompts is not None and any(isinstance(p, Prompt) for p in prompts)
+    if needs_prompt and prompts is not None and not prompted:
+        reason = next((p for p in prompts if isinstance(p, str)), None)
+        raise ValueError("no input has a prompt for the text-conditioned expert(s)" + (f" (first: {reason})" if reason else ""))
+    check_chain(refiner.experts, plan, prompted, refiner.allow_unconditional_experts)
     report = BatchReport()
     report_error = on_error if on_error is not None else logger.error
     input_reals = {os.path.realpath(p) for p in paths}
@@ -295,12 +321,13 @@ def refine_files(
         batch = list(pending)
         pending.clear()
         starts = None if batch[0].start_map is None else torch.cat([item.start_map for item in batch])
+        prompt = None if batch[0].prompt is None else [item.prompt for item in batch]
         try:
             out = refiner.refine_tensors(
                 torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], plan.ddim_steps,
                 plan.eta, show, tail_steps=plan.tail_steps, sampler=plan.sampler, start_map=starts,
                 mask_blur=regions.blur, crop_regions=regions.crop, region_padding=regions.padding,
-                region_size=regions.size,
+                region_size=regions.size, prompt=prompt,
             )
         except Exception as exc:  # whatever the networks raise (a bug, out of memory) costs this batch's inputs only
             size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"
@@ -316,7 +343,8 @@ def refine_files(
             except ValueError as exc:
                 finish(item.source, f"cannot refine {format_path(paths[item.source])}: {exc}")
                 continue
-            meta = build_metadata(refiner, plan, format_path(paths[item.source]), item.seed, item.sample, n_samples, parameters)
+            meta = build_metadata(refiner, plan, format_path(paths[item.source]), item.seed, item.sample, n_samples, parameters,
+                                  item.prompt)  # fmt: skip
             meta.update(item.region_meta)
             save_image_atomic(item.out, rgb, alpha=item.alpha, metadata=meta)
             report.written.append(item.out)
@@ -360,6 +388,11 @@ def refine_files(
             if not todo:
                 finish(index)
                 continue
+            prompt = prompts[index] if needs_prompt else None
+            if needs_prompt and not isinstance(prompt, Prompt):
+                finish(index, prompt if isinstance(prompt, str) else f"{format_path(path)}: no prompt for the "
+                       f"text-conditioned expert(s); pass one in prompts (CLI: --prompt, --prompt-file)")
+                continue
             try:
                 loaded = load_image(path)
             except ImageLoadError as exc:
@@ -373,15 +406,20 @@ def refine_files(
                 continue
             remaining[index] = len(todo)
             for sample, sample_seed, out in todo:
-                if pending and (len(pending) >= batch_size or pending[0].x.shape != x.shape):
+                if pending and (len(pending) >= batch_size or pending[0].x.shape != x.shape
+                                or _scale(pending[0].prompt) != _scale(prompt)):  # one guidance scale per batch
                     flush()
-                pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha, starts, region_meta))
+                pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha, starts, region_meta, prompt))
         flush()
     except ImageSaveError as exc:
         report.fatal = str(exc)
     finally:
         bar.close()
     return report
+
+
+def _scale(prompt: Prompt | None) -> float | None:
+    return None if prompt is None else prompt.guidance_scale
 
 
 def _regions_of(

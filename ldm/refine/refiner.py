@@ -37,6 +37,14 @@ from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple
 from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
+from ldm.refine.conditioning import (
+    PromptArg,
+    PromptConditioning,
+    check_chain,
+    encode_prompts,
+    prompts_for_batch,
+    share_condition_encoders,
+)
 from ldm.refine.first_stage import FirstStage
 from ldm.refine.loading import (
     CheckpointInfo,
@@ -103,6 +111,9 @@ class Refiner:
             :class:`~ldm.models.tiling.TilingConfig`.  Tiles blend seamlessly (see :mod:`ldm.models.tiling`).
         channels_last: store the networks' weights NHWC (often faster convolutions; same results up to rounding).
         compile: ``torch.compile`` the UNets (compiled on the first call per image size; off by default).
+        allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
+            experts' steps without the prompt instead of refusing a prompted refinement (see
+            :mod:`ldm.refine.conditioning`).
     """
 
     def __init__(
@@ -116,12 +127,14 @@ class Refiner:
         tiling: TilingConfig | str | None = "auto",
         channels_last: bool = False,
         compile: bool = False,
+        allow_unconditional_experts: bool = False,
     ):
         self.device = resolve_device(device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else bool(batch_invariant)
         self.precision = precision
         self._autocast_dtype = autocast_dtype(precision, self.device)
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
+        self.allow_unconditional_experts = bool(allow_unconditional_experts)
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
         self.tiling = resolve_tiling(tiling, self.model)
@@ -158,6 +171,7 @@ class Refiner:
         tiling: TilingConfig | str | None = "auto",
         channels_last: bool = False,
         compile: bool = False,
+        allow_unconditional_experts: bool = False,
     ) -> Refiner:
         """Load one expert per checkpoint (see :func:`ldm.refine.loading.load_expert`) and build a refiner.
 
@@ -171,7 +185,7 @@ class Refiner:
             config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
             trust_config: let configs stored in checkpoints name classes outside the allow-list.
             unsafe_load: unpickle arbitrary objects (only for files you trust).
-            batch_invariant, tiling, channels_last, compile: as in :class:`Refiner`.
+            batch_invariant, tiling, channels_last, compile, allow_unconditional_experts: as in :class:`Refiner`.
 
         Raises:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
@@ -183,9 +197,11 @@ class Refiner:
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
         experts = [e for e, _ in loaded]
         infos = [i for _, i in loaded]
-        refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile)
+        refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile,
+                      allow_unconditional_experts)  # fmt: skip
         for expert in experts[1:]:  # these models are ours: keep one copy of the (identical, checked) first stage
             expert.model.first_stage_model = experts[0].model.first_stage_model
+        share_condition_encoders(experts)  # and of identical text encoders
         logger.info("%s", refiner.describe())
         return refiner
 
@@ -286,6 +302,7 @@ class Refiner:
         region_padding: int = DEFAULT_REGION_PADDING,
         region_size: int | None = None,
         callback: Callable[[int], None] | None = None,
+        prompt: PromptArg = None,
     ) -> torch.Tensor:
         """Refine a batch of same-size images, whole or by region.
 
@@ -305,6 +322,11 @@ class Refiner:
             progress: show a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
             timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the
                 steps), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
+            prompt: for text-conditioned experts (required by them, refused without them): one
+                :class:`~ldm.imageio.prompt.Prompt` (or str: ``Prompt(text)``, negative prompt "", scale 7.5) for every
+                sample, or one per sample (one guidance scale per call).  Steps of text-conditioned experts run with
+                classifier-free guidance (:mod:`ldm.sampling.guidance`); rules for mixed chains:
+                :mod:`ldm.refine.conditioning`.  Same prompt and seed -> same output.
 
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
@@ -318,6 +340,8 @@ class Refiner:
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
         seed_list = self._seeds(seeds, x.shape[0])
         plan = self.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
+        prompts = prompts_for_batch(prompt, x.shape[0])
+        check_chain(self.experts, plan, prompts is not None, self.allow_unconditional_experts)
         check_int_arg("mask_blur", mask_blur, 0, MAX_FEATHER)
         if crop_regions and start_map is None:
             raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
@@ -335,7 +359,11 @@ class Refiner:
             starts = None if start_map is None else self._check_start_map(start_map, xin, plan)
             logger.info("refining %d image(s) of %dx%d: %s", x.shape[0], x.shape[3], x.shape[2], plan.describe())
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
-            run = _Run(plan, generators, progress, callback, _PhaseClock(self.device, timings))
+            clock = _PhaseClock(self.device, timings)  # the prompts' encoding counts in the "encode" phase
+            # guidance wraps the cached plan's denoisers for this call only (the plan cache stays unguided)
+            conditioning = (None if prompts is None
+                            else encode_prompts(self.experts, plan, prompts, self.batch_invariant, self.autocast))
+            run = _Run(plan, generators, progress, callback, clock, conditioning)
             if starts is None:
                 out = self._generate(xin, run)
             elif crop_regions:
@@ -379,7 +407,7 @@ class Refiner:
             map_padded, _ = pad_to_multiple(start_map, self.factor, mode="replicate", min_size=2 * self.factor)
             latent_map = latent_start_map(map_padded, self.first_stage.factor)
         noise = randn(tuple(z0.shape), z0, run.generators)
-        z, _ = run_tail(run.plan, z0, noise, start_map=latent_map, generators=run.generators, callback=run.callback,
+        z, _ = run_tail(run.steps, z0, noise, start_map=latent_map, generators=run.generators, callback=run.callback,
                         progress=run.progress)  # fmt: skip
         run.clock.lap("sample")
         out = crop_padding(self.first_stage.decode(z), padding).clamp(-1.0, 1.0)
@@ -392,7 +420,7 @@ class Refiner:
         """Crop mode for one image ``[1, 3, H, W]``: each region refined in its crop at ``size`` px, pasted in turn."""
         current = x.clone()
         h, w = x.shape[-2:]
-        sample_run = _Run(run.plan, [run.generators[index]], run.progress, run.callback, run.clock)
+        sample_run = run.sample(index)
         for region in find_regions(start_map, MAX_REGIONS):
             x0, y0, x1, y1 = crop_geometry(region.bbox, padding, 1.0, w, h)
             crop = current[..., y0:y1, x0:x1]
@@ -431,6 +459,7 @@ class Refiner:
         mask_dilate: int = 0,
         region_padding: int = DEFAULT_REGION_PADDING,
         region_size: int | None = None,
+        prompt: PromptArg = None,
     ) -> Image.Image | torch.Tensor:
         """Refine one image, whole or by region.
 
@@ -444,6 +473,8 @@ class Refiner:
                 optional start of its own (the plan then starts at the largest).  mask_dilate: grow the selection by
                 this many pixels first.  crop_regions, mask_blur, region_padding, region_size: as in
                 :meth:`refine_tensors`.  Pixels outside the (dilated) selection come back unchanged.
+            prompt: for text-conditioned experts, as in :meth:`refine_tensors` (one prompt; a tensor batch may give
+                one per sample).
 
         Returns:
             a PIL image (``RGB``, or ``RGBA`` when the input had transparency) for PIL input; a float32 tensor of the
@@ -457,7 +488,8 @@ class Refiner:
         else:
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
         options: dict[str, Any] = dict(tail_steps=tail_steps, sampler=sampler, strength=strength, mask_blur=mask_blur,
-                                       crop_regions=crop_regions, region_padding=region_padding, region_size=region_size)
+                                       crop_regions=crop_regions, region_padding=region_padding, region_size=region_size,
+                                       prompt=prompt)
         if mask is not None or boxes:
             start, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
             options.update(start_map=starts, strength=None)
@@ -519,13 +551,24 @@ def _unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
 
 @dataclass
 class _Run:
-    """What one refinement call passes down to its passes: the plan, one generator per sample, progress reporting."""
+    """What one refinement call passes down to its passes: the plan, one generator per sample, progress reporting,
+    and the encoded prompts (None without one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
 
     plan: RefinePlan
     generators: list[torch.Generator]
     progress: bool
     callback: Callable[[int], None] | None
     clock: _PhaseClock
+    conditioning: PromptConditioning | None = None
+    index: int | None = None  # the one sample of a crop-mode run (its rows of the conditioning)
+
+    def __post_init__(self) -> None:
+        self.steps = self.plan if self.conditioning is None else self.conditioning.apply(self.plan, self.index)
+
+    def sample(self, index: int) -> _Run:
+        """This run for sample ``index`` alone (crop mode refines one image at a time)."""
+        return _Run(self.plan, [self.generators[index]], self.progress, self.callback, self.clock, self.conditioning,
+                    index)  # fmt: skip
 
 
 class _PhaseClock:

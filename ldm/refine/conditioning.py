@@ -1,0 +1,333 @@
+"""Prompts in refinement: which experts take one, the rule for chains, encoding, and the guided plan.
+
+An expert is **text-conditioned** when its model has a conditioning key (``crossattn``, ...) and a condition encoder fed
+with text (``cond_stage_key`` ``caption`` or ``txt``: :data:`ldm.models.diffusion.latent.TEXT_COND_KEYS`, e.g. Stable
+Diffusion v1's ``FrozenCLIPEmbedder``).  Rules, checked by :func:`check_chain` before any work, over the experts that
+the plan runs (an expert whose window no step of the plan reaches does not count):
+
+* a text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt, unguided model);
+* a prompt needs at least one text-conditioned expert to run (otherwise it would change nothing: refused rather than
+  ignored); an expert conditioned on something else (class labels, a concatenated image) cannot take a prompt;
+* a chain that mixes text-conditioned and unconditional experts is refused with a prompt, unless the refiner was
+  built with ``allow_unconditional_experts=True`` (CLI ``--allow-unconditional-experts``): then the unconditional
+  experts run their steps unguided (no prompt, one network call per sample), the text-conditioned ones guided.
+
+Encoding (:func:`encode_prompts`): each distinct text (prompts, and negative prompts when the scale is not 1) is
+encoded once per distinct condition encoder, with ``model.get_learned_conditioning``; with ``batch_invariant`` one text
+per call, so an embedding does not depend on which prompts share the batch (CPU kernels block by batch size).  The
+result, :class:`PromptConditioning`, holds per expert ``cond`` / ``uncond`` ``[B, L, D]`` and wraps a plan with
+:func:`ldm.sampling.guidance.guided_plan` (guidance outside the refiner's chunking and autocast wrappers); crop mode
+takes each image's own rows (:meth:`PromptConditioning.apply` with ``index``).
+
+Prompts for files (:func:`resolve_input_prompts`, what ``scripts/refine.py`` runs): ``--prompt`` for every input, else
+the input's ``--prompt-file`` entry (by stem), else the prompt the image records (A1111's ``parameters`` chunk or this
+project's metadata: :func:`ldm.imageio.prompt.read_image_prompt`); what the source did not record (negative prompt,
+scale) comes from ``--negative-prompt`` / ``--guidance-scale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.imageio import format_path
+from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, PromptFile, read_image_prompt
+from ldm.models.diffusion.experts import Expert
+from ldm.models.diffusion.latent import TEXT_COND_KEYS
+from ldm.sampling.guidance import Guidance, guided_plan
+from ldm.sampling.plan import RefinePlan
+
+logger = logging.getLogger(__name__)
+
+#: what ``refine_tensors(prompt=...)`` takes: one prompt for every sample (a str is ``Prompt(text)``: negative prompt
+#: "", scale :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`), one per sample, or None (no prompt)
+PromptArg = Prompt | str | Sequence[Prompt | str] | None
+
+SOURCES_HINT = ("pass --prompt, a --prompt-file with a line for its stem, or an image that records its prompt "
+                "(A1111 'parameters' or this project's metadata)")
+
+
+def conditioning_key(model: Any) -> str | None:
+    """The model's conditioning key (``crossattn``, ``concat``, ``adm``, ...), None for an unconditional model."""
+    return getattr(getattr(model, "model", None), "conditioning_key", None)
+
+
+def is_text_conditioned(model: Any) -> bool:
+    """Whether ``model`` is conditioned on text through its condition encoder (see the module docstring)."""
+    return (conditioning_key(model) is not None and getattr(model, "cond_stage_model", None) is not None
+            and getattr(model, "cond_stage_key", None) in TEXT_COND_KEYS)  # fmt: skip
+
+
+def used_experts(plan: RefinePlan) -> list[int]:
+    """Indices of the experts the plan's steps run, in order."""
+    return sorted(set(plan.experts))
+
+
+def text_experts(experts: Sequence[Expert], plan: RefinePlan) -> list[int]:
+    """Indices of the text-conditioned experts the plan runs."""
+    return [i for i in used_experts(plan) if is_text_conditioned(experts[i].model)]
+
+
+def _names(experts: Sequence[Expert], indices: Iterable[int]) -> str:
+    return ", ".join(experts[i].name for i in indices)
+
+
+def check_chain(experts: Sequence[Expert], plan: RefinePlan, prompted: bool, allow_unconditional: bool) -> None:
+    """Refuse, in one line, a refinement the rules of the module docstring do not allow.
+
+    Args:
+        experts: the refiner's experts.  plan: the plan that will run (its steps say which experts run).
+        prompted: whether a prompt is given.  allow_unconditional: the refiner's ``allow_unconditional_experts``.
+
+    Raises:
+        ValueError: a text-conditioned expert without a prompt, a prompt no expert that runs takes, or a mixed chain
+            with a prompt without ``allow_unconditional``.
+    """
+    used = used_experts(plan)
+    text = [i for i in used if is_text_conditioned(experts[i].model)]
+    if not prompted:
+        if text:
+            raise ValueError(
+                f"expert(s) {_names(experts, text)} are text-conditioned and need a prompt: pass prompt=... (CLI: "
+                "--prompt, --prompt-file, or an image that records its prompt); Prompt('', guidance_scale=1) runs "
+                "them on the empty prompt"
+            )
+        return
+    other = [i for i in used if i not in text]
+    foreign = [i for i in other if conditioning_key(experts[i].model) is not None]
+    if foreign:
+        keys = sorted({str(getattr(experts[i].model, "cond_stage_key", "?")) for i in foreign})
+        raise ValueError(
+            f"expert(s) {_names(experts, foreign)} are conditioned on {', '.join(keys)}, not on text, and cannot take a "
+            "prompt; refine with text-conditioned experts (cond_stage_key caption or txt) only"
+        )
+    if not text:
+        raise ValueError(
+            f"a prompt was given but no expert that runs ({_names(experts, used)}) is text-conditioned, so it would "
+            "change nothing: drop the prompt (--prompt, --prompt-file, --negative-prompt, --guidance-scale)"
+        )
+    if other and not allow_unconditional:
+        raise ValueError(
+            f"this refinement chains text-conditioned expert(s) ({_names(experts, text)}) with unconditional ones "
+            f"({_names(experts, other)}): pass allow_unconditional_experts=True (CLI --allow-unconditional-experts) "
+            "to run the unconditional experts' steps without the prompt, or chain text-conditioned experts only"
+        )
+
+
+def prompts_for_batch(prompt: PromptArg, batch: int) -> list[Prompt] | None:
+    """``prompt`` as one validated :class:`Prompt` per sample (None stays None).
+
+    Raises:
+        PromptError (a ValueError): a prompt outside what :class:`Prompt` allows.  ValueError: a list whose length is
+            neither 1 nor ``batch``, or prompts with different guidance scales in one batch (refine them separately).
+    """
+    if prompt is None:
+        return None
+    items = [prompt] if isinstance(prompt, (str, Prompt)) else list(prompt)
+    if len(items) not in (1, batch):
+        raise ValueError(f"got {len(items)} prompts for a batch of {batch}; pass one prompt per sample or one for all")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            item = Prompt(item)
+        elif not isinstance(item, Prompt):
+            raise PromptError(
+                f"prompt must be a str, an ldm.imageio.prompt.Prompt or a list of them, got {type(item).__name__}"
+            )
+        prompts.append(item)
+    scales = sorted({p.guidance_scale for p in prompts})
+    if len(scales) > 1:
+        raise ValueError(
+            f"the prompts of one batch have different guidance scales {scales}: refine samples with different scales "
+            "in separate calls"
+        )
+    return prompts * batch if len(prompts) == 1 else prompts
+
+
+@dataclass(frozen=True)
+class PromptConditioning:
+    """Encoded prompts for one refinement call.
+
+    Attributes:
+        prompts: one :class:`Prompt` per sample (``B``).  scale: their guidance scale.
+        per_expert: per expert of the refiner, ``(cond [B, L, D], uncond [B, L, D] or None at scale 1)`` on the
+            device, or None for an expert that runs unguided (unconditional, or not run by the plan).
+    """
+
+    prompts: tuple[Prompt, ...]
+    scale: float
+    per_expert: tuple[tuple[torch.Tensor, torch.Tensor | None] | None, ...]
+
+    def guidance(self, index: int | None = None) -> list[Guidance | None]:
+        """One :class:`Guidance` per expert (None: unguided); ``index``: only sample ``index``'s rows (batch 1)."""
+        out: list[Guidance | None] = []
+        for entry in self.per_expert:
+            if entry is None:
+                out.append(None)
+                continue
+            cond, uncond = entry
+            if index is not None:
+                cond = cond[index : index + 1]
+                uncond = None if uncond is None else uncond[index : index + 1]
+            out.append(Guidance(cond, uncond, self.scale))
+        return out
+
+    def apply(self, plan: RefinePlan, index: int | None = None) -> RefinePlan:
+        """``plan`` with each text-conditioned expert's steps guided (sample ``index`` only, when given)."""
+        return guided_plan(plan, self.guidance(index))
+
+
+def encode_prompts(
+    experts: Sequence[Expert],
+    plan: RefinePlan,
+    prompts: Sequence[Prompt],
+    batch_invariant: bool,
+    autocast: Callable[[], AbstractContextManager],
+) -> PromptConditioning:
+    """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs.
+
+    Experts with the same condition encoder module share its embeddings.  Runs under ``torch.inference_mode()`` and
+    ``autocast()`` (the networks' precision).  Raises ValueError when an encoder returns something other than one
+    tensor ``[n, ...]`` per ``n`` texts (its conditioning could not be guided here).
+    """
+    scale = prompts[0].guidance_scale
+    texts = list(dict.fromkeys([p.prompt for p in prompts] + ([p.negative_prompt for p in prompts] if scale != 1.0
+                                                               else [])))  # fmt: skip
+    row = {text: i for i, text in enumerate(texts)}
+    cond_rows = [row[p.prompt] for p in prompts]
+    uncond_rows = [row[p.negative_prompt] for p in prompts] if scale != 1.0 else None
+    per_expert: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(experts)
+    encoded: dict[int, torch.Tensor] = {}  # id of the encoder -> [len(texts), L, D]
+    with torch.inference_mode(), autocast():
+        for i in text_experts(experts, plan):
+            model = experts[i].model
+            key = id(model.cond_stage_model)
+            if key not in encoded:
+                chunks = [[t] for t in texts] if batch_invariant else [texts]
+                parts = [_encode(model, chunk, experts[i].name) for chunk in chunks]
+                encoded[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            table = encoded[key]
+            cond = table[cond_rows]
+            uncond = None if uncond_rows is None else table[uncond_rows]
+            per_expert[i] = (cond, uncond)
+    return PromptConditioning(tuple(prompts), scale, tuple(per_expert))
+
+
+def share_condition_encoders(experts: Sequence[Expert]) -> int:
+    """Let experts whose text encoders are identical hold one module (the first one's); returns how many were merged.
+
+    Identical: the same class, the same ``cond_stage_forward``, the same settings (the module's public attributes of
+    plain types, e.g. ``max_length``, ``layer``), the same tokenizer vocabulary and merges, and equal weights, tensor by
+    tensor.  A chain of Stable Diffusion experts then keeps one CLIP text encoder (~0.5 GB) and encodes each prompt
+    once.  Only for models this process built (:meth:`Refiner.from_checkpoints`): the models are changed in place.
+    """
+    kept: list[Any] = []
+    merged = 0
+    for expert in experts:
+        model = expert.model
+        if not is_text_conditioned(model):
+            continue
+        same = next((m for m in kept if _same_encoder(m, model)), None)
+        if same is None:
+            kept.append(model)
+        elif same.cond_stage_model is not model.cond_stage_model:
+            model.cond_stage_model = same.cond_stage_model
+            merged += 1
+    return merged
+
+
+def _settings(module: Any) -> dict[str, Any]:
+    plain = (bool, int, float, str, type(None))
+    values = {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, plain)}
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is not None:
+        values["vocab"] = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else id(tokenizer)
+        values["merges"] = getattr(tokenizer, "bpe_ranks", None)
+    return values
+
+
+def _same_encoder(a: Any, b: Any) -> bool:
+    ea, eb = a.cond_stage_model, b.cond_stage_model
+    if ea is eb:
+        return True
+    if type(ea) is not type(eb) or a.cond_stage_forward != b.cond_stage_forward or _settings(ea) != _settings(eb):
+        return False
+    sa, sb = ea.state_dict(), eb.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def _encode(model: Any, texts: list[str], name: str) -> torch.Tensor:
+    out = model.get_learned_conditioning(texts)
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(texts):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"expert {name}: its condition encoder returned {shape} for {len(texts)} prompt(s); guidance here needs "
+            "one tensor [n, L, D] per n prompts (a cross-attention context)"
+        )
+    return out
+
+
+def unguided_experts(experts: Sequence[Expert], plan: RefinePlan) -> list[str]:
+    """Names of the experts the plan runs without the prompt (unconditional ones in an allowed mixed chain)."""
+    text = set(text_experts(experts, plan))
+    return [experts[i].name for i in used_experts(plan) if i not in text]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prompts for files (the CLI)
+
+
+def resolve_input_prompts(
+    paths: Sequence[Path],
+    prompt: Prompt | None = None,
+    prompt_file: PromptFile | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+) -> list[Prompt | str]:
+    """Each input's prompt, by the precedence of the module docstring, or one line saying why it has none.
+
+    Args:
+        paths: the inputs.  prompt: one prompt for every input (``--prompt``, already holding its negative prompt
+            and scale).  prompt_file: per-stem prompts (``--prompt-file``).  negative_prompt, guidance_scale: what
+            fills a prompt-file entry or an image's prompt that did not record them (None: ``""`` and
+            :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`).
+
+    Returns:
+        per input, a :class:`Prompt` or a one-line reason (no prompt anywhere, or a corrupt prompt in the image).
+    """
+    if prompt is not None:
+        return [prompt] * len(paths)
+    negative = "" if negative_prompt is None else negative_prompt
+    scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    if prompt_file is not None:
+        missing = prompt_file.missing(Path(os.fsdecode(p)).stem for p in paths)
+        if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+            logger.info("prompt file %s has no entry for %d input(s) (%s): their prompt is read from the image if it "
+                        "records one", prompt_file.path, len(missing), shown)
+    out: list[Prompt | str] = []
+    for path in paths:
+        found = prompt_file.for_path(path) if prompt_file is not None else None
+        try:
+            if found is None:
+                found = read_image_prompt(path)
+            out.append(found.resolve(negative, scale) if found is not None else _no_prompt(path, prompt_file))
+        except PromptError as exc:
+            out.append(f"{format_path(path)}: {exc}")
+    return out
+
+
+def _no_prompt(path: Path, prompt_file: PromptFile | None) -> str:
+    stem = Path(os.fsdecode(path)).stem
+    where = f"no entry for stem {stem!r} in --prompt-file {prompt_file.path}, " if prompt_file is not None else ""
+    return (f"{format_path(path)}: no prompt for the text-conditioned expert(s): {where}no prompt recorded in the "
+            f"image; {SOURCES_HINT}")

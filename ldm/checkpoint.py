@@ -85,6 +85,9 @@ _READ_ERRORS = (
 )
 UNSAFE_HINT = "pass --unsafe-load (Python: unsafe=True) only if you trust this file"
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# LitEma's two scalar buffers. EMA-only releases (Stable Diffusion v1's sd-v1-4.ckpt, v1-5-pruned-emaonly) keep them
+# after their EMA weights were copied into model.* and the other model_ema.* entries dropped: such a file has no EMA.
+EMA_SCALAR_KEYS = ("model_ema.decay", "model_ema.num_updates")
 
 
 class CheckpointError(ValueError):
@@ -313,6 +316,12 @@ def _sorted_metadata(payload: bytes) -> bytes:
     if len(text) > size:  # never seen (the same keys, compact); the unsorted file is still a valid one
         return payload
     return payload[:8] + text.ljust(size) + payload[8 + size :]
+
+
+def has_ema_weights(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds EMA weights: ``model_ema.*`` entries beyond LitEma's scalars
+    (:data:`EMA_SCALAR_KEYS`), which EMA-only releases such as Stable Diffusion v1's keep without any weights."""
+    return any(k.startswith("model_ema.") and k not in EMA_SCALAR_KEYS for k in state_dict)
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -105,9 +105,15 @@ class ConfigRole:
     def admits(self, cls: type) -> bool:
         """Whether ``cls`` is of one of this slot's kinds."""
         return any(
-            issubclass(cls, get_obj_from_str(base)) and (package is None or cls.__module__.startswith(package))
+            issubclass(cls, get_obj_from_str(base)) and (package is None or _in_package(cls.__module__, package))
             for base, package in self.kinds
         )
+
+
+def _in_package(module: str, package: str) -> bool:
+    """Whether ``module`` is ``package`` (written with a trailing ``.``, e.g. ``ldm.lr_scheduler.``, a module) or inside
+    it (``ldm.modules.encoders.`` holds ``ldm.modules.encoders.modules``)."""
+    return module == package.rstrip(".") or module.startswith(package)
 
 
 _VQ = "ldm.models.autoencoder.VQModel"

@@ -8,6 +8,7 @@ shrink only the sizes: UNet widths, the first stage's ddconfig, codebook sizes, 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def shrink(node: Any, image_root: str) -> Any:
+def shrink(node: Any, image_root: str, clip_root: str | None = None) -> Any:
     """A copy of a config subtree with tiny sizes (see the module docstring)."""
     if isinstance(node, dict):
         out = {}
@@ -58,10 +59,12 @@ def shrink(node: Any, image_root: str) -> Any:
                 value = 4
             elif key == "perceptual_weight":
                 value = 0.0
-            out[key] = shrink(value, image_root)
+            elif key == "version" and clip_root is not None:  # FrozenCLIPEmbedder's local CLIP folder
+                value = clip_root
+            out[key] = shrink(value, image_root, clip_root)
         return out
     if isinstance(node, list):
-        return [shrink(v, image_root) for v in node]
+        return [shrink(v, image_root, clip_root) for v in node]
     return node
 
 
@@ -70,6 +73,23 @@ def image_root(tmp_path_factory, photos) -> str:
     root = tmp_path_factory.mktemp("images")
     for i in range(6):
         Image.fromarray(photos[i % len(photos)][::4, ::4]).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"photo {i}", encoding="utf-8")  # captions, for captions: required
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def clip_root(tmp_path_factory) -> str:
+    """A config-only CLIP folder for FrozenCLIPEmbedder (a letters-only tokenizer and a 1-layer CLIPTextConfig), 768
+    wide as SD v1's, so that configs/stable-diffusion/* keep their UNet's context_dim; nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c + end: 2 + i for i, (c, end) in enumerate((c, end) for end in ("", "</w>") for c in "abcdefgh")})
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=1).save_pretrained(str(root))
     return str(root)
 
 
@@ -86,11 +106,11 @@ def test_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
-def test_config_parses_and_instantiates_tiny(path, image_root):
+def test_config_parses_and_instantiates_tiny(path, image_root, clip_root):
     cfg = OmegaConf.load(path)
     check_config_structure(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    tiny = shrink(copy.deepcopy(plain), image_root)
+    tiny = shrink(copy.deepcopy(plain), image_root, clip_root)
     torch.manual_seed(0)
     model = instantiate_from_config(tiny["model"])
     if hasattr(model, "t_min"):  # late-steps windows are kept as written

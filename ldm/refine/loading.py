@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_checkpoint, load_weights, require_weights, sha256_file
+from ldm.checkpoint import (
+    EMA_SCALAR_KEYS,
+    CheckpointError,
+    has_ema_weights,
+    load_checkpoint,
+    load_weights,
+    require_weights,
+    sha256_file,
+)
 from ldm.convert.folder import is_diffusers_folder
 from ldm.convert.from_diffusers import load_diffusers_expert
 from ldm.imageio import format_path
@@ -232,7 +240,10 @@ def load_expert(
             "release); pass the matching YAML with --config (Python: config=...), "
             "e.g. configs/latent-diffusion/celebahq-ldm-vq-4.yaml"
         )
-    has_ema = any(k.startswith("model_ema.") for k in state_dict)
+    # EMA-only releases (Stable Diffusion v1) keep LitEma's two scalars without any EMA weights: not an EMA
+    has_ema = has_ema_weights(state_dict)
+    if not has_ema:
+        state_dict = {k: v for k, v in state_dict.items() if k not in EMA_SCALAR_KEYS}
     folded = ckpt.get("ema_folded") is True and not has_ema  # an export whose model weights are the EMA ones
     use_ema = bool(ema and has_ema)
     cfg = _inference_config(model_cfg, use_ema)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights
+from ldm.checkpoint import EMA_SCALAR_KEYS, CheckpointError, drop_keys, has_ema_weights, load_state_dict, load_weights
 from ldm.modules.diffusionmodules.util import (
     extract_into_tensor,
     make_beta_schedule,
@@ -235,6 +235,11 @@ class DDPM(pl.LightningModule):
         if dropped:
             logger.info("%s: ignoring %d keys (prefixes %s)", path, len(dropped), list(ignore_keys))
         self.check_schedule_matches(sd, source=path)
+        # EMA-only releases (Stable Diffusion v1) keep LitEma's two scalars without any EMA weights: loading the
+        # scalars alone would cancel the EMA's warm-up, so they go with the weights they belong to
+        restores_ema = has_ema_weights(sd) and not only_model
+        if not restores_ema:
+            sd = {k: v for k, v in sd.items() if k not in EMA_SCALAR_KEYS}
         if only_model:
             sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
             target: nn.Module = self.model
@@ -250,7 +255,7 @@ class DDPM(pl.LightningModule):
                 "diffusion model of this architecture (a first-stage or partial checkpoint?). To start those layers "
                 "from scratch on purpose, list their prefixes in ignore_keys."
             )
-        if self.use_ema and (only_model or not any(k.startswith("model_ema.") for k in sd)):
+        if self.use_ema and (only_model or not restores_ema):
             # the file restored no EMA (it has none, e.g. a converted diffusers model, or only_model): start the EMA
             # from the loaded weights, not from the random initialisation it was copied from at construction
             self.model_ema.reset_to(self.model)

@@ -65,6 +65,15 @@ def decimal_float(text: str) -> float:
     return float(text)
 
 
+def int_arg(text: str) -> int:
+    """An argparse ``type`` for a decimal integer of ASCII digits (``type=int`` also reads other scripts' digits); the
+    range is checked by the caller."""
+    try:
+        return decimal_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
 def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
 

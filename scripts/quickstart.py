@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, one_line_error, path_arg
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, int_arg, one_line_error, path_arg
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
@@ -146,21 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps per stage, 2 images (for tests)")
-    p.add_argument("--start-t", type=int,
+    p.add_argument("--start-t", type=int_arg,
                    help="start timestep shown in before_after.png, added to the sweep's (default: each artifact's "
                         "best start_t for the region refinement)")
     p.add_argument("--degradations", nargs="+", metavar="SPEC",
                    help="artifacts to remove, ldm.eval.degrade specs (default: photos "
                         f"{' '.join(PHOTO_DEGRADATIONS)}; synthetic ldm.eval.sources.SYNTHETIC_ARTIFACTS)")
-    p.add_argument("--n-images", type=int,
+    p.add_argument("--n-images", type=int_arg,
                    help="held-out images per degradation (default: photos 32, synthetic 128; --smoke uses 2)")
-    p.add_argument("--size", type=int,
+    p.add_argument("--size", type=int_arg,
                    help="side of the held-out images in pixels, a multiple of 8 (the models train on 32 px images and, "
                         "convolutional, refine any size) (default: photos 64, synthetic 32)")
-    p.add_argument("--examples", type=int, default=3,
+    p.add_argument("--examples", type=int_arg, default=3,
                    help="held-out images per artifact shown in before_after.png (default: %(default)s)")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM grid of the refinement (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=23, help="training seed (main.py -s) (default: %(default)s)")
+    p.add_argument("--ddim-steps", type=int_arg, default=50, help="DDIM grid of the refinement (default: %(default)s)")
+    p.add_argument("--seed", type=int_arg, default=23, help="training seed (main.py -s) (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="refinement device; training follows the configs (CPU) (default: %(default)s)")
     return p

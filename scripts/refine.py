@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see EPILOG: 0, 1 some inputs failed, 2 usage, 3 output, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ldm.refine.refiner import MAX_SEED
+    from ldm.refine.request import MAX_SEED
 
     if args.seed + args.n_samples - 1 > MAX_SEED:  # sample k uses seed + k
         parser.error(f"argument --seed: {args.seed} + {args.n_samples - 1} (--n-samples - 1) is above the largest seed "
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.refine.batch import batch_plan, collect_inputs, mask_clash, refine_files
     from ldm.refine.distributed import close, gather, rank_device, ranks_from_env
     from ldm.refine.region_files import RegionOptions
+    from ldm.refine.request import RefineRequest
     from ldm.util import ConfigError
 
     problem = check_outdir(args.outdir) or region_problem(args)
@@ -277,10 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE
-    regions = RegionOptions(
-        mask=Path(args.mask) if args.mask else None, boxes=tuple(args.box), blur=args.mask_blur, dilate=args.mask_dilate,
-        crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
-    )
+    try:  # every refinement option, checked once here, before any model is loaded
+        regions = RegionOptions(
+            mask=Path(args.mask) if args.mask else None, boxes=tuple(args.box), blur=args.mask_blur,
+            dilate=args.mask_dilate, crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
+        )
+        request = RefineRequest(start_t=args.start_t, strength=args.strength, ddim_steps=args.ddim_steps,
+                                tail_steps=args.tail_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                                n_samples=args.n_samples, regions=regions)  # fmt: skip
+    except ValueError as exc:
+        _err(f"error: {one_line_error(exc)}")
+        return EXIT_USAGE
     try:
         ranks = ranks_from_env()
         refiner = Refiner.from_checkpoints(
@@ -289,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
             compile=args.compile, allow_unconditional_experts=args.allow_unconditional_experts,
         )
-        plan = batch_plan(refiner, args.start_t, args.ddim_steps, args.eta, args.tail_steps, args.sampler, args.strength,
-                          regions)  # fmt: skip
+        plan = batch_plan(refiner, request)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
         _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         _err(f"error: no images to refine in {args.input}")
         return EXIT_INPUT_FAILED
-    clash = mask_clash(paths, args.outdir, plan.start_t, args.seed, args.n_samples, args.grid, regions)
+    clash = mask_clash(paths, args.outdir, plan.start_t, request.seed, request.n_samples, args.grid, regions)
     if clash is not None:  # a file the batch reads is never written: refused before any output is written
         _err(f"error: {clash}")
         return EXIT_USAGE
@@ -320,9 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         report = refine_files(
-            refiner, paths, args.outdir, start_t=args.start_t, ddim_steps=args.ddim_steps, eta=args.eta,
-            tail_steps=args.tail_steps, sampler=args.sampler, strength=args.strength, regions=regions, seed=args.seed,
-            n_samples=args.n_samples, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
+            refiner, paths, args.outdir, request, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
             parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err, share=ranks.share(len(paths)),
             prompts=prompts,
         )

@@ -49,7 +49,9 @@ def refiner(expert_checkpoints):
 @pytest.mark.parametrize(
     "header, name",
     [("localhost", "localhost"), ("localhost:8000", "localhost"), ("127.0.0.1:80", "127.0.0.1"), ("[::1]:8080", "::1"),
-     ("[::1]", "::1"), ("", ""), ("evil.example:80", "evil.example")],
+     ("[::1]", "::1"), ("", ""), ("evil.example:80", "evil.example"), ("localhost.", "localhost"),
+     ("localhost:7861@evil.example", "localhost:7861@evil.example"), ("127.0.0.1:abc", "127.0.0.1:abc"),
+     ("[127.0.0.1]x", "[127.0.0.1]x")],
 )  # fmt: skip
 def test_host_name_drops_the_port(header, name):
     assert host_name(header) == name
@@ -74,6 +76,8 @@ def test_a_foreign_host_is_a_json_400_with_nosniff_and_local_names_are_served(re
 # ---------------------------------------------------------------------------------------------------- header deadline
 async def hello(scope, receive, send):
     assert scope["type"] == "http"
+    while (await receive()).get("more_body"):  # read the whole body, however slowly it comes
+        pass
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -163,3 +167,36 @@ def test_a_request_whose_one_step_would_take_too_long_is_refused_before_it_is_qu
     assert prepare(refiner, upload, crop, None, slow).total_steps == 2  # a crop runs at the experts' size
     assert prepare(refiner, upload, whole, None, StepCost(0.5 * MAX_STEP_SECONDS / latent_pixels)).total_steps == 2
     assert prepare(refiner, upload, whole, None, None).total_steps == 2  # no estimate: not limited
+
+
+def test_a_pipelined_request_with_a_slow_body_is_not_cut_off(quick_deadline_server):
+    """The second request's headers arrive with the first (pipelining); its body then takes longer than the header
+    deadline. uvicorn parses the buffered request while finishing the first response: that must count as in time."""
+    with socket.create_connection(("127.0.0.1", quick_deadline_server)) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\n")
+        for byte in b"abcdef":  # 1.8 s in all, against a 1 s header deadline
+            time.sleep(0.3)
+            conn.sendall(bytes([byte]))
+        conn.settimeout(5)
+        replies = b""
+        while replies.count(b"HTTP/1.1 200") < 2:
+            chunk = conn.recv(1024)
+            assert chunk, f"the connection was closed after {replies!r}"
+            replies += chunk
+
+
+def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
+    from types import SimpleNamespace
+
+    import torch
+
+    def denoiser(z, t):  # 20 ms per call plus 10 us per latent pixel
+        time.sleep(0.02 + 1e-5 * z.shape[-1] * z.shape[-2])
+        return z
+
+    fake = SimpleNamespace(model=SimpleNamespace(image_size=16, channels=3), denoisers=[denoiser], device=torch.device("cpu"))
+    cost = measure_step_cost(fake, repeats=3)
+    assert cost.fixed_seconds == pytest.approx(0.02, abs=0.01)
+    assert cost.seconds_per_pixel == pytest.approx(1e-5, rel=0.3)
+    assert cost.step_seconds(10_000) == pytest.approx(0.02 + 0.1, rel=0.3)

@@ -256,6 +256,10 @@ def test_spec_parse_errors():
     assert degradation_from_spec("blur_noise:sigma=2, noise_std=0.01").params() == {"sigma": 2.0, "noise_std": 0.01}
     with pytest.raises(ValueError, match="key=value"):
         degradation_from_spec("jpeg:quality")
+    # numbers are ASCII digits: int() would read "٥٠" (Arabic-Indic) and "1_0" as 50 and 10, unseen by the user
+    for value in ("\u0665\u0660", "\uff15\uff10", "1_0"):
+        with pytest.raises(ValueError, match=r"quality must be an integer in \[1, 100\]"):
+            degradation_from_spec(f"jpeg:quality={value}")
 
 
 def test_input_validation(images):
@@ -347,7 +351,7 @@ def test_degrade_folder_errors(tmp_path, photos):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# bounds (issue 25: colour_blotches:n_blobs=1000000 took 18 GB, patch_shuffle:n_patches=1000000000 ran for hours)
+# bounds (unbounded, colour_blotches:n_blobs=1000000 takes 18 GB and patch_shuffle:n_patches=1000000000 runs for hours)
 
 INTENSITIES = {"noise_std", "strength"}  # amplitudes in [-1, 1] units: a large one clips, it costs nothing
 

@@ -69,3 +69,16 @@ def test_what_it_cannot_parse_is_left_to_pillow():
     for cut in (30, 40):  # cut inside the header or before the data: refused by Pillow
         with pytest.raises(ImageLoadError, match="truncated|incomplete|cannot"):
             decode_image(short_png(16, 16, 0, 1, rows=16)[:cut])
+
+
+def test_a_png_of_millions_of_tiny_chunks_is_refused_before_pillow_decodes_it():
+    from ldm.imageio.png_rows import MAX_IDAT_CHUNKS
+
+    data = zlib.compress(b"".join(b"\x00" + bytes(16) for _ in range(16)), 0)
+    idats = b"".join(_chunk(b"IDAT", data[i : i + 1]) for i in range(len(data)))
+    many = idats + _chunk(b"IDAT", b"") * (MAX_IDAT_CHUNKS + 1 - len(data))
+    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0)) + many
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_IDAT_CHUNKS:,} image-data chunks"):
+        decode_image(png + _chunk(b"IEND", b""))
+    few = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0)) + idats
+    assert decode_image(few + _chunk(b"IEND", b"")).rgb.shape == (16, 16, 3)  # one-byte chunks, well under the cap

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import interrupt, run, script
 
 from ldm.checkpoint import load_checkpoint
 
@@ -124,6 +125,7 @@ def test_quickstart_synthetic_smoke_end_to_end(tmp_path):
         (["--weights", "demo", "--domain", "synthetic"], "--weights demo refines with the shipped photo experts"),
         (["--weights", "demo", "--force"], "trains nothing (no --force)"),
         (["--weights", "mine"], "argument --weights: invalid choice: 'mine'"),
+        (["--n-images", "\uff11"], "argument --n-images: '\uff11' is not an integer"),  # a full-width 1
     ],
 )
 def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
@@ -134,8 +136,8 @@ def test_bad_arguments_exit_2_before_any_training(args, message, tmp_path):
 
 
 def test_an_outdir_it_cannot_create_or_holding_files_it_did_not_write_exits_2_before_training(tmp_path):
-    """Issue 25: ``--outdir /proc/qs`` (a mkdir that os.access did not predict) ended in a traceback; a user's
-    ``table.md`` in --outdir would have been replaced."""
+    """``--outdir /proc/qs`` (a mkdir that os.access does not predict) must not end in a traceback, and a user's
+    ``table.md`` in --outdir must not be replaced."""
     proc = run_quickstart("--outdir", "/proc/qs")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("quickstart.py: error: ") and "/proc/qs" in proc.stderr
@@ -291,3 +293,41 @@ def test_demo_weights_refine_and_evaluate_without_training(tmp_path):
         assert (out / name).is_file()
     again = run_quickstart("--weights", "demo", "--outdir", str(out), "--degradations", "local_paint")
     assert again.returncode == 0, again.stderr[-3000:]  # its own folder: the outputs are replaced
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad seeds, outdirs and stage checkpoints before training, and Ctrl+C
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {"quickstart": script("quickstart")}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--seed", "-1"], "--seed -1 is outside the seed range [0, 4294967295]"),
+        (["--seed", "4294967296"], "--seed 4294967296 is outside the seed range"),
+        (["--outdir", "{tmp}/a_file/out"], "a file is in the way"),
+    ],
+)
+def test_quickstart_refuses_bad_seeds_and_outdirs_before_training(scripts, tmp_path, capsys, args, expected):
+    (tmp_path / "a_file").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, lines = run(scripts["quickstart"], ["--smoke", "--outdir", str(tmp_path / "q"), *args], capsys)
+    assert code == 2 and len(lines) == 1 and expected in lines[0]
+    assert not (tmp_path / "q").exists()
+
+
+def test_quickstart_with_corrupt_stage_checkpoints_and_ctrl_c(scripts, tmp_path, capsys, monkeypatch):
+    quickstart = scripts["quickstart"]
+    out = tmp_path / "q"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("vq_f4", "latesteps_500_750", "latesteps_750_1000"):  # every stage is skipped: its file exists
+        (out / "checkpoints" / f"{name}.ckpt").write_bytes(b"\x80\x02 not a checkpoint")
+    code, lines = run(quickstart, ["--smoke", "--outdir", str(out)], capsys)
+    assert code == 1 and len(lines) == 1 and "cannot be read" in lines[0] and "--force retrains every stage" in lines[0]
+    monkeypatch.setattr(quickstart, "run_stage", interrupt)
+    code, lines = run(quickstart, ["--smoke", "--outdir", str(out), "--force"], capsys)
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("quickstart.py: interrupted")

@@ -31,6 +31,7 @@ from ldm.imageio import image_to_tensor, load_image, read_png_metadata, tensor_t
 from ldm.imageio.prompt import Prompt, read_image_prompt  # noqa: E402
 from ldm.refine import Refiner  # noqa: E402
 from ldm.refine.batch import refine_files  # noqa: E402
+from ldm.refine.request import RefineRequest  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 from conftest import (  # noqa: E402
@@ -257,7 +258,7 @@ def test_refine_files_records_the_prompt_and_fails_inputs_without_one(refiner, t
     paths = [png(tmp_path / "a.png", 0), png(tmp_path / "b.png", 1), png(tmp_path / "c.png", 2)]
     prompts = [Prompt("a cat", "blurry", 5.0), None, "c.png: no entry for it anywhere"]
     lines: list[str] = []
-    report = refine_files(refiner, paths, tmp_path / "out", **STEPS, prompts=prompts, on_error=lines.append,
+    report = refine_files(refiner, paths, tmp_path / "out", RefineRequest(**STEPS), prompts=prompts, on_error=lines.append,
                           progress=False)  # fmt: skip
     assert [p.name for p in report.written] == ["a_t400_s0.png"]
     assert len(lines) == 2 and "b.png: no prompt" in lines[0] and lines[1] == "c.png: no entry for it anywhere"
@@ -267,9 +268,9 @@ def test_refine_files_records_the_prompt_and_fails_inputs_without_one(refiner, t
     found = read_image_prompt(report.written[0])  # an output's prompt is read back from its own metadata
     assert found.resolve() == prompts[0]
     with pytest.raises(ValueError, match="no input has a prompt"):
-        refine_files(refiner, paths[1:], tmp_path / "out2", **STEPS, prompts=[None, None], progress=False)
+        refine_files(refiner, paths[1:], tmp_path / "out2", RefineRequest(**STEPS), prompts=[None, None], progress=False)
     with pytest.raises(ValueError, match="need a prompt"):
-        refine_files(refiner, paths, tmp_path / "out3", **STEPS, progress=False)
+        refine_files(refiner, paths, tmp_path / "out3", RefineRequest(**STEPS), progress=False)
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
 
 

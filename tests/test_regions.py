@@ -140,6 +140,10 @@ def test_parse_box():
     for bad in ("0,0,8,8@0", "0,0,8,8@-5"):  # no start: every image would fail later, naming no box
         with pytest.raises(ValueError, match=r"box '0,0,8,8@-?\d' starts at t=-?\d: a box's own start_t must be in \[1, T-1\]"):
             parse_box(bad)
+    for bad in ("\uff11,0,8,8", "0,0,8,8@\u0665", "0,0," + "9" * 5000 + ",8"):  # other digits; no pixel coordinate
+        with pytest.raises(ValueError, match="is not x0,y0,x1,y1") as info:
+            parse_box(bad)
+        assert len(str(info.value)) < 200  # a 5000-digit coordinate is not echoed whole
 
 
 def test_masks_are_read_like_images_and_must_match_the_image_size():

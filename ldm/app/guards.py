@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,12 +43,19 @@ class NoSniff:
         await self.app(scope, receive, send_with_header)
 
 
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:@/\s]*))(?::[0-9]*)?")
+
+
 def host_name(header: str) -> str:
-    """The name part of a Host header: ``"localhost:8000"`` -> ``"localhost"``, ``"[::1]:80"`` -> ``"::1"``."""
+    """The name part of a Host header: ``"localhost:8000"`` -> ``"localhost"``, ``"[::1]:80"`` -> ``"::1"``, a fully
+    qualified ``"localhost."`` -> ``"localhost"``; a header of any other form (``"localhost:80@evil.example"``) is
+    returned whole, so that it matches no allowed name."""
     header = header.strip()
-    if header.startswith("["):
-        return header[1:].split("]", 1)[0]
-    return header.split(":", 1)[0]
+    match = _HOST.fullmatch(header)
+    if match is None:
+        return header
+    name = match.group("ip6") or match.group("name") or ""
+    return name[:-1] if name.endswith(".") else name
 
 
 class LocalHostOnly:
@@ -90,8 +98,9 @@ def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
             self._arm_header_deadline()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+            finished = self.cycle
+            super().on_response_complete()  # may parse a pipelined request already buffered: a new cycle then
+            if not self.transport.is_closing() and self.cycle is finished:
                 self._arm_header_deadline()
 
         def data_received(self, data: bytes) -> None:

@@ -11,7 +11,7 @@ A request goes through four steps, each the same code the CLI runs:
 3. :func:`prepare`: the plan (:func:`ldm.refine.batch.batch_plan`), the start map of the painted mask and the boxes
    (:meth:`ldm.refine.Refiner.region_start_map`) and the region metadata; a mask that selects nothing, or a request
    above :data:`MAX_REQUEST_STEPS` sampling steps, fails here, before the request is queued.
-4. :func:`refine`: :meth:`ldm.refine.Refiner.refine_tensors` once per sample (seed ``seed + k``, as the CLI's default
+4. :func:`refine`: :meth:`ldm.refine.Refiner.refine` once per sample (seed ``seed + k``, as the CLI's default
    ``--batch-size 1``), each result written by :func:`ldm.imageio.save_image_atomic` with the metadata of
    :func:`ldm.refine.batch.build_metadata`, named like the CLI's outputs.
 
@@ -25,6 +25,7 @@ import hashlib
 import io
 import logging
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,9 +48,10 @@ from ldm.imageio import (
     tensor_to_image,
 )
 from ldm.refine.batch import batch_plan, build_metadata, output_name
-from ldm.refine.refiner import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, DEFAULT_START_T, MAX_SEED, Refiner
+from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
-from ldm.refine.regions import MAX_FEATHER, Box, parse_box, region_crops
+from ldm.refine.regions import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, MAX_FEATHER, Box, parse_box, region_crops
+from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
 from ldm.sampling import SAMPLERS, RefinePlan, build_plan
 from ldm.windows import window_to_steps
 
@@ -237,6 +239,13 @@ class RefineSettings:
         grid = self.step_mode == "grid"
         return {"ddim_steps": self.steps if grid else None, "tail_steps": None if grid else self.steps, "sampler": self.sampler}
 
+    def request(self) -> RefineRequest:
+        """These settings as the refinement request the CLI and the Python API build (eta 0: the page has no eta)."""
+        grid = self.step_mode == "grid"
+        return RefineRequest(start_t=self.start_t, ddim_steps=self.steps if grid else None,
+                             tail_steps=None if grid else self.steps, sampler=self.sampler, seed=self.seed,
+                             n_samples=self.n_samples, regions=self.regions())  # fmt: skip
+
     def regions(self) -> RegionOptions:
         """The CLI's region options for these settings (boxes only count outside the whole-image mode)."""
         boxes = self.boxes if self.mode != "whole" else ()
@@ -346,38 +355,50 @@ def _plan_start(refiner: Refiner, settings: RefineSettings) -> int:
 # ------------------------------------------------------------------------------------------------------- step cost
 @dataclass(frozen=True)
 class StepCost:
-    """How long one sampling step takes on this machine, per latent pixel (seconds), as :func:`measure_step_cost`
-    found it for the slowest expert.  A cancel waits for the step in progress, so the app refuses a request whose one
-    step would take longer than :data:`MAX_STEP_SECONDS`."""
+    """How long one sampling step takes on this machine: ``fixed_seconds + seconds_per_pixel * latent pixels``, as
+    :func:`measure_step_cost` fitted it for the slowest expert.  A cancel waits for the step in progress, so the app
+    refuses a request whose one step would take longer than :data:`MAX_STEP_SECONDS`."""
 
     seconds_per_pixel: float
+    fixed_seconds: float = 0.0
 
     def step_seconds(self, latent_pixels: int) -> float:
-        return self.seconds_per_pixel * latent_pixels
+        return self.fixed_seconds + self.seconds_per_pixel * latent_pixels
 
 
-def measure_step_cost(refiner: Refiner, repeats: int = 2) -> StepCost:
-    """Time each expert's denoiser (with the refiner's precision) on one latent of twice the experts' native side, the
-    best of ``repeats`` calls after a warm-up, and return the slowest expert's seconds per latent pixel.  Takes about
-    ``3 x experts`` network calls at start-up; the estimate is linear in pixels (attention layers grow faster, so
-    images far above the native size may take longer than estimated)."""
+def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
+    """Fit one step's time for each expert's denoiser (with the refiner's precision) from two latent sizes, the
+    experts' native side and twice it, the median of ``repeats`` calls at each after a warm-up, and return the slowest
+    expert's fit.  Two sizes separate the fixed cost of a call, which dominates at the native size, from the cost per
+    pixel.  The fit is linear in pixels: attention layers grow faster, so images far above twice the native size may
+    take longer than estimated."""
     model = refiner.model
-    side = 2 * int(model.image_size)
-    z = torch.zeros(1, int(model.channels), side, side, device=refiner.device)
+    native = int(model.image_size)
+    sizes = (native, 2 * native)
     t = torch.ones(1, dtype=torch.long, device=refiner.device)
-    worst = 0.0
+    fits = []
     with torch.inference_mode():
         for denoiser in refiner.denoisers:
-            denoiser(z, t)
-            best = float("inf")
-            for _ in range(repeats):
-                started = time.perf_counter()
+            seconds = []
+            for side in sizes:
+                z = torch.zeros(1, int(model.channels), side, side, device=refiner.device)
                 denoiser(z, t)
-                if refiner.device.type == "cuda":
-                    torch.cuda.synchronize(refiner.device)
-                best = min(best, time.perf_counter() - started)
-            worst = max(worst, best)
-    return StepCost(worst / (side * side))
+                seconds.append(statistics.median(_timed(denoiser, z, t, refiner.device) for _ in range(repeats)))
+            (small, large), (p_small, p_large) = seconds, (sizes[0] ** 2, sizes[1] ** 2)
+            slope = (large - small) / (p_large - p_small)
+            if slope <= 0:  # timing noise swamped the difference: charge every second to the pixels
+                fits.append(StepCost(large / p_large))
+            else:
+                fits.append(StepCost(slope, max(0.0, small - slope * p_small)))
+    return max(fits, key=lambda f: f.step_seconds(4 * sizes[1] ** 2))
+
+
+def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, device: torch.device) -> float:
+    started = time.perf_counter()
+    denoiser(z, t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None) -> None:
@@ -454,7 +475,7 @@ def prepare(
     _check_step_time(refiner, upload, settings, step_cost)
     regions = settings.regions()
     try:
-        plan = batch_plan(refiner, settings.start_t, eta=0.0, strength=None, regions=regions, **settings.plan_arguments())
+        plan = batch_plan(refiner, settings.request())
     except ValueError as exc:
         raise RequestError(plan_error(refiner, settings, exc)) from None
     start_map, meta, n_regions = None, {}, 1
@@ -509,7 +530,7 @@ def refine(
     """
     started = time.perf_counter()
     s, plan, upload = prepared.settings, prepared.plan, prepared.upload
-    regions = s.regions()
+    request = s.request()
     image = upload.decode()
     x, alpha = image_to_tensor(image.rgb), image.alpha  # [1, 3, H, W] in [-1, 1]
     del image  # the float32 array is not needed once the tensor exists
@@ -517,11 +538,7 @@ def refine(
     samples = []
     for k in range(s.n_samples):
         seed = s.seed + k
-        out = refiner.refine_tensors(
-            x, plan.start_t, [seed], plan.ddim_steps, plan.eta, tail_steps=plan.tail_steps, sampler=plan.sampler,
-            start_map=prepared.start_map, mask_blur=regions.blur, crop_regions=regions.crop,
-            region_padding=regions.padding, callback=callback,
-        )
+        out = refiner.refine(x, request, [seed], start_map=prepared.start_map, callback=callback)
         meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters())
         meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
         path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)

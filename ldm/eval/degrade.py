@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.cli import decimal_float, decimal_int
 from ldm.imageio import from_uint8, to_uint8
 from ldm.util import instantiate_from_config
 
@@ -567,7 +568,9 @@ def build_degradation(name: str, **params: Any) -> Degradation:
 
 
 def _parse_value(text: str) -> Any:
-    for cast in (int, float):
+    """A spec value: an integer or a number of ASCII digits (``int()`` and ``float()`` also read other scripts' digits
+    and underscores, so a pasted ``５０`` would run as 50 unseen), else the string itself."""
+    for cast in (decimal_int, decimal_float):
         try:
             return cast(text)
         except ValueError:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm.cli import decimal_float
 from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
 from ldm.eval.degrade_files import file_seed
@@ -146,7 +147,7 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
         if first_stage is None:
             raise ValueError(f"degradation {spec!r} uses the refiner's first stage, but no model was given")
         try:
-            params: dict[str, Any] = {k: float(v) for k, v in items.items() if k != "first_stage"}
+            params: dict[str, Any] = {k: decimal_float(v) for k, v in items.items() if k != "first_stage"}
         except ValueError:
             raise ValueError(
                 f"degradation spec {spec!r}: {name} takes numbers (codebook_fraction in (0, 1], box sizes)"

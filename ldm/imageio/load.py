@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldm.imageio.errors import ImageLoadError, PathLike, format_path, one_line
-from ldm.imageio.png_rows import missing_rows
+from ldm.imageio.png_rows import png_problem
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,10 @@ def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
                 image = Image.open(io.BytesIO(data), formats=_available_formats())
                 fmt = image.format
                 image, frames = _first_frame(image, data, source)
+                problem = png_problem(data) if fmt == "PNG" else None  # before Pillow decodes: a bound on its work
+                if problem is not None:
+                    raise ImageLoadError(source, f"PNG file {problem}")
                 image.load()
-                short = missing_rows(data) if fmt == "PNG" else None
-                if short is not None:
-                    raise ImageLoadError(source, f"PNG file is truncated or incomplete ({short})")
                 return _convert(image, source, fmt, frames, _file_bit_depth(image, data), len(data))
             finally:
                 # Pillow warns about recoverable damage (corrupt EXIF, odd TIFF tags); say which file it was.

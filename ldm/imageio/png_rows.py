@@ -31,37 +31,66 @@ def expected_bytes(width: int, height: int, bit_depth: int, colour_type: int, in
                for x0, y0, dx, dy in _ADAM7)  # fmt: skip
 
 
-def missing_rows(data: bytes) -> str | None:
-    """None when ``data`` (a PNG file's bytes) holds all its image data, else a short reason ("its image data ends
-    after 8 of 16 rows").  Files it cannot parse are left to Pillow (None): this only finds what Pillow lets through."""
+MAX_IDAT_CHUNKS = 100_000  # encoders write a few large chunks (8 KiB to 1 MiB); millions cost seconds to walk
+
+
+def png_problem(data: bytes) -> str | None:
+    """None when ``data`` (a PNG file's bytes) holds all its image data in a sane number of chunks, else the rest of
+    a sentence starting "PNG file ...": "is truncated or incomplete (its image data ends after about 8 of 16 rows)", or
+    "holds more than 100,000 image-data chunks ...".  Files it cannot parse are left to Pillow (None): this only finds
+    what Pillow lets through.  Consecutive chunks are inflated together, 64 KiB of input at a time."""
     if not data.startswith(_SIGNATURE):
         return None
-    pos, header, inflate, have = len(_SIGNATURE), None, zlib.decompressobj(), 0
-    need = None
+    view = memoryview(data)
+    pos, inflate, have, chunks = len(_SIGNATURE), zlib.decompressobj(), 0, 0
+    need = height = None
+    pending: list[memoryview] = []
+    pending_size = 0
     while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = view[pos + 8 : pos + 8 + length]
         pos += 12 + length
-        if kind == b"IHDR" and len(body) == 13:
+        if kind == b"IDAT" and need is not None:
+            chunks += 1
+            if chunks > MAX_IDAT_CHUNKS:
+                return (f"holds more than {MAX_IDAT_CHUNKS:,} image-data chunks (encoders write a few large ones); "
+                        "re-save it with any image editor")  # fmt: skip
+            pending.append(body)
+            pending_size += len(body)
+            if pending_size < _CHUNK:
+                continue
+        if pending:
+            try:
+                have += _inflated_size(inflate, b"".join(pending), need + 1 - have)
+            except zlib.error:
+                return None  # corrupt data: Pillow says so itself
+            pending, pending_size = [], 0
+            if have >= need:
+                return None
+        if kind == b"IHDR" and len(body) == 13 and need is None:
             width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
             if colour not in _CHANNELS:
                 return None
-            header = (width, height)
             need = expected_bytes(width, height, depth, colour, interlace == 1)
-        elif kind == b"IDAT" and need is not None:
-            try:
-                have += _inflated_size(inflate, body, need + 1 - have)
-            except zlib.error:
-                return None  # corrupt data: Pillow says so itself
-            if have >= need:
-                return None
         elif kind == b"IEND":
             break
-    if need is None or header is None or have >= need:
+    if pending and need is not None:
+        try:
+            have += _inflated_size(inflate, b"".join(pending), need + 1 - have)
+        except zlib.error:
+            return None
+    if need is None or height is None or have >= need:
         return None
-    width, height = header
     row = need / max(height, 1)
-    return f"its image data ends after about {int(have // row)} of {height} rows"
+    return f"is truncated or incomplete (its image data ends after about {int(have // row)} of {height} rows)"
+
+
+def missing_rows(data: bytes) -> str | None:
+    """Why ``data``'s image data is incomplete ("its image data ends after about 8 of 16 rows"), or None."""
+    problem = png_problem(data)
+    if problem is None or "truncated" not in problem:
+        return None
+    return problem[problem.index("(") + 1 : -1]
 
 
 def _inflated_size(inflate: zlib._Decompress, body: bytes, limit: int) -> int:  # type: ignore[name-defined]

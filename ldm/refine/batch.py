@@ -55,11 +55,12 @@ from ldm.imageio import (
 )
 from ldm.imageio.prompt import Prompt, prompt_metadata
 from ldm.refine.conditioning import check_chain, text_experts, unguided_experts
-from ldm.refine.refiner import DEFAULT_START_T, Refiner
+from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, describe_mask, load_mask, mask_overlay, region_metadata
 from ldm.refine.regions import region_crops
+from ldm.refine.request import RefineRequest
 from ldm.refine.speed import describe_tiling
-from ldm.sampling import RefinePlan, resolve_start
+from ldm.sampling import RefinePlan
 from ldm.util import is_rank_zero, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
@@ -197,40 +198,18 @@ def build_metadata(
     return meta
 
 
-def batch_plan(
-    refiner: Refiner,
-    start_t: int | None,
-    ddim_steps: int | None,
-    eta: float,
-    tail_steps: int | None,
-    sampler: str,
-    strength: float | None,
-    regions: RegionOptions,
-) -> RefinePlan:
-    """The plan every input of a batch runs (:meth:`Refiner.plan`): a box with a later start of its own moves its first
-    step up.  Raises ValueError for arguments outside what is allowed or steps no expert covers."""
-    if start_t is None and strength is None:
-        start_t = DEFAULT_START_T
-    box_starts = [b.start_t for b in regions.boxes if b.start_t is not None]
-    if box_starts:
-        start_t, strength = max(resolve_start(start_t, strength, refiner.num_timesteps), *box_starts), None
-    return refiner.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
+def batch_plan(refiner: Refiner, request: RefineRequest) -> RefinePlan:
+    """The plan every input of a batch runs (:meth:`Refiner.plan_for`: a box with a later start of its own moves its
+    first step up).  Raises ValueError for a start outside ``[1, T-1]`` or steps no expert covers."""
+    return refiner.plan_for(request)
 
 
 def refine_files(
     refiner: Refiner,
     paths: Sequence[Path],
     outdir: str | os.PathLike,
+    request: RefineRequest | None = None,
     *,
-    start_t: int | None = None,
-    ddim_steps: int | None = None,
-    eta: float = 0.0,
-    tail_steps: int | None = None,
-    sampler: str = "ddim",
-    strength: float | None = None,
-    regions: RegionOptions | None = None,
-    seed: int = 0,
-    n_samples: int = 1,
     batch_size: int = 1,
     skip_existing: bool = False,
     grid: bool = False,
@@ -246,10 +225,9 @@ def refine_files(
         refiner: the loaded :class:`Refiner`.
         paths: image files (e.g. from :func:`collect_inputs`).
         outdir: output folder (created if missing).
-        start_t, ddim_steps, eta, tail_steps, sampler, strength: as in :meth:`Refiner.plan` (validated before any file
-            is read; boxes with starts of their own may move the plan's start up).
-        regions: masks / boxes / crop mode (None: whole images).
-        seed, n_samples: sample ``k`` of each input uses seed ``seed + k``.
+        request: what runs (a validated :class:`~ldm.refine.request.RefineRequest`: start, steps, solver, seed and
+            samples (sample ``k`` of each input uses seed ``seed + k``), regions; None: the defaults, whole images).
+            Its plan is built before any file is read; boxes with starts of their own may move the start up.
         batch_size: samples refined together (same-size images only).
         skip_existing: leave outputs that already exist (and count them as done).
         grid: also write ``<name>_grid.png``: input | refined, or input | mask overlay | refined with regions.
@@ -269,12 +247,12 @@ def refine_files(
         ValueError: before any file is written, for arguments outside what is allowed, steps no expert covers, or an
             output that would overwrite a mask (:func:`mask_clash`).
     """
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples={n_samples} and batch_size={batch_size} must be >= 1")
-    regions = regions if regions is not None else RegionOptions()
-    plan = batch_plan(refiner, start_t, ddim_steps, eta, tail_steps, sampler, strength, regions)
-    base_start = resolve_start(DEFAULT_START_T if start_t is None and strength is None else start_t, strength,
-                               refiner.num_timesteps)  # fmt: skip
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    request = request if request is not None else RefineRequest()
+    regions, seed, n_samples = request.regions, request.seed, request.n_samples
+    plan = batch_plan(refiner, request)
+    base_start = request.start(refiner.num_timesteps)
     outdir = Path(os.fsdecode(outdir))
     problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)
     if problem is not None:  # before any file is written or removed: a mask is never overwritten
@@ -323,12 +301,8 @@ def refine_files(
         starts = None if batch[0].start_map is None else torch.cat([item.start_map for item in batch])
         prompt = None if batch[0].prompt is None else [item.prompt for item in batch]
         try:
-            out = refiner.refine_tensors(
-                torch.cat([item.x for item in batch]), plan.start_t, [item.seed for item in batch], plan.ddim_steps,
-                plan.eta, show, tail_steps=plan.tail_steps, sampler=plan.sampler, start_map=starts,
-                mask_blur=regions.blur, crop_regions=regions.crop, region_padding=regions.padding,
-                region_size=regions.size, prompt=prompt,
-            )
+            out = refiner.refine(torch.cat([item.x for item in batch]), request, [item.seed for item in batch],
+                                 start_map=starts, prompt=prompt, progress=show)  # fmt: skip
         except Exception as exc:  # whatever the networks raise (a bug, out of memory) costs this batch's inputs only
             size = f"{batch[0].x.shape[3]}x{batch[0].x.shape[2]}"
             kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "

@@ -23,10 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,6 @@ from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
 from ldm.refine.conditioning import (
     PromptArg,
-    PromptConditioning,
     check_chain,
     encode_prompts,
     prompts_for_batch,
@@ -54,9 +51,11 @@ from ldm.refine.loading import (
     load_expert,
     resolve_device,
 )
+from ldm.refine.region_files import RegionOptions
 from ldm.refine.regions import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_REGION_PADDING,
     MAX_FEATHER,
-    MAX_REGION_PADDING,
     MAX_REGION_SIZE,
     MAX_REGIONS,
     Box,
@@ -70,6 +69,8 @@ from ldm.refine.regions import (
     resize,
     resize_start_map,
 )
+from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
+from ldm.refine.run import PhaseClock, Run, unique_rows
 from ldm.refine.shipped import expand_names
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
 from ldm.sampling import (
@@ -84,10 +85,6 @@ from ldm.sampling import (
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
-DEFAULT_START_T = 500
-DEFAULT_MASK_BLUR = 4  # px of inward feather at a region's edge (ADetailer's default blur)
-DEFAULT_REGION_PADDING = 32  # px of context around a region in crop mode (ADetailer's default)
 
 
 class Refiner:
@@ -276,6 +273,11 @@ class Refiner:
             )
         return self._plans[key]
 
+    def plan_for(self, request: RefineRequest) -> RefinePlan:
+        """The plan of ``request`` (:meth:`plan` with its start, a box's later start of its own included, and its
+        steps and solver): the checks that need the experts (``T``, windows) happen here, once per set of arguments."""
+        return self.plan(request.plan_start(self.num_timesteps), **request.plan_arguments())
+
     def autocast(self) -> AbstractContextManager:
         """The networks' precision as a context manager (autocast for bf16/fp16; nothing for fp32)."""
         if self._autocast_dtype is None:
@@ -331,6 +333,29 @@ class Refiner:
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
         """
+        request = RefineRequest(start_t=start_t, strength=strength, ddim_steps=ddim_steps, tail_steps=tail_steps,
+                                sampler=sampler, eta=eta, regions=RegionOptions(blur=mask_blur, crop=crop_regions,
+                                padding=region_padding, size=region_size))  # fmt: skip
+        return self.refine(x, request, seeds, start_map=start_map, prompt=prompt, progress=progress, timings=timings,
+                           callback=callback)  # fmt: skip
+
+    def refine(
+        self,
+        x: torch.Tensor,
+        request: RefineRequest,
+        seeds: int | Sequence[int] | None = None,
+        *,
+        start_map: torch.Tensor | None = None,
+        prompt: PromptArg = None,
+        progress: bool = False,
+        timings: MutableMapping[str, float] | None = None,
+        callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Refine a batch of same-size images ``x`` ``[B, 3, H, W]`` in ``[-1, 1]`` as ``request`` says (a validated
+        :class:`~ldm.refine.request.RefineRequest`; its mask file and boxes are not read here: pass their
+        ``start_map``).  ``seeds``: one per sample, or one int for all (default ``request.seed``).  ``prompt``: per
+        sample, as in :meth:`refine_tensors` (default ``request.prompt``).  The other arguments and the result are
+        :meth:`refine_tensors`'."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"refine_tensors expects x as a [B, 3, H, W] tensor, got {shape}")
@@ -338,16 +363,15 @@ class Refiner:
             raise ValueError(f"refine_tensors got an empty batch or image: shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
-        seed_list = self._seeds(seeds, x.shape[0])
-        plan = self.plan(start_t, ddim_steps, eta, tail_steps=tail_steps, sampler=sampler, strength=strength)
-        prompts = prompts_for_batch(prompt, x.shape[0])
+        seed_list = self._seeds(request.seed if seeds is None else seeds, x.shape[0])
+        plan = self.plan_for(request)
+        prompts = prompts_for_batch(request.prompt if prompt is None else prompt, x.shape[0])
         check_chain(self.experts, plan, prompts is not None, self.allow_unconditional_experts)
-        check_int_arg("mask_blur", mask_blur, 0, MAX_FEATHER)
-        if crop_regions and start_map is None:
+        regions = request.regions
+        if regions.crop and start_map is None:
             raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
-        size = (self.native_size if region_size is None
-                else check_int_arg("region_size", region_size, self.factor, MAX_REGION_SIZE))  # fmt: skip
-        check_int_arg("region_padding", region_padding, 0, MAX_REGION_PADDING)
+        size = (self.native_size if regions.size is None
+                else check_int_arg("region_size", regions.size, self.factor, MAX_REGION_SIZE))  # fmt: skip
         with torch.inference_mode():
             xin = x.detach().to(self.device, torch.float32)
             lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
@@ -359,18 +383,18 @@ class Refiner:
             starts = None if start_map is None else self._check_start_map(start_map, xin, plan)
             logger.info("refining %d image(s) of %dx%d: %s", x.shape[0], x.shape[3], x.shape[2], plan.describe())
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
-            clock = _PhaseClock(self.device, timings)  # the prompts' encoding counts in the "encode" phase
+            clock = PhaseClock(self.device, timings)  # the prompts' encoding counts in the "encode" phase
             # guidance wraps the cached plan's denoisers for this call only (the plan cache stays unguided)
             conditioning = (None if prompts is None
                             else encode_prompts(self.experts, plan, prompts, self.batch_invariant, self.autocast))
-            run = _Run(plan, generators, progress, callback, clock, conditioning)
+            run = Run(plan, generators, progress, callback, clock, conditioning)
             if starts is None:
                 out = self._generate(xin, run)
-            elif crop_regions:
-                out = torch.cat([self._refine_crops(xin[i : i + 1], starts[i : i + 1], run, i, mask_blur, region_padding,
-                                                   size) for i in range(xin.shape[0])])  # fmt: skip
+            elif regions.crop:
+                out = torch.cat([self._refine_crops(xin[i : i + 1], starts[i : i + 1], run, i, regions.blur,
+                                                   regions.padding, size) for i in range(xin.shape[0])])  # fmt: skip
             else:
-                out = composite(xin, self._generate(xin, run, starts), composite_weight(starts, mask_blur))
+                out = composite(xin, self._generate(xin, run, starts), composite_weight(starts, regions.blur))
         return out.to(x.device)
 
     def _check_start_map(self, start_map: Any, x: torch.Tensor, plan: RefinePlan) -> torch.Tensor:
@@ -394,12 +418,12 @@ class Refiner:
             )
         return starts
 
-    def _generate(self, x: torch.Tensor, run: _Run, start_map: torch.Tensor | None = None) -> torch.Tensor:
+    def _generate(self, x: torch.Tensor, run: Run, start_map: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x`` ``[B, 3, H, W]``, run the plan (per-pixel starts from ``start_map`` ``[B, 1, H, W]``), decode:
         the refined image, not yet composited, ``[B, 3, H, W]`` in ``[-1, 1]``."""
         # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
         padded, padding = pad_to_multiple(x, self.factor, mode="reflect", min_size=2 * self.factor)
-        unique, inverse = _unique_rows(padded)
+        unique, inverse = unique_rows(padded)
         z0 = self.first_stage.encode(padded[unique])[inverse]
         run.clock.lap("encode")
         latent_map = None
@@ -415,7 +439,7 @@ class Refiner:
         return out
 
     def _refine_crops(
-        self, x: torch.Tensor, start_map: torch.Tensor, run: _Run, index: int, blur: int, padding: int, size: int
+        self, x: torch.Tensor, start_map: torch.Tensor, run: Run, index: int, blur: int, padding: int, size: int
     ) -> torch.Tensor:
         """Crop mode for one image ``[1, 3, H, W]``: each region refined in its crop at ``size`` px, pasted in turn."""
         current = x.clone()
@@ -487,14 +511,14 @@ class Refiner:
             batch = image_to_tensor(loaded.rgb)
         else:
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
-        options: dict[str, Any] = dict(tail_steps=tail_steps, sampler=sampler, strength=strength, mask_blur=mask_blur,
-                                       crop_regions=crop_regions, region_padding=region_padding, region_size=region_size,
-                                       prompt=prompt)
+        regions = RegionOptions(boxes=tuple(boxes), blur=mask_blur, dilate=mask_dilate, crop=crop_regions,
+                                padding=region_padding, size=region_size)  # fmt: skip
+        request = RefineRequest(start_t=start_t, strength=strength, ddim_steps=ddim_steps, tail_steps=tail_steps,
+                                sampler=sampler, eta=eta, seed=seed, regions=regions)  # fmt: skip
+        starts = None
         if mask is not None or boxes:
-            start, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
-            options.update(start_map=starts, strength=None)
-            start_t = start
-        out = self.refine_tensors(batch, start_t, seed, ddim_steps, eta, **options)  # fmt: skip
+            _, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
+        out = self.refine(batch, request, seed, start_map=starts, prompt=prompt)
         if isinstance(image, torch.Tensor):
             return out[0] if image.ndim == 3 else out
         rgb = tensor_to_image(out)
@@ -534,56 +558,3 @@ class Refiner:
         options += ["batch-invariant"] if self.batch_invariant else ["batched"]
         options += ["channels_last"] * self.channels_last + ["compiled"] * self.compiled
         return f"{len(self.experts)} expert(s) on {self.device} ({', '.join(options)}): {self.router.describe_windows()}"
-
-
-def _unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Indices of the distinct rows of ``x`` ``[B, ...]`` (first occurrences) and, per row, its index among them."""
-    unique: list[int] = []
-    inverse: list[int] = []
-    for i in range(x.shape[0]):
-        match = next((k for k, u in enumerate(unique) if torch.equal(x[i], x[u])), None)
-        if match is None:
-            match = len(unique)
-            unique.append(i)
-        inverse.append(match)
-    return unique, inverse
-
-
-@dataclass
-class _Run:
-    """What one refinement call passes down to its passes: the plan, one generator per sample, progress reporting,
-    and the encoded prompts (None without one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
-
-    plan: RefinePlan
-    generators: list[torch.Generator]
-    progress: bool
-    callback: Callable[[int], None] | None
-    clock: _PhaseClock
-    conditioning: PromptConditioning | None = None
-    index: int | None = None  # the one sample of a crop-mode run (its rows of the conditioning)
-
-    def __post_init__(self) -> None:
-        self.steps = self.plan if self.conditioning is None else self.conditioning.apply(self.plan, self.index)
-
-    def sample(self, index: int) -> _Run:
-        """This run for sample ``index`` alone (crop mode refines one image at a time)."""
-        return _Run(self.plan, [self.generators[index]], self.progress, self.callback, self.clock, self.conditioning,
-                    index)  # fmt: skip
-
-
-class _PhaseClock:
-    """Writes the wall time of consecutive phases into ``timings`` (nothing, and no device sync, when it is None)."""
-
-    def __init__(self, device: torch.device, timings: MutableMapping[str, float] | None):
-        self.device = device
-        self.timings = timings
-        self._last = time.perf_counter() if timings is not None else 0.0
-
-    def lap(self, name: str) -> None:
-        if self.timings is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[name] = now - self._last
-        self._last = now

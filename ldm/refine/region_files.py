@@ -21,6 +21,8 @@ import torch
 
 from ldm.imageio import decode_image, format_path, header_size, is_image_name, load_image
 from ldm.refine.regions import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_REGION_PADDING,
     MAX_FEATHER,
     MAX_REGION_PADDING,
     MAX_REGION_SIZE,
@@ -46,10 +48,10 @@ class RegionOptions:
 
     mask: Path | None = None
     boxes: tuple[Box, ...] = ()
-    blur: int = 4
+    blur: int = DEFAULT_MASK_BLUR
     dilate: int = 0
     crop: bool = False
-    padding: int = 32
+    padding: int = DEFAULT_REGION_PADDING
     size: int | None = None
 
     def __post_init__(self) -> None:

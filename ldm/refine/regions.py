@@ -20,6 +20,8 @@ from PIL import Image
 
 from ldm.imageio import from_pil
 
+DEFAULT_MASK_BLUR = 4  # px of inward feather at a region's edge (ADetailer's default blur)
+DEFAULT_REGION_PADDING = 32  # px of context around a region in crop mode (ADetailer's default)
 MAX_FEATHER = 256  # px; mask_blur and mask_dilate above this would only cost time (tens of erosion passes per px)
 MAX_REGION_SIZE = 4096  # px; a crop is refined at up to 4096 x 4096 (16 MP), far above any expert's training size
 MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context changes nothing on images up to 4096 px
@@ -27,7 +29,8 @@ MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context
 # image has ~260,000 regions (hours of work, and as many crops in the metadata), so more than this are refused.
 MAX_REGIONS = 256
 # ASCII digits only: re's \d and int() also read other scripts' digits, so "１２" would be taken for 12
-_BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$", re.ASCII)
+# at most 9 digits: larger numbers are no pixel coordinate, and int() refuses over 4300 digits in its own words
+_BOX = re.compile(r"^\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*(?:@\s*(-?\d{1,9})\s*)?$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ def parse_box(text: str) -> Box:
     """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (integers, pixels, ``x1 > x0``, ``y1 > y0``) -> :class:`Box`."""
     match = _BOX.match(str(text))
     if match is None:
-        raise ValueError(f"box {text!r} is not x0,y0,x1,y1 or x0,y0,x1,y1@start_t (integer pixel coordinates)")
+        shown = repr(text) if len(str(text)) <= 60 else repr(str(text)[:57] + "...")
+        raise ValueError(f"box {shown} is not x0,y0,x1,y1 or x0,y0,x1,y1@start_t (integer pixel coordinates)")
     x0, y0, x1, y1 = (int(v) for v in match.groups()[:4])
     start = int(match.group(5)) if match.group(5) is not None else None
     if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:

@@ -14,7 +14,7 @@ The Refiner, training's ``log_images`` and the evaluation use these directly; la
 
 from ldm.sampling.loop import noise_to_start, run_steps, run_tail
 from ldm.sampling.noise import Generators, randn
-from ldm.sampling.plan import SAMPLERS, RefinePlan, build_plan, check_eta, check_int_arg, resolve_start
+from ldm.sampling.plan import SAMPLERS, RefinePlan, build_plan, check_eta, check_int_arg, check_solver, resolve_start
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.steps import ddim_step, dpmpp_2m_step
 
@@ -26,6 +26,7 @@ __all__ = [
     "build_plan",
     "check_eta",
     "check_int_arg",
+    "check_solver",
     "ddim_step",
     "dpmpp_2m_step",
     "noise_to_start",

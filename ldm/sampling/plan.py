@@ -46,6 +46,17 @@ def check_eta(eta: Any) -> float:
     return float(eta)
 
 
+def check_solver(sampler: Any, eta: Any) -> float:
+    """``eta`` as a float if ``sampler`` is one of :data:`SAMPLERS` and ``eta`` fits it (:func:`check_eta`; above 0 for
+    DDIM only); else a ValueError saying what is allowed."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}")
+    eta = check_eta(eta)
+    if eta > 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta:g} applies to the ddim sampler only; {sampler} is deterministic: pass eta=0")
+    return eta
+
+
 def resolve_start(start_t: Any, strength: Any, num_timesteps: int) -> int:
     """The start timestep from ``start_t`` or from img2img's ``strength`` (exactly one of them may be given).
 
@@ -195,11 +206,7 @@ def build_plan(
     """
     num_timesteps = schedule.num_timesteps
     start_t = resolve_start(start_t, None, num_timesteps)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}")
-    eta = check_eta(eta)
-    if eta > 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta:g} applies to the ddim sampler only; {sampler} is deterministic: pass eta=0")
+    eta = check_solver(sampler, eta)
     timesteps, levels, ddim_steps, tail_steps = select_timesteps(
         schedule.alphas_cumprod, start_t, ddim_steps, tail_steps, t_min
     )

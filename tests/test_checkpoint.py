@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from ldm.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from ldm.util import instantiate_from_config
+
+from conftest import tiny_first_stage_config, tiny_ldm_params
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -168,3 +173,73 @@ def test_load_weights_names_shape_mismatches():
     assert "0.bias" in missing and unexpected == ["extra"]
     with pytest.raises(CheckpointError, match="key-for-key"):
         load_weights(net, partial, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a crafted pickle at every place that reads a checkpoint named in a config
+
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+
+
+class Payload:
+    """Unpickling this runs ``exec``, which creates ``marker``: the side effect that must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    """A checkpoint whose unpickling would create ``marker``."""
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": 1, "callbacks": Payload(marker)}, path)
+    return path
+
+
+def _vq_config(ckpt_path: Path, target: str = "ldm.models.autoencoder.VQModelInterface", **params) -> dict:
+    cfg = tiny_first_stage_config()
+    cfg["target"] = target
+    cfg["params"].update(ckpt_path=str(ckpt_path), **params)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "entry", ["LatentDiffusion.ckpt_path", "DDPM.ckpt_path", "first_stage_config.ckpt_path", "VQModel.ckpt_path",
+              "VQModelInterface.ckpt_path"],
+)
+def test_crafted_pickle_is_refused_by_every_init_checkpoint(entry, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    if entry == "LatentDiffusion.ckpt_path":
+        cfg = {"target": LDM_TARGET, "params": tiny_ldm_params(ckpt_path=str(evil))}
+    elif entry == "DDPM.ckpt_path":
+        params = {k: v for k, v in tiny_ldm_params(ckpt_path=str(evil)).items() if "stage" not in k}
+        cfg = {"target": "ldm.models.diffusion.ddpm.DDPM", "params": params}
+    elif entry == "first_stage_config.ckpt_path":
+        cfg = {"target": LDM_TARGET, "params": tiny_ldm_params(first_stage_config=_vq_config(evil))}
+    else:
+        cfg = _vq_config(evil, target=f"ldm.models.autoencoder.{entry.split('.')[0]}")
+    with pytest.raises(UnsafeCheckpointError, match=r"would import/run \['builtins\.exec'\] when unpickled; refused") as err:
+        instantiate_from_config(cfg)
+    assert "--unsafe-load" in str(err.value) and str(evil) in str(err.value)
+    assert not marker.exists()
+
+
+def test_crafted_pickle_as_perceptual_backbone_weights_is_refused(tmp_path):
+    from ldm.modules.lpips import build_lpips
+
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "squeezenet1_1.pth", marker)
+    with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec"):
+        build_lpips("squeeze", pretrained=True, backbone_path=evil)
+    assert not marker.exists()
+
+
+def test_the_payload_is_live_when_the_user_opts_in(tmp_path):
+    """The crafted file of these tests really runs code when unpickled without restriction (so refusals are real)."""
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(CheckpointError, match="no key in common"):
+        instantiate_from_config(_vq_config(evil, unsafe_load=True))
+    assert marker.read_text() == "pwned"

@@ -1,4 +1,4 @@
-"""Layering configs (issue 27): a layer that gives a node another ``target`` replaces that node's ``params``, ``~key``
+"""Layering configs: a layer that gives a node another ``target`` replaces that node's ``params``, ``~key``
 deletes (command line and YAML), everything else merges as OmegaConf does; bad deletions are one-line ConfigErrors.
 README's cached-data YAML layered over the quick start's config; the hint for a missing first stage."""
 

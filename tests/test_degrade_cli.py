@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import interrupt, photo, run, script
 
 from ldm.eval.degrade import DEGRADATIONS
 from ldm.eval.degrade_files import degrade_folder, file_seed
@@ -160,3 +161,42 @@ def test_runs_as_a_script(clean, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "sub" / "b.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one-line errors found before any image is read, and Ctrl+C
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {"degrade": script("degrade")}
+
+
+@pytest.fixture
+def one_png(tmp_path) -> Path:
+    (tmp_path / "clean").mkdir()
+    Image.fromarray(photo()).save(tmp_path / "clean" / "a.png")
+    return tmp_path / "clean"
+
+
+def test_degrade_a_blur_wider_than_the_image_and_a_repeated_key(scripts, one_png, tmp_path, capsys):
+    degrade = scripts["degrade"]
+    out = str(tmp_path / "out")
+    code, lines = run(degrade, ["--input", str(one_png), "--output", out, "--degradation", "blur_noise:sigma=100"], capsys)
+    assert code == 1 and len(lines) == 1
+    assert "blur sigma=100 px is larger than the 32x24 image" in lines[0] and "a.png" in lines[0]
+    code, lines = run(degrade, ["--input", str(one_png), "--output", out, "--degradation", "jpeg:quality=5,quality=50"],
+                      capsys)
+    assert code == 2 and len(lines) == 1 and "'quality' is given twice" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_degrade_output_in_a_file_and_ctrl_c(scripts, one_png, tmp_path, capsys, monkeypatch):
+    degrade = scripts["degrade"]
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--input", str(one_png), "--output", str(tmp_path / "a_file"), "--degradation", "jpeg"]
+    code, lines = run(degrade, argv, capsys)  # found before any image is read, like every script's output folder
+    assert code == 2 and len(lines) == 1 and "a file is in the way" in lines[0]
+    monkeypatch.setattr("ldm.eval.degrade_files.degrade_folder", interrupt)
+    code, lines = run(degrade, ["--input", str(one_png), "--output", str(tmp_path / "o"), "--degradation", "jpeg"], capsys)
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("degrade.py: interrupted")

@@ -17,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
+import ldm.imageio.load as load
 from ldm import imageio
-from ldm.imageio import ImageLoadError
+from ldm.imageio import ImageLoadError, find_images, load_image
+
+from conftest import load_photos
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -478,3 +481,78 @@ def test_header_size_reads_the_header_of_a_path_or_bytes_without_decoding(tmp_pa
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
     assert header_size(fifo) is None and header_size(b"not an image") is None and header_size(tmp_path / "none") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# recursive globs: links to folders are not followed
+
+
+def tiny_photo(height: int, width: int) -> np.ndarray:
+    return np.ascontiguousarray(load_photos()[0][::8, ::8][:height, :width])
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_recursive_glob_ends_on_folder_link_cycles(tmp_path, monkeypatch):
+    loop = tmp_path / "loop"
+    (loop / "sub" / ".hidden").mkdir(parents=True)
+    for rel in ("a.png", "sub/b.png", "sub/.c.png", "sub/.hidden/d.png", "notes.txt"):
+        save_png(loop / rel, tiny_photo(4, 4)) if rel.endswith(".png") else (loop / rel).write_text("x")
+    (loop / "self").symlink_to(".")
+    (loop / "up").symlink_to("..")
+    (loop / "sub" / "again").symlink_to("..")
+    (loop / "sub" / "link.png").symlink_to("../a.png")  # a link to a file is a file: listed once (same real file)
+    monkeypatch.chdir(tmp_path)
+    expected = ["loop/a.png", "loop/sub/b.png"]
+    for pattern in ("loop/**/*.png", "loop/**", "loop/**/", "loop/**/**/*.png", str(loop / "**" / "*.png")):
+        paths, problems = find_images([pattern])
+        assert [p.relative_to(tmp_path).as_posix() if p.is_absolute() else p.as_posix() for p in paths] == expected
+        assert problems == []
+    assert [p.as_posix() for p in find_images(["**/b.png"])[0]] == ["loop/sub/b.png"]
+    assert [p.as_posix() for p in find_images(["loop/sub/.*.png"])[0]] == ["loop/sub/.c.png"]  # explicit dot
+    assert [p.as_posix() for p in find_images(["loop/self/*.png"])[0]] == ["loop/self/a.png"]  # a named link is used
+
+
+def test_recursive_glob_names_a_folder_it_cannot_list_and_finds_the_rest(tmp_path, monkeypatch):
+    for rel in ("a/x.png", "locked/y.png", "z/w.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        save_png(tmp_path / rel, tiny_photo(4, 4))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):  # what chmod 000 gives a user other than root
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    paths, problems = find_images([str(tmp_path / "**" / "*.png")])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a/x.png", "z/w.png"]
+    assert problems == [f"{tmp_path / 'locked'}: cannot list folder (Permission denied)"]
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files larger than any image within the decompression-bomb limit
+
+
+def test_a_file_larger_than_any_image_within_the_bomb_limit_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load.max_file_bytes() == 16 * 1000 + 2**20
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as fh:  # a PNG header, then a sparse hole: no disk space used
+        fh.write((tmp_path / "tiny.png").read_bytes())
+        fh.truncate(5 * 2**30)
+    read: list[str] = []
+    monkeypatch.setattr(load, "_read_bytes", lambda path: read.append(path) or b"")
+    with pytest.raises(ImageLoadError, match=r"file is 5,368,709,120 bytes, more than an image within Pillow's "
+                                             r"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS=1,000 pixels"):
+        load_image(big)
+    assert read == []
+    monkeypatch.undo()
+    assert load_image(tmp_path / "tiny.png").rgb.shape == (1, 1, 3)
+    assert os.path.getsize(big) == 5 * 2**30

@@ -334,7 +334,7 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# hostile inputs (issue 25)
+# hostile inputs
 
 
 def test_cache_latents_never_writes_over_its_inputs_or_into_a_folder_that_is_not_a_cache(cache, tmp_path, capsys):
@@ -508,7 +508,7 @@ def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# issue 27: overrides, the first stage's hint, the early refusal, README's cached-data YAML layered
+# overrides, the first stage's hint, the early refusal, README's cached-data YAML layered
 
 # README, "Train from cached latents": what a user layers over a window config with main.py -b config.yaml <this> -t
 README_CACHED_DATA = """\

@@ -154,8 +154,8 @@ def test_bad_parameters_are_refused(params, match):
     ],
 )
 def test_counts_and_sizes_are_refused_when_built(spec, message):
-    """Issue 25: local_blotch / colour_blotches with a million blobs took 18 GB on 32 px images; now the spec is
-    refused when the degradation is built, naming the allowed range."""
+    """local_blotch / colour_blotches with a million blobs would take 18 GB on 32 px images: the spec is refused when
+    the degradation is built, naming the allowed range."""
     with pytest.raises(ValueError) as info:
         degradation_from_spec(spec)
     assert message in str(info.value) and "\n" not in str(info.value)

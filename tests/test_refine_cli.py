@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_checkpoint import crafted_checkpoint
+from test_cli import ckpt_args, run
 
 from ldm.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldm.imageio import ImageSaveError, read_png_metadata
@@ -164,7 +167,7 @@ def test_bad_argument_exits_in_one_line_from_a_subprocess(tmp_path):
     ],
 )
 def test_region_arguments_out_of_bounds_exit_2_at_parsing_from_a_subprocess(tmp_path, flag, value, message):
-    """Issue 25: these failed on every image after it was loaded (exit 1), even with no region given."""
+    """Refused at parsing, exit 2: not on every image after it is loaded (exit 1), even with no region given."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "x.png", "--ckpt", "a.ckpt", flag, value,
                            "--outdir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
     lines = error_lines(proc.stderr)
@@ -470,3 +473,86 @@ def test_fuzzed_refine_arguments_are_planned_or_refused(refiner, start, steps, e
         return
     assert 1 <= plan.effective_start <= start <= 999 and 1 <= plan.ddim_steps <= 1000 and plan.eta >= 0
     assert list(plan.timesteps) == sorted(plan.timesteps, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a crafted pickle, permission errors on the output folder, the seed and --box flags
+
+
+def one_error_line(text: str, prefix: str) -> str:
+    lines = [line for line in error_lines(text) if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("one_image")
+    Image.fromarray(load_photos()[0][::12, ::12][:32, :40]).save(folder / "astro.png")
+    return folder
+
+
+def refine_args(checkpoints, outdir: Path) -> list[str]:
+    args = [a for path in checkpoints for a in ("--ckpt", str(path))]
+    return [*args, "--outdir", str(outdir), "--start-t", "300", "--ddim-steps", "10", "--device", "cpu"]
+
+
+def test_crafted_pickle_given_to_the_refine_cli_is_refused(cli, one_image, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_main(cli, ["--input", str(one_image), *refine_args([evil], out)]) == 2
+    line = one_error_line(capsys.readouterr().err, "refine.py: error:")
+    assert "builtins.exec" in line and "--unsafe-load" in line
+    assert not marker.exists() and not out.exists()
+
+
+def test_refine_output_folder_without_write_permission(cli, expert_checkpoints, one_image, tmp_path, capsys,
+                                                       monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    capsys.readouterr()
+    assert run_main(cli, ["--input", str(one_image), *refine_args(expert_checkpoints, locked / "out")]) == 3
+    line = one_error_line(capsys.readouterr().err, "refine.py: error:")
+    assert str(locked / "out") in line and "permission denied" in line
+    assert list(locked.iterdir()) == []
+
+
+def test_refine_permission_denied_while_writing_is_one_line(cli, expert_checkpoints, one_image, tmp_path, capsys,
+                                                            monkeypatch):
+    out = tmp_path / "out"
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir", "")) == out:  # what a folder made read-only during the run gives a non-root user
+            raise PermissionError(errno.EACCES, "Permission denied", str(out / ".x.png.abcdefgh.tmp"))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    capsys.readouterr()
+    assert run_main(cli, ["--input", str(one_image), *refine_args(expert_checkpoints, out)]) == 3
+    lines = error_lines(capsys.readouterr().err)
+    (line,) = [line for line in lines if "permission denied" in line]
+    assert str(out / "astro_t300_s0.png") in line
+    assert list(out.iterdir()) == []
+
+
+def test_refine_seed_beyond_the_largest_is_a_usage_error(cli, expert_checkpoints, tmp_path, capsys):
+    from ldm.refine.refiner import MAX_SEED
+
+    base = ["--input", str(tmp_path), *ckpt_args(expert_checkpoints), "--outdir", str(tmp_path / "o")]
+    code, lines = run(cli, [*base, "--seed", str(MAX_SEED + 1)], capsys)
+    assert code == 2 and len(lines) == 1 and f"is above the largest seed {MAX_SEED}" in lines[0]
+    code, lines = run(cli, [*base, "--seed", str(MAX_SEED), "--n-samples", "2"], capsys)
+    assert code == 2 and len(lines) == 1 and "(--n-samples - 1)" in lines[0]
+
+
+def test_a_box_that_starts_with_a_minus_says_how_to_pass_it(cli, capsys):
+    code, lines = run(cli, ["--input", "a.png", "--ckpt", "a.ckpt", "--box", "-1,0,8,8"], capsys)
+    assert code == 2 and lines == ["refine.py: error: argument --box: expected one argument; to give a value that "
+                                   "starts with '-', attach it with '=': --box=<value> (see --help)"]
+    code, lines = run(cli, ["--input", "a.png", "--ckpt", "a.ckpt", "--box=-1,0,8,8"], capsys)
+    assert code == 2 and len(lines) == 1 and "box '-1,0,8,8' must have 0 <= x0 < x1" in lines[0]

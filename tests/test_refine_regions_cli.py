@@ -123,7 +123,7 @@ def test_mask_folder_boxes_and_crop_mode(cli, capsys, expert_checkpoints, inputs
         (["--sampler", "dpmpp_2m", "--eta", "0.5"], "eta=0.5 applies to the ddim sampler only"),
         (["--sampler", "euler"], "--sampler: invalid choice"),
         (["--mask-blur", "-1"], "--mask-blur: -1 must be >= 0"),
-        # refused at parsing, not by every image after it is loaded (issue 25)
+        # refused at parsing, not by every image after it is loaded
         (["--box", "0,0,8,8@0"], "--box: box '0,0,8,8@0' starts at t=0: a box's own start_t must be in [1, T-1]"),
         (["--box", "0,0,8,8@-5"], "starts at t=-5: a box's own start_t must be in [1, T-1]"),
         (["--region-size", "100000"], "--region-size: 100000 must be <= 4096 (each region is refined at PX x PX"),

@@ -189,7 +189,7 @@ def test_a_missing_or_damaged_shipped_file_is_refused_before_loading(fake_shippe
 
 def test_the_shipped_demo_weights_are_in_the_repository_and_match_their_digests():
     files = shipped_files("demo")  # raises on a missing or changed file
-    assert sum(os.path.getsize(p) for p in files) <= 25 * 2**20  # issue 24: at most 25 MB in all
+    assert sum(os.path.getsize(p) for p in files) <= 25 * 2**20  # at most 25 MB in all, so the repository stays small
     infos = [load_expert(p)[1] for p in files]
     assert [i.window for i in infos] == [(250, 500), (0, 250)] and all(i.ema for i in infos)
 

@@ -226,3 +226,34 @@ def test_refine_first_stage_tiling_non_square_non_multiple_size():
     with pytest.raises(ValueError, match="multiples of the first-stage factor 4"):
         resolve_tiling(TilingConfig(min_side=10, tile=18, overlap=4), model)
     assert not TilingConfig(min_side=None).applies_to(10_000, 10_000)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# long thin images: the statistics pass keeps the short side
+
+
+def test_downscaled_statistics_keep_a_thin_side():
+    x = torch.zeros(1, 3, 16, 20000)
+    assert downscale_to(x, 512).shape[-2:] == (1, 500)  # what broke the encoder's strided convolutions
+    assert downscale_to(x, 512, min_size=8).shape[-2:] == (8, 500)
+    assert downscale_to(torch.zeros(1, 3, 4, 900), 512, min_size=8).shape[-2:] == (4, 450)  # never enlarged
+    assert downscale_to(torch.zeros(1, 3, 96, 96), 40, min_size=8).shape[-2:] == (32, 32)
+
+
+@pytest.mark.parametrize("height, width", [(8, 112), (112, 8)])
+def test_thin_images_tile_like_the_untiled_network(height, width):
+    """A thin image whose downscaled statistics pass (to 16 px: 1 pixel across) broke the encoder's strided convolution:
+    with exact statistics passes after it, tiling reproduces the untiled network, as test_tiling.py checks on square
+    images (the same VQ-f2)."""
+    torch.manual_seed(0)
+    vq = VQModelInterface(ddconfig={**TINY_DDCONFIG, "ch_mult": [1, 2]}, lossconfig={"target": "torch.nn.Identity"},
+                          n_embed=32, embed_dim=3).eval()
+    x = torch.from_numpy(np.resize(load_photos()[0][::4, ::4], (height, width, 3)).astype(np.float32) / 127.5 - 1)
+    x = x.permute(2, 0, 1)[None].contiguous()
+    passes = max(len(GroupNormStatistics(vq.encoder).layers), len(GroupNormStatistics(vq.decoder).layers))
+    exact = TilingConfig(min_side=32, tile=48, overlap=32, stat_side=16, stat_passes=passes)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    with torch.no_grad():
+        z = vq.encode(x)
+        assert rel(tiled_vq_encode(vq, x, exact, 2), z) < 1e-4
+        assert rel(tiled_vq_decode(vq, z, exact, 2, force_not_quantize=True), vq.decode(z, force_not_quantize=True)) < 1e-2

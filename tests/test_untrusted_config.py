@@ -1,4 +1,4 @@
-"""A config stored in a checkpoint is untrusted (issue 13, item 3): every slot builds only its kind of class, values
+"""A config stored in a checkpoint is untrusted: every slot builds only its kind of class, values
 have the types of the constructor that receives them, and every size is compared with the checkpoint's state dict on
 the meta device before anything real is allocated (:mod:`ldm.untrusted`).
 
@@ -7,7 +7,10 @@ the meta device before anything real is allocated (:mod:`ldm.untrusted`).
 * absurd values (2**36, negative, bools or floats for integers, NaN) are one ConfigError line, never a traceback;
 * a class of the project that is not of its slot's kind (a dataset, a callback, a data module, another network) is
   refused naming the slot, the target and what the slot accepts, and is never built; a dataset never scans its folder;
-* a valid checkpoint loads and refines exactly as before; ``--trust-config`` still builds any class.
+* a valid checkpoint loads and refines exactly as before; ``--trust-config`` still builds any class;
+* the allow-list: only classes defined in it are built, also for the sub-configs an allowed class builds itself; a
+  config cannot switch the safe loader off for a file it names; a foreign target through the CLI is refused, and
+  accepted with ``--trust-config``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
+from test_checkpoint import LDM_TARGET, _vq_config, crafted_checkpoint
 
 import ldm.data.image_folder
+import ldm.util
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ldm.models.diffusion.latesteps import LateStepsLatentDiffusion
 from ldm.refine import Refiner
 from ldm.refine.loading import _inference_config, load_expert, load_yaml_model_config
 from ldm.untrusted import check_untrusted_config, check_untrusted_model
-from ldm.util import ConfigError, get_obj_from_str
+from ldm.util import TRUSTED_TARGET_PREFIXES, ConfigError, get_obj_from_str, instantiate_from_config
 
-from conftest import load_photos, photo_crops, tiny_expert_config, tiny_first_stage_config
+from conftest import load_photos, photo_crops, tiny_expert_config, tiny_first_stage_config, tiny_ldm_params
 
 REPO = Path(__file__).resolve().parents[1]
 REFINE_SCRIPT = REPO / "scripts" / "refine.py"
@@ -343,3 +350,111 @@ def test_a_checkpoint_without_a_schedule_is_refused_before_building(expert_check
     save_checkpoint(ckpt, tmp_path / "no_betas.ckpt")
     with pytest.raises(CheckpointError, match=r"lacks the weights the model needs, starting with its noise schedule"):
         load_expert(tmp_path / "no_betas.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the allow-list: configs stored in checkpoints build only classes defined in it, also in the sub-configs an
+# allowed class builds itself, and cannot switch the safe loader off; --trust-config accepts
+
+
+class TrustedExpert(LateStepsLatentDiffusion):
+    """A model class outside the allow-list (it lives in a test module): built only with --trust-config."""
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def one_error_line(text: str, prefix: str) -> str:
+    lines = [line for line in error_lines(text) if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+def run_refine(cli, argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:  # argparse errors
+        return int(exc.code)
+
+
+def refine_args(checkpoints, outdir: Path) -> list[str]:
+    args = [a for path in checkpoints for a in ("--ckpt", str(path))]
+    return [*args, "--outdir", str(outdir), "--start-t", "300", "--ddim-steps", "10", "--device", "cpu"]
+
+
+def _rewrite_config(src: Path, dst: Path, model_cfg: dict) -> Path:
+    ckpt = load_checkpoint(src)
+    ckpt["config"] = {"model": model_cfg}
+    save_checkpoint(ckpt, dst)
+    return dst
+
+
+def test_a_checkpoint_config_cannot_switch_the_safe_loader_off(expert_checkpoints, tmp_path):
+    """A config may name a file (``ckpt_path``) but not ``unsafe_load: true`` for it, unless the user trusts it."""
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "aux.ckpt", marker)
+    cfg = tiny_expert_config(250, 500)["model"]
+    cfg["params"]["cond_stage_config"] = _vq_config(evil, unsafe_load=True)
+    path = _rewrite_config(expert_checkpoints[0], tmp_path / "expert.ckpt", cfg)
+    with pytest.raises(ValueError, match="asks to load it with full pickle") as err:  # refine re-raises as ConfigError
+        Refiner.from_checkpoints([path], device="cpu")
+    assert str(evil) in str(err.value) and "--trust-config" in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="no key in common"):  # trusted: the payload runs, then the weights fail
+        Refiner.from_checkpoints([path], device="cpu", trust_config=True)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "target, params, reason",
+    [
+        ("os.system", {"command": "touch {marker}"}, "is not in the allow-list"),
+        ("ldm.util.atomic_write_bytes", {"path": "{marker}", "write": b"pwned"}, "is a function, not a class"),
+        ("ldm.train.callbacks.Path", {}, "is pathlib.Path, which is defined outside the allow-list"),
+        ("taming.modules.losses.lpips.LPIPS", {}, "downloads VGG weights from the internet"),
+        ("torch.nn.IdentityMap", {}, "is not in the allow-list"),
+    ],
+)
+def test_checkpoint_configs_build_only_classes_of_the_allow_list(target, params, reason, tmp_path):
+    marker = tmp_path / "pwned"
+    params = {k: (v.format(marker=marker) if isinstance(v, str) else v) for k, v in params.items()}
+    cfg = {"target": LDM_TARGET, "params": tiny_ldm_params(cond_stage_config={"target": target, "params": params})}
+    with pytest.raises(ConfigError, match=reason) as err:
+        instantiate_from_config(cfg, allowed_prefixes=TRUSTED_TARGET_PREFIXES)
+    assert f"target={target!r}" in str(err.value) and "--trust-config" in str(err.value)
+    assert not marker.exists()
+    if target == "ldm.util.atomic_write_bytes":  # why functions are refused although their module is allowed
+        instantiate_from_config({"target": target, "params": params})
+        assert marker.read_bytes() == b"pwned"
+
+
+def test_sub_configs_that_an_allowed_class_reads_itself_are_checked_too(tmp_path):
+    """VQRoundTrip reads a YAML config named by its ``first_stage`` argument and builds it: the allow-list of the
+    checkpoint's config still applies there."""
+    marker = tmp_path / "pwned"
+    yaml_path = tmp_path / "first_stage.yaml"
+    OmegaConf.save(OmegaConf.create({"target": "os.system", "params": {"command": f"touch {marker}"}}), yaml_path)
+    cfg = {"target": "ldm.eval.degrade.VQRoundTrip", "params": {"first_stage": str(yaml_path)}}
+    with pytest.raises(ConfigError, match=r"target='os\.system' is not in the allow-list"):
+        instantiate_from_config(cfg, allowed_prefixes=TRUSTED_TARGET_PREFIXES)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="lacks"):  # a trusted config runs the command (then fails: not a VQ model)
+        instantiate_from_config(cfg)
+    assert marker.exists()
+    assert ldm.util.untrusted_config_prefixes() is None  # the scope ends with the call, also after an error
+
+
+def test_foreign_target_in_a_checkpoint_config_via_the_cli(refine_cli, expert_checkpoints, one_image, tmp_path, capsys):
+    cfg = tiny_expert_config(250, 500)["model"]
+    cfg["target"] = f"{__name__}.TrustedExpert"
+    foreign = _rewrite_config(expert_checkpoints[0], tmp_path / "foreign.ckpt", cfg)
+    out = tmp_path / "out"
+    argv = ["--input", str(one_image), *refine_args([foreign, expert_checkpoints[1]], out)]
+    capsys.readouterr()
+    assert run_refine(refine_cli, argv) == 2
+    line = one_error_line(capsys.readouterr().err, "refine.py: error:")
+    assert "foreign.ckpt" in line and f"target='{__name__}.TrustedExpert' is not in the allow-list" in line
+    assert "--trust-config" in line and not out.exists()
+    assert run_refine(refine_cli, [*argv, "--trust-config"]) == 0
+    assert [p.name for p in out.iterdir()] == ["astro_t300_s0.png"]

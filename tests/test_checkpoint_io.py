@@ -1,24 +1,18 @@
-"""Reliability (issue 8): faults injected into real ``main.py`` training runs, and atomic writes.
+"""Checkpoint writes of real ``main.py`` training runs (:mod:`ldm.train.checkpoint_io`) under injected faults.
 
 * disk full while writing ``last.ckpt``: one line naming it, the previous checkpoint kept;
 * SIGKILL in the middle of checkpoint writes at several points, then ``-r``: the half-written file is a hidden temp that
   the resume removes, and the resumed run equals one that was never killed (test_main.py kills between two steps);
-* a truncated ``last.ckpt`` given to ``-r``: one line, the file kept;
-* temp files of killed atomic writes are recognised and removed; errors of atomic writes name the destination.
+* a truncated ``last.ckpt`` given to ``-r``: one line, the file kept.
 
 Subprocesses run with one OpenMP thread (``test_main._env``).
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,16 +20,14 @@ from omegaconf import OmegaConf
 from test_main import MAIN, QUICKSTART, TEST_OVERLAY, _env, train_losses
 
 from ldm.checkpoint import load_checkpoint, save_checkpoint
-from ldm.train.callbacks import SetupCallback
 from ldm.train.cli import merge_configs
-from ldm.util import atomic_write_bytes, remove_stale_temp_files
 
 RUN_TIMEOUT = 600
 
 # Installed as sitecustomize.py in a subprocess: a fault at the N-th fsync of an atomic-write temp file whose
 # destination name starts with $FAULT_NAME (ldm.util.atomic_write_bytes fsyncs each temp file before renaming it).
 FAULT_SITECUSTOMIZE = '''
-"""Test harness (tests/test_reliability_faults.py): inject one fault into atomic writes."""
+"""Test harness (tests/test_checkpoint_io.py): inject one fault into atomic writes."""
 import errno
 import os
 import signal
@@ -170,73 +162,3 @@ def test_resume_from_a_truncated_last_ckpt_fails_in_one_line_and_keeps_the_file(
     line = one_error_line(result.stderr, "main.py: error:")
     assert f"checkpoint '{run / 'checkpoints' / 'last.ckpt'}' cannot be read (truncated or corrupt)" in line
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == data[: len(data) // 2]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# atomic writes: errors name the destination, killed writes leave recognisable temp files that are cleaned
-
-
-def test_atomic_write_errors_name_the_destination_and_keep_the_old_file(tmp_path, monkeypatch):
-    dest = tmp_path / "last.ckpt"
-    dest.write_bytes(b"old")
-
-    def full(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{dest}'")) as err:
-        atomic_write_bytes(dest, b"new")
-    assert err.value.errno == errno.ENOSPC and err.value.filename == str(dest)
-
-    def interrupted(fd):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "fsync", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write_bytes(dest, b"new")
-    monkeypatch.undo()
-
-    def denied(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".last.ckpt.abcdefgh.tmp"))
-
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
-    with pytest.raises(PermissionError, match=re.escape(f"Permission denied: '{dest}'")):
-        atomic_write_bytes(dest, b"new")
-    assert dest.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-
-
-def test_stale_temp_files_are_recognised_exactly(tmp_path):
-    stale = [".last.ckpt.k2_x9q0a.tmp", ".img_t400_s0.png.abcdefgh.tmp"]
-    kept = ["last.ckpt", ".hidden", "notes.tmp", ".last.ckpt.short.tmp", ".last.ckpt.ABCDEFGH.tmp", ".a.abcdefgh.tmpx"]
-    for name in stale + kept:
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / ".dir.abcdefgh.tmp").mkdir()
-    (tmp_path / ".link.abcdefgh.tmp").symlink_to(tmp_path / "last.ckpt")
-    assert [p.name for p in remove_stale_temp_files(tmp_path)] == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, ".dir.abcdefgh.tmp", ".link.abcdefgh.tmp"])
-    assert remove_stale_temp_files(tmp_path / "missing") == []
-    for name in stale:
-        (tmp_path / name).write_bytes(b"x")
-    assert remove_stale_temp_files(tmp_path, names=["img_t400_s0.png", "other.png"]) == [tmp_path / stale[1]]
-    assert remove_stale_temp_files(tmp_path, names=["last.ckpt"]) == [tmp_path / stale[0]]
-    # what a real killed write leaves is matched
-    fd, name = tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp", dir=tmp_path)
-    os.close(fd)
-    assert remove_stale_temp_files(tmp_path) == [Path(name)]
-
-
-def test_setup_callback_removes_temps_of_a_killed_run_before_training(tmp_path):
-    run = tmp_path / "run"
-    for folder in ("checkpoints", "configs", "images/train", "images/val"):
-        (run / folder).mkdir(parents=True)
-    save_checkpoint({"state_dict": {"w": torch.ones(1)}}, run / "checkpoints" / "last.ckpt")
-    temps = [run / "checkpoints" / ".last.ckpt.abcdefgh.tmp", run / "configs" / ".x-project.yaml.abcdefgh.tmp",
-             run / "images" / "train" / ".inputs_gs-000002.png.abcdefgh.tmp"]
-    for path in temps:
-        path.write_bytes(b"partial")
-    callback = SetupCallback(resume=True, now="T", logdir=str(run), ckptdir=str(run / "checkpoints"),
-                             cfgdir=str(run / "configs"), config={"model": {}}, lightning_config={})
-    callback.setup(SimpleNamespace(is_global_zero=True), None, "fit")
-    assert not any(path.exists() for path in temps)
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["w"].item() == 1.0
-    assert sorted(p.name for p in (run / "configs").iterdir()) == ["T-lightning.yaml", "T-project.yaml"]

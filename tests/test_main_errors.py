@@ -1,13 +1,16 @@
-"""main.py reliability, round 2 (issue 13): one process per run folder (lock), and one-line errors without a run folder
-left behind for a bad Trainer argument, a data folder of corrupt images and a seed out of range.
+"""main.py's bad inputs: each is one line and a non-zero exit, with no run folder left behind.
 
-Most cases run ``main.main`` in process (fast); the lock's holder and one end-to-end error run in subprocesses.
+* a crafted pickle given as an init checkpoint through an override is refused without its side effect;
+* unknown targets, bad init checkpoints, unresolvable or mistyped overrides, flags without a valid value, true half
+  precision;
+* bad Trainer values, seeds out of range, a data folder of corrupt images, crafted configs and command lines;
+* Ctrl+C while main.py starts or after the run folder is made: ``main.py: interrupted``, exit 130.
+
+Most cases run ``main.main`` in process (fast); Ctrl+C while starting and one end-to-end error run in subprocesses.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import signal
 import subprocess
 import sys
@@ -16,12 +19,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from test_checkpoint import crafted_checkpoint
 from test_main import MAIN, QUICKSTART, TEST_OVERLAY, _env, _load_main_module
-from test_reliability import one_error_line
 
-import ldm.train.runlock as runlock
-from ldm.checkpoint import load_checkpoint
-from ldm.train.runlock import LOCK_NAME, RunFolderBusy, RunFolderLockError, hold_run_folder
+from ldm.checkpoint import save_checkpoint
+from ldm.util import instantiate_from_config
 
 STARTUP_TIMEOUT = 600
 
@@ -45,90 +47,142 @@ def nothing_left(logs: Path) -> bool:
     return not logs.exists() or not any(logs.iterdir())
 
 
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def one_error_line(text: str, prefix: str) -> str:
+    lines = [line for line in error_lines(text) if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# the run folder's lock
+# a crafted pickle as an init checkpoint
 
 
-def test_the_lock_is_exclusive_names_its_holder_and_ends_with_its_context(tmp_path):
-    with hold_run_folder(tmp_path) as path:
-        assert path == tmp_path / LOCK_NAME and path.read_text() == f"{os.getpid()}\n"
-        with pytest.raises(RunFolderBusy, match=rf"is in use by another main.py \(pid {os.getpid()}\)"):
-            with hold_run_folder(tmp_path):
-                pass
-    with hold_run_folder(tmp_path) as again:  # released: the file stays, the lock does not
-        assert again == path
+@pytest.mark.parametrize("key", ["model.params.ckpt_path", "model.params.first_stage_config.params.ckpt_path"])
+def test_crafted_pickle_given_through_a_main_py_override_is_refused(main_module, key, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"), f"{key}={evil}"]
+    assert main_module.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert "builtins.exec" in line and "refused" in line and "--unsafe-load" in line
+    assert not marker.exists()
+    assert not (tmp_path / "logs").exists()
 
 
-def test_an_unwritable_run_folder_or_a_file_system_without_locks(tmp_path, monkeypatch, caplog):
-    real_open = os.open
 
-    def denied(path, *args, **kwargs):
-        if str(path).endswith(LOCK_NAME):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(runlock.os, "open", denied)
-    with pytest.raises(RunFolderLockError, match="the run folder must be writable"):
-        with hold_run_folder(tmp_path):
-            pass
-    monkeypatch.setattr(runlock.os, "open", real_open)
-    import fcntl
-
-    def no_locks(fd, op):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(fcntl, "flock", no_locks)
-    with hold_run_folder(tmp_path) as path:
-        assert path is None
-    assert "has no file locks" in caplog.text
+# ---------------------------------------------------------------------------------------------------------------------
+# main.py: bad configs and init checkpoints, one line each
 
 
-def test_ranks_other_than_zero_do_not_take_the_lock(main_module, tmp_path, monkeypatch, capsys):
-    """Lightning re-launches main.py once per extra rank with the same -r: only rank 0 locks (else rank 1 would find
-    the folder busy).  The run's empty last.ckpt is read right after the lock would be taken: that error shows the lock
-    was not."""
-    from pytorch_lightning.utilities import rank_zero_only
-
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "configs").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    (run / "configs" / "x-project.yaml").write_text(QUICKSTART.read_text())
-    with hold_run_folder(run):
-        assert main_module.main(["-t", "-r", str(run)]) == 2
-        assert "is in use by another main.py" in one_error_line(capsys.readouterr().err, "main.py: error:")
-        monkeypatch.setattr(rank_zero_only, "rank", 1)
-        assert main_module.main(["-t", "-r", str(run)]) == 1
-        assert "is empty (0 bytes)" in one_error_line(capsys.readouterr().err, "main.py: error:")
+UNKNOWN_TARGETS = {
+    "model": ("model:\n  target: ldm.models.nope.LatentDiffusion\n",
+              "target='ldm.models.nope.LatentDiffusion': module 'ldm.models.nope' cannot be imported"),
+    "unet": ("model:\n  params:\n    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModl\n",
+             "has no attribute 'UNetModl' (did you mean 'UNetModel'?)"),
+    "not-dotted": ("model:\n  target: LatentDiffusion\n", "target='LatentDiffusion' is not a dotted import path"),
+    "data": ("data:\n  params:\n    train:\n      target: ldm.data.embedded.EmbeddedPhotoz\n",
+             "has no attribute 'EmbeddedPhotoz' (did you mean 'EmbeddedPhotos'?)"),
+    "callback": ("lightning:\n  callbacks:\n    mine:\n      target: ldm.train.callbacks.ImageLoger\n",
+                 "has no attribute 'ImageLoger' (did you mean 'ImageLogger'?)"),
+}
 
 
-def test_a_second_main_py_on_a_running_run_exits_2_and_a_sigkilled_holder_leaves_no_lock(main_module, tmp_path, capsys):
-    assert main_module.main(new_run_args(tmp_path, "-n", "locked", "lightning.trainer.max_steps=1")) == 0
-    (run,) = (tmp_path / "logs").iterdir()
-    assert (run / LOCK_NAME).is_file()
-    holder = subprocess.Popen(
-        [sys.executable, str(MAIN), "-t", "-r", str(run), "lightning.trainer.max_steps=1000000",
-         "lightning.modelcheckpoint.params.every_n_train_steps=1000000"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while holder.poll() is None and time.monotonic() < deadline:
-            if (run / LOCK_NAME).read_text().strip() == str(holder.pid):
-                break
-            time.sleep(0.05)
-        assert holder.poll() is None, "the holder ended before it was checked"
-        capsys.readouterr()
-        assert main_module.main(["-t", "-r", str(run)]) == 2
-        line = one_error_line(capsys.readouterr().err, "main.py: error:")
-        assert f"run folder {str(run)!r} is in use by another main.py (pid {holder.pid})" in line
-        assert main_module.main(["-t", "-r", str(run / "checkpoints" / "last.ckpt")]) == 2  # a checkpoint in it too
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    assert (run / LOCK_NAME).read_text().strip() == str(holder.pid)  # the file stays, but no process holds it
-    assert main_module.main(["-t", "-r", str(run), "lightning.trainer.max_steps=2"]) == 0
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+@pytest.mark.parametrize("where", sorted(UNKNOWN_TARGETS))
+def test_yaml_with_an_unknown_target_fails_in_one_line(main_module, where, tmp_path, capsys):
+    text, expected = UNKNOWN_TARGETS[where]
+    bad = overlay(tmp_path, text, name="bad.yaml")
+    logs = tmp_path / "logs"
+    assert main_module.main(["-b", str(QUICKSTART), str(overlay(tmp_path)), str(bad), "-t", "-l", str(logs)]) == 2
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert expected in line
+    assert not logs.exists() or list(logs.iterdir()) == []  # no run folder left behind (the callback is built last)
+
+
+@pytest.fixture(scope="module")
+def bad_init_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Files given as ``model.params.ckpt_path`` of the quickstart config, each wrong in one way."""
+    root = tmp_path_factory.mktemp("bad_init")
+    model_cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART).model, resolve=True)
+    model_cfg.pop("base_learning_rate")
+    model_cfg["params"]["first_stage_config"]["params"]["ckpt_path"] = None
+    model_cfg["params"]["unet_config"]["params"]["model_channels"] = 64
+    wider = instantiate_from_config(model_cfg)
+    save_checkpoint({"state_dict": wider.state_dict()}, root / "wider_unet.ckpt")
+    vq = instantiate_from_config(model_cfg["params"]["first_stage_config"])
+    save_checkpoint({"state_dict": vq.state_dict()}, root / "first_stage.ckpt")
+    data = (root / "wider_unet.ckpt").read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "notes.ckpt").write_text("not a checkpoint\n")
+    (root / "folder.ckpt").mkdir()
+    return {p.stem: p for p in root.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "name, code, expected",
+    [
+        ("truncated", 1, "cannot be read (truncated or corrupt)"),
+        ("empty", 1, "is empty (0 bytes)"),
+        ("notes", 1, "cannot be read"),
+        ("folder", 2, "is a directory, not a checkpoint file"),
+        ("first_stage", 1, "weights of LateStepsLatentDiffusion (no key in common): it is the wrong kind of checkpoint"),
+        ("wider_unet", 1, "model.diffusion_model.input_blocks.0.0.weight: checkpoint [64, 3, 3, 3] vs model [32, 3, 3, 3]"),
+    ],
+)
+def test_bad_init_checkpoint_fails_in_one_line(main_module, bad_init_checkpoints, name, code, expected, tmp_path, capsys):
+    path = bad_init_checkpoints[name]
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"),
+            f"model.params.ckpt_path={path}"]
+    assert main_module.main(argv) == code
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert expected in line and str(path) in line
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.params.t_min=${nope}", "cannot resolve the config at model.params.t_min: Interpolation key 'nope' not found"),
+        ("model.params=3", "params of 'ldm.models.diffusion.latesteps.LateStepsLatentDiffusion' must be a mapping"),
+        ("model.params.unet_config.params.channel_mult=[1", "cannot parse the override"),
+        ("model.params.unet_config.params.channel_mult.0={a: 1}", "cannot build 'ldm.modules.diffusionmodules.openaimodel"),
+        ("model.params.unet_config.params.channel_mult={a: 1}", "cannot apply the override"),
+        ("model.params.unet_config={a: 1}", "config for 'ldm.modules.diffusionmodules.openaimodel.UNetModel' has unknown keys"),
+    ],
+)
+def test_unusable_overrides_fail_in_one_line(main_module, override, expected, tmp_path, capsys):
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"), override]
+    assert main_module.main(argv) == 2
+    assert expected in one_error_line(capsys.readouterr().err, "main.py: error:")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (["-l"], "argument -l/--logdir: expected one argument"),
+        (["-s", "abc"], "argument -s/--seed: invalid int value: 'abc'"),
+        (["--scale_lr", "maybe"], "expected a boolean (true/false), got 'maybe'"),
+    ],
+)
+def test_flags_without_a_valid_value_fail_in_one_line(main_module, tokens, expected, capsys):
+    assert main_module.main(["-b", str(QUICKSTART), "-t", *tokens]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and expected in one_error_line(err, "main.py: error:")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_is_refused_for_diffusion_training(main_module, precision, tmp_path, capsys):
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"),
+            f"lightning.trainer.precision={precision}"]
+    assert main_module.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert f"precision={precision}" in line and "EMA" in line and "use precision=bf16-mixed" in line
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,7 +245,7 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# crafted configs and command lines (the adversarial pass): one line, exit 2, no run folder
+# crafted configs and command lines: one line, exit 2, no run folder
 
 
 @pytest.mark.parametrize(
@@ -218,7 +272,7 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         (["-n", "a/b"], "-n/--name 'a/b' must be a plain file name (no '/')"),
         (["-p", "/../../escaped"], "-p/--postfix '/../../escaped' must be a plain file name"),
         (["data.params.train.params.size=4096"], "size=4096 px is above 2048 px"),
-        # issue 27: ~key deletions and target changes on the command line
+        # ~key deletions and target changes on the command line
         (["~model"], "the merged config has no 'model' section"),
         (["~data"], "training needs a 'data' section"),
         (["~data.params.nope"], "cannot delete 'data.params.nope' (~data.params.nope): data.params has no key 'nope'"),
@@ -254,19 +308,6 @@ def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_folder(main_module
     assert nothing_left(tmp_path / "logs")
 
 
-def test_a_checkpoint_storing_an_invalid_seed_resumes_with_a_warning(tmp_path):
-    from ldm.checkpoint import save_checkpoint
-    from ldm.train.callbacks import StepSeeding
-    from ldm.train.cli import DEFAULT_SEED, resume_seed
-
-    for stored in (2**40, -3, "23", True):
-        path = tmp_path / "last.ckpt"
-        save_checkpoint({"state_dict": {}, "callbacks": {StepSeeding.STATE_KEY: {"seed": stored}}}, path)
-        seed, note = resume_seed(path, None)
-        assert seed == DEFAULT_SEED and note.startswith("warning:") and "stores an invalid seed" in note, note
-        assert resume_seed(path, 7)[0] == 7
-
-
 def test_ctrl_c_while_main_py_starts_is_one_line(tmp_path):
     """SIGINT while main.py imports Lightning and builds the model: no traceback, exit 130."""
     proc = subprocess.Popen([sys.executable, str(MAIN), *new_run_args(tmp_path)], cwd=tmp_path, env=_env(),
@@ -278,24 +319,3 @@ def test_ctrl_c_while_main_py_starts_is_one_line(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "main.py: interrupted" and "Traceback" not in err
     assert nothing_left(tmp_path / "logs")
-
-
-@pytest.mark.timeout(60)
-def test_a_fifo_or_a_postscript_file_in_an_image_folder_is_skipped_without_blocking_or_running_anything(tmp_path,
-                                                                                                     monkeypatch):
-    """A FIFO named x.png blocked the data loader's open forever; an EPS file named x.png reached Pillow's EPS plugin,
-    which runs Ghostscript.  Both are now unreadable files: skipped with a warning, the good image is used."""
-    from PIL import EpsImagePlugin, Image
-
-    from ldm.data.image_folder import ImageFolderDataset
-
-    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "b_good.png")
-    os.mkfifo(tmp_path / "a_fifo.png")
-    (tmp_path / "a_postscript.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
-    ran: list[object] = []
-    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args) or None)
-    dataset = ImageFolderDataset(tmp_path, size=32, split="all", val_fraction=0.0, flip=False)
-    assert len(dataset) == 3
-    for index in range(3):
-        assert dataset[index]["file_path_"] == str(tmp_path / "b_good.png")
-    assert sorted(Path(p).name for p in dataset.skipped_files) == ["a_fifo.png", "a_postscript.png"] and ran == []

@@ -362,3 +362,36 @@ def test_cli_refusals_are_one_line_before_any_work(cli, ckpts, expert_checkpoint
     assert code == 0, capsys.readouterr().err
     meta = read_png_metadata(out / "bare_t400_s0.png")
     assert meta["prompt"] == "a cat" and meta["unguided_experts"] == "uncond_0_250.ckpt"
+
+
+def test_the_web_app_refines_with_its_prompt_fields_as_the_api_does(refiner, tmp_path):
+    """The app's settings carry prompt, negative prompt and guidance scale to text-conditioned experts; its output
+    equals refine_tensors' with the same Prompt and seed, and records them; bad values are one-line 400s."""
+    pytest.importorskip("starlette", reason="the web app needs the app extra")
+    from ldm.app.handlers import RefineSettings, RequestError, load_upload, prepare
+    from ldm.app.handlers import refine as app_refine
+    from ldm.imageio import image_to_tensor, load_image, read_png_metadata
+
+    path = png(tmp_path / "cat.png", 3)
+    upload = load_upload(path.read_bytes(), "cat.png")
+    settings = RefineSettings.from_json({"mode": "whole", "start_t": 400, "steps": 10, "prompt": "a cat",
+                                         "negative_prompt": "blurry", "guidance_scale": 5})  # fmt: skip
+    prepared = prepare(refiner, upload, settings, None)
+    assert prepared.request.prompt == Prompt("a cat", "blurry", 5.0)
+    result = app_refine(refiner, prepared, tmp_path / "out")
+    x = image_to_tensor(load_image(path).rgb)
+    expected = refiner.refine_tensors(x, 400, [0], 10, prompt=Prompt("a cat", "blurry", 5.0))
+    assert np.array_equal(load_image(result.samples[0].path).rgb, load_image_array(expected))
+    meta = read_png_metadata(result.samples[0].path)
+    assert (meta["prompt"], meta["negative_prompt"], meta["guidance_scale"]) == ("a cat", "blurry", "5.0")
+    for bad, words in (({"guidance_scale": 100}, "Guidance scale must be a number from 0 to 30"),
+                       ({"guidance_scale": "high"}, "Guidance scale must be a number"),
+                       ({"prompt": 5}, "Prompt must be a str")):  # fmt: skip
+        with pytest.raises(RequestError, match=words):
+            RefineSettings.from_json(bad)
+
+
+def load_image_array(x: torch.Tensor) -> np.ndarray:
+    from ldm.imageio import tensor_to_image
+
+    return tensor_to_image(x[0]).astype(np.float32) / 255.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import re
 import statistics
 import threading
@@ -47,7 +48,9 @@ from ldm.imageio import (
     save_image_atomic,
     tensor_to_image,
 )
+from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
 from ldm.refine.batch import batch_plan, build_metadata, output_name
+from ldm.refine.conditioning import check_chain, text_experts
 from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
 from ldm.refine.regions import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, MAX_FEATHER, Box, parse_box, region_crops
@@ -64,6 +67,7 @@ MAX_SAMPLES = 8
 MAX_STEPS = 1000
 MAX_BOXES = 100  # boxes per request
 MAX_REQUEST_STEPS = MAX_SAMPLES * MAX_STEPS  # samples x regions x steps: every whole-image request fits, 7 h do not
+MAX_GUIDANCE_SCALE = 30.0  # the page's bound (SD is used at 5-12); the library takes any finite scale >= 0
 MAX_STEP_SECONDS = 20.0  # estimated wall time of one sampling step: Cancel and Ctrl+C wait for the step in progress
 MODES = ("whole", "mask", "crop")  # whole image / in place (only the mask changes) / crop ("only masked")
 STEP_MODES = ("grid", "exact")  # the DDIM grid's entries <= start_t / exactly K steps from start_t
@@ -202,6 +206,9 @@ class RefineSettings:
     mask_blur: int = DEFAULT_MASK_BLUR
     mask_dilate: int = 0
     region_padding: int = DEFAULT_REGION_PADDING
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
     @classmethod
     def from_json(cls, data: Any, base: RefineSettings | None = None) -> RefineSettings:
@@ -228,6 +235,19 @@ class RefineSettings:
                 values[name] = data[name]
         if "boxes" in data:
             values["boxes"] = parse_boxes(data["boxes"])
+        for name in ("prompt", "negative_prompt"):
+            if name in data:
+                try:
+                    values[name] = check_prompt_text(data[name], FIELD_LABELS[name])
+                except PromptError as exc:
+                    raise RequestError(str(exc)) from None
+        if "guidance_scale" in data:
+            scale = data["guidance_scale"]
+            ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+            if not ok or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+                raise RequestError(f"{FIELD_LABELS['guidance_scale']} must be a number from 0 to {MAX_GUIDANCE_SCALE:g} "
+                                   f"(1 = no guidance), not {_shown(scale)}")  # fmt: skip
+            values["guidance_scale"] = float(scale)
         seed, n_samples = values.get("seed", base.seed), values.get("n_samples", base.n_samples)
         if seed + n_samples - 1 > MAX_SEED:  # sample k uses seed + k (as scripts/refine.py refuses it)
             raise RequestError(f"Seed {seed} with {n_samples} samples would use seeds up to {seed + n_samples - 1}; "
@@ -239,12 +259,14 @@ class RefineSettings:
         grid = self.step_mode == "grid"
         return {"ddim_steps": self.steps if grid else None, "tail_steps": None if grid else self.steps, "sampler": self.sampler}
 
-    def request(self) -> RefineRequest:
-        """These settings as the refinement request the CLI and the Python API build (eta 0: the page has no eta)."""
+    def request(self, with_prompt: bool = False) -> RefineRequest:
+        """These settings as the refinement request the CLI and the Python API build (eta 0: the page has no eta);
+        ``with_prompt``: for text-conditioned experts, with the page's prompt, negative prompt and guidance scale."""
         grid = self.step_mode == "grid"
+        prompt = Prompt(self.prompt, self.negative_prompt, self.guidance_scale) if with_prompt else None
         return RefineRequest(start_t=self.start_t, ddim_steps=self.steps if grid else None,
                              tail_steps=None if grid else self.steps, sampler=self.sampler, seed=self.seed,
-                             n_samples=self.n_samples, regions=self.regions())  # fmt: skip
+                             n_samples=self.n_samples, regions=self.regions(), prompt=prompt)  # fmt: skip
 
     def regions(self) -> RegionOptions:
         """The CLI's region options for these settings (boxes only count outside the whole-image mode)."""
@@ -401,7 +423,9 @@ def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, devic
     return time.perf_counter() - started
 
 
-def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None) -> None:
+def _check_step_time(
+    refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None, calls: int = 1
+) -> None:
     """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS` (estimated with ``cost``): the
     whole padded image in the whole-image and in-place modes, one region at the experts' size in crop mode."""
     if cost is None:
@@ -411,7 +435,7 @@ def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings,
         pixels = (refiner.native_size // first) ** 2
     else:  # the image padded to a multiple of the model's factor, in latent pixels
         pixels = (-(-upload.height // f) * f // first) * (-(-upload.width // f) * f // first)
-    seconds = cost.step_seconds(pixels)
+    seconds = calls * cost.step_seconds(pixels)
     if seconds <= MAX_STEP_SECONDS:
         return
     raise RequestError(
@@ -432,6 +456,7 @@ class Prepared:
     start_map: torch.Tensor | None  # [1, 1, H, W] int16 timesteps (a quarter of int64's memory while it waits)
     region_meta: dict[str, str]
     total_steps: int  # sampling steps the request runs (samples x regions x plan steps), for the progress bar
+    request: RefineRequest | None = None  # what runs (None: settings.request())
 
 
 @dataclass
@@ -472,12 +497,16 @@ def prepare(
             :data:`MAX_REQUEST_STEPS` sampling steps in all (samples x regions x steps), or one step estimated to take
             over :data:`MAX_STEP_SECONDS`.
     """
-    _check_step_time(refiner, upload, settings, step_cost)
     regions = settings.regions()
     try:
         plan = batch_plan(refiner, settings.request())
+        text = bool(text_experts(refiner.experts, plan))  # text-conditioned experts run with the page's prompt
+        check_chain(refiner.experts, plan, text, refiner.allow_unconditional_experts)
     except ValueError as exc:
         raise RequestError(plan_error(refiner, settings, exc)) from None
+    guided = text and settings.guidance_scale != 1  # guidance runs each network twice (one batched call)
+    _check_step_time(refiner, upload, settings, step_cost, 2 if guided else 1)
+    request = settings.request(with_prompt=text)
     start_map, meta, n_regions = None, {}, 1
     if settings.mode != "whole":
         if mask is None and not regions.boxes:
@@ -498,7 +527,7 @@ def prepare(
     else:
         _check_work(settings, n_regions, len(plan.timesteps))
     total = settings.n_samples * n_regions * len(plan.timesteps)
-    return Prepared(upload, settings, plan, start_map, meta, total)
+    return Prepared(upload, settings, plan, start_map, meta, total, request)
 
 
 def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> None:
@@ -530,7 +559,7 @@ def refine(
     """
     started = time.perf_counter()
     s, plan, upload = prepared.settings, prepared.plan, prepared.upload
-    request = s.request()
+    request = prepared.request if prepared.request is not None else s.request()
     image = upload.decode()
     x, alpha = image_to_tensor(image.rgb), image.alpha  # [1, 3, H, W] in [-1, 1]
     del image  # the float32 array is not needed once the tensor exists
@@ -539,7 +568,7 @@ def refine(
     for k in range(s.n_samples):
         seed = s.seed + k
         out = refiner.refine(x, request, [seed], start_map=prepared.start_map, callback=callback)
-        meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters())
+        meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters(), request.prompt)
         meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
         path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)
         save_image_atomic(path, tensor_to_image(out[0]), alpha=alpha, metadata=meta)

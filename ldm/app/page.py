@@ -32,6 +32,9 @@ FIELD_LABELS = {
     "mask_blur": "Mask blur",
     "mask_dilate": "Mask dilate",
     "region_padding": "Region padding",
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "guidance_scale": "Guidance scale",
 }
 DEFAULT_START_CAP = 4  # the default start is at most T / 4 (a quarter of the noise levels redone)
 

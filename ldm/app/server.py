@@ -73,6 +73,7 @@ from ldm.app.handlers import (
 )
 from ldm.app.jobs import DONE, Job, JobQueue
 from ldm.app.page import start_range
+from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
 
@@ -174,6 +175,8 @@ def create_app(
                 "max_boxes": MAX_BOXES,
                 "max_request_steps": MAX_REQUEST_STEPS,
                 "max_step_seconds": MAX_STEP_SECONDS if state.step_cost is not None else None,
+                # the page shows the prompt fields only for experts that read a prompt
+                "text_conditioned": any(is_text_conditioned(e.model) for e in refiner.experts),
                 "max_refine_json_bytes": MAX_REFINE_JSON_BYTES,
                 "outdir": str(state.outdir),
             }

@@ -55,13 +55,17 @@ function settings() {
     start_t: number("start"), sampler: $("sampler").value, step_mode: $("step-mode").value, steps: number("steps"),
     seed: number("seed"), n_samples: number("n-samples"), mode: $("mode").value, boxes: $("boxes").value,
     mask_blur: number("mask-blur"), mask_dilate: number("mask-dilate"), region_padding: number("region-padding"),
+    ...(state.info && state.info.text_conditioned ? {
+      prompt: $("prompt").value, negative_prompt: $("negative-prompt").value, guidance_scale: number("guidance-scale"),
+    } : {}),
   };
 }
 
 function applySettings(s) {
   const ids = { start_t: "start", sampler: "sampler", step_mode: "step-mode", steps: "steps", seed: "seed",
     n_samples: "n-samples", mode: "mode", mask_blur: "mask-blur", mask_dilate: "mask-dilate",
-    region_padding: "region-padding" };
+    region_padding: "region-padding", prompt: "prompt", negative_prompt: "negative-prompt",
+    guidance_scale: "guidance-scale" };
   for (const [key, id] of Object.entries(ids)) if (key in s) $(id).value = s[key];
   if (Array.isArray(s.boxes)) $("boxes").value = s.boxes.join("\n");
   showStart();
@@ -494,6 +498,7 @@ async function init() {
     start.min = `${info.start.min}`;
     start.max = `${info.start.max}`;
     $("start-range").textContent = `(the experts' range: ${info.start.min}–${info.start.max})`;
+    $("prompt-row").hidden = !info.text_conditioned; // only experts that read a prompt get one
     applySettings(info.defaults);
   } catch (err) {
     setMsg($("experts"), err.message, true);

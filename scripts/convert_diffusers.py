@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Convert diffusers LDM folders to this project's checkpoints and window experts back to diffusers folders.
+"""Convert diffusers LDM / Stable Diffusion v1 folders to this project's checkpoints, and experts back to diffusers.
 
     python scripts/convert_diffusers.py --from-diffusers ldm-celebahq-256/ --out models/ldm/celebahq.ckpt
     python scripts/convert_diffusers.py --to-diffusers logs/<run>/checkpoints/last.ckpt --out exported/latesteps_750_1000
+    python scripts/convert_diffusers.py --from-diffusers stable-diffusion-v1-5/ --out models/ldm/sd15.ckpt
 
 --from-diffusers reads an unconditional LDM folder (unet/ UNet2DModel, vqvae/ VQModel, scheduler/ DDIM or DDPM
-config) and writes a checkpoint with its embedded config: a full-range expert for scripts/refine.py --ckpt, or the
-init of a window model (model.params.ckpt_path=).  --to-diffusers writes an expert checkpoint (EMA weights by default)
-as a folder that diffusers' UNet2DModel / VQModel / DDIMScheduler / LDMPipeline .from_pretrained load, with the window
-in unet/config.json ("_latesteps_window").  Nothing is downloaded; the output must not exist and appears complete or
-not at all.  This file only parses arguments and prints; the work is in ldm.convert.diffusers.
+config) or a Stable Diffusion v1 folder (model_index.json naming a text encoder: unet/ UNet2DConditionModel, vae/
+AutoencoderKL, text_encoder/ CLIPTextModel, tokenizer/ CLIPTokenizer, scheduler/ PNDM, DDIM, ... config; the kind is
+read from the folder) and writes a checkpoint with its embedded config: a full-range expert for scripts/refine.py
+--ckpt (with --prompt for SD), or the init of a window model (model.params.ckpt_path=).  An SD checkpoint's text encoder
+reads its tokenizer and config from the diffusers folder (absolute path; or --clip-dir), which must stay.
+--to-diffusers writes an expert checkpoint (EMA weights by default) as a folder that diffusers' from_pretrained loads
+(LDMPipeline, or StableDiffusionPipeline for an SD v1-shaped expert), with the window in unet/config.json
+("_latesteps_window").  SD 2.x, SDXL, v-prediction and inpainting folders are refused.  Nothing is downloaded; the
+output must not exist and appears complete or not at all.  This file only parses arguments and prints; the work is
+in ldm.convert.diffusers.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-factor", type=positive_float, metavar="S",
                    help="--from-diffusers: the latent scale, overriding vqvae/config.json's scaling_factor "
                         "(default: that value, else 1.0 as in CompVis' VQ LDMs)")
+    p.add_argument("--clip-dir", metavar="DIR",
+                   help="--from-diffusers of a Stable Diffusion folder: the local CLIP folder (tokenizer + text "
+                        "config.json, or a diffusers folder with tokenizer/ and text_encoder/) that the checkpoint's "
+                        "text encoder reads (default: the diffusers folder itself, by absolute path)")
     p.add_argument("--config", metavar="YAML",
                    help="--to-diffusers: model config for checkpoints that carry none (e.g. CompVis releases)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -82,12 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_diffusers is not None:
         if args.config is not None or args.trust_config or not args.ema:
             parser.error("--config, --trust-config and --no-ema apply to --to-diffusers only")
+        if args.clip_dir is not None and not os.path.isdir(args.clip_dir):
+            parser.error(f"--clip-dir {args.clip_dir} is not a folder; pass a local folder with the CLIP tokenizer and "
+                         "text config.json (or a diffusers folder with tokenizer/ and text_encoder/)")
         if not args.out.endswith(CKPT_SUFFIXES):
             parser.error(f"--out {args.out} must end with one of {', '.join(CKPT_SUFFIXES)} (a checkpoint that keeps "
                          "its embedded config)")
         return _from_diffusers(args)
     if args.scale_factor is not None:
         parser.error("--scale-factor applies to --from-diffusers only (an export writes the model's own scale_factor)")
+    if args.clip_dir is not None:
+        parser.error("--clip-dir applies to --from-diffusers only (an export writes the model's own tokenizer)")
     return _to_diffusers(args)
 
 
@@ -97,7 +112,8 @@ def _from_diffusers(args: argparse.Namespace) -> int:
     from ldm.models.diffusion.latesteps import window_to_steps
 
     try:
-        ckpt = diffusers_to_checkpoint(args.from_diffusers, scale_factor=args.scale_factor, unsafe_load=args.unsafe_load)
+        ckpt = diffusers_to_checkpoint(args.from_diffusers, scale_factor=args.scale_factor, unsafe_load=args.unsafe_load,
+                                       clip_dir=args.clip_dir)
     except (CheckpointError, ValueError, OSError) as exc:  # DiffusersFormatError is a CheckpointError
         _err(one_line_error(exc))
         return EXIT_USAGE
@@ -110,9 +126,12 @@ def _from_diffusers(args: argparse.Namespace) -> int:
     params = cfg["params"]
     window = ckpt.get("window") or [0, params["timesteps"]]
     a, b = window_to_steps(window[0], window[1], params["timesteps"])
+    cond = params.get("cond_stage_config")
+    text = (f", text-conditioned (CLIP tokenizer and config read from {cond['params']['version']}, which must stay)"
+            if isinstance(cond, dict) else "")
     print(f"wrote {args.out}: {cfg['target'].rsplit('.', 1)[-1]}, window t in [{window[0]}, {window[1]}) = steps {a}-{b} "
-          f"of T={params['timesteps']}, scale_factor {params['scale_factor']:g}, from {ckpt['converted_from']['folder']} "
-          f"(sha256 {ckpt['converted_from']['sha256'][:12]})")
+          f"of T={params['timesteps']}, scale_factor {params['scale_factor']:g}{text}, from "
+          f"{ckpt['converted_from']['folder']} (sha256 {ckpt['converted_from']['sha256'][:12]})")
     return EXIT_OK
 
 

@@ -15,6 +15,11 @@ A diffusers LDM folder (``LDMPipeline`` layout, e.g. ``CompVis/ldm-celebahq-256`
   in ``unet/config.json`` as ``"_latesteps_window": [t_min, t_max]`` (diffusers keeps ``_`` keys as metadata and
   passes nothing to the constructor); the scheduler config reproduces this project's DDIM.
 
+Stable Diffusion v1 folders (``StableDiffusionPipeline``: ``UNet2DConditionModel``, ``AutoencoderKL``,
+``CLIPTextModel``, ``CLIPTokenizer``) take the same two ways: :func:`diffusers_to_checkpoint` recognises them by their
+text encoder (:mod:`ldm.convert.from_sd`) and :func:`export_diffusers` writes an SD v1-shaped model with
+:func:`export_sd_diffusers`.
+
 ``scale_factor`` <-> the VQModel's ``scaling_factor``: exported folders always write it.  An imported folder without
 the key gets 1.0, the value of CompVis' VQ LDMs (diffusers' default 0.18215 belongs to Stable Diffusion's KL VAE; a
 wrong value is what makes ``LDMPipeline`` output garbage with ``ldm-celebahq-256``, diffusers issue 6725), unless
@@ -31,7 +36,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,12 @@ from ldm.convert.from_diffusers import (  # the reading half, re-exported here
     model_config,  # noqa: F401
 )
 from ldm.convert.schedule import scheduler_config_from_model
+from ldm.convert.sd_map import (
+    CLIP_PREFIX,
+    cond_unet_layout_from_model,
+    kl_layout_from_model,
+    text_param_maps,
+)
 from ldm.convert.unet_map import WINDOW_KEY, unet_layout_from_model
 from ldm.convert.vq_map import vq_layout_from_model
 from ldm.imageio import format_path
@@ -62,6 +73,7 @@ __all__ = [
     "checkpoint_to_diffusers",
     "diffusers_to_checkpoint",
     "export_diffusers",
+    "export_sd_diffusers",
     "is_diffusers_folder",
     "load_diffusers_expert",
 ]
@@ -71,7 +83,8 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------------------ export
 def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, int] | None = None) -> Path:
-    """Write an unconditional LDM (its weights as they are now) as a diffusers LDM folder, atomically.
+    """Write an unconditional LDM (its weights as they are now) as a diffusers LDM folder, atomically; an SD v1-shaped
+    model (cross-attention on a ``FrozenCLIPEmbedder``) goes to :func:`export_sd_diffusers`.
 
     Args:
         model: a ``LatentDiffusion`` / ``LateStepsLatentDiffusion`` with a CompVis ``UNetModel`` and a VQ first stage.
@@ -88,6 +101,8 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, 
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    if _is_sd_shaped(model):
+        return export_sd_diffusers(model, out, window)
     if getattr(model.model, "conditioning_key", None) is not None:
         raise DiffusersFormatError(
             f"the model is conditional (conditioning_key={model.model.conditioning_key!r}); diffusers' LDMPipeline "
@@ -133,19 +148,88 @@ def _json(data: Mapping[str, Any]) -> bytes:
     return (json.dumps({**data, "_diffusers_version": DIFFUSERS_VERSION}, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_folder(out: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` (relative path -> bytes) into a hidden temp folder beside ``out``, then rename it to ``out``:
-    a reader sees no folder or the complete one; on an error the temp folder is removed."""
+def _write_folder(out: Path, files: Mapping[str, bytes], fill: Callable[[Path], None] | None = None) -> None:
+    """Write ``files`` (relative path -> bytes) into a hidden temp folder beside ``out`` (and let ``fill(tmp)`` write
+    more), then rename it to ``out``: a reader sees no folder or the complete one; on an error the temp folder is
+    removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
         for rel, payload in files.items():
             atomic_write_bytes(tmp / rel, payload)
+        if fill is not None:
+            fill(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_sd_shaped(model: Any) -> bool:
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    cond = getattr(model, "cond_stage_model", None)
+    return getattr(model.model, "conditioning_key", None) == "crossattn" and isinstance(cond, FrozenCLIPEmbedder)
+
+
+def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, int] | None = None) -> Path:
+    """Write an SD v1-shaped ``LatentDiffusion`` (cross-attention UNet, ``AutoencoderKL``, ``FrozenCLIPEmbedder``) as
+    a diffusers ``StableDiffusionPipeline`` folder, atomically: ``unet/`` (``UNet2DConditionModel``, the window in
+    ``_latesteps_window``), ``vae/`` (``AutoencoderKL``, ``scaling_factor`` = the model's ``scale_factor``),
+    ``text_encoder/`` (``CLIPTextModel``: config.json + model.safetensors, ``text_model.*`` keys), ``tokenizer/`` (the
+    embedder's tokenizer, saved by transformers), ``scheduler/`` (``DDIMScheduler`` running this project's DDIM over
+    the model's betas) and ``model_index.json`` (no safety checker).
+
+    Raises:
+        DiffusersFormatError: a model diffusers' SD pipeline cannot hold (see :mod:`ldm.convert.sd_map`), or a text
+            encoder read at another layer than the last (``layer`` != ``"last"``, as SD 2's penultimate layer).
+        FileExistsError: ``out_dir`` exists.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    cond = model.cond_stage_model
+    if cond.layer != "last":
+        raise DiffusersFormatError(f"the text encoder is read at layer={cond.layer!r}; diffusers' Stable Diffusion "
+                                   "pipeline uses the last hidden state (layer='last')")
+    unet = cond_unet_layout_from_model(model.model.diffusion_model)
+    kl = kl_layout_from_model(model.first_stage_model)
+    num_timesteps = int(model.num_timesteps)
+    window = validate_window(*[int(v) for v in (window if window is not None else model.window())], num_timesteps)
+    unet_config = unet.diffusers_config()
+    if window != (0, num_timesteps):
+        unet_config[WINDOW_KEY] = list(window)
+    # the text model's options; "_name_or_path" (where it was loaded from) and the transformers version are not
+    text_config = {k: v for k, v in cond.transformer.config.to_dict().items()
+                   if not k.startswith("_") and k != "transformers_version"}
+    text_config["architectures"] = ["CLIPTextModel"]
+    text_keys = [k for k in cond.state_dict() if k.startswith(CLIP_PREFIX)]
+    tokenizer = cond.tokenizer
+    files: dict[str, bytes] = {
+        "model_index.json": _json({
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+        "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
+        "unet/config.json": _json(unet_config),
+        f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
+        "vae/config.json": _json(kl.diffusers_config(float(model.scale_factor))),
+        f"vae/{WEIGHTS_NAME}": _export_weights(model.first_stage_model, kl.param_maps(), "first-stage"),
+        "text_encoder/config.json": (json.dumps(text_config, indent=2, sort_keys=True) + "\n").encode(),
+        "text_encoder/model.safetensors": _export_weights(cond, text_param_maps(text_keys), "text-encoder"),
+    }
+    _write_folder(out, files, fill=lambda tmp: tokenizer.save_pretrained(str(tmp / "tokenizer")))
+    logger.info("wrote diffusers Stable Diffusion folder %s (window %s of T=%d)", format_path(out), list(window),
+                num_timesteps)
+    return out
 
 
 def checkpoint_to_diffusers(

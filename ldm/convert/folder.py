@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,9 @@ class WeightFile:
     Only floating-point tensors are accepted.
     """
 
-    def __init__(self, path: Path, shown: str, unsafe: bool = False):
+    def __init__(self, path: Path, shown: str, unsafe: bool = False, skip: Callable[[str], bool] | None = None):
         self.path, self.shown = path, shown
+        self.skip = skip or (lambda name: False)
         self._tensors: dict[str, torch.Tensor] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         if path.suffix == ".safetensors":
@@ -77,6 +78,8 @@ class WeightFile:
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     for name in fh.keys():
+                        if self.skip(name):
+                            continue
                         piece = fh.get_slice(name)
                         self._check_dtype(name, piece.get_dtype(), piece.get_dtype() in SAFETENSORS_FLOATS)
                         self._shapes[name] = tuple(int(s) for s in piece.get_shape())
@@ -84,6 +87,7 @@ class WeightFile:
                 raise DiffusersFormatError(f"{shown} is not a readable safetensors file: {' '.join(str(exc).split())}") from exc
         else:
             tensors = load_state_dict(path, unsafe=unsafe)
+            tensors = {k: v for k, v in tensors.items() if not self.skip(str(k))}
             for name, value in tensors.items():
                 if not isinstance(value, torch.Tensor):
                     raise DiffusersFormatError(f"{shown}: entry {name!r} is a {type(value).__name__}, not a tensor")
@@ -104,7 +108,7 @@ class WeightFile:
         if self._tensors is None:
             from safetensors.torch import load_file
 
-            self._tensors = load_file(str(self.path), device="cpu")
+            self._tensors = {k: v for k, v in load_file(str(self.path), device="cpu").items() if not self.skip(k)}
         return {rename.get(k, k): v.to(torch.float32) for k, v in self._tensors.items()}
 
 
@@ -144,9 +148,11 @@ class LDMFolder:
             digest.update(f"{path.relative_to(self.root).as_posix()}\0{sha256_file(path)}\n".encode())
         return digest.hexdigest()
 
-    def weights(self, component: Component, unsafe: bool = False) -> WeightFile:
+    def weights(self, component: Component, unsafe: bool = False, skip: Callable[[str], bool] | None = None) -> WeightFile:
+        """The component's weight file (``skip(name)``: tensors left out unread, e.g. CLIP's integer position ids)."""
         assert component.weights_file is not None
-        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe)
+        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe,
+                          skip)
 
 
 def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
@@ -229,14 +235,108 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
-def _weights_file(folder: Path, shown: str) -> Path:
+def _weights_file(folder: Path, shown: str, names: tuple[str, ...] = WEIGHT_NAMES) -> Path:
     if not folder.is_dir():
         raise DiffusersFormatError(f"{shown}/ is missing (or not a folder)")
-    for name in WEIGHT_NAMES:
+    for name in names:
         candidate = folder / name
         if candidate.is_file():
             return candidate
-    if any((folder / f"{name}.index.json").exists() for name in WEIGHT_NAMES):
+    if any((folder / f"{name}.index.json").exists() for name in names):
         raise DiffusersFormatError(f"{shown}/ holds sharded weights (*.index.json), which are not supported; save the "
                                    "model unsharded (save_pretrained(..., max_shard_size='100GB'))")
-    raise DiffusersFormatError(f"{shown}/ holds no {' or '.join(WEIGHT_NAMES)}")
+    raise DiffusersFormatError(f"{shown}/ holds no {' or '.join(names)}")
+
+
+# ------------------------------------------------------------------------------------------------ Stable Diffusion
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")  # not part of the denoiser; never read
+TEXT_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json + merges.txt + tokenizer.json are ~5 MB
+_TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel")
+
+
+@dataclass
+class SDFolder(LDMFolder):
+    """A Stable Diffusion pipeline folder: an :class:`LDMFolder` (UNet, VAE as ``first_stage``, scheduler) plus the
+    text encoder (``CLIPTextModel``) and the tokenizer folder."""
+
+    text_encoder: Component | None = None
+    tokenizer: Path | None = None
+
+
+def is_sd_folder(path: str | os.PathLike) -> bool:
+    """Whether a diffusers folder is a text-to-image pipeline (a text encoder or tokenizer in ``model_index.json``, or
+    a ``text_encoder/`` sub-folder without one) rather than an unconditional LDM; unreadable JSON answers False (the
+    LDM reader then names the problem)."""
+    root = Path(path)
+    index = root / MODEL_INDEX
+    if not index.is_file():
+        return (root / "text_encoder").is_dir()
+    try:
+        data = read_json(index, MODEL_INDEX)
+    except DiffusersFormatError:
+        return False
+    if str(data.get("_class_name", "")).startswith("StableDiffusion"):
+        return True
+    return any(isinstance(v, list) and len(v) == 2 and v[1] in _TEXT_CLASSES for v in data.values())
+
+
+def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
+    """Read the configs of a Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/``); weights are not read yet.  ``supported`` ends the message that refuses other pipelines.
+
+    Raises:
+        DiffusersFormatError: not a folder, unreadable JSON, a missing part, a tokenizer without its files (or larger
+            than :data:`MAX_TOKENIZER_BYTES`), or a component an SD v1 pipeline does not have (SDXL's second text
+            encoder, an image encoder with weights, ...).
+    """
+    root = Path(path)
+    shown = format_path(path)
+    if not root.is_dir():
+        raise DiffusersFormatError(f"{shown} is not a folder")
+    classes: dict[str, str | None] = {name: None for name in SD_PARTS}
+    read: list[Path] = []
+    if (root / MODEL_INDEX).is_file():
+        read.append(root / MODEL_INDEX)
+        index = read_json(root / MODEL_INDEX, f"{shown}/{MODEL_INDEX}")
+        for name, entry in index.items():
+            if name.startswith("_") or isinstance(entry, bool) or entry is None:
+                continue  # metadata, requires_safety_checker
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: entry {name!r} must be [library, class], got "
+                                           f"{entry!r}")
+            if entry[-1] is None or name in SD_IGNORED:
+                continue
+            if name not in SD_PARTS:
+                raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component {name!r} ({entry[1]}) is not part of a "
+                                           f"Stable Diffusion v1 pipeline; {supported}")
+            classes[name] = str(entry[1])
+    parts: dict[str, Component] = {}
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        config_name = SCHEDULER_CONFIG if name == "scheduler" else CONFIG_NAME
+        config_file = root / name / config_name
+        config = read_json(config_file, f"{shown}/{name}/{config_name}")
+        if classes[name] is not None:
+            config.setdefault("_class_name", classes[name])
+        read.append(config_file)
+        weights = None
+        if name != "scheduler":
+            names = TEXT_WEIGHT_NAMES if name == "text_encoder" else WEIGHT_NAMES
+            weights = _weights_file(root / name, f"{shown}/{name}", names)
+            read.append(weights)
+        parts[name] = Component(name, config, config_file, weights)
+    tokenizer = root / "tokenizer"
+    files = [tokenizer / n for n in TOKENIZER_FILES if (tokenizer / n).is_file()]
+    names = {f.name for f in files}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise DiffusersFormatError(f"{shown}/tokenizer/ holds no CLIP tokenizer (vocab.json and merges.txt, or "
+                                   "tokenizer.json); save it with CLIPTokenizer.save_pretrained")
+    size = sum(f.stat().st_size for f in files)
+    if size > MAX_TOKENIZER_BYTES:
+        raise DiffusersFormatError(f"{shown}/tokenizer/ holds {size} bytes; a CLIP tokenizer is at most "
+                                   f"{MAX_TOKENIZER_BYTES} bytes")
+    read += files
+    return SDFolder(root, parts["unet"], parts["vae"], parts["scheduler"], read, parts["text_encoder"], tokenizer)

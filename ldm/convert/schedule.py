@@ -39,6 +39,14 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler")
+# Stable Diffusion folders ship other samplers' configs (v1.5: PNDMScheduler); these classes define the betas with the
+# same options (num_train_timesteps, beta_start/end, beta_schedule, trained_betas, prediction_type)
+SD_SCHEDULER_CLASSES = (
+    *SCHEDULER_CLASSES, "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+)
 # defaults shared by DDIMScheduler and DDPMScheduler in diffusers 0.42
 SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -68,6 +76,26 @@ SAMPLER_ONLY = (
     "sample_max_value",
     "tensor_format",
     "timestep_values",
+    # the other SD samplers' step options
+    "skip_prk_steps",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "interpolation_type",
+    "timestep_type",
+    "final_sigmas_type",
+    "sigma_min",
+    "sigma_max",
+    "solver_order",
+    "solver_type",
+    "algorithm_type",
+    "lower_order_final",
+    "euler_at_final",
+    "lambda_min_clipped",
+    "use_lu_lambdas",
+    "disable_corrector",
+    "solver_p",
+    "predict_x0",
 )
 TO_PROJECT = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
 TO_DIFFUSERS = {v: k for k, v in TO_PROJECT.items()}
@@ -110,7 +138,9 @@ class ScheduleSpec:
         return make_beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
 
 
-def schedule_from_config(data: Mapping[str, Any], source: str) -> ScheduleSpec:
+def schedule_from_config(
+    data: Mapping[str, Any], source: str, classes: tuple[str, ...] = SCHEDULER_CLASSES
+) -> ScheduleSpec:
     """Validate a scheduler config (untrusted JSON) and return the schedule it defines.
 
     Unknown options are logged and ignored (a scheduler steers sampling; the betas come only from the options read
@@ -120,10 +150,10 @@ def schedule_from_config(data: Mapping[str, Any], source: str) -> ScheduleSpec:
         DiffusersFormatError: another scheduler class, or a schedule / prediction this project cannot represent.
     """
     cls = data.get("_class_name", "DDIMScheduler")
-    if cls not in SCHEDULER_CLASSES:
+    if cls not in classes:
         raise DiffusersFormatError(
-            f"{source}: _class_name={cls!r} is not supported; the schedule is read from a DDIMScheduler or "
-            "DDPMScheduler config (replace scheduler/scheduler_config.json by one of those with the same betas)"
+            f"{source}: _class_name={cls!r} is not supported; the schedule is read from a {' or '.join(classes)} "
+            "config (replace scheduler/scheduler_config.json by one of those with the same betas)"
         )
     opt = Options(data, source, SCHEDULER_DEFAULTS)
     timesteps = opt.integer("num_train_timesteps", 2, MAX_TIMESTEPS)

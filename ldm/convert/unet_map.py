@@ -311,12 +311,12 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
         image_size=opt.side("sample_size") or 0,
         dropout=opt.number("dropout", 0.0, 1.0),
     )
-    window = _window(data.get(WINDOW_KEY), source)
+    window = window_from_config(data.get(WINDOW_KEY), source)
     opt.finish()
     return layout, window
 
 
-def _window(value: Any, source: str) -> tuple[int, int] | None:
+def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
     if value is None:
         return None
     ok = isinstance(value, (list, tuple)) and len(value) == 2

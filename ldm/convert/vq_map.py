@@ -26,7 +26,7 @@ to_v, to_out.0`` (linear) -> ``norm, q, k, v, proj_out`` (1x1 convs); ``quant_co
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,39 +141,54 @@ class VQLayout:
     # ------------------------------------------------------------------------------------------------------ key map
     def param_maps(self) -> list[ParamMap]:
         """Every first-stage tensor: LDM key (inside ``VQModelInterface``) <-> diffusers key (inside ``VQModel``)."""
-        last = len(self.ch_mult) - 1
-        maps = conv_pair("encoder.conv_in", "encoder.conv_in")
-        block_in = self.ch
-        for level in range(last + 1):
-            out = self.ch * self.ch_mult[level]
-            for j in range(self.num_res_blocks):
-                maps += _resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", block_in != out)
-                block_in = out
-                if self.attention[level]:
-                    maps += _attention(f"encoder.down.{level}.attn.{j}", f"encoder.down_blocks.{level}.attentions.{j}")
-            if level != last:
-                maps += conv_pair(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
-        maps += self._mid("encoder") + conv_pair("encoder.norm_out", "encoder.conv_norm_out")
-        maps += conv_pair("encoder.conv_out", "encoder.conv_out")
-        maps += conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
-        maps += conv_pair("post_quant_conv", "post_quant_conv") + conv_pair("decoder.conv_in", "decoder.conv_in")
-        maps += self._mid("decoder")
-        for k, level in enumerate(reversed(range(last + 1))):
-            out = self.ch * self.ch_mult[level]
-            for j in range(self.num_res_blocks + 1):
-                maps += _resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", block_in != out)
-                block_in = out
-                if self.attention[level]:
-                    maps += _attention(f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{k}.attentions.{j}")
-            if level:
-                maps += conv_pair(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
-        return maps + conv_pair("decoder.norm_out", "decoder.conv_norm_out") + conv_pair("decoder.conv_out", "decoder.conv_out")
+        between = conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
+        between += conv_pair("post_quant_conv", "post_quant_conv")
+        return coder_param_maps(self.ch, self.ch_mult, self.num_res_blocks, self.attention, self.mid_attention, between)
 
-    def _mid(self, part: str) -> list[ParamMap]:
-        maps = _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        if self.mid_attention:
-            maps += _attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
-        return maps + _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+
+def coder_param_maps(
+    ch: int,
+    ch_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attention: tuple[bool, ...],
+    mid_attention: bool,
+    between: list[ParamMap],
+) -> list[ParamMap]:
+    """The CompVis ``Encoder`` / ``Decoder`` tensors <-> diffusers' ``encoder.*`` / ``decoder.*`` (shared by the VQ and
+    the KL autoencoder), with ``between`` (``quant_conv``, a codebook, ``post_quant_conv``) in the middle."""
+    last = len(ch_mult) - 1
+    maps = conv_pair("encoder.conv_in", "encoder.conv_in")
+    block_in = ch
+    for level in range(last + 1):
+        out = ch * ch_mult[level]
+        for j in range(num_res_blocks):
+            maps += _resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", block_in != out)
+            block_in = out
+            if attention[level]:
+                maps += _attention(f"encoder.down.{level}.attn.{j}", f"encoder.down_blocks.{level}.attentions.{j}")
+        if level != last:
+            maps += conv_pair(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+    maps += _mid("encoder", mid_attention) + conv_pair("encoder.norm_out", "encoder.conv_norm_out")
+    maps += conv_pair("encoder.conv_out", "encoder.conv_out")
+    maps += between + conv_pair("decoder.conv_in", "decoder.conv_in")
+    maps += _mid("decoder", mid_attention)
+    for k, level in enumerate(reversed(range(last + 1))):
+        out = ch * ch_mult[level]
+        for j in range(num_res_blocks + 1):
+            maps += _resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", block_in != out)
+            block_in = out
+            if attention[level]:
+                maps += _attention(f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{k}.attentions.{j}")
+        if level:
+            maps += conv_pair(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
+    return maps + conv_pair("decoder.norm_out", "decoder.conv_norm_out") + conv_pair("decoder.conv_out", "decoder.conv_out")
+
+
+def _mid(part: str, mid_attention: bool) -> list[ParamMap]:
+    maps = _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+    if mid_attention:
+        maps += _attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
+    return maps + _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
 
 
 def _resnet(ldm: str, diffusers: str, has_shortcut: bool) -> list[ParamMap]:
@@ -210,11 +225,27 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
         )
     opt = Options(data, source, VQ_DEFAULTS)
     opt.choice("norm_type", ["group"], "spatially-normalized decoders (MoVQ) are not supported")
-    opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
-    opt.choice("act_fn", ["silu", "swish"])
     opt.flag("lookup_from_codebook")
     opt.flag("force_upcast")
     opt.ignore("scaling_factor")
+    coder = coder_from_options(opt, VQ_DEFAULTS["sample_size"])
+    z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
+    embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
+    layout = VQLayout(
+        **coder,
+        z_channels=z_channels,
+        embed_dim=embed_dim,
+        n_embed=opt.integer("num_vq_embeddings", 1, MAX_CODES),
+    )
+    opt.finish()
+    return layout
+
+
+def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
+    """The encoder/decoder options shared by ``VQModel`` and ``AutoencoderKL`` configs, validated: ``in_channels,
+    out_channels, ch, ch_mult, num_res_blocks, attention, mid_attention, resolution`` (the layouts' field names)."""
+    opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
+    opt.choice("act_fn", ["silu", "swish"])
     down = opt.str_list("down_block_types", DOWN_TYPES, MAX_LEVELS, "CompVis' encoder has ResNet (+ attention) levels")
     up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "CompVis' decoder has ResNet (+ attention) levels")
     widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
@@ -233,27 +264,20 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     if any(attention) and not mid_attention:
         raise opt.fail("mid_block_add_attention", False, "with attention blocks is not supported (CompVis' "
                        "attn_type 'none' removes every attention block)")
-    resolution = opt.side("sample_size") or VQ_DEFAULTS["sample_size"]
+    resolution = opt.side("sample_size") or default_size
     if any(attention) and resolution % 2 ** (len(widths) - 1):
         raise opt.fail("sample_size", resolution, f"must be a multiple of {2 ** (len(widths) - 1)} to place the "
                        "attention levels (CompVis' attn_resolutions)")
-    z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
-    embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
-    layout = VQLayout(
-        in_channels=opt.integer("in_channels", 1, MAX_CHANNELS),
-        out_channels=opt.integer("out_channels", 1, MAX_CHANNELS),
-        ch=base,
-        ch_mult=tuple(w // base for w in widths),
-        num_res_blocks=opt.integer("layers_per_block", 1, MAX_LAYERS),
-        attention=attention,
-        mid_attention=mid_attention,
-        z_channels=z_channels,
-        embed_dim=embed_dim,
-        n_embed=opt.integer("num_vq_embeddings", 1, MAX_CODES),
-        resolution=resolution,
-    )
-    opt.finish()
-    return layout
+    return {
+        "in_channels": opt.integer("in_channels", 1, MAX_CHANNELS),
+        "out_channels": opt.integer("out_channels", 1, MAX_CHANNELS),
+        "ch": base,
+        "ch_mult": tuple(w // base for w in widths),
+        "num_res_blocks": opt.integer("layers_per_block", 1, MAX_LAYERS),
+        "attention": attention,
+        "mid_attention": mid_attention,
+        "resolution": resolution,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- from a model
@@ -271,12 +295,25 @@ def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
 
     if not isinstance(first_stage, VQModel):
         raise refuse(f"it is a {type(first_stage).__name__}, not a VQ autoencoder (ldm.models.autoencoder.VQModel)")
-    dd = first_stage.ddconfig
     if getattr(first_stage.quantize, "remap", None) is not None:
         raise refuse("a remapped codebook (remap=...) is not supported")
-    if dd.get("double_z", True) or tuple(dd["ch_mult"])[0] != 1:
-        raise refuse(f"ddconfig double_z={dd.get('double_z', True)}, ch_mult={list(dd['ch_mult'])}: need double_z false "
-                     "and ch_mult starting with 1")
+    dd = first_stage.ddconfig
+    if dd.get("double_z", True):
+        raise refuse(f"ddconfig double_z={dd.get('double_z', True)}: need double_z false")
+    return VQLayout(
+        **coder_from_model(first_stage, refuse),
+        z_channels=int(dd["z_channels"]),
+        embed_dim=int(first_stage.embed_dim),
+        n_embed=int(first_stage.n_embed),
+    )
+
+
+def coder_from_model(first_stage: nn.Module, refuse: Callable[[str], DiffusersFormatError]) -> dict[str, Any]:
+    """The encoder/decoder fields of a layout (as :func:`coder_from_options`) from a CompVis first stage's
+    ``ddconfig`` and modules; ``refuse(what)`` makes the error for what diffusers' encoder/decoder cannot hold."""
+    dd = first_stage.ddconfig
+    if tuple(dd["ch_mult"])[0] != 1:
+        raise refuse(f"ddconfig ch_mult={list(dd['ch_mult'])} must start with 1")
     if not dd.get("resamp_with_conv", True) or dd.get("tanh_out", False) or dd.get("give_pre_end", False):
         raise refuse("resamp_with_conv=False, tanh_out or give_pre_end are not supported")
     encoder, decoder = first_stage.encoder, first_stage.decoder
@@ -284,17 +321,13 @@ def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
     if tuple(len(u.attn) > 0 for u in decoder.up) != attention:
         raise refuse(f"attn_resolutions={list(dd['attn_resolutions'])} put encoder and decoder attention at different "
                      f"levels (resolution={dd['resolution']} is not a multiple of 2**(levels-1))")
-    mid_attention = not isinstance(encoder.mid.attn_1, nn.Identity)
-    return VQLayout(
-        in_channels=int(dd["in_channels"]),
-        out_channels=int(dd["out_ch"]),
-        ch=int(dd["ch"]),
-        ch_mult=tuple(int(m) for m in dd["ch_mult"]),
-        num_res_blocks=int(dd["num_res_blocks"]),
-        attention=attention,
-        mid_attention=mid_attention,
-        z_channels=int(dd["z_channels"]),
-        embed_dim=int(first_stage.embed_dim),
-        n_embed=int(first_stage.n_embed),
-        resolution=int(dd["resolution"]),
-    )
+    return {
+        "in_channels": int(dd["in_channels"]),
+        "out_channels": int(dd["out_ch"]),
+        "ch": int(dd["ch"]),
+        "ch_mult": tuple(int(m) for m in dd["ch_mult"]),
+        "num_res_blocks": int(dd["num_res_blocks"]),
+        "attention": attention,
+        "mid_attention": not isinstance(encoder.mid.attn_1, nn.Identity),
+        "resolution": int(dd["resolution"]),
+    }

@@ -106,8 +106,9 @@ def check_checkpoint_paths(paths: list[str | os.PathLike]) -> None:
             if is_diffusers_folder(path):  # a diffusers LDM folder: load_expert converts it (ldm.convert.diffusers)
                 continue
             raise CheckpointError(
-                f"checkpoint {shown} is a directory; pass the .ckpt/.safetensors file inside it, or a diffusers LDM "
-                "folder (model_index.json, unet/, vqvae/, scheduler/)"
+                f"checkpoint {shown} is a directory; pass the .ckpt/.safetensors file inside it, a diffusers LDM "
+                "folder (model_index.json, unet/, vqvae/, scheduler/) or a diffusers Stable Diffusion v1 folder "
+                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
 
 

@@ -1,0 +1,103 @@
+"""The steps every diffusers import shares (:mod:`ldm.convert.from_diffusers` for LDM folders,
+:mod:`ldm.convert.from_sd` for Stable Diffusion v1 folders): the schedule buffers, the shapes the converted config
+implies (built on the meta device) and a component's weights renamed, checked against those shapes and converted.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import torch
+
+from ldm.convert.common import DiffusersFormatError, ParamMap, check_complete
+from ldm.convert.folder import Component, LDMFolder
+from ldm.convert.schedule import ScheduleSpec
+from ldm.models.diffusion.base import SCHEDULE_BUFFERS
+from ldm.modules.diffusionmodules.util import make_schedule_buffers
+from ldm.util import instantiate_from_config
+
+__all__ = ["current_name", "expected_shapes", "import_weights", "schedule_buffers"]
+
+# attention parameter names of diffusers before 0.15 (hub folders converted back then still use them)
+_DEPRECATED_ATTENTION = re.compile(r"^(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_ATTENTION_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def schedule_buffers(schedule: ScheduleSpec) -> dict[str, torch.Tensor]:
+    """The persistent schedule buffers, computed as ``DDPM.register_schedule`` does (float64, stored float32)."""
+    try:
+        buffers = make_schedule_buffers(schedule.betas(), 0.0, schedule.parameterization)
+    except ValueError as exc:
+        raise DiffusersFormatError(f"the scheduler's betas cannot be used: {exc}") from exc
+    return {name: buffers[name] for name in SCHEDULE_BUFFERS}
+
+
+def expected_shapes(cfg: Mapping[str, Any], shown: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key's shape of the model ``cfg`` describes, built on the meta device (nothing allocated; a
+    text encoder reads only its tokenizer and config.json)."""
+    build = copy.deepcopy(dict(cfg))
+    build["params"] = {**build["params"], "use_ema": False}
+    try:
+        with torch.device("meta"):
+            model = instantiate_from_config(build)
+    except (ValueError, OSError) as exc:  # OSError: a CLIP folder without its tokenizer or config
+        raise DiffusersFormatError(f"{shown}: the converted config does not build: {' '.join(str(exc).split())}") from exc
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def current_name(key: str) -> str:
+    """Today's diffusers name of a parameter (``attentions.0.query.weight`` -> ``attentions.0.to_q.weight``)."""
+    match = _DEPRECATED_ATTENTION.match(key)
+    if match is None:
+        return key
+    return f"{match.group(1)}.{_NEW_ATTENTION_NAME[match.group(2)]}.{match.group(3)}"
+
+
+def import_weights(
+    folder: LDMFolder,
+    component: Component,
+    maps: list[ParamMap],
+    expected: Mapping[str, tuple[int, ...]],
+    prefix: str,
+    unsafe: bool,
+    rename: Callable[[str], str] = current_name,
+    ignore: Collection[str] = (),
+) -> dict[str, torch.Tensor]:
+    """The component's tensors as LDM tensors under ``prefix``; shapes are checked against ``expected`` first.
+
+    ``rename`` maps a file's key to the key the maps use; file keys in ``ignore`` (after renaming) are dropped unread
+    (e.g. CLIP's stored ``position_ids``, an integer buffer recomputed by the model).  Every other file tensor must be
+    used, and every mapped tensor present, or the folder is refused.
+    """
+    ldm_shapes = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
+    check_complete(maps, ldm_shapes, component.name)
+    want: dict[str, tuple[int, ...]] = {}
+    for m in maps:
+        want.update(zip(m.diffusers, m.diffusers_shapes(ldm_shapes[m.ldm])))
+    weights = folder.weights(component, unsafe, skip=lambda key: rename(key) in ignore)
+    names = {k: rename(k) for k in weights.shapes()}
+    have = {names[k]: shape for k, shape in weights.shapes().items()}
+    shown = weights.shown
+    if len(have) != len(names):
+        raise DiffusersFormatError(f"{shown} holds the same tensor under two names (e.g. both the old and the new "
+                                   "attention names); the file is ambiguous")
+    bad = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
+    if bad:
+        first = "; ".join(f"{k}: file {list(a)} vs config {list(b)}" for k, a, b in bad[:3])
+        raise DiffusersFormatError(
+            f"{shown}: {len(bad)} tensors differ in shape from what {component.source()} implies ({first}); the "
+            "weights and the config describe different networks"
+        )
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        raise DiffusersFormatError(
+            f"{shown} does not match {component.source()}: {len(missing)} tensors missing (first: {missing[:3]}), "
+            f"{len(unexpected)} not in the network (first: {unexpected[:3]}); the weights are of another model"
+        )
+    tensors = weights.tensors(names)
+    return {prefix + m.ldm: m.to_ldm([tensors[k] for k in m.diffusers], ldm_shapes[m.ldm]) for m in maps}
+

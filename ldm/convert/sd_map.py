@@ -1,0 +1,472 @@
+"""Stable Diffusion v1's networks: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / transformers
+``CLIPTextModel`` configs <-> this project's ``UNetModel`` (with ``SpatialTransformer``), ``AutoencoderKL`` and
+``FrozenCLIPEmbedder``, and the key maps between them.
+
+UNet (diffusers -> ``ldm.modules.diffusionmodules.openaimodel.UNetModel``, ``use_spatial_transformer: true``): the
+skeleton (ResNets, down/up sampling, time embedding, ``conv_in``/``conv_out``) is the unconditional one of
+:mod:`ldm.convert.unet_map`; ``CrossAttn{Down,Up}Block2D`` at level ``i`` = ``2**i`` in ``attention_resolutions``; the
+mid block is ``UNetMidBlock2DCrossAttn`` (CompVis' middle block always has a transformer);
+``cross_attention_dim`` = ``context_dim``; ``transformer_layers_per_block`` = ``transformer_depth``.  Heads: diffusers'
+``attention_head_dim`` is, despite its name, the number of heads per level (diffusers issue 2011); one number for every
+attended level is CompVis' ``num_heads`` (SD v1: 8), numbers giving the same channels per head are
+``num_head_channels``.  Each ``Transformer2DModel`` maps name for name (``norm``, ``proj_in``,
+``transformer_blocks.d.{norm1,attn1,norm2,attn2,norm3,ff}``, ``proj_out``): with ``use_linear_projection: false`` (SD
+v1) ``proj_in``/``proj_out`` are 1x1 convs on both sides.
+
+Refused, each in one line naming the option: ``use_linear_projection: true`` (Stable Diffusion 2.x), SDXL's
+``addition_embed_type`` / ``transformer_layers_per_block`` lists, class or extra conditioning (``class_embed_type``,
+``encoder_hid_dim``, ``time_cond_proj_dim``), ``only_cross_attention``, ``dual_cross_attention``,
+``upcast_attention``, ``resnet_time_scale_shift: scale_shift`` and other time embeddings, kernels and norms.
+
+VAE (diffusers ``AutoencoderKL`` -> ``ldm.models.autoencoder.AutoencoderKL``): the encoder and decoder as in
+:mod:`ldm.convert.vq_map` (mid-block attention ``to_q``/``to_k``/``to_v``/``to_out.0`` linears <-> CompVis'
+``q``/``k``/``v``/``proj_out`` 1x1 convs), ``double_z: true``, ``latent_channels`` = ``z_channels`` = ``embed_dim``;
+``quant_conv``/``post_quant_conv`` keep their names.  Refused: ``shift_factor``, ``latents_mean``/``latents_std``
+(SD3/SDXL-style latent normalisation) and VAEs without ``quant_conv``.
+
+Text encoder: ``CLIPTextModel``'s tensors are SD v1's ``cond_stage_model.transformer.text_model.*``.  Folders saved by
+transformers 4 hold ``text_model.*`` keys, by transformers 5 the same keys without that prefix; both are read, and
+exports write ``text_model.*`` (which both versions load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from ldm.convert.common import (
+    MAX_CHANNELS,
+    MAX_LAYERS,
+    MAX_LEVELS,
+    DiffusersFormatError,
+    Options,
+    ParamMap,
+    conv_pair,
+)
+from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, window_from_config
+from ldm.convert.vq_map import coder_from_model, coder_from_options, coder_param_maps
+
+COND_UNET_CLASS = "UNet2DConditionModel"
+KL_CLASS = "AutoencoderKL"
+KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+CLIP_PREFIX = "transformer.text_model."  # inside FrozenCLIPEmbedder (SD v1's cond_stage_model.*)
+SUPPORTED = ("supported: Stable Diffusion v1.x folders (UNet2DConditionModel with 1x1-conv proj_in/proj_out, "
+             "AutoencoderKL, CLIPTextModel + CLIPTokenizer, epsilon or sample prediction)")
+# UNet2DConditionModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out)
+COND_UNET_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_num_groups": 32,
+    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False, "use_linear_projection": False,
+    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+COND_DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+COND_UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+# AutoencoderKL.__init__ defaults of diffusers 0.42; scaling_factor is read apart (LatentDiffusion's scale_factor)
+KL_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
+    "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215, "shift_factor": None,
+    "latents_mean": None, "latents_std": None, "force_upcast": True, "use_quant_conv": True,
+    "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+# bounds on a CLIP text config read from an untrusted folder (SD v1: 768 wide, 12 layers, 49408 tokens, 77 positions)
+MAX_TEXT_LAYERS = 64
+MAX_VOCAB = 1 << 20
+MAX_POSITIONS = 4096
+
+
+@dataclass(frozen=True)
+class CrossAttnUNetLayout(UNetLayout):
+    """An SD v1-style UNet: :class:`~ldm.convert.unet_map.UNetLayout` with a ``SpatialTransformer`` wherever it has
+    attention.  ``num_heads``: heads per transformer (None: ``head_channels`` per head); ``context_dim``: the text
+    embedding width; ``depth``: transformer blocks per ``SpatialTransformer``."""
+
+    num_heads: int | None = None
+    context_dim: int = 768
+    depth: int = 1
+
+    def heads(self, channels: int) -> int:
+        return self.num_heads if self.num_heads is not None else channels // int(self.head_channels or channels)
+
+    def ldm_params(self) -> dict[str, Any]:
+        params = super().ldm_params()
+        params.pop("use_new_attention_order")
+        params.pop("num_heads", None)
+        params.pop("num_head_channels", None)
+        if self.num_heads is not None:
+            params["num_heads"] = self.num_heads
+        else:
+            params["num_head_channels"] = self.head_channels
+        params.update(use_spatial_transformer=True, transformer_depth=self.depth, context_dim=self.context_dim,
+                      legacy=False)
+        return params
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """``unet/config.json`` of the equivalent ``UNet2DConditionModel`` (every option written out)."""
+        levels = range(len(self.channel_mult))
+        widths = [self.channels(i) for i in levels]
+        heads: int | list[int] = (self.num_heads if self.num_heads is not None
+                                  else [max(1, w // int(self.head_channels or w)) for w in widths])
+        return {
+            **COND_UNET_DEFAULTS,
+            "_class_name": COND_UNET_CLASS,
+            "sample_size": self.image_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": [COND_DOWN_TYPES[self.attention[i]] for i in levels],
+            "up_block_types": [COND_UP_TYPES[self.attention[i]] for i in reversed(levels)],
+            "block_out_channels": widths,
+            "layers_per_block": self.num_res_blocks,
+            "dropout": self.dropout,
+            "cross_attention_dim": self.context_dim,
+            "transformer_layers_per_block": self.depth,
+            "attention_head_dim": heads,
+        }
+
+    def _attention(self, ldm: str, diffusers: str, channels: int) -> list[ParamMap]:
+        """A ``SpatialTransformer`` <-> a ``Transformer2DModel``: the same names, the same shapes."""
+        maps: list[ParamMap] = []
+        for name in ("norm", "proj_in", "proj_out"):
+            maps += conv_pair(f"{ldm}.{name}", f"{diffusers}.{name}")
+        for d in range(self.depth):
+            block = f"transformer_blocks.{d}"
+            for name in ("norm1", "norm2", "norm3", "attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
+                maps += conv_pair(f"{ldm}.{block}.{name}", f"{diffusers}.{block}.{name}")
+            for name in (f"attn{a}.to_{p}" for a in (1, 2) for p in "qkv"):  # CompVis' q/k/v have no bias
+                maps += conv_pair(f"{ldm}.{block}.{name}", f"{diffusers}.{block}.{name}", bias=False)
+        return maps
+
+
+def cond_unet_layout_from_config(
+    data: Mapping[str, Any], source: str
+) -> tuple[CrossAttnUNetLayout, tuple[int, int] | None]:
+    """Validate a ``UNet2DConditionModel`` config (untrusted JSON) of an SD v1-style UNet; returns its layout and the
+    recorded window, if any.
+
+    Raises:
+        DiffusersFormatError: naming the first option this project cannot represent (and what is supported).
+    """
+    cls = data.get("_class_name", COND_UNET_CLASS)
+    if cls != COND_UNET_CLASS:
+        raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a Stable Diffusion UNet "
+                                   f"({COND_UNET_CLASS}); {SUPPORTED}")
+    opt = Options(data, source, COND_UNET_DEFAULTS)
+    opt.choice("use_linear_projection", [False], f"(Stable Diffusion 2.x's linear proj_in/proj_out); {SUPPORTED}")
+    opt.choice("addition_embed_type", [None], f"(SDXL's extra text/size conditioning); {SUPPORTED}")
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
+                "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type", "time_cond_proj_dim",
+                "time_embedding_act_fn", "timestep_post_act", "cross_attention_norm",
+                "reverse_transformer_layers_per_block", "num_attention_heads"):
+        opt.choice(key, [None], f"is not supported (extra conditioning or layout options SD v1 lacks); {SUPPORTED}")
+    for key in ("only_cross_attention", "dual_cross_attention", "upcast_attention", "center_input_sample",
+                "resnet_skip_time_act", "class_embeddings_concat"):
+        opt.choice(key, [False], f"is not supported; {SUPPORTED}")
+    opt.choice("mid_block_only_cross_attention", [None, False], "is not supported")
+    opt.choice("attention_type", ["default"], "(gated/IP-adapter attention) is not supported")
+    opt.choice("resnet_out_scale_factor", [1, 1.0])
+    opt.choice("conv_in_kernel", [3])
+    opt.choice("conv_out_kernel", [3])
+    opt.choice("time_embedding_type", ["positional"], "CompVis' UNet uses the sinusoidal (positional) embedding")
+    opt.choice("flip_sin_to_cos", [True], "CompVis' timestep embedding puts the cosine half first")
+    opt.choice("freq_shift", [0, 0.0], "CompVis' timestep embedding uses frequencies exp(-ln(10000) i / half)")
+    opt.choice("mid_block_type", ["UNetMidBlock2DCrossAttn"], "CompVis' middle block always has a transformer")
+    opt.choice("mid_block_scale_factor", [1, 1.0])
+    opt.choice("downsample_padding", [1], "CompVis downsamples with a padded stride-2 conv")
+    opt.choice("act_fn", ["silu", "swish"])
+    opt.choice("norm_num_groups", [32], "CompVis' GroupNorm has 32 groups")
+    opt.choice("norm_eps", [1e-5], "CompVis' UNet GroupNorm uses eps 1e-5")
+    opt.choice("resnet_time_scale_shift", ["default"], f"is not supported; {SUPPORTED}")
+    opt.ignore("addition_embed_type_num_heads")  # used only with addition_embed_type, refused above
+    down = opt.str_list("down_block_types", COND_DOWN_TYPES, MAX_LEVELS, SUPPORTED)
+    up = opt.str_list("up_block_types", COND_UP_TYPES, MAX_LEVELS, SUPPORTED)
+    widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
+    if len(down) != len(widths) or len(up) != len(widths):
+        raise opt.fail("block_out_channels", list(widths), f"has {len(widths)} levels but down_block_types has "
+                       f"{len(down)} and up_block_types {len(up)}")
+    attention = tuple(t == "CrossAttnDownBlock2D" for t in down)
+    if tuple(t == "CrossAttnUpBlock2D" for t in reversed(up)) != attention:
+        raise opt.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
+                       "attention at the same resolutions on the way down and up")
+    base = widths[0]
+    if any(w % base or w % 32 for w in widths):
+        raise opt.fail("block_out_channels", list(widths), "must be multiples of block_out_channels[0] (CompVis' "
+                       "model_channels * channel_mult) and of 32 (GroupNorm groups)")
+    embed_dim = opt.get("time_embedding_dim")
+    if embed_dim is not None and embed_dim != 4 * base:
+        raise opt.fail("time_embedding_dim", embed_dim, f"is not supported: CompVis' time embedding has "
+                       f"4 * block_out_channels[0] = {4 * base} channels")
+    context_dim = _same_int(opt, "cross_attention_dim", len(widths), MAX_CHANNELS)
+    depth = _same_int(opt, "transformer_layers_per_block", len(widths), MAX_LAYERS)
+    layers = _same_int(opt, "layers_per_block", len(widths), MAX_LAYERS)
+    num_heads, head_channels = _heads(opt, widths, attention)
+    in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
+    out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
+    if out_ch != in_ch:
+        raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: inpainting / depth UNets (extra "
+                       f"input channels) are not supported; {SUPPORTED}")
+    layout = CrossAttnUNetLayout(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        model_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=layers,
+        attention=attention,
+        head_channels=head_channels,
+        scale_shift=False,
+        image_size=opt.side("sample_size") or 0,
+        dropout=opt.number("dropout", 0.0, 1.0),
+        num_heads=num_heads,
+        context_dim=context_dim,
+        depth=depth,
+    )
+    window = window_from_config(data.get(WINDOW_KEY), source)
+    opt.finish()
+    return layout, window
+
+
+def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
+    """An option given as one integer or as one per level (all equal: CompVis has one value)."""
+    value = opt.get(key)
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels or len(set(map(repr, value))) != 1:
+            raise opt.fail(key, value, f"must be one integer (or {levels} equal ones): CompVis' UNet has one value for "
+                           f"every level; {SUPPORTED}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+        raise opt.fail(key, value, f"must be an integer in [1, {hi}]")
+    return value
+
+
+def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -> tuple[int | None, int | None]:
+    """``(num_heads, num_head_channels)`` (one of them None) from ``attention_head_dim`` (heads per level)."""
+    value = opt.get("attention_head_dim")
+    per_level = list(value) if isinstance(value, (list, tuple)) else [value] * len(widths)
+    if len(per_level) != len(widths) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= MAX_CHANNELS for h in per_level
+    ):
+        raise opt.fail("attention_head_dim", value, f"must be an integer in [1, {MAX_CHANNELS}] or one per level "
+                       "(diffusers' name for the number of heads)")
+    used = [(w, h) for w, h, a in zip(widths, per_level, attention) if a] + [(widths[-1], per_level[-1])]  # + mid
+    if any(w % h for w, h in used):
+        raise opt.fail("attention_head_dim", value, f"(heads) does not divide the attention widths {[w for w, _ in used]}")
+    if len({h for _, h in used}) == 1:
+        return used[0][1], None
+    if len({w // h for w, h in used}) == 1:
+        return None, used[0][0] // used[0][1]
+    raise opt.fail("attention_head_dim", value, "gives neither one number of heads nor one head width for every "
+                   "attention level (CompVis' num_heads / num_head_channels)")
+
+
+# ---------------------------------------------------------------------------------------------------------- the VAE
+@dataclass(frozen=True)
+class KLLayout:
+    """A KL first stage (SD v1's VAE): the encoder/decoder fields of :class:`~ldm.convert.vq_map.VQLayout` and
+    ``z_channels`` (= ``embed_dim``: diffusers' ``AutoencoderKL`` has one latent width)."""
+
+    in_channels: int
+    out_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention: tuple[bool, ...]
+    mid_attention: bool
+    resolution: int
+    z_channels: int
+
+    @property
+    def embed_dim(self) -> int:
+        return self.z_channels
+
+    def ldm_params(self) -> dict[str, Any]:
+        """``first_stage_config.params`` of ``AutoencoderKL`` (frozen: ``torch.nn.Identity`` loss)."""
+        ddconfig = {
+            "double_z": True,
+            "z_channels": self.z_channels,
+            "resolution": self.resolution,
+            "in_channels": self.in_channels,
+            "out_ch": self.out_channels,
+            "ch": self.ch,
+            "ch_mult": list(self.ch_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attn_resolutions": [self.resolution // 2**i for i, a in enumerate(self.attention) if a],
+            "dropout": 0.0,
+            "attn_type": "vanilla" if self.mid_attention else "none",
+        }
+        return {"embed_dim": self.z_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}
+
+    def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
+        """``vae/config.json`` of the equivalent ``AutoencoderKL`` (``scaling_factor`` written out)."""
+        from ldm.convert.vq_map import DOWN_TYPES, UP_TYPES
+
+        levels = range(len(self.ch_mult))
+        return {
+            **KL_DEFAULTS,
+            "_class_name": KL_CLASS,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": [DOWN_TYPES[self.attention[i]] for i in levels],
+            "up_block_types": [UP_TYPES[self.attention[i]] for i in reversed(levels)],
+            "block_out_channels": [self.ch * m for m in self.ch_mult],
+            "layers_per_block": self.num_res_blocks,
+            "latent_channels": self.z_channels,
+            "sample_size": self.resolution,
+            "scaling_factor": scaling_factor,
+            "mid_block_add_attention": self.mid_attention,
+        }
+
+    def param_maps(self) -> list[ParamMap]:
+        """Every tensor: LDM key (inside ``AutoencoderKL``) <-> diffusers key (inside diffusers' ``AutoencoderKL``)."""
+        between = conv_pair("quant_conv", "quant_conv") + conv_pair("post_quant_conv", "post_quant_conv")
+        return coder_param_maps(self.ch, self.ch_mult, self.num_res_blocks, self.attention, self.mid_attention, between)
+
+
+def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
+    """Validate an ``AutoencoderKL`` config (untrusted JSON; ``scaling_factor`` is read elsewhere).
+
+    Raises:
+        DiffusersFormatError: naming the first option this project cannot represent, or a bad value.
+    """
+    cls = data.get("_class_name", KL_CLASS)
+    if cls != KL_CLASS:
+        raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a KL autoencoder (AutoencoderKL); {SUPPORTED}")
+    opt = Options(data, source, KL_DEFAULTS)
+    for key in ("shift_factor", "latents_mean", "latents_std"):
+        opt.choice(key, [None], "is not supported (a latent normalisation of SD3/SDXL-style VAEs; SD v1 scales by "
+                   "scaling_factor only)")
+    opt.choice("use_quant_conv", [True], "CompVis' AutoencoderKL always has quant_conv")
+    opt.choice("use_post_quant_conv", [True], "CompVis' AutoencoderKL always has post_quant_conv")
+    opt.flag("force_upcast")
+    opt.ignore("scaling_factor")
+    coder = coder_from_options(opt, KL_DEFAULTS["sample_size"])
+    layout = KLLayout(**coder, z_channels=opt.integer("latent_channels", 1, MAX_CHANNELS))
+    opt.finish()
+    return layout
+
+
+def kl_layout_from_model(first_stage: nn.Module) -> KLLayout:
+    """The layout of this project's ``AutoencoderKL``; refuses what diffusers' ``AutoencoderKL`` cannot hold."""
+    from ldm.models.autoencoder_kl import AutoencoderKL
+
+    def refuse(what: str) -> DiffusersFormatError:
+        return DiffusersFormatError(f"the first stage cannot be written as a diffusers AutoencoderKL: {what}")
+
+    if not isinstance(first_stage, AutoencoderKL):
+        raise refuse(f"it is a {type(first_stage).__name__}, not ldm.models.autoencoder.AutoencoderKL")
+    z_channels = int(first_stage.ddconfig["z_channels"])
+    if int(first_stage.embed_dim) != z_channels:
+        raise refuse(f"embed_dim={first_stage.embed_dim} differs from z_channels={z_channels} (diffusers' AutoencoderKL "
+                     "has one latent width)")
+    return KLLayout(**coder_from_model(first_stage, refuse), z_channels=z_channels)
+
+
+# ----------------------------------------------------------------------------------------------------- text encoder
+def check_text_config(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``text_encoder/config.json`` that is not a bounded ``CLIPTextModel`` config (before transformers reads
+    it: its sizes decide what is built)."""
+    arch = data.get("architectures")
+    model_type = data.get("model_type", "clip_text_model")
+    if (arch is not None and arch != ["CLIPTextModel"]) or model_type != "clip_text_model":
+        raise DiffusersFormatError(f"{source}: architectures={arch!r}, model_type={model_type!r} is not a "
+                                   f"CLIPTextModel; {SUPPORTED}")
+    bounds = {"hidden_size": MAX_CHANNELS, "intermediate_size": 4 * MAX_CHANNELS, "num_hidden_layers": MAX_TEXT_LAYERS,
+              "num_attention_heads": MAX_CHANNELS, "vocab_size": MAX_VOCAB, "max_position_embeddings": MAX_POSITIONS}
+    for key, hi in bounds.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi):
+            raise DiffusersFormatError(f"{source}: {key}={value!r} must be an integer in [1, {hi}]")
+    width, heads = data.get("hidden_size") or 512, data.get("num_attention_heads") or 8  # CLIPTextConfig's defaults
+    if width % heads:
+        raise DiffusersFormatError(f"{source}: num_attention_heads={heads} does not divide hidden_size={width}")
+
+
+def text_param_maps(ldm_keys: list[str]) -> list[ParamMap]:
+    """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``)."""
+    return [ParamMap(k, (k[len("transformer."):],)) for k in ldm_keys if k.startswith(CLIP_PREFIX)]
+
+
+def text_file_name(key: str) -> str:
+    """A ``CLIPTextModel`` file key in the transformers 4 layout (``text_model.X``), whichever version saved it."""
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
+def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
+    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); refuses what
+    ``UNet2DConditionModel`` cannot hold (or this converter does not write).
+
+    Raises:
+        DiffusersFormatError: no cross-attention, class conditioning, ResNet up/down sampling, scale-shift norm,
+            ``channel_mult[0] != 1``, or transformers with different depths or head layouts.
+    """
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock, UNetModel
+
+    def refuse(what: str) -> DiffusersFormatError:
+        return DiffusersFormatError(f"the UNet cannot be written as a diffusers UNet2DConditionModel: {what}")
+
+    if not isinstance(unet, UNetModel):
+        raise refuse(f"it is a {type(unet).__name__}, not ldm.modules.diffusionmodules.openaimodel.UNetModel")
+    if unet.num_classes is not None or unet.predict_codebook_ids:
+        raise refuse("class-conditional UNets (num_classes) and codebook predictors (n_embed) are not supported")
+    modules = list(unet.modules())
+    transformers = [m for m in modules if isinstance(m, SpatialTransformer)]
+    if not transformers or any(isinstance(m, AttentionBlock) for m in modules):
+        raise refuse("its attention is not cross-attention everywhere (use_spatial_transformer with context_dim)")
+    if not isinstance(unet.input_blocks[0][0], nn.Conv2d):
+        raise refuse("only 2-D UNets (dims=2) are supported")
+    resblocks = [m for m in modules if isinstance(m, ResBlock)]
+    if any(r.updown for r in resblocks) or any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d)
+                                               for m in modules):
+        raise refuse("ResNet up/down sampling (resblock_updown) and pooling (conv_resample=False) are not supported")
+    if resblocks[0].use_scale_shift_norm:
+        raise refuse("use_scale_shift_norm=True is not supported (SD v1's UNet does not use it)")
+    if unet.channel_mult[0] != 1:
+        raise refuse(f"channel_mult={list(unet.channel_mult)} must start with 1")
+    blocks = [b for t in transformers for b in t.transformer_blocks]
+    depths = {len(t.transformer_blocks) for t in transformers}
+    heads = {b.attn1.heads for b in blocks}
+    head_dims = {b.attn1.to_q.out_features // b.attn1.heads for b in blocks}
+    widths = {t.proj_in.in_channels: b.attn1.to_q.out_features for t in transformers for b in t.transformer_blocks}
+    contexts = {b.attn2.to_k.in_features for b in blocks}
+    if len(depths) != 1 or len(contexts) != 1 or any(c != w for c, w in widths.items()):
+        raise refuse("its transformers differ in depth or context width, or their inner width is not their channels")
+    if not isinstance(transformers[0].proj_in, nn.Conv2d):
+        raise refuse("linear proj_in/proj_out (SD 2.x) are not supported")
+    if len(heads) == 1:
+        num_heads, head_channels = heads.pop(), None
+    elif len(head_dims) == 1:
+        num_heads, head_channels = None, head_dims.pop()
+    else:
+        raise refuse(f"its transformers have {sorted(heads)} heads of {sorted(head_dims)} channels; "
+                     "UNet2DConditionModel needs one number of heads or one head width")
+    return CrossAttnUNetLayout(
+        in_channels=int(unet.in_channels),
+        out_channels=int(unet.out_channels),
+        model_channels=int(unet.model_channels),
+        channel_mult=tuple(int(m) for m in unet.channel_mult),
+        num_res_blocks=int(unet.num_res_blocks),
+        attention=tuple(2**i in unet.attention_resolutions for i in range(len(unet.channel_mult))),
+        head_channels=head_channels,
+        scale_shift=False,
+        image_size=int(unet.image_size),
+        dropout=float(resblocks[0].out_layers[2].p),
+        num_heads=num_heads,
+        context_dim=int(contexts.pop()),
+        depth=int(depths.pop()),
+    )

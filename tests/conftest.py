@@ -13,7 +13,7 @@ from hypothesis import settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Property tests draw the same examples on every run (a CI run cannot go red by chance); HYPOTHESIS_PROFILE=explore
-# draws new ones, e.g. `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py` to hunt for more failures.
+# draws new ones, e.g. `HYPOTHESIS_PROFILE=explore pytest tests/test_train_cli.py` to hunt for more failures.
 settings.register_profile("deterministic", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
@@ -274,3 +274,44 @@ class HostReads(TorchDispatchMode):
         if func.__name__.split(".")[0] in self.READS:
             self.reads.append(func.__name__)
         return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the web app (tests/test_app_*.py; helpers in tests/app_support.py): test images, the tiny experts' Refiner, a server
+
+
+@pytest.fixture(scope="session")
+def app_images() -> dict[str, tuple[bytes, bytes]]:
+    """``{"rgb": (PNG, mask PNG), "rgba": (...)}``: an RGB photo crop (48x40), an RGBA one (53x37) and their masks
+    (white rectangles, and a grey one: a proportional start)."""
+    from app_support import png_bytes
+
+    astro, coffee, _ = load_photos()
+    rgb = astro[::10, ::10][:40, :48]
+    rgba = np.dstack([coffee[::10, ::10][:37, :53], (np.arange(37 * 53).reshape(37, 53) % 251).astype(np.uint8)])
+    mask_rgb = np.zeros((40, 48), dtype=np.uint8)
+    mask_rgb[8:26, 10:30] = 255
+    mask_rgb[30:36, 36:44] = 128  # grey: a proportional start
+    mask_rgba = np.zeros((37, 53), dtype=np.uint8)
+    mask_rgba[5:20, 30:50] = 255
+    return {"rgb": (png_bytes(rgb), png_bytes(mask_rgb)), "rgba": (png_bytes(rgba), png_bytes(mask_rgba))}
+
+
+@pytest.fixture(scope="session")
+def app_refiner(expert_checkpoints):
+    """A :class:`ldm.refine.Refiner` of the two tiny experts on the CPU (what the app's handlers run)."""
+    from ldm.refine import Refiner
+
+    return Refiner.from_checkpoints(expert_checkpoints, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def app_server(expert_checkpoints, tmp_path_factory):
+    """scripts/app.py -v serving the two tiny experts on a free port of 127.0.0.1 (network outside localhost refused),
+    shared by the HTTP and browser tests; stopped at the end of the session."""
+    pytest.importorskip("starlette", reason="the web app needs the app extra: pip install -e .[app]")
+    pytest.importorskip("uvicorn", reason="the web app needs the app extra: pip install -e .[app]")
+    from app_support import start_server
+
+    with start_server(expert_checkpoints, tmp_path_factory.mktemp("app"), "-v") as running:
+        yield running

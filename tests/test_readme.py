@@ -1,482 +1,64 @@
-"""README as tests (issue 27): every command in README.md's ```bash blocks is checked, so a README edit that breaks a
-command fails CI.
+"""README as tests, part one: every command in README.md's ```bash blocks (and those its prose quotes) is parsed and
+checked, so that a README edit that breaks a command fails CI; tests/test_readme_run.py runs them (the parser and the
+run policy are tests/readme_support.py).
 
-- The blocks are parsed into commands (``\\`` continuations joined, trailing ``# comments`` stripped, ``&&`` chains
-  split, ``#SBATCH`` directives and ``export`` lines skipped), each with its README line for the messages.
-- A command that runs an entry point of this repository (``scripts/*.py``, ``benchmarks/*.py``, ``main.py``, directly,
-  through ``.venv/bin/python`` or under ``torchrun``/``srun``) names a file that exists, and its arguments parse with
-  that script's own parser, without running the work (arguments elided with ``...`` are skipped, saying so); for
+- A command that runs an entry point of this repository names a file that exists, and its arguments parse with that
+  script's own parser, without running the work (arguments elided with ``...`` are skipped, saying so); for
   ``main.py`` and ``cache_latents.py`` the configs and ``key=value`` overrides also merge as the script merges them
-  (every key checked), ``my_cached_data.yaml`` being README's own ```yaml overlay.  Commands quoted in the prose's
-  `code spans` (``python benchmarks/bench_refine.py ...``) get the same parse and path checks.
+  (every key checked), ``my_cached_data.yaml`` being README's own ```yaml overlay.
 - Every path a command names is a file of the repository (``configs/``, ``scripts/``, ``weights/``, ...), a file the
   quick start writes (compared with ``scripts/quickstart.py``'s own names and defaults), something the command itself
-  writes (``--outdir``/``--out``), or one of the placeholders of :data:`PLACEHOLDERS` (files a clone cannot hold).
+  writes (``--outdir``/``--out``), or one of the placeholders of ``PLACEHOLDERS`` (files a clone cannot hold).
 - README's test command is CI's (``.ci/run``), and the quick start is README's first command.
-- Commands that are not run here say why (:func:`why_not_run`: a GPU, a CompVis download, a cluster, user files,
-  minutes of training); the one that is cheap with a tiny suffix (the web app on the shipped demo experts) is run.
+- Every command is run by tests/test_readme_run.py (with the suffix of ``RUN_SUFFIX`` for its script) or says why not
+  (``why_not_run``: a GPU, a CompVis download, a cluster, minutes of training run elsewhere with ``--smoke``).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import contextlib
-import functools
 import importlib.util
-import io
-import json
-import os
 import re
-import select
 import shlex
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-
-# ---------------------------------------------------------------------------------------------------------------------
-# README's ```bash blocks -> commands
-
-
-@dataclass(frozen=True)
-class Command:
-    """One shell command of a README block."""
-
-    line: int  # the README line it starts on
-    argv: tuple[str, ...]  # its words as the shell passes them (quotes removed, nothing expanded)
-    block: int  # the line of its block's opening fence
-    sbatch: bool = False  # its block is a SLURM batch script (it holds #SBATCH directives)
-
-    def __str__(self) -> str:
-        return shlex.join(self.argv)
-
-
-# shell operators the parser does not model: a README command using one needs this parser extended first
-UNSUPPORTED_OPERATORS = frozenset({"|", "||", ";", "&", ">", ">>", "<", "2>", "2>&1", "&>"})
-SKIPPED_LINE = re.compile(r"^\s*export\s")  # environment for the commands below (the SLURM script's run folder)
-NBSP = "\u00a0"  # not whitespace to shlex: keeps a placeholder's words together
-ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")  # OMP_NUM_THREADS=1 python ...
-
-
-def strip_comment(line: str) -> str:
-    """``line`` without its trailing ``# comment`` (a ``#`` that starts a word outside quotes, as bash reads it)."""
-    quote = None
-    i = 0
-    while i < len(line):
-        ch = line[i]
-        if quote:
-            if ch == quote:
-                quote = None
-            elif ch == "\\" and quote == '"':
-                i += 1
-        elif ch == "\\":
-            i += 1
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip()
-        i += 1
-    return line.rstrip()
-
-
-def shell_words(text: str) -> list[str]:
-    """``text`` split into words as the shell does, except that a ``<...>`` placeholder is one word with its spaces
-    (``logs/<500-750 run>/checkpoints/last.ckpt``: the user replaces it; to bash its ``<`` and ``>`` would redirect)."""
-    protected = re.sub(r"<[^<>\n]*>", lambda m: m.group(0).replace(" ", NBSP), text)
-    return [word.replace(NBSP, " ") for word in shlex.split(protected)]
-
-
-def bash_blocks(text: str, language: str = "bash") -> list[tuple[int, list[tuple[int, str]]]]:
-    """``(fence line, [(line number, line), ...])`` of every ```bash (or ``language``) block of the markdown ``text``."""
-    blocks: list[tuple[int, list[tuple[int, str]]]] = []
-    current: list[tuple[int, str]] | None = None
-    start = 0
-    other_fence = False  # inside a non-bash fenced block (yaml, python): a ```bash there would be its content
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        closing = re.fullmatch(r"`{3,}", stripped) is not None  # a closing fence has no info string
-        if current is not None:
-            if closing:
-                blocks.append((start, current))
-                current = None
-            else:
-                current.append((number, line))
-        elif other_fence:
-            other_fence = not closing
-        elif stripped == f"```{language}":
-            current, start = [], number
-        elif stripped.startswith("```"):
-            other_fence = True
-    if current is not None:
-        raise ValueError(f"README.md:{start}: a ```{language} block is never closed")
-    return blocks
-
-
-def block_commands(start: int, lines: list[tuple[int, str]]) -> list[Command]:
-    """The commands of one block (see the module docstring for what is joined, stripped, split and skipped)."""
-    sbatch = any(line.lstrip().startswith("#SBATCH") for _, line in lines)
-    commands: list[Command] = []
-    text, first = "", None
-    for number, raw in lines:
-        code = strip_comment(raw)
-        if first is None:
-            if not code.strip() or SKIPPED_LINE.match(code):  # blank, a comment (#SBATCH is one to bash), export
-                continue
-            first = number
-        continued = code.endswith("\\")
-        text += " " + (code[:-1] if continued else code)
-        if continued:
-            continue
-        words = shell_words(text)
-        bad = sorted(set(words) & UNSUPPORTED_OPERATORS)
-        if bad:
-            raise ValueError(f"README.md:{first}: shell operator(s) {bad} are not understood by tests/test_readme.py's "
-                             "parser; extend it (or write the command without them)")
-        chain: list[str] = []
-        for word in [*words, "&&"]:
-            if word != "&&":
-                chain.append(word)
-                continue
-            if not chain:
-                raise ValueError(f"README.md:{first}: an empty command in an '&&' chain")
-            commands.append(Command(first, tuple(chain), start, sbatch))
-            chain = []
-        text, first = "", None
-    if first is not None:
-        raise ValueError(f"README.md:{first}: a '\\' continuation runs past the end of its block")
-    return commands
-
-
-def readme_commands(text: str) -> list[Command]:
-    return [command for start, lines in bash_blocks(text) for command in block_commands(start, lines)]
-
-
-@functools.cache
-def readme_text() -> str:
-    return README.read_text(encoding="utf-8")
-
-
-COMMANDS = readme_commands(readme_text())
-
-INLINE_PROGRAM = re.compile(r"^(python3?|\.venv/bin/python|torchrun|srun|bash) \S")
-INLINE_SPAN = re.compile(r"`([^`]+)`")
-
-
-def inline_commands(text: str) -> list[Command]:
-    """Commands README's prose quotes in `code spans` (``python scripts/refine.py --help``, the benchmarks' command
-    lines), outside fenced blocks; a span may wrap onto the next line of its paragraph.  ``block`` is 0."""
-    lines = text.splitlines()
-    fence = False
-    for i, line in enumerate(lines):  # blank the fenced blocks, keeping the line numbers
-        toggles = line.strip().startswith("```")
-        if fence or toggles:
-            lines[i] = ""
-        fence ^= toggles
-    commands, paragraph, first = [], [], 0
-    for number, line in enumerate([*lines, ""], 1):
-        if line.strip():
-            paragraph, first = [*paragraph, line], first or number
-            continue
-        joined = "\n".join(paragraph)
-        for match in INLINE_SPAN.finditer(joined):
-            code = " ".join(match.group(1).split())
-            if INLINE_PROGRAM.match(code) and re.search(r"\.(py|sh)\b", code):
-                line_number = first + joined.count("\n", 0, match.start())
-                commands.append(Command(line_number, tuple(shell_words(code.replace("…", "..."))), 0))
-        paragraph, first = [], 0
-    return commands
-
-
-INLINE_COMMANDS = inline_commands(readme_text())
-
-# ---------------------------------------------------------------------------------------------------------------------
-# what a command runs
-
-PYTHONS = frozenset({"python", "python3", ".venv/bin/python"})
-LAUNCHERS = frozenset({"torchrun", "srun"})  # torchrun runs a script itself; srun runs any command
-PIPS = frozenset({"pip", ".venv/bin/pip"})
-RUFFS = frozenset({"ruff", ".venv/bin/ruff"})
-SHELLS = frozenset({"bash"})  # bash benchmarks/gpu.sh: checked to exist
-PYTHON_MODULES = frozenset({"venv", "pytest"})  # python -m X: not this repository's code, only checked to exist
-ENTRY_POINT = re.compile(r"^(main\.py|(scripts|benchmarks)/\w+\.py)$")
-
-
-@dataclass(frozen=True)
-class Invocation:
-    launcher: str | None  # torchrun / srun
-    program: str  # the interpreter or tool
-    script: str | None  # a .py file python runs
-    module: str | None  # python -m <module>
-    args: tuple[str, ...]  # what follows the script, module or tool
-
-
-def invocation(command: Command) -> Invocation:
-    words = list(command.argv)
-    while words and ENV_ASSIGNMENT.match(words[0]):
-        words.pop(0)
-    launcher = None
-    if words and words[0] in LAUNCHERS:
-        launcher = words.pop(0)
-        # the launcher's own options run up to the program: an interpreter, or a script torchrun runs itself
-        starts = [i for i, word in enumerate(words) if word in PYTHONS or word.endswith(".py")]
-        if not starts:
-            raise ValueError(f"README.md:{command.line}: no python program after {launcher}: {command}")
-        words = words[starts[0]:]
-    if not words:
-        raise ValueError(f"README.md:{command.line}: no program in {command}")
-    program, rest = words[0], words[1:]
-    if program.endswith(".py"):  # torchrun --nproc-per-node 8 scripts/x.py ...
-        return Invocation(launcher, "python", program, None, tuple(rest))
-    if program in PYTHONS and rest[:1] == ["-m"] and len(rest) > 1:
-        return Invocation(launcher, program, None, rest[1], tuple(rest[2:]))
-    if program in PYTHONS and rest:
-        return Invocation(launcher, program, rest[0], None, tuple(rest[1:]))
-    return Invocation(launcher, program, None, None, tuple(rest))
-
-
-def command_id(command: Command) -> str:
-    where = "L" if command.block else "inline-L"
-    return f"{where}{command.line}:{Path(invocation(command).script or invocation(command).program).name}"
-
-
-ENTRY_COMMANDS = [c for c in COMMANDS if invocation(c).script is not None]
-INLINE_ENTRY_COMMANDS = [c for c in INLINE_COMMANDS if invocation(c).script is not None]
-
-# ---------------------------------------------------------------------------------------------------------------------
-# parsing a command's arguments with its script's own parser, without running it
-
-
-class _Parsed(Exception):
-    """Raised by the patched ``parse_args`` once a script's ``main`` has parsed: the work after it never runs."""
-
-
-@functools.cache
-def load_script(relative: str):
-    """The script at ``relative`` imported as a module (its ``__main__`` block does not run)."""
-    name = "readme_" + re.sub(r"\W", "_", relative[:-3])
-    spec = importlib.util.spec_from_file_location(name, REPO / relative)
-    module = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)  # benchmarks put their folder first on sys.path to import their common.py
-    sys.modules[name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-@contextlib.contextmanager
-def stop_after_parse_args() -> Iterator[None]:
-    """``ArgumentParser.parse_args`` parses as always, then raises :class:`_Parsed` (for scripts that build their
-    parser inside ``main``: the benchmarks)."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(original(self, args, namespace))
-
-    argparse.ArgumentParser.parse_args = parse_then_stop
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.parse_args = original
-
-
-def parse_with_script(script: str, args: list[str]) -> None:
-    """Parse ``args`` as ``script`` does; raise SystemExit (argparse), or AssertionError with the script's message."""
-    if script == "main.py":  # main.py parses with ldm.train.cli.parse_cli (flags, then key=value / ~key overrides)
-        from ldm.train.cli import CLIError, parse_cli
-
-        try:
-            parse_cli(args)
-        except CLIError as exc:
-            raise AssertionError(str(exc)) from None
-        return
-    module = load_script(script)
-    if script == "scripts/cache_latents.py":  # flags and the dotlist overrides main.py takes, anywhere on the line
-        parsed, problem = module.parse_args(args)
-        assert problem is None, problem
-    elif script == "scripts/quickstart.py":  # its own checks run before any training, and are cheap
-        parsed = module.apply_domain_defaults(module.build_parser().parse_args(args))
-        problem = module.check_arguments(parsed)
-        assert problem is None, problem
-    elif hasattr(module, "build_parser"):
-        module.build_parser().parse_args(args)
-    else:
-        with stop_after_parse_args():
-            try:
-                module.main(args)
-            except _Parsed:
-                return
-        raise AssertionError(f"{script}'s main() returned without calling parse_args")
-
-
-def parse_problem(script: str, args: list[str]) -> str | None:
-    """None when ``args`` parse as ``script``'s command line, else what its parser said."""
-    err = io.StringIO()
-    cwd = os.getcwd()
-    try:
-        os.chdir(REPO)  # as README runs them: from the clone's root
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse_with_script(script, args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            return err.getvalue().strip() or f"exit status {exc.code}"
-    except AssertionError as exc:
-        return str(exc)
-    finally:
-        os.chdir(cwd)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the paths a command names
-
-# Paths README commands name that a clone cannot hold, each with why.  A path matching none of these (and not a quick
-# start output or something the command writes itself) must exist in the repository.
-PLACEHOLDERS: tuple[tuple[str, str], ...] = (
-    (r"<[^>]*>", "a run folder of the user's own training (logs/<timestamp>_<name>/ is made by main.py)"),
-    (r"^models/", "CompVis downloads (vq-f4, LDMs) or the user's converted checkpoints: git-ignored, never shipped"),
-    (r"^path/to/", "the user's own diffusers folder (nothing is downloaded)"),
-    (r"^data/", "the user's training images"),
-    (r"^shards/", "the user's tar shards of images"),
-    (r"^(img|photo|photo_mask|big|face)\.png$", "the user's image to refine, or its mask"),
-    (r"^(masks|my_artifacts|generated|clean)/$", "a folder of the user's images (generated, clean, with artifacts) or masks"),
-    (r"^([A-Z]|shapes|details|full_range)\.ckpt$", "the user's own experts, named by role"),
-    (r"^my_cached_data\.yaml$", "the YAML overlay README shows after the block, written by the user"),
-    (r"^outputs/demo_curve/", "what benchmarks/photo_curve.py writes in the command before it (about 50 min of training)"),
+from readme_support import (
+    CACHED_DATA_YAML,
+    CLUSTER,
+    COMMANDS,
+    COMPVIS,
+    ELIDED,
+    ENTRY_COMMANDS,
+    ENTRY_POINT,
+    INLINE_COMMANDS,
+    INLINE_ENTRY_COMMANDS,
+    PATH_LIKE,
+    PIPS,
+    PYTHON_MODULES,
+    QUICKSTART,
+    QUICKSTART_PATH,
+    REPO,
+    RUFFS,
+    RUN_SUFFIX,
+    SHELLS,
+    Command,
+    Invocation,
+    bash_blocks,
+    block_commands,
+    cached_data_yaml,
+    command_id,
+    invocation,
+    load_script,
+    named_paths,
+    parse_problem,
+    path_problem,
+    placeholder,
+    quickstart_path_problem,
+    readme_commands,
+    readme_text,
+    strip_comment,
+    why_not_run,
 )
-OUTPUT_FLAGS = frozenset({"--outdir", "--out", "--output"})  # what the command itself writes
-PATH_LIKE = re.compile(r"/|\.(ya?ml|py|ckpt|safetensors|pt|pth|png|jpe?g|txt|json|tar|sh)$")
-DOTLIST = re.compile(r"^~?[A-Za-z_][\w-]*(\.[\w-]+)+=")  # model.params.ckpt_path=...
-QUICKSTART_PATH = re.compile(r"\boutputs/(quickstart\w*)/([\w./-]*)")
-
-
-def named_paths(inv: Invocation) -> list[str]:
-    """The paths ``inv`` reads or names (its script, option values, dotlist values), not those it writes itself."""
-    words = [inv.script] if inv.script else []
-    after_output_flag = False
-    for word in inv.args:
-        if after_output_flag:
-            after_output_flag = False
-            continue
-        if word.startswith("-"):
-            flag, has_value, value = word.partition("=")
-            after_output_flag = flag in OUTPUT_FLAGS and not has_value
-            if has_value and flag not in OUTPUT_FLAGS:
-                words.append(value)
-        elif DOTLIST.match(word):
-            words.append(word.split("=", 1)[1])
-        else:
-            words.append(word)
-    return [word for word in words if PATH_LIKE.search(word) and "://" not in word]
-
-
-def placeholder(path: str) -> str | None:
-    """Why ``path`` is not in a clone (see :data:`PLACEHOLDERS`), or None."""
-    return next((why for pattern, why in PLACEHOLDERS if re.search(pattern, path)), None)
-
-
-@functools.cache
-def quickstart_files() -> dict[str, frozenset[str]]:
-    """``{default --outdir: files the quick start writes there}`` for every valid ``--domain`` x ``--weights``, from
-    scripts/quickstart.py's own defaults and its OUTPUTS."""
-    qs = load_script("scripts/quickstart.py")
-    files: dict[str, frozenset[str]] = {}
-    for domain in qs.DOMAIN_NAMES:
-        for weights in qs.WEIGHTS:
-            args = qs.apply_domain_defaults(qs.build_parser().parse_args(["--domain", domain, "--weights", weights]))
-            if qs.check_arguments(args) is not None:  # --weights demo takes only --domain photos
-                continue
-            outputs = set(qs.OUTPUTS)
-            if weights == "demo":  # trains nothing: no stage checkpoints
-                outputs -= {f"checkpoints/{name}.ckpt" for name in qs.STAGE_NAMES}
-            files[args.outdir] = frozenset(outputs)
-    return files
-
-
-def quickstart_path_problem(path: str) -> str | None:
-    """None when ``path`` (``outputs/quickstart.../...``) is a folder or file the quick start writes, else why not."""
-    match = QUICKSTART_PATH.search(path)
-    outdir, rest = f"outputs/{match.group(1)}", match.group(2).rstrip("/")
-    written = quickstart_files().get(outdir)
-    if written is None:
-        return f"{outdir} is no default --outdir of scripts/quickstart.py (those are {sorted(quickstart_files())})"
-    folders = {name.rsplit("/", 1)[0] for name in written if "/" in name}
-    if rest and rest not in written and rest not in folders:
-        return f"scripts/quickstart.py writes no {rest!r} into {outdir} (it writes {sorted(written)})"
-    return None
-
-
-def path_problem(path: str) -> str | None:
-    if placeholder(path):
-        return None
-    if QUICKSTART_PATH.search(path):
-        return quickstart_path_problem(path)
-    if not (REPO / path).exists():
-        return f"{path} is not in the repository (and is no placeholder of tests/test_readme.py's PLACEHOLDERS)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# which commands are not run here, and why (they are still parse-checked above)
-
-CLUSTER = "a cluster launcher (torchrun/srun) or a SLURM batch script: needs several GPUs or SLURM"
-GPU = "--device cuda: needs a GPU"
-COMPVIS = ("names CompVis downloads (models/...), or a real config that needs CompVis' vq-f4 at "
-           "models/first_stage_models/vq-f4/model.ckpt and images under data/train")
-USER_FILES = "needs the user's own files or training runs (placeholders: logs/<run>, img.png, A.ckpt, ...)"
-QUICKSTART_FIRST = "needs the quick start's checkpoints: minutes of training first"
-LONG = "trains or evaluates for minutes to hours (README gives the time)"
-SETUP = "sets up the environment or runs the whole suite: what CI itself runs (.ci/run)"
-ELIDED = "its arguments are elided with '...'"
-REAL_CONFIG = re.compile(r"^configs/(latesteps_\w+|autoencoder/\w+|latent-diffusion/[\w-]+)\.yaml$")
-
-
-def why_not_run(command: Command) -> list[str]:
-    """Every reason README's ``command`` is not run by these tests (empty: nothing keeps it from running)."""
-    inv = invocation(command)
-    paths = named_paths(inv)
-    reasons = []
-    if inv.launcher or command.sbatch:
-        reasons.append(CLUSTER)
-    if "cuda" in [value for flag, value in zip(inv.args, inv.args[1:]) if flag == "--device"] + [
-            w.split("=", 1)[1] for w in inv.args if w.startswith("--device=")]:
-        reasons.append(GPU)
-    if any(p.startswith("models/") or REAL_CONFIG.match(p) for p in paths):
-        reasons.append(COMPVIS)
-    if any(placeholder(p) for p in paths if not p.startswith("models/")):
-        reasons.append(USER_FILES)
-    if any(QUICKSTART_PATH.search(p) for p in paths):
-        reasons.append(QUICKSTART_FIRST)
-    if "..." in inv.args:
-        reasons.append(ELIDED)
-    if inv.script in ("main.py", "scripts/quickstart.py") or (inv.script or "").startswith("benchmarks/"):
-        reasons.append(LONG)
-    if inv.program in PIPS | RUFFS or inv.module in PYTHON_MODULES:
-        reasons.append(SETUP)
-    return reasons
-
-
-# README commands run for real, each with the suffix that keeps it small and safe beside other jobs: the web app on
-# the shipped demo experts serves on a free port, on the CPU, into a temporary folder (README's line serves on 7860
-# and writes outputs/app/); it is started, asked /api/info, and stopped with Ctrl+C.
-RUN_FOR_REAL: dict[str, Callable[[Path], list[str]]] = {
-    ".venv/bin/python scripts/app.py --ckpt demo": lambda tmp: ["--port", "0", "--device", "cpu", "--outdir",
-                                                                 str(tmp / "app")],
-}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the parser itself
@@ -600,21 +182,10 @@ def test_configs_and_overrides_merge_as_the_script_merges_them(command, monkeypa
         assert train.target == "ldm.data.cached_latents.CachedLatents" and set(train.params) == {"root"}, train
 
 
-CACHED_DATA_YAML = "my_cached_data.yaml"
-
-
-def cached_data_yaml() -> str:
-    """README's ```yaml block that swaps the training dataset for cached latents (what my_cached_data.yaml holds)."""
-    blocks = [block for _, block in bash_blocks(readme_text(), "yaml")
-              if any("ldm.data.cached_latents.CachedLatents" in line for _, line in block)]
-    assert blocks, "README has no ```yaml block with ldm.data.cached_latents.CachedLatents (my_cached_data.yaml)"
-    return "\n".join(line for _, line in blocks[0]) + "\n"
-
 
 def test_python_modules_and_pip_installs_name_what_exists():
-    setup_call = next(node for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
-                      if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
-    extras = next(ast.literal_eval(k.value) for k in setup_call.keywords if k.arg == "extras_require")
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with tomllib (Python 3.11+)")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     problems = []
     for command in COMMANDS:
         inv = invocation(command)
@@ -626,7 +197,7 @@ def test_python_modules_and_pip_installs_name_what_exists():
                     match = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", value)
                     missing = set((match.group(1) or "").split(",")) - set(extras) - {""} if match else {value}
                     if missing:
-                        problems.append(f"README.md:{command.line}: pip install -e {value}: setup.py has no "
+                        problems.append(f"README.md:{command.line}: pip install -e {value}: pyproject.toml has no "
                                         f"{sorted(missing)} (extras: {sorted(extras)})")
     assert not problems, "\n".join(problems)
 
@@ -687,57 +258,35 @@ def test_readme_test_command_is_exactly_the_last_command_of_ci_run():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# what is not run, and the one command that is
+# what is run, and what is not
 
 
 def test_every_command_is_run_here_or_says_why_not():
-    unmarked = [f"README.md:{c.line}: {c}" for c in COMMANDS if not why_not_run(c) and str(c) not in RUN_FOR_REAL]
-    assert not unmarked, ("README commands neither run by tests/test_readme.py nor marked with why not (add them to "
-                          "RUN_FOR_REAL or a reason to why_not_run):\n" + "\n".join(unmarked))
-    by_line = {c.line: why_not_run(c) for c in COMMANDS}
-    for command in COMMANDS:  # the marks the task asks for
-        inv = invocation(command)
+    commands = COMMANDS + INLINE_COMMANDS
+    undecided = [f"README.md:{c.line}: {c}" for c in commands
+                 if not why_not_run(c) and invocation(c).script not in RUN_SUFFIX]  # fmt: skip
+    assert not undecided, ("README commands neither run by tests/test_readme_run.py nor marked with why not (give their "
+                           "script a suffix in RUN_SUFFIX, or why_not_run a reason):\n" + "\n".join(undecided))
+    for command in commands:  # the marks the task asks for
+        inv, reasons = invocation(command), why_not_run(command)
         if inv.launcher or command.sbatch:
-            assert CLUSTER in by_line[command.line], command
+            assert CLUSTER in reasons, command
         if any(p.startswith("models/ldm/") for p in named_paths(inv)):
-            assert COMPVIS in by_line[command.line], command
-    assert not set(RUN_FOR_REAL) - {str(c) for c in COMMANDS}, "RUN_FOR_REAL names a command README no longer has"
+            assert COMPVIS in reasons, command
+    run = {invocation(c).script for c in commands if not why_not_run(c)}
+    assert set(RUN_SUFFIX) <= run, f"RUN_SUFFIX names scripts no README command runs: {sorted(set(RUN_SUFFIX) - run)}"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if str(c) in RUN_FOR_REAL], ids=command_id)
-def test_cheap_commands_run_for_real(command, tmp_path):
-    """README's app line on the shipped demo experts serves (GET /api/info lists both experts) and stops on Ctrl+C
-    with exit 0."""
-    inv = invocation(command)
-    argv = [sys.executable, inv.script, *inv.args, *RUN_FOR_REAL[str(command)](tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    err = tmp_path / "stderr.txt"
-    with err.open("w") as stderr:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
-    out = b""
-    try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline:  # the URL line, without blocking past the deadline
-            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            out += chunk
-            url = re.search(rb"serving on (http://127\.0\.0\.1:\d+/)", out)
-        assert url, f"README.md:{command.line}: {command} did not serve: {out.decode()}{err.read_text()}"
-        with urllib.request.urlopen(url.group(1).decode() + "api/info", timeout=30) as response:
-            info = json.load(response)
-        assert len(info["experts"]) == 2, info
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            proc.stdout.close()
-    assert code == 0, f"README.md:{command.line}: Ctrl+C gave exit status {code}: {err.read_text()}"
+def test_the_quick_start_runs_elsewhere_with_smoke():
+    """README's quick-start commands are not run here (minutes of training): tests/test_quickstart.py runs the same
+    script with ``--smoke`` for each of their ``--domain``/``--weights``, as :data:`QUICKSTART` says."""
+    text = (REPO / "tests" / "test_quickstart.py").read_text()
+    quick_starts = [c for c in COMMANDS + INLINE_COMMANDS if invocation(c).script == "scripts/quickstart.py"]
+    assert quick_starts and all(QUICKSTART in why_not_run(c) for c in quick_starts)
+    assert '"--smoke"' in text
+    for command in quick_starts:
+        args = invocation(command).args
+        for flag, value in zip(args, args[1:]):
+            if flag in ("--domain", "--weights"):
+                where = f"README.md:{command.line}"
+                assert f'"{flag}", "{value}"' in text, f"{where}: tests/test_quickstart.py runs no {flag} {value}"

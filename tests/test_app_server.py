@@ -191,11 +191,13 @@ def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
 
     import torch
 
-    def denoiser(z, t):  # 20 ms per call plus 10 us per latent pixel
+    def denoiser(z, t, cond=None):  # 20 ms per call plus 10 us per latent pixel
         time.sleep(0.02 + 1e-5 * z.shape[-1] * z.shape[-2])
         return z
 
-    fake = SimpleNamespace(model=SimpleNamespace(image_size=16, channels=3), denoisers=[denoiser], device=torch.device("cpu"))
+    model = SimpleNamespace(image_size=16, channels=3)
+    fake = SimpleNamespace(model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser],
+                           device=torch.device("cpu"))
     cost = measure_step_cost(fake, repeats=3)
     assert cost.fixed_seconds == pytest.approx(0.02, abs=0.01)
     assert cost.seconds_per_pixel == pytest.approx(1e-5, rel=0.3)

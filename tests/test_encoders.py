@@ -419,3 +419,16 @@ def test_import_without_transformers_and_one_line_hint(clip_dir, vocab_file, mon
         with pytest.raises(ImportError) as err:
             build()
         assert "pip install -e .[text]" in _one_line(err)
+
+
+def test_a_clip_folder_whose_config_is_not_a_bounded_clip_text_config_is_one_line(clip_dir, tmp_path):
+    for name, config in (("unet_config", {"_class_name": "UNet2DConditionModel", "model_type": "unet"}),
+                         ("huge", {"model_type": "clip_text_model", "num_hidden_layers": 5000}),
+                         ("not_json", None)):  # fmt: skip
+        folder = tmp_path / name
+        shutil.copytree(clip_dir, folder)
+        (folder / "config.json").write_text("{not json" if config is None else json.dumps(config))
+        with pytest.raises(ValueError) as err:
+            FrozenCLIPEmbedder(str(folder))
+        msg = _one_line(err)
+        assert str(folder) in msg and "config.json" in msg, msg

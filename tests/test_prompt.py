@@ -278,3 +278,45 @@ def test_oversized_prompt_file_is_refused_before_reading(tmp_path, monkeypatch):
     with pytest.raises(PromptError, match=f"is {MAX_PROMPT_FILE_BYTES + 1:,} bytes; at most {MAX_PROMPT_FILE_BYTES:,}"):
         load_prompt_file(path)
     assert os.fspath(path) not in [os.fspath(p) for p in opened]  # refused from its size alone
+
+
+def test_a_long_settings_line_parses_in_linear_time_and_oversized_text_is_refused():
+    import time
+
+    started = time.perf_counter()
+    for text in ("a" * 9000, "a cat\n" + "b" * 9000, "a cat\n" + "x: " + "y" * 9000):  # A1111's regex: seconds each
+        parse_a1111_parameters(text)
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(PromptError, match="characters; at most"):
+        parse_a1111_parameters("a" * 1_000_000)  # a 1 MiB chunk took hours with the backtracking regex
+    found = parse_a1111_parameters(f"a cat\n{SETTINGS}, Lora hashes: \"a: 1, b: 2\"")
+    assert found.prompt == "a cat" and found.guidance_scale == 6.5
+
+
+def test_guidance_scales_beyond_float_range_and_other_digits_are_refused_in_one_line(caplog):
+    with pytest.raises(PromptError, match="an integer of about 401 digits"):
+        Prompt("a cat", guidance_scale=10**400)
+    found = parse_a1111_parameters("a cat\nSteps: 20, Sampler: Euler, CFG scale: \u0667")  # Arabic-Indic 7
+    assert found.guidance_scale is None and "ignoring CFG scale" in caplog.text
+
+
+def test_deep_or_huge_json_is_one_line_and_an_empty_chunk_is_no_prompt(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.json"
+    path.write_text('{"a": ' + deep + "}")
+    with pytest.raises(PromptError, match="deep.json is not readable JSON"):
+        load_prompt_file(path)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"a": {"prompt": "x", "guidance_scale": ' + "9" * 400 + "}}")
+    with pytest.raises(PromptError, match="guidance_scale"):
+        load_prompt_file(huge)
+    with pytest.raises(PromptError, match="not readable"):
+        read_image_prompt(png_bytes({"parameters": '{"a": ' + deep + "}"}))
+    assert read_image_prompt(png_bytes({"parameters": "  \n "})) is None
+
+
+def test_a_prompt_file_with_old_mac_line_endings_has_one_entry_per_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"a\tcat\rb\tdog\r")
+    prompts = load_prompt_file(path)
+    assert prompts.lookup("a").prompt == "cat" and prompts.lookup("b").prompt == "dog"

@@ -395,3 +395,15 @@ def load_image_array(x: torch.Tensor) -> np.ndarray:
     from ldm.imageio import tensor_to_image
 
     return tensor_to_image(x[0]).astype(np.float32) / 255.0
+
+
+def test_the_app_times_text_conditioned_experts_and_refuses_huge_guidance_in_one_line(refiner):
+    """scripts/app.py measures one step of each expert at start-up: a text-conditioned expert needs its context (it
+    crashed the app before serving); a guidance scale beyond float range is a 400, not a 500."""
+    pytest.importorskip("starlette", reason="the web app needs the app extra")
+    from ldm.app.handlers import RefineSettings, RequestError, measure_step_cost
+
+    cost = measure_step_cost(refiner, repeats=1)
+    assert cost.seconds_per_pixel > 0 and cost.fixed_seconds >= 0
+    with pytest.raises(RequestError, match="Guidance scale must be a number from 0 to 30"):
+        RefineSettings.from_json({"guidance_scale": 10**400})

@@ -50,7 +50,7 @@ from ldm.imageio import (
 )
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
 from ldm.refine.batch import batch_plan, build_metadata, output_name
-from ldm.refine.conditioning import check_chain, text_experts
+from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
 from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
 from ldm.refine.regions import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, MAX_FEATHER, Box, parse_box, region_crops
@@ -243,8 +243,9 @@ class RefineSettings:
                     raise RequestError(str(exc)) from None
         if "guidance_scale" in data:
             scale = data["guidance_scale"]
-            ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-            if not ok or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+            number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            ok = number and abs(scale) <= MAX_GUIDANCE_SCALE and math.isfinite(scale)  # a huge int overflows isfinite
+            if not ok or scale < 0:
                 raise RequestError(f"{FIELD_LABELS['guidance_scale']} must be a number from 0 to {MAX_GUIDANCE_SCALE:g} "
                                    f"(1 = no guidance), not {_shown(scale)}")  # fmt: skip
             values["guidance_scale"] = float(scale)
@@ -400,12 +401,14 @@ def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
     t = torch.ones(1, dtype=torch.long, device=refiner.device)
     fits = []
     with torch.inference_mode():
-        for denoiser in refiner.denoisers:
+        for expert, denoiser in zip(refiner.experts, refiner.denoisers):
+            # a text-conditioned expert is timed with the empty prompt's context (one branch; guidance doubles it)
+            cond = expert.model.get_learned_conditioning([""]) if is_text_conditioned(expert.model) else None
             seconds = []
             for side in sizes:
                 z = torch.zeros(1, int(model.channels), side, side, device=refiner.device)
-                denoiser(z, t)
-                seconds.append(statistics.median(_timed(denoiser, z, t, refiner.device) for _ in range(repeats)))
+                denoiser(z, t, cond)
+                seconds.append(statistics.median(_timed(denoiser, z, t, cond, refiner.device) for _ in range(repeats)))
             (small, large), (p_small, p_large) = seconds, (sizes[0] ** 2, sizes[1] ** 2)
             slope = (large - small) / (p_large - p_small)
             if slope <= 0:  # timing noise swamped the difference: charge every second to the pixels
@@ -415,9 +418,9 @@ def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
     return max(fits, key=lambda f: f.step_seconds(4 * sizes[1] ** 2))
 
 
-def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, device: torch.device) -> float:
+def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, cond: Any, device: torch.device) -> float:
     started = time.perf_counter()
-    denoiser(z, t)
+    denoiser(z, t, cond)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
@@ -568,7 +571,11 @@ def refine(
     for k in range(s.n_samples):
         seed = s.seed + k
         out = refiner.refine(x, request, [seed], start_map=prepared.start_map, callback=callback)
-        meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, s.parameters(), request.prompt)
+        parameters = s.parameters()
+        if request.prompt is None:  # experts without a text condition: the page's prompt fields were not used
+            for key in ("prompt", "negative_prompt", "guidance_scale"):
+                parameters.pop(key, None)
+        meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, parameters, request.prompt)
         meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
         path = Path(outdir) / output_name(upload.stem, plan.start_t, s.seed, k if s.n_samples > 1 else None)
         save_image_atomic(path, tensor_to_image(out[0]), alpha=alpha, metadata=meta)

@@ -46,6 +46,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ldm.cli import decimal_float
 from ldm.imageio.errors import PathLike, format_path, one_line
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ A1111_KEY = "parameters"
 _TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 # one ``Key: value`` of A1111's settings line: a key starting with a word character, then a JSON-quoted value or a
 # run without commas (the grammar of A1111's ``re_param``)
-_A1111_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_A1111_KEY = re.compile(r"\w[\w \-/]*")
+MAX_SETTINGS_CHARS = 16384  # a longer last line is prompt text, not A1111's settings line
+MAX_PARAMETERS_CHARS = 2 * MAX_PROMPT_CHARS + MAX_SETTINGS_CHARS + 64
 _NEGATIVE = "Negative prompt:"
 
 
@@ -87,6 +91,13 @@ class PromptError(ValueError):
 # validation
 
 
+def _short_repr(value: Any, limit: int = 40) -> str:
+    if isinstance(value, int) and value.bit_length() >= 128:  # str() refuses over 4300 digits: estimate them
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     """``value`` as a float if it is a finite number ``>= 0``; else a :class:`PromptError` saying what is allowed.
 
@@ -95,10 +106,12 @@ def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     only"; here ``0 < s < 1`` interpolates.
     """
     ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if ok and isinstance(value, (int, np.integer)) and abs(int(value)) > sys.float_info.max:
+        ok = False  # math.isfinite would raise OverflowError on an int beyond float range
     if not ok or not math.isfinite(value) or value < 0:
         raise PromptError(
-            f"{name}={value!r} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable Diffusion "
-            f"usually 5-12; default {DEFAULT_GUIDANCE_SCALE:g})"
+            f"{name}={_short_repr(value)} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable "
+            f"Diffusion usually 5-12; default {DEFAULT_GUIDANCE_SCALE:g})"
         )
     return float(value)
 
@@ -208,8 +221,11 @@ def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> Found
     Raises:
         PromptError: the prompt or negative prompt is longer than :data:`MAX_PROMPT_CHARS` (message names ``source``).
     """
+    if len(text) > MAX_PARAMETERS_CHARS:
+        raise PromptError(f"{source} holds {len(text):,} characters; at most {MAX_PARAMETERS_CHARS:,} are read (a prompt, a "
+                          "negative prompt and a settings line)")  # fmt: skip
     *lines, last = text.strip().split("\n")
-    settings: list[tuple[str, str]] = _A1111_SETTING.findall(last)
+    settings = _settings_line(last)
     if len(settings) < 3:  # not a settings line: part of the prompt
         lines.append(last)
         settings = []
@@ -225,11 +241,38 @@ def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> Found
     values = {key.strip(): _unquote(value.strip()) for key, value in settings}
     if "CFG scale" in values:
         try:
-            scale = check_guidance_scale(float(values["CFG scale"]), "CFG scale")
+            scale = check_guidance_scale(decimal_float(values["CFG scale"]), "CFG scale")
         except (ValueError, PromptError):
             logger.warning("%s: ignoring CFG scale %r (not a finite number >= 0)", source, values["CFG scale"])
     negative = None if negative_lines is None else "\n".join(negative_lines)
     return _found("\n".join(prompt_lines), negative, scale, source)
+
+
+def _settings_line(line: str) -> list[tuple[str, str]]:
+    """``Key: value`` pairs of A1111's settings line (values JSON-quoted where they hold commas), in one pass over the
+    line: the grammar of A1111's ``re_param``, without its regex, which backtracks quadratically on a long line without
+    commas.  Pieces that are not ``Key: value`` are skipped, as ``re_param``'s ``findall`` skips them."""
+    if len(line) > MAX_SETTINGS_CHARS:
+        return []
+    pieces, current, quoted, escaped = [], [], False, False
+    for ch in line:
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            quoted = True
+        elif ch == ",":
+            pieces.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    pieces.append("".join(current))
+    out = []
+    for piece in pieces:
+        key, sep, value = piece.partition(":")
+        key = key.strip()
+        if sep and len(key) >= 2 and _A1111_KEY.fullmatch(key):
+            out.append((key, value.strip()))
+    return out
 
 
 def _unquote(value: str) -> str:
@@ -362,7 +405,7 @@ def read_image_prompt(source: PathLike | bytes) -> FoundPrompt | None:
             return None
         return _from_fields(text, f"latesteps metadata of {name}")
     params = text.get(A1111_KEY)
-    if params is None:
+    if params is None or not params.strip():  # an empty chunk records no prompt
         return None
     record = _json_object(params)
     if record is not None:  # a JSON record (ours or Fooocus's), never A1111 text
@@ -377,8 +420,9 @@ def _json_object(text: str) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
-        return None
+    except (ValueError, RecursionError) as exc:  # deep nesting; a number over Python's digit limit
+        raise PromptError(f"JSON parameters are not readable ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:80]})") from None  # fmt: skip
     return value if isinstance(value, dict) else None
 
 
@@ -387,7 +431,7 @@ def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
     scale = fields.get("guidance_scale")
     if isinstance(scale, str):
         try:
-            scale = float(scale) if scale.strip() else None
+            scale = decimal_float(scale) if scale.strip() else None
         except ValueError:
             raise PromptError(f"{source}: guidance_scale={scale!r} is not a number") from None
     return _found(fields.get("prompt"), fields.get("negative_prompt"), scale, source)
@@ -474,8 +518,8 @@ def _check_stem(stem: str, where: str) -> None:
 def _parse_tsv_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
     entries: dict[str, FoundPrompt] = {}
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.rstrip("\r")
+    for number, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        line = raw
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"prompt file {name} line {number}"
@@ -507,6 +551,11 @@ def _parse_json_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
         data = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
         raise PromptError(f"prompt file {name} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except PromptError:
+        raise
+    except (ValueError, RecursionError) as exc:  # nested too deeply; a number over Python's digit limit
+        raise PromptError(f"prompt file {name} is not readable JSON ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:80]})") from None  # fmt: skip
     if not isinstance(data, dict):
         raise PromptError(f"prompt file {name} must hold one JSON object {{stem: prompt}}, got {type(data).__name__}")
     entries: dict[str, FoundPrompt] = {}

@@ -7,6 +7,7 @@ Class labels (``ClassEmbedder``, ``ClassLabels``) and text (latent-diffusion's `
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -318,6 +319,52 @@ def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
     return tok_dir, model_dir
 
 
+MAX_CLIP_CONFIG_BYTES = 1 << 20
+# what a CLIP text config may ask to be built (its sizes decide the allocation; SD v1's: 768 wide, 12 layers)
+_CLIP_CONFIG_BOUNDS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 64,
+                       "num_attention_heads": 16384, "vocab_size": 1 << 20, "max_position_embeddings": 4096}  # fmt: skip
+
+
+def check_clip_config(model_dir: Path) -> None:
+    """Refuse, in one line (ValueError), a ``config.json`` in ``model_dir`` that is not a bounded CLIP text config
+    (``CLIPTextModel``'s, or a ``CLIPModel``'s ``text_config``), before transformers reads it: its sizes decide what is
+    built, and transformers' own errors for another model's config are tracebacks of its internal classes."""
+    path = model_dir / "config.json"
+    where = f"CLIP folder {str(model_dir)!r}: config.json"
+    if path.stat().st_size > MAX_CLIP_CONFIG_BYTES:
+        raise ValueError(f"{where} is larger than {MAX_CLIP_CONFIG_BYTES:,} bytes; a CLIP config is a few KiB")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{where} is not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
+    model_type = data.get("model_type")
+    text = data.get("text_config") if model_type == "clip" else data
+    if model_type not in (None, "clip", "clip_text_model") or not isinstance(text, dict):
+        raise ValueError(f"{where} describes model_type={str(model_type)[:40]!r}, not a CLIP text model "
+                         "(clip_text_model, or clip with a text_config)")  # fmt: skip
+    for key, hi in _CLIP_CONFIG_BOUNDS.items():
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi):
+            raise ValueError(f"{where}: {key}={str(value)[:40]} must be an integer in [1, {hi}]")
+    width, heads = text.get("hidden_size") or 512, text.get("num_attention_heads") or 8  # CLIPTextConfig's defaults
+    if width % heads:
+        raise ValueError(f"{where}: num_attention_heads={heads} does not divide hidden_size={width}")
+
+
+def _from_folder(load: Any, folder: Path, what: str) -> Any:
+    """``load()``, with whatever transformers raises for a damaged folder as one line naming it (files that are not
+    there were checked before: FileNotFoundError passes through)."""
+    try:
+        return load()
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # transformers and huggingface_hub raise their own, version-dependent types
+        raise ValueError(f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from None
+
+
 class _TextModelKeys(nn.Module):
     """Holds a transformers>=5 ``CLIPTextModel`` as ``text_model``, so state-dict keys keep SD v1's ``text_model.*``.
 
@@ -368,17 +415,21 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         tok_dir, model_dir = _clip_folders(version)
         _ignored_device(type(self).__name__, device)
         transformers = _transformers()
-        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        check_clip_config(model_dir)
+        self.tokenizer = _from_folder(
+            lambda: transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True), tok_dir, "tokenizer"
+        )
         # under a meta-device context (a dry run: shapes only) weights are not read; transformers refuses to try
         dry_run = torch.empty(0).device.type == "meta"  # (torch.get_default_device needs torch >= 2.3)
         if not dry_run and any((model_dir / name).is_file() for name in _CLIP_WEIGHT_FILES):
-            model = transformers.CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True,
-                                                               dtype=torch.float32)
+            model = _from_folder(lambda: transformers.CLIPTextModel.from_pretrained(
+                str(model_dir), local_files_only=True, dtype=torch.float32), model_dir, "text model")
         else:
             logger.info("%s: CLIPTextModel built from config.json with random weights (%s; load a checkpoint with "
                         "cond_stage_model.transformer.* weights before use)", model_dir,
                         "meta device" if dry_run else "no weights file")
-            config = transformers.CLIPTextConfig.from_pretrained(str(model_dir), local_files_only=True)
+            config = _from_folder(lambda: transformers.CLIPTextConfig.from_pretrained(
+                str(model_dir), local_files_only=True), model_dir, "config")
             model = transformers.CLIPTextModel(config)
         # transformers < 5 already nests the text transformer under .text_model (the SD v1 key layout)
         self.transformer = model if isinstance(getattr(model, "text_model", None), nn.Module) else _TextModelKeys(model)

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (CUDA, bf16): refinement images/s at 256 and 1024 px, training steps/s at the real
-# config, and the UNet's achieved FLOP/s against the card's bf16 peak.  Everything comes from this repository: random
-# weights at the real sizes (configs/latesteps_500_750.yaml), random images where scikit-image is missing; no downloads.
+# config, the UNet's achieved FLOP/s against the card's bf16 peak, and the CUDA peak memory of a Stable-Diffusion-v1-
+# sized expert refining 512 and 1024 px with a guided prompt, fp32 and bf16.  Everything comes from this repository:
+# random weights at the real sizes (configs/latesteps_500_750.yaml, configs/stable-diffusion/v1-inference.yaml), random
+# images where scikit-image is missing; no downloads.
 #
-#   bash benchmarks/gpu.sh                 # all parts (about 10 minutes on an H100)
-#   bash benchmarks/gpu.sh refine          # or: train | flops   (one part, each well under 10 minutes)
+#   bash benchmarks/gpu.sh                 # all parts (about 13 minutes on an H100)
+#   bash benchmarks/gpu.sh refine          # or: train | flops | memory   (one part, each well under 10 minutes)
 #   bash benchmarks/gpu.sh --dry-run       # here, on CPU: the same commands at tiny sizes, to check the plumbing
+#
+# memory: the SD v1 text encoder is CLIP ViT-L/14's text model (random weights, config-only folder) where the Python
+# imports transformers, else benchmarks/bench_memory.py's parameter-free stand-in of the same output shape [n, 77, 768]
+# (printed; the UNet and VAE figures are the same, host memory lacks CLIP's 0.46 GiB).
 #
 # Python: $PYTHON if set, else ./.venv/bin/python or python3 - the first that imports torch with CUDA (any torch in
 # --dry-run).  The project's other requirements (omegaconf, taming-transformers-rom1504, lpips, pytorch-lightning,
@@ -25,12 +31,12 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    refine|train|flops) PARTS+=("$arg") ;;
+    refine|train|flops|memory) PARTS+=("$arg") ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument '$arg' (use refine, train, flops and/or --dry-run)" >&2; exit 2 ;;
+    *) echo "gpu.sh: unknown argument '$arg' (use refine, train, flops, memory and/or --dry-run)" >&2; exit 2 ;;
   esac
 done
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(refine train flops)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(refine train flops memory)
 
 if [ "$DRY" = 1 ]; then
   TORCH_CHECK="import torch"
@@ -90,11 +96,13 @@ if [ "$DRY" = 1 ]; then
   REFINE_ARGS=(--models tiny --sizes 64 128 --batch 1 2 --tail-steps 2 --repeats 1)
   TRAIN_ARGS=(--configs tiny --steps 2 --warmup 1 --batch-size 2)
   FLOPS_ARGS=(--model tiny --image-size 64 --batch 1 2 --iters 1 --warmup 1)
+  MEMORY_ARGS=(--unet sd-v1-tiny --sizes 64 --tilings off --precision fp32 bf16)
 else
   DEVICE=cuda; THREADS=8
   REFINE_ARGS=(--models real --sizes 256 1024 --batch 1 4 --tail-steps 25 --repeats 3)
   TRAIN_ARGS=(--configs real --steps 20 --warmup 3)
   FLOPS_ARGS=(--model real --image-size 256 --batch 1 8 48 --iters 10 --warmup 3)
+  MEMORY_ARGS=(--unet sd-v1 --sizes 512 1024 --tilings off auto --precision fp32 bf16)
 fi
 
 for part in "${PARTS[@]}"; do
@@ -110,6 +118,14 @@ for part in "${PARTS[@]}"; do
         --precisions bf16-mixed 32-true --data random ;;
     flops)
       "$PY" benchmarks/bench_flops.py --device "$DEVICE" --threads "$THREADS" "${FLOPS_ARGS[@]}" --precisions bf16 ;;
+    memory)
+      # SD v1 (860M UNet, KL-f8, CLIP-L text): 2 steps from t=200 with Prompt(..., guidance_scale=7.5), one batched
+      # call per step (batch 2: the refiner's default on CUDA); CUDA peak allocated/reserved and s/step per case.
+      if "$PY" -c "import transformers" 2>/dev/null; then TEXT=clip; else
+        TEXT=stub; echo "gpu.sh: transformers is not importable: SD v1's text encoder is the stand-in (see bench_memory.py)"
+      fi
+      "$PY" benchmarks/bench_memory.py --device "$DEVICE" --threads "$THREADS" "${MEMORY_ARGS[@]}" \
+        --guidance 7.5 --text-encoder "$TEXT" ;;
   esac
 done
 echo "gpu.sh: done; JSON results in $RESULTS/, log in $LOG"

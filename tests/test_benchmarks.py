@@ -24,8 +24,13 @@ TIMEOUT = 600
 
 
 def _run(cmd: list[str], results: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LATESTEPS_BENCH_RESULTS": str(results), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "LATESTEPS_BENCH_RESULTS": str(results),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
@@ -47,8 +52,25 @@ def _finite_positive(*values: float) -> bool:
 
 
 def test_bench_refine_measures_every_configuration(tmp_path):
-    rows = _bench("bench_refine", ["--models", "tiny", "--sizes", "64", "--precisions", "fp32", "bf16", "--batch", "2",
-                                   "--tail-steps", "2", "--repeats", "1"], tmp_path)
+    rows = _bench(
+        "bench_refine",
+        [
+            "--models",
+            "tiny",
+            "--sizes",
+            "64",
+            "--precisions",
+            "fp32",
+            "bf16",
+            "--batch",
+            "2",
+            "--tail-steps",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        tmp_path,
+    )
     assert sorted((r["precision"], r["batch"]) for r in rows) == [("bf16", 2), ("fp32", 2)]
     for row in rows:
         assert row["steps"] == 2 and row["size"] == 64 and "[250, 500) = steps 500-750" in row["refiner"]
@@ -63,9 +85,43 @@ def test_bench_memory_reports_peaks(tmp_path):
     assert row["peak_mib"] >= row["model_mib"]
 
 
+def test_bench_memory_sd_v1_refines_with_a_guided_prompt(tmp_path):
+    """--unet sd-v1-tiny (SD v1's structure at test sizes, a config-only CLIP folder): guidance 7.5 runs both branches
+    in one batch-2 UNet call per step, guidance 1 the conditional branch alone."""
+    pytest.importorskip("transformers")
+    rows = _bench(
+        "bench_memory",
+        ["--unet", "sd-v1-tiny", "--sizes", "64", "--tilings", "off", "--guidance", "1", "7.5", "--batch-invariant", "off"],
+        tmp_path,
+    )
+    by_scale = {row["guidance"]: row for row in rows}
+    assert sorted(by_scale) == [1.0, 7.5]
+    for scale, row in by_scale.items():
+        assert row["text_encoder"] == "clip" and row["batching"] == "batched" and row["steps"] == 2
+        assert (row["unet_calls"], row["unet_batch"]) == (2, 2 if scale == 7.5 else 1)
+        assert "1 expert(s)" in row["refiner"] and "[0, 1000)" in row["refiner"], row["refiner"]
+        assert _finite_positive(row["peak_mib"], row["model_mib"], row["s_step"], row["last_step_s"])
+
+
 def test_bench_train_runs_steps(tmp_path):
-    rows = _bench("bench_train", ["--configs", "tiny", "--precisions", "32-true", "--steps", "1", "--warmup", "1",
-                                  "--batch-size", "2", "--data", "random"], tmp_path)
+    rows = _bench(
+        "bench_train",
+        [
+            "--configs",
+            "tiny",
+            "--precisions",
+            "32-true",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--data",
+            "random",
+        ],
+        tmp_path,
+    )
     images, latents = rows
     for row in rows:
         assert row["batch"] == 2 and row["steps"] == 1 and _finite_positive(row["s_per_step"], row["steps_s"])
@@ -102,23 +158,53 @@ def test_synthetic_windows_trains_three_ways_and_compares_them(tmp_path):
     from ldm.train.stages import SMOKE_OVERRIDES, Stage, run_stage
 
     vq = tmp_path / "vq.ckpt"
-    run_stage(Stage("vq", "vq", REPO / "configs" / "synthetic" / "vq_f4.yaml", list(SMOKE_OVERRIDES)), tmp_path / "vq_logs",
-              vq, seed=0)
+    run_stage(
+        Stage("vq", "vq", REPO / "configs" / "synthetic" / "vq_f4.yaml", list(SMOKE_OVERRIDES)),
+        tmp_path / "vq_logs",
+        vq,
+        seed=0,
+    )
     results = tmp_path / "results"
-    out = _run([sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(vq), "--outdir", str(tmp_path / "runs"),
-                "--threads", "1", "--smoke"], results)
+    out = _run(
+        [
+            sys.executable,
+            str(BENCH / "synthetic_windows.py"),
+            "--vq",
+            str(vq),
+            "--outdir",
+            str(tmp_path / "runs"),
+            "--threads",
+            "1",
+            "--smoke",
+        ],
+        results,
+    )
     (path,) = results.glob("synthetic_windows-*.json")
     payload = json.loads(path.read_text())
     assert {r["run"] for r in payload["window_loss"]} == {"single", "full", "chain"}
     assert all(_finite_positive(r["window_loss"]) for r in payload["window_loss"])
-    assert {r["artifact"] for r in payload["quality"]} <= {"local_noise", "local_block", "local_smear", "local_warp",
-                                                           "local_paint"}
+    assert {r["artifact"] for r in payload["quality"]} <= {
+        "local_noise",
+        "local_block",
+        "local_smear",
+        "local_warp",
+        "local_paint",
+    }
     assert path.with_suffix(".md").read_text().startswith("| artifact | chain 500-750 → 750-1000 |")
     assert "the full-range model's window loss" in out.stdout
     assert sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir()) == [
-        "chain_a.ckpt", "chain_b.ckpt", "full.ckpt", "single.ckpt"]
-    code = subprocess.run([sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(tmp_path / "none.ckpt")],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+        "chain_a.ckpt",
+        "chain_b.ckpt",
+        "full.ckpt",
+        "single.ckpt",
+    ]
+    code = subprocess.run(
+        [sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(tmp_path / "none.ckpt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert code.returncode == 2 and "is not a file" in code.stderr
 
 
@@ -126,8 +212,20 @@ def test_photo_curve_trains_and_measures_each_saved_step(tmp_path):
     """The photo quality-against-compute curve in --smoke mode: a 3-step VQ and experts of one width through main.py,
     every saved step measured (round trip, eps-MSE, SWD against the round trip, the blotch's in-box gain)."""
     results = tmp_path / "results"
-    out = _run([sys.executable, str(BENCH / "photo_curve.py"), "--outdir", str(tmp_path / "runs"), "--widths", "32",
-                "--threads", "1", "--smoke"], results)
+    out = _run(
+        [
+            sys.executable,
+            str(BENCH / "photo_curve.py"),
+            "--outdir",
+            str(tmp_path / "runs"),
+            "--widths",
+            "32",
+            "--threads",
+            "1",
+            "--smoke",
+        ],
+        results,
+    )
     (path,) = results.glob("photo_curve-*.json")
     payload = json.loads(path.read_text())
     assert [r["step"] for r in payload["vq"]] == [1, 2, 3]
@@ -138,6 +236,11 @@ def test_photo_curve_trains_and_measures_each_saved_step(tmp_path):
         keys = ("eps_t300",) if row["run"] == "500-750" else ("eps_t50", "eps_t100", "dswd", "paint_gain")
         assert all(row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"] for k in keys), row
     assert path.with_suffix(".md").read_text().startswith("| VQ steps |") and "table:" in out.stdout
-    bad = subprocess.run([sys.executable, str(BENCH / "photo_curve.py"), "--widths", "40"], cwd=REPO,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "photo_curve.py"), "--widths", "40"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert bad.returncode == 2 and "multiple of 16" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -144,7 +144,8 @@ def _check_init_checkpoints(cfg: Any, where: str) -> None:
             if key == "ckpt_path" and value is not None and not Path(str(value)).is_file():
                 if where.endswith("first_stage_config.params"):  # the hint names the config that trains it
                     hint = "the first stage must be a trained autoencoder: " + missing_first_stage_hint(
-                        str(value), cfg, key=f"{where}.ckpt_path")
+                        str(value), cfg, key=f"{where}.ckpt_path"
+                    )
                 else:
                     hint = (
                         "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
@@ -239,10 +240,12 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     base_lr = model_cfg.pop("base_learning_rate", None)
     if opt.train and base_lr is None:
         raise ConfigError("model.base_learning_rate is missing (latent-diffusion configs set e.g. 2.0e-06)")
-    if base_lr is not None and (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float))
-                                or not math.isfinite(base_lr) or base_lr < 0):
-        raise ConfigError(f"model.base_learning_rate={base_lr!r} must be a finite number >= 0 (latent-diffusion configs "
-                          "set e.g. 2.0e-06)")
+    if base_lr is not None and (
+        isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr < 0
+    ):
+        raise ConfigError(
+            f"model.base_learning_rate={base_lr!r} must be a finite number >= 0 (latent-diffusion configs set e.g. 2.0e-06)"
+        )
     if resume_ckpt is not None:
         for where in _drop_init_checkpoints(model_cfg, "model"):
             say(f"resuming: {where} is not loaded; all weights come from {resume_ckpt}")
@@ -319,8 +322,10 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         accumulate, ngpu, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
         if opt.scale_lr:
             model.learning_rate = accumulate * ngpu * nodes * bs * base_lr
-            say(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
-                f"{ngpu} (devices) * {nodes} (nodes) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
+            say(
+                f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
+                f"{ngpu} (devices) * {nodes} (nodes) * {bs} (batchsize) * {base_lr:.2e} (base_lr)"
+            )
         else:
             model.learning_rate = base_lr
             say(f"Not scaling the learning rate; learning rate {model.learning_rate:.2e}")
@@ -333,8 +338,10 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
             say(f"SIGTERM: wrote {interrupt.ckpt_path} at global step {interrupt.saved_step}; exiting 0")
             return 0
         except OSError as exc:  # disk full, permissions, a vanished folder: the message names the path
-            print(f"main.py: error: {exc}; {logdir} keeps its last complete checkpoint: fix this and resume with "
-                  f"-r {logdir}", file=sys.stderr)
+            print(
+                f"main.py: error: {exc}; {logdir} keeps its last complete checkpoint: fix this and resume with -r {logdir}",
+                file=sys.stderr,
+            )
             return 1
     if not opt.no_test and not trainer.interrupted and data is not None:
         if is_overridden("test_dataloader", data) and is_overridden("test_step", model):

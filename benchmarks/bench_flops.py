@@ -114,10 +114,16 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
             fn()
         seconds = statistics.median(timed(fn, device)[0] for _ in range(cfg["iters"]))
         achieved = flops / seconds / 1e12
-        rows.append({
-            "kind": kind, "gflop": flops / 1e9, "ms": seconds * 1e3, "tflop_s": achieved, "peak_tflop_s": peak,
-            "mfu": achieved / peak if peak else None,
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "gflop": flops / 1e9,
+                "ms": seconds * 1e3,
+                "tflop_s": achieved,
+                "peak_tflop_s": peak,
+                "mfu": achieved / peak if peak else None,
+            }
+        )
     return {"rows": rows, "latent": side, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)}
 
 
@@ -140,9 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch, precision in itertools.product(args.batch, args.precisions):
         cfg = dict(
-            model=args.model, image_size=args.image_size, batch=batch, precision=precision,
-            channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, iters=args.iters,
-            peak_tflops=args.peak_tflops, threads=args.threads, device=args.device,
+            model=args.model,
+            image_size=args.image_size,
+            batch=batch,
+            precision=precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            warmup=args.warmup,
+            iters=args.iters,
+            peak_tflops=args.peak_tflops,
+            threads=args.threads,
+            device=args.device,
         )
         print(f"running {cfg}", flush=True)
         result = run_child(Path(__file__), cfg, timeout=args.timeout)

@@ -44,8 +44,25 @@ from common import (  # noqa: E402 (after the path setup)
 
 START_T = 499
 COLUMNS = [
-    "model", "size", "precision", "layout", "compile", "batch", "inputs", "invariant", "steps", "wall_s", "encode_s",
-    "sample_s", "decode_s", "bare_s", "overhead", "img_s", "first_s", "rss_mib", "error",
+    "model",
+    "size",
+    "precision",
+    "layout",
+    "compile",
+    "batch",
+    "inputs",
+    "invariant",
+    "steps",
+    "wall_s",
+    "encode_s",
+    "sample_s",
+    "decode_s",
+    "bare_s",
+    "overhead",
+    "img_s",
+    "first_s",
+    "rss_mib",
+    "error",
 ]
 
 
@@ -134,11 +151,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], dest="compile_modes")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="images per refine call")
     p.add_argument("--batch-invariant", nargs="+", choices=("auto", "on", "off"), default=["auto"], dest="invariant")
-    p.add_argument("--inputs", nargs="+", choices=("distinct", "same"), default=["distinct"],
-                   help="a batch of different photographs, or samples of one (encoded once)")
-    p.add_argument("--tail-steps", type=int, default=None,
-                   help="DDIM steps in the tail (default: 25; 2 for the real model on CPU, where a 1024 px forward "
-                        "takes minutes)")
+    p.add_argument(
+        "--inputs",
+        nargs="+",
+        choices=("distinct", "same"),
+        default=["distinct"],
+        help="a batch of different photographs, or samples of one (encoded once)",
+    )
+    p.add_argument(
+        "--tail-steps",
+        type=int,
+        default=None,
+        help="DDIM steps in the tail (default: 25; 2 for the real model on CPU, where a 1024 px forward takes minutes)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed refines (medians are reported)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
@@ -162,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     for model, size, precision, layout, compile_mode, batch, invariant, inputs in grid:
         steps = args.tail_steps or (2 if model == "real" and args.device == "cpu" else 25)
         cfg = dict(
-            model=model, size=size, precision=precision, layout=layout, compile=compile_mode, batch=batch,
-            invariant=invariant, inputs=inputs, steps=steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+            model=model,
+            size=size,
+            precision=precision,
+            layout=layout,
+            compile=compile_mode,
+            batch=batch,
+            invariant=invariant,
+            inputs=inputs,
+            steps=steps,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            threads=args.threads,
             device=args.device,
         )
         print(f"running {cfg}", flush=True)

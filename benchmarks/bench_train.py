@@ -43,8 +43,20 @@ from common import (  # noqa: E402 (after the path setup)
     sync,
 )
 
-COLUMNS = ["config", "precision", "inputs", "batch", "data", "steps", "s_per_step", "steps_s", "vs_images", "img_s",
-           "rss_mib", "error"]
+COLUMNS = [
+    "config",
+    "precision",
+    "inputs",
+    "batch",
+    "data",
+    "steps",
+    "s_per_step",
+    "steps_s",
+    "vs_images",
+    "img_s",
+    "rss_mib",
+    "error",
+]
 CPU_BATCH = {"tiny": 8, "real": 2}
 CPU_STEPS = {"tiny": 20, "real": 3}
 
@@ -115,8 +127,13 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["inputs"] == "latents":
         dataset = _cached(dataset, model, device, cfg["batch"])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["batch"], shuffle=False, num_workers=cfg["workers"], drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=cfg["workers"] > 0,
+        dataset,
+        batch_size=cfg["batch"],
+        shuffle=False,
+        num_workers=cfg["workers"],
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg["workers"] > 0,
     )
     timer = StepTimer(cfg["warmup"], device)
     trainer = pl.Trainer(
@@ -150,15 +167,18 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", choices=("tiny", "real"), default=["tiny", "real"])
-    p.add_argument("--precisions", nargs="+", choices=("32-true", "bf16-mixed", "16-mixed"),
-                   default=["32-true", "bf16-mixed"])
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"per step (default: the config's on CUDA; {CPU_BATCH} on CPU)")
+    p.add_argument("--precisions", nargs="+", choices=("32-true", "bf16-mixed", "16-mixed"), default=["32-true", "bf16-mixed"])
+    p.add_argument("--batch-size", type=int, default=None, help=f"per step (default: the config's on CUDA; {CPU_BATCH} on CPU)")
     p.add_argument("--steps", type=int, default=None, help=f"timed steps (default: 20 on CUDA; {CPU_STEPS} on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
     p.add_argument("--data", choices=("photos", "random"), default="photos")
-    p.add_argument("--inputs", nargs="+", choices=("images", "latents"), default=["images", "latents"],
-                   help="train from images (encoded every step) and/or from cached latents (default: both)")
+    p.add_argument(
+        "--inputs",
+        nargs="+",
+        choices=("images", "latents"),
+        default=["images", "latents"],
+        help="train from images (encoded every step) and/or from cached latents (default: both)",
+    )
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 8 on CUDA)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -174,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     for config, precision, inputs in itertools.product(args.configs, args.precisions, args.inputs):
         config_batch = int(OmegaConf.load(MODEL_CONFIGS[config]).data.params.batch_size)
         cfg = dict(
-            config=config, precision=precision, inputs=inputs, data=args.data, warmup=args.warmup, threads=args.threads,
+            config=config,
+            precision=precision,
+            inputs=inputs,
+            data=args.data,
+            warmup=args.warmup,
+            threads=args.threads,
             device=args.device,
             batch=args.batch_size or (config_batch if cuda else CPU_BATCH[config]),
             steps=args.steps or (20 if cuda else CPU_STEPS[config]),

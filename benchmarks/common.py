@@ -257,14 +257,21 @@ def train_saving(
     record = outdir / "logs" / f"{name}.run"
     if not target.is_file() or not record.is_file():
         options = [
-            *overrides, f"lightning.trainer.max_steps={steps}",
+            *overrides,
+            f"lightning.trainer.max_steps={steps}",
             f"lightning.modelcheckpoint.params.every_n_train_steps={save_every}",
-            "lightning.modelcheckpoint.params.save_top_k=-1", f"lightning.trainer.val_check_interval={save_every}",
+            "lightning.modelcheckpoint.params.save_top_k=-1",
+            f"lightning.trainer.val_check_interval={save_every}",
             f"lightning.callbacks.image_logger.params.batch_frequency={steps}",
             *(SMOKE_OVERRIDES if smoke else ()),
         ]
-        folder = run_stage(Stage(name, name, config, options, str(threads)), outdir / "logs", target, seed,
-                           echo=lambda line: print(line, flush=True))
+        folder = run_stage(
+            Stage(name, name, config, options, str(threads)),
+            outdir / "logs",
+            target,
+            seed,
+            echo=lambda line: print(line, flush=True),
+        )
         record.write_text(str(folder))
     run_dir = Path(record.read_text())
     saved = {steps: target}  # the final step (last.ckpt, off the save cadence when it does not divide steps)

@@ -67,19 +67,31 @@ def train_all(args: argparse.Namespace, outdir: Path) -> dict[str, list[tuple[in
     if args.vq:
         vq = Path(args.vq).resolve()
     else:
-        saved["vq"] = train_saving("vq", CONFIGS / "vq_f4.yaml", args.vq_steps, [], save_every=args.vq_save_every,
-                                   threads=args.threads, **common)
+        saved["vq"] = train_saving(
+            "vq", CONFIGS / "vq_f4.yaml", args.vq_steps, [], save_every=args.vq_save_every, threads=args.threads, **common
+        )
         vq = saved["vq"][-1][1].resolve()
     first_stage = f"model.params.first_stage_config.params.ckpt_path={vq}"
     for width in args.widths:
         unet = f"model.params.unet_config.params.model_channels={width}"
         saved[f"a{width}"] = train_saving(
-            f"a{width}", CONFIGS / "latesteps_500_750.yaml", args.steps_a, [first_stage, unet],
-            save_every=args.save_every_a, threads=args.expert_threads, **common)
+            f"a{width}",
+            CONFIGS / "latesteps_500_750.yaml",
+            args.steps_a,
+            [first_stage, unet],
+            save_every=args.save_every_a,
+            threads=args.expert_threads,
+            **common,
+        )
         saved[f"b{width}"] = train_saving(
-            f"b{width}", CONFIGS / "latesteps_750_1000.yaml", args.steps_b,
+            f"b{width}",
+            CONFIGS / "latesteps_750_1000.yaml",
+            args.steps_b,
             [first_stage, unet, f"model.params.ckpt_path={saved[f'a{width}'][-1][1].resolve()}"],
-            save_every=args.save_every_b, threads=args.expert_threads, **common)
+            save_every=args.save_every_b,
+            threads=args.expert_threads,
+            **common,
+        )
     saved["first_stage"] = [(0, vq)]
     return saved
 
@@ -181,10 +193,15 @@ def refinement(a: Path, b: Path, args: argparse.Namespace) -> dict[str, Any]:
     model = refiner.model
     starts = PAINT_STARTS[:2] if args.smoke else PAINT_STARTS
     result = run_sweep(
-        [("experts", refiner)], heldout_images(args.n_images, 64, seed=0),
+        [("experts", refiner)],
+        heldout_images(args.n_images, 64, seed=0),
         [build_sweep_degradation(spec, model.first_stage_model) for spec in ("local_none", PAINT)],
-        (WHOLE_START, *starts), baselines=[identity_baseline(), autoencoder_baseline(model)],
-        batch_size=32, realism_reference=heldout_images(args.n_images, 64, seed=1), n_examples=0, progress=False,
+        (WHOLE_START, *starts),
+        baselines=[identity_baseline(), autoencoder_baseline(model)],
+        batch_size=32,
+        realism_reference=heldout_images(args.n_images, 64, seed=1),
+        n_examples=0,
+        progress=False,
     )
     sets = {(s["degradation"], s["method"], s["start_t"]): s for s in result.set_metrics}
     none = next(d for d in result.degradations if d.startswith("local_none"))
@@ -215,8 +232,15 @@ def expert_curves(saved: dict[str, list[tuple[int, Path]]], args: argparse.Names
             rows.append({"width": width, "run": "500-750", "step": step, **eps_mse(path, EPS_TS["a"], images)})
         final_a = saved[f"a{width}"][-1][1]
         for step, path in saved[f"b{width}"]:
-            rows.append({"width": width, "run": "750-1000", "step": step, **eps_mse(path, EPS_TS["b"], images),
-                         **refinement(final_a, path, args)})
+            rows.append(
+                {
+                    "width": width,
+                    "run": "750-1000",
+                    "step": step,
+                    **eps_mse(path, EPS_TS["b"], images),
+                    **refinement(final_a, path, args),
+                }
+            )
             print(f"width {width}, 750-1000 step {step}: {rows[-1]}", flush=True)
     return rows
 
@@ -232,16 +256,20 @@ def markdown(vq: list[dict[str, Any]], experts: list[dict[str, Any]]) -> str:
     lines = []
     if vq:
         lines += ["| VQ steps | 32 px crops | 64 px crops | chelsea (whole) | coffee (whole) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['step']} | {_ci(r, '32px')} | {_ci(r, '64px')} | {r['chelsea']:.2f} | {r['coffee']:.2f} |"
-                  for r in vq]
+        lines += [f"| {r['step']} | {_ci(r, '32px')} | {_ci(r, '64px')} | {r['chelsea']:.2f} | {r['coffee']:.2f} |" for r in vq]
         lines.append("")
-    lines += ["| width | run | steps | eps-MSE t=300 | t=100 | t=50 | SWD x10^3 whole@50 − round trip | "
-              "blotch in-box gain, dB (start_t) |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| width | run | steps | eps-MSE t=300 | t=100 | t=50 | SWD x10^3 whole@50 − round trip | "
+        "blotch in-box gain, dB (start_t) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in experts:
         paint = f"{_ci(r, 'paint_gain', '{:+.2f}')} ({r['paint_start']})" if "paint_gain" in r else "-"
-        lines.append(f"| {r['width']} | {r['run']} | {r['step']} | {_ci(r, 'eps_t300', '{:.4f}')} | "
-                     f"{_ci(r, 'eps_t100', '{:.4f}')} | {_ci(r, 'eps_t50', '{:.4f}')} | {_ci(r, 'dswd', '{:+.1f}')} | "
-                     f"{paint} |")
+        lines.append(
+            f"| {r['width']} | {r['run']} | {r['step']} | {_ci(r, 'eps_t300', '{:.4f}')} | "
+            f"{_ci(r, 'eps_t100', '{:.4f}')} | {_ci(r, 'eps_t50', '{:.4f}')} | {_ci(r, 'dswd', '{:+.1f}')} | "
+            f"{paint} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -250,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.train.cli import MAX_SEED
 
     p = OneLineParser(prog="photo_curve.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--vq", help="a first stage of configs/quickstart/vq_f4.yaml to train the experts on (skips the VQ "
-                                "run and its curve)")
+    p.add_argument(
+        "--vq", help="a first stage of configs/quickstart/vq_f4.yaml to train the experts on (skips the VQ run and its curve)"
+    )
     p.add_argument("--outdir", default="outputs/photo_curve", help="checkpoints and logs (reused when present)")
     p.add_argument("--vq-steps", type=int, default=7200, help="steps of the VQ run (the quick start: 1800)")
     p.add_argument("--vq-save-every", type=int, default=900, help="VQ checkpoint cadence")
@@ -259,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-b", type=int, default=2800, help="steps of the 750-1000 expert (the quick start: 700)")
     p.add_argument("--save-every-a", type=int, default=500, help="500-750 checkpoint cadence")
     p.add_argument("--save-every-b", type=int, default=350, help="750-1000 checkpoint cadence")
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64],
-                   help=f"UNet model_channels to train, each a multiple of 16 up to {MAX_WIDTH} (the quick start: 32)")
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[32, 64],
+        help=f"UNet model_channels to train, each a multiple of 16 up to {MAX_WIDTH} (the quick start: 32)",
+    )
     p.add_argument("--n-images", type=int, default=64, help="held-out 64 px crops per measurement")
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--threads", type=int, default=2, help="VQ training threads; " + THREADS_HELP)
@@ -270,8 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:  # main.py stops after 3 steps (ldm.train.stages.SMOKE_OVERRIDES): label the curves so
         args.n_images, args.vq_steps, args.steps_a, args.steps_b = 4, 3, 3, 3
         args.vq_save_every = args.save_every_a = args.save_every_b = 1
-    counts = (args.vq_steps, args.vq_save_every, args.steps_a, args.steps_b, args.save_every_a, args.save_every_b,
-              args.n_images, args.threads, args.expert_threads)
+    counts = (
+        args.vq_steps,
+        args.vq_save_every,
+        args.steps_a,
+        args.steps_b,
+        args.save_every_a,
+        args.save_every_b,
+        args.n_images,
+        args.threads,
+        args.expert_threads,
+    )
     if min(counts) < 1 or args.n_images > 1024:
         p.error("step counts, cadences and thread counts must be positive, --n-images in [1, 1024]")
     bad = [w for w in args.widths if not 16 <= w <= MAX_WIDTH or w % 16]
@@ -280,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed {args.seed} is outside main.py's seed range [0, {MAX_SEED}]")
     if args.vq and not Path(args.vq).is_file():
-        p.error(f"--vq {args.vq} is not a file; pass a checkpoint of configs/quickstart/vq_f4.yaml (the quick start's "
-                "outputs/quickstart/checkpoints/vq_f4.ckpt) or leave --vq out to train one")
+        p.error(
+            f"--vq {args.vq} is not a file; pass a checkpoint of configs/quickstart/vq_f4.yaml (the quick start's "
+            "outputs/quickstart/checkpoints/vq_f4.ckpt) or leave --vq out to train one"
+        )
     problem = check_outdir(args.outdir)
     if problem:
         p.error(problem)
@@ -301,10 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     experts = expert_curves(saved, args)
     table = markdown(vq, experts)
     print(table)
-    path = write_results("photo_curve", {
-        "machine": machine_info("cpu"), "args": vars(args), "vq": vq, "experts": experts,
-        "wall_s": time.perf_counter() - started,
-    })
+    path = write_results(
+        "photo_curve",
+        {
+            "machine": machine_info("cpu"),
+            "args": vars(args),
+            "vq": vq,
+            "experts": experts,
+            "wall_s": time.perf_counter() - started,
+        },
+    )
     path.with_suffix(".md").write_text(table)
     print(f"table: {shown(path.with_suffix('.md'))}")
     return 0

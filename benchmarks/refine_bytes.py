@@ -71,8 +71,9 @@ def api_cases() -> dict[str, Callable]:
         "crop_two_boxes_pad8_size48": lambda r: r(
             img, 250, boxes=[Box(4, 4, 24, 30), Box(60, 40, 88, 70)], crop_regions=True, region_padding=8, region_size=48
         ),
-        "crop_tail_dpmpp": lambda r: r(img, 300, boxes=[Box(10, 12, 50, 60)], crop_regions=True, tail_steps=4,
-                                       sampler="dpmpp_2m"),  # fmt: skip
+        "crop_tail_dpmpp": lambda r: r(
+            img, 300, boxes=[Box(10, 12, 50, 60)], crop_regions=True, tail_steps=4, sampler="dpmpp_2m"
+        ),  # fmt: skip
         "strength_box": lambda r: r(img, strength=0.2, boxes=[Box(10, 12, 50, 60)]),
         "rgba_t150_seed9": lambda r: r(rgba, 150, seed=9),
     }
@@ -100,8 +101,17 @@ def cli_cases(tmp: Path) -> dict[str, list[str]]:
     return {
         "cli_whole_t100": ["--start-t", "100"],
         "cli_mask_t200": ["--start-t", "200", "--mask", str(tmp / "mask.png")],
-        "cli_box_crop_samples2": ["--start-t", "250", "--box", "10,12,50,60@300", "--crop-regions", "--n-samples", "2",
-                                  "--seed", "5"],  # fmt: skip
+        "cli_box_crop_samples2": [
+            "--start-t",
+            "250",
+            "--box",
+            "10,12,50,60@300",
+            "--crop-regions",
+            "--n-samples",
+            "2",
+            "--seed",
+            "5",
+        ],  # fmt: skip
         "cli_strength_tail_dpmpp": ["--strength", "0.3", "--tail-steps", "6", "--sampler", "dpmpp_2m"],
     }
 

@@ -64,14 +64,26 @@ def train_all(args: argparse.Namespace, outdir: Path) -> dict[str, list[tuple[in
     first_stage = f"model.params.first_stage_config.params.ckpt_path={Path(args.vq).resolve()}"
     runs = {
         "chain_a": (CONFIGS / "latesteps_500_750.yaml", args.steps_a, []),
-        "chain_b": (CONFIGS / "latesteps_750_1000.yaml", args.steps_b,
-                    [f"model.params.ckpt_path={outdir / 'checkpoints' / 'chain_a.ckpt'}"]),
+        "chain_b": (
+            CONFIGS / "latesteps_750_1000.yaml",
+            args.steps_b,
+            [f"model.params.ckpt_path={outdir / 'checkpoints' / 'chain_a.ckpt'}"],
+        ),
         "single": (CONFIGS / "latesteps_500_1000.yaml", total, []),
         "full": (CONFIGS / "full_range.yaml", total, []),
     }
     return {
-        name: train_saving(name, config, steps, [first_stage, *extra], outdir=outdir, save_every=args.save_every,
-                           seed=args.seed, threads=args.threads, smoke=args.smoke)
+        name: train_saving(
+            name,
+            config,
+            steps,
+            [first_stage, *extra],
+            outdir=outdir,
+            save_every=args.save_every,
+            seed=args.seed,
+            threads=args.threads,
+            smoke=args.smoke,
+        )
         for name, (config, steps, extra) in runs.items()
     }
 
@@ -133,25 +145,44 @@ def quality(args: argparse.Namespace, saved: dict[str, list[tuple[int, Path]]]) 
     first_stage = refiners[0][1].model.first_stage_model
     degradations = [build_sweep_degradation(spec, first_stage) for spec in SYNTHETIC_ARTIFACTS[1:]]  # no control
     result = run_sweep(
-        refiners, synthetic_images(args.n_images, 32, seed=0), degradations, SYNTHETIC_START_TS[:2] if args.smoke else
-        SYNTHETIC_START_TS,
-        baselines=[identity_baseline()], ddim_steps=50, batch_size=32, whole_image=False, n_examples=0,
+        refiners,
+        synthetic_images(args.n_images, 32, seed=0),
+        degradations,
+        SYNTHETIC_START_TS[:2] if args.smoke else SYNTHETIC_START_TS,
+        baselines=[identity_baseline()],
+        ddim_steps=50,
+        batch_size=32,
+        whole_image=False,
+        n_examples=0,
     )
     rows = []
-    lines = ["| artifact | chain 500-750 → 750-1000 | one 500-1000 model | full-range model | chain − 500-1000 | "
-             "chain − full-range |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| artifact | chain 500-750 → 750-1000 | one 500-1000 model | full-range model | chain − 500-1000 | "
+        "chain − full-range |",
+        "|---|---|---|---|---|---|",
+    ]
     for degradation in result.degradations:
         best = {name: best_start(result, f"{name} (region)", degradation) for name, _ in refiners}
         if any(b is None for b in best.values()):
             continue
-        cells = {name: f"{b.gain.format('{:+.2f}')} ({'/'.join(dict.fromkeys(map(str, b.start_ts)))})"
-                 for name, b in best.items()}
+        cells = {
+            name: f"{b.gain.format('{:+.2f}')} ({'/'.join(dict.fromkeys(map(str, b.start_ts)))})" for name, b in best.items()
+        }
         vs_single = compare_best(best["chain"], best["500-1000"])
         vs_full = compare_best(best["chain"], best["full-range"])
-        rows.append({"artifact": degradation.split(":")[0], **cells, "chain-500-1000": vs_single.format("{:+.2f}"),
-                     "chain-full": vs_full.format("{:+.2f}"), "n": best["chain"].gain.n})
-        lines.append(f"| {degradation.split(':')[0]} | {cells['chain']} | {cells['500-1000']} | {cells['full-range']} | "
-                     f"{vs_single.format('{:+.2f}')} | {vs_full.format('{:+.2f}')} |")
+        rows.append(
+            {
+                "artifact": degradation.split(":")[0],
+                **cells,
+                "chain-500-1000": vs_single.format("{:+.2f}"),
+                "chain-full": vs_full.format("{:+.2f}"),
+                "n": best["chain"].gain.n,
+            }
+        )
+        lines.append(
+            f"| {degradation.split(':')[0]} | {cells['chain']} | {cells['500-1000']} | {cells['full-range']} | "
+            f"{vs_single.format('{:+.2f}')} | {vs_full.format('{:+.2f}')} |"
+        )
     return rows, "\n".join(lines) + "\n"
 
 
@@ -160,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.train.cli import MAX_SEED
 
     p = OneLineParser(prog="synthetic_windows.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--vq", required=True,
-                   help="the synthetic VQ-f4 checkpoint (the synthetic quick start's checkpoints/vq_f4.ckpt)")
+    p.add_argument(
+        "--vq", required=True, help="the synthetic VQ-f4 checkpoint (the synthetic quick start's checkpoints/vq_f4.ckpt)"
+    )
     p.add_argument("--outdir", default="outputs/synthetic_windows", help="checkpoints and logs (reused when present)")
     p.add_argument("--steps-a", type=int, default=1000, help="steps of the 500-750 expert (the quick start's)")
     p.add_argument("--steps-b", type=int, default=700, help="steps of the 750-1000 expert (the quick start's)")
@@ -178,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed {args.seed} is outside main.py's seed range [0, {MAX_SEED}]")
     if not Path(args.vq).is_file():
-        p.error(f"--vq {args.vq} is not a file; train the synthetic quick start first (scripts/quickstart.py --domain "
-                "synthetic) or pass a VQ trained with configs/synthetic/vq_f4.yaml")
+        p.error(
+            f"--vq {args.vq} is not a file; train the synthetic quick start first (scripts/quickstart.py --domain "
+            "synthetic) or pass a VQ trained with configs/synthetic/vq_f4.yaml"
+        )
     problem = check_outdir(args.outdir)
     if problem:
         p.error(problem)
@@ -199,15 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     reach = next((r["step"] for r in single if r["window_loss"] <= final_full), None)
     print_table(curves, ["run", "step", "window_loss"], title=f"EMA eps-MSE on t in {list(WINDOW)} vs training steps")
     total = args.steps_a + args.steps_b
-    print(f"the full-range model's window loss after {total} steps: {final_full:.5f}; the 500-1000 model reaches it after "
-          f"{reach} steps" + (f" ({total / reach:.2f}x fewer)" if reach else " (not within the run)"))
+    print(
+        f"the full-range model's window loss after {total} steps: {final_full:.5f}; the 500-1000 model reaches it after "
+        f"{reach} steps" + (f" ({total / reach:.2f}x fewer)" if reach else " (not within the run)")
+    )
     rows, markdown = quality(args, saved)
     print_table(rows, list(rows[0]) if rows else ["artifact"], title="in-box PSNR gain at the cross-fitted best start_t")
     print(markdown)
-    path = write_results("synthetic_windows", {
-        "machine": machine_info("cpu"), "args": vars(args), "window_loss": curves, "full_final_window_loss": final_full,
-        "single_steps_to_full_loss": reach, "quality": rows, "wall_s": time.perf_counter() - started,
-    })
+    path = write_results(
+        "synthetic_windows",
+        {
+            "machine": machine_info("cpu"),
+            "args": vars(args),
+            "window_loss": curves,
+            "full_final_window_loss": final_full,
+            "single_steps_to_full_loss": reach,
+            "quality": rows,
+            "wall_s": time.perf_counter() - started,
+        },
+    )
     path.with_suffix(".md").write_text(markdown)
     print(f"table: {shown(path.with_suffix('.md'))}")
     return 0

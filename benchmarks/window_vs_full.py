@@ -266,16 +266,28 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": (n_full / n_window) if n_full and n_window else None,
             "window_final_loss": history[f"window_{weights}"][-1],
         }
-    print_table(rows, ["step", "window_raw", "full_raw", "window_ema", "full_ema", "window_fullrange", "full_fullrange"],
-                title="window [250, 500) validation loss (and full-range loss) vs optimizer steps")
+    print_table(
+        rows,
+        ["step", "window_raw", "full_raw", "window_ema", "full_ema", "window_fullrange", "full_fullrange"],
+        title="window [250, 500) validation loss (and full-range loss) vs optimizer steps",
+    )
     for weights, s in summary.items():
-        print(f"{weights:>4} weights: full-range model's final window loss {s['target_window_loss']:.5f}; reached after "
-              f"{s['full_steps_to_target']} steps (full) vs {s['window_steps_to_target']} steps (window): "
-              f"speed-up {s['speedup'] if s['speedup'] is None else round(s['speedup'], 2)}x")
-    path = write_results("window_vs_full", {
-        "machine": machine_info("cpu"), "args": vars(args), "lr": lr, "summary": summary, "curves": rows,
-        "wall_s": time.perf_counter() - started,
-    })
+        print(
+            f"{weights:>4} weights: full-range model's final window loss {s['target_window_loss']:.5f}; reached after "
+            f"{s['full_steps_to_target']} steps (full) vs {s['window_steps_to_target']} steps (window): "
+            f"speed-up {s['speedup'] if s['speedup'] is None else round(s['speedup'], 2)}x"
+        )
+    path = write_results(
+        "window_vs_full",
+        {
+            "machine": machine_info("cpu"),
+            "args": vars(args),
+            "lr": lr,
+            "summary": summary,
+            "curves": rows,
+            "wall_s": time.perf_counter() - started,
+        },
+    )
     plot(rows, targets, path.with_suffix(".png"))
     print(f"plot: {shown(path.with_suffix('.png'))}")
     return 0

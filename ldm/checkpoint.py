@@ -238,17 +238,21 @@ def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str,
         if text is None:
             continue
         if len(text) > MAX_METADATA_JSON:
-            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata has {len(text)} characters, over "
-                                  f"the limit of {MAX_METADATA_JSON}; the file was not written by this project")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its {name!r} metadata has {len(text)} characters, over "
+                f"the limit of {MAX_METADATA_JSON}; the file was not written by this project"
+            )
         try:
             records[key] = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON "
-                                  f"({' '.join(str(exc).split())[:200]})") from exc
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON ({' '.join(str(exc).split())[:200]})"
+            ) from exc
         value = records[key]
         if not _RECORD_CHECKS[key](value):
-            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata must be {_RECORD_KINDS[key]}, got "
-                                  f"{text[:80]}")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its {name!r} metadata must be {_RECORD_KINDS[key]}, got {text[:80]}"
+            )
     return records
 
 
@@ -262,8 +266,12 @@ _RECORD_CHECKS = {
     "global_step": lambda v: v is None or (_is_int(v) and v >= 0),
     "ema_folded": lambda v: isinstance(v, bool),
 }
-_RECORD_KINDS = {"config": "a JSON object", "window": "[t_min, t_max] (two integers)",
-                 "global_step": "an integer >= 0 or null", "ema_folded": "true or false"}
+_RECORD_KINDS = {
+    "config": "a JSON object",
+    "window": "[t_min, t_max] (two integers)",
+    "global_step": "an integer >= 0 or null",
+    "ema_folded": "true or false",
+}
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -294,8 +302,7 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
 
         tensors = {k: v.detach().contiguous() for k, v in obj["state_dict"].items()}
         metadata = {str(k): str(v) for k, v in (obj.get("metadata") or {}).items()}
-        metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS
-                         if key in obj})
+        metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS if key in obj})
         payload = _sorted_metadata(save(tensors, metadata=metadata))
         atomic_write_bytes(path, lambda fh: fh.write(payload))
     else:

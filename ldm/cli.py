@@ -138,13 +138,22 @@ def ddim_eta(text: str) -> float:
 def add_loading_flags(p: argparse.ArgumentParser) -> None:
     """The flags every script that loads expert checkpoints shares: ``--allow-outside-window``, ``--trust-config``,
     ``--unsafe-load`` (one wording everywhere; ``Refiner.from_checkpoints`` takes the same three)."""
-    p.add_argument("--allow-outside-window", action="store_true",
-                   help="run the nearest expert on steps no expert window covers (warned) instead of refusing them "
-                        "(evaluate.py: instead of skipping those start_t)")
-    p.add_argument("--trust-config", action="store_true",
-                   help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust")
+    p.add_argument(
+        "--allow-outside-window",
+        action="store_true",
+        help="run the nearest expert on steps no expert window covers (warned) instead of refusing them "
+        "(evaluate.py: instead of skipping those start_t)",
+    )
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*",
+    )
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust",
+    )
 
 
 def path_arg(text: str) -> str:
@@ -180,8 +189,10 @@ def check_outdir(outdir: str | os.PathLike) -> str | None:
         except (FileNotFoundError, NotADirectoryError):  # missing (created later), or under a file (found below)
             if os.path.islink(probe):
                 target = format_path(Path(os.readlink(probe)))
-                return (f"output folder {shown}: {format_path(probe)} is a symbolic link to {target}, which does not "
-                        "exist; create its target folder, remove the link or choose another output folder")
+                return (
+                    f"output folder {shown}: {format_path(probe)} is a symbolic link to {target}, which does not "
+                    "exist; create its target folder, remove the link or choose another output folder"
+                )
         except OSError as exc:
             return _unusable(shown, probe, path, exc)
         if probe.parent == probe:
@@ -205,8 +216,10 @@ def _unusable(shown: str, probe: Path, path: Path, exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         while probe.parent != probe and _errno_of_stat(probe.parent) == errno.ELOOP:  # name the link, not a path below it
             probe = probe.parent
-        return (f"output folder {shown}: {format_path(probe)} is a symbolic link loop (it leads back to itself); "
-                "remove the link or choose another output folder")
+        return (
+            f"output folder {shown}: {format_path(probe)} is a symbolic link loop (it leads back to itself); "
+            "remove the link or choose another output folder"
+        )
     if exc.errno == errno.ENAMETOOLONG:
         why = _name_too_long(path, None) or "the path is too long for the file system"
         return f"output folder {shown}: {why}; choose a shorter output folder"
@@ -235,8 +248,10 @@ def _name_too_long(path: Path, existing: Path | None) -> str | None:
             pass
     longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
     if len(os.fsencode(longest)) > name_max:
-        return (f"the name {longest[:20]}... is {len(os.fsencode(longest))} bytes long, more than the {name_max} "
-                "the file system allows")
+        return (
+            f"the name {longest[:20]}... is {len(os.fsencode(longest))} bytes long, more than the {name_max} "
+            "the file system allows"
+        )
     if len(os.fsencode(str(path))) >= path_max:
         return f"the path is {len(os.fsencode(str(path)))} bytes long; the file system allows less than {path_max}"
     return None

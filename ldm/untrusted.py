@@ -315,8 +315,10 @@ def _check_value(value: Any, hint: Any, where: str, sizes: bool, default: Any) -
     low = -1 if isinstance(default, int) and not isinstance(default, bool) and default == -1 else 0
     problem = _mismatch(value, hint, sizes, low)
     if problem is not None:
-        raise ConfigError(f"{where}={_short(value)}: {problem} (a config stored in a checkpoint is checked against the "
-                          "types of the constructor that receives it)")
+        raise ConfigError(
+            f"{where}={_short(value)}: {problem} (a config stored in a checkpoint is checked against the "
+            "types of the constructor that receives it)"
+        )
 
 
 def _mismatch(value: Any, hint: Any, sizes: bool, low: int) -> str | None:

@@ -192,15 +192,12 @@ def instantiate_from_config(
             resolve_untrusted_target(target, allowed)
     unknown = set(config.keys()) - CONFIG_KEYS
     if unknown:
-        raise ConfigError(
-            f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}"
-        )
+        raise ConfigError(f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
     cls = get_obj_from_str(config["target"])
     params = config.get("params", None) or {}
     if not (isinstance(params, Mapping) or hasattr(params, "keys")):
         raise ConfigError(
-            f"params of {config['target']!r} must be a mapping of constructor arguments, got {type(params).__name__} "
-            f"{params!r}"
+            f"params of {config['target']!r} must be a mapping of constructor arguments, got {type(params).__name__} {params!r}"
         )
     params = dict(params)
     params.update(overrides)

@@ -95,9 +95,7 @@ def assign_windows(
     overlaps = {t: idx for t, idx in covering.items() if len(idx) > 1}
     if overlaps:
         pairs = sorted({tuple(idx) for idx in overlaps.values()})
-        both = "; ".join(
-            " and ".join(describe_window(windows[i], num_timesteps, names[i]) for i in pair) for pair in pairs
-        )
+        both = "; ".join(" and ".join(describe_window(windows[i], num_timesteps, names[i]) for i in pair) for pair in pairs)
         raise ValueError(
             f"{what} has steps covered by more than one expert window: "
             f"{format_timesteps(list(overlaps), num_timesteps)} lie in {both}. Windows must not overlap on the steps you "

@@ -48,20 +48,36 @@ def port_number(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
-                   help="expert checkpoint, or 'demo' for the shipped demo experts; repeat once per expert (each runs "
-                        "the steps in its window; the page's start slider spans the union of the windows)")
+    p.add_argument(
+        "--ckpt",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="expert checkpoint, or 'demo' for the shipped demo experts; repeat once per expert (each runs "
+        "the steps in its window; the page's start slider spans the union of the windows)",
+    )
     p.add_argument("--config", metavar="YAML", help="model config for checkpoints that carry none (e.g. CompVis releases)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="network precision via autocast; fp16 needs CUDA (default: %(default)s)",
+    )
     p.add_argument("--port", type=port_number, default=7860, help="TCP port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--listen", action="store_true",
-                   help="serve on every network interface (anyone who can reach this machine can use the page and "
-                        "download results); default: 127.0.0.1 only")
+    p.add_argument(
+        "--listen",
+        action="store_true",
+        help="serve on every network interface (anyone who can reach this machine can use the page and "
+        "download results); default: 127.0.0.1 only",
+    )
     p.add_argument("--outdir", default="outputs/app", help="results go to OUTDIR/<request id>/ (default: %(default)s)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the EMA weights when the checkpoint has them (default: on)")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the EMA weights when the checkpoint has them (default: on)",
+    )
     add_loading_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
     return p
@@ -87,8 +103,9 @@ def bind(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until Ctrl+C; returns the exit code (see EPILOG)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     try:
         import uvicorn
 
@@ -116,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     with sock:
         try:
             refiner = Refiner.from_checkpoints(
-                args.ckpt, device=args.device, precision=args.precision, ema=args.ema, config=args.config,
-                allow_outside_window=args.allow_outside_window, trust_config=args.trust_config,
+                args.ckpt,
+                device=args.device,
+                precision=args.precision,
+                ema=args.ema,
+                config=args.config,
+                allow_outside_window=args.allow_outside_window,
+                trust_config=args.trust_config,
                 unsafe_load=args.unsafe_load,
             )
         except (CheckpointError, ConfigError, ValueError, OSError) as exc:
@@ -133,18 +155,28 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OUTPUT
         port = sock.getsockname()[1]
         where = " and on every other interface of this machine" if args.listen else ""
-        print(f"{refiner.describe()}\nserving on http://127.0.0.1:{port}/{where} (Ctrl+C to stop); results in "
-              f"{args.outdir}", flush=True)
+        print(
+            f"{refiner.describe()}\nserving on http://127.0.0.1:{port}/{where} (Ctrl+C to stop); results in {args.outdir}",
+            flush=True,
+        )
         if args.listen:
             _err(f"warning: listening on every interface: anyone who can reach port {port} can use the page")
         try:
             step_cost = measure_step_cost(refiner)
-            logging.getLogger(PROG).info("one sampling step takes about %.2f s per megapixel of image here",
-                        step_cost.seconds_per_pixel * 1e6 / refiner.first_stage.factor**2)
+            logging.getLogger(PROG).info(
+                "one sampling step takes about %.2f s per megapixel of image here",
+                step_cost.seconds_per_pixel * 1e6 / refiner.first_stage.factor**2,
+            )
             app = create_app(refiner, args.outdir, listen=args.listen, step_cost=step_cost)
-            config = uvicorn.Config(app, log_level="warning",
-                                    access_log=args.verbose, http=header_timeout_protocol(), ws="none", lifespan="on",
-                                    server_header=False)
+            config = uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=args.verbose,
+                http=header_timeout_protocol(),
+                ws="none",
+                lifespan="on",
+                server_header=False,
+            )
             # While serving, uvicorn's own handler takes Ctrl+C: it stops serving, the app's shutdown waits for the
             # worker (the running request ends after its current step), then uvicorn restores the handler below and
             # raises the signal again.  This handler ignores that one and any later Ctrl+C (pressed twice, or during

@@ -56,34 +56,71 @@ def fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    p.add_argument("--config", nargs="+", required=True, metavar="YAML",
-                   help="window config(s), merged left to right: model.params.first_stage_config encodes; the defaults "
-                        "of --size/--split/--val-fraction/--flip come from its data.params.train.params")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="a folder of images (searched recursively) or tar shards (brace pattern, e.g. "
-                        "'shards/train-{000000..000099}.tar')")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="the cache folder (created; resumed if it holds a plan; refused if it holds other files or an "
-                        "input)")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        required=True,
+        metavar="YAML",
+        help="window config(s), merged left to right: model.params.first_stage_config encodes; the defaults "
+        "of --size/--split/--val-fraction/--flip come from its data.params.train.params",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="a folder of images (searched recursively) or tar shards (brace pattern, e.g. "
+        "'shards/train-{000000..000099}.tar')",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the cache folder (created; resumed if it holds a plan; refused if it holds other files or an input)",
+    )
     p.add_argument("--split", choices=("train", "validation", "all"), help="folder split (default: the config's, else train)")
-    p.add_argument("--val-fraction", type=fraction, metavar="F",
-                   help="folder validation fraction, as the config's image dataset (default: its value, else 0.05)")
+    p.add_argument(
+        "--val-fraction",
+        type=fraction,
+        metavar="F",
+        help="folder validation fraction, as the config's image dataset (default: its value, else 0.05)",
+    )
     p.add_argument("--size", type=int_at_least(1), metavar="PX", help="crop side (default: the config's crop size)")
-    p.add_argument("--crops", type=int_at_least(1), default=1, metavar="N",
-                   help="crops per image: 1 = centre crop, N = evenly spaced along the long side (default: %(default)s)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="also store each crop's mirror image (default: the config's flip, else on)")
+    p.add_argument(
+        "--crops",
+        type=int_at_least(1),
+        default=1,
+        metavar="N",
+        help="crops per image: 1 = centre crop, N = evenly spaced along the long side (default: %(default)s)",
+    )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also store each crop's mirror image (default: the config's flip, else on)",
+    )
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage (default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per encoder call (default: %(default)s)")
-    p.add_argument("--shard-size", type=int_at_least(1), default=1000,
-                   help="images per output shard for a folder; shard inputs keep their shards (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU (default: %(default)s)")
+    p.add_argument(
+        "--shard-size",
+        type=int_at_least(1),
+        default=1000,
+        help="images per output shard for a folder; shard inputs keep their shards (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU (default: %(default)s)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides as in main.py, applied after the --config files (e.g. "
-                        "model.params.first_stage_config.params.ckpt_path=outputs/quickstart/checkpoints/vq_f4.ckpt); "
-                        "~key deletes a key")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides as in main.py, applied after the --config files (e.g. "
+        "model.params.first_stage_config.params.ckpt_path=outputs/quickstart/checkpoints/vq_f4.ckpt); "
+        "~key deletes a key",
+    )
     return p
 
 
@@ -116,8 +153,9 @@ def process_rank() -> tuple[int, int]:
             try:
                 rank, world = int(os.environ.get(rank_var, "0")), int(os.environ[size_var])
             except ValueError:
-                raise ValueError(f"{rank_var}/{size_var} must be integers (got {os.environ.get(rank_var)!r}/"
-                                 f"{os.environ[size_var]!r})") from None
+                raise ValueError(
+                    f"{rank_var}/{size_var} must be integers (got {os.environ.get(rank_var)!r}/{os.environ[size_var]!r})"
+                ) from None
             if not 0 <= rank < world:
                 raise ValueError(f"{rank_var}={rank} must lie in [0, {size_var}={world})")
             return rank, world
@@ -166,15 +204,18 @@ def resolve_settings(args: argparse.Namespace, config, train: dict, factor: int)
     image_size = config.model.params.get("image_size")
     size = args.size or train.get("size") or (int(image_size) * factor if image_size else None)
     if size is None:
-        raise ConfigError("the crop size is unknown: pass --size (the config sets neither data...train.params.size nor "
-                          "model.params.image_size)")
+        raise ConfigError(
+            "the crop size is unknown: pass --size (the config sets neither data...train.params.size nor "
+            "model.params.image_size)"
+        )
     if int(size) % factor:
         raise ConfigError(f"--size {size} must be a multiple of the first stage's downsampling factor {factor}")
     return CacheSettings(
         source=str(Path(args.data).resolve()) if folder else args.data,
         split=args.split or (train.get("split", "train") if folder else "all"),
         val_fraction=float(args.val_fraction if args.val_fraction is not None else train.get("val_fraction", 0.05))
-        if folder else 0.0,
+        if folder
+        else 0.0,
         split_seed=int(train.get("split_seed", 0)) if folder else 0,
         size=int(size),
         min_side_resize=bool(train.get("min_side_resize", True)),
@@ -192,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         _err(f"error: {problem}")
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -245,11 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _err(f"error: output folder {out}: {one_line_error(exc)}")
         return EXIT_OUTPUT
-    logging.getLogger(PROG).info("rank %d/%d: %d of my %d shards to write (%d shards in all)",
-                                 rank, world, len(todo), len(mine), len(units))
+    logging.getLogger(PROG).info(
+        "rank %d/%d: %d of my %d shards to write (%d shards in all)", rank, world, len(todo), len(mine), len(units)
+    )
     known = all(u.url is None for u in todo)
-    bar = tqdm(total=sum(len(u.files) for u in todo) if known else None, unit="img", disable=rank != 0,
-               desc=f"{PROG} rank {rank}", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(u.files) for u in todo) if known else None,
+        unit="img",
+        disable=rank != 0,
+        desc=f"{PROG} rank {rank}",
+        dynamic_ncols=True,
+    )
     try:
         with bar:
             for unit in todo:
@@ -261,12 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"error: output folder {out}: {one_line_error(exc)}")
         return EXIT_OUTPUT
     if index is None:
-        print(f"rank {rank}: my {len(mine)} shards are done ({skipped_mine} unreadable inputs); index.json is written by "
-              "the last process to finish", flush=True)
+        print(
+            f"rank {rank}: my {len(mine)} shards are done ({skipped_mine} unreadable inputs); index.json is written by "
+            "the last process to finish",
+            flush=True,
+        )
     else:
-        print(f"wrote {index.num_samples} latents ({index.variants} variant(s) of {'x'.join(map(str, latent_shape))} "
-              f"{settings.dtype} each) in {len(index.shards)} shard(s) to {out}; {index.skipped} input(s) unreadable; "
-              f"first stage sha256 {sha256}", flush=True)
+        print(
+            f"wrote {index.num_samples} latents ({index.variants} variant(s) of {'x'.join(map(str, latent_shape))} "
+            f"{settings.dtype} each) in {len(index.shards)} shard(s) to {out}; {index.skipped} input(s) unreadable; "
+            f"first stage sha256 {sha256}",
+            flush=True,
+        )
         if index.num_samples == 0:
             _err(f"error: no readable image in {args.data}")
             return EXIT_INPUT_FAILED

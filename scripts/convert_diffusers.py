@@ -56,23 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-diffusers", metavar="DIR", help="diffusers LDM folder to convert into a checkpoint")
     way.add_argument("--to-diffusers", metavar="CKPT", help="expert checkpoint to write as a diffusers folder")
-    p.add_argument("--out", required=True, metavar="PATH",
-                   help="the checkpoint (.ckpt/.pt/.pth) or folder to create; must not exist")
-    p.add_argument("--scale-factor", type=positive_float, metavar="S",
-                   help="--from-diffusers: the latent scale, overriding vqvae/config.json's scaling_factor "
-                        "(default: that value, else 1.0 as in CompVis' VQ LDMs)")
-    p.add_argument("--clip-dir", metavar="DIR",
-                   help="--from-diffusers of a Stable Diffusion folder: the local CLIP folder (tokenizer + text "
-                        "config.json, or a diffusers folder with tokenizer/ and text_encoder/) that the checkpoint's "
-                        "text encoder reads (default: the diffusers folder itself, by absolute path)")
-    p.add_argument("--config", metavar="YAML",
-                   help="--to-diffusers: model config for checkpoints that carry none (e.g. CompVis releases)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="--to-diffusers: export the EMA weights when the checkpoint has them (default: on)")
-    p.add_argument("--trust-config", action="store_true",
-                   help="--to-diffusers: let a config stored in the checkpoint build classes outside ldm.*")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="unpickle arbitrary objects (.bin weights, .ckpt files): can run code, only for files you trust")
+    p.add_argument(
+        "--out", required=True, metavar="PATH", help="the checkpoint (.ckpt/.pt/.pth) or folder to create; must not exist"
+    )
+    p.add_argument(
+        "--scale-factor",
+        type=positive_float,
+        metavar="S",
+        help="--from-diffusers: the latent scale, overriding vqvae/config.json's scaling_factor "
+        "(default: that value, else 1.0 as in CompVis' VQ LDMs)",
+    )
+    p.add_argument(
+        "--clip-dir",
+        metavar="DIR",
+        help="--from-diffusers of a Stable Diffusion folder: the local CLIP folder (tokenizer + text "
+        "config.json, or a diffusers folder with tokenizer/ and text_encoder/) that the checkpoint's "
+        "text encoder reads (default: the diffusers folder itself, by absolute path)",
+    )
+    p.add_argument(
+        "--config", metavar="YAML", help="--to-diffusers: model config for checkpoints that carry none (e.g. CompVis releases)"
+    )
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--to-diffusers: export the EMA weights when the checkpoint has them (default: on)",
+    )
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="--to-diffusers: let a config stored in the checkpoint build classes outside ldm.*",
+    )
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="unpickle arbitrary objects (.bin weights, .ckpt files): can run code, only for files you trust",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 
@@ -85,19 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 written, 2 bad arguments/input, 3 output not writable)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     if os.path.lexists(args.out):
         parser.error(f"--out {args.out} already exists; choose a new path (nothing is overwritten)")
     if args.from_diffusers is not None:
         if args.config is not None or args.trust_config or not args.ema:
             parser.error("--config, --trust-config and --no-ema apply to --to-diffusers only")
         if args.clip_dir is not None and not os.path.isdir(args.clip_dir):
-            parser.error(f"--clip-dir {args.clip_dir} is not a folder; pass a local folder with the CLIP tokenizer and "
-                         "text config.json (or a diffusers folder with tokenizer/ and text_encoder/)")
+            parser.error(
+                f"--clip-dir {args.clip_dir} is not a folder; pass a local folder with the CLIP tokenizer and "
+                "text config.json (or a diffusers folder with tokenizer/ and text_encoder/)"
+            )
         if not args.out.endswith(CKPT_SUFFIXES):
-            parser.error(f"--out {args.out} must end with one of {', '.join(CKPT_SUFFIXES)} (a checkpoint that keeps "
-                         "its embedded config)")
+            parser.error(
+                f"--out {args.out} must end with one of {', '.join(CKPT_SUFFIXES)} (a checkpoint that keeps "
+                "its embedded config)"
+            )
         return _from_diffusers(args)
     if args.scale_factor is not None:
         parser.error("--scale-factor applies to --from-diffusers only (an export writes the model's own scale_factor)")
@@ -112,8 +136,9 @@ def _from_diffusers(args: argparse.Namespace) -> int:
     from ldm.models.diffusion.latesteps import window_to_steps
 
     try:
-        ckpt = diffusers_to_checkpoint(args.from_diffusers, scale_factor=args.scale_factor, unsafe_load=args.unsafe_load,
-                                       clip_dir=args.clip_dir)
+        ckpt = diffusers_to_checkpoint(
+            args.from_diffusers, scale_factor=args.scale_factor, unsafe_load=args.unsafe_load, clip_dir=args.clip_dir
+        )
     except (CheckpointError, ValueError, OSError) as exc:  # DiffusersFormatError is a CheckpointError
         _err(one_line_error(exc))
         return EXIT_USAGE
@@ -127,11 +152,16 @@ def _from_diffusers(args: argparse.Namespace) -> int:
     window = ckpt.get("window") or [0, params["timesteps"]]
     a, b = window_to_steps(window[0], window[1], params["timesteps"])
     cond = params.get("cond_stage_config")
-    text = (f", text-conditioned (CLIP tokenizer and config read from {cond['params']['version']}, which must stay)"
-            if isinstance(cond, dict) else "")
-    print(f"wrote {args.out}: {cfg['target'].rsplit('.', 1)[-1]}, window t in [{window[0]}, {window[1]}) = steps {a}-{b} "
-          f"of T={params['timesteps']}, scale_factor {params['scale_factor']:g}{text}, from "
-          f"{ckpt['converted_from']['folder']} (sha256 {ckpt['converted_from']['sha256'][:12]})")
+    text = (
+        f", text-conditioned (CLIP tokenizer and config read from {cond['params']['version']}, which must stay)"
+        if isinstance(cond, dict)
+        else ""
+    )
+    print(
+        f"wrote {args.out}: {cfg['target'].rsplit('.', 1)[-1]}, window t in [{window[0]}, {window[1]}) = steps {a}-{b} "
+        f"of T={params['timesteps']}, scale_factor {params['scale_factor']:g}{text}, from "
+        f"{ckpt['converted_from']['folder']} (sha256 {ckpt['converted_from']['sha256'][:12]})"
+    )
     return EXIT_OK
 
 
@@ -142,8 +172,14 @@ def _to_diffusers(args: argparse.Namespace) -> int:
     from ldm.util import ConfigError
 
     try:
-        out, info = checkpoint_to_diffusers(args.to_diffusers, args.out, config=args.config, ema=args.ema,
-                                            trust_config=args.trust_config, unsafe_load=args.unsafe_load)
+        out, info = checkpoint_to_diffusers(
+            args.to_diffusers,
+            args.out,
+            config=args.config,
+            ema=args.ema,
+            trust_config=args.trust_config,
+            unsafe_load=args.unsafe_load,
+        )
     except (CheckpointError, ConfigError, DiffusersFormatError, FileExistsError) as exc:
         _err(one_line_error(exc))
         return EXIT_USAGE
@@ -153,8 +189,10 @@ def _to_diffusers(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a model's own argument checks while building it from the checkpoint's config
         _err(one_line_error(exc))
         return EXIT_USAGE
-    print(f"wrote {out}: {info.target.rsplit('.', 1)[-1]} from {info.path} ({'EMA' if info.ema else 'training'} "
-          f"weights), window t in [{info.window[0]}, {info.window[1]})")
+    print(
+        f"wrote {out}: {info.target.rsplit('.', 1)[-1]} from {info.path} ({'EMA' if info.ema else 'training'} "
+        f"weights), window t in [{info.window[0]}, {info.window[1]})"
+    )
     return EXIT_OK
 
 

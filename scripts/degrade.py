@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", metavar="DIR", type=path_arg, help="folder of clean images")
     p.add_argument("--output", metavar="DIR", type=path_arg, help="folder for the degraded PNGs (must not be inside --input)")
-    p.add_argument("--degradation", metavar="SPEC",
-                   help="name or name:key=value,... (e.g. jpeg:quality=15, blur_noise:sigma=2,noise_std=0.1); see --list")
+    p.add_argument(
+        "--degradation",
+        metavar="SPEC",
+        help="name or name:key=value,... (e.g. jpeg:quality=15, blur_noise:sigma=2,noise_std=0.1); see --list",
+    )
     p.add_argument("--seed", type=int_at_least(0), default=0, help="run seed (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="print the degradations and their parameters, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -43,16 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     from ldm.eval.degrade import DEGRADATIONS, describe_degradation
 
     if args.list:
         for name in sorted(DEGRADATIONS):
             print(describe_degradation(name))
         return EXIT_OK
-    missing = [flag for flag, value in (("--input", args.input), ("--output", args.output),
-                                        ("--degradation", args.degradation)) if value is None]
+    missing = [
+        flag
+        for flag, value in (("--input", args.input), ("--output", args.output), ("--degradation", args.degradation))
+        if value is None
+    ]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     problem = check_outdir(args.output)  # a file, a link loop or a read-only folder in the way: before any image is read

@@ -52,58 +52,126 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm.eval.baselines import FILTERS
     from ldm.eval.sweep import DEFAULT_DEGRADATIONS, DEFAULT_START_TS
 
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                      epilog="Timesteps: t in [0, T), T = 1000; sampling 'steps a-b' are t = 1000 - b .. 1000 - a.")
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH", type=path_arg,
-                   help="expert checkpoint of the refiner under test; repeat once per expert (chained by window)")
-    p.add_argument("--compare-ckpt", action="append", default=[], metavar="PATH", type=path_arg,
-                   help="checkpoint(s) of a second refiner evaluated head to head (e.g. a full-range model)")
+    p = OneLineParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Timesteps: t in [0, T), T = 1000; sampling 'steps a-b' are t = 1000 - b .. 1000 - a.",
+    )
+    p.add_argument(
+        "--ckpt",
+        action="append",
+        required=True,
+        metavar="PATH",
+        type=path_arg,
+        help="expert checkpoint of the refiner under test; repeat once per expert (chained by window)",
+    )
+    p.add_argument(
+        "--compare-ckpt",
+        action="append",
+        default=[],
+        metavar="PATH",
+        type=path_arg,
+        help="checkpoint(s) of a second refiner evaluated head to head (e.g. a full-range model)",
+    )
     p.add_argument("--name", default="experts", help="label of the refiner under test (default: %(default)s)")
     p.add_argument("--compare-name", default="compare", help="label of the second refiner (default: %(default)s)")
-    p.add_argument("--config", metavar="YAML", type=path_arg,
-                   help="model config for checkpoints that carry none (CompVis releases)")
+    p.add_argument(
+        "--config", metavar="YAML", type=path_arg, help="model config for checkpoints that carry none (CompVis releases)"
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--images", metavar="DIR", type=path_arg,
-                     help="clean images to degrade (default: held-out crops of the embedded photographs)")
-    src.add_argument("--no-reference", metavar="DIR", type=path_arg,
-                     help="real artifact images without clean references: faithfulness curve and grid only")
-    src.add_argument("--synthetic", action="store_true",
-                     help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
-                          "instead of crops of the embedded photographs")
-    p.add_argument("--n-images", type=_positive_int, default=8,
-                   help=f"held-out crops (or --synthetic images), at most {MAX_SYNTHETIC_IMAGES} (default: %(default)s)")
-    p.add_argument("--size", type=_positive_int,
-                   help="side of the held-out crops or synthetic images in pixels (default: the model's training size)")
-    p.add_argument("--crop-seed", type=_non_negative_int, default=0,
-                   help="seed of the held-out crops or the synthetic images' held-out stream (default: 0)")
-    p.add_argument("--realism-images", metavar="DIR", type=path_arg,
-                   help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
-                        "(default: other held-out crops of the embedded photographs; none with --images)")
-    p.add_argument("--region-modes", nargs="*", choices=("region", "crop"), metavar="MODE",
-                   help="on local degradations, also refine inside the box only: region (in place), crop (crop mode); "
-                        "none: whole images only (default: region when --degradations holds a local one)")
-    p.add_argument("--degradations", nargs="+", default=list(DEFAULT_DEGRADATIONS), metavar="SPEC",
-                   help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
-                        "unless first_stage=<yaml>); default: one of each family")
-    p.add_argument("--start-t", nargs="+", type=_positive_int, default=list(DEFAULT_START_TS), metavar="T",
-                   help="start timesteps; those outside the experts' windows are skipped with a note "
-                        "(default: %(default)s)")
-    p.add_argument("--seeds", nargs="+", type=_non_negative_int, default=[0], metavar="S",
-                   help="one case per seed: degradation and refinement noise (default: 0)")
+    src.add_argument(
+        "--images",
+        metavar="DIR",
+        type=path_arg,
+        help="clean images to degrade (default: held-out crops of the embedded photographs)",
+    )
+    src.add_argument(
+        "--no-reference",
+        metavar="DIR",
+        type=path_arg,
+        help="real artifact images without clean references: faithfulness curve and grid only",
+    )
+    src.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
+        "instead of crops of the embedded photographs",
+    )
+    p.add_argument(
+        "--n-images",
+        type=_positive_int,
+        default=8,
+        help=f"held-out crops (or --synthetic images), at most {MAX_SYNTHETIC_IMAGES} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        help="side of the held-out crops or synthetic images in pixels (default: the model's training size)",
+    )
+    p.add_argument(
+        "--crop-seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the held-out crops or the synthetic images' held-out stream (default: 0)",
+    )
+    p.add_argument(
+        "--realism-images",
+        metavar="DIR",
+        type=path_arg,
+        help="clean images (other than the evaluated ones, all of their size) for the SWD realism measure "
+        "(default: other held-out crops of the embedded photographs; none with --images)",
+    )
+    p.add_argument(
+        "--region-modes",
+        nargs="*",
+        choices=("region", "crop"),
+        metavar="MODE",
+        help="on local degradations, also refine inside the box only: region (in place), crop (crop mode); "
+        "none: whole images only (default: region when --degradations holds a local one)",
+    )
+    p.add_argument(
+        "--degradations",
+        nargs="+",
+        default=list(DEFAULT_DEGRADATIONS),
+        metavar="SPEC",
+        help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
+        "unless first_stage=<yaml>); default: one of each family",
+    )
+    p.add_argument(
+        "--start-t",
+        nargs="+",
+        type=_positive_int,
+        default=list(DEFAULT_START_TS),
+        metavar="T",
+        help="start timesteps; those outside the experts' windows are skipped with a note (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_non_negative_int,
+        default=[0],
+        metavar="S",
+        help="one case per seed: degradation and refinement noise (default: 0)",
+    )
     p.add_argument("--ddim-steps", type=_positive_int, default=50, help="DDIM grid size (default: %(default)s)")
     p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="cases refined together (default: %(default)s)")
-    p.add_argument("--filter", choices=(*FILTERS, "none"), default="nl_means",
-                   help="classical baseline filter (default: %(default)s)")
-    p.add_argument("--no-autoencoder", action="store_true",
-                   help="leave out the first-stage round-trip baseline")
-    p.add_argument("--region-only", action="store_true",
-                   help="refine only inside the boxes (--region-modes), not the whole images; local degradations only")
-    p.add_argument("--examples", type=_non_negative_int, default=4,
-                   help="images per degradation in examples.png (default: %(default)s)")
+    p.add_argument(
+        "--filter", choices=(*FILTERS, "none"), default="nl_means", help="classical baseline filter (default: %(default)s)"
+    )
+    p.add_argument("--no-autoencoder", action="store_true", help="leave out the first-stage round-trip baseline")
+    p.add_argument(
+        "--region-only",
+        action="store_true",
+        help="refine only inside the boxes (--region-modes), not the whole images; local degradations only",
+    )
+    p.add_argument(
+        "--examples", type=_non_negative_int, default=4, help="images per degradation in examples.png (default: %(default)s)"
+    )
     p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg", help="(default: %(default)s)")
-    p.add_argument("--lpips-weights", metavar="PATH", type=path_arg,
-                   help="torchvision backbone weights for LPIPS (default: hub cache)")
+    p.add_argument(
+        "--lpips-weights", metavar="PATH", type=path_arg, help="torchvision backbone weights for LPIPS (default: hub cache)"
+    )
     p.add_argument("--inception-weights", metavar="PATH", type=path_arg, help="torch-fidelity Inception weights for FID/KID")
     p.add_argument("--outdir", default="outputs/evaluate", type=path_arg, help="output folder (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
@@ -117,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 done, 1 images unreadable, 2 bad arguments/checkpoint/config/degradation/
     output folder, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -157,8 +226,13 @@ def _run(args: argparse.Namespace) -> int:
 
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
-            paths, device=args.device, precision=args.precision, config=args.config,
-            allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
+            paths,
+            device=args.device,
+            precision=args.precision,
+            config=args.config,
+            allow_outside_window=args.allow_outside_window,
+            trust_config=args.trust_config,
+            unsafe_load=args.unsafe_load,
             batch_invariant=False,  # the sweep's batches are fixed, so its figures are reproducible all the same
         )
 
@@ -173,8 +247,10 @@ def _run(args: argparse.Namespace) -> int:
             if problem:
                 print(f"{PROG}: error: {problem}", file=sys.stderr)
                 return EXIT_USAGE
-            degradations = [build_sweep_degradation(spec, model.first_stage_model) if d is None else d
-                            for spec, d in zip(args.degradations, prebuilt)]
+            degradations = [
+                build_sweep_degradation(spec, model.first_stage_model) if d is None else d
+                for spec, d in zip(args.degradations, prebuilt)
+            ]
     except (CheckpointError, ConfigError, ValueError, TypeError, KeyError, OSError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -229,10 +305,23 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         result = run_sweep(
-            refiners, images, degradations, args.start_t, args.seeds, baselines=baselines, ddim_steps=args.ddim_steps,
-            eta=args.eta, batch_size=args.batch_size, lpips=lpips, inception=inception, realism_reference=realism,
-            n_examples=args.examples, region_modes=region_modes, whole_image=not args.region_only,
-            round_trip=None if args.no_autoencoder else autoencoder_baseline(model), progress=sys.stderr.isatty(),
+            refiners,
+            images,
+            degradations,
+            args.start_t,
+            args.seeds,
+            baselines=baselines,
+            ddim_steps=args.ddim_steps,
+            eta=args.eta,
+            batch_size=args.batch_size,
+            lpips=lpips,
+            inception=inception,
+            realism_reference=realism,
+            n_examples=args.examples,
+            region_modes=region_modes,
+            whole_image=not args.region_only,
+            round_trip=None if args.no_autoencoder else autoencoder_baseline(model),
+            progress=sys.stderr.isatty(),
         )
     except ValueError as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
@@ -274,13 +363,19 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
     from ldm.imageio import format_path
     from ldm.refine.refiner import MAX_SEED
 
-    for flag, folder in (("--images", args.images), ("--no-reference", args.no_reference),
-                         ("--realism-images", args.realism_images)):
+    for flag, folder in (
+        ("--images", args.images),
+        ("--no-reference", args.no_reference),
+        ("--realism-images", args.realism_images),
+    ):
         problem = None if folder is None else _image_folder_problem(folder)
         if problem:
             return f"{flag}: {problem}"
-    for flag, path in (("--config", args.config), ("--lpips-weights", args.lpips_weights),
-                       ("--inception-weights", args.inception_weights)):
+    for flag, path in (
+        ("--config", args.config),
+        ("--lpips-weights", args.lpips_weights),
+        ("--inception-weights", args.inception_weights),
+    ):
         if path is not None and not Path(path).is_file():
             what = "is a folder" if Path(path).is_dir() else "does not exist"
             return f"{flag} {format_path(path)} {what}; pass the path of the file, or leave {flag} out"
@@ -294,8 +389,10 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
         return f"--seeds: seed={too_large[0]} must be an integer in [0, {MAX_SEED}]"
     if args.images is None and args.no_reference is None and not args.synthetic:  # held-out crops of the photographs
         if args.n_images > MAX_SYNTHETIC_IMAGES:
-            return (f"--n-images {args.n_images}: at most {MAX_SYNTHETIC_IMAGES} held-out crops (every case is kept in "
-                    "memory with its outputs); pass a folder of your own with --images for a larger set")
+            return (
+                f"--n-images {args.n_images}: at most {MAX_SYNTHETIC_IMAGES} held-out crops (every case is kept in "
+                "memory with its outputs); pass a folder of your own with --images for a larger set"
+            )
         if args.size is not None:
             try:
                 heldout_crops(args.size, 0)  # checks the size, crops nothing
@@ -328,12 +425,17 @@ def _check_vq_first_stage(args: argparse.Namespace, specs: list[str], model: Any
     if not specs or hasattr(getattr(first_stage, "quantize", None), "embedding"):
         return None
     kind = type(first_stage).__name__
-    what = (f"a pixel-space model (its first stage is {kind}, no VQ)" if kind == "IdentityFirstStage"
-            else f"a model whose first stage ({kind}) has no VQ codebook")
+    what = (
+        f"a pixel-space model (its first stage is {kind}, no VQ)"
+        if kind == "IdentityFirstStage"
+        else f"a model whose first stage ({kind}) has no VQ codebook"
+    )
     default = " (one of the default --degradations)" if list(args.degradations) == list(DEFAULT_DEGRADATIONS) else ""
-    return (f"--degradations {specs[0]!r}{default} round-trips through the refiner's own VQ first stage, but "
-            f"{args.ckpt[0]} is {what}; pass --degradations without {' and '.join(VQ_DEGRADATIONS)}, or give them a VQ "
-            "with first_stage=<VQ config.yaml>")
+    return (
+        f"--degradations {specs[0]!r}{default} round-trips through the refiner's own VQ first stage, but "
+        f"{args.ckpt[0]} is {what}; pass --degradations without {' and '.join(VQ_DEGRADATIONS)}, or give them a VQ "
+        "with first_stage=<VQ config.yaml>"
+    )
 
 
 def _check_methods(args: argparse.Namespace) -> str | None:
@@ -343,32 +445,39 @@ def _check_methods(args: argparse.Namespace) -> str | None:
 
     modes = ["region"] if args.region_modes is None else list(dict.fromkeys(args.region_modes))
     local_names = [cls.name for cls in LOCAL_DEGRADATIONS]
-    has_local = args.no_reference is None and any(spec.partition(":")[0].strip() in local_names
-                                                   for spec in args.degradations)
+    has_local = args.no_reference is None and any(spec.partition(":")[0].strip() in local_names for spec in args.degradations)
     if args.region_modes and not has_local:
         why = "--no-reference images have no masks" if args.no_reference is not None else "none of --degradations is"
-        return (f"--region-modes {' '.join(args.region_modes)} only applies to local degradations "
-                f"({', '.join(local_names)}), but {why}; add one or leave out --region-modes")
+        return (
+            f"--region-modes {' '.join(args.region_modes)} only applies to local degradations "
+            f"({', '.join(local_names)}), but {why}; add one or leave out --region-modes"
+        )
     if args.synthetic:
         from ldm.data.synthetic import MAX_SIZE, MAX_STREAM, VALIDATION_STREAM
 
         if args.crop_seed + 1 >= min(VALIDATION_STREAM, MAX_STREAM) or args.n_images > MAX_SYNTHETIC_IMAGES:
-            return (f"--synthetic: --crop-seed must be below {VALIDATION_STREAM - 1} (the validation split's streams "
-                    f"start there, the realism reference uses the next one) and --n-images at most {MAX_SYNTHETIC_IMAGES}")
+            return (
+                f"--synthetic: --crop-seed must be below {VALIDATION_STREAM - 1} (the validation split's streams "
+                f"start there, the realism reference uses the next one) and --n-images at most {MAX_SYNTHETIC_IMAGES}"
+            )
         if args.size is not None and not 8 <= args.size <= MAX_SIZE:
             return f"--synthetic --size {args.size}: synthetic images are 8 to {MAX_SIZE} px"
     all_local = all(spec.partition(":")[0].strip() in local_names for spec in args.degradations)
     if args.region_only and (args.no_reference is not None or not modes or not all_local):
-        return ("--region-only refines only inside the boxes of local degradations: give only local --degradations "
-                f"({', '.join(local_names)}), no --no-reference, and keep a region mode")
+        return (
+            "--region-only refines only inside the boxes of local degradations: give only local --degradations "
+            f"({', '.join(local_names)}), no --no-reference, and keep a region mode"
+        )
     refiners = [args.name] + ([args.compare_name] if args.compare_ckpt else [])
     names = refiners + ["identity"] + ([] if args.filter == "none" else [args.filter])
     names += [] if args.no_autoencoder else ["autoencoder"]
     names += [name + REGION_MODES[m] for name in refiners for m in modes] if has_local else []
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
-        return (f"method names {twice} are used twice (--name {args.name!r}, --compare-name {args.compare_name!r}, "
-                f"baselines, region modes); choose distinct names")
+        return (
+            f"method names {twice} are used twice (--name {args.name!r}, --compare-name {args.compare_name!r}, "
+            f"baselines, region modes); choose distinct names"
+        )
     return None
 
 
@@ -379,8 +488,10 @@ def _check_realism_sizes(images: list, realism: list) -> str | None:
     sizes = {tuple(im.image.shape[-2:]) for im in realism}
     evaluated = {tuple(im.image.shape[-2:]) for im in images}
     if len(sizes) > 1 or sizes != evaluated:
-        return (f"the realism images must all have the evaluated images' size, got sizes (H, W) {sorted(sizes)} "
-                f"against {sorted(evaluated)}; crop or resize them to one size")
+        return (
+            f"the realism images must all have the evaluated images' size, got sizes (H, W) {sorted(sizes)} "
+            f"against {sorted(evaluated)}; crop or resize them to one size"
+        )
     if min(next(iter(sizes))) < PATCH_SIZE:
         return f"SWD needs images of at least {PATCH_SIZE}x{PATCH_SIZE} px, got {next(iter(sizes))}"
     return None

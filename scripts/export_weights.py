@@ -31,10 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before anything is read)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--ckpt", required=True, metavar="PATH", type=path_arg, help="expert checkpoint written by main.py")
-    p.add_argument("--out", required=True, metavar="PATH", type=path_arg,
-                   help="the .safetensors file to create; must not exist")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
-                   help="storage type of the UNet's parameters (the first stage stays as trained) (default: %(default)s)")
+    p.add_argument(
+        "--out", required=True, metavar="PATH", type=path_arg, help="the .safetensors file to create; must not exist"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="storage type of the UNet's parameters (the first stage stays as trained) (default: %(default)s)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 
@@ -43,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 written, 2 bad arguments or checkpoint, 3 output not writable)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     if not args.out.endswith(".safetensors") or os.path.basename(args.out) == ".safetensors":
         parser.error(f"--out {args.out} must be a file name ending with .safetensors, e.g. expert.safetensors")
     if os.path.lexists(args.out):
@@ -68,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     window = written["window"]
-    print(f"wrote {written['out']}: window t in [{window[0]}, {window[1]}), step {written['global_step']}, "
-          f"{'EMA' if written['ema'] else 'training'} weights, {written['parameters'] / 1e6:.2f}M parameters (the "
-          f"UNet's as {args.dtype}), {written['bytes'] / 2**20:.1f} MiB, sha256 {written['sha256']}")
+    print(
+        f"wrote {written['out']}: window t in [{window[0]}, {window[1]}), step {written['global_step']}, "
+        f"{'EMA' if written['ema'] else 'training'} weights, {written['parameters'] / 1e6:.2f}M parameters (the "
+        f"UNet's as {args.dtype}), {written['bytes'] / 2**20:.1f} MiB, sha256 {written['sha256']}"
+    )
     return EXIT_OK
 
 

@@ -132,37 +132,71 @@ def domains() -> dict[str, Domain]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the quick start."""
-    p = OneLineParser(prog="quickstart.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                      epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    p.add_argument("--domain", choices=DOMAIN_NAMES, default="photos",
-                   help="what to train on and evaluate with (see above) (default: %(default)s)")
-    p.add_argument("--outdir", type=path_arg, help="where everything goes (default: outputs/quickstart for photos, "
-                                    "outputs/quickstart_synthetic for synthetic; with --smoke ..._smoke, so smoke "
-                                    "checkpoints are never taken for real ones)")
-    p.add_argument("--weights", choices=WEIGHTS, default="train",
-                   help="train: train the three stages, the quick start's main job; demo: train nothing and refine and "
-                        "evaluate with the photo experts shipped in weights/demo/ (--domain photos; README, Demo "
-                        "weights) (default: %(default)s)")
+    p = OneLineParser(
+        prog="quickstart.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+    )
+    p.add_argument(
+        "--domain",
+        choices=DOMAIN_NAMES,
+        default="photos",
+        help="what to train on and evaluate with (see above) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outdir",
+        type=path_arg,
+        help="where everything goes (default: outputs/quickstart for photos, "
+        "outputs/quickstart_synthetic for synthetic; with --smoke ..._smoke, so smoke "
+        "checkpoints are never taken for real ones)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="train",
+        help="train: train the three stages, the quick start's main job; demo: train nothing and refine and "
+        "evaluate with the photo experts shipped in weights/demo/ (--domain photos; README, Demo "
+        "weights) (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="redo every stage even when its checkpoint exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps per stage, 2 images (for tests)")
-    p.add_argument("--start-t", type=int_arg,
-                   help="start timestep shown in before_after.png, added to the sweep's (default: each artifact's "
-                        "best start_t for the region refinement)")
-    p.add_argument("--degradations", nargs="+", metavar="SPEC",
-                   help="artifacts to remove, ldm.eval.degrade specs (default: photos "
-                        f"{' '.join(PHOTO_DEGRADATIONS)}; synthetic ldm.eval.sources.SYNTHETIC_ARTIFACTS)")
-    p.add_argument("--n-images", type=int_arg,
-                   help="held-out images per degradation (default: photos 32, synthetic 128; --smoke uses 2)")
-    p.add_argument("--size", type=int_arg,
-                   help="side of the held-out images in pixels, a multiple of 8 (the models train on 32 px images and, "
-                        "convolutional, refine any size) (default: photos 64, synthetic 32)")
-    p.add_argument("--examples", type=int_arg, default=3,
-                   help="held-out images per artifact shown in before_after.png (default: %(default)s)")
+    p.add_argument(
+        "--start-t",
+        type=int_arg,
+        help="start timestep shown in before_after.png, added to the sweep's (default: each artifact's "
+        "best start_t for the region refinement)",
+    )
+    p.add_argument(
+        "--degradations",
+        nargs="+",
+        metavar="SPEC",
+        help="artifacts to remove, ldm.eval.degrade specs (default: photos "
+        f"{' '.join(PHOTO_DEGRADATIONS)}; synthetic ldm.eval.sources.SYNTHETIC_ARTIFACTS)",
+    )
+    p.add_argument(
+        "--n-images", type=int_arg, help="held-out images per degradation (default: photos 32, synthetic 128; --smoke uses 2)"
+    )
+    p.add_argument(
+        "--size",
+        type=int_arg,
+        help="side of the held-out images in pixels, a multiple of 8 (the models train on 32 px images and, "
+        "convolutional, refine any size) (default: photos 64, synthetic 32)",
+    )
+    p.add_argument(
+        "--examples",
+        type=int_arg,
+        default=3,
+        help="held-out images per artifact shown in before_after.png (default: %(default)s)",
+    )
     p.add_argument("--ddim-steps", type=int_arg, default=50, help="DDIM grid of the refinement (default: %(default)s)")
     p.add_argument("--seed", type=int_arg, default=23, help="training seed (main.py -s) (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="refinement device; training follows the configs (CPU) (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="refinement device; training follows the configs (CPU) (default: %(default)s)",
+    )
     return p
 
 
@@ -184,11 +218,20 @@ def stages(checkpoints: Path, domain: Domain | None = None) -> list[Any]:
     configs, threads = domain.configs, min(int(domain.expert_threads), usable_cpus())
     return [
         Stage("vq_f4", "train the VQ-f4 first stage", configs / "vq_f4.yaml", threads=str(min(2, usable_cpus()))),
-        Stage("latesteps_500_750", "train late steps 500-750 (t in [250, 500))", configs / "latesteps_500_750.yaml",
-              [first_stage], str(threads)),
-        Stage("latesteps_750_1000", "finetune late steps 750-1000 (t in [0, 250)) from 500-750",
-              configs / "latesteps_750_1000.yaml",
-              [first_stage, f"model.params.ckpt_path={checkpoints / 'latesteps_500_750.ckpt'}"], str(threads)),
+        Stage(
+            "latesteps_500_750",
+            "train late steps 500-750 (t in [250, 500))",
+            configs / "latesteps_500_750.yaml",
+            [first_stage],
+            str(threads),
+        ),
+        Stage(
+            "latesteps_750_1000",
+            "finetune late steps 750-1000 (t in [0, 250)) from 500-750",
+            configs / "latesteps_750_1000.yaml",
+            [first_stage, f"model.params.ckpt_path={checkpoints / 'latesteps_500_750.ckpt'}"],
+            str(threads),
+        ),
     ]
 
 
@@ -234,7 +277,8 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
     from ldm.refine import Refiner
 
     refiner = Refiner.from_checkpoints(
-        experts, device=args.device,
+        experts,
+        device=args.device,
         batch_invariant=False,  # batches of the sweep are fixed, so its results are reproducible all the same
     )
     print(refiner.describe(), flush=True)
@@ -249,14 +293,22 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
     start_ts = sorted({*sweep_starts, *([args.start_t] if args.start_t else [])})
     round_trip = autoencoder_baseline(model)
     result = run_sweep(
-        [("experts", refiner)], images, degradations, start_ts, seeds=[0],
+        [("experts", refiner)],
+        images,
+        degradations,
+        start_ts,
+        seeds=[0],
         # --weights demo leaves out what the headline table does not show (the classical filter, whole-image
         # refinement) to finish in under a minute
         baselines=default_baselines(model, None if args.weights == "demo" else domain.classical_filter),
         ddim_steps=SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps,
-        batch_size=32, lpips=load_lpips(), realism_reference=realism_reference,
+        batch_size=32,
+        lpips=load_lpips(),
+        realism_reference=realism_reference,
         whole_image=domain.whole_image and args.weights == "train",
-        n_examples=min(n_images, args.examples), example_start_ts=start_ts, round_trip=round_trip,
+        n_examples=min(n_images, args.examples),
+        example_start_ts=start_ts,
+        round_trip=round_trip,
     )
     write_report(result, outdir / "sweep", vars(args), title=f"quickstart ({domain.name}): chained late-steps experts")
     write_rows_csv(result, outdir / "metrics.csv")
@@ -264,8 +316,9 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
     region = "experts (region)"
     best = {d: best_start(result, region, d) for d in result.degradations}
     # what the diffusion steps add: against the round trip of the clean image, at the same start_ts
-    over_trip = {d: best_start(result, region, d, "psnr_rt_in", "autoencoder", picks=b.start_ts) if b else None
-                 for d, b in best.items()}
+    over_trip = {
+        d: best_start(result, region, d, "psnr_rt_in", "autoencoder", picks=b.start_ts) if b else None for d, b in best.items()
+    }
     shown: dict[str, int] = {}
     for degradation in result.degradations:
         pick = best.get(degradation)
@@ -287,25 +340,26 @@ def _ci(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False
     return format_entry(entry, key, fmt, sign)
 
 
-def _headline(
-    summary: list[dict[str, Any]], result: Any, degradation: str, best: Any, over_trip: Any, start_t: int
-) -> str:
+def _headline(summary: list[dict[str, Any]], result: Any, degradation: str, best: Any, over_trip: Any, start_t: int) -> str:
     """One line: the artifact, the region refinement at its cross-fitted best start_t (in-box PSNR to the clean image
     and to the first stage's round trip of it, gains, realism), each with its 95 % bootstrap interval; for an artifact
     without a box, the whole-image refinement at ``start_t``."""
     artifact = _entry(summary, degradation, "identity", None)
     region_ts = result.start_ts.get("experts (region)", ())
     if best is None and region_ts:  # the control: nothing wrong in the box, so what refining it costs at each start_t
-        curve = ", ".join(f"{t}: {_ci(_entry(summary, degradation, 'experts (region)', t), 'psnr_clean_in')}"
-                          for t in region_ts)
+        curve = ", ".join(
+            f"{t}: {_ci(_entry(summary, degradation, 'experts (region)', t), 'psnr_clean_in')}" for t in region_ts
+        )
         n = _entry(summary, degradation, "experts (region)", region_ts[0]).get("n")
         return f"{degradation} (control, nothing wrong in the box, n={n}): PSNR to clean inside the box by start_t {curve} dB"
     if best is None:  # no box: the whole-image figures at start_t
         t = start_t
         whole = _entry(summary, degradation, "experts", t)
-        return (f"{degradation} (artifact -> whole, start_t={t}, n={whole.get('n')}): PSNR to clean "
-                f"{_ci(artifact, 'psnr_clean')} -> {_ci(whole, 'psnr_clean')} dB, gain "
-                f"{_ci(whole, 'gain_psnr_clean', sign=True)} dB; SWD x1e3 {_ci(artifact, 'swd')} -> {_ci(whole, 'swd')}")
+        return (
+            f"{degradation} (artifact -> whole, start_t={t}, n={whole.get('n')}): PSNR to clean "
+            f"{_ci(artifact, 'psnr_clean')} -> {_ci(whole, 'psnr_clean')} dB, gain "
+            f"{_ci(whole, 'gain_psnr_clean', sign=True)} dB; SWD x1e3 {_ci(artifact, 'swd')} -> {_ci(whole, 'swd')}"
+        )
     t = best.start_ts[0]
     region = _entry(summary, degradation, "experts (region)", t)
     starts = f"{best.start_ts[0]}/{best.start_ts[1]}" if best.start_ts[0] != best.start_ts[1] else str(t)
@@ -370,8 +424,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 
     domain = domains()[args.domain]
     if args.weights == "demo" and (domain.name != "photos" or args.force):
-        return ("--weights demo refines with the shipped photo experts: it takes --domain photos and trains nothing "
-                "(no --force)")
+        return "--weights demo refines with the shipped photo experts: it takes --domain photos and trains nothing (no --force)"
     if args.start_t is not None and not 1 <= args.start_t <= 999:
         return "--start-t must be in [1, 999]"
     if not 1 <= args.n_images <= MAX_IMAGES or args.examples < 0 or not 1 <= args.ddim_steps <= 1000:
@@ -380,16 +433,20 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         timesteps = grid_tail(args.start_t, SMOKE_DDIM_STEPS if args.smoke else args.ddim_steps, 1000)[0]
         if not timesteps or timesteps[0] >= EXPERTS_T_END:  # before_after.png shows --start-t: it must run
             first = f"starts at t={timesteps[0]}" if timesteps else "holds no step"
-            return (f"--start-t {args.start_t} {first} on the DDIM grid, outside the experts' windows "
-                    f"(t < {EXPERTS_T_END}); choose a --start-t below {EXPERTS_T_END}, e.g. one of {list(domain.start_ts)}")
+            return (
+                f"--start-t {args.start_t} {first} on the DDIM grid, outside the experts' windows "
+                f"(t < {EXPERTS_T_END}); choose a --start-t below {EXPERTS_T_END}, e.g. one of {list(domain.start_ts)}"
+            )
     if not 0 <= args.seed <= MAX_SEED:  # main.py's -s range
         return f"--seed {args.seed} is outside the seed range [0, {MAX_SEED}]"
     max_size = SYNTHETIC_MAX_SIZE if domain.name == "synthetic" else PHOTO_MAX_SIZE
     if not 16 <= args.size <= max_size or args.size % 8:
         return f"--size {args.size}: the images' side must be a multiple of 8 in [16, {max_size}] (e.g. {domain.size})"
     if not domain.whole_image and any(not spec.startswith("local_") for spec in args.degradations):
-        return (f"--domain {domain.name} refines only inside the artifacts' boxes: give local degradations "
-                f"(local_noise, local_warp, ...), got {' '.join(args.degradations)}")
+        return (
+            f"--domain {domain.name} refines only inside the artifacts' boxes: give local degradations "
+            f"(local_noise, local_warp, ...), got {' '.join(args.degradations)}"
+        )
     # vq_roundtrip / local_vq are built on the trained first stage after training; their parameters are checked now on
     # a stand-in with what VQRoundTrip looks for, and every other degradation runs once on a blank crop of --size
     stand_in = SimpleNamespace(encode=None, decode=None, quantize=SimpleNamespace(embedding=None))
@@ -426,8 +483,10 @@ def check_checkpoints(args: argparse.Namespace, outdir: Path) -> str | None:
         return f"{checkpoints / STAMP} is unreadable ({one_line_error(exc)}); pass --force to retrain every stage"
     if found != _stamp(args):
         what = f"the {found.get('domain')} quick start{' (--smoke)' if found.get('smoke') else ''}"
-        return (f"--outdir {outdir} holds checkpoints of {what}; pass another --outdir, or --force to retrain them for "
-                f"--domain {args.domain}{' --smoke' if args.smoke else ''}")
+        return (
+            f"--outdir {outdir} holds checkpoints of {what}; pass another --outdir, or --force to retrain them for "
+            f"--domain {args.domain}{' --smoke' if args.smoke else ''}"
+        )
     return None
 
 
@@ -451,18 +510,25 @@ def check_outputs(outdir: Path) -> str | None:
 
     for folder in ("checkpoints", "logs", "sweep"):
         if os.path.lexists(outdir / folder) and not (outdir / folder).is_dir():
-            return (f"--outdir {format_path(outdir)}: {folder} is a file, where the quick start makes its {folder} "
-                    "folder; move it away or choose another --outdir")
+            return (
+                f"--outdir {format_path(outdir)}: {folder} is a file, where the quick start makes its {folder} "
+                "folder; move it away or choose another --outdir"
+            )
     checkpoints = outdir / "checkpoints"
-    if (os.path.lexists(checkpoints / STAMP) or _demo_stamped(outdir)
-            or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES)):
+    if (
+        os.path.lexists(checkpoints / STAMP)
+        or _demo_stamped(outdir)
+        or any((checkpoints / f"{n}.ckpt").is_file() for n in STAGE_NAMES)
+    ):
         return None
     found = [name for name in OUTPUTS if os.path.lexists(outdir / name)]
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-        return (f"--outdir {format_path(outdir)} holds {', '.join(found[:3])}{more}, which the quick start would "
-                f"overwrite but did not write (there is no checkpoints/{STAMP}); choose another --outdir, or move "
-                "them away")
+        return (
+            f"--outdir {format_path(outdir)} holds {', '.join(found[:3])}{more}, which the quick start would "
+            f"overwrite but did not write (there is no checkpoints/{STAMP}); choose another --outdir, or move "
+            "them away"
+        )
     return None
 
 
@@ -512,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_domain_defaults(args)
     problem = check_arguments(args) or check_outdir(args.outdir)  # before resolve(), which raises on a link loop
     outdir = Path(args.outdir).resolve() if problem is None else Path(os.path.abspath(args.outdir))
-    problem = (problem or check_outputs(outdir) or check_checkpoints(args, outdir)
-               or make_outdir(outdir))  # the last: nothing is created when anything else is wrong
+    problem = (
+        problem or check_outputs(outdir) or check_checkpoints(args, outdir) or make_outdir(outdir)
+    )  # the last: nothing is created when anything else is wrong
     if problem:
         print(f"quickstart.py: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -576,8 +643,11 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
         table, headline, markdown = evaluate(args, domain, experts, outdir)
         atomic_write_bytes(outdir / "table.md", markdown.encode())
     except (ValueError, OSError) as exc:  # a stage checkpoint that is corrupt (CheckpointError), a disk error
-        hint = ("restore the shipped files with: git checkout -- weights/demo" if args.weights == "demo" else
-                "--force retrains every stage")
+        hint = (
+            "restore the shipped files with: git checkout -- weights/demo"
+            if args.weights == "demo"
+            else "--force retrains every stage"
+        )
         print(f"quickstart.py: error: {one_line_error(exc)}; {hint}", file=sys.stderr)
         return 1
     timings.append(("refine + evaluate", "ran", time.perf_counter() - t0))
@@ -591,7 +661,7 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
     print(f"  {'total':<29} {time.perf_counter() - started:7.1f} s")
     print(f"\n{markdown}")
     written = ", ".join(relative(outdir / name) for name in ("before_after.png", "table.md", "metrics.csv"))
-    print(f"wrote {written}, {relative(outdir / 'sweep')}/" "{summary.csv, curves.png, realism.png, examples.png}")
+    print(f"wrote {written}, {relative(outdir / 'sweep')}/{{summary.csv, curves.png, realism.png, examples.png}}")
     return 0
 
 

@@ -80,100 +80,216 @@ def guidance_scale(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (1 = the conditional model without "
-                                         "guidance; Stable Diffusion usually 5-12)")
+        raise argparse.ArgumentTypeError(
+            f"{text} must be a finite number >= 0 (1 = the conditional model without guidance; Stable Diffusion usually 5-12)"
+        )
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any model is loaded)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH", type=path_arg,
-                   help="image files, folders (searched recursively) and globs; repeatable")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        type=path_arg,
+        help="image files, folders (searched recursively) and globs; repeatable",
+    )
     p.add_argument("--outdir", default="outputs/refine", type=path_arg, help="output folder (default: %(default)s)")
-    p.add_argument("--start-t", type=int_at_least(1),
-                   help="timestep to noise to, in [1, T-1] (step T - t); with --ddim-steps the tail starts at the largest "
-                        "DDIM grid step <= it (500 with 50 steps: t=481). Lower = more faithful (default: 500)")
-    p.add_argument("--strength", type=unit_interval,
-                   help="img2img's strength s in (0, 1] instead of --start-t: start_t = round(s * T) (at most T - 1)")
-    p.add_argument("--ddim-steps", type=int_at_least(1),
-                   help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: 50)")
-    p.add_argument("--tail-steps", type=int_at_least(1), metavar="K",
-                   help="run exactly K steps from --start-t itself (uniform in log-SNR) instead of the DDIM grid's tail")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim, or dpmpp_2m (DPM-Solver++(2M): second order, fewer steps; deterministic) "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--start-t",
+        type=int_at_least(1),
+        help="timestep to noise to, in [1, T-1] (step T - t); with --ddim-steps the tail starts at the largest "
+        "DDIM grid step <= it (500 with 50 steps: t=481). Lower = more faithful (default: 500)",
+    )
+    p.add_argument(
+        "--strength",
+        type=unit_interval,
+        help="img2img's strength s in (0, 1] instead of --start-t: start_t = round(s * T) (at most T - 1)",
+    )
+    p.add_argument(
+        "--ddim-steps",
+        type=int_at_least(1),
+        help="DDIM grid size over [0, T), 1..T; the tail runs the grid steps <= --start-t (default: 50)",
+    )
+    p.add_argument(
+        "--tail-steps",
+        type=int_at_least(1),
+        metavar="K",
+        help="run exactly K steps from --start-t itself (uniform in log-SNR) instead of the DDIM grid's tail",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="ddim, or dpmpp_2m (DPM-Solver++(2M): second order, fewer steps; deterministic) (default: %(default)s)",
+    )
     p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0; ddim only (default: %(default)s)")
-    p.add_argument("--mask", metavar="PATH", type=path_arg,
-                   help="refine only where this grayscale image is white (black = keep exactly, grey = a proportional "
-                        "start); a folder holds one mask per input, matched by file stem")
-    p.add_argument("--box", action="append", type=box_arg, default=[], metavar="X0,Y0,X1,Y1[@T]",
-                   help="refine this rectangle (pixels, x1/y1 exclusive), optionally from its own start timestep T; "
-                        "repeatable; a value starting with '-' is attached: --box=-1,0,8,8")
-    p.add_argument("--mask-blur", default=4, metavar="PX",
-                   type=int_in_range(0, MAX_FEATHER, "each px of feather is one more pass over the whole image; "
-                                                     f"{MAX_FEATHER} px already fades over {2 * MAX_FEATHER} px"),
-                   help=f"feather of the composite inside the region's edge, 0..{MAX_FEATHER} (default: %(default)s)")
-    p.add_argument("--mask-dilate", default=0, metavar="PX",
-                   type=int_in_range(0, MAX_FEATHER, "the growing filter's cost rises with the square of PX; paint "
-                                                     "a larger mask or box instead"),
-                   help=f"grow the mask/boxes by PX pixels first, 0..{MAX_FEATHER} (default: %(default)s)")
-    p.add_argument("--crop-regions", action="store_true",
-                   help="refine each region in a crop resized to the experts' native size, then paste it back "
-                        "(fixes small faces/hands in large images)")
-    p.add_argument("--region-padding", default=32, metavar="PX",
-                   type=int_in_range(0, MAX_REGION_PADDING, "px of context around a region; a crop is clipped to the "
-                                                            "image anyway"),
-                   help=f"context around each region in --crop-regions, 0..{MAX_REGION_PADDING} (default: %(default)s)")
-    p.add_argument("--region-size", metavar="PX",
-                   type=int_in_range(8, MAX_REGION_SIZE, f"each region is refined at PX x PX; {MAX_REGION_SIZE} px is "
-                                                         "already 16 MP, far above the experts' training size"),
-                   help=f"side a region's crop is refined at, 8..{MAX_REGION_SIZE} (default: the experts' training size)")
-    p.add_argument("--prompt", type=prompt_text, metavar="TEXT",
-                   help="prompt for text-conditioned experts, for every input (else each input's --prompt-file entry, "
-                        "else the prompt the image records: A1111 'parameters' or this project's metadata)")
-    p.add_argument("--negative-prompt", type=prompt_text, metavar="TEXT",
-                   help="the unconditional branch's text, where the prompt's source records none (default: empty)")
-    p.add_argument("--guidance-scale", type=guidance_scale, metavar="S",
-                   help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u), where the prompt's source "
-                        "records none; 1 = no guidance (default: 7.5)")
-    p.add_argument("--prompt-file", type=path_arg, metavar="PATH",
-                   help="one prompt per input stem: UTF-8 lines stem<TAB>prompt[<TAB>negative prompt], or a .json "
-                        "object {stem: prompt or {prompt, negative_prompt, guidance_scale}}")
-    p.add_argument("--allow-unconditional-experts", action="store_true",
-                   help="in a chain of text-conditioned and unconditional experts, run the unconditional ones without "
-                        "the prompt instead of refusing")
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        type=path_arg,
+        help="refine only where this grayscale image is white (black = keep exactly, grey = a proportional "
+        "start); a folder holds one mask per input, matched by file stem",
+    )
+    p.add_argument(
+        "--box",
+        action="append",
+        type=box_arg,
+        default=[],
+        metavar="X0,Y0,X1,Y1[@T]",
+        help="refine this rectangle (pixels, x1/y1 exclusive), optionally from its own start timestep T; "
+        "repeatable; a value starting with '-' is attached: --box=-1,0,8,8",
+    )
+    p.add_argument(
+        "--mask-blur",
+        default=4,
+        metavar="PX",
+        type=int_in_range(
+            0,
+            MAX_FEATHER,
+            "each px of feather is one more pass over the whole image; "
+            f"{MAX_FEATHER} px already fades over {2 * MAX_FEATHER} px",
+        ),
+        help=f"feather of the composite inside the region's edge, 0..{MAX_FEATHER} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mask-dilate",
+        default=0,
+        metavar="PX",
+        type=int_in_range(
+            0, MAX_FEATHER, "the growing filter's cost rises with the square of PX; paint a larger mask or box instead"
+        ),
+        help=f"grow the mask/boxes by PX pixels first, 0..{MAX_FEATHER} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--crop-regions",
+        action="store_true",
+        help="refine each region in a crop resized to the experts' native size, then paste it back "
+        "(fixes small faces/hands in large images)",
+    )
+    p.add_argument(
+        "--region-padding",
+        default=32,
+        metavar="PX",
+        type=int_in_range(0, MAX_REGION_PADDING, "px of context around a region; a crop is clipped to the image anyway"),
+        help=f"context around each region in --crop-regions, 0..{MAX_REGION_PADDING} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--region-size",
+        metavar="PX",
+        type=int_in_range(
+            8,
+            MAX_REGION_SIZE,
+            f"each region is refined at PX x PX; {MAX_REGION_SIZE} px is already 16 MP, far above the experts' training size",
+        ),
+        help=f"side a region's crop is refined at, 8..{MAX_REGION_SIZE} (default: the experts' training size)",
+    )
+    p.add_argument(
+        "--prompt",
+        type=prompt_text,
+        metavar="TEXT",
+        help="prompt for text-conditioned experts, for every input (else each input's --prompt-file entry, "
+        "else the prompt the image records: A1111 'parameters' or this project's metadata)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        type=prompt_text,
+        metavar="TEXT",
+        help="the unconditional branch's text, where the prompt's source records none (default: empty)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=guidance_scale,
+        metavar="S",
+        help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u), where the prompt's source "
+        "records none; 1 = no guidance (default: 7.5)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        type=path_arg,
+        metavar="PATH",
+        help="one prompt per input stem: UTF-8 lines stem<TAB>prompt[<TAB>negative prompt], or a .json "
+        "object {stem: prompt or {prompt, negative_prompt, guidance_scale}}",
+    )
+    p.add_argument(
+        "--allow-unconditional-experts",
+        action="store_true",
+        help="in a chain of text-conditioned and unconditional experts, run the unconditional ones without "
+        "the prompt instead of refusing",
+    )
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample k uses seed + k (default: %(default)s)")
     p.add_argument("--n-samples", type=int_at_least(1), default=1, help="samples per input (default: %(default)s)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=1,
-                   help="samples refined together (same-size images; several samples of one image are encoded once) "
-                        "(default: %(default)s)")
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the networks one sample at a time so results do not depend on --batch-size (bit-identical); "
-                        "--no-batch-invariant runs whole batches per forward (faster, results then agree to float "
-                        "rounding) (default: on for CPU, off for CUDA)")
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH", type=path_arg,
-                   help="expert checkpoint, or 'demo' for the shipped demo experts (weights/demo/); repeat once per "
-                        "expert (each runs the steps in its window)")
-    p.add_argument("--config", metavar="YAML", type=path_arg,
-                   help="model config for checkpoints that carry none (e.g. CompVis releases)")
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=1,
+        help="samples refined together (same-size images; several samples of one image are encoded once) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the networks one sample at a time so results do not depend on --batch-size (bit-identical); "
+        "--no-batch-invariant runs whole batches per forward (faster, results then agree to float "
+        "rounding) (default: on for CPU, off for CUDA)",
+    )
+    p.add_argument(
+        "--ckpt",
+        action="append",
+        required=True,
+        metavar="PATH",
+        type=path_arg,
+        help="expert checkpoint, or 'demo' for the shipped demo experts (weights/demo/); repeat once per "
+        "expert (each runs the steps in its window)",
+    )
+    p.add_argument(
+        "--config", metavar="YAML", type=path_arg, help="model config for checkpoints that carry none (e.g. CompVis releases)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="network precision via autocast; fp16 needs CUDA (default: %(default)s)")
-    p.add_argument("--tile-size", type=int_at_least(0), metavar="PX",
-                   help="encode/decode images with a side above PX in PX x PX tiles (multiple of 4; bounded memory, "
-                        "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 768 px)")
-    p.add_argument("--tile-overlap", type=int_at_least(0), metavar="PX",
-                   help="overlap between tiles, a multiple of 4 below the tile size (default: a quarter of the tile size)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run the networks with NHWC weights (often faster; same results up to float rounding)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNets (slow first call per image size, faster afterwards)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the EMA weights when the checkpoint has them (default: on)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="network precision via autocast; fp16 needs CUDA (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int_at_least(0),
+        metavar="PX",
+        help="encode/decode images with a side above PX in PX x PX tiles (multiple of 4; bounded memory, "
+        "seamless blending); 0 never tiles (default: 512 px tiles for images with a side above 768 px)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int_at_least(0),
+        metavar="PX",
+        help="overlap between tiles, a multiple of 4 below the tile size (default: a quarter of the tile size)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="run the networks with NHWC weights (often faster; same results up to float rounding)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNets (slow first call per image size, faster afterwards)"
+    )
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the EMA weights when the checkpoint has them (default: on)",
+    )
     p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
-    p.add_argument("--grid", action="store_true",
-                   help="also write <name>_grid.png: input | refined (input | mask overlay | refined with regions)")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="also write <name>_grid.png: input | refined (input | mask overlay | refined with regions)",
+    )
     add_loading_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
@@ -192,21 +308,25 @@ def region_problem(args: argparse.Namespace) -> str | None:
     if args.crop_regions and args.mask is None and not args.box:
         return "--crop-regions needs --mask or --box: there is no region to crop"
     if args.prompt is not None and args.prompt_file is not None:
-        return ("--prompt and --prompt-file were both given: --prompt would apply to every input and leave the file "
-                "unused; pass one")
+        return (
+            "--prompt and --prompt-file were both given: --prompt would apply to every input and leave the file "
+            "unused; pass one"
+        )
     return None
 
 
 def prompt_flags(args: argparse.Namespace) -> list[str]:
     """The prompt flags given (for the refusal when no expert that runs is text-conditioned)."""
-    flags = {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt, "--guidance-scale": args.guidance_scale,
-             "--prompt-file": args.prompt_file}
+    flags = {
+        "--prompt": args.prompt,
+        "--negative-prompt": args.negative_prompt,
+        "--guidance-scale": args.guidance_scale,
+        "--prompt-file": args.prompt_file,
+    }
     return [flag for flag, value in flags.items() if value is not None]
 
 
-def input_prompts(
-    args: argparse.Namespace, refiner, plan, paths: list[Path], prompt_file
-) -> tuple[list | None, str | None]:
+def input_prompts(args: argparse.Namespace, refiner, plan, paths: list[Path], prompt_file) -> tuple[list | None, str | None]:
     """``(prompts per input or None, one-line refusal or None)``: None prompts when no expert that runs is
     text-conditioned; a refusal for prompt flags no expert takes, a chain :func:`check_chain` refuses, or no input
     with a prompt.  Reads the inputs' PNG text chunks (no pixels) where --prompt is not given."""
@@ -216,15 +336,20 @@ def input_prompts(
     if not text_experts(refiner.experts, plan):
         given = prompt_flags(args)
         if given:
-            return None, (f"{', '.join(given)} given, but no expert that runs is text-conditioned "
-                          f"({plan.describe_routing()}): drop {'them' if len(given) > 1 else 'it'}")
+            return None, (
+                f"{', '.join(given)} given, but no expert that runs is text-conditioned "
+                f"({plan.describe_routing()}): drop {'them' if len(given) > 1 else 'it'}"
+            )
         return None, None
     try:
         check_chain(refiner.experts, plan, True, refiner.allow_unconditional_experts)
         prompt = None
         if args.prompt is not None:
-            prompt = Prompt(args.prompt, args.negative_prompt or "",
-                            DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale)
+            prompt = Prompt(
+                args.prompt,
+                args.negative_prompt or "",
+                DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale,
+            )
     except ValueError as exc:
         return None, one_line_error(exc)
     prompts = resolve_input_prompts(paths, prompt, prompt_file, args.negative_prompt, args.guidance_scale)
@@ -255,10 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.refine.request import MAX_SEED
 
     if args.seed + args.n_samples - 1 > MAX_SEED:  # sample k uses seed + k
-        parser.error(f"argument --seed: {args.seed} + {args.n_samples - 1} (--n-samples - 1) is above the largest seed "
-                     f"{MAX_SEED}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+        parser.error(
+            f"argument --seed: {args.seed} + {args.n_samples - 1} (--n-samples - 1) is above the largest seed {MAX_SEED}"
+        )
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s"
+    )
     from ldm.checkpoint import CheckpointError
     from ldm.refine import Refiner
     from ldm.refine.batch import batch_plan, collect_inputs, mask_clash, refine_files
@@ -280,8 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:  # every refinement option, checked once here, before any model is loaded
         regions = RegionOptions(
-            mask=Path(args.mask) if args.mask else None, boxes=tuple(args.box), blur=args.mask_blur,
-            dilate=args.mask_dilate, crop=args.crop_regions, padding=args.region_padding, size=args.region_size,
+            mask=Path(args.mask) if args.mask else None,
+            boxes=tuple(args.box),
+            blur=args.mask_blur,
+            dilate=args.mask_dilate,
+            crop=args.crop_regions,
+            padding=args.region_padding,
+            size=args.region_size,
         )
         request = RefineRequest(start_t=args.start_t, strength=args.strength, ddim_steps=args.ddim_steps,
                                 tail_steps=args.tail_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
@@ -292,10 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranks = ranks_from_env()
         refiner = Refiner.from_checkpoints(
-            args.ckpt, device=rank_device(args.device, ranks), precision=args.precision, ema=args.ema, config=args.config,
-            allow_outside_window=args.allow_outside_window, trust_config=args.trust_config, unsafe_load=args.unsafe_load,
-            batch_invariant=args.batch_invariant, tiling=tiling_from_args(args), channels_last=args.channels_last,
-            compile=args.compile, allow_unconditional_experts=args.allow_unconditional_experts,
+            args.ckpt,
+            device=rank_device(args.device, ranks),
+            precision=args.precision,
+            ema=args.ema,
+            config=args.config,
+            allow_outside_window=args.allow_outside_window,
+            trust_config=args.trust_config,
+            unsafe_load=args.unsafe_load,
+            batch_invariant=args.batch_invariant,
+            tiling=tiling_from_args(args),
+            channels_last=args.channels_last,
+            compile=args.compile,
+            allow_unconditional_experts=args.allow_unconditional_experts,
         )
         plan = batch_plan(refiner, request)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
@@ -327,8 +468,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         report = refine_files(
-            refiner, paths, args.outdir, request, batch_size=args.batch_size, skip_existing=args.skip_existing, grid=args.grid,
-            parameters=vars(args), progress=sys.stderr.isatty(), on_error=_err, share=ranks.share(len(paths)),
+            refiner,
+            paths,
+            args.outdir,
+            request,
+            batch_size=args.batch_size,
+            skip_existing=args.skip_existing,
+            grid=args.grid,
+            parameters=vars(args),
+            progress=sys.stderr.isatty(),
+            on_error=_err,
+            share=ranks.share(len(paths)),
             prompts=prompts,
         )
     except KeyboardInterrupt:
@@ -344,8 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.is_main:
         refined = sum(1 for out in written if not out.name.endswith("_grid.png"))
         by = f" by {ranks.world} processes" if ranks.world > 1 else ""
-        print(f"{done} of {len(paths)} images done in {seconds:.1f} s{by}: {refined} refined files written, "
-              f"{sum(len(r.skipped) for r in reports)} skipped as existing, into {args.outdir}", flush=True)
+        print(
+            f"{done} of {len(paths)} images done in {seconds:.1f} s{by}: {refined} refined files written, "
+            f"{sum(len(r.skipped) for r in reports)} skipped as existing, into {args.outdir}",
+            flush=True,
+        )
     if fatal:
         if ranks.is_main:
             _err(f"error: {fatal[0]}; stopped")

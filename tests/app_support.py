@@ -37,7 +37,7 @@ CLI_WORDS = re.compile(r"--[a-z]|=True|=False|allow_outside|_steps|n_samples|sta
                        r"region_padding|step_mode|crop_regions|batch|T-1")  # fmt: skip
 
 # Refuse every connection, name lookup and bind outside the loopback range; log attempts to $NO_NET_LOG.
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os
 import socket
 
@@ -90,7 +90,7 @@ socket.getaddrinfo = _local_getaddrinfo
 socket.create_connection = _local_create_connection
 with open(_LOG, "w") as _fh:  # last: "loaded" means every guard above is in place
     _fh.write("loaded\\n")
-'''
+"""
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -180,8 +180,7 @@ def start_server(checkpoints, root: Path, *flags: str, timeout: float = 300.0, o
     path = os.pathsep.join([str(root / "site"), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "NO_NET_LOG": str(net_log), "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
     ckpts = [word for path in checkpoints for word in ("--ckpt", str(path))]
-    cmd = [sys.executable, str(APP), *ckpts, "--device", "cpu", "--port", "0", "--outdir", outdir or str(root / "out"),
-           *flags]
+    cmd = [sys.executable, str(APP), *ckpts, "--device", "cpu", "--port", "0", "--outdir", outdir or str(root / "out"), *flags]
     errors = open(root / "server.err", "w")  # a file, not a pipe: nothing the server logs can ever block it
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:

@@ -124,8 +124,10 @@ def block_commands(start: int, lines: list[tuple[int, str]]) -> list[Command]:
         words = shell_words(text)
         bad = sorted(set(words) & UNSUPPORTED_OPERATORS)
         if bad:
-            raise ValueError(f"README.md:{first}: shell operator(s) {bad} are not understood by tests/test_readme.py's "
-                             "parser; extend it (or write the command without them)")
+            raise ValueError(
+                f"README.md:{first}: shell operator(s) {bad} are not understood by tests/test_readme.py's "
+                "parser; extend it (or write the command without them)"
+            )
         chain: list[str] = []
         for word in [*words, "&&"]:
             if word != "&&":
@@ -215,7 +217,7 @@ def invocation(command: Command) -> Invocation:
         starts = [i for i, word in enumerate(words) if word in PYTHONS or word.endswith(".py")]
         if not starts:
             raise ValueError(f"README.md:{command.line}: no python program after {launcher}: {command}")
-        words = words[starts[0]:]
+        words = words[starts[0] :]
     if not words:
         raise ValueError(f"README.md:{command.line}: no program in {command}")
     program, rest = words[0], words[1:]
@@ -427,8 +429,11 @@ CACHED_DATA_YAML = "my_cached_data.yaml"
 
 def cached_data_yaml() -> str:
     """README's ```yaml block that swaps the training dataset for cached latents (what my_cached_data.yaml holds)."""
-    blocks = [block for _, block in bash_blocks(readme_text(), "yaml")
-              if any("ldm.data.cached_latents.CachedLatents" in line for _, line in block)]
+    blocks = [
+        block
+        for _, block in bash_blocks(readme_text(), "yaml")
+        if any("ldm.data.cached_latents.CachedLatents" in line for _, line in block)
+    ]
     assert blocks, "README has no ```yaml block with ldm.data.cached_latents.CachedLatents (my_cached_data.yaml)"
     return "\n".join(line for _, line in blocks[0]) + "\n"
 
@@ -440,11 +445,15 @@ def cached_data_yaml() -> str:
 CLUSTER = "a cluster launcher (torchrun/srun) or a SLURM batch script: needs several GPUs or SLURM"
 GPU = "needs a GPU (--device cuda, or a GPU benchmark script)"
 SD_WEIGHTS = "needs Stable Diffusion v1 weights (a download of several GB, never shipped)"
-COMPVIS = ("names CompVis downloads (models/...), or a real config that needs CompVis' vq-f4 at "
-           "models/first_stage_models/vq-f4/model.ckpt and images under data/train")
-QUICKSTART = ("the quick start trains for minutes; tests/test_quickstart.py runs scripts/quickstart.py end to end with "
-              "--smoke appended (each --domain, and --weights demo), and main.py -b configs/quickstart/<stage>.yaml -t "
-              "is what it runs for each stage")
+COMPVIS = (
+    "names CompVis downloads (models/...), or a real config that needs CompVis' vq-f4 at "
+    "models/first_stage_models/vq-f4/model.ckpt and images under data/train"
+)
+QUICKSTART = (
+    "the quick start trains for minutes; tests/test_quickstart.py runs scripts/quickstart.py end to end with "
+    "--smoke appended (each --domain, and --weights demo), and main.py -b configs/quickstart/<stage>.yaml -t "
+    "is what it runs for each stage"
+)
 BENCHMARK = "a benchmark: trains or measures for minutes to hours (README gives the time)"
 SETUP = "sets up the environment or runs the whole suite: what CI itself runs (.ci/run)"
 ELIDED = "its arguments are elided with '...'"

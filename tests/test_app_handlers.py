@@ -66,8 +66,21 @@ def test_handlers_give_the_cli_s_pixels_and_metadata(case, cli, app_refiner, app
     source = tmp_path / f"{kind}.png"
     source.write_bytes(image_png)
     (tmp_path / "mask.png").write_bytes(mask_png)
-    argv = ["--input", str(source), "--mask", str(tmp_path / "mask.png"), "--outdir", str(tmp_path / "cli"),
-            "--ckpt", str(expert_checkpoints[0]), "--ckpt", str(expert_checkpoints[1]), "--device", "cpu", *flags]
+    argv = [
+        "--input",
+        str(source),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--outdir",
+        str(tmp_path / "cli"),
+        "--ckpt",
+        str(expert_checkpoints[0]),
+        "--ckpt",
+        str(expert_checkpoints[1]),
+        "--device",
+        "cpu",
+        *flags,
+    ]
     assert cli.main(argv) == 0
 
     upload = load_upload(image_png, f"{kind}.png")
@@ -85,8 +98,22 @@ def test_handlers_give_the_cli_s_pixels_and_metadata(case, cli, app_refiner, app
             assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b))
         meta, cli_meta = read_png_metadata(ours), read_png_metadata(theirs)
         assert set(cli_meta) <= set(meta)  # every key the CLI writes (parameters, checkpoints' sha256, regions, ...)
-        for key in ("start_t", "effective_start_t", "tail_timesteps", "routing", "seed", "sample_index", "checkpoints",
-                    "sampler", "regions", "mask_sha256", "mask_blur", "mask_dilate", "crop_regions", "boxes"):
+        for key in (
+            "start_t",
+            "effective_start_t",
+            "tail_timesteps",
+            "routing",
+            "seed",
+            "sample_index",
+            "checkpoints",
+            "sampler",
+            "regions",
+            "mask_sha256",
+            "mask_blur",
+            "mask_dilate",
+            "crop_regions",
+            "boxes",
+        ):
             assert meta.get(key) == cli_meta.get(key), key
         assert meta["input"] == f"{kind}.png" and meta["Software"] == "latesteps app"
         assert json.loads(meta["parameters"])["mode"] == page_settings["mode"]
@@ -139,8 +166,9 @@ def test_plan_label_names_the_windows_the_steps_cross(app_refiner):
     above = describe_plan(app_refiner, RefineSettings(start_t=800))
     assert not above["ok"] and above["error"] == "start t=800 is above the experts' range (max 499); move the slider down"
     boxed = describe_plan(app_refiner, RefineSettings.from_json({"start_t": 100, "boxes": "0,0,4,4@600"}))
-    assert boxed["error"] == ("box 0,0,4,4@600 starts at t=600, above the experts' range (max 499); lower its @start_t or "
-                              "leave it out")
+    assert boxed["error"] == (
+        "box 0,0,4,4@600 starts at t=600, above the experts' range (max 499); lower its @start_t or leave it out"
+    )
     assert len(app_refiner._plans) == cached  # moving the slider builds no plan on the device
 
 

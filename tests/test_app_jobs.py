@@ -91,8 +91,9 @@ def test_a_job_out_of_device_memory_says_so_in_the_page_s_words(app_refiner):
     prepared = prepare(app_refiner, upload, RefineSettings(mode="whole", start_t=100, steps=2, step_mode="exact"), None)
 
     def run(_job):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB ... "
-                                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB ... PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+        )
 
     jobs = JobQueue(run)
     job = jobs.submit(prepared, "key", b"png", None)

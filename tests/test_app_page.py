@@ -196,8 +196,11 @@ def test_headless_chromium_uploads_paints_refines_and_compares(app_server, app_i
         assert browser.wait_for("document.body.dataset.results", timeout=120) == "1"
         assert browser.js("document.getElementById('progress').value") == 1
         summary = browser.js("document.getElementById('summary').textContent")
-        assert "first step t=381," in summary and "t 250-499 then t 0-249" in summary and "step" not in summary.replace(
-            "first step", "").replace("steps per sample", "")  # one numbering scheme; the others in the tooltip
+        assert (
+            "first step t=381," in summary
+            and "t 250-499 then t 0-249" in summary
+            and "step" not in summary.replace("first step", "").replace("steps per sample", "")
+        )  # one numbering scheme; the others in the tooltip
         assert "step 619" in browser.js("document.getElementById('summary').title")
         assert "latesteps_500_750.ckpt" in browser.js("document.getElementById('routing').textContent")
         shot = tmp_path / "page.png"
@@ -261,8 +264,9 @@ def test_headless_chromium_drags_the_divider_by_mouse_pen_touch_and_keys(app_ser
 
         # a request's page (?job=): its results, each with a before/after comparison
         browser.send("Page.navigate", {"url": f"{app_server.url}/?job={job['id']}"})
-        browser.wait_for("document.body && document.body.dataset.results === '1' "
-                         "&& document.querySelector('.compare img.before').complete")
+        browser.wait_for(
+            "document.body && document.body.dataset.results === '1' && document.querySelector('.compare img.before').complete"
+        )
         browser.js("document.querySelector('.compare').scrollIntoView({block: 'center'})")
         x, y, w, h = browser.js("(r => [r.left, r.top, r.width, r.height])"
                                 "(document.querySelector('.compare').getBoundingClientRect())")  # fmt: skip

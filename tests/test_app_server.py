@@ -173,8 +173,9 @@ def test_a_pipelined_request_with_a_slow_body_is_not_cut_off(quick_deadline_serv
     """The second request's headers arrive with the first (pipelining); its body then takes longer than the header
     deadline. uvicorn parses the buffered request while finishing the first response: that must count as in time."""
     with socket.create_connection(("127.0.0.1", quick_deadline_server)) as conn:
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                     b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\n")
+        conn.sendall(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\nPOST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\n"
+        )
         for byte in b"abcdef":  # 1.8 s in all, against a 1 s header deadline
             time.sleep(0.3)
             conn.sendall(bytes([byte]))
@@ -196,8 +197,9 @@ def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
         return z
 
     model = SimpleNamespace(image_size=16, channels=3)
-    fake = SimpleNamespace(model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser],
-                           device=torch.device("cpu"))
+    fake = SimpleNamespace(
+        model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser], device=torch.device("cpu")
+    )
     cost = measure_step_cost(fake, repeats=3)
     assert cost.fixed_seconds == pytest.approx(0.02, abs=0.01)
     assert cost.seconds_per_pixel == pytest.approx(1e-5, rel=0.3)

@@ -79,8 +79,14 @@ def test_upload_refine_download_then_errors_and_the_server_goes_on(app_server, a
     keep = np.asarray(Image.open(io.BytesIO(mask_png))) == 0  # start 0 there: those pixels come back bit for bit
     assert np.array_equal(refined[keep], source[keep]) and not np.array_equal(refined, source)
 
-    status, body = app_server.json("/api/refine", {"upload": up["id"], "settings": {"start_t": 300},
-                                               "mask": base64.b64encode(png_bytes(np.zeros((40, 48), np.uint8))).decode()})
+    status, body = app_server.json(
+        "/api/refine",
+        {
+            "upload": up["id"],
+            "settings": {"start_t": 300},
+            "mask": base64.b64encode(png_bytes(np.zeros((40, 48), np.uint8))).decode(),
+        },
+    )
     assert status == 400 and "selects nothing" in body["error"]
     status, body = app_server.json("/api/refine", {"upload": up["id"], "settings": {"start_t": 300}, "mask": None})
     assert status == 400 and "nothing selected" in body["error"]
@@ -109,6 +115,7 @@ def delete(server: Server, path: str):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
 
 def declared_only(server: Server, path: str, length: int) -> tuple[int, dict]:
     """Send a JSON request's headers declaring ``length`` body bytes, and none of the body: the status and the JSON
@@ -273,17 +280,19 @@ def test_a_full_queue_is_refused_with_503_before_the_request_is_prepared(app_ref
 
     app = server_module.create_app(app_refiner, tmp_path)  # no lifespan: the worker never starts, requests stay queued
     client = TestClient(app, base_url="http://127.0.0.1")
-    up = client.post("/api/upload?name=photo.png", content=small_image(),
-                     headers={"Content-Type": "application/octet-stream"}).json()
+    up = client.post(
+        "/api/upload?name=photo.png", content=small_image(), headers={"Content-Type": "application/octet-stream"}
+    ).json()
     prepared = []
     real_prepare = server_module.prepare
     monkeypatch.setattr(server_module, "prepare", lambda *a: prepared.append(1) or real_prepare(*a))
     settings = {"mode": "whole", "start_t": 100, "steps": 2, "step_mode": "exact"}
-    statuses = [client.post("/api/refine", json={"upload": up["id"], "settings": settings}).status_code
-                for _ in range(17)]
+    statuses = [client.post("/api/refine", json={"upload": up["id"], "settings": settings}).status_code for _ in range(17)]
     assert statuses == [200] * 16 + [503] and len(prepared) == 16  # the 17th was never prepared
-    assert "16 requests are already waiting" in client.post(
-        "/api/refine", json={"upload": up["id"], "settings": settings}).json()["error"]
+    assert (
+        "16 requests are already waiting"
+        in client.post("/api/refine", json={"upload": up["id"], "settings": settings}).json()["error"]
+    )
 
 
 def test_an_upload_body_that_stalls_is_refused_with_408(monkeypatch):

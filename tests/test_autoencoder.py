@@ -322,8 +322,14 @@ def test_checkpoint_of_another_ddconfig_is_refused_not_silently_truncated(tmp_pa
     without_attention = dict(TINY_DDCONFIG, attn_type="none")
     with pytest.raises(CheckpointError, match=r"autoencoder weights this model lacks \(first: \['encoder.mid.attn_1"):
         VQModelInterface(ddconfig=without_attention, lossconfig=IDENTITY, n_embed=64, embed_dim=3, ckpt_path=str(ckpt))
-    dropped = VQModelInterface(ddconfig=without_attention, lossconfig=IDENTITY, n_embed=64, embed_dim=3,
-                               ckpt_path=str(ckpt), ignore_keys=["encoder.mid.attn_1", "decoder.mid.attn_1"])
+    dropped = VQModelInterface(
+        ddconfig=without_attention,
+        lossconfig=IDENTITY,
+        n_embed=64,
+        embed_dim=3,
+        ckpt_path=str(ckpt),
+        ignore_keys=["encoder.mid.attn_1", "decoder.mid.attn_1"],
+    )
     assert not any(".attn_1." in k for k in dropped.state_dict())
 
 

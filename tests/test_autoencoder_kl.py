@@ -149,8 +149,13 @@ def test_generator_loss_equals_the_float64_formula():
     """CompVis' objective: sum over pixels of |x - x_rec| / exp(logvar) + logvar, per image, + kl_weight * KL, + the
     adaptive-weighted GAN term from disc_start on; the discriminator loss is hinge."""
     torch.manual_seed(0)
-    loss = LPIPSWithDiscriminator(disc_start=3, logvar_init=0.5, kl_weight=0.01, perceptual_weight=0.0,
-                                  disc_num_layers=2, disc_ndf=8, disc_weight=0.7).double().eval()
+    loss = (
+        LPIPSWithDiscriminator(
+            disc_start=3, logvar_init=0.5, kl_weight=0.01, perceptual_weight=0.0, disc_num_layers=2, disc_ndf=8, disc_weight=0.7
+        )
+        .double()
+        .eval()
+    )
     x, xrec = photo_crops(2, 16).double(), photo_crops(2, 16, seed=1).double()
     post = DiagonalGaussianDistribution(moments())
     nll = ((x - xrec).abs() / math.exp(0.5) + 0.5).sum() / 2
@@ -272,9 +277,7 @@ def test_configure_optimizers_groups_and_errors():
     opt_ae, opt_disc = model.configure_optimizers()
     ae_ids = {id(p) for g in opt_ae.param_groups for p in g["params"]}
     assert ae_ids == {id(p) for n, p in model.named_parameters() if not n.startswith("loss.")}
-    assert {id(p) for g in opt_disc.param_groups for p in g["params"]} == {
-        id(p) for p in model.loss.discriminator.parameters()
-    }
+    assert {id(p) for g in opt_disc.param_groups for p in g["params"]} == {id(p) for p in model.loss.discriminator.parameters()}
     frozen = tiny_kl()
     frozen.learning_rate = 1e-4
     with pytest.raises(ConfigError, match="LPIPSWithDiscriminator"):
@@ -319,8 +322,9 @@ def test_kl_f8_with_its_training_loss_has_compvis_keys():
         "non_float32"
     ]
     assert sum(v.numel() for k, v in sd.items() if not k.startswith("loss.")) == ref["_meta"]["num_params_autoencoder"]
-    result = model.load_state_dict(_meta_state_dict(ref["autoencoder_kl"], ref["_meta"]["non_float32"]), strict=True,
-                                   assign=True)
+    result = model.load_state_dict(
+        _meta_state_dict(ref["autoencoder_kl"], ref["_meta"]["non_float32"]), strict=True, assign=True
+    )
     assert not result.missing_keys and not result.unexpected_keys
 
 
@@ -333,7 +337,7 @@ def test_stable_diffusion_v1_vae_has_sd_keys_and_loads_strict_from_first_stage_m
     assert isinstance(model, AutoencoderKL) and _shapes(model) == ref["autoencoder_kl"]
     prefix = ref["_meta"]["prefix_in_checkpoint"]
     ldm_sd = {prefix + k: v for k, v in _meta_state_dict(ref["autoencoder_kl"], {}).items()}
-    stripped = {k[len(prefix):]: v for k, v in ldm_sd.items()}
+    stripped = {k[len(prefix) :]: v for k, v in ldm_sd.items()}
     result = model.load_state_dict(stripped, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
 
@@ -374,8 +378,9 @@ def test_vq_checkpoint_given_as_kl_and_kl_given_as_vq_are_one_line_errors(tmp_pa
     kl = AutoencoderKL(ddconfig=dict(TINY_KL_DDCONFIG, z_channels=3), lossconfig=IDENTITY, embed_dim=3)
     save_checkpoint({"state_dict": kl.state_dict()}, tmp_path / "kl.ckpt")
     with pytest.raises(CheckpointError) as info:
-        VQModelInterface(ddconfig=dict(TINY_DDCONFIG), lossconfig=IDENTITY, n_embed=16, embed_dim=3,
-                         ckpt_path=str(tmp_path / "kl.ckpt"))
+        VQModelInterface(
+            ddconfig=dict(TINY_DDCONFIG), lossconfig=IDENTITY, n_embed=16, embed_dim=3, ckpt_path=str(tmp_path / "kl.ckpt")
+        )
     message = str(info.value)
     assert "\n" not in message and "is an AutoencoderKL" in message and "not a VQ" in message
     assert "target: ldm.models.autoencoder.AutoencoderKL" in message and "double_z: true" in message
@@ -394,10 +399,14 @@ def test_missing_kl_f8_checkpoint_names_the_download_and_the_config(tmp_path):
 
 def tiny_kl_ldm() -> torch.nn.Module:
     torch.manual_seed(0)
-    first_stage = {"target": "ldm.models.autoencoder.AutoencoderKL",
-                   "params": {"embed_dim": 4, "ddconfig": dict(TINY_KL_DDCONFIG), "lossconfig": IDENTITY}}
-    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-            "params": {**TINY_UNET_PARAMS, "in_channels": 4, "out_channels": 4}}
+    first_stage = {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": {"embed_dim": 4, "ddconfig": dict(TINY_KL_DDCONFIG), "lossconfig": IDENTITY},
+    }
+    unet = {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": {**TINY_UNET_PARAMS, "in_channels": 4, "out_channels": 4},
+    }
     params = tiny_ldm_params(channels=4, scale_factor=0.5, first_stage_config=first_stage, unet_config=unet)
     return instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}).eval()
 
@@ -415,8 +424,13 @@ def test_refinement_encodes_with_the_posterior_mean_and_decodes_without_quantizi
     one_at_a_time = FirstStage(model, None, True, contextlib.nullcontext)  # batch invariance: the mean too
     assert torch.equal(one_at_a_time.encode(x[1:]), one_at_a_time.encode(x)[1:])
     torch.testing.assert_close(one_at_a_time.encode(x), z, rtol=1e-5, atol=1e-6)  # other batch size, other kernels
-    draw = lambda: FirstStage(model, None, False, contextlib.nullcontext, posterior="sample",  # noqa: E731
-                              generator=torch.Generator().manual_seed(4)).encode(x)
+
+    def draw() -> torch.Tensor:
+        first_stage = FirstStage(
+            model, None, False, contextlib.nullcontext, posterior="sample", generator=torch.Generator().manual_seed(4)
+        )
+        return first_stage.encode(x)
+
     sampled = draw()
     assert torch.equal(sampled, draw()) and not torch.equal(sampled, z)
     eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(4))
@@ -501,9 +515,7 @@ def test_configs_build_tiny_and_train_a_few_batches(name, factor, channels, imag
     assert model.embed_dim == channels and model.loss.perceptual_loss is None
     model.learning_rate = config.model.base_learning_rate * config.data.params.batch_size
     snaps = Snapshots()
-    cpu_trainer(max_steps=5, limit_val_batches=0, callbacks=[snaps]).fit(
-        model, datamodule=instantiate_from_config(config.data)
-    )
+    cpu_trainer(max_steps=5, limit_val_batches=0, callbacks=[snaps]).fit(model, datamodule=instantiate_from_config(config.data))
     assert [r["generator_steps"] for r in snaps.rows] == [1, 2, 3]  # 1 + 2 + 2 optimizer steps (disc_start 1)
     with torch.no_grad():
         assert model.encode(photo_crops(1, 32)).mean.shape == (1, channels, 32 // factor, 32 // factor)
@@ -511,10 +523,21 @@ def test_configs_build_tiny_and_train_a_few_batches(name, factor, channels, imag
 
 @pytest.mark.slow
 def test_main_py_trains_kl_f8_tiny_and_its_checkpoint_serves_as_first_stage(tmp_path, image_root):
-    cmd = [sys.executable, "main.py", "--base", "configs/autoencoder/kl_f8.yaml", "-t", "--no-test",
-           "-l", str(tmp_path / "logs"), "lightning.trainer.max_steps=4", "lightning.trainer.limit_val_batches=1",
-           "lightning.trainer.accelerator=cpu", "lightning.trainer.benchmark=false",
-           *tiny_overrides("kl_f8.yaml", image_root)]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--base",
+        "configs/autoencoder/kl_f8.yaml",
+        "-t",
+        "--no-test",
+        "-l",
+        str(tmp_path / "logs"),
+        "lightning.trainer.max_steps=4",
+        "lightning.trainer.limit_val_batches=1",
+        "lightning.trainer.accelerator=cpu",
+        "lightning.trainer.benchmark=false",
+        *tiny_overrides("kl_f8.yaml", image_root),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = (tmp_path / "logs").rglob("checkpoints/last.ckpt")

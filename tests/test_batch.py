@@ -57,8 +57,17 @@ def run_cli(cli, argv: list[str]) -> int:
 
 
 def cli_args(expert_checkpoints, outdir: Path) -> list[str]:
-    return [*(a for p in expert_checkpoints for a in ("--ckpt", str(p))), "--outdir", str(outdir), "--start-t", "300",
-            "--ddim-steps", "10", "--device", "cpu"]
+    return [
+        *(a for p in expert_checkpoints for a in ("--ckpt", str(p))),
+        "--outdir",
+        str(outdir),
+        "--start-t",
+        "300",
+        "--ddim-steps",
+        "10",
+        "--device",
+        "cpu",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,8 +81,9 @@ def test_a_grid_never_replaces_an_input(refiner, tmp_path, n_samples, user_file)
     before = mine.read_bytes()
     paths = [tmp_path / "photo.png", mine]
     lines: list[str] = []
-    report = refine_files(refiner, paths, tmp_path, REQUEST.replace(n_samples=n_samples), grid=True, on_error=lines.append,
-                          progress=False)
+    report = refine_files(
+        refiner, paths, tmp_path, REQUEST.replace(n_samples=n_samples), grid=True, on_error=lines.append, progress=False
+    )
     assert mine.read_bytes() == before
     assert len(lines) == 1 and f"output {tmp_path / user_file} would overwrite an input" in lines[0], lines
     assert [name for name, _ in report.failed] == [str(tmp_path / "photo.png")]
@@ -179,8 +189,11 @@ def test_skip_existing_writes_a_grid_that_a_killed_run_did_not(refiner, tmp_path
 
 
 def test_a_long_thin_image_is_refined_with_the_others(refiner, tmp_path):
-    paths = [save_png(tmp_path / "a.png", photo()), save_png(tmp_path / "thin.png", np.resize(photo(), (1, 3000, 3))),
-             save_png(tmp_path / "z.png", photo(index=2))]
+    paths = [
+        save_png(tmp_path / "a.png", photo()),
+        save_png(tmp_path / "thin.png", np.resize(photo(), (1, 3000, 3))),
+        save_png(tmp_path / "z.png", photo(index=2)),
+    ]
     report = refine_files(refiner, paths, tmp_path / "out", REQUEST, progress=False)
     assert report.ok, report.failed
     assert Image.open(tmp_path / "out" / "thin_t300_s0.png").size == (3000, 1)
@@ -191,8 +204,11 @@ def test_a_long_thin_image_is_refined_with_the_others(refiner, tmp_path):
 
 
 def test_a_batch_the_networks_fail_on_costs_its_inputs_only(refiner, tmp_path, monkeypatch):
-    paths = [save_png(tmp_path / "a.png", photo()), save_png(tmp_path / "bad.png", photo(20, 28)),
-             save_png(tmp_path / "z.png", photo(index=2))]
+    paths = [
+        save_png(tmp_path / "a.png", photo()),
+        save_png(tmp_path / "bad.png", photo(20, 28)),
+        save_png(tmp_path / "z.png", photo(index=2)),
+    ]
     real = refiner.refine
 
     def refine(x, *args, **kwargs):
@@ -203,8 +219,9 @@ def test_a_batch_the_networks_fail_on_costs_its_inputs_only(refiner, tmp_path, m
     monkeypatch.setattr(refiner, "refine", refine)
     lines: list[str] = []
     report = refine_files(refiner, paths, tmp_path / "out", REQUEST, on_error=lines.append, progress=False)
-    assert lines == [f"cannot refine {tmp_path / 'bad.png'} (28x20): RuntimeError: Kernel size can't be greater than "
-                     "actual input size"]
+    assert lines == [
+        f"cannot refine {tmp_path / 'bad.png'} (28x20): RuntimeError: Kernel size can't be greater than actual input size"
+    ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_t300_s0.png", "z_t300_s0.png"]
     assert report.done == [str(paths[0]), str(paths[2])]
 
@@ -231,8 +248,7 @@ def test_odd_file_names_and_an_output_name_taken_by_a_folder(refiner, tmp_path):
     (out / "blocked_t300_s0.png").mkdir(parents=True)
     lines: list[str] = []
     inputs = [tmp_path / n for n in [*names, "bad\nname.png"]]
-    report = refine_files(refiner, inputs, out, RefineRequest(start_t=300, ddim_steps=4), progress=False,
-                          on_error=lines.append)
+    report = refine_files(refiner, inputs, out, RefineRequest(start_t=300, ddim_steps=4), progress=False, on_error=lines.append)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["with space_t300_s0.png", "new\nline_t300_s0.png", "ünïcödé_t300_s0.png", "blocked_t300_s0.png"]
     )

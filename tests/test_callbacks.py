@@ -16,12 +16,22 @@ def test_setup_callback_removes_temps_of_a_killed_run_before_training(tmp_path):
     for folder in ("checkpoints", "configs", "images/train", "images/val"):
         (run / folder).mkdir(parents=True)
     save_checkpoint({"state_dict": {"w": torch.ones(1)}}, run / "checkpoints" / "last.ckpt")
-    temps = [run / "checkpoints" / ".last.ckpt.abcdefgh.tmp", run / "configs" / ".x-project.yaml.abcdefgh.tmp",
-             run / "images" / "train" / ".inputs_gs-000002.png.abcdefgh.tmp"]
+    temps = [
+        run / "checkpoints" / ".last.ckpt.abcdefgh.tmp",
+        run / "configs" / ".x-project.yaml.abcdefgh.tmp",
+        run / "images" / "train" / ".inputs_gs-000002.png.abcdefgh.tmp",
+    ]
     for path in temps:
         path.write_bytes(b"partial")
-    callback = SetupCallback(resume=True, now="T", logdir=str(run), ckptdir=str(run / "checkpoints"),
-                             cfgdir=str(run / "configs"), config={"model": {}}, lightning_config={})
+    callback = SetupCallback(
+        resume=True,
+        now="T",
+        logdir=str(run),
+        ckptdir=str(run / "checkpoints"),
+        cfgdir=str(run / "configs"),
+        config={"model": {}},
+        lightning_config={},
+    )
     callback.setup(SimpleNamespace(is_global_zero=True), None, "fit")
     assert not any(path.exists() for path in temps)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["w"].item() == 1.0

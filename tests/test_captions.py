@@ -85,8 +85,9 @@ def conditional_params(**overrides) -> dict:
 
 def build_conditional(**overrides):
     torch.manual_seed(0)
-    return instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                                    "params": conditional_params(**overrides)})
+    return instantiate_from_config(
+        {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": conditional_params(**overrides)}
+    )
 
 
 def captioned_folder(root: Path, captions: dict[str, bytes | None], size: int = 32) -> Path:
@@ -138,8 +139,12 @@ def test_sample_caption_prefers_txt_then_json_caption():
     assert sample_caption({"json": b'{"caption": "from json", "width": 3}'}, "s") == "from json"
     assert sample_caption({"json": b'{"width": 3}'}, "s") is None
     assert sample_caption({"png": b""}, "s") is None
-    for bad, message in ((b'{"caption": 3}', "not a string"), (b"[1]", "not a JSON object"), (b"{", "not valid JSON"),
-                         (b'{"caption": "\\ud800"}', "not UTF-8")):
+    for bad, message in (
+        (b'{"caption": 3}', "not a string"),
+        (b"[1]", "not a JSON object"),
+        (b"{", "not valid JSON"),
+        (b'{"caption": "\\ud800"}', "not UTF-8"),
+    ):
         with pytest.raises(CaptionError, match=message):
             sample_caption({"json": bad}, "s")
 
@@ -192,12 +197,15 @@ def shard_batches(dataset, batch_size: int) -> list[dict]:
 
 
 def test_image_shards_read_txt_and_json_captions(tmp_path):
-    url = write_shard(tmp_path / "s.tar", {
-        "k0": {"png": noise_png(32, 32, 0), "txt": b"a txt caption\n"},
-        "k1": {"png": noise_png(32, 33, 1), "json": json.dumps({"caption": "a json caption", "w": 32}).encode()},
-        "k2": {"png": noise_png(33, 32, 2), "json": b'{"w": 33}'},
-        "k3": {"png": noise_png(32, 32, 3), "txt": b"txt wins", "json": b'{"caption": "json loses"}'},
-    })
+    url = write_shard(
+        tmp_path / "s.tar",
+        {
+            "k0": {"png": noise_png(32, 32, 0), "txt": b"a txt caption\n"},
+            "k1": {"png": noise_png(32, 33, 1), "json": json.dumps({"caption": "a json caption", "w": 32}).encode()},
+            "k2": {"png": noise_png(33, 32, 2), "json": b'{"w": 33}'},
+            "k3": {"png": noise_png(32, 32, 3), "txt": b"txt wins", "json": b'{"caption": "json loses"}'},
+        },
+    )
     (batch,) = shard_batches(ImageShards(url, size=32, captions="optional"), 4)
     assert batch[CAPTION_KEY] == ["a txt caption", "a json caption", "", "txt wins"]
     assert batch["image"].shape == (4, 32, 32, 3)
@@ -209,11 +217,14 @@ def test_image_shards_read_txt_and_json_captions(tmp_path):
 
 
 def test_shard_caption_members_are_bounded_from_the_header_and_bad_ones_skip_their_sample(tmp_path):
-    url = write_shard(tmp_path / "s.tar", {
-        "k0": {"png": noise_png(32, 32, 0), "txt": b"good"},
-        "k1": {"png": noise_png(32, 32, 1), "txt": b"a" * (MAX_CAPTION_BYTES + 1)},
-        "k2": {"png": noise_png(32, 32, 2), "txt": b"caf\xe9"},
-    })
+    url = write_shard(
+        tmp_path / "s.tar",
+        {
+            "k0": {"png": noise_png(32, 32, 0), "txt": b"good"},
+            "k1": {"png": noise_png(32, 32, 1), "txt": b"a" * (MAX_CAPTION_BYTES + 1)},
+            "k2": {"png": noise_png(32, 32, 2), "txt": b"caf\xe9"},
+        },
+    )
     samples = list(iter_samples(url, exts=("png", "txt"), member_limits={"txt": MAX_CAPTION_BYTES}))
     assert "txt" not in samples[1] and f"{MAX_CAPTION_BYTES:,} a .txt member" in samples[1][SAMPLE_ERROR_KEY]
     assert SAMPLE_ERROR_KEY not in samples[0] and SAMPLE_ERROR_KEY not in samples[2]
@@ -225,6 +236,7 @@ def test_shard_caption_members_are_bounded_from_the_header_and_bad_ones_skip_the
 # ---------------------------------------------------------------------------------------------------------------------
 # latent caches
 
+
 def _load_cache_cli():
     spec = importlib.util.spec_from_file_location("cache_latents_cli_captions", REPO / "scripts" / "cache_latents.py")
     module = importlib.util.module_from_spec(spec)
@@ -235,9 +247,13 @@ def _load_cache_cli():
 def write_cache_config(path: Path) -> Path:
     params = conditional_params()
     params["first_stage_config"]["params"]["ckpt_path"] = None
-    cfg = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params},
-           "data": {"target": "ldm.data.datamodule.DataModuleFromConfig",
-                    "params": {"train": {"target": "ldm.data.image_folder.ImageFolderDataset", "params": {"size": 32}}}}}
+    cfg = {
+        "model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params},
+        "data": {
+            "target": "ldm.data.datamodule.DataModuleFromConfig",
+            "params": {"train": {"target": "ldm.data.image_folder.ImageFolderDataset", "params": {"size": 32}}},
+        },
+    }
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return path
 
@@ -252,11 +268,14 @@ def caches(tmp_path_factory) -> dict:
     folder = captioned_folder(root / "images", {"a": b"alpha", "b": b"beta\n", "c": None, "d": b"\xff\xfe bad"})
     plain = captioned_folder(root / "plain", {"a": None, "b": None})
     (root / "shards").mkdir()
-    shard = write_shard(root / "shards" / "in-00.tar", {
-        "x": {"png": noise_png(32, 32, 5), "txt": b"from txt"},
-        "y": {"png": noise_png(32, 32, 6), "json": b'{"caption": "from json"}'},
-        "z": {"png": noise_png(32, 32, 7)},
-    })
+    shard = write_shard(
+        root / "shards" / "in-00.tar",
+        {
+            "x": {"png": noise_png(32, 32, 5), "txt": b"from txt"},
+            "y": {"png": noise_png(32, 32, 6), "json": b'{"caption": "from json"}'},
+            "z": {"png": noise_png(32, 32, 7)},
+        },
+    )
     common = ["--config", str(config), "--shard-size", "2", "--batch-size", "2", "--size", "32"]
     assert cli.main([*common, "--data", str(folder), "--out", str(root / "c_folder"), "--split", "all"]) == 1  # 1 skipped
     assert cli.main([*common, "--data", str(plain), "--out", str(root / "c_plain"), "--split", "all"]) == 0
@@ -269,8 +288,7 @@ def test_cached_latents_round_trip_the_caption(caches):
     assert index.captions == 2 and index.skipped == 1  # a and b; c has none; d's caption is not UTF-8 (skipped)
     ds = CachedLatents(caches["folder"])
     assert ds.captions == "optional"
-    assert {ds[i]["file_path_"]: ds[i][CAPTION_KEY] for i in range(len(ds))} == {"a.png": "alpha", "b.png": "beta",
-                                                                               "c.png": ""}
+    assert {ds[i]["file_path_"]: ds[i][CAPTION_KEY] for i in range(len(ds))} == {"a.png": "alpha", "b.png": "beta", "c.png": ""}
     batch = next(iter(DataLoader(ds, batch_size=3)))
     assert batch[CAPTION_KEY] == ["alpha", "beta", ""] and batch["cached_latent"].shape[0] == 3
     assert CAPTION_KEY not in CachedLatents(caches["folder"], captions="off")[0]
@@ -318,11 +336,17 @@ def test_dropout_p0_never_p1_always_and_p_half_reproducible_near_half():
     assert all(c in ("", f"caption {i}") for i, c in enumerate(first))
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"caption": {"p": 1.5}}, "probability"), ({"caption": {"p": True}}, "probability"),
-    ({"caption": {"prob": 0.1}}, "must be a mapping with p"), ({"caption": {"p": 0.1, "value": ""}}, "no other keys"),
-    ({"caption": {"p": 0.1, "val": 3}}, "must be a string"), ([0.1], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"caption": {"p": 1.5}}, "probability"),
+        ({"caption": {"p": True}}, "probability"),
+        ({"caption": {"prob": 0.1}}, "must be a mapping with p"),
+        ({"caption": {"p": 0.1, "value": ""}}, "no other keys"),
+        ({"caption": {"p": 0.1, "val": 3}}, "must be a string"),
+        ([0.1], "must be a mapping"),
+    ],
+)
 def test_ucg_training_config_errors_say_the_format(bad, match):
     with pytest.raises(ValueError, match=match) as info:
         check_ucg_training(bad)
@@ -330,8 +354,12 @@ def test_ucg_training_config_errors_say_the_format(bad, match):
     assert check_ucg_training({"caption": {"p": 0.1}}) == {"caption": {"p": 0.1, "val": ""}}
     assert check_ucg_training({"caption": {"p": 1, "val": None}}) == {"caption": {"p": 1.0, "val": ""}}
     with pytest.raises(ValueError, match="this one is unconditional"):
-        instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                                 "params": tiny_ldm_params(ucg_training={"caption": {"p": 0.1}})})
+        instantiate_from_config(
+            {
+                "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                "params": tiny_ldm_params(ucg_training={"caption": {"p": 0.1}}),
+            }
+        )
 
 
 def caption_batch(n: int = 4) -> dict:
@@ -389,31 +417,65 @@ def test_dropout_applies_in_training_steps_only_never_in_validation(monkeypatch)
 
 def test_main_trains_a_text_conditioned_expert_on_captioned_images(tmp_path):
     folder = captioned_folder(tmp_path / "images", {f"im{i}": f"photo number {i}".encode() for i in range(8)})
-    params = conditional_params(t_min=0, t_max=500, monitor="val/loss_window_ema", scale_by_std=True,
-                                ucg_training={"caption": {"p": 0.5, "val": ""}})
-    dataset = {"target": "ldm.data.image_folder.ImageFolderDataset",
-               "params": {"root": str(folder), "size": 32, "split": "all", "val_fraction": 0.0, "captions": "required"}}
+    params = conditional_params(
+        t_min=0, t_max=500, monitor="val/loss_window_ema", scale_by_std=True, ucg_training={"caption": {"p": 0.5, "val": ""}}
+    )
+    dataset = {
+        "target": "ldm.data.image_folder.ImageFolderDataset",
+        "params": {"root": str(folder), "size": 32, "split": "all", "val_fraction": 0.0, "captions": "required"},
+    }
     cfg = {
-        "model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion",
-                  "params": params},
-        "data": {"target": "ldm.data.datamodule.DataModuleFromConfig",
-                 "params": {"batch_size": 4, "num_workers": 0, "train": dataset,
-                            "validation": {**dataset, "params": {**dataset["params"], "random_crop": False}}}},
+        "model": {
+            "base_learning_rate": 1.0e-4,
+            "target": "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion",
+            "params": params,
+        },
+        "data": {
+            "target": "ldm.data.datamodule.DataModuleFromConfig",
+            "params": {
+                "batch_size": 4,
+                "num_workers": 0,
+                "train": dataset,
+                "validation": {**dataset, "params": {**dataset["params"], "random_crop": False}},
+            },
+        },
         "lightning": {
-            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "num_sanity_val_steps": 0,
-                        "val_check_interval": 2, "check_val_every_n_epoch": None, "enable_progress_bar": False,
-                        "enable_model_summary": False, "log_every_n_steps": 1},
-            "callbacks": {"image_logger": {"target": "ldm.train.callbacks.ImageLogger",
-                                           "params": {"batch_frequency": 2, "max_images": 2, "increase_log_steps": False,
-                                                      "log_images_kwargs": {"ddim_steps": 4}}}},
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": 1,
+                "max_steps": 3,
+                "num_sanity_val_steps": 0,
+                "val_check_interval": 2,
+                "check_val_every_n_epoch": None,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "log_every_n_steps": 1,
+            },
+            "callbacks": {
+                "image_logger": {
+                    "target": "ldm.train.callbacks.ImageLogger",
+                    "params": {
+                        "batch_frequency": 2,
+                        "max_images": 2,
+                        "increase_log_steps": False,
+                        "log_images_kwargs": {"ddim_steps": 4},
+                    },
+                }
+            },
         },
     }
     config = tmp_path / "text.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     env.pop("LATESTEPS_LOGDIR", None)
-    result = subprocess.run([sys.executable, str(REPO / "main.py"), "-b", str(config), "-t", "-l", str(tmp_path / "logs")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "-b", str(config), "-t", "-l", str(tmp_path / "logs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
     (project,) = run.glob("configs/*-project.yaml")

@@ -47,8 +47,12 @@ class _Exploit:
 def test_round_trip(tmp_path, suffix):
     sd = _state_dict()
     path = tmp_path / f"model{suffix}"
-    save_checkpoint({"state_dict": sd, "metadata": {"window": "250,500"}} if suffix == ".safetensors" else
-                    {"state_dict": sd, "global_step": 7}, path)
+    save_checkpoint(
+        {"state_dict": sd, "metadata": {"window": "250,500"}}
+        if suffix == ".safetensors"
+        else {"state_dict": sd, "global_step": 7},
+        path,
+    )
     loaded = load_state_dict(path)
     assert loaded.keys() == sd.keys()
     for k in sd:
@@ -205,8 +209,14 @@ def _vq_config(ckpt_path: Path, target: str = "ldm.models.autoencoder.VQModelInt
 
 
 @pytest.mark.parametrize(
-    "entry", ["LatentDiffusion.ckpt_path", "DDPM.ckpt_path", "first_stage_config.ckpt_path", "VQModel.ckpt_path",
-              "VQModelInterface.ckpt_path"],
+    "entry",
+    [
+        "LatentDiffusion.ckpt_path",
+        "DDPM.ckpt_path",
+        "first_stage_config.ckpt_path",
+        "VQModel.ckpt_path",
+        "VQModelInterface.ckpt_path",
+    ],
 )
 def test_crafted_pickle_is_refused_by_every_init_checkpoint(entry, tmp_path):
     marker = tmp_path / "pwned"

@@ -80,13 +80,23 @@ def run_main_with_fault(args: list[str], cwd: Path, fault: dict[str, str] | None
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
         env.update(PYTHONPATH=str(site), **fault)
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT)
+    return subprocess.run(
+        [sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
 
 
 def main_args(folder: Path, name: str, max_steps: int = 6) -> list[str]:
-    return ["-b", str(QUICKSTART), str(overlay(folder)), "-l", str(folder / "logs"), "-t", "-n", name,
-            f"lightning.trainer.max_steps={max_steps}"]
+    return [
+        "-b",
+        str(QUICKSTART),
+        str(overlay(folder)),
+        "-l",
+        str(folder / "logs"),
+        "-t",
+        "-n",
+        name,
+        f"lightning.trainer.max_steps={max_steps}",
+    ]
 
 
 def only_run(folder: Path, name: str) -> Path:
@@ -100,8 +110,9 @@ def hidden_temps(folder: Path) -> list[str]:
 
 @needs_proc_fd
 def test_disk_full_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path):
-    result = run_main_with_fault(main_args(tmp_path, "full"), tmp_path,
-                                 {"FAULT_KIND": "enospc", "FAULT_NAME": "last.ckpt", "FAULT_AT": "3"})
+    result = run_main_with_fault(
+        main_args(tmp_path, "full"), tmp_path, {"FAULT_KIND": "enospc", "FAULT_NAME": "last.ckpt", "FAULT_AT": "3"}
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     run = only_run(tmp_path, "full")
     line = one_error_line(result.stderr, "main.py: error:")
@@ -126,8 +137,9 @@ def uninterrupted_run(tmp_path_factory) -> Path:
     ids=["writing-last.ckpt-of-step-2", "writing-the-first-top-k-checkpoint"],
 )
 def test_sigkill_in_mid_write_then_resume_equals_the_uninterrupted_run(uninterrupted_run, fault_name, fault_at, tmp_path):
-    killed = run_main_with_fault(main_args(tmp_path, "killed"), tmp_path,
-                                 {"FAULT_KIND": "kill", "FAULT_NAME": fault_name, "FAULT_AT": fault_at})
+    killed = run_main_with_fault(
+        main_args(tmp_path, "killed"), tmp_path, {"FAULT_KIND": "kill", "FAULT_NAME": fault_name, "FAULT_AT": fault_at}
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     run = only_run(tmp_path, "killed")
     ckpts = run / "checkpoints"

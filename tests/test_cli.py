@@ -80,8 +80,10 @@ def unusable_outdirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "link loop": (loop, f"{loop} is a symbolic link loop"),
         "below a link loop": (loop / "sub", f"{loop} is a symbolic link loop"),
-        "link to nothing": (dangling, f"{dangling} is a symbolic link to {tmp_path / 'missing' / 'target'}, which does "
-                                      "not exist"),
+        "link to nothing": (
+            dangling,
+            f"{dangling} is a symbolic link to {tmp_path / 'missing' / 'target'}, which does not exist",
+        ),
         "long name": (tmp_path / ("x" * 300), "is 300 bytes long, more than the 255 the file system allows"),
         "long name below a new folder": (tmp_path / "new" / ("x" * 300), "is 300 bytes long"),
     }
@@ -135,6 +137,8 @@ def test_an_empty_path_is_one_line_exit_2(scripts, tmp_path, capsys, monkeypatch
     }[name]
     code, lines = run(scripts[name], [*argv, flag, ""], capsys)
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0] == (f"{name}.py: error: argument {flag}: the path is empty; give a file or folder name ('.' for the "
-                        "current folder) (see --help)")
+    assert lines[0] == (
+        f"{name}.py: error: argument {flag}: the path is empty; give a file or folder name ('.' for the "
+        "current folder) (see --help)"
+    )
     assert list(tmp_path.iterdir()) == []

@@ -33,11 +33,19 @@ def cache(tmp_path_factory) -> dict:
 
 
 BASE = {
-    "model": {"target": "a.Model", "base_learning_rate": 1.0, "params": {"x": 1, "inner": {"target": "a.Inner",
-                                                                                         "params": {"p": 1, "q": 2}}}},
-    "data": {"target": "a.Data", "params": {"batch_size": 8, "train": {"target": "a.Images", "params": {"size": 32,
-                                                                                                        "split": "train"}},
-                                            "validation": {"target": "a.Images", "params": {"size": 32}}}},
+    "model": {
+        "target": "a.Model",
+        "base_learning_rate": 1.0,
+        "params": {"x": 1, "inner": {"target": "a.Inner", "params": {"p": 1, "q": 2}}},
+    },
+    "data": {
+        "target": "a.Data",
+        "params": {
+            "batch_size": 8,
+            "train": {"target": "a.Images", "params": {"size": 32, "split": "train"}},
+            "validation": {"target": "a.Images", "params": {"size": 32}},
+        },
+    },
 }
 
 
@@ -46,8 +54,15 @@ def layered(*layers: dict):
 
 
 def test_a_new_target_replaces_the_params_of_its_node_only():
-    merged = layered(BASE, {"data": {"target": "a.Data", "params": {"batch_size": 48, "train": {
-        "target": "a.Cached", "params": {"root": "cache/train"}}}}})
+    merged = layered(
+        BASE,
+        {
+            "data": {
+                "target": "a.Data",
+                "params": {"batch_size": 48, "train": {"target": "a.Cached", "params": {"root": "cache/train"}}},
+            }
+        },
+    )
     assert merged["data"]["params"]["train"] == {"target": "a.Cached", "params": {"root": "cache/train"}}
     assert merged["data"]["params"]["batch_size"] == 48  # same target: merged
     assert merged["data"]["params"]["validation"] == BASE["data"]["params"]["validation"]  # untouched
@@ -59,8 +74,9 @@ def test_the_same_target_or_no_target_merges_as_before():
     assert same["model"]["params"]["inner"]["params"] == {"p": 1, "q": 5} and same["model"]["params"]["x"] == 1
     none = layered(BASE, {"model": {"params": {"inner": {"params": {"q": 5}}}}})
     assert none == same
-    plain = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(BASE), OmegaConf.create(
-        {"model": {"params": {"inner": {"params": {"q": 5}}}}})))
+    plain = OmegaConf.to_container(
+        OmegaConf.merge(OmegaConf.create(BASE), OmegaConf.create({"model": {"params": {"inner": {"params": {"q": 5}}}}}))
+    )
     assert none == plain
 
 
@@ -76,8 +92,11 @@ def test_yaml_tilde_keys_delete_from_the_layers_before():
     assert "validation" not in merged["data"]["params"] and merged["data"]["params"]["batch_size"] == 4
     replaced = layered(BASE, {"model": {"params": {"~inner": None, "inner": {"target": "a.Inner", "params": {"q": 9}}}}})
     assert replaced["model"]["params"]["inner"] == {"target": "a.Inner", "params": {"q": 9}}  # delete, then set
-    with pytest.raises(ConfigError, match=r"cannot delete 'data.params.test' \(layer1\): data.params has no key 'test'; "
-                                          r"it has: batch_size, train, validation"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot delete 'data.params.test' \(layer1\): data.params has no key 'test'; "
+        r"it has: batch_size, train, validation",
+    ):
         layered(BASE, {"data": {"params": {"~test": None}}})
     with pytest.raises(ConfigError, match=r"data.params.~validation: a ~key deletes 'validation' and takes no value"):
         layered(BASE, {"data": {"params": {"~validation": 1}}})
@@ -91,8 +110,15 @@ def test_the_first_layer_and_the_defaults_are_not_modified():
 
 def test_command_line_deletions_and_target_changes(tmp_path):
     config = OmegaConf.create(BASE)
-    apply_overrides(config, ["~data.params.validation", "data.params.train.target=a.Cached",
-                             "data.params.train.params.root=c", "model.params.inner={target: b.Inner, params: {r: 1}}"])
+    apply_overrides(
+        config,
+        [
+            "~data.params.validation",
+            "data.params.train.target=a.Cached",
+            "data.params.train.params.root=c",
+            "model.params.inner={target: b.Inner, params: {r: 1}}",
+        ],
+    )
     plain = OmegaConf.to_container(config)
     assert plain["data"]["params"] == {"batch_size": 8, "train": {"target": "a.Cached", "params": {"root": "c"}}}
     assert plain["model"]["params"]["inner"] == {"target": "b.Inner", "params": {"r": 1}}
@@ -129,8 +155,11 @@ def test_main_py_command_line_takes_tilde_tokens_anywhere_and_refuses_malformed_
     assert opt.base == [str(QUICKSTART)] and dotlist == ["~data.params.validation", "model.params.t_min=0"]
     merged = merge_configs(opt.base, dotlist)
     assert "validation" not in merged.data.params and merged.model.params.t_min == 0
-    for token, expected in (("~", "a deletion names a key"), ("~a..b", "a deletion names a key"),
-                            ("~data.params.validation=1", "a deletion is ~key alone (no '=')")):
+    for token, expected in (
+        ("~", "a deletion names a key"),
+        ("~a..b", "a deletion names a key"),
+        ("~data.params.validation=1", "a deletion is ~key alone (no '=')"),
+    ):
         with pytest.raises(CLIError) as info:
             parse_cli(["-b", str(QUICKSTART), "-t", token])
         assert expected in str(info.value) and "\n" not in str(info.value)
@@ -142,8 +171,10 @@ def test_override_keys_are_checked_against_the_config_the_earlier_overrides_left
     """A new target's arguments are valid after the override that sets the target, and only then."""
     overrides = ["data.params.train.target=ldm.data.cached_latents.CachedLatents", "data.params.train.params.root=c"]
     merged = merge_configs([QUICKSTART], overrides)
-    assert OmegaConf.to_container(merged.data.params.train) == {"target": "ldm.data.cached_latents.CachedLatents",
-                                                                 "params": {"root": "c"}}
+    assert OmegaConf.to_container(merged.data.params.train) == {
+        "target": "ldm.data.cached_latents.CachedLatents",
+        "params": {"root": "c"},
+    }
     with pytest.raises(ConfigError, match="EmbeddedPhotos takes no argument 'root'"):
         merge_configs([QUICKSTART], overrides[::-1])
     with pytest.raises(ConfigError, match="cannot delete 'data.params.train.params.size'"):
@@ -153,8 +184,9 @@ def test_override_keys_are_checked_against_the_config_the_earlier_overrides_left
 def test_compvis_callback_target_is_not_a_new_target(tmp_path):
     """latent-diffusion's main.ImageLogger is this project's ImageLogger: its params still merge."""
     compvis = tmp_path / "compvis.yaml"
-    compvis.write_text("lightning:\n  callbacks:\n    image_logger:\n      target: main.ImageLogger\n"
-                       "      params: {batch_frequency: 5}\n")
+    compvis.write_text(
+        "lightning:\n  callbacks:\n    image_logger:\n      target: main.ImageLogger\n      params: {batch_frequency: 5}\n"
+    )
     merged = merge_configs([QUICKSTART, compvis], [])
     logger = merged.lightning.callbacks.image_logger
     assert logger.target == "ldm.train.callbacks.ImageLogger" and logger.params.batch_frequency == 5
@@ -163,8 +195,10 @@ def test_compvis_callback_target_is_not_a_new_target(tmp_path):
 
 def test_yaml_files_layer_with_both_rules(tmp_path):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("data:\n  params:\n    ~validation: null\n    train:\n"
-                       "      target: ldm.data.cached_latents.CachedLatents\n      params: {root: cache/train}\n")
+    overlay.write_text(
+        "data:\n  params:\n    ~validation: null\n    train:\n"
+        "      target: ldm.data.cached_latents.CachedLatents\n      params: {root: cache/train}\n"
+    )
     merged = merge_configs([QUICKSTART, overlay], [])
     assert list(merged.data.params) == ["batch_size", "num_workers", "train"]
     assert OmegaConf.to_container(merged.data.params.train.params) == {"root": "cache/train"}
@@ -186,8 +220,10 @@ def test_readme_cached_data_yaml_layers_over_the_quickstart_config(cache, tmp_pa
     tiny = [f"data.params.train.params.root={cache['out']}", "data.params.batch_size=4"]  # a cache of 8 latents
     config = merge_configs([QUICKSTART, overlay], tiny, defaults=default_lightning_config())
     data_cfg = OmegaConf.to_container(config.data, resolve=True)
-    assert data_cfg["params"]["train"] == {"target": "ldm.data.cached_latents.CachedLatents",
-                                           "params": {"root": str(cache["out"])}}
+    assert data_cfg["params"]["train"] == {
+        "target": "ldm.data.cached_latents.CachedLatents",
+        "params": {"root": str(cache["out"])},
+    }
     assert data_cfg["params"]["num_workers"] == 8 and data_cfg["params"]["validation"]["params"]["size"] == 32
     data = instantiate_from_config(data_cfg)
     data.setup("fit")
@@ -202,16 +238,29 @@ def test_readme_cached_data_yaml_layers_over_the_quickstart_config(cache, tmp_pa
 @pytest.mark.parametrize(
     ("config", "expected", "absent"),
     [
-        ("configs/quickstart/latesteps_500_750.yaml",
-         ["train it with python main.py --base configs/quickstart/vq_f4.yaml -t (or python scripts/quickstart.py, which "
-          "runs exactly this", "and pass model.params.first_stage_config.params.ckpt_path=<its checkpoint>"], "CompVis"),
-        ("configs/latesteps_500_750.yaml",
-         ["put CompVis' vq-f4 weights there (https://ommer-lab.com/files/latent-diffusion/vq-f4.zip, unzip to "
-          "models/first_stage_models/vq-f4/model.ckpt)", "or train it with python main.py --base "
-          "configs/autoencoder/vq_f4.yaml -t and pass"], "quickstart"),
-        ("configs/synthetic/latesteps_500_750.yaml",
-         ["python main.py --base configs/synthetic/vq_f4.yaml -t (or python scripts/quickstart.py --domain synthetic,"],
-         "CompVis"),
+        (
+            "configs/quickstart/latesteps_500_750.yaml",
+            [
+                "train it with python main.py --base configs/quickstart/vq_f4.yaml -t (or python scripts/quickstart.py, which "
+                "runs exactly this",
+                "and pass model.params.first_stage_config.params.ckpt_path=<its checkpoint>",
+            ],
+            "CompVis",
+        ),
+        (
+            "configs/latesteps_500_750.yaml",
+            [
+                "put CompVis' vq-f4 weights there (https://ommer-lab.com/files/latent-diffusion/vq-f4.zip, unzip to "
+                "models/first_stage_models/vq-f4/model.ckpt)",
+                "or train it with python main.py --base configs/autoencoder/vq_f4.yaml -t and pass",
+            ],
+            "quickstart",
+        ),
+        (
+            "configs/synthetic/latesteps_500_750.yaml",
+            ["python main.py --base configs/synthetic/vq_f4.yaml -t (or python scripts/quickstart.py --domain synthetic,"],
+            "CompVis",
+        ),
     ],
 )
 def test_a_missing_first_stage_hint_fits_the_config(config, expected, absent, monkeypatch):
@@ -255,8 +304,14 @@ def test_overrides_with_unresolvable_interpolations_are_config_errors(tokens, me
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("layer", ["model:\n  params: [1, 2]\n", "lightning: [1]\n",
-                                   "model:\n  params:\n    unet_config:\n      params:\n        channel_mult: {a: 1}\n"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "model:\n  params: [1, 2]\n",
+        "lightning: [1]\n",
+        "model:\n  params:\n    unet_config:\n      params:\n        channel_mult: {a: 1}\n",
+    ],
+)
 def test_a_yaml_layer_of_another_container_type_is_a_config_error(tmp_path, layer):
     """Hostile pass: a list layered over a mapping (or back) ended in a TypeError traceback."""
     (tmp_path / "layer.yaml").write_text(layer)

@@ -37,12 +37,18 @@ def shrink(node: Any, image_root: str, clip_root: str | None = None) -> Any:
                 continue
             if key == "unet_config":
                 params = dict(value["params"])
-                keep = {k: params[k] for k in ("in_channels", "out_channels", "num_classes", "context_dim",
-                                               "use_spatial_transformer") if k in params}
+                keep = {
+                    k: params[k]
+                    for k in ("in_channels", "out_channels", "num_classes", "context_dim", "use_spatial_transformer")
+                    if k in params
+                }
                 value = {"target": value["target"], "params": {**TINY_UNET_PARAMS, **keep}}
             elif key == "ddconfig":
-                value = {**TINY_DDCONFIG, "double_z": value.get("double_z", False),
-                         "ch_mult": TINY_DDCONFIG["ch_mult"][: len(value["ch_mult"])]}
+                value = {
+                    **TINY_DDCONFIG,
+                    "double_z": value.get("double_z", False),
+                    "ch_mult": TINY_DDCONFIG["ch_mult"][: len(value["ch_mult"])],
+                }
             elif key == "n_embed":
                 value = 64
             elif key in ("image_size",) and isinstance(value, int):
@@ -87,9 +93,17 @@ def clip_root(tmp_path_factory) -> str:
     vocab.update({c + end: 2 + i for i, (c, end) in enumerate((c, end) for end in ("", "</w>") for c in "abcdefgh")})
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                pad_token_id=1).save_pretrained(str(root))
+    transformers.CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=768,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    ).save_pretrained(str(root))
     return str(root)
 
 
@@ -150,8 +164,11 @@ def test_shrink_keeps_structure():
 
 @pytest.mark.parametrize(
     "path",
-    [*sorted((ROOT / "configs" / "quickstart").glob("latesteps_*.yaml")),
-     *sorted((ROOT / "configs" / "synthetic").glob("latesteps_*.yaml")), ROOT / "configs" / "synthetic" / "full_range.yaml"],
+    [
+        *sorted((ROOT / "configs" / "quickstart").glob("latesteps_*.yaml")),
+        *sorted((ROOT / "configs" / "synthetic").glob("latesteps_*.yaml")),
+        ROOT / "configs" / "synthetic" / "full_range.yaml",
+    ],
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_quickstart_first_stage_is_the_quickstart_vq(path):

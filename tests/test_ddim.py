@@ -125,14 +125,45 @@ def test_sample_compvis_positional_call_matches_keywords(stub_sampler):
         seen["img"] += 1
 
     positional = stub_sampler.sample(
-        8, 2, (3, 8, 8), cond, cb, None, img_cb, True, 0.6, None, None, 0.8, 0.25, ScaleCorrector(), {"factor": 1.1},
-        False, x_t, 2, 1.5, uncond, generator=torch.Generator().manual_seed(7),
+        8,
+        2,
+        (3, 8, 8),
+        cond,
+        cb,
+        None,
+        img_cb,
+        True,
+        0.6,
+        None,
+        None,
+        0.8,
+        0.25,
+        ScaleCorrector(),
+        {"factor": 1.1},
+        False,
+        x_t,
+        2,
+        1.5,
+        uncond,
+        generator=torch.Generator().manual_seed(7),
     )
     assert seen == {"cb": 8, "img": 8}
     keywords = stub_sampler.sample(
-        S=8, batch_size=2, shape=(3, 8, 8), conditioning=cond, quantize_x0=True, eta=0.6, temperature=0.8,
-        noise_dropout=0.25, score_corrector=ScaleCorrector(), corrector_kwargs={"factor": 1.1}, verbose=False, x_T=x_t,
-        log_every_t=2, unconditional_guidance_scale=1.5, unconditional_conditioning=uncond,
+        S=8,
+        batch_size=2,
+        shape=(3, 8, 8),
+        conditioning=cond,
+        quantize_x0=True,
+        eta=0.6,
+        temperature=0.8,
+        noise_dropout=0.25,
+        score_corrector=ScaleCorrector(),
+        corrector_kwargs={"factor": 1.1},
+        verbose=False,
+        x_T=x_t,
+        log_every_t=2,
+        unconditional_guidance_scale=1.5,
+        unconditional_conditioning=uncond,
         generator=torch.Generator().manual_seed(7),
     )
     assert torch.equal(positional[0], keywords[0])
@@ -146,12 +177,32 @@ def test_p_sample_ddim_compvis_positional_call_matches_keywords(stub_sampler):
     x, t = torch.randn(2, 3, 8, 8), torch.full((2,), int(stub_sampler.ddim_timesteps[7]))
     cond = torch.tensor([0.3, 0.1])
     pos = stub_sampler.p_sample_ddim(
-        x, cond, t, 7, False, False, False, 0.9, 0.3, ScaleCorrector(), {"factor": 0.5}, 2.0, torch.zeros(2),
+        x,
+        cond,
+        t,
+        7,
+        False,
+        False,
+        False,
+        0.9,
+        0.3,
+        ScaleCorrector(),
+        {"factor": 0.5},
+        2.0,
+        torch.zeros(2),
         generator=torch.Generator().manual_seed(1),
     )
     kw = stub_sampler.p_sample_ddim(
-        x, cond, t, index=7, temperature=0.9, noise_dropout=0.3, score_corrector=ScaleCorrector(),
-        corrector_kwargs={"factor": 0.5}, unconditional_guidance_scale=2.0, unconditional_conditioning=torch.zeros(2),
+        x,
+        cond,
+        t,
+        index=7,
+        temperature=0.9,
+        noise_dropout=0.3,
+        score_corrector=ScaleCorrector(),
+        corrector_kwargs={"factor": 0.5},
+        unconditional_guidance_scale=2.0,
+        unconditional_conditioning=torch.zeros(2),
         generator=torch.Generator().manual_seed(1),
     )
     assert torch.equal(pos[0], kw[0]) and torch.equal(pos[1], kw[1])
@@ -192,8 +243,13 @@ def test_stochastic_encode_compvis_tensor_indices_and_positions(model):
     # the old project order (x0, index, noise) no longer slips the noise into a flag
     with pytest.raises(TypeError, match="use_original_steps"):
         sampler.stochastic_encode(z0, 10, eps)
-    for bad, match in ((25, "outside"), (torch.tensor([-1]), "outside"), (torch.tensor([1, 2]), "entries"),
-                       (torch.tensor([1.0]), "integer"), (2.0, "int")):
+    for bad, match in (
+        (25, "outside"),
+        (torch.tensor([-1]), "outside"),
+        (torch.tensor([1, 2]), "entries"),
+        (torch.tensor([1.0]), "integer"),
+        (2.0, "int"),
+    ):
         with pytest.raises(ValueError, match=match):
             sampler.stochastic_encode(z0, bad, noise=eps)
     a = sampler.stochastic_encode(z0, 10, generator=torch.Generator().manual_seed(3))
@@ -206,8 +262,15 @@ def test_decode_compvis_positional_call_and_original_steps(model):
     sampler.make_schedule(25, ddim_eta=0.5)
     z, cond, uncond = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 0.2]), torch.zeros(2)
     pos = sampler.decode(z, cond, 6, 3.0, uncond, False, generator=torch.Generator().manual_seed(4))
-    kw = sampler.decode(z, cond, t_start=6, unconditional_guidance_scale=3.0, unconditional_conditioning=uncond,
-                        use_original_steps=False, generator=torch.Generator().manual_seed(4))
+    kw = sampler.decode(
+        z,
+        cond,
+        t_start=6,
+        unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond,
+        use_original_steps=False,
+        generator=torch.Generator().manual_seed(4),
+    )
     assert torch.equal(pos, kw)
     den.timesteps.clear()
     sampler.decode(z, None, 30, 1.0, None, True, generator=torch.Generator().manual_seed(4))
@@ -255,8 +318,9 @@ def test_noise_dropout_uses_the_generator_not_the_global_rng(stub_sampler):
     x_t = torch.randn(1, 3, 8, 8)
     state = torch.get_rng_state()
     runs = [
-        stub_sampler.sample(5, 1, (3, 8, 8), eta=1.0, noise_dropout=0.5, x_T=x_t, verbose=False,
-                            generator=torch.Generator().manual_seed(seed))[0]
+        stub_sampler.sample(
+            5, 1, (3, 8, 8), eta=1.0, noise_dropout=0.5, x_T=x_t, verbose=False, generator=torch.Generator().manual_seed(seed)
+        )[0]
         for seed in (11, 11, 12)
     ]
     assert torch.equal(torch.get_rng_state(), state)

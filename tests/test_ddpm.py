@@ -98,34 +98,45 @@ def test_conditioning_concat_crossattn_adm(monkeypatch):
         cond_stage_config="__is_first_stage__",
         cond_stage_key="image",
         conditioning_key="concat",
-        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                     "params": {**TINY_UNET_PARAMS, "in_channels": 6}},
+        unet_config={
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {**TINY_UNET_PARAMS, "in_channels": 6},
+        },
     )
     loss, _ = concat.shared_step(batch_of(2))
     assert torch.isfinite(loss)
 
     cross = build(
-        cond_stage_config={"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                           "params": {"embed_dim": 16, "n_classes": 10}},
+        cond_stage_config={
+            "target": "ldm.modules.encoders.modules.ClassEmbedder",
+            "params": {"embed_dim": 16, "n_classes": 10},
+        },
         cond_stage_key="class_label",
         cond_stage_trainable=True,
         conditioning_key="crossattn",
-        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                     "params": {**TINY_UNET_PARAMS, "use_spatial_transformer": True, "context_dim": 16}},
+        unet_config={
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {**TINY_UNET_PARAMS, "use_spatial_transformer": True, "context_dim": 16},
+        },
     )
     batch = {**batch_of(2), "class": torch.tensor([1, 7])}
     loss, _ = cross.shared_step(batch)
     loss.backward()
     assert cross.cond_stage_model.embedding.weight.grad is not None
-    assert any(p is cross.cond_stage_model.embedding.weight for g in [cross.configure_optimizers()]
-               for p in g.param_groups[0]["params"])
+    assert any(
+        p is cross.cond_stage_model.embedding.weight
+        for g in [cross.configure_optimizers()]
+        for p in g.param_groups[0]["params"]
+    )
 
     adm = build(
         cond_stage_config={"target": "ldm.modules.encoders.modules.ClassLabels", "params": {"n_classes": 10}},
         cond_stage_key="class_label",
         conditioning_key="adm",
-        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                     "params": {**TINY_UNET_PARAMS, "num_classes": 10}},
+        unet_config={
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {**TINY_UNET_PARAMS, "num_classes": 10},
+        },
     )
     loss, _ = adm.shared_step(batch)
     assert torch.isfinite(loss)
@@ -161,8 +172,9 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="noise schedule differs"):
         build(ckpt_path=str(path), linear_end=0.012)
     unet_only_ckpt = tmp_path / "first_stage_only.ckpt"
-    save_checkpoint({"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}},
-                    unet_only_ckpt)
+    save_checkpoint(
+        {"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}}, unet_only_ckpt
+    )
     with pytest.raises(CheckpointError, match="lacks .* UNet weights"):
         build(ckpt_path=str(unet_only_ckpt))
     partial = tmp_path / "partial.ckpt"

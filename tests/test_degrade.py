@@ -220,9 +220,21 @@ def test_colour_blotch_peak_shift_equals_strength():
 
 def test_registry_lists_and_errors(tiny_vq):
     assert set(DEGRADATIONS) == {
-        "vq_roundtrip", "jpeg", "blur_noise", "elastic_warp", "patch_shuffle", "colour_blotches",
-        "local_warp", "local_blotch", "local_shuffle", "local_vq",
-        "local_paint", "local_noise", "local_smear", "local_block", "local_none",
+        "vq_roundtrip",
+        "jpeg",
+        "blur_noise",
+        "elastic_warp",
+        "patch_shuffle",
+        "colour_blotches",
+        "local_warp",
+        "local_blotch",
+        "local_shuffle",
+        "local_vq",
+        "local_paint",
+        "local_noise",
+        "local_smear",
+        "local_block",
+        "local_none",
     }
     assert isinstance(build_degradation("jpeg", quality=40), JPEG)
     with pytest.raises(KeyError, match=r"unknown degradation 'jpg'.*jpeg\(quality=20\)"):
@@ -375,8 +387,15 @@ def test_every_count_and_size_parameter_is_bounded_when_built(tiny_vq):
                 build_degradation(name, **required, **{param: 10**400})
             assert "\n" not in str(info.value) and len(str(info.value)) < 250
             checked.append(f"{name}.{param}")
-    assert {"colour_blotches.n_blobs", "patch_shuffle.n_patches", "blur_noise.sigma", "local_blotch.n_blobs",
-            "local_shuffle.n_patches", "local_smear.sigma", "local_block.block"} <= set(checked)
+    assert {
+        "colour_blotches.n_blobs",
+        "patch_shuffle.n_patches",
+        "blur_noise.sigma",
+        "local_blotch.n_blobs",
+        "local_shuffle.n_patches",
+        "local_smear.sigma",
+        "local_block.block",
+    } <= set(checked)
 
 
 @pytest.mark.parametrize(
@@ -386,8 +405,11 @@ def test_every_count_and_size_parameter_is_bounded_when_built(tiny_vq):
         ("patch_shuffle:n_patches=1000000000", "n_patches must be an integer in [1, 256]"),
         ("blur_noise:sigma=1e9", "sigma must be in [0, 1024] (pixels), got 1000000000.0"),
         ("elastic_warp:amplitude=5", "amplitude must be in (0, 4]"),
-        ("colour_blotches:radius=1" + "0" * 400, "radius must be in (0, 4] (a fraction of the image's or box's shorter "
-                                                  "side), got 10000000000000000000... (401 characters)"),
+        (
+            "colour_blotches:radius=1" + "0" * 400,
+            "radius must be in (0, 4] (a fraction of the image's or box's shorter "
+            "side), got 10000000000000000000... (401 characters)",
+        ),
         ("blur_noise:noise_std=1" + "0" * 400, "noise_std must be a finite number >= 0"),
     ],
 )
@@ -411,6 +433,9 @@ def test_the_largest_counts_run_in_bounded_memory():
 def test_a_pixel_space_first_stage_is_named_plainly():
     from ldm.models.autoencoder import IdentityFirstStage
 
-    with pytest.raises(TypeError, match=r"first_stage is an IdentityFirstStage, the first stage of a pixel-space "
-                                        r"model: it has no VQ codebook .* pass first_stage=<VQ config.yaml>"):
+    with pytest.raises(
+        TypeError,
+        match=r"first_stage is an IdentityFirstStage, the first stage of a pixel-space "
+        r"model: it has no VQ codebook .* pass first_stage=<VQ config.yaml>",
+    ):
         VQRoundTrip(IdentityFirstStage())

@@ -121,7 +121,10 @@ def test_bad_arguments_and_inputs_fail_in_one_line(degrade, clean, tmp_path, mon
 def test_unbounded_counts_exit_2_before_any_image_is_read(clean, tmp_path, spec, expected):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--input", str(clean), "--output", str(tmp_path / "out"), "--degradation", spec],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -155,9 +158,20 @@ def test_a_first_stage_yaml_that_does_not_parse_is_a_one_line_usage_error(degrad
 
 def test_runs_as_a_script(clean, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--input", str(clean), "--output", str(tmp_path / "out"),
-         "--degradation", "jpeg:quality=10"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--input",
+            str(clean),
+            "--output",
+            str(tmp_path / "out"),
+            "--degradation",
+            "jpeg:quality=10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "sub" / "b.png").is_file()
@@ -185,8 +199,7 @@ def test_degrade_a_blur_wider_than_the_image_and_a_repeated_key(scripts, one_png
     code, lines = run(degrade, ["--input", str(one_png), "--output", out, "--degradation", "blur_noise:sigma=100"], capsys)
     assert code == 1 and len(lines) == 1
     assert "blur sigma=100 px is larger than the 32x24 image" in lines[0] and "a.png" in lines[0]
-    code, lines = run(degrade, ["--input", str(one_png), "--output", out, "--degradation", "jpeg:quality=5,quality=50"],
-                      capsys)
+    code, lines = run(degrade, ["--input", str(one_png), "--output", out, "--degradation", "jpeg:quality=5,quality=50"], capsys)
     assert code == 2 and len(lines) == 1 and "'quality' is given twice" in lines[0]
     assert not (tmp_path / "out").exists()
 

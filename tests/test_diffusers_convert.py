@@ -70,25 +70,47 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
-    kwargs = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                  attention_head_dim=8)
+    kwargs = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+    )
     kwargs.update(overrides)
     return randomize(UNet2DModel(**kwargs), seed)
 
 
 def tiny_vq(seed: int = 1, **overrides) -> VQModel:
-    kwargs = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-                  latent_channels=3, num_vq_embeddings=16, sample_size=16, scaling_factor=0.5)
+    kwargs = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=16,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
     kwargs.update(overrides)
     return randomize(VQModel(**kwargs), seed)
 
 
 def compvis_ddim(**overrides) -> DDIMScheduler:
     """celebahq-ldm-vq-4's schedule, with the sampler options under which diffusers' DDIM is CompVis' DDIM."""
-    kwargs = dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1)
+    kwargs = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.0015,
+        beta_end=0.0195,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     kwargs.update(overrides)
     return DDIMScheduler(**kwargs)
 
@@ -132,10 +154,13 @@ def one_line_error(excinfo) -> str:
 UNET_VARIANTS = {
     "default": {},
     "scale_shift_one_head_three_levels": dict(
-        block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=None,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=None,
         down_block_types=("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"),
-        resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32,
+        resnet_time_scale_shift="scale_shift",
+        attn_norm_num_groups=32,
     ),
     "wide_heads": dict(attention_head_dim=32, block_out_channels=(64, 128)),
 }
@@ -156,11 +181,16 @@ VQ_VARIANTS = {
     "default": {},
     "attention_and_narrow_codebook": dict(
         down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
-        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, vq_embed_dim=3,
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        vq_embed_dim=3,
     ),
     "no_mid_attention_three_levels": dict(
-        block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, mid_block_add_attention=False, sample_size=32,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        mid_block_add_attention=False,
+        sample_size=32,
     ),
 }
 
@@ -318,15 +348,22 @@ def test_export_import_round_trip_is_bit_exact(window_expert, tmp_path):
     path = tmp_path / "back.ckpt"
     save_checkpoint(back, path)
     again, _ = checkpoint_to_diffusers(path, tmp_path / "again")
-    for rel in ("unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors",
-                "unet/config.json", "vqvae/config.json", "scheduler/scheduler_config.json", "model_index.json"):
+    for rel in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vqvae/diffusion_pytorch_model.safetensors",
+        "unet/config.json",
+        "vqvae/config.json",
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+    ):
         assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
 EXPORT_VARIANTS = {
     "num_head_channels": {},
-    "new_attention_order_scale_shift": dict(use_new_attention_order=True, use_scale_shift_norm=True,
-                                            num_head_channels=-1, num_heads=4),
+    "new_attention_order_scale_shift": dict(
+        use_new_attention_order=True, use_scale_shift_norm=True, num_head_channels=-1, num_heads=4
+    ),
     "one_head": dict(num_head_channels=-1, num_heads=1),
 }
 
@@ -384,10 +421,17 @@ def test_export_refuses_models_diffusers_cannot_hold(change, expected, tmp_path)
 
 # ------------------------------------------------------------------------------------------------------------ refused
 def _conditional_unet(folder: Path) -> None:
-    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                                layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
     shutil.rmtree(folder / "unet")
     unet.save_pretrained(folder / "unet")
     edit_json(folder / "model_index.json", unet=["diffusers", "UNet2DConditionModel"])
@@ -407,44 +451,73 @@ def _truncate(path: Path) -> None:
 REFUSED = {
     "conditional_unet": (_conditional_unet, "UNet2DConditionModel' is a conditional UNet"),
     "kl_vae": (_kl_vae, "AutoencoderKL' is a KL autoencoder"),
-    "class_conditional": (lambda f: edit_json(f / "unet" / "config.json", num_class_embeds=10),
-                          "num_class_embeds=10 is not supported"),
-    "text_encoder": (lambda f: edit_json(f / "model_index.json", bert=["latent_diffusion", "LDMBertModel"]),
-                     "component 'bert' (LDMBertModel) is not part of an unconditional LDM"),
+    "class_conditional": (
+        lambda f: edit_json(f / "unet" / "config.json", num_class_embeds=10),
+        "num_class_embeds=10 is not supported",
+    ),
+    "text_encoder": (
+        lambda f: edit_json(f / "model_index.json", bert=["latent_diffusion", "LDMBertModel"]),
+        "component 'bert' (LDMBertModel) is not part of an unconditional LDM",
+    ),
     "missing_scheduler_folder": (lambda f: shutil.rmtree(f / "scheduler"), "scheduler/scheduler_config.json is missing"),
     "missing_scheduler_entry": (lambda f: edit_json(f / "model_index.json", scheduler=...), "names no scheduler"),
-    "missing_weights": (lambda f: (f / "vqvae" / "diffusion_pytorch_model.safetensors").unlink(),
-                        "vqvae/ holds no diffusion_pytorch_model.safetensors"),
+    "missing_weights": (
+        lambda f: (f / "vqvae" / "diffusion_pytorch_model.safetensors").unlink(),
+        "vqvae/ holds no diffusion_pytorch_model.safetensors",
+    ),
     "corrupt_json": (lambda f: (f / "unet" / "config.json").write_text("{not json"), "unet/config.json is not valid JSON"),
-    "nan_in_json": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text('{"beta_start": NaN}'),
-                    "is not valid JSON"),
+    "nan_in_json": (
+        lambda f: (f / "scheduler" / "scheduler_config.json").write_text('{"beta_start": NaN}'),
+        "is not valid JSON",
+    ),
     "json_array": (lambda f: (f / "model_index.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
-    "huge_channels": (lambda f: edit_json(f / "unet" / "config.json", block_out_channels=[2**40, 2**41]),
-                      "block_out_channels=[1099511627776, 2199023255552] must be a list of 1 to 8 integers in [32, 16384]"),
-    "huge_codebook": (lambda f: edit_json(f / "vqvae" / "config.json", num_vq_embeddings=10**12),
-                      "num_vq_embeddings=1000000000000 must be an integer in [1, 1048576]"),
-    "config_and_weights_disagree": (lambda f: edit_json(f / "unet" / "config.json", block_out_channels=[64, 128]),
-                                    "tensors differ in shape from what unet/config.json implies (conv_in.weight: "
-                                    "file [32, 3, 3, 3] vs config [64, 3, 3, 3]"),
-    "truncated_weights": (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"),
-                          "is not a readable safetensors file"),
-    "unknown_option": (lambda f: edit_json(f / "unet" / "config.json", use_linear_attention=True),
-                       "option(s) ['use_linear_attention'] are unknown to this converter"),
-    "v_prediction": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
-                     "prediction_type='v_prediction' is not supported"),
-    "zero_snr": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),
-                 "rescale_betas_zero_snr=True is not supported"),
-    "fourier_time": (lambda f: edit_json(f / "unet" / "config.json", time_embedding_type="fourier"),
-                     "time_embedding_type='fourier' is not supported"),
+    "huge_channels": (
+        lambda f: edit_json(f / "unet" / "config.json", block_out_channels=[2**40, 2**41]),
+        "block_out_channels=[1099511627776, 2199023255552] must be a list of 1 to 8 integers in [32, 16384]",
+    ),
+    "huge_codebook": (
+        lambda f: edit_json(f / "vqvae" / "config.json", num_vq_embeddings=10**12),
+        "num_vq_embeddings=1000000000000 must be an integer in [1, 1048576]",
+    ),
+    "config_and_weights_disagree": (
+        lambda f: edit_json(f / "unet" / "config.json", block_out_channels=[64, 128]),
+        "tensors differ in shape from what unet/config.json implies (conv_in.weight: "
+        "file [32, 3, 3, 3] vs config [64, 3, 3, 3]",
+    ),
+    "truncated_weights": (
+        lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"),
+        "is not a readable safetensors file",
+    ),
+    "unknown_option": (
+        lambda f: edit_json(f / "unet" / "config.json", use_linear_attention=True),
+        "option(s) ['use_linear_attention'] are unknown to this converter",
+    ),
+    "v_prediction": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
+        "prediction_type='v_prediction' is not supported",
+    ),
+    "zero_snr": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),
+        "rescale_betas_zero_snr=True is not supported",
+    ),
+    "fourier_time": (
+        lambda f: edit_json(f / "unet" / "config.json", time_embedding_type="fourier"),
+        "time_embedding_type='fourier' is not supported",
+    ),
     "sin_first": (lambda f: edit_json(f / "unet" / "config.json", flip_sin_to_cos=False), "flip_sin_to_cos=False"),
     "spatial_norm": (lambda f: edit_json(f / "vqvae" / "config.json", norm_type="spatial"), "norm_type='spatial'"),
     "scale_shift_without_attention_norm": (
         lambda f: edit_json(f / "unet" / "config.json", resnet_time_scale_shift="scale_shift"),
-        "attn_norm_num_groups=None is not supported"),
-    "latent_mismatch": (lambda f: edit_json(f / "unet" / "config.json", in_channels=4, out_channels=4),
-                        "in_channels=4 but the first stage's latent has 3 channels"),
-    "window_outside_schedule": (lambda f: edit_json(f / "unet" / "config.json", _latesteps_window=[0, 2000]),
-                                "_latesteps_window: window t_min=0, t_max=2000 is invalid"),
+        "attn_norm_num_groups=None is not supported",
+    ),
+    "latent_mismatch": (
+        lambda f: edit_json(f / "unet" / "config.json", in_channels=4, out_channels=4),
+        "in_channels=4 but the first stage's latent has 3 channels",
+    ),
+    "window_outside_schedule": (
+        lambda f: edit_json(f / "unet" / "config.json", _latesteps_window=[0, 2000]),
+        "_latesteps_window: window t_min=0, t_max=2000 is invalid",
+    ),
 }
 
 
@@ -488,8 +561,9 @@ def test_main_py_names_a_diffusers_folder_given_as_ckpt_path(ldm_folder):
 # -------------------------------------------------------------------------------------------------------------- CLIs
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_convert_cli_both_directions_in_subprocesses(ldm_folder, tmp_path):
@@ -527,8 +601,9 @@ def convert_cli():
         (["--to-diffusers", "{folder}", "--out", "{tmp}/out", "--scale-factor", "2"], "applies to --from-diffusers only"),
     ],
 )
-def test_convert_cli_refuses_in_one_line_with_exit_2(convert_cli, args, expected, ldm_folder, refused_folders, tmp_path,
-                                                    capsys):
+def test_convert_cli_refuses_in_one_line_with_exit_2(
+    convert_cli, args, expected, ldm_folder, refused_folders, tmp_path, capsys
+):
     names = {"conditional": refused_folders["conditional_unet"], "folder": ldm_folder, "tmp": tmp_path}
     argv = [a.format(**names) for a in args]
     try:
@@ -546,8 +621,21 @@ def test_refine_cli_takes_a_diffusers_folder_end_to_end(ldm_folder, tmp_path):
     image = tmp_path / "face.png"
     Image.fromarray(((photo_crops(1, 20, seed=1)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(image)
     out = tmp_path / "out"
-    proc = run("refine.py", "--ckpt", str(ldm_folder), "--start-t", "400", "--input", str(image), "--outdir", str(out),
-               "--ddim-steps", "10", "--device", "cpu")
+    proc = run(
+        "refine.py",
+        "--ckpt",
+        str(ldm_folder),
+        "--start-t",
+        "400",
+        "--input",
+        str(image),
+        "--outdir",
+        str(out),
+        "--ddim-steps",
+        "10",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     result = out / "face_t400_s0.png"
@@ -557,13 +645,25 @@ def test_refine_cli_takes_a_diffusers_folder_end_to_end(ldm_folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ real-size key maps
-CELEBAHQ_UNET = dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896),
-                     layers_per_block=2, attention_head_dim=32,
-                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-VQ_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
-             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=3, num_vq_embeddings=8192,
-             sample_size=256)
+CELEBAHQ_UNET = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(224, 448, 672, 896),
+    layers_per_block=2,
+    attention_head_dim=32,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+VQ_F4 = dict(
+    block_out_channels=(128, 256, 512),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=2,
+    latent_channels=3,
+    num_vq_embeddings=8192,
+    sample_size=256,
+)
 
 
 def test_real_size_maps_match_diffusers_and_compvis_modules_on_the_meta_device():
@@ -576,15 +676,21 @@ def test_real_size_maps_match_diffusers_and_compvis_modules_on_the_meta_device()
     params = unet_layout.ldm_params()
     assert (params["model_channels"], params["channel_mult"], params["attention_resolutions"]) == (224, [1, 2, 3, 4], [2, 4, 8])
     assert params["num_head_channels"] == 32 and vq_layout.ldm_params()["ddconfig"]["ch_mult"] == [1, 2, 4]
-    cfg = {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-           "params": {"unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params},
-                      "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
-                                             "params": vq_layout.ldm_params()},
-                      "cond_stage_config": "__is_unconditional__", "use_ema": False}}
+    cfg = {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params},
+            "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface", "params": vq_layout.ldm_params()},
+            "cond_stage_config": "__is_unconditional__",
+            "use_ema": False,
+        },
+    }
     with torch.device("meta"):
         ldm = instantiate_from_config(cfg)
-    for ours, theirs, maps in ((ldm.model.diffusion_model, unet, unet_layout.param_maps()),
-                               (ldm.first_stage_model, vq, vq_layout.param_maps())):
+    for ours, theirs, maps in (
+        (ldm.model.diffusion_model, unet, unet_layout.param_maps()),
+        (ldm.first_stage_model, vq, vq_layout.param_maps()),
+    ):
         own = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
         implied = {k: s for m in maps for k, s in zip(m.diffusers, m.diffusers_shapes(own[m.ldm]))}
         assert set(own) == {m.ldm for m in maps}
@@ -600,14 +706,22 @@ JSON_VALUES = st.recursive(
 
 
 @settings(max_examples=150, deadline=None)
-@given(part=st.sampled_from(["unet", "vqvae", "scheduler"]), key=st.text(max_size=3) | st.sampled_from(
-    sorted({*UNET_DEFAULTS, *VQ_DEFAULTS, *SCHEDULER_DEFAULTS, "_class_name", "trained_betas", "scaling_factor"})),
-    value=JSON_VALUES)
+@given(
+    part=st.sampled_from(["unet", "vqvae", "scheduler"]),
+    key=st.text(max_size=3)
+    | st.sampled_from(
+        sorted({*UNET_DEFAULTS, *VQ_DEFAULTS, *SCHEDULER_DEFAULTS, "_class_name", "trained_betas", "scaling_factor"})
+    ),
+    value=JSON_VALUES,
+)
 def test_any_config_value_is_converted_or_refused_in_one_line(part, key, value):
     """Whatever an untrusted config.json holds, the validators answer with a layout or a one-line DiffusersFormatError
     (no TypeError/KeyError/OverflowError from deep inside, nothing allocated)."""
-    base = {"unet": {**CELEBAHQ_UNET, "_class_name": "UNet2DModel"}, "vqvae": {**VQ_F4, "_class_name": "VQModel"},
-            "scheduler": compvis_ddim().config}[part]
+    base = {
+        "unet": {**CELEBAHQ_UNET, "_class_name": "UNet2DModel"},
+        "vqvae": {**VQ_F4, "_class_name": "VQModel"},
+        "scheduler": compvis_ddim().config,
+    }[part]
     data = {**json.loads(json.dumps(dict(base))), key: value}
     read = {"unet": unet_layout_from_config, "vqvae": vq_layout_from_config, "scheduler": schedule_from_config}[part]
     try:

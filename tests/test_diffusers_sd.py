@@ -87,26 +87,62 @@ def tiny_tokenizer(folder: Path):
 
 
 def tiny_unet(**overrides) -> UNet2DConditionModel:
-    kwargs = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                  cross_attention_dim=D, attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    kwargs = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=D,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
     kwargs.update(overrides)
     return randomize(UNet2DConditionModel(**kwargs), 1)
 
 
 def save_sd(folder: Path, unet: UNet2DConditionModel | None = None) -> Path:
     """A tiny SD v1-shaped pipeline saved as diffusers saves it (SD v1's schedule, CompVis' DDIM settings)."""
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=54, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=16, layers_per_block=1)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=randomize(vae, 2), text_encoder=randomize(text, 3),
-                            tokenizer=tiny_tokenizer(folder.parent / f"{folder.name}_tok"), unet=unet or tiny_unet(),
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=54,
+            hidden_size=D,
+            intermediate_size=2 * D,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=16,
+        layers_per_block=1,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=randomize(vae, 2),
+        text_encoder=randomize(text, 3),
+        tokenizer=tiny_tokenizer(folder.parent / f"{folder.name}_tok"),
+        unet=unet or tiny_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -162,15 +198,22 @@ def test_every_weight_maps_strict_both_ways(sd_folder):
     assert cfg["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion" and "window" not in ckpt
     assert params["conditioning_key"] == "crossattn" and params["scale_factor"] == 0.18215
     assert (params["beta_schedule"], params["linear_start"], params["linear_end"]) == ("linear", 0.00085, 0.012)
-    assert params["cond_stage_config"] == {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                                           "params": {"version": os.path.abspath(sd_folder)}}
+    assert params["cond_stage_config"] == {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+        "params": {"version": os.path.abspath(sd_folder)},
+    }
     unet_params = params["unet_config"]["params"]
     assert (unet_params["num_heads"], unet_params["context_dim"], unet_params["attention_resolutions"]) == (4, D, [1])
     assert params["first_stage_config"]["params"]["ddconfig"]["double_z"] is True
     # no leftovers: every tensor of the three files became exactly one model tensor, and the model has no other
-    files = {part: load_file(sd_folder / part / name) for part, name in (
-        ("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder", "model.safetensors"))}
+    files = {
+        part: load_file(sd_folder / part / name)
+        for part, name in (
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        )
+    }
     state = ckpt["state_dict"]
     prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
     for part, tensors in files.items():
@@ -204,8 +247,9 @@ def test_vae_encode_mean_and_decode_equal_diffusers(sd_expert, theirs):
         torch.testing.assert_close(ours.decode(z), theirs["vae"].decode(z).sample, rtol=1e-5, atol=1e-5)
         # LatentDiffusion scales as SD pipelines do: latents * scaling_factor in, / scaling_factor out
         scaled = z * theirs["vae"].config.scaling_factor
-        torch.testing.assert_close(sd_expert.model.decode_first_stage(scaled), theirs["vae"].decode(z).sample,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            sd_expert.model.decode_first_stage(scaled), theirs["vae"].decode(z).sample, rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, ""])
@@ -238,8 +282,7 @@ def test_refinement_with_the_prompt_equals_a_diffusers_ddim_loop(sd_expert, sd_f
     assert [int(t) for t in tail] == list(plan.timesteps) == [301, 201, 101, 1]
     text_c, text_u = embed(theirs, PROMPT), embed(theirs, "")
     with torch.no_grad():
-        latents = scheduler.add_noise(vae.encode(x).latent_dist.mean * vae.config.scaling_factor, noise,
-                                      tail[0].reshape(1))
+        latents = scheduler.add_noise(vae.encode(x).latent_dist.mean * vae.config.scaling_factor, noise, tail[0].reshape(1))
         for t in tail:
             eps_c = unet(latents, t, encoder_hidden_states=text_c).sample
             eps = eps_c
@@ -309,9 +352,16 @@ def test_export_import_round_trip_is_bit_exact(window_expert, tmp_path):
     path = tmp_path / "back.ckpt"
     save_checkpoint(back, path)
     again, _ = checkpoint_to_diffusers(path, tmp_path / "again")
-    for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "scheduler/scheduler_config.json", "model_index.json"):
+    for rel in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+    ):
         assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
@@ -327,11 +377,16 @@ def test_exported_folder_loads_in_diffusers_with_equal_outputs(window_expert, tm
     with torch.no_grad():
         context = model.get_learned_conditioning([PROMPT])
         torch.testing.assert_close(text(ids).last_hidden_state, context, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(pipe.unet.eval()(x, t, encoder_hidden_states=context.expand(2, -1, -1)).sample,
-                                   model.apply_model(x, t, context.expand(2, -1, -1)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            pipe.unet.eval()(x, t, encoder_hidden_states=context.expand(2, -1, -1)).sample,
+            model.apply_model(x, t, context.expand(2, -1, -1)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         image = photo_crops(1, 16)
-        torch.testing.assert_close(pipe.vae.eval().encode(image).latent_dist.mean,
-                                   model.first_stage_model.encode(image).mode(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            pipe.vae.eval().encode(image).latent_dist.mean, model.first_stage_model.encode(image).mode(), rtol=1e-5, atol=1e-5
+        )
     torch.testing.assert_close(pipe.scheduler.alphas_cumprod, model.alphas_cumprod, rtol=1e-5, atol=0.0)
 
 
@@ -343,28 +398,54 @@ def _replace_unet(folder: Path, unet, cls: str) -> None:
 
 
 REFUSED = {
-    "sd2_linear_projection": (lambda f: edit_json(f / "unet" / "config.json", use_linear_projection=True),
-                              "use_linear_projection=True is not supported"),
-    "v_prediction": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
-                     "prediction_type='v_prediction' is not supported"),
-    "sdxl_addition_embed": (lambda f: edit_json(f / "unet" / "config.json", addition_embed_type="text_time"),
-                            "addition_embed_type='text_time' is not supported"),
+    "sd2_linear_projection": (
+        lambda f: edit_json(f / "unet" / "config.json", use_linear_projection=True),
+        "use_linear_projection=True is not supported",
+    ),
+    "v_prediction": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
+        "prediction_type='v_prediction' is not supported",
+    ),
+    "sdxl_addition_embed": (
+        lambda f: edit_json(f / "unet" / "config.json", addition_embed_type="text_time"),
+        "addition_embed_type='text_time' is not supported",
+    ),
     "sdxl_second_text_encoder": (
         lambda f: edit_json(f / "model_index.json", text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
-        "component 'text_encoder_2' (CLIPTextModelWithProjection) is not part of a Stable Diffusion v1 pipeline"),
-    "unconditional_unet": (lambda f: _replace_unet(f, UNet2DModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2), "UNet2DModel"),
-                           "_class_name='UNet2DModel' is not a Stable Diffusion UNet"),
-    "inpainting": (lambda f: edit_json(f / "unet" / "config.json", in_channels=9),
-                   "differs from in_channels=9: inpainting / depth UNets"),
+        "component 'text_encoder_2' (CLIPTextModelWithProjection) is not part of a Stable Diffusion v1 pipeline",
+    ),
+    "unconditional_unet": (
+        lambda f: _replace_unet(
+            f,
+            UNet2DModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2,
+            ),
+            "UNet2DModel",
+        ),
+        "_class_name='UNet2DModel' is not a Stable Diffusion UNet",
+    ),
+    "inpainting": (
+        lambda f: edit_json(f / "unet" / "config.json", in_channels=9),
+        "differs from in_channels=9: inpainting / depth UNets",
+    ),
     "no_tokenizer": (lambda f: shutil.rmtree(f / "tokenizer"), "tokenizer/ holds no CLIP tokenizer"),
-    "vq_first_stage": (lambda f: edit_json(f / "vae" / "config.json", _class_name="VQModel"),
-                       "_class_name='VQModel' is not a KL autoencoder"),
-    "text_width": (lambda f: edit_json(f / "unet" / "config.json", cross_attention_dim=64),
-                   "cross_attention_dim=64 but the text encoder's hidden_size is 32"),
-    "huge_text_encoder": (lambda f: edit_json(f / "text_encoder" / "config.json", num_hidden_layers=10**9),
-                          "num_hidden_layers=1000000000 must be an integer in [1, 64]"),
+    "vq_first_stage": (
+        lambda f: edit_json(f / "vae" / "config.json", _class_name="VQModel"),
+        "_class_name='VQModel' is not a KL autoencoder",
+    ),
+    "text_width": (
+        lambda f: edit_json(f / "unet" / "config.json", cross_attention_dim=64),
+        "cross_attention_dim=64 but the text encoder's hidden_size is 32",
+    ),
+    "huge_text_encoder": (
+        lambda f: edit_json(f / "text_encoder" / "config.json", num_hidden_layers=10**9),
+        "num_hidden_layers=1000000000 must be an integer in [1, 64]",
+    ),
 }
 
 
@@ -395,7 +476,7 @@ def test_convert_cli_both_directions_in_a_subprocess(sd_folder, refused_folders,
     writing)."""
     code = f"""
 import sys
-sys.path.insert(0, {str(REPO / 'scripts')!r})
+sys.path.insert(0, {str(REPO / "scripts")!r})
 from convert_diffusers import main
 t = {str(tmp_path)!r}
 print("RC", main(["--from-diffusers", {str(sd_folder)!r}, "--out", t + "/sd.ckpt"]))
@@ -404,12 +485,13 @@ try:
     main(["--from-diffusers", {str(sd_folder)!r}, "--out", t + "/sd.ckpt"])
 except SystemExit as exc:
     print("RC", exc.code)
-print("RC", main(["--from-diffusers", {str(refused_folders['sd2_linear_projection'])!r}, "--out", t + "/sd2.ckpt"]))
+print("RC", main(["--from-diffusers", {str(refused_folders["sd2_linear_projection"])!r}, "--out", t + "/sd2.ckpt"]))
 """
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert [line for line in proc.stdout.splitlines() if line.startswith("RC")] == ["RC 0", "RC 0", "RC 2", "RC 2"], (
-        proc.stdout + proc.stderr)
+        proc.stdout + proc.stderr
+    )
     assert "text-conditioned" in proc.stdout and "scale_factor 0.18215" in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("convert_diffusers.py: error:")]
     assert len(errors) == 2 and "already exists" in errors[0] and "use_linear_projection=True" in errors[1]
@@ -451,15 +533,38 @@ SD_UNET = dict(tiny_unet().config)
 
 
 @settings(max_examples=150, deadline=None)
-@given(part=st.sampled_from(["unet", "vae", "text_encoder"]), key=st.text(max_size=3) | st.sampled_from(
-    sorted({*COND_UNET_DEFAULTS, *KL_DEFAULTS, "hidden_size", "num_attention_heads", "num_hidden_layers",
-            "architectures", "model_type", "_class_name"})), value=JSON_VALUES)
+@given(
+    part=st.sampled_from(["unet", "vae", "text_encoder"]),
+    key=st.text(max_size=3)
+    | st.sampled_from(
+        sorted(
+            {
+                *COND_UNET_DEFAULTS,
+                *KL_DEFAULTS,
+                "hidden_size",
+                "num_attention_heads",
+                "num_hidden_layers",
+                "architectures",
+                "model_type",
+                "_class_name",
+            }
+        )
+    ),
+    value=JSON_VALUES,
+)
 def test_any_sd_config_value_is_converted_or_refused_in_one_line(part, key, value):
     """Whatever an untrusted config.json holds, the validators answer with a layout or a one-line DiffusersFormatError."""
-    base = {"unet": {**SD_UNET, "_class_name": "UNet2DConditionModel"},
-            "vae": {**KL_DEFAULTS, "_class_name": "AutoencoderKL", "block_out_channels": [32, 64],
-                    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2},
-            "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_attention_heads": 4}}[part]
+    base = {
+        "unet": {**SD_UNET, "_class_name": "UNet2DConditionModel"},
+        "vae": {
+            **KL_DEFAULTS,
+            "_class_name": "AutoencoderKL",
+            "block_out_channels": [32, 64],
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+        },
+        "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_attention_heads": 4},
+    }[part]
     data = {**json.loads(json.dumps({k: v for k, v in base.items() if k != "_use_default_values"})), key: value}
     read = {"unet": cond_unet_layout_from_config, "vae": kl_layout_from_config, "text_encoder": check_text_config}[part]
     try:

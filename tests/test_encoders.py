@@ -61,9 +61,17 @@ def _write_clip_tokenizer(folder: Path) -> dict[str, int]:
 def clip_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clip")
     vocab = _write_clip_tokenizer(folder)
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=D, intermediate_size=2 * D,
-                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     transformers.CLIPTextModel(config).save_pretrained(str(folder))
     return folder
@@ -241,8 +249,9 @@ def test_clip_meta_dry_run_skips_the_weights(clip_dir):
     with torch.device("meta"):
         emb = FrozenCLIPEmbedder(str(clip_dir))  # transformers' from_pretrained refuses a meta context: not called
     assert {p.device.type for p in emb.parameters()} == {"meta"}
-    assert {k: v.shape for k, v in emb.state_dict().items()} == {k: v.shape for k, v in
-                                                                 FrozenCLIPEmbedder(str(clip_dir)).state_dict().items()}
+    assert {k: v.shape for k, v in emb.state_dict().items()} == {
+        k: v.shape for k, v in FrozenCLIPEmbedder(str(clip_dir)).state_dict().items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ BERT / x-tf
@@ -262,8 +271,9 @@ def test_bert_tokenizer_from_a_vocab_file_and_folder(vocab_file, tmp_path):
     assert vq[0] is None and vq[1] is None and vq[2][2].tolist() == [[2, 5, 8, 3, 0, 0, 0, 0]]
     folder = tmp_path / "bert"
     tok.tokenizer.save_pretrained(str(folder))
-    assert BERTTokenizer(vq_interface=False, max_length=8, vocab_path=folder)(["A photo of cats"]).tolist() == \
-        [[2, 5, 6, 7, 8, 9, 3, 0]]
+    assert BERTTokenizer(vq_interface=False, max_length=8, vocab_path=folder)(["A photo of cats"]).tolist() == [
+        [2, 5, 6, 7, 8, 9, 3, 0]
+    ]
 
 
 def test_bert_tokenizer_needs_a_local_vocabulary(tmp_path):
@@ -294,21 +304,39 @@ def test_bert_truncation_warns(vocab_file, caplog):
 
 def _expected_transformer_keys(n_layer: int) -> set[str]:
     """latent-diffusion's TransformerWrapper(Encoder) keys (CompVis/latent-diffusion ldm/modules/x_transformer.py)."""
-    keys = {"transformer.token_emb.weight", "transformer.pos_emb.emb.weight", "transformer.norm.weight",
-            "transformer.norm.bias", "transformer.to_logits.weight", "transformer.to_logits.bias"}
+    keys = {
+        "transformer.token_emb.weight",
+        "transformer.pos_emb.emb.weight",
+        "transformer.norm.weight",
+        "transformer.norm.bias",
+        "transformer.to_logits.weight",
+        "transformer.to_logits.bias",
+    }
     for i in range(n_layer):
         a, f = f"transformer.attn_layers.layers.{2 * i}", f"transformer.attn_layers.layers.{2 * i + 1}"
-        keys |= {f"{a}.0.weight", f"{a}.0.bias", f"{a}.1.to_q.weight", f"{a}.1.to_k.weight", f"{a}.1.to_v.weight",
-                 f"{a}.1.to_out.weight", f"{a}.1.to_out.bias"}
-        keys |= {f"{f}.0.weight", f"{f}.0.bias", f"{f}.1.net.0.0.weight", f"{f}.1.net.0.0.bias",
-                 f"{f}.1.net.2.weight", f"{f}.1.net.2.bias"}
+        keys |= {
+            f"{a}.0.weight",
+            f"{a}.0.bias",
+            f"{a}.1.to_q.weight",
+            f"{a}.1.to_k.weight",
+            f"{a}.1.to_v.weight",
+            f"{a}.1.to_out.weight",
+            f"{a}.1.to_out.bias",
+        }
+        keys |= {
+            f"{f}.0.weight",
+            f"{f}.0.bias",
+            f"{f}.1.net.0.0.weight",
+            f"{f}.1.net.0.0.bias",
+            f"{f}.1.net.2.weight",
+            f"{f}.1.net.2.bias",
+        }
     return keys
 
 
 def test_bert_embedder_shapes_and_compvis_keys(vocab_file):
     torch.manual_seed(0)
-    emb = BERTEmbedder(n_embed=16, n_layer=2, vocab_size=len(BERT_VOCAB), max_seq_len=12, vocab_path=vocab_file,
-                       device="cuda")
+    emb = BERTEmbedder(n_embed=16, n_layer=2, vocab_size=len(BERT_VOCAB), max_seq_len=12, vocab_path=vocab_file, device="cuda")
     z = emb(["a photo of cats", "cat"])
     assert z.shape == (2, 12, 16) and torch.isfinite(z).all()
     assert torch.allclose(emb.encode(["cat"]), z[1:], atol=1e-6)  # padding is attended to, but rows are batch-independent
@@ -410,8 +438,10 @@ def test_no_cuda_calls_and_no_hard_coded_device():
 
 
 def test_import_without_transformers_and_one_line_hint(clip_dir, vocab_file, monkeypatch):
-    code = ("import sys; sys.modules['transformers'] = None; import ldm.modules.encoders.modules as m; "
-            "print(m.ClassEmbedder.__name__, 'transformers' in sys.modules and sys.modules['transformers'] is not None)")
+    code = (
+        "import sys; sys.modules['transformers'] = None; import ldm.modules.encoders.modules as m; "
+        "print(m.ClassEmbedder.__name__, 'transformers' in sys.modules and sys.modules['transformers'] is not None)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["ClassEmbedder", "False"], out.stderr
     monkeypatch.setitem(sys.modules, "transformers", None)  # an import of it now raises ImportError

@@ -24,8 +24,9 @@ def scripts():
     return {"evaluate": script("evaluate")}
 
 
-def test_evaluate_refuses_an_unusable_outdir_and_a_huge_size_before_the_sweep(scripts, expert_checkpoints, tmp_path,
-                                                                              capsys, monkeypatch):
+def test_evaluate_refuses_an_unusable_outdir_and_a_huge_size_before_the_sweep(
+    scripts, expert_checkpoints, tmp_path, capsys, monkeypatch
+):
     evaluate = scripts["evaluate"]
     monkeypatch.setattr("ldm.refine.Refiner.from_checkpoints", interrupt)  # proves the outdir check comes first
     (tmp_path / "a_file").write_text("x")
@@ -42,8 +43,19 @@ def test_evaluate_bad_lpips_weights_and_ctrl_c_are_one_line(scripts, expert_chec
     evaluate = scripts["evaluate"]
     garbage = tmp_path / "vgg.pth"
     garbage.write_bytes(b"garbage" * 10)
-    base = [*ckpt_args(expert_checkpoints), "--n-images", "1", "--degradations", "jpeg", "--start-t", "100",
-            "--ddim-steps", "4", "--outdir", str(tmp_path / "o")]
+    base = [
+        *ckpt_args(expert_checkpoints),
+        "--n-images",
+        "1",
+        "--degradations",
+        "jpeg",
+        "--start-t",
+        "100",
+        "--ddim-steps",
+        "4",
+        "--outdir",
+        str(tmp_path / "o"),
+    ]
     code, lines = run(evaluate, [*base, "--lpips-weights", str(garbage)], capsys)
     assert code == 2 and len(lines) == 1 and "cannot be read (truncated or corrupt)" in lines[0] and "vgg.pth" in lines[0]
     monkeypatch.setattr("ldm.eval.sweep.run_sweep", interrupt)
@@ -66,13 +78,16 @@ def test_evaluate_bad_lpips_weights_and_ctrl_c_are_one_line(scripts, expert_chec
         (["--seeds", "0", str(2**63)], f"--seeds: seed={2**63} must be an integer in [0, {2**63 - 1}]"),
         (["--n-images", "100000000"], "--n-images 100000000: at most 4096 held-out crops"),
         (["--size", "4096"], "--size: size=4096 px is above 2048 px"),
-        (["--degradations", "jpeg", "colour_blotches:n_blobs=1000000"],
-         "--degradations 'colour_blotches:n_blobs=1000000': n_blobs must be an integer in [1, 256]"),
+        (
+            ["--degradations", "jpeg", "colour_blotches:n_blobs=1000000"],
+            "--degradations 'colour_blotches:n_blobs=1000000': n_blobs must be an integer in [1, 256]",
+        ),
         (["--degradations", "local_vq:box_size=3"], "--degradations 'local_vq:box_size=3': box_size must be in (0, 1]"),
     ],
 )
-def test_evaluate_refuses_bad_paths_and_numbers_before_loading(scripts, expert_checkpoints, tmp_path, capsys,
-                                                               monkeypatch, args, expected):
+def test_evaluate_refuses_bad_paths_and_numbers_before_loading(
+    scripts, expert_checkpoints, tmp_path, capsys, monkeypatch, args, expected
+):
     """Each is one line, exit 2, before any checkpoint is opened: not after both models have loaded (a missing or
     empty --realism-images with exit 1), nor in the sweep."""
     (tmp_path / "empty").mkdir()
@@ -93,8 +108,13 @@ def pixel_space_checkpoint(path: Path) -> Path:
 
     from conftest import LATESTEPS_TARGET, tiny_ldm_params
 
-    params = tiny_ldm_params(t_min=0, t_max=500, image_size=16, scale_factor=1.0,
-                             first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"})
+    params = tiny_ldm_params(
+        t_min=0,
+        t_max=500,
+        image_size=16,
+        scale_factor=1.0,
+        first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"},
+    )
     params["unet_config"] = {**params["unet_config"], "params": {**params["unet_config"]["params"], "image_size": 16}}
     config = {"model": {"target": LATESTEPS_TARGET, "params": params}}
     torch.manual_seed(0)
@@ -110,9 +130,14 @@ def test_evaluate_cli_empty_realism_folder_and_a_pixel_space_model_with_a_vq_deg
     pixel = pixel_space_checkpoint(tmp_path / "pixel.ckpt")
 
     def evaluate(*args: str) -> tuple[int, list[str]]:
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args, "--outdir",
-                               str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args, "--outdir", str(tmp_path / "o")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
     code, lines = evaluate("--ckpt", str(tmp_path / "missing.ckpt"), "--realism-images", str(tmp_path / "empty"))

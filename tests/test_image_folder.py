@@ -10,8 +10,7 @@ import pytest
 
 
 @pytest.mark.timeout(60)
-def test_a_fifo_or_a_postscript_file_in_an_image_folder_is_skipped_without_blocking_or_running_anything(tmp_path,
-                                                                                                     monkeypatch):
+def test_a_fifo_or_a_postscript_file_in_an_image_folder_is_skipped_without_blocking_or_running_anything(tmp_path, monkeypatch):
     """A FIFO named x.png blocked the data loader's open forever; an EPS file named x.png reached Pillow's EPS plugin,
     which runs Ghostscript.  Both are now unreadable files: skipped with a warning, the good image is used."""
     from PIL import EpsImagePlugin, Image

@@ -534,7 +534,6 @@ def test_recursive_glob_names_a_folder_it_cannot_list_and_finds_the_rest(tmp_pat
     assert problems == [f"{tmp_path / 'locked'}: cannot list folder (Permission denied)"]
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # files larger than any image within the decompression-bomb limit
 
@@ -549,8 +548,11 @@ def test_a_file_larger_than_any_image_within_the_bomb_limit_is_not_read(tmp_path
         fh.truncate(5 * 2**30)
     read: list[str] = []
     monkeypatch.setattr(load, "_read_bytes", lambda path: read.append(path) or b"")
-    with pytest.raises(ImageLoadError, match=r"file is 5,368,709,120 bytes, more than an image within Pillow's "
-                                             r"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS=1,000 pixels"):
+    with pytest.raises(
+        ImageLoadError,
+        match=r"file is 5,368,709,120 bytes, more than an image within Pillow's "
+        r"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS=1,000 pixels",
+    ):
         load_image(big)
     assert read == []
     monkeypatch.undo()

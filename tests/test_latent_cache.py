@@ -70,8 +70,9 @@ def project_config(path: Path, ckpt: Path, train: dict, max_steps: int = 4) -> P
     cfg = OmegaConf.to_container(OmegaConf.load(QUICKSTART))
     cfg["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(ckpt)
     cfg["data"]["params"] = {"batch_size": 4, "num_workers": 0, "train": train}
-    cfg["lightning"]["trainer"].update(max_steps=max_steps, num_sanity_val_steps=0, enable_progress_bar=False,
-                                       enable_model_summary=False, log_every_n_steps=1)
+    cfg["lightning"]["trainer"].update(
+        max_steps=max_steps, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1
+    )
     cfg["lightning"]["callbacks"]["image_logger"]["params"]["disabled"] = True
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return path
@@ -84,8 +85,20 @@ def cache(tmp_path_factory) -> dict:
     write_image_folder(root / "images", 8)
     ckpt = make_first_stage_ckpt(root / "vq.ckpt", seed=0)
     config = project_config(root / "config.yaml", ckpt, {})
-    argv = ["--config", str(config), "--data", str(root / "images"), "--out", str(root / "cache"), "--split", "all",
-            "--shard-size", "3", "--batch-size", "2"]
+    argv = [
+        "--config",
+        str(config),
+        "--data",
+        str(root / "images"),
+        "--out",
+        str(root / "cache"),
+        "--split",
+        "all",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     assert cache_cli.main(argv) == 0
     return {"root": root, "images": root / "images", "out": root / "cache", "ckpt": ckpt, "config": config}
 
@@ -120,8 +133,10 @@ def test_decode_npy_checks_the_header_before_allocating():
         "shape": (data, (2, 3, 2, 3)),
         "holds": (data[:-4], None),
         "dtype": (encode_npy(array.astype(np.float64)), None),
-        "Fortran": (encode_npy(np.asfortranarray(array[0, 0])).replace(b"'fortran_order': False", b"'fortran_order': True "),
-                    None),
+        "Fortran": (
+            encode_npy(np.asfortranarray(array[0, 0])).replace(b"'fortran_order': False", b"'fortran_order': True "),
+            None,
+        ),
         "valid .npy": (b"garbage", None),
     }
     for expected, (blob, shape) in cases.items():
@@ -171,8 +186,9 @@ def test_cached_latents_equal_the_encoded_image_dataset_items(cache):
             z = model.encode(x)
         items = [cached[i] for i in range(8)]
         torch.testing.assert_close(torch.stack([it[CACHED_LATENT_KEY] for it in items]), z, rtol=1e-5, atol=1e-5)
-        assert [it["file_path_"] for it in items] == [Path(images[i]["file_path_"]).relative_to(cache["images"]).as_posix()
-                                                      for i in range(8)]
+        assert [it["file_path_"] for it in items] == [
+            Path(images[i]["file_path_"]).relative_to(cache["images"]).as_posix() for i in range(8)
+        ]
 
 
 def test_cached_latents_refuse_a_modified_cache_and_skip_a_corrupt_sample(cache, tmp_path, caplog):
@@ -217,8 +233,10 @@ def train_losses(run: Path) -> dict[int, float]:
 def test_training_from_cached_latents_gives_the_losses_of_training_from_images(cache, tmp_path, capsys):
     """Same seed, same crops (centre + flip drawn per epoch), scale_by_std from the first batch: the same loss at every
     step, over two epochs; and a cache of another first stage is refused with one line naming both hashes."""
-    images = {"target": "ldm.data.image_folder.ImageFolderDataset",
-              "params": {"root": str(cache["images"]), "size": 32, "split": "all", "random_crop": False}}
+    images = {
+        "target": "ldm.data.image_folder.ImageFolderDataset",
+        "params": {"root": str(cache["images"]), "size": 32, "split": "all", "random_crop": False},
+    }
     latents = {"target": "ldm.data.cached_latents.CachedLatents", "params": {"root": str(cache["out"])}}
     runs = {}
     for name, train in (("images", images), ("latents", latents)):
@@ -263,19 +281,38 @@ def test_the_model_refuses_latents_of_another_first_stage_in_any_batch(cache):
 
 
 def test_bad_arguments_exit_2_in_one_line(cache, tmp_path, capsys):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", "x.yaml", "--data", "d", "--out", "o", "--crops", "0"],
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", "x.yaml", "--data", "d", "--out", "o", "--crops", "0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--crops: 0 must be >= 1" in result.stderr
     base = ["--config", str(cache["config"]), "--data", str(cache["images"])]
     cases = [
         (["--config", str(tmp_path / "missing.yaml"), "--data", "d", "--out", str(tmp_path / "o")], "does not exist"),
         ([*base, "--out", str(tmp_path / "o"), "--size", "30"], "multiple of the first stage's downsampling factor 4"),
-        (["--config", str(cache["config"]), "--data", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "o"),
-          "--split", "all"], "shards are cached whole"),
-        (["--config", str(cache["config"]), "--data", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "o")],
-         "do not exist"),
-        ([*base, "--out", str(cache["out"]), "--split", "all", "--shard-size", "3", "--batch-size", "2", "--no-flip"],
-         "holds a cache made with other settings (flip differ)"),
+        (
+            [
+                "--config",
+                str(cache["config"]),
+                "--data",
+                str(tmp_path / "none-{0..1}.tar"),
+                "--out",
+                str(tmp_path / "o"),
+                "--split",
+                "all",
+            ],
+            "shards are cached whole",
+        ),
+        (
+            ["--config", str(cache["config"]), "--data", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "o")],
+            "do not exist",
+        ),
+        (
+            [*base, "--out", str(cache["out"]), "--split", "all", "--shard-size", "3", "--batch-size", "2", "--no-flip"],
+            "holds a cache made with other settings (flip differ)",
+        ),
     ]
     for argv, expected in cases:
         assert cache_cli.main(argv) == 2, argv
@@ -302,8 +339,7 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
     images = tmp_path / "images"
     write_image_folder(images, 24)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    args = ["--config", str(cache["config"]), "--data", str(images), "--split", "all", "--shard-size", "1",
-            "--batch-size", "1"]
+    args = ["--config", str(cache["config"]), "--data", str(images), "--split", "all", "--shard-size", "1", "--batch-size", "1"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
     try:
@@ -313,8 +349,22 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args,
-         "--out", str(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(SCRIPT),
+            *args,
+            "--out",
+            str(out),
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + TIMEOUT
     marks = [out / "latents-000002.json", out / "latents-000003.json"]  # written by rank 0 and by rank 1
@@ -323,8 +373,9 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert all(m.exists() for m in marks) and not (out / "index.json").exists(), "not killed mid-way"
-    resumed = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True,
-                             timeout=TIMEOUT, env=_env())
+    resumed = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True, timeout=TIMEOUT, env=_env()
+    )
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     assert "wrote 24 latents" in resumed.stdout and "1 input(s) unreadable" in resumed.stdout
     assert _files(out) == _files(tmp_path / "reference")
@@ -351,8 +402,13 @@ def test_cache_latents_never_writes_over_its_inputs_or_into_a_folder_that_is_not
         (shards / f"latents-{i:02d}.tar").rename(shards / f"latents-{i:06d}.tar")
     pattern = str(shards / "latents-{000000..000001}.tar")
     before = _files(shards)
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data", pattern, "--out",
-                             str(shards)], capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data", pattern, "--out", str(shards)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert "would overwrite the input" in result.stderr and "choose another --out" in result.stderr
     assert _files(shards) == before
@@ -436,9 +492,22 @@ def test_cached_latents_skip_nan_and_infinite_latents(cache, tmp_path, caplog):
 def test_a_huge_brace_pattern_is_one_line_before_any_work(cache, tmp_path):
     """`--data 'x-{0..99999999}.tar'` ended in a MemoryError traceback; {0..9999999} took 74 s and 2.5 GB."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data",
-                             str(tmp_path / "x-{0..99999999}.tar"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            str(cache["config"]),
+            "--data",
+            str(tmp_path / "x-{0..99999999}.tar"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert "expand to 100,000,000 shard names, more than the 1,000,000 allowed" in result.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
@@ -489,8 +558,7 @@ def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache
 
     from conftest import write_image_shards
 
-    bad = write_forged(tmp_path / "bad.tar", good_member("a"), forged_header("x", 2**40, tarfile.XHDTYPE),
-                       good_member("c", 1))
+    bad = write_forged(tmp_path / "bad.tar", good_member("a"), forged_header("x", 2**40, tarfile.XHDTYPE), good_member("c", 1))
     good = write_image_shards(tmp_path, [2], prefix="good").replace("{00..00}", "00")
     out = tmp_path / "out"
     argv = ["--config", str(cache["config"]), "--data", f"{bad}::{good}", "--out", str(out), "--batch-size", "2"]
@@ -572,8 +640,10 @@ def test_a_missing_first_stage_names_the_config_that_trains_it(cache, tmp_path, 
     trains this first stage and the key to pass; nothing written."""
     argv = ["--config", str(QUICKSTART), "--data", str(cache["images"]), "--out", str(tmp_path / "out"), "--split", "all"]
     missing = tmp_path / "outputs" / "vq_f4.ckpt"
-    for extra, named in (([], "models/first_stage_models/vq-f4-tiny/model.ckpt"), ([f"{FIRST_STAGE_KEY}={missing}"],
-                                                                                   str(missing))):
+    for extra, named in (
+        ([], "models/first_stage_models/vq-f4-tiny/model.ckpt"),
+        ([f"{FIRST_STAGE_KEY}={missing}"], str(missing)),
+    ):
         assert cache_cli.main([*argv, *extra]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert f"first-stage checkpoint {named!r} does not exist" in line
@@ -590,8 +660,18 @@ def test_a_cache_of_another_first_stage_is_refused_before_a_run_folder_is_made(c
     overlay = tmp_path / "my_cached_data.yaml"
     overlay.write_text(README_CACHED_DATA)
     before = _files(cache["out"])
-    argv = ["-b", str(QUICKSTART), str(overlay), "-t", "-l", str(tmp_path / "logs"), f"{FIRST_STAGE_KEY}={other}",
-            f"data.params.train.params.root={cache['out']}", "data.params.num_workers=0", "data.params.batch_size=4"]
+    argv = [
+        "-b",
+        str(QUICKSTART),
+        str(overlay),
+        "-t",
+        "-l",
+        str(tmp_path / "logs"),
+        f"{FIRST_STAGE_KEY}={other}",
+        f"data.params.train.params.root={cache['out']}",
+        "data.params.num_workers=0",
+        "data.params.batch_size=4",
+    ]
     code, err = run_main(argv, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("main.py: error: "), err[-3000:]

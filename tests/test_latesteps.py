@@ -189,7 +189,10 @@ def test_pixel_space_expert_trains_saves_and_refines_regions(tmp_path):
     from ldm.refine import Refiner
 
     params = tiny_ldm_params(
-        t_min=0, t_max=500, image_size=16, scale_factor=1.0,
+        t_min=0,
+        t_max=500,
+        image_size=16,
+        scale_factor=1.0,
         first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"},
     )
     params["unet_config"] = {**params["unet_config"], "params": {**params["unet_config"]["params"], "image_size": 16}}

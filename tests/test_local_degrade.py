@@ -115,12 +115,28 @@ def test_seeds_fix_everything(images):
 
 
 def test_registry_and_specs_round_trip(tiny_vq):
-    for name in ("local_warp", "local_blotch", "local_shuffle", "local_vq", "local_paint", "local_noise", "local_smear",
-                 "local_block", "local_none"):
+    for name in (
+        "local_warp",
+        "local_blotch",
+        "local_shuffle",
+        "local_vq",
+        "local_paint",
+        "local_noise",
+        "local_smear",
+        "local_block",
+        "local_none",
+    ):
         assert name in DEGRADATIONS
-    for degradation in [LocalWarp(amplitude=0.1), LocalBlotch(n_blobs=2), LocalShuffle(mode="swap", box_size=0.6),
-                        LocalPaint(radius=0.3, box_at="edges"), LocalNoise(noise_std=0.5), LocalSmear(sigma=2.5),
-                        LocalBlock(block=3, box_at="edges"), LocalNone(box_size=0.5)]:
+    for degradation in [
+        LocalWarp(amplitude=0.1),
+        LocalBlotch(n_blobs=2),
+        LocalShuffle(mode="swap", box_size=0.6),
+        LocalPaint(radius=0.3, box_at="edges"),
+        LocalNoise(noise_std=0.5),
+        LocalSmear(sigma=2.5),
+        LocalBlock(block=3, box_at="edges"),
+        LocalNone(box_size=0.5),
+    ]:
         rebuilt = degradation_from_spec(degradation.spec)
         assert type(rebuilt) is type(degradation) and rebuilt.params() == degradation.params()
     assert LocalVQ(tiny_vq, codebook_fraction=0.25).params()["codebook_fraction"] == 0.25
@@ -143,8 +159,10 @@ def test_bad_parameters_are_refused(params, match):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("local_blotch:n_blobs=1000000", "n_blobs must be an integer in [1, 256] (each blob is a full-size map per "
-                                         "image), got 1000000"),
+        (
+            "local_blotch:n_blobs=1000000",
+            "n_blobs must be an integer in [1, 256] (each blob is a full-size map per image), got 1000000",
+        ),
         ("local_shuffle:n_patches=1000000000", "n_patches must be an integer in [1, 256]"),
         ("local_smear:sigma=5000", "sigma must be in (0, 1024] (pixels), got 5000"),
         ("local_paint:radius=10", "radius must be in (0, 4] (a fraction of the image's or box's shorter side)"),

@@ -225,10 +225,17 @@ def _final_save(tmp_path: Path, every: int) -> dict:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     folder = tmp_path / f"every{every}"
-    saver = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=every,
-                            enable_version_counter=False)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[FinalCheckpoint(), saver])
+    saver = ModelCheckpoint(
+        dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=every, enable_version_counter=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FinalCheckpoint(), saver],
+    )
     writes = []
     save = trainer.save_checkpoint
     trainer.save_checkpoint = lambda path, *a, **k: (writes.append(trainer.global_step), save(path, *a, **k))
@@ -253,8 +260,11 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     full = run_main([*args, "-n", "full"], tmp_path)
     assert full.returncode == 0, full.stderr[-4000:]
     proc = subprocess.Popen(
-        [sys.executable, str(MAIN), *args, "-n", "killed"], cwd=tmp_path, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, str(MAIN), *args, "-n", "killed"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     killed_run = None
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -294,12 +304,20 @@ def only_run(folder: Path, name: str) -> Path:
 
 def test_sigterm_during_training_writes_last_ckpt_and_exits_zero(tmp_path):
     args = [
-        *base_args(tmp_path), "-t", "-n", "term", "lightning.trainer.max_steps=10000",
+        *base_args(tmp_path),
+        "-t",
+        "-n",
+        "term",
+        "lightning.trainer.max_steps=10000",
         "lightning.callbacks.image_logger.params.batch_frequency=1",
         "lightning.modelcheckpoint.params.every_n_train_steps=1000",
     ]
     proc = subprocess.Popen(
-        [sys.executable, str(MAIN), *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, str(MAIN), *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -480,8 +498,10 @@ def test_missing_init_checkpoint_of_the_finetuning_config_is_a_clear_error(tmp_p
     result = run_main(args, tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("main.py: error: model.params.first_stage_config.params.ckpt_path="
-                           "'models/first_stage_models/vq-f4-tiny/model.ckpt' does not exist")
+    assert line.startswith(
+        "main.py: error: model.params.first_stage_config.params.ckpt_path="
+        "'models/first_stage_models/vq-f4-tiny/model.ckpt' does not exist"
+    )
     assert "the first stage must be a trained autoencoder" in line and "configs/quickstart/vq_f4.yaml -t" in line
     assert "python scripts/quickstart.py" in line and "CompVis" not in line
     assert not (tmp_path / "logs").exists()
@@ -502,8 +522,10 @@ def test_invalid_window_and_unusable_log_folder_are_refused_before_training(tmp_
 
 def test_overrides_are_checked_against_the_merged_config_and_constructors(tmp_path):
     compvis = tmp_path / "compvis_lightning.yaml"
-    compvis.write_text("lightning:\n  callbacks:\n    image_logger:\n      target: main.ImageLogger\n"
-                       "      params: {batch_frequency: 5000, max_images: 8, increase_log_steps: false}\n")
+    compvis.write_text(
+        "lightning:\n  callbacks:\n    image_logger:\n      target: main.ImageLogger\n"
+        "      params: {batch_frequency: 5000, max_images: 8, increase_log_steps: false}\n"
+    )
     legacy = merge_configs([QUICKSTART, compvis], ["lightning.callbacks.image_logger.params.clamp=false"])
     assert legacy.lightning.callbacks.image_logger.target == "ldm.train.callbacks.ImageLogger"  # CompVis' main.ImageLogger
     assert legacy.lightning.callbacks.image_logger.params.clamp is False
@@ -531,8 +553,14 @@ def test_overrides_are_checked_against_the_merged_config_and_constructors(tmp_pa
 @pytest.mark.slow
 def test_two_process_cpu_ddp_run_writes_one_log_dir_and_one_checkpoint(tmp_path):
     args = [
-        *base_args(tmp_path), "-t", "-n", "ddp", "lightning.trainer.strategy=ddp", "lightning.trainer.devices=2",
-        "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=2",
+        *base_args(tmp_path),
+        "-t",
+        "-n",
+        "ddp",
+        "lightning.trainer.strategy=ddp",
+        "lightning.trainer.devices=2",
+        "lightning.trainer.accelerator=cpu",
+        "lightning.trainer.max_steps=2",
     ]
     result = run_main(args, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -73,21 +73,28 @@ def test_crafted_pickle_given_through_a_main_py_override_is_refused(main_module,
     assert not (tmp_path / "logs").exists()
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # main.py: bad configs and init checkpoints, one line each
 
 
 UNKNOWN_TARGETS = {
-    "model": ("model:\n  target: ldm.models.nope.LatentDiffusion\n",
-              "target='ldm.models.nope.LatentDiffusion': module 'ldm.models.nope' cannot be imported"),
-    "unet": ("model:\n  params:\n    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModl\n",
-             "has no attribute 'UNetModl' (did you mean 'UNetModel'?)"),
+    "model": (
+        "model:\n  target: ldm.models.nope.LatentDiffusion\n",
+        "target='ldm.models.nope.LatentDiffusion': module 'ldm.models.nope' cannot be imported",
+    ),
+    "unet": (
+        "model:\n  params:\n    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModl\n",
+        "has no attribute 'UNetModl' (did you mean 'UNetModel'?)",
+    ),
     "not-dotted": ("model:\n  target: LatentDiffusion\n", "target='LatentDiffusion' is not a dotted import path"),
-    "data": ("data:\n  params:\n    train:\n      target: ldm.data.embedded.EmbeddedPhotoz\n",
-             "has no attribute 'EmbeddedPhotoz' (did you mean 'EmbeddedPhotos'?)"),
-    "callback": ("lightning:\n  callbacks:\n    mine:\n      target: ldm.train.callbacks.ImageLoger\n",
-                 "has no attribute 'ImageLoger' (did you mean 'ImageLogger'?)"),
+    "data": (
+        "data:\n  params:\n    train:\n      target: ldm.data.embedded.EmbeddedPhotoz\n",
+        "has no attribute 'EmbeddedPhotoz' (did you mean 'EmbeddedPhotos'?)",
+    ),
+    "callback": (
+        "lightning:\n  callbacks:\n    mine:\n      target: ldm.train.callbacks.ImageLoger\n",
+        "has no attribute 'ImageLoger' (did you mean 'ImageLogger'?)",
+    ),
 }
 
 
@@ -135,8 +142,7 @@ def bad_init_checkpoints(tmp_path_factory) -> dict[str, Path]:
 )
 def test_bad_init_checkpoint_fails_in_one_line(main_module, bad_init_checkpoints, name, code, expected, tmp_path, capsys):
     path = bad_init_checkpoints[name]
-    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"),
-            f"model.params.ckpt_path={path}"]
+    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"), f"model.params.ckpt_path={path}"]
     assert main_module.main(argv) == code
     line = one_error_line(capsys.readouterr().err, "main.py: error:")
     assert expected in line and str(path) in line
@@ -176,13 +182,19 @@ def test_flags_without_a_valid_value_fail_in_one_line(main_module, tokens, expec
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_true_half_precision_is_refused_for_diffusion_training(main_module, precision, tmp_path, capsys):
-    argv = ["-b", str(QUICKSTART), str(overlay(tmp_path)), "-t", "-l", str(tmp_path / "logs"),
-            f"lightning.trainer.precision={precision}"]
+    argv = [
+        "-b",
+        str(QUICKSTART),
+        str(overlay(tmp_path)),
+        "-t",
+        "-l",
+        str(tmp_path / "logs"),
+        f"lightning.trainer.precision={precision}",
+    ]
     assert main_module.main(argv) == 2
     line = one_error_line(capsys.readouterr().err, "main.py: error:")
     assert f"precision={precision}" in line and "EMA" in line and "use precision=bf16-mixed" in line
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,8 +249,14 @@ def test_a_data_folder_of_corrupt_images_is_one_line_without_a_run_folder(main_m
 
 
 def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
-    result = subprocess.run([sys.executable, str(MAIN), *new_run_args(tmp_path, "lightning.trainer.max_steps=-5")],
-                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, str(MAIN), *new_run_args(tmp_path, "lightning.trainer.max_steps=-5")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT,
+    )
     assert result.returncode == 2
     assert "max_steps" in one_error_line(result.stderr, "main.py: error:")
     assert nothing_left(tmp_path / "logs")
@@ -276,13 +294,17 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         (["~model"], "the merged config has no 'model' section"),
         (["~data"], "training needs a 'data' section"),
         (["~data.params.nope"], "cannot delete 'data.params.nope' (~data.params.nope): data.params has no key 'nope'"),
-        (["~data.params.batch_size.x"], "cannot delete 'data.params.batch_size.x' (~data.params.batch_size.x): "
-                                        "data.params.batch_size is a value"),
+        (
+            ["~data.params.batch_size.x"],
+            "cannot delete 'data.params.batch_size.x' (~data.params.batch_size.x): data.params.batch_size is a value",
+        ),
         (["~data.params.train=1"], "a deletion is ~key alone (no '='); to set a key write key=value"),
         (["~"], "a deletion names a key"),
         (["data.params.train.target=ldm.data.cached_latents.CachedLatents"], "missing 1 required positional argument: 'root'"),
-        (["data.params.train.target=ldm.data.cached_latents.CachedLatents", "data.params.train.params.size=32"],
-         "ldm.data.cached_latents.CachedLatents takes no argument 'size'"),
+        (
+            ["data.params.train.target=ldm.data.cached_latents.CachedLatents", "data.params.train.params.size=32"],
+            "ldm.data.cached_latents.CachedLatents takes no argument 'size'",
+        ),
     ],
 )
 def test_crafted_configs_are_one_line_without_a_run_folder(main_module, extra, expected, tmp_path, capsys):
@@ -310,9 +332,15 @@ def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_folder(main_module
 
 def test_ctrl_c_while_main_py_starts_is_one_line(tmp_path):
     """SIGINT while main.py imports Lightning and builds the model: no traceback, exit 130."""
-    proc = subprocess.Popen([sys.executable, str(MAIN), *new_run_args(tmp_path)], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *new_run_args(tmp_path)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(1.0)  # inside the imports (they take seconds)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=STARTUP_TIMEOUT)

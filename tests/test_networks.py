@@ -57,8 +57,14 @@ def test_unet_gradient_reaches_input_once_output_is_nonzero():
 
 
 def test_unet_cross_attention_and_class_labels():
-    params = {**TINY_UNET_PARAMS, "use_spatial_transformer": True, "context_dim": 12, "num_heads": 2,
-              "num_head_channels": -1, "num_classes": 5}
+    params = {
+        **TINY_UNET_PARAMS,
+        "use_spatial_transformer": True,
+        "context_dim": 12,
+        "num_heads": 2,
+        "num_head_channels": -1,
+        "num_classes": 5,
+    }
     net = UNetModel(**params)
     for p in net.parameters():  # make the zero-initialised projections live so that context matters
         if p.abs().sum() == 0:

@@ -289,7 +289,7 @@ def test_a_long_settings_line_parses_in_linear_time_and_oversized_text_is_refuse
     assert time.perf_counter() - started < 2.0
     with pytest.raises(PromptError, match="characters; at most"):
         parse_a1111_parameters("a" * 1_000_000)  # a 1 MiB chunk took hours with the backtracking regex
-    found = parse_a1111_parameters(f"a cat\n{SETTINGS}, Lora hashes: \"a: 1, b: 2\"")
+    found = parse_a1111_parameters(f'a cat\n{SETTINGS}, Lora hashes: "a: 1, b: 2"')
     assert found.prompt == "a cat" and found.guidance_scale == 6.5
 
 

@@ -51,8 +51,16 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert {r["method"] for r in rows} == {"identity", "nl_means", "autoencoder", "experts", "experts (region)"}
     assert sorted({int(r["start_t"]) for r in rows if r["method"] == "experts"}) == [50, 150, 300, 450]
     assert sorted(r["degradation"].partition(":")[0] for r in rows if r["method"] == "identity") == [
-        "local_blotch", "local_blotch", "local_paint", "local_paint", "local_shuffle", "local_shuffle", "local_vq",
-        "local_vq", "local_warp", "local_warp"
+        "local_blotch",
+        "local_blotch",
+        "local_paint",
+        "local_paint",
+        "local_shuffle",
+        "local_shuffle",
+        "local_vq",
+        "local_vq",
+        "local_warp",
+        "local_warp",
     ]
     assert all(float(r["psnr_input_out"]) == float("inf") for r in rows if r["method"] == "experts (region)")
 
@@ -147,8 +155,10 @@ def test_an_outdir_it_cannot_create_or_holding_files_it_did_not_write_exits_2_be
     (tmp_path / "sweep" / "summary.csv").write_text("a,b")
     proc = run_quickstart("--outdir", str(tmp_path))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert (f"--outdir {tmp_path} holds table.md, sweep/summary.csv, which the quick start would overwrite but did not "
-            "write (there is no checkpoints/quickstart.json); choose another --outdir, or move them away") in proc.stderr
+    assert (
+        f"--outdir {tmp_path} holds table.md, sweep/summary.csv, which the quick start would overwrite but did not "
+        "write (there is no checkpoints/quickstart.json); choose another --outdir, or move them away"
+    ) in proc.stderr
     assert (tmp_path / "table.md").read_text() == "my notes" and (tmp_path / "sweep" / "summary.csv").read_text() == "a,b"
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
 
@@ -167,6 +177,7 @@ def quickstart_module():
 def check_arguments(quickstart_module):
     """scripts/quickstart.py's argument check."""
     module = quickstart_module
+
     def check(*args: str) -> str | None:
         return module.check_arguments(module.apply_domain_defaults(module.build_parser().parse_args(["--smoke", *args])))
 
@@ -270,13 +281,25 @@ def test_outputs_are_reused_only_in_a_quick_start_s_own_folder(quickstart_module
 
     monkeypatch.setattr(Path, "mkdir", refuse)  # a failure check_outdir's os.access did not predict
     problem = module.make_outdir(tmp_path / "q")
-    assert problem == (f"cannot create the output folder {tmp_path / 'q'}: [Errno 13] Permission denied: "
-                       f"'{tmp_path / 'q'}'; choose another --outdir")
+    assert problem == (
+        f"cannot create the output folder {tmp_path / 'q'}: [Errno 13] Permission denied: "
+        f"'{tmp_path / 'q'}'; choose another --outdir"
+    )
 
 
 def test_good_degradation_specs_pass_the_check(check_arguments):
-    assert check_arguments("--degradations", "local_vq:codebook_fraction=0.5,box_size=0.3", "vq_roundtrip",
-                           "local_warp", "local_shuffle:box_size=0.2", "--size", "32") is None
+    assert (
+        check_arguments(
+            "--degradations",
+            "local_vq:codebook_fraction=0.5,box_size=0.3",
+            "vq_roundtrip",
+            "local_warp",
+            "local_shuffle:box_size=0.2",
+            "--size",
+            "32",
+        )
+        is None
+    )
     assert check_arguments("--start-t", "500") is None  # t=401 on the 10-step smoke grid: inside [250, 500)
 
 

@@ -56,8 +56,10 @@ LINKED = ("scripts", "configs", "weights", "benchmarks", "main.py")  # the clone
 TIMEOUT_S = 300.0
 # logs/<name>/ that README names and no README command makes (the user's own runs): which tiny expert stands in
 RUN_STAND_INS = {"500-750-run": "shapes", "750-1000-run": "details", "run": "details"}
-PRELOAD = ("import torch, pytorch_lightning, omegaconf, PIL.Image, matplotlib.pyplot, ldm.refine, ldm.util, ldm.checkpoint, "
-           "ldm.train.cli, ldm.eval.metrics, ldm.eval.sweep")
+PRELOAD = (
+    "import torch, pytorch_lightning, omegaconf, PIL.Image, matplotlib.pyplot, ldm.refine, ldm.util, ldm.checkpoint, "
+    "ldm.train.cli, ldm.eval.metrics, ldm.eval.sweep"
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the sandbox
@@ -161,8 +163,10 @@ def resolved(command: Command, root: Path) -> list[str]:
         runs = sorted((root / "logs").glob(f"*_{name.removesuffix('-run')}"))
         if runs:
             return f"logs/{runs[-1].name}"
-        assert name in RUN_STAND_INS, (f"README.md:{command.line}: logs/<{name}> is neither a run an earlier README "
-                                       "command made in this session (run the whole file) nor one of RUN_STAND_INS")
+        assert name in RUN_STAND_INS, (
+            f"README.md:{command.line}: logs/<{name}> is neither a run an earlier README "
+            "command made in this session (run the whole file) nor one of RUN_STAND_INS"
+        )
         return f"logs/{name}"
 
     words = [re.sub(r"logs/<([^<>/]+)>", real, word) for word in (inv.script, *inv.args)]
@@ -173,7 +177,7 @@ def resolved(command: Command, root: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # running a command in a process of its own, forked from a warm interpreter
 
-WARM = r'''
+WARM = r"""
 import json, os, runpy, sys, traceback
 exec(sys.argv[1])  # the imports every command pays for otherwise
 for line in sys.stdin:
@@ -203,7 +207,7 @@ for line in sys.stdin:
         os._exit(code)
     print(json.dumps({"pid": pid}), flush=True)
     print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
-'''
+"""
 
 
 @dataclass
@@ -301,7 +305,8 @@ def test_readme_command_runs(command, sandbox, runner):
         for flag, value in zip(argv, argv[1:]):
             if flag in OUTPUT_FLAGS:
                 assert any(p == sandbox / value or sandbox / value in p.parents for p in written), (
-                    f"README.md:{command.line}: nothing written to {flag} {value}: {sorted(map(str, written))[:10]}")
+                    f"README.md:{command.line}: nothing written to {flag} {value}: {sorted(map(str, written))[:10]}"
+                )
     assert (sandbox / ".site" / "net.log").read_text().splitlines() == ["loaded"], "a README command reached outside localhost"
 
 

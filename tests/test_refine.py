@@ -245,8 +245,9 @@ def test_same_seed_is_bit_identical_batched_or_not(refiner, crops):
     for eta in (0.0, 1.0):
         batched = refiner.refine_tensors(x, 400, seeds=[7, 8, 9], ddim_steps=10, eta=eta)
         again = refiner.refine_tensors(x, 400, seeds=[7, 8, 9], ddim_steps=10, eta=eta)
-        alone = torch.cat([refiner.refine_tensors(x[i : i + 1], 400, seeds=[s], ddim_steps=10, eta=eta)
-                           for i, s in enumerate((7, 8, 9))])
+        alone = torch.cat(
+            [refiner.refine_tensors(x[i : i + 1], 400, seeds=[s], ddim_steps=10, eta=eta) for i, s in enumerate((7, 8, 9))]
+        )
         assert torch.equal(batched, again) and torch.equal(batched, alone)
         other = refiner.refine_tensors(x[:1], 400, seeds=[10], ddim_steps=10, eta=eta)
         assert not torch.allclose(other, batched[:1])
@@ -259,10 +260,12 @@ def test_same_seed_is_bit_identical_batched_or_not(refiner, crops):
 def test_faithfulness_grows_as_start_t_falls(trained_full_range, crops):
     refiner = Refiner([trained_full_range], device="cpu", batch_invariant=False)  # plain LDM: one expert on [0, T)
     assert refiner.experts[0].window == (0, 1000)
-    reconstruction = float((trained_full_range.decode_first_stage(trained_full_range.encode_first_stage(crops)) - crops)
-                           .abs().mean())
-    distance = [float((refiner.refine_tensors(crops, s, seeds=0, ddim_steps=25) - crops).abs().mean())
-                for s in (50, 200, 500, 800)]
+    reconstruction = float(
+        (trained_full_range.decode_first_stage(trained_full_range.encode_first_stage(crops)) - crops).abs().mean()
+    )
+    distance = [
+        float((refiner.refine_tensors(crops, s, seeds=0, ddim_steps=25) - crops).abs().mean()) for s in (50, 200, 500, 800)
+    ]
     assert distance == sorted(distance) and len(set(distance)) == 4, distance
     assert reconstruction < distance[0] < 2 * reconstruction  # start_t=50 stays close to what the first stage keeps
 
@@ -349,4 +352,3 @@ def test_refine_runs_with_sockets_disabled(refiner, crops, monkeypatch):
     paths = [c.path for c in refiner.checkpoints]
     fresh = Refiner.from_checkpoints(paths, device="cpu")
     assert fresh.refine_tensors(crops[:1], 300, ddim_steps=10).shape == crops[:1].shape
-

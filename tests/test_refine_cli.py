@@ -106,8 +106,20 @@ def image_folder(tmp_path_factory, photos_small):
 
 
 def base_args(expert_checkpoints, outdir) -> list[str]:
-    return ["--ckpt", str(expert_checkpoints[0]), "--ckpt", str(expert_checkpoints[1]), "--outdir", str(outdir),
-            "--start-t", "400", "--ddim-steps", "10", "--device", "cpu"]
+    return [
+        "--ckpt",
+        str(expert_checkpoints[0]),
+        "--ckpt",
+        str(expert_checkpoints[1]),
+        "--outdir",
+        str(outdir),
+        "--start-t",
+        "400",
+        "--ddim-steps",
+        "10",
+        "--device",
+        "cpu",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------- end to end
@@ -118,8 +130,17 @@ def test_cli_end_to_end_in_a_subprocess_without_network(expert_checkpoints, imag
     net_log = tmp_path / "net.log"
     env = {**os.environ, "PYTHONPATH": str(site), "NO_NET_LOG": str(net_log)}
     out = tmp_path / "out"
-    cmd = [sys.executable, "scripts/refine.py", "--input", str(image_folder), *base_args(expert_checkpoints, out),
-           "--seed", "3", "--batch-size", "2"]
+    cmd = [
+        sys.executable,
+        "scripts/refine.py",
+        "--input",
+        str(image_folder),
+        *base_args(expert_checkpoints, out),
+        "--seed",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     assert net_log.read_text().splitlines() == ["loaded"]  # the guard was active and nothing tried the network
@@ -152,8 +173,23 @@ def test_cli_end_to_end_in_a_subprocess_without_network(expert_checkpoints, imag
 
 
 def test_bad_argument_exits_in_one_line_from_a_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "x.png", "--ckpt", "a.ckpt", "--start-t", "abc",
-                           "--outdir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--input",
+            "x.png",
+            "--ckpt",
+            "a.ckpt",
+            "--start-t",
+            "abc",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == ["refine.py: error: argument --start-t: 'abc' is not an integer (see --help)"]
     assert not (tmp_path / "out").exists()
@@ -291,8 +327,16 @@ def write_bad_and_odd_inputs(folder: Path, photos_small) -> tuple[list[str], lis
     (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (folder / "text_named.png").write_text("this is not an image\n")
     save_png(folder / "bomb.png", np.zeros((200, 200, 3), np.uint8))  # over the lowered MAX_IMAGE_PIXELS below
-    refined = ["good", "one_by_one", "smaller_than_factor", "sixteen_bit", "cmyk", "palette_transparency", "animated",
-               "caf\udce9_latin1"]
+    refined = [
+        "good",
+        "one_by_one",
+        "smaller_than_factor",
+        "sixteen_bit",
+        "cmyk",
+        "palette_transparency",
+        "animated",
+        "caf\udce9_latin1",
+    ]
     failing = ["zero_byte.png", "truncated.png", "truncated.jpg", "text_named.png", "bomb.png"]
     return refined, failing
 
@@ -508,8 +552,7 @@ def test_crafted_pickle_given_to_the_refine_cli_is_refused(cli, one_image, tmp_p
     assert not marker.exists() and not out.exists()
 
 
-def test_refine_output_folder_without_write_permission(cli, expert_checkpoints, one_image, tmp_path, capsys,
-                                                       monkeypatch):
+def test_refine_output_folder_without_write_permission(cli, expert_checkpoints, one_image, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
@@ -521,8 +564,7 @@ def test_refine_output_folder_without_write_permission(cli, expert_checkpoints, 
     assert list(locked.iterdir()) == []
 
 
-def test_refine_permission_denied_while_writing_is_one_line(cli, expert_checkpoints, one_image, tmp_path, capsys,
-                                                            monkeypatch):
+def test_refine_permission_denied_while_writing_is_one_line(cli, expert_checkpoints, one_image, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     real_mkstemp = tempfile.mkstemp
 
@@ -552,7 +594,9 @@ def test_refine_seed_beyond_the_largest_is_a_usage_error(cli, expert_checkpoints
 
 def test_a_box_that_starts_with_a_minus_says_how_to_pass_it(cli, capsys):
     code, lines = run(cli, ["--input", "a.png", "--ckpt", "a.ckpt", "--box", "-1,0,8,8"], capsys)
-    assert code == 2 and lines == ["refine.py: error: argument --box: expected one argument; to give a value that "
-                                   "starts with '-', attach it with '=': --box=<value> (see --help)"]
+    assert code == 2 and lines == [
+        "refine.py: error: argument --box: expected one argument; to give a value that "
+        "starts with '-', attach it with '=': --box=<value> (see --help)"
+    ]
     code, lines = run(cli, ["--input", "a.png", "--ckpt", "a.ckpt", "--box=-1,0,8,8"], capsys)
     assert code == 2 and len(lines) == 1 and "box '-1,0,8,8' must have 0 <= x0 < x1" in lines[0]

@@ -325,8 +325,23 @@ def test_cli_prompts_from_a1111_png_prompt_file_and_flags_in_a_subprocess(ckpts,
 
 
 def test_cli_bad_guidance_scale_exits_2_at_parsing_in_a_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "x.png", "--ckpt", "a.ckpt", "--guidance-scale",
-                           "-2", "--outdir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--input",
+            "x.png",
+            "--ckpt",
+            "a.ckpt",
+            "--guidance-scale",
+            "-2",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("refine.py: error: argument --guidance-scale: -2 must be a finite number >= 0")

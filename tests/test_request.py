@@ -81,8 +81,14 @@ def test_the_app_settings_build_the_request_the_cli_would():
     settings = RefineSettings.from_json({"start_t": 300, "sampler": "dpmpp_2m", "step_mode": "exact", "steps": 7,
                                          "seed": 5, "n_samples": 2, "mode": "crop", "boxes": "0,0,8,8@400",
                                          "mask_blur": 2, "mask_dilate": 1, "region_padding": 16})  # fmt: skip
-    cli = RefineRequest(start_t=300, tail_steps=7, sampler="dpmpp_2m", seed=5, n_samples=2,
-                        regions=RegionOptions(boxes=(Box(0, 0, 8, 8, 400),), blur=2, dilate=1, crop=True, padding=16))
+    cli = RefineRequest(
+        start_t=300,
+        tail_steps=7,
+        sampler="dpmpp_2m",
+        seed=5,
+        n_samples=2,
+        regions=RegionOptions(boxes=(Box(0, 0, 8, 8, 400),), blur=2, dilate=1, crop=True, padding=16),
+    )
     assert settings.request() == cli
     whole = RefineSettings.from_json({"mode": "whole", "boxes": "0,0,8,8"}).request()
     assert whole.regions.boxes == () and whole.ddim_steps == 50  # boxes count only outside the whole-image mode

@@ -86,9 +86,19 @@ def test_a_second_main_py_on_a_running_run_exits_2_and_a_sigkilled_holder_leaves
     (run,) = (tmp_path / "logs").iterdir()
     assert (run / LOCK_NAME).is_file()
     holder = subprocess.Popen(
-        [sys.executable, str(MAIN), "-t", "-r", str(run), "lightning.trainer.max_steps=1000000",
-         "lightning.modelcheckpoint.params.every_n_train_steps=1000000"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(MAIN),
+            "-t",
+            "-r",
+            str(run),
+            "lightning.trainer.max_steps=1000000",
+            "lightning.modelcheckpoint.params.every_n_train_steps=1000000",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -44,10 +44,20 @@ V1_INFERENCE = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 V1_WINDOW = ROOT / "configs" / "stable-diffusion" / "latesteps_v1_0_250.yaml"
 # CompVis DDPM.register_schedule's persistent buffers (stable-diffusion@21f890f9 ldm/models/diffusion/ddpm.py), each
 # [timesteps]; lvlb_weights is persistent=False and logvar a plain tensor, so neither is in a checkpoint.
-SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2")
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 D = 32  # tiny CLIP width = the tiny UNet's context_dim
 
@@ -85,9 +95,18 @@ def full_clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    return write_clip_folder(tmp_path_factory.mktemp("clip_tiny"), vocab_size=54, hidden_size=D, intermediate_size=2 * D,
-                             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
-                             eos_token_id=1, pad_token_id=1)
+    return write_clip_folder(
+        tmp_path_factory.mktemp("clip_tiny"),
+        vocab_size=54,
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
 
 
 def model_config(path: Path, clip_dir: Path) -> dict[str, Any]:
@@ -98,8 +117,7 @@ def model_config(path: Path, clip_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1,
-             "context_dim": D}
+TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1, "context_dim": D}
 TINY_VAE = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": 16}
 
 
@@ -118,9 +136,11 @@ def tiny_sd(cfg: dict[str, Any]) -> dict[str, Any]:
 def expected_sd_v1_keys() -> dict[str, tuple[int, ...]]:
     """An SD v1 checkpoint's state dict (key -> shape), from the reference lists, without checkpoint-only keys."""
     keys: dict[str, tuple[int, ...]] = {}
-    for name, section, prefix in (("sd_v1_unet_keys.json", "unet", "model.diffusion_model."),
-                                  ("sd_v1_vae_keys.json", "autoencoder_kl", "first_stage_model."),
-                                  ("sd_v1_text_encoder_keys.json", "text_encoder", "")):
+    for name, section, prefix in (
+        ("sd_v1_unet_keys.json", "unet", "model.diffusion_model."),
+        ("sd_v1_vae_keys.json", "autoencoder_kl", "first_stage_model."),
+        ("sd_v1_text_encoder_keys.json", "text_encoder", ""),
+    ):
         data = json.loads((REFERENCE / name).read_text())
         assert data["_meta"]["count"] == len(data[section])
         keys.update({prefix + k: tuple(v) for k, v in data[section].items()})
@@ -199,8 +219,11 @@ def sd_files(tmp_path_factory, tiny_cfg, tiny_clip_dir) -> dict[str, Any]:
     state_dict = {**weights, POSITION_IDS: torch.arange(77)[None]}
     from safetensors.torch import save_file
 
-    paths = {"ckpt": folder / "sd-tiny.ckpt", "safetensors": folder / "sd-tiny.safetensors",
-             "emaonly": folder / "sd-tiny-emaonly.ckpt"}
+    paths = {
+        "ckpt": folder / "sd-tiny.ckpt",
+        "safetensors": folder / "sd-tiny.safetensors",
+        "emaonly": folder / "sd-tiny-emaonly.ckpt",
+    }
     torch.save({"state_dict": state_dict, "global_step": 470000, "epoch": 6}, paths["ckpt"])
     save_file(state_dict, str(paths["safetensors"]))
     ema_scalars = {EMA_SCALAR_KEYS[0]: torch.tensor(0.9999), EMA_SCALAR_KEYS[1]: torch.tensor(470000, dtype=torch.int)}
@@ -346,13 +369,25 @@ def test_window_config_finetunes_with_main_py_and_refines(tmp_path, tiny_clip_di
         Image.fromarray(photos[i % len(photos)][:24, 24 * i : 24 * i + 24]).save(root / f"img{i}.png")
         (root / f"img{i}.txt").write_text(f"photo number {string.ascii_lowercase[i]}\n", encoding="utf-8")
     overlay = tmp_path / "tiny.yaml"
-    overlay.write_text(WINDOW_OVERLAY.format(ckpt=sd_files["paths"]["emaonly"], unet=json.dumps(TINY_UNET),
-                                             vae=json.dumps(TINY_VAE), clip=tiny_clip_dir, root=root))
+    overlay.write_text(
+        WINDOW_OVERLAY.format(
+            ckpt=sd_files["paths"]["emaonly"],
+            unet=json.dumps(TINY_UNET),
+            vae=json.dumps(TINY_VAE),
+            clip=tiny_clip_dir,
+            root=root,
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("LATESTEPS_LOGDIR", None)
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-b", str(V1_WINDOW), str(overlay), "-t",
-                             "-l", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-b", str(V1_WINDOW), str(overlay), "-t", "-l", str(tmp_path / "logs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = (tmp_path / "logs").iterdir()
     last = run / "checkpoints" / "last.ckpt"

@@ -46,8 +46,9 @@ def numbers(loader) -> list[list[int]]:
     return [batch["n"].tolist() for batch in loader]
 
 
-def loader_for(dataset: ShardStream, batch: int, rank: int, world: int, workers: int = 0, shuffle: bool = True,
-               drop_last: bool = True) -> ShardStreamLoader:
+def loader_for(
+    dataset: ShardStream, batch: int, rank: int, world: int, workers: int = 0, shuffle: bool = True, drop_last: bool = True
+) -> ShardStreamLoader:
     dataset.configure(batch, rank, world, shuffle=shuffle, drop_last=drop_last)
     return ShardStreamLoader(dataset, num_workers=workers)
 
@@ -191,7 +192,7 @@ def test_latent_shards_of_image_shards_stream_the_encoded_images(shards, tmp_pat
 # ---------------------------------------------------------------------------------------------------------------------
 # DDP
 
-RECORDER = '''
+RECORDER = """
 import json
 import pytorch_lightning as pl
 
@@ -203,7 +204,7 @@ class SampleRecorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(f"{self.path}.{trainer.global_rank}", "a") as fh:
             fh.write(json.dumps({"step": trainer.global_step, "keys": list(batch["file_path_"])}) + "\\n")
-'''
+"""
 
 
 def _records(path: Path) -> list[list[str]]:
@@ -218,23 +219,43 @@ def test_two_process_ddp_over_three_uneven_shards_ends_and_resumes_without_repea
     train = {"target": "ldm.data.shard_stream.ImageShards", "params": {"shards": shards, "size": 32, "shuffle_buffer": 4}}
     cfg["data"]["params"] = {"batch_size": 2, "num_workers": 0, "train": train}
     cfg["lightning"]["trainer"].update(
-        strategy="ddp", devices=2, accelerator="cpu", max_steps=3, num_sanity_val_steps=0, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1,
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        max_steps=3,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
     )
     cfg["lightning"]["callbacks"]["image_logger"]["params"]["disabled"] = True
-    cfg["lightning"]["callbacks"]["recorder"] = {"target": "recorder.SampleRecorder",
-                                                 "params": {"path": str(tmp_path / "seen")}}
+    cfg["lightning"]["callbacks"]["recorder"] = {
+        "target": "recorder.SampleRecorder",
+        "params": {"path": str(tmp_path / "seen")},
+    }
     cfg["lightning"]["modelcheckpoint"]["params"]["every_n_train_steps"] = 1
     (tmp_path / "ddp.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LATESTEPS_LOGDIR", None)
     main = [sys.executable, str(REPO / "main.py")]
-    first = subprocess.run([*main, "-b", "ddp.yaml", "-t", "-n", "ddp", "-l", "logs"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=TIMEOUT)
+    first = subprocess.run(
+        [*main, "-b", "ddp.yaml", "-t", "-n", "ddp", "-l", "logs"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert first.returncode == 0, first.stderr[-4000:]
     (run,) = (tmp_path / "logs").glob("*_ddp")
-    resumed = subprocess.run([*main, "-t", "-r", str(run), "lightning.trainer.max_steps=6"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=TIMEOUT)
+    resumed = subprocess.run(
+        [*main, "-t", "-r", str(run), "lightning.trainer.max_steps=6"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     dataset = ImageShards(shards, size=32, shuffle_buffer=4)
@@ -280,8 +301,12 @@ def test_a_short_shard_costs_linear_time_and_its_missing_samples_are_counted_onc
 def test_sample_counts_are_checked_and_name_the_file(tmp_path):
     pattern = write_image_shards(tmp_path, [2])
     sizes = tmp_path / "sizes.json"
-    for count, expected in ((2**63 - 1, "more than the 4,294,967,296 a shard may hold"), (True, "no sample count"),
-                            (-1, "no sample count"), (1.5, "no sample count")):
+    for count, expected in (
+        (2**63 - 1, "more than the 4,294,967,296 a shard may hold"),
+        (True, "no sample count"),
+        (-1, "no sample count"),
+        (1.5, "no sample count"),
+    ):
         sizes.write_text(json.dumps({"img-00.tar": count}))
         with pytest.raises(ConfigError, match=expected) as info:
             NumberShards(pattern, sizes=sizes)
@@ -298,8 +323,7 @@ def test_brace_patterns_are_counted_before_they_are_expanded(tmp_path):
 
     from ldm.data.tar_shards import MAX_SHARDS, count_expansions, expand_shards
 
-    assert [count_expansions(p) for p in ("a.tar", "x-{000..099}.tar", "{a,b}-{0..9..2}::{A..Z}", "{1{2,3}")] == [
-        1, 100, 36, 1]
+    assert [count_expansions(p) for p in ("a.tar", "x-{000..099}.tar", "{a,b}-{0..9..2}::{A..Z}", "{1{2,3}")] == [1, 100, 36, 1]
     tracemalloc.start()
     started = time.monotonic()
     try:
@@ -389,8 +413,11 @@ def latent_sample(key: str, array: np.ndarray | bytes | None = None, meta: dict 
     if array is None:
         array = np.full(LATENT, float(len(key)), np.float32)
     if meta is None:
-        meta = {"source": key, "first_stage_sha256": "f" * 64,
-                "variants": [{"top": 0, "left": 0, "flip": False}, {"top": 0, "left": 0, "flip": True}]}
+        meta = {
+            "source": key,
+            "first_stage_sha256": "f" * 64,
+            "variants": [{"top": 0, "left": 0, "flip": False}, {"top": 0, "left": 0, "flip": True}],
+        }
     npy = array if isinstance(array, bytes) else encode_npy(array)
     return [(f"{key}.latent.npy", npy), (f"{key}.json", meta if isinstance(meta, bytes) else json.dumps(meta).encode())]
 
@@ -417,12 +444,25 @@ def test_one_bad_latent_sample_is_skipped_and_counted_not_fatal(tmp_path, caplog
     nan, inf = np.zeros(LATENT, np.float32), np.zeros(LATENT, np.float32)
     nan[1, 2, 3, 0], inf[0, 0, 0, 0] = np.nan, -np.inf
     bad = {
-        "no-variants": latent_sample("no-variants", np.zeros((0, 3, 4, 4), np.float32),
-                                     {"source": "s", "first_stage_sha256": "f", "variants": []}),
-        "lying-count": latent_sample("lying-count", meta=json.loads(good_meta) | {"variants": [
-            {"top": 0, "left": 0, "flip": False}, {"top": 0, "left": 0, "flip": True}, {"top": 0, "left": 9, "flip": False}]}),
-        "one-crop-two-flips": latent_sample("one-crop-two-flips", meta=json.loads(good_meta) | {"variants": [
-            {"top": 0, "left": 0, "flip": True}, {"top": 0, "left": 0, "flip": True}]}),
+        "no-variants": latent_sample(
+            "no-variants", np.zeros((0, 3, 4, 4), np.float32), {"source": "s", "first_stage_sha256": "f", "variants": []}
+        ),
+        "lying-count": latent_sample(
+            "lying-count",
+            meta=json.loads(good_meta)
+            | {
+                "variants": [
+                    {"top": 0, "left": 0, "flip": False},
+                    {"top": 0, "left": 0, "flip": True},
+                    {"top": 0, "left": 9, "flip": False},
+                ]
+            },
+        ),
+        "one-crop-two-flips": latent_sample(
+            "one-crop-two-flips",
+            meta=json.loads(good_meta)
+            | {"variants": [{"top": 0, "left": 0, "flip": True}, {"top": 0, "left": 0, "flip": True}]},
+        ),
         "deep-json": latent_sample("deep-json", meta=b"[" * 20_000 + b"]" * 20_000),
         "huge-header": latent_sample("huge-header", huge_npy_header()),
         "other-shape": latent_sample("other-shape", np.zeros((2, 3, 4, 5), np.float32)),
@@ -439,10 +479,20 @@ def test_one_bad_latent_sample_is_skipped_and_counted_not_fatal(tmp_path, caplog
     with open(tmp_path / "latents-000000.tar", "wb") as fh:
         write_tar(fh, members)
     n = 12 + len(names)
-    (tmp_path / "index.json").write_text(json.dumps({
-        "format": FORMAT, "first_stage_sha256": "f" * 64, "size": 16, "latent_shape": list(LATENT[1:]),
-        "dtype": "float32", "n_crops": 1, "flip": True, "shards": [{"name": "latents-000000.tar", "samples": n}],
-    }))
+    (tmp_path / "index.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "first_stage_sha256": "f" * 64,
+                "size": 16,
+                "latent_shape": list(LATENT[1:]),
+                "dtype": "float32",
+                "n_crops": 1,
+                "flip": True,
+                "shards": [{"name": "latents-000000.tar", "samples": n}],
+            }
+        )
+    )
     for shards in (str(tmp_path), str(tmp_path / "latents-000000.tar")):
         dataset = LatentShards(shards, shuffle_buffer=6)
         assert len(dataset) == n
@@ -508,8 +558,10 @@ def test_forged_extension_headers_are_refused_before_tarfile_reads_them(tmp_path
     from ldm.data.tar_shards import TAR_READ_ERRORS, ShardFormatError, count_samples, iter_samples
 
     forged = {
-        "longname": (forged_header("././@LongLink", 2**40, tarfile.GNUTYPE_LONGNAME),
-                     "GNU long-name extension header of 1,099,511,627,776 bytes, more than the 1,048,576 allowed"),
+        "longname": (
+            forged_header("././@LongLink", 2**40, tarfile.GNUTYPE_LONGNAME),
+            "GNU long-name extension header of 1,099,511,627,776 bytes, more than the 1,048,576 allowed",
+        ),
         "pax": (forged_header("././@PaxHeader", 2**40, tarfile.XHDTYPE), "pax extension header"),
         "globalpax": (forged_header("././@PaxHeader", 2**40, tarfile.XGLTYPE), "pax extension header"),
         "negative": (forged_header("b.png", -1024), "gives 'b.png' a negative size (-1,024)"),
@@ -590,7 +642,8 @@ def test_a_bad_member_costs_its_sample_or_says_where_the_shard_breaks(tmp_path):
     skipped: list[dict[str, str]] = []
     keys = [key for _, key, _ in unit_images(Unit(0, url=huge), skipped)]
     assert keys == ["huge.tar#a"] and [s["source"] for s in skipped] == [
-        "huge.tar#(its samples from position 1 on: the shard breaks there)"]
+        "huge.tar#(its samples from position 1 on: the shard breaks there)"
+    ]
     skipped.clear()
     keys = [key for _, key, _ in unit_images(Unit(0, url=dup), skipped)]
     assert keys == ["dup.tar#c"] and [s["source"] for s in skipped] == ["dup.tar#a"]
@@ -602,8 +655,11 @@ def test_shard_patterns_with_unset_variables_or_huge_ranges_are_one_line_errors(
     from ldm.data.tar_shards import expand_shards
 
     monkeypatch.delenv("WDS_HOME", raising=False)
-    with pytest.raises(ConfigError, match=r"uses \$\{HOME\}, which webdataset fills in from the environment variable "
-                                          r"WDS_HOME \(not from HOME\), and WDS_HOME is not set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"uses \$\{HOME\}, which webdataset fills in from the environment variable "
+        r"WDS_HOME \(not from HOME\), and WDS_HOME is not set",
+    ):
         expand_shards("${HOME}/x.tar")
     pattern = write_image_shards(tmp_path, [1, 1])
     monkeypatch.setenv("WDS_HOME", str(tmp_path))

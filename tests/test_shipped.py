@@ -126,9 +126,15 @@ def test_header_records_of_the_wrong_kind_are_refused_in_one_bounded_line(tmp_pa
     assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
-@pytest.mark.parametrize("params, where", [([1], "model.params"), (5, "model.params"), ("ab", "model.params"),
-                                           ({"first_stage_config": {"params": [1]}},
-                                            "model.params.first_stage_config.params")])
+@pytest.mark.parametrize(
+    "params, where",
+    [
+        ([1], "model.params"),
+        (5, "model.params"),
+        ("ab", "model.params"),
+        ({"first_stage_config": {"params": [1]}}, "model.params.first_stage_config.params"),
+    ],
+)
 def test_a_crafted_config_whose_params_are_not_a_mapping_is_a_config_error(exported, tmp_path, params, where):
     from ldm.util import ConfigError
 
@@ -195,8 +201,9 @@ def test_the_shipped_demo_weights_are_in_the_repository_and_match_their_digests(
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "export_weights.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_weights.py"), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_checkpoints, tmp_path):
@@ -209,12 +216,16 @@ def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_chec
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(out)], "already exists; choose a new path"),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "e.ckpt")], "ending with .safetensors"),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / ".safetensors")], "ending with .safetensors"),
-        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "x" / ".." / "e2.safetensors")],
-         "does not exist; create it first"),
+        (
+            ["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "x" / ".." / "e2.safetensors")],
+            "does not exist; create it first",
+        ),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "no" / "e.safetensors")], "does not exist"),
         (["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.safetensors")], "does not exist"),
-        (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "d.safetensors"), "--dtype", "int8"],
-         "invalid choice: 'int8'"),
+        (
+            ["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "d.safetensors"), "--dtype", "int8"],
+            "invalid choice: 'int8'",
+        ),
     ]
     for args, message in cases:
         proc = run_export(*args)
@@ -236,9 +247,26 @@ def test_refine_cli_takes_the_demo_name_and_keeps_pixels_outside_the_box(tmp_pat
 
     Image.fromarray(tensor_to_image(crops32[0])).save(tmp_path / "a.png")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "refine.py"), "--input", str(tmp_path / "a.png"), "--box", "8,8,24,24",
-         "--start-t", "150", "--ckpt", "demo", "--outdir", str(tmp_path / "out"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "refine.py"),
+            "--input",
+            str(tmp_path / "a.png"),
+            "--box",
+            "8,8,24,24",
+            "--start-t",
+            "150",
+            "--ckpt",
+            "demo",
+            "--outdir",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out,) = (tmp_path / "out").glob("a_t150_s0*.png")

@@ -22,8 +22,17 @@ DDIM_STEPS = 20
 
 
 def _row(image: str, method: str, start_t: int | None, value: float, kind: str = "refiner") -> dict:
-    return {"image": image, "degradation": "d", "method": method, "kind": kind, "start_t": start_t,
-            "effective_start": start_t, "seed": 0, "seconds": 0.0, "psnr_clean_in": value}
+    return {
+        "image": image,
+        "degradation": "d",
+        "method": method,
+        "kind": kind,
+        "start_t": start_t,
+        "effective_start": start_t,
+        "seed": 0,
+        "seconds": 0.0,
+        "psnr_clean_in": value,
+    }
 
 
 def _result(rows: list[dict]) -> SweepResult:
@@ -62,8 +71,12 @@ def test_best_start_and_compare_pair_by_image():
     difference = compare_best(a, b)
     assert difference.estimate == pytest.approx(0.5) and difference.lo == pytest.approx(0.5)
     # infinite values (an artifact that changed nothing) leave their case out; fewer than 2 cases: no answer
-    rows = [_row("x", "identity", None, math.inf, "baseline"), _row("x", "r (region)", 10, 5.0),
-            _row("y", "identity", None, 3.0, "baseline"), _row("y", "r (region)", 10, 5.0)]
+    rows = [
+        _row("x", "identity", None, math.inf, "baseline"),
+        _row("x", "r (region)", 10, 5.0),
+        _row("y", "identity", None, 3.0, "baseline"),
+        _row("y", "r (region)", 10, 5.0),
+    ]
     assert best_start(_result(rows), "r (region)", "d") is None
 
 
@@ -76,13 +89,25 @@ def refiner(expert_checkpoints):
 def region_sweep(refiner):
     """Region refinement only, with the round trip and the realism reference, on 6 synthetic images."""
     images = synthetic_images(6, 32, seed=0)
-    degradations = [build_sweep_degradation("local_noise:noise_std=0.3,box_size=0.5,box_at=edges"),
-                    build_sweep_degradation("local_none:box_size=0.5")]
+    degradations = [
+        build_sweep_degradation("local_noise:noise_std=0.3,box_size=0.5,box_at=edges"),
+        build_sweep_degradation("local_none:box_size=0.5"),
+    ]
     round_trip = autoencoder_baseline(refiner.model)
     result = run_sweep(
-        [("experts", refiner)], images, degradations, start_ts=[100, 300], baselines=[identity_baseline(), round_trip],
-        ddim_steps=DDIM_STEPS, batch_size=4, realism_reference=synthetic_images(6, 32, seed=1), whole_image=False,
-        round_trip=round_trip, n_examples=2, example_start_ts=[100, 300], progress=False,
+        [("experts", refiner)],
+        images,
+        degradations,
+        start_ts=[100, 300],
+        baselines=[identity_baseline(), round_trip],
+        ddim_steps=DDIM_STEPS,
+        batch_size=4,
+        realism_reference=synthetic_images(6, 32, seed=1),
+        whole_image=False,
+        round_trip=round_trip,
+        n_examples=2,
+        example_start_ts=[100, 300],
+        progress=False,
     )
     return result, images, degradations, round_trip
 
@@ -94,8 +119,14 @@ def test_region_only_sweep_runs_no_whole_image_refinement(region_sweep, refiner)
     assert result.start_ts == {"experts (region)": (100, 300)}
     assert all(r["psnr_input_out"] == math.inf for r in result.rows if r["method"] == "experts (region)")
     with pytest.raises(ValueError, match="whole_image=False runs the refiners only inside the boxes"):
-        run_sweep([("experts", refiner)], synthetic_images(1, 32), [build_sweep_degradation("jpeg:quality=10")],
-                  start_ts=[100], whole_image=False, progress=False)
+        run_sweep(
+            [("experts", refiner)],
+            synthetic_images(1, 32),
+            [build_sweep_degradation("jpeg:quality=10")],
+            start_ts=[100],
+            whole_image=False,
+            progress=False,
+        )
 
 
 def test_round_trip_columns_compare_with_the_round_trip_of_the_clean_image(region_sweep, refiner):
@@ -106,8 +137,11 @@ def test_round_trip_columns_compare_with_the_round_trip_of_the_clean_image(regio
 
     local = deg.degradation.apply_local(clean, file_seed(0, f"{deg.label}/{images[2].name}"))
     trip_clean, trip_input = round_trip(clean), round_trip(local.images)
-    (row,) = [r for r in result.rows if r["method"] == "autoencoder" and r["image"] == images[2].name
-              and r["degradation"] == deg.label]
+    (row,) = [
+        r
+        for r in result.rows
+        if r["method"] == "autoencoder" and r["image"] == images[2].name and r["degradation"] == deg.label
+    ]
     assert row["psnr_rt"] == pytest.approx(float(psnr(trip_input, trip_clean)[0]), rel=1e-5)
     expected_in = float(masked_metrics(trip_input, trip_clean, local.masks)["psnr_in"][0])
     assert row["psnr_rt_in"] == pytest.approx(expected_in, rel=1e-5)
@@ -118,8 +152,11 @@ def test_summary_holds_intervals_and_paired_gains(region_sweep, tmp_path):
     summary = summarize(result, n_resamples=500)
     noise = result.degradations[0]
     entry = next(s for s in summary if (s["degradation"], s["method"], s["start_t"]) == (noise, "experts (region)", 100))
-    values = [r["psnr_clean_in"] for r in result.rows
-              if (r["degradation"], r["method"], r["start_t"]) == (noise, "experts (region)", 100)]
+    values = [
+        r["psnr_clean_in"]
+        for r in result.rows
+        if (r["degradation"], r["method"], r["start_t"]) == (noise, "experts (region)", 100)
+    ]
     interval = bootstrap_mean(values, n_resamples=500)
     assert entry["n"] == 6 and entry["psnr_clean_in"] == pytest.approx(np.mean(values))
     assert (entry["psnr_clean_in_lo"], entry["psnr_clean_in_hi"]) == (pytest.approx(interval.lo), pytest.approx(interval.hi))
@@ -135,8 +172,7 @@ def test_summary_holds_intervals_and_paired_gains(region_sweep, tmp_path):
     assert control["psnr_clean_in"] == math.inf and "psnr_clean_in_lo" not in control
     path = write_summary_csv(summary, tmp_path / "summary.csv")
     header = path.read_text().splitlines()[0].split(",")
-    for column in ("n", "psnr_clean_in", "psnr_clean_in_lo", "psnr_clean_in_hi", "gain_psnr_clean_in_lo", "swd_hi",
-                   "gain_swd"):
+    for column in ("n", "psnr_clean_in", "psnr_clean_in_lo", "psnr_clean_in_hi", "gain_psnr_clean_in_lo", "swd_hi", "gain_swd"):
         assert column in header
 
 

@@ -129,7 +129,10 @@ def test_refiner_rows_are_the_refiner_outputs_with_the_case_seed(sweep, refiner,
     (row,) = [
         r
         for r in result.rows
-        if r["method"] == "experts" and r["start_t"] == 300 and r["image"] == image.name and r["seed"] == seed
+        if r["method"] == "experts"
+        and r["start_t"] == 300
+        and r["image"] == image.name
+        and r["seed"] == seed
         and r["degradation"] == vq.label
     ]
     expected_clean = float(((refined.double() - image.image.double()) ** 2).mean())
@@ -176,8 +179,15 @@ def test_fid_kid_per_method_degradation_and_start_t(refiner):
     images = heldout_images(3, 32, seed=1)
     deg = build_sweep_degradation("blur_noise:sigma=1.0,noise_std=0.1")
     result = run_sweep(
-        [("experts", refiner)], images, [deg], start_ts=[100], seeds=[0, 1], baselines=[identity_baseline()],
-        ddim_steps=DDIM_STEPS, inception=MeanColourFeatures(), progress=False,
+        [("experts", refiner)],
+        images,
+        [deg],
+        start_ts=[100],
+        seeds=[0, 1],
+        baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS,
+        inception=MeanColourFeatures(),
+        progress=False,
     )
     assert [(s["method"], s["start_t"]) for s in result.set_metrics] == [("identity", None), ("experts", 100)]
     identity = result.set_metrics[0]
@@ -191,7 +201,12 @@ def test_fid_kid_per_method_degradation_and_start_t(refiner):
     assert all("fid" in s and "kid_mean" in s for s in summary)
     assert "FID" in format_table(summary)
     skipped = run_sweep(
-        [], images[:2], [deg], start_ts=[100], baselines=[identity_baseline()], inception=Skipped("FID/KID: no weights"),
+        [],
+        images[:2],
+        [deg],
+        start_ts=[100],
+        baselines=[identity_baseline()],
+        inception=Skipped("FID/KID: no weights"),
         progress=False,
     )
     assert skipped.set_metrics == [
@@ -204,8 +219,13 @@ def test_local_degradations_measure_inside_outside_and_the_seam(refiner, two_ima
     artifact lowers PSNR to clean inside the box only."""
     deg = build_sweep_degradation("local_blotch:strength=0.8")
     result = run_sweep(
-        [("experts", refiner)], two_images, [deg], start_ts=[100], baselines=[identity_baseline()],
-        ddim_steps=DDIM_STEPS, progress=False,
+        [("experts", refiner)],
+        two_images,
+        [deg],
+        start_ts=[100],
+        baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS,
+        progress=False,
     )
     identity = [r for r in result.rows if r["method"] == "identity"]
     for row in identity:
@@ -230,8 +250,16 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
     deg = build_sweep_degradation("local_warp:amplitude=0.2")
     t = 300
     result = run_sweep(
-        [("experts", refiner)], two_images, [deg], start_ts=[t], baselines=[identity_baseline()],
-        ddim_steps=DDIM_STEPS, n_examples=2, example_start_ts=[t], region_modes=("region", "crop"), progress=False,
+        [("experts", refiner)],
+        two_images,
+        [deg],
+        start_ts=[t],
+        baselines=[identity_baseline()],
+        ddim_steps=DDIM_STEPS,
+        n_examples=2,
+        example_start_ts=[t],
+        region_modes=("region", "crop"),
+        progress=False,
     )
     assert list(result.methods) == ["identity", "experts", "experts (region)", "experts (crop)"]
     assert result.start_ts["experts (region)"] == (t,)
@@ -260,9 +288,11 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
     assert grid.width == 6 + 6 * (tile + 6)  # clean | artifact | mask | whole | region | crop
     # crop mode alone is shown too (it was left out, mask and all, when the sweep ran no "(region)")
     crop_only = dataclasses.replace(
-        result, methods={k: v for k, v in result.methods.items() if "(region)" not in k},
-        examples=[dataclasses.replace(e, outputs={k: v for k, v in e.outputs.items() if "(region)" not in k})
-                  for e in result.examples],
+        result,
+        methods={k: v for k, v in result.methods.items() if "(region)" not in k},
+        examples=[
+            dataclasses.replace(e, outputs={k: v for k, v in e.outputs.items() if "(region)" not in k}) for e in result.examples
+        ],
     )
     assert before_after_grid(crop_only, "experts", t).width == 6 + 5 * (tile + 6)
     with pytest.raises(ValueError, match=r"method 'experts \(region\)' is not one of the sweep's refiners"):
@@ -270,8 +300,14 @@ def test_region_refinement_keeps_every_pixel_outside_the_box_and_leaves_a_smalle
     with pytest.raises(ValueError, match=r"method 'identity' is not one of the sweep's refiners \['experts', "):
         before_after_grid(result, "identity", t)
     no_region = run_sweep(
-        [("experts", refiner)], two_images[:1], [deg], start_ts=[t], ddim_steps=DDIM_STEPS, region_modes=(),
-        example_start_ts=[t], progress=False,
+        [("experts", refiner)],
+        two_images[:1],
+        [deg],
+        start_ts=[t],
+        ddim_steps=DDIM_STEPS,
+        region_modes=(),
+        example_start_ts=[t],
+        progress=False,
     )
     assert list(no_region.methods) == ["experts"]
     assert before_after_grid(no_region, "experts", t).width == 6 + 4 * (tile + 6)  # clean | artifact | mask | whole
@@ -281,7 +317,13 @@ def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
     deg = build_sweep_degradation("jpeg:quality=10")
     reference = heldout_images(3, 32, seed=9)
     result = run_sweep(
-        [], two_images, [deg], start_ts=[100], seeds=[0, 1], baselines=[identity_baseline()], realism_reference=reference,
+        [],
+        two_images,
+        [deg],
+        start_ts=[100],
+        seeds=[0, 1],
+        baselines=[identity_baseline()],
+        realism_reference=reference,
         progress=False,
     )
     (entry,) = result.set_metrics
@@ -391,8 +433,13 @@ def test_no_reference_mode(refiner, tmp_path):
     images = folder_images(tmp_path / "real")
     assert [im.name for im in images] == ["artifact_0.png", "artifact_1.png"]
     result = run_sweep(
-        [("experts", refiner)], images, None, start_ts=[100, 300], baselines=default_baselines(refiner.model),
-        ddim_steps=DDIM_STEPS, progress=False,
+        [("experts", refiner)],
+        images,
+        None,
+        start_ts=[100, 300],
+        baselines=default_baselines(refiner.model),
+        ddim_steps=DDIM_STEPS,
+        progress=False,
     )
     assert not result.reference and result.degradations == ["none"]
     assert len(result.rows) == 2 * (3 + 2)
@@ -468,7 +515,11 @@ def test_autoencoder_baseline_is_the_first_stage_round_trip(refiner):
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -484,10 +535,28 @@ def evaluate_main():
 def test_cli_end_to_end_in_a_subprocess(expert_checkpoints, tmp_path):
     out = tmp_path / "eval"
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    proc = _run_cli(*ckpts, "--compare-ckpt", str(expert_checkpoints[0]), "--compare-ckpt", str(expert_checkpoints[1]),
-                    "--compare-name", "again", "--n-images", "2", "--degradations", "jpeg:quality=10",
-                    "--start-t", "100", "300", "--ddim-steps", str(DDIM_STEPS), "--filter", "bilateral",
-                    "--outdir", str(out))
+    proc = _run_cli(
+        *ckpts,
+        "--compare-ckpt",
+        str(expert_checkpoints[0]),
+        "--compare-ckpt",
+        str(expert_checkpoints[1]),
+        "--compare-name",
+        "again",
+        "--n-images",
+        "2",
+        "--degradations",
+        "jpeg:quality=10",
+        "--start-t",
+        "100",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "bilateral",
+        "--outdir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "degradation: jpeg:quality=10" in proc.stdout and "again" in proc.stdout
     assert "note: skipped: LPIPS" in proc.stdout or "LPIPS->clean" in proc.stdout
@@ -505,8 +574,20 @@ def test_cli_end_to_end_in_a_subprocess(expert_checkpoints, tmp_path):
 
 def test_cli_local_degradation_runs_region_and_crop_modes(evaluate_main, expert_checkpoints, tmp_path, capsys):
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    common = [*ckpts, "--n-images", "1", "--degradations", "local_blotch", "--start-t", "300",
-              "--ddim-steps", str(DDIM_STEPS), "--filter", "none", "--no-autoencoder"]
+    common = [
+        *ckpts,
+        "--n-images",
+        "1",
+        "--degradations",
+        "local_blotch",
+        "--start-t",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "none",
+        "--no-autoencoder",
+    ]
     code = evaluate_main([*common, "--region-modes", "region", "crop", "--outdir", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     rows = _read_csv(tmp_path / "out" / "sweep.csv")
@@ -523,9 +604,27 @@ def test_cli_local_degradation_runs_region_and_crop_modes(evaluate_main, expert_
 
 def test_cli_synthetic_images_region_only(evaluate_main, expert_checkpoints, tmp_path, capsys):
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    code = evaluate_main([*ckpts, "--synthetic", "--n-images", "2", "--size", "32", "--degradations",
-                          "local_noise:box_at=edges", "--start-t", "100", "--ddim-steps", str(DDIM_STEPS), "--filter",
-                          "none", "--region-only", "--outdir", str(tmp_path / "out")])
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--synthetic",
+            "--n-images",
+            "2",
+            "--size",
+            "32",
+            "--degradations",
+            "local_noise:box_at=edges",
+            "--start-t",
+            "100",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--region-only",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "2 held-out 32x32 images of the synthetic family (seed 0)" in capsys.readouterr().out
     rows = _read_csv(tmp_path / "out" / "sweep.csv")
@@ -536,8 +635,9 @@ def test_cli_synthetic_images_region_only(evaluate_main, expert_checkpoints, tmp
     region = next(r for r in summary if r["method"] == "experts (region)")
     assert float(region["psnr_clean_in_lo"]) <= float(region["psnr_clean_in"]) <= float(region["psnr_clean_in_hi"])
     assert region["gain_psnr_clean_in"] and region["gain_psnr_rt_in"] and region["gain_swd"]
-    code, err = _one_line_run(evaluate_main, capsys, [*ckpts, "--region-only", "--degradations", "jpeg",
-                                                      "--outdir", str(tmp_path / "o")])
+    code, err = _one_line_run(
+        evaluate_main, capsys, [*ckpts, "--region-only", "--degradations", "jpeg", "--outdir", str(tmp_path / "o")]
+    )
     assert code == 2 and "--region-only refines only inside the boxes of local degradations" in err
     code, err = _one_line_run(evaluate_main, capsys, [*ckpts, "--synthetic", "--images", str(tmp_path)])
     assert code == 2 and "not allowed with argument" in err
@@ -546,8 +646,21 @@ def test_cli_synthetic_images_region_only(evaluate_main, expert_checkpoints, tmp
 def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):
     _write_pngs(tmp_path / "real")
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    code = evaluate_main([*ckpts, "--no-reference", str(tmp_path / "real"), "--start-t", "200",
-                          "--ddim-steps", str(DDIM_STEPS), "--filter", "none", "--outdir", str(tmp_path / "out")])
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--no-reference",
+            str(tmp_path / "real"),
+            "--start-t",
+            "200",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "artifact images in" in capsys.readouterr().out
     rows = _read_csv(tmp_path / "out" / "sweep.csv")
@@ -592,8 +705,18 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
 
 def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    fast = [*ckpts, "--n-images", "1", "--start-t", "300", "--ddim-steps", str(DDIM_STEPS), "--filter", "none",
-            "--no-autoencoder"]
+    fast = [
+        *ckpts,
+        "--n-images",
+        "1",
+        "--start-t",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "none",
+        "--no-autoencoder",
+    ]
     _write_pngs(tmp_path / "small")  # 24 px
     (tmp_path / "mixed").mkdir()
     for name, (w, h) in {"a.png": (32, 32), "b.png": (24, 40)}.items():
@@ -614,8 +737,19 @@ def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert
     assert code == 2 and "invalid choice: 'zoom'" in err
     code, err = run(*missing, "--name", "identity")
     assert code == 2 and "method names ['identity'] are used twice" in err
-    code, err = run(*missing, "--compare-ckpt", "c.ckpt", "--name", "a (crop)", "--compare-name", "a",
-                    "--degradations", "local_warp", "--region-modes", "crop")
+    code, err = run(
+        *missing,
+        "--compare-ckpt",
+        "c.ckpt",
+        "--name",
+        "a (crop)",
+        "--compare-name",
+        "a",
+        "--degradations",
+        "local_warp",
+        "--region-modes",
+        "crop",
+    )
     assert code == 2 and "method names ['a (crop)'] are used twice" in err
     for folder, expected_code, message in [  # a missing or empty folder: exit 2 before any checkpoint is opened
         ("empty", 2, "--realism-images: " + str(tmp_path / "empty") + ": folder holds no images"),
@@ -650,11 +784,34 @@ def test_cli_local_degradations_on_odd_sizes_with_a_compared_refiner(evaluate_ma
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(tmp_path / "odd" / f"{i}.png")
     ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
-    code = evaluate_main([*ckpts, "--compare-ckpt", str(expert_checkpoints[0]), "--compare-ckpt",
-                          str(expert_checkpoints[1]), "--images", str(tmp_path / "odd"), "--realism-images",
-                          str(tmp_path / "odd"), "--degradations", "local_vq", "--start-t", "300", "--ddim-steps",
-                          str(DDIM_STEPS), "--filter", "none", "--no-autoencoder", "--region-modes", "crop", "region",
-                          "crop", "--outdir", str(tmp_path / "out")])
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--compare-ckpt",
+            str(expert_checkpoints[0]),
+            "--compare-ckpt",
+            str(expert_checkpoints[1]),
+            "--images",
+            str(tmp_path / "odd"),
+            "--realism-images",
+            str(tmp_path / "odd"),
+            "--degradations",
+            "local_vq",
+            "--start-t",
+            "300",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--no-autoencoder",
+            "--region-modes",
+            "crop",
+            "region",
+            "crop",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = _read_csv(tmp_path / "out" / "sweep.csv")
     methods = ["experts", "experts (crop)", "experts (region)", "compare", "compare (crop)", "compare (region)"]

@@ -246,8 +246,9 @@ def test_thin_images_tile_like_the_untiled_network(height, width):
     with exact statistics passes after it, tiling reproduces the untiled network, as test_tiling.py checks on square
     images (the same VQ-f2)."""
     torch.manual_seed(0)
-    vq = VQModelInterface(ddconfig={**TINY_DDCONFIG, "ch_mult": [1, 2]}, lossconfig={"target": "torch.nn.Identity"},
-                          n_embed=32, embed_dim=3).eval()
+    vq = VQModelInterface(
+        ddconfig={**TINY_DDCONFIG, "ch_mult": [1, 2]}, lossconfig={"target": "torch.nn.Identity"}, n_embed=32, embed_dim=3
+    ).eval()
     x = torch.from_numpy(np.resize(load_photos()[0][::4, ::4], (height, width, 3)).astype(np.float32) / 127.5 - 1)
     x = x.permute(2, 0, 1)[None].contiguous()
     passes = max(len(GroupNormStatistics(vq.encoder).layers), len(GroupNormStatistics(vq.decoder).layers))

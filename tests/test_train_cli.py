@@ -18,20 +18,34 @@ def test_list_entries_are_overridden_by_index():
     assert merged.model.params.use_ema is False
 
 
-OVERRIDE_KEYS = st.sampled_from([
-    "model.params.t_min", "model.params", "model", "model.target", "lightning.trainer.max_steps", "data.params.batch_size",
-    "model.params.unet_config.params.channel_mult.0", "model.params.unet_config.params.channel_mult.-1",
-    "model.params.unet_config.params.channel_mult.9", "lightning.callbacks.x.target", "model.params.first_stage_config",
-    "a..b", ".x", "lightning.trainer.gpus",
-])
-OVERRIDE_VALUES = st.one_of(st.text(max_size=8), st.sampled_from(
-    ["${nope}", "${model.params.t_max}", "[1,2", "{a: 1}", "null", "???", "'", "!!python/object:os.system", "1e309", "[]"]
-))
+OVERRIDE_KEYS = st.sampled_from(
+    [
+        "model.params.t_min",
+        "model.params",
+        "model",
+        "model.target",
+        "lightning.trainer.max_steps",
+        "data.params.batch_size",
+        "model.params.unet_config.params.channel_mult.0",
+        "model.params.unet_config.params.channel_mult.-1",
+        "model.params.unet_config.params.channel_mult.9",
+        "lightning.callbacks.x.target",
+        "model.params.first_stage_config",
+        "a..b",
+        ".x",
+        "lightning.trainer.gpus",
+    ]
+)
+OVERRIDE_VALUES = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(
+        ["${nope}", "${model.params.t_max}", "[1,2", "{a: 1}", "null", "???", "'", "!!python/object:os.system", "1e309", "[]"]
+    ),
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tokens=st.lists(st.one_of(st.builds("{}={}".format, OVERRIDE_KEYS, OVERRIDE_VALUES), st.text(max_size=12)),
-                       max_size=3))
+@given(tokens=st.lists(st.one_of(st.builds("{}={}".format, OVERRIDE_KEYS, OVERRIDE_VALUES), st.text(max_size=12)), max_size=3))
 def test_fuzzed_main_py_overrides_merge_or_fail_with_a_config_error(tokens):
     try:
         opt, dotlist = parse_cli(["-b", str(QUICKSTART), "-t", *tokens])

@@ -40,17 +40,29 @@ def _one_torch_thread():
 
 COSINE = {"warm_up_steps": 4, "lr_start": 0.1, "lr_max": 1.0, "lr_min": 0.01, "max_decay_steps": 16}
 COSINE_EXPECTED = [
-    (0, 0.1), (2, 0.55), (3, 0.775),  # warm-up: 0.1 + 0.9 * n / 4
-    (4, 1.0), (8, 0.01 + 0.495 * 1.5), (10, 0.505), (12, 0.01 + 0.495 * 0.5),  # cos(0), cos(pi/3), cos(pi/2), cos(2pi/3)
-    (16, 0.01), (100, 0.01),  # end of the decay, then flat
+    (0, 0.1),
+    (2, 0.55),
+    (3, 0.775),  # warm-up: 0.1 + 0.9 * n / 4
+    (4, 1.0),
+    (8, 0.01 + 0.495 * 1.5),
+    (10, 0.505),
+    (12, 0.01 + 0.495 * 0.5),  # cos(0), cos(pi/3), cos(pi/2), cos(2pi/3)
+    (16, 0.01),
+    (100, 0.01),  # end of the decay, then flat
 ]
 LINEAR = {"warm_up_steps": [2, 0], "f_start": [0.1, 0.5], "f_max": [1.0, 0.5], "f_min": [0.2, 0.05], "cycle_lengths": [6, 4]}
 LINEAR_EXPECTED = [
-    (0, 0.1), (1, 0.55),  # warm-up of cycle 0
+    (0, 0.1),
+    (1, 0.55),  # warm-up of cycle 0
     # latent-diffusion's decay: f_min + (f_max - f_min) * (L - n) / L with n counted from the cycle's start
-    (2, 0.2 + 0.8 * 4 / 6), (3, 0.6), (5, 0.2 + 0.8 / 6),
-    (6, 0.5), (8, 0.05 + 0.45 / 2), (9, 0.05 + 0.45 / 4),  # cycle 1 = steps [6, 10), no warm-up
-    (10, 0.05), (50, 0.05),  # after the last cycle: its f_min
+    (2, 0.2 + 0.8 * 4 / 6),
+    (3, 0.6),
+    (5, 0.2 + 0.8 / 6),
+    (6, 0.5),
+    (8, 0.05 + 0.45 / 2),
+    (9, 0.05 + 0.45 / 4),  # cycle 1 = steps [6, 10), no warm-up
+    (10, 0.05),
+    (50, 0.05),  # after the last cycle: its f_min
 ]
 
 
@@ -169,8 +181,9 @@ def _start(args: list[str], folder: Path, tag: str, default_sigint: bool = False
     (a background job), so that SIGINT raises KeyboardInterrupt in it."""
     reset = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if default_sigint else None
     with (folder / f"{tag}.out").open("w") as out, (folder / f"{tag}.err").open("w") as err:
-        return subprocess.Popen([sys.executable, str(MAIN), *args], cwd=folder, env=_env(), stdout=out, stderr=err,
-                                preexec_fn=reset)
+        return subprocess.Popen(
+            [sys.executable, str(MAIN), *args], cwd=folder, env=_env(), stdout=out, stderr=err, preexec_fn=reset
+        )
 
 
 def _finish(procs: dict[str, subprocess.Popen], folder: Path) -> dict[str, tuple[str, str]]:
@@ -208,10 +221,13 @@ def seeded_runs(tmp_path_factory) -> dict:
     (folder / "scheduler.yaml").write_text(SCHEDULER_OVERLAY)
     configs = ["-b", str(QUICKSTART), str(write_overlay(folder)), str(folder / "scheduler.yaml")]
     seeded = [*configs, "-l", str(folder / "logs"), "-t", "-s", "7", "--scale_lr", "false"]
-    outputs = _finish({
-        "full": _start([*seeded, "-n", "full", "lightning.trainer.max_steps=4"], folder, "full"),
-        "part": _start([*seeded, "-n", "part", "lightning.trainer.max_steps=2"], folder, "part"),
-    }, folder)
+    outputs = _finish(
+        {
+            "full": _start([*seeded, "-n", "full", "lightning.trainer.max_steps=4"], folder, "full"),
+            "part": _start([*seeded, "-n", "part", "lightning.trainer.max_steps=2"], folder, "part"),
+        },
+        folder,
+    )
     part = only_run(folder, "part")
     part_checkpoint = load_checkpoint(part / "checkpoints" / "last.ckpt")
     resume = ["-t", "-r", str(part), "--scale_lr", "false", "lightning.trainer.max_steps=4"]  # seed 7 from the checkpoint
@@ -294,9 +310,14 @@ def _interrupt_after_step(
     """Start a run that logs images every step and checkpoints only every 1000 steps; once step 2's images exist, send
     ``signum`` and wait for the process to end; returns it and the run folder."""
     args = [
-        *base_args(tmp_path), "-t", "-n", tag, f"lightning.trainer.max_steps={max_steps}",
+        *base_args(tmp_path),
+        "-t",
+        "-n",
+        tag,
+        f"lightning.trainer.max_steps={max_steps}",
         "lightning.callbacks.image_logger.params.batch_frequency=1",
-        "lightning.modelcheckpoint.params.every_n_train_steps=1000", *extra,
+        "lightning.modelcheckpoint.params.every_n_train_steps=1000",
+        *extra,
     ]
     proc = _start(args, tmp_path, tag, default_sigint=signum == signal.SIGINT)
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -355,8 +376,9 @@ def test_ddp_strategy_is_configured_for_the_model(trainer_args):
     from ldm.train.trainer import configure_ddp
 
     def ddp_kwargs(model: pl.LightningModule, **extra) -> dict:
-        trainer = pl.Trainer(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
-                             **{**trainer_args, **extra})
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, logger=False, enable_checkpointing=False, **{**trainer_args, **extra}
+        )
         configure_ddp(trainer.strategy, model)
         return trainer.strategy._ddp_kwargs
 
@@ -378,14 +400,26 @@ def test_ddp_strategy_is_configured_for_the_model(trainer_args):
 def test_two_process_cpu_ddp_trains_the_vq_autoencoder_across_disc_start(tmp_path):
     """DDP as Lightning picks it for ``devices=2`` (no strategy named) on the VQGAN: before disc_start the
     discriminator is idle (DDP needs find_unused_parameters), after it both optimizers step."""
-    args = ["-b", str(VQ_TINY), "-t", "-l", str(tmp_path / "logs"), "lightning.trainer.devices=2",
-            "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=4",
-            "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.enable_progress_bar=false",
-            "lightning.trainer.enable_model_summary=false", "model.params.lossconfig.params.disc_start=1",
-            "data.params.batch_size=4", "data.params.train.params.n_samples=32",
-            "data.params.validation.params.n_samples=8"]
-    result = subprocess.run([sys.executable, str(MAIN), *args], cwd=tmp_path, env=_env(), capture_output=True,
-                            text=True, timeout=RUN_TIMEOUT)
+    args = [
+        "-b",
+        str(VQ_TINY),
+        "-t",
+        "-l",
+        str(tmp_path / "logs"),
+        "lightning.trainer.devices=2",
+        "lightning.trainer.accelerator=cpu",
+        "lightning.trainer.max_steps=4",
+        "lightning.trainer.num_sanity_val_steps=0",
+        "lightning.trainer.enable_progress_bar=false",
+        "lightning.trainer.enable_model_summary=false",
+        "model.params.lossconfig.params.disc_start=1",
+        "data.params.batch_size=4",
+        "data.params.train.params.n_samples=32",
+        "data.params.validation.params.n_samples=8",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(MAIN), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = (tmp_path / "logs").iterdir()
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")

@@ -149,8 +149,12 @@ def test_sizes_beyond_the_checkpoint_are_refused_fast_under_a_memory_cap(expert_
         (UNET, "model_channels", 32.0, "model_channels=32.0: expected an integer, got float"),
         (UNET, "channel_mult", [1, 2**36], "channel_mult=[1, 68719476736]: item 1 (68719476736): out of range"),
         (UNET, "num_head_channels", -2, "num_head_channels=-2: out of range: an integer here must lie in [-1,"),
-        (UNET, "num_head_channels", 0, "cannot build 'ldm.models.diffusion.latesteps.LateStepsLatentDiffusion' from its "
-                                      "config: ZeroDivisionError"),
+        (
+            UNET,
+            "num_head_channels",
+            0,
+            "cannot build 'ldm.models.diffusion.latesteps.LateStepsLatentDiffusion' from its config: ZeroDivisionError",
+        ),
         (FIRST, "n_embed", 2**40, "first_stage_config.params.n_embed=1099511627776: out of range"),
         (MODEL, "timesteps", 2**36, "model.params.timesteps=68719476736: out of range"),
         (MODEL, "timesteps", False, "model.params.timesteps=False: expected an integer, got bool"),
@@ -208,8 +212,9 @@ def test_a_crafted_config_structure_is_one_line(expert_checkpoints, tmp_path, sh
 # roles: each slot builds only its kind
 
 
-def test_a_dataset_in_cond_stage_config_never_scans_its_folder(refine_cli, expert_checkpoints, one_image, tmp_path,
-                                                              monkeypatch, capsys):
+def test_a_dataset_in_cond_stage_config_never_scans_its_folder(
+    refine_cli, expert_checkpoints, one_image, tmp_path, monkeypatch, capsys
+):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(load_photos()[1][:40, :40]).save(photos / "a.png")
@@ -228,8 +233,9 @@ def test_a_dataset_in_cond_stage_config_never_scans_its_folder(refine_cli, exper
     monkeypatch.undo()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"refine.py: error: checkpoint {path}: model.params.cond_stage_config accepts a "
-                               "conditioning encoder")
+    assert lines[0].startswith(
+        f"refine.py: error: checkpoint {path}: model.params.cond_stage_config accepts a conditioning encoder"
+    )
     assert f"target={target!r} is a dataset" in lines[0] and "--trust-config" in lines[0]
     assert not [a for a in scanned if a and str(photos) in str(a[0])] and not out.exists()
 
@@ -275,9 +281,13 @@ def test_roles_of_the_config_checker(role, target, accepts):
 
 
 def test_sentinels_identity_and_the_projects_encoders_fill_cond_stage_config():
-    for cond in ("__is_first_stage__", "__is_unconditional__", {"target": "torch.nn.Identity"},
-                 {"target": "ldm.modules.encoders.modules.ClassEmbedder", "params": {"embed_dim": 8}},
-                 tiny_first_stage_config()):
+    for cond in (
+        "__is_first_stage__",
+        "__is_unconditional__",
+        {"target": "torch.nn.Identity"},
+        {"target": "ldm.modules.encoders.modules.ClassEmbedder", "params": {"embed_dim": 8}},
+        tiny_first_stage_config(),
+    ):
         check_untrusted_config(cond, "cond_stage_config")
     with pytest.raises(ConfigError, match="'__is_conditional__' is not a config"):
         check_untrusted_config("__is_conditional__", "cond_stage_config")
@@ -286,8 +296,11 @@ def test_sentinels_identity_and_the_projects_encoders_fill_cond_stage_config():
 def test_configs_outside_the_slots_and_files_are_refused(expert_checkpoints, tmp_path, monkeypatch):
     stray = {"target": "ldm.modules.ema.LitEma", "params": {}}
     path = expert_with(expert_checkpoints[0], tmp_path / "stray.ckpt", setter(UNET, "attention_resolutions", [stray]))
-    with pytest.raises(ConfigError, match=r"unet_config\.params\.attention_resolutions holds a config "
-                                          r"\(target='ldm\.modules\.ema\.LitEma'\), but 'attention_resolutions' is no slot"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unet_config\.params\.attention_resolutions holds a config "
+        r"\(target='ldm\.modules\.ema\.LitEma'\), but 'attention_resolutions' is no slot",
+    ):
         load_expert(path)
     remap = tmp_path / "used.npy"
     np.save(remap, np.arange(64))
@@ -313,8 +326,9 @@ def test_a_valid_checkpoint_loads_and_refines_exactly_as_when_trusted(expert_che
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert all(t.device.type == "cpu" for t in (*a.model.parameters(), *a.model.buffers()))
     x = photo_crops(2, 32, seed=3)
-    assert torch.equal(checked.refine_tensors(x, 400, seeds=[1, 2], ddim_steps=10),
-                       trusted.refine_tensors(x, 400, seeds=[1, 2], ddim_steps=10))
+    assert torch.equal(
+        checked.refine_tensors(x, 400, seeds=[1, 2], ddim_steps=10), trusted.refine_tensors(x, 400, seeds=[1, 2], ddim_steps=10)
+    )
     ckpt = load_checkpoint(expert_checkpoints[0])
     state = torch.get_rng_state()
     check_untrusted_model(_inference_config(ckpt["config"]["model"], True), ckpt["state_dict"], "checkpoint")

@@ -79,8 +79,13 @@ class LocalHostOnly:
         error = (f"this server answers only requests addressed to {' or '.join(sorted(self.allowed))} (the request's "
                  f"Host is {shown!r}); start the app with --listen to serve other names")  # fmt: skip
         body = json.dumps({"error": error}).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

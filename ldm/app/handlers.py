@@ -251,8 +251,10 @@ class RefineSettings:
             values["guidance_scale"] = float(scale)
         seed, n_samples = values.get("seed", base.seed), values.get("n_samples", base.n_samples)
         if seed + n_samples - 1 > MAX_SEED:  # sample k uses seed + k (as scripts/refine.py refuses it)
-            raise RequestError(f"Seed {seed} with {n_samples} samples would use seeds up to {seed + n_samples - 1}; "
-                               f"the last seed (Seed + Samples - 1) must be at most {MAX_SEED}: lower the seed")
+            raise RequestError(
+                f"Seed {seed} with {n_samples} samples would use seeds up to {seed + n_samples - 1}; "
+                f"the last seed (Seed + Samples - 1) must be at most {MAX_SEED}: lower the seed"
+            )
         return replace(base, **values)
 
     def plan_arguments(self) -> dict[str, Any]:
@@ -289,8 +291,10 @@ def parse_boxes(text: Any) -> tuple[Box, ...]:
         raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
     lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
     if len(lines) > MAX_BOXES:
-        raise RequestError(f"{len(lines):,} boxes given; at most {MAX_BOXES} are accepted: merge neighbouring boxes "
-                           "into one, or paint the region instead")
+        raise RequestError(
+            f"{len(lines):,} boxes given; at most {MAX_BOXES} are accepted: merge neighbouring boxes "
+            "into one, or paint the region instead"
+        )
     boxes = []
     for line in lines:
         try:
@@ -426,9 +430,7 @@ def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, cond:
     return time.perf_counter() - started
 
 
-def _check_step_time(
-    refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None, calls: int = 1
-) -> None:
+def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None, calls: int = 1) -> None:
     """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS` (estimated with ``cost``): the
     whole padded image in the whole-image and in-place modes, one region at the experts' size in crop mode."""
     if cost is None:
@@ -513,8 +515,7 @@ def prepare(
     start_map, meta, n_regions = None, {}, 1
     if settings.mode != "whole":
         if mask is None and not regions.boxes:
-            raise RequestError("nothing selected: paint over the region to refine or draw a box (or set Mode to 'whole "
-                               "image')")
+            raise RequestError("nothing selected: paint over the region to refine or draw a box (or set Mode to 'whole image')")
         array, digest = (None, "") if mask is None else mask
         try:
             _, start_map = refiner.region_start_map(upload.height, upload.width, settings.start_t, None, array,
@@ -547,9 +548,7 @@ def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> None:
     )
 
 
-def refine(
-    refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Callable[[], None] | None = None
-) -> RefineResult:
+def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Callable[[], None] | None = None) -> RefineResult:
     """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` as the CLI
     names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.
 

@@ -198,8 +198,10 @@ class JobQueue:
                 logger.info("request %s: %s", job.id, job.message)
             except torch.OutOfMemoryError:
                 logger.warning("request %s failed: out of device memory", job.id, exc_info=True)
-                job.message = ("the device ran out of memory refining this image; try a smaller image, Mode 'crop', or "
-                               "fewer samples (the server log has the details)")
+                job.message = (
+                    "the device ran out of memory refining this image; try a smaller image, Mode 'crop', or "
+                    "fewer samples (the server log has the details)"
+                )
                 job.state = FAILED
             except (ValueError, OSError) as exc:
                 job.message = page_words(str(exc)) or type(exc).__name__

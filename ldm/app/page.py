@@ -129,19 +129,26 @@ def window_message(rng: StartRange, start_t: int, box_starts: Sequence[tuple[str
 _REWRITES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), replacement)
     for pattern, replacement in (
-        (r"start_t=(\d+) holds no step of the (\d+)-step DDIM grid \(its lowest entry is t=(\d+)\): raise start_t, use "
-         r"more ddim_steps, or use tail_steps for an exact step count",
-         r"start t=\1 is below every step of the \2-step DDIM grid (its lowest is t=\3): raise the start, use more "
-         r"Steps, or count them 'exactly, from start t'"),
-        (r"tail_steps=(\S+) must be an integer in \[1, (\d+)\]",
-         r"Steps \1: counted exactly from start t=\2, at most \2 steps fit (one per timestep); lower Steps or raise "
-         r"the start"),
+        (
+            r"start_t=(\d+) holds no step of the (\d+)-step DDIM grid \(its lowest entry is t=(\d+)\): raise start_t, use "
+            r"more ddim_steps, or use tail_steps for an exact step count",
+            r"start t=\1 is below every step of the \2-step DDIM grid (its lowest is t=\3): raise the start, use more "
+            r"Steps, or count them 'exactly, from start t'",
+        ),
+        (
+            r"tail_steps=(\S+) must be an integer in \[1, (\d+)\]",
+            r"Steps \1: counted exactly from start t=\2, at most \2 steps fit (one per timestep); lower Steps or raise "
+            r"the start",
+        ),
         (r"ddim_steps=(\S+) must be an integer in \[1, (\d+)\]", r"Steps \1: a DDIM grid has 1 to \2 steps"),
         (r"\(--mask-dilate PX\)", "(Mask dilate, under 'more')"),
         (r"\(without --crop-regions\)", "(Mode: in place)"),
         (r"paint the region to refine white", "paint over the region to refine"),
-        (r"a box's own start_t must be in \[1, T-1\] \(T = \d+ timesteps by default\); leave out @start_t to use the "
-         r"batch's start", "a box's own start must be at least t=1; leave out @start_t to use the slider's start"),
+        (
+            r"a box's own start_t must be in \[1, T-1\] \(T = \d+ timesteps by default\); leave out @start_t to use the "
+            r"batch's start",
+            "a box's own start must be at least t=1; leave out @start_t to use the slider's start",
+        ),
     )  # fmt: skip
 )
 _CLI_WORDS = re.compile(r"--[a-z][a-z-]+|\b[a-z]+(?:_[a-z]+)+=|=True\b|=False\b")

@@ -121,15 +121,15 @@ class AppState:
 
     def upload(self, key: Any) -> Upload:
         if not isinstance(key, str) or key not in self.uploads:
-            raise RequestError(f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}, less "
-                               "when they are large); upload it again")
+            raise RequestError(
+                f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}, less "
+                "when they are large); upload it again"
+            )
         self.uploads.move_to_end(key)
         return self.uploads[key]
 
 
-def create_app(
-    refiner: Refiner, outdir: str | Path, listen: bool = False, step_cost: StepCost | None = None
-) -> Starlette:
+def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_cost: StepCost | None = None) -> Starlette:
     """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.
 
     Args:
@@ -356,11 +356,15 @@ def _parse_json(data: bytes) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the request is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     except RecursionError:
-        raise RequestError("the request's JSON is nested too deeply to parse; send the page's settings object, "
-                           "whose values are numbers and strings") from None
+        raise RequestError(
+            "the request's JSON is nested too deeply to parse; send the page's settings object, "
+            "whose values are numbers and strings"
+        ) from None
     except ValueError:  # an integer beyond Python's digit limit for str -> int
-        raise RequestError(f"the request holds a number of more than {sys.get_int_max_str_digits()} digits; no setting "
-                           "takes one that long (seeds are integers up to 2**63 - 1)") from None
+        raise RequestError(
+            f"the request holds a number of more than {sys.get_int_max_str_digits()} digits; no setting "
+            "takes one that long (seeds are integers up to 2**63 - 1)"
+        ) from None
 
 
 def _base64(value: Any) -> bytes | None:
@@ -393,5 +397,8 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 async def _server_error(_request: Request, exc: Exception) -> Response:
     logger.error("request failed", exc_info=exc)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500,
-                        headers={"X-Content-Type-Options": "nosniff"})  # sent outside the middleware
+    return JSONResponse(
+        {"error": f"internal error ({type(exc).__name__}); see the server log"},
+        status_code=500,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )  # sent outside the middleware

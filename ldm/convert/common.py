@@ -107,8 +107,9 @@ class Options:
             raise self.fail(key, value, f"must be a list of 1 to {max_len} block names")
         for item in value:
             if item not in allowed:
-                raise self.fail(key, value, f"holds {_short(item)}, which is not supported (allowed: "
-                                f"{', '.join(allowed)}): {why}")
+                raise self.fail(
+                    key, value, f"holds {_short(item)}, which is not supported (allowed: {', '.join(allowed)}): {why}"
+                )
         return tuple(value)
 
     def side(self, key: str) -> int | None:

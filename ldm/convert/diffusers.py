@@ -116,12 +116,14 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, 
     if window != (0, num_timesteps):
         unet_config[WINDOW_KEY] = list(window)
     files: dict[str, bytes] = {
-        "model_index.json": _json({
-            "_class_name": "LDMPipeline",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "unet": ["diffusers", "UNet2DModel"],
-            "vqvae": ["diffusers", "VQModel"],
-        }),
+        "model_index.json": _json(
+            {
+                "_class_name": "LDMPipeline",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+                "vqvae": ["diffusers", "VQModel"],
+            }
+        ),
         "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
         "unet/config.json": _json(unet_config),
         f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
@@ -191,8 +193,10 @@ def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[in
         raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
     cond = model.cond_stage_model
     if cond.layer != "last":
-        raise DiffusersFormatError(f"the text encoder is read at layer={cond.layer!r}; diffusers' Stable Diffusion "
-                                   "pipeline uses the last hidden state (layer='last')")
+        raise DiffusersFormatError(
+            f"the text encoder is read at layer={cond.layer!r}; diffusers' Stable Diffusion "
+            "pipeline uses the last hidden state (layer='last')"
+        )
     unet = cond_unet_layout_from_model(model.model.diffusion_model)
     kl = kl_layout_from_model(model.first_stage_model)
     num_timesteps = int(model.num_timesteps)
@@ -201,23 +205,26 @@ def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[in
     if window != (0, num_timesteps):
         unet_config[WINDOW_KEY] = list(window)
     # the text model's options; "_name_or_path" (where it was loaded from) and the transformers version are not
-    text_config = {k: v for k, v in cond.transformer.config.to_dict().items()
-                   if not k.startswith("_") and k != "transformers_version"}
+    text_config = {
+        k: v for k, v in cond.transformer.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+    }
     text_config["architectures"] = ["CLIPTextModel"]
     text_keys = [k for k in cond.state_dict() if k.startswith(CLIP_PREFIX)]
     tokenizer = cond.tokenizer
     files: dict[str, bytes] = {
-        "model_index.json": _json({
-            "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", type(tokenizer).__name__],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }),
+        "model_index.json": _json(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", type(tokenizer).__name__],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+        ),
         "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
         "unet/config.json": _json(unet_config),
         f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
@@ -227,8 +234,7 @@ def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[in
         "text_encoder/model.safetensors": _export_weights(cond, text_param_maps(text_keys), "text-encoder"),
     }
     _write_folder(out, files, fill=lambda tmp: tokenizer.save_pretrained(str(tmp / "tokenizer")))
-    logger.info("wrote diffusers Stable Diffusion folder %s (window %s of T=%d)", format_path(out), list(window),
-                num_timesteps)
+    logger.info("wrote diffusers Stable Diffusion folder %s (window %s of T=%d)", format_path(out), list(window), num_timesteps)
     return out
 
 

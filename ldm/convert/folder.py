@@ -151,8 +151,7 @@ class LDMFolder:
     def weights(self, component: Component, unsafe: bool = False, skip: Callable[[str], bool] | None = None) -> WeightFile:
         """The component's weight file (``skip(name)``: tensors left out unread, e.g. CLIP's integer position ids)."""
         assert component.weights_file is not None
-        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe,
-                          skip)
+        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe, skip)
 
 
 def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
@@ -195,8 +194,10 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
         for role, candidates in DEFAULT_COMPONENTS.items():
             name = next((c for c in candidates if (root / c).is_dir()), None)
             if name is None:
-                raise DiffusersFormatError(f"{shown} has no {' or '.join(c + '/' for c in candidates)} sub-folder "
-                                           f"(and no {MODEL_INDEX} naming the pipeline's parts)")
+                raise DiffusersFormatError(
+                    f"{shown} has no {' or '.join(c + '/' for c in candidates)} sub-folder "
+                    f"(and no {MODEL_INDEX} naming the pipeline's parts)"
+                )
             found[role] = (name, None)
         return found
     index = read_json(index_file, f"{shown}/{MODEL_INDEX}")
@@ -210,9 +211,12 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
             raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component name {name!r} is not a plain folder name")
         cls = entry[1]
         role = (
-            "unet" if cls in UNET_CLASSES
-            else "first_stage" if cls in FIRST_STAGE_CLASSES
-            else "scheduler" if cls.endswith("Scheduler")
+            "unet"
+            if cls in UNET_CLASSES
+            else "first_stage"
+            if cls in FIRST_STAGE_CLASSES
+            else "scheduler"
+            if cls.endswith("Scheduler")
             else None
         )
         if role is None:
@@ -221,13 +225,15 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
                 "VQModel + scheduler); conditional pipelines are not supported"
             )
         if role in found:
-            raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: components {found[role][0]!r} and {name!r} both look "
-                                       f"like the {role.replace('_', ' ')}")
+            raise DiffusersFormatError(
+                f"{shown}/{MODEL_INDEX}: components {found[role][0]!r} and {name!r} both look like the {role.replace('_', ' ')}"
+            )
         found[role] = (name, cls)
     missing = [role.replace("_", " ") for role in DEFAULT_COMPONENTS if role not in found]
     if missing:
-        raise DiffusersFormatError(f"{shown}/{MODEL_INDEX} names no {', '.join(missing)} (an LDM folder has a UNet2DModel, "
-                                   "a VQModel and a scheduler)")
+        raise DiffusersFormatError(
+            f"{shown}/{MODEL_INDEX} names no {', '.join(missing)} (an LDM folder has a UNet2DModel, a VQModel and a scheduler)"
+        )
     return found
 
 
@@ -243,8 +249,10 @@ def _weights_file(folder: Path, shown: str, names: tuple[str, ...] = WEIGHT_NAME
         if candidate.is_file():
             return candidate
     if any((folder / f"{name}.index.json").exists() for name in names):
-        raise DiffusersFormatError(f"{shown}/ holds sharded weights (*.index.json), which are not supported; save the "
-                                   "model unsharded (save_pretrained(..., max_shard_size='100GB'))")
+        raise DiffusersFormatError(
+            f"{shown}/ holds sharded weights (*.index.json), which are not supported; save the "
+            "model unsharded (save_pretrained(..., max_shard_size='100GB'))"
+        )
     raise DiffusersFormatError(f"{shown}/ holds no {' or '.join(names)}")
 
 
@@ -252,8 +260,14 @@ def _weights_file(folder: Path, shown: str, names: tuple[str, ...] = WEIGHT_NAME
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")  # not part of the denoiser; never read
 TEXT_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json + merges.txt + tokenizer.json are ~5 MB
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel")
 
@@ -306,13 +320,14 @@ def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
             if name.startswith("_") or isinstance(entry, bool) or entry is None:
                 continue  # metadata, requires_safety_checker
             if not (isinstance(entry, list) and len(entry) == 2):
-                raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: entry {name!r} must be [library, class], got "
-                                           f"{entry!r}")
+                raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: entry {name!r} must be [library, class], got {entry!r}")
             if entry[-1] is None or name in SD_IGNORED:
                 continue
             if name not in SD_PARTS:
-                raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component {name!r} ({entry[1]}) is not part of a "
-                                           f"Stable Diffusion v1 pipeline; {supported}")
+                raise DiffusersFormatError(
+                    f"{shown}/{MODEL_INDEX}: component {name!r} ({entry[1]}) is not part of a "
+                    f"Stable Diffusion v1 pipeline; {supported}"
+                )
             classes[name] = str(entry[1])
     parts: dict[str, Component] = {}
     for name in ("unet", "vae", "text_encoder", "scheduler"):
@@ -332,11 +347,14 @@ def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
     files = [tokenizer / n for n in TOKENIZER_FILES if (tokenizer / n).is_file()]
     names = {f.name for f in files}
     if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
-        raise DiffusersFormatError(f"{shown}/tokenizer/ holds no CLIP tokenizer (vocab.json and merges.txt, or "
-                                   "tokenizer.json); save it with CLIPTokenizer.save_pretrained")
+        raise DiffusersFormatError(
+            f"{shown}/tokenizer/ holds no CLIP tokenizer (vocab.json and merges.txt, or "
+            "tokenizer.json); save it with CLIPTokenizer.save_pretrained"
+        )
     size = sum(f.stat().st_size for f in files)
     if size > MAX_TOKENIZER_BYTES:
-        raise DiffusersFormatError(f"{shown}/tokenizer/ holds {size} bytes; a CLIP tokenizer is at most "
-                                   f"{MAX_TOKENIZER_BYTES} bytes")
+        raise DiffusersFormatError(
+            f"{shown}/tokenizer/ holds {size} bytes; a CLIP tokenizer is at most {MAX_TOKENIZER_BYTES} bytes"
+        )
     read += files
     return SDFolder(root, parts["unet"], parts["vae"], parts["scheduler"], read, parts["text_encoder"], tokenizer)

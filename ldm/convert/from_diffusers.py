@@ -69,8 +69,10 @@ def diffusers_to_checkpoint(
     if is_sd_folder(folder):  # a text-to-image pipeline (text_encoder/, tokenizer/): Stable Diffusion v1
         return sd_to_checkpoint(folder, scale_factor=scale_factor, unsafe_load=unsafe_load, clip_dir=clip_dir)
     if clip_dir is not None:
-        raise DiffusersFormatError(f"{format_path(folder)} is an unconditional LDM folder (no text encoder); clip_dir "
-                                   "(--clip-dir) applies to Stable Diffusion folders only")
+        raise DiffusersFormatError(
+            f"{format_path(folder)} is an unconditional LDM folder (no text encoder); clip_dir "
+            "(--clip-dir) applies to Stable Diffusion folders only"
+        )
     ldm = open_ldm_folder(folder)
     unet, window = unet_layout_from_config(ldm.unet.config, f"{ldm.shown}/{ldm.unet.source()}")
     vq = vq_layout_from_config(ldm.first_stage.config, f"{ldm.shown}/{ldm.first_stage.source()}")

@@ -96,8 +96,10 @@ def sd_to_checkpoint(
         )
     width = sd.text_encoder.config.get("hidden_size") or 512
     if width != unet.context_dim:
-        raise DiffusersFormatError(f"{where['unet']}: cross_attention_dim={unet.context_dim} but the text encoder's "
-                                   f"hidden_size is {width}; the UNet and the text encoder do not belong together")
+        raise DiffusersFormatError(
+            f"{where['unet']}: cross_attention_dim={unet.context_dim} but the text encoder's "
+            f"hidden_size is {width}; the UNet and the text encoder do not belong together"
+        )
     if window is not None:
         try:
             window = validate_window(window[0], window[1], schedule.timesteps)
@@ -111,9 +113,19 @@ def sd_to_checkpoint(
     state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
     state_dict.update(import_weights(sd, sd.unet, unet.param_maps(), expected, UNET_PREFIX, unsafe_load))
     state_dict.update(import_weights(sd, sd.first_stage, kl.param_maps(), expected, FIRST_STAGE_PREFIX, unsafe_load))
-    text_keys = [k[len(COND_STAGE_PREFIX):] for k in expected if k.startswith(COND_STAGE_PREFIX + CLIP_PREFIX)]
-    state_dict.update(import_weights(sd, sd.text_encoder, text_param_maps(text_keys), expected, COND_STAGE_PREFIX,
-                                     unsafe_load, rename=text_file_name, ignore=POSITION_IDS))
+    text_keys = [k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX + CLIP_PREFIX)]
+    state_dict.update(
+        import_weights(
+            sd,
+            sd.text_encoder,
+            text_param_maps(text_keys),
+            expected,
+            COND_STAGE_PREFIX,
+            unsafe_load,
+            rename=text_file_name,
+            ignore=POSITION_IDS,
+        )
+    )
     ckpt: dict[str, Any] = {
         "state_dict": state_dict,
         "config": {"model": cfg},
@@ -166,4 +178,3 @@ def _scale_factor(sd: SDFolder, override: float | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise DiffusersFormatError(f"{what}={value!r} must be a finite number > 0")
     return float(value)
-

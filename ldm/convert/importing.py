@@ -82,8 +82,10 @@ def import_weights(
     have = {names[k]: shape for k, shape in weights.shapes().items()}
     shown = weights.shown
     if len(have) != len(names):
-        raise DiffusersFormatError(f"{shown} holds the same tensor under two names (e.g. both the old and the new "
-                                   "attention names); the file is ambiguous")
+        raise DiffusersFormatError(
+            f"{shown} holds the same tensor under two names (e.g. both the old and the new "
+            "attention names); the file is ambiguous"
+        )
     bad = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
     if bad:
         first = "; ".join(f"{k}: file {list(a)} vs config {list(b)}" for k, a, b in bad[:3])
@@ -100,4 +102,3 @@ def import_weights(
         )
     tensors = weights.tensors(names)
     return {prefix + m.ldm: m.to_ldm([tensors[k] for k in m.diffusers], ldm_shapes[m.ldm]) for m in maps}
-

@@ -42,9 +42,17 @@ SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler")
 # Stable Diffusion folders ship other samplers' configs (v1.5: PNDMScheduler); these classes define the betas with the
 # same options (num_train_timesteps, beta_start/end, beta_schedule, trained_betas, prediction_type)
 SD_SCHEDULER_CLASSES = (
-    *SCHEDULER_CLASSES, "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+    *SCHEDULER_CLASSES,
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 )
 # defaults shared by DDIMScheduler and DDPMScheduler in diffusers 0.42
@@ -138,9 +146,7 @@ class ScheduleSpec:
         return make_beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
 
 
-def schedule_from_config(
-    data: Mapping[str, Any], source: str, classes: tuple[str, ...] = SCHEDULER_CLASSES
-) -> ScheduleSpec:
+def schedule_from_config(data: Mapping[str, Any], source: str, classes: tuple[str, ...] = SCHEDULER_CLASSES) -> ScheduleSpec:
     """Validate a scheduler config (untrusted JSON) and return the schedule it defines.
 
     Unknown options are logged and ignored (a scheduler steers sampling; the betas come only from the options read
@@ -158,11 +164,17 @@ def schedule_from_config(
     opt = Options(data, source, SCHEDULER_DEFAULTS)
     timesteps = opt.integer("num_train_timesteps", 2, MAX_TIMESTEPS)
     prediction = opt.choice("prediction_type", list(PREDICTION), "this project's models predict eps or x0")
-    opt.choice("rescale_betas_zero_snr", [False], "zero terminal SNR needs a final beta of 1, which this project's "
-               "schedule cannot hold")
+    opt.choice(
+        "rescale_betas_zero_snr",
+        [False],
+        "zero terminal SNR needs a final beta of 1, which this project's schedule cannot hold",
+    )
     if cls == "DDPMScheduler":
-        opt.choice("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"],
-                   "a learned variance needs a UNet with twice the output channels")
+        opt.choice(
+            "variance_type",
+            ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"],
+            "a learned variance needs a UNet with twice the output channels",
+        )
     start = opt.number("beta_start", 1e-12, 0.999)
     end = opt.number("beta_end", 1e-12, 0.999)
     trained = opt.get("trained_betas")
@@ -177,8 +189,13 @@ def schedule_from_config(
         spec = ScheduleSpec(timesteps, TO_PROJECT[name], start, end, PREDICTION[prediction], cosine_s=DIFFUSERS_COSINE_S)
     differ = {k: data[k] for k, v in COMPVIS_DDIM.items() if k in data and data[k] != v}
     if differ:
-        logger.info("%s: sampler options %s are diffusers' sampling settings; this project samples with CompVis' DDIM "
-                    "(%s), which the converted model uses", source, differ, COMPVIS_DDIM)
+        logger.info(
+            "%s: sampler options %s are diffusers' sampling settings; this project samples with CompVis' DDIM "
+            "(%s), which the converted model uses",
+            source,
+            differ,
+            COMPVIS_DDIM,
+        )
     opt.ignore(*SAMPLER_ONLY)
     unknown = opt.unknown()
     if unknown:

@@ -54,37 +54,83 @@ KL_CLASS = "AutoencoderKL"
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 CLIP_PREFIX = "transformer.text_model."  # inside FrozenCLIPEmbedder (SD v1's cond_stage_model.*)
-SUPPORTED = ("supported: Stable Diffusion v1.x folders (UNet2DConditionModel with 1x1-conv proj_in/proj_out, "
-             "AutoencoderKL, CLIPTextModel + CLIPTokenizer, epsilon or sample prediction)")
+SUPPORTED = (
+    "supported: Stable Diffusion v1.x folders (UNet2DConditionModel with 1x1-conv proj_in/proj_out, "
+    "AutoencoderKL, CLIPTextModel + CLIPTokenizer, epsilon or sample prediction)"
+)
 # UNet2DConditionModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out)
 COND_UNET_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
     "freq_shift": 0,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_num_groups": 32,
-    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False, "use_linear_projection": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
 COND_DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 COND_UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 # AutoencoderKL.__init__ defaults of diffusers 0.42; scaling_factor is read apart (LatentDiffusion's scale_factor)
 KL_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
-    "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215, "shift_factor": None,
-    "latents_mean": None, "latents_std": None, "force_upcast": True, "use_quant_conv": True,
-    "use_post_quant_conv": True, "mid_block_add_attention": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
 }
 # bounds on a CLIP text config read from an untrusted folder (SD v1: 768 wide, 12 layers, 49408 tokens, 77 positions)
 MAX_TEXT_LAYERS = 64
@@ -114,16 +160,16 @@ class CrossAttnUNetLayout(UNetLayout):
             params["num_heads"] = self.num_heads
         else:
             params["num_head_channels"] = self.head_channels
-        params.update(use_spatial_transformer=True, transformer_depth=self.depth, context_dim=self.context_dim,
-                      legacy=False)
+        params.update(use_spatial_transformer=True, transformer_depth=self.depth, context_dim=self.context_dim, legacy=False)
         return params
 
     def diffusers_config(self) -> dict[str, Any]:
         """``unet/config.json`` of the equivalent ``UNet2DConditionModel`` (every option written out)."""
         levels = range(len(self.channel_mult))
         widths = [self.channels(i) for i in levels]
-        heads: int | list[int] = (self.num_heads if self.num_heads is not None
-                                  else [max(1, w // int(self.head_channels or w)) for w in widths])
+        heads: int | list[int] = (
+            self.num_heads if self.num_heads is not None else [max(1, w // int(self.head_channels or w)) for w in widths]
+        )
         return {
             **COND_UNET_DEFAULTS,
             "_class_name": COND_UNET_CLASS,
@@ -154,9 +200,7 @@ class CrossAttnUNetLayout(UNetLayout):
         return maps
 
 
-def cond_unet_layout_from_config(
-    data: Mapping[str, Any], source: str
-) -> tuple[CrossAttnUNetLayout, tuple[int, int] | None]:
+def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[CrossAttnUNetLayout, tuple[int, int] | None]:
     """Validate a ``UNet2DConditionModel`` config (untrusted JSON) of an SD v1-style UNet; returns its layout and the
     recorded window, if any.
 
@@ -165,18 +209,35 @@ def cond_unet_layout_from_config(
     """
     cls = data.get("_class_name", COND_UNET_CLASS)
     if cls != COND_UNET_CLASS:
-        raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a Stable Diffusion UNet "
-                                   f"({COND_UNET_CLASS}); {SUPPORTED}")
+        raise DiffusersFormatError(
+            f"{source}: _class_name={cls!r} is not a Stable Diffusion UNet ({COND_UNET_CLASS}); {SUPPORTED}"
+        )
     opt = Options(data, source, COND_UNET_DEFAULTS)
     opt.choice("use_linear_projection", [False], f"(Stable Diffusion 2.x's linear proj_in/proj_out); {SUPPORTED}")
     opt.choice("addition_embed_type", [None], f"(SDXL's extra text/size conditioning); {SUPPORTED}")
-    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
-                "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type", "time_cond_proj_dim",
-                "time_embedding_act_fn", "timestep_post_act", "cross_attention_norm",
-                "reverse_transformer_layers_per_block", "num_attention_heads"):
+    for key in (
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "class_embed_type",
+        "num_class_embeds",
+        "encoder_hid_dim",
+        "encoder_hid_dim_type",
+        "time_cond_proj_dim",
+        "time_embedding_act_fn",
+        "timestep_post_act",
+        "cross_attention_norm",
+        "reverse_transformer_layers_per_block",
+        "num_attention_heads",
+    ):
         opt.choice(key, [None], f"is not supported (extra conditioning or layout options SD v1 lacks); {SUPPORTED}")
-    for key in ("only_cross_attention", "dual_cross_attention", "upcast_attention", "center_input_sample",
-                "resnet_skip_time_act", "class_embeddings_concat"):
+    for key in (
+        "only_cross_attention",
+        "dual_cross_attention",
+        "upcast_attention",
+        "center_input_sample",
+        "resnet_skip_time_act",
+        "class_embeddings_concat",
+    ):
         opt.choice(key, [False], f"is not supported; {SUPPORTED}")
     opt.choice("mid_block_only_cross_attention", [None, False], "is not supported")
     opt.choice("attention_type", ["default"], "(gated/IP-adapter attention) is not supported")
@@ -198,20 +259,33 @@ def cond_unet_layout_from_config(
     up = opt.str_list("up_block_types", COND_UP_TYPES, MAX_LEVELS, SUPPORTED)
     widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
     if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail("block_out_channels", list(widths), f"has {len(widths)} levels but down_block_types has "
-                       f"{len(down)} and up_block_types {len(up)}")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
+        )
     attention = tuple(t == "CrossAttnDownBlock2D" for t in down)
     if tuple(t == "CrossAttnUpBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
-                       "attention at the same resolutions on the way down and up")
+        raise opt.fail(
+            "up_block_types",
+            list(up),
+            f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
+            "attention at the same resolutions on the way down and up",
+        )
     base = widths[0]
     if any(w % base or w % 32 for w in widths):
-        raise opt.fail("block_out_channels", list(widths), "must be multiples of block_out_channels[0] (CompVis' "
-                       "model_channels * channel_mult) and of 32 (GroupNorm groups)")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            "must be multiples of block_out_channels[0] (CompVis' model_channels * channel_mult) and of 32 (GroupNorm groups)",
+        )
     embed_dim = opt.get("time_embedding_dim")
     if embed_dim is not None and embed_dim != 4 * base:
-        raise opt.fail("time_embedding_dim", embed_dim, f"is not supported: CompVis' time embedding has "
-                       f"4 * block_out_channels[0] = {4 * base} channels")
+        raise opt.fail(
+            "time_embedding_dim",
+            embed_dim,
+            f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * base} channels",
+        )
     context_dim = _same_int(opt, "cross_attention_dim", len(widths), MAX_CHANNELS)
     depth = _same_int(opt, "transformer_layers_per_block", len(widths), MAX_LAYERS)
     layers = _same_int(opt, "layers_per_block", len(widths), MAX_LAYERS)
@@ -219,8 +293,11 @@ def cond_unet_layout_from_config(
     in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
     out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
     if out_ch != in_ch:
-        raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: inpainting / depth UNets (extra "
-                       f"input channels) are not supported; {SUPPORTED}")
+        raise opt.fail(
+            "out_channels",
+            out_ch,
+            f"differs from in_channels={in_ch}: inpainting / depth UNets (extra input channels) are not supported; {SUPPORTED}",
+        )
     layout = CrossAttnUNetLayout(
         in_channels=in_ch,
         out_channels=out_ch,
@@ -246,8 +323,11 @@ def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
     value = opt.get(key)
     if isinstance(value, (list, tuple)):
         if len(value) != levels or len(set(map(repr, value))) != 1:
-            raise opt.fail(key, value, f"must be one integer (or {levels} equal ones): CompVis' UNet has one value for "
-                           f"every level; {SUPPORTED}")
+            raise opt.fail(
+                key,
+                value,
+                f"must be one integer (or {levels} equal ones): CompVis' UNet has one value for every level; {SUPPORTED}",
+            )
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
         raise opt.fail(key, value, f"must be an integer in [1, {hi}]")
@@ -261,8 +341,11 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
     if len(per_level) != len(widths) or not all(
         isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= MAX_CHANNELS for h in per_level
     ):
-        raise opt.fail("attention_head_dim", value, f"must be an integer in [1, {MAX_CHANNELS}] or one per level "
-                       "(diffusers' name for the number of heads)")
+        raise opt.fail(
+            "attention_head_dim",
+            value,
+            f"must be an integer in [1, {MAX_CHANNELS}] or one per level (diffusers' name for the number of heads)",
+        )
     used = [(w, h) for w, h, a in zip(widths, per_level, attention) if a] + [(widths[-1], per_level[-1])]  # + mid
     if any(w % h for w, h in used):
         raise opt.fail("attention_head_dim", value, f"(heads) does not divide the attention widths {[w for w, _ in used]}")
@@ -270,8 +353,12 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
         return used[0][1], None
     if len({w // h for w, h in used}) == 1:
         return None, used[0][0] // used[0][1]
-    raise opt.fail("attention_head_dim", value, "gives neither one number of heads nor one head width for every "
-                   "attention level (CompVis' num_heads / num_head_channels)")
+    raise opt.fail(
+        "attention_head_dim",
+        value,
+        "gives neither one number of heads nor one head width for every "
+        "attention level (CompVis' num_heads / num_head_channels)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- the VAE
@@ -348,8 +435,9 @@ def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
         raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a KL autoencoder (AutoencoderKL); {SUPPORTED}")
     opt = Options(data, source, KL_DEFAULTS)
     for key in ("shift_factor", "latents_mean", "latents_std"):
-        opt.choice(key, [None], "is not supported (a latent normalisation of SD3/SDXL-style VAEs; SD v1 scales by "
-                   "scaling_factor only)")
+        opt.choice(
+            key, [None], "is not supported (a latent normalisation of SD3/SDXL-style VAEs; SD v1 scales by scaling_factor only)"
+        )
     opt.choice("use_quant_conv", [True], "CompVis' AutoencoderKL always has quant_conv")
     opt.choice("use_post_quant_conv", [True], "CompVis' AutoencoderKL always has post_quant_conv")
     opt.flag("force_upcast")
@@ -371,8 +459,10 @@ def kl_layout_from_model(first_stage: nn.Module) -> KLLayout:
         raise refuse(f"it is a {type(first_stage).__name__}, not ldm.models.autoencoder.AutoencoderKL")
     z_channels = int(first_stage.ddconfig["z_channels"])
     if int(first_stage.embed_dim) != z_channels:
-        raise refuse(f"embed_dim={first_stage.embed_dim} differs from z_channels={z_channels} (diffusers' AutoencoderKL "
-                     "has one latent width)")
+        raise refuse(
+            f"embed_dim={first_stage.embed_dim} differs from z_channels={z_channels} (diffusers' AutoencoderKL "
+            "has one latent width)"
+        )
     return KLLayout(**coder_from_model(first_stage, refuse), z_channels=z_channels)
 
 
@@ -383,10 +473,17 @@ def check_text_config(data: Mapping[str, Any], source: str) -> None:
     arch = data.get("architectures")
     model_type = data.get("model_type", "clip_text_model")
     if (arch is not None and arch != ["CLIPTextModel"]) or model_type != "clip_text_model":
-        raise DiffusersFormatError(f"{source}: architectures={arch!r}, model_type={model_type!r} is not a "
-                                   f"CLIPTextModel; {SUPPORTED}")
-    bounds = {"hidden_size": MAX_CHANNELS, "intermediate_size": 4 * MAX_CHANNELS, "num_hidden_layers": MAX_TEXT_LAYERS,
-              "num_attention_heads": MAX_CHANNELS, "vocab_size": MAX_VOCAB, "max_position_embeddings": MAX_POSITIONS}
+        raise DiffusersFormatError(
+            f"{source}: architectures={arch!r}, model_type={model_type!r} is not a CLIPTextModel; {SUPPORTED}"
+        )
+    bounds = {
+        "hidden_size": MAX_CHANNELS,
+        "intermediate_size": 4 * MAX_CHANNELS,
+        "num_hidden_layers": MAX_TEXT_LAYERS,
+        "num_attention_heads": MAX_CHANNELS,
+        "vocab_size": MAX_VOCAB,
+        "max_position_embeddings": MAX_POSITIONS,
+    }
     for key, hi in bounds.items():
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi):
@@ -398,7 +495,7 @@ def check_text_config(data: Mapping[str, Any], source: str) -> None:
 
 def text_param_maps(ldm_keys: list[str]) -> list[ParamMap]:
     """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``)."""
-    return [ParamMap(k, (k[len("transformer."):],)) for k in ldm_keys if k.startswith(CLIP_PREFIX)]
+    return [ParamMap(k, (k[len("transformer.") :],)) for k in ldm_keys if k.startswith(CLIP_PREFIX)]
 
 
 def text_file_name(key: str) -> str:
@@ -431,8 +528,7 @@ def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
     if not isinstance(unet.input_blocks[0][0], nn.Conv2d):
         raise refuse("only 2-D UNets (dims=2) are supported")
     resblocks = [m for m in modules if isinstance(m, ResBlock)]
-    if any(r.updown for r in resblocks) or any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d)
-                                               for m in modules):
+    if any(r.updown for r in resblocks) or any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d) for m in modules):
         raise refuse("ResNet up/down sampling (resblock_updown) and pooling (conv_resample=False) are not supported")
     if resblocks[0].use_scale_shift_norm:
         raise refuse("use_scale_shift_norm=True is not supported (SD v1's UNet does not use it)")
@@ -453,8 +549,10 @@ def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
     elif len(head_dims) == 1:
         num_heads, head_channels = None, head_dims.pop()
     else:
-        raise refuse(f"its transformers have {sorted(heads)} heads of {sorted(head_dims)} channels; "
-                     "UNet2DConditionModel needs one number of heads or one head width")
+        raise refuse(
+            f"its transformers have {sorted(heads)} heads of {sorted(head_dims)} channels; "
+            "UNet2DConditionModel needs one number of heads or one head width"
+        )
     return CrossAttnUNetLayout(
         in_channels=int(unet.in_channels),
         out_channels=int(unet.out_channels),

@@ -224,8 +224,13 @@ class UNetLayout:
 
 
 def _resblock(ldm: str, diffusers: str, has_skip: bool) -> list[ParamMap]:
-    pairs = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-             ("out_layers.0", "norm2"), ("out_layers.3", "conv2")]
+    pairs = [
+        ("in_layers.0", "norm1"),
+        ("in_layers.2", "conv1"),
+        ("emb_layers.1", "time_emb_proj"),
+        ("out_layers.0", "norm2"),
+        ("out_layers.3", "conv2"),
+    ]
     if has_skip:
         pairs.append(("skip_connection", "conv_shortcut"))
     return [m for a, b in pairs for m in conv_pair(f"{ldm}.{a}", f"{diffusers}.{b}")]
@@ -274,20 +279,33 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
     up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "only plain and self-attention blocks map")
     widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
     if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail("block_out_channels", list(widths), f"has {len(widths)} levels but down_block_types has "
-                       f"{len(down)} and up_block_types {len(up)}")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
+        )
     attention = tuple(t == "AttnDownBlock2D" for t in down)
     if tuple(t == "AttnUpBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
-                       "attention at the same resolutions on the way down and up")
+        raise opt.fail(
+            "up_block_types",
+            list(up),
+            f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
+            "attention at the same resolutions on the way down and up",
+        )
     base = widths[0]
     if any(w % base or w % 32 for w in widths):
-        raise opt.fail("block_out_channels", list(widths), "must be multiples of block_out_channels[0] (CompVis' "
-                       "model_channels * channel_mult) and of 32 (GroupNorm groups)")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            "must be multiples of block_out_channels[0] (CompVis' model_channels * channel_mult) and of 32 (GroupNorm groups)",
+        )
     embed_dim = opt.get("time_embedding_dim")
     if embed_dim is not None and embed_dim != 4 * base:
-        raise opt.fail("time_embedding_dim", embed_dim, f"is not supported: CompVis' time embedding has "
-                       f"4 * block_out_channels[0] = {4 * base} channels")
+        raise opt.fail(
+            "time_embedding_dim",
+            embed_dim,
+            f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * base} channels",
+        )
     head_dim = opt.get("attention_head_dim")
     if head_dim is not None:
         head_dim = opt.integer("attention_head_dim", 1, MAX_CHANNELS)
@@ -297,8 +315,12 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
     in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
     out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
     if out_ch != in_ch:
-        raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: the UNet must predict the noise "
-                       "(or x0) of its input latent (learned variance, extra input channels are not supported)")
+        raise opt.fail(
+            "out_channels",
+            out_ch,
+            f"differs from in_channels={in_ch}: the UNet must predict the noise "
+            "(or x0) of its input latent (learned variance, extra input channels are not supported)",
+        )
     layout = UNetLayout(
         in_channels=in_ch,
         out_channels=out_ch,
@@ -354,8 +376,9 @@ def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
     if any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d) for m in modules):
         raise refuse("pooling downsampling (conv_resample=False) is not supported")
     if unet.channel_mult[0] != 1:
-        raise refuse(f"channel_mult={list(unet.channel_mult)} must start with 1 (UNet2DModel's first block keeps the "
-                     "input conv's width)")
+        raise refuse(
+            f"channel_mult={list(unet.channel_mult)} must start with 1 (UNet2DModel's first block keeps the input conv's width)"
+        )
     attns = [m for m in modules if isinstance(m, AttentionBlock)]
     head_dims = {a.channels // a.num_heads for a in attns}
     heads = {a.num_heads for a in attns}
@@ -364,8 +387,10 @@ def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
     elif len(head_dims) == 1:
         head_channels = head_dims.pop()
     else:
-        raise refuse(f"its attention blocks have {sorted(head_dims)} channels per head; UNet2DModel has one "
-                     "attention_head_dim (set num_head_channels, or num_heads=1)")
+        raise refuse(
+            f"its attention blocks have {sorted(head_dims)} channels per head; UNet2DModel has one "
+            "attention_head_dim (set num_head_channels, or num_heads=1)"
+        )
     levels = len(unet.channel_mult)
     attention = tuple(2**i in unet.attention_resolutions for i in range(levels))
     return UNetLayout(

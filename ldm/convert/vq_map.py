@@ -250,24 +250,39 @@ def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
     up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "CompVis' decoder has ResNet (+ attention) levels")
     widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
     if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail("block_out_channels", list(widths), f"has {len(widths)} levels but down_block_types has "
-                       f"{len(down)} and up_block_types {len(up)}")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
+        )
     attention = tuple(t == "AttnDownEncoderBlock2D" for t in down)
     if tuple(t == "AttnUpDecoderBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: CompVis' encoder "
-                       "and decoder share attn_resolutions")
+        raise opt.fail(
+            "up_block_types",
+            list(up),
+            f"does not mirror down_block_types {list(down)}: CompVis' encoder and decoder share attn_resolutions",
+        )
     base = widths[0]
     if any(w % base or w % 32 for w in widths):
-        raise opt.fail("block_out_channels", list(widths), "must be multiples of block_out_channels[0] (CompVis' "
-                       "ch * ch_mult) and of 32 (GroupNorm groups)")
+        raise opt.fail(
+            "block_out_channels",
+            list(widths),
+            "must be multiples of block_out_channels[0] (CompVis' ch * ch_mult) and of 32 (GroupNorm groups)",
+        )
     mid_attention = opt.flag("mid_block_add_attention")
     if any(attention) and not mid_attention:
-        raise opt.fail("mid_block_add_attention", False, "with attention blocks is not supported (CompVis' "
-                       "attn_type 'none' removes every attention block)")
+        raise opt.fail(
+            "mid_block_add_attention",
+            False,
+            "with attention blocks is not supported (CompVis' attn_type 'none' removes every attention block)",
+        )
     resolution = opt.side("sample_size") or default_size
     if any(attention) and resolution % 2 ** (len(widths) - 1):
-        raise opt.fail("sample_size", resolution, f"must be a multiple of {2 ** (len(widths) - 1)} to place the "
-                       "attention levels (CompVis' attn_resolutions)")
+        raise opt.fail(
+            "sample_size",
+            resolution,
+            f"must be a multiple of {2 ** (len(widths) - 1)} to place the attention levels (CompVis' attn_resolutions)",
+        )
     return {
         "in_channels": opt.integer("in_channels", 1, MAX_CHANNELS),
         "out_channels": opt.integer("out_channels", 1, MAX_CHANNELS),
@@ -319,8 +334,10 @@ def coder_from_model(first_stage: nn.Module, refuse: Callable[[str], DiffusersFo
     encoder, decoder = first_stage.encoder, first_stage.decoder
     attention = tuple(len(d.attn) > 0 for d in encoder.down)
     if tuple(len(u.attn) > 0 for u in decoder.up) != attention:
-        raise refuse(f"attn_resolutions={list(dd['attn_resolutions'])} put encoder and decoder attention at different "
-                     f"levels (resolution={dd['resolution']} is not a multiple of 2**(levels-1))")
+        raise refuse(
+            f"attn_resolutions={list(dd['attn_resolutions'])} put encoder and decoder attention at different "
+            f"levels (resolution={dd['resolution']} is not a multiple of 2**(levels-1))"
+        )
     return {
         "in_channels": int(dd["in_channels"]),
         "out_channels": int(dd["out_ch"]),

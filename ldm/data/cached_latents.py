@@ -131,22 +131,27 @@ class CachedLatents(EpochSeededDataset):
         what = f"{Path(path).name} sample {self._sources[position]}"
         try:
             if size > MAX_MEMBER_BYTES:  # the sidecar's size is read whole: bound it as tar members are
-                raise ValueError(f"{what}: its sidecar gives {size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a sample "
-                                 "member may have")
+                raise ValueError(
+                    f"{what}: its sidecar gives {size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a sample member may have"
+                )
             caption = None
             if self.captions != "off":
                 at, length = (int(v) for v in self._caption_span[position])
                 if length > MAX_CAPTION_BYTES:  # bounded before it is read, as a caption member of a shard is
-                    raise ValueError(f"{what}: its sidecar gives a caption of {length:,} bytes, more than the "
-                                     f"{MAX_CAPTION_BYTES:,} allowed")
+                    raise ValueError(
+                        f"{what}: its sidecar gives a caption of {length:,} bytes, more than the {MAX_CAPTION_BYTES:,} allowed"
+                    )
                 text = decode_caption(read_span(path, at, length), what) if at >= 0 else None
                 caption = caption_item(text, self.captions, what)["caption"]
             data = read_span(path, int(self._offset[position]), size)
             return decode_npy(data, self._shape, what=what), caption
         except (OSError, EOFError, ValueError) as exc:
             self._bad[position] = 1
-            logger.warning("skipping unreadable cached latent (%s); substituting another sample (%d unreadable so far)",
-                           " ".join(str(exc).split()), self.num_skipped)
+            logger.warning(
+                "skipping unreadable cached latent (%s); substituting another sample (%d unreadable so far)",
+                " ".join(str(exc).split()),
+                self.num_skipped,
+            )
             return None
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
@@ -159,8 +164,6 @@ class CachedLatents(EpochSeededDataset):
             loaded = self.load(position)
             if loaded is not None:
                 array, caption = loaded
-                variant = choose_variant(
-                    self.item_rng(index), self.index.n_crops, self.index.flip, self.random_crop, self.flip
-                )
+                variant = choose_variant(self.item_rng(index), self.index.n_crops, self.index.flip, self.random_crop, self.flip)
                 return latent_item(array, variant, self.index.first_stage_sha256, self._sources[position], caption)
         raise UnreadableDatasetError(f"all {n} samples of the latent cache {self.index.root} are unreadable")

@@ -81,13 +81,16 @@ def decode_caption(data: bytes, what: str) -> str:
     is dropped), surrounding whitespace (the final newline of a text file) stripped.  Raises :class:`CaptionError`
     naming ``what``."""
     if len(data) > MAX_CAPTION_BYTES:
-        raise CaptionError(f"{what}: caption of {len(data):,} bytes is longer than the {MAX_CAPTION_BYTES:,} allowed "
-                           "(ldm.data.captions.MAX_CAPTION_BYTES); shorten it")
+        raise CaptionError(
+            f"{what}: caption of {len(data):,} bytes is longer than the {MAX_CAPTION_BYTES:,} allowed "
+            "(ldm.data.captions.MAX_CAPTION_BYTES); shorten it"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CaptionError(f"{what}: caption is not UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
-                           "re-save it as UTF-8") from None
+        raise CaptionError(
+            f"{what}: caption is not UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); re-save it as UTF-8"
+        ) from None
     return text.strip()
 
 
@@ -112,8 +115,10 @@ def read_caption_file(path: str | os.PathLike) -> str | None:
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_CAPTION_BYTES:
-            raise CaptionError(f"{path}: caption file of {size:,} bytes is longer than the {MAX_CAPTION_BYTES:,} "
-                               "allowed (ldm.data.captions.MAX_CAPTION_BYTES); shorten it")
+            raise CaptionError(
+                f"{path}: caption file of {size:,} bytes is longer than the {MAX_CAPTION_BYTES:,} "
+                "allowed (ldm.data.captions.MAX_CAPTION_BYTES); shorten it"
+            )
         data = fh.read(MAX_CAPTION_BYTES + 1)  # the file may have grown since fstat: the bound still holds
     return decode_caption(data, str(path))
 
@@ -156,7 +161,9 @@ def caption_item(caption: str | None, mode: str, what: str) -> dict[str, str]:
         return {}
     if caption is None:
         if mode == "required":
-            raise CaptionError(f"{what}: no caption (captions='required'; give it a caption or use "
-                               "captions='optional' to train it with the empty caption)")
+            raise CaptionError(
+                f"{what}: no caption (captions='required'; give it a caption or use "
+                "captions='optional' to train it with the empty caption)"
+            )
         caption = ""
     return {CAPTION_KEY: caption}

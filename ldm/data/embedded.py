@@ -73,8 +73,7 @@ COLOR_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "retina": _skimage("retina"),
 }
 GRAY_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    name: _skimage(name)
-    for name in ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell", "page", "text")
+    name: _skimage(name) for name in ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell", "page", "text")
 }
 PHOTO_LOADERS: dict[str, Callable[[], np.ndarray]] = {**COLOR_PHOTOS, **GRAY_PHOTOS}
 HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "coffee")

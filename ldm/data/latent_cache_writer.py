@@ -113,8 +113,9 @@ def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tu
     digest = hashlib.sha256()
     if os.path.isdir(settings.source):
         root = Path(settings.source)
-        files = split_files(scan_image_files(root) if scanned is None else scanned, settings.split,
-                            settings.val_fraction, settings.split_seed)
+        files = split_files(
+            scan_image_files(root) if scanned is None else scanned, settings.split, settings.val_fraction, settings.split_seed
+        )
         if not files:
             raise ConfigError(f"--data {settings.source}: no images (split {settings.split!r}); check the folder")
         names = [f.relative_to(root).as_posix() for f in files]
@@ -133,8 +134,12 @@ def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tu
 def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int, ...], units: int, digest: str) -> bytes:
     """The bytes of ``plan.json`` (sorted keys: the same plan gives the same bytes)."""
     plan = {
-        "format": FORMAT, "settings": vars(settings), "first_stage_sha256": sha256, "latent_shape": list(latent_shape),
-        "units": units, "source_digest": digest,
+        "format": FORMAT,
+        "settings": vars(settings),
+        "first_stage_sha256": sha256,
+        "latent_shape": list(latent_shape),
+        "units": units,
+        "source_digest": digest,
     }
     return (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
 
@@ -361,8 +366,13 @@ def write_unit(
         entry["offset"], entry["size"] = spans[npy_at].offset, spans[npy_at].size
         if txt_at is not None:
             entry["caption_offset"], entry["caption_size"] = spans[txt_at].offset, spans[txt_at].size
-    sidecar = {"unit": unit.index, "tar": tar_path.name, "tar_bytes": tar_path.stat().st_size, "samples": entries,
-               "skipped": skipped}
+    sidecar = {
+        "unit": unit.index,
+        "tar": tar_path.name,
+        "tar_bytes": tar_path.stat().st_size,
+        "samples": entries,
+        "skipped": skipped,
+    }
     atomic_write_bytes(out / f"{unit.name}.json", (json.dumps(sidecar, sort_keys=True) + "\n").encode())
     return sidecar
 
@@ -387,10 +397,16 @@ def write_index_if_complete(
     if any(s is None for s in sidecars):
         return None
     index = CacheIndex(
-        root=out, first_stage_sha256=sha256, size=settings.size, latent_shape=latent_shape, dtype=settings.dtype,
-        n_crops=settings.n_crops, flip=settings.flip,
+        root=out,
+        first_stage_sha256=sha256,
+        size=settings.size,
+        latent_shape=latent_shape,
+        dtype=settings.dtype,
+        n_crops=settings.n_crops,
+        flip=settings.flip,
         shards=tuple((s["tar"], len(s["samples"])) for s in sidecars),
-        skipped=sum(len(s["skipped"]) for s in sidecars), settings=vars(settings),
+        skipped=sum(len(s["skipped"]) for s in sidecars),
+        settings=vars(settings),
         captions=sum("caption_size" in e for s in sidecars for e in s["samples"]),
     )
     atomic_write_bytes(out / INDEX_NAME, (json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n").encode())

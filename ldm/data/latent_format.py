@@ -139,15 +139,15 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
     array_shape, fortran, dtype = header
     # numpy accepts any Python ints as dimensions (2**64 included): bound each before anything multiplies them
     if not all(type(d) is int and 0 <= d <= MAX_LATENT_ELEMENTS for d in array_shape):
-        raise ValueError(f"{what}: the .npy header's shape {tuple(array_shape)} is not a latent's (each side must be an "
-                         f"integer in [0, {MAX_LATENT_ELEMENTS:,}])")
+        raise ValueError(
+            f"{what}: the .npy header's shape {tuple(array_shape)} is not a latent's (each side must be an "
+            f"integer in [0, {MAX_LATENT_ELEMENTS:,}])"
+        )
     if dtype not in STORAGE_DTYPES.values():
         raise ValueError(f"{what}: dtype {dtype} is not one of {sorted(STORAGE_DTYPES)} (little-endian)")
     if fortran:
         raise ValueError(f"{what}: Fortran-ordered arrays are not written by cache_latents.py")
-    if shape is not None and (
-        len(array_shape) != len(shape) or any(s != -1 and s != a for s, a in zip(shape, array_shape))
-    ):
+    if shape is not None and (len(array_shape) != len(shape) or any(s != -1 and s != a for s, a in zip(shape, array_shape))):
         raise ValueError(f"{what}: shape {tuple(array_shape)} does not match the expected {tuple(shape)}")
     count = math.prod(array_shape)  # Python ints: no overflow
     if count > MAX_LATENT_ELEMENTS or count * dtype.itemsize != len(data) - stream.tell():
@@ -159,8 +159,10 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
         # a NaN or inf latent would turn the loss (and, through the optimizer, every weight) into NaN
         bad = count - int(np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise ValueError(f"{what}: {bad} of its {count} values are NaN or infinite; a latent must be finite "
-                             "(re-encode the image with cache_latents.py)")
+            raise ValueError(
+                f"{what}: {bad} of its {count} values are NaN or infinite; a latent must be finite "
+                "(re-encode the image with cache_latents.py)"
+            )
     return array
 
 
@@ -305,16 +307,18 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
 _NO_DEFAULT: Any = object()
 
 
-def _index_field(path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "",
-                 default: Any = _NO_DEFAULT) -> Any:
+def _index_field(
+    path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "", default: Any = _NO_DEFAULT
+) -> Any:
     """``data[key]`` of an index file if it has exactly the type ``kind`` (no bool for int, no "3" or 2.9 for int, no
     "false" for bool: json.loads gives each its own type), else a one-line ConfigError naming the file and the key."""
     name = f"{where}.{key}" if where else key
     if key not in data:
         if default is not _NO_DEFAULT:
             return default
-        raise ConfigError(f"{path}: key {name!r} is missing; it must be {rule}. Re-run scripts/cache_latents.py to "
-                          "write the index again")
+        raise ConfigError(
+            f"{path}: key {name!r} is missing; it must be {rule}. Re-run scripts/cache_latents.py to write the index again"
+        )
     value = data[key]
     if type(value) is not kind:
         raise _index_error(path, name, value, rule)
@@ -322,8 +326,10 @@ def _index_field(path: Path, data: dict[str, Any], key: str, kind: type, rule: s
 
 
 def _index_error(path: Path, name: str, value: Any, rule: str) -> ConfigError:
-    return ConfigError(f"{path}: {name} is {_shown(value)} ({type(value).__name__}), but it must be {rule}. Fix the "
-                       "value or re-run scripts/cache_latents.py to write the index again")
+    return ConfigError(
+        f"{path}: {name} is {_shown(value)} ({type(value).__name__}), but it must be {rule}. Fix the "
+        "value or re-run scripts/cache_latents.py to write the index again"
+    )
 
 
 def _shown(value: Any, limit: int = 60) -> str:

@@ -258,8 +258,13 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             got, error = 0, None
             if readable:
                 try:
-                    for sample in iter_samples(self.urls[shard], skip=within, limit=readable,
-                                               exts=self.member_exts(), member_limits=self.member_limits()):
+                    for sample in iter_samples(
+                        self.urls[shard],
+                        skip=within,
+                        limit=readable,
+                        exts=self.member_exts(),
+                        member_limits=self.member_limits(),
+                    ):
                         got += 1
                         index = int(self.offsets[shard]) + sample["__index__"]
                         try:
@@ -276,7 +281,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                 if count:
                     self._skip(
                         f"{label} samples {within + got}..{within + n - 1}",
-                        error or EOFError(
+                        error
+                        or EOFError(
                             f"the shard ends before sample {within + got}, but its count says {self.counts[shard]}; "
                             "the missing samples are replaced by others and counted as skipped, without a warning "
                             "for each, in every epoch: fix the count (sizes / index.json)"
@@ -295,11 +301,21 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         info = get_worker_info()
         self._skipped[(info.id if info else 0) % _SKIP_SLOTS] += count
         if warn:
-            logger.warning("skipping unreadable %s (%s: %s); %d sample(s) skipped so far", where,
-                           type(error).__name__, " ".join(str(error).split()), self.num_skipped)
+            logger.warning(
+                "skipping unreadable %s (%s: %s); %d sample(s) skipped so far",
+                where,
+                type(error).__name__,
+                " ".join(str(error).split()),
+                self.num_skipped,
+            )
 
     def _block(
-        self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, worker: int,
+        self,
+        order: np.ndarray,
+        run: tuple[int, int, int],
+        block: int,
+        epoch: int,
+        worker: int,
         state: _EpochState | None = None,
     ) -> list[Any]:
         state = state if state is not None else _EpochState()
@@ -317,8 +333,9 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             items = [items[i] for i in rng.permutation(wanted)]
         return items
 
-    def _substitute(self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int,
-                    state: _EpochState) -> list[Any]:
+    def _substitute(
+        self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, state: _EpochState
+    ) -> list[Any]:
         """The items of the first readable block after ``block`` (cyclically) in the worker's run: a function of the
         data alone, so a resumed epoch substitutes as the uninterrupted one did.  Every empty block passed on the way
         remembers the same substitute, and the substitute's items are kept, so a long unreadable stretch costs one
@@ -350,8 +367,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             state.substitute.update(dict.fromkeys(passed, found))
         if state.cached is None or state.cached[0] != found:
             b_lo = start + found * per_block
-            state.cached = (found, self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state,
-                                              count=False))
+            state.cached = (found, self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state, count=False))
         return state.cached[1]
 
     def _block_samples(self) -> int:
@@ -494,8 +510,7 @@ class LatentShards(ShardStream):
                     if array.ndim == 4:
                         shapes[tuple(array.shape)] += 1
             except TAR_READ_ERRORS as exc:
-                logger.warning("cannot read %s to learn the latent shape (%s: %s)", shard_label(url), type(exc).__name__,
-                               exc)
+                logger.warning("cannot read %s to learn the latent shape (%s: %s)", shard_label(url), type(exc).__name__, exc)
             if sum(shapes.values()) >= _SHAPE_PROBE_SAMPLES:
                 break
         if not shapes:
@@ -524,8 +539,9 @@ class LatentShards(ShardStream):
         if len(variants) != n_variants:
             raise ValueError(f"sample {key}: metadata lists {len(variants)} variants but the cache stores {n_variants}")
         for v in variants:
-            if not (isinstance(v, dict) and type(v.get("top")) is int and type(v.get("left")) is int
-                    and type(v.get("flip")) is bool):
+            if not (
+                isinstance(v, dict) and type(v.get("top")) is int and type(v.get("left")) is int and type(v.get("flip")) is bool
+            ):
                 raise ValueError(f"sample {key}: a variant is not {{top: int, left: int, flip: bool}} ({str(v)[:80]})")
         stored_flip = any(v["flip"] for v in variants)
         per_crop = 2 if stored_flip else 1
@@ -536,8 +552,10 @@ class LatentShards(ShardStream):
             for i, v in enumerate(variants)
         )
         if n_variants % per_crop or not layout:
-            raise ValueError(f"sample {key}: its {n_variants} variants are not crops in order"
-                             f"{', each followed by its mirror image' if stored_flip else ''}")
+            raise ValueError(
+                f"sample {key}: its {n_variants} variants are not crops in order"
+                f"{', each followed by its mirror image' if stored_flip else ''}"
+            )
         sha, source = meta.get("first_stage_sha256"), meta.get("source")
         if not isinstance(sha, str) or not isinstance(source, str):
             raise ValueError(f"sample {key}: metadata lacks the strings first_stage_sha256 and source")

@@ -252,4 +252,3 @@ class SyntheticShapes(EpochSeededDataset):
         image_seed = self.image_seed(index)
         image = render_shapes(image_seed, self.size, self.family)
         return {self.image_key: uint8_to_model_range(image), "image_seed_": image_seed}
-

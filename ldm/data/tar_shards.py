@@ -62,8 +62,13 @@ MAX_SHARD_SAMPLES = 1 << 32
 # the key of the error message iter_samples puts into a sample it could not read (no member is named "__...")
 SAMPLE_ERROR_KEY = "__error__"
 
-_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                    tarfile.SOLARIS_XHDTYPE)
+_EXTENSION_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 _STREAM_CHUNK = 1 << 20
 
 
@@ -102,8 +107,10 @@ class CheckedTarInfo(tarfile.TarInfo):
                 )
             depth = getattr(archive, "_extension_chain", 0)
             if depth >= MAX_EXTENSION_CHAIN:
-                raise ShardFormatError(f"{at} is the {depth + 1}th extension header in a row, more than the "
-                                       f"{MAX_EXTENSION_CHAIN} allowed before a member: the shard is damaged or forged")
+                raise ShardFormatError(
+                    f"{at} is the {depth + 1}th extension header in a row, more than the "
+                    f"{MAX_EXTENSION_CHAIN} allowed before a member: the shard is damaged or forged"
+                )
             archive._extension_chain = depth + 1
             try:
                 member = super()._proc_member(archive)
@@ -196,8 +203,9 @@ def _count_pattern(pattern: str, depth: int, whole: str) -> int:
     """braceexpand's ``parse_pattern``, counting: the product of the counts of its literal and brace parts
     (``whole``: the pattern as given, for messages)."""
     if depth > _MAX_BRACE_DEPTH:
-        raise ConfigError(f"shard pattern {_shorten(whole)} nests braces more than {_MAX_BRACE_DEPTH} deep; write the "
-                          "shard names plainly")
+        raise ConfigError(
+            f"shard pattern {_shorten(whole)} nests braces more than {_MAX_BRACE_DEPTH} deep; write the shard names plainly"
+        )
     count, start, pos, bracket = 1, 0, 0, 0
     while pos < len(pattern):
         char = pattern[pos]
@@ -231,8 +239,10 @@ def _count_expression(expr: str, depth: int, whole: str) -> int:
     match = _CHAR_RANGE.match(expr)
     if match:
         if len(match.group(3) or "") > MAX_RANGE_DIGITS:
-            raise ConfigError(f"shard pattern {_shorten(whole)}: the step of the letter range has more than "
-                              f"{MAX_RANGE_DIGITS} digits; write ranges like {{a..z}}")
+            raise ConfigError(
+                f"shard pattern {_shorten(whole)}: the step of the letter range has more than "
+                f"{MAX_RANGE_DIGITS} digits; write ranges like {{a..z}}"
+            )
         step = int(match.group(3) or 1) or 1
         first, last = _ALPHABET.index(match.group(1)), _ALPHABET.index(match.group(2))
         return abs(last - first) // step + 1
@@ -334,8 +344,12 @@ def _check_extent(tar: tarfile.TarFile, member: tarfile.TarInfo, file_size: int)
 
 def _failed(sample: dict[str, Any], message: str) -> dict[str, Any]:
     """``sample`` without its members, marked unreadable with ``message`` (what has been read of it is let go)."""
-    return {"__key__": sample["__key__"], "__url__": sample["__url__"], "__index__": sample["__index__"],
-            SAMPLE_ERROR_KEY: message}
+    return {
+        "__key__": sample["__key__"],
+        "__url__": sample["__url__"],
+        "__index__": sample["__index__"],
+        SAMPLE_ERROR_KEY: message,
+    }
 
 
 def iter_samples(
@@ -390,22 +404,38 @@ def iter_samples(
                 _check_extent(tar, member, file_size)  # a plain message, not tarfile's "unexpected end of data"
             # checked before reading: the header's size is the only thing that says what the read would allocate
             if ext in current:
-                current = _failed(current, (
-                    f"{label}: two members named {member.name!r} next to each other (a sample holds one member per "
-                    "extension, so which one is meant is unclear); rename or remove one of them"))
+                current = _failed(
+                    current,
+                    (
+                        f"{label}: two members named {member.name!r} next to each other (a sample holds one member per "
+                        "extension, so which one is meant is unclear); rename or remove one of them"
+                    ),
+                )
             elif member.size > MAX_MEMBER_BYTES:
-                current = _failed(current, (
-                    f"{label}: member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a "
-                    "sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"))
+                current = _failed(
+                    current,
+                    (
+                        f"{label}: member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a "
+                        "sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"
+                    ),
+                )
             elif member_limits is not None and member.size > member_limits.get(ext, MAX_MEMBER_BYTES):
-                current = _failed(current, (
-                    f"{label}: member {member.name!r} is {member.size:,} bytes, more than the "
-                    f"{member_limits[ext]:,} a .{ext} member may have here"))
+                current = _failed(
+                    current,
+                    (
+                        f"{label}: member {member.name!r} is {member.size:,} bytes, more than the "
+                        f"{member_limits[ext]:,} a .{ext} member may have here"
+                    ),
+                )
             elif held + member.size > MAX_SAMPLE_BYTES:
-                current = _failed(current, (
-                    f"{label}: the members of sample {key!r} read so far and {member.name!r} add up to "
-                    f"{held + member.size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may have "
-                    "(ldm.data.tar_shards.MAX_SAMPLE_BYTES)"))
+                current = _failed(
+                    current,
+                    (
+                        f"{label}: the members of sample {key!r} read so far and {member.name!r} add up to "
+                        f"{held + member.size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may have "
+                        "(ldm.data.tar_shards.MAX_SAMPLE_BYTES)"
+                    ),
+                )
             else:
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""

@@ -76,9 +76,7 @@ def _nl_means(img: np.ndarray) -> np.ndarray:
     sigma = estimate_noise_sigma(img)
     if not np.isfinite(sigma) or sigma <= 0.0:
         return img
-    return denoise_nl_means(
-        img, patch_size=5, patch_distance=6, h=0.8 * sigma, sigma=sigma, fast_mode=True, channel_axis=-1
-    )
+    return denoise_nl_means(img, patch_size=5, patch_distance=6, h=0.8 * sigma, sigma=sigma, fast_mode=True, channel_axis=-1)
 
 
 def _bilateral(img: np.ndarray) -> np.ndarray:

@@ -81,8 +81,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
-def check_positive(name: str, value: float, allow_zero: bool = False, at_most: float | None = None,
-                   unit: str = "") -> None:
+def check_positive(name: str, value: float, allow_zero: bool = False, at_most: float | None = None, unit: str = "") -> None:
     """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``) and, with ``at_most``, at
     most that (``unit`` says what the number measures in the message, e.g. ``" (pixels)"``)."""
     bound = ">= 0" if allow_zero else "> 0"

@@ -52,8 +52,10 @@ def _resolve(folder: str | os.PathLike, what: str) -> Path:
     try:
         return Path(folder).resolve()
     except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
-        raise OSError(f"{what} folder {str(folder)!r} is a symbolic link loop (it leads back to itself); remove the "
-                      "link or choose another folder") from None
+        raise OSError(
+            f"{what} folder {str(folder)!r} is a symbolic link loop (it leads back to itself); remove the "
+            "link or choose another folder"
+        ) from None
 
 
 def degrade_folder(

@@ -189,9 +189,7 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
     if result.reference and any(isinstance(r.get("lpips_clean"), float) for r in result.rows):
         rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
     degs = result.degradations
-    fig, axes = plt.subplots(
-        len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 1.0), squeeze=False
-    )
+    fig, axes = plt.subplots(len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 1.0), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
     all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
@@ -214,7 +212,12 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
 
 
 def _finish_figure(
-    fig: Any, plt: Any, result: SweepResult, handles: dict[str, Any], title: str | None, caption: str,
+    fig: Any,
+    plt: Any,
+    result: SweepResult,
+    handles: dict[str, Any],
+    title: str | None,
+    caption: str,
     path: str | os.PathLike,
 ) -> Path:
     """Legend (methods in run order), title and caption, then the PNG written atomically; the figure is closed."""
@@ -393,9 +396,7 @@ def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[s
     if not examples:
         raise ValueError(f"no example holds {method!r} at start_t {start_t}; pass it in run_sweep's example_start_ts")
     shown_methods = [(mode, m) for mode, m in shown_methods if any(has(e, m) for e in examples)]
-    psnr = {
-        (r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows
-    }
+    psnr = {(r["image"], r["degradation"], r["seed"], r["method"], r["start_t"]): r.get("psnr_clean") for r in result.rows}
     with_mask = any(e.mask is not None for e in examples)
     one_start = len({starts[e.degradation] for e in examples}) == 1
     rows, titles = [], []

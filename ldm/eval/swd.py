@@ -201,8 +201,13 @@ def prepare_reference(
     normalize: str = "each",
 ) -> PreparedReference:
     """The reference side of :func:`swd` (see :class:`PreparedReference`) for sets of ``reference``'s shape."""
-    for name, value, low in (("patch_size", patch_size, 1), ("patches_per_image", patches_per_image, 1),
-                             ("n_directions", n_directions, 1), ("min_resolution", min_resolution, 2), ("seed", seed, 0)):
+    for name, value, low in (
+        ("patch_size", patch_size, 1),
+        ("patches_per_image", patches_per_image, 1),
+        ("n_directions", n_directions, 1),
+        ("min_resolution", min_resolution, 2),
+        ("seed", seed, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     _check_sets(reference, reference, patch_size)
@@ -229,8 +234,15 @@ def prepare_reference(
         projections.append(torch.sort((d.t() @ db.t()).contiguous(), dim=1).values)
     settings = (patch_size, patches_per_image, n_directions, min_resolution, normalize)
     return PreparedReference(
-        tuple(reference.shape), int(seed), settings, tuple(sides[: len(positions)]), tuple(positions), tuple(directions),
-        tuple(descriptors), tuple(statistics), tuple(projections),
+        tuple(reference.shape),
+        int(seed),
+        settings,
+        tuple(sides[: len(positions)]),
+        tuple(positions),
+        tuple(directions),
+        tuple(descriptors),
+        tuple(statistics),
+        tuple(projections),
     )
 
 
@@ -243,8 +255,9 @@ def _image_descriptors(images: torch.Tensor, prepared: PreparedReference) -> lis
             "(equal-size sets of equal-size images); crop or resize them to one size"
         )
     _check_sets(images, images, prepared.settings[0])
-    levels = laplacian_pyramid(images.detach().cpu().double(), len(pyramid_resolutions(*images.shape[-2:],
-                                                                                       prepared.settings[3])))
+    levels = laplacian_pyramid(
+        images.detach().cpu().double(), len(pyramid_resolutions(*images.shape[-2:], prepared.settings[3]))
+    )
     out = []
     for level, (ys, xs), (mean_b, std_b) in zip(levels, prepared.positions, prepared.statistics):
         da = extract_patches(level, ys, xs, prepared.settings[0])
@@ -290,8 +303,15 @@ def _prepared(reference: torch.Tensor | PreparedReference, images: torch.Tensor,
         return reference
     _check_sets(images, reference, settings[1])
     seed, patch_size, patches_per_image, n_directions, min_resolution, normalize = settings
-    return prepare_reference(reference, seed=seed, patch_size=patch_size, patches_per_image=patches_per_image,
-                             n_directions=n_directions, min_resolution=min_resolution, normalize=normalize)
+    return prepare_reference(
+        reference,
+        seed=seed,
+        patch_size=patch_size,
+        patches_per_image=patches_per_image,
+        n_directions=n_directions,
+        min_resolution=min_resolution,
+        normalize=normalize,
+    )
 
 
 def image_cdfs(projections: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -314,11 +334,14 @@ def resampled_wasserstein(
     one matrix product of its weights with the images' CDFs instead of a sort.
     """
     if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or not a.numel() or not b.numel():
-        raise ValueError(f"a and b must be non-empty [K, B, P] projections of K directions, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"a and b must be non-empty [K, B, P] projections of K directions, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if weights_a.shape[1:] != a.shape[1:2] or weights_b.shape[1:] != b.shape[1:2] or weights_a.shape[0] != weights_b.shape[0]:
-        raise ValueError(f"weights must be [R, B] for a and [R, B'] for b with the same R, got {tuple(weights_a.shape)} "
-                         f"and {tuple(weights_b.shape)}")
+        raise ValueError(
+            f"weights must be [R, B] for a and [R, B'] for b with the same R, got {tuple(weights_a.shape)} "
+            f"and {tuple(weights_b.shape)}"
+        )
     if bool((weights_a < 0).any() or (weights_b < 0).any() or (weights_a.sum(1) <= 0).any() or (weights_b.sum(1) <= 0).any()):
         raise ValueError("weights must be >= 0 with a positive sum in every row")
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
@@ -365,8 +388,10 @@ def swd_bootstrap(
     """
     prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
     n_directions = prepared.settings[2]
-    for name, value, low, high in (("n_resamples", n_resamples, 1, 10**6),
-                                   ("resample_directions", resample_directions, 1, n_directions)):
+    for name, value, low, high in (
+        ("n_resamples", n_resamples, 1, 10**6),
+        ("resample_directions", resample_directions, 1, n_directions),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -413,8 +438,10 @@ def paired_swd_difference(after: SWDBootstrap, before: SWDBootstrap, confidence:
     if not isinstance(after, SWDBootstrap) or not isinstance(before, SWDBootstrap):
         raise ValueError("paired_swd_difference compares two swd_bootstrap results")
     if after.resampled.shape != before.resampled.shape or after.pairing != before.pairing:
-        raise ValueError("paired SWD resamples need two swd_bootstrap results of the same seed, settings, set size and "
-                         "resamples; call swd_bootstrap with the same arguments on both sets")
+        raise ValueError(
+            "paired SWD resamples need two swd_bootstrap results of the same seed, settings, set size and "
+            "resamples; call swd_bootstrap with the same arguments on both sets"
+        )
     estimate = after.result.mean - before.result.mean
     return bias_corrected_interval(estimate, after.resampled - before.resampled, after.interval.n, confidence)
 

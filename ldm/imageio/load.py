@@ -379,8 +379,7 @@ def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a decompression-bomb warning: the loader turns those into its error
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source,
-                            formats=_available_formats()) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_available_formats()) as image:
                 return int(image.size[0]), int(image.size[1])
     except Exception:  # Pillow's header parsers raise a wide, version-dependent set of types on junk
         return None

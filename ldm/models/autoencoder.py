@@ -122,19 +122,21 @@ class VQModel(pl.LightningModule):
             from ldm.models.first_stages import missing_first_stage_hint  # the configs that train this network
 
             network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
-            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; "
-                                  f"{missing_first_stage_hint(path, network)}")
+            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
         sd = load_state_dict(path, unsafe=unsafe)
-        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(
-            k.startswith("first_stage_model.") for k in sd
-        ):
+        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = strip_prefix(sd, "first_stage_model.")
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
         quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
-        if quant_conv is not None and post_quant_conv is not None and quant_conv.ndim == post_quant_conv.ndim == 4 \
-                and not any(k.startswith("quantize.") for k in sd) and quant_conv.shape[0] == 2 * post_quant_conv.shape[1]:
+        if (
+            quant_conv is not None
+            and post_quant_conv is not None
+            and quant_conv.ndim == post_quant_conv.ndim == 4
+            and not any(k.startswith("quantize.") for k in sd)
+            and quant_conv.shape[0] == 2 * post_quant_conv.shape[1]
+        ):
             # a KL encoder emits mean and log-variance (2 x embed_dim channels); a VQ's quant_conv emits embed_dim
             raise CheckpointError(
                 f"first-stage checkpoint {path!r} is an AutoencoderKL (quant_conv gives {quant_conv.shape[0]} = 2 x "

@@ -122,9 +122,7 @@ class AutoencoderKL(pl.LightningModule):
 
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path)}")
         sd = load_state_dict(path, unsafe=unsafe)
-        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(
-            k.startswith("first_stage_model.") for k in sd
-        ):
+        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = strip_prefix(sd, "first_stage_model.")
         if any(k.startswith("quantize.") for k in sd):
             raise CheckpointError(
@@ -171,7 +169,10 @@ class AutoencoderKL(pl.LightningModule):
         return self.decoder(self.post_quant_conv(z))
 
     def forward(
-        self, input: torch.Tensor, sample_posterior: bool = True, generator: Generators = None  # noqa: A002 (CompVis)
+        self,
+        input: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: Generators = None,  # noqa: A002 (CompVis)
     ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """Reconstruct ``input`` ``[B, 3, H, W]`` from a posterior sample (from ``generator``; None: the global RNG,
         which main.py reseeds per step) or, with ``sample_posterior=False``, its mean.  Returns ``(xrec, posterior)``."""

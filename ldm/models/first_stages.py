@@ -98,15 +98,18 @@ def training_configs(params: Mapping[str, Any], root: str | os.PathLike = CONFIG
     return [(_shown(path), script) for net, path, script in _autoencoder_configs(str(root)) if net == network]
 
 
-def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = None,
-                             key: str = FIRST_STAGE_CKPT_KEY, root: str | os.PathLike = CONFIGS) -> str:
+def missing_first_stage_hint(
+    ckpt_path: str, params: Mapping[str, Any] | None = None, key: str = FIRST_STAGE_CKPT_KEY, root: str | os.PathLike = CONFIGS
+) -> str:
     """What to do about a first-stage checkpoint ``ckpt_path`` that is not there, for a first stage with ``params``
     (its ``ddconfig``, ``n_embed``, ``embed_dim``): the CompVis download, the config that trains it, or both."""
     hints = []
     name = compvis_name(ckpt_path)
     if name is not None:
-        hints.append(f"put CompVis' {name} weights there ({COMPVIS_URL.format(name=name)}, unzip to "
-                     f"models/first_stage_models/{name}/model.ckpt)")
+        hints.append(
+            f"put CompVis' {name} weights there ({COMPVIS_URL.format(name=name)}, unzip to "
+            f"models/first_stage_models/{name}/model.ckpt)"
+        )
     trainers = training_configs(params or {}, root)
     own = Path(root) / "autoencoder" / f"{(name or '').replace('-', '_')}.yaml"
     if not trainers and name is not None and own.is_file():  # CompVis' location, another network: its own config
@@ -116,9 +119,13 @@ def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = 
         also = ""
         if script:
             also = f" (or python {script}, which runs exactly this; its checkpoints land in <outdir>/checkpoints/)"
-        hints.append(f"train it with python main.py --base {config} -t{also} and pass {key}=<its checkpoint> "
-                     "(main.py writes logs/<run>/checkpoints/last.ckpt)")
+        hints.append(
+            f"train it with python main.py --base {config} -t{also} and pass {key}=<its checkpoint> "
+            "(main.py writes logs/<run>/checkpoints/last.ckpt)"
+        )
     if not hints:
-        hints.append("train a first stage of this network (an autoencoder config under configs/, python main.py "
-                     f"--base <config> -t) and pass {key}=<its logs/<run>/checkpoints/last.ckpt>")
+        hints.append(
+            "train a first stage of this network (an autoencoder config under configs/, python main.py "
+            f"--base <config> -t) and pass {key}=<its logs/<run>/checkpoints/last.ckpt>"
+        )
     return "; or ".join(hints)

@@ -288,8 +288,16 @@ def _tiled_encoder(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig
     enc = first_stage.encoder
     # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
     h = tiled_apply(
-        enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, enc, tiling.stat_passes,
-        tiling.stat_side, stat_min_size=2 * factor,
+        enc.forward_high,
+        x,
+        tiling.tile,
+        tiling.overlap,
+        1 / factor,
+        enc.high_channels,
+        enc,
+        tiling.stat_passes,
+        tiling.stat_side,
+        stat_min_size=2 * factor,
     )
     return first_stage.quant_conv(enc.forward_low(h))
 
@@ -301,8 +309,16 @@ def _tiled_decoder(first_stage: nn.Module, quant: torch.Tensor, tiling: TilingCo
     out_ch = dec.conv_out.out_channels
     stat_side = None if tiling.stat_side is None else max(1, tiling.stat_side // factor)
     return tiled_apply(
-        dec.forward_high, h, tiling.tile // factor, tiling.overlap // factor, factor, out_ch, dec, tiling.stat_passes,
-        stat_side, stat_min_size=2,
+        dec.forward_high,
+        h,
+        tiling.tile // factor,
+        tiling.overlap // factor,
+        factor,
+        out_ch,
+        dec,
+        tiling.stat_passes,
+        stat_side,
+        stat_min_size=2,
     )
 
 
@@ -319,9 +335,7 @@ def tiled_vq_decode(
     return _tiled_decoder(first_stage, quant, tiling, factor)
 
 
-def tiled_kl_encode(
-    first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int
-) -> DiagonalGaussianDistribution:
+def tiled_kl_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> DiagonalGaussianDistribution:
     """``AutoencoderKL.encode`` with the encoder's down path tiled: ``[B, 3, H, W]`` -> the posterior over
     ``[B, embed_dim, H/f, W/f]`` (its moments come from the blended tiles; take ``.mode()`` or ``.sample(generator)``)."""
     return DiagonalGaussianDistribution(_tiled_encoder(first_stage, x, tiling, factor))

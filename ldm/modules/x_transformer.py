@@ -74,8 +74,7 @@ class FeedForward(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention ``[B, N, dim] -> [B, N, dim]`` (bias-free q/k/v, biased output projection)."""
 
-    def __init__(self, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8, causal: bool = False,
-                 dropout: float = 0.0):
+    def __init__(self, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8, causal: bool = False, dropout: float = 0.0):
         super().__init__()
         self.heads = heads
         self.causal = causal
@@ -95,8 +94,14 @@ class Attention(nn.Module):
             # x-transformers masks query rows too, but a fully masked row would be NaN under SDPA; the rows of padding
             # queries are discarded by callers that pass a mask, so masking keys alone gives the same real-token output
             attn_mask = mask[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal and mask is None,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=self.causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -106,13 +111,22 @@ class AttentionLayers(nn.Module):
     ``attn_dim_head``/``attn_dropout`` and ``ff_mult``/``ff_dropout`` are x-transformers' prefixed options, spelled out.
     """
 
-    def __init__(self, dim: int, depth: int, heads: int = 8, causal: bool = False, pre_norm: bool = True,
-                 attn_dim_head: int = DEFAULT_DIM_HEAD, attn_dropout: float = 0.0, ff_mult: float = 4,
-                 ff_glu: bool = False, ff_dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        causal: bool = False,
+        pre_norm: bool = True,
+        attn_dim_head: int = DEFAULT_DIM_HEAD,
+        attn_dropout: float = 0.0,
+        ff_mult: float = 4,
+        ff_glu: bool = False,
+        ff_dropout: float = 0.0,
+    ):
         super().__init__()
         if dim < 1 or depth < 1 or heads < 1 or attn_dim_head < 1:
-            raise ValueError(f"dim, depth, heads and attn_dim_head must be >= 1; got {dim}, {depth}, {heads}, "
-                             f"{attn_dim_head}")
+            raise ValueError(f"dim, depth, heads and attn_dim_head must be >= 1; got {dim}, {depth}, {heads}, {attn_dim_head}")
         self.dim = dim
         self.depth = depth
         self.pre_norm = pre_norm
@@ -121,8 +135,7 @@ class AttentionLayers(nn.Module):
         self.layers = nn.ModuleList()
         for layer_type in self.layer_types:
             if layer_type == "a":
-                block: nn.Module = Attention(dim, dim_head=attn_dim_head, heads=heads, causal=causal,
-                                             dropout=attn_dropout)
+                block: nn.Module = Attention(dim, dim_head=attn_dim_head, heads=heads, causal=causal, dropout=attn_dropout)
             else:
                 block = FeedForward(dim, mult=ff_mult, glu=ff_glu, dropout=ff_dropout)
             self.layers.append(nn.ModuleList([nn.LayerNorm(dim), block, Residual()]))
@@ -144,11 +157,30 @@ class AttentionLayers(nn.Module):
 class Encoder(AttentionLayers):
     """Bidirectional ``AttentionLayers`` (latent-diffusion's text encoder body)."""
 
-    def __init__(self, dim: int, depth: int, heads: int = 8, pre_norm: bool = True,
-                 attn_dim_head: int = DEFAULT_DIM_HEAD, attn_dropout: float = 0.0, ff_mult: float = 4,
-                 ff_glu: bool = False, ff_dropout: float = 0.0):
-        super().__init__(dim, depth, heads=heads, causal=False, pre_norm=pre_norm, attn_dim_head=attn_dim_head,
-                         attn_dropout=attn_dropout, ff_mult=ff_mult, ff_glu=ff_glu, ff_dropout=ff_dropout)
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        pre_norm: bool = True,
+        attn_dim_head: int = DEFAULT_DIM_HEAD,
+        attn_dropout: float = 0.0,
+        ff_mult: float = 4,
+        ff_glu: bool = False,
+        ff_dropout: float = 0.0,
+    ):
+        super().__init__(
+            dim,
+            depth,
+            heads=heads,
+            causal=False,
+            pre_norm=pre_norm,
+            attn_dim_head=attn_dim_head,
+            attn_dropout=attn_dropout,
+            ff_mult=ff_mult,
+            ff_glu=ff_glu,
+            ff_dropout=ff_dropout,
+        )
 
 
 class TransformerWrapper(nn.Module):
@@ -159,8 +191,16 @@ class TransformerWrapper(nn.Module):
     ``use_pos_emb``.
     """
 
-    def __init__(self, *, num_tokens: int, max_seq_len: int, attn_layers: AttentionLayers, emb_dim: int | None = None,
-                 emb_dropout: float = 0.0, use_pos_emb: bool = True):
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        attn_layers: AttentionLayers,
+        emb_dim: int | None = None,
+        emb_dropout: float = 0.0,
+        use_pos_emb: bool = True,
+    ):
         super().__init__()
         if not isinstance(attn_layers, AttentionLayers):
             raise TypeError(f"attn_layers must be an Encoder (AttentionLayers); got {type(attn_layers).__name__}")
@@ -178,8 +218,7 @@ class TransformerWrapper(nn.Module):
         # kept although embeddings never use it: latent-diffusion's checkpoints hold to_logits.* and load strict
         self.to_logits = nn.Linear(dim, num_tokens)
 
-    def forward(self, x: torch.Tensor, return_embeddings: bool = False,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_embeddings: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[B, N]`` token ids in ``[0, num_tokens)``; ``mask`` ``[B, N]`` bool (True = real token) or None.
 
         Returns ``[B, N, dim]`` embeddings when ``return_embeddings`` else ``[B, N, num_tokens]`` logits.

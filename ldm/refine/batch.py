@@ -364,8 +364,13 @@ def refine_files(
                 continue
             prompt = prompts[index] if needs_prompt else None
             if needs_prompt and not isinstance(prompt, Prompt):
-                finish(index, prompt if isinstance(prompt, str) else f"{format_path(path)}: no prompt for the "
-                       f"text-conditioned expert(s); pass one in prompts (CLI: --prompt, --prompt-file)")
+                finish(
+                    index,
+                    prompt
+                    if isinstance(prompt, str)
+                    else f"{format_path(path)}: no prompt for the "
+                    f"text-conditioned expert(s); pass one in prompts (CLI: --prompt, --prompt-file)",
+                )
                 continue
             try:
                 loaded = load_image(path)
@@ -380,8 +385,9 @@ def refine_files(
                 continue
             remaining[index] = len(todo)
             for sample, sample_seed, out in todo:
-                if pending and (len(pending) >= batch_size or pending[0].x.shape != x.shape
-                                or _scale(pending[0].prompt) != _scale(prompt)):  # one guidance scale per batch
+                if pending and (
+                    len(pending) >= batch_size or pending[0].x.shape != x.shape or _scale(pending[0].prompt) != _scale(prompt)
+                ):  # one guidance scale per batch
                     flush()
                 pending.append(_Item(index, sample, sample_seed, out, x, loaded.alpha, starts, region_meta, prompt))
         flush()
@@ -422,7 +428,12 @@ def _regions_of(
 
 
 def mask_clash(
-    paths: Sequence[Path], outdir: str | os.PathLike, start_t: int, seed: int, n_samples: int, grid: bool,
+    paths: Sequence[Path],
+    outdir: str | os.PathLike,
+    start_t: int,
+    seed: int,
+    n_samples: int,
+    grid: bool,
     regions: RegionOptions,
 ) -> str | None:
     """Why this batch would write over a mask it reads (one line naming the output and the mask), or None.
@@ -474,7 +485,4 @@ def grid_name(out: Path) -> Path:
 
 def _outputs_for(stem: str, outdir: Path, start_t: int, seed: int, n_samples: int) -> list[tuple[int, int, Path]]:
     """``(sample index, seed, output path)`` for every sample of one input."""
-    return [
-        (k, seed + k, outdir / output_name(stem, start_t, seed, k if n_samples > 1 else None)) for k in range(n_samples)
-    ]
-
+    return [(k, seed + k, outdir / output_name(stem, start_t, seed, k if n_samples > 1 else None)) for k in range(n_samples)]

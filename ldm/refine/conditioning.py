@@ -50,8 +50,10 @@ logger = logging.getLogger(__name__)
 #: "", scale :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`), one per sample, or None (no prompt)
 PromptArg = Prompt | str | Sequence[Prompt | str] | None
 
-SOURCES_HINT = ("pass --prompt, a --prompt-file with a line for its stem, or an image that records its prompt "
-                "(A1111 'parameters' or this project's metadata)")
+SOURCES_HINT = (
+    "pass --prompt, a --prompt-file with a line for its stem, or an image that records its prompt "
+    "(A1111 'parameters' or this project's metadata)"
+)
 
 
 def conditioning_key(model: Any) -> str | None:
@@ -312,8 +314,12 @@ def resolve_input_prompts(
         missing = prompt_file.missing(Path(os.fsdecode(p)).stem for p in paths)
         if missing:
             shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
-            logger.info("prompt file %s has no entry for %d input(s) (%s): their prompt is read from the image if it "
-                        "records one", prompt_file.path, len(missing), shown)
+            logger.info(
+                "prompt file %s has no entry for %d input(s) (%s): their prompt is read from the image if it records one",
+                prompt_file.path,
+                len(missing),
+                shown,
+            )
     out: list[Prompt | str] = []
     for path in paths:
         found = prompt_file.for_path(path) if prompt_file is not None else None
@@ -329,5 +335,7 @@ def resolve_input_prompts(
 def _no_prompt(path: Path, prompt_file: PromptFile | None) -> str:
     stem = Path(os.fsdecode(path)).stem
     where = f"no entry for stem {stem!r} in --prompt-file {prompt_file.path}, " if prompt_file is not None else ""
-    return (f"{format_path(path)}: no prompt for the text-conditioned expert(s): {where}no prompt recorded in the "
-            f"image; {SOURCES_HINT}")
+    return (
+        f"{format_path(path)}: no prompt for the text-conditioned expert(s): {where}no prompt recorded in the "
+        f"image; {SOURCES_HINT}"
+    )

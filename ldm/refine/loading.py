@@ -143,15 +143,18 @@ def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any
     if not isinstance(model, Mapping) or "target" not in model:
         return None
     if not isinstance(model.get("target"), str):
-        raise ConfigError(f"checkpoint {shown}: its config's model.target must be a class path string, got "
-                          f"{type(model.get('target')).__name__}")
+        raise ConfigError(
+            f"checkpoint {shown}: its config's model.target must be a class path string, got "
+            f"{type(model.get('target')).__name__}"
+        )
     params = model.get("params")
     first = params.get("first_stage_config") if isinstance(params, Mapping) else None
     first_params = first.get("params") if isinstance(first, Mapping) else None
     for where, value in (("model.params", params), ("model.params.first_stage_config.params", first_params)):
         if value is not None and not isinstance(value, Mapping):
-            raise ConfigError(f"checkpoint {shown}: its config's {where} must be a mapping of arguments, got "
-                              f"{type(value).__name__}")
+            raise ConfigError(
+                f"checkpoint {shown}: its config's {where} must be a mapping of arguments, got {type(value).__name__}"
+            )
     return copy.deepcopy(dict(model))
 
 

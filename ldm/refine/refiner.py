@@ -86,7 +86,6 @@ from ldm.sampling import (
 logger = logging.getLogger(__name__)
 
 
-
 class Refiner:
     """Refine images with chained window experts.
 
@@ -385,8 +384,9 @@ class Refiner:
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
             clock = PhaseClock(self.device, timings)  # the prompts' encoding counts in the "encode" phase
             # guidance wraps the cached plan's denoisers for this call only (the plan cache stays unguided)
-            conditioning = (None if prompts is None
-                            else encode_prompts(self.experts, plan, prompts, self.batch_invariant, self.autocast))
+            conditioning = (
+                None if prompts is None else encode_prompts(self.experts, plan, prompts, self.batch_invariant, self.autocast)
+            )
             run = Run(plan, generators, progress, callback, clock, conditioning)
             if starts is None:
                 out = self._generate(xin, run)

@@ -70,12 +70,14 @@ def shipped_files(name: str, root: Path | None = None) -> list[Path]:
         if not path.is_file():
             raise CheckpointError(
                 f"the {name!r} weights are not in this installation: {format_path(path)} is missing. They ship in the "
-                "repository's weights/ folder: run from a clone (pip install -e .), or pass the files with --ckpt")
+                "repository's weights/ folder: run from a clone (pip install -e .), or pass the files with --ckpt"
+            )
         found = sha256_file(path)
         if found != digest:
             raise CheckpointError(
                 f"{format_path(path)} is damaged: its sha256 is {found[:16]}..., the {name!r} weights have "
-                f"{digest[:16]}...; restore it with: git checkout -- {format_path(path)}")
+                f"{digest[:16]}...; restore it with: git checkout -- {format_path(path)}"
+            )
         paths.append(path)
     return paths
 
@@ -87,8 +89,11 @@ def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
     for path in paths:
         if isinstance(path, str) and path in SHIPPED:
             if os.path.exists(path):
-                logger.warning("%r is both a path here and the name of shipped weights; using the path (the shipped "
-                               "weights are %s)", path, format_path(WEIGHTS_DIR / path))
+                logger.warning(
+                    "%r is both a path here and the name of shipped weights; using the path (the shipped weights are %s)",
+                    path,
+                    format_path(WEIGHTS_DIR / path),
+                )
             else:
                 expanded.extend(shipped_files(path))
                 continue
@@ -116,15 +121,19 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
     ckpt = load_checkpoint(source)
     model_cfg = _embedded_model_config(ckpt, format_path(source))
     if model_cfg is None:
-        raise CheckpointError(f"checkpoint {format_path(source)} holds no model config; only checkpoints written by "
-                              "main.py (or exports of them) can be exported")
+        raise CheckpointError(
+            f"checkpoint {format_path(source)} holds no model config; only checkpoints written by "
+            "main.py (or exports of them) can be exported"
+        )
     state = expert.model.state_dict()
     parameters = {name for name, _ in expert.model.named_parameters()}
     cast = EXPORT_DTYPES[dtype]
     # only the UNet's: the first stage stays as trained, so an export still chains with the checkpoints (and exports)
     # of its siblings, which must share one first stage bit for bit
-    state = {k: v.to(cast) if k in parameters and k.startswith(UNET_PREFIX) and v.is_floating_point() else v
-             for k, v in state.items()}
+    state = {
+        k: v.to(cast) if k in parameters and k.startswith(UNET_PREFIX) and v.is_floating_point() else v
+        for k, v in state.items()
+    }
     save_checkpoint(
         {
             "state_dict": state,
@@ -137,7 +146,11 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
         out,
     )
     return {
-        "out": format_path(out), "window": list(info.window), "global_step": info.global_step, "ema": info.ema,
-        "parameters": sum(v.numel() for k, v in state.items() if k in parameters), "bytes": os.path.getsize(out),
+        "out": format_path(out),
+        "window": list(info.window),
+        "global_step": info.global_step,
+        "ema": info.ema,
+        "parameters": sum(v.numel() for k, v in state.items() if k in parameters),
+        "bytes": os.path.getsize(out),
         "sha256": sha256_file(out),
     }

@@ -22,9 +22,7 @@ def to_like(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return noise.to(like.device, like.dtype)
 
 
-def draw(
-    fn: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor, generator: Generators
-) -> torch.Tensor:
+def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
     """``fn(shape)`` (``torch.randn`` or ``torch.rand``) in float32 from ``generator``, moved to ``like``.
 
     ``generator`` may be a sequence of per-sample generators: row ``i`` of the batch (``shape[0]``) is drawn from

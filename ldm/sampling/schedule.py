@@ -66,9 +66,7 @@ class NoiseSchedule:
         return cls(acp, acp.sqrt().float(), (1.0 - acp).sqrt().float())
 
 
-def grid_tail(
-    start_t: int, ddim_steps: int, num_timesteps: int, t_min: int = 0
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def grid_tail(start_t: int, ddim_steps: int, num_timesteps: int, t_min: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(timesteps, levels)``: the DDIM grid entries ``t_min <= t <= start_t`` of a ``ddim_steps``-entry uniform grid,
     descending (may be empty; the caller says what to change), and the level each moves to: the grid entry below it
     (also when ``t_min`` leaves that entry out), 0 below the lowest."""

@@ -332,8 +332,7 @@ class FinalCheckpoint(Checkpoint):
                 continue
             saver._save_last_checkpoint(trainer, saver._monitor_candidates(trainer))
             if trainer.is_global_zero:
-                logger.info("training ended off the checkpoint cadence: saved last.ckpt at global step %d",
-                            trainer.global_step)
+                logger.info("training ended off the checkpoint cadence: saved last.ckpt at global step %d", trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

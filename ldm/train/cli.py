@@ -120,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-n", "--name", type=str, default="", help="run name (log dir suffix); default: config name")
     parser.add_argument("-r", "--resume", type=str, default="", help="resume from a log dir or a checkpoint inside one")
-    parser.add_argument(
-        "-b", "--base", nargs="*", metavar="base_config.yaml", default=[], help="configs, merged left to right"
-    )
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[], help="configs, merged left to right")
     parser.add_argument("-t", "--train", action="store_true", help="train (otherwise only test)")
     parser.add_argument("--no-test", action="store_true", help="skip trainer.test after training")
     parser.add_argument("-p", "--postfix", type=str, default="", help="appended to the log dir name")
@@ -201,8 +199,10 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     check_dotlist_tokens(dotlist, _flag_names(parser))
     for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
         if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
-            raise CLIError(f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
-                           "name; choose the folder holding the runs with -l/--logdir")
+            raise CLIError(
+                f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
+                "name; choose the folder holding the runs with -l/--logdir"
+            )
     if opt.name and opt.resume:
         raise CLIError(
             "-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir name; "
@@ -336,8 +336,9 @@ def check_config_structure(config: DictConfig) -> None:
     """Top-level keys, ``lightning.*`` keys and every ``lightning.trainer`` argument are known."""
     for key in config:
         if key not in PROJECT_KEYS:
-            raise ConfigError(f"unknown top-level config key {key!r}{_closest(str(key), PROJECT_KEYS)}; "
-                              f"valid: {', '.join(PROJECT_KEYS)}")
+            raise ConfigError(
+                f"unknown top-level config key {key!r}{_closest(str(key), PROJECT_KEYS)}; valid: {', '.join(PROJECT_KEYS)}"
+            )
     if "model" not in config:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
     for key in ("model", "data"):
@@ -469,8 +470,9 @@ def merge_configs(
             apply_override(merged, entry)
         except OmegaConfBaseException as exc:  # e.g. an earlier override's ${...} that cannot resolve, met on the way
             first = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"override {entry!r}: {first}; check the ${{...}} interpolations of the overrides before "
-                              "it") from exc
+            raise ConfigError(
+                f"override {entry!r}: {first}; check the ${{...}} interpolations of the overrides before it"
+            ) from exc
     _modernize_callbacks(merged)
     check_config_structure(merged)
     try:

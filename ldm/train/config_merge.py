@@ -46,7 +46,7 @@ def is_deletion(token: str) -> bool:
 
 def check_deletion_token(token: str) -> str:
     """The key of a ``~key`` token; a ``~key=value`` or a bare ``~`` is a :class:`ConfigError`."""
-    key = token[len(DELETE_PREFIX):]
+    key = token[len(DELETE_PREFIX) :]
     if "=" in key:
         raise ConfigError(f"{token!r}: a deletion is ~key alone (no '='); to set a key write key=value")
     if not key or any(not part for part in key.split(".")):
@@ -107,9 +107,10 @@ def _strip_deletions(layer: Any, path: tuple[Any, ...] = ()) -> tuple[Any, list[
         if isinstance(key, str) and is_deletion(key) and len(key) > len(DELETE_PREFIX):
             where = ".".join(str(p) for p in (*path, key))
             if value is not None:
-                raise ConfigError(f"{where}: a ~key deletes {key[len(DELETE_PREFIX):]!r} and takes no value (write "
-                                  f"{key}: null)")
-            deleted.append((*path, key[len(DELETE_PREFIX):]))
+                raise ConfigError(
+                    f"{where}: a ~key deletes {key[len(DELETE_PREFIX) :]!r} and takes no value (write {key}: null)"
+                )
+            deleted.append((*path, key[len(DELETE_PREFIX) :]))
             continue
         kept[key], inner = _strip_deletions(value, (*path, key))
         deleted += inner
@@ -150,8 +151,9 @@ def delete_key(config: DictConfig, path: Sequence[Any], source: str = "") -> Non
             return
         node = node._get_node(key) if isinstance(node, DictConfig) else node[key]
         if not isinstance(node, (DictConfig, ListConfig)):
-            raise ConfigError(f"cannot delete {_describe(path)!r}{origin}: {_describe(path[: i + 1])} is a value, not a "
-                              "mapping or list")
+            raise ConfigError(
+                f"cannot delete {_describe(path)!r}{origin}: {_describe(path[: i + 1])} is a value, not a mapping or list"
+            )
 
 
 def merge_layers(layers: Sequence[tuple[str, DictConfig]], start: DictConfig | None = None) -> DictConfig:

@@ -55,8 +55,10 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
         raise RunFolderLockError(
-            exc.errno, f"cannot create the lock file of run folder {str(logdir)!r} ({exc.strerror or exc}); "
-            "the run folder must be writable", str(path)
+            exc.errno,
+            f"cannot create the lock file of run folder {str(logdir)!r} ({exc.strerror or exc}); "
+            "the run folder must be writable",
+            str(path),
         ) from exc
     try:
         locked = _lock(fcntl, fd, logdir, path)

@@ -85,7 +85,8 @@ def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             # sorted: typing caches equal Unions, so the annotation's order depends on which one was created first
             names = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None))) + (
-                " or null" if type(None) in allowed else "")
+                " or null" if type(None) in allowed else ""
+            )
             raise ConfigError(f"lightning.trainer.{key}={value!r} must be {names} (a finite number where float)")
         if key in _AT_LEAST_ONE and value is not None and value < 1:
             raise ConfigError(f"lightning.trainer.{key}={value!r} must be >= 1")

@@ -260,9 +260,7 @@ class DDPM(pl.LightningModule):
             # from the loaded weights, not from the random initialisation it was copied from at construction
             self.model_ema.reset_to(self.model)
             logger.info("%s: no EMA weights restored; the EMA starts from the loaded weights", path)
-        logger.info(
-            "restored from %s: %d missing keys, %d unexpected keys", path, len(missing), len(unexpected)
-        )
+        logger.info("restored from %s: %d missing keys, %d unexpected keys", path, len(missing), len(unexpected))
         return missing, unexpected
 
     def check_schedule_matches(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -423,4 +421,3 @@ class DDPM(pl.LightningModule):
         schedule = instantiate_from_config(self.scheduler_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
         return [opt], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
-

@@ -41,14 +41,17 @@ def check_ucg_training(ucg_training: Mapping[str, Mapping[str, Any]] | None) -> 
     checked = {}
     for key, entry in ucg_training.items():
         if not isinstance(entry, Mapping) or "p" not in entry or set(entry) - UCG_ENTRY_KEYS:
-            raise ValueError(f"ucg_training.{key}={entry!r} must be a mapping with p and optionally val (no other keys); "
-                             f"write {form}")
+            raise ValueError(
+                f"ucg_training.{key}={entry!r} must be a mapping with p and optionally val (no other keys); write {form}"
+            )
         p, val = entry["p"], entry.get("val")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"ucg_training.{key}.p={p!r} must be a probability in [0, 1]; write {form}")
         if val is not None and not isinstance(val, str):
-            raise ValueError(f"ucg_training.{key}.val={val!r} must be a string (the caption that stands for 'no "
-                             f"caption', usually ''); write {form}")
+            raise ValueError(
+                f"ucg_training.{key}.val={val!r} must be a string (the caption that stands for 'no "
+                f"caption', usually ''); write {form}"
+            )
         checked[str(key)] = {"p": float(p), "val": "" if val is None else val}
     return checked
 
@@ -64,8 +67,10 @@ def drop_captions(captions: Sequence[str], p: float, val: str, generator: torch.
 def text_batch(values: Any, key: str) -> list[str]:
     """``batch[key]`` as a list of str (what the default collate makes of per-item strings); TypeError otherwise."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"batch[{key!r}] must be a list of str (one caption per item, as the datasets' default collate "
-                        f"gives), got {type(values).__name__}")
+        raise TypeError(
+            f"batch[{key!r}] must be a list of str (one caption per item, as the datasets' default collate "
+            f"gives), got {type(values).__name__}"
+        )
     return list(values)
 
 
@@ -121,8 +126,10 @@ class LatentDiffusion(DDPM):
         # numpy RandomState, draws come from torch's generator (see training_step): reproducible per step.
         self.ucg_training = check_ucg_training(ucg_training)
         if self.ucg_training and conditioning_key is None:
-            raise ValueError("ucg_training drops the captions of a text-conditioned model, but this one is unconditional "
-                             "(cond_stage_config: __is_unconditional__); remove ucg_training or configure a cond stage")
+            raise ValueError(
+                "ucg_training drops the captions of a text-conditioned model, but this one is unconditional "
+                "(cond_stage_config: __is_unconditional__); remove ucg_training or configure a cond stage"
+            )
         super().__init__(conditioning_key=conditioning_key, **ddpm_kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -200,9 +207,7 @@ class LatentDiffusion(DDPM):
         return self.scale_factor * z
 
     @torch.no_grad()
-    def decode_first_stage(
-        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
-    ) -> torch.Tensor:
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
         """Scaled latent ``[B, C, h, w]`` -> image ``[B, 3, h * f, w * f]`` (a VQ first stage snaps to its codebook
         unless ``force_not_quantize``)."""
         z = z / self.scale_factor
@@ -299,15 +304,19 @@ class LatentDiffusion(DDPM):
             cond_key = cond_key or self.cond_stage_key
             if cond_key == self.first_stage_key:
                 if x is None:
-                    raise ValueError(f"cond_stage_key={cond_key!r} conditions on the image, which a batch of cached "
-                                     "latents does not hold; train this model from images")
+                    raise ValueError(
+                        f"cond_stage_key={cond_key!r} conditions on the image, which a batch of cached "
+                        "latents does not hold; train this model from images"
+                    )
                 xc = x
             elif cond_key == "class_label":
                 xc = batch
             elif cond_key in TEXT_COND_KEYS:
                 if cond_key not in batch:
-                    raise KeyError(f"batch has no key {cond_key!r} (keys: {sorted(batch)}); cond_stage_key={cond_key!r} "
-                                   "needs a dataset with captions, e.g. ImageFolderDataset(captions='required')")
+                    raise KeyError(
+                        f"batch has no key {cond_key!r} (keys: {sorted(batch)}); cond_stage_key={cond_key!r} "
+                        "needs a dataset with captions, e.g. ImageFolderDataset(captions='required')"
+                    )
                 xc = text_batch(batch[cond_key], cond_key)
                 if bs is not None:
                     xc = xc[:bs]  # before encoding: only the captions used are encoded
@@ -342,8 +351,10 @@ class LatentDiffusion(DDPM):
         out = dict(batch)
         for key, entry in self.ucg_training.items():
             if key not in out:
-                raise KeyError(f"ucg_training drops batch[{key!r}], but the batch has no such key (keys: {sorted(out)}); "
-                               "use the cond_stage_key (usually caption) as ucg_training's key")
+                raise KeyError(
+                    f"ucg_training drops batch[{key!r}], but the batch has no such key (keys: {sorted(out)}); "
+                    "use the cond_stage_key (usually caption) as ucg_training's key"
+                )
             out[key] = drop_captions(text_batch(out[key], key), entry["p"], entry["val"], generator)
         return out
 

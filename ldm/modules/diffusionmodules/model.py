@@ -173,9 +173,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = make_attn(block_in, attn_type)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(
-            block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
-        )
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
 
     @property
     def high_channels(self) -> int:

@@ -297,9 +297,7 @@ class UNetModel(nn.Module):
                 use_new_attention_order=use_new_attention_order,
             )
 
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
-        )
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
         input_block_chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):

@@ -60,9 +60,7 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     ``T // S == 1``) are dropped, so every entry is a valid index.
     """
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
-        raise ValueError(
-            f"ddim_num_steps={num_ddim_timesteps} must be in [1, {num_ddpm_timesteps}] (the number of DDPM steps)"
-        )
+        raise ValueError(f"ddim_num_steps={num_ddim_timesteps} must be in [1, {num_ddpm_timesteps}] (the number of DDPM steps)")
     if ddim_discr_method == "uniform":
         c = num_ddpm_timesteps // num_ddim_timesteps
         grid = np.asarray(list(range(0, num_ddpm_timesteps, c)), dtype=np.int64)

@@ -70,9 +70,7 @@ class DiagonalGaussianDistribution:
         """Negative log-likelihood of ``sample`` ``[B, C, h, w]`` (nats), summed over ``dims``; 0 when deterministic."""
         if self.deterministic:
             return torch.zeros(sample.shape[0], device=sample.device, dtype=sample.dtype)
-        return 0.5 * torch.sum(
-            math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims)
-        )
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
 
     def mode(self) -> torch.Tensor:
         """The mean ``[B, C, h, w]`` (the most likely latent; what refinement encodes with by default)."""

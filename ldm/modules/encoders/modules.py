@@ -72,18 +72,21 @@ def _transformers() -> Any:
         import transformers
     except ImportError as err:
         if err.name not in (None, "transformers"):  # installed but broken (e.g. a dependency's version): say so
-            raise ImportError(f"the 'transformers' package failed to import ({err}); reinstall it: "
-                              f"{TEXT_EXTRA_HINT}") from err
-        raise ImportError(f"the text encoders need the 'transformers' package, which is not installed: "
-                          f"{TEXT_EXTRA_HINT}") from None
+            raise ImportError(f"the 'transformers' package failed to import ({err}); reinstall it: {TEXT_EXTRA_HINT}") from err
+        raise ImportError(
+            f"the text encoders need the 'transformers' package, which is not installed: {TEXT_EXTRA_HINT}"
+        ) from None
     return transformers
 
 
 def _ignored_device(owner: str, device: Any) -> None:
     """CompVis classes take ``device`` (default "cuda"); here the module's own device is used, so it is ignored."""
     if device is not None:
-        logger.info("%s(device=%r): ignored; the encoder runs on the device its parameters are on (move it with "
-                    ".to(device))", owner, device)
+        logger.info(
+            "%s(device=%r): ignored; the encoder runs on the device its parameters are on (move it with .to(device))",
+            owner,
+            device,
+        )
 
 
 def _prompts(text: Any, owner: str) -> list[str]:
@@ -96,8 +99,9 @@ def _prompts(text: Any, owner: str) -> list[str]:
         raise ValueError(f"{owner} got an empty list of prompts; pass at least one string ('' for no prompt)")
     for i, t in enumerate(text):
         if not isinstance(t, str):
-            raise TypeError(f"{owner}: prompt {i} is a {type(t).__name__}, not a str; pass every prompt as text "
-                            "('' for an empty prompt)")
+            raise TypeError(
+                f"{owner}: prompt {i} is a {type(t).__name__}, not a str; pass every prompt as text ('' for an empty prompt)"
+            )
     return list(text)
 
 
@@ -114,11 +118,19 @@ def _tokenize(tokenizer: Any, text: Any, max_length: int, owner: str) -> torch.T
     if over:
         first, _ = over[0]
         # truncation keeps the start token, max_length - 2 content tokens and the end token
-        tail = tokenizer.decode(full[first][max_length - 1:-1])
+        tail = tokenizer.decode(full[first][max_length - 1 : -1])
         tail = tail if len(tail) <= _DROPPED_TEXT_CHARS else tail[:_DROPPED_TEXT_CHARS] + "..."
         lost = ", ".join(f"{n} from prompt {i}" for i, n in over[:8]) + (", ..." if len(over) > 8 else "")
-        logger.warning("%s: %d of %d prompts exceed the %d-token limit and are truncated, dropping tokens (%s); "
-                       "prompt %d loses %r", owner, len(over), len(texts), max_length, lost, first, tail)
+        logger.warning(
+            "%s: %d of %d prompts exceed the %d-token limit and are truncated, dropping tokens (%s); prompt %d loses %r",
+            owner,
+            len(over),
+            len(texts),
+            max_length,
+            lost,
+            first,
+            tail,
+        )
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     return enc["input_ids"]
 
@@ -151,8 +163,9 @@ class TransformerEmbedder(AbstractEncoder):
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
         _ignored_device(type(self).__name__, device)
-        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
-                                              attn_layers=Encoder(dim=n_embed, depth=n_layer))
+        self.transformer = TransformerWrapper(
+            num_tokens=vocab_size, max_seq_len=max_seq_len, attn_layers=Encoder(dim=n_embed, depth=n_layer)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -160,8 +173,7 @@ class TransformerEmbedder(AbstractEncoder):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B, N]`` integer ids in ``[0, vocab_size)`` -> ``[B, N, n_embed]``."""
-        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device),
-                                return_embeddings=True)
+        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device), return_embeddings=True)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)
@@ -173,8 +185,10 @@ def _checked_tokens(tokens: Any, vocab_size: int, device: torch.device) -> torch
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() != 2:
         raise ValueError(f"token ids must be a [B, N] integer tensor; got {tuple(tokens.shape)} {tokens.dtype}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}) (vocab_size); got {int(tokens.min())}.."
-                         f"{int(tokens.max())}: the tokenizer's vocabulary is larger than the embedder's")
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}) (vocab_size); got {int(tokens.min())}.."
+            f"{int(tokens.max())}: the tokenizer's vocabulary is larger than the embedder's"
+        )
     return tokens.to(device=device, dtype=torch.long)
 
 
@@ -188,8 +202,9 @@ class BERTTokenizer(AbstractEncoder):
     the tokens. ``device`` is ignored: tokens are returned on the CPU and the embedder moves them.
     """
 
-    def __init__(self, device: Any = None, vq_interface: bool = True, max_length: int = 77,
-                 vocab_path: str | os.PathLike | None = None):
+    def __init__(
+        self, device: Any = None, vq_interface: bool = True, max_length: int = 77, vocab_path: str | os.PathLike | None = None
+    ):
         super().__init__()
         _ignored_device(type(self).__name__, device)
         if max_length < 2:
@@ -219,8 +234,10 @@ class BERTTokenizer(AbstractEncoder):
 
 def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
     """transformers' BertTokenizer from a local vocab file or tokenizer folder (never downloaded)."""
-    hint = ("pass vocab_path= a local bert-base-uncased vocab.txt, or a folder written by "
-            "BertTokenizer.save_pretrained (nothing is downloaded)")
+    hint = (
+        "pass vocab_path= a local bert-base-uncased vocab.txt, or a folder written by "
+        "BertTokenizer.save_pretrained (nothing is downloaded)"
+    )
     if vocab_path is None:
         raise ValueError(f"BERTTokenizer needs a local vocabulary: {hint}")
     path = Path(vocab_path).expanduser()
@@ -229,8 +246,7 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
     transformers = _transformers()
     if path.is_dir():
         if not ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()):
-            raise FileNotFoundError(f"BERT tokenizer folder {str(path)!r} has neither vocab.txt nor tokenizer.json: "
-                                    f"{hint}")
+            raise FileNotFoundError(f"BERT tokenizer folder {str(path)!r} has neither vocab.txt nor tokenizer.json: {hint}")
         return transformers.BertTokenizer.from_pretrained(str(path), local_files_only=True)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -240,8 +256,9 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
     missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in vocab]
     if missing or len(vocab) != len(lines):
         why = f"lacks the special tokens {missing}" if missing else "has empty or repeated lines"
-        raise ValueError(f"BERT vocabulary {str(path)!r} {why}; expected one unique token per line as in "
-                         "bert-base-uncased's vocab.txt")
+        raise ValueError(
+            f"BERT vocabulary {str(path)!r} {why}; expected one unique token per line as in bert-base-uncased's vocab.txt"
+        )
     # the ids are the line numbers, as in bert-base-uncased's vocab.txt (the tokenizer is built from the mapping:
     # transformers 5's BertTokenizer ignores a vocab_file argument)
     return transformers.BertTokenizer(vocab=vocab, do_lower_case=True)
@@ -257,9 +274,17 @@ class BERTEmbedder(AbstractEncoder):
     Padding tokens are attended to, as in latent-diffusion (its checkpoints were trained that way).
     """
 
-    def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77,
-                 device: Any = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0,
-                 vocab_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        n_embed: int,
+        n_layer: int,
+        vocab_size: int = 30522,
+        max_seq_len: int = 77,
+        device: Any = None,
+        use_tokenizer: bool = True,
+        embedding_dropout: float = 0.0,
+        vocab_path: str | os.PathLike | None = None,
+    ):
         super().__init__()
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
@@ -268,11 +293,16 @@ class BERTEmbedder(AbstractEncoder):
         if self.use_tknz_fn:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_path=vocab_path)
             if self.tknz_fn.vocab_size > vocab_size:
-                raise ValueError(f"the BERT vocabulary has {self.tknz_fn.vocab_size} tokens but vocab_size="
-                                 f"{vocab_size}; pass the vocabulary the embedder was trained with")
-        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
-                                              attn_layers=Encoder(dim=n_embed, depth=n_layer),
-                                              emb_dropout=embedding_dropout)
+                raise ValueError(
+                    f"the BERT vocabulary has {self.tknz_fn.vocab_size} tokens but vocab_size="
+                    f"{vocab_size}; pass the vocabulary the embedder was trained with"
+                )
+        self.transformer = TransformerWrapper(
+            num_tokens=vocab_size,
+            max_seq_len=max_seq_len,
+            attn_layers=Encoder(dim=n_embed, depth=n_layer),
+            emb_dropout=embedding_dropout,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -281,15 +311,13 @@ class BERTEmbedder(AbstractEncoder):
     def forward(self, text: Any) -> torch.Tensor:
         """``text`` ``[B]`` strings (or token ids ``[B, N]`` when ``use_tokenizer=False``) -> ``[B, N, n_embed]``."""
         tokens = self.tknz_fn(text) if self.use_tknz_fn else text
-        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device),
-                                return_embeddings=True)
+        return self.transformer(_checked_tokens(tokens, self.transformer.num_tokens, self.device), return_embeddings=True)
 
     def encode(self, text: Any) -> torch.Tensor:
         return self(text)
 
 
-_CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
+_CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
@@ -300,9 +328,11 @@ def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
     ``text_encoder/``).
     """
     path = Path(version).expanduser()
-    hint = ("pass a local folder with the CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json) and "
-            "config.json, e.g. one written by CLIPTokenizer.save_pretrained and CLIPTextModel.save_pretrained "
-            "(nothing is downloaded)")
+    hint = (
+        "pass a local folder with the CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json) and "
+        "config.json, e.g. one written by CLIPTokenizer.save_pretrained and CLIPTextModel.save_pretrained "
+        "(nothing is downloaded)"
+    )
     if not path.is_dir():
         raise FileNotFoundError(f"FrozenCLIPEmbedder(version={str(version)!r}): not a local folder; {hint}")
     tok_dir, model_dir = path, path
@@ -311,9 +341,11 @@ def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
     if not (tok_dir / "tokenizer.json").is_file():
         missing = [name for name in ("vocab.json", "merges.txt") if not (tok_dir / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"CLIP folder {str(tok_dir)!r} has no tokenizer: missing {' and '.join(missing)} "
-                                    "(or tokenizer.json); save the tokenizer into it with "
-                                    "CLIPTokenizer.save_pretrained(folder)")
+            raise FileNotFoundError(
+                f"CLIP folder {str(tok_dir)!r} has no tokenizer: missing {' and '.join(missing)} "
+                "(or tokenizer.json); save the tokenizer into it with "
+                "CLIPTokenizer.save_pretrained(folder)"
+            )
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"CLIP folder {str(model_dir)!r} has no config.json; {hint}")
     return tok_dir, model_dir
@@ -361,8 +393,9 @@ def _from_folder(load: Any, folder: Path, what: str) -> Any:
     except (FileNotFoundError, ValueError):
         raise
     except Exception as exc:  # transformers and huggingface_hub raise their own, version-dependent types
-        raise ValueError(f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]})") from None
+        raise ValueError(
+            f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+        ) from None
 
 
 class _TextModelKeys(nn.Module):
@@ -381,10 +414,10 @@ class _TextModelKeys(nn.Module):
     def config(self) -> Any:
         return self.text_model.config
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> Any:
-        return self.text_model(input_ids=input_ids, position_ids=position_ids,
-                               output_hidden_states=output_hidden_states)
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> Any:
+        return self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=output_hidden_states)
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
@@ -407,8 +440,15 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     #: keys SD v1 checkpoints hold that this module does not (dropped by a load_state_dict pre-hook)
     checkpoint_only_keys = ("transformer.text_model.embeddings.position_ids",)
 
-    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Any = None, max_length: int = 77,
-                 freeze: bool = True, layer: str = "last", layer_idx: int | None = None):
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: Any = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: str = "last",
+        layer_idx: int | None = None,
+    ):
         super().__init__()
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}; got {layer!r}")
@@ -422,25 +462,35 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         # under a meta-device context (a dry run: shapes only) weights are not read; transformers refuses to try
         dry_run = torch.empty(0).device.type == "meta"  # (torch.get_default_device needs torch >= 2.3)
         if not dry_run and any((model_dir / name).is_file() for name in _CLIP_WEIGHT_FILES):
-            model = _from_folder(lambda: transformers.CLIPTextModel.from_pretrained(
-                str(model_dir), local_files_only=True, dtype=torch.float32), model_dir, "text model")
+            model = _from_folder(
+                lambda: transformers.CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32),
+                model_dir,
+                "text model",
+            )
         else:
-            logger.info("%s: CLIPTextModel built from config.json with random weights (%s; load a checkpoint with "
-                        "cond_stage_model.transformer.* weights before use)", model_dir,
-                        "meta device" if dry_run else "no weights file")
-            config = _from_folder(lambda: transformers.CLIPTextConfig.from_pretrained(
-                str(model_dir), local_files_only=True), model_dir, "config")
+            logger.info(
+                "%s: CLIPTextModel built from config.json with random weights (%s; load a checkpoint with "
+                "cond_stage_model.transformer.* weights before use)",
+                model_dir,
+                "meta device" if dry_run else "no weights file",
+            )
+            config = _from_folder(
+                lambda: transformers.CLIPTextConfig.from_pretrained(str(model_dir), local_files_only=True), model_dir, "config"
+            )
             model = transformers.CLIPTextModel(config)
         # transformers < 5 already nests the text transformer under .text_model (the SD v1 key layout)
         self.transformer = model if isinstance(getattr(model, "text_model", None), nn.Module) else _TextModelKeys(model)
         n_layers = self.transformer.config.num_hidden_layers
         if layer == "hidden" and (layer_idx is None or not -n_layers - 1 <= layer_idx <= n_layers):
-            raise ValueError(f"layer='hidden' needs layer_idx in [{-n_layers - 1}, {n_layers}] (0 = the embeddings, "
-                             f"-1 = the last layer); got {layer_idx}")
+            raise ValueError(
+                f"layer='hidden' needs layer_idx in [{-n_layers - 1}, {n_layers}] (0 = the embeddings, "
+                f"-1 = the last layer); got {layer_idx}"
+            )
         max_positions = self.transformer.config.max_position_embeddings
         if not 2 <= max_length <= max_positions:
-            raise ValueError(f"max_length must be in [2, {max_positions}] (the text model's max_position_embeddings); "
-                             f"got {max_length}")
+            raise ValueError(
+                f"max_length must be in [2, {max_positions}] (the text model's max_position_embeddings); got {max_length}"
+            )
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
@@ -478,8 +528,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         # explicit positions: the model's position_ids buffer is non-persistent, so a model built on the meta device
         # and then filled from a checkpoint would hold garbage there (and some SD v1 files store corrupted ones)
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        outputs = self.transformer(input_ids=tokens, position_ids=positions,
-                                   output_hidden_states=self.layer == "hidden")
+        outputs = self.transformer(input_ids=tokens, position_ids=positions, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             return outputs.last_hidden_state
         if self.layer == "pooled":
@@ -490,8 +539,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self(text)
 
 
-def _drop_checkpoint_only_keys(module: FrozenCLIPEmbedder, state_dict: dict[str, Any], prefix: str,
-                               *_: Any) -> None:
+def _drop_checkpoint_only_keys(module: FrozenCLIPEmbedder, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """load_state_dict pre-hook: drop SD v1's stored ``position_ids`` (recomputed here), so strict loading works."""
     for key in module._drop_on_load:
         if state_dict.pop(prefix + key, None) is not None:

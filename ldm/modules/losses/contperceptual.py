@@ -90,8 +90,7 @@ class LPIPSWithDiscriminator(nn.Module):
             raise ValueError("disc_conditional=True (class-conditional discriminator) is not supported; set it to false")
         if perceptual_weight < 0 or disc_start < 0 or kl_weight < 0:
             raise ValueError(
-                f"perceptual_weight ({perceptual_weight}), kl_weight ({kl_weight}) and disc_start ({disc_start}) "
-                "must be >= 0"
+                f"perceptual_weight ({perceptual_weight}), kl_weight ({kl_weight}) and disc_start ({disc_start}) must be >= 0"
             )
         self.disc_start = int(disc_start)
         self.discriminator_iter_start = self.disc_start  # CompVis' attribute name
@@ -133,9 +132,7 @@ class LPIPSWithDiscriminator(nn.Module):
         """Whether the GAN terms are on at batch ``global_step`` (``>= disc_start``)."""
         return global_step >= self.disc_start
 
-    def calculate_adaptive_weight(
-        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
-    ) -> torch.Tensor:
+    def calculate_adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         """CompVis' name for :func:`~ldm.modules.losses.vqperceptual.adaptive_disc_weight` (detached scalar)."""
         return adaptive_disc_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
 

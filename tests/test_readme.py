@@ -65,21 +65,23 @@ from readme_support import (
 
 
 def test_the_parser_joins_continuations_strips_comments_splits_chains_and_skips_directives():
-    text = "\n".join([
-        "prose",
-        "```yaml",
-        "```bash",  # inside a yaml block: content, not a bash block
-        "```",
-        "```bash",
-        "#SBATCH --nodes=4",
-        "export X=$PWD/logs   # a comment",
-        "a --x 1 \\",
-        "    --y 'q # not a comment' k=logs/<a run>/x   # a comment",
-        "",
-        "b && c --z \"#2\"  # more",
-        "# a comment line",
-        "```",
-    ])
+    text = "\n".join(
+        [
+            "prose",
+            "```yaml",
+            "```bash",  # inside a yaml block: content, not a bash block
+            "```",
+            "```bash",
+            "#SBATCH --nodes=4",
+            "export X=$PWD/logs   # a comment",
+            "a --x 1 \\",
+            "    --y 'q # not a comment' k=logs/<a run>/x   # a comment",
+            "",
+            'b && c --z "#2"  # more',
+            "# a comment line",
+            "```",
+        ]
+    )
     commands = readme_commands(text)
     assert [(c.line, c.argv, c.block, c.sbatch) for c in commands] == [
         (8, ("a", "--x", "1", "--y", "q # not a comment", "k=logs/<a run>/x"), 5, True),
@@ -99,12 +101,18 @@ def test_invocations_find_the_script_under_launchers_and_interpreters():
         return invocation(Command(1, tuple(shlex.split(line)), 1))
 
     assert inv("torchrun --nproc-per-node 8 scripts/x.py --a 1") == Invocation(
-        "torchrun", "python", "scripts/x.py", None, ("--a", "1"))
+        "torchrun", "python", "scripts/x.py", None, ("--a", "1")
+    )
     assert inv("srun --ntasks-per-node 8 python main.py -t") == Invocation("srun", "python", "main.py", None, ("-t",))
     assert inv("OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q") == Invocation(
-        None, ".venv/bin/python", None, "pytest", ("-q",))
+        None, ".venv/bin/python", None, "pytest", ("-q",)
+    )
     assert named_paths(inv("python scripts/x.py --outdir out/a --out=b --ckpt A.ckpt m.p=logs/<r>/x.ckpt c.yaml 5")) == [
-        "scripts/x.py", "A.ckpt", "logs/<r>/x.ckpt", "c.yaml"]
+        "scripts/x.py",
+        "A.ckpt",
+        "logs/<r>/x.ckpt",
+        "c.yaml",
+    ]
 
 
 def test_readme_has_commands_and_every_block_holds_at_least_one():
@@ -127,12 +135,14 @@ def test_every_command_runs_a_program_these_tests_know():
             or (inv.program in SHELLS and re.fullmatch(r"benchmarks/\w+\.sh", inv.args[0]))
             or (inv.module is not None and inv.module in PYTHON_MODULES)
             or (inv.program in PIPS and inv.args[:1] == ("install",))
-            or (inv.program in RUFFS and inv.args[:1] == ("check",))
+            or (inv.program in RUFFS and inv.args[:1] in (("check",), ("format",)))
         )
         if not known:
             unknown.append(f"README.md:{command.line}: {command}")
-    assert not unknown, ("commands that run no entry point of this repository nor a known tool (extend "
-                         "tests/test_readme.py if they are meant):\n" + "\n".join(unknown))
+    assert not unknown, (
+        "commands that run no entry point of this repository nor a known tool (extend "
+        "tests/test_readme.py if they are meant):\n" + "\n".join(unknown)
+    )
 
 
 @pytest.mark.parametrize("command", ENTRY_COMMANDS + INLINE_ENTRY_COMMANDS, ids=command_id)
@@ -145,8 +155,11 @@ def test_entry_point_exists_and_its_arguments_parse(command):
     assert problem is None, f"README.md:{command.line}: {inv.script} refuses README's arguments: {problem}\n{command}"
 
 
-CONFIG_COMMANDS = [c for c in ENTRY_COMMANDS
-                   if invocation(c).script in ("main.py", "scripts/cache_latents.py") and "..." not in invocation(c).args]
+CONFIG_COMMANDS = [
+    c
+    for c in ENTRY_COMMANDS
+    if invocation(c).script in ("main.py", "scripts/cache_latents.py") and "..." not in invocation(c).args
+]
 
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=command_id)
@@ -182,7 +195,6 @@ def test_configs_and_overrides_merge_as_the_script_merges_them(command, monkeypa
         assert train.target == "ldm.data.cached_latents.CachedLatents" and set(train.params) == {"root"}, train
 
 
-
 def test_python_modules_and_pip_installs_name_what_exists():
     tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with tomllib (Python 3.11+)")
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -197,8 +209,10 @@ def test_python_modules_and_pip_installs_name_what_exists():
                     match = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", value)
                     missing = set((match.group(1) or "").split(",")) - set(extras) - {""} if match else {value}
                     if missing:
-                        problems.append(f"README.md:{command.line}: pip install -e {value}: pyproject.toml has no "
-                                        f"{sorted(missing)} (extras: {sorted(extras)})")
+                        problems.append(
+                            f"README.md:{command.line}: pip install -e {value}: pyproject.toml has no "
+                            f"{sorted(missing)} (extras: {sorted(extras)})"
+                        )
     assert not problems, "\n".join(problems)
 
 
@@ -265,8 +279,10 @@ def test_every_command_is_run_here_or_says_why_not():
     commands = COMMANDS + INLINE_COMMANDS
     undecided = [f"README.md:{c.line}: {c}" for c in commands
                  if not why_not_run(c) and invocation(c).script not in RUN_SUFFIX]  # fmt: skip
-    assert not undecided, ("README commands neither run by tests/test_readme_run.py nor marked with why not (give their "
-                           "script a suffix in RUN_SUFFIX, or why_not_run a reason):\n" + "\n".join(undecided))
+    assert not undecided, (
+        "README commands neither run by tests/test_readme_run.py nor marked with why not (give their "
+        "script a suffix in RUN_SUFFIX, or why_not_run a reason):\n" + "\n".join(undecided)
+    )
     for command in commands:  # the marks the task asks for
         inv, reasons = invocation(command), why_not_run(command)
         if inv.launcher or command.sbatch:

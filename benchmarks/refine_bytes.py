@@ -151,7 +151,7 @@ def main() -> int:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if args.check:
         before = json.loads(args.check.read_text())
-        changed = sorted(k for k in before if results.get(k) != before[k])
+        changed = sorted(k for k in before if k in results and results[k] != before[k])  # --no-cli runs fewer
         for name in sorted(results):
             state = "new" if name not in before else ("CHANGED" if name in changed else "same")
             print(f"{name:32s} {state}")

@@ -315,6 +315,24 @@ def test_converted_checkpoint_loads_in_the_refiner_and_refines_with_the_prompt(s
     assert not torch.equal(a, refiner.refine(x, other))
 
 
+def test_a_kl_first_stage_encodes_with_its_mean_or_a_sample_seeded_per_sample(sd_folder, tmp_path):
+    from ldm.refine import Prompt, Refiner
+    from ldm.refine.request import RefineRequest
+
+    path = tmp_path / "sd.ckpt"
+    save_checkpoint(diffusers_to_checkpoint(sd_folder), path)
+    mean = Refiner.from_checkpoints([path], device="cpu")
+    sampled = Refiner.from_checkpoints([path], device="cpu", first_stage_posterior="sample")
+    x = photo_crops(2, 16, seed=5)
+    request = RefineRequest(start_t=200, tail_steps=2, prompt=Prompt(PROMPT, guidance_scale=1.0))
+    a = sampled.refine(x, request, [3, 4])
+    assert torch.equal(a, sampled.refine(x, request, [3, 4]))  # seeded
+    assert torch.equal(a[1:], sampled.refine(x[1:], request, [4]))  # each sample's draw from its own generator
+    assert not torch.equal(a, mean.refine(x, request, [3, 4]))  # a sample is not the mean
+    with pytest.raises(ValueError, match="first_stage_posterior='mode' must be one of"):
+        Refiner.from_checkpoints([path], device="cpu", first_stage_posterior="mode")
+
+
 # ------------------------------------------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def window_expert(sd_folder, tmp_path_factory) -> Path:

@@ -14,7 +14,7 @@ codebook when decoding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -68,30 +68,39 @@ class FirstStage:
         """Image pixels per latent pixel along each side (4 for VQ-f4, 8 for KL-f8)."""
         return int(self.model.downsampling_factor)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (sides multiples of :attr:`factor`) -> scaled latents
-        ``[B, C, H / f, W / f]`` float32 (a KL first stage: its posterior's mean, or a sample; see the class)."""
-        return self._per_chunk(x, self._encode_one)
+        ``[B, C, H / f, W / f]`` float32 (a KL first stage: its posterior's mean, or a sample; see the class).
+        ``generators``: one per image, for ``posterior="sample"`` (each image's draw from its own generator, so it
+        does not depend on the batch); None: the class's ``generator``."""
+        if generators is None or self.posterior != "sample":
+            return self._per_chunk(x, self._encode_one)
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for {x.shape[0]} images; pass one per image")
+        with torch.no_grad(), self.autocast():
+            return torch.cat([self._encode_one(x[i : i + 1], generators[i]).float() for i in range(x.shape[0])])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, h * f, w * f]`` float32 (a VQ first stage snaps to its
         codebook; a KL one decodes the latent as is)."""
         return self._per_chunk(z, self._decode_one)
 
-    def _latent(self, encoded: Any) -> torch.Tensor:
+    def _latent(self, encoded: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         """The first stage's encoder output as one unscaled latent: a tensor as is, a KL posterior's mean or sample."""
         if isinstance(encoded, DiagonalGaussianDistribution):
-            return encoded.mode() if self.posterior == "mean" else encoded.sample(generator=self.generator)
+            if self.posterior == "mean":
+                return encoded.mode()
+            return encoded.sample(generator=generator if generator is not None else self.generator)
         return encoded
 
-    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_one(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.tiling is not None and self.tiling.applies_to(*x.shape[-2:]):
             first_stage = self.model.first_stage_model
             tiled = tiled_kl_encode if isinstance(first_stage, AutoencoderKL) else tiled_vq_encode
             encoded = tiled(first_stage, x, self.tiling, self.factor)
         else:
             encoded = self.model.encode_first_stage(x)
-        return self.model.get_first_stage_encoding(self._latent(encoded))
+        return self.model.get_first_stage_encoding(self._latent(encoded, generator))
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         f = self.factor

@@ -42,7 +42,7 @@ from ldm.refine.conditioning import (
     prompts_for_batch,
     share_condition_encoders,
 )
-from ldm.refine.first_stage import FirstStage
+from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage
 from ldm.refine.loading import (
     CheckpointInfo,
     ConfigSource,
@@ -110,6 +110,9 @@ class Refiner:
         allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
             experts' steps without the prompt instead of refusing a prompted refinement (see
             :mod:`ldm.refine.conditioning`).
+        first_stage_posterior: a KL first stage encodes with its posterior's ``"mean"`` (default: deterministic) or a
+            ``"sample"`` drawn from each sample's own generator (before its noise; reproducible per seed).  VQ first
+            stages ignore it.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Refiner:
         channels_last: bool = False,
         compile: bool = False,
         allow_unconditional_experts: bool = False,
+        first_stage_posterior: str = "mean",
     ):
         self.device = resolve_device(device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else bool(batch_invariant)
@@ -134,7 +138,8 @@ class Refiner:
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
         self.tiling = resolve_tiling(tiling, self.model)
-        self.first_stage = FirstStage(self.model, self.tiling, self.batch_invariant, self.autocast)
+        self.first_stage = FirstStage(self.model, self.tiling, self.batch_invariant, self.autocast,
+                                      posterior=first_stage_posterior)  # fmt: skip
         self.channels_last = bool(channels_last)
         if self.channels_last:
             to_channels_last(e.model for e in self.router.experts)
@@ -168,6 +173,7 @@ class Refiner:
         channels_last: bool = False,
         compile: bool = False,
         allow_unconditional_experts: bool = False,
+        first_stage_posterior: str = "mean",
     ) -> Refiner:
         """Load one expert per checkpoint (see :func:`ldm.refine.loading.load_expert`) and build a refiner.
 
@@ -181,7 +187,8 @@ class Refiner:
             config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
             trust_config: let configs stored in checkpoints name classes outside the allow-list.
             unsafe_load: unpickle arbitrary objects (only for files you trust).
-            batch_invariant, tiling, channels_last, compile, allow_unconditional_experts: as in :class:`Refiner`.
+            batch_invariant, tiling, channels_last, compile, allow_unconditional_experts, first_stage_posterior: as in
+                :class:`Refiner`.
 
         Raises:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
@@ -189,12 +196,14 @@ class Refiner:
         """
         path_list = expand_names([paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths))
         autocast_dtype(precision, resolve_device(device))
+        if first_stage_posterior not in POSTERIOR_CHOICES:  # before any file is read
+            raise ValueError(f"first_stage_posterior={first_stage_posterior!r} must be one of {POSTERIOR_CHOICES}")
         check_checkpoint_paths(path_list)
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
         experts = [e for e, _ in loaded]
         infos = [i for _, i in loaded]
         refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile,
-                      allow_unconditional_experts)  # fmt: skip
+                      allow_unconditional_experts, first_stage_posterior)  # fmt: skip
         for expert in experts[1:]:  # these models are ours: keep one copy of the (identical, checked) first stage
             expert.model.first_stage_model = experts[0].model.first_stage_model
         share_condition_encoders(experts)  # and of identical text encoders
@@ -424,7 +433,10 @@ class Refiner:
         # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
         padded, padding = pad_to_multiple(x, self.factor, mode="reflect", min_size=2 * self.factor)
         unique, inverse = unique_rows(padded)
-        z0 = self.first_stage.encode(padded[unique])[inverse]
+        if self.first_stage.posterior == "sample":  # each sample's own draw from its generator, before its noise
+            z0 = self.first_stage.encode(padded, run.generators)
+        else:
+            z0 = self.first_stage.encode(padded[unique])[inverse]
         run.clock.lap("encode")
         latent_map = None
         if start_map is not None:  # replicate: a map that covers the image covers its padding too

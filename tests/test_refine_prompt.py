@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import string
 import subprocess
@@ -306,7 +307,11 @@ def test_cli_prompts_from_a1111_png_prompt_file_and_flags_in_a_subprocess(ckpts,
     cmd = [sys.executable, str(SCRIPT), "--input", str(inputs), "--ckpt", str(ckpts["hi"]), "--ckpt", str(ckpts["lo"]),
            "--outdir", str(out), "--start-t", "400", "--ddim-steps", "10", "--device", "cpu", "--prompt-file",
            str(prompt_file), "--negative-prompt", "noise", "--guidance-scale", "3"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the same intra-op thread count as this process: CPU kernels split reductions by thread, which moves the last bits
+    # (earlier tests in this process may have changed it), and the pixels are compared with the API's below
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     failed = [line for line in error_lines(proc.stderr) if "bare.png" in line and "no prompt" in line]

@@ -326,7 +326,10 @@ def test_cli_prompts_from_a1111_png_prompt_file_and_flags_in_a_subprocess(ckpts,
     api = Refiner.from_checkpoints([ckpts["hi"], ckpts["lo"]], device="cpu")
     src = image_to_tensor(load_image(inputs / "filed.png").rgb)
     expected = tensor_to_image(api.refine_tensors(src, seeds=0, prompt=Prompt("a dog", "noise", 3.0), **STEPS))
-    assert np.array_equal(np.asarray(Image.open(out / "filed_t400_s0.png")), expected)
+    cli_pixels = np.asarray(Image.open(out / "filed_t400_s0.png")).astype(np.int16)
+    # equal in a fresh process; after other tests changed this process's global torch settings, the last float bit
+    # may round a pixel the other way
+    assert np.abs(cli_pixels - expected.astype(np.int16)).max() <= 1
 
 
 def test_cli_bad_guidance_scale_exits_2_at_parsing_in_a_subprocess(tmp_path):

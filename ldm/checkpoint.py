@@ -431,3 +431,43 @@ def require_weights(missing: Iterable[str], source: str = "checkpoint", optional
             f"{source} lacks {len(needed)} weights the model needs (first: {needed[:5]}): it is the wrong "
             "kind (e.g. a first-stage-only checkpoint) or the config describes another model"
         )
+
+
+def load_autoencoder_weights(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str,
+    network_prefixes: tuple[str, ...],
+    name: str,
+    weights: str,
+    question: str,
+) -> None:
+    """Load a first stage's weights (``state_dict`` already unprefixed) into ``model``: training-loss keys (``loss.*``)
+    the model's loss lacks or shapes differently are dropped with an info line (they are not part of the autoencoder);
+    then autoencoder weights (``network_prefixes``) the model lacks, or model weights the file lacks, are refused in
+    one line.  In messages, ``name`` names the model ("this model"), ``weights`` its weights ("autoencoder"), and
+    ``question`` asks what the file should be ("is it a VQ checkpoint of this architecture?")."""
+    own = model.state_dict()
+    loss_keys = {k for k in state_dict if k.startswith("loss.") and (k not in own or own[k].shape != state_dict[k].shape)}
+    if loss_keys:
+        logger.info(
+            "%s: dropping %d training-loss keys (loss.*) that this model's loss lacks or shapes differently; "
+            "they are not part of the autoencoder",
+            path,
+            len(loss_keys),
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in loss_keys}
+    missing, unexpected = load_weights(model, state_dict, strict=False, source=f"first-stage checkpoint {path!r}")
+    extra = [k for k in unexpected if k.startswith(network_prefixes)]
+    if extra:
+        raise CheckpointError(
+            f"first-stage checkpoint {path!r} has {len(extra)} autoencoder weights {name} lacks (first: "
+            f"{extra[:5]}): it was trained with another ddconfig (attn_type, attn_resolutions, num_res_blocks, ...); "
+            "use the ddconfig it was trained with, or drop the weights on purpose with ignore_keys"
+        )
+    model_missing = [k for k in missing if not k.startswith("loss.")]
+    if model_missing:
+        raise CheckpointError(
+            f"first-stage checkpoint {path!r} lacks {len(model_missing)} {weights} weights (first: {model_missing[:5]}); "
+            f"{question}"
+        )

@@ -32,7 +32,7 @@ import torch
 from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights, strip_prefix
+from ldm.checkpoint import CheckpointError, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
 from ldm.modules.codebook import restart_dead_codes
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
@@ -143,30 +143,9 @@ class VQModel(pl.LightningModule):
                 f"{post_quant_conv.shape[1]} channels, a Gaussian posterior, and there is no codebook), not a VQ: use "
                 "target: ldm.models.autoencoder.AutoencoderKL with ddconfig.double_z: true in first_stage_config"
             )
-        own = self.state_dict()
-        loss_keys = {k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)}
-        if loss_keys:
-            logger.info(
-                "%s: dropping %d training-loss keys (loss.*) that this model's loss lacks or shapes differently; "
-                "they are not part of the autoencoder",
-                path,
-                len(loss_keys),
-            )
-            sd = {k: v for k, v in sd.items() if k not in loss_keys}
-        missing, unexpected = load_weights(self, sd, strict=False, source=f"first-stage checkpoint {path!r}")
-        extra = [k for k in unexpected if k.startswith(AUTOENCODER_PREFIXES)]
-        if extra:
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} has {len(extra)} autoencoder weights this model lacks (first: "
-                f"{extra[:5]}): it was trained with another ddconfig (attn_type, attn_resolutions, num_res_blocks, ...); "
-                "use the ddconfig it was trained with, or drop the weights on purpose with ignore_keys"
-            )
-        model_missing = [k for k in missing if not k.startswith("loss.")]
-        if model_missing:
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} lacks {len(model_missing)} autoencoder weights "
-                f"(first: {model_missing[:5]}); is it a VQ checkpoint of this architecture?"
-            )
+        load_autoencoder_weights(
+            self, sd, path, AUTOENCODER_PREFIXES, "this model", "autoencoder", "is it a VQ checkpoint of this architecture?"
+        )
         logger.info("restored first stage from %s", path)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:

@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from einops import rearrange
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, load_weights, strip_prefix
+from ldm.checkpoint import CheckpointError, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
@@ -133,30 +133,15 @@ class AutoencoderKL(pl.LightningModule):
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
-        own = self.state_dict()
-        loss_keys = {k for k in sd if k.startswith("loss.") and (k not in own or own[k].shape != sd[k].shape)}
-        if loss_keys:
-            logger.info(
-                "%s: dropping %d training-loss keys (loss.*) that this model's loss lacks or shapes differently; "
-                "they are not part of the autoencoder",
-                path,
-                len(loss_keys),
-            )
-            sd = {k: v for k, v in sd.items() if k not in loss_keys}
-        missing, unexpected = load_weights(self, sd, strict=False, source=f"first-stage checkpoint {path!r}")
-        extra = [k for k in unexpected if k.startswith(KL_AUTOENCODER_PREFIXES)]
-        if extra:
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} has {len(extra)} autoencoder weights this AutoencoderKL lacks (first: "
-                f"{extra[:5]}): it was trained with another ddconfig (attn_type, attn_resolutions, num_res_blocks, ...); "
-                "use the ddconfig it was trained with, or drop the weights on purpose with ignore_keys"
-            )
-        model_missing = [k for k in missing if not k.startswith("loss.")]
-        if model_missing:
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} lacks {len(model_missing)} AutoencoderKL weights "
-                f"(first: {model_missing[:5]}); is it a KL autoencoder of this architecture?"
-            )
+        load_autoencoder_weights(
+            self,
+            sd,
+            path,
+            KL_AUTOENCODER_PREFIXES,
+            "this AutoencoderKL",
+            "AutoencoderKL",
+            "is it a KL autoencoder of this architecture?",
+        )
         logger.info("restored first stage from %s", path)
 
     # ---------------------------------------------------------------------------------------------- the network

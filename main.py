@@ -103,12 +103,11 @@ def _release_unused_logdir(path: Path | None) -> None:
 
 def _set_unsafe_load(cfg: Any) -> None:
     """``params.unsafe_load = True`` on every ``{target, params}`` node whose target takes it (``--unsafe-load``)."""
-    from ldm.train.cli import constructor_params
+    from ldm.util import accepted_keywords, get_obj_from_str
 
     if isinstance(cfg, dict):
         if isinstance(cfg.get("target"), str):
-            names, _ = constructor_params(cfg["target"])
-            if "unsafe_load" in names:
+            if "unsafe_load" in accepted_keywords(get_obj_from_str(cfg["target"])).params:
                 cfg["params"] = dict(cfg.get("params") or {}, unsafe_load=True)
         for value in cfg.values():
             _set_unsafe_load(value)

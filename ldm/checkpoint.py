@@ -1,14 +1,6 @@
-"""The one way this project reads and writes weights.
-
-* ``.safetensors`` files are read and written with :mod:`safetensors` (tensors only, never code).
-* ``.ckpt`` / ``.pt`` / ``.pth`` files are read with ``torch.load(weights_only=True)``.  Lightning-1.x checkpoints
-  (CompVis' released LDM / VQ models) pickle a few extra objects (``ModelCheckpoint`` callback state, OmegaConf
-  hyper-parameters, ``argparse.Namespace``); those globals are replaced by inert placeholder objects inside torch's
-  restricted unpickler, so the ``state_dict`` loads and nothing is imported or executed.
-* Any other global (``os.system``, ``builtins.eval``, a class of some other package) is refused with
-  :class:`UnsafeCheckpointError`, which names the offending globals and the explicit opt-in for trusted files
-  (``--unsafe-load`` on the command line, ``unsafe=True`` in Python).
-* Writes are atomic (temp file + ``os.replace``): a killed job never leaves a half-written checkpoint.
+"""The one way this project reads and writes weights: ``.safetensors`` via :mod:`safetensors`; torch files with
+``torch.load(weights_only=True)``, where the few Lightning-1.x / OmegaConf globals of CompVis releases become inert
+placeholders and any other global is refused (:class:`UnsafeCheckpointError`) unless the user opts in; atomic writes.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ldm.util import atomic_write_bytes, untrusted_config_prefixes
+from ldm.util import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +170,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
 
     Raises:
         CheckpointError: missing / empty / truncated / not a checkpoint.
-        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False; or ``unsafe`` is
-            True while a config read from a checkpoint is being built (:func:`ldm.util.untrusted_config`): such a
-            config may name files (``ckpt_path``) but never switch the safe loader off for them.
+        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False.
     """
     path = Path(path)
-    if unsafe and untrusted_config_prefixes() is not None:
-        raise UnsafeCheckpointError(
-            f"checkpoint {str(path)!r}: a config stored in a checkpoint asks to load it with full pickle "
-            "(unsafe_load); refused. Only the checkpoints you name yourself can be loaded with --unsafe-load; "
-            "pass --trust-config (trust_config=True) only if you trust the config's author"
-        )
     _check_file(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)

@@ -9,8 +9,9 @@ passes ``trust_config``) checks such a config in three steps, before any object 
    A class of an allowed package that is of another kind (a dataset, a callback, a data module) is refused in one
    line naming the slot, the target and what the slot accepts; its module is imported (project code), the class is
    never built.  A ``target`` anywhere else than in a slot is refused too, and so are parameters naming files that a
-   class reads when it is built (``remap``).
-2. **Values.** Every parameter is checked against the type hints of the constructor that receives it: integers must
+   class reads when it is built (``remap``) and ``unsafe_load: true`` (the safe loader stays on for the files it names).
+   No other class is ever built from such a config, so no class can build a sub-config the check did not see.
+2. **Values.** Every parameter must be one the constructor takes, and is checked against its type hints: integers must
    be integers (not bools or floats) in ``[0, MAX_CONFIG_INT]`` (``-1`` too where it is the default, CompVis' "unset"),
    floats finite, lists lists.  The schedule length (``timesteps``) must equal that of the checkpoint's ``betas``: a
    model computes its schedule on the CPU in its constructor, which a dry run on the meta device would not cover.
@@ -27,7 +28,6 @@ loader walks it recursively before anything else.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import types
@@ -46,6 +46,8 @@ from ldm.util import (
     TRUSTED_TARGET_PREFIXES,
     UNCONDITIONAL_SENTINEL,
     ConfigError,
+    accepted_keywords,
+    check_arguments,
     get_obj_from_str,
     instantiate_from_config,
     iter_targets,
@@ -187,7 +189,7 @@ def check_untrusted_model(
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     _check_schedule_length(cfg, state_dict, source)
-    model = _build_on_meta(cfg, state_dict, source, prefixes)
+    model = _build_on_meta(cfg, state_dict, source)
     model.check_schedule_matches(state_dict, source=source)
     try:
         missing, _ = check_weights_fit(model, state_dict, source)
@@ -250,9 +252,19 @@ def check_untrusted_config(
     params = config.get("params") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.params must be a mapping of constructor arguments, got {type(params).__name__}")
-    hints = constructor_hints(cls)
+    try:
+        check_arguments(cls, params, target)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    hints = accepted_keywords(cls).params
     for name, value in params.items():
         here = f"{where}.params.{name}"
+        if name == "unsafe_load" and value is True:
+            raise ConfigError(
+                f"{here}=True for {params.get('ckpt_path')!r}: a config stored in a checkpoint asks to load it with full "
+                "pickle (unsafe_load); refused. Only the checkpoints you name yourself can be loaded with --unsafe-load; "
+                "pass --trust-config (trust_config=True) only if you trust the config's author"
+            )
         if name in spec.slots:
             if value is not None:
                 check_untrusted_config(value, spec.slots[name], allowed_prefixes, here)
@@ -273,37 +285,10 @@ def check_untrusted_config(
         if name in spec.kwargs_of and isinstance(value, Mapping):
             receivers: dict[str, tuple[Any, Any]] = {}
             for dotted in reversed(spec.kwargs_of[name]):
-                receivers.update(constructor_hints(get_obj_from_str(dotted)))
+                receivers.update(accepted_keywords(get_obj_from_str(dotted)).params)
             for key, item in value.items():
                 item_hint, item_default = receivers.get(key, (Any, None))
                 _check_value(item, item_hint, f"{here}.{key}", spec.sizes, item_default)
-
-
-def constructor_hints(cls: type) -> dict[str, tuple[Any, Any]]:
-    """``{argument: (type hint, default)}`` of what ``cls(...)`` accepts by keyword, following ``**kwargs`` up the MRO
-    (``LateStepsLatentDiffusion`` -> ``LatentDiffusion`` -> ``DDPM``); ``Any`` where a hint is missing or unreadable,
-    default None where there is none."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for klass in cls.__mro__:
-        if klass is object:
-            break
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            parameters = inspect.signature(init).parameters.values()
-        except (TypeError, ValueError):
-            break
-        try:
-            hints = typing.get_type_hints(init)
-        except (AttributeError, NameError, TypeError):  # an annotation that does not evaluate here: no type check
-            hints = {}
-        for p in parameters:
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
-                out.setdefault(p.name, (hints.get(p.name, Any), None if p.default is p.empty else p.default))
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,7 +407,7 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
     if given is not None:
         steps = len(given)
     else:
-        default = constructor_hints(get_obj_from_str(cfg["target"])).get("timesteps", (int, 1000))[1]
+        default = accepted_keywords(get_obj_from_str(cfg["target"])).params.get("timesteps", (int, 1000))[1]
         steps = params.get("timesteps", default)
     if steps != betas.shape[0]:
         raise CheckpointError(
@@ -457,15 +442,13 @@ def _registration_limits(max_tensors: int, max_modules: int, source: str, held: 
             handle.remove()
 
 
-def _build_on_meta(
-    cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str, prefixes: tuple[str, ...]
-) -> torch.nn.Module:
+def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> torch.nn.Module:
     """The model of ``cfg`` on the meta device: every shape, no memory.  The CPU random state is left as it was."""
     max_tensors = len(state_dict) + TENSOR_SLACK
     limits = _registration_limits(max_tensors, MODULES_PER_TENSOR * max_tensors, source, len(state_dict))
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"), limits:
-            return instantiate_from_config(cfg, allowed_prefixes=prefixes)
+            return instantiate_from_config(cfg)
     except RegistrationLimitError:
         raise
     except _BUILD_ERRORS as exc:  # also a CheckpointError of a sub-model's own ckpt_path, named as load_expert names it

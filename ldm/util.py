@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import difflib
 import importlib
 import inspect
@@ -17,7 +15,9 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+import typing
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,6 @@ UNTRUSTED_DENIED_PREFIXES: dict[str, str] = {
     "(this project's offline loss is ldm.modules.losses.VQLPIPSWithDiscriminator)",
 }
 TRUST_HINT = "If you trust the file, pass the explicit trust flag (--trust-config / trust_config=True)."
-# The allow-list in force while an untrusted config is being built (None: the config is trusted).
-_UNTRUSTED_PREFIXES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
-    "ldm_untrusted_config_prefixes", default=None
-)
 _DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # Temp files of atomic_write_bytes: "." + destination name + "." + 8 characters of tempfile's alphabet + ".tmp".
 TEMP_FILE_PATTERN = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
@@ -75,10 +71,9 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
         own = sorted(n for n, v in public.items() if getattr(v, "__module__", None) == module_name) or sorted(
             n for n, v in public.items() if callable(v)
         )
-        close = difflib.get_close_matches(cls_name, own, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"target={string!r}: module {module_name!r} has no attribute {cls_name!r}{hint}; it defines {own[:20]}"
+            f"target={string!r}: module {module_name!r} has no attribute {cls_name!r}{closest_hint(cls_name, own)}; "
+            f"it defines {own[:20]}"
         ) from exc
 
 
@@ -130,26 +125,6 @@ def resolve_untrusted_target(target: str, allowed_prefixes: Iterable[str] = TRUS
     return obj
 
 
-def untrusted_config_prefixes() -> tuple[str, ...] | None:
-    """The allow-list in force while an untrusted config is being built, else None (see :func:`untrusted_config`)."""
-    return _UNTRUSTED_PREFIXES.get()
-
-
-@contextlib.contextmanager
-def untrusted_config(allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> Iterator[None]:
-    """Everything built inside this block comes from an untrusted config.
-
-    Every :func:`instantiate_from_config` call in it, also the nested ones that models make for their sub-configs,
-    checks its targets with :func:`resolve_untrusted_target`, and :func:`ldm.checkpoint.load_checkpoint` refuses
-    ``unsafe=True`` (a config must not switch off the safe loader for a file its author chose).
-    """
-    token = _UNTRUSTED_PREFIXES.set(tuple(allowed_prefixes))
-    try:
-        yield
-    finally:
-        _UNTRUSTED_PREFIXES.reset(token)
-
-
 def iter_targets(config: Any) -> Iterable[str]:
     """Yield every ``target`` string found anywhere in a nested config (dicts / lists / OmegaConf nodes)."""
     if isinstance(config, Mapping) or hasattr(config, "items"):
@@ -163,20 +138,87 @@ def iter_targets(config: Any) -> Iterable[str]:
             yield from iter_targets(value)
 
 
-def instantiate_from_config(
-    config: Mapping[str, Any] | Any,
-    allowed_prefixes: Iterable[str] | None = None,
-    **overrides: Any,
-) -> Any:
-    """Build ``target(**params, **overrides)`` from a config mapping.
+def closest_hint(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelled ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
-    Args:
-        config: mapping (dict or OmegaConf) with ``target`` and optional ``params``.
-        allowed_prefixes: if given, the config is untrusted (read from a checkpoint): every ``target`` in it, nested
-            ones included, must pass :func:`resolve_untrusted_target`, and the object is built inside
-            :func:`untrusted_config` so that sub-configs its constructor builds are checked too.  Inside such a block
-            the block's allow-list applies even when this argument is None.
-        overrides: keyword arguments that take precedence over ``params``.
+
+# Packages whose classes take **kwargs that this walk cannot list (nn.Module subclasses forward them to torch)
+_OPEN_PACKAGES = ("torch", "pytorch_lightning", "lightning", "builtins")
+
+
+@dataclass(frozen=True)
+class Keywords:
+    """What ``obj(...)`` accepts by keyword (see :func:`accepted_keywords`).
+
+    Attributes:
+        params: name -> (type hint, default): ``Any`` where a hint is missing or does not evaluate here,
+            ``inspect.Parameter.empty`` where there is no default.
+        required: the names ``obj``'s own signature needs (no default).
+        open: it also takes keywords the walk could not list (``**kwargs`` of a function, of a torch class, ...).
+    """
+
+    params: dict[str, tuple[Any, Any]]
+    required: tuple[str, ...]
+    open: bool
+
+
+def accepted_keywords(obj: Callable[..., Any]) -> Keywords:
+    """The keyword arguments a class or function accepts: the one signature walk behind the checks of main.py's
+    configs and overrides, the Trainer's arguments and checkpoint configs.
+
+    A class whose ``__init__`` forwards ``**kwargs`` is followed up its MRO, so
+    ``LateStepsLatentDiffusion(t_min, t_max, **kwargs)`` accepts ``LatentDiffusion``'s arguments and nothing else.
+    """
+    owners = [k for k in obj.__mro__ if "__init__" in vars(k)] if inspect.isclass(obj) else [None]
+    params: dict[str, tuple[Any, Any]] = {}
+    required: tuple[str, ...] | None = None
+    for klass in owners:
+        init = obj if klass is None else vars(klass)["__init__"]
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            break
+        try:
+            hints = typing.get_type_hints(init)
+        except (AttributeError, NameError, TypeError):  # an annotation that does not evaluate here: no type check
+            hints = {}
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        for p in named:
+            params.setdefault(p.name, (hints.get(p.name, Any), p.default))
+        if required is None:
+            required = tuple(p.name for p in named if p.default is p.empty)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return Keywords(params, required, open=False)
+        if klass is None or klass.__module__.split(".")[0] in _OPEN_PACKAGES:
+            break
+    return Keywords(params, required or (), open=True)
+
+
+def unknown_argument(name: str, key: str, accepted: Iterable[str]) -> str:
+    """The message for an argument ``key`` that ``name`` does not take."""
+    accepted = list(accepted)
+    return f"{name} takes no argument {key!r}{closest_hint(key, accepted)}; it accepts: {', '.join(accepted)}"
+
+
+def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) -> None:
+    """Refuse keyword arguments that ``obj`` does not take (naming the closest one it does) and missing required ones,
+    before it is called.  ``name`` is how messages name ``obj`` (its config target)."""
+    keywords, given = accepted_keywords(obj), set(given)
+    for key in sorted(given):
+        if not keywords.open and key not in keywords.params:
+            raise ConfigError(unknown_argument(name, key, keywords.params))
+    missing = [key for key in keywords.required if key not in given]
+    if missing:
+        raise ConfigError(f"{name} needs the argument(s) {', '.join(map(repr, missing))}, which have no default; add them")
+
+
+def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -> Any:
+    """Build ``target(**params, **overrides)`` from a config mapping (dict or OmegaConf) with ``target`` and optional
+    ``params``; ``overrides`` take precedence over ``params``.  The arguments are checked against the target's signature
+    first (:func:`check_arguments`).  A config read from a checkpoint is checked by :mod:`ldm.untrusted` before it gets
+    here.
 
     Returns None for the ``cond_stage_config`` markers ``"__is_first_stage__"`` and ``"__is_unconditional__"`` (as
     latent-diffusion does).
@@ -186,10 +228,6 @@ def instantiate_from_config(
     if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
         keys = list(config.keys()) if hasattr(config, "keys") else type(config).__name__
         raise ConfigError(f"config has no 'target' key (found {keys}); expected {{target: pkg.Class, params: {{...}}}}")
-    allowed = tuple(allowed_prefixes) if allowed_prefixes is not None else untrusted_config_prefixes()
-    if allowed is not None:
-        for target in iter_targets(config):
-            resolve_untrusted_target(target, allowed)
     unknown = set(config.keys()) - CONFIG_KEYS
     if unknown:
         raise ConfigError(f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
@@ -201,11 +239,9 @@ def instantiate_from_config(
         )
     params = dict(params)
     params.update(overrides)
+    check_arguments(cls, params, str(config["target"]))
     try:
-        if allowed is None:
-            return cls(**params)
-        with untrusted_config(allowed):
-            return cls(**params)
+        return cls(**params)
     except TypeError as exc:
         raise ConfigError(f"cannot build {config['target']!r} with params {sorted(params)}: {exc}") from exc
 

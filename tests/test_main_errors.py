@@ -300,7 +300,10 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         ),
         (["~data.params.train=1"], "a deletion is ~key alone (no '='); to set a key write key=value"),
         (["~"], "a deletion names a key"),
-        (["data.params.train.target=ldm.data.cached_latents.CachedLatents"], "missing 1 required positional argument: 'root'"),
+        (
+            ["data.params.train.target=ldm.data.cached_latents.CachedLatents"],
+            "CachedLatents needs the argument(s) 'root'",
+        ),
         (
             ["data.params.train.target=ldm.data.cached_latents.CachedLatents", "data.params.train.params.size=32"],
             "ldm.data.cached_latents.CachedLatents takes no argument 'size'",

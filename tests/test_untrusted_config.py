@@ -8,9 +8,9 @@ the meta device before anything real is allocated (:mod:`ldm.untrusted`).
 * a class of the project that is not of its slot's kind (a dataset, a callback, a data module, another network) is
   refused naming the slot, the target and what the slot accepts, and is never built; a dataset never scans its folder;
 * a valid checkpoint loads and refines exactly as before; ``--trust-config`` still builds any class;
-* the allow-list: only classes defined in it are built, also for the sub-configs an allowed class builds itself; a
-  config cannot switch the safe loader off for a file it names; a foreign target through the CLI is refused, and
-  accepted with ``--trust-config``.
+* the allow-list: only classes defined in it are built, and no class that builds sub-configs of its own (from files);
+  a config cannot switch the safe loader off for a file it names, nor pass an argument its constructor lacks; a foreign
+  target through the CLI is refused, and accepted with ``--trust-config``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from PIL import Image
 from test_checkpoint import LDM_TARGET, _vq_config, crafted_checkpoint
 
 import ldm.data.image_folder
-import ldm.util
+import ldm.untrusted
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.models.diffusion.latesteps import LateStepsLatentDiffusion
 from ldm.refine import Refiner
@@ -435,7 +435,7 @@ def test_checkpoint_configs_build_only_classes_of_the_allow_list(target, params,
     params = {k: (v.format(marker=marker) if isinstance(v, str) else v) for k, v in params.items()}
     cfg = {"target": LDM_TARGET, "params": tiny_ldm_params(cond_stage_config={"target": target, "params": params})}
     with pytest.raises(ConfigError, match=reason) as err:
-        instantiate_from_config(cfg, allowed_prefixes=TRUSTED_TARGET_PREFIXES)
+        check_untrusted_config(cfg, allowed_prefixes=TRUSTED_TARGET_PREFIXES)
     assert f"target={target!r}" in str(err.value) and "--trust-config" in str(err.value)
     assert not marker.exists()
     if target == "ldm.util.atomic_write_bytes":  # why functions are refused although their module is allowed
@@ -443,20 +443,33 @@ def test_checkpoint_configs_build_only_classes_of_the_allow_list(target, params,
         assert marker.read_bytes() == b"pwned"
 
 
-def test_sub_configs_that_an_allowed_class_reads_itself_are_checked_too(tmp_path):
-    """VQRoundTrip reads a YAML config named by its ``first_stage`` argument and builds it: the allow-list of the
-    checkpoint's config still applies there."""
+def test_classes_that_build_sub_configs_from_files_are_never_built_from_a_checkpoint_config(tmp_path):
+    """VQRoundTrip reads a YAML config named by its ``first_stage`` argument and builds it: no slot of a checkpoint's
+    config admits it, so the command in that YAML never runs (only a trusted config builds it)."""
     marker = tmp_path / "pwned"
     yaml_path = tmp_path / "first_stage.yaml"
     OmegaConf.save(OmegaConf.create({"target": "os.system", "params": {"command": f"touch {marker}"}}), yaml_path)
-    cfg = {"target": "ldm.eval.degrade.VQRoundTrip", "params": {"first_stage": str(yaml_path)}}
-    with pytest.raises(ConfigError, match=r"target='os\.system' is not in the allow-list"):
-        instantiate_from_config(cfg, allowed_prefixes=TRUSTED_TARGET_PREFIXES)
+    nested = {"target": "ldm.eval.degrade.VQRoundTrip", "params": {"first_stage": str(yaml_path)}}
+    cfg = {"target": LDM_TARGET, "params": tiny_ldm_params(cond_stage_config=nested)}
+    with pytest.raises(ConfigError, match=r"cond_stage_config accepts .*target='ldm\.eval\.degrade\.VQRoundTrip'"):
+        check_untrusted_config(cfg)
+    with pytest.raises(ConfigError, match="model accepts a latent diffusion model"):
+        check_untrusted_config(nested)
     assert not marker.exists()
     with pytest.raises(ConfigError, match="lacks"):  # a trusted config runs the command (then fails: not a VQ model)
-        instantiate_from_config(cfg)
+        instantiate_from_config(nested)
     assert marker.exists()
-    assert ldm.util.untrusted_config_prefixes() is None  # the scope ends with the call, also after an error
+
+
+def test_checkpoint_config_arguments_are_checked_against_the_constructor_before_anything_is_built(
+    expert_checkpoints, tmp_path, monkeypatch
+):
+    path = expert_with(expert_checkpoints[0], tmp_path / "typo.ckpt", lambda cfg: cfg["model"]["params"].update(timestepz=9))
+    built = []
+    monkeypatch.setattr(ldm.untrusted, "_build_on_meta", lambda *args: built.append(args))
+    with pytest.raises(ConfigError, match=r"model: .*LateStepsLatentDiffusion takes no argument 'timestepz' \(did you mean"):
+        load_expert(path)
+    assert built == []
 
 
 def test_foreign_target_in_a_checkpoint_config_via_the_cli(refine_cli, expert_checkpoints, one_image, tmp_path, capsys):

@@ -1,23 +1,9 @@
-"""Building refinement experts from checkpoint files, safely; devices and precisions.
+"""Building refinement experts from checkpoint files, safely (:func:`load_expert`), and their devices and precisions.
 
-A checkpoint becomes an :class:`~ldm.models.diffusion.experts.Expert` in these steps (:func:`load_expert`):
-
-1. the file is read by :func:`ldm.checkpoint.load_checkpoint` (tensors and Lightning/OmegaConf metadata only; any other
-   pickled object is refused unless ``unsafe_load``);
-2. the model config is the one ``main.py`` saved in the checkpoint (``checkpoint["config"]["model"]``), else the YAML
-   given as ``config`` (CompVis releases carry none).  Every ``target`` of a config read from a checkpoint must be in
-   the allow-list :data:`ldm.util.TRUSTED_TARGET_PREFIXES` unless ``trust_config``; importing a module is running code;
-3. the model is rebuilt for inference: ``ckpt_path`` entries are removed (the checkpoint itself holds the
-   ``first_stage_model.*`` weights), the training loss of the first stage (and of a VQ conditioning stage) is replaced
-   by ``torch.nn.Identity`` (it would need LPIPS weights and is never used), and the EMA copy is built only when its
-   weights will be used.  A config read from the checkpoint is then checked by :func:`ldm.untrusted.check_untrusted_model`
-   unless ``trust_config``: each slot builds only its kind of class, values have their constructor's types, and the
-   model is built on the meta device first, its every shape compared with the state dict before anything is allocated;
-4. weights are loaded with :func:`ldm.checkpoint.load_weights`: shape mismatches name the first keys, and missing model
-   weights (a first-stage-only or foreign checkpoint) are an error, not a silently random network;
-5. EMA weights replace the training weights when ``ema`` and the checkpoint has them; the window is the model's
-   (``model.window()``, from its config).  ``checkpoint["window"]``, which main.py writes for other tools, must agree
-   with it: a file whose two records disagree is refused.
+The model config is the one ``main.py`` saved in the checkpoint, else the YAML given as ``config``.  It is rebuilt for
+inference (no ``ckpt_path``, first-stage losses replaced by ``torch.nn.Identity``, EMA built only when used); a config
+read from the checkpoint is checked by :mod:`ldm.untrusted` first unless ``trust_config``.  Missing weights are an
+error, and the checkpoint's ``window`` record must agree with its model's window.
 """
 
 from __future__ import annotations
@@ -256,7 +242,7 @@ def load_expert(
     if allowed is not None:  # kinds, values and every size checked before anything real is allocated
         check_untrusted_model(cfg, state_dict, f"checkpoint {shown}", allowed)
     try:
-        model = instantiate_from_config(cfg, allowed_prefixes=allowed)
+        model = instantiate_from_config(cfg)
     except ValueError as exc:  # ConfigError (unknown keys, bad params) and the models' own argument checks
         raise ConfigError(f"checkpoint {shown}: cannot build {cfg['target']!r} from its config: {exc}") from exc
     model.check_schedule_matches(state_dict, source=f"checkpoint {shown}")

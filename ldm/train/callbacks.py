@@ -1,14 +1,6 @@
-"""Lightning callbacks of ``main.py``: run setup, image logging, interrupt checkpoints and per-step seeding.
-
-* :class:`SetupCallback` makes the log dir layout, saves the merged configs (rank 0) and embeds the project config in
-  every checkpoint as ``checkpoint["config"]`` (plain containers, so tools can rebuild the model from the file).
-* :class:`ImageLogger` calls ``pl_module.log_images(batch, N=...)`` and writes PNG grids under ``images/<split>/``.
-* :class:`InterruptCheckpoint` writes ``checkpoints/last.ckpt`` on SIGTERM (then ``main.py`` exits 0), on SIGUSR1
-  (training continues) and on Ctrl+C (KeyboardInterrupt; Lightning then exits 1).
-* :class:`FinalCheckpoint` writes ``checkpoints/last.ckpt`` when training ends off the save cadence (``max_steps`` not a
-  multiple of ``every_n_train_steps``), so that ``last.ckpt`` always holds the final step.
-* :class:`StepSeeding` reseeds the global RNGs from ``(seed, rank, global_step)`` at every step, so a run resumed
-  from any checkpoint draws exactly the noise and timesteps an uninterrupted run would have drawn.
+"""Lightning callbacks of ``main.py``: run folder and config saving (:class:`SetupCallback`), image grids
+(:class:`ImageLogger`), ``last.ckpt`` on signals and at the end (:class:`InterruptCheckpoint`, :class:`FinalCheckpoint`)
+and per-step reseeding so that a resumed run draws what an uninterrupted one would (:class:`StepSeeding`).
 """
 
 from __future__ import annotations

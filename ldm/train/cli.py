@@ -1,11 +1,6 @@
-"""Command line of ``main.py``: latent-diffusion's flags, YAML merging, dotlist overrides and their validation.
-
-``main.py --base a.yaml b.yaml -t model.params.t_min=0 lightning.trainer.max_steps=100`` merges ``a.yaml`` then
-``b.yaml`` then the ``key=value`` overrides (OmegaConf dotlist syntax); a layer that gives a ``{target, params}`` node
-another ``target`` replaces its ``params``, and ``~key`` deletes a key (:mod:`ldm.train.config_merge`).  Every override
-key must name something that exists: a key of the merged config, a constructor argument of the ``target`` that owns
-the ``params`` it lands in, or a Lightning 2 ``Trainer`` argument under ``lightning.trainer``.  A misspelled key, flag or
-Trainer argument stops the run before anything is built, with one line naming it and listing the valid choices.
+"""Command line of ``main.py``: latent-diffusion's flags, YAML merging (:mod:`ldm.train.config_merge`) and dotlist
+overrides, each checked before anything is built: an override key must name a key of the merged config, an argument of
+the ``target`` whose ``params`` it lands in, or a Lightning 2 ``Trainer`` argument (one line with the closest valid name).
 """
 
 from __future__ import annotations
@@ -13,7 +8,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import glob
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +26,7 @@ from ldm.train.config_merge import (
     override_path,
     prepare_override,
 )
-from ldm.util import ConfigError, get_obj_from_str
+from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, unknown_argument
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
 MAX_SEED = 2**32 - 1  # numpy's seeding (and Lightning's seed_everything) take [0, 2**32 - 1]
@@ -265,56 +259,11 @@ def apply_overrides(config: DictConfig, dotlist: Sequence[str]) -> None:
         apply_override(config, entry)
 
 
-def _signature_params(func: Any) -> tuple[list[str], bool] | None:
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-    names, var_kw = [], False
-    for name, param in sig.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            var_kw = True
-        elif name != "self" and param.kind is not inspect.Parameter.VAR_POSITIONAL:
-            names.append(name)
-    return names, var_kw
-
-
-def constructor_params(target: str) -> tuple[list[str], bool]:
-    """Names of the keyword arguments ``target`` accepts, and whether it takes arbitrary ``**kwargs``.
-
-    A subclass whose ``__init__`` forwards ``**kwargs`` to its parent is followed up the MRO, so
-    ``LateStepsLatentDiffusion(t_min, t_max, **kwargs)`` accepts ``LatentDiffusion``'s arguments and nothing else.
-    """
-    obj = get_obj_from_str(target)
-    if not inspect.isclass(obj):
-        found = _signature_params(obj)
-        return found if found is not None else ([], True)
-    names: list[str] = []
-    for klass in obj.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        found = _signature_params(vars(klass)["__init__"])
-        if found is None:
-            return names, True
-        own, var_kw = found
-        names.extend(n for n in own if n not in names)
-        if not var_kw:
-            return names, False
-        if klass.__module__.split(".")[0] in ("torch", "pytorch_lightning", "lightning", "builtins"):
-            return names, True
-    return names, True
-
-
 def trainer_params() -> list[str]:
     """The arguments of Lightning 2's ``Trainer``."""
     import pytorch_lightning as pl
 
-    return [n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"]
-
-
-def _closest(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return list(accepted_keywords(pl.Trainer).params)
 
 
 def check_trainer_key(key: str, where: str = "lightning.trainer") -> None:
@@ -328,7 +277,7 @@ def check_trainer_key(key: str, where: str = "lightning.trainer") -> None:
         raise ConfigError(f"{where}.{key} is a Lightning 1.x Trainer argument: {LIGHTNING1_HINTS[key]}")
     allowed = [k for k in valid if k not in RESERVED_TRAINER_KEYS]
     raise ConfigError(
-        f"unknown Trainer argument {where}.{key}{_closest(key, allowed)}; Lightning 2 accepts: {', '.join(allowed)}"
+        f"unknown Trainer argument {where}.{key}{closest_hint(key, allowed)}; Lightning 2 accepts: {', '.join(allowed)}"
     )
 
 
@@ -337,7 +286,7 @@ def check_config_structure(config: DictConfig) -> None:
     for key in config:
         if key not in PROJECT_KEYS:
             raise ConfigError(
-                f"unknown top-level config key {key!r}{_closest(str(key), PROJECT_KEYS)}; valid: {', '.join(PROJECT_KEYS)}"
+                f"unknown top-level config key {key!r}{closest_hint(str(key), PROJECT_KEYS)}; valid: {', '.join(PROJECT_KEYS)}"
             )
     if "model" not in config:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
@@ -354,7 +303,8 @@ def check_config_structure(config: DictConfig) -> None:
     for key in lightning:
         if key not in LIGHTNING_KEYS:
             raise ConfigError(
-                f"unknown config key lightning.{key}{_closest(str(key), LIGHTNING_KEYS)}; valid: {', '.join(LIGHTNING_KEYS)}"
+                f"unknown config key lightning.{key}{closest_hint(str(key), LIGHTNING_KEYS)}; "
+                f"valid: {', '.join(LIGHTNING_KEYS)}"
             )
     trainer = lightning.get("trainer")
     if trainer is not None:
@@ -408,17 +358,14 @@ def check_override_key(config: DictConfig, key: str) -> None:
                 if i + 1 == len(segments):
                     return
                 seg = segments[i + 1]
-            names, var_kw = constructor_params(str(target))
-            if var_kw or seg in names:
+            keywords = accepted_keywords(get_obj_from_str(str(target)))
+            if keywords.open or seg in keywords.params:
                 return
-            raise ConfigError(
-                f"unknown override key {key!r}: {target} takes no argument {seg!r}{_closest(seg, names)}; "
-                f"it accepts: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown override key {key!r}: {unknown_argument(str(target), seg, keywords.params)}")
         keys = list(node.keys()) if isinstance(node, (DictConfig, Mapping)) else []
         where = parent_path or "the config"
         raise ConfigError(
-            f"unknown override key {key!r}: {where} has no key {seg!r}{_closest(seg, [str(k) for k in keys])}; "
+            f"unknown override key {key!r}: {where} has no key {seg!r}{closest_hint(seg, [str(k) for k in keys])}; "
             f"it has: {', '.join(str(k) for k in keys) or '(nothing)'}"
         )
 

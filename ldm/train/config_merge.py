@@ -1,29 +1,6 @@
-"""How ``main.py`` (and ``scripts/cache_latents.py``) layer configs: OmegaConf's merge, with two ways to replace.
-
-``main.py -b a.yaml b.yaml k=v`` merges ``b.yaml`` over ``a.yaml`` as :func:`omegaconf.OmegaConf.merge` does (mappings
-merged key by key, everything else replaced), then applies the overrides in order, with two rules on top:
-
-* **A new target replaces its params.**  When a later layer (a YAML file or a ``key=value`` override) gives a
-  ``{target, params}`` node another ``target`` than the layers before it, the node's earlier ``params`` are dropped,
-  not merged: another class takes other arguments.  So layering ::
-
-      data:
-        params:
-          train:
-            target: ldm.data.cached_latents.CachedLatents
-            params: {root: cache/train}
-
-  over a config whose ``data.params.train`` is an image dataset gives ``CachedLatents(root=cache/train)``, without the
-  image dataset's ``size`` or ``split``.  The same holds for ``data.params.train.target=...`` on the command line (give
-  the new params after it: ``data.params.train.params.root=cache/train``).  A layer that keeps the target (or does
-  not name one) merges its params as before.
-
-* **``~key`` deletes.**  On the command line ``~data.params.validation`` (no ``=``; quote it in zsh) removes that key
-  from the merged config; in a YAML layer a key written ``~name`` (value ``null``) removes ``name`` from the same
-  mapping of the layers before, e.g. ``data: {params: {~validation: null}}``.  Deleting a key that is not there is an
-  error naming the keys that are.  Delete, then set, to replace any subtree: ``'~data.params.train.params'
-  data.params.train.params.root=cache/train``.
-
+"""How ``main.py`` (and ``scripts/cache_latents.py``) layer configs: :func:`omegaconf.OmegaConf.merge`, plus two rules
+(README "Training"): a layer that gives a ``{target, params}`` node another ``target`` replaces its ``params`` (another
+class takes other arguments), and ``~key`` (command line) or a ``~name: null`` entry (YAML layer) deletes a key.
 Everything here raises :class:`~ldm.util.ConfigError` with one line.
 """
 

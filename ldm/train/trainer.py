@@ -1,16 +1,5 @@
-"""Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section.
-
-* ``lightning.trainer``: Lightning 2 ``Trainer`` arguments (accelerator, devices, strategy, num_nodes, precision,
-  max_steps, accumulate_grad_batches, ...), checked by :func:`ldm.train.cli.check_trainer_key`.
-* ``lightning.callbacks.<name>: {target, params}``: merged over :data:`DEFAULT_LIGHTNING` (``image_logger``,
-  ``learning_rate_logger``); set ``params.disabled: true`` on the image logger to turn it off.
-* ``lightning.modelcheckpoint: {target, params}``: merged over the default ``ModelCheckpoint`` (``last.ckpt`` always;
-  top-3 on the model's ``monitor`` when it has one and there is validation data).
-* ``lightning.logger: {target, params}``: an extra logger.  A CSV logger is always there, TensorBoard when installed.
-
-``main.py`` adds the callbacks that are not optional: :class:`~ldm.train.callbacks.SetupCallback`,
-:class:`~ldm.train.callbacks.InterruptCheckpoint`, :class:`~ldm.train.callbacks.FinalCheckpoint` and
-:class:`~ldm.train.callbacks.StepSeeding`.
+"""Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section (``trainer``, ``callbacks``,
+``modelcheckpoint``, ``logger``), merged over :data:`DEFAULT_LIGHTNING`; a CSV logger always, TensorBoard when installed.
 """
 
 from __future__ import annotations
@@ -29,8 +18,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from ldm.train.callbacks import FinalCheckpoint, InterruptCheckpoint, SetupCallback, StepSeeding
 from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
-from ldm.train.cli import constructor_params
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, accepted_keywords, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +64,9 @@ def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
     Raises:
         ConfigError: one line naming the key, the value and the accepted types.
     """
-    parameters = inspect.signature(pl.Trainer.__init__).parameters
+    parameters = accepted_keywords(pl.Trainer).params
     for key, value in trainer_kwargs.items():
-        allowed = _plain_types(parameters[key].annotation) if key in parameters else None
+        allowed = _plain_types(parameters[key][0]) if key in parameters else None
         if allowed is None:
             continue
         ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
@@ -116,8 +104,8 @@ def _with_runtime_param(cfg: dict[str, Any], name: str, value: Any) -> dict[str,
     """``cfg`` with ``params[name] = value`` unless set already and when the target takes it."""
     cfg = dict(cfg)
     params = dict(cfg.get("params") or {})
-    names, var_kw = constructor_params(cfg["target"])
-    if name not in params and (name in names or var_kw):
+    keywords = accepted_keywords(get_obj_from_str(cfg["target"]))
+    if name not in params and (name in keywords.params or keywords.open):
         params[name] = value
     cfg["params"] = params
     return cfg

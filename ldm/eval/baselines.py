@@ -1,24 +1,9 @@
-"""Baselines the sweep runs next to the refiners: doing nothing, a classical filter, the first-stage round trip.
-
-Every baseline maps images ``[B, 3, H, W]`` in [-1, 1] to images of the same shape, dtype and device, and is
-deterministic (no seed, no ``start_t``):
-
-* ``identity``: the degraded input itself (the reference every method must beat on distance to clean).
-* a classical filter (:data:`FILTERS`), applied per image in float64 on the CPU through scikit-image / SciPy:
-
-  - ``nl_means`` (default): non-local means (Buades et al. 2005), ``skimage.restoration.denoise_nl_means`` with
-    5x5 patches searched within 6 px, ``sigma`` estimated per image (:func:`estimate_noise_sigma`, Donoho's
-    median-absolute-deviation estimate on the finest diagonal Haar wavelet coefficients, averaged over channels, as
-    ``skimage.restoration.estimate_sigma`` does without needing PyWavelets) and filtering strength ``h = 0.8 sigma``
-    (scikit-image's recommended setting with the fast mode).  It is the standard classical denoiser and also smooths compression
-    blocking; on a clean-looking image (estimated sigma near 0) it changes almost nothing;
-  - ``bilateral``: ``skimage.restoration.denoise_bilateral`` (spatial sigma 1 px, reflected borders, colour sigma = the image's
-    standard deviation, scikit-image's default);
-  - ``median``: a 3x3 median per channel (``scipy.ndimage.median_filter``, mirrored borders).
-
-* ``autoencoder``: encode and decode through the refiner's first stage (quantizing, as refinement's decode does).
-  Every refined image passes through this round trip, so it separates what the diffusion steps add from what the
-  autoencoder alone does.
+"""Baselines the sweep runs next to the refiners, each a deterministic map of images ``[B, 3, H, W]`` in [-1, 1] to the
+same shape, dtype and device: ``identity`` (the degraded input: what every method must beat on distance to clean), a
+classical filter of :data:`FILTERS` (per image, float64 on the CPU, through scikit-image / SciPy; ``nl_means`` uses
+scikit-image's recommended ``h = 0.8 sigma`` for its fast mode, sigma estimated per image, so a clean-looking image is
+left almost unchanged) and ``autoencoder`` (the refiner's first-stage round trip, which every refined image also
+passes through: it separates what the diffusion steps add from what the autoencoder does).
 """
 
 from __future__ import annotations
@@ -59,7 +44,8 @@ def estimate_noise_sigma(img: np.ndarray) -> float:
     """Gaussian noise standard deviation of ``img`` ``[H, W, C]`` (in its own units), averaged over channels.
 
     Donoho & Johnstone (1994): ``median(|HH|) / 0.6745`` with ``HH`` the diagonal detail coefficients of a one-level
-    orthonormal Haar transform, ``(a - b - c + d) / 2`` over 2x2 blocks.  Images under 2x2 give 0.
+    orthonormal Haar transform, ``(a - b - c + d) / 2`` over 2x2 blocks (``skimage.restoration.estimate_sigma`` without
+    PyWavelets).  Images under 2x2 give 0.
     """
     h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
     if h == 0 or w == 0:

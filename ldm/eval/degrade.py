@@ -1,20 +1,9 @@
-"""Seeded, parameterised image degradations: the artifact families the evaluation sweeps over.
+"""Seeded, parameterised image degradations (the artifact families the evaluation sweeps over) and their registry.
 
-Every degradation is a :class:`Degradation`: ``degradation(images, seed)`` takes images ``[B, 3, H, W]`` in [-1, 1]
-(any floating dtype, any device) and returns a degraded copy of the same shape, dtype and device, clipped to [-1, 1].
-All randomness comes from the ``seed`` argument (an ``int`` or a ``torch.Generator``); the global RNG state is never
-read or changed, so the same seed gives the same output on every run.  Random numbers are drawn on the generator's
-device (CPU for an ``int`` seed) and moved to the images, so a CPU seed gives the same degradation on every device.
-
-Spatial sizes of the geometric degradations (warp, patches, blotches) are fractions of the shorter image side, so one
-setting means the same thing on 64 px crops and on 512 px images; blur is in pixels.  Every count and size is bounded
-(:data:`MAX_COUNT` patches or blobs, :data:`MAX_SIGMA` px of blur, :data:`MAX_FRACTION` of the side), and checked when
-the degradation is built, so a spec is refused before any image is read.
-
-``DEGRADATIONS`` maps registry names to classes; :func:`build_degradation` builds one by name with validated
-parameters, :func:`degradation_from_spec` parses ``"name:key=value,key=value"`` (the format of
-:attr:`Degradation.spec`, which the sweep writes into its CSV).  :mod:`ldm.eval.degrade_files` applies one to
-``uint8`` ``HWC`` arrays (``apply_to_uint8``) and to a folder of image files (``degrade_folder``).
+A :class:`Degradation` maps images ``[B, 3, H, W]`` in [-1, 1] to a degraded copy (same shape, dtype and device, clipped
+to [-1, 1]), drawing every random number from its ``seed`` (an ``int``: a CPU generator, so one seed degrades alike on
+every device).  Sizes are fractions of the shorter side (blur: pixels), bounded and checked when a degradation is built,
+so a spec is refused before any image is read.  Specs read ``"name:key=value,key=value"`` (:attr:`Degradation.spec`).
 """
 
 from __future__ import annotations
@@ -22,7 +11,6 @@ from __future__ import annotations
 import abc
 import inspect
 import io
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -38,8 +26,6 @@ from ldm.cli import decimal_float, decimal_int
 from ldm.imageio import from_uint8, to_uint8
 from ldm.util import instantiate_from_config
 
-logger = logging.getLogger(__name__)
-
 _RANGE_TOLERANCE = 1e-2
 
 # Bounds of the count and size parameters, checked when a degradation is built (so a script refuses a spec before it
@@ -48,7 +34,7 @@ _RANGE_TOLERANCE = 1e-2
 MAX_COUNT = 256  # n_patches, n_blobs
 MAX_SIGMA = 1024.0  # blur sigma in pixels (each image also bounds it by its longer side)
 MAX_FRACTION = 4.0  # amplitude, scale, radius: fractions of the shorter side (of the box, for local degradations)
-_FRACTION = " (a fraction of the image's or box's shorter side)"
+FRACTION_UNIT = " (a fraction of the image's or box's shorter side)"
 
 
 def seed_generator(seed: int | torch.Generator) -> torch.Generator:
@@ -73,6 +59,13 @@ def check_images(images: torch.Tensor) -> None:
             raise ValueError(
                 f"expected images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; uint8 images convert with x / 127.5 - 1"
             )
+
+
+def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
+    """Checked ``images`` as float32/float64 (other dtypes as float32) and the generator of ``seed``."""
+    check_images(images)
+    generator = seed_generator(seed)
+    return (images if images.dtype in (torch.float32, torch.float64) else images.float()), generator
 
 
 def _show(value: Any) -> str:
@@ -103,11 +96,8 @@ def check_count(name: str, value: int, lo: int, hi: int, why: str = "") -> None:
 
 
 class Degradation(abc.ABC):
-    """Base class: subclasses set ``name`` and implement ``_apply(images, generator)`` on float images.
-
-    ``_apply`` receives ``[B, 3, H, W]`` float32/float64 images in [-1, 1] and returns the same shape; the base class
-    validates the input, clips the result to [-1, 1] and restores the input dtype.
-    """
+    """Base class: subclasses set ``name`` and implement ``_apply``; ``__call__`` checks the input, clips the result to
+    [-1, 1] and restores the input dtype."""
 
     name: ClassVar[str] = ""
 
@@ -131,9 +121,7 @@ class Degradation(abc.ABC):
 
     def __call__(self, images: torch.Tensor, seed: int | torch.Generator) -> torch.Tensor:
         """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1]; returns the same shape, dtype and device."""
-        check_images(images)
-        generator = seed_generator(seed)
-        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        work, generator = prepare_input(images, seed)
         with torch.no_grad():
             out = self._apply(work, generator)
         return out.clamp(-1.0, 1.0).to(images.dtype)
@@ -190,13 +178,10 @@ def _load_first_stage(first_stage: Any) -> torch.nn.Module:
 class VQRoundTrip(Degradation):
     """Encode, quantize and decode through a (coarser) VQ first stage, optionally with a reduced codebook.
 
-    ``first_stage`` is a ``VQModelInterface`` (``encode`` -> pre-quantization latent), a ``VQModel`` (its
-    ``encode_to_prequant`` is used), a config mapping for :func:`~ldm.util.instantiate_from_config` or the path of a
-    YAML config.  Latents are snapped to the nearest entry of ``quantize.embedding.weight``; with
-    ``codebook_fraction < 1`` only a seeded random subset of ``max(1, round(fraction * n_embed))`` entries is allowed,
-    which makes the quantizer coarser (one subset per call).  Images whose sides are not multiples of the
-    downsampling factor are edge-padded and cropped back.  Runs on the first stage's device and dtype under
-    ``no_grad`` and in eval mode (the previous mode is restored).
+    ``first_stage``: a ``VQModelInterface`` or ``VQModel`` (its ``encode_to_prequant``), a config mapping or a YAML
+    path.  Latents snap to the nearest codebook entry; ``codebook_fraction < 1`` allows only a seeded random subset of
+    ``max(1, round(fraction * n_embed))`` entries (one subset per call).  Sides that are not multiples of the
+    downsampling factor are edge-padded and cropped back; runs in eval mode (restored after) on the first stage's device.
     """
 
     name = "vq_roundtrip"
@@ -367,8 +352,8 @@ class ElasticWarp(Degradation):
     name = "elastic_warp"
 
     def __init__(self, amplitude: float = 0.03, scale: float = 0.25):
-        check_positive("amplitude", amplitude, at_most=MAX_FRACTION, unit=_FRACTION)
-        check_positive("scale", scale, at_most=MAX_FRACTION, unit=_FRACTION)
+        check_positive("amplitude", amplitude, at_most=MAX_FRACTION, unit=FRACTION_UNIT)
+        check_positive("scale", scale, at_most=MAX_FRACTION, unit=FRACTION_UNIT)
         self.amplitude = float(amplitude)
         self.scale = float(scale)
 
@@ -485,7 +470,7 @@ class ColourBlotches(Degradation):
 
     def __init__(self, n_blobs: int = 3, radius: float = 0.15, strength: float = 0.4):
         check_count("n_blobs", n_blobs, 1, MAX_COUNT, " (each blob is a full-size map per image)")
-        check_positive("radius", radius, at_most=MAX_FRACTION, unit=_FRACTION)
+        check_positive("radius", radius, at_most=MAX_FRACTION, unit=FRACTION_UNIT)
         check_positive("strength", strength)
         self.n_blobs = int(n_blobs)
         self.radius = float(radius)
@@ -577,19 +562,26 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def degradation_from_spec(spec: str) -> Degradation:
-    """Build a degradation from ``"name"`` or ``"name:key=value,key=value"`` (numbers parsed as int, then float;
-    anything else stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
+def split_spec(spec: str, unique: bool = True) -> tuple[str, dict[str, str]]:
+    """``"name:key=value,..."`` -> ``(name, {key: value})``, stripped; ``unique``: a repeated key is an error (else
+    the last one counts)."""
     name, _, rest = spec.partition(":")
-    params: dict[str, Any] = {}
+    items: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"degradation spec {spec!r}: {item!r} is not key=value; format is name:key=value,key=value")
-        if key.strip() in params:
+        if unique and key.strip() in items:
             raise ValueError(f"degradation spec {spec!r}: {key.strip()!r} is given twice")
-        params[key.strip()] = _parse_value(value.strip())
-    return build_degradation(name.strip(), **params)
+        items[key.strip()] = value.strip()
+    return name.strip(), items
+
+
+def degradation_from_spec(spec: str) -> Degradation:
+    """Build a degradation from ``"name"`` or ``"name:key=value,key=value"`` (numbers parsed as int, then float;
+    anything else stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
+    name, items = split_spec(spec)
+    return build_degradation(name, **{key: _parse_value(value) for key, value in items.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,30 +1,10 @@
-"""Local degradations: an artifact applied inside one random box per image, and the box and mask it used.
+"""Local degradations (``local_*``): one degradation of :mod:`ldm.eval.degrade` inside one random square box per image,
+every pixel outside the box left exactly as it was, so region refinement can be scored against a known mask.
 
-The artifacts late-steps refinement exists for are local and structural: a wrong shape, a smear, a duplicated patch,
-a coarse-VQ look in one place.  Each class here applies one degradation of :mod:`ldm.eval.degrade` inside a square
-box and leaves every pixel outside the box exactly as it was, so that region refinement (refine only the box) can be
-evaluated against a known mask:
-
-* ``local_warp`` (:class:`ElasticWarp`), ``local_blotch`` (:class:`ColourBlotches`), ``local_shuffle``
-  (:class:`PatchShuffle`), ``local_paint`` (:class:`PaintDisc`: a saturated disc over most of the box),
-  ``local_noise`` and ``local_smear`` (:class:`BlurNoise`: noise, blur) and ``local_block`` (:class:`Pixelate`:
-  blockiness) degrade the box cut out as an image of its own, so their spatial parameters are fractions of the box
-  side (blur and blocks are in pixels);
-* ``local_vq`` (:class:`VQRoundTrip`) round-trips the whole image through a coarse codebook and keeps the box of it
-  (the first stage sees the box's surroundings, so the box's content is what a coarse VQ makes of it in place).
-
-The box side is ``box_size`` of the shorter image side (at least 2 px), its position uniform over the image, or with
-``box_at="edges"`` drawn in proportion to the image's edge energy inside it (:func:`edge_weights`): an artifact on a
-flat area changes nothing there, and real artifacts sit on content (a hand, a face).  ``local_none`` is a box with no
-artifact at all, the control that shows what refining an intact region costs.  The
-degraded box is blended in with a raised-cosine window that tapers over ``box_feather`` of the side at each edge
-(0: pasted hard).  Randomness: the box is drawn first from the seed's generator, then the inner degradation draws
-from the same generator, image after image.
-
-``degradation(images, seed)`` returns the degraded images like every :class:`Degradation` (so the sweep, the
-registry and ``scripts/degrade.py`` take these as they are); :meth:`LocalDegradation.apply_local` also returns the
-boxes and the masks.  Boxes are ``(x0, y0, x1, y1)`` pixel coordinates, half-open (the format of ``refine.py --box``);
-masks are ``[B, 1, H, W]`` with 1 inside the box and 0 outside.
+Most degrade the box cut out as an image of its own (spatial parameters are fractions of the box side); ``local_vq``
+round-trips the whole image and keeps the box.  The box is drawn first from the seed's generator, then the inner
+degradation draws from it, image after image.  Boxes are half-open ``(x0, y0, x1, y1)`` pixels (``refine.py --box``);
+masks are ``[B, 1, H, W]``, 1 inside the box.
 """
 
 from __future__ import annotations
@@ -36,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.eval.degrade import (
+    FRACTION_UNIT,
     MAX_FRACTION,
     MAX_SIGMA,
     BlurNoise,
@@ -45,12 +26,11 @@ from ldm.eval.degrade import (
     PatchShuffle,
     VQRoundTrip,
     check_count,
-    check_images,
     check_positive,
     feather_window,
+    prepare_input,
     randint,
     register_degradation,
-    seed_generator,
 )
 
 Box = tuple[int, int, int, int]
@@ -91,8 +71,13 @@ def edge_weights(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class LocalDegradation(Degradation):
-    """``inner`` applied inside one random square box per image (see the module docstring); subclasses name the
-    inner degradation and its parameters."""
+    """``inner`` applied inside one random square box per image; subclasses name the inner degradation.
+
+    The box side is ``box_size`` of the shorter image side (at least 2 px), placed uniformly or, with
+    ``box_at="edges"``, in proportion to the edge energy inside it (:func:`edge_weights`: an artifact on a flat area
+    changes nothing).  The degraded box is blended in with a raised-cosine window over ``box_feather`` of its side at
+    each edge (0: pasted hard).
+    """
 
     on_crop: ClassVar[bool] = True  # degrade the box as an image of its own (False: the whole image, then keep the box)
 
@@ -120,7 +105,6 @@ class LocalDegradation(Degradation):
         return {**self.inner.params(), **self.box_params()}
 
     def box_side(self, height: int, width: int) -> int:
-        """Side of the box in pixels for a ``height`` x ``width`` image."""
         return min(max(2, round(self.box_size * min(height, width))), height, width)
 
     def draw_box(self, height: int, width: int, generator: torch.Generator, image: torch.Tensor | None = None) -> Box:
@@ -139,9 +123,7 @@ class LocalDegradation(Degradation):
 
     def apply_local(self, images: torch.Tensor, seed: int | torch.Generator) -> LocalResult:
         """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1] inside one box each; returns the images, masks and boxes."""
-        check_images(images)
-        generator = seed_generator(seed)
-        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        work, generator = prepare_input(images, seed)
         with torch.no_grad():
             out, boxes = self._local(work, generator)
         masks = box_mask(boxes, images.shape[2], images.shape[3], images)
@@ -273,7 +255,7 @@ class PaintDisc(Degradation):
     name = "paint_disc"
 
     def __init__(self, radius: float = 0.45):
-        check_positive("radius", radius, at_most=MAX_FRACTION, unit=" (a fraction of the image's or box's shorter side)")
+        check_positive("radius", radius, at_most=MAX_FRACTION, unit=FRACTION_UNIT)
         self.radius = float(radius)
 
     def params(self) -> dict[str, Any]:
@@ -368,7 +350,7 @@ class LocalNone(LocalDegradation):
         super().__init__(Unchanged(), box_size, 0.0, box_at)
 
     def params(self) -> dict[str, Any]:
-        return {"box_size": self.box_size, **({"box_at": self.box_at} if self.box_at != "uniform" else {})}
+        return {k: v for k, v in self.box_params().items() if k != "box_feather"}
 
 
 LOCAL_DEGRADATIONS: tuple[type[LocalDegradation], ...] = (

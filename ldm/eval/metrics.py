@@ -1,17 +1,10 @@
-"""Image metrics for the evaluation: per-image PSNR / SSIM / MSE, LPIPS, the same inside and outside a mask, the seam
-along a mask's boundary, and set-level FID / KID (set-level realism without weights: :mod:`ldm.eval.swd`).
+"""Image metrics: per-image PSNR / SSIM / MSE and LPIPS, the same inside and outside a mask, the seam along a mask's
+boundary, and set-level FID / KID (realism without weights: :mod:`ldm.eval.swd`).
 
-Conventions:
-
-* Images are ``[B, 3, H, W]`` tensors in ``value_range`` (default ``(-1, 1)``, the model convention; pass
-  ``(0.0, 1.0)`` for [0, 1] images).  The data range used by PSNR and SSIM is ``value_range[1] - value_range[0]``,
-  i.e. 2 for [-1, 1] images, so PSNR values equal those of the same images mapped to [0, 1] with range 1.  Values
-  outside ``value_range`` are clipped first, as they would be when the image is saved.
-* MSE is the mean over channels and pixels in the units of ``value_range``; per-image metrics return float64 CPU
-  tensors of shape ``[B]`` (identical images give PSNR ``inf``).
-* Metrics that need pretrained networks (LPIPS' VGG/AlexNet backbone, FID/KID's Inception) only use weights already on
-  disk.  When they are absent the functions return :class:`Skipped` with the reason and the path that was looked
-  at; nothing is ever downloaded and no network connection is attempted.
+Images are ``[B, 3, H, W]`` in ``value_range`` (default ``(-1, 1)``), clipped to it first as a saved image would be; PSNR
+and SSIM use the data range ``high - low``, so their values equal those of the images mapped to [0, 1].  Per-image
+metrics are float64 CPU tensors ``[B]``.  Metrics that need pretrained networks use weights already on disk only, else
+return :class:`Skipped` with the reason and the path looked at; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -34,7 +27,6 @@ from ldm.modules.lpips import PerceptualWeightsMissingError, build_lpips, lpips_
 logger = logging.getLogger(__name__)
 
 MINUS_ONE_ONE: tuple[float, float] = (-1.0, 1.0)
-ZERO_ONE: tuple[float, float] = (0.0, 1.0)
 
 # torch-fidelity's Inception-v3 port of the TF FID network (the reference FID/KID feature extractor).
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -86,23 +78,34 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float
 
 SSIM_RADIUS = 5  # the 11x11 window of torchmetrics' default: int(3.5 * sigma + 0.5) px each side of the centre
 SSIM_SIGMA = 1.5
+SSIM_MIN_SIDE = 2 * SSIM_RADIUS + 1
+
+
+def _ssim_skipped(shape: torch.Size) -> Skipped:
+    return Skipped(f"SSIM: images {tuple(shape)} are smaller than its 11x11 window")
+
+
+def separable_filter(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` filtered with ``taps`` (odd length) along W, then along H, reflected borders (scipy's
+    ``mode="mirror"``), as shifted slices: exact, and much faster on a CPU than a float64 ``conv2d`` with the 2-D
+    kernel (2k instead of k^2 multiplies per pixel)."""
+    r, (h, w) = len(taps) // 2, x.shape[-2:]
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")
+    x = sum(taps[j] * x[..., j : j + w] for j in range(len(taps)))
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return sum(taps[j] * x[..., j : j + h, :] for j in range(len(taps)))
 
 
 def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
     """The SSIM map ``[B, C, H, W]`` of two float64 batches: torchmetrics' ``structural_similarity_index_measure``
-    (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``), but with
-    the window applied as two 1-D passes of shifted slices: the same values to rounding, and much faster on a CPU than
-    float64 ``conv2d`` with the 2-D kernel (the separable window does 2k instead of k^2 multiplies per pixel)."""
+    (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``), with
+    the window applied by :func:`separable_filter` (the same values to rounding)."""
     if a.shape[0] == 0:  # nothing to split the five stacked maps from
         return torch.empty_like(a)
-    r = SSIM_RADIUS
-    taps = torch.arange(-r, r + 1, dtype=torch.float64)
+    taps = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
     window = torch.exp(-((taps / SSIM_SIGMA) ** 2) / 2)
-    window = (window / window.sum()).tolist()
-    h, w = a.shape[-2:]
-    stack = F.pad(torch.cat((a, b, a * a, b * b, a * b)), (r, r, r, r), mode="reflect")
-    rows = sum(window[j] * stack[..., j : j + w] for j in range(2 * r + 1))
-    mu_a, mu_b, aa, bb, ab = sum(window[j] * rows[..., j : j + h, :] for j in range(2 * r + 1)).split(a.shape[0])
+    stack = torch.cat((a, b, a * a, b * b, a * b))
+    mu_a, mu_b, aa, bb, ab = separable_filter(stack, (window / window.sum()).tolist()).split(a.shape[0])
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     var_a = torch.clamp(aa - mu_a**2, min=0.0)
     var_b = torch.clamp(bb - mu_b**2, min=0.0)
@@ -117,7 +120,7 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float
     Images must be at least 11 px on each side.
     """
     a, b = _prepare(images, reference, value_range)
-    if min(a.shape[-2:]) < 2 * SSIM_RADIUS + 1:
+    if min(a.shape[-2:]) < SSIM_MIN_SIDE:
         raise ValueError(f"SSIM needs images of at least 11x11 (its Gaussian window), got {tuple(a.shape[-2:])}")
     data_range = float(value_range[1]) - float(value_range[0])
     return _ssim_map(a, b, data_range).flatten(1).mean(-1).cpu()
@@ -168,24 +171,20 @@ def masked_metrics(
     a, b = _prepare(images, reference, value_range)
     m = _prepare_mask(mask, a)
     data_range = float(value_range[1]) - float(value_range[0])
-    ssim_map = None
-    if min(a.shape[-2:]) >= 2 * SSIM_RADIUS + 1:
-        ssim_map = _ssim_map(a, b, data_range)
+    ssim_map = _ssim_map(a, b, data_range) if min(a.shape[-2:]) >= SSIM_MIN_SIDE else None
     out: dict[str, Any] = {}
     for suffix, weight in (("in", m), ("out", 1.0 - m)):
         err = _region_mean((a - b) ** 2, weight)
         out[f"mse_{suffix}"] = err.cpu()
         out[f"psnr_{suffix}"] = (10.0 * torch.log10(data_range**2 / err)).cpu()
         if ssim_map is None:
-            out[f"ssim_{suffix}"] = Skipped(f"SSIM: images {tuple(a.shape[-2:])} are smaller than its 11x11 window")
+            out[f"ssim_{suffix}"] = _ssim_skipped(a.shape[-2:])
         else:
             out[f"ssim_{suffix}"] = _region_mean(ssim_map.double(), weight).cpu()
-        if lpips is not None:
-            if isinstance(lpips, Skipped):
-                out[f"lpips_{suffix}"] = lpips
-            else:
-                only_region = a * weight + b * (1.0 - weight)
-                out[f"lpips_{suffix}"] = lpips(only_region, b, value_range)
+        if isinstance(lpips, Skipped):
+            out[f"lpips_{suffix}"] = lpips
+        elif lpips is not None:
+            out[f"lpips_{suffix}"] = lpips(a * weight + b * (1.0 - weight), b, value_range)
     return out
 
 
@@ -388,10 +387,8 @@ def compute_metrics(
             continue
         out[f"mse_{suffix}"] = mse(refined, reference, value_range)
         out[f"psnr_{suffix}"] = psnr(refined, reference, value_range)
-        if min(refined.shape[-2:]) >= 11:
-            out[f"ssim_{suffix}"] = ssim(refined, reference, value_range)
-        else:
-            out[f"ssim_{suffix}"] = Skipped(f"SSIM: images {tuple(refined.shape[-2:])} are smaller than its 11x11 window")
+        too_small = min(refined.shape[-2:]) < SSIM_MIN_SIDE
+        out[f"ssim_{suffix}"] = _ssim_skipped(refined.shape[-2:]) if too_small else ssim(refined, reference, value_range)
         if lpips is not None:
             out[f"lpips_{suffix}"] = lpips if isinstance(lpips, Skipped) else lpips(refined, reference, value_range)
     return out

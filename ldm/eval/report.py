@@ -1,17 +1,6 @@
-"""Writing a sweep's results: the per-case CSV, the summary (CSV and a text table), the curves plot and example grids.
-
-* ``sweep.csv``: one row per case x method x start_t (:data:`CSV_COLUMNS`, then the metric columns that were
-  computed).  Baselines have empty ``start_t`` / ``effective_start``; a skipped metric reads ``skipped`` (the reason is
-  in ``sweep.json`` and printed once).
-* ``summary.csv`` and :func:`format_table`: per degradation x method x start_t, ``n`` and means with 95 % bootstrap
-  intervals over cases, paired gains over the artifact (:mod:`ldm.eval.summary`), SWD and FID/KID joined in.
-* ``curves.png`` (:func:`plot_curves`): PSNR to the clean image and PSNR to the input against ``start_t``, one panel
-  per degradation, one line per refiner, baselines as horizontal dashed lines (identity is the input itself, so its
-  PSNR to the input is infinite and not drawn).  In no-reference mode only the faithfulness row is drawn.
-* ``realism.png`` (:func:`plot_realism`, when the sweep had a realism reference): SWD against PSNR to the input, over
-  start_t, refiners and baselines.
-* ``examples.png`` (:func:`example_grid`): one row per kept case: clean | input | outputs (refiners at a few start_t,
-  baselines), upscaled with nearest-neighbour so small images stay readable.
+"""Writing a sweep's results: ``sweep.csv`` (one row per case x method x start_t; baselines have empty ``start_t``, a
+skipped metric reads ``skipped``, its reason is in ``sweep.json``), ``summary.csv`` and its text table
+(:mod:`ldm.eval.summary`), ``curves.png``, ``realism.png`` and ``examples.png`` (upscaled nearest-neighbour).
 """
 
 from __future__ import annotations
@@ -21,6 +10,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +20,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.summary import SUMMARY_METRICS, summarize
+from ldm.eval.summary import SET_KEYS, SUMMARY_METRICS, summarize
 from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult
 from ldm.imageio import to_uint8
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
 SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
-SET_COLUMNS: tuple[str, ...] = ("swd", "swd_lo", "swd_hi", "fid", "kid_mean", "kid_std", "skipped")
 # what the printed table shows (the CSVs have everything)
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("psnr_clean", "PSNR->clean"),
@@ -86,7 +75,7 @@ def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike
     """The summary CSV: per degradation x method x start_t, ``n``, means with their 95 % bootstrap intervals
     (``_lo`` / ``_hi``), paired gains and set metrics (:mod:`ldm.eval.summary`)."""
     path = Path(path)
-    _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_COLUMNS)
+    _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_KEYS)
     return path
 
 
@@ -174,32 +163,40 @@ def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, col
     return handles
 
 
-def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases); see the module docstring."""
-    import textwrap
-
+def _subplots(result: SweepResult, n_rows: int, row_height: float) -> tuple[Any, Any, Any, dict[str, str]]:
+    """pyplot (Agg backend), a figure of ``n_rows`` x one panel per degradation, its axes and a colour per method."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    n = len(result.degradations)
+    fig, axes = plt.subplots(n_rows, n, figsize=(4.2 * n, row_height * n_rows + 1.0), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return plt, fig, axes, {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
+
+
+def _panel_title(ax: Any, degradation: str) -> None:
+    ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
+
+
+def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
+    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases), one panel per degradation, one line per
+    refiner, baselines dashed (identity's PSNR to its input is infinite and not drawn); no-reference: faithfulness only."""
     rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
         ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
     ]
     if result.reference and any(isinstance(r.get("lpips_clean"), float) for r in result.rows):
         rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
-    degs = result.degradations
-    fig, axes = plt.subplots(len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.2 * len(rows_spec) + 1.0), squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
+    plt, fig, axes, colors = _subplots(result, len(rows_spec), 3.2)
     all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
     handles: dict[str, Any] = {}
-    for c, degradation in enumerate(degs):
+    for c, degradation in enumerate(result.degradations):
         for r, (metric, label) in enumerate(rows_spec):
             ax = axes[r][c]
             handles.update(_draw_panel(ax, result, metric, degradation, colors))
             if r == 0:
-                ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
+                _panel_title(ax, degradation)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
             if r == len(rows_spec) - 1:
@@ -249,13 +246,6 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
     input (higher: more faithful), one panel per degradation, one row per faithfulness measure (the whole image; for
     masked cases also inside and outside the mask).  Refiners are lines over start_t (each point labelled), baselines
     single points; an unchanged output (PSNR inf) is drawn at the right edge.  None (nothing written) without SWD."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     summary = summarize(result)
     if not any(isinstance(s.get("swd"), float) for s in summary):
         return None
@@ -263,12 +253,9 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
     for metric, label in (("psnr_input_in", "PSNR to input inside mask [dB]"), ("psnr_input_out", "outside mask [dB]")):
         if any(metric in s for s in summary):
             rows_spec.append((metric, label))
-    degs = result.degradations
-    fig, axes = plt.subplots(len(rows_spec), len(degs), figsize=(4.2 * len(degs), 3.4 * len(rows_spec) + 1.0), squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
+    plt, fig, axes, colors = _subplots(result, len(rows_spec), 3.4)
     handles: dict[str, Any] = {}
-    for c, degradation in enumerate(degs):
+    for c, degradation in enumerate(result.degradations):
         for r, (metric, label) in enumerate(rows_spec):
             ax = axes[r][c]
             points = _realism_points(summary, degradation, metric)
@@ -285,7 +272,7 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
                 else:
                     handles[method] = ax.scatter(xs, ys, color=colors[method], marker="s", label=method, zorder=3)
             if r == 0:
-                ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
+                _panel_title(ax, degradation)
             ax.set_xlabel(label + (" (inf drawn at the edge)" if finite else ""), fontsize=7)
             if c == 0:
                 ax.set_ylabel("SWD x 1e3 to clean photos (lower: more realistic)", fontsize=7)

@@ -1,9 +1,6 @@
-"""Set-level metrics of the refinement sweep (:mod:`ldm.eval.sweep`): FID/KID against the clean images and the SWD
-realism against an independent clean set, one value per method x degradation x start_t.
-
-The sweep keeps every output of a method x degradation x start_t as uint8 (what a saved image holds) in ``sets``:
-``{(method, degradation, start_t): [[3, H, W] uint8, ...]}``; the functions here turn those into entries
-``{"method", "degradation", "start_t", ...}`` that :func:`ldm.eval.summary.summarize` joins into the summary.
+"""Set-level metrics of the sweep (:mod:`ldm.eval.sweep`), one entry ``{"method", "degradation", "start_t", ...}`` per
+method x degradation x start_t: FID/KID against the clean images, SWD against an independent clean set.  The sweep's
+``sets`` hold every output as uint8 (what a saved image holds): ``{(method, degradation, start_t): [[3, H, W], ...]}``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""The images a sweep evaluates on (:class:`SweepImage`): held-out photographs, the synthetic family, a folder.
-
-* :func:`heldout_images`: crops of the held-out photographs (:data:`ldm.data.embedded.HELDOUT_PHOTOS`);
-* :func:`synthetic_images`: held-out images of the synthetic family (:mod:`ldm.data.synthetic`), never drawn for
-  training;
-* :func:`folder_images`: every image of a folder (your own clean images, or artifact images without a reference).
+"""The images a sweep evaluates on (:class:`SweepImage`): crops of the held-out photographs, held-out images of the
+synthetic family (never drawn for training), or every image of a folder.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ldm import imageio
 from ldm.imageio import from_uint8
 
 
@@ -43,10 +41,6 @@ def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
 
     Alpha channels are dropped (the sweep compares RGB).  An unreadable file is an error naming it.
     """
-    from pathlib import Path
-
-    from ldm import imageio
-
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")

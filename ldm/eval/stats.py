@@ -1,13 +1,7 @@
-"""Confidence intervals for the evaluation: percentile bootstrap over images.
-
-Every quality figure the evaluation reports is a mean over images (or a set metric over them), and the images are a
-sample of what a user would refine; the bootstrap resamples the images with replacement and reads the interval off
-the resampled statistic's quantiles (Efron & Tibshirani 1993, ch. 13).  A *paired* interval (the same resampled
-images for both quantities) is what says whether one method beats another on the same images: its spread excludes
-the between-image variance that both share.
-
-Randomness comes only from ``seed`` (a ``numpy`` generator of its own), so one seed gives the same interval on every
-run.
+"""Percentile-bootstrap confidence intervals over images (Efron & Tibshirani 1993, ch. 13): resample the images with
+replacement, read the interval off the resampled statistic's quantiles.  A *paired* interval (the same resampled images
+for both quantities) says whether one method beats another on the same images: it excludes the between-image variance
+both share.  Randomness comes only from ``seed`` (a numpy generator of its own).
 """
 
 from __future__ import annotations

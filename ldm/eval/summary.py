@@ -1,23 +1,9 @@
-"""A sweep's summary: per degradation x method x start_t, every metric's mean over cases with a 95 % bootstrap
-interval, and the paired gains that say whether a method removed the artifact.
-
-Per group (:func:`summarize`):
-
-* ``n``, and for every row metric ``m`` of :data:`ldm.eval.sweep.ROW_METRICS`: ``m`` (the mean over the group's cases),
-  ``m_lo`` and ``m_hi`` (the percentile-bootstrap interval over cases, :func:`ldm.eval.stats.bootstrap_mean`; left out
-  where a value is infinite, e.g. the identity's PSNR to its own input);
-* paired gains, the same cases before and after (:func:`ldm.eval.stats.bootstrap_paired_difference`):
-  ``gain_psnr_clean_in`` / ``gain_psnr_clean`` (the method minus the artifact itself, the ``identity`` baseline:
-  > 0 means closer to the clean image), and ``gain_psnr_rt_in`` / ``gain_psnr_rt`` (PSNR to the first stage's round
-  trip of the clean image, the method minus the round trip of the artifact, the ``autoencoder`` baseline: what the
-  diffusion steps add beyond what the first stage loses), each with ``_lo`` / ``_hi``;
-* set metrics: ``swd`` with ``swd_lo`` / ``swd_hi`` (:func:`ldm.eval.swd.swd_bootstrap`) and ``gain_swd`` (the
-  method's SWD minus the artifact's, paired resamples: < 0 means more like the clean images), FID/KID.
-
-:func:`best_start` picks a method's best ``start_t`` per degradation by cross-fitting (chosen on one half of the
-images, reported on the other), so the headline is not the luckiest of several start_ts.
-
-Intervals are seeded (``seed``), so a summary is the same on every run.
+"""A sweep's summary (:func:`summarize`): per degradation x method x start_t, ``n`` and every row metric's mean over
+cases with its 95 % percentile-bootstrap interval (``m_lo`` / ``m_hi``; none where a value is infinite), the paired
+gains of :data:`GAINS` (the method minus the artifact itself, ``identity``, or minus the round trip of the artifact,
+``autoencoder``: what the diffusion steps add beyond the first stage), the set metrics and ``gain_swd`` (paired SWD
+resamples, < 0: more like clean images).  :func:`best_start` picks a ``start_t`` by cross-fitting, so the headline is
+not the luckiest of several.  Intervals are seeded, so a summary is the same on every run.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ from ldm.eval.sweep import ROW_METRICS, SweepResult
 
 IDENTITY = "identity"  # the artifact itself
 ROUND_TRIP = "autoencoder"  # the first stage's round trip of the artifact
-# gain column -> (row metric, the baseline it is paired with)
+# gain column -> (row metric, the baseline it is paired with); > 0: the method is closer than the baseline
 GAINS: dict[str, tuple[str, str]] = {
     "gain_psnr_clean_in": ("psnr_clean_in", IDENTITY),
     "gain_psnr_clean": ("psnr_clean", IDENTITY),

@@ -1,27 +1,14 @@
-"""Realism without pretrained weights: the sliced Wasserstein distance (SWD) between Laplacian-pyramid patch sets.
+"""Realism without pretrained weights: the sliced Wasserstein distance (SWD) between Laplacian-pyramid patch sets
+(Karras et al. 2018, section 5 and appendix D, written here from that description).
 
-This is the metric of Karras et al. 2018 ("Progressive Growing of GANs", section 5 and appendix D; the
-``metrics/sliced_wasserstein.py`` of their code), written here from that description:
-
-1. every image of a set is decomposed into a Laplacian pyramid (5x5 binomial filter ``[1, 4, 6, 4, 1] / 16`` in both
-   directions, mirrored borders, as OpenCV's ``pyrDown``/``pyrUp``), from the full resolution down to 16 px; the last
-   level is the low-pass residual;
-2. from every level, ``patches_per_image`` 7x7 neighbourhoods are cut at random positions of every image (the same
-   positions in both sets: a paired draw, so two identical sets are at distance 0 exactly and the sampling noise of
-   the comparison is smaller); each patch is a descriptor of ``3 * 7 * 7 = 147`` values;
-3. descriptors are normalised per colour channel (mean 0, standard deviation 1 over all patches and pixels of a
-   level).  ``normalize="each"`` (the paper's choice) normalises each set by its own statistics, which makes the
-   metric blind to a per-channel gain or offset of a whole set; ``"reference"`` normalises both sets by those of the
-   second (reference) set, so that a colour cast or a loss of contrast over the set counts too;
-4. per level, ``n_directions`` random unit directions (``torch.randn`` normalised, from the seeded generator) project
-   both descriptor sets to 1-D; each projection is sorted, and the 1-D Wasserstein-1 distance between two equal-size
-   empirical distributions is the mean absolute difference of the sorted values;
-5. the level's SWD is the mean over directions, and the metric the mean over levels.  The paper reports SWD x 10^3;
-   the functions here return the raw values.
-
-Lower is more alike; identical sets give 0.  Randomness comes only from ``seed`` (patch positions first, then the
-directions of each level, finest first), so one seed gives the same value on every run.  Everything is computed in
-float64 on the CPU (the sets are small).
+Each image is decomposed into a Laplacian pyramid (5x5 binomial filter, mirrored borders, as ``cv2.pyrDown``/``pyrUp``)
+down to 16 px; from every level 7x7 patches are cut at random positions, the same in both sets (a paired draw: identical
+sets are at distance 0 exactly), and normalised per colour channel, each set by its own statistics (``"each"``, the
+paper: blind to a per-channel gain or offset of a set) or both by the reference's (``"reference"``: a colour cast
+counts).  Per level, random unit directions project both sets to 1-D, where Wasserstein-1 of equal-size sets is the
+mean absolute difference of the sorted values; the SWD is the mean over directions, then over levels (raw values; the
+paper prints them x 10^3).  Randomness comes only from ``seed`` (patch positions first, then each level's directions,
+finest first); everything is float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -31,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ldm.eval.metrics import separable_filter
 from ldm.eval.stats import Interval, percentile_interval, resample_indices
 
 PATCH_SIZE = 7
@@ -55,16 +42,8 @@ class SWDResult:
 
 
 def _blur(x: torch.Tensor, gain: float) -> torch.Tensor:
-    """``[B, C, H, W]`` convolved with ``gain`` x the 5x5 binomial kernel, mirrored borders (scipy's ``mode="mirror"``).
-
-    Separable, as five shifted slices per direction: exact, and much faster than a grouped float64 ``conv2d`` on CPU.
-    """
-    k = (_BINOMIAL * gain**0.5).tolist()
-    h, w = x.shape[-2:]
-    x = F.pad(x, (2, 2, 0, 0), mode="reflect")
-    x = sum(k[j] * x[..., j : j + w] for j in range(5))
-    x = F.pad(x, (0, 0, 2, 2), mode="reflect")
-    return sum(k[j] * x[..., j : j + h, :] for j in range(5))
+    """``[B, C, H, W]`` convolved with ``gain`` x the 5x5 binomial kernel, mirrored borders."""
+    return separable_filter(x, (_BINOMIAL * gain**0.5).tolist())
 
 
 def pyramid_down(x: torch.Tensor) -> torch.Tensor:
@@ -144,15 +123,25 @@ def projected_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Te
     distributions are matched in order)."""
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"descriptor sets must be [N, D] of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    pa = torch.sort((directions.t() @ a.double().t()).contiguous(), dim=1).values  # [K, N]: sort along memory
-    pb = torch.sort((directions.t() @ b.double().t()).contiguous(), dim=1).values
-    return (pa - pb).abs().mean(dim=1)
+    return (_sorted_projections(a, directions) - _sorted_projections(b, directions)).abs().mean(dim=1)
+
+
+def _sorted_projections(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, D]`` projected on each column of ``directions`` ``[D, K]`` and sorted: ``[K, N]`` float64."""
+    return torch.sort((directions.t() @ x.double().t()).contiguous(), dim=1).values  # contiguous: sort along memory
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
     """The sliced Wasserstein distance of descriptor sets ``a``, ``b`` ``[N, D]``: the mean of
     :func:`projected_wasserstein` over the directions ``[D, K]``."""
     return float(projected_wasserstein(a, b, directions).mean())
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    """Raise ValueError unless ``value`` is a Python ``int`` >= ``low`` (and <= ``high`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def _check_sets(images: torch.Tensor, reference: torch.Tensor, patch_size: int) -> None:
@@ -208,8 +197,7 @@ def prepare_reference(
         ("min_resolution", min_resolution, 2),
         ("seed", seed, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        _check_int(name, value, low)
     _check_sets(reference, reference, patch_size)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
@@ -231,7 +219,7 @@ def prepare_reference(
         directions.append(d)
         descriptors.append(db)
         statistics.append((mean_b, std_b))
-        projections.append(torch.sort((d.t() @ db.t()).contiguous(), dim=1).values)
+        projections.append(_sorted_projections(db, d))
     settings = (patch_size, patches_per_image, n_directions, min_resolution, normalize)
     return PreparedReference(
         tuple(reference.shape),
@@ -291,9 +279,14 @@ def swd(
         :class:`SWDResult` (raw values; the paper prints them x 10^3).
     """
     prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    return _swd_result(_image_descriptors(images, prepared), prepared)
+
+
+def _swd_result(descriptors: list[torch.Tensor], prepared: PreparedReference) -> SWDResult:
+    """The SWD of the images whose per-level descriptors ``[B * P, D]`` are ``descriptors`` against ``prepared``."""
     per_level = [
-        float((torch.sort((d.t() @ da.t()).contiguous(), dim=1).values - pb).abs().mean())
-        for da, d, pb in zip(_image_descriptors(images, prepared), prepared.directions, prepared.sorted_projections)
+        float((_sorted_projections(da, d) - pb).abs().mean())
+        for da, d, pb in zip(descriptors, prepared.directions, prepared.sorted_projections)
     ]
     return SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
 
@@ -344,8 +337,7 @@ def resampled_wasserstein(
         )
     if bool((weights_a < 0).any() or (weights_b < 0).any() or (weights_a.sum(1) <= 0).any() or (weights_b.sum(1) <= 0).any()):
         raise ValueError("weights must be >= 0 with a positive sum in every row")
-    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
-        raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
+    _check_int("grid_points", grid_points, 2)
     a, b = a.double(), b.double()
     weights_a, weights_b = weights_a.double(), weights_b.double()
     pooled = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
@@ -387,20 +379,11 @@ def swd_bootstrap(
     ``resampled`` values are paired (:func:`paired_swd_difference`).
     """
     prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
-    n_directions = prepared.settings[2]
-    for name, value, low, high in (
-        ("n_resamples", n_resamples, 1, 10**6),
-        ("resample_directions", resample_directions, 1, n_directions),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    _check_int("n_resamples", n_resamples, 1, 10**6)
+    _check_int("resample_directions", resample_directions, 1, prepared.settings[2])
+    _check_int("seed", seed, 0)
     descriptors = _image_descriptors(images, prepared)
-    per_level = []
-    for da, d, pb in zip(descriptors, prepared.directions, prepared.sorted_projections):
-        per_level.append(float((torch.sort((d.t() @ da.t()).contiguous(), dim=1).values - pb).abs().mean()))
-    result = SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
+    result = _swd_result(descriptors, prepared)
     n = images.shape[0]
     resampled = torch.zeros(n_resamples, dtype=torch.float64)
     weights = [_resample_weights(n, n_resamples, seed), _resample_weights(n, n_resamples, seed + 1)]

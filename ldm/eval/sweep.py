@@ -1,46 +1,16 @@
-"""The refinement sweep: does refinement remove artifacts, from which ``start_t`` on, and what does it cost in faithfulness?
+"""The refinement sweep: every method on every case (image x degradation x seed), each output measured.
 
-For every image x degradation x seed one *case* is built (the clean image, and its degraded copy as the input); every
-method then processes every case:
+Refiners run at every ``start_t`` with the case's seed, baselines (:mod:`ldm.eval.baselines`) once per case.  Outputs
+are measured against the clean image (``*_clean``) and the input (``*_input``: faithfulness); cases of local
+degradations also inside the box (``*_in``), outside it (``*_out``) and along its edge (``seam``), and every refiner
+also runs inside the mask only, per ``region_modes``: ``"<name> (region)"`` (a start map of ``start_t`` inside, 0
+outside) and ``"<name> (crop)"`` (the same with ``crop_regions=True``).  With ``round_trip``, ``psnr_rt`` compares with
+the first stage's round trip of the clean image.  Set metrics (FID/KID, SWD against a realism reference that is not
+the cases' own) are per method x degradation x start_t (:mod:`ldm.eval.set_metrics`).  No-reference mode
+(``degradations=None``): the images are the inputs, only ``*_input`` exists.
 
-* refiners (:class:`ldm.refine.Refiner`, e.g. the chained window experts and a second refiner to compare against) at
-  every ``start_t``; sample noise uses the case's seed (``refine_tensors`` with per-sample seeds), so two refiners see
-  the same inputs and the same seeds;
-* baselines (:mod:`ldm.eval.baselines`: identity, a classical filter, the first-stage round trip) once per case.
-
-Each output is measured against the clean image (``*_clean``: PSNR, SSIM, MSE, LPIPS when its weights are on disk) and
-against the input it was given (``*_input``: faithfulness).  FID/KID are set-level: one value per method x degradation
-x start_t over all its cases, against the clean images, when the Inception weights are on disk.
-
-Local artifacts: a degradation of :mod:`ldm.eval.local_degrade` (``local_warp``, ``local_blotch``, ``local_shuffle``,
-``local_vq``) gives each case the mask of its box (``[1, H, W]``, 1 inside).  Every output of such a case is also
-measured inside the box (``*_clean_in``: is the artifact fixed; ``*_input_in``: how much changed there), outside it
-(``*_input_out``: was the rest kept; outside the box the input is the clean image) and along its edge (``seam``,
-:func:`ldm.eval.metrics.seam_energy` of the output's edit of the input).  On the masked cases every refiner also
-runs in each of ``region_modes``: ``"region"`` (method ``"<name> (region)"``: the same plan, but only inside the mask,
-a start map of ``start_t`` inside and 0 outside, :meth:`ldm.refine.Refiner.refine_tensors`) and ``"crop"`` (``"<name>
-(crop)"``: the same start map with ``crop_regions=True``, each box cropped with padding, refined at the experts' size
-and pasted back); in both, every pixel outside the mask comes back unchanged.
-
-``whole_image=False`` leaves out the whole-image refinement (local degradations only).  With ``round_trip`` (the first
-stage's round trip), every output is also compared with the round trip of its clean image (``psnr_rt``, in the box
-``psnr_rt_in``): against the round trip of the artifact, that says what the diffusion steps add beyond what the first
-stage alone does.
-
-Realism (``realism_reference``): clean images that are *not* the cases' own (e.g. other held-out crops), so that a
-refinement is not rewarded for reproducing its particular clean image.  Per method x degradation x start_t, the SWD
-(:func:`ldm.eval.swd.swd`, Laplacian-pyramid 7x7 patches, x 10^3 as the paper reports it) between the outputs and that
-set (cycled to the outputs' count) is the ``swd`` set metric; lower is more realistic.  The SWD of the cases' clean
-images themselves against the reference (the floor that sampling noise sets) is written into ``notes``.
-
-No-reference mode (``degradations=None``): the images *are* the inputs (real artifact images); only the ``*_input``
-metrics exist.
-
-Seeds: case ``(image, degradation, seed)`` degrades with ``file_seed(seed, "<degradation label>/<image name>")`` (one
-generator per image, so a case does not depend on the others) and refines with ``seed``.
-
-The result (:class:`SweepResult`) is turned into a CSV, a summary table, curves and an example grid by
-:mod:`ldm.eval.report`.
+Case ``(image, degradation, seed)`` degrades with ``file_seed(seed, "<degradation label>/<image name>")`` (so a case
+does not depend on the others) and refines with ``seed``.  :mod:`ldm.eval.report` writes the result.
 """
 
 from __future__ import annotations
@@ -58,7 +28,7 @@ from tqdm import tqdm
 
 from ldm.cli import decimal_float
 from ldm.eval.baselines import Baseline
-from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec
+from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec, split_spec
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, psnr, seam_energy
@@ -82,8 +52,7 @@ DEFAULT_DEGRADATIONS: tuple[str, ...] = (
 )
 MODEL_FIRST_STAGE = "model"
 NO_REFERENCE = "none"
-REGION_SUFFIX = " (region)"  # method name of a refiner run inside the mask only
-REGION_MODES: dict[str, str] = {"region": REGION_SUFFIX, "crop": " (crop)"}  # mode -> method name suffix
+REGION_MODES: dict[str, str] = {"region": " (region)", "crop": " (crop)"}  # mode -> method name suffix
 METRIC_COLUMNS: tuple[str, ...] = (
     "psnr_clean",
     "ssim_clean",
@@ -124,17 +93,6 @@ class SweepDegradation:
     degradation: Degradation | None
 
 
-def _parse_items(spec: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = spec.partition(":")
-    items: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"degradation spec {spec!r}: {item!r} is not key=value; format is name:key=value,key=value")
-        items[key.strip()] = value.strip()
-    return name.strip(), items
-
-
 def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = None) -> SweepDegradation:
     """A degradation from a spec (``"name:key=value,..."``, see :func:`ldm.eval.degrade.degradation_from_spec`).
 
@@ -142,7 +100,7 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
     refiner's own VQ, e.g. with ``codebook_fraction=0.125`` for a coarser codebook); ``first_stage=<yaml>`` loads
     another one.
     """
-    name, items = _parse_items(spec)
+    name, items = split_spec(spec, unique=False)
     if name in (VQRoundTrip.name, LocalVQ.name) and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
         if first_stage is None:
             raise ValueError(f"degradation {spec!r} uses the refiner's first stage, but no model was given")
@@ -370,7 +328,7 @@ def run_sweep(
     round_trip: Baseline | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Run every method on every case and measure it (see the module docstring).
+    """Run every method on every case and measure it.
 
     Args:
         refiners: ``(name, Refiner)`` pairs, the main one first (its outputs fill the example grid).
@@ -385,17 +343,15 @@ def run_sweep(
         lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
         inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
         realism_reference: clean images other than the cases' own, all of the cases' size, for the ``swd`` set metric
-            (None: no SWD); see the module docstring.
+            (None: no SWD).
         n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
         example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
-        region_modes: how every refiner also runs on the cases of local degradations, inside the mask only: any of
-            ``"region"`` (in place) and ``"crop"`` (crop mode), see the module docstring; ``()`` for whole-image
-            refinement only.  No effect without local degradations.
+        region_modes: any of ``"region"`` and ``"crop"``: how every refiner also runs inside the masks of local
+            degradations; ``()`` for whole-image refinement only.
         whole_image: also run every refiner over the whole image (method ``<name>``); False runs only the region
             modes (every degradation must then be local).
-        round_trip: the first stage's round trip (:func:`ldm.eval.baselines.autoencoder_baseline`): every output is
-            also compared with the round trip of its clean image (``psnr_rt``, inside the box ``psnr_rt_in``), which
-            takes what the first stage loses out of the comparison.  None: no such columns.
+        round_trip: the first stage's round trip (:func:`ldm.eval.baselines.autoencoder_baseline`) for the
+            ``psnr_rt`` / ``psnr_rt_in`` columns, which take what the first stage loses out of the comparison.
         progress: a tqdm bar over batches (rank 0 only).
 
     Raises:

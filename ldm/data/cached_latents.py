@@ -1,28 +1,13 @@
 """``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), for DataModuleFromConfig.
 
-Swap it in for the image dataset of a training config; the model then skips its first-stage encoder::
-
-    data:
-      target: ldm.data.datamodule.DataModuleFromConfig
-      params:
-        batch_size: 48
-        train:
-          target: ldm.data.cached_latents.CachedLatents
-          params: {root: cache/train}
-
-Item ``i`` is the cache's ``i``-th sample (shards in index order); it reads one ``.npy`` member by the byte span its
-shard's sidecar records (no tar scan, no file listing), so the sampler, sharding across ranks and mid-epoch resume of
-``main.py`` (:mod:`ldm.data.resumable`) apply unchanged.  An unreadable sample is warned about once and replaced by the next
-readable one (as ImageFolderDataset does with files); a latent of another shape than the index declares, or with a
-NaN or infinite value, is unreadable.  The stored variant an epoch uses follows the ``(seed, epoch, index)`` contract
-of :mod:`ldm.data.image_folder` (see :func:`~ldm.data.latent_format.choose_variant`): a cache of a folder's centre
-crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops that
-``ImageFolderDataset(random_crop=False, flip=True)`` yields (as long as every image of the folder was readable).
-For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards` instead.
-
-Captions: where the cache kept a source's caption (a ``.txt`` member, its span in the sidecar), items carry it under
-``"caption"`` (``captions``: ``auto`` yields them when the cache holds any, ``""`` for a sample without); an unusable
-caption makes its sample unreadable, as a damaged latent does.
+Item ``i`` is the cache's ``i``-th sample (shards in index order), read by the byte span its shard's sidecar records
+(no tar scan, no file listing), so the sampler, rank sharding and mid-epoch resume of ``main.py``
+(:mod:`ldm.data.resumable`) apply unchanged.  The variant an epoch uses follows the ``(seed, epoch, index)`` contract
+(:func:`~ldm.data.latent_format.choose_variant`): a cache of a folder's centre crops with flips, read with the image
+dataset's ``seed``, yields the latents of exactly the crops ``ImageFolderDataset(random_crop=False, flip=True)`` yields
+(while every image of the folder was readable).  An unreadable sample (a damaged latent or caption, another shape than
+the index declares, a NaN or infinite value) is warned about once and replaced by the next readable one.  For streaming
+from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
 """
 
 from __future__ import annotations

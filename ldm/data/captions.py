@@ -1,29 +1,17 @@
 """Captions of training samples: where they come from, how they are bounded and decoded, the ``caption`` batch key.
 
-Every dataset that reads captions yields them under the one batch key :data:`CAPTION_KEY` (``"caption"``), a ``str``
-per item; PyTorch's default collate turns them into a list of str per batch, which
-:meth:`~ldm.models.diffusion.latent.LatentDiffusion.get_input` hands to the text encoder (``cond_stage_key: caption``,
-as in latent-diffusion's text-to-image configs).
+Every dataset that reads captions yields a ``str`` per item under :data:`CAPTION_KEY`; default collate makes a list per
+batch for the text encoder (``cond_stage_key: caption``).  Sources: an image folder's sidecar ``<stem>.txt``; a tar
+shard sample's ``.txt`` member, else its ``.json`` member's ``caption`` (img2dataset / LAION layout); a latent cache's
+``.txt`` member (kept by ``scripts/cache_latents.py``).
 
-Sources:
+Modes (:data:`CAPTION_MODES`): ``"off"`` yields no caption key; ``"optional"`` yields ``""`` for a sample without one
+(the empty prompt, classifier-free guidance's "unconditional"); ``"required"`` refuses a missing caption (at
+construction where the dataset can list its samples, else the sample is unreadable).  Cache readers also take
+``"auto"``: ``"optional"`` when the cache recorded captions, else ``"off"``.
 
-* image folders: a sidecar ``<stem>.txt`` next to each image (``photos/cat.png`` -> ``photos/cat.txt``);
-* tar shards (webdataset convention): a ``.txt`` member of the sample, else the ``caption`` field of its ``.json``
-  member (the layout of img2dataset / LAION shards);
-* latent caches: ``scripts/cache_latents.py`` keeps the caption of a source that has one as a ``.txt`` member next to
-  the latent (``ldm.data.latent_format``), and the cache readers yield it.
-
-Modes (the ``captions`` argument of the datasets, :data:`CAPTION_MODES`): ``"off"`` yields no caption key (the
-unconditional datasets of before); ``"optional"`` yields ``""`` for a sample without a caption (the empty prompt, what
-classifier-free guidance trains as "unconditional"); ``"required"`` treats a sample without a caption as an error
-(one line naming the first such file at construction where the dataset can list its samples, else the sample is
-skipped as unreadable).  The cache readers also take ``"auto"``: ``"optional"`` when the cache recorded captions, else
-``"off"``.
-
-Bounds: a caption is at most :data:`MAX_CAPTION_BYTES` bytes of UTF-8, checked before anything is decoded (from the
-file size or the tar header, as :mod:`ldm.data.tar_shards` bounds members); a longer caption, or one that is not UTF-8,
-makes its sample unreadable, which every dataset here treats as it treats a corrupt image: one warning, the sample
-skipped (another one in its place), counted.
+A caption is at most :data:`MAX_CAPTION_BYTES` of UTF-8, checked before anything is decoded (from the file size or
+tar header); a longer one, or one that is not UTF-8, makes its sample unreadable (one warning, replaced, counted).
 """
 
 from __future__ import annotations

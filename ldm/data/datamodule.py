@@ -1,29 +1,11 @@
 """``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2.
 
-Example (YAML, as in latent-diffusion's ``data:`` section)::
-
-    data:
-      target: ldm.data.datamodule.DataModuleFromConfig
-      params:
-        batch_size: 8
-        num_workers: 2
-        train:
-          target: ldm.data.embedded.EmbeddedPhotos
-          params: {size: 32, split: train, n_samples: 512}
-        validation:
-          target: ldm.data.embedded.EmbeddedPhotos
-          params: {size: 32, split: validation, n_samples: 64}
-
-Tar shards: a :class:`~ldm.data.shard_stream.ShardStream` dataset (``ImageShards``, ``LatentShards``) is served by its
-own :class:`~ldm.data.shard_stream.ShardStreamLoader` for this process's rank (equal batches on every rank, resumable).
-Distributed training: the other loaders use plain ``shuffle=True/False`` samplers, unless ``main.py`` (which turns
-Lightning's automatic ``DistributedSampler`` off) asks for :meth:`DataModuleFromConfig.use_resumable_order`: then the
-training loader is built around :class:`ldm.data.resumable.ShardedEpochSampler` (each rank its own shard, a seeded order
-per epoch, resumable mid-epoch) and the evaluation loaders are split by rank.  Used outside ``main.py`` with Lightning's
-defaults, the loaders are sharded by Lightning's ``DistributedSampler``.
-Augmentation epochs: :class:`SetDatasetEpoch` (installed on the trainer by :meth:`DataModuleFromConfig.setup`) calls
-``set_epoch(trainer.current_epoch)`` on the training dataset before each epoch's items are drawn; see
-:mod:`ldm.data.image_folder` for the ``(seed, epoch, index)`` contract.
+A :class:`~ldm.data.shard_stream.ShardStream` dataset is served by its own
+:class:`~ldm.data.shard_stream.ShardStreamLoader` for this process's rank.  Other loaders use plain ``shuffle``
+samplers (which Lightning's ``DistributedSampler`` shards), unless ``main.py`` (which turns that off) asks for
+:meth:`DataModuleFromConfig.use_resumable_order`: then the training loader follows :mod:`ldm.data.resumable` (each rank
+its own shard of a seeded order per epoch, resumable mid-epoch) and the evaluation loaders are split by rank.
+:class:`SetDatasetEpoch` calls the training dataset's ``set_epoch`` before each epoch (:mod:`ldm.data.image_folder`).
 """
 
 from __future__ import annotations
@@ -207,28 +189,17 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool, drop_last: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError(f"the {name} dataset is not built yet: call setup() before asking for its dataloader")
-        workers = self.num_workers
         dataset = self.datasets[name]
+        common = {
+            "num_workers": self.num_workers,
+            "worker_init_fn": worker_init_fn if self.num_workers > 0 else None,
+            "pin_memory": self._resolve_pin_memory(),
+            "persistent_workers": self.persistent_workers,
+        }
         if isinstance(dataset, ShardStream):
-            rank, world = self._rank_world()
-            dataset.configure(self.batch_size, rank, world, shuffle=shuffle, drop_last=drop_last)
-            return ShardStreamLoader(
-                dataset,
-                num_workers=workers,
-                worker_init_fn=worker_init_fn if workers > 0 else None,
-                pin_memory=self._resolve_pin_memory(),
-                persistent_workers=self.persistent_workers,
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            worker_init_fn=worker_init_fn if workers > 0 else None,
-            pin_memory=self._resolve_pin_memory(),
-            persistent_workers=self.persistent_workers,
-            drop_last=drop_last,
-        )
+            dataset.configure(self.batch_size, *self._rank_world(), shuffle=shuffle, drop_last=drop_last)
+            return ShardStreamLoader(dataset, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, **common)
 
     def _train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True, drop_last=self.drop_last)

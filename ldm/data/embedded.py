@@ -1,33 +1,19 @@
 """The embedded default dataset: real photographs shipped inside scikit-image (no download, works offline).
 
-Photographs (all read from files inside the installed ``skimage/data`` folder; the ones scikit-image would have to
-download, e.g. ``lily`` or ``kidney``, are not used):
+Photographs (files inside the installed ``skimage/data``, none that scikit-image would download): colour ones
+(:data:`COLOR_PHOTOS`; ``motorcycle`` is the left view of ``stereo_motorcycle``) and, opt-in through ``photos=``,
+greyscale ones (:data:`GRAY_PHOTOS`, replicated to three channels).  Not used: ``cat`` (the same picture as
+``chelsea``), the right motorcycle view, ``lfw_subset`` and ``microaneurysms`` (too small), the synthetic images.
 
-* colour: ``astronaut`` (512x512), ``coffee`` (400x600), ``chelsea`` (300x451, a cat), ``rocket`` (427x640),
-  ``motorcycle`` (the left view of ``stereo_motorcycle``, 500x741), ``immunohistochemistry`` (512x512, a microscope
-  slide), ``hubble_deep_field`` (872x1000, used at 512x587) and ``retina`` (1411x1411, a fundus photograph, used at
-  512x512);
-* greyscale, opt-in through ``photos=``: ``camera``, ``moon``, ``coins``, ``grass``, ``gravel``, ``brick``, ``clock``,
-  ``cell`` (660x550, used at 614x512), ``page`` and ``text`` (replicated to three channels).
+Held-out split (whole photographs): :data:`HELDOUT_PHOTOS` give the validation items and :func:`heldout_crops` only,
+training crops come from the others (:data:`TRAIN_PHOTOS` by default): a photograph is either seen whole in training or
+never, as a user's own image is.  :class:`EmbeddedPhotos` refuses a list that mixes the two.
 
-Not used: ``cat`` (the same picture as ``chelsea``), ``motorcycle_right`` (the same scene as the left view),
-``lfw_subset`` (25x25 grey faces, too small), ``microaneurysms`` (102x102), and the synthetic images (``logo``,
-``colorwheel``, ``checkerboard``, ``horse``...).
-
-Held-out split (whole photographs): :data:`HELDOUT_PHOTOS` (``chelsea`` and ``coffee``) are never used for training;
-validation items and :func:`heldout_crops` come from them only, and training crops from the other photographs only
-(:data:`TRAIN_PHOTOS` by default).  A photograph is therefore either seen whole in training or never seen at all, as a
-user's own image is.  :class:`EmbeddedPhotos` refuses a held-out photograph in a training list and a training photograph
-in a validation list.
-
-Crops: a crop covers ``size * s`` source pixels (``s`` drawn log-uniformly from ``scale``) anywhere in the photograph
-and is resized to ``size`` with antialiasing, so that small crops still hold structure instead of flat patches; when a
-photograph is too small for the drawn ``s`` the crop is shrunk to fit it.
-
-Randomness: training items follow the ``(seed, epoch, index)`` contract of :mod:`ldm.data.image_folder`: every epoch
-draws new photographs, positions, scales and flips (``n_samples`` is only the length of an epoch, not a fixed list of
-crops).  Validation items are fixed (drawn from ``(seed, index)`` only, independent of the epoch) and equal to
-``heldout_crops(size, n_samples, seed, scale, photos)``.
+Crops cover ``size * s`` source pixels (``s`` log-uniform in ``scale``, shrunk to fit the photograph) anywhere in it and
+are resized to ``size`` with antialiasing, so that small crops still hold structure instead of flat patches.  Training
+items follow the ``(seed, epoch, index)`` contract of :mod:`ldm.data.image_folder` (``n_samples`` is only the length of
+an epoch); validation items are fixed by ``(seed, index)`` and equal ``heldout_crops(size, n_samples, seed, scale,
+photos)``.
 """
 
 from __future__ import annotations
@@ -40,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ldm.data.image_folder import EpochSeededDataset, uint8_to_model_range
+from ldm.data.image_folder import EpochSeededDataset, resize_short_side, uint8_to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +81,8 @@ def load_photo(name: str) -> np.ndarray:
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     image = np.ascontiguousarray(image[:, :, :3], dtype=np.uint8)
-    height, width = image.shape[:2]
-    if min(height, width) > MAX_SHORT_SIDE:
-        factor = MAX_SHORT_SIDE / min(height, width)
-        new_size = (round(width * factor), round(height * factor))
-        image = np.asarray(Image.fromarray(image).resize(new_size, resample=Image.Resampling.BICUBIC))
+    if min(image.shape[:2]) > MAX_SHORT_SIDE:
+        image = np.asarray(resize_short_side(Image.fromarray(image), MAX_SHORT_SIDE))
     image.setflags(write=False)
     return image
 

@@ -1,23 +1,18 @@
-"""Image-folder dataset: recursive scan, deterministic train/validation split, resize + crop + flip, [-1, 1] HWC.
+"""Image-folder dataset (recursive scan, deterministic train/validation split, resize + crop + flip) and the image
+helpers and ``(seed, epoch, index)`` randomness that the other datasets share.
 
-Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}``; models
-rearrange to ``[B, 3, H, W]`` themselves.  With ``captions`` on, items also hold ``"caption"``: the text of the sidecar
-``<stem>.txt`` beside the image (see :mod:`ldm.data.captions`).
+Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}`` (models
+rearrange to ``[B, 3, H, W]``), plus ``"caption"`` (the sidecar ``<stem>.txt``, :mod:`ldm.data.captions`) when on.
 
-Randomness (documented contract, shared with :class:`ldm.data.embedded.EmbeddedPhotos`):
-    the random crop and flip of item ``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])``.
-    They are therefore reproducible for a seed, independent of the number of DataLoader workers, DDP ranks and the
-    order in which items are fetched, and they change from epoch to epoch through :meth:`EpochSeededDataset.set_epoch`.
-    :class:`ldm.data.datamodule.DataModuleFromConfig` calls ``set_epoch(trainer.current_epoch)`` at the start of every
-    training epoch; the epoch lives in shared memory so persistent DataLoader workers see it too.  Code that drives
-    the dataset with a plain DataLoader must call ``set_epoch`` itself, otherwise every epoch repeats the crops of
-    epoch 0.
+Randomness (the contract every dataset here follows): the crop and flip of item ``index`` are drawn from
+``numpy.random.default_rng([seed, epoch, index])``, so they are reproducible for a seed, independent of DataLoader
+workers, DDP ranks and fetch order, and change per epoch through :meth:`EpochSeededDataset.set_epoch` (in shared memory,
+so persistent workers see it).  DataModuleFromConfig calls it every training epoch; a plain DataLoader user must call it
+too, or every epoch repeats epoch 0's crops.
 
-Unreadable files (truncated, corrupt, not an image, decompression bomb) are skipped: the first failure of a file logs
-one warning and marks it in a shared-memory table (so neither other workers nor later epochs warn or retry it), and
-the next readable file of the split is returned in its place.  ``num_skipped`` counts the marked files.  Under DDP each
-rank has its own table, so a bad file can be reported once per rank.  A caption file that cannot be used (not UTF-8,
-longer than ``MAX_CAPTION_BYTES``, not a regular file) makes its image unreadable in the same way.
+Unreadable files (truncated, corrupt, not an image, decompression bomb; or an unusable caption file) are skipped: the
+first failure logs one warning and marks the file in a shared-memory table (no other worker or epoch warns or retries;
+under DDP each rank has its own), and the next readable file of the split stands in.  ``num_skipped`` counts them.
 """
 
 from __future__ import annotations
@@ -58,10 +53,6 @@ class UnreadableDatasetError(RuntimeError):
     """Every file of a dataset split failed to decode."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# image helpers (shared with the embedded photographs)
-
-
 def pil_to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
@@ -99,10 +90,11 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
         return pil_to_rgb(oriented)
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize (bicubic, antialiased when shrinking) so that the shorter side is exactly ``size`` pixels."""
+def resize_short_side(image: Image.Image, size: int, min_side_resize: bool = True) -> Image.Image:
+    """Resize (bicubic, antialiased when shrinking) so that the shorter side is exactly ``size`` pixels; with
+    ``min_side_resize`` false only an image whose shorter side is below ``size`` (ImageFolderDataset's argument)."""
     width, height = image.size
-    if min(width, height) == size:
+    if min(width, height) == size or (not min_side_resize and min(width, height) > size):
         return image
     factor = size / min(width, height)
     new_size = (max(size, round(width * factor)), max(size, round(height * factor)))
@@ -121,11 +113,10 @@ def crop_offsets(height: int, width: int, size: int, rng: np.random.Generator | 
 def augment_image(
     image: Image.Image, size: int, min_side_resize: bool, random_crop: bool, flip: bool, rng: np.random.Generator
 ) -> np.ndarray:
-    """The training transform: resize (see ImageFolderDataset's ``min_side_resize``), crop ``size`` x ``size``
-    (uniform with ``random_crop``: top then left drawn from ``rng``; else centred), flip with p = 0.5 when ``flip``
-    (drawn after the crop).  Returns uint8 ``[size, size, 3]``."""
-    if min_side_resize or min(image.size) < size:
-        image = resize_short_side(image, size)
+    """The training transform: :func:`resize_short_side`, crop ``size`` x ``size`` (uniform with ``random_crop``: top
+    then left drawn from ``rng``; else centred), flip with p = 0.5 when ``flip`` (drawn after the crop).  Returns uint8
+    ``[size, size, 3]``."""
+    image = resize_short_side(image, size, min_side_resize)
     width, height = image.size
     top, left = crop_offsets(height, width, size, rng if random_crop else None)
     array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
@@ -137,10 +128,6 @@ def augment_image(
 def uint8_to_model_range(image: np.ndarray) -> np.ndarray:
     """uint8 ``[H, W, 3]`` -> float32 ``[H, W, 3]`` in [-1, 1] (latent-diffusion's ``x / 127.5 - 1``)."""
     return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).astype(np.float32, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# epoch-seeded randomness
 
 
 class EpochSeededDataset(Dataset):
@@ -167,13 +154,9 @@ class EpochSeededDataset(Dataset):
             raise ValueError(f"epoch={epoch} must be non-negative")
         self._epoch.fill_(int(epoch))
 
-    def item_rng(self, index: int) -> np.random.Generator:
-        """The generator that draws the augmentations of item ``index`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# folder scan and split
+    def item_rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator that draws the augmentations of item ``index`` in ``epoch`` (None: the current one)."""
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
 
 
 def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
@@ -228,41 +211,28 @@ def split_files(files: Sequence[Path], split: str, val_fraction: float, split_se
         return list(files)
     n = len(files)
     n_val = 0 if (val_fraction == 0.0 or n < 2) else min(n - 1, max(1, round(val_fraction * n)))
-    order = np.random.default_rng(int(split_seed)).permutation(n)
-    val_idx = set(order[:n_val].tolist())
-    chosen = [f for i, f in enumerate(files) if (i in val_idx) == (split == "validation")]
-    return chosen
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# dataset
+    val_idx = set(np.random.default_rng(int(split_seed)).permutation(n)[:n_val].tolist())
+    return [f for i, f in enumerate(files) if (i in val_idx) == (split == "validation")]
 
 
 class ImageFolderDataset(EpochSeededDataset):
     """Images found recursively under ``root``, resized, cropped to ``size`` x ``size`` and (train) flipped.
 
     Args:
-        root: folder scanned recursively for ``.png .jpg .jpeg .webp .bmp`` files (case-insensitive suffixes).
-        size: side of the square output crop in pixels.
-        split: ``"train"``, ``"validation"`` or ``"all"``.  Validation is deterministic (centre crop, no flip);
-            ``"train"`` and ``"all"`` use ``random_crop`` / ``flip``.
-        val_fraction: fraction of the files held out for validation (same value for both splits!).
-        random_crop: uniform random crop for train/all; centre crop otherwise.
-        flip: random horizontal flip (p = 0.5) for train/all.
-        min_side_resize: resize so that the short side equals ``size`` before cropping.  When False, images keep
-            their resolution and only those whose short side is below ``size`` are upscaled to it.
-        seed: seed of the crops/flips (see the module docstring for the ``(seed, epoch, index)`` contract).
-        image_key: key of the image in the returned dict.
-        split_seed: seed of the train/validation shuffle, separate from ``seed`` so that changing the augmentation
-            seed never moves files between the splits.
-        captions: ``"off"`` (no caption key), ``"optional"`` (the sidecar ``<stem>.txt`` of each image, ``""`` where
-            there is none) or ``"required"`` (every image of the split must have one; checked at construction).
+        root: folder scanned for ``.png .jpg .jpeg .webp .bmp`` files (case-insensitive suffixes).
+        split: ``"train"``, ``"validation"`` (deterministic: centre crop, no flip) or ``"all"``.
+        val_fraction: fraction of the files held out for validation (give both splits the same value).
+        random_crop, flip: uniform random crop (else centred) and horizontal flip (p = 0.5), for train/all only.
+        min_side_resize: resize so that the short side equals ``size``; when False only images whose short side is
+            below ``size`` are upscaled to it.
+        seed: seed of the crops/flips (the module's ``(seed, epoch, index)`` contract).
+        split_seed: seed of the split, separate so that changing ``seed`` never moves files between the splits.
+        captions: ``"off"``, ``"optional"`` (``""`` for an image without ``<stem>.txt``) or ``"required"`` (checked at
+            construction).
 
-    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``, plus ``"caption": str``
-    unless ``captions="off"``.
-
+    Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``, plus ``"caption"`` unless off.
     Raises at construction: FileNotFoundError / NotADirectoryError for a missing root or a folder without images,
-    ValueError for invalid arguments, an empty split, or (``captions="required"``) images without a caption file.
+    ValueError for invalid arguments, an empty split, or images without a caption file when captions are required.
     """
 
     def __init__(

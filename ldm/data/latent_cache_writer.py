@@ -1,22 +1,18 @@
 """Writing a latent cache (the work behind ``scripts/cache_latents.py``; the format is :mod:`ldm.data.latent_format`).
 
 The work is cut into *units*, one output shard each, fixed by the source alone: a folder's sorted file list (the split
-that :class:`~ldm.data.image_folder.ImageFolderDataset` would train on) in runs of ``shard_size`` files, or one unit
-per input shard.  Unit ``u`` belongs to rank ``u % world_size``, so every process of a ``torchrun`` job knows its work
-without talking to the others, and a unit's bytes do not depend on the number of processes.  A unit is written as
-``latents-<u>.tar`` (through a temp file, then renamed) followed by its sidecar ``latents-<u>.json``; a unit whose
-sidecar names a tar of the right size is done, so a killed run resumes at its first unfinished unit.  Whichever
-process finds every unit done writes ``index.json`` (the same bytes from any of them; atomic).
+ImageFolderDataset would train on) in runs of ``shard_size`` files, or one unit per input shard.  Unit ``u`` belongs to
+rank ``u % world_size``, so every process of a ``torchrun`` job knows its work without talking to the others, and a
+unit's bytes do not depend on the number of processes.  A unit is written as ``latents-<u>.tar`` (temp file, rename),
+then its sidecar ``latents-<u>.json``; a unit whose sidecar names a tar of the right size is done, so a killed run
+resumes at its first unfinished unit.  Whichever process finds every unit done writes ``index.json`` (same bytes).
 
-Crops (why deterministic ones): training crops randomly (a fresh crop every epoch), which a cache cannot store.
-It stores ``n_crops`` fixed crops per image instead (1: the centre crop, the one ImageFolderDataset takes with
-``random_crop: false``; N: N crops evenly spaced along the longer side, centred on the shorter one) and, with
-``flip``, each crop's mirror image; training then draws one stored variant per epoch (``latent_format.choose_variant``).
+Crops: a cache cannot store training's fresh random crop per epoch, so it stores ``n_crops`` fixed ones (1: the centre
+crop of ``random_crop: false``; N: evenly spaced along the longer side, centred on the shorter) and, with ``flip``,
+their mirror images; training draws one stored variant per epoch (``latent_format.choose_variant``).
 
-Captions: a source's caption (a folder image's sidecar ``<stem>.txt``; a shard sample's ``.txt`` member or ``.json``
-``caption``, see :mod:`ldm.data.captions`) is kept as a ``.txt`` member after the latent's, its span in the sidecar; a
-source without captions gives the same bytes as before captions existed.  A caption that cannot be used (not UTF-8,
-too long) makes its input unreadable (skipped and listed, as an unreadable image).
+Captions (:mod:`ldm.data.captions`) are kept as a ``.txt`` member after the latent's, their span in the sidecar; a
+source without captions gives the same bytes as before captions existed, an unusable caption skips its input.
 """
 
 from __future__ import annotations
@@ -160,15 +156,12 @@ def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
 def check_output_folder(out: Path, inputs: list[Path]) -> None:
     """Refuse (ConfigError, one line, before anything is written) an ``--out`` this run must not write into.
 
-    Allowed: a folder that does not exist yet, an empty one (stale temp files of a killed run do not count), or one
-    that holds a ``plan.json`` (a cache: :func:`claim_plan` then resumes it or refuses other settings).  Refused: any
-    other folder with something in it (its files, say an ``index.json``, would be replaced or mixed with the cache's),
-    and any ``--out`` that would write a path an input resolves to: ``--out`` is, or lies above, an input (the image
-    folder, a shard: ``--data 'S/latents-{000000..000001}.tar' --out S`` replaced the input shards with their own
-    latents), or one of its entries is a link to an input.  Outputs are direct children of ``--out``, so these checks
-    compare every output path with every input without listing the outputs.
-
-    OS errors while looking (an unreadable folder) are left to the writes, which report them as output errors.
+    Allowed: a folder that does not exist yet, an empty one (a killed run's stale temp files do not count), or one with
+    a ``plan.json`` (:func:`claim_plan` then resumes it or refuses other settings).  Refused: any other non-empty folder
+    (its files would be replaced or mixed with the cache's), an ``--out`` that is or lies above an input (``--data
+    'S/latents-{000000..000001}.tar' --out S`` replaced the input shards with their own latents), and one with an entry
+    that links to an input.  Outputs are direct children of ``--out``, so this needs no listing of outputs.  OS errors
+    while looking (an unreadable folder) are left to the writes, which report them as output errors.
     """
     out_real = Path(os.path.realpath(out))
     real_inputs = {Path(os.path.realpath(p)) for p in inputs}
@@ -222,16 +215,11 @@ def claim_plan(out: Path, document: bytes) -> None:
     atomic_write_bytes(path, document)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# images -> crops -> latents
-
-
 def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """uint8 ``[V, size, size, 3]``: the image's stored crops (see the module doc), each followed by its mirror image
     when ``flip``; plus ``[{"top", "left", "flip"}]`` per variant (pixel offsets in the resized image)."""
     size = settings.size
-    if settings.min_side_resize or min(image.size) < size:
-        image = resize_short_side(image, size)
+    image = resize_short_side(image, size, settings.min_side_resize)
     width, height = image.size
     if settings.n_crops == 1:
         positions = [crop_offsets(height, width, size, None)]

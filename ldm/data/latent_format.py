@@ -58,10 +58,6 @@ class FirstStageMismatchError(ConfigError):
     """Cached latents were made by another first stage than the model's."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# first-stage identity
-
-
 def first_stage_sha256(module: torch.nn.Module) -> str:
     """sha256 (hex) of a first stage's weights: over its ``state_dict()`` entries in sorted key order, each hashed as
     ``key \\0 dtype \\0 shape \\0`` followed by its raw little-endian bytes.  Training-loss entries (``loss.*``) are
@@ -104,10 +100,6 @@ def check_first_stage(hashes: str | Sequence[str], module: torch.nn.Module, wher
             f"sha256 {ours}; re-run scripts/cache_latents.py with this model's config, or set the model's "
             "first_stage_config.params.ckpt_path to the first stage the cache was made with"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# .npy members
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -166,15 +158,6 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
     return array
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# variants
-
-
-def variant_count(n_crops: int, flip: bool) -> int:
-    """Latents stored per image: ``n_crops`` crops, each also flipped when ``flip``."""
-    return n_crops * (2 if flip else 1)
-
-
 def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, random_crop: bool, flip: bool) -> int:
     """The variant an epoch uses, drawn like :class:`~ldm.data.image_folder.ImageFolderDataset` draws its
     augmentation: the crop first (``rng.integers(n_crops)``, only with ``random_crop`` and several crops; otherwise the
@@ -184,10 +167,6 @@ def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, ra
     crop = int(rng.integers(n_crops)) if random_crop and n_crops > 1 else (n_crops - 1) // 2
     flipped = bool(flip and stored_flip and rng.random() < 0.5)
     return crop * (2 if stored_flip else 1) + int(flipped)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# index
 
 
 @dataclass(frozen=True)
@@ -225,7 +204,8 @@ class CacheIndex:
 
     @property
     def variants(self) -> int:
-        return variant_count(self.n_crops, self.flip)
+        """Latents stored per image: ``n_crops`` crops, each also flipped when ``flip``."""
+        return self.n_crops * (2 if self.flip else 1)
 
     def shard_paths(self) -> list[str]:
         return [str(self.root / name) for name, _ in self.shards]
@@ -288,7 +268,7 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
     for key, value, low in (("size", size, 1), ("n_crops", n_crops, 1), ("skipped", skipped, 0), ("captions", captions, 0)):
         if value < low:
             raise _index_error(path, key, value, f"an integer >= {low}")
-    index = CacheIndex(
+    return CacheIndex(
         root=root,
         first_stage_sha256=_index_field(path, data, "first_stage_sha256", str, "a sha256 (a string)"),
         size=size,
@@ -301,7 +281,6 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
         settings=_index_field(path, data, "settings", dict, "an object", default={}),
         captions=captions,
     )
-    return index
 
 
 _NO_DEFAULT: Any = object()

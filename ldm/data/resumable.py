@@ -13,8 +13,8 @@ DataLoader around :class:`ShardedEpochSampler`:
 
 Iterable-style datasets and custom samplers are left alone (with a warning) on one process; they cannot be sharded here,
 so they are refused for multi-process runs, except loaders that split their data by rank themselves
-(``splits_by_rank = True``, e.g. the tar-shard streams of :mod:`ldm.data.shard_stream`, which use
-:class:`LazyCountingIterator` too).  :class:`ldm.data.datamodule.DataModuleFromConfig` builds its loaders with these
+(``splits_by_rank = True``, e.g. the tar-shard streams of :mod:`ldm.data.shard_stream`, which share
+:class:`ResumableLoaderState`).  :class:`ldm.data.datamodule.DataModuleFromConfig` builds its loaders with these
 when ``main.py`` asks it to (:meth:`~ldm.data.datamodule.DataModuleFromConfig.use_resumable_order`).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,21 +38,10 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-class CountingLoader(Protocol):
-    """A loader that :class:`LazyCountingIterator` drives: ``_start_epoch()`` makes the epoch's real iterator (after
-    ``set_epoch`` and any pending resume), ``batches_yielded`` counts the batches handed out, ``len()`` is per epoch."""
-
-    batches_yielded: int
-
-    def _start_epoch(self) -> Iterator[Any]: ...
-
-    def __len__(self) -> int: ...
-
-
 class LazyCountingIterator:
     """Creates the DataLoader iterator at the first ``next()`` and counts the batches it yields."""
 
-    def __init__(self, loader: CountingLoader) -> None:
+    def __init__(self, loader: ResumableLoaderState) -> None:
         self.loader = loader
         self._it: Iterator[Any] | None = None
 
@@ -68,6 +57,42 @@ class LazyCountingIterator:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+class ResumableLoaderState:
+    """What a resumable loader shares: ``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with
+    ``weights_only``), and a loaded state makes the next iteration of that epoch skip the batches already trained on.
+    A subclass gives ``_epoch_now()`` and ``_start_epoch()`` (the epoch's real iterator, after :meth:`_resume_skip`)."""
+
+    batches_yielded: int = 0
+    _pending: tuple[int, int] | None = None
+
+    def _epoch_now(self) -> int:
+        raise NotImplementedError
+
+    def _start_epoch(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches handed out in it."""
+        return {"epoch": int(self._epoch_now()), "batches": int(self.batches_yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
+        self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        return LazyCountingIterator(self)
+
+    def _resume_skip(self, how: str) -> int:
+        """Batches the epoch starting now skips: a loaded state's count if it is of this epoch (used once), else 0."""
+        epoch, batches = self._pending or (-1, 0)
+        self._pending = None
+        skip = batches if epoch == self._epoch_now() and batches > 0 else 0
+        if skip:
+            logger.info("resuming epoch %d at batch %d (%s)", epoch, batches, how)
+        self.batches_yielded = skip
+        return skip
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -127,42 +152,23 @@ class ShardedEpochSampler(Sampler[int]):
         return iter(self.epoch_indices()[start:])
 
 
-class ResumableDataLoader(DataLoader):
-    """DataLoader over a :class:`ShardedEpochSampler` whose position within the epoch survives a checkpoint.
-
-    ``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with ``weights_only``).
-    """
+class ResumableDataLoader(ResumableLoaderState, DataLoader):
+    """DataLoader over a :class:`ShardedEpochSampler` whose position within the epoch survives a checkpoint."""
 
     def __init__(self, *args: Any, worker_seed: int = 0, **loader_kwargs: Any) -> None:
         super().__init__(*args, **loader_kwargs)
         if not isinstance(self.sampler, ShardedEpochSampler):
             raise TypeError(f"{type(self).__name__} needs a ShardedEpochSampler, got {type(self.sampler).__name__}")
         self.worker_seed = worker_seed
-        self.batches_yielded = 0
-        self._pending: tuple[int, int] | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches handed out in it."""
-        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_yielded)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
-        self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
-
-    def __iter__(self) -> Iterator[Any]:
-        return LazyCountingIterator(self)
+    def _epoch_now(self) -> int:
+        return self.sampler.epoch
 
     def _start_epoch(self) -> Iterator[Any]:
         sampler: ShardedEpochSampler = self.sampler
-        skipped = 0
-        if self._pending is not None:
-            epoch, batches = self._pending
-            self._pending = None
-            if epoch == sampler.epoch and batches > 0:
-                skipped = batches
-                sampler.skip_next(batches * int(self.batch_size or 1))
-                logger.info("resuming epoch %d at batch %d (skipping by index)", epoch, batches)
-        self.batches_yielded = skipped
+        skipped = self._resume_skip("skipping by index")
+        if skipped:
+            sampler.skip_next(skipped * int(self.batch_size or 1))
         if self.generator is not None:
             self.generator.manual_seed(derive_seed(self.worker_seed, sampler.epoch, sampler.rank))
         return DataLoader.__iter__(self)

@@ -1,48 +1,7 @@
-"""Streaming training data from webdataset tar shards on many processes: :class:`ImageShards`, :class:`LatentShards`.
+"""Training data streamed from webdataset tar shards on many processes: :class:`ImageShards`, :class:`LatentShards`.
 
-Use them as the datasets of :class:`~ldm.data.datamodule.DataModuleFromConfig`, which serves them through
-:class:`ShardStreamLoader` (each rank reads only its part; ``main.py`` leaves such loaders alone)::
-
-    data:
-      target: ldm.data.datamodule.DataModuleFromConfig
-      params:
-        batch_size: 48
-        num_workers: 8
-        train:
-          target: ldm.data.shard_stream.ImageShards         # or LatentShards with shards: <cache folder>
-          params: {shards: "data/train-{000000..000999}.tar", size: 256, sizes: data/sizes.json}
-
-Plan of epoch ``e`` (the same on every process; it needs each shard's sample count, see ``sizes``):
-
-1. Shard order: a permutation seeded by ``(seed, e)`` (training), else the given order.  The shards' samples in that
-   order form the epoch's stream of ``N`` samples.
-2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R`` (the ``< R`` left over are
-   dropped this epoch).  Training uses ``B = M // batch_size`` whole batches on every rank, validation
-   ``ceil(M / batch_size)`` with a partial last one: every rank runs the same number of steps, so none waits forever in
-   a collective at the end of an epoch (webdataset issue 250).  Ranks read disjoint samples.
-3. The rank's batches are split among its ``W`` DataLoader workers in contiguous runs; the DataLoader hands worker
-   batches out round robin, so batch ``j`` of the rank is batch ``j // W`` of worker ``j % W`` (after a restart at
-   batch ``k`` the DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
-4. A worker reads its run in blocks of whole batches (``shuffle_buffer`` samples, rounded up to whole batches): it
-   reads the block's samples (opening each shard at the block's first sample in it), decodes them, permutes them with
-   a generator seeded by ``(seed, e, rank, worker, block)`` (training) and yields the block's batches.  A loader
-   restarted at batch ``k`` (``main.py -r``: the loader's state ``{epoch, batches}`` is in every checkpoint) re-reads
-   only the block that holds it and continues with exactly the batches an uninterrupted run sees.  Unlike a
-   webdataset reservoir buffer, mixing stays within a block; shards are re-ordered every epoch.
-
-Randomness of images: the crop/flip of a sample is drawn from ``numpy.random.default_rng([seed, e, g])`` with ``g`` the
-sample's position in the shard list as given (not in the epoch's order): the ImageFolderDataset contract, independent
-of ranks and workers.  Cached latents pick their stored variant with the same generator.
-
-Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its count,
-is replaced by a readable sample of the same block (cycling through them), warned about and counted
-(:attr:`ShardStream.num_skipped`: once per epoch and planned sample); a block without any readable sample takes the
-next readable block's samples.  Where a shard ends early (or breaks), an iteration remembers it: the missing samples
-are warned about once, counted as their blocks come, and never read again that epoch, so a shard shorter than its count
-costs time in proportion to the epoch, not its square.  A local shard that cannot be opened when counting is left out
-with a warning (``skipped_shards``).
-
-Memory per worker: one block of decoded samples (``shuffle_buffer`` x 3 x size^2 bytes for images as uint8).
+:class:`~ldm.data.datamodule.DataModuleFromConfig` serves them through :class:`ShardStreamLoader` (each rank reads only
+its part; ``main.py`` leaves such loaders alone).  The epoch plan, resuming and unreadable data: :class:`ShardStream`.
 """
 
 from __future__ import annotations
@@ -72,7 +31,7 @@ from ldm.data.image_folder import (
     uint8_to_model_range,
 )
 from ldm.data.latent_format import INDEX_NAME, LATENT_EXT, choose_variant, decode_npy, latent_item, read_index
-from ldm.data.resumable import LazyCountingIterator, derive_seed
+from ldm.data.resumable import ResumableLoaderState, derive_seed
 from ldm.data.tar_shards import (
     IMAGE_EXTS,
     MAX_SHARD_SAMPLES,
@@ -109,7 +68,33 @@ class _EpochState:
 
 
 class ShardStream(IterableDataset, EpochSeededDataset):
-    """Base class: the epoch plan of the module doc over ``shards``; subclasses decode samples.
+    """Base class: the epoch plan below over ``shards``; subclasses decode samples.
+
+    Plan of epoch ``e``, the same on every process (it needs each shard's sample count, see ``sizes``):
+
+    1. Shards in a permutation seeded by ``(seed, e)`` (training), else as given; their samples form the epoch's
+       stream of ``N`` samples.
+    2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R`` (the ``< R`` left over are
+       dropped this epoch); training takes ``M // batch_size`` whole batches, validation ``ceil(M / batch_size)``.
+       Every rank runs the same number of steps, so none waits forever in a collective (webdataset issue 250).
+    3. The rank's batches are split among its ``W`` DataLoader workers in contiguous runs; the DataLoader hands worker
+       batches out round robin, so rank batch ``j`` is batch ``j // W`` of worker ``j % W`` (after a restart at batch
+       ``k`` the DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
+    4. A worker reads its run in blocks of ``shuffle_buffer`` samples (rounded up to whole batches), opening each shard
+       at the block's first sample in it, and permutes a block with a generator seeded by ``(seed, e, rank, worker,
+       block)`` (training).  A loader restarted at batch ``k`` (its state ``{epoch, batches}`` is in every checkpoint)
+       re-reads only the block that holds it.  Mixing stays within a block (no reservoir); shards are re-ordered every
+       epoch.  Memory per worker: one block of decoded samples (``shuffle_buffer`` x 3 x size^2 bytes for images).
+
+    A sample's crop/flip (or stored variant) comes from ``numpy.random.default_rng([seed, e, g])``, ``g`` its position
+    in the shard list as given: independent of ranks and workers (ImageFolderDataset's contract).
+
+    Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its
+    count, is replaced by a readable sample of the same block (cycling), warned about and counted (:attr:`num_skipped`,
+    once per epoch and planned sample); a block without a readable sample takes the next readable block's.  Where a
+    shard ends early or breaks, the iteration remembers it (one warning; the rest is never read again that epoch, so
+    a short shard costs time in proportion to the epoch, not its square).  A local shard that cannot be opened when
+    counting is left out with a warning (``skipped_shards``).
 
     Args:
         shards: brace pattern(s) of tar shards, or a list of them.
@@ -120,6 +105,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     ``len(dataset)`` is the number of samples; the loader's length is the number of batches per rank.
     """
+
+    captions = "off"  # subclasses with captions set theirs
 
     def __init__(
         self, shards: str | Sequence[str], sizes: str | os.PathLike | None = None, seed: int = 0, shuffle_buffer: int = 1000
@@ -235,15 +222,14 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     def member_limits(self) -> dict[str, int] | None:
         """Size limits by member extension below ``MAX_MEMBER_BYTES`` (captions), checked from the tar headers."""
-        return None
+        return None if self.captions == "off" else cap.caption_member_limits()
 
     def _read(
-        self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState | None = None, count: bool = True
+        self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState, count: bool = True
     ) -> list[dict[str, Any]]:
         """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted
         (unless ``count`` is false: a block read again to stand in for another counts nothing twice).  Where a shard
         ends early or breaks goes into ``state``: later reads of the epoch skip its missing part without opening it."""
-        state = state if state is not None else _EpochState()
         ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
         items = []
         position = start
@@ -270,7 +256,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                         try:
                             if SAMPLE_ERROR_KEY in sample:  # e.g. a member too large to read, or two of a name
                                 raise ValueError(sample[SAMPLE_ERROR_KEY])
-                            items.append(self.decode(sample, index, self.item_rng_for(epoch, index)))
+                            items.append(self.decode(sample, index, self.item_rng(index, epoch)))
                         except self.decode_errors() as exc:
                             if count:
                                 self._skip(f"{label}#{sample['__key__']}", exc)
@@ -293,10 +279,6 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                 self._skip(label, EOFError(), n - got, warn=False)
         return items
 
-    def item_rng_for(self, epoch: int, index: int) -> np.random.Generator:
-        """:meth:`item_rng` of an explicit epoch (the one the iterator started with)."""
-        return np.random.default_rng([self.seed, int(epoch), int(index)])
-
     def _skip(self, where: str, error: BaseException, count: int = 1, warn: bool = True) -> None:
         info = get_worker_info()
         self._skipped[(info.id if info else 0) % _SKIP_SLOTS] += count
@@ -309,28 +291,24 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                 self.num_skipped,
             )
 
-    def _block(
-        self,
-        order: np.ndarray,
-        run: tuple[int, int, int],
-        block: int,
-        epoch: int,
-        worker: int,
-        state: _EpochState | None = None,
-    ) -> list[Any]:
-        state = state if state is not None else _EpochState()
+    def _block_span(self, run: tuple[int, int, int], block: int) -> tuple[int, int]:
+        """Stream samples ``[lo, hi)`` of block ``block`` of a worker's ``run``."""
         start, length, _ = run
-        per_block = self._block_samples()
-        lo = start + block * per_block
-        wanted = min(per_block, start + length - lo)
-        items = self._read(order, lo, lo + wanted, epoch, state)
+        lo = start + block * self._block_samples()
+        return lo, min(lo + self._block_samples(), start + length)
+
+    def _block(
+        self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, worker: int, state: _EpochState
+    ) -> list[Any]:
+        lo, hi = self._block_span(run, block)
+        items = self._read(order, lo, hi, epoch, state)
         if not items:
             state.empty.add(block)
             items = self._substitute(order, run, block, epoch, state)
-        items = [items[i % len(items)] for i in range(wanted)]
+        items = [items[i % len(items)] for i in range(hi - lo)]
         if self.shuffle:
             rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, worker, block))
-            items = [items[i] for i in rng.permutation(wanted)]
+            items = [items[i] for i in rng.permutation(hi - lo)]
         return items
 
     def _substitute(
@@ -341,8 +319,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         remembers the same substitute, and the substitute's items are kept, so a long unreadable stretch costs one
         read per block instead of one scan of the rest of the run per block (which was quadratic)."""
         start, length, _ = run
-        per_block = self._block_samples()
-        n_blocks = math.ceil(length / per_block)
+        n_blocks = math.ceil(length / self._block_samples())
         found = state.substitute.get(block)
         if found is None:
             passed = [block]
@@ -352,8 +329,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                     found = state.substitute[b]
                     break
                 if b not in state.empty:
-                    b_lo = start + b * per_block
-                    items = self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state, count=False)
+                    items = self._read(order, *self._block_span(run, b), epoch, state, count=False)
                     if items:
                         found, state.cached = b, (b, items)
                         break
@@ -366,8 +342,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                 )
             state.substitute.update(dict.fromkeys(passed, found))
         if state.cached is None or state.cached[0] != found:
-            b_lo = start + found * per_block
-            state.cached = (found, self._read(order, b_lo, min(b_lo + per_block, start + length), epoch, state, count=False))
+            state.cached = (found, self._read(order, *self._block_span(run, found), epoch, state, count=False))
         return state.cached[1]
 
     def _block_samples(self) -> int:
@@ -431,9 +406,6 @@ class ImageShards(ShardStream):
     def member_exts(self) -> tuple[str, ...]:
         return IMAGE_EXTS if self.captions == "off" else IMAGE_EXTS + cap.CAPTION_EXTS
 
-    def member_limits(self) -> dict[str, int] | None:
-        return None if self.captions == "off" else cap.caption_member_limits()
-
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
@@ -449,16 +421,15 @@ class LatentShards(ShardStream):
     """Cached latents (``scripts/cache_latents.py``) streamed from their shards.
 
     Args beyond :class:`ShardStream`: ``shards`` may be the cache folder (its ``index.json`` gives the shards, their
-    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files; the shape of a sample is
-    then the most common one among the first samples of the first shards); ``flip`` / ``random_crop`` as in
-    :class:`~ldm.data.cached_latents.CachedLatents`; ``captions`` as CachedLatents' (``auto``: on when the cache
-    folder's index recorded captions; a pattern of shards needs ``optional``/``required``).  Items as CachedLatents'.
+    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files, and the shape is the most
+    common one among the first samples); ``flip``, ``random_crop`` and items as
+    :class:`~ldm.data.cached_latents.CachedLatents`; ``captions`` as CachedLatents' (``auto`` follows the cache
+    folder's index; give a pattern of shards ``optional``/``required``).
 
-    Every sample is checked whole before it is used, and skipped (counted) unless it is exactly what the cache
-    declares: metadata a JSON object of at most ``MAX_JSON_BYTES`` whose variants match the stored array one to one
-    (crops in order, each followed by its mirror image when the cache stores flips), and an array of the cache's shape
-    ``[V, C, h, w]`` with finite values only.  One bad sample used to stop training (IndexError, RecursionError,
-    OverflowError, or a collate error for a latent of another shape).
+    A sample is skipped (counted) unless it is exactly what the cache declares: metadata a JSON object of at most
+    ``MAX_JSON_BYTES`` whose variants match the array one to one (crops in order, each followed by its mirror image
+    when flips are stored), and a finite array of the cache's shape ``[V, C, h, w]``.  (One bad sample used to stop
+    training with an IndexError, RecursionError, OverflowError or collate error.)
     """
 
     def __init__(
@@ -564,10 +535,10 @@ class LatentShards(ShardStream):
         return len(set(crops)), stored_flip, sha, source
 
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
-        n_crops, stored_flip, sha, source = self._metadata(sample["json"], sample["__key__"])
-        array = decode_npy(sample[LATENT_EXT], self.sample_shape, what=f"sample {sample['__key__']}")
-        variant = choose_variant(rng, n_crops, stored_flip, self.random_crop, self.flip)
         what = f"sample {sample['__key__']}"
+        n_crops, stored_flip, sha, source = self._metadata(sample["json"], sample["__key__"])
+        array = decode_npy(sample[LATENT_EXT], self.sample_shape, what=what)
+        variant = choose_variant(rng, n_crops, stored_flip, self.random_crop, self.flip)
         caption = cap.caption_item(cap.sample_caption(sample, what), self.captions, what).get("caption")  # the .txt member
         return latent_item(array, variant, sha, source, caption)
 
@@ -577,46 +548,24 @@ class LatentShards(ShardStream):
     def member_exts(self) -> tuple[str, ...]:
         return (LATENT_EXT, "json") if self.captions == "off" else (LATENT_EXT, "json", "txt")
 
-    def member_limits(self) -> dict[str, int] | None:
-        return None if self.captions == "off" else cap.caption_member_limits()
 
-
-class ShardStreamLoader(DataLoader):
+class ShardStreamLoader(ResumableLoaderState, DataLoader):
     """The loader of a :class:`ShardStream` for one rank: batches come from the dataset's workers (``batch_size=None``);
-    ``len()`` is the number of batches per rank; ``state_dict()`` -> ``{"epoch", "batches"}`` (as
-    :class:`~ldm.data.resumable.ResumableDataLoader`), and a loaded state makes the next iteration of that epoch skip
-    the batches already trained on.  ``splits_by_rank``: :func:`ldm.data.resumable.make_resumable` leaves it as it is.
+    ``len()`` is the number of batches per rank; resumable mid-epoch as :class:`~ldm.data.resumable.ResumableDataLoader`
+    is.  ``splits_by_rank``: :func:`ldm.data.resumable.make_resumable` leaves it as it is.
     """
 
     splits_by_rank = True
 
     def __init__(self, dataset: ShardStream, **loader_kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **loader_kwargs)
-        self.batches_yielded = 0
-        self._pending: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.dataset.num_batches()
 
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches handed out in it."""
-        return {"epoch": int(self.dataset.epoch), "batches": int(self.batches_yielded)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
-        self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
-
-    def __iter__(self) -> Iterator[Any]:
-        return LazyCountingIterator(self)
+    def _epoch_now(self) -> int:
+        return self.dataset.epoch
 
     def _start_epoch(self) -> Iterator[Any]:
-        skip = 0
-        if self._pending is not None:
-            epoch, batches = self._pending
-            self._pending = None
-            if epoch == self.dataset.epoch and batches > 0:
-                skip = batches
-                logger.info("resuming epoch %d at batch %d (re-reading only the block that holds it)", epoch, batches)
-        self.dataset.set_skip(skip)
-        self.batches_yielded = skip
+        self.dataset.set_skip(self._resume_skip("re-reading only the block that holds it"))
         return DataLoader.__iter__(self)

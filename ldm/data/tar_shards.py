@@ -1,16 +1,12 @@
 """Tar shards in the webdataset layout: brace patterns, reading samples, counting them, writing them reproducibly.
 
-A shard is a tar file whose members are grouped into samples by key: ``dir/000123.jpg`` and ``dir/000123.json`` form
-the sample ``{"__key__": "dir/000123", "jpg": b"...", "json": b"..."}`` (webdataset's rule: the key is the path up to
-the first dot of the file name, the rest is the extension, lower-cased).  Names are expanded and opened with
-``webdataset`` 1.0.2 (``expand_urls``: ``{000000..000099}`` braces and ``::``-joined lists; ``gopen``: local paths,
-``pipe:`` commands, ``http(s)://`` through curl).  Reading and writing are this module's own, because the training
-loaders need what webdataset does not offer: starting a shard at its ``n``-th sample without decoding the ones
-before it (local shards seek over them), and tar bytes that do not depend on when they were written.
+Members form samples by key as in webdataset (``dir/000123.jpg`` + ``dir/000123.json`` -> ``{"__key__": "dir/000123",
+"jpg": b"...", "json": b"..."}``); names are expanded and opened by webdataset (``expand_urls``, ``gopen``).  Reading
+and writing are this module's own: the training loaders start a shard at its ``n``-th sample without decoding the ones
+before (local shards seek over them), and written tar bytes do not depend on when they were written.
 
-Shards are untrusted: tarfile acts on a header's size field before any caller could check it, so headers are read by
-:class:`CheckedTarInfo` (extension headers and negative sizes refused), only the members a reader asks for are read,
-and members and samples are capped (:data:`MAX_MEMBER_BYTES`, :data:`MAX_SAMPLE_BYTES`) before they are read.
+Shards are untrusted: headers are read by :class:`CheckedTarInfo`, only the members a reader asks for are read, and
+members and samples are capped (:data:`MAX_MEMBER_BYTES`, :data:`MAX_SAMPLE_BYTES`) before they are read.
 """
 
 from __future__ import annotations
@@ -32,23 +28,20 @@ logger = logging.getLogger(__name__)
 
 # member extensions of an image sample, in the order they are looked for
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
-# What a damaged shard raises while it is read: tarfile's own errors (bad header, truncated archive), OS errors
-# (unreadable file, vanished network mount) and premature ends.
+# What a damaged shard raises while it is read: tarfile's own errors, OS errors (e.g. a vanished network mount) and
+# premature ends.
 TAR_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, ValueError)
-# Largest member read into memory.  Every member is read whole, and its size comes from the tar header, which costs
-# nothing to forge: a 10 KB shard with a sparse 2 GB member took 2.9 GB.  64 MiB is far above an encoded training
-# image or a cached latent; a larger member makes its sample unreadable (skipped and counted like a corrupt one).
+# Largest member read into memory (members are read whole).  A header's size costs nothing to forge: a shard of a few
+# KB with a sparse member of a few GB took that much memory.  64 MiB is far above an encoded training image or a cached
+# latent; a larger member makes its sample unreadable (skipped and counted like a corrupt one).
 MAX_MEMBER_BYTES = 64 << 20
-# Most bytes read into memory for one sample (all its wanted members together).  Only the members a reader asks for
-# are read (``iter_samples(exts=...)``), but a sample may hold several of them: 40 sparse 60 MB members under one key,
-# a 30 KB shard, took 3.3 GB when every member was read.  A sample over the limit is unreadable (skipped and counted).
+# Most bytes read into memory for one sample (all its wanted members together: one key may hold many large members).
 MAX_SAMPLE_BYTES = 2 * MAX_MEMBER_BYTES
-# Largest GNU long-name/long-link or pax extension header.  tarfile reads such a header whole while it iterates, before
-# any member check could run: a 9.7 KB shard whose 'L', 'x' or 'g' header claims 2**40 bytes raised MemoryError and
-# stopped cache_latents.py.  A long name or a pax record set of a real shard takes a few KB.
+# Largest GNU long-name/long-link or pax extension header: tarfile reads one whole while it iterates, before any member
+# check could run (a forged 2**40-byte one raised MemoryError); real ones take a few KB.
 MAX_EXTENSION_HEADER_BYTES = 1 << 20
-# Most extension headers in a row before a member: tarfile follows a chain of them recursively (a real member has at
-# most a pax header, a long name and a long link name).
+# Most extension headers in a row before a member: tarfile follows a chain recursively (a real member has at most a
+# pax header, a long name and a long link name).
 MAX_EXTENSION_CHAIN = 8
 # Most digits a number of a brace range may have (int() refuses more than 4,300; a shard number has a dozen at most).
 MAX_RANGE_DIGITS = 64
@@ -206,21 +199,12 @@ def _count_pattern(pattern: str, depth: int, whole: str) -> int:
         raise ConfigError(
             f"shard pattern {_shorten(whole)} nests braces more than {_MAX_BRACE_DEPTH} deep; write the shard names plainly"
         )
-    count, start, pos, bracket = 1, 0, 0, 0
-    while pos < len(pattern):
-        char = pattern[pos]
-        if char == "\\":
-            pos += 2
-            continue
-        if char == "{":
-            bracket += 1
-            if bracket == 1:
-                start = pos
-        elif char == "}":
-            bracket -= 1
-            if bracket == 0:
-                count *= _count_expression(pattern[start + 1 : pos], depth + 1, whole)
-        pos += 1
+    count, start, bracket = 1, 0, 0
+    for pos, char, bracket in _scan_braces(pattern):
+        if char == "{" and bracket == 1:
+            start = pos
+        elif char == "}" and bracket == 0:
+            count *= _count_expression(pattern[start + 1 : pos], depth + 1, whole)
     return 1 if bracket != 0 else count  # unbalanced: left to braceexpand's own error
 
 
@@ -246,24 +230,29 @@ def _count_expression(expr: str, depth: int, whole: str) -> int:
         step = int(match.group(3) or 1) or 1
         first, last = _ALPHABET.index(match.group(1)), _ALPHABET.index(match.group(2))
         return abs(last - first) // step + 1
-    parts, start, pos, bracket = [], 0, 0, 0
-    while pos < len(expr):
-        char = expr[pos]
-        if char == "\\":
-            pos += 2
-            continue
-        if char == "{":
-            bracket += 1
-        elif char == "}":
-            bracket -= 1
-        elif char == "," and bracket == 0:
+    parts, start, bracket = [], 0, 0
+    for pos, char, bracket in _scan_braces(expr):
+        if char == "," and bracket == 0:
             parts.append(expr[start:pos])
             start = pos + 1
-        pos += 1
     if bracket != 0 or not parts:  # not a list: "{expr}" stays literal braces around expr's own expansion
         return _count_pattern(expr, depth, whole)
     parts.append(expr[start:])
     return sum(_count_pattern(part, depth, whole) for part in parts)
+
+
+def _scan_braces(text: str) -> Iterator[tuple[int, str, int]]:
+    """``(position, character, brace depth after it)`` of each character of ``text`` that no backslash escapes (the
+    escape and the character after it are passed over, as braceexpand does)."""
+    pos, depth = 0, 0
+    while pos < len(text):
+        char = text[pos]
+        if char == "\\":
+            pos += 2
+            continue
+        depth += (char == "{") - (char == "}")
+        yield pos, char, depth
+        pos += 1
 
 
 def _shorten(text: str, limit: int = 120) -> str:
@@ -342,6 +331,38 @@ def _check_extent(tar: tarfile.TarFile, member: tarfile.TarInfo, file_size: int)
         )
 
 
+def _member_problem(
+    member: tarfile.TarInfo,
+    ext: str,
+    key: str,
+    sample: dict[str, Any],
+    held: int,
+    member_limits: Mapping[str, int] | None,
+) -> str | None:
+    """Why a wanted member of ``sample`` (which holds ``held`` bytes so far) must not be read, or None."""
+    if ext in sample:
+        return (
+            f"two members named {member.name!r} next to each other (a sample holds one member per extension, so "
+            "which one is meant is unclear); rename or remove one of them"
+        )
+    if member.size > MAX_MEMBER_BYTES:
+        return (
+            f"member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a sample member may "
+            "have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"
+        )
+    if member_limits is not None and member.size > member_limits.get(ext, MAX_MEMBER_BYTES):
+        return (
+            f"member {member.name!r} is {member.size:,} bytes, more than the {member_limits[ext]:,} a .{ext} member "
+            "may have here"
+        )
+    if held + member.size > MAX_SAMPLE_BYTES:
+        return (
+            f"the members of sample {key!r} read so far and {member.name!r} add up to {held + member.size:,} bytes, "
+            f"more than the {MAX_SAMPLE_BYTES:,} a sample may have (ldm.data.tar_shards.MAX_SAMPLE_BYTES)"
+        )
+    return None
+
+
 def _failed(sample: dict[str, Any], message: str) -> dict[str, Any]:
     """``sample`` without its members, marked unreadable with ``message`` (what has been read of it is let go)."""
     return {
@@ -362,17 +383,14 @@ def iter_samples(
     """Samples of shard ``url`` in file order, from its ``skip``-th on, at most ``limit`` of them.
 
     Each sample is ``{"__key__": str, "__url__": url, "__index__": position in the shard, ext: bytes, ...}`` with the
-    members whose (lower-case) extension is in ``exts`` (None: all); the others are passed over without being read, as
-    are the members of skipped samples (seeked over in a local shard).  Errors of a damaged shard
-    (:data:`TAR_READ_ERRORS`, with :class:`ShardFormatError` for headers refused before tarfile acts on them) propagate
-    to the caller after the samples read before them: nothing after a broken header can be located.
+    members whose (lower-case) extension is in ``exts`` (None: all); other members, and those of skipped samples, are
+    passed over unread.  Errors of a damaged shard (:data:`TAR_READ_ERRORS`, :class:`ShardFormatError` among them)
+    propagate after the samples read before them: nothing after a broken header can be located.
 
-    A sample that cannot be read safely is yielded without its members and with ``sample[SAMPLE_ERROR_KEY]``, a
-    message naming the shard and saying why; the caller skips it as unreadable and the shard goes on.  That is a sample
-    with a wanted member larger than :data:`MAX_MEMBER_BYTES`, wanted members adding up to more than
-    :data:`MAX_SAMPLE_BYTES` (both checked from the headers, before reading), or two wanted members of the same name
-    next to each other (which one is meant is unclear).  ``member_limits`` lowers the size limit of members by
-    extension (``{"txt": 10240}``: captions, :func:`ldm.data.captions.caption_member_limits`), checked the same way.
+    A sample that cannot be read safely (a wanted member over :data:`MAX_MEMBER_BYTES` or its ``member_limits`` entry,
+    e.g. ``{"txt": 10240}`` for captions; wanted members over :data:`MAX_SAMPLE_BYTES` together, both checked from the
+    headers; two wanted members of one name) is yielded without members, with ``sample[SAMPLE_ERROR_KEY]`` saying why:
+    the caller skips it as unreadable and the shard goes on.
     """
     if limit is not None and limit <= 0:
         return
@@ -403,39 +421,9 @@ def iter_samples(
             if file_size is not None:
                 _check_extent(tar, member, file_size)  # a plain message, not tarfile's "unexpected end of data"
             # checked before reading: the header's size is the only thing that says what the read would allocate
-            if ext in current:
-                current = _failed(
-                    current,
-                    (
-                        f"{label}: two members named {member.name!r} next to each other (a sample holds one member per "
-                        "extension, so which one is meant is unclear); rename or remove one of them"
-                    ),
-                )
-            elif member.size > MAX_MEMBER_BYTES:
-                current = _failed(
-                    current,
-                    (
-                        f"{label}: member {member.name!r} is {member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} a "
-                        "sample member may have (ldm.data.tar_shards.MAX_MEMBER_BYTES)"
-                    ),
-                )
-            elif member_limits is not None and member.size > member_limits.get(ext, MAX_MEMBER_BYTES):
-                current = _failed(
-                    current,
-                    (
-                        f"{label}: member {member.name!r} is {member.size:,} bytes, more than the "
-                        f"{member_limits[ext]:,} a .{ext} member may have here"
-                    ),
-                )
-            elif held + member.size > MAX_SAMPLE_BYTES:
-                current = _failed(
-                    current,
-                    (
-                        f"{label}: the members of sample {key!r} read so far and {member.name!r} add up to "
-                        f"{held + member.size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may have "
-                        "(ldm.data.tar_shards.MAX_SAMPLE_BYTES)"
-                    ),
-                )
+            problem = _member_problem(member, ext, key, current, held, member_limits)
+            if problem is not None:
+                current = _failed(current, f"{label}: {problem}")
             else:
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""

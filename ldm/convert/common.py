@@ -1,16 +1,6 @@
-"""Shared pieces of the diffusers converters: the error type, a checked reader of untrusted JSON configs, and the
-parameter maps that turn one network's tensors into the other's.
-
-A :class:`ParamMap` links one LDM tensor to the diffusers tensor(s) holding the same numbers.  Three operations
-cover both networks:
-
-* ``copy``: same shape, same values;
-* ``squeeze``: an LDM 1x1 convolution (``[O, I, 1]`` or ``[O, I, 1, 1]``) is a diffusers ``nn.Linear`` (``[O, I]``);
-* ``qkv``: the UNet attention's fused 1-D conv ``qkv`` (``[3C, C, 1]`` / ``[3C]``) is diffusers' ``to_q``, ``to_k``,
-  ``to_v``.  CompVis' legacy order stacks the rows per head as ``[heads, (q, k, v), head_channels]``, the new order as
-  ``[(q, k, v), heads, head_channels]``; diffusers' ``to_q`` rows are ``[heads, head_channels]``.
-
-Each map converts both ways, so an export followed by an import gives the same tensors bit for bit.
+"""Shared pieces of the diffusers converters: the error type, a checked reader of untrusted JSON configs and the
+parameter maps that turn one network's tensors into the other's (each map converts both ways, so an export followed by
+an import gives the same tensors bit for bit).
 """
 
 from __future__ import annotations
@@ -32,8 +22,6 @@ MAX_LAYERS = 32
 MAX_CODES = 1 << 20
 MAX_SIDE = 1 << 15
 MAX_TIMESTEPS = 100_000
-
-OPS = ("copy", "squeeze", "qkv")
 
 
 class DiffusersFormatError(CheckpointError):
@@ -61,10 +49,6 @@ class Options:
     def get(self, key: str) -> Any:
         self.read.add(key)
         return self.data[key] if key in self.data else self.defaults.get(key)
-
-    def is_set(self, key: str) -> bool:
-        """Whether the file itself holds ``key`` (not just the default)."""
-        return key in self.data
 
     def integer(self, key: str, lo: int, hi: int) -> int:
         value = self.get(key)
@@ -112,6 +96,34 @@ class Options:
                 )
         return tuple(value)
 
+    def levels(
+        self, down_types: Sequence[str], up_types: Sequence[str], why: tuple[str, str], mirror: str, widths_name: str
+    ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        """``block_out_channels`` and, per level, whether it has attention (``down_types[1]`` / ``up_types[1]``).
+
+        The down and up lists must mirror each other.  ``why``: why other block names are refused (down, up);
+        ``mirror``: why the lists must mirror; ``widths_name``: CompVis' name for the widths (``ch * ch_mult``).
+        """
+        down = self.str_list("down_block_types", down_types, MAX_LEVELS, why[0])
+        up = self.str_list("up_block_types", up_types, MAX_LEVELS, why[1])
+        widths = self.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
+        if len(down) != len(widths) or len(up) != len(widths):
+            raise self.fail(
+                "block_out_channels",
+                list(widths),
+                f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
+            )
+        attention = tuple(t == down_types[1] for t in down)
+        if tuple(t == up_types[1] for t in reversed(up)) != attention:
+            raise self.fail("up_block_types", list(up), f"does not mirror down_block_types {list(down)}: {mirror}")
+        if any(w % widths[0] or w % 32 for w in widths):
+            raise self.fail(
+                "block_out_channels",
+                list(widths),
+                f"must be multiples of block_out_channels[0] (CompVis' {widths_name}) and of 32 (GroupNorm groups)",
+            )
+        return widths, attention
+
     def side(self, key: str) -> int | None:
         """A ``sample_size``: None, an integer or a square ``[h, w]`` pair."""
         value = self.get(key)
@@ -148,12 +160,16 @@ def _short(value: Any, limit: int = 60) -> str:
 
 @dataclass(frozen=True)
 class ParamMap:
-    """One LDM tensor and the diffusers tensor(s) with the same numbers (see the module docstring for ``op``).
+    """One LDM tensor and the diffusers tensor(s) with the same numbers.
 
     Attributes:
         ldm: the key in the LDM sub-model (``input_blocks.1.1.qkv.weight``).
         diffusers: the key(s) in the diffusers model (three for ``qkv``: ``to_q``, ``to_k``, ``to_v``).
-        op: ``copy`` | ``squeeze`` | ``qkv``.  heads, new_order: the ``qkv`` layout.
+        op: ``copy`` (same shape and values); ``squeeze`` (an LDM 1x1 conv ``[O, I, 1(, 1)]`` is a diffusers
+            ``nn.Linear`` ``[O, I]``); ``qkv`` (the UNet attention's fused 1-D conv ``[3C, C, 1]`` / ``[3C]`` is
+            ``to_q``, ``to_k``, ``to_v``, each ``[heads * head_channels, ...]``).
+        heads, new_order: the ``qkv`` row order: CompVis' legacy order stacks ``[heads, (q, k, v), head_channels]``,
+            the new order (``new_order``) ``[(q, k, v), heads, head_channels]``.
     """
 
     ldm: str

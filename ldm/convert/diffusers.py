@@ -1,32 +1,9 @@
-"""Hugging Face diffusers LDM folders <-> this project's checkpoints and experts.
+"""Hugging Face diffusers folders <-> this project's checkpoints and experts.
 
-A diffusers LDM folder (``LDMPipeline`` layout, e.g. ``CompVis/ldm-celebahq-256``) holds ``unet/`` (``UNet2DModel``),
-``vqvae/`` (``VQModel``), ``scheduler/`` (``DDIMScheduler`` or ``DDPMScheduler`` config) and ``model_index.json``.
-
-* :func:`diffusers_to_checkpoint` converts one into ``{"state_dict", "config": {"model": ...}}`` as ``main.py`` writes
-  it: ``model.diffusion_model.*``, ``first_stage_model.*`` and the schedule buffers, with an embedded
-  ``ldm.models.diffusion.ddpm.LatentDiffusion`` config (window ``[0, T)``), or a ``LateStepsLatentDiffusion`` one
-  (plus ``checkpoint["window"]``) when the UNet config records a window.  It loads as a full-range expert
-  (:func:`ldm.refine.loading.load_expert`) and as the init of a window model (``model.params.ckpt_path=``).
-* :func:`load_diffusers_expert` does that in memory and builds the expert (``Refiner.from_checkpoints`` and
-  ``scripts/refine.py --ckpt <folder>`` come here through ``load_expert``).
-* :func:`export_diffusers` / :func:`checkpoint_to_diffusers` write a model (a window expert) as such a folder, which
-  ``UNet2DModel`` / ``VQModel`` / ``DDIMScheduler.from_pretrained`` and ``LDMPipeline`` load.  The window is recorded
-  in ``unet/config.json`` as ``"_latesteps_window": [t_min, t_max]`` (diffusers keeps ``_`` keys as metadata and
-  passes nothing to the constructor); the scheduler config reproduces this project's DDIM.
-
-Stable Diffusion v1 folders (``StableDiffusionPipeline``: ``UNet2DConditionModel``, ``AutoencoderKL``,
-``CLIPTextModel``, ``CLIPTokenizer``) take the same two ways: :func:`diffusers_to_checkpoint` recognises them by their
-text encoder (:mod:`ldm.convert.from_sd`) and :func:`export_diffusers` writes an SD v1-shaped model with
-:func:`export_sd_diffusers`.
-
-``scale_factor`` <-> the VQModel's ``scaling_factor``: exported folders always write it.  An imported folder without
-the key gets 1.0, the value of CompVis' VQ LDMs (diffusers' default 0.18215 belongs to Stable Diffusion's KL VAE; a
-wrong value is what makes ``LDMPipeline`` output garbage with ``ldm-celebahq-256``, diffusers issue 6725), unless
-``scale_factor`` is given.  Config options and key maps: :mod:`ldm.convert.unet_map`, :mod:`ldm.convert.vq_map`,
-:mod:`ldm.convert.schedule`.  Nothing here imports diffusers or downloads anything.  The reading half
-(:func:`diffusers_to_checkpoint`, :func:`load_diffusers_expert`) lives in :mod:`ldm.convert.from_diffusers`, which
-``load_expert`` imports; this module re-exports it and adds the writing half, which loads with ``load_expert``.
+Reads and writes unconditional LDM folders (``LDMPipeline``: ``unet/`` ``UNet2DModel``, ``vqvae/`` ``VQModel``,
+``scheduler/``) and Stable Diffusion v1 folders (``StableDiffusionPipeline``); an expert's window is recorded in
+``unet/config.json`` as ``"_latesteps_window": [t_min, t_max]`` (diffusers passes ``_`` keys to no constructor).  The
+reading half lives in :mod:`ldm.convert.from_diffusers` (which ``load_expert`` imports) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -43,26 +20,11 @@ from typing import Any
 import torch
 
 from ldm.convert.common import DiffusersFormatError, ParamMap, check_complete
-from ldm.convert.folder import is_diffusers_folder
-from ldm.convert.from_diffusers import (  # the reading half, re-exported here
-    DIFFUSERS_VERSION,
-    FIRST_STAGE_PREFIX,  # noqa: F401
-    LATESTEPS_TARGET,  # noqa: F401
-    LDM_TARGET,  # noqa: F401
-    UNET_PREFIX,  # noqa: F401
-    WEIGHTS_NAME,
-    diffusers_to_checkpoint,
-    load_diffusers_expert,
-    model_config,  # noqa: F401
-)
+from ldm.convert.folder import WEIGHT_NAMES, is_diffusers_folder
+from ldm.convert.from_diffusers import diffusers_to_checkpoint, load_diffusers_expert
 from ldm.convert.schedule import scheduler_config_from_model
-from ldm.convert.sd_map import (
-    CLIP_PREFIX,
-    cond_unet_layout_from_model,
-    kl_layout_from_model,
-    text_param_maps,
-)
-from ldm.convert.unet_map import WINDOW_KEY, unet_layout_from_model
+from ldm.convert.sd_map import CLIP_PREFIX, cond_unet_layout_from_model, kl_layout_from_model, text_param_maps
+from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, unet_layout_from_model
 from ldm.convert.vq_map import vq_layout_from_model
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import CheckpointInfo
@@ -79,6 +41,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these maps were written and tested against
+WEIGHTS_NAME = WEIGHT_NAMES[0]  # diffusion_pytorch_model.safetensors
 
 
 # ------------------------------------------------------------------------------------------------------------ export
@@ -98,9 +63,7 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, 
         DiffusersFormatError: a model diffusers' ``UNet2DModel`` / ``VQModel`` / ``DDIMScheduler`` cannot hold.
         FileExistsError: ``out_dir`` exists.
     """
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    out = _new_folder(out_dir)
     if _is_sd_shaped(model):
         return export_sd_diffusers(model, out, window)
     if getattr(model.model, "conditioning_key", None) is not None:
@@ -110,11 +73,7 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, 
         )
     unet = unet_layout_from_model(model.model.diffusion_model)
     vq = vq_layout_from_model(model.first_stage_model)
-    num_timesteps = int(model.num_timesteps)
-    window = validate_window(*[int(v) for v in (window if window is not None else model.window())], num_timesteps)
-    unet_config = unet.diffusers_config()
-    if window != (0, num_timesteps):
-        unet_config[WINDOW_KEY] = list(window)
+    window, denoiser = _denoiser_files(model, unet, window)
     files: dict[str, bytes] = {
         "model_index.json": _json(
             {
@@ -124,15 +83,35 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, 
                 "vqvae": ["diffusers", "VQModel"],
             }
         ),
-        "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
-        "unet/config.json": _json(unet_config),
-        f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
+        **denoiser,
         "vqvae/config.json": _json(vq.diffusers_config(float(model.scale_factor))),
         f"vqvae/{WEIGHTS_NAME}": _export_weights(model.first_stage_model, vq.param_maps(), "first-stage"),
     }
     _write_folder(out, files)
-    logger.info("wrote diffusers folder %s (window %s of T=%d)", format_path(out), list(window), num_timesteps)
+    logger.info("wrote diffusers folder %s (window %s of T=%d)", format_path(out), list(window), int(model.num_timesteps))
     return out
+
+
+def _new_folder(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    return out
+
+
+def _denoiser_files(model: Any, unet: UNetLayout, window: tuple[int, int] | None) -> tuple[tuple[int, int], dict[str, bytes]]:
+    """The checked window (default ``model.window()``) and the scheduler and UNet files; a full-range window is not
+    recorded."""
+    num_timesteps = int(model.num_timesteps)
+    window = validate_window(*[int(v) for v in (window if window is not None else model.window())], num_timesteps)
+    unet_config = unet.diffusers_config()
+    if window != (0, num_timesteps):
+        unet_config[WINDOW_KEY] = list(window)
+    return window, {
+        "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
+        "unet/config.json": _json(unet_config),
+        f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
+    }
 
 
 def _export_weights(module: torch.nn.Module, maps: list[ParamMap], what: str) -> bytes:
@@ -177,20 +156,15 @@ def _is_sd_shaped(model: Any) -> bool:
 
 def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[int, int] | None = None) -> Path:
     """Write an SD v1-shaped ``LatentDiffusion`` (cross-attention UNet, ``AutoencoderKL``, ``FrozenCLIPEmbedder``) as
-    a diffusers ``StableDiffusionPipeline`` folder, atomically: ``unet/`` (``UNet2DConditionModel``, the window in
-    ``_latesteps_window``), ``vae/`` (``AutoencoderKL``, ``scaling_factor`` = the model's ``scale_factor``),
-    ``text_encoder/`` (``CLIPTextModel``: config.json + model.safetensors, ``text_model.*`` keys), ``tokenizer/`` (the
-    embedder's tokenizer, saved by transformers), ``scheduler/`` (``DDIMScheduler`` running this project's DDIM over
-    the model's betas) and ``model_index.json`` (no safety checker).
+    a diffusers ``StableDiffusionPipeline`` folder (no safety checker), atomically; arguments as
+    :func:`export_diffusers`.
 
     Raises:
         DiffusersFormatError: a model diffusers' SD pipeline cannot hold (see :mod:`ldm.convert.sd_map`), or a text
             encoder read at another layer than the last (``layer`` != ``"last"``, as SD 2's penultimate layer).
         FileExistsError: ``out_dir`` exists.
     """
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    out = _new_folder(out_dir)
     cond = model.cond_stage_model
     if cond.layer != "last":
         raise DiffusersFormatError(
@@ -199,11 +173,7 @@ def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[in
         )
     unet = cond_unet_layout_from_model(model.model.diffusion_model)
     kl = kl_layout_from_model(model.first_stage_model)
-    num_timesteps = int(model.num_timesteps)
-    window = validate_window(*[int(v) for v in (window if window is not None else model.window())], num_timesteps)
-    unet_config = unet.diffusers_config()
-    if window != (0, num_timesteps):
-        unet_config[WINDOW_KEY] = list(window)
+    window, denoiser = _denoiser_files(model, unet, window)
     # the text model's options; "_name_or_path" (where it was loaded from) and the transformers version are not
     text_config = {
         k: v for k, v in cond.transformer.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
@@ -225,16 +195,15 @@ def export_sd_diffusers(model: Any, out_dir: str | os.PathLike, window: tuple[in
                 "vae": ["diffusers", "AutoencoderKL"],
             }
         ),
-        "scheduler/scheduler_config.json": _json(scheduler_config_from_model(model)),
-        "unet/config.json": _json(unet_config),
-        f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
+        **denoiser,
         "vae/config.json": _json(kl.diffusers_config(float(model.scale_factor))),
         f"vae/{WEIGHTS_NAME}": _export_weights(model.first_stage_model, kl.param_maps(), "first-stage"),
         "text_encoder/config.json": (json.dumps(text_config, indent=2, sort_keys=True) + "\n").encode(),
         "text_encoder/model.safetensors": _export_weights(cond, text_param_maps(text_keys), "text-encoder"),
     }
     _write_folder(out, files, fill=lambda tmp: tokenizer.save_pretrained(str(tmp / "tokenizer")))
-    logger.info("wrote diffusers Stable Diffusion folder %s (window %s of T=%d)", format_path(out), list(window), num_timesteps)
+    shown, steps = format_path(out), int(model.num_timesteps)
+    logger.info("wrote diffusers Stable Diffusion folder %s (window %s of T=%d)", shown, list(window), steps)
     return out
 
 

@@ -1,9 +1,6 @@
-"""Reading a diffusers pipeline folder safely: its layout, its JSON configs and its weight files.
-
-Everything in a folder is untrusted input: names in ``model_index.json`` must be plain sub-folder names, JSON files are
-size-bounded and must hold objects (no NaN/Infinity), weight files are read as tensors only (``.safetensors``, or a
-``.bin`` pickle through :mod:`ldm.checkpoint`'s restricted unpickler), and the shapes of a ``.safetensors`` file are
-read from its header, so they can be compared with the shapes the config implies before any tensor is built.
+"""Reading a diffusers pipeline folder safely (all of it is untrusted input): its layout, its JSON configs (size-bounded,
+objects only, no NaN/Infinity) and its weight files (tensors only; a ``.safetensors`` file's shapes come from its
+header, so they are compared with the shapes the config implies before any tensor is built).
 """
 
 from __future__ import annotations
@@ -170,20 +167,28 @@ def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
         raise DiffusersFormatError(f"{shown} is not a folder")
     names = _component_names(root, shown)
     read: list[Path] = [root / MODEL_INDEX] if (root / MODEL_INDEX).is_file() else []
-    parts = {}
-    for role, (name, cls) in names.items():
-        config_name = SCHEDULER_CONFIG if role == "scheduler" else CONFIG_NAME
-        config_file = root / name / config_name
-        config = read_json(config_file, f"{shown}/{name}/{config_name}")
-        if cls is not None:
-            config.setdefault("_class_name", cls)
-        read.append(config_file)
-        weights = None
-        if role != "scheduler":
-            weights = _weights_file(root / name, f"{shown}/{name}")
-            read.append(weights)
-        parts[role] = Component(name, config, config_file, weights)
+    parts = {
+        role: _read_component(root, shown, name, cls, None if role == "scheduler" else WEIGHT_NAMES, read)
+        for role, (name, cls) in names.items()
+    }
     return LDMFolder(root, parts["unet"], parts["first_stage"], parts["scheduler"], read)
+
+
+def _read_component(
+    root: Path, shown: str, name: str, cls: str | None, weight_names: tuple[str, ...] | None, read: list[Path]
+) -> Component:
+    """Sub-folder ``name``: its config (``_class_name`` defaulting to ``cls``, the class in ``model_index.json``) and
+    the first of ``weight_names`` it holds (None: a scheduler, config only); the files are appended to ``read``."""
+    config_file = root / name / (SCHEDULER_CONFIG if weight_names is None else CONFIG_NAME)
+    config = read_json(config_file, f"{shown}/{name}/{config_file.name}")
+    if cls is not None:
+        config.setdefault("_class_name", cls)
+    read.append(config_file)
+    weights = None
+    if weight_names is not None:
+        weights = _weights_file(root / name, f"{shown}/{name}", weight_names)
+        read.append(weights)
+    return Component(name, config, config_file, weights)
 
 
 def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]]:
@@ -241,7 +246,7 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
-def _weights_file(folder: Path, shown: str, names: tuple[str, ...] = WEIGHT_NAMES) -> Path:
+def _weights_file(folder: Path, shown: str, names: tuple[str, ...]) -> Path:
     if not folder.is_dir():
         raise DiffusersFormatError(f"{shown}/ is missing (or not a folder)")
     for name in names:
@@ -329,20 +334,8 @@ def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
                     f"Stable Diffusion v1 pipeline; {supported}"
                 )
             classes[name] = str(entry[1])
-    parts: dict[str, Component] = {}
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        config_name = SCHEDULER_CONFIG if name == "scheduler" else CONFIG_NAME
-        config_file = root / name / config_name
-        config = read_json(config_file, f"{shown}/{name}/{config_name}")
-        if classes[name] is not None:
-            config.setdefault("_class_name", classes[name])
-        read.append(config_file)
-        weights = None
-        if name != "scheduler":
-            names = TEXT_WEIGHT_NAMES if name == "text_encoder" else WEIGHT_NAMES
-            weights = _weights_file(root / name, f"{shown}/{name}", names)
-            read.append(weights)
-        parts[name] = Component(name, config, config_file, weights)
+    weight_names = {"unet": WEIGHT_NAMES, "vae": WEIGHT_NAMES, "text_encoder": TEXT_WEIGHT_NAMES, "scheduler": None}
+    parts = {name: _read_component(root, shown, name, classes[name], names, read) for name, names in weight_names.items()}
     tokenizer = root / "tokenizer"
     files = [tokenizer / n for n in TOKENIZER_FILES if (tokenizer / n).is_file()]
     names = {f.name for f in files}

@@ -1,9 +1,6 @@
-"""Hugging Face diffusers LDM folder -> this project's checkpoint dict and expert, in memory (the reading half of
-:mod:`ldm.convert.diffusers`, which re-exports it and describes the format).
-
-:func:`ldm.refine.loading.load_expert` reads diffusers folders through :func:`load_diffusers_expert`; the writing half
-(:func:`ldm.convert.diffusers.checkpoint_to_diffusers`) loads experts with ``load_expert``.  Keeping the two halves in
-two modules keeps the imports one-way: ``ldm.convert.diffusers -> ldm.refine.loading -> ldm.convert.from_diffusers``.
+"""Hugging Face diffusers LDM folder -> this project's checkpoint dict and expert, in memory: the reading half of
+:mod:`ldm.convert.diffusers`, in its own module so that imports stay one-way (``ldm.convert.diffusers ->
+ldm.refine.loading -> ldm.convert.from_diffusers``: ``load_expert`` reads folders, the writing half loads experts).
 """
 
 from __future__ import annotations
@@ -14,31 +11,21 @@ import os
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from ldm.checkpoint import load_weights
 from ldm.convert.common import DiffusersFormatError
 from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder
 from ldm.convert.from_sd import sd_to_checkpoint
-from ldm.convert.importing import expected_shapes, import_weights, schedule_buffers
+from ldm.convert.importing import UNET_PREFIX, checked_window, converted_checkpoint, target_config
 from ldm.convert.schedule import ScheduleSpec, schedule_from_config
-from ldm.convert.unet_map import UNET_TARGET, WINDOW_KEY, UNetLayout, unet_layout_from_config
+from ldm.convert.unet_map import UNET_TARGET, UNetLayout, unet_layout_from_config
 from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
-from ldm.models.diffusion.latesteps import validate_window
 from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
 
-__all__ = ["diffusers_to_checkpoint", "load_diffusers_expert", "model_config"]
+__all__ = ["UNET_PREFIX", "diffusers_to_checkpoint", "load_diffusers_expert", "model_config"]
 
 logger = logging.getLogger(__name__)
-
-DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these maps were written and tested against
-LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
-LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
-UNET_PREFIX = "model.diffusion_model."
-FIRST_STAGE_PREFIX = "first_stage_model."
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def diffusers_to_checkpoint(
@@ -47,8 +34,9 @@ def diffusers_to_checkpoint(
     unsafe_load: bool = False,
     clip_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Convert a diffusers LDM folder into a checkpoint dict (see :mod:`ldm.convert.diffusers`), all in memory; a
-    Stable Diffusion v1 folder goes to :func:`ldm.convert.from_sd.sd_to_checkpoint`.
+    """Convert a diffusers LDM folder into the checkpoint dict ``main.py`` writes (a ``LatentDiffusion``, or a
+    ``LateStepsLatentDiffusion`` when the UNet config records a window), all in memory; a Stable Diffusion v1 folder
+    goes to :func:`ldm.convert.from_sd.sd_to_checkpoint`.
 
     Args:
         folder: the pipeline folder (``model_index.json``, ``unet/``, ``vqvae/``, ``scheduler/``).
@@ -84,25 +72,9 @@ def diffusers_to_checkpoint(
             f"{ldm.shown}/{ldm.unet.source()}: in_channels={unet.in_channels} but the first stage's latent has "
             f"{vq.embed_dim} channels (vq_embed_dim / latent_channels); the UNet and the VQModel do not belong together"
         )
-    if window is not None:
-        try:
-            window = validate_window(window[0], window[1], schedule.timesteps)
-        except ValueError as exc:
-            raise DiffusersFormatError(f"{ldm.shown}/{ldm.unet.source()}: {WINDOW_KEY}: {exc}") from exc
-    factor = _scale_factor(ldm, scale_factor)
-    cfg = model_config(unet, vq, schedule, factor, window)
-    expected = expected_shapes(cfg, ldm.shown)
-    state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
-    state_dict.update(import_weights(ldm, ldm.unet, unet.param_maps(), expected, UNET_PREFIX, unsafe_load))
-    state_dict.update(import_weights(ldm, ldm.first_stage, vq.param_maps(), expected, FIRST_STAGE_PREFIX, unsafe_load))
-    ckpt: dict[str, Any] = {
-        "state_dict": state_dict,
-        "config": {"model": cfg},
-        "converted_from": {"format": "diffusers", "folder": ldm.shown, "sha256": ldm.digest()},
-    }
-    if window is not None:
-        ckpt["window"] = list(window)
-    return ckpt
+    window = checked_window(window, schedule.timesteps, f"{ldm.shown}/{ldm.unet.source()}")
+    cfg = model_config(unet, vq, schedule, _scale_factor(ldm, scale_factor), window)
+    return converted_checkpoint(ldm, cfg, schedule, window, (unet.param_maps(), vq.param_maps()), unsafe_load)
 
 
 def model_config(
@@ -119,9 +91,7 @@ def model_config(
         "first_stage_config": {"target": VQ_TARGET, "params": vq.ldm_params()},
         "cond_stage_config": UNCONDITIONAL_SENTINEL,
     }
-    if window is None:
-        return {"target": LDM_TARGET, "params": params}
-    return {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
+    return target_config(params, window)
 
 
 def _scale_factor(ldm: LDMFolder, override: float | None) -> float:

@@ -1,34 +1,20 @@
-"""A diffusers Stable Diffusion v1 folder -> this project's checkpoint dict, in memory (the reading half for
-text-to-image pipelines; :func:`ldm.convert.from_diffusers.diffusers_to_checkpoint` comes here for them).
-
-A folder (``StableDiffusionPipeline`` layout, e.g. ``stable-diffusion-v1-5``) holds ``unet/`` (``UNet2DConditionModel``),
-``vae/`` (``AutoencoderKL``), ``text_encoder/`` (transformers ``CLIPTextModel``), ``tokenizer/`` (``CLIPTokenizer``),
-``scheduler/`` (any scheduler config that defines the betas: PNDM, DDIM, Euler, ...) and ``model_index.json``;
-``safety_checker``/``feature_extractor`` are ignored.  The checkpoint is what ``main.py`` writes for SD v1
-(``configs/stable-diffusion/v1-inference.yaml``'s classes): ``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.transformer.text_model.*`` and the schedule buffers, with the config embedded.  The config's
-``cond_stage_config.params.version`` is the folder itself (absolute path): ``FrozenCLIPEmbedder`` reads the tokenizer
-from its ``tokenizer/`` and the text config from its ``text_encoder/`` (the weights come from the checkpoint), so the
-folder must stay where it was converted (or pass ``clip_dir``: any local CLIP folder with the same tokenizer and
-config).  Key maps and refusals: :mod:`ldm.convert.sd_map`.
+"""A diffusers Stable Diffusion v1 folder (``StableDiffusionPipeline``: ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, any ``scheduler/`` that defines the betas) -> the checkpoint dict ``main.py`` writes for
+``configs/stable-diffusion/v1-inference.yaml``'s classes, in memory.  Key maps and refusals: :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from ldm.convert.common import DiffusersFormatError
 from ldm.convert.folder import SDFolder, open_sd_folder
-from ldm.convert.importing import expected_shapes, import_weights, schedule_buffers
+from ldm.convert.importing import checked_window, converted_checkpoint, target_config
 from ldm.convert.schedule import SD_SCHEDULER_CLASSES, ScheduleSpec, schedule_from_config
 from ldm.convert.sd_map import (
-    CLIP_PREFIX,
     CLIP_TARGET,
     KL_DEFAULTS,
     KL_TARGET,
@@ -38,24 +24,12 @@ from ldm.convert.sd_map import (
     check_text_config,
     cond_unet_layout_from_config,
     kl_layout_from_config,
-    text_file_name,
-    text_param_maps,
 )
-from ldm.convert.unet_map import UNET_TARGET, WINDOW_KEY
-from ldm.models.diffusion.latesteps import validate_window
+from ldm.convert.unet_map import UNET_TARGET
 
 __all__ = ["sd_model_config", "sd_to_checkpoint"]
 
-logger = logging.getLogger(__name__)
-
-LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
-LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
-UNET_PREFIX = "model.diffusion_model."
-FIRST_STAGE_PREFIX = "first_stage_model."
-COND_STAGE_PREFIX = "cond_stage_model."
 SD_MAX_LENGTH = 77  # SD v1's prompt length in tokens (FrozenCLIPEmbedder's default)
-# transformers < 4.31 stored CLIP's position ids (an integer buffer, recomputed by the model): dropped unread
-POSITION_IDS = ("text_model.embeddings.position_ids",)
 
 
 def sd_to_checkpoint(
@@ -71,7 +45,9 @@ def sd_to_checkpoint(
         scale_factor: the latent scale (overrides ``vae/config.json``'s ``scaling_factor``; default: that, else
             0.18215, diffusers' and SD v1's).
         unsafe_load: unpickle arbitrary objects in ``.bin`` weight files (only for folders you trust).
-        clip_dir: the local folder the config's text encoder reads its tokenizer and config from (default: ``folder``).
+        clip_dir: the local folder the config's text encoder reads its tokenizer and config from (its
+            ``cond_stage_config.params.version``, an absolute path; default: ``folder``, which must then stay where it
+            is).  The text weights come from the checkpoint.
 
     Returns:
         ``{"state_dict", "config": {"model": ...}, "converted_from": {"format", "folder", "sha256"}}`` (+ ``"window"``).
@@ -100,40 +76,13 @@ def sd_to_checkpoint(
             f"{where['unet']}: cross_attention_dim={unet.context_dim} but the text encoder's "
             f"hidden_size is {width}; the UNet and the text encoder do not belong together"
         )
-    if window is not None:
-        try:
-            window = validate_window(window[0], window[1], schedule.timesteps)
-        except ValueError as exc:
-            raise DiffusersFormatError(f"{where['unet']}: {WINDOW_KEY}: {exc}") from exc
+    window = checked_window(window, schedule.timesteps, where["unet"])
     factor = _scale_factor(sd, scale_factor)
     positions = sd.text_encoder.config.get("max_position_embeddings") or SD_MAX_LENGTH
     version = os.path.abspath(clip_dir if clip_dir is not None else sd.root)
     cfg = sd_model_config(unet, kl, schedule, factor, window, version, min(SD_MAX_LENGTH, int(positions)))
-    expected = expected_shapes(cfg, sd.shown)
-    state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
-    state_dict.update(import_weights(sd, sd.unet, unet.param_maps(), expected, UNET_PREFIX, unsafe_load))
-    state_dict.update(import_weights(sd, sd.first_stage, kl.param_maps(), expected, FIRST_STAGE_PREFIX, unsafe_load))
-    text_keys = [k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX + CLIP_PREFIX)]
-    state_dict.update(
-        import_weights(
-            sd,
-            sd.text_encoder,
-            text_param_maps(text_keys),
-            expected,
-            COND_STAGE_PREFIX,
-            unsafe_load,
-            rename=text_file_name,
-            ignore=POSITION_IDS,
-        )
-    )
-    ckpt: dict[str, Any] = {
-        "state_dict": state_dict,
-        "config": {"model": cfg},
-        "converted_from": {"format": "diffusers", "folder": sd.shown, "sha256": sd.digest()},
-    }
-    if window is not None:
-        ckpt["window"] = list(window)
-    return ckpt
+    maps = (unet.param_maps(), kl.param_maps())
+    return converted_checkpoint(sd, cfg, schedule, window, maps, unsafe_load, text_encoder=sd.text_encoder)
 
 
 def sd_model_config(
@@ -163,9 +112,7 @@ def sd_model_config(
         "first_stage_config": {"target": KL_TARGET, "params": kl.ldm_params()},
         "cond_stage_config": {"target": CLIP_TARGET, "params": clip_params},
     }
-    if window is None:
-        return {"target": LDM_TARGET, "params": params}
-    return {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
+    return target_config(params, window)
 
 
 def _scale_factor(sd: SDFolder, override: float | None) -> float:

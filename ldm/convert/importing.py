@@ -1,6 +1,6 @@
 """The steps every diffusers import shares (:mod:`ldm.convert.from_diffusers` for LDM folders,
-:mod:`ldm.convert.from_sd` for Stable Diffusion v1 folders): the schedule buffers, the shapes the converted config
-implies (built on the meta device) and a component's weights renamed, checked against those shapes and converted.
+:mod:`ldm.convert.from_sd` for Stable Diffusion v1 folders): the model config's target, the window, and the checkpoint:
+schedule buffers and each component's weights, checked against the shapes the converted config implies.
 """
 
 from __future__ import annotations
@@ -15,15 +15,74 @@ import torch
 from ldm.convert.common import DiffusersFormatError, ParamMap, check_complete
 from ldm.convert.folder import Component, LDMFolder
 from ldm.convert.schedule import ScheduleSpec
+from ldm.convert.sd_map import CLIP_PREFIX, text_file_name, text_param_maps
+from ldm.convert.unet_map import WINDOW_KEY
 from ldm.models.diffusion.base import SCHEDULE_BUFFERS
+from ldm.models.diffusion.latesteps import validate_window
 from ldm.modules.diffusionmodules.util import make_schedule_buffers
 from ldm.util import instantiate_from_config
 
-__all__ = ["current_name", "expected_shapes", "import_weights", "schedule_buffers"]
+__all__ = ["checked_window", "converted_checkpoint", "expected_shapes", "import_weights", "schedule_buffers", "target_config"]
+
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."
+# transformers < 4.31 stored CLIP's position ids (an integer buffer, recomputed by the model): dropped unread
+POSITION_IDS = ("text_model.embeddings.position_ids",)
 
 # attention parameter names of diffusers before 0.15 (hub folders converted back then still use them)
 _DEPRECATED_ATTENTION = re.compile(r"^(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _NEW_ATTENTION_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def target_config(params: dict[str, Any], window: tuple[int, int] | None) -> dict[str, Any]:
+    """``{target, params}``: a ``LatentDiffusion``, or a ``LateStepsLatentDiffusion`` trained on ``window``."""
+    if window is None:
+        return {"target": LDM_TARGET, "params": params}
+    return {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
+
+
+def checked_window(window: tuple[int, int] | None, timesteps: int, source: str) -> tuple[int, int] | None:
+    """The window a UNet config records (None: a full-range model), checked against the schedule's ``timesteps``."""
+    try:
+        return None if window is None else validate_window(window[0], window[1], timesteps)
+    except ValueError as exc:
+        raise DiffusersFormatError(f"{source}: {WINDOW_KEY}: {exc}") from exc
+
+
+def converted_checkpoint(
+    folder: LDMFolder,
+    cfg: dict[str, Any],
+    schedule: ScheduleSpec,
+    window: tuple[int, int] | None,
+    maps: tuple[list[ParamMap], list[ParamMap]],
+    unsafe: bool,
+    text_encoder: Component | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of a converted folder (float32 state dict: the schedule buffers, then the UNet's and the
+    first stage's weights through ``maps``, then an SD text encoder's), with ``cfg`` embedded."""
+    expected = expected_shapes(cfg, folder.shown)
+    state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
+    state_dict.update(import_weights(folder, folder.unet, maps[0], expected, UNET_PREFIX, unsafe))
+    state_dict.update(import_weights(folder, folder.first_stage, maps[1], expected, FIRST_STAGE_PREFIX, unsafe))
+    if text_encoder is not None:
+        text_keys = [k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX + CLIP_PREFIX)]
+        text_maps = text_param_maps(text_keys)
+        state_dict.update(
+            import_weights(
+                folder, text_encoder, text_maps, expected, COND_STAGE_PREFIX, unsafe, rename=text_file_name, ignore=POSITION_IDS
+            )
+        )
+    ckpt: dict[str, Any] = {
+        "state_dict": state_dict,
+        "config": {"model": cfg},
+        "converted_from": {"format": "diffusers", "folder": folder.shown, "sha256": folder.digest()},
+    }
+    if window is not None:
+        ckpt["window"] = list(window)
+    return ckpt
 
 
 def schedule_buffers(schedule: ScheduleSpec) -> dict[str, torch.Tensor]:

@@ -1,26 +1,7 @@
-"""The noise schedule: a diffusers ``DDIMScheduler`` / ``DDPMScheduler`` config <-> this project's schedule parameters.
-
-Names differ between the two codebases for the same betas:
-
-=========================  =======================================================  ==============================
-diffusers ``beta_schedule``  betas                                                    this project's ``beta_schedule``
-=========================  =======================================================  ==============================
-``scaled_linear``            ``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``   ``linear`` (LDM's default)
-``linear``                   ``linspace(beta_start, beta_end, T)``                   ``sqrt_linear``
-``squaredcos_cap_v2``        Nichol & Dhariwal's cosine, s = 0.008, capped at 0.999    ``cosine`` (``cosine_s`` 0.008)
-``trained_betas: [...]``     the list                                                ``given_betas``
-=========================  =======================================================  ==============================
-
-``beta_start``/``beta_end`` are ``linear_start``/``linear_end``, ``num_train_timesteps`` is ``timesteps``,
-``prediction_type`` ``epsilon``/``sample`` is ``parameterization`` ``eps``/``x0``.  Refused: ``v_prediction`` (this
-project's models predict eps or x0), ``rescale_betas_zero_snr`` (a terminal beta of 1), learned variances
-(``variance_type: learned*``) and the ``sigmoid``/``laplace`` schedules.
-
-The remaining options (``clip_sample``, ``set_alpha_to_one``, ``steps_offset``, ``timestep_spacing``, thresholding)
-only steer diffusers' sampler.  This project's DDIM (CompVis') equals ``DDIMScheduler`` with ``timestep_spacing:
-leading``, ``steps_offset: 1``, ``set_alpha_to_one: false`` and ``clip_sample: false`` (same grid ``1, 21, ..., 981``
-for 50 of 1000 steps when T is a multiple of the step count, same final step); exported folders say so, and an
-imported folder whose sampler options differ is noted in the log.
+"""The noise schedule: a diffusers scheduler config <-> this project's schedule parameters (the same betas under other
+names: :data:`TO_PROJECT`, README "diffusers interop").  Refused: ``v_prediction``, ``rescale_betas_zero_snr`` (a
+terminal beta of 1), learned variances and the ``sigmoid``/``laplace`` schedules.  The other options only steer
+diffusers' sampler; an imported folder whose sampler is not CompVis' DDIM is noted in the log.
 """
 
 from __future__ import annotations
@@ -71,7 +52,8 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "timestep_spacing": "leading",
     "thresholding": False,
 }
-# the DDIMScheduler options under which diffusers' DDIM runs exactly this project's (CompVis') DDIM
+# the DDIMScheduler options under which diffusers' DDIM runs exactly this project's (CompVis') DDIM: the same grid
+# (1, 21, ..., 981 for 50 of 1000 steps when T is a multiple of the step count) and the same final step
 COMPVIS_DDIM = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 SAMPLER_ONLY = (
     "clip_sample",
@@ -105,6 +87,7 @@ SAMPLER_ONLY = (
     "solver_p",
     "predict_x0",
 )
+# diffusers' beta_schedule -> this project's: sqrt-spaced linear, linear, Nichol & Dhariwal's cosine (s = 0.008)
 TO_PROJECT = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
 TO_DIFFUSERS = {v: k for k, v in TO_PROJECT.items()}
 PREDICTION = {"epsilon": "eps", "sample": "x0"}

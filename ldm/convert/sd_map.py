@@ -1,32 +1,8 @@
 """Stable Diffusion v1's networks: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / transformers
 ``CLIPTextModel`` configs <-> this project's ``UNetModel`` (with ``SpatialTransformer``), ``AutoencoderKL`` and
-``FrozenCLIPEmbedder``, and the key maps between them.
-
-UNet (diffusers -> ``ldm.modules.diffusionmodules.openaimodel.UNetModel``, ``use_spatial_transformer: true``): the
-skeleton (ResNets, down/up sampling, time embedding, ``conv_in``/``conv_out``) is the unconditional one of
-:mod:`ldm.convert.unet_map`; ``CrossAttn{Down,Up}Block2D`` at level ``i`` = ``2**i`` in ``attention_resolutions``; the
-mid block is ``UNetMidBlock2DCrossAttn`` (CompVis' middle block always has a transformer);
-``cross_attention_dim`` = ``context_dim``; ``transformer_layers_per_block`` = ``transformer_depth``.  Heads: diffusers'
-``attention_head_dim`` is, despite its name, the number of heads per level (diffusers issue 2011); one number for every
-attended level is CompVis' ``num_heads`` (SD v1: 8), numbers giving the same channels per head are
-``num_head_channels``.  Each ``Transformer2DModel`` maps name for name (``norm``, ``proj_in``,
-``transformer_blocks.d.{norm1,attn1,norm2,attn2,norm3,ff}``, ``proj_out``): with ``use_linear_projection: false`` (SD
-v1) ``proj_in``/``proj_out`` are 1x1 convs on both sides.
-
-Refused, each in one line naming the option: ``use_linear_projection: true`` (Stable Diffusion 2.x), SDXL's
-``addition_embed_type`` / ``transformer_layers_per_block`` lists, class or extra conditioning (``class_embed_type``,
-``encoder_hid_dim``, ``time_cond_proj_dim``), ``only_cross_attention``, ``dual_cross_attention``,
-``upcast_attention``, ``resnet_time_scale_shift: scale_shift`` and other time embeddings, kernels and norms.
-
-VAE (diffusers ``AutoencoderKL`` -> ``ldm.models.autoencoder.AutoencoderKL``): the encoder and decoder as in
-:mod:`ldm.convert.vq_map` (mid-block attention ``to_q``/``to_k``/``to_v``/``to_out.0`` linears <-> CompVis'
-``q``/``k``/``v``/``proj_out`` 1x1 convs), ``double_z: true``, ``latent_channels`` = ``z_channels`` = ``embed_dim``;
-``quant_conv``/``post_quant_conv`` keep their names.  Refused: ``shift_factor``, ``latents_mean``/``latents_std``
-(SD3/SDXL-style latent normalisation) and VAEs without ``quant_conv``.
-
-Text encoder: ``CLIPTextModel``'s tensors are SD v1's ``cond_stage_model.transformer.text_model.*``.  Folders saved by
-transformers 4 hold ``text_model.*`` keys, by transformers 5 the same keys without that prefix; both are read, and
-exports write ``text_model.*`` (which both versions load).
+``FrozenCLIPEmbedder``, and the key maps.  The UNet's skeleton is :mod:`ldm.convert.unet_map`'s, the VAE's encoder and
+decoder :mod:`ldm.convert.vq_map`'s; each ``Transformer2DModel`` maps name for name.  Refused, each in one line naming
+the option: SD 2.x (linear projections), SDXL, extra conditioning, latent normalisation (SD3) and other kernels/norms.
 """
 
 from __future__ import annotations
@@ -37,17 +13,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from ldm.convert.common import (
-    MAX_CHANNELS,
-    MAX_LAYERS,
-    MAX_LEVELS,
-    DiffusersFormatError,
-    Options,
-    ParamMap,
-    conv_pair,
-)
-from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, window_from_config
-from ldm.convert.vq_map import coder_from_model, coder_from_options, coder_param_maps
+from ldm.convert.common import MAX_CHANNELS, MAX_LAYERS, DiffusersFormatError, Options, ParamMap, conv_pair
+from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, unet_fields, unet_levels, unet_modules, window_from_config
+from ldm.convert.vq_map import CoderLayout, coder_from_model, coder_from_options
 
 COND_UNET_CLASS = "UNet2DConditionModel"
 KL_CLASS = "AutoencoderKL"
@@ -148,39 +116,27 @@ class CrossAttnUNetLayout(UNetLayout):
     context_dim: int = 768
     depth: int = 1
 
-    def heads(self, channels: int) -> int:
-        return self.num_heads if self.num_heads is not None else channels // int(self.head_channels or channels)
-
-    def ldm_params(self) -> dict[str, Any]:
-        params = super().ldm_params()
-        params.pop("use_new_attention_order")
-        params.pop("num_heads", None)
-        params.pop("num_head_channels", None)
-        if self.num_heads is not None:
-            params["num_heads"] = self.num_heads
-        else:
-            params["num_head_channels"] = self.head_channels
-        params.update(use_spatial_transformer=True, transformer_depth=self.depth, context_dim=self.context_dim, legacy=False)
-        return params
+    def ldm_attention(self) -> dict[str, Any]:
+        """The attention options of ``unet_config.params``: ``SpatialTransformer`` blocks."""
+        heads = {"num_heads": self.num_heads} if self.num_heads is not None else {"num_head_channels": self.head_channels}
+        return {
+            **heads,
+            "use_spatial_transformer": True,
+            "transformer_depth": self.depth,
+            "context_dim": self.context_dim,
+            "legacy": False,
+        }
 
     def diffusers_config(self) -> dict[str, Any]:
         """``unet/config.json`` of the equivalent ``UNet2DConditionModel`` (every option written out)."""
-        levels = range(len(self.channel_mult))
-        widths = [self.channels(i) for i in levels]
+        widths = [self.channels(i) for i in range(len(self.channel_mult))]
         heads: int | list[int] = (
             self.num_heads if self.num_heads is not None else [max(1, w // int(self.head_channels or w)) for w in widths]
         )
         return {
             **COND_UNET_DEFAULTS,
+            **self.diffusers_levels(COND_DOWN_TYPES, COND_UP_TYPES),
             "_class_name": COND_UNET_CLASS,
-            "sample_size": self.image_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": [COND_DOWN_TYPES[self.attention[i]] for i in levels],
-            "up_block_types": [COND_UP_TYPES[self.attention[i]] for i in reversed(levels)],
-            "block_out_channels": widths,
-            "layers_per_block": self.num_res_blocks,
-            "dropout": self.dropout,
             "cross_attention_dim": self.context_dim,
             "transformer_layers_per_block": self.depth,
             "attention_head_dim": heads,
@@ -255,37 +211,8 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
     opt.choice("norm_eps", [1e-5], "CompVis' UNet GroupNorm uses eps 1e-5")
     opt.choice("resnet_time_scale_shift", ["default"], f"is not supported; {SUPPORTED}")
     opt.ignore("addition_embed_type_num_heads")  # used only with addition_embed_type, refused above
-    down = opt.str_list("down_block_types", COND_DOWN_TYPES, MAX_LEVELS, SUPPORTED)
-    up = opt.str_list("up_block_types", COND_UP_TYPES, MAX_LEVELS, SUPPORTED)
-    widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
-    if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
-        )
-    attention = tuple(t == "CrossAttnDownBlock2D" for t in down)
-    if tuple(t == "CrossAttnUpBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail(
-            "up_block_types",
-            list(up),
-            f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
-            "attention at the same resolutions on the way down and up",
-        )
+    widths, attention = unet_levels(opt, COND_DOWN_TYPES, COND_UP_TYPES, SUPPORTED)
     base = widths[0]
-    if any(w % base or w % 32 for w in widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            "must be multiples of block_out_channels[0] (CompVis' model_channels * channel_mult) and of 32 (GroupNorm groups)",
-        )
-    embed_dim = opt.get("time_embedding_dim")
-    if embed_dim is not None and embed_dim != 4 * base:
-        raise opt.fail(
-            "time_embedding_dim",
-            embed_dim,
-            f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * base} channels",
-        )
     context_dim = _same_int(opt, "cross_attention_dim", len(widths), MAX_CHANNELS)
     depth = _same_int(opt, "transformer_layers_per_block", len(widths), MAX_LAYERS)
     layers = _same_int(opt, "layers_per_block", len(widths), MAX_LAYERS)
@@ -318,6 +245,59 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
     return layout, window
 
 
+def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
+    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); refuses what
+    ``UNet2DConditionModel`` cannot hold (or this converter does not write).
+
+    Raises:
+        DiffusersFormatError: no cross-attention, class conditioning, ResNet up/down sampling, scale-shift norm,
+            ``channel_mult[0] != 1``, or transformers with different depths or head layouts.
+    """
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
+
+    modules, refuse = unet_modules(unet, COND_UNET_CLASS)
+    transformers = [m for m in modules if isinstance(m, SpatialTransformer)]
+    if not transformers or any(isinstance(m, AttentionBlock) for m in modules):
+        raise refuse("its attention is not cross-attention everywhere (use_spatial_transformer with context_dim)")
+    if not isinstance(unet.input_blocks[0][0], nn.Conv2d):
+        raise refuse("only 2-D UNets (dims=2) are supported")
+    resblocks = [m for m in modules if isinstance(m, ResBlock)]
+    if any(r.updown for r in resblocks) or any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d) for m in modules):
+        raise refuse("ResNet up/down sampling (resblock_updown) and pooling (conv_resample=False) are not supported")
+    if resblocks[0].use_scale_shift_norm:
+        raise refuse("use_scale_shift_norm=True is not supported (SD v1's UNet does not use it)")
+    if unet.channel_mult[0] != 1:
+        raise refuse(f"channel_mult={list(unet.channel_mult)} must start with 1")
+    blocks = [b for t in transformers for b in t.transformer_blocks]
+    depths = {len(t.transformer_blocks) for t in transformers}
+    heads = {b.attn1.heads for b in blocks}
+    head_dims = {b.attn1.to_q.out_features // b.attn1.heads for b in blocks}
+    widths = {t.proj_in.in_channels: b.attn1.to_q.out_features for t in transformers for b in t.transformer_blocks}
+    contexts = {b.attn2.to_k.in_features for b in blocks}
+    if len(depths) != 1 or len(contexts) != 1 or any(c != w for c, w in widths.items()):
+        raise refuse("its transformers differ in depth or context width, or their inner width is not their channels")
+    if not isinstance(transformers[0].proj_in, nn.Conv2d):
+        raise refuse("linear proj_in/proj_out (SD 2.x) are not supported")
+    if len(heads) == 1:
+        num_heads, head_channels = heads.pop(), None
+    elif len(head_dims) == 1:
+        num_heads, head_channels = None, head_dims.pop()
+    else:
+        raise refuse(
+            f"its transformers have {sorted(heads)} heads of {sorted(head_dims)} channels; "
+            "UNet2DConditionModel needs one number of heads or one head width"
+        )
+    return CrossAttnUNetLayout(
+        **unet_fields(unet),
+        head_channels=head_channels,
+        scale_shift=False,
+        num_heads=num_heads,
+        context_dim=int(contexts.pop()),
+        depth=int(depths.pop()),
+    )
+
+
 def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
     """An option given as one integer or as one per level (all equal: CompVis has one value)."""
     value = opt.get(key)
@@ -335,7 +315,8 @@ def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
 
 
 def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -> tuple[int | None, int | None]:
-    """``(num_heads, num_head_channels)`` (one of them None) from ``attention_head_dim`` (heads per level)."""
+    """``(num_heads, num_head_channels)`` (one of them None) from ``attention_head_dim``, which in
+    ``UNet2DConditionModel`` is, despite its name, the number of heads per level (diffusers issue 2011)."""
     value = opt.get("attention_head_dim")
     per_level = list(value) if isinstance(value, (list, tuple)) else [value] * len(widths)
     if len(per_level) != len(widths) or not all(
@@ -363,65 +344,30 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
 
 # ---------------------------------------------------------------------------------------------------------- the VAE
 @dataclass(frozen=True)
-class KLLayout:
-    """A KL first stage (SD v1's VAE): the encoder/decoder fields of :class:`~ldm.convert.vq_map.VQLayout` and
-    ``z_channels`` (= ``embed_dim``: diffusers' ``AutoencoderKL`` has one latent width)."""
+class KLLayout(CoderLayout):
+    """A KL first stage (SD v1's VAE): z_channels is also ``embed_dim`` (diffusers' ``AutoencoderKL`` has one latent
+    width)."""
 
-    in_channels: int
-    out_channels: int
-    ch: int
-    ch_mult: tuple[int, ...]
-    num_res_blocks: int
-    attention: tuple[bool, ...]
-    mid_attention: bool
-    resolution: int
     z_channels: int
-
-    @property
-    def embed_dim(self) -> int:
-        return self.z_channels
 
     def ldm_params(self) -> dict[str, Any]:
         """``first_stage_config.params`` of ``AutoencoderKL`` (frozen: ``torch.nn.Identity`` loss)."""
-        ddconfig = {
-            "double_z": True,
-            "z_channels": self.z_channels,
-            "resolution": self.resolution,
-            "in_channels": self.in_channels,
-            "out_ch": self.out_channels,
-            "ch": self.ch,
-            "ch_mult": list(self.ch_mult),
-            "num_res_blocks": self.num_res_blocks,
-            "attn_resolutions": [self.resolution // 2**i for i, a in enumerate(self.attention) if a],
-            "dropout": 0.0,
-            "attn_type": "vanilla" if self.mid_attention else "none",
-        }
+        ddconfig = self.ldm_coder(self.z_channels, double_z=True)
         return {"embed_dim": self.z_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}
 
     def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
         """``vae/config.json`` of the equivalent ``AutoencoderKL`` (``scaling_factor`` written out)."""
-        from ldm.convert.vq_map import DOWN_TYPES, UP_TYPES
-
-        levels = range(len(self.ch_mult))
         return {
             **KL_DEFAULTS,
+            **self.diffusers_coder(),
             "_class_name": KL_CLASS,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": [DOWN_TYPES[self.attention[i]] for i in levels],
-            "up_block_types": [UP_TYPES[self.attention[i]] for i in reversed(levels)],
-            "block_out_channels": [self.ch * m for m in self.ch_mult],
-            "layers_per_block": self.num_res_blocks,
             "latent_channels": self.z_channels,
-            "sample_size": self.resolution,
             "scaling_factor": scaling_factor,
-            "mid_block_add_attention": self.mid_attention,
         }
 
     def param_maps(self) -> list[ParamMap]:
         """Every tensor: LDM key (inside ``AutoencoderKL``) <-> diffusers key (inside diffusers' ``AutoencoderKL``)."""
-        between = conv_pair("quant_conv", "quant_conv") + conv_pair("post_quant_conv", "post_quant_conv")
-        return coder_param_maps(self.ch, self.ch_mult, self.num_res_blocks, self.attention, self.mid_attention, between)
+        return self.coder_maps(conv_pair("quant_conv", "quant_conv") + conv_pair("post_quant_conv", "post_quant_conv"))
 
 
 def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
@@ -494,77 +440,11 @@ def check_text_config(data: Mapping[str, Any], source: str) -> None:
 
 
 def text_param_maps(ldm_keys: list[str]) -> list[ParamMap]:
-    """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``)."""
+    """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``,
+    which transformers 4 and 5 both load)."""
     return [ParamMap(k, (k[len("transformer.") :],)) for k in ldm_keys if k.startswith(CLIP_PREFIX)]
 
 
 def text_file_name(key: str) -> str:
-    """A ``CLIPTextModel`` file key in the transformers 4 layout (``text_model.X``), whichever version saved it."""
+    """A ``CLIPTextModel`` file key in the transformers 4 layout (``text_model.X``): transformers 5 saves ``X``."""
     return key if key.startswith("text_model.") else "text_model." + key
-
-
-def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
-    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); refuses what
-    ``UNet2DConditionModel`` cannot hold (or this converter does not write).
-
-    Raises:
-        DiffusersFormatError: no cross-attention, class conditioning, ResNet up/down sampling, scale-shift norm,
-            ``channel_mult[0] != 1``, or transformers with different depths or head layouts.
-    """
-    from ldm.modules.attention import SpatialTransformer
-    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock, UNetModel
-
-    def refuse(what: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"the UNet cannot be written as a diffusers UNet2DConditionModel: {what}")
-
-    if not isinstance(unet, UNetModel):
-        raise refuse(f"it is a {type(unet).__name__}, not ldm.modules.diffusionmodules.openaimodel.UNetModel")
-    if unet.num_classes is not None or unet.predict_codebook_ids:
-        raise refuse("class-conditional UNets (num_classes) and codebook predictors (n_embed) are not supported")
-    modules = list(unet.modules())
-    transformers = [m for m in modules if isinstance(m, SpatialTransformer)]
-    if not transformers or any(isinstance(m, AttentionBlock) for m in modules):
-        raise refuse("its attention is not cross-attention everywhere (use_spatial_transformer with context_dim)")
-    if not isinstance(unet.input_blocks[0][0], nn.Conv2d):
-        raise refuse("only 2-D UNets (dims=2) are supported")
-    resblocks = [m for m in modules if isinstance(m, ResBlock)]
-    if any(r.updown for r in resblocks) or any(isinstance(m, Downsample) and not isinstance(m.op, nn.Conv2d) for m in modules):
-        raise refuse("ResNet up/down sampling (resblock_updown) and pooling (conv_resample=False) are not supported")
-    if resblocks[0].use_scale_shift_norm:
-        raise refuse("use_scale_shift_norm=True is not supported (SD v1's UNet does not use it)")
-    if unet.channel_mult[0] != 1:
-        raise refuse(f"channel_mult={list(unet.channel_mult)} must start with 1")
-    blocks = [b for t in transformers for b in t.transformer_blocks]
-    depths = {len(t.transformer_blocks) for t in transformers}
-    heads = {b.attn1.heads for b in blocks}
-    head_dims = {b.attn1.to_q.out_features // b.attn1.heads for b in blocks}
-    widths = {t.proj_in.in_channels: b.attn1.to_q.out_features for t in transformers for b in t.transformer_blocks}
-    contexts = {b.attn2.to_k.in_features for b in blocks}
-    if len(depths) != 1 or len(contexts) != 1 or any(c != w for c, w in widths.items()):
-        raise refuse("its transformers differ in depth or context width, or their inner width is not their channels")
-    if not isinstance(transformers[0].proj_in, nn.Conv2d):
-        raise refuse("linear proj_in/proj_out (SD 2.x) are not supported")
-    if len(heads) == 1:
-        num_heads, head_channels = heads.pop(), None
-    elif len(head_dims) == 1:
-        num_heads, head_channels = None, head_dims.pop()
-    else:
-        raise refuse(
-            f"its transformers have {sorted(heads)} heads of {sorted(head_dims)} channels; "
-            "UNet2DConditionModel needs one number of heads or one head width"
-        )
-    return CrossAttnUNetLayout(
-        in_channels=int(unet.in_channels),
-        out_channels=int(unet.out_channels),
-        model_channels=int(unet.model_channels),
-        channel_mult=tuple(int(m) for m in unet.channel_mult),
-        num_res_blocks=int(unet.num_res_blocks),
-        attention=tuple(2**i in unet.attention_resolutions for i in range(len(unet.channel_mult))),
-        head_channels=head_channels,
-        scale_shift=False,
-        image_size=int(unet.image_size),
-        dropout=float(resblocks[0].out_layers[2].p),
-        num_heads=num_heads,
-        context_dim=int(contexts.pop()),
-        depth=int(depths.pop()),
-    )

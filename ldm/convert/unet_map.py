@@ -1,35 +1,13 @@
 """The UNet: diffusers ``UNet2DModel`` config <-> CompVis ``UNetModel`` parameters, and the key map between them.
 
-Which options correspond (diffusers -> ``ldm.modules.diffusionmodules.openaimodel.UNetModel``):
-
-* ``block_out_channels`` = ``model_channels * channel_mult`` (``block_out_channels[0]`` is ``model_channels``: the
-  input conv, the sinusoidal embedding width and ``time_embed_dim / 4`` all use it, so ``channel_mult[0]`` is 1);
-* ``layers_per_block`` = ``num_res_blocks`` (up blocks have one more, in both);
-* ``Attn{Down,Up}Block2D`` at level ``i`` = ``2**i`` in ``attention_resolutions`` (down and up mirrored); the mid
-  block always has attention (``add_attention: true``);
-* ``attention_head_dim: d`` = ``num_head_channels: d``; ``attention_head_dim: null`` = one head per block
-  (``num_heads: 1``);
-* ``resnet_time_scale_shift``: ``default`` = ``use_scale_shift_norm: false``, ``scale_shift`` = ``true`` (then
-  ``attn_norm_num_groups: 32`` keeps the mid block's attention norm, which CompVis always has);
-* the timestep embedding: ``time_embedding_type: positional``, ``flip_sin_to_cos: true`` (cosine half first) and
-  ``freq_shift: 0`` (frequencies ``exp(-ln(10000) i / half)``) are CompVis' ``timestep_embedding``;
-* fixed by CompVis' modules: ``norm_num_groups: 32``, ``norm_eps: 1e-5``, ``act_fn: silu``, ``downsample_padding: 1``,
-  ``downsample_type``/``upsample_type: conv``, ``mid_block_scale_factor: 1``, ``center_input_sample: false``.
-
-Refused: conditional UNets (``UNet2DConditionModel``: cross-attention), class conditioning (``class_embed_type``,
-``num_class_embeds``), fourier/learned time embeddings, ResNet up/down sampling, and every other value listed above.
-Key map (diffusers -> CompVis): ``conv_in`` -> ``input_blocks.0.0``; ``time_embedding.linear_{1,2}`` ->
-``time_embed.{0,2}``; ``down_blocks.i.{resnets,attentions}.j`` -> ``input_blocks.k.{0,1}``;
-``down_blocks.i.downsamplers.0.conv`` -> ``input_blocks.k.0.op``; ``mid_block.{resnets.0,attentions.0,resnets.1}`` ->
-``middle_block.{0,1,2}``; ``up_blocks.i.*`` -> ``output_blocks.k.*`` (``upsamplers.0.conv`` -> the block's last
-``conv``); ``conv_norm_out``/``conv_out`` -> ``out.0``/``out.2``.  In a ResNet: ``norm1, conv1, time_emb_proj, norm2,
-conv2, conv_shortcut`` -> ``in_layers.0, in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection``; in
-attention: ``group_norm`` -> ``norm``, ``to_q/to_k/to_v`` -> ``qkv`` (fused), ``to_out.0`` -> ``proj_out``.
+Which option is which: README, "diffusers interop"; the options CompVis' modules fix are refused one by one in
+:func:`unet_layout_from_config`, each with the reason.  The skeleton (ResNets, sampling, time embedding) also serves
+the cross-attention UNet of :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +16,6 @@ import torch.nn as nn
 from ldm.convert.common import (
     MAX_CHANNELS,
     MAX_LAYERS,
-    MAX_LEVELS,
     MAX_TIMESTEPS,
     DiffusersFormatError,
     Options,
@@ -96,8 +73,8 @@ class UNetLayout:
         channel_mult: width multiple per level (``channel_mult[0] == 1``).  num_res_blocks: ResNets per down level.
         attention: per level, whether its blocks have self-attention.  head_channels: channels per attention head
             (None: one head per block).  scale_shift: ``use_scale_shift_norm``.  image_size: latent side (metadata).
-        dropout: ResNet dropout (training only).  new_attention_order: the LDM ``qkv`` layout (see
-            :mod:`ldm.convert.common`).
+        dropout: ResNet dropout (training only).  new_attention_order: the LDM ``qkv`` row order
+            (:class:`~ldm.convert.common.ParamMap`).
     """
 
     in_channels: int
@@ -115,9 +92,6 @@ class UNetLayout:
     def channels(self, level: int) -> int:
         return self.model_channels * self.channel_mult[level]
 
-    def heads(self, channels: int) -> int:
-        return 1 if self.head_channels is None else channels // self.head_channels
-
     def ldm_params(self) -> dict[str, Any]:
         """``unet_config.params`` of this project's ``UNetModel``."""
         params: dict[str, Any] = {
@@ -130,47 +104,37 @@ class UNetLayout:
             "channel_mult": list(self.channel_mult),
             "dropout": self.dropout,
             "use_scale_shift_norm": self.scale_shift,
-            "use_new_attention_order": self.new_attention_order,
         }
-        if self.head_channels is None:
-            params["num_heads"] = 1
-        else:
-            params["num_head_channels"] = self.head_channels
-        return params
+        return {**params, **self.ldm_attention()}
 
-    def diffusers_config(self) -> dict[str, Any]:
-        """``unet/config.json`` of the equivalent ``UNet2DModel`` (every option written out, none left to defaults)."""
+    def ldm_attention(self) -> dict[str, Any]:
+        """The attention options of ``unet_config.params``."""
+        heads = {"num_heads": 1} if self.head_channels is None else {"num_head_channels": self.head_channels}
+        return {"use_new_attention_order": self.new_attention_order, **heads}
+
+    def diffusers_levels(self, down_types: tuple[str, str], up_types: tuple[str, str]) -> dict[str, Any]:
+        """The options of a diffusers UNet config that give its sizes and levels (``*_types``: plain, attention)."""
         levels = range(len(self.channel_mult))
         return {
-            "_class_name": UNET_CLASS,
             "sample_size": self.image_size,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "center_input_sample": False,
-            "time_embedding_type": "positional",
-            "time_embedding_dim": None,
-            "freq_shift": 0,
-            "flip_sin_to_cos": True,
-            "down_block_types": [DOWN_TYPES[self.attention[i]] for i in levels],
-            "mid_block_type": "UNetMidBlock2D",
-            "up_block_types": [UP_TYPES[self.attention[i]] for i in reversed(levels)],
+            "down_block_types": [down_types[self.attention[i]] for i in levels],
+            "up_block_types": [up_types[self.attention[i]] for i in reversed(levels)],
             "block_out_channels": [self.channels(i) for i in levels],
             "layers_per_block": self.num_res_blocks,
-            "mid_block_scale_factor": 1,
-            "downsample_padding": 1,
-            "downsample_type": "conv",
-            "upsample_type": "conv",
             "dropout": self.dropout,
-            "act_fn": "silu",
+        }
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """``unet/config.json`` of the equivalent ``UNet2DModel`` (every option written out, none left to defaults)."""
+        return {
+            **UNET_DEFAULTS,
+            **self.diffusers_levels(DOWN_TYPES, UP_TYPES),
+            "_class_name": UNET_CLASS,
             "attention_head_dim": self.head_channels,
-            "norm_num_groups": 32,
             "attn_norm_num_groups": 32,
-            "norm_eps": 1e-5,
             "resnet_time_scale_shift": "scale_shift" if self.scale_shift else "default",
-            "add_attention": True,
-            "class_embed_type": None,
-            "num_class_embeds": None,
-            "num_train_timesteps": None,
         }
 
     # ------------------------------------------------------------------------------------------------------ key map
@@ -214,7 +178,8 @@ class UNetLayout:
         return maps + conv_pair("out.0", "conv_norm_out") + conv_pair("out.2", "conv_out")
 
     def _attention(self, ldm: str, diffusers: str, channels: int) -> list[ParamMap]:
-        heads, order = self.heads(channels), self.new_attention_order
+        heads = 1 if self.head_channels is None else channels // self.head_channels
+        order = self.new_attention_order
         qkv = [
             ParamMap(f"{ldm}.qkv.{p}", tuple(f"{diffusers}.{n}.{p}" for n in ("to_q", "to_k", "to_v")), "qkv", heads, order)
             for p in ("weight", "bias")
@@ -275,37 +240,8 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
     allowed_attn_groups = [None, 32] if shift == "default" else [32]
     opt.choice("attn_norm_num_groups", allowed_attn_groups, "CompVis' attention always normalizes with 32 groups")
     opt.ignore("num_train_timesteps")  # used only by the "learned" time embedding, refused above
-    down = opt.str_list("down_block_types", DOWN_TYPES, MAX_LEVELS, "only plain and self-attention blocks map")
-    up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "only plain and self-attention blocks map")
-    widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
-    if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
-        )
-    attention = tuple(t == "AttnDownBlock2D" for t in down)
-    if tuple(t == "AttnUpBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail(
-            "up_block_types",
-            list(up),
-            f"does not mirror down_block_types {list(down)}: CompVis' UNet has "
-            "attention at the same resolutions on the way down and up",
-        )
+    widths, attention = unet_levels(opt, DOWN_TYPES, UP_TYPES, "only plain and self-attention blocks map")
     base = widths[0]
-    if any(w % base or w % 32 for w in widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            "must be multiples of block_out_channels[0] (CompVis' model_channels * channel_mult) and of 32 (GroupNorm groups)",
-        )
-    embed_dim = opt.get("time_embedding_dim")
-    if embed_dim is not None and embed_dim != 4 * base:
-        raise opt.fail(
-            "time_embedding_dim",
-            embed_dim,
-            f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * base} channels",
-        )
     head_dim = opt.get("attention_head_dim")
     if head_dim is not None:
         head_dim = opt.integer("attention_head_dim", 1, MAX_CHANNELS)
@@ -338,7 +274,30 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
     return layout, window
 
 
+def unet_levels(
+    opt: Options, down_types: tuple[str, str], up_types: tuple[str, str], why: str
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """``block_out_channels`` and the attention levels (:meth:`~ldm.convert.common.Options.levels`) of a diffusers UNet
+    config; ``time_embedding_dim`` must be CompVis' ``4 * model_channels``."""
+    widths, attention = opt.levels(
+        down_types,
+        up_types,
+        (why, why),
+        "CompVis' UNet has attention at the same resolutions on the way down and up",
+        "model_channels * channel_mult",
+    )
+    embed_dim = opt.get("time_embedding_dim")
+    if embed_dim is not None and embed_dim != 4 * widths[0]:
+        raise opt.fail(
+            "time_embedding_dim",
+            embed_dim,
+            f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * widths[0]} channels",
+        )
+    return widths, attention
+
+
 def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
+    """The ``[t_min, t_max]`` a UNet config records (:data:`WINDOW_KEY`), or None; checked against the schedule later."""
     if value is None:
         return None
     ok = isinstance(value, (list, tuple)) and len(value) == 2
@@ -356,16 +315,9 @@ def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
             or attention heads that no single ``attention_head_dim`` describes.
     """
     from ldm.modules.attention import SpatialTransformer
-    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock, UNetModel
+    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
 
-    def refuse(what: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"the UNet cannot be written as a diffusers UNet2DModel: {what}")
-
-    if not isinstance(unet, UNetModel):
-        raise refuse(f"it is a {type(unet).__name__}, not ldm.modules.diffusionmodules.openaimodel.UNetModel")
-    if unet.num_classes is not None or unet.predict_codebook_ids:
-        raise refuse("class-conditional UNets (num_classes) and codebook predictors (n_embed) are not supported")
-    modules = list(unet.modules())
+    modules, refuse = unet_modules(unet, "UNet2DModel")
     if any(isinstance(m, SpatialTransformer) for m in modules):
         raise refuse("it has cross-attention (use_spatial_transformer), which UNet2DModel lacks")
     if not isinstance(unet.input_blocks[0][0], nn.Conv2d):
@@ -391,18 +343,41 @@ def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
             f"its attention blocks have {sorted(head_dims)} channels per head; UNet2DModel has one "
             "attention_head_dim (set num_head_channels, or num_heads=1)"
         )
-    levels = len(unet.channel_mult)
-    attention = tuple(2**i in unet.attention_resolutions for i in range(levels))
     return UNetLayout(
-        in_channels=int(unet.in_channels),
-        out_channels=int(unet.out_channels),
-        model_channels=int(unet.model_channels),
-        channel_mult=tuple(int(m) for m in unet.channel_mult),
-        num_res_blocks=int(unet.num_res_blocks),
-        attention=attention,
+        **unet_fields(unet),
         head_channels=head_channels,
         scale_shift=bool(resblocks[0].use_scale_shift_norm),
-        image_size=int(unet.image_size),
-        dropout=float(resblocks[0].out_layers[2].p),
         new_attention_order=bool(attns[0].use_new_attention_order),
     )
+
+
+def unet_modules(unet: nn.Module, cls: str) -> tuple[list[nn.Module], Callable[[str], DiffusersFormatError]]:
+    """``unet.modules()`` and ``refuse(what)``, the error for what diffusers' ``cls`` cannot hold; refuses anything but
+    an unconditional or text-conditioned CompVis ``UNetModel``."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    def refuse(what: str) -> DiffusersFormatError:
+        return DiffusersFormatError(f"the UNet cannot be written as a diffusers {cls}: {what}")
+
+    if not isinstance(unet, UNetModel):
+        raise refuse(f"it is a {type(unet).__name__}, not ldm.modules.diffusionmodules.openaimodel.UNetModel")
+    if unet.num_classes is not None or unet.predict_codebook_ids:
+        raise refuse("class-conditional UNets (num_classes) and codebook predictors (n_embed) are not supported")
+    return list(unet.modules()), refuse
+
+
+def unet_fields(unet: nn.Module) -> dict[str, Any]:
+    """The :class:`UNetLayout` fields every CompVis ``UNetModel`` states the same way (sizes, levels, dropout)."""
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    resblock = next(m for m in unet.modules() if isinstance(m, ResBlock))
+    return {
+        "in_channels": int(unet.in_channels),
+        "out_channels": int(unet.out_channels),
+        "model_channels": int(unet.model_channels),
+        "channel_mult": tuple(int(m) for m in unet.channel_mult),
+        "num_res_blocks": int(unet.num_res_blocks),
+        "attention": tuple(2**i in unet.attention_resolutions for i in range(len(unet.channel_mult))),
+        "image_size": int(unet.image_size),
+        "dropout": float(resblock.out_layers[2].p),
+    }

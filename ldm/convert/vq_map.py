@@ -1,27 +1,8 @@
-"""The first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map.
+"""The VQ first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map.
 
-Which options correspond (diffusers -> ``ldm.models.autoencoder.VQModelInterface`` / its ``ddconfig``):
-
-* ``block_out_channels`` = ``ch * ch_mult`` (``ch_mult[0]`` is 1: diffusers' first block keeps ``conv_in``'s width);
-* ``layers_per_block`` = ``num_res_blocks``; ``in_channels`` / ``out_channels`` = ``in_channels`` / ``out_ch``;
-* ``latent_channels`` = ``z_channels`` (the encoder's output); ``vq_embed_dim`` (default ``latent_channels``) =
-  ``embed_dim`` (what ``quant_conv`` maps to, the codebook width and the latent the UNet sees);
-  ``num_vq_embeddings`` = ``n_embed``;
-* ``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D`` at level ``i`` = ``sample_size // 2**i`` in
-  ``attn_resolutions`` (``sample_size`` = ``resolution``); ``mid_block_add_attention: false`` = ``attn_type: none``;
-* ``scaling_factor`` = LatentDiffusion's ``scale_factor`` (handled in :mod:`ldm.convert.diffusers`);
-* fixed by CompVis' modules: ``norm_num_groups: 32``, ``norm_type: group``, ``act_fn: silu``, single-head attention,
-  GroupNorm eps 1e-6, asymmetric-padding stride-2 downsampling.
-
-Refused: KL autoencoders (``AutoencoderKL``), spatially-normalized decoders (``norm_type: spatial``, MoVQ) and every
-other value listed above.  ``lookup_from_codebook`` and ``force_upcast`` do not change the network and are accepted.
-Key map (diffusers -> CompVis): ``encoder.down_blocks.i.{resnets,attentions}.j`` -> ``encoder.down.i.{block,attn}.j``;
-``encoder.down_blocks.i.downsamplers.0.conv`` -> ``encoder.down.i.downsample.conv``;
-``{encoder,decoder}.mid_block.{resnets.0,attentions.0,resnets.1}`` -> ``mid.{block_1,attn_1,block_2}``;
-``decoder.up_blocks.k.*`` -> ``decoder.up.(L-1-k).*`` (``upsamplers.0.conv`` -> ``upsample.conv``);
-``conv_norm_out`` -> ``norm_out``; ResNet ``conv_shortcut`` -> ``nin_shortcut``; attention ``group_norm, to_q, to_k,
-to_v, to_out.0`` (linear) -> ``norm, q, k, v, proj_out`` (1x1 convs); ``quant_conv``, ``post_quant_conv``,
-``quantize.embedding`` keep their names.
+:class:`CoderLayout` (the encoder and decoder) also serves the KL autoencoder of :mod:`ldm.convert.sd_map`.  Which
+option is which: README, "diffusers interop".  Refused: KL autoencoders, spatially-normalized decoders (MoVQ) and
+values CompVis' modules cannot take (they fix 32 GroupNorm groups and SiLU).
 """
 
 from __future__ import annotations
@@ -36,7 +17,6 @@ from ldm.convert.common import (
     MAX_CHANNELS,
     MAX_CODES,
     MAX_LAYERS,
-    MAX_LEVELS,
     DiffusersFormatError,
     Options,
     ParamMap,
@@ -70,14 +50,14 @@ UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
 
 
 @dataclass(frozen=True)
-class VQLayout:
-    """What both formats need to know about a VQ first stage.
+class CoderLayout:
+    """The CompVis ``Encoder`` / ``Decoder`` of a first stage (VQ or KL).
 
     Attributes:
-        in_channels, out_channels: image channels.  ch, ch_mult: widths per level (``ch_mult[0] == 1``).
-        num_res_blocks: ResNets per encoder level (decoder: one more).  attention: per level, self-attention in its
-        blocks.  mid_attention: attention in the mid blocks.  z_channels: encoder output.  embed_dim: codebook width
-        (the latent).  n_embed: codebook size.  resolution: image side the attention levels refer to.
+        in_channels, out_channels: image channels.  ch, ch_mult: widths per level (``ch_mult[0] == 1``: diffusers'
+        first block keeps ``conv_in``'s width).  num_res_blocks: ResNets per encoder level (decoder: one more).
+        attention: per level, self-attention in its blocks.  mid_attention: attention in the mid blocks.
+        resolution: the image side the attention levels refer to (``attn_resolutions = resolution // 2**level``).
     """
 
     in_channels: int
@@ -87,16 +67,13 @@ class VQLayout:
     num_res_blocks: int
     attention: tuple[bool, ...]
     mid_attention: bool
-    z_channels: int
-    embed_dim: int
-    n_embed: int
     resolution: int
 
-    def ldm_params(self) -> dict[str, Any]:
-        """``first_stage_config.params`` of ``VQModelInterface`` (frozen first stage: ``torch.nn.Identity`` loss)."""
-        ddconfig = {
-            "double_z": False,
-            "z_channels": self.z_channels,
+    def ldm_coder(self, z_channels: int, double_z: bool) -> dict[str, Any]:
+        """The ``ddconfig`` of CompVis' first stage."""
+        return {
+            "double_z": double_z,
+            "z_channels": z_channels,
             "resolution": self.resolution,
             "in_channels": self.in_channels,
             "out_ch": self.out_channels,
@@ -107,81 +84,87 @@ class VQLayout:
             "dropout": 0.0,
             "attn_type": "vanilla" if self.mid_attention else "none",
         }
-        return {
-            "embed_dim": self.embed_dim,
-            "n_embed": self.n_embed,
-            "ddconfig": ddconfig,
-            "lossconfig": {"target": "torch.nn.Identity"},
-        }
 
-    def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
-        """``vqvae/config.json`` of the equivalent ``VQModel`` (every option written out, ``scaling_factor`` too)."""
+    def diffusers_coder(self) -> dict[str, Any]:
+        """The encoder/decoder options of the diffusers config."""
         levels = range(len(self.ch_mult))
         return {
-            "_class_name": VQ_CLASS,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "down_block_types": [DOWN_TYPES[self.attention[i]] for i in levels],
             "up_block_types": [UP_TYPES[self.attention[i]] for i in reversed(levels)],
             "block_out_channels": [self.ch * m for m in self.ch_mult],
             "layers_per_block": self.num_res_blocks,
-            "act_fn": "silu",
-            "latent_channels": self.z_channels,
             "sample_size": self.resolution,
-            "num_vq_embeddings": self.n_embed,
-            "norm_num_groups": 32,
-            "vq_embed_dim": self.embed_dim,
-            "scaling_factor": scaling_factor,
-            "norm_type": "group",
             "mid_block_add_attention": self.mid_attention,
-            "lookup_from_codebook": False,
-            "force_upcast": False,
         }
 
-    # ------------------------------------------------------------------------------------------------------ key map
+    def coder_maps(self, between: list[ParamMap]) -> list[ParamMap]:
+        """``encoder.*`` and ``decoder.*`` tensors (the same names on both sides below), with ``between``
+        (``quant_conv``, a codebook, ``post_quant_conv``) in the middle."""
+        ch, ch_mult, attention = self.ch, self.ch_mult, self.attention
+        last = len(ch_mult) - 1
+        maps = conv_pair("encoder.conv_in", "encoder.conv_in")
+        block_in = ch
+        for level in range(last + 1):
+            out = ch * ch_mult[level]
+            for j in range(self.num_res_blocks):
+                maps += _resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", block_in != out)
+                block_in = out
+                if attention[level]:
+                    maps += _attention(f"encoder.down.{level}.attn.{j}", f"encoder.down_blocks.{level}.attentions.{j}")
+            if level != last:
+                maps += conv_pair(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
+        maps += _mid("encoder", self.mid_attention) + conv_pair("encoder.norm_out", "encoder.conv_norm_out")
+        maps += conv_pair("encoder.conv_out", "encoder.conv_out")
+        maps += between + conv_pair("decoder.conv_in", "decoder.conv_in")
+        maps += _mid("decoder", self.mid_attention)
+        for k, level in enumerate(reversed(range(last + 1))):  # diffusers numbers the decoder's levels from the bottom
+            out = ch * ch_mult[level]
+            for j in range(self.num_res_blocks + 1):
+                maps += _resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", block_in != out)
+                block_in = out
+                if attention[level]:
+                    maps += _attention(f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{k}.attentions.{j}")
+            if level:
+                maps += conv_pair(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
+        return maps + conv_pair("decoder.norm_out", "decoder.conv_norm_out") + conv_pair("decoder.conv_out", "decoder.conv_out")
+
+
+@dataclass(frozen=True)
+class VQLayout(CoderLayout):
+    """A VQ first stage: z_channels: the encoder's output; embed_dim: what ``quant_conv`` maps to, the codebook width
+    and the latent the UNet sees; n_embed: codebook size."""
+
+    z_channels: int
+    embed_dim: int
+    n_embed: int
+
+    def ldm_params(self) -> dict[str, Any]:
+        """``first_stage_config.params`` of ``VQModelInterface`` (frozen first stage: ``torch.nn.Identity`` loss)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "n_embed": self.n_embed,
+            "ddconfig": self.ldm_coder(self.z_channels, double_z=False),
+            "lossconfig": {"target": "torch.nn.Identity"},
+        }
+
+    def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
+        """``vqvae/config.json`` of the equivalent ``VQModel`` (every option written out, ``scaling_factor`` too)."""
+        return {
+            **VQ_DEFAULTS,
+            **self.diffusers_coder(),
+            "_class_name": VQ_CLASS,
+            "latent_channels": self.z_channels,
+            "num_vq_embeddings": self.n_embed,
+            "vq_embed_dim": self.embed_dim,
+            "scaling_factor": scaling_factor,
+        }
+
     def param_maps(self) -> list[ParamMap]:
         """Every first-stage tensor: LDM key (inside ``VQModelInterface``) <-> diffusers key (inside ``VQModel``)."""
         between = conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
-        between += conv_pair("post_quant_conv", "post_quant_conv")
-        return coder_param_maps(self.ch, self.ch_mult, self.num_res_blocks, self.attention, self.mid_attention, between)
-
-
-def coder_param_maps(
-    ch: int,
-    ch_mult: tuple[int, ...],
-    num_res_blocks: int,
-    attention: tuple[bool, ...],
-    mid_attention: bool,
-    between: list[ParamMap],
-) -> list[ParamMap]:
-    """The CompVis ``Encoder`` / ``Decoder`` tensors <-> diffusers' ``encoder.*`` / ``decoder.*`` (shared by the VQ and
-    the KL autoencoder), with ``between`` (``quant_conv``, a codebook, ``post_quant_conv``) in the middle."""
-    last = len(ch_mult) - 1
-    maps = conv_pair("encoder.conv_in", "encoder.conv_in")
-    block_in = ch
-    for level in range(last + 1):
-        out = ch * ch_mult[level]
-        for j in range(num_res_blocks):
-            maps += _resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", block_in != out)
-            block_in = out
-            if attention[level]:
-                maps += _attention(f"encoder.down.{level}.attn.{j}", f"encoder.down_blocks.{level}.attentions.{j}")
-        if level != last:
-            maps += conv_pair(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv")
-    maps += _mid("encoder", mid_attention) + conv_pair("encoder.norm_out", "encoder.conv_norm_out")
-    maps += conv_pair("encoder.conv_out", "encoder.conv_out")
-    maps += between + conv_pair("decoder.conv_in", "decoder.conv_in")
-    maps += _mid("decoder", mid_attention)
-    for k, level in enumerate(reversed(range(last + 1))):
-        out = ch * ch_mult[level]
-        for j in range(num_res_blocks + 1):
-            maps += _resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", block_in != out)
-            block_in = out
-            if attention[level]:
-                maps += _attention(f"decoder.up.{level}.attn.{j}", f"decoder.up_blocks.{k}.attentions.{j}")
-        if level:
-            maps += conv_pair(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
-    return maps + conv_pair("decoder.norm_out", "decoder.conv_norm_out") + conv_pair("decoder.conv_out", "decoder.conv_out")
+        return self.coder_maps(between + conv_pair("post_quant_conv", "post_quant_conv"))
 
 
 def _mid(part: str, mid_attention: bool) -> list[ParamMap]:
@@ -192,14 +175,14 @@ def _mid(part: str, mid_attention: bool) -> list[ParamMap]:
 
 
 def _resnet(ldm: str, diffusers: str, has_shortcut: bool) -> list[ParamMap]:
-    names = ["norm1", "conv1", "norm2", "conv2"]
-    maps = [m for n in names for m in conv_pair(f"{ldm}.{n}", f"{diffusers}.{n}")]
+    maps = [m for n in ("norm1", "conv1", "norm2", "conv2") for m in conv_pair(f"{ldm}.{n}", f"{diffusers}.{n}")]
     if has_shortcut:
         maps += conv_pair(f"{ldm}.nin_shortcut", f"{diffusers}.conv_shortcut")
     return maps
 
 
 def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
+    """CompVis' 1x1-conv ``q, k, v, proj_out`` are diffusers' linear ``to_q, to_k, to_v, to_out.0``."""
     maps = conv_pair(f"{ldm}.norm", f"{diffusers}.group_norm")
     for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
         maps += linear_from_conv1x1(f"{ldm}.{a}", f"{diffusers}.{b}")
@@ -242,33 +225,16 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
 
 
 def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
-    """The encoder/decoder options shared by ``VQModel`` and ``AutoencoderKL`` configs, validated: ``in_channels,
-    out_channels, ch, ch_mult, num_res_blocks, attention, mid_attention, resolution`` (the layouts' field names)."""
+    """The :class:`CoderLayout` fields of a ``VQModel`` or ``AutoencoderKL`` config, validated."""
     opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
     opt.choice("act_fn", ["silu", "swish"])
-    down = opt.str_list("down_block_types", DOWN_TYPES, MAX_LEVELS, "CompVis' encoder has ResNet (+ attention) levels")
-    up = opt.str_list("up_block_types", UP_TYPES, MAX_LEVELS, "CompVis' decoder has ResNet (+ attention) levels")
-    widths = opt.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
-    if len(down) != len(widths) or len(up) != len(widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            f"has {len(widths)} levels but down_block_types has {len(down)} and up_block_types {len(up)}",
-        )
-    attention = tuple(t == "AttnDownEncoderBlock2D" for t in down)
-    if tuple(t == "AttnUpDecoderBlock2D" for t in reversed(up)) != attention:
-        raise opt.fail(
-            "up_block_types",
-            list(up),
-            f"does not mirror down_block_types {list(down)}: CompVis' encoder and decoder share attn_resolutions",
-        )
-    base = widths[0]
-    if any(w % base or w % 32 for w in widths):
-        raise opt.fail(
-            "block_out_channels",
-            list(widths),
-            "must be multiples of block_out_channels[0] (CompVis' ch * ch_mult) and of 32 (GroupNorm groups)",
-        )
+    widths, attention = opt.levels(
+        DOWN_TYPES,
+        UP_TYPES,
+        ("CompVis' encoder has ResNet (+ attention) levels", "CompVis' decoder has ResNet (+ attention) levels"),
+        "CompVis' encoder and decoder share attn_resolutions",
+        "ch * ch_mult",
+    )
     mid_attention = opt.flag("mid_block_add_attention")
     if any(attention) and not mid_attention:
         raise opt.fail(
@@ -286,8 +252,8 @@ def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
     return {
         "in_channels": opt.integer("in_channels", 1, MAX_CHANNELS),
         "out_channels": opt.integer("out_channels", 1, MAX_CHANNELS),
-        "ch": base,
-        "ch_mult": tuple(w // base for w in widths),
+        "ch": widths[0],
+        "ch_mult": tuple(w // widths[0] for w in widths),
         "num_res_blocks": opt.integer("layers_per_block", 1, MAX_LAYERS),
         "attention": attention,
         "mid_attention": mid_attention,
@@ -324,8 +290,8 @@ def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
 
 
 def coder_from_model(first_stage: nn.Module, refuse: Callable[[str], DiffusersFormatError]) -> dict[str, Any]:
-    """The encoder/decoder fields of a layout (as :func:`coder_from_options`) from a CompVis first stage's
-    ``ddconfig`` and modules; ``refuse(what)`` makes the error for what diffusers' encoder/decoder cannot hold."""
+    """The :class:`CoderLayout` fields of a CompVis first stage; ``refuse(what)`` makes the error for what diffusers'
+    encoder/decoder cannot hold."""
     dd = first_stage.ddconfig
     if tuple(dd["ch_mult"])[0] != 1:
         raise refuse(f"ddconfig ch_mult={list(dd['ch_mult'])} must start with 1")

@@ -1,13 +1,8 @@
-"""Timestep windows: step <-> t conversion, validation, and which window serves each timestep.
+"""Timestep windows: step <-> t conversion, validation, and which window serves each timestep (imported by training and
+by routing; neither imports the other's classes).
 
-Training (:class:`~ldm.models.diffusion.latesteps.LateStepsLatentDiffusion` draws its timesteps from its window) and
-inference (:class:`~ldm.models.diffusion.experts.ExpertRouter` sends each sampling step to the expert whose window holds
-it) both import this module; neither imports the other's classes.
-
-Conventions: timesteps are integer indices ``t`` in ``[0, T)`` into ``alphas_cumprod`` (T = 1000).  A window is
-half-open, ``[t_min, t_max)``; a full-range model has ``[0, T)``.  "Steps a-b" count sampling steps from pure noise out
-of T, and step k is timestep ``t = T - k``: steps 500-750 are ``t in [250, 500)`` (shapes), steps 750-1000 are
-``t in [0, 250)`` (details).  Use :func:`steps_to_window` / :func:`window_to_steps` rather than this arithmetic by hand.
+A window is half-open, ``[t_min, t_max)`` in timestep indices ``t`` in ``[0, T)``; step k of T is ``t = T - k``, so steps
+500-750 are ``t in [250, 500)``.  Use :func:`steps_to_window` / :func:`window_to_steps` rather than this arithmetic.
 """
 
 from __future__ import annotations
@@ -73,20 +68,14 @@ def assign_windows(
     allow_outside: bool = False,
     what: str = "the steps",
 ) -> tuple[list[int], list[int]]:
-    """Which window serves each timestep of ``timesteps``.
+    """Which window serves each timestep: ``(index per timestep, timesteps no window covers)`` (the second list is
+    empty unless ``allow_outside``, which sends such a timestep to the nearest window).
 
-    Args:
-        windows: ``[t_min, t_max)`` per expert.  timesteps: integer timesteps, in run order.
-        names: expert names for messages.  allow_outside: a timestep no window covers goes to the nearest window
-            instead of raising.  what: how messages name the run (e.g. ``"start_t=900 (first step t=881, 45 steps)"``).
-
-    Returns:
-        ``(index per timestep, timesteps no window covers)`` (the second list is empty unless ``allow_outside``).
+    ``names`` name the experts and ``what`` the run in messages (e.g. ``"start_t=900 (first step t=881, 45 steps)"``).
 
     Raises:
-        ValueError: a timestep covered by two windows (always: which expert should run would be ambiguous), or one
-            covered by none (unless ``allow_outside``).  The message lists every window in both namings, the offending
-            steps and what to change.
+        ValueError: a timestep covered by two windows (always: which expert runs would be ambiguous), or by none
+            (unless ``allow_outside``); the message lists every window in both namings, the steps and what to change.
     """
     names = list(names) if names is not None else [f"expert {i}" for i in range(len(windows))]
     described = "; ".join(describe_window(w, num_timesteps, n) for w, n in zip(windows, names))

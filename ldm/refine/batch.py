@@ -1,29 +1,5 @@
-"""Refining image files in a batch: naming, skipping, batching, metadata, and per-file error reporting.
-
-This is what ``scripts/refine.py`` runs (the CLI only parses arguments and prints).  Rules:
-
-* output ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; sample ``k`` uses seed
-  ``seed + k``), and with ``grid`` also ``<that name>_grid.png``; two inputs with the same stem get
-  ``<stem>-<8 hex of their path>`` instead; an input any of whose output paths (grids included) is one of the inputs
-  is refused (an input is never overwritten), and so is an input one of whose output paths is a folder; a batch any
-  of whose outputs is a mask it reads (the mask file, or a file in the mask folder) is refused before any work;
-* every file is written atomically (:func:`ldm.imageio.save_image_atomic`), so ``skip_existing`` after a killed run
-  never mistakes a partial file for a finished one; the temps a killed run left of this batch's outputs are removed
-  first, but never a file the batch reads (an input or a mask may have a temp's name) nor anything in a mask folder;
-* a file that cannot be loaded (not an image, truncated, empty, a folder, unreadable, ...) or refined (any error the
-  networks raise for its batch, e.g. out of memory) costs that file only: one line through ``on_error`` and the batch
-  goes on; an error writing the output folder (permission, disk full, a file in the way) stops the batch (every
-  further write would fail too) and is reported in :attr:`BatchReport.fatal`;
-* images of the same size are refined together, up to ``batch_size`` samples at a time; results do not depend on it
-  when the refiner is batch-invariant (see :class:`ldm.refine.Refiner`); several samples of one image in a batch
-  share one first-stage encode;
-* with :class:`~ldm.refine.region_files.RegionOptions` (masks, boxes) each input gets its start map; a mask that
-  cannot be read, has another size (seen in its header, before it is decoded) or selects nothing, a box outside the
-  image, or more regions than crop mode refines (:data:`ldm.refine.regions.MAX_REGIONS`), costs that input only;
-* with text-conditioned experts each input has its own prompt (``prompts``, one per input: what
-  :func:`ldm.refine.conditioning.resolve_input_prompts` gives the CLI); an input without one costs that input only,
-  a batch in which no input has one (or a chain :func:`~ldm.refine.conditioning.check_chain` refuses) is refused
-  before any work; outputs record the prompt, the negative prompt and the guidance scale.
+"""Refining image files in a batch (what ``scripts/refine.py`` runs): naming, skipping, batching, metadata, and
+per-file error reporting.
 """
 
 from __future__ import annotations
@@ -70,13 +46,9 @@ SOFTWARE = "latesteps refine"
 
 @dataclass
 class BatchReport:
-    """Outcome of :func:`refine_files`.
-
-    Attributes:
-        done: inputs whose every output now exists (written or skipped).  written: output files written.
-        skipped: outputs that already existed (``skip_existing``).  failed: ``(printable input, one-line reason)``.
-        fatal: one line when an output-folder error stopped the batch, else None.
-    """
+    """Outcome of :func:`refine_files`: ``done`` inputs (every output exists, written or skipped), ``written`` and
+    ``skipped`` output files, ``failed`` ``(printable input, one-line reason)``, and ``fatal``: one line when an
+    output-folder error stopped the batch."""
 
     done: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
@@ -111,12 +83,9 @@ def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
-    """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs.
-
-    When the output folder lies inside an input folder (``--input . --outdir outputs/refine``), the files found in it
-    are earlier outputs and are not refined again.  A file named explicitly, or found in an input folder that *is* the
-    output folder, is kept (outputs are then written next to their inputs, never over them).
-    """
+    """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs: files found in
+    the output folder when it lies inside an input folder (``--input . --outdir outputs/refine``).  A file named
+    explicitly, or found in an input folder that *is* the output folder, is kept (outputs never overwrite it)."""
     inputs = list(inputs)
     paths, problems = find_images(inputs)
     out_real = os.path.realpath(outdir)
@@ -160,8 +129,8 @@ def build_metadata(
     prompt: Prompt | None = None,
 ) -> dict[str, str]:
     """PNG text metadata of one output: every parameter, the effective start, the timesteps that ran, routing and each
-    checkpoint's sha256; with a ``prompt``, also ``prompt``, ``negative_prompt``, ``guidance_scale`` (read back by
-    :func:`ldm.imageio.prompt.read_image_prompt`) and ``unguided_experts`` (those that ran without it, if any)."""
+    checkpoint's sha256; with a ``prompt``, also the prompt (read back by :func:`ldm.imageio.prompt.read_image_prompt`)
+    and ``unguided_experts`` (those that ran without it, if any)."""
     meta = {
         "Software": SOFTWARE,
         "input": source,
@@ -194,13 +163,12 @@ def build_metadata(
         if unguided:
             meta["unguided_experts"] = ", ".join(unguided)
     if parameters is not None:
-        meta["parameters"] = json.dumps({k: v for k, v in parameters.items()}, default=str, sort_keys=True)
+        meta["parameters"] = json.dumps(dict(parameters), default=str, sort_keys=True)
     return meta
 
 
 def batch_plan(refiner: Refiner, request: RefineRequest) -> RefinePlan:
-    """The plan every input of a batch runs (:meth:`Refiner.plan_for`: a box with a later start of its own moves its
-    first step up).  Raises ValueError for a start outside ``[1, T-1]`` or steps no expert covers."""
+    """The plan every input of a batch runs (:meth:`Refiner.plan_for`); ValueError for steps no expert covers."""
     return refiner.plan_for(request)
 
 
@@ -219,33 +187,34 @@ def refine_files(
     share: Sequence[int] | None = None,
     prompts: Sequence[Prompt | str | None] | None = None,
 ) -> BatchReport:
-    """Refine every file in ``paths`` into ``outdir`` (see the module docstring for naming and error rules).
+    """Refine every file in ``paths`` into ``outdir``.
+
+    Outputs are ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; two inputs sharing a
+    stem get ``<stem>-<8 hex of their path>``), each written atomically, so ``skip_existing`` after a killed run never
+    takes a partial file for a finished one; the temps a killed run left of these outputs are removed first, never a
+    file the batch reads.  An input that cannot be loaded, whose region or prompt is bad, whose output would be an input
+    or a folder, or whose batch the networks fail on (e.g. out of memory) costs that input only (one line through
+    ``on_error``); an output-folder error stops the batch (:attr:`BatchReport.fatal`).
 
     Args:
-        refiner: the loaded :class:`Refiner`.
-        paths: image files (e.g. from :func:`collect_inputs`).
-        outdir: output folder (created if missing).
-        request: what runs (a validated :class:`~ldm.refine.request.RefineRequest`: start, steps, solver, seed and
-            samples (sample ``k`` of each input uses seed ``seed + k``), regions; None: the defaults, whole images).
-            Its plan is built before any file is read; boxes with starts of their own may move the start up.
-        batch_size: samples refined together (same-size images only).
+        paths: image files (e.g. from :func:`collect_inputs`).  outdir: created if missing.
+        request: what runs (None: the defaults, whole images); its plan is built before any file is read.
+        batch_size: samples refined together (same-size images, one guidance scale); results do not depend on it
+            when the refiner is batch-invariant.
         skip_existing: leave outputs that already exist (and count them as done).
         grid: also write ``<name>_grid.png``: input | refined, or input | mask overlay | refined with regions.
         parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
         progress: tqdm bars over images and sampling steps (rank 0 only).
         on_error: called with one line per failed input (default: logged as an error).
-        share: refine only the inputs at these indices of ``paths`` (this process's part of a batch split across
-            processes, :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
-        prompts: for text-conditioned experts, one entry per input of ``paths``: a :class:`Prompt`, a one-line reason
-            why that input has none (it fails with that line), or None (it fails: no prompt).  None (the default): no
-            input has a prompt.  Samples with different guidance scales are not batched together.
-
-    Returns:
-        a :class:`BatchReport` of the inputs refined here.
+        share: refine only the inputs at these indices of ``paths`` (this process's part,
+            :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
+        prompts: for text-conditioned experts, one entry per input: a :class:`Prompt`, or a one-line reason why that
+            input has none, or None (it fails); None: no input has a prompt.
 
     Raises:
-        ValueError: before any file is written, for arguments outside what is allowed, steps no expert covers, or an
-            output that would overwrite a mask (:func:`mask_clash`).
+        ValueError: before any file is written, for arguments outside what is allowed, steps no expert covers, a batch
+            in which no input has the prompt its experts need, or an output that would overwrite a mask
+            (:func:`mask_clash`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -364,13 +333,8 @@ def refine_files(
                 continue
             prompt = prompts[index] if needs_prompt else None
             if needs_prompt and not isinstance(prompt, Prompt):
-                finish(
-                    index,
-                    prompt
-                    if isinstance(prompt, str)
-                    else f"{format_path(path)}: no prompt for the "
-                    f"text-conditioned expert(s); pass one in prompts (CLI: --prompt, --prompt-file)",
-                )
+                missing = f"{format_path(path)}: no prompt for the text-conditioned expert(s); pass one in prompts (CLI: "
+                finish(index, prompt if isinstance(prompt, str) else missing + "--prompt, --prompt-file)")
                 continue
             try:
                 loaded = load_image(path)
@@ -405,22 +369,19 @@ def _scale(prompt: Prompt | None) -> float | None:
 def _regions_of(
     refiner: Refiner, path: Path, height: int, width: int, start_t: int, regions: RegionOptions
 ) -> tuple[torch.Tensor | None, dict[str, str]]:
-    """The start map of one input (``start_t`` where the mask is white and for boxes without a start of their own) and
-    the metadata that describes it (None, {} without regions)."""
+    """The start map ``[1, 1, H, W]`` of one input and the metadata that describes it (None, {} without regions); a
+    mask's size is compared with the image's from its header, before it is decoded."""
     if not regions.active:
         return None, {}
     mask_path = regions.mask_for(path)
     where = f"{format_path(path)}: " + (f"mask {format_path(mask_path)}: " if mask_path is not None else "")
     try:
         mask, digest = (None, "") if mask_path is None else load_mask(mask_path, (width, height))
-    except ImageLoadError:
-        raise
-    except ValueError as exc:  # a size that differs from the image's, seen in the header before decoding
-        raise ValueError(where + str(exc)) from exc
-    try:
         _, starts = refiner.region_start_map(height, width, start_t, None, mask, regions.boxes, regions.dilate)
         crops = region_crops(starts, regions.padding) if regions.crop else None  # at most MAX_REGIONS regions
-    except ValueError as exc:
+    except ImageLoadError:
+        raise
+    except ValueError as exc:  # e.g. a mask size that differs from the image's, seen in its header before decoding
         raise ValueError(where + str(exc)) from exc
     meta = {**regions.as_metadata(), "mask": describe_mask(mask_path), "mask_sha256": digest}
     meta.update(region_metadata(starts, crops))
@@ -436,12 +397,9 @@ def mask_clash(
     grid: bool,
     regions: RegionOptions,
 ) -> str | None:
-    """Why this batch would write over a mask it reads (one line naming the output and the mask), or None.
-
-    Every output of every input (grids included, all processes' shares) is compared by real path with the mask file,
-    or with each image file of the mask folder; a mask folder that cannot be listed is named too.  Inputs are checked
-    per input instead (an input clash costs that input only, see :func:`refine_files`).
-    """
+    """Why this batch would write over a mask it reads (one line naming the output and the mask), or None: every
+    output of every input (grids and all processes' shares included) by real path.  Inputs are checked per input
+    instead (an input clash costs that input only)."""
     try:
         protected = _mask_reals(regions)
     except OSError as exc:

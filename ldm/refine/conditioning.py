@@ -1,28 +1,5 @@
-"""Prompts in refinement: which experts take one, the rule for chains, encoding, and the guided plan.
-
-An expert is **text-conditioned** when its model has a conditioning key (``crossattn``, ...) and a condition encoder fed
-with text (``cond_stage_key`` ``caption`` or ``txt``: :data:`ldm.models.diffusion.latent.TEXT_COND_KEYS`, e.g. Stable
-Diffusion v1's ``FrozenCLIPEmbedder``).  Rules, checked by :func:`check_chain` before any work, over the experts that
-the plan runs (an expert whose window no step of the plan reaches does not count):
-
-* a text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt, unguided model);
-* a prompt needs at least one text-conditioned expert to run (otherwise it would change nothing: refused rather than
-  ignored); an expert conditioned on something else (class labels, a concatenated image) cannot take a prompt;
-* a chain that mixes text-conditioned and unconditional experts is refused with a prompt, unless the refiner was
-  built with ``allow_unconditional_experts=True`` (CLI ``--allow-unconditional-experts``): then the unconditional
-  experts run their steps unguided (no prompt, one network call per sample), the text-conditioned ones guided.
-
-Encoding (:func:`encode_prompts`): each distinct text (prompts, and negative prompts when the scale is not 1) is
-encoded once per distinct condition encoder, with ``model.get_learned_conditioning``; with ``batch_invariant`` one text
-per call, so an embedding does not depend on which prompts share the batch (CPU kernels block by batch size).  The
-result, :class:`PromptConditioning`, holds per expert ``cond`` / ``uncond`` ``[B, L, D]`` and wraps a plan with
-:func:`ldm.sampling.guidance.guided_plan` (guidance outside the refiner's chunking and autocast wrappers); crop mode
-takes each image's own rows (:meth:`PromptConditioning.apply` with ``index``).
-
-Prompts for files (:func:`resolve_input_prompts`, what ``scripts/refine.py`` runs): ``--prompt`` for every input, else
-the input's ``--prompt-file`` entry (by stem), else the prompt the image records (A1111's ``parameters`` chunk or this
-project's metadata: :func:`ldm.imageio.prompt.read_image_prompt`); what the source did not record (negative prompt,
-scale) comes from ``--negative-prompt`` / ``--guidance-scale``.
+"""Prompts in refinement: which experts take one, the rules for chains, encoding, and the guided plan; and each input
+file's prompt for the CLI.
 """
 
 from __future__ import annotations
@@ -62,7 +39,8 @@ def conditioning_key(model: Any) -> str | None:
 
 
 def is_text_conditioned(model: Any) -> bool:
-    """Whether ``model`` is conditioned on text through its condition encoder (see the module docstring)."""
+    """Whether ``model`` has a conditioning key and a condition encoder fed with text (``cond_stage_key`` in
+    :data:`~ldm.models.diffusion.latent.TEXT_COND_KEYS`, e.g. SD v1's ``FrozenCLIPEmbedder``)."""
     return (conditioning_key(model) is not None and getattr(model, "cond_stage_model", None) is not None
             and getattr(model, "cond_stage_key", None) in TEXT_COND_KEYS)  # fmt: skip
 
@@ -82,18 +60,19 @@ def _names(experts: Sequence[Expert], indices: Iterable[int]) -> str:
 
 
 def check_chain(experts: Sequence[Expert], plan: RefinePlan, prompted: bool, allow_unconditional: bool) -> None:
-    """Refuse, in one line, a refinement the rules of the module docstring do not allow.
+    """Refuse, in one line, before any work, what the rules over the experts the plan runs do not allow.
 
-    Args:
-        experts: the refiner's experts.  plan: the plan that will run (its steps say which experts run).
-        prompted: whether a prompt is given.  allow_unconditional: the refiner's ``allow_unconditional_experts``.
+    A text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt model); a prompt needs a
+    text-conditioned expert (it would change nothing: refused rather than ignored) and no expert conditioned on
+    something else; a chain of text-conditioned and unconditional experts takes a prompt only with
+    ``allow_unconditional`` (the refiner's ``allow_unconditional_experts``: the unconditional experts' steps then run
+    unguided).
 
     Raises:
-        ValueError: a text-conditioned expert without a prompt, a prompt no expert that runs takes, or a mixed chain
-            with a prompt without ``allow_unconditional``.
+        ValueError: saying which rule and what to change.
     """
     used = used_experts(plan)
-    text = [i for i in used if is_text_conditioned(experts[i].model)]
+    text = text_experts(experts, plan)
     if not prompted:
         if text:
             raise ValueError(
@@ -171,14 +150,10 @@ class PromptConditioning:
         """One :class:`Guidance` per expert (None: unguided); ``index``: only sample ``index``'s rows (batch 1)."""
         out: list[Guidance | None] = []
         for entry in self.per_expert:
-            if entry is None:
-                out.append(None)
-                continue
-            cond, uncond = entry
-            if index is not None:
-                cond = cond[index : index + 1]
-                uncond = None if uncond is None else uncond[index : index + 1]
-            out.append(Guidance(cond, uncond, self.scale))
+            if entry is not None and index is not None:
+                cond, uncond = entry
+                entry = (cond[index : index + 1], None if uncond is None else uncond[index : index + 1])
+            out.append(None if entry is None else Guidance(entry[0], entry[1], self.scale))
         return out
 
     def apply(self, plan: RefinePlan, index: int | None = None) -> RefinePlan:
@@ -195,16 +170,17 @@ def encode_prompts(
 ) -> PromptConditioning:
     """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs.
 
-    Experts with the same condition encoder module share its embeddings.  Runs under ``torch.inference_mode()`` and
-    ``autocast()`` (the networks' precision).  Raises ValueError when an encoder returns something other than one
-    tensor ``[n, ...]`` per ``n`` texts (its conditioning could not be guided here).
+    Each distinct text (and negative text when the scale is not 1) is encoded once per condition encoder module; with
+    ``batch_invariant`` one text per call (CPU kernels block by batch size).  Runs under ``torch.inference_mode()`` and
+    ``autocast()``.  Raises ValueError when an encoder returns something other than one tensor ``[n, ...]`` per ``n``
+    texts (its conditioning could not be guided here).
     """
     scale = prompts[0].guidance_scale
-    texts = list(dict.fromkeys([p.prompt for p in prompts] + ([p.negative_prompt for p in prompts] if scale != 1.0
-                                                               else [])))  # fmt: skip
+    negatives = [p.negative_prompt for p in prompts] if scale != 1.0 else []
+    texts = list(dict.fromkeys([p.prompt for p in prompts] + negatives))
     row = {text: i for i, text in enumerate(texts)}
     cond_rows = [row[p.prompt] for p in prompts]
-    uncond_rows = [row[p.negative_prompt] for p in prompts] if scale != 1.0 else None
+    uncond_rows = [row[text] for text in negatives] if scale != 1.0 else None
     per_expert: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(experts)
     encoded: dict[int, torch.Tensor] = {}  # id of the encoder -> [len(texts), L, D]
     with torch.inference_mode(), autocast():
@@ -216,19 +192,16 @@ def encode_prompts(
                 parts = [_encode(model, chunk, experts[i].name) for chunk in chunks]
                 encoded[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
             table = encoded[key]
-            cond = table[cond_rows]
-            uncond = None if uncond_rows is None else table[uncond_rows]
-            per_expert[i] = (cond, uncond)
+            per_expert[i] = (table[cond_rows], None if uncond_rows is None else table[uncond_rows])
     return PromptConditioning(tuple(prompts), scale, tuple(per_expert))
 
 
 def share_condition_encoders(experts: Sequence[Expert]) -> int:
     """Let experts whose text encoders are identical hold one module (the first one's); returns how many were merged.
 
-    Identical: the same class, the same ``cond_stage_forward``, the same settings (the module's public attributes of
-    plain types, e.g. ``max_length``, ``layer``), the same tokenizer vocabulary and merges, and equal weights, tensor by
-    tensor.  A chain of Stable Diffusion experts then keeps one CLIP text encoder (~0.5 GB) and encodes each prompt
-    once.  Only for models this process built (:meth:`Refiner.from_checkpoints`): the models are changed in place.
+    Identical: the same class, ``cond_stage_forward``, settings (public attributes of plain types, e.g. ``max_length``),
+    tokenizer vocabulary and merges, and equal weights, tensor by tensor; a chain of SD experts then keeps one CLIP
+    text encoder and encodes each prompt once.  Only for models this process built (the models are changed in place).
     """
     kept: list[Any] = []
     merged = 0
@@ -295,16 +268,12 @@ def resolve_input_prompts(
     negative_prompt: str | None = None,
     guidance_scale: float | None = None,
 ) -> list[Prompt | str]:
-    """Each input's prompt, by the precedence of the module docstring, or one line saying why it has none.
+    """Each input's :class:`Prompt`, or one line saying why it has none (none anywhere, or a corrupt one in the image).
 
-    Args:
-        paths: the inputs.  prompt: one prompt for every input (``--prompt``, already holding its negative prompt
-            and scale).  prompt_file: per-stem prompts (``--prompt-file``).  negative_prompt, guidance_scale: what
-            fills a prompt-file entry or an image's prompt that did not record them (None: ``""`` and
-            :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`).
-
-    Returns:
-        per input, a :class:`Prompt` or a one-line reason (no prompt anywhere, or a corrupt prompt in the image).
+    ``prompt`` (``--prompt``, with its negative prompt and scale) for every input, else the input's ``prompt_file``
+    entry (by stem), else the prompt the image records (:func:`ldm.imageio.prompt.read_image_prompt`);
+    ``negative_prompt`` and ``guidance_scale`` fill what the entry or image did not record (None: ``""`` and
+    :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`).
     """
     if prompt is not None:
         return [prompt] * len(paths)

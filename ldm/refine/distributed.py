@@ -1,10 +1,6 @@
-"""Refining one batch of files with several processes (``torchrun``, SLURM): who does which input, one summary.
-
-Every process loads the experts on its own device (``cuda:<LOCAL_RANK>`` on GPUs) and refines the inputs whose index
-in the sorted input list is ``rank (mod world size)``; output names are decided over the whole list, so each output is
-written by exactly one process and the files are the same as a single-process run.  At the end the processes exchange
-their :class:`~ldm.refine.batch.BatchReport` over a CPU (gloo) process group: rank 0 prints one summary, and every
-process exits with the same code, so the launcher's exit status reflects every rank's failures.
+"""Refining one batch of files with several processes (``torchrun``, SLURM): process ``rank`` refines the inputs whose
+index is ``rank (mod world size)`` (output names are decided over the whole list, so the files equal a single-process
+run's), then the processes exchange their reports over a CPU (gloo) group so that every one exits with the same code.
 """
 
 from __future__ import annotations

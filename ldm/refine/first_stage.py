@@ -1,22 +1,12 @@
-"""The first stage as refinement uses it: tiling, batch invariance and precision composed around a model, not set in it.
-
-:class:`FirstStage` encodes images to scaled latents and decodes them back through a LatentDiffusion's own first stage
-(``encode_first_stage`` / ``get_first_stage_encoding`` / ``decode_first_stage``, or the tiled passes of
-:mod:`ldm.models.tiling` for large images).  The model is only read, never modified, so the same model can be trained,
-or refined with other options, elsewhere.
-
-A KL first stage (``AutoencoderKL``) encodes to a posterior: refinement takes its **mean** by default, so encoding is
-deterministic (two encodes of an image are equal, and the latent does not depend on any RNG), and decodes the latent
-as is (nothing to quantize).  ``posterior="sample"`` draws ``mean + std * eps`` from the given generator instead (what
-LatentDiffusion's training does, seeded).  A VQ first stage is unchanged: its pre-quantization latent, snapped to the
-codebook when decoding.
+"""The first stage as refinement uses it: tiling, batch invariance and precision composed around a LatentDiffusion's
+own first stage, which is only read, never modified.  A KL first stage encodes to its posterior's mean by default (a
+deterministic latent) and decodes the latent as is; a VQ one snaps to its codebook when decoding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 
@@ -32,14 +22,13 @@ class FirstStage:
 
     Args:
         model: the LatentDiffusion whose first stage and ``scale_factor`` are used.
-        tiling: tile images larger than ``tiling.min_side`` (a VQ or KL first stage; see :mod:`ldm.refine.speed`), or
-            None.
+        tiling: tile images larger than ``tiling.min_side`` (a VQ or KL first stage), or None.
         batch_invariant: pass one sample at a time (a result then does not depend on its batch).
-        autocast: a factory of the networks' precision context (e.g. ``torch.autocast``; ``nullcontext`` for fp32).
-        posterior: for a KL first stage, ``"mean"`` (default: deterministic) or ``"sample"`` (a draw from
-            ``generator``); ignored by first stages that return a tensor (VQ, identity).
-        generator: the generator of ``posterior="sample"`` (None: the device's RNG; pass one to be reproducible).
-            Draws follow the encode calls in order, one chunk at a time.
+        autocast: a factory of the networks' precision context (``nullcontext`` for fp32).
+        posterior: for a KL first stage, ``"mean"`` (deterministic) or ``"sample"`` (``mean + std * eps`` from
+            ``generator``, as LatentDiffusion's training draws it); ignored by first stages that return a tensor (VQ).
+        generator: the generator of ``posterior="sample"`` (None: the device's RNG); draws follow the encode calls in
+            order, one chunk at a time.
     """
 
     def __init__(
@@ -70,9 +59,8 @@ class FirstStage:
 
     def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (sides multiples of :attr:`factor`) -> scaled latents
-        ``[B, C, H / f, W / f]`` float32 (a KL first stage: its posterior's mean, or a sample; see the class).
-        ``generators``: one per image, for ``posterior="sample"`` (each image's draw from its own generator, so it
-        does not depend on the batch); None: the class's ``generator``."""
+        ``[B, C, H / f, W / f]`` float32.  ``generators``: one per image for ``posterior="sample"`` (each image's draw
+        then does not depend on the batch); None: the class's ``generator``."""
         if generators is None or self.posterior != "sample":
             return self._per_chunk(x, self._encode_one)
         if len(generators) != x.shape[0]:
@@ -85,14 +73,6 @@ class FirstStage:
         codebook; a KL one decodes the latent as is)."""
         return self._per_chunk(z, self._decode_one)
 
-    def _latent(self, encoded: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The first stage's encoder output as one unscaled latent: a tensor as is, a KL posterior's mean or sample."""
-        if isinstance(encoded, DiagonalGaussianDistribution):
-            if self.posterior == "mean":
-                return encoded.mode()
-            return encoded.sample(generator=generator if generator is not None else self.generator)
-        return encoded
-
     def _encode_one(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.tiling is not None and self.tiling.applies_to(*x.shape[-2:]):
             first_stage = self.model.first_stage_model
@@ -100,7 +80,10 @@ class FirstStage:
             encoded = tiled(first_stage, x, self.tiling, self.factor)
         else:
             encoded = self.model.encode_first_stage(x)
-        return self.model.get_first_stage_encoding(self._latent(encoded, generator))
+        if isinstance(encoded, DiagonalGaussianDistribution):  # a KL posterior: its mean or a sample (VQ: a tensor)
+            generator = generator if generator is not None else self.generator
+            encoded = encoded.mode() if self.posterior == "mean" else encoded.sample(generator=generator)
+        return self.model.get_first_stage_encoding(encoded)
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         f = self.factor

@@ -1,21 +1,9 @@
 """``Refiner``: SDEdit-style refinement of images with one or more late-steps experts (the Python API).
 
-Pipeline for a batch ``x`` ``[B, 3, H, W]`` in ``[-1, 1]``: reflect-pad to the model's size multiple (first-stage factor
-x UNet downsampling factor) -> encode with the shared first stage -> a :class:`~ldm.sampling.RefinePlan` (built and
-checked once per set of arguments: the steps, e.g. the 50-step DDIM grid entries ``<= start_t`` or an exact count from
-``start_t``, the solver, and the expert serving each step) -> noise to the plan's first step -> the plan's steps
-(:func:`ldm.sampling.run_tail`) -> decode -> crop back -> clamp.  Alpha channels are handled by the caller layer
-(:meth:`Refiner.__call__` for PIL images, :mod:`ldm.refine.batch` for files).
-
-Reproducibility: each sample's noise comes from its own ``torch.Generator`` seeded with that sample's seed, drawn on the
-CPU, so the noise depends on the seed only, not on the batch or the device's RNG.  CPU kernels choose their blocking by
-batch size, which changes the last bits of a result; with ``batch_invariant`` (the default on CPU) every sample goes
-through the networks alone, so the same image and seed give a bit-identical output whether refined alone or in a batch.
-On CUDA batched kernels are used by default (outputs then agree across batch compositions to float rounding).
-
-Speed and memory (:mod:`ldm.refine.speed`): attention runs on the memory-efficient SDPA kernel; images with a side above
-768 px are encoded/decoded tile by tile (``tiling``); identical inputs in a batch (several samples of one image) are
-encoded once; ``channels_last`` and ``compile`` are options; ``precision="bf16"`` autocasts the networks.
+A batch ``[B, 3, H, W]`` in ``[-1, 1]`` is reflect-padded, encoded by the shared first stage, noised to the first step of
+a :class:`~ldm.sampling.RefinePlan` (built and checked once per set of arguments), denoised by the plan's steps,
+decoded, cropped back and clamped.  Each sample's noise comes from its own CPU generator; with ``batch_invariant`` each
+sample also goes through the networks alone, so an output does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -35,13 +23,7 @@ from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple
 from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
-from ldm.refine.conditioning import (
-    PromptArg,
-    check_chain,
-    encode_prompts,
-    prompts_for_batch,
-    share_condition_encoders,
-)
+from ldm.refine.conditioning import PromptArg, check_chain, encode_prompts, prompts_for_batch, share_condition_encoders
 from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage
 from ldm.refine.loading import (
     CheckpointInfo,
@@ -69,19 +51,11 @@ from ldm.refine.regions import (
     resize,
     resize_start_map,
 )
-from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
+from ldm.refine.request import MAX_SEED, RefineRequest, start_timestep
 from ldm.refine.run import PhaseClock, Run, unique_rows
 from ldm.refine.shipped import expand_names
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
-from ldm.sampling import (
-    NoiseSchedule,
-    RefinePlan,
-    build_plan,
-    check_int_arg,
-    randn,
-    resolve_start,
-    run_tail,
-)
+from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
 
 logger = logging.getLogger(__name__)
 
@@ -95,24 +69,21 @@ class Refiner:
 
     Args:
         experts: models or :class:`Expert` objects (window from ``model.window()``, ``[0, T)`` for a plain LDM).
-        device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (``"cuda:N"``) or a ``torch.device``; models are moved there.
-        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (autocast on the device for the networks; the sampling
-            trajectory stays float32; fp16 needs CUDA).
+        device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (``"cuda:N"``) or a ``torch.device``.
+        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"``: autocast for the networks; the trajectory stays float32; fp16
+            needs CUDA.
         allow_outside_window: run the nearest expert on steps no window covers (warning) instead of refusing.
         checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
-        batch_invariant: run the networks one sample at a time so outputs do not depend on the batch (bit-identical
-            batched or not); None = True on CPU, False on CUDA (where batching is what makes it fast).
-        tiling: first-stage tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`: 512 px tiles with 128 px overlap
-            for images with a side above 768 px; VQ first stages only), None (never tile) or a
-            :class:`~ldm.models.tiling.TilingConfig`.  Tiles blend seamlessly (see :mod:`ldm.models.tiling`).
-        channels_last: store the networks' weights NHWC (often faster convolutions; same results up to rounding).
-        compile: ``torch.compile`` the UNets (compiled on the first call per image size; off by default).
+        batch_invariant: run the networks one sample at a time: CPU kernels block by batch size, which changes the
+            last bits, so only then is an output bit-identical batched or not.  None: True on CPU, False on CUDA.
+        tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`), None (never tile) or a
+            :class:`~ldm.models.tiling.TilingConfig`.
+        channels_last: store the networks' weights NHWC (same results up to rounding).
+        compile: ``torch.compile`` the UNets (compiled on the first call per image size).
         allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
-            experts' steps without the prompt instead of refusing a prompted refinement (see
-            :mod:`ldm.refine.conditioning`).
-        first_stage_posterior: a KL first stage encodes with its posterior's ``"mean"`` (default: deterministic) or a
-            ``"sample"`` drawn from each sample's own generator (before its noise; reproducible per seed).  VQ first
-            stages ignore it.
+            experts' steps without the prompt instead of refusing (see :mod:`ldm.refine.conditioning`).
+        first_stage_posterior: a KL first stage encodes with its posterior's ``"mean"`` (deterministic) or a
+            ``"sample"`` from each sample's own generator (before its noise); VQ first stages ignore it.
     """
 
     def __init__(
@@ -175,20 +146,17 @@ class Refiner:
         allow_unconditional_experts: bool = False,
         first_stage_posterior: str = "mean",
     ) -> Refiner:
-        """Load one expert per checkpoint (see :func:`ldm.refine.loading.load_expert`) and build a refiner.
-
-        The experts it loads keep one first-stage module between them (checked equal first).
+        """Load one expert per checkpoint (:func:`ldm.refine.loading.load_expert`) and build a refiner; the experts
+        then hold one first-stage module (checked equal first) and one copy of identical text encoders.
 
         Args:
-            paths: one checkpoint per expert (a single path is accepted too), or the short name of shipped experts
-                (``"demo"``: :mod:`ldm.refine.shipped`).
-            device, precision, allow_outside_window: as in :class:`Refiner`.
+            paths: one checkpoint per expert (or a single path), or the short name of shipped experts (``"demo"``:
+                :mod:`ldm.refine.shipped`).
             ema: use EMA weights where present.
             config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
             trust_config: let configs stored in checkpoints name classes outside the allow-list.
             unsafe_load: unpickle arbitrary objects (only for files you trust).
-            batch_invariant, tiling, channels_last, compile, allow_unconditional_experts, first_stage_posterior: as in
-                :class:`Refiner`.
+            the others: as in :class:`Refiner`.
 
         Raises:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
@@ -233,8 +201,7 @@ class Refiner:
 
     @property
     def native_size(self) -> int:
-        """The experts' training image side in pixels (latent ``image_size`` x first-stage factor): what crop mode
-        resizes a region to by default."""
+        """The experts' training image side in pixels: what crop mode resizes a region to by default."""
         return int(self.model.image_size) * self.first_stage.factor
 
     # --------------------------------------------------------------------------------------------------------- plan
@@ -248,23 +215,14 @@ class Refiner:
         sampler: str = "ddim",
         strength: float | None = None,
     ) -> RefinePlan:
-        """Validate the arguments and the expert coverage, and say what will run; does no work on images.
-
-        Args:
-            start_t: integer timestep in ``[1, T-1]`` (default 500), or ``strength`` ``s`` in ``(0, 1]`` (``start_t =
-                min(round(s * T), T - 1)``); not both.
-            ddim_steps: the DDIM grid size (default 50; the steps are the grid entries ``<= start_t``), or
-                ``tail_steps``: exactly K steps from ``start_t`` itself (``1 <= K <= start_t``); not both.
-            eta: DDIM noise (0 deterministic; DDIM only).  sampler: ``"ddim"`` or ``"dpmpp_2m"`` (DPM-Solver++(2M)).
-
-        Returns a cached :class:`~ldm.sampling.RefinePlan` (one per set of arguments: built and validated once).
+        """The cached :class:`~ldm.sampling.RefinePlan` of these arguments (built and validated once per set); does no
+        work on images.  The arguments are :class:`~ldm.refine.request.RefineRequest`'s (``tail_steps``: ``1 <= K <=
+        start_t``).
 
         Raises:
             ValueError: an argument outside what is allowed, or steps outside every expert window (or in two).
         """
-        if start_t is None and strength is None:
-            start_t = DEFAULT_START_T
-        start = resolve_start(start_t, strength, self.num_timesteps)
+        start = start_timestep(start_t, strength, self.num_timesteps)
         key = (start, ddim_steps, tail_steps, eta, sampler)
         if key not in self._plans:
             self._plans[key] = build_plan(
@@ -282,8 +240,8 @@ class Refiner:
         return self._plans[key]
 
     def plan_for(self, request: RefineRequest) -> RefinePlan:
-        """The plan of ``request`` (:meth:`plan` with its start, a box's later start of its own included, and its
-        steps and solver): the checks that need the experts (``T``, windows) happen here, once per set of arguments."""
+        """The plan of ``request`` (:meth:`plan` from :meth:`RefineRequest.plan_start`): the checks that need the
+        experts (``T``, windows)."""
         return self.plan(request.plan_start(self.num_timesteps), **request.plan_arguments())
 
     def autocast(self) -> AbstractContextManager:
@@ -318,25 +276,23 @@ class Refiner:
 
         Args:
             x: ``[B, 3, H, W]`` float in ``[-1, 1]``, any ``H, W >= 1`` (reflect-padded internally), any device.
-            start_t, ddim_steps, eta, tail_steps, sampler, strength: what runs (see :meth:`plan`; default: the 50-step
-                DDIM grid entries ``<= 500``).
-            seeds: one seed per sample (length ``B``), or one int used for every sample.  Sample ``i``'s noise comes
-                from ``torch.Generator().manual_seed(seeds[i])`` alone: same seed -> same output, batched or not.
-            start_map: None (the whole image starts at the plan's first step) or each pixel's start timestep,
-                ``[B, 1, H, W]`` integers in ``[0, start_t]`` (see :mod:`ldm.refine.regions`; 0 = keep).  Pixels whose
-                start is 0 come back bit for bit; the refined region is composited with a feather of ``mask_blur`` px.
-            crop_regions: refine each connected region of the start map in a crop ("only masked"): the region grown by
-                ``region_padding`` px and to the experts' square training shape, resized to ``region_size`` px
-                (default :attr:`native_size`), refined, resized back and pasted; regions one after another (at most
-                :data:`~ldm.refine.regions.MAX_REGIONS` per image, else ValueError).
-            progress: show a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
-            timings: when given, filled with the wall time in seconds of each phase: ``encode``, ``sample`` (the
-                steps), ``decode`` (the device is synchronised between phases, which costs a little on CUDA).
+            start_t, ddim_steps, eta, tail_steps, sampler, strength: what runs (as in
+                :class:`~ldm.refine.request.RefineRequest`).
+            seeds: one seed per sample, or one int for every sample; sample ``i``'s noise comes from
+                ``torch.Generator().manual_seed(seeds[i])`` alone.
+            start_map: None (the whole image) or each pixel's start timestep, ``[B, 1, H, W]`` integers in ``[0,
+                start_t]`` (:mod:`ldm.refine.regions`; 0 = keep, bit for bit); the refined region is composited with a
+                feather of ``mask_blur`` px.
+            crop_regions: refine each connected region of the start map in its own crop ("only masked"): grown by
+                ``region_padding`` px and to a square, resized to ``region_size`` px (default :attr:`native_size`),
+                refined, resized back and pasted, one after another (at most
+                :data:`~ldm.refine.regions.MAX_REGIONS`, else ValueError).
+            progress: a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
+            timings: filled with the wall time in seconds of the phases ``encode``, ``sample``, ``decode`` (the device
+                is synchronised between phases).
             prompt: for text-conditioned experts (required by them, refused without them): one
-                :class:`~ldm.imageio.prompt.Prompt` (or str: ``Prompt(text)``, negative prompt "", scale 7.5) for every
-                sample, or one per sample (one guidance scale per call).  Steps of text-conditioned experts run with
-                classifier-free guidance (:mod:`ldm.sampling.guidance`); rules for mixed chains:
-                :mod:`ldm.refine.conditioning`.  Same prompt and seed -> same output.
+                :class:`~ldm.imageio.prompt.Prompt` (or str: ``Prompt(text)``) for every sample, or one per sample
+                (one guidance scale per call); rules for mixed chains: :mod:`ldm.refine.conditioning`.
 
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
@@ -359,11 +315,8 @@ class Refiner:
         timings: MutableMapping[str, float] | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Refine a batch of same-size images ``x`` ``[B, 3, H, W]`` in ``[-1, 1]`` as ``request`` says (a validated
-        :class:`~ldm.refine.request.RefineRequest`; its mask file and boxes are not read here: pass their
-        ``start_map``).  ``seeds``: one per sample, or one int for all (default ``request.seed``).  ``prompt``: per
-        sample, as in :meth:`refine_tensors` (default ``request.prompt``).  The other arguments and the result are
-        :meth:`refine_tensors`'."""
+        """:meth:`refine_tensors` as ``request`` says; its mask file and boxes are not read here (pass their
+        ``start_map``).  ``seeds`` and ``prompt`` default to the request's."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"refine_tensors expects x as a [B, 3, H, W] tensor, got {shape}")
@@ -501,16 +454,12 @@ class Refiner:
 
         Args:
             image: a ``PIL.Image`` of any mode and size (EXIF orientation applied, 16-bit kept in float, alpha kept and
-                re-attached), or a tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in ``[-1, 1]``.
-            start_t, seed, ddim_steps, eta, tail_steps, sampler, strength: as in :meth:`refine_tensors` (a tensor batch
-                uses ``seed`` for every sample).
+                re-attached), or a tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in ``[-1, 1]`` (every sample uses ``seed``).
             mask: white = refine at ``start_t``, black = keep, grey = a proportional start (a PIL image of the image's
                 size, or an array/tensor ``[H, W]``).  boxes: :class:`~ldm.refine.regions.Box` rectangles, each with an
                 optional start of its own (the plan then starts at the largest).  mask_dilate: grow the selection by
-                this many pixels first.  crop_regions, mask_blur, region_padding, region_size: as in
-                :meth:`refine_tensors`.  Pixels outside the (dilated) selection come back unchanged.
-            prompt: for text-conditioned experts, as in :meth:`refine_tensors` (one prompt; a tensor batch may give
-                one per sample).
+                this many pixels first.  Pixels outside the (dilated) selection come back unchanged.
+            the others: as in :meth:`refine_tensors`.
 
         Returns:
             a PIL image (``RGB``, or ``RGBA`` when the input had transparency) for PIL input; a float32 tensor of the
@@ -550,16 +499,11 @@ class Refiner:
         mask_dilate: int = 0,
     ) -> tuple[int, torch.Tensor]:
         """``(plan start_t, start map [1, 1, H, W])`` of a mask and boxes on a ``height`` x ``width`` image: the plan
-        starts at the larger of ``start_t`` (or ``strength``) and every box's own start (each must be a valid timestep;
-        the experts' coverage is checked when the plan is built).  Raises ValueError for a mask of another size, a box
-        outside the image or a selection that is empty."""
-        if start_t is None and strength is None:
-            start_t = DEFAULT_START_T
-        start = resolve_start(start_t, strength, self.num_timesteps)
-        for box in boxes:
-            if box.start_t is not None:
-                resolve_start(box.start_t, None, self.num_timesteps)
-        top = max([start, *(b.start_t for b in boxes if b.start_t is not None)])
+        starts at the larger of ``start_t`` (or ``strength``) and every box's own start (the experts' coverage is
+        checked with the plan).  Raises ValueError for an invalid start, a mask of another size, a box outside the
+        image or a selection that is empty."""
+        start = start_timestep(start_t, strength, self.num_timesteps)
+        top = max([start, *(resolve_start(b.start_t, None, self.num_timesteps) for b in boxes if b.start_t is not None)])
         check_int_arg("mask_dilate", mask_dilate, 0, MAX_FEATHER)
         array = None if mask is None else mask_to_array(mask, width, height)
         return top, build_start_map(height, width, start, array, boxes, mask_dilate)

@@ -1,9 +1,5 @@
-"""Region refinement for image files: masks found and read for each input, region metadata, the grid's mask overlay.
-
-A mask is read with the same robust loader as the inputs (:func:`ldm.imageio.load_image`: any mode, EXIF orientation,
-16-bit; colour masks use their luminance).  ``--mask`` names one mask file for every input, or a folder holding one
-mask per input, matched by file stem (``photo.png`` <- ``masks/photo.png``, any image suffix; the folder is listed
-once per run).  A mask's header size is compared with its image's before the mask is decoded.
+"""Region refinement for image files: each input's mask (``--mask``: one file for every input, or a folder of masks
+matched by stem, listed once per run), region metadata, and the grid's mask overlay.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ from ldm.refine.regions import (
     MAX_REGIONS,
     Box,
     find_regions,
+    mask_luminance,
     region_starts,
 )
 from ldm.sampling import check_int_arg
@@ -68,8 +65,8 @@ class RegionOptions:
 
     @cached_property
     def _mask_index(self) -> dict[str, list[Path]]:
-        """The mask folder's image files by stem, listed once per run: listing the folder for every input made a batch
-        quadratic (hours for 100,000 masks).  OSError when the folder cannot be listed."""
+        """The mask folder's image files by stem, listed once per run (listing it for every input made a batch
+        quadratic).  OSError when the folder cannot be listed."""
         index: dict[str, list[Path]] = {}
         if self.mask is None:
             return index
@@ -119,10 +116,8 @@ class RegionOptions:
 
 def load_mask(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
     """``(mask [H, W] float32 in [0, 1], sha256 of the file)``; ImageLoadError (one line) when it cannot be read.
-
     With ``size`` (the image's ``(width, height)``), a mask whose header gives another size is refused (ValueError)
-    before its pixels are decoded: a 9000 x 9000 mask for a 32 x 32 image would otherwise take 1.2 GB first.
-    """
+    before its pixels are decoded (a huge mask would otherwise be decoded first)."""
     if size is not None:
         header = header_size(path)
         # EXIF orientation may transpose the decoded mask, so a transposed header is decoded and compared after
@@ -139,12 +134,6 @@ def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:
     """:func:`load_mask` for an encoded mask held in memory (the web app's painted mask); ``source`` names it in
     errors."""
     return mask_luminance(decode_image(data, source=source).rgb), hashlib.sha256(data).hexdigest()
-
-
-def mask_luminance(rgb: np.ndarray) -> np.ndarray:
-    """A mask image's ``[H, W, 3]`` RGB in ``[0, 1]`` -> its luminance ``[H, W]`` (white = refine; colour masks count
-    by brightness)."""
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def region_metadata(start_map: torch.Tensor, crops: Sequence[tuple[int, ...]] | None) -> dict[str, str]:

@@ -1,10 +1,8 @@
 """Region refinement: masks and boxes -> a per-pixel start map, its latent version, the feathered composite, crops.
 
-Conventions: a mask is white = refine, black = keep (the opposite of latent-diffusion's sampler ``mask``, where 1 =
-keep).  A **start map** holds, for every pixel, the timestep at which it starts being denoised: a plain refinement is
-``start_t`` everywhere, a hard mask ``start_t`` inside and 0 outside, a grey mask value ``m`` in ``[0, 1]`` starts at
-``round(m * start_t)``, a box ``x0,y0,x1,y1@s`` at its own ``s``.  Pixels whose start is 0 are never changed: the
-refined image is composited with the input through :func:`composite_weight`, which is exactly 0 there.
+A mask is white = refine, black = keep (latent-diffusion's sampler ``mask`` is the opposite).  A **start map** holds
+each pixel's start timestep: a grey mask value ``m`` starts at ``round(m * start_t)``, a box ``x0,y0,x1,y1@s`` at its own
+``s``; pixels whose start is 0 come back unchanged (:func:`composite_weight` is exactly 0 there).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ MAX_FEATHER = 256  # px; mask_blur and mask_dilate above this would only cost ti
 MAX_REGION_SIZE = 4096  # px; a crop is refined at up to 4096 x 4096 (16 MP), far above any expert's training size
 MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context changes nothing on images up to 4096 px
 # Crop mode refines each connected region in turn (the whole tail of steps per region): a dotted mask of a megapixel
-# image has ~260,000 regions (hours of work, and as many crops in the metadata), so more than this are refused.
+# image would mean hours of work and as many crops in the metadata, so more than this are refused.
 MAX_REGIONS = 256
 # ASCII digits only: re's \d and int() also read other scripts' digits, so "１２" would be taken for 12
 # at most 9 digits: larger numbers are no pixel coordinate, and int() refuses over 4300 digits in its own words
@@ -66,25 +64,12 @@ def parse_box(text: str) -> Box:
     return Box(x0, y0, x1, y1, start)
 
 
-def check_boxes(boxes: Sequence[Box], width: int, height: int) -> None:
-    """Refuse a box that does not lie inside a ``width`` x ``height`` image (one line naming the box and the size)."""
-    for box in boxes:
-        if box.x1 > width or box.y1 > height:
-            raise ValueError(
-                f"box {box.describe()} lies outside the {width}x{height} image (x1 <= {width}, y1 <= {height} needed)"
-            )
-
-
 def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
-    """A mask as float32 ``[H, W]`` in ``[0, 1]`` (white = refine).
-
-    Accepts a PIL image of any mode (EXIF orientation applied; colour masks use their luminance; 16-bit kept), a
-    numpy array or a tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8 0..255, or float in ``[0, 1]``).
-    Raises ValueError when its size is not the image's.
-    """
+    """A mask as float32 ``[H, W]`` in ``[0, 1]`` (white = refine) from a PIL image of any mode (EXIF orientation
+    applied, 16-bit kept), or a numpy array or tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8 0..255,
+    or float in ``[0, 1]``).  Raises ValueError when its size is not the image's."""
     if isinstance(mask, Image.Image):
-        loaded = from_pil(mask, source="mask")
-        arr = loaded.rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        arr = mask_luminance(from_pil(mask, source="mask").rgb)
     else:
         arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
         while arr.ndim > 2 and arr.shape[0] == 1:
@@ -108,6 +93,11 @@ def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, hei
     return np.clip(arr, 0.0, 1.0).astype(np.float32)
 
 
+def mask_luminance(rgb: np.ndarray) -> np.ndarray:
+    """A mask image's ``[H, W, 3]`` RGB in ``[0, 1]`` -> its luminance ``[H, W]`` (colour masks count by brightness)."""
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def build_start_map(
     height: int,
     width: int,
@@ -120,30 +110,27 @@ def build_start_map(
 
     A grey mask value ``m`` starts at ``round(m * start_t)``; a box at its own start or ``start_t``; where they overlap
     the later start (more change) wins.  ``dilate`` grows the map by that many pixels (a square max filter).  Neither
-    mask nor boxes: ``start_t`` everywhere.  Raises ValueError when the map selects nothing.
+    mask nor boxes: ``start_t`` everywhere.  Raises ValueError for a box outside the image or a map that selects nothing.
     """
     if mask is None and not boxes:
         return torch.full((1, 1, height, width), int(start_t), dtype=torch.long)
     starts = torch.zeros(1, 1, height, width, dtype=torch.long)
     if mask is not None:
         starts = torch.from_numpy(np.rint(mask.astype(np.float64) * start_t).astype(np.int64))[None, None]
-    check_boxes(boxes, width, height)
     for box in boxes:
+        if box.x1 > width or box.y1 > height:
+            raise ValueError(
+                f"box {box.describe()} lies outside the {width}x{height} image (x1 <= {width}, y1 <= {height} needed)"
+            )
         value = int(start_t if box.start_t is None else box.start_t)
         region = starts[..., box.y0 : box.y1, box.x0 : box.x1]
         region.copy_(region.clamp(min=value))
-    starts = dilate_map(starts, dilate)
+    if dilate > 0:  # a square max filter
+        starts = F.max_pool2d(starts.double(), 2 * dilate + 1, stride=1, padding=dilate).to(starts.dtype)
     if not bool((starts > 0).any()):
         what = "the mask selects" if mask is not None else "the boxes select"
         raise ValueError(f"{what} nothing to refine (all black: start 0 everywhere); paint the region to refine white")
     return starts
-
-
-def dilate_map(start_map: torch.Tensor, pixels: int) -> torch.Tensor:
-    """``start_map`` ``[B, 1, H, W]`` grown by ``pixels`` (square max filter); 0 returns it unchanged."""
-    if pixels <= 0:
-        return start_map
-    return F.max_pool2d(start_map.double(), 2 * pixels + 1, stride=1, padding=pixels).to(start_map.dtype)
 
 
 def latent_start_map(start_map: torch.Tensor, factor: int) -> torch.Tensor:
@@ -178,14 +165,9 @@ def composite(x: torch.Tensor, refined: torch.Tensor, weight: torch.Tensor) -> t
 
 @dataclass(frozen=True)
 class Region:
-    """One connected region of a start map, without a full-size map of its own (a mask with many regions would
-    otherwise need regions x pixels of memory: 120 GB for a dotted 1024 x 1024 mask).
-
-    Attributes:
-        bbox: bounding box ``(x0, y0, x1, y1)``, exclusive ends.
-        label: the region's value in ``labels``.
-        labels: the label image ``[H, W]`` shared by every region of the map (0 = not selected).
-    """
+    """One connected region of a start map: its ``bbox`` ``(x0, y0, x1, y1)`` (exclusive ends) and its ``label`` in
+    ``labels``, the label image ``[H, W]`` shared by every region of the map (0 = not selected), so that many regions
+    do not need a full-size map each (regions x pixels of memory)."""
 
     bbox: tuple[int, int, int, int]
     label: int

@@ -1,14 +1,8 @@
 """``RefineRequest``: every option of one refinement, with its default, written once.
 
-``scripts/refine.py`` builds one from its flags, the web app from its JSON (:class:`ldm.app.handlers.RefineSettings`)
-and the Python API from :meth:`ldm.refine.Refiner.__call__`'s / :meth:`~ldm.refine.Refiner.refine_tensors`' keywords.
-It is validated once, where it is built (``__post_init__``: every check that does not need the experts), and the
-layers below take it unchanged: :func:`ldm.refine.batch.refine_files` -> :meth:`ldm.refine.Refiner.refine` -> the plan
-(:meth:`ldm.refine.Refiner.plan_for`, which adds the checks that need the experts: the start against ``T``, the steps
-against the expert windows).  A new refinement option is a field here, its use in the plan or the loop, and its flag.
-
-The region options (mask file, boxes, feather, dilation, crop mode) are a :class:`~ldm.refine.region_files.RegionOptions`
-(validated when it is made); the prompt is a :class:`~ldm.imageio.prompt.Prompt` (validated when it is made).
+The CLI, the web app and the Python API each build one; it is validated where it is built (the checks that need the
+experts happen in :meth:`ldm.refine.Refiner.plan_for`), and the layers below take it unchanged.  A new refinement option
+is a field here, its use in the plan or the loop, and its flag.
 """
 
 from __future__ import annotations
@@ -26,9 +20,17 @@ MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 1_000_000  # samples per input: a bound on names and loops (the app has its own, smaller one)
 
 
+def start_timestep(start_t: int | None, strength: float | None, num_timesteps: int) -> int:
+    """The start timestep for ``T = num_timesteps``: ``start_t``, or the one ``strength`` gives, or
+    :data:`DEFAULT_START_T` when neither is given."""
+    if start_t is None and strength is None:
+        start_t = DEFAULT_START_T
+    return resolve_start(start_t, strength, num_timesteps)
+
+
 @dataclass(frozen=True)
 class RefineRequest:
-    """What one refinement runs (see the module docstring).
+    """What one refinement runs.
 
     Attributes:
         start_t: integer timestep to noise to (``[1, T-1]``; default 500), or ``strength`` ``s`` in ``(0, 1]``
@@ -59,8 +61,7 @@ class RefineRequest:
             raise ValueError("start_t and strength were both given: pass one (strength s means start_t = round(s * T))")
         if self.start_t is not None and (isinstance(self.start_t, bool) or not isinstance(self.start_t, int)):
             raise ValueError(f"start_t={self.start_t!r} must be an integer timestep (t = T - step)")
-        # its range [1, T - 1] and the strength's (0, 1] are checked with T when the plan is built
-        # the step counts are checked with the start and T when the plan is built (Refiner.plan_for)
+        # start_t's range [1, T - 1], the strength's (0, 1] and the step counts are checked with T (Refiner.plan_for)
         check_solver(self.sampler, self.eta)
         check_int_arg("seed", self.seed, 0, MAX_SEED)
         check_int_arg("n_samples", self.n_samples, 1, MAX_SAMPLES)
@@ -69,8 +70,7 @@ class RefineRequest:
                              f"{self.seed + self.n_samples - 1}; the last seed must be at most {MAX_SEED}")  # fmt: skip
         if not isinstance(self.regions, RegionOptions):
             raise ValueError(f"regions must be a RegionOptions, got {type(self.regions).__name__}")
-        # crop mode without a mask or boxes is refused where the region is known: a tensor start map passed to
-        # Refiner.refine is one too
+        # crop mode without a mask or boxes is refused where the region is known (a start map passed to Refiner.refine)
         if self.prompt is not None and not isinstance(self.prompt, Prompt):
             raise ValueError(f"prompt must be a Prompt (ldm.imageio.prompt), got {type(self.prompt).__name__}")
 
@@ -79,9 +79,8 @@ class RefineRequest:
         return dataclasses.replace(self, **changes)
 
     def start(self, num_timesteps: int) -> int:
-        """The start timestep for ``T = num_timesteps``: ``start_t``, or the one ``strength`` gives, or the default."""
-        start_t = DEFAULT_START_T if self.start_t is None and self.strength is None else self.start_t
-        return resolve_start(start_t, self.strength, num_timesteps)
+        """The start timestep for ``T = num_timesteps`` (:func:`start_timestep`)."""
+        return start_timestep(self.start_t, self.strength, num_timesteps)
 
     def plan_start(self, num_timesteps: int) -> int:
         """The plan's first step: :meth:`start`, or a box's later start of its own (each checked against ``T``)."""

@@ -1,6 +1,5 @@
-"""What one refinement call passes down to its passes (:class:`Run`), its phase timer (:class:`PhaseClock`), and the
-de-duplication of identical images in a batch (:func:`unique_rows`, so several samples of one image are encoded once).
-"""
+"""What one refinement call passes down to its passes (:class:`Run`), its phase timer, and :func:`unique_rows` (so
+several samples of one image are encoded once)."""
 
 from __future__ import annotations
 
@@ -29,8 +28,8 @@ def unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
 
 @dataclass
 class Run:
-    """What one refinement call passes down to its passes: the plan, one generator per sample, progress reporting,
-    and the encoded prompts (None without one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
+    """One refinement call's plan, generators (one per sample), progress reporting and encoded prompts (None without
+    one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
 
     plan: RefinePlan
     generators: list[torch.Generator]

@@ -1,14 +1,5 @@
-"""Weights shipped with the repository, by short name, and the export that writes such files.
-
-``--ckpt demo`` (``scripts/refine.py``, ``scripts/app.py``), ``Refiner.from_checkpoints("demo")`` and
-``scripts/quickstart.py --weights demo`` name the two photo experts in ``weights/demo/`` (how they were trained:
-README, "Demo weights").  A name is only a list of files and their sha256: each file is checked against its digest
-before it is read, so a damaged or half-downloaded clone is refused in one line rather than loaded.
-
-An export (:func:`export_expert`, ``scripts/export_weights.py``) is the inference half of a ``main.py`` checkpoint in
-one ``.safetensors`` file: the EMA weights in place of the training weights, no optimizer state, the model config
-rebuilt for inference (no ``ckpt_path``, no training loss), its window and training step, all in the file's header
-(:data:`ldm.checkpoint.METADATA_RECORDS`).  ``load_expert`` reads it like the checkpoint it came from.
+"""Weights shipped with the repository by short name (``--ckpt demo``: the two photo experts in ``weights/demo/``, each
+file checked against its sha256 before it is read), and the export that writes such files (:func:`export_expert`).
 """
 
 from __future__ import annotations
@@ -102,11 +93,12 @@ def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
 
 
 def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16") -> dict[str, object]:
-    """Write the inference weights of the expert checkpoint ``source`` to ``out`` (``.safetensors``).
+    """Write the inference half of the ``main.py`` checkpoint ``source`` to ``out`` (``.safetensors``, atomically).
 
-    The EMA weights (when the checkpoint has them) replace the training weights; the UNet's parameters are stored as
-    ``dtype`` (``"fp16"`` halves them; the first stage and buffers such as the noise schedule and ``scale_factor`` keep
-    theirs, and loading casts the parameters back to the model's dtype).  The file is written atomically.
+    The EMA weights (when the checkpoint has them) replace the training weights, with no optimizer state; the model
+    config is rebuilt for inference (no ``ckpt_path``, no training loss) and stored with the window and training step in
+    the file's header.  The UNet's parameters are stored as ``dtype`` (the first stage and buffers keep theirs; loading
+    casts them back), and :func:`load_expert` reads the file like the checkpoint it came from.
 
     Returns:
         what was written: ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}``.

@@ -1,9 +1,5 @@
-"""Speed and memory options of refinement: channels_last, ``torch.compile``, auto tiling.
-
-:class:`~ldm.refine.Refiner` applies these to its experts; ``benchmarks/`` measures them.  Attention memory needs no
-option: the first stage's ``AttnBlock`` and the UNet's ``AttentionBlock`` give ``scaled_dot_product_attention``
-last-dim-contiguous ``q, k, v``, so its memory-efficient kernels serve them and no ``N x N`` score matrix is kept
-(``benchmarks/bench_memory.py --attention math`` forces the math kernel to show what that costs).
+"""Speed and memory options of refinement: channels_last, ``torch.compile``, auto tiling.  Attention needs no option:
+the first stage's and the UNet's attention give SDPA contiguous ``q, k, v``, so its memory-efficient kernels serve them.
 """
 
 from __future__ import annotations
@@ -28,29 +24,23 @@ AUTO_TILING = TilingConfig(min_side=768, tile=512, overlap=128, stat_side=512, s
 
 
 def to_channels_last(modules: Iterable[nn.Module]) -> None:
-    """Store the 4-D weights of ``modules`` in channels_last (NHWC) order; convolutions then run NHWC.
-
-    Inputs need no conversion: a convolution with channels_last weights returns channels_last activations.  Results
-    equal the default layout up to float rounding (other kernels).
-    """
+    """Store the 4-D weights of ``modules`` in channels_last (NHWC) order; convolutions then run NHWC (inputs need no
+    conversion: channels_last weights give channels_last activations).  Results equal the default up to rounding."""
     for module in modules:
         module.to(memory_format=torch.channels_last)
 
 
 def compile_unets(models: Iterable[Any], mode: str | None = None) -> None:
-    """``torch.compile`` each model's UNet (``model.model.diffusion_model``) in place (state-dict keys unchanged).
-
-    Compilation happens on the first call for each input shape (minutes for a large UNet); later calls of that shape
-    run the compiled kernels.  ``mode`` is passed to ``torch.compile`` (None, ``"reduce-overhead"``, ``"max-autotune"``).
-    """
+    """``torch.compile`` each model's UNet (``model.model.diffusion_model``) in place (state-dict keys unchanged),
+    compiled on the first call for each input shape.  ``mode``: ``torch.compile``'s."""
     for model in models:
         model.model.diffusion_model.compile(mode=mode)
 
 
 def resolve_tiling(tiling: TilingConfig | str | None, model: Any) -> TilingConfig | None:
     """The tiling a refiner uses: ``"auto"`` -> :data:`AUTO_TILING` for VQ and KL first stages (others are never
-    tiled), None -> no tiling, a :class:`TilingConfig` as given (the first stage must be a VQ or KL and the geometry
-    must fit its downsampling factor; ``ValueError`` otherwise)."""
+    tiled), None -> none, a :class:`TilingConfig` as given (ValueError unless the first stage is a VQ or KL and the
+    geometry fits its downsampling factor)."""
     if tiling is None:
         return None
     if isinstance(tiling, str):

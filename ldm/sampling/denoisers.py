@@ -1,11 +1,6 @@
-"""Denoisers: callables ``(x [B, C, H, W], t [B] long, cond) -> eps [B, C, H, W]`` that samplers step with.
-
-A sampler only ever sees this interface, so classifier-free guidance (:class:`CFGDenoiser`), mixed precision
-(:class:`AutocastDenoiser`), batch-invariant evaluation (:class:`ChunkedDenoiser`) and routing between window experts
-(:mod:`ldm.models.diffusion.experts`) are wrappers, not branches inside a solver step.  The refinement plan
-(:mod:`ldm.sampling.plan`) resolves the routing once and holds each step's wrapped expert.  They live here, next to
-the sampler, so that ``ldm.sampling`` imports nothing from ``ldm.models`` (:mod:`ldm.models.diffusion.denoisers`
-re-exports them).
+"""Denoisers: callables ``(x [B, C, H, W], t [B] long, cond) -> eps [B, C, H, W]`` that samplers step with, and the
+wrappers for guidance, precision and batch invariance (routing: :mod:`ldm.models.diffusion.experts`), so none of them is
+a branch inside a solver step.  They live here so that ``ldm.sampling`` imports nothing from ``ldm.models``.
 """
 
 from __future__ import annotations
@@ -38,13 +33,14 @@ class ModelDenoiser:
         return (x - sqrt_ab * out) / sqrt_1mab
 
 
-def _concat_cond(uncond: Any, cond: Any) -> Any:
-    """Stack unconditional and conditional inputs along the batch (tensors, lists of tensors, or dicts of lists)."""
+def stack_cond(uncond: Any, cond: Any) -> Any:
+    """``[uncond, cond]`` along the batch, keeping the nesting (tensors, lists of tensors, dicts of them; lists stay
+    lists: ``apply_model`` concatenates them)."""
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([uncond, cond])
     if isinstance(cond, dict):
-        return {k: _concat_cond(uncond[k], cond[k]) for k in cond}
-    if isinstance(cond, list):
-        return [torch.cat([u, c]) for u, c in zip(uncond, cond)]
-    return torch.cat([uncond, cond])
+        return {k: stack_cond(uncond[k], cond[k]) for k in cond}
+    return [stack_cond(u, c) for u, c in zip(uncond, cond)]
 
 
 class CFGDenoiser:
@@ -60,16 +56,13 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         x_in = torch.cat([x, x])
         t_in = torch.cat([t, t])
-        e_u, e_c = self.inner(x_in, t_in, _concat_cond(self.uncond, cond)).chunk(2)
+        e_u, e_c = self.inner(x_in, t_in, stack_cond(self.uncond, cond)).chunk(2)
         return e_u + self.scale * (e_c - e_u)
 
 
 class AutocastDenoiser:
-    """Runs the inner denoiser under ``torch.autocast(device_type, dtype)`` and returns eps in ``x``'s dtype.
-
-    Only the network runs in reduced precision; the DDIM trajectory (``x_t``, ``pred_x0``) stays in ``x``'s dtype
-    (float32), so rounding does not accumulate over the steps.
-    """
+    """Runs the inner denoiser under ``torch.autocast(device_type, dtype)`` and returns eps in ``x``'s dtype: only the
+    network runs in reduced precision, so rounding does not accumulate over the trajectory's steps."""
 
     def __init__(self, inner: Denoiser, device_type: str, dtype: torch.dtype):
         self.inner = inner
@@ -83,12 +76,8 @@ class AutocastDenoiser:
 
 
 class ChunkedDenoiser:
-    """Runs the inner denoiser on chunks of at most ``chunk_size`` samples and concatenates the results.
-
-    With ``chunk_size=1`` every sample goes through the network alone, so its result cannot depend on which other
-    samples share the batch (CPU kernels pick blocking by batch size, which changes the last bits).  ``cond`` must be
-    None or a tensor indexed along the batch.
-    """
+    """Runs the inner denoiser on chunks of at most ``chunk_size`` samples (``cond``: None or a tensor indexed along the
+    batch).  With ``chunk_size=1`` a sample's result cannot depend on its batch (CPU kernels block by batch size)."""
 
     def __init__(self, inner: Denoiser, chunk_size: int = 1):
         if chunk_size < 1:

@@ -1,39 +1,10 @@
-"""Classifier-free guidance as a :class:`~ldm.sampling.denoisers.Denoiser` that closes over its conditioning.
+"""Classifier-free guidance as a :class:`~ldm.sampling.denoisers.Denoiser` that closes over its conditioning, so a plan
+and the loop carry it unchanged (the loop's own ``cond`` stays None).
 
-:class:`GuidedDenoiser` holds the conditional and the unconditional conditioning (e.g. text embeddings ``[B, L, D]``
-for cross-attention, in any form ``LatentDiffusion.apply_model`` takes: a tensor, a list of tensors, or a dict
-``{"c_crossattn": [...], "c_concat": [...]}``) and a scale ``s``, and returns
-
-    eps = eps_u + s * (eps_c - eps_u)
-
-with both branches in **one** call of the inner denoiser on the batch ``[uncond, cond]`` (``2B`` samples).  Because it
-closes over its conditioning, the plan and the loop (:mod:`ldm.sampling.plan`, :mod:`ldm.sampling.loop`) carry it
-unchanged: the loop's own ``cond`` argument stays None.
-
-Shortcuts, each exact (no arithmetic on the network's output):
-
-* ``s == 1``: the conditional model alone (``eps_u + 1 * (eps_c - eps_u)`` equals ``eps_c`` up to rounding; skipping
-  the unconditional branch halves the cost and makes it bit for bit the conditional model);
-* ``s == 0``: the unconditional model alone.
-
-Composition (outermost first), as :func:`guided_plan` builds it from a plan's per-step denoisers::
-
-    GuidedDenoiser(ChunkedDenoiser(AutocastDenoiser(ModelDenoiser(expert))))
-
-* Guidance must be **outside** ``ChunkedDenoiser``: the chunked wrapper slices ``x`` along the batch, and a wrapper
-  inside it would see a slice without knowing which samples' conditioning it holds.  With ``ChunkedDenoiser(1)`` (the
-  Refiner's batch-invariant CPU mode) the one batched call becomes ``2B`` calls of one sample each; every sample's
-  result then does not depend on the batch, as without guidance.  ``ChunkedDenoiser`` slices tensor conditioning only:
-  pass the cross-attention context as a tensor (``apply_model`` wraps it as ``{"c_crossattn": [context]}``).
-* Guidance outside ``AutocastDenoiser`` combines the two branches in ``x``'s dtype (float32), not in bf16.
-* Routing: a plan resolves the expert of each step once; :func:`guided_plan` wraps each expert's denoiser with that
-  expert's :class:`Guidance` (one per expert, or one shared), so each expert gets the conditioning, and an expert
-  given None stays unguided.
-* Region refinement: the loop holds pixels that have not started at ``q_sample(z0, level)`` outside the denoiser;
-  guidance only changes eps, so held pixels stay held.
-
-Conditioning is used as given: put it on the model's device (and in its dtype) before building the wrapper.  A batch
-of one is broadcast to the latent's batch (one prompt for every image).
+:func:`guided_plan` wraps a plan's per-step denoisers as ``GuidedDenoiser(ChunkedDenoiser(AutocastDenoiser(...)))``:
+outside the chunking, which slices ``x`` along the batch and could not tell a wrapper inside which samples' conditioning
+it holds, and outside autocast, so the two branches combine in float32.  Held region pixels stay held: guidance only
+changes eps.
 """
 
 from __future__ import annotations
@@ -46,7 +17,7 @@ from typing import Any
 import torch
 
 from ldm.imageio.prompt import check_guidance_scale
-from ldm.sampling.denoisers import Denoiser
+from ldm.sampling.denoisers import Denoiser, stack_cond
 from ldm.sampling.plan import RefinePlan
 
 Cond = Any  # a tensor [B, ...], a list of tensors, or a dict of such (LatentDiffusion.apply_model's forms)
@@ -84,23 +55,17 @@ def _for_batch(cond: Cond, batch: int) -> Cond:
     return [_for_batch(c, batch) for c in cond]
 
 
-def _stack(uncond: Cond, cond: Cond) -> Cond:
-    """``[uncond, cond]`` along the batch, keeping the nesting (lists stay lists: apply_model concatenates them)."""
-    if isinstance(cond, torch.Tensor):
-        return torch.cat([uncond, cond])
-    if isinstance(cond, dict):
-        return {k: _stack(uncond[k], cond[k]) for k in cond}
-    return [_stack(u, c) for u, c in zip(uncond, cond)]
-
-
 class GuidedDenoiser:
-    """Classifier-free guidance around ``inner``: ``eps_u + scale * (eps_c - eps_u)`` in one batched call.
+    """Classifier-free guidance around ``inner``: ``eps_u + scale * (eps_c - eps_u)``, both branches in one call on
+    ``[uncond, cond]`` (``2B`` samples).  At scale 1 (0) only the conditional (unconditional) branch runs: exact, and
+    half the cost.  Conditioning is used as given (on the model's device and dtype); a batch of 1 is broadcast.
 
     Args:
         inner: the expert's denoiser ``(x [N, C, h, w], t [N], cond) -> eps [N, C, h, w]``.
-        cond: the conditional conditioning, batch ``B`` or 1.  uncond: the unconditional one (the empty or negative
-            prompt's embedding), the same nesting and per-sample shapes, batch ``B`` or 1; may be None only at scale 1.
-        scale: ``s``, finite and ``>= 0`` (1: the conditional model, exactly; 0: the unconditional model, exactly).
+        cond: the conditional conditioning (a tensor ``[B, ...]``, a list or dict of them, as ``apply_model`` takes),
+            batch ``B`` or 1.  uncond: the unconditional one (the empty or negative prompt's embedding), the same
+            nesting and per-sample shapes; may be None only at scale 1.
+        scale: ``s``, finite and ``>= 0``.
 
     Raises:
         ValueError: a scale outside what is allowed, no uncond at a scale other than 1, conditioning that is not a
@@ -129,26 +94,23 @@ class GuidedDenoiser:
         self._batch = max(batches, default=1)
         self._stacked: tuple[int, Cond] | None = None  # (batch, [uncond, cond]) built on the first call
 
-    def _check_batch(self, batch: int) -> None:
-        if self._batch not in (1, batch):
-            raise ValueError(
-                f"the guidance conditioning has batch {self._batch} but the latent has {batch}: give one embedding "
-                "per image (or one for all); GuidedDenoiser must wrap ChunkedDenoiser, not be wrapped by it"
-            )
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """eps ``[B, C, h, w]`` for ``x`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` must be None (held here)."""
         if cond is not None:
             raise ValueError("GuidedDenoiser holds its own conditioning; run the plan with cond=None")
         batch = x.shape[0]
-        self._check_batch(batch)
+        if self._batch not in (1, batch):
+            raise ValueError(
+                f"the guidance conditioning has batch {self._batch} but the latent has {batch}: give one embedding "
+                "per image (or one for all); GuidedDenoiser must wrap ChunkedDenoiser, not be wrapped by it"
+            )
         if self.scale == 1.0:  # the conditional model, exactly; the unconditional branch is not run
             return self.inner(x, t, _for_batch(self.cond, batch))
         if self.scale == 0.0:  # the unconditional model, exactly
             return self.inner(x, t, _for_batch(self.uncond, batch))
         if self._stacked is None or self._stacked[0] != batch:
             # built once per batch size and reused by every step (a copy of both embeddings, not one per step)
-            self._stacked = (batch, _stack(_for_batch(self.uncond, batch), _for_batch(self.cond, batch)))
+            self._stacked = (batch, stack_cond(_for_batch(self.uncond, batch), _for_batch(self.cond, batch)))
         eps = self.inner(torch.cat([x, x]), torch.cat([t, t]), self._stacked[1]).to(x.dtype)
         eps_u, eps_c = eps.chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
@@ -168,15 +130,10 @@ class Guidance:
 
 
 def guided_plan(plan: RefinePlan, guidance: Guidance | Sequence[Guidance | None]) -> RefinePlan:
-    """A copy of ``plan`` whose every step runs its expert's denoiser wrapped with that expert's guidance.
-
-    Args:
-        plan: a built plan (its steps, routing and coefficients are kept; the coefficient tensors are shared).
-        guidance: one :class:`Guidance` for every expert, or one per expert in the plan's expert order
-            (``plan.expert_names``); None leaves that expert's steps unguided (an unconditional expert).
-
-    Each expert's denoiser is wrapped once and shared by its steps.  Raises ValueError for a per-expert list of the
-    wrong length, or conditioning :class:`GuidedDenoiser` refuses.
+    """A copy of ``plan`` (coefficient tensors shared) whose every step runs its expert's denoiser wrapped once with
+    that expert's guidance: ``guidance`` is one :class:`Guidance` for every expert, or one per expert in
+    ``plan.expert_names`` order (None: that expert's steps stay unguided).  Raises ValueError for a list of the wrong
+    length, or conditioning :class:`GuidedDenoiser` refuses.
     """
     n_experts = len(plan.expert_names)
     if isinstance(guidance, Guidance):

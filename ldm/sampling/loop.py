@@ -1,16 +1,10 @@
-"""Running a :class:`~ldm.sampling.plan.RefinePlan`: the sampling loop, with no checks and no device-to-host reads.
+"""Running a :class:`~ldm.sampling.plan.RefinePlan` with no checks and no device-to-host reads (CUDA work is queued
+ahead of the host).
 
-Every argument was validated when the plan was built; the loop only indexes the plan's device tensors and calls each
-step's denoiser, so CUDA work is queued ahead of the host.
-
-**Region refinement** (a start map): each latent pixel starts being denoised at its own timestep.  At step ``i`` a
-pixel that was not yet active at step ``i - 1`` enters the network as the input's clean latent noised to *this step's*
-level, ``sqrt(abar_t_i) z0 + sqrt(1 - abar_t_i) eps``, i.e. the level the network is told it sees (one step off and
-the pixel would be denoised from the wrong noise level: the classic seam).  The noise ``eps`` of held pixels is the
-one the whole latent was noised with at the start, as in diffusers' inpainting: a pixel that starts later starts
-exactly where a plain refinement from its level would start, and the held noise field does not flicker from step to
-step around the active region.  After the last step, pixels that never started are the clean latent.  A constant
-start map at or above the first step gives bit for bit the same result as no start map.
+With a start map, a latent pixel not yet active enters step ``i`` as the clean latent noised to *this step's* level with
+the noise the whole latent was noised with at the start (as diffusers' inpainting): one step off and it would be
+denoised from the wrong level (a seam), and the held noise field does not flicker around the active region.  Pixels
+that never start end as the clean latent.
 """
 
 from __future__ import annotations
@@ -49,8 +43,8 @@ def run_tail(
     """SDEdit: noise the clean latent ``z0`` ``[B, C, h, w]`` with ``noise`` (same shape) and run the plan.
 
     Args:
-        start_map: None (every pixel starts at the first step) or the start timestep of each latent pixel,
-            ``[B, 1, h, w]`` integer, on ``z0``'s device (see the module docstring).
+        start_map: None (every pixel starts at the first step) or each latent pixel's start timestep, ``[B, 1, h, w]``
+            integer on ``z0``'s device; a constant map at or above the first step gives bit for bit no map's result.
         generators: DDIM's per-step noise when ``eta > 0`` (one generator, or one per sample).
         cond: conditioning passed to every denoiser call.  callback: called with each finished step's index.
         progress: a tqdm bar over the steps (rank 0 only).

@@ -1,8 +1,6 @@
-"""Noise for samplers, from explicit ``torch.Generator`` objects (the global RNG is never used).
-
-A batch takes one generator, or one per sample: then row ``i``'s noise depends only on generator ``i``, so a sample's
-result does not depend on which other samples share its batch.  Noise is drawn on the generator's device (CPU
-generators make CPU runs bit-reproducible and CUDA runs independent of the device's RNG) and moved to the latent's.
+"""Noise for samplers from explicit ``torch.Generator`` objects (never the global RNG): one per batch, or one per sample,
+so that row ``i``'s noise depends only on generator ``i`` (a sample's result then does not depend on its batch).  Noise
+is drawn on the generator's device (CPU generators: bit-reproducible, device-RNG independent) and moved to the latent's.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The refinement plan: every choice of a refinement, validated once and frozen, with its coefficients on the device.
 
-:func:`build_plan` checks the arguments (start timestep, step count, eta, solver) and the experts' coverage of every
-step, resolves which denoiser runs each step (one call of the router), and puts the per-step coefficients on the device.
-:mod:`ldm.sampling.loop` then runs the plan without checking anything again.
+:func:`build_plan` checks the arguments and the experts' coverage of every step, resolves each step's denoiser (one
+call of the router) and puts the coefficients on the device; :mod:`ldm.sampling.loop` runs it without checking again.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
-"""Which timesteps a refinement runs, and the per-step coefficients of each solver: pure functions over ``alphas_cumprod``.
+"""Which timesteps a refinement runs, and each solver's per-step coefficients: pure functions over ``alphas_cumprod``.
 
-Two ways to choose the steps (see :func:`grid_tail` and :func:`exact_tail`):
-
-* **grid** (``ddim_steps=S``, latent-diffusion's habit): the DDIM grid ``range(0, T, T // S) + 1`` (S=50: 1, 21, ...,
-  981); the tail for ``start_t`` is the grid entries ``<= start_t``, and the latent is noised to the first of them
-  (``start_t=500`` runs 481, 461, ..., 1).  Stable Diffusion's img2img noises to one grid entry and starts denoising
-  from the next one down; that off-by-one is not copied.
-* **exact** (``tail_steps=K``): K steps from ``start_t`` itself, uniform in log-SNR ``lambda = log(alpha / sigma)``
-  between ``start_t`` and timestep 0 (:func:`exact_tail`).  Uniform in t would put the last step from ``start_t / K``
-  to 0, which in log-SNR is a long step (latent-diffusion's linear schedule: lambda 1.2 at t=50, 3.25 at t=0) that
-  shrinks only like ``log K``: it dominates the error of both solvers and hides DPM-Solver++'s second order.  On
-  Gaussian data with a closed-form answer (``tests/test_sampling.py``, start_t=500) uniform log-SNR cut the final
-  error of DDIM by 1.5x and of DPM-Solver++(2M) by 6-15x at K = 5..25 against uniform t.
-
-Each step runs the network at ``timesteps[i]`` and moves the latent to the level ``levels[i]``: the next lower grid
-entry (for a window's own tail, the one just below the window) or the next step's timestep, and timestep 0 after the
-lowest (latent-diffusion's DDIM convention ``alphas_prev[0] = alphas_cumprod[0]``, kept so that refinements are
-unchanged).
+**grid** (``ddim_steps=S``): the tail of latent-diffusion's DDIM grid ``range(0, T, T // S) + 1`` at or below
+``start_t``, noised to its first entry (not SD img2img's off-by-one start from the next entry).  **exact**
+(``tail_steps=K``): K steps from ``start_t`` itself, uniform in log-SNR: uniform in t would make the last step to 0 a
+long one in log-SNR, which dominates both solvers' error (README, "Which steps run").  Step ``i`` runs at
+``timesteps[i]`` and moves the latent to ``levels[i]`` (0 after the lowest: latent-diffusion's ``alphas_prev[0]``).
 """
 
 from __future__ import annotations
@@ -36,10 +24,9 @@ class NoiseSchedule:
     """A diffusion model's noise schedule, as the samplers need it (all on the CPU).
 
     Attributes:
-        alphas_cumprod: ``[T]`` float64.  The DDIM and DPM-Solver coefficients are computed from it in float64.
-        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: ``[T]`` float32, the coefficients ``q_sample`` noises with.
-            :meth:`from_model` takes the model's own buffers (computed in float64 from the betas), so a latent noised
-            here equals ``model.q_sample`` bit for bit.
+        alphas_cumprod: ``[T]`` float64 (the solvers' coefficients are computed from it in float64).
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: ``[T]`` float32, the coefficients ``q_sample`` noises with
+            (:meth:`from_model` takes the model's own buffers, so a latent noised here equals ``model.q_sample``).
     """
 
     alphas_cumprod: torch.Tensor
@@ -77,13 +64,12 @@ def grid_tail(start_t: int, ddim_steps: int, num_timesteps: int, t_min: int = 0)
 
 
 def exact_tail(alphas_cumprod: torch.Tensor, start_t: int, tail_steps: int) -> tuple[int, ...]:
-    """``tail_steps`` distinct integer timesteps from ``start_t`` down, uniform in log-SNR (see the module docstring).
+    """``tail_steps`` (``1 <= K <= start_t``) distinct integer timesteps from ``start_t`` down, uniform in log-SNR.
 
-    The ideal levels split ``[lambda(start_t), lambda(0)]`` (``lambda = log(alpha / sigma)``, interpolated linearly
-    between integer timesteps) into ``tail_steps`` equal parts; each is rounded to the nearest timestep, the first is
-    ``start_t`` itself, and where rounding would repeat a timestep (many steps near t = 0, where consecutive timesteps
-    are far apart in log-SNR) the steps are pushed apart to consecutive integers.  Requires ``1 <= tail_steps <=
-    start_t``; the last step moves the latent to timestep 0.
+    The ideal levels split ``[lambda(start_t), lambda(0)]`` (``lambda = log(alpha / sigma)``, linear between integer
+    timesteps) into K equal parts, each rounded to the nearest timestep, the first ``start_t`` itself; where rounding
+    would repeat a timestep (near t = 0, where consecutive timesteps are far apart in log-SNR) the steps are pushed apart
+    to consecutive integers.  The last step moves the latent to timestep 0.
     """
     k = int(tail_steps)
     acp = alphas_cumprod.to(torch.float64).numpy()

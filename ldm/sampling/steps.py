@@ -1,7 +1,5 @@
-"""One update per solver, as pure functions of tensors (no model, no schedule object, no checks).
-
-``ddim_step`` serves DDIM refinement, sampling from noise and latent-diffusion's :class:`DDIMSampler`; ``dpmpp_2m_step``
-serves DPM-Solver++(2M).  The coefficients come from :mod:`ldm.sampling.schedule`.
+"""One update per solver, as pure functions of tensors (no model, no schedule object, no checks); the coefficients come
+from :mod:`ldm.sampling.schedule`.
 """
 
 from __future__ import annotations
@@ -17,16 +15,10 @@ def ddim_step(
     sigma_t: torch.Tensor,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM update (DDIM eq. 12) from ``x_t`` to ``x_prev``.
-
-    Args:
-        x: ``x_t`` ``[B, C, H, W]``.  e_t: predicted noise, same shape.
-        a_t, a_prev: ``alphas_cumprod`` at this step and at the level it moves to (scalars or broadcastable).
-        sigma_t: ``eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))``.
-        noise: standard normal ``[B, C, H, W]``; required when ``sigma_t > 0``.
-    Returns:
-        ``(x_prev, pred_x0)`` with ``pred_x0 = (x_t - sqrt(1 - a_t) e_t) / sqrt(a_t)`` and
-        ``x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev - sigma_t^2) e_t + sigma_t noise``.
+    """One DDIM update (DDIM eq. 12) from ``x_t`` ``[B, C, H, W]`` and its predicted noise ``e_t`` to ``(x_prev,
+    pred_x0)``: ``pred_x0 = (x_t - sqrt(1 - a_t) e_t) / sqrt(a_t)``, ``x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev -
+    sigma_t^2) e_t + sigma_t noise``.  ``a_t``, ``a_prev``: ``alphas_cumprod`` at this step and at the level it moves to
+    (broadcastable); ``noise``: standard normal, required when ``sigma_t > 0``.
     """
     pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
     x_prev = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t**2).sqrt() * e_t
@@ -44,16 +36,14 @@ def dpmpp_2m_step(
     w: torch.Tensor,
     second_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One DPM-Solver++(2M) update: ``ratio * x + gain * D`` with ``D = (1 + w) x0 - w x0_prev``.
+    """One DPM-Solver++(2M) update of the latent ``x`` ``[B, C, H, W]`` to the step's level: ``ratio * x + gain * D``
+    with ``D = (1 + w) x0 - w x0_prev`` (coefficients: :func:`ldm.sampling.schedule.dpmpp_2m_coefficients`).
 
     Args:
-        x: the latent at this step ``[B, C, H, W]``.  x0: this step's data prediction, same shape.
-        x0_prev: the previous step's data prediction (possibly made by another expert), or None for a first-order step.
-        ratio, gain, w: this step's coefficients (see :func:`ldm.sampling.schedule.dpmpp_2m_coefficients`).
+        x0: this step's data prediction.  x0_prev: the previous step's (possibly by another expert), or None for a
+            first-order step.
         second_order: optional bool mask broadcastable to ``x``: where False the step is first order (``D = x0``), e.g.
             for latent pixels whose previous prediction was made while they were held (region refinement).
-    Returns:
-        the latent at the step's level, ``[B, C, H, W]``.
     """
     if x0_prev is None:
         return ratio * x + gain * x0

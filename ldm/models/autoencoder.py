@@ -1,22 +1,14 @@
-"""VQ autoencoders (the first stage): ``VQModel`` and latent-diffusion's ``VQModelInterface``.
+"""VQ autoencoders (the first stage): ``VQModel`` and latent-diffusion's ``VQModelInterface``; ``IdentityFirstStage``.
 
 Parameter names are CompVis' (``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``, ``quant_conv.*``,
-``post_quant_conv.*``) so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys
-(LPIPS and discriminator weights saved during training) are dropped with a logged note, unless this model's own loss
-has them in the same shapes (a VQGAN being fine-tuned), which then gets them back.
+``post_quant_conv.*``) so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys are
+dropped with a logged note unless this model's own loss has them in the same shapes (a VQGAN being fine-tuned).
+Training: :class:`~ldm.models.autoencoder_training.GANAutoencoder` (what ``disc_start`` counts).
 
-Training (Lightning 2, manual optimization) alternates two Adam optimizers per batch: the autoencoder (encoder,
-decoder, codebook, 1x1 convs) and the discriminator of :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator`.
-Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so it counts optimizer steps, not
-batches.  The loss is therefore driven by :attr:`VQModel.generator_steps` (batches trained, saved in checkpoints):
-``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor
-stepped, so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
-
-``dead_code_restart_every: N`` (0 = off, as in CompVis) counts how often each code is chosen and, every ``N`` batches,
-restarts the codes no batch of that window chose at encoder outputs of the current batch
-(:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks at every batch and rank
-0's restarts are broadcast, so the codebooks stay identical; the window in progress (its counts and length) is saved in
-checkpoints, so a resumed run restarts exactly where an uninterrupted one would.
+``dead_code_restart_every: N`` (0 = off, as in CompVis) restarts, every ``N`` batches, the codes no batch of that
+window chose at encoder outputs of the current batch (:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the
+counts are summed over ranks at every batch and rank 0's restarts are broadcast, so the codebooks stay identical; the
+window in progress is saved in checkpoints, so a resumed run restarts exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -24,19 +16,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
+from ldm.checkpoint import CheckpointError, load_autoencoder_weights
+from ldm.models.autoencoder_training import GANAutoencoder
 from ldm.modules.codebook import restart_dead_codes
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +34,16 @@ logger = logging.getLogger(__name__)
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 
-class VQModel(pl.LightningModule):
+class VQModel(GANAutoencoder):
     """VQGAN: ``Encoder`` -> 1x1 ``quant_conv`` -> ``VectorQuantizer2`` -> 1x1 ``post_quant_conv`` -> ``Decoder``.
 
     Images are ``[B, 3, H, W]`` in [-1, 1]; latents ``[B, embed_dim, H / f, W / f]`` with ``f = 2 ** (len(ch_mult) - 1)``.
-    Trainable with ``lossconfig`` :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator` (see the module docstring for
-    the two optimizers and what ``disc_start`` counts); ``torch.nn.Identity`` suits a frozen first stage.
+    Trainable with ``lossconfig`` :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator`; ``torch.nn.Identity`` suits a
+    frozen first stage.
     """
 
-    # ldm.train.trainer.configure_ddp reads this: the discriminator gets no gradient before ``disc_start``, which
-    # plain DDP refuses ("parameters that were not used in producing the loss") on the second step.
-    ddp_find_unused_parameters = True
+    loss_class = VQLPIPSWithDiscriminator
+    model_name = "VQModel"
 
     def __init__(
         self,
@@ -85,50 +74,24 @@ class VQModel(pl.LightningModule):
                 "and is not available with remap (the restarts need the codebook's own indices)"
             )
         self.dead_code_restart_every = dead_code_restart_every
-        if scheduler_config is not None:  # built now, so that a bad schedule stops the run before it starts
-            instantiate_from_config(scheduler_config)
-        self.scheduler_config = scheduler_config
         self.embed_dim = embed_dim
         self.n_embed = n_embed
-        self.image_key = image_key
-        self.ddconfig = dict(ddconfig)
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        self.loss = instantiate_from_config(lossconfig)
+        self._build_autoencoder(dict(ddconfig), lossconfig, image_key, scheduler_config)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
         self.quant_conv = torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         if isinstance(self.loss, VQLPIPSWithDiscriminator):
             self.loss.set_codebook_size(n_embed)
-        self.automatic_optimization = False
-        self.generator_steps = 0
         # not in the state dict (CompVis' keys stay as they are): saved as checkpoint["code_usage"]
         self.register_buffer("code_usage", torch.zeros(n_embed, dtype=torch.long), persistent=False)
         self.code_window_batches = 0  # batches counted into code_usage since the last restart
-        if monitor is not None:
-            self.monitor = monitor
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
-
-    @property
-    def downsampling_factor(self) -> int:
-        """Spatial reduction of the encoder (4 for vq-f4)."""
-        return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
+        self._finish_init(monitor, ckpt_path, ignore_keys, unsafe_load)
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
         """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
         LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
-        if not Path(path).exists():
-            from ldm.models.first_stages import missing_first_stage_hint  # the configs that train this network
-
-            network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
-            raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
-        sd = load_state_dict(path, unsafe=unsafe)
-        if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
-            sd = strip_prefix(sd, "first_stage_model.")
-        sd, dropped = drop_keys(sd, tuple(ignore_keys))
-        if dropped:
-            logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
+        network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
+        sd = self._drop_ignored(self._read_first_stage(path, unsafe, network), path, ignore_keys)
         quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
         if (
             quant_conv is not None
@@ -184,61 +147,33 @@ class VQModel(pl.LightningModule):
         return dec, diff
 
     # ----------------------------------------------------------------------------------------------------- training
-    def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
-        """``batch[k]`` (HWC images ``[B, H, W, C]`` in [-1, 1], latent-diffusion's layout) as ``[B, C, H, W]`` float."""
-        if k not in batch:
-            raise KeyError(f"batch has no key {k!r} (keys: {sorted(batch)}); set image_key to the dataset's image key")
-        x = torch.as_tensor(batch[k])
-        if x.ndim == 3:
-            x = x[..., None]
-        in_channels = self.ddconfig["in_channels"]
-        if x.ndim != 4 or x.shape[-1] != in_channels:
-            raise ValueError(
-                f"batch[{k!r}] has shape {list(x.shape)}; expected HWC images [B, H, W, {in_channels}] "
-                "(datasets yield H x W x C arrays, as in latent-diffusion)"
-            )
-        x = rearrange(x, "b h w c -> b c h w")
-        return x.to(device=self.device, dtype=self.dtype, memory_format=torch.contiguous_format)
-
-    def get_last_layer(self) -> torch.Tensor:
-        """The decoder's output convolution weight, where the adaptive GAN weight balances the gradients."""
-        return self.decoder.conv_out.weight
-
-    def _losses(
-        self, x: torch.Tensor, split: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Reconstruct ``x`` and evaluate the autoencoder objective at :attr:`generator_steps`."""
+    def _autoencoder_loss(
+        self, x: torch.Tensor, split: str, batch_idx: int | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple]:
         xrec, qloss, ind = self(x, return_pred_indices=True)
         aeloss, log = self.loss(
             qloss, x, xrec, 0, self.generator_steps, last_layer=self.get_last_layer(), split=split, predicted_indices=ind
         )
-        return xrec, qloss, aeloss, ind, log
+        return aeloss, log, (xrec, qloss, ind)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """One autoencoder update, then (from ``disc_start`` on) one discriminator update, on the same batch."""
-        x = self.get_input(batch, self.image_key)
-        opt_ae, opt_disc = self.optimizers()
-        step = self.generator_steps
-        with self.toggled_optimizer(opt_ae):  # discriminator weights get no gradient from the generator loss
-            xrec, qloss, aeloss, ind, log = self._losses(x, "train")
-            opt_ae.zero_grad()
-            self.manual_backward(aeloss)
-            opt_ae.step()
-        if self.scheduler_config is not None:  # manual optimization: Lightning does not step schedulers itself
-            for scheduler in self.lr_schedulers():
-                scheduler.step()
+    def _discriminator_loss(
+        self, x: torch.Tensor, state: tuple, step: int, split: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        xrec, qloss, _ = state
+        return self.loss(qloss, x, xrec.detach(), 1, step, split=split)
+
+    def _after_autoencoder_step(self, x: torch.Tensor, state: tuple, log: dict[str, torch.Tensor]) -> None:
         if self.dead_code_restart_every:
-            log["train/codes_restarted"] = self._count_and_restart_codes(x, ind)
-        if self.loss.discriminator_active(step):
-            with self.toggled_optimizer(opt_disc):
-                discloss, log_disc = self.loss(qloss, x, xrec.detach(), 1, step, split="train")
-                opt_disc.zero_grad()
-                self.manual_backward(discloss)
-                opt_disc.step()
-            log.update(log_disc)
-        self.generator_steps = step + 1
-        self.log("train/aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
-        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=x.shape[0])
+            log["train/codes_restarted"] = self._count_and_restart_codes(x, state[2])
+
+    def _autoencoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [
+            *self.encoder.parameters(),
+            *self.decoder.parameters(),
+            *self.quantize.parameters(),
+            *self.quant_conv.parameters(),
+            *self.post_quant_conv.parameters(),
+        ]
 
     @torch.no_grad()
     def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -265,54 +200,14 @@ class VQModel(pl.LightningModule):
         self.code_window_batches = 0
         return torch.full((), float(dead.numel()), device=self.device)
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Logs ``val/rec_loss`` (the checkpoint monitor), the other loss terms and codebook usage."""
-        x = self.get_input(batch, self.image_key)
-        xrec, qloss, _, _, log = self._losses(x, "val")
-        if self.loss.discriminator_active(self.generator_steps):
-            log.update(self.loss(qloss, x, xrec, 1, self.generator_steps, split="val")[1])
-        rec_loss = log.pop("val/rec_loss")
-        bs = x.shape[0]
-        self.log("val/rec_loss", rec_loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.log_dict(log, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-
-    def configure_optimizers(self) -> Any:
-        """``[Adam(autoencoder), Adam(discriminator)]``, both at ``self.learning_rate`` with betas (0.5, 0.9); with
-        ``scheduler_config`` (latent-diffusion's, e.g. :class:`ldm.lr_scheduler.LambdaWarmUpCosineScheduler`) both
-        follow its multiplier of the batches trained (stepped once per batch)."""
-        if not isinstance(self.loss, VQLPIPSWithDiscriminator):
-            raise ConfigError(
-                f"training a VQModel needs lossconfig target ldm.modules.losses.VQLPIPSWithDiscriminator, got "
-                f"{type(self.loss).__name__} (torch.nn.Identity is only for a frozen first stage)"
-            )
-        lr = getattr(self, "learning_rate", None)
-        if lr is None:
-            raise ConfigError(
-                "VQModel.learning_rate is not set: main.py sets it from model.base_learning_rate; when training "
-                "from Python, assign model.learning_rate before trainer.fit"
-            )
-        ae_params = [
-            *self.encoder.parameters(),
-            *self.decoder.parameters(),
-            *self.quantize.parameters(),
-            *self.quant_conv.parameters(),
-            *self.post_quant_conv.parameters(),
-        ]
-        opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
-        if self.scheduler_config is None:
-            return [opt_ae, opt_disc]
-        schedule = instantiate_from_config(self.scheduler_config)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule) for opt in (opt_ae, opt_disc)]
-        return [opt_ae, opt_disc], [{"scheduler": s, "interval": "step", "frequency": 1} for s in schedulers]
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["generator_steps"] = self.generator_steps
+        super().on_save_checkpoint(checkpoint)
         if self.dead_code_restart_every:
             checkpoint["code_usage"] = self.code_usage.detach().cpu().clone()
             checkpoint["code_window_batches"] = self.code_window_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         usage, batches = checkpoint.get("code_usage"), checkpoint.get("code_window_batches")
         if isinstance(usage, torch.Tensor) and usage.shape == self.code_usage.shape and isinstance(batches, int):
             self.code_usage.copy_(usage)
@@ -320,11 +215,6 @@ class VQModel(pl.LightningModule):
         else:  # no window saved (restarts just enabled, an older checkpoint): a full window starts here
             self.code_usage.zero_()
             self.code_window_batches = 0
-        if "generator_steps" in checkpoint:
-            self.generator_steps = int(checkpoint["generator_steps"])
-        else:  # taming / CompVis (Lightning 1, automatic optimization): global_step counted batches
-            self.generator_steps = int(checkpoint.get("global_step", 0))
-            logger.info("checkpoint has no generator_steps; resuming at batch %d (its global_step)", self.generator_steps)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, only_inputs: bool = False) -> dict[str, torch.Tensor]:  # noqa: N803
@@ -355,7 +245,7 @@ def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = QU
     through the real vq-f4 (65536 vectors x 8192 codes) that is 3 x 2 GiB; in blocks it is 3 x 128 MiB.
 
     Distances are computed in float32 with autocast off: under bf16 autocast the matmul would run in bfloat16 and snap
-    about a third of the latent vectors to a different code.  The result has ``h``'s dtype.
+    many latent vectors to a different code.  The result has ``h``'s dtype.
     """
     z = h.permute(0, 2, 3, 1).contiguous()
     flat = z.view(-1, z.shape[-1])

@@ -1,21 +1,9 @@
 """What to tell a user whose first-stage checkpoint is missing: where its weights come from.
 
-The hint is derived from data, not written per config:
-
-* the **config that trains it** is found among the repository's ``configs/**/*.yaml``: an autoencoder config
-  (``model.target`` a ``VQModel``) whose network (``ddconfig``, ``n_embed``, ``embed_dim``) equals the first stage's.
-  If that config's comment says that a script "runs exactly this" (``scripts/quickstart.py`` for the quick start's
-  VQ), the script is named too;
-* the **CompVis download** is offered when ``ckpt_path`` is where CompVis' released first stages go,
-  ``models/first_stage_models/<name>/model.ckpt`` with ``<name>`` one of the released models
-  (``https://ommer-lab.com/files/latent-diffusion/<name>.zip``).
-
-So ``configs/quickstart/latesteps_500_750.yaml`` (the tiny VQ of ``configs/quickstart/vq_f4.yaml``) gets "train it
-with python main.py --base configs/quickstart/vq_f4.yaml -t (or python scripts/quickstart.py) ...", and
-``configs/latesteps_500_750.yaml`` (CompVis' vq-f4) gets the download and ``configs/autoencoder/vq_f4.yaml``.
-
-Used by ``main.py`` and by :meth:`ldm.models.autoencoder.VQModel.init_from_ckpt`, so it lives in ``ldm.models``
-(:mod:`ldm.train.first_stages` re-exports it).
+Derived from data, not written per config: the ``configs/**/*.yaml`` autoencoder config whose network (``ddconfig``,
+``n_embed``, ``embed_dim``) equals the first stage's (and the script its comment says "runs exactly this"), and the
+CompVis download when ``ckpt_path`` is ``models/first_stage_models/<name>/model.ckpt`` of a released model.
+Used by ``main.py`` and the first stages' ``init_from_ckpt`` (:mod:`ldm.train.first_stages` re-exports it).
 """
 
 from __future__ import annotations

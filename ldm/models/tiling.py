@@ -18,12 +18,10 @@ is 16x smaller than the image for f4.  Two things keep tiles consistent with the
 * **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
   borders, where a tile lacks context, get little weight.
 
-Why these defaults: of the statistics compared at the default geometry with a trained VQ-f4 (README, Performance:
-"Tiled first stage"), the downscaled pass with no refining pass decoded closest to the untiled network; refining
-passes mix statistics gathered under different normalisations of the earlier layers, which hurts the decoder more
-than it helps the encoder.  Exact passes (as many as GroupNorm layers) are far more accurate at about 10x the cost.
-
-Costs: ``stat_passes + 1`` tiled passes of the tiled part, plus one downscaled untiled pass with ``stat_side``.
+The defaults (a downscaled pass, no refining pass) decoded closest to the untiled network (README, Performance:
+"Tiled first stage"): refining passes mix statistics gathered under different normalisations of the earlier layers,
+which hurts the decoder more than it helps the encoder.  Costs: ``stat_passes + 1`` tiled passes of the tiled part,
+plus one downscaled untiled pass with ``stat_side``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Dead-code restarts for a VQ codebook (a pure function; :class:`ldm.models.autoencoder.VQModel` schedules it).
 
-A code that no encoder output chose for a whole window of training steps gets no gradient from the codebook loss and
-never comes back, so a small first stage trained briefly can end up using a small part of its codebook (README's
-quick-start section measures it).  Restarting such a code at an encoder output of the current batch (with a little
-noise, so that two codes restarted at the same vector do not stay tied) puts it where the data is, the way k-means
-handles empty clusters; see Dhariwal et al. 2020 (Jukebox, "random restarts") and Zeghidour et al. 2021 (SoundStream).
+A code no encoder output chose for a whole window gets no gradient from the codebook loss and never comes back
+(README's quick start measures how much of the codebook is used).  Restarting it at an encoder output of the current
+batch, with a little noise so that codes restarted at one vector do not stay tied, puts it where the data is, as
+k-means does with empty clusters (Jukebox's "random restarts", Dhariwal et al. 2020).
 """
 
 from __future__ import annotations

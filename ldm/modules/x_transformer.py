@@ -15,10 +15,8 @@ checkpoints (``cond_stage_model.transformer.*`` in txt2img-f8) load unchanged::
     attn_layers.layers.{2i+1}.1.net.2.{weight,bias}   [dim, mult * dim]
     norm.{weight,bias}, to_logits.{weight,bias}
 
-Note that, as in latent-diffusion, the attention width is ``heads * dim_head`` (8 * 64 = 512 by default) whatever the
-model width ``dim``. Attention runs on ``torch.nn.functional.scaled_dot_product_attention`` (same scale
-``dim_head ** -0.5`` as the original einsum). Options of x-transformers that latent-diffusion's configs never set
-(memory tokens, relative positions, talking heads, rezero, ...) are not accepted rather than silently ignored.
+As in latent-diffusion, the attention width is ``heads * dim_head`` (512 by default) whatever ``dim``. x-transformers
+options latent-diffusion's configs never set (memory tokens, relative positions, ...) are refused, not ignored.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""First-stage (autoencoder) ``Encoder`` / ``Decoder`` of latent-diffusion / taming-transformers.
-
-Parameter names match CompVis' ``ldm.modules.diffusionmodules.model`` (so vq-f4 checkpoints load key-for-key).
-GroupNorm here uses eps 1e-6; attention uses ``scaled_dot_product_attention`` (no N x N score matrix is kept).
-"""
+"""First-stage (autoencoder) ``Encoder`` / ``Decoder`` of latent-diffusion / taming-transformers, with CompVis'
+parameter names; attention on ``scaled_dot_product_attention`` (no N x N score matrix is kept)."""
 
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ import torch.nn.functional as F
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
-    """Swish / SiLU."""
     return F.silu(x)
 
 
@@ -123,6 +119,36 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     raise ValueError(f"attn_type={attn_type!r} is unknown; use 'vanilla' or 'none'")
 
 
+def _level(
+    block_in: int, block_out: int, n_blocks: int, attention: bool, attn_type: str, dropout: float
+) -> tuple[nn.Module, int]:
+    """One resolution level (CompVis' ``block`` / ``attn``) and its output channels."""
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        level.block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0, dropout=dropout))
+        block_in = block_out
+        if attention:
+            level.attn.append(make_attn(block_in, attn_type))
+    return level, block_in
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i_block, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i_block](h)
+    return h
+
+
+def _mid(block_in: int, attn_type: str, dropout: float) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+    mid.attn_1 = make_attn(block_in, attn_type)
+    mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     """Image ``[B, in_channels, H, W]`` -> latent ``[B, (2 if double_z else 1) * z_channels, H / f, W / f]``,
     ``f = 2 ** (len(ch_mult) - 1)``."""
@@ -155,23 +181,13 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
-            down = nn.Module()
-            down.block, down.attn = block, attn
+            attend = curr_res in attn_resolutions
+            down, block_in = _level(ch * in_ch_mult[i_level], ch * ch_mult[i_level], num_res_blocks, attend, attn_type, dropout)
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        self.mid = _mid(block_in, attn_type, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -184,10 +200,7 @@ class Encoder(nn.Module):
         """The convolutional down path (local: may run tile by tile): ``[B, C, H, W] -> [B, high_channels, H/f, W/f]``."""
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         return h
@@ -235,21 +248,12 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        self.mid = _mid(block_in, attn_type, dropout)
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up, block_in = _level(
+                block_in, ch * ch_mult[i_level], num_res_blocks + 1, curr_res in attn_resolutions, attn_type, dropout
+            )
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res *= 2
@@ -269,13 +273,9 @@ class Decoder(nn.Module):
     def forward_high(self, h: torch.Tensor) -> torch.Tensor:
         """The convolutional up path and output (local: may run tile by tile): ``[B, C, h, w] -> [B, out_ch, h*f, w*f]``."""
         for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = _run_level(self.up[i_level], h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
         h = self.conv_out(nonlinearity(self.norm_out(h)))

@@ -7,12 +7,8 @@ for ``taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator`` works with `
                         last_layer=decoder.conv_out.weight, split="train", predicted_indices=indices)
 
 ``optimizer_idx`` 0 is the autoencoder (generator) objective, 1 the discriminator objective.  ``global_step`` counts
-*batches* (generator updates), and the discriminator takes part from ``global_step >= disc_start`` on; before that
-it is neither run nor updated (see :meth:`VQLPIPSWithDiscriminator.discriminator_active`).
-
-LPIPS runs offline only: the ImageNet backbone weights are read from torch hub's cache (where torchvision would
-have downloaded them) or from ``perceptual_backbone_path``; the calibrated linear layers come from the ``lpips``
-package.  Nothing is downloaded.  ``perceptual_weight: 0`` builds no perceptual network at all.
+*batches* (generator updates).  LPIPS is built offline (:func:`ldm.modules.lpips.build_lpips`); ``perceptual_weight: 0``
+builds no perceptual network at all.
 """
 
 from __future__ import annotations
@@ -74,10 +70,95 @@ def codebook_usage(indices: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, t
     return entropy.exp(), (counts > 0).float().mean()
 
 
-# ------------------------------------------------------------------------------------------------------------------
+class PatchGANLoss(nn.Module):
+    """What the VQ and KL objectives share: the frozen LPIPS network, taming's PatchGAN discriminator (``discriminator.main.*``
+    keys) and its terms, which start at batch ``global_step >= disc_start``.  Before that the discriminator is not
+    evaluated.  Generator term: ``d_weight * disc_factor * (-mean(D(x_rec)))``; discriminator objective:
+    ``disc_factor * {hinge,vanilla}_d_loss(D(x), D(x_rec))``.
+
+    Subclasses check their arguments and build the LPIPS network before calling this constructor, so that the
+    discriminator's random initialisation comes after the LPIPS network's, as in CompVis.
+    """
+
+    # latent-diffusion's KL loss leaves the adaptive weight at 0 when ``disc_factor <= 0``; taming's VQ loss computes it
+    zero_weight_without_factor = False
+
+    def __init__(
+        self,
+        perceptual_loss: nn.Module | None,
+        disc_start: int,
+        disc_num_layers: int,
+        disc_in_channels: int,
+        disc_factor: float,
+        disc_weight: float,
+        use_actnorm: bool,
+        disc_ndf: int,
+        disc_loss: str,
+    ):
+        super().__init__()
+        self.disc_start = int(disc_start)
+        self.disc_factor = disc_factor
+        self.discriminator_weight = disc_weight
+        self.disc_loss_name = disc_loss
+        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        self.perceptual_loss = perceptual_loss
+        self.discriminator = NLayerDiscriminator(
+            input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers, use_actnorm=use_actnorm
+        ).apply(weights_init)
+
+    def train(self, mode: bool = True) -> PatchGANLoss:
+        """Switch the discriminator's mode; the frozen LPIPS network always stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.perceptual_loss is not None:
+            self.perceptual_loss.eval()
+        return self
+
+    def discriminator_active(self, global_step: int) -> bool:
+        """Whether the GAN terms are on at batch ``global_step`` (``>= disc_start``)."""
+        return global_step >= self.disc_start
+
+    def calculate_adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        """CompVis' name for :func:`adaptive_disc_weight` (detached scalar)."""
+        return adaptive_disc_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+
+    def _gan_terms(
+        self, nll_loss: torch.Tensor, reconstructions: torch.Tensor, global_step: int, last_layer: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(g_loss, d_weight, disc_factor)`` of the generator objective; all 0 before ``disc_start``.
+
+        ``d_weight`` is the adaptive weight at ``last_layer`` (``disc_weight`` without one; 0 with autograd off, e.g.
+        in validation, where no gradient can be taken).
+        """
+        zero = torch.zeros((), device=reconstructions.device)
+        if not self.discriminator_active(global_step):
+            return zero, zero, 0.0
+        g_loss = -self.discriminator(reconstructions).mean()
+        if not torch.is_grad_enabled() or (self.zero_weight_without_factor and self.disc_factor <= 0):
+            d_weight = zero
+        elif last_layer is None:
+            d_weight = torch.tensor(self.discriminator_weight, device=reconstructions.device)
+        else:
+            d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
+        return g_loss, d_weight, self.disc_factor
+
+    def _discriminator_loss(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int, split: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.discriminator_active(global_step):
+            zero = torch.zeros((), device=inputs.device)
+            return zero, {f"{split}/disc_loss": zero, f"{split}/logits_real": zero, f"{split}/logits_fake": zero}
+        logits_real = self.discriminator(inputs.contiguous().detach())
+        logits_fake = self.discriminator(reconstructions.contiguous().detach())
+        d_loss = self.disc_factor * self.disc_loss(logits_real, logits_fake)
+        log = {
+            f"{split}/disc_loss": d_loss.detach(),
+            f"{split}/logits_real": logits_real.detach().mean(),
+            f"{split}/logits_fake": logits_fake.detach().mean(),
+        }
+        return d_loss, log
 
 
-class VQLPIPSWithDiscriminator(nn.Module):
+class VQLPIPSWithDiscriminator(PatchGANLoss):
     """taming's VQGAN objective, offline and Lightning-2 friendly.
 
     Generator (``optimizer_idx=0``)::
@@ -85,10 +166,8 @@ class VQLPIPSWithDiscriminator(nn.Module):
         nll   = pixelloss_weight * mean(pixel(x, x_rec)) + perceptual_weight * mean(LPIPS(x, x_rec))
         total = nll + d_weight * disc_factor * (-mean(D(x_rec))) + codebook_weight * codebook_loss
 
-    with ``d_weight`` from :func:`adaptive_disc_weight` (or ``disc_weight`` when no ``last_layer`` is given; 0
-    when autograd is off, e.g. in validation).  Discriminator (``optimizer_idx=1``):
-    ``disc_factor * {hinge,vanilla}_d_loss(D(x), D(x_rec))``.  The GAN terms start at ``global_step >= disc_start``
-    (``global_step`` counted in batches).  Unlike taming, ``pixelloss_weight`` is applied.
+    ``d_weight`` and the discriminator objective (``optimizer_idx=1``): :class:`PatchGANLoss`.  Unlike taming,
+    ``pixelloss_weight`` is applied.
 
     Log keys (``{split}/...``): total_loss, quant_loss, nll_loss, rec_loss (= nll_loss, taming's name), pixel_loss,
     p_loss, d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake; perplexity, codebook_usage when
@@ -115,7 +194,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
         perceptual_pretrained: bool = True,
         perceptual_backbone_path: str | None = None,
     ):
-        super().__init__()
         if disc_loss not in GAN_LOSSES:
             raise ValueError(f"disc_loss={disc_loss!r}; choose one of {GAN_LOSSES}")
         if pixel_loss not in PIXEL_LOSSES:
@@ -124,22 +202,15 @@ class VQLPIPSWithDiscriminator(nn.Module):
             raise ValueError("disc_conditional=True (class-conditional discriminator) is not supported; set it to false")
         if perceptual_weight < 0 or disc_start < 0:
             raise ValueError(f"perceptual_weight ({perceptual_weight}) and disc_start ({disc_start}) must be >= 0")
-        self.disc_start = int(disc_start)
+        lpips = build_lpips(perceptual_net, perceptual_pretrained, perceptual_backbone_path) if perceptual_weight > 0 else None
+        super().__init__(
+            lpips, disc_start, disc_num_layers, disc_in_channels, disc_factor, disc_weight, use_actnorm, disc_ndf, disc_loss
+        )
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
-        self.disc_factor = disc_factor
-        self.discriminator_weight = disc_weight
-        self.disc_loss_name = disc_loss
-        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.pixel_loss = pixel_loss
         self.n_classes = n_classes
-        self.perceptual_loss = (
-            build_lpips(perceptual_net, perceptual_pretrained, perceptual_backbone_path) if perceptual_weight > 0 else None
-        )
-        self.discriminator = NLayerDiscriminator(
-            input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers, use_actnorm=use_actnorm
-        ).apply(weights_init)
         logger.info(
             "VQLPIPSWithDiscriminator: %s GAN loss from batch %d, perceptual weight %g, %s pixel loss",
             disc_loss,
@@ -148,22 +219,11 @@ class VQLPIPSWithDiscriminator(nn.Module):
             pixel_loss,
         )
 
-    def train(self, mode: bool = True) -> VQLPIPSWithDiscriminator:
-        """Switch the discriminator's mode; the frozen LPIPS network always stays in eval mode (no dropout)."""
-        super().train(mode)
-        if self.perceptual_loss is not None:
-            self.perceptual_loss.eval()
-        return self
-
     def set_codebook_size(self, n_embed: int) -> None:
         """Take the codebook size for the usage statistics from the model (``n_classes``, if configured, must agree)."""
         if self.n_classes is not None and self.n_classes != n_embed:
             raise ValueError(f"lossconfig n_classes={self.n_classes} differs from the model's n_embed={n_embed}; drop it")
         self.n_classes = n_embed
-
-    def discriminator_active(self, global_step: int) -> bool:
-        """Whether the GAN terms are on at batch ``global_step`` (``>= disc_start``)."""
-        return global_step >= self.disc_start
 
     def forward(
         self,
@@ -177,10 +237,8 @@ class VQLPIPSWithDiscriminator(nn.Module):
         predicted_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for ``inputs`` / ``reconstructions`` ``[B, 3, H, W]`` in [-1, 1]; returns ``(scalar, log dict)``.
-
-        Before ``disc_start`` the discriminator is not evaluated: the generator loss has no GAN term and the
-        discriminator loss (``optimizer_idx=1``) is a constant 0 that must not be backpropagated.
-        """
+        Before ``disc_start`` the discriminator loss (``optimizer_idx=1``) is a constant 0 that must not be
+        backpropagated."""
         if optimizer_idx == 0:
             loss, log = self._generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, split)
         elif optimizer_idx == 1:
@@ -213,18 +271,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
             p_loss = torch.zeros((), device=inputs.device)
         nll_loss = self.pixel_weight * pixel + self.perceptual_weight * p_loss
         codebook = codebook_loss.mean()
-        zero = torch.zeros((), device=inputs.device)
-        if self.discriminator_active(global_step):
-            g_loss = -self.discriminator(reconstructions).mean()
-            if not torch.is_grad_enabled():
-                d_weight = zero
-            elif last_layer is None:
-                d_weight = torch.tensor(self.discriminator_weight, device=inputs.device)
-            else:
-                d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
-            disc_factor = self.disc_factor
-        else:
-            g_loss, d_weight, disc_factor = zero, zero, 0.0
+        g_loss, d_weight, disc_factor = self._gan_terms(nll_loss, reconstructions, global_step, last_layer)
         loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook
         log = {
             f"{split}/total_loss": loss.detach(),
@@ -238,19 +285,3 @@ class VQLPIPSWithDiscriminator(nn.Module):
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
-
-    def _discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int, split: str
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not self.discriminator_active(global_step):
-            zero = torch.zeros((), device=inputs.device)
-            return zero, {f"{split}/disc_loss": zero, f"{split}/logits_real": zero, f"{split}/logits_fake": zero}
-        logits_real = self.discriminator(inputs.contiguous().detach())
-        logits_fake = self.discriminator(reconstructions.contiguous().detach())
-        d_loss = self.disc_factor * self.disc_loss(logits_real, logits_fake)
-        log = {
-            f"{split}/disc_loss": d_loss.detach(),
-            f"{split}/logits_real": logits_real.detach().mean(),
-            f"{split}/logits_fake": logits_fake.detach().mean(),
-        }
-        return d_loss, log

@@ -66,8 +66,7 @@ def decimal_float(text: str) -> float:
 
 
 def int_arg(text: str) -> int:
-    """An argparse ``type`` for a decimal integer of ASCII digits (``type=int`` also reads other scripts' digits); the
-    range is checked by the caller."""
+    """An argparse ``type`` for a decimal integer of ASCII digits (``type=int`` also reads other scripts' digits)."""
     try:
         return decimal_int(text)
     except ValueError:
@@ -78,10 +77,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
 
     def parse(text: str) -> int:
-        try:
-            value = decimal_int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        value = int_arg(text)
         if value < lo:
             raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
         return value
@@ -103,12 +99,17 @@ def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
     return parse
 
 
-def unit_interval(text: str) -> float:
-    """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
+def float_arg(text: str) -> float:
+    """An argparse ``type`` for a number of ASCII digits (:func:`decimal_float`); the range is checked by the caller."""
     try:
-        value = decimal_float(text)
+        return decimal_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def unit_interval(text: str) -> float:
+    """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
+    value = float_arg(text)
     if not math.isfinite(value) or not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} must be a number in (0, 1]")
     return value
@@ -126,10 +127,7 @@ def box_arg(text: str):
 
 def ddim_eta(text: str) -> float:
     """An argparse ``type`` for DDIM's ``eta``: a finite number ``>= 0`` (0 = deterministic DDIM, 1 = DDPM-like)."""
-    try:
-        value = decimal_float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = float_arg(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
     return value
@@ -167,9 +165,8 @@ def path_arg(text: str) -> str:
 def check_outdir(outdir: str | os.PathLike) -> str | None:
     """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.
 
-    The folder or its nearest existing parent must be a folder this process can write into: an empty path, a file in
-    the way, a read-only parent, a symbolic link loop or one to nothing, or a name longer than the file system allows
-    is found before any work is done, not when the first output is written.  Every message starts with
+    Found before any work, not when the first output is written: an empty path, a file in the way, a read-only parent,
+    a symbolic link loop or one to nothing, a name longer than the file system allows.  Every message starts with
     ``output folder`` (refine.py tells its exit code by that).
     """
     from ldm.imageio import format_path

@@ -1,13 +1,5 @@
-"""What the web app's server puts between the network and its routes: response headers, the Host check and a deadline
-for request headers.
-
-- :class:`NoSniff` adds ``X-Content-Type-Options: nosniff`` to every response.
-- :class:`LocalHostOnly` refuses a Host header other than the local names (DNS rebinding: a web page on another site
-  must not reach a server on localhost through a name it controls), as a JSON error like every other refusal.
-- :func:`header_timeout_protocol` is uvicorn's h11 protocol with a deadline for a request's headers: uvicorn resets its
-  keep-alive timer on every byte received, so a client that sends one header byte every few seconds ("slowloris")
-  would hold a connection open for ever; bodies have their own deadline in the routes.
-"""
+"""What the web app's server puts between the network and its routes: ``nosniff`` on every response, the Host check
+(DNS rebinding) and a deadline for request headers."""
 
 from __future__ import annotations
 
@@ -60,7 +52,8 @@ def host_name(header: str) -> str:
 
 class LocalHostOnly:
     """ASGI middleware answering 400 with a one-line JSON error when the Host header names anything but
-    ``allowed_hosts`` (compared without the port, case-insensitively)."""
+    ``allowed_hosts`` (compared without the port, case-insensitively): a web page on another site must not reach a
+    server on localhost through a name it controls."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
         self.app = app
@@ -91,8 +84,9 @@ class LocalHostOnly:
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
     """uvicorn's h11 protocol class, closing a connection whose request line and headers have not all arrived within
-    ``seconds`` of the connection opening (or of the previous response on a kept-alive connection).  Pass it as
-    ``uvicorn.Config(..., http=header_timeout_protocol())``."""
+    ``seconds`` of the connection opening (or of the previous response on a kept-alive connection).  uvicorn resets its
+    keep-alive timer on every byte, so a client sending one header byte every few seconds ("slowloris") would hold a
+    connection for ever.  Pass it as ``uvicorn.Config(..., http=header_timeout_protocol())``."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutH11(H11Protocol):

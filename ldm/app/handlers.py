@@ -1,22 +1,9 @@
-"""What the web app does with a request, as plain functions (callable without a server; the tests call them directly).
+"""What the web app does with a request, as plain functions the tests call without a server.
 
-A request goes through four steps, each the same code the CLI runs:
-
-1. :func:`load_upload`: the uploaded bytes are decoded by :func:`ldm.imageio.decode_image` (the loader of
-   ``scripts/refine.py``: any format it reads, EXIF orientation, 16-bit, alpha; one-line errors), after the pixel
-   count in its header is checked (:data:`MAX_UPLOAD_PIXELS`).  The server keeps the file's bytes and a PNG to show,
-   never the decoded arrays; the request decodes the bytes again when it runs.  At most
-   :data:`MAX_PARALLEL_DECODES` images or masks are decoded at once.
-2. :meth:`RefineSettings.from_json`: the page's settings, checked field by field (one line per mistake).
-3. :func:`prepare`: the plan (:func:`ldm.refine.batch.batch_plan`), the start map of the painted mask and the boxes
-   (:meth:`ldm.refine.Refiner.region_start_map`) and the region metadata; a mask that selects nothing, or a request
-   above :data:`MAX_REQUEST_STEPS` sampling steps, fails here, before the request is queued.
-4. :func:`refine`: :meth:`ldm.refine.Refiner.refine` once per sample (seed ``seed + k``, as the CLI's default
-   ``--batch-size 1``), each result written by :func:`ldm.imageio.save_image_atomic` with the metadata of
-   :func:`ldm.refine.batch.build_metadata`, named like the CLI's outputs.
-
-So the same image, mask, seed and settings give the same pixels as ``scripts/refine.py --mask``.  Every message a
-request can get back is one line in the page's words (:mod:`ldm.app.page`): its labels, not the CLI's flags.
+A request is decoded by the CLI's loader (:func:`load_upload`), its settings checked (:meth:`RefineSettings.from_json`),
+its plan and start map built (:func:`prepare`, refused there before it is queued) and run (:func:`refine`) with the
+same :class:`~ldm.refine.Refiner` calls, metadata and output names as ``scripts/refine.py --mask``: the same image,
+mask, seed and settings give the same pixels.  Every message is one line in the page's words (:mod:`ldm.app.page`).
 """
 
 from __future__ import annotations
@@ -48,6 +35,7 @@ from ldm.imageio import (
     save_image_atomic,
     tensor_to_image,
 )
+from ldm.imageio.errors import short_repr
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
 from ldm.refine.batch import batch_plan, build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
@@ -86,15 +74,13 @@ _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 # --------------------------------------------------------------------------------------------------------- uploads
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded image: its file's bytes and what the page needs, not its decoded pixels (float32 would take 16
-    bytes per pixel for every upload kept).
+    """An uploaded image: its file's bytes (decoded again when a request runs) and what the page needs, not its
+    decoded pixels (float32 would take 16 bytes per pixel for every upload kept).
 
     Attributes:
         name: the file name as uploaded (printable; recorded as the output's ``input``).  stem: a file-system-safe stem
-            for output names.  data: the file's bytes (decoded again by :meth:`decode` when a request runs).
-        sha256: of ``data``.  width, height: of the decoded image (EXIF orientation applied).  format: Pillow's name of
-        the file's format.  has_alpha: the image has transparency.  png: the image as the model sees it, as a PNG
-        (what the page shows and a comparison's "before").
+            for output names.  width, height: of the decoded image (EXIF orientation applied).  format: Pillow's
+            name.  png: the image as the model sees it (what the page shows and a comparison's "before").
     """
 
     name: str
@@ -108,21 +94,15 @@ class Upload:
     png: bytes = field(repr=False)
 
     def decode(self) -> LoadedImage:
-        """The image decoded by the CLI's loader (the same pixels every time: it decoded once already)."""
+        """The image decoded by the CLI's loader."""
         with _decode_slots:
             return decode_image(self.data, source=self.name)
 
 
 def load_upload(data: bytes, name: str) -> Upload:
-    """Decode an uploaded file with the CLI's loader, once, to check it and make the PNG the page shows.
-
-    Args:
-        data: the file's bytes.  name: the file name the browser sent (only used for messages and output names).
-
-    Raises:
-        RequestError: one line for an empty, too large (bytes, or pixels as its header says), truncated, corrupt or
-            non-image upload.
-    """
+    """Decode an uploaded file (``name``: what the browser sent, for messages and output names) with the CLI's loader,
+    once, to check it and make the PNG the page shows.  RequestError (one line) for an empty, too large (bytes, or pixels
+    as its header says, checked before decoding), truncated, corrupt or non-image upload."""
     shown = _printable_name(name)
     if len(data) > MAX_UPLOAD_BYTES:
         limit = MAX_UPLOAD_BYTES // 2**20
@@ -146,13 +126,13 @@ def load_upload(data: bytes, name: str) -> Upload:
 
 
 def _display_png(image: LoadedImage) -> bytes:
-    """The image as a PNG (what the page shows and the "before" of a comparison): pixels as the model sees them
-    (EXIF orientation applied, 16-bit rounded to 8), alpha kept."""
-    rgb = tensor_to_image(image_to_tensor(image.rgb))
+    """The image as a PNG, pixels as the model sees them (EXIF orientation applied, 16-bit rounded to 8), alpha kept."""
+    pixels = tensor_to_image(image_to_tensor(image.rgb))
     if image.alpha is not None:
-        alpha = np.round(image.alpha.astype(np.float64) * 255.0).astype(np.uint8)
-        return _png(np.dstack([rgb, alpha]))
-    return _png(rgb)
+        pixels = np.dstack([pixels, np.round(image.alpha.astype(np.float64) * 255.0).astype(np.uint8)])
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
@@ -186,13 +166,12 @@ class RefineSettings:
     """Everything the page lets a user choose (the CLI's flags of the same names).
 
     Attributes:
-        start_t: integer timestep in ``[1, T-1]`` (lower = more faithful).  sampler: ``"ddim"`` or ``"dpmpp_2m"``.
         step_mode, steps: ``"grid"``: ``steps`` is the DDIM grid size (``--ddim-steps``); ``"exact"``: exactly
             ``steps`` steps from ``start_t`` (``--tail-steps``).
         seed, n_samples: sample ``k`` uses seed ``seed + k``.
         mode: ``"whole"`` (the whole image), ``"mask"`` (in place: only the painted mask and the boxes change) or
             ``"crop"`` (each region refined in a crop at the experts' size, ``--crop-regions``).
-        boxes: rectangles, each with an optional start of its own.  mask_blur, mask_dilate, region_padding: pixels.
+        mask_blur, mask_dilate, region_padding: pixels.
     """
 
     start_t: int = DEFAULT_START_T
@@ -212,9 +191,9 @@ class RefineSettings:
 
     @classmethod
     def from_json(cls, data: Any, base: RefineSettings | None = None) -> RefineSettings:
-        """Settings from the page's JSON object (missing keys take ``base``'s values, default the class defaults; boxes
-        as ``"x0,y0,x1,y1[@t]"`` lines).  Raises RequestError naming the first bad or unknown field by its label on
-        the page (e.g. "Samples must be a whole number from 1 to 8, not 9")."""
+        """Settings from the page's JSON object (missing keys take ``base``'s values, default the class defaults).
+        RequestError naming the first bad or unknown field by its label on the page ("Samples must be a whole number
+        from 1 to 8, not 9")."""
         base = cls() if base is None else base
         if not isinstance(data, Mapping):
             raise RequestError(f"settings must be a JSON object, got {type(data).__name__}")
@@ -231,7 +210,7 @@ class RefineSettings:
         for name, choices in (("sampler", SAMPLERS), ("step_mode", STEP_MODES), ("mode", MODES)):
             if name in data:
                 if data[name] not in choices:
-                    raise RequestError(f"{FIELD_LABELS[name]} {_shown(data[name])} is not one of {', '.join(choices)}")
+                    raise RequestError(f"{FIELD_LABELS[name]} {short_repr(data[name])} is not one of {', '.join(choices)}")
                 values[name] = data[name]
         if "boxes" in data:
             values["boxes"] = parse_boxes(data["boxes"])
@@ -247,7 +226,7 @@ class RefineSettings:
             ok = number and abs(scale) <= MAX_GUIDANCE_SCALE and math.isfinite(scale)  # a huge int overflows isfinite
             if not ok or scale < 0:
                 raise RequestError(f"{FIELD_LABELS['guidance_scale']} must be a number from 0 to {MAX_GUIDANCE_SCALE:g} "
-                                   f"(1 = no guidance), not {_shown(scale)}")  # fmt: skip
+                                   f"(1 = no guidance), not {short_repr(scale)}")  # fmt: skip
             values["guidance_scale"] = float(scale)
         seed, n_samples = values.get("seed", base.seed), values.get("n_samples", base.n_samples)
         if seed + n_samples - 1 > MAX_SEED:  # sample k uses seed + k (as scripts/refine.py refuses it)
@@ -265,11 +244,9 @@ class RefineSettings:
     def request(self, with_prompt: bool = False) -> RefineRequest:
         """These settings as the refinement request the CLI and the Python API build (eta 0: the page has no eta);
         ``with_prompt``: for text-conditioned experts, with the page's prompt, negative prompt and guidance scale."""
-        grid = self.step_mode == "grid"
         prompt = Prompt(self.prompt, self.negative_prompt, self.guidance_scale) if with_prompt else None
-        return RefineRequest(start_t=self.start_t, ddim_steps=self.steps if grid else None,
-                             tail_steps=None if grid else self.steps, sampler=self.sampler, seed=self.seed,
-                             n_samples=self.n_samples, regions=self.regions(), prompt=prompt)  # fmt: skip
+        return RefineRequest(start_t=self.start_t, **self.plan_arguments(), seed=self.seed, n_samples=self.n_samples,
+                             regions=self.regions(), prompt=prompt)  # fmt: skip
 
     def regions(self) -> RegionOptions:
         """The CLI's region options for these settings (boxes only count outside the whole-image mode)."""
@@ -285,8 +262,8 @@ class RefineSettings:
 
 
 def parse_boxes(text: Any) -> tuple[Box, ...]:
-    """Boxes from text: ``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"``, one per line (or ``;``-separated); blank lines
-    are skipped.  RequestError naming the bad line."""
+    """Boxes from text: ``"x0,y0,x1,y1[@start_t]"`` lines (or ``;``-separated), blank ones skipped; RequestError
+    naming the bad line."""
     if not isinstance(text, str):
         raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
     lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
@@ -307,27 +284,15 @@ def parse_boxes(text: Any) -> tuple[Box, ...]:
 def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # JSON may send 4.0 for 4
     if isinstance(value, bool) or not whole or not lo <= value <= hi:
-        raise RequestError(f"{FIELD_LABELS[name]} must be a whole number from {lo} to {hi}, not {_shown(value)}")
+        raise RequestError(f"{FIELD_LABELS[name]} must be a whole number from {lo} to {hi}, not {short_repr(value)}")
     return int(value)
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a 4000-digit number or a long string stays one short line)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
-        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
 def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
-    """What the settings will run, for the page's live start_t label; never raises for a bad combination.
-
-    Returns ``{"ok": True, **plan_facts}`` (the expert windows the steps cross, e.g. ``"t 250-499 then t 0-249"``,
-    routing, summary) or ``{"ok": False, "error": one line in the page's words}`` (e.g. "start t=800 is above the
-    experts' range (max 499); move the slider down").  Builds the plan on the CPU without caching it in the
-    refiner, so moving the slider allocates nothing on the device.
-    """
+    """What the settings will run, for the page's live start_t label: ``{"ok": True, **plan_facts}`` or ``{"ok":
+    False, "error": one line in the page's words}``; never raises for a bad combination.  The plan is built on the
+    CPU and not cached in the refiner, so moving the slider allocates nothing on the device."""
     try:
         start = _plan_start(refiner, settings)
         plan = build_plan(refiner.schedule, start, refiner.denoisers, "cpu", assign=refiner.router.assign,
@@ -348,11 +313,9 @@ def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> s
 
 
 def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
-    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary.
-
-    ``t_windows`` and ``routing_t`` count in timesteps t only (the page's labels); ``windows`` and ``routing`` also
-    give the steps counted from noise (its tooltips).
-    """
+    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary
+    (``t_windows`` and ``routing_t`` count in timesteps t, the page's labels; ``windows`` and ``routing`` in steps
+    counted from noise too, its tooltips)."""
     windows, t_windows = [], []
     for _, _, index in plan.routing:
         window = refiner.experts[index].window
@@ -492,15 +455,13 @@ def prepare(
     """Check a request and build its plan and start map (the CLI's ``batch_plan`` and ``region_start_map``).
 
     Args:
-        mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None.  Ignored in the
-            whole-image mode.
-        step_cost: this machine's :class:`StepCost` (None: no limit on one step's time).
+        mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None (ignored in the
+            whole-image mode).  step_cost: None: no limit on one step's time.
 
     Raises:
-        RequestError: steps no expert covers, a box outside the image, a mask and boxes that select nothing, a
-            region mode with neither a mask nor boxes, too many regions for crop mode, or more than
-            :data:`MAX_REQUEST_STEPS` sampling steps in all (samples x regions x steps), or one step estimated to take
-            over :data:`MAX_STEP_SECONDS`.
+        RequestError: steps no expert covers, a box outside the image, a selection that is empty or missing, too many
+            regions for crop mode, more than :data:`MAX_REQUEST_STEPS` sampling steps in all, or one step estimated
+            to take over :data:`MAX_STEP_SECONDS`.
     """
     regions = settings.regions()
     try:
@@ -512,7 +473,7 @@ def prepare(
     guided = text and settings.guidance_scale != 1  # guidance runs each network twice (one batched call)
     _check_step_time(refiner, upload, settings, step_cost, 2 if guided else 1)
     request = settings.request(with_prompt=text)
-    start_map, meta, n_regions = None, {}, 1
+    start_map, crops, digest, meta, n_regions = None, None, "", {}, 1
     if settings.mode != "whole":
         if mask is None and not regions.boxes:
             raise RequestError("nothing selected: paint over the region to refine or draw a box (or set Mode to 'whole image')")
@@ -524,12 +485,11 @@ def prepare(
         except ValueError as exc:
             raise RequestError(page_words(str(exc))) from None
         n_regions = len(crops) if crops is not None else 1
-        _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refused request costs little
+    _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refused request costs little
+    if start_map is not None:
         meta = {**regions.as_metadata(), "mask": "painted in the web app" if mask is not None else "", "mask_sha256": digest}
         meta.update(region_metadata(start_map, crops))
         start_map = start_map.to(torch.int16)  # timesteps < 2**15; the refiner reads any integer map
-    else:
-        _check_work(settings, n_regions, len(plan.timesteps))
     total = settings.n_samples * n_regions * len(plan.timesteps)
     return Prepared(upload, settings, plan, start_map, meta, total, request)
 
@@ -582,12 +542,6 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
     seconds = time.perf_counter() - started
     logger.info("%s: %d sample(s) in %.1f s into %s (%s)", upload.name, len(samples), seconds, outdir, plan.describe())
     return RefineResult(samples, plan, seconds)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _printable_name(name: str) -> str:

@@ -1,10 +1,8 @@
 """The web app's request queue: one worker thread per device runs refinements one at a time, in arrival order.
 
-The server's event loop only submits and reads jobs; the worker alone touches the models, so requests never run
-concurrently on the device.  A job that fails (a bad setting found late, out of memory, a disk error, a bug) is marked
-failed with a one-line message and the worker goes on with the next one.  A job can be cancelled: a waiting one never
-runs, a running one stops after its current sampling step.  :meth:`JobQueue.stop` cancels the running job the same way
-and waits for the worker to end, so that the process never exits with the worker inside torch.
+The worker alone touches the models, so requests never run concurrently on the device.  A job that fails is marked
+failed with a one-line message and the worker goes on with the next one.  A cancelled job never runs if it waits, or
+stops after its current sampling step.
 """
 
 from __future__ import annotations
@@ -40,15 +38,13 @@ class Job:
     """One refinement request and what became of it.
 
     Attributes:
-        id: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``, also the name of its output folder (random: an id
-            cannot be guessed from another one).  number: the arrival order.
+        id: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``, also its output folder's name (random: an id cannot
+            be guessed from another one).  number: the arrival order.
         prepared: the checked request (dropped once it has run, so finished jobs hold no image tensors).
-        name: the uploaded file's name.  upload_key: its id on the server.  settings: the request's settings as
-        recorded in the metadata.  before_png / mask_png: the input as shown (the comparison's "before") and the
-        painted mask (None without one), so that the page can show a request again.  state: queued | running | done |
-        failed | cancelled.  cancel: why the running job must stop after its current step ("" while it need not).
-        done_steps / total_steps: sampling steps finished / to run (the progress bar).  message: the one-line error of
-        a failed job.  result: the outputs of a finished job (with the run's wall time).
+        upload_key: the upload's id on the server.  settings: as recorded in the metadata.  before_png / mask_png: the
+            input as shown and the painted mask (None without one), so that the page can show a request again.
+        cancel: why the running job must stop after its current step ("" while it need not).
+        message: the one-line error of a failed job.
     """
 
     id: str
@@ -92,7 +88,8 @@ class JobQueue:
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drop the waiting jobs, stop the running one after its current sampling step, end the worker; True once the
-        worker has ended (False: still inside a step after ``timeout`` seconds; None waits as long as it takes)."""
+        worker has ended (False: still inside a step after ``timeout`` seconds; None waits as long as it takes), so
+        that the process never exits with the worker inside torch."""
         with self._lock:
             for job in self._jobs.values():
                 if job.state == QUEUED:
@@ -105,8 +102,8 @@ class JobQueue:
         return not self._thread.is_alive()
 
     def cancel(self, job: Job) -> bool:
-        """Cancel ``job``: a waiting job never runs, a running one stops after its current sampling step (its state
-        becomes cancelled then); False when it had already finished."""
+        """Cancel ``job`` (a running one is marked cancelled after its current sampling step); False when it had
+        already finished."""
         with self._lock:
             if job.state == QUEUED:
                 job.state, job.message, job.prepared = CANCELLED, "cancelled before it ran", None  # its image is freed

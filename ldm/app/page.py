@@ -1,12 +1,6 @@
 """What the page shows that the CLI does not need: the start slider's range from the loaded experts' windows, and
-errors in the page's words.
-
-The refiner's messages are written for ``scripts/refine.py`` and Python callers (``--start-t``,
-``--allow-outside-window``, ``allow_outside_window=True``, ``tail_steps=...``).  None of those exist on the page, so
-every message a handler returns to it goes through :func:`page_words` (or is written here from the windows, as the
-"start above the experts' range" message is).  The page counts in one scheme: timestep ``t`` (the project's
-convention, lower = gentler); steps counted from noise (``k = T - t``) and strength (``t / T``) appear only in
-tooltips.
+errors in the page's words (the refiner's messages name ``--start-t``, ``tail_steps=...`` and the like, which the page
+does not have).  The page counts in timesteps ``t``; steps from noise (``k = T - t``) appear only in tooltips.
 """
 
 from __future__ import annotations

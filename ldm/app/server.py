@@ -14,13 +14,10 @@ Routes (all same-origin; the page is the only client it is written for)::
     GET  /api/jobs/<id>/before.png    the comparison's "before" (and mask.png: the painted mask, to show it again)
     GET  /api/jobs/<id>/files/<k>     sample k's PNG with metadata (?download=1 as an attachment)
 
-Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for requests the user can fix, 500 for bugs; nothing
-stops the server.  Bodies are small (:data:`MAX_PLAN_JSON_BYTES`, :data:`MAX_REFINE_JSON_BYTES`) and parsed in a worker
-thread, so one request cannot hold the event loop; at most ``MAX_PARALLEL_DECODES`` images are decoded at once.  Job and
-upload ids are random.  Every response says ``X-Content-Type-Options: nosniff``.  Requests that change state must be
-``application/json`` / ``application/octet-stream`` (or DELETE): a page of another origin cannot send those without a
-CORS preflight, which this server never grants.  Unless the server listens
-on all interfaces, a Host header other than localhost is refused (DNS rebinding).  Nothing here contacts the internet.
+Errors are JSON ``{"error": "<one line>"}``, 4xx for what the user can fix, 500 for bugs; nothing stops the server.
+Bodies are bounded and parsed in a worker thread, so one request cannot hold the event loop.  Requests that change state
+must be ``application/json`` / ``application/octet-stream`` (or DELETE): another origin's page cannot send those without
+a CORS preflight, which this server never grants.
 """
 
 from __future__ import annotations
@@ -134,9 +131,8 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
 
     Args:
         listen: the server listens on every interface: accept any Host header (else only localhost names).
-        step_cost: one sampling step's time per latent pixel on this machine (:func:`ldm.app.handlers.measure_step_cost`,
-            as ``scripts/app.py`` passes it): requests whose one step would take over
-            :data:`~ldm.app.handlers.MAX_STEP_SECONDS` are refused.  None: not limited.
+        step_cost: :func:`ldm.app.handlers.measure_step_cost`'s fit, to refuse requests whose one step would take over
+            :data:`~ldm.app.handlers.MAX_STEP_SECONDS` (None: not limited).
     """
     state = AppState(refiner, Path(outdir), step_cost)
 
@@ -275,10 +271,9 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
 
 
 def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = os._exit) -> None:
-    """Stop ``jobs``' worker; when its running request does not finish its sampling step within ``wait_s`` seconds
-    (one step of a large image can take minutes on a CPU), leave at once with ``abandon(0)``: the interpreter's own
-    exit would end the worker inside torch (it aborted with exit 134). Finished outputs are complete files (atomic
-    writes), so nothing half-written is left."""
+    """Stop ``jobs``' worker; when its running request does not finish its sampling step within ``wait_s`` seconds,
+    leave at once with ``abandon(0)``: the interpreter's own exit would end the worker inside torch (it aborted with
+    exit 134).  Outputs are written atomically, so nothing half-written is left."""
     if jobs.stop(wait_s):
         return
     logger.warning("stopped: the running request did not finish its sampling step within %s s and was abandoned", wait_s)

@@ -1,18 +1,10 @@
-"""Image I/O for refinement and evaluation: loading any common file, model tensors, padding, atomic saving, inputs.
+"""Image I/O for refinement and evaluation: loading any common file, ``[-1, 1]`` model tensors, padding, atomic saving
+with metadata, input discovery.  Errors (:class:`ImageLoadError`, a ``ValueError``; :class:`ImageSaveError`, an
+``OSError``) are one line naming the path and the cause, so a batch can report a bad file and go on.
 
-Typical use (what ``scripts/refine.py`` and :class:`ldm.refine.Refiner` do)::
-
-    from ldm import imageio
-
-    paths, problems = imageio.find_images(["photos/", "more/*.jpg"])
-    loaded = imageio.load_image(paths[0])                       # float32 [H, W, 3] in [0, 1], alpha separately
-    x = imageio.image_to_tensor(loaded.rgb)                     # [1, 3, H, W] in [-1, 1]
-    x_pad, padding = imageio.pad_to_multiple(x, 8)              # reflect-pad to the model's factor
-    y = imageio.crop_padding(model(x_pad), padding)             # crop back exactly
-    imageio.save_image_atomic("out.png", imageio.tensor_to_image(y), alpha=loaded.alpha, metadata={"start_t": "500"})
-
-Errors: :class:`ImageLoadError` (a ``ValueError``) and :class:`ImageSaveError` (an ``OSError``), each a single line that
-names the path and the cause, so a batch can report a bad file and go on.
+    loaded = load_image(path)                                   # float32 [H, W, 3] in [0, 1], alpha separately
+    x_pad, padding = pad_to_multiple(image_to_tensor(loaded.rgb), 8)   # [1, 3, H', W'] in [-1, 1]
+    save_image_atomic("out.png", tensor_to_image(crop_padding(model(x_pad), padding)), alpha=loaded.alpha)
 """
 
 from ldm.imageio.convert import (

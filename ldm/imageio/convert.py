@@ -1,8 +1,4 @@
-"""Arrays <-> model tensors, padding to what the model needs and cropping back, and side-by-side grids.
-
-Model images are ``[B, 3, H, W]`` float in ``[-1, 1]`` (latent-diffusion's convention); files decode to ``[H, W, 3]``
-float32 in ``[0, 1]`` (see :class:`ldm.imageio.LoadedImage`) and are written from ``[H, W, 3]`` uint8.
-"""
+"""Arrays <-> model tensors (``[B, 3, H, W]`` in ``[-1, 1]``), padding to the model's factor and back, side-by-side grids."""
 
 from __future__ import annotations
 
@@ -18,11 +14,8 @@ PAD_MODES = ("reflect", "replicate", "constant")
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` image -> ``[1, 3, H, W]`` float32 tensor in ``[-1, 1]`` (CPU; move it with ``.to(device)``).
-
-    Args:
-        rgb: float ``[H, W, 3]`` in ``[0, 1]`` (as :func:`ldm.imageio.load_image` returns) or uint8 ``[H, W, 3]``.
-    """
+    """Float ``[H, W, 3]`` in ``[0, 1]`` (as :func:`ldm.imageio.load_image` returns) or uint8 ``[H, W, 3]`` ->
+    ``[1, 3, H, W]`` float32 CPU tensor in ``[-1, 1]``."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"image_to_tensor expects an [H, W, 3] array, got shape {tuple(rgb.shape)}")
@@ -39,12 +32,9 @@ def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
-    """``[1, 3, H, W]`` or ``[3, H, W]`` tensor in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]``.
-
-    Values are mapped by ``(x + 1) * 127.5``, rounded to nearest and clamped to ``[0, 255]``; the exact inverse of
-    :func:`image_to_tensor` on uint8 input.  NaN or infinite values raise ``ValueError`` instead of turning into
-    arbitrary pixels.
-    """
+    """``[1, 3, H, W]`` or ``[3, H, W]`` tensor in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]`` by
+    :func:`to_uint8` (the exact inverse of :func:`image_to_tensor` on uint8 input).  NaN or infinite values raise
+    ``ValueError`` instead of turning into arbitrary pixels."""
     if x.ndim == 4:
         if x.shape[0] != 1:
             raise ValueError(f"tensor_to_image takes one image; got a batch of {x.shape[0]} (index it: x[i])")
@@ -54,20 +44,18 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     x = x.detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError("tensor_to_image: the tensor holds NaN or infinite values (did sampling diverge?)")
-    pixels = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+    return np.ascontiguousarray(to_uint8(x).permute(1, 2, 0).numpy())
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in ``[-1, 1]`` of any shape (``[3, H, W]``, ``[B, 3, H, W]``, ...; any float dtype and device) -> uint8
-    of the same shape and device: ``(x + 1) * 127.5`` rounded to nearest, values outside ``[-1, 1]`` clamped first.
-    The one ``[-1, 1]`` -> uint8 mapping (:func:`tensor_to_image` is it plus the layout of an image file)."""
+    """Images in ``[-1, 1]`` of any shape, float dtype and device -> uint8 of the same shape and device: ``(x + 1) *
+    127.5`` rounded to nearest, values outside ``[-1, 1]`` clamped first.  The one ``[-1, 1]`` -> uint8 mapping."""
     return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def from_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 values of any shape (a tensor or an array) -> float32 in ``[-1, 1]``: latent-diffusion's ``x / 127.5 - 1``
-    (bit-identical to :func:`image_to_tensor`'s ``x / 255 * 2 - 1`` on every uint8 value).  Arrays become CPU tensors."""
+    """uint8 values of any shape (tensor, or array -> CPU tensor) -> float32 in ``[-1, 1]``: latent-diffusion's ``x /
+    127.5 - 1`` (bit-identical to :func:`image_to_tensor`'s ``x / 255 * 2 - 1`` on every uint8 value)."""
     tensor = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     if tensor.dtype != torch.uint8:
         raise TypeError(f"from_uint8 expects uint8 values, got {tensor.dtype}")
@@ -87,7 +75,6 @@ class Padding:
 
     @property
     def padded_size(self) -> tuple[int, int]:
-        """``(height, width)`` after padding."""
         return self.height + self.top + self.bottom, self.width + self.left + self.right
 
     @property
@@ -101,26 +88,16 @@ def pad_to_multiple(
     mode: str = "reflect",
     min_size: int | tuple[int, int] = 1,
 ) -> tuple[torch.Tensor, Padding]:
-    """Pad ``[B, C, H, W]`` so both sides are multiples of ``multiple`` (and at least ``min_size``).
+    """Pad ``[B, C, H, W]`` so both sides are multiples of ``multiple`` and at least ``min_size`` (an int or
+    ``(height, width)``); returns ``(padded, padding)``, which :func:`crop_padding` undoes.
 
-    The padding is split between the two sides of each axis (the extra pixel, if odd, goes bottom/right), so the model
-    sees the image centred.  Modes:
-
-    - ``"reflect"``: mirror without repeating the edge (``torch``'s reflect), extended periodically when the pad is as
-      large as or larger than the image (where ``torch`` refuses): a 3-pixel row ``abc`` padded by 5 on the right
-      gives ``abc b a b c b``.  An axis of size 1 has nothing to mirror and repeats its pixel.
-    - ``"replicate"``: repeat the edge pixel.  ``"constant"``: zeros.
-
-    Works for any size down to 1x1, on any device and dtype.
+    The padding is split between the two sides of each axis (an odd pixel goes bottom/right), so the model sees the
+    image centred.  ``"reflect"`` mirrors without repeating the edge and continues periodically where the pad is as
+    large as the image (where ``torch`` refuses): ``abc`` padded by 5 on the right gives ``abc b a b c b``; a size-1
+    axis repeats its pixel.  ``"replicate"`` repeats the edge pixel, ``"constant"`` pads zeros.
 
     Args:
-        x: ``[B, C, H, W]`` tensor.
         multiple: the model's size factor (e.g. 4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet).
-        mode: one of :data:`PAD_MODES`.
-        min_size: minimum padded size, an int for both sides or ``(height, width)``.
-
-    Returns:
-        ``(padded, padding)``; :func:`crop_padding` with ``padding`` undoes it.
     """
     if x.ndim != 4:
         raise ValueError(f"pad_to_multiple expects [B, C, H, W], got shape {tuple(x.shape)}")
@@ -158,11 +135,8 @@ def _pad_indices(size: int, before: int, after: int, mode: str, device: torch.de
 
 
 def crop_padding(x: torch.Tensor, padding: Padding, scale: float = 1) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple` on ``[..., H', W']`` where ``H' = padded height * scale``.
-
-    ``scale`` covers outputs at another resolution than the padded input (``2`` for a 2x upsampler; ``0.25`` for a
-    VQ-f4 latent, which requires every padding amount to be divisible by 4).
-    """
+    """Undo :func:`pad_to_multiple` on ``[..., H', W']`` where ``H' = padded height * scale`` (``2`` for a 2x
+    upsampler's output; ``0.25`` for a VQ-f4 latent, which needs every padding amount divisible by 4)."""
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     padded_h, padded_w = padding.padded_size
@@ -184,10 +158,8 @@ def _scaled(value: int, scale: float, name: str) -> int:
 
 
 def side_by_side(images: Sequence[np.ndarray], pad: int = 8, fill: int = 255) -> np.ndarray:
-    """Place uint8 ``[H_i, W_i, 3]`` images left to right, ``pad`` pixels apart and around, on a ``fill`` background.
-
-    Images of different heights are centred vertically.  Returns uint8 ``[max H + 2 pad, sum W + (n + 1) pad, 3]``.
-    """
+    """uint8 ``[H_i, W_i, 3]`` images left to right, ``pad`` pixels apart and around, centred vertically on a ``fill``
+    background: uint8 ``[max H + 2 pad, sum W + (n + 1) pad, 3]``."""
     if len(images) == 0:
         raise ValueError("side_by_side needs at least one image")
     if pad < 0 or not 0 <= fill <= 255:

@@ -1,9 +1,10 @@
-"""Errors raised by :mod:`ldm.imageio` and the path formatting that keeps their messages on one printable line."""
+"""Errors raised by :mod:`ldm.imageio` and the formatting that keeps messages on one printable line."""
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 _CONTROL_CHARS = {i: f"\\x{i:02x}" for i in [*range(32), 127]}
 _WHITESPACE_RUN = re.compile(r"\s+")
@@ -12,12 +13,8 @@ PathLike = str | bytes | os.PathLike
 
 
 def format_path(path: PathLike) -> str:
-    """A printable, single-line rendering of ``path`` for messages.
-
-    Bytes paths and ``str`` paths holding surrogate escapes (file names that are not valid UTF-8 on POSIX) are shown
-    with their undecodable bytes as ``\\xNN``; control characters (a newline in a file name) are escaped too, so the
-    result can always be printed and logged without raising ``UnicodeEncodeError`` or breaking a line.
-    """
+    """``path`` on one printable line: undecodable bytes (bytes paths, surrogate escapes) and control characters (a
+    newline in a file name) shown as ``\\xNN``, so printing or logging it never raises ``UnicodeEncodeError``."""
     raw = os.fsencode(path)
     return raw.decode("utf-8", "backslashreplace").translate(_CONTROL_CHARS)
 
@@ -27,12 +24,20 @@ def one_line(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", str(text)).strip()
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a huge int is described by its digit count (``str()`` refuses
+    ints over 4300 digits, and a 4000-digit number would not be one short line anyway)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class ImageLoadError(ValueError):
-    """An input could not be read as an image.  ``str(err)`` is one line naming the path and the cause.
+    """An input could not be read as an image; ``str(err)`` is one line naming the path and the cause.
 
     Attributes:
-        path: the path as given (str, bytes or PathLike).
-        reason: the cause alone, without the path.
+        path: the path as given (str, bytes or PathLike).  reason: the cause alone, without the path.
     """
 
     def __init__(self, path: PathLike, reason: str) -> None:
@@ -45,12 +50,11 @@ class ImageLoadError(ValueError):
 
 
 class ImageSaveError(OSError):
-    """An image could not be written.  ``str(err)`` is one line naming the path and the cause.
+    """An image could not be written; ``str(err)`` is one line naming the path and the cause.
 
     Attributes:
-        path: the destination path as given.
-        reason: the cause alone, without the path.
-        errno: the OS error number of the underlying failure (``errno.ENOSPC``, ``errno.EACCES``, ...) or None.
+        path: the destination as given.  reason: the cause alone.  errno: the OS error number (``errno.ENOSPC``, ...)
+            or None.
     """
 
     def __init__(self, path: PathLike, reason: str, errno: int | None = None) -> None:

@@ -15,23 +15,15 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
-    """Expand ``inputs`` into image files, reporting every input that yields none.
+    """Expand ``inputs`` into image files; returns ``(paths in input order, one printable line per input that yields
+    none or a folder that cannot be listed)``.  A file reached through several inputs is listed once.
 
     - An existing file is taken as given, whatever its suffix (the loader reports it if it is not an image).
-    - A folder is searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`, case-insensitive);
-      hidden files and folders (name starting with ``"."``, e.g. macOS ``._photo.jpg`` resource forks) are skipped, and
-      symbolic links to folders are not followed.  Files are sorted by path, so the order is the same on every run.
-    - Anything else containing ``*``, ``?`` or ``[`` is a glob, matched as :func:`glob.glob` with ``recursive=True``
-      does (``**`` as a whole path component matches any number of nested folders; hidden names match only a
-      component that starts with ``"."``), except that ``**`` neither follows nor matches symbolic links to folders, so
-      a link cycle (``ln -s .. loop/up``) cannot make the search endless.  Matched files with an image suffix and
-      matched folders (expanded as above) are kept, sorted.
-
-    A file reached through several inputs is listed once, at its first occurrence.
-
-    Returns:
-        ``(paths, problems)``: the image paths in input order, and one printable line per input that matched nothing
-        (missing path, empty folder, glob without image matches, unreadable folder).
+    - A folder is searched recursively for files with an :data:`IMAGE_SUFFIXES` suffix (case-insensitive), sorted by
+      path; hidden names (``"."``: macOS ``._photo.jpg`` resource forks) are skipped, links to folders not followed.
+    - Anything else with ``*``, ``?`` or ``[`` is a glob, matched as :func:`glob.glob` with ``recursive=True`` does,
+      except that ``**`` neither follows nor matches links to folders (a link cycle cannot make it endless); matched
+      image files and matched folders (expanded as above) are kept, sorted.
     """
     found: list[Path] = []
     problems: list[str] = []
@@ -47,22 +39,20 @@ def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
     for raw in inputs:
         text = os.fsdecode(raw)
         shown = format_path(text)
-        if os.path.isdir(text):
-            images, errors = _images_in_folder(Path(text))
+        folder, exists = os.path.isdir(text), os.path.exists(text)
+        if folder or (not exists and _GLOB_CHARS.intersection(text)):
+            images, errors = _images_in_folder(Path(text)) if folder else _images_from_glob(text)
             problems.extend(errors)
-            if images:
-                add(images)
-            elif not errors:
-                problems.append(f"{shown}: folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        elif os.path.exists(text):
+            add(images)
+            if not images and not errors:
+                what = (
+                    f"folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+                    if folder
+                    else "the pattern matches no image files"
+                )
+                problems.append(f"{shown}: {what}")
+        elif exists:
             add([Path(text)])
-        elif _GLOB_CHARS.intersection(text):
-            images, errors = _images_from_glob(text)
-            problems.extend(errors)
-            if images:
-                add(images)
-            elif not errors:
-                problems.append(f"{shown}: the pattern matches no image files")
         elif os.path.lexists(text):
             problems.append(f"{shown}: broken symbolic link")
         else:
@@ -79,7 +69,7 @@ def _images_in_folder(folder: Path) -> tuple[list[Path], list[str]]:
     errors: list[str] = []
 
     def on_error(exc: OSError) -> None:
-        errors.append(f"{format_path(exc.filename or folder)}: cannot list folder ({exc.strerror or exc})")
+        errors.append(_cannot_list(exc.filename or folder, exc))
 
     images = []
     for root, dirs, files in os.walk(folder, onerror=on_error, followlinks=False):
@@ -143,7 +133,7 @@ def _list(folder: str, errors: list[str]) -> list[str]:
     except NotADirectoryError:
         return []
     except OSError as exc:
-        errors.append(f"{format_path(folder or os.curdir)}: cannot list folder ({exc.strerror or exc})")
+        errors.append(_cannot_list(folder or os.curdir, exc))
         return []
 
 
@@ -158,7 +148,7 @@ def _below(base: str, files: bool, errors: list[str]) -> list[str]:
             with os.scandir(folder or os.curdir) as it:
                 entries = [entry for entry in it if not entry.name.startswith(".")]
         except OSError as exc:
-            errors.append(f"{format_path(folder or os.curdir)}: cannot list folder ({exc.strerror or exc})")
+            errors.append(_cannot_list(folder or os.curdir, exc))
             continue
         for entry in entries:
             path = os.path.join(folder, entry.name)
@@ -172,6 +162,10 @@ def _below(base: str, files: bool, errors: list[str]) -> list[str]:
             elif files and not _is_folder_link(entry):
                 found.append(path)
     return found
+
+
+def _cannot_list(folder: PathLike, exc: OSError) -> str:
+    return f"{format_path(folder)}: cannot list folder ({exc.strerror or exc})"
 
 
 def _is_folder_link(entry: os.DirEntry) -> bool:

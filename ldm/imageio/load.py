@@ -1,13 +1,8 @@
-"""Loading images from files people find on the internet: every pixel mode, EXIF orientation, alpha, and one-line errors.
+"""Loading images from files people find on the internet: every pixel mode, EXIF orientation, alpha, one-line errors.
 
-The loader reads the whole file, decodes it fully with Pillow (``Image.load()``, so a truncated file fails here and not
-half-way through a batch) and returns a :class:`LoadedImage` with float32 RGB in ``[0, 1]``.  Float was chosen over
-uint8 so that 16-bit sources keep their precision; :func:`ldm.imageio.image_to_tensor` maps it to the model's
-``[-1, 1]``.  Alpha is returned separately so that refinement can run on RGB and re-attach it when saving.
-
-Only a fixed set of raster formats is opened (:data:`LOADER_FORMATS`).  Pillow's other plugins are never tried: some of
-them run external programs (EPS via Ghostscript) or parse rarely audited formats, which is not what a batch over
-downloaded files should do.  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed by this module.
+Files are decoded fully (a truncated file fails here, not half-way through a batch) to float32 RGB in ``[0, 1]`` (float
+keeps 16-bit sources' precision), alpha apart.  Only :data:`LOADER_FORMATS` are opened: some of Pillow's other plugins
+run external programs (EPS via Ghostscript) or parse rarely audited formats.
 """
 
 from __future__ import annotations
@@ -35,22 +30,8 @@ logger = logging.getLogger(__name__)
 LOADER_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "GIF", "TIFF", "PPM")
 
 # File suffixes (lower case) that folder and glob expansion treat as images.
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".jpe",
-    ".jfif",
-    ".webp",
-    ".avif",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".pnm",
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(
+    ".png .jpg .jpeg .jpe .jfif .webp .avif .bmp .gif .tif .tiff .ppm .pgm .pbm .pnm".split()
 )
 
 _SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -64,7 +45,7 @@ _warned_truncation_hidden = False
 
 @dataclass
 class LoadedImage:
-    """A decoded image ready for the model.
+    """A decoded image.
 
     Attributes:
         rgb: float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous; grayscale sources are replicated to three channels,
@@ -93,13 +74,7 @@ class LoadedImage:
 
 
 def load_image(path: PathLike) -> LoadedImage:
-    """Read and fully decode the image at ``path``.
-
-    Args:
-        path: str, bytes or PathLike; names that are not valid UTF-8 (bytes, or str with surrogate escapes) work.
-
-    Returns:
-        a :class:`LoadedImage` (float32 RGB ``[H, W, 3]`` in ``[0, 1]``, optional alpha ``[H, W]``, ``info``).
+    """Read and fully decode the image at ``path`` (str, bytes or PathLike; names that are not valid UTF-8 work).
 
     Raises:
         ImageLoadError: one line naming the path and the cause, for a missing, empty, unreadable, non-image, truncated,
@@ -111,10 +86,7 @@ def load_image(path: PathLike) -> LoadedImage:
 
 
 def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
-    """Decode an encoded image held in memory; ``source`` only names it in errors, logs and ``info["path"]``.
-
-    Same result and errors as :func:`load_image` (which reads the file and calls this).
-    """
+    """:func:`load_image` for a file's bytes; ``source`` only names it in errors, logs and ``info["path"]``."""
     if not data:
         raise ImageLoadError(source, "file is empty (0 bytes)")
     _warn_if_truncation_hidden()
@@ -149,10 +121,7 @@ def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
 
 def from_pil(image: Image.Image, source: str = "<PIL.Image>", apply_exif_orientation: bool = True) -> LoadedImage:
     """Convert an in-memory PIL image (any mode) exactly as :func:`load_image` converts a file.
-
-    Used by the Python API, which accepts ``PIL.Image`` inputs.  ``apply_exif_orientation`` transposes by the image's
-    EXIF orientation tag (harmless on images already passed through ``ImageOps.exif_transpose``, which drops the tag).
-    """
+    ``apply_exif_orientation`` is harmless on images already through ``ImageOps.exif_transpose`` (it drops the tag)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"from_pil expects a PIL.Image.Image, got {type(image).__name__}")
     try:
@@ -203,9 +172,8 @@ def _read_file(path: PathLike) -> bytes:
 
 
 def max_file_bytes() -> int | None:
-    """The largest file the loader reads: what an image within Pillow's decompression-bomb limit can take
-    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels of 16 bytes, four float32 channels uncompressed, plus 1 MiB of headers and
-    metadata); None when that limit is off.  A larger file is refused before any of it is read into memory."""
+    """The largest file the loader reads (refused before any of it is read): ``PIL.Image.MAX_IMAGE_PIXELS`` pixels of
+    16 bytes (four float32 channels uncompressed) plus 1 MiB of headers and metadata; None when that limit is off."""
     pixels = Image.MAX_IMAGE_PIXELS
     return None if pixels is None else 16 * int(pixels) + 2**20
 
@@ -371,9 +339,9 @@ def _mode_bit_depth(mode: str) -> int:
 
 
 def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
-    """``(width, height)`` as an image file's header states it (a path or the file's bytes), read without decoding
-    any pixel and only with the formats of :data:`LOADER_FORMATS`; None when the header cannot be read (the loader then
-    says why in its own words) or a path is not a regular file (a FIFO would block)."""
+    """``(width, height)`` from an image file's header (a path or the file's bytes; :data:`LOADER_FORMATS` only, no
+    pixel decoded); None when it cannot be read (the loader then says why) or a path is not a regular file (a FIFO
+    would block)."""
     try:
         if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
             return None

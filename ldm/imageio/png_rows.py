@@ -1,9 +1,8 @@
 """Does a PNG's image data hold every row its header announces?
 
-Pillow decodes a PNG whose compressed stream ends early but cleanly (a complete zlib stream of fewer rows) without an
-error and leaves the missing rows black, so such a file would be refined as if its bottom were black.  This check
-inflates the file's ``IDAT`` data again, counting bytes without keeping them (at most 64 KiB at a time), and compares the
-count with what the header's size, colour type, bit depth and interlacing need.
+Pillow decodes a PNG whose zlib stream ends early but cleanly without an error and leaves the missing rows black, so
+such a file would be refined as if its bottom were black.  This inflates the ``IDAT`` data again, counting bytes without
+keeping them, against what the header's size, colour type, bit depth and interlacing need.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 # Adam7 passes: (x start, y start, x step, y step)
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -39,26 +38,28 @@ def png_problem(data: bytes) -> str | None:
     a sentence starting "PNG file ...": "is truncated or incomplete (its image data ends after about 8 of 16 rows)", or
     "holds more than 100,000 image-data chunks ...".  Files it cannot parse are left to Pillow (None): this only finds
     what Pillow lets through.  Consecutive chunks are inflated together, 64 KiB of input at a time."""
-    if not data.startswith(_SIGNATURE):
+    if not data.startswith(PNG_SIGNATURE):
         return None
     view = memoryview(data)
-    pos, inflate, have, chunks = len(_SIGNATURE), zlib.decompressobj(), 0, 0
+    pos, inflate, have, chunks = len(PNG_SIGNATURE), zlib.decompressobj(), 0, 0
     need = height = None
     pending: list[memoryview] = []
     pending_size = 0
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        body = view[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IDAT" and need is not None:
-            chunks += 1
-            if chunks > MAX_IDAT_CHUNKS:
-                return (f"holds more than {MAX_IDAT_CHUNKS:,} image-data chunks (encoders write a few large ones); "
-                        "re-save it with any image editor")  # fmt: skip
-            pending.append(body)
-            pending_size += len(body)
-            if pending_size < _CHUNK:
-                continue
+    while True:
+        kind = None  # past the last whole chunk header: the pending data is inflated, then the loop ends
+        if pos + 8 <= len(data):
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            body = view[pos + 8 : pos + 8 + length]
+            pos += 12 + length
+            if kind == b"IDAT" and need is not None:
+                chunks += 1
+                if chunks > MAX_IDAT_CHUNKS:
+                    return (f"holds more than {MAX_IDAT_CHUNKS:,} image-data chunks (encoders write a few large ones); "
+                            "re-save it with any image editor")  # fmt: skip
+                pending.append(body)
+                pending_size += len(body)
+                if pending_size < _CHUNK:
+                    continue
         if pending:
             try:
                 have += _inflated_size(inflate, b"".join(pending), need + 1 - have)
@@ -67,18 +68,13 @@ def png_problem(data: bytes) -> str | None:
             pending, pending_size = [], 0
             if have >= need:
                 return None
+        if kind is None or kind == b"IEND":
+            break
         if kind == b"IHDR" and len(body) == 13 and need is None:
             width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
             if colour not in _CHANNELS:
                 return None
             need = expected_bytes(width, height, depth, colour, interlace == 1)
-        elif kind == b"IEND":
-            break
-    if pending and need is not None:
-        try:
-            have += _inflated_size(inflate, b"".join(pending), need + 1 - have)
-        except zlib.error:
-            return None
     if need is None or height is None or have >= need:
         return None
     row = need / max(height, 1)

@@ -1,39 +1,7 @@
-"""Prompts for refinement with a text-conditioned expert: the validated :class:`Prompt`, and reading prompts back.
-
-Three sources, each giving a :class:`FoundPrompt` (fields the source did not record are None, so the caller's own
-defaults, e.g. ``--negative-prompt``, fill them through :meth:`FoundPrompt.resolve`):
-
-* **AUTOMATIC1111's ``parameters`` PNG text chunk** (:func:`parse_a1111_parameters`): the prompt's lines, then an
-  optional line starting ``Negative prompt:`` (it and the lines after it are the negative prompt), then a last line of
-  ``Key: value, Key: value, ...`` settings (``Steps: 20, Sampler: Euler a, CFG scale: 7, ...``).  As in A1111's own
-  parser (``modules/infotext_utils.py``, ``parse_generation_parameters``) that last line counts as settings only when it
-  holds at least three ``Key: value`` pairs; otherwise it is part of the prompt.  ``CFG scale`` becomes
-  ``guidance_scale``; a quoted value (``"..."``) is JSON-unquoted.
-* **This project's own metadata**: ``scripts/refine.py`` writes PNG text chunks with ``Software: latesteps ...``;
-  an output refined with a prompt carries ``prompt``, ``negative_prompt`` and ``guidance_scale``
-  (:func:`prompt_metadata` builds them).  Those keys are trusted only next to that ``Software`` value: ComfyUI, for
-  one, writes a ``prompt`` chunk that holds its node graph as JSON.  A ``parameters`` chunk holding a JSON object
-  (this project's own record of its CLI arguments, or Fooocus's) is never parsed as A1111 text; its ``prompt`` /
-  ``negative_prompt`` / ``guidance_scale`` entries are used when they are there.
-* **A prompt file** (:func:`load_prompt_file`), one prompt per input stem (the input's file name without its last
-  suffix, ``Path(path).stem``), in one of two formats chosen by the suffix:
-
-  - ``.json``: one object, ``{"stem": "prompt", ...}`` or ``{"stem": {"prompt": "...", "negative_prompt": "...",
-    "guidance_scale": 7.5}, ...}`` (the latter's keys other than ``prompt`` optional; multi-line prompts need this
-    form);
-  - anything else: UTF-8 text, one ``stem<TAB>prompt`` or ``stem<TAB>prompt<TAB>negative prompt`` per line; blank lines
-    and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is accepted; surrounding spaces of each field
-    are stripped.
-
-  The file must be UTF-8, at most :data:`MAX_PROMPT_FILE_BYTES` (checked before reading), with each stem at most once.
-
-PNG text is read by walking the file's chunks (:func:`read_png_text`): pixels are never decoded, ``IDAT`` data is
-skipped with seeks, and text chunks after the image data are found too.  Pillow's ``Image.open(...).info`` would give
-only the chunks before ``IDAT`` without decoding, and ``.text`` decodes every pixel to reach the rest (PngImagePlugin,
-Pillow 13).  Each text chunk this module reads is bounded by :data:`MAX_TEXT_CHUNK_BYTES` (1 MiB, Pillow's
-``PngImagePlugin.MAX_TEXT_CHUNK``), stored and after decompression alike; Pillow bounds only compressed chunks that way
-and plain ``tEXt`` by a 64 MiB total (``MAX_TEXT_MEMORY``).  JPEG and WebP inputs (A1111's EXIF ``UserComment``, this
-project's EXIF JSON) are not read: :func:`read_image_prompt` returns None for them.
+"""Prompts for refinement with a text-conditioned expert: the validated :class:`Prompt`, and prompts read back from
+images (:func:`read_image_prompt`: this project's metadata or AUTOMATIC1111's ``parameters`` PNG chunk) and prompt files
+(:func:`load_prompt_file`).  Each source gives a :class:`FoundPrompt` whose unrecorded fields the caller's defaults
+fill.  JPEG and WebP inputs are not read (A1111's EXIF ``UserComment``, this project's EXIF JSON).
 """
 
 from __future__ import annotations
@@ -56,7 +24,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ldm.cli import decimal_float
-from ldm.imageio.errors import PathLike, format_path, one_line
+from ldm.imageio.errors import PathLike, format_path, one_line, short_repr
+from ldm.imageio.png_rows import PNG_SIGNATURE
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +34,6 @@ DEFAULT_GUIDANCE_SCALE = 7.5  # CompVis txt2img's --scale and diffusers' StableD
 MAX_PROMPT_FILE_BYTES = 32 * 1024 * 1024
 MAX_TEXT_CHUNK_BYTES = 1024 * 1024  # = Pillow's PngImagePlugin.MAX_TEXT_CHUNK
 MAX_PNG_CHUNKS = 100_000  # chunks walked before giving up (a 1 GB PNG written by Pillow has ~16k IDAT chunks)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # this project's outputs: ``Software`` starts with this (ldm/refine/batch.py writes "latesteps refine")
 LATESTEPS_SOFTWARE = "latesteps"
 PROMPT_KEYS = ("prompt", "negative_prompt", "guidance_scale")
@@ -91,26 +59,19 @@ class PromptError(ValueError):
 # validation
 
 
-def _short_repr(value: Any, limit: int = 40) -> str:
-    if isinstance(value, int) and value.bit_length() >= 128:  # str() refuses over 4300 digits: estimate them
-        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     """``value`` as a float if it is a finite number ``>= 0``; else a :class:`PromptError` saying what is allowed.
 
-    Semantics (CompVis samplers, ``eps_u + s (eps_c - eps_u)``): 0 = the unconditional model, 1 = the conditional model
-    (no guidance), above 1 = guidance (SD's usual 5-12).  diffusers instead treats every ``s <= 1`` as "conditional
-    only"; here ``0 < s < 1`` interpolates.
+    ``s`` in CompVis' ``eps_u + s (eps_c - eps_u)``: 0 = the unconditional model, 1 = the conditional model (no
+    guidance), above 1 = guidance (SD's usual 5-12).  diffusers treats every ``s <= 1`` as "conditional only"; here
+    ``0 < s < 1`` interpolates.
     """
     ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
     if ok and isinstance(value, (int, np.integer)) and abs(int(value)) > sys.float_info.max:
         ok = False  # math.isfinite would raise OverflowError on an int beyond float range
     if not ok or not math.isfinite(value) or value < 0:
         raise PromptError(
-            f"{name}={_short_repr(value)} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable "
+            f"{name}={short_repr(value)} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable "
             f"Diffusion usually 5-12; default {DEFAULT_GUIDANCE_SCALE:g})"
         )
     return float(value)
@@ -136,15 +97,12 @@ def check_prompt_text(value: Any, name: str = "prompt") -> str:
 
 @dataclass(frozen=True)
 class Prompt:
-    """What a text-conditioned refinement is told: prompt, negative prompt and classifier-free guidance scale.
+    """What a text-conditioned refinement is told; PromptError (one line) for a field outside what is allowed.
 
     Attributes:
         prompt: the text to condition on ("" is the unconditional embedding).  negative_prompt: the text of the
             unconditional branch ("" = the usual empty prompt).  Both at most :data:`MAX_PROMPT_CHARS` characters.
-        guidance_scale: ``s`` in ``eps_u + s (eps_c - eps_u)``, finite and ``>= 0`` (see :func:`check_guidance_scale`).
-
-    Raises:
-        PromptError: a field outside what is allowed (one line saying what is).
+        guidance_scale: see :func:`check_guidance_scale`.
     """
 
     prompt: str
@@ -158,32 +116,24 @@ class Prompt:
 
     @property
     def guided(self) -> bool:
-        """Whether the unconditional branch runs at all (it does not at scale 1)."""
+        """Whether the unconditional branch runs (not at scale 1)."""
         return self.guidance_scale != 1.0
 
     def as_metadata(self) -> dict[str, str]:
-        """PNG text entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text)."""
+        """:func:`prompt_metadata` of this prompt."""
         return prompt_metadata(self)
 
 
 def prompt_metadata(prompt: Prompt) -> dict[str, str]:
-    """The metadata entries an output refined with ``prompt`` should carry (read back by :func:`read_image_prompt`
-    when the file's ``Software`` starts with :data:`LATESTEPS_SOFTWARE`)."""
-    return {
-        "prompt": prompt.prompt,
-        "negative_prompt": prompt.negative_prompt,
-        "guidance_scale": repr(prompt.guidance_scale),
-    }
+    """The entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text) an output
+    refined with ``prompt`` carries (read back by :func:`read_image_prompt` next to a latesteps ``Software``)."""
+    return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt, "guidance_scale": repr(prompt.guidance_scale)}
 
 
 @dataclass(frozen=True)
 class FoundPrompt:
-    """A prompt read from an image or a prompt file; fields the source did not record are None.
-
-    Attributes:
-        prompt: the prompt text.  negative_prompt, guidance_scale: as recorded, or None.
-        source: where it came from, for messages and metadata (``"A1111 parameters in a.png"``, ``"p.txt line 3"``).
-    """
+    """A prompt read from an image or a prompt file; ``negative_prompt`` and ``guidance_scale`` are None where the
+    source did not record them.  ``source``: where it came from, for messages and metadata (``"p.txt line 3"``)."""
 
     prompt: str
     negative_prompt: str | None
@@ -216,10 +166,15 @@ def _found(prompt: Any, negative: Any, scale: Any, source: str) -> FoundPrompt:
 
 def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
     """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None when absent or not
-    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text (see the module docstring).
+    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text.
+
+    The format: the prompt's lines; then optionally a line starting ``Negative prompt:`` (it and every later line are
+    the negative prompt); then a ``Key: value, Key: value, ...`` settings line (``Steps: 20, CFG scale: 7, ...``), which
+    counts as settings only with at least three pairs (else it is prompt text), as in A1111's
+    ``parse_generation_parameters``.  A quoted value (``"..."``) is JSON-unquoted.
 
     Raises:
-        PromptError: the prompt or negative prompt is longer than :data:`MAX_PROMPT_CHARS` (message names ``source``).
+        PromptError: the text, the prompt or the negative prompt is too long (the message names ``source``).
     """
     if len(text) > MAX_PARAMETERS_CHARS:
         raise PromptError(f"{source} holds {len(text):,} characters; at most {MAX_PARAMETERS_CHARS:,} are read (a prompt, a "
@@ -291,10 +246,11 @@ def _unquote(value: str) -> str:
 
 
 def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, str] | None:
-    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, without decoding pixels.
+    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, from a path or the file's bytes.
 
-    Args:
-        source: a path, or the file's bytes.  keys: the keywords wanted; other chunks are skipped unread.
+    The chunks are walked, others skipped unread (``IDAT`` with seeks): Pillow's ``Image.open(...).info`` gives only
+    the chunks before the image data, and ``.text`` decodes every pixel to reach the rest.  Each wanted chunk is bounded
+    by :data:`MAX_TEXT_CHUNK_BYTES` stored and decompressed alike (Pillow bounds plain ``tEXt`` only by a 64 MiB total).
 
     Returns:
         ``{keyword: text}`` for the wanted keywords found (the last chunk wins when one repeats, as in Pillow), or None
@@ -388,10 +344,12 @@ def _inflate(data: bytes, where: str) -> bytes:
 
 
 def read_image_prompt(source: PathLike | bytes) -> FoundPrompt | None:
-    """The prompt an image records: this project's own metadata first, then A1111's ``parameters`` chunk.
+    """The prompt a PNG records (None without one, and for other files).
 
-    Returns None for a PNG without a prompt (and for files that are not PNG).  An output of this project refined
-    without a prompt gives None, even though it has a ``parameters`` chunk (its JSON record of the CLI arguments).
+    This project's ``prompt`` / ``negative_prompt`` / ``guidance_scale`` chunks are trusted only next to a ``Software``
+    starting with :data:`LATESTEPS_SOFTWARE` (ComfyUI writes a ``prompt`` chunk holding its node graph).  A
+    ``parameters`` chunk holding a JSON object (this project's record of its CLI arguments, or Fooocus's) is never read
+    as A1111 text; its prompt entries are used when there.  Otherwise ``parameters`` is A1111's infotext.
 
     Raises:
         PromptError: the file cannot be read, a prompt chunk is corrupt or oversized, or the prompt is not acceptable.
@@ -421,9 +379,12 @@ def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:  # deep nesting; a number over Python's digit limit
-        raise PromptError(f"JSON parameters are not readable ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:80]})") from None  # fmt: skip
+        raise PromptError(f"JSON parameters are not readable ({_json_failure(exc)})") from None
     return value if isinstance(value, dict) else None
+
+
+def _json_failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:80]}"
 
 
 def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
@@ -443,7 +404,7 @@ def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
 
 @dataclass(frozen=True)
 class PromptFile:
-    """A prompt file's entries by stem (see the module docstring for the formats); built by :func:`load_prompt_file`."""
+    """A prompt file's entries by stem; built by :func:`load_prompt_file`."""
 
     path: str
     entries: Mapping[str, FoundPrompt]
@@ -465,7 +426,13 @@ class PromptFile:
 
 
 def load_prompt_file(path: PathLike) -> PromptFile:
-    """Read and check a prompt file (``.json`` or ``stem<TAB>prompt[<TAB>negative]`` text).
+    """Read and check a prompt file: one prompt per input stem (``Path(input).stem``), UTF-8 (a byte-order mark is
+    accepted), each stem once.
+
+    - ``.json``: one object, ``{"stem": "prompt", ...}`` or ``{"stem": {"prompt": "...", "negative_prompt": "...",
+      "guidance_scale": 7.5}, ...}`` (the latter's keys other than ``prompt`` optional; multi-line prompts need it).
+    - any other suffix: one ``stem<TAB>prompt`` or ``stem<TAB>prompt<TAB>negative prompt`` per line; blank lines and
+      lines starting with ``#`` are skipped; each field's surrounding spaces are stripped.
 
     Raises:
         PromptError: the file is missing, not a regular file, larger than :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8
@@ -518,8 +485,7 @@ def _check_stem(stem: str, where: str) -> None:
 def _parse_tsv_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
     entries: dict[str, FoundPrompt] = {}
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
-        line = raw
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"prompt file {name} line {number}"
@@ -533,7 +499,7 @@ def _parse_tsv_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
         if stem in entries:
             raise PromptError(f"{where}: stem {stem!r} was already given on line {first_line[stem]}; give each once")
         negative = fields[2].strip() if len(fields) == 3 else None
-        entries[stem] = _found(fields[1].strip(), negative, None, f"prompt file {name} line {number}")
+        entries[stem] = _found(fields[1].strip(), negative, None, where)
         first_line[stem] = number
     return entries
 
@@ -554,8 +520,7 @@ def _parse_json_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
     except PromptError:
         raise
     except (ValueError, RecursionError) as exc:  # nested too deeply; a number over Python's digit limit
-        raise PromptError(f"prompt file {name} is not readable JSON ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:80]})") from None  # fmt: skip
+        raise PromptError(f"prompt file {name} is not readable JSON ({_json_failure(exc)})") from None
     if not isinstance(data, dict):
         raise PromptError(f"prompt file {name} must hold one JSON object {{stem: prompt}}, got {type(data).__name__}")
     entries: dict[str, FoundPrompt] = {}

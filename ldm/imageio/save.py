@@ -1,14 +1,9 @@
 """Atomic image writing with embedded metadata, and reading that metadata back.
 
-Every file is written to a temporary file in the destination folder and moved into place with ``os.replace`` (through
-:func:`ldm.util.atomic_write_bytes`), so a killed job or a full disk never leaves a partial image that a later
-``--skip-existing`` run would take for a finished one.  The finished file gets the permissions the process umask gives a
-newly created file (the temporary file itself starts as 0600).
-
-Metadata (the refinement parameters, checkpoint hashes) is stored as PNG text chunks (``tEXt``; ``iTXt`` for non
-Latin-1 values; compressed above 1 KiB).  JPEG and WebP have no text chunks: there the same mapping is written as a
-JSON object in the EXIF ``ImageDescription`` tag (ASCII-escaped), which ``exiftool`` and :func:`read_image_metadata`
-read back.
+Files are written through :func:`ldm.util.atomic_write_bytes`, so a killed job or a full disk never leaves a partial
+image that a later ``--skip-existing`` run would take for a finished one.  Metadata is PNG text (``tEXt``; ``iTXt`` for
+non Latin-1 values; compressed above 1 KiB); JPEG and WebP have no text chunks, so there it is a JSON object in the EXIF
+``ImageDescription`` tag (ASCII-escaped), which ``exiftool`` reads too.
 """
 
 from __future__ import annotations
@@ -54,22 +49,19 @@ def save_image_atomic(
     *,
     quality: int = 95,
 ) -> Path:
-    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically; the format follows the suffix (:data:`SAVE_FORMATS`).
+    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically, creating missing parent folders; the format follows the
+    suffix (:data:`SAVE_FORMATS`).  Returns the destination as a ``Path``.  The file gets the permissions the umask
+    gives a new file (the temporary file starts as 0600).
 
     Args:
-        path: destination; missing parent folders are created.  An existing file is replaced atomically.
         rgb: uint8 ``[H, W, 3]`` (:func:`ldm.imageio.tensor_to_image` gives this).
-        alpha: ``[H, W]`` uint8, or float in ``[0, 1]`` (as :class:`ldm.imageio.LoadedImage` holds it); written as
-            RGBA for PNG/WebP.  JPEG has no alpha: it is dropped with a warning.
-        metadata: ``{key: value}`` strings.  PNG keys follow the PNG keyword rules (1-79 Latin-1 characters).
-        quality: JPEG/WebP quality 1-100 (ignored for PNG, which is lossless).
-
-    Returns:
-        the destination as a ``Path``.
+        alpha: ``[H, W]`` uint8, or float in ``[0, 1]``; written as RGBA for PNG/WebP, dropped with a warning for JPEG.
+        metadata: ``{key: value}`` strings; keys follow the PNG keyword rules (1-79 Latin-1 characters).
+        quality: JPEG/WebP quality 1-100 (PNG is lossless).
 
     Raises:
-        ImageSaveError: one line naming the path, for permission denied, a parent that is a file, a full disk, ...;
-            ``errno`` holds the OS error number.  No partial or temporary file is left behind.
+        ImageSaveError: one line naming the path (permission denied, a parent that is a file, a full disk, ...;
+            ``errno`` holds the OS error number); no partial or temporary file is left behind.
         ValueError / TypeError: unsupported suffix, wrongly shaped arrays or metadata (raised before writing).
     """
     dest = Path(os.fsdecode(path))
@@ -162,21 +154,15 @@ def _format_options(fmt: str, metadata: dict[str, str], quality: int) -> dict:
 
 
 def read_png_metadata(path: PathLike) -> dict[str, str]:
-    """The text chunks (``tEXt``, ``zTXt``, ``iTXt``) of a PNG file as ``{key: value}``.
-
-    Raises:
-        ImageLoadError: the file is missing, not a PNG, or corrupt.
-    """
+    """The text chunks (``tEXt``, ``zTXt``, ``iTXt``) of a PNG file as ``{key: value}``; ImageLoadError when the file
+    is missing, not a PNG, or corrupt."""
     image = _open_for_metadata(path, ("PNG",))
     return {str(key): str(value) for key, value in image.text.items()}
 
 
 def read_image_metadata(path: PathLike) -> dict[str, str]:
-    """Metadata written by :func:`save_image_atomic`: PNG text chunks, or the JSON object in JPEG/WebP EXIF.
-
-    Returns an empty dict when the file carries none (an ``ImageDescription`` that is not such a JSON object is
-    returned under the key ``"ImageDescription"``).
-    """
+    """Metadata written by :func:`save_image_atomic`: PNG text chunks, or the JSON object in JPEG/WebP EXIF ({} when
+    there is none; an ``ImageDescription`` that is not such an object comes back under the key ``"ImageDescription"``)."""
     image = _open_for_metadata(path, ("PNG", "JPEG", "WEBP"))
     if image.format == "PNG":
         return {str(key): str(value) for key, value in image.text.items()}

@@ -451,8 +451,7 @@ function showResults(s) {
   const results = $("results");
   results.replaceChildren();
   for (const sample of r.samples) {
-    const figure = document.createElement("figure");
-    figure.className = "sample";
+    const figure = element("figure", "sample");
     const compare = makeCompare(r.before_url, sample.url, `after, seed ${sample.seed}`, fitCompare);
     const caption = document.createElement("figcaption");
     const link = document.createElement("a");

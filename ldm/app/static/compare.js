@@ -1,4 +1,4 @@
-// The before/after comparison of the page of scripts/app.py (loaded before app.js, which calls makeCompare).
+// The before/after comparison of the page of scripts/app.py (loaded before app.js, which calls makeCompare and element).
 "use strict";
 
 // A before/after comparison: the divider follows a drag by mouse, touch or pen (pointer capture: it keeps following
@@ -6,34 +6,21 @@
 // be dragged out (draggable=false, no pointer events, dragstart cancelled): a native image drag would take the pointer
 // away after the first move (pointercancel), leaving the divider where the drag began.
 const KEY_STEPS = { ArrowLeft: -2, ArrowDown: -2, ArrowRight: 2, ArrowUp: 2, PageDown: -10, PageUp: 10 };
+// a new element with its class and properties (set in the order given: an image's onload before its src)
+const element = (tag, className, properties) => Object.assign(document.createElement(tag), { className, ...properties });
 function makeCompare(beforeUrl, afterUrl, afterAlt, onBeforeLoad) {
-  const compare = document.createElement("div");
-  compare.className = "compare";
-  compare.title = "drag to compare before (left) and after (right); or focus the divider and use the arrow keys";
-  const before = document.createElement("img");
-  before.className = "before";
-  before.alt = "before";
-  before.onload = () => onBeforeLoad(before);
-  before.src = beforeUrl;
-  const after = document.createElement("img");
-  after.className = "after";
-  after.alt = afterAlt;
-  after.src = afterUrl;
+  const compare = element("div", "compare", {
+    title: "drag to compare before (left) and after (right); or focus the divider and use the arrow keys",
+  });
+  const before = element("img", "before", { alt: "before", onload: () => onBeforeLoad(before), src: beforeUrl });
+  const after = element("img", "after", { alt: afterAlt, src: afterUrl });
   for (const img of [before, after]) img.draggable = false;
-  const divider = document.createElement("div");
-  divider.className = "divider";
-  divider.tabIndex = 0;
-  divider.setAttribute("role", "slider");
-  divider.setAttribute("aria-label", "before/after divider: the arrow keys move it");
-  divider.setAttribute("aria-orientation", "horizontal");
-  divider.setAttribute("aria-valuemin", "0");
-  divider.setAttribute("aria-valuemax", "100");
-  const left = document.createElement("span");
-  left.className = "tag l";
-  left.textContent = "before";
-  const right = document.createElement("span");
-  right.className = "tag r";
-  right.textContent = "after";
+  const divider = element("div", "divider", { tabIndex: 0 });
+  const aria = { role: "slider", "aria-label": "before/after divider: the arrow keys move it",
+    "aria-orientation": "horizontal", "aria-valuemin": "0", "aria-valuemax": "100" };
+  for (const [name, value] of Object.entries(aria)) divider.setAttribute(name, value);
+  const left = element("span", "tag l", { textContent: "before" });
+  const right = element("span", "tag r", { textContent: "after" });
   compare.append(before, after, divider, left, right);
 
   const setSplit = (percent) => {

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py's bad inputs: an unusable outdir, sizes, paths, numbers and weights are each one line and the
+"""scripts/evaluate.py: end to end in a subprocess, local degradations in region and crop modes, synthetic images,
+no-reference mode; and its bad inputs: an unusable outdir, sizes, paths, numbers and weights are each one line and the
 right exit code before any checkpoint is opened or the sweep runs; Ctrl+C is one line, exit 130; a pixel-space
 checkpoint with a VQ degradation is refused naming the degradation.
 
@@ -8,13 +9,18 @@ KeyboardInterrupt raised where the work would be.
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from test_cli import ckpt_args, interrupt, run, script
+from test_sweep import DDIM_STEPS, _read_csv, _write_pngs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,3 +159,315 @@ def test_evaluate_cli_empty_realism_folder_and_a_pixel_space_model_with_a_vq_deg
     assert code == 2 and len(lines) == 1 and "(one of the default --degradations)" in lines[0]
     assert "is a pixel-space model" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the sweep through the command line
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluate_main():
+    """scripts/evaluate.py's main(), imported in-process (faster than a subprocess for the many small cases)."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_end_to_end_in_a_subprocess(expert_checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    proc = _run_cli(
+        *ckpts,
+        "--compare-ckpt",
+        str(expert_checkpoints[0]),
+        "--compare-ckpt",
+        str(expert_checkpoints[1]),
+        "--compare-name",
+        "again",
+        "--n-images",
+        "2",
+        "--degradations",
+        "jpeg:quality=10",
+        "--start-t",
+        "100",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "bilateral",
+        "--outdir",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "degradation: jpeg:quality=10" in proc.stdout and "again" in proc.stdout
+    assert "note: skipped: LPIPS" in proc.stdout or "LPIPS->clean" in proc.stdout
+    rows = _read_csv(out / "sweep.csv")
+    assert len(rows) == 2 * (3 + 2 + 2)
+    # the same experts under two names give the same numbers
+    for t in ("100", "300"):
+        a = sorted(r["psnr_clean"] for r in rows if r["method"] == "experts" and r["start_t"] == t)
+        b = sorted(r["psnr_clean"] for r in rows if r["method"] == "again" and r["start_t"] == t)
+        assert a == b
+    for name in ("curves.png", "realism.png", "examples.png"):  # realism: against other held-out crops by default
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+
+
+def test_cli_local_degradation_runs_region_and_crop_modes(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    common = [
+        *ckpts,
+        "--n-images",
+        "1",
+        "--degradations",
+        "local_blotch",
+        "--start-t",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "none",
+        "--no-autoencoder",
+    ]
+    code = evaluate_main([*common, "--region-modes", "region", "crop", "--outdir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert [r["method"] for r in rows] == ["identity", "experts", "experts (region)", "experts (crop)"]
+    assert all(float(r["psnr_input_out"]) == math.inf for r in rows if "(" in r["method"])
+    assert any(r.get("swd") for r in _read_csv(tmp_path / "out" / "summary.csv"))
+    code = evaluate_main([*common, "--region-modes", "--outdir", str(tmp_path / "whole")])
+    assert code == 0 and [r["method"] for r in _read_csv(tmp_path / "whole" / "sweep.csv")] == ["identity", "experts"]
+    _write_pngs(tmp_path / "small")  # other sizes than the 32 px crops: refused in one line
+    code = evaluate_main([*common, "--realism-images", str(tmp_path / "small"), "--outdir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "one size" in err and len(err.splitlines()) == 1
+
+
+def test_cli_synthetic_images_region_only(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--synthetic",
+            "--n-images",
+            "2",
+            "--size",
+            "32",
+            "--degradations",
+            "local_noise:box_at=edges",
+            "--start-t",
+            "100",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--region-only",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "2 held-out 32x32 images of the synthetic family (seed 0)" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert [r["method"] for r in rows] == ["identity"] * 2 + ["autoencoder"] * 2 + ["experts (region)"] * 2
+    assert {r["image"] for r in rows} == {"synthetic_0_0000", "synthetic_0_0001"}
+    assert all(r["psnr_rt_in"] for r in rows)  # against the round trip of the clean image
+    summary = _read_csv(tmp_path / "out" / "summary.csv")
+    region = next(r for r in summary if r["method"] == "experts (region)")
+    assert float(region["psnr_clean_in_lo"]) <= float(region["psnr_clean_in"]) <= float(region["psnr_clean_in_hi"])
+    assert region["gain_psnr_clean_in"] and region["gain_psnr_rt_in"] and region["gain_swd"]
+    code, err = _one_line_run(
+        evaluate_main, capsys, [*ckpts, "--region-only", "--degradations", "jpeg", "--outdir", str(tmp_path / "o")]
+    )
+    assert code == 2 and "--region-only refines only inside the boxes of local degradations" in err
+    code, err = _one_line_run(evaluate_main, capsys, [*ckpts, "--synthetic", "--images", str(tmp_path)])
+    assert code == 2 and "not allowed with argument" in err
+
+
+def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    _write_pngs(tmp_path / "real")
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--no-reference",
+            str(tmp_path / "real"),
+            "--start-t",
+            "200",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "artifact images in" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    assert {r["degradation"] for r in rows} == {"none"} and "psnr_clean" not in rows[0]
+    assert {r["method"] for r in rows} == {"identity", "autoencoder", "experts"}
+    assert (tmp_path / "out" / "examples.png").is_file()
+
+
+def _one_line_run(evaluate_main, capsys, argv: list[str]) -> tuple[int, str]:
+    """Run evaluate.py in-process; returns ``(exit code, stderr)`` after asserting stderr is one line."""
+    try:
+        code = evaluate_main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+
+    def run(*args: str) -> tuple[int, str]:
+        return _one_line_run(evaluate_main, capsys, [*args, "--outdir", str(tmp_path / "o")])
+
+    code, err = run(*ckpts, "--degradations", "jpg")
+    assert code == 2 and "unknown degradation 'jpg'" in err
+    code, err = run("--ckpt", str(tmp_path / "nope.ckpt"))
+    assert code == 2 and "does not exist" in err
+    code, err = run("--ckpt", str(tmp_path / "nope.ckpt"), "--images", str(tmp_path / "none"))  # before the checkpoint
+    assert code == 2 and "--images: image folder" in err and "does not exist" in err
+    code, err = run(*ckpts, "--start-t", "x")
+    assert code == 2 and "not an integer" in err
+    code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
+    assert code == 2 and "cannot run any of start_t" in err
+    code, err = run(*ckpts, "--eta", "nan")
+    assert code == 2 and "finite number >= 0" in err
+    code, err = run(*ckpts, "--ddim-steps", "5000", "--n-images", "1", "--degradations", "jpeg")
+    assert code == 2 and "ddim_steps=5000 must be an integer in [1, 1000]" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    fast = [
+        *ckpts,
+        "--n-images",
+        "1",
+        "--start-t",
+        "300",
+        "--ddim-steps",
+        str(DDIM_STEPS),
+        "--filter",
+        "none",
+        "--no-autoencoder",
+    ]
+    _write_pngs(tmp_path / "small")  # 24 px
+    (tmp_path / "mixed").mkdir()
+    for name, (w, h) in {"a.png": (32, 32), "b.png": (24, 40)}.items():
+        Image.new("RGB", (w, h)).save(tmp_path / "mixed" / name)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.png").write_bytes(b"\x89PNG not really")
+
+    def run(*args: str) -> tuple[int, str]:
+        return _one_line_run(evaluate_main, capsys, [*args, "--outdir", str(tmp_path / "o")])
+
+    missing = ["--ckpt", str(tmp_path / "nope.ckpt")]  # these are found before any checkpoint is opened
+    code, err = run(*missing, "--degradations", "jpeg", "--region-modes", "crop")
+    assert code == 2 and "--region-modes crop only applies to local degradations" in err
+    code, err = run(*missing, "--no-reference", str(tmp_path / "small"), "--region-modes", "region")
+    assert code == 2 and "--no-reference images have no masks" in err
+    code, err = run(*missing, "--region-modes", "zoom")
+    assert code == 2 and "invalid choice: 'zoom'" in err
+    code, err = run(*missing, "--name", "identity")
+    assert code == 2 and "method names ['identity'] are used twice" in err
+    code, err = run(
+        *missing,
+        "--compare-ckpt",
+        "c.ckpt",
+        "--name",
+        "a (crop)",
+        "--compare-name",
+        "a",
+        "--degradations",
+        "local_warp",
+        "--region-modes",
+        "crop",
+    )
+    assert code == 2 and "method names ['a (crop)'] are used twice" in err
+    for folder, expected_code, message in [  # a missing or empty folder: exit 2 before any checkpoint is opened
+        ("empty", 2, "--realism-images: " + str(tmp_path / "empty") + ": folder holds no images"),
+        ("small/artifact_0.png", 2, "--realism-images: image folder"),
+        ("missing", 2, "does not exist or is not a folder"),
+    ]:
+        code, err = run(*missing, "--degradations", "jpeg", "--realism-images", str(tmp_path / folder))
+        assert code == expected_code and message in err, (folder, err)
+    for folder, expected_code, message in [
+        ("corrupt", 1, "--realism-images: cannot load image"),
+        ("mixed", 2, "must all have the evaluated images' size, got sizes (H, W) [(32, 32), (40, 24)]"),
+        ("small", 2, "got sizes (H, W) [(24, 24)] against [(32, 32)]"),
+    ]:
+        code, err = run(*fast, "--degradations", "jpeg", "--realism-images", str(tmp_path / folder))
+        assert code == expected_code and message in err, (folder, err)
+    # crops too small for SWD's patches: no SWD by default (a note), refused for a given reference
+    (tmp_path / "tiny").mkdir()
+    Image.new("RGB", (6, 6)).save(tmp_path / "tiny" / "t.png")
+    code, err = run(*fast, "--degradations", "jpeg", "--size", "6", "--realism-images", str(tmp_path / "tiny"))
+    assert code == 2 and "SWD needs images of at least 7x7 px" in err
+    code = evaluate_main([*fast, "--degradations", "jpeg", "--size", "6", "--outdir", str(tmp_path / "six")])
+    assert code == 0 and "note: no SWD realism" in capsys.readouterr().out
+    # a degradation that cannot run on an image says which one and on which image
+    code, err = run(*fast, "--degradations", "local_shuffle", "--size", "4")
+    assert code == 2 and "degradation 'local_shuffle:" in err and "on image 'heldout_000_" in err and "(4, 4)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_local_degradations_on_odd_sizes_with_a_compared_refiner(evaluate_main, expert_checkpoints, tmp_path, capsys):
+    (tmp_path / "odd").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(tmp_path / "odd" / f"{i}.png")
+    ckpts = [arg for path in expert_checkpoints for arg in ("--ckpt", str(path))]
+    code = evaluate_main(
+        [
+            *ckpts,
+            "--compare-ckpt",
+            str(expert_checkpoints[0]),
+            "--compare-ckpt",
+            str(expert_checkpoints[1]),
+            "--images",
+            str(tmp_path / "odd"),
+            "--realism-images",
+            str(tmp_path / "odd"),
+            "--degradations",
+            "local_vq",
+            "--start-t",
+            "300",
+            "--ddim-steps",
+            str(DDIM_STEPS),
+            "--filter",
+            "none",
+            "--no-autoencoder",
+            "--region-modes",
+            "crop",
+            "region",
+            "crop",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    rows = _read_csv(tmp_path / "out" / "sweep.csv")
+    methods = ["experts", "experts (crop)", "experts (region)", "compare", "compare (crop)", "compare (region)"]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["identity", *methods]
+    assert all(float(r["psnr_input_out"]) == math.inf for r in rows if "(" in r["method"])
+    assert all(r.get("swd") for r in _read_csv(tmp_path / "out" / "summary.csv"))

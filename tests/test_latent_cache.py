@@ -1,11 +1,11 @@
-"""Cached latents: the format, scripts/cache_latents.py (resume, torchrun, bad arguments), CachedLatents and training
-from the cache (same losses as from the images; another first stage refused)."""
+"""Cached latents: scripts/cache_latents.py (resume, torchrun, bad arguments), CachedLatents and training from the cache
+(same losses as from the images; another first stage refused).  The format (ldm/data/latent_format.py) is tested in
+test_latent_format.py, reading input tars (ldm/data/tar_shards.py) in test_tar_shards.py."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-import io
 import json
 import os
 import signal
@@ -22,17 +22,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import load_checkpoint, save_checkpoint
 from ldm.data.cached_latents import CachedLatents
 from ldm.data.image_folder import ImageFolderDataset
-from ldm.data.latent_format import (
-    CACHED_LATENT_KEY,
-    FirstStageMismatchError,
-    cached_first_stage_sha256,
-    choose_variant,
-    decode_npy,
-    encode_npy,
-    first_stage_sha256,
-    read_index,
-)
-from ldm.data.tar_shards import iter_samples, read_span, write_tar
+from ldm.data.latent_format import CACHED_LATENT_KEY, FirstStageMismatchError, first_stage_sha256, read_index
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import write_image_folder
@@ -105,66 +95,6 @@ def cache(tmp_path_factory) -> dict:
 
 def first_stage(ckpt: Path):
     return instantiate_from_config(first_stage_config(ckpt)).eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# format
-
-
-def test_first_stage_sha256_follows_the_weights_not_the_object_or_key_order():
-    torch.manual_seed(0)
-    a = instantiate_from_config(first_stage_config(None))
-    b = instantiate_from_config(first_stage_config(None))
-    b.load_state_dict(dict(reversed(list(a.state_dict().items()))))
-    assert first_stage_sha256(a) == first_stage_sha256(b) == cached_first_stage_sha256(b)
-    with torch.no_grad():
-        b.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
-    assert cached_first_stage_sha256(b) != first_stage_sha256(a)  # in-place change: the cached value is recomputed
-    assert len(first_stage_sha256(a)) == 64
-
-
-def test_decode_npy_checks_the_header_before_allocating():
-    array = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
-    data = encode_npy(array)
-    assert data == encode_npy(array.copy())
-    np.testing.assert_array_equal(decode_npy(data, (2, 3, -1, -1)), array)
-    assert np.array_equal(decode_npy(encode_npy(array.astype(np.float16)), (2, 3, 2, 2)), array.astype(np.float16))
-    cases = {
-        "shape": (data, (2, 3, 2, 3)),
-        "holds": (data[:-4], None),
-        "dtype": (encode_npy(array.astype(np.float64)), None),
-        "Fortran": (
-            encode_npy(np.asfortranarray(array[0, 0])).replace(b"'fortran_order': False", b"'fortran_order': True "),
-            None,
-        ),
-        "valid .npy": (b"garbage", None),
-    }
-    for expected, (blob, shape) in cases.items():
-        with pytest.raises(ValueError, match=expected):
-            decode_npy(blob, shape)
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="dtype object"):
-        decode_npy(buffer.getvalue())
-
-
-def test_write_tar_is_reproducible_and_records_member_spans(tmp_path):
-    members = [("000000-000000.latent.npy", b"x" * 700), ("000000-000000.json", b"{}")]
-    for name in ("a.tar", "b.tar"):
-        with open(tmp_path / name, "wb") as fh:
-            spans = write_tar(fh, members)
-    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
-    for (_, data), span in zip(members, spans):
-        assert read_span(tmp_path / "a.tar", span.offset, span.size) == data
-    (sample,) = iter_samples(str(tmp_path / "a.tar"))
-    assert sample["__key__"] == "000000-000000" and sample["latent.npy"] == b"x" * 700
-
-
-def test_variant_draw_is_the_image_datasets_flip_draw():
-    for index in range(50):
-        image_rng, cache_rng = np.random.default_rng([3, 1, index]), np.random.default_rng([3, 1, index])
-        assert choose_variant(cache_rng, 1, True, True, True) == int(image_rng.random() < 0.5)
-    assert choose_variant(np.random.default_rng(0), 3, False, False, True) == 1  # middle crop, no stored flips
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -450,26 +380,6 @@ def test_cache_latents_never_writes_over_its_inputs_or_into_a_folder_that_is_not
         assert cache_cli.main([*base, *images, "--out", str(out)]) == 0
         assert "wrote 8 latents" in capsys.readouterr().out
     assert _files(resumed) == _files(cache["out"])
-
-
-def test_a_tar_bomb_in_an_input_shard_is_listed_as_unreadable_without_being_read(tmp_path):
-    import tracemalloc
-
-    from test_shard_stream import write_bomb_shard
-
-    from ldm.data.latent_cache_writer import Unit, unit_images
-
-    shard = tmp_path / "bomb-0.tar"
-    write_bomb_shard(shard)
-    skipped: list[dict[str, str]] = []
-    tracemalloc.start()
-    try:
-        keys = [key for _, key, _ in unit_images(Unit(0, url=str(shard)), skipped)]
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert keys == ["bomb-0.tar#a", "bomb-0.tar#c"] and peak < 50e6
-    assert [s["source"] for s in skipped] == ["bomb-0.tar#bomb"] and "'bomb.png' is 2,147,483,648 bytes" in skipped[0]["error"]
 
 
 def test_cached_latents_skip_nan_and_infinite_latents(cache, tmp_path, caplog):

@@ -497,28 +497,6 @@ def test_fuzzed_arguments_parse_or_fail_in_one_line(cli, start, steps, eta):
     assert args.start_t >= 1 and args.ddim_steps >= 1 and math.isfinite(args.eta) and args.eta >= 0
 
 
-@pytest.fixture(scope="module")
-def refiner(expert_checkpoints):
-    from ldm.refine import Refiner
-
-    return Refiner.from_checkpoints(expert_checkpoints, device="cpu", allow_outside_window=True)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    start=st.one_of(st.integers(-5, 1100), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)),
-    steps=st.one_of(st.integers(-5, 1100), st.floats(allow_nan=True), st.booleans(), st.none()),
-    eta=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 3), st.text(max_size=2)),
-)
-def test_fuzzed_refine_arguments_are_planned_or_refused(refiner, start, steps, eta):
-    try:
-        plan = refiner.plan(start, steps, eta)
-    except ValueError:
-        return
-    assert 1 <= plan.effective_start <= start <= 999 and 1 <= plan.ddim_steps <= 1000 and plan.eta >= 0
-    assert list(plan.timesteps) == sorted(plan.timesteps, reverse=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # a crafted pickle, permission errors on the output folder, the seed and --box flags
 

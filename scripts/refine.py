@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from ldm.checkpoint import CheckpointError
     from ldm.refine import Refiner
-    from ldm.refine.batch import batch_plan, collect_inputs, mask_clash, refine_files
+    from ldm.refine.batch import collect_inputs, mask_clash, refine_files
     from ldm.refine.distributed import close, gather, rank_device, ranks_from_env
     from ldm.refine.region_files import RegionOptions
     from ldm.refine.request import RefineRequest
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             allow_unconditional_experts=args.allow_unconditional_experts,
         )
-        plan = batch_plan(refiner, request)
+        plan = refiner.plan_for(request)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
         _err(f"error: {one_line_error(exc)}")
         return EXIT_USAGE

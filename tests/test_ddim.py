@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.denoisers import CFGDenoiser, ModelDenoiser
 from ldm.sampling import NoiseSchedule, build_plan, run_tail
+from ldm.sampling.denoisers import CFGDenoiser, ModelDenoiser
 
 from conftest import reference_ddim_eq12, tiny_ldm_model
 

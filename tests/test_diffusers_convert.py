@@ -48,9 +48,9 @@ from ldm.convert.unet_map import UNET_DEFAULTS, unet_layout_from_config  # noqa:
 from ldm.convert.vq_map import VQ_DEFAULTS, vq_layout_from_config  # noqa: E402
 from ldm.imageio import read_png_metadata  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.denoisers import ModelDenoiser  # noqa: E402
 from ldm.refine.loading import check_checkpoint_paths, load_expert  # noqa: E402
 from ldm.sampling import NoiseSchedule, build_plan, run_tail  # noqa: E402
+from ldm.sampling.denoisers import ModelDenoiser  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 from conftest import build_tiny_expert, photo_crops, save_expert_checkpoint, tiny_expert_config  # noqa: E402

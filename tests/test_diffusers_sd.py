@@ -44,9 +44,9 @@ from ldm.convert.sd_map import (  # noqa: E402
     cond_unet_layout_from_config,
     kl_layout_from_config,
 )
-from ldm.models.diffusion.denoisers import ModelDenoiser  # noqa: E402
 from ldm.refine.loading import load_expert  # noqa: E402
 from ldm.sampling import NoiseSchedule, build_plan, run_tail  # noqa: E402
+from ldm.sampling.denoisers import ModelDenoiser  # noqa: E402
 from ldm.sampling.guidance import Guidance, guided_plan  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.denoisers import ModelDenoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.sampling import NoiseSchedule, build_plan, randn, run_tail
+from ldm.sampling.denoisers import ModelDenoiser
 from ldm.util import instantiate_from_config
 from ldm.windows import format_timesteps
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import ldm.sampling.plan as plan_module
-from ldm.models.diffusion.denoisers import ModelDenoiser
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.refine import Refiner
 from ldm.sampling import (
@@ -23,6 +22,7 @@ from ldm.sampling import (
     run_steps,
     run_tail,
 )
+from ldm.sampling.denoisers import ModelDenoiser
 
 from conftest import HostReads, build_tiny_expert, reference_ddim_eq12, tiny_ldm_model
 
@@ -338,7 +338,7 @@ def test_same_seed_same_bytes_and_per_sample_generators(model):
 
 def test_dpmpp_with_guidance_batches_and_seeds(expert_checkpoints):
     """DPM-Solver++(2M) runs behind the same wrappers as DDIM: classifier-free guidance, batch invariance, seeds."""
-    from ldm.models.diffusion.denoisers import CFGDenoiser
+    from ldm.sampling.denoisers import CFGDenoiser
 
     def conditional(x, t, cond):
         return 0.1 * x + cond.view(-1, 1, 1, 1)

@@ -37,7 +37,7 @@ from ldm.imageio import (
 )
 from ldm.imageio.errors import short_repr
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
-from ldm.refine.batch import batch_plan, build_metadata, output_name
+from ldm.refine.batch import build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
 from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
@@ -337,7 +337,7 @@ def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
 
 
 def _plan_start(refiner: Refiner, settings: RefineSettings) -> int:
-    """The plan's start: ``start_t``, or a box's later start of its own (as :func:`ldm.refine.batch.batch_plan`)."""
+    """The plan's start: ``start_t``, or a box's later start of its own (as :meth:`ldm.refine.Refiner.plan_for`)."""
     starts = [b.start_t for b in settings.regions().boxes if b.start_t is not None]
     return max([settings.start_t, *starts])
 
@@ -452,7 +452,7 @@ def prepare(
     mask: tuple[np.ndarray, str] | None,
     step_cost: StepCost | None = None,
 ) -> Prepared:
-    """Check a request and build its plan and start map (the CLI's ``batch_plan`` and ``region_start_map``).
+    """Check a request and build its plan and start map (the CLI's ``Refiner.plan_for`` and ``region_start_map``).
 
     Args:
         mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None (ignored in the
@@ -465,7 +465,7 @@ def prepare(
     """
     regions = settings.regions()
     try:
-        plan = batch_plan(refiner, settings.request())
+        plan = refiner.plan_for(settings.request())
         text = bool(text_experts(refiner.experts, plan))  # text-conditioned experts run with the page's prompt
         check_chain(refiner.experts, plan, text, refiner.allow_unconditional_experts)
     except ValueError as exc:

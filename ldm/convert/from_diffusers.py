@@ -15,7 +15,7 @@ from ldm.checkpoint import load_weights
 from ldm.convert.common import DiffusersFormatError
 from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder
 from ldm.convert.from_sd import sd_to_checkpoint
-from ldm.convert.importing import UNET_PREFIX, checked_window, converted_checkpoint, target_config
+from ldm.convert.importing import checked_window, converted_checkpoint, target_config
 from ldm.convert.schedule import ScheduleSpec, schedule_from_config
 from ldm.convert.unet_map import UNET_TARGET, UNetLayout, unet_layout_from_config
 from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config
@@ -23,7 +23,7 @@ from ldm.imageio import format_path
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
 from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
 
-__all__ = ["UNET_PREFIX", "diffusers_to_checkpoint", "load_diffusers_expert", "model_config"]
+__all__ = ["diffusers_to_checkpoint", "load_diffusers_expert", "model_config"]
 
 logger = logging.getLogger(__name__)
 

@@ -167,11 +167,6 @@ def build_metadata(
     return meta
 
 
-def batch_plan(refiner: Refiner, request: RefineRequest) -> RefinePlan:
-    """The plan every input of a batch runs (:meth:`Refiner.plan_for`); ValueError for steps no expert covers."""
-    return refiner.plan_for(request)
-
-
 def refine_files(
     refiner: Refiner,
     paths: Sequence[Path],
@@ -220,7 +215,7 @@ def refine_files(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     request = request if request is not None else RefineRequest()
     regions, seed, n_samples = request.regions, request.seed, request.n_samples
-    plan = batch_plan(refiner, request)
+    plan = refiner.plan_for(request)
     base_start = request.start(refiner.num_timesteps)
     outdir = Path(os.fsdecode(outdir))
     problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple, tensor_to_image
-from ldm.models.diffusion.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
 from ldm.refine.conditioning import PromptArg, check_chain, encode_prompts, prompts_for_batch, share_condition_encoders
@@ -56,6 +55,7 @@ from ldm.refine.run import PhaseClock, Run, unique_rows
 from ldm.refine.shipped import expand_names
 from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
 from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
+from ldm.sampling.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
-from ldm.convert.from_diffusers import UNET_PREFIX  # the parameters an export may store in a smaller dtype
+from ldm.convert.importing import UNET_PREFIX  # the parameters an export may store in a smaller dtype
 from ldm.imageio import format_path
 from ldm.refine.loading import _embedded_model_config, _inference_config, load_expert
 

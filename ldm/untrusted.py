@@ -71,8 +71,22 @@ MAX_CONFIG_ENTRIES = 100_000
 # Numbers a model may hold beyond its checkpoint's, in non-persistent buffers (e.g. ``logvar``, ``lvlb_weights``).
 EXTRA_NUMEL = 2**22
 OPTIONAL_WEIGHTS = ("model_ema.",)  # an EMA is built only when the checkpoint has one
-# What constructors raise for arguments they cannot build from (a dry run turns them into one line).
-_BUILD_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
+# Longest noise schedule a config may ask for: the constructor computes it on the CPU before any shape is compared.
+MAX_SCHEDULE_STEPS = 100_000
+# What constructors raise for arguments they cannot build from (a dry run turns them into one line); ImportError: an
+# optional package (transformers) that a text encoder needs.
+_BUILD_ERRORS = (
+    ArithmeticError,
+    AssertionError,
+    AttributeError,
+    ImportError,
+    LookupError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
+# cond_stage_forward names a method of the cond stage that conditioning calls with the prompts: only these
+COND_STAGE_FORWARDS = (None, "encode", "forward", "tokenize")
 
 
 class RegistrationLimitError(CheckpointError):
@@ -208,6 +222,12 @@ def check_config_structure(config: Any, source: str) -> None:
     while stack:
         node, depth = stack.pop()
         if isinstance(node, Mapping):
+            bad = next((k for k in node if not isinstance(k, str)), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"{source}: its stored config has a key {_short(bad)} of type {type(bad).__name__}; config keys are "
+                    "strings (argument names): the file is corrupt or crafted"
+                )
             children = list(node.values())
         elif isinstance(node, (list, tuple)):
             children = list(node)
@@ -259,6 +279,11 @@ def check_untrusted_config(
     hints = accepted_keywords(cls).params
     for name, value in params.items():
         here = f"{where}.params.{name}"
+        if name == "cond_stage_forward" and value not in COND_STAGE_FORWARDS:
+            raise ConfigError(
+                f"{here}={_short(value)}: a config stored in a checkpoint may name only the cond stage methods "
+                f"{list(COND_STAGE_FORWARDS)}. {TRUST_HINT}"
+            )
         if name == "unsafe_load" and value is True:
             raise ConfigError(
                 f"{here}=True for {params.get('ckpt_path')!r}: a config stored in a checkpoint asks to load it with full "
@@ -397,7 +422,7 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
     """``timesteps`` (or ``len(given_betas)``) must equal the checkpoint's: the constructor computes that many schedule
     values on the CPU (``make_beta_schedule``), before any shape could be compared."""
     betas = state_dict.get("betas")
-    if not isinstance(betas, torch.Tensor) or betas.ndim != 1:
+    if not isinstance(betas, torch.Tensor) or betas.ndim != 1 or _stored_numel(betas) < betas.numel():
         raise CheckpointError(
             f"{source} lacks the weights the model needs, starting with its noise schedule ('betas', a 1-D tensor): it "
             "is the wrong kind (e.g. a first-stage-only checkpoint) or the config describes another model"
@@ -409,6 +434,11 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
     else:
         default = accepted_keywords(get_obj_from_str(cfg["target"])).params.get("timesteps", (int, 1000))[1]
         steps = params.get("timesteps", default)
+    if not isinstance(steps, int) or steps > MAX_SCHEDULE_STEPS:
+        raise ConfigError(
+            f"{source}: its config asks for a noise schedule of {_short(steps)} timesteps; at most {MAX_SCHEDULE_STEPS:,} "
+            "(CompVis' models have 1000)"
+        )
     if steps != betas.shape[0]:
         raise CheckpointError(
             f"config and checkpoint disagree: {source} holds a noise schedule of {betas.shape[0]} timesteps (betas), its "
@@ -458,11 +488,24 @@ def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source
         raise ConfigError(f"{source}: cannot build {cfg['target']!r} from its config: {reason}") from exc
 
 
+def _stored_numel(tensor: torch.Tensor) -> int:
+    """How many numbers of ``tensor``'s dtype its storage holds (fewer than ``numel()`` for an expanded tensor)."""
+    if tensor.layout is not torch.strided:
+        return 0
+    return tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+
+
 def _check_total_size(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
     """The model may hold only :data:`EXTRA_NUMEL` (or a quarter) more numbers than the checkpoint."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     numel = sum(t.numel() for t in tensors.values())
-    held = sum(v.numel() for v in state_dict.values() if isinstance(v, torch.Tensor))
+    # numbers the file really stores: an expanded (stride-0) tensor or keys sharing one storage hold fewer than they show
+    storages: dict[int, int] = {}
+    for value in state_dict.values():
+        if isinstance(value, torch.Tensor):
+            ptr = value.untyped_storage().data_ptr()
+            storages[ptr] = max(storages.get(ptr, 0), _stored_numel(value))
+    held = sum(storages.values())
     if numel > held + max(EXTRA_NUMEL, held // 4):
         raise CheckpointError(
             f"config and checkpoint disagree: its config's model would hold {numel:,} numbers, {source} only {held:,}; "

@@ -182,7 +182,7 @@ def accepted_keywords(obj: Callable[..., Any]) -> Keywords:
             break
         try:
             hints = typing.get_type_hints(init)
-        except (AttributeError, NameError, TypeError):  # an annotation that does not evaluate here: no type check
+        except Exception:  # an annotation that does not evaluate here (any error it raises): no type check
             hints = {}
         named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
         for p in named:
@@ -206,9 +206,9 @@ def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) ->
     """Refuse keyword arguments that ``obj`` does not take (naming the closest one it does) and missing required ones,
     before it is called.  ``name`` is how messages name ``obj`` (its config target)."""
     keywords, given = accepted_keywords(obj), set(given)
-    for key in sorted(given):
+    for key in sorted(given, key=str):
         if not keywords.open and key not in keywords.params:
-            raise ConfigError(unknown_argument(name, key, keywords.params))
+            raise ConfigError(unknown_argument(name, str(key), keywords.params))
     missing = [key for key in keywords.required if key not in given]
     if missing:
         raise ConfigError(f"{name} needs the argument(s) {', '.join(map(repr, missing))}, which have no default; add them")

@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import string
@@ -291,6 +292,12 @@ def test_bert_tokenizer_needs_a_local_vocabulary(tmp_path):
     with pytest.raises(ValueError) as err:
         BERTTokenizer(vocab_path=bad)
     assert "[PAD]" in _one_line(err)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # read_text would block forever; /dev/zero would be read until memory runs out
+    for special in (fifo, Path("/dev/zero")):
+        with pytest.raises(ValueError) as err:
+            BERTTokenizer(vocab_path=special)
+        assert "is not a regular file of at most 16 MiB" in _one_line(err)
 
 
 def test_bert_truncation_warns(vocab_file, caplog):

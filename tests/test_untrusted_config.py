@@ -313,6 +313,64 @@ def test_configs_outside_the_slots_and_files_are_refused(expert_checkpoints, tmp
     assert not loaded
 
 
+def test_weights_that_store_fewer_numbers_than_they_show_do_not_pass_the_size_check(expert_checkpoints, tmp_path):
+    """Expanded (stride-0) tensors keep a file tiny while their shapes claim gigabytes: the size check counts the
+    numbers the file stores, so a config with 4096 channels is refused before it is allocated."""
+    cfg = tiny_expert_config(250, 500)
+    setter(UNET, "model_channels", 4096)(cfg)
+    with torch.device("meta"):
+        meta = instantiate_from_config({**cfg["model"], "params": {**cfg["model"]["params"], "use_ema": False}})
+    ckpt = load_checkpoint(expert_checkpoints[0])
+    real = ckpt["state_dict"]
+    ckpt["state_dict"] = {
+        k: real[k] if k in real and real[k].shape == v.shape else torch.zeros(1, dtype=v.dtype).expand(v.shape)
+        for k, v in meta.state_dict().items()
+    }
+    ckpt["config"] = cfg
+    save_checkpoint(ckpt, tmp_path / "expanded.ckpt")
+    assert (tmp_path / "expanded.ckpt").stat().st_size < 20e6
+    with pytest.raises(CheckpointError, match=r"its config's model would hold [\d,]+ numbers, .* only [\d,]+; refused"):
+        load_expert(tmp_path / "expanded.ckpt")
+
+
+def test_a_schedule_longer_than_any_model_is_refused_before_it_is_computed(expert_checkpoints, tmp_path):
+    ckpt = load_checkpoint(expert_checkpoints[0])
+    steps = 200_000
+    ckpt["state_dict"]["betas"] = torch.full((steps,), 0.01, dtype=ckpt["state_dict"]["betas"].dtype)
+    cfg = tiny_expert_config(250, 500)
+    cfg["model"]["params"].update(timesteps=steps, linear_start=0.01, linear_end=0.01)
+    ckpt["config"] = cfg
+    save_checkpoint(ckpt, tmp_path / "long.ckpt")
+    with pytest.raises(ConfigError, match="a noise schedule of 200000 timesteps; at most 100,000"):
+        load_expert(tmp_path / "long.ckpt")
+
+
+@pytest.mark.parametrize("key", [7, ("a",), b"timesteps"])
+def test_config_keys_that_are_not_strings_are_one_line(expert_checkpoints, tmp_path, key):
+    path = expert_with(expert_checkpoints[0], tmp_path / "key.ckpt", setter(UNET, key, 2))
+    with pytest.raises(ConfigError, match=r"its stored config has a key .* config keys are strings"):
+        load_expert(path)
+
+
+def test_cond_stage_forward_names_only_the_encoding_methods(expert_checkpoints, tmp_path):
+    path = expert_with(
+        expert_checkpoints[0], tmp_path / "hook.ckpt", setter(MODEL, "cond_stage_forward", "register_forward_hook")
+    )
+    with pytest.raises(ConfigError, match=r"cond_stage_forward='register_forward_hook': .* only the cond stage methods"):
+        load_expert(path)
+
+
+def test_a_package_missing_at_build_time_is_one_config_error(expert_checkpoints, monkeypatch):
+    import ldm.refine.loading
+
+    def missing(*args, **kwargs):
+        raise ImportError("the text encoders need the 'transformers' package, which is not installed")
+
+    monkeypatch.setattr(ldm.refine.loading, "instantiate_from_config", missing)
+    with pytest.raises(ConfigError, match="cannot build .*'transformers' package"):
+        load_expert(expert_checkpoints[0], trust_config=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # what still works
 

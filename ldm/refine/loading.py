@@ -243,7 +243,7 @@ def load_expert(
         check_untrusted_model(cfg, state_dict, f"checkpoint {shown}", allowed)
     try:
         model = instantiate_from_config(cfg)
-    except ValueError as exc:  # ConfigError (unknown keys, bad params) and the models' own argument checks
+    except (ValueError, ImportError) as exc:  # ConfigError, the models' own argument checks, a missing optional package
         raise ConfigError(f"checkpoint {shown}: cannot build {cfg['target']!r} from its config: {exc}") from exc
     model.check_schedule_matches(state_dict, source=f"checkpoint {shown}")
     try:

@@ -232,6 +232,9 @@ class BERTTokenizer(AbstractEncoder):
         return text
 
 
+MAX_VOCAB_BYTES = 16 * 2**20
+
+
 def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
     """transformers' BertTokenizer from a local vocab file or tokenizer folder (never downloaded)."""
     hint = (
@@ -248,6 +251,11 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
         if not ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()):
             raise FileNotFoundError(f"BERT tokenizer folder {str(path)!r} has neither vocab.txt nor tokenizer.json: {hint}")
         return transformers.BertTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not path.is_file() or path.stat().st_size > MAX_VOCAB_BYTES:  # a FIFO or /dev/zero would be read forever
+        raise ValueError(
+            f"BERT vocabulary {str(path)!r} is not a regular file of at most {MAX_VOCAB_BYTES // 2**20} MiB "
+            f"(bert-base-uncased's vocab.txt has 226 KB): {hint}"
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:

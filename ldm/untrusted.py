@@ -434,15 +434,15 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
     else:
         default = accepted_keywords(get_obj_from_str(cfg["target"])).params.get("timesteps", (int, 1000))[1]
         steps = params.get("timesteps", default)
-    if not isinstance(steps, int) or steps > MAX_SCHEDULE_STEPS:
-        raise ConfigError(
-            f"{source}: its config asks for a noise schedule of {_short(steps)} timesteps; at most {MAX_SCHEDULE_STEPS:,} "
-            "(CompVis' models have 1000)"
-        )
     if steps != betas.shape[0]:
         raise CheckpointError(
             f"config and checkpoint disagree: {source} holds a noise schedule of {betas.shape[0]} timesteps (betas), its "
-            f"config asks for {steps}; refused before computing it"
+            f"config asks for {_short(steps)}; refused before computing it"
+        )
+    if steps > MAX_SCHEDULE_STEPS:
+        raise ConfigError(
+            f"{source}: its config asks for a noise schedule of {steps} timesteps; at most {MAX_SCHEDULE_STEPS:,} "
+            "(CompVis' models have 1000)"
         )
 
 
@@ -503,7 +503,7 @@ def _check_total_size(model: torch.nn.Module, state_dict: Mapping[str, Any], sou
     storages: dict[int, int] = {}
     for value in state_dict.values():
         if isinstance(value, torch.Tensor):
-            ptr = value.untyped_storage().data_ptr()
+            ptr = value.untyped_storage().data_ptr() or id(value)  # 0: no memory (meta or empty), nothing shared
             storages[ptr] = max(storages.get(ptr, 0), _stored_numel(value))
     held = sum(storages.values())
     if numel > held + max(EXTRA_NUMEL, held // 4):

@@ -247,24 +247,6 @@ def run_stage(stage: Any, logs: Path, target: Path, seed: int, smoke: bool, thre
         raise SystemExit(f"quickstart: {exc}") from None
 
 
-def first_stage_round_trip(model: Any, domain: Domain, size: int, n: int) -> str:
-    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out images of ``size`` px, as a line."""
-    import torch
-
-    from ldm.eval.baselines import autoencoder_baseline
-    from ldm.eval.metrics import psnr
-    from ldm.eval.stats import bootstrap_mean
-
-    clean = torch.cat([im.image for im in domain.images(n, size, seed=0)])
-    round_trip = autoencoder_baseline(model)
-    decoded = torch.cat([round_trip(clean[i : i + 32]) for i in range(0, n, 32)])
-    interval = bootstrap_mean(psnr(decoded, clean).double().numpy())
-    return (
-        f"first stage round trip on {n} held-out {size}x{size} {domain.what} (never trained on): "
-        f"PSNR {interval.format()} dB (mean [95 % bootstrap interval])"
-    )
-
-
 def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outdir: Path) -> tuple[str, list[str], str]:
     """Stage 4: the sweep on held-out images with the chained ``experts``; writes the report files, returns the table,
     the headline lines (the first stage's round trip, then one line per degradation) and the headline table in
@@ -275,6 +257,7 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
     from ldm.eval.summary import best_start, summarize
     from ldm.eval.sweep import build_sweep_degradation, run_sweep
     from ldm.refine import Refiner
+    from ldm.train.quickstart_report import first_stage_round_trip, headline_line, markdown_table
 
     refiner = Refiner.from_checkpoints(
         experts,
@@ -325,87 +308,8 @@ def evaluate(args: argparse.Namespace, domain: Domain, experts: list[Path], outd
         shown[degradation] = args.start_t or domain.start_t or (pick.start_ts[0] if pick else start_ts[0])
     save_png(before_after_grid(result, "experts", shown), outdir / "before_after.png")
     headline = [first_stage_round_trip(model, domain, size, 4 if args.smoke else ROUND_TRIP_IMAGES)]
-    headline += [_headline(summary, result, d, best.get(d), over_trip.get(d), shown[d]) for d in result.degradations]
-    return format_table(summary), headline, _markdown_table(summary, result, best, over_trip)
-
-
-def _entry(summary: list[dict[str, Any]], degradation: str, method: str, start_t: int | None) -> dict[str, Any]:
-    found = [s for s in summary if (s["degradation"], s["method"], s["start_t"]) == (degradation, method, start_t)]
-    return found[0] if found else {}
-
-
-def _ci(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False) -> str:
-    from ldm.eval.summary import format_entry
-
-    return format_entry(entry, key, fmt, sign)
-
-
-def _headline(summary: list[dict[str, Any]], result: Any, degradation: str, best: Any, over_trip: Any, start_t: int) -> str:
-    """One line: the artifact, the region refinement at its cross-fitted best start_t (in-box PSNR to the clean image
-    and to the first stage's round trip of it, gains, realism), each with its 95 % bootstrap interval; for an artifact
-    without a box, the whole-image refinement at ``start_t``."""
-    artifact = _entry(summary, degradation, "identity", None)
-    region_ts = result.start_ts.get("experts (region)", ())
-    if best is None and region_ts:  # the control: nothing wrong in the box, so what refining it costs at each start_t
-        curve = ", ".join(
-            f"{t}: {_ci(_entry(summary, degradation, 'experts (region)', t), 'psnr_clean_in')}" for t in region_ts
-        )
-        n = _entry(summary, degradation, "experts (region)", region_ts[0]).get("n")
-        return f"{degradation} (control, nothing wrong in the box, n={n}): PSNR to clean inside the box by start_t {curve} dB"
-    if best is None:  # no box: the whole-image figures at start_t
-        t = start_t
-        whole = _entry(summary, degradation, "experts", t)
-        return (
-            f"{degradation} (artifact -> whole, start_t={t}, n={whole.get('n')}): PSNR to clean "
-            f"{_ci(artifact, 'psnr_clean')} -> {_ci(whole, 'psnr_clean')} dB, gain "
-            f"{_ci(whole, 'gain_psnr_clean', sign=True)} dB; SWD x1e3 {_ci(artifact, 'swd')} -> {_ci(whole, 'swd')}"
-        )
-    t = best.start_ts[0]
-    region = _entry(summary, degradation, "experts (region)", t)
-    starts = f"{best.start_ts[0]}/{best.start_ts[1]}" if best.start_ts[0] != best.start_ts[1] else str(t)
-    return (
-        f"{degradation} (n={best.value.n}, region refinement at its best start_t {starts}): PSNR to clean inside the box "
-        f"{best.baseline_value.format()} -> {best.value.format()} dB, gain {best.gain.format('{:+.2f}')} dB; "
-        f"over the first stage's round trip {over_trip.gain.format('{:+.2f}') if over_trip else 'n/a'} dB; "
-        f"SWD x1e3 {_ci(artifact, 'swd')}"
-        f" -> {_ci(region, 'swd')}, change {_ci(region, 'gain_swd', sign=True)}; PSNR to input outside the box "
-        f"{_ci(region, 'psnr_input_out', '{:.1f}')} dB"
-    )
-
-
-def _markdown_table(summary: list[dict[str, Any]], result: Any, best: dict[str, Any], over_trip: dict[str, Any]) -> str:
-    """The headline as a Markdown table (what README shows): one row per artifact with a box."""
-    lines = [
-        "| artifact | n | PSNR in box: artifact | round trip | region refinement (start_t) | gain | gain over the round "
-        "trip | SWD ×10³: artifact → region | ΔSWD |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    region_ts = result.start_ts.get("experts (region)", ())
-    for degradation in result.degradations:
-        pick = best.get(degradation)
-        if pick is None and region_ts and _entry(summary, degradation, "experts (region)", region_ts[0]):
-            control = _entry(summary, degradation, "experts (region)", region_ts[0])
-            trip = _entry(summary, degradation, "autoencoder", None)
-            lines.append(
-                f"| {degradation.split(':')[0]} (control: nothing wrong) | {control.get('n')} | exact | "
-                f"{_ci(trip, 'psnr_clean_in', '{:.1f}')} | {_ci(control, 'psnr_clean_in', '{:.1f}')} ({region_ts[0]}) | "
-                f"n/a | n/a | {_ci(_entry(summary, degradation, 'identity', None), 'swd', '{:.1f}')} → "
-                f"{_ci(control, 'swd', '{:.1f}')} | {_ci(control, 'gain_swd', '{:.1f}', True)} |"
-            )
-        if pick is None:
-            continue
-        artifact = _entry(summary, degradation, "identity", None)
-        trip = _entry(summary, degradation, "autoencoder", None)
-        region = _entry(summary, degradation, "experts (region)", pick.start_ts[0])
-        starts = "/".join(dict.fromkeys(str(t) for t in pick.start_ts))
-        lines.append(
-            f"| {degradation.split(':')[0]} | {pick.value.n} | {pick.baseline_value.format('{:.1f}')} | "
-            f"{_ci(trip, 'psnr_clean_in', '{:.1f}')} | {pick.value.format('{:.1f}')} ({starts}) | "
-            f"{pick.gain.format('{:+.2f}')} | "
-            f"{over_trip[degradation].gain.format('{:+.2f}') if over_trip.get(degradation) else 'n/a'} | "
-            f"{_ci(artifact, 'swd', '{:.1f}')} → {_ci(region, 'swd', '{:.1f}')} | {_ci(region, 'gain_swd', '{:.1f}', True)} |"
-        )
-    return "\n".join(lines) + "\n"
+    headline += [headline_line(summary, result, d, best.get(d), over_trip.get(d), shown[d]) for d in result.degradations]
+    return format_table(summary), headline, markdown_table(summary, result, best, over_trip)
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:

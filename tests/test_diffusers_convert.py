@@ -1,5 +1,6 @@
 """diffusers interop (ldm.convert): import against diffusers' own models, refinement against a diffusers DDIM loop,
-export -> import round trips, refused folders, window-model init, and both CLIs in subprocesses.
+export -> import round trips, refused folders and window-model init.  The CLIs: test_convert_cli.py; the key maps at
+real size and on untrusted config values: test_unet_map.py (both import this file's builders).
 
 Tiny random models are built with diffusers' classes and saved with ``save_pretrained`` (float32); nothing downloads.
 """
@@ -11,16 +12,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the optional extra pip install -e .[diffusers]")
 
@@ -43,10 +39,6 @@ from ldm.convert.diffusers import (  # noqa: E402
     is_diffusers_folder,
     load_diffusers_expert,
 )
-from ldm.convert.schedule import SCHEDULER_DEFAULTS, schedule_from_config  # noqa: E402
-from ldm.convert.unet_map import UNET_DEFAULTS, unet_layout_from_config  # noqa: E402
-from ldm.convert.vq_map import VQ_DEFAULTS, vq_layout_from_config  # noqa: E402
-from ldm.imageio import read_png_metadata  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.refine.loading import check_checkpoint_paths, load_expert  # noqa: E402
 from ldm.sampling import NoiseSchedule, build_plan, run_tail  # noqa: E402
@@ -521,15 +513,19 @@ REFUSED = {
 }
 
 
-@pytest.fixture(scope="module")
-def refused_folders(ldm_folder, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("refused")
+def damaged_copies(ldm_folder: Path, root: Path, names: Iterable[str] = REFUSED) -> dict[str, Path]:
+    """``{name: a copy of ldm_folder under root, damaged as REFUSED[name] says}``."""
     folders = {}
-    for name, (damage, _) in REFUSED.items():
+    for name in names:
         folders[name] = root / name
         shutil.copytree(ldm_folder, folders[name])
-        damage(folders[name])
+        REFUSED[name][0](folders[name])
     return folders
+
+
+@pytest.fixture(scope="module")
+def refused_folders(ldm_folder, tmp_path_factory) -> dict[str, Path]:
+    return damaged_copies(ldm_folder, tmp_path_factory.mktemp("refused"))
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -556,175 +552,3 @@ def test_main_py_names_a_diffusers_folder_given_as_ckpt_path(ldm_folder):
         main_module._check_init_checkpoints({"params": {"ckpt_path": str(ldm_folder)}}, "model")
     message = one_line_error(excinfo)
     assert "is a diffusers folder" in message and "scripts/convert_diffusers.py --from-diffusers" in message
-
-
-# -------------------------------------------------------------------------------------------------------------- CLIs
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_convert_cli_both_directions_in_subprocesses(ldm_folder, tmp_path):
-    ckpt = tmp_path / "model.ckpt"
-    proc = run("convert_diffusers.py", "--from-diffusers", str(ldm_folder), "--out", str(ckpt))
-    assert proc.returncode == 0, proc.stderr
-    assert "window t in [0, 1000)" in proc.stdout and "scale_factor 0.5" in proc.stdout
-    exported = tmp_path / "exported"
-    proc = run("convert_diffusers.py", "--to-diffusers", str(ckpt), "--out", str(exported))
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "model.ckpt"]  # no temp folder left
-    for part in ("unet", "vqvae"):
-        a = load_file(ldm_folder / part / "diffusion_pytorch_model.safetensors")
-        b = load_file(exported / part / "diffusion_pytorch_model.safetensors")
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), part
-
-
-@pytest.fixture(scope="module")
-def convert_cli():
-    spec = importlib.util.spec_from_file_location("convert_script", REPO / "scripts" / "convert_diffusers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--from-diffusers", "{conditional}", "--out", "{tmp}/x.ckpt"], "is a conditional UNet"),
-        (["--from-diffusers", "{tmp}", "--out", "{tmp}/x.ckpt"], "has no unet/ sub-folder"),
-        (["--from-diffusers", "{folder}", "--out", "{tmp}/x.safetensors"], "must end with one of .ckpt, .pt, .pth"),
-        (["--from-diffusers", "{folder}", "--out", "{folder}"], "already exists"),
-        (["--from-diffusers", "{folder}", "--out", "{tmp}/x.ckpt", "--scale-factor", "-1"], "must be a finite number > 0"),
-        (["--to-diffusers", "{tmp}/missing.ckpt", "--out", "{tmp}/out"], "does not exist"),
-        (["--to-diffusers", "{folder}", "--out", "{tmp}/out", "--scale-factor", "2"], "applies to --from-diffusers only"),
-    ],
-)
-def test_convert_cli_refuses_in_one_line_with_exit_2(
-    convert_cli, args, expected, ldm_folder, refused_folders, tmp_path, capsys
-):
-    names = {"conditional": refused_folders["conditional_unet"], "folder": ldm_folder, "tmp": tmp_path}
-    argv = [a.format(**names) for a in args]
-    try:
-        code = convert_cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("convert_diffusers.py: error:") and expected in lines[0], err
-    assert not (tmp_path / "x.ckpt").exists() and not (tmp_path / "out").exists()
-
-
-def test_refine_cli_takes_a_diffusers_folder_end_to_end(ldm_folder, tmp_path):
-    image = tmp_path / "face.png"
-    Image.fromarray(((photo_crops(1, 20, seed=1)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(image)
-    out = tmp_path / "out"
-    proc = run(
-        "refine.py",
-        "--ckpt",
-        str(ldm_folder),
-        "--start-t",
-        "400",
-        "--input",
-        str(image),
-        "--outdir",
-        str(out),
-        "--ddim-steps",
-        "10",
-        "--device",
-        "cpu",
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    result = out / "face_t400_s0.png"
-    assert Image.open(result).size == (20, 20)
-    _, info = load_diffusers_expert(ldm_folder)
-    assert read_png_metadata(result)["checkpoint_0_sha256"] == info.sha256
-
-
-# ------------------------------------------------------------------------------------------------ real-size key maps
-CELEBAHQ_UNET = dict(
-    sample_size=64,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(224, 448, 672, 896),
-    layers_per_block=2,
-    attention_head_dim=32,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
-VQ_F4 = dict(
-    block_out_channels=(128, 256, 512),
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=2,
-    latent_channels=3,
-    num_vq_embeddings=8192,
-    sample_size=256,
-)
-
-
-def test_real_size_maps_match_diffusers_and_compvis_modules_on_the_meta_device():
-    """celebahq-ldm-vq-4 as published in diffusers layout: every tensor's key and shape, on both sides, without
-    allocating 1.1 GB."""
-    with torch.device("meta"):
-        unet, vq = UNet2DModel(**CELEBAHQ_UNET), VQModel(**VQ_F4)
-    unet_layout, _ = unet_layout_from_config({**CELEBAHQ_UNET, "_class_name": "UNet2DModel"}, "unet/config.json")
-    vq_layout = vq_layout_from_config({**VQ_F4, "_class_name": "VQModel"}, "vqvae/config.json")
-    params = unet_layout.ldm_params()
-    assert (params["model_channels"], params["channel_mult"], params["attention_resolutions"]) == (224, [1, 2, 3, 4], [2, 4, 8])
-    assert params["num_head_channels"] == 32 and vq_layout.ldm_params()["ddconfig"]["ch_mult"] == [1, 2, 4]
-    cfg = {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params},
-            "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface", "params": vq_layout.ldm_params()},
-            "cond_stage_config": "__is_unconditional__",
-            "use_ema": False,
-        },
-    }
-    with torch.device("meta"):
-        ldm = instantiate_from_config(cfg)
-    for ours, theirs, maps in (
-        (ldm.model.diffusion_model, unet, unet_layout.param_maps()),
-        (ldm.first_stage_model, vq, vq_layout.param_maps()),
-    ):
-        own = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-        implied = {k: s for m in maps for k, s in zip(m.diffusers, m.diffusers_shapes(own[m.ldm]))}
-        assert set(own) == {m.ldm for m in maps}
-        assert implied == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
-
-
-# ------------------------------------------------------------------------------------------- untrusted config values
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8,
-)
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    part=st.sampled_from(["unet", "vqvae", "scheduler"]),
-    key=st.text(max_size=3)
-    | st.sampled_from(
-        sorted({*UNET_DEFAULTS, *VQ_DEFAULTS, *SCHEDULER_DEFAULTS, "_class_name", "trained_betas", "scaling_factor"})
-    ),
-    value=JSON_VALUES,
-)
-def test_any_config_value_is_converted_or_refused_in_one_line(part, key, value):
-    """Whatever an untrusted config.json holds, the validators answer with a layout or a one-line DiffusersFormatError
-    (no TypeError/KeyError/OverflowError from deep inside, nothing allocated)."""
-    base = {
-        "unet": {**CELEBAHQ_UNET, "_class_name": "UNet2DModel"},
-        "vqvae": {**VQ_F4, "_class_name": "VQModel"},
-        "scheduler": compvis_ddim().config,
-    }[part]
-    data = {**json.loads(json.dumps(dict(base))), key: value}
-    read = {"unet": unet_layout_from_config, "vqvae": vq_layout_from_config, "scheduler": schedule_from_config}[part]
-    try:
-        read(data, f"{part}/config.json")
-    except DiffusersFormatError as exc:
-        assert "\n" not in str(exc) and f"{part}/config.json" in str(exc)

@@ -273,10 +273,9 @@ def check_untrusted_config(
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.params must be a mapping of constructor arguments, got {type(params).__name__}")
     try:
-        check_arguments(cls, params, target)
+        hints = check_arguments(cls, params, target).params
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    hints = accepted_keywords(cls).params
     for name, value in params.items():
         here = f"{where}.params.{name}"
         if name == "cond_stage_forward" and value not in COND_STAGE_FORWARDS:

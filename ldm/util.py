@@ -202,9 +202,9 @@ def unknown_argument(name: str, key: str, accepted: Iterable[str]) -> str:
     return f"{name} takes no argument {key!r}{closest_hint(key, accepted)}; it accepts: {', '.join(accepted)}"
 
 
-def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) -> None:
+def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) -> Keywords:
     """Refuse keyword arguments that ``obj`` does not take (naming the closest one it does) and missing required ones,
-    before it is called.  ``name`` is how messages name ``obj`` (its config target)."""
+    before it is called; returns what ``obj`` accepts.  ``name`` is how messages name ``obj`` (its config target)."""
     keywords, given = accepted_keywords(obj), set(given)
     for key in sorted(given, key=str):
         if not keywords.open and key not in keywords.params:
@@ -212,6 +212,7 @@ def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) ->
     missing = [key for key in keywords.required if key not in given]
     if missing:
         raise ConfigError(f"{name} needs the argument(s) {', '.join(map(repr, missing))}, which have no default; add them")
+    return keywords
 
 
 def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -> Any:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ldm.convert.common import MAX_CHANNELS, MAX_LAYERS, DiffusersFormatError, Options, ParamMap, conv_pair
 from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, unet_fields, unet_levels, unet_modules, window_from_config
 from ldm.convert.vq_map import CoderLayout, coder_from_model, coder_from_options
+from ldm.modules.encoders.modules import clip_text_config_problem
 
 COND_UNET_CLASS = "UNet2DConditionModel"
 KL_CLASS = "AutoencoderKL"
@@ -100,10 +101,6 @@ KL_DEFAULTS: dict[str, Any] = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
-# bounds on a CLIP text config read from an untrusted folder (SD v1: 768 wide, 12 layers, 49408 tokens, 77 positions)
-MAX_TEXT_LAYERS = 64
-MAX_VOCAB = 1 << 20
-MAX_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -422,21 +419,9 @@ def check_text_config(data: Mapping[str, Any], source: str) -> None:
         raise DiffusersFormatError(
             f"{source}: architectures={arch!r}, model_type={model_type!r} is not a CLIPTextModel; {SUPPORTED}"
         )
-    bounds = {
-        "hidden_size": MAX_CHANNELS,
-        "intermediate_size": 4 * MAX_CHANNELS,
-        "num_hidden_layers": MAX_TEXT_LAYERS,
-        "num_attention_heads": MAX_CHANNELS,
-        "vocab_size": MAX_VOCAB,
-        "max_position_embeddings": MAX_POSITIONS,
-    }
-    for key, hi in bounds.items():
-        value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi):
-            raise DiffusersFormatError(f"{source}: {key}={value!r} must be an integer in [1, {hi}]")
-    width, heads = data.get("hidden_size") or 512, data.get("num_attention_heads") or 8  # CLIPTextConfig's defaults
-    if width % heads:
-        raise DiffusersFormatError(f"{source}: num_attention_heads={heads} does not divide hidden_size={width}")
+    problem = clip_text_config_problem(data)
+    if problem is not None:
+        raise DiffusersFormatError(f"{source}: {problem}")
 
 
 def text_param_maps(ldm_keys: list[str]) -> list[ParamMap]:

@@ -360,7 +360,8 @@ def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
 
 
 MAX_CLIP_CONFIG_BYTES = 1 << 20
-# what a CLIP text config may ask to be built (its sizes decide the allocation; SD v1's: 768 wide, 12 layers)
+# what a CLIP text config may ask to be built (its sizes decide the allocation; SD v1: 768 wide, 12 layers, 49408
+# tokens, 77 positions); CLIP folders and diffusers SD v1 text encoders share them
 _CLIP_CONFIG_BOUNDS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 64,
                        "num_attention_heads": 16384, "vocab_size": 1 << 20, "max_position_embeddings": 4096}  # fmt: skip
 
@@ -384,13 +385,22 @@ def check_clip_config(model_dir: Path) -> None:
     if model_type not in (None, "clip", "clip_text_model") or not isinstance(text, dict):
         raise ValueError(f"{where} describes model_type={str(model_type)[:40]!r}, not a CLIP text model "
                          "(clip_text_model, or clip with a text_config)")  # fmt: skip
+    problem = clip_text_config_problem(text)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
+
+
+def clip_text_config_problem(text: Mapping[str, Any]) -> str | None:
+    """Why a CLIP text config's sizes cannot be built (an integer out of bounds, heads not dividing the width), or None:
+    shared by CLIP folders and diffusers SD v1 text encoders."""
     for key, hi in _CLIP_CONFIG_BOUNDS.items():
         value = text.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi):
-            raise ValueError(f"{where}: {key}={str(value)[:40]} must be an integer in [1, {hi}]")
+            return f"{key}={str(value)[:40]} must be an integer in [1, {hi}]"
     width, heads = text.get("hidden_size") or 512, text.get("num_attention_heads") or 8  # CLIPTextConfig's defaults
     if width % heads:
-        raise ValueError(f"{where}: num_attention_heads={heads} does not divide hidden_size={width}")
+        return f"num_attention_heads={heads} does not divide hidden_size={width}"
+    return None
 
 
 def _from_folder(load: Any, folder: Path, what: str) -> Any:

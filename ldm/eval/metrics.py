@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from ldm.checkpoint import load_state_dict
 from ldm.modules.lpips import PerceptualWeightsMissingError, build_lpips, lpips_backbone_path
@@ -71,6 +70,9 @@ def mse(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float,
 def psnr(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
     """Per-image PSNR ``[B]`` in dB, ``10 log10(data_range^2 / MSE)`` with ``data_range = high - low``
     (torchmetrics' ``peak_signal_noise_ratio`` with ``reduction="none"``)."""
+    # imported here: torchmetrics takes seconds to import, which every CLI's usage error would wait for
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     a, b = _prepare(images, reference, value_range)
     out = peak_signal_noise_ratio(a, b, data_range=value_range, reduction="none", dim=(1, 2, 3))
     return out.double().cpu()

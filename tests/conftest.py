@@ -18,8 +18,10 @@ settings.register_profile("deterministic", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
-# Tiny models: 2 threads at most (the CI machine's cores); OMP_NUM_THREADS=1 runs the suite on one core beside other work.
-torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
+# Tiny models: 2 threads at most (the CI machine's cores), shared by pytest-xdist's workers (`-n 2`: one each);
+# OMP_NUM_THREADS=1 runs the suite on one core beside other work.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)) // _WORKERS))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tiny configs (CPU-sized; shapes follow the real f4 layout: 3 latent channels, downsampling 4)

@@ -1,6 +1,7 @@
 """The import graph of ``ldm/``: no cycles, no imports of a higher layer, and no private names borrowed across packages.
 
-The graph is built statically: every ``ldm/**/*.py`` is parsed with ``ast``; nothing is imported.
+The graph is built statically: every ``ldm/**/*.py`` is parsed with ``ast``; nothing is imported.  Last,
+scripts' usage errors run in subprocesses, which must not have imported a library that takes seconds to import (:data:`HEAVY`).
 
 Rules, written once here:
 
@@ -27,8 +28,11 @@ Rules, written once here:
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "ldm"
@@ -350,3 +354,34 @@ def test_the_checks_find_what_they_are_for(tmp_path, monkeypatch):
     assert private == ["ldm/b/y.py:3: ldm.b.y uses _g from ldm.a.x"], private
     assert upward == ["ldm/sampling/steps.py:2: ldm.sampling.steps (ldm.sampling) imports ldm.models"], upward
     assert any(c.startswith("cycle among 2 modules: ldm.models, ldm.sampling.steps") for c in cycles), cycles
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what a usage error pays for: a script that refuses its arguments must not first import a library that takes seconds
+# (torchmetrics pulls in transformers, torchvision's models and dynamo; a quick start typo waited 10 s for its one line)
+
+HEAVY = ("torchmetrics", "pytorch_lightning", "transformers", "diffusers")
+IMPORTS_AFTER = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    print("exit", exc.code, sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["scripts/quickstart.py", "--outdir", "{tmp}", "--start-t", "1000"], 2),
+        (["scripts/quickstart.py", "--outdir", "{tmp}", "--degradations", "jpg"], 2),
+        (["scripts/degrade.py", "--input", "{tmp}", "--output", "{tmp}/out", "--degradation", "jpg"], 2),
+        (["scripts/evaluate.py", "--help"], 0),
+    ],
+)
+def test_usage_errors_import_no_heavy_library(argv, status, tmp_path):
+    code = IMPORTS_AFTER.format(heavy=HEAVY)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == f"exit {status} []", proc.stdout[-2000:] + proc.stderr[-2000:]

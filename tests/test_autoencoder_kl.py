@@ -97,8 +97,6 @@ def test_distribution_sample_mode_and_clamp_match_closed_forms():
     point = DiagonalGaussianDistribution(params, deterministic=True)
     assert torch.equal(point.sample(torch.Generator().manual_seed(1)), mean)
     assert torch.equal(point.kl(), torch.zeros(2, dtype=torch.float64)) and not point.nll(mean).any()
-    with pytest.raises(ValueError, match=r"\[B, 2 \* C"):
-        DiagonalGaussianDistribution(torch.zeros(1, 3, 2, 2))
 
 
 def test_distribution_kl_and_nll_equal_torch_distributions():
@@ -173,10 +171,6 @@ def test_generator_loss_equals_the_float64_formula():
     weights = torch.rand(1, 3, 16, 16, dtype=torch.float64)
     weighted, _ = loss(x, xrec, post, 0, 0, weights=weights)
     torch.testing.assert_close(weighted, (weights * ((x - xrec).abs() / math.exp(0.5) + 0.5)).sum() / 2 + 0.01 * kl)
-    with pytest.raises(ValueError, match="optimizer_idx"):
-        loss(x, xrec, post, 2, 0)
-    with pytest.raises(ValueError, match="conditional"):
-        loss(x, xrec, post, 0, 0, cond=x)
 
 
 # -------------------------------------------------------------------------------------------------------- training

@@ -47,16 +47,12 @@ def test_restarts_are_reproducible_from_the_generator_and_the_noise_is_small():
     assert float(nearest.min()) > 0  # noise breaks ties between codes restarted at the same row
 
 
-def test_nothing_dead_or_no_candidates_changes_nothing_and_bad_shapes_are_refused():
+def test_nothing_dead_or_no_candidates_changes_nothing():
     codebook = torch.randn(4, 2)
     before = codebook.clone()
     assert restart_dead_codes(codebook, torch.ones(4), torch.randn(3, 2)).numel() == 0
     assert restart_dead_codes(codebook, torch.zeros(4), torch.randn(0, 2)).numel() == 0
     assert torch.equal(codebook, before)
-    with pytest.raises(ValueError, match=r"codebook \[K, D\], usage \[K\]"):
-        restart_dead_codes(codebook, torch.zeros(5), torch.randn(3, 2))
-    with pytest.raises(ValueError, match="3 dimensions, the codebook 2"):
-        restart_dead_codes(codebook, torch.zeros(4), torch.randn(3, 3))
 
 
 @pytest.mark.parametrize("every", [-1, 1.5, True, "10"])

@@ -144,15 +144,11 @@ def test_codebook_usage_statistics():
     assert perplexity.item() == pytest.approx(8.0) and share.item() == 1.0
     perplexity, share = codebook_usage(torch.full((3, 5), 2), 16)
     assert perplexity.item() == pytest.approx(1.0) and share.item() == 1 / 16
-    with pytest.raises(ValueError, match="outside the codebook"):
-        codebook_usage(torch.tensor([9]), 4)
 
 
 def test_loss_logs_codebook_usage_only_with_a_codebook_size():
     loss_fn = VQLPIPSWithDiscriminator(disc_start=10, perceptual_weight=0.0, **SMALL_DISC)
     x = images(0)
-    with pytest.raises(ValueError, match="n_classes"):
-        loss_fn(torch.tensor(0.0), x, x, 0, 0, predicted_indices=torch.tensor([1, 2]))
     loss_fn.set_codebook_size(4)
     _, log = loss_fn(torch.tensor(0.0), x, x, 0, 0, predicted_indices=torch.tensor([1, 2]))
     assert log["train/codebook_usage"].item() == 0.5 and log["train/perplexity"].item() == pytest.approx(2.0)

@@ -1,14 +1,11 @@
 """VQ autoencoders (the first stage): ``VQModel`` and latent-diffusion's ``VQModelInterface``; ``IdentityFirstStage``.
 
-Parameter names are CompVis' (``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``, ``quant_conv.*``,
-``post_quant_conv.*``) so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys are
-dropped with a logged note unless this model's own loss has them in the same shapes (a VQGAN being fine-tuned).
-Training: :class:`~ldm.models.autoencoder_training.GANAutoencoder` (what ``disc_start`` counts).
+Parameter names are CompVis', so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys
+are dropped with a logged note unless this model's own loss has them in the same shapes (a VQGAN being fine-tuned).
 
 ``dead_code_restart_every: N`` (0 = off, as in CompVis) restarts, every ``N`` batches, the codes no batch of that
-window chose at encoder outputs of the current batch (:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the
-counts are summed over ranks at every batch and rank 0's restarts are broadcast, so the codebooks stay identical; the
-window in progress is saved in checkpoints, so a resumed run restarts exactly where an uninterrupted one would.
+window chose (:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks and rank
+0's restarts are broadcast; the window in progress is saved in checkpoints, so a resumed run restarts on time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Derived from data, not written per config: the ``configs/**/*.yaml`` autoencoder config whose network (``ddconfig``,
 ``n_embed``, ``embed_dim``) equals the first stage's (and the script its comment says "runs exactly this"), and the
 CompVis download when ``ckpt_path`` is ``models/first_stage_models/<name>/model.ckpt`` of a released model.
-Used by ``main.py`` and the first stages' ``init_from_ckpt`` (:mod:`ldm.train.first_stages` re-exports it).
+Used by ``main.py`` and the first stages' ``init_from_ckpt``.
 """
 
 from __future__ import annotations

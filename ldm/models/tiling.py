@@ -1,27 +1,17 @@
-"""Tiled first-stage encode/decode with overlap blending, so that large images fit in memory.
+"""Tiled first-stage encode/decode (VQ and KL alike) with overlap blending, so that large images fit in memory.
 
-VQ (``VQModelInterface``) and KL (``AutoencoderKL``) first stages tile alike (:func:`tiled_encode`,
-:func:`tiled_decode`): the tiles give the encoder's ``quant_conv`` output (the VQ pre-quantization latent, or the KL
-moments, whose mean refinement uses) and the decoder's input is the latent, quantized for VQ only.
+Only the full-resolution, purely convolutional part runs tile by tile (the encoder's down path, the decoder's up
+path); the mid block with its global attention runs on the whole latent-resolution map.  Tiles stay consistent with
+the untiled network in two ways:
 
-Only the full-resolution, purely convolutional part of the first stage runs tile by tile (the encoder's down path,
-the decoder's up path); the mid block with its global attention runs on the whole latent-resolution feature map, which
-is 16x smaller than the image for f4.  Two things keep tiles consistent with the untiled network:
-
-* **GroupNorm statistics are shared**: every GroupNorm in the tiled part normalises all tiles with the same per-group
-  statistics, not each tile's own (a tile of sky would otherwise be normalised differently from a tile of grass).
-  ``stat_passes`` tiled passes gather them before the final pass: each normalises with the current statistics (a
-  tile's own where there are none yet) while summing new ones over the part of the image each tile owns, so layer k
-  is exact after k passes (as many passes as GroupNorm layers reproduce the untiled network).  With ``stat_side`` the
-  starting statistics come instead from one untiled pass on the input downscaled (area) until its longer side is at
-  most ``stat_side`` pixels.
-* **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels and are blended with linear ramps, so the
-  borders, where a tile lacks context, get little weight.
+* **GroupNorm statistics are shared** across tiles (a tile of sky would otherwise be normalised unlike one of grass):
+  from one untiled pass on the input downscaled to ``stat_side``, and/or ``stat_passes`` tiled passes that each sum
+  new statistics over the part of the image each tile owns (layer k is exact after k passes).
+* **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels, blended with linear ramps.
 
 The defaults (a downscaled pass, no refining pass) decoded closest to the untiled network (README, Performance:
-"Tiled first stage"): refining passes mix statistics gathered under different normalisations of the earlier layers,
-which hurts the decoder more than it helps the encoder.  Costs: ``stat_passes + 1`` tiled passes of the tiled part,
-plus one downscaled untiled pass with ``stat_side``.
+"Tiled first stage"): refining passes mix statistics gathered under different normalisations of earlier layers.
+Costs: ``stat_passes + 1`` tiled passes, plus one downscaled untiled pass with ``stat_side``.
 """
 
 from __future__ import annotations
@@ -44,14 +34,9 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 class TilingConfig:
     """When and how to tile, in image pixels.
 
-    ``min_side``: tile only images whose height or width exceeds it (None: never tile).  ``tile``: tile side.
-    ``overlap``: overlap between neighbouring tiles.  ``tile`` and ``overlap`` must be multiples of the first stage's
-    downsampling factor.  ``stat_side``: GroupNorm statistics come from an untiled pass on the input downscaled to at
-    most this many pixels along its longer side (None: each tile starts from its own statistics; with
-    ``stat_passes=0`` each tile is normalised with its own, as in diffusers' tiled VAE).  ``stat_passes``: tiled
-    passes that refine the statistics before the final pass (layer k is exact after k passes; as many passes as
-    GroupNorm layers in the tiled part give the untiled result up to the tiles' missing context; a few passes decode
-    worse than none).  The defaults decoded most accurately at the default geometry; see the module docstring.
+    ``min_side``: tile only images whose height or width exceeds it (None: never tile).  ``tile`` and ``overlap``:
+    multiples of the first stage's downsampling factor.  ``stat_side``: see the module docstring (None with
+    ``stat_passes=0``: each tile is normalised with its own statistics, as in diffusers' tiled VAE).
     """
 
     min_side: int | None = 1024
@@ -259,12 +244,8 @@ def tiled_apply(
 
     ``fn`` maps a tile ``[B, C, t, t]`` to ``[B, out_channels, t * scale, t * scale]`` (``scale`` 4 for an f4 decoder's
     up path, 1/4 for its encoder's down path); ``tile``, ``overlap`` and ``stat_side`` are in input pixels.  With
-    ``norm_owner`` (the module holding ``fn``'s GroupNorm layers) the GroupNorms share statistics: from ``fn`` on ``x``
-    downscaled to ``stat_side``, refined by ``stat_passes`` tiled passes (see the module docstring); with
-    ``stat_side=None`` the first refining pass starts from each tile's own statistics, and with no pass at all (or no
-    ``norm_owner``) each tile is normalised with its own.  ``stat_min_size``: the downscaled input keeps at least this
-    many pixels along each axis (what ``fn`` needs to run; see :func:`downscale_to`).
-    Returns ``[B, out_channels, H * scale, W * scale]``.
+    ``norm_owner`` (the module holding ``fn``'s GroupNorm layers) the GroupNorms share statistics (module docstring);
+    ``stat_min_size``: see :func:`downscale_to`.  Returns ``[B, out_channels, H * scale, W * scale]``.
     """
     if norm_owner is None:
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
@@ -284,19 +265,9 @@ def tiled_apply(
 def _tiled_encoder(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
     """``quant_conv(encoder(x))`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, C, H/f, W/f]``."""
     enc = first_stage.encoder
+    stats = (enc, tiling.stat_passes, tiling.stat_side)
     # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
-    h = tiled_apply(
-        enc.forward_high,
-        x,
-        tiling.tile,
-        tiling.overlap,
-        1 / factor,
-        enc.high_channels,
-        enc,
-        tiling.stat_passes,
-        tiling.stat_side,
-        stat_min_size=2 * factor,
-    )
+    h = tiled_apply(enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, *stats, 2 * factor)
     return first_stage.quant_conv(enc.forward_low(h))
 
 
@@ -304,20 +275,9 @@ def _tiled_decoder(first_stage: nn.Module, quant: torch.Tensor, tiling: TilingCo
     """``decoder(post_quant_conv(quant))`` with the decoder's up path tiled: ``[B, C, h, w] -> [B, 3, h*f, w*f]``."""
     dec = first_stage.decoder
     h = dec.forward_low(first_stage.post_quant_conv(quant))
-    out_ch = dec.conv_out.out_channels
-    stat_side = None if tiling.stat_side is None else max(1, tiling.stat_side // factor)
-    return tiled_apply(
-        dec.forward_high,
-        h,
-        tiling.tile // factor,
-        tiling.overlap // factor,
-        factor,
-        out_ch,
-        dec,
-        tiling.stat_passes,
-        stat_side,
-        stat_min_size=2,
-    )
+    stats = (dec, tiling.stat_passes, None if tiling.stat_side is None else max(1, tiling.stat_side // factor))
+    tile, overlap = tiling.tile // factor, tiling.overlap // factor
+    return tiled_apply(dec.forward_high, h, tile, overlap, factor, dec.conv_out.out_channels, *stats, 2)
 
 
 def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
@@ -354,18 +314,14 @@ def tileable(first_stage: nn.Module) -> bool:
 def tiled_encode(
     first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int
 ) -> torch.Tensor | DiagonalGaussianDistribution:
-    """``first_stage.encode(x)`` tiled: the VQ pre-quantization latent, or the KL posterior."""
-    if isinstance(first_stage, AutoencoderKL):
-        return tiled_kl_encode(first_stage, x, tiling, factor)
-    if isinstance(first_stage, VQModelInterface):
-        return tiled_vq_encode(first_stage, x, tiling, factor)
-    raise TypeError(f"tiled encode needs a VQModelInterface or an AutoencoderKL, got {type(first_stage).__name__}")
+    """``first_stage.encode(x)`` tiled (a :func:`tileable` first stage): the VQ pre-quantization latent, or the KL
+    posterior."""
+    tiled = tiled_kl_encode if isinstance(first_stage, AutoencoderKL) else tiled_vq_encode
+    return tiled(first_stage, x, tiling, factor)
 
 
 def tiled_decode(first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``first_stage.decode(z)`` tiled (a VQ first stage snaps to its codebook, a KL one decodes ``z`` as is)."""
-    if isinstance(first_stage, AutoencoderKL):
-        return tiled_kl_decode(first_stage, z, tiling, factor)
-    if isinstance(first_stage, VQModelInterface):
-        return tiled_vq_decode(first_stage, z, tiling, factor)
-    raise TypeError(f"tiled decode needs a VQModelInterface or an AutoencoderKL, got {type(first_stage).__name__}")
+    """``first_stage.decode(z)`` tiled (a :func:`tileable` first stage: a VQ one snaps to its codebook, a KL one
+    decodes ``z`` as is)."""
+    tiled = tiled_kl_decode if isinstance(first_stage, AutoencoderKL) else tiled_vq_decode
+    return tiled(first_stage, z, tiling, factor)

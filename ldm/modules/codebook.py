@@ -32,13 +32,6 @@ def restart_dead_codes(
     Returns:
         ``[M]`` (long) the indices of the restarted codes (empty when none was dead or there are no candidates).
     """
-    if codebook.ndim != 2 or usage.shape != codebook.shape[:1] or candidates.ndim != 2:
-        raise ValueError(
-            f"restart_dead_codes needs codebook [K, D], usage [K] and candidates [N, D]; got {tuple(codebook.shape)}, "
-            f"{tuple(usage.shape)} and {tuple(candidates.shape)}"
-        )
-    if candidates.shape[1] != codebook.shape[1]:
-        raise ValueError(f"candidates have {candidates.shape[1]} dimensions, the codebook {codebook.shape[1]}")
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0 or candidates.shape[0] == 0:
         return dead[:0]

@@ -58,10 +58,7 @@ class LitEma(nn.Module):
         for key, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            s_name = self.m_name2s_name.get(key)
-            if s_name is None:
-                raise KeyError(f"EMA has no shadow for parameter {key!r}; was the model changed after EMA creation?")
-            buf = shadow[s_name]
+            buf = shadow[self.m_name2s_name[key]]
             if buf.dtype != param.dtype:
                 buf.data = buf.data.to(param.dtype)
             shadows.append(buf)
@@ -91,9 +88,6 @@ class LitEma(nn.Module):
 
     def restore(self, parameters: Iterable[torch.Tensor]) -> None:
         """Restore the parameters saved by :meth:`store` (exactly, bit for bit)."""
-        params = list(parameters)
-        if len(params) != len(self.collected_params):
-            raise RuntimeError("restore() called without a matching store()")
-        for c_param, param in zip(self.collected_params, params):
+        for c_param, param in zip(self.collected_params, parameters, strict=True):
             param.data.copy_(c_param.data)
         self.collected_params = []

@@ -87,8 +87,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | 
     Raises:
         PerceptualWeightsMissingError: a weights file is not on disk; the message names it and the way out.
     """
-    _check_net(net)
-    linear_path = lpips_linear_path(net)
+    linear_path = lpips_linear_path(net)  # checks ``net``
     if not linear_path.exists():
         raise _missing_weights_error(
             "the linear-layer weights of the lpips package", linear_path, "Reinstall the package: pip install lpips."

@@ -38,10 +38,7 @@ class AbsolutePositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, N, ...]`` -> position embeddings ``[1, N, dim]`` (on ``x``'s device)."""
-        n = x.shape[1]
-        if n > self.emb.num_embeddings:
-            raise ValueError(f"sequence of {n} tokens is longer than max_seq_len={self.emb.num_embeddings}")
-        return self.emb(torch.arange(n, device=x.device))[None]
+        return self.emb(torch.arange(x.shape[1], device=x.device))[None]
 
 
 class Residual(nn.Module):
@@ -167,18 +164,7 @@ class Encoder(AttentionLayers):
         ff_glu: bool = False,
         ff_dropout: float = 0.0,
     ):
-        super().__init__(
-            dim,
-            depth,
-            heads=heads,
-            causal=False,
-            pre_norm=pre_norm,
-            attn_dim_head=attn_dim_head,
-            attn_dropout=attn_dropout,
-            ff_mult=ff_mult,
-            ff_glu=ff_glu,
-            ff_dropout=ff_dropout,
-        )
+        super().__init__(dim, depth, heads, False, pre_norm, attn_dim_head, attn_dropout, ff_mult, ff_glu, ff_dropout)
 
 
 class TransformerWrapper(nn.Module):
@@ -200,8 +186,6 @@ class TransformerWrapper(nn.Module):
         use_pos_emb: bool = True,
     ):
         super().__init__()
-        if not isinstance(attn_layers, AttentionLayers):
-            raise TypeError(f"attn_layers must be an Encoder (AttentionLayers); got {type(attn_layers).__name__}")
         dim = attn_layers.dim
         emb_dim = dim if emb_dim is None else emb_dim
         self.max_seq_len = max_seq_len
@@ -217,12 +201,10 @@ class TransformerWrapper(nn.Module):
         self.to_logits = nn.Linear(dim, num_tokens)
 
     def forward(self, x: torch.Tensor, return_embeddings: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[B, N]`` token ids in ``[0, num_tokens)``; ``mask`` ``[B, N]`` bool (True = real token) or None.
-
-        Returns ``[B, N, dim]`` embeddings when ``return_embeddings`` else ``[B, N, num_tokens]`` logits.
+        """``x`` ``[B, N]`` long token ids in ``[0, num_tokens)`` (checked by the embedders); ``mask`` ``[B, N]`` bool
+        (True = real token) or None.  Returns ``[B, N, dim]`` embeddings when ``return_embeddings`` else
+        ``[B, N, num_tokens]`` logits.
         """
-        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be a [B, N] integer tensor; got {tuple(x.shape)} {x.dtype}")
         if x.shape[1] > self.max_seq_len:
             raise ValueError(f"{x.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
         h = self.token_emb(x)

@@ -89,14 +89,8 @@ class DDIMSampler:
         probability ``noise_dropout`` (kept ones scaled by ``1 / (1 - p)``), all drawn from ``generator``.
         """
         self._check_step_options(noise_dropout, quantize_denoised, score_corrector)
-        size = self.ddpm_num_timesteps if use_original_steps else len(self._require_grid())
-        if not isinstance(use_original_steps, (bool, np.bool_)):
-            raise TypeError(
-                f"use_original_steps must be True or False, got {type(use_original_steps).__name__}; the argument order "
-                "is latent-diffusion's: pass noise=, generator= by keyword"
-            )
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < size:
-            raise ValueError(f"index={index!r} must be an integer position in [0, {size - 1}]")
+        hint = "; the argument order is latent-diffusion's: pass noise=, generator= by keyword"
+        self._position("index", index, self._grid_size(use_original_steps, hint))
         den = self._guided(unconditional_guidance_scale, unconditional_conditioning)
         options = (repeat_noise, quantize_denoised, temperature, noise_dropout, score_corrector, corrector_kwargs)
         return self._step(x, c, t, int(index), bool(use_original_steps), den, options, generator)
@@ -244,8 +238,7 @@ class DDIMSampler:
         """Noise ``x0`` ``[B, C, h, w]`` with ``q_sample`` to the level of grid position ``t`` (an int, or an integer
         tensor ``[]``, ``[1]`` or ``[B]``: one position per sample), or of timestep ``t`` with ``use_original_steps``.
         ``noise`` overrides the draw from ``generator``."""
-        if not isinstance(use_original_steps, (bool, np.bool_)):
-            raise TypeError(f"use_original_steps must be True or False, got {type(use_original_steps).__name__}")
+        self._grid_size(use_original_steps)
         grid = np.arange(self.ddpm_num_timesteps) if use_original_steps else self._require_grid()
         hint = "a timestep of the full schedule" if use_original_steps else f"a position in the {len(grid)}-entry DDIM grid"
         if isinstance(t, torch.Tensor):
@@ -277,11 +270,7 @@ class DDIMSampler:
     ) -> torch.Tensor:
         """Denoise ``x_latent`` ``[B, C, h, w]`` from grid position ``t_start`` (inclusive; see the module docstring)
         down to the end; with ``use_original_steps`` the positions are timesteps ``t_start, t_start - 1, ..., 0``."""
-        if not isinstance(use_original_steps, (bool, np.bool_)):
-            raise TypeError(f"use_original_steps must be True or False, got {type(use_original_steps).__name__}")
-        size = self.ddpm_num_timesteps if use_original_steps else len(self._require_grid())
-        if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)) or not 0 <= t_start < size:
-            raise ValueError(f"t_start={t_start!r} must be an integer position in [0, {size - 1}]")
+        self._position("t_start", t_start, self._grid_size(use_original_steps))
         options = (False, False, 1.0, 0.0, None, None)
         indices = list(range(int(t_start) + 1))[::-1]
         out, _ = self._loop(x_latent, cond, indices, bool(use_original_steps), options, generator, None, None, 10**9,
@@ -289,6 +278,17 @@ class DDIMSampler:
         return out
 
     # ------------------------------------------------------------------------------------------------------ helpers
+    def _grid_size(self, use_original_steps: Any, hint: str = "") -> int:
+        """Positions a step index may take: every timestep with ``use_original_steps``, else the grid's entries."""
+        if not isinstance(use_original_steps, (bool, np.bool_)):
+            raise TypeError(f"use_original_steps must be True or False, got {type(use_original_steps).__name__}{hint}")
+        return self.ddpm_num_timesteps if use_original_steps else len(self._require_grid())
+
+    @staticmethod
+    def _position(name: str, value: Any, size: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < size:
+            raise ValueError(f"{name}={value!r} must be an integer position in [0, {size - 1}]")
+
     def _require_grid(self) -> np.ndarray:
         if self.ddim_timesteps is None:
             raise RuntimeError("call make_schedule(ddim_num_steps, ...) first")

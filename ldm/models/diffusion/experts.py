@@ -4,13 +4,9 @@ A late-steps expert is trained on a window ``[t_min, t_max)`` of timesteps; a pl
 covers ``[0, T)``.  The window's one source is the model itself (``model.window()``, from its config); the window
 arithmetic and the text of coverage errors live in :mod:`ldm.windows`.
 
-Rules enforced by :class:`ExpertRouter`:
-
-* every step is covered by exactly one window.  A gap (no window) or an overlap (two windows) is a ``ValueError`` that
-  lists the windows (also as sampling "steps a-b": step k is timestep ``t = T - k``) and the offending steps;
-  ``allow_outside_window=True`` runs the nearest expert on a gap (logged as a warning), overlaps stay errors;
-* all experts share one noise schedule (``alphas_cumprod``), one latent scale (``scale_factor``) and one first stage
-  (the same weights, compared tensor by tensor).
+Rules enforced by :class:`ExpertRouter`: every step is covered by exactly one window (a gap or an overlap is a
+``ValueError`` listing the windows and the offending steps; ``allow_outside_window=True`` runs the nearest expert on a
+gap, with a warning); all experts share one noise schedule, one latent scale and one first stage (same weights).
 """
 
 from __future__ import annotations
@@ -30,13 +26,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a refinement used from one checkpoint (written into output metadata).
-
-    Attributes:
-        path: printable path.  sha256: hex digest of the file.  window: ``(t_min, t_max)`` served.
-        target: the model class.  global_step: training step saved in the file, if any.
-        ema: whether EMA weights were used.  config_source: ``"checkpoint"`` or the YAML path it was built from.
-    """
+    """What a refinement used from one checkpoint (written into output metadata); ``config_source`` is
+    ``"checkpoint"`` or the YAML path the model was built from."""
 
     path: str
     sha256: str
@@ -88,10 +79,8 @@ def _first_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def check_compatible(experts: Sequence[Expert]) -> None:
-    """Raise ``ValueError`` unless all experts share the noise schedule, the latent scale and the first-stage weights.
-
-    The message names the experts that differ and what differs (the first mismatching first-stage tensors).
-    """
+    """Raise ``ValueError``, naming the experts and what differs, unless all share the noise schedule, the latent
+    scale and the first-stage weights."""
     ref = experts[0]
     ref_acp = ref.model.alphas_cumprod.detach().to("cpu", torch.float64)
     ref_scale = float(ref.model.scale_factor)
@@ -130,13 +119,8 @@ class ExpertRouter:
     """Sends each step to the expert whose window holds its timestep.
 
     Samplers ask :meth:`assign` once per refinement (validation and warnings happen there) and call each step's expert
-    directly; the router is also a denoiser itself (:meth:`__call__`), for callers that step one timestep tensor at a
-    time (latent-diffusion's ``DDIMSampler``).
-
-    Args:
-        experts: :class:`Expert` objects, or models (wrapped with :meth:`Expert.from_model`).
-        allow_outside_window: on a timestep no window covers, run the nearest expert and log a warning instead of
-            raising.  Overlapping windows are refused either way (which expert should run would be ambiguous).
+    directly; the router is also a denoiser itself (:meth:`__call__`), for latent-diffusion's ``DDIMSampler``.
+    ``experts``: :class:`Expert` objects or models.  ``allow_outside_window``: see :meth:`assign`.
 
     Raises:
         ValueError: empty list, or experts that differ in noise schedule, latent scale or first-stage weights.
@@ -157,11 +141,10 @@ class ExpertRouter:
         return "; ".join(e.describe(self.num_timesteps) for e in self.experts)
 
     def assign(self, timesteps: Sequence[int], what: str | None = None) -> list[int]:
-        """Index of the expert serving each timestep of ``timesteps`` (in order).
+        """Index of the expert serving each timestep of ``timesteps`` (in order); ``what`` names the run in messages.
 
-        ``what`` names the run in messages (default: "the DDIM grid (N steps, ...)").  Raises ``ValueError`` for
-        timesteps covered by several windows, and for timesteps no window covers unless ``allow_outside_window`` (then
-        the nearest expert serves them, with one warning per timestep).
+        Raises ``ValueError`` for timesteps covered by several windows, and for timesteps no window covers unless
+        ``allow_outside_window`` (then the nearest expert serves them, with one warning per timestep).
         """
         ts = [int(t) for t in timesteps]
         what = what or f"the DDIM grid ({len(ts)} steps, t={max(ts)} down to {min(ts)})"

@@ -119,11 +119,9 @@ class LatentDiffusion(DDPM):
         if cond_stage_config == UNCONDITIONAL_SENTINEL:
             conditioning_key = None
         load_only_unet = ddpm_kwargs.pop("load_only_unet", False)
-        # Stable Diffusion 2 (Stability-AI/stablediffusion, a latent-diffusion descendant) names caption dropout
-        # ucg_training, {key: {p, val}}, a DDPM argument; latent-diffusion itself has none.  The same name and format
-        # let SD2-style configs carry over.  It lives here, not on DDPM, because DDPM in this project is unconditional
-        # (apply_model refuses a cond); a config lists it under model.params either way.  Unlike SD2's unseeded
-        # numpy RandomState, draws come from torch's generator (see training_step): reproducible per step.
+        # Stable Diffusion 2's caption dropout (a DDPM argument there): the same name and format, so SD2-style configs
+        # carry over; here, not on DDPM, because DDPM is unconditional.  Draws come from torch's generator (seeded per
+        # step), not SD2's unseeded numpy RandomState.
         self.ucg_training = check_ucg_training(ucg_training)
         if self.ucg_training and conditioning_key is None:
             raise ValueError(
@@ -151,10 +149,7 @@ class LatentDiffusion(DDPM):
     # ---------------------------------------------------------------------------------------------------- sub-models
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
         """Build the first stage, frozen (no grad) and in eval mode for the whole run."""
-        model = instantiate_from_config(config)
-        self.first_stage_model = model.eval()
-        for param in self.first_stage_model.parameters():
-            param.requires_grad = False
+        self.first_stage_model = instantiate_from_config(config).eval().requires_grad_(False)
 
     def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
         """Build the conditioning encoder (or reuse the first stage / none, by sentinel)."""
@@ -166,11 +161,7 @@ class LatentDiffusion(DDPM):
             self.cond_stage_model = None
         else:
             model = instantiate_from_config(config)
-            if not self.cond_stage_trainable:
-                model = model.eval()
-                for param in model.parameters():
-                    param.requires_grad = False
-            self.cond_stage_model = model
+            self.cond_stage_model = model if self.cond_stage_trainable else model.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Switch train/eval mode; the first stage (and a frozen cond stage) always stay in eval mode."""
@@ -231,13 +222,9 @@ class LatentDiffusion(DDPM):
 
     # ------------------------------------------------------------------------------- cached latents (training at scale)
     def cached_first_stage_encoding(self, batch: Mapping[str, Any], bs: int | None = None) -> torch.Tensor | None:
-        """``scale_factor * z`` ``[B, C, h, w]`` (module dtype and device) from a batch of cached latents, or None for a
-        batch without them.
-
-        Cached batches (:class:`~ldm.data.cached_latents.CachedLatents`, :class:`~ldm.data.shard_stream.LatentShards`)
-        carry the unscaled latent ``[B, C, h, w]`` under ``"cached_latent"`` and the sha256 of the first stage that
-        made it under ``"first_stage_sha256"``; latents of another first stage raise
-        :class:`~ldm.data.latent_format.FirstStageMismatchError` (one line naming both hashes)."""
+        """``scale_factor * z`` ``[B, C, h, w]`` (module dtype and device) from a batch of cached latents (the unscaled
+        latent under ``"cached_latent"``, its first stage's sha256 under ``"first_stage_sha256"``), or None for a batch
+        without them; latents of another first stage raise :class:`~ldm.data.latent_format.FirstStageMismatchError`."""
         if CACHED_LATENT_KEY not in batch:
             return None
         check_first_stage(batch[FIRST_STAGE_SHA_KEY], self.first_stage_model)
@@ -340,12 +327,11 @@ class LatentDiffusion(DDPM):
         return self(x, c)
 
     def apply_ucg(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Mapping[str, Any]:
-        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict; the loader's batch is not changed).
+        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict), in training mode only.
 
-        Only in training mode; in eval mode, or without ``ucg_training``, ``batch`` itself is returned.  The draws
-        come from ``generator`` (a CPU generator), else from torch's global generator, which ``main.py`` reseeds from
-        ``(seed, rank, step)`` before every training step (:class:`ldm.train.callbacks.StepSeeding`) as it does for
-        the timestep and noise draws: a run and its resume drop the same captions."""
+        The draws come from ``generator`` (CPU), else from torch's global generator, which ``main.py`` reseeds from
+        ``(seed, rank, step)`` before every step (:class:`ldm.train.callbacks.StepSeeding`): a run and its resume drop
+        the same captions."""
         if not self.training or not self.ucg_training:
             return batch
         out = dict(batch)

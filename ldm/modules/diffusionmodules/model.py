@@ -10,10 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def nonlinearity(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
-
-
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N802 (CompVis name)
     """The first stage's GroupNorm: 32 groups, eps 1e-6, affine."""
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
@@ -78,10 +74,10 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(F.silu(self.norm1(x)))
         if temb is not None:
-            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
@@ -208,7 +204,7 @@ class Encoder(nn.Module):
     def forward_low(self, h: torch.Tensor) -> torch.Tensor:
         """The mid block (global attention) and output conv at the latent resolution."""
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_low(self.forward_high(x))
@@ -278,5 +274,5 @@ class Decoder(nn.Module):
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h

@@ -183,11 +183,6 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     return pools[dims](*args, **kwargs)
 
 
-def linear(*args, **kwargs) -> nn.Linear:
-    """``nn.Linear`` (kept as a function for parity with openaimodel)."""
-    return nn.Linear(*args, **kwargs)
-
-
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero all parameters of ``module`` in place and return it."""
     for p in module.parameters():

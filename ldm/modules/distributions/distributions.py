@@ -1,12 +1,5 @@
-"""The posterior of a KL-regularised first stage (latent-diffusion's ``DiagonalGaussianDistribution``).
-
-``AutoencoderKL.encode`` returns one: the encoder's moments ``[B, 2 * C, h, w]`` split along channels into a mean and
-a log-variance ``[B, C, h, w]`` each.  The log-variance is clamped to ``[-30, 20]`` as in CompVis, which keeps
-``exp(logvar)`` finite in float32 (and ``exp(0.5 * logvar)`` away from an exact 0) for any encoder output.
-
-Class and method names are CompVis' (``sample``, ``kl``, ``nll``, ``mode``); ``sample`` additionally takes a
-``torch.Generator`` (keyword, last), so training draws stay reproducible and refinement can draw a seeded latent.
-"""
+"""The posterior of a KL-regularised first stage (latent-diffusion's ``DiagonalGaussianDistribution``, CompVis'
+method names; ``sample`` also takes a ``torch.Generator``, so training and refinement draws are reproducible)."""
 
 from __future__ import annotations
 
@@ -21,20 +14,12 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis' clamp of the encoder's log-vari
 
 
 class DiagonalGaussianDistribution:
-    """A diagonal Gaussian over latents ``[B, C, h, w]`` from ``parameters`` ``[B, 2 * C, h, w]`` (mean, logvar).
-
-    Args:
-        parameters: the encoder's moments; the first ``C`` channels are the mean, the last ``C`` the log-variance
-            (clamped to ``[-30, 20]``).
-        deterministic: a point mass at the mean (variance 0): ``sample`` returns the mean, ``kl`` and ``nll`` 0.
+    """A diagonal Gaussian over latents ``[B, C, h, w]`` from the encoder's moments ``parameters`` ``[B, 2 * C, h, w]``
+    (mean, then log-variance, clamped to ``[-30, 20]`` as in CompVis: ``exp(logvar)`` stays finite and ``exp(0.5 *
+    logvar)`` above 0 in float32).  ``deterministic``: a point mass at the mean (``sample`` = mean, ``kl``/``nll`` 0).
     """
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
-        if parameters.ndim < 2 or parameters.shape[1] % 2:
-            raise ValueError(
-                f"DiagonalGaussianDistribution needs parameters [B, 2 * C, ...] (mean and log-variance stacked along "
-                f"dim 1); got shape {list(parameters.shape)}"
-            )
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         self.logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)

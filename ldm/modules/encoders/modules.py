@@ -33,10 +33,15 @@ class ClassEmbedder(nn.Module):
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
     def forward(self, batch: Mapping[str, Any], key: str | None = None) -> torch.Tensor:
-        labels = torch.as_tensor(batch[key or self.key], device=self.embedding.weight.device).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise ValueError(f"class labels must be in [0, {self.n_classes}); got {labels.min()}..{labels.max()}")
-        return self.embedding(labels)[:, None]
+        return self.embedding(_labels(batch[key or self.key], self.n_classes, self.embedding.weight.device))[:, None]
+
+
+def _labels(values: Any, n_classes: int, device: torch.device) -> torch.Tensor:
+    """Class labels from a batch (data: checked) as a long tensor ``[B]`` on ``device``."""
+    labels = torch.as_tensor(values, device=device).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"class labels must be in [0, {n_classes}); got {labels.min()}..{labels.max()}")
+    return labels
 
 
 class ClassLabels(nn.Module):
@@ -50,17 +55,11 @@ class ClassLabels(nn.Module):
         self.register_buffer("device_anchor", torch.empty(0), persistent=False)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        labels = torch.as_tensor(batch[self.key], device=self.device_anchor.device).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise ValueError(f"class labels must be in [0, {self.n_classes}); got {labels.min()}..{labels.max()}")
-        return labels
+        return _labels(batch[self.key], self.n_classes, self.device_anchor.device)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Text encoders: latent-diffusion's BERTTokenizer / BERTEmbedder / TransformerEmbedder and Stable Diffusion v1's
-# FrozenCLIPEmbedder. CompVis names, signatures and state-dict keys; tokenizers and CLIP weights come from local files
-# only (CompVis downloads them from the Hugging Face hub at construction: here nothing is ever downloaded).
-# ---------------------------------------------------------------------------------------------------------------------
+# Text encoders: CompVis names, signatures and state-dict keys; tokenizers and CLIP weights come from local files only
+# (CompVis downloads them from the Hugging Face hub at construction: here nothing is ever downloaded).
 
 TEXT_EXTRA_HINT = "pip install -e .[text]"
 _DROPPED_TEXT_CHARS = 80  # how much of the truncated tail a warning quotes
@@ -89,29 +88,14 @@ def _ignored_device(owner: str, device: Any) -> None:
         )
 
 
-def _prompts(text: Any, owner: str) -> list[str]:
-    """A prompt batch as a list of ``B`` strings (one ``str`` is a batch of one); anything else is a clear error."""
-    if isinstance(text, str):
-        return [text]
-    if not isinstance(text, (list, tuple)):
-        raise TypeError(f"{owner} expects a list of B prompt strings; got {type(text).__name__}")
-    if not text:
-        raise ValueError(f"{owner} got an empty list of prompts; pass at least one string ('' for no prompt)")
-    for i, t in enumerate(text):
-        if not isinstance(t, str):
-            raise TypeError(
-                f"{owner}: prompt {i} is a {type(t).__name__}, not a str; pass every prompt as text ('' for an empty prompt)"
-            )
-    return list(text)
-
-
-def _tokenize(tokenizer: Any, text: Any, max_length: int, owner: str) -> torch.Tensor:
-    """Prompts -> token ids ``[B, max_length]`` (long, CPU), padded to ``max_length``, with start/end tokens.
+def _tokenize(tokenizer: Any, text: str | list[str], max_length: int, owner: str) -> torch.Tensor:
+    """Prompts (one ``str`` is a batch of one; a list of str was checked where it entered: the training batch, the
+    refine request) -> token ids ``[B, max_length]`` (long, CPU), padded to ``max_length``, with start/end tokens.
 
     Prompts longer than ``max_length`` tokens (counting the start and end tokens) are truncated, as CompVis does, with
     one logged warning per call that says how many tokens each truncated prompt lost.
     """
-    texts = _prompts(text, owner)
+    texts = [text] if isinstance(text, str) else list(text)
     # verbose=False: transformers would otherwise add its own "longer than the maximum" warning for this untruncated pass
     full = tokenizer(texts, truncation=False, padding=False, add_special_tokens=True, verbose=False)["input_ids"]
     over = [(i, len(ids) - max_length) for i, ids in enumerate(full) if len(ids) > max_length]
@@ -442,16 +426,13 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     """Prompts ``[B]`` -> CLIP text features ``[B, max_length, D]`` (Stable Diffusion v1's condition encoder).
 
     ``version`` is a **local folder** (see ``_clip_folders``; the CompVis default hub id is not downloaded). Weights come
-    from the folder when it has them (``model.safetensors``/``pytorch_model.bin``, of ``CLIPTextModel`` or a whole
-    ``CLIPModel``), loaded in float32; a folder with only ``config.json`` and the tokenizer builds the architecture
-    with random weights, to be filled by the LDM checkpoint (SD v1 ``.ckpt`` files hold
-    ``cond_stage_model.transformer.text_model.*``), e.g. on the meta device for a dry run.
+    from the folder when it has them, in float32; a folder with only ``config.json`` and the tokenizer builds the
+    architecture with random weights, to be filled by the LDM checkpoint (``cond_stage_model.transformer.text_model.*``).
 
     ``layer``: ``"last"`` (SD v1: the final-LayerNorm output ``[B, 77, D]``), ``"pooled"`` (the end-token feature
     ``[B, 1, D]``) or ``"hidden"`` (hidden state ``layer_idx`` before the final LayerNorm, as in SD 2's class).
-    ``device`` is accepted for signature compatibility and ignored: tokens go to the transformer's device.
-    Loading a state dict tolerates ``transformer.text_model.embeddings.position_ids`` (a persistent buffer in SD v1
-    checkpoints, non-persistent in transformers 5: it is dropped on load and recomputed as ``arange(77)``).
+    ``device`` is ignored: tokens go to the transformer's device.  Loading a state dict drops SD v1's stored
+    ``transformer.text_model.embeddings.position_ids`` (non-persistent in transformers 5; recomputed as ``arange``).
     """
 
     LAYERS = ("last", "pooled", "hidden")
@@ -526,8 +507,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def freeze(self) -> None:
         """No gradients and eval mode (kept in eval by ``train()``), as SD's ``freeze``."""
         self.transformer = self.transformer.eval()
-        for param in self.parameters():
-            param.requires_grad = False
+        self.requires_grad_(False)
         self.frozen = True
 
     def train(self, mode: bool = True) -> FrozenCLIPEmbedder:

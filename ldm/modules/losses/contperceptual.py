@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.losses.vqperceptual import GAN_LOSSES, PatchGANLoss
+from ldm.modules.losses.vqperceptual import PatchGANLoss, check_gan_options
 from ldm.modules.lpips import build_lpips
 
 logger = logging.getLogger(__name__)
@@ -72,14 +72,9 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         perceptual_pretrained: bool = True,
         perceptual_backbone_path: str | None = None,
     ):
-        if disc_loss not in GAN_LOSSES:
-            raise ValueError(f"disc_loss={disc_loss!r}; choose one of {GAN_LOSSES}")
-        if disc_conditional:
-            raise ValueError("disc_conditional=True (class-conditional discriminator) is not supported; set it to false")
-        if perceptual_weight < 0 or disc_start < 0 or kl_weight < 0:
-            raise ValueError(
-                f"perceptual_weight ({perceptual_weight}), kl_weight ({kl_weight}) and disc_start ({disc_start}) must be >= 0"
-            )
+        check_gan_options(
+            disc_loss, disc_conditional, perceptual_weight=perceptual_weight, kl_weight=kl_weight, disc_start=disc_start
+        )
         lpips = (
             _compvis_lpips(build_lpips(perceptual_net, perceptual_pretrained, perceptual_backbone_path))
             if perceptual_weight > 0
@@ -117,17 +112,13 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         weights: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for ``inputs`` / ``reconstructions`` ``[B, 3, H, W]`` in [-1, 1] and the encoder's ``posteriors``;
-        returns ``(scalar, log dict)``.  ``cond`` must be None (no conditional discriminator); ``weights``
+        returns ``(scalar, log dict)``.  ``cond`` is unused (no conditional discriminator); ``weights``
         (broadcastable to ``[B, 3, H, W]``) weight the per-pixel nll.  Before ``disc_start`` the discriminator loss
         (``optimizer_idx=1``) is a constant 0 that must not be backpropagated.
         """
-        if cond is not None:
-            raise ValueError("cond given, but this loss has no conditional discriminator (disc_conditional is false)")
         if optimizer_idx == 0:
             return self._generator_loss(inputs, reconstructions, posteriors, global_step, last_layer, split, weights)
-        if optimizer_idx == 1:
-            return self._discriminator_loss(inputs, reconstructions, global_step, split)
-        raise ValueError(f"optimizer_idx={optimizer_idx!r}; 0 (autoencoder) or 1 (discriminator)")
+        return self._discriminator_loss(inputs, reconstructions, global_step, split)
 
     def _generator_loss(
         self,

@@ -63,11 +63,21 @@ def codebook_usage(indices: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, t
     ``n_embed`` = uniform use) and the fraction of the codebook that occurs at least once.
     """
     counts = torch.bincount(indices.reshape(-1).long(), minlength=n_embed).float()
-    if counts.numel() > n_embed:
-        raise ValueError(f"code index {int(indices.max())} is outside the codebook of {n_embed} entries")
     probs = counts / counts.sum().clamp_min(1.0)
     entropy = -torch.xlogy(probs, probs).sum()
     return entropy.exp(), (counts > 0).float().mean()
+
+
+def check_gan_options(disc_loss: str, disc_conditional: bool, **non_negative: float) -> None:
+    """The constructor checks both objectives share: a known ``disc_loss``, no conditional discriminator, and
+    ``non_negative`` weights (and ``disc_start``) ``>= 0``."""
+    if disc_loss not in GAN_LOSSES:
+        raise ValueError(f"disc_loss={disc_loss!r}; choose one of {GAN_LOSSES}")
+    if disc_conditional:
+        raise ValueError("disc_conditional=True (class-conditional discriminator) is not supported; set it to false")
+    if any(value < 0 for value in non_negative.values()):
+        given = [f"{name} ({value})" for name, value in non_negative.items()]
+        raise ValueError(f"{', '.join(given[:-1])} and {given[-1]} must be >= 0")
 
 
 class PatchGANLoss(nn.Module):
@@ -194,14 +204,9 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         perceptual_pretrained: bool = True,
         perceptual_backbone_path: str | None = None,
     ):
-        if disc_loss not in GAN_LOSSES:
-            raise ValueError(f"disc_loss={disc_loss!r}; choose one of {GAN_LOSSES}")
         if pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss={pixel_loss!r}; choose one of {PIXEL_LOSSES}")
-        if disc_conditional:
-            raise ValueError("disc_conditional=True (class-conditional discriminator) is not supported; set it to false")
-        if perceptual_weight < 0 or disc_start < 0:
-            raise ValueError(f"perceptual_weight ({perceptual_weight}) and disc_start ({disc_start}) must be >= 0")
+        check_gan_options(disc_loss, disc_conditional, perceptual_weight=perceptual_weight, disc_start=disc_start)
         lpips = build_lpips(perceptual_net, perceptual_pretrained, perceptual_backbone_path) if perceptual_weight > 0 else None
         super().__init__(
             lpips, disc_start, disc_num_layers, disc_in_channels, disc_factor, disc_weight, use_actnorm, disc_ndf, disc_loss
@@ -241,13 +246,9 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         backpropagated."""
         if optimizer_idx == 0:
             loss, log = self._generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, split)
-        elif optimizer_idx == 1:
-            loss, log = self._discriminator_loss(inputs, reconstructions, global_step, split)
         else:
-            raise ValueError(f"optimizer_idx={optimizer_idx!r}; 0 (autoencoder) or 1 (discriminator)")
+            loss, log = self._discriminator_loss(inputs, reconstructions, global_step, split)
         if predicted_indices is not None:
-            if self.n_classes is None:
-                raise ValueError("predicted_indices given but n_classes (the codebook size) is not set")
             perplexity, usage = codebook_usage(predicted_indices, self.n_classes)
             log[f"{split}/perplexity"] = perplexity
             log[f"{split}/codebook_usage"] = usage

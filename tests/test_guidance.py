@@ -123,25 +123,9 @@ def test_conditioning_forms_and_broadcast(model):
 
 def test_refusals_say_what_is_allowed(model):
     x, t, cond, uncond = inputs()
-    inner = ModelDenoiser(model)
-    with pytest.raises(ValueError, match="needs unconditional conditioning"):
-        GuidedDenoiser(inner, cond, None, 2.0)
-    for bad in (-0.5, float("nan"), float("inf"), True, "7"):
-        with pytest.raises(ValueError, match="finite number >= 0"):
-            GuidedDenoiser(inner, cond, uncond, bad)
-    with pytest.raises(ValueError, match="differ in nesting or per-sample shape"):
-        GuidedDenoiser(inner, cond, uncond[:, :3], 2.0)
-    with pytest.raises(ValueError, match="differ in nesting"):
-        GuidedDenoiser(inner, {"c_crossattn": [cond]}, uncond, 2.0)
-    with pytest.raises(ValueError, match="different batch sizes"):
-        GuidedDenoiser(inner, cond, torch.cat([uncond, uncond[:1]]), 2.0)
-    with pytest.raises(ValueError, match="conditioning must be a tensor"):
-        GuidedDenoiser(inner, "a prompt", None, 1.0)
-    guided = GuidedDenoiser(inner, cond, uncond, 2.0)
+    guided = GuidedDenoiser(ModelDenoiser(model), cond, uncond, 2.0)
     with pytest.raises(ValueError, match="run the plan with cond=None"):
         guided(x, t, cond)
-    with pytest.raises(ValueError, match="batch 2 but the latent has 3"):
-        guided(torch.cat([x, x[:1]]), torch.cat([t, t[:1]]))
 
 
 # -------------------------------------------------------------------------------------------- composition
@@ -231,8 +215,6 @@ def test_guided_plan_per_expert_list_and_unguided_expert(model64):
 
     plan = build_plan(schedule, 400, [unconditional, unconditional], "cpu", tail_steps=3,
                       assign=lambda ts, what: [0, 1, 1][: len(ts)], expert_names=("a", "b"))  # fmt: skip
-    with pytest.raises(ValueError, match="guidance for 3 expert"):
-        guided_plan(plan, [None, None, None])
     x = torch.randn(1, 3, 8, 8)
     same = guided_plan(plan, [None, None])
     assert same.denoisers == plan.denoisers

@@ -30,9 +30,9 @@ from ldm.imageio import (
     tensor_to_image,
 )
 from ldm.imageio.prompt import Prompt, prompt_metadata
-from ldm.refine.conditioning import check_chain, text_experts, unguided_experts
+from ldm.refine.conditioning import text_experts, unguided_experts
 from ldm.refine.refiner import Refiner
-from ldm.refine.region_files import RegionOptions, describe_mask, load_mask, mask_overlay, region_metadata
+from ldm.refine.region_files import RegionOptions, load_mask, mask_overlay, region_metadata
 from ldm.refine.regions import region_crops
 from ldm.refine.request import RefineRequest
 from ldm.refine.speed import describe_tiling
@@ -182,37 +182,32 @@ def refine_files(
     share: Sequence[int] | None = None,
     prompts: Sequence[Prompt | str | None] | None = None,
 ) -> BatchReport:
-    """Refine every file in ``paths`` into ``outdir``.
+    """Refine every file in ``paths`` (e.g. from :func:`collect_inputs`) into ``outdir`` (created if missing).
 
     Outputs are ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; two inputs sharing a
     stem get ``<stem>-<8 hex of their path>``), each written atomically, so ``skip_existing`` after a killed run never
     takes a partial file for a finished one; the temps a killed run left of these outputs are removed first, never a
     file the batch reads.  An input that cannot be loaded, whose region or prompt is bad, whose output would be an input
     or a folder, or whose batch the networks fail on (e.g. out of memory) costs that input only (one line through
-    ``on_error``); an output-folder error stops the batch (:attr:`BatchReport.fatal`).
+    ``on_error``, default: logged); an output-folder error stops the batch (:attr:`BatchReport.fatal`).  The request,
+    ``batch_size`` and the prompts come checked from where they are made (``scripts/refine.py``).
 
     Args:
-        paths: image files (e.g. from :func:`collect_inputs`).  outdir: created if missing.
         request: what runs (None: the defaults, whole images); its plan is built before any file is read.
         batch_size: samples refined together (same-size images, one guidance scale); results do not depend on it
             when the refiner is batch-invariant.
-        skip_existing: leave outputs that already exist (and count them as done).
         grid: also write ``<name>_grid.png``: input | refined, or input | mask overlay | refined with regions.
         parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
         progress: tqdm bars over images and sampling steps (rank 0 only).
-        on_error: called with one line per failed input (default: logged as an error).
         share: refine only the inputs at these indices of ``paths`` (this process's part,
             :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
         prompts: for text-conditioned experts, one entry per input: a :class:`Prompt`, or a one-line reason why that
             input has none, or None (it fails); None: no input has a prompt.
 
     Raises:
-        ValueError: before any file is written, for arguments outside what is allowed, steps no expert covers, a batch
-            in which no input has the prompt its experts need, or an output that would overwrite a mask
+        ValueError: before any file is written, for steps no expert covers or an output that would overwrite a mask
             (:func:`mask_clash`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     request = request if request is not None else RefineRequest()
     regions, seed, n_samples = request.regions, request.seed, request.n_samples
     plan = refiner.plan_for(request)
@@ -221,14 +216,7 @@ def refine_files(
     problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)
     if problem is not None:  # before any file is written or removed: a mask is never overwritten
         raise ValueError(problem)
-    needs_prompt = bool(text_experts(refiner.experts, plan))
-    if prompts is not None and len(prompts) != len(paths):
-        raise ValueError(f"got {len(prompts)} prompts for {len(paths)} inputs; pass one entry per input (or None)")
-    prompted = prompts is not None and any(isinstance(p, Prompt) for p in prompts)
-    if needs_prompt and prompts is not None and not prompted:
-        reason = next((p for p in prompts if isinstance(p, str)), None)
-        raise ValueError("no input has a prompt for the text-conditioned expert(s)" + (f" (first: {reason})" if reason else ""))
-    check_chain(refiner.experts, plan, prompted, refiner.allow_unconditional_experts)
+    needs_prompt = prompts is not None and bool(text_experts(refiner.experts, plan))
     report = BatchReport()
     report_error = on_error if on_error is not None else logger.error
     input_reals = {os.path.realpath(p) for p in paths}
@@ -378,7 +366,7 @@ def _regions_of(
         raise
     except ValueError as exc:  # e.g. a mask size that differs from the image's, seen in its header before decoding
         raise ValueError(where + str(exc)) from exc
-    meta = {**regions.as_metadata(), "mask": describe_mask(mask_path), "mask_sha256": digest}
+    meta = {**regions.as_metadata(), "mask": "" if mask_path is None else format_path(mask_path), "mask_sha256": digest}
     meta.update(region_metadata(starts, crops))
     return starts, meta
 

@@ -27,11 +27,6 @@ logger = logging.getLogger(__name__)
 #: "", scale :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`), one per sample, or None (no prompt)
 PromptArg = Prompt | str | Sequence[Prompt | str] | None
 
-SOURCES_HINT = (
-    "pass --prompt, a --prompt-file with a line for its stem, or an image that records its prompt "
-    "(A1111 'parameters' or this project's metadata)"
-)
-
 
 def conditioning_key(model: Any) -> str | None:
     """The model's conditioning key (``crossattn``, ``concat``, ``adm``, ...), None for an unconditional model."""
@@ -146,19 +141,14 @@ class PromptConditioning:
     scale: float
     per_expert: tuple[tuple[torch.Tensor, torch.Tensor | None] | None, ...]
 
-    def guidance(self, index: int | None = None) -> list[Guidance | None]:
-        """One :class:`Guidance` per expert (None: unguided); ``index``: only sample ``index``'s rows (batch 1)."""
-        out: list[Guidance | None] = []
-        for entry in self.per_expert:
-            if entry is not None and index is not None:
-                cond, uncond = entry
-                entry = (cond[index : index + 1], None if uncond is None else uncond[index : index + 1])
-            out.append(None if entry is None else Guidance(entry[0], entry[1], self.scale))
-        return out
-
     def apply(self, plan: RefinePlan, index: int | None = None) -> RefinePlan:
-        """``plan`` with each text-conditioned expert's steps guided (sample ``index`` only, when given)."""
-        return guided_plan(plan, self.guidance(index))
+        """``plan`` with each text-conditioned expert's steps guided (sample ``index``'s rows only, when given)."""
+        rows = slice(None) if index is None else slice(index, index + 1)
+        guidance = [
+            None if entry is None else Guidance(entry[0][rows], None if entry[1] is None else entry[1][rows], self.scale)
+            for entry in self.per_expert
+        ]
+        return guided_plan(plan, guidance)
 
 
 def encode_prompts(
@@ -171,9 +161,8 @@ def encode_prompts(
     """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs.
 
     Each distinct text (and negative text when the scale is not 1) is encoded once per condition encoder module; with
-    ``batch_invariant`` one text per call (CPU kernels block by batch size).  Runs under ``torch.inference_mode()`` and
-    ``autocast()``.  Raises ValueError when an encoder returns something other than one tensor ``[n, ...]`` per ``n``
-    texts (its conditioning could not be guided here).
+    ``batch_invariant`` one text per call (CPU kernels block by batch size).  Raises ValueError when an encoder returns
+    something other than one tensor ``[n, ...]`` per ``n`` texts (its conditioning could not be guided here).
     """
     scale = prompts[0].guidance_scale
     negatives = [p.negative_prompt for p in prompts] if scale != 1.0 else []
@@ -197,12 +186,10 @@ def encode_prompts(
 
 
 def share_condition_encoders(experts: Sequence[Expert]) -> int:
-    """Let experts whose text encoders are identical hold one module (the first one's); returns how many were merged.
-
-    Identical: the same class, ``cond_stage_forward``, settings (public attributes of plain types, e.g. ``max_length``),
-    tokenizer vocabulary and merges, and equal weights, tensor by tensor; a chain of SD experts then keeps one CLIP
-    text encoder and encodes each prompt once.  Only for models this process built (the models are changed in place).
-    """
+    """Let experts whose text encoders are identical (class, ``cond_stage_forward``, plain public attributes such as
+    ``max_length``, tokenizer vocabulary and merges, weights tensor by tensor) hold one module, the first one's, so a
+    chain of SD experts encodes each prompt once; returns how many were merged.  Only for models this process built
+    (changed in place)."""
     kept: list[Any] = []
     merged = 0
     for expert in experts:
@@ -257,7 +244,6 @@ def unguided_experts(experts: Sequence[Expert], plan: RefinePlan) -> list[str]:
     return [experts[i].name for i in used_experts(plan) if i not in text]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # prompts for files (the CLI)
 
 
@@ -306,5 +292,6 @@ def _no_prompt(path: Path, prompt_file: PromptFile | None) -> str:
     where = f"no entry for stem {stem!r} in --prompt-file {prompt_file.path}, " if prompt_file is not None else ""
     return (
         f"{format_path(path)}: no prompt for the text-conditioned expert(s): {where}no prompt recorded in the "
-        f"image; {SOURCES_HINT}"
+        "image; pass --prompt, a --prompt-file with a line for its stem, or an image that records its prompt "
+        "(A1111 'parameters' or this project's metadata)"
     )

@@ -10,18 +10,16 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from ldm.models.autoencoder_kl import AutoencoderKL
-from ldm.models.tiling import TilingConfig, tiled_kl_decode, tiled_kl_encode, tiled_vq_decode, tiled_vq_encode
+from ldm.models.tiling import TilingConfig, tiled_decode, tiled_encode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 POSTERIOR_CHOICES = ("mean", "sample")
 
 
 class FirstStage:
-    """Encode/decode for refinement.
+    """Encode/decode for refinement with ``model``'s first stage and ``scale_factor``.
 
     Args:
-        model: the LatentDiffusion whose first stage and ``scale_factor`` are used.
         tiling: tile images larger than ``tiling.min_side`` (a VQ or KL first stage), or None.
         batch_invariant: pass one sample at a time (a result then does not depend on its batch).
         autocast: a factory of the networks' precision context (``nullcontext`` for fp32).
@@ -63,8 +61,6 @@ class FirstStage:
         then does not depend on the batch); None: the class's ``generator``."""
         if generators is None or self.posterior != "sample":
             return self._per_chunk(x, self._encode_one)
-        if len(generators) != x.shape[0]:
-            raise ValueError(f"got {len(generators)} generators for {x.shape[0]} images; pass one per image")
         with torch.no_grad(), self.autocast():
             return torch.cat([self._encode_one(x[i : i + 1], generators[i]).float() for i in range(x.shape[0])])
 
@@ -75,9 +71,7 @@ class FirstStage:
 
     def _encode_one(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.tiling is not None and self.tiling.applies_to(*x.shape[-2:]):
-            first_stage = self.model.first_stage_model
-            tiled = tiled_kl_encode if isinstance(first_stage, AutoencoderKL) else tiled_vq_encode
-            encoded = tiled(first_stage, x, self.tiling, self.factor)
+            encoded = tiled_encode(self.model.first_stage_model, x, self.tiling, self.factor)
         else:
             encoded = self.model.encode_first_stage(x)
         if isinstance(encoded, DiagonalGaussianDistribution):  # a KL posterior: its mean or a sample (VQ: a tensor)
@@ -88,9 +82,7 @@ class FirstStage:
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         f = self.factor
         if self.tiling is not None and self.tiling.applies_to(z.shape[-2] * f, z.shape[-1] * f):
-            first_stage = self.model.first_stage_model
-            tiled = tiled_kl_decode if isinstance(first_stage, AutoencoderKL) else tiled_vq_decode
-            return tiled(first_stage, z / self.model.scale_factor, self.tiling, f)
+            return tiled_decode(self.model.first_stage_model, z / self.model.scale_factor, self.tiling, f)
         return self.model.decode_first_stage(z)
 
     def _per_chunk(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

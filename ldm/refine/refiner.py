@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,14 @@ from PIL import Image
 from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple, tensor_to_image
 from ldm.models.diffusion.experts import Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
-from ldm.refine.conditioning import PromptArg, check_chain, encode_prompts, prompts_for_batch, share_condition_encoders
+from ldm.refine.conditioning import (
+    PromptArg,
+    PromptConditioning,
+    check_chain,
+    encode_prompts,
+    prompts_for_batch,
+    share_condition_encoders,
+)
 from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage
 from ldm.refine.loading import (
     CheckpointInfo,
@@ -36,7 +45,6 @@ from ldm.refine.region_files import RegionOptions
 from ldm.refine.regions import (
     DEFAULT_MASK_BLUR,
     DEFAULT_REGION_PADDING,
-    MAX_FEATHER,
     MAX_REGION_SIZE,
     MAX_REGIONS,
     Box,
@@ -51,13 +59,66 @@ from ldm.refine.regions import (
     resize_start_map,
 )
 from ldm.refine.request import MAX_SEED, RefineRequest, start_timestep
-from ldm.refine.run import PhaseClock, Run, unique_rows
 from ldm.refine.shipped import expand_names
-from ldm.refine.speed import compile_unets, describe_tiling, resolve_tiling, to_channels_last
+from ldm.refine.speed import describe_tiling, resolve_tiling
 from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
 from ldm.sampling.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 
 logger = logging.getLogger(__name__)
+
+
+def unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Indices of the distinct rows of ``x`` ``[B, ...]`` (first occurrences) and, per row, its index among them (so
+    several samples of one image are encoded once)."""
+    unique: list[int] = []
+    inverse: list[int] = []
+    for i in range(x.shape[0]):
+        match = next((k for k, u in enumerate(unique) if torch.equal(x[i], x[u])), None)
+        if match is None:
+            match = len(unique)
+            unique.append(i)
+        inverse.append(match)
+    return unique, inverse
+
+
+class PhaseClock:
+    """Writes the wall time of consecutive phases into ``timings`` (nothing, and no device sync, when it is None)."""
+
+    def __init__(self, device: torch.device, timings: MutableMapping[str, float] | None):
+        self.device = device
+        self.timings = timings
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now
+
+
+@dataclass
+class Run:
+    """One refinement call's plan, generators (one per sample), progress reporting and encoded prompts (None without
+    one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
+
+    plan: RefinePlan
+    generators: list[torch.Generator]
+    progress: bool
+    callback: Callable[[int], None] | None
+    clock: PhaseClock
+    conditioning: PromptConditioning | None = None
+    index: int | None = None  # the one sample of a crop-mode run (its rows of the conditioning)
+
+    def __post_init__(self) -> None:
+        self.steps = self.plan if self.conditioning is None else self.conditioning.apply(self.plan, self.index)
+
+    def sample(self, index: int) -> Run:
+        """This run for sample ``index`` alone (crop mode refines one image at a time)."""
+        return Run(self.plan, [self.generators[index]], self.progress, self.callback, self.clock, self.conditioning,
+                    index)  # fmt: skip
 
 
 class Refiner:
@@ -70,16 +131,15 @@ class Refiner:
     Args:
         experts: models or :class:`Expert` objects (window from ``model.window()``, ``[0, T)`` for a plain LDM).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (``"cuda:N"``) or a ``torch.device``.
-        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"``: autocast for the networks; the trajectory stays float32; fp16
-            needs CUDA.
+        precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (CUDA only): autocast for the networks; the trajectory stays
+            float32.
         allow_outside_window: run the nearest expert on steps no window covers (warning) instead of refusing.
         checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
         batch_invariant: run the networks one sample at a time: CPU kernels block by batch size, which changes the
             last bits, so only then is an output bit-identical batched or not.  None: True on CPU, False on CUDA.
-        tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`), None (never tile) or a
-            :class:`~ldm.models.tiling.TilingConfig`.
-        channels_last: store the networks' weights NHWC (same results up to rounding).
-        compile: ``torch.compile`` the UNets (compiled on the first call per image size).
+        tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`), None or a :class:`~ldm.models.tiling.TilingConfig`.
+        channels_last, compile: store the networks' weights NHWC (same results up to rounding); ``torch.compile`` the
+            UNets (on the first call per image size).
         allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
             experts' steps without the prompt instead of refusing (see :mod:`ldm.refine.conditioning`).
         first_stage_posterior: a KL first stage encodes with its posterior's ``"mean"`` (deterministic) or a
@@ -106,17 +166,17 @@ class Refiner:
         self._autocast_dtype = autocast_dtype(precision, self.device)
         self.router = ExpertRouter(experts, allow_outside_window=allow_outside_window)
         self.allow_unconditional_experts = bool(allow_unconditional_experts)
+        self.channels_last = bool(channels_last)
+        self.compiled = bool(compile)
         for expert in self.router.experts:
             expert.model.to(self.device).eval()
+            if self.channels_last:  # NHWC weights give NHWC activations (inputs need no conversion)
+                expert.model.to(memory_format=torch.channels_last)
+            if self.compiled:  # in place, state-dict keys unchanged; compiled on the first call per input shape
+                expert.model.model.diffusion_model.compile()
         self.tiling = resolve_tiling(tiling, self.model)
         self.first_stage = FirstStage(self.model, self.tiling, self.batch_invariant, self.autocast,
                                       posterior=first_stage_posterior)  # fmt: skip
-        self.channels_last = bool(channels_last)
-        if self.channels_last:
-            to_channels_last(e.model for e in self.router.experts)
-        self.compiled = bool(compile)
-        if self.compiled:
-            compile_unets(e.model for e in self.router.experts)
         self.checkpoints: tuple[CheckpointInfo, ...] = tuple(checkpoints)
         self.schedule = NoiseSchedule.from_model(self.model)
         self.denoisers: tuple[Denoiser, ...] = tuple(self._wrap(d) for d in self.router.denoisers)
@@ -146,17 +206,11 @@ class Refiner:
         allow_unconditional_experts: bool = False,
         first_stage_posterior: str = "mean",
     ) -> Refiner:
-        """Load one expert per checkpoint (:func:`ldm.refine.loading.load_expert`) and build a refiner; the experts
-        then hold one first-stage module (checked equal first) and one copy of identical text encoders.
-
-        Args:
-            paths: one checkpoint per expert (or a single path), or the short name of shipped experts (``"demo"``:
-                :mod:`ldm.refine.shipped`).
-            ema: use EMA weights where present.
-            config: YAML path (or mapping) for checkpoints that carry no model config (e.g. CompVis releases).
-            trust_config: let configs stored in checkpoints name classes outside the allow-list.
-            unsafe_load: unpickle arbitrary objects (only for files you trust).
-            the others: as in :class:`Refiner`.
+        """Load one expert per checkpoint (:func:`ldm.refine.loading.load_expert`: ``ema``, ``config``,
+        ``trust_config``, ``unsafe_load``) and build a refiner (the others: as in :class:`Refiner`); the experts then
+        hold one first-stage module (checked equal first) and one copy of identical text encoders.  ``paths``: one
+        checkpoint per expert (or a single path), or the short name of shipped experts (``"demo"``:
+        :mod:`ldm.refine.shipped`).
 
         Raises:
             CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
@@ -178,7 +232,6 @@ class Refiner:
         logger.info("%s", refiner.describe())
         return refiner
 
-    # --------------------------------------------------------------------------------------------------- properties
     @property
     def model(self) -> Any:
         """The first expert's model (schedule, the shared first stage)."""
@@ -204,7 +257,6 @@ class Refiner:
         """The experts' training image side in pixels: what crop mode resizes a region to by default."""
         return int(self.model.image_size) * self.first_stage.factor
 
-    # --------------------------------------------------------------------------------------------------------- plan
     def plan(
         self,
         start_t: int | None = None,
@@ -215,13 +267,9 @@ class Refiner:
         sampler: str = "ddim",
         strength: float | None = None,
     ) -> RefinePlan:
-        """The cached :class:`~ldm.sampling.RefinePlan` of these arguments (built and validated once per set); does no
-        work on images.  The arguments are :class:`~ldm.refine.request.RefineRequest`'s (``tail_steps``: ``1 <= K <=
-        start_t``).
-
-        Raises:
-            ValueError: an argument outside what is allowed, or steps outside every expert window (or in two).
-        """
+        """The cached :class:`~ldm.sampling.RefinePlan` of :class:`~ldm.refine.request.RefineRequest`'s arguments
+        (built and validated once per set; no work on images).  ValueError for an argument outside what is allowed, or
+        steps outside every expert window (or in two)."""
         start = start_timestep(start_t, strength, self.num_timesteps)
         key = (start, ddim_steps, tail_steps, eta, sampler)
         if key not in self._plans:
@@ -240,8 +288,7 @@ class Refiner:
         return self._plans[key]
 
     def plan_for(self, request: RefineRequest) -> RefinePlan:
-        """The plan of ``request`` (:meth:`plan` from :meth:`RefineRequest.plan_start`): the checks that need the
-        experts (``T``, windows)."""
+        """The plan of ``request``: the checks that need the experts (``T``, windows)."""
         return self.plan(request.plan_start(self.num_timesteps), **request.plan_arguments())
 
     def autocast(self) -> AbstractContextManager:
@@ -250,7 +297,6 @@ class Refiner:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
-    # ------------------------------------------------------------------------------------------------------ tensors
     def refine_tensors(
         self,
         x: torch.Tensor,
@@ -360,7 +406,7 @@ class Refiner:
         return out.to(x.device)
 
     def _check_start_map(self, start_map: Any, x: torch.Tensor, plan: RefinePlan) -> torch.Tensor:
-        """``start_map`` as int64 ``[B, 1, H, W]`` on the device, checked against ``x`` and the plan."""
+        """``start_map`` (a caller's) as int64 ``[B, 1, H, W]`` on the device, checked against ``x`` and the plan."""
         b, _, h, w = x.shape
         if not isinstance(start_map, torch.Tensor) or start_map.ndim != 4 or start_map.shape[1] != 1:
             shape = tuple(start_map.shape) if isinstance(start_map, torch.Tensor) else type(start_map).__name__
@@ -429,7 +475,6 @@ class Refiner:
             raise ValueError(f"got {len(seed_list)} seeds for a batch of {batch}; pass one seed per sample or one int")
         return [check_int_arg("seed", s, 0, MAX_SEED) for s in seed_list]
 
-    # ---------------------------------------------------------------------------------------------------- one image
     def __call__(
         self,
         image: Image.Image | torch.Tensor,
@@ -500,11 +545,11 @@ class Refiner:
     ) -> tuple[int, torch.Tensor]:
         """``(plan start_t, start map [1, 1, H, W])`` of a mask and boxes on a ``height`` x ``width`` image: the plan
         starts at the larger of ``start_t`` (or ``strength``) and every box's own start (the experts' coverage is
-        checked with the plan).  Raises ValueError for an invalid start, a mask of another size, a box outside the
-        image or a selection that is empty."""
+        checked with the plan); ``mask_dilate`` as checked by :class:`~ldm.refine.region_files.RegionOptions`.
+        Raises ValueError for an invalid start, a mask of another size, a box outside the image or a selection that is
+        empty."""
         start = start_timestep(start_t, strength, self.num_timesteps)
         top = max([start, *(resolve_start(b.start_t, None, self.num_timesteps) for b in boxes if b.start_t is not None)])
-        check_int_arg("mask_dilate", mask_dilate, 0, MAX_FEATHER)
         array = None if mask is None else mask_to_array(mask, width, height)
         return top, build_start_map(height, width, start, array, boxes, mask_dilate)
 

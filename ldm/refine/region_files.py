@@ -159,8 +159,3 @@ def mask_overlay(rgb: np.ndarray, start_map: torch.Tensor, top: int) -> np.ndarr
     share = (start_map.reshape(start_map.shape[-2:]).cpu().numpy().astype(np.float32) / max(top, 1))[..., None]
     red = np.array([255, 0, 0], dtype=np.float32)
     return np.clip(rgb.astype(np.float32) * (1 - 0.5 * share) + red * 0.5 * share, 0, 255).round().astype(np.uint8)
-
-
-def describe_mask(path: Path | None) -> str:
-    """A printable path for metadata (empty when there is no mask)."""
-    return "" if path is None else format_path(os.fspath(path))

@@ -26,8 +26,8 @@ MAX_REGION_PADDING = 4096  # px; crops are clipped to the image, so more context
 # Crop mode refines each connected region in turn (the whole tail of steps per region): a dotted mask of a megapixel
 # image would mean hours of work and as many crops in the metadata, so more than this are refused.
 MAX_REGIONS = 256
-# ASCII digits only: re's \d and int() also read other scripts' digits, so "１２" would be taken for 12
-# at most 9 digits: larger numbers are no pixel coordinate, and int() refuses over 4300 digits in its own words
+# ASCII digits only (re's \d and int() also read other scripts' digits: "１２" would be 12), at most 9 (no pixel
+# coordinate is larger, and int() refuses over 4300 digits in its own words)
 _BOX = re.compile(r"^\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*(?:@\s*(-?\d{1,9})\s*)?$", re.ASCII)
 
 
@@ -66,8 +66,8 @@ def parse_box(text: str) -> Box:
 
 def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
     """A mask as float32 ``[H, W]`` in ``[0, 1]`` (white = refine) from a PIL image of any mode (EXIF orientation
-    applied, 16-bit kept), or a numpy array or tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8 0..255,
-    or float in ``[0, 1]``).  Raises ValueError when its size is not the image's."""
+    applied, 16-bit kept), or an array or tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8, or float in
+    ``[0, 1]``).  Raises ValueError when its size is not the image's."""
     if isinstance(mask, Image.Image):
         arr = mask_luminance(from_pil(mask, source="mask").rgb)
     else:
@@ -249,8 +249,7 @@ def _fit(lo: int, hi: int, size: int) -> tuple[int, int]:
 
 
 def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Images ``[B, C, h, w]`` resized in pixel space: antialiased bicubic (a good filter both ways), clamped to
-    ``[-1, 1]``."""
+    """Images ``[B, C, h, w]`` resized: antialiased bicubic (a good filter both ways), clamped to ``[-1, 1]``."""
     if tuple(x.shape[-2:]) == (height, width):
         return x
     out = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)

@@ -21,8 +21,7 @@ MAX_SAMPLES = 1_000_000  # samples per input: a bound on names and loops (the ap
 
 
 def start_timestep(start_t: int | None, strength: float | None, num_timesteps: int) -> int:
-    """The start timestep for ``T = num_timesteps``: ``start_t``, or the one ``strength`` gives, or
-    :data:`DEFAULT_START_T` when neither is given."""
+    """``start_t``, or the one ``strength`` gives for ``T = num_timesteps``, or :data:`DEFAULT_START_T`."""
     if start_t is None and strength is None:
         start_t = DEFAULT_START_T
     return resolve_start(start_t, strength, num_timesteps)
@@ -79,7 +78,6 @@ class RefineRequest:
         return dataclasses.replace(self, **changes)
 
     def start(self, num_timesteps: int) -> int:
-        """The start timestep for ``T = num_timesteps`` (:func:`start_timestep`)."""
         return start_timestep(self.start_t, self.strength, num_timesteps)
 
     def plan_start(self, num_timesteps: int) -> int:

@@ -97,18 +97,13 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
     The EMA weights (when the checkpoint has them) replace the training weights, with no optimizer state; the model
     config is rebuilt for inference (no ``ckpt_path``, no training loss) and stored with the window and training step in
-    the file's header.  The UNet's parameters are stored as ``dtype`` (the first stage and buffers keep theirs; loading
-    casts them back), and :func:`load_expert` reads the file like the checkpoint it came from.
-
-    Returns:
-        what was written: ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}``.
+    the file's header.  The UNet's parameters are stored as ``dtype`` (a key of :data:`EXPORT_DTYPES`; the first stage
+    and buffers keep theirs; loading casts them back), and :func:`load_expert` reads the file like the checkpoint it
+    came from.  Returns ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}`` of the file.
 
     Raises:
         CheckpointError / ConfigError: ``source`` is not a loadable expert (see :func:`load_expert`).
-        ValueError: an unknown ``dtype``.
     """
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     expert, info = load_expert(source, ema=True)
     ckpt = load_checkpoint(source)
     model_cfg = _embedded_model_config(ckpt, format_path(source))

@@ -1,15 +1,12 @@
-"""Speed and memory options of refinement: channels_last, ``torch.compile``, auto tiling.  Attention needs no option:
-the first stage's and the UNet's attention give SDPA contiguous ``q, k, v``, so its memory-efficient kernels serve them.
+"""Tiling, refinement's memory option (channels_last and ``torch.compile`` are :class:`~ldm.refine.Refiner`'s flags).
+Attention needs no option: the first stage's and the UNet's attention give SDPA contiguous ``q, k, v``, so its
+memory-efficient kernels serve them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
-
-import torch
-import torch.nn as nn
 
 from ldm.models.tiling import TilingConfig, tileable
 
@@ -23,33 +20,17 @@ logger = logging.getLogger(__name__)
 AUTO_TILING = TilingConfig(min_side=768, tile=512, overlap=128, stat_side=512, stat_passes=0)
 
 
-def to_channels_last(modules: Iterable[nn.Module]) -> None:
-    """Store the 4-D weights of ``modules`` in channels_last (NHWC) order; convolutions then run NHWC (inputs need no
-    conversion: channels_last weights give channels_last activations).  Results equal the default up to rounding."""
-    for module in modules:
-        module.to(memory_format=torch.channels_last)
-
-
-def compile_unets(models: Iterable[Any], mode: str | None = None) -> None:
-    """``torch.compile`` each model's UNet (``model.model.diffusion_model``) in place (state-dict keys unchanged),
-    compiled on the first call for each input shape.  ``mode``: ``torch.compile``'s."""
-    for model in models:
-        model.model.diffusion_model.compile(mode=mode)
-
-
 def resolve_tiling(tiling: TilingConfig | str | None, model: Any) -> TilingConfig | None:
     """The tiling a refiner uses: ``"auto"`` -> :data:`AUTO_TILING` for VQ and KL first stages (others are never
     tiled), None -> none, a :class:`TilingConfig` as given (ValueError unless the first stage is a VQ or KL and the
     geometry fits its downsampling factor)."""
-    if tiling is None:
-        return None
-    if isinstance(tiling, str):
-        if tiling != "auto":
-            raise ValueError(f"tiling={tiling!r} must be 'auto', None or a TilingConfig")
+    if tiling == "auto":
         if not tileable(model.first_stage_model):
             logger.debug("first stage %s is not a VQ or KL: no tiling", type(model.first_stage_model).__name__)
             return None
         tiling = AUTO_TILING
+    if tiling is None:
+        return None
     if not isinstance(tiling, TilingConfig):
         raise ValueError(f"tiling={tiling!r} must be 'auto', None or a TilingConfig")
     if not tileable(model.first_stage_model):

@@ -5,18 +5,16 @@ the check-free loop (``loop``), noise from explicit generators (``noise``), deno
 """
 
 from ldm.sampling.loop import noise_to_start, run_steps, run_tail
-from ldm.sampling.noise import Generators, randn
-from ldm.sampling.plan import SAMPLERS, RefinePlan, build_plan, check_eta, check_int_arg, check_solver, resolve_start
+from ldm.sampling.noise import randn
+from ldm.sampling.plan import SAMPLERS, RefinePlan, build_plan, check_int_arg, check_solver, resolve_start
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.steps import ddim_step, dpmpp_2m_step
 
 __all__ = [
     "SAMPLERS",
-    "Generators",
     "NoiseSchedule",
     "RefinePlan",
     "build_plan",
-    "check_eta",
     "check_int_arg",
     "check_solver",
     "ddim_step",

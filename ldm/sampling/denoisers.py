@@ -80,18 +80,14 @@ class ChunkedDenoiser:
     batch).  With ``chunk_size=1`` a sample's result cannot depend on its batch (CPU kernels block by batch size)."""
 
     def __init__(self, inner: Denoiser, chunk_size: int = 1):
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.inner = inner
         self.chunk_size = int(chunk_size)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        if x.shape[0] <= self.chunk_size:
+        n = self.chunk_size
+        if x.shape[0] <= n:
             return self.inner(x, t, cond)
-        if cond is not None and not isinstance(cond, torch.Tensor):
-            raise ValueError("ChunkedDenoiser supports cond=None or a tensor indexed along the batch")
         parts = []
-        for start in range(0, x.shape[0], self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
-            parts.append(self.inner(x[sl], t[sl], None if cond is None else cond[sl]))
+        for s in range(0, x.shape[0], n):
+            parts.append(self.inner(x[s : s + n], t[s : s + n], None if cond is None else cond[s : s + n]))
         return torch.cat(parts)

@@ -16,34 +16,10 @@ from typing import Any
 
 import torch
 
-from ldm.imageio.prompt import check_guidance_scale
 from ldm.sampling.denoisers import Denoiser, stack_cond
 from ldm.sampling.plan import RefinePlan
 
 Cond = Any  # a tensor [B, ...], a list of tensors, or a dict of such (LatentDiffusion.apply_model's forms)
-
-
-def _structure(cond: Cond, where: str) -> Any:
-    """A description of ``cond``'s nesting and each tensor's per-sample shape, to compare cond with uncond."""
-    if isinstance(cond, torch.Tensor):
-        if cond.ndim == 0:
-            raise ValueError(f"{where} is a 0-d tensor; conditioning needs a batch dimension first ([B, ...])")
-        return tuple(cond.shape[1:])
-    if isinstance(cond, (list, tuple)):
-        return [_structure(c, f"{where}[{i}]") for i, c in enumerate(cond)]
-    if isinstance(cond, dict):
-        return {k: _structure(v, f"{where}[{k!r}]") for k, v in sorted(cond.items())}
-    raise ValueError(
-        f"{where} is a {type(cond).__name__}; conditioning must be a tensor [B, ...], a list of tensors or a dict of "
-        "them (the forms LatentDiffusion.apply_model takes)"
-    )
-
-
-def _batches(cond: Cond) -> set[int]:
-    if isinstance(cond, torch.Tensor):
-        return {int(cond.shape[0])}
-    values = cond.values() if isinstance(cond, dict) else cond
-    return set().union(*(_batches(c) for c in values)) if values else set()
 
 
 def _for_batch(cond: Cond, batch: int) -> Cond:
@@ -60,38 +36,22 @@ class GuidedDenoiser:
     ``[uncond, cond]`` (``2B`` samples).  At scale 1 (0) only the conditional (unconditional) branch runs: exact, and
     half the cost.  Conditioning is used as given (on the model's device and dtype); a batch of 1 is broadcast.
 
+    The conditioning comes checked from where it is made (the prompts' scale from :class:`~ldm.imageio.prompt.Prompt`,
+    the embeddings from the experts' encoders, :func:`ldm.refine.conditioning.encode_prompts`): nothing is checked here.
+
     Args:
         inner: the expert's denoiser ``(x [N, C, h, w], t [N], cond) -> eps [N, C, h, w]``.
         cond: the conditional conditioning (a tensor ``[B, ...]``, a list or dict of them, as ``apply_model`` takes),
             batch ``B`` or 1.  uncond: the unconditional one (the empty or negative prompt's embedding), the same
-            nesting and per-sample shapes; may be None only at scale 1.
+            nesting and per-sample shapes; None only at scale 1.
         scale: ``s``, finite and ``>= 0``.
-
-    Raises:
-        ValueError: a scale outside what is allowed, no uncond at a scale other than 1, conditioning that is not a
-            tensor / list / dict of tensors, or cond and uncond of different nesting, shapes or batch sizes.
     """
 
     def __init__(self, inner: Denoiser, cond: Cond, uncond: Cond | None, scale: float):
         self.inner = inner
-        self.scale = check_guidance_scale(scale)
-        shape = _structure(cond, "cond")
-        if uncond is None and self.scale != 1.0:
-            raise ValueError(
-                f"guidance scale {self.scale:g} needs unconditional conditioning (the empty or negative prompt's "
-                "embedding); pass uncond, or use scale 1 (the conditional model, no guidance)"
-            )
-        if uncond is not None and _structure(uncond, "uncond") != shape:
-            raise ValueError(
-                f"cond and uncond differ in nesting or per-sample shape ({shape} vs {_structure(uncond, 'uncond')}); "
-                "encode both prompts with the same text encoder and pad to the same length"
-            )
-        batches = _batches(cond) | (set() if uncond is None else _batches(uncond))
-        if len(batches - {1}) > 1:
-            raise ValueError(f"cond and uncond hold different batch sizes {sorted(batches)}; use one size B (or 1)")
+        self.scale = float(scale)
         self.cond = cond
         self.uncond = uncond
-        self._batch = max(batches, default=1)
         self._stacked: tuple[int, Cond] | None = None  # (batch, [uncond, cond]) built on the first call
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
@@ -99,11 +59,6 @@ class GuidedDenoiser:
         if cond is not None:
             raise ValueError("GuidedDenoiser holds its own conditioning; run the plan with cond=None")
         batch = x.shape[0]
-        if self._batch not in (1, batch):
-            raise ValueError(
-                f"the guidance conditioning has batch {self._batch} but the latent has {batch}: give one embedding "
-                "per image (or one for all); GuidedDenoiser must wrap ChunkedDenoiser, not be wrapped by it"
-            )
         if self.scale == 1.0:  # the conditional model, exactly; the unconditional branch is not run
             return self.inner(x, t, _for_batch(self.cond, batch))
         if self.scale == 0.0:  # the unconditional model, exactly
@@ -118,8 +73,7 @@ class GuidedDenoiser:
 
 @dataclass(frozen=True)
 class Guidance:
-    """One expert's guidance: its conditional and unconditional conditioning and the scale (see
-    :class:`GuidedDenoiser`; checked when it wraps a denoiser)."""
+    """One expert's guidance: its conditional and unconditional conditioning and the scale (:class:`GuidedDenoiser`)."""
 
     cond: Cond
     uncond: Cond | None
@@ -132,19 +86,9 @@ class Guidance:
 def guided_plan(plan: RefinePlan, guidance: Guidance | Sequence[Guidance | None]) -> RefinePlan:
     """A copy of ``plan`` (coefficient tensors shared) whose every step runs its expert's denoiser wrapped once with
     that expert's guidance: ``guidance`` is one :class:`Guidance` for every expert, or one per expert in
-    ``plan.expert_names`` order (None: that expert's steps stay unguided).  Raises ValueError for a list of the wrong
-    length, or conditioning :class:`GuidedDenoiser` refuses.
+    ``plan.expert_names`` order (None: that expert's steps stay unguided).
     """
-    n_experts = len(plan.expert_names)
-    if isinstance(guidance, Guidance):
-        per_expert: Sequence[Guidance | None] = [guidance] * n_experts
-    else:
-        per_expert = list(guidance)
-        if len(per_expert) != n_experts:
-            raise ValueError(
-                f"got guidance for {len(per_expert)} expert(s) but the plan has {n_experts} "
-                f"({', '.join(plan.expert_names)}): give one Guidance (or None) per expert, or one for all"
-            )
+    per_expert = [guidance] * len(plan.expert_names) if isinstance(guidance, Guidance) else list(guidance)
     wrapped: dict[int, Denoiser] = {}
     steps = []
     for expert, denoiser in zip(plan.experts, plan.denoisers):

@@ -40,17 +40,15 @@ def run_tail(
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDEdit: noise the clean latent ``z0`` ``[B, C, h, w]`` with ``noise`` (same shape) and run the plan.
+    """SDEdit: noise the clean latent ``z0`` ``[B, C, h, w]`` with ``noise`` (same shape) and run the plan; returns
+    ``(z, pred_x0)``, the latent after the last step (at timestep 0's level) and that step's x0 prediction.
 
     Args:
         start_map: None (every pixel starts at the first step) or each latent pixel's start timestep, ``[B, 1, h, w]``
             integer on ``z0``'s device; a constant map at or above the first step gives bit for bit no map's result.
         generators: DDIM's per-step noise when ``eta > 0`` (one generator, or one per sample).
-        cond: conditioning passed to every denoiser call.  callback: called with each finished step's index.
+        cond: passed to every denoiser call.  callback: called with each finished step's index.
         progress: a tqdm bar over the steps (rank 0 only).
-
-    Returns:
-        ``(z, pred_x0)``: the latent after the last step (at timestep 0's level) and that step's x0 prediction.
     """
     if start_map is None:
         return _loop(plan, noise_to_start(plan, z0, noise), None, generators, cond, callback, progress)

@@ -15,14 +15,7 @@ import numpy as np
 import torch
 
 from ldm.sampling.denoisers import Denoiser
-from ldm.sampling.schedule import (
-    NoiseSchedule,
-    ddim_coefficients,
-    dpmpp_2m_coefficients,
-    exact_levels,
-    exact_tail,
-    grid_tail,
-)
+from ldm.sampling.schedule import NoiseSchedule, ddim_coefficients, dpmpp_2m_coefficients, exact_tail, grid_tail
 from ldm.windows import describe_start
 
 SAMPLERS = ("ddim", "dpmpp_2m")
@@ -163,7 +156,7 @@ def select_timesteps(
             )
         k = check_int_arg("tail_steps", tail_steps, 1, start_t)
         timesteps = exact_tail(alphas_cumprod, start_t, k)
-        return timesteps, exact_levels(timesteps), None, k
+        return timesteps, (*timesteps[1:], 0), None, k  # each step moves to the next one's timestep, the last to 0
     steps = DEFAULT_DDIM_STEPS if ddim_steps is None else check_int_arg("ddim_steps", ddim_steps, 1, num_timesteps)
     timesteps, levels = grid_tail(start_t, steps, num_timesteps, t_min)
     if not timesteps:
@@ -193,11 +186,10 @@ def build_plan(
     """Validate a refinement's arguments and build its :class:`RefinePlan`.
 
     Args:
-        schedule: the experts' shared noise schedule.  start_t: integer timestep in ``[1, T-1]``.
-        denoisers: one per expert.  device: where the coefficients go (the latents' device).
+        start_t: integer timestep in ``[1, T-1]``.  denoisers: one per expert.  device: the coefficients' (the latents').
         ddim_steps, tail_steps: grid or exact mode (see :func:`select_timesteps`).  eta: DDIM noise (DDIM only).
-        sampler: one of :data:`SAMPLERS`.  assign: the router (None: every step runs ``denoisers[0]``).
-        expert_names: for messages.  t_min: grid mode only: leave out grid steps below it (a window's own tail).
+        assign: the router (None: every step runs ``denoisers[0]``).  expert_names: for messages.
+        t_min: grid mode only: leave out grid steps below it (a window's own tail).
         dtype: of the coefficients (the latents' dtype; float32 for refinement, float64 for numerical checks).
 
     Raises:

@@ -85,11 +85,6 @@ def exact_tail(alphas_cumprod: torch.Tensor, start_t: int, tail_steps: int) -> t
     return tuple(t)
 
 
-def exact_levels(timesteps: Sequence[int]) -> tuple[int, ...]:
-    """The level each step of an exact tail moves the latent to: the next step's timestep, and 0 after the last."""
-    return (*timesteps[1:], 0)
-
-
 def ddim_coefficients(
     alphas_cumprod: torch.Tensor, timesteps: Sequence[int], levels: Sequence[int], eta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ def decimal_int(text: str) -> int:
     ``int()`` also reads other scripts' digits (``"５０"`` is 50) and underscores (``"1_0"`` is 10): a typo or a
     pasted full-width number would then run with a value the user did not see.  Raises ValueError for anything else.
     """
-    if not isinstance(text, str) or _DECIMAL.fullmatch(text) is None:
+    if _DECIMAL.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a decimal integer")
     return int(text, 10)
 
@@ -60,7 +60,7 @@ def decimal_float(text: str) -> float:
     """``text`` as a number of ASCII digits (``0.5``, ``5e-1``; ``nan`` and ``inf`` too, which callers refuse in their
     own words); ValueError for anything else (other scripts' digits, underscores), for the reason given in
     :func:`decimal_int`."""
-    if not isinstance(text, str) or _DECIMAL_FLOAT.fullmatch(text) is None:
+    if _DECIMAL_FLOAT.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a decimal number")
     return float(text)
 
@@ -110,7 +110,7 @@ def float_arg(text: str) -> float:
 def unit_interval(text: str) -> float:
     """An argparse ``type`` for a number in ``(0, 1]`` (img2img's strength)."""
     value = float_arg(text)
-    if not math.isfinite(value) or not 0 < value <= 1:
+    if not 0 < value <= 1:  # NaN and inf fail too
         raise argparse.ArgumentTypeError(f"{text} must be a number in (0, 1]")
     return value
 
@@ -136,22 +136,16 @@ def ddim_eta(text: str) -> float:
 def add_loading_flags(p: argparse.ArgumentParser) -> None:
     """The flags every script that loads expert checkpoints shares: ``--allow-outside-window``, ``--trust-config``,
     ``--unsafe-load`` (one wording everywhere; ``Refiner.from_checkpoints`` takes the same three)."""
-    p.add_argument(
-        "--allow-outside-window",
-        action="store_true",
-        help="run the nearest expert on steps no expert window covers (warned) instead of refusing them "
-        "(evaluate.py: instead of skipping those start_t)",
-    )
-    p.add_argument(
-        "--trust-config",
-        action="store_true",
-        help="let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*",
-    )
-    p.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle arbitrary objects in checkpoints: can run code, only for files you trust",
-    )
+    for flag, help_text in (
+        (
+            "--allow-outside-window",
+            "run the nearest expert on steps no expert window covers (warned) instead of refusing them "
+            "(evaluate.py: instead of skipping those start_t)",
+        ),
+        ("--trust-config", "let a config stored in a checkpoint build classes outside ldm.* / taming.modules.*"),
+        ("--unsafe-load", "unpickle arbitrary objects in checkpoints: can run code, only for files you trust"),
+    ):
+        p.add_argument(flag, action="store_true", help=help_text)
 
 
 def path_arg(text: str) -> str:

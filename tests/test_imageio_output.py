@@ -60,10 +60,6 @@ def test_tensor_to_image_rounds_clamps_and_refuses_nan():
     np.testing.assert_array_equal(imageio.tensor_to_image(x)[0, :, 0], [0, 0, 1, 128, 255, 255])
     with pytest.raises(ValueError, match="NaN"):
         imageio.tensor_to_image(torch.full((1, 3, 2, 2), float("nan")))
-    with pytest.raises(ValueError, match="batch of 2"):
-        imageio.tensor_to_image(torch.zeros(2, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        imageio.image_to_tensor(np.full((2, 2, 3), 2.0, dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,11 +106,6 @@ def test_padding_details():
     assert none.is_zero and same.shape == (1, 3, 8, 16)
     ints, _ = imageio.pad_to_multiple(torch.arange(6, dtype=torch.uint8).reshape(1, 1, 2, 3), 4)
     assert ints.dtype == torch.uint8 and ints.shape == (1, 1, 4, 4)
-    for bad in (dict(multiple=0), dict(multiple=4, mode="wrap"), dict(multiple=4, min_size=0)):
-        with pytest.raises(ValueError):
-            imageio.pad_to_multiple(x, **bad)
-    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
-        imageio.pad_to_multiple(x[0], 4)
 
 
 def test_crop_padding_at_other_scales():
@@ -126,10 +117,6 @@ def test_crop_padding_at_other_scales():
     aligned, aligned_padding = imageio.pad_to_multiple(aligned_x, 8, min_size=24)
     latent = F.avg_pool2d(aligned, 4)
     assert imageio.crop_padding(latent, aligned_padding, scale=0.25).shape == (1, 3, 4, 2)
-    with pytest.raises(ValueError, match="whole number"):
-        imageio.crop_padding(F.avg_pool2d(padded, 4), padding, scale=0.25)
-    with pytest.raises(ValueError, match="expects"):
-        imageio.crop_padding(padded[..., 1:], padding)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,14 +220,6 @@ def test_save_non_utf8_name(tmp_path, small_photo):
 def test_save_argument_errors(tmp_path, small_photo):
     with pytest.raises(ValueError, match="suffix '.gif'"):
         imageio.save_image_atomic(tmp_path / "a.gif", small_photo)
-    with pytest.raises(ValueError, match="uint8"):
-        imageio.save_image_atomic(tmp_path / "a.png", small_photo.astype(np.float32))
-    with pytest.raises(ValueError, match="alpha shape"):
-        imageio.save_image_atomic(tmp_path / "a.png", small_photo, alpha=np.zeros((2, 2), np.uint8))
-    with pytest.raises(TypeError, match="str to str"):
-        imageio.save_image_atomic(tmp_path / "a.png", small_photo, metadata={"seed": 3})
-    with pytest.raises(ValueError, match="1-79"):
-        imageio.save_image_atomic(tmp_path / "a.png", small_photo, metadata={"k" * 80: "v"})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -256,7 +235,3 @@ def test_side_by_side_different_heights(small_photo, photo):
     np.testing.assert_array_equal(grid[top : top + 24, 136:176], small_photo)
     assert (grid[:4] == 255).all() and (grid[4:top, 136:176] == 255).all()
     np.testing.assert_array_equal(imageio.side_by_side([small_photo], pad=0), small_photo)
-    with pytest.raises(ValueError):
-        imageio.side_by_side([])
-    with pytest.raises(ValueError, match="image 1"):
-        imageio.side_by_side([small_photo, small_photo[..., 0]])

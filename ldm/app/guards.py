@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
@@ -71,15 +71,7 @@ class LocalHostOnly:
         shown = host if len(host) <= 64 else host[:61] + "..."
         error = (f"this server answers only requests addressed to {' or '.join(sorted(self.allowed))} (the request's "
                  f"Host is {shown!r}); start the app with --listen to serve other names")  # fmt: skip
-        body = json.dumps({"error": error}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 400,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await JSONResponse({"error": error}, status_code=400)(scope, receive, send)
 
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import re
 import statistics
 import threading
@@ -48,7 +47,7 @@ from ldm.windows import window_to_steps
 
 logger = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 64 * 2**20  # an upload (or a painted mask) larger than this is refused before it is decoded
+MAX_UPLOAD_BYTES = 64 * 2**20  # the server refuses a larger upload body before reading it all
 MAX_UPLOAD_PIXELS = 2**25  # 33.5 MP (e.g. 7000x4700): more, read from the file's header, is refused before decoding
 MAX_PARALLEL_DECODES = 2  # images and masks decoded at once (each takes ~16 bytes per pixel while it decodes)
 MAX_SAMPLES = 8
@@ -71,17 +70,12 @@ class RequestError(ValueError):
 _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 
 
-# --------------------------------------------------------------------------------------------------------- uploads
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded image: its file's bytes (decoded again when a request runs) and what the page needs, not its
-    decoded pixels (float32 would take 16 bytes per pixel for every upload kept).
-
-    Attributes:
-        name: the file name as uploaded (printable; recorded as the output's ``input``).  stem: a file-system-safe stem
-            for output names.  width, height: of the decoded image (EXIF orientation applied).  format: Pillow's
-            name.  png: the image as the model sees it (what the page shows and a comparison's "before").
-    """
+    """An uploaded image: its file's bytes (decoded again when a request runs: float32 pixels would take 16 bytes per
+    pixel for every upload kept), its printable ``name`` (the output's ``input``), a file-system-safe ``stem`` for
+    output names, its decoded size (EXIF orientation applied) and ``png``, the image as the model sees it (what the
+    page shows and a comparison's "before")."""
 
     name: str
     stem: str
@@ -94,19 +88,16 @@ class Upload:
     png: bytes = field(repr=False)
 
     def decode(self) -> LoadedImage:
-        """The image decoded by the CLI's loader."""
         with _decode_slots:
             return decode_image(self.data, source=self.name)
 
 
 def load_upload(data: bytes, name: str) -> Upload:
     """Decode an uploaded file (``name``: what the browser sent, for messages and output names) with the CLI's loader,
-    once, to check it and make the PNG the page shows.  RequestError (one line) for an empty, too large (bytes, or pixels
-    as its header says, checked before decoding), truncated, corrupt or non-image upload."""
+    once, to check it and make the PNG the page shows.  RequestError (one line) for an empty, too large (pixels as its
+    header says, checked before decoding), truncated, corrupt or non-image upload; the server has refused bodies over
+    :data:`MAX_UPLOAD_BYTES`."""
     shown = _printable_name(name)
-    if len(data) > MAX_UPLOAD_BYTES:
-        limit = MAX_UPLOAD_BYTES // 2**20
-        raise RequestError(f"{shown} is {len(data) / 2**20:.1f} MiB; uploads up to {limit} MiB are accepted")
     size = header_size(data)
     if size is not None and size[0] * size[1] > MAX_UPLOAD_PIXELS:
         w, h = size
@@ -137,9 +128,8 @@ def _display_png(image: LoadedImage) -> bytes:
 
 def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
     """The painted mask (a PNG of the image's size, white = refine) as ``([H, W] float32 in [0, 1], sha256)``, read
-    like ``--mask`` files; RequestError (one line) when it cannot be decoded or has another size."""
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise RequestError(f"the painted mask is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    like ``--mask`` files; RequestError (one line) when it cannot be decoded or has another size.  ``data`` is at most
+    the server's bound on a refine request's JSON (:data:`ldm.app.server.MAX_REFINE_JSON_BYTES`)."""
     size = header_size(data)  # compared before decoding: a mask costs no more memory than its image
     if size is not None and size != (upload.width, upload.height):
         _wrong_mask_size(size, upload)
@@ -160,7 +150,6 @@ def _wrong_mask_size(size: tuple[int, int], upload: Upload) -> None:
     )
 
 
-# -------------------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class RefineSettings:
     """Everything the page lets a user choose (the CLI's flags of the same names).
@@ -197,7 +186,7 @@ class RefineSettings:
         base = cls() if base is None else base
         if not isinstance(data, Mapping):
             raise RequestError(f"settings must be a JSON object, got {type(data).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise RequestError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
@@ -223,8 +212,7 @@ class RefineSettings:
         if "guidance_scale" in data:
             scale = data["guidance_scale"]
             number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-            ok = number and abs(scale) <= MAX_GUIDANCE_SCALE and math.isfinite(scale)  # a huge int overflows isfinite
-            if not ok or scale < 0:
+            if not number or not 0 <= scale <= MAX_GUIDANCE_SCALE:  # NaN compares False
                 raise RequestError(f"{FIELD_LABELS['guidance_scale']} must be a number from 0 to {MAX_GUIDANCE_SCALE:g} "
                                    f"(1 = no guidance), not {short_repr(scale)}")  # fmt: skip
             values["guidance_scale"] = float(scale)
@@ -288,13 +276,13 @@ def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
     return int(value)
 
 
-# ------------------------------------------------------------------------------------------------------------ plan
 def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
     """What the settings will run, for the page's live start_t label: ``{"ok": True, **plan_facts}`` or ``{"ok":
     False, "error": one line in the page's words}``; never raises for a bad combination.  The plan is built on the
     CPU and not cached in the refiner, so moving the slider allocates nothing on the device."""
+    box_starts = [b.start_t for b in settings.regions().boxes if b.start_t is not None]
+    start = max([settings.start_t, *box_starts])  # as Refiner.plan_for: a box may start later than start_t
     try:
-        start = _plan_start(refiner, settings)
         plan = build_plan(refiner.schedule, start, refiner.denoisers, "cpu", assign=refiner.router.assign,
                           expert_names=[e.name for e in refiner.experts], **settings.plan_arguments())  # fmt: skip
     except ValueError as exc:
@@ -336,13 +324,6 @@ def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
     }
 
 
-def _plan_start(refiner: Refiner, settings: RefineSettings) -> int:
-    """The plan's start: ``start_t``, or a box's later start of its own (as :meth:`ldm.refine.Refiner.plan_for`)."""
-    starts = [b.start_t for b in settings.regions().boxes if b.start_t is not None]
-    return max([settings.start_t, *starts])
-
-
-# ------------------------------------------------------------------------------------------------------- step cost
 @dataclass(frozen=True)
 class StepCost:
     """How long one sampling step takes on this machine: ``fixed_seconds + seconds_per_pixel * latent pixels``, as
@@ -413,7 +394,6 @@ def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------- refine
 @dataclass
 class Prepared:
     """A checked request, ready to run: its plan, start map (None for the whole image) and region metadata."""
@@ -424,7 +404,7 @@ class Prepared:
     start_map: torch.Tensor | None  # [1, 1, H, W] int16 timesteps (a quarter of int64's memory while it waits)
     region_meta: dict[str, str]
     total_steps: int  # sampling steps the request runs (samples x regions x plan steps), for the progress bar
-    request: RefineRequest | None = None  # what runs (None: settings.request())
+    request: RefineRequest  # what runs
 
 
 @dataclass
@@ -453,10 +433,8 @@ def prepare(
     step_cost: StepCost | None = None,
 ) -> Prepared:
     """Check a request and build its plan and start map (the CLI's ``Refiner.plan_for`` and ``region_start_map``).
-
-    Args:
-        mask: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None (ignored in the
-            whole-image mode).  step_cost: None: no limit on one step's time.
+    ``mask``: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None (ignored in the
+    whole-image mode); ``step_cost`` None: no limit on one step's time.
 
     Raises:
         RequestError: steps no expert covers, a box outside the image, a selection that is empty or missing, too many
@@ -485,21 +463,20 @@ def prepare(
         except ValueError as exc:
             raise RequestError(page_words(str(exc))) from None
         n_regions = len(crops) if crops is not None else 1
-    _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refused request costs little
+    total = _check_work(settings, n_regions, len(plan.timesteps))  # before the region metadata: a refusal costs little
     if start_map is not None:
         meta = {**regions.as_metadata(), "mask": "painted in the web app" if mask is not None else "", "mask_sha256": digest}
         meta.update(region_metadata(start_map, crops))
         start_map = start_map.to(torch.int16)  # timesteps < 2**15; the refiner reads any integer map
-    total = settings.n_samples * n_regions * len(plan.timesteps)
     return Prepared(upload, settings, plan, start_map, meta, total, request)
 
 
-def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> None:
-    """Refuse a request of more than :data:`MAX_REQUEST_STEPS` sampling steps (it would hold the only worker for
-    hours), saying what it would run and what to change."""
+def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> int:
+    """The request's sampling steps in all; RequestError beyond :data:`MAX_REQUEST_STEPS` (it would hold the only
+    worker for hours), saying what it would run and what to change."""
     total = settings.n_samples * n_regions * n_steps
     if total <= MAX_REQUEST_STEPS:
-        return
+        return total
     regions = f"{n_regions:,} regions x " if n_regions > 1 else ""
     raise RequestError(
         f"this request would run {total:,} sampling steps ({regions}{n_steps} steps x {settings.n_samples} sample(s)); "
@@ -512,16 +489,14 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
     """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` as the CLI
     names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.
 
-    Args:
-        on_step: called after every sampling step (``prepared.total_steps`` calls in all): the progress bar.
+    ``on_step`` is called after every sampling step (``prepared.total_steps`` calls in all): the progress bar.
 
     Raises:
         ValueError / torch.OutOfMemoryError from the refiner; ImageSaveError (an OSError) when the output cannot be
         written.
     """
     started = time.perf_counter()
-    s, plan, upload = prepared.settings, prepared.plan, prepared.upload
-    request = prepared.request if prepared.request is not None else s.request()
+    s, plan, upload, request = prepared.settings, prepared.plan, prepared.upload, prepared.request
     image = upload.decode()
     x, alpha = image_to_tensor(image.rgb), image.alpha  # [1, 3, H, W] in [-1, 1]
     del image  # the float32 array is not needed once the tensor exists

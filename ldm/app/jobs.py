@@ -67,7 +67,7 @@ class JobQueue:
     """A FIFO of :class:`Job` served by one worker thread calling ``run(job)``.
 
     Args:
-        run: does a job's work and returns its result; it may call ``job_step(job)`` after each sampling step.
+        run: does a job's work and returns its result; it may call ``JobQueue.step(job)`` after each sampling step.
         max_waiting: jobs that may wait at once; one more is refused (RequestError) rather than queued for hours.
         keep: finished jobs remembered for their status and downloads (the oldest are forgotten first; their files
             stay on disk).

@@ -97,11 +97,8 @@ def start_range(refiner: Any) -> StartRange:
 
 
 def window_message(rng: StartRange, start_t: int, box_starts: Sequence[tuple[str, int]], detail: str) -> str:
-    """The page's message for a plan the experts cannot run (``detail``: the refiner's message, for what it names).
-
-    Args:
-        box_starts: ``(box as written, its own start)`` for boxes with a start of their own.
-    """
+    """The page's message for a plan the experts cannot run (``detail``: the refiner's message, for what it names;
+    ``box_starts``: ``(box as written, its own start)`` for boxes with a start of their own)."""
     if "more than one expert window" in detail:
         return (f"two of the loaded experts cover the same steps ({rng.describe()}); start the app with experts whose "
                 "windows do not overlap")  # fmt: skip

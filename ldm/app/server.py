@@ -127,13 +127,10 @@ class AppState:
 
 
 def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_cost: StepCost | None = None) -> Starlette:
-    """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.
-
-    Args:
-        listen: the server listens on every interface: accept any Host header (else only localhost names).
-        step_cost: :func:`ldm.app.handlers.measure_step_cost`'s fit, to refuse requests whose one step would take over
-            :data:`~ldm.app.handlers.MAX_STEP_SECONDS` (None: not limited).
-    """
+    """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.  ``listen``: the server listens on
+    every interface, so any Host header is accepted (else only localhost names).  ``step_cost``:
+    :func:`ldm.app.handlers.measure_step_cost`'s fit, to refuse requests whose one step would take over
+    :data:`~ldm.app.handlers.MAX_STEP_SECONDS` (None: not limited)."""
     state = AppState(refiner, Path(outdir), step_cost)
 
     @asynccontextmanager
@@ -265,8 +262,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
     middleware = [Middleware(NoSniff)]  # outermost: the Host check's refusals carry the header too
     if not listen:
         middleware.append(Middleware(LocalHostOnly, allowed_hosts=LOCAL_HOSTS))
-    handlers = {RequestError: _request_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
-                Exception: _server_error}  # fmt: skip
+    handlers = {RequestError: _user_error, HTTPException: _user_error, ClientDisconnect: _client_gone, Exception: _server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
 
@@ -374,7 +370,10 @@ def _base64(value: Any) -> bytes | None:
         raise RequestError("mask is not valid base64") from None
 
 
-async def _request_error(_request: Request, exc: Exception) -> Response:
+async def _user_error(_request: Request, exc: Exception) -> Response:
+    """A RequestError (400) or an HTTPException (its status) as ``{"error": one line}``."""
+    if isinstance(exc, HTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
@@ -383,11 +382,6 @@ async def _client_gone(request: Request, _exc: Exception) -> Response:
     info level; the response goes nowhere."""
     logger.info("%s %s: the client disconnected before sending the whole request", request.method, request.url.path)
     return Response(status_code=400)
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
 
 async def _server_error(_request: Request, exc: Exception) -> Response:

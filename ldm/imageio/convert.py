@@ -14,34 +14,19 @@ PAD_MODES = ("reflect", "replicate", "constant")
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """Float ``[H, W, 3]`` in ``[0, 1]`` (as :func:`ldm.imageio.load_image` returns) or uint8 ``[H, W, 3]`` ->
-    ``[1, 3, H, W]`` float32 CPU tensor in ``[-1, 1]``."""
+    """Float ``[H, W, 3]`` in ``[0, 1]`` (as :func:`ldm.imageio.load_image` returns, which checks the range) or uint8
+    ``[H, W, 3]`` -> ``[1, 3, H, W]`` float32 CPU tensor in ``[-1, 1]``."""
     rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"image_to_tensor expects an [H, W, 3] array, got shape {tuple(rgb.shape)}")
-    if rgb.dtype == np.uint8:
-        unit = rgb.astype(np.float32) / np.float32(255.0)
-    elif np.issubdtype(rgb.dtype, np.floating):
-        unit = rgb.astype(np.float32, copy=False)
-        if not np.isfinite(unit).all() or (unit.size and (unit.min() < 0.0 or unit.max() > 1.0)):
-            raise ValueError("image_to_tensor: float images must be finite and in [0, 1]")
-    else:
-        raise TypeError(f"image_to_tensor expects uint8 or float arrays, got dtype {rgb.dtype}")
+    unit = rgb.astype(np.float32) / np.float32(255.0) if rgb.dtype == np.uint8 else rgb.astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1).unsqueeze(0)
     return (tensor * 2.0 - 1.0).contiguous()
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
-    """``[1, 3, H, W]`` or ``[3, H, W]`` tensor in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]`` by
-    :func:`to_uint8` (the exact inverse of :func:`image_to_tensor` on uint8 input).  NaN or infinite values raise
-    ``ValueError`` instead of turning into arbitrary pixels."""
-    if x.ndim == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"tensor_to_image takes one image; got a batch of {x.shape[0]} (index it: x[i])")
-        x = x[0]
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"tensor_to_image expects [1, 3, H, W] or [3, H, W], got shape {tuple(x.shape)}")
-    x = x.detach().to(device="cpu", dtype=torch.float32)
+    """One image ``[1, 3, H, W]`` or ``[3, H, W]`` in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]`` by
+    :func:`to_uint8` (the exact inverse of :func:`image_to_tensor` on uint8 input).  NaN or infinite values (a sampler
+    that diverged) raise ``ValueError`` instead of turning into arbitrary pixels."""
+    x = (x[0] if x.ndim == 4 else x).detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError("tensor_to_image: the tensor holds NaN or infinite values (did sampling diverge?)")
     return np.ascontiguousarray(to_uint8(x).permute(1, 2, 0).numpy())
@@ -57,8 +42,6 @@ def from_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 values of any shape (tensor, or array -> CPU tensor) -> float32 in ``[-1, 1]``: latent-diffusion's ``x /
     127.5 - 1`` (bit-identical to :func:`image_to_tensor`'s ``x / 255 * 2 - 1`` on every uint8 value)."""
     tensor = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-    if tensor.dtype != torch.uint8:
-        raise TypeError(f"from_uint8 expects uint8 values, got {tensor.dtype}")
     return tensor.float() / 127.5 - 1.0
 
 
@@ -96,21 +79,11 @@ def pad_to_multiple(
     large as the image (where ``torch`` refuses): ``abc`` padded by 5 on the right gives ``abc b a b c b``; a size-1
     axis repeats its pixel.  ``"replicate"`` repeats the edge pixel, ``"constant"`` pads zeros.
 
-    Args:
-        multiple: the model's size factor (e.g. 4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet).
+    ``multiple`` is the model's size factor (4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet); ``x`` and
+    ``mode`` come checked from :meth:`ldm.refine.Refiner.refine` or are literals.
     """
-    if x.ndim != 4:
-        raise ValueError(f"pad_to_multiple expects [B, C, H, W], got shape {tuple(x.shape)}")
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    if mode not in PAD_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {PAD_MODES}")
     min_h, min_w = (min_size, min_size) if isinstance(min_size, int) else tuple(min_size)
-    if min(min_h, min_w) < 1:
-        raise ValueError(f"min_size must be >= 1, got {min_size!r}")
     height, width = int(x.shape[-2]), int(x.shape[-1])
-    if height < 1 or width < 1:
-        raise ValueError(f"cannot pad an empty image of size {height}x{width}")
     target_h = math.ceil(max(height, min_h) / multiple) * multiple
     target_w = math.ceil(max(width, min_w) / multiple) * multiple
     top, left = (target_h - height) // 2, (target_w - width) // 2
@@ -137,37 +110,14 @@ def _pad_indices(size: int, before: int, after: int, mode: str, device: torch.de
 def crop_padding(x: torch.Tensor, padding: Padding, scale: float = 1) -> torch.Tensor:
     """Undo :func:`pad_to_multiple` on ``[..., H', W']`` where ``H' = padded height * scale`` (``2`` for a 2x
     upsampler's output; ``0.25`` for a VQ-f4 latent, which needs every padding amount divisible by 4)."""
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    padded_h, padded_w = padding.padded_size
-    expected = (padded_h * scale, padded_w * scale)
-    if tuple(x.shape[-2:]) != expected:
-        raise ValueError(
-            f"crop_padding: tensor is {tuple(x.shape[-2:])} but padding {padding} at scale {scale} expects {expected}"
-        )
-    top, left = _scaled(padding.top, scale, "top"), _scaled(padding.left, scale, "left")
-    height, width = _scaled(padding.height, scale, "height"), _scaled(padding.width, scale, "width")
-    return x[..., top : top + height, left : left + width]
-
-
-def _scaled(value: int, scale: float, name: str) -> int:
-    result = value * scale
-    if abs(result - round(result)) > 1e-9:
-        raise ValueError(f"crop_padding: {name}={value} times scale {scale} is not a whole number of pixels")
-    return int(round(result))
+    top, left = round(padding.top * scale), round(padding.left * scale)
+    return x[..., top : top + round(padding.height * scale), left : left + round(padding.width * scale)]
 
 
 def side_by_side(images: Sequence[np.ndarray], pad: int = 8, fill: int = 255) -> np.ndarray:
     """uint8 ``[H_i, W_i, 3]`` images left to right, ``pad`` pixels apart and around, centred vertically on a ``fill``
     background: uint8 ``[max H + 2 pad, sum W + (n + 1) pad, 3]``."""
-    if len(images) == 0:
-        raise ValueError("side_by_side needs at least one image")
-    if pad < 0 or not 0 <= fill <= 255:
-        raise ValueError(f"pad must be >= 0 and fill in [0, 255], got pad={pad}, fill={fill}")
     arrays = [np.asarray(img) for img in images]
-    for i, img in enumerate(arrays):
-        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"side_by_side: image {i} must be uint8 [H, W, 3], got {img.dtype} {tuple(img.shape)}")
     height = max(img.shape[0] for img in arrays) + 2 * pad
     width = sum(img.shape[1] for img in arrays) + (len(arrays) + 1) * pad
     canvas = np.full((height, width, 3), fill, dtype=np.uint8)

@@ -20,7 +20,7 @@ def format_path(path: PathLike) -> str:
 
 
 def one_line(text: str) -> str:
-    """Collapse every whitespace run (newlines included) of ``text`` into a single space."""
+    """``text`` with every whitespace run (newlines included) collapsed into one space."""
     return _WHITESPACE_RUN.sub(" ", str(text)).strip()
 
 
@@ -34,11 +34,8 @@ def short_repr(value: Any, limit: int = 40) -> str:
 
 
 class ImageLoadError(ValueError):
-    """An input could not be read as an image; ``str(err)`` is one line naming the path and the cause.
-
-    Attributes:
-        path: the path as given (str, bytes or PathLike).  reason: the cause alone, without the path.
-    """
+    """An input could not be read as an image: ``str(err)`` is one line naming the path (``.path``, as given) and the
+    cause (``.reason``)."""
 
     def __init__(self, path: PathLike, reason: str) -> None:
         self.path = path
@@ -50,12 +47,8 @@ class ImageLoadError(ValueError):
 
 
 class ImageSaveError(OSError):
-    """An image could not be written; ``str(err)`` is one line naming the path and the cause.
-
-    Attributes:
-        path: the destination as given.  reason: the cause alone.  errno: the OS error number (``errno.ENOSPC``, ...)
-            or None.
-    """
+    """An image could not be written: ``str(err)`` is one line naming the path (``.path``) and the cause
+    (``.reason``); ``.errno`` is the OS error number (``errno.ENOSPC``, ...) or None."""
 
     def __init__(self, path: PathLike, reason: str, errno: int | None = None) -> None:
         self.path = path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import operator
 import os
 import re
 from collections.abc import Iterable
@@ -12,6 +13,7 @@ from ldm.imageio.errors import PathLike, format_path
 from ldm.imageio.load import IMAGE_SUFFIXES
 
 _GLOB_CHARS = frozenset("*?[")
+_PARTS = operator.attrgetter("parts")  # sort by path components: "a/b" before "a-b/c"
 
 
 def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
@@ -75,7 +77,7 @@ def _images_in_folder(folder: Path) -> tuple[list[Path], list[str]]:
     for root, dirs, files in os.walk(folder, onerror=on_error, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         images.extend(Path(root, name) for name in files if not name.startswith(".") and is_image_name(name))
-    return sorted(images, key=_sort_key), errors
+    return sorted(images, key=_PARTS), errors
 
 
 def _images_from_glob(pattern: str) -> tuple[list[Path], list[str]]:
@@ -88,11 +90,7 @@ def _images_from_glob(pattern: str) -> tuple[list[Path], list[str]]:
             errors.extend(folder_errors)
         elif os.path.isfile(match) and is_image_name(match):
             images.append(Path(match))
-    return sorted(images, key=_sort_key), list(dict.fromkeys(errors))  # ** and the next component may meet one folder
-
-
-def _sort_key(path: Path) -> tuple[str, ...]:
-    return path.parts
+    return sorted(images, key=_PARTS), list(dict.fromkeys(errors))  # ** and the next component may meet one folder
 
 
 def _glob(pattern: str, errors: list[str]) -> list[str]:

@@ -37,6 +37,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = tuple(
 _SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _GRAY_MODES = ("1", "L", "LA", "La")
+_MODE_BITS = {"1": 1, "I": 32, "F": 32, **dict.fromkeys(_SIXTEEN_BIT_GRAY_MODES, 16)}  # bits per sample; others 8
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # 1 is upright; other values are invalid and ignored, as Pillow does
 _PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
@@ -81,8 +82,7 @@ def load_image(path: PathLike) -> LoadedImage:
             corrupt or too large (decompression bomb) file, or a folder.
         TypeError: ``path`` is not a path at all (e.g. an int).
     """
-    data = _read_file(path)
-    return decode_image(data, source=path)
+    return decode_image(_read_file(path), source=path)
 
 
 def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
@@ -119,27 +119,22 @@ def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
         raise ImageLoadError(source, _corrupt_reason(exc, fmt)) from exc
 
 
-def from_pil(image: Image.Image, source: str = "<PIL.Image>", apply_exif_orientation: bool = True) -> LoadedImage:
-    """Convert an in-memory PIL image (any mode) exactly as :func:`load_image` converts a file.
-    ``apply_exif_orientation`` is harmless on images already through ``ImageOps.exif_transpose`` (it drops the tag)."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"from_pil expects a PIL.Image.Image, got {type(image).__name__}")
+def from_pil(image: Image.Image, source: str = "<PIL.Image>") -> LoadedImage:
+    """Convert an in-memory PIL image (any mode) exactly as :func:`load_image` converts a file (callers have checked
+    that it is a ``PIL.Image.Image``)."""
     try:
         image.load()
         frames = getattr(image, "n_frames", 1)
-        return _convert(image, source, image.format, frames, _mode_bit_depth(image.mode), None, apply_exif_orientation)
+        return _convert(image, source, image.format, frames, _MODE_BITS.get(image.mode, 8), None)
     except ImageLoadError:
         raise
     except Exception as exc:  # a lazily opened PIL image decodes here and can fail like any file
         raise ImageLoadError(source, _corrupt_reason(exc, image.format)) from exc
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# reading the file
-
-
 def _read_file(path: PathLike) -> bytes:
-    """The file's bytes, or an ImageLoadError saying why they cannot be read."""
+    """The file's bytes (an empty file is refused by :func:`decode_image`), or an ImageLoadError saying why they cannot
+    be read."""
     fs_path = os.fspath(path)  # TypeError for non-paths (an int would otherwise be taken as a file descriptor)
     try:
         st = os.stat(fs_path)
@@ -155,8 +150,6 @@ def _read_file(path: PathLike) -> bytes:
         raise ImageLoadError(path, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise ImageLoadError(path, "is not a regular file (device, FIFO or socket)")
-    if st.st_size == 0:
-        raise ImageLoadError(path, "file is empty (0 bytes)")
     limit = max_file_bytes()
     if limit is not None and st.st_size > limit:
         raise ImageLoadError(path, _too_large_reason(st.st_size, limit))
@@ -178,14 +171,6 @@ def max_file_bytes() -> int | None:
     return None if pixels is None else 16 * int(pixels) + 2**20
 
 
-def _too_large_reason(size: int, limit: int) -> str:
-    return (
-        f"file is {size:,} bytes, more than an image within Pillow's decompression-bomb limit "
-        f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels can take ({limit:,} bytes); if you trust the file, "
-        "raise the limit before loading (PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable)"
-    )
-
-
 def _read_bytes(fs_path: str | bytes) -> bytes:
     """The file's bytes, at most :func:`max_file_bytes` + 1 of them (enough to tell that it is too large)."""
     limit = max_file_bytes()
@@ -193,8 +178,12 @@ def _read_bytes(fs_path: str | bytes) -> bytes:
         return fh.read() if limit is None else fh.read(limit + 1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# decoding
+def _too_large_reason(size: int, limit: int) -> str:
+    return (
+        f"file is {size:,} bytes, more than an image within Pillow's decompression-bomb limit "
+        f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS:,} pixels can take ({limit:,} bytes); if you trust the file, "
+        "raise the limit before loading (PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable)"
+    )
 
 
 def _first_frame(image: Image.Image, data: bytes, source: PathLike) -> tuple[Image.Image, int | None]:
@@ -220,11 +209,10 @@ def _convert(
     frames: int | None,
     bit_depth: int,
     file_bytes: int | None,
-    apply_exif_orientation: bool = True,
 ) -> LoadedImage:
     source_mode = image.mode
     has_icc = bool(image.info.get("icc_profile"))
-    orientation, oriented, image = _orient(image, source, apply_exif_orientation)
+    orientation, oriented, image = _orient(image, source)
     rgb, alpha, decoded_bits = _to_arrays(image, source)
     if bit_depth > decoded_bits and decoded_bits == 8:
         logger.warning(
@@ -250,11 +238,11 @@ def _convert(
     return LoadedImage(rgb=rgb, alpha=alpha, info=info)
 
 
-def _orient(image: Image.Image, source: PathLike, apply: bool) -> tuple[int | None, bool, Image.Image]:
+def _orient(image: Image.Image, source: PathLike) -> tuple[int | None, bool, Image.Image]:
     """``(EXIF orientation or None, whether a transpose was applied, image)``; malformed EXIF is logged and ignored."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
-        if not apply or orientation not in _TRANSPOSING_ORIENTATIONS:
+        if orientation not in _TRANSPOSING_ORIENTATIONS:
             return orientation, False, image
         return orientation, True, ImageOps.exif_transpose(image)
     except Exception as exc:  # EXIF is untrusted metadata; its parser raises many types on junk
@@ -277,7 +265,8 @@ def _to_arrays(image: Image.Image, source: PathLike) -> tuple[np.ndarray, np.nda
         if mode == "I":
             logger.info("%s: 32-bit integer pixels in [%d, %d] read as 16-bit (divided by 65535)", format_path(source), lo, hi)
         gray = values.astype(np.float32) / np.float32(65535.0)
-        alpha = _transparency_key_alpha(image, values)
+        key = image.info.get("transparency")  # a tRNS chunk marking one gray value as transparent
+        alpha = (values != key).astype(np.float32) if isinstance(key, int) else None
         return _gray_to_rgb(gray), alpha, 16
     if mode == "F":
         gray = np.asarray(image, dtype=np.float32)
@@ -307,14 +296,6 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
 
 
-def _transparency_key_alpha(image: Image.Image, values: np.ndarray) -> np.ndarray | None:
-    """Alpha for a 16-bit grayscale image whose tRNS chunk marks one gray value as transparent."""
-    key = image.info.get("transparency")
-    if not isinstance(key, int):
-        return None
-    return (values != key).astype(np.float32)
-
-
 def _file_bit_depth(image: Image.Image, data: bytes) -> int:
     """Bits per sample as stored in the file (PNG IHDR, TIFF BitsPerSample), else implied by the pixel mode."""
     if image.format == "PNG" and data[12:16] == b"IHDR" and len(data) > 24:
@@ -325,17 +306,7 @@ def _file_bit_depth(image: Image.Image, data: bytes) -> int:
             return int(max(bits))
         if isinstance(bits, int):
             return bits
-    return _mode_bit_depth(image.mode)
-
-
-def _mode_bit_depth(mode: str) -> int:
-    if mode == "1":
-        return 1
-    if mode in _SIXTEEN_BIT_GRAY_MODES:
-        return 16
-    if mode in ("I", "F"):
-        return 32
-    return 8
+    return _MODE_BITS.get(image.mode, 8)
 
 
 def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
@@ -356,10 +327,6 @@ def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
 def _available_formats() -> tuple[str, ...]:
     Image.init()
     return tuple(name for name in LOADER_FORMATS if name in Image.OPEN)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# error reasons
 
 
 def _bomb_reason(exc: Exception) -> str:

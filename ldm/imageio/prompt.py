@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -55,10 +54,6 @@ class PromptError(ValueError):
         super().__init__(one_line(message))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# validation
-
-
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     """``value`` as a float if it is a finite number ``>= 0``; else a :class:`PromptError` saying what is allowed.
 
@@ -66,10 +61,8 @@ def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     guidance), above 1 = guidance (SD's usual 5-12).  diffusers treats every ``s <= 1`` as "conditional only"; here
     ``0 < s < 1`` interpolates.
     """
-    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-    if ok and isinstance(value, (int, np.integer)) and abs(int(value)) > sys.float_info.max:
-        ok = False  # math.isfinite would raise OverflowError on an int beyond float range
-    if not ok or not math.isfinite(value) or value < 0:
+    number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if not number or not 0 <= value <= sys.float_info.max:  # NaN compares False; an int beyond float range is refused
         raise PromptError(
             f"{name}={short_repr(value)} must be a finite number >= 0 (1 = the conditional model, no guidance; Stable "
             f"Diffusion usually 5-12; default {DEFAULT_GUIDANCE_SCALE:g})"
@@ -120,7 +113,6 @@ class Prompt:
         return self.guidance_scale != 1.0
 
     def as_metadata(self) -> dict[str, str]:
-        """:func:`prompt_metadata` of this prompt."""
         return prompt_metadata(self)
 
 
@@ -158,10 +150,6 @@ def _found(prompt: Any, negative: Any, scale: Any, source: str) -> FoundPrompt:
     except PromptError as exc:
         raise PromptError(f"{source}: {exc}") from None
     return FoundPrompt(prompt, negative, scale, source)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A1111 infotext
 
 
 def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
@@ -239,10 +227,6 @@ def _unquote(value: str) -> str:
             return value
         return out if isinstance(out, str) else value
     return value
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# PNG text chunks
 
 
 def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, str] | None:
@@ -396,10 +380,6 @@ def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
         except ValueError:
             raise PromptError(f"{source}: guidance_scale={scale!r} is not a number") from None
     return _found(fields.get("prompt"), fields.get("negative_prompt"), scale, source)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# prompt files
 
 
 @dataclass(frozen=True)

@@ -55,27 +55,25 @@ def save_image_atomic(
 
     Args:
         rgb: uint8 ``[H, W, 3]`` (:func:`ldm.imageio.tensor_to_image` gives this).
-        alpha: ``[H, W]`` uint8, or float in ``[0, 1]``; written as RGBA for PNG/WebP, dropped with a warning for JPEG.
+        alpha: ``[H, W]`` uint8, or float in ``[0, 1]`` (as the loader gives it); written as RGBA for PNG/WebP, dropped
+            with a warning for JPEG.
         metadata: ``{key: value}`` strings; keys follow the PNG keyword rules (1-79 Latin-1 characters).
         quality: JPEG/WebP quality 1-100 (PNG is lossless).
 
     Raises:
         ImageSaveError: one line naming the path (permission denied, a parent that is a file, a full disk, ...;
             ``errno`` holds the OS error number); no partial or temporary file is left behind.
-        ValueError / TypeError: unsupported suffix, wrongly shaped arrays or metadata (raised before writing).
+        ValueError: an unsupported suffix (raised before writing).
     """
     dest = Path(os.fsdecode(path))
     fmt = SAVE_FORMATS.get(dest.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot save {format_path(path)}: suffix {dest.suffix!r} is not one of {sorted(SAVE_FORMATS)}")
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be in [1, 100], got {quality}")
-    meta = _check_metadata(metadata)
     image = _to_pil(rgb, alpha)
     if fmt == "JPEG" and image.mode == "RGBA":
         logger.warning("%s: JPEG cannot store transparency; the alpha channel is dropped", format_path(path))
         image = image.convert("RGB")
-    options = _format_options(fmt, meta, int(quality))
+    options = _format_options(fmt, dict(metadata or {}), quality)
     if dest.is_dir():
         raise ImageSaveError(path, _ERRNO_REASONS[errno_codes.EISDIR], errno_codes.EISDIR)
 
@@ -100,43 +98,13 @@ def _current_umask() -> int:
 
 
 def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(
-            f"save_image_atomic expects rgb as uint8 [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)} "
-            "(convert model output with ldm.imageio.tensor_to_image)"
-        )
+    rgb = np.ascontiguousarray(rgb)
     if alpha is None:
-        return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+        return Image.fromarray(rgb, mode="RGB")
     alpha = np.asarray(alpha)
-    if alpha.shape != rgb.shape[:2]:
-        raise ValueError(f"alpha shape {tuple(alpha.shape)} does not match the image's {tuple(rgb.shape[:2])}")
-    if np.issubdtype(alpha.dtype, np.floating):
-        if not np.isfinite(alpha).all() or (alpha.size and (alpha.min() < 0.0 or alpha.max() > 1.0)):
-            raise ValueError("a float alpha must be finite and in [0, 1]")
+    if alpha.dtype != np.uint8:
         alpha = np.round(alpha.astype(np.float64) * 255.0).astype(np.uint8)
-    elif alpha.dtype != np.uint8:
-        raise TypeError(f"alpha must be uint8 or float in [0, 1], got dtype {alpha.dtype}")
     return Image.fromarray(np.ascontiguousarray(np.dstack([rgb, alpha])), mode="RGBA")
-
-
-def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    checked: dict[str, str] = {}
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(
-                f"metadata must map str to str; {key!r} -> {type(value).__name__} (convert with str() or json.dumps)"
-            )
-        try:
-            key.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError(f"metadata key {key!r} is not Latin-1 (PNG keywords are Latin-1)") from None
-        if not 1 <= len(key) <= 79 or key != key.strip() or not key.isprintable():
-            raise ValueError(f"metadata key {key!r} must be 1-79 printable characters without surrounding spaces")
-        checked[key] = value
-    return checked
 
 
 def _format_options(fmt: str, metadata: dict[str, str], quality: int) -> dict:

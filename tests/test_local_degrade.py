@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ldm.eval import DEGRADATIONS, build_degradation, degradation_from_spec
-from ldm.eval.degrade import ElasticWarp, VQRoundTrip, seed_generator
+from ldm.eval.degrade import DEGRADATIONS, ElasticWarp, VQRoundTrip, build_degradation, degradation_from_spec, seed_generator
 from ldm.eval.local_degrade import (
     LocalBlock,
     LocalBlotch,

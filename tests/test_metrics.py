@@ -141,16 +141,6 @@ def test_empty_batches_give_empty_results():
     assert all(v.shape == (0,) for v in found.values())
 
 
-def test_shape_and_range_errors():
-    a, b = _pair()
-    with pytest.raises(ValueError, match="equal shape"):
-        mse(a, b[:1])
-    with pytest.raises(ValueError, match="high > low"):
-        psnr(a, b, value_range=(1.0, -1.0))
-    with pytest.raises(ValueError, match="11x11"):
-        ssim(a[..., :8, :8], b[..., :8, :8])
-
-
 def test_compute_metrics_keys_and_per_image_shapes():
     refined, clean = _pair(1, shape=(3, 3, 16, 16))
     degraded = _pair(2, shape=(3, 3, 16, 16))[1]
@@ -164,8 +154,6 @@ def test_compute_metrics_keys_and_per_image_shapes():
     skipped = Skipped("LPIPS: no weights")
     with_lpips = compute_metrics(refined, clean=clean, lpips=skipped)
     assert with_lpips["lpips_clean"] is skipped and "lpips_input" not in with_lpips
-    with pytest.raises(ValueError, match="reference"):
-        compute_metrics(refined)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,11 +374,7 @@ def test_seam_of_a_feathered_paste_is_far_below_a_hard_paste():
     assert (seam_energy(feathered, x, mask) < 0.05 * seam_energy(hard, x, mask)).all()
 
 
-def test_seam_without_a_boundary_is_nan_and_bad_masks_are_refused():
+def test_seam_without_a_boundary_is_nan():
     x, y = _pair(6)
     assert torch.isnan(seam_energy(y, x, torch.zeros(2, 1, 32, 32))).all()
     assert torch.isnan(seam_energy(y, x, torch.ones(2, 1, 32, 32))).all()
-    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
-        seam_energy(y, x, torch.ones(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        masked_metrics(y, x, torch.full((2, 1, 32, 32), 2.0))

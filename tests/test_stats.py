@@ -59,10 +59,8 @@ def test_intervals_are_seeded_and_match_numpy_quantiles():
         (lambda: bootstrap_mean([1.0, float("inf")]), "non-finite"),
         (lambda: bootstrap_paired_difference([1.0, 2.0], [1.0]), "one pair per image"),
         (lambda: percentile_interval(0.0, np.zeros(3), 3, confidence=1.5), "confidence"),
-        (lambda: resample_indices(0), r"n \(items\) must be an integer >= 1"),
         (lambda: bootstrap_mean([[1.0, 2.0], [3.0, 4.0]]), "one number per image"),
         (lambda: bootstrap_paired_difference([[1.0], [2.0]], [[1.0, 2.0]]), "one number per image"),
-        (lambda: bootstrap_mean([1.0, 2.0], n_resamples=2.5), "n_resamples must be an integer"),
         (lambda: bootstrap_mean([1e308, 1e308]), "non-finite"),
     ],
 )
@@ -110,19 +108,9 @@ def test_swd_bootstrap_estimate_is_swd_and_paired_differences_find_a_real_change
         ({"n_resamples": 0}, "n_resamples must be an integer in"),
         ({"resample_directions": 0}, "resample_directions must be an integer in"),
         ({"resample_directions": 10**6}, "resample_directions must be an integer in"),
-        ({"patch_size": 0}, "patch_size must be an integer >= 1"),
-        ({"min_resolution": 1}, "min_resolution must be an integer >= 2"),
-        ({"seed": -1}, "seed must be an integer >= 0"),
     ],
 )
 def test_swd_bootstrap_refuses_bad_settings(kwargs, match):
     x = torch.zeros(2, 3, 16, 16)
     with pytest.raises(ValueError, match=match):
         swd_bootstrap(x, x, **kwargs)
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        swd_bootstrap(torch.full((2, 3, 16, 16), float("nan")), x)
-    ones = torch.ones(1, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="grid_points"):
-        resampled_wasserstein(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), ones, ones, grid_points=1)
-    with pytest.raises(ValueError, match="positive sum"):
-        resampled_wasserstein(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), ones * 0, ones)

@@ -112,21 +112,12 @@ def region_sweep(refiner):
     return result, images, degradations, round_trip
 
 
-def test_region_only_sweep_runs_no_whole_image_refinement(region_sweep, refiner):
+def test_region_only_sweep_runs_no_whole_image_refinement(region_sweep):
     result = region_sweep[0]
     assert {r["method"] for r in result.rows} == {"identity", "autoencoder", "experts (region)"}
     assert list(result.methods) == ["identity", "autoencoder", "experts (region)"]
     assert result.start_ts == {"experts (region)": (100, 300)}
     assert all(r["psnr_input_out"] == math.inf for r in result.rows if r["method"] == "experts (region)")
-    with pytest.raises(ValueError, match="whole_image=False runs the refiners only inside the boxes"):
-        run_sweep(
-            [("experts", refiner)],
-            synthetic_images(1, 32),
-            [build_sweep_degradation("jpeg:quality=10")],
-            start_ts=[100],
-            whole_image=False,
-            progress=False,
-        )
 
 
 def test_round_trip_columns_compare_with_the_round_trip_of_the_clean_image(region_sweep, refiner):

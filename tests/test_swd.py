@@ -178,10 +178,7 @@ def test_more_distortion_gives_a_larger_distance():
     ("a", "b", "kwargs", "match"),
     [
         (torch.zeros(2, 3, 16, 16), torch.zeros(3, 3, 16, 16), {}, "same shape"),
-        (torch.zeros(2, 3, 5, 5), torch.zeros(2, 3, 5, 5), {}, "at least 7x7"),
-        (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2, 3, 16, 16), {}, "float tensor"),
         (torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), {"normalize": "own"}, "normalize"),
-        (torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), {"n_directions": 0}, "n_directions"),
     ],
 )
 def test_bad_arguments_say_what_is_allowed(a, b, kwargs, match):

@@ -328,11 +328,6 @@ def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
     paths = write_report(result, tmp_path)
     with Image.open(paths["realism"]) as im:
         assert im.format == "PNG" and im.width > 100
-    with pytest.raises(ValueError, match="one size"):
-        run_sweep([], two_images, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(2, 24))
-    tiny = heldout_images(1, 6)  # smaller than SWD's 7x7 patches: refused before the sweep, not after it
-    with pytest.raises(ValueError, match="at least 7x7"):
-        run_sweep([], tiny, [deg], baselines=[identity_baseline()], realism_reference=heldout_images(1, 6, seed=1))
 
 
 def test_bad_arguments_are_refused(refiner, two_images):
@@ -341,18 +336,8 @@ def test_bad_arguments_are_refused(refiner, two_images):
         run_sweep([("experts", refiner)], two_images, deg, start_ts=[0], progress=False)
     with pytest.raises(ValueError, match="cannot run any of start_t"):
         run_sweep([("experts", refiner)], two_images, deg, start_ts=[700, 800], ddim_steps=DDIM_STEPS, progress=False)
-    with pytest.raises(ValueError, match="unique"):
-        run_sweep([("identity", refiner)], two_images, deg, baselines=[identity_baseline()], progress=False)
-    with pytest.raises(ValueError, match="no images"):
-        run_sweep([("experts", refiner)], [], deg, progress=False)
-    with pytest.raises(ValueError, match=r"region_modes=\['inpaint'\]: each must be one of \['region', 'crop'\]"):
-        run_sweep([("experts", refiner)], two_images, deg, region_modes=["inpaint"], progress=False)
-    with pytest.raises(ValueError, match="unique"):  # "a (region)" is also the region run of refiner "a"
-        run_sweep([("a", refiner), ("a (region)", refiner)], two_images, deg, progress=False)
     with pytest.raises(KeyError, match="unknown degradation"):
         build_sweep_degradation("jpg")
-    with pytest.raises(ValueError, match="no model was given"):
-        build_sweep_degradation("vq_roundtrip:codebook_fraction=0.5")
     with pytest.raises(ValueError, match="codebook_fraction"):
         build_sweep_degradation("vq_roundtrip:codebook_fraction=half", refiner.model.first_stage_model)
 

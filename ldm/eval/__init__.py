@@ -1,78 +1,10 @@
 """Evaluation of refinement: seeded degradations (:mod:`ldm.eval.degrade`, local ones in :mod:`ldm.eval.local_degrade`),
-image metrics (:mod:`ldm.eval.metrics`) and realism (:mod:`ldm.eval.swd`)."""
+image metrics (:mod:`ldm.eval.metrics`) and realism (:mod:`ldm.eval.swd`).
 
-from ldm.eval.degrade import (
-    DEGRADATIONS,
-    JPEG,
-    BlurNoise,
-    ColourBlotches,
-    Degradation,
-    ElasticWarp,
-    PatchShuffle,
-    VQRoundTrip,
-    build_degradation,
-    degradation_from_spec,
-    degradation_parameters,
-)
-from ldm.eval.degrade_files import apply_to_uint8, degrade_folder, file_seed
-from ldm.eval.local_degrade import (  # importing it registers the local degradations in DEGRADATIONS
-    LocalBlock,
-    LocalBlotch,
-    LocalDegradation,
-    LocalNoise,
-    LocalNone,
-    LocalPaint,
-    LocalResult,
-    LocalShuffle,
-    LocalSmear,
-    LocalVQ,
-    LocalWarp,
-)
-from ldm.eval.metrics import (
-    LPIPSMetric,
-    Skipped,
-    compute_metrics,
-    fid_kid,
-    load_inception,
-    load_lpips,
-    mse,
-    psnr,
-    ssim,
-)
+Importing the package imports :mod:`ldm.eval.local_degrade`, which registers the local degradations in
+:data:`ldm.eval.degrade.DEGRADATIONS`: the registry is complete whenever anything of ``ldm.eval`` is imported.
+"""
 
-__all__ = [
-    "DEGRADATIONS",
-    "JPEG",
-    "BlurNoise",
-    "ColourBlotches",
-    "Degradation",
-    "ElasticWarp",
-    "LPIPSMetric",
-    "LocalBlock",
-    "LocalBlotch",
-    "LocalDegradation",
-    "LocalNoise",
-    "LocalNone",
-    "LocalPaint",
-    "LocalResult",
-    "LocalShuffle",
-    "LocalSmear",
-    "LocalVQ",
-    "LocalWarp",
-    "PatchShuffle",
-    "Skipped",
-    "VQRoundTrip",
-    "apply_to_uint8",
-    "build_degradation",
-    "compute_metrics",
-    "degradation_from_spec",
-    "degradation_parameters",
-    "degrade_folder",
-    "fid_kid",
-    "file_seed",
-    "load_inception",
-    "load_lpips",
-    "mse",
-    "psnr",
-    "ssim",
-]
+from ldm.eval import local_degrade
+
+__all__ = ["local_degrade"]

@@ -46,8 +46,9 @@ def seed_generator(seed: int | torch.Generator) -> torch.Generator:
     raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Raise ValueError unless ``images`` is a floating ``[B, 3, H, W]`` tensor in [-1, 1]."""
+def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
+    """``images`` as float32/float64 (other float dtypes as float32) and the generator of ``seed``; raises ValueError
+    unless ``images`` is a floating ``[B, 3, H, W]`` tensor in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images [B, 3, H, W], got {shape}; use apply_to_uint8 for HWC uint8 arrays")
@@ -59,11 +60,6 @@ def check_images(images: torch.Tensor) -> None:
             raise ValueError(
                 f"expected images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; uint8 images convert with x / 127.5 - 1"
             )
-
-
-def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
-    """Checked ``images`` as float32/float64 (other dtypes as float32) and the generator of ``seed``."""
-    check_images(images)
     generator = seed_generator(seed)
     return (images if images.dtype in (torch.float32, torch.float64) else images.float()), generator
 
@@ -100,11 +96,7 @@ class Degradation(abc.ABC):
     [-1, 1] and restores the input dtype."""
 
     name: ClassVar[str] = ""
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the output depends on the seed (JPEG, for example, does not)."""
-        return True
+    stochastic: bool = True  # whether the output depends on the seed (JPEG's does not)
 
     @abc.abstractmethod
     def params(self) -> dict[str, Any]:
@@ -139,10 +131,6 @@ def _draw(fn: Any, shape: tuple[int, ...], generator: torch.Generator, like: tor
 def randint(high: int, generator: torch.Generator) -> int:
     """A uniform integer in ``[0, high)`` from ``generator``."""
     return int(torch.randint(high, (1,), generator=generator, device=generator.device))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# VQ round trip through a coarser first stage
 
 
 def _load_first_stage(first_stage: Any) -> torch.nn.Module:
@@ -242,10 +230,6 @@ class VQRoundTrip(Degradation):
         return out[:, :, :h, :w].to(images.device, images.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# classical degradations
-
-
 class JPEG(Degradation):
     """JPEG compression at ``quality`` (1-100, PIL's scale; 4:2:0 chroma subsampling), through 8-bit RGB.
 
@@ -253,14 +237,11 @@ class JPEG(Degradation):
     """
 
     name = "jpeg"
+    stochastic = False
 
     def __init__(self, quality: int = 20):
         check_count("quality", quality, 1, 100)
         self.quality = int(quality)
-
-    @property
-    def stochastic(self) -> bool:
-        return False
 
     def params(self) -> dict[str, Any]:
         return {"quality": self.quality}
@@ -335,10 +316,6 @@ class BlurNoise(Degradation):
         if self.noise_std > 0:
             out = out + self.noise_std * _draw(torch.randn, tuple(out.shape), generator, out)
         return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# shape, composition and colour errors
 
 
 class ElasticWarp(Degradation):
@@ -499,10 +476,6 @@ class ColourBlotches(Degradation):
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# registry
-
-
 DEGRADATIONS: dict[str, type[Degradation]] = {
     cls.name: cls for cls in (VQRoundTrip, JPEG, BlurNoise, ElasticWarp, PatchShuffle, ColourBlotches)
 }
@@ -520,8 +493,6 @@ def register_degradation(cls: type[Degradation]) -> type[Degradation]:
 
 def degradation_parameters(name: str) -> dict[str, Any]:
     """Parameters of a registered degradation: ``{param: default}`` (``inspect.Parameter.empty`` when required)."""
-    if name not in DEGRADATIONS:
-        raise KeyError(f"unknown degradation {name!r}; valid names: {sorted(DEGRADATIONS)}")
     sig = inspect.signature(DEGRADATIONS[name].__init__)
     return {p.name: p.default for p in list(sig.parameters.values())[1:]}
 
@@ -582,10 +553,6 @@ def degradation_from_spec(spec: str) -> Degradation:
     anything else stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
     name, items = split_spec(spec)
     return build_degradation(name, **{key: _parse_value(value) for key, value in items.items()})
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# uint8 arrays (folders: ldm.eval.degrade_files)
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:

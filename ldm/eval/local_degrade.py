@@ -104,14 +104,11 @@ class LocalDegradation(Degradation):
     def params(self) -> dict[str, Any]:
         return {**self.inner.params(), **self.box_params()}
 
-    def box_side(self, height: int, width: int) -> int:
-        return min(max(2, round(self.box_size * min(height, width))), height, width)
-
     def draw_box(self, height: int, width: int, generator: torch.Generator, image: torch.Tensor | None = None) -> Box:
-        """A box ``(x0, y0, x1, y1)`` of side :meth:`box_side`: uniform over the image, or with ``box_at="edges"``
-        drawn with probability proportional to the edge energy inside it (``image`` ``[3, H, W]``, see
-        :func:`edge_weights`)."""
-        side = self.box_side(height, width)
+        """A box ``(x0, y0, x1, y1)`` of side ``box_size`` of the shorter side (at least 2 px): uniform over the
+        image, or with ``box_at="edges"`` drawn in proportion to the edge energy inside it (``image`` ``[3, H, W]``,
+        see :func:`edge_weights`)."""
+        side = min(max(2, round(self.box_size * min(height, width))), height, width)
         if self.box_at == "edges" and image is not None:
             weights = edge_weights(image, side).flatten()
             index = int(torch.multinomial(weights.to(generator.device), 1, generator=generator))
@@ -227,16 +224,12 @@ class Pixelate(Degradation):
     row and column of cells may be smaller), repeated over the cell."""
 
     name = "pixelate"
-
+    stochastic = False
     MAX_BLOCK: ClassVar[int] = 1024
 
     def __init__(self, block: int = 4):
         check_count("block", block, 2, self.MAX_BLOCK, " (pixels)")
         self.block = int(block)
-
-    @property
-    def stochastic(self) -> bool:
-        return False
 
     def params(self) -> dict[str, Any]:
         return {"block": self.block}
@@ -328,10 +321,7 @@ class Unchanged(Degradation):
     """No change at all: the control that measures what refining an intact region costs."""
 
     name = "unchanged"
-
-    @property
-    def stochastic(self) -> bool:
-        return False
+    stochastic = False
 
     def params(self) -> dict[str, Any]:
         return {}

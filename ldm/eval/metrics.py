@@ -46,18 +46,9 @@ def hub_checkpoint_path(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# per-image distances
-
-
 def _prepare(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError(f"expected tensors, got {type(a).__name__} and {type(b).__name__}")
-    if a.ndim != 4 or a.shape != b.shape:
-        raise ValueError(f"expected two images batches [B, C, H, W] of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    lo, hi = float(value_range[0]), float(value_range[1])
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    """Two batches of one shape as float64 clipped to ``value_range`` (as a saved image would be), on ``a``'s device."""
+    lo, hi = value_range
     return a.detach().double().clamp(lo, hi), b.detach().double().clamp(lo, hi).to(a.device)
 
 
@@ -117,32 +108,11 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tens
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
     """Per-image SSIM ``[B]`` (11x11 Gaussian window of sigma 1.5, ``data_range = high - low``; torchmetrics'
-    definition, computed in float64, see :func:`_ssim_map`).
-
-    Images must be at least 11 px on each side.
+    definition, computed in float64, see :func:`_ssim_map`); images of at least 11 px on each side.
     """
     a, b = _prepare(images, reference, value_range)
-    if min(a.shape[-2:]) < SSIM_MIN_SIDE:
-        raise ValueError(f"SSIM needs images of at least 11x11 (its Gaussian window), got {tuple(a.shape[-2:])}")
     data_range = float(value_range[1]) - float(value_range[0])
     return _ssim_map(a, b, data_range).flatten(1).mean(-1).cpu()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# inside / outside a mask, and the seam along its boundary
-
-
-def _prepare_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """``mask`` ``[B, 1, H, W]`` (or ``[B, H, W]``) with values in [0, 1] as float64 on the images' device."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a tensor [B, 1, H, W], got {type(mask).__name__}")
-    m = mask[:, None] if mask.ndim == 3 else mask
-    if m.ndim != 4 or m.shape[1] != 1 or m.shape[0] != images.shape[0] or m.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"mask {tuple(mask.shape)} must be [B, 1, H, W] matching the images {tuple(images.shape)}")
-    m = m.detach().to(images.device, torch.float64)
-    if m.numel() and (float(m.min()) < 0 or float(m.max()) > 1):
-        raise ValueError(f"mask values must lie in [0, 1], got [{float(m.min()):.3g}, {float(m.max()):.3g}]")
-    return m
 
 
 def _region_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -171,7 +141,7 @@ def masked_metrics(
     differences count.
     """
     a, b = _prepare(images, reference, value_range)
-    m = _prepare_mask(mask, a)
+    m = mask.detach().to(a.device, torch.float64)
     data_range = float(value_range[1]) - float(value_range[0])
     ssim_map = _ssim_map(a, b, data_range) if min(a.shape[-2:]) >= SSIM_MIN_SIDE else None
     out: dict[str, Any] = {}
@@ -179,14 +149,10 @@ def masked_metrics(
         err = _region_mean((a - b) ** 2, weight)
         out[f"mse_{suffix}"] = err.cpu()
         out[f"psnr_{suffix}"] = (10.0 * torch.log10(data_range**2 / err)).cpu()
-        if ssim_map is None:
-            out[f"ssim_{suffix}"] = _ssim_skipped(a.shape[-2:])
-        else:
-            out[f"ssim_{suffix}"] = _region_mean(ssim_map.double(), weight).cpu()
-        if isinstance(lpips, Skipped):
-            out[f"lpips_{suffix}"] = lpips
-        elif lpips is not None:
-            out[f"lpips_{suffix}"] = lpips(a * weight + b * (1.0 - weight), b, value_range)
+        out[f"ssim_{suffix}"] = _ssim_skipped(a.shape[-2:]) if ssim_map is None else _region_mean(ssim_map, weight).cpu()
+        if lpips is not None:
+            region = a * weight + b * (1.0 - weight)
+            out[f"lpips_{suffix}"] = lpips if isinstance(lpips, Skipped) else lpips(region, b, value_range)
     return out
 
 
@@ -202,7 +168,7 @@ def seam_energy(
     inside pixels.  ``nan`` where the mask has no boundary (all 0 or nowhere 0).
     """
     a, b = _prepare(images, inputs, value_range)
-    inside = _prepare_mask(mask, a) > 0
+    inside = mask.to(a.device) > 0
     edit = a - b
     total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     pairs = torch.zeros_like(total)
@@ -216,20 +182,14 @@ def seam_energy(
     return torch.where(pairs > 0, total / pairs.clamp_min(1), torch.full_like(total, float("nan"))).cpu()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# LPIPS (local backbone weights only)
-
-
 class LPIPSMetric:
     """LPIPS (v0.1 linear heads shipped with the ``lpips`` package) over a locally stored torchvision backbone.
 
     Build it with :func:`load_lpips`; call ``metric(images, reference)`` -> per-image distances ``[B]``.
     """
 
-    def __init__(self, model: torch.nn.Module, net: str, backbone_path: Path):
+    def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
-        self.net = net
-        self.backbone_path = backbone_path
 
     def __call__(
         self, images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE
@@ -259,11 +219,7 @@ def load_lpips(
         return Skipped(f"LPIPS: {exc}")
     if device is not None:
         model = model.to(device)
-    return LPIPSMetric(model, net, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# FID / KID (set-level)
+    return LPIPSMetric(model)
 
 
 class _PrecomputedFeatures(torch.nn.Module):
@@ -362,10 +318,6 @@ def fid_kid(
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# one evaluation case
-
-
 def compute_metrics(
     refined: torch.Tensor,
     clean: torch.Tensor | None = None,
@@ -381,8 +333,6 @@ def compute_metrics(
     tensor ``[B]``.  With ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input``, which hold the
     :class:`Skipped` value when LPIPS was skipped.  SSIM is left out (as :class:`Skipped`) for images under 11 px.
     """
-    if clean is None and degraded is None:
-        raise ValueError("compute_metrics needs a reference: pass clean=, degraded= or both")
     out: dict[str, Any] = {}
     for suffix, reference in (("clean", clean), ("input", degraded)):
         if reference is None:

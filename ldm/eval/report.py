@@ -49,34 +49,31 @@ def _cell(value: Any) -> str:
     if isinstance(value, Skipped):
         return "skipped"
     if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.6g}"
+        return f"{value:.6g}"  # inf, -inf and nan as such
     return str(value)
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str], trailing: Sequence[str]) -> None:
+def _write_csv(
+    path: str | os.PathLike, rows: Sequence[dict[str, Any]], leading: Sequence[str], trailing: Sequence[str]
+) -> Path:
     present = [c for c in trailing if any(c in r for r in rows)]
     columns = list(leading) + present
     lines = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
     atomic_write_bytes(path, buf.getvalue().encode())
+    return Path(path)
 
 
 def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
     """The per-case CSV (see the module docstring)."""
-    path = Path(path)
-    _write_csv(path, result.rows, CSV_COLUMNS, ROW_METRICS)
-    return path
+    return _write_csv(path, result.rows, CSV_COLUMNS, ROW_METRICS)
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The summary CSV: per degradation x method x start_t, ``n``, means with their 95 % bootstrap intervals
     (``_lo`` / ``_hi``), paired gains and set metrics (:mod:`ldm.eval.summary`)."""
-    path = Path(path)
-    _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_KEYS)
-    return path
+    return _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_KEYS)
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -102,10 +99,6 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# curves
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -281,10 +274,6 @@ def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None
     return _finish_figure(fig, plt, result, handles, title, caption, path)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# image grids
-
-
 def image_grid(
     rows: Sequence[Sequence[torch.Tensor | None]],
     column_titles: Sequence[str],
@@ -416,10 +405,6 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     atomic_write_bytes(path, lambda fh: image.save(fh, format="PNG"))
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# everything
 
 
 def write_report(

@@ -7,38 +7,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ldm.eval.metrics import Skipped, fid_kid
-from ldm.eval.swd import PATCH_SIZE, PreparedReference, prepare_reference, swd_bootstrap
+from ldm.eval.swd import PreparedReference, prepare_reference, swd_bootstrap
 from ldm.imageio import from_uint8
-
-if TYPE_CHECKING:
-    from ldm.eval.sources import SweepImage
 
 SWD_SCALE = 1e3  # the sweep reports SWD x 10^3, as Karras et al. 2018 do
 SetKey = tuple[str, str, "int | None"]
-
-
-def realism_set(realism_reference: Sequence[SweepImage] | None, case_shapes: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
-    """The realism reference as ``[K, 3, H, W]``, checked against the cases' input shapes ``(3, H, W)``; None without
-    one.  Raises ValueError for an empty reference, images of another size than the cases' or smaller than SWD's
-    patches."""
-    if realism_reference is None:
-        return None
-    if not realism_reference:
-        raise ValueError("realism_reference is empty; pass clean images (e.g. heldout_images with another seed) or None")
-    shapes = set(case_shapes) | {tuple(im.image.shape[1:]) for im in realism_reference}
-    if len(shapes) != 1 or any(im.image.ndim != 4 or im.image.shape[0] != 1 for im in realism_reference):
-        raise ValueError(
-            f"the SWD realism reference and the cases must all be [1, 3, H, W] images of one size, got sizes "
-            f"{sorted(shapes)}; crop or resize them to one size, or pass realism_reference=None"
-        )
-    if min(realism_reference[0].image.shape[-2:]) < PATCH_SIZE:  # found before the sweep, not after it
-        raise ValueError(f"SWD needs images of at least {PATCH_SIZE}x{PATCH_SIZE} px, got sizes {sorted(shapes)}")
-    return torch.cat([im.image.float() for im in realism_reference])
 
 
 def _cycled(reference: torch.Tensor, n: int) -> torch.Tensor:

@@ -30,15 +30,8 @@ class Interval:
         return f"{fmt.format(self.estimate)} [{fmt.format(self.lo)}, {fmt.format(self.hi)}]"
 
 
-def _count(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def resample_indices(n: int, n_resamples: int = N_RESAMPLES, seed: int = 0) -> np.ndarray:
     """``[n_resamples, n]`` indices drawn uniformly with replacement from ``range(n)`` (generator seeded by ``seed``)."""
-    n, n_resamples, seed = _count("n (items)", n, 1), _count("n_resamples", n_resamples, 1), _count("seed", seed, 0)
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 

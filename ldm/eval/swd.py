@@ -121,8 +121,6 @@ def projected_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Te
     """1-D Wasserstein-1 distance ``[K]`` between ``a`` and ``b`` ``[N, D]`` projected on each column of
     ``directions`` ``[D, K]``: the mean absolute difference of the sorted projections (equal-size empirical
     distributions are matched in order)."""
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"descriptor sets must be [N, D] of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return (_sorted_projections(a, directions) - _sorted_projections(b, directions)).abs().mean(dim=1)
 
 
@@ -137,28 +135,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
     return float(projected_wasserstein(a, b, directions).mean())
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    """Raise ValueError unless ``value`` is a Python ``int`` >= ``low`` (and <= ``high`` when given)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def _check_sets(images: torch.Tensor, reference: torch.Tensor, patch_size: int) -> None:
-    for name, x in (("images", images), ("reference", reference)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            what = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a float tensor [B, C, H, W], got {what}")
-    if images.shape != reference.shape:
-        raise ValueError(
-            f"images {tuple(images.shape)} and reference {tuple(reference.shape)} must have the same shape "
-            "(equal-size sets of equal-size images); crop or resize them to one size"
-        )
-    if images.shape[0] < 1 or min(images.shape[-2:]) < patch_size:
-        raise ValueError(f"SWD needs at least one image of at least {patch_size}x{patch_size}, got {tuple(images.shape)}")
-    for name, x in (("images", images), ("reference", reference)):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} hold NaN or infinite values; SWD compares finite images")
+def _check_int(name: str, value: int, low: int, high: int) -> None:
+    """Raise ValueError unless ``value`` is a Python ``int`` in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -189,16 +169,11 @@ def prepare_reference(
     min_resolution: int = MIN_RESOLUTION,
     normalize: str = "each",
 ) -> PreparedReference:
-    """The reference side of :func:`swd` (see :class:`PreparedReference`) for sets of ``reference``'s shape."""
-    for name, value, low in (
-        ("patch_size", patch_size, 1),
-        ("patches_per_image", patches_per_image, 1),
-        ("n_directions", n_directions, 1),
-        ("min_resolution", min_resolution, 2),
-        ("seed", seed, 0),
-    ):
-        _check_int(name, value, low)
-    _check_sets(reference, reference, patch_size)
+    """The reference side of :func:`swd` (see :class:`PreparedReference`) for sets of ``reference``'s shape.
+
+    ``reference``: finite float images of at least ``patch_size`` px (the sweep's outputs and clean images, whose sizes
+    scripts/evaluate.py checks); the settings are positive integers (``min_resolution`` >= 2, ``seed`` >= 0).
+    """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -242,7 +217,6 @@ def _image_descriptors(images: torch.Tensor, prepared: PreparedReference) -> lis
             f"images {tuple(images.shape)} and reference {prepared.shape} must have the same shape "
             "(equal-size sets of equal-size images); crop or resize them to one size"
         )
-    _check_sets(images, images, prepared.settings[0])
     levels = laplacian_pyramid(
         images.detach().cpu().double(), len(pyramid_resolutions(*images.shape[-2:], prepared.settings[3]))
     )
@@ -265,20 +239,11 @@ def swd(
     min_resolution: int = MIN_RESOLUTION,
     normalize: str = "each",
 ) -> SWDResult:
-    """SWD between the Laplacian-pyramid patch sets of ``images`` and ``reference`` (see the module docstring).
-
-    Args:
-        images, reference: ``[B, C, H, W]`` float sets of the same shape (any value range: descriptors are normalised
-            per channel), e.g. refined images and clean images; or a :class:`PreparedReference` (whose seed and
-            settings then apply, the keyword arguments are ignored).
-        seed: seeds the patch positions and the directions.
-        patch_size, patches_per_image, n_directions, min_resolution: the paper's 7, 128, 512 (4 x 128) and 16.
-        normalize: ``"each"`` (the paper) or ``"reference"`` (both sets by the reference's statistics).
-
-    Returns:
-        :class:`SWDResult` (raw values; the paper prints them x 10^3).
+    """SWD (:class:`SWDResult`, raw values) between the Laplacian-pyramid patch sets of ``images`` and ``reference``,
+    ``[B, C, H, W]`` float sets of one shape in any value range (see the module docstring).  ``reference`` may be a
+    :class:`PreparedReference`, whose seed and settings then apply (the keyword arguments are ignored).
     """
-    prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    prepared = _prepared(reference, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
     return _swd_result(_image_descriptors(images, prepared), prepared)
 
 
@@ -291,20 +256,13 @@ def _swd_result(descriptors: list[torch.Tensor], prepared: PreparedReference) ->
     return SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
 
 
-def _prepared(reference: torch.Tensor | PreparedReference, images: torch.Tensor, *settings: Any) -> PreparedReference:
+def _prepared(reference: torch.Tensor | PreparedReference, *settings: Any) -> PreparedReference:
+    """``reference`` itself when prepared, else :func:`prepare_reference` of it with ``settings`` in
+    :func:`swd`'s keyword order (seed first)."""
     if isinstance(reference, PreparedReference):
         return reference
-    _check_sets(images, reference, settings[1])
-    seed, patch_size, patches_per_image, n_directions, min_resolution, normalize = settings
-    return prepare_reference(
-        reference,
-        seed=seed,
-        patch_size=patch_size,
-        patches_per_image=patches_per_image,
-        n_directions=n_directions,
-        min_resolution=min_resolution,
-        normalize=normalize,
-    )
+    names = ("seed", "patch_size", "patches_per_image", "n_directions", "min_resolution", "normalize")
+    return prepare_reference(reference, **dict(zip(names, settings)))
 
 
 def image_cdfs(projections: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -326,18 +284,6 @@ def resampled_wasserstein(
     direction (the CDFs are step functions, evaluated at each grid point and held to the next), so a resample costs
     one matrix product of its weights with the images' CDFs instead of a sort.
     """
-    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or not a.numel() or not b.numel():
-        raise ValueError(
-            f"a and b must be non-empty [K, B, P] projections of K directions, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if weights_a.shape[1:] != a.shape[1:2] or weights_b.shape[1:] != b.shape[1:2] or weights_a.shape[0] != weights_b.shape[0]:
-        raise ValueError(
-            f"weights must be [R, B] for a and [R, B'] for b with the same R, got {tuple(weights_a.shape)} "
-            f"and {tuple(weights_b.shape)}"
-        )
-    if bool((weights_a < 0).any() or (weights_b < 0).any() or (weights_a.sum(1) <= 0).any() or (weights_b.sum(1) <= 0).any()):
-        raise ValueError("weights must be >= 0 with a positive sum in every row")
-    _check_int("grid_points", grid_points, 2)
     a, b = a.double(), b.double()
     weights_a, weights_b = weights_a.double(), weights_b.double()
     pooled = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
@@ -380,10 +326,9 @@ def swd_bootstrap(
     Two calls with the same ``seed`` on sets of the same shape draw the same images, patches and directions, so their
     ``resampled`` values are paired (:func:`paired_swd_difference`).
     """
-    prepared = _prepared(reference, images, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
+    prepared = _prepared(reference, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
     _check_int("n_resamples", n_resamples, 1, 10**6)
     _check_int("resample_directions", resample_directions, 1, prepared.settings[2])
-    _check_int("seed", seed, 0)
     descriptors = _image_descriptors(images, prepared)
     result = _swd_result(descriptors, prepared)
     n = images.shape[0]
@@ -420,8 +365,6 @@ def bias_corrected_interval(estimate: float, resampled: np.ndarray, n: int, conf
 def paired_swd_difference(after: SWDBootstrap, before: SWDBootstrap, confidence: float = 0.95) -> Interval:
     """``after - before`` (e.g. the SWD of refined images minus that of the artifact images, same cases) with a
     bias-corrected interval from their paired resamples (both from :func:`swd_bootstrap` with the same seed)."""
-    if not isinstance(after, SWDBootstrap) or not isinstance(before, SWDBootstrap):
-        raise ValueError("paired_swd_difference compares two swd_bootstrap results")
     if after.resampled.shape != before.resampled.shape or after.pairing != before.pairing:
         raise ValueError(
             "paired SWD resamples need two swd_bootstrap results of the same seed, settings, set size and "

@@ -32,10 +32,10 @@ from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degrad
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, psnr, seam_energy
-from ldm.eval.set_metrics import add_swd, fid_kid_metrics, realism_set
+from ldm.eval.set_metrics import add_swd, fid_kid_metrics
 from ldm.eval.sources import SweepImage
 from ldm.imageio import to_uint8
-from ldm.sampling import check_eta, check_int_arg
+from ldm.sampling import check_int_arg
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,6 @@ ROUND_TRIP_COLUMNS: tuple[str, ...] = ("psnr_rt", "psnr_rt_in")
 ROW_METRICS: tuple[str, ...] = METRIC_COLUMNS + MASKED_COLUMNS + ROUND_TRIP_COLUMNS
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# inputs
-
-
 @dataclass(frozen=True)
 class SweepDegradation:
     """A degradation and the label written into the CSV (its spec; ``first_stage=model`` for the refiner's own first
@@ -102,8 +98,6 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
     """
     name, items = split_spec(spec, unique=False)
     if name in (VQRoundTrip.name, LocalVQ.name) and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
-        if first_stage is None:
-            raise ValueError(f"degradation {spec!r} uses the refiner's first stage, but no model was given")
         try:
             params: dict[str, Any] = {k: decimal_float(v) for k, v in items.items() if k != "first_stage"}
         except ValueError:
@@ -116,10 +110,6 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
         return SweepDegradation(f"{name}:{label}", deg)
     deg = degradation_from_spec(spec)
     return SweepDegradation(deg.spec, deg)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# results
 
 
 @dataclass
@@ -163,25 +153,18 @@ class SweepResult:
 
 
 @dataclass
-class _Case:
-    image: str
-    degradation: str
-    seed: int
-    clean: torch.Tensor | None  # [3, H, W]
-    input: torch.Tensor  # [3, H, W]
-    mask: torch.Tensor | None = None  # [1, H, W], local degradations
+class _Case(SweepExample):
+    """One case (images ``[3, H, W]``); those kept for the grid are its examples as they are."""
+
     clean_rt: torch.Tensor | None = None  # [3, H, W], the first stage's round trip of the clean image
 
 
 def _check_start_ts(start_ts: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
-    values = []
+    """The distinct ``start_ts`` in order; the CLIs check them against T = 1000, this against the model's own T."""
     for t in start_ts:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= int(t) <= num_timesteps - 1:
+        if not 1 <= t <= num_timesteps - 1:
             raise ValueError(f"start_t={t!r} must be an integer in [1, {num_timesteps - 1}]")
-        values.append(int(t))
-    if not values:
-        raise ValueError("no start_t given; pass e.g. 100 200 300 400 500 600 700")
-    return tuple(sorted(set(values)))
+    return tuple(sorted({int(t) for t in start_ts}))
 
 
 def _covered_start_ts(
@@ -210,8 +193,6 @@ def _example_ts(covered: Sequence[int], n: int | Sequence[int]) -> list[int]:
     ts = sorted(covered)
     if not isinstance(n, (int, np.integer)):
         return [t for t in ts if t in set(n)]
-    if n < 1:
-        raise ValueError(f"example_start_ts={n} must be >= 1 (or a list of start_ts)")
     if len(ts) <= n:
         return ts
     picks = np.linspace(0, len(ts) - 1, n).round().astype(int)
@@ -354,44 +335,27 @@ def run_sweep(
             ``psnr_rt`` / ``psnr_rt_in`` columns, which take what the first stage loses out of the comparison.
         progress: a tqdm bar over batches (rank 0 only).
 
+    The arguments are those scripts/evaluate.py and scripts/quickstart.py checked (unique method names, local
+    degradations for ``whole_image=False``, realism images of the cases' size); start_ts and ``ddim_steps`` are checked
+    here against the model's own T.
+
     Raises:
-        ValueError: no refiner and no baseline, no images, bad start_ts / seeds / batch size, a refiner that covers none
-            of the start_ts.
+        ValueError: a start_t or ``ddim_steps`` beyond T, a refiner that covers none of the start_ts.
     """
-    if not refiners and not baselines:
-        raise ValueError("nothing to evaluate: pass at least one refiner or baseline")
-    if not images:
-        raise ValueError("no images to evaluate")
-    if batch_size < 1 or n_examples < 0:
-        raise ValueError(f"batch_size ({batch_size}) must be >= 1 and n_examples ({n_examples}) >= 0")
     seed_list = [int(s) for s in seeds]
-    if not seed_list or any(s < 0 for s in seed_list):
-        raise ValueError(f"seeds={list(seeds)} must be a non-empty list of integers >= 0")
-    names = [name for name, _ in refiners] + [b.name for b in baselines]
     modes = list(dict.fromkeys(region_modes))
-    if any(m not in REGION_MODES for m in modes):
-        raise ValueError(f"region_modes={list(region_modes)}: each must be one of {list(REGION_MODES)}")
-    names += [name + REGION_MODES[m] for name, _ in refiners for m in modes]
-    if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique, got {names}")
     num_timesteps = refiners[0][1].num_timesteps if refiners else 1000
     ts = _check_start_ts(start_ts, num_timesteps)
     check_int_arg("ddim_steps", ddim_steps, 1, num_timesteps)  # refused up front, not per start_t
-    check_eta(eta)
     notes: list[str] = []
     covered = {name: _covered_start_ts(name, r, ts, ddim_steps, eta, notes) for name, r in refiners}
 
     reference = degradations is not None
     sweep_degradations = list(degradations) if reference else [SweepDegradation(NO_REFERENCE, None)]
-    if not whole_image and (not modes or not all(isinstance(d.degradation, LocalDegradation) for d in sweep_degradations)):
-        raise ValueError(
-            "whole_image=False runs the refiners only inside the boxes of local degradations: pass local "
-            "degradations only (e.g. local_noise) and a region mode, or whole_image=True"
-        )
     cases, examples = _build_cases(images, sweep_degradations, seed_list, n_examples)
     if round_trip is not None and reference:
         _add_round_trips(cases, round_trip, batch_size)
-    realism = realism_set(realism_reference, [tuple(c.input.shape) for c in cases])
+    realism = None if realism_reference is None else torch.cat([im.image.float() for im in realism_reference])
     keep_sets = (reference and isinstance(inception, torch.nn.Module)) or realism is not None
     runner = _Runner(cases, batch_size, lpips, keep_sets)
     if not runner.batches_of(masked_only=True):
@@ -477,16 +441,15 @@ def _build_cases(
     for deg in degradations:
         for k, image in enumerate(images):
             x = image.image
-            if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-                raise ValueError(f"image {image.name!r} must be a [1, 3, H, W] tensor, got {tuple(x.shape)}")
             for seed in seeds:
                 try:
                     clean, inp, mask = _degrade(deg, x, file_seed(seed, f"{deg.label}/{image.name}"))
                 except ValueError as exc:  # e.g. an image too small for the degradation's patches
                     raise ValueError(f"degradation {deg.label!r} on image {image.name!r} {tuple(x.shape[-2:])}: {exc}") from exc
+                case = _Case(image.name, deg.label, seed, clean, inp, mask)
                 if k < n_examples and seed == seeds[0]:
-                    examples[len(cases)] = SweepExample(image.name, deg.label, seed, clean, inp, mask)
-                cases.append(_Case(image.name, deg.label, seed, clean, inp, mask))
+                    examples[len(cases)] = case
+                cases.append(case)
     return cases, examples
 
 

@@ -1,4 +1,4 @@
-"""diffusers Stable Diffusion v1 folders (ldm.convert.from_sd, export_sd_diffusers): import against diffusers' and
+"""diffusers Stable Diffusion v1 folders (ldm.convert.from_diffusers, export_diffusers): import against diffusers' and
 transformers' own models, refinement against a diffusers DDIM loop with the prompt (guidance scale 1 and > 1),
 export -> import round trips, refused variants (SD 2.x, SDXL, v-prediction, inpainting, non-SD UNets) and the CLI.
 

@@ -43,7 +43,6 @@ class Options:
         self.read: set[str] = set()
 
     def fail(self, key: str, value: Any, why: str) -> DiffusersFormatError:
-        """The error for option ``key`` (shown with its value)."""
         return DiffusersFormatError(f"{self.source}: {key}={_short(value)} {why}")
 
     def get(self, key: str) -> Any:
@@ -179,14 +178,8 @@ class ParamMap:
     new_order: bool = False
 
     def diffusers_shapes(self, ldm_shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """The diffusers tensors' shapes for an LDM tensor of ``ldm_shape``."""
-        shape = tuple(int(s) for s in ldm_shape)
-        if self.op == "copy":
-            return [shape]
-        if self.op == "squeeze":
-            return [shape[:2]]
-        rows = shape[0] // 3
-        return [(rows, *shape[1:2])] * 3
+        """The diffusers tensors' shapes for an LDM tensor of ``ldm_shape`` (:meth:`to_diffusers` on the meta device)."""
+        return [tuple(t.shape) for t in self.to_diffusers(torch.empty(tuple(ldm_shape), device="meta"))]
 
     def to_diffusers(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """The diffusers tensor(s) holding ``tensor``'s values (new, contiguous tensors)."""

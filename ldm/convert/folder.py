@@ -24,8 +24,11 @@ CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MAX_JSON_BYTES = 16 << 20  # a scheduler config with 100k trained betas is ~2 MB
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-FIRST_STAGE_CLASSES = ("VQModel", "AutoencoderKL", "AsymmetricAutoencoderKL", "AutoencoderTiny")
+# model_index.json's classes -> the LDM part they are (any *Scheduler is the scheduler)
+ROLES = {
+    **dict.fromkeys(("UNet2DModel", "UNet2DConditionModel"), "unet"),
+    **dict.fromkeys(("VQModel", "AutoencoderKL", "AsymmetricAutoencoderKL", "AutoencoderTiny"), "first_stage"),
+}
 SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 DEFAULT_COMPONENTS = {"unet": ("unet",), "first_stage": ("vqvae", "vae"), "scheduler": ("scheduler",)}
 
@@ -57,48 +60,40 @@ def read_json(path: Path, shown: str) -> dict[str, Any]:
 
 
 class WeightFile:
-    """The tensors of one component: names and shapes first (cheap), tensors on demand.
+    """The tensors of one component: ``shapes`` (``{name: shape}``) first, cheap; tensors on demand.
 
     ``.safetensors`` shapes come from the file header (nothing is allocated); a ``.bin`` is unpickled by
     :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``), which allocates at most the file's size.
-    Only floating-point tensors are accepted.
+    Only floating-point tensors are accepted; names for which ``skip(name)`` holds are left out unread.
     """
 
-    def __init__(self, path: Path, shown: str, unsafe: bool = False, skip: Callable[[str], bool] | None = None):
-        self.path, self.shown = path, shown
-        self.skip = skip or (lambda name: False)
+    def __init__(self, path: Path, shown: str, unsafe: bool, skip: Callable[[str], bool]):
+        self.path, self.shown, self.skip = path, shown, skip
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self._tensors: dict[str, torch.Tensor] | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     for name in fh.keys():
-                        if self.skip(name):
-                            continue
-                        piece = fh.get_slice(name)
-                        self._check_dtype(name, piece.get_dtype(), piece.get_dtype() in SAFETENSORS_FLOATS)
-                        self._shapes[name] = tuple(int(s) for s in piece.get_shape())
+                        if not skip(name):
+                            piece = fh.get_slice(name)
+                            self._add(name, piece.get_dtype(), piece.get_dtype() in SAFETENSORS_FLOATS, piece.get_shape())
             except (SafetensorError, OSError, ValueError) as exc:
                 raise DiffusersFormatError(f"{shown} is not a readable safetensors file: {' '.join(str(exc).split())}") from exc
         else:
-            tensors = load_state_dict(path, unsafe=unsafe)
-            tensors = {k: v for k, v in tensors.items() if not self.skip(str(k))}
+            tensors = {k: v for k, v in load_state_dict(path, unsafe=unsafe).items() if not skip(str(k))}
             for name, value in tensors.items():
                 if not isinstance(value, torch.Tensor):
                     raise DiffusersFormatError(f"{shown}: entry {name!r} is a {type(value).__name__}, not a tensor")
-                self._check_dtype(name, str(value.dtype), value.is_floating_point())
-                self._shapes[str(name)] = tuple(value.shape)
+                self._add(name, str(value.dtype), value.is_floating_point(), value.shape)
             self._tensors = {str(k): v for k, v in tensors.items()}
 
-    def _check_dtype(self, name: str, dtype: str, ok: bool) -> None:
-        if not ok:
+    def _add(self, name: str, dtype: str, floating: bool, shape: Any) -> None:
+        if not floating:
             raise DiffusersFormatError(f"{self.shown}: tensor {name!r} has dtype {dtype}; model weights are floating point")
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """``{name: shape}`` of every tensor in the file."""
-        return dict(self._shapes)
+        self.shapes[str(name)] = tuple(int(s) for s in shape)
 
     def tensors(self, rename: Mapping[str, str]) -> dict[str, torch.Tensor]:
         """All tensors as float32, keyed by ``rename[name]`` (names absent from ``rename`` keep their name)."""
@@ -125,13 +120,15 @@ class Component:
 
 @dataclass
 class LDMFolder:
-    """An unconditional LDM pipeline folder: UNet, first stage and scheduler (configs read, weights not yet)."""
+    """A pipeline folder: UNet, first stage, scheduler and (Stable Diffusion) text encoder; configs read, weights not
+    yet.  ``read``: the files the conversion reads."""
 
     root: Path
     unet: Component
     first_stage: Component
     scheduler: Component
     read: list[Path] = field(default_factory=list)
+    text_encoder: Component | None = None
 
     @property
     def shown(self) -> str:
@@ -145,22 +142,11 @@ class LDMFolder:
             digest.update(f"{path.relative_to(self.root).as_posix()}\0{sha256_file(path)}\n".encode())
         return digest.hexdigest()
 
-    def weights(self, component: Component, unsafe: bool = False, skip: Callable[[str], bool] | None = None) -> WeightFile:
-        """The component's weight file (``skip(name)``: tensors left out unread, e.g. CLIP's integer position ids)."""
-        assert component.weights_file is not None
-        return WeightFile(component.weights_file, f"{self.shown}/{component.name}/{component.weights_file.name}", unsafe, skip)
-
 
 def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
-    """Find the UNet, first-stage and scheduler sub-folders of a diffusers LDM folder and read their configs.
-
-    With ``model_index.json`` the components are found by class; without it by the names ``unet``, ``vqvae`` (or
-    ``vae``) and ``scheduler``.
-
-    Raises:
-        DiffusersFormatError: not a folder, unreadable JSON, a missing part, or a conditioning component (a text
-            encoder, tokenizer, ...) that an unconditional LDM does not have.
-    """
+    """Find the UNet, first-stage and scheduler sub-folders of a diffusers LDM folder (by class in
+    ``model_index.json``; without it by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``) and read their configs.
+    A ``DiffusersFormatError`` refuses a missing part, unreadable JSON or a conditioning component (a text encoder)."""
     root = Path(path)
     shown = format_path(path)
     if not root.is_dir():
@@ -215,15 +201,7 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
         if not _plain_name(name):
             raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component name {name!r} is not a plain folder name")
         cls = entry[1]
-        role = (
-            "unet"
-            if cls in UNET_CLASSES
-            else "first_stage"
-            if cls in FIRST_STAGE_CLASSES
-            else "scheduler"
-            if cls.endswith("Scheduler")
-            else None
-        )
+        role = ROLES.get(cls, "scheduler" if cls.endswith("Scheduler") else None)
         if role is None:
             raise DiffusersFormatError(
                 f"{shown}/{MODEL_INDEX}: component {name!r} ({cls}) is not part of an unconditional LDM (UNet2DModel + "
@@ -277,15 +255,6 @@ MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json + merges.txt + tokenizer.jso
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel")
 
 
-@dataclass
-class SDFolder(LDMFolder):
-    """A Stable Diffusion pipeline folder: an :class:`LDMFolder` (UNet, VAE as ``first_stage``, scheduler) plus the
-    text encoder (``CLIPTextModel``) and the tokenizer folder."""
-
-    text_encoder: Component | None = None
-    tokenizer: Path | None = None
-
-
 def is_sd_folder(path: str | os.PathLike) -> bool:
     """Whether a diffusers folder is a text-to-image pipeline (a text encoder or tokenizer in ``model_index.json``, or
     a ``text_encoder/`` sub-folder without one) rather than an unconditional LDM; unreadable JSON answers False (the
@@ -303,15 +272,11 @@ def is_sd_folder(path: str | os.PathLike) -> bool:
     return any(isinstance(v, list) and len(v) == 2 and v[1] in _TEXT_CLASSES for v in data.values())
 
 
-def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
+def open_sd_folder(path: str | os.PathLike, supported: str) -> LDMFolder:
     """Read the configs of a Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-    ``scheduler/``); weights are not read yet.  ``supported`` ends the message that refuses other pipelines.
-
-    Raises:
-        DiffusersFormatError: not a folder, unreadable JSON, a missing part, a tokenizer without its files (or larger
-            than :data:`MAX_TOKENIZER_BYTES`), or a component an SD v1 pipeline does not have (SDXL's second text
-            encoder, an image encoder with weights, ...).
-    """
+    ``scheduler/``); weights are not read yet.  A ``DiffusersFormatError`` refuses a missing part, unreadable JSON, a
+    tokenizer without its files (or over :data:`MAX_TOKENIZER_BYTES`) or a component SD v1 lacks (SDXL's second text
+    encoder, ...); ``supported`` ends the message that refuses other pipelines."""
     root = Path(path)
     shown = format_path(path)
     if not root.is_dir():
@@ -350,4 +315,4 @@ def open_sd_folder(path: str | os.PathLike, supported: str) -> SDFolder:
             f"{shown}/tokenizer/ holds {size} bytes; a CLIP tokenizer is at most {MAX_TOKENIZER_BYTES} bytes"
         )
     read += files
-    return SDFolder(root, parts["unet"], parts["vae"], parts["scheduler"], read, parts["text_encoder"], tokenizer)
+    return LDMFolder(root, parts["unet"], parts["vae"], parts["scheduler"], read, parts["text_encoder"])

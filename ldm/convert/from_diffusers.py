@@ -1,6 +1,9 @@
-"""Hugging Face diffusers LDM folder -> this project's checkpoint dict and expert, in memory: the reading half of
+"""Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory: the reading half of
 :mod:`ldm.convert.diffusers`, in its own module so that imports stay one-way (``ldm.convert.diffusers ->
 ldm.refine.loading -> ldm.convert.from_diffusers``: ``load_expert`` reads folders, the writing half loads experts).
+An LDM folder (``unet/`` ``UNet2DModel``, ``vqvae/`` ``VQModel``, ``scheduler/``) becomes a ``LatentDiffusion``, a
+Stable Diffusion v1 folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, any ``scheduler/`` that defines the
+betas) v1-inference.yaml's classes; either a ``LateStepsLatentDiffusion`` when the UNet config records a window.
 """
 
 from __future__ import annotations
@@ -13,19 +16,29 @@ from typing import Any
 
 from ldm.checkpoint import load_weights
 from ldm.convert.common import DiffusersFormatError
-from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder
-from ldm.convert.from_sd import sd_to_checkpoint
+from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder, open_sd_folder
 from ldm.convert.importing import checked_window, converted_checkpoint, target_config
-from ldm.convert.schedule import ScheduleSpec, schedule_from_config
+from ldm.convert.schedule import SD_SCHEDULER_CLASSES, ScheduleSpec, schedule_from_config
+from ldm.convert.sd_map import (
+    CLIP_TARGET,
+    KL_DEFAULTS,
+    KL_TARGET,
+    SUPPORTED,
+    CrossAttnUNetLayout,
+    KLLayout,
+    check_text_config,
+    cond_unet_layout_from_config,
+    kl_layout_from_config,
+)
 from ldm.convert.unet_map import UNET_TARGET, UNetLayout, unet_layout_from_config
 from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
 from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
 
-__all__ = ["diffusers_to_checkpoint", "load_diffusers_expert", "model_config"]
-
 logger = logging.getLogger(__name__)
+
+SD_MAX_LENGTH = 77  # SD v1's prompt length in tokens (FrozenCLIPEmbedder's default)
 
 
 def diffusers_to_checkpoint(
@@ -34,25 +47,20 @@ def diffusers_to_checkpoint(
     unsafe_load: bool = False,
     clip_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Convert a diffusers LDM folder into the checkpoint dict ``main.py`` writes (a ``LatentDiffusion``, or a
-    ``LateStepsLatentDiffusion`` when the UNet config records a window), all in memory; a Stable Diffusion v1 folder
-    goes to :func:`ldm.convert.from_sd.sd_to_checkpoint`.
+    """Convert a diffusers LDM or Stable Diffusion v1 folder into the checkpoint dict ``main.py`` writes:
+    ``{"state_dict": {...} (float32), "config": {"model": {target, params}}, "converted_from": {"format", "folder",
+    "sha256"}}``, plus ``"window": [t_min, t_max]`` for a window expert.
 
     Args:
-        folder: the pipeline folder (``model_index.json``, ``unet/``, ``vqvae/``, ``scheduler/``).
-        scale_factor: the latent scale (overrides the VQModel's ``scaling_factor``; default: the folder's, else 1.0).
+        scale_factor: the latent scale (> 0; the CLI checks it), overriding the first stage's ``scaling_factor``
+            (default: the folder's, else 1.0 for an LDM, 0.18215 for SD v1).
         unsafe_load: unpickle arbitrary objects in ``.bin`` weight files (only for folders you trust).
-        clip_dir: Stable Diffusion folders only: the local CLIP folder (tokenizer + text config) the converted
-            config names (default: the diffusers folder itself; see :mod:`ldm.convert.from_sd`).
-
-    Returns:
-        ``{"state_dict": {...} (float32), "config": {"model": {target, params}}, "converted_from": {"format",
-        "folder", "sha256"}}``, plus ``"window": [t_min, t_max]`` for a window expert.
+        clip_dir: SD folders only: the local folder the text encoder reads its tokenizer and config from
+            (``cond_stage_config.params.version``, absolute; default: ``folder``, which must then stay where it is).
 
     Raises:
-        DiffusersFormatError (a ``CheckpointError``): a folder that is not an unconditional LDM this project can
-            represent, bad JSON, or weights that do not match the configs; one line naming the first offending
-            option or tensors.
+        DiffusersFormatError (a ``CheckpointError``): a folder this project cannot represent (SD 2.x, SDXL,
+            v-prediction, inpainting, ...), bad JSON, or weights that do not match the configs; one line.
     """
     if is_sd_folder(folder):  # a text-to-image pipeline (text_encoder/, tokenizer/): Stable Diffusion v1
         return sd_to_checkpoint(folder, scale_factor=scale_factor, unsafe_load=unsafe_load, clip_dir=clip_dir)
@@ -73,8 +81,48 @@ def diffusers_to_checkpoint(
             f"{vq.embed_dim} channels (vq_embed_dim / latent_channels); the UNet and the VQModel do not belong together"
         )
     window = checked_window(window, schedule.timesteps, f"{ldm.shown}/{ldm.unet.source()}")
-    cfg = model_config(unet, vq, schedule, _scale_factor(ldm, scale_factor), window)
+    if scale_factor is None and "scaling_factor" not in ldm.first_stage.config:
+        logger.info(
+            "%s has no scaling_factor: using 1.0, the latent scale of CompVis' VQ LDMs (diffusers' default 0.18215 is "
+            "Stable Diffusion's; diffusers issue 6725). Pass scale_factor (--scale-factor) if the model used another",
+            f"{ldm.shown}/{ldm.first_stage.source()}",
+        )
+    cfg = model_config(unet, vq, schedule, _scale_factor(ldm, scale_factor, 1.0), window)
     return converted_checkpoint(ldm, cfg, schedule, window, (unet.param_maps(), vq.param_maps()), unsafe_load)
+
+
+def sd_to_checkpoint(
+    folder: str | os.PathLike,
+    scale_factor: float | None = None,
+    unsafe_load: bool = False,
+    clip_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """:func:`diffusers_to_checkpoint` of a Stable Diffusion v1 folder."""
+    sd = open_sd_folder(folder, SUPPORTED)
+    where = {c.name: f"{sd.shown}/{c.source()}" for c in (sd.unet, sd.first_stage, sd.scheduler, sd.text_encoder)}
+    unet, window = cond_unet_layout_from_config(sd.unet.config, where["unet"])
+    kl = kl_layout_from_config(sd.first_stage.config, where["vae"])
+    schedule = schedule_from_config(sd.scheduler.config, where["scheduler"], SD_SCHEDULER_CLASSES)
+    check_text_config(sd.text_encoder.config, where["text_encoder"])
+    if unet.image_size == 0:  # sample_size: null
+        unet = replace(unet, image_size=max(1, kl.resolution // 2 ** (len(kl.ch_mult) - 1)))
+    if unet.in_channels != kl.z_channels:
+        raise DiffusersFormatError(
+            f"{where['unet']}: in_channels={unet.in_channels} but the VAE's latent has {kl.z_channels} channels; the "
+            f"UNet and the VAE do not belong together (inpainting / depth UNets are not supported); {SUPPORTED}"
+        )
+    width = sd.text_encoder.config.get("hidden_size") or 512
+    if width != unet.context_dim:
+        raise DiffusersFormatError(
+            f"{where['unet']}: cross_attention_dim={unet.context_dim} but the text encoder's "
+            f"hidden_size is {width}; the UNet and the text encoder do not belong together"
+        )
+    window = checked_window(window, schedule.timesteps, where["unet"])
+    factor = _scale_factor(sd, scale_factor, KL_DEFAULTS["scaling_factor"])
+    positions = sd.text_encoder.config.get("max_position_embeddings") or SD_MAX_LENGTH
+    version = os.path.abspath(clip_dir if clip_dir is not None else sd.root)
+    cfg = sd_model_config(unet, kl, schedule, factor, window, version, min(SD_MAX_LENGTH, int(positions)))
+    return converted_checkpoint(sd, cfg, schedule, window, (unet.param_maps(), kl.param_maps()), unsafe_load)
 
 
 def model_config(
@@ -94,47 +142,61 @@ def model_config(
     return target_config(params, window)
 
 
-def _scale_factor(ldm: LDMFolder, override: float | None) -> float:
-    source = f"{ldm.shown}/{ldm.first_stage.source()}"
+def sd_model_config(
+    unet: CrossAttnUNetLayout,
+    kl: KLLayout,
+    schedule: ScheduleSpec,
+    scale_factor: float,
+    window: tuple[int, int] | None,
+    clip_version: str,
+    max_length: int = SD_MAX_LENGTH,
+) -> dict[str, Any]:
+    """The embedded model config of a converted SD v1 folder: v1-inference.yaml's classes with the folder's sizes, keys
+    of this project's datasets (``image``, ``caption``), frozen VAE and text encoder."""
+    clip_params: dict[str, Any] = {"version": clip_version}
+    if max_length != SD_MAX_LENGTH:
+        clip_params["max_length"] = max_length
+    params: dict[str, Any] = {
+        **schedule.ldm_params(),
+        "first_stage_key": "image",
+        "cond_stage_key": "caption",
+        "image_size": unet.image_size,
+        "channels": unet.in_channels,
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "scale_factor": scale_factor,
+        "unet_config": {"target": UNET_TARGET, "params": unet.ldm_params()},
+        "first_stage_config": {"target": KL_TARGET, "params": kl.ldm_params()},
+        "cond_stage_config": {"target": CLIP_TARGET, "params": clip_params},
+    }
+    return target_config(params, window)
+
+
+def _scale_factor(folder: LDMFolder, override: float | None, default: float) -> float:
+    """``override``, else the first stage's ``scaling_factor`` (untrusted JSON), else ``default``."""
     if override is not None:
-        value, what = override, "scale_factor"
-    elif "scaling_factor" in ldm.first_stage.config:
-        value, what = ldm.first_stage.config["scaling_factor"], f"{source}: scaling_factor"
-    else:
-        logger.info(
-            "%s has no scaling_factor: using 1.0, the latent scale of CompVis' VQ LDMs (diffusers' default 0.18215 is "
-            "Stable Diffusion's; diffusers issue 6725). Pass scale_factor (--scale-factor) if the model used another",
-            source,
-        )
-        return 1.0
+        return float(override)
+    value = folder.first_stage.config.get("scaling_factor", default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise DiffusersFormatError(f"{what}={value!r} must be a finite number > 0")
+        raise DiffusersFormatError(
+            f"{folder.shown}/{folder.first_stage.source()}: scaling_factor={value!r} must be a finite number > 0"
+        )
     return float(value)
 
 
 def load_diffusers_expert(
-    folder: str | os.PathLike,
-    ema: bool = True,
-    scale_factor: float | None = None,
-    unsafe_load: bool = False,
+    folder: str | os.PathLike, ema: bool = True, unsafe_load: bool = False
 ) -> tuple[Expert, CheckpointInfo]:
-    """Build a refinement expert from a diffusers LDM folder, converted in memory (contract of
+    """Build a refinement expert from a diffusers folder, converted in memory (contract of
     :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients).
 
-    Args:
-        folder: the pipeline folder.  ema: accepted for the ``load_expert`` contract; a diffusers folder holds one set
-            of weights (a release's are usually its EMA weights), which is used either way.
-        scale_factor, unsafe_load: as in :func:`diffusers_to_checkpoint`.
-
-    Returns:
-        ``(Expert, CheckpointInfo)``: the window is ``[0, T)``, or the one recorded in ``unet/config.json``; the
-        sha256 is the folder digest (:meth:`ldm.convert.folder.LDMFolder.digest`).
-
-    Raises:
-        DiffusersFormatError / CheckpointError: as :func:`diffusers_to_checkpoint`.
+    ``ema`` is accepted for that contract; a diffusers folder holds one set of weights (a release's are usually its EMA
+    weights), which is used either way.  Returns ``(Expert, CheckpointInfo)``: the window is ``[0, T)`` or the one
+    recorded in ``unet/config.json``; the sha256 is the folder digest (:meth:`ldm.convert.folder.LDMFolder.digest`).
+    Raises as :func:`diffusers_to_checkpoint`.
     """
     shown = format_path(folder)
-    ckpt = diffusers_to_checkpoint(folder, scale_factor=scale_factor, unsafe_load=unsafe_load)
+    ckpt = diffusers_to_checkpoint(folder, unsafe_load=unsafe_load)
     cfg = ckpt["config"]["model"]
     build = {**cfg, "params": {**cfg["params"], "use_ema": False}}
     model = instantiate_from_config(build)

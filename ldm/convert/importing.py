@@ -1,6 +1,6 @@
-"""The steps every diffusers import shares (:mod:`ldm.convert.from_diffusers` for LDM folders,
-:mod:`ldm.convert.from_sd` for Stable Diffusion v1 folders): the model config's target, the window, and the checkpoint:
-schedule buffers and each component's weights, checked against the shapes the converted config implies.
+"""The steps every diffusers import (:mod:`ldm.convert.from_diffusers`) shares: the model config's target, the window,
+and the checkpoint: schedule buffers and each component's weights, checked against the shapes the converted config
+implies.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from typing import Any
 import torch
 
 from ldm.convert.common import DiffusersFormatError, ParamMap, check_complete
-from ldm.convert.folder import Component, LDMFolder
+from ldm.convert.folder import Component, LDMFolder, WeightFile
 from ldm.convert.schedule import ScheduleSpec
-from ldm.convert.sd_map import CLIP_PREFIX, text_file_name, text_param_maps
+from ldm.convert.sd_map import text_file_name, text_param_maps
 from ldm.convert.unet_map import WINDOW_KEY
 from ldm.models.diffusion.base import SCHEDULE_BUFFERS
 from ldm.models.diffusion.latesteps import validate_window
 from ldm.modules.diffusionmodules.util import make_schedule_buffers
 from ldm.util import instantiate_from_config
-
-__all__ = ["checked_window", "converted_checkpoint", "expected_shapes", "import_weights", "schedule_buffers", "target_config"]
 
 LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
 LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
@@ -59,22 +57,19 @@ def converted_checkpoint(
     window: tuple[int, int] | None,
     maps: tuple[list[ParamMap], list[ParamMap]],
     unsafe: bool,
-    text_encoder: Component | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a converted folder (float32 state dict: the schedule buffers, then the UNet's and the
-    first stage's weights through ``maps``, then an SD text encoder's), with ``cfg`` embedded."""
+    first stage's weights through ``maps``, then an SD folder's text encoder's), with ``cfg`` embedded."""
     expected = expected_shapes(cfg, folder.shown)
     state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
     state_dict.update(import_weights(folder, folder.unet, maps[0], expected, UNET_PREFIX, unsafe))
     state_dict.update(import_weights(folder, folder.first_stage, maps[1], expected, FIRST_STAGE_PREFIX, unsafe))
-    if text_encoder is not None:
-        text_keys = [k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX + CLIP_PREFIX)]
-        text_maps = text_param_maps(text_keys)
-        state_dict.update(
-            import_weights(
-                folder, text_encoder, text_maps, expected, COND_STAGE_PREFIX, unsafe, rename=text_file_name, ignore=POSITION_IDS
-            )
+    if folder.text_encoder is not None:
+        text_maps = text_param_maps([k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX)])
+        text = import_weights(
+            folder, folder.text_encoder, text_maps, expected, COND_STAGE_PREFIX, unsafe, text_file_name, POSITION_IDS
         )
+        state_dict.update(text)
     ckpt: dict[str, Any] = {
         "state_dict": state_dict,
         "config": {"model": cfg},
@@ -136,10 +131,10 @@ def import_weights(
     want: dict[str, tuple[int, ...]] = {}
     for m in maps:
         want.update(zip(m.diffusers, m.diffusers_shapes(ldm_shapes[m.ldm])))
-    weights = folder.weights(component, unsafe, skip=lambda key: rename(key) in ignore)
-    names = {k: rename(k) for k in weights.shapes()}
-    have = {names[k]: shape for k, shape in weights.shapes().items()}
-    shown = weights.shown
+    shown = f"{folder.shown}/{component.name}/{component.weights_file.name}"
+    weights = WeightFile(component.weights_file, shown, unsafe, skip=lambda key: rename(key) in ignore)
+    names = {k: rename(k) for k in weights.shapes}
+    have = {names[k]: shape for k, shape in weights.shapes.items()}
     if len(have) != len(names):
         raise DiffusersFormatError(
             f"{shown} holds the same tensor under two names (e.g. both the old and the new "

@@ -36,7 +36,7 @@ SD_SCHEDULER_CLASSES = (
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 )
-# defaults shared by DDIMScheduler and DDPMScheduler in diffusers 0.42
+# defaults shared by DDIMScheduler and DDPMScheduler in diffusers 0.42 (of the options that define the betas)
 SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -46,11 +46,6 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "prediction_type": "epsilon",
     "rescale_betas_zero_snr": False,
     "variance_type": "fixed_small",
-    "clip_sample": True,
-    "set_alpha_to_one": True,
-    "steps_offset": 0,
-    "timestep_spacing": "leading",
-    "thresholding": False,
 }
 # the DDIMScheduler options under which diffusers' DDIM runs exactly this project's (CompVis') DDIM: the same grid
 # (1, 21, ..., 981 for 50 of 1000 steps when T is a multiple of the step count) and the same final step
@@ -130,14 +125,9 @@ class ScheduleSpec:
 
 
 def schedule_from_config(data: Mapping[str, Any], source: str, classes: tuple[str, ...] = SCHEDULER_CLASSES) -> ScheduleSpec:
-    """Validate a scheduler config (untrusted JSON) and return the schedule it defines.
-
-    Unknown options are logged and ignored (a scheduler steers sampling; the betas come only from the options read
-    here); sampler options that differ from CompVis' DDIM are noted in the log.
-
-    Raises:
-        DiffusersFormatError: another scheduler class, or a schedule / prediction this project cannot represent.
-    """
+    """Validate a scheduler config (untrusted JSON) and return the schedule it defines; a ``DiffusersFormatError``
+    refuses another class, or a schedule / prediction this project cannot represent.  Unknown options are logged and
+    ignored (a scheduler steers sampling; the betas come only from the options read here)."""
     cls = data.get("_class_name", "DDIMScheduler")
     if cls not in classes:
         raise DiffusersFormatError(
@@ -190,15 +180,12 @@ def scheduler_config_from_model(model: Any) -> dict[str, Any]:
     """A ``DDIMScheduler`` config whose betas are ``model.betas`` (float32 buffer ``[T]``) and whose sampler runs this
     project's DDIM; a named diffusers schedule when one reproduces the betas, else ``trained_betas``.
 
-    Raises:
-        DiffusersFormatError: a parameterization diffusers' schedulers do not name (only eps and x0 exist here).
+    ``model.parameterization`` is eps or x0 (``DDPM`` refuses others).
     """
     betas = model.betas.detach().to("cpu", torch.float64)
     timesteps = int(betas.shape[0])
     start, end = float(model.linear_start), float(model.linear_end)
     inverse = {v: k for k, v in PREDICTION.items()}
-    if model.parameterization not in inverse:
-        raise DiffusersFormatError(f"parameterization={model.parameterization!r} has no diffusers prediction_type")
     config: dict[str, Any] = {
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": timesteps,
@@ -212,14 +199,10 @@ def scheduler_config_from_model(model: Any) -> dict[str, Any]:
         **COMPVIS_DDIM,
     }
     for ours, theirs in TO_DIFFUSERS.items():
-        if ours == "cosine" or _valid(start, end):
+        if ours == "cosine" or all(math.isfinite(v) and v > 0 for v in (start, end)):
             candidate = make_beta_schedule(ours, timesteps, start, end, DIFFUSERS_COSINE_S)
             if torch.allclose(candidate, betas, rtol=SCHEDULE_RTOL, atol=0.0):
                 config["beta_schedule"] = theirs
                 return config
     config["trained_betas"] = [float(b) for b in betas.tolist()]
     return config
-
-
-def _valid(start: float, end: float) -> bool:
-    return all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (start, end))

@@ -155,11 +155,7 @@ class CrossAttnUNetLayout(UNetLayout):
 
 def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[CrossAttnUNetLayout, tuple[int, int] | None]:
     """Validate a ``UNet2DConditionModel`` config (untrusted JSON) of an SD v1-style UNet; returns its layout and the
-    recorded window, if any.
-
-    Raises:
-        DiffusersFormatError: naming the first option this project cannot represent (and what is supported).
-    """
+    recorded window, if any.  A ``DiffusersFormatError`` names the first option this project cannot represent."""
     cls = data.get("_class_name", COND_UNET_CLASS)
     if cls != COND_UNET_CLASS:
         raise DiffusersFormatError(
@@ -243,13 +239,8 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
 
 
 def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
-    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); refuses what
-    ``UNet2DConditionModel`` cannot hold (or this converter does not write).
-
-    Raises:
-        DiffusersFormatError: no cross-attention, class conditioning, ResNet up/down sampling, scale-shift norm,
-            ``channel_mult[0] != 1``, or transformers with different depths or head layouts.
-    """
+    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); a
+    ``DiffusersFormatError`` refuses what ``UNet2DConditionModel`` cannot hold (or this converter does not write)."""
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
 
@@ -368,11 +359,8 @@ class KLLayout(CoderLayout):
 
 
 def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
-    """Validate an ``AutoencoderKL`` config (untrusted JSON; ``scaling_factor`` is read elsewhere).
-
-    Raises:
-        DiffusersFormatError: naming the first option this project cannot represent, or a bad value.
-    """
+    """Validate an ``AutoencoderKL`` config (untrusted JSON; ``scaling_factor`` is read elsewhere), as
+    :func:`~ldm.convert.vq_map.vq_layout_from_config`."""
     cls = data.get("_class_name", KL_CLASS)
     if cls != KL_CLASS:
         raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a KL autoencoder (AutoencoderKL); {SUPPORTED}")
@@ -385,7 +373,7 @@ def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
     opt.choice("use_post_quant_conv", [True], "CompVis' AutoencoderKL always has post_quant_conv")
     opt.flag("force_upcast")
     opt.ignore("scaling_factor")
-    coder = coder_from_options(opt, KL_DEFAULTS["sample_size"])
+    coder = coder_from_options(opt)
     layout = KLLayout(**coder, z_channels=opt.integer("latent_channels", 1, MAX_CHANNELS))
     opt.finish()
     return layout

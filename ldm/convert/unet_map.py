@@ -203,11 +203,8 @@ def _resblock(ldm: str, diffusers: str, has_skip: bool) -> list[ParamMap]:
 
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetLayout, tuple[int, int] | None]:
-    """Validate a ``UNet2DModel`` config (untrusted JSON) and return its layout and the recorded window, if any.
-
-    Raises:
-        DiffusersFormatError: naming the first option that this project cannot represent, or a bad value.
-    """
+    """Validate a ``UNet2DModel`` config (untrusted JSON) and return its layout and the recorded window, if any; a
+    ``DiffusersFormatError`` names the first option that this project cannot represent, or a bad value."""
     cls = data.get("_class_name", UNET_CLASS)
     if cls != UNET_CLASS:
         why = (
@@ -308,12 +305,8 @@ def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------------------------------------------- from a model
 def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
-    """The layout of a CompVis ``UNetModel`` (read from its modules); refuses what ``UNet2DModel`` cannot hold.
-
-    Raises:
-        DiffusersFormatError: a conditional / class-conditional UNet, ResNet up/down sampling, ``channel_mult[0] != 1``,
-            or attention heads that no single ``attention_head_dim`` describes.
-    """
+    """The layout of a CompVis ``UNetModel`` (read from its modules); a ``DiffusersFormatError`` refuses what
+    ``UNet2DModel`` cannot hold (conditioning, ResNet up/down sampling, heads no one ``attention_head_dim`` gives, ...)."""
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
 

@@ -191,11 +191,8 @@ def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
 
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
-    """Validate a ``VQModel`` config (untrusted JSON) and return its layout (``scaling_factor`` is read elsewhere).
-
-    Raises:
-        DiffusersFormatError: naming the first option that this project cannot represent, or a bad value.
-    """
+    """Validate a ``VQModel`` config (untrusted JSON; ``scaling_factor`` is read elsewhere) and return its layout; a
+    ``DiffusersFormatError`` names the first option this project cannot represent, or a bad value."""
     cls = data.get("_class_name", VQ_CLASS)
     if cls != VQ_CLASS:
         why = (
@@ -211,7 +208,7 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     opt.flag("lookup_from_codebook")
     opt.flag("force_upcast")
     opt.ignore("scaling_factor")
-    coder = coder_from_options(opt, VQ_DEFAULTS["sample_size"])
+    coder = coder_from_options(opt)
     z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
     embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
     layout = VQLayout(
@@ -224,7 +221,7 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     return layout
 
 
-def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
+def coder_from_options(opt: Options) -> dict[str, Any]:
     """The :class:`CoderLayout` fields of a ``VQModel`` or ``AutoencoderKL`` config, validated."""
     opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
     opt.choice("act_fn", ["silu", "swish"])
@@ -242,7 +239,7 @@ def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
             False,
             "with attention blocks is not supported (CompVis' attn_type 'none' removes every attention block)",
         )
-    resolution = opt.side("sample_size") or default_size
+    resolution = opt.side("sample_size") or opt.defaults["sample_size"]  # sample_size: null
     if any(attention) and resolution % 2 ** (len(widths) - 1):
         raise opt.fail(
             "sample_size",
@@ -263,12 +260,8 @@ def coder_from_options(opt: Options, default_size: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- from a model
 def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
-    """The layout of this project's VQ first stage; refuses what diffusers' ``VQModel`` cannot hold.
-
-    Raises:
-        DiffusersFormatError: not a VQ model, a remapped codebook, ``ch_mult[0] != 1``, ``double_z``, pooling
-            downsampling, ``tanh_out`` / ``give_pre_end``, or encoder and decoder attention at different levels.
-    """
+    """The layout of this project's VQ first stage; a ``DiffusersFormatError`` refuses what diffusers' ``VQModel``
+    cannot hold (a remapped codebook, ``double_z``, ``ch_mult[0] != 1``, pooling, ``tanh_out``, ...)."""
     from ldm.models.autoencoder import VQModel
 
     def refuse(what: str) -> DiffusersFormatError:

@@ -90,8 +90,6 @@ def test_heldout_seeds_are_never_training_seeds():
     assert len(set(heldout)) == len(heldout)  # streams do not overlap
     with pytest.raises(ValueError, match="held-out index"):
         heldout_image_seed(2**32, 0)
-    with pytest.raises(ValueError, match="image seed"):
-        draw_scene(-1)
 
 
 def test_dataset_training_draws_change_every_epoch_validation_is_fixed_and_heldout():

@@ -1,9 +1,5 @@
-"""Datasets and the data module: an image folder, the embedded scikit-image photographs, cached latents, tar-shard
-streams and ``DataModuleFromConfig``.
-
-The public classes are re-exported lazily, so that ``import ldm.data.embedded`` (e.g. for ``heldout_crops``) does
-not import Lightning.
-"""
+"""Datasets and ``DataModuleFromConfig``; the classes are re-exported lazily, so that ``import ldm.data.embedded``
+(e.g. for ``heldout_crops``) does not import Lightning."""
 
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
 """``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), for DataModuleFromConfig.
 
 Item ``i`` is the cache's ``i``-th sample (shards in index order), read by the byte span its shard's sidecar records
-(no tar scan, no file listing), so the sampler, rank sharding and mid-epoch resume of ``main.py``
-(:mod:`ldm.data.resumable`) apply unchanged.  The variant an epoch uses follows the ``(seed, epoch, index)`` contract
-(:func:`~ldm.data.latent_format.choose_variant`): a cache of a folder's centre crops with flips, read with the image
-dataset's ``seed``, yields the latents of exactly the crops ``ImageFolderDataset(random_crop=False, flip=True)`` yields
-(while every image of the folder was readable).  An unreadable sample (a damaged latent or caption, another shape than
-the index declares, a NaN or infinite value) is warned about once and replaced by the next readable one.  For streaming
-from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
+(no tar scan), so the sampler, rank sharding and mid-epoch resume of :mod:`ldm.data.resumable` apply unchanged.  The
+variant an epoch uses follows the ``(seed, epoch, index)`` contract (:func:`~ldm.data.latent_format.choose_variant`):
+a cache of a folder's centre crops with flips, read with the image dataset's ``seed``, yields the latents of exactly
+the crops ``ImageFolderDataset(random_crop=False, flip=True)`` yields.  An unreadable sample (a damaged latent or
+caption, another shape than the index declares, a NaN or infinite value) is warned about once and replaced by the next
+readable one.  For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ class CachedLatents(EpochSeededDataset):
         self.flip = bool(flip)
         self.random_crop = bool(random_crop)
         self.captions = cache_caption_mode(captions, self.index.captions)
-        shard_ids, offsets, sizes, sources, caption_spans = [], [], [], [], []
+        rows, sources = [], []
         for shard_id, (name, count) in enumerate(self.index.shards):
             path = self.index.root / name
             sidecar_path = path.with_suffix(".json")
@@ -74,22 +73,18 @@ class CachedLatents(EpochSeededDataset):
                     f"{path} does not match {sidecar_path} and index.json (samples {len(spans)} vs {count}, bytes "
                     f"{actual} vs {tar_bytes}); the cache was modified: re-run cache_latents.py into a new folder"
                 )
-            shard_ids += [shard_id] * count
-            offsets += [o for o, _, _ in spans]
-            sizes += [s for _, s, _ in spans]
+            rows += [(shard_id, o, s, *c) for (o, s, _), c in zip(spans, captioned)]
             sources += [src for _, _, src in spans]
-            caption_spans += captioned
         if not sources:
             raise ConfigError(f"latent cache {self.index.root} holds no samples ({self.index.skipped} inputs were unreadable)")
-        self._shard = np.asarray(shard_ids, dtype=np.int64)
-        self._offset = np.asarray(offsets, dtype=np.int64)
-        self._size = np.asarray(sizes, dtype=np.int64)
+        # per sample: shard, offset, size, caption offset, caption size
+        self._span = np.asarray(rows, dtype=np.int64)
         self._sources = sources
-        self._caption_span = np.asarray(caption_spans, dtype=np.int64).reshape(-1, 2)
-        if self.captions == "required" and (self._caption_span[:, 0] < 0).any():
-            first = int(np.flatnonzero(self._caption_span[:, 0] < 0)[0])
+        uncaptioned = self._span[:, 3] < 0
+        if self.captions == "required" and uncaptioned.any():
+            first = int(np.flatnonzero(uncaptioned)[0])
             raise ConfigError(
-                f"captions='required', but {int((self._caption_span[:, 0] < 0).sum())} of the {len(sources)} samples of "
+                f"captions='required', but {int(uncaptioned.sum())} of the {len(sources)} samples of "
                 f"the latent cache {self.index.root} have no caption (first: {sources[first]!r}); cache a source with "
                 "captions, or set captions: optional (the empty caption for those)"
             )
@@ -111,8 +106,8 @@ class CachedLatents(EpochSeededDataset):
         ``""`` for none), or None (marked, warned once) if either is unreadable."""
         if self._bad[position].item():
             return None
-        path = self._paths[self._shard[position]]
-        size = int(self._size[position])
+        shard, offset, size, at, length = (int(v) for v in self._span[position])
+        path = self._paths[shard]
         what = f"{Path(path).name} sample {self._sources[position]}"
         try:
             if size > MAX_MEMBER_BYTES:  # the sidecar's size is read whole: bound it as tar members are
@@ -121,14 +116,13 @@ class CachedLatents(EpochSeededDataset):
                 )
             caption = None
             if self.captions != "off":
-                at, length = (int(v) for v in self._caption_span[position])
                 if length > MAX_CAPTION_BYTES:  # bounded before it is read, as a caption member of a shard is
                     raise ValueError(
                         f"{what}: its sidecar gives a caption of {length:,} bytes, more than the {MAX_CAPTION_BYTES:,} allowed"
                     )
                 text = decode_caption(read_span(path, at, length), what) if at >= 0 else None
                 caption = caption_item(text, self.captions, what)["caption"]
-            data = read_span(path, int(self._offset[position]), size)
+            data = read_span(path, offset, size)
             return decode_npy(data, self._shape, what=what), caption
         except (OSError, EOFError, ValueError) as exc:
             self._bad[position] = 1

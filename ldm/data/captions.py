@@ -1,9 +1,8 @@
 """Captions of training samples: where they come from, how they are bounded and decoded, the ``caption`` batch key.
 
-Every dataset that reads captions yields a ``str`` per item under :data:`CAPTION_KEY`; default collate makes a list per
-batch for the text encoder (``cond_stage_key: caption``).  Sources: an image folder's sidecar ``<stem>.txt``; a tar
-shard sample's ``.txt`` member, else its ``.json`` member's ``caption`` (img2dataset / LAION layout); a latent cache's
-``.txt`` member (kept by ``scripts/cache_latents.py``).
+Datasets with captions yield a ``str`` per item under :data:`CAPTION_KEY` (``cond_stage_key: caption``).  Sources: an
+image folder's sidecar ``<stem>.txt``; a tar shard sample's ``.txt`` member, else its ``.json`` member's ``caption``
+(img2dataset / LAION layout); a latent cache's ``.txt`` member.
 
 Modes (:data:`CAPTION_MODES`): ``"off"`` yields no caption key; ``"optional"`` yields ``""`` for a sample without one
 (the empty prompt, classifier-free guidance's "unconditional"); ``"required"`` refuses a missing caption (at
@@ -35,7 +34,8 @@ MAX_CAPTION_BYTES = 10 * 1024
 MAX_CAPTION_JSON_BYTES = 1 << 16
 # shard member extensions that carry captions, in the order they are looked for
 CAPTION_EXTS: tuple[str, ...] = ("txt", "json")
-SIDECAR_SUFFIX = ".txt"
+# member size limits for ldm.data.tar_shards.iter_samples: caption members are refused from their tar headers
+CAPTION_MEMBER_LIMITS: dict[str, int] = {"txt": MAX_CAPTION_BYTES, "json": MAX_CAPTION_JSON_BYTES}
 
 
 class CaptionError(ValueError):
@@ -84,7 +84,7 @@ def decode_caption(data: bytes, what: str) -> str:
 
 def sidecar_path(image_path: str | os.PathLike) -> Path:
     """The caption file of an image in a folder: ``<stem>.txt`` beside it."""
-    return Path(image_path).with_suffix(SIDECAR_SUFFIX)
+    return Path(image_path).with_suffix(".txt")
 
 
 def read_caption_file(path: str | os.PathLike) -> str | None:
@@ -109,12 +109,6 @@ def read_caption_file(path: str | os.PathLike) -> str | None:
             )
         data = fh.read(MAX_CAPTION_BYTES + 1)  # the file may have grown since fstat: the bound still holds
     return decode_caption(data, str(path))
-
-
-def caption_member_limits() -> dict[str, int]:
-    """Per-extension member size limits for :func:`ldm.data.tar_shards.iter_samples`: caption members are refused from
-    their tar header, before they are read."""
-    return {"txt": MAX_CAPTION_BYTES, "json": MAX_CAPTION_JSON_BYTES}
 
 
 def sample_caption(sample: Mapping[str, Any], what: str) -> str | None:

@@ -1,11 +1,9 @@
 """``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2.
 
-A :class:`~ldm.data.shard_stream.ShardStream` dataset is served by its own
-:class:`~ldm.data.shard_stream.ShardStreamLoader` for this process's rank.  Other loaders use plain ``shuffle``
-samplers (which Lightning's ``DistributedSampler`` shards), unless ``main.py`` (which turns that off) asks for
-:meth:`DataModuleFromConfig.use_resumable_order`: then the training loader follows :mod:`ldm.data.resumable` (each rank
-its own shard of a seeded order per epoch, resumable mid-epoch) and the evaluation loaders are split by rank.
-:class:`SetDatasetEpoch` calls the training dataset's ``set_epoch`` before each epoch (:mod:`ldm.data.image_folder`).
+A :class:`~ldm.data.shard_stream.ShardStream` is served by its own per-rank
+:class:`~ldm.data.shard_stream.ShardStreamLoader`; other datasets by plain ``shuffle`` loaders, or, once ``main.py``
+calls :meth:`DataModuleFromConfig.use_resumable_order`, by the per-rank resumable loaders of :mod:`ldm.data.resumable`.
+:class:`SetDatasetEpoch` calls the training dataset's ``set_epoch`` before each epoch.
 """
 
 from __future__ import annotations
@@ -38,13 +36,8 @@ _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy's and Python's global generators in a DataLoader worker.
-
-    ``torch.initial_seed()`` inside a worker is torch's per-worker seed (a base seed drawn from the main process's
-    generator for every new iterator, plus ``worker_id``), so workers differ from each other and from epoch to epoch
-    while staying reproducible under ``seed_everything``.  Datasets of this package draw from their own
-    ``(seed, epoch, index)`` generators; this protects third-party datasets that use ``np.random`` directly.
-    """
+    """Seed numpy's and Python's global generators from torch's per-worker seed (distinct per worker and epoch,
+    reproducible under ``seed_everything``), for third-party datasets that draw from ``np.random`` directly."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -62,23 +55,15 @@ def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
 
 
 class SetDatasetEpoch(pl.Callback):
-    """Selects the augmentation epoch of the training dataset of ``trainer.datamodule``.
+    """Selects the augmentation epoch of ``trainer.datamodule``'s training dataset, at ``on_train_start`` (a resumed
+    run continues with its epoch) and ``on_train_epoch_start``: before the epoch's loader starts its workers."""
 
-    Runs at ``on_train_start`` (so a resumed run continues with its epoch) and ``on_train_epoch_start``; both happen
-    before the epoch's DataLoader iterator starts its workers.
-    """
-
-    def _sync(self, trainer: pl.Trainer) -> None:
-        datamodule = trainer.datamodule
-        dataset = getattr(datamodule, "datasets", {}).get("train")
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = getattr(trainer.datamodule, "datasets", {}).get("train")
         if dataset is not None:
             set_dataset_epoch(dataset, trainer.current_epoch)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(trainer)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(trainer)
+    on_train_start = on_train_epoch_start
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -178,9 +163,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return torch.cuda.is_available()
 
     def use_resumable_order(self, seed: int) -> None:
-        """Serve the training loader in :mod:`ldm.data.resumable`'s order (this rank's shard of ``randperm(n, seed +
-        epoch)``, resumable mid-epoch) and the evaluation loaders split by rank.  For runs with Lightning's automatic
-        ``DistributedSampler`` turned off (``main.py``); call before the trainer asks for loaders."""
+        """Serve the training loader in :mod:`ldm.data.resumable`'s order and the evaluation loaders split by rank
+        (``main.py``, which turns Lightning's ``DistributedSampler`` off); call before the trainer asks for loaders."""
         self._order_seed = int(seed)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -203,9 +187,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True, drop_last=self.drop_last)
-        if self._order_seed is None:
-            return loader
-        return make_resumable(loader, self._order_seed, *self._rank_world())
+        return loader if self._order_seed is None else make_resumable(loader, self._order_seed, *self._rank_world())
 
     def _val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation", self.shuffle_val_dataloader)
@@ -215,6 +197,4 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _eval_loader(self, name: str, shuffle: bool) -> DataLoader:
         loader = self._loader(name, shuffle=shuffle, drop_last=False)
-        if self._order_seed is None:
-            return loader
-        return shard_eval_loader(loader, *self._rank_world(), name)
+        return loader if self._order_seed is None else shard_eval_loader(loader, *self._rank_world(), name)

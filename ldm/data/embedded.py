@@ -1,9 +1,8 @@
 """The embedded default dataset: real photographs shipped inside scikit-image (no download, works offline).
 
 Photographs (files inside the installed ``skimage/data``, none that scikit-image would download): colour ones
-(:data:`COLOR_PHOTOS`; ``motorcycle`` is the left view of ``stereo_motorcycle``) and, opt-in through ``photos=``,
-greyscale ones (:data:`GRAY_PHOTOS`, replicated to three channels).  Not used: ``cat`` (the same picture as
-``chelsea``), the right motorcycle view, ``lfw_subset`` and ``microaneurysms`` (too small), the synthetic images.
+(:data:`COLOR_PHOTOS`) and, opt-in through ``photos=``, greyscale ones (:data:`GRAY_PHOTOS`, replicated to three
+channels).  Not used: ``cat`` (``chelsea`` again), ``lfw_subset`` and ``microaneurysms`` (too small).
 
 Held-out split (whole photographs): :data:`HELDOUT_PHOTOS` give the validation items and :func:`heldout_crops` only,
 training crops come from the others (:data:`TRAIN_PHOTOS` by default): a photograph is either seen whole in training or
@@ -21,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,30 +37,16 @@ DEFAULT_SCALE: tuple[float, float] = (1.0, 3.0)
 _HELDOUT_STREAM = 1_000_003  # separates the held-out draws from the training draws of the same seed
 
 
-def _skimage(name: str) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        from skimage import data
-
-        image = getattr(data, name)()
-        return image[0] if isinstance(image, tuple) else image
-
-    return load
-
-
-COLOR_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    "astronaut": _skimage("astronaut"),
-    "coffee": _skimage("coffee"),
-    "chelsea": _skimage("chelsea"),
-    "rocket": _skimage("rocket"),
-    "motorcycle": _skimage("stereo_motorcycle"),
-    "immunohistochemistry": _skimage("immunohistochemistry"),
-    "hubble_deep_field": _skimage("hubble_deep_field"),
-    "retina": _skimage("retina"),
+# photograph -> the ``skimage.data`` function that returns it (in order: training draws index into these tuples)
+COLOR_PHOTOS: dict[str, str] = {
+    **{name: name for name in ("astronaut", "coffee", "chelsea", "rocket")},
+    "motorcycle": "stereo_motorcycle",
+    **{name: name for name in ("immunohistochemistry", "hubble_deep_field", "retina")},
 }
-GRAY_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    name: _skimage(name) for name in ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell", "page", "text")
+GRAY_PHOTOS: dict[str, str] = {
+    name: name for name in ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell", "page", "text")
 }
-PHOTO_LOADERS: dict[str, Callable[[], np.ndarray]] = {**COLOR_PHOTOS, **GRAY_PHOTOS}
+PHOTO_LOADERS: dict[str, str] = {**COLOR_PHOTOS, **GRAY_PHOTOS}
 HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "coffee")
 TRAIN_PHOTOS: tuple[str, ...] = tuple(name for name in COLOR_PHOTOS if name not in HELDOUT_PHOTOS)
 DEFAULT_PHOTOS = TRAIN_PHOTOS
@@ -75,9 +60,10 @@ def load_photo(name: str) -> np.ndarray:
     Photographs whose shorter side exceeds :data:`MAX_SHORT_SIDE` are first downscaled to it (bicubic, antialiased),
     so that ``scale`` means about the same amount of scene on every photograph.
     """
-    if name not in PHOTO_LOADERS:
-        raise ValueError(f"unknown embedded photo {name!r}; available: {sorted(PHOTO_LOADERS)}")
-    image = np.asarray(PHOTO_LOADERS[name]())
+    from skimage import data
+
+    image = getattr(data, PHOTO_LOADERS[name])()
+    image = np.asarray(image[0] if isinstance(image, tuple) else image)  # stereo_motorcycle: (left, right, disparity)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     image = np.ascontiguousarray(image[:, :, :3], dtype=np.uint8)

@@ -5,14 +5,13 @@ Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1
 rearrange to ``[B, 3, H, W]``), plus ``"caption"`` (the sidecar ``<stem>.txt``, :mod:`ldm.data.captions`) when on.
 
 Randomness (the contract every dataset here follows): the crop and flip of item ``index`` are drawn from
-``numpy.random.default_rng([seed, epoch, index])``, so they are reproducible for a seed, independent of DataLoader
-workers, DDP ranks and fetch order, and change per epoch through :meth:`EpochSeededDataset.set_epoch` (in shared memory,
-so persistent workers see it).  DataModuleFromConfig calls it every training epoch; a plain DataLoader user must call it
-too, or every epoch repeats epoch 0's crops.
+``numpy.random.default_rng([seed, epoch, index])``: reproducible for a seed, independent of workers, ranks and fetch
+order, and new per epoch through :meth:`EpochSeededDataset.set_epoch` (DataModuleFromConfig calls it every training
+epoch; a plain DataLoader user must call it too, or every epoch repeats epoch 0's crops).
 
 Unreadable files (truncated, corrupt, not an image, decompression bomb; or an unusable caption file) are skipped: the
-first failure logs one warning and marks the file in a shared-memory table (no other worker or epoch warns or retries;
-under DDP each rank has its own), and the next readable file of the split stands in.  ``num_skipped`` counts them.
+first failure logs one warning and marks the file in a shared-memory table (never retried), and the next readable file
+of the split stands in.  ``num_skipped`` counts them.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ldm.data.captions import CaptionError, caption_item, check_caption_mode, read_caption_file, sidecar_path
+from ldm.data.captions import caption_item, check_caption_mode, read_caption_file, sidecar_path
 from ldm.imageio.load import LOADER_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -73,13 +72,11 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Decode ``path`` (or an open binary file) fully, apply its EXIF orientation and return an RGB image.
+    """Decode ``path`` (or an open binary file) fully, apply its EXIF orientation and return an RGB image; raises one
+    of :data:`UNREADABLE_IMAGE_ERRORS` when it cannot be decoded.
 
-    Only regular files are opened (a FIFO named ``x.png`` would block the open forever), and only as one of the raster
-    formats :mod:`ldm.imageio` reads (:data:`ldm.imageio.LOADER_FORMATS`): Pillow's other plugins are never tried on a
-    downloaded data set (its EPS plugin runs Ghostscript on the file).
-
-    Raises one of :data:`UNREADABLE_IMAGE_ERRORS` when the file cannot be decoded.
+    Only regular files are opened (a FIFO named ``x.png`` would block the open forever), and only as one of
+    :data:`ldm.imageio.LOADER_FORMATS` (Pillow's EPS plugin would run Ghostscript on a downloaded data set).
     """
     if isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(f"{path} is not a regular file (device, FIFO or socket)")
@@ -102,9 +99,8 @@ def resize_short_side(image: Image.Image, size: int, min_side_resize: bool = Tru
 
 
 def crop_offsets(height: int, width: int, size: int, rng: np.random.Generator | None) -> tuple[int, int]:
-    """Top-left corner ``(top, left)`` of a ``size`` x ``size`` crop: uniform when ``rng`` is given, else centred."""
-    if height < size or width < size:
-        raise ValueError(f"cannot crop {size}x{size} from an image of {width}x{height} pixels")
+    """Top-left corner ``(top, left)`` of a ``size`` x ``size`` crop of an image at least that large (after
+    :func:`resize_short_side`): uniform when ``rng`` is given, else centred."""
     if rng is None:
         return (height - size) // 2, (width - size) // 2
     return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
@@ -131,11 +127,8 @@ def uint8_to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 class EpochSeededDataset(Dataset):
-    """Base class: per-item random generators derived from ``(seed, epoch, index)``.
-
-    ``set_epoch`` writes the epoch into a one-element shared-memory tensor, so DataLoader workers (forked, spawned
-    or persistent) read the current value when they build an item.
-    """
+    """Base class: per-item random generators derived from ``(seed, epoch, index)``; the epoch lives in shared memory,
+    so DataLoader workers (forked, spawned or persistent) read the current value when they build an item."""
 
     def __init__(self, seed: int) -> None:
         if int(seed) < 0:
@@ -162,12 +155,8 @@ class EpochSeededDataset(Dataset):
 def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """All files under ``root`` whose suffix (case-insensitive) is in ``suffixes``, sorted by relative POSIX path.
 
-    The walk is recursive and follows symlinked folders (each real folder is visited once, so link cycles end);
-    hidden files and folders (names starting with ``.``) are ignored.
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist.
-        NotADirectoryError: ``root`` is not a folder.
+    The walk is recursive and follows symlinked folders (each real folder once, so link cycles end); hidden files and
+    folders are ignored.  Raises FileNotFoundError / NotADirectoryError for a missing root / a file.
     """
     root = Path(root).expanduser()
     accepted = {s.lower() for s in suffixes}
@@ -301,45 +290,27 @@ class ImageFolderDataset(EpochSeededDataset):
         """Paths of the files found unreadable so far."""
         return [str(self.files[i]) for i in torch.nonzero(self._bad).flatten().tolist()]
 
-    def _mark_unreadable(self, position: int, error: BaseException) -> None:
-        if self._bad[position].item():
-            return
-        self._bad[position] = 1
-        logger.warning(
-            "skipping unreadable image %s (%s: %s); substituting another file (%d unreadable so far)",
-            self.files[position],
-            type(error).__name__,
-            error,
-            self.num_skipped,
-        )
-
-    def load(self, position: int) -> Image.Image | None:
-        """Decode file ``position`` as RGB, or mark it unreadable and return None."""
+    def load(self, position: int) -> tuple[Image.Image, dict[str, str]] | None:
+        """The RGB image of file ``position`` and ``{"caption": text}`` (``{}`` with ``captions="off"``), or None after
+        marking the file unreadable.  The caption file is read first, so a bad one (not UTF-8, too long, unreadable,
+        missing when captions are required) skips the image unread."""
         if self._bad[position].item():
             return None
+        path = self.files[position]
+        what = str(sidecar_path(path))
         try:
-            return load_rgb_image(self.files[position])
-        except UNREADABLE_IMAGE_ERRORS as error:
-            self._mark_unreadable(position, error)
+            caption = caption_item(None if self.captions == "off" else read_caption_file(what), self.captions, what)
+            return load_rgb_image(path), caption
+        except UNREADABLE_IMAGE_ERRORS as error:  # CaptionError is a ValueError
+            self._bad[position] = 1
+            logger.warning(
+                "skipping unreadable image %s (%s: %s); substituting another file (%d unreadable so far)",
+                path,
+                type(error).__name__,
+                error,
+                self.num_skipped,
+            )
             return None
-
-    def load_caption(self, position: int) -> dict[str, str] | None:
-        """``{"caption": text}`` of file ``position`` (``{}`` with ``captions="off"``), or None after marking the file
-        unreadable (a caption file that is not UTF-8, too long, unreadable, or missing when captions are required)."""
-        if self.captions == "off":
-            return {}
-        if self._bad[position].item():
-            return None
-        path = sidecar_path(self.files[position])
-        try:
-            return caption_item(read_caption_file(path), self.captions, str(path))
-        except (CaptionError, OSError) as error:
-            self._mark_unreadable(position, error)
-            return None
-
-    def transform(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        """Resize, crop and flip an RGB image: returns uint8 ``[size, size, 3]``."""
-        return augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, rng)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
         n = len(self.files)
@@ -348,10 +319,10 @@ class ImageFolderDataset(EpochSeededDataset):
         index %= n
         for offset in range(n):
             position = (index + offset) % n
-            caption = self.load_caption(position)  # first: a bad caption file skips the image unread
-            image = self.load(position) if caption is not None else None
-            if image is not None:
-                array = self.transform(image, self.item_rng(index))
+            loaded = self.load(position)
+            if loaded is not None:
+                image, caption = loaded
+                array = augment_image(image, self.size, self.min_side_resize, self.random_crop, self.flip, self.item_rng(index))
                 return {self.image_key: uint8_to_model_range(array), "file_path_": str(self.files[position]), **caption}
         raise UnreadableDatasetError(
             f"all {n} image(s) of split {self.split!r} under {str(self.root)!r} are unreadable "

@@ -2,10 +2,9 @@
 
 The work is cut into *units*, one output shard each, fixed by the source alone: a folder's sorted file list (the split
 ImageFolderDataset would train on) in runs of ``shard_size`` files, or one unit per input shard.  Unit ``u`` belongs to
-rank ``u % world_size``, so every process of a ``torchrun`` job knows its work without talking to the others, and a
-unit's bytes do not depend on the number of processes.  A unit is written as ``latents-<u>.tar`` (temp file, rename),
-then its sidecar ``latents-<u>.json``; a unit whose sidecar names a tar of the right size is done, so a killed run
-resumes at its first unfinished unit.  Whichever process finds every unit done writes ``index.json`` (same bytes).
+rank ``u % world_size`` (no communication; a unit's bytes do not depend on the number of processes).  A unit is written
+as ``latents-<u>.tar`` (atomically), then its sidecar ``latents-<u>.json``; a unit whose sidecar names a tar of the
+right size is done, so a killed run resumes.  Whichever process finds every unit done writes ``index.json``.
 
 Crops: a cache cannot store training's fresh random crop per epoch, so it stores ``n_crops`` fixed ones (1: the centre
 crop of ``random_crop: false``; N: evenly spaced along the longer side, centred on the shorter) and, with ``flip``,
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.data.captions import CAPTION_EXTS, CaptionError, caption_member_limits, read_caption_file, sample_caption, sidecar_path
+from ldm.data.captions import CAPTION_EXTS, CAPTION_MEMBER_LIMITS, CaptionError, read_caption_file, sample_caption, sidecar_path
 from ldm.data.image_folder import (
     UNREADABLE_IMAGE_ERRORS,
     crop_offsets,
@@ -102,11 +101,8 @@ class Unit:
 
 
 def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tuple[list[Unit], str]:
-    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume).
-
-    ``scanned``: the folder's ``scan_image_files`` when the caller has it already (:func:`source_inputs`).
-    """
-    digest = hashlib.sha256()
+    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume);
+    ``scanned``: the folder's ``scan_image_files`` when the caller has it already (:func:`source_inputs`)."""
     if os.path.isdir(settings.source):
         root = Path(settings.source)
         files = split_files(
@@ -114,17 +110,13 @@ def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tu
         )
         if not files:
             raise ConfigError(f"--data {settings.source}: no images (split {settings.split!r}); check the folder")
-        names = [f.relative_to(root).as_posix() for f in files]
-        for name in names:
-            digest.update(name.encode() + b"\n")
+        items = [f.relative_to(root).as_posix() for f in files]
         n = settings.shard_size
-        units = [Unit(i, tuple(names[s : s + n]), root=str(root)) for i, s in enumerate(range(0, len(names), n))]
+        units = [Unit(i, tuple(items[s : s + n]), root=str(root)) for i, s in enumerate(range(0, len(items), n))]
     else:
-        urls = expand_shards(settings.source)
-        for url in urls:
-            digest.update(url.encode() + b"\n")
-        units = [Unit(i, url=url) for i, url in enumerate(urls)]
-    return units, digest.hexdigest()
+        items = expand_shards(settings.source)
+        units = [Unit(i, url=url) for i, url in enumerate(items)]
+    return units, hashlib.sha256("".join(f"{item}\n" for item in items).encode()).hexdigest()
 
 
 def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int, ...], units: int, digest: str) -> bytes:
@@ -141,11 +133,8 @@ def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int,
 
 
 def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
-    """The local files and folders that ``--data`` reads, and the folder's scanned image list (None for shards).
-
-    For a folder: the folder and every image under it (the same scan :func:`plan_units` splits); for shards: the local
-    shard files (``pipe:`` and URLs are no local files).  Raises as ``scan_image_files`` / ``expand_shards`` do.
-    """
+    """The local files and folders that ``--data`` reads (a folder and every image under it, or the local shard
+    files), and the folder's scanned image list (None for shards).  Raises as ``scan_image_files`` / ``expand_shards``."""
     if os.path.isdir(source):
         root = Path(source).resolve()
         scanned = scan_image_files(root)
@@ -156,12 +145,10 @@ def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
 def check_output_folder(out: Path, inputs: list[Path]) -> None:
     """Refuse (ConfigError, one line, before anything is written) an ``--out`` this run must not write into.
 
-    Allowed: a folder that does not exist yet, an empty one (a killed run's stale temp files do not count), or one with
-    a ``plan.json`` (:func:`claim_plan` then resumes it or refuses other settings).  Refused: any other non-empty folder
-    (its files would be replaced or mixed with the cache's), an ``--out`` that is or lies above an input (``--data
-    'S/latents-{000000..000001}.tar' --out S`` replaced the input shards with their own latents), and one with an entry
-    that links to an input.  Outputs are direct children of ``--out``, so this needs no listing of outputs.  OS errors
-    while looking (an unreadable folder) are left to the writes, which report them as output errors.
+    Allowed: a folder that does not exist yet, an empty one (stale temp files do not count), or one with a
+    ``plan.json`` (:func:`claim_plan` resumes it).  Refused: any other non-empty folder, an ``--out`` that is or lies
+    above an input (the input shards would be replaced by their own latents), and one with an entry that links to an
+    input.  OS errors while looking are left to the writes, which report them as output errors.
     """
     out_real = Path(os.path.realpath(out))
     real_inputs = {Path(os.path.realpath(p)) for p in inputs}
@@ -264,7 +251,7 @@ def unit_inputs(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
     position = -1
     try:
         # other members are passed over unread; caption members are refused from their headers when too long
-        for sample in iter_samples(unit.url, exts=IMAGE_EXTS + CAPTION_EXTS, member_limits=caption_member_limits()):
+        for sample in iter_samples(unit.url, exts=IMAGE_EXTS + CAPTION_EXTS, member_limits=CAPTION_MEMBER_LIMITS):
             position = sample["__index__"]
             key = f"{label}#{sample['__key__']}"
             if SAMPLE_ERROR_KEY in sample:  # too large to read (a tar bomb), or ambiguous: nothing of it was read
@@ -307,16 +294,13 @@ def write_unit(
     device: torch.device,
     advance: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
-    """Encode one unit and write ``<name>.tar`` then its sidecar ``<name>.json``; returns the sidecar.
-
-    ``advance(n)`` is called after every ``n`` inputs (a progress bar).  Unreadable inputs are skipped and listed.
-    """
+    """Encode one unit and write ``<name>.tar`` then its sidecar ``<name>.json`` (which lists unreadable inputs);
+    returns the sidecar.  ``advance(n)`` is called after every ``n`` inputs (a progress bar)."""
     dtype = STORAGE_DTYPES[settings.dtype]
     skipped: list[dict[str, str]] = []
     members: list[tuple[str, bytes]] = []
     entries: list[dict[str, Any]] = []
     pending: list[tuple[int, str, np.ndarray, list[dict[str, Any]], str | None]] = []
-    member_of: list[tuple[int, int | None]] = []  # per entry: index of its .npy member and of its .txt member (or None)
 
     def flush() -> None:
         crops = np.concatenate([p[2] for p in pending])
@@ -327,12 +311,10 @@ def write_unit(
             start += len(batch_crops)
             key = f"{unit.index:06d}-{position:06d}"
             meta = {"source": source, "variants": variants, "first_stage_sha256": sha256}
-            npy_at = len(members)
             members.append((f"{key}.{LATENT_EXT}", encode_npy(stack)))
             members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
             if caption is not None:
                 members.append((f"{key}.txt", caption.encode("utf-8")))
-            member_of.append((npy_at, None if caption is None else npy_at + 2))
             entries.append({"key": key, "source": source})
         advance(len(pending))
         pending.clear()
@@ -348,12 +330,13 @@ def write_unit(
         flush()
     advance(max(0, (len(unit.files) if unit.url is None else seen) - len(entries)))
     tar_path = out / f"{unit.name}.tar"
-    spans: list[Any] = []
-    atomic_write_bytes(tar_path, lambda fh: spans.extend(write_tar(fh, members)))
-    for entry, (npy_at, txt_at) in zip(entries, member_of):
-        entry["offset"], entry["size"] = spans[npy_at].offset, spans[npy_at].size
-        if txt_at is not None:
-            entry["caption_offset"], entry["caption_size"] = spans[txt_at].offset, spans[txt_at].size
+    spans: dict[str, Any] = {}
+    atomic_write_bytes(tar_path, lambda fh: spans.update((span.name, span) for span in write_tar(fh, members)))
+    for entry in entries:
+        npy, txt = spans[f"{entry['key']}.{LATENT_EXT}"], spans.get(f"{entry['key']}.txt")
+        entry["offset"], entry["size"] = npy.offset, npy.size
+        if txt is not None:
+            entry["caption_offset"], entry["caption_size"] = txt.offset, txt.size
     sidecar = {
         "unit": unit.index,
         "tar": tar_path.name,

@@ -109,10 +109,10 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent", finite: bool = True) -> np.ndarray:
+def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent") -> np.ndarray:
     """A float32/float16 array from .npy bytes, checked before allocation: dtype, C order, ``shape`` when given
-    (``-1`` entries match any size) and that the payload holds exactly the header's elements; then, with ``finite``,
-    that no value is NaN or infinite.  Read-only view.
+    (``-1`` entries match any size) and that the payload holds exactly the header's elements; then that no value is
+    NaN or infinite.  Read-only view.
 
     Raises ValueError with ``what`` in the message for anything else.
     """
@@ -147,14 +147,13 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
             f"{what}: header says {tuple(array_shape)} {dtype} but the member holds {len(data) - stream.tell()} bytes"
         )
     array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(array_shape)
-    if finite:
-        # a NaN or inf latent would turn the loss (and, through the optimizer, every weight) into NaN
-        bad = count - int(np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise ValueError(
-                f"{what}: {bad} of its {count} values are NaN or infinite; a latent must be finite "
-                "(re-encode the image with cache_latents.py)"
-            )
+    # a NaN or inf latent would turn the loss (and, through the optimizer, every weight) into NaN
+    bad = count - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(
+            f"{what}: {bad} of its {count} values are NaN or infinite; a latent must be finite "
+            "(re-encode the image with cache_latents.py)"
+        )
     return array
 
 
@@ -171,20 +170,10 @@ def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, ra
 
 @dataclass(frozen=True)
 class CacheIndex:
-    """Contents of ``index.json``: the cache's settings and its shards.
-
-    Attributes:
-        root: the cache folder.
-        first_stage_sha256: :func:`first_stage_sha256` of the first stage that encoded every latent.
-        size: side of the square image crops in pixels.
-        latent_shape: ``[C, h, w]`` of one latent.
-        dtype: storage dtype name (``float32`` / ``float16``).
-        n_crops, flip: the variants per image (see :func:`choose_variant`).
-        shards: ``[(file name, number of samples)]`` in order.
-        skipped: inputs that could not be read (not in the cache).
-        captions: how many samples have a caption (``.txt`` member); 0 (and no key in the file) for a cache without.
-        settings: the rest of what the cache was made with (source, split, resize, batch size...), for people.
-    """
+    """Contents of ``index.json`` (a cache folder ``root``): ``size`` is the crop side in pixels, ``latent_shape``
+    ``[C, h, w]``, ``dtype`` the storage dtype name, ``shards`` ``[(file name, samples)]`` in order, ``skipped`` the
+    inputs that could not be read, ``captions`` how many samples have a ``.txt`` member (0: no key in the file),
+    ``settings`` the rest of what the cache was made with (for people)."""
 
     root: Path
     first_stage_sha256: str

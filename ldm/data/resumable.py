@@ -1,21 +1,18 @@
 """Deterministic, per-rank, resumable data order.
 
-Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (one with ``state_dict`` /
-``load_state_dict``); otherwise it restarts the epoch's data from the beginning.  :func:`make_resumable` rebuilds a
-DataLoader around :class:`ShardedEpochSampler`:
+Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (``state_dict`` / ``load_state_dict``).
+:func:`make_resumable` rebuilds a DataLoader around :class:`ShardedEpochSampler`:
 
 * the order of epoch ``e`` is ``randperm(len(dataset), seed + e)`` (or the identity without shuffling), identical on
   every rank, and each rank takes every ``world_size``-th index, padded like ``DistributedSampler``;
 * the loader counts the batches it handed out this epoch; the count goes into the checkpoint and a resumed run skips
   that many batches *by index* (nothing is loaded for them);
-* the real iterator is created lazily at the first ``next()`` (:class:`LazyCountingIterator`) — after Lightning's
-  ``set_epoch`` — and worker seeds derive from ``(seed, epoch, rank)`` through the loader's own generator.
+* the real iterator is created lazily at the first ``next()`` (after Lightning's ``set_epoch``), and worker seeds
+  derive from ``(seed, epoch, rank)`` through the loader's own generator.
 
-Iterable-style datasets and custom samplers are left alone (with a warning) on one process; they cannot be sharded here,
-so they are refused for multi-process runs, except loaders that split their data by rank themselves
-(``splits_by_rank = True``, e.g. the tar-shard streams of :mod:`ldm.data.shard_stream`, which share
-:class:`ResumableLoaderState`).  :class:`ldm.data.datamodule.DataModuleFromConfig` builds its loaders with these
-when ``main.py`` asks it to (:meth:`~ldm.data.datamodule.DataModuleFromConfig.use_resumable_order`).
+Iterable-style datasets and custom samplers are left alone (with a warning) on one process and refused for
+multi-process runs, except loaders that split their data by rank themselves (``splits_by_rank = True``: the tar-shard
+streams of :mod:`ldm.data.shard_stream`, which share :class:`ResumableLoaderState`).
 """
 
 from __future__ import annotations
@@ -38,27 +35,6 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-class LazyCountingIterator:
-    """Creates the DataLoader iterator at the first ``next()`` and counts the batches it yields."""
-
-    def __init__(self, loader: ResumableLoaderState) -> None:
-        self.loader = loader
-        self._it: Iterator[Any] | None = None
-
-    def __iter__(self) -> LazyCountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._it is None:
-            self._it = self.loader._start_epoch()
-        batch = next(self._it)
-        self.loader.batches_yielded += 1
-        return batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 class ResumableLoaderState:
     """What a resumable loader shares: ``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with
     ``weights_only``), and a loaded state makes the next iteration of that epoch skip the batches already trained on.
@@ -66,12 +42,6 @@ class ResumableLoaderState:
 
     batches_yielded: int = 0
     _pending: tuple[int, int] | None = None
-
-    def _epoch_now(self) -> int:
-        raise NotImplementedError
-
-    def _start_epoch(self) -> Iterator[Any]:
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
         """Epoch and number of batches handed out in it."""
@@ -82,7 +52,10 @@ class ResumableLoaderState:
         self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
-        return LazyCountingIterator(self)
+        # a generator: the epoch's real iterator is created at the first next(), after Lightning's set_epoch
+        for batch in self._start_epoch():
+            self.batches_yielded += 1
+            yield batch
 
     def _resume_skip(self, how: str) -> int:
         """Batches the epoch starting now skips: a loaded state's count if it is of this epoch (used once), else 0."""
@@ -96,21 +69,13 @@ class ResumableLoaderState:
 
 
 class ShardedEpochSampler(Sampler[int]):
-    """Indices of one rank for one epoch; optionally starts ``skip`` indices in (once, for a resumed epoch).
-
-    Args:
-        size: number of samples in the dataset.
-        shuffle: permute with ``torch.randperm(size, generator=seed + epoch)``; else ``0..size-1``.
-        seed: shared by all ranks.
-        rank, world_size: this process and the number of processes (indices ``rank::world_size``).
-        drop_last: drop the tail that does not divide by ``world_size`` instead of padding by repetition.
-    """
+    """Indices ``rank::world_size`` of the epoch's order of ``size`` samples (``randperm`` seeded by ``(seed, epoch)``
+    with ``shuffle``, else ``0..size-1``), padded by repetition to a multiple of ``world_size`` (or, with
+    ``drop_last``, cut); an iteration may start ``skip`` indices in (once, for a resumed epoch)."""
 
     def __init__(
         self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
@@ -143,9 +108,7 @@ class ShardedEpochSampler(Sampler[int]):
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.size // self.world_size
-        return -(-self.size // self.world_size)
+        return self.size // self.world_size if self.drop_last else -(-self.size // self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         start, self._skip = self._skip, 0
@@ -157,8 +120,6 @@ class ResumableDataLoader(ResumableLoaderState, DataLoader):
 
     def __init__(self, *args: Any, worker_seed: int = 0, **loader_kwargs: Any) -> None:
         super().__init__(*args, **loader_kwargs)
-        if not isinstance(self.sampler, ShardedEpochSampler):
-            raise TypeError(f"{type(self).__name__} needs a ShardedEpochSampler, got {type(self.sampler).__name__}")
         self.worker_seed = worker_seed
 
     def _epoch_now(self) -> int:
@@ -175,7 +136,10 @@ class ResumableDataLoader(ResumableLoaderState, DataLoader):
 
 
 def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    """What a loader rebuilt around another sampler keeps of ``loader``."""
     kwargs = {
+        "batch_size": loader.batch_size,
+        "drop_last": loader.drop_last,
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
@@ -216,20 +180,12 @@ def make_resumable(loader: Any, seed: int, rank: int, world_size: int) -> Any:
     """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank (see the module doc); a loader that
     splits its data by rank and resumes by itself (``splits_by_rank = True``: :class:`ldm.data.shard_stream.
     ShardStreamLoader`) is returned as it is."""
-    if getattr(loader, "splits_by_rank", False):
-        return loader
-    if not _convertible(loader, "training", world_size):
+    if getattr(loader, "splits_by_rank", False) or not _convertible(loader, "training", world_size):
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler) or getattr(loader.sampler, "shuffle", False)
     sampler = ShardedEpochSampler(len(loader.dataset), shuffle, seed, rank, world_size)
     return ResumableDataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        generator=torch.Generator(),
-        worker_seed=seed,
-        **_loader_kwargs(loader),
+        loader.dataset, sampler=sampler, generator=torch.Generator(), worker_seed=seed, **_loader_kwargs(loader)
     )
 
 
@@ -246,11 +202,4 @@ def shard_eval_loader(loader: Any, rank: int, world_size: int, what: str) -> Any
             loader.generator = torch.Generator().manual_seed(0)
         return loader
     sampler = ShardedEpochSampler(len(loader.dataset), False, 0, rank, world_size)
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        generator=torch.Generator().manual_seed(0),
-        **_loader_kwargs(loader),
-    )
+    return DataLoader(loader.dataset, sampler=sampler, generator=torch.Generator().manual_seed(0), **_loader_kwargs(loader))

@@ -1,8 +1,5 @@
-"""Training data streamed from webdataset tar shards on many processes: :class:`ImageShards`, :class:`LatentShards`.
-
-:class:`~ldm.data.datamodule.DataModuleFromConfig` serves them through :class:`ShardStreamLoader` (each rank reads only
-its part; ``main.py`` leaves such loaders alone).  The epoch plan, resuming and unreadable data: :class:`ShardStream`.
-"""
+"""Training data streamed from webdataset tar shards on many processes: :class:`ImageShards`, :class:`LatentShards`,
+served through :class:`ShardStreamLoader` (each rank reads only its part).  The epoch plan: :class:`ShardStream`."""
 
 from __future__ import annotations
 
@@ -54,12 +51,9 @@ _SHAPE_PROBE_SAMPLES = 16
 
 @dataclass
 class _EpochState:
-    """What one iteration (a worker's epoch) has learnt about its data, so that nothing unreadable is read twice.
-
-    ``ends``: shard -> position from which on the shard has nothing readable (it ended early or broke there);
-    ``empty``: blocks without a readable sample; ``substitute``: empty block -> the readable block that stands in for
-    it; ``cached``: the last substitute block and its items (re-used, not re-read, by the empty blocks before it).
-    """
+    """What a worker's epoch has learnt about its data, so that nothing unreadable is read twice: ``ends`` (shard ->
+    position from which on it has nothing readable), ``empty`` (blocks without a readable sample), ``substitute``
+    (empty block -> the readable block that stands in for it), ``cached`` (the last substitute block and its items)."""
 
     ends: dict[int, int] = field(default_factory=dict)
     empty: set[int] = field(default_factory=set)
@@ -72,29 +66,26 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     Plan of epoch ``e``, the same on every process (it needs each shard's sample count, see ``sizes``):
 
-    1. Shards in a permutation seeded by ``(seed, e)`` (training), else as given; their samples form the epoch's
-       stream of ``N`` samples.
-    2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R`` (the ``< R`` left over are
-       dropped this epoch); training takes ``M // batch_size`` whole batches, validation ``ceil(M / batch_size)``.
-       Every rank runs the same number of steps, so none waits forever in a collective (webdataset issue 250).
-    3. The rank's batches are split among its ``W`` DataLoader workers in contiguous runs; the DataLoader hands worker
-       batches out round robin, so rank batch ``j`` is batch ``j // W`` of worker ``j % W`` (after a restart at batch
-       ``k`` the DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
-    4. A worker reads its run in blocks of ``shuffle_buffer`` samples (rounded up to whole batches), opening each shard
-       at the block's first sample in it, and permutes a block with a generator seeded by ``(seed, e, rank, worker,
-       block)`` (training).  A loader restarted at batch ``k`` (its state ``{epoch, batches}`` is in every checkpoint)
-       re-reads only the block that holds it.  Mixing stays within a block (no reservoir); shards are re-ordered every
-       epoch.  Memory per worker: one block of decoded samples (``shuffle_buffer`` x 3 x size^2 bytes for images).
+    1. Shards in a permutation seeded by ``(seed, e)`` (training), else as given, form the epoch's stream of ``N``
+       samples.
+    2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R``; training takes
+       ``M // batch_size`` whole batches, validation ``ceil(M / batch_size)``.  Every rank runs the same number of
+       steps, so none waits forever in a collective (webdataset issue 250).
+    3. The rank's batches are split among its ``W`` workers in contiguous runs; the DataLoader hands worker batches out
+       round robin, so rank batch ``j`` is batch ``j // W`` of worker ``j % W`` (after a restart at batch ``k``, the
+       DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
+    4. A worker reads its run in blocks of ``shuffle_buffer`` samples (rounded up to whole batches) and permutes a
+       block with a generator seeded by ``(seed, e, rank, worker, block)`` (training).  A loader restarted at batch
+       ``k`` re-reads only the block that holds it.  Memory per worker: one block of decoded samples.
 
     A sample's crop/flip (or stored variant) comes from ``numpy.random.default_rng([seed, e, g])``, ``g`` its position
-    in the shard list as given: independent of ranks and workers (ImageFolderDataset's contract).
+    in the shard list as given: independent of ranks and workers.
 
     Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its
-    count, is replaced by a readable sample of the same block (cycling), warned about and counted (:attr:`num_skipped`,
-    once per epoch and planned sample); a block without a readable sample takes the next readable block's.  Where a
-    shard ends early or breaks, the iteration remembers it (one warning; the rest is never read again that epoch, so
-    a short shard costs time in proportion to the epoch, not its square).  A local shard that cannot be opened when
-    counting is left out with a warning (``skipped_shards``).
+    count, is replaced by a readable sample of the same block (cycling), warned about and counted (:attr:`num_skipped`);
+    a block without a readable sample takes the next readable block's.  Where a shard ends early or breaks is remembered
+    for the epoch (one warning, never read again).  A local shard that cannot be opened when counting is left out with
+    a warning (``skipped_shards``).
 
     Args:
         shards: brace pattern(s) of tar shards, or a list of them.
@@ -107,6 +98,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
     """
 
     captions = "off"  # subclasses with captions set theirs
+    decode_errors: tuple[type[BaseException], ...] = (KeyError, ValueError)  # what decode raises for unreadable samples
 
     def __init__(
         self, shards: str | Sequence[str], sizes: str | os.PathLike | None = None, seed: int = 0, shuffle_buffer: int = 1000
@@ -159,13 +151,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         """Unreadable samples met so far by this dataset's iterators (all workers)."""
         return int(self._skipped.sum().item())
 
-    # ------------------------------------------------------------------------------------------------------ planning
     def configure(self, batch_size: int, rank: int, world_size: int, shuffle: bool, drop_last: bool) -> None:
         """Set the batch size and this process's place (called by the data module before building the loader)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size} must be positive")
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         if self.num_batches() == 0:
@@ -207,14 +194,9 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         """The next iteration starts after the rank's first ``batches`` batches (a resumed epoch; shared memory)."""
         self._skip_batches.fill_(int(batches))
 
-    # ------------------------------------------------------------------------------------------------------- reading
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         """One raw sample (``{ext: bytes}``) -> the training item; ``index`` is its global position (overridden)."""
         raise NotImplementedError
-
-    def decode_errors(self) -> tuple[type[BaseException], ...]:
-        """What :meth:`decode` raises for an unreadable sample."""
-        return (KeyError, ValueError)
 
     def member_exts(self) -> tuple[str, ...] | None:
         """The member extensions :meth:`decode` uses (None: all); the others are passed over without being read."""
@@ -222,7 +204,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     def member_limits(self) -> dict[str, int] | None:
         """Size limits by member extension below ``MAX_MEMBER_BYTES`` (captions), checked from the tar headers."""
-        return None if self.captions == "off" else cap.caption_member_limits()
+        return None if self.captions == "off" else cap.CAPTION_MEMBER_LIMITS
 
     def _read(
         self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState, count: bool = True
@@ -257,7 +239,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                             if SAMPLE_ERROR_KEY in sample:  # e.g. a member too large to read, or two of a name
                                 raise ValueError(sample[SAMPLE_ERROR_KEY])
                             items.append(self.decode(sample, index, self.item_rng(index, epoch)))
-                        except self.decode_errors() as exc:
+                        except self.decode_errors as exc:
                             if count:
                                 self._skip(f"{label}#{sample['__key__']}", exc)
                 except TAR_READ_ERRORS as exc:
@@ -380,6 +362,8 @@ class ImageShards(ShardStream):
     unreadable).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}`` (+ ``"caption"``).
     """
 
+    decode_errors = (KeyError, *UNREADABLE_IMAGE_ERRORS)
+
     def __init__(
         self,
         shards: str | Sequence[str],
@@ -399,9 +383,6 @@ class ImageShards(ShardStream):
         self.size, self.random_crop, self.flip = int(size), bool(random_crop), bool(flip)
         self.min_side_resize, self.image_key = bool(min_side_resize), image_key
         super().__init__(shards, sizes, seed, shuffle_buffer)
-
-    def decode_errors(self) -> tuple[type[BaseException], ...]:
-        return (KeyError, *UNREADABLE_IMAGE_ERRORS)
 
     def member_exts(self) -> tuple[str, ...]:
         return IMAGE_EXTS if self.captions == "off" else IMAGE_EXTS + cap.CAPTION_EXTS
@@ -428,9 +409,10 @@ class LatentShards(ShardStream):
 
     A sample is skipped (counted) unless it is exactly what the cache declares: metadata a JSON object of at most
     ``MAX_JSON_BYTES`` whose variants match the array one to one (crops in order, each followed by its mirror image
-    when flips are stored), and a finite array of the cache's shape ``[V, C, h, w]``.  (One bad sample used to stop
-    training with an IndexError, RecursionError, OverflowError or collate error.)
+    when flips are stored), and a finite array of the cache's shape ``[V, C, h, w]``.
     """
+
+    decode_errors = (KeyError, ValueError, TypeError)
 
     def __init__(
         self,
@@ -444,11 +426,9 @@ class LatentShards(ShardStream):
     ) -> None:
         self.flip, self.random_crop = bool(flip), bool(random_crop)
         self.captions = cap.cache_caption_mode(captions, None)
-        self.latent_shape: tuple[int, ...] | None = None
         self.sample_shape: tuple[int, ...] | None = None  # [V, C, h, w]: variants and latent shape
         if isinstance(shards, str) and os.path.isfile(os.path.join(shards, INDEX_NAME)):
             index = read_index(shards)
-            self.latent_shape = index.latent_shape
             self.sample_shape = (index.variants, *index.latent_shape)
             self._index_counts = [count for _, count in index.shards]
             shards = index.shard_paths()
@@ -458,7 +438,6 @@ class LatentShards(ShardStream):
         super().__init__(shards, sizes, seed, shuffle_buffer)
         if self.sample_shape is None:
             self.sample_shape = self._probe_shape()
-            self.latent_shape = self.sample_shape[1:]
 
     def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
         if self._index_counts is not None and sizes is None:
@@ -542,18 +521,13 @@ class LatentShards(ShardStream):
         caption = cap.caption_item(cap.sample_caption(sample, what), self.captions, what).get("caption")  # the .txt member
         return latent_item(array, variant, sha, source, caption)
 
-    def decode_errors(self) -> tuple[type[BaseException], ...]:
-        return (KeyError, ValueError, TypeError)
-
     def member_exts(self) -> tuple[str, ...]:
         return (LATENT_EXT, "json") if self.captions == "off" else (LATENT_EXT, "json", "txt")
 
 
 class ShardStreamLoader(ResumableLoaderState, DataLoader):
     """The loader of a :class:`ShardStream` for one rank: batches come from the dataset's workers (``batch_size=None``);
-    ``len()`` is the number of batches per rank; resumable mid-epoch as :class:`~ldm.data.resumable.ResumableDataLoader`
-    is.  ``splits_by_rank``: :func:`ldm.data.resumable.make_resumable` leaves it as it is.
-    """
+    ``len()`` is the number of batches per rank; resumable mid-epoch; ``make_resumable`` leaves it as it is."""
 
     splits_by_rank = True
 

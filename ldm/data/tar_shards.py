@@ -28,12 +28,10 @@ logger = logging.getLogger(__name__)
 
 # member extensions of an image sample, in the order they are looked for
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
-# What a damaged shard raises while it is read: tarfile's own errors, OS errors (e.g. a vanished network mount) and
-# premature ends.
+# What a damaged shard raises while it is read: tarfile's errors, OS errors (a vanished mount), premature ends.
 TAR_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, ValueError)
-# Largest member read into memory (members are read whole).  A header's size costs nothing to forge: a shard of a few
-# KB with a sparse member of a few GB took that much memory.  64 MiB is far above an encoded training image or a cached
-# latent; a larger member makes its sample unreadable (skipped and counted like a corrupt one).
+# Largest member read into memory (read whole; a forged sparse member of a few GB took that much memory).  64 MiB is far
+# above an encoded training image or a cached latent; a larger member makes its sample unreadable.
 MAX_MEMBER_BYTES = 64 << 20
 # Most bytes read into memory for one sample (all its wanted members together: one key may hold many large members).
 MAX_SAMPLE_BYTES = 2 * MAX_MEMBER_BYTES
@@ -45,9 +43,8 @@ MAX_EXTENSION_HEADER_BYTES = 1 << 20
 MAX_EXTENSION_CHAIN = 8
 # Most digits a number of a brace range may have (int() refuses more than 4,300; a shard number has a dozen at most).
 MAX_RANGE_DIGITS = 64
-# Most shard names one pattern (or list of patterns) may expand to.  Brace ranges are counted before they are expanded:
-# braceexpand builds every name at once, so a typo like {0..99999999} ran out of memory instead of failing.  A million
-# shards of 10,000 samples hold ten billion samples.
+# Most shard names one pattern (or list of patterns) may expand to, counted before expanding: braceexpand builds every
+# name at once, so a typo like {0..99999999} ran out of memory instead of failing.
 MAX_SHARDS = 1_000_000
 # Most samples a shard's count (sizes.json, index.json) may claim: far above any real shard, and low enough that a
 # million of them add up without overflowing int64 offsets (a count near 2**63 made len() negative).
@@ -55,22 +52,14 @@ MAX_SHARD_SAMPLES = 1 << 32
 # the key of the error message iter_samples puts into a sample it could not read (no member is named "__...")
 SAMPLE_ERROR_KEY = "__error__"
 
-_EXTENSION_TYPES = (
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-)
+_LONG_NAME_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_EXTENSION_TYPES = (*_LONG_NAME_TYPES, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _STREAM_CHUNK = 1 << 20
 
 
 class ShardFormatError(tarfile.ReadError):
-    """A shard header that this module refuses to follow (its message says what is wrong in plain words).
-
-    A subclass of tarfile's ``ReadError``, so it is one of :data:`TAR_READ_ERRORS`: the shard is reported as unreadable
-    from that point on, and the other shards are read.
-    """
+    """A shard header this module refuses to follow; one of :data:`TAR_READ_ERRORS` (a ``ReadError``), so the shard
+    is unreadable from that point on and the other shards are read."""
 
 
 class CheckedTarInfo(tarfile.TarInfo):
@@ -90,7 +79,7 @@ class CheckedTarInfo(tarfile.TarInfo):
         if self.type not in _EXTENSION_TYPES:
             member = super()._proc_member(archive)
         else:
-            kind = "a GNU long-name" if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) else "a pax"
+            kind = "a GNU long-name" if self.type in _LONG_NAME_TYPES else "a pax"
             if self.size > MAX_EXTENSION_HEADER_BYTES:
                 raise ShardFormatError(
                     f"{at} is {kind} extension header of {self.size:,} bytes, more than the "
@@ -115,11 +104,8 @@ class CheckedTarInfo(tarfile.TarInfo):
 
 
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Shard names from brace patterns (``data/train-{000000..000099}.tar``), ``::``-joined lists or lists of them.
-
-    Raises :class:`ConfigError` when nothing is given, when the patterns name more than :data:`MAX_SHARDS` shards
-    (counted before anything is expanded) or when a local shard does not exist.
-    """
+    """Shard names from brace patterns (``data/train-{000000..000099}.tar``), ``::``-joined lists or lists of them;
+    :class:`ConfigError` for none, more than :data:`MAX_SHARDS` (counted before expanding) or a missing local shard."""
     from webdataset.shardlists import expand_urls
 
     items = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -263,7 +249,7 @@ def _shorten(text: str, limit: int = 120) -> str:
 
 def is_local(url: str) -> bool:
     """Whether ``url`` names a local file (seekable), not a ``pipe:`` command or a URL."""
-    return not url.startswith(("pipe:", "http://", "https://", "gs://", "s3://", "ais://")) and "://" not in url
+    return not url.startswith("pipe:") and "://" not in url
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -293,13 +279,10 @@ def _open_tar(url: str) -> tuple[tarfile.TarFile, BinaryIO | None, int | None]:
 
 
 def _members(tar: tarfile.TarFile, streamed: bool, file_size: int | None) -> Iterator[tarfile.TarInfo]:
-    """The archive's members.  Once the caller is done with a member, and before the next header is read, a local
-    shard's member is checked to end inside the file (:func:`_check_extent`) and a stream is moved over the data the
-    caller did not read.
-
-    tarfile itself seeks over unread data: past the end of a local file that was an OSError or a bare "unexpected end
-    of data", and in a stream its forward seek never ended when a header claimed 2**62 bytes (it kept reading nothing).
-    """
+    """The archive's members.  Once the caller is done with a member, a local shard's member is checked to end inside
+    the file (:func:`_check_extent`) and a stream is moved over the data the caller did not read: tarfile's own seek
+    past a local file's end gave a bare "unexpected end of data", and in a stream it never ended for a header claiming
+    2**62 bytes."""
     while True:
         member = tar.next()
         if member is None:
@@ -363,16 +346,6 @@ def _member_problem(
     return None
 
 
-def _failed(sample: dict[str, Any], message: str) -> dict[str, Any]:
-    """``sample`` without its members, marked unreadable with ``message`` (what has been read of it is let go)."""
-    return {
-        "__key__": sample["__key__"],
-        "__url__": sample["__url__"],
-        "__index__": sample["__index__"],
-        SAMPLE_ERROR_KEY: message,
-    }
-
-
 def iter_samples(
     url: str,
     skip: int = 0,
@@ -383,14 +356,11 @@ def iter_samples(
     """Samples of shard ``url`` in file order, from its ``skip``-th on, at most ``limit`` of them.
 
     Each sample is ``{"__key__": str, "__url__": url, "__index__": position in the shard, ext: bytes, ...}`` with the
-    members whose (lower-case) extension is in ``exts`` (None: all); other members, and those of skipped samples, are
-    passed over unread.  Errors of a damaged shard (:data:`TAR_READ_ERRORS`, :class:`ShardFormatError` among them)
-    propagate after the samples read before them: nothing after a broken header can be located.
-
-    A sample that cannot be read safely (a wanted member over :data:`MAX_MEMBER_BYTES` or its ``member_limits`` entry,
-    e.g. ``{"txt": 10240}`` for captions; wanted members over :data:`MAX_SAMPLE_BYTES` together, both checked from the
-    headers; two wanted members of one name) is yielded without members, with ``sample[SAMPLE_ERROR_KEY]`` saying why:
-    the caller skips it as unreadable and the shard goes on.
+    members whose (lower-case) extension is in ``exts`` (None: all); other members are passed over unread.  Errors of
+    a damaged shard (:data:`TAR_READ_ERRORS`) propagate after the samples read before them.  A sample that cannot be
+    read safely (a wanted member over :data:`MAX_MEMBER_BYTES` or its ``member_limits`` entry, its wanted members over
+    :data:`MAX_SAMPLE_BYTES`, both from the headers; two wanted members of one name) is yielded without members, with
+    ``sample[SAMPLE_ERROR_KEY]`` saying why: the caller skips it and the shard goes on.
     """
     if limit is not None and limit <= 0:
         return
@@ -422,8 +392,9 @@ def iter_samples(
                 _check_extent(tar, member, file_size)  # a plain message, not tarfile's "unexpected end of data"
             # checked before reading: the header's size is the only thing that says what the read would allocate
             problem = _member_problem(member, ext, key, current, held, member_limits)
-            if problem is not None:
-                current = _failed(current, f"{label}: {problem}")
+            if problem is not None:  # what has been read of the sample is let go
+                current = {k: current[k] for k in ("__key__", "__url__", "__index__")}
+                current[SAMPLE_ERROR_KEY] = f"{label}: {problem}"
             else:
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""
@@ -469,18 +440,12 @@ class MemberSpan:
 def write_tar(fh: BinaryIO, members: Iterable[tuple[str, bytes]]) -> list[MemberSpan]:
     """Write ``(name, bytes)`` members as a USTAR archive with fixed metadata (mtime 0, mode 0644, owner 0, no user
     names), so that the same members give the same bytes on every run; returns where each member's data lies.
-
-    Names must be ASCII, at most 100 characters (one header block each, no extension headers).
-    """
+    Names are ASCII, at most 100 characters (one header block each, no extension headers)."""
     spans = []
     with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
-            if len(name) > 100 or not name.isascii():
-                raise ValueError(f"tar member name {name!r} must be ASCII and at most 100 characters")
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
+            info = tarfile.TarInfo(name)  # its defaults are the fixed metadata: mtime 0, mode 0644, owner 0, no names
+            info.size = len(data)
             header_at = tar.offset
             tar.addfile(info, io.BytesIO(data))
             spans.append(MemberSpan(name, header_at + tarfile.BLOCKSIZE, len(data)))

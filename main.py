@@ -8,10 +8,7 @@ Examples::
     python main.py -t -r logs/<run>/checkpoints/epoch=000003-step=000002000.ckpt
     python main.py -b cfg.yaml -t lightning.trainer.strategy=ddp lightning.trainer.devices=2 lightning.trainer.accelerator=cpu
 
-Configs merge left to right, then the ``key=value`` overrides (OmegaConf dotlist); a later config or override that gives a
-``{target, params}`` node another ``target`` replaces that node's ``params`` (another class takes other arguments), and
-``~key`` deletes a key (``'~data.params.validation'``; in a YAML layer ``~validation: null``); see
-:mod:`ldm.train.config_merge`.
+Configs merge left to right, then the ``key=value`` overrides and ``~key`` deletions (:mod:`ldm.train.config_merge`).
 
 ``-r`` restores the run's saved configs (later ``-b`` files and ``key=value`` overrides still apply), global step,
 optimizer, LR scheduler, EMA and position in the epoch; as in latent-diffusion, ``-t`` is needed to train.
@@ -45,7 +42,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +64,8 @@ def _configure_logging() -> None:
 
 
 def _run_name(opt: Any, now: str) -> str:
-    if opt.name:
-        name = "_" + opt.name
-    elif opt.base:
-        name = "_" + Path(opt.base[0]).stem
-    else:
-        name = ""
-    return now + name + opt.postfix
+    name = opt.name or (Path(opt.base[0]).stem if opt.base else "")
+    return now + ("_" + name if name else "") + opt.postfix
 
 
 def _claim_new_logdir(root: str, nowname: str) -> Path:
@@ -101,64 +93,54 @@ def _release_unused_logdir(path: Path | None) -> None:
         path.rmdir()
 
 
+def _entries(cfg: Any, where: str) -> Iterator[tuple[Any, Any, Any, str]]:
+    """``(container, key, value, dotted path)`` of every entry of nested dicts and lists, depth first, in order."""
+    items = list(cfg.items()) if isinstance(cfg, dict) else list(enumerate(cfg)) if isinstance(cfg, list) else []
+    for key, value in items:
+        yield cfg, key, value, f"{where}.{key}"
+        yield from _entries(value, f"{where}.{key}")
+
+
 def _set_unsafe_load(cfg: Any) -> None:
     """``params.unsafe_load = True`` on every ``{target, params}`` node whose target takes it (``--unsafe-load``)."""
     from ldm.util import accepted_keywords, get_obj_from_str
 
-    if isinstance(cfg, dict):
-        if isinstance(cfg.get("target"), str):
-            if "unsafe_load" in accepted_keywords(get_obj_from_str(cfg["target"])).params:
-                cfg["params"] = dict(cfg.get("params") or {}, unsafe_load=True)
-        for value in cfg.values():
-            _set_unsafe_load(value)
-    elif isinstance(cfg, list):
-        for value in cfg:
-            _set_unsafe_load(value)
+    for node, key, value, _ in _entries(cfg, ""):
+        if key == "target" and isinstance(value, str) and "unsafe_load" in accepted_keywords(get_obj_from_str(value)).params:
+            node["params"] = dict(node.get("params") or {}, unsafe_load=True)
 
 
 def _drop_init_checkpoints(cfg: Any, where: str) -> list[str]:
     """Set every ``ckpt_path`` of the model config to None (resuming restores all weights); returns what was dropped."""
     dropped = []
-    if isinstance(cfg, dict):
-        for key, value in cfg.items():
-            if key == "ckpt_path" and value is not None:
-                dropped.append(f"{where}.ckpt_path={value}")
-                cfg[key] = None
-            else:
-                dropped += _drop_init_checkpoints(value, f"{where}.{key}")
-    elif isinstance(cfg, list):
-        for i, value in enumerate(cfg):
-            dropped += _drop_init_checkpoints(value, f"{where}.{i}")
+    for node, key, value, path in _entries(cfg, where):
+        if key == "ckpt_path" and value is not None:
+            dropped.append(f"{path}={value}")
+            node[key] = None
     return dropped
 
 
 def _check_init_checkpoints(cfg: Any, where: str) -> None:
     """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
     from ldm.convert.folder import is_diffusers_folder
-    from ldm.train.first_stages import missing_first_stage_hint
+    from ldm.models.first_stages import missing_first_stage_hint
     from ldm.util import ConfigError
 
-    if isinstance(cfg, dict):
-        for key, value in cfg.items():
-            if key == "ckpt_path" and value is not None and not Path(str(value)).is_file():
-                if where.endswith("first_stage_config.params"):  # the hint names the config that trains it
-                    hint = "the first stage must be a trained autoencoder: " + missing_first_stage_hint(
-                        str(value), cfg, key=f"{where}.ckpt_path"
-                    )
-                else:
-                    hint = (
-                        "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
-                        f"stage's logs/<run>/checkpoints/last.ckpt) or set {where}.ckpt_path=null to start from scratch"
-                    )
-                what = "is a directory, not a checkpoint file" if Path(str(value)).is_dir() else "does not exist"
-                if is_diffusers_folder(str(value)):
-                    what = "is a diffusers folder, not a checkpoint file"
-                    hint = f"convert it first: python scripts/convert_diffusers.py --from-diffusers {value} --out model.ckpt"
-                raise ConfigError(f"{where}.ckpt_path={value!r} {what}; {hint}")
-            _check_init_checkpoints(value, f"{where}.{key}")
-    elif isinstance(cfg, list):
-        for i, value in enumerate(cfg):
-            _check_init_checkpoints(value, f"{where}.{i}")
+    for node, key, value, path in _entries(cfg, where):
+        if key != "ckpt_path" or value is None or Path(str(value)).is_file():
+            continue
+        if path.endswith("first_stage_config.params.ckpt_path"):  # the hint names the config that trains it
+            hint = "the first stage must be a trained autoencoder: " + missing_first_stage_hint(str(value), node, key=path)
+        else:
+            hint = (
+                "it initialises this model from a trained checkpoint: point it at one (e.g. the previous "
+                f"stage's logs/<run>/checkpoints/last.ckpt) or set {path}=null to start from scratch"
+            )
+        what = "is a directory, not a checkpoint file" if Path(str(value)).is_dir() else "does not exist"
+        if is_diffusers_folder(str(value)):
+            what = "is a diffusers folder, not a checkpoint file"
+            hint = f"convert it first: python scripts/convert_diffusers.py --from-diffusers {value} --out model.ckpt"
+        raise ConfigError(f"{path}={value!r} {what}; {hint}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,12 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the run folder's lock and the removal of a run folder this process created but never wrote into, on any exit
         with contextlib.ExitStack() as held:
             return _main(argv, held)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError, RunFolderLockError) as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, RunFolderLockError) as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:  # before or after trainer.fit (inside it, Lightning saves and exits 1)
         print("main.py: interrupted", file=sys.stderr)
         return 130

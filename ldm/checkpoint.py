@@ -5,8 +5,10 @@ placeholders and any other global is refused (:class:`UnsafeCheckpointError`) un
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -22,10 +24,6 @@ from ldm.util import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint records (besides the state dict) a ``.safetensors`` file keeps in its header, as JSON strings under
-# ``latesteps.<record>`` (other tools' metadata keys are left alone): the merged config, the window, the training step,
-# and whether the EMA weights were copied into the model's (no model_ema.*).
-METADATA_RECORDS: tuple[str, ...] = ("config", "window", "global_step", "ema_folded")
 METADATA_PREFIX = "latesteps."
 MAX_METADATA_JSON = 1 << 20  # characters per record; a project config is a few kB
 
@@ -41,26 +39,12 @@ LEGACY_STUB_PREFIXES: tuple[str, ...] = (
 )
 # Plain containers and numpy array/scalar reconstruction: safe to build for real (they run no user code).
 _SAFE_REAL_GLOBALS = (
-    "builtins.dict",
-    "builtins.list",
-    "builtins.tuple",
-    "builtins.set",
-    "builtins.frozenset",
-    "builtins.int",
-    "builtins.float",
-    "builtins.str",
-    "builtins.bool",
-    "builtins.bytes",
+    *(f"builtins.{name}" for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool", "bytes")),
     "builtins.slice",
-    "collections.defaultdict",
-    "collections.OrderedDict",
-    "collections.deque",
+    *(f"collections.{name}" for name in ("defaultdict", "OrderedDict", "deque")),
     "numpy.dtype",
     "numpy.ndarray",
-    "numpy.core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray.scalar",
-    "numpy._core.multiarray._reconstruct",
+    *(f"numpy.{core}.multiarray.{name}" for core in ("core", "_core") for name in ("scalar", "_reconstruct")),
 )
 _READ_ERRORS = (
     RuntimeError,
@@ -69,8 +53,7 @@ _READ_ERRORS = (
     pickle.UnpicklingError,
     ValueError,
     OSError,
-    IndexError,
-    KeyError,
+    LookupError,  # IndexError, KeyError
     TypeError,
     AttributeError,
     struct.error,
@@ -104,14 +87,10 @@ class LegacyObject:
         return f"<{type(self).__module__}.{type(self).__name__} placeholder>"
 
 
-_STUB_CACHE: dict[str, type] = {}
-
-
+@functools.cache
 def _stub_for(qualname: str) -> type:
-    if qualname not in _STUB_CACHE:
-        module, _, name = qualname.rpartition(".")
-        _STUB_CACHE[qualname] = type(name, (LegacyObject,), {"__module__": module})
-    return _STUB_CACHE[qualname]
+    module, _, name = qualname.rpartition(".")
+    return type(name, (LegacyObject,), {"__module__": module})
 
 
 def _real_global(qualname: str) -> Any:
@@ -213,10 +192,8 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
 def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
     """The records :func:`save_checkpoint` keeps as JSON strings in a ``.safetensors`` header (``latesteps.config``,
     ``.window``, ``.global_step``, ``.ema_folded``), parsed, each at most :data:`MAX_METADATA_JSON` characters."""
-    import json
-
     records: dict[str, Any] = {}
-    for key in METADATA_RECORDS:
+    for key, (valid, kind) in _RECORDS.items():
         name = METADATA_PREFIX + key
         text = metadata.get(name)
         if text is None:
@@ -232,11 +209,8 @@ def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str,
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON ({' '.join(str(exc).split())[:200]})"
             ) from exc
-        value = records[key]
-        if not _RECORD_CHECKS[key](value):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: its {name!r} metadata must be {_RECORD_KINDS[key]}, got {text[:80]}"
-            )
+        if not valid(records[key]):
+            raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata must be {kind}, got {text[:80]}")
     return records
 
 
@@ -244,17 +218,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_RECORD_CHECKS = {
-    "config": lambda v: isinstance(v, dict),
-    "window": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) for t in v),
-    "global_step": lambda v: v is None or (_is_int(v) and v >= 0),
-    "ema_folded": lambda v: isinstance(v, bool),
-}
-_RECORD_KINDS = {
-    "config": "a JSON object",
-    "window": "[t_min, t_max] (two integers)",
-    "global_step": "an integer >= 0 or null",
-    "ema_folded": "true or false",
+# Checkpoint records (besides the state dict) a ``.safetensors`` file keeps in its header, as JSON strings under
+# ``latesteps.<record>`` (other tools' metadata keys are left alone): the merged config, the window, the training step,
+# and whether the EMA weights were copied into the model's (no model_ema.*); with what each must be when read.
+_RECORDS = {
+    "config": (lambda v: isinstance(v, dict), "a JSON object"),
+    "window": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) for t in v), "[t_min, t_max] (two integers)"),
+    "global_step": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "ema_folded": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -276,17 +247,15 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a checkpoint atomically. ``.safetensors``: ``obj['state_dict']``, string ``metadata``, and the records of
-    :data:`METADATA_RECORDS` (``config``, ``window``, ...) as JSON strings in the header (``latesteps.config``, ...);
+    ``_RECORDS`` (``config``, ``window``, ...) as JSON strings in the header (``latesteps.config``, ...);
     else torch.save."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        import json
-
         from safetensors.torch import save
 
         tensors = {k: v.detach().contiguous() for k, v in obj["state_dict"].items()}
         metadata = {str(k): str(v) for k, v in (obj.get("metadata") or {}).items()}
-        metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in METADATA_RECORDS if key in obj})
+        metadata.update({METADATA_PREFIX + key: json.dumps(obj[key], sort_keys=True) for key in _RECORDS if key in obj})
         payload = _sorted_metadata(save(tensors, metadata=metadata))
         atomic_write_bytes(path, lambda fh: fh.write(payload))
     else:
@@ -297,8 +266,6 @@ def _sorted_metadata(payload: bytes) -> bytes:
     """``payload`` (a serialized ``.safetensors`` file) with its header's ``__metadata__`` keys in sorted order:
     safetensors writes them in hash-map order, which differs from run to run, so the same weights would get another
     sha256 each time.  The header keeps its length (padded with spaces, as the format allows) and every offset."""
-    import json
-
     (size,) = struct.unpack("<Q", payload[:8])
     header = json.loads(payload[8 : 8 + size])
     metadata = header.pop("__metadata__", None)
@@ -332,23 +299,6 @@ def drop_keys(state_dict: Mapping[str, Any], ignore_prefixes: Iterable[str]) -> 
     return kept, dropped
 
 
-def shape_mismatches(
-    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
-) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """``(key, checkpoint_shape, model_shape)`` for every key present in both with different shapes."""
-    return _shape_mismatches(module.state_dict(), state_dict)
-
-
-def _shape_mismatches(
-    own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
-) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    return [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in state_dict.items()
-        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
-    ]
-
-
 def check_weights_fit(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> tuple[list[str], list[str]]:
@@ -360,9 +310,9 @@ def check_weights_fit(
     Returns ``(missing, unexpected)`` keys.
     """
     own = module.state_dict()
-    bad = _shape_mismatches(own, state_dict)
+    bad = [k for k, v in state_dict.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if bad:
-        first = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad[:5])
+        first = "; ".join(f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}" for k in bad[:5])
         raise CheckpointError(
             f"{source} does not fit {type(module).__name__}: {len(bad)} tensors differ in shape ({first}). "
             "The config and the checkpoint describe different architectures; use the config saved with the checkpoint."

@@ -1,28 +1,23 @@
 """Configs stored in checkpoints are untrusted: what each slot may build, what its values may be, and a dry run.
 
-A checkpoint's author chooses the model config embedded in it, and building that config runs constructors with the
-author's arguments.  :func:`check_untrusted_model` (called by :func:`ldm.refine.loading.load_expert` unless the user
-passes ``trust_config``) checks such a config in three steps, before any object of it is built for real:
+Building a checkpoint's embedded config runs constructors with its author's arguments.  :func:`check_untrusted_model`
+(called by :func:`ldm.refine.loading.load_expert` unless the user passes ``trust_config``) checks it in three steps,
+before any object of it is built for real:
 
-1. **Roles.** Every ``target`` fills a slot, and each slot admits one kind of class (:data:`CONFIG_ROLES`): the model
-   is a ``LatentDiffusion``, ``unet_config`` the project's UNet, ``first_stage_config`` a VQ or KL first stage, and so on.
-   A class of an allowed package that is of another kind (a dataset, a callback, a data module) is refused in one
-   line naming the slot, the target and what the slot accepts; its module is imported (project code), the class is
-   never built.  A ``target`` anywhere else than in a slot is refused too, and so are parameters naming files that a
-   class reads when it is built (``remap``) and ``unsafe_load: true`` (the safe loader stays on for the files it names).
-   No other class is ever built from such a config, so no class can build a sub-config the check did not see.
-2. **Values.** Every parameter must be one the constructor takes, and is checked against its type hints: integers must
-   be integers (not bools or floats) in ``[0, MAX_CONFIG_INT]`` (``-1`` too where it is the default, CompVis' "unset"),
-   floats finite, lists lists.  The schedule length (``timesteps``) must equal that of the checkpoint's ``betas``: a
-   model computes its schedule on the CPU in its constructor, which a dry run on the meta device would not cover.
-3. **Sizes.** The model is built on the ``meta`` device (shapes only, no memory) under a limit on the number of
-   tensors and modules it may register (a loop of a million blocks stops early), then every parameter and buffer shape
-   is compared with the checkpoint's state dict (:func:`ldm.checkpoint.check_weights_fit`), missing weights are
-   refused, and the model may hold only a little more numbers than the checkpoint (its non-persistent buffers).
+1. **Roles.** Every ``target`` fills a slot, and each slot admits one kind of class (:data:`CONFIG_ROLES`).  A class of
+   another kind (a dataset, a callback) is refused naming the slot, the target and what the slot accepts (its module is
+   imported, the class never built); so are a ``target`` outside a slot, parameters naming files a class reads when
+   built (``remap``) and ``unsafe_load: true``.  No class can build a sub-config the check did not see.
+2. **Values.** Every parameter must be one the constructor takes and fit its type hints: integers (not bools or
+   floats) in ``[0, MAX_CONFIG_INT]`` (``-1`` too where it is the default, CompVis' "unset"), finite floats, lists.
+   ``timesteps`` must equal the length of the checkpoint's ``betas``: the constructor computes the schedule on the
+   CPU, which a dry run on the meta device would not cover.
+3. **Sizes.** The model is built on the ``meta`` device under a limit on the tensors and modules it may register (a
+   loop of a million blocks stops early); every shape is compared with the state dict, missing weights are refused,
+   and the model may hold only a little more numbers than the checkpoint (its non-persistent buffers).
 
-A trusted config (``--trust-config``) skips all of this: it may build any class, with any value.  Every config read
-from a checkpoint, trusted or not, first passes :func:`check_config_structure` (bounded nesting and size), because the
-loader walks it recursively before anything else.
+A trusted config (``--trust-config``) skips all of this.  Every config read from a checkpoint, trusted or not, first
+passes :func:`check_config_structure` (bounded nesting and size), because the loader walks it recursively.
 """
 
 from __future__ import annotations
@@ -75,16 +70,7 @@ OPTIONAL_WEIGHTS = ("model_ema.",)  # an EMA is built only when the checkpoint h
 MAX_SCHEDULE_STEPS = 100_000
 # What constructors raise for arguments they cannot build from (a dry run turns them into one line); ImportError: an
 # optional package (transformers) that a text encoder needs.
-_BUILD_ERRORS = (
-    ArithmeticError,
-    AssertionError,
-    AttributeError,
-    ImportError,
-    LookupError,
-    RuntimeError,
-    TypeError,
-    ValueError,
-)
+_BUILD_ERRORS = (ArithmeticError, AssertionError, AttributeError, ImportError, LookupError, RuntimeError, TypeError, ValueError)
 # cond_stage_forward names a method of the cond stage that conditioning calls with the prompts: only these
 COND_STAGE_FORWARDS = (None, "encode", "forward", "tokenize")
 
@@ -99,12 +85,10 @@ class ConfigRole:
 
     Attributes:
         accepts: the kinds in words (for error messages).
-        kinds: ``(base, package)`` pairs: a target must be a subclass of ``base`` (a dotted name) and, where
-            ``package`` is given, be defined in that package.
-        slots: parameter name -> role of the sub-config it holds.
-        sentinels: strings the slot takes instead of a config.
-        kwargs_of: mapping parameter -> classes that receive its entries as keyword arguments (their type hints check
-            the entries, e.g. a VQ model's ``ddconfig`` goes to ``Encoder`` and ``Decoder``).
+        kinds: ``(base, package)`` pairs: a subclass of ``base`` (dotted) defined in ``package`` where it is given.
+        slots: parameter name -> role of the sub-config it holds; sentinels: strings the slot takes instead of a config.
+        kwargs_of: parameter -> classes that receive its entries as keyword arguments (their type hints check the
+            entries, e.g. a VQ model's ``ddconfig`` goes to ``Encoder`` and ``Decoder``).
         files: parameters naming files that the class reads when it is built.
         sizes: whether the slot's integers size tensors (bounded by :data:`MAX_CONFIG_INT`); a learning-rate schedule's
             step counts are not (and it is never built for inference).
@@ -119,7 +103,6 @@ class ConfigRole:
     sizes: bool = True
 
     def admits(self, cls: type) -> bool:
-        """Whether ``cls`` is of one of this slot's kinds."""
         return any(
             issubclass(cls, get_obj_from_str(base)) and (package is None or _in_package(cls.__module__, package))
             for base, package in self.kinds
@@ -127,8 +110,7 @@ class ConfigRole:
 
 
 def _in_package(module: str, package: str) -> bool:
-    """Whether ``module`` is ``package`` (written with a trailing ``.``, e.g. ``ldm.lr_scheduler.``, a module) or inside
-    it (``ldm.modules.encoders.`` holds ``ldm.modules.encoders.modules``)."""
+    """Whether ``module`` is ``package`` (written with a trailing ``.``) or inside it."""
     return module == package.rstrip(".") or module.startswith(package)
 
 
@@ -185,13 +167,8 @@ def check_untrusted_model(
     source: str,
     allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES,
 ) -> None:
-    """Check an untrusted model config against its checkpoint before it is built (steps 1-3 of the module docstring).
-
-    Args:
-        cfg: the model config ``{target, params}`` as it will be built (for inference: ``ckpt_path`` removed, ...).
-        state_dict: the checkpoint's weights; only shapes and ``betas`` are read.
-        source: how errors name the checkpoint (``"checkpoint path.ckpt"``).
-        allowed_prefixes: the allow-list of :func:`ldm.util.resolve_untrusted_target`.
+    """Check an untrusted model config (as it will be built) against its checkpoint's weights (only shapes and
+    ``betas`` are read) before it is built: steps 1-3 of the module docstring; ``source`` names the checkpoint.
 
     Raises:
         ConfigError: a target of the wrong kind or outside the allow-list, a bad value, a config that cannot be built.

@@ -50,10 +50,7 @@ class ConfigError(ValueError):
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``.
-
-    Raises :class:`ConfigError` naming the module or attribute that could not be found.
-    """
+    """Import ``"package.module.Name"`` and return ``Name`` (:class:`ConfigError` naming what could not be found)."""
     if not isinstance(string, str) or not _DOTTED_PATH.match(string):
         raise ConfigError(f"target={string!r} is not a dotted import path like 'ldm.models.autoencoder.VQModel'")
     module_name, cls_name = string.rsplit(".", 1)
@@ -88,7 +85,7 @@ def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_
     even inside an allowed package.  Nothing is imported.
     """
     prefixes = tuple(allowed_prefixes)
-    if not isinstance(target, str) or not _matches(target, prefixes):
+    if not _matches(target, prefixes):
         raise ConfigError(
             f"target={target!r} is not in the allow-list {list(prefixes)}; a config stored in a checkpoint may only "
             f"build classes of this project. {TRUST_HINT}"
@@ -150,14 +147,10 @@ _OPEN_PACKAGES = ("torch", "pytorch_lightning", "lightning", "builtins")
 
 @dataclass(frozen=True)
 class Keywords:
-    """What ``obj(...)`` accepts by keyword (see :func:`accepted_keywords`).
-
-    Attributes:
-        params: name -> (type hint, default): ``Any`` where a hint is missing or does not evaluate here,
-            ``inspect.Parameter.empty`` where there is no default.
-        required: the names ``obj``'s own signature needs (no default).
-        open: it also takes keywords the walk could not list (``**kwargs`` of a function, of a torch class, ...).
-    """
+    """What ``obj(...)`` accepts by keyword (see :func:`accepted_keywords`): ``params``: name -> (type hint, default),
+    ``Any`` where a hint is missing or does not evaluate here, ``inspect.Parameter.empty`` where there is no default;
+    ``required``: the names ``obj``'s own signature needs; ``open``: it also takes keywords the walk could not list
+    (``**kwargs`` of a function, of a torch class, ...)."""
 
     params: dict[str, tuple[Any, Any]]
     required: tuple[str, ...]
@@ -219,10 +212,7 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -
     """Build ``target(**params, **overrides)`` from a config mapping (dict or OmegaConf) with ``target`` and optional
     ``params``; ``overrides`` take precedence over ``params``.  The arguments are checked against the target's signature
     first (:func:`check_arguments`).  A config read from a checkpoint is checked by :mod:`ldm.untrusted` before it gets
-    here.
-
-    Returns None for the ``cond_stage_config`` markers ``"__is_first_stage__"`` and ``"__is_unconditional__"`` (as
-    latent-diffusion does).
+    here.  Returns None for the sentinels (module doc).
     """
     if isinstance(config, str) and config in _SENTINELS:
         return None  # as latent-diffusion: LatentDiffusion resolves these cond_stage_config markers itself
@@ -248,7 +238,6 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -
 
 
 def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
-    """Number of parameters of ``model``; logs it in millions when ``verbose``."""
     total = sum(p.numel() for p in model.parameters())
     if verbose:
         logger.info("%s has %.2f M params.", model.__class__.__name__, total * 1.0e-6)
@@ -318,16 +307,13 @@ def _fsync_folder(folder: Path) -> None:
 def remove_stale_temp_files(
     folder: str | os.PathLike, names: Iterable[str] | None = None, keep: Collection[str] = ()
 ) -> list[Path]:
-    """Delete the temp files (``.<name>.<8 characters>.tmp``) that :func:`atomic_write_bytes` left in ``folder`` when
-    its process was killed; returns what was removed.  A missing folder holds nothing to remove.
+    """Delete the temp files (``.<name>.<8 characters>.tmp``) that :func:`atomic_write_bytes` left in ``folder`` (not
+    recursive) when its process was killed; returns what was removed.
 
     Args:
-        folder: where to look (not recursive).
-        names: only the temps of these destination file names (e.g. the outputs a batch is about to write, which is
-            safe while other processes write other files into ``folder``); None: every temp, for a folder that no
-            other process is writing into.
-        keep: real paths (``os.path.realpath``) of files never removed even when their name is a temp's: the files
-            the caller reads (a refine batch's inputs and masks may have any name).
+        names: only the temps of these destination file names (safe while other processes write other files into
+            ``folder``); None: every temp, for a folder that no other process is writing into.
+        keep: real paths of files never removed even when named like a temp: the files the caller reads.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -350,7 +336,7 @@ def remove_stale_temp_files(
 
 
 def is_rank_zero() -> bool:
-    """True on the global rank-0 process (or when not distributed); used to show progress bars once."""
+    """True on the global rank-0 process (or when not distributed)."""
     for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         if os.environ.get(var, "0") != "0":
             return False

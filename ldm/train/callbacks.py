@@ -32,22 +32,12 @@ from ldm.util import atomic_write_bytes, remove_stale_temp_files
 logger = logging.getLogger(__name__)
 
 
-def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(data))
-
-
 class SetupCallback(Callback):
-    """Creates ``logdir/{checkpoints,configs,images}`` and saves ``<now>-project.yaml`` / ``<now>-lightning.yaml``.
+    """Creates ``logdir/{checkpoints,configs,images}`` and saves ``<now>-project.yaml`` / ``<now>-lightning.yaml``
+    (again under the new timestamp on resume), from the merged configs as plain containers, values resolved.
 
     Temp files a killed run left behind (``.<name>.<8 characters>.tmp`` in ``checkpoints/``, ``configs/`` and
     ``images/<split>/``; never a ``.ckpt`` or an image: writes are atomic) are removed before training starts.
-
-    Args:
-        resume: whether this run resumes an earlier one (the configs are saved again under the new timestamp).
-        now: timestamp used in the config file names.
-        logdir, ckptdir, cfgdir: the run's folders.
-        config: merged project config (``model``, ``data``) as plain containers, values resolved.
-        lightning_config: merged ``lightning`` config as plain containers.
     """
 
     def __init__(
@@ -70,7 +60,6 @@ class SetupCallback(Callback):
         self.lightning_config = copy.deepcopy(lightning_config)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Rank 0: make the folders and write both configs atomically."""
         if not trainer.is_global_zero:
             return
         images = os.path.join(self.logdir, "images")
@@ -82,7 +71,7 @@ class SetupCallback(Callback):
         lightning = OmegaConf.to_yaml(OmegaConf.create({"lightning": self.lightning_config}))
         for suffix, text in (("project", project), ("lightning", lightning)):
             path = os.path.join(self.cfgdir, f"{self.now}-{suffix}.yaml")
-            _write_bytes(path, text.encode("utf-8"))
+            atomic_write_bytes(path, text.encode("utf-8"))
         logger.info("run folder %s (%s)", self.logdir, "resumed" if self.resume else "new")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -99,14 +88,8 @@ class ImageLogger(Callback):
     Args:
         batch_frequency: log every this many global steps (or batches with ``log_on_batch_idx``).
         max_images: images per key (passed to ``log_images`` as ``N`` when it takes that argument).
-        clamp: clamp to [-1, 1] before writing.
-        increase_log_steps: also log at powers of two below ``batch_frequency``.
-        rescale: map [-1, 1] to [0, 1] before writing.
-        disabled: turn the logger off.
-        log_on_batch_idx: count batches instead of global steps.
-        log_first_step: also log at step 0.
+        clamp: clamp to [-1, 1]; rescale: map [-1, 1] to [0, 1] (both before writing).
         log_images_kwargs: extra keyword arguments for ``log_images`` (checked against its signature).
-        nrow: images per grid row.
     """
 
     def __init__(
@@ -141,7 +124,6 @@ class ImageLogger(Callback):
         self._last_logged: tuple[str, int, int] | None = None
 
     def check_frequency(self, check_idx: int) -> bool:
-        """Whether to log at this step / batch index."""
         if check_idx == 0:
             return self.log_first_step
         return check_idx % self.batch_freq == 0 or check_idx in self.log_steps
@@ -187,7 +169,7 @@ class ImageLogger(Callback):
             name = f"{key}_gs-{pl_module.global_step:06}_e-{pl_module.current_epoch:06}_b-{batch_idx:06}.png"
             buffer = io.BytesIO()
             Image.fromarray(grid).save(buffer, format="PNG")
-            _write_bytes(root / name, buffer.getvalue())
+            atomic_write_bytes(root / name, buffer.getvalue())
 
     def make_grid(self, images: torch.Tensor) -> np.ndarray:
         """``[N, C, H, W]`` in [-1, 1] (C = 1 or 3) -> uint8 ``[rows*H, nrow*W, 3]`` grid with 2-pixel gaps."""
@@ -238,8 +220,7 @@ class InterruptCheckpoint(Callback):
     KeyboardInterrupt: saved by rank 0 alone (other ranks may be stuck in a collective), with the step in progress
     discarded by Lightning's restart logic on resume.
 
-    Args:
-        ckpt_path: where to write (``<logdir>/checkpoints/last.ckpt``).
+    ``ckpt_path``: where to write (``<logdir>/checkpoints/last.ckpt``).
     """
 
     def __init__(self, ckpt_path: str) -> None:
@@ -257,14 +238,13 @@ class InterruptCheckpoint(Callback):
             self._previous_usr1(signum, frame)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Install the SIGUSR1 handler (after Lightning registered its own, which is chained)."""
+        # after Lightning registered its own SIGUSR1 handler, which is chained
         if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             self._previous_usr1 = signal.getsignal(signal.SIGUSR1)
             signal.signal(signal.SIGUSR1, self._on_sigusr1)
             self._installed = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Restore the previous SIGUSR1 handler."""
         if self._installed and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, self._previous_usr1 if self._previous_usr1 is not None else signal.SIG_DFL)
             self._installed = False
@@ -336,13 +316,6 @@ class FinalCheckpoint(Checkpoint):
         self._save_final(trainer)
 
 
-def reseed_global_rngs(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's legacy global RNG and torch (all devices) from one 63-bit seed."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 class StepSeeding(Callback):
     """Reseeds the global RNGs from ``(seed, global_rank, global_step, micro_batch, phase)`` around every training step.
 
@@ -365,16 +338,18 @@ class StepSeeding(Callback):
         self._micro = 0
 
     @property
-    def state_key(self) -> str:
-        """The key of this callback's state in ``checkpoint["callbacks"]`` (fixed, so that main.py can find it)."""
+    def state_key(self) -> str:  # fixed, so that main.py finds it in checkpoint["callbacks"]
         return self.STATE_KEY
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"seed": seed}``, saved in every checkpoint (a seed given on resume is compared with it by main.py)."""
         return {"seed": self.seed}
 
     def _reseed(self, trainer: pl.Trainer, phase: int) -> None:
-        reseed_global_rngs(derive_seed(self.seed, trainer.global_rank, trainer.global_step, self._micro, phase))
+        """Seed Python's ``random``, NumPy's legacy global RNG and torch (all devices) from one 63-bit seed."""
+        seed = derive_seed(self.seed, trainer.global_rank, trainer.global_step, self._micro, phase)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
 
     def _restart_count(self, trainer: pl.Trainer) -> None:
         self._step, self._micro = trainer.global_step, 0

@@ -18,14 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.cli import decimal_int
-from ldm.train.config_merge import (
-    check_deletion_token,
-    delete_key,
-    is_deletion,
-    merge_layers,
-    override_path,
-    prepare_override,
-)
+from ldm.train.config_merge import DELETE_PREFIX, delete_key, is_deletion, merge_layers, prepare_override
 from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, unknown_argument
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
@@ -70,10 +63,8 @@ class CLIError(ConfigError):
     """The command line itself is wrong (unknown flag, malformed override, conflicting options)."""
 
 
-def str2bool(value: str | bool) -> bool:
+def str2bool(value: str) -> bool:
     """``true/yes/1/y`` or ``false/no/0/n`` (any case) as a bool, for flags like ``--scale_lr False``."""
-    if isinstance(value, bool):
-        return value
     lowered = value.lower()
     if lowered in ("yes", "true", "t", "y", "1"):
         return True
@@ -83,8 +74,7 @@ def str2bool(value: str | bool) -> bool:
 
 
 def seed_value(text: str) -> int:
-    """An argparse ``type`` for ``-s``: a decimal integer in ``[0, MAX_SEED]`` (what numpy's and Lightning's seeding
-    take)."""
+    """An argparse ``type`` for ``-s``: a decimal integer in ``[0, MAX_SEED]``."""
     try:
         value = decimal_int(text)
     except ValueError:
@@ -143,10 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_names(parser: argparse.ArgumentParser) -> list[str]:
-    return [s for action in parser._actions for s in action.option_strings]
-
-
 def split_dotlist(entries: Sequence[str]) -> tuple[list[str], list[str]]:
     """``(files, overrides)`` of a list of config arguments: ``key=value`` and ``~key`` tokens that are not existing
     files are overrides (argparse puts them into a ``nargs`` list of configs: ``-b a.yaml k=v``)."""
@@ -167,10 +153,11 @@ def check_dotlist_tokens(tokens: Sequence[str], flags: Sequence[str], configs_fl
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise CLIError(f"unrecognized option {name!r}{hint}; valid options: {', '.join(flags)}")
         if is_deletion(token):
-            try:
-                check_deletion_token(token)
-            except ConfigError as exc:
-                raise CLIError(str(exc)) from None
+            key = token[len(DELETE_PREFIX) :]
+            if "=" in key:
+                raise CLIError(f"{token!r}: a deletion is ~key alone (no '='); to set a key write key=value")
+            if not key or any(not part for part in key.split(".")):
+                raise CLIError(f"{token!r}: a deletion names a key, e.g. ~data.params.validation")
             continue
         key = token.split("=", 1)[0]
         if "=" not in token or not key:
@@ -190,7 +177,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     opt, unknown = parser.parse_known_args(list(argv))
     opt.base, moved = split_dotlist(opt.base)
     dotlist = moved + list(unknown)
-    check_dotlist_tokens(dotlist, _flag_names(parser))
+    check_dotlist_tokens(dotlist, [s for action in parser._actions for s in action.option_strings])
     for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
         if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
             raise CLIError(
@@ -225,26 +212,19 @@ def load_yaml_config(path: str | os.PathLike) -> DictConfig:
     return cfg
 
 
-def parse_override_value(entry: str) -> Any:
-    """The value of one ``key=value`` override, parsed as YAML like OmegaConf's dotlist (``${...}`` kept as is)."""
-    raw = entry.partition("=")[2]
-    try:
-        parsed = OmegaConf.from_dotlist([f"value={raw}"])
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot parse the override {entry!r}: {first}") from exc
-    return OmegaConf.to_container(parsed, resolve=False)["value"]
-
-
 def apply_override(config: DictConfig, entry: str) -> None:
     """Apply one dotlist entry to ``config``: ``~key`` deletes the key; ``key=value`` sets it (list entries by index,
     ``model.params.unet_config.params.channel_mult.1=4``; a mapping value is merged into a mapping), and a value that
     gives a node another ``target`` replaces that node's ``params`` (:mod:`ldm.train.config_merge`)."""
-    if is_deletion(entry):
-        delete_key(config, override_path(check_deletion_token(entry)), source=entry)
+    if is_deletion(entry):  # its form was checked with the command line (check_dotlist_tokens)
+        delete_key(config, entry[len(DELETE_PREFIX) :].split("."), source=entry)
         return
-    key = entry.split("=", 1)[0]
-    value = parse_override_value(entry)
+    key, _, raw = entry.partition("=")
+    try:  # the value parsed as YAML like OmegaConf's dotlist (${...} kept as is)
+        parsed = OmegaConf.from_dotlist([f"value={raw}"])
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse the override {entry!r}: {str(exc).strip().splitlines()[0]}") from exc
+    value = OmegaConf.to_container(parsed, resolve=False)["value"]
     try:
         prepare_override(config, key, value)
         OmegaConf.update(config, key, value, merge=True)
@@ -254,30 +234,25 @@ def apply_override(config: DictConfig, entry: str) -> None:
 
 
 def apply_overrides(config: DictConfig, dotlist: Sequence[str]) -> None:
-    """:func:`apply_override` for each entry of ``dotlist``, in order."""
     for entry in dotlist:
         apply_override(config, entry)
 
 
-def trainer_params() -> list[str]:
-    """The arguments of Lightning 2's ``Trainer``."""
+def check_trainer_key(key: str) -> None:
+    """Refuse a ``lightning.trainer`` key that Lightning 2's Trainer does not take, or that main.py owns."""
     import pytorch_lightning as pl
 
-    return list(accepted_keywords(pl.Trainer).params)
-
-
-def check_trainer_key(key: str, where: str = "lightning.trainer") -> None:
-    """Refuse a ``lightning.trainer`` key that Lightning 2's Trainer does not take, or that main.py owns."""
-    valid = trainer_params()
+    valid = list(accepted_keywords(pl.Trainer).params)
     if key in RESERVED_TRAINER_KEYS:
-        raise ConfigError(f"{where}.{key} is set by main.py: {RESERVED_TRAINER_KEYS[key]}")
+        raise ConfigError(f"lightning.trainer.{key} is set by main.py: {RESERVED_TRAINER_KEYS[key]}")
     if key in valid:
         return
     if key in LIGHTNING1_HINTS:
-        raise ConfigError(f"{where}.{key} is a Lightning 1.x Trainer argument: {LIGHTNING1_HINTS[key]}")
+        raise ConfigError(f"lightning.trainer.{key} is a Lightning 1.x Trainer argument: {LIGHTNING1_HINTS[key]}")
     allowed = [k for k in valid if k not in RESERVED_TRAINER_KEYS]
     raise ConfigError(
-        f"unknown Trainer argument {where}.{key}{closest_hint(key, allowed)}; Lightning 2 accepts: {', '.join(allowed)}"
+        f"unknown Trainer argument lightning.trainer.{key}{closest_hint(key, allowed)}; "
+        f"Lightning 2 accepts: {', '.join(allowed)}"
     )
 
 
@@ -333,12 +308,13 @@ def check_override_key(config: DictConfig, key: str) -> None:
         raise ConfigError(f"override key {key!r} is malformed (empty segment); write e.g. model.params.t_min=0")
     if segments[0] not in PROJECT_KEYS:
         raise ConfigError(f"unknown override key {key!r}: top-level keys are {', '.join(PROJECT_KEYS)}")
-    node: Any = config
+    nodes: list[Any] = [config]  # nodes[i]: the node at segments[:i]
     for i, seg in enumerate(segments):
+        node = nodes[i]
         parent_path = ".".join(segments[:i])
         found, child = _child(node, seg)
         if found:
-            node = child
+            nodes.append(child)
             continue
         if parent_path == "lightning.trainer":
             check_trainer_key(seg)
@@ -350,8 +326,8 @@ def check_override_key(config: DictConfig, key: str) -> None:
         target, params_missing = None, False
         if isinstance(node, (DictConfig, Mapping)) and "target" in node and seg == "params":
             target, params_missing = node["target"], True
-        grand = _parent_node(config, segments[: i - 1]) if i >= 1 and segments[i - 1] == "params" else None
-        if grand is not None and "target" in grand:
+        grand = nodes[i - 1] if i >= 1 and segments[i - 1] == "params" else None
+        if isinstance(grand, (DictConfig, Mapping)) and "target" in grand:
             target = grand["target"]
         if target is not None:
             if params_missing:
@@ -370,18 +346,9 @@ def check_override_key(config: DictConfig, key: str) -> None:
         )
 
 
-def _parent_node(config: DictConfig, segments: Sequence[str]) -> Any:
-    node: Any = config
-    for seg in segments:
-        found, node = _child(node, seg)
-        if not found:
-            return None
-    return node if isinstance(node, (DictConfig, Mapping)) else None
-
-
 def _modernize_callbacks(config: DictConfig) -> DictConfig:
     """latent-diffusion's ``target: main.ImageLogger`` read as :class:`ldm.train.callbacks.ImageLogger` (in place)."""
-    lightning = config._get_node("lightning") if isinstance(config, DictConfig) and "lightning" in config else None
+    lightning = config._get_node("lightning") if "lightning" in config else None
     callbacks = lightning._get_node("callbacks") if isinstance(lightning, DictConfig) and "callbacks" in lightning else None
     if isinstance(callbacks, DictConfig):
         for name in callbacks:

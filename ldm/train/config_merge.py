@@ -21,16 +21,6 @@ def is_deletion(token: str) -> bool:
     return token.startswith(DELETE_PREFIX)
 
 
-def check_deletion_token(token: str) -> str:
-    """The key of a ``~key`` token; a ``~key=value`` or a bare ``~`` is a :class:`ConfigError`."""
-    key = token[len(DELETE_PREFIX) :]
-    if "=" in key:
-        raise ConfigError(f"{token!r}: a deletion is ~key alone (no '='); to set a key write key=value")
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"{token!r}: a deletion names a key, e.g. ~data.params.validation")
-    return key
-
-
 def _plain(node: Any) -> Any:
     """``node`` as plain containers, interpolations and ``???`` kept as written."""
     if isinstance(node, (DictConfig, ListConfig)):
@@ -146,12 +136,7 @@ def merge_layers(layers: Sequence[tuple[str, DictConfig]], start: DictConfig | N
     return merged
 
 
-def override_path(key: str) -> tuple[str, ...]:
-    """A dotlist key as its path of keys."""
-    return tuple(key.split("."))
-
-
 def prepare_override(config: DictConfig, key: str, value: Any) -> None:
     """Apply the target rule for the override ``key=value`` (already parsed) before it is merged into ``config``."""
-    path = override_path(key)
+    path = key.split(".")
     drop_replaced_params(config, {path[-1]: value}, path[:-1])

@@ -4,26 +4,24 @@ the checks made before a run folder exists (every dataset yields a first item; c
 
 from __future__ import annotations
 
-import logging
 import types
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import IterableDataset
 
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.latent_format import FIRST_STAGE_SHA_KEY, INDEX_NAME, check_first_stage, read_index
 from ldm.data.resumable import make_resumable, shard_eval_loader
-
-logger = logging.getLogger(__name__)
 
 
 def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
     """Serve ``datamodule``'s loaders for ``trainer``'s rank in the resumable order of :mod:`ldm.data.resumable`.
 
-    A :class:`~ldm.data.datamodule.DataModuleFromConfig` builds them itself once asked
-    (:meth:`~ldm.data.datamodule.DataModuleFromConfig.use_resumable_order`).  A datamodule of another class cannot be
-    asked, so its loader methods are wrapped on the instance; rank and world size are read when Lightning asks for the
-    loaders (after the processes are set up).
+    A :class:`~ldm.data.datamodule.DataModuleFromConfig` builds them itself once asked.  A datamodule of another class
+    cannot be asked, so its loader methods are wrapped on the instance; rank and world size are read when Lightning
+    asks for the loaders (after the processes are set up).
     """
     if isinstance(datamodule, DataModuleFromConfig):
         datamodule.use_resumable_order(seed)
@@ -36,7 +34,7 @@ def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
     datamodule.train_dataloader = types.MethodType(train_dataloader, datamodule)
     for name, what in (("val_dataloader", "validation"), ("test_dataloader", "test")):
         original = getattr(datamodule, name, None)
-        if original is None or not _is_overridden(datamodule, name):
+        if original is None or not is_overridden(name, datamodule):
             continue
 
         def eval_dataloader(self: Any, _orig: Any = original, _what: str = what) -> Any:
@@ -49,13 +47,9 @@ def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
 
 
 def check_first_items(datamodule: Any) -> None:
-    """Load the first item of every map-style dataset ``datamodule`` has set up, in this process.
-
-    ``main.py`` calls this before it creates the run folder, so that a dataset that cannot produce a single item (an
-    image folder holding only corrupt files: :class:`~ldm.data.image_folder.UnreadableDatasetError`) fails in one line
-    before anything is written, instead of in a DataLoader worker after the run folder exists.  Whatever the dataset
-    raises propagates.
-    """
+    """Load the first item of every map-style dataset ``datamodule`` has set up, in this process: a dataset that cannot
+    produce a single item (an image folder of corrupt files) fails in one line before the run folder exists, not in a
+    DataLoader worker after.  Whatever the dataset raises propagates."""
     for dataset in (getattr(datamodule, "datasets", None) or {}).values():
         if isinstance(dataset, IterableDataset):
             continue
@@ -67,52 +61,38 @@ def check_first_items(datamodule: Any) -> None:
             dataset[0]
 
 
-def cached_first_stage_hashes(datamodule: Any) -> dict[str, set[str]]:
-    """``{split: first-stage sha256s}`` of the cached-latent datasets ``datamodule`` has set up: a map-style dataset
+def cached_first_stage_hashes(datamodule: Any) -> dict[str, str]:
+    """``{split: first-stage sha256}`` of the cached-latent datasets ``datamodule`` has set up: a map-style dataset
     whose first item carries ``first_stage_sha256`` (:class:`~ldm.data.cached_latents.CachedLatents`), or an
     iterable one read from a cache folder with an ``index.json`` (:class:`~ldm.data.shard_stream.LatentShards` given
     the folder; a pattern of shards is checked at its first batch instead)."""
-    from ldm.data.latent_format import FIRST_STAGE_SHA_KEY, INDEX_NAME, read_index
-
-    found: dict[str, set[str]] = {}
+    found: dict[str, str] = {}
     configs = getattr(datamodule, "dataset_configs", None) or {}
     for name, dataset in (getattr(datamodule, "datasets", None) or {}).items():
         if isinstance(dataset, IterableDataset):
             params = (configs.get(name) or {}).get("params") or {}
             root = params.get("shards") if isinstance(params, dict) else None
             if isinstance(root, str) and (Path(root) / INDEX_NAME).is_file():
-                found[name] = {read_index(root).first_stage_sha256}
+                found[name] = read_index(root).first_stage_sha256
             continue
-        index = getattr(dataset, "index", None)
-        sha = getattr(index, "first_stage_sha256", None)
+        sha = getattr(getattr(dataset, "index", None), "first_stage_sha256", None)
         if isinstance(sha, str):
-            found[name] = {sha}
+            found[name] = sha
             continue
         try:
             item = dataset[0] if len(dataset) > 0 else None
         except TypeError:
             continue
         if isinstance(item, dict) and isinstance(item.get(FIRST_STAGE_SHA_KEY), str):
-            found[name] = {item[FIRST_STAGE_SHA_KEY]}
+            found[name] = item[FIRST_STAGE_SHA_KEY]
     return found
 
 
 def check_cached_first_stage(datamodule: Any, model: Any) -> None:
     """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`, one line naming both hashes) cached latents
-    that ``model``'s first stage did not encode, before anything is written: ``main.py`` calls this once the model and
-    the data are built and before it creates the run folder.  The model checks every batch as well
-    (:meth:`~ldm.models.diffusion.latent.LatentDiffusion.cached_first_stage_encoding`)."""
+    that ``model``'s first stage did not encode, before the run folder exists (the model checks every batch too)."""
     first_stage = getattr(model, "first_stage_model", None)
-    hashes = cached_first_stage_hashes(datamodule)
-    if first_stage is None or not hashes:
+    if first_stage is None:
         return
-    from ldm.data.latent_format import check_first_stage
-
-    for name, found in hashes.items():
-        check_first_stage(sorted(found), first_stage, where=f"the cached latents of data.params.{name}")
-
-
-def _is_overridden(datamodule: Any, name: str) -> bool:
-    from pytorch_lightning.utilities.model_helpers import is_overridden
-
-    return is_overridden(name, datamodule)
+    for name, sha in cached_first_stage_hashes(datamodule).items():
+        check_first_stage(sha, first_stage, where=f"the cached latents of data.params.{name}")

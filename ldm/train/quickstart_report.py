@@ -18,6 +18,7 @@ from ldm.eval.summary import BestStart, format_entry
 from ldm.eval.sweep import SweepResult
 
 REGION = "experts (region)"  # the sweep's method name of the region refinement
+_ci = format_entry  # short: the table rows below call it many times
 
 
 class HeldOut(Protocol):
@@ -45,10 +46,6 @@ def first_stage_round_trip(model: Any, domain: HeldOut, size: int, n: int) -> st
 def _entry(summary: list[dict[str, Any]], degradation: str, method: str, start_t: int | None) -> dict[str, Any]:
     found = [s for s in summary if (s["degradation"], s["method"], s["start_t"]) == (degradation, method, start_t)]
     return found[0] if found else {}
-
-
-def _ci(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False) -> str:
-    return format_entry(entry, key, fmt, sign)
 
 
 def headline_line(

@@ -1,13 +1,9 @@
-"""An exclusive lock on a run folder: two ``main.py`` processes never train into one run at once.
+"""An exclusive lock on a run folder: two ``main.py`` processes never train into one run at once (both would write
+``last.ckpt``, and the one finishing last would silently win, so progress could go backwards).
 
-``main.py`` (rank 0 only: the process Lightning re-launches for the other ranks, or rank 0 of ``torchrun``) holds an
-advisory ``flock`` on ``<run>/.lock`` from the moment the run folder is known until it exits.  A second ``main.py -r``
-on the same folder is refused in one line instead of racing the first (both would write ``last.ckpt``, and the one
-finishing last would silently win, so progress could go backwards).
-
-``flock`` locks belong to the open file, so the kernel drops the lock when the holder exits in any way, SIGKILL
-included: a lock file left behind by a killed run is not a held lock, and the next run simply takes it (no pid file to
-clean up, no stale-pid guessing).  The file holds the holder's pid, only to name it in the error message.
+``main.py`` (rank 0 only) holds an advisory ``flock`` on ``<run>/.lock`` from the moment the run folder is known until
+it exits.  The kernel drops a ``flock`` when its holder exits in any way, SIGKILL included: a lock file left behind is
+not a held lock (no stale-pid guessing).  The file holds the holder's pid, only to name it in the error message.
 """
 
 from __future__ import annotations

@@ -77,22 +77,8 @@ def run_stage(
     """
     logs.mkdir(parents=True, exist_ok=True)
     before = {p for p in logs.iterdir() if p.is_dir()}
-    cmd = [
-        sys.executable,
-        str(MAIN),
-        "-b",
-        str(stage.config),
-        "-t",
-        "--no-test",
-        "-l",
-        str(logs),
-        "-n",
-        run_name or stage.name,
-        "-s",
-        str(seed),
-        *stage.overrides,
-        *extra,
-    ]
+    cmd = [sys.executable, str(MAIN), "-b", str(stage.config), "-t", "--no-test", "-l", str(logs)]
+    cmd += ["-n", run_name or stage.name, "-s", str(seed), *stage.overrides, *extra]
     echo("$ " + " ".join(relative(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]))
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
     # MKL follows OpenMP: a parent's MKL_NUM_THREADS=2 (benchmarks/common.set_threads) kept a second thread spinning

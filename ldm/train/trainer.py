@@ -100,17 +100,6 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def _with_runtime_param(cfg: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
-    """``cfg`` with ``params[name] = value`` unless set already and when the target takes it."""
-    cfg = dict(cfg)
-    params = dict(cfg.get("params") or {})
-    keywords = accepted_keywords(get_obj_from_str(cfg["target"]))
-    if name not in params and (name in keywords.params or keywords.open):
-        params[name] = value
-    cfg["params"] = params
-    return cfg
-
-
 def build_callbacks(
     lightning_config: DictConfig, model: pl.LightningModule, ckptdir: str, has_validation: bool
 ) -> list[pl.Callback]:
@@ -155,7 +144,11 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
     if extra:
         if not isinstance(extra, dict) or "target" not in extra:
             raise ConfigError(f"lightning.logger must be {{target: ..., params: {{...}}}}, got {extra!r}")
-        loggers.append(instantiate_from_config(_with_runtime_param(extra, "save_dir", logdir)))
+        params = dict(extra.get("params") or {})
+        keywords = accepted_keywords(get_obj_from_str(extra["target"]))
+        if "save_dir" in keywords.params or keywords.open:
+            params.setdefault("save_dir", logdir)
+        loggers.append(instantiate_from_config(dict(extra, params=params)))
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, CSVLogger(save_dir=logdir, name="csv"))
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
@@ -167,14 +160,13 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
 
 
 def configure_ddp(strategy: Any, model: pl.LightningModule) -> dict[str, Any]:
-    """Give a DDP strategy (``ddp`` named in the config, or chosen by Lightning for ``devices > 1``; also
-    ``ddp_spawn``/``ddp_fork``) the ``DistributedDataParallel`` options ``model`` declares; returns what was added.
+    """Give a DDP strategy (named, or chosen by Lightning for ``devices > 1``) the ``DistributedDataParallel`` options
+    ``model`` declares; returns what was added.
 
     A model may declare ``ddp_find_unused_parameters = True`` (:class:`~ldm.models.autoencoder.VQModel`: its
     discriminator is idle before ``disc_start``) and ``ddp_sync_buffers = False``
     (:class:`~ldm.models.diffusion.ddpm.DDPM`: no broadcast of the EMA buffers before every forward).  Options the
-    strategy already has win (``ddp_find_unused_parameters_false`` stays false).  Lightning wraps the model in DDP only
-    in ``fit``, so options set on the built Trainer's strategy take effect.
+    strategy already has win.  Lightning wraps the model in DDP only in ``fit``, so options set here take effect.
     """
     from pytorch_lightning.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel

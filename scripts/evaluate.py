@@ -361,7 +361,7 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
     folder or an impossible number costs nothing (they failed after both models had loaded, or in the sweep)."""
     from ldm.data.embedded import heldout_crops
     from ldm.imageio import format_path
-    from ldm.refine.refiner import MAX_SEED
+    from ldm.refine.request import MAX_SEED
 
     for flag, folder in (
         ("--images", args.images),

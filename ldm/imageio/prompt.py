@@ -113,13 +113,9 @@ class Prompt:
         return self.guidance_scale != 1.0
 
     def as_metadata(self) -> dict[str, str]:
-        return prompt_metadata(self)
-
-
-def prompt_metadata(prompt: Prompt) -> dict[str, str]:
-    """The entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text) an output
-    refined with ``prompt`` carries (read back by :func:`read_image_prompt` next to a latesteps ``Software``)."""
-    return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt, "guidance_scale": repr(prompt.guidance_scale)}
+        """The entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text) an output
+        refined with this prompt carries (read back by :func:`read_image_prompt` next to a latesteps ``Software``)."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance_scale": repr(self.guidance_scale)}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ldm.imageio import (
     side_by_side,
     tensor_to_image,
 )
-from ldm.imageio.prompt import Prompt, prompt_metadata
+from ldm.imageio.prompt import Prompt
 from ldm.refine.conditioning import text_experts, unguided_experts
 from ldm.refine.refiner import Refiner
 from ldm.refine.region_files import RegionOptions, load_mask, mask_overlay, region_metadata
@@ -158,7 +158,7 @@ def build_metadata(
         meta[f"checkpoint_{i}_sha256"] = ckpt.sha256
         meta[f"checkpoint_{i}_window"] = f"[{ckpt.window[0]}, {ckpt.window[1]})"
     if prompt is not None:
-        meta.update(prompt_metadata(prompt))
+        meta.update(prompt.as_metadata())
         unguided = unguided_experts(refiner.experts, plan)
         if unguided:
             meta["unguided_experts"] = ", ".join(unguided)

@@ -93,7 +93,10 @@ def _export_sd(model: Any, out: Path) -> Path:
         "text_encoder/config.json": (json.dumps(text_config, indent=2, sort_keys=True) + "\n").encode(),
         "text_encoder/model.safetensors": _export_weights(cond, text_param_maps(list(cond.state_dict())), "text-encoder"),
     }
-    fill = lambda tmp: tokenizer.save_pretrained(str(tmp / "tokenizer"))  # noqa: E731
+
+    def fill(tmp: Path) -> None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
     return _export(model, out, unet, ("vae", kl), index, text_files, fill, "diffusers Stable Diffusion folder")
 
 

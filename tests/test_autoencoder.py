@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ldm.modules.lpips import PerceptualWeightsMissingError
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import TINY_DDCONFIG, photo_crops
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_KEYS = REPO / "tests" / "reference" / "vq_f4_keys.json"  # copy of the shared CompVis key list
@@ -413,7 +413,7 @@ def test_main_py_trains_the_tiny_vq_and_its_checkpoint_serves_as_first_stage(tmp
         "data.params.train.params.n_samples=16",
         "data.params.validation.params.n_samples=8",
     ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_python(cmd[1:], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = (tmp_path / "logs").rglob("checkpoints/last.ckpt")
     checkpoint = load_checkpoint(last)

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ldm.train.callbacks import StepSeeding
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import TINY_DDCONFIG, TINY_UNET_PARAMS, photo_crops, tiny_ldm_params
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"
@@ -532,7 +532,7 @@ def test_main_py_trains_kl_f8_tiny_and_its_checkpoint_serves_as_first_stage(tmp_
         "lightning.trainer.benchmark=false",
         *tiny_overrides("kl_f8.yaml", image_root),
     ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_python(cmd[1:], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = (tmp_path / "logs").rglob("checkpoints/last.ckpt")
     checkpoint = load_checkpoint(last)

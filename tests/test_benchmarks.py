@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from warm_python import run_python
+
 pytestmark = pytest.mark.slow  # benchmark subprocesses, about a minute in all (still run in CI)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,14 +26,12 @@ TIMEOUT = 600
 
 
 def _run(cmd: list[str], results: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "LATESTEPS_BENCH_RESULTS": str(results),
-        "PYTHON": sys.executable,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    env = {**os.environ, "LATESTEPS_BENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}  # the scripts' --threads 1
+    if cmd[0] == sys.executable:  # sets OMP/MKL threads for the stages they start
+        result = run_python(cmd[1:], cwd=REPO, env=env, timeout=TIMEOUT)
+    else:
+        env.update(PYTHON=sys.executable, MKL_NUM_THREADS="1")
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
 
@@ -198,13 +198,7 @@ def test_synthetic_windows_trains_three_ways_and_compares_them(tmp_path):
         "full.ckpt",
         "single.ckpt",
     ]
-    code = subprocess.run(
-        [sys.executable, str(BENCH / "synthetic_windows.py"), "--vq", str(tmp_path / "none.ckpt")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    code = run_python([BENCH / "synthetic_windows.py", "--vq", tmp_path / "none.ckpt"], cwd=REPO, timeout=TIMEOUT)
     assert code.returncode == 2 and "is not a file" in code.stderr
 
 
@@ -236,11 +230,5 @@ def test_photo_curve_trains_and_measures_each_saved_step(tmp_path):
         keys = ("eps_t300",) if row["run"] == "500-750" else ("eps_t50", "eps_t100", "dswd", "paint_gain")
         assert all(row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"] for k in keys), row
     assert path.with_suffix(".md").read_text().startswith("| VQ steps |") and "table:" in out.stdout
-    bad = subprocess.run(
-        [sys.executable, str(BENCH / "photo_curve.py"), "--widths", "40"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    bad = run_python([BENCH / "photo_curve.py", "--widths", "40"], cwd=REPO, timeout=TIMEOUT)
     assert bad.returncode == 2 and "multiple of 16" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

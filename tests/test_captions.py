@@ -8,8 +8,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from ldm.models.diffusion.latent import check_ucg_training, drop_captions
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import TINY_UNET_PARAMS, noise_png, tiny_ldm_params
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -468,14 +467,7 @@ def test_main_trains_a_text_conditioned_expert_on_captioned_images(tmp_path):
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     env.pop("LATESTEPS_LOGDIR", None)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "-b", str(config), "-t", "-l", str(tmp_path / "logs")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python([REPO / "main.py", "-b", config, "-t", "-l", tmp_path / "logs"], cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
     (project,) = run.glob("configs/*-project.yaml")

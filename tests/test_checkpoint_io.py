@@ -11,7 +11,6 @@ Subprocesses run with one OpenMP thread (``test_main._env``).
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from test_main import MAIN, QUICKSTART, TEST_OVERLAY, _env, train_losses
 
 from ldm.checkpoint import load_checkpoint, save_checkpoint
 from ldm.train.cli import merge_configs
+
+from warm_python import run_python
 
 RUN_TIMEOUT = 600
 
@@ -80,9 +81,7 @@ def run_main_with_fault(args: list[str], cwd: Path, fault: dict[str, str] | None
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
         env.update(PYTHONPATH=str(site), **fault)
-    return subprocess.run(
-        [sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
-    )
+    return run_python([MAIN, *args], cwd=cwd, env=env, timeout=RUN_TIMEOUT)
 
 
 def main_args(folder: Path, name: str, max_steps: int = 6) -> list[str]:

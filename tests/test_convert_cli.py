@@ -7,15 +7,15 @@ Tiny random folders are built with diffusers' classes (test_diffusers_convert.py
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from warm_python import run_python
 
 pytest.importorskip("diffusers", reason="diffusers is the optional extra pip install -e .[diffusers]")
 
@@ -43,10 +43,7 @@ def refused_folders(ldm_folder, tmp_path_factory) -> dict[str, Path]:
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_python([f"scripts/{script}", *args], cwd=REPO, timeout=600)
 
 
 def test_convert_cli_both_directions_in_subprocesses(ldm_folder, tmp_path):

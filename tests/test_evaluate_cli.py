@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import pytest
 from PIL import Image
 from test_cli import ckpt_args, interrupt, run, script
 from test_sweep import DDIM_STEPS, _read_csv, _write_pngs
+
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,11 +137,9 @@ def test_evaluate_cli_empty_realism_folder_and_a_pixel_space_model_with_a_vq_deg
     pixel = pixel_space_checkpoint(tmp_path / "pixel.ckpt")
 
     def evaluate(*args: str) -> tuple[int, list[str]]:
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args, "--outdir", str(tmp_path / "o")],
+        proc = run_python(
+            [REPO / "scripts" / "evaluate.py", *args, "--outdir", tmp_path / "o"],
             cwd=REPO,
-            capture_output=True,
-            text=True,
             timeout=300,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
@@ -166,11 +165,9 @@ def test_evaluate_cli_empty_realism_folder_and_a_pixel_space_model_with_a_vq_deg
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), *args],
+    return run_python(
+        [REPO / "scripts" / "evaluate.py", *args],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -27,6 +27,7 @@ from ldm.data.latent_format import CACHED_LATENT_KEY, FirstStageMismatchError, f
 from ldm.util import ConfigError, instantiate_from_config
 
 from conftest import write_image_folder
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "cache_latents.py"
@@ -212,11 +213,8 @@ def test_the_model_refuses_latents_of_another_first_stage_in_any_batch(cache):
 
 
 def test_bad_arguments_exit_2_in_one_line(cache, tmp_path, capsys):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", "x.yaml", "--data", "d", "--out", "o", "--crops", "0"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    result = run_python(
+        [SCRIPT, "--config", "x.yaml", "--data", "d", "--out", "o", "--crops", "0"], cwd=tmp_path, timeout=TIMEOUT
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--crops: 0 must be >= 1" in result.stderr
     base = ["--config", str(cache["config"]), "--data", str(cache["images"])]
@@ -305,9 +303,7 @@ def test_torchrun_killed_mid_way_and_resumed_by_one_process_writes_the_bytes_of_
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert all(m.exists() for m in marks) and not (out / "index.json").exists(), "not killed mid-way"
-    resumed = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True, timeout=TIMEOUT, env=_env()
-    )
+    resumed = run_python([SCRIPT, *args, "--out", out], cwd=tmp_path, timeout=TIMEOUT, env=_env())
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     assert "wrote 24 latents" in resumed.stdout and "1 input(s) unreadable" in resumed.stdout
     assert _files(out) == _files(tmp_path / "reference")
@@ -334,12 +330,8 @@ def test_cache_latents_never_writes_over_its_inputs_or_into_a_folder_that_is_not
         (shards / f"latents-{i:02d}.tar").rename(shards / f"latents-{i:06d}.tar")
     pattern = str(shards / "latents-{000000..000001}.tar")
     before = _files(shards)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(cache["config"]), "--data", pattern, "--out", str(shards)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_env(),
+    result = run_python(
+        [SCRIPT, "--config", cache["config"], "--data", pattern, "--out", shards], cwd=tmp_path, timeout=TIMEOUT, env=_env()
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert "would overwrite the input" in result.stderr and "choose another --out" in result.stderr
@@ -404,22 +396,8 @@ def test_cached_latents_skip_nan_and_infinite_latents(cache, tmp_path, caplog):
 def test_a_huge_brace_pattern_is_one_line_before_any_work(cache, tmp_path):
     """`--data 'x-{0..99999999}.tar'` ended in a MemoryError traceback; {0..9999999} took 74 s and 2.5 GB."""
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--config",
-            str(cache["config"]),
-            "--data",
-            str(tmp_path / "x-{0..99999999}.tar"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_env(),
-    )
+    argv = [SCRIPT, "--config", cache["config"], "--data", tmp_path / "x-{0..99999999}.tar", "--out", tmp_path / "out"]
+    result = run_python(argv, cwd=tmp_path, timeout=TIMEOUT, env=_env())
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert "expand to 100,000,000 shard names, more than the 1,000,000 allowed" in result.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()

@@ -28,6 +28,8 @@ from ldm.train.cli import check_override_key, merge_configs, parse_cli
 from ldm.train.trainer import build_loggers
 from ldm.util import ConfigError, instantiate_from_config
 
+from warm_python import run_python
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
 QUICKSTART = REPO / "configs" / "quickstart" / "latesteps_500_750.yaml"
@@ -79,9 +81,7 @@ def _env() -> dict[str, str]:
 
 def run_main(args: list[str], cwd: Path, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
     """``python main.py *args`` in ``cwd``; returns the completed process (text output)."""
-    return subprocess.run(
-        [sys.executable, str(MAIN), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return run_python([MAIN, *args], cwd=cwd, env=_env(), timeout=timeout)
 
 
 def write_overlay(folder: Path) -> Path:

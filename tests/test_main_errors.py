@@ -25,6 +25,8 @@ from test_main import MAIN, QUICKSTART, TEST_OVERLAY, _env, _load_main_module
 from ldm.checkpoint import save_checkpoint
 from ldm.util import instantiate_from_config
 
+from warm_python import run_python
+
 STARTUP_TIMEOUT = 600
 
 
@@ -249,14 +251,8 @@ def test_a_data_folder_of_corrupt_images_is_one_line_without_a_run_folder(main_m
 
 
 def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(MAIN), *new_run_args(tmp_path, "lightning.trainer.max_steps=-5")],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT,
-    )
+    argv = [MAIN, *new_run_args(tmp_path, "lightning.trainer.max_steps=-5")]
+    result = run_python(argv, cwd=tmp_path, env=_env(), timeout=STARTUP_TIMEOUT)
     assert result.returncode == 2
     assert "max_steps" in one_error_line(result.stderr, "main.py: error:")
     assert nothing_left(tmp_path / "logs")

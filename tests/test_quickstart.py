@@ -17,6 +17,8 @@ from test_cli import interrupt, run, script
 
 from ldm.checkpoint import load_checkpoint
 
+from warm_python import run_python
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "quickstart.py"
 STAGES = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
@@ -25,9 +27,7 @@ STAGES = ("vq_f4", "latesteps_500_750", "latesteps_750_1000")
 def run_quickstart(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
     env["OMP_NUM_THREADS"] = "1"  # tiny ops: idle OpenMP threads only slow a busy 2-core machine down
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_python([SCRIPT, "--smoke", *args], cwd=REPO, env=env, timeout=900)
 
 
 @pytest.mark.slow

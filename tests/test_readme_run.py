@@ -8,10 +8,8 @@ Each command runs as README writes it, with its script's suffix of ``RUN_SUFFIX`
 experts), and the quick start's checkpoints are tiny ones of its own configs.  Every non-loopback connection is
 refused (the sitecustomize of tests/app_support.py): README's commands download nothing.
 
-Each command is its own process: forked from a Python that has already imported torch, Lightning and ``ldm`` (about
-5 s saved per command on a 2-core machine), then run as ``python script.py args`` runs it (``runpy`` as
-``__main__``, its ``sys.argv``, ``sys.path[0]`` and working folder); ``README_RUN_FRESH=1`` starts a fresh
-interpreter for each instead.  The web app's commands serve, answer ``/api/info`` and stop on Ctrl+C with exit 0.
+Each command is its own process, forked from a warm interpreter (tests/warm_python.py; ``LATESTEPS_TEST_FRESH=1``
+starts each fresh).  The web app's commands serve, answer ``/api/info`` and stop on Ctrl+C with exit 0.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +45,7 @@ from readme_support import (
     invocation,
     why_not_run,
 )
+from warm_python import run_python
 
 RUN = [c for c in COMMANDS + INLINE_COMMANDS if not why_not_run(c)]
 SERVED = [c for c in RUN if invocation(c).script == "scripts/app.py"]  # long-running: asked, then stopped
@@ -56,10 +54,6 @@ LINKED = ("scripts", "configs", "weights", "benchmarks", "main.py")  # the clone
 TIMEOUT_S = 300.0
 # logs/<name>/ that README names and no README command makes (the user's own runs): which tiny expert stands in
 RUN_STAND_INS = {"500-750-run": "shapes", "750-1000-run": "details", "run": "details"}
-PRELOAD = (
-    "import torch, pytorch_lightning, omegaconf, PIL.Image, matplotlib.pyplot, ldm.refine, ldm.util, ldm.checkpoint, "
-    "ldm.train.cli, ldm.eval.metrics, ldm.eval.sweep"
-)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the sandbox
@@ -174,103 +168,22 @@ def resolved(command: Command, root: Path) -> list[str]:
     return [*words, *RUN_SUFFIX[inv.script]]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# running a command in a process of its own, forked from a warm interpreter
-
-WARM = r"""
-import json, os, runpy, sys, traceback
-exec(sys.argv[1])  # the imports every command pays for otherwise
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:  # the command's own process, as `python script.py args` starts it
-        os.setpgid(0, 0)
-        os.chdir(request["cwd"])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, name in ((1, "stdout"), (2, "stderr")):
-            os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        code = 0
-        try:
-            sys.argv = list(request["argv"])
-            sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-            runpy.run_path(sys.argv[0], run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, (int, type(None))):
-                print(exc.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
-"""
-
-
-@dataclass
-class Finished:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def tail(self) -> str:
-        return f"exit {self.code} after {self.seconds:.1f} s\n{self.stdout[-2000:]}\n{self.stderr[-3000:]}"
-
-
-class Runner:
-    """Runs ``python <argv>`` in ``root``: forked from a warm interpreter, or (``fresh``) started anew."""
-
-    def __init__(self, root: Path, fresh: bool):
-        self.root, self.fresh, self.count = root, fresh, 0
-        self.warm = None
-        if not fresh:
-            self.warm = subprocess.Popen([sys.executable, "-c", WARM, PRELOAD], cwd=root, env=environment(root),
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
-
-    def _reply(self, timeout: float) -> dict:
-        if not select.select([self.warm.stdout], [], [], timeout)[0]:
-            raise TimeoutError
-        line = self.warm.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the warm interpreter exited with {self.warm.wait()}")
-        return json.loads(line)
-
-    def run(self, argv: list[str], timeout: float = TIMEOUT_S) -> Finished:
-        self.count += 1
-        out, err = self.root / f".run{self.count}.out", self.root / f".run{self.count}.err"
-        started = time.monotonic()
-        if self.fresh:
-            with out.open("w") as stdout, err.open("w") as stderr:
-                code = subprocess.run([sys.executable, *argv], cwd=self.root, env=environment(self.root), stdout=stdout,
-                                      stderr=stderr, timeout=timeout).returncode  # fmt: skip
-        else:
-            request = {"argv": argv, "cwd": str(self.root), "stdout": str(out), "stderr": str(err)}
-            self.warm.stdin.write(json.dumps(request) + "\n")
-            self.warm.stdin.flush()
-            pid = self._reply(30)["pid"]
-            try:
-                code = self._reply(timeout)["code"]
-            except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)
-                self._reply(30)
-                raise AssertionError(f"{argv} still running after {timeout} s: {out.read_text()[-2000:]}") from None
-        return Finished(code, out.read_text(), err.read_text(), time.monotonic() - started)
-
-    def close(self) -> None:
-        if self.warm is not None:
-            self.warm.stdin.close()
-            self.warm.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def runner(sandbox):
-    running = Runner(sandbox, fresh=os.environ.get("README_RUN_FRESH") == "1")
-    yield running
-    running.close()
+def run(sandbox):
+    """``run(argv)``: ``python *argv`` in the sandbox, README's environment, a forked process of its own; asserts it
+    ends within :data:`TIMEOUT_S`."""
+
+    def running(argv: list[str]) -> subprocess.CompletedProcess:
+        try:
+            return run_python(argv, cwd=sandbox, env=environment(sandbox), timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"{argv} still running after {TIMEOUT_S} s: {exc.stdout[-2000:]}") from None
+
+    return running
+
+
+def tail(done: subprocess.CompletedProcess) -> str:
+    return f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
 def files_under(root: Path) -> dict[Path, int]:
@@ -290,18 +203,18 @@ def files_under(root: Path) -> dict[Path, int]:
 
 
 @pytest.mark.parametrize("command", FINISHED, ids=command_id)
-def test_readme_command_runs(command, sandbox, runner):
+def test_readme_command_runs(command, sandbox, run):
     """Exit 0, something written (where ``--out``/``--outdir``/``--output`` says, when given), nothing sent off the
     machine; ``--help`` prints its usage."""
     argv = resolved(command, sandbox)
     before = files_under(sandbox)
-    done = runner.run(argv)
-    assert done.code == 0, f"README.md:{command.line}: {command}\nran as: {argv}\n{done.tail()}"
+    done = run(argv)
+    assert done.returncode == 0, f"README.md:{command.line}: {command}\nran as: {argv}\n{tail(done)}"
     if "--help" in argv:
-        assert done.stdout.startswith("usage: "), done.tail()
+        assert done.stdout.startswith("usage: "), tail(done)
     else:
         written = {p for p, mtime in files_under(sandbox).items() if before.get(p) != mtime}
-        assert written, f"README.md:{command.line}: {command} wrote nothing\n{done.tail()}"
+        assert written, f"README.md:{command.line}: {command} wrote nothing\n{tail(done)}"
         for flag, value in zip(argv, argv[1:]):
             if flag in OUTPUT_FLAGS:
                 assert any(p == sandbox / value or sandbox / value in p.parents for p in written), (

@@ -28,6 +28,7 @@ from ldm.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldm.imageio import ImageSaveError, read_png_metadata
 
 from conftest import load_photos, tiny_expert_config, tiny_first_stage_config
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "refine.py"
@@ -173,23 +174,8 @@ def test_cli_end_to_end_in_a_subprocess_without_network(expert_checkpoints, imag
 
 
 def test_bad_argument_exits_in_one_line_from_a_subprocess(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--input",
-            "x.png",
-            "--ckpt",
-            "a.ckpt",
-            "--start-t",
-            "abc",
-            "--outdir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    argv = [SCRIPT, "--input", "x.png", "--ckpt", "a.ckpt", "--start-t", "abc", "--outdir", tmp_path / "out"]
+    proc = run_python(argv, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == ["refine.py: error: argument --start-t: 'abc' is not an integer (see --help)"]
     assert not (tmp_path / "out").exists()
@@ -204,8 +190,8 @@ def test_bad_argument_exits_in_one_line_from_a_subprocess(tmp_path):
 )
 def test_region_arguments_out_of_bounds_exit_2_at_parsing_from_a_subprocess(tmp_path, flag, value, message):
     """Refused at parsing, exit 2: not on every image after it is loaded (exit 1), even with no region given."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--input", "x.png", "--ckpt", "a.ckpt", flag, value,
-                           "--outdir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    argv = [SCRIPT, "--input", "x.png", "--ckpt", "a.ckpt", flag, value, "--outdir", tmp_path / "out"]
+    proc = run_python(argv, cwd=tmp_path, timeout=120)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"refine.py: error: argument {flag}: ")
     assert message in lines[0] and not (tmp_path / "out").exists()

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import string
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import pytest
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from warm_python import run_python
 
 transformers = pytest.importorskip("transformers")
 
@@ -306,7 +307,7 @@ def test_cli_prompts_from_a1111_png_prompt_file_and_flags_in_a_subprocess(ckpts,
     # (earlier tests in this process may have changed it), and the pixels are compared with the API's below
     threads = str(torch.get_num_threads())
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_python(cmd[1:], cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     failed = [line for line in error_lines(proc.stderr) if "bare.png" in line and "no prompt" in line]
@@ -328,23 +329,8 @@ def test_cli_prompts_from_a1111_png_prompt_file_and_flags_in_a_subprocess(ckpts,
 
 
 def test_cli_bad_guidance_scale_exits_2_at_parsing_in_a_subprocess(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--input",
-            "x.png",
-            "--ckpt",
-            "a.ckpt",
-            "--guidance-scale",
-            "-2",
-            "--outdir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    argv = [SCRIPT, "--input", "x.png", "--ckpt", "a.ckpt", "--guidance-scale", "-2", "--outdir", tmp_path / "out"]
+    proc = run_python(argv, cwd=tmp_path, timeout=120)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("refine.py: error: argument --guidance-scale: -2 must be a finite number >= 0")

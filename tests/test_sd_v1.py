@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import string
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+
+from warm_python import run_python
 
 transformers = pytest.importorskip("transformers")
 
@@ -380,14 +380,8 @@ def test_window_config_finetunes_with_main_py_and_refines(tmp_path, tiny_clip_di
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("LATESTEPS_LOGDIR", None)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "-b", str(V1_WINDOW), str(overlay), "-t", "-l", str(tmp_path / "logs")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv = [ROOT / "main.py", "-b", V1_WINDOW, overlay, "-t", "-l", tmp_path / "logs"]
+    result = run_python(argv, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = (tmp_path / "logs").iterdir()
     last = run / "checkpoints" / "last.ckpt"

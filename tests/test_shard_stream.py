@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from ldm.data.shard_stream import ImageShards, LatentShards, ShardStream, ShardS
 from ldm.util import ConfigError
 
 from conftest import write_image_shards
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart" / "latesteps_500_750.yaml"
@@ -238,25 +237,11 @@ def test_two_process_ddp_over_three_uneven_shards_ends_and_resumes_without_repea
     (tmp_path / "ddp.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LATESTEPS_LOGDIR", None)
-    main = [sys.executable, str(REPO / "main.py")]
-    first = subprocess.run(
-        [*main, "-b", "ddp.yaml", "-t", "-n", "ddp", "-l", "logs"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    main = REPO / "main.py"
+    first = run_python([main, "-b", "ddp.yaml", "-t", "-n", "ddp", "-l", "logs"], cwd=tmp_path, env=env, timeout=TIMEOUT)
     assert first.returncode == 0, first.stderr[-4000:]
     (run,) = (tmp_path / "logs").glob("*_ddp")
-    resumed = subprocess.run(
-        [*main, "-t", "-r", str(run), "lightning.trainer.max_steps=6"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    resumed = run_python([main, "-t", "-r", run, "lightning.trainer.max_steps=6"], cwd=tmp_path, env=env, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     dataset = ImageShards(shards, size=32, shuffle_buffer=4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ from ldm.checkpoint import MAX_METADATA_JSON, CheckpointError, load_checkpoint, 
 from ldm.refine import Refiner, shipped
 from ldm.refine.loading import load_expert
 from ldm.refine.shipped import SHIPPED, ShippedWeights, expand_names, export_expert, shipped_files
+
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,9 +202,7 @@ def test_the_shipped_demo_weights_are_in_the_repository_and_match_their_digests(
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "export_weights.py"), *args], capture_output=True, text=True, timeout=300
-    )
+    return run_python([REPO / "scripts" / "export_weights.py", *args], cwd=REPO, timeout=300)
 
 
 def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_checkpoints, tmp_path):
@@ -246,28 +245,9 @@ def test_refine_cli_takes_the_demo_name_and_keeps_pixels_outside_the_box(tmp_pat
     from ldm.imageio import tensor_to_image
 
     Image.fromarray(tensor_to_image(crops32[0])).save(tmp_path / "a.png")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "refine.py"),
-            "--input",
-            str(tmp_path / "a.png"),
-            "--box",
-            "8,8,24,24",
-            "--start-t",
-            "150",
-            "--ckpt",
-            "demo",
-            "--outdir",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    argv = [REPO / "scripts" / "refine.py", "--input", tmp_path / "a.png", "--box", "8,8,24,24", "--start-t", "150"]
+    argv += ["--ckpt", "demo", "--outdir", tmp_path / "out", "--device", "cpu"]
+    proc = run_python(argv, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out,) = (tmp_path / "out").glob("a_t150_s0*.png")
     before, after = (np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "a.png", out))

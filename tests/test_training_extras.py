@@ -23,6 +23,7 @@ from ldm.train.cli import DEFAULT_SEED, resume_seed
 from ldm.util import instantiate_from_config
 
 from conftest import photo_crops, tiny_ldm_params
+from warm_python import run_python
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -417,9 +418,7 @@ def test_two_process_cpu_ddp_trains_the_vq_autoencoder_across_disc_start(tmp_pat
         "data.params.train.params.n_samples=32",
         "data.params.validation.params.n_samples=8",
     ]
-    result = subprocess.run(
-        [sys.executable, str(MAIN), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT
-    )
+    result = run_python([MAIN, *args], cwd=tmp_path, env=_env(), timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = (tmp_path / "logs").iterdir()
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ldm.imageio import ImageLoadError, decode_image
-from ldm.imageio.png_rows import expected_bytes, missing_rows
+from ldm.imageio.png_rows import expected_bytes, png_problem
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -51,7 +51,7 @@ def test_complete_pngs_of_every_kind_pass(mode, size):
         image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8), "RGBA").convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    assert missing_rows(buffer.getvalue()) is None
+    assert png_problem(buffer.getvalue()) is None
     decode_image(buffer.getvalue())
 
 
@@ -64,8 +64,8 @@ def test_expected_bytes_closed_forms():
 
 
 def test_what_it_cannot_parse_is_left_to_pillow():
-    assert missing_rows(b"not a png") is None
-    assert missing_rows(b"\x89PNG\r\n\x1a\n") is None  # no header: nothing to compare with
+    assert png_problem(b"not a png") is None
+    assert png_problem(b"\x89PNG\r\n\x1a\n") is None  # no header: nothing to compare with
     for cut in (30, 40):  # cut inside the header or before the data: refused by Pillow
         with pytest.raises(ImageLoadError, match="truncated|incomplete|cannot"):
             decode_image(short_png(16, 16, 0, 1, rows=16)[:cut])

@@ -83,7 +83,7 @@ def test_a_sample_reads_only_the_wanted_members_up_to_a_total(tmp_path, monkeypa
 def test_a_bad_member_costs_its_sample_or_says_where_the_shard_breaks(tmp_path):
     """Two adjacent members of one name cost the rest of the shard, with the message '#(samples after position -1)';
     a member claiming 2**62 bytes was an OSError, and over a stream a forward seek that never ended."""
-    from ldm.data.latent_cache_writer import Unit, unit_images
+    from ldm.data.latent_cache_writer import Unit, unit_inputs
     from ldm.data.tar_shards import SAMPLE_ERROR_KEY, ShardFormatError, iter_samples
 
     dup = write_forged(tmp_path / "dup.tar", good_member("a"), good_member("a", 1), good_member("c", 2))
@@ -97,12 +97,12 @@ def test_a_bad_member_costs_its_sample_or_says_where_the_shard_breaks(tmp_path):
             got.extend(s["__key__"] for s in iter_samples(url))
         assert got == ["a"]  # the sample before the broken header is kept
     skipped: list[dict[str, str]] = []
-    keys = [key for _, key, _ in unit_images(Unit(0, url=huge), skipped)]
+    keys = [key for _, key, _, _ in unit_inputs(Unit(0, url=huge), skipped)]
     assert keys == ["huge.tar#a"] and [s["source"] for s in skipped] == [
         "huge.tar#(its samples from position 1 on: the shard breaks there)"
     ]
     skipped.clear()
-    keys = [key for _, key, _ in unit_images(Unit(0, url=dup), skipped)]
+    keys = [key for _, key, _, _ in unit_inputs(Unit(0, url=dup), skipped)]
     assert keys == ["dup.tar#c"] and [s["source"] for s in skipped] == ["dup.tar#a"]
 
 
@@ -131,14 +131,14 @@ def test_a_tar_bomb_in_an_input_shard_is_listed_as_unreadable_without_being_read
 
     from test_shard_stream import write_bomb_shard
 
-    from ldm.data.latent_cache_writer import Unit, unit_images
+    from ldm.data.latent_cache_writer import Unit, unit_inputs
 
     shard = tmp_path / "bomb-0.tar"
     write_bomb_shard(shard)
     skipped: list[dict[str, str]] = []
     tracemalloc.start()
     try:
-        keys = [key for _, key, _ in unit_images(Unit(0, url=str(shard)), skipped)]
+        keys = [key for _, key, _, _ in unit_inputs(Unit(0, url=str(shard)), skipped)]
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -16,8 +16,8 @@ from ldm.models.tiling import (
     downscale_to,
     tile_starts,
     tiled_apply,
-    tiled_vq_decode,
-    tiled_vq_encode,
+    tiled_decode,
+    tiled_encode,
 )
 from ldm.refine.first_stage import FirstStage
 from ldm.refine.speed import AUTO_TILING, resolve_tiling
@@ -75,9 +75,9 @@ def test_single_tile_equals_untiled():
     x = photo_crops(1, 32)
     cfg = TilingConfig(min_side=16, tile=64, overlap=8)
     with torch.no_grad():
-        torch.testing.assert_close(tiled_vq_encode(vq, x, cfg, 2), vq.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tiled_encode(vq, x, cfg, 2), vq.encode(x), atol=1e-5, rtol=1e-5)
         z = vq.encode(x)
-        torch.testing.assert_close(tiled_vq_decode(vq, z, cfg, 2), vq.decode(z), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tiled_decode(vq, z, cfg, 2), vq.decode(z), atol=1e-5, rtol=1e-5)
 
 
 def test_tiled_equals_untiled_within_tolerance_on_image_that_fits_both_ways():
@@ -88,9 +88,9 @@ def test_tiled_equals_untiled_within_tolerance_on_image_that_fits_both_ways():
     cfg = TilingConfig(min_side=32, tile=48, overlap=32, stat_side=16, stat_passes=passes)
     with torch.no_grad():
         z_ref = vq.encode(x)
-        z_tiled = tiled_vq_encode(vq, x, cfg, 2)
+        z_tiled = tiled_encode(vq, x, cfg, 2)
         img_ref = vq.decode(z_ref, force_not_quantize=True)
-        img_tiled = tiled_vq_decode(vq, z_ref, cfg, 2, force_not_quantize=True)
+        img_tiled = tiled_decode(vq, z_ref, cfg, 2, force_not_quantize=True)
     assert z_tiled.shape == z_ref.shape and img_tiled.shape == img_ref.shape
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     assert rel(z_tiled, z_ref) < 1e-4, rel(z_tiled, z_ref)
@@ -186,7 +186,7 @@ def tiled_errors(vq: VQModelInterface, x: torch.Tensor, z: torch.Tensor, cfg: Ti
     """Relative RMS errors of tiled decode and encode against untiled (over the output's / the latent's std)."""
     ref = vq.decode(z)
     rel = lambda a, b: float((a - b).square().mean().sqrt() / b.std())  # noqa: E731
-    return rel(tiled_vq_decode(vq, z, cfg, 4), ref), rel(tiled_vq_encode(vq, x, cfg, 4), z)
+    return rel(tiled_decode(vq, z, cfg, 4), ref), rel(tiled_encode(vq, x, cfg, 4), z)
 
 
 def test_default_tiling_error_at_scaled_default_geometry():
@@ -256,5 +256,5 @@ def test_thin_images_tile_like_the_untiled_network(height, width):
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     with torch.no_grad():
         z = vq.encode(x)
-        assert rel(tiled_vq_encode(vq, x, exact, 2), z) < 1e-4
-        assert rel(tiled_vq_decode(vq, z, exact, 2, force_not_quantize=True), vq.decode(z, force_not_quantize=True)) < 1e-2
+        assert rel(tiled_encode(vq, x, exact, 2), z) < 1e-4
+        assert rel(tiled_decode(vq, z, exact, 2, force_not_quantize=True), vq.decode(z, force_not_quantize=True)) < 1e-2

@@ -230,12 +230,6 @@ def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarr
     return np.stack(arrays), variants
 
 
-def unit_images(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image]]:
-    """``(position, source key, RGB image)`` of a unit's readable inputs; unreadable ones are appended to ``skipped``."""
-    for position, key, image, _ in unit_inputs(unit, skipped):
-        yield position, key, image
-
-
 def unit_inputs(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image, str | None]]:
     """``(position, source key, RGB image, caption or None)`` of a unit's readable inputs; unreadable ones (image or
     caption) are appended to ``skipped``."""

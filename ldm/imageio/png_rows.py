@@ -81,14 +81,6 @@ def png_problem(data: bytes) -> str | None:
     return f"is truncated or incomplete (its image data ends after about {int(have // row)} of {height} rows)"
 
 
-def missing_rows(data: bytes) -> str | None:
-    """Why ``data``'s image data is incomplete ("its image data ends after about 8 of 16 rows"), or None."""
-    problem = png_problem(data)
-    if problem is None or "truncated" not in problem:
-        return None
-    return problem[problem.index("(") + 1 : -1]
-
-
 def _inflated_size(inflate: zlib._Decompress, body: bytes, limit: int) -> int:  # type: ignore[name-defined]
     """Bytes ``body`` inflates to (fed into ``inflate``), counting at most ``limit`` of them, 64 KiB at a time."""
     total = len(inflate.decompress(body, min(_CHUNK, limit)))

@@ -280,31 +280,6 @@ def _tiled_decoder(first_stage: nn.Module, quant: torch.Tensor, tiling: TilingCo
     return tiled_apply(dec.forward_high, h, tile, overlap, factor, dec.conv_out.out_channels, *stats, 2)
 
 
-def tiled_vq_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``VQModelInterface.encode`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, embed_dim, H/f, W/f]``."""
-    return _tiled_encoder(first_stage, x, tiling, factor)
-
-
-def tiled_vq_decode(
-    first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
-) -> torch.Tensor:
-    """``VQModelInterface.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``."""
-    quant = z if force_not_quantize else quantize_latent(first_stage.quantize, z)
-    return _tiled_decoder(first_stage, quant, tiling, factor)
-
-
-def tiled_kl_encode(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> DiagonalGaussianDistribution:
-    """``AutoencoderKL.encode`` with the encoder's down path tiled: ``[B, 3, H, W]`` -> the posterior over
-    ``[B, embed_dim, H/f, W/f]`` (its moments come from the blended tiles; take ``.mode()`` or ``.sample(generator)``)."""
-    return DiagonalGaussianDistribution(_tiled_encoder(first_stage, x, tiling, factor))
-
-
-def tiled_kl_decode(first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``AutoencoderKL.decode`` with the decoder's up path tiled: ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``
-    (nothing is quantized)."""
-    return _tiled_decoder(first_stage, z, tiling, factor)
-
-
 def tileable(first_stage: nn.Module) -> bool:
     """Whether :func:`tiled_encode` / :func:`tiled_decode` take ``first_stage``: a VQ (``VQModelInterface``) or a KL
     (``AutoencoderKL``) first stage (both have the split ``Encoder`` / ``Decoder`` and the two 1x1 convolutions)."""
@@ -314,14 +289,19 @@ def tileable(first_stage: nn.Module) -> bool:
 def tiled_encode(
     first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int
 ) -> torch.Tensor | DiagonalGaussianDistribution:
-    """``first_stage.encode(x)`` tiled (a :func:`tileable` first stage): the VQ pre-quantization latent, or the KL
-    posterior."""
-    tiled = tiled_kl_encode if isinstance(first_stage, AutoencoderKL) else tiled_vq_encode
-    return tiled(first_stage, x, tiling, factor)
+    """``first_stage.encode(x)`` with the encoder's down path tiled (a :func:`tileable` first stage):
+    ``[B, 3, H, W]`` -> the VQ pre-quantization latent ``[B, embed_dim, H/f, W/f]``, or the KL posterior over it (its
+    moments come from the blended tiles; take ``.mode()`` or ``.sample(generator)``)."""
+    h = _tiled_encoder(first_stage, x, tiling, factor)
+    return DiagonalGaussianDistribution(h) if isinstance(first_stage, AutoencoderKL) else h
 
 
-def tiled_decode(first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``first_stage.decode(z)`` tiled (a :func:`tileable` first stage: a VQ one snaps to its codebook, a KL one
-    decodes ``z`` as is)."""
-    tiled = tiled_kl_decode if isinstance(first_stage, AutoencoderKL) else tiled_vq_decode
-    return tiled(first_stage, z, tiling, factor)
+def tiled_decode(
+    first_stage: nn.Module, z: torch.Tensor, tiling: TilingConfig, factor: int, force_not_quantize: bool = False
+) -> torch.Tensor:
+    """``first_stage.decode(z)`` with the decoder's up path tiled (a :func:`tileable` first stage):
+    ``[B, embed_dim, h, w] -> [B, 3, h*f, w*f]``; a VQ one snaps ``z`` to its codebook first (unless
+    ``force_not_quantize``, as ``VQModelInterface.decode``), a KL one decodes ``z`` as is."""
+    if isinstance(first_stage, VQModelInterface) and not force_not_quantize:
+        z = quantize_latent(first_stage.quantize, z)
+    return _tiled_decoder(first_stage, z, tiling, factor)

@@ -23,6 +23,32 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)) // _WORKERS))
 
+# Files that run for minutes (end-to-end training through subprocesses) start first, so that the many short files fill
+# both workers up to the end instead of one long file running alone after the rest (pytest-xdist's loadfile hands out
+# files in collection order once its own reordering, by number of tests, is turned off).  Longest first.
+LONG_FILES = (
+    "test_benchmarks.py",
+    "test_quickstart.py",
+    "test_main.py",
+    "test_training_extras.py",
+    "test_readme_run.py",
+    "test_checkpoint_io.py",
+    "test_latent_cache.py",
+    "test_shard_stream.py",
+    "test_refine_distributed.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tiny configs (CPU-sized; shapes follow the real f4 layout: 3 latent channels, downsampling 4)
 

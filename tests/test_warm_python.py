@@ -64,3 +64,13 @@ def test_a_timeout_kills_the_script_and_the_warm_interpreter_serves_on(pool, pro
         pool.run(["sleep.py"], cwd=probe, env=ENV, timeout=5)
     assert caught.value.stdout == "started\n"
     assert pool.run(["scripts/probe.py", "3"], cwd=probe, env=ENV, timeout=60).returncode == 3
+
+
+def test_a_request_with_other_startup_settings_starts_fresh(pool, probe):
+    """Thread counts, PYTHONPATH and the like are read while an interpreter starts: another set of them is not forked
+    from a warm interpreter that read different ones (the pool holds one, for ENV)."""
+    pool.run(["scripts/probe.py", "0"], cwd=probe, env=ENV, timeout=300)
+    other = pool.run(["scripts/probe.py", "0"], cwd=probe, env={**ENV, "OMP_NUM_THREADS": "7"}, timeout=60)
+    same = pool.run(["scripts/probe.py", "0"], cwd=probe, env={**ENV, "PROBE": "other"}, timeout=60)
+    assert json.loads(other.stdout)["warm"] is False
+    assert json.loads(same.stdout)["warm"] is True and json.loads(same.stdout)["probe"] == "other"

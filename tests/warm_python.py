@@ -36,7 +36,7 @@ PRELOAD = (
     "import torch, pytorch_lightning, omegaconf, PIL.Image, matplotlib.pyplot, ldm.refine, ldm.util, ldm.checkpoint, "
     "ldm.train.cli, ldm.eval.metrics, ldm.eval.sweep"
 )
-MAX_WARM = 3  # warm interpreters per test process (each holds ~0.8 GB, shared copy-on-write with its children)
+MAX_WARM = 3  # warm interpreters per test process (each holds torch, Lightning and ldm; its children share it copy-on-write)
 
 WARM = r"""
 import importlib.machinery, json, os, sys, types

@@ -26,10 +26,11 @@ TIMEOUT = 600
 
 
 def _run(cmd: list[str], results: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LATESTEPS_BENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}  # the scripts' --threads 1
-    if cmd[0] == sys.executable:  # sets OMP/MKL threads for the stages they start
+    # one thread; a script's own --threads 1 sets OMP/MKL threads for the stages it starts
+    env = {**os.environ, "LATESTEPS_BENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    if cmd[0] == sys.executable:
         result = run_python(cmd[1:], cwd=REPO, env=env, timeout=TIMEOUT)
-    else:
+    else:  # gpu.sh finds its Python through $PYTHON
         env.update(PYTHON=sys.executable, MKL_NUM_THREADS="1")
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])

@@ -5,6 +5,8 @@ Each class exposes ``schedule(step) -> multiplier`` of the base learning rate; `
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -32,8 +34,7 @@ class LambdaWarmUpCosineScheduler:
         t = min((n - self.warm_up_steps) / (self.max_decay_steps - self.warm_up_steps), 1.0)
         return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + math.cos(t * math.pi))
 
-    def __call__(self, n: int) -> float:
-        return self.schedule(n)
+    __call__ = schedule
 
 
 class LambdaLinearScheduler:
@@ -53,23 +54,15 @@ class LambdaLinearScheduler:
             raise ValueError("warm_up_steps, f_min, f_max, f_start and cycle_lengths must have the same length")
         self.warm_up_steps, self.f_min, self.f_max, self.f_start = warm_up_steps, f_min, f_max, f_start
         self.cycle_lengths = list(cycle_lengths)
-        self.cum_cycles = [0]
-        for length in self.cycle_lengths:
-            self.cum_cycles.append(self.cum_cycles[-1] + length)
-
-    def _cycle(self, n: int) -> int:
-        for i, end in enumerate(self.cum_cycles[1:]):
-            if n < end:
-                return i
-        return len(self.cycle_lengths) - 1
+        self.cum_cycles = [0, *itertools.accumulate(self.cycle_lengths)]
 
     def schedule(self, n: int) -> float:
-        c = self._cycle(n)
+        # the cycle holding step n; steps past the last cycle stay in it
+        c = min(bisect.bisect_right(self.cum_cycles, n) - 1, len(self.cycle_lengths) - 1)
         n = n - self.cum_cycles[c]
         if n < self.warm_up_steps[c]:
             return (self.f_max[c] - self.f_start[c]) / self.warm_up_steps[c] * n + self.f_start[c]
         frac = min((self.cycle_lengths[c] - n) / self.cycle_lengths[c], 1.0)
         return self.f_min[c] + (self.f_max[c] - self.f_min[c]) * max(frac, 0.0)
 
-    def __call__(self, n: int) -> float:
-        return self.schedule(n)
+    __call__ = schedule

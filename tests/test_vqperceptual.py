@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import load_state_dict, save_checkpoint
-from ldm.modules.losses import (
+from ldm.modules.losses.vqperceptual import (
     VQLPIPSWithDiscriminator,
     adaptive_disc_weight,
     codebook_usage,

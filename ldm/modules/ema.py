@@ -53,34 +53,29 @@ class LitEma(nn.Module):
             self._host_state = (decay, n)
             decay = min(decay, (1 + n) / (10 + n))
         self._host_key = self._buffers_key()
-        shadow = dict(self.named_buffers())
-        shadows, params = [], []
-        for key, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            buf = shadow[self.m_name2s_name[key]]
+        pairs = self._shadows_and_params(model)
+        for buf, param in pairs:
             if buf.dtype != param.dtype:
                 buf.data = buf.data.to(param.dtype)
-            shadows.append(buf)
-            params.append(param.detach())
-        if shadows:
-            torch._foreach_lerp_(shadows, params, 1.0 - decay)
+        if pairs:
+            torch._foreach_lerp_([buf for buf, _ in pairs], [param.detach() for _, param in pairs], 1.0 - decay)
+
+    def _shadows_and_params(self, model: nn.Module) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        """``(shadow buffer, parameter)`` for each trainable parameter of ``model``."""
+        shadow = dict(self.named_buffers())
+        return [(shadow[self.m_name2s_name[k]], p) for k, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def reset_to(self, model: nn.Module) -> None:
         """Set every shadow to ``model``'s current parameter (``decay`` and ``num_updates`` are kept)."""
-        shadow = dict(self.named_buffers())
-        for key, param in model.named_parameters():
-            if param.requires_grad:
-                shadow[self.m_name2s_name[key]].copy_(param.detach())
+        for buf, param in self._shadows_and_params(model):
+            buf.copy_(param.detach())
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights into ``model``'s parameters."""
-        shadow = dict(self.named_buffers())
-        for key, param in model.named_parameters():
-            if param.requires_grad:
-                param.data.copy_(shadow[self.m_name2s_name[key]].data)
+        for buf, param in self._shadows_and_params(model):
+            param.data.copy_(buf.data)
 
     def store(self, parameters: Iterable[torch.Tensor]) -> None:
         """Save copies of ``parameters`` so that :meth:`restore` can put them back."""

@@ -18,14 +18,10 @@ from ldm.checkpoint import CheckpointError, load_state_dict
 
 logger = logging.getLogger(__name__)
 
-# torchvision weight enums of the LPIPS backbones (their ImageNet weights are what ``pretrained=True`` fetches).
-LPIPS_BACKBONE_WEIGHTS = {
-    "vgg": "VGG16_Weights.IMAGENET1K_V1",
-    "alex": "AlexNet_Weights.IMAGENET1K_V1",
-    "squeeze": "SqueezeNet1_1_Weights.IMAGENET1K_V1",
-}
 LPIPS_VERSION = "0.1"
-# the file names torchvision gives those weights in torch hub's cache
+# the file names of torchvision's ImageNet weights of the LPIPS backbones (what ``pretrained=True`` fetches) in torch
+# hub's cache; torchvision serves them at TORCHVISION_WEIGHTS_URL + name
+TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/"
 LPIPS_BACKBONE_FILES: dict[str, str] = {
     "vgg": "vgg16-397923af.pth",
     "alex": "alexnet-owt-7be5be79.pth",
@@ -42,14 +38,8 @@ class PerceptualWeightsMissingError(FileNotFoundError):
 
 
 def _check_net(net: str) -> None:
-    if net not in LPIPS_BACKBONE_WEIGHTS:
-        raise ValueError(f"perceptual_net={net!r} is not an LPIPS backbone; choose one of {sorted(LPIPS_BACKBONE_WEIGHTS)}")
-
-
-def _backbone_url(net: str) -> str:
-    from torchvision.models import get_weight
-
-    return get_weight(LPIPS_BACKBONE_WEIGHTS[net]).url
+    if net not in LPIPS_BACKBONE_FILES:
+        raise ValueError(f"perceptual_net={net!r} is not an LPIPS backbone; choose one of {sorted(LPIPS_BACKBONE_FILES)}")
 
 
 def lpips_backbone_path(net: str = "vgg") -> Path:
@@ -98,8 +88,9 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | 
             raise _missing_weights_error(
                 f"torchvision's ImageNet weights of its {net} backbone",
                 backbone,
-                f"Fetch {_backbone_url(net)} on a machine with internet access and put it at that path (torch hub's cache, "
-                "$TORCH_HOME/hub/checkpoints), or set lossconfig.params.perceptual_backbone_path to a local copy.",
+                f"Fetch {TORCHVISION_WEIGHTS_URL}{LPIPS_BACKBONE_FILES[net]} on a machine with internet access and put it at "
+                "that path (torch hub's cache, $TORCH_HOME/hub/checkpoints), or set lossconfig.params.perceptual_backbone_path "
+                "to a local copy.",
             )
     import lpips
 

@@ -125,7 +125,6 @@ class AttentionLayers(nn.Module):
         self.dim = dim
         self.depth = depth
         self.pre_norm = pre_norm
-        self.has_pos_emb = False  # no position-infused attention: TransformerWrapper adds absolute positions
         self.layer_types = ("a", "f") * depth
         self.layers = nn.ModuleList()
         for layer_type in self.layer_types:

@@ -76,9 +76,7 @@ class Downsample(nn.Module):
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
-        else:
-            if self.channels != self.out_channels:
-                raise ValueError("Downsample without conv cannot change the channel count")
+        else:  # callers keep the channel count here (the UNet passes out_channels=channels)
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ float64 tensors on the CPU and cast to float32 only where a model registers them
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -15,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-logger = logging.getLogger(__name__)
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 DDIM_DISCRETIZATIONS = ("uniform", "quad")
@@ -69,10 +66,7 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     else:
         raise ValueError(f"ddim_discretize={ddim_discr_method!r} is unknown; choose one of {DDIM_DISCRETIZATIONS}")
     steps = grid + 1
-    if steps[-1] >= num_ddpm_timesteps:
-        logger.debug("dropping DDIM grid entries >= T=%d", num_ddpm_timesteps)
-        steps = steps[steps < num_ddpm_timesteps]
-    return steps
+    return steps[steps < num_ddpm_timesteps]
 
 
 def make_ddim_sampling_parameters(
@@ -82,9 +76,8 @@ def make_ddim_sampling_parameters(
 
     ``alphas[i] = alphacums[grid[i]]``; ``alphas_prev[i] = alphacums[grid[i-1]]`` with ``alphacums[0]`` for the first
     entry (latent-diffusion's convention); ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))`` (DDIM eq. 16).
+    ``eta >= 0`` was checked by the caller (``DDIMSampler.make_schedule``).
     """
-    if eta < 0:
-        raise ValueError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like ancestral noise)")
     alphacums = torch.as_tensor(alphacums, dtype=torch.float64)
     idx = torch.as_tensor(np.asarray(ddim_timesteps), dtype=torch.long)
     alphas = alphacums[idx]
@@ -100,9 +93,8 @@ def make_schedule_buffers(
 
     ``posterior_*`` describe q(x_{t-1} | x_t, x_0); ``v_posterior`` mixes the posterior variance with beta_t as in
     latent-diffusion; ``lvlb_weights`` weight the per-timestep L_simple terms into the variational bound.
+    ``parameterization`` (eps or x0) was checked by ``DDPM`` (or the diffusers import).
     """
-    if parameterization not in ("eps", "x0"):
-        raise ValueError(f"parameterization={parameterization!r} is unsupported; use 'eps' or 'x0'")
     betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
     if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError("betas must be a 1-D schedule with every value in (0, 1)")

@@ -7,6 +7,7 @@ Class labels (``ClassEmbedder``, ``ClassLabels``) and text (latent-diffusion's `
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -119,20 +120,18 @@ def _tokenize(tokenizer: Any, text: str | list[str], max_length: int, owner: str
     return enc["input_ids"]
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    """Where ``module``'s parameters (or buffers) live; tokens are moved there."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 class AbstractEncoder(nn.Module):
     """latent-diffusion's base class of conditioning encoders: ``encode`` is what LatentDiffusion calls."""
 
     def encode(self, *args: Any) -> Any:
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's parameters (or buffers) live; tokens are moved there."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
 
 class TransformerEmbedder(AbstractEncoder):
@@ -150,10 +149,6 @@ class TransformerEmbedder(AbstractEncoder):
         self.transformer = TransformerWrapper(
             num_tokens=vocab_size, max_seq_len=max_seq_len, attn_layers=Encoder(dim=n_embed, depth=n_layer)
         )
-
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B, N]`` integer ids in ``[0, vocab_size)`` -> ``[B, N, n_embed]``."""
@@ -196,10 +191,6 @@ class BERTTokenizer(AbstractEncoder):
         self.tokenizer = _bert_tokenizer(vocab_path)
         self.vq_interface = vq_interface
         self.max_length = max_length
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
 
     def forward(self, text: list[str]) -> torch.Tensor:
         """``text`` ``[B]`` strings -> token ids ``[B, max_length]`` (long, CPU), padded with ``[PAD]``."""
@@ -284,9 +275,9 @@ class BERTEmbedder(AbstractEncoder):
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_path=vocab_path)
-            if self.tknz_fn.vocab_size > vocab_size:
+            if len(self.tknz_fn.tokenizer) > vocab_size:
                 raise ValueError(
-                    f"the BERT vocabulary has {self.tknz_fn.vocab_size} tokens but vocab_size="
+                    f"the BERT vocabulary has {len(self.tknz_fn.tokenizer)} tokens but vocab_size="
                     f"{vocab_size}; pass the vocabulary the embedder was trained with"
                 )
         self.transformer = TransformerWrapper(
@@ -295,10 +286,6 @@ class BERTEmbedder(AbstractEncoder):
             attn_layers=Encoder(dim=n_embed, depth=n_layer),
             emb_dropout=embedding_dropout,
         )
-
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self)
 
     def forward(self, text: Any) -> torch.Tensor:
         """``text`` ``[B]`` strings (or token ids ``[B, N]`` when ``use_tokenizer=False``) -> ``[B, N, n_embed]``."""
@@ -499,10 +486,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.register_load_state_dict_pre_hook(_drop_checkpoint_only_keys)
         if freeze:
             self.freeze()
-
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self.transformer)
 
     def freeze(self) -> None:
         """No gradients and eval mode (kept in eval by ``train()``), as SD's ``freeze``."""

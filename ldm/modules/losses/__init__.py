@@ -2,19 +2,6 @@
 ``ldm.modules.losses.LPIPSWithDiscriminator`` the KL-autoencoder objective (latent-diffusion's import path)."""
 
 from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
-from ldm.modules.losses.vqperceptual import (
-    VQLPIPSWithDiscriminator,
-    adaptive_disc_weight,
-    codebook_usage,
-    hinge_d_loss,
-    vanilla_d_loss,
-)
+from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
 
-__all__ = [
-    "LPIPSWithDiscriminator",
-    "VQLPIPSWithDiscriminator",
-    "adaptive_disc_weight",
-    "codebook_usage",
-    "hinge_d_loss",
-    "vanilla_d_loss",
-]
+__all__ = ["LPIPSWithDiscriminator", "VQLPIPSWithDiscriminator"]

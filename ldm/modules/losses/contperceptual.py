@@ -116,20 +116,8 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         (broadcastable to ``[B, 3, H, W]``) weight the per-pixel nll.  Before ``disc_start`` the discriminator loss
         (``optimizer_idx=1``) is a constant 0 that must not be backpropagated.
         """
-        if optimizer_idx == 0:
-            return self._generator_loss(inputs, reconstructions, posteriors, global_step, last_layer, split, weights)
-        return self._discriminator_loss(inputs, reconstructions, global_step, split)
-
-    def _generator_loss(
-        self,
-        inputs: torch.Tensor,
-        reconstructions: torch.Tensor,
-        posteriors: DiagonalGaussianDistribution,
-        global_step: int,
-        last_layer: torch.Tensor | None,
-        split: str,
-        weights: torch.Tensor | float | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if optimizer_idx != 0:
+            return self._discriminator_loss(inputs, reconstructions, global_step, split)
         inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()
         rec_loss = self.pixel_weight * (inputs - reconstructions).abs()
         if self.perceptual_loss is not None:

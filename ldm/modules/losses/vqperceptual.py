@@ -109,7 +109,6 @@ class PatchGANLoss(nn.Module):
         self.disc_start = int(disc_start)
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
-        self.disc_loss_name = disc_loss
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.perceptual_loss = perceptual_loss
         self.discriminator = NLayerDiscriminator(
@@ -244,45 +243,33 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         """Loss for ``inputs`` / ``reconstructions`` ``[B, 3, H, W]`` in [-1, 1]; returns ``(scalar, log dict)``.
         Before ``disc_start`` the discriminator loss (``optimizer_idx=1``) is a constant 0 that must not be
         backpropagated."""
-        if optimizer_idx == 0:
-            loss, log = self._generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, split)
-        else:
+        if optimizer_idx != 0:
             loss, log = self._discriminator_loss(inputs, reconstructions, global_step, split)
+        else:
+            inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()
+            diff = inputs - reconstructions
+            pixel = (diff.abs() if self.pixel_loss == "l1" else diff.pow(2)).mean()
+            if self.perceptual_loss is not None:
+                p_loss = self.perceptual_loss(inputs, reconstructions).mean()
+            else:
+                p_loss = torch.zeros((), device=inputs.device)
+            nll_loss = self.pixel_weight * pixel + self.perceptual_weight * p_loss
+            codebook = codebook_loss.mean()
+            g_loss, d_weight, disc_factor = self._gan_terms(nll_loss, reconstructions, global_step, last_layer)
+            loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook
+            log = {
+                f"{split}/total_loss": loss.detach(),
+                f"{split}/quant_loss": codebook.detach(),
+                f"{split}/nll_loss": nll_loss.detach(),
+                f"{split}/rec_loss": nll_loss.detach(),
+                f"{split}/pixel_loss": pixel.detach(),
+                f"{split}/p_loss": p_loss.detach(),
+                f"{split}/d_weight": d_weight.detach(),
+                f"{split}/disc_factor": torch.tensor(float(disc_factor), device=inputs.device),
+                f"{split}/g_loss": g_loss.detach(),
+            }
         if predicted_indices is not None:
             perplexity, usage = codebook_usage(predicted_indices, self.n_classes)
             log[f"{split}/perplexity"] = perplexity
             log[f"{split}/codebook_usage"] = usage
-        return loss, log
-
-    def _generator_loss(
-        self,
-        codebook_loss: torch.Tensor,
-        inputs: torch.Tensor,
-        reconstructions: torch.Tensor,
-        global_step: int,
-        last_layer: torch.Tensor | None,
-        split: str,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()
-        diff = inputs - reconstructions
-        pixel = (diff.abs() if self.pixel_loss == "l1" else diff.pow(2)).mean()
-        if self.perceptual_loss is not None:
-            p_loss = self.perceptual_loss(inputs, reconstructions).mean()
-        else:
-            p_loss = torch.zeros((), device=inputs.device)
-        nll_loss = self.pixel_weight * pixel + self.perceptual_weight * p_loss
-        codebook = codebook_loss.mean()
-        g_loss, d_weight, disc_factor = self._gan_terms(nll_loss, reconstructions, global_step, last_layer)
-        loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook
-        log = {
-            f"{split}/total_loss": loss.detach(),
-            f"{split}/quant_loss": codebook.detach(),
-            f"{split}/nll_loss": nll_loss.detach(),
-            f"{split}/rec_loss": nll_loss.detach(),
-            f"{split}/pixel_loss": pixel.detach(),
-            f"{split}/p_loss": p_loss.detach(),
-            f"{split}/d_weight": d_weight.detach(),
-            f"{split}/disc_factor": torch.tensor(float(disc_factor), device=inputs.device),
-            f"{split}/g_loss": g_loss.detach(),
-        }
         return loss, log

@@ -123,7 +123,7 @@ def _drop_init_checkpoints(cfg: Any, where: str) -> list[str]:
 def _check_init_checkpoints(cfg: Any, where: str) -> None:
     """Every non-null ``ckpt_path`` in the model config names an existing file (else one clear line, before building)."""
     from ldm.convert.folder import is_diffusers_folder
-    from ldm.models.first_stages import missing_first_stage_hint
+    from ldm.models.autoencoder_training import missing_first_stage_hint
     from ldm.util import ConfigError
 
     for node, key, value, path in _entries(cfg, where):

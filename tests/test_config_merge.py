@@ -266,7 +266,7 @@ def test_readme_cached_data_yaml_layers_over_the_quickstart_config(cache, tmp_pa
 def test_a_missing_first_stage_hint_fits_the_config(config, expected, absent, monkeypatch):
     """The hint comes from the configs: the autoencoder config of the same network trains it (and the script its
     comment names runs it); CompVis' download only for CompVis' own location."""
-    from ldm.models.first_stages import missing_first_stage_hint
+    from ldm.models.autoencoder_training import missing_first_stage_hint
 
     monkeypatch.chdir(REPO)
     params = OmegaConf.to_container(OmegaConf.load(REPO / config).model.params.first_stage_config.params)

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.data.embedded import EmbeddedPhotos
-from ldm.models.diffusion.latesteps import draw_window_timesteps, stratified_window_timesteps
+from ldm.models.diffusion.base import draw_window_timesteps
+from ldm.models.diffusion.latesteps import stratified_window_timesteps
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
 from ldm.windows import steps_to_window, validate_window, window_to_steps

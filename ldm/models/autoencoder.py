@@ -73,7 +73,7 @@ class VQModel(GANAutoencoder):
         self.dead_code_restart_every = dead_code_restart_every
         self.embed_dim = embed_dim
         self.n_embed = n_embed
-        self._build_autoencoder(dict(ddconfig), lossconfig, image_key, scheduler_config)
+        self._build_autoencoder(dict(ddconfig), lossconfig, image_key, scheduler_config, monitor)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
         self.quant_conv = torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
@@ -82,13 +82,14 @@ class VQModel(GANAutoencoder):
         # not in the state dict (CompVis' keys stay as they are): saved as checkpoint["code_usage"]
         self.register_buffer("code_usage", torch.zeros(n_embed, dtype=torch.long), persistent=False)
         self.code_window_batches = 0  # batches counted into code_usage since the last restart
-        self._finish_init(monitor, ckpt_path, ignore_keys, unsafe_load)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
         """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
         LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
         network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
-        sd = self._drop_ignored(self._read_first_stage(path, unsafe, network), path, ignore_keys)
+        sd = self._read_first_stage(path, unsafe, ignore_keys, network)
         quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
         if (
             quant_conv is not None
@@ -162,15 +163,6 @@ class VQModel(GANAutoencoder):
     def _after_autoencoder_step(self, x: torch.Tensor, state: tuple, log: dict[str, torch.Tensor]) -> None:
         if self.dead_code_restart_every:
             log["train/codes_restarted"] = self._count_and_restart_codes(x, state[2])
-
-    def _autoencoder_parameters(self) -> list[torch.nn.Parameter]:
-        return [
-            *self.encoder.parameters(),
-            *self.decoder.parameters(),
-            *self.quantize.parameters(),
-            *self.quant_conv.parameters(),
-            *self.post_quant_conv.parameters(),
-        ]
 
     @torch.no_grad()
     def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -289,20 +281,15 @@ class IdentityFirstStage(torch.nn.Module):
             raise ConfigError(f"vq_interface={vq_interface!r} must be true or false")
         self.vq_interface = vq_interface
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` itself."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself (so are :meth:`encode` and :meth:`decode`)."""
         return x
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` itself."""
-        return x
+    encode = decode = forward
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None, tuple[None, None, None]]:
         """``x`` itself (with ``vq_interface``: ``(x, None, (None, None, None))`` as a VQ quantizer's answer)."""
         return (x, None, (None, None, None)) if self.vq_interface else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 # latent-diffusion configs name ``ldm.models.autoencoder.AutoencoderKL``; it lives in its own module (which imports

@@ -34,19 +34,11 @@ class AutoencoderKL(GANAutoencoder):
     """latent-diffusion's ``AutoencoderKL``: images ``[B, 3, H, W]`` in [-1, 1] <-> latents ``[B, embed_dim, H / f, W / f]``
     with ``f = 2 ** (len(ch_mult) - 1)`` (8 for kl-f8).
 
-    Args (CompVis' first; then this project's, as in :class:`~ldm.models.autoencoder.VQModel`):
-        ddconfig: ``Encoder`` / ``Decoder`` arguments; ``double_z`` must be true (the encoder outputs mean and
-            log-variance).
-        lossconfig: :class:`~ldm.modules.losses.LPIPSWithDiscriminator` to train; ``torch.nn.Identity`` for a frozen
-            first stage.
-        embed_dim: latent channels.
-        ckpt_path, ignore_keys: weights to start from (see :meth:`init_from_ckpt`) and key prefixes to drop from them.
-        image_key: the batch key of the images.
-        colorize_nlabels: segmentation inputs; not supported (must be None).
-        monitor: the checkpoint monitor (``val/rec_loss``).
-        unsafe_load: unpickle arbitrary objects from ``ckpt_path`` (only for files you trust).
-        scheduler_config: latent-diffusion's LR multiplier (e.g. ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler``),
-            stepped once per batch for both optimizers.
+    ``ddconfig.double_z`` must be true (the encoder outputs a mean and a log-variance).  ``lossconfig``:
+    :class:`~ldm.modules.losses.LPIPSWithDiscriminator` to train, ``torch.nn.Identity`` for a frozen first stage.
+    ``ckpt_path``: see :meth:`init_from_ckpt`; ``unsafe_load`` unpickles arbitrary objects from it (only for files you
+    trust).  ``colorize_nlabels`` (segmentation inputs) is not supported.  ``scheduler_config``: latent-diffusion's LR
+    multiplier (e.g. ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler``), stepped once per batch for both optimizers.
     """
 
     loss_class = LPIPSWithDiscriminator
@@ -80,11 +72,12 @@ class AutoencoderKL(GANAutoencoder):
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ConfigError(f"embed_dim={embed_dim!r} must be a positive number of latent channels")
         self.embed_dim = embed_dim
-        self._build_autoencoder({**dict(ddconfig), "double_z": True}, lossconfig, image_key, scheduler_config)
+        self._build_autoencoder({**dict(ddconfig), "double_z": True}, lossconfig, image_key, scheduler_config, monitor)
         z_channels = self.ddconfig["z_channels"]
         self.quant_conv = torch.nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, z_channels, 1)
-        self._finish_init(monitor, ckpt_path, ignore_keys, unsafe_load)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
 
     # -------------------------------------------------------------------------------------------------- weights
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
@@ -94,7 +87,7 @@ class AutoencoderKL(GANAutoencoder):
         ``loss.*`` keys this model's loss lacks or shapes differently are dropped with a logged note.  A VQ first
         stage's checkpoint, or one of another network, is refused with a one-line :class:`CheckpointError`.
         """
-        sd = self._read_first_stage(path, unsafe)
+        sd = self._read_first_stage(path, unsafe, ignore_keys)
         if any(k.startswith("quantize.") for k in sd):
             raise CheckpointError(
                 f"first-stage checkpoint {path!r} is a VQ autoencoder (it has quantize.* codebook weights), not an "
@@ -103,7 +96,7 @@ class AutoencoderKL(GANAutoencoder):
             )
         load_autoencoder_weights(
             self,
-            self._drop_ignored(sd, path, ignore_keys),
+            sd,
             path,
             KL_AUTOENCODER_PREFIXES,
             "this AutoencoderKL",
@@ -150,14 +143,6 @@ class AutoencoderKL(GANAutoencoder):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xrec, posterior = state
         return self.loss(x, xrec.detach(), posterior, 1, step, split=split)
-
-    def _autoencoder_parameters(self) -> list[torch.nn.Parameter]:
-        return [
-            *self.encoder.parameters(),
-            *self.decoder.parameters(),
-            *self.quant_conv.parameters(),
-            *self.post_quant_conv.parameters(),
-        ]
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, only_inputs: bool = False) -> dict[str, torch.Tensor]:  # noqa: N803

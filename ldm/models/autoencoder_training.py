@@ -1,16 +1,25 @@
 """What :class:`~ldm.models.autoencoder.VQModel` and :class:`~ldm.models.autoencoder_kl.AutoencoderKL` share: reading
-a first-stage checkpoint, the batch layout, and their GAN training under Lightning 2 manual optimization.
+a first-stage checkpoint (and, when it is missing, saying where its weights come from), the batch layout, and their GAN
+training under Lightning 2 manual optimization.
 
 Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so it counts optimizer steps, not batches.
 The loss is therefore driven by :attr:`GANAutoencoder.generator_steps` (batches trained, saved in checkpoints):
 ``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor stepped,
 so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
+
+:func:`missing_first_stage_hint` (also used by ``main.py``) is derived from data, not written per config: the
+``configs/**/*.yaml`` autoencoder config whose network (``ddconfig``, ``n_embed``, ``embed_dim``) equals the first
+stage's (and the script its comment says "runs exactly this"), and the CompVis download when ``ckpt_path`` is
+``models/first_stage_models/<name>/model.ckpt`` of a released model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,97 @@ from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FIRST_STAGE_CKPT_KEY = "model.params.first_stage_config.params.ckpt_path"
+# the first stages CompVis released with latent-diffusion (scripts/download_first_stages.sh there)
+COMPVIS_FIRST_STAGES = ("kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16")
+COMPVIS_URL = "https://ommer-lab.com/files/latent-diffusion/{name}.zip"
+NETWORK_KEYS = ("ddconfig", "n_embed", "embed_dim")
+# "(scripts/quickstart.py --domain synthetic runs exactly this)" in a config's comment
+_RUNS_THIS = re.compile(r"\((?:python\s+)?(scripts/[\w./-]+\.py[^()\n]*?)\s+runs exactly this\)")
+
+
+def compvis_name(ckpt_path: str) -> str | None:
+    """The CompVis first stage whose download location ``ckpt_path`` is (``models/first_stage_models/vq-f4/model.ckpt``
+    -> ``vq-f4``), else None."""
+    parts = Path(str(ckpt_path)).parts
+    if len(parts) >= 4 and parts[-4:-2] == ("models", "first_stage_models") and parts[-1] == "model.ckpt":
+        return parts[-2] if parts[-2] in COMPVIS_FIRST_STAGES else None
+    return None
+
+
+def _network(params: Mapping[str, Any] | None) -> str | None:
+    """A canonical text of a first stage's network (None when it lacks one of :data:`NETWORK_KEYS`)."""
+    if not isinstance(params, Mapping) or any(key not in params for key in NETWORK_KEYS):
+        return None
+    try:
+        return json.dumps({key: params[key] for key in NETWORK_KEYS}, sort_keys=True, default=list)
+    except (TypeError, ValueError):
+        return None
+
+
+@lru_cache(maxsize=4)
+def _autoencoder_configs(root: str) -> tuple[tuple[str, str, str | None], ...]:
+    """``(network, path, script)`` of every autoencoder training config under ``root`` (unreadable files skipped)."""
+    import yaml
+
+    found = []
+    for path in sorted(Path(root).rglob("*.yaml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+            model = data["model"]
+            target, params = model["target"], model["params"]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if not isinstance(target, str) or not target.endswith(".VQModel"):
+            continue
+        network = _network(params)
+        if network is not None:
+            script = _RUNS_THIS.search(text)
+            found.append((network, str(path), script.group(1).strip() if script else None))
+    return tuple(found)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (as a user would type it), else as is."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = None, key: str = FIRST_STAGE_CKPT_KEY) -> str:
+    """What to do about a first-stage checkpoint ``ckpt_path`` that is not there, for a first stage with ``params``
+    (its ``ddconfig``, ``n_embed``, ``embed_dim``): the CompVis download, the config that trains it, or both."""
+    hints = []
+    name = compvis_name(ckpt_path)
+    if name is not None:
+        hints.append(
+            f"put CompVis' {name} weights there ({COMPVIS_URL.format(name=name)}, unzip to "
+            f"models/first_stage_models/{name}/model.ckpt)"
+        )
+    network = _network(params)  # None (no network given) matches no config
+    trainers = [(_shown(path), script) for net, path, script in _autoencoder_configs(str(CONFIGS)) if net == network]
+    own = CONFIGS / "autoencoder" / f"{(name or '').replace('-', '_')}.yaml"
+    if not trainers and name is not None and own.is_file():  # CompVis' location, another network: its own config
+        trainers = [(_shown(str(own)), None)]
+    if trainers:
+        config, script = trainers[0]
+        also = ""
+        if script:
+            also = f" (or python {script}, which runs exactly this; its checkpoints land in <outdir>/checkpoints/)"
+        hints.append(
+            f"train it with python main.py --base {config} -t{also} and pass {key}=<its checkpoint> "
+            "(main.py writes logs/<run>/checkpoints/last.ckpt)"
+        )
+    if not hints:
+        hints.append(
+            "train a first stage of this network (an autoencoder config under configs/, python main.py "
+            f"--base <config> -t) and pass {key}=<its logs/<run>/checkpoints/last.ckpt>"
+        )
+    return "; or ".join(hints)
+
 
 class GANAutoencoder(pl.LightningModule):
     """Base of the first stages: ``Encoder`` / ``Decoder`` and a loss whose discriminator trains alongside.
@@ -33,8 +133,7 @@ class GANAutoencoder(pl.LightningModule):
 
     * ``_autoencoder_loss(x, split, batch_idx) -> (loss, log, state)``: the autoencoder objective for ``x``
       ``[B, 3, H, W]`` at :attr:`generator_steps` (``batch_idx`` None in training); ``state`` is what
-    * ``_discriminator_loss(x, state, step, split) -> (loss, log)`` needs;
-    * ``_autoencoder_parameters()``: what the autoencoder's optimizer updates.
+    * ``_discriminator_loss(x, state, step, split) -> (loss, log)`` needs.
 
     ``aeloss_name``, ``discloss_name`` and ``log_dict_on_epoch`` keep the log names of their CompVis originals (taming's
     VQGAN and latent-diffusion's AutoencoderKL differ).
@@ -55,6 +154,7 @@ class GANAutoencoder(pl.LightningModule):
         lossconfig: Mapping[str, Any],
         image_key: str,
         scheduler_config: Mapping[str, Any] | None,
+        monitor: str | None,
     ) -> None:
         """Check the LR schedule (built now, so that a bad one stops the run before it starts); build the encoder,
         decoder and loss, in CompVis' order (their random initialisation depends on it)."""
@@ -66,14 +166,10 @@ class GANAutoencoder(pl.LightningModule):
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.loss = instantiate_from_config(lossconfig)
-
-    def _finish_init(self, monitor: str | None, ckpt_path: str | None, ignore_keys: Sequence[str], unsafe: bool) -> None:
         self.automatic_optimization = False
         self.generator_steps = 0
         if monitor is not None:
             self.monitor = monitor
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe)
 
     @property
     def downsampling_factor(self) -> int:
@@ -81,20 +177,16 @@ class GANAutoencoder(pl.LightningModule):
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
 
     # -------------------------------------------------------------------------------------------------- weights
-    def _read_first_stage(self, path: str, unsafe: bool, network: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    def _read_first_stage(
+        self, path: str, unsafe: bool, ignore_keys: Sequence[str], network: Mapping[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The state dict at ``path`` (safe loader), a LatentDiffusion checkpoint's ``first_stage_model.*`` prefix
-        stripped; a missing file names the configs that train this ``network``."""
+        stripped and the ``ignore_keys`` prefixes dropped; a missing file names the configs that train this ``network``."""
         if not Path(path).exists():
-            from ldm.models.first_stages import missing_first_stage_hint  # the configs that train this network
-
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
         sd = load_state_dict(path, unsafe=unsafe)
         if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = strip_prefix(sd, "first_stage_model.")
-        return sd
-
-    @staticmethod
-    def _drop_ignored(sd: dict[str, torch.Tensor], path: str, ignore_keys: Sequence[str]) -> dict[str, torch.Tensor]:
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
@@ -187,7 +279,9 @@ class GANAutoencoder(pl.LightningModule):
                 f"{self.model_name}.learning_rate is not set: main.py sets it from model.base_learning_rate; when "
                 "training from Python, assign model.learning_rate before trainer.fit"
             )
-        opt_ae = torch.optim.Adam(self._autoencoder_parameters(), lr=lr, betas=(0.5, 0.9))
+        # every parameter but the loss' (in registration order: encoder, decoder, [quantize,] quant_conv, post_quant_conv)
+        autoencoder = [p for name, p in self.named_parameters() if not name.startswith("loss.")]
+        opt_ae = torch.optim.Adam(autoencoder, lr=lr, betas=(0.5, 0.9))
         opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
         if self.scheduler_config is None:
             return [opt_ae, opt_disc]

@@ -247,37 +247,17 @@ def tiled_apply(
     ``norm_owner`` (the module holding ``fn``'s GroupNorm layers) the GroupNorms share statistics (module docstring);
     ``stat_min_size``: see :func:`downscale_to`.  Returns ``[B, out_channels, H * scale, W * scale]``.
     """
-    if norm_owner is None:
+    if norm_owner is None or (stat_side is None and stat_passes == 0):  # each tile normalised by its own statistics
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
     stats = GroupNormStatistics(norm_owner)
     if stat_side is not None:
         with stats.record():  # one untiled pass: every layer normalised with its own (downscaled) statistics
             fn(downscale_to(x, stat_side, stat_min_size))
-    elif stat_passes == 0:
-        return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
     for _ in range(stat_passes):
         with stats.record():  # normalise with the current statistics (a tile's own where none yet), gather new ones
             _blend_tiles(fn, x, tile, overlap, scale, out_channels, stats)
     with stats.use():
         return _blend_tiles(fn, x, tile, overlap, scale, out_channels)
-
-
-def _tiled_encoder(first_stage: nn.Module, x: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``quant_conv(encoder(x))`` with the encoder's down path tiled: ``[B, 3, H, W] -> [B, C, H/f, W/f]``."""
-    enc = first_stage.encoder
-    stats = (enc, tiling.stat_passes, tiling.stat_side)
-    # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
-    h = tiled_apply(enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, *stats, 2 * factor)
-    return first_stage.quant_conv(enc.forward_low(h))
-
-
-def _tiled_decoder(first_stage: nn.Module, quant: torch.Tensor, tiling: TilingConfig, factor: int) -> torch.Tensor:
-    """``decoder(post_quant_conv(quant))`` with the decoder's up path tiled: ``[B, C, h, w] -> [B, 3, h*f, w*f]``."""
-    dec = first_stage.decoder
-    h = dec.forward_low(first_stage.post_quant_conv(quant))
-    stats = (dec, tiling.stat_passes, None if tiling.stat_side is None else max(1, tiling.stat_side // factor))
-    tile, overlap = tiling.tile // factor, tiling.overlap // factor
-    return tiled_apply(dec.forward_high, h, tile, overlap, factor, dec.conv_out.out_channels, *stats, 2)
 
 
 def tileable(first_stage: nn.Module) -> bool:
@@ -292,7 +272,11 @@ def tiled_encode(
     """``first_stage.encode(x)`` with the encoder's down path tiled (a :func:`tileable` first stage):
     ``[B, 3, H, W]`` -> the VQ pre-quantization latent ``[B, embed_dim, H/f, W/f]``, or the KL posterior over it (its
     moments come from the blended tiles; take ``.mode()`` or ``.sample(generator)``)."""
-    h = _tiled_encoder(first_stage, x, tiling, factor)
+    enc = first_stage.encoder
+    stats = (enc, tiling.stat_passes, tiling.stat_side)
+    # each of the log2(factor) strided convolutions needs 2 pixels; 2 latent pixels, as the refiner pads images to
+    h = tiled_apply(enc.forward_high, x, tiling.tile, tiling.overlap, 1 / factor, enc.high_channels, *stats, 2 * factor)
+    h = first_stage.quant_conv(enc.forward_low(h))
     return DiagonalGaussianDistribution(h) if isinstance(first_stage, AutoencoderKL) else h
 
 
@@ -304,4 +288,8 @@ def tiled_decode(
     ``force_not_quantize``, as ``VQModelInterface.decode``), a KL one decodes ``z`` as is."""
     if isinstance(first_stage, VQModelInterface) and not force_not_quantize:
         z = quantize_latent(first_stage.quantize, z)
-    return _tiled_decoder(first_stage, z, tiling, factor)
+    dec = first_stage.decoder
+    h = dec.forward_low(first_stage.post_quant_conv(z))
+    stats = (dec, tiling.stat_passes, None if tiling.stat_side is None else max(1, tiling.stat_side // factor))
+    tile, overlap = tiling.tile // factor, tiling.overlap // factor
+    return tiled_apply(dec.forward_high, h, tile, overlap, factor, dec.conv_out.out_channels, *stats, 2)

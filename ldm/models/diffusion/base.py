@@ -70,15 +70,13 @@ class DiffusionWrapper(nn.Module):
         c_crossattn: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         key = self.conditioning_key
-        if key is None:
-            return self.diffusion_model(x, t)
-        if key == "concat":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
-        if key == "crossattn":
+        if key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)
+        if key in ("crossattn", "hybrid"):
             return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1))
-        if key == "hybrid":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(list(c_crossattn), 1))
-        return self.diffusion_model(x, t, y=c_crossattn[0])
+        if key == "adm":
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        return self.diffusion_model(x, t)
 
 
 def training_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -86,6 +84,14 @@ def training_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.
     if generator is None:
         return None
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def draw_window_timesteps(
+    n: int, t_min: int, t_max: int, device: torch.device | str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` training timesteps (long ``[n]``) uniform in ``[t_min, t_max)``, drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(t_min, t_max, (n,), device=gen_device, generator=generator).to(device)
 
 
 class DDPM(pl.LightningModule):
@@ -231,7 +237,8 @@ class DDPM(pl.LightningModule):
         :class:`CheckpointError` stops the run: a denoiser trained on one schedule is wrong on another.
         """
         sd = load_state_dict(path, unsafe=self.unsafe_load if unsafe is None else unsafe)
-        sd, dropped = drop_keys(sd, tuple(ignore_keys))
+        ignored = tuple(ignore_keys)
+        sd, dropped = drop_keys(sd, ignored)
         if dropped:
             logger.info("%s: ignoring %d keys (prefixes %s)", path, len(dropped), list(ignore_keys))
         self.check_schedule_matches(sd, source=path)
@@ -247,7 +254,6 @@ class DDPM(pl.LightningModule):
             target = self
         missing, unexpected = load_weights(target, sd, strict=False, source=f"checkpoint {path!r}")
         unet_prefix = "diffusion_model." if only_model else "model.diffusion_model."
-        ignored = tuple(ignore_keys)
         lacking = [k for k in missing if k.startswith(unet_prefix) and not (ignored and k.startswith(ignored))]
         if lacking:
             raise CheckpointError(
@@ -255,7 +261,7 @@ class DDPM(pl.LightningModule):
                 "diffusion model of this architecture (a first-stage or partial checkpoint?). To start those layers "
                 "from scratch on purpose, list their prefixes in ignore_keys."
             )
-        if self.use_ema and (only_model or not restores_ema):
+        if self.use_ema and not restores_ema:
             # the file restored no EMA (it has none, e.g. a converted diffusers model, or only_model): start the EMA
             # from the loaded weights, not from the random initialisation it was copied from at construction
             self.model_ema.reset_to(self.model)
@@ -297,10 +303,12 @@ class DDPM(pl.LightningModule):
     def sample_training_timesteps(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Timesteps ``[batch_size]`` (long) drawn for a training batch: uniform over ``[0, T)``."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch_size,), device=gen_device, generator=generator)
-        return t.to(device)
+        """Timesteps ``[batch_size]`` (long) drawn for a training batch: uniform over :meth:`window`."""
+        return draw_window_timesteps(batch_size, *self.window(), device, generator)
+
+    def window(self) -> tuple[int, int]:
+        """Timesteps this model is trained on, ``[t_min, t_max)``: ``[0, T)`` (a late-steps model narrows it)."""
+        return 0, self.num_timesteps
 
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-element loss (``l2``: squared error, ``l1``: absolute error), same shape as ``pred``."""
@@ -348,8 +356,7 @@ class DDPM(pl.LightningModule):
         """``batch[k]`` as ``[B, C, H, W]`` float on this module's device (datasets yield HWC images, as in LDM)."""
         if k not in batch:
             raise KeyError(f"batch has no key {k!r} (keys: {sorted(batch)}); set first_stage_key to the image key")
-        x = batch[k]
-        x = torch.as_tensor(x)
+        x = torch.as_tensor(batch[k])
         if x.ndim == 3:
             x = x[..., None]
         x = rearrange(x, "b h w c -> b c h w")
@@ -372,7 +379,7 @@ class DDPM(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
-        bs = self._batch_size(batch)
+        bs = len(next(iter(batch.values())))
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         if self.use_scheduler:
@@ -382,13 +389,12 @@ class DDPM(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Loss with training and EMA weights, on noise and timesteps fixed by ``batch_idx`` (comparable across epochs)."""
-        bs = self._batch_size(batch)
+        bs = len(next(iter(batch.values())))
         _, loss_dict = self._validation_losses(batch, batch_idx)
         with self.ema_scope():
             _, loss_dict_ema = self._validation_losses(batch, batch_idx)
-        loss_dict_ema = {f"{k}_ema": v for k, v in loss_dict_ema.items()}
+        loss_dict.update({f"{k}_ema": v for k, v in loss_dict_ema.items()})
         self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
 
     def validation_generator(self, batch_idx: int) -> torch.Generator:
         """CPU generator seeded by the validation batch index (same draws every epoch)."""
@@ -400,11 +406,6 @@ class DDPM(pl.LightningModule):
         gen = self.validation_generator(batch_idx)
         t = self.sample_training_timesteps(x.shape[0], x.device, gen)
         return self.p_losses(x, t, noise=training_noise(x, gen))
-
-    @staticmethod
-    def _batch_size(batch: Mapping[str, Any]) -> int:
-        first = next(iter(batch.values()))
-        return len(first)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the diffusion model, and logvar when learned."""

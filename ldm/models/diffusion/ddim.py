@@ -90,7 +90,7 @@ class DDIMSampler:
         """
         self._check_step_options(noise_dropout, quantize_denoised, score_corrector)
         hint = "; the argument order is latent-diffusion's: pass noise=, generator= by keyword"
-        self._position("index", index, self._grid_size(use_original_steps, hint))
+        self._position("index", index, len(self._grid(use_original_steps, hint)))
         den = self._guided(unconditional_guidance_scale, unconditional_conditioning)
         options = (repeat_noise, quantize_denoised, temperature, noise_dropout, score_corrector, corrector_kwargs)
         return self._step(x, c, t, int(index), bool(use_original_steps), den, options, generator)
@@ -193,7 +193,7 @@ class DDIMSampler:
         if mask is not None and x0 is None:
             raise ValueError("mask needs x0 (the latent whose masked regions are kept)")
         self._check_step_options(noise_dropout, quantize_denoised, score_corrector)
-        size = self.ddpm_num_timesteps if ddim_use_original_steps else len(self._require_grid())
+        size = len(self._grid(bool(ddim_use_original_steps)))
         img = x_T if x_T is not None else randn(tuple(shape), self.model.alphas_cumprod, generator)
         options = (False, quantize_denoised, temperature, noise_dropout, score_corrector, corrector_kwargs)
         return self._loop(
@@ -203,7 +203,7 @@ class DDIMSampler:
 
     def _loop(self, img, cond, indices, original, options, generator, callback, img_callback, log_every_t, mask, x0,
               verbose, scale, uncond) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:  # fmt: skip
-        grid = np.arange(self.ddpm_num_timesteps) if original else self._require_grid()
+        grid = self._grid(original)
         check = getattr(self.denoiser, "check_timesteps", None)
         if check is not None:
             check([int(grid[i]) for i in indices])
@@ -238,8 +238,7 @@ class DDIMSampler:
         """Noise ``x0`` ``[B, C, h, w]`` with ``q_sample`` to the level of grid position ``t`` (an int, or an integer
         tensor ``[]``, ``[1]`` or ``[B]``: one position per sample), or of timestep ``t`` with ``use_original_steps``.
         ``noise`` overrides the draw from ``generator``."""
-        self._grid_size(use_original_steps)
-        grid = np.arange(self.ddpm_num_timesteps) if use_original_steps else self._require_grid()
+        grid = self._grid(use_original_steps)
         hint = "a timestep of the full schedule" if use_original_steps else f"a position in the {len(grid)}-entry DDIM grid"
         if isinstance(t, torch.Tensor):
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() > 1:
@@ -270,7 +269,7 @@ class DDIMSampler:
     ) -> torch.Tensor:
         """Denoise ``x_latent`` ``[B, C, h, w]`` from grid position ``t_start`` (inclusive; see the module docstring)
         down to the end; with ``use_original_steps`` the positions are timesteps ``t_start, t_start - 1, ..., 0``."""
-        self._position("t_start", t_start, self._grid_size(use_original_steps))
+        self._position("t_start", t_start, len(self._grid(use_original_steps)))
         options = (False, False, 1.0, 0.0, None, None)
         indices = list(range(int(t_start) + 1))[::-1]
         out, _ = self._loop(x_latent, cond, indices, bool(use_original_steps), options, generator, None, None, 10**9,
@@ -278,21 +277,20 @@ class DDIMSampler:
         return out
 
     # ------------------------------------------------------------------------------------------------------ helpers
-    def _grid_size(self, use_original_steps: Any, hint: str = "") -> int:
-        """Positions a step index may take: every timestep with ``use_original_steps``, else the grid's entries."""
+    def _grid(self, use_original_steps: Any, hint: str = "") -> np.ndarray:
+        """The timestep at each step position: every timestep with ``use_original_steps``, else the DDIM grid."""
         if not isinstance(use_original_steps, (bool, np.bool_)):
             raise TypeError(f"use_original_steps must be True or False, got {type(use_original_steps).__name__}{hint}")
-        return self.ddpm_num_timesteps if use_original_steps else len(self._require_grid())
+        if use_original_steps:
+            return np.arange(self.ddpm_num_timesteps)
+        if self.ddim_timesteps is None:
+            raise RuntimeError("call make_schedule(ddim_num_steps, ...) first")
+        return self.ddim_timesteps
 
     @staticmethod
     def _position(name: str, value: Any, size: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < size:
             raise ValueError(f"{name}={value!r} must be an integer position in [0, {size - 1}]")
-
-    def _require_grid(self) -> np.ndarray:
-        if self.ddim_timesteps is None:
-            raise RuntimeError("call make_schedule(ddim_num_steps, ...) first")
-        return self.ddim_timesteps
 
     def _guided(self, scale: float, uncond: Any) -> Denoiser:
         if scale == 1.0 or uncond is None:

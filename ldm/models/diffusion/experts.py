@@ -3,10 +3,6 @@
 A late-steps expert is trained on a window ``[t_min, t_max)`` of timesteps; a plain full-range ``LatentDiffusion``
 covers ``[0, T)``.  The window's one source is the model itself (``model.window()``, from its config); the window
 arithmetic and the text of coverage errors live in :mod:`ldm.windows`.
-
-Rules enforced by :class:`ExpertRouter`: every step is covered by exactly one window (a gap or an overlap is a
-``ValueError`` listing the windows and the offending steps; ``allow_outside_window=True`` runs the nearest expert on a
-gap, with a warning); all experts share one noise schedule, one latent scale and one first stage (same weights).
 """
 
 from __future__ import annotations
@@ -71,13 +67,6 @@ class Expert:
         return describe_window(self.window, num_timesteps, self.name)
 
 
-def _first_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose tensors differ in shape or value (and keys present in only one of the two)."""
-    only = sorted(set(a) ^ set(b))
-    differ = [k for k in a if k in b and (a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))]
-    return only + differ
-
-
 def check_compatible(experts: Sequence[Expert]) -> None:
     """Raise ``ValueError``, naming the experts and what differs, unless all share the noise schedule, the latent
     scale and the first-stage weights."""
@@ -106,7 +95,9 @@ def check_compatible(experts: Sequence[Expert]) -> None:
         if other.model.first_stage_model is ref.model.first_stage_model:
             continue
         fs = {k: v.detach().cpu() for k, v in other.model.first_stage_model.state_dict().items()}
-        bad = _first_differences(fs, ref_fs)
+        # keys in only one of the two, then those whose tensors differ in shape or value
+        bad = sorted(set(fs) ^ set(ref_fs))
+        bad += [k for k in fs if k in ref_fs and (fs[k].shape != ref_fs[k].shape or not torch.equal(fs[k], ref_fs[k]))]
         if bad:
             raise ValueError(
                 f"experts {other.name!r} and {ref.name!r} have different first stages: {len(bad)} of "

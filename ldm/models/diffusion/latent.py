@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 # Batch keys whose values are lists of str handed to the cond stage as they are (a text encoder tokenizes them):
 # latent-diffusion's "caption" (its text-to-image configs, ldm.data.captions), Stable Diffusion's webdataset "txt".
 TEXT_COND_KEYS = ("caption", "txt")
-UCG_ENTRY_KEYS = frozenset({"p", "val"})
 
 
 def check_ucg_training(ucg_training: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -40,7 +39,7 @@ def check_ucg_training(ucg_training: Mapping[str, Mapping[str, Any]] | None) -> 
         raise ValueError(f"ucg_training={ucg_training!r} must be a mapping; write {form}")
     checked = {}
     for key, entry in ucg_training.items():
-        if not isinstance(entry, Mapping) or "p" not in entry or set(entry) - UCG_ENTRY_KEYS:
+        if not isinstance(entry, Mapping) or "p" not in entry or set(entry) - {"p", "val"}:
             raise ValueError(
                 f"ucg_training.{key}={entry!r} must be a mapping with p and optionally val (no other keys); write {form}"
             )
@@ -175,10 +174,6 @@ class LatentDiffusion(DDPM):
     def downsampling_factor(self) -> int:
         """Image pixels per latent pixel along each side (4 for VQ-f4)."""
         return int(getattr(self.first_stage_model, "downsampling_factor", 1))
-
-    def window(self) -> tuple[int, int]:
-        """Timesteps this model was trained on, ``[t_min, t_max)``; a plain LDM covers ``[0, T)``."""
-        return 0, self.num_timesteps
 
     # -------------------------------------------------------------------------------------------------- first stage
     @torch.no_grad()

@@ -25,23 +25,6 @@ logger = logging.getLogger(__name__)
 TIMESTEP_DENSITIES = ("uniform",)
 
 
-def draw_window_timesteps(
-    n: int,
-    t_min: int,
-    t_max: int,
-    device: torch.device | str,
-    generator: torch.Generator | None = None,
-    density: str = "uniform",
-) -> torch.Tensor:
-    """``n`` training timesteps (long ``[n]``) in ``[t_min, t_max)`` from ``density``, drawn on the generator's device."""
-    gen_device = generator.device if generator is not None else device
-    if density == "uniform":
-        t = torch.randint(t_min, t_max, (n,), device=gen_device, generator=generator)
-    else:
-        raise ValueError(f"timestep_density={density!r} is unknown; choose one of {TIMESTEP_DENSITIES}")
-    return t.to(device)
-
-
 def stratified_window_timesteps(
     n: int, t_min: int, t_max: int, num_bands: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,14 +72,8 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         logger.info("late-steps window t in [%d, %d) = sampling steps %d-%d", self.t_min, self.t_max, *steps)
 
     def window(self) -> tuple[int, int]:
-        """Timesteps this model was trained on, ``[t_min, t_max)``."""
+        """Timesteps this model was trained on, ``[t_min, t_max)`` (training draws them uniformly: the only density)."""
         return self.t_min, self.t_max
-
-    def sample_training_timesteps(
-        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Training timesteps ``[batch_size]`` drawn only from the window."""
-        return draw_window_timesteps(batch_size, self.t_min, self.t_max, device, generator, self.timestep_density)
 
     # ---------------------------------------------------------------------------------------------------- validation
     def band_edges(self) -> list[tuple[int, int]]:

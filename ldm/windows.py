@@ -54,12 +54,6 @@ def format_timesteps(timesteps: Sequence[int], num_timesteps: int, limit: int = 
     return f"t={', '.join(str(t) for t in shown)} ({steps}, {len(ts)} grid step{'s' if len(ts) != 1 else ''})"
 
 
-def window_distance(window: Window, t: int) -> int:
-    """How many timesteps ``t`` lies outside ``window`` (0 inside)."""
-    t_min, t_max = window
-    return t_min - t if t < t_min else max(0, t - (t_max - 1))
-
-
 def assign_windows(
     windows: Sequence[Window],
     timesteps: Sequence[int],
@@ -96,18 +90,16 @@ def assign_windows(
             f"{what} runs steps outside every expert window: {described}; uncovered: "
             f"{format_timesteps(gaps, num_timesteps)}. {_gap_hint(ts, gaps)}"
         )
-    nearest = [min(range(len(windows)), key=lambda i, t=t: (window_distance(windows[i], t), i)) for t in ts]
-    return [covering[t][0] if covering[t] else near for t, near in zip(ts, nearest)], gaps
+
+    def nearest(t: int) -> int:  # the window t lies the fewest timesteps outside of (the first on a tie)
+        return min(range(len(windows)), key=lambda i: (max(windows[i][0] - t, t - windows[i][1] + 1, 0), i))
+
+    return [covering[t][0] if covering[t] else nearest(t) for t in ts], gaps
 
 
 def _gap_hint(ts: list[int], gaps: list[int]) -> str:
-    lowest_gap = min(gaps)
-    if any(t < lowest_gap for t in ts):
-        return (
-            f"Use a start_t below {lowest_gap} (--start-t), add an expert whose window covers the uncovered steps, "
-            "or pass --allow-outside-window (allow_outside_window=True) to run the nearest expert there."
-        )
-    return (
-        "The lowest steps are uncovered, so no start_t avoids them: add an expert whose window covers them, or pass "
-        "--allow-outside-window (allow_outside_window=True) to run the nearest expert there."
-    )
+    add = "add an expert whose window covers"
+    nearest = "pass --allow-outside-window (allow_outside_window=True) to run the nearest expert there."
+    if any(t < min(gaps) for t in ts):
+        return f"Use a start_t below {min(gaps)} (--start-t), {add} the uncovered steps, or {nearest}"
+    return f"The lowest steps are uncovered, so no start_t avoids them: {add} them, or {nearest}"

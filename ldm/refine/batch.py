@@ -232,7 +232,6 @@ def refine_files(
         if index in finished:
             return
         finished.add(index)
-        remaining.pop(index, None)
         if reason is None:
             report.done.append(format_path(paths[index]))
         else:

@@ -1,5 +1,5 @@
-"""Prompts in refinement: which experts take one, the rules for chains, encoding, and the guided plan; and each input
-file's prompt for the CLI.
+"""Prompts in refinement: which experts take one, the rules for chains, encoding to each expert's guidance; and each
+input file's prompt for the CLI.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from ldm.imageio import format_path
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, PromptFile, read_image_prompt
 from ldm.models.diffusion.experts import Expert
 from ldm.models.diffusion.latent import TEXT_COND_KEYS
-from ldm.sampling.guidance import Guidance, guided_plan
+from ldm.sampling.guidance import Guidance
 from ldm.sampling.plan import RefinePlan
 
 logger = logging.getLogger(__name__)
@@ -127,38 +126,16 @@ def prompts_for_batch(prompt: PromptArg, batch: int) -> list[Prompt] | None:
     return prompts * batch if len(prompts) == 1 else prompts
 
 
-@dataclass(frozen=True)
-class PromptConditioning:
-    """Encoded prompts for one refinement call.
-
-    Attributes:
-        prompts: one :class:`Prompt` per sample (``B``).  scale: their guidance scale.
-        per_expert: per expert of the refiner, ``(cond [B, L, D], uncond [B, L, D] or None at scale 1)`` on the
-            device, or None for an expert that runs unguided (unconditional, or not run by the plan).
-    """
-
-    prompts: tuple[Prompt, ...]
-    scale: float
-    per_expert: tuple[tuple[torch.Tensor, torch.Tensor | None] | None, ...]
-
-    def apply(self, plan: RefinePlan, index: int | None = None) -> RefinePlan:
-        """``plan`` with each text-conditioned expert's steps guided (sample ``index``'s rows only, when given)."""
-        rows = slice(None) if index is None else slice(index, index + 1)
-        guidance = [
-            None if entry is None else Guidance(entry[0][rows], None if entry[1] is None else entry[1][rows], self.scale)
-            for entry in self.per_expert
-        ]
-        return guided_plan(plan, guidance)
-
-
 def encode_prompts(
     experts: Sequence[Expert],
     plan: RefinePlan,
     prompts: Sequence[Prompt],
     batch_invariant: bool,
     autocast: Callable[[], AbstractContextManager],
-) -> PromptConditioning:
-    """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs.
+) -> list[Guidance | None]:
+    """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs: per expert of ``experts``,
+    its :class:`Guidance` (``cond [B, L, D]``, ``uncond [B, L, D]`` or None at scale 1, on the device), or None for an
+    expert that runs unguided (unconditional, or not run by the plan).
 
     Each distinct text (and negative text when the scale is not 1) is encoded once per condition encoder module; with
     ``batch_invariant`` one text per call (CPU kernels block by batch size).  Raises ValueError when an encoder returns
@@ -170,7 +147,7 @@ def encode_prompts(
     row = {text: i for i, text in enumerate(texts)}
     cond_rows = [row[p.prompt] for p in prompts]
     uncond_rows = [row[text] for text in negatives] if scale != 1.0 else None
-    per_expert: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(experts)
+    guidance: list[Guidance | None] = [None] * len(experts)
     encoded: dict[int, torch.Tensor] = {}  # id of the encoder -> [len(texts), L, D]
     with torch.inference_mode(), autocast():
         for i in text_experts(experts, plan):
@@ -181,28 +158,21 @@ def encode_prompts(
                 parts = [_encode(model, chunk, experts[i].name) for chunk in chunks]
                 encoded[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
             table = encoded[key]
-            per_expert[i] = (table[cond_rows], None if uncond_rows is None else table[uncond_rows])
-    return PromptConditioning(tuple(prompts), scale, tuple(per_expert))
+            guidance[i] = Guidance(table[cond_rows], None if uncond_rows is None else table[uncond_rows], scale)
+    return guidance
 
 
-def share_condition_encoders(experts: Sequence[Expert]) -> int:
+def share_condition_encoders(experts: Sequence[Expert]) -> None:
     """Let experts whose text encoders are identical (class, ``cond_stage_forward``, plain public attributes such as
     ``max_length``, tokenizer vocabulary and merges, weights tensor by tensor) hold one module, the first one's, so a
-    chain of SD experts encodes each prompt once; returns how many were merged.  Only for models this process built
-    (changed in place)."""
+    chain of SD experts encodes each prompt once.  Only for models this process built (changed in place)."""
     kept: list[Any] = []
-    merged = 0
-    for expert in experts:
-        model = expert.model
-        if not is_text_conditioned(model):
-            continue
+    for model in (e.model for e in experts if is_text_conditioned(e.model)):
         same = next((m for m in kept if _same_encoder(m, model)), None)
         if same is None:
             kept.append(model)
-        elif same.cond_stage_model is not model.cond_stage_model:
+        else:
             model.cond_stage_model = same.cond_stage_model
-            merged += 1
-    return merged
 
 
 def _settings(module: Any) -> dict[str, Any]:

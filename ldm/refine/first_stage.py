@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
@@ -16,10 +17,11 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 POSTERIOR_CHOICES = ("mean", "sample")
 
 
+@dataclass(eq=False)
 class FirstStage:
     """Encode/decode for refinement with ``model``'s first stage and ``scale_factor``.
 
-    Args:
+    Attributes:
         tiling: tile images larger than ``tiling.min_side`` (a VQ or KL first stage), or None.
         batch_invariant: pass one sample at a time (a result then does not depend on its batch).
         autocast: a factory of the networks' precision context (``nullcontext`` for fp32).
@@ -29,26 +31,19 @@ class FirstStage:
             order, one chunk at a time.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tiling: TilingConfig | None,
-        batch_invariant: bool,
-        autocast: Callable[[], AbstractContextManager],
-        posterior: str = "mean",
-        generator: torch.Generator | None = None,
-    ):
-        if posterior not in POSTERIOR_CHOICES:
+    model: torch.nn.Module
+    tiling: TilingConfig | None
+    batch_invariant: bool
+    autocast: Callable[[], AbstractContextManager]
+    posterior: str = "mean"
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.posterior not in POSTERIOR_CHOICES:
             raise ValueError(
-                f"posterior={posterior!r}: a KL first stage encodes with its posterior's 'mean' (deterministic) or a "
-                f"'sample' (from generator); choose one of {POSTERIOR_CHOICES}"
+                f"posterior={self.posterior!r}: a KL first stage encodes with its posterior's 'mean' (deterministic) or "
+                f"a 'sample' (from generator); choose one of {POSTERIOR_CHOICES}"
             )
-        self.model = model
-        self.tiling = tiling
-        self.batch_invariant = batch_invariant
-        self.autocast = autocast
-        self.posterior = posterior
-        self.generator = generator
 
     @property
     def factor(self) -> int:

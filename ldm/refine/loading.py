@@ -28,7 +28,7 @@ from ldm.checkpoint import (
 from ldm.convert.folder import is_diffusers_folder
 from ldm.convert.from_diffusers import load_diffusers_expert
 from ldm.imageio import format_path
-from ldm.models.diffusion.experts import CheckpointInfo, Expert  # CheckpointInfo: re-exported, defined there
+from ldm.models.diffusion.experts import CheckpointInfo, Expert
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.untrusted import OPTIONAL_WEIGHTS, check_config_structure, check_untrusted_model
 from ldm.util import (
@@ -49,12 +49,9 @@ ConfigSource = str | os.PathLike | Mapping[str, Any] | None
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` / ``"cuda:N"``, or a ``torch.device``."""
-    if isinstance(device, torch.device):
-        name = str(device)
-    elif isinstance(device, str):
-        name = device.strip().lower()
-    else:
+    if not isinstance(device, (str, torch.device)):
         raise ValueError(f"device={device!r} must be one of {DEVICES} (or 'cuda:N')")
+    name = str(device).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -147,22 +144,19 @@ def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any
 def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
     """The model config rebuilt for inference from its own checkpoint (see the module docstring, step 3)."""
     cfg = copy.deepcopy(dict(model_cfg))
-    params = dict(cfg.get("params") or {})
+    params = cfg["params"] = dict(cfg.get("params") or {})
     params.pop("ckpt_path", None)
     params["use_ema"] = use_ema
     first = params.get("first_stage_config")
     if isinstance(first, Mapping):
-        first = dict(first)
-        first_params = dict(first.get("params") or {})
+        first = params["first_stage_config"] = dict(first)
+        first_params = first["params"] = dict(first.get("params") or {})
         first_params.pop("ckpt_path", None)
         if "lossconfig" in first_params:
             first_params["lossconfig"] = {"target": "torch.nn.Identity"}
-        first["params"] = first_params
-        params["first_stage_config"] = first
     cond = params.get("cond_stage_config")
     if isinstance(cond, Mapping) and isinstance(cond.get("params"), Mapping) and "lossconfig" in cond["params"]:
         params["cond_stage_config"] = {**cond, "params": {**cond["params"], "lossconfig": {"target": "torch.nn.Identity"}}}
-    cfg["params"] = params
     return cfg
 
 

@@ -8,6 +8,7 @@ sample also goes through the networks alone, so an output does not depend on its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -22,25 +24,11 @@ import torch
 from PIL import Image
 
 from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple, tensor_to_image
-from ldm.models.diffusion.experts import Expert, ExpertRouter
+from ldm.models.diffusion.experts import CheckpointInfo, Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
-from ldm.refine.conditioning import (
-    PromptArg,
-    PromptConditioning,
-    check_chain,
-    encode_prompts,
-    prompts_for_batch,
-    share_condition_encoders,
-)
+from ldm.refine.conditioning import PromptArg, check_chain, encode_prompts, prompts_for_batch, share_condition_encoders
 from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage
-from ldm.refine.loading import (
-    CheckpointInfo,
-    ConfigSource,
-    autocast_dtype,
-    check_checkpoint_paths,
-    load_expert,
-    resolve_device,
-)
+from ldm.refine.loading import ConfigSource, autocast_dtype, check_checkpoint_paths, load_expert, resolve_device
 from ldm.refine.region_files import RegionOptions
 from ldm.refine.regions import (
     DEFAULT_MASK_BLUR,
@@ -63,6 +51,7 @@ from ldm.refine.shipped import expand_names
 from ldm.refine.speed import describe_tiling, resolve_tiling
 from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
 from ldm.sampling.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
+from ldm.sampling.guidance import Guidance, guided_plan
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +62,9 @@ def unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
     unique: list[int] = []
     inverse: list[int] = []
     for i in range(x.shape[0]):
-        match = next((k for k, u in enumerate(unique) if torch.equal(x[i], x[u])), None)
-        if match is None:
-            match = len(unique)
+        inverse.append(next((k for k, u in enumerate(unique) if torch.equal(x[i], x[u])), len(unique)))
+        if inverse[-1] == len(unique):
             unique.append(i)
-        inverse.append(match)
     return unique, inverse
 
 
@@ -99,26 +86,27 @@ class PhaseClock:
         self._last = now
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """One refinement call's plan, generators (one per sample), progress reporting and encoded prompts (None without
-    one).  :attr:`steps` is the plan that runs: guided when there is a prompt."""
+    """One refinement call: the plan, one generator per sample, progress reporting and each expert's guidance (None
+    without a prompt)."""
 
     plan: RefinePlan
     generators: list[torch.Generator]
     progress: bool
     callback: Callable[[int], None] | None
     clock: PhaseClock
-    conditioning: PromptConditioning | None = None
-    index: int | None = None  # the one sample of a crop-mode run (its rows of the conditioning)
+    guidance: list[Guidance | None] | None = None
 
-    def __post_init__(self) -> None:
-        self.steps = self.plan if self.conditioning is None else self.conditioning.apply(self.plan, self.index)
+    @cached_property
+    def steps(self) -> RefinePlan:
+        """The plan that runs: guided when there is a prompt."""
+        return self.plan if self.guidance is None else guided_plan(self.plan, self.guidance)
 
     def sample(self, index: int) -> Run:
         """This run for sample ``index`` alone (crop mode refines one image at a time)."""
-        return Run(self.plan, [self.generators[index]], self.progress, self.callback, self.clock, self.conditioning,
-                    index)  # fmt: skip
+        guidance = None if self.guidance is None else [g if g is None else g.sample(index) for g in self.guidance]
+        return dataclasses.replace(self, generators=[self.generators[index]], guidance=guidance)
 
 
 class Refiner:
@@ -179,14 +167,11 @@ class Refiner:
                                       posterior=first_stage_posterior)  # fmt: skip
         self.checkpoints: tuple[CheckpointInfo, ...] = tuple(checkpoints)
         self.schedule = NoiseSchedule.from_model(self.model)
-        self.denoisers: tuple[Denoiser, ...] = tuple(self._wrap(d) for d in self.router.denoisers)
-        self._plans: dict[tuple[Any, ...], RefinePlan] = {}
-
-    def _wrap(self, denoiser: Denoiser) -> Denoiser:
-        """An expert's denoiser with this refiner's precision and batch invariance."""
+        denoisers = self.router.denoisers  # with this refiner's precision and batch invariance:
         if self._autocast_dtype is not None:
-            denoiser = AutocastDenoiser(denoiser, self.device.type, self._autocast_dtype)
-        return ChunkedDenoiser(denoiser, 1) if self.batch_invariant else denoiser
+            denoisers = [AutocastDenoiser(d, self.device.type, self._autocast_dtype) for d in denoisers]
+        self.denoisers: tuple[Denoiser, ...] = tuple(ChunkedDenoiser(d, 1) if self.batch_invariant else d for d in denoisers)
+        self._plans: dict[tuple[Any, ...], RefinePlan] = {}
 
     @classmethod
     def from_checkpoints(
@@ -392,10 +377,10 @@ class Refiner:
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
             clock = PhaseClock(self.device, timings)  # the prompts' encoding counts in the "encode" phase
             # guidance wraps the cached plan's denoisers for this call only (the plan cache stays unguided)
-            conditioning = (
+            guidance = (
                 None if prompts is None else encode_prompts(self.experts, plan, prompts, self.batch_invariant, self.autocast)
             )
-            run = Run(plan, generators, progress, callback, clock, conditioning)
+            run = Run(plan, generators, progress, callback, clock, guidance)
             if starts is None:
                 out = self._generate(xin, run)
             elif regions.crop:

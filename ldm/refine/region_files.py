@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.checkpoint import sha256_file
 from ldm.imageio import decode_image, format_path, header_size, is_image_name, load_image
 from ldm.refine.regions import (
     DEFAULT_MASK_BLUR,
@@ -124,10 +125,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarr
         if header is not None and header not in (size, size[::-1]):
             raise ValueError(f"the mask is {header[0]}x{header[1]} but the image is {size[0]}x{size[1]}; masks must "
                              "have the image's size")  # fmt: skip
-    loaded = load_image(path)
-    with open(path, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    return mask_luminance(loaded.rgb), digest
+    return mask_luminance(load_image(path).rgb), sha256_file(path)
 
 
 def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:

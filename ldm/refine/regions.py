@@ -262,8 +262,5 @@ def resize_start_map(start_map: torch.Tensor, height: int, width: int) -> torch.
     h, w = start_map.shape[-2:]
     if (h, w) == (height, width):
         return start_map
-    values = start_map.double()
-    if height <= h and width <= w:
-        return F.adaptive_max_pool2d(values, (height, width)).to(start_map.dtype)
-    grown = F.interpolate(values, size=(max(height, h), max(width, w)), mode="nearest")
+    grown = F.interpolate(start_map.double(), size=(max(height, h), max(width, w)), mode="nearest")
     return F.adaptive_max_pool2d(grown, (height, width)).to(start_map.dtype)

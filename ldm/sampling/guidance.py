@@ -32,19 +32,13 @@ def _for_batch(cond: Cond, batch: int) -> Cond:
 
 
 class GuidedDenoiser:
-    """Classifier-free guidance around ``inner``: ``eps_u + scale * (eps_c - eps_u)``, both branches in one call on
-    ``[uncond, cond]`` (``2B`` samples).  At scale 1 (0) only the conditional (unconditional) branch runs: exact, and
-    half the cost.  Conditioning is used as given (on the model's device and dtype); a batch of 1 is broadcast.
+    """Classifier-free guidance around ``inner`` (an expert's denoiser): ``eps_u + scale * (eps_c - eps_u)``, both
+    branches in one call on ``[uncond, cond]`` (``2B`` samples).  At scale 1 (0) only the conditional (unconditional)
+    branch runs: exact, and half the cost.
 
-    The conditioning comes checked from where it is made (the prompts' scale from :class:`~ldm.imageio.prompt.Prompt`,
-    the embeddings from the experts' encoders, :func:`ldm.refine.conditioning.encode_prompts`): nothing is checked here.
-
-    Args:
-        inner: the expert's denoiser ``(x [N, C, h, w], t [N], cond) -> eps [N, C, h, w]``.
-        cond: the conditional conditioning (a tensor ``[B, ...]``, a list or dict of them, as ``apply_model`` takes),
-            batch ``B`` or 1.  uncond: the unconditional one (the empty or negative prompt's embedding), the same
-            nesting and per-sample shapes; None only at scale 1.
-        scale: ``s``, finite and ``>= 0``.
+    ``cond``, ``uncond``: as ``apply_model`` takes them (a tensor ``[B, ...]``, a list or dict of them), batch ``B`` or 1
+    (broadcast), on the model's device and dtype; ``uncond`` (the empty or negative prompt's) has the same nesting, None
+    only at scale 1.  They come checked from where they are made (:func:`ldm.refine.conditioning.encode_prompts`).
     """
 
     def __init__(self, inner: Denoiser, cond: Cond, uncond: Cond | None, scale: float):
@@ -79,8 +73,10 @@ class Guidance:
     uncond: Cond | None
     scale: float
 
-    def wrap(self, inner: Denoiser) -> GuidedDenoiser:
-        return GuidedDenoiser(inner, self.cond, self.uncond, self.scale)
+    def sample(self, index: int) -> Guidance:
+        """Sample ``index``'s rows alone (of tensor conditionings)."""
+        rows = slice(index, index + 1)
+        return Guidance(self.cond[rows], None if self.uncond is None else self.uncond[rows], self.scale)
 
 
 def guided_plan(plan: RefinePlan, guidance: Guidance | Sequence[Guidance | None]) -> RefinePlan:
@@ -94,6 +90,6 @@ def guided_plan(plan: RefinePlan, guidance: Guidance | Sequence[Guidance | None]
     for expert, denoiser in zip(plan.experts, plan.denoisers):
         if expert not in wrapped:
             g = per_expert[expert]
-            wrapped[expert] = denoiser if g is None else g.wrap(denoiser)
+            wrapped[expert] = denoiser if g is None else GuidedDenoiser(denoiser, g.cond, g.uncond, g.scale)
         steps.append(wrapped[expert])
     return dataclasses.replace(plan, denoisers=tuple(steps))

@@ -6,6 +6,7 @@ call of the router) and puts the coefficients on the device; :mod:`ldm.sampling.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,15 +33,15 @@ def check_int_arg(name: str, value: Any, lo: int, hi: int) -> int:
 
 
 def check_eta(eta: Any) -> float:
-    """DDIM's ``eta`` as a float if it is a finite number ``>= 0``; else a ValueError saying what is allowed."""
+    """DDIM's ``eta`` as a float if it is a finite number ``>= 0``; else a ValueError."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
     return float(eta)
 
 
 def check_solver(sampler: Any, eta: Any) -> float:
-    """``eta`` as a float if ``sampler`` is one of :data:`SAMPLERS` and ``eta`` fits it (:func:`check_eta`; above 0 for
-    DDIM only); else a ValueError saying what is allowed."""
+    """``eta`` as a float if ``sampler`` is one of :data:`SAMPLERS` and ``eta`` fits it (above 0 for DDIM only); else a
+    ValueError."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}")
     eta = check_eta(eta)
@@ -50,12 +51,9 @@ def check_solver(sampler: Any, eta: Any) -> float:
 
 
 def resolve_start(start_t: Any, strength: Any, num_timesteps: int) -> int:
-    """The start timestep from ``start_t`` or from img2img's ``strength`` (exactly one of them may be given).
-
-    ``strength`` ``s`` in ``(0, 1]`` means ``start_t = min(round(s * T), T - 1)`` (``T - 1`` is the noisiest level a
-    latent can be noised to).  Raises ValueError for both given, a non-integer or out-of-range ``start_t``, or a
-    strength outside ``(0, 1]`` or so small that it rounds to timestep 0.
-    """
+    """The start timestep from ``start_t`` or from img2img's ``strength`` ``s`` in ``(0, 1]`` (not both):
+    ``min(round(s * T), T - 1)`` (``T - 1`` is the noisiest level a latent can be noised to).  ValueError for both, a
+    non-integer or out-of-range ``start_t``, or a strength outside ``(0, 1]`` or rounding to timestep 0."""
     top = num_timesteps - 1
     if strength is not None:
         if start_t is not None:
@@ -111,12 +109,10 @@ class RefinePlan:
     @property
     def routing(self) -> tuple[tuple[int, int, int], ...]:
         """Runs of consecutive steps served by one expert: ``((first t, last t, expert index), ...)``."""
-        runs: list[tuple[int, int, int]] = []
-        for t, i in zip(self.timesteps, self.experts):
-            if runs and runs[-1][2] == i:
-                runs[-1] = (runs[-1][0], t, i)
-            else:
-                runs.append((t, t, i))
+        runs = []
+        for i, run in itertools.groupby(zip(self.timesteps, self.experts), key=lambda step: step[1]):
+            ts = [t for t, _ in run]
+            runs.append((ts[0], ts[-1], i))
         return tuple(runs)
 
     def describe_routing(self) -> str:
@@ -142,11 +138,9 @@ class RefinePlan:
 def select_timesteps(
     alphas_cumprod: torch.Tensor, start_t: int, ddim_steps: Any, tail_steps: Any, t_min: int = 0
 ) -> tuple[tuple[int, ...], tuple[int, ...], int | None, int | None]:
-    """The steps for ``start_t``: ``(timesteps, levels, ddim_steps, tail_steps)`` with exactly one count set.
-
-    ``ddim_steps`` (the grid mode; default :data:`DEFAULT_DDIM_STEPS` when neither is given) and ``tail_steps`` (the
-    exact mode, ``1 <= K <= start_t``) are mutually exclusive.  See :mod:`ldm.sampling.schedule`.
-    """
+    """The steps for ``start_t``: ``(timesteps, levels, ddim_steps, tail_steps)`` with exactly one count set:
+    ``ddim_steps`` (the grid mode; default :data:`DEFAULT_DDIM_STEPS`) or ``tail_steps`` (exact, ``1 <= K <= start_t``;
+    not both).  See :mod:`ldm.sampling.schedule`."""
     num_timesteps = int(alphas_cumprod.shape[0])
     if tail_steps is not None:
         if ddim_steps is not None:
@@ -187,9 +181,8 @@ def build_plan(
 
     Args:
         start_t: integer timestep in ``[1, T-1]``.  denoisers: one per expert.  device: the coefficients' (the latents').
-        ddim_steps, tail_steps: grid or exact mode (see :func:`select_timesteps`).  eta: DDIM noise (DDIM only).
-        assign: the router (None: every step runs ``denoisers[0]``).  expert_names: for messages.
-        t_min: grid mode only: leave out grid steps below it (a window's own tail).
+        ddim_steps, tail_steps: see :func:`select_timesteps`.  assign: the router (None: every step runs
+            ``denoisers[0]``).  t_min: grid mode only: leave out grid steps below it (a window's own tail).
         dtype: of the coefficients (the latents' dtype; float32 for refinement, float64 for numerical checks).
 
     Raises:
@@ -210,7 +203,7 @@ def build_plan(
         "sqrt_1ma": schedule.sqrt_one_minus_alphas_cumprod[index],
     }
     if sampler == "ddim":
-        coefficients.update(zip(("a_t", "a_prev", "sigma"), ddim_coefficients(acp, timesteps, levels, eta)))
+        coefficients.update(ddim_coefficients(acp, timesteps, levels, eta))
     else:
         coefficients.update(dpmpp_2m_coefficients(acp, timesteps, levels))
     on_device = {k: v.to(device=device, dtype=dtype) for k, v in coefficients.items()}

@@ -85,16 +85,17 @@ def exact_tail(alphas_cumprod: torch.Tensor, start_t: int, tail_steps: int) -> t
     return tuple(t)
 
 
+def _at(alphas_cumprod: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
+    return alphas_cumprod.to(torch.float64)[torch.as_tensor(list(timesteps), dtype=torch.long)]
+
+
 def ddim_coefficients(
     alphas_cumprod: torch.Tensor, timesteps: Sequence[int], levels: Sequence[int], eta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(a_t, a_prev, sigma)``, each ``[n]`` float64: ``alphas_cumprod`` at each step and at its level, and DDIM's
-    noise ``eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`` (DDIM eq. 16)."""
-    acp = alphas_cumprod.to(torch.float64)
-    a_t = acp[torch.as_tensor(list(timesteps), dtype=torch.long)]
-    a_prev = acp[torch.as_tensor(list(levels), dtype=torch.long)]
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    return a_t, a_prev, sigma
+) -> dict[str, torch.Tensor]:
+    """``a_t``, ``a_prev`` and ``sigma``, each ``[n]`` float64: ``alphas_cumprod`` at each step and at its level, and
+    DDIM's noise ``eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`` (DDIM eq. 16)."""
+    a_t, a_prev = _at(alphas_cumprod, timesteps), _at(alphas_cumprod, levels)
+    return {"a_t": a_t, "a_prev": a_prev, "sigma": eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))}
 
 
 def dpmpp_2m_coefficients(
@@ -108,12 +109,8 @@ def dpmpp_2m_coefficients(
     (``w_0 = 0``: the first step is first order, i.e. DDIM with eta = 0).  ``alpha_t``/``sigma_t`` give the x0 prediction
     ``(x - sigma_t eps) / alpha_t``.
     """
-    acp = alphas_cumprod.to(torch.float64)
-    a_t = acp[torch.as_tensor(list(timesteps), dtype=torch.long)]
-    a_next = acp[torch.as_tensor(list(levels), dtype=torch.long)]
-    lam_t = 0.5 * torch.log(a_t / (1 - a_t))
-    lam_next = 0.5 * torch.log(a_next / (1 - a_next))
-    h = lam_next - lam_t
+    a_t, a_next = _at(alphas_cumprod, timesteps), _at(alphas_cumprod, levels)
+    h = 0.5 * torch.log(a_next / (1 - a_next)) - 0.5 * torch.log(a_t / (1 - a_t))
     w = torch.zeros_like(h)
     w[1:] = h[1:] / (2.0 * h[:-1])
     return {

@@ -31,8 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def one_line_error(exc: BaseException) -> str:
-    """An exception's message on one line (whitespace runs collapsed; a KeyError without the quotes ``str()`` adds),
-    or its type name when it has none."""
+    """An exception's message on one line (a KeyError without the quotes ``str()`` adds), or its type name."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(text.split()) or type(exc).__name__
 
@@ -66,7 +65,7 @@ def decimal_float(text: str) -> float:
 
 
 def int_arg(text: str) -> int:
-    """An argparse ``type`` for a decimal integer of ASCII digits (``type=int`` also reads other scripts' digits)."""
+    """An argparse ``type`` for :func:`decimal_int`."""
     try:
         return decimal_int(text)
     except ValueError:
@@ -74,7 +73,7 @@ def int_arg(text: str) -> int:
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
-    """An argparse ``type`` that accepts decimal integers ``>= lo`` and names the bad value otherwise."""
+    """An argparse ``type`` for decimal integers ``>= lo``."""
 
     def parse(text: str) -> int:
         value = int_arg(text)
@@ -86,8 +85,8 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
-    """An argparse ``type`` that accepts decimal integers in ``[lo, hi]``; above ``hi`` the error says ``why`` (what the
-    bound protects), below ``lo`` it reads as :func:`int_at_least`'s."""
+    """An argparse ``type`` for decimal integers in ``[lo, hi]``; above ``hi`` the error says ``why`` (what the bound
+    protects)."""
     at_least = int_at_least(lo)
 
     def parse(text: str) -> int:
@@ -100,7 +99,7 @@ def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
 
 
 def float_arg(text: str) -> float:
-    """An argparse ``type`` for a number of ASCII digits (:func:`decimal_float`); the range is checked by the caller."""
+    """An argparse ``type`` for :func:`decimal_float` (the caller checks the range)."""
     try:
         return decimal_float(text)
     except ValueError:
@@ -134,8 +133,7 @@ def ddim_eta(text: str) -> float:
 
 
 def add_loading_flags(p: argparse.ArgumentParser) -> None:
-    """The flags every script that loads expert checkpoints shares: ``--allow-outside-window``, ``--trust-config``,
-    ``--unsafe-load`` (one wording everywhere; ``Refiner.from_checkpoints`` takes the same three)."""
+    """The flags of every script that loads expert checkpoints (``Refiner.from_checkpoints`` takes the same three)."""
     for flag, help_text in (
         (
             "--allow-outside-window",
@@ -157,12 +155,9 @@ def path_arg(text: str) -> str:
 
 
 def check_outdir(outdir: str | os.PathLike) -> str | None:
-    """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.
-
-    Found before any work, not when the first output is written: an empty path, a file in the way, a read-only parent,
-    a symbolic link loop or one to nothing, a name longer than the file system allows.  Every message starts with
-    ``output folder`` (refine.py tells its exit code by that).
-    """
+    """Why ``outdir`` cannot be used as an output folder (one line naming the path), or None; creates nothing.  Found
+    before any work: an empty path, a file in the way, a read-only parent, a symbolic link loop or one to nothing, a
+    name too long.  Every message starts with ``output folder`` (refine.py tells its exit code by that)."""
     from ldm.imageio import format_path
 
     text = os.fsdecode(outdir)
@@ -220,7 +215,6 @@ def _unusable(shown: str, probe: Path, path: Path, exc: OSError) -> str:
 
 
 def _errno_of_stat(path: Path) -> int | None:
-    """The errno of ``os.stat(path)``, or None when it succeeds."""
     try:
         os.stat(path)
     except OSError as exc:

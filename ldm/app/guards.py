@@ -39,9 +39,8 @@ _HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:@/\s]*))(?::
 
 
 def host_name(header: str) -> str:
-    """The name part of a Host header: ``"localhost:8000"`` -> ``"localhost"``, ``"[::1]:80"`` -> ``"::1"``, a fully
-    qualified ``"localhost."`` -> ``"localhost"``; a header of any other form (``"localhost:80@evil.example"``) is
-    returned whole, so that it matches no allowed name."""
+    """The name part of a Host header: ``"localhost:8000"``, ``"localhost."`` -> ``"localhost"``, ``"[::1]:80"`` ->
+    ``"::1"``; any other form (``"localhost:80@evil.example"``) is returned whole, so that it matches no allowed name."""
     header = header.strip()
     match = _HOST.fullmatch(header)
     if match is None:
@@ -76,9 +75,9 @@ class LocalHostOnly:
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
     """uvicorn's h11 protocol class, closing a connection whose request line and headers have not all arrived within
-    ``seconds`` of the connection opening (or of the previous response on a kept-alive connection).  uvicorn resets its
-    keep-alive timer on every byte, so a client sending one header byte every few seconds ("slowloris") would hold a
-    connection for ever.  Pass it as ``uvicorn.Config(..., http=header_timeout_protocol())``."""
+    ``seconds`` of its opening (or of the previous response when kept alive): uvicorn resets its keep-alive timer on
+    every byte, so a client sending a header byte every few seconds ("slowloris") would hold a connection for ever.
+    Pass it as ``uvicorn.Config(..., http=header_timeout_protocol())``."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutH11(H11Protocol):

@@ -1,9 +1,7 @@
-"""What the web app does with a request, as plain functions the tests call without a server.
-
-A request is decoded by the CLI's loader (:func:`load_upload`), its settings checked (:meth:`RefineSettings.from_json`),
-its plan and start map built (:func:`prepare`, refused there before it is queued) and run (:func:`refine`) with the
-same :class:`~ldm.refine.Refiner` calls, metadata and output names as ``scripts/refine.py --mask``: the same image,
-mask, seed and settings give the same pixels.  Every message is one line in the page's words (:mod:`ldm.app.page`).
+"""What the web app does with a request, as plain functions: decode (:func:`load_upload`), check the settings
+(:meth:`RefineSettings.from_json`), plan and refuse before queueing (:func:`prepare`), run (:func:`refine`) with the
+calls, metadata and output names of ``scripts/refine.py --mask`` (same image, mask, seed and settings: same pixels).
+Every message is one line in the page's words (:mod:`ldm.app.page`).
 """
 
 from __future__ import annotations
@@ -63,8 +61,7 @@ _SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class RequestError(ValueError):
-    """A request the user can fix (a bad upload, a setting out of range, a mask that selects nothing); ``str()`` is
-    the one line the page shows."""
+    """A request the user can fix; ``str()`` is the one line the page shows."""
 
 
 _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
@@ -72,10 +69,9 @@ _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded image: its file's bytes (decoded again when a request runs: float32 pixels would take 16 bytes per
-    pixel for every upload kept), its printable ``name`` (the output's ``input``), a file-system-safe ``stem`` for
-    output names, its decoded size (EXIF orientation applied) and ``png``, the image as the model sees it (what the
-    page shows and a comparison's "before")."""
+    """An uploaded image: the file's bytes (decoded again when a request runs: float32 pixels would take 16 bytes per
+    pixel for every upload kept), a printable ``name``, a file-system-safe ``stem`` for output names, the decoded size
+    (EXIF orientation applied) and ``png``, the image as the model sees it (shown by the page, a comparison's "before")."""
 
     name: str
     stem: str
@@ -93,10 +89,9 @@ class Upload:
 
 
 def load_upload(data: bytes, name: str) -> Upload:
-    """Decode an uploaded file (``name``: what the browser sent, for messages and output names) with the CLI's loader,
-    once, to check it and make the PNG the page shows.  RequestError (one line) for an empty, too large (pixels as its
-    header says, checked before decoding), truncated, corrupt or non-image upload; the server has refused bodies over
-    :data:`MAX_UPLOAD_BYTES`."""
+    """Decode an upload once with the CLI's loader, to check it and make the PNG the page shows (``name``: what the
+    browser sent).  RequestError for an unreadable image or one over :data:`MAX_UPLOAD_PIXELS` (read from its header,
+    before decoding); the server has refused bodies over :data:`MAX_UPLOAD_BYTES`."""
     shown = _printable_name(name)
     size = header_size(data)
     if size is not None and size[0] * size[1] > MAX_UPLOAD_PIXELS:
@@ -128,8 +123,7 @@ def _display_png(image: LoadedImage) -> bytes:
 
 def load_painted_mask(data: bytes, upload: Upload) -> tuple[np.ndarray, str]:
     """The painted mask (a PNG of the image's size, white = refine) as ``([H, W] float32 in [0, 1], sha256)``, read
-    like ``--mask`` files; RequestError (one line) when it cannot be decoded or has another size.  ``data`` is at most
-    the server's bound on a refine request's JSON (:data:`ldm.app.server.MAX_REFINE_JSON_BYTES`)."""
+    like ``--mask`` files; RequestError when it cannot be decoded or has another size."""
     size = header_size(data)  # compared before decoding: a mask costs no more memory than its image
     if size is not None and size != (upload.width, upload.height):
         _wrong_mask_size(size, upload)
@@ -152,15 +146,10 @@ def _wrong_mask_size(size: tuple[int, int], upload: Upload) -> None:
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Everything the page lets a user choose (the CLI's flags of the same names).
-
-    Attributes:
-        step_mode, steps: ``"grid"``: ``steps`` is the DDIM grid size (``--ddim-steps``); ``"exact"``: exactly
-            ``steps`` steps from ``start_t`` (``--tail-steps``).
-        seed, n_samples: sample ``k`` uses seed ``seed + k``.
-        mode: ``"whole"`` (the whole image), ``"mask"`` (in place: only the painted mask and the boxes change) or
-            ``"crop"`` (each region refined in a crop at the experts' size, ``--crop-regions``).
-        mask_blur, mask_dilate, region_padding: pixels.
+    """Everything the page lets a user choose (the CLI's flags of the same names; sample ``k`` uses seed ``seed + k``).
+    ``step_mode`` ``"grid"``: ``steps`` is the DDIM grid size (``--ddim-steps``), ``"exact"``: exactly ``steps`` steps
+    from ``start_t`` (``--tail-steps``).  ``mode``: ``"whole"`` image, ``"mask"`` (in place: only the painted mask and
+    the boxes change) or ``"crop"`` (``--crop-regions``).  ``mask_blur``, ``mask_dilate``, ``region_padding``: pixels.
     """
 
     start_t: int = DEFAULT_START_T
@@ -224,34 +213,29 @@ class RefineSettings:
             )
         return replace(base, **values)
 
-    def plan_arguments(self) -> dict[str, Any]:
-        """``ddim_steps`` / ``tail_steps`` / ``sampler`` for :meth:`Refiner.plan`."""
-        grid = self.step_mode == "grid"
-        return {"ddim_steps": self.steps if grid else None, "tail_steps": None if grid else self.steps, "sampler": self.sampler}
-
     def request(self, with_prompt: bool = False) -> RefineRequest:
         """These settings as the refinement request the CLI and the Python API build (eta 0: the page has no eta);
         ``with_prompt``: for text-conditioned experts, with the page's prompt, negative prompt and guidance scale."""
         prompt = Prompt(self.prompt, self.negative_prompt, self.guidance_scale) if with_prompt else None
-        return RefineRequest(start_t=self.start_t, **self.plan_arguments(), seed=self.seed, n_samples=self.n_samples,
-                             regions=self.regions(), prompt=prompt)  # fmt: skip
+        grid = self.step_mode == "grid"
+        return RefineRequest(start_t=self.start_t, ddim_steps=self.steps if grid else None,
+                             tail_steps=None if grid else self.steps, sampler=self.sampler, seed=self.seed,
+                             n_samples=self.n_samples, regions=self.regions(), prompt=prompt)  # fmt: skip
 
     def regions(self) -> RegionOptions:
-        """The CLI's region options for these settings (boxes only count outside the whole-image mode)."""
         boxes = self.boxes if self.mode != "whole" else ()
         return RegionOptions(boxes=boxes, blur=self.mask_blur, dilate=self.mask_dilate, crop=self.mode == "crop",
                              padding=self.region_padding)  # fmt: skip
 
     def parameters(self) -> dict[str, Any]:
-        """The settings as recorded in the output metadata's ``parameters``."""
+        """The settings as the output metadata's ``parameters`` records them."""
         values = asdict(self)
         values["boxes"] = [b.describe() for b in self.boxes]
         return values
 
 
 def parse_boxes(text: Any) -> tuple[Box, ...]:
-    """Boxes from text: ``"x0,y0,x1,y1[@start_t]"`` lines (or ``;``-separated), blank ones skipped; RequestError
-    naming the bad line."""
+    """Boxes from ``"x0,y0,x1,y1[@start_t]"`` lines (or ``;``-separated), blank ones skipped."""
     if not isinstance(text, str):
         raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
     lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
@@ -278,21 +262,21 @@ def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
 
 def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
     """What the settings will run, for the page's live start_t label: ``{"ok": True, **plan_facts}`` or ``{"ok":
-    False, "error": one line in the page's words}``; never raises for a bad combination.  The plan is built on the
-    CPU and not cached in the refiner, so moving the slider allocates nothing on the device."""
-    box_starts = [b.start_t for b in settings.regions().boxes if b.start_t is not None]
-    start = max([settings.start_t, *box_starts])  # as Refiner.plan_for: a box may start later than start_t
-    try:
-        plan = build_plan(refiner.schedule, start, refiner.denoisers, "cpu", assign=refiner.router.assign,
-                          expert_names=[e.name for e in refiner.experts], **settings.plan_arguments())  # fmt: skip
+    False, "error": one line}``.  The plan is built on the CPU and not cached, so moving the slider allocates nothing
+    on the device."""
+    request = settings.request()
+    try:  # as Refiner.plan_for: a box may start later than start_t
+        plan = build_plan(refiner.schedule, request.plan_start(refiner.num_timesteps), refiner.denoisers, "cpu",
+                          assign=refiner.router.assign, expert_names=[e.name for e in refiner.experts],
+                          **request.plan_arguments())  # fmt: skip
     except ValueError as exc:
         return {"ok": False, "error": plan_error(refiner, settings, exc)}
     return {"ok": True, **plan_facts(refiner, plan)}
 
 
 def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> str:
-    """A plan the refiner refused, in the page's words: a start above the experts' windows says the range and "move
-    the slider down" (not the CLI's ``--start-t`` / ``--allow-outside-window``)."""
+    """A plan the refiner refused, in the page's words (a start above the windows: their range and "move the slider
+    down")."""
     text = " ".join(str(exc).split())
     if "expert window" in text:
         boxes = [(b.describe(), b.start_t) for b in settings.regions().boxes if b.start_t is not None]
@@ -301,9 +285,8 @@ def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> s
 
 
 def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
-    """A plan as the page shows it: starts, step count, the windows crossed, routing and the one-line summary
-    (``t_windows`` and ``routing_t`` count in timesteps t, the page's labels; ``windows`` and ``routing`` in steps
-    counted from noise too, its tooltips)."""
+    """A plan as the page shows it (``t_windows``, ``routing_t``: in timesteps t, its labels; ``windows``,
+    ``routing``: in steps from noise, its tooltips)."""
     windows, t_windows = [], []
     for _, _, index in plan.routing:
         window = refiner.experts[index].window
@@ -326,9 +309,8 @@ def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class StepCost:
-    """How long one sampling step takes on this machine: ``fixed_seconds + seconds_per_pixel * latent pixels``, as
-    :func:`measure_step_cost` fitted it for the slowest expert.  A cancel waits for the step in progress, so the app
-    refuses a request whose one step would take longer than :data:`MAX_STEP_SECONDS`."""
+    """One sampling step's seconds on this machine: ``fixed_seconds + seconds_per_pixel * latent pixels`` (the
+    slowest expert's fit).  A cancel waits for the step in progress, so one step is bounded by :data:`MAX_STEP_SECONDS`."""
 
     seconds_per_pixel: float
     fixed_seconds: float = 0.0
@@ -338,11 +320,9 @@ class StepCost:
 
 
 def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
-    """Fit one step's time for each expert's denoiser (with the refiner's precision) from two latent sizes, the
-    experts' native side and twice it, the median of ``repeats`` calls at each after a warm-up, and return the slowest
-    expert's fit.  Two sizes separate the fixed cost of a call, which dominates at the native size, from the cost per
-    pixel.  The fit is linear in pixels: attention layers grow faster, so images far above twice the native size may
-    take longer than estimated."""
+    """The slowest expert's :class:`StepCost`, fitted from the median of ``repeats`` timed calls (after a warm-up) at
+    the native latent side and twice it: two sizes separate a call's fixed cost from its cost per pixel.  Linear in
+    pixels: attention grows faster, so images far above twice the native size may take longer than estimated."""
     model = refiner.model
     native = int(model.image_size)
     sizes = (native, 2 * native)
@@ -375,8 +355,8 @@ def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, cond:
 
 
 def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None, calls: int = 1) -> None:
-    """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS` (estimated with ``cost``): the
-    whole padded image in the whole-image and in-place modes, one region at the experts' size in crop mode."""
+    """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS`: the whole padded image, or
+    in crop mode one region at the experts' size."""
     if cost is None:
         return
     f, first = refiner.factor, refiner.first_stage.factor
@@ -409,8 +389,6 @@ class Prepared:
 
 @dataclass
 class SampleResult:
-    """One written output: its file, seed and sample index."""
-
     path: Path
     seed: int
     sample: int
@@ -418,7 +396,7 @@ class SampleResult:
 
 @dataclass
 class RefineResult:
-    """What a request produced: the outputs, the plan they ran and the wall time in seconds."""
+    """A request's outputs, the plan they ran and its wall time in seconds."""
 
     samples: list[SampleResult]
     plan: RefinePlan
@@ -433,13 +411,9 @@ def prepare(
     step_cost: StepCost | None = None,
 ) -> Prepared:
     """Check a request and build its plan and start map (the CLI's ``Refiner.plan_for`` and ``region_start_map``).
-    ``mask``: ``(painted mask [H, W] in [0, 1], its sha256)`` from :func:`load_painted_mask`, or None (ignored in the
-    whole-image mode); ``step_cost`` None: no limit on one step's time.
-
-    Raises:
-        RequestError: steps no expert covers, a box outside the image, a selection that is empty or missing, too many
-            regions for crop mode, more than :data:`MAX_REQUEST_STEPS` sampling steps in all, or one step estimated
-            to take over :data:`MAX_STEP_SECONDS`.
+    ``mask``: :func:`load_painted_mask`'s result or None (ignored in the whole-image mode); ``step_cost`` None: no
+    limit on one step's time.  RequestError for steps no expert covers, a box outside the image, an empty selection,
+    too many regions, more than :data:`MAX_REQUEST_STEPS` steps in all, or a step over :data:`MAX_STEP_SECONDS`.
     """
     regions = settings.regions()
     try:
@@ -473,7 +447,7 @@ def prepare(
 
 def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> int:
     """The request's sampling steps in all; RequestError beyond :data:`MAX_REQUEST_STEPS` (it would hold the only
-    worker for hours), saying what it would run and what to change."""
+    worker for hours)."""
     total = settings.n_samples * n_regions * n_steps
     if total <= MAX_REQUEST_STEPS:
         return total
@@ -487,13 +461,8 @@ def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> int:
 
 def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Callable[[], None] | None = None) -> RefineResult:
     """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` as the CLI
-    names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.
-
-    ``on_step`` is called after every sampling step (``prepared.total_steps`` calls in all): the progress bar.
-
-    Raises:
-        ValueError / torch.OutOfMemoryError from the refiner; ImageSaveError (an OSError) when the output cannot be
-        written.
+    names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.  ``on_step``
+    is called after every sampling step (the progress bar).  Raises what the refiner and ``save_image_atomic`` raise.
     """
     started = time.perf_counter()
     s, plan, upload, request = prepared.settings, prepared.plan, prepared.upload, prepared.request
@@ -520,7 +489,6 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
 
 
 def _printable_name(name: str) -> str:
-    """The uploaded file's base name on one printable line (what a browser sends is untrusted)."""
     base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c if c.isprintable() else "?" for c in base).strip()[:200]
     return base or "upload"

@@ -1,7 +1,5 @@
-"""The web app's request queue: one worker thread per device runs refinements one at a time, in arrival order.
-
-The worker alone touches the models, so requests never run concurrently on the device.  A job that fails is marked
-failed with a one-line message and the worker goes on with the next one.  A cancelled job never runs if it waits, or
+"""The web app's request queue: one worker thread, the only one touching the models, runs refinements one at a time in
+arrival order.  A failed job gets a one-line message and the worker goes on; a cancelled job never runs if it waits, or
 stops after its current sampling step.
 """
 
@@ -27,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
+KEEP_JOBS = 32  # finished jobs remembered for their status and downloads (the oldest forgotten first; files stay)
 
 
 class JobCancelled(Exception):
@@ -41,10 +40,8 @@ class Job:
         id: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``, also its output folder's name (random: an id cannot
             be guessed from another one).  number: the arrival order.
         prepared: the checked request (dropped once it has run, so finished jobs hold no image tensors).
-        upload_key: the upload's id on the server.  settings: as recorded in the metadata.  before_png / mask_png: the
-            input as shown and the painted mask (None without one), so that the page can show a request again.
+        before_png / mask_png: the input as shown and the painted mask, so that the page can show a request again.
         cancel: why the running job must stop after its current step ("" while it need not).
-        message: the one-line error of a failed job.
     """
 
     id: str
@@ -67,19 +64,16 @@ class JobQueue:
     """A FIFO of :class:`Job` served by one worker thread calling ``run(job)``.
 
     Args:
-        run: does a job's work and returns its result; it may call ``JobQueue.step(job)`` after each sampling step.
+        run: does a job's work; it may call ``JobQueue.step(job)`` after each sampling step.
         max_waiting: jobs that may wait at once; one more is refused (RequestError) rather than queued for hours.
-        keep: finished jobs remembered for their status and downloads (the oldest are forgotten first; their files
-            stay on disk).
     """
 
-    def __init__(self, run: Callable[[Job], RefineResult], max_waiting: int = 16, keep: int = 32):
+    def __init__(self, run: Callable[[Job], RefineResult], max_waiting: int = 16):
         self._run = run
         self._max_waiting = max_waiting
-        self._keep = keep
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # submit() asks full() while holding it
         self._counter = itertools.count(1)
         self._thread = threading.Thread(target=self._work, name="latesteps-app-worker", daemon=True)
 
@@ -87,9 +81,8 @@ class JobQueue:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Drop the waiting jobs, stop the running one after its current sampling step, end the worker; True once the
-        worker has ended (False: still inside a step after ``timeout`` seconds; None waits as long as it takes), so
-        that the process never exits with the worker inside torch."""
+        """Drop the waiting jobs, stop the running one after its current sampling step, end the worker; True once it
+        has ended (False: still inside a step after ``timeout`` seconds), so the process never exits inside torch."""
         with self._lock:
             for job in self._jobs.values():
                 if job.state == QUEUED:
@@ -102,8 +95,7 @@ class JobQueue:
         return not self._thread.is_alive()
 
     def cancel(self, job: Job) -> bool:
-        """Cancel ``job`` (a running one is marked cancelled after its current sampling step); False when it had
-        already finished."""
+        """Cancel ``job`` (a running one after its current sampling step); False when it had already finished."""
         with self._lock:
             if job.state == QUEUED:
                 job.state, job.message, job.prepared = CANCELLED, "cancelled before it ran", None  # its image is freed
@@ -118,19 +110,15 @@ class JobQueue:
         """Why a new request cannot be queued now (``max_waiting`` requests wait), or None: asked before a request is
         prepared, so a full queue costs no decode or start map."""
         with self._lock:
-            return self._full()
-
-    def _full(self) -> str | None:
-        waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
+            waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
         if waiting >= self._max_waiting:
             return f"{waiting} requests are already waiting; try again when one has finished"
         return None
 
     def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None) -> Job:
-        """Queue a prepared request (see :class:`Job` for the other fields); RequestError when ``max_waiting``
-        requests already wait."""
+        """Queue a prepared request; RequestError when ``max_waiting`` requests already wait."""
         with self._lock:
-            full = self._full()
+            full = self.full()
             if full is not None:
                 raise RequestError(full)
             number = next(self._counter)
@@ -147,7 +135,6 @@ class JobQueue:
             return self._jobs.get(job_id)
 
     def running(self) -> Job | None:
-        """The job the worker runs now, if any."""
         with self._lock:
             return next((j for j in self._jobs.values() if j.state == RUNNING), None)
 
@@ -166,15 +153,14 @@ class JobQueue:
 
     @staticmethod
     def step(job: Job) -> None:
-        """Count one finished sampling step of ``job`` (the worker's progress callback); raises JobCancelled when the
-        job was cancelled (or the server stops), which ends it between two steps."""
+        """Count one finished sampling step of ``job`` (the progress callback); JobCancelled ends a cancelled job."""
         job.done_steps = min(job.done_steps + 1, job.total_steps)
         if job.cancel:
             raise JobCancelled(job.cancel)
 
     def _forget_old(self) -> None:
         finished = [k for k, j in self._jobs.items() if j.state in FINISHED]
-        for key in finished[: max(0, len(self._jobs) - self._keep)]:
+        for key in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[key]
 
     def _work(self) -> None:

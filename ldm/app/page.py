@@ -35,15 +35,9 @@ DEFAULT_START_CAP = 4  # the default start is at most T / 4 (a quarter of the no
 
 @dataclass(frozen=True)
 class StartRange:
-    """The starts the loaded experts can run, for the page's slider.
-
-    Attributes:
-        low, high: the slider's ends (``high``: the highest start whose every step some expert window covers, i.e. the
-            top of the windows' union counted up from t=0; T-1 when the refiner runs the nearest expert outside the
-            windows; the top window's top when no window starts at t=0).  default: the slider's start position.
-        covered: some window starts at t=0 (else no start can run: the last steps are nobody's).
-        windows: ``(t_min, t_max, name)`` per expert, lowest first.
-    """
+    """The starts the loaded experts can run, for the page's slider: ``low``, ``high`` (the highest start whose every
+    step some window covers; T-1 when the nearest expert runs outside the windows), ``default``; ``covered``: some
+    window starts at t=0 (else no start can run); ``windows``: ``(t_min, t_max, name)`` per expert, lowest first."""
 
     low: int
     high: int
@@ -62,7 +56,7 @@ class StartRange:
                 for lo, hi, name in self.windows]  # fmt: skip
 
     def describe(self) -> str:
-        """``"t 0-249 (b.ckpt); t 250-499 (a.ckpt)"``: the windows in the page's numbering."""
+        """``"t 0-249 (b.ckpt); t 250-499 (a.ckpt)"``."""
         return "; ".join(f"{t_window(lo, hi)} ({name})" for lo, hi, name in self.windows)
 
 
@@ -72,7 +66,7 @@ def t_window(t_min: int, t_max: int) -> str:
 
 
 def start_range(refiner: Any) -> StartRange:
-    """The slider's range and default for ``refiner``'s experts (read: ``num_timesteps``, ``experts[i].window`` and
+    """The slider's range and default for ``refiner``'s experts (``num_timesteps``, ``experts[i].window`` and
     ``.name``, ``router.allow_outside_window``)."""
     total = int(refiner.num_timesteps)
     windows = tuple(sorted((int(e.window[0]), int(e.window[1]), str(e.name)) for e in refiner.experts))
@@ -147,9 +141,8 @@ _CLI_ASIDE = re.compile(r"\s*\([^()]*(?:--[a-z]|=True|=False)[^()]*\)")
 
 
 def page_words(message: str) -> str:
-    """``message`` on one line, with the refiner's CLI and Python words replaced by the page's; an aside or a sentence
-    that still names a flag or a keyword argument is dropped (logged at debug level, so a new message can be given
-    words)."""
+    """``message`` on one line in the page's words; an aside or a sentence that still names a flag or a keyword
+    argument is dropped (logged at debug level, so a new message can be given words)."""
     text = " ".join(str(message).split())
     for pattern, replacement in _REWRITES:
         text = pattern.sub(replacement, text)

@@ -14,10 +14,9 @@ Routes (all same-origin; the page is the only client it is written for)::
     GET  /api/jobs/<id>/before.png    the comparison's "before" (and mask.png: the painted mask, to show it again)
     GET  /api/jobs/<id>/files/<k>     sample k's PNG with metadata (?download=1 as an attachment)
 
-Errors are JSON ``{"error": "<one line>"}``, 4xx for what the user can fix, 500 for bugs; nothing stops the server.
-Bodies are bounded and parsed in a worker thread, so one request cannot hold the event loop.  Requests that change state
-must be ``application/json`` / ``application/octet-stream`` (or DELETE): another origin's page cannot send those without
-a CORS preflight, which this server never grants.
+Errors are JSON ``{"error": "<one line>"}``, 4xx for what the user can fix, 500 for bugs.  Bodies are bounded and
+parsed in a worker thread.  Requests that change state must be ``application/json`` / ``application/octet-stream`` (or
+DELETE): another origin's page cannot send those without a CORS preflight, which this server never grants.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ from ldm.app.handlers import (
     prepare,
     refine,
 )
-from ldm.app.jobs import DONE, Job, JobQueue
+from ldm.app.jobs import DONE, KEEP_JOBS, Job, JobQueue
 from ldm.app.page import start_range
 from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
@@ -127,10 +126,9 @@ class AppState:
 
 
 def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_cost: StepCost | None = None) -> Starlette:
-    """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.  ``listen``: the server listens on
-    every interface, so any Host header is accepted (else only localhost names).  ``step_cost``:
-    :func:`ldm.app.handlers.measure_step_cost`'s fit, to refuse requests whose one step would take over
-    :data:`~ldm.app.handlers.MAX_STEP_SECONDS` (None: not limited)."""
+    """The ASGI application serving ``refiner``; outputs go to ``outdir/<job id>/``.  ``listen``: any Host header is
+    accepted (else only localhost names).  ``step_cost``: :func:`ldm.app.handlers.measure_step_cost`'s fit (None: one
+    step's time is not limited)."""
     state = AppState(refiner, Path(outdir), step_cost)
 
     @asynccontextmanager
@@ -267,9 +265,9 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
 
 
 def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = os._exit) -> None:
-    """Stop ``jobs``' worker; when its running request does not finish its sampling step within ``wait_s`` seconds,
-    leave at once with ``abandon(0)``: the interpreter's own exit would end the worker inside torch (it aborted with
-    exit 134).  Outputs are written atomically, so nothing half-written is left."""
+    """Stop ``jobs``' worker; when its running request does not finish its step within ``wait_s`` seconds, leave at once
+    with ``abandon(0)``: the interpreter's own exit would end the worker inside torch (exit 134).  Outputs are written
+    atomically, so nothing half-written is left."""
     if jobs.stop(wait_s):
         return
     logger.warning("stopped: the running request did not finish its sampling step within %s s and was abandoned", wait_s)
@@ -300,7 +298,7 @@ def _result_json(refiner: Refiner, job: Job) -> dict[str, Any]:
 def _job(state: AppState, request: Request) -> Job:
     job = state.jobs.get(request.path_params["job_id"])
     if job is None:
-        raise HTTPException(404, f"no request {request.path_params['job_id']!r} on this server (it keeps the last 32)")
+        raise HTTPException(404, f"no request {request.path_params['job_id']!r} on this server (it keeps the last {KEEP_JOBS})")
     return job
 
 
@@ -334,14 +332,13 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
 
 
 async def _json_body(request: Request, limit: int) -> Any:
-    """The JSON body (at most ``limit`` bytes), parsed in a worker thread: the event loop keeps serving meanwhile."""
+    """The JSON body (at most ``limit`` bytes), parsed in a worker thread."""
     _require_type(request, "application/json")
     data = await _read_body(request, limit, "the request")
     return await run_in_threadpool(_parse_json, data)
 
 
 def _parse_json(data: bytes) -> Any:
-    """``json.loads`` with every way it can fail as a RequestError of one line."""
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -371,15 +368,13 @@ def _base64(value: Any) -> bytes | None:
 
 
 async def _user_error(_request: Request, exc: Exception) -> Response:
-    """A RequestError (400) or an HTTPException (its status) as ``{"error": one line}``."""
     if isinstance(exc, HTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
 async def _client_gone(request: Request, _exc: Exception) -> Response:
-    """The client closed the connection before its request was read (a closed tab, a cancelled upload): one line at
-    info level; the response goes nowhere."""
+    """The client closed the connection before its request was read (a closed tab): logged at info level."""
     logger.info("%s %s: the client disconnected before sending the whole request", request.method, request.url.path)
     return Response(status_code=400)
 

@@ -9,7 +9,6 @@ with metadata, input discovery.  Errors (:class:`ImageLoadError`, a ``ValueError
 
 from ldm.imageio.convert import (
     PAD_MODES,
-    Padding,
     crop_padding,
     from_uint8,
     image_to_tensor,
@@ -21,7 +20,6 @@ from ldm.imageio.convert import (
 from ldm.imageio.errors import ImageLoadError, ImageSaveError, format_path
 from ldm.imageio.find import find_images, is_image_name
 from ldm.imageio.load import (
-    IMAGE_SUFFIXES,
     LOADER_FORMATS,
     LoadedImage,
     decode_image,
@@ -29,17 +27,14 @@ from ldm.imageio.load import (
     header_size,
     load_image,
 )
-from ldm.imageio.save import SAVE_FORMATS, read_image_metadata, read_png_metadata, save_image_atomic
+from ldm.imageio.save import read_image_metadata, read_png_metadata, save_image_atomic
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "LOADER_FORMATS",
     "PAD_MODES",
-    "SAVE_FORMATS",
     "ImageLoadError",
     "ImageSaveError",
     "LoadedImage",
-    "Padding",
     "crop_padding",
     "decode_image",
     "find_images",

@@ -24,8 +24,8 @@ def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     """One image ``[1, 3, H, W]`` or ``[3, H, W]`` in ``[-1, 1]`` (any device/dtype) -> uint8 ``[H, W, 3]`` by
-    :func:`to_uint8` (the exact inverse of :func:`image_to_tensor` on uint8 input).  NaN or infinite values (a sampler
-    that diverged) raise ``ValueError`` instead of turning into arbitrary pixels."""
+    :func:`to_uint8` (the inverse of :func:`image_to_tensor` on uint8 input).  ValueError for NaN or infinite values (a
+    sampler that diverged) instead of arbitrary pixels."""
     x = (x[0] if x.ndim == 4 else x).detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError("tensor_to_image: the tensor holds NaN or infinite values (did sampling diverge?)")
@@ -47,7 +47,7 @@ def from_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Padding:
-    """Pixels added on each side by :func:`pad_to_multiple`, with the original size, so cropping back is exact."""
+    """Pixels added on each side by :func:`pad_to_multiple`, and the original size."""
 
     top: int
     bottom: int
@@ -79,8 +79,7 @@ def pad_to_multiple(
     large as the image (where ``torch`` refuses): ``abc`` padded by 5 on the right gives ``abc b a b c b``; a size-1
     axis repeats its pixel.  ``"replicate"`` repeats the edge pixel, ``"constant"`` pads zeros.
 
-    ``multiple`` is the model's size factor (4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet); ``x`` and
-    ``mode`` come checked from :meth:`ldm.refine.Refiner.refine` or are literals.
+    ``multiple`` is the model's size factor (4 for a VQ-f4 first stage, 4 * 2**(levels-1) with the UNet).
     """
     min_h, min_w = (min_size, min_size) if isinstance(min_size, int) else tuple(min_size)
     height, width = int(x.shape[-2]), int(x.shape[-1])

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 _CONTROL_CHARS = {i: f"\\x{i:02x}" for i in [*range(32), 127]}
-_WHITESPACE_RUN = re.compile(r"\s+")
 
 PathLike = str | bytes | os.PathLike
 
@@ -21,7 +19,7 @@ def format_path(path: PathLike) -> str:
 
 def one_line(text: str) -> str:
     """``text`` with every whitespace run (newlines included) collapsed into one space."""
-    return _WHITESPACE_RUN.sub(" ", str(text)).strip()
+    return " ".join(str(text).split())
 
 
 def short_repr(value: Any, limit: int = 40) -> str:

@@ -94,8 +94,8 @@ def _images_from_glob(pattern: str) -> tuple[list[Path], list[str]]:
 
 
 def _glob(pattern: str, errors: list[str]) -> list[str]:
-    """The paths matching ``pattern`` (see :func:`find_images`; unlike :func:`glob.glob`, ``**`` does not go through
-    links to folders).  A folder that cannot be listed adds one line to ``errors``."""
+    """The paths matching ``pattern`` (unlike :func:`glob.glob`, ``**`` does not go through links to folders); a folder
+    that cannot be listed adds one line to ``errors``."""
     drive, rest = os.path.splitdrive(pattern)
     separators = re.escape(os.sep + (os.altsep or ""))
     parts = [part for part in re.split(f"[{separators}]", rest) if part]
@@ -124,7 +124,7 @@ def _glob(pattern: str, errors: list[str]) -> list[str]:
 
 
 def _list(folder: str, errors: list[str]) -> list[str]:
-    """Names in ``folder`` ("" is the working folder); [] and one line in ``errors`` when it cannot be listed."""
+    """Names in ``folder`` ("" is the working folder); [] and a line in ``errors`` when it cannot be listed."""
     try:
         with os.scandir(folder or os.curdir) as entries:
             return sorted(entry.name for entry in entries)
@@ -152,22 +152,16 @@ def _below(base: str, files: bool, errors: list[str]) -> list[str]:
             path = os.path.join(folder, entry.name)
             try:
                 real_folder = entry.is_dir(follow_symlinks=False)
+                folder_link = entry.is_symlink() and entry.is_dir()
             except OSError:
-                real_folder = False
+                real_folder = folder_link = False
             if real_folder:
                 found.append(path)
                 stack.append(path)
-            elif files and not _is_folder_link(entry):
+            elif files and not folder_link:
                 found.append(path)
     return found
 
 
 def _cannot_list(folder: PathLike, exc: OSError) -> str:
     return f"{format_path(folder)}: cannot list folder ({exc.strerror or exc})"
-
-
-def _is_folder_link(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_symlink() and entry.is_dir()
-    except OSError:
-        return False

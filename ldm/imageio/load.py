@@ -1,8 +1,8 @@
 """Loading images from files people find on the internet: every pixel mode, EXIF orientation, alpha, one-line errors.
 
-Files are decoded fully (a truncated file fails here, not half-way through a batch) to float32 RGB in ``[0, 1]`` (float
-keeps 16-bit sources' precision), alpha apart.  Only :data:`LOADER_FORMATS` are opened: some of Pillow's other plugins
-run external programs (EPS via Ghostscript) or parse rarely audited formats.
+Files are decoded fully (a truncated file fails here, not half-way through a batch) to float32 RGB in ``[0, 1]`` (keeps
+16-bit precision), alpha apart.  Only :data:`LOADER_FORMATS` are opened: some other Pillow plugins run external
+programs (EPS via Ghostscript) or parse rarely audited formats.
 """
 
 from __future__ import annotations
@@ -49,16 +49,14 @@ class LoadedImage:
     """A decoded image.
 
     Attributes:
-        rgb: float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous; grayscale sources are replicated to three channels,
-            16-bit sources are divided by 65535 (no clipping, no loss).
-        alpha: float32 ``[H, W]`` in ``[0, 1]``, or None when the source has no transparency.  Straight (not
-            premultiplied) alpha, as PNG/WebP store it.
-        info: what the file held.  Keys: ``path`` (printable), ``format`` (Pillow's name), ``mode`` (source pixel mode),
-            ``size`` ``(width, height)`` of the returned arrays (after orientation), ``bit_depth`` (bits per sample as
-            stored in the file), ``decoded_bit_depth`` (bits per sample that reached ``rgb``: Pillow decodes colour
-            images at 8 bits even when the file holds 16), ``frames`` (frame count; None if it could not be counted),
-            ``exif_orientation`` (the EXIF tag value or None), ``orientation_applied`` (bool), ``has_alpha``,
-            ``icc_profile`` (bool: the file embeds a colour profile; pixels are not colour-managed), ``file_bytes``.
+        rgb: float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous; grayscale replicated to three channels, 16-bit sources
+            divided by 65535 (no clipping, no loss).
+        alpha: float32 ``[H, W]`` in ``[0, 1]`` (straight, not premultiplied), or None without transparency.
+        info: ``path`` (printable), ``format`` (Pillow's name), ``mode`` (source pixel mode), ``size`` ``(width,
+            height)`` after orientation, ``bit_depth`` (bits per sample in the file), ``decoded_bit_depth`` (bits that
+            reached ``rgb``: Pillow decodes colour at 8 bits even when the file holds 16), ``frames`` (None if
+            uncountable), ``exif_orientation`` (the tag or None), ``orientation_applied``, ``has_alpha``,
+            ``icc_profile`` (the file embeds a colour profile; pixels are not colour-managed), ``file_bytes``.
     """
 
     rgb: np.ndarray
@@ -76,12 +74,8 @@ class LoadedImage:
 
 def load_image(path: PathLike) -> LoadedImage:
     """Read and fully decode the image at ``path`` (str, bytes or PathLike; names that are not valid UTF-8 work).
-
-    Raises:
-        ImageLoadError: one line naming the path and the cause, for a missing, empty, unreadable, non-image, truncated,
-            corrupt or too large (decompression bomb) file, or a folder.
-        TypeError: ``path`` is not a path at all (e.g. an int).
-    """
+    ImageLoadError (one line naming the path and the cause) for a missing, empty, unreadable, non-image, truncated,
+    corrupt or too large (decompression bomb) file, or a folder; TypeError when ``path`` is not a path (an int)."""
     return decode_image(_read_file(path), source=path)
 
 
@@ -104,7 +98,7 @@ def decode_image(data: bytes, source: PathLike = "<bytes>") -> LoadedImage:
                 if problem is not None:
                     raise ImageLoadError(source, f"PNG file {problem}")
                 image.load()
-                return _convert(image, source, fmt, frames, _file_bit_depth(image, data), len(data))
+                return _convert(image, source, frames, _file_bit_depth(image, data), len(data))
             finally:
                 # Pillow warns about recoverable damage (corrupt EXIF, odd TIFF tags); say which file it was.
                 for message in dict.fromkeys(one_line(w.message) for w in caught):
@@ -125,7 +119,7 @@ def from_pil(image: Image.Image, source: str = "<PIL.Image>") -> LoadedImage:
     try:
         image.load()
         frames = getattr(image, "n_frames", 1)
-        return _convert(image, source, image.format, frames, _MODE_BITS.get(image.mode, 8), None)
+        return _convert(image, source, frames, _MODE_BITS.get(image.mode, 8), None)
     except ImageLoadError:
         raise
     except Exception as exc:  # a lazily opened PIL image decodes here and can fail like any file
@@ -133,8 +127,7 @@ def from_pil(image: Image.Image, source: str = "<PIL.Image>") -> LoadedImage:
 
 
 def _read_file(path: PathLike) -> bytes:
-    """The file's bytes (an empty file is refused by :func:`decode_image`), or an ImageLoadError saying why they cannot
-    be read."""
+    """The file's bytes, or an ImageLoadError saying why they cannot be read."""
     fs_path = os.fspath(path)  # TypeError for non-paths (an int would otherwise be taken as a file descriptor)
     try:
         st = os.stat(fs_path)
@@ -205,12 +198,11 @@ def _first_frame(image: Image.Image, data: bytes, source: PathLike) -> tuple[Ima
 def _convert(
     image: Image.Image,
     source: PathLike,
-    fmt: str | None,
     frames: int | None,
     bit_depth: int,
     file_bytes: int | None,
 ) -> LoadedImage:
-    source_mode = image.mode
+    fmt, source_mode = image.format, image.mode
     has_icc = bool(image.info.get("icc_profile"))
     orientation, oriented, image = _orient(image, source)
     rgb, alpha, decoded_bits = _to_arrays(image, source)
@@ -239,7 +231,7 @@ def _convert(
 
 
 def _orient(image: Image.Image, source: PathLike) -> tuple[int | None, bool, Image.Image]:
-    """``(EXIF orientation or None, whether a transpose was applied, image)``; malformed EXIF is logged and ignored."""
+    """``(EXIF orientation or None, whether it was applied, image)``; malformed EXIF is logged and ignored."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
         if orientation not in _TRANSPOSING_ORIENTATIONS:
@@ -377,7 +369,7 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def _warn_if_truncation_hidden() -> None:
-    """Warn (once per process) when something set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, which hides truncation."""
+    """Warn once per process when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set: it hides truncation."""
     global _warned_truncation_hidden
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncation_hidden:
         _warned_truncation_hidden = True

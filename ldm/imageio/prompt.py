@@ -1,7 +1,6 @@
-"""Prompts for refinement with a text-conditioned expert: the validated :class:`Prompt`, and prompts read back from
-images (:func:`read_image_prompt`: this project's metadata or AUTOMATIC1111's ``parameters`` PNG chunk) and prompt files
-(:func:`load_prompt_file`).  Each source gives a :class:`FoundPrompt` whose unrecorded fields the caller's defaults
-fill.  JPEG and WebP inputs are not read (A1111's EXIF ``UserComment``, this project's EXIF JSON).
+"""Prompts for text-conditioned experts: the validated :class:`Prompt`, and :class:`FoundPrompt` read back from PNGs
+(:func:`read_image_prompt`: this project's metadata or AUTOMATIC1111's ``parameters`` chunk; JPEG and WebP are not
+read) and prompt files (:func:`load_prompt_file`), whose unrecorded fields the caller's defaults fill.
 """
 
 from __future__ import annotations
@@ -55,12 +54,9 @@ class PromptError(ValueError):
 
 
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
-    """``value`` as a float if it is a finite number ``>= 0``; else a :class:`PromptError` saying what is allowed.
-
-    ``s`` in CompVis' ``eps_u + s (eps_c - eps_u)``: 0 = the unconditional model, 1 = the conditional model (no
-    guidance), above 1 = guidance (SD's usual 5-12).  diffusers treats every ``s <= 1`` as "conditional only"; here
-    ``0 < s < 1`` interpolates.
-    """
+    """``value`` as a float if it is a finite number ``>= 0``, else PromptError: ``s`` in CompVis'
+    ``eps_u + s (eps_c - eps_u)`` (0: unconditional, 1: conditional, no guidance; diffusers treats every ``s <= 1`` as
+    "conditional only", here ``0 < s < 1`` interpolates)."""
     number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
     if not number or not 0 <= value <= sys.float_info.max:  # NaN compares False; an int beyond float range is refused
         raise PromptError(
@@ -90,13 +86,9 @@ def check_prompt_text(value: Any, name: str = "prompt") -> str:
 
 @dataclass(frozen=True)
 class Prompt:
-    """What a text-conditioned refinement is told; PromptError (one line) for a field outside what is allowed.
-
-    Attributes:
-        prompt: the text to condition on ("" is the unconditional embedding).  negative_prompt: the text of the
-            unconditional branch ("" = the usual empty prompt).  Both at most :data:`MAX_PROMPT_CHARS` characters.
-        guidance_scale: see :func:`check_guidance_scale`.
-    """
+    """What a text-conditioned refinement is told (PromptError for a field outside what is allowed): ``prompt`` ("" is
+    the unconditional embedding), ``negative_prompt`` (the unconditional branch's text; "" = the usual empty prompt),
+    both at most :data:`MAX_PROMPT_CHARS` characters, and ``guidance_scale`` (:func:`check_guidance_scale`)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -109,56 +101,48 @@ class Prompt:
 
     @property
     def guided(self) -> bool:
-        """Whether the unconditional branch runs (not at scale 1)."""
         return self.guidance_scale != 1.0
 
     def as_metadata(self) -> dict[str, str]:
-        """The entries ``prompt``, ``negative_prompt``, ``guidance_scale`` (shortest round-trip float text) an output
-        refined with this prompt carries (read back by :func:`read_image_prompt` next to a latesteps ``Software``)."""
+        """The metadata entries an output refined with this prompt carries (read back by :func:`read_image_prompt`)."""
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance_scale": repr(self.guidance_scale)}
 
 
 @dataclass(frozen=True)
 class FoundPrompt:
     """A prompt read from an image or a prompt file; ``negative_prompt`` and ``guidance_scale`` are None where the
-    source did not record them.  ``source``: where it came from, for messages and metadata (``"p.txt line 3"``)."""
+    source did not record them.  ``source``: where it came from (``"p.txt line 3"``), which errors name."""
 
     prompt: str
     negative_prompt: str | None
     guidance_scale: float | None
     source: str
 
+    def __post_init__(self) -> None:
+        try:
+            check_prompt_text(self.prompt, "prompt")
+            if self.negative_prompt is not None:
+                check_prompt_text(self.negative_prompt, "negative_prompt")
+            if self.guidance_scale is not None:
+                object.__setattr__(self, "guidance_scale", check_guidance_scale(self.guidance_scale))
+        except PromptError as exc:
+            raise PromptError(f"{self.source}: {exc}") from None
+
     def resolve(self, negative_prompt: str = "", guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> Prompt:
-        """A :class:`Prompt`, with the caller's defaults for what the source did not record."""
         neg = self.negative_prompt if self.negative_prompt is not None else negative_prompt
         scale = self.guidance_scale if self.guidance_scale is not None else guidance_scale
         return Prompt(self.prompt, neg, scale)
 
 
-def _found(prompt: Any, negative: Any, scale: Any, source: str) -> FoundPrompt:
-    """A validated :class:`FoundPrompt`; errors name ``source``."""
-    try:
-        check_prompt_text(prompt, "prompt")
-        if negative is not None:
-            check_prompt_text(negative, "negative_prompt")
-        if scale is not None:
-            scale = check_guidance_scale(scale)
-    except PromptError as exc:
-        raise PromptError(f"{source}: {exc}") from None
-    return FoundPrompt(prompt, negative, scale, source)
-
-
 def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
     """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None when absent or not
-    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text.
+    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text; PromptError (naming ``source``) for a
+    text, prompt or negative prompt that is too long.
 
     The format: the prompt's lines; then optionally a line starting ``Negative prompt:`` (it and every later line are
     the negative prompt); then a ``Key: value, Key: value, ...`` settings line (``Steps: 20, CFG scale: 7, ...``), which
-    counts as settings only with at least three pairs (else it is prompt text), as in A1111's
-    ``parse_generation_parameters``.  A quoted value (``"..."``) is JSON-unquoted.
-
-    Raises:
-        PromptError: the text, the prompt or the negative prompt is too long (the message names ``source``).
+    counts as settings only with at least three pairs, as in A1111's ``parse_generation_parameters``.  A quoted value
+    (``"..."``) is JSON-unquoted.
     """
     if len(text) > MAX_PARAMETERS_CHARS:
         raise PromptError(f"{source} holds {len(text):,} characters; at most {MAX_PARAMETERS_CHARS:,} are read (a prompt, a "
@@ -184,13 +168,12 @@ def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> Found
         except (ValueError, PromptError):
             logger.warning("%s: ignoring CFG scale %r (not a finite number >= 0)", source, values["CFG scale"])
     negative = None if negative_lines is None else "\n".join(negative_lines)
-    return _found("\n".join(prompt_lines), negative, scale, source)
+    return FoundPrompt("\n".join(prompt_lines), negative, scale, source)
 
 
 def _settings_line(line: str) -> list[tuple[str, str]]:
-    """``Key: value`` pairs of A1111's settings line (values JSON-quoted where they hold commas), in one pass over the
-    line: the grammar of A1111's ``re_param``, without its regex, which backtracks quadratically on a long line without
-    commas.  Pieces that are not ``Key: value`` are skipped, as ``re_param``'s ``findall`` skips them."""
+    """``Key: value`` pairs of A1111's settings line (values JSON-quoted where they hold commas): the grammar of A1111's
+    ``re_param`` in one pass, without its regex, which backtracks quadratically on a long line without commas."""
     if len(line) > MAX_SETTINGS_CHARS:
         return []
     pieces, current, quoted, escaped = [], [], False, False
@@ -232,13 +215,9 @@ def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, st
     the chunks before the image data, and ``.text`` decodes every pixel to reach the rest.  Each wanted chunk is bounded
     by :data:`MAX_TEXT_CHUNK_BYTES` stored and decompressed alike (Pillow bounds plain ``tEXt`` only by a 64 MiB total).
 
-    Returns:
-        ``{keyword: text}`` for the wanted keywords found (the last chunk wins when one repeats, as in Pillow), or None
-        when ``source`` is not a PNG file.  A file that ends early yields what was read before the end.
-
-    Raises:
-        PromptError: the file cannot be read; a wanted chunk is over :data:`MAX_TEXT_CHUNK_BYTES` (stored or
-            decompressed), fails its CRC, or is not valid text.
+    Returns ``{keyword: text}`` for the wanted keywords found (the last chunk wins, as in Pillow; a file that ends early
+    gives what came before), or None when ``source`` is not a PNG.  PromptError when the file cannot be read, or a
+    wanted chunk is over :data:`MAX_TEXT_CHUNK_BYTES` (stored or decompressed), fails its CRC, or is not valid text.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
     if isinstance(source, (bytes, bytearray)):
@@ -289,7 +268,6 @@ def _walk_png(fh: BinaryIO, wanted: set[str], name: str) -> dict[str, str] | Non
 
 
 def _chunk_text(kind: bytes, body: bytes, where: str) -> str:
-    """The text of a chunk's body (after its keyword and NUL)."""
     if kind == b"tEXt":
         return body.decode("latin-1")
     if kind == b"zTXt":
@@ -324,15 +302,13 @@ def _inflate(data: bytes, where: str) -> bytes:
 
 
 def read_image_prompt(source: PathLike | bytes) -> FoundPrompt | None:
-    """The prompt a PNG records (None without one, and for other files).
+    """The prompt a PNG records (None without one, and for other files); PromptError when the file cannot be read, a
+    prompt chunk is corrupt or oversized, or the prompt is not acceptable.
 
     This project's ``prompt`` / ``negative_prompt`` / ``guidance_scale`` chunks are trusted only next to a ``Software``
     starting with :data:`LATESTEPS_SOFTWARE` (ComfyUI writes a ``prompt`` chunk holding its node graph).  A
     ``parameters`` chunk holding a JSON object (this project's record of its CLI arguments, or Fooocus's) is never read
     as A1111 text; its prompt entries are used when there.  Otherwise ``parameters`` is A1111's infotext.
-
-    Raises:
-        PromptError: the file cannot be read, a prompt chunk is corrupt or oversized, or the prompt is not acceptable.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
     text = read_png_text(source, ("Software", A1111_KEY, *PROMPT_KEYS))
@@ -375,7 +351,7 @@ def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
             scale = decimal_float(scale) if scale.strip() else None
         except ValueError:
             raise PromptError(f"{source}: guidance_scale={scale!r} is not a number") from None
-    return _found(fields.get("prompt"), fields.get("negative_prompt"), scale, source)
+    return FoundPrompt(fields.get("prompt"), fields.get("negative_prompt"), scale, source)
 
 
 @dataclass(frozen=True)
@@ -389,15 +365,12 @@ class PromptFile:
         return len(self.entries)
 
     def lookup(self, stem: str) -> FoundPrompt | None:
-        """The entry for an input stem (``Path(input).stem``, exact match), or None."""
         return self.entries.get(stem)
 
     def for_path(self, path: PathLike) -> FoundPrompt | None:
-        """The entry for an input file, by its stem."""
         return self.lookup(Path(os.fsdecode(path)).stem)
 
     def missing(self, stems: Iterable[str]) -> list[str]:
-        """The stems without an entry, in order (to refuse a batch before any work)."""
         return [s for s in stems if s not in self.entries]
 
 
@@ -410,17 +383,14 @@ def load_prompt_file(path: PathLike) -> PromptFile:
     - any other suffix: one ``stem<TAB>prompt`` or ``stem<TAB>prompt<TAB>negative prompt`` per line; blank lines and
       lines starting with ``#`` are skipped; each field's surrounding spaces are stripped.
 
-    Raises:
-        PromptError: the file is missing, not a regular file, larger than :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8
-            (naming the line), malformed (naming the line), repeats a stem, or holds an unacceptable prompt.
+    PromptError when the file is missing, not a regular file, over :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8 or
+    malformed (naming the line), repeats a stem, or holds an unacceptable prompt.
     """
     name = format_path(path)
-    data = _read_bounded(path, name)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     try:
-        text = data.decode("utf-8")
+        text = _read_bounded(path, name).decode("utf-8-sig")  # a byte-order mark is dropped
     except UnicodeDecodeError as exc:
+        data = exc.object  # the bytes after a byte-order mark, which exc.start counts in
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise PromptError(
@@ -475,7 +445,7 @@ def _parse_tsv_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
         if stem in entries:
             raise PromptError(f"{where}: stem {stem!r} was already given on line {first_line[stem]}; give each once")
         negative = fields[2].strip() if len(fields) == 3 else None
-        entries[stem] = _found(fields[1].strip(), negative, None, where)
+        entries[stem] = FoundPrompt(fields[1].strip(), negative, None, where)
         first_line[stem] = number
     return entries
 
@@ -505,12 +475,12 @@ def _parse_json_prompts(text: str, name: str) -> dict[str, FoundPrompt]:
         where = f"prompt file {name}, stem {stem!r}"
         _check_stem(stem, where)
         if isinstance(value, str):
-            entries[stem] = _found(value, None, None, where)
+            entries[stem] = FoundPrompt(value, None, None, where)
             continue
         if not isinstance(value, dict) or not isinstance(value.get("prompt"), str) or set(value) - allowed:
             raise PromptError(
                 f'{where}: must be a prompt string or an object with "prompt" and optionally "negative_prompt", '
                 '"guidance_scale" (no other keys)'
             )
-        entries[stem] = _found(value["prompt"], value.get("negative_prompt"), value.get("guidance_scale"), where)
+        entries[stem] = FoundPrompt(value["prompt"], value.get("negative_prompt"), value.get("guidance_scale"), where)
     return entries

@@ -49,20 +49,17 @@ def save_image_atomic(
     *,
     quality: int = 95,
 ) -> Path:
-    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically, creating missing parent folders; the format follows the
-    suffix (:data:`SAVE_FORMATS`).  Returns the destination as a ``Path``.  The file gets the permissions the umask
-    gives a new file (the temporary file starts as 0600).
+    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically, creating missing parent folders, in the suffix's format
+    (:data:`SAVE_FORMATS`), with the permissions the umask gives a new file; returns the destination.
 
     Args:
         rgb: uint8 ``[H, W, 3]`` (:func:`ldm.imageio.tensor_to_image` gives this).
-        alpha: ``[H, W]`` uint8, or float in ``[0, 1]`` (as the loader gives it); written as RGBA for PNG/WebP, dropped
-            with a warning for JPEG.
+        alpha: ``[H, W]`` uint8, or float in ``[0, 1]``; written as RGBA for PNG/WebP, dropped with a warning for JPEG.
         metadata: ``{key: value}`` strings; keys follow the PNG keyword rules (1-79 Latin-1 characters).
         quality: JPEG/WebP quality 1-100 (PNG is lossless).
 
     Raises:
-        ImageSaveError: one line naming the path (permission denied, a parent that is a file, a full disk, ...;
-            ``errno`` holds the OS error number); no partial or temporary file is left behind.
+        ImageSaveError: one line naming the path (``errno``: the OS error number); no partial or temporary file is left.
         ValueError: an unsupported suffix (raised before writing).
     """
     dest = Path(os.fsdecode(path))
@@ -76,25 +73,13 @@ def save_image_atomic(
     options = _format_options(fmt, dict(metadata or {}), quality)
     if dest.is_dir():
         raise ImageSaveError(path, _ERRNO_REASONS[errno_codes.EISDIR], errno_codes.EISDIR)
-
-    def write(fh) -> None:
-        image.save(fh, format=fmt, **options)
-        if hasattr(os, "fchmod"):  # the temp file is created 0600; give the image the mode a plain open() would
-            os.fchmod(fh.fileno(), 0o666 & ~_current_umask())
-
     try:
-        atomic_write_bytes(dest, write)
+        atomic_write_bytes(dest, lambda fh: image.save(fh, format=fmt, **options))  # mode as the umask gives
     except OSError as exc:
         reason = _ERRNO_REASONS.get(exc.errno) if exc.errno is not None else None
         detail = f"{reason} ({one_line(exc.strerror or exc)})" if reason else one_line(exc.strerror or exc)
         raise ImageSaveError(path, detail, exc.errno) from exc
     return dest
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored at once
-    os.umask(mask)
-    return mask
 
 
 def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
@@ -122,8 +107,7 @@ def _format_options(fmt: str, metadata: dict[str, str], quality: int) -> dict:
 
 
 def read_png_metadata(path: PathLike) -> dict[str, str]:
-    """The text chunks (``tEXt``, ``zTXt``, ``iTXt``) of a PNG file as ``{key: value}``; ImageLoadError when the file
-    is missing, not a PNG, or corrupt."""
+    """The text chunks of a PNG file as ``{key: value}``; ImageLoadError when it is missing, not a PNG, or corrupt."""
     image = _open_for_metadata(path, ("PNG",))
     return {str(key): str(value) for key, value in image.text.items()}
 
@@ -147,7 +131,6 @@ def read_image_metadata(path: PathLike) -> dict[str, str]:
 
 
 def _open_for_metadata(path: PathLike, formats: tuple[str, ...]) -> Image.Image:
-    """Open and decode ``path`` with Pillow restricted to ``formats``; every failure is an :class:`ImageLoadError`."""
     try:
         with open(os.fspath(path), "rb") as fh:
             data = fh.read()

@@ -1,12 +1,11 @@
 """Shared pieces of the diffusers converters: the error type, a checked reader of untrusted JSON configs and the
-parameter maps that turn one network's tensors into the other's (each map converts both ways, so an export followed by
-an import gives the same tensors bit for bit).
+parameter maps (each converts both ways, so an export followed by an import gives the same tensors bit for bit).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +28,9 @@ class DiffusersFormatError(CheckpointError):
 
 
 class Options:
-    """Reads the options of one untrusted JSON config, each once and with its type and range checked.
-
-    ``defaults`` are the diffusers defaults used for absent keys.  :meth:`finish` refuses keys nobody read (unknown to
-    this converter), so an option that could change the network is never ignored silently.  Keys starting with ``_``
-    are metadata (``_class_name``, ``_diffusers_version``, ...) and never refused.
+    """Reads the options of one untrusted JSON config, each with its type and range checked; ``defaults`` (diffusers')
+    stand in for absent keys.  :meth:`finish` refuses keys nobody read, so an option that could change the network is
+    never ignored silently; ``_`` keys are metadata (``_class_name``, ...) and never refused.
     """
 
     def __init__(self, data: Mapping[str, Any], source: str, defaults: Mapping[str, Any]):
@@ -70,24 +67,17 @@ class Options:
         return value
 
     def choice(self, key: str, allowed: Sequence[Any], why: str = "") -> Any:
-        """The value, which must be one of ``allowed``; ``why`` explains a refusal (what cannot be represented)."""
+        """The value, one of ``allowed`` (equal and of the same type); ``why`` explains a refusal."""
         value = self.get(key)
         if not any(value == a and type(value) is type(a) for a in allowed):
             shown = ", ".join(_short(a) for a in allowed)
             raise self.fail(key, value, f"is not supported (allowed: {shown}){': ' + why if why else ''}")
         return value
 
-    def int_list(self, key: str, lo: int, hi: int, max_len: int) -> tuple[int, ...]:
+    def block_types(self, key: str, allowed: Sequence[str], why: str) -> tuple[str, ...]:
         value = self.get(key)
-        ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= max_len
-        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value):
-            raise self.fail(key, value, f"must be a list of 1 to {max_len} integers in [{lo}, {hi}]")
-        return tuple(value)
-
-    def str_list(self, key: str, allowed: Sequence[str], max_len: int, why: str) -> tuple[str, ...]:
-        value = self.get(key)
-        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_len:
-            raise self.fail(key, value, f"must be a list of 1 to {max_len} block names")
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_LEVELS:
+            raise self.fail(key, value, f"must be a list of 1 to {MAX_LEVELS} block names")
         for item in value:
             if item not in allowed:
                 raise self.fail(
@@ -98,14 +88,18 @@ class Options:
     def levels(
         self, down_types: Sequence[str], up_types: Sequence[str], why: tuple[str, str], mirror: str, widths_name: str
     ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-        """``block_out_channels`` and, per level, whether it has attention (``down_types[1]`` / ``up_types[1]``).
-
-        The down and up lists must mirror each other.  ``why``: why other block names are refused (down, up);
-        ``mirror``: why the lists must mirror; ``widths_name``: CompVis' name for the widths (``ch * ch_mult``).
-        """
-        down = self.str_list("down_block_types", down_types, MAX_LEVELS, why[0])
-        up = self.str_list("up_block_types", up_types, MAX_LEVELS, why[1])
-        widths = self.int_list("block_out_channels", 32, MAX_CHANNELS, MAX_LEVELS)
+        """``block_out_channels`` and, per level, whether it has attention (``down_types[1]`` / ``up_types[1]``); the
+        down and up lists must mirror each other.  ``why``: why other block names are refused (down, up); ``mirror``:
+        why the lists must mirror; ``widths_name``: CompVis' name for the widths (``ch * ch_mult``)."""
+        down = self.block_types("down_block_types", down_types, why[0])
+        up = self.block_types("up_block_types", up_types, why[1])
+        widths = self.get("block_out_channels")
+        ok = isinstance(widths, (list, tuple)) and 1 <= len(widths) <= MAX_LEVELS
+        if not ok or not all(isinstance(w, int) and not isinstance(w, bool) and 32 <= w <= MAX_CHANNELS for w in widths):
+            raise self.fail(
+                "block_out_channels", widths, f"must be a list of 1 to {MAX_LEVELS} integers in [32, {MAX_CHANNELS}]"
+            )
+        widths = tuple(widths)
         if len(down) != len(widths) or len(up) != len(widths):
             raise self.fail(
                 "block_out_channels",
@@ -135,15 +129,14 @@ class Options:
         return value
 
     def ignore(self, *keys: str) -> None:
-        """Mark options that do not change the network (read, not used)."""
+        """Mark options that do not change the network as read."""
         self.read.update(keys)
 
     def unknown(self) -> list[str]:
-        """Keys of the file that were not read (metadata keys and null values excepted)."""
+        """Keys not read (metadata keys and null values excepted)."""
         return [k for k, v in self.data.items() if k not in self.read and not k.startswith("_") and v is not None]
 
     def finish(self) -> None:
-        """Refuse the keys this converter does not know (it cannot tell whether they change the network)."""
         left = self.unknown()
         if left:
             raise DiffusersFormatError(
@@ -159,16 +152,12 @@ def _short(value: Any, limit: int = 60) -> str:
 
 @dataclass(frozen=True)
 class ParamMap:
-    """One LDM tensor and the diffusers tensor(s) with the same numbers.
+    """One LDM tensor (``ldm``: its key in the LDM sub-model) and the diffusers tensor(s) with the same numbers.
 
-    Attributes:
-        ldm: the key in the LDM sub-model (``input_blocks.1.1.qkv.weight``).
-        diffusers: the key(s) in the diffusers model (three for ``qkv``: ``to_q``, ``to_k``, ``to_v``).
-        op: ``copy`` (same shape and values); ``squeeze`` (an LDM 1x1 conv ``[O, I, 1(, 1)]`` is a diffusers
-            ``nn.Linear`` ``[O, I]``); ``qkv`` (the UNet attention's fused 1-D conv ``[3C, C, 1]`` / ``[3C]`` is
-            ``to_q``, ``to_k``, ``to_v``, each ``[heads * head_channels, ...]``).
-        heads, new_order: the ``qkv`` row order: CompVis' legacy order stacks ``[heads, (q, k, v), head_channels]``,
-            the new order (``new_order``) ``[(q, k, v), heads, head_channels]``.
+    ``op``: ``copy`` (same shape and values); ``squeeze`` (an LDM 1x1 conv ``[O, I, 1(, 1)]`` is a diffusers
+    ``nn.Linear`` ``[O, I]``); ``qkv`` (the UNet attention's fused 1-D conv ``[3C, C, 1]`` / ``[3C]`` is ``to_q``,
+    ``to_k``, ``to_v``, each ``[heads * head_channels, ...]``; CompVis' legacy row order stacks ``[heads, (q, k, v),
+    head_channels]``, ``new_order`` ``[(q, k, v), heads, head_channels]``).
     """
 
     ldm: str
@@ -178,11 +167,11 @@ class ParamMap:
     new_order: bool = False
 
     def diffusers_shapes(self, ldm_shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """The diffusers tensors' shapes for an LDM tensor of ``ldm_shape`` (:meth:`to_diffusers` on the meta device)."""
+        """The diffusers tensors' shapes for an LDM tensor of ``ldm_shape`` (computed on the meta device)."""
         return [tuple(t.shape) for t in self.to_diffusers(torch.empty(tuple(ldm_shape), device="meta"))]
 
     def to_diffusers(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The diffusers tensor(s) holding ``tensor``'s values (new, contiguous tensors)."""
+        """The diffusers tensor(s) holding ``tensor``'s values (new, contiguous)."""
         if self.op == "copy":
             return [tensor.detach().clone().contiguous()]
         if self.op == "squeeze":
@@ -197,8 +186,8 @@ class ParamMap:
         return [p.reshape(out_shape).clone().contiguous() for p in parts]
 
     def to_ldm(self, tensors: Sequence[torch.Tensor], ldm_shape: Sequence[int]) -> torch.Tensor:
-        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s), contiguous; ``copy``/``squeeze`` return a view
-        of the input (an import then holds each weight once)."""
+        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s); ``copy``/``squeeze`` return a view of a
+        contiguous input (an import then holds each weight once)."""
         shape = tuple(int(s) for s in ldm_shape)
         if self.op in ("copy", "squeeze"):
             return tensors[0].detach().reshape(shape).contiguous()
@@ -218,6 +207,11 @@ def conv_pair(ldm: str, diffusers: str, bias: bool = True) -> list[ParamMap]:
 def linear_from_conv1x1(ldm: str, diffusers: str) -> list[ParamMap]:
     """An LDM 1x1 convolution that diffusers holds as ``nn.Linear``."""
     return [ParamMap(f"{ldm}.weight", (f"{diffusers}.weight",), "squeeze"), ParamMap(f"{ldm}.bias", (f"{diffusers}.bias",))]
+
+
+def refusal(part: str, cls: str) -> Callable[[str], DiffusersFormatError]:
+    """``refuse(what)``: the error for a model's ``part`` that diffusers' ``cls`` cannot hold (an export)."""
+    return lambda what: DiffusersFormatError(f"the {part} cannot be written as a diffusers {cls}: {what}")
 
 
 def check_complete(maps: Iterable[ParamMap], ldm_keys: Iterable[str], what: str) -> None:

@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,24 @@ def export_diffusers(model: Any, out_dir: str | os.PathLike) -> Path:
     ``out_dir``, which must not exist and appears complete or not at all: an unconditional LDM with a VQ first stage as
     an ``LDMPipeline`` folder, an SD v1-shaped one (cross-attention UNet, ``AutoencoderKL``, ``FrozenCLIPEmbedder``) as
     a ``StableDiffusionPipeline`` folder (no safety checker).  Raises ``FileExistsError``, or ``DiffusersFormatError``
-    for a model diffusers' pipeline cannot hold (a text encoder read at another layer than the last, see also
-    :mod:`ldm.convert.unet_map`, :mod:`ldm.convert.sd_map`)."""
-    out = _new_folder(out_dir)
-    if _is_sd_shaped(model):
+    for a model diffusers' pipeline cannot hold."""
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
+    conditioning_key = getattr(model.model, "conditioning_key", None)
+    if conditioning_key == "crossattn" and isinstance(getattr(model, "cond_stage_model", None), FrozenCLIPEmbedder):
         return _export_sd(model, out)
-    if getattr(model.model, "conditioning_key", None) is not None:
+    if conditioning_key is not None:
         raise DiffusersFormatError(
-            f"the model is conditional (conditioning_key={model.model.conditioning_key!r}); diffusers' LDMPipeline "
+            f"the model is conditional (conditioning_key={conditioning_key!r}); diffusers' LDMPipeline "
             "layout holds unconditional LDMs only"
         )
     unet = unet_layout_from_model(model.model.diffusion_model)
     vq = vq_layout_from_model(model.first_stage_model)
     index = {"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"]}
-    return _export(model, out, unet, ("vqvae", vq), index, {})
+    return _export(model, out, unet, ("vqvae", vq), index)
 
 
 def _export_sd(model: Any, out: Path) -> Path:
@@ -78,14 +82,13 @@ def _export_sd(model: Any, out: Path) -> Path:
         k: v for k, v in cond.transformer.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
     }
     text_config["architectures"] = ["CLIPTextModel"]
-    tokenizer = cond.tokenizer
     index = {
         "_class_name": "StableDiffusionPipeline",
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "tokenizer": ["transformers", type(cond.tokenizer).__name__],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -93,11 +96,7 @@ def _export_sd(model: Any, out: Path) -> Path:
         "text_encoder/config.json": (json.dumps(text_config, indent=2, sort_keys=True) + "\n").encode(),
         "text_encoder/model.safetensors": _export_weights(cond, text_param_maps(list(cond.state_dict())), "text-encoder"),
     }
-
-    def fill(tmp: Path) -> None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-
-    return _export(model, out, unet, ("vae", kl), index, text_files, fill, "diffusers Stable Diffusion folder")
+    return _export(model, out, unet, ("vae", kl), index, text_files, cond.tokenizer)
 
 
 def _export(
@@ -106,12 +105,14 @@ def _export(
     unet: UNetLayout,
     first_stage: tuple[str, VQLayout | KLLayout],
     index: dict[str, Any],
-    files: dict[str, bytes],
-    fill: Callable[[Path], None] | None = None,
-    what: str = "diffusers folder",
+    text_files: Mapping[str, bytes] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model_index.json`` (``index`` with the DDIM scheduler), the scheduler, the UNet (recording the model's
-    window unless full-range), the first stage (sub-folder and layout) and ``files`` into ``out``."""
+    window unless full-range), the first stage (sub-folder and layout), an SD folder's ``text_files`` and tokenizer.
+
+    They go to a hidden temp folder beside ``out``, renamed to ``out`` at the end: a reader sees no folder or the
+    complete one; on an error the temp folder is removed."""
     num_timesteps = int(model.num_timesteps)
     window = tuple(int(v) for v in model.window())
     unet_config = unet.diffusers_config()
@@ -125,17 +126,22 @@ def _export(
         f"unet/{WEIGHTS_NAME}": _export_weights(model.model.diffusion_model, unet.param_maps(), "UNet"),
         f"{name}/config.json": _json(layout.diffusers_config(float(model.scale_factor))),
         f"{name}/{WEIGHTS_NAME}": _export_weights(model.first_stage_model, layout.param_maps(), "first-stage"),
-        **files,
+        **(text_files or {}),
     }
-    _write_folder(out, files, fill)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        for rel, payload in files.items():
+            atomic_write_bytes(tmp / rel, payload)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    what = "diffusers folder" if tokenizer is None else "diffusers Stable Diffusion folder"
     logger.info("wrote %s %s (window %s of T=%d)", what, format_path(out), list(window), num_timesteps)
-    return out
-
-
-def _new_folder(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
     return out
 
 
@@ -152,31 +158,6 @@ def _export_weights(module: torch.nn.Module, maps: list[ParamMap], what: str) ->
 
 def _json(data: Mapping[str, Any]) -> bytes:
     return (json.dumps({**data, "_diffusers_version": DIFFUSERS_VERSION}, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _write_folder(out: Path, files: Mapping[str, bytes], fill: Callable[[Path], None] | None = None) -> None:
-    """Write ``files`` (relative path -> bytes) into a hidden temp folder beside ``out`` (and let ``fill(tmp)`` write
-    more), then rename it to ``out``: a reader sees no folder or the complete one; on an error the temp folder is
-    removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        for rel, payload in files.items():
-            atomic_write_bytes(tmp / rel, payload)
-        if fill is not None:
-            fill(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _is_sd_shaped(model: Any) -> bool:
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-
-    cond = getattr(model, "cond_stage_model", None)
-    return getattr(model.model, "conditioning_key", None) == "crossattn" and isinstance(cond, FrozenCLIPEmbedder)
 
 
 def checkpoint_to_diffusers(

@@ -60,11 +60,10 @@ def read_json(path: Path, shown: str) -> dict[str, Any]:
 
 
 class WeightFile:
-    """The tensors of one component: ``shapes`` (``{name: shape}``) first, cheap; tensors on demand.
-
-    ``.safetensors`` shapes come from the file header (nothing is allocated); a ``.bin`` is unpickled by
-    :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``), which allocates at most the file's size.
-    Only floating-point tensors are accepted; names for which ``skip(name)`` holds are left out unread.
+    """The tensors of one component (floating point only, others refused): ``shapes`` (``{name: shape}``) first, then
+    :meth:`tensors`.  ``.safetensors`` shapes come from the file header (nothing is allocated); a ``.bin`` is unpickled
+    by :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``; it allocates at most the file's size).
+    Names for which ``skip(name)`` holds are left out unread.
     """
 
     def __init__(self, path: Path, shown: str, unsafe: bool, skip: Callable[[str], bool]):
@@ -106,7 +105,7 @@ class WeightFile:
 
 @dataclass
 class Component:
-    """One sub-folder of the pipeline: its name, config (untrusted JSON) and weight file (None for a scheduler)."""
+    """One sub-folder of the pipeline: its config (untrusted JSON) and weight file (None for a scheduler)."""
 
     name: str
     config: dict[str, Any]
@@ -114,14 +113,13 @@ class Component:
     weights_file: Path | None = None
 
     def source(self) -> str:
-        """``"unet/config.json"``: how messages name the config."""
+        """How messages name the config: ``"unet/config.json"``."""
         return f"{self.name}/{self.config_file.name}"
 
 
 @dataclass
 class LDMFolder:
-    """A pipeline folder: UNet, first stage, scheduler and (Stable Diffusion) text encoder; configs read, weights not
-    yet.  ``read``: the files the conversion reads."""
+    """A pipeline folder with its configs read (weights not yet); ``read``: the files the conversion reads."""
 
     root: Path
     unet: Component
@@ -145,7 +143,7 @@ class LDMFolder:
 
 def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
     """Find the UNet, first-stage and scheduler sub-folders of a diffusers LDM folder (by class in
-    ``model_index.json``; without it by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``) and read their configs.
+    ``model_index.json``, else by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``) and read their configs.
     A ``DiffusersFormatError`` refuses a missing part, unreadable JSON or a conditioning component (a text encoder)."""
     root = Path(path)
     shown = format_path(path)
@@ -163,8 +161,8 @@ def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
 def _read_component(
     root: Path, shown: str, name: str, cls: str | None, weight_names: tuple[str, ...] | None, read: list[Path]
 ) -> Component:
-    """Sub-folder ``name``: its config (``_class_name`` defaulting to ``cls``, the class in ``model_index.json``) and
-    the first of ``weight_names`` it holds (None: a scheduler, config only); the files are appended to ``read``."""
+    """Sub-folder ``name``: its config (``_class_name`` defaulting to ``cls`` from ``model_index.json``) and the first
+    of ``weight_names`` it holds (None: a scheduler); the files are appended to ``read``."""
     config_file = root / name / (SCHEDULER_CONFIG if weight_names is None else CONFIG_NAME)
     config = read_json(config_file, f"{shown}/{name}/{config_file.name}")
     if cls is not None:
@@ -198,7 +196,7 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
             continue
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: entry {name!r} must be [library, class], got {entry!r}")
-        if not _plain_name(name):
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
             raise DiffusersFormatError(f"{shown}/{MODEL_INDEX}: component name {name!r} is not a plain folder name")
         cls = entry[1]
         role = ROLES.get(cls, "scheduler" if cls.endswith("Scheduler") else None)
@@ -218,10 +216,6 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
             f"{shown}/{MODEL_INDEX} names no {', '.join(missing)} (an LDM folder has a UNet2DModel, a VQModel and a scheduler)"
         )
     return found
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
 def _weights_file(folder: Path, shown: str, names: tuple[str, ...]) -> Path:
@@ -257,8 +251,7 @@ _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"
 
 def is_sd_folder(path: str | os.PathLike) -> bool:
     """Whether a diffusers folder is a text-to-image pipeline (a text encoder or tokenizer in ``model_index.json``, or
-    a ``text_encoder/`` sub-folder without one) rather than an unconditional LDM; unreadable JSON answers False (the
-    LDM reader then names the problem)."""
+    a ``text_encoder/`` sub-folder without one); unreadable JSON answers False (the LDM reader then names the problem)."""
     root = Path(path)
     index = root / MODEL_INDEX
     if not index.is_file():

@@ -1,9 +1,8 @@
 """Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory: the reading half of
 :mod:`ldm.convert.diffusers`, in its own module so that imports stay one-way (``ldm.convert.diffusers ->
 ldm.refine.loading -> ldm.convert.from_diffusers``: ``load_expert`` reads folders, the writing half loads experts).
-An LDM folder (``unet/`` ``UNet2DModel``, ``vqvae/`` ``VQModel``, ``scheduler/``) becomes a ``LatentDiffusion``, a
-Stable Diffusion v1 folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, any ``scheduler/`` that defines the
-betas) v1-inference.yaml's classes; either a ``LateStepsLatentDiffusion`` when the UNet config records a window.
+An LDM folder becomes a ``LatentDiffusion``, a Stable Diffusion v1 folder v1-inference.yaml's classes; either a
+``LateStepsLatentDiffusion`` when the UNet config records a window.
 """
 
 from __future__ import annotations
@@ -17,21 +16,19 @@ from typing import Any
 from ldm.checkpoint import load_weights
 from ldm.convert.common import DiffusersFormatError
 from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder, open_sd_folder
-from ldm.convert.importing import checked_window, converted_checkpoint, target_config
-from ldm.convert.schedule import SD_SCHEDULER_CLASSES, ScheduleSpec, schedule_from_config
+from ldm.convert.importing import checked_window, converted_checkpoint
+from ldm.convert.schedule import SD_SCHEDULER_CLASSES, schedule_from_config
 from ldm.convert.sd_map import (
     CLIP_TARGET,
     KL_DEFAULTS,
     KL_TARGET,
     SUPPORTED,
-    CrossAttnUNetLayout,
-    KLLayout,
     check_text_config,
     cond_unet_layout_from_config,
     kl_layout_from_config,
 )
-from ldm.convert.unet_map import UNET_TARGET, UNetLayout, unet_layout_from_config
-from ldm.convert.vq_map import VQ_TARGET, VQLayout, vq_layout_from_config
+from ldm.convert.unet_map import UNET_TARGET, unet_layout_from_config
+from ldm.convert.vq_map import VQ_TARGET, vq_layout_from_config
 from ldm.imageio import format_path
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
 from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
@@ -87,8 +84,16 @@ def diffusers_to_checkpoint(
             "Stable Diffusion's; diffusers issue 6725). Pass scale_factor (--scale-factor) if the model used another",
             f"{ldm.shown}/{ldm.first_stage.source()}",
         )
-    cfg = model_config(unet, vq, schedule, _scale_factor(ldm, scale_factor, 1.0), window)
-    return converted_checkpoint(ldm, cfg, schedule, window, (unet.param_maps(), vq.param_maps()), unsafe_load)
+    params = {
+        "first_stage_key": "image",
+        "image_size": unet.image_size,
+        "channels": unet.in_channels,
+        "scale_factor": _scale_factor(ldm, scale_factor, 1.0),
+        "unet_config": {"target": UNET_TARGET, "params": unet.ldm_params()},
+        "first_stage_config": {"target": VQ_TARGET, "params": vq.ldm_params()},
+        "cond_stage_config": UNCONDITIONAL_SENTINEL,
+    }
+    return converted_checkpoint(ldm, params, schedule, window, (unet.param_maps(), vq.param_maps()), unsafe_load)
 
 
 def sd_to_checkpoint(
@@ -97,7 +102,8 @@ def sd_to_checkpoint(
     unsafe_load: bool = False,
     clip_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """:func:`diffusers_to_checkpoint` of a Stable Diffusion v1 folder."""
+    """:func:`diffusers_to_checkpoint` of a Stable Diffusion v1 folder: v1-inference.yaml's classes with the folder's
+    sizes, keys of this project's datasets (``image``, ``caption``), frozen VAE and text encoder."""
     sd = open_sd_folder(folder, SUPPORTED)
     where = {c.name: f"{sd.shown}/{c.source()}" for c in (sd.unet, sd.first_stage, sd.scheduler, sd.text_encoder)}
     unet, window = cond_unet_layout_from_config(sd.unet.config, where["unet"])
@@ -120,56 +126,23 @@ def sd_to_checkpoint(
     window = checked_window(window, schedule.timesteps, where["unet"])
     factor = _scale_factor(sd, scale_factor, KL_DEFAULTS["scaling_factor"])
     positions = sd.text_encoder.config.get("max_position_embeddings") or SD_MAX_LENGTH
-    version = os.path.abspath(clip_dir if clip_dir is not None else sd.root)
-    cfg = sd_model_config(unet, kl, schedule, factor, window, version, min(SD_MAX_LENGTH, int(positions)))
-    return converted_checkpoint(sd, cfg, schedule, window, (unet.param_maps(), kl.param_maps()), unsafe_load)
-
-
-def model_config(
-    unet: UNetLayout, vq: VQLayout, schedule: ScheduleSpec, scale_factor: float, window: tuple[int, int] | None
-) -> dict[str, Any]:
-    """The embedded model config (``{target, params}``) of the converted LDM: unconditional, frozen VQ first stage."""
-    params: dict[str, Any] = {
-        **schedule.ldm_params(),
-        "first_stage_key": "image",
-        "image_size": unet.image_size,
-        "channels": unet.in_channels,
-        "scale_factor": scale_factor,
-        "unet_config": {"target": UNET_TARGET, "params": unet.ldm_params()},
-        "first_stage_config": {"target": VQ_TARGET, "params": vq.ldm_params()},
-        "cond_stage_config": UNCONDITIONAL_SENTINEL,
-    }
-    return target_config(params, window)
-
-
-def sd_model_config(
-    unet: CrossAttnUNetLayout,
-    kl: KLLayout,
-    schedule: ScheduleSpec,
-    scale_factor: float,
-    window: tuple[int, int] | None,
-    clip_version: str,
-    max_length: int = SD_MAX_LENGTH,
-) -> dict[str, Any]:
-    """The embedded model config of a converted SD v1 folder: v1-inference.yaml's classes with the folder's sizes, keys
-    of this project's datasets (``image``, ``caption``), frozen VAE and text encoder."""
-    clip_params: dict[str, Any] = {"version": clip_version}
+    max_length = min(SD_MAX_LENGTH, int(positions))
+    clip_params: dict[str, Any] = {"version": os.path.abspath(clip_dir if clip_dir is not None else sd.root)}
     if max_length != SD_MAX_LENGTH:
         clip_params["max_length"] = max_length
-    params: dict[str, Any] = {
-        **schedule.ldm_params(),
+    params = {
         "first_stage_key": "image",
         "cond_stage_key": "caption",
         "image_size": unet.image_size,
         "channels": unet.in_channels,
         "cond_stage_trainable": False,
         "conditioning_key": "crossattn",
-        "scale_factor": scale_factor,
+        "scale_factor": factor,
         "unet_config": {"target": UNET_TARGET, "params": unet.ldm_params()},
         "first_stage_config": {"target": KL_TARGET, "params": kl.ldm_params()},
         "cond_stage_config": {"target": CLIP_TARGET, "params": clip_params},
     }
-    return target_config(params, window)
+    return converted_checkpoint(sd, params, schedule, window, (unet.param_maps(), kl.param_maps()), unsafe_load)
 
 
 def _scale_factor(folder: LDMFolder, override: float | None, default: float) -> float:
@@ -187,13 +160,12 @@ def _scale_factor(folder: LDMFolder, override: float | None, default: float) -> 
 def load_diffusers_expert(
     folder: str | os.PathLike, ema: bool = True, unsafe_load: bool = False
 ) -> tuple[Expert, CheckpointInfo]:
-    """Build a refinement expert from a diffusers folder, converted in memory (contract of
-    :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients).
+    """A refinement expert from a diffusers folder, converted in memory, and its ``CheckpointInfo`` (contract of
+    :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients); raises as :func:`diffusers_to_checkpoint`.
 
     ``ema`` is accepted for that contract; a diffusers folder holds one set of weights (a release's are usually its EMA
-    weights), which is used either way.  Returns ``(Expert, CheckpointInfo)``: the window is ``[0, T)`` or the one
-    recorded in ``unet/config.json``; the sha256 is the folder digest (:meth:`ldm.convert.folder.LDMFolder.digest`).
-    Raises as :func:`diffusers_to_checkpoint`.
+    weights), used either way.  The window is ``[0, T)`` or the one recorded in ``unet/config.json``; the sha256 is
+    the folder digest (:meth:`ldm.convert.folder.LDMFolder.digest`).
     """
     shown = format_path(folder)
     ckpt = diffusers_to_checkpoint(folder, unsafe_load=unsafe_load)

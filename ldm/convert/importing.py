@@ -1,6 +1,5 @@
-"""The steps every diffusers import (:mod:`ldm.convert.from_diffusers`) shares: the model config's target, the window,
-and the checkpoint: schedule buffers and each component's weights, checked against the shapes the converted config
-implies.
+"""The steps every diffusers import (:mod:`ldm.convert.from_diffusers`) shares: the window and the checkpoint (model
+config, schedule buffers and each component's weights, checked against the shapes the converted config implies).
 """
 
 from __future__ import annotations
@@ -35,13 +34,6 @@ _DEPRECATED_ATTENTION = re.compile(r"^(.*attentions\.\d+)\.(query|key|value|proj
 _NEW_ATTENTION_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def target_config(params: dict[str, Any], window: tuple[int, int] | None) -> dict[str, Any]:
-    """``{target, params}``: a ``LatentDiffusion``, or a ``LateStepsLatentDiffusion`` trained on ``window``."""
-    if window is None:
-        return {"target": LDM_TARGET, "params": params}
-    return {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
-
-
 def checked_window(window: tuple[int, int] | None, timesteps: int, source: str) -> tuple[int, int] | None:
     """The window a UNet config records (None: a full-range model), checked against the schedule's ``timesteps``."""
     try:
@@ -52,16 +44,26 @@ def checked_window(window: tuple[int, int] | None, timesteps: int, source: str) 
 
 def converted_checkpoint(
     folder: LDMFolder,
-    cfg: dict[str, Any],
+    params: dict[str, Any],
     schedule: ScheduleSpec,
     window: tuple[int, int] | None,
     maps: tuple[list[ParamMap], list[ParamMap]],
     unsafe: bool,
 ) -> dict[str, Any]:
-    """The checkpoint dict of a converted folder (float32 state dict: the schedule buffers, then the UNet's and the
-    first stage's weights through ``maps``, then an SD folder's text encoder's), with ``cfg`` embedded."""
+    """The checkpoint dict of a converted folder: its model config (a ``LatentDiffusion`` of ``schedule`` and
+    ``params``, or a ``LateStepsLatentDiffusion`` trained on ``window``) and float32 state dict (the schedule buffers,
+    then the UNet's and the first stage's weights through ``maps``, then an SD folder's text encoder's)."""
+    params = {**schedule.ldm_params(), **params}
+    if window is None:
+        cfg = {"target": LDM_TARGET, "params": params}
+    else:
+        cfg = {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
     expected = expected_shapes(cfg, folder.shown)
-    state_dict = {name: value.to(torch.float32) for name, value in schedule_buffers(schedule).items()}
+    try:  # the persistent schedule buffers, as DDPM.register_schedule computes them (float64, stored float32)
+        buffers = make_schedule_buffers(schedule.betas(), 0.0, schedule.parameterization)
+    except ValueError as exc:
+        raise DiffusersFormatError(f"the scheduler's betas cannot be used: {exc}") from exc
+    state_dict = {name: buffers[name].to(torch.float32) for name in SCHEDULE_BUFFERS}
     state_dict.update(import_weights(folder, folder.unet, maps[0], expected, UNET_PREFIX, unsafe))
     state_dict.update(import_weights(folder, folder.first_stage, maps[1], expected, FIRST_STAGE_PREFIX, unsafe))
     if folder.text_encoder is not None:
@@ -78,15 +80,6 @@ def converted_checkpoint(
     if window is not None:
         ckpt["window"] = list(window)
     return ckpt
-
-
-def schedule_buffers(schedule: ScheduleSpec) -> dict[str, torch.Tensor]:
-    """The persistent schedule buffers, computed as ``DDPM.register_schedule`` does (float64, stored float32)."""
-    try:
-        buffers = make_schedule_buffers(schedule.betas(), 0.0, schedule.parameterization)
-    except ValueError as exc:
-        raise DiffusersFormatError(f"the scheduler's betas cannot be used: {exc}") from exc
-    return {name: buffers[name] for name in SCHEDULE_BUFFERS}
 
 
 def expected_shapes(cfg: Mapping[str, Any], shown: str) -> dict[str, tuple[int, ...]]:
@@ -122,9 +115,8 @@ def import_weights(
 ) -> dict[str, torch.Tensor]:
     """The component's tensors as LDM tensors under ``prefix``; shapes are checked against ``expected`` first.
 
-    ``rename`` maps a file's key to the key the maps use; file keys in ``ignore`` (after renaming) are dropped unread
-    (e.g. CLIP's stored ``position_ids``, an integer buffer recomputed by the model).  Every other file tensor must be
-    used, and every mapped tensor present, or the folder is refused.
+    ``rename`` maps a file's key to the key the maps use; file keys in ``ignore`` (after renaming) are dropped unread.
+    Every other file tensor must be used, and every mapped tensor present, or the folder is refused.
     """
     ldm_shapes = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
     check_complete(maps, ldm_shapes, component.name)

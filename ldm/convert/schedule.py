@@ -84,7 +84,6 @@ SAMPLER_ONLY = (
 )
 # diffusers' beta_schedule -> this project's: sqrt-spaced linear, linear, Nichol & Dhariwal's cosine (s = 0.008)
 TO_PROJECT = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
-TO_DIFFUSERS = {v: k for k, v in TO_PROJECT.items()}
 PREDICTION = {"epsilon": "eps", "sample": "x0"}
 DIFFUSERS_COSINE_S = 0.008
 SCHEDULE_RTOL = 1e-5  # as DDPM.check_schedule_matches
@@ -178,10 +177,7 @@ def schedule_from_config(data: Mapping[str, Any], source: str, classes: tuple[st
 
 def scheduler_config_from_model(model: Any) -> dict[str, Any]:
     """A ``DDIMScheduler`` config whose betas are ``model.betas`` (float32 buffer ``[T]``) and whose sampler runs this
-    project's DDIM; a named diffusers schedule when one reproduces the betas, else ``trained_betas``.
-
-    ``model.parameterization`` is eps or x0 (``DDPM`` refuses others).
-    """
+    project's DDIM; a named diffusers schedule when one reproduces the betas, else ``trained_betas``."""
     betas = model.betas.detach().to("cpu", torch.float64)
     timesteps = int(betas.shape[0])
     start, end = float(model.linear_start), float(model.linear_end)
@@ -193,12 +189,12 @@ def scheduler_config_from_model(model: Any) -> dict[str, Any]:
         "beta_end": end,
         "beta_schedule": "scaled_linear",
         "trained_betas": None,
-        "prediction_type": inverse[model.parameterization],
+        "prediction_type": inverse[model.parameterization],  # eps or x0: DDPM refuses others
         "rescale_betas_zero_snr": False,
         "thresholding": False,
         **COMPVIS_DDIM,
     }
-    for ours, theirs in TO_DIFFUSERS.items():
+    for theirs, ours in TO_PROJECT.items():
         if ours == "cosine" or all(math.isfinite(v) and v > 0 for v in (start, end)):
             candidate = make_beta_schedule(ours, timesteps, start, end, DIFFUSERS_COSINE_S)
             if torch.allclose(candidate, betas, rtol=SCHEDULE_RTOL, atol=0.0):

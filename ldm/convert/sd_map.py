@@ -13,9 +13,17 @@ from typing import Any
 
 import torch.nn as nn
 
-from ldm.convert.common import MAX_CHANNELS, MAX_LAYERS, DiffusersFormatError, Options, ParamMap, conv_pair
-from ldm.convert.unet_map import WINDOW_KEY, UNetLayout, unet_fields, unet_levels, unet_modules, window_from_config
-from ldm.convert.vq_map import CoderLayout, coder_from_model, coder_from_options
+from ldm.convert.common import MAX_CHANNELS, MAX_LAYERS, DiffusersFormatError, Options, ParamMap, conv_pair, refusal
+from ldm.convert.unet_map import (
+    UNET_COMMON_DEFAULTS,
+    WINDOW_KEY,
+    UNetLayout,
+    unet_fields,
+    unet_modules,
+    unet_options,
+    window_from_config,
+)
+from ldm.convert.vq_map import CODER_DEFAULTS, CoderLayout, coder_from_model, coder_from_options
 from ldm.modules.encoders.modules import clip_text_config_problem
 
 COND_UNET_CLASS = "UNet2DConditionModel"
@@ -29,43 +37,27 @@ SUPPORTED = (
 )
 # UNet2DConditionModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out)
 COND_UNET_DEFAULTS: dict[str, Any] = {
-    "sample_size": None,
+    **UNET_COMMON_DEFAULTS,
     "in_channels": 4,
     "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "only_cross_attention": False,
     "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "dropout": 0.0,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
     "cross_attention_dim": 1280,
     "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
-    "attention_head_dim": 8,
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "use_linear_projection": False,
-    "class_embed_type": None,
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
-    "num_class_embeds": None,
     "upcast_attention": False,
-    "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "time_cond_proj_dim": None,
@@ -82,16 +74,8 @@ COND_DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 COND_UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 # AutoencoderKL.__init__ defaults of diffusers 0.42; scaling_factor is read apart (LatentDiffusion's scale_factor)
 KL_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [64],
-    "layers_per_block": 1,
-    "act_fn": "silu",
+    **CODER_DEFAULTS,
     "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
     "scaling_factor": 0.18215,
     "shift_factor": None,
     "latents_mean": None,
@@ -99,22 +83,19 @@ KL_DEFAULTS: dict[str, Any] = {
     "force_upcast": True,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
 }
 
 
 @dataclass(frozen=True)
 class CrossAttnUNetLayout(UNetLayout):
-    """An SD v1-style UNet: :class:`~ldm.convert.unet_map.UNetLayout` with a ``SpatialTransformer`` wherever it has
-    attention.  ``num_heads``: heads per transformer (None: ``head_channels`` per head); ``context_dim``: the text
-    embedding width; ``depth``: transformer blocks per ``SpatialTransformer``."""
+    """An SD v1-style UNet: a ``SpatialTransformer`` wherever it has attention, with ``num_heads`` heads (None:
+    ``head_channels`` per head), ``depth`` blocks and the text embedding width ``context_dim``."""
 
     num_heads: int | None = None
     context_dim: int = 768
     depth: int = 1
 
     def ldm_attention(self) -> dict[str, Any]:
-        """The attention options of ``unet_config.params``: ``SpatialTransformer`` blocks."""
         heads = {"num_heads": self.num_heads} if self.num_heads is not None else {"num_head_channels": self.head_channels}
         return {
             **heads,
@@ -125,7 +106,6 @@ class CrossAttnUNetLayout(UNetLayout):
         }
 
     def diffusers_config(self) -> dict[str, Any]:
-        """``unet/config.json`` of the equivalent ``UNet2DConditionModel`` (every option written out)."""
         widths = [self.channels(i) for i in range(len(self.channel_mult))]
         heads: int | list[int] = (
             self.num_heads if self.num_heads is not None else [max(1, w // int(self.head_channels or w)) for w in widths]
@@ -154,8 +134,7 @@ class CrossAttnUNetLayout(UNetLayout):
 
 
 def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[CrossAttnUNetLayout, tuple[int, int] | None]:
-    """Validate a ``UNet2DConditionModel`` config (untrusted JSON) of an SD v1-style UNet; returns its layout and the
-    recorded window, if any.  A ``DiffusersFormatError`` names the first option this project cannot represent."""
+    """:func:`~ldm.convert.unet_map.unet_layout_from_config` of an SD v1-style ``UNet2DConditionModel`` config."""
     cls = data.get("_class_name", COND_UNET_CLASS)
     if cls != COND_UNET_CLASS:
         raise DiffusersFormatError(
@@ -193,45 +172,24 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
     opt.choice("resnet_out_scale_factor", [1, 1.0])
     opt.choice("conv_in_kernel", [3])
     opt.choice("conv_out_kernel", [3])
-    opt.choice("time_embedding_type", ["positional"], "CompVis' UNet uses the sinusoidal (positional) embedding")
-    opt.choice("flip_sin_to_cos", [True], "CompVis' timestep embedding puts the cosine half first")
-    opt.choice("freq_shift", [0, 0.0], "CompVis' timestep embedding uses frequencies exp(-ln(10000) i / half)")
-    opt.choice("mid_block_type", ["UNetMidBlock2DCrossAttn"], "CompVis' middle block always has a transformer")
-    opt.choice("mid_block_scale_factor", [1, 1.0])
-    opt.choice("downsample_padding", [1], "CompVis downsamples with a padded stride-2 conv")
-    opt.choice("act_fn", ["silu", "swish"])
-    opt.choice("norm_num_groups", [32], "CompVis' GroupNorm has 32 groups")
-    opt.choice("norm_eps", [1e-5], "CompVis' UNet GroupNorm uses eps 1e-5")
     opt.choice("resnet_time_scale_shift", ["default"], f"is not supported; {SUPPORTED}")
     opt.ignore("addition_embed_type_num_heads")  # used only with addition_embed_type, refused above
-    widths, attention = unet_levels(opt, COND_DOWN_TYPES, COND_UP_TYPES, SUPPORTED)
-    base = widths[0]
-    context_dim = _same_int(opt, "cross_attention_dim", len(widths), MAX_CHANNELS)
-    depth = _same_int(opt, "transformer_layers_per_block", len(widths), MAX_LAYERS)
-    layers = _same_int(opt, "layers_per_block", len(widths), MAX_LAYERS)
-    num_heads, head_channels = _heads(opt, widths, attention)
-    in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
-    out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
-    if out_ch != in_ch:
-        raise opt.fail(
-            "out_channels",
-            out_ch,
-            f"differs from in_channels={in_ch}: inpainting / depth UNets (extra input channels) are not supported; {SUPPORTED}",
-        )
+    fields, widths = unet_options(
+        opt,
+        (COND_DOWN_TYPES, COND_UP_TYPES),
+        ("UNetMidBlock2DCrossAttn", "CompVis' middle block always has a transformer"),
+        SUPPORTED,
+        f"inpainting / depth UNets (extra input channels) are not supported; {SUPPORTED}",
+    )
+    num_heads, head_channels = _heads(opt, widths, fields["attention"])
     layout = CrossAttnUNetLayout(
-        in_channels=in_ch,
-        out_channels=out_ch,
-        model_channels=base,
-        channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=layers,
-        attention=attention,
+        **fields,
+        num_res_blocks=_same_int(opt, "layers_per_block", len(widths), MAX_LAYERS),
         head_channels=head_channels,
         scale_shift=False,
-        image_size=opt.side("sample_size") or 0,
-        dropout=opt.number("dropout", 0.0, 1.0),
         num_heads=num_heads,
-        context_dim=context_dim,
-        depth=depth,
+        context_dim=_same_int(opt, "cross_attention_dim", len(widths), MAX_CHANNELS),
+        depth=_same_int(opt, "transformer_layers_per_block", len(widths), MAX_LAYERS),
     )
     window = window_from_config(data.get(WINDOW_KEY), source)
     opt.finish()
@@ -239,8 +197,7 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
 
 
 def cond_unet_layout_from_model(unet: nn.Module) -> CrossAttnUNetLayout:
-    """The layout of a CompVis ``UNetModel`` with ``SpatialTransformer`` attention (SD v1-style); a
-    ``DiffusersFormatError`` refuses what ``UNet2DConditionModel`` cannot hold (or this converter does not write)."""
+    """:func:`~ldm.convert.unet_map.unet_layout_from_model` of a UNet with ``SpatialTransformer`` attention (SD v1)."""
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
 
@@ -333,8 +290,8 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
 # ---------------------------------------------------------------------------------------------------------- the VAE
 @dataclass(frozen=True)
 class KLLayout(CoderLayout):
-    """A KL first stage (SD v1's VAE): z_channels is also ``embed_dim`` (diffusers' ``AutoencoderKL`` has one latent
-    width)."""
+    """A KL first stage (SD v1's VAE): ``z_channels`` is also ``embed_dim`` (diffusers' ``AutoencoderKL`` has one
+    latent width)."""
 
     z_channels: int
 
@@ -344,7 +301,6 @@ class KLLayout(CoderLayout):
         return {"embed_dim": self.z_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}
 
     def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
-        """``vae/config.json`` of the equivalent ``AutoencoderKL`` (``scaling_factor`` written out)."""
         return {
             **KL_DEFAULTS,
             **self.diffusers_coder(),
@@ -354,7 +310,6 @@ class KLLayout(CoderLayout):
         }
 
     def param_maps(self) -> list[ParamMap]:
-        """Every tensor: LDM key (inside ``AutoencoderKL``) <-> diffusers key (inside diffusers' ``AutoencoderKL``)."""
         return self.coder_maps(conv_pair("quant_conv", "quant_conv") + conv_pair("post_quant_conv", "post_quant_conv"))
 
 
@@ -371,8 +326,6 @@ def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
         )
     opt.choice("use_quant_conv", [True], "CompVis' AutoencoderKL always has quant_conv")
     opt.choice("use_post_quant_conv", [True], "CompVis' AutoencoderKL always has post_quant_conv")
-    opt.flag("force_upcast")
-    opt.ignore("scaling_factor")
     coder = coder_from_options(opt)
     layout = KLLayout(**coder, z_channels=opt.integer("latent_channels", 1, MAX_CHANNELS))
     opt.finish()
@@ -380,12 +333,10 @@ def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
 
 
 def kl_layout_from_model(first_stage: nn.Module) -> KLLayout:
-    """The layout of this project's ``AutoencoderKL``; refuses what diffusers' ``AutoencoderKL`` cannot hold."""
+    """:func:`~ldm.convert.vq_map.vq_layout_from_model` of this project's ``AutoencoderKL``."""
     from ldm.models.autoencoder_kl import AutoencoderKL
 
-    def refuse(what: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"the first stage cannot be written as a diffusers AutoencoderKL: {what}")
-
+    refuse = refusal("first stage", "AutoencoderKL")
     if not isinstance(first_stage, AutoencoderKL):
         raise refuse(f"it is a {type(first_stage).__name__}, not ldm.models.autoencoder.AutoencoderKL")
     z_channels = int(first_stage.ddconfig["z_channels"])

@@ -1,8 +1,6 @@
-"""The UNet: diffusers ``UNet2DModel`` config <-> CompVis ``UNetModel`` parameters, and the key map between them.
-
-Which option is which: README, "diffusers interop"; the options CompVis' modules fix are refused one by one in
-:func:`unet_layout_from_config`, each with the reason.  The skeleton (ResNets, sampling, time embedding) also serves
-the cross-attention UNet of :mod:`ldm.convert.sd_map`.
+"""The UNet: diffusers ``UNet2DModel`` config <-> CompVis ``UNetModel`` parameters, and the key map between them
+(which option is which: README, "diffusers interop").  The skeleton (ResNets, sampling, time embedding, the options
+CompVis' modules fix) also serves the cross-attention UNet of :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
@@ -22,39 +20,44 @@ from ldm.convert.common import (
     ParamMap,
     conv_pair,
     linear_from_conv1x1,
+    refusal,
 )
 
 UNET_CLASS = "UNet2DModel"
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
-# UNet2DModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out)
-UNET_DEFAULTS: dict[str, Any] = {
+# the UNet2DModel.__init__ defaults of diffusers 0.42 that UNet2DConditionModel shares
+UNET_COMMON_DEFAULTS: dict[str, Any] = {
     "sample_size": None,
-    "in_channels": 3,
-    "out_channels": 3,
     "center_input_sample": False,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
     "freq_shift": 0,
     "flip_sin_to_cos": True,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2D",
-    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896],
     "layers_per_block": 2,
     "mid_block_scale_factor": 1,
     "downsample_padding": 1,
-    "downsample_type": "conv",
-    "upsample_type": "conv",
     "dropout": 0.0,
     "act_fn": "silu",
     "attention_head_dim": 8,
     "norm_num_groups": 32,
-    "attn_norm_num_groups": None,
     "norm_eps": 1e-5,
     "resnet_time_scale_shift": "default",
-    "add_attention": True,
     "class_embed_type": None,
     "num_class_embeds": None,
+}
+# UNet2DModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out)
+UNET_DEFAULTS: dict[str, Any] = {
+    **UNET_COMMON_DEFAULTS,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896],
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "attn_norm_num_groups": None,
+    "add_attention": True,
     "num_train_timesteps": None,
 }
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -66,15 +69,11 @@ WINDOW_KEY = "_latesteps_window"
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """What both formats need to know about an unconditional LDM UNet.
+    """What both formats need to know about an unconditional LDM UNet (CompVis' names; ``channel_mult[0] == 1``).
 
-    Attributes:
-        in_channels, out_channels: latent channels in and out.  model_channels: width of level 0.
-        channel_mult: width multiple per level (``channel_mult[0] == 1``).  num_res_blocks: ResNets per down level.
-        attention: per level, whether its blocks have self-attention.  head_channels: channels per attention head
-            (None: one head per block).  scale_shift: ``use_scale_shift_norm``.  image_size: latent side (metadata).
-        dropout: ResNet dropout (training only).  new_attention_order: the LDM ``qkv`` row order
-            (:class:`~ldm.convert.common.ParamMap`).
+    ``attention``: per level, whether its blocks have self-attention; ``head_channels``: channels per attention head
+    (None: one head per block); ``scale_shift``: ``use_scale_shift_norm``; ``image_size``: latent side (metadata);
+    ``new_attention_order``: the LDM ``qkv`` row order (:class:`~ldm.convert.common.ParamMap`).
     """
 
     in_channels: int
@@ -94,7 +93,7 @@ class UNetLayout:
 
     def ldm_params(self) -> dict[str, Any]:
         """``unet_config.params`` of this project's ``UNetModel``."""
-        params: dict[str, Any] = {
+        return {
             "image_size": self.image_size,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -104,8 +103,8 @@ class UNetLayout:
             "channel_mult": list(self.channel_mult),
             "dropout": self.dropout,
             "use_scale_shift_norm": self.scale_shift,
+            **self.ldm_attention(),
         }
-        return {**params, **self.ldm_attention()}
 
     def ldm_attention(self) -> dict[str, Any]:
         """The attention options of ``unet_config.params``."""
@@ -203,8 +202,8 @@ def _resblock(ldm: str, diffusers: str, has_skip: bool) -> list[ParamMap]:
 
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetLayout, tuple[int, int] | None]:
-    """Validate a ``UNet2DModel`` config (untrusted JSON) and return its layout and the recorded window, if any; a
-    ``DiffusersFormatError`` names the first option that this project cannot represent, or a bad value."""
+    """Validate a ``UNet2DModel`` config (untrusted JSON); returns its layout and the recorded window, if any.  A
+    ``DiffusersFormatError`` names the first option this project cannot represent, or a bad value."""
     cls = data.get("_class_name", UNET_CLASS)
     if cls != UNET_CLASS:
         why = (
@@ -219,66 +218,59 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
     opt = Options(data, source, UNET_DEFAULTS)
     for key in ("class_embed_type", "num_class_embeds"):
         opt.choice(key, [None], "class-conditional UNets are not supported (this project's models are unconditional)")
-    opt.choice("time_embedding_type", ["positional"], "CompVis' UNet uses the sinusoidal (positional) embedding")
-    opt.choice("flip_sin_to_cos", [True], "CompVis' timestep embedding puts the cosine half first")
-    opt.choice("freq_shift", [0, 0.0], "CompVis' timestep embedding uses frequencies exp(-ln(10000) i / half)")
     opt.choice("center_input_sample", [False])
-    opt.choice("mid_block_type", ["UNetMidBlock2D"], "CompVis' UNet always has a middle block")
     opt.choice("add_attention", [True], "CompVis' middle block always has attention")
-    opt.choice("mid_block_scale_factor", [1, 1.0])
-    opt.choice("downsample_padding", [1], "CompVis downsamples with a padded stride-2 conv")
     opt.choice("downsample_type", ["conv"], "ResNet downsampling (resblock_updown) is not supported")
     opt.choice("upsample_type", ["conv"], "ResNet upsampling (resblock_updown) is not supported")
-    opt.choice("act_fn", ["silu", "swish"])
-    opt.choice("norm_num_groups", [32], "CompVis' GroupNorm has 32 groups")
-    opt.choice("norm_eps", [1e-5], "CompVis' UNet GroupNorm uses eps 1e-5")
     shift = opt.choice("resnet_time_scale_shift", ["default", "scale_shift"])
     # the mid block's attention has a GroupNorm unless scale_shift leaves attn_norm_num_groups unset
     allowed_attn_groups = [None, 32] if shift == "default" else [32]
     opt.choice("attn_norm_num_groups", allowed_attn_groups, "CompVis' attention always normalizes with 32 groups")
     opt.ignore("num_train_timesteps")  # used only by the "learned" time embedding, refused above
-    widths, attention = unet_levels(opt, DOWN_TYPES, UP_TYPES, "only plain and self-attention blocks map")
-    base = widths[0]
+    fields, widths = unet_options(
+        opt,
+        (DOWN_TYPES, UP_TYPES),
+        ("UNetMidBlock2D", "CompVis' UNet always has a middle block"),
+        "only plain and self-attention blocks map",
+        "the UNet must predict the noise (or x0) of its input latent (learned variance, extra input channels are not "
+        "supported)",
+    )
     head_dim = opt.get("attention_head_dim")
     if head_dim is not None:
         head_dim = opt.integer("attention_head_dim", 1, MAX_CHANNELS)
-        attended = [w for w, a in zip(widths, attention) if a] + [widths[-1]]
+        attended = [w for w, a in zip(widths, fields["attention"]) if a] + [widths[-1]]
         if any(w % head_dim for w in attended):
             raise opt.fail("attention_head_dim", head_dim, f"does not divide the attention widths {attended}")
-    in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
-    out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
-    if out_ch != in_ch:
-        raise opt.fail(
-            "out_channels",
-            out_ch,
-            f"differs from in_channels={in_ch}: the UNet must predict the noise "
-            "(or x0) of its input latent (learned variance, extra input channels are not supported)",
-        )
     layout = UNetLayout(
-        in_channels=in_ch,
-        out_channels=out_ch,
-        model_channels=base,
-        channel_mult=tuple(w // base for w in widths),
+        **fields,
         num_res_blocks=opt.integer("layers_per_block", 1, MAX_LAYERS),
-        attention=attention,
         head_channels=head_dim,
         scale_shift=shift == "scale_shift",
-        image_size=opt.side("sample_size") or 0,
-        dropout=opt.number("dropout", 0.0, 1.0),
     )
     window = window_from_config(data.get(WINDOW_KEY), source)
     opt.finish()
     return layout, window
 
 
-def unet_levels(
-    opt: Options, down_types: tuple[str, str], up_types: tuple[str, str], why: str
-) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """``block_out_channels`` and the attention levels (:meth:`~ldm.convert.common.Options.levels`) of a diffusers UNet
-    config; ``time_embedding_dim`` must be CompVis' ``4 * model_channels``."""
+def unet_options(
+    opt: Options, types: tuple[tuple[str, str], tuple[str, str]], mid_block: tuple[str, str], why: str, out_why: str
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The :class:`UNetLayout` fields both diffusers UNet configs give alike, and ``block_out_channels``; what CompVis'
+    ``UNetModel`` fixes (timestep embedding, middle block, sampling, normalization) is refused otherwise.
+
+    ``types``: the (plain, attention) block names down and up, ``why`` refuses others; ``mid_block``: the allowed
+    ``mid_block_type`` and why; ``out_why``: why ``out_channels`` must equal ``in_channels``."""
+    opt.choice("time_embedding_type", ["positional"], "CompVis' UNet uses the sinusoidal (positional) embedding")
+    opt.choice("flip_sin_to_cos", [True], "CompVis' timestep embedding puts the cosine half first")
+    opt.choice("freq_shift", [0, 0.0], "CompVis' timestep embedding uses frequencies exp(-ln(10000) i / half)")
+    opt.choice("mid_block_type", [mid_block[0]], mid_block[1])
+    opt.choice("mid_block_scale_factor", [1, 1.0])
+    opt.choice("downsample_padding", [1], "CompVis downsamples with a padded stride-2 conv")
+    opt.choice("act_fn", ["silu", "swish"])
+    opt.choice("norm_num_groups", [32], "CompVis' GroupNorm has 32 groups")
+    opt.choice("norm_eps", [1e-5], "CompVis' UNet GroupNorm uses eps 1e-5")
     widths, attention = opt.levels(
-        down_types,
-        up_types,
+        *types,
         (why, why),
         "CompVis' UNet has attention at the same resolutions on the way down and up",
         "model_channels * channel_mult",
@@ -290,7 +282,20 @@ def unet_levels(
             embed_dim,
             f"is not supported: CompVis' time embedding has 4 * block_out_channels[0] = {4 * widths[0]} channels",
         )
-    return widths, attention
+    in_ch = opt.integer("in_channels", 1, MAX_CHANNELS)
+    out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
+    if out_ch != in_ch:
+        raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: {out_why}")
+    fields = {
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "model_channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "attention": attention,
+        "image_size": opt.side("sample_size") or 0,
+        "dropout": opt.number("dropout", 0.0, 1.0),
+    }
+    return fields, widths
 
 
 def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
@@ -349,9 +354,7 @@ def unet_modules(unet: nn.Module, cls: str) -> tuple[list[nn.Module], Callable[[
     an unconditional or text-conditioned CompVis ``UNetModel``."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    def refuse(what: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"the UNet cannot be written as a diffusers {cls}: {what}")
-
+    refuse = refusal("UNet", cls)
     if not isinstance(unet, UNetModel):
         raise refuse(f"it is a {type(unet).__name__}, not ldm.modules.diffusionmodules.openaimodel.UNetModel")
     if unet.num_classes is not None or unet.predict_codebook_ids:

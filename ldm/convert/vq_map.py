@@ -1,8 +1,6 @@
-"""The VQ first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map.
-
-:class:`CoderLayout` (the encoder and decoder) also serves the KL autoencoder of :mod:`ldm.convert.sd_map`.  Which
-option is which: README, "diffusers interop".  Refused: KL autoencoders, spatially-normalized decoders (MoVQ) and
-values CompVis' modules cannot take (they fix 32 GroupNorm groups and SiLU).
+"""The VQ first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map
+(which option is which: README, "diffusers interop").  :class:`CoderLayout` (the encoder and decoder) also serves the
+KL autoencoder of :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
@@ -22,12 +20,13 @@ from ldm.convert.common import (
     ParamMap,
     conv_pair,
     linear_from_conv1x1,
+    refusal,
 )
 
 VQ_CLASS = "VQModel"
 VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
-# VQModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out); scaling_factor is handled apart
-VQ_DEFAULTS: dict[str, Any] = {
+# the encoder's and decoder's defaults in diffusers 0.42, VQModel's and AutoencoderKL's alike
+CODER_DEFAULTS: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"],
@@ -35,13 +34,17 @@ VQ_DEFAULTS: dict[str, Any] = {
     "block_out_channels": [64],
     "layers_per_block": 1,
     "act_fn": "silu",
-    "latent_channels": 3,
     "sample_size": 32,
-    "num_vq_embeddings": 256,
     "norm_num_groups": 32,
+    "mid_block_add_attention": True,
+}
+# VQModel.__init__ defaults of diffusers 0.42 (used for keys a config.json leaves out); scaling_factor is handled apart
+VQ_DEFAULTS: dict[str, Any] = {
+    **CODER_DEFAULTS,
+    "latent_channels": 3,
+    "num_vq_embeddings": 256,
     "vq_embed_dim": None,
     "norm_type": "group",
-    "mid_block_add_attention": True,
     "lookup_from_codebook": False,
     "force_upcast": False,
 }
@@ -51,13 +54,11 @@ UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
 
 @dataclass(frozen=True)
 class CoderLayout:
-    """The CompVis ``Encoder`` / ``Decoder`` of a first stage (VQ or KL).
+    """The CompVis ``Encoder`` / ``Decoder`` of a first stage (VQ or KL), in CompVis' names (``ch_mult[0] == 1``:
+    diffusers' first block keeps ``conv_in``'s width; the decoder has ``num_res_blocks + 1`` ResNets per level).
 
-    Attributes:
-        in_channels, out_channels: image channels.  ch, ch_mult: widths per level (``ch_mult[0] == 1``: diffusers'
-        first block keeps ``conv_in``'s width).  num_res_blocks: ResNets per encoder level (decoder: one more).
-        attention: per level, self-attention in its blocks.  mid_attention: attention in the mid blocks.
-        resolution: the image side the attention levels refer to (``attn_resolutions = resolution // 2**level``).
+    ``attention``: per level, self-attention in its blocks; ``mid_attention``: attention in the mid blocks;
+    ``resolution``: the image side the attention levels refer to (``attn_resolutions = resolution // 2**level``).
     """
 
     in_channels: int
@@ -70,7 +71,7 @@ class CoderLayout:
     resolution: int
 
     def ldm_coder(self, z_channels: int, double_z: bool) -> dict[str, Any]:
-        """The ``ddconfig`` of CompVis' first stage."""
+        """CompVis' ``ddconfig``."""
         return {
             "double_z": double_z,
             "z_channels": z_channels,
@@ -133,15 +134,15 @@ class CoderLayout:
 
 @dataclass(frozen=True)
 class VQLayout(CoderLayout):
-    """A VQ first stage: z_channels: the encoder's output; embed_dim: what ``quant_conv`` maps to, the codebook width
-    and the latent the UNet sees; n_embed: codebook size."""
+    """A VQ first stage: ``z_channels`` leave the encoder; ``embed_dim`` (``quant_conv``'s output) is the codebook's
+    width and the latent the UNet sees; ``n_embed`` is the codebook size."""
 
     z_channels: int
     embed_dim: int
     n_embed: int
 
     def ldm_params(self) -> dict[str, Any]:
-        """``first_stage_config.params`` of ``VQModelInterface`` (frozen first stage: ``torch.nn.Identity`` loss)."""
+        """``first_stage_config.params`` (frozen: ``torch.nn.Identity`` loss)."""
         return {
             "embed_dim": self.embed_dim,
             "n_embed": self.n_embed,
@@ -150,7 +151,7 @@ class VQLayout(CoderLayout):
         }
 
     def diffusers_config(self, scaling_factor: float) -> dict[str, Any]:
-        """``vqvae/config.json`` of the equivalent ``VQModel`` (every option written out, ``scaling_factor`` too)."""
+        """``vqvae/config.json`` of the equivalent ``VQModel``, every option written out."""
         return {
             **VQ_DEFAULTS,
             **self.diffusers_coder(),
@@ -162,7 +163,7 @@ class VQLayout(CoderLayout):
         }
 
     def param_maps(self) -> list[ParamMap]:
-        """Every first-stage tensor: LDM key (inside ``VQModelInterface``) <-> diffusers key (inside ``VQModel``)."""
+        """Every first-stage tensor: LDM key <-> diffusers key."""
         between = conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
         return self.coder_maps(between + conv_pair("post_quant_conv", "post_quant_conv"))
 
@@ -191,8 +192,8 @@ def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
 
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
-    """Validate a ``VQModel`` config (untrusted JSON; ``scaling_factor`` is read elsewhere) and return its layout; a
-    ``DiffusersFormatError`` names the first option this project cannot represent, or a bad value."""
+    """Validate a ``VQModel`` config (untrusted JSON; ``scaling_factor`` is read elsewhere); a ``DiffusersFormatError``
+    names the first option this project cannot represent (MoVQ, KL autoencoders, ...), or a bad value."""
     cls = data.get("_class_name", VQ_CLASS)
     if cls != VQ_CLASS:
         why = (
@@ -206,8 +207,6 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     opt = Options(data, source, VQ_DEFAULTS)
     opt.choice("norm_type", ["group"], "spatially-normalized decoders (MoVQ) are not supported")
     opt.flag("lookup_from_codebook")
-    opt.flag("force_upcast")
-    opt.ignore("scaling_factor")
     coder = coder_from_options(opt)
     z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
     embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
@@ -223,6 +222,8 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
 
 def coder_from_options(opt: Options) -> dict[str, Any]:
     """The :class:`CoderLayout` fields of a ``VQModel`` or ``AutoencoderKL`` config, validated."""
+    opt.flag("force_upcast")
+    opt.ignore("scaling_factor")
     opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
     opt.choice("act_fn", ["silu", "swish"])
     widths, attention = opt.levels(
@@ -264,9 +265,7 @@ def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
     cannot hold (a remapped codebook, ``double_z``, ``ch_mult[0] != 1``, pooling, ``tanh_out``, ...)."""
     from ldm.models.autoencoder import VQModel
 
-    def refuse(what: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"the first stage cannot be written as a diffusers VQModel: {what}")
-
+    refuse = refusal("first stage", "VQModel")
     if not isinstance(first_stage, VQModel):
         raise refuse(f"it is a {type(first_stage).__name__}, not a VQ autoencoder (ldm.models.autoencoder.VQModel)")
     if getattr(first_stage.quantize, "remap", None) is not None:

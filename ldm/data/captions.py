@@ -1,16 +1,12 @@
-"""Captions of training samples: where they come from, how they are bounded and decoded, the ``caption`` batch key.
+"""Captions of training samples, yielded as a ``str`` under :data:`CAPTION_KEY` (``cond_stage_key: caption``).
 
-Datasets with captions yield a ``str`` per item under :data:`CAPTION_KEY` (``cond_stage_key: caption``).  Sources: an
-image folder's sidecar ``<stem>.txt``; a tar shard sample's ``.txt`` member, else its ``.json`` member's ``caption``
-(img2dataset / LAION layout); a latent cache's ``.txt`` member.
-
-Modes (:data:`CAPTION_MODES`): ``"off"`` yields no caption key; ``"optional"`` yields ``""`` for a sample without one
-(the empty prompt, classifier-free guidance's "unconditional"); ``"required"`` refuses a missing caption (at
-construction where the dataset can list its samples, else the sample is unreadable).  Cache readers also take
-``"auto"``: ``"optional"`` when the cache recorded captions, else ``"off"``.
-
-A caption is at most :data:`MAX_CAPTION_BYTES` of UTF-8, checked before anything is decoded (from the file size or
-tar header); a longer one, or one that is not UTF-8, makes its sample unreadable (one warning, replaced, counted).
+Sources: an image folder's sidecar ``<stem>.txt``; a tar shard sample's ``.txt`` member, else its ``.json`` member's
+``caption`` (img2dataset / LAION layout); a latent cache's ``.txt`` member.  Modes: ``"off"`` (no caption key),
+``"optional"`` (``""``, the unconditional prompt of classifier-free guidance, for a sample without one), ``"required"``
+(a missing caption is refused at construction where the dataset can list its samples, else the sample is unreadable);
+cache readers also take ``"auto"`` (``"optional"`` when the cache recorded captions, else ``"off"``).  A caption longer
+than :data:`MAX_CAPTION_BYTES` (checked from the file size or tar header before anything is read) or not UTF-8 makes its
+sample unreadable (one warning, replaced, counted).
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ class CaptionError(ValueError):
 
 
 def check_caption_mode(mode: str, allowed: tuple[str, ...] = CAPTION_MODES) -> str:
-    """``mode`` if it is one of ``allowed``, else a ValueError saying what each choice does."""
+    """``mode``, or a ValueError (what each choice does) unless it is in ``allowed``."""
     if mode not in allowed:
         raise ValueError(
             f"captions={mode!r} is not one of {list(allowed)}: 'off' yields no captions, 'optional' yields '' for a "
@@ -55,9 +51,8 @@ def check_caption_mode(mode: str, allowed: tuple[str, ...] = CAPTION_MODES) -> s
 
 
 def cache_caption_mode(mode: str, recorded: int | None) -> str:
-    """The caption mode of a latent-cache reader: ``mode`` checked against :data:`CACHE_CAPTION_MODES`, ``"auto"``
-    resolved to ``"optional"`` when the cache recorded captions (``recorded``: how many of its samples have one; None
-    when unknown, e.g. shards given without their cache folder) and to ``"off"`` otherwise."""
+    """A latent-cache reader's ``mode`` (one of :data:`CACHE_CAPTION_MODES`), ``"auto"`` resolved to ``"optional"``
+    when the cache recorded captions (``recorded``: how many samples have one; None: unknown) and to ``"off"`` else."""
     check_caption_mode(mode, CACHE_CAPTION_MODES)
     if mode != "auto":
         return mode
@@ -83,7 +78,7 @@ def decode_caption(data: bytes, what: str) -> str:
 
 
 def sidecar_path(image_path: str | os.PathLike) -> Path:
-    """The caption file of an image in a folder: ``<stem>.txt`` beside it."""
+    """An image's caption file: ``<stem>.txt`` beside it."""
     return Path(image_path).with_suffix(".txt")
 
 
@@ -91,8 +86,8 @@ def read_caption_file(path: str | os.PathLike) -> str | None:
     """The caption in ``path``, or None when there is no such file.
 
     Only a regular file is opened (a FIFO named ``x.txt`` would block the open), and its size is checked from the open
-    file before it is read; at most ``MAX_CAPTION_BYTES + 1`` bytes are ever read.  Raises :class:`CaptionError` for a
-    file that is too long, not UTF-8 or not a regular file, OSError for one that cannot be read.
+    file before at most ``MAX_CAPTION_BYTES + 1`` bytes are read.  Raises :class:`CaptionError` for a file that is too
+    long, not UTF-8 or not a regular file, OSError for one that cannot be read.
     """
     try:
         mode = os.stat(path).st_mode

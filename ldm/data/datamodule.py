@@ -1,13 +1,13 @@
 """``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2.
 
-A :class:`~ldm.data.shard_stream.ShardStream` is served by its own per-rank
-:class:`~ldm.data.shard_stream.ShardStreamLoader`; other datasets by plain ``shuffle`` loaders, or, once ``main.py``
-calls :meth:`DataModuleFromConfig.use_resumable_order`, by the per-rank resumable loaders of :mod:`ldm.data.resumable`.
-:class:`SetDatasetEpoch` calls the training dataset's ``set_epoch`` before each epoch.
+A :class:`~ldm.data.shard_stream.ShardStream` is served by its own per-rank ``ShardStreamLoader``; other datasets by
+plain ``shuffle`` loaders, or, once ``main.py`` calls :meth:`DataModuleFromConfig.use_resumable_order`, by the per-rank
+resumable loaders of :mod:`ldm.data.resumable`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -71,10 +71,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     Args:
         batch_size: items per batch (per rank under DDP).
-        train / validation / test: dataset configs (``target`` + ``params``), or None for a split without data;
-            a split without config has no dataloader method, so Lightning skips it.
+        train / validation / test: dataset configs, or None for a split without data (no dataloader method, so
+            Lightning skips it).
         num_workers: DataLoader worker processes (0: load in the main process).
-        shuffle_val_dataloader: shuffle the validation loader (latent-diffusion's flag; default off).
+        shuffle_val_dataloader: shuffle the validation loader (latent-diffusion's flag).
         pin_memory: pin host memory; None -> only when the trainer runs on CUDA (or, without a trainer, when CUDA is
             available).
         persistent_workers: keep workers alive between epochs; None -> ``num_workers > 0``.
@@ -120,10 +120,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self._order_seed: int | None = None  # set by use_resumable_order
         if "train" in self.dataset_configs:
             self.train_dataloader = self._train_dataloader
-        if "validation" in self.dataset_configs:
-            self.val_dataloader = self._val_dataloader
-        if "test" in self.dataset_configs:
-            self.test_dataloader = self._test_dataloader
+        for name, method in (("validation", "val_dataloader"), ("test", "test_dataloader")):
+            if name in self.dataset_configs:
+                setattr(self, method, functools.partial(self._eval_loader, name))
 
     def setup(self, stage: str | None = None) -> None:
         """Instantiate the datasets that ``stage`` needs (``fit``: train + validation; None: all); idempotent."""
@@ -136,24 +135,20 @@ class DataModuleFromConfig(pl.LightningDataModule):
                     raise ValueError(f"the {name} dataset built from {self.dataset_configs[name]['target']} is empty")
                 self.datasets[name] = dataset
                 logger.info("data split %s: %s with %d items", name, type(dataset).__name__, len(dataset))
-        self._check_train_size()
+        dataset = self.datasets.get("train")
+        if dataset is not None and self.drop_last:
+            world_size = self._rank_world()[1]
+            per_rank = math.ceil(len(dataset) / world_size)
+            if per_rank < self.batch_size:
+                raise ValueError(
+                    f"the train dataset has {len(dataset)} items ({per_rank} per rank on {world_size} rank(s)), fewer "
+                    f"than batch_size={self.batch_size}; with drop_last=True no batch would be formed. Lower batch_size, "
+                    "add data (for EmbeddedPhotos: raise n_samples) or set drop_last: false"
+                )
         trainer = self.trainer
-        if trainer is not None and "train" in self.datasets:
+        if trainer is not None and dataset is not None:
             if not any(isinstance(callback, SetDatasetEpoch) for callback in trainer.callbacks):
                 trainer.callbacks.append(SetDatasetEpoch())
-
-    def _check_train_size(self) -> None:
-        dataset = self.datasets.get("train")
-        if dataset is None or not self.drop_last:
-            return
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        per_rank = math.ceil(len(dataset) / world_size)
-        if per_rank < self.batch_size:
-            raise ValueError(
-                f"the train dataset has {len(dataset)} items ({per_rank} per rank on {world_size} rank(s)), fewer than "
-                f"batch_size={self.batch_size}; with drop_last=True no batch would be formed. Lower batch_size, add "
-                "data (for EmbeddedPhotos: raise n_samples) or set drop_last: false"
-            )
 
     def _resolve_pin_memory(self) -> bool:
         if self.pin_memory is not None:
@@ -189,12 +184,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         loader = self._loader("train", shuffle=True, drop_last=self.drop_last)
         return loader if self._order_seed is None else make_resumable(loader, self._order_seed, *self._rank_world())
 
-    def _val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation", self.shuffle_val_dataloader)
-
-    def _test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test", False)
-
-    def _eval_loader(self, name: str, shuffle: bool) -> DataLoader:
-        loader = self._loader(name, shuffle=shuffle, drop_last=False)
+    def _eval_loader(self, name: str) -> DataLoader:
+        """The validation loader (shuffled only with ``shuffle_val_dataloader``) or the test loader."""
+        loader = self._loader(name, shuffle=self.shuffle_val_dataloader and name == "validation", drop_last=False)
         return loader if self._order_seed is None else shard_eval_loader(loader, *self._rank_world(), name)

@@ -2,17 +2,10 @@
 
 Photographs (files inside the installed ``skimage/data``, none that scikit-image would download): colour ones
 (:data:`COLOR_PHOTOS`) and, opt-in through ``photos=``, greyscale ones (:data:`GRAY_PHOTOS`, replicated to three
-channels).  Not used: ``cat`` (``chelsea`` again), ``lfw_subset`` and ``microaneurysms`` (too small).
-
-Held-out split (whole photographs): :data:`HELDOUT_PHOTOS` give the validation items and :func:`heldout_crops` only,
-training crops come from the others (:data:`TRAIN_PHOTOS` by default): a photograph is either seen whole in training or
-never, as a user's own image is.  :class:`EmbeddedPhotos` refuses a list that mixes the two.
-
-Crops cover ``size * s`` source pixels (``s`` log-uniform in ``scale``, shrunk to fit the photograph) anywhere in it and
-are resized to ``size`` with antialiasing, so that small crops still hold structure instead of flat patches.  Training
-items follow the ``(seed, epoch, index)`` contract of :mod:`ldm.data.image_folder` (``n_samples`` is only the length of
-an epoch); validation items are fixed by ``(seed, index)`` and equal ``heldout_crops(size, n_samples, seed, scale,
-photos)``.
+channels).  Not used: ``cat`` (``chelsea`` again), ``lfw_subset`` and ``microaneurysms`` (too small).  The held-out
+photographs (:data:`HELDOUT_PHOTOS`) give the validation items and :func:`heldout_crops` only; training crops come
+from the others: a photograph is either seen whole in training or never, as a user's own image is.  Crops are resized
+from larger source squares (:func:`sample_crop`), so that small crops still hold structure instead of flat patches.
 """
 
 from __future__ import annotations
@@ -119,11 +112,9 @@ def sample_crop(
     rng: np.random.Generator,
     flip: bool,
 ) -> np.ndarray:
-    """A ``size`` x ``size`` uint8 crop anywhere in ``photo`` ``[H, W, 3]``, covering ``size * s`` source pixels.
-
-    ``s`` is log-uniform in ``scale`` and shrunk when the photograph is too small; the source square is resized to
-    ``size`` (bicubic, antialiased).  With ``flip`` the crop is mirrored horizontally with probability 0.5.
-    """
+    """A ``size`` x ``size`` uint8 crop anywhere in ``photo`` ``[H, W, 3]``, covering ``size * s`` source pixels
+    (``s`` log-uniform in ``scale``, shrunk when the photograph is too small) resized to ``size`` (bicubic,
+    antialiased); with ``flip`` mirrored horizontally with probability 0.5."""
     height, width = photo.shape[:2]
     s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))
     side = max(1, min(round(size * s), height, width))
@@ -174,12 +165,11 @@ class EmbeddedPhotos(EpochSeededDataset):
 
     Args:
         size: side of the square crops in pixels.
-        split: ``"train"`` (random photograph, scale, position and flip, new every epoch) or ``"validation"`` (fixed
-            crops of the held-out photographs, no flip; identical to :func:`heldout_crops`).
+        split: ``"train"`` (random photograph, scale, position and flip, drawn from ``(seed, epoch, index)`` as
+            :mod:`ldm.data.image_folder` does) or ``"validation"`` (fixed crops of the held-out photographs, no flip:
+            ``heldout_crops(size, n_samples, seed, scale, photos)``).
         n_samples: length of an epoch (training) / number of validation crops.
-        seed: seed of the crops; see the module docstring.
         scale: source pixels per output pixel, a number or a ``(low, high)`` range drawn log-uniformly.
-        image_key: key of the image in the returned dict.
         photos: names of the photographs to use; default (None) :data:`TRAIN_PHOTOS` for training and
             :data:`HELDOUT_PHOTOS` for validation.  Training may not name a held-out photograph, nor validation a
             training one.

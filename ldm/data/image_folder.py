@@ -1,17 +1,14 @@
 """Image-folder dataset (recursive scan, deterministic train/validation split, resize + crop + flip) and the image
 helpers and ``(seed, epoch, index)`` randomness that the other datasets share.
 
-Items follow latent-diffusion's convention: ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}`` (models
-rearrange to ``[B, 3, H, W]``), plus ``"caption"`` (the sidecar ``<stem>.txt``, :mod:`ldm.data.captions`) when on.
-
-Randomness (the contract every dataset here follows): the crop and flip of item ``index`` are drawn from
-``numpy.random.default_rng([seed, epoch, index])``: reproducible for a seed, independent of workers, ranks and fetch
-order, and new per epoch through :meth:`EpochSeededDataset.set_epoch` (DataModuleFromConfig calls it every training
-epoch; a plain DataLoader user must call it too, or every epoch repeats epoch 0's crops).
-
+Items follow latent-diffusion's convention, ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}`` (models
+rearrange to ``[B, 3, H, W]``).  Randomness (the contract every dataset here follows): the crop and flip of item
+``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])``: reproducible for a seed, independent of
+workers, ranks and fetch order, and new per epoch through :meth:`EpochSeededDataset.set_epoch` (DataModuleFromConfig
+calls it every training epoch; a plain DataLoader user must call it too, or every epoch repeats epoch 0's crops).
 Unreadable files (truncated, corrupt, not an image, decompression bomb; or an unusable caption file) are skipped: the
 first failure logs one warning and marks the file in a shared-memory table (never retried), and the next readable file
-of the split stands in.  ``num_skipped`` counts them.
+of the split stands in (``num_skipped`` counts them).
 """
 
 from __future__ import annotations
@@ -53,11 +50,8 @@ class UnreadableDatasetError(RuntimeError):
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    Alpha (RGBA, LA, PA, palette or grey with a transparency colour) is composited over white; 16-bit grey
-    (``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits instead of being clipped.
-    """
+    """Any PIL mode as 8-bit RGB: alpha (RGBA, LA, PA, palette or grey with a transparency colour) composited over
+    white; 16-bit grey (``I;16*``, and ``I`` holding values above 255) scaled to 8 bits instead of clipped."""
     if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
@@ -98,14 +92,6 @@ def resize_short_side(image: Image.Image, size: int, min_side_resize: bool = Tru
     return image.resize(new_size, resample=Image.Resampling.BICUBIC)
 
 
-def crop_offsets(height: int, width: int, size: int, rng: np.random.Generator | None) -> tuple[int, int]:
-    """Top-left corner ``(top, left)`` of a ``size`` x ``size`` crop of an image at least that large (after
-    :func:`resize_short_side`): uniform when ``rng`` is given, else centred."""
-    if rng is None:
-        return (height - size) // 2, (width - size) // 2
-    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-
-
 def augment_image(
     image: Image.Image, size: int, min_side_resize: bool, random_crop: bool, flip: bool, rng: np.random.Generator
 ) -> np.ndarray:
@@ -114,7 +100,10 @@ def augment_image(
     ``[size, size, 3]``."""
     image = resize_short_side(image, size, min_side_resize)
     width, height = image.size
-    top, left = crop_offsets(height, width, size, rng if random_crop else None)
+    if random_crop:
+        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
     array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
@@ -154,10 +143,8 @@ class EpochSeededDataset(Dataset):
 
 def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """All files under ``root`` whose suffix (case-insensitive) is in ``suffixes``, sorted by relative POSIX path.
-
-    The walk is recursive and follows symlinked folders (each real folder once, so link cycles end); hidden files and
-    folders are ignored.  Raises FileNotFoundError / NotADirectoryError for a missing root / a file.
-    """
+    The walk follows symlinked folders (each real folder once, so link cycles end) and ignores hidden files and folders.
+    Raises FileNotFoundError / NotADirectoryError for a missing root / a file."""
     root = Path(root).expanduser()
     accepted = {s.lower() for s in suffixes}
     if not root.exists():
@@ -186,12 +173,9 @@ def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SU
 
 
 def split_files(files: Sequence[Path], split: str, val_fraction: float, split_seed: int) -> list[Path]:
-    """Deterministic split by a seeded shuffle of the sorted file list.
-
-    ``round(val_fraction * n)`` files (at least one when ``val_fraction > 0`` and ``n >= 2``, never all of them) form
-    the validation split; the rest form the training split; ``"all"`` keeps every file.  Both splits are returned in
-    sorted order.  Adding or removing files re-draws the split.
-    """
+    """``split`` of ``files`` by a seeded shuffle: ``round(val_fraction * n)`` files (at least one when
+    ``val_fraction > 0`` and ``n >= 2``, never all) form the validation split, the rest the training split; ``"all"``
+    keeps every file.  Returned in sorted order; adding or removing files re-draws the split."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
     if not 0.0 <= val_fraction < 1.0:

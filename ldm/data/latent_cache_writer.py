@@ -6,12 +6,10 @@ rank ``u % world_size`` (no communication; a unit's bytes do not depend on the n
 as ``latents-<u>.tar`` (atomically), then its sidecar ``latents-<u>.json``; a unit whose sidecar names a tar of the
 right size is done, so a killed run resumes.  Whichever process finds every unit done writes ``index.json``.
 
-Crops: a cache cannot store training's fresh random crop per epoch, so it stores ``n_crops`` fixed ones (1: the centre
-crop of ``random_crop: false``; N: evenly spaced along the longer side, centred on the shorter) and, with ``flip``,
-their mirror images; training draws one stored variant per epoch (``latent_format.choose_variant``).
-
-Captions (:mod:`ldm.data.captions`) are kept as a ``.txt`` member after the latent's, their span in the sidecar; a
-source without captions gives the same bytes as before captions existed, an unusable caption skips its input.
+A cache cannot store training's fresh random crop per epoch, so it stores ``n_crops`` fixed ones (1: the centre crop
+of ``random_crop: false``; N: evenly spaced along the longer side, centred on the shorter) and, with ``flip``, their
+mirror images; training draws one stored variant per epoch (``latent_format.choose_variant``).  Captions are kept as a
+``.txt`` member after the latent's (span in the sidecar); an unusable caption skips its input.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from PIL import Image
 from ldm.data.captions import CAPTION_EXTS, CAPTION_MEMBER_LIMITS, CaptionError, read_caption_file, sample_caption, sidecar_path
 from ldm.data.image_folder import (
     UNREADABLE_IMAGE_ERRORS,
-    crop_offsets,
     load_rgb_image,
     resize_short_side,
     scan_image_files,
@@ -88,7 +85,7 @@ class CacheSettings:
 
 @dataclass(frozen=True)
 class Unit:
-    """One output shard: the files it encodes (folder source) or the input shard it encodes (shard source)."""
+    """One output shard: the files (folder source) or the input shard (shard source) it encodes."""
 
     index: int
     files: tuple[str, ...] = ()
@@ -102,7 +99,7 @@ class Unit:
 
 def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tuple[list[Unit], str]:
     """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume);
-    ``scanned``: the folder's ``scan_image_files`` when the caller has it already (:func:`source_inputs`)."""
+    ``scanned``: the folder's ``scan_image_files`` if the caller has it (:func:`source_inputs`)."""
     if os.path.isdir(settings.source):
         root = Path(settings.source)
         files = split_files(
@@ -209,7 +206,7 @@ def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarr
     image = resize_short_side(image, size, settings.min_side_resize)
     width, height = image.size
     if settings.n_crops == 1:
-        positions = [crop_offsets(height, width, size, None)]
+        positions = [((height - size) // 2, (width - size) // 2)]  # the centre crop
     else:
         ks = range(settings.n_crops)
         last = settings.n_crops - 1

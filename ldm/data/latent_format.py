@@ -272,17 +272,15 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
     )
 
 
-_NO_DEFAULT: Any = object()
-
-
 def _index_field(
-    path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "", default: Any = _NO_DEFAULT
+    path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "", default: Any = None
 ) -> Any:
     """``data[key]`` of an index file if it has exactly the type ``kind`` (no bool for int, no "3" or 2.9 for int, no
-    "false" for bool: json.loads gives each its own type), else a one-line ConfigError naming the file and the key."""
+    "false" for bool: json.loads gives each its own type), else a one-line ConfigError naming the file and the key; a
+    missing key gives ``default`` if there is one (not None)."""
     name = f"{where}.{key}" if where else key
     if key not in data:
-        if default is not _NO_DEFAULT:
+        if default is not None:
             return default
         raise ConfigError(
             f"{path}: key {name!r} is missing; it must be {rule}. Re-run scripts/cache_latents.py to write the index again"

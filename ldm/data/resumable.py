@@ -1,18 +1,13 @@
 """Deterministic, per-rank, resumable data order.
 
 Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (``state_dict`` / ``load_state_dict``).
-:func:`make_resumable` rebuilds a DataLoader around :class:`ShardedEpochSampler`:
-
-* the order of epoch ``e`` is ``randperm(len(dataset), seed + e)`` (or the identity without shuffling), identical on
-  every rank, and each rank takes every ``world_size``-th index, padded like ``DistributedSampler``;
-* the loader counts the batches it handed out this epoch; the count goes into the checkpoint and a resumed run skips
-  that many batches *by index* (nothing is loaded for them);
-* the real iterator is created lazily at the first ``next()`` (after Lightning's ``set_epoch``), and worker seeds
-  derive from ``(seed, epoch, rank)`` through the loader's own generator.
-
-Iterable-style datasets and custom samplers are left alone (with a warning) on one process and refused for
-multi-process runs, except loaders that split their data by rank themselves (``splits_by_rank = True``: the tar-shard
-streams of :mod:`ldm.data.shard_stream`, which share :class:`ResumableLoaderState`).
+:func:`make_resumable` rebuilds a DataLoader around :class:`ShardedEpochSampler` (every rank the same order of epoch
+``e``, each taking every ``world_size``-th index); the loader counts the batches it handed out this epoch, the count
+goes into the checkpoint, and a resumed run skips that many batches *by index* (nothing is loaded for them).  The real
+iterator is created lazily at the first ``next()`` (after Lightning's ``set_epoch``); worker seeds derive from ``(seed,
+epoch, rank)`` through the loader's own generator.  Iterable-style datasets and custom samplers are left alone (with a
+warning) on one process and refused for multi-process runs, except loaders that split their data by rank themselves
+(``splits_by_rank = True``: the streams of :mod:`ldm.data.shard_stream`, which share :class:`ResumableLoaderState`).
 """
 
 from __future__ import annotations
@@ -44,11 +39,9 @@ class ResumableLoaderState:
     _pending: tuple[int, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches handed out in it."""
         return {"epoch": int(self._epoch_now()), "batches": int(self.batches_yielded)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Arrange for the next iteration of that epoch to skip the batches already trained on."""
         self._pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
@@ -86,15 +79,15 @@ class ShardedEpochSampler(Sampler[int]):
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields (Lightning calls this every epoch)."""
+        """Select the epoch whose order the next iteration yields (Lightning calls it every epoch)."""
         self.epoch = int(epoch)
 
     def skip_next(self, n: int) -> None:
         """The next iteration starts ``n`` indices into this rank's order (resuming mid-epoch)."""
         self._skip = int(n)
 
-    def epoch_indices(self) -> list[int]:
-        """All indices of this rank for the current epoch."""
+    def __iter__(self) -> Iterator[int]:
+        start, self._skip = self._skip, 0
         if self.shuffle:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=gen).tolist()
@@ -105,14 +98,10 @@ class ShardedEpochSampler(Sampler[int]):
         elif self.size % self.world_size and self.size > 0:
             pad = self.world_size - self.size % self.world_size
             order = order + (order * (pad // len(order) + 1))[:pad]
-        return order[self.rank :: self.world_size]
+        return iter(order[self.rank :: self.world_size][start:])
 
     def __len__(self) -> int:
         return self.size // self.world_size if self.drop_last else -(-self.size // self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        start, self._skip = self._skip, 0
-        return iter(self.epoch_indices()[start:])
 
 
 class ResumableDataLoader(ResumableLoaderState, DataLoader):
@@ -135,24 +124,16 @@ class ResumableDataLoader(ResumableLoaderState, DataLoader):
         return DataLoader.__iter__(self)
 
 
+# the DataLoader arguments a loader rebuilt around another sampler keeps (the last two only with worker processes)
+_KEPT_ARGS: tuple[str, ...] = tuple(
+    "batch_size drop_last num_workers collate_fn pin_memory timeout worker_init_fn persistent_workers pin_memory_device "
+    "in_order prefetch_factor multiprocessing_context".split()
+)
+
+
 def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
-    """What a loader rebuilt around another sampler keeps of ``loader``."""
-    kwargs = {
-        "batch_size": loader.batch_size,
-        "drop_last": loader.drop_last,
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device,
-        "in_order": loader.in_order,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-        kwargs["multiprocessing_context"] = loader.multiprocessing_context
-    return kwargs
+    names = _KEPT_ARGS if loader.num_workers > 0 else _KEPT_ARGS[:-2]
+    return {name: getattr(loader, name) for name in names}
 
 
 def _convertible(loader: Any, what: str, world_size: int) -> bool:

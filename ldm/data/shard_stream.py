@@ -99,6 +99,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     captions = "off"  # subclasses with captions set theirs
     decode_errors: tuple[type[BaseException], ...] = (KeyError, ValueError)  # what decode raises for unreadable samples
+    member_exts: tuple[str, ...] | None = None  # the member extensions decode uses (None: all); others are not read
+    _index_counts: list[int] | None = None  # sample counts known from a cache's index.json (LatentShards)
 
     def __init__(
         self, shards: str | Sequence[str], sizes: str | os.PathLike | None = None, seed: int = 0, shuffle_buffer: int = 1000
@@ -116,6 +118,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         logger.info("%s: %d samples in %d shards", type(self).__name__, len(self), len(self.urls))
 
     def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
+        if self._index_counts is not None and sizes is None:
+            return list(self._index_counts), []
         if sizes is not None:
             try:
                 table = json.loads(Path(sizes).read_text(encoding="utf-8"))
@@ -170,12 +174,6 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         per_rank = self.samples_per_rank()
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
-    def shard_order(self, epoch: int) -> np.ndarray:
-        """Shard ids in the order of ``epoch``'s stream."""
-        if not self.shuffle:
-            return np.arange(len(self.urls))
-        return np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.urls))
-
     def worker_runs(self, num_workers: int) -> list[tuple[int, int, int]]:
         """``(first sample, samples, batches)`` of each worker's run, in the rank's part of the epoch stream."""
         total = self.num_batches()
@@ -190,21 +188,9 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             start += length
         return runs
 
-    def set_skip(self, batches: int) -> None:
-        """The next iteration starts after the rank's first ``batches`` batches (a resumed epoch; shared memory)."""
-        self._skip_batches.fill_(int(batches))
-
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         """One raw sample (``{ext: bytes}``) -> the training item; ``index`` is its global position (overridden)."""
         raise NotImplementedError
-
-    def member_exts(self) -> tuple[str, ...] | None:
-        """The member extensions :meth:`decode` uses (None: all); the others are passed over without being read."""
-        return None
-
-    def member_limits(self) -> dict[str, int] | None:
-        """Size limits by member extension below ``MAX_MEMBER_BYTES`` (captions), checked from the tar headers."""
-        return None if self.captions == "off" else cap.CAPTION_MEMBER_LIMITS
 
     def _read(
         self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState, count: bool = True
@@ -213,6 +199,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         (unless ``count`` is false: a block read again to stand in for another counts nothing twice).  Where a shard
         ends early or breaks goes into ``state``: later reads of the epoch skip its missing part without opening it."""
         ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
+        # caption members are refused from their tar headers above their size limits
+        limits = None if self.captions == "off" else cap.CAPTION_MEMBER_LIMITS
         items = []
         position = start
         while position < stop:
@@ -227,11 +215,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             if readable:
                 try:
                     for sample in iter_samples(
-                        self.urls[shard],
-                        skip=within,
-                        limit=readable,
-                        exts=self.member_exts(),
-                        member_limits=self.member_limits(),
+                        self.urls[shard], skip=within, limit=readable, exts=self.member_exts, member_limits=limits
                     ):
                         got += 1
                         index = int(self.offsets[shard]) + sample["__index__"]
@@ -341,7 +325,9 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         local_skip = max(0, (skip - worker + workers - 1) // workers)
         if local_skip >= run[2]:
             return
-        order = self.shard_order(epoch)
+        # shard ids in the order of the epoch's stream
+        shards = len(self.urls)
+        order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(shards) if self.shuffle else np.arange(shards)
         per_block = self._block_samples() // self.batch_size
         first = local_skip // per_block
         state = _EpochState()
@@ -382,10 +368,8 @@ class ImageShards(ShardStream):
         self.captions = cap.check_caption_mode(captions)
         self.size, self.random_crop, self.flip = int(size), bool(random_crop), bool(flip)
         self.min_side_resize, self.image_key = bool(min_side_resize), image_key
+        self.member_exts = IMAGE_EXTS if self.captions == "off" else IMAGE_EXTS + cap.CAPTION_EXTS
         super().__init__(shards, sizes, seed, shuffle_buffer)
-
-    def member_exts(self) -> tuple[str, ...]:
-        return IMAGE_EXTS if self.captions == "off" else IMAGE_EXTS + cap.CAPTION_EXTS
 
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -433,16 +417,10 @@ class LatentShards(ShardStream):
             self._index_counts = [count for _, count in index.shards]
             shards = index.shard_paths()
             self.captions = cap.cache_caption_mode(captions, index.captions)
-        else:
-            self._index_counts = None
+        self.member_exts = (LATENT_EXT, "json") if self.captions == "off" else (LATENT_EXT, "json", "txt")
         super().__init__(shards, sizes, seed, shuffle_buffer)
         if self.sample_shape is None:
             self.sample_shape = self._probe_shape()
-
-    def _shard_sizes(self, sizes: str | os.PathLike | None) -> tuple[list[int], list[str]]:
-        if self._index_counts is not None and sizes is None:
-            return list(self._index_counts), []
-        return super()._shard_sizes(sizes)
 
     def _probe_shape(self) -> tuple[int, ...]:
         """``[V, C, h, w]`` of shards without an index: the most common shape among their first readable samples
@@ -521,9 +499,6 @@ class LatentShards(ShardStream):
         caption = cap.caption_item(cap.sample_caption(sample, what), self.captions, what).get("caption")  # the .txt member
         return latent_item(array, variant, sha, source, caption)
 
-    def member_exts(self) -> tuple[str, ...]:
-        return (LATENT_EXT, "json") if self.captions == "off" else (LATENT_EXT, "json", "txt")
-
 
 class ShardStreamLoader(ResumableLoaderState, DataLoader):
     """The loader of a :class:`ShardStream` for one rank: batches come from the dataset's workers (``batch_size=None``);
@@ -541,5 +516,6 @@ class ShardStreamLoader(ResumableLoaderState, DataLoader):
         return self.dataset.epoch
 
     def _start_epoch(self) -> Iterator[Any]:
-        self.dataset.set_skip(self._resume_skip("re-reading only the block that holds it"))
+        # the rank's batches to skip, in shared memory: read by the workers when they start
+        self.dataset._skip_batches.fill_(self._resume_skip("re-reading only the block that holds it"))
         return DataLoader.__iter__(self)

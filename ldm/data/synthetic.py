@@ -154,7 +154,7 @@ def render_scene(scene: Scene, size: int, family: ShapesFamily = ShapesFamily())
 
 
 def render_shapes(image_seed: int, size: int, family: ShapesFamily = ShapesFamily()) -> np.ndarray:
-    """The image of ``image_seed`` at ``size`` px: uint8 ``[size, size, 3]`` (:func:`draw_scene` + :func:`render_scene`)."""
+    """The image of ``image_seed``: uint8 ``[size, size, 3]``."""
     return render_scene(draw_scene(image_seed, family), size, family)
 
 
@@ -192,8 +192,6 @@ class SyntheticShapes(EpochSeededDataset):
         split: ``"train"`` (new image seeds every epoch, drawn from ``(seed, epoch, index)`` in the training range) or
             ``"validation"`` (fixed held-out images of stream ``VALIDATION_STREAM + seed``, the same every epoch).
         n_samples: length of an epoch (training) / number of validation images.
-        seed: see ``split``.
-        image_key: key of the image in the returned dict.
         n_min, n_max, radius_min, radius_max, edge: the family (:class:`ShapesFamily`).
 
     Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "image_seed_": int}``.
@@ -233,7 +231,7 @@ class SyntheticShapes(EpochSeededDataset):
         return self.n_samples
 
     def image_seed(self, index: int) -> int:
-        """The image seed of item ``index`` (in the current epoch for training)."""
+        """The image seed of item ``index`` (of the current epoch for training)."""
         if not -self.n_samples <= index < self.n_samples:
             raise IndexError(f"index {index} out of range for n_samples={self.n_samples}")
         index %= self.n_samples

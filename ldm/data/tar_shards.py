@@ -18,9 +18,8 @@ import re
 import string
 import tarfile
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ldm.util import ConfigError
 
@@ -148,7 +147,13 @@ def count_expansions(pattern: str) -> int:
     total = 0
     for url in pattern.split("::"):
         for _ in range(10):  # as expand_urls: substitutes until nothing changes, at most 10 times
-            _check_environment(url, pattern)  # before each envsubst, which asserts on a missing variable
+            for name in _ENV_REFERENCE.findall(url):  # before each envsubst, which asserts that WDS_<name> is set
+                if f"WDS_{name}" not in os.environ:
+                    raise ConfigError(
+                        f"shard pattern {pattern!r} uses ${{{name}}}, which webdataset fills in from the environment "
+                        f"variable WDS_{name} (not from {name}), and WDS_{name} is not set; set it (export WDS_{name}=...) "
+                        "or write the path out (the shell expands $HOME-style variables in an unquoted argument)"
+                    )
             last, url = url, envsubst(url)
             if url == last:
                 break
@@ -157,18 +162,6 @@ def count_expansions(pattern: str) -> int:
 
 
 _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")  # webdataset's envsubst pattern
-
-
-def _check_environment(url: str, whole: str) -> None:
-    """Refuse a ``${VAR}`` that webdataset's envsubst cannot substitute (it asserts that ``WDS_VAR`` is set)."""
-    for match in _ENV_REFERENCE.finditer(url):
-        name = match.group(1)
-        if f"WDS_{name}" not in os.environ:
-            raise ConfigError(
-                f"shard pattern {whole!r} uses ${{{name}}}, which webdataset fills in from the environment variable "
-                f"WDS_{name} (not from {name}), and WDS_{name} is not set; set it (export WDS_{name}=...) or write the "
-                "path out (the shell expands $HOME-style variables in an unquoted argument)"
-            )
 
 
 _INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
@@ -250,32 +243,6 @@ def _shorten(text: str, limit: int = 120) -> str:
 def is_local(url: str) -> bool:
     """Whether ``url`` names a local file (seekable), not a ``pipe:`` command or a URL."""
     return not url.startswith("pipe:") and "://" not in url
-
-
-def split_name(name: str) -> tuple[str, str] | None:
-    """webdataset's sample key and extension of a member name (``a/b.c.d`` -> ``("a/b", "c.d")``), or None."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(name)
-    if key is None:
-        return None
-    return key, ext.lower()
-
-
-def _open_tar(url: str) -> tuple[tarfile.TarFile, BinaryIO | None, int | None]:
-    """The open archive (headers read by :class:`CheckedTarInfo`), the stream of a non-local shard (else None) and the
-    size of a local one (else None)."""
-    if is_local(url):
-        size = os.path.getsize(url)
-        return tarfile.open(url, mode="r:", tarinfo=CheckedTarInfo), None, size  # seekable: skipped data is never read
-    from webdataset.gopen import gopen
-
-    stream = gopen(url, "rb")
-    try:
-        return tarfile.open(fileobj=stream, mode="r|", tarinfo=CheckedTarInfo), stream, None
-    except BaseException:
-        stream.close()
-        raise
 
 
 def _members(tar: tarfile.TarFile, streamed: bool, file_size: int | None) -> Iterator[tarfile.TarInfo]:
@@ -362,20 +329,33 @@ def iter_samples(
     :data:`MAX_SAMPLE_BYTES`, both from the headers; two wanted members of one name) is yielded without members, with
     ``sample[SAMPLE_ERROR_KEY]`` saying why: the caller skips it and the shard goes on.
     """
+    from webdataset.tariterators import base_plus_ext
+
     if limit is not None and limit <= 0:
         return
     wanted = None if exts is None else frozenset(exts)
     label = shard_label(url)
-    tar, stream, file_size = _open_tar(url)
+    if is_local(url):
+        stream, file_size = None, os.path.getsize(url)
+        tar = tarfile.open(url, mode="r:", tarinfo=CheckedTarInfo)  # seekable: skipped data is never read
+    else:
+        from webdataset.gopen import gopen
+
+        stream, file_size = gopen(url, "rb"), None
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=CheckedTarInfo)
+        except BaseException:
+            stream.close()
+            raise
     try:
         position, current, yielded, held = -1, None, 0, 0
         for member in _members(tar, stream is not None, file_size):
             if not member.isreg():
                 continue
-            parts = split_name(member.name)
-            if parts is None or parts[0].startswith("__"):
+            key, ext = base_plus_ext(member.name)  # webdataset's sample key and extension: a/b.c.d -> a/b, c.d
+            if key is None or key.startswith("__"):
                 continue
-            key, ext = parts
+            ext = ext.lower()
             if current is None or key != current["__key__"]:
                 if current is not None and position >= skip:
                     yield current
@@ -414,22 +394,10 @@ def count_samples(url: str) -> int:
             f"cannot count the samples of {url!r} without downloading it; give the shard sizes "
             "(sizes: a JSON file {shard file name: samples}) for shards that are not local files"
         )
-    keys = 0
-    last = None
-    tar, _, file_size = _open_tar(url)
-    with tar:
-        for member in _members(tar, False, file_size):
-            parts = split_name(member.name) if member.isreg() else None
-            if parts is None or parts[0].startswith("__"):
-                continue
-            if parts[0] != last:
-                keys += 1
-                last = parts[0]
-    return keys
+    return sum(1 for _ in iter_samples(url, exts=()))  # no member is wanted: none is read
 
 
-@dataclass(frozen=True)
-class MemberSpan:
+class MemberSpan(NamedTuple):
     """Where a member's bytes lie in a tar file written by :func:`write_tar`."""
 
     name: str

@@ -102,11 +102,11 @@ def _real_global(qualname: str) -> Any:
         return None
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (``hashlib.file_digest`` needs Python 3.11; 3.10 is supported)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
+        for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -166,10 +166,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
     except _READ_ERRORS as exc:
         kind = "truncated or corrupt" if path.suffix in CKPT_SUFFIXES else "not a torch or safetensors checkpoint"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({kind}): {str(exc).splitlines()[0]}") from exc
-    if isinstance(obj, Mapping) and not _is_state_dict(obj):
-        return dict(obj)
     if _is_state_dict(obj):
         return {"state_dict": dict(obj)}
+    if isinstance(obj, Mapping):
+        return dict(obj)
     raise CheckpointError(
         f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint dict"
     )
@@ -290,13 +290,8 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[st
 def drop_keys(state_dict: Mapping[str, Any], ignore_prefixes: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
     """Remove keys starting with any of ``ignore_prefixes``; returns ``(kept, dropped_keys)``."""
     prefixes = tuple(ignore_prefixes)
-    kept, dropped = {}, []
-    for key, value in state_dict.items():
-        if prefixes and key.startswith(prefixes):
-            dropped.append(key)
-        else:
-            kept[key] = value
-    return kept, dropped
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    return kept, [k for k in state_dict if k not in kept]
 
 
 def check_weights_fit(

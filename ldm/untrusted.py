@@ -22,12 +22,11 @@ passes :func:`check_config_structure` (bounded nesting and size), because the lo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,15 +102,11 @@ class ConfigRole:
     sizes: bool = True
 
     def admits(self, cls: type) -> bool:
+        # a package is written with a trailing ".": the module must be it or lie inside it
         return any(
-            issubclass(cls, get_obj_from_str(base)) and (package is None or _in_package(cls.__module__, package))
+            issubclass(cls, get_obj_from_str(base)) and (package is None or f"{cls.__module__}.".startswith(package))
             for base, package in self.kinds
         )
-
-
-def _in_package(module: str, package: str) -> bool:
-    """Whether ``module`` is ``package`` (written with a trailing ``.``) or inside it."""
-    return module == package.rstrip(".") or module.startswith(package)
 
 
 _VQ = "ldm.models.autoencoder.VQModel"
@@ -174,9 +169,8 @@ def check_untrusted_model(
         ConfigError: a target of the wrong kind or outside the allow-list, a bad value, a config that cannot be built.
         CheckpointError: "config and checkpoint disagree: ..." (shapes, schedule length, sizes), or missing weights.
     """
-    prefixes = tuple(allowed_prefixes)
     try:
-        check_untrusted_config(cfg, "model", prefixes)
+        check_untrusted_config(cfg, "model", allowed_prefixes)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     _check_schedule_length(cfg, state_dict, source)
@@ -281,22 +275,21 @@ def check_untrusted_config(
                 f"{here} holds a config (target={inner!r}), but {name!r} is no slot of {cls.__name__}: a config stored "
                 f"in a checkpoint builds classes only in the slots {sorted(spec.slots)}. {TRUST_HINT}"
             )
-        hint, default = hints.get(name, (Any, None))
-        _check_value(value, hint, here, spec.sizes, default)
+        _check_value(value, here, spec.sizes, *hints.get(name, (Any, None)))
         if name in spec.kwargs_of and isinstance(value, Mapping):
             receivers: dict[str, tuple[Any, Any]] = {}
             for dotted in reversed(spec.kwargs_of[name]):
                 receivers.update(accepted_keywords(get_obj_from_str(dotted)).params)
             for key, item in value.items():
-                item_hint, item_default = receivers.get(key, (Any, None))
-                _check_value(item, item_hint, f"{here}.{key}", spec.sizes, item_default)
+                _check_value(item, f"{here}.{key}", spec.sizes, *receivers.get(key, (Any, None)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # values
 
 
-def _check_value(value: Any, hint: Any, where: str, sizes: bool, default: Any) -> None:
+def _check_value(value: Any, where: str, sizes: bool, hint: Any, default: Any) -> None:
+    """Refuse ``value`` unless it fits the type ``hint`` of the argument (with ``default``) that receives it."""
     # -1 is CompVis' "unset" for num_heads / num_head_channels: allowed where it is the default
     low = -1 if isinstance(default, int) and not isinstance(default, bool) and default == -1 else 0
     problem = _mismatch(value, hint, sizes, low)
@@ -422,38 +415,29 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
         )
 
 
-@contextlib.contextmanager
-def _registration_limits(max_tensors: int, max_modules: int, source: str, held: int) -> Iterator[None]:
-    """Stop any module construction in this block once it registers more than ``max_tensors`` parameters and buffers
-    or ``max_modules`` sub-modules (torch's global registration hooks; removed on exit)."""
-    counts = {"tensors": 0, "modules": 0}
+def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> torch.nn.Module:
+    """The model of ``cfg`` on the meta device: every shape, no memory.  The CPU random state is left as it was.  The
+    build stops once it registers :data:`TENSOR_SLACK` more parameters and buffers than the checkpoint holds, or
+    :data:`MODULES_PER_TENSOR` times as many sub-modules (torch's global registration hooks, removed on exit)."""
+    limits = {"tensors": len(state_dict) + TENSOR_SLACK}
+    limits["modules"] = MODULES_PER_TENSOR * limits["tensors"]
+    counts = dict.fromkeys(limits, 0)
 
-    def count(what: str, limit: int, module: torch.nn.Module, name: str) -> None:
+    def count(what: str, module: torch.nn.Module, name: str) -> None:
         counts[what] += 1
-        if counts[what] > limit:
+        if counts[what] > limits[what]:
             raise RegistrationLimitError(
-                f"config and checkpoint disagree: {source} holds {held} tensors, its config's model registers more than "
-                f"{limit} {what} (stopped at {type(module).__name__}.{name}); refused before building further"
+                f"config and checkpoint disagree: {source} holds {len(state_dict)} tensors, its config's model registers "
+                f"more than {limits[what]} {what} (stopped at {type(module).__name__}.{name}); refused before building further"
             )
 
     handles = [
-        torch_module.register_module_parameter_registration_hook(lambda m, n, t: count("tensors", max_tensors, m, n)),
-        torch_module.register_module_buffer_registration_hook(lambda m, n, t: count("tensors", max_tensors, m, n)),
-        torch_module.register_module_module_registration_hook(lambda m, n, s: count("modules", max_modules, m, n)),
+        torch_module.register_module_parameter_registration_hook(lambda m, n, t: count("tensors", m, n)),
+        torch_module.register_module_buffer_registration_hook(lambda m, n, t: count("tensors", m, n)),
+        torch_module.register_module_module_registration_hook(lambda m, n, s: count("modules", m, n)),
     ]
     try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> torch.nn.Module:
-    """The model of ``cfg`` on the meta device: every shape, no memory.  The CPU random state is left as it was."""
-    max_tensors = len(state_dict) + TENSOR_SLACK
-    limits = _registration_limits(max_tensors, MODULES_PER_TENSOR * max_tensors, source, len(state_dict))
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"), limits:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             return instantiate_from_config(cfg)
     except RegistrationLimitError:
         raise
@@ -462,6 +446,9 @@ def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source
         if not isinstance(exc, ValueError):
             reason = f"{type(exc).__name__}: {reason}"
         raise ConfigError(f"{source}: cannot build {cfg['target']!r} from its config: {reason}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _stored_numel(tensor: torch.Tensor) -> int:

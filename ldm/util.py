@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
-_SENTINELS = (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL)
 # keys a {target, params} node may carry; base_learning_rate sits beside target in latent-diffusion's model configs
 CONFIG_KEYS = {"target", "params", "base_learning_rate"}
 
@@ -74,10 +73,6 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
         ) from exc
 
 
-def _matches(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name.startswith(p) if p.endswith(".") else name == p for p in prefixes)
-
-
 def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> None:
     """Refuse a ``target`` outside ``allowed_prefixes`` (used for configs that come from checkpoints).
 
@@ -85,7 +80,7 @@ def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_
     even inside an allowed package.  Nothing is imported.
     """
     prefixes = tuple(allowed_prefixes)
-    if not _matches(target, prefixes):
+    if not any(target.startswith(p) if p.endswith(".") else target == p for p in prefixes):
         raise ConfigError(
             f"target={target!r} is not in the allow-list {list(prefixes)}; a config stored in a checkpoint may only "
             f"build classes of this project. {TRUST_HINT}"
@@ -214,7 +209,7 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -
     first (:func:`check_arguments`).  A config read from a checkpoint is checked by :mod:`ldm.untrusted` before it gets
     here.  Returns None for the sentinels (module doc).
     """
-    if isinstance(config, str) and config in _SENTINELS:
+    if isinstance(config, str) and config in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL):
         return None  # as latent-diffusion: LatentDiffusion resolves these cond_stage_config markers itself
     if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
         keys = list(config.keys()) if hasattr(config, "keys") else type(config).__name__
@@ -228,8 +223,7 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -
         raise ConfigError(
             f"params of {config['target']!r} must be a mapping of constructor arguments, got {type(params).__name__} {params!r}"
         )
-    params = dict(params)
-    params.update(overrides)
+    params = {**params, **overrides}
     check_arguments(cls, params, str(config["target"]))
     try:
         return cls(**params)
@@ -337,7 +331,4 @@ def remove_stale_temp_files(
 
 def is_rank_zero() -> bool:
     """True on the global rank-0 process (or when not distributed)."""
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "0") != "0":
-            return False
-    return True
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))

@@ -1,4 +1,4 @@
-"""Checkpoint writes of real ``main.py`` training runs (:mod:`ldm.train.checkpoint_io`) under injected faults.
+"""Checkpoint writes of real ``main.py`` training runs (:class:`ldm.train.trainer.SafeAtomicCheckpointIO`) under faults.
 
 * disk full while writing ``last.ckpt``: one line naming it, the previous checkpoint kept;
 * SIGKILL in the middle of checkpoint writes at several points, then ``-r``: the half-written file is a hidden temp that

@@ -23,9 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.checkpoint import UnsafeCheckpointError, load_checkpoint
 from ldm.train.callbacks import FinalCheckpoint, ImageLogger
-from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.train.cli import check_override_key, merge_configs, parse_cli
-from ldm.train.trainer import build_loggers
+from ldm.train.trainer import SafeAtomicCheckpointIO, build_loggers
 from ldm.util import ConfigError, instantiate_from_config
 
 from warm_python import run_python

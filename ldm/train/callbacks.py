@@ -208,7 +208,7 @@ class ImageLogger(Callback):
 
 
 class InterruptCheckpoint(Callback):
-    """Writes ``last.ckpt`` when the run is interrupted; see the module doc for each signal.
+    """Writes ``last.ckpt`` (``ckpt_path``: ``<logdir>/checkpoints/last.ckpt``) when the run is interrupted.
 
     SIGTERM: Lightning 2's own handler only sets ``trainer.received_sigterm``; the loops raise ``SIGTERMException``
     (a ``SystemExit``) at the next batch boundary, on every rank at the same step.  :meth:`on_exception` saves there,
@@ -219,14 +219,11 @@ class InterruptCheckpoint(Callback):
 
     KeyboardInterrupt: saved by rank 0 alone (other ranks may be stuck in a collective), with the step in progress
     discarded by Lightning's restart logic on resume.
-
-    ``ckpt_path``: where to write (``<logdir>/checkpoints/last.ckpt``).
     """
 
     def __init__(self, ckpt_path: str) -> None:
         super().__init__()
         self.ckpt_path = str(ckpt_path)
-        self.reason: str | None = None
         self.saved_step: int | None = None
         self._usr1 = threading.Event()
         self._previous_usr1: Any = None
@@ -274,7 +271,6 @@ class InterruptCheckpoint(Callback):
             self._saved(trainer, "KeyboardInterrupt")
 
     def _saved(self, trainer: pl.Trainer, reason: str) -> None:
-        self.reason = reason
         self.saved_step = int(trainer.global_step)
         if trainer.is_global_zero:
             logger.info("%s: saved %s at global step %d", reason, self.ckpt_path, trainer.global_step)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.cli import decimal_int
-from ldm.train.config_merge import DELETE_PREFIX, delete_key, is_deletion, merge_layers, prepare_override
+from ldm.train.config_merge import DELETE_PREFIX, delete_key, drop_replaced_params, is_deletion, merge_layers
 from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, unknown_argument
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
@@ -53,8 +53,6 @@ LIGHTNING1_HINTS = {
     "move_metrics_to_cpu": "removed in Lightning 2; drop the key",
     "stochastic_weight_avg": "add pytorch_lightning.callbacks.StochasticWeightAveraging under lightning.callbacks",
 }
-
-
 # latent-diffusion configs name callbacks of its main.py; they live in ldm.train.callbacks here.
 LEGACY_CALLBACK_TARGETS = {"main.ImageLogger": "ldm.train.callbacks.ImageLogger"}
 
@@ -159,8 +157,7 @@ def check_dotlist_tokens(tokens: Sequence[str], flags: Sequence[str], configs_fl
             if not key or any(not part for part in key.split(".")):
                 raise CLIError(f"{token!r}: a deletion names a key, e.g. ~data.params.validation")
             continue
-        key = token.split("=", 1)[0]
-        if "=" not in token or not key:
+        if "=" not in token or token.startswith("="):  # no key=value
             raise CLIError(
                 f"unexpected argument {token!r}: configs go after {configs_flag}, overrides are key=value "
                 "(e.g. lightning.trainer.max_steps=100) or ~key to delete a key"
@@ -226,7 +223,8 @@ def apply_override(config: DictConfig, entry: str) -> None:
         raise ConfigError(f"cannot parse the override {entry!r}: {str(exc).strip().splitlines()[0]}") from exc
     value = OmegaConf.to_container(parsed, resolve=False)["value"]
     try:
-        prepare_override(config, key, value)
+        *where, last = key.split(".")
+        drop_replaced_params(config, {last: value}, where)  # the target rule, before the value is merged
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as exc:
         first = str(exc).strip().splitlines()[0]
@@ -436,29 +434,24 @@ def saved_run_configs(logdir: Path) -> list[str]:
 
 
 def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:
-    """The seed a resumed run uses, and a line saying where it came from.
-
-    Checkpoints written by ``main.py`` store the run's seed (the state of
-    :class:`~ldm.train.callbacks.StepSeeding`).  Without ``-s`` the stored seed is used, so the resumed run continues
-    exactly like an uninterrupted one; an explicit ``-s`` that differs wins, with a warning that the continuation is
-    then a different random stream.  Checkpoints without a stored seed (older runs) use ``-s`` or
-    :data:`DEFAULT_SEED`.  Tensors are not read (loaded onto the meta device).
-    """
+    """The seed a resumed run uses, and a line saying where it came from: the seed ``main.py`` stored (the state of
+    :class:`~ldm.train.callbacks.StepSeeding`), so that the run continues like an uninterrupted one, unless ``-s``
+    differs (it wins, with a warning: another random stream); ``-s`` or :data:`DEFAULT_SEED` where the checkpoint stores
+    none (older runs) or an invalid one.  Tensors are not read (loaded onto the meta device)."""
     from ldm.checkpoint import load_checkpoint
     from ldm.train.callbacks import StepSeeding
 
     callbacks = load_checkpoint(ckpt, map_location="meta", unsafe=unsafe_load).get("callbacks")
     state = callbacks.get(StepSeeding.STATE_KEY) if isinstance(callbacks, Mapping) else None
     stored = state.get("seed") if isinstance(state, Mapping) else None
-    if stored is not None and (isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored <= MAX_SEED):
-        seed = DEFAULT_SEED if given is None else given
-        return seed, (
-            f"warning: resuming with seed {seed} ({'the default' if given is None else '-s'}): {ckpt} stores an invalid "
-            f"seed {str(stored)[:40]!r} (not an integer in [0, {MAX_SEED}]); pass the run's -s if you know it"
-        )
-    if stored is None:
-        seed = DEFAULT_SEED if given is None else given
-        origin = "the default" if given is None else "-s"
+    invalid = stored is not None and (isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored <= MAX_SEED)
+    if stored is None or invalid:
+        seed, origin = (DEFAULT_SEED, "the default") if given is None else (given, "-s")
+        if invalid:
+            return seed, (
+                f"warning: resuming with seed {seed} ({origin}): {ckpt} stores an invalid seed {str(stored)[:40]!r} "
+                f"(not an integer in [0, {MAX_SEED}]); pass the run's -s if you know it"
+            )
         return seed, f"resuming with seed {seed} ({origin}): {ckpt} stores no seed; pass the run's -s if it differed"
     if given is None or given == stored:
         return int(stored), f"resuming with seed {stored}, stored in {ckpt}"

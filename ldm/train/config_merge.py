@@ -17,7 +17,6 @@ DELETE_PREFIX = "~"
 
 
 def is_deletion(token: str) -> bool:
-    """Whether a command-line token is a ``~key`` deletion (rather than a ``key=value`` override)."""
     return token.startswith(DELETE_PREFIX)
 
 
@@ -33,11 +32,8 @@ def _replaced_params(base: Any, incoming: Any, path: tuple[Any, ...] = ()) -> li
     target; both arguments are plain containers."""
     if not isinstance(base, dict) or not isinstance(incoming, dict):
         return []
-    if "target" in incoming and "target" in base and "params" in base and incoming["target"] != base["target"]:
-        found = [path]
-        skip = "params"
-    else:
-        found, skip = [], None
+    replaced = "target" in incoming and "target" in base and "params" in base and incoming["target"] != base["target"]
+    found, skip = ([path], "params") if replaced else ([], None)
     for key, value in incoming.items():
         if key != skip and key in base:
             found += _replaced_params(base[key], value, (*path, key))
@@ -61,8 +57,7 @@ def drop_replaced_params(base: DictConfig, incoming: Any, where: Sequence[Any] =
     if not isinstance(node, DictConfig):
         return
     for path in _replaced_params(_plain(node), _plain(incoming)):
-        owner = _node_at(node, path)
-        del owner["params"]
+        del _node_at(node, path)["params"]
 
 
 def _strip_deletions(layer: Any, path: tuple[Any, ...] = ()) -> tuple[Any, list[tuple[Any, ...]]]:
@@ -134,9 +129,3 @@ def merge_layers(layers: Sequence[tuple[str, DictConfig]], start: DictConfig | N
         drop_replaced_params(merged, stripped)
         merged = OmegaConf.merge(merged, OmegaConf.create(stripped) if deletions else layer)
     return merged
-
-
-def prepare_override(config: DictConfig, key: str, value: Any) -> None:
-    """Apply the target rule for the override ``key=value`` (already parsed) before it is merged into ``config``."""
-    path = key.split(".")
-    drop_replaced_params(config, {path[-1]: value}, path[:-1])

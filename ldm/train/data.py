@@ -61,12 +61,18 @@ def check_first_items(datamodule: Any) -> None:
             dataset[0]
 
 
-def cached_first_stage_hashes(datamodule: Any) -> dict[str, str]:
-    """``{split: first-stage sha256}`` of the cached-latent datasets ``datamodule`` has set up: a map-style dataset
-    whose first item carries ``first_stage_sha256`` (:class:`~ldm.data.cached_latents.CachedLatents`), or an
-    iterable one read from a cache folder with an ``index.json`` (:class:`~ldm.data.shard_stream.LatentShards` given
-    the folder; a pattern of shards is checked at its first batch instead)."""
-    found: dict[str, str] = {}
+def check_cached_first_stage(datamodule: Any, model: Any) -> None:
+    """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`, one line naming both hashes) cached latents
+    that ``model``'s first stage did not encode, before the run folder exists (the model checks every batch too).
+
+    Cached latents: a map-style dataset whose first item carries ``first_stage_sha256``
+    (:class:`~ldm.data.cached_latents.CachedLatents`), or an iterable one read from a cache folder with an
+    ``index.json`` (:class:`~ldm.data.shard_stream.LatentShards` given the folder; a pattern of shards is checked at its
+    first batch instead)."""
+    first_stage = getattr(model, "first_stage_model", None)
+    if first_stage is None:
+        return
+    found: dict[str, str] = {}  # split -> the sha256 of the first stage that encoded it
     configs = getattr(datamodule, "dataset_configs", None) or {}
     for name, dataset in (getattr(datamodule, "datasets", None) or {}).items():
         if isinstance(dataset, IterableDataset):
@@ -85,14 +91,5 @@ def cached_first_stage_hashes(datamodule: Any) -> dict[str, str]:
             continue
         if isinstance(item, dict) and isinstance(item.get(FIRST_STAGE_SHA_KEY), str):
             found[name] = item[FIRST_STAGE_SHA_KEY]
-    return found
-
-
-def check_cached_first_stage(datamodule: Any, model: Any) -> None:
-    """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`, one line naming both hashes) cached latents
-    that ``model``'s first stage did not encode, before the run folder exists (the model checks every batch too)."""
-    first_stage = getattr(model, "first_stage_model", None)
-    if first_stage is None:
-        return
-    for name, sha in cached_first_stage_hashes(datamodule).items():
+    for name, sha in found.items():
         check_first_stage(sha, first_stage, where=f"the cached latents of data.params.{name}")

@@ -7,7 +7,7 @@ Every figure is a mean with its 95 % bootstrap interval over images, as ``ldm.ev
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -21,18 +21,9 @@ REGION = "experts (region)"  # the sweep's method name of the region refinement
 _ci = format_entry  # short: the table rows below call it many times
 
 
-class HeldOut(Protocol):
-    """What the round trip needs of a quick-start domain: its held-out images and how to name them."""
-
-    @property
-    def what(self) -> str:
-        """The held-out images, for the printed line."""
-
-    def images(self, n: int, size: int, seed: int) -> list[Any]: ...
-
-
-def first_stage_round_trip(model: Any, domain: HeldOut, size: int, n: int) -> str:
-    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out images of ``size`` px, as a line."""
+def first_stage_round_trip(model: Any, domain: Any, size: int, n: int) -> str:
+    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out images of ``size`` px, as a line;
+    ``domain`` is a quick-start domain: ``domain.images(n, size, seed)`` its held-out images, ``domain.what`` their name."""
     clean = torch.cat([im.image for im in domain.images(n, size, seed=0)])
     round_trip = autoencoder_baseline(model)
     decoded = torch.cat([round_trip(clean[i : i + 32]) for i in range(0, n, 32)])

@@ -57,35 +57,30 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
             str(path),
         ) from exc
     try:
-        locked = _lock(fcntl, fd, logdir, path)
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            raise RunFolderBusy(
+                f"run folder {str(logdir)!r} is in use by another main.py{f' (pid {holder})' if holder else ''}: two "
+                "runs training into one folder would overwrite each other's checkpoints; wait for it to finish or stop "
+                "it, then resume"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKING:
+                raise RunFolderLockError(
+                    exc.errno, f"cannot lock run folder {str(logdir)!r}: {exc.strerror}", str(path)
+                ) from exc
+            logger.warning("the file system of %s has no file locks: do not start a second run on it", logdir)
+            locked = False
         if locked:
-            try:  # the pid only names the holder in a second run's error message
+            with contextlib.suppress(OSError):  # the pid only names the holder in a second run's error message
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError:
-                pass
         yield path if locked else None
     finally:
         os.close(fd)  # drops the lock
-
-
-def _lock(fcntl, fd: int, logdir: str | os.PathLike, path: Path) -> bool:
-    """Take the lock on ``fd``: True, or False where the file system has no locks (warned)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_pid(fd)
-        raise RunFolderBusy(
-            f"run folder {str(logdir)!r} is in use by another main.py{f' (pid {holder})' if holder else ''}: two "
-            "runs training into one folder would overwrite each other's checkpoints; wait for it to finish or stop "
-            "it, then resume"
-        ) from None
-    except OSError as exc:
-        if exc.errno not in _NO_LOCKING:
-            raise RunFolderLockError(exc.errno, f"cannot lock run folder {str(logdir)!r}: {exc.strerror}", str(path)) from exc
-        logger.warning("the file system of %s has no file locks: do not start a second run on it", logdir)
-        return False
-    return True
 
 
 def _read_pid(fd: int) -> int | None:

@@ -1,5 +1,6 @@
 """Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section (``trainer``, ``callbacks``,
-``modelcheckpoint``, ``logger``), merged over :data:`DEFAULT_LIGHTNING`; a CSV logger always, TensorBoard when installed.
+``modelcheckpoint``, ``logger``), merged over :data:`DEFAULT_LIGHTNING`; a CSV logger always, TensorBoard when installed;
+its checkpoint I/O through :mod:`ldm.checkpoint` (:class:`SafeAtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -8,16 +9,20 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import types
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
 
+from ldm.checkpoint import load_checkpoint, save_checkpoint
 from ldm.train.callbacks import FinalCheckpoint, InterruptCheckpoint, SetupCallback, StepSeeding
-from ldm.train.checkpoint_io import SafeAtomicCheckpointIO
 from ldm.util import ConfigError, accepted_keywords, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -48,8 +53,6 @@ LAST_CHECKPOINT_KEYS = (
     "save_on_train_epoch_end",
     "save_weights_only",
 )
-
-
 # Lightning leaves these unchecked: 0 divides by zero in its loops
 _AT_LEAST_ONE = ("accumulate_grad_batches", "check_val_every_n_epoch")
 _PLAIN_TYPES = (bool, int, float, str, type(None))
@@ -187,6 +190,33 @@ def configure_ddp(strategy: Any, model: pl.LightningModule) -> dict[str, Any]:
     if added:
         logger.info("DDP options for %s: %s", type(model).__name__, added)
     return added
+
+
+class SafeAtomicCheckpointIO(CheckpointIO):
+    """Every checkpoint the Trainer writes (``last.ckpt``, top-k, interrupt saves) is written atomically (a killed job
+    never leaves a half-written ``.ckpt``); every one it reads (``main.py -r``) goes through the safe loader, which
+    refuses a crafted pickle (:class:`~ldm.checkpoint.UnsafeCheckpointError`) unless ``unsafe`` (``--unsafe-load``)."""
+
+    def __init__(self, unsafe: bool = False) -> None:
+        self.unsafe = unsafe
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike,
+        map_location: Callable | str | Any = "cpu",
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """``weights_only`` is ignored: safety comes from ``unsafe``."""
+        return load_checkpoint(path, map_location=map_location, unsafe=self.unsafe)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        if Path(path).is_file():
+            Path(path).unlink()
 
 
 def build_trainer(

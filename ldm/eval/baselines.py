@@ -97,7 +97,7 @@ def filter_baseline(name: str = "nl_means") -> Baseline:
     return Baseline(name, _per_image(fn), description)
 
 
-def autoencoder_baseline(model: torch.nn.Module, name: str = "autoencoder") -> Baseline:
+def autoencoder_baseline(model: torch.nn.Module) -> Baseline:
     """Encode and decode through ``model``'s first stage (a LatentDiffusion: ``encode_first_stage``,
     ``get_first_stage_encoding``, ``decode_first_stage``), with the same padding as refinement.
 
@@ -114,7 +114,7 @@ def autoencoder_baseline(model: torch.nn.Module, name: str = "autoencoder") -> B
             out = model.decode_first_stage(z).float()
         return crop_padding(out, padding).clamp(-1, 1).to(images.device, images.dtype)
 
-    return Baseline(name, apply, "encode + decode through the refiner's first stage (no diffusion steps)")
+    return Baseline("autoencoder", apply, "encode + decode through the refiner's first stage (no diffusion steps)")
 
 
 def default_baselines(model: torch.nn.Module | None, filter_name: str | None = "nl_means") -> list[Baseline]:

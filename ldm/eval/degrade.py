@@ -24,7 +24,7 @@ from PIL import Image
 
 from ldm.cli import decimal_float, decimal_int
 from ldm.imageio import from_uint8, to_uint8
-from ldm.util import instantiate_from_config
+from ldm.util import accepted_keywords, instantiate_from_config
 
 _RANGE_TOLERANCE = 1e-2
 
@@ -98,9 +98,9 @@ class Degradation(abc.ABC):
     name: ClassVar[str] = ""
     stochastic: bool = True  # whether the output depends on the seed (JPEG's does not)
 
-    @abc.abstractmethod
     def params(self) -> dict[str, Any]:
-        """Constructor parameters, as passed to :func:`build_degradation`."""
+        """Constructor parameters, as passed to :func:`build_degradation` (by default the attributes of their names)."""
+        return {k: getattr(self, k) for k in accepted_keywords(type(self)).params}
 
     @property
     def spec(self) -> str:
@@ -175,9 +175,7 @@ class VQRoundTrip(Degradation):
     name = "vq_roundtrip"
 
     def __init__(self, first_stage: Any, codebook_fraction: float = 1.0):
-        check_positive("codebook_fraction", codebook_fraction)
-        if codebook_fraction > 1:
-            raise ValueError(f"codebook_fraction must be in (0, 1], got {codebook_fraction}")
+        check_positive("codebook_fraction", codebook_fraction, at_most=1.0)
         self._first_stage_arg = first_stage
         self.first_stage = _load_first_stage(first_stage)
         self.codebook_fraction = float(codebook_fraction)
@@ -191,18 +189,15 @@ class VQRoundTrip(Degradation):
         label = str(source) if isinstance(source, (str, os.PathLike)) else type(self.first_stage).__name__
         return {"first_stage": label, "codebook_fraction": self.codebook_fraction}
 
-    def _codebook(self, generator: torch.Generator) -> torch.Tensor:
-        codebook = self.first_stage.quantize.embedding.weight.detach()
-        if self.codebook_fraction >= 1.0:
-            return codebook
-        keep = max(1, round(self.codebook_fraction * codebook.shape[0]))
-        subset = torch.randperm(codebook.shape[0], generator=generator, device=generator.device)[:keep]
-        return codebook[subset.to(codebook.device)]
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         fs = self.first_stage
         param = next(fs.parameters())
-        codebook = self._codebook(generator).to(param.dtype)
+        codebook = fs.quantize.embedding.weight.detach()
+        if self.codebook_fraction < 1.0:
+            keep = max(1, round(self.codebook_fraction * codebook.shape[0]))
+            subset = torch.randperm(codebook.shape[0], generator=generator, device=generator.device)[:keep]
+            codebook = codebook[subset.to(codebook.device)]
+        codebook = codebook.to(param.dtype)
         f = int(getattr(fs, "downsampling_factor", 1))
         b, _, h, w = images.shape
         pad_h, pad_w = (-h) % f, (-w) % f
@@ -243,9 +238,6 @@ class JPEG(Degradation):
         check_count("quality", quality, 1, 100)
         self.quality = int(quality)
 
-    def params(self) -> dict[str, Any]:
-        return {"quality": self.quality}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         arrays = to_uint8_hwc(images)
         out = []
@@ -256,13 +248,6 @@ class JPEG(Degradation):
             with Image.open(buf) as im:
                 out.append(np.asarray(im.convert("RGB")))
         return from_uint8_hwc(np.stack(out)).to(images.device, images.dtype)
-
-
-def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, math.ceil(3.0 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).to(device, dtype)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -280,8 +265,9 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
             f"blur sigma={sigma:g} px is larger than the {images.shape[-1]}x{images.shape[-2]} image (its kernel would be "
             f"{2 * math.ceil(3 * sigma) + 1:.3g} px wide); use sigma <= {max(images.shape[-2:])}"
         )
-    k = _gaussian_kernel1d(sigma, images.dtype, images.device)
-    c, r = images.shape[1], k.numel() // 2
+    c, r = images.shape[1], max(1, math.ceil(3.0 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (k / k.sum()).to(images.device, images.dtype)
     x = F.pad(images, (r, r, 0, 0), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     x = F.pad(x, (0, 0, r, r), mode="replicate")
@@ -308,9 +294,6 @@ class BlurNoise(Degradation):
     def stochastic(self) -> bool:
         return self.noise_std > 0
 
-    def params(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "noise_std": self.noise_std}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = gaussian_blur(images, self.sigma)
         if self.noise_std > 0:
@@ -334,9 +317,6 @@ class ElasticWarp(Degradation):
         self.amplitude = float(amplitude)
         self.scale = float(scale)
 
-    def params(self) -> dict[str, Any]:
-        return {"amplitude": self.amplitude, "scale": self.scale}
-
     def displacement(self, b: int, h: int, w: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
         """Displacement field ``[B, 2, H, W]`` in pixels (channel 0: x, channel 1: y)."""
         side = min(h, w)
@@ -353,9 +333,7 @@ class ElasticWarp(Degradation):
         ys = (2 * torch.arange(h, device=images.device, dtype=images.dtype) + 1) / h - 1
         xs = (2 * torch.arange(w, device=images.device, dtype=images.dtype) + 1) / w - 1
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid_x = gx + disp[:, 0] * (2.0 / w)
-        grid_y = gy + disp[:, 1] * (2.0 / h)
-        grid = torch.stack([grid_x, grid_y], dim=-1)
+        grid = torch.stack([gx + disp[:, 0] * (2.0 / w), gy + disp[:, 1] * (2.0 / h)], dim=-1)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -396,9 +374,6 @@ class PatchShuffle(Degradation):
         self.patch_size = float(patch_size)
         self.mode = mode
         self.feather = float(feather)
-
-    def params(self) -> dict[str, Any]:
-        return {"n_patches": self.n_patches, "patch_size": self.patch_size, "mode": self.mode, "feather": self.feather}
 
     def patch_pairs(self, h: int, w: int, generator: torch.Generator) -> tuple[int, list[tuple[int, int, int, int]]]:
         """Patch side ``p`` and ``n_patches`` pairs ``(src_y, src_x, dst_y, dst_x)`` of disjoint patches, each position
@@ -453,9 +428,6 @@ class ColourBlotches(Degradation):
         self.radius = float(radius)
         self.strength = float(strength)
 
-    def params(self) -> dict[str, Any]:
-        return {"n_blobs": self.n_blobs, "radius": self.radius, "strength": self.strength}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, h, w = images.shape
         k = self.n_blobs
@@ -476,25 +448,16 @@ class ColourBlotches(Degradation):
         return out
 
 
+# name -> class; :mod:`ldm.eval.local_degrade` adds the local ones (``ldm.eval`` imports it, so the registry is complete
+# whenever anything of ``ldm.eval`` is imported)
 DEGRADATIONS: dict[str, type[Degradation]] = {
     cls.name: cls for cls in (VQRoundTrip, JPEG, BlurNoise, ElasticWarp, PatchShuffle, ColourBlotches)
 }
 
 
-def register_degradation(cls: type[Degradation]) -> type[Degradation]:
-    """Class decorator: add ``cls`` to :data:`DEGRADATIONS` under ``cls.name`` (the local degradations of
-    :mod:`ldm.eval.local_degrade` register themselves; ``ldm.eval`` imports that module, so the registry is complete
-    whenever anything of ``ldm.eval`` is imported)."""
-    if not cls.name or cls.name in DEGRADATIONS:
-        raise ValueError(f"degradation name {cls.name!r} is empty or already registered")
-    DEGRADATIONS[cls.name] = cls
-    return cls
-
-
 def degradation_parameters(name: str) -> dict[str, Any]:
     """Parameters of a registered degradation: ``{param: default}`` (``inspect.Parameter.empty`` when required)."""
-    sig = inspect.signature(DEGRADATIONS[name].__init__)
-    return {p.name: p.default for p in list(sig.parameters.values())[1:]}
+    return {k: default for k, (_, default) in accepted_keywords(DEGRADATIONS[name]).params.items()}
 
 
 def describe_degradation(name: str) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.eval.degrade import (
+    DEGRADATIONS,
     FRACTION_UNIT,
     MAX_FRACTION,
     MAX_SIGMA,
@@ -30,8 +31,8 @@ from ldm.eval.degrade import (
     feather_window,
     prepare_input,
     randint,
-    register_degradation,
 )
+from ldm.util import accepted_keywords
 
 Box = tuple[int, int, int, int]
 
@@ -96,18 +97,15 @@ class LocalDegradation(Degradation):
         self.box_feather = float(box_feather)
         self.box_at = box_at
 
-    def box_params(self) -> dict[str, Any]:
-        """The box's parameters (``box_at`` only where it is not the default, so older specs read the same)."""
-        extra = {"box_at": self.box_at} if self.box_at != "uniform" else {}
-        return {"box_size": self.box_size, "box_feather": self.box_feather, **extra}
-
     def params(self) -> dict[str, Any]:
-        return {**self.inner.params(), **self.box_params()}
+        """The constructor's parameters, from the inner degradation and the box (``box_at`` only where it is not the
+        default, so older specs read the same)."""
+        values = {**self.inner.params(), "box_size": self.box_size, "box_feather": self.box_feather, "box_at": self.box_at}
+        return {k: values[k] for k in accepted_keywords(type(self)).params if k != "box_at" or self.box_at != "uniform"}
 
     def draw_box(self, height: int, width: int, generator: torch.Generator, image: torch.Tensor | None = None) -> Box:
-        """A box ``(x0, y0, x1, y1)`` of side ``box_size`` of the shorter side (at least 2 px): uniform over the
-        image, or with ``box_at="edges"`` drawn in proportion to the edge energy inside it (``image`` ``[3, H, W]``,
-        see :func:`edge_weights`)."""
+        """One image's box ``(x0, y0, x1, y1)``, placed as the class docstring says (``image`` ``[3, H, W]``: where
+        ``box_at="edges"`` looks for edges; without it the box is uniform)."""
         side = min(max(2, round(self.box_size * min(height, width))), height, width)
         if self.box_at == "edges" and image is not None:
             weights = edge_weights(image, side).flatten()
@@ -146,7 +144,6 @@ class LocalDegradation(Degradation):
         return out, boxes
 
 
-@register_degradation
 class LocalWarp(LocalDegradation):
     """A wrong shape: :class:`ElasticWarp` of ``amplitude`` and ``scale`` (fractions of the box side) in a box."""
 
@@ -163,7 +160,6 @@ class LocalWarp(LocalDegradation):
         super().__init__(ElasticWarp(amplitude, scale), box_size, box_feather, box_at)
 
 
-@register_degradation
 class LocalBlotch(LocalDegradation):
     """A smear of colour: :class:`ColourBlotches` (radius a fraction of the box side) in a box."""
 
@@ -181,7 +177,6 @@ class LocalBlotch(LocalDegradation):
         super().__init__(ColourBlotches(n_blobs, radius, strength), box_size, box_feather, box_at)
 
 
-@register_degradation
 class LocalShuffle(LocalDegradation):
     """A duplicated or swapped patch: :class:`PatchShuffle` (patch side a fraction of the box side) in a box."""
 
@@ -200,7 +195,6 @@ class LocalShuffle(LocalDegradation):
         super().__init__(PatchShuffle(n_patches, patch_size, mode, feather), box_size, box_feather, box_at)
 
 
-@register_degradation
 class LocalVQ(LocalDegradation):
     """A coarse-VQ look: :class:`VQRoundTrip` through ``first_stage`` with ``codebook_fraction`` of its codes, kept in a
     box (the round trip sees the whole image)."""
@@ -231,9 +225,6 @@ class Pixelate(Degradation):
         check_count("block", block, 2, self.MAX_BLOCK, " (pixels)")
         self.block = int(block)
 
-    def params(self) -> dict[str, Any]:
-        return {"block": self.block}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         h, w = images.shape[-2:]
         bh, bw = min(self.block, h), min(self.block, w)  # a cell never exceeds the image: memory stays the image's
@@ -251,9 +242,6 @@ class PaintDisc(Degradation):
         check_positive("radius", radius, at_most=MAX_FRACTION, unit=FRACTION_UNIT)
         self.radius = float(radius)
 
-    def params(self) -> dict[str, Any]:
-        return {"radius": self.radius}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, h, w = images.shape
         hue = torch.rand((b,), generator=generator, device=generator.device).to(images.device, images.dtype)
@@ -269,7 +257,6 @@ class PaintDisc(Degradation):
         return coverage * colour + (1.0 - coverage) * images
 
 
-@register_degradation
 class LocalPaint(LocalDegradation):
     """A saturated colour blotch over most of a box: :class:`PaintDisc` (radius a fraction of the box side)."""
 
@@ -279,7 +266,6 @@ class LocalPaint(LocalDegradation):
         super().__init__(PaintDisc(radius), box_size, box_feather, box_at)
 
 
-@register_degradation
 class LocalNoise(LocalDegradation):
     """Heavy noise in a box: i.i.d. Gaussian noise of std ``noise_std`` ([-1, 1] units) per pixel and channel."""
 
@@ -289,11 +275,7 @@ class LocalNoise(LocalDegradation):
         check_positive("noise_std", noise_std)
         super().__init__(BlurNoise(0.0, noise_std), box_size, box_feather, box_at)
 
-    def params(self) -> dict[str, Any]:
-        return {"noise_std": self.inner.noise_std, **self.box_params()}
 
-
-@register_degradation
 class LocalSmear(LocalDegradation):
     """A smear in a box: Gaussian blur of ``sigma`` pixels (edges beyond the box replicated)."""
 
@@ -303,11 +285,7 @@ class LocalSmear(LocalDegradation):
         check_positive("sigma", sigma, at_most=MAX_SIGMA, unit=" (pixels)")
         super().__init__(BlurNoise(sigma, 0.0), box_size, box_feather, box_at)
 
-    def params(self) -> dict[str, Any]:
-        return {"sigma": self.inner.sigma, **self.box_params()}
 
-
-@register_degradation
 class LocalBlock(LocalDegradation):
     """Blockiness in a box: :class:`Pixelate` with cells of ``block`` pixels (anchored at the box's corner)."""
 
@@ -323,14 +301,10 @@ class Unchanged(Degradation):
     name = "unchanged"
     stochastic = False
 
-    def params(self) -> dict[str, Any]:
-        return {}
-
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return images.clone()
 
 
-@register_degradation
 class LocalNone(LocalDegradation):
     """A box without an artifact (the control): refining it shows what refinement costs where nothing was wrong."""
 
@@ -338,9 +312,6 @@ class LocalNone(LocalDegradation):
 
     def __init__(self, box_size: float = 0.4, box_at: str = "uniform"):
         super().__init__(Unchanged(), box_size, 0.0, box_at)
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.box_params().items() if k != "box_feather"}
 
 
 LOCAL_DEGRADATIONS: tuple[type[LocalDegradation], ...] = (
@@ -354,3 +325,4 @@ LOCAL_DEGRADATIONS: tuple[type[LocalDegradation], ...] = (
     LocalBlock,
     LocalNone,
 )
+DEGRADATIONS.update({cls.name: cls for cls in LOCAL_DEGRADATIONS})

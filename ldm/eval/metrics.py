@@ -233,20 +233,17 @@ class _PrecomputedFeatures(torch.nn.Module):
         return features
 
 
-def _to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
-    lo, hi = value_range
-    return ((images.detach().float().clamp(lo, hi) - lo) / (hi - lo) * 255).round().to(torch.uint8)
-
-
 def _features(
     extractor: torch.nn.Module, images: torch.Tensor, value_range: tuple[float, float], batch_size: int
 ) -> torch.Tensor:
     params = list(extractor.parameters())
     device = params[0].device if params else images.device
+    lo, hi = value_range
+    unit = (images.detach().float().clamp(lo, hi) - lo) / (hi - lo)
     chunks = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            batch = _to_uint8(images[start : start + batch_size], value_range).to(device)
+            batch = (unit[start : start + batch_size] * 255).round().to(torch.uint8).to(device)  # as saved images
             chunks.append(extractor(batch).reshape(batch.shape[0], -1).double().cpu())
     return torch.cat(chunks)
 

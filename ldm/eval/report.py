@@ -11,7 +11,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,26 +108,22 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), sem
 
 
-def _curve_values(result: SweepResult, metric: str, degradation: str, method: str) -> dict[int | None, list[float]]:
-    values: dict[int | None, list[float]] = {}
-    for row in result.rows:
-        v = row.get(metric)
-        if row["method"] == method and row["degradation"] == degradation and isinstance(v, float) and math.isfinite(v):
-            values.setdefault(row["start_t"], []).append(v)
-    return values
-
-
 def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
     """Refiner curves (mean and a +-s.e.m. band) and baseline levels of one metric; returns legend handles.
 
     The y range follows the refiner curves (and baselines near them): a baseline far above (e.g. a filter that left
     the input almost unchanged, PSNR to input ~70 dB) is written at the top edge instead of squashing the curves.
     """
+    by_method: dict[str, dict[int | None, list[float]]] = {}  # method -> start_t -> the finite values
+    for row in result.rows:
+        v = row.get(metric)
+        if row["degradation"] == degradation and isinstance(v, float) and math.isfinite(v):
+            by_method.setdefault(row["method"], {}).setdefault(row["start_t"], []).append(v)
     handles: dict[str, Any] = {}
     curve_values: list[float] = []
     levels: list[tuple[str, float]] = []
     for method, (kind, _) in result.methods.items():
-        values = _curve_values(result, metric, degradation, method)
+        values = by_method.get(method, {})
         if kind == "baseline":
             if values.get(None):
                 levels.append((method, _mean_sem(values[None])[0]))
@@ -156,61 +152,34 @@ def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, col
     return handles
 
 
-def _subplots(result: SweepResult, n_rows: int, row_height: float) -> tuple[Any, Any, Any, dict[str, str]]:
-    """pyplot (Agg backend), a figure of ``n_rows`` x one panel per degradation, its axes and a colour per method."""
+def _plot(
+    result: SweepResult,
+    rows_spec: list[tuple[str, str]],
+    row_height: float,
+    draw: Callable[..., dict[str, Any]],
+    title: str | None,
+    caption: str,
+    path: str | os.PathLike,
+) -> Path:
+    """A figure of one panel per degradation (columns) and per ``(metric, label)`` of ``rows_spec`` (rows), each drawn
+    by ``draw(ax, row, column, metric, label, degradation, colors) -> {method: legend handle}`` (``colors``: one per
+    method); then the legend (methods in run order), title and caption, written as PNG atomically (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     n = len(result.degradations)
-    fig, axes = plt.subplots(n_rows, n, figsize=(4.2 * n, row_height * n_rows + 1.0), squeeze=False)
+    fig, axes = plt.subplots(len(rows_spec), n, figsize=(4.2 * n, row_height * len(rows_spec) + 1.0), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return plt, fig, axes, {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
-
-
-def _panel_title(ax: Any, degradation: str) -> None:
-    ax.set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
-
-
-def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases), one panel per degradation, one line per
-    refiner, baselines dashed (identity's PSNR to its input is infinite and not drawn); no-reference: faithfulness only."""
-    rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
-        ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
-    ]
-    if result.reference and any(isinstance(r.get("lpips_clean"), float) for r in result.rows):
-        rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
-    plt, fig, axes, colors = _subplots(result, len(rows_spec), 3.2)
-    all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
+    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(result.methods)}
     handles: dict[str, Any] = {}
     for c, degradation in enumerate(result.degradations):
         for r, (metric, label) in enumerate(rows_spec):
-            ax = axes[r][c]
-            handles.update(_draw_panel(ax, result, metric, degradation, colors))
+            handles.update(draw(axes[r][c], r, c, metric, label, degradation, colors))
             if r == 0:
-                _panel_title(ax, degradation)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if r == len(rows_spec) - 1:
-                ax.set_xlabel("start_t")
-            if all_ts:
-                ax.set_xticks(all_ts)
-            ax.grid(alpha=0.3)
-    caption = "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)"
-    return _finish_figure(fig, plt, result, handles, title, caption, path)
-
-
-def _finish_figure(
-    fig: Any,
-    plt: Any,
-    result: SweepResult,
-    handles: dict[str, Any],
-    title: str | None,
-    caption: str,
-    path: str | os.PathLike,
-) -> Path:
-    """Legend (methods in run order), title and caption, then the PNG written atomically; the figure is closed."""
+                axes[r][c].set_title("\n".join(textwrap.wrap(degradation.replace(",", ", "), 44)), fontsize=8)
+            axes[r][c].grid(alpha=0.3)
     ordered = {m: handles[m] for m in result.methods if m in handles}
     if ordered:
         fig.legend(list(ordered.values()), list(ordered), loc="lower center", ncol=min(len(ordered), 6), fontsize=8)
@@ -224,74 +193,84 @@ def _finish_figure(
     return path
 
 
-def _realism_points(summary: Sequence[dict[str, Any]], degradation: str, x_metric: str) -> dict[str, list[tuple]]:
-    """``{method: [(start_t, x, swd), ...]}`` for the summary entries of ``degradation`` with both values."""
-    points: dict[str, list[tuple]] = {}
-    for s in summary:
-        x, y = s.get(x_metric), s.get("swd")
-        if s["degradation"] == degradation and isinstance(x, float) and isinstance(y, float):
-            points.setdefault(s["method"], []).append((s["start_t"], x, y))
-    return points
+def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
+    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases), one panel per degradation, one line per
+    refiner, baselines dashed (identity's PSNR to its input is infinite and not drawn); no-reference: faithfulness only."""
+    rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
+        ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
+    ]
+    if result.reference and any(isinstance(r.get("lpips_clean"), float) for r in result.rows):
+        rows_spec.append(("lpips_clean", "LPIPS to clean (lower: closer)"))
+    all_ts = sorted({t for ts in result.start_ts.values() for t in ts})
+
+    def draw(ax: Any, r: int, c: int, metric: str, label: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
+        handles = _draw_panel(ax, result, metric, degradation, colors)
+        if c == 0:
+            ax.set_ylabel(label, fontsize=8)
+        if r == len(rows_spec) - 1:
+            ax.set_xlabel("start_t")
+        if all_ts:
+            ax.set_xticks(all_ts)
+        return handles
+
+    caption = "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)"
+    return _plot(result, rows_spec, 3.2, draw, title, caption, path)
 
 
-def plot_realism(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path | None:
+def plot_realism(
+    result: SweepResult, summary: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None
+) -> Path | None:
     """Realism against faithfulness: SWD x 10^3 to the realism reference (lower: more realistic) against PSNR to the
     input (higher: more faithful), one panel per degradation, one row per faithfulness measure (the whole image; for
     masked cases also inside and outside the mask).  Refiners are lines over start_t (each point labelled), baselines
-    single points; an unchanged output (PSNR inf) is drawn at the right edge.  None (nothing written) without SWD."""
-    summary = summarize(result)
+    single points; an unchanged output (PSNR inf) is drawn at the right edge.  None (nothing written) without SWD.
+    ``summary``: :func:`~ldm.eval.summary.summarize` of ``result``."""
     if not any(isinstance(s.get("swd"), float) for s in summary):
         return None
     rows_spec = [("psnr_input", "PSNR to input [dB]")]
     for metric, label in (("psnr_input_in", "PSNR to input inside mask [dB]"), ("psnr_input_out", "outside mask [dB]")):
         if any(metric in s for s in summary):
             rows_spec.append((metric, label))
-    plt, fig, axes, colors = _subplots(result, len(rows_spec), 3.4)
-    handles: dict[str, Any] = {}
-    for c, degradation in enumerate(result.degradations):
-        for r, (metric, label) in enumerate(rows_spec):
-            ax = axes[r][c]
-            points = _realism_points(summary, degradation, metric)
-            finite = [x for pts in points.values() for _, x, _ in pts if math.isfinite(x)]
-            edge = (max(finite) + 3.0) if finite else 60.0
-            for method, pts in points.items():
-                pts = sorted(pts, key=lambda p: -1 if p[0] is None else p[0])
-                xs = [x if math.isfinite(x) else edge for _, x, _ in pts]
-                ys = [y for _, _, y in pts]
-                if result.methods[method][0] == "refiner":
-                    (handles[method],) = ax.plot(xs, ys, color=colors[method], marker="o", label=method)
-                    for (t, _, _), x, y in zip(pts, xs, ys):
-                        ax.annotate(str(t), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-                else:
-                    handles[method] = ax.scatter(xs, ys, color=colors[method], marker="s", label=method, zorder=3)
-            if r == 0:
-                _panel_title(ax, degradation)
-            ax.set_xlabel(label + (" (inf drawn at the edge)" if finite else ""), fontsize=7)
-            if c == 0:
-                ax.set_ylabel("SWD x 1e3 to clean photos (lower: more realistic)", fontsize=7)
-            ax.grid(alpha=0.3)
+
+    def draw(ax: Any, r: int, c: int, metric: str, label: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
+        points: dict[str, list[tuple]] = {}  # method -> [(start_t, x, swd), ...]
+        for s in summary:
+            x, y = s.get(metric), s.get("swd")
+            if s["degradation"] == degradation and isinstance(x, float) and isinstance(y, float):
+                points.setdefault(s["method"], []).append((s["start_t"], x, y))
+        finite = [x for pts in points.values() for _, x, _ in pts if math.isfinite(x)]
+        edge = (max(finite) + 3.0) if finite else 60.0
+        handles = {}
+        for method, pts in points.items():
+            pts = sorted(pts, key=lambda p: -1 if p[0] is None else p[0])
+            xs = [x if math.isfinite(x) else edge for _, x, _ in pts]
+            ys = [y for _, _, y in pts]
+            if result.methods[method][0] == "refiner":
+                (handles[method],) = ax.plot(xs, ys, color=colors[method], marker="o", label=method)
+                for (t, _, _), x, y in zip(pts, xs, ys):
+                    ax.annotate(str(t), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            else:
+                handles[method] = ax.scatter(xs, ys, color=colors[method], marker="s", label=method, zorder=3)
+        ax.set_xlabel(label + (" (inf drawn at the edge)" if finite else ""), fontsize=7)
+        if c == 0:
+            ax.set_ylabel("SWD x 1e3 to clean photos (lower: more realistic)", fontsize=7)
+        return handles
+
     caption = "realism vs faithfulness; refiner points labelled with start_t"
-    return _finish_figure(fig, plt, result, handles, title, caption, path)
+    return _plot(result, rows_spec, 3.4, draw, title, caption, path)
 
 
 def image_grid(
-    rows: Sequence[Sequence[torch.Tensor | None]],
-    column_titles: Sequence[str],
-    row_titles: Sequence[str] | None = None,
-    min_tile: int = 128,
-    pad: int = 6,
+    rows: Sequence[Sequence[torch.Tensor | None]], column_titles: Sequence[str], row_titles: Sequence[str] | None = None
 ) -> Image.Image:
-    """A labelled grid: ``rows[i][j]`` is an image ``[3, H, W]`` in [-1, 1] (None: an empty cell).
+    """A labelled grid: ``rows[i][j]`` is an image ``[3, H, W]`` in [-1, 1] (None: an empty cell; at least one is not).
 
-    Tiles are upscaled by an integer factor (nearest neighbour) to at least ``min_tile`` px on the shorter side; every
-    row of tiles has ``row_titles[i]`` above it; columns are titled at the top.
+    Tiles are upscaled by an integer factor (nearest neighbour) to at least 128 px on the shorter side, 6 px apart;
+    every row of tiles has ``row_titles[i]`` above it; columns are titled at the top.
     """
-    if not rows or not column_titles:
-        raise ValueError("image_grid needs at least one row and one column")
+    min_tile, pad = 128, 6
     font = ImageFont.load_default()
     sizes = [t.shape[-2:] for row in rows for t in row if t is not None]
-    if not sizes:
-        raise ValueError("image_grid got no images")
     h = max(int(s[0]) for s in sizes)
     w = max(int(s[1]) for s in sizes)
     scale = max(1, math.ceil(min_tile / max(1, min(h, w))))
@@ -324,24 +303,16 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + "..."
 
 
-def example_grid(examples: Sequence[SweepExample], outputs: Sequence[str] | None = None) -> Image.Image:
-    """clean | input | outputs for every example (``outputs``: which output labels, default all in order)."""
+def example_grid(examples: Sequence[SweepExample]) -> Image.Image:
+    """clean | input | every output (in the order they were kept) for every example."""
     if not examples:
         raise ValueError("no examples to show")
-    labels = list(outputs) if outputs is not None else list(dict.fromkeys(k for e in examples for k in e.outputs))
+    labels = list(dict.fromkeys(k for e in examples for k in e.outputs))
     reference = any(e.clean is not None for e in examples)
     titles = (["clean"] if reference else []) + ["input"] + labels
-    rows = []
-    for e in examples:
-        row = ([e.clean] if reference else []) + [e.input] + [e.outputs.get(label) for label in labels]
-        rows.append(row)
+    rows = [([e.clean] if reference else []) + [e.input] + [e.outputs.get(label) for label in labels] for e in examples]
     row_titles = [f"{e.image} | {e.degradation} | seed {e.seed}" for e in examples]
     return image_grid(rows, titles, row_titles)
-
-
-def _mask_tile(mask: torch.Tensor) -> torch.Tensor:
-    """``[1, H, W]`` mask in [0, 1] -> ``[3, H, W]`` in [-1, 1]: white inside, black outside."""
-    return (mask.float().clamp(0, 1) * 2 - 1).expand(3, -1, -1)
 
 
 def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[str, int]) -> Image.Image:
@@ -357,13 +328,12 @@ def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[s
         ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at its ``start_t``.
     """
     refiners = [name for name, (kind, _) in result.methods.items() if kind == "refiner"]
-    bases = set(refiners) | {n[: -len(sfx)] for n in refiners for sfx in REGION_MODES.values() if n.endswith(sfx)}
-    if method not in bases:
-        raise ValueError(f"method {method!r} is not one of the sweep's refiners {refiners}")
-    starts = dict(start_t) if isinstance(start_t, Mapping) else {e.degradation: start_t for e in result.examples}
     # the columns: the whole-image refinement (where the sweep ran one) and each region mode
     shown_methods = [("whole", method)] if method in refiners else []
     shown_methods += [(mode, method + suffix) for mode, suffix in REGION_MODES.items() if method + suffix in refiners]
+    if not shown_methods:
+        raise ValueError(f"method {method!r} is not one of the sweep's refiners {refiners}")
+    starts = dict(start_t) if isinstance(start_t, Mapping) else {e.degradation: start_t for e in result.examples}
 
     def has(e: SweepExample, m: str) -> bool:
         return e.degradation in starts and f"{m} t={starts[e.degradation]}" in e.outputs
@@ -385,7 +355,7 @@ def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[s
         titles.append(f"PSNR {numbers}{where}" if numbers else where)
         row = [e.clean, e.input]
         if with_mask:
-            row.append(_mask_tile(e.mask) if e.mask is not None else None)
+            row.append(None if e.mask is None else (e.mask.float().clamp(0, 1) * 2 - 1).expand(3, -1, -1))  # white inside
         row += [e.outputs.get(f"{m} t={t}") for _, m in shown_methods]
         rows.append(row)
     at = f"t={starts[examples[0].degradation]}" if one_start else "t as titled"
@@ -420,7 +390,7 @@ def write_report(
         "summary": write_summary_csv(summary, out / "summary.csv"),
         "plot": plot_curves(result, out / "curves.png", title),
     }
-    realism = plot_realism(result, out / "realism.png", title)
+    realism = plot_realism(result, summary, out / "realism.png", title)
     if realism is not None:
         paths["realism"] = realism
     if result.examples:

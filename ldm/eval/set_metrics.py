@@ -45,10 +45,9 @@ def add_swd(
         n = fake.shape[0]
         if n not in prepared:
             prepared[n] = prepare_reference(_cycled(realism, n))
-        boot = swd_bootstrap(fake, prepared[n])
-        entries[key]["swd"] = boot.result.mean * SWD_SCALE
-        entries[key]["swd_lo"], entries[key]["swd_hi"] = boot.interval.lo * SWD_SCALE, boot.interval.hi * SWD_SCALE
-        entries[key]["swd_bootstrap"] = boot  # paired with every other set of these cases: summary's gain_swd
+        boot = swd_bootstrap(fake, prepared[n])  # paired with every other set of these cases: summary's gain_swd
+        swd, lo, hi = (v * SWD_SCALE for v in (boot.result.mean, boot.interval.lo, boot.interval.hi))
+        entries[key].update(swd=swd, swd_lo=lo, swd_hi=hi, swd_bootstrap=boot)
     distinct = {image: x for _, image, x in clean}
     if distinct:
         real = torch.stack(list(distinct.values()))

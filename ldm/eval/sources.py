@@ -8,11 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm import imageio
-from ldm.imageio import from_uint8
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage
 
     crops = heldout_crops(size, n, seed=seed)
     return [
-        SweepImage(f"heldout_{i:03d}_{HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]}", _uint8_to_tensor(crop))
+        SweepImage(f"heldout_{i:03d}_{HELDOUT_PHOTOS[i % len(HELDOUT_PHOTOS)]}", imageio.image_to_tensor(crop))
         for i, crop in enumerate(crops)
     ]
 
@@ -60,26 +58,19 @@ def synthetic_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepIma
     from ldm.data.synthetic import heldout_shapes
 
     return [
-        SweepImage(f"synthetic_{seed}_{i:04d}", _uint8_to_tensor(image))
+        SweepImage(f"synthetic_{seed}_{i:04d}", imageio.image_to_tensor(image))
         for i, image in enumerate(heldout_shapes(n, size, seed=seed))
     ]
 
 
 # The synthetic method check's artifacts (ldm.eval.local_degrade): boxes of half the side, placed where the shapes' edges
 # are; local_none is the control (nothing wrong in the box: what refining costs).  Start timesteps it sweeps.
-SYNTHETIC_ARTIFACTS: tuple[str, ...] = tuple(
-    f"{name}:{params + ',' if params else ''}box_size=0.5,box_at=edges"
-    for name, params in (
-        ("local_none", ""),
-        ("local_noise", "noise_std=0.4"),
-        ("local_block", "block=8"),
-        ("local_smear", "sigma=3"),
-        ("local_warp", "amplitude=0.3"),
-        ("local_paint", ""),
-    )
+SYNTHETIC_ARTIFACTS: tuple[str, ...] = (
+    "local_none:box_size=0.5,box_at=edges",
+    "local_noise:noise_std=0.4,box_size=0.5,box_at=edges",
+    "local_block:block=8,box_size=0.5,box_at=edges",
+    "local_smear:sigma=3,box_size=0.5,box_at=edges",
+    "local_warp:amplitude=0.3,box_size=0.5,box_at=edges",
+    "local_paint:box_size=0.5,box_at=edges",
 )
 SYNTHETIC_START_TS: tuple[int, ...] = (25, 50, 100, 200, 300)
-
-
-def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
-    return from_uint8(array).permute(2, 0, 1)[None]

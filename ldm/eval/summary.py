@@ -8,6 +8,7 @@ not the luckiest of several.  Intervals are seeded, so a summary is the same on 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +54,6 @@ def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: boo
     return f.format(value)
 
 
-def _finite_values(rows: list[dict[str, Any]], column: str) -> list[float] | None:
-    values = [r[column] for r in rows if column in r and not isinstance(r[column], Skipped)]
-    return values if values and all(np.isfinite(values)) else None
-
-
 def summarize(
     result: SweepResult, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -91,13 +87,15 @@ def summarize(
                 continue
             numbers = [v for v in values if not isinstance(v, Skipped)]
             entry[column] = float(np.mean(numbers)) if numbers else values[0]
-            finite = _finite_values(rows, column)
-            if finite is not None:
-                interval = bootstrap_mean(finite, confidence, n_resamples, seed)
+            if numbers and np.isfinite(numbers).all():
+                interval = bootstrap_mean(numbers, confidence, n_resamples, seed)
                 entry[f"{column}_lo"], entry[f"{column}_hi"] = interval.lo, interval.hi
-        for gain, (column, baseline) in GAINS.items():
-            if key[1] != baseline:
-                _add_gain(entry, gain, rows, groups.get((key[0], baseline, None)), column, confidence, n_resamples, seed)
+        for gain, (column, baseline) in GAINS.items():  # paired by image and seed, where every case has finite values
+            before = {(r["image"], r["seed"]): r.get(column) for r in groups.get((key[0], baseline, None), [])}
+            pairs = [(r.get(column), before.get((r["image"], r["seed"]))) for r in rows]
+            if key[1] != baseline and all(isinstance(v, float) and math.isfinite(v) for pair in pairs for v in pair):
+                interval = bootstrap_paired_difference(*zip(*pairs), confidence, n_resamples, seed)
+                entry[gain], entry[f"{gain}_lo"], entry[f"{gain}_hi"] = interval.estimate, interval.lo, interval.hi
         if key in sets:
             entry.update({k: v for k, v in sets[key].items() if k in SET_KEYS})
             artifact = sets.get((key[0], IDENTITY, None))
@@ -107,31 +105,6 @@ def summarize(
                 entry["gain_swd_lo"], entry["gain_swd_hi"] = difference.lo * SWD_SCALE, difference.hi * SWD_SCALE
         summary.append(entry)
     return summary
-
-
-def _add_gain(
-    entry: dict[str, Any],
-    name: str,
-    rows: list[dict[str, Any]],
-    baseline_rows: list[dict[str, Any]] | None,
-    column: str,
-    confidence: float,
-    n_resamples: int,
-    seed: int,
-) -> None:
-    """``entry[name]`` (and ``_lo`` / ``_hi``): the mean of ``column`` over ``rows`` minus the baseline's on the same
-    cases (paired by image and seed), when both have finite values for every case."""
-    if not baseline_rows:
-        return
-    before = {(r["image"], r["seed"]): r.get(column) for r in baseline_rows}
-    pairs = [(r.get(column), before.get((r["image"], r["seed"]))) for r in rows]
-    if not pairs or any(not isinstance(a, float) or not isinstance(b, float) for a, b in pairs):
-        return
-    after_values, before_values = (np.array(v, dtype=np.float64) for v in zip(*pairs))
-    if not (np.isfinite(after_values).all() and np.isfinite(before_values).all()):
-        return
-    interval = bootstrap_paired_difference(after_values, before_values, confidence, n_resamples, seed)
-    entry[name], entry[f"{name}_lo"], entry[f"{name}_hi"] = interval.estimate, interval.lo, interval.hi
 
 
 @dataclass(frozen=True)
@@ -161,9 +134,6 @@ def best_start(
     degradation: str,
     column: str = "psnr_clean_in",
     baseline: str = IDENTITY,
-    confidence: float = CONFIDENCE,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = 0,
     picks: tuple[int, int] | None = None,
 ) -> BestStart | None:
     """The cross-fitted best start of ``method`` on ``degradation`` (see :class:`BestStart`); None when the sweep
@@ -204,19 +174,15 @@ def best_start(
         column,
         baseline,
         picks,
-        bootstrap_mean(values, confidence, n_resamples, seed),
-        bootstrap_paired_difference(values, base, confidence, n_resamples, seed),
-        bootstrap_mean(base, confidence, n_resamples, seed),
+        bootstrap_mean(values),
+        bootstrap_paired_difference(values, base),
+        bootstrap_mean(base),
         per_case,
     )
 
 
-def compare_best(
-    a: BestStart, b: BestStart, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
-) -> Interval:
+def compare_best(a: BestStart, b: BestStart) -> Interval:
     """``a``'s cross-fitted value minus ``b``'s on the cases both hold (e.g. two refiners on the same images), with a
     paired bootstrap interval over those cases."""
     common = sorted(set(a.per_case) & set(b.per_case))
-    return bootstrap_paired_difference(
-        [a.per_case[k] for k in common], [b.per_case[k] for k in common], confidence, n_resamples, seed
-    )
+    return bootstrap_paired_difference([a.per_case[k] for k in common], [b.per_case[k] for k in common])

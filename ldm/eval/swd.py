@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.eval.degrade import check_count
 from ldm.eval.metrics import separable_filter
 from ldm.eval.stats import Interval, percentile_interval, resample_indices
 
@@ -82,17 +83,6 @@ def pyramid_resolutions(height: int, width: int, min_resolution: int = MIN_RESOL
     return sides
 
 
-def patch_positions(
-    n_images: int, height: int, width: int, patches_per_image: int, patch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-left corners ``(ys, xs)``, each ``[n_images, patches_per_image]`` (long), of patches lying wholly inside
-    a ``height`` x ``width`` level, uniform and independent (with replacement)."""
-    shape = (n_images, patches_per_image)
-    ys = torch.randint(height - patch_size + 1, shape, generator=generator, device=generator.device)
-    xs = torch.randint(width - patch_size + 1, shape, generator=generator, device=generator.device)
-    return ys.cpu(), xs.cpu()
-
-
 def extract_patches(level: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """The patches of ``level`` ``[B, C, H, W]`` at corners ``ys``, ``xs`` ``[B, P]``: ``[B * P, C, p, p]``."""
     b, c = level.shape[:2]
@@ -135,12 +125,6 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
     return float(projected_wasserstein(a, b, directions).mean())
 
 
-def _check_int(name: str, value: int, low: int, high: int) -> None:
-    """Raise ValueError unless ``value`` is a Python ``int`` in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
 @dataclass(frozen=True)
 class PreparedReference:
     """The reference side of :func:`swd` for image sets of ``shape`` ``(B, C, H, W)``: per level the patch positions,
@@ -179,12 +163,12 @@ def prepare_reference(
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     sides = pyramid_resolutions(*reference.shape[-2:], min_resolution)
     levels = laplacian_pyramid(reference.detach().cpu().double(), len(sides))
-    # every position first, then each level's directions: the order of the draws is part of the metric
-    positions = [
-        patch_positions(reference.shape[0], *level.shape[-2:], patches_per_image, patch_size, generator)
-        for level in levels
-        if min(level.shape[-2:]) >= patch_size
-    ]
+    # every position first, then each level's directions: the order of the draws is part of the metric.  Positions:
+    # top-left corners [B, patches_per_image] of patches wholly inside the level, uniform, with replacement
+    positions, shape = [], (reference.shape[0], patches_per_image)
+    for h, w in (level.shape[-2:] for level in levels if min(level.shape[-2:]) >= patch_size):
+        ys = torch.randint(h - patch_size + 1, shape, generator=generator)
+        positions.append((ys, torch.randint(w - patch_size + 1, shape, generator=generator)))
     directions, descriptors, statistics, projections = [], [], [], []
     for level, (ys, xs) in zip(levels, positions):
         db = extract_patches(level, ys, xs, patch_size)
@@ -243,8 +227,11 @@ def swd(
     ``[B, C, H, W]`` float sets of one shape in any value range (see the module docstring).  ``reference`` may be a
     :class:`PreparedReference`, whose seed and settings then apply (the keyword arguments are ignored).
     """
-    prepared = _prepared(reference, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
-    return _swd_result(_image_descriptors(images, prepared), prepared)
+    if not isinstance(reference, PreparedReference):
+        names = ("patch_size", "patches_per_image", "n_directions", "min_resolution", "normalize")
+        settings = dict(zip(names, (patch_size, patches_per_image, n_directions, min_resolution, normalize)))
+        reference = prepare_reference(reference, seed=seed, **settings)
+    return _swd_result(_image_descriptors(images, reference), reference)
 
 
 def _swd_result(descriptors: list[torch.Tensor], prepared: PreparedReference) -> SWDResult:
@@ -254,15 +241,6 @@ def _swd_result(descriptors: list[torch.Tensor], prepared: PreparedReference) ->
         for da, d, pb in zip(descriptors, prepared.directions, prepared.sorted_projections)
     ]
     return SWDResult(prepared.sides, tuple(per_level), float(sum(per_level) / len(per_level)))
-
-
-def _prepared(reference: torch.Tensor | PreparedReference, *settings: Any) -> PreparedReference:
-    """``reference`` itself when prepared, else :func:`prepare_reference` of it with ``settings`` in
-    :func:`swd`'s keyword order (seed first)."""
-    if isinstance(reference, PreparedReference):
-        return reference
-    names = ("seed", "patch_size", "patches_per_image", "n_directions", "min_resolution", "normalize")
-    return prepare_reference(reference, **dict(zip(names, settings)))
 
 
 def image_cdfs(projections: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -307,11 +285,6 @@ def swd_bootstrap(
     n_resamples: int = 400,
     resample_directions: int = 64,
     confidence: float = 0.95,
-    patch_size: int = PATCH_SIZE,
-    patches_per_image: int = PATCHES_PER_IMAGE,
-    n_directions: int = N_DIRECTIONS,
-    min_resolution: int = MIN_RESOLUTION,
-    normalize: str = "each",
 ) -> SWDBootstrap:
     """:func:`swd` and a bias-corrected percentile-bootstrap interval of it over images.
 
@@ -320,15 +293,16 @@ def swd_bootstrap(
     resample's SWD is :func:`resampled_wasserstein` on ``resample_directions`` of the ``n_directions`` directions of
     each level (the same subset for every resample).  Drawing images twice makes two sets look less alike, so resampled
     SWDs sit above the estimate; the interval is the resamples' percentile interval shifted down by that bias (their
-    mean minus the estimate).  The estimate is :func:`swd`'s value over all directions.  ``reference`` may be a
-    :class:`PreparedReference` (its seed and settings then apply; ``seed`` still seeds the resamples).
+    mean minus the estimate).  The estimate is :func:`swd`'s value over all directions.  A tensor ``reference`` is
+    prepared with :func:`swd`'s default settings; for others pass a :class:`PreparedReference` (its seed and settings
+    then apply; ``seed`` still seeds the resamples).
 
     Two calls with the same ``seed`` on sets of the same shape draw the same images, patches and directions, so their
     ``resampled`` values are paired (:func:`paired_swd_difference`).
     """
-    prepared = _prepared(reference, seed, patch_size, patches_per_image, n_directions, min_resolution, normalize)
-    _check_int("n_resamples", n_resamples, 1, 10**6)
-    _check_int("resample_directions", resample_directions, 1, prepared.settings[2])
+    prepared = reference if isinstance(reference, PreparedReference) else prepare_reference(reference, seed=seed)
+    check_count("n_resamples", n_resamples, 1, 10**6)
+    check_count("resample_directions", resample_directions, 1, prepared.settings[2])
     descriptors = _image_descriptors(images, prepared)
     result = _swd_result(descriptors, prepared)
     n = images.shape[0]

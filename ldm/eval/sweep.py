@@ -53,16 +53,7 @@ DEFAULT_DEGRADATIONS: tuple[str, ...] = (
 MODEL_FIRST_STAGE = "model"
 NO_REFERENCE = "none"
 REGION_MODES: dict[str, str] = {"region": " (region)", "crop": " (crop)"}  # mode -> method name suffix
-METRIC_COLUMNS: tuple[str, ...] = (
-    "psnr_clean",
-    "ssim_clean",
-    "mse_clean",
-    "lpips_clean",
-    "psnr_input",
-    "ssim_input",
-    "mse_input",
-    "lpips_input",
-)
+METRIC_COLUMNS: tuple[str, ...] = tuple(f"{m}_{to}" for to in ("clean", "input") for m in ("psnr", "ssim", "mse", "lpips"))
 # cases with a mask (local degradations): inside the box against clean and input, outside against the input, the seam
 MASKED_COLUMNS: tuple[str, ...] = (
     "psnr_clean_in",
@@ -105,8 +96,7 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
                 f"degradation spec {spec!r}: {name} takes numbers (codebook_fraction in (0, 1], box sizes)"
             ) from None
         deg = build_degradation(name, first_stage=first_stage, **params)
-        rest = [f"{k}={v}" for k, v in deg.params().items() if k != "first_stage"]
-        label = ",".join([f"first_stage={MODEL_FIRST_STAGE}", *rest])
+        label = ",".join(f"{k}={v}" for k, v in {**deg.params(), "first_stage": MODEL_FIRST_STAGE}.items())
         return SweepDegradation(f"{name}:{label}", deg)
     deg = degradation_from_spec(spec)
     return SweepDegradation(deg.spec, deg)
@@ -192,7 +182,7 @@ def _example_ts(covered: Sequence[int], n: int | Sequence[int]) -> list[int]:
     """``n`` evenly spread entries of ``covered``, or the entries of ``n`` that are covered."""
     ts = sorted(covered)
     if not isinstance(n, (int, np.integer)):
-        return [t for t in ts if t in set(n)]
+        return [t for t in ts if t in n]
     if len(ts) <= n:
         return ts
     picks = np.linspace(0, len(ts) - 1, n).round().astype(int)
@@ -200,11 +190,10 @@ def _example_ts(covered: Sequence[int], n: int | Sequence[int]) -> list[int]:
 
 
 class _Runner:
-    """Holds the cases and accumulates rows; one method at a time."""
+    """Runs one method at a time over the cases, batched by input shape, and accumulates the rows."""
 
     def __init__(self, cases: list[_Case], batch_size: int, lpips: LPIPSMetric | Skipped | None, keep_sets: bool):
         self.cases = cases
-        self.batch_size = batch_size
         self.lpips = lpips
         self.keep_sets = keep_sets
         self.rows: list[dict[str, Any]] = []
@@ -215,7 +204,7 @@ class _Runner:
         self.batches = [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
     def batches_of(self, masked_only: bool) -> list[list[int]]:
-        """The batches (lists of case indices) a method runs over: all, or those of the cases with a mask."""
+        """The batches (lists of case indices): all, or those of the cases with a mask."""
         return [b for b in self.batches if self.cases[b[0]].mask is not None] if masked_only else self.batches
 
     def run(
@@ -276,7 +265,7 @@ class _Runner:
 def _masked(
     out: torch.Tensor, clean: torch.Tensor | None, x: torch.Tensor, masks: torch.Tensor, lpips: LPIPSMetric | Skipped | None
 ) -> dict[str, Any]:
-    """The :data:`MASKED_COLUMNS` of a batch of outputs with masks."""
+    """The :data:`MASKED_COLUMNS` of a batch."""
     found: dict[str, Any] = {}
     if clean is not None:
         to_clean = masked_metrics(out, clean, masks, lpips=lpips)
@@ -313,13 +302,10 @@ def run_sweep(
 
     Args:
         refiners: ``(name, Refiner)`` pairs, the main one first (its outputs fill the example grid).
-        images: the images (clean ones; the artifact images themselves when ``degradations`` is None).
-        degradations: from :func:`build_sweep_degradation`; None for no-reference mode.
-        start_ts: start timesteps (each in ``[1, T-1]``); those a refiner's windows do not cover are skipped for it,
-            with a note.
+        images: the clean images (the artifact images themselves when ``degradations`` is None, no-reference mode).
+        degradations: from :func:`build_sweep_degradation`.
+        start_ts: each in ``[1, T-1]``; those a refiner's windows do not cover are skipped for it, with a note.
         seeds: one case per seed (degradation seed derived from it; refinement seed = it).
-        baselines: from :func:`ldm.eval.baselines.default_baselines`.
-        ddim_steps, eta: the DDIM grid and noise of every refinement.
         batch_size: cases refined together (same-size inputs).
         lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
         inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
@@ -375,32 +361,16 @@ def run_sweep(
             shown = set(_example_ts(list(covered[name]), example_start_ts))
             for t, effective in covered[name].items():
                 bar.set_postfix_str(f"{name} t={t}")
-
-                def refine(
-                    x: torch.Tensor, seeds_: list[int], _masks: torch.Tensor | None, r: Any = refiner, t_: int = t
-                ) -> torch.Tensor:
-                    return r.refine_tensors(x, t_, seeds_, ddim_steps, eta)
-
                 if whole_image:
-                    out = runner.run(name, "refiner", refine, t, effective, set(examples) if t in shown else set(), bar)
+                    fn = _refine_fn(refiner, t, ddim_steps, eta, None)
+                    out = runner.run(name, "refiner", fn, t, effective, set(examples) if t in shown else set(), bar)
                     if t in shown:
                         _keep_examples(examples, out, f"{name} t={t}")
                 for mode in modes:
-
-                    def refine_region(
-                        x: torch.Tensor,
-                        seeds_: list[int],
-                        masks: torch.Tensor,
-                        r: Any = refiner,
-                        t_: int = t,
-                        crop: bool = mode == "crop",
-                    ) -> torch.Tensor:
-                        start_map = (masks > 0.5).long() * t_
-                        return r.refine_tensors(x, t_, seeds_, ddim_steps, eta, start_map=start_map, crop_regions=crop)
-
                     method = name + REGION_MODES[mode]
                     keep = {i for i in examples if cases[i].mask is not None} if t in shown else set()
-                    out = runner.run(method, "refiner", refine_region, t, effective, keep, bar, masked_only=True)
+                    fn = _refine_fn(refiner, t, ddim_steps, eta, mode)
+                    out = runner.run(method, "refiner", fn, t, effective, keep, bar, masked_only=True)
                     if t in shown:
                         _keep_examples({i: examples[i] for i in keep}, out, f"{method} t={t}")
 
@@ -431,6 +401,19 @@ def run_sweep(
         reference=reference,
         notes=notes,
     )
+
+
+def _refine_fn(refiner: Any, t: int, ddim_steps: int, eta: float, mode: str | None) -> Any:
+    """``fn(inputs, seeds, masks)`` for :meth:`_Runner.run`: ``refiner`` from ``t`` over the whole image (``mode``
+    None) or only inside the masks (a start map of ``t`` inside, 0 outside; ``"crop"``: cropped around each box)."""
+
+    def refine(x: torch.Tensor, seeds: list[int], masks: torch.Tensor | None) -> torch.Tensor:
+        if mode is None:
+            return refiner.refine_tensors(x, t, seeds, ddim_steps, eta)
+        start_map = (masks > 0.5).long() * t
+        return refiner.refine_tensors(x, t, seeds, ddim_steps, eta, start_map=start_map, crop_regions=mode == "crop")
+
+    return refine
 
 
 def _build_cases(

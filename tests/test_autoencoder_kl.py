@@ -363,11 +363,13 @@ def test_vq_checkpoint_given_as_kl_and_kl_given_as_vq_are_one_line_errors(tmp_pa
     torch.manual_seed(0)
     vq = VQModelInterface(ddconfig=dict(TINY_DDCONFIG), lossconfig=IDENTITY, n_embed=16, embed_dim=3)
     save_checkpoint({"state_dict": vq.state_dict()}, tmp_path / "vq.ckpt")
-    with pytest.raises(CheckpointError) as info:
-        AutoencoderKL(ddconfig=dict(TINY_KL_DDCONFIG), lossconfig=IDENTITY, embed_dim=3, ckpt_path=str(tmp_path / "vq.ckpt"))
-    message = str(info.value)
-    assert "\n" not in message and "VQ autoencoder" in message and "AutoencoderKL" in message
-    assert "VQModelInterface" in message
+    for ignore_keys in ([], ["quantize"]):  # ignoring the codebook does not hide what the file is
+        with pytest.raises(CheckpointError) as info:
+            AutoencoderKL(ddconfig=dict(TINY_KL_DDCONFIG), lossconfig=IDENTITY, embed_dim=3,
+                          ckpt_path=str(tmp_path / "vq.ckpt"), ignore_keys=ignore_keys)  # fmt: skip
+        message = str(info.value)
+        assert "\n" not in message and "VQ autoencoder" in message and "AutoencoderKL" in message
+        assert "VQModelInterface" in message
 
     kl = AutoencoderKL(ddconfig=dict(TINY_KL_DDCONFIG, z_channels=3), lossconfig=IDENTITY, embed_dim=3)
     save_checkpoint({"state_dict": kl.state_dict()}, tmp_path / "kl.ckpt")

@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 import ldm.modules.encoders.modules as enc  # noqa: E402
 import ldm.modules.x_transformer as xt  # noqa: E402
 from ldm.modules.encoders.modules import (  # noqa: E402
+    AbstractEncoder,
     BERTEmbedder,
     BERTTokenizer,
     FrozenCLIPEmbedder,
@@ -457,3 +458,18 @@ def test_a_clip_folder_whose_config_is_not_a_bounded_clip_text_config_is_one_lin
             FrozenCLIPEmbedder(str(folder))
         msg = _one_line(err)
         assert str(folder) in msg and "config.json" in msg, msg
+
+
+def test_an_encoder_written_for_compvis_may_set_its_own_device():
+    """CompVis and SD encoders assign ``self.device`` in ``__init__``: AbstractEncoder must not own that name."""
+
+    class OwnDevice(AbstractEncoder):
+        def __init__(self, device: str = "cpu") -> None:
+            super().__init__()
+            self.device = device
+
+        def encode(self, text):
+            return torch.zeros(len(text), 1, 4, device=self.device)
+
+    encoder = OwnDevice()
+    assert encoder.device == "cpu" and encoder.encode(["a", "b"]).shape == (2, 1, 4)

@@ -96,6 +96,11 @@ def test_ddim_sampling_parameters_match_reference(eta):
         assert (sig == 0).all()
 
 
+def test_ddim_negative_eta_rejected():
+    with pytest.raises(ValueError, match="eta"):
+        make_ddim_sampling_parameters(torch.linspace(0.99, 0.01, 10), [1, 5], -0.1)
+
+
 @pytest.mark.parametrize("dim", [6, 7, 32])
 def test_timestep_embedding_cos_first(dim):
     t = torch.tensor([0, 1, 17, 999])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_autoencoder_weights
+from ldm.checkpoint import load_autoencoder_weights
 from ldm.models.autoencoder_training import GANAutoencoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
@@ -87,13 +87,7 @@ class AutoencoderKL(GANAutoencoder):
         ``loss.*`` keys this model's loss lacks or shapes differently are dropped with a logged note.  A VQ first
         stage's checkpoint, or one of another network, is refused with a one-line :class:`CheckpointError`.
         """
-        sd = self._read_first_stage(path, unsafe, ignore_keys)
-        if any(k.startswith("quantize.") for k in sd):
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} is a VQ autoencoder (it has quantize.* codebook weights), not an "
-                "AutoencoderKL; load it with target ldm.models.autoencoder.VQModelInterface (with its n_embed and "
-                "ddconfig.double_z: false), or give a KL checkpoint"
-            )
+        sd = self._read_first_stage(path, unsafe, ignore_keys, vq=False)
         load_autoencoder_weights(
             self,
             sd,

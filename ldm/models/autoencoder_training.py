@@ -178,15 +178,27 @@ class GANAutoencoder(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- weights
     def _read_first_stage(
-        self, path: str, unsafe: bool, ignore_keys: Sequence[str], network: Mapping[str, Any] | None = None
+        self,
+        path: str,
+        unsafe: bool,
+        ignore_keys: Sequence[str],
+        network: Mapping[str, Any] | None = None,
+        vq: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The state dict at ``path`` (safe loader), a LatentDiffusion checkpoint's ``first_stage_model.*`` prefix
-        stripped and the ``ignore_keys`` prefixes dropped; a missing file names the configs that train this ``network``."""
+        stripped and the ``ignore_keys`` prefixes dropped; a missing file names the configs that train this ``network``.
+        ``vq=False`` (a KL model) refuses a VQ checkpoint, looked for before ``ignore_keys`` can hide its codebook."""
         if not Path(path).exists():
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
         sd = load_state_dict(path, unsafe=unsafe)
         if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = strip_prefix(sd, "first_stage_model.")
+        if not vq and any(k.startswith("quantize.") for k in sd):
+            raise CheckpointError(
+                f"first-stage checkpoint {path!r} is a VQ autoencoder (it has quantize.* codebook weights), not an "
+                "AutoencoderKL; load it with target ldm.models.autoencoder.VQModelInterface (with its n_embed and "
+                "ddconfig.double_z: false), or give a KL checkpoint"
+            )
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))

@@ -76,8 +76,9 @@ def make_ddim_sampling_parameters(
 
     ``alphas[i] = alphacums[grid[i]]``; ``alphas_prev[i] = alphacums[grid[i-1]]`` with ``alphacums[0]`` for the first
     entry (latent-diffusion's convention); ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))`` (DDIM eq. 16).
-    ``eta >= 0`` was checked by the caller (``DDIMSampler.make_schedule``).
     """
+    if eta < 0:  # a public latent-diffusion function: scripts call it without DDIMSampler
+        raise ValueError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like ancestral noise)")
     alphacums = torch.as_tensor(alphacums, dtype=torch.float64)
     idx = torch.as_tensor(np.asarray(ddim_timesteps), dtype=torch.long)
     alphas = alphacums[idx]

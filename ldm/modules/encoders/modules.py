@@ -126,15 +126,19 @@ class AbstractEncoder(nn.Module):
     def encode(self, *args: Any) -> Any:
         raise NotImplementedError
 
+
+class _TensorDevice:
+    """A read-only ``device``: where the module's parameters (or buffers) live; tokens are moved there.  Not on
+    :class:`AbstractEncoder`: CompVis/SD encoders written for it assign ``self.device`` in ``__init__``."""
+
     @property
     def device(self) -> torch.device:
-        """Where the encoder's parameters (or buffers) live; tokens are moved there."""
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             return tensor.device
         return torch.device("cpu")
 
 
-class TransformerEmbedder(AbstractEncoder):
+class TransformerEmbedder(_TensorDevice, AbstractEncoder):
     """Token ids ``[B, N]`` (long, ``N <= max_seq_len``) -> embeddings ``[B, N, n_embed]``: latent-diffusion's encoder.
 
     State-dict keys ``transformer.*`` (see ``ldm.modules.x_transformer``). ``device`` is accepted for CompVis
@@ -247,7 +251,7 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
     return transformers.BertTokenizer(vocab=vocab, do_lower_case=True)
 
 
-class BERTEmbedder(AbstractEncoder):
+class BERTEmbedder(_TensorDevice, AbstractEncoder):
     """Prompts ``[B]`` -> ``[B, max_seq_len, n_embed]``: BERT tokens through latent-diffusion's transformer encoder.
 
     The encoder is trained with the diffusion model (txt2img-f8: ``n_embed: 1280, n_layer: 32``,
@@ -409,7 +413,7 @@ class _TextModelKeys(nn.Module):
         return self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=output_hidden_states)
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class FrozenCLIPEmbedder(_TensorDevice, AbstractEncoder):
     """Prompts ``[B]`` -> CLIP text features ``[B, max_length, D]`` (Stable Diffusion v1's condition encoder).
 
     ``version`` is a **local folder** (see ``_clip_folders``; the CompVis default hub id is not downloaded). Weights come

@@ -124,15 +124,14 @@ class ResumableDataLoader(ResumableLoaderState, DataLoader):
         return DataLoader.__iter__(self)
 
 
-# the DataLoader arguments a loader rebuilt around another sampler keeps (the last two only with worker processes)
-_KEPT_ARGS: tuple[str, ...] = tuple(
-    "batch_size drop_last num_workers collate_fn pin_memory timeout worker_init_fn persistent_workers pin_memory_device "
-    "in_order prefetch_factor multiprocessing_context".split()
-)
+# the DataLoader arguments a loader rebuilt around another sampler keeps
+_KEPT_ARGS = ("batch_size", "drop_last", "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+              "persistent_workers", "pin_memory_device", "in_order")  # fmt: skip
+_WORKER_ARGS = ("prefetch_factor", "multiprocessing_context")  # DataLoader refuses them without worker processes
 
 
 def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
-    names = _KEPT_ARGS if loader.num_workers > 0 else _KEPT_ARGS[:-2]
+    names = _KEPT_ARGS + _WORKER_ARGS if loader.num_workers > 0 else _KEPT_ARGS
     return {name: getattr(loader, name) for name in names}
 
 

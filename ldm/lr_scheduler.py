@@ -1,7 +1,5 @@
-"""Learning-rate multipliers for ``torch.optim.lr_scheduler.LambdaLR`` (latent-diffusion's ``scheduler_config`` targets).
-
-Each class exposes ``schedule(step) -> multiplier`` of the base learning rate; ``step`` counts optimizer steps.
-"""
+"""Learning-rate multipliers for ``torch.optim.lr_scheduler.LambdaLR`` (latent-diffusion's ``scheduler_config`` targets):
+``schedule(step)`` is the multiplier of the base learning rate at optimizer step ``step``."""
 
 from __future__ import annotations
 

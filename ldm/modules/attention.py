@@ -1,9 +1,5 @@
-"""Attention on ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernels on CPU and CUDA).
-
-Holds the transformer blocks of latent-diffusion's ``SpatialTransformer`` (parameter names as CompVis') and their
-multi-head attention primitive.  The UNet's ``AttentionBlock`` and the first stage's ``AttnBlock`` call
-``scaled_dot_product_attention`` directly, with last-dim-contiguous ``q, k, v`` as these blocks do.
-"""
+"""latent-diffusion's ``SpatialTransformer`` and its blocks (CompVis' parameter names), on
+``scaled_dot_product_attention`` (memory-efficient kernels on CPU and CUDA)."""
 
 from __future__ import annotations
 
@@ -16,13 +12,7 @@ from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Scaled dot-product attention over tokens.
-
-    Args:
-        q: ``[B, Nq, H*D]``; k, v: ``[B, Nk, H*D]``; heads: H.
-    Returns:
-        ``[B, Nq, H*D]``, softmax(q k^T / sqrt(D)) v per head.
-    """
+    """``softmax(q k^T / sqrt(D)) v`` per head: ``q`` ``[B, Nq, H*D]``, ``k, v`` ``[B, Nk, H*D]`` -> ``[B, Nq, H*D]``."""
     q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")

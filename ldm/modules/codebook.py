@@ -1,9 +1,8 @@
-"""Dead-code restarts for a VQ codebook (a pure function; :class:`ldm.models.autoencoder.VQModel` schedules it).
+"""Dead-code restarts for a VQ codebook (:class:`ldm.models.autoencoder.VQModel` schedules them).
 
-A code no encoder output chose for a whole window gets no gradient from the codebook loss and never comes back
-(README's quick start measures how much of the codebook is used).  Restarting it at an encoder output of the current
-batch, with a little noise so that codes restarted at one vector do not stay tied, puts it where the data is, as
-k-means does with empty clusters (Jukebox's "random restarts", Dhariwal et al. 2020).
+A code no encoder output chose for a whole window gets no gradient and never comes back.  Restarting it at an encoder
+output of the batch, with a little noise so that codes restarted at one vector do not stay tied, puts it where the
+data is (Jukebox's "random restarts", Dhariwal et al. 2020).
 """
 
 from __future__ import annotations
@@ -20,17 +19,10 @@ def restart_dead_codes(
     generator: torch.Generator | None = None,
     noise: float = RESTART_NOISE,
 ) -> torch.Tensor:
-    """Overwrite, in place, every code of ``codebook`` whose ``usage`` count is 0 with a random row of ``candidates``.
-
-    Args:
-        codebook: ``[K, D]`` code vectors (e.g. ``quantize.embedding.weight``); modified in place.
-        usage: ``[K]`` how often each code was chosen over the window (any numeric dtype).
-        candidates: ``[N, D]`` encoder outputs (pre-quantization latents, one row per latent pixel) to restart at.
-        generator: the random source of the picks and the noise (None: torch's global generator).
-        noise: Gaussian noise added to each pick, in units of the candidates' per-dimension standard deviation.
-
-    Returns:
-        ``[M]`` (long) the indices of the restarted codes (empty when none was dead or there are no candidates).
+    """Overwrite, in place, every code of ``codebook`` ``[K, D]`` whose ``usage`` ``[K]`` count is 0 with a random row of
+    ``candidates`` ``[N, D]`` (pre-quantization latents) plus Gaussian ``noise`` in units of the candidates'
+    per-dimension standard deviation.  Returns the restarted indices ``[M]`` (long; empty without dead codes or
+    candidates).
     """
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0 or candidates.shape[0] == 0:

@@ -1,8 +1,6 @@
-"""Exponential moving average of model parameters, with latent-diffusion's ``LitEma`` buffer layout.
-
-Buffers: ``decay`` (float32 scalar), ``num_updates`` (int32 scalar; -1 disables the warm-up) and one buffer per
-trainable parameter named as the parameter with every ``.`` removed — the names found under ``model_ema.`` in
-CompVis checkpoints.
+"""Exponential moving average of model parameters, with latent-diffusion's ``LitEma`` buffer layout: ``decay``
+(float32), ``num_updates`` (int32; -1 disables the warm-up) and one buffer per trainable parameter, named as the
+parameter with every ``.`` removed (CompVis checkpoints' ``model_ema.*``).
 """
 
 from __future__ import annotations
@@ -14,10 +12,8 @@ from torch import nn
 
 
 class LitEma(nn.Module):
-    """EMA shadow of ``model``'s trainable parameters: ``shadow -= (1 - decay) * (shadow - param)``.
-
-    With ``use_num_upates`` (CompVis spelling) the decay warms up as ``min(decay, (1 + n) / (10 + n))``.
-    """
+    """EMA shadow of ``model``'s trainable parameters: ``shadow -= (1 - decay) * (shadow - param)``; with
+    ``use_num_upates`` (CompVis spelling) the decay warms up as ``min(decay, (1 + n) / (10 + n))``."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True):
         super().__init__()
@@ -42,8 +38,7 @@ class LitEma(nn.Module):
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """One EMA update from ``model``'s current parameters: ``shadow += (1 - decay) * (param - shadow)`` for all
-        shadows in one multi-tensor ``lerp`` (no per-parameter kernels, no device-to-host reads)."""
+        """One EMA update from ``model``'s parameters, as one multi-tensor ``lerp`` (no device-to-host reads)."""
         if self._host_state is None or self._host_key != self._buffers_key():
             self._host_state = (float(self.decay), int(self.num_updates))
         decay, n = self._host_state
@@ -61,7 +56,6 @@ class LitEma(nn.Module):
             torch._foreach_lerp_([buf for buf, _ in pairs], [param.detach() for _, param in pairs], 1.0 - decay)
 
     def _shadows_and_params(self, model: nn.Module) -> list[tuple[torch.Tensor, nn.Parameter]]:
-        """``(shadow buffer, parameter)`` for each trainable parameter of ``model``."""
         shadow = dict(self.named_buffers())
         return [(shadow[self.m_name2s_name[k]], p) for k, p in model.named_parameters() if p.requires_grad]
 

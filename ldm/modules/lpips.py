@@ -1,9 +1,5 @@
 """LPIPS (Zhang et al. 2018) built without network access: the perceptual term of the VQ loss and an evaluation metric.
-
-The calibrated linear layers ship inside the ``lpips`` package; the ImageNet backbone weights are torchvision's and
-must already be on disk (torch hub's cache, ``$TORCH_HOME/hub/checkpoints``, or an explicit path).  Nothing is ever
-downloaded; a missing file raises :class:`PerceptualWeightsMissingError` naming it and the way out.
-"""
+The linear layers ship inside the ``lpips`` package; the backbone's ImageNet weights (torchvision's) must be on disk."""
 
 from __future__ import annotations
 
@@ -19,8 +15,7 @@ from ldm.checkpoint import CheckpointError, load_state_dict
 logger = logging.getLogger(__name__)
 
 LPIPS_VERSION = "0.1"
-# the file names of torchvision's ImageNet weights of the LPIPS backbones (what ``pretrained=True`` fetches) in torch
-# hub's cache; torchvision serves them at TORCHVISION_WEIGHTS_URL + name
+# torchvision's ImageNet weights of the LPIPS backbones as named in torch hub's cache (at TORCHVISION_WEIGHTS_URL + name)
 TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/"
 LPIPS_BACKBONE_FILES: dict[str, str] = {
     "vgg": "vgg16-397923af.pth",
@@ -31,10 +26,6 @@ LPIPS_BACKBONE_FILES: dict[str, str] = {
 
 class PerceptualWeightsMissingError(FileNotFoundError):
     """A file the LPIPS perceptual loss needs is not on disk (this project never downloads weights at run time)."""
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# LPIPS, offline
 
 
 def _check_net(net: str) -> None:
@@ -65,17 +56,11 @@ def _missing_weights_error(what: str, path: Path, how: str) -> PerceptualWeights
 
 
 def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | Path | None = None) -> nn.Module:
-    """A frozen ``lpips.LPIPS`` module in eval mode, built without network access.
+    """A frozen ``lpips.LPIPS`` module in eval mode (backbone ``net``: ``"vgg"``, ``"alex"`` or ``"squeeze"``).
 
-    Args:
-        net: LPIPS backbone, ``"vgg"`` (taming's choice), ``"alex"`` or ``"squeeze"``.
-        pretrained: load the backbone's ImageNet weights from ``backbone_path`` (default: torch hub's cache, see
-            :func:`lpips_backbone_path`).  ``False`` keeps the backbone randomly initialised (for offline tests);
-            the linear layers are always the calibrated ones from the ``lpips`` package.
-        backbone_path: a local copy of torchvision's backbone weights (``features.*`` keys).
-
-    Raises:
-        PerceptualWeightsMissingError: a weights file is not on disk; the message names it and the way out.
+    ``pretrained`` loads the backbone's ImageNet weights from ``backbone_path`` (torchvision's ``features.*`` keys;
+    default :func:`lpips_backbone_path`); ``False`` keeps it random (offline tests).  The linear layers are always the
+    ``lpips`` package's.  Raises :class:`PerceptualWeightsMissingError`, naming the file, when a weights file is absent.
     """
     linear_path = lpips_linear_path(net)  # checks ``net``
     if not linear_path.exists():

@@ -1,9 +1,7 @@
 """latent-diffusion's transformer encoder (its trimmed copy of lucidrains' x-transformers), the body of ``BERTEmbedder``.
 
-Only what latent-diffusion's text encoders use is kept: token + learned absolute position embeddings, pre-norm
-self-attention / feed-forward blocks, a final LayerNorm and the (unused at encode time) ``to_logits`` head. Class
-names, constructor arguments and the module tree are latent-diffusion's, so the state-dict keys of its ``BERTEmbedder``
-checkpoints (``cond_stage_model.transformer.*`` in txt2img-f8) load unchanged::
+Only what its text encoders use is kept. Class names, arguments and the module tree are latent-diffusion's, so its
+``BERTEmbedder`` checkpoints (``cond_stage_model.transformer.*`` in txt2img-f8) load unchanged::
 
     token_emb.weight                         [num_tokens, dim]
     pos_emb.emb.weight                       [max_seq_len, dim]
@@ -15,8 +13,7 @@ checkpoints (``cond_stage_model.transformer.*`` in txt2img-f8) load unchanged::
     attn_layers.layers.{2i+1}.1.net.2.{weight,bias}   [dim, mult * dim]
     norm.{weight,bias}, to_logits.{weight,bias}
 
-As in latent-diffusion, the attention width is ``heads * dim_head`` (512 by default) whatever ``dim``. x-transformers
-options latent-diffusion's configs never set (memory tokens, relative positions, ...) are refused, not ignored.
+The attention width is ``heads * dim_head`` (512 by default) whatever ``dim``, as in latent-diffusion.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ DEFAULT_DIM_HEAD = 64
 
 
 class AbsolutePositionalEmbedding(nn.Module):
-    """Learned position embedding: positions ``0..N-1`` -> ``[1, N, dim]``."""
+    """Learned position embedding: ``x`` ``[B, N, ...]`` -> ``[1, N, dim]`` for positions ``0..N-1``."""
 
     def __init__(self, dim: int, max_seq_len: int):
         super().__init__()
@@ -37,12 +34,11 @@ class AbsolutePositionalEmbedding(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, N, ...]`` -> position embeddings ``[1, N, dim]`` (on ``x``'s device)."""
         return self.emb(torch.arange(x.shape[1], device=x.device))[None]
 
 
 class Residual(nn.Module):
-    """``out + residual`` (a module, with no parameters, so the block layout keeps latent-diffusion's indices)."""
+    """``x + residual``: latent-diffusion's block layout ``[norm, block, Residual]``."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return x + residual
@@ -84,11 +80,9 @@ class Attention(nn.Module):
         """``x`` ``[B, N, dim]``; ``mask`` ``[B, N]`` bool, True = a real token (padding keys are not attended to)."""
         b, n, _ = x.shape
         q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        attn_mask = None
-        if mask is not None:
-            # x-transformers masks query rows too, but a fully masked row would be NaN under SDPA; the rows of padding
-            # queries are discarded by callers that pass a mask, so masking keys alone gives the same real-token output
-            attn_mask = mask[:, None, None, :].to(torch.bool)
+        # x-transformers masks query rows too, but a fully masked row would be NaN under SDPA; the rows of padding
+        # queries are discarded by callers that pass a mask, so masking keys alone gives the same real-token output
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -102,9 +96,7 @@ class Attention(nn.Module):
 
 class AttentionLayers(nn.Module):
     """``depth`` blocks of (norm, self-attention, residual) then (norm, feed-forward, residual): ``[B, N, dim]``.
-
-    ``attn_dim_head``/``attn_dropout`` and ``ff_mult``/``ff_dropout`` are x-transformers' prefixed options, spelled out.
-    """
+    ``attn_*`` and ``ff_*`` are x-transformers' prefixed options, spelled out."""
 
     def __init__(
         self,
@@ -167,12 +159,8 @@ class Encoder(AttentionLayers):
 
 
 class TransformerWrapper(nn.Module):
-    """Token ids ``[B, N]`` (long) -> logits ``[B, N, num_tokens]``, or embeddings ``[B, N, dim]``.
-
-    Keyword-only, as in latent-diffusion: ``num_tokens`` (vocabulary size), ``max_seq_len``, ``attn_layers`` (an
-    ``Encoder``), ``emb_dim`` (token embedding width, projected to ``dim`` when different), ``emb_dropout``,
-    ``use_pos_emb``.
-    """
+    """Token ids ``[B, N]`` (long) -> logits ``[B, N, num_tokens]``, or embeddings ``[B, N, dim]``.  ``emb_dim``: the
+    token embedding width, projected to ``dim`` when different."""
 
     def __init__(
         self,
@@ -200,10 +188,8 @@ class TransformerWrapper(nn.Module):
         self.to_logits = nn.Linear(dim, num_tokens)
 
     def forward(self, x: torch.Tensor, return_embeddings: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[B, N]`` long token ids in ``[0, num_tokens)`` (checked by the embedders); ``mask`` ``[B, N]`` bool
-        (True = real token) or None.  Returns ``[B, N, dim]`` embeddings when ``return_embeddings`` else
-        ``[B, N, num_tokens]`` logits.
-        """
+        """``x`` ``[B, N]`` token ids in ``[0, num_tokens)`` (checked by the embedders); ``mask`` ``[B, N]`` bool (True =
+        real token) or None."""
         if x.shape[1] > self.max_seq_len:
             raise ValueError(f"{x.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
         h = self.token_emb(x)

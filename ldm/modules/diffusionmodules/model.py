@@ -98,8 +98,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, hh, ww = h.shape
-        # [B, 1, HW, C], last dim contiguous: SDPA's memory-efficient kernels need it (a strided last dim falls back to
-        # the math kernel, which holds the HW x HW scores: 2 x 16 GiB in the mid block of a 1024 px image).
+        # [B, 1, HW, C], last dim contiguous: SDPA's memory-efficient kernels need it (else the math kernel holds HW x HW)
         q, k, v = (conv(h).reshape(b, 1, c, hh * ww).transpose(-1, -2).contiguous() for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         out = out.transpose(-1, -2).reshape(b, c, hh, ww)

@@ -1,11 +1,9 @@
-"""The diffusion UNet of latent-diffusion (ADM / openai "improved diffusion" lineage).
-
-Constructor arguments and parameter names are those of CompVis' ``openaimodel.UNetModel`` so that released
-checkpoints load key-for-key.  Attention runs on ``scaled_dot_product_attention``.
-"""
+"""The diffusion UNet of latent-diffusion (ADM lineage), with CompVis' arguments and parameter names (released
+checkpoints load key-for-key); attention runs on ``scaled_dot_product_attention``."""
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Sequence
 
@@ -59,10 +57,7 @@ class Upsample(nn.Module):
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=(1, 2, 2) if self.dims == 3 else 2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
@@ -153,10 +148,7 @@ class ResBlock(TimestepBlock):
 
 class AttentionBlock(nn.Module):
     """Self-attention over the positions of a feature map, with 1-D conv ``qkv`` ``[3C, C, 1]`` and ``proj_out``.
-
-    ``use_new_attention_order=False`` (CompVis' default, "legacy") splits qkv as ``[heads, 3, ch]``; the new order
-    splits as ``[3, heads, ch]``.  Both must be kept to load checkpoints trained with either.
-    """
+    qkv splits as ``[heads, 3, ch]`` (CompVis' default) or, with ``use_new_attention_order``, ``[3, heads, ch]``."""
 
     def __init__(
         self,
@@ -201,12 +193,9 @@ class AttentionBlock(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """The latent-diffusion UNet: ``forward(x [B, C, H, W], timesteps [B] int, context [B, L, D], y [B]) -> [B, C', H, W]``.
-
-    Args mirror CompVis: ``attention_resolutions`` are downsampling factors (1, 2, 4, ...) at which attention is
-    used; ``num_heads`` or ``num_head_channels`` sets the head layout; ``use_spatial_transformer`` +
-    ``transformer_depth`` + ``context_dim`` enable cross-attention; ``num_classes`` adds a label embedding.
-    """
+    """The latent-diffusion UNet.  ``attention_resolutions`` are the downsampling factors (1, 2, 4, ...) with attention;
+    ``num_heads`` or ``num_head_channels`` sets the head layout; ``use_spatial_transformer`` + ``transformer_depth`` +
+    ``context_dim`` enable cross-attention; ``num_classes`` adds a label embedding."""
 
     def __init__(
         self,
@@ -262,18 +251,14 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-
-        def res(ch_in: int, ch_out: int, **kw) -> ResBlock:
-            return ResBlock(
-                ch_in,
-                time_embed_dim,
-                dropout,
-                out_channels=ch_out,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-                **kw,
-            )
+        res = functools.partial(
+            ResBlock,
+            emb_channels=time_embed_dim,
+            dropout=dropout,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+        )
 
         def attn(ch: int, heads: int) -> nn.Module:
             if num_head_channels == -1:
@@ -299,28 +284,28 @@ class UNetModel(nn.Module):
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res(ch, mult * model_channels)]
+                layers: list[nn.Module] = [res(ch, out_channels=mult * model_channels)]
                 ch = mult * model_channels
                 if ds in self.attention_resolutions:
                     layers.append(attn(ch, num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
+                down = res(ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
                 ich = input_block_chans.pop()
-                layers = [res(ch + ich, model_channels * mult)]
+                layers = [res(ch + ich, out_channels=model_channels * mult)]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
+                    layers.append(res(ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
@@ -341,11 +326,8 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict ``[B, out_channels, H, W]`` from ``x`` ``[B, in_channels, H, W]`` at integer ``timesteps`` ``[B]``.
-
-        ``context`` ``[B, L, context_dim]`` feeds cross-attention; ``y`` ``[B]`` are class labels when
-        ``num_classes`` is set.
-        """
+        """Predict ``[B, out_channels, H, W]`` from ``x`` ``[B, in_channels, H, W]`` at integer ``timesteps`` ``[B]``;
+        ``context`` ``[B, L, context_dim]`` feeds cross-attention, ``y`` ``[B]`` are class labels (``num_classes``)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y if and only if the model was built with num_classes")
         f = self.downsampling_factor

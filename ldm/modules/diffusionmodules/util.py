@@ -1,8 +1,5 @@
-"""Diffusion schedule math (pure functions, float64) and small network helpers shared by the UNet.
-
-Conventions: timesteps are integer indices ``t`` in ``[0, T)`` into ``alphas_cumprod``; schedules are returned as
-float64 tensors on the CPU and cast to float32 only where a model registers them as buffers.
-"""
+"""Diffusion schedule math and small network helpers shared by the UNet.  Timesteps are integer indices ``t`` in
+``[0, T)`` into ``alphas_cumprod``; schedules are float64 CPU tensors, cast only where a model registers them."""
 
 from __future__ import annotations
 
@@ -26,13 +23,9 @@ def make_beta_schedule(
     linear_end: float = 2e-2,
     cosine_s: float = 8e-3,
 ) -> torch.Tensor:
-    """Betas ``[n_timestep]`` (float64) as in latent-diffusion.
-
-    * ``linear``: linspace in sqrt(beta) space between sqrt(linear_start) and sqrt(linear_end), then squared
-      (this is what LDM calls "linear"; Stable Diffusion calls it "scaled_linear").
-    * ``cosine``: Nichol & Dhariwal's cosine schedule, betas clipped to 0.999.
-    * ``sqrt_linear``: linspace in beta space.  ``sqrt``: square root of that.
-    """
+    """Betas ``[n_timestep]`` (float64) as in latent-diffusion: ``linear`` is linspace in sqrt(beta) space, squared
+    (diffusers' "scaled_linear"); ``cosine`` is Nichol & Dhariwal's, clipped to 0.999; ``sqrt_linear`` is linspace in
+    beta space and ``sqrt`` its square root."""
     if n_timestep < 1:
         raise ValueError(f"n_timestep={n_timestep} must be a positive number of diffusion steps (e.g. 1000)")
     if schedule == "linear":
@@ -50,12 +43,8 @@ def make_beta_schedule(
 
 
 def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """The DDIM grid of timestep indices, ascending (int64 numpy array).
-
-    ``uniform`` is latent-diffusion's ``range(0, T, T // S) + 1`` (S=50, T=1000: 1, 21, ..., 981); ``quad`` is
-    ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``.  Entries that the ``+ 1`` pushes to ``>= T`` (only when
-    ``T // S == 1``) are dropped, so every entry is a valid index.
-    """
+    """The DDIM grid of timestep indices, ascending (int64): ``uniform`` is ``range(0, T, T // S) + 1`` (S=50, T=1000:
+    1, 21, ..., 981), ``quad`` is ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``; entries ``>= T`` are dropped."""
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim_num_steps={num_ddim_timesteps} must be in [1, {num_ddpm_timesteps}] (the number of DDPM steps)")
     if ddim_discr_method == "uniform":
@@ -72,11 +61,9 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
 def make_ddim_sampling_parameters(
     alphacums: torch.Tensor, ddim_timesteps: Sequence[int] | np.ndarray, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sigmas, alphas, alphas_prev)`` for the DDIM grid, each ``[S]`` float64.
-
-    ``alphas[i] = alphacums[grid[i]]``; ``alphas_prev[i] = alphacums[grid[i-1]]`` with ``alphacums[0]`` for the first
-    entry (latent-diffusion's convention); ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))`` (DDIM eq. 16).
-    """
+    """``(sigmas, alphas, alphas_prev)`` for the DDIM grid, each ``[S]`` float64: ``alphas[i] = alphacums[grid[i]]``,
+    ``alphas_prev[i] = alphacums[grid[i-1]]`` (``alphacums[0]`` first, as latent-diffusion), and DDIM eq. 16's
+    ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``."""
     if eta < 0:  # a public latent-diffusion function: scripts call it without DDIMSampler
         raise ValueError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like ancestral noise)")
     alphacums = torch.as_tensor(alphacums, dtype=torch.float64)
@@ -91,11 +78,8 @@ def make_schedule_buffers(
     betas: torch.Tensor, v_posterior: float = 0.0, parameterization: str = "eps"
 ) -> dict[str, torch.Tensor]:
     """All DDPM schedule quantities (float64 ``[T]`` each) for ``betas`` ``[T]``, named as latent-diffusion's buffers.
-
-    ``posterior_*`` describe q(x_{t-1} | x_t, x_0); ``v_posterior`` mixes the posterior variance with beta_t as in
-    latent-diffusion; ``lvlb_weights`` weight the per-timestep L_simple terms into the variational bound.
-    ``parameterization`` (eps or x0) was checked by ``DDPM`` (or the diffusers import).
-    """
+    ``posterior_*`` describe q(x_{t-1} | x_t, x_0); ``v_posterior`` mixes beta_t into the posterior variance;
+    ``parameterization`` (eps or x0, checked by ``DDPM`` or the diffusers import) sets ``lvlb_weights``."""
     betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
     if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError("betas must be a 1-D schedule with every value in (0, 1)")
@@ -139,13 +123,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
     """Gather ``a[t]`` for a batch of timesteps ``t`` ``[B]`` and reshape to ``[B, 1, ..., 1]`` to broadcast on ``x_shape``."""
-    b = t.shape[0]
-    out = a.gather(-1, t)
-    return out.reshape(b, *((1,) * (len(x_shape) - 1)))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# network helpers (names as in openaimodel / latent-diffusion so that state-dict keys match)
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
 class GroupNorm32(nn.GroupNorm):

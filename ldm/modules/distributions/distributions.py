@@ -37,10 +37,7 @@ class DiagonalGaussianDistribution:
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """``KL(self || other)`` per sample ``[B]`` (nats, summed over ``C, h, w``); ``other=None`` is ``N(0, I)``.
-
-        A deterministic distribution has KL 0 (CompVis returns ``tensor([0.])``; here zeros of the batch, on the
-        mean's device, so ``sum(kl) / kl.shape[0]`` is 0 either way).
-        """
+        Deterministic: zeros ``[B]`` (CompVis' ``tensor([0.])``; ``sum(kl) / kl.shape[0]`` is 0 either way)."""
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
         dims = list(range(1, self.mean.ndim))

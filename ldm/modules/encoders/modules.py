@@ -22,10 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class ClassEmbedder(nn.Module):
-    """Class labels ``batch[key]`` ``[B]`` (long) -> embeddings ``[B, 1, embed_dim]`` (cross-attention context).
-
-    Use with ``cond_stage_key: class_label`` (the whole batch is passed) and ``conditioning_key: crossattn``.
-    """
+    """Class labels ``batch[key]`` ``[B]`` (long) -> embeddings ``[B, 1, embed_dim]``: a cross-attention context
+    (``cond_stage_key: class_label`` passes the whole batch; ``conditioning_key: crossattn``)."""
 
     def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class"):
         super().__init__()
@@ -38,7 +36,6 @@ class ClassEmbedder(nn.Module):
 
 
 def _labels(values: Any, n_classes: int, device: torch.device) -> torch.Tensor:
-    """Class labels from a batch (data: checked) as a long tensor ``[B]`` on ``device``."""
     labels = torch.as_tensor(values, device=device).long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"class labels must be in [0, {n_classes}); got {labels.min()}..{labels.max()}")
@@ -59,8 +56,7 @@ class ClassLabels(nn.Module):
         return _labels(batch[self.key], self.n_classes, self.device_anchor.device)
 
 
-# Text encoders: CompVis names, signatures and state-dict keys; tokenizers and CLIP weights come from local files only
-# (CompVis downloads them from the Hugging Face hub at construction: here nothing is ever downloaded).
+# Text encoders: CompVis names, signatures and state-dict keys; tokenizers and weights only from local files
 
 TEXT_EXTRA_HINT = "pip install -e .[text]"
 _DROPPED_TEXT_CHARS = 80  # how much of the truncated tail a warning quotes
@@ -90,11 +86,9 @@ def _ignored_device(owner: str, device: Any) -> None:
 
 
 def _tokenize(tokenizer: Any, text: str | list[str], max_length: int, owner: str) -> torch.Tensor:
-    """Prompts (one ``str`` is a batch of one; a list of str was checked where it entered: the training batch, the
-    refine request) -> token ids ``[B, max_length]`` (long, CPU), padded to ``max_length``, with start/end tokens.
+    """Prompts (a ``str`` is a batch of one) -> token ids ``[B, max_length]`` (long, CPU) with start/end tokens, padded.
 
-    Prompts longer than ``max_length`` tokens (counting the start and end tokens) are truncated, as CompVis does, with
-    one logged warning per call that says how many tokens each truncated prompt lost.
+    Longer prompts are truncated, as CompVis does, with one warning per call saying how many tokens each one lost.
     """
     texts = [text] if isinstance(text, str) else list(text)
     # verbose=False: transformers would otherwise add its own "longer than the maximum" warning for this untruncated pass
@@ -139,11 +133,8 @@ class _TensorDevice:
 
 
 class TransformerEmbedder(_TensorDevice, AbstractEncoder):
-    """Token ids ``[B, N]`` (long, ``N <= max_seq_len``) -> embeddings ``[B, N, n_embed]``: latent-diffusion's encoder.
-
-    State-dict keys ``transformer.*`` (see ``ldm.modules.x_transformer``). ``device`` is accepted for CompVis
-    signature compatibility and ignored: tokens go to the module's device.
-    """
+    """Token ids ``[B, N]`` (long, ``N <= max_seq_len``) -> embeddings ``[B, N, n_embed]``: latent-diffusion's encoder
+    (keys ``transformer.*``, see ``ldm.modules.x_transformer``).  ``device`` is ignored (the module's is used)."""
 
     def __init__(self, n_embed: int, n_layer: int, vocab_size: int, max_seq_len: int = 77, device: Any = None):
         super().__init__()
@@ -163,7 +154,6 @@ class TransformerEmbedder(_TensorDevice, AbstractEncoder):
 
 
 def _checked_tokens(tokens: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Token ids as a long tensor on ``device``, refused (one line) when out of ``[0, vocab_size)``."""
     tokens = torch.as_tensor(tokens)
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() != 2:
         raise ValueError(f"token ids must be a [B, N] integer tensor; got {tuple(tokens.shape)} {tokens.dtype}")
@@ -178,11 +168,9 @@ def _checked_tokens(tokens: Any, vocab_size: int, device: torch.device) -> torch
 class BERTTokenizer(AbstractEncoder):
     """Prompts ``[B]`` -> BERT (uncased WordPiece) token ids ``[B, max_length]``, from a local vocabulary.
 
-    latent-diffusion downloads ``bert-base-uncased``; here ``vocab_path`` (appended to the CompVis signature) names a
-    local ``vocab.txt`` (one token per line; bert-base-uncased's has 30522) or a folder written by
-    ``BertTokenizer.save_pretrained``. Text is lower-cased unless the folder's tokenizer config says otherwise.
-    ``encode`` returns ``(None, None, [None, None, tokens])`` when ``vq_interface`` (CompVis's VQ-style tuple), else
-    the tokens. ``device`` is ignored: tokens are returned on the CPU and the embedder moves them.
+    ``vocab_path`` (appended to the CompVis signature; latent-diffusion downloads ``bert-base-uncased``) names a local
+    ``vocab.txt`` (one token per line) or a folder written by ``BertTokenizer.save_pretrained``. ``encode`` returns
+    ``(None, None, [None, None, tokens])`` when ``vq_interface``, else the tokens. ``device`` is ignored (CPU tokens).
     """
 
     def __init__(
@@ -215,7 +203,6 @@ MAX_VOCAB_BYTES = 16 * 2**20
 
 
 def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
-    """transformers' BertTokenizer from a local vocab file or tokenizer folder (never downloaded)."""
     hint = (
         "pass vocab_path= a local bert-base-uncased vocab.txt, or a folder written by "
         "BertTokenizer.save_pretrained (nothing is downloaded)"
@@ -252,13 +239,11 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
 
 
 class BERTEmbedder(_TensorDevice, AbstractEncoder):
-    """Prompts ``[B]`` -> ``[B, max_seq_len, n_embed]``: BERT tokens through latent-diffusion's transformer encoder.
+    """Prompts ``[B]`` -> ``[B, max_seq_len, n_embed]``: BERT tokens through latent-diffusion's transformer encoder,
+    trained with the diffusion model (txt2img-f8: ``n_embed: 1280, n_layer: 32``). Keys ``transformer.*``.
 
-    The encoder is trained with the diffusion model (txt2img-f8: ``n_embed: 1280, n_layer: 32``,
-    ``cond_stage_trainable: true``). Keys ``transformer.*`` as in latent-diffusion's checkpoints (the tokenizer has
-    none). ``use_tokenizer=False`` takes token ids ``[B, N]`` instead of text. ``vocab_path`` (appended to the CompVis
-    signature) is the local vocabulary, see ``BERTTokenizer``; ``device`` is ignored (the module's device is used).
-    Padding tokens are attended to, as in latent-diffusion (its checkpoints were trained that way).
+    ``use_tokenizer=False`` takes token ids ``[B, N]`` instead of text; ``vocab_path``: see ``BERTTokenizer``;
+    ``device`` is ignored. Padding tokens are attended to, as latent-diffusion's checkpoints were trained.
     """
 
     def __init__(
@@ -304,12 +289,8 @@ _CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pyto
 
 
 def _clip_folders(version: str | os.PathLike) -> tuple[Path, Path]:
-    """``(tokenizer folder, model folder)`` of a local CLIP text encoder; refused in one line if incomplete.
-
-    Accepts a folder holding both (``save_pretrained`` of the tokenizer and of ``CLIPTextModel``/``CLIPModel`` into the
-    same folder, as openai/clip-vit-large-patch14 is laid out) or a diffusers pipeline folder (``tokenizer/`` and
-    ``text_encoder/``).
-    """
+    """``(tokenizer folder, model folder)`` of a local CLIP text encoder: one folder holding both (laid out as
+    openai/clip-vit-large-patch14) or a diffusers pipeline folder (``tokenizer/`` and ``text_encoder/``)."""
     path = Path(version).expanduser()
     hint = (
         "pass a local folder with the CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json) and "
@@ -379,8 +360,7 @@ def clip_text_config_problem(text: Mapping[str, Any]) -> str | None:
 
 
 def _from_folder(load: Any, folder: Path, what: str) -> Any:
-    """``load()``, with whatever transformers raises for a damaged folder as one line naming it (files that are not
-    there were checked before: FileNotFoundError passes through)."""
+    """``load()``, with what transformers raises for a damaged folder as one line naming it."""
     try:
         return load()
     except (FileNotFoundError, ValueError):
@@ -392,12 +372,8 @@ def _from_folder(load: Any, folder: Path, what: str) -> Any:
 
 
 class _TextModelKeys(nn.Module):
-    """Holds a transformers>=5 ``CLIPTextModel`` as ``text_model``, so state-dict keys keep SD v1's ``text_model.*``.
-
-    transformers < 5 nested the text transformer under ``CLIPTextModel.text_model``; SD v1 checkpoints were saved
-    then (``cond_stage_model.transformer.text_model.*``). transformers 5 flattened it (``embeddings.*``, ``encoder.*``,
-    ``final_layer_norm.*``) and renames on its own ``from_pretrained`` only; this holder restores the old tree.
-    """
+    """Holds a transformers>=5 ``CLIPTextModel`` as ``text_model``, so state-dict keys keep SD v1's ``text_model.*``:
+    transformers 5 flattened the tree (``embeddings.*``, ``encoder.*``, ...) and renames only on its own loading."""
 
     def __init__(self, text_model: nn.Module):
         super().__init__()
@@ -416,14 +392,13 @@ class _TextModelKeys(nn.Module):
 class FrozenCLIPEmbedder(_TensorDevice, AbstractEncoder):
     """Prompts ``[B]`` -> CLIP text features ``[B, max_length, D]`` (Stable Diffusion v1's condition encoder).
 
-    ``version`` is a **local folder** (see ``_clip_folders``; the CompVis default hub id is not downloaded). Weights come
-    from the folder when it has them, in float32; a folder with only ``config.json`` and the tokenizer builds the
-    architecture with random weights, to be filled by the LDM checkpoint (``cond_stage_model.transformer.text_model.*``).
+    ``version`` is a **local folder** (see ``_clip_folders``; nothing is downloaded). Weights come from it when it has
+    them, in float32; else the architecture is built from ``config.json`` with random weights, to be filled by the LDM
+    checkpoint (``cond_stage_model.transformer.text_model.*``).
 
     ``layer``: ``"last"`` (SD v1: the final-LayerNorm output ``[B, 77, D]``), ``"pooled"`` (the end-token feature
     ``[B, 1, D]``) or ``"hidden"`` (hidden state ``layer_idx`` before the final LayerNorm, as in SD 2's class).
-    ``device`` is ignored: tokens go to the transformer's device.  Loading a state dict drops SD v1's stored
-    ``transformer.text_model.embeddings.position_ids`` (non-persistent in transformers 5; recomputed as ``arange``).
+    ``device`` is ignored.  Loading drops SD v1's stored ``...embeddings.position_ids`` (recomputed as ``arange``).
     """
 
     LAYERS = ("last", "pooled", "hidden")

@@ -1,9 +1,7 @@
 """KL-autoencoder training loss: L1 + LPIPS under a (fixed) output log-variance, KL to N(0, I), and a PatchGAN.
 
-:class:`LPIPSWithDiscriminator` keeps latent-diffusion's name, constructor, call signature and state-dict keys
-(``logvar``, ``perceptual_loss.{scaling_layer,net,lin0..lin4}.*``, ``discriminator.main.*``), so its configs work as
-written and the ``loss.*`` keys of CompVis' kl-f8 training checkpoint load key-for-key.  Before ``disc_start`` (in
-batches) the discriminator is neither run nor updated (CompVis runs it with a zero factor).
+:class:`LPIPSWithDiscriminator` keeps latent-diffusion's signatures and state-dict keys (``logvar``,
+``perceptual_loss.{scaling_layer,net,lin0..lin4}.*``, ``discriminator.main.*``): kl-f8's ``loss.*`` keys load as saved.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def _compvis_lpips(module: nn.Module) -> nn.Module:
-    """The ``lpips`` package's LPIPS with taming's state-dict keys: its ``lins`` ModuleList (an alias of
-    ``lin0..lin4``, which taming's LPIPS lacks) becomes a plain list, so ``lins.*`` keys neither appear in checkpoints
-    nor go missing when CompVis' are loaded strict.  The layers stay registered (and moved, and saved) as ``linK``."""
+    """The ``lpips`` package's LPIPS with taming's state-dict keys: its ``lins`` ModuleList (an alias of ``lin0..lin4``)
+    becomes a plain list, so no ``lins.*`` keys appear; the layers stay registered (moved, saved) as ``linK``."""
     lins = getattr(module, "lins", None)
     if isinstance(lins, nn.ModuleList):
         layers = list(lins)
@@ -41,14 +38,13 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         nll   = sum(rec / exp(logvar) + logvar) / B         (weighted by ``weights`` if given)
         total = nll + kl_weight * sum(KL(q(z|x) || N(0, I))) / B + d_weight * disc_factor * (-mean(D(x_rec)))
 
-    ``logvar`` is a parameter (``logvar_init``) that, as in latent-diffusion, no optimizer updates (frozen).  ``d_weight``
-    and the discriminator objective (``optimizer_idx=1``): :class:`~ldm.modules.losses.vqperceptual.PatchGANLoss`.
+    ``logvar`` (``logvar_init``) is frozen, as no latent-diffusion optimizer updates it.  ``d_weight`` and the
+    discriminator objective (``optimizer_idx=1``; before ``disc_start`` neither run nor updated): :class:`PatchGANLoss`.
 
     Log keys (``{split}/...``), CompVis': total_loss, logvar, kl_loss, nll_loss, rec_loss (mean per pixel; the
     checkpoint monitor), d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake.
 
-    Args beyond CompVis' (appended): ``disc_ndf`` (discriminator width; CompVis' 64), ``perceptual_net``,
-    ``perceptual_pretrained``, ``perceptual_backbone_path`` (see :func:`ldm.modules.lpips.build_lpips`).
+    Args appended to CompVis': ``disc_ndf`` (discriminator width) and the ``perceptual_*`` of ``build_lpips``.
     """
 
     zero_weight_without_factor = True  # CompVis: ``d_weight`` 0 when ``disc_factor <= 0``
@@ -88,8 +84,7 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
         self.disc_conditional = disc_conditional
-        # output log-variance (a scalar; key ``logvar``).  latent-diffusion gives it to no optimizer, so it stays at
-        # logvar_init; frozen here, so that its gradient is not accumulated for nothing.
+        # frozen: latent-diffusion gives it to no optimizer, so its gradient would be accumulated for nothing
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=False)
         logger.info(
             "LPIPSWithDiscriminator: %s GAN loss from batch %d, kl weight %g, perceptual weight %g",
@@ -112,9 +107,8 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         weights: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for ``inputs`` / ``reconstructions`` ``[B, 3, H, W]`` in [-1, 1] and the encoder's ``posteriors``;
-        returns ``(scalar, log dict)``.  ``cond`` is unused (no conditional discriminator); ``weights``
-        (broadcastable to ``[B, 3, H, W]``) weight the per-pixel nll.  Before ``disc_start`` the discriminator loss
-        (``optimizer_idx=1``) is a constant 0 that must not be backpropagated.
+        returns ``(scalar, log dict)``.  ``cond`` is unused; ``weights`` (broadcastable to ``[B, 3, H, W]``) weight the
+        per-pixel nll.  Before ``disc_start`` the discriminator loss is a constant 0 that must not be backpropagated.
         """
         if optimizer_idx != 0:
             return self._discriminator_loss(inputs, reconstructions, global_step, split)

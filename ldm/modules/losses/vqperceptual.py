@@ -1,14 +1,12 @@
 """VQGAN training loss: reconstruction + codebook + optional LPIPS + PatchGAN, with an adaptive GAN weight.
 
-:class:`VQLPIPSWithDiscriminator` keeps taming-transformers' call signature and log names, so a VQGAN config written
-for ``taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator`` works with ``target`` changed to this class::
+:class:`VQLPIPSWithDiscriminator` keeps taming-transformers' signature and log names (a taming VQGAN config works with
+``target`` changed)::
 
     loss, log = loss_fn(codebook_loss, inputs, reconstructions, optimizer_idx, global_step,
                         last_layer=decoder.conv_out.weight, split="train", predicted_indices=indices)
 
-``optimizer_idx`` 0 is the autoencoder (generator) objective, 1 the discriminator objective.  ``global_step`` counts
-*batches* (generator updates).  LPIPS is built offline (:func:`ldm.modules.lpips.build_lpips`); ``perceptual_weight: 0``
-builds no perceptual network at all.
+``optimizer_idx`` 0 is the autoencoder (generator) objective, 1 the discriminator's; ``global_step`` counts *batches*.
 """
 
 from __future__ import annotations
@@ -28,10 +26,6 @@ GAN_LOSSES = ("hinge", "vanilla")
 PIXEL_LOSSES = ("l1", "l2")
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# GAN losses, adaptive weight, codebook statistics
-
-
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))))``; logits of any shape, returns a scalar."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -45,11 +39,8 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 def adaptive_disc_weight(
     nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float = 1.0
 ) -> torch.Tensor:
-    """Balance the GAN term against reconstruction at the decoder's last layer (Esser et al. 2021, eq. 7).
-
-    ``disc_weight * clamp(||grad_L nll|| / (||grad_L g|| + 1e-4), 0, 1e4)`` with ``L = last_layer``; detached scalar.
-    Both losses must depend on ``last_layer`` with autograd enabled.
-    """
+    """``disc_weight * clamp(||grad_L nll|| / (||grad_L g|| + 1e-4), 0, 1e4)`` at ``L = last_layer`` (Esser et al. 2021,
+    eq. 7), a detached scalar; both losses must depend on ``last_layer`` with autograd enabled."""
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
@@ -57,11 +48,8 @@ def adaptive_disc_weight(
 
 
 def codebook_usage(indices: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codebook statistics of a batch of code indices (any shape, long, in ``[0, n_embed)``).
-
-    Returns ``(perplexity, share_used)``: ``exp`` of the entropy of the empirical code distribution (1 = one code,
-    ``n_embed`` = uniform use) and the fraction of the codebook that occurs at least once.
-    """
+    """``(perplexity, share_used)`` of code indices (any shape, in ``[0, n_embed)``): ``exp`` of the entropy of the
+    empirical code distribution (1 = one code, ``n_embed`` = uniform use) and the fraction of codes used at least once."""
     counts = torch.bincount(indices.reshape(-1).long(), minlength=n_embed).float()
     probs = counts / counts.sum().clamp_min(1.0)
     entropy = -torch.xlogy(probs, probs).sum()
@@ -69,8 +57,7 @@ def codebook_usage(indices: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, t
 
 
 def check_gan_options(disc_loss: str, disc_conditional: bool, **non_negative: float) -> None:
-    """The constructor checks both objectives share: a known ``disc_loss``, no conditional discriminator, and
-    ``non_negative`` weights (and ``disc_start``) ``>= 0``."""
+    """Constructor checks both objectives share (``non_negative``: the weights and ``disc_start``)."""
     if disc_loss not in GAN_LOSSES:
         raise ValueError(f"disc_loss={disc_loss!r}; choose one of {GAN_LOSSES}")
     if disc_conditional:
@@ -82,12 +69,10 @@ def check_gan_options(disc_loss: str, disc_conditional: bool, **non_negative: fl
 
 class PatchGANLoss(nn.Module):
     """What the VQ and KL objectives share: the frozen LPIPS network, taming's PatchGAN discriminator (``discriminator.main.*``
-    keys) and its terms, which start at batch ``global_step >= disc_start``.  Before that the discriminator is not
-    evaluated.  Generator term: ``d_weight * disc_factor * (-mean(D(x_rec)))``; discriminator objective:
-    ``disc_factor * {hinge,vanilla}_d_loss(D(x), D(x_rec))``.
-
-    Subclasses check their arguments and build the LPIPS network before calling this constructor, so that the
-    discriminator's random initialisation comes after the LPIPS network's, as in CompVis.
+    keys) and its terms, which start at batch ``global_step >= disc_start`` (the discriminator is not run before).
+    Generator term: ``d_weight * disc_factor * (-mean(D(x_rec)))``; discriminator objective:
+    ``disc_factor * {hinge,vanilla}_d_loss(D(x), D(x_rec))``.  Subclasses build LPIPS before calling this constructor, so
+    that the discriminator's random initialisation comes after it, as in CompVis.
     """
 
     # latent-diffusion's KL loss leaves the adaptive weight at 0 when ``disc_factor <= 0``; taming's VQ loss computes it
@@ -123,7 +108,6 @@ class PatchGANLoss(nn.Module):
         return self
 
     def discriminator_active(self, global_step: int) -> bool:
-        """Whether the GAN terms are on at batch ``global_step`` (``>= disc_start``)."""
         return global_step >= self.disc_start
 
     def calculate_adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -133,11 +117,8 @@ class PatchGANLoss(nn.Module):
     def _gan_terms(
         self, nll_loss: torch.Tensor, reconstructions: torch.Tensor, global_step: int, last_layer: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(g_loss, d_weight, disc_factor)`` of the generator objective; all 0 before ``disc_start``.
-
-        ``d_weight`` is the adaptive weight at ``last_layer`` (``disc_weight`` without one; 0 with autograd off, e.g.
-        in validation, where no gradient can be taken).
-        """
+        """``(g_loss, d_weight, disc_factor)`` of the generator objective; all 0 before ``disc_start``.  ``d_weight`` is
+        the adaptive weight at ``last_layer`` (``disc_weight`` without one; 0 with autograd off, as in validation)."""
         zero = torch.zeros((), device=reconstructions.device)
         if not self.discriminator_active(global_step):
             return zero, zero, 0.0
@@ -168,19 +149,15 @@ class PatchGANLoss(nn.Module):
 
 
 class VQLPIPSWithDiscriminator(PatchGANLoss):
-    """taming's VQGAN objective, offline and Lightning-2 friendly.
-
-    Generator (``optimizer_idx=0``)::
+    """taming's VQGAN objective, offline and Lightning-2 friendly.  Generator (``optimizer_idx=0``)::
 
         nll   = pixelloss_weight * mean(pixel(x, x_rec)) + perceptual_weight * mean(LPIPS(x, x_rec))
         total = nll + d_weight * disc_factor * (-mean(D(x_rec))) + codebook_weight * codebook_loss
 
     ``d_weight`` and the discriminator objective (``optimizer_idx=1``): :class:`PatchGANLoss`.  Unlike taming,
-    ``pixelloss_weight`` is applied.
-
-    Log keys (``{split}/...``): total_loss, quant_loss, nll_loss, rec_loss (= nll_loss, taming's name), pixel_loss,
-    p_loss, d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake; perplexity, codebook_usage when
-    ``predicted_indices`` are passed (needs ``n_classes``, which :class:`~ldm.models.autoencoder.VQModel` fills in).
+    ``pixelloss_weight`` is applied.  Log keys (``{split}/...``): total_loss, quant_loss, nll_loss, rec_loss (=
+    nll_loss, taming's name), pixel_loss, p_loss, d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake;
+    perplexity, codebook_usage with ``predicted_indices`` (needs ``n_classes``, which ``VQModel`` fills in).
     """
 
     def __init__(
@@ -241,8 +218,7 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         predicted_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for ``inputs`` / ``reconstructions`` ``[B, 3, H, W]`` in [-1, 1]; returns ``(scalar, log dict)``.
-        Before ``disc_start`` the discriminator loss (``optimizer_idx=1``) is a constant 0 that must not be
-        backpropagated."""
+        Before ``disc_start`` the discriminator loss is a constant 0 that must not be backpropagated."""
         if optimizer_idx != 0:
             loss, log = self._discriminator_loss(inputs, reconstructions, global_step, split)
         else:

@@ -123,6 +123,14 @@ def test_conditioning_concat_crossattn_adm(monkeypatch):
     loss, _ = cross.shared_step(batch)
     loss.backward()
     assert cross.cond_stage_model.embedding.weight.grad is not None
+    # validation encodes a trainable cond stage's input as training does (it once handed the raw labels to the UNet)
+    logged = []
+    monkeypatch.setattr(cross, "log_dict", lambda metrics, **kw: logged.append(metrics))
+    cross.eval()  # as Lightning runs validation
+    cross.validation_step(batch, 0)
+    cross.validation_step(batch, 0)
+    assert set(logged[0]) >= {"val/loss", "val/loss_ema"} and all(torch.isfinite(v) for v in logged[0].values())
+    assert logged[0] == logged[1]  # noise and timesteps fixed by the batch index
     assert any(
         p is cross.cond_stage_model.embedding.weight
         for g in [cross.configure_optimizers()]

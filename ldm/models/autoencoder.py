@@ -1,17 +1,14 @@
 """VQ autoencoders (the first stage): ``VQModel`` and latent-diffusion's ``VQModelInterface``; ``IdentityFirstStage``.
 
-Parameter names are CompVis', so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key; its ``loss.*`` keys
-are dropped with a logged note unless this model's own loss has them in the same shapes (a VQGAN being fine-tuned).
-
+Parameter names are CompVis', so ``models/first_stage_models/vq-f4/model.ckpt`` loads key-for-key.
 ``dead_code_restart_every: N`` (0 = off, as in CompVis) restarts, every ``N`` batches, the codes no batch of that
-window chose (:func:`ldm.modules.codebook.restart_dead_codes`).  Under DDP the counts are summed over ranks and rank
-0's restarts are broadcast; the window in progress is saved in checkpoints, so a resumed run restarts on time.
+window chose (:func:`ldm.modules.codebook.restart_dead_codes`); the window in progress is saved in checkpoints, so a
+resumed run restarts on time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,16 +16,10 @@ import torch
 from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
-from ldm.checkpoint import CheckpointError, load_autoencoder_weights
 from ldm.models.autoencoder_training import GANAutoencoder
 from ldm.modules.codebook import restart_dead_codes
 from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
 from ldm.util import ConfigError
-
-logger = logging.getLogger(__name__)
-
-# the autoencoder's own modules (a checkpoint's other keys, e.g. ``loss.*``, are not part of the network)
-AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 
 class VQModel(GANAutoencoder):
@@ -41,6 +32,7 @@ class VQModel(GANAutoencoder):
 
     loss_class = VQLPIPSWithDiscriminator
     model_name = "VQModel"
+    _load_messages = ("this model", "autoencoder", "is it a VQ checkpoint of this architecture?")
 
     def __init__(
         self,
@@ -85,30 +77,6 @@ class VQModel(GANAutoencoder):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
 
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
-        """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a
-        LatentDiffusion checkpoint (``first_stage_model.*`` keys), through the safe loader."""
-        network = {"ddconfig": self.ddconfig, "n_embed": self.n_embed, "embed_dim": self.embed_dim}
-        sd = self._read_first_stage(path, unsafe, ignore_keys, network)
-        quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
-        if (
-            quant_conv is not None
-            and post_quant_conv is not None
-            and quant_conv.ndim == post_quant_conv.ndim == 4
-            and not any(k.startswith("quantize.") for k in sd)
-            and quant_conv.shape[0] == 2 * post_quant_conv.shape[1]
-        ):
-            # a KL encoder emits mean and log-variance (2 x embed_dim channels); a VQ's quant_conv emits embed_dim
-            raise CheckpointError(
-                f"first-stage checkpoint {path!r} is an AutoencoderKL (quant_conv gives {quant_conv.shape[0]} = 2 x "
-                f"{post_quant_conv.shape[1]} channels, a Gaussian posterior, and there is no codebook), not a VQ: use "
-                "target: ldm.models.autoencoder.AutoencoderKL with ddconfig.double_z: true in first_stage_config"
-            )
-        load_autoencoder_weights(
-            self, sd, path, AUTOENCODER_PREFIXES, "this model", "autoencoder", "is it a VQ checkpoint of this architecture?"
-        )
-        logger.info("restored first stage from %s", path)
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """``x`` ``[B, 3, H, W]`` -> ``(quant [B, embed_dim, h, w], codebook_loss, (perplexity, encodings, indices))``."""
         return self.quantize_prequant(self.quant_conv(self.encoder(x)))
@@ -140,9 +108,7 @@ class VQModel(GANAutoencoder):
         """Reconstruct ``x``: returns ``(xrec, codebook_loss)`` (and the code indices when asked)."""
         quant, diff, (_, _, ind) = self.quantize_prequant(self.encode_to_prequant(x))
         dec = self.decoder(self.post_quant_conv(quant))
-        if return_pred_indices:
-            return dec, diff, ind
-        return dec, diff
+        return (dec, diff, ind) if return_pred_indices else (dec, diff)
 
     # ----------------------------------------------------------------------------------------------------- training
     def _autoencoder_loss(
@@ -166,11 +132,9 @@ class VQModel(GANAutoencoder):
 
     @torch.no_grad()
     def _count_and_restart_codes(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Add this batch's code counts; after ``dead_code_restart_every`` batches restart the codes no batch chose.
-
-        Under DDP the counts are summed over ranks at every batch (every rank, and so every checkpoint, holds the
-        window's global counts) and rank 0's restarted codebook is broadcast.  Returns how many codes were restarted.
-        """
+        """Add this batch's code counts; after ``dead_code_restart_every`` batches restart the codes no batch chose and
+        return how many.  Under DDP the counts are summed over ranks at every batch (so every checkpoint holds the
+        window's global counts) and rank 0's restarted codebook is broadcast."""
         counts = torch.bincount(indices.flatten(), minlength=self.n_embed)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         distributed = distributed and torch.distributed.get_world_size() > 1
@@ -216,25 +180,19 @@ class VQModel(GANAutoencoder):
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """A context that disables autocast on ``device_type`` (nothing to disable where autocast does not exist, e.g.
-    the meta device)."""
+    """Autocast disabled on ``device_type`` (a null context where autocast does not exist, e.g. the meta device)."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
 
-QUANTIZE_CHUNK = 4096  # latent vectors per distance block: 4096 x 8192 codes x 4 B = 128 MiB
-
-
-def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = QUANTIZE_CHUNK) -> torch.Tensor:
+def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Snap ``h`` ``[B, embed_dim, h, w]`` to the nearest codebook vectors: the ``z_q`` of taming's
-    ``VectorQuantizer2(h)[0]`` (same distances, same straight-through form), computed ``chunk`` latent vectors at a time.
+    ``VectorQuantizer2(h)[0]`` (same distances, same straight-through form), in ``h``'s dtype.
 
-    taming builds the whole ``[B*h*w, n_embed]`` distance matrix (and two temporaries of its size): for a 1024 px image
-    through the real vq-f4 (65536 vectors x 8192 codes) that is 3 x 2 GiB; in blocks it is 3 x 128 MiB.
-
-    Distances are computed in float32 with autocast off: under bf16 autocast the matmul would run in bfloat16 and snap
-    many latent vectors to a different code.  The result has ``h``'s dtype.
+    taming builds the whole ``[B*h*w, n_embed]`` distance matrix (and two temporaries of its size, 3 x 2 GiB for a
+    1024 px image through vq-f4); this takes ``chunk`` latent vectors at a time (4096 x 8192 codes x 4 B = 128 MiB).
+    Distances are in float32 with autocast off: bfloat16 would snap many latent vectors to a different code.
     """
     z = h.permute(0, 2, 3, 1).contiguous()
     flat = z.view(-1, z.shape[-1])
@@ -266,12 +224,9 @@ class VQModelInterface(VQModel):
 
 
 class IdentityFirstStage(torch.nn.Module):
-    """latent-diffusion's identity first stage: the "latent" is the image itself (``downsampling_factor`` 1).
-
-    It takes the first stage out of a late-steps model: a LatentDiffusion with this first stage is a pixel-space
-    diffusion model, so what it does to an image is the diffusion steps' work alone.  ``vq_interface`` makes
-    :meth:`quantize` answer as a VQ quantizer does (CompVis' argument).
-    """
+    """latent-diffusion's identity first stage: the "latent" is the image itself (``downsampling_factor`` 1), so a
+    LatentDiffusion with it is a pixel-space diffusion model.  ``vq_interface`` makes :meth:`quantize` answer as a VQ
+    quantizer does (CompVis' argument)."""
 
     downsampling_factor = 1
 

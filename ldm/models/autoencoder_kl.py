@@ -4,29 +4,22 @@
 :class:`~ldm.modules.distributions.DiagonalGaussianDistribution` -> latent ``z`` ``[B, embed_dim, h, w]`` (a sample in
 training, the mean at refinement time) -> 1x1 ``post_quant_conv`` -> ``Decoder``.  Nothing is quantized.
 Parameter names are CompVis' (``loss.*`` included), so kl-f8 and an SD v1 ``first_stage_model.*`` load key-for-key;
-CompVis' ``target: ldm.models.autoencoder.AutoencoderKL`` resolves here.  Training:
-:class:`~ldm.models.autoencoder_training.GANAutoencoder`.
+CompVis' ``target: ldm.models.autoencoder.AutoencoderKL`` resolves here.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ldm.checkpoint import load_autoencoder_weights
 from ldm.models.autoencoder_training import GANAutoencoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
 from ldm.sampling.noise import Generators
 from ldm.util import ConfigError
 
-logger = logging.getLogger(__name__)
-
-# the autoencoder's own modules (a checkpoint's other keys, e.g. ``loss.*``, are not part of the network)
-KL_AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 VALIDATION_SEED = 1_000_003  # the posterior samples of validation batch i come from seed (i + 1) * this
 
 
@@ -34,15 +27,14 @@ class AutoencoderKL(GANAutoencoder):
     """latent-diffusion's ``AutoencoderKL``: images ``[B, 3, H, W]`` in [-1, 1] <-> latents ``[B, embed_dim, H / f, W / f]``
     with ``f = 2 ** (len(ch_mult) - 1)`` (8 for kl-f8).
 
-    ``ddconfig.double_z`` must be true (the encoder outputs a mean and a log-variance).  ``lossconfig``:
-    :class:`~ldm.modules.losses.LPIPSWithDiscriminator` to train, ``torch.nn.Identity`` for a frozen first stage.
-    ``ckpt_path``: see :meth:`init_from_ckpt`; ``unsafe_load`` unpickles arbitrary objects from it (only for files you
-    trust).  ``colorize_nlabels`` (segmentation inputs) is not supported.  ``scheduler_config``: latent-diffusion's LR
-    multiplier (e.g. ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler``), stepped once per batch for both optimizers.
+    ``lossconfig``: :class:`~ldm.modules.losses.LPIPSWithDiscriminator` to train, ``torch.nn.Identity`` for a frozen
+    first stage.  ``scheduler_config``: latent-diffusion's LR multiplier (e.g.
+    ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler``), stepped once per batch for both optimizers.
     """
 
     loss_class = LPIPSWithDiscriminator
     model_name = "AutoencoderKL"
+    _load_messages = ("this AutoencoderKL", "AutoencoderKL", "is it a KL autoencoder of this architecture?")
     # latent-diffusion's log names
     aeloss_name = "aeloss"
     discloss_name = "discloss"
@@ -79,26 +71,6 @@ class AutoencoderKL(GANAutoencoder):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, unsafe=unsafe_load)
 
-    # -------------------------------------------------------------------------------------------------- weights
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
-        """Load weights from a CompVis-layout checkpoint (unprefixed keys, optional ``loss.*``) or a LatentDiffusion /
-        Stable Diffusion checkpoint (``first_stage_model.*`` keys), through the safe loader.
-
-        ``loss.*`` keys this model's loss lacks or shapes differently are dropped with a logged note.  A VQ first
-        stage's checkpoint, or one of another network, is refused with a one-line :class:`CheckpointError`.
-        """
-        sd = self._read_first_stage(path, unsafe, ignore_keys, vq=False)
-        load_autoencoder_weights(
-            self,
-            sd,
-            path,
-            KL_AUTOENCODER_PREFIXES,
-            "this AutoencoderKL",
-            "AutoencoderKL",
-            "is it a KL autoencoder of this architecture?",
-        )
-        logger.info("restored first stage from %s", path)
-
     # ---------------------------------------------------------------------------------------------- the network
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """``x`` ``[B, 3, H, W]`` in [-1, 1] -> the posterior over latents ``[B, embed_dim, H / f, W / f]``."""
@@ -128,8 +100,7 @@ class AutoencoderKL(GANAutoencoder):
         from one fixed by ``batch_idx`` (comparable across epochs)."""
         gen = None if batch_idx is None else torch.Generator().manual_seed(VALIDATION_SEED * (batch_idx + 1))
         xrec, posterior = self(x, generator=gen)
-        step = self.generator_steps
-        aeloss, log = self.loss(x, xrec, posterior, 0, step, last_layer=self.get_last_layer(), split=split)
+        aeloss, log = self.loss(x, xrec, posterior, 0, self.generator_steps, last_layer=self.get_last_layer(), split=split)
         return aeloss, log, (xrec, posterior)
 
     def _discriminator_loss(

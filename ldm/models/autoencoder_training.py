@@ -6,11 +6,6 @@ Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so i
 The loss is therefore driven by :attr:`GANAutoencoder.generator_steps` (batches trained, saved in checkpoints):
 ``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor stepped,
 so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
-
-:func:`missing_first_stage_hint` (also used by ``main.py``) is derived from data, not written per config: the
-``configs/**/*.yaml`` autoencoder config whose network (``ddconfig``, ``n_embed``, ``embed_dim``) equals the first
-stage's (and the script its comment says "runs exactly this"), and the CompVis download when ``ckpt_path`` is
-``models/first_stage_models/<name>/model.ckpt`` of a released model.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from einops import rearrange
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_state_dict, strip_prefix
+from ldm.checkpoint import CheckpointError, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -44,8 +39,7 @@ _RUNS_THIS = re.compile(r"\((?:python\s+)?(scripts/[\w./-]+\.py[^()\n]*?)\s+runs
 
 
 def compvis_name(ckpt_path: str) -> str | None:
-    """The CompVis first stage whose download location ``ckpt_path`` is (``models/first_stage_models/vq-f4/model.ckpt``
-    -> ``vq-f4``), else None."""
+    """``vq-f4`` for ``models/first_stage_models/vq-f4/model.ckpt`` (a CompVis download location), else None."""
     parts = Path(str(ckpt_path)).parts
     if len(parts) >= 4 and parts[-4:-2] == ("models", "first_stage_models") and parts[-1] == "model.ckpt":
         return parts[-2] if parts[-2] in COMPVIS_FIRST_STAGES else None
@@ -95,7 +89,9 @@ def _shown(path: str) -> str:
 
 def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = None, key: str = FIRST_STAGE_CKPT_KEY) -> str:
     """What to do about a first-stage checkpoint ``ckpt_path`` that is not there, for a first stage with ``params``
-    (its ``ddconfig``, ``n_embed``, ``embed_dim``): the CompVis download, the config that trains it, or both."""
+    (its ``ddconfig``, ``n_embed``, ``embed_dim``), derived from data: CompVis' download when ``ckpt_path`` is
+    ``models/first_stage_models/<name>/model.ckpt`` of a released model, and the ``configs/**/*.yaml`` autoencoder
+    config of the same network (and the script its comment says "runs exactly this")."""
     hints = []
     name = compvis_name(ckpt_path)
     if name is not None:
@@ -129,14 +125,12 @@ class GANAutoencoder(pl.LightningModule):
     """Base of the first stages: ``Encoder`` / ``Decoder`` and a loss whose discriminator trains alongside.
 
     Per batch one Adam step of the autoencoder, then (from the loss' ``disc_start`` on) one of the discriminator.
-    Subclasses set ``loss_class`` and ``model_name`` and define
-
-    * ``_autoencoder_loss(x, split, batch_idx) -> (loss, log, state)``: the autoencoder objective for ``x``
-      ``[B, 3, H, W]`` at :attr:`generator_steps` (``batch_idx`` None in training); ``state`` is what
-    * ``_discriminator_loss(x, state, step, split) -> (loss, log)`` needs.
-
-    ``aeloss_name``, ``discloss_name`` and ``log_dict_on_epoch`` keep the log names of their CompVis originals (taming's
-    VQGAN and latent-diffusion's AutoencoderKL differ).
+    Subclasses set ``loss_class``, ``model_name`` and ``_load_messages`` and define
+    ``_autoencoder_loss(x, split, batch_idx) -> (loss, log, state)``, the autoencoder objective for ``x``
+    ``[B, 3, H, W]`` at :attr:`generator_steps` (``batch_idx`` None in training), and
+    ``_discriminator_loss(x, state, step, split) -> (loss, log)``.  ``aeloss_name``, ``discloss_name`` and
+    ``log_dict_on_epoch`` keep the log names of their CompVis originals (taming's VQGAN and latent-diffusion's
+    AutoencoderKL differ).
     """
 
     # ldm.train.trainer.configure_ddp reads this: the discriminator gets no gradient before ``disc_start``, which
@@ -144,6 +138,8 @@ class GANAutoencoder(pl.LightningModule):
     ddp_find_unused_parameters = True
     loss_class: type[torch.nn.Module]
     model_name: str
+    # load_autoencoder_weights' words for this model, its weights, and what a checkpoint it cannot take should be
+    _load_messages: tuple[str, str, str]
     aeloss_name = "train/aeloss"
     discloss_name: str | None = None
     log_dict_on_epoch = True
@@ -177,22 +173,19 @@ class GANAutoencoder(pl.LightningModule):
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
 
     # -------------------------------------------------------------------------------------------------- weights
-    def _read_first_stage(
-        self,
-        path: str,
-        unsafe: bool,
-        ignore_keys: Sequence[str],
-        network: Mapping[str, Any] | None = None,
-        vq: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """The state dict at ``path`` (safe loader), a LatentDiffusion checkpoint's ``first_stage_model.*`` prefix
-        stripped and the ``ignore_keys`` prefixes dropped; a missing file names the configs that train this ``network``.
-        ``vq=False`` (a KL model) refuses a VQ checkpoint, looked for before ``ignore_keys`` can hide its codebook."""
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
+        """Load weights from a CompVis-layout checkpoint (unprefixed keys; ``loss.*`` keys this model's loss lacks or
+        shapes differently are dropped with a logged note) or a LatentDiffusion / Stable Diffusion one
+        (``first_stage_model.*``), through the safe loader (``unsafe``: only for files you trust).  A missing file names
+        the configs that train this network; a checkpoint of the other kind of first stage (a KL model looks for a VQ
+        codebook before ``ignore_keys`` can hide it) or of another network is refused in one line."""
         if not Path(path).exists():
+            network = {key: getattr(self, key) for key in NETWORK_KEYS if hasattr(self, key)}
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
         sd = load_state_dict(path, unsafe=unsafe)
         if not any(k.startswith(("encoder.", "decoder.")) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = strip_prefix(sd, "first_stage_model.")
+        vq = hasattr(self, "quantize")
         if not vq and any(k.startswith("quantize.") for k in sd):
             raise CheckpointError(
                 f"first-stage checkpoint {path!r} is a VQ autoencoder (it has quantize.* codebook weights), not an "
@@ -202,7 +195,25 @@ class GANAutoencoder(pl.LightningModule):
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
-        return sd
+        quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
+        if (
+            vq
+            and quant_conv is not None
+            and post_quant_conv is not None
+            and quant_conv.ndim == post_quant_conv.ndim == 4
+            and not any(k.startswith("quantize.") for k in sd)
+            and quant_conv.shape[0] == 2 * post_quant_conv.shape[1]
+        ):
+            # a KL encoder emits mean and log-variance (2 x embed_dim channels); a VQ's quant_conv emits embed_dim
+            raise CheckpointError(
+                f"first-stage checkpoint {path!r} is an AutoencoderKL (quant_conv gives {quant_conv.shape[0]} = 2 x "
+                f"{post_quant_conv.shape[1]} channels, a Gaussian posterior, and there is no codebook), not a VQ: use "
+                "target: ldm.models.autoencoder.AutoencoderKL with ddconfig.double_z: true in first_stage_config"
+            )
+        # the autoencoder's own modules (a checkpoint's other keys, e.g. ``loss.*``, are not part of the network)
+        own = tuple(f"{name}." for name, _ in self.named_children() if name != "loss")
+        load_autoencoder_weights(self, sd, path, own, *self._load_messages)
+        logger.info("restored first stage from %s", path)
 
     # ------------------------------------------------------------------------------------------------- training
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:

@@ -9,9 +9,9 @@ the untiled network in two ways:
   new statistics over the part of the image each tile owns (layer k is exact after k passes).
 * **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels, blended with linear ramps.
 
-The defaults (a downscaled pass, no refining pass) decoded closest to the untiled network (README, Performance:
-"Tiled first stage"): refining passes mix statistics gathered under different normalisations of earlier layers.
-Costs: ``stat_passes + 1`` tiled passes, plus one downscaled untiled pass with ``stat_side``.
+The defaults (a downscaled pass, no refining pass) decode closest to the untiled network: refining passes mix
+statistics gathered under different normalisations of earlier layers.  Costs: ``stat_passes + 1`` tiled passes, plus
+one downscaled untiled pass with ``stat_side``.
 """
 
 from __future__ import annotations
@@ -76,12 +76,8 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
-    """1-D blending weights ``[length]``, 1 away from interior edges.
-
-    Across an interior overlap the weight is 0 for the outer quarter (the pixels that lack context: zero padding of
-    the tile), then ramps linearly to 1 over the middle half, so two neighbouring tiles hand over smoothly and each
-    tile's border pixels are never used.
-    """
+    """1-D blending weights ``[length]``: across an interior overlap 0 for the outer quarter (pixels whose context is
+    the tile's zero padding), then a linear ramp to 1 over the middle half, so neighbouring tiles hand over smoothly."""
     w = torch.ones(length, device=device, dtype=torch.float32)
     if overlap > 0:
         margin = overlap // 4
@@ -215,9 +211,8 @@ def _blend_tiles(
 def downscale_to(x: torch.Tensor, side: int, min_size: int = 1) -> torch.Tensor:
     """``x`` ``[B, C, H, W]`` area-downscaled by the smallest integer factor that brings ``max(H, W)`` to ``<= side``.
 
-    No axis is shrunk below ``min_size`` pixels (one already shorter keeps its size): a long thin image (16x20000)
-    keeps its short side instead of shrinking it to a pixel, which the strided convolutions of an encoder cannot take
-    and which would leave statistics made mostly of zero padding.
+    No axis shrinks below ``min_size`` pixels: a 16x20000 image keeps its short side rather than becoming one pixel
+    thin, which an encoder's strided convolutions cannot take and which would leave statistics mostly of zero padding.
     """
     factor = math.ceil(max(x.shape[-2:]) / side)
     if factor <= 1:

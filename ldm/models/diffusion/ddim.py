@@ -1,10 +1,9 @@
 """latent-diffusion's ``DDIMSampler`` API for users' scripts: a thin adapter over :mod:`ldm.sampling`.
 
-Every public method keeps latent-diffusion's name, argument order and meaning (``sample``, ``ddim_sampling``,
-``p_sample_ddim``, ``stochastic_encode``, ``decode``, ``make_schedule``), then adds ``generator`` (one
+Every public method keeps latent-diffusion's name, argument order and meaning, then adds ``generator`` (one
 ``torch.Generator``, or one per sample): noise is never drawn from the global RNG.  Arguments are checked once, at the
-public method; the loop steps with the same :func:`~ldm.sampling.steps.ddim_step` as the refinement engine.  This
-project's own refinement (``Refiner``, training's ``log_images``, the evaluation) uses :mod:`ldm.sampling` directly.
+public method; the loop steps with :func:`~ldm.sampling.steps.ddim_step`, as the refinement engine (which uses
+:mod:`ldm.sampling` directly) does.
 
 One deliberate difference: :meth:`decode` runs the step at ``t_start`` itself (latent-diffusion's img2img starts one
 position lower), so ``decode(stochastic_encode(x0, i), c, i)`` denoises from exactly the level it was noised to.
@@ -144,9 +143,9 @@ class DDIMSampler:
         """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps.
 
         latent-diffusion's signature up to ``unconditional_conditioning`` (positional calls line up), then ``generator``
-        and ``ddim_discretize``; its ``**kwargs`` is not taken, so a misspelled argument raises.  ``normals_sequence``
-        (accepted but never used there) is refused when given.  ``mask`` (1 = keep) with ``x0`` inpaints: kept regions
-        follow ``q_sample(x0, t)``.  Returns ``(samples, {"x_inter": [...], "pred_x0": [...]})``.
+        and ``ddim_discretize``; its ``**kwargs`` is not taken, so a misspelled argument raises.  ``mask`` (1 = keep)
+        with ``x0`` inpaints: kept regions follow ``q_sample(x0, t)``.  Returns ``(samples, {"x_inter": [...],
+        "pred_x0": [...]})``.
         """
         if normals_sequence is not None:
             raise NotImplementedError(

@@ -159,11 +159,8 @@ class ExpertRouter:
         self.assign(timesteps)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """eps for ``x`` ``[B, C, H, W]`` at timesteps ``t`` ``[B]``, each sample by its expert.
-
-        Reads ``t`` back to the host to route (samplers that know their timesteps call the experts directly); a batch
-        may mix timesteps of several experts (``cond``: None or a tensor indexed along the batch).
-        """
+        """eps for ``x`` ``[B, C, H, W]`` at timesteps ``t`` ``[B]`` (read back to the host to route), each sample by its
+        expert; a batch may mix timesteps of several experts (``cond``: None or a tensor indexed along the batch)."""
         values = [int(v) for v in t.tolist()]
         experts = self.assign(values)
         if len(set(experts)) == 1:

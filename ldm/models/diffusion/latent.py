@@ -84,11 +84,10 @@ class LatentDiffusion(DDPM):
     ``cond_stage_forward`` (method name of the cond stage to call instead of ``encode``/``forward``).
     ``ckpt_path`` is loaded after the first stage exists, so a full LatentDiffusion checkpoint restores everything.
 
-    Text conditioning: ``cond_stage_key: caption`` (or ``txt``) hands the batch's list of str to the cond stage (a text
-    encoder such as ``FrozenCLIPEmbedder``, whose ``encode`` returns ``[B, L, D]``).  ``ucg_training`` (caption
-    dropout, so that one model learns the conditional and the unconditional prediction that classifier-free guidance
-    combines): ``{batch key: {p, val}}``, during training only each item's value is replaced by ``val`` (default ``""``)
-    with probability ``p``; validation never drops.
+    Text conditioning: ``cond_stage_key: caption`` (or ``txt``) hands the batch's list of str to the cond stage (e.g.
+    ``FrozenCLIPEmbedder``, whose ``encode`` returns ``[B, L, D]``).  ``ucg_training`` ``{batch key: {p, val}}``: in
+    training only, each item's value is replaced by ``val`` (default ``""``) with probability ``p``, so that one model
+    learns the conditional and the unconditional prediction that classifier-free guidance combines.
     """
 
     def __init__(
@@ -118,9 +117,8 @@ class LatentDiffusion(DDPM):
         if cond_stage_config == UNCONDITIONAL_SENTINEL:
             conditioning_key = None
         load_only_unet = ddpm_kwargs.pop("load_only_unet", False)
-        # Stable Diffusion 2's caption dropout (a DDPM argument there): the same name and format, so SD2-style configs
-        # carry over; here, not on DDPM, because DDPM is unconditional.  Draws come from torch's generator (seeded per
-        # step), not SD2's unseeded numpy RandomState.
+        # Stable Diffusion 2's caption dropout (a DDPM argument there; here, as DDPM is unconditional): the same name and
+        # format, so SD2-style configs carry over
         self.ucg_training = check_ucg_training(ucg_training)
         if self.ucg_training and conditioning_key is None:
             raise ValueError(
@@ -231,10 +229,9 @@ class LatentDiffusion(DDPM):
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """With ``scale_by_std``: set ``scale_factor = 1 / std(z)`` from the very first batch (rank 0's, broadcast)."""
-        if not (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt):
+        first = self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt
+        if not (self.scale_by_std and first) or float(self.scale_factor) != 1.0:  # != 1: already set (resumed, loaded)
             return
-        if float(self.scale_factor) != 1.0:
-            return  # already set (e.g. resumed or loaded)
         z = self.cached_first_stage_encoding(batch)
         if z is None:
             x = super().get_input(batch, self.first_stage_key)
@@ -322,11 +319,9 @@ class LatentDiffusion(DDPM):
         return self(x, c)
 
     def apply_ucg(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Mapping[str, Any]:
-        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict), in training mode only.
-
-        The draws come from ``generator`` (CPU), else from torch's global generator, which ``main.py`` reseeds from
-        ``(seed, rank, step)`` before every step (:class:`ldm.train.callbacks.StepSeeding`): a run and its resume drop
-        the same captions."""
+        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict), in training mode only; the draws come
+        from ``generator`` (CPU), else from torch's global generator, which ``main.py`` reseeds from ``(seed, rank,
+        step)`` before every step (:class:`ldm.train.callbacks.StepSeeding`): a run and its resume drop the same captions."""
         if not self.training or not self.ucg_training:
             return batch
         out = dict(batch)
@@ -366,9 +361,7 @@ class LatentDiffusion(DDPM):
 
     def _validation_losses(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, c = self.get_input(batch, self.first_stage_key)
-        gen = self.validation_generator(batch_idx)
-        t = self.sample_training_timesteps(z.shape[0], z.device, gen)
-        return self.p_losses(z, c, t, noise=training_noise(z, gen))
+        return self(z, c, generator=self.validation_generator(batch_idx))
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Network output for latents ``x_noisy`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` is a tensor, a list of

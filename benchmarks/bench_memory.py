@@ -143,7 +143,7 @@ def parse_tiling(text: str) -> Any:
     number of statistics passes), tiling images above TILE."""
     import dataclasses
 
-    from ldm.refine.speed import AUTO_TILING
+    from ldm.refine.first_stage import AUTO_TILING
 
     if text in ("off", "auto"):
         return None if text == "off" else "auto"
@@ -156,7 +156,7 @@ def parse_tiling(text: str) -> Any:
 
 def applies(tiling: str, size: int) -> bool:
     """Whether ``tiling`` tiles a ``size`` x ``size`` image (``off`` always runs: it is the reference)."""
-    from ldm.refine.speed import AUTO_TILING
+    from ldm.refine.first_stage import AUTO_TILING
 
     config = AUTO_TILING if tiling == "auto" else parse_tiling(tiling)
     return config is None or config.applies_to(size, size)

@@ -1,8 +1,6 @@
-"""Timestep windows: step <-> t conversion, validation, and which window serves each timestep (imported by training and
-by routing; neither imports the other's classes).
-
-A window is half-open, ``[t_min, t_max)`` in timestep indices ``t`` in ``[0, T)``; step k of T is ``t = T - k``, so steps
-500-750 are ``t in [250, 500)``.  Use :func:`steps_to_window` / :func:`window_to_steps` rather than this arithmetic.
+"""Timestep windows, shared by training and routing: step <-> t conversion, validation, which window serves each
+timestep.  A window is half-open, ``[t_min, t_max)`` in timestep indices ``t`` in ``[0, T)``; step k of T is
+``t = T - k``, so steps 500-750 are ``t in [250, 500)``.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def describe_window(window: Window, num_timesteps: int, name: str | None = None)
 
 
 def describe_start(start_t: int, num_timesteps: int) -> str:
-    """``"start_t=400 (step 600)"``: a start timestep in both namings."""
+    """``"start_t=400 (step 600)"``."""
     return f"start_t={start_t} (step {num_timesteps - start_t})"
 
 
@@ -63,9 +61,8 @@ def assign_windows(
     what: str = "the steps",
 ) -> tuple[list[int], list[int]]:
     """Which window serves each timestep: ``(index per timestep, timesteps no window covers)`` (the second list is
-    empty unless ``allow_outside``, which sends such a timestep to the nearest window).
-
-    ``names`` name the experts and ``what`` the run in messages (e.g. ``"start_t=900 (first step t=881, 45 steps)"``).
+    empty unless ``allow_outside``, which sends such a timestep to the nearest window).  ``names`` name the experts and
+    ``what`` the run in messages.
 
     Raises:
         ValueError: a timestep covered by two windows (always: which expert runs would be ambiguous), or by none

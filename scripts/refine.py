@@ -363,7 +363,7 @@ def tiling_from_args(args: argparse.Namespace):
     the automatic tiling (same statistics passes) with the given tile side (tiling images above it) and overlap."""
     import dataclasses
 
-    from ldm.refine.speed import AUTO_TILING
+    from ldm.refine.first_stage import AUTO_TILING
 
     if args.tile_size == 0:
         return None
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.refine import Refiner
     from ldm.refine.batch import collect_inputs, mask_clash, refine_files
     from ldm.refine.distributed import close, gather, rank_device, ranks_from_env
-    from ldm.refine.region_files import RegionOptions
+    from ldm.refine.regions import RegionOptions
     from ldm.refine.request import RefineRequest
     from ldm.util import ConfigError
 

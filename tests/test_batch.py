@@ -18,7 +18,7 @@ from PIL import Image
 
 from ldm.refine import Refiner
 from ldm.refine.batch import refine_files
-from ldm.refine.region_files import RegionOptions
+from ldm.refine.regions import RegionOptions
 from ldm.refine.request import RefineRequest
 
 from conftest import load_photos

@@ -19,7 +19,7 @@ from ldm.models.tiling import GroupNormStatistics, TilingConfig
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock
 from ldm.refine import Refiner
-from ldm.refine.speed import AUTO_TILING
+from ldm.refine.first_stage import AUTO_TILING
 
 from conftest import build_tiny_expert, load_photos, photo_crops
 

@@ -186,13 +186,13 @@ def test_the_cli_bounds_are_the_library_bounds(cli):
 def test_a_huge_mask_is_refused_from_its_header_and_a_dotted_one_is_capped_in_crop_mode(
     cli, capsys, expert_checkpoints, inputs, tmp_path, monkeypatch
 ):
-    from ldm.refine import region_files
+    from ldm.refine import regions as regions_module
 
     huge = tmp_path / "huge.png"
     Image.new("L", (4000, 3000), 255).save(huge)
     decoded = []
-    real_load = region_files.load_image
-    monkeypatch.setattr(region_files, "load_image", lambda path: decoded.append(path) or real_load(path))
+    real_load = regions_module.load_image
+    monkeypatch.setattr(regions_module, "load_image", lambda path: decoded.append(path) or real_load(path))
     source = str(inputs / "images" / "astro.png")
     code, err, _ = run(cli, capsys, ["--input", source, "--mask", str(huge),
                                      *args(expert_checkpoints, tmp_path / "a", "--start-t", "300")])  # fmt: skip

@@ -15,21 +15,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm.refine import Refiner, region_files
-from ldm.refine.region_files import RegionOptions, load_mask, region_metadata
+from ldm.refine import Refiner
+from ldm.refine import regions as regions_module
 from ldm.refine.regions import (
     MAX_FEATHER,
     MAX_REGIONS,
     Box,
+    RegionOptions,
     build_start_map,
     composite,
     composite_weight,
     crop_geometry,
     find_regions,
     latent_start_map,
+    load_mask,
     mask_to_array,
     parse_box,
     region_crops,
+    region_metadata,
     resize_start_map,
 )
 from ldm.sampling import NoiseSchedule, build_plan, run_tail
@@ -317,8 +320,8 @@ def test_a_mask_of_another_size_is_refused_from_its_header_before_decoding(tmp_p
     right = tmp_path / "right.png"
     Image.new("L", (32, 24), 255).save(right)
     decoded = []
-    real_load = region_files.load_image
-    monkeypatch.setattr(region_files, "load_image", lambda path: decoded.append(path) or real_load(path))
+    real_load = regions_module.load_image
+    monkeypatch.setattr(regions_module, "load_image", lambda path: decoded.append(path) or real_load(path))
     with pytest.raises(ValueError, match="the mask is 3000x2000 but the image is 32x24; masks must have the image's size"):
         load_mask(big, (32, 24))
     assert decoded == []  # a 9000 x 9000 mask took 1.2 GB before its size was compared

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ldm.imageio.prompt import Prompt
-from ldm.refine.region_files import RegionOptions
-from ldm.refine.regions import Box
+from ldm.refine.regions import Box, RegionOptions
 from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
 from ldm.sampling import SAMPLERS
 

@@ -19,8 +19,7 @@ from ldm.models.tiling import (
     tiled_decode,
     tiled_encode,
 )
-from ldm.refine.first_stage import FirstStage
-from ldm.refine.speed import AUTO_TILING, resolve_tiling
+from ldm.refine.first_stage import AUTO_TILING, FirstStage, resolve_tiling
 from ldm.util import instantiate_from_config
 
 from conftest import TINY_DDCONFIG, load_photos, photo_crops, tiny_ldm_params

@@ -37,8 +37,17 @@ from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, chec
 from ldm.refine.batch import build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
 from ldm.refine.refiner import Refiner
-from ldm.refine.region_files import RegionOptions, decode_mask, region_metadata
-from ldm.refine.regions import DEFAULT_MASK_BLUR, DEFAULT_REGION_PADDING, MAX_FEATHER, Box, parse_box, region_crops
+from ldm.refine.regions import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_REGION_PADDING,
+    MAX_FEATHER,
+    Box,
+    RegionOptions,
+    decode_mask,
+    parse_box,
+    region_crops,
+    region_metadata,
+)
 from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
 from ldm.sampling import SAMPLERS, RefinePlan, build_plan
 from ldm.windows import window_to_steps
@@ -287,20 +296,16 @@ def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> s
 def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
     """A plan as the page shows it (``t_windows``, ``routing_t``: in timesteps t, its labels; ``windows``,
     ``routing``: in steps from noise, its tooltips)."""
-    windows, t_windows = [], []
-    for _, _, index in plan.routing:
-        window = refiner.experts[index].window
-        a, b = window_to_steps(*window, plan.num_timesteps)
-        windows.append(f"{a}-{b}")
-        t_windows.append(t_window(*window))
+    windows = [refiner.experts[index].window for _, _, index in plan.routing]
+    steps = [window_to_steps(*window, plan.num_timesteps) for window in windows]
     routing_t = "; ".join(f"t {hi}-{lo}: {plan.expert_names[i]}" if hi != lo else f"t {hi}: {plan.expert_names[i]}"
                           for hi, lo, i in plan.routing)  # fmt: skip
     return {
         "start_t": plan.start_t,
         "effective_start_t": plan.effective_start,
         "n_steps": len(plan.timesteps),
-        "windows": "steps " + " then ".join(windows),
-        "t_windows": " then ".join(t_windows),
+        "windows": "steps " + " then ".join(f"{a}-{b}" for a, b in steps),
+        "t_windows": " then ".join(t_window(*window) for window in windows),
         "routing": plan.describe_routing(),
         "routing_t": routing_t,
         "summary": plan.describe(),

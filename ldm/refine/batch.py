@@ -1,6 +1,4 @@
-"""Refining image files in a batch (what ``scripts/refine.py`` runs): naming, skipping, batching, metadata, and
-per-file error reporting.
-"""
+"""Refining image files in a batch (``scripts/refine.py``): naming, skipping, batching, metadata, per-file errors."""
 
 from __future__ import annotations
 
@@ -31,11 +29,10 @@ from ldm.imageio import (
 )
 from ldm.imageio.prompt import Prompt
 from ldm.refine.conditioning import text_experts, unguided_experts
+from ldm.refine.first_stage import describe_tiling
 from ldm.refine.refiner import Refiner
-from ldm.refine.region_files import RegionOptions, load_mask, mask_overlay, region_metadata
-from ldm.refine.regions import region_crops
+from ldm.refine.regions import RegionOptions, load_mask, mask_overlay, region_crops, region_metadata
 from ldm.refine.request import RefineRequest
-from ldm.refine.speed import describe_tiling
 from ldm.sampling import RefinePlan
 from ldm.util import is_rank_zero, remove_stale_temp_files
 
@@ -46,9 +43,8 @@ SOFTWARE = "latesteps refine"
 
 @dataclass
 class BatchReport:
-    """Outcome of :func:`refine_files`: ``done`` inputs (every output exists, written or skipped), ``written`` and
-    ``skipped`` output files, ``failed`` ``(printable input, one-line reason)``, and ``fatal``: one line when an
-    output-folder error stopped the batch."""
+    """Outcome of :func:`refine_files`: ``done`` inputs (every output exists), ``written`` and ``skipped`` outputs,
+    ``failed`` ``(printable input, one-line reason)``, ``fatal``: one line when an output-folder error stopped the batch."""
 
     done: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
@@ -62,9 +58,7 @@ class BatchReport:
 
 
 @dataclass
-class _Item:
-    """One sample of one input waiting to be refined."""
-
+class _Item:  # one sample of one input waiting to be refined
     source: int  # index into the input list
     sample: int
     seed: int
@@ -128,9 +122,9 @@ def build_metadata(
     parameters: Mapping[str, object] | None = None,
     prompt: Prompt | None = None,
 ) -> dict[str, str]:
-    """PNG text metadata of one output: every parameter, the effective start, the timesteps that ran, routing and each
-    checkpoint's sha256; with a ``prompt``, also the prompt (read back by :func:`ldm.imageio.prompt.read_image_prompt`)
-    and ``unguided_experts`` (those that ran without it, if any)."""
+    """PNG text metadata of one output: every parameter, the effective start, the timesteps that ran, routing, each
+    checkpoint's sha256; with a ``prompt``, the prompt (:func:`ldm.imageio.prompt.read_image_prompt` reads it back) and
+    the experts that ran without it."""
     meta = {
         "Software": SOFTWARE,
         "input": source,
@@ -190,23 +184,20 @@ def refine_files(
     file the batch reads.  An input that cannot be loaded, whose region or prompt is bad, whose output would be an input
     or a folder, or whose batch the networks fail on (e.g. out of memory) costs that input only (one line through
     ``on_error``, default: logged); an output-folder error stops the batch (:attr:`BatchReport.fatal`).  The request,
-    ``batch_size`` and the prompts come checked from where they are made (``scripts/refine.py``).
+    ``batch_size`` and the prompts come checked (``scripts/refine.py``).
 
     Args:
         request: what runs (None: the defaults, whole images); its plan is built before any file is read.
-        batch_size: samples refined together (same-size images, one guidance scale); results do not depend on it
-            when the refiner is batch-invariant.
+        batch_size: samples refined together (same-size images, one guidance scale).
         grid: also write ``<name>_grid.png``: input | refined, or input | mask overlay | refined with regions.
         parameters: extra key/values recorded in every output's metadata (the CLI passes all its arguments).
-        progress: tqdm bars over images and sampling steps (rank 0 only).
-        share: refine only the inputs at these indices of ``paths`` (this process's part,
-            :mod:`ldm.refine.distributed`); output names are still decided over all of ``paths``.
+        share: refine only the inputs at these indices of ``paths`` (this process's part); output names are still
+            decided over all of ``paths``.
         prompts: for text-conditioned experts, one entry per input: a :class:`Prompt`, or a one-line reason why that
             input has none, or None (it fails); None: no input has a prompt.
 
     Raises:
-        ValueError: before any file is written, for steps no expert covers or an output that would overwrite a mask
-            (:func:`mask_clash`).
+        ValueError: before any file is written, for steps no expert covers or an output that would overwrite a mask.
     """
     request = request if request is not None else RefineRequest()
     regions, seed, n_samples = request.regions, request.seed, request.n_samples
@@ -238,11 +229,6 @@ def refine_files(
             report.failed.append((format_path(paths[index]), reason))
             report_error(reason)
         bar.update(1)
-
-    def finish_sample(index: int) -> None:
-        remaining[index] -= 1
-        if remaining[index] == 0:
-            finish(index)
 
     def flush() -> None:
         if not pending:
@@ -280,7 +266,9 @@ def refine_files(
                 grid_path = grid_name(item.out)
                 save_image_atomic(grid_path, canvas, metadata=meta)
                 report.written.append(grid_path)
-            finish_sample(item.source)
+            remaining[item.source] -= 1
+            if remaining[item.source] == 0:
+                finish(item.source)
 
     # Temp files of these outputs left by a killed earlier run of the same batch (other files are left alone), but
     # never a file this batch reads: an input or a mask may have a temp's name, and a mask folder is not ours to clean
@@ -351,8 +339,7 @@ def _scale(prompt: Prompt | None) -> float | None:
 def _regions_of(
     refiner: Refiner, path: Path, height: int, width: int, start_t: int, regions: RegionOptions
 ) -> tuple[torch.Tensor | None, dict[str, str]]:
-    """The start map ``[1, 1, H, W]`` of one input and the metadata that describes it (None, {} without regions); a
-    mask's size is compared with the image's from its header, before it is decoded."""
+    """The start map ``[1, 1, H, W]`` of one input and its metadata (None, {} without regions)."""
     if not regions.active:
         return None, {}
     mask_path = regions.mask_for(path)
@@ -380,8 +367,8 @@ def mask_clash(
     regions: RegionOptions,
 ) -> str | None:
     """Why this batch would write over a mask it reads (one line naming the output and the mask), or None: every
-    output of every input (grids and all processes' shares included) by real path.  Inputs are checked per input
-    instead (an input clash costs that input only)."""
+    output of every input (grids and all processes' shares included) by real path (an input clash is checked per
+    input: it costs that input only)."""
     try:
         protected = _mask_reals(regions)
     except OSError as exc:
@@ -404,8 +391,7 @@ def mask_clash(
 
 
 def _mask_reals(regions: RegionOptions) -> dict[str, Path]:
-    """Every file masks may be read from (:meth:`RegionOptions.mask_files`) by its real path; OSError when the mask
-    folder cannot be listed."""
+    """Every file masks may be read from by its real path; OSError when the mask folder cannot be listed."""
     files = regions.mask_files()
     if not files:
         return {}
@@ -419,10 +405,10 @@ def _mask_reals(regions: RegionOptions) -> dict[str, Path]:
 
 
 def grid_name(out: Path) -> Path:
-    """The grid written next to output ``out`` with ``grid=True``: ``<out's stem>_grid.png``."""
+    """``<out's stem>_grid.png``, next to ``out``."""
     return out.with_name(out.stem + "_grid.png")
 
 
 def _outputs_for(stem: str, outdir: Path, start_t: int, seed: int, n_samples: int) -> list[tuple[int, int, Path]]:
-    """``(sample index, seed, output path)`` for every sample of one input."""
+    # (sample index, seed, output path) for every sample of one input
     return [(k, seed + k, outdir / output_name(stem, start_t, seed, k if n_samples > 1 else None)) for k in range(n_samples)]

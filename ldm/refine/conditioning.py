@@ -1,6 +1,5 @@
-"""Prompts in refinement: which experts take one, the rules for chains, encoding to each expert's guidance; and each
-input file's prompt for the CLI.
-"""
+"""Prompts in refinement: which experts take one, the rules for chains, encoding to each expert's guidance, and each
+input file's prompt for the CLI."""
 
 from __future__ import annotations
 
@@ -28,19 +27,18 @@ PromptArg = Prompt | str | Sequence[Prompt | str] | None
 
 
 def conditioning_key(model: Any) -> str | None:
-    """The model's conditioning key (``crossattn``, ``concat``, ``adm``, ...), None for an unconditional model."""
+    """``crossattn``, ``concat``, ``adm``, ..., or None for an unconditional model."""
     return getattr(getattr(model, "model", None), "conditioning_key", None)
 
 
 def is_text_conditioned(model: Any) -> bool:
     """Whether ``model`` has a conditioning key and a condition encoder fed with text (``cond_stage_key`` in
-    :data:`~ldm.models.diffusion.latent.TEXT_COND_KEYS`, e.g. SD v1's ``FrozenCLIPEmbedder``)."""
+    :data:`~ldm.models.diffusion.latent.TEXT_COND_KEYS`)."""
     return (conditioning_key(model) is not None and getattr(model, "cond_stage_model", None) is not None
             and getattr(model, "cond_stage_key", None) in TEXT_COND_KEYS)  # fmt: skip
 
 
 def used_experts(plan: RefinePlan) -> list[int]:
-    """Indices of the experts the plan's steps run, in order."""
     return sorted(set(plan.experts))
 
 
@@ -54,16 +52,11 @@ def _names(experts: Sequence[Expert], indices: Iterable[int]) -> str:
 
 
 def check_chain(experts: Sequence[Expert], plan: RefinePlan, prompted: bool, allow_unconditional: bool) -> None:
-    """Refuse, in one line, before any work, what the rules over the experts the plan runs do not allow.
-
-    A text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt model); a prompt needs a
-    text-conditioned expert (it would change nothing: refused rather than ignored) and no expert conditioned on
+    """Refuse, in one line (ValueError: which rule, what to change), what the rules over the experts the plan runs do
+    not allow: a text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt model); a prompt
+    needs a text-conditioned expert (it would change nothing: refused rather than ignored) and no expert conditioned on
     something else; a chain of text-conditioned and unconditional experts takes a prompt only with
-    ``allow_unconditional`` (the refiner's ``allow_unconditional_experts``: the unconditional experts' steps then run
-    unguided).
-
-    Raises:
-        ValueError: saying which rule and what to change.
+    ``allow_unconditional`` (the unconditional experts' steps then run unguided).
     """
     used = used_experts(plan)
     text = text_experts(experts, plan)
@@ -101,7 +94,7 @@ def prompts_for_batch(prompt: PromptArg, batch: int) -> list[Prompt] | None:
 
     Raises:
         PromptError (a ValueError): a prompt outside what :class:`Prompt` allows.  ValueError: a list whose length is
-            neither 1 nor ``batch``, or prompts with different guidance scales in one batch (refine them separately).
+            neither 1 nor ``batch``, or prompts with different guidance scales in one batch.
     """
     if prompt is None:
         return None
@@ -135,10 +128,10 @@ def encode_prompts(
 ) -> list[Guidance | None]:
     """Encode ``prompts`` (one per sample) for every text-conditioned expert the plan runs: per expert of ``experts``,
     its :class:`Guidance` (``cond [B, L, D]``, ``uncond [B, L, D]`` or None at scale 1, on the device), or None for an
-    expert that runs unguided (unconditional, or not run by the plan).
+    expert that runs unguided.
 
     Each distinct text (and negative text when the scale is not 1) is encoded once per condition encoder module; with
-    ``batch_invariant`` one text per call (CPU kernels block by batch size).  Raises ValueError when an encoder returns
+    ``batch_invariant`` one text per call (CPU kernels block by batch size).  ValueError when an encoder returns
     something other than one tensor ``[n, ...]`` per ``n`` texts (its conditioning could not be guided here).
     """
     scale = prompts[0].guidance_scale
@@ -163,9 +156,9 @@ def encode_prompts(
 
 
 def share_condition_encoders(experts: Sequence[Expert]) -> None:
-    """Let experts whose text encoders are identical (class, ``cond_stage_forward``, plain public attributes such as
-    ``max_length``, tokenizer vocabulary and merges, weights tensor by tensor) hold one module, the first one's, so a
-    chain of SD experts encodes each prompt once.  Only for models this process built (changed in place)."""
+    """Let experts whose text encoders are identical (class, ``cond_stage_forward``, plain public attributes,
+    tokenizer vocabulary and merges, weights) hold one module, the first one's, so a chain of SD experts encodes each
+    prompt once.  Only for models this process built (changed in place)."""
     kept: list[Any] = []
     for model in (e.model for e in experts if is_text_conditioned(e.model)):
         same = next((m for m in kept if _same_encoder(m, model)), None)
@@ -209,7 +202,7 @@ def _encode(model: Any, texts: list[str], name: str) -> torch.Tensor:
 
 
 def unguided_experts(experts: Sequence[Expert], plan: RefinePlan) -> list[str]:
-    """Names of the experts the plan runs without the prompt (unconditional ones in an allowed mixed chain)."""
+    """Names of the experts the plan runs without the prompt (in an allowed mixed chain)."""
     text = set(text_experts(experts, plan))
     return [experts[i].name for i in used_experts(plan) if i not in text]
 
@@ -224,10 +217,8 @@ def resolve_input_prompts(
     negative_prompt: str | None = None,
     guidance_scale: float | None = None,
 ) -> list[Prompt | str]:
-    """Each input's :class:`Prompt`, or one line saying why it has none (none anywhere, or a corrupt one in the image).
-
-    ``prompt`` (``--prompt``, with its negative prompt and scale) for every input, else the input's ``prompt_file``
-    entry (by stem), else the prompt the image records (:func:`ldm.imageio.prompt.read_image_prompt`);
+    """Each input's :class:`Prompt`, or one line saying why it has none (none anywhere, or a corrupt one in the image):
+    ``prompt`` for every input, else the input's ``prompt_file`` entry (by stem), else the prompt the image records;
     ``negative_prompt`` and ``guidance_scale`` fill what the entry or image did not record (None: ``""`` and
     :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`).
     """

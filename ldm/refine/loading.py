@@ -1,9 +1,8 @@
 """Building refinement experts from checkpoint files, safely (:func:`load_expert`), and their devices and precisions.
 
 The model config is the one ``main.py`` saved in the checkpoint, else the YAML given as ``config``.  It is rebuilt for
-inference (no ``ckpt_path``, first-stage losses replaced by ``torch.nn.Identity``, EMA built only when used); a config
-read from the checkpoint is checked by :mod:`ldm.untrusted` first unless ``trust_config``.  Missing weights are an
-error, and the checkpoint's ``window`` record must agree with its model's window.
+inference (no ``ckpt_path``, losses replaced by ``torch.nn.Identity``, EMA built only when used); a config read from
+the checkpoint is checked by :mod:`ldm.untrusted` first unless ``trust_config``.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def check_checkpoint_paths(paths: list[str | os.PathLike]) -> None:
-    """Cheap existence check of every path before any (possibly slow) loading."""
+    """Cheap existence check of every path before any (slow) loading."""
     if not paths:
         raise CheckpointError("no checkpoint given; pass one --ckpt per expert (Python: a list of paths)")
     for path in paths:
@@ -142,7 +141,7 @@ def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any
 
 
 def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
-    """The model config rebuilt for inference from its own checkpoint (see the module docstring, step 3)."""
+    """The model config rebuilt for inference (see the module docstring)."""
     cfg = copy.deepcopy(dict(model_cfg))
     params = cfg["params"] = dict(cfg.get("params") or {})
     params.pop("ckpt_path", None)

@@ -27,15 +27,15 @@ from ldm.imageio import crop_padding, from_pil, image_to_tensor, pad_to_multiple
 from ldm.models.diffusion.experts import CheckpointInfo, Expert, ExpertRouter
 from ldm.models.tiling import TilingConfig
 from ldm.refine.conditioning import PromptArg, check_chain, encode_prompts, prompts_for_batch, share_condition_encoders
-from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage
+from ldm.refine.first_stage import POSTERIOR_CHOICES, FirstStage, describe_tiling, resolve_tiling
 from ldm.refine.loading import ConfigSource, autocast_dtype, check_checkpoint_paths, load_expert, resolve_device
-from ldm.refine.region_files import RegionOptions
 from ldm.refine.regions import (
     DEFAULT_MASK_BLUR,
     DEFAULT_REGION_PADDING,
     MAX_REGION_SIZE,
     MAX_REGIONS,
     Box,
+    RegionOptions,
     build_start_map,
     composite,
     composite_weight,
@@ -48,7 +48,6 @@ from ldm.refine.regions import (
 )
 from ldm.refine.request import MAX_SEED, RefineRequest, start_timestep
 from ldm.refine.shipped import expand_names
-from ldm.refine.speed import describe_tiling, resolve_tiling
 from ldm.sampling import NoiseSchedule, RefinePlan, build_plan, check_int_arg, randn, resolve_start, run_tail
 from ldm.sampling.denoisers import AutocastDenoiser, ChunkedDenoiser, Denoiser
 from ldm.sampling.guidance import Guidance, guided_plan
@@ -57,8 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 def unique_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Indices of the distinct rows of ``x`` ``[B, ...]`` (first occurrences) and, per row, its index among them (so
-    several samples of one image are encoded once)."""
+    """Indices of the distinct rows of ``x`` ``[B, ...]`` (first occurrences) and each row's index among them."""
     unique: list[int] = []
     inverse: list[int] = []
     for i in range(x.shape[0]):
@@ -88,8 +86,7 @@ class PhaseClock:
 
 @dataclass(frozen=True)
 class Run:
-    """One refinement call: the plan, one generator per sample, progress reporting and each expert's guidance (None
-    without a prompt)."""
+    """One refinement call: the plan, one generator per sample, progress reporting, each expert's guidance (or None)."""
 
     plan: RefinePlan
     generators: list[torch.Generator]
@@ -100,11 +97,10 @@ class Run:
 
     @cached_property
     def steps(self) -> RefinePlan:
-        """The plan that runs: guided when there is a prompt."""
         return self.plan if self.guidance is None else guided_plan(self.plan, self.guidance)
 
     def sample(self, index: int) -> Run:
-        """This run for sample ``index`` alone (crop mode refines one image at a time)."""
+        """This run for sample ``index`` alone (crop mode)."""
         guidance = None if self.guidance is None else [g if g is None else g.sample(index) for g in self.guidance]
         return dataclasses.replace(self, generators=[self.generators[index]], guidance=guidance)
 
@@ -125,7 +121,7 @@ class Refiner:
         checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
         batch_invariant: run the networks one sample at a time: CPU kernels block by batch size, which changes the
             last bits, so only then is an output bit-identical batched or not.  None: True on CPU, False on CUDA.
-        tiling: ``"auto"`` (:data:`ldm.refine.speed.AUTO_TILING`), None or a :class:`~ldm.models.tiling.TilingConfig`.
+        tiling: ``"auto"`` (:data:`ldm.refine.first_stage.AUTO_TILING`), None or a :class:`~ldm.models.tiling.TilingConfig`.
         channels_last, compile: store the networks' weights NHWC (same results up to rounding); ``torch.compile`` the
             UNets (on the first call per image size).
         allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
@@ -219,7 +215,7 @@ class Refiner:
 
     @property
     def model(self) -> Any:
-        """The first expert's model (schedule, the shared first stage)."""
+        """The first expert's model (schedule, first stage)."""
         return self.router.experts[0].model
 
     @property
@@ -252,9 +248,9 @@ class Refiner:
         sampler: str = "ddim",
         strength: float | None = None,
     ) -> RefinePlan:
-        """The cached :class:`~ldm.sampling.RefinePlan` of :class:`~ldm.refine.request.RefineRequest`'s arguments
-        (built and validated once per set; no work on images).  ValueError for an argument outside what is allowed, or
-        steps outside every expert window (or in two)."""
+        """The :class:`~ldm.sampling.RefinePlan` of :class:`~ldm.refine.request.RefineRequest`'s arguments (built and
+        validated once per set).  ValueError for an argument outside what is allowed, or steps outside every expert
+        window (or in two)."""
         start = start_timestep(start_t, strength, self.num_timesteps)
         key = (start, ddim_steps, tail_steps, eta, sampler)
         if key not in self._plans:
@@ -273,11 +269,11 @@ class Refiner:
         return self._plans[key]
 
     def plan_for(self, request: RefineRequest) -> RefinePlan:
-        """The plan of ``request``: the checks that need the experts (``T``, windows)."""
+        """The plan of ``request`` (the checks that need the experts: ``T``, windows)."""
         return self.plan(request.plan_start(self.num_timesteps), **request.plan_arguments())
 
     def autocast(self) -> AbstractContextManager:
-        """The networks' precision as a context manager (autocast for bf16/fp16; nothing for fp32)."""
+        """The networks' precision: autocast for bf16/fp16, nothing for fp32."""
         if self._autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
@@ -391,7 +387,6 @@ class Refiner:
         return out.to(x.device)
 
     def _check_start_map(self, start_map: Any, x: torch.Tensor, plan: RefinePlan) -> torch.Tensor:
-        """``start_map`` (a caller's) as int64 ``[B, 1, H, W]`` on the device, checked against ``x`` and the plan."""
         b, _, h, w = x.shape
         if not isinstance(start_map, torch.Tensor) or start_map.ndim != 4 or start_map.shape[1] != 1:
             shape = tuple(start_map.shape) if isinstance(start_map, torch.Tensor) else type(start_map).__name__
@@ -412,8 +407,8 @@ class Refiner:
         return starts
 
     def _generate(self, x: torch.Tensor, run: Run, start_map: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode ``x`` ``[B, 3, H, W]``, run the plan (per-pixel starts from ``start_map`` ``[B, 1, H, W]``), decode:
-        the refined image, not yet composited, ``[B, 3, H, W]`` in ``[-1, 1]``."""
+        """Encode ``x`` ``[B, 3, H, W]``, run the plan (per-pixel starts: ``start_map`` ``[B, 1, H, W]``), decode: the
+        refined image, not yet composited, ``[B, 3, H, W]`` in ``[-1, 1]``."""
         # at least two latent pixels at the UNet's coarsest level: GroupNorm needs more than one value per group
         padded, padding = pad_to_multiple(x, self.factor, mode="reflect", min_size=2 * self.factor)
         unique, inverse = unique_rows(padded)
@@ -529,17 +524,16 @@ class Refiner:
         mask_dilate: int = 0,
     ) -> tuple[int, torch.Tensor]:
         """``(plan start_t, start map [1, 1, H, W])`` of a mask and boxes on a ``height`` x ``width`` image: the plan
-        starts at the larger of ``start_t`` (or ``strength``) and every box's own start (the experts' coverage is
-        checked with the plan); ``mask_dilate`` as checked by :class:`~ldm.refine.region_files.RegionOptions`.
-        Raises ValueError for an invalid start, a mask of another size, a box outside the image or a selection that is
-        empty."""
+        starts at the larger of ``start_t`` (or ``strength``) and every box's own start; ``mask_dilate`` as checked by
+        :class:`~ldm.refine.regions.RegionOptions`.  ValueError for an invalid start, a mask of another size, a box
+        outside the image or an empty selection."""
         start = start_timestep(start_t, strength, self.num_timesteps)
         top = max([start, *(resolve_start(b.start_t, None, self.num_timesteps) for b in boxes if b.start_t is not None)])
         array = None if mask is None else mask_to_array(mask, width, height)
         return top, build_start_map(height, width, start, array, boxes, mask_dilate)
 
     def describe(self) -> str:
-        """One line: device, precision, speed options and the experts' windows."""
+        """One line: device, precision, speed options, the experts' windows."""
         options = [self.precision, f"tiling {describe_tiling(self.tiling)}"]
         options += ["batch-invariant"] if self.batch_invariant else ["batched"]
         options += ["channels_last"] * self.channels_last + ["compiled"] * self.compiled

@@ -1,4 +1,6 @@
-"""Region refinement: masks and boxes -> a per-pixel start map, its latent version, the feathered composite, crops.
+"""Region refinement: masks and boxes -> a per-pixel start map, its latent version, the feathered composite, crops;
+and for image files (:class:`RegionOptions`): each input's mask (``--mask``: one file for every input, or a folder of
+masks matched by stem), region metadata, and the grid's mask overlay.
 
 A mask is white = refine, black = keep (latent-diffusion's sampler ``mask`` is the opposite).  A **start map** holds
 each pixel's start timestep: a grey mask value ``m`` starts at ``round(m * start_t)``, a box ``x0,y0,x1,y1@s`` at its own
@@ -7,16 +9,23 @@ each pixel's start timestep: a grey mask value ``m`` starts at ``round(m * start
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.imageio import from_pil
+from ldm.checkpoint import sha256_file
+from ldm.imageio import decode_image, format_path, from_pil, header_size, is_image_name, load_image
+from ldm.sampling import check_int_arg
 
 DEFAULT_MASK_BLUR = 4  # px of inward feather at a region's edge (ADetailer's default blur)
 DEFAULT_REGION_PADDING = 32  # px of context around a region in crop mode (ADetailer's default)
@@ -33,7 +42,7 @@ _BOX = re.compile(r"^\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-?\d{1,9})\s*,\s*(-
 
 @dataclass(frozen=True)
 class Box:
-    """A rectangle in pixel coordinates, ``[x0, x1) x [y0, y1)``, with an optional start timestep of its own."""
+    """A rectangle in pixels, ``[x0, x1) x [y0, y1)``, with an optional start timestep of its own."""
 
     x0: int
     y0: int
@@ -42,7 +51,7 @@ class Box:
     start_t: int | None = None
 
     def describe(self) -> str:
-        """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (the form :func:`parse_box` reads)."""
+        """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (what :func:`parse_box` reads)."""
         return f"{self.x0},{self.y0},{self.x1},{self.y1}" + (f"@{self.start_t}" if self.start_t is not None else "")
 
 
@@ -67,7 +76,7 @@ def parse_box(text: str) -> Box:
 def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
     """A mask as float32 ``[H, W]`` in ``[0, 1]`` (white = refine) from a PIL image of any mode (EXIF orientation
     applied, 16-bit kept), or an array or tensor ``[H, W]`` / ``[1, H, W]`` / ``[1, 1, H, W]`` (bool, uint8, or float in
-    ``[0, 1]``).  Raises ValueError when its size is not the image's."""
+    ``[0, 1]``).  ValueError for another size than the image's, or another shape or dtype."""
     if isinstance(mask, Image.Image):
         arr = mask_luminance(from_pil(mask, source="mask").rgb)
     else:
@@ -94,7 +103,7 @@ def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, hei
 
 
 def mask_luminance(rgb: np.ndarray) -> np.ndarray:
-    """A mask image's ``[H, W, 3]`` RGB in ``[0, 1]`` -> its luminance ``[H, W]`` (colour masks count by brightness)."""
+    """RGB ``[H, W, 3]`` in ``[0, 1]`` -> luminance ``[H, W]`` (colour masks count by brightness)."""
     return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -106,11 +115,10 @@ def build_start_map(
     boxes: Sequence[Box] = (),
     dilate: int = 0,
 ) -> torch.Tensor:
-    """The start map ``[1, 1, H, W]`` (int64 timesteps) of a mask (``[H, W]`` in ``[0, 1]``) and boxes.
-
-    A grey mask value ``m`` starts at ``round(m * start_t)``; a box at its own start or ``start_t``; where they overlap
-    the later start (more change) wins.  ``dilate`` grows the map by that many pixels (a square max filter).  Neither
-    mask nor boxes: ``start_t`` everywhere.  Raises ValueError for a box outside the image or a map that selects nothing.
+    """The start map ``[1, 1, H, W]`` (int64 timesteps) of a mask (``[H, W]`` in ``[0, 1]``) and boxes: a box starts
+    at its own start or ``start_t``; where they overlap the later start wins.  ``dilate`` grows the map by that many
+    pixels.  Neither mask nor boxes: ``start_t`` everywhere.  ValueError for a box outside the image or a map that
+    selects nothing.
     """
     if mask is None and not boxes:
         return torch.full((1, 1, height, width), int(start_t), dtype=torch.long)
@@ -179,9 +187,8 @@ class Region:
 
 
 def find_regions(start_map: torch.Tensor, limit: int | None = None) -> list[Region]:
-    """The connected regions (8-connected) of ``start_map > 0`` (``[1, 1, H, W]``), ordered top to bottom, then left to
-    right; memory is one label image for all of them.  With ``limit``, more regions than that are refused (ValueError
-    saying how many there are and how to merge them)."""
+    """The 8-connected regions of ``start_map > 0`` (``[1, 1, H, W]``), top to bottom, then left to right.  With
+    ``limit``, more regions than that are refused (ValueError saying how many there are and how to merge them)."""
     from scipy import ndimage
 
     support = (start_map.reshape(start_map.shape[-2:]) > 0).cpu().numpy()
@@ -199,7 +206,7 @@ def find_regions(start_map: torch.Tensor, limit: int | None = None) -> list[Regi
 
 
 def region_starts(start_map: torch.Tensor, regions: Sequence[Region]) -> list[int]:
-    """The latest start in each of ``regions`` (of ``start_map`` ``[1, 1, H, W]``), by one pass over the labels."""
+    """The latest start in each of ``regions`` of ``start_map`` ``[1, 1, H, W]``."""
     from scipy import ndimage
 
     if not regions:
@@ -231,14 +238,13 @@ def crop_geometry(
 
 
 def region_crops(start_map: torch.Tensor, padding: int) -> list[tuple[int, int, int, int]]:
-    """The crops crop mode refines for ``start_map`` ``[1, 1, H, W]``, one per region of :func:`find_regions`, in order
-    (square: the experts' training shape).  ValueError for more than :data:`MAX_REGIONS` regions."""
+    """The square crops crop mode refines for ``start_map`` ``[1, 1, H, W]``, one per region of :func:`find_regions`.
+    ValueError for more than :data:`MAX_REGIONS` regions."""
     h, w = start_map.shape[-2:]
     return [crop_geometry(r.bbox, padding, 1.0, w, h) for r in find_regions(start_map, MAX_REGIONS)]
 
 
-def _fit(lo: int, hi: int, size: int) -> tuple[int, int]:
-    """``[lo, hi)`` shifted inside ``[0, size)``, clipped to it when longer."""
+def _fit(lo: int, hi: int, size: int) -> tuple[int, int]:  # [lo, hi) shifted inside [0, size), clipped when longer
     if hi - lo >= size:
         return 0, size
     if lo < 0:
@@ -264,3 +270,127 @@ def resize_start_map(start_map: torch.Tensor, height: int, width: int) -> torch.
         return start_map
     grown = F.interpolate(start_map.double(), size=(max(height, h), max(width, w)), mode="nearest")
     return F.adaptive_max_pool2d(grown, (height, width)).to(start_map.dtype)
+
+
+@dataclass(frozen=True)
+class RegionOptions:
+    """How a batch selects and refines regions (all off: whole images).
+
+    Attributes:
+        mask: a mask file used for every input, or a folder of masks matched to the inputs by stem; None: no mask.
+        boxes: rectangles (with optional per-box starts) applied to every input.
+        blur, dilate: feather of the composite and growth of the selection, in pixels.
+        crop, padding, size: crop mode ("only masked"), its context padding and the side regions are refined at
+            (None: the experts' native size).
+    """
+
+    mask: Path | None = None
+    boxes: tuple[Box, ...] = ()
+    blur: int = DEFAULT_MASK_BLUR
+    dilate: int = 0
+    crop: bool = False
+    padding: int = DEFAULT_REGION_PADDING
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        # checked once here, where a batch's options are made, not per image after it is loaded
+        check_int_arg("mask_blur", self.blur, 0, MAX_FEATHER)
+        check_int_arg("mask_dilate", self.dilate, 0, MAX_FEATHER)
+        check_int_arg("region_padding", self.padding, 0, MAX_REGION_PADDING)
+        if self.size is not None:  # the lower bound is the experts' factor, checked when the refiner runs
+            check_int_arg("region_size", self.size, 1, MAX_REGION_SIZE)
+
+    @property
+    def active(self) -> bool:
+        return self.mask is not None or bool(self.boxes)
+
+    @cached_property
+    def _mask_index(self) -> dict[str, list[Path]]:
+        """The mask folder's image files by stem, listed once per run (not per input: a batch would be quadratic).
+        OSError when the folder cannot be listed."""
+        index: dict[str, list[Path]] = {}
+        if self.mask is None:
+            return index
+        with os.scandir(self.mask) as entries:
+            for entry in entries:
+                path = self.mask / entry.name
+                if is_image_name(path):
+                    index.setdefault(path.stem, []).append(path)
+        return index
+
+    def mask_files(self) -> list[Path]:
+        """The mask file, or each image file in the mask folder; OSError when the folder cannot be listed."""
+        if self.mask is None:
+            return []
+        if not self.mask.is_dir():
+            return [self.mask]
+        return [p for paths in self._mask_index.values() for p in paths]
+
+    def mask_for(self, image: Path) -> Path | None:
+        """The mask of ``image`` (None without ``mask``); ValueError when the folder holds none or several for it."""
+        if self.mask is None or not self.mask.is_dir():
+            return self.mask
+        try:
+            candidates = self._mask_index.get(image.stem, [])
+        except OSError as exc:
+            raise ValueError(f"{format_path(image)}: cannot list the mask folder {format_path(self.mask)}: "
+                             f"{exc.strerror or exc}") from None  # fmt: skip
+        matches = sorted(p for p in candidates if p.is_file())
+        if not matches:
+            raise ValueError(f"{format_path(image)}: the mask folder {format_path(self.mask)} holds no mask named "
+                             f"{image.stem}.<png|jpg|...>")  # fmt: skip
+        if len(matches) > 1:
+            names = ", ".join(p.name for p in matches)
+            raise ValueError(f"{format_path(image)}: the mask folder holds several masks for it ({names}); keep one")
+        return matches[0]
+
+    def as_metadata(self) -> dict[str, str]:
+        """The options as PNG text entries."""
+        meta = {"mask_blur": str(self.blur), "mask_dilate": str(self.dilate), "crop_regions": str(self.crop)}
+        if self.boxes:
+            meta["boxes"] = ";".join(b.describe() for b in self.boxes)
+        if self.crop:
+            meta["region_padding"] = str(self.padding)
+        return meta
+
+
+def load_mask(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """``(mask [H, W] float32 in [0, 1], sha256 of the file)``; ImageLoadError (one line) when it cannot be read.
+    With ``size`` (the image's ``(width, height)``), a mask whose header gives another size is refused (ValueError)
+    before its pixels are decoded."""
+    if size is not None:
+        header = header_size(path)
+        # EXIF orientation may transpose the decoded mask, so a transposed header is decoded and compared after
+        if header is not None and header not in (size, size[::-1]):
+            raise ValueError(f"the mask is {header[0]}x{header[1]} but the image is {size[0]}x{size[1]}; masks must "
+                             "have the image's size")  # fmt: skip
+    return mask_luminance(load_image(path).rgb), sha256_file(path)
+
+
+def decode_mask(data: bytes, source: str) -> tuple[np.ndarray, str]:
+    """:func:`load_mask` for an encoded mask in memory (the web app's); ``source`` names it in errors."""
+    return mask_luminance(decode_image(data, source=source).rgb), hashlib.sha256(data).hexdigest()
+
+
+def region_metadata(start_map: torch.Tensor, crops: Sequence[tuple[int, ...]] | None) -> dict[str, str]:
+    """What a region refinement did to one image: each region's bounding box, latest start and, in crop mode, crop
+    (``x0, y0, x1, y1``); the first :data:`MAX_REGIONS` regions, with ``regions_total`` when there are more."""
+    found = find_regions(start_map)
+    listed = found[:MAX_REGIONS]  # in-place mode allows any number of regions; listing them all could take megabytes
+    entries = []
+    for i, (region, start) in enumerate(zip(listed, region_starts(start_map, listed))):
+        entry = {"bbox": list(region.bbox), "start_t": start}
+        if crops is not None:
+            entry["crop"] = list(crops[i])
+        entries.append(entry)
+    meta = {"regions": json.dumps(entries)}
+    if len(found) > len(listed):
+        meta["regions_total"] = str(len(found))
+    return meta
+
+
+def mask_overlay(rgb: np.ndarray, start_map: torch.Tensor, top: int) -> np.ndarray:
+    """``rgb`` uint8 ``[H, W, 3]`` tinted red where the start map selects, in proportion to the start (for grids)."""
+    share = (start_map.reshape(start_map.shape[-2:]).cpu().numpy().astype(np.float32) / max(top, 1))[..., None]
+    red = np.array([255, 0, 0], dtype=np.float32)
+    return np.clip(rgb.astype(np.float32) * (1 - 0.5 * share) + red * 0.5 * share, 0, 255).round().astype(np.uint8)

@@ -1,8 +1,6 @@
-"""``RefineRequest``: every option of one refinement, with its default, written once.
-
-The CLI, the web app and the Python API each build one; it is validated where it is built (the checks that need the
-experts happen in :meth:`ldm.refine.Refiner.plan_for`), and the layers below take it unchanged.  A new refinement option
-is a field here, its use in the plan or the loop, and its flag.
+"""``RefineRequest``: every option of one refinement, with its default, written once.  The CLI, the web app and the
+Python API each build one, validated where it is built (the checks that need the experts: ``Refiner.plan_for``); the
+layers below take it unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm.imageio.prompt import Prompt
-from ldm.refine.region_files import RegionOptions
+from ldm.refine.regions import RegionOptions
 from ldm.sampling import check_int_arg, check_solver, resolve_start
 
 DEFAULT_START_T = 500
@@ -81,14 +79,14 @@ class RefineRequest:
         return start_timestep(self.start_t, self.strength, num_timesteps)
 
     def plan_start(self, num_timesteps: int) -> int:
-        """The plan's first step: :meth:`start`, or a box's later start of its own (each checked against ``T``)."""
+        """The plan's first step: :meth:`start`, or a box's later start of its own."""
         starts = [resolve_start(b.start_t, None, num_timesteps) for b in self.regions.boxes if b.start_t is not None]
         return max([self.start(num_timesteps), *starts])
 
     def plan_arguments(self) -> dict[str, Any]:
-        """``ddim_steps`` / ``eta`` / ``tail_steps`` / ``sampler`` for :meth:`ldm.refine.Refiner.plan`."""
+        """The keyword arguments of :meth:`ldm.refine.Refiner.plan`."""
         return {"ddim_steps": self.ddim_steps, "eta": self.eta, "tail_steps": self.tail_steps, "sampler": self.sampler}
 
     def sample_seeds(self) -> list[int]:
-        """The seed of each sample of an input: ``seed, seed + 1, ..., seed + n_samples - 1``."""
+        """``seed, seed + 1, ..., seed + n_samples - 1``."""
         return [self.seed + k for k in range(self.n_samples)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
-from ldm.convert.importing import UNET_PREFIX  # the parameters an export may store in a smaller dtype
+from ldm.convert.from_diffusers import UNET_PREFIX  # the parameters an export may store in a smaller dtype
 from ldm.imageio import format_path
 from ldm.refine.loading import _embedded_model_config, _inference_config, load_expert
 
@@ -46,12 +46,8 @@ SHIPPED: dict[str, ShippedWeights] = {
 
 
 def shipped_files(name: str, root: Path | None = None) -> list[Path]:
-    """The files of the shipped weights ``name``, each checked against its sha256.
-
-    Raises:
-        CheckpointError: an unknown name, a file that is missing (an installation without the repository's
-            ``weights/`` folder) or whose digest differs (a damaged file).
-    """
+    """The files of the shipped weights ``name``, each checked against its sha256.  CheckpointError for an unknown
+    name, a missing file (an installation without the repository's ``weights/``) or a damaged one."""
     if name not in SHIPPED:
         raise CheckpointError(f"no shipped weights are called {name!r}; known: {', '.join(sorted(SHIPPED))}")
     root = WEIGHTS_DIR if root is None else root

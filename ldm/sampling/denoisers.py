@@ -34,8 +34,7 @@ class ModelDenoiser:
 
 
 def stack_cond(uncond: Any, cond: Any) -> Any:
-    """``[uncond, cond]`` along the batch, keeping the nesting (tensors, lists of tensors, dicts of them; lists stay
-    lists: ``apply_model`` concatenates them)."""
+    """``[uncond, cond]`` along the batch, keeping the nesting (tensors, lists or dicts of them)."""
     if isinstance(cond, torch.Tensor):
         return torch.cat([uncond, cond])
     if isinstance(cond, dict):
@@ -76,8 +75,8 @@ class AutocastDenoiser:
 
 
 class ChunkedDenoiser:
-    """Runs the inner denoiser on chunks of at most ``chunk_size`` samples (``cond``: None or a tensor indexed along the
-    batch).  With ``chunk_size=1`` a sample's result cannot depend on its batch (CPU kernels block by batch size)."""
+    """Runs the inner denoiser on chunks of at most ``chunk_size`` samples (``cond``: None or a tensor ``[B, ...]``).
+    With ``chunk_size=1`` a sample's result cannot depend on its batch (CPU kernels block by batch size)."""
 
     def __init__(self, inner: Denoiser, chunk_size: int = 1):
         self.inner = inner

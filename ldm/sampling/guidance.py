@@ -3,8 +3,7 @@ and the loop carry it unchanged (the loop's own ``cond`` stays None).
 
 :func:`guided_plan` wraps a plan's per-step denoisers as ``GuidedDenoiser(ChunkedDenoiser(AutocastDenoiser(...)))``:
 outside the chunking, which slices ``x`` along the batch and could not tell a wrapper inside which samples' conditioning
-it holds, and outside autocast, so the two branches combine in float32.  Held region pixels stay held: guidance only
-changes eps.
+it holds, and outside autocast, so the two branches combine in float32.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from ldm.sampling.plan import RefinePlan
 Cond = Any  # a tensor [B, ...], a list of tensors, or a dict of such (LatentDiffusion.apply_model's forms)
 
 
-def _for_batch(cond: Cond, batch: int) -> Cond:
-    """``cond`` with a batch of one broadcast to ``batch`` (a view: no copy)."""
+def _for_batch(cond: Cond, batch: int) -> Cond:  # a batch of one broadcast to ``batch`` (a view: no copy)
     if isinstance(cond, torch.Tensor):
         return cond if cond.shape[0] == batch else cond.expand(batch, *cond.shape[1:])
     if isinstance(cond, dict):
@@ -36,9 +34,8 @@ class GuidedDenoiser:
     branches in one call on ``[uncond, cond]`` (``2B`` samples).  At scale 1 (0) only the conditional (unconditional)
     branch runs: exact, and half the cost.
 
-    ``cond``, ``uncond``: as ``apply_model`` takes them (a tensor ``[B, ...]``, a list or dict of them), batch ``B`` or 1
-    (broadcast), on the model's device and dtype; ``uncond`` (the empty or negative prompt's) has the same nesting, None
-    only at scale 1.  They come checked from where they are made (:func:`ldm.refine.conditioning.encode_prompts`).
+    ``cond``, ``uncond``: as ``apply_model`` takes them, batch ``B`` or 1 (broadcast), on the model's device and dtype;
+    ``uncond`` has the same nesting, None only at scale 1 (checked where made: :func:`ldm.refine.conditioning.encode_prompts`).
     """
 
     def __init__(self, inner: Denoiser, cond: Cond, uncond: Cond | None, scale: float):
@@ -67,23 +64,22 @@ class GuidedDenoiser:
 
 @dataclass(frozen=True)
 class Guidance:
-    """One expert's guidance: its conditional and unconditional conditioning and the scale (:class:`GuidedDenoiser`)."""
+    """One expert's guidance (:class:`GuidedDenoiser`'s arguments)."""
 
     cond: Cond
     uncond: Cond | None
     scale: float
 
     def sample(self, index: int) -> Guidance:
-        """Sample ``index``'s rows alone (of tensor conditionings)."""
+        """Sample ``index``'s rows alone (tensor conditionings)."""
         rows = slice(index, index + 1)
         return Guidance(self.cond[rows], None if self.uncond is None else self.uncond[rows], self.scale)
 
 
 def guided_plan(plan: RefinePlan, guidance: Guidance | Sequence[Guidance | None]) -> RefinePlan:
     """A copy of ``plan`` (coefficient tensors shared) whose every step runs its expert's denoiser wrapped once with
-    that expert's guidance: ``guidance`` is one :class:`Guidance` for every expert, or one per expert in
-    ``plan.expert_names`` order (None: that expert's steps stay unguided).
-    """
+    that expert's guidance: one :class:`Guidance` for every expert, or one per expert in ``plan.expert_names`` order
+    (None: that expert's steps stay unguided)."""
     per_expert = [guidance] * len(plan.expert_names) if isinstance(guidance, Guidance) else list(guidance)
     wrapped: dict[int, Denoiser] = {}
     steps = []

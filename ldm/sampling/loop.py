@@ -1,5 +1,4 @@
-"""Running a :class:`~ldm.sampling.plan.RefinePlan` with no checks and no device-to-host reads (CUDA work is queued
-ahead of the host).
+"""Running a :class:`~ldm.sampling.plan.RefinePlan` with no checks and no device-to-host reads.
 
 With a start map, a latent pixel not yet active enters step ``i`` as the clean latent noised to *this step's* level with
 the noise the whole latent was noised with at the start (as diffusers' inpainting): one step off and it would be
@@ -47,8 +46,7 @@ def run_tail(
         start_map: None (every pixel starts at the first step) or each latent pixel's start timestep, ``[B, 1, h, w]``
             integer on ``z0``'s device; a constant map at or above the first step gives bit for bit no map's result.
         generators: DDIM's per-step noise when ``eta > 0`` (one generator, or one per sample).
-        cond: passed to every denoiser call.  callback: called with each finished step's index.
-        progress: a tqdm bar over the steps (rank 0 only).
+        callback: called with each finished step's index.  progress: a tqdm bar over the steps (rank 0 only).
     """
     if start_map is None:
         return _loop(plan, noise_to_start(plan, z0, noise), None, generators, cond, callback, progress)
@@ -64,8 +62,8 @@ def run_steps(
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the plan from a latent ``x`` ``[B, C, h, w]`` already at the first step's level (e.g. pure noise for
-    sampling).  Returns ``(z, pred_x0)`` as :func:`run_tail`."""
+    """Run the plan from a latent ``x`` ``[B, C, h, w]`` already at the first step's level (e.g. pure noise).  Returns
+    ``(z, pred_x0)`` as :func:`run_tail`."""
     return _loop(plan, x, None, generators, cond, callback, progress)
 
 

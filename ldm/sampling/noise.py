@@ -13,8 +13,8 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def to_like(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``noise`` on ``like``'s device and dtype; CPU to CUDA through pinned memory, non-blocking (a copy from pageable
-    memory would wait for the device's queued work: a per-step host sync)."""
+    """``noise`` on ``like``'s device and dtype; CPU to CUDA through pinned memory, non-blocking (from pageable memory
+    the copy would wait for the device's queued work: a per-step host sync)."""
     if noise.device.type == "cpu" and like.device.type == "cuda":
         return noise.pin_memory().to(like.device, like.dtype, non_blocking=True)
     return noise.to(like.device, like.dtype)
@@ -40,5 +40,5 @@ def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Te
 
 
 def randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Standard normal noise ``shape`` like ``like`` from ``generator`` (one, or one per sample; see :func:`draw`)."""
+    """Standard normal noise ``shape`` like ``like`` from ``generator`` (see :func:`draw`)."""
     return draw(torch.randn, shape, like, generator)

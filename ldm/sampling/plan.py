@@ -1,7 +1,5 @@
-"""The refinement plan: every choice of a refinement, validated once and frozen, with its coefficients on the device.
-
-:func:`build_plan` checks the arguments and the experts' coverage of every step, resolves each step's denoiser (one
-call of the router) and puts the coefficients on the device; :mod:`ldm.sampling.loop` runs it without checking again.
+"""The refinement plan: every choice of a refinement, validated once and frozen, with its coefficients on the device
+(:func:`build_plan`); :mod:`ldm.sampling.loop` runs it without checking again.
 """
 
 from __future__ import annotations
@@ -40,8 +38,7 @@ def check_eta(eta: Any) -> float:
 
 
 def check_solver(sampler: Any, eta: Any) -> float:
-    """``eta`` as a float if ``sampler`` is one of :data:`SAMPLERS` and ``eta`` fits it (above 0 for DDIM only); else a
-    ValueError."""
+    """``eta`` as a float if ``sampler`` is one of :data:`SAMPLERS` and ``eta`` fits it (> 0: DDIM only); else ValueError."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}")
     eta = check_eta(eta)
@@ -183,7 +180,7 @@ def build_plan(
         start_t: integer timestep in ``[1, T-1]``.  denoisers: one per expert.  device: the coefficients' (the latents').
         ddim_steps, tail_steps: see :func:`select_timesteps`.  assign: the router (None: every step runs
             ``denoisers[0]``).  t_min: grid mode only: leave out grid steps below it (a window's own tail).
-        dtype: of the coefficients (the latents' dtype; float32 for refinement, float64 for numerical checks).
+        dtype: of the coefficients (float32 for refinement, float64 for numerical checks).
 
     Raises:
         ValueError: any argument outside what is allowed, or steps no expert may serve; each message says what to change.

@@ -39,11 +39,9 @@ def dpmpp_2m_step(
     """One DPM-Solver++(2M) update of the latent ``x`` ``[B, C, H, W]`` to the step's level: ``ratio * x + gain * D``
     with ``D = (1 + w) x0 - w x0_prev`` (coefficients: :func:`ldm.sampling.schedule.dpmpp_2m_coefficients`).
 
-    Args:
-        x0: this step's data prediction.  x0_prev: the previous step's (possibly by another expert), or None for a
-            first-order step.
-        second_order: optional bool mask broadcastable to ``x``: where False the step is first order (``D = x0``), e.g.
-            for latent pixels whose previous prediction was made while they were held (region refinement).
+    ``x0_prev``: the previous step's data prediction (possibly by another expert), or None for a first-order step.
+    ``second_order``: optional bool mask broadcastable to ``x``: where False the step is first order (``D = x0``), e.g.
+    for latent pixels whose previous prediction was made while they were held (region refinement).
     """
     if x0_prev is None:
         return ratio * x + gain * x0

@@ -40,11 +40,9 @@ _DECIMAL = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 
 
 def decimal_int(text: str) -> int:
-    """``text`` as a decimal integer of ASCII digits (an optional sign, surrounding spaces allowed).
-
-    ``int()`` also reads other scripts' digits (``"５０"`` is 50) and underscores (``"1_0"`` is 10): a typo or a
-    pasted full-width number would then run with a value the user did not see.  Raises ValueError for anything else.
-    """
+    """``text`` as a decimal integer of ASCII digits (an optional sign, surrounding spaces allowed); ValueError for
+    anything else.  ``int()`` also reads other scripts' digits (``"５０"`` is 50) and underscores (``"1_0"`` is 10): a
+    typo or a pasted full-width number would run with a value the user did not see."""
     if _DECIMAL.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a decimal integer")
     return int(text, 10)

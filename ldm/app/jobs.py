@@ -34,15 +34,11 @@ class JobCancelled(Exception):
 
 @dataclass
 class Job:
-    """One refinement request and what became of it.
-
-    Attributes:
-        id: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``, also its output folder's name (random: an id cannot
-            be guessed from another one).  number: the arrival order.
-        prepared: the checked request (dropped once it has run, so finished jobs hold no image tensors).
-        before_png / mask_png: the input as shown and the painted mask, so that the page can show a request again.
-        cancel: why the running job must stop after its current step ("" while it need not).
-    """
+    """One refinement request and what became of it.  ``id``: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``,
+    also its output folder's name (random: one id cannot be guessed from another); ``number``: the arrival order;
+    ``prepared``: the checked request (dropped once it has run: finished jobs hold no image tensors); ``before_png`` /
+    ``mask_png``: the input as shown and the painted mask, for the page to show a request again; ``cancel``: why the
+    running job must stop after its current step ("" while it need not)."""
 
     id: str
     number: int
@@ -61,12 +57,9 @@ class Job:
 
 
 class JobQueue:
-    """A FIFO of :class:`Job` served by one worker thread calling ``run(job)``.
-
-    Args:
-        run: does a job's work; it may call ``JobQueue.step(job)`` after each sampling step.
-        max_waiting: jobs that may wait at once; one more is refused (RequestError) rather than queued for hours.
-    """
+    """A FIFO of :class:`Job` served by one worker thread calling ``run(job)`` (which may call ``JobQueue.step(job)``
+    after each sampling step); at most ``max_waiting`` jobs wait, one more is refused (RequestError), not queued for
+    hours."""
 
     def __init__(self, run: Callable[[Job], RefineResult], max_waiting: int = 16):
         self._run = run

@@ -30,7 +30,6 @@ FIELD_LABELS = {
     "negative_prompt": "Negative prompt",
     "guidance_scale": "Guidance scale",
 }
-DEFAULT_START_CAP = 4  # the default start is at most T / 4 (a quarter of the noise levels redone)
 
 
 @dataclass(frozen=True)
@@ -76,17 +75,15 @@ def start_range(refiner: Any) -> StartRange:
             break
         top = max(top, hi)
     covered = top > 0
-    allow = bool(getattr(getattr(refiner, "router", None), "allow_outside_window", False))
-    if allow:  # the nearest expert runs steps outside the windows: every start runs
+    if refiner.router.allow_outside_window:  # the nearest expert runs steps outside the windows: every start runs
         high = total - 1
     else:  # without a window at t=0 no start runs (the label says why); the slider spans the windows all the same
         high = max(1, min(top if covered else max(hi for _, hi, _ in windows), total) - 1)
-    # Default: the middle of the lowest window (the details expert of the quick start: t 0-249 -> 125), and at most a
-    # quarter of the noise levels (a single full-range model: 250).  A low start changes little (the photo stays the
-    # photo: the start-500 whole-image default of before put coloured streaks along a 128 px photo's edges), runs one
-    # expert, and is inside the windows whatever they are; the user slides up for more change.
+    # Default: the middle of the lowest window (the quick start's details expert: t 0-249 -> 125), at most a quarter of
+    # the noise levels (a full-range model: 250).  A low start changes little (a start of 500 put coloured streaks along
+    # a 128 px photo's edges), runs one expert and is inside the windows; the user slides up for more change.
     lo, hi, _ = windows[0]
-    default = min((lo + hi) // 2, total // DEFAULT_START_CAP)
+    default = min((lo + hi) // 2, total // 4)
     return StartRange(1, high, max(1, min(default, high)), covered, windows, total)
 
 

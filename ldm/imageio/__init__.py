@@ -19,14 +19,7 @@ from ldm.imageio.convert import (
 )
 from ldm.imageio.errors import ImageLoadError, ImageSaveError, format_path
 from ldm.imageio.find import find_images, is_image_name
-from ldm.imageio.load import (
-    LOADER_FORMATS,
-    LoadedImage,
-    decode_image,
-    from_pil,
-    header_size,
-    load_image,
-)
+from ldm.imageio.load import LOADER_FORMATS, LoadedImage, decode_image, from_pil, header_size, load_image
 from ldm.imageio.save import read_image_metadata, read_png_metadata, save_image_atomic
 
 __all__ = [

@@ -97,12 +97,12 @@ def _glob(pattern: str, errors: list[str]) -> list[str]:
     """The paths matching ``pattern`` (unlike :func:`glob.glob`, ``**`` does not go through links to folders); a folder
     that cannot be listed adds one line to ``errors``."""
     drive, rest = os.path.splitdrive(pattern)
-    separators = re.escape(os.sep + (os.altsep or ""))
-    parts = [part for part in re.split(f"[{separators}]", rest) if part]
+    separators = os.sep + (os.altsep or "")
+    parts = [part for part in re.split(f"[{re.escape(separators)}]", rest) if part]
     # consecutive ** match what one does; collapsing them keeps a pattern like **/**/** from multiplying the work
     parts = [part for i, part in enumerate(parts) if not (part == "**" and i and parts[i - 1] == "**")]
-    dirs_only = rest.endswith(tuple(os.sep + (os.altsep or "")))
-    current = [drive + rest[: len(rest) - len(rest.lstrip(os.sep + (os.altsep or "")))]]  # "" (relative) or the root
+    dirs_only = rest.endswith(tuple(separators))
+    current = [drive + rest[: len(rest) - len(rest.lstrip(separators))]]  # "" (relative) or the root
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         found: list[str] = []

@@ -46,17 +46,13 @@ _warned_truncation_hidden = False
 
 @dataclass
 class LoadedImage:
-    """A decoded image.
-
-    Attributes:
-        rgb: float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous; grayscale replicated to three channels, 16-bit sources
-            divided by 65535 (no clipping, no loss).
-        alpha: float32 ``[H, W]`` in ``[0, 1]`` (straight, not premultiplied), or None without transparency.
-        info: ``path`` (printable), ``format`` (Pillow's name), ``mode`` (source pixel mode), ``size`` ``(width,
-            height)`` after orientation, ``bit_depth`` (bits per sample in the file), ``decoded_bit_depth`` (bits that
-            reached ``rgb``: Pillow decodes colour at 8 bits even when the file holds 16), ``frames`` (None if
-            uncountable), ``exif_orientation`` (the tag or None), ``orientation_applied``, ``has_alpha``,
-            ``icc_profile`` (the file embeds a colour profile; pixels are not colour-managed), ``file_bytes``.
+    """A decoded image: ``rgb`` float32 ``[H, W, 3]`` in ``[0, 1]``, C-contiguous (grayscale replicated to three
+    channels, 16-bit sources divided by 65535: no clipping, no loss); ``alpha`` float32 ``[H, W]`` in ``[0, 1]``
+    (straight, not premultiplied) or None without transparency; ``info``: ``path`` (printable), ``format`` (Pillow's
+    name), ``mode`` (source pixel mode), ``size`` ``(width, height)`` after orientation, ``bit_depth`` (bits per sample
+    in the file), ``decoded_bit_depth`` (bits that reached ``rgb``: Pillow decodes colour at 8 bits even when the file
+    holds 16), ``frames`` (None if uncountable), ``exif_orientation`` (the tag or None), ``orientation_applied``,
+    ``has_alpha``, ``icc_profile`` (the file embeds a colour profile; pixels are not colour-managed), ``file_bytes``.
     """
 
     rgb: np.ndarray
@@ -127,7 +123,6 @@ def from_pil(image: Image.Image, source: str = "<PIL.Image>") -> LoadedImage:
 
 
 def _read_file(path: PathLike) -> bytes:
-    """The file's bytes, or an ImageLoadError saying why they cannot be read."""
     fs_path = os.fspath(path)  # TypeError for non-paths (an int would otherwise be taken as a file descriptor)
     try:
         st = os.stat(fs_path)

@@ -110,8 +110,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class FoundPrompt:
-    """A prompt read from an image or a prompt file; ``negative_prompt`` and ``guidance_scale`` are None where the
-    source did not record them.  ``source``: where it came from (``"p.txt line 3"``), which errors name."""
+    """A prompt read from an image or a prompt file (``source``: ``"p.txt line 3"``, which errors name);
+    ``negative_prompt`` and ``guidance_scale`` are None where the source did not record them."""
 
     prompt: str
     negative_prompt: str | None
@@ -135,14 +135,11 @@ class FoundPrompt:
 
 
 def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
-    """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None when absent or not
-    a finite number ``>= 0``, with a warning) of an A1111 ``parameters`` text; PromptError (naming ``source``) for a
-    text, prompt or negative prompt that is too long.
-
-    The format: the prompt's lines; then optionally a line starting ``Negative prompt:`` (it and every later line are
-    the negative prompt); then a ``Key: value, Key: value, ...`` settings line (``Steps: 20, CFG scale: 7, ...``), which
-    counts as settings only with at least three pairs, as in A1111's ``parse_generation_parameters``.  A quoted value
-    (``"..."``) is JSON-unquoted.
+    """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None, warned, when absent
+    or not a finite number ``>= 0``) of A1111's ``parameters`` text; PromptError (naming ``source``) for a text, prompt
+    or negative prompt that is too long.  The format: the prompt's lines; optionally a line starting ``Negative
+    prompt:`` (it and every later line are the negative prompt); a ``Key: value, ...`` settings line, which counts only
+    with at least three pairs (as A1111's ``parse_generation_parameters``), quoted values (``"..."``) JSON-unquoted.
     """
     if len(text) > MAX_PARAMETERS_CHARS:
         raise PromptError(f"{source} holds {len(text):,} characters; at most {MAX_PARAMETERS_CHARS:,} are read (a prompt, a "
@@ -199,29 +196,26 @@ def _settings_line(line: str) -> list[tuple[str, str]]:
 
 def _unquote(value: str) -> str:
     """A1111 JSON-quotes values holding commas, colons or newlines; others stay as they are."""
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        try:
-            out = json.loads(value)
-        except ValueError:
-            return value
-        return out if isinstance(out, str) else value
-    return value
+    if len(value) < 2 or not value[0] == value[-1] == '"':
+        return value
+    try:
+        out = json.loads(value)
+    except ValueError:
+        return value
+    return out if isinstance(out, str) else value
 
 
 def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, str] | None:
-    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, from a path or the file's bytes.
-
-    The chunks are walked, others skipped unread (``IDAT`` with seeks): Pillow's ``Image.open(...).info`` gives only
-    the chunks before the image data, and ``.text`` decodes every pixel to reach the rest.  Each wanted chunk is bounded
-    by :data:`MAX_TEXT_CHUNK_BYTES` stored and decompressed alike (Pillow bounds plain ``tEXt`` only by a 64 MiB total).
-
-    Returns ``{keyword: text}`` for the wanted keywords found (the last chunk wins, as in Pillow; a file that ends early
-    gives what came before), or None when ``source`` is not a PNG.  PromptError when the file cannot be read, or a
-    wanted chunk is over :data:`MAX_TEXT_CHUNK_BYTES` (stored or decompressed), fails its CRC, or is not valid text.
+    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, from a path or the file's bytes, as
+    ``{keyword: text}`` (the last chunk wins, as in Pillow; a file that ends early gives what came before); None when
+    ``source`` is not a PNG.  Other chunks are skipped unread: Pillow's ``.info`` stops at the image data, and ``.text``
+    decodes every pixel.  PromptError when the file cannot be read, or a wanted chunk is over
+    :data:`MAX_TEXT_CHUNK_BYTES` stored or decompressed (Pillow bounds plain ``tEXt`` only by a 64 MiB total), fails its
+    CRC, or is not valid text.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
     if isinstance(source, (bytes, bytearray)):
-        return _walk_png(io.BytesIO(bytes(source)), set(keys), name)
+        return _walk_png(io.BytesIO(bytes(source)), set(keys), "<bytes>")
+    name = format_path(source)
     try:
         if not stat.S_ISREG(os.stat(os.fspath(source)).st_mode):  # before open: opening a FIFO would block
             raise PromptError(f"cannot read prompt from {name}: not a regular file")

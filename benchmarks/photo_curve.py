@@ -182,11 +182,10 @@ def eps_mse(path: Path, ts: tuple[int, ...], images: Any) -> dict[str, Any]:
 def refinement(a: Path, b: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Whole-image refinement at WHOLE_START against the round trip (SWD), and the blotch's in-box gain."""
     from ldm.eval.baselines import autoencoder_baseline, identity_baseline
-    from ldm.eval.set_metrics import SWD_SCALE
     from ldm.eval.sources import heldout_images
     from ldm.eval.summary import best_start, summarize
     from ldm.eval.swd import paired_swd_difference
-    from ldm.eval.sweep import build_sweep_degradation, run_sweep
+    from ldm.eval.sweep import SWD_SCALE, build_sweep_degradation, run_sweep
     from ldm.refine import Refiner
 
     refiner = Refiner.from_checkpoints([a, b], device="cpu", batch_invariant=False)

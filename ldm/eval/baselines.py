@@ -1,9 +1,7 @@
 """Baselines the sweep runs next to the refiners, each a deterministic map of images ``[B, 3, H, W]`` in [-1, 1] to the
-same shape, dtype and device: ``identity`` (the degraded input: what every method must beat on distance to clean), a
-classical filter of :data:`FILTERS` (per image, float64 on the CPU, through scikit-image / SciPy; ``nl_means`` uses
-scikit-image's recommended ``h = 0.8 sigma`` for its fast mode, sigma estimated per image, so a clean-looking image is
-left almost unchanged) and ``autoencoder`` (the refiner's first-stage round trip, which every refined image also
-passes through: it separates what the diffusion steps add from what the autoencoder does).
+same shape, dtype and device: ``identity`` (the degraded input), a classical filter of :data:`FILTERS` (per image,
+float64 on the CPU, through scikit-image / SciPy) and ``autoencoder`` (the refiner's first-stage round trip, which every
+refined image also passes through: it separates what the diffusion steps add from what the autoencoder does).
 """
 
 from __future__ import annotations
@@ -37,12 +35,9 @@ def identity_baseline() -> Baseline:
 
 
 def estimate_noise_sigma(img: np.ndarray) -> float:
-    """Gaussian noise standard deviation of ``img`` ``[H, W, C]`` (in its own units), averaged over channels.
-
-    Donoho & Johnstone (1994): ``median(|HH|) / 0.6745`` with ``HH`` the diagonal detail coefficients of a one-level
-    orthonormal Haar transform, ``(a - b - c + d) / 2`` over 2x2 blocks (``skimage.restoration.estimate_sigma`` without
-    PyWavelets).  Images under 2x2 give 0.
-    """
+    """Gaussian noise standard deviation of ``img`` ``[H, W, C]`` (in its own units), averaged over channels: Donoho &
+    Johnstone (1994), ``median(|HH|) / 0.6745`` with ``HH`` the diagonal Haar detail coefficients ``(a - b - c + d) / 2``
+    of 2x2 blocks (``skimage.restoration.estimate_sigma`` without PyWavelets); 0 under 2x2 px."""
     h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
     if h == 0 or w == 0:
         return 0.0
@@ -53,6 +48,7 @@ def estimate_noise_sigma(img: np.ndarray) -> float:
 
 
 def _nl_means(img: np.ndarray) -> np.ndarray:
+    """scikit-image's recommended ``h = 0.8 sigma`` for its fast mode: a clean-looking image is left almost unchanged."""
     from skimage.restoration import denoise_nl_means
 
     sigma = estimate_noise_sigma(img)
@@ -98,11 +94,8 @@ def filter_baseline(name: str = "nl_means") -> Baseline:
 
 
 def autoencoder_baseline(model: torch.nn.Module) -> Baseline:
-    """Encode and decode through ``model``'s first stage (a LatentDiffusion: ``encode_first_stage``,
-    ``get_first_stage_encoding``, ``decode_first_stage``), with the same padding as refinement.
-
-    ``model`` is typically ``refiner.model``; images are moved to its device and back.
-    """
+    """Encode and decode through ``model``'s first stage (a LatentDiffusion, typically ``refiner.model``), padded as
+    refinement pads; images are moved to its device and back."""
     from ldm.imageio import crop_padding, pad_to_multiple
 
     def apply(images: torch.Tensor) -> torch.Tensor:

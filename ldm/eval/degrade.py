@@ -65,7 +65,7 @@ def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[to
 
 
 def _show(value: Any) -> str:
-    """``repr(value)``, shortened to its start and length when it is long (a 400-digit integer)."""
+    """``repr(value)``, shortened when it is long (a 400-digit integer)."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
@@ -92,14 +92,14 @@ def check_count(name: str, value: int, lo: int, hi: int, why: str = "") -> None:
 
 
 class Degradation(abc.ABC):
-    """Base class: subclasses set ``name`` and implement ``_apply``; ``__call__`` checks the input, clips the result to
-    [-1, 1] and restores the input dtype."""
+    """Subclasses set ``name`` and implement ``_apply``; ``__call__`` checks the input, clips the result to [-1, 1]
+    and restores the input dtype."""
 
     name: ClassVar[str] = ""
     stochastic: bool = True  # whether the output depends on the seed (JPEG's does not)
 
     def params(self) -> dict[str, Any]:
-        """Constructor parameters, as passed to :func:`build_degradation` (by default the attributes of their names)."""
+        """Constructor parameters (by default the attributes of their names)."""
         return {k: getattr(self, k) for k in accepted_keywords(type(self)).params}
 
     @property
@@ -112,7 +112,7 @@ class Degradation(abc.ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 
     def __call__(self, images: torch.Tensor, seed: int | torch.Generator) -> torch.Tensor:
-        """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1]; returns the same shape, dtype and device."""
+        """``images`` ``[B, 3, H, W]`` in [-1, 1] -> the same shape, dtype and device."""
         work, generator = prepare_input(images, seed)
         with torch.no_grad():
             out = self._apply(work, generator)
@@ -124,12 +124,11 @@ class Degradation(abc.ABC):
 
 
 def _draw(fn: Any, shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """``fn`` (``torch.rand`` / ``torch.randn``) on the generator's device, moved to ``like``'s device and dtype."""
+    """``fn`` (``torch.rand`` / ``torch.randn``) on the generator's device, moved to ``like``'s."""
     return fn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
 def randint(high: int, generator: torch.Generator) -> int:
-    """A uniform integer in ``[0, high)`` from ``generator``."""
     return int(torch.randint(high, (1,), generator=generator, device=generator.device))
 
 
@@ -164,13 +163,10 @@ def _load_first_stage(first_stage: Any) -> torch.nn.Module:
 
 
 class VQRoundTrip(Degradation):
-    """Encode, quantize and decode through a (coarser) VQ first stage, optionally with a reduced codebook.
-
-    ``first_stage``: a ``VQModelInterface`` or ``VQModel`` (its ``encode_to_prequant``), a config mapping or a YAML
-    path.  Latents snap to the nearest codebook entry; ``codebook_fraction < 1`` allows only a seeded random subset of
-    ``max(1, round(fraction * n_embed))`` entries (one subset per call).  Sides that are not multiples of the
-    downsampling factor are edge-padded and cropped back; runs in eval mode (restored after) on the first stage's device.
-    """
+    """Encode, quantize and decode through a VQ first stage (a ``VQModelInterface`` or ``VQModel``, a config mapping
+    or a YAML path).  Latents snap to the nearest codebook entry; ``codebook_fraction < 1`` allows only a seeded random
+    subset of ``max(1, round(fraction * n_embed))`` entries (one subset per call).  Sides that are not multiples of the
+    downsampling factor are edge-padded and cropped back; runs in eval mode on the first stage's device."""
 
     name = "vq_roundtrip"
 
@@ -226,10 +222,8 @@ class VQRoundTrip(Degradation):
 
 
 class JPEG(Degradation):
-    """JPEG compression at ``quality`` (1-100, PIL's scale; 4:2:0 chroma subsampling), through 8-bit RGB.
-
-    Deterministic: the seed is accepted for a uniform interface but does not change the output.
-    """
+    """JPEG compression at ``quality`` (1-100, PIL's scale; 4:2:0 chroma subsampling), through 8-bit RGB; the seed
+    does not change the output."""
 
     name = "jpeg"
     stochastic = False
@@ -251,13 +245,9 @@ class JPEG(Degradation):
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` with standard deviation ``sigma`` pixels (edge-replicated borders,
-    kernel radius ``ceil(3 sigma)``); ``sigma == 0`` returns the input.
-
-    Raises:
-        ValueError: ``sigma`` above the image's longer side, which would leave a nearly flat image at the cost of a
-            kernel and padding of ``6 sigma`` pixels (``sigma=1e9`` would need tens of GB).
-    """
+    """Separable Gaussian blur of ``[B, C, H, W]`` by ``sigma`` pixels (edge-replicated borders, kernel radius
+    ``ceil(3 sigma)``); ``sigma == 0`` returns the input.  Raises ValueError for ``sigma`` above the image's longer
+    side: a nearly flat image at the cost of a kernel and padding of ``6 sigma`` pixels (tens of GB for 1e9)."""
     if sigma == 0:
         return images
     if sigma > max(images.shape[-2:]):
@@ -275,10 +265,8 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class BlurNoise(Degradation):
-    """Gaussian blur of ``sigma`` pixels, then i.i.d. Gaussian noise of std ``noise_std`` per pixel and channel.
-
-    ``noise_std`` is in units of the [-1, 1] image range (0.1 is about 12.75 / 255).
-    """
+    """Gaussian blur of ``sigma`` pixels, then i.i.d. Gaussian noise of std ``noise_std`` per pixel and channel
+    ([-1, 1] units: 0.1 is about 12.75 / 255)."""
 
     name = "blur_noise"
 
@@ -302,12 +290,9 @@ class BlurNoise(Degradation):
 
 
 class ElasticWarp(Degradation):
-    """Local elastic warp (a shape error): a smooth random displacement field resampled with ``grid_sample``.
-
-    Per image, Gaussian noise on a lattice of spacing ``scale`` is bicubically upsampled to ``[2, H, W]`` and scaled so
-    that its largest displacement is ``amplitude``; both are fractions of the shorter side.  Bilinear resampling with
-    reflected borders.
-    """
+    """Local elastic warp (a shape error): per image, Gaussian noise on a lattice of spacing ``scale`` is bicubically
+    upsampled to a displacement field ``[2, H, W]`` whose largest displacement is ``amplitude`` (both fractions of the
+    shorter side), then the image is resampled bilinearly (``grid_sample``, reflected borders)."""
 
     name = "elastic_warp"
 
@@ -338,8 +323,7 @@ class ElasticWarp(Degradation):
 
 
 def feather_window(p: int, feather: float, like: torch.Tensor) -> torch.Tensor:
-    """``[p, p]`` blending weight (``like``'s dtype and device): 1 inside, a raised-cosine taper over ``feather * p``
-    pixels at each edge."""
+    """``[p, p]`` blending weight: 1 inside, a raised-cosine taper over ``feather * p`` pixels at each edge."""
     ramp = max(int(round(feather * p)), 0)
     w = torch.ones(p, dtype=torch.float64)
     if ramp:
@@ -352,10 +336,8 @@ def feather_window(p: int, feather: float, like: torch.Tensor) -> torch.Tensor:
 
 class PatchShuffle(Degradation):
     """Composition error: ``n_patches`` times, copy (``mode="duplicate"``) or exchange (``mode="swap"``) two
-    non-overlapping square patches of side ``patch_size`` (fraction of the shorter side, at least 2 px).
-
-    Patches are blended in with a raised-cosine edge over ``feather`` of their side (0: hard seams).
-    """
+    non-overlapping square patches of side ``patch_size`` (fraction of the shorter side, at least 2 px), blended in
+    with a raised-cosine edge over ``feather`` of their side (0: hard seams)."""
 
     name = "patch_shuffle"
     MODES: ClassVar[tuple[str, ...]] = ("duplicate", "swap")
@@ -376,8 +358,8 @@ class PatchShuffle(Degradation):
         self.feather = float(feather)
 
     def patch_pairs(self, h: int, w: int, generator: torch.Generator) -> tuple[int, list[tuple[int, int, int, int]]]:
-        """Patch side ``p`` and ``n_patches`` pairs ``(src_y, src_x, dst_y, dst_x)`` of disjoint patches, each position
-        uniform among those that admit a disjoint partner."""
+        """Patch side ``p`` and ``n_patches`` pairs ``(src_y, src_x, dst_y, dst_x)`` of disjoint patches (positions
+        uniform among those that admit a disjoint partner)."""
         p = max(2, round(self.patch_size * min(h, w)))
         ys, xs = torch.arange(max(h - p + 1, 0)), torch.arange(max(w - p + 1, 0))
         src_ok = ((ys >= p) | (ys + 2 * p <= h))[:, None] | ((xs >= p) | (xs + 2 * p <= w))[None, :]
@@ -411,11 +393,9 @@ class PatchShuffle(Degradation):
 
 
 class ColourBlotches(Degradation):
-    """Smooth colour shifts in ``n_blobs`` Gaussian blobs.
-
-    Each blob has a uniform random centre, a radius (Gaussian sigma) of ``radius * U(0.5, 1.5)`` of the shorter side
-    and an additive RGB shift of Euclidean norm ``strength`` (in [-1, 1] units) in a uniformly random direction.
-    """
+    """Smooth colour shifts in ``n_blobs`` Gaussian blobs, each with a uniform random centre, a radius (Gaussian
+    sigma) of ``radius * U(0.5, 1.5)`` of the shorter side and an additive RGB shift of Euclidean norm ``strength``
+    ([-1, 1] units) in a uniformly random direction."""
 
     name = "colour_blotches"
     BLOB_CHUNK: ClassVar[int] = 16
@@ -448,8 +428,7 @@ class ColourBlotches(Degradation):
         return out
 
 
-# name -> class; :mod:`ldm.eval.local_degrade` adds the local ones (``ldm.eval`` imports it, so the registry is complete
-# whenever anything of ``ldm.eval`` is imported)
+# name -> class; :mod:`ldm.eval.local_degrade` adds the local ones (``ldm.eval`` imports it)
 DEGRADATIONS: dict[str, type[Degradation]] = {
     cls.name: cls for cls in (VQRoundTrip, JPEG, BlurNoise, ElasticWarp, PatchShuffle, ColourBlotches)
 }
@@ -467,11 +446,8 @@ def describe_degradation(name: str) -> str:
 
 
 def build_degradation(name: str, **params: Any) -> Degradation:
-    """Build the degradation registered as ``name`` with ``params`` (validated against its constructor).
-
-    Raises ``KeyError`` for an unknown name and ``TypeError`` for unknown or missing parameters; both list what is
-    valid.
-    """
+    """The degradation registered as ``name``, built with ``params``; raises ``KeyError`` for an unknown name and
+    ``TypeError`` for unknown or missing parameters, both listing what is valid."""
     if name not in DEGRADATIONS:
         listing = "; ".join(describe_degradation(n) for n in sorted(DEGRADATIONS))
         raise KeyError(f"unknown degradation {name!r}; valid: {listing}")
@@ -486,8 +462,7 @@ def build_degradation(name: str, **params: Any) -> Degradation:
 
 
 def _parse_value(text: str) -> Any:
-    """A spec value: an integer or a number of ASCII digits (``int()`` and ``float()`` also read other scripts' digits
-    and underscores, so a pasted ``５０`` would run as 50 unseen), else the string itself."""
+    """An integer or a number of ASCII digits (``int()`` would also read ``５０`` or ``1_0``), else the string."""
     for cast in (decimal_int, decimal_float):
         try:
             return cast(text)
@@ -497,8 +472,7 @@ def _parse_value(text: str) -> Any:
 
 
 def split_spec(spec: str, unique: bool = True) -> tuple[str, dict[str, str]]:
-    """``"name:key=value,..."`` -> ``(name, {key: value})``, stripped; ``unique``: a repeated key is an error (else
-    the last one counts)."""
+    """``"name:key=value,..."`` -> ``(name, {key: value})``, stripped; ``unique``: a repeated key is an error."""
     name, _, rest = spec.partition(":")
     items: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -512,8 +486,8 @@ def split_spec(spec: str, unique: bool = True) -> tuple[str, dict[str, str]]:
 
 
 def degradation_from_spec(spec: str) -> Degradation:
-    """Build a degradation from ``"name"`` or ``"name:key=value,key=value"`` (numbers parsed as int, then float;
-    anything else stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
+    """A degradation from ``"name"`` or ``"name:key=value,..."`` (numbers parsed as int, then float; anything else
+    stays a string, e.g. ``vq_roundtrip:first_stage=configs/autoencoder/vq_f8.yaml``)."""
     name, items = split_spec(spec)
     return build_degradation(name, **{key: _parse_value(value) for key, value in items.items()})
 

@@ -1,8 +1,5 @@
-"""Degradations applied to uint8 arrays and to image folders, with per-file seeds (see :mod:`ldm.eval.degrade`).
-
-``degrade_folder("clean/", "jpeg15/", "jpeg", seed=0, quality=15)`` writes a degraded PNG for every image under
-``clean/`` (same relative layout), each seeded by :func:`file_seed` from the run seed and its relative path.
-"""
+"""Degradations applied to uint8 arrays and to image folders (``degrade_folder("clean/", "jpeg15/", "jpeg", seed=0,
+quality=15)``), with per-file seeds (:func:`file_seed`)."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 class DegradeFolderError(RuntimeError):
-    """One image of a folder could not be degraded (e.g. too small for the degradation); names the file and how many
-    outputs were written before it."""
+    """One image of a folder could not be degraded (e.g. too small for the degradation)."""
 
 
 def apply_to_uint8(degradation: Degradation, images: np.ndarray, seed: int | torch.Generator) -> np.ndarray:
@@ -47,8 +43,7 @@ def file_seed(seed: int, relative_path: str) -> int:
 
 
 def _resolve(folder: str | os.PathLike, what: str) -> Path:
-    """``Path(folder).resolve()``, with a symbolic link loop on the way as an ``OSError`` naming the folder rather
-    than pathlib's ``RuntimeError``."""
+    """``Path(folder).resolve()``; a symbolic link loop is an ``OSError`` naming the folder, not a ``RuntimeError``."""
     try:
         return Path(folder).resolve()
     except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
@@ -67,11 +62,10 @@ def degrade_folder(
 ) -> list[Path]:
     """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
 
-    ``degradation`` is a registry name (built with ``params``, see :func:`build_degradation`) or a
-    :class:`Degradation` (then ``params`` must be empty).  Files are found and read with :mod:`ldm.imageio`
-    (recursive, hidden files skipped, EXIF orientation applied; an alpha channel is kept unchanged) and written
-    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``.  Each file gets the seed
-    ``file_seed(seed, relative_path)``, so its output does not depend on the other files.  Returns the written paths.
+    ``degradation`` is a registry name (built with ``params``) or a :class:`Degradation` (then ``params`` must be
+    empty).  Files are found and read with :mod:`ldm.imageio` (an alpha channel is kept unchanged) and written
+    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``, each seeded by
+    ``file_seed(seed, relative_path)``.  Returns the written paths.
 
     Raises ``FileNotFoundError`` (no such folder / no images), ``OSError`` (a symbolic link loop), ``ValueError``
     (``dst`` inside ``src``, two sources mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable

@@ -2,9 +2,8 @@
 every pixel outside the box left exactly as it was, so region refinement can be scored against a known mask.
 
 Most degrade the box cut out as an image of its own (spatial parameters are fractions of the box side); ``local_vq``
-round-trips the whole image and keeps the box.  The box is drawn first from the seed's generator, then the inner
-degradation draws from it, image after image.  Boxes are half-open ``(x0, y0, x1, y1)`` pixels (``refine.py --box``);
-masks are ``[B, 1, H, W]``, 1 inside the box.
+round-trips the whole image and keeps the box.  Per image, the box is drawn first from the seed's generator, then the
+inner degradation draws.  Boxes are half-open ``(x0, y0, x1, y1)`` pixels; masks ``[B, 1, H, W]``, 1 inside the box.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class LocalResult:
-    """Degraded ``images`` ``[B, 3, H, W]`` (input dtype and device), ``masks`` ``[B, 1, H, W]`` (1 inside the box, 0
-    outside; the images' dtype and device) and the ``boxes`` ``(x0, y0, x1, y1)`` in pixels, one per image."""
+    """Degraded ``images`` ``[B, 3, H, W]``, ``masks`` ``[B, 1, H, W]`` (1 inside the box; both the input's dtype and
+    device) and the ``boxes`` ``(x0, y0, x1, y1)`` in pixels, one per image."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -72,13 +71,10 @@ def edge_weights(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class LocalDegradation(Degradation):
-    """``inner`` applied inside one random square box per image; subclasses name the inner degradation.
-
-    The box side is ``box_size`` of the shorter image side (at least 2 px), placed uniformly or, with
-    ``box_at="edges"``, in proportion to the edge energy inside it (:func:`edge_weights`: an artifact on a flat area
-    changes nothing).  The degraded box is blended in with a raised-cosine window over ``box_feather`` of its side at
-    each edge (0: pasted hard).
-    """
+    """``inner`` applied inside one random square box per image, of side ``box_size`` of the shorter image side (at
+    least 2 px), placed uniformly or, with ``box_at="edges"``, in proportion to the edge energy inside it
+    (:func:`edge_weights`), and blended in with a raised-cosine window over ``box_feather`` of its side at each edge
+    (0: pasted hard).  Subclasses name the inner degradation."""
 
     on_crop: ClassVar[bool] = True  # degrade the box as an image of its own (False: the whole image, then keep the box)
 
@@ -98,14 +94,12 @@ class LocalDegradation(Degradation):
         self.box_at = box_at
 
     def params(self) -> dict[str, Any]:
-        """The constructor's parameters, from the inner degradation and the box (``box_at`` only where it is not the
-        default, so older specs read the same)."""
+        """The constructor's parameters (``box_at`` only where it is not the default)."""
         values = {**self.inner.params(), "box_size": self.box_size, "box_feather": self.box_feather, "box_at": self.box_at}
         return {k: values[k] for k in accepted_keywords(type(self)).params if k != "box_at" or self.box_at != "uniform"}
 
     def draw_box(self, height: int, width: int, generator: torch.Generator, image: torch.Tensor | None = None) -> Box:
-        """One image's box ``(x0, y0, x1, y1)``, placed as the class docstring says (``image`` ``[3, H, W]``: where
-        ``box_at="edges"`` looks for edges; without it the box is uniform)."""
+        """One image's box ``(x0, y0, x1, y1)``; ``box_at="edges"`` looks for edges in ``image`` ``[3, H, W]``."""
         side = min(max(2, round(self.box_size * min(height, width))), height, width)
         if self.box_at == "edges" and image is not None:
             weights = edge_weights(image, side).flatten()
@@ -117,7 +111,7 @@ class LocalDegradation(Degradation):
         return (x0, y0, x0 + side, y0 + side)
 
     def apply_local(self, images: torch.Tensor, seed: int | torch.Generator) -> LocalResult:
-        """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1] inside one box each; returns the images, masks and boxes."""
+        """Degrade ``images`` ``[B, 3, H, W]`` in [-1, 1] inside one box each."""
         work, generator = prepare_input(images, seed)
         with torch.no_grad():
             out, boxes = self._local(work, generator)
@@ -214,8 +208,8 @@ class LocalVQ(LocalDegradation):
 
 
 class Pixelate(Degradation):
-    """Blockiness: the mean of every ``block`` x ``block`` pixel cell (cells anchored at the top-left corner; the last
-    row and column of cells may be smaller), repeated over the cell."""
+    """Blockiness: the mean of every ``block`` x ``block`` pixel cell (anchored at the top-left corner; the last row
+    and column of cells may be smaller)."""
 
     name = "pixelate"
     stochastic = False

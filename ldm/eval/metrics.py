@@ -2,9 +2,8 @@
 boundary, and set-level FID / KID (realism without weights: :mod:`ldm.eval.swd`).
 
 Images are ``[B, 3, H, W]`` in ``value_range`` (default ``(-1, 1)``), clipped to it first as a saved image would be; PSNR
-and SSIM use the data range ``high - low``, so their values equal those of the images mapped to [0, 1].  Per-image
-metrics are float64 CPU tensors ``[B]``.  Metrics that need pretrained networks use weights already on disk only, else
-return :class:`Skipped` with the reason and the path looked at; nothing is downloaded.
+and SSIM use the data range ``high - low``.  Per-image metrics are float64 CPU tensors ``[B]``.  Metrics that need
+pretrained networks use weights already on disk only, else return :class:`Skipped` with the reason; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -59,8 +58,7 @@ def mse(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float,
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
-    """Per-image PSNR ``[B]`` in dB, ``10 log10(data_range^2 / MSE)`` with ``data_range = high - low``
-    (torchmetrics' ``peak_signal_noise_ratio`` with ``reduction="none"``)."""
+    """Per-image PSNR ``[B]`` in dB, ``10 log10(data_range^2 / MSE)`` with ``data_range = high - low``."""
     # imported here: torchmetrics takes seconds to import, which every CLI's usage error would wait for
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
@@ -80,8 +78,7 @@ def _ssim_skipped(shape: torch.Size) -> Skipped:
 
 def separable_filter(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
     """``x`` ``[B, C, H, W]`` filtered with ``taps`` (odd length) along W, then along H, reflected borders (scipy's
-    ``mode="mirror"``), as shifted slices: exact, and much faster on a CPU than a float64 ``conv2d`` with the 2-D
-    kernel (2k instead of k^2 multiplies per pixel)."""
+    ``mode="mirror"``), as shifted slices: 2k instead of a 2-D float64 ``conv2d``'s k^2 multiplies per pixel."""
     r, (h, w) = len(taps) // 2, x.shape[-2:]
     x = F.pad(x, (r, r, 0, 0), mode="reflect")
     x = sum(taps[j] * x[..., j : j + w] for j in range(len(taps)))
@@ -90,9 +87,8 @@ def separable_filter(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
 
 
 def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
-    """The SSIM map ``[B, C, H, W]`` of two float64 batches: torchmetrics' ``structural_similarity_index_measure``
-    (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``), with
-    the window applied by :func:`separable_filter` (the same values to rounding)."""
+    """The SSIM map ``[B, C, H, W]`` of two float64 batches, as torchmetrics' ``structural_similarity_index_measure``
+    (Gaussian window, reflected borders, variances clamped at 0, constants ``(0.01 R)^2`` and ``(0.03 R)^2``)."""
     if a.shape[0] == 0:  # nothing to split the five stacked maps from
         return torch.empty_like(a)
     taps = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
@@ -107,17 +103,15 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tens
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE) -> torch.Tensor:
-    """Per-image SSIM ``[B]`` (11x11 Gaussian window of sigma 1.5, ``data_range = high - low``; torchmetrics'
-    definition, computed in float64, see :func:`_ssim_map`); images of at least 11 px on each side.
-    """
+    """Per-image SSIM ``[B]`` (11x11 Gaussian window of sigma 1.5, ``data_range = high - low``, float64) of images of
+    at least 11 px on each side."""
     a, b = _prepare(images, reference, value_range)
     data_range = float(value_range[1]) - float(value_range[0])
     return _ssim_map(a, b, data_range).flatten(1).mean(-1).cpu()
 
 
 def _region_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-image weighted mean ``[B]`` of ``values`` ``[B, C, H, W]`` with ``weight`` ``[B, 1, H, W]`` (nan where the
-    weight is all zero: the region is empty)."""
+    """Per-image weighted mean ``[B]`` of ``values`` ``[B, C, H, W]`` by ``weight`` ``[B, 1, H, W]`` (nan: empty)."""
     total = (values * weight).sum(dim=(1, 2, 3))
     count = weight.sum(dim=(1, 2, 3)) * values.shape[1]
     return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, float("nan")))
@@ -131,14 +125,11 @@ def masked_metrics(
     lpips: LPIPSMetric | Skipped | None = None,
     value_range: tuple[float, float] = MINUS_ONE_ONE,
 ) -> dict[str, Any]:
-    """PSNR, SSIM and MSE (and LPIPS when given) of ``images`` against ``reference`` ``[B, 3, H, W]`` inside and
-    outside ``mask`` ``[B, 1, H, W]`` (1 = inside; grey values weight a pixel into both regions).
-
-    Keys ``{mse, psnr, ssim}_in`` and ``_out``, float64 ``[B]``: MSE is the mask-weighted mean squared error, PSNR is
-    computed from it (``inf`` where the region is unchanged, ``nan`` where the region is empty), SSIM is the mean of
-    the SSIM map (:func:`ssim`'s window) over the region.  LPIPS (``lpips_in`` / ``lpips_out``) compares the image
-    with the other region replaced by the reference's pixels (LPIPS has no per-pixel map), so only the region's own
-    differences count.
+    """``{mse, psnr, ssim}_in`` and ``_out`` (float64 ``[B]``; with ``lpips`` also ``lpips_in`` / ``lpips_out``) of
+    ``images`` against ``reference`` ``[B, 3, H, W]`` inside and outside ``mask`` ``[B, 1, H, W]`` (1 = inside; grey
+    values weight a pixel into both regions).  MSE is mask-weighted, PSNR computed from it (``inf``: unchanged,
+    ``nan``: empty region), SSIM the region's mean of the SSIM map.  LPIPS has no per-pixel map: it compares the image
+    with the other region replaced by the reference's pixels.
     """
     a, b = _prepare(images, reference, value_range)
     m = mask.detach().to(a.device, torch.float64)
@@ -163,9 +154,8 @@ def seam_energy(
     pixels that straddle the mask's boundary (one with mask > 0, the other with mask == 0) of the squared jump of the
     edit ``images - inputs`` across the pair, averaged over channels (units of ``value_range``, squared).
 
-    0 for an unchanged image or an edit that fades to nothing at the boundary; for ``images`` = ``inputs`` with a
-    different image ``Y`` hard-pasted inside the mask it is the mean of ``(Y - inputs)**2`` over the boundary pairs'
-    inside pixels.  ``nan`` where the mask has no boundary (all 0 or nowhere 0).
+    0 for an unchanged image or an edit that fades to nothing at the boundary; ``nan`` where the mask has no boundary
+    (all 0 or nowhere 0).
     """
     a, b = _prepare(images, inputs, value_range)
     inside = mask.to(a.device) > 0
@@ -183,10 +173,8 @@ def seam_energy(
 
 
 class LPIPSMetric:
-    """LPIPS (v0.1 linear heads shipped with the ``lpips`` package) over a locally stored torchvision backbone.
-
-    Build it with :func:`load_lpips`; call ``metric(images, reference)`` -> per-image distances ``[B]``.
-    """
+    """LPIPS (v0.1 linear heads) over a locally stored torchvision backbone, from :func:`load_lpips`:
+    ``metric(images, reference)`` -> per-image distances ``[B]``."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
@@ -205,13 +193,9 @@ class LPIPSMetric:
 def load_lpips(
     net: str = "vgg", backbone_weights: str | os.PathLike | None = None, device: torch.device | str | None = None
 ) -> LPIPSMetric | Skipped:
-    """LPIPS with the ``net`` backbone (``"vgg"``, ``"alex"`` or ``"squeeze"``), or :class:`Skipped` when its weights
-    are not on disk.
-
-    Built by :func:`ldm.modules.lpips.build_lpips` (the same network as the VQ loss's perceptual term):
-    ``backbone_weights`` is a torchvision ImageNet state dict; by default torch hub's cache is looked at
-    (:data:`~ldm.modules.lpips.LPIPS_BACKBONE_FILES`).  A file that exists but is not such a state dict raises.
-    """
+    """LPIPS with the ``net`` backbone (``"vgg"``, ``"alex"`` or ``"squeeze"``; the VQ loss's perceptual network), or
+    :class:`Skipped` when its weights are not on disk.  ``backbone_weights``: a torchvision ImageNet state dict (by
+    default torch hub's cache is looked at); a file that exists but is not such a state dict raises."""
     path = Path(backbone_weights) if backbone_weights is not None else lpips_backbone_path(net)
     try:
         model = build_lpips(net, pretrained=True, backbone_path=path)
@@ -222,22 +206,10 @@ def load_lpips(
     return LPIPSMetric(model)
 
 
-class _PrecomputedFeatures(torch.nn.Module):
-    """Identity 'feature extractor' so torchmetrics' FID and KID share one pass of the real extractor."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
 def _features(
     extractor: torch.nn.Module, images: torch.Tensor, value_range: tuple[float, float], batch_size: int
 ) -> torch.Tensor:
-    params = list(extractor.parameters())
-    device = params[0].device if params else images.device
+    device = next(extractor.parameters(), images).device
     lo, hi = value_range
     unit = (images.detach().float().clamp(lo, hi) - lo) / (hi - lo)
     chunks = []
@@ -282,13 +254,10 @@ def fid_kid(
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict[str, float] | Skipped:
-    """FID and KID between image sets ``real`` ``[N, 3, H, W]`` and ``fake`` ``[M, 3, H', W']`` (torchmetrics).
-
-    Returns ``{"fid", "kid_mean", "kid_std"}`` or :class:`Skipped` (fewer than 2 images in a set; no Inception
-    weights).  ``feature_extractor`` maps ``uint8 [n, 3, H, W]`` to features ``[n, D]``; by default torch-fidelity's
-    Inception is built with :func:`load_inception` (pass its result to reuse it across calls).  KID draws
-    ``kid_subsets`` subsets of ``min(kid_subset_size, N, M)`` images with ``seed`` (the global RNG is restored).
-    """
+    """``{"fid", "kid_mean", "kid_std"}`` between image sets ``real`` ``[N, 3, H, W]`` and ``fake`` ``[M, 3, H', W']``
+    (torchmetrics), or :class:`Skipped` (fewer than 2 images in a set; no Inception weights).  ``feature_extractor``
+    maps ``uint8 [n, 3, H, W]`` to ``[n, D]`` (default: :func:`load_inception`'s).  KID draws ``kid_subsets`` subsets
+    of ``min(kid_subset_size, N, M)`` images with ``seed`` (the global RNG is restored)."""
     n_real, n_fake = int(real.shape[0]), int(fake.shape[0])
     if min(n_real, n_fake) < 2:
         return Skipped(f"FID/KID: need at least 2 images per set, got {n_real} real and {n_fake} generated")
@@ -301,7 +270,8 @@ def fid_kid(
 
     f_real = _features(feature_extractor, real, value_range, batch_size)
     f_fake = _features(feature_extractor, fake, value_range, batch_size)
-    identity = _PrecomputedFeatures(f_real.shape[1])
+    identity = torch.nn.Identity()  # FID and KID share one pass of the real extractor
+    identity.num_features = f_real.shape[1]
     fid = FrechetInceptionDistance(feature=identity)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # KID's note that it buffers all features
@@ -323,13 +293,10 @@ def compute_metrics(
     lpips: LPIPSMetric | Skipped | None = None,
     value_range: tuple[float, float] = MINUS_ONE_ONE,
 ) -> dict[str, Any]:
-    """Per-image metrics of ``refined`` ``[B, 3, H, W]`` against the references that are given.
-
-    Keys ``{mse, psnr, ssim}_clean`` (distance to the clean image) when ``clean`` is given and
-    ``{mse, psnr, ssim}_input`` (faithfulness to the degraded input) when ``degraded`` is given, each a float64
-    tensor ``[B]``.  With ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input``, which hold the
-    :class:`Skipped` value when LPIPS was skipped.  SSIM is left out (as :class:`Skipped`) for images under 11 px.
-    """
+    """Per-image metrics of ``refined`` ``[B, 3, H, W]``: ``{mse, psnr, ssim}_clean`` (distance to ``clean``) and
+    ``{mse, psnr, ssim}_input`` (faithfulness to ``degraded``) for the references given, each float64 ``[B]``; with
+    ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input`` (the :class:`Skipped` value when LPIPS
+    was skipped).  SSIM is :class:`Skipped` for images under 11 px."""
     out: dict[str, Any] = {}
     for suffix, reference in (("clean", clean), ("input", degraded)):
         if reference is None:

@@ -56,8 +56,7 @@ def _cell(value: Any) -> str:
 def _write_csv(
     path: str | os.PathLike, rows: Sequence[dict[str, Any]], leading: Sequence[str], trailing: Sequence[str]
 ) -> Path:
-    present = [c for c in trailing if any(c in r for r in rows)]
-    columns = list(leading) + present
+    columns = list(leading) + [c for c in trailing if any(c in r for r in rows)]
     lines = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
@@ -71,8 +70,7 @@ def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """The summary CSV: per degradation x method x start_t, ``n``, means with their 95 % bootstrap intervals
-    (``_lo`` / ``_hi``), paired gains and set metrics (:mod:`ldm.eval.summary`)."""
+    """The summary CSV: the entries of :func:`~ldm.eval.summary.summarize`, one row each."""
     return _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_KEYS)
 
 
@@ -89,10 +87,8 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
             if s["degradation"] != degradation:
                 continue
             cells = [s["method"], _cell(s["start_t"]) or "-", _cell(s["effective_start"]) or "-", str(s["n"])]
-            for key, _ in metrics:
-                value = s.get(key)
-                cells.append(f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else _cell(value))
-            rows.append(cells)
+            values = [s.get(key) for key, _ in metrics]
+            rows.append(cells + [f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else _cell(v) for v in values])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [f"degradation: {degradation}"]
         for r in rows:
@@ -102,18 +98,14 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)
     sem = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
     return float(arr.mean()), sem
 
 
 def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
-    """Refiner curves (mean and a +-s.e.m. band) and baseline levels of one metric; returns legend handles.
-
-    The y range follows the refiner curves (and baselines near them): a baseline far above (e.g. a filter that left
-    the input almost unchanged, PSNR to input ~70 dB) is written at the top edge instead of squashing the curves.
-    """
+    """Refiner curves (mean and a +-s.e.m. band) and baseline levels of one metric; returns legend handles.  A
+    baseline far above the curves (PSNR to input ~70 dB) is written at the top edge instead of squashing them."""
     by_method: dict[str, dict[int | None, list[float]]] = {}  # method -> start_t -> the finite values
     for row in result.rows:
         v = row.get(metric)
@@ -131,9 +123,7 @@ def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, col
         ts = sorted(t for t in values if t is not None)
         if not ts:
             continue
-        stats = [_mean_sem(values[t]) for t in ts]
-        means = np.array([m for m, _ in stats])
-        sems = np.array([e for _, e in stats])
+        means, sems = np.array([_mean_sem(values[t]) for t in ts]).T
         ax.fill_between(ts, means - sems, means + sems, color=colors[method], alpha=0.15, linewidth=0)
         (handles[method],) = ax.plot(ts, means, color=colors[method], marker="o", label=method)
         curve_values += list(means - sems) + list(means + sems)
@@ -161,9 +151,8 @@ def _plot(
     caption: str,
     path: str | os.PathLike,
 ) -> Path:
-    """A figure of one panel per degradation (columns) and per ``(metric, label)`` of ``rows_spec`` (rows), each drawn
-    by ``draw(ax, row, column, metric, label, degradation, colors) -> {method: legend handle}`` (``colors``: one per
-    method); then the legend (methods in run order), title and caption, written as PNG atomically (Agg backend)."""
+    """One panel per degradation (columns) and ``(metric, label)`` of ``rows_spec`` (rows), each drawn by ``draw(ax,
+    row, column, metric, label, degradation, colors) -> {method: legend handle}``, with legend, title and caption."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -195,7 +184,7 @@ def _plot(
 
 def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
     """PSNR to clean and to input against start_t (mean +- s.e.m. over cases), one panel per degradation, one line per
-    refiner, baselines dashed (identity's PSNR to its input is infinite and not drawn); no-reference: faithfulness only."""
+    refiner, baselines dashed; no-reference: faithfulness only."""
     rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
         ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
     ]
@@ -220,11 +209,9 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
 def plot_realism(
     result: SweepResult, summary: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None
 ) -> Path | None:
-    """Realism against faithfulness: SWD x 10^3 to the realism reference (lower: more realistic) against PSNR to the
-    input (higher: more faithful), one panel per degradation, one row per faithfulness measure (the whole image; for
-    masked cases also inside and outside the mask).  Refiners are lines over start_t (each point labelled), baselines
-    single points; an unchanged output (PSNR inf) is drawn at the right edge.  None (nothing written) without SWD.
-    ``summary``: :func:`~ldm.eval.summary.summarize` of ``result``."""
+    """SWD x 10^3 to the realism reference against PSNR to the input (whole image; for masked cases also inside and
+    outside the mask: one row each), one panel per degradation; refiners are lines over start_t, baselines points,
+    PSNR inf at the right edge.  None (nothing written) without SWD.  ``summary``: ``summarize(result)``."""
     if not any(isinstance(s.get("swd"), float) for s in summary):
         return None
     rows_spec = [("psnr_input", "PSNR to input [dB]")]
@@ -263,11 +250,8 @@ def plot_realism(
 def image_grid(
     rows: Sequence[Sequence[torch.Tensor | None]], column_titles: Sequence[str], row_titles: Sequence[str] | None = None
 ) -> Image.Image:
-    """A labelled grid: ``rows[i][j]`` is an image ``[3, H, W]`` in [-1, 1] (None: an empty cell; at least one is not).
-
-    Tiles are upscaled by an integer factor (nearest neighbour) to at least 128 px on the shorter side, 6 px apart;
-    every row of tiles has ``row_titles[i]`` above it; columns are titled at the top.
-    """
+    """A labelled grid of ``rows[i][j]`` ``[3, H, W]`` in [-1, 1] (None: an empty cell; at least one is not), tiles
+    upscaled (nearest neighbour) to at least 128 px on the shorter side, ``row_titles[i]`` above each row."""
     min_tile, pad = 128, 6
     font = ImageFont.load_default()
     sizes = [t.shape[-2:] for row in rows for t in row if t is not None]
@@ -316,13 +300,10 @@ def example_grid(examples: Sequence[SweepExample]) -> Image.Image:
 
 
 def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[str, int]) -> Image.Image:
-    """clean | artifact | refined (``method`` at ``start_t``) for every example; when some examples have a mask (local
-    degradations) also the mask and each refinement inside it that the sweep ran (``"<method> (region)"``, ``"<method>
-    (crop)"``): clean | artifact | mask | refined (whole image) | refined (region) | refined (crop).  Each row is titled
-    with the PSNR to the clean image of the artifact and of each refinement shown.
-
-    ``start_t``: one start for every example, or one per degradation label (e.g. each artifact's best); degradations
-    it does not name are left out.
+    """clean | artifact | refined (``method`` at ``start_t``) for every example; with masks (local degradations):
+    clean | artifact | mask | refined (whole image) | refined (region) | refined (crop), as far as the sweep ran them.
+    Rows are titled with the PSNR to clean of the artifact and of each refinement.  ``start_t``: one for every
+    example, or one per degradation label (degradations it does not name are left out).
 
     Raises:
         ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at its ``start_t``.
@@ -380,8 +361,8 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 def write_report(
     result: SweepResult, outdir: str | os.PathLike, parameters: dict[str, Any] | None = None, title: str | None = None
 ) -> dict[str, Path]:
-    """Write ``sweep.csv``, ``summary.csv``, ``curves.png``, ``examples.png`` (when examples were kept) and
-    ``sweep.json`` (parameters, methods, start_ts run, notes) into ``outdir``; returns ``{name: path}``."""
+    """Write ``sweep.csv``, ``summary.csv``, ``curves.png``, ``realism.png`` (with SWD), ``examples.png`` (with
+    examples) and ``sweep.json`` (parameters, methods, start_ts run, notes) into ``outdir``; returns ``{name: path}``."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)

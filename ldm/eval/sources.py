@@ -35,21 +35,15 @@ def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage
 
 
 def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
-    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path.
-
-    Alpha channels are dropped (the sweep compares RGB).  An unreadable file is an error naming it.
-    """
+    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path, alpha
+    dropped; an unreadable file is an error naming it."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")
     paths, problems = imageio.find_images([root])
     if not paths:
         raise FileNotFoundError("; ".join(problems) or f"no images under {imageio.format_path(root)}")
-    images = []
-    for path in paths:
-        loaded = imageio.load_image(path)
-        images.append(SweepImage(path.relative_to(root).as_posix(), imageio.image_to_tensor(loaded.rgb)))
-    return images
+    return [SweepImage(p.relative_to(root).as_posix(), imageio.image_to_tensor(imageio.load_image(p).rgb)) for p in paths]
 
 
 def synthetic_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:

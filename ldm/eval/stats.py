@@ -26,7 +26,6 @@ class Interval:
     confidence: float = CONFIDENCE
 
     def format(self, fmt: str = "{:.2f}") -> str:
-        """``"12.34 [11.90, 12.80]"``."""
         return f"{fmt.format(self.estimate)} [{fmt.format(self.lo)}, {fmt.format(self.hi)}]"
 
 

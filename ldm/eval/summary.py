@@ -1,9 +1,7 @@
 """A sweep's summary (:func:`summarize`): per degradation x method x start_t, ``n`` and every row metric's mean over
 cases with its 95 % percentile-bootstrap interval (``m_lo`` / ``m_hi``; none where a value is infinite), the paired
-gains of :data:`GAINS` (the method minus the artifact itself, ``identity``, or minus the round trip of the artifact,
-``autoencoder``: what the diffusion steps add beyond the first stage), the set metrics and ``gain_swd`` (paired SWD
-resamples, < 0: more like clean images).  :func:`best_start` picks a ``start_t`` by cross-fitting, so the headline is
-not the luckiest of several.  Intervals are seeded, so a summary is the same on every run.
+gains of :data:`GAINS`, the set metrics and ``gain_swd`` (paired SWD resamples, < 0: more like clean images); seeded,
+so a summary is the same on every run.  :func:`best_start` picks a ``start_t`` by cross-fitting.
 """
 
 from __future__ import annotations
@@ -16,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.set_metrics import SWD_SCALE
 from ldm.eval.stats import CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, bootstrap_paired_difference
 from ldm.eval.swd import paired_swd_difference
-from ldm.eval.sweep import ROW_METRICS, SweepResult
+from ldm.eval.sweep import ROW_METRICS, SWD_SCALE, SweepResult
 
 IDENTITY = "identity"  # the artifact itself
-ROUND_TRIP = "autoencoder"  # the first stage's round trip of the artifact
+ROUND_TRIP = "autoencoder"  # the first stage's round trip of the artifact: a gain over it is the diffusion steps'
 # gain column -> (row metric, the baseline it is paired with); > 0: the method is closer than the baseline
 GAINS: dict[str, tuple[str, str]] = {
     "gain_psnr_clean_in": ("psnr_clean_in", IDENTITY),
@@ -42,9 +39,8 @@ SUMMARY_METRICS: tuple[str, ...] = interval_columns(ROW_METRICS + tuple(GAINS)) 
 
 
 def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False, missing: str = "n/a") -> str:
-    """``"12.34 [11.90, 12.80]"``: column ``key`` of a summary entry (or any row of this layout) with its interval
-    ``key_lo`` / ``key_hi`` where it has one; ``sign`` writes ``+`` on positive values; ``missing`` where the column
-    was not measured."""
+    """``"12.34 [11.90, 12.80]"``: column ``key`` of a summary entry with its interval ``key_lo`` / ``key_hi`` where it
+    has one; ``sign`` writes ``+`` on positive values; ``missing`` where the column was not measured."""
     value = entry.get(key)
     if not isinstance(value, float):
         return missing
@@ -57,11 +53,8 @@ def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: boo
 def summarize(
     result: SweepResult, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """One entry per degradation x method x start_t, in run order (see the module docstring for the columns).
-
-    Skipped cells are left out of the means; a column skipped everywhere holds the :class:`Skipped` value.  Infinite
-    PSNR (identity against its own input) stays ``inf``, without an interval.
-    """
+    """One entry per degradation x method x start_t, in run order.  Skipped cells are left out of the means (a column
+    skipped everywhere holds the :class:`Skipped` value); an infinite PSNR stays ``inf``, without an interval."""
     groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
     for row in result.rows:
         groups[(row["degradation"], row["method"], row["start_t"])].append(row)
@@ -111,10 +104,9 @@ def summarize(
 class BestStart:
     """A method's best ``start_t`` on one degradation, chosen without looking at the images it is reported on.
 
-    ``start_ts``: the start_t chosen on each half of the images (even and odd positions in name order), by the mean
-    gain of ``column`` over ``baseline``.  ``value`` and ``gain``: each image at the start_t chosen on the *other* half
-    (cross-fitting), so picking the best of several start_ts does not inflate them; the mean of ``column`` and of its
-    gain over ``baseline``, with percentile-bootstrap intervals over the images.
+    ``start_ts``: the start_t chosen on each half of the images (even and odd positions in name order) by the mean
+    gain of ``column`` over ``baseline``.  ``value`` and ``gain`` (with bootstrap intervals over images): each image at
+    the start_t chosen on the *other* half (cross-fitting), so picking the best of several does not inflate them.
     """
 
     method: str
@@ -136,11 +128,9 @@ def best_start(
     baseline: str = IDENTITY,
     picks: tuple[int, int] | None = None,
 ) -> BestStart | None:
-    """The cross-fitted best start of ``method`` on ``degradation`` (see :class:`BestStart`); None when the sweep
-    holds fewer than two cases with finite values of ``column`` for the method and the baseline.
-
-    ``picks``: the start_ts of the two halves given instead of chosen (e.g. another column's choice, so that two
-    measures of one refinement are read at the same start_ts)."""
+    """The cross-fitted best start of ``method`` on ``degradation``; None when the sweep holds fewer than two cases
+    with finite values of ``column`` for the method and the baseline.  ``picks``: the two halves' start_ts given
+    instead of chosen (e.g. another column's choice, to read two measures at the same start_ts)."""
     before = {
         (r["image"], r["seed"]): r.get(column)
         for r in result.rows

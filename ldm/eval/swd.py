@@ -43,7 +43,6 @@ class SWDResult:
 
 
 def _blur(x: torch.Tensor, gain: float) -> torch.Tensor:
-    """``[B, C, H, W]`` convolved with ``gain`` x the 5x5 binomial kernel, mirrored borders."""
     return separable_filter(x, (_BINOMIAL * gain**0.5).tolist())
 
 
@@ -60,11 +59,8 @@ def pyramid_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def laplacian_pyramid(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    """``levels`` band-pass images, finest first; the last is the low-pass residual.
-
-    ``images`` ``[B, C, H, W]``; level ``i`` has about ``H / 2**i`` x ``W / 2**i`` pixels.  Summing the levels back up
-    (``pyramid_up`` of the coarser plus the band) restores ``images`` exactly.
-    """
+    """``levels`` band-pass images of ``images`` ``[B, C, H, W]``, finest first (level ``i``: about ``H / 2**i`` x
+    ``W / 2**i`` px); the last is the low-pass residual.  Summing back up (``pyramid_up``) restores ``images``."""
     pyramid = [images]
     for _ in range(levels - 1):
         low = pyramid_down(pyramid[-1])
@@ -74,8 +70,7 @@ def laplacian_pyramid(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
 
 
 def pyramid_resolutions(height: int, width: int, min_resolution: int = MIN_RESOLUTION) -> list[int]:
-    """Shorter sides of the pyramid levels: halving from ``min(height, width)`` while at least ``min_resolution``
-    (always the full resolution itself)."""
+    """Shorter sides of the levels: halving from ``min(height, width)`` (always kept) while >= ``min_resolution``."""
     side, sides = min(height, width), []
     while not sides or side >= min_resolution:
         sides.append(side)
@@ -109,8 +104,7 @@ def random_directions(dim: int, n: int, generator: torch.Generator) -> torch.Ten
 
 def projected_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """1-D Wasserstein-1 distance ``[K]`` between ``a`` and ``b`` ``[N, D]`` projected on each column of
-    ``directions`` ``[D, K]``: the mean absolute difference of the sorted projections (equal-size empirical
-    distributions are matched in order)."""
+    ``directions`` ``[D, K]``: the mean absolute difference of the sorted projections (equal-size sets)."""
     return (_sorted_projections(a, directions) - _sorted_projections(b, directions)).abs().mean(dim=1)
 
 
@@ -120,17 +114,15 @@ def _sorted_projections(x: torch.Tensor, directions: torch.Tensor) -> torch.Tens
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
-    """The sliced Wasserstein distance of descriptor sets ``a``, ``b`` ``[N, D]``: the mean of
-    :func:`projected_wasserstein` over the directions ``[D, K]``."""
+    """The sliced Wasserstein distance of ``a``, ``b`` ``[N, D]``: :func:`projected_wasserstein` averaged over K."""
     return float(projected_wasserstein(a, b, directions).mean())
 
 
 @dataclass(frozen=True)
 class PreparedReference:
-    """The reference side of :func:`swd` for image sets of ``shape`` ``(B, C, H, W)``: per level the patch positions,
-    the directions, the reference's normalised descriptors, their channel statistics and sorted projections.  The
-    draws depend only on ``seed``, the shape and the settings, so every set compared with one reference at one seed
-    reuses them (:func:`prepare_reference`; the sweep compares dozens of sets with one realism reference)."""
+    """The reference side of :func:`swd` for image sets of ``shape`` ``(B, C, H, W)``, per level: patch positions,
+    directions, the reference's normalised descriptors, their channel statistics and sorted projections.  The draws
+    depend only on ``seed``, the shape and the settings, so every set compared with one reference reuses them."""
 
     shape: tuple[int, ...]
     seed: int
@@ -153,10 +145,8 @@ def prepare_reference(
     min_resolution: int = MIN_RESOLUTION,
     normalize: str = "each",
 ) -> PreparedReference:
-    """The reference side of :func:`swd` (see :class:`PreparedReference`) for sets of ``reference``'s shape.
-
-    ``reference``: finite float images of at least ``patch_size`` px (the sweep's outputs and clean images, whose sizes
-    scripts/evaluate.py checks); the settings are positive integers (``min_resolution`` >= 2, ``seed`` >= 0).
+    """:class:`PreparedReference` for sets of ``reference``'s shape: finite float images of at least ``patch_size``
+    px (scripts/evaluate.py checks sizes); the settings are positive integers (``min_resolution`` >= 2, ``seed`` >= 0).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
@@ -185,17 +175,12 @@ def prepare_reference(
         int(seed),
         settings,
         tuple(sides[: len(positions)]),
-        tuple(positions),
-        tuple(directions),
-        tuple(descriptors),
-        tuple(statistics),
-        tuple(projections),
+        *(tuple(per_level) for per_level in (positions, directions, descriptors, statistics, projections)),
     )
 
 
 def _image_descriptors(images: torch.Tensor, prepared: PreparedReference) -> list[torch.Tensor]:
-    """``images``' normalised descriptors ``[B * P, D]`` per level, at the prepared reference's patch positions (the
-    patches of image ``i`` in rows ``i * P`` to ``(i + 1) * P - 1``)."""
+    """``images``' normalised descriptors ``[B * P, D]`` per level at ``prepared``'s patch positions (image-major)."""
     if tuple(images.shape) != prepared.shape:
         raise ValueError(
             f"images {tuple(images.shape)} and reference {prepared.shape} must have the same shape "
@@ -235,7 +220,6 @@ def swd(
 
 
 def _swd_result(descriptors: list[torch.Tensor], prepared: PreparedReference) -> SWDResult:
-    """The SWD of the images whose per-level descriptors ``[B * P, D]`` are ``descriptors`` against ``prepared``."""
     per_level = [
         float((_sorted_projections(da, d) - pb).abs().mean())
         for da, d, pb in zip(descriptors, prepared.directions, prepared.sorted_projections)
@@ -257,10 +241,9 @@ def resampled_wasserstein(
     """1-D Wasserstein-1 distances ``[R, K]`` between image-weighted patch distributions, for R weightings at once.
 
     ``a`` ``[K, B, P]`` and ``b`` ``[K, B', P]`` hold K projections of the patches of each image; ``weights_a``
-    ``[R, B]`` and ``weights_b`` ``[R, B']`` weigh the images (rows are normalised), e.g. how often a bootstrap resample
-    drew each.  ``W1 = integral |F_a - F_b|`` over a grid of ``grid_points`` quantiles of the pooled values per
-    direction (the CDFs are step functions, evaluated at each grid point and held to the next), so a resample costs
-    one matrix product of its weights with the images' CDFs instead of a sort.
+    ``[R, B]`` and ``weights_b`` ``[R, B']`` weigh the images (rows are normalised), e.g. bootstrap draw counts.
+    ``W1 = integral |F_a - F_b|`` over a grid of ``grid_points`` quantiles of the pooled values per direction (step
+    CDFs held to the next point), so a resample costs one matrix product instead of a sort.
     """
     a, b = a.double(), b.double()
     weights_a, weights_b = weights_a.double(), weights_b.double()
@@ -286,19 +269,15 @@ def swd_bootstrap(
     resample_directions: int = 64,
     confidence: float = 0.95,
 ) -> SWDBootstrap:
-    """:func:`swd` and a bias-corrected percentile-bootstrap interval of it over images.
+    """:func:`swd` (over all directions) and a bias-corrected percentile-bootstrap interval of it over images.
 
     Each resample draws ``B`` images with replacement from ``images`` and, independently, ``B`` from ``reference``;
-    every image keeps its patches (the patch sets are :func:`swd`'s, normalised once by the full sets' statistics).  A
-    resample's SWD is :func:`resampled_wasserstein` on ``resample_directions`` of the ``n_directions`` directions of
-    each level (the same subset for every resample).  Drawing images twice makes two sets look less alike, so resampled
-    SWDs sit above the estimate; the interval is the resamples' percentile interval shifted down by that bias (their
-    mean minus the estimate).  The estimate is :func:`swd`'s value over all directions.  A tensor ``reference`` is
-    prepared with :func:`swd`'s default settings; for others pass a :class:`PreparedReference` (its seed and settings
-    then apply; ``seed`` still seeds the resamples).
-
-    Two calls with the same ``seed`` on sets of the same shape draw the same images, patches and directions, so their
-    ``resampled`` values are paired (:func:`paired_swd_difference`).
+    every image keeps its patches (normalised once by the full sets' statistics).  A resample's SWD is
+    :func:`resampled_wasserstein` on ``resample_directions`` of each level's directions (one subset for all
+    resamples).  Drawing images twice makes two sets look less alike, so the percentile interval is shifted down by
+    that bias (the resamples' mean minus the estimate).  A tensor ``reference`` is prepared with :func:`swd`'s default
+    settings; a :class:`PreparedReference` brings its own (``seed`` still seeds the resamples).  Two calls with the same
+    ``seed`` on sets of one shape draw alike, so their ``resampled`` values are paired (:func:`paired_swd_difference`).
     """
     prepared = reference if isinstance(reference, PreparedReference) else prepare_reference(reference, seed=seed)
     check_count("n_resamples", n_resamples, 1, 10**6)

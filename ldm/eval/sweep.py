@@ -4,13 +4,9 @@ Refiners run at every ``start_t`` with the case's seed, baselines (:mod:`ldm.eva
 are measured against the clean image (``*_clean``) and the input (``*_input``: faithfulness); cases of local
 degradations also inside the box (``*_in``), outside it (``*_out``) and along its edge (``seam``), and every refiner
 also runs inside the mask only, per ``region_modes``: ``"<name> (region)"`` (a start map of ``start_t`` inside, 0
-outside) and ``"<name> (crop)"`` (the same with ``crop_regions=True``).  With ``round_trip``, ``psnr_rt`` compares with
-the first stage's round trip of the clean image.  Set metrics (FID/KID, SWD against a realism reference that is not
-the cases' own) are per method x degradation x start_t (:mod:`ldm.eval.set_metrics`).  No-reference mode
-(``degradations=None``): the images are the inputs, only ``*_input`` exists.
-
-Case ``(image, degradation, seed)`` degrades with ``file_seed(seed, "<degradation label>/<image name>")`` (so a case
-does not depend on the others) and refines with ``seed``.  :mod:`ldm.eval.report` writes the result.
+outside) and ``"<name> (crop)"`` (the same with ``crop_regions=True``).  Set metrics (:func:`fid_kid_metrics`,
+:func:`add_swd`) are per method x degradation x start_t.  Case ``(image, degradation, seed)`` degrades with
+``file_seed(seed, "<degradation label>/<image name>")`` (independent of the other cases) and refines with ``seed``.
 """
 
 from __future__ import annotations
@@ -31,17 +27,17 @@ from ldm.eval.baselines import Baseline
 from ldm.eval.degrade import Degradation, VQRoundTrip, build_degradation, degradation_from_spec, split_spec
 from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
-from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, masked_metrics, psnr, seam_energy
-from ldm.eval.set_metrics import add_swd, fid_kid_metrics
+from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid, masked_metrics, psnr, seam_energy
 from ldm.eval.sources import SweepImage
-from ldm.imageio import to_uint8
+from ldm.eval.swd import PreparedReference, prepare_reference, swd_bootstrap
+from ldm.imageio import from_uint8, to_uint8
 from ldm.sampling import check_int_arg
 from ldm.util import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_START_TS: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700)
-# One of each family of degradation.ldm.eval.degrade provides; "first_stage=model" is the refiner's own first stage.
+# One of each family of degradation that ldm.eval.degrade provides; "first_stage=model" is the refiner's own first stage.
 DEFAULT_DEGRADATIONS: tuple[str, ...] = (
     "vq_roundtrip:first_stage=model,codebook_fraction=0.125",
     "jpeg:quality=15",
@@ -54,21 +50,18 @@ MODEL_FIRST_STAGE = "model"
 NO_REFERENCE = "none"
 REGION_MODES: dict[str, str] = {"region": " (region)", "crop": " (crop)"}  # mode -> method name suffix
 METRIC_COLUMNS: tuple[str, ...] = tuple(f"{m}_{to}" for to in ("clean", "input") for m in ("psnr", "ssim", "mse", "lpips"))
-# cases with a mask (local degradations): inside the box against clean and input, outside against the input, the seam
-MASKED_COLUMNS: tuple[str, ...] = (
-    "psnr_clean_in",
-    "ssim_clean_in",
-    "lpips_clean_in",
-    "psnr_input_in",
-    "ssim_input_in",
-    "psnr_input_out",
-    "ssim_input_out",
-    "lpips_input_out",
-    "seam",
-)
+# cases with a mask (local degradations): (against, region) -> metrics, columns "<metric>_<against>_<region>"; the seam
+MASKED_METRICS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("clean", "in"): ("psnr", "ssim", "lpips"),
+    ("input", "in"): ("psnr", "ssim"),
+    ("input", "out"): ("psnr", "ssim", "lpips"),
+}
+MASKED_COLUMNS: tuple[str, ...] = tuple(f"{m}_{to}_{r}" for (to, r), ms in MASKED_METRICS.items() for m in ms) + ("seam",)
 # with a round trip (run_sweep's round_trip): PSNR to the first stage's round trip of the clean image, whole and in the box
 ROUND_TRIP_COLUMNS: tuple[str, ...] = ("psnr_rt", "psnr_rt_in")
 ROW_METRICS: tuple[str, ...] = METRIC_COLUMNS + MASKED_COLUMNS + ROUND_TRIP_COLUMNS
+SWD_SCALE = 1e3  # the sweep reports SWD x 10^3, as Karras et al. 2018 do
+SetKey = tuple[str, str, "int | None"]  # (method, degradation, start_t)
 
 
 @dataclass(frozen=True)
@@ -81,12 +74,8 @@ class SweepDegradation:
 
 
 def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = None) -> SweepDegradation:
-    """A degradation from a spec (``"name:key=value,..."``, see :func:`ldm.eval.degrade.degradation_from_spec`).
-
-    ``vq_roundtrip`` and ``local_vq`` without ``first_stage`` or with ``first_stage=model`` use ``first_stage`` (the
-    refiner's own VQ, e.g. with ``codebook_fraction=0.125`` for a coarser codebook); ``first_stage=<yaml>`` loads
-    another one.
-    """
+    """A degradation from a spec (``"name:key=value,..."``); ``vq_roundtrip`` and ``local_vq`` without ``first_stage``
+    or with ``first_stage=model`` use ``first_stage`` (the refiner's own VQ); ``first_stage=<yaml>`` loads another."""
     name, items = split_spec(spec, unique=False)
     if name in (VQRoundTrip.name, LocalVQ.name) and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
         try:
@@ -197,7 +186,7 @@ class _Runner:
         self.lpips = lpips
         self.keep_sets = keep_sets
         self.rows: list[dict[str, Any]] = []
-        self.sets: dict[tuple[str, str, int | None], list[torch.Tensor]] = defaultdict(list)
+        self.sets: dict[SetKey, list[torch.Tensor]] = defaultdict(list)
         groups: dict[tuple[tuple[int, ...], bool], list[int]] = defaultdict(list)
         for i, case in enumerate(cases):
             groups[(tuple(case.input.shape), case.mask is not None)].append(i)
@@ -210,7 +199,6 @@ class _Runner:
     def run(
         self,
         method: str,
-        kind: str,
         fn: Any,
         start_t: int | None,
         effective: int | None,
@@ -218,9 +206,9 @@ class _Runner:
         bar: tqdm,
         masked_only: bool = False,
     ) -> dict[int, torch.Tensor]:
-        """Run ``fn(inputs [B, 3, H, W], seeds, masks [B, 1, H, W] or None) -> outputs`` over all cases (or only
-        those with a mask), measure every output; returns the outputs of the cases in ``keep`` (``{case index:
-        [3, H, W]}``), the others are dropped once measured."""
+        """Run ``fn(inputs [B, 3, H, W], seeds, masks [B, 1, H, W] or None) -> outputs`` (a baseline where ``start_t``
+        is None) over all cases (or only those with a mask), measure every output; returns the outputs of the cases
+        in ``keep`` (``{case index: [3, H, W]}``), the others are dropped once measured."""
         outputs: dict[int, torch.Tensor] = {}
         for batch in self.batches_of(masked_only):
             cases = [self.cases[i] for i in batch]
@@ -243,7 +231,7 @@ class _Runner:
                     "image": case.image,
                     "degradation": case.degradation,
                     "method": method,
-                    "kind": kind,
+                    "kind": "baseline" if start_t is None else "refiner",
                     "start_t": start_t,
                     "effective_start": effective,
                     "seed": case.seed,
@@ -266,14 +254,11 @@ def _masked(
     out: torch.Tensor, clean: torch.Tensor | None, x: torch.Tensor, masks: torch.Tensor, lpips: LPIPSMetric | Skipped | None
 ) -> dict[str, Any]:
     """The :data:`MASKED_COLUMNS` of a batch."""
-    found: dict[str, Any] = {}
-    if clean is not None:
-        to_clean = masked_metrics(out, clean, masks, lpips=lpips)
-        found.update({f"{k}_clean_in": to_clean[f"{k}_in"] for k in ("psnr", "ssim", "lpips") if f"{k}_in" in to_clean})
-    to_input = masked_metrics(out, x, masks, lpips=lpips)
-    found.update({f"{k}_input_in": to_input[f"{k}_in"] for k in ("psnr", "ssim")})
-    found.update({f"{k}_input_out": to_input[f"{k}_out"] for k in ("psnr", "ssim", "lpips") if f"{k}_out" in to_input})
-    found["seam"] = seam_energy(out, x, masks)
+    references = {"clean": clean, "input": x}
+    values = {to: masked_metrics(out, ref, masks, lpips=lpips) for to, ref in references.items() if ref is not None}
+    found: dict[str, Any] = {"seam": seam_energy(out, x, masks)}
+    for (to, r), metrics in MASKED_METRICS.items():
+        found.update({f"{m}_{to}_{r}": values[to][f"{m}_{r}"] for m in metrics if f"{m}_{r}" in values.get(to, {})})
     return found
 
 
@@ -309,16 +294,14 @@ def run_sweep(
         batch_size: cases refined together (same-size inputs).
         lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
         inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
-        realism_reference: clean images other than the cases' own, all of the cases' size, for the ``swd`` set metric
-            (None: no SWD).
+        realism_reference: clean images other than the cases' own, of the cases' size, for SWD (None: no SWD).
         n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
         example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
         region_modes: any of ``"region"`` and ``"crop"``: how every refiner also runs inside the masks of local
             degradations; ``()`` for whole-image refinement only.
-        whole_image: also run every refiner over the whole image (method ``<name>``); False runs only the region
-            modes (every degradation must then be local).
+        whole_image: also run every refiner over the whole image (method ``<name>``); False: region modes only.
         round_trip: the first stage's round trip (:func:`ldm.eval.baselines.autoencoder_baseline`) for the
-            ``psnr_rt`` / ``psnr_rt_in`` columns, which take what the first stage loses out of the comparison.
+            ``psnr_rt`` / ``psnr_rt_in`` columns (what the first stage loses, taken out of the comparison).
         progress: a tqdm bar over batches (rank 0 only).
 
     The arguments are those scripts/evaluate.py and scripts/quickstart.py checked (unique method names, local
@@ -354,23 +337,18 @@ def run_sweep(
     with tqdm(total=total, desc="sweep", unit="batch", disable=not show) as bar:
         for baseline in baselines:
             bar.set_postfix_str(baseline.name)
-            out = runner.run(baseline.name, "baseline", lambda x, _s, _m, b=baseline: b(x), None, None, set(examples), bar)
+            out = runner.run(baseline.name, lambda x, _s, _m, b=baseline: b(x), None, None, set(examples), bar)
             if baseline.name != "identity":
                 _keep_examples(examples, out, baseline.name)
         for name, refiner in refiners:
             shown = set(_example_ts(list(covered[name]), example_start_ts))
             for t, effective in covered[name].items():
                 bar.set_postfix_str(f"{name} t={t}")
-                if whole_image:
-                    fn = _refine_fn(refiner, t, ddim_steps, eta, None)
-                    out = runner.run(name, "refiner", fn, t, effective, set(examples) if t in shown else set(), bar)
-                    if t in shown:
-                        _keep_examples(examples, out, f"{name} t={t}")
-                for mode in modes:
-                    method = name + REGION_MODES[mode]
-                    keep = {i for i in examples if cases[i].mask is not None} if t in shown else set()
+                for mode in ([None] if whole_image else []) + modes:  # None: the whole image
+                    method = name + REGION_MODES.get(mode, "")
+                    keep = {i for i in examples if mode is None or cases[i].mask is not None} if t in shown else set()
                     fn = _refine_fn(refiner, t, ddim_steps, eta, mode)
-                    out = runner.run(method, "refiner", fn, t, effective, keep, bar, masked_only=True)
+                    out = runner.run(method, fn, t, effective, keep, bar, masked_only=mode is not None)
                     if t in shown:
                         _keep_examples({i: examples[i] for i in keep}, out, f"{method} t={t}")
 
@@ -378,10 +356,7 @@ def run_sweep(
     set_metrics = fid_kid_metrics(runner.sets, runner.rows, inception, reference, clean)
     if realism is not None:
         add_swd(set_metrics, runner.sets, realism, clean, notes)
-    if isinstance(lpips, Skipped):
-        notes.append(str(lpips))
-    if isinstance(inception, Skipped):
-        notes.append(str(inception))
+    notes += [str(metric) for metric in (lpips, inception) if isinstance(metric, Skipped)]
     methods = {b.name: ("baseline", b.description) for b in baselines}
     for name, refiner in refiners:
         if whole_image:
@@ -438,16 +413,13 @@ def _build_cases(
 
 def _add_round_trips(cases: list[_Case], round_trip: Baseline, batch_size: int) -> None:
     """Set every case's ``clean_rt``: ``round_trip`` of its clean image, run once per distinct image."""
-    distinct: dict[str, torch.Tensor] = {}
-    for case in cases:
-        distinct.setdefault(case.image, case.clean)
+    distinct = {case.image: case.clean for case in cases}  # one clean image per name
     names = list(distinct)
     trips: dict[str, torch.Tensor] = {}
     for start in range(0, len(names), batch_size):
         chunk = names[start : start + batch_size]
-        shapes = {tuple(distinct[n].shape) for n in chunk}
-        groups = [[n for n in chunk if tuple(distinct[n].shape) == shape] for shape in shapes]
-        for group in groups:
+        for shape in {tuple(distinct[n].shape) for n in chunk}:
+            group = [n for n in chunk if tuple(distinct[n].shape) == shape]
             out = round_trip(torch.stack([distinct[n] for n in group])).detach().float().cpu()
             trips.update(zip(group, out))
     for case in cases:
@@ -469,3 +441,70 @@ def _degrade(
 def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.Tensor], label: str) -> None:
     for index, example in examples.items():
         example.outputs[label] = outputs[index]
+
+
+def _cycled(reference: torch.Tensor, n: int) -> torch.Tensor:
+    return reference[torch.arange(n) % reference.shape[0]]
+
+
+def add_swd(
+    set_metrics: list[dict[str, Any]],
+    sets: dict[SetKey, list[torch.Tensor]],
+    realism: torch.Tensor,
+    clean: Sequence[tuple[str, str, torch.Tensor]],
+    notes: list[str],
+) -> None:
+    """Join ``swd`` (x 10^3, with ``swd_lo`` / ``swd_hi`` and the paired ``swd_bootstrap``) of every set's outputs
+    against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size) into ``set_metrics``.  The SWD of the distinct
+    clean images (``clean``: the cases' ``(degradation, image, clean image)``) against ``realism``, the floor that
+    sampling noise sets, goes into ``notes``."""
+    entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
+    prepared: dict[int, PreparedReference] = {}  # the reference side, once per set size
+    for key, outputs in sets.items():
+        fake = from_uint8(torch.stack(outputs))
+        if key not in entries:
+            entries[key] = {"method": key[0], "degradation": key[1], "start_t": key[2]}
+            set_metrics.append(entries[key])
+        n = fake.shape[0]
+        if n not in prepared:
+            prepared[n] = prepare_reference(_cycled(realism, n))
+        boot = swd_bootstrap(fake, prepared[n])  # paired with every other set of these cases: summary's gain_swd
+        swd, lo, hi = (v * SWD_SCALE for v in (boot.result.mean, boot.interval.lo, boot.interval.hi))
+        entries[key].update(swd=swd, swd_lo=lo, swd_hi=hi, swd_bootstrap=boot)
+    distinct = {image: x for _, image, x in clean}
+    if distinct:
+        real = torch.stack(list(distinct.values()))
+        floor = swd_bootstrap(real, _cycled(realism, real.shape[0])).interval
+        notes.append(
+            f"SWD x 10^3 of the {real.shape[0]} clean images against the realism reference: {floor.estimate * SWD_SCALE:.3f} "
+            f"[{floor.lo * SWD_SCALE:.3f}, {floor.hi * SWD_SCALE:.3f}] (the floor, 95 % bootstrap interval)"
+        )
+
+
+def fid_kid_metrics(
+    sets: dict[SetKey, list[torch.Tensor]],
+    rows: Sequence[dict[str, Any]],
+    inception: torch.nn.Module | Skipped | None,
+    reference: bool,
+    clean: Sequence[tuple[str, str, torch.Tensor]],
+) -> list[dict[str, Any]]:
+    """FID/KID per method x degradation x start_t of ``rows`` against the clean images of that degradation (``clean``:
+    the cases' ``(degradation, image, clean image)``), or ``skipped`` (the reason); empty when ``inception`` is None."""
+    if inception is None:
+        return []
+    keys = list(dict.fromkeys((r["method"], r["degradation"], r["start_t"]) for r in rows))
+    if not reference or isinstance(inception, Skipped):
+        reason = str(inception) if isinstance(inception, Skipped) else "skipped: FID/KID need clean references"
+        return [{"method": m, "degradation": d, "start_t": t, "skipped": reason} for m, d, t in keys]
+    real: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for degradation, image, x in clean:
+        real[degradation].setdefault(image, x)
+    out = []
+    for method, degradation, t in keys:
+        fake = from_uint8(torch.stack(sets[(method, degradation, t)]))
+        reals = torch.stack(list(real[degradation].values()))
+        value = fid_kid(reals, fake, feature_extractor=inception, kid_subset_size=min(len(reals), len(fake)))
+        entry: dict[str, Any] = {"method": method, "degradation": degradation, "start_t": t}
+        entry.update({"skipped": str(value)} if isinstance(value, Skipped) else value)
+        out.append(entry)
+    return out

@@ -1,6 +1,5 @@
-"""Shared pieces of the diffusers converters: the error type, a checked reader of untrusted JSON configs and the
-parameter maps (each converts both ways, so an export followed by an import gives the same tensors bit for bit).
-"""
+"""The diffusers converters' error type, checked reader of untrusted JSON configs and parameter maps (each converts
+both ways: an export followed by an import gives the same tensors bit for bit)."""
 
 from __future__ import annotations
 
@@ -28,10 +27,9 @@ class DiffusersFormatError(CheckpointError):
 
 
 class Options:
-    """Reads the options of one untrusted JSON config, each with its type and range checked; ``defaults`` (diffusers')
-    stand in for absent keys.  :meth:`finish` refuses keys nobody read, so an option that could change the network is
-    never ignored silently; ``_`` keys are metadata (``_class_name``, ...) and never refused.
-    """
+    """The options of one untrusted JSON config, type- and range-checked; ``defaults`` (diffusers') stand in for absent
+    keys.  :meth:`finish` refuses keys nobody read (an option that could change the network is never ignored);
+    ``_`` keys are metadata and never refused."""
 
     def __init__(self, data: Mapping[str, Any], source: str, defaults: Mapping[str, Any]):
         self.data = data
@@ -67,7 +65,7 @@ class Options:
         return value
 
     def choice(self, key: str, allowed: Sequence[Any], why: str = "") -> Any:
-        """The value, one of ``allowed`` (equal and of the same type); ``why`` explains a refusal."""
+        """The value, one of ``allowed`` (equal and of the same type)."""
         value = self.get(key)
         if not any(value == a and type(value) is type(a) for a in allowed):
             shown = ", ".join(_short(a) for a in allowed)
@@ -88,9 +86,8 @@ class Options:
     def levels(
         self, down_types: Sequence[str], up_types: Sequence[str], why: tuple[str, str], mirror: str, widths_name: str
     ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-        """``block_out_channels`` and, per level, whether it has attention (``down_types[1]`` / ``up_types[1]``); the
-        down and up lists must mirror each other.  ``why``: why other block names are refused (down, up); ``mirror``:
-        why the lists must mirror; ``widths_name``: CompVis' name for the widths (``ch * ch_mult``)."""
+        """``block_out_channels`` and, per level, whether it has attention (``*_types[1]``; down and up must mirror).
+        ``why``: why other block names are refused (down, up); ``widths_name``: CompVis' name for the widths."""
         down = self.block_types("down_block_types", down_types, why[0])
         up = self.block_types("up_block_types", up_types, why[1])
         widths = self.get("block_out_channels")
@@ -129,7 +126,6 @@ class Options:
         return value
 
     def ignore(self, *keys: str) -> None:
-        """Mark options that do not change the network as read."""
         self.read.update(keys)
 
     def unknown(self) -> list[str]:
@@ -154,10 +150,9 @@ def _short(value: Any, limit: int = 60) -> str:
 class ParamMap:
     """One LDM tensor (``ldm``: its key in the LDM sub-model) and the diffusers tensor(s) with the same numbers.
 
-    ``op``: ``copy`` (same shape and values); ``squeeze`` (an LDM 1x1 conv ``[O, I, 1(, 1)]`` is a diffusers
-    ``nn.Linear`` ``[O, I]``); ``qkv`` (the UNet attention's fused 1-D conv ``[3C, C, 1]`` / ``[3C]`` is ``to_q``,
-    ``to_k``, ``to_v``, each ``[heads * head_channels, ...]``; CompVis' legacy row order stacks ``[heads, (q, k, v),
-    head_channels]``, ``new_order`` ``[(q, k, v), heads, head_channels]``).
+    ``op``: ``copy``; ``squeeze`` (an LDM 1x1 conv ``[O, I, 1(, 1)]`` is a diffusers ``nn.Linear`` ``[O, I]``); ``qkv``
+    (the UNet attention's fused 1-D conv ``[3C, C, 1]`` / ``[3C]`` is ``to_q``, ``to_k``, ``to_v``; CompVis' legacy row
+    order stacks ``[heads, (q, k, v), head_channels]``, ``new_order`` ``[(q, k, v), heads, head_channels]``).
     """
 
     ldm: str
@@ -171,7 +166,7 @@ class ParamMap:
         return [tuple(t.shape) for t in self.to_diffusers(torch.empty(tuple(ldm_shape), device="meta"))]
 
     def to_diffusers(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The diffusers tensor(s) holding ``tensor``'s values (new, contiguous)."""
+        """New contiguous diffusers tensor(s) holding ``tensor``'s values."""
         if self.op == "copy":
             return [tensor.detach().clone().contiguous()]
         if self.op == "squeeze":
@@ -186,8 +181,8 @@ class ParamMap:
         return [p.reshape(out_shape).clone().contiguous() for p in parts]
 
     def to_ldm(self, tensors: Sequence[torch.Tensor], ldm_shape: Sequence[int]) -> torch.Tensor:
-        """The LDM tensor of ``ldm_shape`` from the diffusers tensor(s); ``copy``/``squeeze`` return a view of a
-        contiguous input (an import then holds each weight once)."""
+        """The LDM tensor of ``ldm_shape``; ``copy``/``squeeze`` return a view of a contiguous input (an import then
+        holds each weight once)."""
         shape = tuple(int(s) for s in ldm_shape)
         if self.op in ("copy", "squeeze"):
             return tensors[0].detach().reshape(shape).contiguous()
@@ -199,7 +194,7 @@ class ParamMap:
 
 
 def conv_pair(ldm: str, diffusers: str, bias: bool = True) -> list[ParamMap]:
-    """A module whose ``weight`` (and ``bias``) copy unchanged (conv, linear, GroupNorm, embedding)."""
+    """A module whose ``weight`` (and ``bias``) copy unchanged."""
     params = ("weight", "bias") if bias else ("weight",)
     return [ParamMap(f"{ldm}.{p}", (f"{diffusers}.{p}",)) for p in params]
 
@@ -210,12 +205,12 @@ def linear_from_conv1x1(ldm: str, diffusers: str) -> list[ParamMap]:
 
 
 def refusal(part: str, cls: str) -> Callable[[str], DiffusersFormatError]:
-    """``refuse(what)``: the error for a model's ``part`` that diffusers' ``cls`` cannot hold (an export)."""
+    """``refuse(what)``: the export error for a model's ``part`` that diffusers' ``cls`` cannot hold."""
     return lambda what: DiffusersFormatError(f"the {part} cannot be written as a diffusers {cls}: {what}")
 
 
 def check_complete(maps: Iterable[ParamMap], ldm_keys: Iterable[str], what: str) -> None:
-    """Every LDM key has exactly one map and every map an LDM key (a failure is a bug in the maps, not the input)."""
+    """Every LDM key has exactly one map and every map an LDM key (a failure is a bug in the maps)."""
     mapped = [m.ldm for m in maps]
     keys = set(ldm_keys)
     extra = sorted(set(mapped) - keys)

@@ -1,7 +1,6 @@
 """Hugging Face diffusers folders (unconditional ``LDMPipeline`` and Stable Diffusion v1) <-> this project's
 checkpoints and experts.  An expert's window is recorded in ``unet/config.json`` as ``"_latesteps_window": [t_min,
-t_max]`` (diffusers passes ``_`` keys to no constructor).  The reading half lives in :mod:`ldm.convert.from_diffusers`
-(which ``load_expert`` imports) and is re-exported here.
+t_max]`` (diffusers passes ``_`` keys to no constructor).  The reading half is :mod:`ldm.convert.from_diffusers`.
 """
 
 from __future__ import annotations
@@ -108,11 +107,9 @@ def _export(
     text_files: Mapping[str, bytes] | None = None,
     tokenizer: Any = None,
 ) -> Path:
-    """Write ``model_index.json`` (``index`` with the DDIM scheduler), the scheduler, the UNet (recording the model's
-    window unless full-range), the first stage (sub-folder and layout), an SD folder's ``text_files`` and tokenizer.
-
-    They go to a hidden temp folder beside ``out``, renamed to ``out`` at the end: a reader sees no folder or the
-    complete one; on an error the temp folder is removed."""
+    """Write ``model_index.json`` (``index`` + the DDIM scheduler), the scheduler, the UNet (with the model's window
+    unless full-range), the first stage, an SD folder's ``text_files`` and tokenizer into a hidden temp folder beside
+    ``out``, renamed to ``out`` at the end (a reader sees no folder or the complete one)."""
     num_timesteps = int(model.num_timesteps)
     window = tuple(int(v) for v in model.window())
     unet_config = unet.diffusers_config()

@@ -34,7 +34,7 @@ DEFAULT_COMPONENTS = {"unet": ("unet",), "first_stage": ("vqvae", "vae"), "sched
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory laid out as a diffusers pipeline (``model_index.json``, or ``unet/config.json``)."""
+    """Whether ``path`` is a directory with ``model_index.json`` or ``unet/config.json``."""
     root = Path(path)
     return root.is_dir() and ((root / MODEL_INDEX).is_file() or (root / "unet" / CONFIG_NAME).is_file())
 
@@ -60,10 +60,9 @@ def read_json(path: Path, shown: str) -> dict[str, Any]:
 
 
 class WeightFile:
-    """The tensors of one component (floating point only, others refused): ``shapes`` (``{name: shape}``) first, then
-    :meth:`tensors`.  ``.safetensors`` shapes come from the file header (nothing is allocated); a ``.bin`` is unpickled
-    by :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``; it allocates at most the file's size).
-    Names for which ``skip(name)`` holds are left out unread.
+    """The floating-point tensors of one component: ``shapes`` (``{name: shape}``) first, then :meth:`tensors`.
+    ``.safetensors`` shapes come from the header (nothing allocated); a ``.bin`` is unpickled by
+    :func:`ldm.checkpoint.load_state_dict` (tensors only unless ``unsafe``).  Names where ``skip(name)`` are left unread.
     """
 
     def __init__(self, path: Path, shown: str, unsafe: bool, skip: Callable[[str], bool]):
@@ -105,7 +104,7 @@ class WeightFile:
 
 @dataclass
 class Component:
-    """One sub-folder of the pipeline: its config (untrusted JSON) and weight file (None for a scheduler)."""
+    """One sub-folder of the pipeline: its config and weight file (None for a scheduler)."""
 
     name: str
     config: dict[str, Any]
@@ -113,7 +112,6 @@ class Component:
     weights_file: Path | None = None
 
     def source(self) -> str:
-        """How messages name the config: ``"unet/config.json"``."""
         return f"{self.name}/{self.config_file.name}"
 
 
@@ -133,8 +131,8 @@ class LDMFolder:
         return format_path(self.root)
 
     def digest(self) -> str:
-        """sha256 over the files the conversion reads (configs and weights), sorted by path relative to the folder:
-        the hash of the lines ``<relative path> NUL <sha256 of the file>\\n``."""
+        """sha256 of the lines ``<relative path> NUL <sha256 of the file>\\n`` over the files the conversion reads,
+        sorted by relative path."""
         digest = hashlib.sha256()
         for path in sorted(set(self.read), key=lambda p: p.relative_to(self.root).as_posix()):
             digest.update(f"{path.relative_to(self.root).as_posix()}\0{sha256_file(path)}\n".encode())
@@ -142,9 +140,9 @@ class LDMFolder:
 
 
 def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
-    """Find the UNet, first-stage and scheduler sub-folders of a diffusers LDM folder (by class in
-    ``model_index.json``, else by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``) and read their configs.
-    A ``DiffusersFormatError`` refuses a missing part, unreadable JSON or a conditioning component (a text encoder)."""
+    """Read the configs of a diffusers LDM folder's UNet, first stage and scheduler (found by class in
+    ``model_index.json``, else by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``); a ``DiffusersFormatError``
+    refuses a missing part, unreadable JSON or a conditioning component."""
     root = Path(path)
     shown = format_path(path)
     if not root.is_dir():
@@ -161,16 +159,23 @@ def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
 def _read_component(
     root: Path, shown: str, name: str, cls: str | None, weight_names: tuple[str, ...] | None, read: list[Path]
 ) -> Component:
-    """Sub-folder ``name``: its config (``_class_name`` defaulting to ``cls`` from ``model_index.json``) and the first
-    of ``weight_names`` it holds (None: a scheduler); the files are appended to ``read``."""
+    """Sub-folder ``name``: its config (``_class_name`` defaulting to ``cls``) and the first of ``weight_names`` it
+    holds (None: a scheduler); the files are appended to ``read``."""
     config_file = root / name / (SCHEDULER_CONFIG if weight_names is None else CONFIG_NAME)
     config = read_json(config_file, f"{shown}/{name}/{config_file.name}")
     if cls is not None:
         config.setdefault("_class_name", cls)
     read.append(config_file)
     weights = None
-    if weight_names is not None:
-        weights = _weights_file(root / name, f"{shown}/{name}", weight_names)
+    if weight_names is not None:  # the config was read, so the sub-folder exists
+        weights = next((root / name / w for w in weight_names if (root / name / w).is_file()), None)
+        if weights is None and any((root / name / f"{w}.index.json").exists() for w in weight_names):
+            raise DiffusersFormatError(
+                f"{shown}/{name}/ holds sharded weights (*.index.json), which are not supported; save the "
+                "model unsharded (save_pretrained(..., max_shard_size='100GB'))"
+            )
+        if weights is None:
+            raise DiffusersFormatError(f"{shown}/{name}/ holds no {' or '.join(weight_names)}")
         read.append(weights)
     return Component(name, config, config_file, weights)
 
@@ -218,21 +223,6 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
     return found
 
 
-def _weights_file(folder: Path, shown: str, names: tuple[str, ...]) -> Path:
-    if not folder.is_dir():
-        raise DiffusersFormatError(f"{shown}/ is missing (or not a folder)")
-    for name in names:
-        candidate = folder / name
-        if candidate.is_file():
-            return candidate
-    if any((folder / f"{name}.index.json").exists() for name in names):
-        raise DiffusersFormatError(
-            f"{shown}/ holds sharded weights (*.index.json), which are not supported; save the "
-            "model unsharded (save_pretrained(..., max_shard_size='100GB'))"
-        )
-    raise DiffusersFormatError(f"{shown}/ holds no {' or '.join(names)}")
-
-
 # ------------------------------------------------------------------------------------------------ Stable Diffusion
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")  # not part of the denoiser; never read
@@ -250,8 +240,8 @@ _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"
 
 
 def is_sd_folder(path: str | os.PathLike) -> bool:
-    """Whether a diffusers folder is a text-to-image pipeline (a text encoder or tokenizer in ``model_index.json``, or
-    a ``text_encoder/`` sub-folder without one); unreadable JSON answers False (the LDM reader then names the problem)."""
+    """Whether a diffusers folder is text-to-image (a text encoder or tokenizer in ``model_index.json``, or without
+    one a ``text_encoder/`` sub-folder); unreadable JSON answers False (the LDM reader then names the problem)."""
     root = Path(path)
     index = root / MODEL_INDEX
     if not index.is_file():
@@ -266,14 +256,11 @@ def is_sd_folder(path: str | os.PathLike) -> bool:
 
 
 def open_sd_folder(path: str | os.PathLike, supported: str) -> LDMFolder:
-    """Read the configs of a Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-    ``scheduler/``); weights are not read yet.  A ``DiffusersFormatError`` refuses a missing part, unreadable JSON, a
-    tokenizer without its files (or over :data:`MAX_TOKENIZER_BYTES`) or a component SD v1 lacks (SDXL's second text
-    encoder, ...); ``supported`` ends the message that refuses other pipelines."""
+    """Read the configs of a Stable Diffusion folder (a directory :func:`is_sd_folder` accepted); weights are not read
+    yet.  Refuses a missing part, unreadable JSON, a tokenizer without its files (or over
+    :data:`MAX_TOKENIZER_BYTES`) or a component SD v1 lacks; ``supported`` ends the message refusing other pipelines."""
     root = Path(path)
     shown = format_path(path)
-    if not root.is_dir():
-        raise DiffusersFormatError(f"{shown} is not a folder")
     classes: dict[str, str | None] = {name: None for name in SD_PARTS}
     read: list[Path] = []
     if (root / MODEL_INDEX).is_file():

@@ -1,23 +1,27 @@
-"""Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory: the reading half of
-:mod:`ldm.convert.diffusers`, in its own module so that imports stay one-way (``ldm.convert.diffusers ->
-ldm.refine.loading -> ldm.convert.from_diffusers``: ``load_expert`` reads folders, the writing half loads experts).
-An LDM folder becomes a ``LatentDiffusion``, a Stable Diffusion v1 folder v1-inference.yaml's classes; either a
+"""Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory (window, schedule buffers and
+weights checked against the shapes the converted config implies): the reading half of
+:mod:`ldm.convert.diffusers`, apart so that imports stay one-way (``load_expert`` reads folders; the writing half
+loads experts).  An LDM folder becomes a ``LatentDiffusion``, an SD v1 folder v1-inference.yaml's classes; either a
 ``LateStepsLatentDiffusion`` when the UNet config records a window.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from ldm.checkpoint import load_weights
-from ldm.convert.common import DiffusersFormatError
-from ldm.convert.folder import LDMFolder, is_sd_folder, open_ldm_folder, open_sd_folder
-from ldm.convert.importing import checked_window, converted_checkpoint
-from ldm.convert.schedule import SD_SCHEDULER_CLASSES, schedule_from_config
+from ldm.convert.common import DiffusersFormatError, ParamMap, check_complete
+from ldm.convert.folder import Component, LDMFolder, WeightFile, is_sd_folder, open_ldm_folder, open_sd_folder
+from ldm.convert.schedule import SD_SCHEDULER_CLASSES, ScheduleSpec, schedule_from_config
 from ldm.convert.sd_map import (
     CLIP_TARGET,
     KL_DEFAULTS,
@@ -26,16 +30,145 @@ from ldm.convert.sd_map import (
     check_text_config,
     cond_unet_layout_from_config,
     kl_layout_from_config,
+    text_file_name,
+    text_param_maps,
 )
-from ldm.convert.unet_map import UNET_TARGET, unet_layout_from_config
+from ldm.convert.unet_map import UNET_TARGET, WINDOW_KEY, unet_layout_from_config
 from ldm.convert.vq_map import VQ_TARGET, vq_layout_from_config
 from ldm.imageio import format_path
+from ldm.models.diffusion.base import SCHEDULE_BUFFERS
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
+from ldm.models.diffusion.latesteps import validate_window
+from ldm.modules.diffusionmodules.util import make_schedule_buffers
 from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 SD_MAX_LENGTH = 77  # SD v1's prompt length in tokens (FrozenCLIPEmbedder's default)
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+LATESTEPS_TARGET = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."
+# transformers < 4.31 stored CLIP's position ids (an integer buffer, recomputed by the model): dropped unread
+POSITION_IDS = ("text_model.embeddings.position_ids",)
+
+# attention parameter names of diffusers before 0.15 (hub folders converted back then still use them)
+_DEPRECATED_ATTENTION = re.compile(r"^(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_ATTENTION_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def checked_window(window: tuple[int, int] | None, timesteps: int, source: str) -> tuple[int, int] | None:
+    """The window a UNet config records (None: full range), checked against the schedule's ``timesteps``."""
+    try:
+        return None if window is None else validate_window(window[0], window[1], timesteps)
+    except ValueError as exc:
+        raise DiffusersFormatError(f"{source}: {WINDOW_KEY}: {exc}") from exc
+
+
+def converted_checkpoint(
+    folder: LDMFolder,
+    params: dict[str, Any],
+    schedule: ScheduleSpec,
+    window: tuple[int, int] | None,
+    maps: tuple[list[ParamMap], list[ParamMap]],
+    unsafe: bool,
+) -> dict[str, Any]:
+    """The checkpoint dict of a converted folder: a ``LatentDiffusion`` (``LateStepsLatentDiffusion`` with a
+    ``window``) config of ``schedule`` and ``params``, and a float32 state dict (schedule buffers, the UNet's and first
+    stage's weights through ``maps``, an SD folder's text encoder's)."""
+    params = {**schedule.ldm_params(), **params}
+    if window is None:
+        cfg = {"target": LDM_TARGET, "params": params}
+    else:
+        cfg = {"target": LATESTEPS_TARGET, "params": {"t_min": window[0], "t_max": window[1], **params}}
+    expected = expected_shapes(cfg, folder.shown)
+    try:  # the persistent schedule buffers, as DDPM.register_schedule computes them (float64, stored float32)
+        buffers = make_schedule_buffers(schedule.betas(), 0.0, schedule.parameterization)
+    except ValueError as exc:
+        raise DiffusersFormatError(f"the scheduler's betas cannot be used: {exc}") from exc
+    state_dict = {name: buffers[name].to(torch.float32) for name in SCHEDULE_BUFFERS}
+    state_dict.update(import_weights(folder, folder.unet, maps[0], expected, UNET_PREFIX, unsafe))
+    state_dict.update(import_weights(folder, folder.first_stage, maps[1], expected, FIRST_STAGE_PREFIX, unsafe))
+    if folder.text_encoder is not None:
+        text_maps = text_param_maps([k[len(COND_STAGE_PREFIX) :] for k in expected if k.startswith(COND_STAGE_PREFIX)])
+        text = import_weights(
+            folder, folder.text_encoder, text_maps, expected, COND_STAGE_PREFIX, unsafe, text_file_name, POSITION_IDS
+        )
+        state_dict.update(text)
+    ckpt: dict[str, Any] = {
+        "state_dict": state_dict,
+        "config": {"model": cfg},
+        "converted_from": {"format": "diffusers", "folder": folder.shown, "sha256": folder.digest()},
+    }
+    if window is not None:
+        ckpt["window"] = list(window)
+    return ckpt
+
+
+def expected_shapes(cfg: Mapping[str, Any], shown: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key's shape of the model ``cfg`` describes, built on the meta device (nothing allocated)."""
+    build = copy.deepcopy(dict(cfg))
+    build["params"] = {**build["params"], "use_ema": False}
+    try:
+        with torch.device("meta"):
+            model = instantiate_from_config(build)
+    except (ValueError, OSError) as exc:  # OSError: a CLIP folder without its tokenizer or config
+        raise DiffusersFormatError(f"{shown}: the converted config does not build: {' '.join(str(exc).split())}") from exc
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def current_name(key: str) -> str:
+    """Today's diffusers name of a parameter (``attentions.0.query.weight`` -> ``attentions.0.to_q.weight``)."""
+    match = _DEPRECATED_ATTENTION.match(key)
+    if match is None:
+        return key
+    return f"{match.group(1)}.{_NEW_ATTENTION_NAME[match.group(2)]}.{match.group(3)}"
+
+
+def import_weights(
+    folder: LDMFolder,
+    component: Component,
+    maps: list[ParamMap],
+    expected: Mapping[str, tuple[int, ...]],
+    prefix: str,
+    unsafe: bool,
+    rename: Callable[[str], str] = current_name,
+    ignore: Collection[str] = (),
+) -> dict[str, torch.Tensor]:
+    """The component's tensors as LDM tensors under ``prefix``, shapes checked against ``expected`` first.  ``rename``
+    maps a file's key to the maps' key; file keys in ``ignore`` (after renaming) are dropped unread.  Every other file
+    tensor must be used, and every mapped tensor present, or the folder is refused."""
+    ldm_shapes = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
+    check_complete(maps, ldm_shapes, component.name)
+    want: dict[str, tuple[int, ...]] = {}
+    for m in maps:
+        want.update(zip(m.diffusers, m.diffusers_shapes(ldm_shapes[m.ldm])))
+    shown = f"{folder.shown}/{component.name}/{component.weights_file.name}"
+    weights = WeightFile(component.weights_file, shown, unsafe, skip=lambda key: rename(key) in ignore)
+    names = {k: rename(k) for k in weights.shapes}
+    have = {names[k]: shape for k, shape in weights.shapes.items()}
+    if len(have) != len(names):
+        raise DiffusersFormatError(
+            f"{shown} holds the same tensor under two names (e.g. both the old and the new "
+            "attention names); the file is ambiguous"
+        )
+    bad = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
+    if bad:
+        first = "; ".join(f"{k}: file {list(a)} vs config {list(b)}" for k, a, b in bad[:3])
+        raise DiffusersFormatError(
+            f"{shown}: {len(bad)} tensors differ in shape from what {component.source()} implies ({first}); the "
+            "weights and the config describe different networks"
+        )
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        raise DiffusersFormatError(
+            f"{shown} does not match {component.source()}: {len(missing)} tensors missing (first: {missing[:3]}), "
+            f"{len(unexpected)} not in the network (first: {unexpected[:3]}); the weights are of another model"
+        )
+    tensors = weights.tensors(names)
+    return {prefix + m.ldm: m.to_ldm([tensors[k] for k in m.diffusers], ldm_shapes[m.ldm]) for m in maps}
 
 
 def diffusers_to_checkpoint(
@@ -102,8 +235,8 @@ def sd_to_checkpoint(
     unsafe_load: bool = False,
     clip_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """:func:`diffusers_to_checkpoint` of a Stable Diffusion v1 folder: v1-inference.yaml's classes with the folder's
-    sizes, keys of this project's datasets (``image``, ``caption``), frozen VAE and text encoder."""
+    """:func:`diffusers_to_checkpoint` of an SD v1 folder: v1-inference.yaml's classes with the folder's sizes, this
+    project's dataset keys, frozen VAE and text encoder."""
     sd = open_sd_folder(folder, SUPPORTED)
     where = {c.name: f"{sd.shown}/{c.source()}" for c in (sd.unet, sd.first_stage, sd.scheduler, sd.text_encoder)}
     unet, window = cond_unet_layout_from_config(sd.unet.config, where["unet"])
@@ -146,7 +279,6 @@ def sd_to_checkpoint(
 
 
 def _scale_factor(folder: LDMFolder, override: float | None, default: float) -> float:
-    """``override``, else the first stage's ``scaling_factor`` (untrusted JSON), else ``default``."""
     if override is not None:
         return float(override)
     value = folder.first_stage.config.get("scaling_factor", default)
@@ -160,12 +292,11 @@ def _scale_factor(folder: LDMFolder, override: float | None, default: float) -> 
 def load_diffusers_expert(
     folder: str | os.PathLike, ema: bool = True, unsafe_load: bool = False
 ) -> tuple[Expert, CheckpointInfo]:
-    """A refinement expert from a diffusers folder, converted in memory, and its ``CheckpointInfo`` (contract of
+    """A refinement expert converted in memory from a diffusers folder, and its ``CheckpointInfo`` (contract of
     :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients); raises as :func:`diffusers_to_checkpoint`.
 
-    ``ema`` is accepted for that contract; a diffusers folder holds one set of weights (a release's are usually its EMA
-    weights), used either way.  The window is ``[0, T)`` or the one recorded in ``unet/config.json``; the sha256 is
-    the folder digest (:meth:`ldm.convert.folder.LDMFolder.digest`).
+    ``ema`` is accepted for that contract; a folder's one set of weights is used either way.  The window is ``[0, T)``
+    or the one in ``unet/config.json``; the sha256 is :meth:`ldm.convert.folder.LDMFolder.digest`.
     """
     shown = format_path(folder)
     ckpt = diffusers_to_checkpoint(folder, unsafe_load=unsafe_load)

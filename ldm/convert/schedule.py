@@ -91,8 +91,7 @@ SCHEDULE_RTOL = 1e-5  # as DDPM.check_schedule_matches
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """This project's schedule parameters (``model.params``): ``timesteps``, ``beta_schedule``, ``linear_start``,
-    ``linear_end``, ``cosine_s`` or ``given_betas``, and ``parameterization``."""
+    """This project's schedule parameters (``model.params``)."""
 
     timesteps: int
     beta_schedule: str
@@ -124,9 +123,9 @@ class ScheduleSpec:
 
 
 def schedule_from_config(data: Mapping[str, Any], source: str, classes: tuple[str, ...] = SCHEDULER_CLASSES) -> ScheduleSpec:
-    """Validate a scheduler config (untrusted JSON) and return the schedule it defines; a ``DiffusersFormatError``
-    refuses another class, or a schedule / prediction this project cannot represent.  Unknown options are logged and
-    ignored (a scheduler steers sampling; the betas come only from the options read here)."""
+    """The schedule a scheduler config (untrusted JSON) defines; a ``DiffusersFormatError`` refuses another class, or
+    a schedule / prediction this project cannot represent.  Unknown options are logged and ignored (they steer
+    sampling; the betas come only from the options read here)."""
     cls = data.get("_class_name", "DDIMScheduler")
     if cls not in classes:
         raise DiffusersFormatError(

@@ -1,8 +1,7 @@
 """Stable Diffusion v1's networks: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / transformers
 ``CLIPTextModel`` configs <-> this project's ``UNetModel`` (with ``SpatialTransformer``), ``AutoencoderKL`` and
-``FrozenCLIPEmbedder``, and the key maps.  The UNet's skeleton is :mod:`ldm.convert.unet_map`'s, the VAE's encoder and
-decoder :mod:`ldm.convert.vq_map`'s; each ``Transformer2DModel`` maps name for name.  Refused, each in one line naming
-the option: SD 2.x (linear projections), SDXL, extra conditioning, latent normalisation (SD3) and other kernels/norms.
+``FrozenCLIPEmbedder``, and the key maps (the skeletons are :mod:`ldm.convert.unet_map`'s and
+:mod:`ldm.convert.vq_map`'s).  Refused: SD 2.x (linear projections), SDXL, extra conditioning, latent normalisation.
 """
 
 from __future__ import annotations
@@ -120,7 +119,6 @@ class CrossAttnUNetLayout(UNetLayout):
         }
 
     def _attention(self, ldm: str, diffusers: str, channels: int) -> list[ParamMap]:
-        """A ``SpatialTransformer`` <-> a ``Transformer2DModel``: the same names, the same shapes."""
         maps: list[ParamMap] = []
         for name in ("norm", "proj_in", "proj_out"):
             maps += conv_pair(f"{ldm}.{name}", f"{diffusers}.{name}")
@@ -260,8 +258,8 @@ def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
 
 
 def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -> tuple[int | None, int | None]:
-    """``(num_heads, num_head_channels)`` (one of them None) from ``attention_head_dim``, which in
-    ``UNet2DConditionModel`` is, despite its name, the number of heads per level (diffusers issue 2011)."""
+    """``(num_heads, num_head_channels)`` (one None) from ``attention_head_dim``, which in ``UNet2DConditionModel``
+    is, despite its name, the number of heads per level."""
     value = opt.get("attention_head_dim")
     per_level = list(value) if isinstance(value, (list, tuple)) else [value] * len(widths)
     if len(per_level) != len(widths) or not all(
@@ -290,13 +288,12 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
 # ---------------------------------------------------------------------------------------------------------- the VAE
 @dataclass(frozen=True)
 class KLLayout(CoderLayout):
-    """A KL first stage (SD v1's VAE): ``z_channels`` is also ``embed_dim`` (diffusers' ``AutoencoderKL`` has one
-    latent width)."""
+    """SD v1's VAE: ``z_channels`` is also ``embed_dim`` (diffusers' ``AutoencoderKL`` has one latent width)."""
 
     z_channels: int
 
     def ldm_params(self) -> dict[str, Any]:
-        """``first_stage_config.params`` of ``AutoencoderKL`` (frozen: ``torch.nn.Identity`` loss)."""
+        """``first_stage_config.params`` (frozen: ``torch.nn.Identity`` loss)."""
         ddconfig = self.ldm_coder(self.z_channels, double_z=True)
         return {"embed_dim": self.z_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}
 
@@ -314,8 +311,7 @@ class KLLayout(CoderLayout):
 
 
 def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
-    """Validate an ``AutoencoderKL`` config (untrusted JSON; ``scaling_factor`` is read elsewhere), as
-    :func:`~ldm.convert.vq_map.vq_layout_from_config`."""
+    """:func:`~ldm.convert.vq_map.vq_layout_from_config` of an ``AutoencoderKL`` config."""
     cls = data.get("_class_name", KL_CLASS)
     if cls != KL_CLASS:
         raise DiffusersFormatError(f"{source}: _class_name={cls!r} is not a KL autoencoder (AutoencoderKL); {SUPPORTED}")
@@ -350,8 +346,7 @@ def kl_layout_from_model(first_stage: nn.Module) -> KLLayout:
 
 # ----------------------------------------------------------------------------------------------------- text encoder
 def check_text_config(data: Mapping[str, Any], source: str) -> None:
-    """Refuse a ``text_encoder/config.json`` that is not a bounded ``CLIPTextModel`` config (before transformers reads
-    it: its sizes decide what is built)."""
+    """Refuse a ``text_encoder/config.json`` that is not a bounded ``CLIPTextModel`` config (its sizes decide the build)."""
     arch = data.get("architectures")
     model_type = data.get("model_type", "clip_text_model")
     if (arch is not None and arch != ["CLIPTextModel"]) or model_type != "clip_text_model":
@@ -364,8 +359,7 @@ def check_text_config(data: Mapping[str, Any], source: str) -> None:
 
 
 def text_param_maps(ldm_keys: list[str]) -> list[ParamMap]:
-    """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``,
-    which transformers 4 and 5 both load)."""
+    """``FrozenCLIPEmbedder`` keys (``transformer.text_model.X``) <-> ``CLIPTextModel`` file keys (``text_model.X``)."""
     return [ParamMap(k, (k[len("transformer.") :],)) for k in ldm_keys if k.startswith(CLIP_PREFIX)]
 
 

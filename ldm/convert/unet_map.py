@@ -1,6 +1,5 @@
-"""The UNet: diffusers ``UNet2DModel`` config <-> CompVis ``UNetModel`` parameters, and the key map between them
-(which option is which: README, "diffusers interop").  The skeleton (ResNets, sampling, time embedding, the options
-CompVis' modules fix) also serves the cross-attention UNet of :mod:`ldm.convert.sd_map`.
+"""The UNet: diffusers ``UNet2DModel`` config <-> CompVis ``UNetModel`` parameters, and the key map (README,
+"diffusers interop").  The skeleton also serves the cross-attention UNet of :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
@@ -62,18 +61,15 @@ UNET_DEFAULTS: dict[str, Any] = {
 }
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
-# where this project records a window expert's [t_min, t_max) in unet/config.json (diffusers keeps "_" keys as
-# metadata and passes nothing to the constructor)
+# a window expert's [t_min, t_max) in unet/config.json (diffusers passes "_" keys to no constructor)
 WINDOW_KEY = "_latesteps_window"
 
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """What both formats need to know about an unconditional LDM UNet (CompVis' names; ``channel_mult[0] == 1``).
-
-    ``attention``: per level, whether its blocks have self-attention; ``head_channels``: channels per attention head
-    (None: one head per block); ``scale_shift``: ``use_scale_shift_norm``; ``image_size``: latent side (metadata);
-    ``new_attention_order``: the LDM ``qkv`` row order (:class:`~ldm.convert.common.ParamMap`).
+    """An unconditional LDM UNet in CompVis' names (``channel_mult[0] == 1``).  ``attention``: per level, whether its
+    blocks have self-attention; ``head_channels``: channels per head (None: one head); ``scale_shift``:
+    ``use_scale_shift_norm``; ``image_size``: latent side (metadata); ``new_attention_order``: the ``qkv`` row order.
     """
 
     in_channels: int
@@ -107,12 +103,11 @@ class UNetLayout:
         }
 
     def ldm_attention(self) -> dict[str, Any]:
-        """The attention options of ``unet_config.params``."""
         heads = {"num_heads": 1} if self.head_channels is None else {"num_head_channels": self.head_channels}
         return {"use_new_attention_order": self.new_attention_order, **heads}
 
     def diffusers_levels(self, down_types: tuple[str, str], up_types: tuple[str, str]) -> dict[str, Any]:
-        """The options of a diffusers UNet config that give its sizes and levels (``*_types``: plain, attention)."""
+        """A diffusers UNet config's sizes and levels (``*_types``: plain, attention block names)."""
         levels = range(len(self.channel_mult))
         return {
             "sample_size": self.image_size,
@@ -126,7 +121,7 @@ class UNetLayout:
         }
 
     def diffusers_config(self) -> dict[str, Any]:
-        """``unet/config.json`` of the equivalent ``UNet2DModel`` (every option written out, none left to defaults)."""
+        """``unet/config.json`` of the equivalent ``UNet2DModel``, every option written out."""
         return {
             **UNET_DEFAULTS,
             **self.diffusers_levels(DOWN_TYPES, UP_TYPES),
@@ -202,7 +197,7 @@ def _resblock(ldm: str, diffusers: str, has_skip: bool) -> list[ParamMap]:
 
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetLayout, tuple[int, int] | None]:
-    """Validate a ``UNet2DModel`` config (untrusted JSON); returns its layout and the recorded window, if any.  A
+    """Validate a ``UNet2DModel`` config (untrusted JSON): its layout and recorded window (or None).  A
     ``DiffusersFormatError`` names the first option this project cannot represent, or a bad value."""
     cls = data.get("_class_name", UNET_CLASS)
     if cls != UNET_CLASS:
@@ -255,11 +250,9 @@ def unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[UNetL
 def unet_options(
     opt: Options, types: tuple[tuple[str, str], tuple[str, str]], mid_block: tuple[str, str], why: str, out_why: str
 ) -> tuple[dict[str, Any], tuple[int, ...]]:
-    """The :class:`UNetLayout` fields both diffusers UNet configs give alike, and ``block_out_channels``; what CompVis'
-    ``UNetModel`` fixes (timestep embedding, middle block, sampling, normalization) is refused otherwise.
-
-    ``types``: the (plain, attention) block names down and up, ``why`` refuses others; ``mid_block``: the allowed
-    ``mid_block_type`` and why; ``out_why``: why ``out_channels`` must equal ``in_channels``."""
+    """The :class:`UNetLayout` fields both diffusers UNet configs give alike, and ``block_out_channels``.  ``types``:
+    (plain, attention) block names down and up, ``why`` refuses others; ``mid_block``: the allowed ``mid_block_type``
+    and why; ``out_why``: why ``out_channels`` must equal ``in_channels``."""
     opt.choice("time_embedding_type", ["positional"], "CompVis' UNet uses the sinusoidal (positional) embedding")
     opt.choice("flip_sin_to_cos", [True], "CompVis' timestep embedding puts the cosine half first")
     opt.choice("freq_shift", [0, 0.0], "CompVis' timestep embedding uses frequencies exp(-ln(10000) i / half)")
@@ -299,7 +292,7 @@ def unet_options(
 
 
 def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
-    """The ``[t_min, t_max]`` a UNet config records (:data:`WINDOW_KEY`), or None; checked against the schedule later."""
+    """The ``[t_min, t_max]`` a UNet config records, or None; checked against the schedule later."""
     if value is None:
         return None
     ok = isinstance(value, (list, tuple)) and len(value) == 2
@@ -310,8 +303,7 @@ def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------------------------------------------- from a model
 def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
-    """The layout of a CompVis ``UNetModel`` (read from its modules); a ``DiffusersFormatError`` refuses what
-    ``UNet2DModel`` cannot hold (conditioning, ResNet up/down sampling, heads no one ``attention_head_dim`` gives, ...)."""
+    """The layout of a CompVis ``UNetModel``; a ``DiffusersFormatError`` refuses what ``UNet2DModel`` cannot hold."""
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
 
@@ -350,8 +342,7 @@ def unet_layout_from_model(unet: nn.Module) -> UNetLayout:
 
 
 def unet_modules(unet: nn.Module, cls: str) -> tuple[list[nn.Module], Callable[[str], DiffusersFormatError]]:
-    """``unet.modules()`` and ``refuse(what)``, the error for what diffusers' ``cls`` cannot hold; refuses anything but
-    an unconditional or text-conditioned CompVis ``UNetModel``."""
+    """``unet.modules()`` and ``refuse(what)``; refuses all but a CompVis ``UNetModel`` without class labels or codes."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     refuse = refusal("UNet", cls)
@@ -363,7 +354,7 @@ def unet_modules(unet: nn.Module, cls: str) -> tuple[list[nn.Module], Callable[[
 
 
 def unet_fields(unet: nn.Module) -> dict[str, Any]:
-    """The :class:`UNetLayout` fields every CompVis ``UNetModel`` states the same way (sizes, levels, dropout)."""
+    """The :class:`UNetLayout` fields every CompVis ``UNetModel`` states the same way."""
     from ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     resblock = next(m for m in unet.modules() if isinstance(m, ResBlock))

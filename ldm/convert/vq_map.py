@@ -1,6 +1,5 @@
 """The VQ first stage: diffusers ``VQModel`` config <-> CompVis ``VQModelInterface`` parameters, and the key map
-(which option is which: README, "diffusers interop").  :class:`CoderLayout` (the encoder and decoder) also serves the
-KL autoencoder of :mod:`ldm.convert.sd_map`.
+(README, "diffusers interop").  :class:`CoderLayout` also serves the KL autoencoder of :mod:`ldm.convert.sd_map`.
 """
 
 from __future__ import annotations
@@ -54,11 +53,9 @@ UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
 
 @dataclass(frozen=True)
 class CoderLayout:
-    """The CompVis ``Encoder`` / ``Decoder`` of a first stage (VQ or KL), in CompVis' names (``ch_mult[0] == 1``:
-    diffusers' first block keeps ``conv_in``'s width; the decoder has ``num_res_blocks + 1`` ResNets per level).
-
-    ``attention``: per level, self-attention in its blocks; ``mid_attention``: attention in the mid blocks;
-    ``resolution``: the image side the attention levels refer to (``attn_resolutions = resolution // 2**level``).
+    """The CompVis ``Encoder`` / ``Decoder`` of a VQ or KL first stage (``ch_mult[0] == 1``: diffusers' first block
+    keeps ``conv_in``'s width).  ``attention``: per level, self-attention in its blocks; ``mid_attention``: in the mid
+    blocks; ``resolution``: the image side of ``attn_resolutions = resolution // 2**level``.
     """
 
     in_channels: int
@@ -71,7 +68,6 @@ class CoderLayout:
     resolution: int
 
     def ldm_coder(self, z_channels: int, double_z: bool) -> dict[str, Any]:
-        """CompVis' ``ddconfig``."""
         return {
             "double_z": double_z,
             "z_channels": z_channels,
@@ -87,7 +83,6 @@ class CoderLayout:
         }
 
     def diffusers_coder(self) -> dict[str, Any]:
-        """The encoder/decoder options of the diffusers config."""
         levels = range(len(self.ch_mult))
         return {
             "in_channels": self.in_channels,
@@ -101,8 +96,7 @@ class CoderLayout:
         }
 
     def coder_maps(self, between: list[ParamMap]) -> list[ParamMap]:
-        """``encoder.*`` and ``decoder.*`` tensors (the same names on both sides below), with ``between``
-        (``quant_conv``, a codebook, ``post_quant_conv``) in the middle."""
+        """``encoder.*`` and ``decoder.*`` tensors with ``between`` (``quant_conv``, ...) in the middle."""
         ch, ch_mult, attention = self.ch, self.ch_mult, self.attention
         last = len(ch_mult) - 1
         maps = conv_pair("encoder.conv_in", "encoder.conv_in")
@@ -135,7 +129,7 @@ class CoderLayout:
 @dataclass(frozen=True)
 class VQLayout(CoderLayout):
     """A VQ first stage: ``z_channels`` leave the encoder; ``embed_dim`` (``quant_conv``'s output) is the codebook's
-    width and the latent the UNet sees; ``n_embed`` is the codebook size."""
+    and the latent's width; ``n_embed`` the codebook size."""
 
     z_channels: int
     embed_dim: int
@@ -163,7 +157,6 @@ class VQLayout(CoderLayout):
         }
 
     def param_maps(self) -> list[ParamMap]:
-        """Every first-stage tensor: LDM key <-> diffusers key."""
         between = conv_pair("quant_conv", "quant_conv") + conv_pair("quantize.embedding", "quantize.embedding", bias=False)
         return self.coder_maps(between + conv_pair("post_quant_conv", "post_quant_conv"))
 
@@ -183,7 +176,6 @@ def _resnet(ldm: str, diffusers: str, has_shortcut: bool) -> list[ParamMap]:
 
 
 def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
-    """CompVis' 1x1-conv ``q, k, v, proj_out`` are diffusers' linear ``to_q, to_k, to_v, to_out.0``."""
     maps = conv_pair(f"{ldm}.norm", f"{diffusers}.group_norm")
     for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
         maps += linear_from_conv1x1(f"{ldm}.{a}", f"{diffusers}.{b}")
@@ -193,7 +185,7 @@ def _attention(ldm: str, diffusers: str) -> list[ParamMap]:
 # ----------------------------------------------------------------------------------------------------- from diffusers
 def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     """Validate a ``VQModel`` config (untrusted JSON; ``scaling_factor`` is read elsewhere); a ``DiffusersFormatError``
-    names the first option this project cannot represent (MoVQ, KL autoencoders, ...), or a bad value."""
+    names the first option this project cannot represent, or a bad value."""
     cls = data.get("_class_name", VQ_CLASS)
     if cls != VQ_CLASS:
         why = (
@@ -221,7 +213,6 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
 
 
 def coder_from_options(opt: Options) -> dict[str, Any]:
-    """The :class:`CoderLayout` fields of a ``VQModel`` or ``AutoencoderKL`` config, validated."""
     opt.flag("force_upcast")
     opt.ignore("scaling_factor")
     opt.choice("norm_num_groups", [32], "CompVis' first stage normalizes with 32 groups")
@@ -261,8 +252,7 @@ def coder_from_options(opt: Options) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- from a model
 def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
-    """The layout of this project's VQ first stage; a ``DiffusersFormatError`` refuses what diffusers' ``VQModel``
-    cannot hold (a remapped codebook, ``double_z``, ``ch_mult[0] != 1``, pooling, ``tanh_out``, ...)."""
+    """The layout of this project's VQ first stage; refuses what diffusers' ``VQModel`` cannot hold."""
     from ldm.models.autoencoder import VQModel
 
     refuse = refusal("first stage", "VQModel")
@@ -282,8 +272,7 @@ def vq_layout_from_model(first_stage: nn.Module) -> VQLayout:
 
 
 def coder_from_model(first_stage: nn.Module, refuse: Callable[[str], DiffusersFormatError]) -> dict[str, Any]:
-    """The :class:`CoderLayout` fields of a CompVis first stage; ``refuse(what)`` makes the error for what diffusers'
-    encoder/decoder cannot hold."""
+    """The :class:`CoderLayout` fields of a CompVis first stage; ``refuse(what)`` makes the error."""
     dd = first_stage.ddconfig
     if tuple(dd["ch_mult"])[0] != 1:
         raise refuse(f"ddconfig ch_mult={list(dd['ch_mult'])} must start with 1")

@@ -1,12 +1,11 @@
 """``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), for DataModuleFromConfig.
 
 Item ``i`` is the cache's ``i``-th sample (shards in index order), read by the byte span its shard's sidecar records
-(no tar scan), so the sampler, rank sharding and mid-epoch resume of :mod:`ldm.data.resumable` apply unchanged.  The
-variant an epoch uses follows the ``(seed, epoch, index)`` contract (:func:`~ldm.data.latent_format.choose_variant`):
-a cache of a folder's centre crops with flips, read with the image dataset's ``seed``, yields the latents of exactly
-the crops ``ImageFolderDataset(random_crop=False, flip=True)`` yields.  An unreadable sample (a damaged latent or
-caption, another shape than the index declares, a NaN or infinite value) is warned about once and replaced by the next
-readable one.  For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
+(no tar scan), so :mod:`ldm.data.resumable` applies unchanged.  The variant follows the ``(seed, epoch, index)``
+contract (:func:`~ldm.data.latent_format.choose_variant`): a cache of centre crops with flips, read with the image
+dataset's ``seed``, yields the latents of exactly the crops ``ImageFolderDataset(random_crop=False)`` yields.  An
+unreadable sample (damaged, another shape than the index declares, not finite) is warned about once and replaced by the
+next readable one.  For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
 """
 
 from __future__ import annotations
@@ -32,17 +31,14 @@ class CachedLatents(EpochSeededDataset):
     """The samples of a latent cache, one stored variant per item and epoch.
 
     Args:
-        root: the cache folder (holds ``index.json``).
         seed: seed of the variant draws (use the image dataset's ``seed`` to reproduce its flips).
-        flip: use the stored flipped variants (p = 0.5 per item and epoch); False: never flipped.
-        random_crop: draw among several stored crops; False: always the middle one.
-        captions: ``auto`` (``optional`` when the cache holds captions, else ``off``), ``off``, ``optional`` (``""``
-            for a sample without a caption) or ``required`` (every sample must have one; checked at construction).
+        flip, random_crop: use the stored flipped variants (p = 0.5) / draw among the stored crops (else the middle one).
+        captions: ``auto`` (``optional`` when the cache holds captions, else ``off``), ``off``, ``optional`` or
+            ``required`` (checked at construction).
 
-    Returns per item: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``,
-    plus ``caption: str`` when captions are on.
-    Raises :class:`ConfigError` at construction for a missing/unfinished cache or sidecars that do not match it, and
-    for samples without a caption when ``captions="required"``.
+    Items: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``, plus
+    ``caption: str`` when captions are on.  Raises :class:`ConfigError` at construction for a missing/unfinished cache,
+    sidecars that do not match it, or samples without a caption when ``captions="required"``.
     """
 
     def __init__(
@@ -98,7 +94,7 @@ class CachedLatents(EpochSeededDataset):
 
     @property
     def num_skipped(self) -> int:
-        """Number of samples found unreadable so far (each warned about once and never retried)."""
+        """Samples found unreadable so far (each warned about once, never retried)."""
         return int(self._bad.sum().item())
 
     def load(self, position: int) -> tuple[np.ndarray, str | None] | None:

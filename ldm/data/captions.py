@@ -2,11 +2,10 @@
 
 Sources: an image folder's sidecar ``<stem>.txt``; a tar shard sample's ``.txt`` member, else its ``.json`` member's
 ``caption`` (img2dataset / LAION layout); a latent cache's ``.txt`` member.  Modes: ``"off"`` (no caption key),
-``"optional"`` (``""``, the unconditional prompt of classifier-free guidance, for a sample without one), ``"required"``
+``"optional"`` (``""``, classifier-free guidance's unconditional prompt, for a sample without one), ``"required"``
 (a missing caption is refused at construction where the dataset can list its samples, else the sample is unreadable);
-cache readers also take ``"auto"`` (``"optional"`` when the cache recorded captions, else ``"off"``).  A caption longer
-than :data:`MAX_CAPTION_BYTES` (checked from the file size or tar header before anything is read) or not UTF-8 makes its
-sample unreadable (one warning, replaced, counted).
+cache readers also take ``"auto"``.  A caption longer than :data:`MAX_CAPTION_BYTES` (checked before it is read) or not
+UTF-8 makes its sample unreadable (one warning, replaced, counted).
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ from typing import Any
 CAPTION_KEY = "caption"
 CAPTION_MODES: tuple[str, ...] = ("off", "optional", "required")
 CACHE_CAPTION_MODES: tuple[str, ...] = ("auto", *CAPTION_MODES)
-# Longest caption in bytes (UTF-8).  CLIP's text encoder reads 77 tokens (about 300 characters); 10 KiB is far above any
-# real prompt or alt text, and low enough that a file or member named .txt that holds something else (a log, a dump) is
-# refused before it is read into memory and tokenized.
+# Longest caption in bytes (UTF-8): far above CLIP's 77 tokens (about 300 characters), low enough that a .txt holding
+# something else (a log, a dump) is refused before it is read into memory and tokenized.
 MAX_CAPTION_BYTES = 10 * 1024
-# Largest .json member read for its caption field (webdataset metadata: a few hundred bytes to a few KB in LAION
-# shards); the same bound as the latent cache's metadata members (ldm.data.shard_stream.MAX_JSON_BYTES).
+# Largest .json member read for its caption field (LAION metadata: up to a few KB); as shard_stream.MAX_JSON_BYTES.
 MAX_CAPTION_JSON_BYTES = 1 << 16
 # shard member extensions that carry captions, in the order they are looked for
 CAPTION_EXTS: tuple[str, ...] = ("txt", "json")
@@ -35,8 +32,7 @@ CAPTION_MEMBER_LIMITS: dict[str, int] = {"txt": MAX_CAPTION_BYTES, "json": MAX_C
 
 
 class CaptionError(ValueError):
-    """A caption that cannot be used (not UTF-8, too long, a JSON caption field that is not a string): the sample is
-    unreadable.  A ValueError, so the datasets skip it as they skip a corrupt image."""
+    """A caption that cannot be used: the sample is unreadable (a ValueError: datasets skip it as a corrupt image)."""
 
 
 def check_caption_mode(mode: str, allowed: tuple[str, ...] = CAPTION_MODES) -> str:
@@ -60,9 +56,8 @@ def cache_caption_mode(mode: str, recorded: int | None) -> str:
 
 
 def decode_caption(data: bytes, what: str) -> str:
-    """A caption from its bytes: at most :data:`MAX_CAPTION_BYTES` (checked first), strict UTF-8 (a byte-order mark
-    is dropped), surrounding whitespace (the final newline of a text file) stripped.  Raises :class:`CaptionError`
-    naming ``what``."""
+    """A caption from at most :data:`MAX_CAPTION_BYTES` of strict UTF-8 (byte-order mark dropped), whitespace stripped;
+    else :class:`CaptionError` naming ``what``."""
     if len(data) > MAX_CAPTION_BYTES:
         raise CaptionError(
             f"{what}: caption of {len(data):,} bytes is longer than the {MAX_CAPTION_BYTES:,} allowed "
@@ -78,17 +73,13 @@ def decode_caption(data: bytes, what: str) -> str:
 
 
 def sidecar_path(image_path: str | os.PathLike) -> Path:
-    """An image's caption file: ``<stem>.txt`` beside it."""
     return Path(image_path).with_suffix(".txt")
 
 
 def read_caption_file(path: str | os.PathLike) -> str | None:
-    """The caption in ``path``, or None when there is no such file.
-
-    Only a regular file is opened (a FIFO named ``x.txt`` would block the open), and its size is checked from the open
-    file before at most ``MAX_CAPTION_BYTES + 1`` bytes are read.  Raises :class:`CaptionError` for a file that is too
-    long, not UTF-8 or not a regular file, OSError for one that cannot be read.
-    """
+    """The caption in ``path``, or None when there is no such file.  Only a regular file is opened (a FIFO would block
+    the open), its size checked before it is read.  :class:`CaptionError` for a file that is too long, not UTF-8 or
+    not a regular file, OSError for one that cannot be read."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

@@ -36,8 +36,8 @@ _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy's and Python's global generators from torch's per-worker seed (distinct per worker and epoch,
-    reproducible under ``seed_everything``), for third-party datasets that draw from ``np.random`` directly."""
+    """Seed numpy's and Python's global generators from torch's per-worker seed, for third-party datasets that draw
+    from ``np.random`` directly."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -71,15 +71,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     Args:
         batch_size: items per batch (per rank under DDP).
-        train / validation / test: dataset configs, or None for a split without data (no dataloader method, so
-            Lightning skips it).
-        num_workers: DataLoader worker processes (0: load in the main process).
-        shuffle_val_dataloader: shuffle the validation loader (latent-diffusion's flag).
-        pin_memory: pin host memory; None -> only when the trainer runs on CUDA (or, without a trainer, when CUDA is
-            available).
-        persistent_workers: keep workers alive between epochs; None -> ``num_workers > 0``.
-        drop_last: drop the last incomplete training batch (validation/test never drop).  With it, a training split
-            smaller than one batch per rank is refused in :meth:`setup` instead of silently training on nothing.
+        train / validation / test: dataset configs, or None for a split without data (no dataloader method).
+        pin_memory: None -> only when the trainer runs on CUDA (without a trainer: when CUDA is available).
+        persistent_workers: None -> ``num_workers > 0``.
+        drop_last: drop the last incomplete training batch (validation/test never drop); a training split smaller than
+            one batch per rank is then refused in :meth:`setup` instead of silently training on nothing.
     """
 
     def __init__(
@@ -125,7 +121,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 setattr(self, method, functools.partial(self._eval_loader, name))
 
     def setup(self, stage: str | None = None) -> None:
-        """Instantiate the datasets that ``stage`` needs (``fit``: train + validation; None: all); idempotent."""
+        """Instantiate the datasets that ``stage`` needs (None: all); idempotent."""
         if stage not in _STAGE_SPLITS:
             raise ValueError(f"stage={stage!r} is not one of {list(_STAGE_SPLITS)}")
         for name in _STAGE_SPLITS[stage]:
@@ -185,6 +181,5 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return loader if self._order_seed is None else make_resumable(loader, self._order_seed, *self._rank_world())
 
     def _eval_loader(self, name: str) -> DataLoader:
-        """The validation loader (shuffled only with ``shuffle_val_dataloader``) or the test loader."""
         loader = self._loader(name, shuffle=self.shuffle_val_dataloader and name == "validation", drop_last=False)
         return loader if self._order_seed is None else shard_eval_loader(loader, *self._rank_world(), name)

@@ -1,11 +1,9 @@
 """The embedded default dataset: real photographs shipped inside scikit-image (no download, works offline).
 
-Photographs (files inside the installed ``skimage/data``, none that scikit-image would download): colour ones
-(:data:`COLOR_PHOTOS`) and, opt-in through ``photos=``, greyscale ones (:data:`GRAY_PHOTOS`, replicated to three
-channels).  Not used: ``cat`` (``chelsea`` again), ``lfw_subset`` and ``microaneurysms`` (too small).  The held-out
-photographs (:data:`HELDOUT_PHOTOS`) give the validation items and :func:`heldout_crops` only; training crops come
-from the others: a photograph is either seen whole in training or never, as a user's own image is.  Crops are resized
-from larger source squares (:func:`sample_crop`), so that small crops still hold structure instead of flat patches.
+Colour photographs (:data:`COLOR_PHOTOS`) and, opt-in through ``photos=``, greyscale ones (:data:`GRAY_PHOTOS`, as
+three channels), all files inside the installed ``skimage/data``.  The held-out photographs (:data:`HELDOUT_PHOTOS`)
+give the validation items and :func:`heldout_crops` only: a photograph is either seen in training or never, as a
+user's own image is.  Crops are resized from larger source squares, so that small crops still hold structure.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ DEFAULT_SCALE: tuple[float, float] = (1.0, 3.0)
 _HELDOUT_STREAM = 1_000_003  # separates the held-out draws from the training draws of the same seed
 
 
-# photograph -> the ``skimage.data`` function that returns it (in order: training draws index into these tuples)
+# photograph -> the ``skimage.data`` function that returns it (in order: training draws index into these tuples); not
+# used: cat (chelsea again), lfw_subset and microaneurysms (too small)
 COLOR_PHOTOS: dict[str, str] = {
     **{name: name for name in ("astronaut", "coffee", "chelsea", "rocket")},
     "motorcycle": "stereo_motorcycle",
@@ -48,11 +47,8 @@ SPLIT_PHOTOS: dict[str, tuple[str, ...]] = {"train": TRAIN_PHOTOS, "validation":
 
 @functools.cache
 def load_photo(name: str) -> np.ndarray:
-    """The photograph ``name`` as read-only uint8 ``[H, W, 3]`` (cached per process).
-
-    Photographs whose shorter side exceeds :data:`MAX_SHORT_SIDE` are first downscaled to it (bicubic, antialiased),
-    so that ``scale`` means about the same amount of scene on every photograph.
-    """
+    """The photograph ``name`` as read-only uint8 ``[H, W, 3]`` (cached per process), its short side downscaled to at
+    most :data:`MAX_SHORT_SIDE` so that ``scale`` means about the same amount of scene on every photograph."""
     from skimage import data
 
     image = getattr(data, PHOTO_LOADERS[name])()
@@ -74,11 +70,8 @@ def _check_scale(scale: float | Sequence[float]) -> tuple[float, float]:
 
 
 def check_photos(photos: Sequence[str] | None, split: str) -> tuple[str, ...]:
-    """The photographs of ``split`` (``"train"`` or ``"validation"``): ``photos``, or the split's default when None.
-
-    Raises ValueError for an unknown name, an empty list, a held-out photograph (:data:`HELDOUT_PHOTOS`) among training
-    photographs, or a training photograph among validation ones: the two sets never share a photograph.
-    """
+    """The photographs of ``split``: ``photos``, or the split's default when None.  ValueError for an unknown name, an
+    empty list, or a photograph of the other split (the two never share one)."""
     if split not in SPLIT_PHOTOS:
         raise ValueError(f"split={split!r} is not one of {sorted(SPLIT_PHOTOS)}")
     names = SPLIT_PHOTOS[split] if photos is None else tuple(photos)
@@ -105,16 +98,10 @@ def check_photos(photos: Sequence[str] | None, split: str) -> tuple[str, ...]:
     return names
 
 
-def sample_crop(
-    photo: np.ndarray,
-    size: int,
-    scale: tuple[float, float],
-    rng: np.random.Generator,
-    flip: bool,
-) -> np.ndarray:
+def sample_crop(photo: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator, flip: bool) -> np.ndarray:
     """A ``size`` x ``size`` uint8 crop anywhere in ``photo`` ``[H, W, 3]``, covering ``size * s`` source pixels
-    (``s`` log-uniform in ``scale``, shrunk when the photograph is too small) resized to ``size`` (bicubic,
-    antialiased); with ``flip`` mirrored horizontally with probability 0.5."""
+    (``s`` log-uniform in ``scale``, shrunk when the photograph is too small) resized to ``size`` (bicubic); with
+    ``flip`` mirrored horizontally with probability 0.5."""
     height, width = photo.shape[:2]
     s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))
     side = max(1, min(round(size * s), height, width))
@@ -141,9 +128,7 @@ def heldout_crops(
     photos: Sequence[str] = HELDOUT_PHOTOS,
 ) -> list[np.ndarray]:
     """``n`` clean uint8 ``[size, size, 3]`` crops of the held-out photographs, never seen by :class:`EmbeddedPhotos`
-    training (whatever its size, scale, seed or photographs).  Photographs are used in turn (crop ``i`` comes from
-    ``photos[i % len(photos)]``); positions and scales are fixed by ``seed``.
-    """
+    training; crop ``i`` comes from ``photos[i % len(photos)]``, positions and scales are fixed by ``seed``."""
     if int(size) < 1 or int(n) < 0:
         raise ValueError(f"size={size} must be positive and n={n} non-negative")
     _check_size(size)
@@ -164,18 +149,13 @@ class EmbeddedPhotos(EpochSeededDataset):
     """Random crops of scikit-image's bundled photographs: the dataset that needs no download.
 
     Args:
-        size: side of the square crops in pixels.
-        split: ``"train"`` (random photograph, scale, position and flip, drawn from ``(seed, epoch, index)`` as
-            :mod:`ldm.data.image_folder` does) or ``"validation"`` (fixed crops of the held-out photographs, no flip:
-            ``heldout_crops(size, n_samples, seed, scale, photos)``).
+        split: ``"train"`` (random photograph, scale, position and flip, drawn from ``(seed, epoch, index)``) or
+            ``"validation"`` (``heldout_crops(size, n_samples, seed, scale, photos)``, no flip).
         n_samples: length of an epoch (training) / number of validation crops.
         scale: source pixels per output pixel, a number or a ``(low, high)`` range drawn log-uniformly.
-        photos: names of the photographs to use; default (None) :data:`TRAIN_PHOTOS` for training and
-            :data:`HELDOUT_PHOTOS` for validation.  Training may not name a held-out photograph, nor validation a
-            training one.
-        flip: random horizontal flip (p = 0.5) of training crops.
+        photos: the photographs to use; None: :data:`TRAIN_PHOTOS` for training, :data:`HELDOUT_PHOTOS` for validation.
 
-    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "photo_": name}``.
+    Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "photo_": name}``.
     """
 
     def __init__(

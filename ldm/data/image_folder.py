@@ -1,14 +1,12 @@
 """Image-folder dataset (recursive scan, deterministic train/validation split, resize + crop + flip) and the image
 helpers and ``(seed, epoch, index)`` randomness that the other datasets share.
 
-Items follow latent-diffusion's convention, ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}`` (models
-rearrange to ``[B, 3, H, W]``).  Randomness (the contract every dataset here follows): the crop and flip of item
-``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])``: reproducible for a seed, independent of
-workers, ranks and fetch order, and new per epoch through :meth:`EpochSeededDataset.set_epoch` (DataModuleFromConfig
-calls it every training epoch; a plain DataLoader user must call it too, or every epoch repeats epoch 0's crops).
-Unreadable files (truncated, corrupt, not an image, decompression bomb; or an unusable caption file) are skipped: the
-first failure logs one warning and marks the file in a shared-memory table (never retried), and the next readable file
-of the split stands in (``num_skipped`` counts them).
+Items follow latent-diffusion's convention, ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}``.  The crop
+and flip of item ``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])`` (every dataset here):
+reproducible, independent of workers, ranks and fetch order, new per epoch through :meth:`EpochSeededDataset.set_epoch`
+(DataModuleFromConfig calls it; a plain DataLoader user must too, or every epoch repeats epoch 0's crops).  An
+unreadable file (corrupt, not an image, decompression bomb, unusable caption) is warned about once, marked in shared
+memory (never retried) and replaced by the next readable file (``num_skipped`` counts them).
 """
 
 from __future__ import annotations
@@ -66,12 +64,9 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Decode ``path`` (or an open binary file) fully, apply its EXIF orientation and return an RGB image; raises one
-    of :data:`UNREADABLE_IMAGE_ERRORS` when it cannot be decoded.
-
-    Only regular files are opened (a FIFO named ``x.png`` would block the open forever), and only as one of
-    :data:`ldm.imageio.LOADER_FORMATS` (Pillow's EPS plugin would run Ghostscript on a downloaded data set).
-    """
+    """Decode ``path`` (or an open binary file) fully, EXIF-oriented, as RGB; raises one of
+    :data:`UNREADABLE_IMAGE_ERRORS` when it cannot.  Only regular files are opened (a FIFO would block the open), and
+    only as one of :data:`ldm.imageio.LOADER_FORMATS` (Pillow's EPS plugin would run Ghostscript)."""
     if isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(f"{path} is not a regular file (device, FIFO or socket)")
     Image.init()
@@ -127,11 +122,10 @@ class EpochSeededDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        """The epoch the augmentations are currently drawn for."""
         return int(self._epoch.item())
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentations of ``epoch`` (call at the start of each epoch; DataModuleFromConfig does)."""
+        """Select the augmentations of ``epoch`` (DataModuleFromConfig calls it at the start of each epoch)."""
         if int(epoch) < 0:
             raise ValueError(f"epoch={epoch} must be non-negative")
         self._epoch.fill_(int(epoch))
@@ -141,20 +135,18 @@ class EpochSeededDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
 
 
-def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """All files under ``root`` whose suffix (case-insensitive) is in ``suffixes``, sorted by relative POSIX path.
-    The walk follows symlinked folders (each real folder once, so link cycles end) and ignores hidden files and folders.
-    Raises FileNotFoundError / NotADirectoryError for a missing root / a file."""
+def scan_image_files(root: str | os.PathLike) -> list[Path]:
+    """Files under ``root`` with one of :data:`IMAGE_SUFFIXES` (any case), sorted by relative POSIX path; follows
+    symlinked folders (each real folder once), ignores hidden ones.  FileNotFoundError / NotADirectoryError for a bad root."""
     root = Path(root).expanduser()
-    accepted = {s.lower() for s in suffixes}
     if not root.exists():
         raise FileNotFoundError(
             f"image folder {str(root)!r} does not exist; point `root` at a folder holding images with suffixes "
-            f"{', '.join(sorted(accepted))} (searched recursively)"
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} (searched recursively)"
         )
     if not root.is_dir():
         raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder; pass the folder that holds it")
-    found: list[tuple[str, Path]] = []
+    found: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -164,18 +156,15 @@ def scan_image_files(root: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SU
         visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in accepted:
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 def split_files(files: Sequence[Path], split: str, val_fraction: float, split_seed: int) -> list[Path]:
     """``split`` of ``files`` by a seeded shuffle: ``round(val_fraction * n)`` files (at least one when
-    ``val_fraction > 0`` and ``n >= 2``, never all) form the validation split, the rest the training split; ``"all"``
-    keeps every file.  Returned in sorted order; adding or removing files re-draws the split."""
+    ``val_fraction > 0`` and ``n >= 2``, never all) are validation, the rest training; ``"all"`` keeps every file.
+    Adding files re-draws the split."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
     if not 0.0 <= val_fraction < 1.0:
@@ -192,14 +181,11 @@ class ImageFolderDataset(EpochSeededDataset):
     """Images found recursively under ``root``, resized, cropped to ``size`` x ``size`` and (train) flipped.
 
     Args:
-        root: folder scanned for ``.png .jpg .jpeg .webp .bmp`` files (case-insensitive suffixes).
-        split: ``"train"``, ``"validation"`` (deterministic: centre crop, no flip) or ``"all"``.
-        val_fraction: fraction of the files held out for validation (give both splits the same value).
+        split: ``"train"``, ``"validation"`` (centre crop, no flip) or ``"all"``; ``val_fraction`` of the files are
+            held out for validation (give both splits the same value).
         random_crop, flip: uniform random crop (else centred) and horizontal flip (p = 0.5), for train/all only.
-        min_side_resize: resize so that the short side equals ``size``; when False only images whose short side is
-            below ``size`` are upscaled to it.
-        seed: seed of the crops/flips (the module's ``(seed, epoch, index)`` contract).
-        split_seed: seed of the split, separate so that changing ``seed`` never moves files between the splits.
+        min_side_resize: resize so that the short side equals ``size``; when False only upscale smaller images.
+        split_seed: seed of the split, apart from ``seed`` (the crops) so that ``seed`` never moves files between splits.
         captions: ``"off"``, ``"optional"`` (``""`` for an image without ``<stem>.txt``) or ``"required"`` (checked at
             construction).
 
@@ -266,18 +252,16 @@ class ImageFolderDataset(EpochSeededDataset):
 
     @property
     def num_skipped(self) -> int:
-        """Number of files found unreadable so far (each is warned about once and never retried)."""
+        """Files found unreadable so far (each warned about once, never retried)."""
         return int(self._bad.sum().item())
 
     @property
     def skipped_files(self) -> list[str]:
-        """Paths of the files found unreadable so far."""
         return [str(self.files[i]) for i in torch.nonzero(self._bad).flatten().tolist()]
 
     def load(self, position: int) -> tuple[Image.Image, dict[str, str]] | None:
-        """The RGB image of file ``position`` and ``{"caption": text}`` (``{}`` with ``captions="off"``), or None after
-        marking the file unreadable.  The caption file is read first, so a bad one (not UTF-8, too long, unreadable,
-        missing when captions are required) skips the image unread."""
+        """The RGB image of file ``position`` and ``{"caption": text}`` (``{}`` when off), or None after marking the file
+        unreadable.  The caption is read first, so a bad one skips the image unread."""
         if self._bad[position].item():
             return None
         path = self.files[position]

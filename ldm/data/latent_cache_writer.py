@@ -63,12 +63,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """What a cache is made with; all of it goes into ``plan.json`` and a resumed run must use the same.
-
-    ``source`` is a folder of images or a shard pattern; ``split``/``val_fraction``/``split_seed`` select a folder's
-    files as :func:`~ldm.data.image_folder.split_files` does; ``size``/``min_side_resize`` as in ImageFolderDataset;
-    ``batch_size`` images are encoded per call (part of the plan: it decides the encoder's exact float results).
-    """
+    """What a cache is made with (all of it goes into ``plan.json``; a resumed run must use the same).  ``source`` is
+    a folder of images or a shard pattern; ``split``/``val_fraction``/``split_seed`` as in
+    :func:`~ldm.data.image_folder.split_files`; ``batch_size`` images are encoded per call (it decides the encoder's
+    exact float results)."""
 
     source: str
     split: str
@@ -130,8 +128,8 @@ def plan_document(settings: CacheSettings, sha256: str, latent_shape: tuple[int,
 
 
 def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
-    """The local files and folders that ``--data`` reads (a folder and every image under it, or the local shard
-    files), and the folder's scanned image list (None for shards).  Raises as ``scan_image_files`` / ``expand_shards``."""
+    """The local files and folders that ``--data`` reads (a folder and its images, or the local shard files), and the
+    folder's scanned image list (None for shards)."""
     if os.path.isdir(source):
         root = Path(source).resolve()
         scanned = scan_image_files(root)
@@ -140,13 +138,9 @@ def source_inputs(source: str) -> tuple[list[Path], list[Path] | None]:
 
 
 def check_output_folder(out: Path, inputs: list[Path]) -> None:
-    """Refuse (ConfigError, one line, before anything is written) an ``--out`` this run must not write into.
-
-    Allowed: a folder that does not exist yet, an empty one (stale temp files do not count), or one with a
-    ``plan.json`` (:func:`claim_plan` resumes it).  Refused: any other non-empty folder, an ``--out`` that is or lies
-    above an input (the input shards would be replaced by their own latents), and one with an entry that links to an
-    input.  OS errors while looking are left to the writes, which report them as output errors.
-    """
+    """Refuse (ConfigError, before anything is written) an ``--out`` this run must not write into: one that is or
+    holds an input, one with an entry linking to an input, and a non-empty folder without ``plan.json`` (stale temp
+    files do not count).  OS errors while looking are left to the writes, which report them as output errors."""
     out_real = Path(os.path.realpath(out))
     real_inputs = {Path(os.path.realpath(p)) for p in inputs}
     # resolved, an output is out_real / name unless the entry is a link: an input at or under out_real is overwritten
@@ -163,18 +157,15 @@ def check_output_folder(out: Path, inputs: list[Path]) -> None:
             listing = [(e.name, e.is_symlink()) for e in entries if not TEMP_FILE_PATTERN.match(e.name)]
     except OSError:
         return
-    if not listing:
-        return
     for name, link in listing:
         if link and Path(os.path.realpath(out_real / name)) in real_inputs:
             raise ConfigError(
                 f"--out {out}: {name} is a link to the input {os.path.realpath(out_real / name)!r}, which the cache "
                 "would replace; remove the link or choose another --out"
             )
-    if PLAN_NAME not in {name for name, _ in listing}:
-        first = sorted(name for name, _ in listing)[0]
+    if listing and PLAN_NAME not in {name for name, _ in listing}:
         raise ConfigError(
-            f"--out {out} is not empty ({len(listing)} entries, e.g. {first!r}) and is not a latent cache (it has no "
+            f"--out {out} is not empty ({len(listing)} entries, e.g. {min(listing)[0]!r}) and is not a latent cache (it has no "
             f"{PLAN_NAME}); its files would be replaced or mixed with the cache's: choose a new or empty --out folder"
         )
 
@@ -205,17 +196,13 @@ def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarr
     size = settings.size
     image = resize_short_side(image, size, settings.min_side_resize)
     width, height = image.size
+    top, left = (height - size) // 2, (width - size) // 2  # the centre crop
     if settings.n_crops == 1:
-        positions = [((height - size) // 2, (width - size) // 2)]  # the centre crop
-    else:
-        ks = range(settings.n_crops)
+        positions = [(top, left)]
+    else:  # evenly spaced along the longer side
         last = settings.n_crops - 1
-        if width >= height:
-            top = (height - size) // 2
-            positions = [(top, round(k * (width - size) / last)) for k in ks]
-        else:
-            left = (width - size) // 2
-            positions = [(round(k * (height - size) / last), left) for k in ks]
+        spaced = [round(k * (max(width, height) - size) / last) for k in range(settings.n_crops)]
+        positions = [(top, s) for s in spaced] if width >= height else [(s, left) for s in spaced]
     arrays, variants = [], []
     for top, left in positions:
         crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
@@ -228,8 +215,7 @@ def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarr
 
 
 def unit_inputs(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int, str, Image.Image, str | None]]:
-    """``(position, source key, RGB image, caption or None)`` of a unit's readable inputs; unreadable ones (image or
-    caption) are appended to ``skipped``."""
+    """``(position, source key, RGB image, caption or None)`` of a unit's readable inputs; the others go to ``skipped``."""
     if unit.url is None:
         for position, name in enumerate(unit.files):
             try:
@@ -341,9 +327,8 @@ def write_unit(
 
 def read_sidecar(out: Path, unit: Unit) -> dict[str, Any] | None:
     """The sidecar of a finished unit, or None when the unit still has to be (re)done."""
-    path = out / f"{unit.name}.json"
     try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
+        sidecar = json.loads((out / f"{unit.name}.json").read_text(encoding="utf-8"))
         if (out / sidecar["tar"]).stat().st_size == int(sidecar["tar_bytes"]) and sidecar["unit"] == unit.index:
             return sidecar
     except (OSError, ValueError, KeyError, TypeError):

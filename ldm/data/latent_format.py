@@ -89,8 +89,7 @@ def cached_first_stage_sha256(module: torch.nn.Module) -> str:
 
 
 def check_first_stage(hashes: str | Sequence[str], module: torch.nn.Module, where: str = "cached latents") -> None:
-    """Raise :class:`FirstStageMismatchError` (one line, both hashes) unless every entry of ``hashes`` is the hash
-    of ``module``'s weights."""
+    """:class:`FirstStageMismatchError` unless every entry of ``hashes`` is the hash of ``module``'s weights."""
     given = {hashes} if isinstance(hashes, str) else set(hashes)
     ours = cached_first_stage_sha256(module)
     others = sorted(given - {ours})
@@ -110,12 +109,9 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "latent") -> np.ndarray:
-    """A float32/float16 array from .npy bytes, checked before allocation: dtype, C order, ``shape`` when given
-    (``-1`` entries match any size) and that the payload holds exactly the header's elements; then that no value is
-    NaN or infinite.  Read-only view.
-
-    Raises ValueError with ``what`` in the message for anything else.
-    """
+    """A read-only float32/float16 array from .npy bytes, checked before allocation: dtype, C order, ``shape`` when
+    given (``-1`` matches any size), a payload of exactly the header's elements; then that every value is finite.
+    Raises ValueError naming ``what`` for anything else."""
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
@@ -158,11 +154,10 @@ def decode_npy(data: bytes, shape: Sequence[int] | None = None, what: str = "lat
 
 
 def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, random_crop: bool, flip: bool) -> int:
-    """The variant an epoch uses, drawn like :class:`~ldm.data.image_folder.ImageFolderDataset` draws its
-    augmentation: the crop first (``rng.integers(n_crops)``, only with ``random_crop`` and several crops; otherwise the
-    middle crop ``(n_crops - 1) // 2``), then the flip (``rng.random() < 0.5``, only with ``flip`` and stored flips).
-    With one (centre) crop this is exactly the image dataset's draw with ``random_crop: false``, so cached and image
-    training see the same inputs for the same seed."""
+    """The variant an epoch uses, drawn as ImageFolderDataset draws its augmentation: the crop (``rng.integers(n_crops)``
+    with ``random_crop`` and several crops, else the middle one), then the flip (``rng.random() < 0.5``, with ``flip``
+    and stored flips).  With one crop this is the image dataset's draw with ``random_crop: false`` (same seed, same
+    inputs)."""
     crop = int(rng.integers(n_crops)) if random_crop and n_crops > 1 else (n_crops - 1) // 2
     flipped = bool(flip and stored_flip and rng.random() < 0.5)
     return crop * (2 if stored_flip else 1) + int(flipped)
@@ -170,10 +165,9 @@ def choose_variant(rng: np.random.Generator, n_crops: int, stored_flip: bool, ra
 
 @dataclass(frozen=True)
 class CacheIndex:
-    """Contents of ``index.json`` (a cache folder ``root``): ``size`` is the crop side in pixels, ``latent_shape``
-    ``[C, h, w]``, ``dtype`` the storage dtype name, ``shards`` ``[(file name, samples)]`` in order, ``skipped`` the
-    inputs that could not be read, ``captions`` how many samples have a ``.txt`` member (0: no key in the file),
-    ``settings`` the rest of what the cache was made with (for people)."""
+    """Contents of ``<root>/index.json``: ``size`` the crop side in pixels, ``latent_shape`` ``[C, h, w]``, ``dtype``
+    the storage dtype name, ``shards`` ``[(file name, samples)]`` in order, ``skipped`` unreadable inputs, ``captions``
+    how many samples have a ``.txt`` member (0: no key in the file), ``settings`` the rest (for people)."""
 
     root: Path
     first_stage_sha256: str
@@ -193,7 +187,6 @@ class CacheIndex:
 
     @property
     def variants(self) -> int:
-        """Latents stored per image: ``n_crops`` crops, each also flipped when ``flip``."""
         return self.n_crops * (2 if self.flip else 1)
 
     def shard_paths(self) -> list[str]:
@@ -275,9 +268,8 @@ def read_index(root: str | os.PathLike) -> CacheIndex:
 def _index_field(
     path: Path, data: dict[str, Any], key: str, kind: type, rule: str, where: str = "", default: Any = None
 ) -> Any:
-    """``data[key]`` of an index file if it has exactly the type ``kind`` (no bool for int, no "3" or 2.9 for int, no
-    "false" for bool: json.loads gives each its own type), else a one-line ConfigError naming the file and the key; a
-    missing key gives ``default`` if there is one (not None)."""
+    """``data[key]`` if its type is exactly ``kind`` (no bool for int, no "false" for bool), else a one-line
+    ConfigError naming the file and the key; a missing key gives ``default`` if there is one (not None)."""
     name = f"{where}.{key}" if where else key
     if key not in data:
         if default is not None:
@@ -299,7 +291,6 @@ def _index_error(path: Path, name: str, value: Any, rule: str) -> ConfigError:
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    """A value for a one-line message (repr, cut when long)."""
     shown = repr(value)
     return shown if len(shown) <= limit else f"{shown[:limit]}..."
 

@@ -2,12 +2,10 @@
 
 Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (``state_dict`` / ``load_state_dict``).
 :func:`make_resumable` rebuilds a DataLoader around :class:`ShardedEpochSampler` (every rank the same order of epoch
-``e``, each taking every ``world_size``-th index); the loader counts the batches it handed out this epoch, the count
-goes into the checkpoint, and a resumed run skips that many batches *by index* (nothing is loaded for them).  The real
-iterator is created lazily at the first ``next()`` (after Lightning's ``set_epoch``); worker seeds derive from ``(seed,
-epoch, rank)`` through the loader's own generator.  Iterable-style datasets and custom samplers are left alone (with a
-warning) on one process and refused for multi-process runs, except loaders that split their data by rank themselves
-(``splits_by_rank = True``: the streams of :mod:`ldm.data.shard_stream`, which share :class:`ResumableLoaderState`).
+``e``, each taking every ``world_size``-th index); the count of batches handed out this epoch goes into the checkpoint,
+and a resumed run skips that many *by index* (nothing is loaded for them).  Worker seeds derive from ``(seed, epoch,
+rank)``.  Iterable-style datasets and custom samplers are left alone (with a warning) on one process and refused for
+several, except loaders that split their data by rank themselves (``splits_by_rank = True``: :mod:`ldm.data.shard_stream`).
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ def derive_seed(*keys: int) -> int:
 
 
 class ResumableLoaderState:
-    """What a resumable loader shares: ``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with
-    ``weights_only``), and a loaded state makes the next iteration of that epoch skip the batches already trained on.
-    A subclass gives ``_epoch_now()`` and ``_start_epoch()`` (the epoch's real iterator, after :meth:`_resume_skip`)."""
+    """``state_dict()`` -> ``{"epoch": int, "batches": int}`` (plain ints: loads with ``weights_only``); a loaded state
+    makes the next iteration of that epoch skip the batches already trained on.  A subclass gives ``_epoch_now()`` and
+    ``_start_epoch()`` (the epoch's real iterator, after :meth:`_resume_skip`)."""
 
     batches_yielded: int = 0
     _pending: tuple[int, int] | None = None

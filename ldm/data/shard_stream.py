@@ -51,9 +51,9 @@ _SHAPE_PROBE_SAMPLES = 16
 
 @dataclass
 class _EpochState:
-    """What a worker's epoch has learnt about its data, so that nothing unreadable is read twice: ``ends`` (shard ->
-    position from which on it has nothing readable), ``empty`` (blocks without a readable sample), ``substitute``
-    (empty block -> the readable block that stands in for it), ``cached`` (the last substitute block and its items)."""
+    """What a worker's epoch learnt, so that nothing unreadable is read twice: ``ends`` (shard -> position where its
+    readable part ends), ``empty`` blocks, ``substitute`` (empty block -> the block standing in), ``cached`` (the last
+    substitute block and its items)."""
 
     ends: dict[int, int] = field(default_factory=dict)
     empty: set[int] = field(default_factory=set)
@@ -84,17 +84,11 @@ class ShardStream(IterableDataset, EpochSeededDataset):
     Unreadable data: a sample that fails to decode, or is missing because its shard is damaged or shorter than its
     count, is replaced by a readable sample of the same block (cycling), warned about and counted (:attr:`num_skipped`);
     a block without a readable sample takes the next readable block's.  Where a shard ends early or breaks is remembered
-    for the epoch (one warning, never read again).  A local shard that cannot be opened when counting is left out with
-    a warning (``skipped_shards``).
+    for the epoch (one warning).  A local shard that cannot be opened when counting is left out (``skipped_shards``).
 
-    Args:
-        shards: brace pattern(s) of tar shards, or a list of them.
-        sizes: samples per shard: a JSON file ``{shard file name or URL: count}``, or None to count local shards by
-            their tar headers at construction (remote shards need the file).
-        seed: seed of the shard order, the block shuffles and the augmentations.
-        shuffle_buffer: samples per shuffled block (rounded up to whole batches).
-
-    ``len(dataset)`` is the number of samples; the loader's length is the number of batches per rank.
+    ``shards``: brace pattern(s) of tar shards, or a list of them; ``sizes``: a JSON file ``{shard file name or URL:
+    samples}``, or None to count local shards by their tar headers at construction.  ``len(dataset)`` is the number of
+    samples; the loader's length is the number of batches per rank.
     """
 
     captions = "off"  # subclasses with captions set theirs
@@ -189,15 +183,14 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         return runs
 
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:
-        """One raw sample (``{ext: bytes}``) -> the training item; ``index`` is its global position (overridden)."""
+        """One raw sample (``{ext: bytes}``) -> the training item; ``index`` is its global position."""
         raise NotImplementedError
 
     def _read(
         self, order: np.ndarray, start: int, stop: int, epoch: int, state: _EpochState, count: bool = True
     ) -> list[dict[str, Any]]:
-        """Decoded items of stream samples ``[start, stop)`` of an epoch; unreadable and missing ones are counted
-        (unless ``count`` is false: a block read again to stand in for another counts nothing twice).  Where a shard
-        ends early or breaks goes into ``state``: later reads of the epoch skip its missing part without opening it."""
+        """Decoded items of stream samples ``[start, stop)``; unreadable and missing ones are counted unless ``count``
+        is false (a block read again to stand in for another).  Where a shard ends early goes into ``state``."""
         ends = np.cumsum(np.asarray(self.counts, dtype=np.int64)[order])
         # caption members are refused from their tar headers above their size limits
         limits = None if self.captions == "off" else cap.CAPTION_MEMBER_LIMITS
@@ -281,9 +274,8 @@ class ShardStream(IterableDataset, EpochSeededDataset):
         self, order: np.ndarray, run: tuple[int, int, int], block: int, epoch: int, state: _EpochState
     ) -> list[Any]:
         """The items of the first readable block after ``block`` (cyclically) in the worker's run: a function of the
-        data alone, so a resumed epoch substitutes as the uninterrupted one did.  Every empty block passed on the way
-        remembers the same substitute, and the substitute's items are kept, so a long unreadable stretch costs one
-        read per block instead of one scan of the rest of the run per block (which was quadratic)."""
+        data alone, so a resumed epoch substitutes as the uninterrupted one did.  Every empty block passed remembers
+        the substitute and its items are kept, so a long unreadable stretch costs one read per block."""
         start, length, _ = run
         n_blocks = math.ceil(length / self._block_samples())
         found = state.substitute.get(block)
@@ -341,11 +333,10 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 class ImageShards(ShardStream):
     """Images from tar shards (members ``.jpg .jpeg .png .webp .bmp``), transformed as ImageFolderDataset does.
 
-    Args beyond :class:`ShardStream`: ``size``, ``random_crop``, ``flip``, ``min_side_resize`` as in
-    :class:`~ldm.data.image_folder.ImageFolderDataset` (set ``random_crop``/``flip`` false for validation),
-    ``image_key`` (the item's key), ``captions`` (``off``/``optional``/``required``: a sample's ``.txt`` member, else
-    its ``.json`` member's ``caption``, see :mod:`ldm.data.captions`; a required one missing makes the sample
-    unreadable).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}`` (+ ``"caption"``).
+    ``size``, ``random_crop``, ``flip``, ``min_side_resize`` as in :class:`~ldm.data.image_folder.ImageFolderDataset`
+    (set ``random_crop``/``flip`` false for validation); ``captions`` as in :mod:`ldm.data.captions` (a required one
+    missing makes the sample unreadable).  Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": key}``
+    (+ ``"caption"``).
     """
 
     decode_errors = (KeyError, *UNREADABLE_IMAGE_ERRORS)
@@ -385,11 +376,10 @@ class ImageShards(ShardStream):
 class LatentShards(ShardStream):
     """Cached latents (``scripts/cache_latents.py``) streamed from their shards.
 
-    Args beyond :class:`ShardStream`: ``shards`` may be the cache folder (its ``index.json`` gives the shards, their
-    sizes and the latent shape) or a pattern of its shards (then ``sizes`` or local files, and the shape is the most
-    common one among the first samples); ``flip``, ``random_crop`` and items as
-    :class:`~ldm.data.cached_latents.CachedLatents`; ``captions`` as CachedLatents' (``auto`` follows the cache
-    folder's index; give a pattern of shards ``optional``/``required``).
+    ``shards`` may be the cache folder (its ``index.json`` gives the shards, their sizes and the latent shape) or a
+    pattern of its shards (then ``sizes`` or local files, and the shape is the most common among the first samples);
+    ``flip``, ``random_crop``, ``captions`` and items as :class:`~ldm.data.cached_latents.CachedLatents` (``auto``
+    follows the cache folder's index; give a pattern of shards ``optional``/``required``).
 
     A sample is skipped (counted) unless it is exactly what the cache declares: metadata a JSON object of at most
     ``MAX_JSON_BYTES`` whose variants match the array one to one (crops in order, each followed by its mirror image
@@ -424,7 +414,7 @@ class LatentShards(ShardStream):
 
     def _probe_shape(self) -> tuple[int, ...]:
         """``[V, C, h, w]`` of shards without an index: the most common shape among their first readable samples
-        (a majority, so that one odd sample among them does not decide the shape every other sample must have)."""
+        (so that one odd sample does not decide the shape every other one must have)."""
         shapes: Counter[tuple[int, ...]] = Counter()
         for url, count in zip(self.urls, self.counts):
             if count == 0:

@@ -1,8 +1,7 @@
 """A synthetic image family with a known generative process: soft-edged flat shapes on a flat background.
 
-Why: on photographs, a first stage trained for a few CPU minutes loses more than late-step experts can add.  Tiny models
-learn this family in minutes on a CPU, so "do late-step experts remove local artifacts?" can be answered at that
-scale, with as many held-out images as a statistic needs.
+Why: tiny models learn this family in minutes on a CPU (on photographs such a first stage loses more than late-step
+experts can add), so "do late-step experts remove local artifacts?" can be answered at that scale.
 
 The generative process of one image (:func:`draw_scene`, then :func:`render_scene`):
 
@@ -17,11 +16,10 @@ The generative process of one image (:func:`draw_scene`, then :func:`render_scen
 
 Scenes are drawn in fractions of the image side, so one image seed renders the same scene at any size.
 
-Seeds: an image is identified by its *image seed*, an integer in ``[0, 2**63)``.  Training draws image seeds only from
-``[0, HELDOUT_START)``; held-out images (:func:`heldout_image_seed`, used by validation and evaluation) only from
-``[HELDOUT_START, 2**63)``, so no held-out image can ever be a training image, whatever the seeds and epochs.  The
-evaluation's streams (``seed`` 0 for the cases, 1 for the realism reference, see :func:`heldout_shapes`) are disjoint
-from the validation split's (:data:`VALIDATION_STREAM` and up).
+Seeds: an image is identified by its *image seed* in ``[0, 2**63)``.  Training draws only from ``[0, HELDOUT_START)``,
+held-out images (:func:`heldout_image_seed`: validation and evaluation) only from ``[HELDOUT_START, 2**63)``, so no
+held-out image is ever a training image.  The evaluation's streams (``seed`` 0 for the cases, 1 for the realism
+reference) are disjoint from the validation split's (:data:`VALIDATION_STREAM` and up).
 """
 
 from __future__ import annotations
@@ -79,14 +77,7 @@ class Scene:
 @dataclass(frozen=True)
 class ShapesFamily:
     """The family's parameters (see the module docstring); the defaults are the family the synthetic configs train on.
-
-    Args:
-        n_min, n_max: shapes per image, uniform in ``[n_min, n_max]``.
-        radius_min, radius_max: shape "radius" range, fractions of the image side.
-        edge: width of the soft edge in pixels at ``reference_size``; it scales with the rendered size, so a scene looks
-            the same at every size.
-        reference_size: the size (px) at which ``edge`` is given.
-    """
+    ``edge`` is the soft edge's width in pixels at ``reference_size`` px; it scales with the rendered size."""
 
     n_min: int = 2
     n_max: int = 4
@@ -164,8 +155,8 @@ def train_image_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def heldout_image_seed(index: int, seed: int = 0) -> int:
-    """The image seed of held-out image ``index`` of stream ``seed``: in ``[HELDOUT_START, 2**63)``, never a training
-    seed; streams do not overlap (stream ``seed`` holds ``2**32`` images)."""
+    """The image seed of held-out image ``index`` of stream ``seed`` (``2**32`` images each, disjoint): in
+    ``[HELDOUT_START, 2**63)``, never a training seed."""
     if not 0 <= int(index) < 1 << STREAM_BITS or not 0 <= int(seed) <= MAX_STREAM:
         raise ValueError(f"held-out index {index} must be in [0, 2**{STREAM_BITS}) and seed {seed} in [0, {MAX_STREAM}]")
     return HELDOUT_START + (int(seed) << STREAM_BITS) + int(index)
@@ -187,14 +178,10 @@ def _check_size(size: int) -> int:
 class SyntheticShapes(EpochSeededDataset):
     """The synthetic family as a dataset: unlimited, deterministic by seed, with a held-out split.
 
-    Args:
-        size: side of the square images in pixels.
-        split: ``"train"`` (new image seeds every epoch, drawn from ``(seed, epoch, index)`` in the training range) or
-            ``"validation"`` (fixed held-out images of stream ``VALIDATION_STREAM + seed``, the same every epoch).
-        n_samples: length of an epoch (training) / number of validation images.
-        n_min, n_max, radius_min, radius_max, edge: the family (:class:`ShapesFamily`).
-
-    Returns per item: ``{image_key: float32 [size, size, 3] in [-1, 1], "image_seed_": int}``.
+    ``split``: ``"train"`` (new image seeds every epoch, drawn from ``(seed, epoch, index)`` in the training range) or
+    ``"validation"`` (the fixed held-out images of stream ``VALIDATION_STREAM + seed``); ``n_samples``: an epoch's
+    length / the number of validation images; ``n_min`` ... ``edge``: the family (:class:`ShapesFamily`).
+    Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "image_seed_": int}``.
     """
 
     def __init__(
@@ -231,7 +218,6 @@ class SyntheticShapes(EpochSeededDataset):
         return self.n_samples
 
     def image_seed(self, index: int) -> int:
-        """The image seed of item ``index`` (of the current epoch for training)."""
         if not -self.n_samples <= index < self.n_samples:
             raise IndexError(f"index {index} out of range for n_samples={self.n_samples}")
         index %= self.n_samples

@@ -2,11 +2,9 @@
 
 Members form samples by key as in webdataset (``dir/000123.jpg`` + ``dir/000123.json`` -> ``{"__key__": "dir/000123",
 "jpg": b"...", "json": b"..."}``); names are expanded and opened by webdataset (``expand_urls``, ``gopen``).  Reading
-and writing are this module's own: the training loaders start a shard at its ``n``-th sample without decoding the ones
-before (local shards seek over them), and written tar bytes do not depend on when they were written.
-
-Shards are untrusted: headers are read by :class:`CheckedTarInfo`, only the members a reader asks for are read, and
-members and samples are capped (:data:`MAX_MEMBER_BYTES`, :data:`MAX_SAMPLE_BYTES`) before they are read.
+is our own so that a loader starts a shard at its ``n``-th sample (local shards seek over the ones before), writing so
+that the bytes do not depend on when they were written.  Shards are untrusted: headers are read by
+:class:`CheckedTarInfo`, only wanted members are read, and members and samples are capped before they are read.
 """
 
 from __future__ import annotations
@@ -54,6 +52,12 @@ SAMPLE_ERROR_KEY = "__error__"
 _LONG_NAME_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _EXTENSION_TYPES = (*_LONG_NAME_TYPES, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _STREAM_CHUNK = 1 << 20
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")  # webdataset's envsubst pattern
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+_ALPHABET = string.ascii_uppercase + string.ascii_lowercase
+# Nesting deeper than this is not a shard name; refusing it keeps the recursion far from Python's limit.
+_MAX_BRACE_DEPTH = 32
 
 
 class ShardFormatError(tarfile.ReadError):
@@ -62,14 +66,9 @@ class ShardFormatError(tarfile.ReadError):
 
 
 class CheckedTarInfo(tarfile.TarInfo):
-    """tarfile's header reader with the checks tarfile lacks, made before it acts on a header's size field:
-
-    * an extension header (GNU long name / long link, pax, global pax) larger than :data:`MAX_EXTENSION_HEADER_BYTES`
-      is refused instead of read whole (tarfile reads it while iterating, before any member check);
-    * more than :data:`MAX_EXTENSION_CHAIN` extension headers in a row are refused (tarfile follows them recursively);
-    * a negative size (base-256 field or pax ``size`` record) is refused: it moved the next header backwards, where the
-      same header could be read again forever.
-    """
+    """tarfile's header reader with the checks tarfile lacks, made before it acts on a header's size field: it refuses
+    an extension header larger than :data:`MAX_EXTENSION_HEADER_BYTES`, more than :data:`MAX_EXTENSION_CHAIN` of them
+    in a row, and a negative size (base-256 field or pax record: it moves the next header backwards, forever)."""
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         at = f"the header at byte {self.offset:,}"
@@ -118,9 +117,7 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
             f"shards {shown!r} expand to {total:,} shard names, more than the {MAX_SHARDS:,} allowed; check the brace "
             "ranges (e.g. {000000..000999} for 1,000 shards)"
         )
-    urls: list[str] = []
-    for item in items:
-        urls.extend(expand_urls(item))
+    urls = [url for item in items for url in expand_urls(item)]
     if not urls:
         raise ConfigError(f"shards={patterns!r} names no shard; give a path like data/train-{{000000..000099}}.tar")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
@@ -134,12 +131,9 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
 
 def count_expansions(pattern: str) -> int:
     """How many names webdataset's ``expand_urls`` makes of ``pattern`` (``::`` lists, ``${VAR}`` from ``WDS_VAR``,
-    bash-style braces as the ``braceexpand`` package reads them), counted without building them.
-
-    A pattern braceexpand would refuse (unbalanced braces) counts as 1: expanding it then raises braceexpand's error.
-    Raises :class:`ConfigError` (naming the pattern) for a ``${VAR}`` whose ``WDS_VAR`` is not set (webdataset's
-    assertion), braces nested too deep, and a range number of more than :data:`MAX_RANGE_DIGITS` digits.
-    """
+    braces as ``braceexpand`` reads them), counted without building them; unbalanced braces count 1 (expanding then
+    raises braceexpand's error).  Raises :class:`ConfigError` for a ``${VAR}`` whose ``WDS_VAR`` is not set
+    (webdataset's assertion), braces nested too deep, and a range number of more than :data:`MAX_RANGE_DIGITS` digits."""
     from webdataset.shardlists import envsubst
 
     if "{" not in pattern and "$" not in pattern and "::" not in pattern:  # a plain name (most entries of a long list)
@@ -161,19 +155,8 @@ def count_expansions(pattern: str) -> int:
     return total
 
 
-_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")  # webdataset's envsubst pattern
-
-
-_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
-_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
-_ALPHABET = string.ascii_uppercase + string.ascii_lowercase
-# Nesting deeper than this is not a shard name; refusing it keeps the recursion far from Python's limit.
-_MAX_BRACE_DEPTH = 32
-
-
 def _count_pattern(pattern: str, depth: int, whole: str) -> int:
-    """braceexpand's ``parse_pattern``, counting: the product of the counts of its literal and brace parts
-    (``whole``: the pattern as given, for messages)."""
+    """braceexpand's ``parse_pattern``, counting (``whole``: the pattern as given, for messages)."""
     if depth > _MAX_BRACE_DEPTH:
         raise ConfigError(
             f"shard pattern {_shorten(whole)} nests braces more than {_MAX_BRACE_DEPTH} deep; write the shard names plainly"
@@ -221,8 +204,7 @@ def _count_expression(expr: str, depth: int, whole: str) -> int:
 
 
 def _scan_braces(text: str) -> Iterator[tuple[int, str, int]]:
-    """``(position, character, brace depth after it)`` of each character of ``text`` that no backslash escapes (the
-    escape and the character after it are passed over, as braceexpand does)."""
+    """``(position, character, brace depth after it)`` of each character no backslash escapes (as braceexpand)."""
     pos, depth = 0, 0
     while pos < len(text):
         char = text[pos]
@@ -235,7 +217,6 @@ def _scan_braces(text: str) -> Iterator[tuple[int, str, int]]:
 
 
 def _shorten(text: str, limit: int = 120) -> str:
-    """``repr(text)``, cut in the middle when longer than ``limit`` (a message stays one readable line)."""
     shown = repr(text)
     return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-limit // 2 :]}"
 
@@ -246,10 +227,8 @@ def is_local(url: str) -> bool:
 
 
 def _members(tar: tarfile.TarFile, streamed: bool, file_size: int | None) -> Iterator[tarfile.TarInfo]:
-    """The archive's members.  Once the caller is done with a member, a local shard's member is checked to end inside
-    the file (:func:`_check_extent`) and a stream is moved over the data the caller did not read: tarfile's own seek
-    past a local file's end gave a bare "unexpected end of data", and in a stream it never ended for a header claiming
-    2**62 bytes."""
+    """The archive's members; after each, a local member is checked to end inside the file and a stream is moved over
+    the unread data here (tarfile gives a bare "unexpected end of data", and in a stream never ends for a huge size)."""
     while True:
         member = tar.next()
         if member is None:
@@ -271,8 +250,7 @@ def _members(tar: tarfile.TarFile, streamed: bool, file_size: int | None) -> Ite
 
 
 def _check_extent(tar: tarfile.TarFile, member: tarfile.TarInfo, file_size: int) -> None:
-    """Raise :class:`ShardFormatError` when the data of ``member`` (the last one read) runs past the end of the file
-    by more than the padding of its last block: the next header cannot be found."""
+    """:class:`ShardFormatError` when ``member``'s data runs past the file's end (beyond its last block's padding)."""
     if tar.offset - file_size >= tarfile.BLOCKSIZE:
         raise ShardFormatError(
             f"member {member.name!r} (header at byte {member.offset:,}) claims {member.size:,} bytes, but the file "
@@ -282,12 +260,7 @@ def _check_extent(tar: tarfile.TarFile, member: tarfile.TarInfo, file_size: int)
 
 
 def _member_problem(
-    member: tarfile.TarInfo,
-    ext: str,
-    key: str,
-    sample: dict[str, Any],
-    held: int,
-    member_limits: Mapping[str, int] | None,
+    member: tarfile.TarInfo, ext: str, sample: dict[str, Any], held: int, member_limits: Mapping[str, int] | None
 ) -> str | None:
     """Why a wanted member of ``sample`` (which holds ``held`` bytes so far) must not be read, or None."""
     if ext in sample:
@@ -307,8 +280,9 @@ def _member_problem(
         )
     if held + member.size > MAX_SAMPLE_BYTES:
         return (
-            f"the members of sample {key!r} read so far and {member.name!r} add up to {held + member.size:,} bytes, "
-            f"more than the {MAX_SAMPLE_BYTES:,} a sample may have (ldm.data.tar_shards.MAX_SAMPLE_BYTES)"
+            f"the members of sample {sample['__key__']!r} read so far and {member.name!r} add up to "
+            f"{held + member.size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may have "
+            "(ldm.data.tar_shards.MAX_SAMPLE_BYTES)"
         )
     return None
 
@@ -371,7 +345,7 @@ def iter_samples(
             if file_size is not None:
                 _check_extent(tar, member, file_size)  # a plain message, not tarfile's "unexpected end of data"
             # checked before reading: the header's size is the only thing that says what the read would allocate
-            problem = _member_problem(member, ext, key, current, held, member_limits)
+            problem = _member_problem(member, ext, current, held, member_limits)
             if problem is not None:  # what has been read of the sample is let go
                 current = {k: current[k] for k in ("__key__", "__url__", "__index__")}
                 current[SAMPLE_ERROR_KEY] = f"{label}: {problem}"
@@ -406,9 +380,8 @@ class MemberSpan(NamedTuple):
 
 
 def write_tar(fh: BinaryIO, members: Iterable[tuple[str, bytes]]) -> list[MemberSpan]:
-    """Write ``(name, bytes)`` members as a USTAR archive with fixed metadata (mtime 0, mode 0644, owner 0, no user
-    names), so that the same members give the same bytes on every run; returns where each member's data lies.
-    Names are ASCII, at most 100 characters (one header block each, no extension headers)."""
+    """Write ``(name, bytes)`` members as a USTAR archive with fixed metadata, so that the same members give the same
+    bytes on every run; returns where each member's data lies.  Names: ASCII, at most 100 characters (no extensions)."""
     spans = []
     with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:

@@ -111,15 +111,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path (or train one first)")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; pass the .ckpt/.safetensors file inside it")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); the file was truncated or never written")
-
-
 def _torch_load_restricted(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -142,17 +133,20 @@ def _torch_load_restricted(path: Path, map_location: Any) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: bool = False) -> dict[str, Any]:
-    """Read a checkpoint file into a dict.
-
-    ``.safetensors`` files give ``{"state_dict": tensors, "metadata": {...}}``; torch files give what was saved
-    (a Lightning checkpoint dict, or a bare state dict wrapped as ``{"state_dict": ...}``).
+    """Read a checkpoint file into a dict: ``.safetensors`` gives ``{"state_dict": tensors, "metadata": {...}}`` (and
+    the records of :data:`_RECORDS`); a torch file what was saved (a bare state dict as ``{"state_dict": ...}``).
 
     Raises:
         CheckpointError: missing / empty / truncated / not a checkpoint.
         UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False.
     """
     path = Path(path)
-    _check_file(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path (or train one first)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; pass the .ckpt/.safetensors file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); the file was truncated or never written")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
     try:
@@ -166,7 +160,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
     except _READ_ERRORS as exc:
         kind = "truncated or corrupt" if path.suffix in CKPT_SUFFIXES else "not a torch or safetensors checkpoint"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({kind}): {str(exc).splitlines()[0]}") from exc
-    if _is_state_dict(obj):
+    if isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": dict(obj)}
     if isinstance(obj, Mapping):
         return dict(obj)
@@ -190,8 +184,8 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
 
 
 def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    """The records :func:`save_checkpoint` keeps as JSON strings in a ``.safetensors`` header (``latesteps.config``,
-    ``.window``, ``.global_step``, ``.ema_folded``), parsed, each at most :data:`MAX_METADATA_JSON` characters."""
+    """The :data:`_RECORDS` of a ``.safetensors`` header, parsed and checked (each at most :data:`MAX_METADATA_JSON`
+    characters)."""
     records: dict[str, Any] = {}
     for key, (valid, kind) in _RECORDS.items():
         name = METADATA_PREFIX + key
@@ -229,10 +223,6 @@ _RECORDS = {
 }
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint: its ``state_dict`` entry, or the file itself if it is a state dict."""
     ckpt = load_checkpoint(path, map_location=map_location, unsafe=unsafe)
@@ -246,9 +236,8 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a checkpoint atomically. ``.safetensors``: ``obj['state_dict']``, string ``metadata``, and the records of
-    ``_RECORDS`` (``config``, ``window``, ...) as JSON strings in the header (``latesteps.config``, ...);
-    else torch.save."""
+    """Write a checkpoint atomically: ``.safetensors`` keeps ``obj['state_dict']``, string ``metadata`` and the
+    :data:`_RECORDS` of ``obj``; other suffixes ``torch.save``."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save
@@ -263,9 +252,8 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 def _sorted_metadata(payload: bytes) -> bytes:
-    """``payload`` (a serialized ``.safetensors`` file) with its header's ``__metadata__`` keys in sorted order:
-    safetensors writes them in hash-map order, which differs from run to run, so the same weights would get another
-    sha256 each time.  The header keeps its length (padded with spaces, as the format allows) and every offset."""
+    """``payload`` (a ``.safetensors`` file) with its ``__metadata__`` keys sorted: safetensors writes them in hash-map
+    order, so the same weights would get another sha256 each run.  The header keeps its length (space-padded)."""
     (size,) = struct.unpack("<Q", payload[:8])
     header = json.loads(payload[8 : 8 + size])
     metadata = header.pop("__metadata__", None)
@@ -277,8 +265,7 @@ def _sorted_metadata(payload: bytes) -> bytes:
 
 
 def has_ema_weights(state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``state_dict`` holds EMA weights: ``model_ema.*`` entries beyond LitEma's scalars
-    (:data:`EMA_SCALAR_KEYS`), which EMA-only releases such as Stable Diffusion v1's keep without any weights."""
+    """Whether ``state_dict`` holds EMA weights: ``model_ema.*`` entries beyond :data:`EMA_SCALAR_KEYS`."""
     return any(k.startswith("model_ema.") and k not in EMA_SCALAR_KEYS for k in state_dict)
 
 
@@ -297,13 +284,9 @@ def drop_keys(state_dict: Mapping[str, Any], ignore_prefixes: Iterable[str]) -> 
 def check_weights_fit(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> tuple[list[str], list[str]]:
-    """Refuse a ``state_dict`` that cannot be loaded into ``module``, without loading anything.
-
-    Shape mismatches are an error (naming the first mismatching keys), and so is a ``state_dict`` that shares no key
-    with the model (the wrong kind of checkpoint, e.g. a first stage given as a diffusion model's ``ckpt_path``).
-    Only shapes are read, so ``module`` may live on the ``meta`` device (a dry run before anything is allocated).
-    Returns ``(missing, unexpected)`` keys.
-    """
+    """Refuse, without loading anything, a ``state_dict`` whose shapes differ from ``module``'s or that shares no key
+    with it (the wrong kind of checkpoint); returns ``(missing, unexpected)`` keys.  Only shapes are read, so
+    ``module`` may live on the ``meta`` device."""
     own = module.state_dict()
     bad = [k for k, v in state_dict.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if bad:
@@ -328,12 +311,8 @@ def load_weights(
     strict: bool = False,
     source: str = "checkpoint",
 ) -> tuple[list[str], list[str]]:
-    """Load ``state_dict`` into ``module`` and report what did not match.
-
-    Shape mismatches and a ``state_dict`` without a key in common are always an error (:func:`check_weights_fit`);
-    missing/unexpected keys are an error when ``strict`` and a logged note otherwise.
-    Returns ``(missing, unexpected)``.
-    """
+    """Load ``state_dict`` into ``module`` after :func:`check_weights_fit`; returns ``(missing, unexpected)``, which
+    are an error when ``strict`` and a logged note otherwise."""
     check_weights_fit(module, state_dict, source)
     result = module.load_state_dict(dict(state_dict), strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
@@ -350,9 +329,8 @@ def load_weights(
 
 
 def require_weights(missing: Iterable[str], source: str = "checkpoint", optional_prefixes: Iterable[str] = ()) -> None:
-    """Refuse a checkpoint that lacks weights the model needs (the ``missing`` keys of :func:`load_weights` or
-    :func:`check_weights_fit`, except those starting with ``optional_prefixes``): the model would run with random
-    weights there."""
+    """Refuse ``missing`` keys (of :func:`load_weights` or :func:`check_weights_fit`) outside ``optional_prefixes``:
+    the model would run with random weights there."""
     optional = tuple(optional_prefixes)
     needed = [k for k in missing if not (optional and k.startswith(optional))]
     if needed:
@@ -371,11 +349,10 @@ def load_autoencoder_weights(
     weights: str,
     question: str,
 ) -> None:
-    """Load a first stage's weights (``state_dict`` already unprefixed) into ``model``: training-loss keys (``loss.*``)
-    the model's loss lacks or shapes differently are dropped with an info line (they are not part of the autoencoder);
-    then autoencoder weights (``network_prefixes``) the model lacks, or model weights the file lacks, are refused in
-    one line.  In messages, ``name`` names the model ("this model"), ``weights`` its weights ("autoencoder"), and
-    ``question`` asks what the file should be ("is it a VQ checkpoint of this architecture?")."""
+    """Load a first stage's weights (``state_dict`` already unprefixed) into ``model``: ``loss.*`` keys the model's loss
+    lacks or shapes differently are dropped; autoencoder weights (``network_prefixes``) the model lacks, or model
+    weights the file lacks, are refused.  Messages use ``name`` ("this model"), ``weights`` ("autoencoder") and
+    ``question`` ("is it a VQ checkpoint of this architecture?")."""
     own = model.state_dict()
     loss_keys = {k for k in state_dict if k.startswith("loss.") and (k not in own or own[k].shape != state_dict[k].shape)}
     if loss_keys:

@@ -1,23 +1,20 @@
 """Configs stored in checkpoints are untrusted: what each slot may build, what its values may be, and a dry run.
 
 Building a checkpoint's embedded config runs constructors with its author's arguments.  :func:`check_untrusted_model`
-(called by :func:`ldm.refine.loading.load_expert` unless the user passes ``trust_config``) checks it in three steps,
-before any object of it is built for real:
+(called by :func:`ldm.refine.loading.load_expert` unless ``trust_config``) checks it before anything is built for real:
 
-1. **Roles.** Every ``target`` fills a slot, and each slot admits one kind of class (:data:`CONFIG_ROLES`).  A class of
-   another kind (a dataset, a callback) is refused naming the slot, the target and what the slot accepts (its module is
-   imported, the class never built); so are a ``target`` outside a slot, parameters naming files a class reads when
-   built (``remap``) and ``unsafe_load: true``.  No class can build a sub-config the check did not see.
+1. **Roles.** Each slot admits one kind of class (:data:`CONFIG_ROLES`); a class of another kind (a dataset, a
+   callback) is refused (its module imported, the class never built), and so are a ``target`` outside a slot,
+   parameters naming files a class reads when built (``remap``) and ``unsafe_load: true``.
 2. **Values.** Every parameter must be one the constructor takes and fit its type hints: integers (not bools or
    floats) in ``[0, MAX_CONFIG_INT]`` (``-1`` too where it is the default, CompVis' "unset"), finite floats, lists.
-   ``timesteps`` must equal the length of the checkpoint's ``betas``: the constructor computes the schedule on the
-   CPU, which a dry run on the meta device would not cover.
-3. **Sizes.** The model is built on the ``meta`` device under a limit on the tensors and modules it may register (a
-   loop of a million blocks stops early); every shape is compared with the state dict, missing weights are refused,
-   and the model may hold only a little more numbers than the checkpoint (its non-persistent buffers).
+   ``timesteps`` must equal the length of the checkpoint's ``betas`` (the constructor computes it on the CPU).
+3. **Sizes.** The model is built on the ``meta`` device under a limit on the tensors and modules it may register;
+   every shape is compared with the state dict, missing weights are refused, and the model may hold only a little
+   more numbers than the checkpoint (its non-persistent buffers).
 
-A trusted config (``--trust-config``) skips all of this.  Every config read from a checkpoint, trusted or not, first
-passes :func:`check_config_structure` (bounded nesting and size), because the loader walks it recursively.
+Every config read from a checkpoint, trusted or not, first passes :func:`check_config_structure` (bounded nesting and
+size), because the loader walks it recursively.
 """
 
 from __future__ import annotations
@@ -86,11 +83,10 @@ class ConfigRole:
         accepts: the kinds in words (for error messages).
         kinds: ``(base, package)`` pairs: a subclass of ``base`` (dotted) defined in ``package`` where it is given.
         slots: parameter name -> role of the sub-config it holds; sentinels: strings the slot takes instead of a config.
-        kwargs_of: parameter -> classes that receive its entries as keyword arguments (their type hints check the
-            entries, e.g. a VQ model's ``ddconfig`` goes to ``Encoder`` and ``Decoder``).
+        kwargs_of: parameter -> classes that receive its entries as keyword arguments (whose type hints check them).
         files: parameters naming files that the class reads when it is built.
-        sizes: whether the slot's integers size tensors (bounded by :data:`MAX_CONFIG_INT`); a learning-rate schedule's
-            step counts are not (and it is never built for inference).
+        sizes: whether the slot's integers size tensors (bounded by :data:`MAX_CONFIG_INT`); a learning-rate
+            schedule's step counts do not.
     """
 
     accepts: str
@@ -162,8 +158,8 @@ def check_untrusted_model(
     source: str,
     allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES,
 ) -> None:
-    """Check an untrusted model config (as it will be built) against its checkpoint's weights (only shapes and
-    ``betas`` are read) before it is built: steps 1-3 of the module docstring; ``source`` names the checkpoint.
+    """Steps 1-3 of the module docstring for a model config and its checkpoint's weights (only shapes and ``betas``
+    are read); ``source`` names the checkpoint.
 
     Raises:
         ConfigError: a target of the wrong kind or outside the allow-list, a bad value, a config that cannot be built.
@@ -185,10 +181,9 @@ def check_untrusted_model(
 
 
 def check_config_structure(config: Any, source: str) -> None:
-    """Refuse a config (as read from a checkpoint) that nests deeper than :data:`MAX_CONFIG_DEPTH` or holds more than
-    :data:`MAX_CONFIG_ENTRIES` entries, before anything walks it recursively (``copy.deepcopy``, the target scans):
-    a pickle can hold a nest deeper than Python's recursion limit, a cycle, or shared lists that multiply the walk.
-    The check itself walks iteratively and stops at the first limit."""
+    """Refuse a config read from a checkpoint that nests deeper than :data:`MAX_CONFIG_DEPTH` or holds more than
+    :data:`MAX_CONFIG_ENTRIES` entries, before anything walks it recursively (``copy.deepcopy``, the target scans).
+    Walks iteratively and stops at the first limit."""
     stack, entries = [(config, 1)], 0
     while stack:
         node, depth = stack.pop()
@@ -220,12 +215,9 @@ def check_untrusted_config(
     allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES,
     where: str = "model",
 ) -> None:
-    """Refuse an untrusted config in which a slot holds something its role does not admit, or a bad value.
-
-    Steps 1 and 2 of the module docstring, for ``config`` filling the slot ``role`` (a key of :data:`CONFIG_ROLES`)
-    and its sub-configs; ``where`` is the slot's path in error messages (``model.params.cond_stage_config``).  The
-    modules that targets name are imported; nothing is built.
-    """
+    """Steps 1 and 2 of the module docstring for ``config`` filling the slot ``role`` (a key of :data:`CONFIG_ROLES`)
+    and its sub-configs; ``where`` is the slot's path in messages.  Modules that targets name are imported, nothing is
+    built."""
     spec = CONFIG_ROLES[role]
     if isinstance(config, str) and config in spec.sentinels:
         return
@@ -388,8 +380,8 @@ def _kind(cls: type) -> str:
 
 
 def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> None:
-    """``timesteps`` (or ``len(given_betas)``) must equal the checkpoint's: the constructor computes that many schedule
-    values on the CPU (``make_beta_schedule``), before any shape could be compared."""
+    """``timesteps`` (or ``len(given_betas)``) must equal the checkpoint's: the constructor computes that many values
+    on the CPU before any shape could be compared."""
     betas = state_dict.get("betas")
     if not isinstance(betas, torch.Tensor) or betas.ndim != 1 or _stored_numel(betas) < betas.numel():
         raise CheckpointError(
@@ -416,9 +408,8 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
 
 
 def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> torch.nn.Module:
-    """The model of ``cfg`` on the meta device: every shape, no memory.  The CPU random state is left as it was.  The
-    build stops once it registers :data:`TENSOR_SLACK` more parameters and buffers than the checkpoint holds, or
-    :data:`MODULES_PER_TENSOR` times as many sub-modules (torch's global registration hooks, removed on exit)."""
+    """The model of ``cfg`` on the meta device (the CPU random state kept), stopped once it registers
+    :data:`TENSOR_SLACK` more tensors than the checkpoint holds or :data:`MODULES_PER_TENSOR` times as many modules."""
     limits = {"tensors": len(state_dict) + TENSOR_SLACK}
     limits["modules"] = MODULES_PER_TENSOR * limits["tensors"]
     counts = dict.fromkeys(limits, 0)

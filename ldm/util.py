@@ -74,11 +74,8 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
 
 
 def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> None:
-    """Refuse a ``target`` outside ``allowed_prefixes`` (used for configs that come from checkpoints).
-
-    Entries ending with ``"."`` are package prefixes, others exact names; :data:`UNTRUSTED_DENIED_PREFIXES` are refused
-    even inside an allowed package.  Nothing is imported.
-    """
+    """Refuse a ``target`` outside ``allowed_prefixes`` (``"."``-ended: packages, else exact names) or under
+    :data:`UNTRUSTED_DENIED_PREFIXES` (configs from checkpoints); nothing is imported."""
     prefixes = tuple(allowed_prefixes)
     if not any(target.startswith(p) if p.endswith(".") else target == p for p in prefixes):
         raise ConfigError(
@@ -91,12 +88,9 @@ def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_
 
 
 def resolve_untrusted_target(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> type:
-    """The class an untrusted config names, after checking that building it cannot run foreign code.
-
-    Besides :func:`check_target_allowed`, the object must be a class (a function such as a file writer is never a
-    model part) defined in an allowed package (``ldm.util.Path`` is :class:`pathlib.Path`, imported there), unless the
-    allow-list names it exactly (``torch.nn.Identity``).
-    """
+    """The class an untrusted config names, after :func:`check_target_allowed`: it must be a class (a function such as
+    a file writer is never a model part) defined in an allowed package (``ldm.util.Path`` is :class:`pathlib.Path`,
+    only imported there), unless the allow-list names it exactly (``torch.nn.Identity``)."""
     prefixes = tuple(allowed_prefixes)
     check_target_allowed(target, prefixes)
     obj = get_obj_from_str(target)
@@ -142,10 +136,8 @@ _OPEN_PACKAGES = ("torch", "pytorch_lightning", "lightning", "builtins")
 
 @dataclass(frozen=True)
 class Keywords:
-    """What ``obj(...)`` accepts by keyword (see :func:`accepted_keywords`): ``params``: name -> (type hint, default),
-    ``Any`` where a hint is missing or does not evaluate here, ``inspect.Parameter.empty`` where there is no default;
-    ``required``: the names ``obj``'s own signature needs; ``open``: it also takes keywords the walk could not list
-    (``**kwargs`` of a function, of a torch class, ...)."""
+    """``params``: name -> (type hint or ``Any``, default or ``inspect.Parameter.empty``); ``required``: the names
+    ``obj``'s own signature needs; ``open``: it also takes keywords the walk could not list (``**kwargs``)."""
 
     params: dict[str, tuple[Any, Any]]
     required: tuple[str, ...]
@@ -153,12 +145,8 @@ class Keywords:
 
 
 def accepted_keywords(obj: Callable[..., Any]) -> Keywords:
-    """The keyword arguments a class or function accepts: the one signature walk behind the checks of main.py's
-    configs and overrides, the Trainer's arguments and checkpoint configs.
-
-    A class whose ``__init__`` forwards ``**kwargs`` is followed up its MRO, so
-    ``LateStepsLatentDiffusion(t_min, t_max, **kwargs)`` accepts ``LatentDiffusion``'s arguments and nothing else.
-    """
+    """The keyword arguments a class or function accepts.  A class whose ``__init__`` forwards ``**kwargs`` is
+    followed up its MRO: ``LateStepsLatentDiffusion(t_min, t_max, **kwargs)`` accepts ``LatentDiffusion``'s too."""
     owners = [k for k in obj.__mro__ if "__init__" in vars(k)] if inspect.isclass(obj) else [None]
     params: dict[str, tuple[Any, Any]] = {}
     required: tuple[str, ...] | None = None
@@ -204,11 +192,9 @@ def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) ->
 
 
 def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -> Any:
-    """Build ``target(**params, **overrides)`` from a config mapping (dict or OmegaConf) with ``target`` and optional
-    ``params``; ``overrides`` take precedence over ``params``.  The arguments are checked against the target's signature
-    first (:func:`check_arguments`).  A config read from a checkpoint is checked by :mod:`ldm.untrusted` before it gets
-    here.  Returns None for the sentinels (module doc).
-    """
+    """Build ``target(**params, **overrides)`` from a mapping (dict or OmegaConf) with ``target`` and optional
+    ``params``, after :func:`check_arguments`; None for the sentinels (module doc).  A config read from a checkpoint is
+    checked by :mod:`ldm.untrusted` before it gets here."""
     if isinstance(config, str) and config in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL):
         return None  # as latent-diffusion: LatentDiffusion resolves these cond_stage_config markers itself
     if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
@@ -238,21 +224,11 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     return total
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], None]) -> None:
-    """Write a file atomically: ``write`` (bytes, or a function ``write(fileobj)``) goes to a temp file
-    ``.<name>.<8 random characters>.tmp`` in the same folder, which is flushed to disk and then replaces ``path`` with
-    ``os.replace`` (the folder is synced too, where the OS allows it).
-
-    A reader never sees a half-written file.  On an error the temp file is removed and the error re-raised; an OS error
-    (disk full, permission denied, ...) then names ``path``.  A process killed while writing (SIGKILL, power loss)
-    leaves the temp file behind: :func:`remove_stale_temp_files` clears them.
-    """
+    """Write ``write`` (bytes, or a function ``write(fileobj)``) to a temp file ``.<name>.<8 characters>.tmp`` beside
+    ``path``, fsync it and ``os.replace`` it onto ``path``: a reader never sees a half-written file.  On an error the
+    temp file is removed and the error re-raised (an OS error then names ``path``); a killed process leaves it behind
+    for :func:`remove_stale_temp_files`."""
     if isinstance(write, (bytes, bytearray, memoryview)):
         payload = bytes(write)
 
@@ -264,7 +240,9 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], N
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions of a new file
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -287,27 +265,24 @@ def _fsync_folder(folder: Path) -> None:
         return
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError as exc:
-        logger.debug("cannot open folder %s to sync it: %s", folder, exc)
-        return
-    try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:  # some file systems (e.g. some network mounts) refuse fsync on a folder
         logger.debug("cannot fsync folder %s: %s", folder, exc)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temp_files(
     folder: str | os.PathLike, names: Iterable[str] | None = None, keep: Collection[str] = ()
 ) -> list[Path]:
-    """Delete the temp files (``.<name>.<8 characters>.tmp``) that :func:`atomic_write_bytes` left in ``folder`` (not
-    recursive) when its process was killed; returns what was removed.
+    """Delete the temp files that :func:`atomic_write_bytes` left in ``folder`` (not recursive) when its process was
+    killed; returns what was removed.
 
     Args:
         names: only the temps of these destination file names (safe while other processes write other files into
             ``folder``); None: every temp, for a folder that no other process is writing into.
-        keep: real paths of files never removed even when named like a temp: the files the caller reads.
+        keep: real paths of files never removed even when named like a temp (the files the caller reads).
     """
     folder = Path(folder)
     if not folder.is_dir():

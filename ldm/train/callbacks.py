@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
@@ -33,11 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 class SetupCallback(Callback):
-    """Creates ``logdir/{checkpoints,configs,images}`` and saves ``<now>-project.yaml`` / ``<now>-lightning.yaml``
-    (again under the new timestamp on resume), from the merged configs as plain containers, values resolved.
-
-    Temp files a killed run left behind (``.<name>.<8 characters>.tmp`` in ``checkpoints/``, ``configs/`` and
-    ``images/<split>/``; never a ``.ckpt`` or an image: writes are atomic) are removed before training starts.
+    """Creates ``logdir/{checkpoints,configs,images}``, removes the temp files a killed run left there, and saves the
+    merged configs as ``configs/<now>-project.yaml`` / ``<now>-lightning.yaml`` (again on resume, under the new ``now``).
     """
 
     def __init__(
@@ -82,14 +80,13 @@ class SetupCallback(Callback):
 class ImageLogger(Callback):
     """latent-diffusion's image logger: PNG grids of ``pl_module.log_images`` every ``batch_frequency`` steps.
 
-    Files: ``<logdir>/images/<split>/<key>_gs-<step:06>_e-<epoch:06>_b-<batch:06>.png``; written by rank 0 only,
-    atomically.  With ``increase_log_steps`` it also logs at steps 1, 2, 4, ... below ``batch_frequency``.
+    Files: ``<logdir>/images/<split>/<key>_gs-<step:06>_e-<epoch:06>_b-<batch:06>.png``, written by rank 0.  With
+    ``increase_log_steps`` it also logs at steps 1, 2, 4, ... below ``batch_frequency``.
 
     Args:
         batch_frequency: log every this many global steps (or batches with ``log_on_batch_idx``).
         max_images: images per key (passed to ``log_images`` as ``N`` when it takes that argument).
         clamp: clamp to [-1, 1]; rescale: map [-1, 1] to [0, 1] (both before writing).
-        log_images_kwargs: extra keyword arguments for ``log_images`` (checked against its signature).
     """
 
     def __init__(
@@ -179,14 +176,10 @@ class ImageLogger(Callback):
             images = (images + 1.0) / 2.0
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        n, c, h, w = images.shape
-        ncol = min(self.nrow, n)
-        nrows = -(-n // ncol)
-        pad = 2
-        grid = torch.zeros(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
-        for i in range(n):
-            r, q = divmod(i, ncol)
-            grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+        if len(images) == 1:  # torchvision returns a lone image without the border
+            grid = torch.nn.functional.pad(images[0], (2, 2, 2, 2))
+        else:
+            grid = torchvision.utils.make_grid(images, nrow=self.nrow, padding=2)
         return (grid.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
     def on_train_batch_end(
@@ -208,17 +201,12 @@ class ImageLogger(Callback):
 
 
 class InterruptCheckpoint(Callback):
-    """Writes ``last.ckpt`` (``ckpt_path``: ``<logdir>/checkpoints/last.ckpt``) when the run is interrupted.
+    """Writes ``ckpt_path`` (``<logdir>/checkpoints/last.ckpt``) when the run is interrupted.
 
-    SIGTERM: Lightning 2's own handler only sets ``trainer.received_sigterm``; the loops raise ``SIGTERMException``
-    (a ``SystemExit``) at the next batch boundary, on every rank at the same step.  :meth:`on_exception` saves there,
-    so the checkpoint holds a completed step; ``main.py`` then exits 0.
-
-    SIGUSR1: a flag is set (chained to any earlier handler, e.g. Lightning's SLURM requeue); at the end of the batch the
-    ranks agree on it and ``last.ckpt`` is written; training goes on.
-
-    KeyboardInterrupt: saved by rank 0 alone (other ranks may be stuck in a collective), with the step in progress
-    discarded by Lightning's restart logic on resume.
+    SIGTERM: Lightning raises ``SIGTERMException`` at the next batch boundary, on every rank at the same step; saved
+    there (a completed step), then ``main.py`` exits 0.  SIGUSR1 (chained to any earlier handler, e.g. Lightning's SLURM
+    requeue): the ranks agree at the end of the batch, save, and training goes on.  KeyboardInterrupt: saved by rank 0
+    alone (other ranks may be stuck in a collective); the step in progress is discarded on resume.
     """
 
     def __init__(self, ckpt_path: str) -> None:
@@ -279,14 +267,11 @@ class InterruptCheckpoint(Callback):
 class FinalCheckpoint(Checkpoint):
     """Has every ``save_last`` ModelCheckpoint write ``last.ckpt`` for the final step when training ends off its cadence.
 
-    Lightning's ModelCheckpoint writes ``last.ckpt`` only on its cadence (``every_n_train_steps`` ...), and at the end
-    of training only when it never wrote one: a run of 1700 steps saved every 500 would leave the weights of step 1500
-    in ``last.ckpt``.  The save happens at the end of the batch that reaches ``max_steps`` (where a cadence save would
-    happen, so resuming from it continues with the very next batch) or, for runs ended otherwise (``max_epochs``, a
-    callback stopping), at the end of training.  It goes through the ModelCheckpoint's own ``last.ckpt`` logic
-    (``save_weights_only``, ``save_last="link"``, ``fast_dev_run`` and a step it already saved are respected).  As a
-    :class:`~pytorch_lightning.callbacks.Checkpoint` it runs after the ModelCheckpoints: their saves come first.
-    Not called after an exception (:class:`InterruptCheckpoint` handles those).
+    Lightning writes ``last.ckpt`` only on the cadence, and at the end only when it never wrote one: 1700 steps saved
+    every 500 would leave step 1500 in ``last.ckpt``.  The save happens at the end of the batch that reaches
+    ``max_steps`` (so resuming continues with the next batch), else at the end of training, through the
+    ModelCheckpoint's own ``last.ckpt`` logic.  As a :class:`~pytorch_lightning.callbacks.Checkpoint` it runs after the
+    ModelCheckpoints.  Not called after an exception (:class:`InterruptCheckpoint` handles those).
     """
 
     @staticmethod
@@ -315,14 +300,10 @@ class FinalCheckpoint(Checkpoint):
 class StepSeeding(Callback):
     """Reseeds the global RNGs from ``(seed, global_rank, global_step, micro_batch, phase)`` around every training step.
 
-    Phase 0 happens right before the next batch is fetched (end of the previous batch, train/epoch start, after
-    validation) and covers augmentations done in the main process; phase 1 happens at ``on_train_batch_start`` and
-    covers the step itself (timesteps, noise, dropout).  The random draws of step ``k`` are therefore a function of
-    ``k`` alone: a run resumed from a checkpoint at step ``k`` continues exactly like the uninterrupted run (whatever
-    Lightning does differently while restarting), and ranks draw different noise.
-
-    The seed is saved in every checkpoint (``checkpoint["callbacks"]["StepSeeding"]["seed"]``); ``main.py -r`` reads it
-    back (:func:`ldm.train.cli.resume_seed`).
+    Phase 0 comes right before the next batch is fetched (covers augmentations in the main process), phase 1 at
+    ``on_train_batch_start`` (timesteps, noise, dropout): the draws of step ``k`` depend on ``k`` alone, so a run
+    resumed at step ``k`` continues exactly like the uninterrupted one, and ranks draw different noise.  The seed is
+    saved in every checkpoint (``checkpoint["callbacks"]["StepSeeding"]["seed"]``) for ``main.py -r``.
     """
 
     STATE_KEY = "StepSeeding"
@@ -347,15 +328,11 @@ class StepSeeding(Callback):
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
 
-    def _restart_count(self, trainer: pl.Trainer) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step, self._micro = trainer.global_step, 0
         self._reseed(trainer, 0)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restart_count(trainer)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restart_count(trainer)
+    on_train_epoch_start = on_train_start
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._reseed(trainer, 1)

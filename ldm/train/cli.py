@@ -165,11 +165,8 @@ def check_dotlist_tokens(tokens: Sequence[str], flags: Sequence[str], configs_fl
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Parse flags; return ``(options, dotlist)``.
-
-    ``key=value`` and ``~key`` tokens become the dotlist, also when argparse swallowed them into ``--base``
-    (``-b a.yaml k=v``).  Anything else that is not a flag is an error naming the token and the valid flags.
-    """
+    """Parse flags; return ``(options, dotlist)``: the ``key=value`` and ``~key`` tokens, also those argparse put
+    into ``--base`` (``-b a.yaml k=v``).  Any other token that is not a flag is a :class:`CLIError`."""
     parser = build_parser()
     opt, unknown = parser.parse_known_args(list(argv))
     opt.base, moved = split_dotlist(opt.base)
@@ -211,8 +208,7 @@ def load_yaml_config(path: str | os.PathLike) -> DictConfig:
 
 def apply_override(config: DictConfig, entry: str) -> None:
     """Apply one dotlist entry to ``config``: ``~key`` deletes the key; ``key=value`` sets it (list entries by index,
-    ``model.params.unet_config.params.channel_mult.1=4``; a mapping value is merged into a mapping), and a value that
-    gives a node another ``target`` replaces that node's ``params`` (:mod:`ldm.train.config_merge`)."""
+    a mapping merged into a mapping), a value giving a node another ``target`` replacing that node's ``params``."""
     if is_deletion(entry):  # its form was checked with the command line (check_dotlist_tokens)
         delete_key(config, entry[len(DELETE_PREFIX) :].split("."), source=entry)
         return
@@ -289,13 +285,9 @@ def check_config_structure(config: DictConfig) -> None:
 
 def _child(node: Any, segment: str) -> tuple[bool, Any]:
     if isinstance(node, (DictConfig, Mapping)):
-        if segment in node:
-            return True, node[segment]
-        return False, None
-    if isinstance(node, (ListConfig, list)) and segment.lstrip("-").isdigit():
-        index = int(segment)
-        if -len(node) <= index < len(node):
-            return True, node[index]
+        return (True, node[segment]) if segment in node else (False, None)
+    if isinstance(node, (ListConfig, list)) and segment.lstrip("-").isdigit() and -len(node) <= int(segment) < len(node):
+        return True, node[int(segment)]
     return False, None
 
 
@@ -317,10 +309,8 @@ def check_override_key(config: DictConfig, key: str) -> None:
         if parent_path == "lightning.trainer":
             check_trainer_key(seg)
             return
-        if parent_path == "lightning" and seg in LIGHTNING_KEYS:
-            return
-        if parent_path == "lightning.callbacks":
-            return  # a new callback: its target/params are checked when it is built
+        if parent_path == "lightning.callbacks" or (parent_path == "lightning" and seg in LIGHTNING_KEYS):
+            return  # a new callback's target/params are checked when it is built
         target, params_missing = None, False
         if isinstance(node, (DictConfig, Mapping)) and "target" in node and seg == "params":
             target, params_missing = node["target"], True
@@ -362,13 +352,10 @@ def _modernize_callbacks(config: DictConfig) -> DictConfig:
 def merge_configs(
     base_paths: Sequence[str | os.PathLike], dotlist: Sequence[str], defaults: DictConfig | None = None
 ) -> DictConfig:
-    """``defaults`` <- each base YAML in order <- the dotlist (``key=value`` overrides, each validated against the
-    config as the entries before it left it, and ``~key`` deletions); the structure is checked, and every ``${...}``
-    interpolation must resolve.  A layer or override that gives a node another ``target`` replaces that node's
-    ``params``, and ``~key`` deletes (see :mod:`ldm.train.config_merge`); everything else merges as OmegaConf does.
-
-    latent-diffusion's ``target: main.ImageLogger`` is read as :class:`ldm.train.callbacks.ImageLogger`.
-    """
+    """``defaults`` <- each base YAML in order (:func:`~ldm.train.config_merge.merge_layers`) <- the dotlist, each
+    override checked against the config the entries before it left; then the structure is checked and every
+    ``${...}`` must resolve.  latent-diffusion's ``target: main.ImageLogger`` is read as
+    :class:`ldm.train.callbacks.ImageLogger`."""
     layers = [(str(p), _modernize_callbacks(load_yaml_config(p))) for p in base_paths]
     try:
         merged = merge_layers(layers, start=defaults)
@@ -401,10 +388,8 @@ def merge_configs(
 
 
 def resolve_resume(resume: str) -> tuple[Path, Path]:
-    """``-r`` argument -> ``(logdir, checkpoint)``.
-
-    A log dir resumes from its ``checkpoints/last.ckpt``; a checkpoint must live in ``<logdir>/checkpoints/``.
-    """
+    """``-r`` argument -> ``(logdir, checkpoint)``: a log dir's ``checkpoints/last.ckpt``, or a checkpoint in
+    ``<logdir>/checkpoints/``."""
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"cannot resume: {resume!r} does not exist; pass a log dir (logs/<run>) or a checkpoint in it")
@@ -434,10 +419,9 @@ def saved_run_configs(logdir: Path) -> list[str]:
 
 
 def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:
-    """The seed a resumed run uses, and a line saying where it came from: the seed ``main.py`` stored (the state of
-    :class:`~ldm.train.callbacks.StepSeeding`), so that the run continues like an uninterrupted one, unless ``-s``
-    differs (it wins, with a warning: another random stream); ``-s`` or :data:`DEFAULT_SEED` where the checkpoint stores
-    none (older runs) or an invalid one.  Tensors are not read (loaded onto the meta device)."""
+    """The seed a resumed run uses and a line saying where it came from: the one :class:`~ldm.train.callbacks.StepSeeding`
+    stored, so that the run continues like an uninterrupted one, unless ``-s`` differs (it wins, with a warning);
+    ``-s`` or :data:`DEFAULT_SEED` where the checkpoint stores none or an invalid one.  Tensors are loaded on meta."""
     from ldm.checkpoint import load_checkpoint
     from ldm.train.callbacks import StepSeeding
 

@@ -17,12 +17,9 @@ from ldm.data.resumable import make_resumable, shard_eval_loader
 
 
 def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
-    """Serve ``datamodule``'s loaders for ``trainer``'s rank in the resumable order of :mod:`ldm.data.resumable`.
-
-    A :class:`~ldm.data.datamodule.DataModuleFromConfig` builds them itself once asked.  A datamodule of another class
-    cannot be asked, so its loader methods are wrapped on the instance; rank and world size are read when Lightning
-    asks for the loaders (after the processes are set up).
-    """
+    """Serve ``datamodule``'s loaders for ``trainer``'s rank in the resumable order of :mod:`ldm.data.resumable`: a
+    :class:`~ldm.data.datamodule.DataModuleFromConfig` builds them so itself; another class gets its loader methods
+    wrapped on the instance (rank and world size read when Lightning asks for the loaders)."""
     if isinstance(datamodule, DataModuleFromConfig):
         datamodule.use_resumable_order(seed)
         return
@@ -47,9 +44,8 @@ def install_data_hooks(datamodule: Any, trainer: Any, seed: int) -> None:
 
 
 def check_first_items(datamodule: Any) -> None:
-    """Load the first item of every map-style dataset ``datamodule`` has set up, in this process: a dataset that cannot
-    produce a single item (an image folder of corrupt files) fails in one line before the run folder exists, not in a
-    DataLoader worker after.  Whatever the dataset raises propagates."""
+    """Load the first item of every map-style dataset ``datamodule`` has set up, in this process, so that a dataset of
+    corrupt files fails before the run folder exists, not in a DataLoader worker (whatever it raises propagates)."""
     for dataset in (getattr(datamodule, "datasets", None) or {}).values():
         if isinstance(dataset, IterableDataset):
             continue
@@ -62,13 +58,10 @@ def check_first_items(datamodule: Any) -> None:
 
 
 def check_cached_first_stage(datamodule: Any, model: Any) -> None:
-    """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`, one line naming both hashes) cached latents
-    that ``model``'s first stage did not encode, before the run folder exists (the model checks every batch too).
-
-    Cached latents: a map-style dataset whose first item carries ``first_stage_sha256``
-    (:class:`~ldm.data.cached_latents.CachedLatents`), or an iterable one read from a cache folder with an
-    ``index.json`` (:class:`~ldm.data.shard_stream.LatentShards` given the folder; a pattern of shards is checked at its
-    first batch instead)."""
+    """Refuse (:class:`~ldm.data.latent_format.FirstStageMismatchError`) cached latents that ``model``'s first stage
+    did not encode, before the run folder exists: a map-style dataset whose index or first item carries
+    ``first_stage_sha256``, or an iterable one read from a cache folder with an ``index.json`` (a pattern of shards is
+    checked at its first batch instead)."""
     first_stage = getattr(model, "first_stage_model", None)
     if first_stage is None:
         return

@@ -1,8 +1,6 @@
 """The printed and Markdown headline of the quick start (``scripts/quickstart.py``, stage 4): one line or table row per
-artifact, from the summary of its sweep (:func:`ldm.eval.summary.summarize`) and each artifact's cross-fitted best
-``start_t`` (:func:`ldm.eval.summary.best_start`), and the first stage's round trip on held-out images.
-
-Every figure is a mean with its 95 % bootstrap interval over images, as ``ldm.eval.summary`` formats it.
+artifact, from its sweep's summary (:func:`ldm.eval.summary.summarize`) and cross-fitted best ``start_t``
+(:func:`ldm.eval.summary.best_start`); every figure a mean with its 95 % bootstrap interval over images.
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ _ci = format_entry  # short: the table rows below call it many times
 
 
 def first_stage_round_trip(model: Any, domain: Any, size: int, n: int) -> str:
-    """The first stage's round trip (encode, quantize, decode) on ``n`` held-out images of ``size`` px, as a line;
-    ``domain`` is a quick-start domain: ``domain.images(n, size, seed)`` its held-out images, ``domain.what`` their name."""
+    """The first stage's round trip on ``n`` held-out images of ``size`` px of a quick-start ``domain`` (with
+    ``images(n, size, seed)`` and ``what``), as a line."""
     clean = torch.cat([im.image for im in domain.images(n, size, seed=0)])
     round_trip = autoencoder_baseline(model)
     decoded = torch.cat([round_trip(clean[i : i + 32]) for i in range(0, n, 32)])

@@ -1,9 +1,9 @@
 """An exclusive lock on a run folder: two ``main.py`` processes never train into one run at once (both would write
-``last.ckpt``, and the one finishing last would silently win, so progress could go backwards).
+``last.ckpt``; the one finishing last would win, so progress could go backwards).
 
-``main.py`` (rank 0 only) holds an advisory ``flock`` on ``<run>/.lock`` from the moment the run folder is known until
-it exits.  The kernel drops a ``flock`` when its holder exits in any way, SIGKILL included: a lock file left behind is
-not a held lock (no stale-pid guessing).  The file holds the holder's pid, only to name it in the error message.
+``main.py`` (rank 0) holds an advisory ``flock`` on ``<run>/.lock`` until it exits; the kernel drops it when its holder
+exits in any way, SIGKILL included, so a lock file left behind is no held lock.  The file holds the holder's pid, only
+to name it in the error message.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class RunFolderLockError(OSError):
 
 @contextlib.contextmanager
 def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
-    """Hold the exclusive lock of run folder ``logdir`` inside the context; yields the lock file (None: not locked).
+    """Hold the lock of run folder ``logdir`` inside the context; yields the lock file (None: not locked).
 
     Raises:
         RunFolderBusy: another process holds it; names that process's pid.
@@ -61,7 +61,10 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_pid(fd)
+            holder = None
+            with contextlib.suppress(OSError):
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                holder = int(text) if text.isdigit() else None
             raise RunFolderBusy(
                 f"run folder {str(logdir)!r} is in use by another main.py{f' (pid {holder})' if holder else ''}: two "
                 "runs training into one folder would overwrite each other's checkpoints; wait for it to finish or stop "
@@ -81,11 +84,3 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
         yield path if locked else None
     finally:
         os.close(fd)  # drops the lock
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None

@@ -1,8 +1,7 @@
 """Training runs as steps of a pipeline: ``main.py`` in a subprocess, its ``last.ckpt`` copied to a fixed path.
 
-The quick start (``scripts/quickstart.py``) and the benchmarks that train (``benchmarks/synthetic_windows.py``) chain
-runs this way: a first stage, then experts on it, each one ``main.py -b <config> -t`` with ``key=value`` overrides, so
-that what they train is exactly what a user's ``main.py`` command trains.
+The quick start and the benchmarks that train chain runs this way (a first stage, then experts on it), so that what
+they train is exactly what a user's ``main.py -b <config> -t key=value ...`` trains.
 """
 
 from __future__ import annotations
@@ -68,9 +67,9 @@ def run_stage(
     run_name: str | None = None,
     echo: Callable[[str], None] = logger.info,
 ) -> Path:
-    """Train ``stage`` with ``main.py`` in a subprocess (its progress on this terminal) and copy its ``last.ckpt`` to
-    ``target`` (atomically); returns the run folder.  ``extra`` overrides follow the stage's own; ``threads`` (e.g. the
-    user's ``OMP_NUM_THREADS``) replaces the stage's; ``echo`` receives the command line first (``$ main.py ...``).
+    """Train ``stage`` with ``main.py`` in a subprocess and copy its ``last.ckpt`` to ``target`` (atomically); returns
+    the run folder.  ``extra`` overrides follow the stage's own; ``threads`` replaces the stage's; ``echo`` receives
+    the command line first.
 
     Raises:
         StageError: ``main.py`` failed, or no new run folder with ``checkpoints/last.ckpt`` appeared under ``logs``.
@@ -81,8 +80,7 @@ def run_stage(
     cmd += ["-n", run_name or stage.name, "-s", str(seed), *stage.overrides, *extra]
     echo("$ " + " ".join(relative(Path(c)) if c.startswith(str(REPO)) else c for c in cmd[1:]))
     env = {k: v for k, v in os.environ.items() if k != "LATESTEPS_LOGDIR"}
-    # MKL follows OpenMP: a parent's MKL_NUM_THREADS=2 (benchmarks/common.set_threads) kept a second thread spinning
-    # in a one-thread stage, which ran 14x slower on a busy 2-core machine
+    # MKL follows OpenMP: a parent's MKL_NUM_THREADS (benchmarks/common.set_threads) kept a second thread spinning
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads or stage.threads
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:

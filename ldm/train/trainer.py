@@ -59,14 +59,9 @@ _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
 def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
-    """Refuse a ``lightning.trainer`` value whose type the ``Trainer`` signature excludes, where that signature names
-    only plain types (``max_steps: int`` refuses ``1e400``, ``2.5`` and ``"abc"``; ``bool`` is not taken for ``int``;
-    float values must be finite), and ``accumulate_grad_batches`` or ``check_val_every_n_epoch`` below 1.  Arguments
-    annotated with other classes are left to Lightning.
-
-    Raises:
-        ConfigError: one line naming the key, the value and the accepted types.
-    """
+    """Refuse (:class:`ConfigError`) a ``lightning.trainer`` value outside the plain types (bool, int, float, str,
+    None) its ``Trainer`` annotation names (a bool is no int, a float must be finite), and
+    ``accumulate_grad_batches`` or ``check_val_every_n_epoch`` below 1; other annotations are left to Lightning."""
     parameters = accepted_keywords(pl.Trainer).params
     for key, value in trainer_kwargs.items():
         allowed = _plain_types(parameters[key][0]) if key in parameters else None
@@ -125,10 +120,9 @@ def build_callbacks(
         else:
             logger.warning("no validation data: checkpoints are not ranked on %s (only last.ckpt is kept)", monitor)
     if params.get("monitor") and params.get("save_last"):
-        # Lightning 2.6 defers every save of a monitoring ModelCheckpoint, last.ckpt included, until the monitored
-        # metric exists (after the first validation).  last.ckpt gets its own, unmonitored callback so that it is
-        # written on schedule from the first step on.  It overwrites last.ckpt even when it did not write the file
-        # itself (an interrupt save, a moved log dir) instead of Lightning's default of starting last-v1.ckpt.
+        # Lightning defers every save of a monitoring ModelCheckpoint, last.ckpt included, until the first validation:
+        # last.ckpt gets its own unmonitored callback, which overwrites a last.ckpt it did not write (an interrupt
+        # save, a moved log dir) instead of starting last-v1.ckpt.
         last_params = {k: params[k] for k in LAST_CHECKPOINT_KEYS if k in params}
         callbacks.append(instantiate_from_config(dict(ckpt_cfg, params=dict(params, save_last=False))))
         last_params.update(save_top_k=0, save_last=True, enable_version_counter=False)
@@ -163,14 +157,9 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
 
 
 def configure_ddp(strategy: Any, model: pl.LightningModule) -> dict[str, Any]:
-    """Give a DDP strategy (named, or chosen by Lightning for ``devices > 1``) the ``DistributedDataParallel`` options
-    ``model`` declares; returns what was added.
-
-    A model may declare ``ddp_find_unused_parameters = True`` (:class:`~ldm.models.autoencoder.VQModel`: its
-    discriminator is idle before ``disc_start``) and ``ddp_sync_buffers = False``
-    (:class:`~ldm.models.diffusion.ddpm.DDPM`: no broadcast of the EMA buffers before every forward).  Options the
-    strategy already has win.  Lightning wraps the model in DDP only in ``fit``, so options set here take effect.
-    """
+    """Give a DDP strategy the ``DistributedDataParallel`` options ``model`` declares (those the strategy has win);
+    returns what was added: ``ddp_find_unused_parameters = True`` (VQModel: its discriminator is idle before
+    ``disc_start``), ``ddp_sync_buffers = False`` (DDPM: no broadcast of the EMA buffers before every forward)."""
     from pytorch_lightning.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel
 
@@ -193,9 +182,8 @@ def configure_ddp(strategy: Any, model: pl.LightningModule) -> dict[str, Any]:
 
 
 class SafeAtomicCheckpointIO(CheckpointIO):
-    """Every checkpoint the Trainer writes (``last.ckpt``, top-k, interrupt saves) is written atomically (a killed job
-    never leaves a half-written ``.ckpt``); every one it reads (``main.py -r``) goes through the safe loader, which
-    refuses a crafted pickle (:class:`~ldm.checkpoint.UnsafeCheckpointError`) unless ``unsafe`` (``--unsafe-load``)."""
+    """The Trainer's checkpoints written atomically and read through the safe loader, which refuses a crafted pickle
+    (:class:`~ldm.checkpoint.UnsafeCheckpointError`) unless ``unsafe`` (``--unsafe-load``)."""
 
     def __init__(self, unsafe: bool = False) -> None:
         self.unsafe = unsafe

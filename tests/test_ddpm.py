@@ -16,6 +16,7 @@ from ldm.util import ConfigError, instantiate_from_config
 from conftest import TINY_UNET_PARAMS, photo_crops, tiny_ldm_params
 
 LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
+WINDOW = "ldm.models.diffusion.latesteps.LateStepsLatentDiffusion"
 
 
 def build(**overrides) -> LatentDiffusion:
@@ -106,7 +107,7 @@ def test_conditioning_concat_crossattn_adm(monkeypatch):
     loss, _ = concat.shared_step(batch_of(2))
     assert torch.isfinite(loss)
 
-    cross = build(
+    cross_params = dict(
         cond_stage_config={
             "target": "ldm.modules.encoders.modules.ClassEmbedder",
             "params": {"embed_dim": 16, "n_classes": 10},
@@ -119,18 +120,32 @@ def test_conditioning_concat_crossattn_adm(monkeypatch):
             "params": {**TINY_UNET_PARAMS, "use_spatial_transformer": True, "context_dim": 16},
         },
     )
+    cross = build(**cross_params)
     batch = {**batch_of(2), "class": torch.tensor([1, 7])}
     loss, _ = cross.shared_step(batch)
     loss.backward()
     assert cross.cond_stage_model.embedding.weight.grad is not None
-    # validation encodes a trainable cond stage's input as training does (it once handed the raw labels to the UNet)
-    logged = []
-    monkeypatch.setattr(cross, "log_dict", lambda metrics, **kw: logged.append(metrics))
-    cross.eval()  # as Lightning runs validation
-    cross.validation_step(batch, 0)
-    cross.validation_step(batch, 0)
-    assert set(logged[0]) >= {"val/loss", "val/loss_ema"} and all(torch.isfinite(v) for v in logged[0].values())
-    assert logged[0] == logged[1]  # noise and timesteps fixed by the batch index
+    assert any(
+        p is cross.cond_stage_model.embedding.weight
+        for g in [cross.configure_optimizers()]
+        for p in g.param_groups[0]["params"]
+    )
+    # validation encodes a trainable cond stage's input as training does (it once handed the raw labels to the UNet),
+    # in LatentDiffusion and in the window model, whose validation_step is its own
+    window = instantiate_from_config(
+        {"target": WINDOW, "params": {"t_min": 0, "t_max": 250, **tiny_ldm_params(**cross_params)}}
+    )
+    for model, keys in ((cross, {"val/loss", "val/loss_ema"}), (window, {"val/loss_window", "val/loss_window_ema"})):
+        logged: list[dict] = []
+        monkeypatch.setattr(model, "log_dict", lambda metrics, logged=logged, **kw: logged.append(metrics))
+        monkeypatch.setattr(model, "log", lambda name, value, logged=logged, **kw: logged.append({name: value}))
+        model.eval()  # as Lightning runs validation
+        for _ in range(2):
+            model.validation_step(batch, 0)
+        values = {k: float(v) for entry in logged for k, v in entry.items()}
+        assert keys <= set(values) and all(np.isfinite(v) for v in values.values())
+        half = len(logged) // 2
+        assert logged[:half] == logged[half:]  # noise and timesteps fixed by the batch index
     assert any(
         p is cross.cond_stage_model.embedding.weight
         for g in [cross.configure_optimizers()]
@@ -309,6 +324,12 @@ def test_a_subclass_written_the_compvis_way_trains():
     assert torch.equal(model.p_losses(z, None, t, eps)[0], model.p_losses(z, None, t, noise=eps)[0])
     with pytest.raises(TypeError):
         model.p_losses(z, t, noise=eps)  # the old project order is refused, not silently misread
+    # validation draws its own timesteps and noise: the CompVis forward (no generator argument) is not in its way
+    logged = []
+    model.log_dict = lambda metrics, **kw: logged.append(metrics)  # type: ignore[method-assign]
+    model.eval()
+    model.validation_step(batch_of(2), 0)
+    assert all(torch.isfinite(v) for v in logged[0].values())
 
 
 @pytest.mark.parametrize("marker", ["__is_first_stage__", "__is_unconditional__"])

@@ -401,8 +401,12 @@ class DDPM(pl.LightningModule):
         return torch.Generator().manual_seed(1_000_003 * (batch_idx + 1))
 
     def _validation_losses(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss (:meth:`forward`) on timesteps and noise fixed by ``batch_idx``."""
-        return self(self.get_input(batch, self.first_stage_key), generator=self.validation_generator(batch_idx))
+        """:meth:`p_losses` on timesteps and noise fixed by ``batch_idx`` (not through :meth:`forward`: a CompVis-style
+        subclass's ``forward(x, *args, **kwargs)`` would hand the generator on to ``p_losses``)."""
+        x = self.get_input(batch, self.first_stage_key)
+        gen = self.validation_generator(batch_idx)
+        t = self.sample_training_timesteps(x.shape[0], x.device, gen)
+        return self.p_losses(x, t, noise=training_noise(x, gen))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the diffusion model, and logvar when learned."""

@@ -346,8 +346,7 @@ class LatentDiffusion(DDPM):
         ``p_losses(x, c, t, *args, **kwargs)``); with a ``generator`` the timesteps and, unless passed, the noise come
         from it (same seed, same loss)."""
         t = self.sample_training_timesteps(x.shape[0], x.device, generator)
-        if self.model.conditioning_key is not None and self.cond_stage_trainable:
-            c = self.get_learned_conditioning(c)
+        c = self.training_conditioning(c)
         if generator is not None and not args and "noise" not in kwargs:
             kwargs["noise"] = training_noise(x, generator)
         return self.p_losses(x, c, t, *args, **kwargs)
@@ -361,7 +360,16 @@ class LatentDiffusion(DDPM):
 
     def _validation_losses(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, c = self.get_input(batch, self.first_stage_key)
-        return self(z, c, generator=self.validation_generator(batch_idx))
+        gen = self.validation_generator(batch_idx)
+        t = self.sample_training_timesteps(z.shape[0], z.device, gen)
+        return self.p_losses(z, self.training_conditioning(c), t, noise=training_noise(z, gen))
+
+    def training_conditioning(self, c: Any) -> Any:
+        """``c`` from :meth:`get_input` as the UNet takes it in a loss: encoded here when the cond stage trains with the
+        model (``cond_stage_trainable``; :meth:`get_input` left it raw so that its gradient flows), else unchanged."""
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            return self.get_learned_conditioning(c)
+        return c
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Network output for latents ``x_noisy`` ``[B, C, h, w]`` at ``t`` ``[B]``; ``cond`` is a tensor, a list of

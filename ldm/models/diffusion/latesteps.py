@@ -93,7 +93,7 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         gen = self.validation_generator(batch_idx)
         t, band = stratified_window_timesteps(z.shape[0], self.t_min, self.t_max, self.val_subbands, gen)
         noise = training_noise(z, gen)
-        per_sample = self.per_sample_loss(z, t.to(z.device), noise, cond)
+        per_sample = self.per_sample_loss(z, t.to(z.device), noise, self.training_conditioning(cond))
         out = {"loss_window": (per_sample.mean(), z.shape[0])}
         band = band.to(per_sample.device)
         for i, (lo, hi) in enumerate(self.band_edges()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import string
 import subprocess
@@ -37,6 +38,7 @@ from safetensors.torch import load_file  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from ldm.convert.common import DiffusersFormatError  # noqa: E402
 from ldm.convert.diffusers import checkpoint_to_diffusers, diffusers_to_checkpoint, load_diffusers_expert  # noqa: E402
+from ldm.convert.from_diffusers import sd_to_checkpoint  # noqa: E402
 from ldm.convert.sd_map import (  # noqa: E402
     COND_UNET_DEFAULTS,
     KL_DEFAULTS,
@@ -486,6 +488,13 @@ def test_unsupported_variants_are_refused_in_one_line(name, refused_folders):
     assert REFUSED[name][1] in message and str(refused_folders[name]) in message, message
     if name in ("sd2_linear_projection", "sdxl_addition_embed", "sdxl_second_text_encoder", "unconditional_unet"):
         assert SUPPORTED in message
+
+
+def test_a_path_that_is_not_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    for path in (tmp_path / "missing", tmp_path / "file.txt"):
+        with pytest.raises(DiffusersFormatError, match=f"^{re.escape(str(path))} is not a folder$"):
+            sd_to_checkpoint(path)
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI

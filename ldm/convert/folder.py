@@ -256,11 +256,13 @@ def is_sd_folder(path: str | os.PathLike) -> bool:
 
 
 def open_sd_folder(path: str | os.PathLike, supported: str) -> LDMFolder:
-    """Read the configs of a Stable Diffusion folder (a directory :func:`is_sd_folder` accepted); weights are not read
-    yet.  Refuses a missing part, unreadable JSON, a tokenizer without its files (or over
+    """Read the configs of a Stable Diffusion folder; weights are not read yet.  Refuses a path that is not a folder
+    (:func:`sd_to_checkpoint` is public), a missing part, unreadable JSON, a tokenizer without its files (or over
     :data:`MAX_TOKENIZER_BYTES`) or a component SD v1 lacks; ``supported`` ends the message refusing other pipelines."""
     root = Path(path)
     shown = format_path(path)
+    if not root.is_dir():
+        raise DiffusersFormatError(f"{shown} is not a folder")
     classes: dict[str, str | None] = {name: None for name in SD_PARTS}
     read: list[Path] = []
     if (root / MODEL_INDEX).is_file():

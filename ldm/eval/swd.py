@@ -114,7 +114,8 @@ def _sorted_projections(x: torch.Tensor, directions: torch.Tensor) -> torch.Tens
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
-    """The sliced Wasserstein distance of ``a``, ``b`` ``[N, D]``: :func:`projected_wasserstein` averaged over K."""
+    """The sliced Wasserstein distance of ``a``, ``b`` ``[N, D]``: :func:`projected_wasserstein` averaged over the
+    directions ``[D, K]``."""
     return float(projected_wasserstein(a, b, directions).mean())
 
 

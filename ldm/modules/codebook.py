@@ -21,8 +21,8 @@ def restart_dead_codes(
 ) -> torch.Tensor:
     """Overwrite, in place, every code of ``codebook`` ``[K, D]`` whose ``usage`` ``[K]`` count is 0 with a random row of
     ``candidates`` ``[N, D]`` (pre-quantization latents) plus Gaussian ``noise`` in units of the candidates'
-    per-dimension standard deviation.  Returns the restarted indices ``[M]`` (long; empty without dead codes or
-    candidates).
+    per-dimension standard deviation; ``generator`` draws the picks and the noise (None: torch's global generator).
+    Returns the restarted indices ``[M]`` (long; empty without dead codes or candidates).
     """
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0 or candidates.shape[0] == 0:

@@ -107,7 +107,7 @@ class ConfigRole:
 
 _VQ = "ldm.models.autoencoder.VQModel"
 _IDENTITY = "ldm.models.autoencoder.IdentityFirstStage"
-_KL = "ldm.models.autoencoder.AutoencoderKL"  # CompVis' target; the class lives in ldm.models.autoencoder_kl
+_KL = "ldm.models.autoencoder.AutoencoderKL"
 _VQ_SLOTS = {"lossconfig": "lossconfig"}
 _DDCONFIG = {"ddconfig": ("ldm.modules.diffusionmodules.model.Encoder", "ldm.modules.diffusionmodules.model.Decoder")}
 _VQ_FILES = ("remap",)  # taming's VectorQuantizer2 np.load()s it in its constructor

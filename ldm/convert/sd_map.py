@@ -330,7 +330,7 @@ def kl_layout_from_config(data: Mapping[str, Any], source: str) -> KLLayout:
 
 def kl_layout_from_model(first_stage: nn.Module) -> KLLayout:
     """:func:`~ldm.convert.vq_map.vq_layout_from_model` of this project's ``AutoencoderKL``."""
-    from ldm.models.autoencoder_kl import AutoencoderKL
+    from ldm.models.autoencoder import AutoencoderKL
 
     refuse = refusal("first stage", "AutoencoderKL")
     if not isinstance(first_stage, AutoencoderKL):

@@ -1,4 +1,4 @@
-"""What :class:`~ldm.models.autoencoder.VQModel` and :class:`~ldm.models.autoencoder_kl.AutoencoderKL` share: reading
+"""What :class:`~ldm.models.autoencoder.VQModel` and :class:`~ldm.models.autoencoder.AutoencoderKL` share: reading
 a first-stage checkpoint (and, when it is missing, saying where its weights come from), the batch layout, and their GAN
 training under Lightning 2 manual optimization.
 

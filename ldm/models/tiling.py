@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.models.autoencoder import VQModelInterface, quantize_latent
-from ldm.models.autoencoder_kl import AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL, VQModelInterface, quantize_latent
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 

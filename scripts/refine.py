@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="ddim",
         help="ddim, or dpmpp_2m (DPM-Solver++(2M): second order, fewer steps; deterministic) (default: %(default)s)",
     )
-    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, >= 0; ddim only (default: %(default)s)")
+    p.add_argument("--eta", type=ddim_eta, default=0.0, help="DDIM noise, in [0, 1]; ddim only (default: %(default)s)")
     p.add_argument(
         "--mask",
         metavar="PATH",
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             skip_existing=args.skip_existing,
             grid=args.grid,
-            parameters=vars(args),
+            parameters={k: v for k, v in vars(args).items() if k != "input"},  # the list: O(batch) bytes per output
             progress=sys.stderr.isatty(),
             on_error=_err,
             share=ranks.share(len(paths)),
@@ -484,7 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are complete (re-run with --skip-existing to continue)")
         return EXIT_INTERRUPTED
-    reports = gather(report, ranks)  # every rank's outcome, for one summary and one exit code
+    try:
+        reports = gather(report, ranks)  # every rank's outcome, for one summary and one exit code
+    except (RuntimeError, ValueError, OSError) as exc:  # e.g. no rendezvous: this rank's outputs are written, whole
+        _err(f"error: rank {ranks.rank} could not exchange reports with the other processes: {one_line_error(exc)}")
+        return EXIT_INPUT_FAILED
     close(ranks)
     seconds = time.perf_counter() - started
     done = sum(len(r.done) for r in reports)
@@ -516,4 +520,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl+C while modules or checkpoints load, before any output is written
+        _err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)

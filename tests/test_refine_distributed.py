@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ldm.imageio import read_png_metadata
-from ldm.refine.distributed import Ranks, ranks_from_env
+from ldm.refine.distributed import Ranks, ranks_from_env, slurm_rendezvous
 
 from conftest import load_photos
 
@@ -83,3 +83,45 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="need 0 <= rank < world size"):
         ranks_from_env()
+
+
+def test_slurm_tasks_agree_on_a_rendezvous_srun_does_not_set(monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NODELIST", "gpu[017-020],cpu3")
+    monkeypatch.setenv("SLURM_JOB_ID", "4812345")
+    slurm_rendezvous()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu017", "17345")
+    monkeypatch.setenv("MASTER_ADDR", "head")  # what the user set wins
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    slurm_rendezvous()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29500")
+
+
+GATHER_UNDER_SRUN = """
+import sys
+from ldm.refine.distributed import close, gather, ranks_from_env
+ranks = ranks_from_env()
+print(gather(ranks.rank * 10, ranks))
+close(ranks)
+"""
+
+
+def test_gather_under_srun_without_master_addr(tmp_path):
+    """srun sets SLURM_* but no MASTER_ADDR: the tasks still meet (they crashed in init_process_group)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_", "RANK", "WORLD_SIZE"))}
+    base.update(SLURM_NTASKS="2", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GATHER_UNDER_SRUN],
+            env={**base, "SLURM_PROCID": str(rank)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["[0, 10]", "[0, 10]"]

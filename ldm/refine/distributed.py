@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning_fabric.plugins.environments import SLURMEnvironment
 
 # Ranks wait at most this long for each other at the end (the slowest rank's share of the batch).
 GATHER_TIMEOUT = datetime.timedelta(hours=24)
@@ -67,10 +68,24 @@ def gather(value: Any, ranks: Ranks) -> list[Any]:
     if ranks.world == 1:
         return [value]
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            slurm_rendezvous()
         dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world, timeout=GATHER_TIMEOUT)
     values: list[Any] = [None] * ranks.world
     dist.all_gather_object(values, value)
     return values
+
+
+def slurm_rendezvous() -> None:
+    """Set ``MASTER_ADDR`` / ``MASTER_PORT`` where they are missing, as Lightning does under SLURM: ``srun`` sets neither
+    (torchrun does), and every task must derive the same ones: the first host of ``SLURM_NODELIST`` and 15000 + the
+    last four digits of ``SLURM_JOB_ID`` (12910 without a job id)."""
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(env.get("SLURM_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in env:
+        job = env.get("SLURM_JOB_ID", "")
+        env["MASTER_PORT"] = str(15000 + int(job[-4:]) if job.isdigit() else 12910)
 
 
 def close(ranks: Ranks) -> None:

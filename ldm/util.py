@@ -42,6 +42,8 @@ TRUST_HINT = "If you trust the file, pass the explicit trust flag (--trust-confi
 _DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # Temp files of atomic_write_bytes: "." + destination name + "." + 8 characters of tempfile's alphabet + ".tmp".
 TEMP_FILE_PATTERN = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
+# The longest destination name (bytes) whose temp name fits in NAME_MAX (255 on Linux and macOS file systems).
+LONGEST_ATOMIC_NAME = 255 - len("..12345678.tmp")
 
 
 class ConfigError(ValueError):

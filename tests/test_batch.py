@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ldm.refine import Refiner
-from ldm.refine.batch import refine_files
+from ldm.refine.batch import collect_inputs, refine_files
 from ldm.refine.regions import RegionOptions
 from ldm.refine.request import RefineRequest
 
@@ -254,3 +254,38 @@ def test_odd_file_names_and_an_output_name_taken_by_a_folder(refiner, tmp_path):
     )
     assert report.fatal is None and len(lines) == 2 and all("\n" not in line for line in lines)
     assert "bad\\x0aname.png" in lines[1] and "blocked_t300_s0.png is a folder" in lines[0]
+
+
+def test_an_input_whose_output_name_is_too_long_fails_alone(refiner, tmp_path):
+    """Output names add ``_t<start>_s<seed>`` and temp files ``.<name>.<8>.tmp``: a name the file system takes as an
+    input may not fit as an output (ENAMETOOLONG crashed the batch, or ended it as an unwritable output folder).  The
+    inputs are given as ``str`` (an AttributeError for the Python API before)."""
+    names = ["a" * 234 + ".png", "b" * 251 + ".png", "short.png"]  # outputs of 246 (its temp 260) and 263 bytes
+    for name in names:
+        Image.fromarray(photo()).save(tmp_path / name)
+    out, lines = tmp_path / "out", []
+    report = refine_files(refiner, [str(tmp_path / n) for n in names], out, RefineRequest(start_t=300, ddim_steps=4), grid=True,
+                          skip_existing=True, progress=False, on_error=lines.append)  # fmt: skip
+    assert report.fatal is None and sorted(p.name for p in out.iterdir()) == ["short_t300_s0.png", "short_t300_s0_grid.png"]
+    assert len(lines) == 2 and all("rename the input to a shorter name" in line for line in lines), lines
+    assert "is 246 bytes, above the 241" in lines[0] and "is 263 bytes" in lines[1]
+
+
+def test_earlier_outputs_are_left_out_but_an_input_folder_inside_the_output_folder_is_read(tmp_path):
+    out = tmp_path / "out"
+    (out / "batch1").mkdir(parents=True)
+    for path in (tmp_path / "a.png", out / "old_t300_s0.png", out / "batch1" / "b.png"):
+        save_png(path, photo(8, 8))
+
+    def found(*inputs: Path) -> list[str]:
+        paths, problems = collect_inputs(inputs, out)
+        assert not problems
+        return sorted(p.relative_to(tmp_path).as_posix() for p in paths)
+
+    assert found(tmp_path) == ["a.png"]  # --input . --outdir out: earlier outputs are not refined again
+    assert found(out / "batch1") == ["out/batch1/b.png"]  # every input was refused as "inside the output folder"
+    assert found(tmp_path, out / "batch1") == ["a.png", "out/batch1/b.png"]
+    assert found(out) == ["out/batch1/b.png", "out/old_t300_s0.png"]  # the output folder named as the input
+    assert found(out / "old_t300_s0.png") == ["out/old_t300_s0.png"]  # a file named explicitly
+    paths, problems = collect_inputs([tmp_path / "out"], tmp_path / "out" / "..")
+    assert len(paths) == 2 and not problems

@@ -155,7 +155,7 @@ def test_bad_masks_cost_their_input_only(cli, capsys, expert_checkpoints, inputs
     (masks / "coffee.png").write_bytes(b"not a png")
     code, err, _ = run(cli, capsys, ["--input", str(inputs / "images" / "coffee.png"), "--mask", str(masks),
                                      *args(expert_checkpoints, out, "--start-t", "300")])  # fmt: skip
-    assert code == 1 and "cannot load image" in err[0] and "coffee.png" in err[0]
+    assert code == 1 and "cannot load image" in err[0] and f"{inputs / 'images' / 'coffee.png'}: mask " in err[0], err
 
 
 def test_exact_steps_solver_and_strength(cli, capsys, expert_checkpoints, inputs, tmp_path):

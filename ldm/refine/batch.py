@@ -34,7 +34,7 @@ from ldm.refine.refiner import Refiner
 from ldm.refine.regions import RegionOptions, load_mask, mask_overlay, region_crops, region_metadata
 from ldm.refine.request import RefineRequest
 from ldm.sampling import RefinePlan
-from ldm.util import is_rank_zero, remove_stale_temp_files
+from ldm.util import LONGEST_ATOMIC_NAME, is_rank_zero, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +79,24 @@ def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -
 def collect_inputs(inputs: Iterable[str | os.PathLike], outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs: files found in
     the output folder when it lies inside an input folder (``--input . --outdir outputs/refine``).  A file named
-    explicitly, or found in an input folder that *is* the output folder, is kept (outputs never overwrite it)."""
+    explicitly, or found in an input folder that is the output folder or lies inside it (``--input out/batch1
+    --outdir out``), is kept (outputs never overwrite it)."""
     inputs = list(inputs)
     paths, problems = find_images(inputs)
     out_real = os.path.realpath(outdir)
     explicit = {os.path.realpath(p) for p in inputs if os.path.isfile(p)}
-    if any(os.path.isdir(p) and os.path.realpath(p) == out_real for p in inputs):
+    folders = [os.path.realpath(p) for p in inputs if os.path.isdir(p)]
+    if out_real in folders:
         return paths, problems
+    inner = [f for f in folders if os.path.commonpath([f, out_real]) == out_real]  # input folders inside the output's
+
+    def wanted(real: str) -> bool:
+        return real in explicit or any(os.path.commonpath([real, f]) == f for f in inner)
+
     kept = []
     for path in paths:
         real = os.path.realpath(path)
-        if real not in explicit and os.path.commonpath([real, out_real]) == out_real:
+        if not wanted(real) and os.path.commonpath([real, out_real]) == out_real:
             logger.info("%s: inside the output folder; not refined again", format_path(path))
         else:
             kept.append(path)
@@ -204,6 +211,7 @@ def refine_files(
     plan = refiner.plan_for(request)
     base_start = request.start(refiner.num_timesteps)
     outdir = Path(os.fsdecode(outdir))
+    paths = [Path(os.fsdecode(p)) for p in paths]  # str and bytes paths too (the Python API)
     problem = mask_clash(paths, outdir, plan.start_t, seed, n_samples, grid, regions)
     if problem is not None:  # before any file is written or removed: a mask is never overwritten
         raise ValueError(problem)
@@ -287,6 +295,12 @@ def refine_files(
                 shown = format_path(clash[0])
                 finish(index, f"{format_path(path)}: output {shown} would overwrite an input; choose another --outdir")
                 continue
+            too_long = [out for out in written if len(os.fsencode(out.name)) > LONGEST_ATOMIC_NAME]
+            if too_long:  # the file system refuses the name (or its temp file's): this input fails, the batch goes on
+                size = len(os.fsencode(too_long[0].name))
+                finish(index, f"{format_path(path)}: output name {too_long[0].name} is {size} bytes, above the "
+                              f"{LONGEST_ATOMIC_NAME} an output may have; rename the input to a shorter name")  # fmt: skip
+                continue
             folders = [out for out in written if os.path.isdir(out)]  # in the way of this input's outputs only
             if folders:
                 finish(index, f"{format_path(path)}: output {format_path(folders[0])} is a folder; move it away")
@@ -314,7 +328,7 @@ def refine_files(
             x = image_to_tensor(loaded.rgb)  # [1, 3, H, W] in [-1, 1]; 16-bit sources keep their precision
             try:
                 starts, region_meta = _regions_of(refiner, path, loaded.height, loaded.width, base_start, regions)
-            except (ValueError, ImageLoadError) as exc:
+            except ValueError as exc:  # ImageLoadError included
                 finish(index, " ".join(str(exc).split()))
                 continue
             remaining[index] = len(todo)
@@ -348,9 +362,7 @@ def _regions_of(
         mask, digest = (None, "") if mask_path is None else load_mask(mask_path, (width, height))
         _, starts = refiner.region_start_map(height, width, start_t, None, mask, regions.boxes, regions.dilate)
         crops = region_crops(starts, regions.padding) if regions.crop else None  # at most MAX_REGIONS regions
-    except ImageLoadError:
-        raise
-    except ValueError as exc:  # e.g. a mask size that differs from the image's, seen in its header before decoding
+    except ValueError as exc:  # an unreadable mask, a size that differs from the image's (seen in its header), ...
         raise ValueError(where + str(exc)) from exc
     meta = {**regions.as_metadata(), "mask": "" if mask_path is None else format_path(mask_path), "mask_sha256": digest}
     meta.update(region_metadata(starts, crops))

@@ -35,6 +35,7 @@ from ldm.refine.regions import (
     region_metadata,
     resize_start_map,
 )
+from ldm.refine.request import RefineRequest
 from ldm.sampling import NoiseSchedule, build_plan, run_tail
 
 from conftest import photo_crops
@@ -282,6 +283,32 @@ def test_many_regions_cost_one_label_image_and_crop_mode_refuses_more_than_its_l
     x = photo_crops(1, 100, seed=1)
     with pytest.raises(ValueError, match=message):  # refused before any region is refined
         refiner.refine_tensors(x, seeds=0, start_map=starts, crop_regions=True, **ARGS)
+
+
+def test_a_box_is_checked_where_it_is_made():
+    """Python API boxes were never checked: Box(-30, 0, 8, 8) refined columns 2..7 (a negative slice), tuples and
+    strings ended in AttributeError."""
+    assert Box(np.int64(1), 2, 30, 40) == Box(1, 2, 30, 40) and type(Box(np.int64(1), 2, 30, 40).x0) is int
+    for args, match in [((-30, 0, 8, 8), r"box '-30,0,8,8' must have 0 <= x0 < x1"), ((8, 8, 0, 0), "0 <= x0 < x1"),
+                        ((0, 0, 8, 8, 0), "starts at t=0"), ((0.5, 0, 8, 8), r"Box.x0=0.5 must be an integer"),
+                        ((0, 0, True, 8), "Box.x1=True")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Box(*args)
+    assert RegionOptions(mask="masks/a.png").mask == Path("masks/a.png")  # a str mask path: an AttributeError later
+    for boxes in (((0, 0, 8, 8),), ("0,0,8,8",)):
+        with pytest.raises(ValueError, match=r"boxes must be Box objects \(Box\(x0, y0, x1, y1\)"):
+            RegionOptions(boxes=boxes)
+
+
+def test_a_request_with_boxes_refines_only_its_boxes(refiner, photo):
+    """Refiner.refine(x, request) with boxes and no start map refined the whole image."""
+    request = RefineRequest(regions=RegionOptions(boxes=(Box(4, 4, 20, 16),), blur=0), **ARGS)
+    out = refiner.refine(photo, request, 3)
+    starts = build_start_map(*photo.shape[-2:], 400, None, request.regions.boxes)
+    assert torch.equal(out, refiner.refine(photo, request, 3, start_map=starts))
+    assert torch.equal(out[..., :4, :], photo[..., :4, :]) and not torch.equal(out[..., 4:16, 4:20], photo[..., 4:16, 4:20])
+    with pytest.raises(ValueError, match="the request names a mask file, which Refiner.refine does not read"):
+        refiner.refine(photo, RefineRequest(regions=RegionOptions(mask=Path("mask.png")), **ARGS))
 
 
 def test_region_options_are_checked_once_where_they_are_made():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,8 +41,9 @@ def test_a_box_with_a_later_start_moves_the_plan_start_up():
         (dict(start_t=2.5), "start_t=2.5 must be an integer timestep"),
         (dict(start_t=True), "start_t=True must be an integer timestep"),
         (dict(sampler="euler"), "sampler='euler' is unknown; choose one of ['ddim', 'dpmpp_2m']"),
-        (dict(eta=-0.1), "eta=-0.1 must be a finite number >= 0"),
-        (dict(eta=float("nan")), "eta=nan must be a finite number >= 0"),
+        (dict(eta=-0.1), "eta=-0.1 must be a number in [0, 1]"),
+        (dict(eta=1.5), "eta=1.5 must be a number in [0, 1] (0 = deterministic DDIM"),
+        (dict(eta=float("nan")), "eta=nan must be a number in [0, 1]"),
         (dict(eta=0.5, sampler="dpmpp_2m"), "eta=0.5 applies to the ddim sampler only"),
         (dict(seed=-1), "seed=-1 must be an integer in [0, 9223372036854775807]"),
         (dict(seed=MAX_SEED, n_samples=2), f"the last seed must be at most {MAX_SEED}"),
@@ -98,7 +100,7 @@ def test_the_app_settings_build_the_request_the_cli_would():
     steps=st.one_of(st.none(), st.integers(1, 1000)),
     exact=st.booleans(),
     sampler=st.sampled_from(SAMPLERS),
-    eta=st.floats(0, 2),
+    eta=st.floats(0, 1),
     seed=st.integers(0, 2**40),
     n_samples=st.integers(1, 16),
 )
@@ -114,3 +116,9 @@ def test_every_valid_combination_builds_and_plans_with_t(start, steps, exact, sa
 def test_a_prompt_is_carried_unchanged():
     prompt = Prompt("a cat", "blurry", 5.0)
     assert RefineRequest(prompt=prompt).prompt is prompt
+
+
+def test_a_numpy_integer_start_is_an_int():
+    """``start_t=np.int64(300)`` (from an array of starts) was refused as "not an integer timestep"."""
+    request = RefineRequest(start_t=np.int64(300))
+    assert request.start_t == 300 and type(request.start_t) is int

@@ -342,8 +342,9 @@ class Refiner:
         timings: MutableMapping[str, float] | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """:meth:`refine_tensors` as ``request`` says; its mask file and boxes are not read here (pass their
-        ``start_map``).  ``seeds`` and ``prompt`` default to the request's."""
+        """:meth:`refine_tensors` as ``request`` says; without a ``start_map``, the request's boxes make one (its mask
+        file is not read here: pass its ``start_map``, see :meth:`region_start_map`).  ``seeds`` and ``prompt`` default
+        to the request's."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"refine_tensors expects x as a [B, 3, H, W] tensor, got {shape}")
@@ -356,6 +357,15 @@ class Refiner:
         prompts = prompts_for_batch(request.prompt if prompt is None else prompt, x.shape[0])
         check_chain(self.experts, plan, prompts is not None, self.allow_unconditional_experts)
         regions = request.regions
+        if start_map is None and regions.mask is not None:  # refined whole, it would change every pixel outside it
+            raise ValueError(
+                "the request names a mask file, which Refiner.refine does not read: pass its start map "
+                "(start_map=refiner.region_start_map(H, W, start_t, None, mask, boxes, dilate)[1]), call "
+                "refiner(image, mask=...), or use refine_files"
+            )
+        if start_map is None and regions.boxes:
+            _, start_map = self.region_start_map(x.shape[-2], x.shape[-1], request.start_t, request.strength, None,
+                                                 regions.boxes, regions.dilate)  # fmt: skip
         if regions.crop and start_map is None:
             raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
         size = (self.native_size if regions.size is None

@@ -50,6 +50,18 @@ class Box:
     y1: int
     start_t: int | None = None
 
+    def __post_init__(self) -> None:
+        # checked where a box is made (the CLI's parse_box and the Python API alike): a negative coordinate would
+        # select another region through Python's negative slicing
+        for name in ("x0", "y0", "x1", "y1", "start_t"):
+            value = getattr(self, name)
+            if value is None and name == "start_t":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"Box.{name}={value!r} must be an integer (pixels; start_t a timestep)")
+            object.__setattr__(self, name, int(value))
+        _check_box(self.x0, self.y0, self.x1, self.y1, self.start_t, repr(self.describe()))
+
     def describe(self) -> str:
         """``"x0,y0,x1,y1"`` or ``"x0,y0,x1,y1@start_t"`` (what :func:`parse_box` reads)."""
         return f"{self.x0},{self.y0},{self.x1},{self.y1}" + (f"@{self.start_t}" if self.start_t is not None else "")
@@ -63,14 +75,18 @@ def parse_box(text: str) -> Box:
         raise ValueError(f"box {shown} is not x0,y0,x1,y1 or x0,y0,x1,y1@start_t (integer pixel coordinates)")
     x0, y0, x1, y1 = (int(v) for v in match.groups()[:4])
     start = int(match.group(5)) if match.group(5) is not None else None
+    _check_box(x0, y0, x1, y1, start, repr(text))  # here first: the message quotes the text as written
+    return Box(x0, y0, x1, y1, start)
+
+
+def _check_box(x0: int, y0: int, x1: int, y1: int, start: int | None, shown: str) -> None:
     if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
-        raise ValueError(f"box {text!r} must have 0 <= x0 < x1 and 0 <= y0 < y1 (pixels; x1, y1 exclusive)")
+        raise ValueError(f"box {shown} must have 0 <= x0 < x1 and 0 <= y0 < y1 (pixels; x1, y1 exclusive)")
     if start is not None and start < 1:  # the upper end (T - 1) depends on the checkpoints and is checked with the plan
         raise ValueError(
-            f"box {text!r} starts at t={start}: a box's own start_t must be in [1, T-1] (T = 1000 "
+            f"box {shown} starts at t={start}: a box's own start_t must be in [1, T-1] (T = 1000 "
             "timesteps by default); leave out @start_t to use the batch's start"
         )
-    return Box(x0, y0, x1, y1, start)
 
 
 def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
@@ -294,6 +310,14 @@ class RegionOptions:
 
     def __post_init__(self) -> None:
         # checked once here, where a batch's options are made, not per image after it is loaded
+        if self.mask is not None and not isinstance(self.mask, Path):
+            object.__setattr__(self, "mask", Path(os.fsdecode(self.mask)))  # a str from the Python API
+        for box in self.boxes:
+            if not isinstance(box, Box):
+                raise ValueError(
+                    f"boxes must be Box objects (Box(x0, y0, x1, y1) or parse_box('x0,y0,x1,y1')), got "
+                    f"{type(box).__name__} {box!r:.60}"
+                )
         check_int_arg("mask_blur", self.blur, 0, MAX_FEATHER)
         check_int_arg("mask_dilate", self.dilate, 0, MAX_FEATHER)
         check_int_arg("region_padding", self.padding, 0, MAX_REGION_PADDING)

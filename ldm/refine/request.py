@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ldm.imageio.prompt import Prompt
 from ldm.refine.regions import RegionOptions
 from ldm.sampling import check_int_arg, check_solver, resolve_start
@@ -56,8 +58,10 @@ class RefineRequest:
     def __post_init__(self) -> None:
         if self.start_t is not None and self.strength is not None:
             raise ValueError("start_t and strength were both given: pass one (strength s means start_t = round(s * T))")
-        if self.start_t is not None and (isinstance(self.start_t, bool) or not isinstance(self.start_t, int)):
-            raise ValueError(f"start_t={self.start_t!r} must be an integer timestep (t = T - step)")
+        if self.start_t is not None:
+            if isinstance(self.start_t, bool) or not isinstance(self.start_t, (int, np.integer)):
+                raise ValueError(f"start_t={self.start_t!r} must be an integer timestep (t = T - step)")
+            object.__setattr__(self, "start_t", int(self.start_t))  # a numpy integer as a plain int (metadata, JSON)
         # start_t's range [1, T - 1], the strength's (0, 1] and the step counts are checked with T (Refiner.plan_for)
         check_solver(self.sampler, self.eta)
         check_int_arg("seed", self.seed, 0, MAX_SEED)

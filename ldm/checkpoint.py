@@ -145,6 +145,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path (or train one first)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory; pass the .ckpt/.safetensors file inside it")
+    if not path.is_file():  # a FIFO or a device: reading it could block or never end
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file; pass the .ckpt/.safetensors file itself")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); the file was truncated or never written")
     if path.suffix == ".safetensors":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
 import os
 import re
 import sys
@@ -123,10 +122,10 @@ def box_arg(text: str):
 
 
 def ddim_eta(text: str) -> float:
-    """An argparse ``type`` for DDIM's ``eta``: a finite number ``>= 0`` (0 = deterministic DDIM, 1 = DDPM-like)."""
+    """An argparse ``type`` for DDIM's ``eta``: a number in ``[0, 1]`` (0 = deterministic DDIM, 1 = DDPM-like)."""
     value = float_arg(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = deterministic DDIM)")
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)")
     return value
 
 

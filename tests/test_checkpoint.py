@@ -134,6 +134,9 @@ def test_missing_empty_truncated_directory_wrong_kind(tmp_path):
         load_checkpoint(tmp_path / "empty.ckpt")
     with pytest.raises(CheckpointError, match="directory"):
         load_checkpoint(tmp_path)
+    os.mkfifo(tmp_path / "fifo.ckpt")  # was "empty (0 bytes); truncated"
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        load_checkpoint(tmp_path / "fifo.ckpt")
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": _state_dict()}, good)
     data = good.read_bytes()

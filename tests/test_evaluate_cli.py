@@ -347,7 +347,7 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
     code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
     assert code == 2 and "cannot run any of start_t" in err
     code, err = run(*ckpts, "--eta", "nan")
-    assert code == 2 and "finite number >= 0" in err
+    assert code == 2 and "must be a number in [0, 1]" in err
     code, err = run(*ckpts, "--ddim-steps", "5000", "--n-images", "1", "--degradations", "jpeg")
     assert code == 2 and "ddim_steps=5000 must be an integer in [1, 1000]" in err
     assert not (tmp_path / "o").exists()

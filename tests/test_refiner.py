@@ -26,5 +26,5 @@ def test_fuzzed_refine_arguments_are_planned_or_refused(refiner, start, steps, e
         plan = refiner.plan(start, steps, eta)
     except ValueError:
         return
-    assert 1 <= plan.effective_start <= start <= 999 and 1 <= plan.ddim_steps <= 1000 and plan.eta >= 0
+    assert 1 <= plan.effective_start <= start <= 999 and 1 <= plan.ddim_steps <= 1000 and 0 <= plan.eta <= 1
     assert list(plan.timesteps) == sorted(plan.timesteps, reverse=True)

@@ -23,6 +23,7 @@ from ldm.sampling import (
     run_tail,
 )
 from ldm.sampling.denoisers import ModelDenoiser
+from ldm.sampling.schedule import ddim_coefficients
 
 from conftest import HostReads, build_tiny_expert, reference_ddim_eq12, tiny_ldm_model
 
@@ -235,10 +236,21 @@ def test_conflicting_or_out_of_range_arguments_are_refused():
         (dict(ddim_steps=1001), "ddim_steps"),
         (dict(sampler="dpmpp_2m", eta=0.5), "eta=0.5 applies to the ddim sampler only"),
         (dict(sampler="euler"), "sampler='euler' is unknown"),
-        (dict(eta=float("nan")), "eta=nan must be a finite number"),
+        (dict(eta=float("nan")), "eta=nan must be a number in"),
+        (dict(eta=1.01), r"eta=1.01 must be a number in \[0, 1\]"),
     ):
         with pytest.raises(ValueError, match=match):
             plan_for(schedule, 10, **kw)
+
+
+def test_eta_up_to_1_keeps_every_ddim_step_real_and_above_1_it_does_not():
+    """sigma^2 <= 1 - a_prev <=> eta^2 (a_prev - a_t) <= a_prev (1 - a_t): true for eta <= 1 (as a_prev <= 1); eta = 1.5
+    broke it and the run ended in NaN after all the work, so the plan refuses eta > 1."""
+    acp = linear_schedule().alphas_cumprod.double()
+    timesteps, levels = list(range(999, 0, -1)) + [999], list(range(998, -1, -1)) + [0]
+    for eta, real in ((1.0, True), (1.5, False)):
+        c = ddim_coefficients(acp, timesteps, levels, eta)
+        assert bool((1 - c["a_prev"] - c["sigma"] ** 2 >= 0).all()) is real
 
 
 def test_strength_is_start_t_over_t():
@@ -247,8 +259,9 @@ def test_strength_is_start_t_over_t():
     for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="strength"):
             resolve_start(None, bad, 1000)
-    with pytest.raises(ValueError, match="strength=0.0004 rounds to start_t=0"):
-        resolve_start(None, 0.0004, 1000)
+    for bad in (0.0004, 0.0005):  # round(0.5) is 0: the hint said "use strength >= 0.0005"
+        with pytest.raises(ValueError, match=rf"strength={bad} rounds to start_t=0 \(no step\): use strength > 0.0005"):
+            resolve_start(None, bad, 1000)
     with pytest.raises(ValueError, match="start_t and strength were both given"):
         resolve_start(400, 0.4, 1000)
 

@@ -31,9 +31,10 @@ def check_int_arg(name: str, value: Any, lo: int, hi: int) -> int:
 
 
 def check_eta(eta: Any) -> float:
-    """DDIM's ``eta`` as a float if it is a finite number ``>= 0``; else a ValueError."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    """DDIM's ``eta`` as a float if it is a number in ``[0, 1]``; else a ValueError.  Above 1 a step's noise
+    ``sigma_t`` can exceed ``sqrt(1 - alpha_prev)`` and the step's direction term is the root of a negative number."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta={eta!r} must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
     return float(eta)
 
 
@@ -60,7 +61,7 @@ def resolve_start(start_t: Any, strength: Any, num_timesteps: int) -> int:
             raise ValueError(f"strength={strength!r} must be a number in (0, 1] (the share of the noise levels to redo)")
         start = min(int(round(float(strength) * num_timesteps)), top)
         if start < 1:
-            raise ValueError(f"strength={strength!r} rounds to start_t=0 (no step): use strength >= {0.5 / num_timesteps:g}")
+            raise ValueError(f"strength={strength!r} rounds to start_t=0 (no step): use strength > {0.5 / num_timesteps:g}")
         return start
     if isinstance(start_t, bool) or not isinstance(start_t, (int, np.integer)):
         raise ValueError(f"start_t={start_t!r} must be an integer timestep in [1, {top}]")

@@ -135,6 +135,18 @@ def test_start_maps_from_masks_and_boxes():
         build_start_map(6, 8, 400, None, [Box(5, 3, 9, 6)])
 
 
+@settings(max_examples=25, deadline=None)
+@given(height=st.integers(1, 30), width=st.integers(1, 30), dilate=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_dilation_is_the_square_max_filter(height, width, dilate, seed):
+    """Dilation runs as a row pass and a column pass (a dense (2d+1)^2 max pool took minutes at d = 256): the same map."""
+    rng = np.random.default_rng(seed)
+    mask = ((rng.random((height, width)) > 0.9) * rng.random((height, width))).astype(np.float32)
+    starts = torch.from_numpy(np.rint(mask.astype(np.float64) * 400).astype(np.int64))[None, None]
+    square = torch.nn.functional.max_pool2d(starts.double(), 2 * dilate + 1, stride=1, padding=dilate).long()
+    if bool((square > 0).any()):
+        assert torch.equal(build_start_map(height, width, 400, mask, (), dilate), square)
+
+
 def test_parse_box():
     assert parse_box("1,2,30,40") == Box(1, 2, 30, 40) and parse_box(" 1, 2,30,40@250") == Box(1, 2, 30, 40, 250)
     assert parse_box("1,2,30,40@250").describe() == "1,2,30,40@250"

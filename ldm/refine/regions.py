@@ -149,8 +149,10 @@ def build_start_map(
         value = int(start_t if box.start_t is None else box.start_t)
         region = starts[..., box.y0 : box.y1, box.x0 : box.x1]
         region.copy_(region.clamp(min=value))
-    if dilate > 0:  # a square max filter
-        starts = F.max_pool2d(starts.double(), 2 * dilate + 1, stride=1, padding=dilate).to(starts.dtype)
+    if dilate > 0:  # a square max filter, as a row pass and a column pass: 2k reads per pixel, not k^2 (minutes at 256)
+        k = 2 * dilate + 1
+        rows = F.max_pool2d(starts.double(), (1, k), stride=1, padding=(0, dilate))
+        starts = F.max_pool2d(rows, (k, 1), stride=1, padding=(dilate, 0)).to(starts.dtype)
     if not bool((starts > 0).any()):
         what = "the mask selects" if mask is not None else "the boxes select"
         raise ValueError(f"{what} nothing to refine (all black: start 0 everywhere); paint the region to refine white")

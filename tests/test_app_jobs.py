@@ -104,3 +104,13 @@ def test_a_job_out_of_device_memory_says_so_in_the_page_s_words(app_refiner):
     jobs.stop(timeout=5)
     assert job.state == "failed" and job.message.startswith("the device ran out of memory refining this image")
     assert not CLI_WORDS.search(job.message)
+
+
+def test_requests_being_prepared_hold_their_places():
+    """Requests that arrived together all passed the "queue full?" check, were all prepared, and the late ones were
+    then refused with 400 instead of 503: a held place counts as waiting."""
+    jobs = JobQueue(lambda job: None, max_waiting=2)
+    assert jobs.hold() is None and jobs.hold() is None
+    assert jobs.hold() == "2 requests are already waiting; try again when one has finished" and jobs.full() is not None
+    jobs.release()
+    assert jobs.full() is None and jobs.hold() is None and jobs.full() is not None

@@ -287,6 +287,8 @@ def test_a_full_queue_is_refused_with_503_before_the_request_is_prepared(app_ref
     real_prepare = server_module.prepare
     monkeypatch.setattr(server_module, "prepare", lambda *a: prepared.append(1) or real_prepare(*a))
     settings = {"mode": "whole", "start_t": 100, "steps": 2, "step_mode": "exact"}
+    bad = [client.post("/api/refine", json={"upload": up["id"], "settings": {**settings, "steps": -1}}) for _ in range(20)]
+    assert {r.status_code for r in bad} == {400}  # each gave its held place back
     statuses = [client.post("/api/refine", json={"upload": up["id"], "settings": settings}).status_code for _ in range(17)]
     assert statuses == [200] * 16 + [503] and len(prepared) == 16  # the 17th was never prepared
     assert (
@@ -316,3 +318,35 @@ def test_an_upload_body_that_stalls_is_refused_with_408(monkeypatch):
     with pytest.raises(HTTPException) as caught:
         asyncio.run(server_module._read_body(request, 1000, "the upload"))
     assert caught.value.status_code == 408 and "stalled" in caught.value.detail
+
+
+def test_a_trickling_body_is_refused_at_its_deadline_and_uploads_never_wait_for_ever_for_a_slot(app_refiner, tmp_path,
+                                                                                               monkeypatch):  # fmt: skip
+    """Four connections sending a byte every 10 s held every read slot for ever: the idle timeout alone never fired,
+    and other uploads waited for a slot without end."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.testclient import TestClient
+
+    import ldm.app.server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_IDLE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(server_module, "BODY_DEADLINE_S", 0.5)
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/api/upload"}, receive)
+    with pytest.raises(HTTPException) as caught:
+        asyncio.run(server_module._read_body(request, 10**6, "the upload"))
+    assert caught.value.status_code == 408 and "the upload took over 0.5 s to arrive" in caught.value.detail
+
+    monkeypatch.setattr(server_module, "MAX_PARALLEL_READS", 0)  # every slot taken
+    monkeypatch.setattr(server_module, "READ_SLOT_WAIT_S", 0.1)
+    client = TestClient(server_module.create_app(app_refiner, tmp_path), base_url="http://127.0.0.1")
+    reply = client.post("/api/upload?name=a.png", content=small_image(), headers={"Content-Type": "application/octet-stream"})
+    assert reply.status_code == 503 and "uploads are being received; try again shortly" in reply.json()["error"]
+    assert client.get("/api/info").status_code == 200

@@ -67,6 +67,7 @@ class JobQueue:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.RLock()  # submit() asks full() while holding it
+        self._held = 0  # places held by requests being prepared (hold), counted as waiting
         self._counter = itertools.count(1)
         self._thread = threading.Thread(target=self._work, name="latesteps-app-worker", daemon=True)
 
@@ -103,17 +104,36 @@ class JobQueue:
         """Why a new request cannot be queued now (``max_waiting`` requests wait), or None: asked before a request is
         prepared, so a full queue costs no decode or start map."""
         with self._lock:
-            waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
+            waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED) + self._held
         if waiting >= self._max_waiting:
             return f"{waiting} requests are already waiting; try again when one has finished"
         return None
 
-    def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None) -> Job:
-        """Queue a prepared request; RequestError when ``max_waiting`` requests already wait."""
+    def hold(self) -> str | None:
+        """Hold a place for a request about to be prepared, or say why the queue is full: requests that arrive
+        together count each other, so a full queue refuses them before any is prepared.  The place is taken by
+        ``submit(..., held=True)`` or given back by :meth:`release`."""
         with self._lock:
             full = self.full()
-            if full is not None:
-                raise RequestError(full)
+            if full is None:
+                self._held += 1
+            return full
+
+    def release(self) -> None:
+        """Give back a place :meth:`hold` gave (the request failed before it was submitted)."""
+        with self._lock:
+            self._held -= 1
+
+    def submit(self, prepared: Prepared, upload_key: str, before_png: bytes, mask_png: bytes | None, held: bool = False) -> Job:
+        """Queue a prepared request in the place :meth:`hold` gave (``held``), or in a free one; RequestError when
+        ``max_waiting`` requests already wait."""
+        with self._lock:
+            if held:
+                self._held -= 1
+            else:
+                full = self.full()
+                if full is not None:
+                    raise RequestError(full)
             number = next(self._counter)
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_urlsafe(12)}"
             job = Job(job_id, number, prepared, prepared.upload.name, upload_key, prepared.settings.parameters(), before_png,

@@ -80,6 +80,9 @@ LOCAL_HOSTS = ["127.0.0.1", "localhost"]
 MAX_PLAN_JSON_BYTES = 64 * 2**10  # the settings alone (the boxes text included) are a few KiB
 MAX_PARALLEL_READS = 4  # upload bodies read at once (each held in memory, up to MAX_UPLOAD_BYTES, while it arrives)
 BODY_IDLE_TIMEOUT_S = 30  # a body that sends nothing for this long is refused (408)
+# ... and one that trickles (a byte every few seconds) is refused when it is not whole after this long (408)
+BODY_DEADLINE_S = 300
+READ_SLOT_WAIT_S = 10  # an upload that finds every read slot taken this long is refused (503), not queued for ever
 SHUTDOWN_WAIT_S = 10  # on Ctrl+C, how long the running request may take to finish its sampling step
 MAX_REFINE_JSON_BYTES = 4 * 2**20  # settings and the painted mask, a base64 PNG: strokes on black compress ~1000:1
 KEEP_UPLOADS = 8  # uploads kept for painting and refining: their files' bytes and the PNG shown, never decoded arrays
@@ -180,8 +183,14 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
 
     async def upload(request: Request) -> Response:
         _require_type(request, "application/octet-stream")
-        async with state.reads:  # bodies are held in memory while read: at most MAX_PARALLEL_READS at once
+        try:  # bodies are held in memory while read: at most MAX_PARALLEL_READS at once
+            await asyncio.wait_for(state.reads.acquire(), READ_SLOT_WAIT_S)
+        except TimeoutError:
+            raise HTTPException(503, f"{MAX_PARALLEL_READS} uploads are being received; try again shortly") from None
+        try:
             data = await _read_body(request, MAX_UPLOAD_BYTES, "the upload")
+        finally:
+            state.reads.release()
         async with state.decodes:
             loaded = await run_in_threadpool(load_upload, data, request.query_params.get("name", "upload"))
         return JSONResponse(_upload_json(state.add_upload(loaded), loaded))
@@ -194,15 +203,19 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
         if not isinstance(body, dict) or set(body) - {"upload", "settings", "mask"}:
             raise RequestError('a refine request is a JSON object {"upload": id, "settings": {...}, "mask": base64 PNG}')
         loaded = state.upload(body.get("upload"))
-        full = state.jobs.full()
+        full = state.jobs.hold()
         if full is not None:  # before the request is prepared: a full queue costs no decode or start map
             raise HTTPException(503, full)
-        settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}), state.defaults)
-        mask_data = await run_in_threadpool(_base64, body.get("mask"))
-        async with state.decodes:
-            mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
-        prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask, state.step_cost)
-        job = state.jobs.submit(prepared, body["upload"], loaded.png, mask_data)
+        try:
+            settings = await run_in_threadpool(RefineSettings.from_json, body.get("settings", {}), state.defaults)
+            mask_data = await run_in_threadpool(_base64, body.get("mask"))
+            async with state.decodes:
+                mask = None if mask_data is None else await run_in_threadpool(load_painted_mask, mask_data, loaded)
+            prepared = await run_in_threadpool(prepare, refiner, loaded, settings, mask, state.step_cost)
+        except BaseException:  # a bad request, a disconnect: its place is given back
+            state.jobs.release()
+            raise
+        job = state.jobs.submit(prepared, body["upload"], loaded.png, mask_data, held=True)
         return JSONResponse(state.jobs.status(job))
 
     async def job_cancel(request: Request) -> Response:
@@ -317,12 +330,16 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
         raise too_large
     chunks, size = [], 0
     stream = request.stream()
+    deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
     while True:
-        try:  # a client that stops sending would hold its part of the body (and a read slot) for ever
-            chunk = await asyncio.wait_for(anext(stream), BODY_IDLE_TIMEOUT_S)
+        left = deadline - asyncio.get_running_loop().time()
+        try:  # a client that stops sending (or trickles) would hold its part of the body and a read slot for ever
+            chunk = await asyncio.wait_for(anext(stream), min(BODY_IDLE_TIMEOUT_S, max(left, 0)))
         except StopAsyncIteration:
             break
         except TimeoutError:
+            if left <= BODY_IDLE_TIMEOUT_S:
+                raise HTTPException(408, f"{what} took over {BODY_DEADLINE_S} s to arrive; send it again") from None
             raise HTTPException(408, f"{what} stalled: no data for {BODY_IDLE_TIMEOUT_S} s; send it again") from None
         size += len(chunk)
         if size > limit:

@@ -139,6 +139,8 @@ def test_handler_messages_for_what_a_user_can_get_wrong(app_refiner, app_images)
     with pytest.raises(RequestError, match=r"^start t=700 is above the experts' range \(max 499\); move the slider down$"):
         prepare(app_refiner, upload, RefineSettings(start_t=700), load_painted_mask(mask_png, upload))
     assert prepare(app_refiner, upload, RefineSettings(start_t=300, mode="whole"), empty).start_map is None
+    with pytest.raises(RequestError, match="these experts are not text-conditioned"):  # the prompt was dropped silently
+        prepare(app_refiner, upload, RefineSettings.from_json({"start_t": 300, "mode": "whole", "prompt": "a cat"}), None)
     for bad, expected in [({"start_t": 0}, "Start t must be a whole number from 1 to 999, not 0"),
                           ({"steps": "ten"}, "Steps must be a whole number from 1 to 1000, not 'ten'"),
                           ({"seed": 1.5}, "Seed must be"), ({"n_samples": 9}, "Samples must be a whole number from 1 to 8"),

@@ -421,6 +421,8 @@ def prepare(
     too many regions, more than :data:`MAX_REQUEST_STEPS` steps in all, or a step over :data:`MAX_STEP_SECONDS`.
     """
     regions = settings.regions()
+    if (settings.prompt or settings.negative_prompt) and not any(is_text_conditioned(e.model) for e in refiner.experts):
+        raise RequestError("these experts are not text-conditioned: a prompt would be ignored; leave the prompt empty")
     try:
         plan = refiner.plan_for(settings.request())
         text = bool(text_experts(refiner.experts, plan))  # text-conditioned experts run with the page's prompt

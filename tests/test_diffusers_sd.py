@@ -559,6 +559,15 @@ JSON_VALUES = st.recursive(
 SD_UNET = dict(tiny_unet().config)
 
 
+def test_an_unknown_text_encoder_activation_is_refused_before_transformers_builds_it():
+    """hidden_act='x' ended convert_diffusers.py and refine.py in transformers' KeyError traceback."""
+    config = {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_attention_heads": 4}
+    check_text_config({**config, "hidden_act": "gelu"}, "text_encoder/config.json")
+    for bad in ("x", 3, None):
+        with pytest.raises(DiffusersFormatError, match=r"^text_encoder/config.json: hidden_act=.* is not an activation"):
+            check_text_config({**config, "hidden_act": bad}, "text_encoder/config.json")
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     part=st.sampled_from(["unet", "vae", "text_encoder"]),
@@ -571,6 +580,7 @@ SD_UNET = dict(tiny_unet().config)
                 "hidden_size",
                 "num_attention_heads",
                 "num_hidden_layers",
+                "hidden_act",
                 "architectures",
                 "model_type",
                 "_class_name",

@@ -356,6 +356,11 @@ def clip_text_config_problem(text: Mapping[str, Any]) -> str | None:
     width, heads = text.get("hidden_size") or 512, text.get("num_attention_heads") or 8  # CLIPTextConfig's defaults
     if width % heads:
         return f"num_attention_heads={heads} does not divide hidden_size={width}"
+    from transformers.activations import ACT2FN
+
+    act = text.get("hidden_act", "quick_gelu")
+    if not isinstance(act, str) or act not in ACT2FN:  # transformers raises a bare KeyError when it builds the model
+        return f"hidden_act={str(act)[:40]!r} is not an activation transformers knows (CLIP uses 'quick_gelu' or 'gelu')"
     return None
 
 

@@ -29,6 +29,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def run_script(main: Callable[[], int], prog: str) -> None:
+    """``sys.exit(main())`` for a script's ``__main__``: Ctrl+C outside ``main``'s own handlers (while modules or models
+    load) is one line, ``<prog>: interrupted``, and exit :data:`EXIT_INTERRUPTED`, not a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
 def one_line_error(exc: BaseException) -> str:
     """An exception's message on one line (a KeyError without the quotes ``str()`` adds), or its type name."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, int_at_least, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, int_at_least, one_line_error, run_script
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs were unreadable (skipped; the cache holds the others) or there were none
@@ -328,4 +328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, PROG)

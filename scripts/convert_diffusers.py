@@ -26,7 +26,7 @@ import math
 import os
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, one_line_error
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, one_line_error, run_script
 
 EXIT_OK = 0
 EXIT_OUTPUT = 3  # the output cannot be written (permission, disk full)
@@ -197,4 +197,4 @@ def _to_diffusers(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, PROG)

@@ -17,7 +17,16 @@ import argparse
 import logging
 import sys
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, int_at_least, one_line_error, path_arg
+from ldm.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    OneLineParser,
+    check_outdir,
+    int_at_least,
+    one_line_error,
+    path_arg,
+    run_script,
+)
 
 EXIT_OK = 0
 EXIT_INPUT = 1  # no such folder, no images, an unreadable image, or a write that failed (disk full)
@@ -97,4 +106,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, PROG)

@@ -34,6 +34,7 @@ from ldm.cli import (
     int_at_least,
     one_line_error,
     path_arg,
+    run_script,
 )
 
 EXIT_OK = 0
@@ -379,6 +380,10 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
         if path is not None and not Path(path).is_file():
             what = "is a folder" if Path(path).is_dir() else "does not exist"
             return f"{flag} {format_path(path)} {what}; pass the path of the file, or leave {flag} out"
+    for flag, values in (("--seeds", args.seeds), ("--degradations", args.degradations), ("--start-t", args.start_t)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if twice:  # the same cases again: n doubles and the intervals narrow with no new evidence
+            return f"{flag}: {twice[0]} is given more than once; give each value once"
     too_late = [t for t in args.start_t if t > NUM_TIMESTEPS - 1]
     if too_late:
         return f"--start-t: start_t={too_late[0]} must be an integer in [1, {NUM_TIMESTEPS - 1}]"
@@ -498,4 +503,4 @@ def _check_realism_sizes(images: list, realism: list) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, PROG)

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, one_line_error, path_arg
+from ldm.cli import EXIT_USAGE, OneLineParser, one_line_error, path_arg, run_script
 
 EXIT_OK = 0
 EXIT_OUTPUT = 3  # the output cannot be written (permission, disk full)
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, PROG)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, int_arg, one_line_error, path_arg
+from ldm.cli import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, check_outdir, int_arg, one_line_error, path_arg, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS_T_END = 500  # the two experts' windows together: t in [0, 500) (steps 500-1000)
@@ -570,4 +570,4 @@ def _run(args: argparse.Namespace, outdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "quickstart.py")

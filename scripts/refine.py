@@ -42,6 +42,7 @@ from ldm.cli import (
     int_in_range,
     one_line_error,
     path_arg,
+    run_script,
     unit_interval,
 )
 
@@ -520,8 +521,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl+C while modules or checkpoints load, before any output is written
-        _err("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+    run_script(main, PROG)

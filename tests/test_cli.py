@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.cli import check_outdir
+from ldm.cli import EXIT_INTERRUPTED, check_outdir, run_script
 
 from conftest import load_photos
 
@@ -142,3 +142,23 @@ def test_an_empty_path_is_one_line_exit_2(scripts, tmp_path, capsys, monkeypatch
         "current folder) (see --help)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_outside_a_scripts_own_handlers_is_one_line(capsys):
+    """Ctrl+C while a script imported its modules or loaded models printed a traceback (refine.py, degrade.py,
+    evaluate.py, convert_diffusers.py, export_weights.py)."""
+
+    def main() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        run_script(main, "tool.py")
+    assert info.value.code == EXIT_INTERRUPTED and capsys.readouterr().err == "tool.py: interrupted\n"
+    with pytest.raises(SystemExit) as info:
+        run_script(lambda: 3, "tool.py")
+    assert info.value.code == 3
+    own_handling = {"app.py"}  # uvicorn's signal handling; main.py defers Ctrl+C around Lightning's import itself
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        text = script.read_text()
+        if "def main(" in text and script.name not in own_handling:
+            assert "run_script(main, " in text, script.name

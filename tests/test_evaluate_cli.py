@@ -346,6 +346,9 @@ def test_cli_errors_are_one_line(evaluate_main, expert_checkpoints, tmp_path, ca
     assert code == 2 and "not an integer" in err
     code, err = run(*ckpts, "--start-t", "700", "800", "--n-images", "1", "--degradations", "jpeg")
     assert code == 2 and "cannot run any of start_t" in err
+    for flag, values in (("--seeds", ["0", "1", "0"]), ("--degradations", ["jpeg", "jpeg"]), ("--start-t", ["50", "50"])):
+        code, err = run(*ckpts, flag, *values)  # counted twice: n=4 from 2 images, intervals too narrow
+        assert code == 2 and f"{flag}: {values[0]} is given more than once; give each value once" in err, err
     code, err = run(*ckpts, "--eta", "nan")
     assert code == 2 and "must be a number in [0, 1]" in err
     code, err = run(*ckpts, "--ddim-steps", "5000", "--n-images", "1", "--degradations", "jpeg")

@@ -370,6 +370,8 @@ def test_report_files_are_readable(sweep, tmp_path):
             im.load()
             assert im.format == "PNG" and im.width > 200 and im.height > 100
             assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
+    again = write_report(dataclasses.replace(result, examples=[]), tmp_path / "out")  # the same folder, no examples
+    assert "grid" not in again and not (tmp_path / "out" / "examples.png").exists()  # the last run's grid was left
 
 
 def test_example_grid_has_one_row_per_example_and_labelled_columns(sweep):

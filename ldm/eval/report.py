@@ -376,6 +376,9 @@ def write_report(
         paths["realism"] = realism
     if result.examples:
         paths["grid"] = save_png(example_grid(result.examples), out / "examples.png")
+    for name, key in (("realism.png", "realism"), ("examples.png", "grid")):
+        if key not in paths and (out / name).is_file():  # an earlier run's figure would pass for this run's
+            (out / name).unlink()
     info = {
         "parameters": parameters or {},
         "methods": {name: {"kind": kind, "description": d} for name, (kind, d) in result.methods.items()},

@@ -199,6 +199,7 @@ def test_cancel_over_http_and_job_ids_cannot_be_guessed(app_server):
     assert JOB_ID.match(running["id"]) and JOB_ID.match(waiting["id"]) and running["id"][:-16] <= waiting["id"][:-16]
     guessed = running["id"][:-1] + ("A" if running["id"][-1] != "A" else "B")
     assert app_server.request(f"/api/jobs/{guessed}")[0] == 404
+    assert app_server.request("/api/uploads/not-an-upload/image.png")[0] == 404  # was 400
     wait_for(app_server, running["id"], lambda j: j["state"] == "running" and j["done_steps"] > 0)
 
     status, body = delete(app_server, f"/api/jobs/{waiting['id']}")

@@ -196,7 +196,11 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
         return JSONResponse(_upload_json(state.add_upload(loaded), loaded))
 
     async def upload_image(request: Request) -> Response:
-        return Response(state.upload(request.path_params["key"]).png, media_type="image/png")
+        try:
+            upload = state.upload(request.path_params["key"])
+        except RequestError as exc:  # a resource that is not (or no longer) there
+            raise HTTPException(404, str(exc)) from None
+        return Response(upload.png, media_type="image/png")
 
     async def submit(request: Request) -> Response:
         body = await _json_body(request, MAX_REFINE_JSON_BYTES)

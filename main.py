@@ -206,7 +206,9 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         bases = list(opt.base)
         logdir = None
         opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
-    config = merge_configs(bases, dotlist, defaults=default_lightning_config())
+    # a resumed run's saved lightning.yaml already holds the defaults, less what the run deleted ('~lightning....')
+    resumed_whole = bool(opt.resume) and any(str(b).endswith("-lightning.yaml") for b in bases)
+    config = merge_configs(bases, dotlist, defaults=None if resumed_whole else default_lightning_config())
     lightning_config = config.pop("lightning", None) or OmegaConf.create()  # '~lightning' or lightning: null
     if "data" in config and config.data is None:  # data=null drops a base config's data section
         config.pop("data")

@@ -206,6 +206,17 @@ def test_resume_from_logdir_and_from_checkpoint_continues_at_the_saved_step(trai
     assert third.returncode == 0, third.stderr[-4000:]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 9
 
+    # a key deleted at one resume stays deleted at the next (every saved YAML merged over the defaults brought it back)
+    fourth = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=10", "~lightning.callbacks.learning_rate_logger"],
+                      tmp_path)  # fmt: skip
+    assert fourth.returncode == 0, fourth.stderr[-4000:]
+    time.sleep(1.1)  # the next save gets a newer timestamp
+    fifth = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=11"], tmp_path)
+    assert fifth.returncode == 0, fifth.stderr[-4000:]
+    newest = sorted((run / "configs").glob("*-lightning.yaml"))[-1]
+    callbacks = OmegaConf.load(newest).lightning.callbacks
+    assert "learning_rate_logger" not in callbacks and "image_logger" in callbacks
+
 
 def _final_save(tmp_path: Path, every: int) -> dict:
     """Train 7 steps over epochs of 10 batches, ``last.ckpt`` saved every ``every`` steps (plus FinalCheckpoint)."""

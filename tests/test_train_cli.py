@@ -67,3 +67,23 @@ def test_a_checkpoint_storing_an_invalid_seed_resumes_with_a_warning(tmp_path):
         seed, note = resume_seed(path, None)
         assert seed == DEFAULT_SEED and note.startswith("warning:") and "stores an invalid seed" in note, note
         assert resume_seed(path, 7)[0] == 7
+
+
+def test_a_resume_starts_from_the_newest_saved_pair_only(tmp_path):
+    """Each save holds the whole merged config: merging every one (latent-diffusion's way) undid later deletions."""
+    from ldm.train.cli import saved_run_configs
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for ts in ("2026-01-01T00-00-00", "2026-01-02T00-00-00"):
+        for part in ("project", "lightning"):
+            (configs / f"{ts}-{part}.yaml").write_text("{}\n")
+    assert [p.rsplit("/", 1)[1] for p in saved_run_configs(tmp_path)] == [
+        "2026-01-02T00-00-00-project.yaml",
+        "2026-01-02T00-00-00-lightning.yaml",
+    ]
+    for f in configs.iterdir():
+        f.unlink()
+    (configs / "a.yaml").write_text("{}\n")
+    (configs / "b.yaml").write_text("{}\n")  # not main.py's names: every file, oldest first, as before
+    assert [p.rsplit("/", 1)[1] for p in saved_run_configs(tmp_path)] == ["a.yaml", "b.yaml"]

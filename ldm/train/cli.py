@@ -411,11 +411,15 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
 
 
 def saved_run_configs(logdir: Path) -> list[str]:
-    """The YAML files a run saved under ``<logdir>/configs`` (oldest first; later ones win when merged)."""
+    """The YAML files a resumed run starts from: the newest ``<ts>-project.yaml`` and ``<ts>-lightning.yaml`` under
+    ``<logdir>/configs`` (each save holds the whole merged config, so a key an earlier resume deleted stays deleted;
+    latent-diffusion merged every saved file, and the deleted key came back); every YAML there, oldest first, in a
+    folder without that pair."""
     found = sorted(glob.glob(os.path.join(str(logdir), "configs", "*.yaml")))
     if not found:
         raise ConfigError(f"cannot resume: {str(logdir / 'configs')!r} holds no saved configs; is it a main.py log dir?")
-    return found
+    newest = [[f for f in found if f.endswith(suffix)][-1:] for suffix in ("-project.yaml", "-lightning.yaml")]
+    return newest[0] + newest[1] if all(newest) else found
 
 
 def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:

@@ -194,6 +194,12 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
     assert dst.restarted_from_ckpt
     with pytest.raises(CheckpointError, match="noise schedule differs"):
         build(ckpt_path=str(path), linear_end=0.012)
+    good = src.state_dict()["betas"]
+    for bad, shown in [(good[0], r"\(\)"), (good[:0], r"\(0,\)"), (3, "int")]:  # IndexError/AttributeError before
+        with pytest.raises(CheckpointError, match=rf"betas must be a 1-D tensor of T values, got {shown}"):
+            dst.check_schedule_matches({"betas": bad}, "x.ckpt")
+    with pytest.raises(CheckpointError, match="^resume checkpoint: noise schedule differs"):  # what main.py -r meets
+        build(linear_end=0.012).on_load_checkpoint({"state_dict": src.state_dict()})
     unet_only_ckpt = tmp_path / "first_stage_only.ckpt"
     save_checkpoint(
         {"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}}, unet_only_ckpt

@@ -218,6 +218,18 @@ def test_resume_from_logdir_and_from_checkpoint_continues_at_the_saved_step(trai
     assert "learning_rate_logger" not in callbacks and "image_logger" in callbacks
 
 
+def test_resume_with_another_noise_schedule_is_refused_in_one_line(trained_run, tmp_path):
+    """Lightning restored the checkpoint's betas over the override, and the run saved checkpoints whose config named
+    the new schedule: refine then refused them ("noise schedule differs")."""
+    run = tmp_path / "logs" / trained_run["run"].name
+    shutil.copytree(trained_run["run"], run)
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    result = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=5", "model.params.linear_end=0.03"], tmp_path)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "main.py: error: resume checkpoint: noise schedule differs from this model's (betas:" in result.stderr
+    assert "Traceback" not in result.stderr and (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
 def _final_save(tmp_path: Path, every: int) -> dict:
     """Train 7 steps over epochs of 10 batches, ``last.ckpt`` saved every ``every`` steps (plus FinalCheckpoint)."""
     import pytorch_lightning as pl

@@ -274,7 +274,11 @@ class DDPM(pl.LightningModule):
         for name in ("betas", "alphas_cumprod"):
             if name not in state_dict:
                 continue
-            theirs, ours = state_dict[name].detach().float().cpu(), getattr(self, name).detach().float().cpu()
+            theirs = state_dict[name]
+            if not isinstance(theirs, torch.Tensor) or theirs.ndim != 1 or theirs.numel() == 0:
+                shown = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+                raise CheckpointError(f"{source}: {name} must be a 1-D tensor of T values, got {shown}")
+            theirs, ours = theirs.detach().float().cpu(), getattr(self, name).detach().float().cpu()
             if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-7):
                 raise CheckpointError(
                     f"{source}: noise schedule differs from this model's ({name}: checkpoint T={theirs.shape[0]}, "
@@ -282,6 +286,13 @@ class DDPM(pl.LightningModule):
                     f"first/last {ours[0].item():.6g}/{ours[-1].item():.6g}). Use the checkpoint's timesteps, "
                     "beta_schedule, linear_start and linear_end in model.params."
                 )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a resumed run: Lightning then restores the checkpoint's schedule buffers over the config's, so a schedule
+        # changed since would train on the old one while the run's configs name the new one (refinement refuses those)
+        state_dict = checkpoint.get("state_dict")
+        if isinstance(state_dict, Mapping):
+            self.check_schedule_matches(state_dict, "resume checkpoint")
 
     # ------------------------------------------------------------------------------------------------ forward process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

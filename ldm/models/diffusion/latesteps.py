@@ -119,11 +119,12 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         checkpoint["num_timesteps"] = self.num_timesteps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("window")
-        if saved is not None and list(saved) != [self.t_min, self.t_max]:
-            logger.warning(
-                "checkpoint was trained on window t in [%d, %d); this run trains [%d, %d)", *saved, self.t_min, self.t_max
-            )
+        window = [self.t_min, self.t_max]
+        if saved is not None and not (isinstance(saved, (list, tuple)) and list(saved) == window):  # a record only
+            logger.warning("checkpoint was trained on window t in %.40r; this run trains [%d, %d)", saved, self.t_min,
+                           self.t_max)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------- images
     @torch.no_grad()

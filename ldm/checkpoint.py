@@ -234,7 +234,19 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
             f"checkpoint {str(path)!r} has no 'state_dict' (top-level keys: {sorted(ckpt)[:10]}); "
             "expected a Lightning checkpoint, a bare state dict, or a .safetensors file"
         )
+    check_state_dict(sd, repr(str(path)))
     return dict(sd)
+
+
+def check_state_dict(sd: Mapping[Any, Any], shown: str) -> None:
+    """CheckpointError unless every key of ``sd`` is a str and every value a tensor (the loaders match keys by prefix
+    and read shapes); ``shown``: the checkpoint, as messages name it."""
+    bad = next(((k, v) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {shown}: its state_dict maps {str(bad[0])[:60]!r} ({type(bad[0]).__name__}) to a "
+            f"{type(bad[1]).__name__}; a state dict maps parameter names (str) to tensors"
+        )
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

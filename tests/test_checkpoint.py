@@ -149,6 +149,10 @@ def test_missing_empty_truncated_directory_wrong_kind(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list"):
         load_checkpoint(tmp_path / "list.pt")
+    for name, sd in [("intkey", {3: torch.zeros(1)}), ("strvalue", {"w": "x"})]:  # AttributeError in drop_keys before
+        torch.save({"state_dict": sd}, tmp_path / f"{name}.ckpt")
+        with pytest.raises(CheckpointError, match="a state dict maps parameter names \\(str\\) to tensors"):
+            load_state_dict(tmp_path / f"{name}.ckpt")
     torch.save({"epoch": 1}, tmp_path / "nosd.ckpt")
     with pytest.raises(CheckpointError, match="no 'state_dict'"):
         load_state_dict(tmp_path / "nosd.ckpt")
@@ -256,3 +260,11 @@ def test_the_payload_is_live_when_the_user_opts_in(tmp_path):
     with pytest.raises(CheckpointError, match="no key in common"):
         instantiate_from_config(_vq_config(evil, unsafe_load=True))
     assert marker.read_text() == "pwned"
+
+
+def test_refine_loading_refuses_a_state_dict_with_a_non_string_key(tmp_path):
+    from ldm.refine.loading import load_expert
+
+    torch.save({"state_dict": {3: torch.zeros(1)}, "config": {}}, tmp_path / "intkey.ckpt")
+    with pytest.raises(CheckpointError, match=r"maps '3' \(int\) to a Tensor; a state dict maps parameter names"):
+        load_expert(tmp_path / "intkey.ckpt")

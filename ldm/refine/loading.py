@@ -18,6 +18,7 @@ import torch
 from ldm.checkpoint import (
     EMA_SCALAR_KEYS,
     CheckpointError,
+    check_state_dict,
     has_ema_weights,
     load_checkpoint,
     load_weights,
@@ -209,6 +210,7 @@ def load_expert(
         raise CheckpointError(
             f"checkpoint {shown} is the wrong kind: it holds no 'state_dict' (top-level keys: {sorted(map(str, ckpt))[:8]})"
         )
+    check_state_dict(state_dict, shown)
     model_cfg = _embedded_model_config(ckpt, shown)
     if model_cfg is not None:
         source = "checkpoint"

@@ -200,6 +200,11 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
             dst.check_schedule_matches({"betas": bad}, "x.ckpt")
     with pytest.raises(CheckpointError, match="^resume checkpoint: noise schedule differs"):  # what main.py -r meets
         build(linear_end=0.012).on_load_checkpoint({"state_dict": src.state_dict()})
+    nan = {**src.state_dict()}
+    nan[next(k for k in nan if k.startswith("model.") and nan[k].is_floating_point())] = torch.tensor([float("nan")])
+    save_checkpoint({"state_dict": nan}, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"1 tensors hold NaN or inf \(first: \['model\."):  # NaN losses, exit 0
+        build(ckpt_path=str(tmp_path / "nan.ckpt"))
     unet_only_ckpt = tmp_path / "first_stage_only.ckpt"
     save_checkpoint(
         {"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}}, unet_only_ckpt

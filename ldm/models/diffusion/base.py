@@ -242,6 +242,12 @@ class DDPM(pl.LightningModule):
         if dropped:
             logger.info("%s: ignoring %d keys (prefixes %s)", path, len(dropped), list(ignore_keys))
         self.check_schedule_matches(sd, source=path)
+        broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:  # (a NaN scale_factor too) every loss would be NaN, and every checkpoint saved from it
+            raise CheckpointError(
+                f"checkpoint {path!r}: {len(broken)} tensors hold NaN or inf (first: {broken[:3]}); it cannot "
+                "initialise a model to train"
+            )
         # EMA-only releases (Stable Diffusion v1) keep LitEma's two scalars without any EMA weights: loading the
         # scalars alone would cancel the EMA's warm-up, so they go with the weights they belong to
         restores_ema = has_ema_weights(sd) and not only_model

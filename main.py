@@ -290,10 +290,11 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
             has_validation=has_validation,
             unsafe_load=opt.unsafe_load,
         )
-    except (ValueError, TypeError, MisconfigurationException) as exc:
+    except (ValueError, TypeError, ImportError, MisconfigurationException) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"lightning.trainer: {str(exc).strip().splitlines()[0]}") from exc
+        where = "lightning" if isinstance(exc, ImportError) else "lightning.trainer"  # e.g. a logger's missing package
+        raise ConfigError(f"{where}: {str(exc).strip().splitlines()[0]}") from exc
     if data is not None:
         install_data_hooks(data, trainer, opt.seed)
 

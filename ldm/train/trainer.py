@@ -64,6 +64,9 @@ def check_trainer_values(trainer_kwargs: dict[str, Any]) -> None:
     ``accumulate_grad_batches`` or ``check_val_every_n_epoch`` below 1; other annotations are left to Lightning."""
     parameters = accepted_keywords(pl.Trainer).params
     for key, value in trainer_kwargs.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "val_check_interval" and number and value <= 0:  # 0: a ZeroDivisionError in Lightning's loop
+            raise ConfigError(f"lightning.trainer.{key}={value!r} must be > 0 (a share of an epoch <= 1, or batches)")
         allowed = _plain_types(parameters[key][0]) if key in parameters else None
         if allowed is None:
             continue

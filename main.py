@@ -172,7 +172,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     """``main`` without the error reporting; the run folder's lock (rank 0) and the removal of a new run folder left
     empty are entered into ``held``."""
     import pytorch_lightning as pl
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
     from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -214,6 +214,10 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         config.pop("data")
     if opt.train and "data" not in config:
         raise ConfigError("training needs a 'data' section (target ldm.data.datamodule.DataModuleFromConfig)")
+    data_cfg = config.get("data")
+    ours = isinstance(data_cfg, DictConfig) and data_cfg.get("target") == "ldm.data.datamodule.DataModuleFromConfig"
+    if opt.train and ours and not (data_cfg.get("params") or {}).get("train"):  # Lightning's exception came mid-fit
+        raise ConfigError("training (-t) needs data.params.train, a dataset config {target: ..., params: {...}}")
 
     pl.seed_everything(opt.seed, workers=True, verbose=False)
     model_cfg = OmegaConf.to_container(config.model, resolve=True)

@@ -291,6 +291,7 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         # ~key deletions and target changes on the command line
         (["~model"], "the merged config has no 'model' section"),
         (["~data"], "training needs a 'data' section"),
+        (["~data.params.train"], "training (-t) needs data.params.train, a dataset config"),
         (["~data.params.nope"], "cannot delete 'data.params.nope' (~data.params.nope): data.params has no key 'nope'"),
         (
             ["~data.params.batch_size.x"],

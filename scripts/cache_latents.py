@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, int_at_least, one_line_error, run_script
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, int_at_least, int_in_range, one_line_error, path_arg, run_script
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs were unreadable (skipped; the cache holds the others) or there were none
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        type=path_arg,
         metavar="PATH",
         help="a folder of images (searched recursively) or tar shards (brace pattern, e.g. "
         "'shards/train-{000000..000099}.tar')",
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
+        type=path_arg,
         metavar="DIR",
         help="the cache folder (created; resumed if it holds a plan; refused if it holds other files or an input)",
     )
@@ -84,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="folder validation fraction, as the config's image dataset (default: its value, else 0.05)",
     )
-    p.add_argument("--size", type=int_at_least(1), metavar="PX", help="crop side (default: the config's crop size)")
+    p.add_argument(
+        "--size",
+        type=int_in_range(1, 4096, "a batch of crops is held in memory; 4096 px is far above any expert's training size"),
+        metavar="PX",
+        help="crop side (default: the config's crop size)",
+    )
     p.add_argument(
         "--crops",
-        type=int_at_least(1),
+        type=int_in_range(1, 256, "every crop of an image is held in memory at once"),
         default=1,
         metavar="N",
         help="crops per image: 1 = centre crop, N = evenly spaced along the long side (default: %(default)s)",
@@ -190,6 +197,8 @@ def check_data_and_out(args: argparse.Namespace):
 
     if not os.path.isdir(args.data) and (args.split is not None or args.val_fraction is not None):
         raise ConfigError("--split/--val-fraction select files of an image folder; shards are cached whole")
+    if os.path.isfile(args.data) and not args.data.endswith(".tar"):  # it was read as a tar shard, to no image
+        raise ConfigError(f"--data {args.data} is a file but not a .tar shard: pass the folder that holds the images")
     inputs, scanned = source_inputs(args.data)
     check_output_folder(Path(args.out), inputs)
     return scanned
@@ -307,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         index = write_index_if_complete(out, units, settings, sha256, latent_shape)
     except OSError as exc:
         _err(f"error: output folder {out}: {one_line_error(exc)}")
+        return EXIT_OUTPUT
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # finished shards are kept: a smaller --batch-size resumes
+        _err(f"error: out of memory encoding {settings.size} px crops {args.batch_size} at a time ({one_line_error(exc)}); "
+             "lower --batch-size and run the same command again")  # fmt: skip
         return EXIT_OUTPUT
     if index is None:
         print(

@@ -218,6 +218,7 @@ def test_bad_arguments_exit_2_in_one_line(cache, tmp_path, capsys):
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--crops: 0 must be >= 1" in result.stderr
     base = ["--config", str(cache["config"]), "--data", str(cache["images"])]
+    image = next(p for p in sorted(Path(cache["images"]).rglob("*")) if p.is_file())
     cases = [
         (["--config", str(tmp_path / "missing.yaml"), "--data", "d", "--out", str(tmp_path / "o")], "does not exist"),
         ([*base, "--out", str(tmp_path / "o"), "--size", "30"], "multiple of the first stage's downsampling factor 4"),
@@ -242,9 +243,20 @@ def test_bad_arguments_exit_2_in_one_line(cache, tmp_path, capsys):
             [*base, "--out", str(cache["out"]), "--split", "all", "--shard-size", "3", "--batch-size", "2", "--no-flip"],
             "holds a cache made with other settings (flip differ)",
         ),
+        ([*base, "--out", ""], "--out: the path is empty"),  # wrote the cache into the current folder
+        ([*base, "--out", str(tmp_path / "o"), "--size", "40000"], "--size: 40000 must be <= 4096"),  # a MemoryError
+        ([*base, "--out", str(tmp_path / "o"), "--crops", "100000"], "--crops: 100000 must be <= 256"),
+        (
+            ["--config", str(cache["config"]), "--data", str(image), "--out", str(tmp_path / "o")],
+            "is a file but not a .tar shard: pass the folder",  # read as a tar: an empty cache and "no readable image"
+        ),
     ]
     for argv, expected in cases:
-        assert cache_cli.main(argv) == 2, argv
+        try:
+            code = cache_cli.main(argv)
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+        assert code == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (argv, err)
     (tmp_path / "file").write_text("x")

@@ -456,7 +456,7 @@ def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache
     good shard after it in the `::` list was never cached; `--data '${HOME}/x.tar'` was webdataset's AssertionError."""
     import tarfile
 
-    from test_shard_stream import forged_header, good_member, write_forged
+    from test_shard_stream import forged_header, good_member, tar_member, write_forged
 
     from conftest import write_image_shards
 
@@ -471,6 +471,14 @@ def test_a_forged_shard_header_is_one_line_and_the_other_shards_are_cached(cache
     assert skipped["source"] == "bad.tar#(the whole shard: the shard breaks there)"
     assert "pax extension header of 1,099,511,627,776 bytes" in skipped["error"]
     assert len(json.loads((out / "latents-000001.json").read_text())["samples"]) == 2
+    # a member that is no image: its error is worded without the in-memory file's address (the sidecar's bytes
+    # differed from run to run)
+    junk = write_forged(tmp_path / "junk.tar", tar_member("j.png", b"not an image"), good_member("k"))
+    for run in ("a", "b"):
+        assert cache_cli.main([*argv[:2], "--data", junk, "--out", str(tmp_path / run), "--batch-size", "2"]) == 1
+    sidecars = [(tmp_path / run / "latents-000000.json").read_bytes() for run in ("a", "b")]
+    assert sidecars[0] == sidecars[1] and b" object at 0x" not in sidecars[0]
+    capsys.readouterr()
     monkeypatch.delenv("WDS_HOME", raising=False)
     assert cache_cli.main(["--config", str(cache["config"]), "--data", "${HOME}/x.tar", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

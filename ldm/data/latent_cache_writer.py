@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,8 +249,13 @@ def unit_inputs(unit: Unit, skipped: list[dict[str, str]]) -> Iterator[tuple[int
         _skip(skipped, f"{label}#({lost}: the shard breaks there)", exc)
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _skip(skipped: list[dict[str, str]], key: str, error: BaseException) -> None:
     message = " ".join(f"{type(error).__name__}: {error}".split())
+    # Pillow names an in-memory member by its repr, whose address differs each run: the sidecar keeps its bytes
+    message = _OBJECT_REPR.sub("the member", message)
     skipped.append({"source": key, "error": message})
     logger.warning("skipping unreadable input %s (%s)", key, message)
 

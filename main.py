@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,19 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         except OSError as exc:  # disk full, permissions, a vanished folder: the message names the path
             print(
                 f"main.py: error: {exc}; {logdir} keeps its last complete checkpoint: fix this and resume with -r {logdir}",
+                file=sys.stderr,
+            )
+            return 1
+        except (ValueError, MisconfigurationException) as exc:
+            # a value training cannot use, met only when it runs: an image size the UNet cannot halve, ddim_steps=0
+            # for the image logger, a val_check_interval above the epoch's batches; where it was raised, for a bug
+            if isinstance(exc, (ConfigError, CheckpointError)):
+                raise
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            first = " ".join(str(exc).split()) or type(exc).__name__
+            print(
+                f"main.py: error: training stopped: {first} (raised at {Path(frame.filename).name}:{frame.lineno}); "
+                f"{logdir} keeps its last complete checkpoint, if any: fix the config and resume with -r {logdir}",
                 file=sys.stderr,
             )
             return 1

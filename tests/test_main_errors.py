@@ -349,3 +349,13 @@ def test_ctrl_c_while_main_py_starts_is_one_line(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "main.py: interrupted" and "Traceback" not in err
     assert nothing_left(tmp_path / "logs")
+
+
+def test_a_value_training_cannot_use_stops_it_in_one_line(main_module, tmp_path, capsys):
+    """Met only once training runs (a crop the UNet cannot halve: 36 px -> a 9 x 9 latent), it was a traceback."""
+    extra = ["data.params.train.params.size=36", "~data.params.validation"]
+    assert main_module.main(new_run_args(tmp_path, *extra)) == 1
+    err = capsys.readouterr().err
+    line = one_error_line(err, "main.py: error: training stopped:")
+    assert "must be divisible by" in line and "(raised at openaimodel.py:" in line and "resume with -r" in line
+    assert "Traceback" not in err

@@ -184,6 +184,9 @@ def _to_diffusers(args: argparse.Namespace) -> int:
         _err(one_line_error(exc))
         return EXIT_USAGE
     except OSError as exc:
+        if exc.errno is None:  # a loader's words about an input (a CLIP folder that is gone), not the OS writing
+            _err(one_line_error(exc))
+            return EXIT_USAGE
         _err(f"cannot write {args.out}: {one_line_error(exc)}")
         return EXIT_OUTPUT
     except ValueError as exc:  # a model's own argument checks while building it from the checkpoint's config

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
+        if exc.errno is None:  # a loader's words about an input (a CLIP folder that is gone), not the OS writing
+            print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"{PROG}: error: cannot write {args.out}: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_OUTPUT
     except ValueError as exc:  # a model's own argument checks while building it from the checkpoint's config

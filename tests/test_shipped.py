@@ -254,3 +254,24 @@ def test_refine_cli_takes_the_demo_name_and_keeps_pixels_outside_the_box(tmp_pat
     outside = np.ones((32, 32), dtype=bool)
     outside[8:24, 8:24] = False
     assert np.array_equal(before[outside], after[outside]) and not np.array_equal(before, after)
+
+
+def test_export_weights_tells_an_input_it_cannot_load_from_an_output_it_cannot_write(tmp_path, monkeypatch, capsys):
+    """A converted SD checkpoint whose CLIP folder is gone was "cannot write <out>", exit 3 (an output problem)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_weights_script", REPO / "scripts" / "export_weights.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--ckpt", str(tmp_path / "sd.ckpt"), "--out", str(tmp_path / "e.safetensors")]
+    for error, code, words in [
+        (FileNotFoundError("FrozenCLIPEmbedder(version='clip'): not a local folder"), 2, "error: FrozenCLIPEmbedder("),
+        (PermissionError(13, "Permission denied", str(tmp_path / "e.safetensors")), 3, "error: cannot write"),
+    ]:
+
+        def failing(*args, _error=error, **kwargs):
+            raise _error
+
+        monkeypatch.setattr(shipped, "export_expert", failing)
+        assert script.main(argv) == code
+        assert words in capsys.readouterr().err

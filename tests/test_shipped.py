@@ -275,3 +275,11 @@ def test_export_weights_tells_an_input_it_cannot_load_from_an_output_it_cannot_w
         monkeypatch.setattr(shipped, "export_expert", failing)
         assert script.main(argv) == code
         assert words in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_config_is_refused_with_the_exporters_own_words(expert_checkpoints, tmp_path):
+    """load_expert ran first and said "pass the matching YAML with --config", a flag export_weights.py lacks."""
+    bare = tmp_path / "bare.ckpt"
+    save_checkpoint({"state_dict": load_checkpoint(expert_checkpoints[0])["state_dict"]}, bare)
+    with pytest.raises(CheckpointError, match="holds no model config; only checkpoints written by main.py"):
+        export_expert(bare, tmp_path / "e.safetensors")

@@ -100,14 +100,14 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
     Raises:
         CheckpointError / ConfigError: ``source`` is not a loadable expert (see :func:`load_expert`).
     """
-    expert, info = load_expert(source, ema=True)
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(source)  # first: without an embedded config, load_expert's advice (--config) is not ours
     model_cfg = _embedded_model_config(ckpt, format_path(source))
     if model_cfg is None:
         raise CheckpointError(
             f"checkpoint {format_path(source)} holds no model config; only checkpoints written by "
             "main.py (or exports of them) can be exported"
         )
+    expert, info = load_expert(source, ema=True)
     state = expert.model.state_dict()
     parameters = {name for name, _ in expert.model.named_parameters()}
     cast = EXPORT_DTYPES[dtype]

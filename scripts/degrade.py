@@ -93,16 +93,23 @@ def _run(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError, OSError) as exc:  # ConfigError, CheckpointError: ValueErrors
         print(f"{PROG}: error: --degradation {args.degradation!r}: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    failed: list[str] = []
+
+    def report(line: str) -> None:  # an image that cannot be read or degraded: named, and the others go on
+        failed.append(line)
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+
     try:
-        written = degrade_folder(args.input, args.output, degradation, seed=args.seed)
+        written = degrade_folder(args.input, args.output, degradation, seed=args.seed, on_error=report)
     except (ImageLoadError, ImageSaveError, OSError, DegradeFolderError) as exc:  # ImageLoadError: a ValueError
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except ValueError as exc:  # --output inside --input, two inputs mapping to one output
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote {len(written)} images to {args.output} with {degradation.spec} (seed {args.seed})")
-    return EXIT_OK
+    not_done = f"; {len(failed)} image(s) failed (above)" if failed else ""
+    print(f"wrote {len(written)} images to {args.output} with {degradation.spec} (seed {args.seed}){not_done}")
+    return EXIT_INPUT if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ def degrade_folder(
     dst: str | os.PathLike,
     degradation: str | Degradation,
     seed: int,
+    *,
+    on_error: Callable[[str], None] | None = None,
     **params: Any,
 ) -> list[Path]:
     """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
@@ -69,7 +72,8 @@ def degrade_folder(
 
     Raises ``FileNotFoundError`` (no such folder / no images), ``OSError`` (a symbolic link loop), ``ValueError``
     (``dst`` inside ``src``, two sources mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable
-    image and :class:`DegradeFolderError` for an image the degradation refuses.
+    image and :class:`DegradeFolderError` for an image the degradation refuses; with ``on_error``, those two are
+    passed to it (one line each) and the other images are degraded.
     """
     src_root, dst_root = _resolve(src, "source"), _resolve(dst, "output")
     if not src_root.is_dir():
@@ -97,15 +101,25 @@ def degrade_folder(
     written: list[Path] = []
     for out, path in targets.items():
         rel = path.relative_to(src_root).as_posix()
-        loaded = imageio.load_image(path)
         this_seed = file_seed(seed, rel)
+        try:
+            loaded = imageio.load_image(path)
+        except imageio.ImageLoadError as exc:
+            if on_error is None:
+                raise
+            on_error(str(exc))
+            continue
         try:
             result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
         except (ValueError, RuntimeError) as exc:
+            why = f"{deg.spec} cannot degrade {str(path)!r} ({loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px): " + " ".join(
+                str(exc).split()
+            )
+            if on_error is not None:
+                on_error(why)
+                continue
             raise DegradeFolderError(
-                f"{deg.spec} cannot degrade {str(path)!r} ({loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px): "
-                f"{' '.join(str(exc).split())}; {len(written)} of {len(targets)} images were written to "
-                f"{str(dst_root)!r} before it"
+                f"{why}; {len(written)} of {len(targets)} images were written to {str(dst_root)!r} before it"
             ) from exc
         metadata = {"degradation": deg.spec, "degradation_seed": str(this_seed)}
         imageio.save_image_atomic(out, imageio.tensor_to_image(result), alpha=loaded.alpha, metadata=metadata)

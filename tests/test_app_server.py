@@ -146,7 +146,8 @@ def test_a_client_trickling_its_headers_is_cut_off_and_prompt_ones_are_served(qu
 # ---------------------------------------------------------------------------------------------------- one step's time
 def test_measured_step_cost_is_positive_and_finite(refiner):
     cost = measure_step_cost(refiner, repeats=1)
-    assert 0 < cost.seconds_per_pixel < 1.0
+    for fit in (cost, cost.first_stage):
+        assert 0 < fit.step_seconds(64 * 64) < 60 and fit.seconds_per_pixel >= 0 and fit.seconds_per_pixel2 >= 0
 
 
 def test_a_request_whose_one_step_would_take_too_long_is_refused_before_it_is_queued(refiner):
@@ -196,11 +197,29 @@ def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
         time.sleep(0.02 + 1e-5 * z.shape[-1] * z.shape[-2])
         return z
 
+    def decode(z):  # a first stage whose attention makes it quadratic: 1e-8 s per latent pixel squared
+        time.sleep(1e-8 * (z.shape[-1] * z.shape[-2]) ** 2)
+        return z
+
     model = SimpleNamespace(image_size=16, channels=3)
-    fake = SimpleNamespace(
-        model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser], device=torch.device("cpu")
-    )
+    first_stage = SimpleNamespace(factor=1, encode=lambda x: x, decode=decode)
+    fake = SimpleNamespace(model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser],
+                           device=torch.device("cpu"), first_stage=first_stage)  # fmt: skip
     cost = measure_step_cost(fake, repeats=3)
     assert cost.fixed_seconds == pytest.approx(0.02, abs=0.01)
     assert cost.seconds_per_pixel == pytest.approx(1e-5, rel=0.3)
     assert cost.step_seconds(10_000) == pytest.approx(0.02 + 0.1, rel=0.3)
+    # encode + decode grew 16x for 4x the pixels: a linear fit said 4x less at 4x the pixels (the cancel of a large
+    # image waited for minutes of decoding)
+    assert cost.first_stage.step_seconds(128 * 128) == pytest.approx(1e-8 * (128 * 128) ** 2, rel=0.3)
+
+
+def test_a_request_whose_encode_and_decode_would_take_too_long_is_refused(refiner):
+    upload = load_upload(png(96, 64), "wide.png")
+    latent_pixels = (96 // 4) * (64 // 4)
+    slow = StepCost(1e-9, first_stage=StepCost(0.0, 0.0, 3 * MAX_STEP_SECONDS / latent_pixels**2))
+    whole = RefineSettings.from_json({"mode": "whole", "start_t": 100, "steps": 2, "step_mode": "exact"})
+    with pytest.raises(RequestError, match=r"^encoding and decoding on this 96x64 image would take about 60 s here"):
+        prepare(refiner, upload, whole, None, slow)
+    crop = RefineSettings.from_json({"mode": "crop", "boxes": "0,0,8,8", "start_t": 100, "steps": 2, "step_mode": "exact"})
+    assert prepare(refiner, upload, crop, None, slow).total_steps == 2  # a crop is encoded at the experts' size

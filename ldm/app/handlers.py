@@ -314,20 +314,43 @@ def plan_facts(refiner: Refiner, plan: RefinePlan) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class StepCost:
-    """One sampling step's seconds on this machine: ``fixed_seconds + seconds_per_pixel * latent pixels`` (the
-    slowest expert's fit).  A cancel waits for the step in progress, so one step is bounded by :data:`MAX_STEP_SECONDS`."""
+    """Seconds of one uncancellable unit of work on this machine, in latent pixels ``p``: ``fixed_seconds +
+    seconds_per_pixel * p + seconds_per_pixel2 * p**2`` (the quadratic term: attention over the whole latent).
+    ``first_stage``: the image's encode plus decode, likewise (a cancel also waits for those; None: not measured).
+    A cancel waits for the unit in progress, so each is bounded by :data:`MAX_STEP_SECONDS`."""
 
     seconds_per_pixel: float
     fixed_seconds: float = 0.0
+    seconds_per_pixel2: float = 0.0
+    first_stage: StepCost | None = None
 
-    def step_seconds(self, latent_pixels: int) -> float:
-        return self.fixed_seconds + self.seconds_per_pixel * latent_pixels
+    def step_seconds(self, latent_pixels: int, linear_factor: float = 1.0) -> float:
+        """The estimate for ``latent_pixels``; ``linear_factor`` scales the per-pixel term (tiles' overlap)."""
+        p = float(latent_pixels)
+        return self.fixed_seconds + linear_factor * self.seconds_per_pixel * p + self.seconds_per_pixel2 * p * p
+
+
+def fit_step_cost(small: tuple[int, float], large: tuple[int, float]) -> StepCost:
+    """:class:`StepCost` through two ``(latent pixels, seconds)`` timings: a fixed cost plus a cost per pixel, or,
+    where the time grew faster than the pixels (attention), a cost per pixel plus one per pixel squared."""
+    (p_small, small_s), (p_large, large_s) = small, large
+    ratio = p_large / p_small
+    if large_s > ratio * small_s:
+        quadratic = (large_s - ratio * small_s) / (p_large * (p_large - p_small))
+        linear = (small_s - quadratic * p_small**2) / p_small
+        if linear < 0:  # faster than quadratic (timing noise): all of it quadratic, the larger share
+            return StepCost(0.0, 0.0, max(small_s / p_small**2, large_s / p_large**2))
+        return StepCost(linear, 0.0, quadratic)
+    slope = (large_s - small_s) / (p_large - p_small)
+    if slope <= 0:  # timing noise swamped the difference: charge every second to the pixels
+        return StepCost(large_s / p_large)
+    return StepCost(slope, max(0.0, small_s - slope * p_small))
 
 
 def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
-    """The slowest expert's :class:`StepCost`, fitted from the median of ``repeats`` timed calls (after a warm-up) at
-    the native latent side and twice it: two sizes separate a call's fixed cost from its cost per pixel.  Linear in
-    pixels: attention grows faster, so images far above twice the native size may take longer than estimated."""
+    """The slowest expert's :class:`StepCost`, fitted (:func:`fit_step_cost`) from the median of ``repeats`` timed
+    calls (after a warm-up) at the native latent side and twice it, with the first stage's encode + decode timed at
+    the same sizes as its ``first_stage``."""
     model = refiner.model
     native = int(model.image_size)
     sizes = (native, 2 * native)
@@ -341,39 +364,54 @@ def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
             for side in sizes:
                 z = torch.zeros(1, int(model.channels), side, side, device=refiner.device)
                 denoiser(z, t, cond)
-                seconds.append(statistics.median(_timed(denoiser, z, t, cond, refiner.device) for _ in range(repeats)))
-            (small, large), (p_small, p_large) = seconds, (sizes[0] ** 2, sizes[1] ** 2)
-            slope = (large - small) / (p_large - p_small)
-            if slope <= 0:  # timing noise swamped the difference: charge every second to the pixels
-                fits.append(StepCost(large / p_large))
-            else:
-                fits.append(StepCost(slope, max(0.0, small - slope * p_small)))
-    return max(fits, key=lambda f: f.step_seconds(4 * sizes[1] ** 2))
+                seconds.append(statistics.median(_timed(denoiser, refiner.device, z, t, cond) for _ in range(repeats)))
+            fits.append(fit_step_cost((sizes[0] ** 2, seconds[0]), (sizes[1] ** 2, seconds[1])))
+        first_stage = []
+        f = refiner.first_stage.factor
+        for side in sizes:
+            x = torch.zeros(1, 3, side * f, side * f, device=refiner.device)
+
+            def round_trip(x: torch.Tensor = x) -> None:
+                refiner.first_stage.decode(refiner.first_stage.encode(x))
+
+            round_trip()
+            first_stage.append(statistics.median(_timed(round_trip, refiner.device) for _ in range(repeats)))
+    slowest = max(fits, key=lambda fit: fit.step_seconds(4 * sizes[1] ** 2))
+    stage = fit_step_cost((sizes[0] ** 2, first_stage[0]), (sizes[1] ** 2, first_stage[1]))
+    return replace(slowest, first_stage=stage)
 
 
-def _timed(denoiser: Callable[..., Any], z: torch.Tensor, t: torch.Tensor, cond: Any, device: torch.device) -> float:
+def _timed(call: Callable[..., Any], device: torch.device, *args: Any) -> float:
     started = time.perf_counter()
-    denoiser(z, t, cond)
+    call(*args)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
 def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings, cost: StepCost | None, calls: int = 1) -> None:
-    """Refuse a request whose one sampling step would take over :data:`MAX_STEP_SECONDS`: the whole padded image, or
-    in crop mode one region at the experts' size."""
+    """Refuse a request whose one sampling step, or its first stage's encode + decode, would take over
+    :data:`MAX_STEP_SECONDS`: the whole padded image, or in crop mode one region at the experts' size."""
     if cost is None:
         return
     f, first = refiner.factor, refiner.first_stage.factor
     if settings.mode == "crop":
-        pixels = (refiner.native_size // first) ** 2
+        pixels, tiled = (refiner.native_size // first) ** 2, False
     else:  # the image padded to a multiple of the model's factor, in latent pixels
-        pixels = (-(-upload.height // f) * f // first) * (-(-upload.width // f) * f // first)
+        height, width = -(-upload.height // f) * f, -(-upload.width // f) * f
+        pixels = (height // first) * (width // first)
+        tiled = refiner.tiling is not None and refiner.tiling.applies_to(height, width)
     seconds = calls * cost.step_seconds(pixels)
+    if seconds > MAX_STEP_SECONDS:
+        what = "one sampling step"
+    elif cost.first_stage is not None:
+        # tiles overlap: up to about twice the convolutions (the attention runs once, on the whole latent)
+        seconds = cost.first_stage.step_seconds(pixels, linear_factor=2.0 if tiled else 1.0)
+        what = "encoding and decoding"
     if seconds <= MAX_STEP_SECONDS:
         return
     raise RequestError(
-        f"one sampling step on this {upload.width}x{upload.height} image would take about {seconds:.0f} s here; the app "
+        f"{what} on this {upload.width}x{upload.height} image would take about {seconds:.0f} s here; the app "
         f"refuses steps over {MAX_STEP_SECONDS:.0f} s (Cancel waits for the step in progress): downscale or crop the "
         "image, refine only a region in crop mode, or use scripts/refine.py"
     )

@@ -100,7 +100,7 @@ def test_from_checkpoints_reads_config_window_hash_and_shares_the_first_stage(re
     assert not any(p.requires_grad for p in refiner.model.parameters())
 
 
-def test_config_from_yaml_for_checkpoints_without_one(refiner, expert_checkpoints, tmp_path, crops):
+def test_config_from_yaml_for_checkpoints_without_one(refiner, expert_checkpoints, tmp_path, crops, caplog):
     from omegaconf import OmegaConf
 
     bare = _rewrite(expert_checkpoints[0], tmp_path / "bare.ckpt", config=None)
@@ -108,7 +108,12 @@ def test_config_from_yaml_for_checkpoints_without_one(refiner, expert_checkpoint
         Refiner.from_checkpoints([bare, expert_checkpoints[1]], device="cpu")
     yaml_path = tmp_path / "expert.yaml"
     OmegaConf.save(OmegaConf.create(tiny_expert_config(250, 500)), yaml_path)
+    with caplog.at_level(logging.WARNING, logger="ldm.refine.refiner"):
+        Refiner.from_checkpoints(expert_checkpoints, device="cpu", config=str(tmp_path / "missing.yaml"))
+    assert "config=" in caplog.text and "is not used: every checkpoint holds its own model config" in caplog.text
+    caplog.clear()  # it is silently ignored no more; a mixed chain uses it and says nothing
     from_yaml = Refiner.from_checkpoints([bare, expert_checkpoints[1]], device="cpu", config=str(yaml_path))
+    assert "is not used" not in caplog.text
     assert from_yaml.checkpoints[0].config_source == str(yaml_path)
     assert from_yaml.checkpoints[1].config_source == "checkpoint"
     ref = refiner.refine_tensors(crops[:1], 400, seeds=3, ddim_steps=10)

@@ -205,6 +205,8 @@ class Refiner:
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
         experts = [e for e, _ in loaded]
         infos = [i for _, i in loaded]
+        if config is not None and all(i.config_source == "checkpoint" for i in infos):
+            logger.warning("config=%s is not used: every checkpoint holds its own model config", str(config)[:200])
         refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile,
                       allow_unconditional_experts, first_stage_posterior)  # fmt: skip
         for expert in experts[1:]:  # these models are ours: keep one copy of the (identical, checked) first stage

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 
-from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, one_line_error, run_script
+from ldm.cli import EXIT_USAGE, OneLineParser, decimal_float, one_line_error, path_arg, run_script
 
 EXIT_OK = 0
 EXIT_OUTPUT = 3  # the output cannot be written (permission, disk full)
@@ -54,10 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before anything is read)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-diffusers", metavar="DIR", help="diffusers LDM folder to convert into a checkpoint")
-    way.add_argument("--to-diffusers", metavar="CKPT", help="expert checkpoint to write as a diffusers folder")
+    way.add_argument("--from-diffusers", metavar="DIR", type=path_arg, help="diffusers LDM folder to convert into a checkpoint")
+    way.add_argument("--to-diffusers", metavar="CKPT", type=path_arg, help="expert checkpoint to write as a diffusers folder")
     p.add_argument(
-        "--out", required=True, metavar="PATH", help="the checkpoint (.ckpt/.pt/.pth) or folder to create; must not exist"
+        "--out",
+        required=True,
+        metavar="PATH",
+        type=path_arg,
+        help="the checkpoint (.ckpt/.pt/.pth) or folder to create; must not exist",
     )
     p.add_argument(
         "--scale-factor",
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clip-dir",
         metavar="DIR",
+        type=path_arg,
         help="--from-diffusers of a Stable Diffusion folder: the local CLIP folder (tokenizer + text "
         "config.json, or a diffusers folder with tokenizer/ and text_encoder/) that the checkpoint's "
         "text encoder reads (default: the diffusers folder itself, by absolute path)",

@@ -79,6 +79,8 @@ def convert_cli():
         (["--from-diffusers", "{folder}", "--out", "{tmp}/x.ckpt", "--scale-factor", "-1"], "must be a finite number > 0"),
         (["--to-diffusers", "{tmp}/missing.ckpt", "--out", "{tmp}/out"], "does not exist"),
         (["--to-diffusers", "{folder}", "--out", "{tmp}/out", "--scale-factor", "2"], "applies to --from-diffusers only"),
+        (["--to-diffusers", "{folder}", "--out", ""], "--out: the path is empty"),  # "error: already exists", no path
+        (["--from-diffusers", "", "--out", "{tmp}/x.ckpt"], "--from-diffusers: the path is empty"),
     ],
 )
 def test_convert_cli_refuses_in_one_line_with_exit_2(

@@ -488,6 +488,13 @@ def test_datamodule_only_exposes_configured_splits_and_checks_configs():
         DataModuleFromConfig(batch_size=2, train={"params": {"size": 16}})
     with pytest.raises(ValueError, match="persistent_workers"):
         DataModuleFromConfig(batch_size=2, persistent_workers=True)
+    for kw, words in [
+        (dict(batch_size=2.5), "batch_size=2.5 must be an integer >= 1"),  # trained with batches of 2
+        (dict(batch_size=0), "batch_size=0 must be"),
+        (dict(batch_size=2, num_workers=-1), "num_workers=-1"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            DataModuleFromConfig(**kw)
 
 
 def test_datamodule_refuses_a_train_split_smaller_than_a_batch():

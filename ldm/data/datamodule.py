@@ -91,10 +91,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size} must be a positive integer")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        for name, value, lowest in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:  # int(2.5) trained with 2
+                raise ValueError(f"{name}={value!r} must be an integer >= {lowest}")
         if persistent_workers and int(num_workers) == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0 (or leave persistent_workers unset)")
         self.batch_size = int(batch_size)

@@ -200,6 +200,15 @@ def test_an_81_mp_upload_is_refused_from_its_header_and_uploads_keep_no_decoded_
         patched.setattr(handlers, "decode_mask", no_decode)
         with pytest.raises(RequestError, match="the painted mask is 9000x9000 but the image is 48x40"):
             load_painted_mask(bomb, upload)
+    # over twice Pillow's bomb limit (179 MP) the header was not read and Pillow's Python advice came back instead
+    huge = big_png(20000, 10000)
+    with monkeypatch.context() as patched:
+        patched.setattr(handlers, "decode_image", no_decode)
+        patched.setattr(handlers, "decode_mask", no_decode)
+        with pytest.raises(RequestError, match=r"^huge.png is 20000x10000 \(200.0 MP\); the app accepts images up to"):
+            load_upload(huge, "huge.png")
+        with pytest.raises(RequestError, match="the painted mask is 20000x10000 but the image is 48x40"):
+            load_painted_mask(huge, upload)
 
 
 def test_at_most_max_parallel_decodes_run_at_once(monkeypatch):

@@ -307,8 +307,28 @@ def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")  # a decompression-bomb warning: the loader turns those into its error
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_available_formats()) as image:
                 return int(image.size[0]), int(image.size[1])
+    except Image.DecompressionBombError:  # over twice the limit: the size is still in the header, and callers want it
+        return _size_past_bomb_limit(source)
     except Exception:  # Pillow's header parsers raise a wide, version-dependent set of types on junk
         return None
+
+
+def _size_past_bomb_limit(source: PathLike | bytes) -> tuple[int, int] | None:
+    """The header's size through the format's own parser, as ``Image.open`` finds it but without its bomb check (no
+    pixel is decoded)."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as fh:
+        prefix = fh.read(16)
+        for name in _available_formats():
+            factory, accept = Image.OPEN[name]
+            fh.seek(0)
+            if accept is not None and not accept(prefix):
+                continue
+            try:
+                with factory(fh) as image:
+                    return int(image.size[0]), int(image.size[1])
+            except Exception:  # as Image.open does: the next format may take it
+                continue
+    return None
 
 
 def _available_formats() -> tuple[str, ...]:

@@ -225,6 +225,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: --degradations {spec!r}: {one_line_error(exc)}", file=sys.stderr)
             return EXIT_USAGE
 
+    read: dict[str, Any] = {}  # the folders' images, read before any model is loaded: an unreadable one costs nothing
+    for name in ("no_reference", "images", "realism_images"):
+        try:
+            if getattr(args, name) is not None:
+                read[name] = folder_images(getattr(args, name))
+        except (FileNotFoundError, ImageLoadError) as exc:
+            named = "--realism-images: " if name == "realism_images" else ""  # --images may be a folder too
+            print(f"{PROG}: error: {named}{one_line_error(exc)}", file=sys.stderr)
+            return EXIT_INPUT
+
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
             paths,
@@ -260,10 +270,10 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         if args.no_reference is not None:
-            images = folder_images(args.no_reference)
+            images = read["no_reference"]
             source = f"artifact images in {args.no_reference} (no reference)"
         elif args.images is not None:
-            images = folder_images(args.images)
+            images = read["images"]
             source = f"clean images in {args.images}"
         else:
             size = args.size or int(model.image_size) * int(model.downsampling_factor)
@@ -277,18 +287,11 @@ def _run(args: argparse.Namespace) -> int:
                 realism = held_out(args.n_images, size, seed=args.crop_seed + 1)
             else:
                 print(f"note: no SWD realism: crops of {size} px are smaller than its {SWD_PATCH_SIZE} px patches")
-    except (FileNotFoundError, ImageLoadError) as exc:  # a folder changed since _check_inputs, an unreadable image
-        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
-        return EXIT_INPUT
     except ValueError as exc:  # --size beyond what the embedded photographs give (checked in _check_inputs too)
         print(f"{PROG}: error: --size: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.realism_images is not None:
-        try:  # named, since --images may be a folder too
-            realism = folder_images(args.realism_images)
-        except (FileNotFoundError, ImageLoadError) as exc:
-            print(f"{PROG}: error: --realism-images: {one_line_error(exc)}", file=sys.stderr)
-            return EXIT_INPUT
+        realism = read["realism_images"]
         problem = _check_realism_sizes(images, realism)
         if problem:
             print(f"{PROG}: error: --realism-images: {problem}", file=sys.stderr)

@@ -411,6 +411,11 @@ def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert
     ]:
         code, err = run(*missing, "--degradations", "jpeg", "--realism-images", str(tmp_path / folder))
         assert code == expected_code and message in err, (folder, err)
+    # an unreadable image is found before any checkpoint is opened (it was found after both models had loaded)
+    code, err = run(*missing, "--degradations", "jpeg", "--realism-images", str(tmp_path / "corrupt"))
+    assert code == 1 and "--realism-images: cannot load image" in err, err
+    code, err = run(*missing, "--degradations", "jpeg", "--images", str(tmp_path / "corrupt"))
+    assert code == 1 and err.startswith("evaluate.py: error: cannot load image"), err
     for folder, expected_code, message in [
         ("corrupt", 1, "--realism-images: cannot load image"),
         ("mixed", 2, "must all have the evaluated images' size, got sizes (H, W) [(32, 32), (40, 24)]"),

@@ -87,3 +87,14 @@ def test_a_resume_starts_from_the_newest_saved_pair_only(tmp_path):
     (configs / "a.yaml").write_text("{}\n")
     (configs / "b.yaml").write_text("{}\n")  # not main.py's names: every file, oldest first, as before
     assert [p.rsplit("/", 1)[1] for p in saved_run_configs(tmp_path)] == ["a.yaml", "b.yaml"]
+
+
+def test_resume_takes_the_run_folder_its_checkpoints_folder_or_a_checkpoint_in_it(tmp_path):
+    """``-r <run>/checkpoints`` said "<run>/checkpoints/checkpoints/last.ckpt does not exist (the run never saved...)"."""
+    from ldm.train.cli import resolve_resume
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    for argument in (tmp_path / "run", tmp_path / "run" / "checkpoints", last):
+        assert resolve_resume(str(argument)) == (tmp_path / "run", last)

@@ -388,8 +388,8 @@ def merge_configs(
 
 
 def resolve_resume(resume: str) -> tuple[Path, Path]:
-    """``-r`` argument -> ``(logdir, checkpoint)``: a log dir's ``checkpoints/last.ckpt``, or a checkpoint in
-    ``<logdir>/checkpoints/``."""
+    """``-r`` argument -> ``(logdir, checkpoint)``: a log dir's (or its ``checkpoints/`` folder's) ``last.ckpt``, or a
+    checkpoint in ``<logdir>/checkpoints/``."""
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"cannot resume: {resume!r} does not exist; pass a log dir (logs/<run>) or a checkpoint in it")
@@ -400,7 +400,7 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
                 "run's configs/; to start a new run from these weights use -b <config> model.params.ckpt_path=<file>"
             )
         return path.parent.parent, path
-    logdir = path
+    logdir = path.parent if path.name == "checkpoints" and (path / "last.ckpt").is_file() else path  # <logdir>/checkpoints
     ckpt = logdir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise ConfigError(

@@ -278,6 +278,7 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         (["lightning.trainer.accumulate_grad_batches=0"], "lightning.trainer.accumulate_grad_batches=0 must be >= 1"),
         (["lightning.trainer.check_val_every_n_epoch=0"], "lightning.trainer.check_val_every_n_epoch=0 must be >= 1"),
         (["lightning.trainer.val_check_interval=0"], "lightning.trainer.val_check_interval=0 must be > 0"),
+        (["lightning.callbacks.image_logger.params.batch_frequency=0"], "lightning.callbacks.image_logger: "),
         (["lightning.logger.target=pytorch_lightning.loggers.WandbLogger"], "lightning: Requirement 'wandb"),
         (["lightning.trainer.devices=0"], "lightning.trainer: `Trainer(devices=0)` value is not a valid input"),
         (["lightning.trainer.strategy=nonsense"], "lightning.trainer: You selected an invalid strategy name"),

@@ -109,7 +109,12 @@ def build_callbacks(
     for name, cfg in (_plain(lightning_config.get("callbacks")) or {}).items():
         if not isinstance(cfg, dict) or "target" not in cfg:
             raise ConfigError(f"lightning.callbacks.{name} must be {{target: ..., params: {{...}}}}, got {cfg!r}")
-        callbacks.append(instantiate_from_config(cfg))
+        try:
+            callbacks.append(instantiate_from_config(cfg))
+        except (ValueError, TypeError) as exc:  # its own argument checks: named by its key, not as the Trainer's
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"lightning.callbacks.{name}: {' '.join(str(exc).split())}") from exc
     ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
     if not isinstance(ckpt_cfg, dict) or "target" not in ckpt_cfg or not isinstance(ckpt_cfg.get("params") or {}, dict):
         raise ConfigError(f"lightning.modelcheckpoint must be {{target: ..., params: {{...}}}}, got {ckpt_cfg!r}")

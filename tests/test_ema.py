@@ -105,3 +105,10 @@ def test_update_reads_nothing_back_and_resumes_the_warm_up_after_loading():
     resumed(net)
     expected = shadow.double() + 0.5 * (net[0].weight.double() - shadow.double())  # min(0.5, 103/112) = 0.5
     torch.testing.assert_close(resumed.get_buffer("0weight").double(), expected, rtol=0, atol=3e-7)
+
+
+def test_a_decay_that_is_not_a_number_in_0_1_is_one_line():
+    """``model.params.ema_decay=nan`` (a string in YAML) said "'<=' not supported between 'float' and 'str'"."""
+    for bad in ("nan", float("nan"), 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"EMA decay=.* must be a number in \[0, 1\]"):
+            LitEma(torch.nn.Linear(2, 2), decay=bad)

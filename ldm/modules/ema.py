@@ -17,8 +17,8 @@ class LitEma(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True):
         super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay={decay} must be in [0, 1]")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:  # NaN too
+            raise ValueError(f"EMA decay={decay!r} must be a number in [0, 1]")
         self.m_name2s_name: dict[str, str] = {}
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
         self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int))

@@ -146,7 +146,9 @@ def test_handler_messages_for_what_a_user_can_get_wrong(app_refiner, app_images)
                           ({"seed": 1.5}, "Seed must be"), ({"n_samples": 9}, "Samples must be a whole number from 1 to 8"),
                           ({"start_t": True}, "Start t must be"), ({"mode": "all"}, "Mode 'all' is not one of"),
                           ({"colour": 1}, "unknown setting(s) 'colour'"),
-                          ({"boxes": "1,2,3"}, "is not x0,y0,x1,y1"), ([], "must be a JSON object")]:  # fmt: skip
+                          ({"boxes": "1,2,3"}, "is not x0,y0,x1,y1"), ([], "must be a JSON object, got an array"),
+                          (None, "must be a JSON object, got null"), ({"boxes": 3}, "Boxes must be text (one x0,y0,x1,y1"),
+                          ({"negative_prompt": None}, "Negative prompt must be text, got null")]:  # fmt: skip
         with pytest.raises(RequestError) as info:
             RefineSettings.from_json(bad)
         assert expected in str(info.value)

@@ -390,7 +390,7 @@ def test_the_web_app_refines_with_its_prompt_fields_as_the_api_does(refiner, tmp
     assert (meta["prompt"], meta["negative_prompt"], meta["guidance_scale"]) == ("a cat", "blurry", "5.0")
     for bad, words in (({"guidance_scale": 100}, "Guidance scale must be a number from 0 to 30"),
                        ({"guidance_scale": "high"}, "Guidance scale must be a number"),
-                       ({"prompt": 5}, "Prompt must be a str")):  # fmt: skip
+                       ({"prompt": 5}, "Prompt must be text, got a number")):  # fmt: skip
         with pytest.raises(RequestError, match=words):
             RefineSettings.from_json(bad)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.app.page import FIELD_LABELS, page_words, start_range, t_window, window_message
+from ldm.app.page import FIELD_LABELS, json_kind, page_words, start_range, t_window, window_message
 from ldm.imageio import (
     ImageLoadError,
     LoadedImage,
@@ -183,7 +183,7 @@ class RefineSettings:
         from 1 to 8, not 9")."""
         base = cls() if base is None else base
         if not isinstance(data, Mapping):
-            raise RequestError(f"settings must be a JSON object, got {type(data).__name__}")
+            raise RequestError(f"settings must be a JSON object, got {json_kind(data)}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -203,6 +203,8 @@ class RefineSettings:
             values["boxes"] = parse_boxes(data["boxes"])
         for name in ("prompt", "negative_prompt"):
             if name in data:
+                if not isinstance(data[name], str):
+                    raise RequestError(f"{FIELD_LABELS[name]} must be text, got {json_kind(data[name])}")
                 try:
                     values[name] = check_prompt_text(data[name], FIELD_LABELS[name])
                 except PromptError as exc:
@@ -246,7 +248,7 @@ class RefineSettings:
 def parse_boxes(text: Any) -> tuple[Box, ...]:
     """Boxes from ``"x0,y0,x1,y1[@start_t]"`` lines (or ``;``-separated), blank ones skipped."""
     if not isinstance(text, str):
-        raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {type(text).__name__}")
+        raise RequestError(f"Boxes must be text (one x0,y0,x1,y1[@start_t] per line), got {json_kind(text)}")
     lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
     if len(lines) > MAX_BOXES:
         raise RequestError(

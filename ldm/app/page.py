@@ -5,6 +5,7 @@ does not have).  The page counts in timesteps ``t``; steps from noise (``k = T -
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -135,6 +136,15 @@ _REWRITES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 _CLI_WORDS = re.compile(r"--[a-z][a-z-]+|\b[a-z]+(?:_[a-z]+)+=|=True\b|=False\b")
 _CLI_ASIDE = re.compile(r"\s*\([^()]*(?:--[a-z]|=True|=False)[^()]*\)")
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON ``value`` is, in JSON's words (``null``, ``true``, a number, text, an array, an object):
+    the page's messages name no Python type."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = ((str, "text"), ((int, float), "a number"), (list, "an array"), (dict, "an object"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), type(value).__name__)
 
 
 def page_words(message: str) -> str:

@@ -68,7 +68,7 @@ from ldm.app.handlers import (
     refine,
 )
 from ldm.app.jobs import DONE, KEEP_JOBS, Job, JobQueue
-from ldm.app.page import start_range
+from ldm.app.page import json_kind, start_range
 from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
@@ -381,7 +381,7 @@ def _base64(value: Any) -> bytes | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise RequestError(f"mask must be a base64 PNG string or null, got {type(value).__name__}")
+        raise RequestError(f"mask must be a base64 PNG string or null, got {json_kind(value)}")
     try:
         return base64.b64decode(value.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError):

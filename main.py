@@ -181,7 +181,15 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     from ldm.checkpoint import CheckpointError
     from ldm.data.image_folder import UnreadableDatasetError
     from ldm.train.callbacks import SetupCallback
-    from ldm.train.cli import DEFAULT_SEED, merge_configs, parse_cli, resolve_resume, resume_seed, saved_run_configs
+    from ldm.train.cli import (
+        DEFAULT_SEED,
+        load_yaml_config,
+        merge_configs,
+        parse_cli,
+        resolve_resume,
+        resume_seed,
+        saved_run_configs,
+    )
     from ldm.train.data import check_cached_first_stage, check_first_items, install_data_hooks
     from ldm.train.runlock import hold_run_folder
     from ldm.train.trainer import build_trainer, default_lightning_config
@@ -207,9 +215,11 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
         bases = list(opt.base)
         logdir = None
         opt.seed = DEFAULT_SEED if opt.seed is None else opt.seed
-    # a resumed run's saved lightning.yaml already holds the defaults, less what the run deleted ('~lightning....')
-    resumed_whole = bool(opt.resume) and any(str(b).endswith("-lightning.yaml") for b in bases)
-    config = merge_configs(bases, dotlist, defaults=None if resumed_whole else default_lightning_config())
+    # a lightning.yaml this project saved already holds the defaults, less what the run deleted ('~lightning....');
+    # latent-diffusion's hold only what its configs set (a modelcheckpoint without a target), so they get the defaults
+    saved = [load_yaml_config(b) for b in bases if str(b).endswith("-lightning.yaml")] if opt.resume else []
+    ours = any(OmegaConf.select(c, "lightning.modelcheckpoint.target") is not None for c in saved)
+    config = merge_configs(bases, dotlist, defaults=None if ours else default_lightning_config())
     lightning_config = config.pop("lightning", None) or OmegaConf.create()  # '~lightning' or lightning: null
     if "data" in config and config.data is None:  # data=null drops a base config's data section
         config.pop("data")

@@ -228,6 +228,26 @@ def test_resume_with_another_noise_schedule_is_refused_in_one_line(trained_run, 
     assert result.returncode == 1, result.stderr[-4000:]
     assert "main.py: error: resume checkpoint: noise schedule differs from this model's (betas:" in result.stderr
     assert "Traceback" not in result.stderr and (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    configs = sorted(p.name for p in (run / "configs").iterdir())
+    again = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=4"], tmp_path)  # the refused override is not kept
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert len(sorted((run / "configs").iterdir())) == len(configs) + 2  # the accepted resume saved its pair
+
+
+def test_a_run_folder_whose_lightning_yaml_latent_diffusion_wrote_resumes(trained_run, tmp_path):
+    """latent-diffusion saves only what its configs set (a modelcheckpoint without a target, no callbacks): resuming
+    from its newest pair alone, without the defaults, refused it ("lightning.modelcheckpoint must be {target: ...")."""
+    run = tmp_path / "logs" / trained_run["run"].name
+    shutil.copytree(trained_run["run"], run)
+    (saved,) = sorted((run / "configs").glob("*-lightning.yaml"))
+    lightning = OmegaConf.load(saved)
+    del lightning.lightning.modelcheckpoint["target"], lightning.lightning["callbacks"]
+    OmegaConf.save(lightning, saved)
+    (run / "configs" / "notes.yaml").write_text("x: 1\n")  # merged by latent-diffusion; said to be left out here
+    result = run_main(["-t", "-r", str(run), "lightning.trainer.max_steps=4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "not merged: notes.yaml (pass extra configs with -b)" in result.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def _final_save(tmp_path: Path, every: int) -> dict:

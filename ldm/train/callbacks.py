@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 class SetupCallback(Callback):
     """Creates ``logdir/{checkpoints,configs,images}``, removes the temp files a killed run left there, and saves the
-    merged configs as ``configs/<now>-project.yaml`` / ``<now>-lightning.yaml`` (again on resume, under the new ``now``).
+    merged configs as ``configs/<now>-project.yaml`` / ``<now>-lightning.yaml`` (again on resume, under the new ``now``,
+    once the checkpoint is restored: a resume refused there, e.g. for another noise schedule, saves nothing, since the
+    next resume starts from the newest pair).
     """
 
     def __init__(
@@ -65,12 +67,20 @@ class SetupCallback(Callback):
             os.makedirs(folder, exist_ok=True)
         for folder in (self.ckptdir, self.cfgdir, *sorted(p for p in Path(images).iterdir() if p.is_dir())):
             remove_stale_temp_files(folder)
+        if not self.resume:
+            self._save_configs()
+        logger.info("run folder %s (%s)", self.logdir, "resumed" if self.resume else "new")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.resume and trainer.is_global_zero:  # the checkpoint is restored (and accepted) by now
+            self._save_configs()
+
+    def _save_configs(self) -> None:
         project = OmegaConf.to_yaml(OmegaConf.create(self.config))
         lightning = OmegaConf.to_yaml(OmegaConf.create({"lightning": self.lightning_config}))
         for suffix, text in (("project", project), ("lightning", lightning)):
             path = os.path.join(self.cfgdir, f"{self.now}-{suffix}.yaml")
             atomic_write_bytes(path, text.encode("utf-8"))
-        logger.info("run folder %s (%s)", self.logdir, "resumed" if self.resume else "new")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Embed the merged project config (plain dict) so the checkpoint describes its own model and data."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import glob
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.cli import decimal_int
 from ldm.train.config_merge import DELETE_PREFIX, delete_key, drop_replaced_params, is_deletion, merge_layers
 from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, unknown_argument
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 23  # latent-diffusion's main.py default
 MAX_SEED = 2**32 - 1  # numpy's seeding (and Lightning's seed_everything) take [0, 2**32 - 1]
@@ -419,7 +422,13 @@ def saved_run_configs(logdir: Path) -> list[str]:
     if not found:
         raise ConfigError(f"cannot resume: {str(logdir / 'configs')!r} holds no saved configs; is it a main.py log dir?")
     newest = [[f for f in found if f.endswith(suffix)][-1:] for suffix in ("-project.yaml", "-lightning.yaml")]
-    return newest[0] + newest[1] if all(newest) else found
+    if not all(newest):
+        return found
+    others = [os.path.basename(f) for f in found if not f.endswith(("-project.yaml", "-lightning.yaml"))]
+    if others:
+        logger.warning("resuming from %s and %s; not merged: %s (pass extra configs with -b)",
+                       *(os.path.basename(n[0]) for n in newest), ", ".join(others))  # fmt: skip
+    return newest[0] + newest[1]
 
 
 def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:

@@ -249,6 +249,16 @@ def check_state_dict(sd: Mapping[Any, Any], shown: str) -> None:
         )
 
 
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError when a floating-point tensor of ``sd`` holds NaN or inf: training from it gives NaN losses (a
+    NaN ``scale_factor`` too) and saves NaN checkpoints, exit 0; ``source`` names the checkpoint."""
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"{source}: {len(broken)} tensors hold NaN or inf (first: {broken[:3]}); it cannot be trained from"
+        )
+
+
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a checkpoint atomically: ``.safetensors`` keeps ``obj['state_dict']``, string ``metadata`` and the
     :data:`_RECORDS` of ``obj``; other suffixes ``torch.save``."""

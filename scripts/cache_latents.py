@@ -197,7 +197,7 @@ def check_data_and_out(args: argparse.Namespace):
 
     if not os.path.isdir(args.data) and (args.split is not None or args.val_fraction is not None):
         raise ConfigError("--split/--val-fraction select files of an image folder; shards are cached whole")
-    if os.path.isfile(args.data) and not args.data.endswith(".tar"):  # it was read as a tar shard, to no image
+    if os.path.isfile(args.data) and not args.data.lower().endswith(".tar"):  # it was read as a tar shard, to no image
         raise ConfigError(f"--data {args.data} is a file but not a .tar shard: pass the folder that holds the images")
     inputs, scanned = source_inputs(args.data)
     check_output_folder(Path(args.out), inputs)

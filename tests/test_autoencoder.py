@@ -342,6 +342,16 @@ def test_checkpoint_restores_discriminator_when_the_loss_matches(tmp_path):
     assert torch.equal(smaller_disc.quantize.embedding.weight, source.quantize.embedding.weight)
 
 
+def test_a_first_stage_checkpoint_with_nan_weights_is_refused(tmp_path):
+    """A NaN first stage gave scale_by_std a NaN scale_factor and trained NaN losses to exit 0."""
+    source = write_compvis_checkpoint(tmp_path / "vq.ckpt")
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["decoder.conv_out.weight"][0] = float("nan")
+    save_checkpoint({"state_dict": state}, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan.ckpt'?: 1 tensors hold NaN or inf \(first: \['decoder.conv_out"):
+        tiny_vq(cls=VQModelInterface, ckpt_path=str(tmp_path / "nan.ckpt"))
+
+
 def test_latent_diffusion_checkpoint_prefix_is_understood(tmp_path):
     source = write_compvis_checkpoint(tmp_path / "vq.ckpt")
     ldm_ckpt = tmp_path / "ldm.ckpt"

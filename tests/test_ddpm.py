@@ -205,6 +205,8 @@ def test_init_from_ckpt_round_trip_and_schedule_mismatch(tmp_path):
     save_checkpoint({"state_dict": nan}, tmp_path / "nan.ckpt")
     with pytest.raises(CheckpointError, match=r"1 tensors hold NaN or inf \(first: \['model\."):  # NaN losses, exit 0
         build(ckpt_path=str(tmp_path / "nan.ckpt"))
+    with pytest.raises(CheckpointError, match=r"^resume checkpoint: 1 tensors hold NaN or inf"):  # main.py -r
+        build().on_load_checkpoint({"state_dict": nan})
     unet_only_ckpt = tmp_path / "first_stage_only.ckpt"
     save_checkpoint(
         {"state_dict": {k: v for k, v in src.state_dict().items() if k.startswith("first_stage_model.")}}, unet_only_ckpt

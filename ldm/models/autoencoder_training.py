@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from einops import rearrange
 
-from ldm.checkpoint import CheckpointError, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
+from ldm.checkpoint import CheckpointError, check_finite, drop_keys, load_autoencoder_weights, load_state_dict, strip_prefix
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -195,6 +195,7 @@ class GANAutoencoder(pl.LightningModule):
         sd, dropped = drop_keys(sd, tuple(ignore_keys))
         if dropped:
             logger.info("%s: ignoring %d keys matching %s", path, len(dropped), list(ignore_keys))
+        check_finite(sd, f"first-stage checkpoint {path!r}")
         quant_conv, post_quant_conv = sd.get("quant_conv.weight"), sd.get("post_quant_conv.weight")
         if (
             vq

@@ -20,7 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.checkpoint import EMA_SCALAR_KEYS, CheckpointError, drop_keys, has_ema_weights, load_state_dict, load_weights
+from ldm.checkpoint import (
+    EMA_SCALAR_KEYS,
+    CheckpointError,
+    check_finite,
+    drop_keys,
+    has_ema_weights,
+    load_state_dict,
+    load_weights,
+)
 from ldm.modules.diffusionmodules.util import (
     extract_into_tensor,
     make_beta_schedule,
@@ -242,12 +250,7 @@ class DDPM(pl.LightningModule):
         if dropped:
             logger.info("%s: ignoring %d keys (prefixes %s)", path, len(dropped), list(ignore_keys))
         self.check_schedule_matches(sd, source=path)
-        broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if broken:  # (a NaN scale_factor too) every loss would be NaN, and every checkpoint saved from it
-            raise CheckpointError(
-                f"checkpoint {path!r}: {len(broken)} tensors hold NaN or inf (first: {broken[:3]}); it cannot "
-                "initialise a model to train"
-            )
+        check_finite(sd, f"checkpoint {path!r}")
         # EMA-only releases (Stable Diffusion v1) keep LitEma's two scalars without any EMA weights: loading the
         # scalars alone would cancel the EMA's warm-up, so they go with the weights they belong to
         restores_ema = has_ema_weights(sd) and not only_model
@@ -299,6 +302,7 @@ class DDPM(pl.LightningModule):
         state_dict = checkpoint.get("state_dict")
         if isinstance(state_dict, Mapping):
             self.check_schedule_matches(state_dict, "resume checkpoint")
+            check_finite(state_dict, "resume checkpoint")
 
     # ------------------------------------------------------------------------------------------------ forward process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

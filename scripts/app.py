@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(PROG).info(
                 "on a 1024x1024 image one sampling step takes about %.2f s here, its encode + decode %.2f s",
                 step_cost.step_seconds(megapixel),
-                step_cost.first_stage.step_seconds(megapixel),
+                step_cost.first_stage_seconds(1024, 1024, refiner.first_stage.factor, refiner.tiling),
             )
             app = create_app(refiner, args.outdir, listen=args.listen, step_cost=step_cost)
             config = uvicorn.Config(

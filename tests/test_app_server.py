@@ -4,10 +4,12 @@ single step would hold the worker past MAX_STEP_SECONDS is refused before it is 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,12 +199,20 @@ def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
         time.sleep(0.02 + 1e-5 * z.shape[-1] * z.shape[-2])
         return z
 
-    def decode(z):  # a first stage whose attention makes it quadratic: 1e-8 s per latent pixel squared
-        time.sleep(1e-8 * (z.shape[-1] * z.shape[-2]) ** 2)
-        return z
+    @dataclasses.dataclass
+    class QuadraticFirstStage:  # attention makes it quadratic: 1e-8 s per latent pixel squared
+        tiling: Any = None
+        factor: int = 1
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            time.sleep(1e-8 * (z.shape[-1] * z.shape[-2]) ** 2)
+            return z
 
     model = SimpleNamespace(image_size=16, channels=3)
-    first_stage = SimpleNamespace(factor=1, encode=lambda x: x, decode=decode)
+    first_stage = QuadraticFirstStage(tiling="timed untiled, so never used")
     fake = SimpleNamespace(model=model, experts=[SimpleNamespace(model=model)], denoisers=[denoiser],
                            device=torch.device("cpu"), first_stage=first_stage)  # fmt: skip
     cost = measure_step_cost(fake, repeats=3)
@@ -212,6 +222,20 @@ def test_step_cost_separates_the_fixed_cost_of_a_call_from_its_cost_per_pixel():
     # encode + decode grew 16x for 4x the pixels: a linear fit said 4x less at 4x the pixels (the cancel of a large
     # image waited for minutes of decoding)
     assert cost.first_stage.step_seconds(128 * 128) == pytest.approx(1e-8 * (128 * 128) ** 2, rel=0.3)
+
+
+def test_a_tiled_image_is_estimated_tile_by_tile():
+    """Timed untiled at the native side and twice it (the reviewer's 1024 px SD timing was tiled, and read as
+    attention: 3-17x too high); a tiled image costs its tiles' convolutions, the attention once, the statistics pass."""
+    from ldm.refine.first_stage import AUTO_TILING
+
+    fit = StepCost(seconds_per_pixel=1e-4, fixed_seconds=0.5, seconds_per_pixel2=1e-9)
+    cost = StepCost(1e-6, first_stage=fit)
+    assert cost.first_stage_seconds(512, 768, 8, AUTO_TILING) == fit.step_seconds(64 * 96)  # not above min_side 768
+    tiles = 5 * 5  # 2048 px: tiles start at 0, 384, 768, 1152 and 1536
+    expected = tiles * (0.5 + 1e-4 * 64 * 64) + 1e-9 * (256 * 256) ** 2 + fit.step_seconds(64 * 64)
+    assert cost.first_stage_seconds(2048, 2048, 8, AUTO_TILING) == pytest.approx(expected)
+    assert StepCost(1e-6).first_stage_seconds(2048, 2048, 8, AUTO_TILING) == 0.0  # not measured: not limited
 
 
 def test_a_request_whose_encode_and_decode_would_take_too_long_is_refused(refiner):

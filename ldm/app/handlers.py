@@ -34,6 +34,7 @@ from ldm.imageio import (
 )
 from ldm.imageio.errors import short_repr
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
+from ldm.models.tiling import TilingConfig, tile_starts
 from ldm.refine.batch import build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
 from ldm.refine.refiner import Refiner
@@ -326,10 +327,25 @@ class StepCost:
     seconds_per_pixel2: float = 0.0
     first_stage: StepCost | None = None
 
-    def step_seconds(self, latent_pixels: int, linear_factor: float = 1.0) -> float:
-        """The estimate for ``latent_pixels``; ``linear_factor`` scales the per-pixel term (tiles' overlap)."""
+    def step_seconds(self, latent_pixels: int) -> float:
         p = float(latent_pixels)
-        return self.fixed_seconds + linear_factor * self.seconds_per_pixel * p + self.seconds_per_pixel2 * p * p
+        return self.fixed_seconds + self.seconds_per_pixel * p + self.seconds_per_pixel2 * p * p
+
+    def first_stage_seconds(self, height: int, width: int, factor: int, tiling: TilingConfig | None) -> float:
+        """:attr:`first_stage`'s estimate for a ``height`` x ``width`` image (pixels; ``factor``: the first stage's).
+        Tiled (``tiling`` applies), the convolutions run per tile (the fit's fixed and linear terms at the tile's
+        size, once per pass) and the attention once on the whole latent (its quadratic term), plus the statistics
+        pass at ``stat_side``: the fit itself is timed untiled."""
+        fit = self.first_stage
+        if fit is None:
+            return 0.0
+        p = (height // factor) * (width // factor)
+        if tiling is None or not tiling.applies_to(height, width):
+            return fit.step_seconds(p)
+        tiles = len(tile_starts(height, tiling.tile, tiling.overlap)) * len(tile_starts(width, tiling.tile, tiling.overlap))
+        per_tile = fit.fixed_seconds + fit.seconds_per_pixel * (tiling.tile // factor) ** 2
+        stats = fit.step_seconds((tiling.stat_side // factor) ** 2) if tiling.stat_side else 0.0
+        return tiles * per_tile * (1 + tiling.stat_passes) + fit.seconds_per_pixel2 * p * p + stats
 
 
 def fit_step_cost(small: tuple[int, float], large: tuple[int, float]) -> StepCost:
@@ -352,7 +368,7 @@ def fit_step_cost(small: tuple[int, float], large: tuple[int, float]) -> StepCos
 def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
     """The slowest expert's :class:`StepCost`, fitted (:func:`fit_step_cost`) from the median of ``repeats`` timed
     calls (after a warm-up) at the native latent side and twice it, with the first stage's encode + decode timed at
-    the same sizes as its ``first_stage``."""
+    the same sizes, untiled, as its ``first_stage`` (once each: a large first stage is slow to time)."""
     model = refiner.model
     native = int(model.image_size)
     sizes = (native, 2 * native)
@@ -369,15 +385,16 @@ def measure_step_cost(refiner: Refiner, repeats: int = 3) -> StepCost:
                 seconds.append(statistics.median(_timed(denoiser, refiner.device, z, t, cond) for _ in range(repeats)))
             fits.append(fit_step_cost((sizes[0] ** 2, seconds[0]), (sizes[1] ** 2, seconds[1])))
         first_stage = []
-        f = refiner.first_stage.factor
-        for side in sizes:
-            x = torch.zeros(1, 3, side * f, side * f, device=refiner.device)
+        untiled = replace(refiner.first_stage, tiling=None)  # where an image is tiled, its tiles are counted instead
+        for k, side in enumerate(sizes):
+            x = torch.zeros(1, 3, side * untiled.factor, side * untiled.factor, device=refiner.device)
 
             def round_trip(x: torch.Tensor = x) -> None:
-                refiner.first_stage.decode(refiner.first_stage.encode(x))
+                untiled.decode(untiled.encode(x))
 
-            round_trip()
-            first_stage.append(statistics.median(_timed(round_trip, refiner.device) for _ in range(repeats)))
+            if k == 0:
+                round_trip()  # warm-up
+            first_stage.append(_timed(round_trip, refiner.device))
     slowest = max(fits, key=lambda fit: fit.step_seconds(4 * sizes[1] ** 2))
     stage = fit_step_cost((sizes[0] ** 2, first_stage[0]), (sizes[1] ** 2, first_stage[1]))
     return replace(slowest, first_stage=stage)
@@ -397,19 +414,13 @@ def _check_step_time(refiner: Refiner, upload: Upload, settings: RefineSettings,
     if cost is None:
         return
     f, first = refiner.factor, refiner.first_stage.factor
-    if settings.mode == "crop":
-        pixels, tiled = (refiner.native_size // first) ** 2, False
-    else:  # the image padded to a multiple of the model's factor, in latent pixels
+    if settings.mode == "crop":  # a region at the experts' size
+        height = width = refiner.native_size
+    else:  # the image padded to a multiple of the model's factor
         height, width = -(-upload.height // f) * f, -(-upload.width // f) * f
-        pixels = (height // first) * (width // first)
-        tiled = refiner.tiling is not None and refiner.tiling.applies_to(height, width)
-    seconds = calls * cost.step_seconds(pixels)
-    if seconds > MAX_STEP_SECONDS:
-        what = "one sampling step"
-    elif cost.first_stage is not None:
-        # tiles overlap: up to about twice the convolutions (the attention runs once, on the whole latent)
-        seconds = cost.first_stage.step_seconds(pixels, linear_factor=2.0 if tiled else 1.0)
-        what = "encoding and decoding"
+    seconds, what = calls * cost.step_seconds((height // first) * (width // first)), "one sampling step"
+    if seconds <= MAX_STEP_SECONDS:
+        seconds, what = cost.first_stage_seconds(height, width, first, refiner.tiling), "encoding and decoding"
     if seconds <= MAX_STEP_SECONDS:
         return
     raise RequestError(

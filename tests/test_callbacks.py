@@ -35,4 +35,7 @@ def test_setup_callback_removes_temps_of_a_killed_run_before_training(tmp_path):
     callback.setup(SimpleNamespace(is_global_zero=True), None, "fit")
     assert not any(path.exists() for path in temps)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["w"].item() == 1.0
+    # a resume saves its configs once the checkpoint is restored and accepted (training starts), not at setup
+    assert sorted(p.name for p in (run / "configs").iterdir()) == []
+    callback.on_train_start(SimpleNamespace(is_global_zero=True), None)
     assert sorted(p.name for p in (run / "configs").iterdir()) == ["T-lightning.yaml", "T-project.yaml"]

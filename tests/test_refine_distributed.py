@@ -87,7 +87,8 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
 
 def test_slurm_tasks_agree_on_a_rendezvous_srun_does_not_set(monkeypatch):
     for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "recorded")  # so that undo removes what slurm_rendezvous sets (a later DDP test in
+        monkeypatch.delenv(var)  # this worker met MASTER_ADDR=gpu017); delenv of an unset variable records nothing
     monkeypatch.setenv("SLURM_NODELIST", "gpu[017-020],cpu3")
     monkeypatch.setenv("SLURM_JOB_ID", "4812345")
     slurm_rendezvous()

@@ -51,6 +51,7 @@ SAMPLERS = ("ddim", "dpmpp_2m")  # ldm.sampling.SAMPLERS, not imported here so t
 MAX_FEATHER = 256  # MAX_FEATHER: px of --mask-blur / --mask-dilate
 MAX_REGION_SIZE = 4096  # MAX_REGION_SIZE
 MAX_REGION_PADDING = 4096  # MAX_REGION_PADDING
+DEFAULT_REGION_PADDING = 32  # DEFAULT_REGION_PADDING
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -174,10 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--region-padding",
-        default=32,
         metavar="PX",
         type=int_in_range(0, MAX_REGION_PADDING, "px of context around a region; a crop is clipped to the image anyway"),
-        help=f"context around each region in --crop-regions, 0..{MAX_REGION_PADDING} (default: %(default)s)",
+        help=f"context around each region in --crop-regions, 0..{MAX_REGION_PADDING} (default: {DEFAULT_REGION_PADDING})",
     )
     p.add_argument(
         "--region-size",
@@ -308,6 +308,13 @@ def region_problem(args: argparse.Namespace) -> str | None:
         return f"--mask {args.mask}: no such file or folder"
     if args.crop_regions and args.mask is None and not args.box:
         return "--crop-regions needs --mask or --box: there is no region to crop"
+    crop_flags = [flag for flag, value in (("--region-padding", args.region_padding), ("--region-size", args.region_size))
+                  if value is not None]  # fmt: skip
+    if crop_flags and not args.crop_regions:
+        verb, them = ("apply", "them") if len(crop_flags) > 1 else ("applies", "it")
+        return f"{' and '.join(crop_flags)} {verb} only with --crop-regions: add --crop-regions, or drop {them}"
+    if args.tile_size == 0 and args.tile_overlap is not None:
+        return "--tile-overlap was given with --tile-size 0, which never tiles: drop one of them"
     if args.prompt is not None and args.prompt_file is not None:
         return (
             "--prompt and --prompt-file were both given: --prompt would apply to every input and leave the file "
@@ -399,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         _err(f"error: {problem}")
         return EXIT_OUTPUT if problem.startswith("output folder") else EXIT_USAGE
+    if args.region_padding is None:  # filled here, after the check above, so the metadata records the value used
+        args.region_padding = DEFAULT_REGION_PADDING
     try:  # before any model is loaded: a bad prompt file is a usage error
         from ldm.imageio.prompt import load_prompt_file
 

@@ -289,3 +289,20 @@ def test_earlier_outputs_are_left_out_but_an_input_folder_inside_the_output_fold
     assert found(out / "old_t300_s0.png") == ["out/old_t300_s0.png"]  # a file named explicitly
     paths, problems = collect_inputs([tmp_path / "out"], tmp_path / "out" / "..")
     assert len(paths) == 2 and not problems
+
+
+def test_a_second_run_into_its_input_folder_does_not_refine_its_first_outputs(refiner, tmp_path):
+    """``refine.py --input d --outdir d`` run twice: the first run's outputs (PNG ``Software: latesteps refine``) are
+    not inputs of the second (they were refined again into ``a_t300_s0_t300_s0.png``); named explicitly, they are."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    save_png(folder / "a.png", photo(16, 16))
+    refine_files(refiner, collect_inputs([folder], folder)[0], folder, RefineRequest(start_t=300, ddim_steps=2), progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_t300_s0.png"]
+    paths, problems = collect_inputs([folder], folder)
+    assert [p.name for p in paths] == ["a.png"] and not problems
+    assert [p.name for p in collect_inputs([folder / "a_t300_s0.png"], folder)[0]] == ["a_t300_s0.png"]
+    (folder / "a.png").unlink()
+    paths, problems = collect_inputs([folder], folder)
+    assert paths == [] and problems == [f"every image found is an earlier output in the output folder {folder} (name a "
+                                        "file to refine it again)"]  # fmt: skip

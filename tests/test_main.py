@@ -526,7 +526,12 @@ def test_unknown_trainer_key_in_a_yaml_and_bad_resume_paths_fail_clearly(tmp_pat
     assert main.main(["-b", str(tmp_path / "missing.yaml"), "-t"]) == 2
     assert "missing.yaml' does not exist" in capsys.readouterr().err
     assert main.main(["-n", "x", "-r", str(tmp_path / "run"), "-t"]) == 2
-    assert "cannot be given together" in capsys.readouterr().err
+    assert "-n/--name cannot be given with -r/--resume: a resumed run keeps its log dir" in capsys.readouterr().err
+    # -p and -l were ignored on resume (the run went on in its old folder)
+    assert main.main(["-p", "x", "-l", str(tmp_path / "other"), "-r", str(tmp_path / "run"), "-t"]) == 2
+    assert "-p/--postfix and -l/--logdir cannot be given with -r/--resume" in capsys.readouterr().err
+    assert main.main(["-l", "", "-t"]) == 2
+    assert "-l/--logdir is empty" in capsys.readouterr().err
 
 
 def test_missing_init_checkpoint_of_the_finetuning_config_is_a_clear_error(tmp_path):

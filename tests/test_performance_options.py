@@ -187,6 +187,7 @@ def test_cli_speed_options_and_tiling(cli, expert_checkpoints, tmp_path, capsys)
         (["--tile-size", 18], "multiples of the first-stage factor 4"),
         (["--tile-size", 64, "--tile-overlap", 64], "overlap < tile"),
         (["--tile-size", -4], "must be >= 0"),
+        (["--tile-size", 0, "--tile-overlap", 8], "--tile-overlap was given with --tile-size 0, which never tiles"),
     ],
 )
 def test_cli_refuses_bad_tiling_in_one_line(cli, expert_checkpoints, tmp_path, capsys, args, message):

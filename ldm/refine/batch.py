@@ -27,7 +27,7 @@ from ldm.imageio import (
     side_by_side,
     tensor_to_image,
 )
-from ldm.imageio.prompt import Prompt
+from ldm.imageio.prompt import Prompt, PromptError, read_png_text
 from ldm.refine.conditioning import text_experts, unguided_experts
 from ldm.refine.first_stage import describe_tiling
 from ldm.refine.refiner import Refiner
@@ -77,32 +77,45 @@ def output_name(stem: str, start_t: int, seed: int, sample: int | None = None) -
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
-    """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs: files found in
-    the output folder when it lies inside an input folder (``--input . --outdir outputs/refine``).  A file named
-    explicitly, or found in an input folder that is the output folder or lies inside it (``--input out/batch1
-    --outdir out``), is kept (outputs never overwrite it)."""
+    """Expand files, folders and globs (:func:`ldm.imageio.find_images`), leaving out earlier outputs: every file found
+    in the output folder when it lies inside an input folder (``--input . --outdir outputs/refine``), and this program's
+    outputs (PNG ``Software: latesteps refine``) found in an input folder that is the output folder or lies inside it
+    (``--input out --outdir out`` run twice); that folder's other images are read.  A file named explicitly is always
+    kept (outputs never overwrite it)."""
     inputs = list(inputs)
     paths, problems = find_images(inputs)
     out_real = os.path.realpath(outdir)
     explicit = {os.path.realpath(p) for p in inputs if os.path.isfile(p)}
     folders = [os.path.realpath(p) for p in inputs if os.path.isdir(p)]
-    if out_real in folders:
-        return paths, problems
-    inner = [f for f in folders if os.path.commonpath([f, out_real]) == out_real]  # input folders inside the output's
-
-    def wanted(real: str) -> bool:
-        return real in explicit or any(os.path.commonpath([real, f]) == f for f in inner)
+    inner = [f for f in folders if os.path.commonpath([f, out_real]) == out_real]  # the output folder or inside it
 
     kept = []
     for path in paths:
         real = os.path.realpath(path)
-        if not wanted(real) and os.path.commonpath([real, out_real]) == out_real:
+        if real in explicit or os.path.commonpath([real, out_real]) != out_real:
+            kept.append(path)
+        elif not any(os.path.commonpath([real, f]) == f for f in inner):
             logger.info("%s: inside the output folder; not refined again", format_path(path))
+        elif is_refine_output(path):
+            logger.info("%s: an earlier output (PNG Software: %s); not refined again", format_path(path), SOFTWARE)
         else:
             kept.append(path)
     if paths and not kept:
-        problems.append(f"every image found is inside the output folder {format_path(outdir)}")
+        problems.append(
+            f"every image found is an earlier output in the output folder {format_path(outdir)} (name a file to refine it "
+            "again)"
+        )
     return kept, problems
+
+
+def is_refine_output(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a PNG whose ``Software`` text says :func:`refine_files` wrote it (False for other files,
+    and for a file whose text chunks cannot be read: loading it reports that)."""
+    try:
+        text = read_png_text(path, ["Software"])
+    except PromptError:
+        return False
+    return bool(text) and text.get("Software", "").startswith(SOFTWARE)
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:

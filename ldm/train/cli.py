@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"global seed (per-rank streams derive from it); default {DEFAULT_SEED}, or on -r the seed stored in the "
         "resumed checkpoint",
     )
-    parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the run folders")
+    parser.add_argument("-l", "--logdir", type=str, default=None, help="folder holding the run folders (default: logs)")
     parser.add_argument(
         "--scale_lr",
         type=str2bool,
@@ -181,11 +181,17 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                 f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
                 "name; choose the folder holding the runs with -l/--logdir"
             )
-    if opt.name and opt.resume:
+    given = [flag for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix), ("-l/--logdir", opt.logdir))
+             if value]  # fmt: skip
+    if given and opt.resume:
         raise CLIError(
-            "-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir name; "
-            "use -p/--postfix on a new run instead"
+            f"{' and '.join(given)} cannot be given with -r/--resume: a resumed run keeps its log dir and its name; "
+            "drop them, or start a new run with them"
         )
+    if opt.logdir == "":
+        raise CLIError("-l/--logdir is empty: name the folder holding the run folders (default: logs)")
+    if opt.logdir is None:
+        opt.logdir = "logs"
     return opt, dotlist
 
 

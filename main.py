@@ -339,13 +339,24 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
                 file=sys.stderr,
             )
             return 1
-        except (ValueError, MisconfigurationException) as exc:
-            # a value training cannot use, met only when it runs: an image size the UNet cannot halve, ddim_steps=0
-            # for the image logger, a val_check_interval above the epoch's batches; where it was raised, for a bug
+        except (ValueError, MisconfigurationException, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
             if isinstance(exc, (ConfigError, CheckpointError)):
                 raise
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            frames = traceback.extract_tb(exc.__traceback__)
             first = " ".join(str(exc).split()) or type(exc).__name__
+            if resume_ckpt and any(Path(f.filename).name == "checkpoint_connector.py" for f in frames):
+                # Lightning restoring a damaged checkpoint (garbage loops, optimizer or callback states): its traceback
+                raise CheckpointError(
+                    f"cannot resume from {resume_ckpt}: Lightning cannot restore the training state it holds "
+                    f"({type(exc).__name__}: {first[:200]}); it is damaged or was not written by main.py: resume from "
+                    "another checkpoint of the run (-r <run>/checkpoints/<file>), or start a new run from its weights "
+                    "with model.params.ckpt_path=<file>"
+                ) from exc
+            if not isinstance(exc, (ValueError, MisconfigurationException)):
+                raise
+            # a value training cannot use, met only when it runs: an image size the UNet cannot halve, ddim_steps=0
+            # for the image logger, a val_check_interval above the epoch's batches; where it was raised, for a bug
+            frame = frames[-1]
             print(
                 f"main.py: error: training stopped: {first} (raised at {Path(frame.filename).name}:{frame.lineno}); "
                 f"{logdir} keeps its last complete checkpoint, if any: fix the config and resume with -r {logdir}",

@@ -360,3 +360,28 @@ def test_a_value_training_cannot_use_stops_it_in_one_line(main_module, tmp_path,
     line = one_error_line(err, "main.py: error: training stopped:")
     assert "must be divisible by" in line and "(raised at openaimodel.py:" in line and "resume with -r" in line
     assert "Traceback" not in err
+
+
+def test_a_damaged_last_ckpt_is_one_line_and_left_as_it_was(main_module, tmp_path, capsys):
+    """Garbage in the Lightning state of ``last.ckpt`` (loops, optimizer, callbacks, no ``state_dict``) was Lightning's
+    traceback from its checkpoint connector; the file stays as it was."""
+    import hashlib
+
+    import torch
+
+    assert main_module.main(new_run_args(tmp_path, "-n", "run")) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    original = torch.load(last, map_location="cpu", weights_only=True)
+    damages = {"loops": "garbage", "optimizer_states": [{"state": {}}], "callbacks": "garbage", "state_dict": None}
+    for key, value in damages.items():
+        damaged = dict(original, **{key: value})
+        if value is None:
+            del damaged[key]
+        torch.save(damaged, last)
+        digest = hashlib.sha256(last.read_bytes()).hexdigest()
+        capsys.readouterr()
+        assert main_module.main(["-r", str(run), "-t", "lightning.trainer.max_steps=4"]) == 1, key
+        line = one_error_line(capsys.readouterr().err, f"main.py: error: cannot resume from {last}: Lightning cannot")
+        assert "it is damaged or was not written by main.py" in line, line
+        assert hashlib.sha256(last.read_bytes()).hexdigest() == digest

@@ -359,3 +359,21 @@ def test_latent_scale_of_a_scale_by_std_checkpoint_is_kept_or_the_mismatch_refus
     assert build(ckpt_path=str(path), scale_factor=2.5).scale_factor == 2.5
     with pytest.raises(CheckpointError, match=r"scale_factor=2\.5 \(scale_by_std\), this model uses scale_factor=1"):
         build(ckpt_path=str(path))
+
+
+def test_scale_by_std_from_a_checkpoint_with_a_fixed_scale_says_which_scale_it_keeps(tmp_path, caplog):
+    """A fixed-scale checkpoint records no ``scale_factor``; restarted from it, ``scale_by_std`` never estimates one
+    (latent-diffusion's behaviour) and kept 1.0 without a word."""
+    path = tmp_path / "fixed.ckpt"
+    save_checkpoint({"state_dict": build(scale_factor=0.5).state_dict()}, path)
+    with caplog.at_level("WARNING", logger="ldm.models.diffusion.latent"):
+        model = build(ckpt_path=str(path), scale_by_std=True)
+    assert float(model.scale_factor) == 1.0
+    assert "records no scale_factor" in caplog.text and "keeping scale_factor=1 from the config" in caplog.text
+    caplog.clear()
+    src = build(scale_by_std=True)
+    src.scale_factor.fill_(2.5)
+    save_checkpoint({"state_dict": src.state_dict()}, path)
+    with caplog.at_level("WARNING", logger="ldm.models.diffusion.latent"):
+        build(ckpt_path=str(path), scale_by_std=True)
+    assert "records no scale_factor" not in caplog.text

@@ -140,8 +140,17 @@ class LatentDiffusion(DDPM):
         self.clip_denoised = False
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            missing, _ = self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
             self.restarted_from_ckpt = True
+            if scale_by_std and (load_only_unet or "scale_factor" in missing):
+                # as in latent-diffusion, a restarted model never estimates its scale: say which one it keeps
+                logger.warning(
+                    "scale_by_std: %s records no scale_factor (its model used a fixed one, or only its UNet is loaded); "
+                    "keeping scale_factor=%g from the config. If its UNet was trained on latents scaled otherwise "
+                    "(Stable Diffusion: 0.18215), set model.params.scale_factor to that value",
+                    ckpt_path,
+                    float(self.scale_factor),
+                )
 
     # ---------------------------------------------------------------------------------------------------- sub-models
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:

@@ -476,6 +476,9 @@ def _check_methods(args: argparse.Namespace) -> str | None:
             "--region-only refines only inside the boxes of local degradations: give only local --degradations "
             f"({', '.join(local_names)}), no --no-reference, and keep a region mode"
         )
+    for flag, label in (("--name", args.name), ("--compare-name", args.compare_name)):
+        if not label.strip() or "|" in label or not label.isprintable():
+            return f"{flag} {label!r}: a method name needs a visible character, and no '|' or control characters (tables)"
     refiners = [args.name] + ([args.compare_name] if args.compare_ckpt else [])
     names = refiners + ["identity"] + ([] if args.filter == "none" else [args.filter])
     names += [] if args.no_autoencoder else ["autoencoder"]

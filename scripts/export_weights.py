@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out} already exists; choose a new path (nothing is overwritten)")
     parent = os.path.dirname(args.out) or "."  # as written: x/../e.safetensors needs x too (nothing is created)
     if not os.path.isdir(parent):
-        parser.error(f"--out {args.out}: the folder {parent} does not exist; create it first")
+        what = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
+        parser.error(f"--out {args.out}: {parent} {what}; choose an existing folder")
     from ldm.checkpoint import CheckpointError
     from ldm.refine.shipped import export_expert
     from ldm.util import ConfigError

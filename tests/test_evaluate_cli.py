@@ -390,6 +390,9 @@ def test_cli_realism_and_region_mode_mistakes_are_one_line(evaluate_main, expert
     assert code == 2 and "invalid choice: 'zoom'" in err
     code, err = run(*missing, "--name", "identity")
     assert code == 2 and "method names ['identity'] are used twice" in err
+    for label in ("", " ", "a|b", "a\nb"):  # an empty name wrote a report with unnamed rows; '|' broke its tables
+        code, err = run(*missing, "--name", label)
+        assert code == 2 and f"--name {label!r}: a method name needs a visible character" in err, (label, err)
     code, err = run(
         *missing,
         "--compare-ckpt",

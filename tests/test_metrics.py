@@ -169,6 +169,8 @@ def test_lpips_skipped_without_weights(no_network, empty_torch_home, tmp_path):
     result = load_lpips("alex", backbone_weights=missing)
     assert isinstance(result, Skipped) and str(missing) in result.reason
     assert str(result).startswith("skipped: ")
+    # the note of an evaluation names its own fix, not the training config's (perceptual_weight: 0)
+    assert "--lpips-weights" in result.reason and "perceptual_weight" not in result.reason
     with pytest.raises(ValueError, match="not an LPIPS backbone"):
         load_lpips("resnet")
 

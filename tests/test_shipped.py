@@ -217,8 +217,9 @@ def test_export_cli_writes_once_and_refuses_bad_requests_in_one_line(expert_chec
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / ".safetensors")], "ending with .safetensors"),
         (
             ["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "x" / ".." / "e2.safetensors")],
-            "does not exist; create it first",
+            "x/.. does not exist; choose an existing folder",
         ),
+        (["--ckpt", str(expert_checkpoints[0]), "--out", str(out / "e3.safetensors")], "e.safetensors is a file, not a folder"),
         (["--ckpt", str(expert_checkpoints[0]), "--out", str(tmp_path / "no" / "e.safetensors")], "does not exist"),
         (["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.safetensors")], "does not exist"),
         (

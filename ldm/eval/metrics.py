@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoint import load_state_dict
-from ldm.modules.lpips import PerceptualWeightsMissingError, build_lpips, lpips_backbone_path
+from ldm.modules.lpips import (
+    LPIPS_BACKBONE_FILES,
+    TORCHVISION_WEIGHTS_URL,
+    PerceptualWeightsMissingError,
+    build_lpips,
+    lpips_backbone_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +205,12 @@ def load_lpips(
     path = Path(backbone_weights) if backbone_weights is not None else lpips_backbone_path(net)
     try:
         model = build_lpips(net, pretrained=True, backbone_path=path)
-    except PerceptualWeightsMissingError as exc:
-        return Skipped(f"LPIPS: {exc}")
+    except PerceptualWeightsMissingError as exc:  # its message advises training; here the fix is another file
+        url = f"{TORCHVISION_WEIGHTS_URL}{LPIPS_BACKBONE_FILES[net]}"
+        return Skipped(
+            f"LPIPS: {exc.missing} (fetch {url} on a machine with internet access and pass it as "
+            "backbone_weights; evaluate.py: --lpips-weights)"
+        )
     if device is not None:
         model = model.to(device)
     return LPIPSMetric(model)

@@ -25,7 +25,12 @@ LPIPS_BACKBONE_FILES: dict[str, str] = {
 
 
 class PerceptualWeightsMissingError(FileNotFoundError):
-    """A file the LPIPS perceptual loss needs is not on disk (this project never downloads weights at run time)."""
+    """A file the LPIPS perceptual loss needs is not on disk (this project never downloads weights at run time);
+    ``missing``: what and where, without the training advice of ``str(err)`` (for the evaluation's note)."""
+
+    def __init__(self, message: str, missing: str) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def _check_net(net: str) -> None:
@@ -51,7 +56,8 @@ def _missing_weights_error(what: str, path: Path, how: str) -> PerceptualWeights
     return PerceptualWeightsMissingError(
         f"the LPIPS perceptual loss needs {what}, but {str(path)!r} does not exist. {how} "
         "This project never downloads weights at run time. To train without the perceptual term, set "
-        "lossconfig.params.perceptual_weight: 0 (no perceptual network is built then)."
+        "lossconfig.params.perceptual_weight: 0 (no perceptual network is built then).",
+        missing=f"{what}: {str(path)!r} does not exist",
     )
 
 

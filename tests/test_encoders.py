@@ -105,6 +105,15 @@ def test_clip_loads_offline_and_matches_the_saved_model(clip, clip_dir):
     assert clip.encode(["a cat"]).shape == (1, 77, D)
 
 
+def test_clip_loads_without_transformers_progress_bar(clip_dir, capfd):
+    """transformers 5 drew a "Loading weights" bar on stderr for a local folder (convert_diffusers.py, refine.py); its
+    own setting is restored afterwards."""
+    capfd.readouterr()
+    FrozenCLIPEmbedder(str(clip_dir))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()
+
+
 def test_clip_is_deterministic_and_batch_independent(clip):
     a = clip(["a cat", "zebra stripes"])
     b = clip(["a cat", "zebra stripes"])

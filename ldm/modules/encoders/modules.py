@@ -365,7 +365,11 @@ def clip_text_config_problem(text: Mapping[str, Any]) -> str | None:
 
 
 def _from_folder(load: Any, folder: Path, what: str) -> Any:
-    """``load()``, with what transformers raises for a damaged folder as one line naming it."""
+    """``load()``, with what transformers raises for a damaged folder as one line naming it, and without transformers'
+    progress bar on stderr (a "Loading weights" bar for a local file; this project's other loaders show none)."""
+    hf_logging = _transformers().utils.logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return load()
     except (FileNotFoundError, ValueError):
@@ -374,6 +378,9 @@ def _from_folder(load: Any, folder: Path, what: str) -> Any:
         raise ValueError(
             f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
         ) from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 class _TextModelKeys(nn.Module):

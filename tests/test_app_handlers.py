@@ -240,7 +240,7 @@ def test_at_most_max_parallel_decodes_run_at_once(monkeypatch):
 def test_settings_that_used_to_fail_late_are_one_line_400s():
     from ldm.refine.refiner import MAX_SEED
 
-    with pytest.raises(RequestError, match=r"the last seed \(Seed \+ Samples - 1\) must be at most 9223372036854775807"):
+    with pytest.raises(RequestError, match=r"the last seed \(Seed \+ Samples - 1\) must be at most 4294967295"):
         RefineSettings.from_json({"seed": MAX_SEED, "n_samples": 3})  # wrote sample 0, then failed
     assert RefineSettings.from_json({"seed": MAX_SEED - 2, "n_samples": 3}).seed == MAX_SEED - 2
     with pytest.raises(RequestError) as info:

@@ -162,7 +162,7 @@ def test_large_or_odd_json_is_a_one_line_400_or_413_and_never_holds_the_server(a
         ("/api/refine", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
         ("/api/plan", "[" * 30_000 + "]" * 30_000, 400, "nested too deeply"),
         ("/api/plan", {"boxes": "0,0,1,1\n" * 10_000}, 413, "larger than 64 KiB"),
-        ("/api/refine", {"upload": up["id"], "settings": {"seed": 2**63 - 1, "n_samples": 3}}, 400, "lower the seed"),
+        ("/api/refine", {"upload": up["id"], "settings": {"seed": 2**32 - 1, "n_samples": 3}}, 400, "lower the seed"),
         ("/api/refine", b"\xff\xfe", 400, "not valid JSON"),
     ]  # fmt: skip
     for path, body, expected_status, expected in cases:

@@ -82,7 +82,7 @@ def test_evaluate_bad_lpips_weights_and_ctrl_c_are_one_line(scripts, expert_chec
         (["--config", "{tmp}/model.yaml"], "--config {tmp}/model.yaml does not exist"),
         (["--start-t", "100", "5000"], "--start-t: start_t=5000 must be an integer in [1, 999]"),
         (["--ddim-steps", "1001"], "--ddim-steps: ddim_steps=1001 must be an integer in [1, 1000]"),
-        (["--seeds", "0", str(2**63)], f"--seeds: seed={2**63} must be an integer in [0, {2**63 - 1}]"),
+        (["--seeds", "0", str(2**32)], f"--seeds: seed={2**32} must be an integer in [0, {2**32 - 1}]"),
         (["--n-images", "100000000"], "--n-images 100000000: at most 4096 held-out crops"),
         (["--size", "4096"], "--size: size=4096 px is above 2048 px"),
         (

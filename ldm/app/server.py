@@ -372,7 +372,7 @@ def _parse_json(data: bytes) -> Any:
     except ValueError:  # an integer beyond Python's digit limit for str -> int
         raise RequestError(
             f"the request holds a number of more than {sys.get_int_max_str_digits()} digits; no setting "
-            "takes one that long (seeds are integers up to 2**63 - 1)"
+            "takes one that long (seeds are integers up to 2**32 - 1)"
         ) from None
 
 

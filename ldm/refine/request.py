@@ -16,7 +16,7 @@ from ldm.refine.regions import RegionOptions
 from ldm.sampling import check_int_arg, check_solver, resolve_start
 
 DEFAULT_START_T = 500
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**32 - 1  # torch seeds its CPU generator with the low 32 bits: seeds 0 and 2**32 drew the same noise
 MAX_SAMPLES = 1_000_000  # samples per input: a bound on names and loops (the app has its own, smaller one)
 
 
@@ -39,7 +39,7 @@ class RefineRequest:
             K steps from the start itself; not both.
         sampler: ``"ddim"`` or ``"dpmpp_2m"`` (DPM-Solver++(2M)).  eta: DDIM noise, a finite number ``>= 0`` (0:
             deterministic); DDIM only.
-        seed, n_samples: sample ``k`` of an input uses seed ``seed + k`` (``seed + n_samples - 1 <= 2**63 - 1``).
+        seed, n_samples: sample ``k`` of an input uses seed ``seed + k`` (``seed + n_samples - 1 <= 2**32 - 1``).
         regions: masks / boxes / crop mode (the default: whole images).
         prompt: the prompt of text-conditioned experts (None: unconditional experts).
     """

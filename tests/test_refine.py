@@ -320,11 +320,46 @@ def test_bf16_autocast_on_cpu_stays_close(refiner, crops):
         ({"eta": float("nan")}, "eta"),
         ({"seeds": [1, 2]}, "seeds for a batch of 1"),
         ({"seeds": -1}, "seed"),
+        ({"seeds": 1.0}, "seeds must be an int or one int per sample, got float"),  # was "not iterable"
+        ({"region_padding": 8}, "region_padding given, but they would do nothing here"),
+        ({"region_size": 64, "mask_blur": 9}, "region_size, mask_blur given, but they would do nothing"),
     ],
 )
 def test_bad_arguments_are_refused(refiner, crops, kwargs, match):
     with pytest.raises(ValueError, match=match):
         refiner.refine_tensors(crops[:1], **{"start_t": 300, "ddim_steps": 10, **kwargs})
+
+
+def test_outputs_are_plain_tensors_and_a_channels_last_input_gives_the_same_bytes(refiner, crops):
+    """inference_mode made outputs refuse in-place ops and autograd (CompVis' no_grad does not); a channels_last view
+    of the same values took other kernels (differences up to 5e-6)."""
+    x = crops[:2, :, :16, :16].contiguous()
+    out = refiner.refine_tensors(x, 300, seeds=[1, 2], ddim_steps=4, eta=1.0)
+    assert not out.is_inference() and torch.equal(out.clone().mul_(0.5), out * 0.5)
+    assert torch.equal(refiner.refine_tensors(x.to(memory_format=torch.channels_last), 300, seeds=[1, 2], ddim_steps=4,
+                                              eta=1.0), out)  # fmt: skip
+    assert torch.equal(refiner.refine_tensors(x, 300, seeds=torch.tensor([1, 2]), ddim_steps=4, eta=1.0), out)
+
+
+def test_a_request_the_tensor_call_cannot_honour_is_refused(refiner, crops):
+    """n_samples (one file per sample in refine_files) and boxes beside a start map were dropped silently."""
+    from ldm.refine.regions import Box, RegionOptions
+    from ldm.refine.request import RefineRequest
+
+    x = crops[:1, :, :16, :16]
+    with pytest.raises(ValueError, match=r"n_samples=4: Refiner.refine returns one sample per row"):
+        refiner.refine(x, RefineRequest(start_t=300, ddim_steps=4, n_samples=4))
+    request = RefineRequest(start_t=300, ddim_steps=4, regions=RegionOptions(boxes=(Box(0, 0, 4, 4),)))
+    with pytest.raises(ValueError, match="start_map and the request's boxes/mask_dilate were both given"):
+        refiner.refine(x, request, start_map=torch.full((1, 1, 16, 16), 300))
+    with pytest.raises(ValueError, match=r"pass boxes=\[Box\(...\)\]"):
+        refiner(x[0], start_t=300, boxes=Box(0, 0, 4, 4))
+    with pytest.raises(ValueError, match="a path is not read here"):
+        refiner(x[0], start_t=300, mask="mask.png")
+    with pytest.raises(ValueError, match="mask_dilate given, but they would do nothing"):
+        refiner(x[0], start_t=300, mask_dilate=3)
+    boxed = refiner(x[0], start_t=300, ddim_steps=4, boxes=[Box(0, 0, 4, 4)], mask_dilate=2)  # still runs
+    assert torch.equal(boxed[:, 8:, 8:], x[0, :, 8:, 8:])
 
 
 def test_bad_tensors_are_refused(refiner, crops):

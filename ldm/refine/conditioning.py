@@ -142,7 +142,7 @@ def encode_prompts(
     uncond_rows = [row[text] for text in negatives] if scale != 1.0 else None
     guidance: list[Guidance | None] = [None] * len(experts)
     encoded: dict[int, torch.Tensor] = {}  # id of the encoder -> [len(texts), L, D]
-    with torch.inference_mode(), autocast():
+    with torch.no_grad(), autocast():
         for i in text_experts(experts, plan):
             model = experts[i].model
             key = id(model.cond_stage_model)

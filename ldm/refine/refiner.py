@@ -326,9 +326,10 @@ class Refiner:
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
         """
+        regions = RegionOptions(blur=mask_blur, crop=crop_regions, padding=region_padding, size=region_size)
+        refuse_unused_region_options(regions, start_map is not None)
         request = RefineRequest(start_t=start_t, strength=strength, ddim_steps=ddim_steps, tail_steps=tail_steps,
-                                sampler=sampler, eta=eta, regions=RegionOptions(blur=mask_blur, crop=crop_regions,
-                                padding=region_padding, size=region_size))  # fmt: skip
+                                sampler=sampler, eta=eta, regions=regions)  # fmt: skip
         return self.refine(x, request, seeds, start_map=start_map, prompt=prompt, progress=progress, timings=timings,
                            callback=callback)  # fmt: skip
 
@@ -354,6 +355,16 @@ class Refiner:
             raise ValueError(f"refine_tensors got an empty batch or image: shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
+        if request.n_samples > 1:  # refine_files writes one file per sample; here a row is one sample
+            raise ValueError(
+                f"n_samples={request.n_samples}: Refiner.refine returns one sample per row; repeat the rows "
+                f"(x.repeat_interleave({request.n_samples}, 0)) with one seed each, or use refine_files"
+            )
+        if start_map is not None and (request.regions.boxes or request.regions.dilate):
+            raise ValueError(
+                "start_map and the request's boxes/mask_dilate were both given: the map would be used as it is and "
+                "the boxes and dilation dropped; draw the boxes into the map (region_start_map), or pass no start_map"
+            )
         seed_list = self._seeds(request.seed if seeds is None else seeds, x.shape[0])
         plan = self.plan_for(request)
         prompts = prompts_for_batch(request.prompt if prompt is None else prompt, x.shape[0])
@@ -372,8 +383,9 @@ class Refiner:
             raise ValueError("crop_regions needs a start map (a mask or boxes): there is no region to crop")
         size = (self.native_size if regions.size is None
                 else check_int_arg("region_size", regions.size, self.factor, MAX_REGION_SIZE))  # fmt: skip
-        with torch.inference_mode():
-            xin = x.detach().to(self.device, torch.float32)
+        with torch.no_grad():  # not inference_mode: its tensors refuse in-place ops and autograd afterwards
+            # contiguous: a channels_last view of the same values took other kernels and other bytes
+            xin = x.detach().to(self.device, torch.float32, memory_format=torch.contiguous_format)
             lo, hi = torch.stack(torch.aminmax(xin)).tolist()  # one device-to-host read
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
                 raise ValueError(
@@ -462,7 +474,14 @@ class Refiner:
 
     @staticmethod
     def _seeds(seeds: int | Sequence[int], batch: int) -> list[int]:
-        seed_list = [seeds] * batch if isinstance(seeds, (int, np.integer)) else list(seeds)
+        if isinstance(seeds, torch.Tensor) and seeds.ndim == 0:
+            seeds = seeds.item()
+        if isinstance(seeds, (int, np.integer)):
+            seed_list = [seeds] * batch
+        elif isinstance(seeds, Sequence) or isinstance(seeds, (np.ndarray, torch.Tensor)):
+            seed_list = [s.item() if isinstance(s, (np.ndarray, torch.Tensor)) and s.ndim == 0 else s for s in seeds]
+        else:
+            raise ValueError(f"seeds must be an int or one int per sample, got {type(seeds).__name__} {seeds!r:.40}")
         if len(seed_list) != batch:
             raise ValueError(f"got {len(seed_list)} seeds for a batch of {batch}; pass one seed per sample or one int")
         return [check_int_arg("seed", s, 0, MAX_SEED) for s in seed_list]
@@ -509,13 +528,19 @@ class Refiner:
             batch = image_to_tensor(loaded.rgb)
         else:
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
+        if isinstance(boxes, Box):
+            raise ValueError("boxes must be a list of Box, got one Box: pass boxes=[Box(...)]")
+        if isinstance(mask, (str, os.PathLike)):
+            raise ValueError("mask must be an image, array or tensor; a path is not read here: pass Image.open(path)")
         regions = RegionOptions(boxes=tuple(boxes), blur=mask_blur, dilate=mask_dilate, crop=crop_regions,
                                 padding=region_padding, size=region_size)  # fmt: skip
+        refuse_unused_region_options(regions, mask is not None or bool(boxes))
         request = RefineRequest(start_t=start_t, strength=strength, ddim_steps=ddim_steps, tail_steps=tail_steps,
                                 sampler=sampler, eta=eta, seed=seed, regions=regions)  # fmt: skip
         starts = None
         if mask is not None or boxes:
             _, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
+            request = dataclasses.replace(request, regions=dataclasses.replace(regions, boxes=(), dilate=0))  # in starts
         out = self.refine(batch, request, seed, start_map=starts, prompt=prompt)
         if isinstance(image, torch.Tensor):
             return out[0] if image.ndim == 3 else out
@@ -550,3 +575,19 @@ class Refiner:
         options += ["batch-invariant"] if self.batch_invariant else ["batched"]
         options += ["channels_last"] * self.channels_last + ["compiled"] * self.compiled
         return f"{len(self.experts)} expert(s) on {self.device} ({', '.join(options)}): {self.router.describe_windows()}"
+
+
+def refuse_unused_region_options(regions: RegionOptions, selection: bool) -> None:
+    """ValueError naming the region options of a keyword call that would do nothing: ``region_padding`` /
+    ``region_size`` without ``crop_regions``, ``mask_blur`` / ``mask_dilate`` without a mask, boxes or start map."""
+    unused = []
+    if not regions.crop:
+        unused += ["region_padding"] * (regions.padding != DEFAULT_REGION_PADDING)
+        unused += ["region_size"] * (regions.size is not None)
+    if not selection:
+        unused += ["mask_blur"] * (regions.blur != DEFAULT_MASK_BLUR) + ["mask_dilate"] * bool(regions.dilate)
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)} given, but they would do nothing here (region_padding and region_size apply with "
+            "crop_regions=True, mask_blur and mask_dilate with a mask, boxes or start_map): drop them"
+        )

@@ -114,7 +114,7 @@ class DDIMSampler:
         return x_prev, pred_x0
 
     # ------------------------------------------------------------------------------------------- sampling from noise
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(
         self,
         S: int,  # noqa: N803 (CompVis name)
@@ -161,7 +161,7 @@ class DDIMSampler:
             unconditional_conditioning, generator=generator, verbose=verbose,
         )  # fmt: skip
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def ddim_sampling(
         self,
         cond: Any,
@@ -255,7 +255,7 @@ class DDIMSampler:
         eps = noise if noise is not None else randn(tuple(x0.shape), x0, generator)
         return self.model.q_sample(x0, timesteps, eps)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         x_latent: torch.Tensor,

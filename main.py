@@ -183,6 +183,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     from ldm.train.callbacks import SetupCallback
     from ldm.train.cli import (
         DEFAULT_SEED,
+        check_resume_overrides,
         load_yaml_config,
         merge_configs,
         parse_cli,
@@ -220,6 +221,8 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     saved = [load_yaml_config(b) for b in bases if str(b).endswith("-lightning.yaml")] if opt.resume else []
     ours = any(OmegaConf.select(c, "lightning.modelcheckpoint.target") is not None for c in saved)
     config = merge_configs(bases, dotlist, defaults=None if ours else default_lightning_config())
+    if opt.resume:
+        check_resume_overrides(merge_configs(saved_run_configs(logdir), []), config)
     lightning_config = config.pop("lightning", None) or OmegaConf.create()  # '~lightning' or lightning: null
     if "data" in config and config.data is None:  # data=null drops a base config's data section
         config.pop("data")

@@ -362,15 +362,39 @@ def test_a_value_training_cannot_use_stops_it_in_one_line(main_module, tmp_path,
     assert "Traceback" not in err
 
 
-def test_a_damaged_last_ckpt_is_one_line_and_left_as_it_was(main_module, tmp_path, capsys):
+@pytest.fixture()
+def tiny_run(main_module, tmp_path) -> Path:
+    assert main_module.main(new_run_args(tmp_path, "-n", "run")) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    return run
+
+
+@pytest.mark.parametrize(
+    "override, before, after",
+    [("model.base_learning_rate=0.5", "2e-05", "0.5"), ("data.params.batch_size=2", "4", "2"),
+     ("model.params.ema_decay=0.5", "0.999", "0.5")],
+)  # fmt: skip
+def test_a_resume_override_that_the_checkpoint_would_undo_is_refused(main_module, tiny_run, capsys, override, before,
+                                                                     after):  # fmt: skip
+    """Lightning restored the optimizer's rate and the EMA decay over the override, and the data position (in batches)
+    moved with another batch size, while the run's configs and later checkpoints named the new values."""
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    capsys.readouterr()
+    assert main_module.main(["-r", str(tiny_run), "-t", "lightning.trainer.max_steps=4", override]) == 2
+    key = override.split("=")[0]
+    one_error_line(capsys.readouterr().err, f"main.py: error: cannot resume with {key} changed ({before} -> {after}): ")
+    assert last.read_bytes() == saved
+
+
+def test_a_damaged_last_ckpt_is_one_line_and_left_as_it_was(main_module, tiny_run, capsys):
     """Garbage in the Lightning state of ``last.ckpt`` (loops, optimizer, callbacks, no ``state_dict``) was Lightning's
     traceback from its checkpoint connector; the file stays as it was."""
     import hashlib
 
     import torch
 
-    assert main_module.main(new_run_args(tmp_path, "-n", "run")) == 0
-    (run,) = (tmp_path / "logs").iterdir()
+    run = tiny_run
     last = run / "checkpoints" / "last.ckpt"
     original = torch.load(last, map_location="cpu", weights_only=True)
     damages = {"loops": "garbage", "optimizer_states": [{"state": {}}], "callbacks": "garbage", "state_dict": None}

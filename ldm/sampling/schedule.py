@@ -48,16 +48,42 @@ class NoiseSchedule:
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor | np.ndarray | Sequence[float]) -> NoiseSchedule:
-        """A schedule from ``alphas_cumprod`` ``[T]`` alone (the ``q_sample`` coefficients computed in float64)."""
+        """A schedule from ``alphas_cumprod`` ``[T]`` alone (the ``q_sample`` coefficients computed in float64).
+
+        Raises ValueError unless ``alphas_cumprod`` is 1-D, finite, strictly inside (0, 1) and strictly decreasing
+        (every ``beta_t`` in (0, 1)): otherwise the solvers' coefficients or log-SNR steps would be NaN or infinite.
+        """
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        check_alphas_cumprod(acp)
         return cls(acp, acp.sqrt().float(), (1.0 - acp).sqrt().float())
+
+
+def check_alphas_cumprod(acp: torch.Tensor) -> None:
+    """Raise a one-line ValueError, naming the first offending index, unless ``acp`` is a valid ``alphas_cumprod``
+    ``[T]`` (float64): 1-D, ``T >= 1``, finite, strictly inside (0, 1) and strictly decreasing."""
+    fix = "pass torch.cumprod(1 - betas, 0) for betas [T] in (0, 1)"
+    if acp.ndim != 1 or acp.numel() == 0:
+        raise ValueError(f"alphas_cumprod has shape {tuple(acp.shape)}; a noise schedule is 1-D with T >= 1 values: {fix}")
+    bad_value = ~(torch.isfinite(acp) & (acp > 0) & (acp < 1))
+    bad_order = torch.zeros_like(bad_value)
+    bad_order[1:] = ~(acp[1:] < acp[:-1])
+    bad = (bad_value | bad_order).nonzero()
+    if bad.numel() == 0:
+        return
+    i = int(bad[0, 0])
+    if bad_value[i]:
+        raise ValueError(f"alphas_cumprod[{i}]={acp[i].item()!r} is not a finite value strictly inside (0, 1): {fix}")
+    raise ValueError(
+        f"alphas_cumprod[{i}]={acp[i].item()!r} is not below alphas_cumprod[{i - 1}]={acp[i - 1].item()!r}; "
+        f"alphas_cumprod must strictly decrease: {fix}"
+    )
 
 
 def grid_tail(start_t: int, ddim_steps: int, num_timesteps: int, t_min: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(timesteps, levels)``: the DDIM grid entries ``t_min <= t <= start_t`` of a ``ddim_steps``-entry uniform grid,
     descending (may be empty; the caller says what to change), and the level each moves to: the grid entry below it
     (also when ``t_min`` leaves that entry out), 0 below the lowest."""
-    grid = [int(t) for t in make_ddim_timesteps("uniform", ddim_steps, num_timesteps)]
+    grid = [int(t) for t in make_ddim_timesteps("uniform", ddim_steps, num_timesteps, verbose=False)]
     below = dict(zip(grid, [0, *grid[:-1]]))
     timesteps = tuple(t for t in reversed(grid) if t_min <= t <= start_t)
     return timesteps, tuple(below[t] for t in timesteps)

@@ -437,6 +437,30 @@ def saved_run_configs(logdir: Path) -> list[str]:
     return newest[0] + newest[1]
 
 
+# values a resume cannot change: Lightning restores them from the checkpoint over the config's (which would then describe
+# the run wrongly), or the restored data position depends on them
+RESUME_FIXED = {
+    "model.base_learning_rate": "Lightning restores the optimizer's learning rate from the checkpoint, so training "
+    "would go on at the old rate while the run's configs name the new one",
+    "model.params.ema_decay": "the checkpoint restores the EMA's decay, so the EMA would go on with the old one while "
+    "the run's configs name the new one",
+    "data.params.batch_size": "the data position is stored in batches, so another batch size would repeat or skip "
+    "samples of the epoch",
+}
+
+
+def check_resume_overrides(saved: DictConfig, config: DictConfig) -> None:
+    """ConfigError naming the first :data:`RESUME_FIXED` value that ``config`` (the run's configs plus this command's
+    overrides) changes from ``saved`` (the run's configs alone)."""
+    for key, why in RESUME_FIXED.items():
+        before, after = OmegaConf.select(saved, key), OmegaConf.select(config, key)
+        if before != after:
+            raise ConfigError(
+                f"cannot resume with {key} changed ({before!r} -> {after!r}): {why}; resume without that override, "
+                "or start a new run from the checkpoint's weights (-b <config> model.params.ckpt_path=<file>)"
+            )
+
+
 def resume_seed(ckpt: Path, given: int | None, unsafe_load: bool = False) -> tuple[int, str]:
     """The seed a resumed run uses and a line saying where it came from: the one :class:`~ldm.train.callbacks.StepSeeding`
     stored, so that the run continues like an uninterrupted one, unless ``-s`` differs (it wins, with a warning);

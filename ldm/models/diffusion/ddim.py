@@ -41,24 +41,54 @@ class DDIMSampler:
         self.ddpm_num_timesteps = int(model.num_timesteps)
         self.ddim_timesteps: np.ndarray | None = None
 
+    def register_buffer(self, name: str, attr: Any) -> None:
+        """latent-diffusion's helper: set attribute ``name`` to ``attr``, a tensor moved to the model's device first
+        (latent-diffusion moves it to CUDA whenever CUDA is available, whatever the model's device)."""
+        if isinstance(attr, torch.Tensor):
+            attr = attr.to(self.model.alphas_cumprod.device)
+        setattr(self, name, attr)
+
     def make_schedule(
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True
     ) -> None:
         """Grid and per-step coefficients (float64 math, float32 on the model's device) for ``ddim_num_steps`` steps;
-        ``use_original_steps`` tables cover every timestep ``t -> t - 1`` of the model's schedule (``abar_{-1} = 1``)."""
+        ``use_original_steps`` tables cover every timestep ``t -> t - 1`` of the model's schedule (``abar_{-1} = 1``).
+
+        Sets latent-diffusion's attributes: the grid ``ddim_timesteps`` ``[S]``; ``ddim_sigmas``, ``ddim_alphas``,
+        ``ddim_alphas_prev``, ``ddim_sqrt_one_minus_alphas`` ``[S]``; and over every timestep, ``[T]`` each,
+        ``betas`` (the model's), ``alphas_cumprod``, ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``,
+        ``sqrt_one_minus_alphas_cumprod``, ``log_one_minus_alphas_cumprod``, ``sqrt_recip_alphas_cumprod``,
+        ``sqrt_recipm1_alphas_cumprod`` and ``ddim_sigmas_for_original_num_steps``.  ``verbose`` logs the grid and
+        coefficients at INFO level.
+        """
         self.ddim_eta = check_eta(ddim_eta)
-        grid = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps)
+        grid = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps, verbose=verbose)
         acp = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
-        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(acp, grid, self.ddim_eta)
+        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(acp, grid, self.ddim_eta, verbose=verbose)
         full_prev = torch.cat([acp.new_ones(1), acp[:-1]])
         full_sigmas = self.ddim_eta * ((1.0 - full_prev) / (1.0 - acp) * (1.0 - acp / full_prev)).sqrt()
+        betas = getattr(self.model, "betas", None)
+        betas = betas.detach().to("cpu", torch.float64) if isinstance(betas, torch.Tensor) else 1.0 - acp / full_prev
         to_dev = dict(device=self.model.alphas_cumprod.device, dtype=torch.float32)
+        full = {
+            "betas": betas,
+            "alphas_cumprod": acp,
+            "alphas_cumprod_prev": full_prev,
+            "sqrt_alphas_cumprod": acp.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - acp).sqrt(),
+            "log_one_minus_alphas_cumprod": (1.0 - acp).log(),
+            "sqrt_recip_alphas_cumprod": (1.0 / acp).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / acp - 1.0).sqrt(),
+            "ddim_sigmas_for_original_num_steps": full_sigmas,
+        }
+        for name, value in full.items():
+            self.register_buffer(name, value.to(**to_dev))
         self.ddim_timesteps, self.ddim_num_steps = grid, len(grid)
         self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = (v.to(**to_dev) for v in (alphas, alphas_prev, sigmas))
         self.ddim_sqrt_one_minus_alphas = (1.0 - alphas).sqrt().to(**to_dev)
         self._tables = {
             False: (self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas),
-            True: tuple(v.to(**to_dev) for v in (acp, full_prev, full_sigmas)),
+            True: (self.alphas_cumprod, self.alphas_cumprod_prev, self.ddim_sigmas_for_original_num_steps),
         }
 
     # ------------------------------------------------------------------------------------------------------ one step
@@ -152,6 +182,8 @@ class DDIMSampler:
                 "normals_sequence is not supported (latent-diffusion accepts it but never uses it): pass None, and "
                 "x_T=... for the initial noise or generator=... to seed every draw"
             )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (the number of samples): pass e.g. 1")
         self.make_schedule(S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         device = self.model.alphas_cumprod.device
         img = randn((batch_size, *shape), self.model.alphas_cumprod, generator) if x_T is None else x_T.to(device)
@@ -186,7 +218,8 @@ class DDIMSampler:
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """latent-diffusion's loop over every grid step (or every timestep with ``ddim_use_original_steps``) from
         ``x_T`` (default: noise from ``generator``).  ``timesteps`` (latent-diffusion's partial-grid option) is
-        refused when given."""
+        refused when given.  As latent-diffusion, the intermediates hold ``x_T`` and then ``x_prev``/``pred_x0`` after
+        the first step and after every step whose position ``index`` is a multiple of ``log_every_t``."""
         if timesteps is not None:
             raise NotImplementedError("timesteps= is not supported: call make_schedule with the number of steps you want")
         if mask is not None and x0 is None:
@@ -220,7 +253,7 @@ class DDIMSampler:
                 callback(i)
             if img_callback is not None:
                 img_callback(pred_x0, i)
-            if index % log_every_t == 0 or i == len(indices) - 1:
+            if index % log_every_t == 0 or index == len(grid) - 1:  # latent-diffusion's rule: also the first step
                 intermediates["x_inter"].append(img)
                 intermediates["pred_x0"].append(pred_x0)
         return img, intermediates

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+logger = logging.getLogger(__name__)
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 DDIM_DISCRETIZATIONS = ("uniform", "quad")
@@ -42,9 +45,12 @@ def make_beta_schedule(
     raise ValueError(f"beta_schedule={schedule!r} is unknown; choose one of {BETA_SCHEDULES}")
 
 
-def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """The DDIM grid of timestep indices, ascending (int64): ``uniform`` is ``range(0, T, T // S) + 1`` (S=50, T=1000:
-    1, 21, ..., 981), ``quad`` is ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``; entries ``>= T`` are dropped."""
+def make_ddim_timesteps(
+    ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = True
+) -> np.ndarray:
+    """The DDIM grid of timestep indices ``[S']`` (int64, ascending): ``uniform`` is ``range(0, T, T // S) + 1`` (S=50,
+    T=1000: 1, 21, ..., 981), ``quad`` is ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``; entries ``>= T`` are
+    dropped.  ``verbose`` (latent-diffusion's) logs the grid at INFO level instead of printing it."""
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim_num_steps={num_ddim_timesteps} must be in [1, {num_ddpm_timesteps}] (the number of DDPM steps)")
     if ddim_discr_method == "uniform":
@@ -55,15 +61,19 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     else:
         raise ValueError(f"ddim_discretize={ddim_discr_method!r} is unknown; choose one of {DDIM_DISCRETIZATIONS}")
     steps = grid + 1
-    return steps[steps < num_ddpm_timesteps]
+    steps = steps[steps < num_ddpm_timesteps]
+    if verbose:
+        logger.info("selected timesteps for the DDIM sampler: %s", steps)
+    return steps
 
 
 def make_ddim_sampling_parameters(
-    alphacums: torch.Tensor, ddim_timesteps: Sequence[int] | np.ndarray, eta: float
+    alphacums: torch.Tensor, ddim_timesteps: Sequence[int] | np.ndarray, eta: float, verbose: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sigmas, alphas, alphas_prev)`` for the DDIM grid, each ``[S]`` float64: ``alphas[i] = alphacums[grid[i]]``,
     ``alphas_prev[i] = alphacums[grid[i-1]]`` (``alphacums[0]`` first, as latent-diffusion), and DDIM eq. 16's
-    ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``."""
+    ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``.  ``verbose`` (latent-diffusion's) logs them at
+    INFO level instead of printing them."""
     if eta < 0:  # a public latent-diffusion function: scripts call it without DDIMSampler
         raise ValueError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like ancestral noise)")
     alphacums = torch.as_tensor(alphacums, dtype=torch.float64)
@@ -71,6 +81,9 @@ def make_ddim_sampling_parameters(
     alphas = alphacums[idx]
     alphas_prev = torch.cat([alphacums[:1], alphacums[idx[:-1]]])
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    if verbose:
+        logger.info("selected alphas for the DDIM sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
+        logger.info("eta=%s gives the DDIM sampler this sigma_t schedule: %s", eta, sigmas)
     return sigmas, alphas, alphas_prev
 
 
@@ -110,8 +123,11 @@ def make_schedule_buffers(
     return out
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embeddings ``[N, dim]`` of integer (or fractional) timesteps ``[N]``: cosine half first, then sine."""
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False) -> torch.Tensor:
+    """Sinusoidal embeddings ``[N, dim]`` of integer (or fractional) timesteps ``[N]``: cosine half first, then sine.
+    With ``repeat_only`` (latent-diffusion's option) each timestep is repeated ``dim`` times instead, in its dtype."""
+    if repeat_only:
+        return timesteps[:, None].repeat(1, dim)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
@@ -161,8 +177,33 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def checkpoint(func: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], flag: bool) -> torch.Tensor:
-    """Run ``func(*inputs)``, with activation (gradient) checkpointing when ``flag`` and grad is enabled."""
+def checkpoint(
+    func: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    params: Iterable[torch.Tensor] | bool,
+    flag: bool | None = None,
+) -> torch.Tensor:
+    """Run ``func(*inputs)``, with activation (gradient) checkpointing when ``flag`` and grad is enabled.
+
+    latent-diffusion's signature ``(func, inputs, params, flag)``.  ``params`` (the parameters ``func`` uses) is accepted
+    and not needed: non-reentrant checkpointing routes gradients to every parameter ``func`` touches.  The older
+    three-argument form ``checkpoint(func, inputs, flag)`` is still taken (``params`` a bool and ``flag`` left out).
+    """
+    if flag is None:
+        if not isinstance(params, bool):
+            raise TypeError("checkpoint(func, inputs, params, flag) got no flag: pass flag=True to checkpoint, False not to")
+        flag = params
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+def noise_like(
+    shape: Sequence[int], device: torch.device | str, repeat: bool = False, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Standard normal noise ``shape`` (float32) on ``device``; with ``repeat`` one draw ``[1, *shape[1:]]`` shared by
+    the whole batch.  Drawn from ``generator`` on its own device (then moved), or from ``device``'s RNG when None."""
+    draw_shape = (1, *shape[1:]) if repeat else tuple(shape)
+    source = generator.device if generator is not None else device
+    noise = torch.randn(draw_shape, generator=generator, device=source, dtype=torch.float32).to(device)
+    return noise.repeat(shape[0], *((1,) * (len(shape) - 1))) if repeat else noise

@@ -111,6 +111,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_zip_records(path: Path) -> None:
+    """CheckpointError for a torch zip checkpoint with a compressed record: ``torch.save`` stores every record as is,
+    while a deflated one is inflated in full by ``torch.load`` before any check (1 MB of zeros became 1 GiB)."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format, or not a checkpoint (torch.load says so)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: record {info.filename[-80:]!r} is compressed ({info.file_size:,} bytes "
+                    f"from {info.compress_size:,}); torch.save never compresses, and a compressed record is inflated "
+                    "in full before it can be checked: refused. Re-save the weights with torch.save"
+                )
+
+
 def _torch_load_restricted(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -151,6 +166,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: 
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); the file was truncated or never written")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
+    check_zip_records(path)
     try:
         if unsafe:
             logger.warning("loading %s with full pickle (unsafe=True): it can run arbitrary code", path)

@@ -268,3 +268,26 @@ def test_refine_loading_refuses_a_state_dict_with_a_non_string_key(tmp_path):
     torch.save({"state_dict": {3: torch.zeros(1)}, "config": {}}, tmp_path / "intkey.ckpt")
     with pytest.raises(CheckpointError, match=r"maps '3' \(int\) to a Tensor; a state dict maps parameter names"):
         load_expert(tmp_path / "intkey.ckpt")
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_a_compressed_record_is_refused_before_it_is_inflated(tmp_path, unsafe):
+    """torch.save stores records as they are; a deflated record (1 MB of zeros declaring 1 GiB) was inflated in full by
+    torch.load before any check.  Here 4 MiB of zeros in 4 KB."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(1 << 20)}}, buffer)
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(bomb, "w") as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            compressed = info.filename.endswith("/data/0")
+            out.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)
+    assert bomb.stat().st_size < 64 * 1024
+    with pytest.raises(CheckpointError, match=r"record '.*data/0' is compressed \(4,194,304 bytes from [\d,]+\); torch"):
+        load_checkpoint(bomb, unsafe=unsafe)
+    plain = tmp_path / "plain.ckpt"
+    plain.write_bytes(buffer.getvalue())
+    assert load_checkpoint(plain)["state_dict"]["w"].shape == (1 << 20,)

@@ -167,7 +167,7 @@ def test_sample_compvis_positional_call_matches_keywords(stub_sampler):
         generator=torch.Generator().manual_seed(7),
     )
     assert torch.equal(positional[0], keywords[0])
-    assert len(positional[1]["x_inter"]) == len(keywords[1]["x_inter"]) == 1 + 4
+    assert len(positional[1]["x_inter"]) == len(keywords[1]["x_inter"]) == 1 + 5  # x_T, positions 7 (first), 6, 4, 2, 0
     plain = stub_sampler.sample(8, 2, (3, 8, 8), cond, x_T=x_t, verbose=False, generator=torch.Generator().manual_seed(7))
     assert not torch.allclose(plain[0], keywords[0])  # the options above did take effect
 
@@ -339,3 +339,55 @@ def test_noise_dropout_uses_the_generator_not_the_global_rng(stub_sampler):
     kept = dropped.abs() > 1e-4
     torch.testing.assert_close(dropped[kept], full[kept] / 0.7, atol=1e-3, rtol=1e-3)
     assert abs((~kept).float().mean().item() - 0.3) < 0.05
+
+
+def test_make_schedule_sets_compvis_attributes_against_float64(model):
+    """Every tensor latent-diffusion's make_schedule registers, float32 on the model's device, against a float64 closed
+    form of the model's schedule; and its register_buffer helper."""
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(50, ddim_eta=0.7, verbose=False)
+    acp, betas = model.alphas_cumprod.double(), model.betas.double()
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    grid = torch.as_tensor(sampler.ddim_timesteps)
+    a, a_prev = acp[grid], torch.cat([acp[:1], acp[grid[:-1]]])
+    ref = {
+        "betas": betas,
+        "alphas_cumprod": acp,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": acp.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - acp).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - acp).log(),
+        "sqrt_recip_alphas_cumprod": 1 / acp.sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / acp - 1).sqrt(),
+        "ddim_sigmas_for_original_num_steps": 0.7 * ((1 - prev) / (1 - acp) * (1 - acp / prev)).sqrt(),
+        "ddim_alphas": a,
+        "ddim_alphas_prev": a_prev,
+        "ddim_sqrt_one_minus_alphas": (1 - a).sqrt(),
+        "ddim_sigmas": 0.7 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt(),
+    }
+    for name, want in ref.items():
+        got = getattr(sampler, name)
+        assert got.dtype == torch.float32 and got.device == model.alphas_cumprod.device, name
+        torch.testing.assert_close(got.double(), want, rtol=2e-7, atol=1e-12, msg=name)
+    sampler.register_buffer("extra", torch.ones(2, dtype=torch.float64))
+    sampler.register_buffer("note", "kept")
+    assert sampler.extra.device == model.alphas_cumprod.device and sampler.note == "kept"
+
+
+@pytest.mark.parametrize("steps, log_every_t", [(50, 100), (8, 2), (10, 3), (1, 100)])
+def test_intermediates_follow_compvis_rule(stub_sampler, steps, log_every_t):
+    """latent-diffusion logs x_T, then each step whose position is a multiple of log_every_t or the first one."""
+    seen = []
+    _, inter = stub_sampler.sample(
+        steps, 1, (3, 8, 8), img_callback=lambda x0, i: seen.append(x0), verbose=False, log_every_t=log_every_t,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    logged = [i for i in range(steps) if (steps - 1 - i) % log_every_t == 0 or i == 0]  # loop counter i, position S-1-i
+    assert len(inter["x_inter"]) == len(inter["pred_x0"]) == 1 + len(logged)
+    assert all(inter["pred_x0"][k + 1] is seen[i] for k, i in enumerate(logged))
+
+
+def test_sample_batch_size_must_be_positive(stub_sampler):
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=r"batch_size=.* must be a positive integer"):
+            stub_sampler.sample(5, bad, (3, 8, 8), verbose=False, generator=torch.Generator().manual_seed(0))

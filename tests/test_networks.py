@@ -10,6 +10,7 @@ import torch
 from ldm.modules.attention import CrossAttention, SpatialTransformer, multihead_attention
 from ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
+from ldm.modules.diffusionmodules.util import checkpoint
 
 from conftest import TINY_DDCONFIG, TINY_UNET_PARAMS
 
@@ -102,6 +103,29 @@ def test_unet_gradient_checkpointing_is_numerically_identical():
     assert torch.allclose(la, lb)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+
+
+def test_checkpoint_takes_compvis_four_arguments_and_the_three_argument_form():
+    """latent-diffusion's checkpoint(func, inputs, params, flag): same values and gradients as without checkpointing."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def run(*args):
+        lin.zero_grad()
+        x.grad = None
+        out = checkpoint(lambda v: lin(v).tanh(), (x,), *args)
+        out.square().sum().backward()
+        return out.detach(), x.grad.clone(), lin.weight.grad.clone()
+
+    plain = run(lin.parameters(), False)
+    for args in ((lin.parameters(), True), (list(lin.parameters()), True), (True,), (False,)):
+        for got, ref in zip(run(*args), plain):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+    with torch.no_grad():
+        assert torch.equal(checkpoint(lin, (x,), lin.parameters(), True), lin(x))
+    with pytest.raises(TypeError, match="flag"):
+        checkpoint(lin, (x,), lin.parameters())
 
 
 @pytest.mark.parametrize("new_order", [False, True])

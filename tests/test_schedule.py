@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -14,8 +15,10 @@ from ldm.modules.diffusionmodules.util import (
     make_ddim_sampling_parameters,
     make_ddim_timesteps,
     make_schedule_buffers,
+    noise_like,
     timestep_embedding,
 )
+from ldm.sampling import NoiseSchedule, build_plan
 
 T = 1000
 
@@ -153,3 +156,84 @@ def test_schedule_buffers_match_reference(v_posterior):
 def test_schedule_buffers_reject_bad_betas():
     with pytest.raises(ValueError, match="betas"):
         make_schedule_buffers(torch.tensor([0.1, 1.5]))
+
+
+def test_ddim_helpers_take_compvis_verbose_and_log_instead_of_printing(caplog, capsys):
+    acp = torch.from_numpy(np.cumprod(1 - ref_betas("linear", T, 0.0015, 0.0195)))
+    with caplog.at_level(logging.INFO, logger="ldm.modules.diffusionmodules.util"):
+        grid = make_ddim_timesteps("uniform", 50, T, True)
+        quiet = make_ddim_timesteps(ddim_discr_method="uniform", num_ddim_timesteps=50, num_ddpm_timesteps=T, verbose=False)
+        assert np.array_equal(grid, quiet) and len(caplog.records) == 1 and "981" in caplog.text
+        loud = make_ddim_sampling_parameters(acp, grid, 0.5, True)
+        assert len(caplog.records) == 3 and "sigma_t" in caplog.text
+        caplog.clear()
+        silent = make_ddim_sampling_parameters(alphacums=acp, ddim_timesteps=grid, eta=0.5, verbose=False)
+        assert not caplog.records
+    assert all(torch.equal(a, b) for a, b in zip(loud, silent))
+    assert capsys.readouterr().out == ""
+
+
+def test_timestep_embedding_repeat_only_is_compvis():
+    t = torch.tensor([0, 3, 999])
+    emb = timestep_embedding(t, 5, 10000, True)
+    assert emb.shape == (3, 5) and emb.dtype == t.dtype and (emb == t[:, None]).all()
+    assert torch.equal(timestep_embedding(t, 6, repeat_only=False), timestep_embedding(t, 6))
+
+
+def test_noise_like_compvis_signature_draws_from_the_generator():
+    state = torch.get_rng_state()
+    a = noise_like((3, 2, 4, 4), "cpu", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5)))
+    shared = noise_like(torch.Size([3, 2, 4, 4]), torch.device("cpu"), True, generator=torch.Generator().manual_seed(5))
+    assert shared.shape == (3, 2, 4, 4) and torch.equal(shared[0], a[0]) and torch.equal(shared[2], a[0])
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert noise_like((2, 3), "cpu").shape == (2, 3)  # no generator: the device's RNG, as latent-diffusion
+
+
+def repo_schedules() -> list[torch.Tensor]:
+    """alphas_cumprod of every schedule this repo builds: each beta_schedule with latent-diffusion's, the configs' and
+    Stable Diffusion's (scaled_linear) ranges, the tests' T = 10000 one, and a model's float32 buffer."""
+    out = []
+    for kind in ("linear", "cosine", "sqrt_linear", "sqrt"):
+        for start, end in ((1e-4, 2e-2), (0.0015, 0.0195), (0.00085, 0.012)):
+            for n in (10, 1000):
+                out.append(torch.cumprod(1 - make_beta_schedule(kind, n, start, end), 0))
+    out.append(torch.cumprod(1 - make_beta_schedule("linear", 10_000, 1.5e-4, 1.95e-3), 0))
+    out.append(torch.cumprod(1 - make_beta_schedule("linear", 1000, 0.00085, 0.012), 0).float())
+    return out
+
+
+def test_every_schedule_the_repo_builds_is_accepted():
+    for acp in repo_schedules():
+        schedule = NoiseSchedule.from_alphas_cumprod(acp)
+        assert torch.equal(schedule.alphas_cumprod, acp.double())
+
+
+def _acp(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "acp, match",
+    [
+        (torch.linspace(0.01, 0.999, 1000, dtype=torch.float64), r"alphas_cumprod\[1\]=.* not below alphas_cumprod\[0\]"),
+        (_acp([1.0, 0.9, 0.5]), r"alphas_cumprod\[0\]=1.0 is not a finite value strictly inside \(0, 1\)"),
+        (_acp([0.9, 0.5, 0.0]), r"alphas_cumprod\[2\]=0.0 is not a finite"),
+        (_acp([0.9, float("nan"), 0.1]), r"alphas_cumprod\[1\]=nan"),
+        (_acp([0.9, 0.5, float("-inf")]), r"alphas_cumprod\[2\]=-inf"),
+        (_acp([0.9, 0.5, 0.5, 0.1]), r"alphas_cumprod\[2\]=0.5 is not below alphas_cumprod\[1\]=0.5"),
+        (_acp([[0.9, 0.5]]), r"shape \(1, 2\); a noise schedule is 1-D"),
+        (_acp([]), r"shape \(0,\)"),
+    ],
+)
+def test_from_alphas_cumprod_rejects_invalid_schedules_in_one_line(acp, match):
+    with pytest.raises(ValueError, match=match) as err:
+        NoiseSchedule.from_alphas_cumprod(acp)
+    assert "\n" not in str(err.value) and "torch.cumprod(1 - betas, 0)" in str(err.value)
+
+
+def test_a_schedule_starting_at_one_no_longer_reaches_the_tail_planner():
+    """alphas_cumprod[0] == 1 used to pass and fail later in exact_tail with "cannot convert float NaN to integer"."""
+    acp = torch.cat([torch.ones(1, dtype=torch.float64), torch.linspace(0.999, 0.01, 999, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"alphas_cumprod\[0\]=1.0"):
+        build_plan(NoiseSchedule.from_alphas_cumprod(acp), 500, [lambda x, t, c=None: x], "cpu", tail_steps=5)

@@ -267,6 +267,7 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
     [
         (["model=5"], "'model' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
         (["data=5"], "'data' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
+        (["model=null"], "'model' must be a mapping {target: pkg.Class, params: {...}}, got None"),  # was a traceback
         (["data=null"], "training needs a 'data' section"),
         (["model.params.unet_config.params.model_channels=-5"], "cannot build the model of this config: Trying to create"),
         (["model.params.unet_config.params.num_head_channels=0"], "cannot build the model of this config: integer div"),
@@ -409,3 +410,15 @@ def test_a_damaged_last_ckpt_is_one_line_and_left_as_it_was(main_module, tiny_ru
         line = one_error_line(capsys.readouterr().err, f"main.py: error: cannot resume from {last}: Lightning cannot")
         assert "it is damaged or was not written by main.py" in line, line
         assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("text, expected", [("5\n", "not a single value"), ('"just a string"\n', "not a single value"),
+                                            ("- a\n", "not a list")])  # fmt: skip
+def test_a_yaml_whose_root_is_not_a_mapping_is_one_line(main_module, tmp_path, capsys, text, expected):
+    """A number was OmegaConf's OSError traceback; a lone string became the key 'just a string'."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main_module.main(["-b", str(QUICKSTART), str(bad), "-t", "-l", str(tmp_path / "logs")]) == 2
+    line = one_error_line(capsys.readouterr().err, "main.py: error:")
+    assert f"config {str(bad)!r} must be a mapping with keys ['model', 'data', 'lightning'], {expected}" in line
+    assert nothing_left(tmp_path / "logs")

@@ -206,10 +206,16 @@ def load_yaml_config(path: str | os.PathLike) -> DictConfig:
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ConfigError(f"config {str(path)!r} {what}; pass YAML files to -b/--base (see configs/)")
     try:
+        # the root's kind first: OmegaConf raises OSError for a number and reads a lone string as a key
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+        if isinstance(root, yaml.ScalarNode) and root.tag != "tag:yaml.org,2002:null":
+            raise ConfigError(f"config {str(path)!r} must be a mapping with keys {list(PROJECT_KEYS)}, not a single value")
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {first}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from exc
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {str(path)!r} must be a mapping with keys {list(PROJECT_KEYS)}, not a list")
     return cfg
@@ -270,7 +276,11 @@ def check_config_structure(config: DictConfig) -> None:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
     for key in ("model", "data"):
         node = config.get(key)
-        if key in config and node is not None and (not isinstance(node, DictConfig) or "target" not in node):
+        if (
+            key in config
+            and (node is not None or key == "model")
+            and (not isinstance(node, DictConfig) or "target" not in node)
+        ):
             shown = OmegaConf.to_yaml(node).strip() if isinstance(node, (DictConfig, ListConfig)) else repr(node)
             raise ConfigError(f"'{key}' must be a mapping {{target: pkg.Class, params: {{...}}}}, got {shown[:80]}")
     lightning = config.get("lightning")

@@ -253,8 +253,15 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     building = "model"
     try:
         model = instantiate_from_config(model_cfg)
+        if not isinstance(model, pl.LightningModule):  # Lightning refused it mid-fit, after the run folder was made
+            raise ConfigError(f"model: target {model_cfg['target']!r} built a {type(model).__name__}, not a LightningModule")
         building = "data"
         data = instantiate_from_config(OmegaConf.to_container(config.data, resolve=True)) if "data" in config else None
+        if data is not None and not isinstance(data, pl.LightningDataModule):
+            raise ConfigError(
+                f"data: target {config.data.target!r} built a {type(data).__name__}, not a LightningDataModule "
+                "(ldm.data.datamodule.DataModuleFromConfig wraps datasets)"
+            )
         if data is not None:
             data.prepare_data()
             data.setup("fit" if opt.train else "test")

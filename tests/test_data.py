@@ -497,6 +497,25 @@ def test_datamodule_only_exposes_configured_splits_and_checks_configs():
             DataModuleFromConfig(**kw)
 
 
+def test_datamodule_takes_latent_diffusion_arguments_in_their_order():
+    """latent-diffusion's (batch_size, train, validation, test, predict, wrap, num_workers, shuffle_test_loader,
+    use_worker_init_fn, shuffle_val_dataloader): its configs set wrap and predict, and num_workers None meant
+    2 * batch_size; here num_workers came fifth (predict's place) and wrap was refused."""
+    import inspect
+
+    names = list(inspect.signature(DataModuleFromConfig).parameters)[:10]
+    assert names == ["batch_size", "train", "validation", "test", "predict", "wrap", "num_workers", "shuffle_test_loader",
+                     "use_worker_init_fn", "shuffle_val_dataloader"]  # fmt: skip
+    photos = {"target": "ldm.data.embedded.EmbeddedPhotos", "params": {"size": 16, "n_samples": 6}}
+    datamodule = DataModuleFromConfig(2, None, None, photos, photos, True, None, True)
+    assert datamodule.num_workers == 4 and datamodule.shuffle_test_loader
+    datamodule.num_workers, datamodule.persistent_workers = 0, False  # no worker processes in this test
+    datamodule.setup("predict")
+    assert [b["image"].shape[0] for b in datamodule.predict_dataloader()] == [2, 2, 2]
+    datamodule.setup("test")
+    assert isinstance(datamodule.test_dataloader().sampler, torch.utils.data.RandomSampler)
+
+
 def test_datamodule_refuses_a_train_split_smaller_than_a_batch():
     datamodule = DataModuleFromConfig(
         batch_size=8, train={"target": "ldm.data.embedded.EmbeddedPhotos", "params": {"size": 16, "n_samples": 5}}

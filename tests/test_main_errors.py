@@ -268,6 +268,11 @@ def test_a_bad_trainer_value_from_the_command_line_in_a_subprocess(tmp_path):
         (["model=5"], "'model' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
         (["data=5"], "'data' must be a mapping {target: pkg.Class, params: {...}}, got 5"),
         (["model=null"], "'model' must be a mapping {target: pkg.Class, params: {...}}, got None"),  # was a traceback
+        # targets that build something else failed mid-fit, after the run folder was made
+        (["lightning.callbacks.x.target=os.getcwd"], "lightning.callbacks.x: target 'os.getcwd' built a str, not a"),
+        (["lightning.logger.target=os.getcwd"], "lightning.logger: target 'os.getcwd' built a str, not a"),
+        (["~model.params", "model.target=torch.nn.Identity"], "model: target 'torch.nn.Identity' built a Identity, not a"),
+        (["lightning.modelcheckpoint.params.dirpath=elsewhere"], "dirpath='elsewhere': checkpoints always go to the run's"),
         (["data=null"], "training needs a 'data' section"),
         (["model.params.unet_config.params.model_channels=-5"], "cannot build the model of this config: Trying to create"),
         (["model.params.unet_config.params.num_head_channels=0"], "cannot build the model of this config: integer div"),

@@ -25,12 +25,12 @@ from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "test")
+SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "test", "predict")
 _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     "fit": ("train", "validation"),
     "validate": ("validation",),
     "test": ("test",),
-    "predict": (),
+    "predict": ("predict",),
     None: SPLIT_NAMES,
 }
 
@@ -69,9 +69,17 @@ class SetDatasetEpoch(pl.Callback):
 class DataModuleFromConfig(pl.LightningDataModule):
     """Builds each split from a ``{target, params}`` config in :meth:`setup` and serves DataLoaders.
 
+    latent-diffusion's signature (``main.DataModuleFromConfig`` configs build it unchanged), then this project's keywords.
+
     Args:
         batch_size: items per batch (per rank under DDP).
-        train / validation / test: dataset configs, or None for a split without data (no dataloader method).
+        train / validation / test / predict: dataset configs, or None for a split without data (no dataloader method).
+        wrap: accepted as in latent-diffusion, whose ``WrappedDataset`` made an object with ``__len__`` and
+            ``__getitem__`` a Dataset: DataLoader takes such objects as they are.
+        num_workers: loader processes; None: latent-diffusion's ``2 * batch_size``.
+        shuffle_test_loader / shuffle_val_dataloader: shuffle those loaders.
+        use_worker_init_fn: accepted as in latent-diffusion; workers are always seeded (:func:`worker_init_fn`), as
+            resumable, deterministic loading needs.
         pin_memory: None -> only when the trainer runs on CUDA (without a trainer: when CUDA is available).
         persistent_workers: None -> ``num_workers > 0``.
         drop_last: drop the last incomplete training batch (validation/test never drop); a training split smaller than
@@ -84,13 +92,20 @@ class DataModuleFromConfig(pl.LightningDataModule):
         train: Mapping[str, Any] | None = None,
         validation: Mapping[str, Any] | None = None,
         test: Mapping[str, Any] | None = None,
-        num_workers: int = 0,
+        predict: Mapping[str, Any] | None = None,
+        wrap: bool = False,
+        num_workers: int | None = 0,
+        shuffle_test_loader: bool = False,
+        use_worker_init_fn: bool = False,
         shuffle_val_dataloader: bool = False,
+        *,
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        if num_workers is None:
+            num_workers = 2 * batch_size if isinstance(batch_size, int) and not isinstance(batch_size, bool) else batch_size
         for name, value, lowest in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:  # int(2.5) trained with 2
                 raise ValueError(f"{name}={value!r} must be an integer >= {lowest}")
@@ -99,11 +114,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.shuffle_val_dataloader = bool(shuffle_val_dataloader)
+        self.shuffle_test_loader = bool(shuffle_test_loader)
         self.pin_memory = pin_memory
         self.persistent_workers = self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         self.drop_last = bool(drop_last)
         self.dataset_configs: dict[str, Any] = {}
-        for name, config in zip(SPLIT_NAMES, (train, validation, test)):
+        for name, config in zip(SPLIT_NAMES, (train, validation, test, predict)):
             if config is None:
                 continue
             if not hasattr(config, "keys") or "target" not in config:
@@ -115,7 +131,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self._order_seed: int | None = None  # set by use_resumable_order
         if "train" in self.dataset_configs:
             self.train_dataloader = self._train_dataloader
-        for name, method in (("validation", "val_dataloader"), ("test", "test_dataloader")):
+        for name, method in (("validation", "val_dataloader"), ("test", "test_dataloader"), ("predict", "predict_dataloader")):
             if name in self.dataset_configs:
                 setattr(self, method, functools.partial(self._eval_loader, name))
 
@@ -180,5 +196,6 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return loader if self._order_seed is None else make_resumable(loader, self._order_seed, *self._rank_world())
 
     def _eval_loader(self, name: str) -> DataLoader:
-        loader = self._loader(name, shuffle=self.shuffle_val_dataloader and name == "validation", drop_last=False)
+        shuffle = {"validation": self.shuffle_val_dataloader, "test": self.shuffle_test_loader}.get(name, False)
+        loader = self._loader(name, shuffle=shuffle, drop_last=False)
         return loader if self._order_seed is None else shard_eval_loader(loader, *self._rank_world(), name)

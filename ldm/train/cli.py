@@ -58,6 +58,7 @@ LIGHTNING1_HINTS = {
 }
 # latent-diffusion configs name callbacks of its main.py; they live in ldm.train.callbacks here.
 LEGACY_CALLBACK_TARGETS = {"main.ImageLogger": "ldm.train.callbacks.ImageLogger"}
+LEGACY_DATA_TARGETS = {"main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig"}
 
 
 class CLIError(ConfigError):
@@ -354,7 +355,13 @@ def check_override_key(config: DictConfig, key: str) -> None:
 
 
 def _modernize_callbacks(config: DictConfig) -> DictConfig:
-    """latent-diffusion's ``target: main.ImageLogger`` read as :class:`ldm.train.callbacks.ImageLogger` (in place)."""
+    """latent-diffusion's ``target: main.ImageLogger`` and ``main.DataModuleFromConfig`` read as this project's classes
+    (:data:`LEGACY_CALLBACK_TARGETS`, :data:`LEGACY_DATA_TARGETS`; in place)."""
+    data = config._get_node("data") if "data" in config else None
+    if isinstance(data, DictConfig) and "target" in data:
+        target = data._get_node("target")._value()
+        if isinstance(target, str) and target in LEGACY_DATA_TARGETS:
+            data.target = LEGACY_DATA_TARGETS[target]
     lightning = config._get_node("lightning") if "lightning" in config else None
     callbacks = lightning._get_node("callbacks") if isinstance(lightning, DictConfig) and "callbacks" in lightning else None
     if isinstance(callbacks, DictConfig):

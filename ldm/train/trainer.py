@@ -110,15 +110,21 @@ def build_callbacks(
         if not isinstance(cfg, dict) or "target" not in cfg:
             raise ConfigError(f"lightning.callbacks.{name} must be {{target: ..., params: {{...}}}}, got {cfg!r}")
         try:
-            callbacks.append(instantiate_from_config(cfg))
+            callback = instantiate_from_config(cfg)
         except (ValueError, TypeError) as exc:  # its own argument checks: named by its key, not as the Trainer's
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"lightning.callbacks.{name}: {' '.join(str(exc).split())}") from exc
+        callbacks.append(_built(callback, pl.Callback, f"lightning.callbacks.{name}", cfg["target"]))
     ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
     if not isinstance(ckpt_cfg, dict) or "target" not in ckpt_cfg or not isinstance(ckpt_cfg.get("params") or {}, dict):
         raise ConfigError(f"lightning.modelcheckpoint must be {{target: ..., params: {{...}}}}, got {ckpt_cfg!r}")
     params = dict(ckpt_cfg.get("params") or {})
+    if params.get("dirpath") not in (None, ckptdir):  # latent-diffusion set it over the user's silently
+        raise ConfigError(
+            f"lightning.modelcheckpoint.params.dirpath={params['dirpath']!r}: checkpoints always go to the run's "
+            "checkpoints/ folder (resume and refine find them there); drop it, and choose the run folder with -l/--logdir"
+        )
     params["dirpath"] = ckptdir
     monitor = getattr(model, "monitor", None)
     if monitor and "monitor" not in params:
@@ -142,6 +148,16 @@ def build_callbacks(
     return callbacks
 
 
+def _built(obj: Any, kind: type, key: str, target: str) -> Any:
+    """``obj`` if it is a ``kind``; else ConfigError (Lightning failed on it mid-fit, after a run folder was made)."""
+    if not isinstance(obj, kind):
+        raise ConfigError(
+            f"{key}: target {target!r} built a {type(obj).__name__}, not a {kind.__module__}.{kind.__qualname__}; "
+            "name a class of that kind"
+        )
+    return obj
+
+
 def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
     """CSV (always), TensorBoard (when importable) and the configured ``lightning.logger``."""
     extra = _plain(lightning_config.get("logger"))
@@ -153,7 +169,8 @@ def build_loggers(lightning_config: DictConfig, logdir: str) -> list[Logger]:
         keywords = accepted_keywords(get_obj_from_str(extra["target"]))
         if "save_dir" in keywords.params or keywords.open:
             params.setdefault("save_dir", logdir)
-        loggers.append(instantiate_from_config(dict(extra, params=params)))
+        built = instantiate_from_config(dict(extra, params=params))
+        loggers.append(_built(built, Logger, "lightning.logger", extra["target"]))
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, CSVLogger(save_dir=logdir, name="csv"))
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:

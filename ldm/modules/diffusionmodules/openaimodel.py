@@ -126,7 +126,7 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x, emb), self.use_checkpoint)
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:
@@ -173,7 +173,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x,), self.use_checkpoint)
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape

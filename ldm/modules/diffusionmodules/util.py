@@ -178,21 +178,13 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 def checkpoint(
-    func: Callable[..., torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    params: Iterable[torch.Tensor] | bool,
-    flag: bool | None = None,
+    func: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], params: Iterable[torch.Tensor], flag: bool
 ) -> torch.Tensor:
     """Run ``func(*inputs)``, with activation (gradient) checkpointing when ``flag`` and grad is enabled.
 
-    latent-diffusion's signature ``(func, inputs, params, flag)``.  ``params`` (the parameters ``func`` uses) is accepted
-    and not needed: non-reentrant checkpointing routes gradients to every parameter ``func`` touches.  The older
-    three-argument form ``checkpoint(func, inputs, flag)`` is still taken (``params`` a bool and ``flag`` left out).
+    latent-diffusion's signature ``(func, inputs, params, flag)``.  ``params`` (the parameters ``func`` uses) is taken
+    and not needed: non-reentrant checkpointing routes gradients to every parameter ``func`` touches.
     """
-    if flag is None:
-        if not isinstance(params, bool):
-            raise TypeError("checkpoint(func, inputs, params, flag) got no flag: pass flag=True to checkpoint, False not to")
-        flag = params
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)

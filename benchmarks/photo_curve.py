@@ -24,7 +24,8 @@ bootstrap interval over ``--n-images`` crops:
 3. at every saved step of the 750-1000 expert, chained after the final 500-750 one: SWD x 10^3 of whole-image
    refinement from ``start_t`` 50 minus that of the first stage's round trip (the same crops, paired resamples: 0 or
    below means no less realistic than the round trip), and the in-box PSNR gain of region refinement on a saturated
-   colour blotch over most of a box (``local_paint``) at the cross-fitted best of ``start_t`` 50, 200, 300, 450.
+   colour disc over most of a box (``local_paint``; ``local_blotch`` is a faint one) at the cross-fitted best of
+   ``start_t`` 50, 200, 300, 450.
 
 Output: tables on stdout, ``benchmarks/results/photo_curve-<time>.json`` and a Markdown table next to it.
 """
@@ -180,7 +181,7 @@ def eps_mse(path: Path, ts: tuple[int, ...], images: Any) -> dict[str, Any]:
 
 
 def refinement(a: Path, b: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Whole-image refinement at WHOLE_START against the round trip (SWD), and the blotch's in-box gain."""
+    """Whole-image refinement at WHOLE_START against the round trip (SWD), and the saturated disc's in-box gain."""
     from ldm.eval.baselines import autoencoder_baseline, identity_baseline
     from ldm.eval.sources import heldout_images
     from ldm.eval.summary import best_start, summarize
@@ -259,7 +260,7 @@ def markdown(vq: list[dict[str, Any]], experts: list[dict[str, Any]]) -> str:
         lines.append("")
     lines += [
         "| width | run | steps | eps-MSE t=300 | t=100 | t=50 | SWD x10^3 whole@50 − round trip | "
-        "blotch in-box gain, dB (start_t) |",
+        "disc (local_paint) in-box gain, dB (start_t) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in experts:

@@ -354,7 +354,14 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
                 raise
             frames = traceback.extract_tb(exc.__traceback__)
             first = " ".join(str(exc).split()) or type(exc).__name__
-            if resume_ckpt and any(Path(f.filename).name == "checkpoint_connector.py" for f in frames):
+            restoring = resume_ckpt and any(Path(f.filename).name == "checkpoint_connector.py" for f in frames)
+            if restoring and "in loading state_dict" in first:  # the checkpoint is fine; the configs build another net
+                raise ConfigError(
+                    f"cannot resume from {resume_ckpt}: its weights do not fit the model the configs build now "
+                    f"({first[:200]}); an override or a -b config changed the network since the run started: resume "
+                    "without it, or start a new run from the weights that fit (model.params.ckpt_path=<file>)"
+                ) from exc
+            if restoring:
                 # Lightning restoring a damaged checkpoint (garbage loops, optimizer or callback states): its traceback
                 raise CheckpointError(
                     f"cannot resume from {resume_ckpt}: Lightning cannot restore the training state it holds "
@@ -362,10 +369,11 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
                     "another checkpoint of the run (-r <run>/checkpoints/<file>), or start a new run from its weights "
                     "with model.params.ckpt_path=<file>"
                 ) from exc
-            if not isinstance(exc, (ValueError, MisconfigurationException)):
+            if not isinstance(exc, (ValueError, MisconfigurationException, RuntimeError)):
                 raise
-            # a value training cannot use, met only when it runs: an image size the UNet cannot halve, ddim_steps=0
-            # for the image logger, a val_check_interval above the epoch's batches; where it was raised, for a bug
+            # a value training cannot use, met only when it runs: an image size the UNet cannot halve (or too small for
+            # its kernels), ddim_steps=0 for the image logger, a val_check_interval above the epoch's batches; where it
+            # was raised, for a bug
             frame = frames[-1]
             print(
                 f"main.py: error: training stopped: {first} (raised at {Path(frame.filename).name}:{frame.lineno}); "

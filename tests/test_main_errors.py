@@ -366,6 +366,11 @@ def test_a_value_training_cannot_use_stops_it_in_one_line(main_module, tmp_path,
     line = one_error_line(err, "main.py: error: training stopped:")
     assert "must be divisible by" in line and "(raised at openaimodel.py:" in line and "resume with -r" in line
     assert "Traceback" not in err
+    # a crop smaller than the first layers' kernels: torch's RuntimeError was a traceback
+    extra = ["data.params.train.params.size=3", "~data.params.validation"]
+    assert main_module.main(new_run_args(tmp_path, *extra)) == 1
+    line = one_error_line(capsys.readouterr().err, "main.py: error: training stopped:")
+    assert "Kernel size can't be greater than actual input size (raised at conv.py:" in line
 
 
 @pytest.fixture()
@@ -390,6 +395,18 @@ def test_a_resume_override_that_the_checkpoint_would_undo_is_refused(main_module
     assert main_module.main(["-r", str(tiny_run), "-t", "lightning.trainer.max_steps=4", override]) == 2
     key = override.split("=")[0]
     one_error_line(capsys.readouterr().err, f"main.py: error: cannot resume with {key} changed ({before} -> {after}): ")
+    assert last.read_bytes() == saved
+
+
+def test_a_resume_whose_configs_build_another_network_blames_the_override(main_module, tiny_run, capsys):
+    """The checkpoint is intact; the message said it was damaged."""
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    capsys.readouterr()
+    args = ["-r", str(tiny_run), "-t", "lightning.trainer.max_steps=4", "model.params.unet_config.params.model_channels=64"]
+    assert main_module.main(args) == 2
+    line = one_error_line(capsys.readouterr().err, f"main.py: error: cannot resume from {last}: its weights do not fit")
+    assert "size mismatch" in line and "an override or a -b config changed the network" in line
     assert last.read_bytes() == saved
 
 

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp16",
         help="storage type of the UNet's parameters (the first stage stays as trained) (default: %(default)s)",
     )
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="let the config stored in the checkpoint build classes outside ldm.* / taming.modules.*",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.util import ConfigError
 
     try:
-        written = export_expert(args.ckpt, args.out, dtype=args.dtype)
+        written = export_expert(args.ckpt, args.out, dtype=args.dtype, trust_config=args.trust_config)
     except (CheckpointError, ConfigError) as exc:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -226,3 +226,11 @@ def test_identity_first_stage_answers_as_latent_diffusion_s():
     quant, loss, info = IdentityFirstStage(vq_interface=True).quantize(x)
     assert quant is x and loss is None and info == (None, None, None)
     assert IdentityFirstStage()(x) is x and list(IdentityFirstStage().state_dict()) == []
+
+
+def test_a_resume_into_another_window_names_both_windows_half_open(caplog):
+    """The warning printed the saved window as a list, "[250, 500]", a closed interval the window is not."""
+    model = build(0, 250)
+    with caplog.at_level("WARNING", logger="ldm.models.diffusion.latesteps"):
+        model.on_load_checkpoint({"window": [250, 500], "state_dict": {}})
+    assert "checkpoint was trained on window t in [250, 500); this run trains [0, 250)" in caplog.text

@@ -342,16 +342,13 @@ def test_outputs_are_plain_tensors_and_a_channels_last_input_gives_the_same_byte
 
 
 def test_a_request_the_tensor_call_cannot_honour_is_refused(refiner, crops):
-    """n_samples (one file per sample in refine_files) and boxes beside a start map were dropped silently."""
-    from ldm.refine.regions import Box, RegionOptions
+    """n_samples (one file per sample in refine_files) was dropped silently, and so were region options."""
+    from ldm.refine.regions import Box
     from ldm.refine.request import RefineRequest
 
     x = crops[:1, :, :16, :16]
     with pytest.raises(ValueError, match=r"n_samples=4: Refiner.refine returns one sample per row"):
         refiner.refine(x, RefineRequest(start_t=300, ddim_steps=4, n_samples=4))
-    request = RefineRequest(start_t=300, ddim_steps=4, regions=RegionOptions(boxes=(Box(0, 0, 4, 4),)))
-    with pytest.raises(ValueError, match="start_map and the request's boxes/mask_dilate were both given"):
-        refiner.refine(x, request, start_map=torch.full((1, 1, 16, 16), 300))
     with pytest.raises(ValueError, match=r"pass boxes=\[Box\(...\)\]"):
         refiner(x[0], start_t=300, boxes=Box(0, 0, 4, 4))
     with pytest.raises(ValueError, match="a path is not read here"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import MAX_METADATA_JSON, CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from ldm.models.diffusion.latesteps import LateStepsLatentDiffusion
 from ldm.refine import Refiner, shipped
 from ldm.refine.loading import load_expert
 from ldm.refine.shipped import SHIPPED, ShippedWeights, expand_names, export_expert, shipped_files
@@ -284,3 +285,24 @@ def test_a_checkpoint_without_a_config_is_refused_with_the_exporters_own_words(e
     save_checkpoint({"state_dict": load_checkpoint(expert_checkpoints[0])["state_dict"]}, bare)
     with pytest.raises(CheckpointError, match="holds no model config; only checkpoints written by main.py"):
         export_expert(bare, tmp_path / "e.safetensors")
+
+
+class ForeignLDM(LateStepsLatentDiffusion):
+    """A model class outside the allow-list (it lives in a test module)."""
+
+
+def test_a_config_outside_the_allow_list_exports_only_when_trusted(expert_checkpoints, tmp_path):
+    """export_weights.py's refusal advised --trust-config, a flag it lacked; it has it now (and export_expert the
+    keyword), and a trusted export loads again only when trusted."""
+    from ldm.util import ConfigError
+
+    ckpt = load_checkpoint(expert_checkpoints[0])
+    ckpt["config"]["model"]["target"] = f"{__name__}.ForeignLDM"
+    foreign = tmp_path / "foreign.ckpt"
+    save_checkpoint(ckpt, foreign)
+    with pytest.raises(ConfigError, match="allow-list.*--trust-config"):
+        export_expert(foreign, tmp_path / "e.safetensors")
+    export_expert(foreign, tmp_path / "e.safetensors", trust_config=True)
+    expert, _ = load_expert(tmp_path / "e.safetensors", trust_config=True)
+    assert type(expert.model) is ForeignLDM
+    assert "--trust-config" in run_export("--help").stdout

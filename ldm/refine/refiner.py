@@ -346,8 +346,9 @@ class Refiner:
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """:meth:`refine_tensors` as ``request`` says; without a ``start_map``, the request's boxes make one (its mask
-        file is not read here: pass its ``start_map``, see :meth:`region_start_map`).  ``seeds`` and ``prompt`` default
-        to the request's."""
+        file is not read here: pass its ``start_map``, see :meth:`region_start_map`).  A given ``start_map`` is used as
+        it is: it is taken to be what the request's mask, boxes and dilation built (``refine_files`` and the app pass
+        both).  ``seeds`` and ``prompt`` default to the request's."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"refine_tensors expects x as a [B, 3, H, W] tensor, got {shape}")
@@ -355,15 +356,10 @@ class Refiner:
             raise ValueError(f"refine_tensors got an empty batch or image: shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
-        if request.n_samples > 1:  # refine_files writes one file per sample; here a row is one sample
+        if request.n_samples > 1 and seeds is None:  # a row is one sample: refine_files passes each row's seed
             raise ValueError(
                 f"n_samples={request.n_samples}: Refiner.refine returns one sample per row; repeat the rows "
                 f"(x.repeat_interleave({request.n_samples}, 0)) with one seed each, or use refine_files"
-            )
-        if start_map is not None and (request.regions.boxes or request.regions.dilate):
-            raise ValueError(
-                "start_map and the request's boxes/mask_dilate were both given: the map would be used as it is and "
-                "the boxes and dilation dropped; draw the boxes into the map (region_start_map), or pass no start_map"
             )
         seed_list = self._seeds(request.seed if seeds is None else seeds, x.shape[0])
         plan = self.plan_for(request)

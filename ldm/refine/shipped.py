@@ -88,7 +88,9 @@ def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
     return expanded
 
 
-def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16") -> dict[str, object]:
+def export_expert(
+    source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16", trust_config: bool = False
+) -> dict[str, object]:
     """Write the inference half of the ``main.py`` checkpoint ``source`` to ``out`` (``.safetensors``, atomically).
 
     The EMA weights (when the checkpoint has them) replace the training weights, with no optimizer state; the model
@@ -96,6 +98,8 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
     the file's header.  The UNet's parameters are stored as ``dtype`` (a key of :data:`EXPORT_DTYPES`; the first stage
     and buffers keep theirs; loading casts them back), and :func:`load_expert` reads the file like the checkpoint it
     came from.  Returns ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}`` of the file.
+    ``trust_config``: let the checkpoint's config build classes outside the allow-list (loading the export then needs
+    it too).
 
     Raises:
         CheckpointError / ConfigError: ``source`` is not a loadable expert (see :func:`load_expert`).
@@ -107,7 +111,7 @@ def export_expert(source: str | os.PathLike, out: str | os.PathLike, dtype: str 
             f"checkpoint {format_path(source)} holds no model config; only checkpoints written by "
             "main.py (or exports of them) can be exported"
         )
-    expert, info = load_expert(source, ema=True)
+    expert, info = load_expert(source, ema=True, trust_config=trust_config)
     state = expert.model.state_dict()
     parameters = {name for name, _ in expert.model.named_parameters()}
     cast = EXPORT_DTYPES[dtype]

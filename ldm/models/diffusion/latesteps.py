@@ -123,7 +123,9 @@ class LateStepsLatentDiffusion(LatentDiffusion):
         saved = checkpoint.get("window")
         window = [self.t_min, self.t_max]
         if saved is not None and not (isinstance(saved, (list, tuple)) and list(saved) == window):  # a record only
-            logger.warning("checkpoint was trained on window t in %.40r; this run trains [%d, %d)", saved, self.t_min,
+            pair = isinstance(saved, (list, tuple)) and len(saved) == 2
+            shown = f"[{saved[0]}, {saved[1]})" if pair else f"{saved!r:.40}"  # windows are half-open
+            logger.warning("checkpoint was trained on window t in %s; this run trains [%d, %d)", shown, self.t_min,
                            self.t_max)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------- images

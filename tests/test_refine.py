@@ -321,6 +321,8 @@ def test_bf16_autocast_on_cpu_stays_close(refiner, crops):
         ({"seeds": [1, 2]}, "seeds for a batch of 1"),
         ({"seeds": -1}, "seed"),
         ({"seeds": 1.0}, "seeds must be an int or one int per sample, got float"),  # was "not iterable"
+        ({"sampler": ["ddim"]}, r"sampler=\['ddim'\] is unknown"),
+        ({"start_t": None, "strength": np.float32(2)}, r"strength=np.float32\(2.0\) must be a number in"),
         ({"region_padding": 8}, "region_padding given, but they would do nothing here"),
         ({"region_size": 64, "mask_blur": 9}, "region_size, mask_blur given, but they would do nothing"),
     ],
@@ -357,6 +359,11 @@ def test_a_request_the_tensor_call_cannot_honour_is_refused(refiner, crops):
         refiner(x[0], start_t=300, mask_dilate=3)
     boxed = refiner(x[0], start_t=300, ddim_steps=4, boxes=[Box(0, 0, 4, 4)], mask_dilate=2)  # still runs
     assert torch.equal(boxed[:, 8:, 8:], x[0, :, 8:, 8:])
+
+
+def test_plan_refuses_a_list_argument_in_one_line(refiner):
+    with pytest.raises(ValueError, match=r"sampler=\['ddim'\] must be a single value, not a list"):  # "unhashable type"
+        refiner.plan(300, sampler=["ddim"])
 
 
 def test_bad_tensors_are_refused(refiner, crops):

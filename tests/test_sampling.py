@@ -256,6 +256,7 @@ def test_eta_up_to_1_keeps_every_ddim_step_real_and_above_1_it_does_not():
 def test_strength_is_start_t_over_t():
     assert resolve_start(None, 0.4, 1000) == 400 and resolve_start(None, 1.0, 1000) == 999
     assert resolve_start(None, 0.0015, 1000) == 2 and resolve_start(None, 0.001, 1000) == 1
+    assert resolve_start(None, np.int64(1), 1000) == 999 and resolve_start(None, np.float32(0.5), 1000) == 500  # numpy
     for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="strength"):
             resolve_start(None, bad, 1000)

@@ -255,6 +255,12 @@ class Refiner:
         window (or in two)."""
         start = start_timestep(start_t, strength, self.num_timesteps)
         key = (start, ddim_steps, tail_steps, eta, sampler)
+        try:
+            hash(key)
+        except TypeError:  # a list or dict: build_plan would refuse it, after "unhashable type" here
+            shown = {"ddim_steps": ddim_steps, "tail_steps": tail_steps, "eta": eta, "sampler": sampler}
+            bad = next(name for name, value in shown.items() if getattr(value, "__hash__", None) is None)
+            raise ValueError(f"{bad}={shown[bad]!r:.60} must be a single value, not a {type(shown[bad]).__name__}") from None
         if key not in self._plans:
             self._plans[key] = build_plan(
                 self.schedule,

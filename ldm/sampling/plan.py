@@ -56,7 +56,8 @@ def resolve_start(start_t: Any, strength: Any, num_timesteps: int) -> int:
     if strength is not None:
         if start_t is not None:
             raise ValueError("start_t and strength were both given: pass one (strength s means start_t = round(s * T))")
-        ok = not isinstance(strength, bool) and isinstance(strength, (int, float, np.floating)) and math.isfinite(strength)
+        number = (int, float, np.integer, np.floating)  # np.int64(1) was "not in (0, 1]"
+        ok = not isinstance(strength, bool) and isinstance(strength, number) and math.isfinite(strength)
         if not ok or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r} must be a number in (0, 1] (the share of the noise levels to redo)")
         start = min(int(round(float(strength) * num_timesteps)), top)

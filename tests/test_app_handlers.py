@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.imageio import read_png_metadata
+from ldm.refine.batch import output_name, output_stems
+from ldm.util import LONGEST_ATOMIC_NAME
 
 from app_support import REPO, big_png, dotted_mask, png_bytes, small_image
 
@@ -63,7 +67,7 @@ CASES = {
 def test_handlers_give_the_cli_s_pixels_and_metadata(case, cli, app_refiner, app_images, expert_checkpoints, tmp_path):
     kind, page_settings, flags = CASES[case]
     image_png, mask_png = app_images[kind]
-    source = tmp_path / f"{kind}.png"
+    source = tmp_path / f"my {kind} é漢字 (1).png"  # output names as refine.py's: the app renamed it my_rgb_1_...
     source.write_bytes(image_png)
     (tmp_path / "mask.png").write_bytes(mask_png)
     argv = [
@@ -83,7 +87,7 @@ def test_handlers_give_the_cli_s_pixels_and_metadata(case, cli, app_refiner, app
     ]
     assert cli.main(argv) == 0
 
-    upload = load_upload(image_png, f"{kind}.png")
+    upload = load_upload(image_png, source.name)
     settings = RefineSettings.from_json(page_settings)
     prepared = prepare(app_refiner, upload, settings, load_painted_mask(mask_png, upload))
     steps = []
@@ -115,7 +119,7 @@ def test_handlers_give_the_cli_s_pixels_and_metadata(case, cli, app_refiner, app
             "boxes",
         ):
             assert meta.get(key) == cli_meta.get(key), key
-        assert meta["input"] == f"{kind}.png" and meta["Software"] == "latesteps app"
+        assert meta["input"] == source.name and meta["Software"] == "latesteps app"
         assert json.loads(meta["parameters"])["mode"] == page_settings["mode"]
 
 
@@ -126,7 +130,7 @@ def test_handler_messages_for_what_a_user_can_get_wrong(app_refiner, app_images)
             load_upload(data, "photo.png")
         assert "photo.png" in str(info.value) and expected in str(info.value) and "\n" not in str(info.value)
     upload = load_upload(image_png, "../../etc/we ird\nname.png")
-    assert upload.name == "we ird?name.png" and upload.stem == "we_ird_name"  # no path, no newline in names
+    assert upload.name == "we ird?name.png" and upload.stem == "we ird_name"  # no path, no newline in names
     with pytest.raises(RequestError, match="the painted mask is 10x10 but the image is 48x40"):
         load_painted_mask(png_bytes(np.zeros((10, 10), np.uint8)), upload)
     empty = load_painted_mask(png_bytes(np.zeros((40, 48), np.uint8)), upload)
@@ -153,6 +157,36 @@ def test_handler_messages_for_what_a_user_can_get_wrong(app_refiner, app_images)
             RefineSettings.from_json(bad)
         assert expected in str(info.value)
     assert RefineSettings.from_json({"steps": 20.0}).steps == 20  # JSON numbers may arrive as floats
+
+
+NAMES = {  # an upload's name -> its outputs' stem: refine.py's (Path.stem) where that is a safe file name
+    "é漢字.png": "é漢字", "my photo (1).png": "my photo (1)", "photo.tar.gz": "photo.tar", "-rf.png": "-rf",
+    "photo_t125_s0.png": "photo_t125_s0", "C:\\Users\\me\\cat.jpg": "cat", "../../etc/passwd": "passwd",
+    ".hidden.png": "hidden", ". .x.png": "x",  # a leading dot would hide the output
+    "a\x00b.png": "a_b", "\u202egnp.exe": "_gnp", "a\nb.png": "a_b",  # unprintable: NUL, a direction override
+    "..": "upload", ".": "upload", "": "upload", " ": "upload", "a/b/c/": "upload",  # nothing left of the name
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_output_names_are_refine_s_where_that_is_a_safe_file_name(name):
+    stem = handlers.output_stem(name)
+    assert stem == NAMES[name]
+    if not name.startswith(".") and name.isprintable() and name.strip() and not name.endswith("/"):
+        assert stem == output_stems([Path(name.replace("\\", "/"))])[0]  # scripts/refine.py's naming
+
+
+def test_a_long_upload_name_is_shortened_to_one_the_file_system_takes(app_refiner, tmp_path):
+    for name in ["漢" * 300 + ".png", "x" * 5000 + ".png", "é" * 150 + "漢" * 100 + ".png"]:
+        stem = handlers.output_stem(name)
+        assert len(os.fsencode(stem)) <= handlers.MAX_STEM_BYTES and name.startswith(stem) and stem
+        longest = output_name(stem, 999, 2**32 - 1, 7)
+        assert len(os.fsencode(longest)) <= LONGEST_ATOMIC_NAME
+    upload = load_upload(small_image(), "漢" * 300 + ".png")  # refine.py refuses this input (output name too long)
+    prepared = prepare(app_refiner, upload, RefineSettings(start_t=200, steps=1, step_mode="exact", mode="whole"), None)
+    result = refine(app_refiner, prepared, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [result.samples[0].path.name]
+    assert result.samples[0].path.name == upload.stem + "_t200_s0.png" and upload.stem == "漢" * 72
 
 
 def test_plan_label_names_the_windows_the_steps_cross(app_refiner):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the web app needs the app extra: pip install -e .[app]")
@@ -31,6 +32,7 @@ from ldm.app.handlers import (  # noqa: E402
     prepare,
 )
 from ldm.app.server import create_app  # noqa: E402
+from ldm.models.tiling import downscale_to  # noqa: E402
 
 
 def png(width: int, height: int) -> bytes:
@@ -73,6 +75,21 @@ def test_a_foreign_host_is_a_json_400_with_nosniff_and_local_names_are_served(re
         assert TestClient(app, base_url=base).get("/api/info").status_code == 200, base
     listening = create_app(refiner, tmp_path, listen=True)
     assert TestClient(listening, base_url="http://evil.example").get("/api/info").status_code == 200
+
+
+def test_an_internal_error_carries_the_security_headers_too(refiner, tmp_path, monkeypatch):
+    """A 500 is sent outside the middleware: it adds nosniff and the CSP itself."""
+    import ldm.app.server as server
+
+    def broken(*_args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server, "describe_plan", broken)
+    client = TestClient(create_app(refiner, tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.post("/api/plan", json={})
+    assert answer.status_code == 500 and answer.json()["error"] == "internal error (RuntimeError); see the server log"
+    assert answer.headers["content-security-policy"] == server.CSP and answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["x-content-type-options"] == "nosniff"
 
 
 # ---------------------------------------------------------------------------------------------------- header deadline
@@ -236,6 +253,29 @@ def test_a_tiled_image_is_estimated_tile_by_tile():
     expected = tiles * (0.5 + 1e-4 * 64 * 64) + 1e-9 * (256 * 256) ** 2 + fit.step_seconds(64 * 64)
     assert cost.first_stage_seconds(2048, 2048, 8, AUTO_TILING) == pytest.approx(expected)
     assert StepCost(1e-6).first_stage_seconds(2048, 2048, 8, AUTO_TILING) == 0.0  # not measured: not limited
+    # a long thin image: its 11 tiles are 512x64 (clipped to the image) and its statistics pass 500x16; every tile was
+    # charged as 512x512 and the statistics pass as 512x512, so a 4000x64 image refine.py finishes in 7.5 s was refused
+    tiles = 11  # 4000 px: tiles start at 0, 384, ..., 3456 and 3488
+    expected = tiles * (0.5 + 1e-4 * 64 * 8) + 1e-9 * (500 * 8) ** 2 + fit.step_seconds(62 * 2)
+    assert cost.first_stage_seconds(4000, 64, 8, AUTO_TILING) == pytest.approx(expected)
+    assert cost.first_stage_seconds(64, 4000, 8, AUTO_TILING) == pytest.approx(expected)
+    assert tuple(downscale_to(torch.zeros(1, 1, 4000, 64), 512, 2 * 8).shape[-2:]) == (500, 16)  # tiled_encode's
+
+
+@pytest.mark.parametrize("size", [(4000, 64), (20000, 8), (1000, 1000), (2048, 300), (520, 1200)])
+def test_the_estimate_charges_the_tiles_tiled_apply_cuts(size):
+    """Linear cost only, factor 1, no statistics pass: the estimate is the pixels of the tiles tiled_apply runs."""
+    from ldm.models.tiling import TilingConfig, tiled_apply
+
+    seen = []
+
+    def record(tile: torch.Tensor) -> torch.Tensor:
+        seen.append(tile.shape[-2] * tile.shape[-1])
+        return tile
+
+    tiling = TilingConfig(min_side=768, tile=512, overlap=128, stat_side=None)
+    tiled_apply(record, torch.zeros(1, 1, *size), tiling.tile, tiling.overlap, 1, 1)
+    assert StepCost(1.0, first_stage=StepCost(1.0)).first_stage_seconds(*size, 1, tiling) == sum(seen)
 
 
 def test_a_request_whose_encode_and_decode_would_take_too_long_is_refused(refiner):

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_upload_refine_download_then_errors_and_the_server_goes_on(app_server, a
     status, body = app_server.json("/api/refine", {"upload": up["id"], "settings": {"start_t": 900}, "mask": None})
     assert status == 400 and body["error"] == "start t=900 is above the experts' range (max 499); move the slider down"
     status, body = app_server.json("/api/refine", {"upload": "nope", "settings": {}})
-    assert status == 400 and "upload it again" in body["error"]
+    assert status == 400 and body["error"] == '"upload" \'nope\' is not an upload id; send the "id" that /api/upload returned'
     status, body = app_server.json("/api/plan", {"start_t": 900})
     assert status == 200 and not body["ok"] and "above the experts' range (max 499)" in body["error"]
 
@@ -189,6 +190,59 @@ def test_every_response_says_nosniff(app_server):
     ]:  # fmt: skip
         status, got, _ = app_server.request(path, data, content_type, headers)
         assert got.get("X-Content-Type-Options") == "nosniff", (path, status)
+
+
+def test_the_page_and_every_other_response_carry_the_same_security_headers(app_server):
+    """/static/index.html served the page without the Content-Security-Policy of / (so another site could frame it)."""
+    status, page_headers, _ = app_server.request("/")
+    csp = page_headers["Content-Security-Policy"]
+    assert status == 200 and "frame-ancestors 'none'" in csp and page_headers["X-Frame-Options"] == "DENY"
+    status, _, body = app_server.request("/static/index.html")
+    assert status == 200 and body == (STATIC / "index.html").read_bytes()
+    status, up = app_server.upload(small_image(), "photo.png")
+    for path, data, content_type, headers in [
+        ("/static/index.html", None, None, None), ("/static/app.css", None, None, None),
+        ("/static/app.js", None, None, None), ("/static/nothing.js", None, None, None), ("/api/info", None, None, None),
+        (f"/api/uploads/{up['id']}/image.png", None, None, None), ("/api/nothing", None, None, None),
+        ("/api/refine", b"{}", "text/plain", None), ("/api/refine", b"{", "application/json", None),
+        ("/api/info", None, None, {"Host": "attacker.example"}),
+    ]:  # fmt: skip
+        status, got, _ = app_server.request(path, data, content_type, headers)
+        assert got.get("Content-Security-Policy") == csp and got.get("X-Frame-Options") == "DENY", (path, status)
+        assert got.get_all("Content-Security-Policy") == [csp], (path, status)  # one policy, not two
+
+
+def test_a_refine_request_without_a_usable_upload_id_says_what_is_wrong(app_server):
+    """Every one of these was told "the uploaded image is no longer on the server ...; upload it again"."""
+    status, up = app_server.upload(small_image(), "photo.png")
+    for body, expected in [
+        ({"settings": {}}, 'the refine request has no "upload": send the "id" that /api/upload returned'),
+        ({"upload": None}, 'the refine request has no "upload"'),
+        ({"upload": 5}, '"upload" must be the text id that /api/upload returned, got a number'),
+        ({"upload": [up["id"]]}, '"upload" must be the text id that /api/upload returned, got an array'),
+        ({"upload": {"id": up["id"]}}, "got an object"),
+        ({"upload": ""}, "\"upload\" '' is not an upload id; send the \"id\" that /api/upload returned"),
+        ({"upload": "a" * 100_000}, "is not an upload id"),
+        ({"upload": "A" * 22}, "the uploaded image is no longer on the server (it keeps the last 8"),  # an id's form
+    ]:  # fmt: skip
+        status, answer = app_server.json("/api/refine", {**body, "settings": {"mode": "whole"}})
+        error = answer["error"]
+        assert status == 400 and expected in error and "\n" not in error and len(error) < 200, (body, error)
+    status, job = app_server.refine(up["id"], {"mode": "whole", "start_t": 200, "steps": 1, "step_mode": "exact"}, None)
+    assert status == 200 and job["state"] == "done"  # the server goes on
+
+
+def test_outputs_over_http_are_named_as_refine_py_names_them(app_server):
+    """The app wrote upload_t125_s0.png for é漢字.png and my_photo_1_... for "my photo (1).png"."""
+    settings = {"mode": "whole", "start_t": 200, "steps": 1, "step_mode": "exact"}
+    for name, expected in [("é漢字.png", "é漢字_t200_s0.png"), ("my photo (1).png", "my photo (1)_t200_s0.png"),
+                           (".hidden.png", "hidden_t200_s0.png")]:  # fmt: skip
+        status, up = app_server.upload(small_image(), quote(name))
+        assert status == 200 and up["name"] == name
+        status, job = app_server.refine(up["id"], settings, None)
+        assert status == 200 and job["state"] == "done", job
+        sample = job["result"]["samples"][0]
+        assert sample["name"] == expected and (Path(job["result"]["outdir"]) / expected).is_file()
 
 
 def test_cancel_over_http_and_job_ids_cannot_be_guessed(app_server):

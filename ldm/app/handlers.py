@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
 import statistics
 import threading
@@ -51,6 +52,7 @@ from ldm.refine.regions import (
 )
 from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
 from ldm.sampling import SAMPLERS, RefinePlan, build_plan
+from ldm.util import LONGEST_ATOMIC_NAME
 from ldm.windows import window_to_steps
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ MAX_STEP_SECONDS = 20.0  # estimated wall time of one sampling step: Cancel and 
 MODES = ("whole", "mask", "crop")  # whole image / in place (only the mask changes) / crop ("only masked")
 STEP_MODES = ("grid", "exact")  # the DDIM grid's entries <= start_t / exactly K steps from start_t
 SOFTWARE = "latesteps app"
-_SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]+")
+# the longest output stem: <stem>_t999_s4294967295_7.png must fit a name the file system takes with its temp suffix
+MAX_STEM_BYTES = LONGEST_ATOMIC_NAME - len(output_name("", MAX_STEPS - 1, MAX_SEED, MAX_SAMPLES - 1))
 
 
 class RequestError(ValueError):
@@ -80,7 +83,7 @@ _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 @dataclass(frozen=True)
 class Upload:
     """An uploaded image: the file's bytes (decoded again when a request runs: float32 pixels would take 16 bytes per
-    pixel for every upload kept), a printable ``name``, a file-system-safe ``stem`` for output names, the decoded size
+    pixel for every upload kept), a printable ``name``, the ``stem`` of output names (:func:`output_stem`), the decoded size
     (EXIF orientation applied) and ``png``, the image as the model sees it (shown by the page, a comparison's "before")."""
 
     name: str
@@ -116,8 +119,7 @@ def load_upload(data: bytes, name: str) -> Upload:
             png = _display_png(image)
     except ImageLoadError as exc:
         raise RequestError(f"{exc} (upload a PNG, JPEG, WebP, AVIF, BMP, GIF, TIFF or PPM image)") from None
-    stem = _SAFE_STEM.sub("_", Path(shown).stem).strip("._")[:64] or "upload"
-    return Upload(shown, stem, data, hashlib.sha256(data).hexdigest(), image.width, image.height,
+    return Upload(shown, output_stem(name), data, hashlib.sha256(data).hexdigest(), image.width, image.height,
                   image.info.get("format"), image.alpha is not None, png)  # fmt: skip
 
 
@@ -333,9 +335,10 @@ class StepCost:
 
     def first_stage_seconds(self, height: int, width: int, factor: int, tiling: TilingConfig | None) -> float:
         """:attr:`first_stage`'s estimate for a ``height`` x ``width`` image (pixels; ``factor``: the first stage's).
-        Tiled (``tiling`` applies), the convolutions run per tile (the fit's fixed and linear terms at the tile's
-        size, once per pass) and the attention once on the whole latent (its quadratic term), plus the statistics
-        pass at ``stat_side``: the fit itself is timed untiled."""
+        Tiled (``tiling`` applies), the convolutions run per tile as :func:`ldm.models.tiling.tiled_apply` cuts them
+        (the fit's fixed and linear terms at each tile's size, clipped to the image: a 4000x64 image has 512x64 tiles,
+        once per pass) and the attention once on the whole latent (its quadratic term), plus the statistics pass on
+        the image downscaled as :func:`ldm.models.tiling.downscale_to` does: the fit itself is timed untiled."""
         fit = self.first_stage
         if fit is None:
             return 0.0
@@ -343,9 +346,22 @@ class StepCost:
         if tiling is None or not tiling.applies_to(height, width):
             return fit.step_seconds(p)
         tiles = len(tile_starts(height, tiling.tile, tiling.overlap)) * len(tile_starts(width, tiling.tile, tiling.overlap))
-        per_tile = fit.fixed_seconds + fit.seconds_per_pixel * (tiling.tile // factor) ** 2
-        stats = fit.step_seconds((tiling.stat_side // factor) ** 2) if tiling.stat_side else 0.0
+        tile_pixels = (min(tiling.tile, height) // factor) * (min(tiling.tile, width) // factor)
+        per_tile = fit.fixed_seconds + fit.seconds_per_pixel * tile_pixels
+        stats = 0.0
+        if tiling.stat_side:  # tiled_encode keeps each side at least 2 latent pixels (2 * factor image pixels)
+            small_h, small_w = _downscaled_size(height, width, tiling.stat_side, 2 * factor)
+            stats = fit.step_seconds((small_h // factor) * (small_w // factor))
         return tiles * per_tile * (1 + tiling.stat_passes) + fit.seconds_per_pixel2 * p * p + stats
+
+
+def _downscaled_size(height: int, width: int, side: int, min_size: int) -> tuple[int, int]:
+    """The size :func:`ldm.models.tiling.downscale_to` gives a ``height`` x ``width`` image (without a tensor)."""
+    k = -(-max(height, width) // side)
+    if k <= 1:
+        return height, width
+    small_h, small_w = (min(n, max(min_size, round(n / k))) for n in (height, width))
+    return small_h, small_w
 
 
 def fit_step_cost(small: tuple[int, float], large: tuple[int, float]) -> StepCost:
@@ -546,7 +562,27 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
     return RefineResult(samples, plan, seconds)
 
 
+def _base_name(name: str) -> str:
+    """The file name the browser sent, without a folder (``/`` or ``\\``)."""
+    return str(name).replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def _printable_name(name: str) -> str:
-    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c if c.isprintable() else "?" for c in base).strip()[:200]
+    base = "".join(c if c.isprintable() else "?" for c in _base_name(name)).strip()[:200]
     return base or "upload"
+
+
+def output_stem(name: str) -> str:
+    """The stem of an upload's output names: ``scripts/refine.py``'s (the file name less its last suffix: "my photo
+    (1).png" -> "my photo (1)", "é漢字.png" -> "é漢字") where that is a safe file name, made safe where not: no
+    folder, unprintable characters (controls, NUL, direction overrides) as ``_``, no leading dot or space (a file
+    named ".hidden_t125_s0.png" would not be listed; "." and ".." are no names), at most :data:`MAX_STEM_BYTES`
+    bytes (cut at a character, where refine.py refuses the input); "upload" when nothing is left."""
+    base = "".join(c if c.isprintable() else "_" for c in _base_name(name)).strip()
+    stem = Path(base).stem.lstrip(". ").rstrip()
+    if len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        stem = stem[:MAX_STEM_BYTES]  # a character takes a byte or more
+        while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+            stem = stem[:-1]
+        stem = stem.rstrip()
+    return stem or "upload"

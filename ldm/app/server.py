@@ -2,7 +2,8 @@
 
 Routes (all same-origin; the page is the only client it is written for)::
 
-    GET  /                            the page (static/index.html; a Content-Security-Policy allows this origin only)
+    GET  /                            the page (static/index.html, also at /static/index.html; every response has a
+                                      Content-Security-Policy allowing this origin only, and no framing)
     GET  /static/<file>               its script and style sheet, from the installed package
     GET  /api/info                    experts, their windows, the start slider's range and default, limits
     POST /api/plan         JSON       settings -> what they will run (the start_t label: windows crossed, routing)
@@ -27,6 +28,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 from collections import OrderedDict
@@ -43,6 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ldm.app.guards import LocalHostOnly, NoSniff
 from ldm.app.handlers import (
@@ -69,6 +72,7 @@ from ldm.app.handlers import (
 )
 from ldm.app.jobs import DONE, KEEP_JOBS, Job, JobQueue
 from ldm.app.page import json_kind, start_range
+from ldm.imageio.errors import short_repr
 from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
@@ -90,6 +94,10 @@ KEEP_UPLOAD_BYTES = 256 * 2**20  # ... and the oldest are forgotten sooner when 
 # The page may load only what this server serves: no CDN, font service or analytics can be reached even by mistake.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+# Sent with every response (the page at / and at /static/index.html, its assets, the API, errors): X-Frame-Options is
+# frame-ancestors 'none' for browsers without CSP level 2
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY"}
+UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16), as AppState.add_upload makes them
 
 
 class AppState:
@@ -119,7 +127,15 @@ class AppState:
         return key
 
     def upload(self, key: Any) -> Upload:
-        if not isinstance(key, str) or key not in self.uploads:
+        """The upload ``key`` names; RequestError saying what is wrong with ``key`` (missing, not an id) or that the
+        upload was forgotten."""
+        if key is None:
+            raise RequestError('the refine request has no "upload": send the "id" that /api/upload returned for the image')
+        if not isinstance(key, str):
+            raise RequestError(f'"upload" must be the text id that /api/upload returned, got {json_kind(key)}')
+        if not UPLOAD_ID.fullmatch(key):
+            raise RequestError(f'"upload" {short_repr(key)} is not an upload id; send the "id" that /api/upload returned')
+        if key not in self.uploads:
             raise RequestError(
                 f"the uploaded image is no longer on the server (it keeps the last {KEEP_UPLOADS}, less "
                 "when they are large); upload it again"
@@ -148,7 +164,7 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
 
     async def index(_request: Request) -> Response:
         html = (STATIC_DIR / "index.html").read_bytes()
-        return Response(html, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": CSP})
+        return Response(html, media_type="text/html; charset=utf-8")  # SecurityHeaders adds the CSP
 
     async def info(_request: Request) -> Response:
         return JSONResponse(
@@ -274,11 +290,34 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
         Route("/api/jobs/{job_id}/files/{k:int}", job_file),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = [Middleware(NoSniff)]  # outermost: the Host check's refusals carry the header too
+    middleware = [Middleware(NoSniff), Middleware(SecurityHeaders)]  # outermost: the Host check's refusals carry them
     if not listen:
         middleware.append(Middleware(LocalHostOnly, allowed_hosts=LOCAL_HOSTS))
     handlers = {RequestError: _user_error, HTTPException: _user_error, ClientDisconnect: _client_gone, Exception: _server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response: the page is served at ``/`` and, by the
+    static mount, at ``/static/index.html``; either must be unframeable and load only from this origin."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in self.headers}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [h for h in message.get("headers", []) if h[0].lower() not in names]
+                message = {**message, "headers": [*kept, *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = os._exit) -> None:
@@ -405,5 +444,5 @@ async def _server_error(_request: Request, exc: Exception) -> Response:
     return JSONResponse(
         {"error": f"internal error ({type(exc).__name__}); see the server log"},
         status_code=500,
-        headers={"X-Content-Type-Options": "nosniff"},
+        headers={"X-Content-Type-Options": "nosniff", **SECURITY_HEADERS},
     )  # sent outside the middleware

@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (bad arguments exit with code 2 in one line, before any image is read)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", metavar="DIR", type=path_arg, help="folder of clean images")
-    p.add_argument("--output", metavar="DIR", type=path_arg, help="folder for the degraded PNGs (must not be inside --input)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        type=path_arg,
+        help="folder for the degraded PNGs (not inside --input; above it only where no output would land inside it)",
+    )
     p.add_argument(
         "--degradation",
         metavar="SPEC",
@@ -104,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ImageLoadError, ImageSaveError, OSError, DegradeFolderError) as exc:  # ImageLoadError: a ValueError
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_INPUT
-    except ValueError as exc:  # --output inside --input, two inputs mapping to one output
+    except ValueError as exc:  # --output inside --input, an output on an input, two inputs mapping to one output
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     not_done = f"; {len(failed)} image(s) failed (above)" if failed else ""

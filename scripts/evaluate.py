@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,11 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out images of the synthetic family (ldm.data.synthetic; never drawn for training) "
         "instead of crops of the embedded photographs",
     )
-    p.add_argument(
+    p.add_argument(  # the defaults of the held-out flags are None, so that one given with --images is refused
         "--n-images",
         type=_positive_int,
-        default=8,
-        help=f"held-out crops (or --synthetic images), at most {MAX_SYNTHETIC_IMAGES} (default: %(default)s)",
+        help=f"held-out crops (or --synthetic images), at most {MAX_SYNTHETIC_IMAGES} (default: {DEFAULT_N_IMAGES})",
     )
     p.add_argument(
         "--size",
@@ -112,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crop-seed",
         type=_non_negative_int,
-        default=0,
         help="seed of the held-out crops or the synthetic images' held-out stream (default: 0)",
     )
     p.add_argument(
@@ -133,10 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--degradations",
         nargs="+",
-        default=list(DEFAULT_DEGRADATIONS),
         metavar="SPEC",
         help="name or name:key=value,... (ldm.eval.degrade; vq_roundtrip uses the refiner's first stage "
-        "unless first_stage=<yaml>); default: one of each family",
+        f"unless first_stage=<yaml>); default: one of each family ({' '.join(DEFAULT_DEGRADATIONS)})",
     )
     p.add_argument(
         "--start-t",
@@ -174,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lpips-weights", metavar="PATH", type=path_arg, help="torchvision backbone weights for LPIPS (default: hub cache)"
     )
     p.add_argument("--inception-weights", metavar="PATH", type=path_arg, help="torch-fidelity Inception weights for FID/KID")
-    p.add_argument("--outdir", default="outputs/evaluate", type=path_arg, help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--outdir",
+        default="outputs/evaluate",
+        type=path_arg,
+        help="output folder, not an image folder itself; one inside an image folder is left out of it (default: %(default)s)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: %(default)s)")
     add_loading_flags(p)
@@ -200,18 +203,21 @@ def _run(args: argparse.Namespace) -> int:
     """:func:`main` after parsing: checks, loads, runs the sweep, then writes the report files."""
     from ldm.checkpoint import CheckpointError
     from ldm.eval.baselines import autoencoder_baseline, default_baselines
-    from ldm.eval.metrics import load_inception, load_lpips
+    from ldm.eval.metrics import LPIPSMetric, Skipped, load_inception, load_lpips
     from ldm.eval.report import format_table, write_report
-    from ldm.eval.sources import folder_images, heldout_images, synthetic_images
+    from ldm.eval.sources import SweepImage, heldout_images, synthetic_images
     from ldm.eval.summary import summarize
     from ldm.eval.swd import PATCH_SIZE as SWD_PATCH_SIZE
     from ldm.eval.sweep import build_sweep_degradation, run_sweep
-    from ldm.imageio import ImageLoadError
+    from ldm.imageio import ImageLoadError, format_path, image_to_tensor, load_image
     from ldm.refine import Refiner
     from ldm.util import ConfigError
 
     # found now, not after loading or the whole sweep
-    problem = check_outdir(args.outdir) or _check_methods(args) or _check_inputs(args)
+    problem = check_outdir(args.outdir) or _check_unused_flags(args)
+    if not problem:
+        _fill_in_defaults(args)
+        problem = _check_methods(args) or _check_inputs(args)
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -227,13 +233,32 @@ def _run(args: argparse.Namespace) -> int:
 
     read: dict[str, Any] = {}  # the folders' images, read before any model is loaded: an unreadable one costs nothing
     for name in ("no_reference", "images", "realism_images"):
-        try:
-            if getattr(args, name) is not None:
-                read[name] = folder_images(getattr(args, name))
+        folder = getattr(args, name)
+        if folder is None:
+            continue
+        paths, left_out = _folder_paths(folder, args.outdir)
+        try:  # as ldm.eval.sources.folder_images, less the output folder's files
+            read[name] = [SweepImage(p.relative_to(folder).as_posix(), image_to_tensor(load_image(p).rgb)) for p in paths]
         except (FileNotFoundError, ImageLoadError) as exc:
             named = "--realism-images: " if name == "realism_images" else ""  # --images may be a folder too
             print(f"{PROG}: error: {named}{one_line_error(exc)}", file=sys.stderr)
             return EXIT_INPUT
+        if left_out:
+            flag, shown = "--" + name.replace("_", "-"), format_path(args.outdir)
+            print(f"note: {flag}: left out {left_out} image(s) under the output folder {shown} (earlier reports)")
+    evaluated = read.get("images") or read.get("no_reference")  # the evaluated sizes, where known before loading
+    sizes = {tuple(im.image.shape[-2:]) for im in evaluated} if evaluated else {(args.size,) * 2} if args.size else None
+    if "realism_images" in read and sizes is not None:
+        problem = _check_realism_sizes(sizes, read["realism_images"])
+        if problem:
+            print(f"{PROG}: error: --realism-images: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+    try:  # a weights file of the wrong shapes, with NaN, or no weights file at all: before the refiners load (on the CPU)
+        lpips = load_lpips(args.lpips_net, args.lpips_weights)
+        inception = load_inception(args.inception_weights) if args.no_reference is None else None
+    except (CheckpointError, OSError) as exc:  # a weights file that is not what --lpips-weights/--inception-weights need
+        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
 
     def load(paths: list[str]) -> Refiner:
         return Refiner.from_checkpoints(
@@ -292,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.realism_images is not None:
         realism = read["realism_images"]
-        problem = _check_realism_sizes(images, realism)
+        problem = _check_realism_sizes({tuple(im.image.shape[-2:]) for im in images}, realism)
         if problem:
             print(f"{PROG}: error: --realism-images: {problem}", file=sys.stderr)
             return EXIT_USAGE
@@ -300,12 +325,8 @@ def _run(args: argparse.Namespace) -> int:
 
     filter_name = None if args.filter == "none" else args.filter
     baselines = default_baselines(None if args.no_autoencoder else model, filter_name)
-    try:
-        lpips = load_lpips(args.lpips_net, args.lpips_weights, device=refiners[0][1].device)
-        inception = load_inception(args.inception_weights) if degradations is not None else None
-    except (CheckpointError, OSError) as exc:  # a weights file that is not what --lpips-weights/--inception-weights need
-        print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+    if isinstance(lpips, LPIPSMetric):
+        lpips = lpips.to(refiners[0][1].device)
     started = time.perf_counter()
     try:
         result = run_sweep(
@@ -331,6 +352,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {one_line_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     seconds = time.perf_counter() - started
+    # LPIPS skipped on images too small for its backbone: the cells read "skipped", the reason goes with the notes
+    small = {str(v) for row in result.rows for k, v in row.items() if k.startswith("lpips") and isinstance(v, Skipped)}
+    result.notes.extend(sorted(small - set(result.notes)))
     parameters = {k: v for k, v in vars(args).items()}
     parameters["checkpoints"] = {name: [c.as_dict(r.num_timesteps) for c in r.checkpoints] for name, r in refiners}
     paths = write_report(result, args.outdir, parameters, title=f"{args.name}: {source}")
@@ -343,21 +367,76 @@ def _run(args: argparse.Namespace) -> int:
 
 
 MAX_SYNTHETIC_IMAGES = 4096  # every case is kept in memory with its outputs (held-out crops of the photographs too)
+DEFAULT_N_IMAGES = 8
+DEFAULT_CROP_SEED = 0
 VQ_DEGRADATIONS = ("vq_roundtrip", "local_vq")  # they round-trip through a VQ: by default the refiner's own
 
 
-def _image_folder_problem(folder: str) -> str | None:
-    """Why ``folder`` cannot be an image folder (missing, not a folder, no images: one line), or None.  Lists the
-    folder's names (as :func:`ldm.eval.sources.folder_images` does later) without reading any image."""
+def _image_folder_problem(folder: str, outdir: str) -> str | None:
+    """Why ``folder`` cannot be an image folder (missing, not a folder, no images, the output folder: one line), or
+    None.  Lists the folder's names (as :func:`_folder_paths` does later) without reading any image."""
     from ldm import imageio
 
     root = Path(folder)
     if not root.is_dir():
         return f"image folder {imageio.format_path(root)} does not exist or is not a folder; pass a folder of images"
-    paths, problems = imageio.find_images([root])
+    if os.path.realpath(root) == os.path.realpath(outdir):  # its figures would be read as images by the next run
+        return (
+            f"{imageio.format_path(root)} is also --outdir: the report's figures (curves.png, examples.png, ...) would "
+            "be evaluated as images by the next run; choose another --outdir (a folder inside it is left out of it)"
+        )
+    paths, left_out = _folder_paths(folder, outdir)
+    if left_out and not paths:
+        return (
+            f"every image under {imageio.format_path(root)} lies in --outdir {imageio.format_path(outdir)}, whose files "
+            "are left out; pass a folder of images outside --outdir"
+        )
     if not paths:
+        problems = imageio.find_images([root])[1]
         return ("; ".join(problems) or f"no images under {imageio.format_path(root)}") + "; pass a folder of images"
     return None
+
+
+def _folder_paths(folder: str, outdir: str) -> tuple[list[Path], int]:
+    """The images under ``folder`` (:func:`ldm.imageio.find_images`) and how many were left out: those under ``outdir``
+    when it lies inside ``folder`` (``--images data --outdir data/eval`` run twice evaluated its own figures), as
+    refine.py's ``collect_inputs`` leaves out its output folder."""
+    from ldm.imageio import find_images
+
+    paths = find_images([Path(folder)])[0]
+    root, out = os.path.realpath(folder), os.path.realpath(outdir)
+    if out == root or os.path.commonpath([root, out]) != root:  # the same folder is refused; above it: no report inside
+        return paths, 0
+    kept = [p for p in paths if os.path.commonpath([os.path.realpath(p), out]) != out]
+    return kept, len(paths) - len(kept)
+
+
+def _check_unused_flags(args: argparse.Namespace) -> str | None:
+    """Why a flag given would have no effect (one line), or None: the held-out flags with a folder of images, and what
+    degrades or needs a clean reference with --no-reference (they were silently ignored)."""
+    source = "--images" if args.images is not None else "--no-reference" if args.no_reference is not None else None
+    held_out = [f for f in ("n_images", "size", "crop_seed") if getattr(args, f) is not None]
+    if source and held_out:
+        flag = "--" + held_out[0].replace("_", "-")
+        return (
+            f"{flag} only applies to the held-out crops (or --synthetic images), not to the images of {source}, which "
+            f"are evaluated as they are; leave out {flag}"
+        )
+    if args.no_reference is not None:
+        if args.degradations is not None:
+            return "--degradations does not apply to --no-reference images (degraded already, no clean version); leave it out"
+        if args.inception_weights is not None:
+            return "--inception-weights: FID/KID need clean references, which --no-reference images lack; leave it out"
+    return None
+
+
+def _fill_in_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the flags :func:`_check_unused_flags` tells from given (None there), as sweep.json records them."""
+    from ldm.eval.sweep import DEFAULT_DEGRADATIONS
+
+    args.n_images = DEFAULT_N_IMAGES if args.n_images is None else args.n_images
+    args.crop_seed = DEFAULT_CROP_SEED if args.crop_seed is None else args.crop_seed
+    args.degradations = list(DEFAULT_DEGRADATIONS) if args.degradations is None else args.degradations
 
 
 def _check_inputs(args: argparse.Namespace) -> str | None:
@@ -372,7 +451,7 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
         ("--no-reference", args.no_reference),
         ("--realism-images", args.realism_images),
     ):
-        problem = None if folder is None else _image_folder_problem(folder)
+        problem = None if folder is None else _image_folder_problem(folder, args.outdir)
         if problem:
             return f"{flag}: {problem}"
     for flag, path in (
@@ -492,12 +571,12 @@ def _check_methods(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _check_realism_sizes(images: list, realism: list) -> str | None:
-    """Why the realism images cannot serve as the SWD reference of ``images`` (one line), or None."""
+def _check_realism_sizes(evaluated: set[tuple[int, ...]], realism: list) -> str | None:
+    """Why the realism images cannot serve as the SWD reference of images of the sizes ``evaluated`` (one line), or
+    None."""
     from ldm.eval.swd import PATCH_SIZE
 
     sizes = {tuple(im.image.shape[-2:]) for im in realism}
-    evaluated = {tuple(im.image.shape[-2:]) for im in images}
     if len(sizes) > 1 or sizes != evaluated:
         return (
             f"the realism images must all have the evaluated images' size, got sizes (H, W) {sorted(sizes)} "

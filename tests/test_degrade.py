@@ -336,6 +336,44 @@ def test_degrade_folder_deterministic_per_file(tmp_path, photos):
     assert file_seed(3, "a.png") != file_seed(3, "sub/b.jpg") and file_seed(3, "a.png") == file_seed(3, "a.png")
 
 
+def _tree(root) -> dict:
+    """``{path: bytes}`` of every file under ``root`` (links not followed into)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def test_degrade_folder_never_writes_over_or_into_its_input(tmp_path, photos):
+    """An output folder above the source folder mapped ``d/clean/clean/x.png`` onto the input ``d/clean/x.png`` and
+    overwrote it (only an output folder inside the source was refused); refused now before anything is written."""
+    d = tmp_path / "d"
+    (d / "clean" / "clean").mkdir(parents=True)
+    Image.fromarray(photos[0][::8, ::8]).save(d / "clean" / "x.png")
+    Image.fromarray(photos[1][::8, ::8]).save(d / "clean" / "clean" / "x.png")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="over the input image .*x.png' of the source folder") as info:
+        degrade_folder(d / "clean", d, "jpeg", seed=0)
+    assert "\n" not in str(info.value) and "choose an output folder that does not contain the source folder" in str(info.value)
+    assert _tree(tmp_path) == before  # d/x.png (the first output) was not written either
+    (d / "clean" / "x.png").unlink()  # no collision left, but d/clean/clean/x.png -> d/clean/x.png: into the input
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="inside the source folder"):
+        degrade_folder(d / "clean", d, "jpeg", seed=0)
+    assert _tree(tmp_path) == before
+    # a link in the output folder that leads into the source folder is followed
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(photos[0][::8, ::8]).save(src / "a.png")
+    Image.fromarray(photos[1][::8, ::8]).save(src / "sub" / "a.png")
+    dst.mkdir()
+    (dst / "sub").symlink_to(src)
+    before = _tree(src)
+    with pytest.raises(ValueError, match="over the input image"):
+        degrade_folder(src, dst, "jpeg", seed=0)
+    assert _tree(src) == before and not (dst / "a.png").exists()
+    # an output folder above the source folder is fine where every output lands outside it
+    written = degrade_folder(src / "sub", tmp_path, "jpeg", seed=0)
+    assert written == [tmp_path / "a.png"] and _tree(src) == before
+
+
 def test_degrade_folder_errors(tmp_path, photos):
     src = tmp_path / "src"
     _write_folder(src, photos)

@@ -215,3 +215,20 @@ def test_degrade_output_in_a_file_and_ctrl_c(scripts, one_png, tmp_path, capsys,
     monkeypatch.setattr("ldm.eval.degrade_files.degrade_folder", interrupt)
     code, lines = run(degrade, ["--input", str(one_png), "--output", str(tmp_path / "o"), "--degradation", "jpeg"], capsys)
     assert code == 130 and len(lines) == 1 and lines[0].startswith("degrade.py: interrupted")
+
+
+def test_degrade_refuses_an_output_over_an_input_before_writing(scripts, tmp_path, capsys):
+    """``--input dsrc/clean --output dsrc`` with dsrc/clean/x.png and dsrc/clean/clean/x.png overwrote the input
+    dsrc/clean/x.png with the degraded dsrc/clean/clean/x.png (exit 0)."""
+    src = tmp_path / "dsrc" / "clean"
+    (src / "clean").mkdir(parents=True)
+    Image.fromarray(photo()).save(src / "x.png")
+    Image.fromarray(photo(16, 16)).save(src / "clean" / "x.png")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["--input", str(src), "--output", str(tmp_path / "dsrc"), "--degradation", "jpeg:quality=15"]
+    code, lines = run(scripts["degrade"], argv, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert (
+        lines[0].startswith("degrade.py: error: the output of ") and f"over the input image {str(src / 'x.png')!r}" in lines[0]
+    )
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

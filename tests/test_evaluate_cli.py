@@ -10,6 +10,7 @@ KeyboardInterrupt raised where the work would be.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -90,6 +91,24 @@ def test_evaluate_bad_lpips_weights_and_ctrl_c_are_one_line(scripts, expert_chec
             "--degradations 'colour_blotches:n_blobs=1000000': n_blobs must be an integer in [1, 256]",
         ),
         (["--degradations", "local_vq:box_size=3"], "--degradations 'local_vq:box_size=3': box_size must be in (0, 1]"),
+        # flags that had no effect (silently ignored), refused whatever their value, a default one too
+        (
+            ["--images", "{tmp}/imgs", "--n-images", "3"],
+            "--n-images only applies to the held-out crops (or --synthetic images), not to the images of --images, "
+            "which are evaluated as they are; leave out --n-images",
+        ),
+        (["--images", "{tmp}/imgs", "--size", "64"], "--size only applies to the held-out crops"),
+        (["--images", "{tmp}/imgs", "--crop-seed", "0"], "--crop-seed only applies to the held-out crops"),
+        (["--no-reference", "{tmp}/imgs", "--n-images", "8"], "not to the images of --no-reference"),
+        (
+            ["--no-reference", "{tmp}/imgs", "--degradations", "jpeg"],
+            "--degradations does not apply to --no-reference images (degraded already, no clean version); leave it out",
+        ),
+        (["--no-reference", "{tmp}/imgs", "--inception-weights", "{tmp}/imgs/artifact_0.png"], "FID/KID need clean"),
+        # a realism folder of another size: found before loading where the evaluated size is known then
+        (["--images", "{tmp}/imgs", "--realism-images", "{tmp}/big"], "got sizes (H, W) [(32, 32)] against [(24, 24)]"),
+        (["--size", "24", "--realism-images", "{tmp}/big"], "got sizes (H, W) [(32, 32)] against [(24, 24)]"),
+        (["--images", "{tmp}/big", "--outdir", "{tmp}/big"], "--images: {tmp}/big is also --outdir: the report's figures"),
     ],
 )
 def test_evaluate_refuses_bad_paths_and_numbers_before_loading(
@@ -98,11 +117,44 @@ def test_evaluate_refuses_bad_paths_and_numbers_before_loading(
     """Each is one line, exit 2, before any checkpoint is opened: not after both models have loaded (a missing or
     empty --realism-images with exit 1), nor in the sweep."""
     (tmp_path / "empty").mkdir()
+    _write_pngs(tmp_path / "imgs")  # 24 px
+    _write_pngs(tmp_path / "big", size=32)
+    before = sorted(tmp_path.rglob("*"))
     monkeypatch.setattr("ldm.refine.Refiner.from_checkpoints", interrupt)  # loading would exit 130
-    argv = [*ckpt_args(expert_checkpoints), *[a.format(tmp=tmp_path) for a in args], "--outdir", str(tmp_path / "o")]
+    outdir = [] if "--outdir" in args else ["--outdir", str(tmp_path / "o")]
+    argv = [*ckpt_args(expert_checkpoints), *[a.format(tmp=tmp_path) for a in args], *outdir]
     code, lines = run(scripts["evaluate"], argv, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("evaluate.py: error: ")
     assert expected.format(tmp=tmp_path) in lines[0], lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_evaluate_lpips_weights_of_wrong_shapes_nan_or_junk_are_one_line_before_loading(
+    scripts, expert_checkpoints, tmp_path, capsys, monkeypatch
+):
+    """Right keys and wrong shapes were a RuntimeError traceback, a NaN gave nan in every LPIPS cell with exit 0, and a
+    junk file was reported only after both models had loaded."""
+    import torch
+    import torchvision
+
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    shapes, nan = dict(state), dict(state)
+    shapes["features.0.weight"] = torch.zeros(64, 3, 5, 5)
+    nan["features.0.weight"] = state["features.0.weight"].clone()
+    nan["features.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(shapes, tmp_path / "shapes.pth")
+    torch.save(nan, tmp_path / "nan.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
+    monkeypatch.setattr("ldm.refine.Refiner.from_checkpoints", interrupt)  # loading would exit 130
+    for name, expected in (
+        ("shapes.pth", "features.0.weight has shape (64, 3, 5, 5), LPIPS needs (64, 3, 11, 11)"),
+        ("nan.pth", "1 tensors hold NaN or inf (first: ['features.0.weight']), so every LPIPS distance would be nan"),
+        ("junk.pth", "cannot be read (truncated or corrupt)"),
+    ):
+        argv = [*ckpt_args(expert_checkpoints), "--lpips-net", "alex", "--lpips-weights", str(tmp_path / name)]
+        code, lines = run(scripts["evaluate"], [*argv, "--outdir", str(tmp_path / "o")], capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("evaluate.py: error: "), (name, lines)
+        assert expected in lines[0] and name in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -317,6 +369,42 @@ def test_cli_no_reference(evaluate_main, expert_checkpoints, tmp_path, capsys):
     assert {r["degradation"] for r in rows} == {"none"} and "psnr_clean" not in rows[0]
     assert {r["method"] for r in rows} == {"identity", "autoencoder", "experts"}
     assert (tmp_path / "out" / "examples.png").is_file()
+    from ldm.eval.sweep import DEFAULT_DEGRADATIONS  # --degradations is refused here; sweep.json records it as before
+
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["parameters"]["degradations"] == list(DEFAULT_DEGRADATIONS)
+
+
+def test_cli_leaves_out_an_outdir_inside_the_images_and_skips_lpips_on_small_images(
+    evaluate_main, expert_checkpoints, tmp_path, capsys
+):
+    """Run twice, ``--images imgs --outdir imgs/ev`` evaluated its own figures the second time (n 2 -> 4); LPIPS on
+    images under its backbone's minimum (alex: 31 px) was a RuntimeError traceback after the models loaded."""
+    import torch
+    import torchvision
+
+    _write_pngs(tmp_path / "imgs")  # 24 px
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alex.pth")
+    argv = [
+        *ckpt_args(expert_checkpoints),
+        *("--images", str(tmp_path / "imgs"), "--degradations", "jpeg", "--start-t", "300"),
+        *("--ddim-steps", str(DDIM_STEPS), "--filter", "none", "--no-autoencoder", "--examples", "1"),
+        *("--lpips-net", "alex", "--lpips-weights", str(tmp_path / "alex.pth"), "--outdir", str(tmp_path / "imgs" / "ev")),
+    ]
+    for run_number in (1, 2):
+        code = evaluate_main(argv)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        rows = _read_csv(tmp_path / "imgs" / "ev" / "sweep.csv")
+        assert sorted({r["image"] for r in rows}) == ["artifact_0.png", "artifact_1.png"] and len(rows) == 4, run_number
+        assert ("note: --images: left out 2 image(s) under the output folder" in out) == (run_number == 2), out
+        assert all(r["lpips_clean"] == r["lpips_input"] == "skipped" for r in rows)
+        small = "skipped: LPIPS: images (24, 24) are smaller than the 31 px its alex backbone needs"
+        report = json.loads((tmp_path / "imgs" / "ev" / "sweep.json").read_text())
+        assert f"note: {small}" in out and small in report["notes"]
+        parameters = report["parameters"]  # recorded as before the defaults became None
+        assert (parameters["n_images"], parameters["crop_seed"], parameters["size"]) == (8, 0, None)
+    code, err = _one_line_run(evaluate_main, capsys, [*argv[:-1], str(tmp_path / "imgs")])
+    assert code == 2 and "is also --outdir" in err
 
 
 def _one_line_run(evaluate_main, capsys, argv: list[str]) -> tuple[int, str]:

@@ -210,6 +210,41 @@ def test_lpips_rejects_wrong_file(tmp_path):
         load_lpips("alex", backbone_weights=path)
 
 
+def test_lpips_weights_of_wrong_shapes_or_with_nan_are_one_line_errors(tmp_path, alexnet_weights):
+    """Right keys, wrong shapes: load_state_dict's multi-line RuntimeError; a NaN: accepted, and every distance nan."""
+    _, state = alexnet_weights
+    shapes, nan = dict(state), dict(state)
+    shapes["features.3.weight"] = torch.zeros(192, 64, 3, 3)
+    nan["features.0.weight"] = state["features.0.weight"].clone()
+    nan["features.0.weight"][0, 0, 0, 0] = float("nan")
+    for name, sd, expected in (
+        ("shapes.pth", shapes, r"features.3.weight has shape \(192, 64, 3, 3\), LPIPS needs \(192, 64, 5, 5\)"),
+        ("nan.pth", nan, r"1 tensors hold NaN or inf \(first: \['features.0.weight'\]\), so every LPIPS distance"),
+    ):
+        torch.save(sd, tmp_path / name)
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_lpips("alex", backbone_weights=tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value) and "alexnet-owt-7be5be79.pth" in str(info.value)
+
+
+def test_lpips_skips_images_below_its_backbones_minimum(alexnet_weights):
+    """alex needs 31 px (LPIPS_MIN_SIDE): smaller images were a RuntimeError traceback from its convolutions."""
+    metric = load_lpips("alex", backbone_weights=alexnet_weights[0])
+    assert metric.net == "alex" and metric.min_side == 31
+    a, b = _pair(3, shape=(2, 3, 30, 40))
+    out = compute_metrics(b, clean=a, degraded=b, lpips=metric)
+    for key in ("lpips_clean", "lpips_input"):
+        assert isinstance(out[key], Skipped), out[key]
+        assert out[key].reason == "LPIPS: images (30, 40) are smaller than the 31 px its alex backbone needs"
+    assert out["psnr_clean"].shape == (2,) and not isinstance(out["ssim_clean"], Skipped)  # the others are computed
+    masked = masked_metrics(b, a, _box((2, 1, 30, 40), 4, 20, 4, 20), lpips=metric)
+    assert isinstance(masked["lpips_in"], Skipped) and isinstance(masked["lpips_out"], Skipped)
+    with pytest.raises(ValueError, match="smaller than the 31 px"):
+        metric(a, b)
+    a, b = _pair(3, shape=(2, 3, 31, 31))
+    assert torch.isfinite(compute_metrics(b, clean=a, lpips=metric)["lpips_clean"]).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # FID / KID
 

@@ -15,7 +15,13 @@ from ldm.modules.losses.vqperceptual import (
     hinge_d_loss,
     vanilla_d_loss,
 )
-from ldm.modules.lpips import PerceptualWeightsMissingError, lpips_backbone_path, lpips_linear_path
+from ldm.modules.lpips import (
+    LPIPS_MIN_SIDE,
+    PerceptualWeightsMissingError,
+    build_lpips,
+    lpips_backbone_path,
+    lpips_linear_path,
+)
 
 SMALL_DISC = {"disc_num_layers": 2, "disc_ndf": 8}
 
@@ -236,3 +242,17 @@ def test_lpips_backbone_path_option_and_wrong_file(tmp_path, offline_torch_home)
         )
     with pytest.raises(ValueError, match="perceptual_net"):
         VQLPIPSWithDiscriminator(disc_start=0, perceptual_weight=1.0, perceptual_net="resnet")
+
+
+@pytest.mark.parametrize("net", ["vgg", "alex", "squeeze"])
+def test_lpips_min_side_is_the_smallest_side_each_backbone_runs_on(net):
+    """LPIPS_MIN_SIDE, by which evaluation skips LPIPS on small images, is where the backbone stops running: one pixel
+    less on either side is its RuntimeError (its strided convolutions and poolings leave no pixel)."""
+    model = build_lpips(net, pretrained=False)
+    side, other = LPIPS_MIN_SIDE[net], LPIPS_MIN_SIDE[net] + 9
+    with torch.no_grad():
+        for shape in ((side, other), (other, side), (side, side)):
+            assert torch.isfinite(model(torch.rand(1, 3, *shape) * 2 - 1, torch.zeros(1, 3, *shape))).all()
+        for shape in ((side - 1, other), (other, side - 1)):
+            with pytest.raises(RuntimeError):
+                model(torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape))

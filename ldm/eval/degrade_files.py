@@ -71,7 +71,9 @@ def degrade_folder(
     ``file_seed(seed, relative_path)``.  Returns the written paths.
 
     Raises ``FileNotFoundError`` (no such folder / no images), ``OSError`` (a symbolic link loop), ``ValueError``
-    (``dst`` inside ``src``, two sources mapping to one output), :class:`ldm.imageio.ImageLoadError` for an unreadable
+    (``dst`` inside ``src``, an output that would land on an input or inside ``src`` (``dst`` above ``src``:
+    ``--input d/clean --output d`` with ``d/clean/clean/x.png``), two sources mapping to one output; all before any
+    image is written), :class:`ldm.imageio.ImageLoadError` for an unreadable
     image and :class:`DegradeFolderError` for an image the degradation refuses; with ``on_error``, those two are
     passed to it (one line each) and the other images are degraded.
     """
@@ -93,10 +95,12 @@ def degrade_folder(
     if not files:
         raise FileNotFoundError("; ".join(problems) or f"no images under {str(src_root)!r}")
     targets: dict[Path, Path] = {}
+    inputs = {os.path.realpath(path): path for path in files}
     for path in files:
         out = (dst_root / path.relative_to(src_root)).with_suffix(".png")
         if out in targets:
             raise ValueError(f"{targets[out]} and {path} would both be written to {out}; rename one of them")
+        _check_not_an_input(out, path, src_root, inputs)
         targets[out] = path
     written: list[Path] = []
     for out, path in targets.items():
@@ -126,3 +130,19 @@ def degrade_folder(
         written.append(out)
     logger.info("degraded %d images from %s into %s with %s (seed %d)", len(targets), src_root, dst_root, deg.spec, seed)
     return written
+
+
+def _check_not_an_input(out: Path, source: Path, src_root: Path, inputs: dict[str, Path]) -> None:
+    """ValueError when writing ``out`` (the output of ``source``) would replace an input image (``inputs``: by real path)
+    or put a file inside the source folder ``src_root``: an output folder above the source folder maps
+    ``src/<name>/x.png`` onto ``src/x.png`` when the source folder holds a subfolder of its own name.  ``out``'s folder
+    is resolved (a link in the output folder may lead into the source); the file itself is replaced, not written through."""
+    where = Path(os.path.realpath(out.parent)) / out.name
+    overwritten = inputs.get(str(where))
+    if overwritten is None and src_root not in where.parents:
+        return
+    what = "over the input image " + repr(str(overwritten)) + " of" if overwritten is not None else "inside"
+    raise ValueError(
+        f"the output of {str(source)!r} would be written to {str(where)!r}, {what} the source folder {str(src_root)!r}; "
+        "inputs are never modified nor mixed with outputs: choose an output folder that does not contain the source folder"
+    )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ldm.checkpoint import load_state_dict
 from ldm.modules.lpips import (
     LPIPS_BACKBONE_FILES,
+    LPIPS_MIN_SIDE,
     TORCHVISION_WEIGHTS_URL,
     PerceptualWeightsMissingError,
     build_lpips,
@@ -149,7 +150,7 @@ def masked_metrics(
         out[f"ssim_{suffix}"] = _ssim_skipped(a.shape[-2:]) if ssim_map is None else _region_mean(ssim_map, weight).cpu()
         if lpips is not None:
             region = a * weight + b * (1.0 - weight)
-            out[f"lpips_{suffix}"] = lpips if isinstance(lpips, Skipped) else lpips(region, b, value_range)
+            out[f"lpips_{suffix}"] = _lpips(lpips, region, b, value_range)
     return out
 
 
@@ -180,20 +181,48 @@ def seam_energy(
 
 class LPIPSMetric:
     """LPIPS (v0.1 linear heads) over a locally stored torchvision backbone, from :func:`load_lpips`:
-    ``metric(images, reference)`` -> per-image distances ``[B]``."""
+    ``metric(images, reference)`` -> per-image distances ``[B]`` of images of at least :attr:`min_side` px on each side
+    (:meth:`skipped` says why smaller ones get no value)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
+        self.net = str(getattr(model, "pnet_type", "vgg"))
+        self.min_side = LPIPS_MIN_SIDE.get(self.net, 1)
+
+    def to(self, device: torch.device | str) -> LPIPSMetric:
+        """The metric with its network on ``device`` (built on the CPU before the refiner chose its device)."""
+        self.model = self.model.to(device)
+        return self
+
+    def skipped(self, shape: tuple[int, ...] | torch.Size) -> Skipped | None:
+        """The :class:`Skipped` value for images of ``shape`` (``[..., H, W]``) too small for the backbone, or None."""
+        if min(shape[-2:]) >= self.min_side:
+            return None
+        return Skipped(
+            f"LPIPS: images {tuple(shape[-2:])} are smaller than the {self.min_side} px its {self.net} backbone needs"
+        )
 
     def __call__(
         self, images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE
     ) -> torch.Tensor:
+        too_small = self.skipped(images.shape)
+        if too_small is not None:
+            raise ValueError(too_small.reason)
         a, b = _prepare(images, reference, value_range)
         lo, hi = value_range
         param = next(self.model.parameters())
         a, b = (((t - lo) / (hi - lo) * 2 - 1).to(param.device, param.dtype) for t in (a, b))
         with torch.no_grad():
             return self.model(a, b).reshape(a.shape[0]).double().cpu()
+
+
+def _lpips(
+    lpips: LPIPSMetric | Skipped, images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float]
+) -> torch.Tensor | Skipped:
+    """LPIPS of ``images`` against ``reference``, or the :class:`Skipped` value (no weights, or images too small)."""
+    if isinstance(lpips, Skipped):
+        return lpips
+    return lpips.skipped(images.shape) or lpips(images, reference, value_range)
 
 
 def load_lpips(
@@ -306,7 +335,8 @@ def compute_metrics(
     """Per-image metrics of ``refined`` ``[B, 3, H, W]``: ``{mse, psnr, ssim}_clean`` (distance to ``clean``) and
     ``{mse, psnr, ssim}_input`` (faithfulness to ``degraded``) for the references given, each float64 ``[B]``; with
     ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input`` (the :class:`Skipped` value when LPIPS
-    was skipped).  SSIM is :class:`Skipped` for images under 11 px."""
+    was skipped).  SSIM is :class:`Skipped` for images under 11 px, LPIPS for images under its backbone's minimum
+    (:data:`ldm.modules.lpips.LPIPS_MIN_SIDE`: 16 px for vgg, 31 for alex, 17 for squeeze)."""
     out: dict[str, Any] = {}
     for suffix, reference in (("clean", clean), ("input", degraded)):
         if reference is None:
@@ -316,5 +346,5 @@ def compute_metrics(
         too_small = min(refined.shape[-2:]) < SSIM_MIN_SIDE
         out[f"ssim_{suffix}"] = _ssim_skipped(refined.shape[-2:]) if too_small else ssim(refined, reference, value_range)
         if lpips is not None:
-            out[f"lpips_{suffix}"] = lpips if isinstance(lpips, Skipped) else lpips(refined, reference, value_range)
+            out[f"lpips_{suffix}"] = _lpips(lpips, refined, reference, value_range)
     return out

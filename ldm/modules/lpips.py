@@ -22,6 +22,9 @@ LPIPS_BACKBONE_FILES: dict[str, str] = {
     "alex": "alexnet-owt-7be5be79.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
+# The smallest image side each backbone accepts (its strided convolutions and poolings leave no pixel below it; found by
+# running every side from 1 px, pinned by tests/test_vqperceptual.py).
+LPIPS_MIN_SIDE: dict[str, int] = {"vgg": 16, "alex": 31, "squeeze": 17}
 
 
 class PerceptualWeightsMissingError(FileNotFoundError):
@@ -95,6 +98,8 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | 
         raise CheckpointError(
             f"{linear_path} does not hold the LPIPS {net} linear layers {own_linear} (found {sorted(linear)})"
         )
+    reinstall = "reinstall the package: pip install --force-reinstall lpips"
+    _check_tensors(model.state_dict(), linear, {k: k for k in linear}, linear_path, f"the LPIPS {net} linear layers", reinstall)
     model.load_state_dict(linear, strict=False)  # ``lins.*`` alias ``lin0..``: the same parameters
     if pretrained:
         source = load_state_dict(backbone)
@@ -103,9 +108,27 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | 
         absent = [src for src in wanted.values() if src not in source]
         if absent:
             raise CheckpointError(f"{backbone} is not a torchvision {net} state dict: it lacks {absent[:3]}")
+        fetch = f"pass torchvision's ImageNet {net} weights ({TORCHVISION_WEIGHTS_URL}{LPIPS_BACKBONE_FILES[net]})"
+        _check_tensors(model.net.state_dict(), source, wanted, backbone, f"a torchvision {net} state dict", fetch)
         model.net.load_state_dict({name: source[src] for name, src in wanted.items()}, strict=True)
         logger.info("LPIPS %s: backbone weights from %s, linear layers from %s", net, backbone, linear_path)
     else:
         logger.info("LPIPS %s: RANDOM backbone (perceptual_pretrained=False), linear layers from %s", net, linear_path)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _check_tensors(own: dict[str, torch.Tensor], source: dict, wanted: dict[str, str], path: Path, what: str, fix: str) -> None:
+    """CheckpointError (one line naming ``path``, ending with ``fix``) when ``source[wanted[name]]`` is not a tensor of
+    ``own[name]``'s shape (``load_state_dict`` raised a RuntimeError listing every layer) or holds NaN or inf (every
+    distance was nan)."""
+    for name, key in wanted.items():
+        value = source[key]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        if shape != tuple(own[name].shape):
+            raise CheckpointError(f"{path} is not {what}: {key} has shape {shape}, LPIPS needs {tuple(own[name].shape)}; {fix}")
+    broken = [key for key in wanted.values() if source[key].is_floating_point() and not bool(torch.isfinite(source[key]).all())]
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} tensors hold NaN or inf (first: {broken[:3]}), so every LPIPS distance would be nan; {fix}"
+        )

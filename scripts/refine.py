@@ -52,6 +52,7 @@ MAX_FEATHER = 256  # MAX_FEATHER: px of --mask-blur / --mask-dilate
 MAX_REGION_SIZE = 4096  # MAX_REGION_SIZE
 MAX_REGION_PADDING = 4096  # MAX_REGION_PADDING
 DEFAULT_REGION_PADDING = 32  # DEFAULT_REGION_PADDING
+DEFAULT_MASK_BLUR = 4  # DEFAULT_MASK_BLUR
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1  # some inputs could not be refined (the others were)
@@ -148,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mask-blur",
-        default=4,
         metavar="PX",
         type=int_in_range(
             0,
@@ -156,16 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
             "each px of feather is one more pass over the whole image; "
             f"{MAX_FEATHER} px already fades over {2 * MAX_FEATHER} px",
         ),
-        help=f"feather of the composite inside the region's edge, 0..{MAX_FEATHER} (default: %(default)s)",
+        help=f"feather of the composite inside the region's edge, 0..{MAX_FEATHER} (default: {DEFAULT_MASK_BLUR})",
     )
     p.add_argument(
         "--mask-dilate",
-        default=0,
         metavar="PX",
         type=int_in_range(
             0, MAX_FEATHER, "the growing filter's cost rises with the square of PX; paint a larger mask or box instead"
         ),
-        help=f"grow the mask/boxes by PX pixels first, 0..{MAX_FEATHER} (default: %(default)s)",
+        help=f"grow the mask/boxes by PX pixels first, 0..{MAX_FEATHER} (default: 0)",
     )
     p.add_argument(
         "--crop-regions",
@@ -310,6 +309,11 @@ def region_problem(args: argparse.Namespace) -> str | None:
         return "--crop-regions needs --mask or --box: there is no region to crop"
     crop_flags = [flag for flag, value in (("--region-padding", args.region_padding), ("--region-size", args.region_size))
                   if value is not None]  # fmt: skip
+    mask_flags = [flag for flag, value in (("--mask-blur", args.mask_blur), ("--mask-dilate", args.mask_dilate))
+                  if value is not None]  # fmt: skip
+    if mask_flags and args.mask is None and not args.box:
+        verb, them = ("apply", "them") if len(mask_flags) > 1 else ("applies", "it")
+        return f"{' and '.join(mask_flags)} {verb} only with --mask or --box: add a region, or drop {them}"
     if crop_flags and not args.crop_regions:
         verb, them = ("apply", "them") if len(crop_flags) > 1 else ("applies", "it")
         return f"{' and '.join(crop_flags)} {verb} only with --crop-regions: add --crop-regions, or drop {them}"
@@ -406,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         _err(f"error: {problem}")
         return EXIT_OUTPUT if problem.startswith("output folder") else EXIT_USAGE
-    if args.region_padding is None:  # filled here, after the check above, so the metadata records the value used
-        args.region_padding = DEFAULT_REGION_PADDING
+    # filled here, after the checks above, so the metadata records the values used
+    args.region_padding = DEFAULT_REGION_PADDING if args.region_padding is None else args.region_padding
+    args.mask_blur = DEFAULT_MASK_BLUR if args.mask_blur is None else args.mask_blur
+    args.mask_dilate = 0 if args.mask_dilate is None else args.mask_dilate
     try:  # before any model is loaded: a bad prompt file is a usage error
         from ldm.imageio.prompt import load_prompt_file
 

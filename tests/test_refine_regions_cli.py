@@ -76,7 +76,8 @@ def test_mask_file_keeps_every_other_pixel_and_records_the_region(cli, capsys, e
     assert [r["bbox"] for r in regions] == [[10, 8, 30, 20], [5, 25, 9, 30]]
     assert [r["start_t"] for r in regions] == [400, 201]  # grey 128/255 of 400
     assert meta["mask_blur"] == "4" and meta["crop_regions"] == "False" and meta["sampler"] == "ddim"
-    assert json.loads(meta["parameters"])["region_padding"] == 32  # the default is recorded, as when it was argparse's
+    parameters = json.loads(meta["parameters"])  # the defaults are recorded, as when they were argparse's
+    assert parameters["region_padding"] == 32 and parameters["mask_blur"] == 4 and parameters["mask_dilate"] == 0
     grid = Image.open(out / "astro_t400_s0_grid.png")
     assert grid.size == (3 * 48 + 4 * 8, 40 + 2 * 8)  # input | mask overlay | refined
 
@@ -135,6 +136,8 @@ def test_mask_folder_boxes_and_crop_mode(cli, capsys, expert_checkpoints, inputs
         # crop-mode flags without crop mode were ignored
         (["--box", "1,1,5,5", "--region-padding", "8"], "--region-padding applies only with --crop-regions: add"),
         (["--region-padding", "32", "--region-size", "64"], "--region-padding and --region-size apply only with"),
+        (["--mask-blur", "8"], "--mask-blur applies only with --mask or --box: add a region, or drop it"),
+        (["--mask-blur", "4", "--mask-dilate", "2"], "--mask-blur and --mask-dilate apply only with --mask or --box"),
     ],
 )
 def test_bad_region_and_step_arguments_exit_2_in_one_line(cli, capsys, expert_checkpoints, inputs, tmp_path, extra,
@@ -184,8 +187,9 @@ def test_exact_steps_solver_and_strength(cli, capsys, expert_checkpoints, inputs
 def test_the_cli_bounds_are_the_library_bounds(cli):
     from ldm.refine import regions
 
-    assert (cli.MAX_FEATHER, cli.MAX_REGION_SIZE, cli.MAX_REGION_PADDING, cli.DEFAULT_REGION_PADDING) == (
-        regions.MAX_FEATHER, regions.MAX_REGION_SIZE, regions.MAX_REGION_PADDING, regions.DEFAULT_REGION_PADDING)  # fmt: skip
+    assert (cli.MAX_FEATHER, cli.MAX_REGION_SIZE, cli.MAX_REGION_PADDING, cli.DEFAULT_REGION_PADDING,
+            cli.DEFAULT_MASK_BLUR) == (regions.MAX_FEATHER, regions.MAX_REGION_SIZE, regions.MAX_REGION_PADDING,
+                                       regions.DEFAULT_REGION_PADDING, regions.DEFAULT_MASK_BLUR)  # fmt: skip
 
 
 def test_a_huge_mask_is_refused_from_its_header_and_a_dotted_one_is_capped_in_crop_mode(

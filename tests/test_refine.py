@@ -353,7 +353,7 @@ def test_a_request_the_tensor_call_cannot_honour_is_refused(refiner, crops):
         refiner.refine(x, RefineRequest(start_t=300, ddim_steps=4, n_samples=4))
     with pytest.raises(ValueError, match=r"pass boxes=\[Box\(...\)\]"):
         refiner(x[0], start_t=300, boxes=Box(0, 0, 4, 4))
-    with pytest.raises(ValueError, match="a path is not read here"):
+    with pytest.raises(ValueError, match="a mask path is not read here"):
         refiner(x[0], start_t=300, mask="mask.png")
     with pytest.raises(ValueError, match="mask_dilate given, but they would do nothing"):
         refiner(x[0], start_t=300, mask_dilate=3)

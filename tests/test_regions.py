@@ -171,6 +171,11 @@ def test_masks_are_read_like_images_and_must_match_the_image_size():
     rgb = Image.fromarray(np.stack([grey] * 3, -1), "RGB")
     np.testing.assert_allclose(mask_to_array(rgb, 2, 2), grey / 255.0, atol=1e-3)
     np.testing.assert_array_equal(mask_to_array(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2, 2), np.ones((2, 2)))
+    half = torch.tensor([[0.0, 0.5], [1.0, 0.25]])
+    for dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: "Got unsupported ScalarType BFloat16"
+        np.testing.assert_array_equal(mask_to_array(half.to(dtype), 2, 2), half.numpy())
+    with pytest.raises(ValueError, match="a mask path is not read here"):  # was "must be [H, W] ..., got shape ()"
+        mask_to_array("mask.png", 2, 2)
     with pytest.raises(ValueError, match="the mask is 2x2 but the image is 3x2"):
         mask_to_array(grey, 3, 2)
     with pytest.raises(ValueError, match="finite and in \\[0, 1\\]"):

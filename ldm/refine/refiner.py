@@ -532,8 +532,6 @@ class Refiner:
             raise TypeError(f"Refiner expects a PIL.Image or a torch.Tensor, got {type(image).__name__}")
         if isinstance(boxes, Box):
             raise ValueError("boxes must be a list of Box, got one Box: pass boxes=[Box(...)]")
-        if isinstance(mask, (str, os.PathLike)):
-            raise ValueError("mask must be an image, array or tensor; a path is not read here: pass Image.open(path)")
         regions = RegionOptions(boxes=tuple(boxes), blur=mask_blur, dilate=mask_dilate, crop=crop_regions,
                                 padding=region_padding, size=region_size)  # fmt: skip
         refuse_unused_region_options(regions, mask is not None or bool(boxes))

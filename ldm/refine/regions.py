@@ -96,7 +96,13 @@ def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, width: int, hei
     if isinstance(mask, Image.Image):
         arr = mask_luminance(from_pil(mask, source="mask").rgb)
     else:
-        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if isinstance(mask, torch.Tensor):  # bf16/fp16 first to float32: numpy has no bfloat16
+            mask = mask.detach().cpu()
+            arr = (mask.float() if mask.is_floating_point() else mask).numpy()
+        elif isinstance(mask, (str, bytes, os.PathLike)):
+            raise ValueError("a mask path is not read here: pass Image.open(path) (refine.py --mask reads files)")
+        else:
+            arr = np.asarray(mask)
         while arr.ndim > 2 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 2:

@@ -144,3 +144,16 @@ def test_a_tar_bomb_in_an_input_shard_is_listed_as_unreadable_without_being_read
         tracemalloc.stop()
     assert keys == ["bomb-0.tar#a", "bomb-0.tar#c"] and peak < 50e6
     assert [s["source"] for s in skipped] == ["bomb-0.tar#bomb"] and "'bomb.png' is 2,147,483,648 bytes" in skipped[0]["error"]
+
+
+def test_a_gzip_compressed_shard_says_so(tmp_path):
+    """tarfile's uncompressed mode said only "bad checksum"."""
+    import gzip
+
+    from ldm.data.tar_shards import ShardFormatError
+
+    with open(tmp_path / "a.tar", "wb") as fh:
+        write_tar(fh, [("000000.json", b"{}")])
+    (tmp_path / "b.tar").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    with pytest.raises(ShardFormatError, match=r"b.tar is gzip-compressed: shards are read uncompressed .*; gunzip it"):
+        list(iter_samples(str(tmp_path / "b.tar")))

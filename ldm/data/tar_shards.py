@@ -311,6 +311,9 @@ def iter_samples(
     label = shard_label(url)
     if is_local(url):
         stream, file_size = None, os.path.getsize(url)
+        with open(url, "rb") as fh:
+            if fh.read(2) == b"\x1f\x8b":  # tarfile's "r:" says only "bad checksum"
+                raise ShardFormatError(f"{label} is gzip-compressed: shards are read uncompressed (seekable); gunzip it")
         tar = tarfile.open(url, mode="r:", tarinfo=CheckedTarInfo)  # seekable: skipped data is never read
     else:
         from webdataset.gopen import gopen

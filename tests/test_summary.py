@@ -3,6 +3,7 @@ region-only mode and round-trip columns that feed it (ldm/eval/sweep.py)."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -10,18 +11,18 @@ import pytest
 import torch
 
 from ldm.eval.baselines import autoencoder_baseline, identity_baseline
-from ldm.eval.metrics import masked_metrics, psnr
-from ldm.eval.report import before_after_grid, write_summary_csv
+from ldm.eval.metrics import Skipped, masked_metrics, psnr
+from ldm.eval.report import before_after_grid, format_table, write_summary_csv
 from ldm.eval.sources import synthetic_images
 from ldm.eval.stats import bootstrap_mean, bootstrap_paired_difference
-from ldm.eval.summary import best_start, compare_best, format_entry, summarize
+from ldm.eval.summary import best_start, compare_best, format_entry, summarize, summary_notes
 from ldm.eval.sweep import SweepResult, build_sweep_degradation, run_sweep
 from ldm.refine import Refiner
 
 DDIM_STEPS = 20
 
 
-def _row(image: str, method: str, start_t: int | None, value: float, kind: str = "refiner") -> dict:
+def _row(image: str, method: str, start_t: int | None, value: float, kind: str = "refiner", seed: int = 0) -> dict:
     return {
         "image": image,
         "degradation": "d",
@@ -29,7 +30,7 @@ def _row(image: str, method: str, start_t: int | None, value: float, kind: str =
         "kind": kind,
         "start_t": start_t,
         "effective_start": start_t,
-        "seed": 0,
+        "seed": seed,
         "seconds": 0.0,
         "psnr_clean_in": value,
     }
@@ -149,13 +150,15 @@ def test_summary_holds_intervals_and_paired_gains(region_sweep, tmp_path):
         if (r["degradation"], r["method"], r["start_t"]) == (noise, "experts (region)", 100)
     ]
     interval = bootstrap_mean(values, n_resamples=500)
-    assert entry["n"] == 6 and entry["psnr_clean_in"] == pytest.approx(np.mean(values))
+    assert entry["n"] == entry["cases"] == entry["psnr_clean_in_n"] == 6
+    assert entry["psnr_clean_in"] == pytest.approx(np.mean(values))
     assert (entry["psnr_clean_in_lo"], entry["psnr_clean_in_hi"]) == (pytest.approx(interval.lo), pytest.approx(interval.hi))
     artifact = [r["psnr_clean_in"] for r in result.rows if (r["degradation"], r["method"]) == (noise, "identity")]
     gain = bootstrap_paired_difference(values, artifact, n_resamples=500)
     assert entry["gain_psnr_clean_in"] == pytest.approx(gain.estimate)
     assert entry["gain_psnr_clean_in_lo"] == pytest.approx(gain.lo)
-    assert "gain_psnr_rt_in" in entry and "gain_swd" in entry and entry["swd_lo"] <= entry["swd"] <= entry["swd_hi"]
+    assert "gain_psnr_rt_in" in entry and entry["gain_swd_lo"] <= entry["gain_swd"] <= entry["gain_swd_hi"]
+    assert isinstance(entry["swd"], float) and "swd_lo" not in entry and entry["swd_n"] == entry["gain_swd_n"] == 6
     identity = next(s for s in summary if (s["degradation"], s["method"]) == (noise, "identity"))
     assert "gain_psnr_clean_in" not in identity and "gain_swd" not in identity
     # the control: the identity's in-box PSNR is infinite, so it has no interval and no gains are formed against it
@@ -163,8 +166,12 @@ def test_summary_holds_intervals_and_paired_gains(region_sweep, tmp_path):
     assert control["psnr_clean_in"] == math.inf and "psnr_clean_in_lo" not in control
     path = write_summary_csv(summary, tmp_path / "summary.csv")
     header = path.read_text().splitlines()[0].split(",")
-    for column in ("n", "psnr_clean_in", "psnr_clean_in_lo", "psnr_clean_in_hi", "gain_psnr_clean_in_lo", "swd_hi", "gain_swd"):
+    for column in ("n", "cases", "psnr_clean_in", "psnr_clean_in_lo", "psnr_clean_in_n", "gain_psnr_clean_in_lo", "gain_swd"):
         assert column in header
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["swd_lo"] == r["swd_hi"] == "" for r in rows)  # the absolute SWD: no interval, blank
+    assert any("SWD has no interval" in note for note in summary_notes(summary))
 
 
 def test_before_after_takes_a_start_per_artifact(region_sweep):
@@ -185,3 +192,92 @@ def test_format_entry_writes_the_interval_where_there_is_one():
     assert format_entry(entry, "gain", "{:.1f}", sign=True) == "+1.2 [+0.5, +2.0]"
     assert format_entry(entry, "psnr") == "inf"  # no interval: the value alone
     assert format_entry(entry, "swd") == "n/a" and format_entry(entry, "n", missing="-") == "-"
+    assert format_entry({"x": 2.0, "x_lo": math.nan, "x_hi": math.nan}, "x") == "2.00"  # NaN: no interval
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# n counts images: seeds, one image, skipped cells
+
+
+def _seeded(n_images: int, seeds: tuple[int, ...], noise: float = 0.0, rng: np.random.Generator | None = None) -> list:
+    """The artifact at 10 dB + image i, a refiner at start 10 gaining 1 + image i / 4 (+ per-seed ``noise``)."""
+    rows = []
+    for i in range(n_images):
+        for seed in seeds:
+            extra = float(rng.normal(0.0, noise)) if rng is not None else 0.0
+            rows.append(_row(f"im{i}", "identity", None, 10.0 + i, "baseline", seed))
+            rows.append(_row(f"im{i}", "r (region)", 10, 11.0 + i + i / 4 + extra, seed=seed))
+    return rows
+
+
+def test_seeds_that_repeat_the_same_rows_leave_n_and_the_intervals_unchanged():
+    one, three = summarize(_result(_seeded(5, (0,)))), summarize(_result(_seeded(5, (0, 1, 2))))
+    for a, b in zip(one, three):  # a deterministic method: the two extra seeds are exact copies
+        assert b["n"] == a["n"] == 5 and b["cases"] == 15 and b["seeds"] == 3 and b["psnr_clean_in_n"] == 5
+        for column in ("psnr_clean_in", "psnr_clean_in_lo", "psnr_clean_in_hi"):
+            assert b[column] == pytest.approx(a[column])
+    refined = three[1]
+    assert (refined["gain_psnr_clean_in_lo"], refined["gain_psnr_clean_in_hi"]) == (
+        pytest.approx(one[1]["gain_psnr_clean_in_lo"]),
+        pytest.approx(one[1]["gain_psnr_clean_in_hi"]),
+    )
+    assert refined["gain_psnr_clean_in_n"] == 5
+    assert any("n = 5 images × 3 seeds" in note for note in summary_notes(three))
+
+
+def test_one_image_has_no_interval_and_the_notes_say_why(tmp_path):
+    summary = summarize(_result(_seeded(1, (0, 1))))
+    refined = summary[1]
+    assert refined["n"] == 1 and refined["cases"] == 2 and refined["psnr_clean_in"] == pytest.approx(11.0)
+    assert not any(k.endswith(("_lo", "_hi")) for k in refined)  # no zero-width "95 %" interval
+    assert format_entry(refined, "gain_psnr_clean_in") == "1.00"
+    notes = summary_notes(summary)
+    assert sum("no interval where fewer than 2 images" in note for note in notes) == 1
+    lines = write_summary_csv(summary, tmp_path / "summary.csv").read_text().splitlines()
+    header, row = lines[0].split(","), dict(zip(lines[0].split(","), lines[2].split(",")))
+    assert "psnr_clean_in_lo" in header and row["psnr_clean_in_lo"] == row["psnr_clean_in_hi"] == ""
+    assert row["psnr_clean_in_n"] == "1" and row["n"] == "1" and row["cases"] == "2"
+    assert "no interval where fewer than 2 images" in format_table(summary)
+
+
+def test_intervals_over_few_images_carry_a_note_that_they_are_too_narrow():
+    few, many = summarize(_result(_seeded(6, (0,)))), summarize(_result(_seeded(12, (0,))))
+    assert any("are too narrow" in note and "n = 6" in note for note in summary_notes(few))
+    assert not any("too narrow" in note for note in summary_notes(many))
+
+
+def test_a_skipped_cell_is_not_counted_in_its_column():
+    rows = []
+    for i, ssim in enumerate([0.5, 0.7, Skipped("SSIM: image under 11 px")]):
+        rows.append({**_row(f"im{i}", "identity", None, 10.0 + i, "baseline"), "ssim_clean": ssim})
+    (entry,) = summarize(_result(rows))
+    expected = bootstrap_mean([0.5, 0.7])
+    assert entry["n"] == entry["psnr_clean_in_n"] == 3 and entry["ssim_clean_n"] == 2
+    assert entry["ssim_clean"] == pytest.approx(0.6)
+    assert (entry["ssim_clean_lo"], entry["ssim_clean_hi"]) == (pytest.approx(expected.lo), pytest.approx(expected.hi))
+    assert "(n=2)" in format_table([entry])  # the column averages fewer images than the row's n
+
+
+def test_best_start_splits_images_so_no_seed_leaks_its_choice():
+    """Truth: every start_t's mean gain is 0; each image has its own effect per start_t, shared by its seeds.  Halves
+    that split one image's seeds choose and report on the same images (the defect, rebuilt here by naming each
+    (image, seed) as an image of its own): the gain is inflated and its interval misses 0 too often."""
+    rng = np.random.default_rng(0)
+    gains, covered, leaked = [], 0, []
+    trials, ts = 40, (10, 20, 30, 40)
+    for _ in range(trials):
+        rows = []
+        for i in range(16):
+            effect = {t: rng.normal() for t in ts}
+            for seed in (0, 1):
+                rows.append(_row(f"im{i:02d}", "identity", None, 20.0, "baseline", seed))
+                rows += [_row(f"im{i:02d}", "r (region)", t, 20.0 + effect[t] + 0.1 * rng.normal(), seed=seed) for t in ts]
+        best = best_start(_result(rows), "r (region)", "d")
+        assert best.gain.n == 16 and best.gain.cases == 32
+        gains.append(best.gain.estimate)
+        covered += best.gain.lo <= 0.0 <= best.gain.hi
+        split_seeds = [{**r, "image": f"{r['image']}/{r['seed']}"} for r in rows]
+        leaked.append(best_start(_result(split_seeds), "r (region)", "d").gain.estimate)
+    # by image: unbiased (sd of the mean over 40 trials about 0.04); by case: the in-sample best of four, about +0.25
+    assert abs(np.mean(gains)) < 0.1 and np.mean(leaked) > 0.15
+    assert covered / trials >= 0.85

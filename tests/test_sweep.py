@@ -139,11 +139,12 @@ def test_summary_means_the_rows(sweep):
             for r in result.rows
             if (r["degradation"], r["method"], r["start_t"]) == (entry["degradation"], entry["method"], entry["start_t"])
         ]
-        assert entry["n"] == len(rows) == 4
+        assert entry["cases"] == len(rows) == 4 and entry["n"] == entry["psnr_clean_n"] == 2  # 2 images x 2 seeds
         assert entry["psnr_clean"] == pytest.approx(np.mean([r["psnr_clean"] for r in rows]))
         assert isinstance(entry["lpips_clean"], Skipped)
     table = format_table(summary)
     assert table.count("degradation: ") == 2 and "experts" in table and "PSNR->clean" in table
+    assert "note: n counts images (n = 2 images × 2 seeds" in table and "are too narrow" in table
 
 
 def test_degradation_seeds_do_not_depend_on_the_other_images(refiner, two_images):
@@ -323,7 +324,14 @@ def test_swd_realism_against_an_independent_clean_set(two_images, tmp_path):
     quantized = ((degraded.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the sweep keeps outputs as uint8
     cycled = torch.cat([im.image for im in reference])[torch.arange(4) % 3]
     assert entry["swd"] == pytest.approx(swd(quantized, cycled).mean * 1e3, rel=1e-9)
-    assert any("against the realism reference" in note for note in result.notes)
+    assert "swd_lo" not in entry and "swd_hi" not in entry  # an absolute SWD has no interval
+    # 2 images x 2 seeds: resampled as 2 images; the 3 reference images cycled to 4 members: resampled as 3
+    boot = entry["swd_bootstrap"]
+    assert (boot.n, boot.cases, boot.reference_n) == (2, 4, 3)
+    (floor,) = [note for note in result.notes if "against the realism reference" in note]
+    clean = torch.cat([im.image for im in two_images])[torch.arange(4) % 2]
+    assert f"{swd(clean, cycled).mean * 1e3:.3f} (the floor" in floor and "[" not in floor  # no interval
+    assert any("3 images are cycled to the sets' 4 members" in note for note in result.notes)
     assert "SWDx1e3" in format_table(summarize(result))
     paths = write_report(result, tmp_path)
     with Image.open(paths["realism"]) as im:
@@ -361,8 +369,9 @@ def test_report_files_are_readable(sweep, tmp_path):
     assert all(math.isfinite(float(r["psnr_clean"])) for r in refined)
 
     summary = _read_csv(paths["summary"])
-    assert len(summary) == 10 and summary[0]["n"] == "4"
+    assert len(summary) == 10 and summary[0]["n"] == "2" and summary[0]["cases"] == "4" and summary[0]["seeds"] == "2"
     info = json.loads(paths["json"].read_text())
+    assert any("n = 2 images × 2 seeds" in note for note in info["notes"])
     assert info["start_ts"] == {"experts": [100, 300]} and info["parameters"] == {"start_t": [100, 300, 600]}
 
     for key in ("plot", "grid"):

@@ -20,13 +20,23 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.summary import SET_KEYS, SUMMARY_METRICS, summarize
+from ldm.eval.summary import INTERVAL_METRICS, SET_KEYS, interval_columns, summarize, summary_notes
 from ldm.eval.sweep import REGION_MODES, ROW_METRICS, SweepExample, SweepResult
 from ldm.imageio import to_uint8
 from ldm.util import atomic_write_bytes
 
 CSV_COLUMNS: tuple[str, ...] = ("image", "degradation", "method", "kind", "start_t", "effective_start", "seed", "seconds")
-SUMMARY_COLUMNS: tuple[str, ...] = ("degradation", "method", "kind", "start_t", "effective_start", "n", "seconds")
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "degradation",
+    "method",
+    "kind",
+    "start_t",
+    "effective_start",
+    "n",
+    "cases",
+    "seeds",
+    "seconds",
+)
 # what the printed table shows (the CSVs have everything)
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("psnr_clean", "PSNR->clean"),
@@ -54,9 +64,14 @@ def _cell(value: Any) -> str:
 
 
 def _write_csv(
-    path: str | os.PathLike, rows: Sequence[dict[str, Any]], leading: Sequence[str], trailing: Sequence[str]
+    path: str | os.PathLike,
+    rows: Sequence[dict[str, Any]],
+    leading: Sequence[str],
+    trailing: Sequence[str],
+    present_only: bool = True,
 ) -> Path:
-    columns = list(leading) + [c for c in trailing if any(c in r for r in rows)]
+    """``leading`` columns, then those of ``trailing`` that some row holds (all of them: ``present_only`` False)."""
+    columns = list(leading) + [c for c in trailing if not present_only or any(c in r for r in rows)]
     lines = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
@@ -70,12 +85,25 @@ def write_rows_csv(result: SweepResult, path: str | os.PathLike) -> Path:
 
 
 def write_summary_csv(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """The summary CSV: the entries of :func:`~ldm.eval.summary.summarize`, one row each."""
-    return _write_csv(path, summary, SUMMARY_COLUMNS, SUMMARY_METRICS + SET_KEYS)
+    """The summary CSV: the entries of :func:`~ldm.eval.summary.summarize`, one row each.  A metric's interval columns
+    ``m_lo`` / ``m_hi`` / ``m_n`` come with it even where they are blank (no interval: fewer than two images, an
+    infinite value, an absolute SWD; :func:`~ldm.eval.summary.summary_notes` says why, in ``sweep.json``)."""
+    present = {k for r in summary for k in r}
+    columns = interval_columns(tuple(m for m in INTERVAL_METRICS if m in present))
+    return _write_csv(path, summary, SUMMARY_COLUMNS, [*columns, *(k for k in SET_KEYS if k in present)], False)
+
+
+def _table_value(entry: dict[str, Any], key: str) -> str:
+    """A table cell: the value (3 decimals), with ``(n=k)`` where it averages fewer images than the row's n."""
+    value = entry.get(key)
+    text = f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else _cell(value)
+    n = entry.get(f"{key}_n")
+    return f"{text} (n={n})" if isinstance(n, int) and n != entry.get("n") else text
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of the summary: one block per degradation."""
+    """A fixed-width text table of the summary (means; the intervals are in ``summary.csv``): one block per
+    degradation, then the notes on n and intervals (:func:`~ldm.eval.summary.summary_notes`)."""
     metrics = [(k, title) for k, title in TABLE_METRICS if any(k in s for s in summary)]
     if not any(isinstance(s.get("fid"), float) for s in summary):
         metrics = [(k, t) for k, t in metrics if k != "fid"]
@@ -87,14 +115,14 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
             if s["degradation"] != degradation:
                 continue
             cells = [s["method"], _cell(s["start_t"]) or "-", _cell(s["effective_start"]) or "-", str(s["n"])]
-            values = [s.get(key) for key, _ in metrics]
-            rows.append(cells + [f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else _cell(v) for v in values])
+            rows.append(cells + [_table_value(s, key) for key, _ in metrics])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [f"degradation: {degradation}"]
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    notes = summary_notes(summary)
+    return "\n\n".join(blocks + (["\n".join(f"note: {note}" for note in notes)] if notes else []))
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -106,11 +134,13 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
 def _draw_panel(ax: Any, result: SweepResult, metric: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
     """Refiner curves (mean and a +-s.e.m. band) and baseline levels of one metric; returns legend handles.  A
     baseline far above the curves (PSNR to input ~70 dB) is written at the top edge instead of squashing them."""
-    by_method: dict[str, dict[int | None, list[float]]] = {}  # method -> start_t -> the finite values
+    per_image: dict[str, dict[int | None, dict[str, list[float]]]] = {}  # method -> start_t -> image -> its values
     for row in result.rows:
         v = row.get(metric)
         if row["degradation"] == degradation and isinstance(v, float) and math.isfinite(v):
-            by_method.setdefault(row["method"], {}).setdefault(row["start_t"], []).append(v)
+            per_image.setdefault(row["method"], {}).setdefault(row["start_t"], {}).setdefault(row["image"], []).append(v)
+    # method -> start_t -> one value per image (its seeds' mean): the s.e.m. is over images, not images x seeds
+    by_method = {m: {t: [float(np.mean(v)) for v in ims.values()] for t, ims in ts.items()} for m, ts in per_image.items()}
     handles: dict[str, Any] = {}
     curve_values: list[float] = []
     levels: list[tuple[str, float]] = []
@@ -183,7 +213,7 @@ def _plot(
 
 
 def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """PSNR to clean and to input against start_t (mean +- s.e.m. over cases), one panel per degradation, one line per
+    """PSNR to clean and to input against start_t (mean +- s.e.m. over images), one panel per degradation, one line per
     refiner, baselines dashed; no-reference: faithfulness only."""
     rows_spec = ([("psnr_clean", "PSNR to clean [dB] (higher: closer to clean)")] if result.reference else []) + [
         ("psnr_input", "PSNR to input [dB] (higher: more faithful)")
@@ -202,7 +232,7 @@ def plot_curves(result: SweepResult, path: str | os.PathLike, title: str | None 
             ax.set_xticks(all_ts)
         return handles
 
-    caption = "refiners: mean +- s.e.m. over images x seeds; dashed: baselines (no start_t)"
+    caption = "refiners: mean +- s.e.m. over images (each the mean of its seeds); dashed: baselines (no start_t)"
     return _plot(result, rows_spec, 3.2, draw, title, caption, path)
 
 
@@ -385,7 +415,7 @@ def write_report(
         "start_ts": {name: list(ts) for name, ts in result.start_ts.items()},
         "degradations": result.degradations,
         "reference": result.reference,
-        "notes": result.notes,
+        "notes": result.notes + summary_notes(summary),
     }
     atomic_write_bytes(out / "sweep.json", (json.dumps(info, indent=2, default=str) + "\n").encode())
     paths["json"] = out / "sweep.json"

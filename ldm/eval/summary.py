@@ -1,22 +1,41 @@
-"""A sweep's summary (:func:`summarize`): per degradation x method x start_t, ``n`` and every row metric's mean over
-cases with its 95 % percentile-bootstrap interval (``m_lo`` / ``m_hi``; none where a value is infinite), the paired
-gains of :data:`GAINS`, the set metrics and ``gain_swd`` (paired SWD resamples, < 0: more like clean images); seeded,
-so a summary is the same on every run.  :func:`best_start` picks a ``start_t`` by cross-fitting.
+"""A sweep's summary (:func:`summarize`): per degradation x method x start_t, ``n`` (images), ``cases`` (images x
+seeds) and every row metric's mean over its values with its 95 % percentile-bootstrap interval over images (``m_lo`` /
+``m_hi``) and the number of images behind it (``m_n``), the paired gains of :data:`GAINS`, the set metrics (``swd``:
+no interval) and ``gain_swd`` (paired SWD resamples, < 0: more like clean images); seeded, so a summary is the same on
+every run.  :func:`best_start` picks a ``start_t`` by cross-fitting over images.
+
+The unit of every interval is the image: an image's rows of all seeds are resampled together (a cluster bootstrap,
+:func:`ldm.eval.stats.bootstrap_mean`), so running more seeds never narrows an interval as if they were more images.
+Below two images there is no interval (blank); :func:`summary_notes` says why, and that intervals over fewer than ten
+images are too narrow.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ldm.eval.metrics import Skipped
-from ldm.eval.stats import CONFIDENCE, N_RESAMPLES, Interval, bootstrap_mean, bootstrap_paired_difference
+from ldm.eval.stats import (
+    CONFIDENCE,
+    MIN_INTERVAL_N,
+    N_RESAMPLES,
+    SMALL_N,
+    SMALL_N_COVERAGE,
+    Interval,
+    bootstrap_mean,
+    bootstrap_paired_difference,
+)
 from ldm.eval.swd import paired_swd_difference
 from ldm.eval.sweep import ROW_METRICS, SWD_SCALE, SweepResult
+
+logger = logging.getLogger(__name__)
 
 IDENTITY = "identity"  # the artifact itself
 ROUND_TRIP = "autoencoder"  # the first stage's round trip of the artifact: a gain over it is the diffusion steps'
@@ -27,15 +46,18 @@ GAINS: dict[str, tuple[str, str]] = {
     "gain_psnr_rt_in": ("psnr_rt_in", ROUND_TRIP),
     "gain_psnr_rt": ("psnr_rt", ROUND_TRIP),
 }
-SET_KEYS = ("swd", "swd_lo", "swd_hi", "fid", "kid_mean", "kid_std", "skipped")
+SET_KEYS = ("fid", "kid_mean", "kid_std", "skipped")
+Case = tuple[str, int]  # (image, seed)
 
 
 def interval_columns(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``(m, m_lo, m_hi)`` for each name, in order: the summary's column layout."""
-    return tuple(c for m in names for c in (m, f"{m}_lo", f"{m}_hi"))
+    """``(m, m_lo, m_hi, m_n)`` for each name, in order: the summary's column layout."""
+    return tuple(c for m in names for c in (m, f"{m}_lo", f"{m}_hi", f"{m}_n"))
 
 
-SUMMARY_METRICS: tuple[str, ...] = interval_columns(ROW_METRICS + tuple(GAINS)) + interval_columns(("gain_swd",))
+# the columns with m_lo / m_hi / m_n; swd's interval stays blank (an absolute SWD has none, see ldm.eval.swd)
+INTERVAL_METRICS: tuple[str, ...] = ROW_METRICS + tuple(GAINS) + ("gain_swd", "swd")
+SUMMARY_METRICS: tuple[str, ...] = interval_columns(INTERVAL_METRICS)
 
 
 def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False, missing: str = "n/a") -> str:
@@ -45,16 +67,26 @@ def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: boo
     if not isinstance(value, float):
         return missing
     f = fmt.replace("{:", "{:+") if sign else fmt
-    if isinstance(entry.get(f"{key}_lo"), float):
-        return f"{f.format(value)} [{f.format(entry[key + '_lo'])}, {f.format(entry[key + '_hi'])}]"
+    lo, hi = entry.get(f"{key}_lo"), entry.get(f"{key}_hi")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        return f"{f.format(value)} [{f.format(lo)}, {f.format(hi)}]"
     return f.format(value)
+
+
+def _put(entry: dict[str, Any], column: str, interval: Interval) -> None:
+    """``column`` = the estimate, ``column_n`` = its images and, where it has one, its interval."""
+    entry[column], entry[f"{column}_n"] = interval.estimate, interval.n
+    if interval.has_interval:
+        entry[f"{column}_lo"], entry[f"{column}_hi"] = interval.lo, interval.hi
 
 
 def summarize(
     result: SweepResult, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """One entry per degradation x method x start_t, in run order.  Skipped cells are left out of the means (a column
-    skipped everywhere holds the :class:`Skipped` value); an infinite PSNR stays ``inf``, without an interval."""
+    """One entry per degradation x method x start_t, in run order: ``n`` (distinct images), ``cases`` (rows: images x
+    seeds), ``seeds``, and per metric the mean over its values, ``m_n`` (the images it averages: skipped cells are left
+    out) and ``m_lo`` / ``m_hi`` (a cluster bootstrap over images; none below two images or where a value is infinite,
+    e.g. ``inf`` PSNR).  A column skipped everywhere holds the :class:`Skipped` value."""
     groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
     for row in result.rows:
         groups[(row["degradation"], row["method"], row["start_t"])].append(row)
@@ -71,42 +103,88 @@ def summarize(
             "kind": rows[0]["kind"],
             "start_t": key[2],
             "effective_start": rows[0]["effective_start"],
-            "n": len(rows),
+            "n": len({r["image"] for r in rows}),
+            "cases": len(rows),
+            "seeds": len({r["seed"] for r in rows}),
             "seconds": float(np.mean([r["seconds"] for r in rows])),
         }
         for column in ROW_METRICS:
-            values = [r[column] for r in rows if column in r]
-            if not values:
+            measured = [r for r in rows if column in r]
+            if not measured:
                 continue
-            numbers = [v for v in values if not isinstance(v, Skipped)]
-            entry[column] = float(np.mean(numbers)) if numbers else values[0]
-            if numbers and np.isfinite(numbers).all():
-                interval = bootstrap_mean(numbers, confidence, n_resamples, seed)
-                entry[f"{column}_lo"], entry[f"{column}_hi"] = interval.lo, interval.hi
+            kept = [r for r in measured if not isinstance(r[column], Skipped)]
+            if not kept:
+                entry[column] = measured[0][column]
+                continue
+            numbers = [r[column] for r in kept]
+            if np.isfinite(numbers).all():
+                clusters = [r["image"] for r in kept]
+                _put(entry, column, bootstrap_mean(numbers, confidence, n_resamples, seed, clusters))
+            else:  # an infinite PSNR: the mean, without an interval
+                entry[column], entry[f"{column}_n"] = float(np.mean(numbers)), len({r["image"] for r in kept})
         for gain, (column, baseline) in GAINS.items():  # paired by image and seed, where every case has finite values
             before = {(r["image"], r["seed"]): r.get(column) for r in groups.get((key[0], baseline, None), [])}
             pairs = [(r.get(column), before.get((r["image"], r["seed"]))) for r in rows]
             if key[1] != baseline and all(isinstance(v, float) and math.isfinite(v) for pair in pairs for v in pair):
-                interval = bootstrap_paired_difference(*zip(*pairs), confidence, n_resamples, seed)
-                entry[gain], entry[f"{gain}_lo"], entry[f"{gain}_hi"] = interval.estimate, interval.lo, interval.hi
+                after, base = zip(*pairs)
+                clusters = [r["image"] for r in rows]
+                _put(entry, gain, bootstrap_paired_difference(after, base, confidence, n_resamples, seed, clusters))
         if key in sets:
             entry.update({k: v for k, v in sets[key].items() if k in SET_KEYS})
+            if "swd" in sets[key]:
+                entry["swd"] = sets[key]["swd"]
+                if "swd_bootstrap" in sets[key]:
+                    entry["swd_n"] = sets[key]["swd_bootstrap"].n
             artifact = sets.get((key[0], IDENTITY, None))
             if key[1] != IDENTITY and artifact is not None and "swd_bootstrap" in artifact and "swd_bootstrap" in sets[key]:
                 difference = paired_swd_difference(sets[key]["swd_bootstrap"], artifact["swd_bootstrap"], confidence)
-                entry["gain_swd"] = difference.estimate * SWD_SCALE
-                entry["gain_swd_lo"], entry["gain_swd_hi"] = difference.lo * SWD_SCALE, difference.hi * SWD_SCALE
+                estimate, lo, hi = (v * SWD_SCALE for v in (difference.estimate, difference.lo, difference.hi))
+                _put(entry, "gain_swd", Interval(estimate, lo, hi, difference.n, difference.confidence, difference.cases))
         summary.append(entry)
     return summary
+
+
+def summary_notes(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """What a reader of ``summary`` (from :func:`summarize`) must know about its n and intervals, one line each: the
+    images x seeds behind n, the blank intervals (fewer than two images; the absolute SWD) and the too-narrow ones."""
+    notes = []
+    seeded = [s for s in summary if s.get("seeds", 1) > 1]
+    if seeded:
+        shapes = sorted({(s["n"], s["seeds"]) for s in seeded})
+        counts = ", ".join(f"n = {n} images × {k} seeds" for n, k in shapes)
+        swd = any("gain_swd" in s for s in seeded)
+        notes.append(
+            f"n counts images ({counts}; column cases: the rows averaged): every interval resamples images, each with "
+            "all its seeds' rows"
+            + (" (and in gain_swd all its seeds' outputs)" if swd else "")
+            + ", so extra seeds are never counted as extra images"
+        )
+    counted = [(s, k[: -len("_n")], v) for s in summary for k, v in s.items() if k.endswith("_n") and isinstance(v, int)]
+    if any(n < MIN_INTERVAL_N for _, m, n in counted if m != "swd"):
+        notes.append(f"no interval where fewer than {MIN_INTERVAL_N} images are averaged (m_n): those cells are blank")
+    small = sorted({n for s, m, n in counted if f"{m}_lo" in s and n < SMALL_N})
+    if small:
+        coverage = ", ".join(f"{100 * c:.0f} % at n = {n}" for n, c in SMALL_N_COVERAGE.items())
+        notes.append(
+            f"intervals over fewer than {SMALL_N} images (here n = {', '.join(map(str, small))}) are too narrow: a "
+            f"95 % percentile-bootstrap interval of a mean covers it about {coverage} (normal data)"
+        )
+    if any(isinstance(s.get("swd"), float) for s in summary):
+        notes.append(
+            "SWD has no interval (swd_lo / swd_hi blank): no bootstrap interval of an absolute SWD covers it; the "
+            "paired change against the artifact on the same images (gain_swd) has its 95 % interval"
+        )
+    return notes
 
 
 @dataclass(frozen=True)
 class BestStart:
     """A method's best ``start_t`` on one degradation, chosen without looking at the images it is reported on.
 
-    ``start_ts``: the start_t chosen on each half of the images (even and odd positions in name order) by the mean
-    gain of ``column`` over ``baseline``.  ``value`` and ``gain`` (with bootstrap intervals over images): each image at
-    the start_t chosen on the *other* half (cross-fitting), so picking the best of several does not inflate them.
+    ``start_ts``: the start_t chosen on each half of the *images* (even and odd positions in name order; all seeds of
+    an image in its half) by the mean gain of ``column`` over ``baseline``.  ``value`` and ``gain`` (with cluster
+    bootstrap intervals over images): each image at the start_t chosen on the *other* half (cross-fitting), so
+    picking the best of several does not inflate them.
     """
 
     method: str
@@ -117,7 +195,7 @@ class BestStart:
     value: Interval
     gain: Interval
     baseline_value: Interval
-    per_case: dict[tuple[str, int], float]  # (image, seed) -> the cross-fitted value, for paired comparisons
+    per_case: dict[Case, float]  # (image, seed) -> the cross-fitted value, for paired comparisons
 
 
 def best_start(
@@ -128,7 +206,7 @@ def best_start(
     baseline: str = IDENTITY,
     picks: tuple[int, int] | None = None,
 ) -> BestStart | None:
-    """The cross-fitted best start of ``method`` on ``degradation``; None when the sweep holds fewer than two cases
+    """The cross-fitted best start of ``method`` on ``degradation``; None when the sweep holds fewer than two images
     with finite values of ``column`` for the method and the baseline.  ``picks``: the two halves' start_ts given
     instead of chosen (e.g. another column's choice, to read two measures at the same start_ts)."""
     before = {
@@ -136,27 +214,32 @@ def best_start(
         for r in result.rows
         if r["method"] == baseline and r["degradation"] == degradation
     }
-    after: dict[int, dict[tuple[str, int], float]] = defaultdict(dict)
+    after: dict[int, dict[Case, float]] = defaultdict(dict)
     for r in result.rows:
         if r["method"] == method and r["degradation"] == degradation and isinstance(r.get(column), float):
             after[r["start_t"]][(r["image"], r["seed"])] = r[column]
     cases = sorted(k for k, v in before.items() if isinstance(v, float) and np.isfinite(v))
     cases = [k for k in cases if all(k in values and np.isfinite(values[k]) for values in after.values())]
-    if len(cases) < 2 or not after:
+    images = sorted({image for image, _ in cases})
+    if len(images) < 2 or not after:
         return None
-    halves = (cases[0::2], cases[1::2])
+    # the halves split images, never one image's seeds: a choice made on an image must not be reported on it
+    sides = [set(images[0::2]), set(images[1::2])]
+    halves = ([k for k in cases if k[0] in sides[0]], [k for k in cases if k[0] in sides[1]])
     ts = sorted(after)
 
-    def chosen(half: list[tuple[str, int]]) -> int:
+    def chosen(half: list[Case]) -> int:
         gains = [np.mean([after[t][k] - before[k] for k in half]) for t in ts]
         return ts[int(np.argmax(gains))]
 
     if picks is None:
         picks = (chosen(halves[0]), chosen(halves[1]))
-    values, base, per_case = [], [], {}
+    logger.debug("%s on %s: start_t %s chosen on the two halves of %d images", method, degradation, picks, len(images))
+    values, base, clusters, per_case = [], [], [], {}
     for pick, half in ((picks[1], halves[0]), (picks[0], halves[1])):  # each half at the other half's choice
         values += [after[pick][k] for k in half]
         base += [before[k] for k in half]
+        clusters += [k[0] for k in half]
         per_case.update({k: after[pick][k] for k in half})
     return BestStart(
         method,
@@ -164,15 +247,16 @@ def best_start(
         column,
         baseline,
         picks,
-        bootstrap_mean(values),
-        bootstrap_paired_difference(values, base),
-        bootstrap_mean(base),
+        bootstrap_mean(values, clusters=clusters),
+        bootstrap_paired_difference(values, base, clusters=clusters),
+        bootstrap_mean(base, clusters=clusters),
         per_case,
     )
 
 
 def compare_best(a: BestStart, b: BestStart) -> Interval:
     """``a``'s cross-fitted value minus ``b``'s on the cases both hold (e.g. two refiners on the same images), with a
-    paired bootstrap interval over those cases."""
+    paired cluster-bootstrap interval over their images."""
     common = sorted(set(a.per_case) & set(b.per_case))
-    return bootstrap_paired_difference([a.per_case[k] for k in common], [b.per_case[k] for k in common])
+    clusters = [image for image, _ in common]
+    return bootstrap_paired_difference([a.per_case[k] for k in common], [b.per_case[k] for k in common], clusters=clusters)

@@ -29,7 +29,7 @@ from ldm.eval.degrade_files import file_seed
 from ldm.eval.local_degrade import LocalDegradation, LocalVQ
 from ldm.eval.metrics import LPIPSMetric, Skipped, compute_metrics, fid_kid, masked_metrics, psnr, seam_energy
 from ldm.eval.sources import SweepImage
-from ldm.eval.swd import PreparedReference, prepare_reference, swd_bootstrap
+from ldm.eval.swd import PreparedReference, prepare_reference, swd, swd_bootstrap
 from ldm.imageio import from_uint8, to_uint8
 from ldm.sampling import check_int_arg
 from ldm.util import is_rank_zero
@@ -187,6 +187,7 @@ class _Runner:
         self.keep_sets = keep_sets
         self.rows: list[dict[str, Any]] = []
         self.sets: dict[SetKey, list[torch.Tensor]] = defaultdict(list)
+        self.set_images: dict[SetKey, list[str]] = defaultdict(list)  # the image of each member of a set
         groups: dict[tuple[tuple[int, ...], bool], list[int]] = defaultdict(list)
         for i, case in enumerate(cases):
             groups[(tuple(case.input.shape), case.mask is not None)].append(i)
@@ -246,6 +247,7 @@ class _Runner:
                     outputs[i] = out[j]
                 if self.keep_sets:
                     self.sets[(method, case.degradation, start_t)].append(to_uint8(out[j]))  # as saved: 4x less memory
+                    self.set_images[(method, case.degradation, start_t)].append(case.image)
             bar.update(1)
         return outputs
 
@@ -355,7 +357,7 @@ def run_sweep(
     clean = [(c.degradation, c.image, c.clean) for c in cases if c.clean is not None]
     set_metrics = fid_kid_metrics(runner.sets, runner.rows, inception, reference, clean)
     if realism is not None:
-        add_swd(set_metrics, runner.sets, realism, clean, notes)
+        add_swd(set_metrics, runner.sets, realism, clean, notes, runner.set_images)
     notes += [str(metric) for metric in (lpips, inception) if isinstance(metric, Skipped)]
     methods = {b.name: ("baseline", b.description) for b in baselines}
     for name, refiner in refiners:
@@ -444,6 +446,7 @@ def _keep_examples(examples: dict[int, SweepExample], outputs: dict[int, torch.T
 
 
 def _cycled(reference: torch.Tensor, n: int) -> torch.Tensor:
+    """``reference`` ``[K, ...]`` repeated in order to ``n`` members ``[n, ...]`` (member ``i`` is image ``i % K``)."""
     return reference[torch.arange(n) % reference.shape[0]]
 
 
@@ -453,11 +456,16 @@ def add_swd(
     realism: torch.Tensor,
     clean: Sequence[tuple[str, str, torch.Tensor]],
     notes: list[str],
+    images: dict[SetKey, list[str]] | None = None,
 ) -> None:
-    """Join ``swd`` (x 10^3, with ``swd_lo`` / ``swd_hi`` and the paired ``swd_bootstrap``) of every set's outputs
-    against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size) into ``set_metrics``.  The SWD of the distinct
-    clean images (``clean``: the cases' ``(degradation, image, clean image)``) against ``realism``, the floor that
-    sampling noise sets, goes into ``notes``."""
+    """Join ``swd`` (x 10^3, no interval) and the paired resamples ``swd_bootstrap`` (for the summary's ``gain_swd``)
+    of every set's outputs against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size) into ``set_metrics``.
+
+    ``images``: the image of each member of each set (members of one image, e.g. its seeds, are resampled together;
+    None: each member is an image of its own); the cycled reference is resampled by its K distinct images.  The SWD of
+    the distinct clean images (``clean``: the cases' ``(degradation, image, clean image)``), cycled to each set size,
+    against the same reference draws, the floor that sampling noise sets at that size, goes into ``notes``.
+    """
     entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
     prepared: dict[int, PreparedReference] = {}  # the reference side, once per set size
     for key, outputs in sets.items():
@@ -468,17 +476,29 @@ def add_swd(
         n = fake.shape[0]
         if n not in prepared:
             prepared[n] = prepare_reference(_cycled(realism, n))
-        boot = swd_bootstrap(fake, prepared[n])  # paired with every other set of these cases: summary's gain_swd
-        swd, lo, hi = (v * SWD_SCALE for v in (boot.result.mean, boot.interval.lo, boot.interval.hi))
-        entries[key].update(swd=swd, swd_lo=lo, swd_hi=hi, swd_bootstrap=boot)
+        clusters = images.get(key) if images is not None else None
+        reference_clusters = (torch.arange(n) % realism.shape[0]).tolist()
+        # paired with every other set of these cases (same members, same clusters): the summary's gain_swd
+        boot = swd_bootstrap(fake, prepared[n], clusters=clusters, reference_clusters=reference_clusters)
+        entries[key].update(swd=boot.result.mean * SWD_SCALE, swd_bootstrap=boot)
+    if any(n > realism.shape[0] for n in prepared):
+        notes.append(
+            f"SWD: the realism reference's {realism.shape[0]} images are cycled to the sets' "
+            f"{'/'.join(str(n) for n in sorted(prepared))} members; the paired SWD changes (gain_swd) resample its "
+            f"{realism.shape[0]} distinct images, not the copies"
+        )
     distinct = {image: x for _, image, x in clean}
     if distinct:
         real = torch.stack(list(distinct.values()))
-        floor = swd_bootstrap(real, _cycled(realism, real.shape[0])).interval
-        notes.append(
-            f"SWD x 10^3 of the {real.shape[0]} clean images against the realism reference: {floor.estimate * SWD_SCALE:.3f} "
-            f"[{floor.lo * SWD_SCALE:.3f}, {floor.hi * SWD_SCALE:.3f}] (the floor, 95 % bootstrap interval)"
-        )
+        for n in sorted(prepared):
+            floor = swd(_cycled(real, n), prepared[n]).mean
+            notes.append(
+                f"SWD x 10^3 of the {real.shape[0]} clean images"
+                + (f" (cycled to {n} members, as the sets)" if n != real.shape[0] else "")
+                + f" against the realism reference: {floor * SWD_SCALE:.3f} (the floor that sampling noise sets; "
+                "absolute SWDs have no interval, the paired changes gain_swd do)"
+            )
+    logger.info("SWD of %d sets against %d realism images", len(sets), realism.shape[0])
 
 
 def fid_kid_metrics(

@@ -359,6 +359,9 @@ def test_a_request_the_tensor_call_cannot_honour_is_refused(refiner, crops):
         refiner(x[0], start_t=300, mask_dilate=3)
     boxed = refiner(x[0], start_t=300, ddim_steps=4, boxes=[Box(0, 0, 4, 4)], mask_dilate=2)  # still runs
     assert torch.equal(boxed[:, 8:, 8:], x[0, :, 8:, 8:])
+    # a box's own start above start_t raises the plan's start (a stripped request planned from 100 and refused the map)
+    own = refiner(x[0], start_t=100, ddim_steps=4, boxes=[Box(0, 0, 4, 4, 300), Box(8, 8, 12, 12)])
+    assert torch.equal(own[:, 4:8, 4:8], x[0, :, 4:8, 4:8]) and not torch.equal(own[:, :4, :4], x[0, :, :4, :4])
 
 
 def test_plan_refuses_a_list_argument_in_one_line(refiner):

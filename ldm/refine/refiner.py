@@ -540,7 +540,6 @@ class Refiner:
         starts = None
         if mask is not None or boxes:
             _, starts = self.region_start_map(batch.shape[-2], batch.shape[-1], start_t, strength, mask, boxes, mask_dilate)
-            request = dataclasses.replace(request, regions=dataclasses.replace(regions, boxes=(), dilate=0))  # in starts
         out = self.refine(batch, request, seed, start_map=starts, prompt=prompt)
         if isinstance(image, torch.Tensor):
             return out[0] if image.ndim == 3 else out

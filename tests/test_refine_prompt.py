@@ -169,15 +169,14 @@ def test_regions_crop_mode_dpmpp_and_exact_tails_with_a_prompt(refiner):
     starts[..., 8:24, 10:30] = 400
     for options in ({"ddim_steps": 10}, {"sampler": "dpmpp_2m", "ddim_steps": 10}, {"tail_steps": 4}):
         for crop in (False, True):
-            kwargs = dict(start_map=starts, crop_regions=crop, region_size=32, **options)
-            out = refiner.refine_tensors(x, 400, [5, 6], prompt=["a cat", "a dog"], **kwargs)
+            kwargs = dict(crop_regions=crop, **({"region_size": 32} if crop else {}), **options)
+            out = refiner.refine_tensors(x, 400, [5, 6], prompt=["a cat", "a dog"], start_map=starts, **kwargs)
             outside = torch.ones(2, 3, 40, 48, dtype=torch.bool)
             outside[..., 4:28, 6:34] = False  # well away from the region and its feather
             assert torch.equal(out[outside], x.clamp(-1, 1)[outside]), (options, crop)
             assert (out - x).abs().amax() > 1e-3
             # each image with its own prompt, as if refined alone (crop mode slices its rows of the conditioning)
-            alone = refiner.refine_tensors(x[1:], 400, [6], prompt="a dog", start_map=starts[1:], crop_regions=crop,
-                                           region_size=32, **options)  # fmt: skip
+            alone = refiner.refine_tensors(x[1:], 400, [6], prompt="a dog", start_map=starts[1:], **kwargs)
             assert torch.equal(out[1:], alone), (options, crop)
 
 

@@ -303,6 +303,9 @@ def test_one_router_assignment_per_plan_and_no_checks_in_the_loop(expert_checkpo
     assert plan.timesteps == (400, 112, 11) and len(calls) == 2
     assert plan.routing == ((400, 400, 0), (112, 11, 1))
     assert "start_t=400 (step 600)" in plan.describe() and "t 112-11 (steps 888-989)" in plan.describe()
+    # CompVis' grid has a step every T // ddim_steps timesteps: 600 asked gives 999 ("499 of 600 steps" misled)
+    assert "(499 of the grid's 999 (ddim_steps=600) steps)" in refiner.plan(499, 600).describe()
+    assert "(20 of 40 steps)" in refiner.plan(499, 40).describe()
 
     def refuse(*args, **kwargs):
         raise AssertionError("validation inside the loop")

@@ -129,7 +129,10 @@ class RefinePlan:
         if self.tail_steps is not None:
             how = f"{len(self.timesteps)} exact step(s) from t={self.effective_start}"
         else:
-            how = f"first DDIM grid step at t={self.effective_start} ({len(self.timesteps)} of {self.ddim_steps} steps)"
+            # CompVis' grid steps every T // ddim_steps timesteps: above T / 2 steps it has more entries than asked
+            size = len(grid_tail(self.num_timesteps - 1, self.ddim_steps, self.num_timesteps)[0])
+            of = f"{self.ddim_steps}" if size == self.ddim_steps else f"the grid's {size} (ddim_steps={self.ddim_steps})"
+            how = f"first DDIM grid step at t={self.effective_start} ({len(self.timesteps)} of {of} steps)"
         solver = f"{self.sampler}, eta={self.eta:g}" if self.sampler == "ddim" else self.sampler
         return f"{describe_start(self.start_t, self.num_timesteps)} -> {how}, {solver}; {self.describe_routing()}"
 

@@ -205,11 +205,11 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.eval.baselines import autoencoder_baseline, default_baselines
     from ldm.eval.metrics import LPIPSMetric, Skipped, load_inception, load_lpips
     from ldm.eval.report import format_table, write_report
-    from ldm.eval.sources import SweepImage, heldout_images, synthetic_images
+    from ldm.eval.sources import folder_image_paths, heldout_images, images_at, synthetic_images
     from ldm.eval.summary import summarize
     from ldm.eval.swd import PATCH_SIZE as SWD_PATCH_SIZE
     from ldm.eval.sweep import build_sweep_degradation, run_sweep
-    from ldm.imageio import ImageLoadError, format_path, image_to_tensor, load_image
+    from ldm.imageio import ImageLoadError, format_path
     from ldm.refine import Refiner
     from ldm.util import ConfigError
 
@@ -236,9 +236,9 @@ def _run(args: argparse.Namespace) -> int:
         folder = getattr(args, name)
         if folder is None:
             continue
-        paths, left_out = _folder_paths(folder, args.outdir)
-        try:  # as ldm.eval.sources.folder_images, less the output folder's files
-            read[name] = [SweepImage(p.relative_to(folder).as_posix(), image_to_tensor(load_image(p).rgb)) for p in paths]
+        paths, left_out = folder_image_paths(folder, args.outdir)
+        try:
+            read[name] = images_at(folder, paths)
         except (FileNotFoundError, ImageLoadError) as exc:
             named = "--realism-images: " if name == "realism_images" else ""  # --images may be a folder too
             print(f"{PROG}: error: {named}{one_line_error(exc)}", file=sys.stderr)
@@ -374,8 +374,10 @@ VQ_DEGRADATIONS = ("vq_roundtrip", "local_vq")  # they round-trip through a VQ: 
 
 def _image_folder_problem(folder: str, outdir: str) -> str | None:
     """Why ``folder`` cannot be an image folder (missing, not a folder, no images, the output folder: one line), or
-    None.  Lists the folder's names (as :func:`_folder_paths` does later) without reading any image."""
+    None.  Lists the folder's names (as :func:`~ldm.eval.sources.folder_image_paths` does later) without reading any
+    image."""
     from ldm import imageio
+    from ldm.eval.sources import folder_image_paths
 
     root = Path(folder)
     if not root.is_dir():
@@ -385,7 +387,7 @@ def _image_folder_problem(folder: str, outdir: str) -> str | None:
             f"{imageio.format_path(root)} is also --outdir: the report's figures (curves.png, examples.png, ...) would "
             "be evaluated as images by the next run; choose another --outdir (a folder inside it is left out of it)"
         )
-    paths, left_out = _folder_paths(folder, outdir)
+    paths, left_out = folder_image_paths(folder, outdir)
     if left_out and not paths:
         return (
             f"every image under {imageio.format_path(root)} lies in --outdir {imageio.format_path(outdir)}, whose files "
@@ -395,20 +397,6 @@ def _image_folder_problem(folder: str, outdir: str) -> str | None:
         problems = imageio.find_images([root])[1]
         return ("; ".join(problems) or f"no images under {imageio.format_path(root)}") + "; pass a folder of images"
     return None
-
-
-def _folder_paths(folder: str, outdir: str) -> tuple[list[Path], int]:
-    """The images under ``folder`` (:func:`ldm.imageio.find_images`) and how many were left out: those under ``outdir``
-    when it lies inside ``folder`` (``--images data --outdir data/eval`` run twice evaluated its own figures), as
-    refine.py's ``collect_inputs`` leaves out its output folder."""
-    from ldm.imageio import find_images
-
-    paths = find_images([Path(folder)])[0]
-    root, out = os.path.realpath(folder), os.path.realpath(outdir)
-    if out == root or os.path.commonpath([root, out]) != root:  # the same folder is refused; above it: no report inside
-        return paths, 0
-    kept = [p for p in paths if os.path.commonpath([os.path.realpath(p), out]) != out]
-    return kept, len(paths) - len(kept)
 
 
 def _check_unused_flags(args: argparse.Namespace) -> str | None:

@@ -34,16 +34,36 @@ def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage
     ]
 
 
-def folder_images(folder: str | os.PathLike) -> list[SweepImage]:
-    """Every image under ``folder`` (recursive, :func:`ldm.imageio.find_images`), named by its relative path, alpha
-    dropped; an unreadable file is an error naming it."""
+def folder_image_paths(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> tuple[list[Path], int]:
+    """The image files under ``folder`` (recursive, :func:`ldm.imageio.find_images`) and how many were left out: those
+    under ``exclude`` (an output folder) when it lies inside ``folder``, so that a report written there is not read as
+    images by the next run (as refine.py's ``collect_inputs`` leaves out its output folder)."""
+    paths = imageio.find_images([Path(folder)])[0]
+    if exclude is None:
+        return paths, 0
+    root, out = os.path.realpath(folder), os.path.realpath(exclude)
+    if out == root or os.path.commonpath([root, out]) != root:  # the folder itself, or outside it: nothing to leave out
+        return paths, 0
+    kept = [p for p in paths if os.path.commonpath([os.path.realpath(p), out]) != out]
+    return kept, len(paths) - len(kept)
+
+
+def images_at(folder: str | os.PathLike, paths: list[Path]) -> list[SweepImage]:
+    """The images ``paths`` under ``folder``, named by their path relative to it, alpha dropped; an unreadable file is
+    an error naming it."""
+    return [SweepImage(p.relative_to(folder).as_posix(), imageio.image_to_tensor(imageio.load_image(p).rgb)) for p in paths]
+
+
+def folder_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[SweepImage]:
+    """Every image under ``folder`` (:func:`folder_image_paths`, less those under ``exclude``, see there), named by its
+    relative path, alpha dropped; an unreadable file is an error naming it."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")
-    paths, problems = imageio.find_images([root])
+    paths = folder_image_paths(root, exclude)[0]
     if not paths:
-        raise FileNotFoundError("; ".join(problems) or f"no images under {imageio.format_path(root)}")
-    return [SweepImage(p.relative_to(root).as_posix(), imageio.image_to_tensor(imageio.load_image(p).rgb)) for p in paths]
+        raise FileNotFoundError("; ".join(imageio.find_images([root])[1]) or f"no images under {imageio.format_path(root)}")
+    return images_at(root, paths)
 
 
 def synthetic_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage]:

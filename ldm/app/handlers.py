@@ -35,7 +35,7 @@ from ldm.imageio import (
 )
 from ldm.imageio.errors import short_repr
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
-from ldm.models.tiling import TilingConfig, tile_starts
+from ldm.models.tiling import TilingConfig, downscaled_size, tile_starts
 from ldm.refine.batch import build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
 from ldm.refine.refiner import Refiner
@@ -350,18 +350,9 @@ class StepCost:
         per_tile = fit.fixed_seconds + fit.seconds_per_pixel * tile_pixels
         stats = 0.0
         if tiling.stat_side:  # tiled_encode keeps each side at least 2 latent pixels (2 * factor image pixels)
-            small_h, small_w = _downscaled_size(height, width, tiling.stat_side, 2 * factor)
+            small_h, small_w = downscaled_size(height, width, tiling.stat_side, 2 * factor)
             stats = fit.step_seconds((small_h // factor) * (small_w // factor))
         return tiles * per_tile * (1 + tiling.stat_passes) + fit.seconds_per_pixel2 * p * p + stats
-
-
-def _downscaled_size(height: int, width: int, side: int, min_size: int) -> tuple[int, int]:
-    """The size :func:`ldm.models.tiling.downscale_to` gives a ``height`` x ``width`` image (without a tensor)."""
-    k = -(-max(height, width) // side)
-    if k <= 1:
-        return height, width
-    small_h, small_w = (min(n, max(min_size, round(n / k))) for n in (height, width))
-    return small_h, small_w
 
 
 def fit_step_cost(small: tuple[int, float], large: tuple[int, float]) -> StepCost:

@@ -207,16 +207,22 @@ def _blend_tiles(
     return (out / weight).to(x.dtype)
 
 
+def downscaled_size(height: int, width: int, side: int, min_size: int = 1) -> tuple[int, int]:
+    """The ``(height, width)`` :func:`downscale_to` gives an image of that size (pixels)."""
+    factor = math.ceil(max(height, width) / side)
+    if factor <= 1:
+        return height, width
+    small_h, small_w = (min(n, max(min_size, round(n / factor))) for n in (height, width))
+    return small_h, small_w
+
+
 def downscale_to(x: torch.Tensor, side: int, min_size: int = 1) -> torch.Tensor:
     """``x`` ``[B, C, H, W]`` area-downscaled by the smallest integer factor that brings ``max(H, W)`` to ``<= side``.
 
     No axis shrinks below ``min_size`` pixels: a 16x20000 image keeps its short side rather than becoming one pixel
     thin, which an encoder's strided convolutions cannot take and which would leave statistics mostly of zero padding.
     """
-    factor = math.ceil(max(x.shape[-2:]) / side)
-    if factor <= 1:
-        return x
-    size = tuple(min(n, max(min_size, round(n / factor))) for n in x.shape[-2:])
+    size = downscaled_size(x.shape[-2], x.shape[-1], side, min_size)
     if size == tuple(x.shape[-2:]):
         return x
     return F.interpolate(x, size=size, mode="area")

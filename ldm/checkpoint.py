@@ -1,6 +1,5 @@
-"""The one way this project reads and writes weights: ``.safetensors`` via :mod:`safetensors`; torch files with
-``torch.load(weights_only=True)``, where the few Lightning-1.x / OmegaConf globals of CompVis releases become inert
-placeholders and any other global is refused (:class:`UnsafeCheckpointError`) unless the user opts in; atomic writes.
+"""The one way this project reads and writes weights: safetensors, or ``torch.load(weights_only=True)`` with inert
+placeholders for CompVis releases' Lightning-1.x / OmegaConf globals (any other is refused unless unsafe); atomic writes.
 """
 
 from __future__ import annotations
@@ -132,8 +131,7 @@ def _torch_load_restricted(path: Path, map_location: Any) -> Any:
     except pickle.UnpicklingError:
         pass  # needs globals beyond torch's allow-list: inspect them below
     unsafe_globals = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    real = {g: _real_global(g) for g in unsafe_globals if g in _SAFE_REAL_GLOBALS}
-    real = {g: obj for g, obj in real.items() if obj is not None}
+    real = {g: obj for g in unsafe_globals if g in _SAFE_REAL_GLOBALS and (obj := _real_global(g)) is not None}
     stubbed = [g for g in unsafe_globals if g not in real and any(g == p or g.startswith(p) for p in LEGACY_STUB_PREFIXES)]
     refused = [g for g in unsafe_globals if g not in real and g not in stubbed]
     if refused:
@@ -150,11 +148,8 @@ def _torch_load_restricted(path: Path, map_location: Any) -> Any:
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", unsafe: bool = False) -> dict[str, Any]:
     """Read a checkpoint file into a dict: ``.safetensors`` gives ``{"state_dict": tensors, "metadata": {...}}`` (and
     the records of :data:`_RECORDS`); a torch file what was saved (a bare state dict as ``{"state_dict": ...}``).
-
-    Raises:
-        CheckpointError: missing / empty / truncated / not a checkpoint.
-        UnsafeCheckpointError: the pickle needs code outside the allow-list and ``unsafe`` is False.
-    """
+    Raises ``CheckpointError`` (missing, empty, truncated, not a checkpoint) or ``UnsafeCheckpointError`` (the pickle
+    needs code outside the allow-list and ``unsafe`` is False)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path (or train one first)")
@@ -202,8 +197,7 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
 
 
 def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    """The :data:`_RECORDS` of a ``.safetensors`` header, parsed and checked (each at most :data:`MAX_METADATA_JSON`
-    characters)."""
+    """The :data:`_RECORDS` of a ``.safetensors`` header, parsed and checked."""
     records: dict[str, Any] = {}
     for key, (valid, kind) in _RECORDS.items():
         name = METADATA_PREFIX + key
@@ -226,7 +220,7 @@ def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str,
     return records
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -235,8 +229,8 @@ def _is_int(value: Any) -> bool:
 # and whether the EMA weights were copied into the model's (no model_ema.*); with what each must be when read.
 _RECORDS = {
     "config": (lambda v: isinstance(v, dict), "a JSON object"),
-    "window": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) for t in v), "[t_min, t_max] (two integers)"),
-    "global_step": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "window": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(t) for t in v), "[t_min, t_max] (two integers)"),
+    "global_step": (lambda v: v is None or (is_int(v) and v >= 0), "an integer >= 0 or null"),
     "ema_folded": (lambda v: isinstance(v, bool), "true or false"),
 }
 
@@ -346,10 +340,7 @@ def check_weights_fit(
 
 
 def load_weights(
-    module: torch.nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    strict: bool = False,
-    source: str = "checkpoint",
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = False, source: str = "checkpoint"
 ) -> tuple[list[str], list[str]]:
     """Load ``state_dict`` into ``module`` after :func:`check_weights_fit`; returns ``(missing, unexpected)``, which
     are an error when ``strict`` and a logged note otherwise."""
@@ -391,8 +382,7 @@ def load_autoencoder_weights(
 ) -> None:
     """Load a first stage's weights (``state_dict`` already unprefixed) into ``model``: ``loss.*`` keys the model's loss
     lacks or shapes differently are dropped; autoencoder weights (``network_prefixes``) the model lacks, or model
-    weights the file lacks, are refused.  Messages use ``name`` ("this model"), ``weights`` ("autoencoder") and
-    ``question`` ("is it a VQ checkpoint of this architecture?")."""
+    weights the file lacks, are refused (``name``, ``weights``, ``question``: words of those messages)."""
     own = model.state_dict()
     loss_keys = {k for k in state_dict if k.startswith("loss.") and (k not in own or own[k].shape != state_dict[k].shape)}
     if loss_keys:

@@ -1,20 +1,5 @@
-"""Configs stored in checkpoints are untrusted: what each slot may build, what its values may be, and a dry run.
-
-Building a checkpoint's embedded config runs constructors with its author's arguments.  :func:`check_untrusted_model`
-(called by :func:`ldm.refine.loading.load_expert` unless ``trust_config``) checks it before anything is built for real:
-
-1. **Roles.** Each slot admits one kind of class (:data:`CONFIG_ROLES`); a class of another kind (a dataset, a
-   callback) is refused (its module imported, the class never built), and so are a ``target`` outside a slot,
-   parameters naming files a class reads when built (``remap``) and ``unsafe_load: true``.
-2. **Values.** Every parameter must be one the constructor takes and fit its type hints: integers (not bools or
-   floats) in ``[0, MAX_CONFIG_INT]`` (``-1`` too where it is the default, CompVis' "unset"), finite floats, lists.
-   ``timesteps`` must equal the length of the checkpoint's ``betas`` (the constructor computes it on the CPU).
-3. **Sizes.** The model is built on the ``meta`` device under a limit on the tensors and modules it may register;
-   every shape is compared with the state dict, missing weights are refused, and the model may hold only a little
-   more numbers than the checkpoint (its non-persistent buffers).
-
-Every config read from a checkpoint, trusted or not, first passes :func:`check_config_structure` (bounded nesting and
-size), because the loader walks it recursively.
+"""Configs stored in checkpoints are untrusted (building one runs constructors with its author's arguments): what each
+slot may build, what its values may be, and a dry run on the meta device (README, Security).
 """
 
 from __future__ import annotations
@@ -30,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as torch_module
 
-from ldm.checkpoint import CheckpointError, check_weights_fit, require_weights
+from ldm.checkpoint import CheckpointError, check_weights_fit, is_int, require_weights
 from ldm.util import (
     FIRST_STAGE_SENTINEL,
     TRUST_HINT,
@@ -77,17 +62,12 @@ class RegistrationLimitError(CheckpointError):
 
 @dataclass(frozen=True)
 class ConfigRole:
-    """What one slot of an untrusted config may build.
-
-    Attributes:
-        accepts: the kinds in words (for error messages).
-        kinds: ``(base, package)`` pairs: a subclass of ``base`` (dotted) defined in ``package`` where it is given.
-        slots: parameter name -> role of the sub-config it holds; sentinels: strings the slot takes instead of a config.
-        kwargs_of: parameter -> classes that receive its entries as keyword arguments (whose type hints check them).
-        files: parameters naming files that the class reads when it is built.
-        sizes: whether the slot's integers size tensors (bounded by :data:`MAX_CONFIG_INT`); a learning-rate
-            schedule's step counts do not.
-    """
+    """What one slot of an untrusted config may build: ``accepts``, the kinds in words (for messages); ``kinds``,
+    ``(base, package)`` pairs: a subclass of ``base`` (dotted) defined in ``package`` where it is given; ``slots``,
+    parameter -> role of the sub-config it holds; ``sentinels``, strings the slot takes instead of a config;
+    ``kwargs_of``, parameter -> classes that receive its entries as keyword arguments (whose type hints check them);
+    ``files``, parameters naming files the class reads when it is built; ``sizes``, whether the slot's integers size
+    tensors (bounded by :data:`MAX_CONFIG_INT`; a learning-rate schedule's step counts do not)."""
 
     accepts: str
     kinds: tuple[tuple[str, str | None], ...]
@@ -158,13 +138,11 @@ def check_untrusted_model(
     source: str,
     allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES,
 ) -> None:
-    """Steps 1-3 of the module docstring for a model config and its checkpoint's weights (only shapes and ``betas``
-    are read); ``source`` names the checkpoint.
-
-    Raises:
-        ConfigError: a target of the wrong kind or outside the allow-list, a bad value, a config that cannot be built.
-        CheckpointError: "config and checkpoint disagree: ..." (shapes, schedule length, sizes), or missing weights.
-    """
+    """Check a model config against its checkpoint's weights (only shapes and ``betas`` are read) before anything is
+    built for real: :func:`check_untrusted_config`, the schedule length, a meta-device dry run under registration
+    limits, every shape, missing weights and the total size; ``source`` names the checkpoint.  Raises ``ConfigError``
+    (a target of the wrong kind or outside the allow-list, a bad value, a config that cannot be built) or
+    ``CheckpointError`` ("config and checkpoint disagree: ..." for shapes, schedule length, sizes; missing weights)."""
     try:
         check_untrusted_config(cfg, "model", allowed_prefixes)
     except ConfigError as exc:
@@ -182,8 +160,7 @@ def check_untrusted_model(
 
 def check_config_structure(config: Any, source: str) -> None:
     """Refuse a config read from a checkpoint that nests deeper than :data:`MAX_CONFIG_DEPTH` or holds more than
-    :data:`MAX_CONFIG_ENTRIES` entries, before anything walks it recursively (``copy.deepcopy``, the target scans).
-    Walks iteratively and stops at the first limit."""
+    :data:`MAX_CONFIG_ENTRIES` entries, before anything walks it recursively (``copy.deepcopy``, the target scans)."""
     stack, entries = [(config, 1)], 0
     while stack:
         node, depth = stack.pop()
@@ -191,7 +168,7 @@ def check_config_structure(config: Any, source: str) -> None:
             bad = next((k for k in node if not isinstance(k, str)), None)
             if bad is not None:
                 raise ConfigError(
-                    f"{source}: its stored config has a key {_short(bad)} of type {type(bad).__name__}; config keys are "
+                    f"{source}: its stored config has a key {clipped_repr(bad)} of type {type(bad).__name__}; config keys are "
                     "strings (argument names): the file is corrupt or crafted"
                 )
             children = list(node.values())
@@ -210,20 +187,17 @@ def check_config_structure(config: Any, source: str) -> None:
 
 
 def check_untrusted_config(
-    config: Any,
-    role: str = "model",
-    allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES,
-    where: str = "model",
+    config: Any, role: str = "model", allowed_prefixes: Sequence[str] = TRUSTED_TARGET_PREFIXES, where: str = "model"
 ) -> None:
-    """Steps 1 and 2 of the module docstring for ``config`` filling the slot ``role`` (a key of :data:`CONFIG_ROLES`)
-    and its sub-configs; ``where`` is the slot's path in messages.  Modules that targets name are imported, nothing is
-    built."""
+    """Refuse a ``config`` for the slot ``role`` (a key of :data:`CONFIG_ROLES`), or a sub-config, that names a class
+    of another kind, a file its class reads or ``unsafe_load: true``, or whose values do not fit the constructors' type
+    hints; ``where``: the slot's path in messages.  Modules that targets name are imported, nothing is built."""
     spec = CONFIG_ROLES[role]
     if isinstance(config, str) and config in spec.sentinels:
         return
     if not isinstance(config, Mapping) or not isinstance(config.get("target"), str):
         raise ConfigError(
-            f"{where}={_short(config)} is not a config {{target: ..., params: ...}}; {where} accepts {spec.accepts}"
+            f"{where}={clipped_repr(config)} is not a config {{target: ..., params: ...}}; {where} accepts {spec.accepts}"
         )
     target = config["target"]
     try:
@@ -243,7 +217,7 @@ def check_untrusted_config(
         here = f"{where}.params.{name}"
         if name == "cond_stage_forward" and value not in COND_STAGE_FORWARDS:
             raise ConfigError(
-                f"{here}={_short(value)}: a config stored in a checkpoint may name only the cond stage methods "
+                f"{here}={clipped_repr(value)}: a config stored in a checkpoint may name only the cond stage methods "
                 f"{list(COND_STAGE_FORWARDS)}. {TRUST_HINT}"
             )
         if name == "unsafe_load" and value is True:
@@ -258,7 +232,7 @@ def check_untrusted_config(
             continue
         if name in spec.files and value is not None:
             raise ConfigError(
-                f"{here}={_short(value)} names a file that {cls.__name__} reads when it is built; a config stored in a "
+                f"{here}={clipped_repr(value)} names a file that {cls.__name__} reads when it is built; a config stored in a "
                 f"checkpoint may not (the checkpoint holds the weights). {TRUST_HINT}"
             )
         inner = next(iter(iter_targets(value)), None)
@@ -276,18 +250,15 @@ def check_untrusted_config(
                 _check_value(item, f"{here}.{key}", spec.sizes, *receivers.get(key, (Any, None)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# values
-
-
+# -------------------------------------------------------------------------------------------------------------- values
 def _check_value(value: Any, where: str, sizes: bool, hint: Any, default: Any) -> None:
     """Refuse ``value`` unless it fits the type ``hint`` of the argument (with ``default``) that receives it."""
     # -1 is CompVis' "unset" for num_heads / num_head_channels: allowed where it is the default
-    low = -1 if isinstance(default, int) and not isinstance(default, bool) and default == -1 else 0
+    low = -1 if is_int(default) and default == -1 else 0
     problem = _mismatch(value, hint, sizes, low)
     if problem is not None:
         raise ConfigError(
-            f"{where}={_short(value)}: {problem} (a config stored in a checkpoint is checked against the "
+            f"{where}={clipped_repr(value)}: {problem} (a config stored in a checkpoint is checked against the "
             "types of the constructor that receives it)"
         )
 
@@ -308,7 +279,7 @@ def _mismatch(value: Any, hint: Any, sizes: bool, low: int) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {_type(value)}"
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             return f"expected an integer, got {_type(value)}"
         if sizes and not low <= value <= MAX_CONFIG_INT:
             return f"out of range: an integer here must lie in [{low}, {MAX_CONFIG_INT}]"
@@ -326,7 +297,7 @@ def _mismatch(value: Any, hint: Any, sizes: bool, low: int) -> str | None:
         for i, item in enumerate(value):
             problem = _mismatch(item, item_hint, sizes, 0)
             if problem is not None:
-                return f"item {i} ({_short(item)}): {problem}"
+                return f"item {i} ({clipped_repr(item)}): {problem}"
         return None
     if origin in (Mapping, dict) or hint is dict:
         if not isinstance(value, Mapping):
@@ -336,7 +307,7 @@ def _mismatch(value: Any, hint: Any, sizes: bool, low: int) -> str | None:
         for key, item in value.items():
             problem = _mismatch(item, value_hint, sizes, 0)
             if problem is not None:
-                return f"entry {key!r} ({_short(item)}): {problem}"
+                return f"entry {key!r} ({clipped_repr(item)}): {problem}"
         return None
     if isinstance(hint, type) and not isinstance(value, hint):
         return f"expected {hint.__name__}, got {_type(value)}"
@@ -345,7 +316,7 @@ def _mismatch(value: Any, hint: Any, sizes: bool, low: int) -> str | None:
 
 def _huge_int(value: Any) -> str | None:
     """For values without a usable type hint: no integer anywhere in them beyond +-MAX_CONFIG_INT."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return None if abs(value) <= MAX_CONFIG_INT else f"out of range: integers here must lie within +-{MAX_CONFIG_INT}"
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
     return next((p for p in map(_huge_int, items) if p is not None), None)
@@ -355,7 +326,8 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def clipped_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -375,10 +347,7 @@ def _kind(cls: type) -> str:
     return next((words for base, words in kinds if issubclass(cls, base)), "a class of another kind")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# sizes
-
-
+# --------------------------------------------------------------------------------------------------------------- sizes
 def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> None:
     """``timesteps`` (or ``len(given_betas)``) must equal the checkpoint's: the constructor computes that many values
     on the CPU before any shape could be compared."""
@@ -398,7 +367,7 @@ def _check_schedule_length(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]
     if steps != betas.shape[0]:
         raise CheckpointError(
             f"config and checkpoint disagree: {source} holds a noise schedule of {betas.shape[0]} timesteps (betas), its "
-            f"config asks for {_short(steps)}; refused before computing it"
+            f"config asks for {clipped_repr(steps)}; refused before computing it"
         )
     if steps > MAX_SCHEDULE_STEPS:
         raise ConfigError(

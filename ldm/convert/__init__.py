@@ -1,3 +1,1 @@
-"""Converters between this project's checkpoints and Hugging Face diffusers folders (:mod:`ldm.convert.diffusers`:
-unconditional LDMs and Stable Diffusion v1), reading a folder's JSON and weight files only (diffusers is not imported).
-"""
+"""Hugging Face diffusers folders <-> this project's checkpoints (:mod:`ldm.convert.diffusers`); diffusers is never imported."""

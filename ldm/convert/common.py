@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, is_int
+from ldm.untrusted import clipped_repr
 
 # Bounds on sizes read from an untrusted config, checked before anything is allocated from them.  They are far above
 # every released LDM (celebahq: 896 channels, 4 levels, 2 layers, 8192 codes, T = 1000).
@@ -38,7 +39,7 @@ class Options:
         self.read: set[str] = set()
 
     def fail(self, key: str, value: Any, why: str) -> DiffusersFormatError:
-        return DiffusersFormatError(f"{self.source}: {key}={_short(value)} {why}")
+        return DiffusersFormatError(f"{self.source}: {key}={clipped_repr(value)} {why}")
 
     def get(self, key: str) -> Any:
         self.read.add(key)
@@ -46,7 +47,7 @@ class Options:
 
     def integer(self, key: str, lo: int, hi: int) -> int:
         value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        if not is_int(value) or not lo <= value <= hi:
             raise self.fail(key, value, f"must be an integer in [{lo}, {hi}]")
         return value
 
@@ -68,7 +69,7 @@ class Options:
         """The value, one of ``allowed`` (equal and of the same type)."""
         value = self.get(key)
         if not any(value == a and type(value) is type(a) for a in allowed):
-            shown = ", ".join(_short(a) for a in allowed)
+            shown = ", ".join(clipped_repr(a) for a in allowed)
             raise self.fail(key, value, f"is not supported (allowed: {shown}){': ' + why if why else ''}")
         return value
 
@@ -79,7 +80,7 @@ class Options:
         for item in value:
             if item not in allowed:
                 raise self.fail(
-                    key, value, f"holds {_short(item)}, which is not supported (allowed: {', '.join(allowed)}): {why}"
+                    key, value, f"holds {clipped_repr(item)}, which is not supported (allowed: {', '.join(allowed)}): {why}"
                 )
         return tuple(value)
 
@@ -92,7 +93,7 @@ class Options:
         up = self.block_types("up_block_types", up_types, why[1])
         widths = self.get("block_out_channels")
         ok = isinstance(widths, (list, tuple)) and 1 <= len(widths) <= MAX_LEVELS
-        if not ok or not all(isinstance(w, int) and not isinstance(w, bool) and 32 <= w <= MAX_CHANNELS for w in widths):
+        if not ok or not all(is_int(w) and 32 <= w <= MAX_CHANNELS for w in widths):
             raise self.fail(
                 "block_out_channels", widths, f"must be a list of 1 to {MAX_LEVELS} integers in [32, {MAX_CHANNELS}]"
             )
@@ -121,7 +122,7 @@ class Options:
             return None
         if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
             value = value[0]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+        if not is_int(value) or not 1 <= value <= MAX_SIDE:
             raise self.fail(key, value, f"must be an integer (or a square [h, w] pair) in [1, {MAX_SIDE}]")
         return value
 
@@ -139,11 +140,6 @@ class Options:
                 f"{self.source}: option(s) {left[:5]} are unknown to this converter (written for diffusers 0.42); "
                 "it cannot tell whether they change the network, so the folder is refused"
             )
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

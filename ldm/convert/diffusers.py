@@ -1,6 +1,5 @@
 """Hugging Face diffusers folders (unconditional ``LDMPipeline`` and Stable Diffusion v1) <-> this project's
-checkpoints and experts.  An expert's window is recorded in ``unet/config.json`` as ``"_latesteps_window": [t_min,
-t_max]`` (diffusers passes ``_`` keys to no constructor).  The reading half is :mod:`ldm.convert.from_diffusers`.
+checkpoints and experts; the reading half is :mod:`ldm.convert.from_diffusers`.
 """
 
 from __future__ import annotations
@@ -43,11 +42,9 @@ WEIGHTS_NAME = WEIGHT_NAMES[0]  # diffusion_pytorch_model.safetensors
 
 # ------------------------------------------------------------------------------------------------------------ export
 def export_diffusers(model: Any, out_dir: str | os.PathLike) -> Path:
-    """Write a ``LatentDiffusion`` / ``LateStepsLatentDiffusion`` (its weights as they are now) as the diffusers folder
-    ``out_dir``, which must not exist and appears complete or not at all: an unconditional LDM with a VQ first stage as
-    an ``LDMPipeline`` folder, an SD v1-shaped one (cross-attention UNet, ``AutoencoderKL``, ``FrozenCLIPEmbedder``) as
-    a ``StableDiffusionPipeline`` folder (no safety checker).  Raises ``FileExistsError``, or ``DiffusersFormatError``
-    for a model diffusers' pipeline cannot hold."""
+    """Write a ``LatentDiffusion`` / ``LateStepsLatentDiffusion`` as the new diffusers folder ``out_dir`` (complete or
+    absent; ``FileExistsError`` if it exists): an unconditional VQ LDM as ``LDMPipeline``, an SD v1-shaped one
+    (``FrozenCLIPEmbedder``) as ``StableDiffusionPipeline`` (no safety checker); ``DiffusersFormatError`` for others."""
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
     out = Path(out_dir)
@@ -107,8 +104,7 @@ def _export(
     text_files: Mapping[str, bytes] | None = None,
     tokenizer: Any = None,
 ) -> Path:
-    """Write ``model_index.json`` (``index`` + the DDIM scheduler), the scheduler, the UNet (with the model's window
-    unless full-range), the first stage, an SD folder's ``text_files`` and tokenizer into a hidden temp folder beside
+    """Write the folder (the UNet config with the model's window unless full-range) into a hidden temp folder beside
     ``out``, renamed to ``out`` at the end (a reader sees no folder or the complete one)."""
     num_timesteps = int(model.num_timesteps)
     window = tuple(int(v) for v in model.window())

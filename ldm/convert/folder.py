@@ -1,6 +1,5 @@
-"""Reading a diffusers pipeline folder safely (all of it is untrusted input): its layout, its JSON configs (size-bounded,
-objects only, no NaN/Infinity) and its weight files (tensors only; a ``.safetensors`` file's shapes come from its
-header, so they are compared with the shapes the config implies before any tensor is built).
+"""Reading a diffusers pipeline folder, all of it untrusted: its layout, JSON configs (size-bounded, objects only, no
+NaN/Infinity) and weight files (tensors only; safetensors shapes come from the header, checked before any is built).
 """
 
 from __future__ import annotations
@@ -131,8 +130,7 @@ class LDMFolder:
         return format_path(self.root)
 
     def digest(self) -> str:
-        """sha256 of the lines ``<relative path> NUL <sha256 of the file>\\n`` over the files the conversion reads,
-        sorted by relative path."""
+        """sha256 of the lines ``<relative path> NUL <sha256 of the file>\\n`` of the files read, sorted by relative path."""
         digest = hashlib.sha256()
         for path in sorted(set(self.read), key=lambda p: p.relative_to(self.root).as_posix()):
             digest.update(f"{path.relative_to(self.root).as_posix()}\0{sha256_file(path)}\n".encode())
@@ -143,8 +141,7 @@ def open_ldm_folder(path: str | os.PathLike) -> LDMFolder:
     """Read the configs of a diffusers LDM folder's UNet, first stage and scheduler (found by class in
     ``model_index.json``, else by the names ``unet``, ``vqvae`` or ``vae``, ``scheduler``); a ``DiffusersFormatError``
     refuses a missing part, unreadable JSON or a conditioning component."""
-    root = Path(path)
-    shown = format_path(path)
+    root, shown = Path(path), format_path(path)
     if not root.is_dir():
         raise DiffusersFormatError(f"{shown} is not a folder")
     names = _component_names(root, shown)
@@ -227,13 +224,8 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")  # not part of the denoiser; never read
 TEXT_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
+TOKENIZER_FILES = tuple(
+    "tokenizer.json vocab.json merges.txt tokenizer_config.json special_tokens_map.json added_tokens.json".split()
 )
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json + merges.txt + tokenizer.json are ~5 MB
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel")
@@ -259,8 +251,7 @@ def open_sd_folder(path: str | os.PathLike, supported: str) -> LDMFolder:
     """Read the configs of a Stable Diffusion folder; weights are not read yet.  Refuses a path that is not a folder
     (:func:`sd_to_checkpoint` is public), a missing part, unreadable JSON, a tokenizer without its files (or over
     :data:`MAX_TOKENIZER_BYTES`) or a component SD v1 lacks; ``supported`` ends the message refusing other pipelines."""
-    root = Path(path)
-    shown = format_path(path)
+    root, shown = Path(path), format_path(path)
     if not root.is_dir():
         raise DiffusersFormatError(f"{shown} is not a folder")
     classes: dict[str, str | None] = {name: None for name in SD_PARTS}

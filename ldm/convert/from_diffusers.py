@@ -1,8 +1,6 @@
-"""Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory (window, schedule buffers and
-weights checked against the shapes the converted config implies): the reading half of
+"""Hugging Face diffusers folder -> this project's checkpoint dict and expert, in memory: the reading half of
 :mod:`ldm.convert.diffusers`, apart so that imports stay one-way (``load_expert`` reads folders; the writing half
-loads experts).  An LDM folder becomes a ``LatentDiffusion``, an SD v1 folder v1-inference.yaml's classes; either a
-``LateStepsLatentDiffusion`` when the UNet config records a window.
+loads experts).
 """
 
 from __future__ import annotations
@@ -108,8 +106,7 @@ def converted_checkpoint(
 
 def expected_shapes(cfg: Mapping[str, Any], shown: str) -> dict[str, tuple[int, ...]]:
     """Every state-dict key's shape of the model ``cfg`` describes, built on the meta device (nothing allocated)."""
-    build = copy.deepcopy(dict(cfg))
-    build["params"] = {**build["params"], "use_ema": False}
+    build = copy.deepcopy({**cfg, "params": {**cfg["params"], "use_ema": False}})
     try:
         with torch.device("meta"):
             model = instantiate_from_config(build)
@@ -179,7 +176,7 @@ def diffusers_to_checkpoint(
 ) -> dict[str, Any]:
     """Convert a diffusers LDM or Stable Diffusion v1 folder into the checkpoint dict ``main.py`` writes:
     ``{"state_dict": {...} (float32), "config": {"model": {target, params}}, "converted_from": {"format", "folder",
-    "sha256"}}``, plus ``"window": [t_min, t_max]`` for a window expert.
+    "sha256"}}``, plus ``"window": [t_min, t_max]`` for a window expert (``LateStepsLatentDiffusion``).
 
     Args:
         scale_factor: the latent scale (> 0; the CLI checks it), overriding the first stage's ``scaling_factor``
@@ -189,8 +186,8 @@ def diffusers_to_checkpoint(
             (``cond_stage_config.params.version``, absolute; default: ``folder``, which must then stay where it is).
 
     Raises:
-        DiffusersFormatError (a ``CheckpointError``): a folder this project cannot represent (SD 2.x, SDXL,
-            v-prediction, inpainting, ...), bad JSON, or weights that do not match the configs; one line.
+        DiffusersFormatError (a ``CheckpointError``, one line): a folder this project cannot represent, bad JSON, or
+            weights that do not match the configs.
     """
     if is_sd_folder(folder):  # a text-to-image pipeline (text_encoder/, tokenizer/): Stable Diffusion v1
         return sd_to_checkpoint(folder, scale_factor=scale_factor, unsafe_load=unsafe_load, clip_dir=clip_dir)
@@ -294,7 +291,6 @@ def load_diffusers_expert(
 ) -> tuple[Expert, CheckpointInfo]:
     """A refinement expert converted in memory from a diffusers folder, and its ``CheckpointInfo`` (contract of
     :func:`ldm.refine.loading.load_expert`: on CPU, eval mode, no gradients); raises as :func:`diffusers_to_checkpoint`.
-
     ``ema`` is accepted for that contract; a folder's one set of weights is used either way.  The window is ``[0, T)``
     or the one in ``unet/config.json``; the sha256 is :meth:`ldm.convert.folder.LDMFolder.digest`.
     """

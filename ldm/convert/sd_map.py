@@ -1,7 +1,6 @@
 """Stable Diffusion v1's networks: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / transformers
 ``CLIPTextModel`` configs <-> this project's ``UNetModel`` (with ``SpatialTransformer``), ``AutoencoderKL`` and
-``FrozenCLIPEmbedder``, and the key maps (the skeletons are :mod:`ldm.convert.unet_map`'s and
-:mod:`ldm.convert.vq_map`'s).  Refused: SD 2.x (linear projections), SDXL, extra conditioning, latent normalisation.
+``FrozenCLIPEmbedder``, and the key maps.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ldm.checkpoint import is_int
 from ldm.convert.common import MAX_CHANNELS, MAX_LAYERS, DiffusersFormatError, Options, ParamMap, conv_pair, refusal
 from ldm.convert.unet_map import (
     UNET_COMMON_DEFAULTS,
@@ -142,28 +142,15 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
     opt.choice("use_linear_projection", [False], f"(Stable Diffusion 2.x's linear proj_in/proj_out); {SUPPORTED}")
     opt.choice("addition_embed_type", [None], f"(SDXL's extra text/size conditioning); {SUPPORTED}")
     for key in (
-        "addition_time_embed_dim",
-        "projection_class_embeddings_input_dim",
-        "class_embed_type",
-        "num_class_embeds",
-        "encoder_hid_dim",
-        "encoder_hid_dim_type",
-        "time_cond_proj_dim",
-        "time_embedding_act_fn",
-        "timestep_post_act",
-        "cross_attention_norm",
-        "reverse_transformer_layers_per_block",
-        "num_attention_heads",
-    ):
+        "addition_time_embed_dim projection_class_embeddings_input_dim class_embed_type num_class_embeds encoder_hid_dim "
+        "encoder_hid_dim_type time_cond_proj_dim time_embedding_act_fn timestep_post_act cross_attention_norm "
+        "reverse_transformer_layers_per_block num_attention_heads"
+    ).split():
         opt.choice(key, [None], f"is not supported (extra conditioning or layout options SD v1 lacks); {SUPPORTED}")
     for key in (
-        "only_cross_attention",
-        "dual_cross_attention",
-        "upcast_attention",
-        "center_input_sample",
-        "resnet_skip_time_act",
-        "class_embeddings_concat",
-    ):
+        "only_cross_attention dual_cross_attention upcast_attention center_input_sample resnet_skip_time_act "
+        "class_embeddings_concat"
+    ).split():
         opt.choice(key, [False], f"is not supported; {SUPPORTED}")
     opt.choice("mid_block_only_cross_attention", [None, False], "is not supported")
     opt.choice("attention_type", ["default"], "(gated/IP-adapter attention) is not supported")
@@ -252,7 +239,7 @@ def _same_int(opt: Options, key: str, levels: int, hi: int) -> int:
                 f"must be one integer (or {levels} equal ones): CompVis' UNet has one value for every level; {SUPPORTED}",
             )
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+    if not is_int(value) or not 1 <= value <= hi:
         raise opt.fail(key, value, f"must be an integer in [1, {hi}]")
     return value
 
@@ -262,9 +249,7 @@ def _heads(opt: Options, widths: tuple[int, ...], attention: tuple[bool, ...]) -
     is, despite its name, the number of heads per level."""
     value = opt.get("attention_head_dim")
     per_level = list(value) if isinstance(value, (list, tuple)) else [value] * len(widths)
-    if len(per_level) != len(widths) or not all(
-        isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= MAX_CHANNELS for h in per_level
-    ):
+    if len(per_level) != len(widths) or not all(is_int(h) and 1 <= h <= MAX_CHANNELS for h in per_level):
         raise opt.fail(
             "attention_head_dim",
             value,

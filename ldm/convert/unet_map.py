@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ldm.checkpoint import is_int
 from ldm.convert.common import (
     MAX_CHANNELS,
     MAX_LAYERS,
@@ -279,7 +280,7 @@ def unet_options(
     out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
     if out_ch != in_ch:
         raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: {out_why}")
-    fields = {
+    return {
         "in_channels": in_ch,
         "out_channels": out_ch,
         "model_channels": widths[0],
@@ -287,8 +288,7 @@ def unet_options(
         "attention": attention,
         "image_size": opt.side("sample_size") or 0,
         "dropout": opt.number("dropout", 0.0, 1.0),
-    }
-    return fields, widths
+    }, widths
 
 
 def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
@@ -296,7 +296,7 @@ def window_from_config(value: Any, source: str) -> tuple[int, int] | None:
     if value is None:
         return None
     ok = isinstance(value, (list, tuple)) and len(value) == 2
-    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TIMESTEPS for v in value):
+    if not ok or not all(is_int(v) and 0 <= v <= MAX_TIMESTEPS for v in value):
         raise DiffusersFormatError(f"{source}: {WINDOW_KEY}={value!r} must be [t_min, t_max] (integer timesteps)")
     return int(value[0]), int(value[1])
 

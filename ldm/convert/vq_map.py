@@ -203,10 +203,7 @@ def vq_layout_from_config(data: Mapping[str, Any], source: str) -> VQLayout:
     z_channels = opt.integer("latent_channels", 1, MAX_CHANNELS)
     embed_dim = z_channels if opt.get("vq_embed_dim") is None else opt.integer("vq_embed_dim", 1, MAX_CHANNELS)
     layout = VQLayout(
-        **coder,
-        z_channels=z_channels,
-        embed_dim=embed_dim,
-        n_embed=opt.integer("num_vq_embeddings", 1, MAX_CODES),
+        **coder, z_channels=z_channels, embed_dim=embed_dim, n_embed=opt.integer("num_vq_embeddings", 1, MAX_CODES)
     )
     opt.finish()
     return layout

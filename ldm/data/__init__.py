@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CachedLatents", "DataModuleFromConfig", "EmbeddedPhotos", "ImageFolderDataset", "ImageShards", "LatentShards"]
-
 _EXPORTS = {
     "CachedLatents": "ldm.data.cached_latents",
     "DataModuleFromConfig": "ldm.data.datamodule",
@@ -16,6 +14,7 @@ _EXPORTS = {
     "ImageShards": "ldm.data.shard_stream",
     "LatentShards": "ldm.data.shard_stream",
 }
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

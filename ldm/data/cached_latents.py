@@ -1,12 +1,5 @@
-"""``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), for DataModuleFromConfig.
-
-Item ``i`` is the cache's ``i``-th sample (shards in index order), read by the byte span its shard's sidecar records
-(no tar scan), so :mod:`ldm.data.resumable` applies unchanged.  The variant follows the ``(seed, epoch, index)``
-contract (:func:`~ldm.data.latent_format.choose_variant`): a cache of centre crops with flips, read with the image
-dataset's ``seed``, yields the latents of exactly the crops ``ImageFolderDataset(random_crop=False)`` yields.  An
-unreadable sample (damaged, another shape than the index declares, not finite) is warned about once and replaced by the
-next readable one.  For streaming from many nodes use :class:`ldm.data.shard_stream.LatentShards`.
-"""
+"""``CachedLatents``: a map-style dataset over a latent cache (``scripts/cache_latents.py``), read by the byte spans
+its shards' sidecars record (no tar scan)."""
 
 from __future__ import annotations
 
@@ -28,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 class CachedLatents(EpochSeededDataset):
-    """The samples of a latent cache, one stored variant per item and epoch.
+    """The samples of a latent cache (shards in index order), one stored variant per item and epoch: a cache of centre
+    crops with flips, read with the image dataset's ``seed``, yields the latents of exactly the crops
+    ``ImageFolderDataset(random_crop=False)`` yields.  An unreadable sample is warned about once and replaced by the
+    next readable one.
 
     Args:
         seed: seed of the variant draws (use the image dataset's ``seed`` to reproduce its flips).
@@ -37,8 +33,7 @@ class CachedLatents(EpochSeededDataset):
             ``required`` (checked at construction).
 
     Items: ``{cached_latent: float32 [C, h, w] (unscaled), first_stage_sha256: str, file_path_: source}``, plus
-    ``caption: str`` when captions are on.  Raises :class:`ConfigError` at construction for a missing/unfinished cache,
-    sidecars that do not match it, or samples without a caption when ``captions="required"``.
+    ``caption: str`` when captions are on.
     """
 
     def __init__(
@@ -46,8 +41,7 @@ class CachedLatents(EpochSeededDataset):
     ) -> None:
         super().__init__(seed)
         self.index: CacheIndex = read_index(root)
-        self.flip = bool(flip)
-        self.random_crop = bool(random_crop)
+        self.flip, self.random_crop = bool(flip), bool(random_crop)
         self.captions = cache_caption_mode(captions, self.index.captions)
         rows, sources = [], []
         for shard_id, (name, count) in enumerate(self.index.shards):
@@ -74,8 +68,7 @@ class CachedLatents(EpochSeededDataset):
         if not sources:
             raise ConfigError(f"latent cache {self.index.root} holds no samples ({self.index.skipped} inputs were unreadable)")
         # per sample: shard, offset, size, caption offset, caption size
-        self._span = np.asarray(rows, dtype=np.int64)
-        self._sources = sources
+        self._span, self._sources = np.asarray(rows, dtype=np.int64), sources
         uncaptioned = self._span[:, 3] < 0
         if self.captions == "required" and uncaptioned.any():
             first = int(np.flatnonzero(uncaptioned)[0])
@@ -118,8 +111,7 @@ class CachedLatents(EpochSeededDataset):
                     )
                 text = decode_caption(read_span(path, at, length), what) if at >= 0 else None
                 caption = caption_item(text, self.captions, what)["caption"]
-            data = read_span(path, offset, size)
-            return decode_npy(data, self._shape, what=what), caption
+            return decode_npy(read_span(path, offset, size), self._shape, what=what), caption
         except (OSError, EOFError, ValueError) as exc:
             self._bad[position] = 1
             logger.warning(
@@ -131,9 +123,7 @@ class CachedLatents(EpochSeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} cached latents")
-        index %= n
+        index = self._wrap_index(index, n, f"{n} cached latents")
         for offset in range(n):
             position = (index + offset) % n
             loaded = self.load(position)

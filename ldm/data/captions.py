@@ -1,12 +1,5 @@
-"""Captions of training samples, yielded as a ``str`` under :data:`CAPTION_KEY` (``cond_stage_key: caption``).
-
-Sources: an image folder's sidecar ``<stem>.txt``; a tar shard sample's ``.txt`` member, else its ``.json`` member's
-``caption`` (img2dataset / LAION layout); a latent cache's ``.txt`` member.  Modes: ``"off"`` (no caption key),
-``"optional"`` (``""``, classifier-free guidance's unconditional prompt, for a sample without one), ``"required"``
-(a missing caption is refused at construction where the dataset can list its samples, else the sample is unreadable);
-cache readers also take ``"auto"``.  A caption longer than :data:`MAX_CAPTION_BYTES` (checked before it is read) or not
-UTF-8 makes its sample unreadable (one warning, replaced, counted).
-"""
+"""Captions of training samples (``cond_stage_key: caption``), from an image's ``<stem>.txt``, a shard sample's ``.txt``
+member or its ``.json``'s ``caption`` (img2dataset / LAION), or a latent cache's ``.txt`` member."""
 
 from __future__ import annotations
 
@@ -23,7 +16,7 @@ CACHE_CAPTION_MODES: tuple[str, ...] = ("auto", *CAPTION_MODES)
 # Longest caption in bytes (UTF-8): far above CLIP's 77 tokens (about 300 characters), low enough that a .txt holding
 # something else (a log, a dump) is refused before it is read into memory and tokenized.
 MAX_CAPTION_BYTES = 10 * 1024
-# Largest .json member read for its caption field (LAION metadata: up to a few KB); as shard_stream.MAX_JSON_BYTES.
+# Largest .json member read for its caption field (LAION metadata: up to a few KB).
 MAX_CAPTION_JSON_BYTES = 1 << 16
 # shard member extensions that carry captions, in the order they are looked for
 CAPTION_EXTS: tuple[str, ...] = ("txt", "json")
@@ -49,8 +42,7 @@ def check_caption_mode(mode: str, allowed: tuple[str, ...] = CAPTION_MODES) -> s
 def cache_caption_mode(mode: str, recorded: int | None) -> str:
     """A latent-cache reader's ``mode`` (one of :data:`CACHE_CAPTION_MODES`), ``"auto"`` resolved to ``"optional"``
     when the cache recorded captions (``recorded``: how many samples have one; None: unknown) and to ``"off"`` else."""
-    check_caption_mode(mode, CACHE_CAPTION_MODES)
-    if mode != "auto":
+    if check_caption_mode(mode, CACHE_CAPTION_MODES) != "auto":
         return mode
     return "optional" if recorded else "off"
 
@@ -77,9 +69,8 @@ def sidecar_path(image_path: str | os.PathLike) -> Path:
 
 
 def read_caption_file(path: str | os.PathLike) -> str | None:
-    """The caption in ``path``, or None when there is no such file.  Only a regular file is opened (a FIFO would block
-    the open), its size checked before it is read.  :class:`CaptionError` for a file that is too long, not UTF-8 or
-    not a regular file, OSError for one that cannot be read."""
+    """The caption in ``path``, or None when there is no such file; only a regular file is opened (a FIFO would block
+    the open).  :class:`CaptionError` for an unusable file, OSError for one that cannot be read."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -99,8 +90,7 @@ def read_caption_file(path: str | os.PathLike) -> str | None:
 
 def sample_caption(sample: Mapping[str, Any], what: str) -> str | None:
     """The caption of a raw shard sample (``{ext: bytes}``): its ``txt`` member, else its ``json`` member's
-    ``caption`` field; None when it has neither.  Raises :class:`CaptionError` for a caption that cannot be used or a
-    ``json`` member that is not a JSON object."""
+    ``caption`` field; None when it has neither.  :class:`CaptionError` for an unusable caption or ``json`` member."""
     if "txt" in sample:
         return decode_caption(sample["txt"], what)
     if "json" not in sample:
@@ -124,14 +114,12 @@ def sample_caption(sample: Mapping[str, Any], what: str) -> str | None:
 
 def caption_item(caption: str | None, mode: str, what: str) -> dict[str, str]:
     """``{CAPTION_KEY: caption}`` for an item in ``mode`` (``{}`` when ``"off"``; ``""`` for a missing caption when
-    ``"optional"``); a missing caption in ``"required"`` mode raises :class:`CaptionError`."""
+    ``"optional"``: guidance's unconditional prompt); a missing caption in ``"required"`` mode raises :class:`CaptionError`."""
     if mode == "off":
         return {}
-    if caption is None:
-        if mode == "required":
-            raise CaptionError(
-                f"{what}: no caption (captions='required'; give it a caption or use "
-                "captions='optional' to train it with the empty caption)"
-            )
-        caption = ""
-    return {CAPTION_KEY: caption}
+    if caption is None and mode == "required":
+        raise CaptionError(
+            f"{what}: no caption (captions='required'; give it a caption or use "
+            "captions='optional' to train it with the empty caption)"
+        )
+    return {CAPTION_KEY: "" if caption is None else caption}

@@ -1,9 +1,4 @@
-"""``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2.
-
-A :class:`~ldm.data.shard_stream.ShardStream` is served by its own per-rank ``ShardStreamLoader``; other datasets by
-plain ``shuffle`` loaders, or, once ``main.py`` calls :meth:`DataModuleFromConfig.use_resumable_order`, by the per-rank
-resumable loaders of :mod:`ldm.data.resumable`.
-"""
+"""``DataModuleFromConfig``: latent-diffusion's data module (one ``{target, params}`` config per split) on Lightning 2."""
 
 from __future__ import annotations
 
@@ -67,19 +62,18 @@ class SetDatasetEpoch(pl.Callback):
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Builds each split from a ``{target, params}`` config in :meth:`setup` and serves DataLoaders.
+    """Builds each split from a ``{target, params}`` config in :meth:`setup` and serves DataLoaders: a
+    :class:`~ldm.data.shard_stream.ShardStream` through its per-rank ``ShardStreamLoader``, others through ``shuffle``
+    loaders or, after :meth:`use_resumable_order`, the per-rank resumable loaders of :mod:`ldm.data.resumable`.
 
-    latent-diffusion's signature (``main.DataModuleFromConfig`` configs build it unchanged), then this project's keywords.
+    latent-diffusion's signature (its configs build it unchanged), then this project's keywords.
 
     Args:
         batch_size: items per batch (per rank under DDP).
         train / validation / test / predict: dataset configs, or None for a split without data (no dataloader method).
-        wrap: accepted as in latent-diffusion, whose ``WrappedDataset`` made an object with ``__len__`` and
-            ``__getitem__`` a Dataset: DataLoader takes such objects as they are.
+        wrap, use_worker_init_fn: accepted as in latent-diffusion; DataLoader takes objects with ``__len__`` and
+            ``__getitem__`` as they are, and workers are always seeded (:func:`worker_init_fn`), as resuming needs.
         num_workers: loader processes; None: latent-diffusion's ``2 * batch_size``.
-        shuffle_test_loader / shuffle_val_dataloader: shuffle those loaders.
-        use_worker_init_fn: accepted as in latent-diffusion; workers are always seeded (:func:`worker_init_fn`), as
-            resumable, deterministic loading needs.
         pin_memory: None -> only when the trainer runs on CUDA (without a trainer: when CUDA is available).
         persistent_workers: None -> ``num_workers > 0``.
         drop_last: drop the last incomplete training batch (validation/test never drop); a training split smaller than
@@ -111,11 +105,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 raise ValueError(f"{name}={value!r} must be an integer >= {lowest}")
         if persistent_workers and int(num_workers) == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0 (or leave persistent_workers unset)")
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.shuffle_val_dataloader = bool(shuffle_val_dataloader)
-        self.shuffle_test_loader = bool(shuffle_test_loader)
-        self.pin_memory = pin_memory
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), pin_memory
+        self.shuffle_val_dataloader, self.shuffle_test_loader = bool(shuffle_val_dataloader), bool(shuffle_test_loader)
         self.persistent_workers = self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         self.drop_last = bool(drop_last)
         self.dataset_configs: dict[str, Any] = {}
@@ -157,9 +148,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
                     "add data (for EmbeddedPhotos: raise n_samples) or set drop_last: false"
                 )
         trainer = self.trainer
-        if trainer is not None and dataset is not None:
-            if not any(isinstance(callback, SetDatasetEpoch) for callback in trainer.callbacks):
-                trainer.callbacks.append(SetDatasetEpoch())
+        if trainer is not None and dataset is not None and not any(isinstance(c, SetDatasetEpoch) for c in trainer.callbacks):
+            trainer.callbacks.append(SetDatasetEpoch())
 
     def _resolve_pin_memory(self) -> bool:
         if self.pin_memory is not None:

@@ -1,10 +1,6 @@
-"""The embedded default dataset: real photographs shipped inside scikit-image (no download, works offline).
-
-Colour photographs (:data:`COLOR_PHOTOS`) and, opt-in through ``photos=``, greyscale ones (:data:`GRAY_PHOTOS`, as
-three channels), all files inside the installed ``skimage/data``.  The held-out photographs (:data:`HELDOUT_PHOTOS`)
-give the validation items and :func:`heldout_crops` only: a photograph is either seen in training or never, as a
-user's own image is.  Crops are resized from larger source squares, so that small crops still hold structure.
-"""
+"""The embedded default dataset: real photographs shipped inside scikit-image (no download, works offline).  The
+held-out photographs (:data:`HELDOUT_PHOTOS`) give only validation items and :func:`heldout_crops`: a photograph is
+either seen in training or never, as a user's own image is."""
 
 from __future__ import annotations
 
@@ -24,12 +20,11 @@ MAX_SHORT_SIDE = 512
 # Crops beyond 4x the photographs' short side would only be upsampled copies, and a mistyped size must not allocate
 # gigabytes (size=100000: 30 GB per crop).
 MAX_SIZE = 4 * MAX_SHORT_SIDE
-DEFAULT_SCALE: tuple[float, float] = (1.0, 3.0)
+DEFAULT_SCALE: tuple[float, float] = (1.0, 3.0)  # source pixels per crop pixel: small crops still hold structure
 _HELDOUT_STREAM = 1_000_003  # separates the held-out draws from the training draws of the same seed
 
-
 # photograph -> the ``skimage.data`` function that returns it (in order: training draws index into these tuples); not
-# used: cat (chelsea again), lfw_subset and microaneurysms (too small)
+# used: cat (chelsea again), lfw_subset and microaneurysms (too small).  Greyscale ones are opt-in, as three channels.
 COLOR_PHOTOS: dict[str, str] = {
     **{name: name for name in ("astronaut", "coffee", "chelsea", "rocket")},
     "motorcycle": "stereo_motorcycle",
@@ -174,12 +169,8 @@ class EmbeddedPhotos(EpochSeededDataset):
             raise ValueError(f"size={size} and n_samples={n_samples} must be positive integers")
         _check_size(size)
         self.photos = check_photos(photos, split)
-        self.size = int(size)
-        self.split = split
-        self.n_samples = int(n_samples)
-        self.scale = _check_scale(scale)
-        self.image_key = image_key
-        self.flip = bool(flip)
+        self.size, self.split, self.n_samples = int(size), split, int(n_samples)
+        self.scale, self.image_key, self.flip = _check_scale(scale), image_key, bool(flip)
         small = [name for name in self.photos if min(load_photo(name).shape[:2]) < self.size]
         if small:
             logger.warning("EmbeddedPhotos: %s are smaller than size=%d; their crops are upscaled", small, self.size)
@@ -188,9 +179,7 @@ class EmbeddedPhotos(EpochSeededDataset):
         return self.n_samples
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
-        if not -self.n_samples <= index < self.n_samples:
-            raise IndexError(f"index {index} out of range for n_samples={self.n_samples}")
-        index %= self.n_samples
+        index = self._wrap_index(index, self.n_samples, f"n_samples={self.n_samples}")
         if self.split == "validation":
             name = self.photos[index % len(self.photos)]
             crop = _heldout_crop(index, self.size, self.seed, self.scale, self.photos)

@@ -1,13 +1,5 @@
 """Image-folder dataset (recursive scan, deterministic train/validation split, resize + crop + flip) and the image
-helpers and ``(seed, epoch, index)`` randomness that the other datasets share.
-
-Items follow latent-diffusion's convention, ``{"image": float32 [H, W, 3] in [-1, 1], "file_path_": str}``.  The crop
-and flip of item ``index`` are drawn from ``numpy.random.default_rng([seed, epoch, index])`` (every dataset here):
-reproducible, independent of workers, ranks and fetch order, new per epoch through :meth:`EpochSeededDataset.set_epoch`
-(DataModuleFromConfig calls it; a plain DataLoader user must too, or every epoch repeats epoch 0's crops).  An
-unreadable file (corrupt, not an image, decompression bomb, unusable caption) is warned about once, marked in shared
-memory (never retried) and replaced by the next readable file (``num_skipped`` counts them).
-"""
+helpers and ``(seed, epoch, index)`` randomness that the other datasets share."""
 
 from __future__ import annotations
 
@@ -34,13 +26,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "all")
 # What PIL raises for files it cannot decode: truncated data and unknown formats (OSError and its subclass
 # UnidentifiedImageError), malformed headers (SyntaxError, ValueError), premature ends (EOFError) and images larger
 # than Image.MAX_IMAGE_PIXELS allows (DecompressionBombError).
-UNREADABLE_IMAGE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    Image.DecompressionBombError,
-)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class UnreadableDatasetError(RuntimeError):
@@ -55,8 +41,7 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
         if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
             values = values / 257.0
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -72,8 +57,7 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
     Image.init()
     with Image.open(path, formats=[name for name in LOADER_FORMATS if name in Image.OPEN]) as image:
         image.load()
-        oriented = ImageOps.exif_transpose(image)
-        return pil_to_rgb(oriented)
+        return pil_to_rgb(ImageOps.exif_transpose(image))
 
 
 def resize_short_side(image: Image.Image, size: int, min_side_resize: bool = True) -> Image.Image:
@@ -111,8 +95,9 @@ def uint8_to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 class EpochSeededDataset(Dataset):
-    """Base class: per-item random generators derived from ``(seed, epoch, index)``; the epoch lives in shared memory,
-    so DataLoader workers (forked, spawned or persistent) read the current value when they build an item."""
+    """Base class: item ``index``'s augmentations are drawn from ``numpy.random.default_rng([seed, epoch, index])``,
+    independent of workers, ranks and fetch order.  The epoch lives in shared memory, so DataLoader workers (forked,
+    spawned or persistent) read the current value when they build an item."""
 
     def __init__(self, seed: int) -> None:
         if int(seed) < 0:
@@ -125,7 +110,8 @@ class EpochSeededDataset(Dataset):
         return int(self._epoch.item())
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentations of ``epoch`` (DataModuleFromConfig calls it at the start of each epoch)."""
+        """Select the augmentations of ``epoch`` (DataModuleFromConfig calls it at the start of each epoch; a plain
+        DataLoader user must too, or every epoch repeats epoch 0's)."""
         if int(epoch) < 0:
             raise ValueError(f"epoch={epoch} must be non-negative")
         self._epoch.fill_(int(epoch))
@@ -133,6 +119,13 @@ class EpochSeededDataset(Dataset):
     def item_rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
         """The generator that draws the augmentations of item ``index`` in ``epoch`` (None: the current one)."""
         return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
+
+    @staticmethod
+    def _wrap_index(index: int, n: int, what: str) -> int:
+        """``index`` in ``[-n, n)`` as a position in ``[0, n)``; IndexError naming ``what`` (the items) otherwise."""
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {what}")
+        return index % n
 
 
 def scan_image_files(root: str | os.PathLike) -> list[Path]:
@@ -189,9 +182,8 @@ class ImageFolderDataset(EpochSeededDataset):
         captions: ``"off"``, ``"optional"`` (``""`` for an image without ``<stem>.txt``) or ``"required"`` (checked at
             construction).
 
-    Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``, plus ``"caption"`` unless off.
-    Raises at construction: FileNotFoundError / NotADirectoryError for a missing root or a folder without images,
-    ValueError for invalid arguments, an empty split, or images without a caption file when captions are required.
+    Items: ``{image_key: float32 [size, size, 3] in [-1, 1], "file_path_": str}``, plus ``"caption"`` unless off.  An
+    unreadable file (or caption) is warned about once, never retried and replaced by the next readable file.
     """
 
     def __init__(
@@ -212,16 +204,10 @@ class ImageFolderDataset(EpochSeededDataset):
         self.captions = check_caption_mode(captions)
         if int(size) < 1:
             raise ValueError(f"size={size} must be a positive number of pixels")
-        self.root = Path(root).expanduser()
-        self.size = int(size)
-        self.split = split
-        self.val_fraction = float(val_fraction)
-        self.image_key = image_key
-        self.min_side_resize = bool(min_side_resize)
+        self.root, self.size, self.split, self.val_fraction = Path(root).expanduser(), int(size), split, float(val_fraction)
+        self.image_key, self.min_side_resize = image_key, bool(min_side_resize)
         augment = split != "validation"
-        self.random_crop = bool(random_crop) and augment
-        self.flip = bool(flip) and augment
-
+        self.random_crop, self.flip = bool(random_crop) and augment, bool(flip) and augment
         all_files = scan_image_files(self.root)
         if not all_files:
             raise FileNotFoundError(
@@ -282,9 +268,7 @@ class ImageFolderDataset(EpochSeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
         n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
+        index = self._wrap_index(index, n, f"{n} images")
         for offset in range(n):
             position = (index + offset) % n
             loaded = self.load(position)

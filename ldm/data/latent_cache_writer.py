@@ -1,16 +1,8 @@
 """Writing a latent cache (the work behind ``scripts/cache_latents.py``; the format is :mod:`ldm.data.latent_format`).
 
-The work is cut into *units*, one output shard each, fixed by the source alone: a folder's sorted file list (the split
-ImageFolderDataset would train on) in runs of ``shard_size`` files, or one unit per input shard.  Unit ``u`` belongs to
-rank ``u % world_size`` (no communication; a unit's bytes do not depend on the number of processes).  A unit is written
-as ``latents-<u>.tar`` (atomically), then its sidecar ``latents-<u>.json``; a unit whose sidecar names a tar of the
-right size is done, so a killed run resumes.  Whichever process finds every unit done writes ``index.json``.
-
-A cache cannot store training's fresh random crop per epoch, so it stores ``n_crops`` fixed ones (1: the centre crop
-of ``random_crop: false``; N: evenly spaced along the longer side, centred on the shorter) and, with ``flip``, their
-mirror images; training draws one stored variant per epoch (``latent_format.choose_variant``).  Captions are kept as a
-``.txt`` member after the latent's (span in the sidecar); an unusable caption skips its input.
-"""
+The work is cut into *units*, one output shard each, fixed by the source alone, so that unit ``u`` belongs to rank
+``u % world_size`` without communication and a unit's bytes do not depend on the number of processes.  A unit whose
+sidecar names a tar of the right size is done, so a killed run resumes."""
 
 from __future__ import annotations
 
@@ -38,15 +30,7 @@ from ldm.data.image_folder import (
     split_files,
     uint8_to_model_range,
 )
-from ldm.data.latent_format import (
-    FORMAT,
-    INDEX_NAME,
-    LATENT_EXT,
-    PLAN_NAME,
-    STORAGE_DTYPES,
-    CacheIndex,
-    encode_npy,
-)
+from ldm.data.latent_format import FORMAT, INDEX_NAME, LATENT_EXT, PLAN_NAME, STORAGE_DTYPES, CacheIndex, encode_npy
 from ldm.data.tar_shards import (
     IMAGE_EXTS,
     SAMPLE_ERROR_KEY,
@@ -97,8 +81,9 @@ class Unit:
 
 
 def plan_units(settings: CacheSettings, scanned: list[Path] | None = None) -> tuple[list[Unit], str]:
-    """The units of ``settings.source`` and a sha256 of its item list (to recognise the same source on resume);
-    ``scanned``: the folder's ``scan_image_files`` if the caller has it (:func:`source_inputs`)."""
+    """The units of ``settings.source`` (runs of ``shard_size`` files of a folder's split, or one per input shard) and a
+    sha256 of its item list (to recognise the same source on resume); ``scanned``: the folder's ``scan_image_files`` if
+    the caller has it (:func:`source_inputs`)."""
     if os.path.isdir(settings.source):
         root = Path(settings.source)
         files = split_files(
@@ -192,8 +177,10 @@ def claim_plan(out: Path, document: bytes) -> None:
 
 
 def crop_variants(image: Image.Image, settings: CacheSettings) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """uint8 ``[V, size, size, 3]``: the image's stored crops (see the module doc), each followed by its mirror image
-    when ``flip``; plus ``[{"top", "left", "flip"}]`` per variant (pixel offsets in the resized image)."""
+    """uint8 ``[V, size, size, 3]``: ``n_crops`` fixed crops (a cache cannot store training's fresh random crop per
+    epoch; 1: the centre crop of ``random_crop: false``, N: evenly spaced along the longer side, centred on the
+    shorter), each followed by its mirror image when ``flip``; plus ``[{"top", "left", "flip"}]`` per variant (pixel
+    offsets in the resized image)."""
     size = settings.size
     image = resize_short_side(image, size, settings.min_side_resize)
     width, height = image.size
@@ -286,8 +273,7 @@ def write_unit(
     pending: list[tuple[int, str, np.ndarray, list[dict[str, Any]], str | None]] = []
 
     def flush() -> None:
-        crops = np.concatenate([p[2] for p in pending])
-        latents = encode_crops(first_stage, crops, device)
+        latents = encode_crops(first_stage, np.concatenate([p[2] for p in pending]), device)
         start = 0
         for position, source, batch_crops, variants, caption in pending:
             stack = latents[start : start + len(batch_crops)].astype(dtype)

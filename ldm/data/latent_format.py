@@ -1,25 +1,9 @@
-"""The cached-latent format written by ``scripts/cache_latents.py`` and read by the training datasets.
-
-A cache is a folder::
-
-    index.json                 what the cache holds (written last, atomically; see :class:`CacheIndex`)
-    plan.json                  the source and settings it was started with (a resumed run must match them)
-    latents-000000.tar         webdataset shards, one sample per source image:
-        000000-000000.latent.npy   float32 (or float16) [V, C, h, w]: V variants (crops x flips) of the image's
-                                   unscaled first-stage latent (``first_stage_model.encode(x)``; the model multiplies
-                                   by its ``scale_factor``, so one cache serves ``scale_by_std`` and fixed scales)
-        000000-000000.json         {"source": key, "variants": [{"top", "left", "flip"}, ...], "first_stage_sha256"}
-        000000-000000.txt          the source's caption (UTF-8), only where it had one (ldm.data.captions)
-    latents-000000.json        the shard's sidecar: sample keys, sources, byte spans of the .npy (and .txt) members,
-                               skipped inputs
-
-Variant ``v`` is crop ``v // F``, flipped when ``F == 2 and v % 2 == 1`` (F = 2 with flips, else 1).  The first stage
-is identified by :func:`first_stage_sha256`, a hash of its weights (not of a file), so a cache made from one checkpoint
-file is recognised when the same weights come from another file or from inside a LatentDiffusion checkpoint.
-
-.npy members are parsed here with ``allow_pickle=False`` and their header (dtype, shape, size) is checked before any
-array is allocated.
-"""
+"""The cached-latent format written by ``scripts/cache_latents.py`` and read by the training datasets.  A cache is a
+folder: ``index.json`` (:class:`CacheIndex`, written last), ``plan.json`` (the settings a resumed run must match),
+webdataset shards ``latents-000000.tar`` of one sample per source image (``<key>.latent.npy``: float32/float16
+``[V, C, h, w]``, V variants (crops x flips) of the unscaled latent ``first_stage_model.encode(x)``, so one cache serves
+``scale_by_std`` and fixed scales; ``<key>.json``: source, variants' top/left/flip, first_stage_sha256; ``<key>.txt``:
+the caption, if any), each with a sidecar ``latents-000000.json`` (byte spans of its members, skipped inputs)."""
 
 from __future__ import annotations
 
@@ -59,7 +43,8 @@ class FirstStageMismatchError(ConfigError):
 
 
 def first_stage_sha256(module: torch.nn.Module) -> str:
-    """sha256 (hex) of a first stage's weights: over its ``state_dict()`` entries in sorted key order, each hashed as
+    """sha256 (hex) of a first stage's weights (not of a file: the same weights from another file or from inside a
+    LatentDiffusion checkpoint match): over its ``state_dict()`` entries in sorted key order, each hashed as
     ``key \\0 dtype \\0 shape \\0`` followed by its raw little-endian bytes.  Training-loss entries (``loss.*``) are
     left out: they are not part of the autoencoder and differ between a training and an inference config."""
     digest = hashlib.sha256()

@@ -1,12 +1,5 @@
-"""Deterministic, per-rank, resumable data order.
-
-Lightning 2 resumes mid-epoch exactly only with a *stateful* training loader (``state_dict`` / ``load_state_dict``).
-:func:`make_resumable` rebuilds a DataLoader around :class:`ShardedEpochSampler` (every rank the same order of epoch
-``e``, each taking every ``world_size``-th index); the count of batches handed out this epoch goes into the checkpoint,
-and a resumed run skips that many *by index* (nothing is loaded for them).  Worker seeds derive from ``(seed, epoch,
-rank)``.  Iterable-style datasets and custom samplers are left alone (with a warning) on one process and refused for
-several, except loaders that split their data by rank themselves (``splits_by_rank = True``: :mod:`ldm.data.shard_stream`).
-"""
+"""Deterministic, per-rank data order, resumable mid-epoch: Lightning 2 resumes exactly only with a *stateful* training
+loader (``state_dict`` / ``load_state_dict``); a resumed run skips the batches already trained on *by index*."""
 
 from __future__ import annotations
 
@@ -67,14 +60,9 @@ class ShardedEpochSampler(Sampler[int]):
     def __init__(
         self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
     ) -> None:
-        self.size = size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.epoch = 0
-        self._skip = 0
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self._skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (Lightning calls it every epoch)."""
@@ -155,9 +143,10 @@ def _convertible(loader: Any, what: str, world_size: int) -> bool:
 
 
 def make_resumable(loader: Any, seed: int, rank: int, world_size: int) -> Any:
-    """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank (see the module doc); a loader that
-    splits its data by rank and resumes by itself (``splits_by_rank = True``: :class:`ldm.data.shard_stream.
-    ShardStreamLoader`) is returned as it is."""
+    """The training loader rebuilt as a :class:`ResumableDataLoader` for this rank; worker seeds derive from ``(seed,
+    epoch, rank)``.  A loader that splits its data by rank and resumes by itself (``splits_by_rank = True``:
+    :class:`ldm.data.shard_stream.ShardStreamLoader`) is returned as it is; iterable-style datasets and custom samplers
+    are left alone (with a warning) on one process and refused for several."""
     if getattr(loader, "splits_by_rank", False) or not _convertible(loader, "training", world_size):
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler) or getattr(loader.sampler, "shuffle", False)

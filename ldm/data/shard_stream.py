@@ -44,7 +44,7 @@ from ldm.util import ConfigError
 logger = logging.getLogger(__name__)
 
 _SKIP_SLOTS = 64  # per-worker counters of unreadable samples in shared memory
-MAX_JSON_BYTES = 1 << 16
+MAX_JSON_BYTES = cap.MAX_CAPTION_JSON_BYTES
 # LatentShards over a pattern (no index.json): the latent shape is the most common one among this many first samples
 _SHAPE_PROBE_SAMPLES = 16
 
@@ -66,14 +66,12 @@ class ShardStream(IterableDataset, EpochSeededDataset):
 
     Plan of epoch ``e``, the same on every process (it needs each shard's sample count, see ``sizes``):
 
-    1. Shards in a permutation seeded by ``(seed, e)`` (training), else as given, form the epoch's stream of ``N``
-       samples.
+    1. Shards in a permutation seeded by ``(seed, e)`` (training), else as given, form the epoch's ``N`` samples.
     2. Rank ``r`` of ``R`` gets the contiguous samples ``[r M, (r + 1) M)``, ``M = N // R``; training takes
        ``M // batch_size`` whole batches, validation ``ceil(M / batch_size)``.  Every rank runs the same number of
-       steps, so none waits forever in a collective (webdataset issue 250).
+       steps, so none waits forever in a collective.
     3. The rank's batches are split among its ``W`` workers in contiguous runs; the DataLoader hands worker batches out
-       round robin, so rank batch ``j`` is batch ``j // W`` of worker ``j % W`` (after a restart at batch ``k``, the
-       DataLoader's worker ``i`` plays the plan's worker ``(i + k) % W``).
+       round robin, so rank batch ``j`` is batch ``j // W`` of worker ``j % W``.
     4. A worker reads its run in blocks of ``shuffle_buffer`` samples (rounded up to whole batches) and permutes a
        block with a generator seeded by ``(seed, e, rank, worker, block)`` (training).  A loader restarted at batch
        ``k`` re-reads only the block that holds it.  Memory per worker: one block of decoded samples.
@@ -87,8 +85,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
     for the epoch (one warning).  A local shard that cannot be opened when counting is left out (``skipped_shards``).
 
     ``shards``: brace pattern(s) of tar shards, or a list of them; ``sizes``: a JSON file ``{shard file name or URL:
-    samples}``, or None to count local shards by their tar headers at construction.  ``len(dataset)`` is the number of
-    samples; the loader's length is the number of batches per rank.
+    samples}``, or None to count local shards by their tar headers at construction.
     """
 
     captions = "off"  # subclasses with captions set theirs
@@ -123,7 +120,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
             bad = [u for u, c in zip(self.urls, counts) if type(c) is not int or c < 0]  # bool is no count
             if bad:
                 raise ConfigError(f"sizes={sizes} has no sample count (a non-negative integer) for {bad[0]!r}")
-            # huge counts overflowed the int64 offsets into a negative len()
+            # huge counts would overflow the int64 offsets into a negative len()
             huge = [(u, c) for u, c in zip(self.urls, counts) if c > MAX_SHARD_SAMPLES]
             if huge:
                 raise ConfigError(
@@ -477,8 +474,8 @@ class LatentShards(ShardStream):
         sha, source = meta.get("first_stage_sha256"), meta.get("source")
         if not isinstance(sha, str) or not isinstance(source, str):
             raise ValueError(f"sample {key}: metadata lacks the strings first_stage_sha256 and source")
-        # distinct positions, as before: crops of an image no longer than the crop coincide, and a draw among fewer
-        # crops stays inside the array
+        # distinct positions: crops of an image no longer than the crop coincide, and a draw among fewer crops stays
+        # inside the array
         return len(set(crops)), stored_flip, sha, source
 
     def decode(self, sample: dict[str, Any], index: int, rng: np.random.Generator) -> dict[str, Any]:

@@ -1,25 +1,10 @@
-"""A synthetic image family with a known generative process: soft-edged flat shapes on a flat background.
+"""A synthetic image family with a known generative process (:func:`draw_scene`, then :func:`render_scene`): soft-edged
+flat discs and rectangles on a flat background, which tiny models learn in minutes on a CPU.
 
-Why: tiny models learn this family in minutes on a CPU (on photographs such a first stage loses more than late-step
-experts can add), so "do late-step experts remove local artifacts?" can be answered at that scale.
-
-The generative process of one image (:func:`draw_scene`, then :func:`render_scene`):
-
-1. a background colour, uniform over :data:`PALETTE` (8 colours);
-2. ``n`` shapes, ``n`` uniform in ``[n_min, n_max]``, painted in order (later shapes occlude earlier ones); each is
-   * a disc or an axis-aligned rectangle (probability 1/2 each),
-   * of a palette colour other than the background's (uniform over the other 7),
-   * centred uniformly in the image, with "radius" ``r`` uniform in ``[radius_min, radius_max]`` (fractions of the
-     image side; a rectangle's half-sides are ``r * U(0.6, 1)`` each);
-3. edges are soft: a shape's coverage of a pixel is ``clip(0.5 - d / edge, 0, 1)`` where ``d`` is the signed distance
-   (pixels, negative inside) of the pixel centre to the shape's outline, and ``edge`` the ramp width in pixels.
-
-Scenes are drawn in fractions of the image side, so one image seed renders the same scene at any size.
-
-Seeds: an image is identified by its *image seed* in ``[0, 2**63)``.  Training draws only from ``[0, HELDOUT_START)``,
-held-out images (:func:`heldout_image_seed`: validation and evaluation) only from ``[HELDOUT_START, 2**63)``, so no
-held-out image is ever a training image.  The evaluation's streams (``seed`` 0 for the cases, 1 for the realism
-reference) are disjoint from the validation split's (:data:`VALIDATION_STREAM` and up).
+An image is identified by its *image seed* in ``[0, 2**63)``: training draws only from ``[0, HELDOUT_START)``, held-out
+images (:func:`heldout_image_seed`) only from above, so no held-out image is ever a training image.  The evaluation's
+streams (``seed`` 0 for the cases, 1 for the realism reference) are disjoint from the validation split's
+(:data:`VALIDATION_STREAM` and up).
 """
 
 from __future__ import annotations
@@ -76,8 +61,9 @@ class Scene:
 
 @dataclass(frozen=True)
 class ShapesFamily:
-    """The family's parameters (see the module docstring); the defaults are the family the synthetic configs train on.
-    ``edge`` is the soft edge's width in pixels at ``reference_size`` px; it scales with the rendered size."""
+    """The family's parameters: ``n_min``..``n_max`` shapes per image, radii in ``[radius_min, radius_max]`` (fractions of
+    the side), soft edges ``edge`` px wide at ``reference_size`` px (scaled with the rendered size); the defaults are the
+    family the synthetic configs train on."""
 
     n_min: int = 2
     n_max: int = 4
@@ -109,7 +95,8 @@ class ShapesFamily:
 
 
 def draw_scene(image_seed: int, family: ShapesFamily = ShapesFamily()) -> Scene:
-    """The scene of ``image_seed`` (an integer in ``[0, 2**63)``): deterministic, independent of any other draw."""
+    """The scene of ``image_seed`` (an integer in ``[0, 2**63)``): deterministic, independent of any other draw, in
+    fractions of the image side (one seed renders the same scene at any size).  Later shapes occlude earlier ones."""
     rng = np.random.default_rng(int(image_seed))
     n_colours = len(PALETTE)
     background = int(rng.integers(n_colours))
@@ -126,7 +113,9 @@ def draw_scene(image_seed: int, family: ShapesFamily = ShapesFamily()) -> Scene:
 
 
 def render_scene(scene: Scene, size: int, family: ShapesFamily = ShapesFamily()) -> np.ndarray:
-    """``scene`` as a uint8 ``[size, size, 3]`` image (soft edges of ``family.edge`` px at its reference size)."""
+    """``scene`` as a uint8 ``[size, size, 3]`` image: a shape covers a pixel by ``clip(0.5 - d / edge, 0, 1)``, ``d``
+    the signed distance (px, negative inside) of the pixel centre to its outline, ``edge`` = ``family.edge`` px at
+    ``family.reference_size``."""
     size = _check_size(size)
     edge = family.edge * size / family.reference_size
     centres = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres, fractions of the side
@@ -208,19 +197,14 @@ class SyntheticShapes(EpochSeededDataset):
             raise ValueError(f"n_samples={n_samples!r} must be an integer in [1, {MAX_SAMPLES}] (the length of an epoch)")
         if split == "validation" and VALIDATION_STREAM + self.seed > MAX_STREAM:
             raise ValueError(f"seed={seed} is too large for the validation split (at most {MAX_STREAM - VALIDATION_STREAM})")
-        self.size = _check_size(size)
-        self.split = split
-        self.n_samples = int(n_samples)
-        self.image_key = image_key
+        self.size, self.split, self.n_samples, self.image_key = _check_size(size), split, int(n_samples), image_key
         self.family = ShapesFamily(n_min, n_max, radius_min, radius_max, edge)
 
     def __len__(self) -> int:
         return self.n_samples
 
     def image_seed(self, index: int) -> int:
-        if not -self.n_samples <= index < self.n_samples:
-            raise IndexError(f"index {index} out of range for n_samples={self.n_samples}")
-        index %= self.n_samples
+        index = self._wrap_index(index, self.n_samples, f"n_samples={self.n_samples}")
         if self.split == "validation":
             return heldout_image_seed(index, VALIDATION_STREAM + self.seed)
         return train_image_seed(self.seed, self.epoch, index)

@@ -1,10 +1,6 @@
-"""Tar shards in the webdataset layout: brace patterns, reading samples, counting them, writing them reproducibly.
-
-Members form samples by key as in webdataset (``dir/000123.jpg`` + ``dir/000123.json`` -> ``{"__key__": "dir/000123",
-"jpg": b"...", "json": b"..."}``); names are expanded and opened by webdataset (``expand_urls``, ``gopen``).  Reading
-is our own so that a loader starts a shard at its ``n``-th sample (local shards seek over the ones before), writing so
-that the bytes do not depend on when they were written.  Shards are untrusted: headers are read by
-:class:`CheckedTarInfo`, only wanted members are read, and members and samples are capped before they are read.
+"""Tar shards in the webdataset layout (``dir/000123.jpg`` + ``dir/000123.json`` -> one sample): brace patterns, reading
+samples from a shard's ``n``-th on (local shards seek), counting them, writing them reproducibly.  Shards are untrusted:
+headers are checked (:class:`CheckedTarInfo`), only wanted members are read, and they are capped before they are read.
 """
 
 from __future__ import annotations
@@ -27,13 +23,13 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 # What a damaged shard raises while it is read: tarfile's errors, OS errors (a vanished mount), premature ends.
 TAR_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, ValueError)
-# Largest member read into memory (read whole; a forged sparse member of a few GB took that much memory).  64 MiB is far
-# above an encoded training image or a cached latent; a larger member makes its sample unreadable.
+# Largest member read into memory (read whole: a forged sparse member can claim GBs), far above an encoded training image
+# or a cached latent; a larger member makes its sample unreadable.
 MAX_MEMBER_BYTES = 64 << 20
 # Most bytes read into memory for one sample (all its wanted members together: one key may hold many large members).
 MAX_SAMPLE_BYTES = 2 * MAX_MEMBER_BYTES
 # Largest GNU long-name/long-link or pax extension header: tarfile reads one whole while it iterates, before any member
-# check could run (a forged 2**40-byte one raised MemoryError); real ones take a few KB.
+# check could run (a forged 2**40-byte one: MemoryError); real ones take a few KB.
 MAX_EXTENSION_HEADER_BYTES = 1 << 20
 # Most extension headers in a row before a member: tarfile follows a chain recursively (a real member has at most a
 # pax header, a long name and a long link name).
@@ -41,10 +37,10 @@ MAX_EXTENSION_CHAIN = 8
 # Most digits a number of a brace range may have (int() refuses more than 4,300; a shard number has a dozen at most).
 MAX_RANGE_DIGITS = 64
 # Most shard names one pattern (or list of patterns) may expand to, counted before expanding: braceexpand builds every
-# name at once, so a typo like {0..99999999} ran out of memory instead of failing.
+# name at once, so a typo like {0..99999999} would run out of memory instead of failing.
 MAX_SHARDS = 1_000_000
 # Most samples a shard's count (sizes.json, index.json) may claim: far above any real shard, and low enough that a
-# million of them add up without overflowing int64 offsets (a count near 2**63 made len() negative).
+# million of them add up without overflowing int64 offsets (into a negative len()).
 MAX_SHARD_SAMPLES = 1 << 32
 # the key of the error message iter_samples puts into a sample it could not read (no member is named "__...")
 SAMPLE_ERROR_KEY = "__error__"
@@ -132,8 +128,7 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
 def count_expansions(pattern: str) -> int:
     """How many names webdataset's ``expand_urls`` makes of ``pattern`` (``::`` lists, ``${VAR}`` from ``WDS_VAR``,
     braces as ``braceexpand`` reads them), counted without building them; unbalanced braces count 1 (expanding then
-    raises braceexpand's error).  Raises :class:`ConfigError` for a ``${VAR}`` whose ``WDS_VAR`` is not set
-    (webdataset's assertion), braces nested too deep, and a range number of more than :data:`MAX_RANGE_DIGITS` digits."""
+    raises braceexpand's error).  :class:`ConfigError` for an unset ``WDS_VAR``, deep nesting or huge range numbers."""
     from webdataset.shardlists import envsubst
 
     if "{" not in pattern and "$" not in pattern and "::" not in pattern:  # a plain name (most entries of a long list)
@@ -299,9 +294,8 @@ def iter_samples(
     Each sample is ``{"__key__": str, "__url__": url, "__index__": position in the shard, ext: bytes, ...}`` with the
     members whose (lower-case) extension is in ``exts`` (None: all); other members are passed over unread.  Errors of
     a damaged shard (:data:`TAR_READ_ERRORS`) propagate after the samples read before them.  A sample that cannot be
-    read safely (a wanted member over :data:`MAX_MEMBER_BYTES` or its ``member_limits`` entry, its wanted members over
-    :data:`MAX_SAMPLE_BYTES`, both from the headers; two wanted members of one name) is yielded without members, with
-    ``sample[SAMPLE_ERROR_KEY]`` saying why: the caller skips it and the shard goes on.
+    read safely (see :func:`_member_problem`) is yielded without members, with ``sample[SAMPLE_ERROR_KEY]`` saying why:
+    the caller skips it and the shard goes on.
     """
     from webdataset.tariterators import base_plus_ext
 

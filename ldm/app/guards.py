@@ -10,29 +10,36 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-NOSNIFF = (b"x-content-type-options", b"nosniff")
 HEADER_TIMEOUT_S = 10.0  # a request's line and headers (a few hundred bytes) must arrive within this many seconds
 
 
-class NoSniff:
-    """ASGI middleware adding ``X-Content-Type-Options: nosniff`` to every response (a browser must not run an upload
-    or an error text as script or HTML whatever it looks like)."""
+class AddHeaders:
+    """ASGI middleware setting ``headers`` (``{name: value}``) on every HTTP response, replacing any of the same name."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, headers: dict[str, str]):
         self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.names = {name for name, _ in self.headers}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_with_header(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", []) if h[0].lower() != NOSNIFF[0]]
-                message = {**message, "headers": [*headers, NOSNIFF]}
+                kept = [h for h in message.get("headers", []) if h[0].lower() not in self.names]
+                message = {**message, "headers": [*kept, *self.headers]}
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive, send_with_headers)
+
+
+class NoSniff(AddHeaders):
+    """``X-Content-Type-Options: nosniff``: a browser must not run an upload or an error text as script or HTML."""
+
+    def __init__(self, app: ASGIApp):
+        super().__init__(app, {"X-Content-Type-Options": "nosniff"})
 
 
 _HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:@/\s]*))(?::[0-9]*)?")
@@ -59,12 +66,8 @@ class LocalHostOnly:
         self.allowed = {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        host = headers.get(b"host", b"").decode("latin-1")
-        if host_name(host).lower() in self.allowed:
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if scope["type"] != "http" or host_name(host).lower() in self.allowed:
             await self.app(scope, receive, send)
             return
         shown = host if len(host) <= 64 else host[:61] + "..."

@@ -1,7 +1,5 @@
-"""What the web app does with a request, as plain functions: decode (:func:`load_upload`), check the settings
-(:meth:`RefineSettings.from_json`), plan and refuse before queueing (:func:`prepare`), run (:func:`refine`) with the
-calls, metadata and output names of ``scripts/refine.py --mask`` (same image, mask, seed and settings: same pixels).
-Every message is one line in the page's words (:mod:`ldm.app.page`).
+"""What the web app does with a request, as plain functions: decode, check the settings, plan and refuse before
+queueing, run with the calls, metadata and output names of ``scripts/refine.py --mask`` (same inputs: same pixels).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ldm.app.page import FIELD_LABELS, json_kind, page_words, start_range, t_window, window_message
 from ldm.imageio import (
@@ -33,8 +30,9 @@ from ldm.imageio import (
     save_image_atomic,
     tensor_to_image,
 )
-from ldm.imageio.errors import short_repr
-from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, Prompt, PromptError, check_prompt_text
+from ldm.imageio.errors import one_line, short_repr
+from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, PROMPT_KEYS, Prompt, PromptError, check_prompt_text
+from ldm.imageio.save import to_pil
 from ldm.models.tiling import TilingConfig, downscaled_size, tile_starts
 from ldm.refine.batch import build_metadata, output_name
 from ldm.refine.conditioning import check_chain, is_text_conditioned, text_experts
@@ -82,9 +80,9 @@ _decode_slots = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded image: the file's bytes (decoded again when a request runs: float32 pixels would take 16 bytes per
-    pixel for every upload kept), a printable ``name``, the ``stem`` of output names (:func:`output_stem`), the decoded size
-    (EXIF orientation applied) and ``png``, the image as the model sees it (shown by the page, a comparison's "before")."""
+    """An uploaded image: the file's bytes (decoded again per request: float32 pixels take 16 bytes per pixel), a
+    printable ``name``, the ``stem`` of output names, the decoded size (EXIF orientation applied) and ``png``, the image
+    as the model sees it."""
 
     name: str
     stem: str
@@ -102,10 +100,9 @@ class Upload:
 
 
 def load_upload(data: bytes, name: str) -> Upload:
-    """Decode an upload once with the CLI's loader, to check it and make the PNG the page shows (``name``: what the
-    browser sent).  RequestError for an unreadable image or one over :data:`MAX_UPLOAD_PIXELS` (read from its header,
-    before decoding); the server has refused bodies over :data:`MAX_UPLOAD_BYTES`."""
-    shown = _printable_name(name)
+    """Decode an upload with the CLI's loader, to check it and make the PNG the page shows. RequestError for an
+    unreadable image or one over :data:`MAX_UPLOAD_PIXELS` (read from its header, before decoding)."""
+    shown = _base_name(name, "?")[:200] or "upload"
     size = header_size(data)
     if size is not None and size[0] * size[1] > MAX_UPLOAD_PIXELS:
         w, h = size
@@ -125,11 +122,8 @@ def load_upload(data: bytes, name: str) -> Upload:
 
 def _display_png(image: LoadedImage) -> bytes:
     """The image as a PNG, pixels as the model sees them (EXIF orientation applied, 16-bit rounded to 8), alpha kept."""
-    pixels = tensor_to_image(image_to_tensor(image.rgb))
-    if image.alpha is not None:
-        pixels = np.dstack([pixels, np.round(image.alpha.astype(np.float64) * 255.0).astype(np.uint8)])
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    to_pil(tensor_to_image(image_to_tensor(image.rgb)), image.alpha).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -181,9 +175,8 @@ class RefineSettings:
 
     @classmethod
     def from_json(cls, data: Any, base: RefineSettings | None = None) -> RefineSettings:
-        """Settings from the page's JSON object (missing keys take ``base``'s values, default the class defaults).
-        RequestError naming the first bad or unknown field by its label on the page ("Samples must be a whole number
-        from 1 to 8, not 9")."""
+        """Settings from the page's JSON object (missing keys take ``base``'s values); RequestError naming the first bad
+        or unknown field by its label on the page."""
         base = cls() if base is None else base
         if not isinstance(data, Mapping):
             raise RequestError(f"settings must be a JSON object, got {json_kind(data)}")
@@ -275,9 +268,8 @@ def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
 
 
 def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
-    """What the settings will run, for the page's live start_t label: ``{"ok": True, **plan_facts}`` or ``{"ok":
-    False, "error": one line}``.  The plan is built on the CPU and not cached, so moving the slider allocates nothing
-    on the device."""
+    """What the settings will run, for the page's start_t label: ``{"ok": True, **plan_facts}`` or ``{"ok": False,
+    "error": one line}``; planned on the CPU, so moving the slider allocates nothing on the device."""
     request = settings.request()
     try:  # as Refiner.plan_for: a box may start later than start_t
         plan = build_plan(refiner.schedule, request.plan_start(refiner.num_timesteps), refiner.denoisers, "cpu",
@@ -289,9 +281,8 @@ def describe_plan(refiner: Refiner, settings: RefineSettings) -> dict[str, Any]:
 
 
 def plan_error(refiner: Refiner, settings: RefineSettings, exc: ValueError) -> str:
-    """A plan the refiner refused, in the page's words (a start above the windows: their range and "move the slider
-    down")."""
-    text = " ".join(str(exc).split())
+    """A plan the refiner refused, in the page's words."""
+    text = one_line(exc)
     if "expert window" in text:
         boxes = [(b.describe(), b.start_t) for b in settings.regions().boxes if b.start_t is not None]
         return window_message(start_range(refiner), settings.start_t, boxes, text)
@@ -334,11 +325,10 @@ class StepCost:
         return self.fixed_seconds + self.seconds_per_pixel * p + self.seconds_per_pixel2 * p * p
 
     def first_stage_seconds(self, height: int, width: int, factor: int, tiling: TilingConfig | None) -> float:
-        """:attr:`first_stage`'s estimate for a ``height`` x ``width`` image (pixels; ``factor``: the first stage's).
-        Tiled (``tiling`` applies), the convolutions run per tile as :func:`ldm.models.tiling.tiled_apply` cuts them
-        (the fit's fixed and linear terms at each tile's size, clipped to the image: a 4000x64 image has 512x64 tiles,
-        once per pass) and the attention once on the whole latent (its quadratic term), plus the statistics pass on
-        the image downscaled as :func:`ldm.models.tiling.downscale_to` does: the fit itself is timed untiled."""
+        """:attr:`first_stage`'s estimate for a ``height`` x ``width`` image (``factor``: the first stage's). Tiled, the
+        fit's fixed and linear terms count once per tile as :func:`ldm.models.tiling.tiled_apply` cuts them (clipped to
+        the image) and pass, the quadratic (attention) once on the whole latent, plus the statistics pass on the
+        downscaled image: the fit itself is timed untiled."""
         fit = self.first_stage
         if fit is None:
             return 0.0
@@ -474,10 +464,8 @@ def prepare(
     step_cost: StepCost | None = None,
 ) -> Prepared:
     """Check a request and build its plan and start map (the CLI's ``Refiner.plan_for`` and ``region_start_map``).
-    ``mask``: :func:`load_painted_mask`'s result or None (ignored in the whole-image mode); ``step_cost`` None: no
-    limit on one step's time.  RequestError for steps no expert covers, a box outside the image, an empty selection,
-    too many regions, more than :data:`MAX_REQUEST_STEPS` steps in all, or a step over :data:`MAX_STEP_SECONDS`.
-    """
+    ``mask``: :func:`load_painted_mask`'s result or None (ignored for the whole image); ``step_cost`` None: one step's
+    time is not limited. RequestError for a request that cannot or must not run."""
     regions = settings.regions()
     if (settings.prompt or settings.negative_prompt) and not any(is_text_conditioned(e.model) for e in refiner.experts):
         raise RequestError("these experts are not text-conditioned: a prompt would be ignored; leave the prompt empty")
@@ -525,10 +513,8 @@ def _check_work(settings: RefineSettings, n_regions: int, n_steps: int) -> int:
 
 
 def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Callable[[], None] | None = None) -> RefineResult:
-    """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` as the CLI
-    names it (``<stem>_t<start_t>_s<seed>[_<k>].png``), with the CLI's metadata plus the region entries.  ``on_step``
-    is called after every sampling step (the progress bar).  Raises what the refiner and ``save_image_atomic`` raise.
-    """
+    """Run a prepared request: each sample refined alone (seed ``seed + k``) and written to ``outdir`` with the CLI's
+    names and metadata plus the region entries; ``on_step`` is called after every sampling step."""
     started = time.perf_counter()
     s, plan, upload, request = prepared.settings, prepared.plan, prepared.upload, prepared.request
     image = upload.decode()
@@ -541,7 +527,7 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
         out = refiner.refine(x, request, [seed], start_map=prepared.start_map, callback=callback)
         parameters = s.parameters()
         if request.prompt is None:  # experts without a text condition: the page's prompt fields were not used
-            for key in ("prompt", "negative_prompt", "guidance_scale"):
+            for key in PROMPT_KEYS:
                 parameters.pop(key, None)
         meta = build_metadata(refiner, plan, upload.name, seed, k, s.n_samples, parameters, request.prompt)
         meta.update({"Software": SOFTWARE, "input_sha256": upload.sha256, **prepared.region_meta})
@@ -553,24 +539,17 @@ def refine(refiner: Refiner, prepared: Prepared, outdir: str | Path, on_step: Ca
     return RefineResult(samples, plan, seconds)
 
 
-def _base_name(name: str) -> str:
-    """The file name the browser sent, without a folder (``/`` or ``\\``)."""
-    return str(name).replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def _printable_name(name: str) -> str:
-    base = "".join(c if c.isprintable() else "?" for c in _base_name(name)).strip()[:200]
-    return base or "upload"
+def _base_name(name: str, unprintable: str) -> str:
+    """The file name the browser sent, without a folder (``/`` or ``\\``), each unprintable character as ``unprintable``."""
+    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c if c.isprintable() else unprintable for c in base).strip()
 
 
 def output_stem(name: str) -> str:
-    """The stem of an upload's output names: ``scripts/refine.py``'s (the file name less its last suffix: "my photo
-    (1).png" -> "my photo (1)", "é漢字.png" -> "é漢字") where that is a safe file name, made safe where not: no
-    folder, unprintable characters (controls, NUL, direction overrides) as ``_``, no leading dot or space (a file
-    named ".hidden_t125_s0.png" would not be listed; "." and ".." are no names), at most :data:`MAX_STEM_BYTES`
-    bytes (cut at a character, where refine.py refuses the input); "upload" when nothing is left."""
-    base = "".join(c if c.isprintable() else "_" for c in _base_name(name)).strip()
-    stem = Path(base).stem.lstrip(". ").rstrip()
+    """The stem of an upload's output names: ``scripts/refine.py``'s ("my photo (1).png" -> "my photo (1)") made safe:
+    no folder, unprintable characters as ``_``, no leading dot or space (no hidden file, no "." or ".."), at most
+    :data:`MAX_STEM_BYTES` bytes (cut at a character); "upload" when nothing is left."""
+    stem = Path(_base_name(name, "_")).stem.lstrip(". ").rstrip()
     if len(os.fsencode(stem)) > MAX_STEM_BYTES:
         stem = stem[:MAX_STEM_BYTES]  # a character takes a byte or more
         while len(os.fsencode(stem)) > MAX_STEM_BYTES:

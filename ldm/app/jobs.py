@@ -1,7 +1,5 @@
 """The web app's request queue: one worker thread, the only one touching the models, runs refinements one at a time in
-arrival order.  A failed job gets a one-line message and the worker goes on; a cancelled job never runs if it waits, or
-stops after its current sampling step.
-"""
+arrival order."""
 
 from __future__ import annotations
 
@@ -20,6 +18,7 @@ import torch
 
 from ldm.app.handlers import Prepared, RefineResult, RequestError
 from ldm.app.page import page_words
+from ldm.imageio.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +33,9 @@ class JobCancelled(Exception):
 
 @dataclass
 class Job:
-    """One refinement request and what became of it.  ``id``: ``<YYYYmmdd-HHMMSS>-<16 random URL-safe characters>``,
-    also its output folder's name (random: one id cannot be guessed from another); ``number``: the arrival order;
-    ``prepared``: the checked request (dropped once it has run: finished jobs hold no image tensors); ``before_png`` /
-    ``mask_png``: the input as shown and the painted mask, for the page to show a request again; ``cancel``: why the
-    running job must stop after its current step ("" while it need not)."""
+    """One refinement request and what became of it. ``id``: ``<YYYYmmdd-HHMMSS>-<random>``, also its output folder's
+    name (random: one id cannot be guessed from another); ``prepared``: dropped once it has run (finished jobs hold no
+    image tensors); ``cancel``: why the running job must stop after its current step ("": it need not)."""
 
     id: str
     number: int
@@ -189,8 +186,7 @@ class JobQueue:
                 job.result = self._run(job)
                 job.state = DONE
             except JobCancelled as exc:
-                job.message = f"{exc} after {job.done_steps} of {job.total_steps} steps"
-                job.state = CANCELLED
+                job.message, job.state = f"{exc} after {job.done_steps} of {job.total_steps} steps", CANCELLED
                 logger.info("request %s: %s", job.id, job.message)
             except torch.OutOfMemoryError:
                 logger.warning("request %s failed: out of device memory", job.id, exc_info=True)
@@ -200,12 +196,11 @@ class JobQueue:
                 )
                 job.state = FAILED
             except (ValueError, OSError) as exc:
-                job.message = page_words(str(exc)) or type(exc).__name__
-                job.state = FAILED
+                job.message, job.state = page_words(str(exc)) or type(exc).__name__, FAILED
                 logger.warning("request %s failed: %s", job.id, job.message)
             except Exception as exc:  # a bug must cost this request only: the server keeps serving the next ones
                 logger.exception("request %s failed", job.id)
-                job.message = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see the server log"
+                job.message = f"internal error ({type(exc).__name__}: {one_line(exc)}); see the server log"
                 job.state = FAILED
             finally:
                 job.prepared = None  # the result keeps what the page needs; free the image and its start map

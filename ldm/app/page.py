@@ -1,7 +1,5 @@
-"""What the page shows that the CLI does not need: the start slider's range from the loaded experts' windows, and
-errors in the page's words (the refiner's messages name ``--start-t``, ``tail_steps=...`` and the like, which the page
-does not have).  The page counts in timesteps ``t``; steps from noise (``k = T - t``) appear only in tooltips.
-"""
+"""What the page shows that the CLI does not need: the start slider's range from the experts' windows, and errors in the
+page's words (counted in timesteps ``t``; ``k = T - t`` only in tooltips)."""
 
 from __future__ import annotations
 
@@ -11,6 +9,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ldm.imageio.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,8 @@ def start_range(refiner: Any) -> StartRange:
         high = total - 1
     else:  # without a window at t=0 no start runs (the label says why); the slider spans the windows all the same
         high = max(1, min(top if covered else max(hi for _, hi, _ in windows), total) - 1)
-    # Default: the middle of the lowest window (the quick start's details expert: t 0-249 -> 125), at most a quarter of
-    # the noise levels (a full-range model: 250).  A low start changes little (a start of 500 put coloured streaks along
-    # a 128 px photo's edges), runs one expert and is inside the windows; the user slides up for more change.
+    # Default: the middle of the lowest window (t 0-249 -> 125), at most a quarter of the noise levels (a full-range
+    # model: 250): a low start changes little, runs one expert and is inside the windows; the user slides up for more.
     lo, hi, _ = windows[0]
     default = min((lo + hi) // 2, total // 4)
     return StartRange(1, high, max(1, min(default, high)), covered, windows, total)
@@ -150,7 +149,7 @@ def json_kind(value: Any) -> str:
 def page_words(message: str) -> str:
     """``message`` on one line in the page's words; an aside or a sentence that still names a flag or a keyword
     argument is dropped (logged at debug level, so a new message can be given words)."""
-    text = " ".join(str(message).split())
+    text = one_line(message)
     for pattern, replacement in _REWRITES:
         text = pattern.sub(replacement, text)
     if _CLI_WORDS.search(text):

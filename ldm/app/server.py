@@ -1,23 +1,5 @@
-"""The web app's HTTP side: a Starlette application serving the page and a small JSON API over :mod:`ldm.app.handlers`.
-
-Routes (all same-origin; the page is the only client it is written for)::
-
-    GET  /                            the page (static/index.html, also at /static/index.html; every response has a
-                                      Content-Security-Policy allowing this origin only, and no framing)
-    GET  /static/<file>               its script and style sheet, from the installed package
-    GET  /api/info                    experts, their windows, the start slider's range and default, limits
-    POST /api/plan         JSON       settings -> what they will run (the start_t label: windows crossed, routing)
-    POST /api/upload?name= bytes      an image file -> {id, width, height, ...}; a bad upload -> 400 with one line
-    GET  /api/uploads/<id>/image.png  the upload as decoded (what the mask is painted on)
-    POST /api/refine       JSON       {upload, settings, mask: base64 PNG | null} -> {job}; checked before queueing
-    GET  /api/jobs/<id>               progress, then the results (or the one-line error)
-    DELETE /api/jobs/<id>             cancel: a waiting request never runs, a running one stops after its current step
-    GET  /api/jobs/<id>/before.png    the comparison's "before" (and mask.png: the painted mask, to show it again)
-    GET  /api/jobs/<id>/files/<k>     sample k's PNG with metadata (?download=1 as an attachment)
-
-Errors are JSON ``{"error": "<one line>"}``, 4xx for what the user can fix, 500 for bugs.  Bodies are bounded and
-parsed in a worker thread.  Requests that change state must be ``application/json`` / ``application/octet-stream`` (or
-DELETE): another origin's page cannot send those without a CORS preflight, which this server never grants.
+"""The web app's HTTP side: a Starlette application serving the page and a small JSON API over :mod:`ldm.app.handlers`
+(routes: :func:`create_app`).  Errors are JSON ``{"error": "<one line>"}``, 4xx for what the user can fix, 500 for bugs.
 """
 
 from __future__ import annotations
@@ -45,9 +27,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ldm.app.guards import LocalHostOnly, NoSniff
+from ldm.app.guards import AddHeaders, LocalHostOnly, NoSniff
 from ldm.app.handlers import (
     MAX_BOXES,
     MAX_PARALLEL_DECODES,
@@ -72,7 +53,7 @@ from ldm.app.handlers import (
 )
 from ldm.app.jobs import DONE, KEEP_JOBS, Job, JobQueue
 from ldm.app.page import json_kind, start_range
-from ldm.imageio.errors import short_repr
+from ldm.imageio.errors import one_line, short_repr
 from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
@@ -84,8 +65,7 @@ LOCAL_HOSTS = ["127.0.0.1", "localhost"]
 MAX_PLAN_JSON_BYTES = 64 * 2**10  # the settings alone (the boxes text included) are a few KiB
 MAX_PARALLEL_READS = 4  # upload bodies read at once (each held in memory, up to MAX_UPLOAD_BYTES, while it arrives)
 BODY_IDLE_TIMEOUT_S = 30  # a body that sends nothing for this long is refused (408)
-# ... and one that trickles (a byte every few seconds) is refused when it is not whole after this long (408)
-BODY_DEADLINE_S = 300
+BODY_DEADLINE_S = 300  # ... and one that trickles (a byte every few seconds), when it is not whole after this long (408)
 READ_SLOT_WAIT_S = 10  # an upload that finds every read slot taken this long is refused (503), not queued for ever
 SHUTDOWN_WAIT_S = 10  # on Ctrl+C, how long the running request may take to finish its sampling step
 MAX_REFINE_JSON_BYTES = 4 * 2**20  # settings and the painted mask, a base64 PNG: strokes on black compress ~1000:1
@@ -156,15 +136,14 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
         try:
             yield
         finally:
-            # the running request stops after its current sampling step; waiting for it (in a thread: the event loop
-            # stays free) means the process never exits while the worker is inside torch (that aborted with exit 134)
+            # waited for in a thread (the event loop stays free): the process must not exit inside torch (stop_worker)
             if state.jobs.running() is not None:
                 logger.warning("stopping: the running request ends after its current sampling step")
             await run_in_threadpool(stop_worker, state.jobs, SHUTDOWN_WAIT_S)
 
     async def index(_request: Request) -> Response:
         html = (STATIC_DIR / "index.html").read_bytes()
-        return Response(html, media_type="text/html; charset=utf-8")  # SecurityHeaders adds the CSP
+        return Response(html, media_type="text/html; charset=utf-8")  # the middleware adds the CSP
 
     async def info(_request: Request) -> Response:
         return JSONResponse(
@@ -290,34 +269,12 @@ def create_app(refiner: Refiner, outdir: str | Path, listen: bool = False, step_
         Route("/api/jobs/{job_id}/files/{k:int}", job_file),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = [Middleware(NoSniff), Middleware(SecurityHeaders)]  # outermost: the Host check's refusals carry them
+    # outermost: the Host check's refusals carry them
+    middleware = [Middleware(NoSniff), Middleware(AddHeaders, headers=SECURITY_HEADERS)]
     if not listen:
         middleware.append(Middleware(LocalHostOnly, allowed_hosts=LOCAL_HOSTS))
     handlers = {RequestError: _user_error, HTTPException: _user_error, ClientDisconnect: _client_gone, Exception: _server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-
-
-class SecurityHeaders:
-    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response: the page is served at ``/`` and, by the
-    static mount, at ``/static/index.html``; either must be unframeable and load only from this origin."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        names = {name for name, _ in self.headers}
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                kept = [h for h in message.get("headers", []) if h[0].lower() not in names]
-                message = {**message, "headers": [*kept, *self.headers]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = os._exit) -> None:
@@ -327,10 +284,8 @@ def stop_worker(jobs: JobQueue, wait_s: float, abandon: Callable[[int], Any] = o
     if jobs.stop(wait_s):
         return
     logger.warning("stopped: the running request did not finish its sampling step within %s s and was abandoned", wait_s)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
+        stream.flush()
     abandon(0)
 
 
@@ -359,6 +314,8 @@ def _job(state: AppState, request: Request) -> Job:
 
 
 def _require_type(request: Request, expected: str) -> None:
+    """415 unless the body is ``expected``: another origin's page cannot send JSON or octet-stream (DELETE neither)
+    without a CORS preflight, which this server never grants."""
     got = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if got != expected:
         raise HTTPException(415, f"send {expected}, not {got or 'no content type'}")
@@ -402,7 +359,7 @@ def _parse_json(data: bytes) -> Any:
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the request is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+        raise RequestError(f"the request is not valid JSON ({one_line(exc)[:200]})") from None
     except RecursionError:
         raise RequestError(
             "the request's JSON is nested too deeply to parse; send the page's settings object, "

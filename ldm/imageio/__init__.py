@@ -1,11 +1,5 @@
-"""Image I/O for refinement and evaluation: loading any common file, ``[-1, 1]`` model tensors, padding, atomic saving
-with metadata, input discovery.  Errors (:class:`ImageLoadError`, a ``ValueError``; :class:`ImageSaveError`, an
-``OSError``) are one line naming the path and the cause, so a batch can report a bad file and go on.
-
-    loaded = load_image(path)                                   # float32 [H, W, 3] in [0, 1], alpha separately
-    x_pad, padding = pad_to_multiple(image_to_tensor(loaded.rgb), 8)   # [1, 3, H', W'] in [-1, 1]
-    save_image_atomic("out.png", tensor_to_image(crop_padding(model(x_pad), padding)), alpha=loaded.alpha)
-"""
+"""Image I/O: loading any common file, ``[-1, 1]`` model tensors, padding, atomic saving with metadata, input discovery.
+Errors are one line naming the path and the cause, so a batch can report a bad file and go on."""
 
 from ldm.imageio.convert import (
     PAD_MODES,

@@ -71,15 +71,12 @@ def pad_to_multiple(
     mode: str = "reflect",
     min_size: int | tuple[int, int] = 1,
 ) -> tuple[torch.Tensor, Padding]:
-    """Pad ``[B, C, H, W]`` so both sides are multiples of ``multiple`` (the model's size factor: 4 for a VQ-f4 first
-    stage, 4 * 2**(levels-1) with the UNet) and at least ``min_size`` (an int or ``(height, width)``); returns
-    ``(padded, padding)``, which :func:`crop_padding` undoes.
-
-    The padding is split between the two sides of each axis (an odd pixel goes bottom/right), so the model sees the
-    image centred.  ``"reflect"`` mirrors without repeating the edge and continues periodically where the pad is as
-    large as the image (where ``torch`` refuses): ``abc`` padded by 5 on the right gives ``abc b a b c b``; a size-1
-    axis repeats its pixel.  ``"replicate"`` repeats the edge pixel, ``"constant"`` pads zeros.
-    """
+    """Pad ``[B, C, H, W]`` so both sides are multiples of ``multiple`` (the model's size factor) and at least
+    ``min_size`` (an int or ``(height, width)``), split between the two sides of each axis (an odd pixel bottom/right:
+    the model sees the image centred); returns ``(padded, padding)`` for :func:`crop_padding`. ``"reflect"`` mirrors
+    without repeating the edge and continues periodically where the pad is as large as the image (where ``torch``
+    refuses): ``abc`` padded by 5 on the right gives ``abc b a b c b``; a size-1 axis repeats its pixel. ``"replicate"``
+    repeats the edge pixel, ``"constant"`` pads zeros."""
     min_h, min_w = (min_size, min_size) if isinstance(min_size, int) else tuple(min_size)
     height, width = int(x.shape[-2]), int(x.shape[-1])
     target_h = math.ceil(max(height, min_h) / multiple) * multiple

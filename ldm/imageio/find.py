@@ -17,16 +17,12 @@ _PARTS = operator.attrgetter("parts")  # sort by path components: "a/b" before "
 
 
 def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
-    """Expand ``inputs`` into image files; returns ``(paths in input order, one printable line per input that yields
-    none or a folder that cannot be listed)``.  A file reached through several inputs is listed once.
-
-    - An existing file is taken as given, whatever its suffix (the loader reports it if it is not an image).
-    - A folder is searched recursively for files with an :data:`IMAGE_SUFFIXES` suffix (case-insensitive), sorted by
-      path; hidden names (``"."``: macOS ``._photo.jpg`` resource forks) are skipped, links to folders not followed.
-    - Anything else with ``*``, ``?`` or ``[`` is a glob, matched as :func:`glob.glob` with ``recursive=True`` does,
-      except that ``**`` neither follows nor matches links to folders (a link cycle cannot make it endless); matched
-      image files and matched folders (expanded as above) are kept, sorted.
-    """
+    """Expand ``inputs`` into image files: ``(paths in input order, each once; one printable line per input that yields
+    none or a folder that cannot be listed)``. A file is taken whatever its suffix; a folder is searched recursively for
+    :data:`IMAGE_SUFFIXES` (any case), sorted by path, hidden names (``._photo.jpg``) skipped, links to folders not
+    followed; anything else with ``*``, ``?`` or ``[`` is a glob as :func:`glob.glob` with ``recursive=True``, except
+    that ``**`` neither follows nor matches links to folders (a link cycle cannot make it endless), its matched folders
+    expanded as above."""
     found: list[Path] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -47,12 +43,8 @@ def find_images(inputs: Iterable[PathLike]) -> tuple[list[Path], list[str]]:
             problems.extend(errors)
             add(images)
             if not images and not errors:
-                what = (
-                    f"folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
-                    if folder
-                    else "the pattern matches no image files"
-                )
-                problems.append(f"{shown}: {what}")
+                what = f"folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+                problems.append(f"{shown}: {what if folder else 'the pattern matches no image files'}")
         elif exists:
             add([Path(text)])
         elif os.path.lexists(text):

@@ -1,9 +1,5 @@
-"""Loading images from files people find on the internet: every pixel mode, EXIF orientation, alpha, one-line errors.
-
-Files are decoded fully (a truncated file fails here, not half-way through a batch) to float32 RGB in ``[0, 1]`` (keeps
-16-bit precision), alpha apart.  Only :data:`LOADER_FORMATS` are opened: some other Pillow plugins run external
-programs (EPS via Ghostscript) or parse rarely audited formats.
-"""
+"""Loading images: every pixel mode, EXIF orientation, alpha, one-line errors. Files are decoded fully (a truncated file
+fails here, not half-way through a batch) to float32 RGB in ``[0, 1]`` (keeps 16-bit precision), alpha apart."""
 
 from __future__ import annotations
 
@@ -25,8 +21,8 @@ from ldm.imageio.png_rows import png_problem
 
 logger = logging.getLogger(__name__)
 
-# Pillow format names the loader opens (those this Pillow build registers).  JPEG includes the multi-picture JPEGs of
-# cameras and phones, which Pillow reports as format "MPO".
+# Pillow format names the loader opens (others run external programs, EPS via Ghostscript, or parse rarely audited
+# formats).  JPEG includes the multi-picture JPEGs of cameras and phones, which Pillow reports as format "MPO".
 LOADER_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "GIF", "TIFF", "PPM")
 
 # File suffixes (lower case) that folder and glob expansion treat as images.
@@ -297,9 +293,8 @@ def _file_bit_depth(image: Image.Image, data: bytes) -> int:
 
 
 def header_size(source: PathLike | bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from an image file's header (a path or the file's bytes; :data:`LOADER_FORMATS` only, no
-    pixel decoded); None when it cannot be read (the loader then says why) or a path is not a regular file (a FIFO
-    would block)."""
+    """``(width, height)`` from an image file's header (a path or the file's bytes; no pixel decoded); None when it
+    cannot be read (the loader then says why) or a path is not a regular file (a FIFO would block)."""
     try:
         if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
             return None

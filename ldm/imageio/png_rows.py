@@ -1,9 +1,5 @@
-"""Does a PNG's image data hold every row its header announces?
-
-Pillow decodes a PNG whose zlib stream ends early but cleanly without an error and leaves the missing rows black, so
-such a file would be refined as if its bottom were black.  This inflates the ``IDAT`` data again, counting bytes without
-keeping them, against what the header's size, colour type, bit depth and interlacing need.
-"""
+"""Does a PNG's image data hold every row its header announces? Pillow decodes a PNG whose zlib stream ends early but
+cleanly without an error and leaves the missing rows black."""
 
 from __future__ import annotations
 
@@ -34,10 +30,9 @@ MAX_IDAT_CHUNKS = 100_000  # encoders write a few large chunks (8 KiB to 1 MiB);
 
 
 def png_problem(data: bytes) -> str | None:
-    """None when ``data`` (a PNG file's bytes) holds all its image data in a sane number of chunks, else the rest of
-    a sentence starting "PNG file ...": "is truncated or incomplete (its image data ends after about 8 of 16 rows)", or
-    "holds more than 100,000 image-data chunks ...".  Files it cannot parse are left to Pillow (None): this only finds
-    what Pillow lets through.  Consecutive chunks are inflated together, 64 KiB of input at a time."""
+    """None when ``data`` (a PNG file's bytes) holds all its image data in a sane number of chunks, else the rest of a
+    sentence starting "PNG file ..." ("is truncated or incomplete (...)"). Files it cannot parse are left to Pillow
+    (None): this only finds what Pillow lets through."""
     if not data.startswith(PNG_SIGNATURE):
         return None
     view = memoryview(data)

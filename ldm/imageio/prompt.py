@@ -1,7 +1,5 @@
-"""Prompts for text-conditioned experts: the validated :class:`Prompt`, and :class:`FoundPrompt` read back from PNGs
-(:func:`read_image_prompt`: this project's metadata or AUTOMATIC1111's ``parameters`` chunk; JPEG and WebP are not
-read) and prompt files (:func:`load_prompt_file`), whose unrecorded fields the caller's defaults fill.
-"""
+"""Prompts for text-conditioned experts: the validated :class:`Prompt`, and :class:`FoundPrompt` read back from PNGs and
+prompt files, whose unrecorded fields the caller's defaults fill."""
 
 from __future__ import annotations
 
@@ -136,11 +134,10 @@ class FoundPrompt:
 
 def parse_a1111_parameters(text: str, source: str = "A1111 parameters") -> FoundPrompt:
     """Prompt, negative prompt (None without a ``Negative prompt:`` line) and ``CFG scale`` (None, warned, when absent
-    or not a finite number ``>= 0``) of A1111's ``parameters`` text; PromptError (naming ``source``) for a text, prompt
-    or negative prompt that is too long.  The format: the prompt's lines; optionally a line starting ``Negative
-    prompt:`` (it and every later line are the negative prompt); a ``Key: value, ...`` settings line, which counts only
-    with at least three pairs (as A1111's ``parse_generation_parameters``), quoted values (``"..."``) JSON-unquoted.
-    """
+    or not a finite number ``>= 0``) of A1111's ``parameters`` text; PromptError (naming ``source``) for a text or
+    prompt that is too long. Format: the prompt's lines; optionally a line starting ``Negative prompt:`` (it and every
+    later line are the negative prompt); a ``Key: value, ...`` settings line, which counts only with at least three
+    pairs (as A1111's ``parse_generation_parameters``)."""
     if len(text) > MAX_PARAMETERS_CHARS:
         raise PromptError(f"{source} holds {len(text):,} characters; at most {MAX_PARAMETERS_CHARS:,} are read (a prompt, a "
                           "negative prompt and a settings line)")  # fmt: skip
@@ -206,13 +203,11 @@ def _unquote(value: str) -> str:
 
 
 def read_png_text(source: PathLike | bytes, keys: Iterable[str]) -> dict[str, str] | None:
-    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys``, from a path or the file's bytes, as
-    ``{keyword: text}`` (the last chunk wins, as in Pillow; a file that ends early gives what came before); None when
-    ``source`` is not a PNG.  Other chunks are skipped unread: Pillow's ``.info`` stops at the image data, and ``.text``
-    decodes every pixel.  PromptError when the file cannot be read, or a wanted chunk is over
-    :data:`MAX_TEXT_CHUNK_BYTES` stored or decompressed (Pillow bounds plain ``tEXt`` only by a 64 MiB total), fails its
-    CRC, or is not valid text.
-    """
+    """The PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) named ``keys`` from a path or the file's bytes, as ``{keyword:
+    text}`` (the last chunk wins, as in Pillow; a file that ends early gives what came before); None when ``source`` is
+    not a PNG. Other chunks are skipped unread (Pillow's ``.text`` decodes every pixel). PromptError for an unreadable
+    file or a wanted chunk over :data:`MAX_TEXT_CHUNK_BYTES` (stored or decompressed), with a bad CRC, or not valid
+    text."""
     if isinstance(source, (bytes, bytearray)):
         return _walk_png(io.BytesIO(bytes(source)), set(keys), "<bytes>")
     name = format_path(source)
@@ -297,13 +292,10 @@ def _inflate(data: bytes, where: str) -> bytes:
 
 def read_image_prompt(source: PathLike | bytes) -> FoundPrompt | None:
     """The prompt a PNG records (None without one, and for other files); PromptError when the file cannot be read, a
-    prompt chunk is corrupt or oversized, or the prompt is not acceptable.
-
-    This project's ``prompt`` / ``negative_prompt`` / ``guidance_scale`` chunks are trusted only next to a ``Software``
-    starting with :data:`LATESTEPS_SOFTWARE` (ComfyUI writes a ``prompt`` chunk holding its node graph).  A
-    ``parameters`` chunk holding a JSON object (this project's record of its CLI arguments, or Fooocus's) is never read
-    as A1111 text; its prompt entries are used when there.  Otherwise ``parameters`` is A1111's infotext.
-    """
+    prompt chunk is corrupt or oversized, or the prompt is not acceptable. This project's ``prompt`` chunks are trusted
+    only next to a ``Software`` starting with :data:`LATESTEPS_SOFTWARE` (ComfyUI writes a ``prompt`` chunk holding its
+    node graph); a ``parameters`` chunk holding a JSON object (this project's CLI record, or Fooocus's) is read only for
+    its prompt entries, any other is A1111's infotext."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else format_path(source)
     text = read_png_text(source, ("Software", A1111_KEY, *PROMPT_KEYS))
     if text is None:
@@ -334,7 +326,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 
 def _json_failure(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:80]}"
+    return f"{type(exc).__name__}: {one_line(exc)[:80]}"
 
 
 def _from_fields(fields: Mapping[str, Any], source: str) -> FoundPrompt:
@@ -370,16 +362,10 @@ class PromptFile:
 
 def load_prompt_file(path: PathLike) -> PromptFile:
     """Read and check a prompt file: one prompt per input stem (``Path(input).stem``), UTF-8 (a byte-order mark is
-    accepted), each stem once.
-
-    - ``.json``: one object, ``{"stem": "prompt", ...}`` or ``{"stem": {"prompt": "...", "negative_prompt": "...",
-      "guidance_scale": 7.5}, ...}`` (the latter's keys other than ``prompt`` optional; multi-line prompts need it).
-    - any other suffix: one ``stem<TAB>prompt`` or ``stem<TAB>prompt<TAB>negative prompt`` per line; blank lines and
-      lines starting with ``#`` are skipped; each field's surrounding spaces are stripped.
-
-    PromptError when the file is missing, not a regular file, over :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8 or
-    malformed (naming the line), repeats a stem, or holds an unacceptable prompt.
-    """
+    accepted), each stem once. ``.json``: one object, ``{"stem": "prompt", ...}`` or ``{"stem": {"prompt": ...,
+    "negative_prompt": ..., "guidance_scale": 7.5}, ...}``; any other suffix: ``stem<TAB>prompt[<TAB>negative prompt]``
+    lines, blank lines and ``#`` lines skipped, fields stripped. PromptError naming the file (and line) for anything
+    else."""
     name = format_path(path)
     try:
         text = _read_bounded(path, name).decode("utf-8-sig")  # a byte-order mark is dropped

@@ -1,10 +1,5 @@
-"""Atomic image writing with embedded metadata, and reading that metadata back.
-
-Files are written through :func:`ldm.util.atomic_write_bytes`, so a killed job or a full disk never leaves a partial
-image that a later ``--skip-existing`` run would take for a finished one.  Metadata is PNG text (``tEXt``; ``iTXt`` for
-non Latin-1 values; compressed above 1 KiB); JPEG and WebP have no text chunks, so there it is a JSON object in the EXIF
-``ImageDescription`` tag (ASCII-escaped), which ``exiftool`` reads too.
-"""
+"""Atomic image writing (a killed job or a full disk never leaves a partial image) with metadata: PNG text chunks, or
+for JPEG and WebP a JSON object in the EXIF ``ImageDescription`` tag, which ``exiftool`` reads too."""
 
 from __future__ import annotations
 
@@ -49,24 +44,16 @@ def save_image_atomic(
     *,
     quality: int = 95,
 ) -> Path:
-    """Write ``rgb`` (+ ``alpha``) to ``path`` atomically, creating missing parent folders, in the suffix's format
-    (:data:`SAVE_FORMATS`), with the permissions the umask gives a new file; returns the destination.
-
-    Args:
-        rgb: uint8 ``[H, W, 3]`` (:func:`ldm.imageio.tensor_to_image` gives this).
-        alpha: ``[H, W]`` uint8, or float in ``[0, 1]``; written as RGBA for PNG/WebP, dropped with a warning for JPEG.
-        metadata: ``{key: value}`` strings; keys follow the PNG keyword rules (1-79 Latin-1 characters).
-        quality: JPEG/WebP quality 1-100 (PNG is lossless).
-
-    Raises:
-        ImageSaveError: one line naming the path (``errno``: the OS error number); no partial or temporary file is left.
-        ValueError: an unsupported suffix (raised before writing).
-    """
+    """Write uint8 ``rgb`` ``[H, W, 3]`` (+ ``alpha`` ``[H, W]``, uint8 or float in ``[0, 1]``: RGBA for PNG/WebP,
+    dropped with a warning for JPEG) to ``path`` atomically, creating missing parent folders, in the suffix's format
+    (:data:`SAVE_FORMATS`), with ``metadata`` (keys: 1-79 Latin-1 characters) and JPEG/WebP ``quality`` 1-100; returns
+    the destination. ImageSaveError (one line, ``errno``; no partial or temporary file left); ValueError for an
+    unsupported suffix, before writing."""
     dest = Path(os.fsdecode(path))
     fmt = SAVE_FORMATS.get(dest.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot save {format_path(path)}: suffix {dest.suffix!r} is not one of {sorted(SAVE_FORMATS)}")
-    image = _to_pil(rgb, alpha)
+    image = to_pil(rgb, alpha)
     if fmt == "JPEG" and image.mode == "RGBA":
         logger.warning("%s: JPEG cannot store transparency; the alpha channel is dropped", format_path(path))
         image = image.convert("RGB")
@@ -76,13 +63,13 @@ def save_image_atomic(
     try:
         atomic_write_bytes(dest, lambda fh: image.save(fh, format=fmt, **options))  # mode as the umask gives
     except OSError as exc:
-        reason = _ERRNO_REASONS.get(exc.errno) if exc.errno is not None else None
-        detail = f"{reason} ({one_line(exc.strerror or exc)})" if reason else one_line(exc.strerror or exc)
-        raise ImageSaveError(path, detail, exc.errno) from exc
+        reason, detail = _ERRNO_REASONS.get(exc.errno), one_line(exc.strerror or exc)
+        raise ImageSaveError(path, f"{reason} ({detail})" if reason else detail, exc.errno) from exc
     return dest
 
 
-def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+def to_pil(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+    """uint8 ``[H, W, 3]`` (+ ``[H, W]`` alpha, uint8 or float in ``[0, 1]``) as a PIL RGB or RGBA image."""
     rgb = np.ascontiguousarray(rgb)
     if alpha is None:
         return Image.fromarray(rgb, mode="RGB")

@@ -1,7 +1,5 @@
-"""Evaluation of refinement: seeded degradations (:mod:`ldm.eval.degrade`, local ones in :mod:`ldm.eval.local_degrade`),
-image metrics (:mod:`ldm.eval.metrics`) and realism (:mod:`ldm.eval.swd`).  Importing the package registers the local
-degradations in :data:`ldm.eval.degrade.DEGRADATIONS`, so the registry is complete whenever ``ldm.eval`` is imported.
-"""
+"""Evaluation of refinement: degradations, metrics, realism (SWD) and the sweep.  Importing the package registers the
+local degradations in :data:`ldm.eval.degrade.DEGRADATIONS`."""
 
 from ldm.eval import local_degrade
 

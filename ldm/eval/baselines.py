@@ -1,8 +1,6 @@
-"""Baselines the sweep runs next to the refiners, each a deterministic map of images ``[B, 3, H, W]`` in [-1, 1] to the
-same shape, dtype and device: ``identity`` (the degraded input), a classical filter of :data:`FILTERS` (per image,
-float64 on the CPU, through scikit-image / SciPy) and ``autoencoder`` (the refiner's first-stage round trip, which every
-refined image also passes through: it separates what the diffusion steps add from what the autoencoder does).
-"""
+"""Baselines the sweep runs next to the refiners: ``identity``, a classical filter of :data:`FILTERS` and
+``autoencoder`` (the first-stage round trip every refined image also passes through: it separates what the diffusion
+steps add from what the autoencoder does)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Seeded, parameterised image degradations (the artifact families the evaluation sweeps over) and their registry.
 
-A :class:`Degradation` maps images ``[B, 3, H, W]`` in [-1, 1] to a degraded copy (same shape, dtype and device, clipped
-to [-1, 1]), drawing every random number from its ``seed`` (an ``int``: a CPU generator, so one seed degrades alike on
-every device).  Sizes are fractions of the shorter side (blur: pixels), bounded and checked when a degradation is built,
-so a spec is refused before any image is read.  Specs read ``"name:key=value,key=value"`` (:attr:`Degradation.spec`).
+Every random number comes from the ``seed`` (an ``int``: a CPU generator, so one seed degrades alike on every device).
+Sizes are fractions of the shorter side (blur: pixels), checked when a degradation is built, before any image is read.
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ from ldm.util import accepted_keywords, instantiate_from_config
 
 _RANGE_TOLERANCE = 1e-2
 
-# Bounds of the count and size parameters, checked when a degradation is built (so a script refuses a spec before it
-# reads an image).  Counts cost time (patches: one search of the image each) or memory (blobs: a full-size map each,
-# computed BLOB_CHUNK at a time); spatial fractions beyond MAX_FRACTION of the shorter side change nothing more.
+# Bounds of the parameters: counts cost time (patches: one search of the image each) or memory (blobs: a full-size map
+# each, BLOB_CHUNK at a time); spatial fractions beyond MAX_FRACTION of the shorter side change nothing more.
 MAX_COUNT = 256  # n_patches, n_blobs
 MAX_SIGMA = 1024.0  # blur sigma in pixels (each image also bounds it by its longer side)
 MAX_FRACTION = 4.0  # amplitude, scale, radius: fractions of the shorter side (of the box, for local degradations)
@@ -47,8 +44,8 @@ def seed_generator(seed: int | torch.Generator) -> torch.Generator:
 
 
 def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
-    """``images`` as float32/float64 (other float dtypes as float32) and the generator of ``seed``; raises ValueError
-    unless ``images`` is a floating ``[B, 3, H, W]`` tensor in [-1, 1]."""
+    """``images`` as float32/float64 (other float dtypes as float32) and the generator of ``seed``; ValueError unless
+    ``images`` is a floating ``[B, 3, H, W]`` tensor in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images [B, 3, H, W], got {shape}; use apply_to_uint8 for HWC uint8 arrays")
@@ -60,8 +57,7 @@ def prepare_input(images: torch.Tensor, seed: int | torch.Generator) -> tuple[to
             raise ValueError(
                 f"expected images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; uint8 images convert with x / 127.5 - 1"
             )
-    generator = seed_generator(seed)
-    return (images if images.dtype in (torch.float32, torch.float64) else images.float()), generator
+    return (images if images.dtype in (torch.float32, torch.float64) else images.float()), seed_generator(seed)
 
 
 def _show(value: Any) -> str:
@@ -71,8 +67,8 @@ def _show(value: Any) -> str:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False, at_most: float | None = None, unit: str = "") -> None:
-    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``) and, with ``at_most``, at
-    most that (``unit`` says what the number measures in the message, e.g. ``" (pixels)"``)."""
+    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``) and at most ``at_most``
+    (``unit``: what the number measures, for the message, e.g. ``" (pixels)"``)."""
     bound = ">= 0" if allow_zero else "> 0"
     numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     try:
@@ -86,14 +82,14 @@ def check_positive(name: str, value: float, allow_zero: bool = False, at_most: f
 
 
 def check_count(name: str, value: int, lo: int, hi: int, why: str = "") -> None:
-    """Raise ValueError unless ``value`` is an integer in ``[lo, hi]`` (``why``: the reason for the bound)."""
+    """Raise ValueError unless ``value`` is an integer in ``[lo, hi]`` (``why``: the bound's reason)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{why}, got {_show(value)}")
 
 
 class Degradation(abc.ABC):
-    """Subclasses set ``name`` and implement ``_apply``; ``__call__`` checks the input, clips the result to [-1, 1]
-    and restores the input dtype."""
+    """Maps images ``[B, 3, H, W]`` in [-1, 1] to a degraded copy (same shape, dtype and device, clipped to [-1, 1]).
+    Subclasses set ``name`` and implement ``_apply``."""
 
     name: ClassVar[str] = ""
     stochastic: bool = True  # whether the output depends on the seed (JPEG's does not)
@@ -112,7 +108,6 @@ class Degradation(abc.ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 
     def __call__(self, images: torch.Tensor, seed: int | torch.Generator) -> torch.Tensor:
-        """``images`` ``[B, 3, H, W]`` in [-1, 1] -> the same shape, dtype and device."""
         work, generator = prepare_input(images, seed)
         with torch.no_grad():
             out = self._apply(work, generator)
@@ -164,9 +159,8 @@ def _load_first_stage(first_stage: Any) -> torch.nn.Module:
 
 class VQRoundTrip(Degradation):
     """Encode, quantize and decode through a VQ first stage (a ``VQModelInterface`` or ``VQModel``, a config mapping
-    or a YAML path).  Latents snap to the nearest codebook entry; ``codebook_fraction < 1`` allows only a seeded random
-    subset of ``max(1, round(fraction * n_embed))`` entries (one subset per call).  Sides that are not multiples of the
-    downsampling factor are edge-padded and cropped back; runs in eval mode on the first stage's device."""
+    or a YAML path).  ``codebook_fraction < 1`` allows only a seeded random subset of ``max(1, round(fraction *
+    n_embed))`` codebook entries (one subset per call).  Sides are edge-padded to the downsampling factor."""
 
     name = "vq_roundtrip"
 
@@ -233,9 +227,8 @@ class JPEG(Degradation):
         self.quality = int(quality)
 
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        arrays = to_uint8_hwc(images)
         out = []
-        for arr in arrays:
+        for arr in to_uint8_hwc(images):
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="JPEG", quality=self.quality, subsampling=2)
             buf.seek(0)
@@ -246,8 +239,8 @@ class JPEG(Degradation):
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` by ``sigma`` pixels (edge-replicated borders, kernel radius
-    ``ceil(3 sigma)``); ``sigma == 0`` returns the input.  Raises ValueError for ``sigma`` above the image's longer
-    side: a nearly flat image at the cost of a kernel and padding of ``6 sigma`` pixels (tens of GB for 1e9)."""
+    ``ceil(3 sigma)``).  ValueError for ``sigma`` above the image's longer side: a nearly flat image at the cost of a
+    kernel and padding of ``6 sigma`` pixels (tens of GB for 1e9)."""
     if sigma == 0:
         return images
     if sigma > max(images.shape[-2:]):
@@ -411,10 +404,9 @@ class ColourBlotches(Degradation):
     def _apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, h, w = images.shape
         k = self.n_blobs
-        side = min(h, w)
         u = _draw(torch.rand, (b, k, 3), generator, images)
         cy, cx = u[..., 0] * h, u[..., 1] * w
-        sigma = self.radius * side * (0.5 + u[..., 2])
+        sigma = self.radius * min(h, w) * (0.5 + u[..., 2])
         direction = _draw(torch.randn, (b, k, 3), generator, images)
         shift = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.strength
         ys = torch.arange(h, device=images.device, dtype=images.dtype) + 0.5
@@ -435,7 +427,7 @@ DEGRADATIONS: dict[str, type[Degradation]] = {
 
 
 def degradation_parameters(name: str) -> dict[str, Any]:
-    """Parameters of a registered degradation: ``{param: default}`` (``inspect.Parameter.empty`` when required)."""
+    """``{param: default}`` of a registered degradation (``inspect.Parameter.empty`` when required)."""
     return {k: default for k, (_, default) in accepted_keywords(DEGRADATIONS[name]).params.items()}
 
 
@@ -446,8 +438,8 @@ def describe_degradation(name: str) -> str:
 
 
 def build_degradation(name: str, **params: Any) -> Degradation:
-    """The degradation registered as ``name``, built with ``params``; raises ``KeyError`` for an unknown name and
-    ``TypeError`` for unknown or missing parameters, both listing what is valid."""
+    """The degradation registered as ``name``, built with ``params``; KeyError (unknown name) and TypeError (unknown or
+    missing parameters) list what is valid."""
     if name not in DEGRADATIONS:
         listing = "; ".join(describe_degradation(n) for n in sorted(DEGRADATIONS))
         raise KeyError(f"unknown degradation {name!r}; valid: {listing}")

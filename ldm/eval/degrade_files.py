@@ -1,5 +1,4 @@
-"""Degradations applied to uint8 arrays and to image folders (``degrade_folder("clean/", "jpeg15/", "jpeg", seed=0,
-quality=15)``), with per-file seeds (:func:`file_seed`)."""
+"""Degradations applied to uint8 arrays and to image folders, with per-file seeds (:func:`file_seed`)."""
 
 from __future__ import annotations
 
@@ -66,16 +65,13 @@ def degrade_folder(
     """Degrade every image under ``src`` into ``dst`` as PNG, keeping the relative layout (``a/b.jpg`` -> ``a/b.png``).
 
     ``degradation`` is a registry name (built with ``params``) or a :class:`Degradation` (then ``params`` must be
-    empty).  Files are found and read with :mod:`ldm.imageio` (an alpha channel is kept unchanged) and written
-    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``, each seeded by
-    ``file_seed(seed, relative_path)``.  Returns the written paths.
+    empty).  An alpha channel is kept unchanged; each file is seeded by ``file_seed(seed, relative_path)`` and written
+    atomically with the PNG text keys ``degradation`` (its spec) and ``degradation_seed``.  Returns the written paths.
 
-    Raises ``FileNotFoundError`` (no such folder / no images), ``OSError`` (a symbolic link loop), ``ValueError``
-    (``dst`` inside ``src``, an output that would land on an input or inside ``src`` (``dst`` above ``src``:
-    ``--input d/clean --output d`` with ``d/clean/clean/x.png``), two sources mapping to one output; all before any
-    image is written), :class:`ldm.imageio.ImageLoadError` for an unreadable
-    image and :class:`DegradeFolderError` for an image the degradation refuses; with ``on_error``, those two are
-    passed to it (one line each) and the other images are degraded.
+    Raises, before any image is written: FileNotFoundError (no such folder, no images), OSError (a symbolic link loop),
+    ValueError (``dst`` inside ``src``, an output that would land on an input or inside ``src``, two sources mapping to
+    one output).  Then :class:`ldm.imageio.ImageLoadError` for an unreadable image and :class:`DegradeFolderError` for
+    an image the degradation refuses; with ``on_error``, those two are passed to it (one line each) and the rest go on.
     """
     src_root, dst_root = _resolve(src, "source"), _resolve(dst, "output")
     if not src_root.is_dir():
@@ -104,8 +100,7 @@ def degrade_folder(
         targets[out] = path
     written: list[Path] = []
     for out, path in targets.items():
-        rel = path.relative_to(src_root).as_posix()
-        this_seed = file_seed(seed, rel)
+        this_seed = file_seed(seed, path.relative_to(src_root).as_posix())
         try:
             loaded = imageio.load_image(path)
         except imageio.ImageLoadError as exc:
@@ -116,9 +111,8 @@ def degrade_folder(
         try:
             result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
         except (ValueError, RuntimeError) as exc:
-            why = f"{deg.spec} cannot degrade {str(path)!r} ({loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px): " + " ".join(
-                str(exc).split()
-            )
+            size = f"{loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px"
+            why = f"{deg.spec} cannot degrade {str(path)!r} ({size}): " + " ".join(str(exc).split())
             if on_error is not None:
                 on_error(why)
                 continue
@@ -134,9 +128,8 @@ def degrade_folder(
 
 def _check_not_an_input(out: Path, source: Path, src_root: Path, inputs: dict[str, Path]) -> None:
     """ValueError when writing ``out`` (the output of ``source``) would replace an input image (``inputs``: by real path)
-    or put a file inside the source folder ``src_root``: an output folder above the source folder maps
-    ``src/<name>/x.png`` onto ``src/x.png`` when the source folder holds a subfolder of its own name.  ``out``'s folder
-    is resolved (a link in the output folder may lead into the source); the file itself is replaced, not written through."""
+    or put a file inside ``src_root`` (an output folder above the source maps ``src/<name>/x.png`` onto ``src/x.png``
+    when the source holds a subfolder of its own name).  ``out``'s folder is resolved: a link may lead into the source."""
     where = Path(os.path.realpath(out.parent)) / out.name
     overwritten = inputs.get(str(where))
     if overwritten is None and src_root not in where.parents:

@@ -1,9 +1,6 @@
 """Local degradations (``local_*``): one degradation of :mod:`ldm.eval.degrade` inside one random square box per image,
-every pixel outside the box left exactly as it was, so region refinement can be scored against a known mask.
-
-Most degrade the box cut out as an image of its own (spatial parameters are fractions of the box side); ``local_vq``
-round-trips the whole image and keeps the box.  Per image, the box is drawn first from the seed's generator, then the
-inner degradation draws.  Boxes are half-open ``(x0, y0, x1, y1)`` pixels; masks ``[B, 1, H, W]``, 1 inside the box.
+every pixel outside it left exactly as it was, so region refinement can be scored against a known mask.  Boxes are
+half-open ``(x0, y0, x1, y1)`` pixels, drawn before the inner degradation draws; masks ``[B, 1, H, W]``, 1 inside.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class LocalResult:
-    """Degraded ``images`` ``[B, 3, H, W]``, ``masks`` ``[B, 1, H, W]`` (1 inside the box; both the input's dtype and
-    device) and the ``boxes`` ``(x0, y0, x1, y1)`` in pixels, one per image."""
+    """Degraded ``images`` ``[B, 3, H, W]``, ``masks`` ``[B, 1, H, W]`` (1 inside the box) and the ``boxes``."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -60,8 +56,8 @@ EDGE_FLOOR = 0.01  # of the mean box weight: every position stays possible, a fl
 
 def edge_weights(image: torch.Tensor, side: int) -> torch.Tensor:
     """``[H - side + 1, W - side + 1]`` float64 weights of the boxes of ``side`` px over ``image`` ``[3, H, W]``: the
-    sum of the gradient magnitude (forward differences, summed over channels) inside each box, plus
-    :data:`EDGE_FLOOR` of their mean.  Artifacts are where the content is; a box on a flat area changes nothing."""
+    gradient magnitude summed inside each box, plus :data:`EDGE_FLOOR` of their mean (a box on a flat area changes
+    nothing)."""
     x = image.detach().to("cpu", torch.float64)
     gy = (x[:, 1:, :] - x[:, :-1, :]).abs().sum(dim=0)
     gx = (x[:, :, 1:] - x[:, :, :-1]).abs().sum(dim=0)
@@ -71,10 +67,9 @@ def edge_weights(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class LocalDegradation(Degradation):
-    """``inner`` applied inside one random square box per image, of side ``box_size`` of the shorter image side (at
-    least 2 px), placed uniformly or, with ``box_at="edges"``, in proportion to the edge energy inside it
-    (:func:`edge_weights`), and blended in with a raised-cosine window over ``box_feather`` of its side at each edge
-    (0: pasted hard).  Subclasses name the inner degradation."""
+    """``inner`` inside one random square box per image, of side ``box_size`` of the shorter side (at least 2 px),
+    placed uniformly or, with ``box_at="edges"``, by :func:`edge_weights`, and blended in with a raised-cosine window
+    over ``box_feather`` of its side at each edge (0: pasted hard)."""
 
     on_crop: ClassVar[bool] = True  # degrade the box as an image of its own (False: the whole image, then keep the box)
 

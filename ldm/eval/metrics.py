@@ -1,9 +1,7 @@
-"""Image metrics: per-image PSNR / SSIM / MSE and LPIPS, the same inside and outside a mask, the seam along a mask's
-boundary, and set-level FID / KID (realism without weights: :mod:`ldm.eval.swd`).
-
-Images are ``[B, 3, H, W]`` in ``value_range`` (default ``(-1, 1)``), clipped to it first as a saved image would be; PSNR
-and SSIM use the data range ``high - low``.  Per-image metrics are float64 CPU tensors ``[B]``.  Metrics that need
-pretrained networks use weights already on disk only, else return :class:`Skipped` with the reason; nothing is downloaded.
+"""Image metrics: per-image PSNR / SSIM / MSE and LPIPS (whole, inside and outside a mask), the seam along a mask's
+boundary, and set-level FID / KID.  Images are ``[B, 3, H, W]`` in ``value_range``, clipped to it as a saved image would
+be; per-image metrics are float64 CPU tensors ``[B]``.  Pretrained networks are read from disk only, never downloaded:
+without their weights a metric is :class:`Skipped`.
 """
 
 from __future__ import annotations
@@ -70,8 +68,7 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     a, b = _prepare(images, reference, value_range)
-    out = peak_signal_noise_ratio(a, b, data_range=value_range, reduction="none", dim=(1, 2, 3))
-    return out.double().cpu()
+    return peak_signal_noise_ratio(a, b, data_range=value_range, reduction="none", dim=(1, 2, 3)).double().cpu()
 
 
 SSIM_RADIUS = 5  # the 11x11 window of torchmetrics' default: int(3.5 * sigma + 0.5) px each side of the centre
@@ -113,8 +110,7 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, value_range: tuple[float
     """Per-image SSIM ``[B]`` (11x11 Gaussian window of sigma 1.5, ``data_range = high - low``, float64) of images of
     at least 11 px on each side."""
     a, b = _prepare(images, reference, value_range)
-    data_range = float(value_range[1]) - float(value_range[0])
-    return _ssim_map(a, b, data_range).flatten(1).mean(-1).cpu()
+    return _ssim_map(a, b, float(value_range[1]) - float(value_range[0])).flatten(1).mean(-1).cpu()
 
 
 def _region_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,12 +128,10 @@ def masked_metrics(
     lpips: LPIPSMetric | Skipped | None = None,
     value_range: tuple[float, float] = MINUS_ONE_ONE,
 ) -> dict[str, Any]:
-    """``{mse, psnr, ssim}_in`` and ``_out`` (float64 ``[B]``; with ``lpips`` also ``lpips_in`` / ``lpips_out``) of
-    ``images`` against ``reference`` ``[B, 3, H, W]`` inside and outside ``mask`` ``[B, 1, H, W]`` (1 = inside; grey
-    values weight a pixel into both regions).  MSE is mask-weighted, PSNR computed from it (``inf``: unchanged,
-    ``nan``: empty region), SSIM the region's mean of the SSIM map.  LPIPS has no per-pixel map: it compares the image
-    with the other region replaced by the reference's pixels.
-    """
+    """``{mse, psnr, ssim}_in`` / ``_out`` (with ``lpips`` also ``lpips_in`` / ``lpips_out``) of ``images`` against
+    ``reference`` inside and outside ``mask`` ``[B, 1, H, W]`` (1 = inside; grey values weight a pixel into both).  MSE
+    is mask-weighted, PSNR computed from it (``inf``: unchanged, ``nan``: empty region), SSIM the region's mean of the
+    SSIM map; LPIPS (no per-pixel map) compares the image with the other region replaced by the reference's pixels."""
     a, b = _prepare(images, reference, value_range)
     m = mask.detach().to(a.device, torch.float64)
     data_range = float(value_range[1]) - float(value_range[0])
@@ -158,12 +152,8 @@ def seam_energy(
     images: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, value_range: tuple[float, float] = MINUS_ONE_ONE
 ) -> torch.Tensor:
     """How abruptly an edit changes at the edge of its mask: per image ``[B]``, the mean over all pairs of 4-neighbour
-    pixels that straddle the mask's boundary (one with mask > 0, the other with mask == 0) of the squared jump of the
-    edit ``images - inputs`` across the pair, averaged over channels (units of ``value_range``, squared).
-
-    0 for an unchanged image or an edit that fades to nothing at the boundary; ``nan`` where the mask has no boundary
-    (all 0 or nowhere 0).
-    """
+    pixels that straddle the mask's boundary (mask > 0 and mask == 0) of the squared jump of the edit ``images -
+    inputs`` across the pair, averaged over channels (units of ``value_range``, squared); ``nan`` without a boundary."""
     a, b = _prepare(images, inputs, value_range)
     inside = mask.to(a.device) > 0
     edit = a - b
@@ -171,8 +161,7 @@ def seam_energy(
     pairs = torch.zeros_like(total)
     for dim in (2, 3):
         n = a.shape[dim] - 1
-        first, second = inside.narrow(dim, 0, n), inside.narrow(dim, 1, n)
-        straddle = (first != second).double()
+        straddle = (inside.narrow(dim, 0, n) != inside.narrow(dim, 1, n)).double()
         jump = (edit.narrow(dim, 1, n) - edit.narrow(dim, 0, n)) ** 2
         total += (jump.mean(dim=1, keepdim=True) * straddle).sum(dim=(1, 2, 3))
         pairs += straddle.sum(dim=(1, 2, 3))
@@ -260,11 +249,9 @@ def _features(
 
 
 def load_inception(weights: str | os.PathLike | None = None) -> torch.nn.Module | Skipped:
-    """torch-fidelity's FID Inception-v3 (2048-d pool features) from a local weights file, or :class:`Skipped`.
-
-    ``weights`` defaults to torch-fidelity's file in the torch hub cache (:data:`INCEPTION_WEIGHTS_FILE`).  The file is
-    first read with the project's safe loader (tensors only), since torch-fidelity itself unpickles it unrestricted.
-    """
+    """torch-fidelity's FID Inception-v3 (2048-d pool features) from a local weights file (default: torch-fidelity's
+    in the torch hub cache), or :class:`Skipped`.  The file is first read with the project's safe loader (tensors
+    only), since torch-fidelity itself unpickles it unrestricted."""
     if importlib.util.find_spec("torch_fidelity") is None:
         return Skipped("FID/KID: torch-fidelity is not installed (pip install torch-fidelity provides the Inception network)")
     path = Path(weights) if weights is not None else hub_checkpoint_path(INCEPTION_WEIGHTS_FILE)
@@ -294,9 +281,9 @@ def fid_kid(
     batch_size: int = 32,
 ) -> dict[str, float] | Skipped:
     """``{"fid", "kid_mean", "kid_std"}`` between image sets ``real`` ``[N, 3, H, W]`` and ``fake`` ``[M, 3, H', W']``
-    (torchmetrics), or :class:`Skipped` (fewer than 2 images in a set; no Inception weights).  ``feature_extractor``
-    maps ``uint8 [n, 3, H, W]`` to ``[n, D]`` (default: :func:`load_inception`'s).  KID draws ``kid_subsets`` subsets
-    of ``min(kid_subset_size, N, M)`` images with ``seed`` (the global RNG is restored)."""
+    (torchmetrics), or :class:`Skipped`.  ``feature_extractor`` maps ``uint8 [n, 3, H, W]`` to ``[n, D]`` (default:
+    :func:`load_inception`'s).  KID draws ``kid_subsets`` subsets of ``min(kid_subset_size, N, M)`` images with
+    ``seed`` (the global RNG is restored)."""
     n_real, n_fake = int(real.shape[0]), int(fake.shape[0])
     if min(n_real, n_fake) < 2:
         return Skipped(f"FID/KID: need at least 2 images per set, got {n_real} real and {n_fake} generated")
@@ -333,10 +320,8 @@ def compute_metrics(
     value_range: tuple[float, float] = MINUS_ONE_ONE,
 ) -> dict[str, Any]:
     """Per-image metrics of ``refined`` ``[B, 3, H, W]``: ``{mse, psnr, ssim}_clean`` (distance to ``clean``) and
-    ``{mse, psnr, ssim}_input`` (faithfulness to ``degraded``) for the references given, each float64 ``[B]``; with
-    ``lpips`` (from :func:`load_lpips`) also ``lpips_clean`` / ``lpips_input`` (the :class:`Skipped` value when LPIPS
-    was skipped).  SSIM is :class:`Skipped` for images under 11 px, LPIPS for images under its backbone's minimum
-    (:data:`ldm.modules.lpips.LPIPS_MIN_SIDE`: 16 px for vgg, 31 for alex, 17 for squeeze)."""
+    ``_input`` (faithfulness to ``degraded``) for the references given; with ``lpips`` also ``lpips_clean`` /
+    ``lpips_input``.  SSIM is :class:`Skipped` under 11 px, LPIPS under :data:`ldm.modules.lpips.LPIPS_MIN_SIDE`."""
     out: dict[str, Any] = {}
     for suffix, reference in (("clean", clean), ("input", degraded)):
         if reference is None:

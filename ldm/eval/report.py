@@ -244,10 +244,8 @@ def plot_realism(
     PSNR inf at the right edge.  None (nothing written) without SWD.  ``summary``: ``summarize(result)``."""
     if not any(isinstance(s.get("swd"), float) for s in summary):
         return None
-    rows_spec = [("psnr_input", "PSNR to input [dB]")]
-    for metric, label in (("psnr_input_in", "PSNR to input inside mask [dB]"), ("psnr_input_out", "outside mask [dB]")):
-        if any(metric in s for s in summary):
-            rows_spec.append((metric, label))
+    masked = (("psnr_input_in", "PSNR to input inside mask [dB]"), ("psnr_input_out", "outside mask [dB]"))
+    rows_spec = [("psnr_input", "PSNR to input [dB]")] + [(m, t) for m, t in masked if any(m in s for s in summary)]
 
     def draw(ax: Any, r: int, c: int, metric: str, label: str, degradation: str, colors: dict[str, str]) -> dict[str, Any]:
         points: dict[str, list[tuple]] = {}  # method -> [(start_t, x, swd), ...]
@@ -330,14 +328,10 @@ def example_grid(examples: Sequence[SweepExample]) -> Image.Image:
 
 
 def before_after_grid(result: SweepResult, method: str, start_t: int | Mapping[str, int]) -> Image.Image:
-    """clean | artifact | refined (``method`` at ``start_t``) for every example; with masks (local degradations):
-    clean | artifact | mask | refined (whole image) | refined (region) | refined (crop), as far as the sweep ran them.
-    Rows are titled with the PSNR to clean of the artifact and of each refinement.  ``start_t``: one for every
-    example, or one per degradation label (degradations it does not name are left out).
-
-    Raises:
-        ValueError: ``method`` is not a refiner of the sweep, or no example holds its output at its ``start_t``.
-    """
+    """clean | artifact | (mask) | refined (``method`` at ``start_t``: whole image, region, crop, as far as the sweep
+    ran them) for every example, rows titled with the PSNR to clean of the artifact and of each refinement.
+    ``start_t``: one for every example, or one per degradation label (degradations it does not name are left out).
+    ValueError when ``method`` is not a refiner of the sweep or no example holds its output at its ``start_t``."""
     refiners = [name for name, (kind, _) in result.methods.items() if kind == "refiner"]
     # the columns: the whole-image refinement (where the sweep ran one) and each region mode
     shown_methods = [("whole", method)] if method in refiners else []

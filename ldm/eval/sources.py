@@ -16,7 +16,7 @@ from ldm import imageio
 @dataclass(frozen=True)
 class SweepImage:
     """One image of the sweep: ``image`` ``[1, 3, H, W]`` in [-1, 1] on the CPU (clean, or in no-reference mode the
-    artifact image itself) and a name for the CSV."""
+    artifact image itself) and its name."""
 
     name: str
     image: torch.Tensor
@@ -35,9 +35,8 @@ def heldout_images(n: int = 8, size: int = 32, seed: int = 0) -> list[SweepImage
 
 
 def folder_image_paths(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> tuple[list[Path], int]:
-    """The image files under ``folder`` (recursive, :func:`ldm.imageio.find_images`) and how many were left out: those
-    under ``exclude`` (an output folder) when it lies inside ``folder``, so that a report written there is not read as
-    images by the next run (as refine.py's ``collect_inputs`` leaves out its output folder)."""
+    """The image files under ``folder`` (recursive) and how many were left out: those under ``exclude`` (an output
+    folder inside ``folder``), so that a report written there is not read as images by the next run."""
     paths = imageio.find_images([Path(folder)])[0]
     if exclude is None:
         return paths, 0
@@ -55,8 +54,7 @@ def images_at(folder: str | os.PathLike, paths: list[Path]) -> list[SweepImage]:
 
 
 def folder_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[SweepImage]:
-    """Every image under ``folder`` (:func:`folder_image_paths`, less those under ``exclude``, see there), named by its
-    relative path, alpha dropped; an unreadable file is an error naming it."""
+    """Every image under ``folder`` (less those under ``exclude``, see :func:`folder_image_paths`), as :func:`images_at`."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {imageio.format_path(root)} does not exist or is not a folder")

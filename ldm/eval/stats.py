@@ -1,13 +1,8 @@
-"""Percentile-bootstrap confidence intervals over images (Efron & Tibshirani 1993, ch. 13): resample the images with
-replacement, read the interval off the resampled statistic's quantiles.  A *paired* interval (the same resampled images
-for both quantities) says whether one method beats another on the same images: it excludes the between-image variance
-both share.  Randomness comes only from ``seed`` (a numpy generator of its own).
+"""Percentile-bootstrap confidence intervals over images (Efron & Tibshirani 1993, ch. 13), seeded by ``seed`` alone.
 
-The unit of resampling is the image.  Where an image has several values (one per seed), pass ``clusters`` (the image
-of each value): a *cluster* bootstrap draws images with replacement and keeps all the values of a drawn image, so n is
-the number of images, whatever the number of values (Davison & Hinkley 1997, section 3.8).  Below
-:data:`MIN_INTERVAL_N` images there is no interval (``lo`` and ``hi`` are NaN); below :data:`SMALL_N` the percentile
-interval is too narrow (see :data:`SMALL_N_COVERAGE`).
+A *paired* interval (the same resampled images for both quantities) excludes the between-image variance both share.
+The unit of resampling is the image: with ``clusters`` (the image of each value, e.g. one value per seed) a *cluster*
+bootstrap keeps all the values of a drawn image, so n counts images (Davison & Hinkley 1997, section 3.8).
 """
 
 from __future__ import annotations
@@ -31,9 +26,8 @@ SMALL_N_COVERAGE: dict[int, float] = {2: 0.51, 4: 0.80, 8: 0.89}
 
 @dataclass(frozen=True)
 class Interval:
-    """``estimate`` (the statistic on all the values) and its ``confidence`` interval ``[lo, hi]`` over ``n`` images
-    (NaN bounds: no interval, ``n`` < :data:`MIN_INTERVAL_N`); ``cases``: the number of values behind it (images x
-    seeds; 0: not said)."""
+    """``estimate`` and its ``confidence`` interval ``[lo, hi]`` over ``n`` images (NaN bounds: no interval, ``n`` <
+    :data:`MIN_INTERVAL_N`); ``cases``: the number of values behind it (images x seeds; 0: not said)."""
 
     estimate: float
     lo: float
@@ -122,9 +116,8 @@ def bootstrap_mean(
 ) -> Interval:
     """The mean of ``values`` ``[N]`` and its percentile-bootstrap interval over images.
 
-    ``clusters`` ``[N]`` (e.g. the image of each (image, seed) value): resample the distinct clusters and keep all
-    values of a drawn one; a resample's statistic is the mean of all its values, ``n`` the number of clusters and
-    ``cases`` N.  None: each value is an image of its own.  No interval (NaN) below :data:`MIN_INTERVAL_N` images.
+    ``clusters`` ``[N]`` (the image of each value; None: each value is an image of its own): resample the distinct
+    clusters, keeping all values of a drawn one; ``n`` is the number of clusters and ``cases`` N.
     """
     array = _finite(values, "values")
     if clusters is None:

@@ -1,13 +1,6 @@
-"""A sweep's summary (:func:`summarize`): per degradation x method x start_t, ``n`` (images), ``cases`` (images x
-seeds) and every row metric's mean over its values with its 95 % percentile-bootstrap interval over images (``m_lo`` /
-``m_hi``) and the number of images behind it (``m_n``), the paired gains of :data:`GAINS`, the set metrics (``swd``:
-no interval) and ``gain_swd`` (paired SWD resamples, < 0: more like clean images); seeded, so a summary is the same on
-every run.  :func:`best_start` picks a ``start_t`` by cross-fitting over images.
-
-The unit of every interval is the image: an image's rows of all seeds are resampled together (a cluster bootstrap,
-:func:`ldm.eval.stats.bootstrap_mean`), so running more seeds never narrows an interval as if they were more images.
-Below two images there is no interval (blank); :func:`summary_notes` says why, and that intervals over fewer than ten
-images are too narrow.
+"""A sweep's summary (:func:`summarize`, seeded: the same on every run) and :func:`best_start`, which picks a
+``start_t`` by cross-fitting over images.  The unit of every interval is the image: an image's rows of all seeds are
+resampled together (a cluster bootstrap), so running more seeds never narrows an interval as if they were more images.
 """
 
 from __future__ import annotations
@@ -57,7 +50,6 @@ def interval_columns(names: tuple[str, ...]) -> tuple[str, ...]:
 
 # the columns with m_lo / m_hi / m_n; swd's interval stays blank (an absolute SWD has none, see ldm.eval.swd)
 INTERVAL_METRICS: tuple[str, ...] = ROW_METRICS + tuple(GAINS) + ("gain_swd", "swd")
-SUMMARY_METRICS: tuple[str, ...] = interval_columns(INTERVAL_METRICS)
 
 
 def format_entry(entry: dict[str, Any], key: str, fmt: str = "{:.2f}", sign: bool = False, missing: str = "n/a") -> str:
@@ -84,9 +76,10 @@ def summarize(
     result: SweepResult, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0
 ) -> list[dict[str, Any]]:
     """One entry per degradation x method x start_t, in run order: ``n`` (distinct images), ``cases`` (rows: images x
-    seeds), ``seeds``, and per metric the mean over its values, ``m_n`` (the images it averages: skipped cells are left
-    out) and ``m_lo`` / ``m_hi`` (a cluster bootstrap over images; none below two images or where a value is infinite,
-    e.g. ``inf`` PSNR).  A column skipped everywhere holds the :class:`Skipped` value."""
+    seeds), ``seeds``, and per metric (and per gain of :data:`GAINS`, ``gain_swd``: < 0 is more like clean images) the
+    mean over its values, ``m_n`` (the images it averages: skipped cells are left out) and ``m_lo`` / ``m_hi`` (a 95 %
+    cluster bootstrap over images; none below two images or where a value is infinite, e.g. ``inf`` PSNR).  A column
+    skipped everywhere holds the :class:`Skipped` value; set metrics (``swd``, FID/KID) have no interval."""
     groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
     for row in result.rows:
         groups[(row["degradation"], row["method"], row["start_t"])].append(row)
@@ -118,8 +111,7 @@ def summarize(
                 continue
             numbers = [r[column] for r in kept]
             if np.isfinite(numbers).all():
-                clusters = [r["image"] for r in kept]
-                _put(entry, column, bootstrap_mean(numbers, confidence, n_resamples, seed, clusters))
+                _put(entry, column, bootstrap_mean(numbers, confidence, n_resamples, seed, [r["image"] for r in kept]))
             else:  # an infinite PSNR: the mean, without an interval
                 entry[column], entry[f"{column}_n"] = float(np.mean(numbers)), len({r["image"] for r in kept})
         for gain, (column, baseline) in GAINS.items():  # paired by image and seed, where every case has finite values
@@ -129,17 +121,16 @@ def summarize(
                 after, base = zip(*pairs)
                 clusters = [r["image"] for r in rows]
                 _put(entry, gain, bootstrap_paired_difference(after, base, confidence, n_resamples, seed, clusters))
-        if key in sets:
-            entry.update({k: v for k, v in sets[key].items() if k in SET_KEYS})
-            if "swd" in sets[key]:
-                entry["swd"] = sets[key]["swd"]
-                if "swd_bootstrap" in sets[key]:
-                    entry["swd_n"] = sets[key]["swd_bootstrap"].n
-            artifact = sets.get((key[0], IDENTITY, None))
-            if key[1] != IDENTITY and artifact is not None and "swd_bootstrap" in artifact and "swd_bootstrap" in sets[key]:
-                difference = paired_swd_difference(sets[key]["swd_bootstrap"], artifact["swd_bootstrap"], confidence)
-                estimate, lo, hi = (v * SWD_SCALE for v in (difference.estimate, difference.lo, difference.hi))
-                _put(entry, "gain_swd", Interval(estimate, lo, hi, difference.n, difference.confidence, difference.cases))
+        own, artifact = sets.get(key, {}), sets.get((key[0], IDENTITY, None), {})
+        entry.update({k: v for k, v in own.items() if k in SET_KEYS})
+        if "swd" in own:
+            entry["swd"] = own["swd"]
+            if "swd_bootstrap" in own:
+                entry["swd_n"] = own["swd_bootstrap"].n
+        if key[1] != IDENTITY and "swd_bootstrap" in artifact and "swd_bootstrap" in own:
+            difference = paired_swd_difference(own["swd_bootstrap"], artifact["swd_bootstrap"], confidence)
+            estimate, lo, hi = (v * SWD_SCALE for v in (difference.estimate, difference.lo, difference.hi))
+            _put(entry, "gain_swd", Interval(estimate, lo, hi, difference.n, difference.confidence, difference.cases))
         summary.append(entry)
     return summary
 
@@ -180,12 +171,9 @@ def summary_notes(summary: Sequence[dict[str, Any]]) -> list[str]:
 @dataclass(frozen=True)
 class BestStart:
     """A method's best ``start_t`` on one degradation, chosen without looking at the images it is reported on.
-
-    ``start_ts``: the start_t chosen on each half of the *images* (even and odd positions in name order; all seeds of
-    an image in its half) by the mean gain of ``column`` over ``baseline``.  ``value`` and ``gain`` (with cluster
-    bootstrap intervals over images): each image at the start_t chosen on the *other* half (cross-fitting), so
-    picking the best of several does not inflate them.
-    """
+    ``start_ts``: the start_t chosen on each half of the images (even and odd positions in name order, with all their
+    seeds) by the mean gain of ``column`` over ``baseline``; ``value`` and ``gain``: each image at the start_t chosen
+    on the *other* half (cross-fitting), so picking the best of several does not inflate them."""
 
     method: str
     degradation: str

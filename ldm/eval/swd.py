@@ -2,15 +2,13 @@
 (Karras et al. 2018, section 5 and appendix D, written here from that description).
 
 Each image is decomposed into a Laplacian pyramid (5x5 binomial filter, mirrored borders, as ``cv2.pyrDown``/``pyrUp``)
-down to 16 px; from every level 7x7 patches are cut at random positions, the same in both sets (a paired draw: identical
-sets are at distance 0 exactly), and normalised per colour channel, each set by its own statistics (``"each"``, the
-paper: blind to a per-channel gain or offset of a set) or both by the reference's (``"reference"``: a colour cast
-counts).  Per level, random unit directions project both sets to 1-D, where Wasserstein-1 of equal-size sets is the
-mean absolute difference of the sorted values; the SWD is the mean over directions, then over levels (raw values; the
-paper prints them x 10^3).  Randomness comes only from ``seed`` (patch positions first, then each level's directions,
-finest first); everything is float64 on the CPU.  An absolute SWD comes without a confidence interval (no bootstrap
-interval of it holds its coverage, see :func:`swd_bootstrap`); the change between two sets compared with one reference
-on the same cases has one (:func:`paired_swd_difference`, resampling images).
+down to 16 px; from every level 7x7 patches are cut at random positions, the same in both sets (identical sets are at
+distance 0 exactly), and normalised per colour channel, each set by its own statistics (``"each"``, the paper: blind to
+a per-channel gain or offset) or both by the reference's (``"reference"``: a colour cast counts).  Per level, random
+unit directions project both sets to 1-D, where Wasserstein-1 of equal-size sets is the mean absolute difference of the
+sorted values; the SWD is the mean over directions, then over levels (raw values; the paper prints them x 10^3).
+Everything is float64 on the CPU, seeded by ``seed`` alone.  Only the paired change between two sets
+(:func:`paired_swd_difference`) has a confidence interval, see :func:`swd_bootstrap`.
 """
 
 from __future__ import annotations
@@ -150,8 +148,7 @@ def prepare_reference(
     normalize: str = "each",
 ) -> PreparedReference:
     """:class:`PreparedReference` for sets of ``reference``'s shape: finite float images of at least ``patch_size``
-    px (scripts/evaluate.py checks sizes); the settings are positive integers (``min_resolution`` >= 2, ``seed`` >= 0).
-    """
+    px (unchecked here); the settings are positive integers (``min_resolution`` >= 2, ``seed`` >= 0)."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}; choose one of {list(NORMALIZATIONS)}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -174,13 +171,8 @@ def prepare_reference(
         statistics.append((mean_b, std_b))
         projections.append(_sorted_projections(db, d))
     settings = (patch_size, patches_per_image, n_directions, min_resolution, normalize)
-    return PreparedReference(
-        tuple(reference.shape),
-        int(seed),
-        settings,
-        tuple(sides[: len(positions)]),
-        *(tuple(per_level) for per_level in (positions, directions, descriptors, statistics, projections)),
-    )
+    per_level = (tuple(values) for values in (positions, directions, descriptors, statistics, projections))
+    return PreparedReference(tuple(reference.shape), int(seed), settings, tuple(sides[: len(positions)]), *per_level)
 
 
 def _image_descriptors(images: torch.Tensor, prepared: PreparedReference) -> list[torch.Tensor]:
@@ -212,10 +204,8 @@ def swd(
     min_resolution: int = MIN_RESOLUTION,
     normalize: str = "each",
 ) -> SWDResult:
-    """SWD (:class:`SWDResult`, raw values) between the Laplacian-pyramid patch sets of ``images`` and ``reference``,
-    ``[B, C, H, W]`` float sets of one shape in any value range (see the module docstring).  ``reference`` may be a
-    :class:`PreparedReference`, whose seed and settings then apply (the keyword arguments are ignored).
-    """
+    """SWD (raw values) between ``images`` and ``reference``, ``[B, C, H, W]`` float sets of one shape in any value
+    range.  ``reference`` may be a :class:`PreparedReference`, whose seed and settings then apply (not the keywords)."""
     if not isinstance(reference, PreparedReference):
         names = ("patch_size", "patches_per_image", "n_directions", "min_resolution", "normalize")
         settings = dict(zip(names, (patch_size, patches_per_image, n_directions, min_resolution, normalize)))
@@ -250,13 +240,11 @@ def resampled_wasserstein(
     CDFs held to the next point), so a resample costs one matrix product instead of a sort.
     """
     a, b = a.double(), b.double()
-    weights_a, weights_b = weights_a.double(), weights_b.double()
     pooled = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
     levels = torch.linspace(0, 1, grid_points, dtype=pooled.dtype)
     grid = torch.quantile(pooled, levels, dim=1).t().contiguous()  # [K, G]
     widths = grid[:, 1:] - grid[:, :-1]  # [K, G - 1]
-    wa = weights_a / weights_a.sum(dim=1, keepdim=True)
-    wb = weights_b / weights_b.sum(dim=1, keepdim=True)
+    wa, wb = (w / w.sum(dim=1, keepdim=True) for w in (weights_a.double(), weights_b.double()))
     # F_a - F_b in one product of the signed weights with both sets' CDFs, then |.| in place and the sum over the grid
     # as a contraction: [R, K, G] is the only large tensor, written once (this loop is memory-bound)
     cdfs = torch.cat([image_cdfs(a, grid), image_cdfs(b, grid)], dim=1)[..., :-1]  # [K, B + B', G - 1]
@@ -279,17 +267,15 @@ def swd_bootstrap(
     Each resample draws the images of ``images`` with replacement and, independently, those of ``reference``; every
     image keeps its patches (normalised once by the full sets' statistics).  ``clusters`` ``[B]`` names the source
     image of each member of ``images`` (e.g. one image refined with several seeds) and ``reference_clusters`` those of
-    ``reference`` (e.g. a smaller reference set cycled to ``B``): members of one cluster are drawn together, so copies
-    never count as independent images; None: every member is an image of its own.  A resample's SWD is
-    :func:`resampled_wasserstein` on ``resample_directions`` of each level's directions (one subset for all
-    resamples).  A tensor ``reference`` is prepared with :func:`swd`'s default settings; a :class:`PreparedReference`
-    brings its own (``seed`` still seeds the resamples).  Two calls with the same ``seed`` and clusters on sets of one
-    shape draw alike, so their ``resampled`` values are paired.
+    ``reference`` (e.g. a smaller reference set cycled to ``B``): members of one cluster are drawn together (None: every
+    member is an image of its own).  A resample's SWD is :func:`resampled_wasserstein` on ``resample_directions`` of
+    each level's directions.  A tensor ``reference`` is prepared with :func:`swd`'s defaults (``seed`` seeds the
+    resamples either way).  Two calls with the same ``seed`` and clusters on sets of one shape are paired.
 
     No interval of the SWD itself is formed: drawing images twice makes two sets look less alike, and a percentile
     interval of these resamples (bias-shifted or not) covered neither the large-sample SWD (0 % at 8 and 32 images)
     nor the estimate's own spread (about 4x too wide).  The paired *difference* of two sets' SWDs to one reference
-    (:func:`paired_swd_difference`) cancels that bias and holds its coverage.
+    cancels that bias and holds its coverage.
     """
     prepared = reference if isinstance(reference, PreparedReference) else prepare_reference(reference, seed=seed)
     check_count("n_resamples", n_resamples, 1, 10**6)
@@ -300,10 +286,7 @@ def swd_bootstrap(
     own, n_images = cluster_index(clusters, n)
     theirs, n_reference = cluster_index(reference_clusters, n)
     resampled = torch.zeros(n_resamples, dtype=torch.float64)
-    weights = [
-        torch.from_numpy(cluster_resample_weights(own, n, n_resamples, seed)),
-        torch.from_numpy(cluster_resample_weights(theirs, n, n_resamples, seed + 1)),
-    ]
+    weights = [torch.from_numpy(cluster_resample_weights(c, n, n_resamples, seed + i)) for i, c in enumerate((own, theirs))]
     generator = torch.Generator().manual_seed(int(seed))
     for da, db, directions in zip(descriptors, prepared.descriptors, prepared.directions):
         chosen = directions[:, torch.randperm(directions.shape[1], generator=generator)[:resample_directions]]
@@ -319,9 +302,8 @@ def swd_bootstrap(
 @dataclass(frozen=True)
 class SWDBootstrap:
     """:func:`swd_bootstrap`'s answer: the SWD (``result``), the ``resampled`` values ``[R]``, the number of distinct
-    images ``n`` of the set (clusters, each drawn as one) among its ``cases`` members, ``reference_n`` those of the
-    reference, and ``pairing``: what must match for two results to be paired (seeds, settings, shape, directions,
-    clusters)."""
+    images ``n`` (clusters) among the set's ``cases`` members, ``reference_n`` those of the reference, and ``pairing``:
+    what must match for two results to be paired."""
 
     result: SWDResult
     resampled: np.ndarray

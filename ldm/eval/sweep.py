@@ -1,12 +1,10 @@
 """The refinement sweep: every method on every case (image x degradation x seed), each output measured.
 
-Refiners run at every ``start_t`` with the case's seed, baselines (:mod:`ldm.eval.baselines`) once per case.  Outputs
-are measured against the clean image (``*_clean``) and the input (``*_input``: faithfulness); cases of local
-degradations also inside the box (``*_in``), outside it (``*_out``) and along its edge (``seam``), and every refiner
-also runs inside the mask only, per ``region_modes``: ``"<name> (region)"`` (a start map of ``start_t`` inside, 0
-outside) and ``"<name> (crop)"`` (the same with ``crop_regions=True``).  Set metrics (:func:`fid_kid_metrics`,
-:func:`add_swd`) are per method x degradation x start_t.  Case ``(image, degradation, seed)`` degrades with
-``file_seed(seed, "<degradation label>/<image name>")`` (independent of the other cases) and refines with ``seed``.
+Refiners run at every ``start_t``, baselines once per case.  Outputs are measured against the clean image (``*_clean``)
+and the input (``*_input``: faithfulness); cases of local degradations also inside the box (``*_in``), outside it
+(``*_out``) and along its edge (``seam``), and every refiner also runs inside the mask only, per ``region_modes``.  Case
+``(image, degradation, seed)`` degrades with ``file_seed(seed, "<degradation label>/<image name>")`` (independent of
+the other cases) and refines with ``seed``.
 """
 
 from __future__ import annotations
@@ -115,10 +113,9 @@ class SweepResult:
             :data:`ROW_METRICS` that were computed (a :class:`Skipped` where a metric was skipped).
         set_metrics: one dict per method x degradation x start_t: ``fid, kid_mean, kid_std`` or ``skipped`` (reason),
             and ``swd`` (x 10^3) with a realism reference.
-        examples: cases kept for the grid.
         methods: ``{name: (kind, description)}`` in run order (baselines, then refiners).
         start_ts: ``{refiner name: start_ts it ran}`` (those outside its windows are left out, see ``notes``).
-        degradations: labels in order.  reference: False in no-reference mode.  notes: what was skipped and why.
+        reference: False in no-reference mode.  notes: what was skipped and why.
     """
 
     rows: list[dict[str, Any]]
@@ -290,28 +287,23 @@ def run_sweep(
     Args:
         refiners: ``(name, Refiner)`` pairs, the main one first (its outputs fill the example grid).
         images: the clean images (the artifact images themselves when ``degradations`` is None, no-reference mode).
-        degradations: from :func:`build_sweep_degradation`.
         start_ts: each in ``[1, T-1]``; those a refiner's windows do not cover are skipped for it, with a note.
         seeds: one case per seed (degradation seed derived from it; refinement seed = it).
-        batch_size: cases refined together (same-size inputs).
         lpips: from :func:`ldm.eval.metrics.load_lpips` (None: no LPIPS columns; Skipped: columns hold the reason).
         inception: from :func:`ldm.eval.metrics.load_inception` (None: no FID/KID; Skipped: recorded with its reason).
         realism_reference: clean images other than the cases' own, of the cases' size, for SWD (None: no SWD).
         n_examples: images per degradation kept for the grid (seed ``seeds[0]``).
         example_start_ts: how many of each refiner's start_ts (evenly spread) the grid shows, or which ones.
-        region_modes: any of ``"region"`` and ``"crop"``: how every refiner also runs inside the masks of local
-            degradations; ``()`` for whole-image refinement only.
+        region_modes: any of ``"region"`` (method ``"<name> (region)"``: a start map of ``start_t`` inside the mask of
+            a local degradation, 0 outside) and ``"crop"`` (the same, cropped around each box); ``()``: none.
         whole_image: also run every refiner over the whole image (method ``<name>``); False: region modes only.
         round_trip: the first stage's round trip (:func:`ldm.eval.baselines.autoencoder_baseline`) for the
             ``psnr_rt`` / ``psnr_rt_in`` columns (what the first stage loses, taken out of the comparison).
         progress: a tqdm bar over batches (rank 0 only).
 
-    The arguments are those scripts/evaluate.py and scripts/quickstart.py checked (unique method names, local
-    degradations for ``whole_image=False``, realism images of the cases' size); start_ts and ``ddim_steps`` are checked
-    here against the model's own T.
-
-    Raises:
-        ValueError: a start_t or ``ddim_steps`` beyond T, a refiner that covers none of the start_ts.
+    The CLIs check the other arguments (unique method names, local degradations for ``whole_image=False``, realism
+    images of the cases' size); ValueError for a start_t or ``ddim_steps`` beyond T, or a refiner that covers none of
+    the start_ts.
     """
     seed_list = [int(s) for s in seeds]
     modes = list(dict.fromkeys(region_modes))
@@ -460,12 +452,9 @@ def add_swd(
 ) -> None:
     """Join ``swd`` (x 10^3, no interval) and the paired resamples ``swd_bootstrap`` (for the summary's ``gain_swd``)
     of every set's outputs against ``realism`` ``[K, 3, H, W]`` (cycled to the set's size) into ``set_metrics``.
-
-    ``images``: the image of each member of each set (members of one image, e.g. its seeds, are resampled together;
-    None: each member is an image of its own); the cycled reference is resampled by its K distinct images.  The SWD of
-    the distinct clean images (``clean``: the cases' ``(degradation, image, clean image)``), cycled to each set size,
-    against the same reference draws, the floor that sampling noise sets at that size, goes into ``notes``.
-    """
+    ``images``: the image of each member of each set (resampled together; None: each member is an image of its own).
+    The SWD of the distinct clean images (``clean``: ``(degradation, image, clean image)``) against the same reference
+    draws, the floor that sampling noise sets, goes into ``notes``."""
     entries = {(e["method"], e["degradation"], e["start_t"]): e for e in set_metrics}
     prepared: dict[int, PreparedReference] = {}  # the reference side, once per set size
     for key, outputs in sets.items():

@@ -1,7 +1,6 @@
 """Timestep windows, shared by training and routing: step <-> t conversion, validation, which window serves each
 timestep.  A window is half-open, ``[t_min, t_max)`` in timestep indices ``t`` in ``[0, T)``; step k of T is
-``t = T - k``, so steps 500-750 are ``t in [250, 500)``.
-"""
+``t = T - k``, so steps 500-750 are ``t in [250, 500)``."""
 
 from __future__ import annotations
 
@@ -62,12 +61,8 @@ def assign_windows(
 ) -> tuple[list[int], list[int]]:
     """Which window serves each timestep: ``(index per timestep, timesteps no window covers)`` (the second list is
     empty unless ``allow_outside``, which sends such a timestep to the nearest window).  ``names`` name the experts and
-    ``what`` the run in messages.
-
-    Raises:
-        ValueError: a timestep covered by two windows (always: which expert runs would be ambiguous), or by none
-            (unless ``allow_outside``); the message lists every window in both namings, the steps and what to change.
-    """
+    ``what`` the run in messages.  ValueError for a timestep covered by two windows (always: which expert runs would be
+    ambiguous), or by none (unless ``allow_outside``)."""
     names = list(names) if names is not None else [f"expert {i}" for i in range(len(windows))]
     described = "; ".join(describe_window(w, num_timesteps, n) for w, n in zip(windows, names))
     ts = [int(t) for t in timesteps]

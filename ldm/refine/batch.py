@@ -120,16 +120,11 @@ def is_refine_output(path: str | os.PathLike) -> bool:
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
     """File stems for outputs; inputs sharing a stem get ``-<8 hex of the real path>`` so no output is shared."""
-    stems = [p.stem for p in paths]
-    counts = Counter(stems)
-    unique = []
-    for path, stem in zip(paths, stems):
-        if counts[stem] > 1:
-            digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:8]
-            unique.append(f"{stem}-{digest}")
-        else:
-            unique.append(stem)
-    return unique
+    counts = Counter(p.stem for p in paths)
+    return [
+        f"{p.stem}-{hashlib.sha256(os.fsencode(os.path.realpath(p))).hexdigest()[:8]}" if counts[p.stem] > 1 else p.stem
+        for p in paths
+    ]
 
 
 def build_metadata(
@@ -198,13 +193,12 @@ def refine_files(
 ) -> BatchReport:
     """Refine every file in ``paths`` (e.g. from :func:`collect_inputs`) into ``outdir`` (created if missing).
 
-    Outputs are ``<outdir>/<stem>_t<start_t>_s<seed>[_<k>].png`` (``_<k>`` when ``n_samples > 1``; two inputs sharing a
-    stem get ``<stem>-<8 hex of their path>``), each written atomically, so ``skip_existing`` after a killed run never
-    takes a partial file for a finished one; the temps a killed run left of these outputs are removed first, never a
-    file the batch reads.  An input that cannot be loaded, whose region or prompt is bad, whose output would be an input
-    or a folder, or whose batch the networks fail on (e.g. out of memory) costs that input only (one line through
-    ``on_error``, default: logged); an output-folder error stops the batch (:attr:`BatchReport.fatal`).  The request,
-    ``batch_size`` and the prompts come checked (``scripts/refine.py``).
+    Outputs (:func:`output_name`, ``_<k>`` when ``n_samples > 1``; :func:`output_stems`) are written atomically, so
+    ``skip_existing`` after a killed run never takes a partial file for a finished one; the temps a killed run left of
+    these outputs are removed first, never a file the batch reads.  An input that cannot be loaded, whose region or
+    prompt is bad, whose output would be an input or a folder, or whose batch the networks fail on (e.g. out of memory)
+    costs that input only (one line through ``on_error``, default: logged); an output-folder error stops the batch
+    (:attr:`BatchReport.fatal`).  The request, ``batch_size`` and the prompts come checked (``scripts/refine.py``).
 
     Args:
         request: what runs (None: the defaults, whole images); its plan is built before any file is read.
@@ -278,15 +272,12 @@ def refine_files(
             meta = build_metadata(refiner, plan, format_path(paths[item.source]), item.seed, item.sample, n_samples, parameters,
                                   item.prompt)  # fmt: skip
             meta.update(item.region_meta)
-            save_image_atomic(item.out, rgb, alpha=item.alpha, metadata=meta)
-            report.written.append(item.out)
+            report.written.append(save_image_atomic(item.out, rgb, alpha=item.alpha, metadata=meta))
             if grid:
                 source = tensor_to_image(item.x)
                 middle = [] if item.start_map is None else [mask_overlay(source, item.start_map, plan.start_t)]
                 canvas = side_by_side([source, *middle, rgb])
-                grid_path = grid_name(item.out)
-                save_image_atomic(grid_path, canvas, metadata=meta)
-                report.written.append(grid_path)
+                report.written.append(save_image_atomic(grid_name(item.out), canvas, metadata=meta))
             remaining[item.source] -= 1
             if remaining[item.source] == 0:
                 finish(item.source)
@@ -400,10 +391,7 @@ def mask_clash(
         return f"--mask {format_path(regions.mask)}: cannot list the mask folder: {exc.strerror or one_line_error(exc)}"
     if not protected:
         return None
-    if regions.mask is not None and regions.mask.is_dir():
-        what = f"a mask in the mask folder {format_path(regions.mask)}"
-    else:
-        what = "the mask (--mask)"
+    what = f"a mask in the mask folder {format_path(regions.mask)}" if regions.mask.is_dir() else "the mask (--mask)"
     outdir = Path(os.fsdecode(outdir))
     for stem in output_stems(paths):
         for _, _, out in _outputs_for(stem, outdir, start_t, seed, n_samples):
@@ -420,7 +408,7 @@ def _mask_reals(regions: RegionOptions) -> dict[str, Path]:
     files = regions.mask_files()
     if not files:
         return {}
-    if regions.mask is not None and regions.mask.is_dir():
+    if regions.mask.is_dir():  # files found: there is a mask
         # one realpath per folder and per link, not per file: a mask folder may hold 100,000 files
         real_folder = os.path.realpath(regions.mask)
         reals = {os.path.join(real_folder, p.name): p for p in files}

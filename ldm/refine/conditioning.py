@@ -52,12 +52,9 @@ def _names(experts: Sequence[Expert], indices: Iterable[int]) -> str:
 
 
 def check_chain(experts: Sequence[Expert], plan: RefinePlan, prompted: bool, allow_unconditional: bool) -> None:
-    """Refuse, in one line (ValueError: which rule, what to change), what the rules over the experts the plan runs do
-    not allow: a text-conditioned expert needs a prompt (``Prompt("")`` at scale 1 is the empty-prompt model); a prompt
-    needs a text-conditioned expert (it would change nothing: refused rather than ignored) and no expert conditioned on
-    something else; a chain of text-conditioned and unconditional experts takes a prompt only with
-    ``allow_unconditional`` (the unconditional experts' steps then run unguided).
-    """
+    """One-line ValueError (which rule, what to change) unless the experts the plan runs allow ``prompted``: a
+    text-conditioned expert needs a prompt; a prompt needs one (refused rather than ignored) and no expert conditioned on
+    something else; a mixed chain with unconditional experts takes it only with ``allow_unconditional`` (run unguided)."""
     used = used_experts(plan)
     text = text_experts(experts, plan)
     if not prompted:
@@ -90,12 +87,8 @@ def check_chain(experts: Sequence[Expert], plan: RefinePlan, prompted: bool, all
 
 
 def prompts_for_batch(prompt: PromptArg, batch: int) -> list[Prompt] | None:
-    """``prompt`` as one validated :class:`Prompt` per sample (None stays None).
-
-    Raises:
-        PromptError (a ValueError): a prompt outside what :class:`Prompt` allows.  ValueError: a list whose length is
-            neither 1 nor ``batch``, or prompts with different guidance scales in one batch.
-    """
+    """``prompt`` as one validated :class:`Prompt` per sample (None stays None).  PromptError (a ValueError) for a bad
+    prompt; ValueError for neither 1 nor ``batch`` prompts, or different guidance scales in one batch."""
     if prompt is None:
         return None
     items = [prompt] if isinstance(prompt, (str, Prompt)) else list(prompt)
@@ -220,8 +213,7 @@ def resolve_input_prompts(
     """Each input's :class:`Prompt`, or one line saying why it has none (none anywhere, or a corrupt one in the image):
     ``prompt`` for every input, else the input's ``prompt_file`` entry (by stem), else the prompt the image records;
     ``negative_prompt`` and ``guidance_scale`` fill what the entry or image did not record (None: ``""`` and
-    :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`).
-    """
+    :data:`~ldm.imageio.prompt.DEFAULT_GUIDANCE_SCALE`)."""
     if prompt is not None:
         return [prompt] * len(paths)
     negative = "" if negative_prompt is None else negative_prompt

@@ -1,7 +1,6 @@
 """Refining one batch of files with several processes (``torchrun``, SLURM): process ``rank`` refines the inputs whose
 index is ``rank (mod world size)`` (output names are decided over the whole list, so the files equal a single-process
-run's), then the processes exchange their reports over a CPU (gloo) group so that every one exits with the same code.
-"""
+run's), then the processes exchange their reports over a CPU (gloo) group so that every one exits with the same code."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """The first stage as refinement uses it: tiling (refinement's memory option), batch invariance and precision composed
-around a LatentDiffusion's own first stage, which is only read, never modified.  A KL first stage encodes to its
-posterior's mean by default (a deterministic latent) and decodes the latent as is; a VQ one snaps to its codebook when
-decoding.  Attention needs no option: the first stage's and the UNet's attention give SDPA contiguous ``q, k, v``, so
-its memory-efficient kernels serve them.
-"""
+around a LatentDiffusion's own first stage, which is only read, never modified."""
 
 from __future__ import annotations
 

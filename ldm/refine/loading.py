@@ -1,9 +1,5 @@
-"""Building refinement experts from checkpoint files, safely (:func:`load_expert`), and their devices and precisions.
-
-The model config is the one ``main.py`` saved in the checkpoint, else the YAML given as ``config``.  It is rebuilt for
-inference (no ``ckpt_path``, losses replaced by ``torch.nn.Identity``, EMA built only when used); a config read from
-the checkpoint is checked by :mod:`ldm.untrusted` first unless ``trust_config``.
-"""
+"""Building refinement experts from checkpoint files, safely (:func:`load_expert`: a config read from the checkpoint is
+checked by :mod:`ldm.untrusted` unless ``trust_config``), and their devices and precisions."""
 
 from __future__ import annotations
 
@@ -142,7 +138,8 @@ def _embedded_model_config(ckpt: Mapping[str, Any], shown: str) -> dict[str, Any
 
 
 def _inference_config(model_cfg: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
-    """The model config rebuilt for inference (see the module docstring)."""
+    """The model config rebuilt for inference: no ``ckpt_path``, losses replaced by ``torch.nn.Identity``, EMA built
+    only when used."""
     cfg = copy.deepcopy(dict(model_cfg))
     params = cfg["params"] = dict(cfg.get("params") or {})
     params.pop("ckpt_path", None)
@@ -184,16 +181,11 @@ def load_expert(
     trust_config: bool = False,
     unsafe_load: bool = False,
 ) -> tuple[Expert, CheckpointInfo]:
-    """Build one refinement expert (on CPU, eval mode, no gradients) from ``path``.
-
-    Args:
-        path: a checkpoint written by ``main.py`` (``{"state_dict", "config", "window", ...}``), a CompVis release
-            (with ``config``), a ``.safetensors`` file (with ``config``) or a diffusers LDM folder
-            (:func:`ldm.convert.diffusers.load_diffusers_expert`).
-        config: YAML path or mapping, used when the checkpoint carries no model config.
-        ema: use the EMA weights when the checkpoint has them (a warning otherwise).
-        trust_config: allow a checkpoint's config to name classes outside the allow-list.
-        unsafe_load: unpickle arbitrary objects (only for files you trust).
+    """Build one refinement expert (on CPU, eval mode, no gradients) from ``path``: a ``main.py`` checkpoint
+    (``{"state_dict", "config", "window", ...}``), a CompVis release or ``.safetensors`` file (with ``config``: a YAML
+    path or mapping, used when the checkpoint carries no model config) or a diffusers LDM folder.  ``ema``: use the EMA
+    weights when there are some (a warning otherwise); ``trust_config``: allow a checkpoint's config to name classes
+    outside the allow-list; ``unsafe_load``: unpickle arbitrary objects (only for files you trust).
 
     Raises:
         CheckpointError: missing, truncated, unsafe, wrong-kind checkpoint, or weights that do not fit the config

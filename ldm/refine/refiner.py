@@ -1,10 +1,5 @@
-"""``Refiner``: SDEdit-style refinement of images with one or more late-steps experts (the Python API).
-
-A batch ``[B, 3, H, W]`` in ``[-1, 1]`` is reflect-padded, encoded by the shared first stage, noised to the first step of
-a :class:`~ldm.sampling.RefinePlan` (built and checked once per set of arguments), denoised by the plan's steps,
-decoded, cropped back and clamped.  Each sample's noise comes from its own CPU generator; with ``batch_invariant`` each
-sample also goes through the networks alone, so an output does not depend on its batch.
-"""
+"""``Refiner``: SDEdit-style refinement of images ``[B, 3, H, W]`` in ``[-1, 1]`` with one or more late-steps experts:
+reflect-pad, encode, noise to the plan's first step, denoise, decode, crop back, clamp."""
 
 from __future__ import annotations
 
@@ -106,11 +101,9 @@ class Run:
 
 
 class Refiner:
-    """Refine images with chained window experts.
-
-    Build it with :meth:`from_checkpoints` (or from in-memory models / :class:`Expert` objects).  All experts must
-    share the noise schedule and the first stage (checked).  The models are moved to ``device`` and set to eval mode;
-    nothing else in them is changed (tiling and precision are composed around them).
+    """Refine images with chained window experts (build it with :meth:`from_checkpoints`, or from models /
+    :class:`Expert` objects).  All experts must share the noise schedule and the first stage (checked); the models are
+    moved to ``device`` and set to eval mode, nothing else in them is changed.
 
     Args:
         experts: models or :class:`Expert` objects (window from ``model.window()``, ``[0, T)`` for a plain LDM).
@@ -118,14 +111,14 @@ class Refiner:
         precision: ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (CUDA only): autocast for the networks; the trajectory stays
             float32.
         allow_outside_window: run the nearest expert on steps no window covers (warning) instead of refusing.
-        checkpoints: provenance of each expert (set by :meth:`from_checkpoints`, written into output metadata).
+        checkpoints: provenance of each expert (written into output metadata).
         batch_invariant: run the networks one sample at a time: CPU kernels block by batch size, which changes the
             last bits, so only then is an output bit-identical batched or not.  None: True on CPU, False on CUDA.
         tiling: ``"auto"`` (:data:`ldm.refine.first_stage.AUTO_TILING`), None or a :class:`~ldm.models.tiling.TilingConfig`.
         channels_last, compile: store the networks' weights NHWC (same results up to rounding); ``torch.compile`` the
             UNets (on the first call per image size).
-        allow_unconditional_experts: in a chain of text-conditioned and unconditional experts, run the unconditional
-            experts' steps without the prompt instead of refusing (see :mod:`ldm.refine.conditioning`).
+        allow_unconditional_experts: run the unconditional experts of a chain with text-conditioned ones without the
+            prompt instead of refusing (:mod:`ldm.refine.conditioning`).
         first_stage_posterior: a KL first stage encodes with its posterior's ``"mean"`` (deterministic) or a
             ``"sample"`` from each sample's own generator (before its noise); VQ first stages ignore it.
     """
@@ -187,15 +180,14 @@ class Refiner:
         allow_unconditional_experts: bool = False,
         first_stage_posterior: str = "mean",
     ) -> Refiner:
-        """Load one expert per checkpoint (:func:`ldm.refine.loading.load_expert`: ``ema``, ``config``,
-        ``trust_config``, ``unsafe_load``) and build a refiner (the others: as in :class:`Refiner`); the experts then
+        """Load one expert per checkpoint (:func:`ldm.refine.loading.load_expert`) and build a refiner whose experts
         hold one first-stage module (checked equal first) and one copy of identical text encoders.  ``paths``: one
         checkpoint per expert (or a single path), or the short name of shipped experts (``"demo"``:
         :mod:`ldm.refine.shipped`).
 
         Raises:
-            CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device,
-            precision or incompatible experts.  Device and precision are checked before any file is read.
+            CheckpointError / ConfigError (both ``ValueError``) with one-line reasons; ``ValueError`` for a bad device
+            or precision (before any file is read) or incompatible experts.
         """
         path_list = expand_names([paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths))
         autocast_dtype(precision, resolve_device(device))
@@ -203,8 +195,7 @@ class Refiner:
             raise ValueError(f"first_stage_posterior={first_stage_posterior!r} must be one of {POSTERIOR_CHOICES}")
         check_checkpoint_paths(path_list)
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
-        experts = [e for e, _ in loaded]
-        infos = [i for _, i in loaded]
+        experts, infos = map(list, zip(*loaded))
         if config is not None and all(i.config_source == "checkpoint" for i in infos):
             logger.warning("config=%s is not used: every checkpoint holds its own model config", str(config)[:200])
         refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile,
@@ -311,8 +302,7 @@ class Refiner:
 
         Args:
             x: ``[B, 3, H, W]`` float in ``[-1, 1]``, any ``H, W >= 1`` (reflect-padded internally), any device.
-            start_t, ddim_steps, eta, tail_steps, sampler, strength: what runs (as in
-                :class:`~ldm.refine.request.RefineRequest`).
+            start_t, ddim_steps, eta, tail_steps, sampler, strength: as in :class:`~ldm.refine.request.RefineRequest`.
             seeds: one seed per sample, or one int for every sample; sample ``i``'s noise comes from
                 ``torch.Generator().manual_seed(seeds[i])`` alone.
             start_map: None (the whole image) or each pixel's start timestep, ``[B, 1, H, W]`` integers in ``[0,
@@ -320,14 +310,13 @@ class Refiner:
                 feather of ``mask_blur`` px.
             crop_regions: refine each connected region of the start map in its own crop ("only masked"): grown by
                 ``region_padding`` px and to a square, resized to ``region_size`` px (default :attr:`native_size`),
-                refined, resized back and pasted, one after another (at most
-                :data:`~ldm.refine.regions.MAX_REGIONS`, else ValueError).
+                refined, resized back and pasted in turn (at most :data:`~ldm.refine.regions.MAX_REGIONS`).
             progress: a tqdm bar over the steps (rank 0 only).  callback: called with each finished step's index.
             timings: filled with the wall time in seconds of the phases ``encode``, ``sample``, ``decode`` (the device
                 is synchronised between phases).
             prompt: for text-conditioned experts (required by them, refused without them): one
-                :class:`~ldm.imageio.prompt.Prompt` (or str: ``Prompt(text)``) for every sample, or one per sample
-                (one guidance scale per call); rules for mixed chains: :mod:`ldm.refine.conditioning`.
+                :class:`~ldm.imageio.prompt.Prompt` (or str) for every sample, or one per sample (one guidance scale
+                per call); mixed chains: :mod:`ldm.refine.conditioning`.
 
         Returns:
             ``[B, 3, H, W]`` float32 in ``[-1, 1]`` on ``x``'s device.
@@ -358,7 +347,7 @@ class Refiner:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"refine_tensors expects x as a [B, 3, H, W] tensor, got {shape}")
-        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        if 0 in x.shape:
             raise ValueError(f"refine_tensors got an empty batch or image: shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
@@ -480,7 +469,7 @@ class Refiner:
             seeds = seeds.item()
         if isinstance(seeds, (int, np.integer)):
             seed_list = [seeds] * batch
-        elif isinstance(seeds, Sequence) or isinstance(seeds, (np.ndarray, torch.Tensor)):
+        elif isinstance(seeds, (Sequence, np.ndarray, torch.Tensor)):
             seed_list = [s.item() if isinstance(s, (np.ndarray, torch.Tensor)) and s.ndim == 0 else s for s in seeds]
         else:
             raise ValueError(f"seeds must be an int or one int per sample, got {type(seeds).__name__} {seeds!r:.40}")

@@ -1,11 +1,5 @@
-"""Region refinement: masks and boxes -> a per-pixel start map, its latent version, the feathered composite, crops;
-and for image files (:class:`RegionOptions`): each input's mask (``--mask``: one file for every input, or a folder of
-masks matched by stem), region metadata, and the grid's mask overlay.
-
-A mask is white = refine, black = keep (latent-diffusion's sampler ``mask`` is the opposite).  A **start map** holds
-each pixel's start timestep: a grey mask value ``m`` starts at ``round(m * start_t)``, a box ``x0,y0,x1,y1@s`` at its own
-``s``; pixels whose start is 0 come back unchanged (:func:`composite_weight` is exactly 0 there).
-"""
+"""Region refinement: masks (white = refine, black = keep: latent-diffusion's sampler ``mask`` is the opposite) and
+boxes -> a per-pixel start map, its latent version, the feathered composite, crops; per-file masks and metadata."""
 
 from __future__ import annotations
 
@@ -137,11 +131,10 @@ def build_start_map(
     boxes: Sequence[Box] = (),
     dilate: int = 0,
 ) -> torch.Tensor:
-    """The start map ``[1, 1, H, W]`` (int64 timesteps) of a mask (``[H, W]`` in ``[0, 1]``) and boxes: a box starts
-    at its own start or ``start_t``; where they overlap the later start wins.  ``dilate`` grows the map by that many
-    pixels.  Neither mask nor boxes: ``start_t`` everywhere.  ValueError for a box outside the image or a map that
-    selects nothing.
-    """
+    """The start map ``[1, 1, H, W]`` (int64 timesteps; 0 = keep) of a mask (``[H, W]`` in ``[0, 1]``: grey ``m``
+    starts at ``round(m * start_t)``) and boxes: a box starts at its own start or ``start_t``; where they overlap the
+    later start wins.  ``dilate`` grows the map by that many pixels.  Neither mask nor boxes: ``start_t`` everywhere.
+    ValueError for a box outside the image or a map that selects nothing."""
     if mask is None and not boxes:
         return torch.full((1, 1, height, width), int(start_t), dtype=torch.long)
     starts = torch.zeros(1, 1, height, width, dtype=torch.long)
@@ -247,8 +240,7 @@ def crop_geometry(
     shorter side to ``aspect`` (width / height, the experts' training shape) keeping its centre, then shifted inside
     the ``width`` x ``height`` image; a crop larger than the image along a side is clipped to the image there (its
     aspect then differs)."""
-    x0, y0, x1, y1 = bbox
-    x0, y0, x1, y1 = x0 - padding, y0 - padding, x1 + padding, y1 + padding
+    x0, y0, x1, y1 = bbox[0] - padding, bbox[1] - padding, bbox[2] + padding, bbox[3] + padding
     w, h = x1 - x0, y1 - y0
     if w < aspect * h:
         grow = round(aspect * h) - w
@@ -305,7 +297,7 @@ class RegionOptions:
         boxes: rectangles (with optional per-box starts) applied to every input.
         blur, dilate: feather of the composite and growth of the selection, in pixels.
         crop, padding, size: crop mode ("only masked"), its context padding and the side regions are refined at
-            (None: the experts' native size).
+            (None: the experts' native size), in pixels.
     """
 
     mask: Path | None = None

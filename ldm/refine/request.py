@@ -1,7 +1,5 @@
-"""``RefineRequest``: every option of one refinement, with its default, written once.  The CLI, the web app and the
-Python API each build one, validated where it is built (the checks that need the experts: ``Refiner.plan_for``); the
-layers below take it unchanged.
-"""
+"""``RefineRequest``: every option of one refinement, with its default, written once and validated where it is built
+(the checks that need the experts: ``Refiner.plan_for``)."""
 
 from __future__ import annotations
 
@@ -71,7 +69,6 @@ class RefineRequest:
                              f"{self.seed + self.n_samples - 1}; the last seed must be at most {MAX_SEED}")  # fmt: skip
         if not isinstance(self.regions, RegionOptions):
             raise ValueError(f"regions must be a RegionOptions, got {type(self.regions).__name__}")
-        # crop mode without a mask or boxes is refused where the region is known (a start map passed to Refiner.refine)
         if self.prompt is not None and not isinstance(self.prompt, Prompt):
             raise ValueError(f"prompt must be a Prompt (ldm.imageio.prompt), got {type(self.prompt).__name__}")
 

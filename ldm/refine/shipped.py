@@ -1,6 +1,5 @@
 """Weights shipped with the repository by short name (``--ckpt demo``: the two photo experts in ``weights/demo/``, each
-file checked against its sha256 before it is read), and the export that writes such files (:func:`export_expert`).
-"""
+file checked against its sha256 before it is read), and the export that writes such files (:func:`export_expert`)."""
 
 from __future__ import annotations
 
@@ -91,15 +90,12 @@ def expand_names(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
 def export_expert(
     source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16", trust_config: bool = False
 ) -> dict[str, object]:
-    """Write the inference half of the ``main.py`` checkpoint ``source`` to ``out`` (``.safetensors``, atomically).
-
-    The EMA weights (when the checkpoint has them) replace the training weights, with no optimizer state; the model
-    config is rebuilt for inference (no ``ckpt_path``, no training loss) and stored with the window and training step in
-    the file's header.  The UNet's parameters are stored as ``dtype`` (a key of :data:`EXPORT_DTYPES`; the first stage
-    and buffers keep theirs; loading casts them back), and :func:`load_expert` reads the file like the checkpoint it
-    came from.  Returns ``{"out", "window", "global_step", "ema", "parameters", "bytes", "sha256"}`` of the file.
-    ``trust_config``: let the checkpoint's config build classes outside the allow-list (loading the export then needs
-    it too).
+    """Write the inference half of the ``main.py`` checkpoint ``source`` to ``out`` (``.safetensors``, atomically), which
+    :func:`load_expert` reads like its source: the EMA weights (when there are some) in place of the training weights,
+    no optimizer state, the config rebuilt for inference with the window and training step in the header, the UNet's
+    parameters stored as ``dtype`` (a key of :data:`EXPORT_DTYPES`; loading casts them back).  Returns ``{"out",
+    "window", "global_step", "ema", "parameters", "bytes", "sha256"}``.  ``trust_config``: let the checkpoint's config
+    build classes outside the allow-list (loading the export then needs it too).
 
     Raises:
         CheckpointError / ConfigError: ``source`` is not a loadable expert (see :func:`load_expert`).

@@ -1,8 +1,5 @@
-"""Sampling as small pure functions over a noise schedule and a denoiser (the refinement engine): which timesteps run
-and each solver's coefficients (``schedule``), one update per solver (``steps``), the plan validated once (``plan``),
-the check-free loop (``loop``), noise from explicit generators (``noise``), denoiser wrappers (``denoisers``,
-``guidance``).  latent-diffusion's ``DDIMSampler`` (:mod:`ldm.models.diffusion.ddim`) is a thin adapter over them.
-"""
+"""Sampling as small pure functions over a noise schedule and a denoiser (the refinement engine); latent-diffusion's
+``DDIMSampler`` (:mod:`ldm.models.diffusion.ddim`) is a thin adapter over them."""
 
 from ldm.sampling.loop import noise_to_start, run_steps, run_tail
 from ldm.sampling.noise import randn

@@ -1,7 +1,5 @@
-"""Denoisers: callables ``(x [B, C, H, W], t [B] long, cond) -> eps [B, C, H, W]`` that samplers step with, and the
-wrappers for guidance, precision and batch invariance (routing: :mod:`ldm.models.diffusion.experts`), so none of them is
-a branch inside a solver step.  They live here so that ``ldm.sampling`` imports nothing from ``ldm.models``.
-"""
+"""Denoisers: callables ``(x [B, C, H, W], t [B] long, cond) -> eps [B, C, H, W]``, and wrappers for guidance,
+precision and batch invariance, so none is a branch inside a solver step (``ldm.sampling`` imports no ``ldm.models``)."""
 
 from __future__ import annotations
 
@@ -53,9 +51,7 @@ class CFGDenoiser:
         self.uncond = uncond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        x_in = torch.cat([x, x])
-        t_in = torch.cat([t, t])
-        e_u, e_c = self.inner(x_in, t_in, stack_cond(self.uncond, cond)).chunk(2)
+        e_u, e_c = self.inner(torch.cat([x, x]), torch.cat([t, t]), stack_cond(self.uncond, cond)).chunk(2)
         return e_u + self.scale * (e_c - e_u)
 
 
@@ -86,7 +82,5 @@ class ChunkedDenoiser:
         n = self.chunk_size
         if x.shape[0] <= n:
             return self.inner(x, t, cond)
-        parts = []
-        for s in range(0, x.shape[0], n):
-            parts.append(self.inner(x[s : s + n], t[s : s + n], None if cond is None else cond[s : s + n]))
-        return torch.cat(parts)
+        starts = range(0, x.shape[0], n)
+        return torch.cat([self.inner(x[s : s + n], t[s : s + n], None if cond is None else cond[s : s + n]) for s in starts])

@@ -1,10 +1,7 @@
 """Classifier-free guidance as a :class:`~ldm.sampling.denoisers.Denoiser` that closes over its conditioning, so a plan
-and the loop carry it unchanged (the loop's own ``cond`` stays None).
-
-:func:`guided_plan` wraps a plan's per-step denoisers as ``GuidedDenoiser(ChunkedDenoiser(AutocastDenoiser(...)))``:
-outside the chunking, which slices ``x`` along the batch and could not tell a wrapper inside which samples' conditioning
-it holds, and outside autocast, so the two branches combine in float32.
-"""
+and the loop carry it unchanged (the loop's own ``cond`` stays None).  It wraps ``ChunkedDenoiser(AutocastDenoiser(...))``
+from outside: chunking slices ``x`` alone (a wrapper inside could not tell whose conditioning it holds), and the two
+branches combine in float32."""
 
 from __future__ import annotations
 
@@ -57,8 +54,7 @@ class GuidedDenoiser:
         if self._stacked is None or self._stacked[0] != batch:
             # built once per batch size and reused by every step (a copy of both embeddings, not one per step)
             self._stacked = (batch, stack_cond(_for_batch(self.uncond, batch), _for_batch(self.cond, batch)))
-        eps = self.inner(torch.cat([x, x]), torch.cat([t, t]), self._stacked[1]).to(x.dtype)
-        eps_u, eps_c = eps.chunk(2)
+        eps_u, eps_c = self.inner(torch.cat([x, x]), torch.cat([t, t]), self._stacked[1]).to(x.dtype).chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
 
 

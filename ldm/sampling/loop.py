@@ -1,10 +1,7 @@
-"""Running a :class:`~ldm.sampling.plan.RefinePlan` with no checks and no device-to-host reads.
-
-With a start map, a latent pixel not yet active enters step ``i`` as the clean latent noised to *this step's* level with
-the noise the whole latent was noised with at the start (as diffusers' inpainting): one step off and it would be
-denoised from the wrong level (a seam), and the held noise field does not flicker around the active region.  Pixels
-that never start end as the clean latent.
-"""
+"""Running a :class:`~ldm.sampling.plan.RefinePlan` with no checks and no device-to-host reads.  With a start map, a
+latent pixel not yet active enters step ``i`` as the clean latent noised to *this step's* level with the start's noise
+(as diffusers' inpainting: one step off would be a seam; a held noise field does not flicker); pixels that never start
+end as the clean latent."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Noise for samplers from explicit ``torch.Generator`` objects (never the global RNG): one per batch, or one per sample,
-so that row ``i``'s noise depends only on generator ``i`` (a sample's result then does not depend on its batch).  Noise
-is drawn on the generator's device (CPU generators: bit-reproducible, device-RNG independent) and moved to the latent's.
-"""
+"""Noise for samplers from explicit ``torch.Generator`` objects (never the global RNG), drawn on the generator's device
+(CPU generators: bit-reproducible, device-RNG independent) and moved to the latent's."""
 
 from __future__ import annotations
 
@@ -24,7 +22,8 @@ def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Te
     """``fn(shape)`` (``torch.randn`` or ``torch.rand``) in float32 from ``generator``, moved to ``like``.
 
     ``generator`` may be a sequence of per-sample generators: row ``i`` of the batch (``shape[0]``) is drawn from
-    ``generator[i]`` alone; a shape whose batch is 1 draws from the first.  None draws from ``like``'s device RNG.
+    ``generator[i]`` alone (so a sample's result does not depend on its batch); a batch of 1 draws from the first.
+    None draws from ``like``'s device RNG.
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else like.device

@@ -1,6 +1,5 @@
 """The refinement plan: every choice of a refinement, validated once and frozen, with its coefficients on the device
-(:func:`build_plan`); :mod:`ldm.sampling.loop` runs it without checking again.
-"""
+(:func:`build_plan`); :mod:`ldm.sampling.loop` runs it without checking again."""
 
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ def resolve_start(start_t: Any, strength: Any, num_timesteps: int) -> int:
     if strength is not None:
         if start_t is not None:
             raise ValueError("start_t and strength were both given: pass one (strength s means start_t = round(s * T))")
-        number = (int, float, np.integer, np.floating)  # np.int64(1) was "not in (0, 1]"
+        number = (int, float, np.integer, np.floating)
         ok = not isinstance(strength, bool) and isinstance(strength, number) and math.isfinite(strength)
         if not ok or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r} must be a number in (0, 1] (the share of the noise levels to redo)")
@@ -193,17 +192,12 @@ def build_plan(
     num_timesteps = schedule.num_timesteps
     start_t = resolve_start(start_t, None, num_timesteps)
     eta = check_solver(sampler, eta)
-    timesteps, levels, ddim_steps, tail_steps = select_timesteps(
-        schedule.alphas_cumprod, start_t, ddim_steps, tail_steps, t_min
-    )
+    acp = schedule.alphas_cumprod
+    timesteps, levels, ddim_steps, tail_steps = select_timesteps(acp, start_t, ddim_steps, tail_steps, t_min)
     what = f"{describe_start(start_t, num_timesteps)}, {len(timesteps)} steps from t={timesteps[0]},"
     experts = tuple(int(i) for i in assign(timesteps, what)) if assign is not None else (0,) * len(timesteps)
-    acp = schedule.alphas_cumprod
     index = torch.as_tensor(list(timesteps), dtype=torch.long)
-    coefficients = {
-        "sqrt_a": schedule.sqrt_alphas_cumprod[index],
-        "sqrt_1ma": schedule.sqrt_one_minus_alphas_cumprod[index],
-    }
+    coefficients = {"sqrt_a": schedule.sqrt_alphas_cumprod[index], "sqrt_1ma": schedule.sqrt_one_minus_alphas_cumprod[index]}
     if sampler == "ddim":
         coefficients.update(ddim_coefficients(acp, timesteps, levels, eta))
     else:

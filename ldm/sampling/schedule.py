@@ -1,11 +1,5 @@
-"""Which timesteps a refinement runs, and each solver's per-step coefficients: pure functions over ``alphas_cumprod``.
-
-**grid** (``ddim_steps=S``): the tail of latent-diffusion's DDIM grid ``range(0, T, T // S) + 1`` at or below
-``start_t``, noised to its first entry (not SD img2img's off-by-one start from the next entry).  **exact**
-(``tail_steps=K``): K steps from ``start_t`` itself, uniform in log-SNR: uniform in t would make the last step to 0 a
-long one in log-SNR, which dominates both solvers' error (README, "Which steps run").  Step ``i`` runs at
-``timesteps[i]`` and moves the latent to ``levels[i]`` (0 after the lowest: latent-diffusion's ``alphas_prev[0]``).
-"""
+"""Which timesteps a refinement runs (README, "Which steps run") and each solver's per-step coefficients: pure functions
+over ``alphas_cumprod``.  Step ``i`` runs at ``timesteps[i]`` and moves the latent to ``levels[i]`` (0 after the lowest)."""
 
 from __future__ import annotations
 
@@ -48,11 +42,8 @@ class NoiseSchedule:
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor | np.ndarray | Sequence[float]) -> NoiseSchedule:
-        """A schedule from ``alphas_cumprod`` ``[T]`` alone (the ``q_sample`` coefficients computed in float64).
-
-        Raises ValueError unless ``alphas_cumprod`` is 1-D, finite, strictly inside (0, 1) and strictly decreasing
-        (every ``beta_t`` in (0, 1)): otherwise the solvers' coefficients or log-SNR steps would be NaN or infinite.
-        """
+        """A schedule from ``alphas_cumprod`` ``[T]`` alone (the ``q_sample`` coefficients computed in float64);
+        ValueError unless :func:`check_alphas_cumprod` accepts it (else coefficients or log-SNR steps would be NaN)."""
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         check_alphas_cumprod(acp)
         return cls(acp, acp.sqrt().float(), (1.0 - acp).sqrt().float())

@@ -1,6 +1,4 @@
-"""One update per solver, as pure functions of tensors (no model, no schedule object, no checks); the coefficients come
-from :mod:`ldm.sampling.schedule`.
-"""
+"""One update per solver, as pure functions of tensors (no model, no checks; coefficients: :mod:`ldm.sampling.schedule`)."""
 
 from __future__ import annotations
 
@@ -18,8 +16,7 @@ def ddim_step(
     """One DDIM update (DDIM eq. 12) from ``x_t`` ``[B, C, H, W]`` and its predicted noise ``e_t`` to ``(x_prev,
     pred_x0)``: ``pred_x0 = (x_t - sqrt(1 - a_t) e_t) / sqrt(a_t)``, ``x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev -
     sigma_t^2) e_t + sigma_t noise``.  ``a_t``, ``a_prev``: ``alphas_cumprod`` at this step and at the level it moves to
-    (broadcastable); ``noise``: standard normal, required when ``sigma_t > 0``.
-    """
+    (broadcastable); ``noise``: standard normal, required when ``sigma_t > 0``."""
     pred_x0 = (x - (1.0 - a_t).sqrt() * e_t) / a_t.sqrt()
     x_prev = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t**2).sqrt() * e_t
     if noise is not None:

@@ -1,8 +1,5 @@
-"""Argument parsing shared by the scripts (``scripts/refine.py``, ``evaluate.py``, ``quickstart.py``, ``degrade.py``).
-
-Bad arguments are answered in one line on stderr (``<prog>: error: <what> (see --help)``, no usage block) with exit
-code :data:`EXIT_USAGE`, before any model or image is loaded.
-"""
+"""Argument parsing shared by the scripts: a bad argument is one line on stderr (``<prog>: error: <what> (see --help)``)
+and exit code :data:`EXIT_USAGE`, before any model or image is loaded."""
 
 from __future__ import annotations
 
@@ -65,8 +62,7 @@ _DECIMAL_FLOAT = re.compile(
 
 def decimal_float(text: str) -> float:
     """``text`` as a number of ASCII digits (``0.5``, ``5e-1``; ``nan`` and ``inf`` too, which callers refuse in their
-    own words); ValueError for anything else (other scripts' digits, underscores), for the reason given in
-    :func:`decimal_int`."""
+    own words); ValueError for anything else, for the reason given in :func:`decimal_int`."""
     if _DECIMAL_FLOAT.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a decimal number")
     return float(text)
@@ -93,8 +89,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def int_in_range(lo: int, hi: int, why: str) -> Callable[[str], int]:
-    """An argparse ``type`` for decimal integers in ``[lo, hi]``; above ``hi`` the error says ``why`` (what the bound
-    protects)."""
+    """An argparse ``type`` for decimal integers in ``[lo, hi]``; above ``hi`` the error says ``why``."""
     at_least = int_at_least(lo)
 
     def parse(text: str) -> int:
@@ -240,11 +235,9 @@ def _name_too_long(path: Path, existing: Path | None) -> str | None:
         except (OSError, ValueError):  # no pathconf here (Windows), or the file system does not tell
             pass
     longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
-    if len(os.fsencode(longest)) > name_max:
-        return (
-            f"the name {longest[:20]}... is {len(os.fsencode(longest))} bytes long, more than the {name_max} "
-            "the file system allows"
-        )
+    size = len(os.fsencode(longest))
+    if size > name_max:
+        return f"the name {longest[:20]}... is {size} bytes long, more than the {name_max} the file system allows"
     if len(os.fsencode(str(path))) >= path_max:
         return f"the path is {len(os.fsencode(str(path)))} bytes long; the file system allows less than {path_max}"
     return None

@@ -1,10 +1,5 @@
-"""Small shared helpers: configuration-driven construction and a few utilities.
-
-`instantiate_from_config` follows latent-diffusion: a config is a mapping with a dotted import path under
-``target`` and constructor keyword arguments under ``params``.  Two sentinels are strings instead of mappings:
-``"__is_first_stage__"`` (use the first stage as conditioning encoder) and ``"__is_unconditional__"``
-(no conditioning); they are interpreted by :class:`~ldm.models.diffusion.ddpm.LatentDiffusion`, never here.
-"""
+"""Shared helpers: latent-diffusion's ``instantiate_from_config`` (``{target: pkg.Class, params: {...}}``), atomic
+writes and a few utilities."""
 
 from __future__ import annotations
 
@@ -90,9 +85,9 @@ def check_target_allowed(target: str, allowed_prefixes: Iterable[str] = TRUSTED_
 
 
 def resolve_untrusted_target(target: str, allowed_prefixes: Iterable[str] = TRUSTED_TARGET_PREFIXES) -> type:
-    """The class an untrusted config names, after :func:`check_target_allowed`: it must be a class (a function such as
-    a file writer is never a model part) defined in an allowed package (``ldm.util.Path`` is :class:`pathlib.Path`,
-    only imported there), unless the allow-list names it exactly (``torch.nn.Identity``)."""
+    """The class an untrusted config names, after :func:`check_target_allowed`: a class (a function such as a file
+    writer is never a model part) defined in an allowed package (``ldm.util.Path`` is only imported there), unless the
+    allow-list names it exactly (``torch.nn.Identity``)."""
     prefixes = tuple(allowed_prefixes)
     check_target_allowed(target, prefixes)
     obj = get_obj_from_str(target)
@@ -115,7 +110,7 @@ def resolve_untrusted_target(target: str, allowed_prefixes: Iterable[str] = TRUS
 
 def iter_targets(config: Any) -> Iterable[str]:
     """Yield every ``target`` string found anywhere in a nested config (dicts / lists / OmegaConf nodes)."""
-    if isinstance(config, Mapping) or hasattr(config, "items"):
+    if hasattr(config, "items"):  # dicts and OmegaConf DictConfigs
         for key, value in config.items():
             if key == "target" and isinstance(value, str):
                 yield value
@@ -195,19 +190,19 @@ def check_arguments(obj: Callable[..., Any], given: Iterable[str], name: str) ->
 
 def instantiate_from_config(config: Mapping[str, Any] | Any, **overrides: Any) -> Any:
     """Build ``target(**params, **overrides)`` from a mapping (dict or OmegaConf) with ``target`` and optional
-    ``params``, after :func:`check_arguments`; None for the sentinels (module doc).  A config read from a checkpoint is
-    checked by :mod:`ldm.untrusted` before it gets here."""
+    ``params``, after :func:`check_arguments`; None for the two ``cond_stage_config`` sentinels.  A config read from a
+    checkpoint is checked by :mod:`ldm.untrusted` before it gets here."""
     if isinstance(config, str) and config in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL):
         return None  # as latent-diffusion: LatentDiffusion resolves these cond_stage_config markers itself
-    if not (isinstance(config, Mapping) or hasattr(config, "keys")) or "target" not in config:
+    if not hasattr(config, "keys") or "target" not in config:
         keys = list(config.keys()) if hasattr(config, "keys") else type(config).__name__
         raise ConfigError(f"config has no 'target' key (found {keys}); expected {{target: pkg.Class, params: {{...}}}}")
     unknown = set(config.keys()) - CONFIG_KEYS
     if unknown:
         raise ConfigError(f"config for {config['target']!r} has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
     cls = get_obj_from_str(config["target"])
-    params = config.get("params", None) or {}
-    if not (isinstance(params, Mapping) or hasattr(params, "keys")):
+    params = config.get("params") or {}
+    if not hasattr(params, "keys"):
         raise ConfigError(
             f"params of {config['target']!r} must be a mapping of constructor arguments, got {type(params).__name__} {params!r}"
         )
@@ -229,8 +224,7 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
 def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[Any], None]) -> None:
     """Write ``write`` (bytes, or a function ``write(fileobj)``) to a temp file ``.<name>.<8 characters>.tmp`` beside
     ``path``, fsync it and ``os.replace`` it onto ``path``: a reader never sees a half-written file.  On an error the
-    temp file is removed and the error re-raised (an OS error then names ``path``); a killed process leaves it behind
-    for :func:`remove_stale_temp_files`."""
+    temp file is removed (an OS error then names ``path``); a killed process leaves it to :func:`remove_stale_temp_files`."""
     if isinstance(write, (bytes, bytearray, memoryview)):
         payload = bytes(write)
 
@@ -279,13 +273,9 @@ def remove_stale_temp_files(
     folder: str | os.PathLike, names: Iterable[str] | None = None, keep: Collection[str] = ()
 ) -> list[Path]:
     """Delete the temp files that :func:`atomic_write_bytes` left in ``folder`` (not recursive) when its process was
-    killed; returns what was removed.
-
-    Args:
-        names: only the temps of these destination file names (safe while other processes write other files into
-            ``folder``); None: every temp, for a folder that no other process is writing into.
-        keep: real paths of files never removed even when named like a temp (the files the caller reads).
-    """
+    killed; returns what was removed.  ``names``: only the temps of these destination names (safe while other processes
+    write other files into ``folder``), None: every temp; ``keep``: real paths never removed (the files the caller
+    reads)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

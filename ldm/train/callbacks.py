@@ -1,7 +1,5 @@
-"""Lightning callbacks of ``main.py``: run folder and config saving (:class:`SetupCallback`), image grids
-(:class:`ImageLogger`), ``last.ckpt`` on signals and at the end (:class:`InterruptCheckpoint`, :class:`FinalCheckpoint`)
-and per-step reseeding so that a resumed run draws what an uninterrupted one would (:class:`StepSeeding`).
-"""
+"""Lightning callbacks of ``main.py``: run folder and configs, image grids, ``last.ckpt`` on signals and at the end, and
+per-step reseeding so that a resumed run draws what an uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -35,10 +33,8 @@ logger = logging.getLogger(__name__)
 
 class SetupCallback(Callback):
     """Creates ``logdir/{checkpoints,configs,images}``, removes the temp files a killed run left there, and saves the
-    merged configs as ``configs/<now>-project.yaml`` / ``<now>-lightning.yaml`` (again on resume, under the new ``now``,
-    once the checkpoint is restored: a resume refused there, e.g. for another noise schedule, saves nothing, since the
-    next resume starts from the newest pair).
-    """
+    merged configs as ``configs/<now>-project.yaml`` / ``<now>-lightning.yaml`` (on resume once the checkpoint is
+    restored: a resume refused there saves nothing, since the next resume starts from the newest pair)."""
 
     def __init__(
         self,
@@ -51,11 +47,8 @@ class SetupCallback(Callback):
         lightning_config: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.resume = resume
-        self.now = now
-        self.logdir = str(logdir)
-        self.ckptdir = str(ckptdir)
-        self.cfgdir = str(cfgdir)
+        self.resume, self.now = resume, now
+        self.logdir, self.ckptdir, self.cfgdir = str(logdir), str(ckptdir), str(cfgdir)
         self.config = copy.deepcopy(config)
         self.lightning_config = copy.deepcopy(lightning_config)
 
@@ -88,16 +81,10 @@ class SetupCallback(Callback):
 
 
 class ImageLogger(Callback):
-    """latent-diffusion's image logger: PNG grids of ``pl_module.log_images`` every ``batch_frequency`` steps.
-
-    Files: ``<logdir>/images/<split>/<key>_gs-<step:06>_e-<epoch:06>_b-<batch:06>.png``, written by rank 0.  With
-    ``increase_log_steps`` it also logs at steps 1, 2, 4, ... below ``batch_frequency``.
-
-    Args:
-        batch_frequency: log every this many global steps (or batches with ``log_on_batch_idx``).
-        max_images: images per key (passed to ``log_images`` as ``N`` when it takes that argument).
-        clamp: clamp to [-1, 1]; rescale: map [-1, 1] to [0, 1] (both before writing).
-    """
+    """latent-diffusion's image logger: PNG grids of ``pl_module.log_images`` every ``batch_frequency`` global steps (or
+    batches with ``log_on_batch_idx``), and at steps 1, 2, 4, ... below it with ``increase_log_steps``; rank 0 writes
+    ``<logdir>/images/<split>/<key>_gs-<step:06>_e-<epoch:06>_b-<batch:06>.png``.  ``max_images`` per key (``log_images``'
+    ``N`` when it takes one); ``clamp`` to [-1, 1], ``rescale`` [-1, 1] to [0, 1] before writing."""
 
     def __init__(
         self,
@@ -117,15 +104,10 @@ class ImageLogger(Callback):
             raise ValueError(f"ImageLogger batch_frequency={batch_frequency} must be >= 1")
         if max_images < 0:
             raise ValueError(f"ImageLogger max_images={max_images} must be >= 0")
-        self.batch_freq = int(batch_frequency)
-        self.max_images = int(max_images)
-        self.clamp = clamp
-        self.rescale = rescale
-        self.disabled = disabled
-        self.log_on_batch_idx = log_on_batch_idx
-        self.log_first_step = log_first_step
+        self.batch_freq, self.max_images = int(batch_frequency), int(max_images)
+        self.clamp, self.rescale, self.disabled, self.nrow = clamp, rescale, disabled, nrow
+        self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
         self.log_images_kwargs = dict(log_images_kwargs or {})
-        self.nrow = nrow
         self.log_steps = [2**n for n in range(int(math.log2(self.batch_freq)) + 1)] if increase_log_steps else []
         self.log_steps.append(self.batch_freq)
         self._last_logged: tuple[str, int, int] | None = None
@@ -277,11 +259,10 @@ class InterruptCheckpoint(Callback):
 class FinalCheckpoint(Checkpoint):
     """Has every ``save_last`` ModelCheckpoint write ``last.ckpt`` for the final step when training ends off its cadence.
 
-    Lightning writes ``last.ckpt`` only on the cadence, and at the end only when it never wrote one: 1700 steps saved
-    every 500 would leave step 1500 in ``last.ckpt``.  The save happens at the end of the batch that reaches
-    ``max_steps`` (so resuming continues with the next batch), else at the end of training, through the
-    ModelCheckpoint's own ``last.ckpt`` logic.  As a :class:`~pytorch_lightning.callbacks.Checkpoint` it runs after the
-    ModelCheckpoints.  Not called after an exception (:class:`InterruptCheckpoint` handles those).
+    Lightning writes ``last.ckpt`` only on the cadence, and at the end only when it never wrote one (1700 steps saved
+    every 500 would leave step 1500).  Saved at the end of the batch that reaches ``max_steps`` (so resuming continues
+    with the next batch), else at the end of training; as a :class:`~pytorch_lightning.callbacks.Checkpoint` it runs
+    after the ModelCheckpoints.  Not called after an exception (:class:`InterruptCheckpoint` handles those).
     """
 
     @staticmethod

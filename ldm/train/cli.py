@@ -176,14 +176,14 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     opt.base, moved = split_dotlist(opt.base)
     dotlist = moved + list(unknown)
     check_dotlist_tokens(dotlist, [s for action in parser._actions for s in action.option_strings])
-    for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix)):
+    names = (("-n/--name", opt.name), ("-p/--postfix", opt.postfix))
+    for flag, value in names:
         if any(sep in value for sep in (os.sep, os.altsep, "\0") if sep) or value in (".", ".."):
             raise CLIError(
                 f"{flag} {value!r} must be a plain file name (no '/'): it becomes part of the run folder's "
                 "name; choose the folder holding the runs with -l/--logdir"
             )
-    given = [flag for flag, value in (("-n/--name", opt.name), ("-p/--postfix", opt.postfix), ("-l/--logdir", opt.logdir))
-             if value]  # fmt: skip
+    given = [flag for flag, value in (*names, ("-l/--logdir", opt.logdir)) if value]
     if given and opt.resume:
         raise CLIError(
             f"{' and '.join(given)} cannot be given with -r/--resume: a resumed run keeps its log dir and its name; "
@@ -277,11 +277,7 @@ def check_config_structure(config: DictConfig) -> None:
         raise ConfigError("the merged config has no 'model' section; pass a model config with -b/--base")
     for key in ("model", "data"):
         node = config.get(key)
-        if (
-            key in config
-            and (node is not None or key == "model")
-            and (not isinstance(node, DictConfig) or "target" not in node)
-        ):
+        if (node is not None or key == "model") and (not isinstance(node, DictConfig) or "target" not in node):
             shown = OmegaConf.to_yaml(node).strip() if isinstance(node, (DictConfig, ListConfig)) else repr(node)
             raise ConfigError(f"'{key}' must be a mapping {{target: pkg.Class, params: {{...}}}}, got {shown[:80]}")
     lightning = config.get("lightning")
@@ -354,24 +350,23 @@ def check_override_key(config: DictConfig, key: str) -> None:
         )
 
 
+def _rename_target(node: Any, renames: Mapping[str, str]) -> None:
+    """Rename a legacy ``target`` of a config node, read unresolved (an override's ``${...}`` is checked later)."""
+    if isinstance(node, DictConfig) and "target" in node:
+        target = node._get_node("target")._value()
+        if isinstance(target, str) and target in renames:
+            node.target = renames[target]
+
+
 def _modernize_callbacks(config: DictConfig) -> DictConfig:
     """latent-diffusion's ``target: main.ImageLogger`` and ``main.DataModuleFromConfig`` read as this project's classes
     (:data:`LEGACY_CALLBACK_TARGETS`, :data:`LEGACY_DATA_TARGETS`; in place)."""
-    data = config._get_node("data") if "data" in config else None
-    if isinstance(data, DictConfig) and "target" in data:
-        target = data._get_node("target")._value()
-        if isinstance(target, str) and target in LEGACY_DATA_TARGETS:
-            data.target = LEGACY_DATA_TARGETS[target]
+    _rename_target(config._get_node("data") if "data" in config else None, LEGACY_DATA_TARGETS)
     lightning = config._get_node("lightning") if "lightning" in config else None
     callbacks = lightning._get_node("callbacks") if isinstance(lightning, DictConfig) and "callbacks" in lightning else None
     if isinstance(callbacks, DictConfig):
         for name in callbacks:
-            cfg = callbacks._get_node(name)  # unresolved: an override may hold any ${...} or mapping, checked later
-            if not isinstance(cfg, DictConfig) or "target" not in cfg:
-                continue
-            target = cfg._get_node("target")._value()
-            if isinstance(target, str) and target in LEGACY_CALLBACK_TARGETS:
-                cfg.target = LEGACY_CALLBACK_TARGETS[target]
+            _rename_target(callbacks._get_node(name), LEGACY_CALLBACK_TARGETS)
     return config
 
 
@@ -380,8 +375,7 @@ def merge_configs(
 ) -> DictConfig:
     """``defaults`` <- each base YAML in order (:func:`~ldm.train.config_merge.merge_layers`) <- the dotlist, each
     override checked against the config the entries before it left; then the structure is checked and every
-    ``${...}`` must resolve.  latent-diffusion's ``target: main.ImageLogger`` is read as
-    :class:`ldm.train.callbacks.ImageLogger`."""
+    ``${...}`` must resolve."""
     layers = [(str(p), _modernize_callbacks(load_yaml_config(p))) for p in base_paths]
     try:
         merged = merge_layers(layers, start=defaults)
@@ -438,9 +432,8 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
 
 def saved_run_configs(logdir: Path) -> list[str]:
     """The YAML files a resumed run starts from: the newest ``<ts>-project.yaml`` and ``<ts>-lightning.yaml`` under
-    ``<logdir>/configs`` (each save holds the whole merged config, so a key an earlier resume deleted stays deleted;
-    latent-diffusion merged every saved file, and the deleted key came back); every YAML there, oldest first, in a
-    folder without that pair."""
+    ``<logdir>/configs`` (each holds the whole merged config, so a key an earlier resume deleted stays deleted, which
+    merging every saved file would bring back); every YAML there, oldest first, in a folder without that pair."""
     found = sorted(glob.glob(os.path.join(str(logdir), "configs", "*.yaml")))
     if not found:
         raise ConfigError(f"cannot resume: {str(logdir / 'configs')!r} holds no saved configs; is it a main.py log dir?")

@@ -1,8 +1,6 @@
-"""How ``main.py`` (and ``scripts/cache_latents.py``) layer configs: :func:`omegaconf.OmegaConf.merge`, plus two rules
-(README "Training"): a layer that gives a ``{target, params}`` node another ``target`` replaces its ``params`` (another
-class takes other arguments), and ``~key`` (command line) or a ``~name: null`` entry (YAML layer) deletes a key.
-Everything here raises :class:`~ldm.util.ConfigError` with one line.
-"""
+"""How ``main.py`` layers configs: :func:`omegaconf.OmegaConf.merge`, plus two rules (README "Training"): a layer that
+gives a ``{target, params}`` node another ``target`` replaces its ``params`` (another class takes other arguments), and
+``~key`` (command line) or a ``~name: null`` entry (YAML layer) deletes a key."""
 
 from __future__ import annotations
 
@@ -22,9 +20,7 @@ def is_deletion(token: str) -> bool:
 
 def _plain(node: Any) -> Any:
     """``node`` as plain containers, interpolations and ``???`` kept as written."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=False)
-    return node
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def _replaced_params(base: Any, incoming: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -89,7 +85,6 @@ def delete_key(config: DictConfig, path: Sequence[Any], source: str = "") -> Non
     node: Any = config
     origin = f" ({source})" if source else ""
     for i, key in enumerate(path):
-        last = i == len(path) - 1
         if isinstance(node, DictConfig):
             present = key in node
         elif isinstance(node, ListConfig) and str(key).lstrip("-").isdigit():
@@ -105,7 +100,7 @@ def delete_key(config: DictConfig, path: Sequence[Any], source: str = "") -> Non
             raise ConfigError(
                 f"cannot delete {_describe(path)!r}{origin}: {_describe(path[:i])} has no key {str(key)!r}; {has}"
             )
-        if last:
+        if i == len(path) - 1:
             if isinstance(node, ListConfig):
                 del node[key]
             else:
@@ -122,8 +117,7 @@ def merge_layers(layers: Sequence[tuple[str, DictConfig]], start: DictConfig | N
     """``start`` <- each ``(name, config)`` of ``layers`` in order, with the two rules of the module doc."""
     merged = OmegaConf.create() if start is None else OmegaConf.merge(OmegaConf.create(), start)  # start is not changed
     for name, layer in layers:
-        plain = _plain(layer)
-        stripped, deletions = _strip_deletions(plain)
+        stripped, deletions = _strip_deletions(_plain(layer))
         for path in deletions:
             delete_key(merged, path, source=name)
         drop_replaced_params(merged, stripped)

@@ -1,7 +1,5 @@
-"""The printed and Markdown headline of the quick start (``scripts/quickstart.py``, stage 4): one line or table row per
-artifact, from its sweep's summary (:func:`ldm.eval.summary.summarize`) and cross-fitted best ``start_t``
-(:func:`ldm.eval.summary.best_start`); every figure a mean with its 95 % bootstrap interval over images.
-"""
+"""The quick start's headline, printed and as Markdown: one line or table row per artifact from its sweep's summary and
+cross-fitted best ``start_t``; every figure a mean with its 95 % bootstrap interval over images."""
 
 from __future__ import annotations
 
@@ -55,16 +53,14 @@ def headline_line(
         n = _entry(summary, degradation, REGION, region_ts[0]).get("n")
         return f"{degradation} (control, nothing wrong in the box, n={n}): PSNR to clean inside the box by start_t {curve} dB"
     if best is None:  # no box: the whole-image figures at start_t
-        t = start_t
-        whole = _entry(summary, degradation, "experts", t)
+        whole = _entry(summary, degradation, "experts", start_t)
         return (
-            f"{degradation} (artifact -> whole, start_t={t}, n={whole.get('n')}): PSNR to clean "
+            f"{degradation} (artifact -> whole, start_t={start_t}, n={whole.get('n')}): PSNR to clean "
             f"{_ci(artifact, 'psnr_clean')} -> {_ci(whole, 'psnr_clean')} dB, gain "
             f"{_ci(whole, 'gain_psnr_clean', sign=True)} dB; SWD x1e3 {_ci(artifact, 'swd')} -> {_ci(whole, 'swd')}"
         )
-    t = best.start_ts[0]
-    region = _entry(summary, degradation, REGION, t)
-    starts = f"{best.start_ts[0]}/{best.start_ts[1]}" if best.start_ts[0] != best.start_ts[1] else str(t)
+    region = _entry(summary, degradation, REGION, best.start_ts[0])
+    starts = "/".join(dict.fromkeys(str(t) for t in best.start_ts))
     return (
         f"{degradation} (n={best.value.n}, region refinement at its best start_t {starts}): PSNR to clean inside the box "
         f"{best.baseline_value.format()} -> {best.value.format()} dB, gain {best.gain.format('{:+.2f}')} dB; "
@@ -90,19 +86,18 @@ def markdown_table(
     region_ts = result.start_ts.get(REGION, ())
     for degradation in result.degradations:
         pick = best.get(degradation)
-        if pick is None and region_ts and _entry(summary, degradation, REGION, region_ts[0]):
-            control = _entry(summary, degradation, REGION, region_ts[0])
-            trip = _entry(summary, degradation, "autoencoder", None)
+        artifact = _entry(summary, degradation, "identity", None)
+        trip = _entry(summary, degradation, "autoencoder", None)
+        control = _entry(summary, degradation, REGION, region_ts[0]) if region_ts else {}
+        if pick is None and control:
             lines.append(
                 f"| {degradation.split(':')[0]} (control: nothing wrong) | {control.get('n')} | exact | "
                 f"{_ci(trip, 'psnr_clean_in', '{:.1f}')} | {_ci(control, 'psnr_clean_in', '{:.1f}')} ({region_ts[0]}) | "
-                f"n/a | n/a | {_ci(_entry(summary, degradation, 'identity', None), 'swd', '{:.1f}')} → "
+                f"n/a | n/a | {_ci(artifact, 'swd', '{:.1f}')} → "
                 f"{_ci(control, 'swd', '{:.1f}')} | {_ci(control, 'gain_swd', '{:.1f}', True)} |"
             )
         if pick is None:
             continue
-        artifact = _entry(summary, degradation, "identity", None)
-        trip = _entry(summary, degradation, "autoencoder", None)
         region = _entry(summary, degradation, REGION, pick.start_ts[0])
         starts = "/".join(dict.fromkeys(str(t) for t in pick.start_ts))
         lines.append(

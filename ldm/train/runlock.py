@@ -1,10 +1,6 @@
-"""An exclusive lock on a run folder: two ``main.py`` processes never train into one run at once (both would write
-``last.ckpt``; the one finishing last would win, so progress could go backwards).
-
-``main.py`` (rank 0) holds an advisory ``flock`` on ``<run>/.lock`` until it exits; the kernel drops it when its holder
-exits in any way, SIGKILL included, so a lock file left behind is no held lock.  The file holds the holder's pid, only
-to name it in the error message.
-"""
+"""An exclusive ``flock`` on ``<run>/.lock``: two ``main.py`` processes never train into one run at once (the one
+finishing last would win ``last.ckpt``).  The kernel drops the lock when its holder exits in any way, SIGKILL included,
+so a lock file left behind is no held lock; the file holds the holder's pid, only to name it in the error message."""
 
 from __future__ import annotations
 
@@ -34,12 +30,8 @@ class RunFolderLockError(OSError):
 
 @contextlib.contextmanager
 def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
-    """Hold the lock of run folder ``logdir`` inside the context; yields the lock file (None: not locked).
-
-    Raises:
-        RunFolderBusy: another process holds it; names that process's pid.
-        RunFolderLockError: the lock file cannot be created or opened.
-    """
+    """Hold the lock of run folder ``logdir`` inside the context; yields the lock file (None: not locked).  Raises
+    :class:`RunFolderBusy` (naming the holder's pid) or :class:`RunFolderLockError` (cannot create or open it)."""
     try:
         import fcntl
     except ImportError:  # no flock outside POSIX
@@ -57,7 +49,6 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
             str(path),
         ) from exc
     try:
-        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,11 +67,11 @@ def hold_run_folder(logdir: str | os.PathLike) -> Iterator[Path | None]:
                     exc.errno, f"cannot lock run folder {str(logdir)!r}: {exc.strerror}", str(path)
                 ) from exc
             logger.warning("the file system of %s has no file locks: do not start a second run on it", logdir)
-            locked = False
-        if locked:
+            path = None  # not locked
+        else:
             with contextlib.suppress(OSError):  # the pid only names the holder in a second run's error message
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path if locked else None
+        yield path
     finally:
         os.close(fd)  # drops the lock

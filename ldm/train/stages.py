@@ -1,8 +1,5 @@
-"""Training runs as steps of a pipeline: ``main.py`` in a subprocess, its ``last.ckpt`` copied to a fixed path.
-
-The quick start and the benchmarks that train chain runs this way (a first stage, then experts on it), so that what
-they train is exactly what a user's ``main.py -b <config> -t key=value ...`` trains.
-"""
+"""Training runs as steps of a pipeline: ``main.py`` in a subprocess (exactly what a user's ``main.py -b <config> -t
+...`` trains), its ``last.ckpt`` copied to a fixed path."""
 
 from __future__ import annotations
 
@@ -19,7 +16,6 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "main.py"
-
 
 # a handful of steps per stage and tiny data: what the quick start and the benchmarks do with --smoke (the test suite)
 SMOKE_OVERRIDES: tuple[str, ...] = (
@@ -69,11 +65,7 @@ def run_stage(
 ) -> Path:
     """Train ``stage`` with ``main.py`` in a subprocess and copy its ``last.ckpt`` to ``target`` (atomically); returns
     the run folder.  ``extra`` overrides follow the stage's own; ``threads`` replaces the stage's; ``echo`` receives
-    the command line first.
-
-    Raises:
-        StageError: ``main.py`` failed, or no new run folder with ``checkpoints/last.ckpt`` appeared under ``logs``.
-    """
+    the command line first.  :class:`StageError` when ``main.py`` fails or leaves no new run with a ``last.ckpt``."""
     logs.mkdir(parents=True, exist_ok=True)
     before = {p for p in logs.iterdir() if p.is_dir()}
     cmd = [sys.executable, str(MAIN), "-b", str(stage.config), "-t", "--no-test", "-l", str(logs)]

@@ -1,7 +1,5 @@
-"""Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section (``trainer``, ``callbacks``,
-``modelcheckpoint``, ``logger``), merged over :data:`DEFAULT_LIGHTNING`; a CSV logger always, TensorBoard when installed;
-its checkpoint I/O through :mod:`ldm.checkpoint` (:class:`SafeAtomicCheckpointIO`).
-"""
+"""Build the Lightning 2 ``Trainer`` of ``main.py`` from the ``lightning`` config section, merged over
+:data:`DEFAULT_LIGHTNING`; checkpoint I/O through :mod:`ldm.checkpoint` (:class:`SafeAtomicCheckpointIO`)."""
 
 from __future__ import annotations
 

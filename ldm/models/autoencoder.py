@@ -1,15 +1,6 @@
-"""The first stages: VQ autoencoders (``VQModel``, latent-diffusion's ``VQModelInterface``), the KL-regularised
-``AutoencoderKL`` (latent-diffusion's kl-f4/kl-f8 and Stable Diffusion v1's), and ``IdentityFirstStage``.
-
-Parameter names are CompVis' (``loss.*`` included), so ``models/first_stage_models/vq-f4/model.ckpt``, kl-f8 and an SD
-v1 ``first_stage_model.*`` load key-for-key; CompVis' targets (``ldm.models.autoencoder.VQModel``, ``...AutoencoderKL``)
-resolve here.  ``dead_code_restart_every: N`` (0 = off, as in CompVis) restarts, every ``N`` batches, the codes no
-batch of that window chose (:func:`ldm.modules.codebook.restart_dead_codes`); the window in progress is saved in
-checkpoints, so a resumed run restarts on time.  ``AutoencoderKL``: ``Encoder`` (``double_z``) -> 1x1 ``quant_conv`` ->
-moments ``[B, 2 * embed_dim, h, w]`` -> :class:`~ldm.modules.distributions.DiagonalGaussianDistribution` -> latent
-``z`` ``[B, embed_dim, h, w]`` (a sample in training, the mean at refinement time) -> 1x1 ``post_quant_conv`` ->
-``Decoder``; nothing is quantized.
-"""
+"""The first stages, with CompVis' parameter names (``loss.*`` included): VQ autoencoders (``VQModel``,
+``VQModelInterface``), the KL-regularised ``AutoencoderKL`` (kl-f4/kl-f8, Stable Diffusion v1's) and
+``IdentityFirstStage``."""
 
 from __future__ import annotations
 
@@ -34,8 +25,8 @@ class VQModel(GANAutoencoder):
     """VQGAN: ``Encoder`` -> 1x1 ``quant_conv`` -> ``VectorQuantizer2`` -> 1x1 ``post_quant_conv`` -> ``Decoder``.
 
     Images are ``[B, 3, H, W]`` in [-1, 1]; latents ``[B, embed_dim, H / f, W / f]`` with ``f = 2 ** (len(ch_mult) - 1)``.
-    Trainable with ``lossconfig`` :class:`~ldm.modules.losses.VQLPIPSWithDiscriminator`; ``torch.nn.Identity`` suits a
-    frozen first stage.
+    ``dead_code_restart_every: N`` (0 = off, as in CompVis) restarts, every ``N`` batches, the codes no batch of that
+    window chose; the window in progress is saved in checkpoints, so a resumed run restarts on time.
     """
 
     loss_class = VQLPIPSWithDiscriminator
@@ -198,8 +189,7 @@ def quantize_latent(quantizer: torch.nn.Module, h: torch.Tensor, chunk: int = 40
     """Snap ``h`` ``[B, embed_dim, h, w]`` to the nearest codebook vectors: the ``z_q`` of taming's
     ``VectorQuantizer2(h)[0]`` (same distances, same straight-through form), in ``h``'s dtype.
 
-    taming builds the whole ``[B*h*w, n_embed]`` distance matrix (and two temporaries of its size, 3 x 2 GiB for a
-    1024 px image through vq-f4); this takes ``chunk`` latent vectors at a time (4096 x 8192 codes x 4 B = 128 MiB).
+    taming builds the whole ``[B*h*w, n_embed]`` distance matrix; this takes ``chunk`` latent vectors at a time.
     Distances are in float32 with autocast off: bfloat16 would snap many latent vectors to a different code.
     """
     z = h.permute(0, 2, 3, 1).contiguous()
@@ -260,11 +250,7 @@ VALIDATION_SEED = 1_000_003  # the posterior samples of validation batch i come 
 
 class AutoencoderKL(GANAutoencoder):
     """latent-diffusion's ``AutoencoderKL``: images ``[B, 3, H, W]`` in [-1, 1] <-> latents ``[B, embed_dim, H / f, W / f]``
-    with ``f = 2 ** (len(ch_mult) - 1)`` (8 for kl-f8).
-
-    ``lossconfig``: :class:`~ldm.modules.losses.LPIPSWithDiscriminator` to train, ``torch.nn.Identity`` for a frozen
-    first stage.  ``scheduler_config``: latent-diffusion's LR multiplier (e.g.
-    ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler``), stepped once per batch for both optimizers.
+    with ``f = 2 ** (len(ch_mult) - 1)`` (8 for kl-f8), through a diagonal Gaussian posterior (nothing is quantized).
     """
 
     loss_class = LPIPSWithDiscriminator

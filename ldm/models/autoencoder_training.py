@@ -1,11 +1,8 @@
-"""What :class:`~ldm.models.autoencoder.VQModel` and :class:`~ldm.models.autoencoder.AutoencoderKL` share: reading
-a first-stage checkpoint (and, when it is missing, saying where its weights come from), the batch layout, and their GAN
-training under Lightning 2 manual optimization.
+"""What ``VQModel`` and ``AutoencoderKL`` share: checkpoint loading (with where-to-get-it hints) and GAN training under
+Lightning 2 manual optimization.
 
-Lightning 2 advances ``trainer.global_step`` once per ``optimizer.step()``, so it counts optimizer steps, not batches.
-The loss is therefore driven by :attr:`GANAutoencoder.generator_steps` (batches trained, saved in checkpoints):
-``disc_start: N`` means "the discriminator joins at the N-th batch", and before that it is neither run nor stepped,
-so ``global_step == generator_steps`` until ``disc_start`` and grows by 2 per batch afterwards.
+Lightning 2's ``global_step`` counts optimizer steps (2 per batch once the discriminator trains), so the loss is driven
+by :attr:`GANAutoencoder.generator_steps`, the batches trained: ``disc_start: N`` means "from the N-th batch".
 """
 
 from __future__ import annotations
@@ -124,13 +121,10 @@ def missing_first_stage_hint(ckpt_path: str, params: Mapping[str, Any] | None = 
 class GANAutoencoder(pl.LightningModule):
     """Base of the first stages: ``Encoder`` / ``Decoder`` and a loss whose discriminator trains alongside.
 
-    Per batch one Adam step of the autoencoder, then (from the loss' ``disc_start`` on) one of the discriminator.
     Subclasses set ``loss_class``, ``model_name`` and ``_load_messages`` and define
-    ``_autoencoder_loss(x, split, batch_idx) -> (loss, log, state)``, the autoencoder objective for ``x``
-    ``[B, 3, H, W]`` at :attr:`generator_steps` (``batch_idx`` None in training), and
-    ``_discriminator_loss(x, state, step, split) -> (loss, log)``.  ``aeloss_name``, ``discloss_name`` and
-    ``log_dict_on_epoch`` keep the log names of their CompVis originals (taming's VQGAN and latent-diffusion's
-    AutoencoderKL differ).
+    ``_autoencoder_loss(x, split, batch_idx) -> (loss, log, state)`` (``batch_idx`` None in training) and
+    ``_discriminator_loss(x, state, step, split) -> (loss, log)``; ``aeloss_name``, ``discloss_name`` and
+    ``log_dict_on_epoch`` keep the log names of their CompVis originals.
     """
 
     # ldm.train.trainer.configure_ddp reads this: the discriminator gets no gradient before ``disc_start``, which
@@ -174,11 +168,9 @@ class GANAutoencoder(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- weights
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), unsafe: bool = False) -> None:
-        """Load weights from a CompVis-layout checkpoint (unprefixed keys; ``loss.*`` keys this model's loss lacks or
-        shapes differently are dropped with a logged note) or a LatentDiffusion / Stable Diffusion one
-        (``first_stage_model.*``), through the safe loader (``unsafe``: only for files you trust).  A missing file names
-        the configs that train this network; a checkpoint of the other kind of first stage (a KL model looks for a VQ
-        codebook before ``ignore_keys`` can hide it) or of another network is refused in one line."""
+        """Load weights from a CompVis-layout checkpoint (unprefixed keys) or a LatentDiffusion / Stable Diffusion one
+        (``first_stage_model.*``) through the safe loader; a checkpoint of the other kind of first stage (a KL model
+        looks for a VQ codebook before ``ignore_keys`` can hide it) or of another network is refused in one line."""
         if not Path(path).exists():
             network = {key: getattr(self, key) for key in NETWORK_KEYS if hasattr(self, key)}
             raise CheckpointError(f"first-stage checkpoint {path!r} does not exist; {missing_first_stage_hint(path, network)}")
@@ -293,9 +285,7 @@ class GANAutoencoder(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """``[Adam(autoencoder), Adam(discriminator)]``, both at ``self.learning_rate`` with betas (0.5, 0.9), as in
-        CompVis (whose optimizers leave the KL loss' ``logvar`` at ``logvar_init``); with ``scheduler_config``
-        (latent-diffusion's, e.g. :class:`ldm.lr_scheduler.LambdaWarmUpCosineScheduler`) both follow its multiplier
-        of the batches trained (stepped once per batch)."""
+        CompVis; with ``scheduler_config`` both follow its multiplier of the batches trained."""
         loss_fn = self._require_loss()
         lr = getattr(self, "learning_rate", None)
         if lr is None:

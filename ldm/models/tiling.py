@@ -1,17 +1,10 @@
 """Tiled first-stage encode/decode (VQ and KL alike) with overlap blending, so that large images fit in memory.
 
-Only the full-resolution, purely convolutional part runs tile by tile (the encoder's down path, the decoder's up
-path); the mid block with its global attention runs on the whole latent-resolution map.  Tiles stay consistent with
-the untiled network in two ways:
-
-* **GroupNorm statistics are shared** across tiles (a tile of sky would otherwise be normalised unlike one of grass):
-  from one untiled pass on the input downscaled to ``stat_side``, and/or ``stat_passes`` tiled passes that each sum
-  new statistics over the part of the image each tile owns (layer k is exact after k passes).
-* **Overlap blending**: neighbouring tiles overlap by ``overlap`` pixels, blended with linear ramps.
-
-The defaults (a downscaled pass, no refining pass) decode closest to the untiled network: refining passes mix
-statistics gathered under different normalisations of earlier layers.  Costs: ``stat_passes + 1`` tiled passes, plus
-one downscaled untiled pass with ``stat_side``.
+Only the convolutional full-resolution part runs tile by tile; the mid block (global attention) runs on the whole
+latent.  GroupNorm statistics are shared across tiles (a tile of sky would otherwise be normalised unlike one of
+grass): from one untiled pass on the input downscaled to ``stat_side``, and/or ``stat_passes`` tiled passes that each
+sum statistics over the part each tile owns.  The defaults (no refining pass) decode closest to the untiled network:
+refining passes mix statistics gathered under different normalisations of earlier layers.
 """
 
 from __future__ import annotations
@@ -69,9 +62,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
     stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
+    return [*range(0, length - tile, stride), length - tile]
 
 
 def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
@@ -212,8 +203,7 @@ def downscaled_size(height: int, width: int, side: int, min_size: int = 1) -> tu
     factor = math.ceil(max(height, width) / side)
     if factor <= 1:
         return height, width
-    small_h, small_w = (min(n, max(min_size, round(n / factor))) for n in (height, width))
-    return small_h, small_w
+    return tuple(min(n, max(min_size, round(n / factor))) for n in (height, width))
 
 
 def downscale_to(x: torch.Tensor, side: int, min_size: int = 1) -> torch.Tensor:

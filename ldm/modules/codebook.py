@@ -1,9 +1,5 @@
-"""Dead-code restarts for a VQ codebook (:class:`ldm.models.autoencoder.VQModel` schedules them).
-
-A code no encoder output chose for a whole window gets no gradient and never comes back.  Restarting it at an encoder
-output of the batch, with a little noise so that codes restarted at one vector do not stay tied, puts it where the
-data is (Jukebox's "random restarts", Dhariwal et al. 2020).
-"""
+"""Dead-code restarts for a VQ codebook (Jukebox's "random restarts"): a code no encoder output chose for a whole
+window gets no gradient and never comes back, so it restarts at a (slightly noised) encoder output of the batch."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Exponential moving average of model parameters, with latent-diffusion's ``LitEma`` buffer layout: ``decay``
-(float32), ``num_updates`` (int32; -1 disables the warm-up) and one buffer per trainable parameter, named as the
-parameter with every ``.`` removed (CompVis checkpoints' ``model_ema.*``).
-"""
+"""Exponential moving average of model parameters with latent-diffusion's ``LitEma`` buffers: ``decay``, ``num_updates``
+(-1 disables the warm-up) and one per trainable parameter, named as the parameter with every ``.`` removed."""
 
 from __future__ import annotations
 

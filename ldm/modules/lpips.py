@@ -65,12 +65,9 @@ def _missing_weights_error(what: str, path: Path, how: str) -> PerceptualWeights
 
 
 def build_lpips(net: str = "vgg", pretrained: bool = True, backbone_path: str | Path | None = None) -> nn.Module:
-    """A frozen ``lpips.LPIPS`` module in eval mode (backbone ``net``: ``"vgg"``, ``"alex"`` or ``"squeeze"``).
-
-    ``pretrained`` loads the backbone's ImageNet weights from ``backbone_path`` (torchvision's ``features.*`` keys;
-    default :func:`lpips_backbone_path`); ``False`` keeps it random (offline tests).  The linear layers are always the
-    ``lpips`` package's.  Raises :class:`PerceptualWeightsMissingError`, naming the file, when a weights file is absent.
-    """
+    """A frozen ``lpips.LPIPS`` module in eval mode; ``pretrained`` loads the backbone's torchvision ImageNet weights
+    from ``backbone_path`` (default :func:`lpips_backbone_path`), ``False`` keeps it random (offline tests).  Raises
+    :class:`PerceptualWeightsMissingError`, naming the file, when a weights file is absent."""
     linear_path = lpips_linear_path(net)  # checks ``net``
     if not linear_path.exists():
         raise _missing_weights_error(

@@ -1,19 +1,6 @@
-"""latent-diffusion's transformer encoder (its trimmed copy of lucidrains' x-transformers), the body of ``BERTEmbedder``.
-
-Only what its text encoders use is kept. Class names, arguments and the module tree are latent-diffusion's, so its
-``BERTEmbedder`` checkpoints (``cond_stage_model.transformer.*`` in txt2img-f8) load unchanged::
-
-    token_emb.weight                         [num_tokens, dim]
-    pos_emb.emb.weight                       [max_seq_len, dim]
-    attn_layers.layers.{2i}.0.{weight,bias}  LayerNorm before self-attention of block i
-    attn_layers.layers.{2i}.1.to_{q,k,v}.weight      [heads * dim_head, dim] (no bias)
-    attn_layers.layers.{2i}.1.to_out.{weight,bias}   [dim, heads * dim_head]
-    attn_layers.layers.{2i+1}.0.{weight,bias}        LayerNorm before the feed-forward of block i
-    attn_layers.layers.{2i+1}.1.net.0.0.{weight,bias} [mult * dim, dim]
-    attn_layers.layers.{2i+1}.1.net.2.{weight,bias}   [dim, mult * dim]
-    norm.{weight,bias}, to_logits.{weight,bias}
-
-The attention width is ``heads * dim_head`` (512 by default) whatever ``dim``, as in latent-diffusion.
+"""latent-diffusion's transformer encoder (its trimmed copy of lucidrains' x-transformers), the body of ``BERTEmbedder``:
+only what its text encoders use, with its class names, arguments and module tree, so txt2img-f8's
+``cond_stage_model.transformer.*`` weights load unchanged.  The attention width is ``heads * dim_head`` whatever ``dim``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""DDPM (pixel-space diffusion) as a Lightning 2 module: latent-diffusion's API and state-dict layout.
-
-State dict: ``model.diffusion_model.*`` (the UNet inside :class:`DiffusionWrapper`), ``model_ema.*`` (:class:`LitEma`)
-and the float32 schedule buffers (``betas``, ``alphas_cumprod``, ...), so CompVis checkpoints load with ``strict=True``.
-Schedule math lives in :func:`ldm.modules.diffusionmodules.util.make_schedule_buffers` (float64); sampling in
-:mod:`ldm.sampling`.  :class:`~ldm.models.diffusion.latent.LatentDiffusion` builds on this class; both are importable
-from their CompVis path :mod:`ldm.models.diffusion.ddpm`.
-"""
+"""DDPM (pixel-space diffusion) as a Lightning 2 module with latent-diffusion's API and state-dict layout
+(``model.diffusion_model.*``, ``model_ema.*``, float32 schedule buffers), so CompVis checkpoints load strictly."""
 
 from __future__ import annotations
 
@@ -28,6 +22,7 @@ from ldm.checkpoint import (
     has_ema_weights,
     load_state_dict,
     load_weights,
+    strip_prefix,
 )
 from ldm.modules.diffusionmodules.util import (
     extract_into_tensor,
@@ -103,18 +98,11 @@ def draw_window_timesteps(
 
 
 class DDPM(pl.LightningModule):
-    """Gaussian diffusion in pixel space (Ho et al.), latent-diffusion flavour.
+    """Gaussian diffusion in pixel space (Ho et al.) with latent-diffusion's arguments; ``learning_rate`` is set by
+    ``main.py``."""
 
-    Args (CompVis names): ``unet_config`` builds the denoiser; ``timesteps`` T; ``beta_schedule`` and
-    ``linear_start``/``linear_end``/``cosine_s`` (or ``given_betas``) the noise schedule; ``parameterization`` ``eps`` or
-    ``x0``; ``loss_type`` ``l2`` or ``l1``; ``use_ema`` keeps an EMA (``ema_decay``); ``ckpt_path`` initialises
-    from a checkpoint (see :meth:`init_from_ckpt`); ``scheduler_config`` an optional LR schedule
-    (:mod:`ldm.lr_scheduler`); ``monitor`` the metric for checkpointing.  ``learning_rate`` is set by ``main.py``.
-    """
-
-    # ldm.train.trainer.configure_ddp reads this: no buffer needs DDP's broadcast before every forward.  The schedule
-    # buffers are constants, the EMA (one buffer per UNet parameter, 1.1 GB for the real config) follows identical
-    # parameters on every rank, and scale_by_std broadcasts its one value itself.
+    # ldm.train.trainer.configure_ddp reads this: no buffer needs DDP's broadcast before every forward (the schedule is
+    # constant, the EMA follows identical parameters on every rank, scale_by_std broadcasts its one value itself)
     ddp_sync_buffers = False
     # ldm.train.trainer.build_trainer refuses lightning.trainer.precision=16-true / bf16-true for this model.
     true_half_precision = False
@@ -238,12 +226,8 @@ class DDPM(pl.LightningModule):
     def init_from_ckpt(
         self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False, unsafe: bool | None = None
     ) -> tuple[list[str], list[str]]:
-        """Initialise weights from ``path`` through the safe loader; report missing / unexpected keys.
-
-        ``only_model`` loads just the diffusion wrapper (``model.*`` keys).  Schedule buffers in the checkpoint must
-        equal this model's (same ``timesteps``, ``beta_schedule``, ``linear_start``, ``linear_end``) or a
-        :class:`CheckpointError` stops the run: a denoiser trained on one schedule is wrong on another.
-        """
+        """Initialise weights from ``path`` (``only_model``: just the ``model.*`` keys) through the safe loader; a
+        checkpoint of another noise schedule is refused: a denoiser trained on one schedule is wrong on another."""
         sd = load_state_dict(path, unsafe=self.unsafe_load if unsafe is None else unsafe)
         ignored = tuple(ignore_keys)
         sd, dropped = drop_keys(sd, ignored)
@@ -257,10 +241,8 @@ class DDPM(pl.LightningModule):
         if not restores_ema:
             sd = {k: v for k, v in sd.items() if k not in EMA_SCALAR_KEYS}
         if only_model:
-            sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-            target: nn.Module = self.model
-        else:
-            target = self
+            sd = strip_prefix(sd, "model.")
+        target = self.model if only_model else self
         missing, unexpected = load_weights(target, sd, strict=False, source=f"checkpoint {path!r}")
         unet_prefix = "diffusion_model." if only_model else "model.diffusion_model."
         lacking = [k for k in missing if k.startswith(unet_prefix) and not (ignored and k.startswith(ignored))]
@@ -395,8 +377,7 @@ class DDPM(pl.LightningModule):
         return self.p_losses(x, t, *args, **kwargs)
 
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self.get_input(batch, self.first_stage_key)
-        return self(x)
+        return self(self.get_input(batch, self.first_stage_key))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)

@@ -1,9 +1,5 @@
-"""latent-diffusion's ``DDIMSampler`` API for users' scripts: a thin adapter over :mod:`ldm.sampling`.
-
-Every public method keeps latent-diffusion's name, argument order and meaning, then adds ``generator`` (one
-``torch.Generator``, or one per sample): noise is never drawn from the global RNG.  Arguments are checked once, at the
-public method; the loop steps with :func:`~ldm.sampling.steps.ddim_step`, as the refinement engine (which uses
-:mod:`ldm.sampling` directly) does.
+"""latent-diffusion's ``DDIMSampler`` API over :mod:`ldm.sampling`; every public method adds ``generator`` (one
+``torch.Generator``, or one per sample), so noise never comes from the global RNG.
 
 One deliberate difference: :meth:`decode` runs the step at ``t_start`` itself (latent-diffusion's img2img starts one
 position lower), so ``decode(stochastic_encode(x0, i), c, i)`` denoises from exactly the level it was noised to.
@@ -29,10 +25,9 @@ from ldm.util import is_rank_zero
 
 
 class DDIMSampler:
-    """DDIM over ``model``'s schedule; the network is reached only through ``denoiser`` (default: the model's
-    ``apply_model``, eps-converted).  ``schedule`` is latent-diffusion's unused ``"linear"`` argument, kept for its
-    position.  A denoiser with ``check_timesteps(timesteps)`` (an expert router) is asked before any work whether it
-    serves every step."""
+    """DDIM over ``model``'s schedule through ``denoiser`` (default: the model's ``apply_model``, eps-converted); a
+    denoiser with ``check_timesteps(timesteps)`` (an expert router) is asked before any work whether it serves every
+    step.  ``schedule`` is latent-diffusion's unused argument."""
 
     def __init__(self, model: Any, schedule: str = "linear", denoiser: Denoiser | None = None):
         self.model = model
@@ -51,16 +46,9 @@ class DDIMSampler:
     def make_schedule(
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True
     ) -> None:
-        """Grid and per-step coefficients (float64 math, float32 on the model's device) for ``ddim_num_steps`` steps;
-        ``use_original_steps`` tables cover every timestep ``t -> t - 1`` of the model's schedule (``abar_{-1} = 1``).
-
-        Sets latent-diffusion's attributes: the grid ``ddim_timesteps`` ``[S]``; ``ddim_sigmas``, ``ddim_alphas``,
-        ``ddim_alphas_prev``, ``ddim_sqrt_one_minus_alphas`` ``[S]``; and over every timestep, ``[T]`` each,
-        ``betas`` (the model's), ``alphas_cumprod``, ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``,
-        ``sqrt_one_minus_alphas_cumprod``, ``log_one_minus_alphas_cumprod``, ``sqrt_recip_alphas_cumprod``,
-        ``sqrt_recipm1_alphas_cumprod`` and ``ddim_sigmas_for_original_num_steps``.  ``verbose`` logs the grid and
-        coefficients at INFO level.
-        """
+        """latent-diffusion's attributes for ``ddim_num_steps`` steps (float64 math, float32 on the model's device): the
+        grid ``ddim_timesteps`` and ``ddim_*`` coefficients ``[S]``, and ``[T]`` tables over every timestep
+        ``t -> t - 1`` (``abar_{-1} = 1``) for ``use_original_steps``; ``verbose`` logs them at INFO level."""
         self.ddim_eta = check_eta(ddim_eta)
         grid = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps, verbose=verbose)
         acp = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
@@ -110,13 +98,8 @@ class DDIMSampler:
         generator: Generators = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step from ``x`` ``[B, C, H, W]`` at timesteps ``t`` ``[B]`` (grid position ``index``, or with
-        ``use_original_steps`` the timestep itself, stepping to ``index - 1``): returns ``(x_prev, pred_x0)``.
-
-        As latent-diffusion: ``score_corrector.modify_score(model, e_t, x, t, c, **corrector_kwargs)`` edits the
-        predicted noise; ``quantize_denoised`` snaps ``pred_x0`` to the first stage's VQ codebook; with ``eta > 0`` the
-        noise is scaled by ``temperature``, shared across the batch with ``repeat_noise`` and each element dropped with
-        probability ``noise_dropout`` (kept ones scaled by ``1 / (1 - p)``), all drawn from ``generator``.
-        """
+        ``use_original_steps`` the timestep itself, stepping to ``index - 1``): returns ``(x_prev, pred_x0)``.  Options
+        as latent-diffusion's; dropped noise elements (``noise_dropout``) rescale the kept ones by ``1 / (1 - p)``."""
         self._check_step_options(noise_dropout, quantize_denoised, score_corrector)
         hint = "; the argument order is latent-diffusion's: pass noise=, generator= by keyword"
         self._position("index", index, len(self._grid(use_original_steps, hint)))
@@ -170,13 +153,9 @@ class DDIMSampler:
         generator: Generators = None,
         ddim_discretize: str = "uniform",
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps.
-
-        latent-diffusion's signature up to ``unconditional_conditioning`` (positional calls line up), then ``generator``
-        and ``ddim_discretize``; its ``**kwargs`` is not taken, so a misspelled argument raises.  ``mask`` (1 = keep)
-        with ``x0`` inpaints: kept regions follow ``q_sample(x0, t)``.  Returns ``(samples, {"x_inter": [...],
-        "pred_x0": [...]})``.
-        """
+        """Sample ``[batch_size, *shape]`` latents from pure noise with ``S`` DDIM steps; returns ``(samples,
+        {"x_inter": [...], "pred_x0": [...]})``.  No ``**kwargs`` (a misspelled argument raises); ``mask`` (1 = keep)
+        with ``x0`` inpaints: kept regions follow ``q_sample(x0, t)``."""
         if normals_sequence is not None:
             raise NotImplementedError(
                 "normals_sequence is not supported (latent-diffusion accepts it but never uses it): pass None, and "
@@ -217,9 +196,8 @@ class DDIMSampler:
         verbose: bool = False,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """latent-diffusion's loop over every grid step (or every timestep with ``ddim_use_original_steps``) from
-        ``x_T`` (default: noise from ``generator``).  ``timesteps`` (latent-diffusion's partial-grid option) is
-        refused when given.  As latent-diffusion, the intermediates hold ``x_T`` and then ``x_prev``/``pred_x0`` after
-        the first step and after every step whose position ``index`` is a multiple of ``log_every_t``."""
+        ``x_T`` (default: noise from ``generator``); intermediates hold ``x_T``, then the first step and every step
+        whose ``index`` is a multiple of ``log_every_t``."""
         if timesteps is not None:
             raise NotImplementedError("timesteps= is not supported: call make_schedule with the number of steps you want")
         if mask is not None and x0 is None:

@@ -1,9 +1,5 @@
-"""Chained window experts: which expert serves each sampling step, and whether experts can be chained at all.
-
-A late-steps expert is trained on a window ``[t_min, t_max)`` of timesteps; a plain full-range ``LatentDiffusion``
-covers ``[0, T)``.  The window's one source is the model itself (``model.window()``, from its config); the window
-arithmetic and the text of coverage errors live in :mod:`ldm.windows`.
-"""
+"""Chained window experts: which expert serves each sampling step (by ``model.window()``: ``[t_min, t_max)``, or
+``[0, T)`` for a full-range model), and whether experts can be chained at all."""
 
 from __future__ import annotations
 
@@ -107,14 +103,10 @@ def check_compatible(experts: Sequence[Expert]) -> None:
 
 
 class ExpertRouter:
-    """Sends each step to the expert whose window holds its timestep.
+    """Sends each step to the expert whose window holds its timestep (``experts``: :class:`Expert` objects or models).
 
-    Samplers ask :meth:`assign` once per refinement (validation and warnings happen there) and call each step's expert
-    directly; the router is also a denoiser itself (:meth:`__call__`), for latent-diffusion's ``DDIMSampler``.
-    ``experts``: :class:`Expert` objects or models.  ``allow_outside_window``: see :meth:`assign`.
-
-    Raises:
-        ValueError: empty list, or experts that differ in noise schedule, latent scale or first-stage weights.
+    Samplers ask :meth:`assign` once per refinement and call each step's expert directly; the router is also a
+    denoiser itself (:meth:`__call__`), for latent-diffusion's ``DDIMSampler``.
     """
 
     def __init__(self, experts: Sequence[Expert | Any], allow_outside_window: bool = False):

@@ -1,9 +1,5 @@
-"""LatentDiffusion: DDPM in the latent space of a frozen first stage, with optional conditioning.
-
-Import it as ``ldm.models.diffusion.ddpm.LatentDiffusion`` (CompVis' path) or from here.  Refinement composes tiling and
-precision around the first stage at refine time (:mod:`ldm.refine.first_stage`); this class keeps latent-diffusion's
-``encode_first_stage`` / ``decode_first_stage``.
-"""
+"""LatentDiffusion: DDPM in the latent space of a frozen first stage, with optional conditioning (CompVis' import
+path: ``ldm.models.diffusion.ddpm``)."""
 
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, instantiate_f
 
 logger = logging.getLogger(__name__)
 
-# Batch keys whose values are lists of str handed to the cond stage as they are (a text encoder tokenizes them):
-# latent-diffusion's "caption" (its text-to-image configs, ldm.data.captions), Stable Diffusion's webdataset "txt".
+# batch keys whose lists of str go to the cond stage as they are: latent-diffusion's "caption", Stable Diffusion's "txt"
 TEXT_COND_KEYS = ("caption", "txt")
 
 
@@ -56,9 +51,8 @@ def check_ucg_training(ucg_training: Mapping[str, Mapping[str, Any]] | None) -> 
 
 
 def drop_captions(captions: Sequence[str], p: float, val: str, generator: torch.Generator | None = None) -> list[str]:
-    """Caption dropout for classifier-free guidance: each caption is replaced by ``val`` with probability ``p``
-    (independently; one uniform draw per caption from ``generator``, a CPU generator, or torch's global one when None).
-    ``p = 0`` never replaces, ``p = 1`` always does (draws lie in ``[0, 1)``)."""
+    """Caption dropout for classifier-free guidance: each caption is replaced by ``val`` with probability ``p`` (one
+    uniform draw in ``[0, 1)`` per caption from ``generator``, a CPU generator, or the global one when None)."""
     draws = torch.rand(len(captions), generator=generator, dtype=torch.float64)
     return [val if float(u) < p else text for text, u in zip(captions, draws)]
 
@@ -76,18 +70,10 @@ def text_batch(values: Any, key: str) -> list[str]:
 class LatentDiffusion(DDPM):
     """Latent diffusion (Rombach et al.): the UNet denoises ``z = scale_factor * E(x)`` of a frozen first stage.
 
-    Args beyond :class:`DDPM` (CompVis names): ``first_stage_config`` (e.g. ``VQModelInterface``, frozen, kept in
-    eval mode), ``cond_stage_config`` (a config, ``"__is_first_stage__"`` or ``"__is_unconditional__"``),
-    ``cond_stage_key`` (batch key of the conditioning input; ``"class_label"`` passes the whole batch),
-    ``cond_stage_trainable``, ``conditioning_key`` (``concat``/``crossattn``/``hybrid``/``adm``; default from
-    ``concat_mode``), ``scale_factor`` or ``scale_by_std`` (set ``1 / std(z)`` from the first training batch),
-    ``cond_stage_forward`` (method name of the cond stage to call instead of ``encode``/``forward``).
-    ``ckpt_path`` is loaded after the first stage exists, so a full LatentDiffusion checkpoint restores everything.
-
-    Text conditioning: ``cond_stage_key: caption`` (or ``txt``) hands the batch's list of str to the cond stage (e.g.
-    ``FrozenCLIPEmbedder``, whose ``encode`` returns ``[B, L, D]``).  ``ucg_training`` ``{batch key: {p, val}}``: in
-    training only, each item's value is replaced by ``val`` (default ``""``) with probability ``p``, so that one model
-    learns the conditional and the unconditional prediction that classifier-free guidance combines.
+    CompVis' arguments; ``cond_stage_key: "class_label"`` passes the whole batch, ``caption`` / ``txt`` its list of str.
+    ``scale_by_std`` sets ``scale_factor = 1 / std(z)`` from the first training batch.  ``ucg_training``
+    ``{batch key: {p, val}}``: in training, each item's value becomes ``val`` with probability ``p``, so one model
+    learns the conditional and unconditional predictions that classifier-free guidance combines.
     """
 
     def __init__(
@@ -117,8 +103,6 @@ class LatentDiffusion(DDPM):
         if cond_stage_config == UNCONDITIONAL_SENTINEL:
             conditioning_key = None
         load_only_unet = ddpm_kwargs.pop("load_only_unet", False)
-        # Stable Diffusion 2's caption dropout (a DDPM argument there; here, as DDPM is unconditional): the same name and
-        # format, so SD2-style configs carry over
         self.ucg_training = check_ucg_training(ucg_training)
         if self.ucg_training and conditioning_key is None:
             raise ValueError(
@@ -274,10 +258,8 @@ class LatentDiffusion(DDPM):
         return_original_cond: bool = False,
         bs: int | None = None,
     ) -> list[Any]:
-        """``[z, c]`` (plus ``x, xrec`` and the raw conditioning when asked) for a batch, as in latent-diffusion.
-
-        A batch of cached latents (see :meth:`cached_first_stage_encoding`) skips the encoder; it holds no image, so
-        its reconstruction stands in for ``x``."""
+        """``[z, c]`` (plus ``x, xrec`` and the raw conditioning when asked) for a batch, as in latent-diffusion; a
+        batch of cached latents holds no image, so its reconstruction stands in for ``x``."""
         x = None
         z = self.cached_first_stage_encoding(batch, bs)
         if z is None:
@@ -328,9 +310,8 @@ class LatentDiffusion(DDPM):
         return self(x, c)
 
     def apply_ucg(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Mapping[str, Any]:
-        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict), in training mode only; the draws come
-        from ``generator`` (CPU), else from torch's global generator, which ``main.py`` reseeds from ``(seed, rank,
-        step)`` before every step (:class:`ldm.train.callbacks.StepSeeding`): a run and its resume drop the same captions."""
+        """``batch`` with ``ucg_training``'s caption dropout applied (a new dict), in training mode only; draws come from
+        ``generator``, else the global RNG, which ``main.py`` reseeds per step (a resumed run drops the same captions)."""
         if not self.training or not self.ucg_training:
             return batch
         out = dict(batch)
@@ -350,10 +331,7 @@ class LatentDiffusion(DDPM):
     def forward(
         self, x: torch.Tensor, c: Any, *args: Any, generator: torch.Generator | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` with conditioning ``c`` at timesteps from
-        :meth:`sample_training_timesteps` (latent-diffusion's ``forward(x, c, *args, **kwargs)`` ->
-        ``p_losses(x, c, t, *args, **kwargs)``); with a ``generator`` the timesteps and, unless passed, the noise come
-        from it (same seed, same loss)."""
+        """Loss for a clean latent batch ``x`` ``[B, C, h, w]`` with conditioning ``c``; as :meth:`DDPM.forward`."""
         t = self.sample_training_timesteps(x.shape[0], x.device, generator)
         c = self.training_conditioning(c)
         if generator is not None and not args and "noise" not in kwargs:
@@ -388,9 +366,8 @@ class LatentDiffusion(DDPM):
                 raise ValueError("this model is unconditional; pass cond=None")
             return self.model(x_noisy, t)
         if not isinstance(cond, dict):
-            cond = cond if isinstance(cond, list) else [cond]
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
-            cond = {key: cond}
+            cond = {key: cond if isinstance(cond, list) else [cond]}
         return self.model(x_noisy, t, **cond)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,9 +1,7 @@
 """Late-steps latent diffusion: a LatentDiffusion trained only on a window of timesteps ``[t_min, t_max)``.
 
-Step naming: "steps a-b" count DDIM/DDPM sampling steps from pure noise out of T = 1000, and step k is timestep
-``t = T - k``.  So steps 500-750 train ``t in [250, 500)`` (shapes) and steps 750-1000 train ``t in [0, 250)``
-(details).  The window arithmetic (:func:`ldm.windows.steps_to_window`, :func:`~ldm.windows.window_to_steps`,
-validation) lives in :mod:`ldm.windows`, shared with expert routing at refine time.
+Step k of T counts from pure noise and is timestep ``t = T - k``: steps 500-750 train ``t in [250, 500)`` (shapes),
+steps 750-1000 ``t in [0, 250)`` (details).
 """
 
 from __future__ import annotations
@@ -41,13 +39,9 @@ def stratified_window_timesteps(
 
 
 class LateStepsLatentDiffusion(LatentDiffusion):
-    """LatentDiffusion whose training timesteps are drawn only from ``[t_min, t_max)``.
-
-    Args: ``t_min``, ``t_max`` (the window, validated against ``timesteps``), ``timestep_density`` (how training
-    timesteps are drawn within the window; ``uniform``), ``val_subbands`` (validation also reports the loss per
-    sub-band of the window), plus every :class:`LatentDiffusion` argument.  The window is written to checkpoints as
-    ``checkpoint["window"] = [t_min, t_max]`` and lives in the saved config, so tools know what a model covers.
-    """
+    """LatentDiffusion whose training timesteps are drawn (``timestep_density``: uniformly) from ``[t_min, t_max)``;
+    validation also reports the loss on each of ``val_subbands`` sub-bands.  Checkpoints record
+    ``checkpoint["window"] = [t_min, t_max]``."""
 
     def __init__(
         self,

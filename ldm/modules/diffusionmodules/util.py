@@ -180,11 +180,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 def checkpoint(
     func: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], params: Iterable[torch.Tensor], flag: bool
 ) -> torch.Tensor:
-    """Run ``func(*inputs)``, with activation (gradient) checkpointing when ``flag`` and grad is enabled.
-
-    latent-diffusion's signature ``(func, inputs, params, flag)``.  ``params`` (the parameters ``func`` uses) is taken
-    and not needed: non-reentrant checkpointing routes gradients to every parameter ``func`` touches.
-    """
+    """Run ``func(*inputs)``, with activation checkpointing when ``flag`` and grad is enabled; ``params`` (latent-
+    diffusion's) is not needed: non-reentrant checkpointing routes gradients to every parameter ``func`` touches."""
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)

@@ -1,9 +1,5 @@
-"""Conditioning encoders (the ``cond_stage_config`` targets of LatentDiffusion).
-
-Class labels (``ClassEmbedder``, ``ClassLabels``) and text (latent-diffusion's ``BERTTokenizer``, ``BERTEmbedder``,
-``TransformerEmbedder``; Stable Diffusion v1's ``FrozenCLIPEmbedder``). The text encoders need the optional
-``transformers`` package (``pip install -e .[text]``), imported only when one is built.
-"""
+"""Conditioning encoders (LatentDiffusion's ``cond_stage_config`` targets) for class labels and text; the text
+encoders import the optional ``transformers`` package only when one is built."""
 
 from __future__ import annotations
 
@@ -166,11 +162,8 @@ def _checked_tokens(tokens: Any, vocab_size: int, device: torch.device) -> torch
 
 
 class BERTTokenizer(AbstractEncoder):
-    """Prompts ``[B]`` -> BERT (uncased WordPiece) token ids ``[B, max_length]``, from a local vocabulary.
-
-    ``vocab_path`` (appended to the CompVis signature; latent-diffusion downloads ``bert-base-uncased``) names a local
-    ``vocab.txt`` (one token per line) or a folder written by ``BertTokenizer.save_pretrained``. ``encode`` returns
-    ``(None, None, [None, None, tokens])`` when ``vq_interface``, else the tokens. ``device`` is ignored (CPU tokens).
+    """Prompts ``[B]`` -> BERT (uncased WordPiece) token ids ``[B, max_length]``, from a local vocabulary: ``vocab_path``
+    (appended to the CompVis signature) names a ``vocab.txt`` or a folder written by ``BertTokenizer.save_pretrained``.
     """
 
     def __init__(
@@ -239,12 +232,9 @@ def _bert_tokenizer(vocab_path: str | os.PathLike | None) -> Any:
 
 
 class BERTEmbedder(_TensorDevice, AbstractEncoder):
-    """Prompts ``[B]`` -> ``[B, max_seq_len, n_embed]``: BERT tokens through latent-diffusion's transformer encoder,
-    trained with the diffusion model (txt2img-f8: ``n_embed: 1280, n_layer: 32``). Keys ``transformer.*``.
-
-    ``use_tokenizer=False`` takes token ids ``[B, N]`` instead of text; ``vocab_path``: see ``BERTTokenizer``;
-    ``device`` is ignored. Padding tokens are attended to, as latent-diffusion's checkpoints were trained.
-    """
+    """Prompts ``[B]`` (or token ids ``[B, N]`` with ``use_tokenizer=False``) -> ``[B, max_seq_len, n_embed]``: BERT
+    tokens through latent-diffusion's transformer encoder (txt2img-f8: ``n_embed: 1280, n_layer: 32``).  Padding
+    tokens are attended to, as latent-diffusion's checkpoints were trained."""
 
     def __init__(
         self,
@@ -404,13 +394,9 @@ class _TextModelKeys(nn.Module):
 class FrozenCLIPEmbedder(_TensorDevice, AbstractEncoder):
     """Prompts ``[B]`` -> CLIP text features ``[B, max_length, D]`` (Stable Diffusion v1's condition encoder).
 
-    ``version`` is a **local folder** (see ``_clip_folders``; nothing is downloaded). Weights come from it when it has
-    them, in float32; else the architecture is built from ``config.json`` with random weights, to be filled by the LDM
-    checkpoint (``cond_stage_model.transformer.text_model.*``).
-
-    ``layer``: ``"last"`` (SD v1: the final-LayerNorm output ``[B, 77, D]``), ``"pooled"`` (the end-token feature
-    ``[B, 1, D]``) or ``"hidden"`` (hidden state ``layer_idx`` before the final LayerNorm, as in SD 2's class).
-    ``device`` is ignored.  Loading drops SD v1's stored ``...embeddings.position_ids`` (recomputed as ``arange``).
+    ``version`` is a local folder; without weights there, they are random, to be filled by the LDM checkpoint.
+    ``layer``: ``"last"`` (SD v1: the final-LayerNorm output), ``"pooled"`` (the end-token feature ``[B, 1, D]``) or
+    ``"hidden"`` (hidden state ``layer_idx`` before the final LayerNorm, as in SD 2's class).
     """
 
     LAYERS = ("last", "pooled", "hidden")

@@ -1,8 +1,5 @@
-"""KL-autoencoder training loss: L1 + LPIPS under a (fixed) output log-variance, KL to N(0, I), and a PatchGAN.
-
-:class:`LPIPSWithDiscriminator` keeps latent-diffusion's signatures and state-dict keys (``logvar``,
-``perceptual_loss.{scaling_layer,net,lin0..lin4}.*``, ``discriminator.main.*``): kl-f8's ``loss.*`` keys load as saved.
-"""
+"""KL-autoencoder training loss (L1 + LPIPS under a fixed output log-variance, KL to N(0, I), and a PatchGAN) with
+latent-diffusion's signatures and state-dict keys, so kl-f8's ``loss.*`` keys load as saved."""
 
 from __future__ import annotations
 
@@ -39,12 +36,7 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         total = nll + kl_weight * sum(KL(q(z|x) || N(0, I))) / B + d_weight * disc_factor * (-mean(D(x_rec)))
 
     ``logvar`` (``logvar_init``) is frozen, as no latent-diffusion optimizer updates it.  ``d_weight`` and the
-    discriminator objective (``optimizer_idx=1``; before ``disc_start`` neither run nor updated): :class:`PatchGANLoss`.
-
-    Log keys (``{split}/...``), CompVis': total_loss, logvar, kl_loss, nll_loss, rec_loss (mean per pixel; the
-    checkpoint monitor), d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake.
-
-    Args appended to CompVis': ``disc_ndf`` (discriminator width) and the ``perceptual_*`` of ``build_lpips``.
+    discriminator objective (``optimizer_idx=1``): :class:`PatchGANLoss`.
     """
 
     zero_weight_without_factor = True  # CompVis: ``d_weight`` 0 when ``disc_factor <= 0``

@@ -1,12 +1,6 @@
-"""VQGAN training loss: reconstruction + codebook + optional LPIPS + PatchGAN, with an adaptive GAN weight.
-
-:class:`VQLPIPSWithDiscriminator` keeps taming-transformers' signature and log names (a taming VQGAN config works with
-``target`` changed)::
-
-    loss, log = loss_fn(codebook_loss, inputs, reconstructions, optimizer_idx, global_step,
-                        last_layer=decoder.conv_out.weight, split="train", predicted_indices=indices)
-
-``optimizer_idx`` 0 is the autoencoder (generator) objective, 1 the discriminator's; ``global_step`` counts *batches*.
+"""VQGAN training loss (reconstruction + codebook + optional LPIPS + PatchGAN, with an adaptive GAN weight) with
+taming-transformers' signature and log names; ``optimizer_idx`` 0 is the generator objective, 1 the discriminator's,
+and ``global_step`` counts *batches*.
 """
 
 from __future__ import annotations
@@ -155,9 +149,7 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         total = nll + d_weight * disc_factor * (-mean(D(x_rec))) + codebook_weight * codebook_loss
 
     ``d_weight`` and the discriminator objective (``optimizer_idx=1``): :class:`PatchGANLoss`.  Unlike taming,
-    ``pixelloss_weight`` is applied.  Log keys (``{split}/...``): total_loss, quant_loss, nll_loss, rec_loss (=
-    nll_loss, taming's name), pixel_loss, p_loss, d_weight, disc_factor, g_loss; disc_loss, logits_real, logits_fake;
-    perplexity, codebook_usage with ``predicted_indices`` (needs ``n_classes``, which ``VQModel`` fills in).
+    ``pixelloss_weight`` is applied.
     """
 
     def __init__(

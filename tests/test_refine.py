@@ -321,6 +321,7 @@ def test_bf16_autocast_on_cpu_stays_close(refiner, crops):
         ({"seeds": [1, 2]}, "seeds for a batch of 1"),
         ({"seeds": -1}, "seed"),
         ({"seeds": 1.0}, "seeds must be an int or one int per sample, got float"),  # was "not iterable"
+        ({"seeds": "1"}, "seeds must be an int or one int per sample, got str '1'"),  # was read as the seed list ['1']
         ({"sampler": ["ddim"]}, r"sampler=\['ddim'\] is unknown"),
         ({"start_t": None, "strength": np.float32(2)}, r"strength=np.float32\(2.0\) must be a number in"),
         ({"region_padding": 8}, "region_padding given, but they would do nothing here"),

@@ -437,3 +437,12 @@ def test_folder_images_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         folder_images(tmp_path / "empty")
+
+
+def test_local_vq_with_the_refiners_first_stage_takes_box_at(refiner):
+    """Every local_vq parameter was parsed as a number, so box_at=edges was refused as 'takes numbers'."""
+    deg = build_sweep_degradation("local_vq:box_at=edges,box_size=0.5", refiner.model.first_stage_model)
+    assert deg.degradation.box_at == "edges" and deg.degradation.box_size == 0.5
+    assert "box_at=edges" in deg.label
+    with pytest.raises(ValueError, match="local_vq takes numbers"):
+        build_sweep_degradation("local_vq:box_size=big", refiner.model.first_stage_model)

@@ -58,7 +58,10 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def _check_scale(scale: float | Sequence[float]) -> tuple[float, float]:
-    low, high = (float(scale), float(scale)) if isinstance(scale, (int, float)) else tuple(float(s) for s in scale)
+    try:  # three numbers, a string or None fall through to the message below, not to an unpacking error
+        low, high = (float(scale), float(scale)) if isinstance(scale, (int, float)) else (float(s) for s in scale)
+    except (TypeError, ValueError):
+        low = high = float("nan")
     if not 0.0 < low <= high:
         raise ValueError(f"scale={scale!r} must be a positive number or a pair (low, high) with 0 < low <= high")
     return low, high

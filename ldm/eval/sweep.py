@@ -77,10 +77,13 @@ def build_sweep_degradation(spec: str, first_stage: torch.nn.Module | None = Non
     name, items = split_spec(spec, unique=False)
     if name in (VQRoundTrip.name, LocalVQ.name) and items.get("first_stage", MODEL_FIRST_STAGE) == MODEL_FIRST_STAGE:
         try:
-            params: dict[str, Any] = {k: decimal_float(v) for k, v in items.items() if k != "first_stage"}
+            # box_at (local_vq) is a word; every other parameter a number
+            params: dict[str, Any] = {
+                k: v if k == "box_at" else decimal_float(v) for k, v in items.items() if k != "first_stage"
+            }
         except ValueError:
             raise ValueError(
-                f"degradation spec {spec!r}: {name} takes numbers (codebook_fraction in (0, 1], box sizes)"
+                f"degradation spec {spec!r}: {name} takes numbers (codebook_fraction in (0, 1], box sizes) and box_at"
             ) from None
         deg = build_degradation(name, first_stage=first_stage, **params)
         label = ",".join(f"{k}={v}" for k, v in {**deg.params(), "first_stage": MODEL_FIRST_STAGE}.items())

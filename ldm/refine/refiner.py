@@ -469,7 +469,7 @@ class Refiner:
             seeds = seeds.item()
         if isinstance(seeds, (int, np.integer)):
             seed_list = [seeds] * batch
-        elif isinstance(seeds, (Sequence, np.ndarray, torch.Tensor)):
+        elif isinstance(seeds, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(seeds, (str, bytes)):
             seed_list = [s.item() if isinstance(s, (np.ndarray, torch.Tensor)) and s.ndim == 0 else s for s in seeds]
         else:
             raise ValueError(f"seeds must be an int or one int per sample, got {type(seeds).__name__} {seeds!r:.40}")

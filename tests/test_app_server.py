@@ -21,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the web app needs the app extra
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from ldm.app.guards import header_timeout_protocol, host_name  # noqa: E402
+from ldm.app.guards import LocalHostOnly, header_timeout_protocol, host_name  # noqa: E402
 from ldm.app.handlers import (  # noqa: E402
     MAX_STEP_SECONDS,
     RefineSettings,
@@ -287,3 +287,18 @@ def test_a_request_whose_encode_and_decode_would_take_too_long_is_refused(refine
         prepare(refiner, upload, whole, None, slow)
     crop = RefineSettings.from_json({"mode": "crop", "boxes": "0,0,8,8", "start_t": 100, "steps": 2, "step_mode": "exact"})
     assert prepare(refiner, upload, crop, None, slow).total_steps == 2  # a crop is encoded at the experts' size
+
+
+def test_the_host_check_passes_non_http_scopes_without_reading_their_headers():
+    """A websocket scope with a malformed header list raised in dict() once the headers were read before the type."""
+    import asyncio
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["type"])
+
+    guard = LocalHostOnly(app, ["127.0.0.1"])
+    for scope in [{"type": "lifespan"}, {"type": "websocket", "headers": [(b"host", b"evil.com", b"x")]}]:
+        asyncio.run(guard(scope, None, None))
+    assert seen == ["lifespan", "websocket"]

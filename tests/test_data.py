@@ -431,9 +431,10 @@ def test_embedded_argument_errors():
         EmbeddedPhotos(16, photos=["astronaut", "no_such_photo"])
     with pytest.raises(ValueError, match="scale"):
         EmbeddedPhotos(16, scale=(3.0, 1.0))
-    for bad in [(0.5, 0.7, 0.9), "ab", None, (0.5,)]:  # three numbers was "too many values to unpack"
+    for bad in [(0.5, 0.7, 0.9), "ab", "12", None, (0.5,)]:  # three numbers was "too many values to unpack", "12" (1, 2)
         with pytest.raises(ValueError, match=r"must be a positive number or a pair \(low, high\)"):
             EmbeddedPhotos(16, scale=bad)
+    assert EmbeddedPhotos(16, scale=np.float32(0.5)).scale == (0.5, 0.5)  # was "not iterable"
     with pytest.raises(ValueError, match="split"):
         EmbeddedPhotos(16, split="test")
 

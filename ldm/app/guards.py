@@ -66,8 +66,11 @@ class LocalHostOnly:
         self.allowed = {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # before reading headers: lifespan and websocket scopes pass untouched
+            await self.app(scope, receive, send)
+            return
         host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-        if scope["type"] != "http" or host_name(host).lower() in self.allowed:
+        if host_name(host).lower() in self.allowed:
             await self.app(scope, receive, send)
             return
         shown = host if len(host) <= 64 else host[:61] + "..."

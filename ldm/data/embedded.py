@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,8 +59,10 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def _check_scale(scale: float | Sequence[float]) -> tuple[float, float]:
-    try:  # three numbers, a string or None fall through to the message below, not to an unpacking error
-        low, high = (float(scale), float(scale)) if isinstance(scale, (int, float)) else (float(s) for s in scale)
+    # a number (numpy's too) or a pair; a string or three numbers reach the message below ('12' was (1.0, 2.0))
+    pair = (scale, scale) if isinstance(scale, numbers.Real) else () if isinstance(scale, (str, bytes)) else scale
+    try:
+        low, high = (float(s) for s in pair)
     except (TypeError, ValueError):
         low = high = float("nan")
     if not 0.0 < low <= high:

@@ -240,7 +240,8 @@ def crop_geometry(
     shorter side to ``aspect`` (width / height, the experts' training shape) keeping its centre, then shifted inside
     the ``width`` x ``height`` image; a crop larger than the image along a side is clipped to the image there (its
     aspect then differs)."""
-    x0, y0, x1, y1 = bbox[0] - padding, bbox[1] - padding, bbox[2] + padding, bbox[3] + padding
+    x0, y0, x1, y1 = bbox
+    x0, y0, x1, y1 = x0 - padding, y0 - padding, x1 + padding, y1 + padding
     w, h = x1 - x0, y1 - y0
     if w < aspect * h:
         grow = round(aspect * h) - w

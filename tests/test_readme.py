@@ -306,3 +306,30 @@ def test_the_quick_start_runs_elsewhere_with_smoke():
             if flag in ("--domain", "--weights"):
                 where = f"README.md:{command.line}"
                 assert f'"{flag}", "{value}"' in text, f"{where}: tests/test_quickstart.py runs no {flag} {value}"
+
+
+def test_the_python_api_example_runs_as_written_on_the_cpu(expert_checkpoints, monkeypatch, tmp_path):
+    """README's ```python block, line for line, with the test experts under its checkpoint names and the CPU for
+    CUDA (bf16 autocast runs there too); the names it leaves to the reader (an image, a mask, a batch, a start map)
+    are given.  Only its shell commands were run before, and one API line failed as written."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    blocks = bash_blocks(readme_text(), "python")
+    assert blocks, "README has no ```python block"
+    for name, path in zip(["shapes_500_750.ckpt", "details_750_1000.ckpt"], expert_checkpoints):
+        (tmp_path / name).symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for start, lines in blocks:
+        source = "\n".join(line for _, line in lines)
+        assert source.count('device="cuda"') <= 1
+        names = {
+            "pil_image": Image.fromarray(rng.integers(0, 256, (160, 136, 3), dtype=np.uint8)),
+            "mask_image": Image.fromarray(np.pad(np.full((40, 40), 255, np.uint8), ((60, 60), (48, 48)))),  # 160 x 136
+            "x": torch.rand(4, 3, 32, 32) * 2 - 1,
+            "starts": torch.full((1, 1, 32, 32), 300),
+        }
+        exec(compile(source.replace('device="cuda"', 'device="cpu"'), f"README.md:{start}", "exec"), names)
+        assert names["batch"].shape == (4, 3, 32, 32) and names["fixed"].size == (136, 160)

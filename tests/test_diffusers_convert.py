@@ -349,6 +349,22 @@ def test_export_import_round_trip_is_bit_exact(window_expert, tmp_path):
         assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
+def test_an_output_folder_made_during_the_export_is_not_replaced(window_expert, tmp_path, monkeypatch):
+    """os.rename replaces an empty folder on Linux: one made while the weights were written was swapped silently."""
+    import ldm.convert.diffusers as exporter
+
+    out, write = tmp_path / "exported", exporter.atomic_write_bytes
+
+    def write_and_race(path, payload):
+        out.mkdir(exist_ok=True)
+        write(path, payload)
+
+    monkeypatch.setattr(exporter, "atomic_write_bytes", write_and_race)
+    with pytest.raises(FileExistsError, match="exported already exists; choose a new folder name"):
+        checkpoint_to_diffusers(window_expert, out)
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
 EXPORT_VARIANTS = {
     "num_head_channels": {},
     "new_attention_order_scale_shift": dict(

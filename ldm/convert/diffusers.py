@@ -129,6 +129,8 @@ def _export(
             atomic_write_bytes(tmp / rel, payload)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if os.path.lexists(out):  # made while this one was written: os.rename would replace an empty folder silently
+            raise FileExistsError(f"{format_path(out)} already exists; choose a new folder name (nothing was written)")
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

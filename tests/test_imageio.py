@@ -307,6 +307,12 @@ def test_other_non_images_are_named(tmp_path, head, needle):
     assert_load_error(write(tmp_path / "thing.jpg", head * 4), needle)
 
 
+@pytest.mark.parametrize("head", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a"])
+def test_a_file_cut_off_inside_its_header_says_so(tmp_path, head):
+    """A PNG signature alone was 'not a supported image format (first bytes 89504e47...; supported: PNG, ...)'."""
+    assert_load_error(write(tmp_path / "cut.png", head), "header is truncated or damaged", f"({len(head)} bytes in all)")
+
+
 def test_directory_named_png(tmp_path):
     (tmp_path / "x.png").mkdir()
     assert_load_error(tmp_path / "x.png", "x.png", "is a directory")

@@ -366,6 +366,9 @@ def _unidentified_reason(data: bytes, source: PathLike) -> str:
     stripped = head.lstrip()
     if stripped.startswith((b"<svg", b"<?xml", b"<!DOCTYPE", b"<html", b"<!doctype")):
         return f"{named}it is an SVG/XML/HTML text file, not a raster image (a failed download?)"
+    for signature, kind in ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF")):
+        if head.startswith(signature):  # a cut-off download, not another format
+            return f"it starts like a {kind} file but its header is truncated or damaged ({len(data)} bytes in all)"
     if _looks_like_text(head):
         preview = head[:24].decode("utf-8", "backslashreplace").translate({i: " " for i in range(32)})
         return f"{named}it is a text file, not an image (starts with {preview.strip()!r})"

@@ -194,7 +194,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
     from ldm.train.data import check_cached_first_stage, check_first_items, install_data_hooks
     from ldm.train.runlock import hold_run_folder
     from ldm.train.trainer import build_trainer, default_lightning_config
-    from ldm.util import ConfigError, instantiate_from_config
+    from ldm.util import ConfigError, instantiate_from_config, one_line
 
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     opt, dotlist = parse_cli(argv)
@@ -353,7 +353,7 @@ def _main(argv: list[str], held: contextlib.ExitStack) -> int:
             if isinstance(exc, (ConfigError, CheckpointError)):
                 raise
             frames = traceback.extract_tb(exc.__traceback__)
-            first = " ".join(str(exc).split()) or type(exc).__name__
+            first = one_line(exc) or type(exc).__name__
             restoring = resume_ckpt and any(Path(f.filename).name == "checkpoint_connector.py" for f in frames)
             if restoring and "in loading state_dict" in first:  # the checkpoint is fine; the configs build another net
                 raise ConfigError(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ldm.util import atomic_write_bytes
+from ldm.util import atomic_write_bytes, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _records_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str,
             records[key] = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise CheckpointError(
-                f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON ({' '.join(str(exc).split())[:200]})"
+                f"checkpoint {str(path)!r}: its {name!r} metadata is not valid JSON ({one_line(exc)[:200]})"
             ) from exc
         if not valid(records[key]):
             raise CheckpointError(f"checkpoint {str(path)!r}: its {name!r} metadata must be {kind}, got {text[:80]}")

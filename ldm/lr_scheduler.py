@@ -22,7 +22,8 @@ class LambdaWarmUpCosineScheduler:
                 raise ValueError(f"{name}={value!r} must be a finite multiplier >= 0 of the base learning rate")
         if max_decay_steps <= warm_up_steps:
             raise ValueError(f"max_decay_steps={max_decay_steps} must exceed warm_up_steps={warm_up_steps}")
-        self.warm_up_steps, self.max_decay_steps = warm_up_steps, max_decay_steps
+        self.warm_up_steps = warm_up_steps
+        self.max_decay_steps = max_decay_steps
         self.lr_start, self.lr_min, self.lr_max = lr_start, lr_min, lr_max
 
     def schedule(self, n: int) -> float:

@@ -27,6 +27,7 @@ from ldm.util import (
     get_obj_from_str,
     instantiate_from_config,
     iter_targets,
+    one_line,
     resolve_untrusted_target,
 )
 
@@ -402,7 +403,7 @@ def _build_on_meta(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], source
     except RegistrationLimitError:
         raise
     except _BUILD_ERRORS as exc:  # also a CheckpointError of a sub-model's own ckpt_path, named as load_expert names it
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         if not isinstance(exc, ValueError):
             reason = f"{type(exc).__name__}: {reason}"
         raise ConfigError(f"{source}: cannot build {cfg['target']!r} from its config: {reason}") from exc

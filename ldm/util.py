@@ -121,6 +121,11 @@ def iter_targets(config: Any) -> Iterable[str]:
             yield from iter_targets(value)
 
 
+def one_line(text: Any) -> str:
+    """``str(text)`` with every whitespace run (newlines included) collapsed into one space: a message for one line."""
+    return " ".join(str(text).split())
+
+
 def closest_hint(name: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the choice closest to a misspelled ``name``, or ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=1)

@@ -30,7 +30,7 @@ from ldm.imageio import (
     save_image_atomic,
     tensor_to_image,
 )
-from ldm.imageio.errors import one_line, short_repr
+from ldm.imageio.errors import short_repr
 from ldm.imageio.prompt import DEFAULT_GUIDANCE_SCALE, PROMPT_KEYS, Prompt, PromptError, check_prompt_text
 from ldm.imageio.save import to_pil
 from ldm.models.tiling import TilingConfig, downscaled_size, tile_starts
@@ -50,7 +50,7 @@ from ldm.refine.regions import (
 )
 from ldm.refine.request import DEFAULT_START_T, MAX_SEED, RefineRequest
 from ldm.sampling import SAMPLERS, RefinePlan, build_plan
-from ldm.util import LONGEST_ATOMIC_NAME
+from ldm.util import LONGEST_ATOMIC_NAME, one_line
 from ldm.windows import window_to_steps
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 
 from ldm.app.handlers import Prepared, RefineResult, RequestError
 from ldm.app.page import page_words
-from ldm.imageio.errors import one_line
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class JobQueue:
                 job.result = self._run(job)
                 job.state = DONE
             except JobCancelled as exc:
-                job.message, job.state = f"{exc} after {job.done_steps} of {job.total_steps} steps", CANCELLED
+                job.message = f"{exc} after {job.done_steps} of {job.total_steps} steps"
+                job.state = CANCELLED
                 logger.info("request %s: %s", job.id, job.message)
             except torch.OutOfMemoryError:
                 logger.warning("request %s failed: out of device memory", job.id, exc_info=True)
@@ -196,7 +197,8 @@ class JobQueue:
                 )
                 job.state = FAILED
             except (ValueError, OSError) as exc:
-                job.message, job.state = page_words(str(exc)) or type(exc).__name__, FAILED
+                job.message = page_words(str(exc)) or type(exc).__name__
+                job.state = FAILED
                 logger.warning("request %s failed: %s", job.id, job.message)
             except Exception as exc:  # a bug must cost this request only: the server keeps serving the next ones
                 logger.exception("request %s failed", job.id)

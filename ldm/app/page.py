@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ldm.imageio.errors import one_line
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 

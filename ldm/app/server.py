@@ -53,10 +53,11 @@ from ldm.app.handlers import (
 )
 from ldm.app.jobs import DONE, KEEP_JOBS, Job, JobQueue
 from ldm.app.page import json_kind, start_range
-from ldm.imageio.errors import one_line, short_repr
+from ldm.imageio.errors import short_repr
 from ldm.refine.conditioning import is_text_conditioned
 from ldm.refine.refiner import Refiner
 from ldm.sampling import SAMPLERS
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 

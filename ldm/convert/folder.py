@@ -17,6 +17,7 @@ import torch
 from ldm.checkpoint import load_state_dict, sha256_file
 from ldm.convert.common import DiffusersFormatError
 from ldm.imageio import format_path
+from ldm.util import one_line
 
 MODEL_INDEX = "model_index.json"
 CONFIG_NAME = "config.json"
@@ -52,7 +53,7 @@ def read_json(path: Path, shown: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise DiffusersFormatError(f"{shown} is not valid JSON: {' '.join(str(exc).split())}") from exc
+        raise DiffusersFormatError(f"{shown} is not valid JSON: {one_line(exc)}") from exc
     if not isinstance(data, dict):
         raise DiffusersFormatError(f"{shown} holds a JSON {type(data).__name__}, not an object")
     return data
@@ -78,7 +79,7 @@ class WeightFile:
                             piece = fh.get_slice(name)
                             self._add(name, piece.get_dtype(), piece.get_dtype() in SAFETENSORS_FLOATS, piece.get_shape())
             except (SafetensorError, OSError, ValueError) as exc:
-                raise DiffusersFormatError(f"{shown} is not a readable safetensors file: {' '.join(str(exc).split())}") from exc
+                raise DiffusersFormatError(f"{shown} is not a readable safetensors file: {one_line(exc)}") from exc
         else:
             tensors = {k: v for k, v in load_state_dict(path, unsafe=unsafe).items() if not skip(str(k))}
             for name, value in tensors.items():
@@ -224,8 +225,13 @@ def _component_names(root: Path, shown: str) -> dict[str, tuple[str, str | None]
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")  # not part of the denoiser; never read
 TEXT_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = tuple(
-    "tokenizer.json vocab.json merges.txt tokenizer_config.json special_tokens_map.json added_tokens.json".split()
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
 )
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json + merges.txt + tokenizer.json are ~5 MB
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel")

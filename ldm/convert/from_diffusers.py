@@ -38,7 +38,7 @@ from ldm.models.diffusion.base import SCHEDULE_BUFFERS
 from ldm.models.diffusion.experts import CheckpointInfo, Expert
 from ldm.models.diffusion.latesteps import validate_window
 from ldm.modules.diffusionmodules.util import make_schedule_buffers
-from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config
+from ldm.util import UNCONDITIONAL_SENTINEL, instantiate_from_config, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def expected_shapes(cfg: Mapping[str, Any], shown: str) -> dict[str, tuple[int, 
         with torch.device("meta"):
             model = instantiate_from_config(build)
     except (ValueError, OSError) as exc:  # OSError: a CLIP folder without its tokenizer or config
-        raise DiffusersFormatError(f"{shown}: the converted config does not build: {' '.join(str(exc).split())}") from exc
+        raise DiffusersFormatError(f"{shown}: the converted config does not build: {one_line(exc)}") from exc
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

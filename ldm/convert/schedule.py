@@ -20,10 +20,19 @@ logger = logging.getLogger(__name__)
 SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler")
 # Stable Diffusion folders ship other samplers' configs (v1.5: PNDMScheduler); these classes define the betas with the
 # same options (num_train_timesteps, beta_start/end, beta_schedule, trained_betas, prediction_type)
-SD_SCHEDULER_CLASSES = SCHEDULER_CLASSES + tuple(
-    "PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler EulerAncestralDiscreteScheduler DPMSolverMultistepScheduler "
-    "DPMSolverSinglestepScheduler HeunDiscreteScheduler KDPM2DiscreteScheduler KDPM2AncestralDiscreteScheduler "
-    "UniPCMultistepScheduler DEISMultistepScheduler".split()
+SD_SCHEDULER_CLASSES = (
+    *SCHEDULER_CLASSES,
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
 )
 # defaults shared by DDIMScheduler and DDPMScheduler in diffusers 0.42 (of the options that define the betas)
 SCHEDULER_DEFAULTS: dict[str, Any] = {
@@ -39,13 +48,37 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
 # the DDIMScheduler options under which diffusers' DDIM runs exactly this project's (CompVis') DDIM: the same grid
 # (1, 21, ..., 981 for 50 of 1000 steps when T is a multiple of the step count) and the same final step
 COMPVIS_DDIM = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
-SAMPLER_ONLY = tuple(
-    "clip_sample clip_sample_range set_alpha_to_one steps_offset timestep_spacing thresholding dynamic_thresholding_ratio "
-    "sample_max_value tensor_format timestep_values "
+SAMPLER_ONLY = (
+    "clip_sample",
+    "clip_sample_range",
+    "set_alpha_to_one",
+    "steps_offset",
+    "timestep_spacing",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "tensor_format",
+    "timestep_values",
     # the other SD samplers' step options
-    "skip_prk_steps use_karras_sigmas use_exponential_sigmas use_beta_sigmas interpolation_type timestep_type "
-    "final_sigmas_type sigma_min sigma_max solver_order solver_type algorithm_type lower_order_final euler_at_final "
-    "lambda_min_clipped use_lu_lambdas disable_corrector solver_p predict_x0".split()
+    "skip_prk_steps",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "interpolation_type",
+    "timestep_type",
+    "final_sigmas_type",
+    "sigma_min",
+    "sigma_max",
+    "solver_order",
+    "solver_type",
+    "algorithm_type",
+    "lower_order_final",
+    "euler_at_final",
+    "lambda_min_clipped",
+    "use_lu_lambdas",
+    "disable_corrector",
+    "solver_p",
+    "predict_x0",
 )
 # diffusers' beta_schedule -> this project's: sqrt-spaced linear, linear, Nichol & Dhariwal's cosine (s = 0.008)
 TO_PROJECT = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}

@@ -142,15 +142,28 @@ def cond_unet_layout_from_config(data: Mapping[str, Any], source: str) -> tuple[
     opt.choice("use_linear_projection", [False], f"(Stable Diffusion 2.x's linear proj_in/proj_out); {SUPPORTED}")
     opt.choice("addition_embed_type", [None], f"(SDXL's extra text/size conditioning); {SUPPORTED}")
     for key in (
-        "addition_time_embed_dim projection_class_embeddings_input_dim class_embed_type num_class_embeds encoder_hid_dim "
-        "encoder_hid_dim_type time_cond_proj_dim time_embedding_act_fn timestep_post_act cross_attention_norm "
-        "reverse_transformer_layers_per_block num_attention_heads"
-    ).split():
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "class_embed_type",
+        "num_class_embeds",
+        "encoder_hid_dim",
+        "encoder_hid_dim_type",
+        "time_cond_proj_dim",
+        "time_embedding_act_fn",
+        "timestep_post_act",
+        "cross_attention_norm",
+        "reverse_transformer_layers_per_block",
+        "num_attention_heads",
+    ):
         opt.choice(key, [None], f"is not supported (extra conditioning or layout options SD v1 lacks); {SUPPORTED}")
     for key in (
-        "only_cross_attention dual_cross_attention upcast_attention center_input_sample resnet_skip_time_act "
-        "class_embeddings_concat"
-    ).split():
+        "only_cross_attention",
+        "dual_cross_attention",
+        "upcast_attention",
+        "center_input_sample",
+        "resnet_skip_time_act",
+        "class_embeddings_concat",
+    ):
         opt.choice(key, [False], f"is not supported; {SUPPORTED}")
     opt.choice("mid_block_only_cross_attention", [None, False], "is not supported")
     opt.choice("attention_type", ["default"], "(gated/IP-adapter attention) is not supported")

@@ -280,7 +280,7 @@ def unet_options(
     out_ch = opt.integer("out_channels", 1, MAX_CHANNELS)
     if out_ch != in_ch:
         raise opt.fail("out_channels", out_ch, f"differs from in_channels={in_ch}: {out_why}")
-    return {
+    fields = {
         "in_channels": in_ch,
         "out_channels": out_ch,
         "model_channels": widths[0],
@@ -288,7 +288,8 @@ def unet_options(
         "attention": attention,
         "image_size": opt.side("sample_size") or 0,
         "dropout": opt.number("dropout", 0.0, 1.0),
-    }, widths
+    }
+    return fields, widths
 
 
 def window_from_config(value: Any, source: str) -> tuple[int, int] | None:

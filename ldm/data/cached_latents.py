@@ -15,7 +15,7 @@ from ldm.data.captions import MAX_CAPTION_BYTES, cache_caption_mode, caption_ite
 from ldm.data.image_folder import EpochSeededDataset, UnreadableDatasetError
 from ldm.data.latent_format import CacheIndex, choose_variant, decode_npy, latent_item, read_index
 from ldm.data.tar_shards import MAX_MEMBER_BYTES, read_span
-from ldm.util import ConfigError
+from ldm.util import ConfigError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class CachedLatents(EpochSeededDataset):
     ) -> None:
         super().__init__(seed)
         self.index: CacheIndex = read_index(root)
-        self.flip, self.random_crop = bool(flip), bool(random_crop)
+        self.flip = bool(flip)
+        self.random_crop = bool(random_crop)
         self.captions = cache_caption_mode(captions, self.index.captions)
         rows, sources = [], []
         for shard_id, (name, count) in enumerate(self.index.shards):
@@ -68,7 +69,8 @@ class CachedLatents(EpochSeededDataset):
         if not sources:
             raise ConfigError(f"latent cache {self.index.root} holds no samples ({self.index.skipped} inputs were unreadable)")
         # per sample: shard, offset, size, caption offset, caption size
-        self._span, self._sources = np.asarray(rows, dtype=np.int64), sources
+        self._span = np.asarray(rows, dtype=np.int64)
+        self._sources = sources
         uncaptioned = self._span[:, 3] < 0
         if self.captions == "required" and uncaptioned.any():
             first = int(np.flatnonzero(uncaptioned)[0])
@@ -116,7 +118,7 @@ class CachedLatents(EpochSeededDataset):
             self._bad[position] = 1
             logger.warning(
                 "skipping unreadable cached latent (%s); substituting another sample (%d unreadable so far)",
-                " ".join(str(exc).split()),
+                one_line(exc),
                 self.num_skipped,
             )
             return None

@@ -105,8 +105,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 raise ValueError(f"{name}={value!r} must be an integer >= {lowest}")
         if persistent_workers and int(num_workers) == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0 (or leave persistent_workers unset)")
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), pin_memory
-        self.shuffle_val_dataloader, self.shuffle_test_loader = bool(shuffle_val_dataloader), bool(shuffle_test_loader)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.shuffle_val_dataloader = bool(shuffle_val_dataloader)
+        self.shuffle_test_loader = bool(shuffle_test_loader)
         self.persistent_workers = self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         self.drop_last = bool(drop_last)
         self.dataset_configs: dict[str, Any] = {}

@@ -175,8 +175,12 @@ class EmbeddedPhotos(EpochSeededDataset):
             raise ValueError(f"size={size} and n_samples={n_samples} must be positive integers")
         _check_size(size)
         self.photos = check_photos(photos, split)
-        self.size, self.split, self.n_samples = int(size), split, int(n_samples)
-        self.scale, self.image_key, self.flip = _check_scale(scale), image_key, bool(flip)
+        self.size = int(size)
+        self.split = split
+        self.n_samples = int(n_samples)
+        self.scale = _check_scale(scale)
+        self.image_key = image_key
+        self.flip = bool(flip)
         small = [name for name in self.photos if min(load_photo(name).shape[:2]) < self.size]
         if small:
             logger.warning("EmbeddedPhotos: %s are smaller than size=%d; their crops are upscaled", small, self.size)

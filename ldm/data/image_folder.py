@@ -204,10 +204,15 @@ class ImageFolderDataset(EpochSeededDataset):
         self.captions = check_caption_mode(captions)
         if int(size) < 1:
             raise ValueError(f"size={size} must be a positive number of pixels")
-        self.root, self.size, self.split, self.val_fraction = Path(root).expanduser(), int(size), split, float(val_fraction)
-        self.image_key, self.min_side_resize = image_key, bool(min_side_resize)
+        self.root = Path(root).expanduser()
+        self.size = int(size)
+        self.split = split
+        self.val_fraction = float(val_fraction)
+        self.image_key = image_key
+        self.min_side_resize = bool(min_side_resize)
         augment = split != "validation"
-        self.random_crop, self.flip = bool(random_crop) and augment, bool(flip) and augment
+        self.random_crop = bool(random_crop) and augment
+        self.flip = bool(flip) and augment
         all_files = scan_image_files(self.root)
         if not all_files:
             raise FileNotFoundError(

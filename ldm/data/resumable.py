@@ -60,9 +60,14 @@ class ShardedEpochSampler(Sampler[int]):
     def __init__(
         self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
     ) -> None:
-        self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self._skip = 0, 0
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (Lightning calls it every epoch)."""

@@ -39,7 +39,7 @@ from ldm.data.tar_shards import (
     iter_samples,
     shard_label,
 )
-from ldm.util import ConfigError
+from ldm.util import ConfigError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class ShardStream(IterableDataset, EpochSeededDataset):
                 "skipping unreadable %s (%s: %s); %d sample(s) skipped so far",
                 where,
                 type(error).__name__,
-                " ".join(str(error).split()),
+                one_line(error),
                 self.num_skipped,
             )
 

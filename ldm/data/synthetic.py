@@ -197,7 +197,10 @@ class SyntheticShapes(EpochSeededDataset):
             raise ValueError(f"n_samples={n_samples!r} must be an integer in [1, {MAX_SAMPLES}] (the length of an epoch)")
         if split == "validation" and VALIDATION_STREAM + self.seed > MAX_STREAM:
             raise ValueError(f"seed={seed} is too large for the validation split (at most {MAX_STREAM - VALIDATION_STREAM})")
-        self.size, self.split, self.n_samples, self.image_key = _check_size(size), split, int(n_samples), image_key
+        self.size = _check_size(size)
+        self.split = split
+        self.n_samples = int(n_samples)
+        self.image_key = image_key
         self.family = ShapesFamily(n_min, n_max, radius_min, radius_max, edge)
 
     def __len__(self) -> int:

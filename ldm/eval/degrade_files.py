@@ -14,6 +14,7 @@ import torch
 
 from ldm import imageio
 from ldm.eval.degrade import Degradation, build_degradation, from_uint8_hwc, to_uint8_hwc
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def degrade_folder(
             result = deg(imageio.image_to_tensor(loaded.rgb), this_seed)
         except (ValueError, RuntimeError) as exc:
             size = f"{loaded.rgb.shape[1]}x{loaded.rgb.shape[0]} px"
-            why = f"{deg.spec} cannot degrade {str(path)!r} ({size}): " + " ".join(str(exc).split())
+            why = f"{deg.spec} cannot degrade {str(path)!r} ({size}): " + one_line(exc)
             if on_error is not None:
                 on_error(why)
                 continue

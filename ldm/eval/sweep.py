@@ -30,7 +30,7 @@ from ldm.eval.sources import SweepImage
 from ldm.eval.swd import PreparedReference, prepare_reference, swd, swd_bootstrap
 from ldm.imageio import from_uint8, to_uint8
 from ldm.sampling import check_int_arg
-from ldm.util import is_rank_zero
+from ldm.util import is_rank_zero, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _covered_start_ts(
         try:
             covered[t] = refiner.plan(t, ddim_steps, eta).effective_start
         except ValueError as exc:
-            notes.append(f"{name}: start_t={t} skipped: {' '.join(str(exc).split())}")
+            notes.append(f"{name}: start_t={t} skipped: {one_line(exc)}")
     if not covered:
         raise ValueError(
             f"refiner {name!r} cannot run any of start_t={list(start_ts)} with its expert windows "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ldm.util import one_line
+
 _CONTROL_CHARS = {i: f"\\x{i:02x}" for i in [*range(32), 127]}
 
 PathLike = str | bytes | os.PathLike
@@ -15,11 +17,6 @@ def format_path(path: PathLike) -> str:
     newline in a file name) shown as ``\\xNN``, so printing or logging it never raises ``UnicodeEncodeError``."""
     raw = os.fsencode(path)
     return raw.decode("utf-8", "backslashreplace").translate(_CONTROL_CHARS)
-
-
-def one_line(text: str) -> str:
-    """``text`` with every whitespace run (newlines included) collapsed into one space."""
-    return " ".join(str(text).split())
 
 
 def short_repr(value: Any, limit: int = 40) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ldm.imageio.errors import ImageLoadError, PathLike, format_path, one_line
+from ldm.imageio.errors import ImageLoadError, PathLike, format_path
 from ldm.imageio.png_rows import png_problem
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ldm.cli import decimal_float
-from ldm.imageio.errors import PathLike, format_path, one_line, short_repr
+from ldm.imageio.errors import PathLike, format_path, short_repr
 from ldm.imageio.png_rows import PNG_SIGNATURE
+from ldm.util import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ldm.imageio.errors import ImageLoadError, ImageSaveError, PathLike, format_path, one_line
-from ldm.util import atomic_write_bytes
+from ldm.imageio.errors import ImageLoadError, ImageSaveError, PathLike, format_path
+from ldm.util import atomic_write_bytes, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from ldm.refine.refiner import Refiner
 from ldm.refine.regions import RegionOptions, load_mask, mask_overlay, region_crops, region_metadata
 from ldm.refine.request import RefineRequest
 from ldm.sampling import RefinePlan
-from ldm.util import LONGEST_ATOMIC_NAME, is_rank_zero, remove_stale_temp_files
+from ldm.util import LONGEST_ATOMIC_NAME, is_rank_zero, one_line, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def refine_files(
             try:
                 starts, region_meta = _regions_of(refiner, path, loaded.height, loaded.width, base_start, regions)
             except ValueError as exc:  # ImageLoadError included
-                finish(index, " ".join(str(exc).split()))
+                finish(index, one_line(exc))
                 continue
             remaining[index] = len(todo)
             for sample, sample_seed, out in todo:

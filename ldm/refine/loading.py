@@ -34,6 +34,7 @@ from ldm.util import (
     get_obj_from_str,
     instantiate_from_config,
     iter_targets,
+    one_line,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def load_yaml_model_config(config: str | os.PathLike | Mapping[str, Any]) -> dic
         try:
             data = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
         except Exception as exc:  # YAML syntax and interpolation errors come as several types
-            raise ConfigError(f"config {shown} cannot be read as YAML: {' '.join(str(exc).split())}") from exc
+            raise ConfigError(f"config {shown} cannot be read as YAML: {one_line(exc)}") from exc
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"]
     if not isinstance(data, Mapping) or not isinstance(data.get("target"), str):

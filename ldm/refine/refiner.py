@@ -195,7 +195,8 @@ class Refiner:
             raise ValueError(f"first_stage_posterior={first_stage_posterior!r} must be one of {POSTERIOR_CHOICES}")
         check_checkpoint_paths(path_list)
         loaded = [load_expert(p, config, ema=ema, trust_config=trust_config, unsafe_load=unsafe_load) for p in path_list]
-        experts, infos = map(list, zip(*loaded))
+        experts = [e for e, _ in loaded]
+        infos = [i for _, i in loaded]
         if config is not None and all(i.config_source == "checkpoint" for i in infos):
             logger.warning("config=%s is not used: every checkpoint holds its own model config", str(config)[:200])
         refiner = cls(experts, device, precision, allow_outside_window, infos, batch_invariant, tiling, channels_last, compile,

@@ -47,8 +47,11 @@ class SetupCallback(Callback):
         lightning_config: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.resume, self.now = resume, now
-        self.logdir, self.ckptdir, self.cfgdir = str(logdir), str(ckptdir), str(cfgdir)
+        self.resume = resume
+        self.now = now
+        self.logdir = str(logdir)
+        self.ckptdir = str(ckptdir)
+        self.cfgdir = str(cfgdir)
         self.config = copy.deepcopy(config)
         self.lightning_config = copy.deepcopy(lightning_config)
 
@@ -104,9 +107,14 @@ class ImageLogger(Callback):
             raise ValueError(f"ImageLogger batch_frequency={batch_frequency} must be >= 1")
         if max_images < 0:
             raise ValueError(f"ImageLogger max_images={max_images} must be >= 0")
-        self.batch_freq, self.max_images = int(batch_frequency), int(max_images)
-        self.clamp, self.rescale, self.disabled, self.nrow = clamp, rescale, disabled, nrow
-        self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
+        self.batch_freq = int(batch_frequency)
+        self.max_images = int(max_images)
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.nrow = nrow
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
         self.log_images_kwargs = dict(log_images_kwargs or {})
         self.log_steps = [2**n for n in range(int(math.log2(self.batch_freq)) + 1)] if increase_log_steps else []
         self.log_steps.append(self.batch_freq)

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.cli import decimal_int
 from ldm.train.config_merge import DELETE_PREFIX, delete_key, drop_replaced_params, is_deletion, merge_layers
-from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, unknown_argument
+from ldm.util import ConfigError, accepted_keywords, closest_hint, get_obj_from_str, one_line, unknown_argument
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def merge_configs(
     try:
         merged = merge_layers(layers, start=defaults)
     except (OmegaConfBaseException, TypeError) as exc:  # e.g. a list layered over a mapping
-        first = " ".join(str(exc).split())[:300]
+        first = one_line(exc)[:300]
         raise ConfigError(f"cannot layer {' over '.join(str(p) for p in reversed(base_paths))}: {first}") from exc
     for entry in dotlist:
         try:
@@ -388,7 +388,7 @@ def merge_configs(
                 check_override_key(merged, entry.split("=", 1)[0])
             apply_override(merged, entry)
         except OmegaConfBaseException as exc:  # e.g. an earlier override's ${...} that cannot resolve, met on the way
-            first = " ".join(str(exc).split())[:300]
+            first = one_line(exc)[:300]
             raise ConfigError(
                 f"override {entry!r}: {first}; check the ${{...}} interpolations of the overrides before it"
             ) from exc

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from ldm.checkpoint import load_checkpoint, save_checkpoint
 from ldm.train.callbacks import FinalCheckpoint, InterruptCheckpoint, SetupCallback, StepSeeding
-from ldm.util import ConfigError, accepted_keywords, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, accepted_keywords, get_obj_from_str, instantiate_from_config, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def build_callbacks(
         except (ValueError, TypeError) as exc:  # its own argument checks: named by its key, not as the Trainer's
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"lightning.callbacks.{name}: {' '.join(str(exc).split())}") from exc
+            raise ConfigError(f"lightning.callbacks.{name}: {one_line(exc)}") from exc
         callbacks.append(_built(callback, pl.Callback, f"lightning.callbacks.{name}", cfg["target"]))
     ckpt_cfg = _plain(lightning_config.get("modelcheckpoint")) or dict(DEFAULT_LIGHTNING["modelcheckpoint"])
     if not isinstance(ckpt_cfg, dict) or "target" not in ckpt_cfg or not isinstance(ckpt_cfg.get("params") or {}, dict):

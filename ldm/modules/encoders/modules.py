@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ldm.util import one_line
+
 logger = logging.getLogger(__name__)
 
 
@@ -323,7 +325,7 @@ def check_clip_config(model_dir: Path) -> None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{where} is not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+        raise ValueError(f"{where} is not valid JSON ({one_line(exc)[:120]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
@@ -366,7 +368,7 @@ def _from_folder(load: Any, folder: Path, what: str) -> Any:
         raise
     except Exception as exc:  # transformers and huggingface_hub raise their own, version-dependent types
         raise ValueError(
-            f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+            f"CLIP folder {str(folder)!r}: cannot read its {what} ({type(exc).__name__}: {one_line(exc)[:160]})"
         ) from None
     finally:
         if shown:
